@@ -1,0 +1,94 @@
+"""The one exception tree of overflowd, jfe and ratelock.
+
+Expected outcomes (a flow sampled out, a budget exhausted, an unknown template) are values and
+counters, never exceptions. Exceptions are for input we refuse and for failures of the world::
+
+    OverflowdError                    anything we raise on purpose; CLIs print it in one line, exit 1
+    ├── ConfigError                   bad config file or flag: names the file, key and line
+    ├── IdentityError                 node key missing, unreadable, or readable by others
+    ├── DecodeError                   the peer sent bytes we cannot parse (carries format/offset)
+    │   └── ReportDecodeError         a signed report that is malformed
+    ├── SignatureError                a well-formed message whose signature does not verify
+    ├── DeliveryError                 in-band or webhook delivery failed (after retries)
+    ├── DiscoveryError                DNS lookups for keys and contacts failed
+    ├── StoreError                    the database refused or could not be reached
+    ├── JfeError                      jfe's own failures
+    └── RatelockError                 ratelock's own failures
+
+Library misuse (wrong argument types, calling things in the wrong order) raises the ordinary
+Python exceptions (TypeError, ValueError): those are bugs in the caller, not input to handle.
+"""
+
+from __future__ import annotations
+
+
+class OverflowdError(Exception):
+    """Base of every error overflowd raises on purpose."""
+
+
+class ConfigError(OverflowdError):
+    """A config file or command-line value we refuse; the message names where."""
+
+
+class IdentityError(OverflowdError):
+    """The node identity cannot be created or loaded safely."""
+
+
+class DecodeError(OverflowdError):
+    """Bytes from outside that do not parse.
+
+    ``fmt`` names the format (``netflow-v5``, ``cose-report``...), ``offset`` the byte where
+    decoding stopped, ``exporter`` who sent it, when known.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        fmt: str = "",
+        offset: int | None = None,
+        exporter: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.fmt = fmt
+        self.offset = offset
+        self.exporter = exporter
+        where = []
+        if fmt:
+            where.append(fmt)
+        if exporter:
+            where.append(f"from {exporter}")
+        if offset is not None:
+            where.append(f"at byte {offset}")
+        super().__init__(f"{' '.join(where)}: {reason}" if where else reason)
+
+
+class ReportDecodeError(DecodeError):
+    """A signed report (COSE_Sign1) that is malformed or not ours."""
+
+    def __init__(self, reason: str, *, offset: int | None = None) -> None:
+        super().__init__(reason, fmt="report", offset=offset)
+
+
+class SignatureError(OverflowdError):
+    """A well-formed message whose signature does not verify."""
+
+
+class DeliveryError(OverflowdError):
+    """A report could not be delivered."""
+
+
+class DiscoveryError(OverflowdError):
+    """Keys or contacts could not be looked up."""
+
+
+class StoreError(OverflowdError):
+    """The store failed; the message says which database and why."""
+
+
+class JfeError(OverflowdError):
+    """jfe failed."""
+
+
+class RatelockError(OverflowdError):
+    """ratelock failed."""

@@ -1,0 +1,152 @@
+"""The node identity: one Ed25519 key, shared by overflowd, jfe and ratelock.
+
+The secret seed lives in a file only its owner can read. Like ssh, loading refuses a key file
+that group or others can read: a key that may have leaked is not a key to sign with. This module
+is the one place that touches PyNaCl's signing API.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+
+from overflowd import report as rpt
+from overflowd.errors import IdentityError, SignatureError
+
+IDENTITY_FILE = "identity.key"
+_HEADER = "# overflowd node identity: Ed25519 seed, base64. Never share this file.\n"
+_PREFIX = "ed25519-seed:"
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """A loaded signing key. Never log or render ``seed``."""
+
+    seed: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.seed) != 32:
+            raise ValueError("an Ed25519 seed is 32 bytes")
+
+    def __repr__(self) -> str:
+        return f"NodeIdentity(fingerprint={self.fingerprint!r})"
+
+    @property
+    def _signing_key(self) -> nacl.signing.SigningKey:
+        return nacl.signing.SigningKey(self.seed)
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self._signing_key.verify_key)
+
+    @property
+    def public_key_b64(self) -> str:
+        return base64.b64encode(self.public_key).decode("ascii")
+
+    @property
+    def fingerprint(self) -> str:
+        return rpt.key_fingerprint(self.public_key)
+
+    def signer(self) -> Callable[[bytes], bytes]:
+        """A fast signing callable (the key is expanded once, not per message)."""
+        key = self._signing_key
+
+        def sign(message: bytes) -> bytes:
+            return bytes(key.sign(message).signature)
+
+        return sign
+
+    def sign(self, message: bytes) -> bytes:
+        return bytes(self._signing_key.sign(message).signature)
+
+    def sign_report(
+        self, payload: rpt.Payload, signer: Callable[[bytes], bytes] | None = None
+    ) -> rpt.SignedReport:
+        cose = rpt.encode_signed(payload, self.public_key, signer or self.sign)
+        return rpt.SignedReport(cose=cose, observer_key=self.public_key, payload=payload)
+
+    @classmethod
+    def generate(cls) -> NodeIdentity:
+        return cls(seed=secrets.token_bytes(32))
+
+
+def check_signature(public_key: bytes, message: bytes, signature: bytes) -> None:
+    """Ed25519 verification; raise :class:`SignatureError` on any failure, nothing else."""
+    try:
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise SignatureError("signature does not verify") from None
+
+
+def verify_report(data: bytes) -> rpt.SignedReport:
+    """Parse and verify a report from anywhere (ReportDecodeError or SignatureError)."""
+    return rpt.verify(data, check_signature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def identity_path(home: Path) -> Path:
+    return home / IDENTITY_FILE
+
+
+def write_identity(home: Path, identity: NodeIdentity, *, force: bool = False) -> Path:
+    """Write the key file with mode 0600, atomically; refuse to replace one unless ``force``."""
+    path = identity_path(home)
+    if path.exists() and not force:
+        raise IdentityError(f"{path} exists; refusing to overwrite a node identity without --force")
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    text = _HEADER + _PREFIX + base64.b64encode(identity.seed).decode("ascii") + "\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_identity(home: Path) -> NodeIdentity:
+    """Load the node key, refusing files that group or others can read (as ssh does)."""
+    path = identity_path(home)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise IdentityError(f"no node identity at {path}; run 'overflowd init' first") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise IdentityError(
+            f"permissions {mode:04o} for {path} are too open: the key must be readable by its "
+            f"owner only (chmod 600 {path})"
+        )
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"cannot read {path}: {exc}") from None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(_PREFIX):
+            try:
+                seed = base64.b64decode(line[len(_PREFIX) :], validate=True)
+            except ValueError:
+                break
+            if len(seed) == 32:
+                return NodeIdentity(seed=seed)
+            break
+    raise IdentityError(f"{path} is not an overflowd identity file")

@@ -1,0 +1,490 @@
+"""The signed report: a COSE_Sign1 (RFC 9052) over a deterministic CBOR payload.
+
+Sans-IO: bytes and values in, values out. This module builds the exact bytes that are signed
+and parses what arrives; the Ed25519 arithmetic itself is injected (``sign`` / ``check``
+callables, see :mod:`overflowd.identity`), so the codec imports no crypto, no sockets, no clock.
+
+It must never accept two different byte strings for the same signed content: the report id is a
+hash of the COSE bytes, and de-duplication across UDP, HTTP and gossip relies on it. Hence the
+strict rules in :func:`decode_unverified` (tag 18, empty unprotected header, canonical outer
+encoding, deterministic payload). The wire contract is written down in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from overflowd.errors import ReportDecodeError
+
+CONTENT_TYPE = "application/overflowd-report+cbor"
+COSE_SIGN1_TAG = 18
+ALG_EDDSA = -8
+HDR_ALG, HDR_CRIT, HDR_CONTENT_TYPE, HDR_KID = 1, 2, 3, 4
+PAYLOAD_VERSION = 1
+
+#: One report must fit one UDP datagram of 1200 bytes after the 4-byte magic (DESIGN.md),
+#: the IPv6 minimum MTU less headers. Parsing refuses anything longer before decoding it.
+MAX_REPORT_BYTES = 1196
+#: Field limits chosen so that the largest possible report still fits MAX_REPORT_BYTES
+#: (tests/unit/test_report.py builds that worst case).
+MAX_CONTACTS = 4
+MAX_CONTACT_BYTES_TOTAL = 512
+MAX_POINT_BYTES = 64
+MAX_KIND_BYTES = 32
+MAX_FORMAT_BYTES = 24
+NONCE_BYTES = 16
+U64 = 2**64 - 1
+U32 = 2**32 - 1
+
+KIND_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+PROVENANCES = ("announced", "overridden", "assumed")
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Signer = Callable[[bytes], bytes]
+#: ``check(public_key, message, signature)`` raises :class:`overflowd.errors.SignatureError`.
+Checker = Callable[[bytes, bytes, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """The flow a report is about. Times are integer milliseconds since the Unix epoch."""
+
+    src: Address
+    dst: Address
+    sport: int
+    dport: int
+    proto: int
+    packets: int
+    bytes: int
+    first: int
+    last: int
+    tcp_flags: int = 0
+    tos: int = 0
+    src_as: int | None = None
+    dst_as: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How the flow came to be reported: probability ``p`` and the exporter's own sampling."""
+
+    probability: float
+    format: str
+    interval: int = 1
+    provenance: str = "assumed"
+
+
+@dataclass(frozen=True, slots=True)
+class Observer:
+    """Who saw it: contact URIs and a free-text observation point (router, interface)."""
+
+    contacts: tuple[str, ...] = ()
+    point: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What is signed. ``time`` is when the report was made, in Unix milliseconds."""
+
+    kind: str
+    nonce: bytes
+    time: int
+    observer: Observer
+    flow: Flow
+    sampling: Sampling
+    version: int = PAYLOAD_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class UnverifiedReport:
+    """A structurally valid report whose signature has not been checked yet."""
+
+    cose: bytes
+    protected: bytes
+    payload_bytes: bytes
+    signature: bytes
+    kid: bytes
+    payload: Payload
+
+    @property
+    def to_be_signed(self) -> bytes:
+        return sig_structure(self.protected, self.payload_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedReport:
+    """A report whose signature verified against ``observer_key`` (the COSE kid)."""
+
+    cose: bytes
+    observer_key: bytes
+    payload: Payload
+    report_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "report_id", report_id(self.cose))
+
+
+def report_id(cose: bytes) -> str:
+    """The report id: lowercase hex SHA-256 of the exact COSE bytes."""
+    return hashlib.sha256(cose).hexdigest()
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """A short, stable name for a key, for people: first 8 bytes of its SHA-256, in 4 groups."""
+    digest = hashlib.sha256(public_key).hexdigest()[:16]
+    return "-".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding; ValueError on anything else."""
+    text = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _canonical(obj: Any) -> bytes:
+    return bytes(cbor2.dumps(obj, canonical=True))
+
+
+def _address_bytes(address: Address) -> bytes:
+    return address.packed
+
+
+def payload_to_map(payload: Payload) -> dict[str, Any]:
+    """The CBOR data model of a payload (docs/protocol.md, "Payload")."""
+    fl = payload.flow
+    flow: dict[str, Any] = {
+        "src": _address_bytes(fl.src),
+        "dst": _address_bytes(fl.dst),
+        "sport": fl.sport,
+        "dport": fl.dport,
+        "proto": fl.proto,
+        "packets": fl.packets,
+        "bytes": fl.bytes,
+        "first": fl.first,
+        "last": fl.last,
+        "tcp_flags": fl.tcp_flags,
+        "tos": fl.tos,
+    }
+    if fl.src_as is not None:
+        flow["src_as"] = fl.src_as
+    if fl.dst_as is not None:
+        flow["dst_as"] = fl.dst_as
+    observer: dict[str, Any] = {"contacts": list(payload.observer.contacts)}
+    if payload.observer.point:
+        observer["point"] = payload.observer.point
+    sm = payload.sampling
+    return {
+        "v": payload.version,
+        "kind": payload.kind,
+        "nonce": payload.nonce,
+        "time": payload.time,
+        "observer": observer,
+        "flow": flow,
+        "sampling": {
+            "p": float(sm.probability),
+            "format": sm.format,
+            "interval": sm.interval,
+            "provenance": sm.provenance,
+        },
+    }
+
+
+def encode_payload(payload: Payload) -> bytes:
+    """Deterministic CBOR (RFC 8949 §4.2) of a payload, after checking every field."""
+    _check_payload(payload)
+    return _canonical(payload_to_map(payload))
+
+
+def protected_header(kid: bytes) -> bytes:
+    return _canonical({HDR_ALG: ALG_EDDSA, HDR_CONTENT_TYPE: CONTENT_TYPE, HDR_KID: kid})
+
+
+def sig_structure(protected: bytes, payload: bytes) -> bytes:
+    """The COSE Sig_structure for COSE_Sign1 with empty external AAD (RFC 9052 §4.4)."""
+    return _canonical(["Signature1", protected, b"", payload])
+
+
+def encode_signed(payload: Payload, kid: bytes, sign: Signer) -> bytes:
+    """Build the COSE_Sign1 bytes of ``payload`` signed by ``sign`` under public key ``kid``."""
+    if len(kid) != 32:
+        raise ValueError("kid must be the 32-byte Ed25519 public key")
+    protected = protected_header(kid)
+    payload_bytes = encode_payload(payload)
+    signature = sign(sig_structure(protected, payload_bytes))
+    if len(signature) != 64:
+        raise ValueError("an Ed25519 signature is 64 bytes")
+    cose = _canonical(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload_bytes, signature]))
+    if len(cose) > MAX_REPORT_BYTES:  # cannot happen within the field limits; guard anyway
+        raise ValueError(f"report is {len(cose)} bytes, more than {MAX_REPORT_BYTES}")
+    return cose
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_unverified(data: bytes) -> UnverifiedReport:
+    """Parse COSE bytes into a report; raise :class:`ReportDecodeError` and nothing else.
+
+    The signature is *not* checked here; :func:`verify` does that.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError("report must be bytes")
+    data = bytes(data)
+    if len(data) > MAX_REPORT_BYTES:
+        raise ReportDecodeError(f"{len(data)} bytes, more than {MAX_REPORT_BYTES}")
+    if not data:
+        raise ReportDecodeError("empty input")
+    outer = _loads(data, "message")
+    if not isinstance(outer, cbor2.CBORTag) or outer.tag != COSE_SIGN1_TAG:
+        raise ReportDecodeError("not a tagged COSE_Sign1 (tag 18)", offset=0)
+    body = outer.value
+    if not isinstance(body, list) or len(body) != 4:
+        raise ReportDecodeError("COSE_Sign1 must be an array of 4")
+    protected, unprotected, payload_bytes, signature = body
+    if not isinstance(protected, bytes):
+        raise ReportDecodeError("protected header must be a byte string")
+    if not isinstance(unprotected, dict) or unprotected:
+        raise ReportDecodeError("unprotected header must be an empty map")
+    if not isinstance(payload_bytes, bytes):
+        raise ReportDecodeError("payload must be an attached byte string")
+    if not isinstance(signature, bytes) or len(signature) != 64:
+        raise ReportDecodeError("signature must be 64 bytes")
+    if _canonical(outer) != data:
+        raise ReportDecodeError("COSE_Sign1 is not in canonical encoding")
+    kid = _parse_protected(protected)
+    payload_map = _loads(payload_bytes, "payload")
+    if not isinstance(payload_map, dict):
+        raise ReportDecodeError("payload must be a map")
+    payload = _payload_from_map(payload_map)
+    if _canonical(payload_map) != payload_bytes:
+        raise ReportDecodeError("payload is not deterministic CBOR")
+    return UnverifiedReport(
+        cose=data,
+        protected=protected,
+        payload_bytes=payload_bytes,
+        signature=signature,
+        kid=kid,
+        payload=payload,
+    )
+
+
+def verify(data: bytes, check: Checker) -> SignedReport:
+    """Parse and verify a report; ``check`` is the Ed25519 verifier (see identity.py)."""
+    unverified = decode_unverified(data)
+    check(unverified.kid, unverified.to_be_signed, unverified.signature)
+    return SignedReport(cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload)
+
+
+def _loads(data: bytes, what: str) -> Any:
+    try:
+        return cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types (CBORDecodeError, ValueError, ...)
+        raise ReportDecodeError(f"{what} is not valid CBOR: {exc}") from None
+
+
+def _parse_protected(protected: bytes) -> bytes:
+    header = _loads(protected, "protected header")
+    if not isinstance(header, dict):
+        raise ReportDecodeError("protected header must be a map")
+    if HDR_CRIT in header:
+        raise ReportDecodeError("critical header parameters are not supported")
+    if header.get(HDR_ALG) != ALG_EDDSA:
+        raise ReportDecodeError("algorithm must be EdDSA (-8)")
+    if header.get(HDR_CONTENT_TYPE) != CONTENT_TYPE:
+        raise ReportDecodeError(f"content type must be {CONTENT_TYPE}")
+    kid = header.get(HDR_KID)
+    if not isinstance(kid, bytes) or len(kid) != 32:
+        raise ReportDecodeError("kid must be the 32-byte Ed25519 public key")
+    return kid
+
+
+def _get(m: Mapping[Any, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in m:
+        raise ReportDecodeError(f"{where}.{key} is missing")
+    value = m[key]
+    # bool is an int subclass in Python; CBOR true/false must never pass for a number.
+    if isinstance(value, bool) and kind is not bool:
+        raise ReportDecodeError(f"{where}.{key} has the wrong type")
+    if not isinstance(value, kind):
+        raise ReportDecodeError(f"{where}.{key} has the wrong type")
+    return value
+
+
+def _uint(m: Mapping[Any, Any], key: str, where: str, maximum: int) -> int:
+    value: int = _get(m, key, int, where)
+    if not 0 <= value <= maximum:
+        raise ReportDecodeError(f"{where}.{key} is out of range")
+    return value
+
+
+def _text(m: Mapping[Any, Any], key: str, where: str, max_bytes: int) -> str:
+    value: str = _get(m, key, str, where)
+    if len(value.encode("utf-8")) > max_bytes:
+        raise ReportDecodeError(f"{where}.{key} is longer than {max_bytes} bytes")
+    return value
+
+
+def _address(m: Mapping[Any, Any], key: str) -> Address:
+    raw: bytes = _get(m, key, bytes, "flow")
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw)
+    if len(raw) == 16:
+        return ipaddress.IPv6Address(raw)
+    raise ReportDecodeError(f"flow.{key} must be 4 or 16 bytes")
+
+
+def _payload_from_map(m: Mapping[Any, Any]) -> Payload:
+    version = _uint(m, "v", "payload", U32)
+    if version != PAYLOAD_VERSION:
+        raise ReportDecodeError(f"payload version {version} is not supported")
+    kind = _text(m, "kind", "payload", MAX_KIND_BYTES)
+    if not KIND_RE.match(kind):
+        raise ReportDecodeError("payload.kind must be lowercase letters, digits and '-'")
+    nonce: bytes = _get(m, "nonce", bytes, "payload")
+    if len(nonce) != NONCE_BYTES:
+        raise ReportDecodeError(f"payload.nonce must be {NONCE_BYTES} bytes")
+    time = _uint(m, "time", "payload", U64)
+
+    obs = _get(m, "observer", dict, "payload")
+    contacts_raw = _get(obs, "contacts", list, "observer")
+    if len(contacts_raw) > MAX_CONTACTS:
+        raise ReportDecodeError(f"observer.contacts has more than {MAX_CONTACTS} entries")
+    if not all(isinstance(c, str) for c in contacts_raw):
+        raise ReportDecodeError("observer.contacts must be text strings")
+    if sum(len(c.encode("utf-8")) for c in contacts_raw) > MAX_CONTACT_BYTES_TOTAL:
+        raise ReportDecodeError("observer.contacts are too long")
+    point = _text(obs, "point", "observer", MAX_POINT_BYTES) if "point" in obs else ""
+    observer = Observer(contacts=tuple(contacts_raw), point=point)
+
+    f = _get(m, "flow", dict, "payload")
+    src, dst = _address(f, "src"), _address(f, "dst")
+    if src.version != dst.version:
+        raise ReportDecodeError("flow.src and flow.dst must be the same address family")
+    first, last = _uint(f, "first", "flow", U64), _uint(f, "last", "flow", U64)
+    flow = Flow(
+        src=src,
+        dst=dst,
+        sport=_uint(f, "sport", "flow", 0xFFFF),
+        dport=_uint(f, "dport", "flow", 0xFFFF),
+        proto=_uint(f, "proto", "flow", 0xFF),
+        packets=_uint(f, "packets", "flow", U64),
+        bytes=_uint(f, "bytes", "flow", U64),
+        first=first,
+        last=last,
+        tcp_flags=_uint(f, "tcp_flags", "flow", 0xFFFF),
+        tos=_uint(f, "tos", "flow", 0xFF),
+        src_as=_uint(f, "src_as", "flow", U32) if "src_as" in f else None,
+        dst_as=_uint(f, "dst_as", "flow", U32) if "dst_as" in f else None,
+    )
+
+    s = _get(m, "sampling", dict, "payload")
+    p: float = _get(s, "p", float, "sampling")
+    if not 0.0 < p <= 1.0:
+        raise ReportDecodeError("sampling.p must be in (0, 1]")
+    provenance = _text(s, "provenance", "sampling", 16)
+    if provenance not in PROVENANCES:
+        raise ReportDecodeError(f"sampling.provenance must be one of {', '.join(PROVENANCES)}")
+    sampling = Sampling(
+        probability=p,
+        format=_text(s, "format", "sampling", MAX_FORMAT_BYTES),
+        interval=_uint(s, "interval", "sampling", U32),
+        provenance=provenance,
+    )
+    if sampling.interval < 1:
+        raise ReportDecodeError("sampling.interval must be at least 1")
+    return Payload(
+        kind=kind,
+        nonce=nonce,
+        time=time,
+        observer=observer,
+        flow=flow,
+        sampling=sampling,
+        version=version,
+    )
+
+
+def _check_payload(payload: Payload) -> None:
+    """Refuse, before signing, what :func:`decode_unverified` would refuse after."""
+    try:
+        _payload_from_map(payload_to_map(payload))
+    except ReportDecodeError as exc:
+        raise ValueError(f"invalid report payload: {exc.reason}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def iso_ms(ms: int) -> str:
+    """Unix milliseconds as RFC 3339 UTC with millisecond precision."""
+    try:
+        t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def to_json(report: SignedReport, *, include_cose: bool = True) -> dict[str, Any]:
+    """The JSON rendering for people and webhooks; derived from the payload, never signed."""
+    p = report.payload
+    fl = p.flow
+    out: dict[str, Any] = {
+        "id": report.report_id,
+        "version": p.version,
+        "kind": p.kind,
+        "nonce": b64url(p.nonce),
+        "time": iso_ms(p.time),
+        "time_ms": p.time,
+        "observer": {
+            "key": base64.b64encode(report.observer_key).decode("ascii"),
+            "fingerprint": key_fingerprint(report.observer_key),
+            "contacts": list(p.observer.contacts),
+            "point": p.observer.point,
+        },
+        "flow": {
+            "src": str(fl.src),
+            "dst": str(fl.dst),
+            "sport": fl.sport,
+            "dport": fl.dport,
+            "proto": fl.proto,
+            "packets": fl.packets,
+            "bytes": fl.bytes,
+            "first": iso_ms(fl.first),
+            "last": iso_ms(fl.last),
+            "first_ms": fl.first,
+            "last_ms": fl.last,
+            "tcp_flags": fl.tcp_flags,
+            "tos": fl.tos,
+            "src_as": fl.src_as,
+            "dst_as": fl.dst_as,
+        },
+        "sampling": {
+            "probability": p.sampling.probability,
+            "format": p.sampling.format,
+            "interval": p.sampling.interval,
+            "provenance": p.sampling.provenance,
+        },
+    }
+    if include_cose:
+        out["cose"] = b64url(report.cose)
+    return out
