@@ -3,10 +3,10 @@
 Expected outcomes (a flow sampled out, a budget exhausted, an unknown template) are values and
 counters, never exceptions. Exceptions are for input we refuse and for failures of the world::
 
-    OverflowdError                    anything we raise on purpose; CLIs print it in one line, exit 1
+    OverflowdError                    raised on purpose; CLIs print it in one line, exit 1
     ├── ConfigError                   bad config file or flag: names the file, key and line
     ├── IdentityError                 node key missing, unreadable, or readable by others
-    ├── DecodeError                   the peer sent bytes we cannot parse (carries format/offset)
+    ├── DecodeError                   bytes from a peer we cannot parse (format, offset)
     │   └── ReportDecodeError         a signed report that is malformed
     ├── SignatureError                a well-formed message whose signature does not verify
     ├── DeliveryError                 in-band or webhook delivery failed (after retries)

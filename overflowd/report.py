@@ -292,7 +292,9 @@ def verify(data: bytes, check: Checker) -> SignedReport:
     """Parse and verify a report; ``check`` is the Ed25519 verifier (see identity.py)."""
     unverified = decode_unverified(data)
     check(unverified.kid, unverified.to_be_signed, unverified.signature)
-    return SignedReport(cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload)
+    return SignedReport(
+        cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
+    )
 
 
 def _loads(data: bytes, what: str) -> Any:

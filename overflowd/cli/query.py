@@ -1,0 +1,137 @@
+"""``overflowd-query``: what abuse desks ask of a node's store, and checking any report."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from overflowd import report as rpt
+from overflowd.cli.common import common_options, context, parse_since, run_main
+from overflowd.errors import ConfigError, OverflowdError
+from overflowd.identity import verify_report
+
+PROG = "overflowd-query"
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 47: "gre", 50: "esp"}
+
+
+def _network(text: str) -> Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address or prefix") from None
+
+
+def cmd_reports(args: argparse.Namespace) -> int:
+    ctx = context(args)
+    since_ms = parse_since(args.since) if args.since else None
+    store = ctx.open_store()
+    try:
+        rows = store.query_reports(src=args.src, dst=args.dst, since_ms=since_ms, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        for row in rows:
+            signed = verify_report(row.cose)
+            out = rpt.to_json(signed)
+            out["received"] = rpt.iso_ms(row.received_ms)
+            out["via"] = row.via
+            print(json.dumps(out, sort_keys=False))
+        return 0
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[object]) -> None:
+    header = (
+        "RECEIVED",
+        "SRC",
+        "SPORT",
+        "DST",
+        "DPORT",
+        "PROTO",
+        "PACKETS",
+        "BYTES",
+        "P",
+        "OBSERVER",
+        "ID",
+    )
+    lines = [header]
+    for row in rows:
+        signed = verify_report(row.cose)  # type: ignore[attr-defined]
+        fl = signed.payload.flow
+        lines.append(
+            (
+                rpt.iso_ms(row.received_ms)[:19].replace("T", " "),  # type: ignore[attr-defined]
+                str(fl.src),
+                str(fl.sport),
+                str(fl.dst),
+                str(fl.dport),
+                PROTO_NAMES.get(fl.proto, str(fl.proto)),
+                str(fl.packets),
+                str(fl.bytes),
+                f"{signed.payload.sampling.probability:.3g}",
+                rpt.key_fingerprint(signed.observer_key),
+                signed.report_id[:12],
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    print(f"{len(rows)} report{'s' if len(rows) != 1 else ''}", file=sys.stderr)
+
+
+def read_report_input(source: str) -> bytes:
+    """Raw COSE bytes, or base64url text of them (as in --json output and webhooks)."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    if data[:1] == b"\xd2":  # CBOR tag 18: a raw COSE_Sign1
+        return data
+    try:
+        return rpt.b64url_decode(data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return data  # let the report parser say what is wrong with it
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    data = read_report_input(args.file)
+    try:
+        signed = verify_report(data)
+    except OverflowdError as exc:
+        print(f"{PROG}: invalid report: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(rpt.to_json(signed), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_options()
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Query a node's reports; verify any report.", parents=[common]
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    p = sub.add_parser("reports", parents=[common], help="list stored reports")
+    p.add_argument("--dst", type=_network, metavar="ADDR|PREFIX")
+    p.add_argument("--src", type=_network, metavar="ADDR|PREFIX")
+    p.add_argument("--since", metavar="WHEN", help="15m, 1h, 2d, or an ISO 8601 time")
+    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, with 'cose'")
+    p.set_defaults(func=cmd_reports)
+    p = sub.add_parser("verify", parents=[common], help="verify a report (raw COSE or base64url)")
+    p.add_argument("file", metavar="FILE|-")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(PROG, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

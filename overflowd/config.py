@@ -1,0 +1,215 @@
+"""Node settings: TOML into frozen dataclasses, strictly.
+
+An unknown key or a value of the wrong type is an error that names the file, the key and the
+line, because a typo in a router's config must never silently become a default. Names carry
+their unit (``timeout_s``, ``max_bytes``). Command-line flags override only when given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from overflowd.errors import ConfigError
+
+CONFIG_FILE = "overflowd.toml"
+HOME_ENV = "OVERFLOWD_HOME"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    #: Contact URIs put in every report and DNS record (mailto:, https:, tel:).
+    contacts: tuple[str, ...] = ()
+    #: Free text naming where flows are observed (router, interface); at most 64 bytes.
+    observation_point: str = ""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    #: SQLAlchemy URL; empty means SQLite (WAL) in the node home.
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    #: Reports per packet: p = min(1, rate × packets × interval × boost).
+    rate: float = 1e-6
+    #: Upper bound on any boost, whatever policy or a destination asks.
+    boost_cap: float = 1000.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    #: Where this came from, for messages; not a TOML key.
+    source: str = field(default="(defaults)", compare=False)
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "store": StoreSettings,
+    "sampling": SamplingSettings,
+}
+
+DEFAULT_CONFIG_TEXT = """\
+# overflowd node configuration. Every key is optional; the values shown are the defaults.
+# Unknown keys are an error, so a typo never silently becomes a default.
+
+[node]
+# Contact URIs carried in every report and in your _overflowd DNS record.
+# contacts = ["mailto:abuse@example.net", "https://example.net/abuse"]
+# Where flows are observed, for people reading the report (at most 64 bytes).
+# observation_point = "edge-router-1"
+
+[store]
+# SQLAlchemy URL. Empty: SQLite (WAL) in this directory. For several machines:
+# url = "postgresql+psycopg://overflowd@db.example.net/overflowd"
+url = ""
+
+[sampling]
+# Reports per packet: p = min(1, rate x packets x exporter interval x boost).
+rate = 1e-6
+# Upper bound on any boost, whatever policy or a destination asks.
+boost_cap = 1000.0
+"""
+
+
+def resolve_home(home: str | os.PathLike[str] | None) -> Path:
+    """--home, else $OVERFLOWD_HOME, else ~/.overflowd."""
+    if home:
+        return Path(home).expanduser()
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".overflowd"
+
+
+def load_settings(home: Path) -> Settings:
+    """Read ``overflowd.toml`` from the node home; a missing file means the defaults."""
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_settings(text, str(path))
+
+
+def parse_settings(text: str, source: str = "<string>") -> Settings:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise ConfigError(f"{source}: {exc}") from None
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(_where(source, text, None, name) + f"unknown section or key '{name}'")
+        if not isinstance(table, dict):
+            raise ConfigError(_where(source, text, None, name) + f"'{name}' must be a table")
+        sections[name] = _build(_SECTIONS[name], table, source, text, name)
+    return Settings(**sections, source=source)
+
+
+def _build(cls: type, table: dict[str, Any], source: str, text: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = _where(source, text, section, key)
+        if key not in known:
+            raise ConfigError(where + f"unknown key '{section}.{key}'")
+        values[key] = _coerce(value, hints[key], where + f"'{section}.{key}'")
+    try:
+        settings = cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(_where(source, text, section, None) + str(exc)) from None
+    _validate(settings, source, text, section)
+    return settings
+
+
+def _coerce(value: Any, hint: Any, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{what} must be a number")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{what} must be an integer")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{what} must be true or false")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{what} must be a string")
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list):
+            raise ConfigError(f"{what} must be a list")
+        return tuple(_coerce(v, item, what + " items") for v in value)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arm in typing.get_args(hint):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, what)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    raise TypeError(f"unsupported setting type {hint!r}")  # a bug in this module, not input
+
+
+def _validate(settings: Any, source: str, text: str, section: str) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(_where(source, text, section, key) + f"'{section}.{key}' {why}")
+
+    if isinstance(settings, SamplingSettings):
+        if not 0 < settings.rate <= 1:
+            fail("rate", "must be in (0, 1]")
+        if settings.boost_cap < 1:
+            fail("boost_cap", "must be at least 1")
+    if isinstance(settings, NodeSettings):
+        if len(settings.observation_point.encode()) > 64:
+            fail("observation_point", "must be at most 64 bytes")
+        for contact in settings.contacts:
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:\S+$", contact):
+                fail("contacts", f"has '{contact}', which is not a URI (mailto:, https:, tel:)")
+
+
+def _where(source: str, text: str, section: str | None, key: str | None) -> str:
+    """'file:line: ' for a key in a table, found by reading the file as a person would."""
+    line = _find_line(text, section, key)
+    return f"{source}:{line}: " if line else f"{source}: "
+
+
+def _find_line(text: str, section: str | None, key: str | None) -> int | None:
+    current: str | None = None
+    header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+    for number, raw in enumerate(text.splitlines(), start=1):
+        m = header.match(raw)
+        if m:
+            current = m.group(1)
+            if section is None and key is not None and current == key:
+                return number
+            if key is None and current == section:
+                return number
+            continue
+        key_line = key is not None and re.match(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=", raw)
+        if key_line and current == section:
+            return number
+    return None

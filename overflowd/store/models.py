@@ -1,0 +1,93 @@
+"""The tables of the report store, as SQLAlchemy 2 typed declarative models.
+
+These classes describe the schema *as the migrations leave it*; the migrations in
+``migrations/versions`` are what create and change tables, never ``metadata.create_all``. A test
+compares the two so they cannot drift apart.
+
+Choices that the queries rely on:
+
+* ``src`` and ``dst`` are 16-byte big-endian addresses, IPv4 stored IPv4-mapped
+  (``::ffff:a.b.c.d``), so "every report about 192.0.2.0/24" is the range query
+  ``lo <= src <= hi`` on an ordinary index, the same on SQLite (memcmp on BLOBs) and PostgreSQL
+  (bytea compares bytewise). ``ip_version`` keeps the family the report was signed with, so an
+  IPv6 prefix such as ``::/0`` never returns IPv4 reports, and a genuine IPv6 report about
+  ``::ffff:192.0.2.1`` is not mistaken for an IPv4 one.
+* The signed bytes (``cose``) are kept verbatim: they are the report; every other column is an
+  index over them. Counters and times that the protocol allows up to 2**64-1 (``packets``,
+  ``bytes``, ``first_ms``, ``last_ms``, ``report_time_ms``) are stored *saturated* at 2**63-1,
+  the largest value a signed 64-bit column holds on both backends. No real flow comes near
+  (2**63 packets, or a time 292 million years from now); the exact value is still in ``cose``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Double, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Constraint and index names fixed by convention, so migrations can refer to them by name on
+#: every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: The largest value a BIGINT column holds; u64 protocol fields saturate here.
+BIGINT_MAX = 2**63 - 1
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ReportModel(Base):
+    """One signed report, stored once whatever path it arrived by (``via``)."""
+
+    __tablename__ = "reports"
+
+    #: lowercase hex SHA-256 of ``cose`` (:func:`overflowd.report.report_id`)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cose: Mapped[bytes] = mapped_column(LargeBinary)
+    observer_key: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    ip_version: Mapped[int] = mapped_column(Integer)
+    src: Mapped[bytes] = mapped_column(LargeBinary(16), index=True)
+    dst: Mapped[bytes] = mapped_column(LargeBinary(16), index=True)
+    proto: Mapped[int] = mapped_column(Integer)
+    sport: Mapped[int] = mapped_column(Integer)
+    dport: Mapped[int] = mapped_column(Integer)
+    packets: Mapped[int] = mapped_column(BigInteger)
+    # the column is 'bytes'; the attribute may not shadow the builtin inside this class body
+    octets: Mapped[int] = mapped_column("bytes", BigInteger)
+    first_ms: Mapped[int] = mapped_column(BigInteger)
+    last_ms: Mapped[int] = mapped_column(BigInteger)
+    tcp_flags: Mapped[int] = mapped_column(Integer)
+    tos: Mapped[int] = mapped_column(Integer)
+    src_as: Mapped[int | None] = mapped_column(BigInteger)
+    dst_as: Mapped[int | None] = mapped_column(BigInteger)
+    report_time_ms: Mapped[int] = mapped_column(BigInteger)
+    probability: Mapped[float] = mapped_column(Double)
+    sampling_format: Mapped[str] = mapped_column(String(24))
+    sampling_interval: Mapped[int] = mapped_column(BigInteger)
+    sampling_provenance: Mapped[str] = mapped_column(String(16))
+    received_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    #: how it reached us: 'local', 'udp', 'webhook', 'import' or 'gossip'
+    via: Mapped[str] = mapped_column(String(16))
+
+
+class ObserverModel(Base):
+    """One observer key we hold reports from, with what its latest report said about it."""
+
+    __tablename__ = "observers"
+
+    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(19))
+    #: JSON array of contact URIs, from the most recently received report
+    contacts: Mapped[str] = mapped_column(Text)
+    point: Mapped[str] = mapped_column(String(64))
+    first_seen_ms: Mapped[int] = mapped_column(BigInteger)
+    last_seen_ms: Mapped[int] = mapped_column(BigInteger)
+    #: how many distinct reports of this observer are stored
+    reports: Mapped[int] = mapped_column(BigInteger)

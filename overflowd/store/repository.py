@@ -1,0 +1,658 @@
+"""The report store: signed reports and their observers, in SQLite or PostgreSQL.
+
+Sync by design: SQLAlchemy's engine blocks, so trio services call in through
+``trio.to_thread.run_sync``. Every method may be called from several threads at once; each call
+takes its own pooled connection and its own transaction.
+
+This is the one module that talks to SQLAlchemy, the database drivers and Alembic at run time.
+Whatever they raise leaves here as :class:`~overflowd.errors.StoreError`, one line naming the
+database (password masked) and why. Misuse (an unknown ``via``, a negative limit) is a bug in
+the caller and raises ``ValueError``/``TypeError`` as usual. It must never log report bodies or
+database passwords.
+
+De-duplication belongs to the database, not to us: the report id (SHA-256 of the COSE bytes) is
+the primary key and every insert is ``INSERT .. ON CONFLICT (id) DO NOTHING .. RETURNING id`` on
+both backends, so when two threads, two processes or two nodes sharing a PostgreSQL server store
+the same report at once, exactly one of them is told it is new. (On SQLite we use the
+``ON CONFLICT`` upsert clause rather than ``INSERT OR IGNORE``: the latter would also swallow
+NOT NULL violations, hiding bugs instead of failing.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    Insert,
+    RowMapping,
+    Table,
+    case,
+    create_engine,
+    event,
+    func,
+    inspect,
+    make_url,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.dml import ReturningInsert
+
+from overflowd import report as rpt
+from overflowd.errors import ReportDecodeError, StoreError
+from overflowd.store.models import BIGINT_MAX, Base
+
+log = logging.getLogger(__name__)
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The paths a report can reach the store by.
+VIAS = frozenset({"local", "udp", "webhook", "import", "gossip"})
+
+#: SQLite waits this long for another writer's lock before giving up (PRAGMA busy_timeout).
+SQLITE_BUSY_TIMEOUT_MS = 10 * 1000
+#: Connecting to PostgreSQL gives up after this long (libpq connect_timeout, whole seconds).
+POSTGRES_CONNECT_TIMEOUT_S = 10
+
+#: Held (transaction-scoped) while migrating, so that nodes starting together against one fresh
+#: PostgreSQL database do not race to create the same tables. An arbitrary fixed 63-bit number.
+_MIGRATION_LOCK_ID = 0x6F766572666C6F77  # "overflow"
+_MIGRATING = threading.Lock()
+
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: The newest migration's revision id. Opening a database already at this revision skips
+#: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
+SCHEMA_HEAD = "0001"
+_BACKENDS = ("sqlite", "postgresql")
+
+_REPORTS: Table = Base.metadata.tables["reports"]
+_OBSERVERS: Table = Base.metadata.tables["observers"]
+
+# IPv4 is stored IPv4-mapped (RFC 4291 §2.5.5.2) so both families share one 16-byte keyspace,
+# and an IPv4 prefix is a range inside ::ffff:0:0/96.
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+# ---------------------------------------------------------------------------------------------
+# Address keys
+
+
+def address_to_key(addr: Address) -> bytes:
+    """The 16-byte big-endian column value for ``addr``; IPv4 becomes ``::ffff:a.b.c.d``."""
+    if isinstance(addr, ipaddress.IPv4Address):
+        return _V4_MAPPED_PREFIX + addr.packed
+    if isinstance(addr, ipaddress.IPv6Address):
+        return addr.packed
+    raise TypeError(f"expected an IPv4Address or IPv6Address, not {type(addr).__name__}")
+
+
+def key_to_address(key: bytes) -> Address:
+    """Inverse of :func:`address_to_key`: ``::ffff:a.b.c.d`` comes back as IPv4 ``a.b.c.d``."""
+    if len(key) != 16:
+        raise ValueError(f"an address key is 16 bytes, not {len(key)}")
+    if key[:12] == _V4_MAPPED_PREFIX:
+        return ipaddress.IPv4Address(key[12:])
+    return ipaddress.IPv6Address(key)
+
+
+def network_range(net: Network) -> tuple[bytes, bytes]:
+    """Inclusive ``(lo, hi)`` keys of every address in ``net``; ``lo <= key <= hi`` selects it.
+
+    Byte strings of equal length compare like the big-endian numbers they spell, on SQLite
+    (memcmp on BLOBs) and PostgreSQL (bytea) alike, so this is an index range scan.
+    """
+    if not isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        raise TypeError(f"expected an IPv4Network or IPv6Network, not {type(net).__name__}")
+    return address_to_key(net.network_address), address_to_key(net.broadcast_address)
+
+
+def _saturate(value: int) -> int:
+    # u64 protocol fields in a signed BIGINT column; see models.py for why this loses nothing real.
+    return min(value, BIGINT_MAX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values handed out
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReport:
+    """A report as stored: the verbatim signed bytes, how and when it came, and its fields.
+
+    ``packets``, ``bytes``, ``first_ms``, ``last_ms`` and ``report_time_ms`` saturate at
+    2**63-1; :meth:`signed_report` decodes the exact values from ``cose``.
+    """
+
+    report_id: str
+    cose: bytes
+    received_ms: int
+    via: str
+    observer_key: bytes
+    kind: str
+    src: Address
+    dst: Address
+    proto: int
+    sport: int
+    dport: int
+    packets: int
+    bytes: int
+    first_ms: int
+    last_ms: int
+    tcp_flags: int
+    tos: int
+    src_as: int | None
+    dst_as: int | None
+    report_time_ms: int
+    probability: float
+    sampling_format: str
+    sampling_interval: int
+    sampling_provenance: str
+
+    def signed_report(self) -> rpt.SignedReport:
+        """The stored bytes decoded again, as the :class:`SignedReport` that was stored.
+
+        The signature is not checked again: only verified reports are ever stored (the type of
+        :meth:`Store.add_report` says so). Check it with
+        :func:`overflowd.identity.verify_report` when the database itself is not trusted.
+        """
+        try:
+            unverified = rpt.decode_unverified(self.cose)
+        except ReportDecodeError as exc:
+            raise StoreError(f"stored report {self.report_id} no longer decodes: {exc}") from exc
+        return rpt.SignedReport(
+            cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ObserverRow:
+    """An observer key we hold reports from; contacts and point are from its latest report."""
+
+    key: bytes
+    fingerprint: str
+    contacts: tuple[str, ...]
+    point: str
+    first_seen_ms: int
+    last_seen_ms: int
+    reports: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    """Counters since this :class:`Store` was opened."""
+
+    reports_new: int
+    reports_duplicate: int
+    errors: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: the one boundary
+
+
+def _mask_url_text(url: str) -> str:
+    # For URLs SQLAlchemy cannot even parse: hide anything between "user:" and "@".
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _why(exc: BaseException) -> str:
+    """One line saying what went wrong, without SQLAlchemy's boilerplate around it."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else None
+    message = str(orig if orig is not None else exc)
+    message = message.split("(Background on this error at:")[0]
+    message = " ".join(message.split())
+    if len(message) > 400:
+        message = message[:397] + "..."
+    return message or type(exc).__name__
+
+
+#: What SQLAlchemy, Alembic and the drivers raise that is the world's fault, not ours.
+_BACKEND_ERRORS: tuple[type[BaseException], ...] = (
+    SQLAlchemyError,
+    OSError,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+def default_url(home: Path) -> str:
+    """The embedded database of a node whose home directory is ``home``."""
+    return f"sqlite:///{Path(home).expanduser().resolve() / 'overflowd.db'}"
+
+
+class Store:
+    """Signed reports and their observers. Open with :meth:`Store.open`; close when done."""
+
+    def __init__(self, engine: Engine, *, name: str) -> None:
+        # Use Store.open(); this only wraps an engine that open() configured and migrated.
+        self._engine = engine
+        self._name = name
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._insert_reports, self._upsert_observers = self._statements(self._sqlite)
+        self._lock = threading.Lock()
+        self._new = 0
+        self._duplicate = 0
+        self._errors = 0
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Connect to the database at ``url`` and bring its schema to the latest migration.
+
+        ``sqlite:///path`` (the parent directory is created) or
+        ``postgresql+psycopg://user:pw@host/db``; a bare ``postgresql://`` means psycopg 3.
+        Opening an up-to-date database again changes nothing.
+        """
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise StoreError(f"database {_mask_url_text(url)}: not a database URL ({exc})") from exc
+        name = parsed.render_as_string(hide_password=True)
+        backend = parsed.get_backend_name()
+        if backend not in _BACKENDS:
+            raise StoreError(
+                f"database {name}: backend {backend!r} is not supported (use sqlite or postgresql)"
+            )
+        if backend == "postgresql" and parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        try:
+            engine = _create_engine(parsed)
+        except ImportError as exc:
+            raise StoreError(
+                f"database {name}: driver not installed ({exc}); "
+                "install overflowd[postgres] for PostgreSQL"
+            ) from exc
+        except _BACKEND_ERRORS as exc:
+            raise StoreError(f"database {name}: {_why(exc)}") from exc
+        store = cls(engine, name=name)
+        try:
+            store._migrate()
+        except BaseException:
+            engine.dispose()
+            raise
+        log.info("store.opened database=%s", name)
+        return store
+
+    def _migrate(self) -> None:
+        if self._schema_revision() == SCHEMA_HEAD:
+            return
+        import alembic.command  # only when there is something to migrate: see SCHEMA_HEAD
+        import alembic.config
+        import alembic.util.exc
+
+        config = alembic.config.Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        config.set_main_option("path_separator", "os")
+        # Alembic keeps the running migration context in a module global: one at a time here.
+        with (
+            _MIGRATING,
+            self._guard("opening"),
+            self._transaction(write=True) as conn,
+        ):
+            if not self._sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            config.attributes["connection"] = conn
+            try:
+                alembic.command.upgrade(config, "head")
+            except alembic.util.exc.CommandError as exc:
+                with self._lock:
+                    self._errors += 1
+                raise StoreError(f"database {self._name}: opening: {_why(exc)}") from exc
+
+    def _schema_revision(self) -> str | None:
+        """The database's Alembic revision, or None when there is no version table yet."""
+        with self._guard("opening"), self._transaction(write=False) as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        return str(rows[0]) if len(rows) == 1 else None
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The database URL with its password masked, for logs and messages."""
+        return self._name
+
+    @property
+    def backend(self) -> str:
+        """``'sqlite'`` or ``'postgresql'``."""
+        return str(self._engine.dialect.name)
+
+    @contextlib.contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except _BACKEND_ERRORS as exc:
+            with self._lock:
+                self._errors += 1
+            raise StoreError(f"database {self._name}: {doing}: {_why(exc)}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            if write and self._sqlite:
+                # Take SQLite's write lock at BEGIN, where busy_timeout waits for it, rather than
+                # at the first write, where a deferred reader upgrading may get SQLITE_BUSY at once.
+                conn.execution_options(overflowd_sqlite_begin="BEGIN IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    def close(self) -> None:
+        """Release every pooled connection. The store cannot be used afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self._name!r})"
+
+    def statistics(self) -> StoreStatistics:
+        with self._lock:
+            return StoreStatistics(
+                reports_new=self._new, reports_duplicate=self._duplicate, errors=self._errors
+            )
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def add_report(self, report: rpt.SignedReport, *, received_ms: int, via: str) -> bool:
+        """Store a verified report; True if it is new, False if this id was already stored."""
+        return self.add_reports([(report, received_ms, via)]) == 1
+
+    def add_reports(self, reports: Sequence[tuple[rpt.SignedReport, int, str]]) -> int:
+        """Store ``(report, received_ms, via)`` in one transaction; return how many were new.
+
+        A report already stored, or repeated within ``reports``, is counted once (the first
+        entry wins). Each observer's row is updated once for its new reports.
+        """
+        rows: dict[str, dict[str, Any]] = {}
+        observed: dict[str, tuple[rpt.Observer, int]] = {}
+        for report, received_ms, via in reports:
+            if via not in VIAS:
+                raise ValueError(f"via must be one of {sorted(VIAS)}, not {via!r}")
+            if received_ms < 0:
+                raise ValueError("received_ms must not be negative")
+            if report.report_id not in rows:
+                rows[report.report_id] = _report_row(report, received_ms, via)
+                observed[report.report_id] = (report.payload.observer, received_ms)
+        if not rows:
+            return 0
+        with self._guard("storing reports"), self._transaction(write=True) as conn:
+            new_ids: set[str] = set(
+                conn.execute(self._insert_reports, list(rows.values())).scalars()
+            )
+            new = ((rows[i]["observer_key"], *observed[i]) for i in new_ids)
+            observer_rows = _observer_rows(new)
+            if observer_rows:
+                conn.execute(self._upsert_observers, observer_rows)
+        with self._lock:
+            self._new += len(new_ids)
+            self._duplicate += len(reports) - len(new_ids)
+        return len(new_ids)
+
+    @staticmethod
+    def _statements(sqlite: bool) -> tuple[ReturningInsert[Any], Insert]:
+        """The two writes, in the dialect's own INSERT (for ON CONFLICT)."""
+        insert = sqlite_dialect.insert if sqlite else pg_dialect.insert
+        # RETURNING lists only the rows actually inserted; a conflicting id returns nothing.
+        reports = (
+            insert(_REPORTS)
+            .on_conflict_do_nothing(index_elements=[_REPORTS.c.id])
+            .returning(_REPORTS.c.id)
+        )
+        t = _OBSERVERS
+        stmt = insert(t)
+        new = stmt.excluded
+        # "Latest" is by received time: contacts and point follow the most recently received
+        # report, so an old import cannot overwrite what a fresh report said. Written as CASE,
+        # not min()/max() vs LEAST()/GREATEST(), so it is the same SQL on both backends.
+        newer = new.last_seen_ms >= t.c.last_seen_ms
+        observers = stmt.on_conflict_do_update(
+            index_elements=[t.c.key],
+            set_={
+                "first_seen_ms": case(
+                    (new.first_seen_ms < t.c.first_seen_ms, new.first_seen_ms),
+                    else_=t.c.first_seen_ms,
+                ),
+                "last_seen_ms": case((newer, new.last_seen_ms), else_=t.c.last_seen_ms),
+                "contacts": case((newer, new.contacts), else_=t.c.contacts),
+                "point": case((newer, new.point), else_=t.c.point),
+                "reports": t.c.reports + new.reports,
+            },
+        )
+        return reports, observers
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def query_reports(
+        self,
+        *,
+        src: Network | None = None,
+        dst: Network | None = None,
+        since_ms: int | None = None,
+        limit: int | None = None,
+    ) -> list[StoredReport]:
+        """Reports whose source is in ``src`` and destination in ``dst``, newest received first.
+
+        ``since_ms`` keeps reports received at or after that time. A prefix matches only
+        reports of its own address family.
+        """
+        t = _REPORTS
+        stmt = select(t)
+        for column, net in ((t.c.src, src), (t.c.dst, dst)):
+            if net is not None:
+                lo, hi = network_range(net)
+                stmt = stmt.where(column >= lo, column <= hi, t.c.ip_version == net.version)
+        if since_ms is not None:
+            stmt = stmt.where(t.c.received_ms >= since_ms)
+        stmt = stmt.order_by(t.c.received_ms.desc(), t.c.report_time_ms.desc(), t.c.id)
+        if limit is not None:
+            if limit < 0:
+                raise ValueError("limit must not be negative")
+            stmt = stmt.limit(limit)
+        with self._guard("querying reports"), self._transaction(write=False) as conn:
+            return [_stored_report(row._mapping) for row in conn.execute(stmt)]
+
+    def get_report(self, report_id: str) -> StoredReport | None:
+        """The report with this id (lowercase hex SHA-256 of its bytes), if stored."""
+        stmt = select(_REPORTS).where(_REPORTS.c.id == report_id.lower())
+        with self._guard("reading a report"), self._transaction(write=False) as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _stored_report(row._mapping)
+
+    def count_reports(self) -> int:
+        stmt = select(func.count()).select_from(_REPORTS)
+        with self._guard("counting reports"), self._transaction(write=False) as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def observers(self) -> list[ObserverRow]:
+        """Every observer we hold reports from, most recently seen first."""
+        t = _OBSERVERS
+        stmt = select(t).order_by(t.c.last_seen_ms.desc(), t.c.key)
+        with self._guard("reading observers"), self._transaction(write=False) as conn:
+            return [_observer(row._mapping) for row in conn.execute(stmt)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine setup
+
+
+def _create_engine(url: URL) -> Engine:
+    if url.get_backend_name() == "postgresql":
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
+        # pre_ping: a pooled connection outlives a server restart; test it before use.
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+    database = url.database or ""
+    in_memory = database in ("", ":memory:") or url.query.get("mode") == "memory"
+    if in_memory:
+        # One shared connection, or each pooled connection would see its own empty database.
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        if not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+    _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, foreign keys, a busy timeout, and SQLAlchemy (not pysqlite) in charge of BEGIN.
+
+    pysqlite's legacy transaction control skips BEGIN before DDL and SELECT, which would let the
+    migration autocommit statement by statement; SQLAlchemy's documented recipe is to switch it
+    off and emit BEGIN ourselves.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            # WAL with synchronous=NORMAL is durable across crashes of the process, and loses at
+            # most the last transactions on power loss; what SQLite recommends for WAL.
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("overflowd_sqlite_begin", "BEGIN"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+def _report_row(report: rpt.SignedReport, received_ms: int, via: str) -> dict[str, Any]:
+    p = report.payload
+    fl = p.flow
+    return {
+        "id": report.report_id,
+        "cose": report.cose,
+        "observer_key": report.observer_key,
+        "kind": p.kind,
+        "ip_version": fl.src.version,
+        "src": address_to_key(fl.src),
+        "dst": address_to_key(fl.dst),
+        "proto": fl.proto,
+        "sport": fl.sport,
+        "dport": fl.dport,
+        "packets": _saturate(fl.packets),
+        "bytes": _saturate(fl.bytes),
+        "first_ms": _saturate(fl.first),
+        "last_ms": _saturate(fl.last),
+        "tcp_flags": fl.tcp_flags,
+        "tos": fl.tos,
+        "src_as": fl.src_as,
+        "dst_as": fl.dst_as,
+        "report_time_ms": _saturate(p.time),
+        "probability": p.sampling.probability,
+        "sampling_format": p.sampling.format,
+        "sampling_interval": p.sampling.interval,
+        "sampling_provenance": p.sampling.provenance,
+        "received_ms": _saturate(received_ms),
+        "via": via,
+    }
+
+
+def _observer_rows(new: Iterable[tuple[bytes, rpt.Observer, int]]) -> list[dict[str, Any]]:
+    """One upsert row per observer key from ``(key, observer, received_ms)`` of new reports.
+
+    Sorted by key, so that concurrent batches on PostgreSQL lock observer rows in the same order
+    and cannot deadlock.
+    """
+    by_key: dict[bytes, dict[str, Any]] = {}
+    for key, observer, received_ms in new:
+        received = _saturate(received_ms)
+        current = by_key.get(key)
+        if current is None:
+            current = by_key[key] = {
+                "key": key,
+                "fingerprint": rpt.key_fingerprint(key),
+                "first_seen_ms": received,
+                "last_seen_ms": received,
+                "reports": 0,
+            }
+        current["reports"] += 1
+        current["first_seen_ms"] = min(current["first_seen_ms"], received)
+        if received >= current["last_seen_ms"] or "contacts" not in current:
+            current["last_seen_ms"] = received
+            current["contacts"] = json.dumps(list(observer.contacts))
+            current["point"] = observer.point
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def _address(key: bytes, version: int) -> Address:
+    # A report signed with an IPv6 address inside ::ffff:0:0/96 stays IPv6.
+    return key_to_address(key) if version == 4 else ipaddress.IPv6Address(key)
+
+
+def _stored_report(m: RowMapping) -> StoredReport:
+    version = int(m["ip_version"])
+    return StoredReport(
+        report_id=str(m["id"]),
+        cose=bytes(m["cose"]),
+        received_ms=int(m["received_ms"]),
+        via=str(m["via"]),
+        observer_key=bytes(m["observer_key"]),
+        kind=str(m["kind"]),
+        src=_address(bytes(m["src"]), version),
+        dst=_address(bytes(m["dst"]), version),
+        proto=int(m["proto"]),
+        sport=int(m["sport"]),
+        dport=int(m["dport"]),
+        packets=int(m["packets"]),
+        bytes=int(m["bytes"]),
+        first_ms=int(m["first_ms"]),
+        last_ms=int(m["last_ms"]),
+        tcp_flags=int(m["tcp_flags"]),
+        tos=int(m["tos"]),
+        src_as=None if m["src_as"] is None else int(m["src_as"]),
+        dst_as=None if m["dst_as"] is None else int(m["dst_as"]),
+        report_time_ms=int(m["report_time_ms"]),
+        probability=float(m["probability"]),
+        sampling_format=str(m["sampling_format"]),
+        sampling_interval=int(m["sampling_interval"]),
+        sampling_provenance=str(m["sampling_provenance"]),
+    )
+
+
+def _observer(m: RowMapping) -> ObserverRow:
+    return ObserverRow(
+        key=bytes(m["key"]),
+        fingerprint=str(m["fingerprint"]),
+        contacts=tuple(json.loads(m["contacts"])),
+        point=str(m["point"]),
+        first_seen_ms=int(m["first_seen_ms"]),
+        last_seen_ms=int(m["last_seen_ms"]),
+        reports=int(m["reports"]),
+    )

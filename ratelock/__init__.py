@@ -1,0 +1,1 @@
+"""ratelock — rate-limited password and record oracle. Not built yet (see DESIGN.md)."""
