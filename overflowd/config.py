@@ -46,10 +46,32 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
+class CollectorSettings:
+    #: UDP addresses taking NetFlow v5/v9, IPFIX and sFlow v5 alike ("ADDR:PORT", "[v6]:PORT").
+    listen: tuple[str, ...] = ("0.0.0.0:2055",)
+    #: Socket receive buffer (SO_RCVBUFFORCE as root, like nfcapd -B): absorbs export bursts.
+    rcvbuf_bytes: int = 4 * 1024 * 1024
+    #: Datagrams waiting for the decoder; beyond this the newest is dropped and counted.
+    queue_datagrams: int = 10_000
+    #: Per-exporter sampling the operator knows better than the exporter: "ADDR=N".
+    sampling_overrides: tuple[str, ...] = ()
+    #: On shutdown, how long queued datagrams and reports may take to drain.
+    drain_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    #: Prometheus exposition ("ADDR:PORT"); empty disables it.
+    listen: str = "127.0.0.1:9590"
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    collector: CollectorSettings = field(default_factory=CollectorSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: Where this came from, for messages; not a TOML key.
     source: str = field(default="(defaults)", compare=False)
 
@@ -58,6 +80,8 @@ _SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "store": StoreSettings,
     "sampling": SamplingSettings,
+    "collector": CollectorSettings,
+    "metrics": MetricsSettings,
 }
 
 DEFAULT_CONFIG_TEXT = """\
@@ -80,6 +104,22 @@ url = ""
 rate = 1e-6
 # Upper bound on any boost, whatever policy or a destination asks.
 boost_cap = 1000.0
+
+[collector]
+# UDP addresses taking NetFlow v5/v9, IPFIX and sFlow v5 alike.
+listen = ["0.0.0.0:2055"]
+# Socket receive buffer; as root it may exceed net.core.rmem_max (like nfcapd -B).
+rcvbuf_bytes = 4194304
+# Datagrams waiting for the decoder; beyond this the newest is dropped and counted.
+queue_datagrams = 10000
+# Exporters whose sampling you know better than they announce it: "ADDR=N".
+# sampling_overrides = ["192.0.2.1=1000"]
+# On shutdown, how long queued work may take to drain.
+drain_timeout_s = 5.0
+
+[metrics]
+# Prometheus exposition; "" disables it.
+listen = "127.0.0.1:9590"
 """
 
 
@@ -183,6 +223,20 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
             fail("rate", "must be in (0, 1]")
         if settings.boost_cap < 1:
             fail("boost_cap", "must be at least 1")
+    if isinstance(settings, CollectorSettings):
+        for item in settings.listen:
+            if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[0-9a-fA-F:]*):\d{1,5}$", item):
+                fail("listen", f"has {item!r}, which is not ADDR:PORT")
+        if settings.rcvbuf_bytes < 4096:
+            fail("rcvbuf_bytes", "must be at least 4096")
+        if settings.queue_datagrams < 1:
+            fail("queue_datagrams", "must be at least 1")
+        for item in settings.sampling_overrides:
+            if not re.match(r"^[^=\s]+=[1-9][0-9]*$", item):
+                fail("sampling_overrides", f"has {item!r}, which is not ADDR=N (N >= 1)")
+    listen_re = r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[A-Za-z0-9.-]*):\d{1,5}$"
+    if isinstance(settings, MetricsSettings) and not re.match(listen_re, settings.listen or ":0"):
+        fail("listen", f"has {settings.listen!r}, which is not ADDR:PORT")
     if isinstance(settings, NodeSettings):
         if len(settings.observation_point.encode()) > 64:
             fail("observation_point", "must be at most 64 bytes")

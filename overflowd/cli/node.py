@@ -13,6 +13,7 @@ from pathlib import Path
 
 from overflowd import __version__
 from overflowd import report as rpt
+from overflowd.cli import cmd_decode, cmd_replay, cmd_run
 from overflowd.cli.common import common_options, context, now_ms, run_main
 from overflowd.config import CONFIG_FILE, DEFAULT_CONFIG_TEXT
 from overflowd.errors import ConfigError, IdentityError
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON rendering")
     p.set_defaults(func=cmd_report)
 
+    cmd_decode.register(sub)
+    cmd_replay.register(sub, common)
+    cmd_run.register(sub, common)
     return parser
 
 

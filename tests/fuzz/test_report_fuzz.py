@@ -86,3 +86,57 @@ def test_mutated_reports_raise_only_our_errors(payload: rpt.Payload, data: st.Da
         verify_report(bytes(cose[:cut]))
     except (ReportDecodeError, SignatureError):
         pass
+
+
+@st.composite
+def loose_payloads(draw: st.DrawFn) -> rpt.Payload:
+    """Payloads with every field sometimes out of range: for the two validators to disagree on."""
+    good = draw(payloads())
+    ints = st.integers(-2, 2**64 + 1)
+    return rpt.Payload(
+        kind=draw(st.sampled_from([good.kind, "Bad Kind", "x" * 40, ""])),
+        nonce=draw(st.sampled_from([good.nonce, b"short"])),
+        time=draw(st.sampled_from([good.time, -1, 2**64])),
+        observer=rpt.Observer(
+            contacts=draw(st.sampled_from([good.observer.contacts, ("a",) * 5, ("x" * 600,)])),
+            point=draw(st.sampled_from([good.observer.point, "p" * 65])),
+        ),
+        flow=rpt.Flow(
+            src=good.flow.src,
+            dst=draw(st.sampled_from([good.flow.dst, good.flow.src])),
+            sport=draw(st.one_of(st.just(good.flow.sport), ints)),
+            dport=good.flow.dport,
+            proto=draw(st.one_of(st.just(good.flow.proto), ints)),
+            packets=draw(st.one_of(st.just(good.flow.packets), ints)),
+            bytes=good.flow.bytes,
+            first=good.flow.first,
+            last=good.flow.last,
+            tcp_flags=draw(st.one_of(st.just(good.flow.tcp_flags), ints)),
+            tos=good.flow.tos,
+            src_as=draw(st.one_of(st.just(good.flow.src_as), st.integers(-1, 2**33))),
+            dst_as=good.flow.dst_as,
+        ),
+        sampling=rpt.Sampling(
+            probability=draw(st.sampled_from([good.sampling.probability, 0.0, 1.5, 1])),
+            format=draw(st.sampled_from([good.sampling.format, "f" * 30])),
+            interval=draw(st.sampled_from([good.sampling.interval, 0, 2**32])),
+            provenance=draw(st.sampled_from([good.sampling.provenance, "guessed"])),
+        ),
+    )
+
+
+@SETTINGS
+@given(loose_payloads())
+def test_fast_pre_sign_check_agrees_with_the_decoder(payload: rpt.Payload) -> None:
+    """encode_payload's field-by-field check refuses exactly what the decoder would refuse."""
+    try:
+        rpt._payload_from_map(rpt.payload_to_map(payload))
+        decoder_ok = True
+    except ReportDecodeError:
+        decoder_ok = False
+    try:
+        rpt._check_payload(payload)
+        check_ok = True
+    except ValueError:
+        check_ok = False
+    assert check_ok == decoder_ok

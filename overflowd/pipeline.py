@@ -1,0 +1,115 @@
+"""From flow records to signed reports: the part of the daemon that ``replay`` shares with ``run``.
+
+Decode → sample → sign → store. The codecs and the sampler are pure; this module glues them to
+the node identity and hands batches to the store. It opens no socket: sending is notify's job,
+so ``overflowd replay`` can never put a report on the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from overflowd import report as rpt
+from overflowd.config import Settings
+from overflowd.flows import FlowRecord, FlowRow
+
+#: Anything with the flow record fields: a FlowRecord or the cheaper FlowRow.
+RecordLike = FlowRecord | FlowRow
+from overflowd.flowsample import SamplingPolicy
+from overflowd.identity import NodeIdentity
+
+#: Boost reasons that make a sampled flow a ``flow-suspect`` rather than a plain ``flow-seen``.
+SUSPECT_REASONS = frozenset({"amplification", "syn_only"})
+
+
+def report_payload(
+    record: RecordLike,
+    probability: float,
+    *,
+    observer: rpt.Observer,
+    nonce: bytes,
+    now_ms: int,
+    kind: str = "flow-seen",
+) -> rpt.Payload:
+    """The payload reporting ``record``, chosen with ``probability``. Pure."""
+    return rpt.Payload(
+        kind=kind,
+        nonce=nonce,
+        time=now_ms,
+        observer=observer,
+        flow=rpt.Flow(
+            src=record.src,
+            dst=record.dst,
+            sport=record.sport,
+            dport=record.dport,
+            proto=record.proto,
+            packets=record.packets,
+            bytes=record.bytes,
+            first=record.first,
+            last=record.last,
+            tcp_flags=record.tcp_flags,
+            tos=record.tos,
+            src_as=record.src_as,
+            dst_as=record.dst_as,
+        ),
+        sampling=rpt.Sampling(
+            probability=probability,
+            format=record.format,
+            interval=max(1, record.sampling_interval),
+            provenance=record.sampling_provenance,
+        ),
+    )
+
+
+def policy_from_settings(settings: Settings, rate: float | None = None) -> SamplingPolicy:
+    return SamplingPolicy(
+        rate=settings.sampling.rate if rate is None else rate,
+        boost_cap=settings.sampling.boost_cap,
+    )
+
+
+@dataclass
+class ReportMaker:
+    """Signs one report per sampled record. The signing key is expanded once."""
+
+    identity: NodeIdentity
+    observer: rpt.Observer
+    policy: SamplingPolicy
+    nonce: Callable[[int], bytes] = os.urandom
+
+    def __post_init__(self) -> None:
+        self._sign = self.identity.signer()
+        self._public_key = self.identity.public_key
+        self._protected = rpt.protected_header(self._public_key)
+
+    @classmethod
+    def for_node(
+        cls, identity: NodeIdentity, settings: Settings, policy: SamplingPolicy
+    ) -> ReportMaker:
+        observer = rpt.Observer(
+            contacts=settings.node.contacts, point=settings.node.observation_point
+        )
+        return cls(identity=identity, observer=observer, policy=policy)
+
+    def kind_of(self, record: RecordLike) -> str:
+        _, _, reasons = self.policy.explain(record)
+        return "flow-suspect" if SUSPECT_REASONS.intersection(reasons) else "flow-seen"
+
+    def make(self, record: RecordLike, probability: float, now_ms: int) -> rpt.SignedReport:
+        payload = report_payload(
+            record,
+            probability,
+            observer=self.observer,
+            nonce=self.nonce(rpt.NONCE_BYTES),
+            now_ms=now_ms,
+            kind=self.kind_of(record),
+        )
+        cose = rpt.encode_signed(payload, self._public_key, self._sign, protected=self._protected)
+        return rpt.SignedReport(cose=cose, observer_key=self._public_key, payload=payload)
+
+    def make_all(
+        self, sampled: Iterable[tuple[RecordLike, float]], now_ms: int
+    ) -> list[rpt.SignedReport]:
+        return [self.make(record, p, now_ms) for record, p in sampled]

@@ -1,0 +1,91 @@
+"""Prometheus exposition of the node's counters, read from ``statistics()`` snapshots.
+
+Nothing is counted twice: services keep their own counters and this module only renders
+snapshots when scraped. prometheus-client serves HTTP from its own thread; :func:`serve_metrics`
+shuts that server down when the daemon's nursery ends, so it never outlives the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from overflowd.services.collector import parse_listen
+from overflowd.services.node import NodeStatistics
+
+
+class NodeCollector(Collector):
+    def __init__(self, snapshot: Callable[[], NodeStatistics]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._snapshot()
+        yield from node_metrics(s)
+
+
+def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+    m = CounterMetricFamily(name, doc, labels=list(labels or {}))
+    m.add_metric(list((labels or {}).values()), value)
+    return m
+
+
+def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
+    datagrams = CounterMetricFamily(
+        "overflowd_collector_datagrams", "Datagrams received", labels=["socket"]
+    )
+    dropped = CounterMetricFamily(
+        "overflowd_collector_dropped", "Datagrams dropped", labels=["socket", "where"]
+    )
+    for i, c in enumerate(s.collectors):
+        datagrams.add_metric([str(i)], c.datagrams)
+        dropped.add_metric([str(i), "queue_full"], c.dropped_queue_full)
+        if c.kernel_drops is not None:
+            dropped.add_metric([str(i), "kernel"], c.kernel_drops)
+    yield datagrams
+    yield dropped
+    d = s.decoder
+    yield _counter("overflowd_decoder_records", "Flow records decoded", d.records)
+    malformed = CounterMetricFamily(
+        "overflowd_decoder_malformed", "Datagrams refused by the decoder", labels=["reason"]
+    )
+    for reason, count in sorted(d.malformed.items()):
+        malformed.add_metric([reason], count)
+    yield malformed
+    yield GaugeMetricFamily("overflowd_decoder_templates", "Templates held", value=d.templates)
+    yield _counter(
+        "overflowd_decoder_pending_dropped",
+        "Data sets dropped waiting for a template",
+        d.pending_dropped,
+    )
+    sm = s.sampler
+    yield _counter("overflowd_sampler_records", "Records offered to the sampler", sm.records_seen)
+    yield _counter("overflowd_sampler_sampled", "Records sampled for a report", sm.records_sampled)
+    yield _counter(
+        "overflowd_sampler_expected", "Sum of p: the expected number sampled", sm.expected_sampled
+    )
+    yield _counter("overflowd_reports_signed", "Reports signed", s.reports_signed)
+    yield _counter("overflowd_reports_stored", "Reports newly stored", s.reports_stored)
+    yield _counter("overflowd_store_errors", "Store batches that failed", s.store_errors)
+
+
+@contextlib.contextmanager
+def serve_metrics(listen: str, snapshot: Callable[[], NodeStatistics]) -> Iterator[Any]:
+    """Serve /metrics on ``listen`` for the duration of the ``with`` block."""
+    if not listen:
+        yield None
+        return
+    host, port = parse_listen(listen)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(snapshot))
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,136 @@
+"""IPFIX (RFC 7011) messages: header, template and options template sets (with withdrawal),
+data sets, enterprise-specific and variable-length fields.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from overflowd.wire.reader import Reader, TruncatedError
+from overflowd.wire.templates import FieldSpec, SetContext, Template, TemplateKey
+
+if TYPE_CHECKING:
+    from overflowd.wire.dispatch import DecoderState
+
+__all__ = ["FORMAT", "HEADER", "decode"]
+
+FORMAT = "ipfix"
+
+#: version, length, export time (s), sequence, observation domain id (RFC 7011 §3.1).
+HEADER = struct.Struct("!HHIII")
+
+TEMPLATE_SET = 2
+OPTIONS_TEMPLATE_SET = 3
+FIRST_DATA_SET = 256
+ENTERPRISE_BIT = 0x8000
+
+
+def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[Any]:
+    outer = Reader(data, fmt=FORMAT, exporter=exporter)
+    version, length, export_time, _sequence, domain = outer.unpack(HEADER, "message header")
+    if version != 10:
+        raise outer.malformed(f"version {version} is not 10", offset=0)
+    if length < HEADER.size:
+        raise outer.malformed(f"message length {length} < {HEADER.size}", offset=2)
+    if length > len(data):
+        raise TruncatedError(
+            f"message length {length} but datagram has {len(data)} bytes",
+            fmt=FORMAT,
+            offset=2,
+            exporter=exporter,
+        )
+    if length < len(data):
+        # One message per UDP datagram (RFC 7011 §10.3.2); bytes after it are not IPFIX.
+        state.count("ipfix.trailing_bytes")
+    r = Reader(data, fmt=FORMAT, exporter=exporter, start=HEADER.size, end=length)
+    ctx = SetContext(FORMAT, exporter, domain, export_time * 1000, None)
+    records: list[Any] = []
+    while not r.at_end():
+        start = r.offset
+        set_id = r.u16()
+        set_length = r.u16()
+        if set_length < 4:
+            raise r.malformed(f"set length {set_length} < 4", offset=start + 2)
+        body = r.sub(set_length - 4, "set")
+        if set_id == TEMPLATE_SET:
+            _templates(body, ctx, state, now, records, options=False)
+        elif set_id == OPTIONS_TEMPLATE_SET:
+            _templates(body, ctx, state, now, records, options=True)
+        elif set_id >= FIRST_DATA_SET:
+            state.data_set(set_id, body, ctx, now, records)
+        else:
+            # Set ids 0, 1 (NetFlow v9) and 4–255 are reserved (RFC 7011 §3.3.2).
+            state.count("ipfix.reserved_sets")
+    return records
+
+
+def _templates(
+    r: Reader,
+    ctx: SetContext,
+    state: DecoderState,
+    now: float,
+    out: list[Any],
+    *,
+    options: bool,
+) -> None:
+    limits = state.limits
+    # Every template record starts with 4 bytes; padding is shorter (RFC 7011 §3.3.1).
+    while r.remaining() >= 4:
+        start = r.offset
+        template_id = r.u16()
+        field_count = r.u16()
+        if field_count == 0:
+            # Withdrawal (RFC 7011 §8.1): the set's own id as template id withdraws all
+            # templates of that kind for the domain.
+            all_id = OPTIONS_TEMPLATE_SET if options else TEMPLATE_SET
+            if template_id == all_id:
+                state.templates.withdraw_all(FORMAT, ctx.exporter, ctx.domain, options=options)
+            elif template_id >= FIRST_DATA_SET:
+                state.templates.withdraw(_key(ctx, template_id))
+            else:
+                raise r.malformed(f"withdrawal of template id {template_id}", offset=start)
+            continue
+        if template_id < FIRST_DATA_SET:
+            raise r.malformed(f"template id {template_id} < 256", offset=start)
+        scope_count = 0
+        if options:
+            scope_count = r.u16()
+            if not 1 <= scope_count <= field_count:
+                raise r.malformed(
+                    f"scope field count {scope_count} of {field_count} fields", offset=start + 4
+                )
+        # Each field specifier is at least 4 bytes: refuse impossible counts before looping.
+        if field_count * 4 > r.remaining():
+            raise r.truncated("template fields", field_count * 4)
+        fields = []
+        for _ in range(field_count):
+            element = r.u16()
+            length = r.u16()
+            enterprise = 0
+            if element & ENTERPRISE_BIT:
+                element &= ~ENTERPRISE_BIT
+                enterprise = r.u32()
+            if length == 0:
+                raise r.malformed(f"element {element} has length 0", offset=r.offset - 2)
+            fields.append(FieldSpec(element, length, enterprise))
+        if field_count > limits.max_template_fields:
+            state.count("templates.refused_too_many_fields")
+            continue
+        wire = r.data[start : r.offset]
+        template = Template(
+            FORMAT,
+            template_id,
+            fields,
+            scope_count=scope_count,
+            is_options=options,
+            wire=wire,
+        )
+        state.learn_template(_key(ctx, template_id), template, now, out)
+    r.skip(r.remaining(), "padding")
+
+
+def _key(ctx: SetContext, template_id: int) -> TemplateKey:
+    return (ctx.fmt, ctx.exporter, ctx.domain, template_id)

@@ -1,0 +1,867 @@
+"""Templates shared by NetFlow v9 and IPFIX: compiled templates, the bounded template cache,
+the bounded buffer of data that arrived before its template, and exporter sampling state.
+
+A template (RFC 3954 §5.2, RFC 7011 §3.4.1) describes the layout of data records; both
+formats use the same element numbers below 128 and IPFIX extends them (IANA "IPFIX
+Information Elements"). A :class:`Template` is compiled once when it arrives:
+
+* fixed-length templates get a ``struct.Struct`` that extracts only the elements a
+  :class:`~overflowd.flows.FlowRecord` needs (the rest is ``x`` padding), so a data set is
+  decoded with one ``iter_unpack`` over the checked block;
+* templates with variable-length elements (IPFIX length 65535, RFC 7011 §7) are decoded
+  record by record through the bounded reader;
+* enterprise-specific elements (IPFIX E bit) and elements we do not know are kept as raw
+  bytes (:meth:`Template.read_values`); they never make a template invalid.
+
+Everything here is bounded (see :class:`Limits` and docs/flows.md): templates by count (LRU),
+held data by sets and bytes and age, sampling entries by exporter/domain and sampler.
+
+Pure: no I/O, no clocks (``now`` is an argument), no global state.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from overflowd.wire.reader import MalformedError, Reader
+
+if TYPE_CHECKING:
+    from overflowd.wire.dispatch import DecoderState
+
+__all__ = [
+    "VARIABLE_LENGTH",
+    "FieldSpec",
+    "Limits",
+    "PendingBuffer",
+    "PendingSet",
+    "SamplingTable",
+    "SetContext",
+    "Template",
+    "TemplateCache",
+    "TemplateKey",
+    "interval_from_elements",
+]
+
+#: IPFIX field length that means "length precedes each value" (RFC 7011 §7).
+VARIABLE_LENGTH = 65535
+
+KiB = 1024
+MiB = 1024 * KiB
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every bound on decoder state, with its default and the reason for it.
+
+    The state is fed by anyone who can send a UDP datagram (and spoof its source), so each
+    table is capped; what does not fit is evicted or refused, and counted.
+    """
+
+    #: Templates kept across all exporters, LRU. Real exporters send tens of templates each
+    #: (softflowd 2–4, pmacct a handful, a big router under 100 per line card); 4096 covers a
+    #: few dozen large exporters while a flood of spoofed templates costs at most ~10 MiB.
+    max_templates: int = 4096
+    #: Fields in one template. The largest real templates have ~100 fields; a template of
+    #: thousands of fields is an attack on compile time, refused and counted.
+    max_template_fields: int = 512
+    #: Data sets held while waiting for their template (NetFlow v9/IPFIX over UDP may deliver
+    #: data first, after an exporter or collector restart). Oldest evicted first.
+    max_pending_sets: int = 1024
+    #: Bytes held in those sets: 4 MiB is a few thousand typical datagrams.
+    max_pending_bytes: int = 4 * MiB
+    #: How long held data waits. RFC 7011 §10.3.6 suggests re-sending templates over UDP at
+    #: least every 600 s; data older than one refresh period will not be rescued.
+    pending_max_age_s: float = 10 * MINUTES
+    #: (exporter, domain) entries of announced sampling and system-init time, LRU.
+    max_sampling_entries: int = 4096
+    #: Sampler/selector ids remembered per (exporter, domain).
+    max_samplers_per_domain: int = 64
+    #: Exporters with their own counters in statistics(); beyond that they are summed
+    #: under "other" so a spoofing flood cannot grow the statistics without bound.
+    max_exporters_tracked: int = 1024
+    #: Decoded addresses cached for reuse (flows repeat addresses); cleared when full.
+    address_cache_size: int = 65536
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_templates",
+            "max_template_fields",
+            "max_pending_sets",
+            "max_sampling_entries",
+            "max_samplers_per_domain",
+            "max_exporters_tracked",
+            "address_cache_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be >= 1")
+        if self.max_pending_bytes < 0 or self.pending_max_age_s < 0:
+            raise ValueError("Limits: pending bounds must be >= 0")
+
+
+# -- information elements (IANA numbers; v9 uses the same below 128) -------------------------
+
+IE_OCTET_DELTA = 1
+IE_PACKET_DELTA = 2
+IE_PROTOCOL = 4
+IE_TOS = 5
+IE_TCP_FLAGS = 6
+IE_SRC_PORT = 7
+IE_SRC_V4 = 8
+IE_DST_PORT = 11
+IE_DST_V4 = 12
+IE_SRC_AS = 16
+IE_DST_AS = 17
+IE_LAST_SYSUP = 21
+IE_FIRST_SYSUP = 22
+IE_POST_OCTET_DELTA = 23
+IE_POST_PACKET_DELTA = 24
+IE_SRC_V6 = 27
+IE_DST_V6 = 28
+IE_ICMP_V4 = 32
+IE_SAMPLING_INTERVAL = 34
+IE_SAMPLING_ALGORITHM = 35
+IE_SAMPLER_ID = 48
+IE_SAMPLER_MODE = 49
+IE_SAMPLER_RANDOM_INTERVAL = 50
+IE_OCTET_TOTAL = 85
+IE_PACKET_TOTAL = 86
+IE_ICMP_V6 = 139
+IE_START_S = 150
+IE_END_S = 151
+IE_START_MS = 152
+IE_END_MS = 153
+IE_START_US = 154
+IE_END_US = 155
+IE_START_NS = 156
+IE_END_NS = 157
+IE_START_DELTA_US = 158
+IE_END_DELTA_US = 159
+IE_SYSTEM_INIT_MS = 160
+IE_DSCP = 195
+IE_SELECTOR_ID = 302
+IE_SAMPLING_PACKET_INTERVAL = 305
+IE_SAMPLING_PACKET_SPACE = 306
+IE_SAMPLING_SIZE = 309
+IE_SAMPLING_POPULATION = 310
+IE_SAMPLING_PROBABILITY = 311
+
+#: Elements decoded as unsigned integers (any length 1–8: IPFIX reduced-size encoding,
+#: RFC 7011 §6.2). Everything else stays raw bytes.
+_UNSIGNED_V9 = (1, 2, 3, 4, 5, 6, 7, 10, 11, 14, 16, 17, 21, 22, 23, 24, 32, 34, 35, 48, 49, 50)
+_UNSIGNED_IPFIX = (85, 86, 136, 139, 144, 148, 149, *range(150, 161), 195, 302, 304, 305, 306)
+UNSIGNED_ELEMENTS = frozenset((*_UNSIGNED_V9, *_UNSIGNED_IPFIX, 309, 310))
+ADDRESS_V4_ELEMENTS = frozenset({IE_SRC_V4, IE_DST_V4})
+ADDRESS_V6_ELEMENTS = frozenset({IE_SRC_V6, IE_DST_V6})
+
+#: NTP era offset (1900 → 1970) for dateTimeMicroseconds/Nanoseconds (RFC 7011 §6.1.9–10).
+NTP_UNIX_OFFSET_S = 2_208_988_800
+
+
+class FieldSpec(NamedTuple):
+    """One (element, length) pair of a template.
+
+    ``enterprise`` is 0 for IANA elements. ``scope`` marks scope fields of options
+    templates; for NetFlow v9 their ``id`` is a *scope type* (1 system, 2 interface, ...),
+    not an element number.
+    """
+
+    id: int
+    length: int
+    enterprise: int = 0
+    scope: bool = False
+
+    @property
+    def standard(self) -> bool:
+        return self.enterprise == 0 and not self.scope
+
+
+TemplateKey = tuple[str, str, int, int]  # (format, exporter, domain, template id)
+Value = int | bytes | float
+
+
+def _field_kind(f: FieldSpec) -> str:
+    """How a value of this field is represented after decoding: int, bytes or float."""
+    if f.standard and f.length != VARIABLE_LENGTH:
+        if f.id in UNSIGNED_ELEMENTS and 1 <= f.length <= 8:
+            return "int"
+        if f.id == IE_SAMPLING_PROBABILITY and f.length in (4, 8):
+            return "float"
+    return "bytes"
+
+
+class SetContext(NamedTuple):
+    """What a data set needs from its message header to become flow records."""
+
+    fmt: str
+    exporter: str
+    domain: int
+    export_ms: int
+    #: NetFlow v9 sysUpTime of the header (ms); None for IPFIX.
+    uptime_ms: int | None
+
+
+# Time elements, in order of preference: (element, conversion kind).
+_FIRST_TIME = (
+    (IE_START_MS, "ms"),
+    (IE_START_S, "s"),
+    (IE_START_US, "ntp"),
+    (IE_START_NS, "ntp"),
+    (IE_START_DELTA_US, "delta_us"),
+    (IE_FIRST_SYSUP, "sysup"),
+)
+_LAST_TIME = (
+    (IE_END_MS, "ms"),
+    (IE_END_S, "s"),
+    (IE_END_US, "ntp"),
+    (IE_END_NS, "ntp"),
+    (IE_END_DELTA_US, "delta_us"),
+    (IE_LAST_SYSUP, "sysup"),
+)
+_IN_RECORD_SAMPLING = frozenset(
+    {
+        IE_SAMPLING_INTERVAL,
+        IE_SAMPLER_RANDOM_INTERVAL,
+        IE_SAMPLING_PACKET_INTERVAL,
+        IE_SAMPLING_SIZE,
+        IE_SAMPLING_PROBABILITY,
+    }
+)
+
+
+def interval_from_elements(values: Mapping[int, Value]) -> int | None:
+    """The "1 in N" sampling interval announced by a set of element values, if any.
+
+    Precedence and semantics (docs/flows.md):
+
+    * 305/306 samplingPacketInterval/Space (RFC 5477 §8.2.2, RFC 7014): ``interval`` packets
+      are selected, then ``space`` packets are skipped, so 1 in ``(interval+space)/interval``
+      (rounded, at least 1). 305 without 306 is not RFC 5477 (both are required for
+      systematic count-based selection) and is what several exporters send to mean
+      "1 in N": we take it as that.
+    * 34 samplingInterval (RFC 7270 §5.1, NetFlow v9 SAMPLING_INTERVAL): 1 in N.
+    * 50 samplerRandomInterval (v9 FLOW_SAMPLER_RANDOM_INTERVAL): 1 in N.
+    * 309/310 samplingSize/samplingPopulation: ``size`` of ``population``.
+    * 311 samplingProbability: 1 / p.
+
+    Zero or nonsensical values announce nothing.
+    """
+    interval = values.get(IE_SAMPLING_PACKET_INTERVAL)
+    if isinstance(interval, int) and interval > 0:
+        space = values.get(IE_SAMPLING_PACKET_SPACE)
+        if isinstance(space, int):
+            return max(1, round((interval + space) / interval))
+        return interval
+    for element in (IE_SAMPLING_INTERVAL, IE_SAMPLER_RANDOM_INTERVAL):
+        value = values.get(element)
+        if isinstance(value, int) and value > 0:
+            return value
+    size = values.get(IE_SAMPLING_SIZE)
+    population = values.get(IE_SAMPLING_POPULATION)
+    if isinstance(size, int) and isinstance(population, int) and 0 < size <= population:
+        return max(1, round(population / size))
+    probability = values.get(IE_SAMPLING_PROBABILITY)
+    if isinstance(probability, float) and 0.0 < probability <= 1.0 and math.isfinite(probability):
+        return max(1, min(2**32, round(1 / probability)))
+    return None
+
+
+def _sampler_of(values: Mapping[int, Value]) -> int | None:
+    for element in (IE_SELECTOR_ID, IE_SAMPLER_ID):
+        value = values.get(element)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class Template:
+    """A compiled data or options template."""
+
+    __slots__ = (
+        "_flow_plan",
+        "_flow_struct",
+        "_kinds",
+        "fields",
+        "fixed_length",
+        "fmt",
+        "is_flow",
+        "is_options",
+        "min_length",
+        "scope_count",
+        "template_id",
+        "wire",
+    )
+
+    def __init__(
+        self,
+        fmt: str,
+        template_id: int,
+        fields: Iterable[FieldSpec],
+        *,
+        scope_count: int = 0,
+        is_options: bool = False,
+        wire: bytes = b"",
+    ) -> None:
+        self.fmt = fmt
+        self.template_id = template_id
+        self.fields = tuple(fields)
+        self.scope_count = scope_count
+        self.is_options = is_options
+        #: The template record as it came on the wire: a re-announcement with the same
+        #: bytes is a refresh, not an update.
+        self.wire = wire
+        self._kinds = tuple(_field_kind(f) for f in self.fields)
+        variable = any(f.length == VARIABLE_LENGTH for f in self.fields)
+        # A variable-length field takes at least its 1-byte length prefix.
+        self.min_length = sum(1 if f.length == VARIABLE_LENGTH else f.length for f in self.fields)
+        self.fixed_length: int | None = None if variable else self.min_length
+        self._flow_struct: struct.Struct | None = None
+        self._flow_plan: _FlowPlan | None = None
+        self.is_flow = False
+        if not is_options:
+            self._compile_flow_plan()
+
+    def __repr__(self) -> str:
+        kind = "options template" if self.is_options else "template"
+        return f"<{self.fmt} {kind} {self.template_id}: {len(self.fields)} fields>"
+
+    # -- generic decoding (variable-length templates, options, raw access) --------------
+
+    def read_values(self, r: Reader) -> tuple[Value, ...]:
+        """One record's values in field order: ints, floats, or raw bytes (unknown and
+        enterprise elements are kept raw)."""
+        out: list[Value] = []
+        for f, kind in zip(self.fields, self._kinds, strict=True):
+            n = f.length
+            if n == VARIABLE_LENGTH:
+                # RFC 7011 §7: one length byte, or 255 then a two-byte length.
+                n = r.u8()
+                if n == 255:
+                    n = r.u16()
+            if kind == "int":
+                out.append(r.uint(n))
+            elif kind == "float":
+                raw = r.bytes(n)
+                out.append(struct.unpack("!d" if n == 8 else "!f", raw)[0])
+            else:
+                out.append(r.bytes(n))
+        return tuple(out)
+
+    def iter_records(self, r: Reader) -> Iterator[tuple[Value, ...]]:
+        """All records of a data set body; trailing bytes shorter than a record are padding
+        (RFC 7011 §3.3.1, RFC 3954 §5.3)."""
+        min_length = max(1, self.min_length)
+        while r.remaining() >= min_length:
+            yield self.read_values(r)
+        r.skip(r.remaining(), "padding")
+
+    def option_values(self, r: Reader) -> Iterator[dict[int, Value]]:
+        """Options data records as {element: value}; scope fields of v9 (scope types)
+        are left out, IPFIX scope fields are ordinary elements and kept."""
+        for values in self.iter_records(r):
+            yield {
+                f.id: v
+                for f, v in zip(self.fields, values, strict=True)
+                if f.enterprise == 0 and not f.scope
+            }
+
+    # -- flows ----------------------------------------------------------------------------
+
+    def _compile_flow_plan(self) -> None:
+        position: dict[int, int] = {}
+        for index, f in enumerate(self.fields):
+            if f.standard and f.id not in position:
+                if f.id in ADDRESS_V4_ELEMENTS and f.length != 4:
+                    continue
+                if f.id in ADDRESS_V6_ELEMENTS and f.length != 16:
+                    continue
+                if f.id in UNSIGNED_ELEMENTS and not 1 <= f.length <= 8:
+                    continue
+                position[f.id] = index
+        has_src = IE_SRC_V4 in position or IE_SRC_V6 in position
+        has_dst = IE_DST_V4 in position or IE_DST_V6 in position
+        self.is_flow = has_src and has_dst
+        if not self.is_flow:
+            return
+        if self.fixed_length is not None:
+            # Extract only the elements the plan reads; everything else becomes padding.
+            used = sorted(position.values())
+            column = {field_index: col for col, field_index in enumerate(used)}
+            parts = ["!"]
+            for index, f in enumerate(self.fields):
+                if index not in column:
+                    parts.append(f"{f.length}x")
+                elif self._kinds[index] == "int" and f.length in (1, 2, 4, 8):
+                    parts.append({1: "B", 2: "H", 4: "I", 8: "Q"}[f.length])
+                elif self._kinds[index] == "float":
+                    parts.append("f" if f.length == 4 else "d")
+                else:
+                    parts.append(f"{f.length}s")
+            self._flow_struct = struct.Struct("".join(parts))
+            remap = {element: column[index] for element, index in position.items()}
+            odd = {
+                remap[element]
+                for element, index in position.items()
+                if self._kinds[index] == "int" and self.fields[index].length not in (1, 2, 4, 8)
+            }
+            self._flow_plan = _FlowPlan(remap, odd)
+        else:
+            self._flow_plan = _FlowPlan(position, set())
+
+    def flows(self, r: Reader, ctx: SetContext, state: DecoderState) -> list[Any]:
+        """Decode a data set body into flow records (empty for non-flow templates)."""
+        plan = self._flow_plan
+        if plan is None:
+            r.skip(r.remaining(), "data set")
+            return []
+        st = self._flow_struct
+        if st is not None:
+            assert self.fixed_length is not None
+            count = r.remaining() // self.fixed_length if self.fixed_length else 0
+            if count == 0 and r.remaining() >= 4:
+                # More than alignment padding but less than one record: the template and
+                # the data disagree (or the template changed). Nothing to decode; say so.
+                state.count("data_sets_shorter_than_a_record")
+            rows: Iterable[tuple[Any, ...]] = r.unpack_many(st, count, "data records")
+            r.skip(r.remaining(), "padding")
+        else:
+            rows = list(self.iter_records(r))
+        return plan.build(rows, ctx, state)
+
+
+class _FlowPlan:
+    """Where each FlowRecord field sits in a decoded row, and how to convert it."""
+
+    __slots__ = (
+        "bytes_ix",
+        "dport",
+        "dscp",
+        "dst4",
+        "dst6",
+        "dst_as",
+        "first",
+        "icmp",
+        "interval_elements",
+        "last",
+        "odd",
+        "packets_ix",
+        "proto",
+        "sampler",
+        "sport",
+        "src4",
+        "src6",
+        "src_as",
+        "tcp_flags",
+        "tos",
+    )
+
+    def __init__(self, position: Mapping[int, int], odd: set[int]) -> None:
+        get = position.get
+        self.odd = frozenset(odd)  # columns that are odd-sized ints still in bytes
+        self.src4 = get(IE_SRC_V4, -1)
+        self.dst4 = get(IE_DST_V4, -1)
+        self.src6 = get(IE_SRC_V6, -1)
+        self.dst6 = get(IE_DST_V6, -1)
+        self.sport = get(IE_SRC_PORT, -1)
+        self.dport = get(IE_DST_PORT, -1)
+        self.proto = get(IE_PROTOCOL, -1)
+        self.packets_ix = next(
+            (
+                position[e]
+                for e in (IE_PACKET_DELTA, IE_PACKET_TOTAL, IE_POST_PACKET_DELTA)
+                if e in position
+            ),
+            -1,
+        )
+        self.bytes_ix = next(
+            (
+                position[e]
+                for e in (IE_OCTET_DELTA, IE_OCTET_TOTAL, IE_POST_OCTET_DELTA)
+                if e in position
+            ),
+            -1,
+        )
+        self.tcp_flags = get(IE_TCP_FLAGS, -1)
+        self.tos = get(IE_TOS, -1)
+        self.dscp = get(IE_DSCP, -1)
+        self.src_as = get(IE_SRC_AS, -1)
+        self.dst_as = get(IE_DST_AS, -1)
+        self.icmp = get(IE_ICMP_V4, get(IE_ICMP_V6, -1))
+        self.first = next(((position[e], k) for e, k in _FIRST_TIME if e in position), None)
+        self.last = next(((position[e], k) for e, k in _LAST_TIME if e in position), None)
+        self.sampler = get(IE_SELECTOR_ID, get(IE_SAMPLER_ID, -1))
+        self.interval_elements = tuple(
+            (e, position[e])
+            for e in (*_IN_RECORD_SAMPLING, IE_SAMPLING_PACKET_SPACE, IE_SAMPLING_POPULATION)
+            if e in position
+        )
+
+    def build(
+        self, rows: Iterable[tuple[Any, ...]], ctx: SetContext, state: DecoderState
+    ) -> list[Any]:
+        exporter, domain, fmt = ctx.exporter, ctx.domain, ctx.fmt
+        make = state.build
+        export_ms = ctx.export_ms
+        sampling = state.sampling
+        set_interval, set_provenance = state.resolve_interval(
+            exporter, sampling.announced(fmt, exporter, domain)
+        )
+        boot_ms = None
+        if ctx.uptime_ms is not None:
+            boot_ms = export_ms - ctx.uptime_ms
+        else:
+            boot_ms = sampling.system_init_ms(fmt, exporter, domain)
+        address = state.address_from_bytes
+        odd = self.odd
+        src4, dst4, src6, dst6 = self.src4, self.dst4, self.src6, self.dst6
+        sport_ix, dport_ix, proto_ix = self.sport, self.dport, self.proto
+        packets_ix, bytes_ix = self.packets_ix, self.bytes_ix
+        flags_ix, tos_ix, dscp_ix = self.tcp_flags, self.tos, self.dscp
+        src_as_ix, dst_as_ix, icmp_ix = self.src_as, self.dst_as, self.icmp
+        first, last = self.first, self.last
+        sampler_ix, interval_elements = self.sampler, self.interval_elements
+        uptime = ctx.uptime_ms
+        out: list[Any] = []
+        append = out.append
+        for raw in rows:
+            row: Any = raw
+            if odd:
+                row = [int.from_bytes(v, "big") if i in odd else v for i, v in enumerate(raw)]
+            # Addresses: IPv4 if present and not 0.0.0.0, else IPv6 (templates that carry
+            # both leave the unused family zero).
+            if src4 >= 0 and (src6 < 0 or any(row[src4])):
+                src = address(row[src4])
+            elif src6 >= 0:
+                src = address(row[src6])
+            else:
+                src = address(row[src4])
+            if dst4 >= 0 and (dst6 < 0 or any(row[dst4])):
+                dst = address(row[dst4])
+            elif dst6 >= 0:
+                dst = address(row[dst6])
+            else:
+                dst = address(row[dst4])
+            proto = row[proto_ix] & 0xFF if proto_ix >= 0 else 0
+            sport = row[sport_ix] & 0xFFFF if sport_ix >= 0 else 0
+            dport = row[dport_ix] & 0xFFFF if dport_ix >= 0 else 0
+            if icmp_ix >= 0 and proto in (1, 58) and not dport:
+                # NetFlow convention: ICMP type/code travel as the destination port.
+                dport = row[icmp_ix] & 0xFFFF
+            if tos_ix >= 0:
+                tos = row[tos_ix] & 0xFF
+            elif dscp_ix >= 0:
+                tos = (row[dscp_ix] & 0x3F) << 2
+            else:
+                tos = 0
+            if first is not None:
+                first_ms = _time(row[first[0]], first[1], export_ms, boot_ms, uptime)
+            else:
+                first_ms = None
+            if last is not None:
+                last_ms = _time(row[last[0]], last[1], export_ms, boot_ms, uptime)
+            else:
+                last_ms = None
+            if first_ms is None:
+                first_ms = export_ms if last_ms is None else last_ms
+            if last_ms is None:
+                last_ms = first_ms
+            interval, provenance = set_interval, set_provenance
+            if interval_elements:
+                announced = interval_from_elements({e: row[i] for e, i in interval_elements})
+                if announced is not None:
+                    interval, provenance = state.resolve_interval(exporter, announced)
+            elif sampler_ix >= 0:
+                announced = sampling.announced(fmt, exporter, domain, row[sampler_ix])
+                interval, provenance = state.resolve_interval(exporter, announced)
+            append(
+                make(
+                    src,
+                    dst,
+                    sport,
+                    dport,
+                    proto,
+                    row[packets_ix] if packets_ix >= 0 else 0,
+                    row[bytes_ix] if bytes_ix >= 0 else 0,
+                    first_ms,
+                    last_ms,
+                    row[flags_ix] if flags_ix >= 0 else 0,
+                    tos,
+                    row[src_as_ix] if src_as_ix >= 0 else None,
+                    row[dst_as_ix] if dst_as_ix >= 0 else None,
+                    exporter,
+                    domain,
+                    fmt,
+                    interval,
+                    provenance,
+                )
+            )
+        return out
+
+
+def _time(value: int, kind: str, export_ms: int, boot_ms: int | None, uptime: int | None) -> int:
+    """One time element as Unix milliseconds (kinds from ``_FIRST_TIME``)."""
+    if kind == "ms":
+        return value
+    if kind == "s":
+        return value * 1000
+    if kind == "ntp":
+        seconds, fraction = value >> 32, value & 0xFFFFFFFF
+        return (seconds - NTP_UNIX_OFFSET_S) * 1000 + ((fraction * 1000) >> 32)
+    if kind == "delta_us":
+        return export_ms - value // 1000
+    # sysup: milliseconds since the exporter booted.
+    if uptime is not None:
+        # NetFlow v9: relative to the header's sysUpTime; both are 32-bit counters that wrap
+        # every 49.7 days, so take the difference modulo 2**32 as a signed number.
+        delta = (uptime - value) & 0xFFFFFFFF
+        if delta & 0x80000000:
+            delta -= 0x100000000
+        return export_ms - delta
+    if boot_ms is not None:
+        # IPFIX: relative to systemInitTimeMilliseconds from options data.
+        return boot_ms + value
+    return export_ms
+
+
+# -- template cache --------------------------------------------------------------------------
+
+
+class TemplateCache:
+    """Templates by (format, exporter, domain, template id), bounded, least recently used
+    evicted first."""
+
+    def __init__(self, max_templates: int) -> None:
+        self._max = max_templates
+        self._templates: OrderedDict[TemplateKey, Template] = OrderedDict()
+        self.learned = 0
+        self.updated = 0
+        self.evicted = 0
+        self.withdrawn = 0
+
+    def __len__(self) -> int:
+        return len(self._templates)
+
+    def get(self, key: TemplateKey) -> Template | None:
+        template = self._templates.get(key)
+        if template is not None:
+            self._templates.move_to_end(key)
+        return template
+
+    def add(self, key: TemplateKey, template: Template) -> bool:
+        """Store a template; return True if it is new or changed (data may be replayed)."""
+        old = self._templates.get(key)
+        self._templates[key] = template
+        self._templates.move_to_end(key)
+        if old is not None:
+            if old.wire == template.wire and old.is_options == template.is_options:
+                self._templates[key] = old  # a refresh: keep the compiled one
+                return False
+            self.updated += 1
+            return True
+        self.learned += 1
+        while len(self._templates) > self._max:
+            self._templates.popitem(last=False)
+            self.evicted += 1
+        return True
+
+    def withdraw(self, key: TemplateKey) -> None:
+        if self._templates.pop(key, None) is not None:
+            self.withdrawn += 1
+
+    def withdraw_all(self, fmt: str, exporter: str, domain: int, *, options: bool) -> None:
+        doomed = [
+            k
+            for k, t in self._templates.items()
+            if k[:3] == (fmt, exporter, domain) and t.is_options == options
+        ]
+        for key in doomed:
+            del self._templates[key]
+        self.withdrawn += len(doomed)
+
+    def keys(self) -> list[TemplateKey]:
+        return list(self._templates)
+
+
+# -- data held until its template arrives ----------------------------------------------------
+
+
+class PendingSet(NamedTuple):
+    key: TemplateKey
+    body: bytes
+    ctx: SetContext
+    arrived: float
+
+
+class PendingBuffer:
+    """Data sets whose template is unknown, bounded by count, bytes and age (oldest go
+    first). Replayed in arrival order when their template arrives."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._sets: OrderedDict[int, PendingSet] = OrderedDict()
+        self._by_key: dict[TemplateKey, list[int]] = {}
+        self._next = 0
+        self.bytes = 0
+        self.held = 0
+        self.replayed = 0
+        self.dropped_evicted = 0
+        self.dropped_expired = 0
+        self.dropped_too_large = 0
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def hold(self, key: TemplateKey, body: bytes, ctx: SetContext, now: float) -> None:
+        limits = self._limits
+        if len(body) > limits.max_pending_bytes:
+            self.dropped_too_large += 1
+            return
+        while self._sets and (
+            len(self._sets) >= limits.max_pending_sets
+            or self.bytes + len(body) > limits.max_pending_bytes
+        ):
+            self._drop_oldest()
+            self.dropped_evicted += 1
+        ident = self._next
+        self._next += 1
+        self._sets[ident] = PendingSet(key, body, ctx, now)
+        self._by_key.setdefault(key, []).append(ident)
+        self.bytes += len(body)
+        self.held += 1
+
+    def _drop_oldest(self) -> None:
+        ident, entry = self._sets.popitem(last=False)
+        self.bytes -= len(entry.body)
+        idents = self._by_key[entry.key]
+        idents.remove(ident)
+        if not idents:
+            del self._by_key[entry.key]
+
+    def expire(self, now: float) -> None:
+        horizon = now - self._limits.pending_max_age_s
+        while self._sets:
+            entry = next(iter(self._sets.values()))
+            # A clock that went backwards (pcap replay of several files) must not pin data.
+            if horizon < entry.arrived <= now + self._limits.pending_max_age_s:
+                break
+            self._drop_oldest()
+            self.dropped_expired += 1
+
+    def take(self, key: TemplateKey) -> list[PendingSet]:
+        idents = self._by_key.pop(key, None)
+        if not idents:
+            return []
+        out = []
+        for ident in idents:
+            entry = self._sets.pop(ident)
+            self.bytes -= len(entry.body)
+            out.append(entry)
+        self.replayed += len(out)
+        return out
+
+
+# -- sampling and system init time announced in options data -----------------------------------
+
+
+class _DomainInfo:
+    __slots__ = ("interval", "samplers", "system_init_ms")
+
+    def __init__(self) -> None:
+        self.interval: int | None = None
+        self.samplers: OrderedDict[int, int] = OrderedDict()
+        self.system_init_ms: int | None = None
+
+
+class SamplingTable:
+    """What each (format, exporter, domain) announced in options data, bounded (LRU)."""
+
+    def __init__(self, max_entries: int, max_samplers: int) -> None:
+        self._max = max_entries
+        self._max_samplers = max_samplers
+        self._domains: OrderedDict[tuple[str, str, int], _DomainInfo] = OrderedDict()
+        self.evicted = 0
+        self.updates = 0
+
+    def __len__(self) -> int:
+        return len(self._domains)
+
+    def _entry(self, key: tuple[str, str, int]) -> _DomainInfo:
+        info = self._domains.get(key)
+        if info is None:
+            info = self._domains[key] = _DomainInfo()
+            while len(self._domains) > self._max:
+                self._domains.popitem(last=False)
+                self.evicted += 1
+        else:
+            self._domains.move_to_end(key)
+        return info
+
+    def learn(self, fmt: str, exporter: str, domain: int, values: Mapping[int, Value]) -> None:
+        """Apply one options data record."""
+        interval = interval_from_elements(values)
+        init = values.get(IE_SYSTEM_INIT_MS)
+        if interval is None and not isinstance(init, int):
+            return
+        info = self._entry((fmt, exporter, domain))
+        if isinstance(init, int):
+            info.system_init_ms = init
+        if interval is not None:
+            self.updates += 1
+            # The latest announcement is also the domain default: records that do not name
+            # their sampler get the interval the domain announced last.
+            info.interval = interval
+            sampler = _sampler_of(values)
+            if sampler is not None:
+                info.samplers[sampler] = interval
+                info.samplers.move_to_end(sampler)
+                while len(info.samplers) > self._max_samplers:
+                    info.samplers.popitem(last=False)
+
+    def announced(
+        self, fmt: str, exporter: str, domain: int, sampler: int | None = None
+    ) -> int | None:
+        info = self._domains.get((fmt, exporter, domain))
+        if info is None:
+            return None
+        if sampler is not None:
+            interval = info.samplers.get(sampler)
+            if interval is not None:
+                return interval
+        return info.interval
+
+    def system_init_ms(self, fmt: str, exporter: str, domain: int) -> int | None:
+        info = self._domains.get((fmt, exporter, domain))
+        return None if info is None else info.system_init_ms
+
+
+# -- addresses -----------------------------------------------------------------------------
+
+
+def address_cache(size: int) -> Callable[[bytes], IPv4Address | IPv6Address]:
+    """A bounded memo of 4- and 16-byte address values (flows repeat addresses)."""
+    cache: dict[bytes, IPv4Address | IPv6Address] = {}
+
+    def address(raw: bytes) -> IPv4Address | IPv6Address:
+        found = cache.get(raw)
+        if found is not None:
+            return found
+        if len(cache) >= size:
+            cache.clear()
+        value: IPv4Address | IPv6Address
+        if len(raw) == 4:
+            value = IPv4Address(raw)
+        elif len(raw) == 16:
+            value = IPv6Address(raw)
+        else:  # the flow plan only maps 4- and 16-byte fields
+            raise MalformedError(f"address of {len(raw)} bytes")
+        cache[raw] = value
+        return value
+
+    return address

@@ -1,0 +1,116 @@
+"""``overflowd run`` as a process: real UDP on loopback in, reports in the store, metrics out."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from overflowd.store import Store, default_url
+from tests.support.cli import BIN, run
+from tests.support.trace import send_udp, trace_payloads
+
+
+class Daemon:
+    def __init__(self, home: Path, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "OVERFLOWD_HOME"}
+        self.proc = subprocess.Popen(
+            [str(BIN / "overflowd"), "run", "--home", str(home), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self.udp: tuple[str, int] | None = None
+        self.metrics_url: str | None = None
+        deadline = time.monotonic() + 30
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline and (self.udp is None or self.metrics_url is None):
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if m := re.match(r"listening udp (\S+):(\d+)", line):
+                self.udp = (m.group(1), int(m.group(2)))
+            if m := re.match(r"metrics (\S+)", line):
+                self.metrics_url = m.group(1)
+        if self.udp is None or self.metrics_url is None:
+            self.proc.kill()
+            raise AssertionError(f"daemon did not start: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.metrics_url or "", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def wait_for(self, name: str, value: float, timeout: float = 60) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.metric(name)
+            if got >= value:
+                return got
+            time.sleep(0.1)
+        return self.metric(name)
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out + err
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "node"
+    assert run("overflowd", "init", "--home", str(home)).code == 0
+    yield home
+
+
+def test_daemon_collects_samples_signs_and_stores(home: Path) -> None:
+    payloads = trace_payloads()
+    daemon = Daemon(home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rate", "1e-3")
+    try:
+        assert daemon.udp is not None
+        sent = send_udp(payloads, daemon.udp)
+        send_udp([b"\x00\x05garbage", b"", b"\xff" * 40], daemon.udp)
+        records = daemon.wait_for("overflowd_decoder_records_total", 78684)
+        assert records == 78684  # every record of every datagram (no loss on loopback)
+        assert daemon.wait_for("overflowd_decoder_malformed_total", 3) == 3
+        assert daemon.metric("overflowd_collector_datagrams_total") == sent + 3
+        sampled = daemon.metric("overflowd_sampler_sampled_total")
+        expected = daemon.metric("overflowd_sampler_expected_total")
+        assert abs(sampled - expected) < 4 * expected**0.5 + 1
+        stored = daemon.wait_for("overflowd_reports_stored_total", sampled, timeout=20)
+    finally:
+        code, output = daemon.stop()
+    assert code == 0, output
+    assert stored == sampled
+    assert f"stored {int(sampled)}" in output
+    store = Store.open(default_url(home))
+    try:
+        assert store.count_reports() == sampled
+    finally:
+        store.close()
+    listed = run("overflowd-query", "reports", "--json", "--home", str(home), "--limit", "3")
+    assert listed.code == 0 and len(listed.out.splitlines()) == 3
+
+
+def test_bad_listen_address_is_a_clear_error(home: Path) -> None:
+    result = run(
+        "overflowd", "run", "--home", str(home), "--listen", "192.0.2.1:9", "--metrics", ""
+    )
+    assert result.code == 1
+    assert result.err.startswith("overflowd: error: cannot listen")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
