@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from overflowd.errors import ConfigError
+from overflowd.registry import RegistrySettings
 
 CONFIG_FILE = "overflowd.toml"
 HOME_ENV = "OVERFLOWD_HOME"
@@ -72,6 +73,7 @@ class Settings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     collector: CollectorSettings = field(default_factory=CollectorSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     #: Where this came from, for messages; not a TOML key.
     source: str = field(default="(defaults)", compare=False)
 
@@ -82,6 +84,7 @@ _SECTIONS: dict[str, type] = {
     "sampling": SamplingSettings,
     "collector": CollectorSettings,
     "metrics": MetricsSettings,
+    "registry": RegistrySettings,
 }
 
 DEFAULT_CONFIG_TEXT = """\
@@ -120,6 +123,29 @@ drain_timeout_s = 5.0
 [metrics]
 # Prometheus exposition; "" disables it.
 listen = "127.0.0.1:9590"
+
+[registry]
+# Resolvers asked for _overflowd and abuse-zone TXT records: "ADDR", "ADDR:PORT", "[V6]:PORT".
+# Empty: those of /etc/resolv.conf.
+nameservers = []
+# Longest one question may take (retries included); questions one lookup may send.
+timeout_s = 2.0
+max_queries = 8
+max_concurrent_queries = 64
+# Cache sizes and lifetimes; NXDOMAIN/NODATA are kept at most negative_ttl_cap_s.
+cache_entries = 4096
+negative_cache_entries = 4096
+positive_ttl_cap_s = 86400.0
+negative_ttl_cap_s = 300.0
+failure_ttl_s = 30.0
+# Zones of the <reversed-ip>.<zone> TXT form, asked in order for abuse contacts.
+abuse_zones = []
+# Keys you vouch for: "BASE64KEY" or "LABEL=BASE64KEY".
+pinned = []
+# Continuity: the same key and contacts over this many days, networks and reports.
+continuity_min_days = 7.0
+continuity_min_networks = 2
+continuity_min_reports = 3
 """
 
 

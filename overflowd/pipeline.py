@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from overflowd import report as rpt
 from overflowd.config import Settings
 from overflowd.flows import FlowRecord, FlowRow
+from overflowd.flowsample import SamplingPolicy
+from overflowd.identity import NodeIdentity
 
 #: Anything with the flow record fields: a FlowRecord or the cheaper FlowRow.
 RecordLike = FlowRecord | FlowRow
-from overflowd.flowsample import SamplingPolicy
-from overflowd.identity import NodeIdentity
 
 #: Boost reasons that make a sampled flow a ``flow-suspect`` rather than a plain ``flow-seen``.
 SUSPECT_REASONS = frozenset({"amplification", "syn_only"})

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from overflowd import report as rpt
+from overflowd.cli import cmd_contact
 from overflowd.cli.common import common_options, context, parse_since, run_main
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.identity import verify_report
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common], help="verify a report (raw COSE or base64url)")
     p.add_argument("file", metavar="FILE|-")
     p.set_defaults(func=cmd_verify)
+    cmd_contact.register(sub, common)
     return parser
 
 

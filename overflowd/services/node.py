@@ -37,6 +37,8 @@ STORE_BATCH = 500
 STORE_BATCH_WAIT_S = 0.2
 #: Signed reports waiting for the store; when full, the decoder waits (backpressure).
 REPORT_QUEUE = 5_000
+#: At most one warning about malformed datagrams per this many seconds (the rest are counted).
+MALFORMED_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class NodeService:
         self._duplicate = 0
         self._store_errors = 0
         self._stop = trio.Event()
+        self._last_malformed_log = -MALFORMED_LOG_INTERVAL_S
+        self._malformed_unlogged = 0
 
     def stop(self) -> None:
         """Stop receiving and drain (see module docstring)."""
@@ -134,7 +138,7 @@ class NodeService:
                     records = decode_datagram_rows(dg.data, dg.exporter, self.decoder, dg.received)
                 except DecodeError as exc:
                     self._malformed += 1
-                    log.debug("collector.malformed exporter=%s reason=%s", dg.exporter, exc)
+                    self._log_malformed(dg.exporter, exc)
                     continue
                 sampled = sample(records)
                 if not sampled:
@@ -144,6 +148,21 @@ class NodeService:
                     if self._on_report is not None:
                         self._on_report(report)
                     await reports.send(report)
+
+    def _log_malformed(self, exporter: str, exc: DecodeError) -> None:
+        """A warning naming the exporter, rate-limited: a flood of garbage must not flood logs."""
+        now = trio.current_time()
+        if now - self._last_malformed_log < MALFORMED_LOG_INTERVAL_S:
+            self._malformed_unlogged += 1
+            return
+        log.warning(
+            "collector.malformed exporter=%s reason=%s suppressed_since_last=%d",
+            exporter,
+            exc,
+            self._malformed_unlogged,
+        )
+        self._last_malformed_log = now
+        self._malformed_unlogged = 0
 
     async def _store_writer(self, reports: trio.MemoryReceiveChannel[rpt.SignedReport]) -> None:
         async with reports:

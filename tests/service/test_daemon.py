@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from overflowd.store import Store, default_url
+from overflowd.wire import DecoderState, decode_datagram
 from tests.support.cli import BIN, run
 from tests.support.trace import send_udp, trace_payloads
 
@@ -95,6 +96,8 @@ def test_daemon_collects_samples_signs_and_stores(home: Path) -> None:
     assert code == 0, output
     assert stored == sampled
     assert f"stored {int(sampled)}" in output
+    # Three malformed datagrams, one rate-limited warning naming the exporter.
+    assert output.count("collector.malformed exporter=127.0.0.1") == 1
     store = Store.open(default_url(home))
     try:
         assert store.count_reports() == sampled
@@ -102,6 +105,21 @@ def test_daemon_collects_samples_signs_and_stores(home: Path) -> None:
         store.close()
     listed = run("overflowd-query", "reports", "--json", "--home", str(home), "--limit", "3")
     assert listed.code == 0 and len(listed.out.splitlines()) == 3
+
+
+def test_one_socket_takes_ipv6_exporters_too(home: Path) -> None:
+    daemon = Daemon(home, "--listen", "[::1]:0", "--metrics", "127.0.0.1:0", "--rate", "1")
+    try:
+        assert daemon.udp is not None and daemon.udp[0] == "::1"
+        payloads = trace_payloads()[:20]
+        expected = sum(len(decode_datagram(p, "::1", DecoderState(), 0)) for p in payloads)
+        send_udp(payloads, daemon.udp)
+        assert daemon.wait_for("overflowd_decoder_records_total", expected) == expected
+        # rate 1: every record is reported
+        assert daemon.wait_for("overflowd_reports_stored_total", expected) == expected
+    finally:
+        code, output = daemon.stop()
+    assert code == 0, output
 
 
 def test_bad_listen_address_is_a_clear_error(home: Path) -> None:

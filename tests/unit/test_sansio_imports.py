@@ -15,6 +15,7 @@ SANS_IO = [
     "overflowd/flowsample.py",
     "overflowd/notify.py",
     "overflowd/flows.py",
+    "overflowd/trust.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
     "ratelock/policy.py",

@@ -1,0 +1,451 @@
+"""DNS lookups for keys and abuse contacts: dnspython's async resolver on trio.
+
+This is the one module that talks to dnspython. What it raises leaves here either as a value
+(NXDOMAIN and NODATA are answers: "nothing published here", cached like answers) or as
+:class:`~overflowd.errors.DiscoveryError` (timeouts, SERVFAIL, REFUSED, network errors: "we
+could not find out", cached briefly so a dead resolver costs one timeout per name, not one per
+report). The names asked, the parsing and the cache policy are sans-IO, in
+:mod:`overflowd.registry`.
+
+Limits, each per lookup (one call of :meth:`DnsRegistry.lookup_address` and friends):
+
+* one question takes at most ``timeout_s`` (all nameservers and retries included), with a trio
+  deadline one second later as a safety net around dnspython's own lifetime;
+* at most ``max_queries`` questions reach the network; answers from the cache are free. An
+  address walk asks at most 4 names, so the default of 8 leaves room for abuse zones.
+
+So a lookup against resolvers that never answer returns within ``max_queries × timeout_s``
+and, once the failure is cached, at once. It must never log record contents beyond names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.rdtypes.ANY.SOA
+import dns.rdtypes.ANY.TXT
+import dns.resolver
+import trio
+
+from overflowd import registry as reg
+from overflowd.errors import DecodeError, DiscoveryError
+from overflowd.registry import CachedTxt, Found, Outcome, RegistrySettings, parse_nameserver
+from overflowd.trust import Trust, TrustBook, TrustLevel
+
+__all__ = [
+    "AbuseFound",
+    "Discovery",
+    "DnsRegistry",
+    "DnsStatistics",
+    "RegistrySettings",
+    "observer_trust",
+    "parse_nameserver",
+]
+
+log = logging.getLogger(__name__)
+
+#: TXT records kept from one answer; a name with more is not a key publication (counted).
+MAX_TXT_RECORDS = 32
+
+
+class AbuseFound(NamedTuple):
+    """Contacts an abuse zone gave for an address, and the name that answered."""
+
+    name: str
+    contacts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Everything DNS says about one address or name. ``error`` when a lookup failed."""
+
+    query: str
+    records: tuple[Found, ...] = ()
+    abuse: tuple[AbuseFound, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> list[bytes]:
+        return reg.valid_keys(self.records)
+
+    @property
+    def contacts(self) -> tuple[str, ...]:
+        """Contacts from _overflowd records first, then from abuse zones; no duplicates."""
+        out: list[str] = []
+        for found in self.records:
+            out.extend(c for c in found.record.contacts if c not in out)
+        for item in self.abuse:
+            out.extend(c for c in item.contacts if c not in out)
+        return tuple(out)
+
+    @property
+    def webhook_url(self) -> str | None:
+        return next((f.record.webhook_url for f in self.records if f.record.webhook_url), None)
+
+    @property
+    def boost(self) -> float | None:
+        return max((f.record.boost for f in self.records if f.record.boost), default=None)
+
+
+@dataclass(frozen=True)
+class DnsStatistics:
+    lookups: int
+    #: questions sent to the resolvers (cache misses within budget)
+    queries: int
+    cache_hits: int
+    answers: int
+    nxdomain: int
+    nodata: int
+    failures: int
+    timeouts: int
+    #: lookups stopped because they had used max_queries
+    budget_exhausted: int
+    #: questions not sent because the same name was already being asked
+    coalesced: int
+    #: TXT records at an _overflowd name that are not OVF1 (SPF and the like)
+    records_foreign: int
+    #: OVF1 records that do not parse
+    records_malformed: int
+    #: records longer than registry.MAX_RECORD_BYTES
+    records_oversized: int
+    #: records beyond the per-name limits
+    records_excess: int
+    #: abuse-zone TXT records that are not contact lists
+    abuse_malformed: int
+    cache: reg.CacheStatistics
+
+
+@dataclass
+class _Budget:
+    left: int
+    exhausted: bool = False
+
+
+@dataclass
+class _Counters:
+    lookups: int = 0
+    queries: int = 0
+    cache_hits: int = 0
+    answers: int = 0
+    nxdomain: int = 0
+    nodata: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    budget_exhausted: int = 0
+    coalesced: int = 0
+    records_foreign: int = 0
+    records_malformed: int = 0
+    records_oversized: int = 0
+    records_excess: int = 0
+    abuse_malformed: int = 0
+
+
+class DnsRegistry:
+    """Looks up ``_overflowd`` records and abuse contacts, through a bounded cache.
+
+    ``clock`` gives the cache's notion of now in seconds (default ``trio.current_time``);
+    tests pass their own to live through TTLs. Network timeouts always use trio's clock.
+    """
+
+    def __init__(
+        self,
+        settings: RegistrySettings | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings or RegistrySettings()
+        self._clock = clock or trio.current_time
+        self.cache = reg.TxtCache(self.settings.cache_policy())
+        self._resolver = self._make_resolver()
+        self._c = _Counters()
+        # One question per name on the wire at a time: concurrent lookups of the same name
+        # (a flood's reports all go to one /24) wait for the first and read the cache.
+        self._inflight: dict[str, trio.Event] = {}
+        self._limiter = trio.CapacityLimiter(self.settings.max_concurrent_queries)
+
+    def _make_resolver(self) -> dns.asyncresolver.Resolver:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        if self.settings.nameservers:
+            servers: list[dns.nameserver.Nameserver | str] = []
+            for text in self.settings.nameservers:
+                host, port = parse_nameserver(text)
+                servers.append(dns.nameserver.Do53Nameserver(host, port))
+            resolver.nameservers = servers
+        else:
+            try:
+                resolver.read_resolv_conf("/etc/resolv.conf")
+            except (dns.exception.DNSException, OSError) as exc:
+                raise DiscoveryError(
+                    f"no registry.nameservers configured and /etc/resolv.conf unusable: {exc}"
+                ) from None
+        resolver.cache = None  # ours is bounded and knows negative answers; dnspython's isn't
+        resolver.timeout = self.settings.timeout_s
+        resolver.lifetime = self.settings.timeout_s
+        resolver.retry_servfail = False
+        resolver.use_edns(0, 0, 1232)  # the DNS Flag Day 2020 size; larger answers go to TCP
+        return resolver
+
+    # -- lookups --------------------------------------------------------------------------
+
+    async def lookup_address(self, addr: str | reg.Address) -> list[Found]:
+        """Records for ``addr``, from the longest reverse-zone prefix that has any, upwards.
+
+        The first name in the walk that holds OVF1 records answers (a more specific record
+        wins); several records there are rotation, a ``p=`` empty one a revocation (returned;
+        :func:`overflowd.registry.valid_keys` leaves it out). Empty list: nothing published.
+        DiscoveryError when a name in the walk could not be resolved or the budget ran out
+        before an answer, since a more specific record might exist that we did not see.
+        """
+        address = reg.as_address(addr)
+        self._c.lookups += 1
+        budget = _Budget(self.settings.max_queries)
+        for _plen, name in reg.address_record_names(address):
+            found = await self._records_at(name, budget)
+            if found:
+                return found
+        return []
+
+    async def lookup_name(self, domain: str) -> list[Found]:
+        """Records at ``_overflowd.<domain>``; ValueError if ``domain`` is not a domain name."""
+        name = reg.domain_record_name(domain)
+        self._c.lookups += 1
+        return await self._records_at(name, _Budget(self.settings.max_queries))
+
+    async def abuse_contacts(self, addr: str | reg.Address) -> list[AbuseFound]:
+        """Contacts for ``addr`` from the configured abuse zones, asked in order.
+
+        The first zone with contacts answers. A zone that fails is skipped (logged, counted);
+        DiscoveryError only if every zone failed.
+        """
+        address = reg.as_address(addr)
+        self._c.lookups += 1
+        return await self._abuse(address, _Budget(self.settings.max_queries))
+
+    async def discover(self, target: str, *, abuse: bool = True) -> Discovery:
+        """Everything about an address or a domain name; failures become ``errors``.
+
+        For an address, ``_overflowd`` records come first; the abuse zones are consulted after
+        them (always when ``abuse``, else only when the records gave no contact).
+        """
+        try:
+            address: reg.Address | None = reg.as_address(target)
+        except ValueError:
+            address = None
+        errors: list[str] = []
+        records: list[Found] = []
+        abuse_found: list[AbuseFound] = []
+        try:
+            if address is None:
+                records = await self.lookup_name(target)
+            else:
+                records = await self.lookup_address(address)
+        except DiscoveryError as exc:
+            errors.append(str(exc))
+        has_contacts = any(f.record.contacts for f in records)
+        if address is not None and self.settings.abuse_zones and (abuse or not has_contacts):
+            try:
+                abuse_found = await self.abuse_contacts(address)
+            except DiscoveryError as exc:
+                errors.append(str(exc))
+        return Discovery(target, tuple(records), tuple(abuse_found), tuple(errors))
+
+    # -- statistics -----------------------------------------------------------------------
+
+    def statistics(self) -> DnsStatistics:
+        c = self._c
+        return DnsStatistics(
+            lookups=c.lookups,
+            queries=c.queries,
+            cache_hits=c.cache_hits,
+            answers=c.answers,
+            nxdomain=c.nxdomain,
+            nodata=c.nodata,
+            failures=c.failures,
+            timeouts=c.timeouts,
+            budget_exhausted=c.budget_exhausted,
+            coalesced=c.coalesced,
+            records_foreign=c.records_foreign,
+            records_malformed=c.records_malformed,
+            records_oversized=c.records_oversized,
+            records_excess=c.records_excess,
+            abuse_malformed=c.abuse_malformed,
+            cache=self.cache.statistics(),
+        )
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _records_at(self, name: str, budget: _Budget) -> list[Found]:
+        entry, fresh = await self._txt(name, budget)
+        if entry.outcome is Outcome.FAILURE:
+            raise DiscoveryError(f"{name}: {entry.reason}")
+        if entry.outcome is not Outcome.ANSWER:
+            return []
+        parsed = reg.parse_answer(entry.records)
+        if fresh:  # count each record once, when it arrives, not on every cache hit
+            self._c.records_foreign += parsed.foreign
+            self._c.records_malformed += parsed.malformed
+            self._c.records_oversized += parsed.oversized
+            self._c.records_excess += parsed.excess
+            if parsed.malformed or parsed.oversized:
+                log.warning(
+                    "dns.records_ignored name=%s malformed=%d oversized=%d",
+                    name,
+                    parsed.malformed,
+                    parsed.oversized,
+                )
+        return [Found(name, record) for record in parsed.records]
+
+    async def _abuse(self, address: reg.Address, budget: _Budget) -> list[AbuseFound]:
+        failures: list[str] = []
+        for zone in self.settings.abuse_zones:
+            name = reg.abuse_zone_name(address, zone)
+            try:
+                entry, fresh = await self._txt(name, budget)
+            except DiscoveryError as exc:  # budget exhausted
+                failures.append(str(exc))
+                break
+            if entry.outcome is Outcome.FAILURE:
+                failures.append(f"{name}: {entry.reason}")
+                continue
+            contacts: list[str] = []
+            for raw in entry.records:
+                try:
+                    contacts.extend(c for c in reg.parse_abuse_txt(raw) if c not in contacts)
+                except DecodeError:
+                    if fresh:
+                        self._c.abuse_malformed += 1
+            if contacts:
+                return [AbuseFound(name, tuple(contacts[: reg.MAX_ABUSE_CONTACTS]))]
+        if failures and len(failures) >= len(self.settings.abuse_zones):
+            raise DiscoveryError("; ".join(failures))
+        return []
+
+    async def _txt(self, name: str, budget: _Budget) -> tuple[CachedTxt, bool]:
+        """The cached or fresh outcome of one TXT question; True if it came from the network."""
+        key = name.rstrip(".").lower()
+        cached = self.cache.get(name, self._clock())
+        while cached is None and (pending := self._inflight.get(key)) is not None:
+            self._c.coalesced += 1
+            await pending.wait()
+            cached = self.cache.get(name, self._clock())  # None if it was not cacheable
+        if cached is not None:
+            self._c.cache_hits += 1
+            return cached, False
+        if budget.left <= 0:
+            if not budget.exhausted:
+                budget.exhausted = True
+                self._c.budget_exhausted += 1
+            raise DiscoveryError(
+                f"{name}: query budget of {self.settings.max_queries} per lookup used up"
+            )
+        budget.left -= 1
+        done = self._inflight[key] = trio.Event()
+        try:
+            async with self._limiter:
+                return await self._query(name), True
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    async def _query(self, name: str) -> CachedTxt:
+        self._c.queries += 1
+        timeout = self.settings.timeout_s
+        try:
+            # dnspython's lifetime bounds the question; the trio deadline is a safety net.
+            with trio.fail_after(timeout + 1.0):
+                answer = await self._resolver.resolve(
+                    name, dns.rdatatype.TXT, raise_on_no_answer=False, lifetime=timeout
+                )
+        except dns.resolver.NXDOMAIN as exc:
+            self._c.nxdomain += 1
+            responses = list(exc.responses().values())  # type: ignore[no-untyped-call]
+            ttl = _negative_ttl(responses[0]) if responses else None
+            return self.cache.put_negative(name, Outcome.NXDOMAIN, ttl, self._clock())
+        except (dns.exception.Timeout, trio.TooSlowError):
+            self._c.failures += 1
+            self._c.timeouts += 1
+            log.debug("dns.timeout name=%s after=%.1fs", name, timeout)
+            return self.cache.put_failure(name, f"no answer within {timeout:g}s", self._clock())
+        except dns.resolver.NoNameservers as exc:
+            return self._failure(name, f"every nameserver failed: {_one_line(exc)}")
+        except dns.exception.DNSException as exc:
+            return self._failure(name, _one_line(exc))
+        except OSError as exc:
+            return self._failure(name, f"network error: {exc.strerror or exc}")
+        now = self._clock()
+        if answer.rrset is None:
+            self._c.nodata += 1
+            return self.cache.put_negative(
+                name, Outcome.NODATA, _negative_ttl(answer.response), now
+            )
+        self._c.answers += 1
+        records: list[bytes] = []
+        for rdata in answer.rrset:
+            if not isinstance(rdata, dns.rdtypes.ANY.TXT.TXT):
+                continue
+            if len(records) >= MAX_TXT_RECORDS:
+                self._c.records_excess += 1
+                continue
+            records.append(b"".join(rdata.strings))
+        return self.cache.put_answer(name, tuple(records), float(answer.rrset.ttl), now)
+
+    def _failure(self, name: str, reason: str) -> CachedTxt:
+        self._c.failures += 1
+        log.debug("dns.failure name=%s reason=%s", name, reason)
+        return self.cache.put_failure(name, reason, self._clock())
+
+
+async def observer_trust(
+    registry: DnsRegistry,
+    book: TrustBook,
+    key: bytes,
+    *,
+    now_ms: int,
+    address: str | reg.Address | None = None,
+    domain: str | None = None,
+) -> Trust:
+    """The trust of a report's ``key``, asking DNS only when a pin does not already decide.
+
+    ``address`` is where the observer's report came from (the in-band sender, the webhook
+    client), ``domain`` a name it claims; records found at either can vouch for the key. A
+    failed lookup is no evidence (logged at DEBUG, counted by the registry), never an error:
+    a report is not refused because DNS is down.
+    """
+    pinned = book.assess(key, now_ms=now_ms)
+    if pinned.level is TrustLevel.PINNED:
+        return pinned
+    found: list[Found] = []
+    try:
+        if address is not None:
+            found += await registry.lookup_address(address)
+        if domain is not None and not any(f.record.public_key == key for f in found):
+            found += await registry.lookup_name(domain)
+    except (DiscoveryError, ValueError) as exc:
+        log.debug("dns.trust_lookup_failed error=%s", exc)
+    return book.assess(key, dns=found, now_ms=now_ms)
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float | None:
+    """RFC 2308 §5: the lower of the SOA record's TTL and its MINIMUM field; None without SOA."""
+    if response is None:
+        return None
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            soa = rrset[0]
+            if isinstance(soa, dns.rdtypes.ANY.SOA.SOA):
+                return float(min(rrset.ttl, soa.minimum))
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:297] + "..." if len(text) > 300 else text

@@ -1,0 +1,374 @@
+"""Whom to believe: trust levels for observer keys, and the events an operator must see (sans-IO).
+
+A report proves which key signed it, not who holds the key. This module decides how much a
+receiver should believe that the key belongs to the observer the report claims, from four
+kinds of evidence, strongest first::
+
+    pinned       the operator configured this key (``[registry] pinned``)
+    dns          the key is published in an ``_overflowd`` record for the observer's address or
+                 domain (found by :mod:`overflowd.services.dns`; passed in as ``Found`` items)
+    continuity   the same key, with the same contacts, has been seen for at least
+                 ``min_days``, in at least ``min_reports`` reports, arriving from at least
+                 ``min_networks`` distinct networks (/24 for IPv4, /48 for IPv6)
+    unknown      none of the above
+
+"Networks" are those the reports of a key reached us from (the in-band sender, the webhook
+client, the gossip peer), aggregated to /24 and /48 so that one host changing addresses inside
+its LAN does not count twice. A key seen from several networks over a week is unlikely to be a
+man in the middle on one path, the same argument SSH's trust-on-first-use and Perspectives make.
+
+Events: when a *known* observer shows up with a new key (its contacts overlap those of a key we
+know, or it carries the label of one, e.g. its pinned name), or a known key changes its
+contacts, :meth:`TrustBook.observe` returns an event; the caller logs it, counts it and shows it
+in queries. Nothing here logs, reads a clock (``now_ms`` is an argument) or does I/O; the book
+is bounded in keys (least recently seen unpinned key evicted first) and networks per key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from overflowd.registry import Found
+
+DAY_MS = 86_400_000
+
+
+class TrustLevel(enum.IntEnum):
+    """Ordered: a higher level is stronger evidence."""
+
+    UNKNOWN = 0
+    CONTINUITY = 1
+    DNS = 2
+    PINNED = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Trust:
+    """A level and where it came from, for people ("dns: _overflowd.2.0.192.in-addr.arpa")."""
+
+    level: TrustLevel
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.level} ({self.source})"
+
+
+@dataclass(frozen=True)
+class ContinuityPolicy:
+    """When repeated sightings of a key are worth ``continuity``. Defaults in brackets."""
+
+    #: the key and its contacts unchanged for at least this long [7 days]
+    min_days: float = 7.0
+    #: seen arriving from at least this many distinct /24 or /48 networks [2]
+    min_networks: int = 2
+    #: in at least this many reports [3]
+    min_reports: int = 3
+    #: keys remembered; the least recently seen unpinned key is forgotten first [100 000]
+    max_keys: int = 100_000
+    #: networks remembered per key (only min_networks matter for trust) [32]
+    max_networks_per_key: int = 32
+
+    def __post_init__(self) -> None:
+        if self.min_days < 0 or self.min_networks < 1 or self.min_reports < 1:
+            raise ValueError("min_days >= 0, min_networks >= 1 and min_reports >= 1")
+        if self.max_keys < 1 or self.max_networks_per_key < self.min_networks:
+            raise ValueError("max_keys >= 1 and max_networks_per_key >= min_networks")
+
+
+@dataclass(frozen=True)
+class PinnedKey:
+    """A key the operator vouches for, with an optional label (a name for the observer)."""
+
+    key: bytes
+    label: str = ""
+
+
+def parse_pinned(text: str) -> PinnedKey:
+    """``BASE64KEY`` or ``LABEL=BASE64KEY`` (config and flags); ValueError if neither."""
+    text = text.strip()
+    # A padded base64 key ends in '=', so try the whole text as a key before splitting a label.
+    candidates = [("", text)]
+    if "=" in text:
+        label, _, rest = text.partition("=")
+        candidates.append((label, rest))
+    for label, encoded in candidates:
+        try:
+            key = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if len(key) == 32:
+            return PinnedKey(key, label.strip())
+    raise ValueError(
+        f"pinned key '{text[:60]}' is not BASE64KEY or LABEL=BASE64KEY (32-byte Ed25519 key)"
+    )
+
+
+def network_of(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The /24 (IPv4) or /48 (IPv6) an address is in, as text: continuity counts these."""
+    a = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    plen = 24 if a.version == 4 else 48
+    return str(ipaddress.ip_network(f"{a}/{plen}", strict=False))
+
+
+@dataclass(frozen=True)
+class KeyHistory:
+    """What we know of one key from reports it signed."""
+
+    key: bytes
+    contacts: tuple[str, ...]
+    first_seen_ms: int
+    last_seen_ms: int
+    #: when the contacts last changed (first_seen_ms if never)
+    contacts_since_ms: int
+    reports: int
+    networks: frozenset[str] = frozenset()
+    labels: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key not seen before, for an observer we know by its contacts or label."""
+
+    key: bytes
+    previous_keys: tuple[bytes, ...]
+    #: one of the previous keys is pinned: the operator should look now
+    pinned: bool
+    at_ms: int
+    why: str
+
+
+@dataclass(frozen=True)
+class ContactsChanged:
+    """A known key now carries other contacts."""
+
+    key: bytes
+    old: tuple[str, ...]
+    new: tuple[str, ...]
+    pinned: bool
+    at_ms: int
+
+
+TrustEvent = NewKey | ContactsChanged
+
+
+@dataclass(frozen=True)
+class TrustStatistics:
+    keys: int
+    pinned: int
+    observations: int
+    new_key_events: int
+    contacts_changed_events: int
+    evicted: int
+
+
+def continuity_holds(history: KeyHistory, policy: ContinuityPolicy, now_ms: int) -> bool:
+    """Same key and contacts for min_days, in min_reports reports, from min_networks networks."""
+    del now_ms  # the span is between sightings, not until now: a key must keep being seen
+    span_ms = history.last_seen_ms - history.contacts_since_ms
+    return (
+        span_ms >= policy.min_days * DAY_MS
+        and history.reports >= policy.min_reports
+        and len(history.networks) >= policy.min_networks
+    )
+
+
+def assess(
+    key: bytes,
+    *,
+    pinned: Iterable[PinnedKey] = (),
+    dns: Iterable[Found] = (),
+    history: KeyHistory | None = None,
+    policy: ContinuityPolicy | None = None,
+    now_ms: int = 0,
+) -> Trust:
+    """The strongest evidence for ``key``: pinned, then dns, then continuity, else unknown.
+
+    ``dns`` is what a lookup for the observer's address or domain found; a revocation there
+    (``p=`` empty) vouches for no key, and does not lower pinned or continuity either: it says
+    nothing about which key it revokes.
+    """
+    for pin in pinned:
+        if pin.key == key:
+            return Trust(TrustLevel.PINNED, f"pinned{': ' + pin.label if pin.label else ''}")
+    for found in dns:
+        if found.record.public_key == key:
+            return Trust(TrustLevel.DNS, f"dns: {found.name}")
+    policy = policy or ContinuityPolicy()
+    if history is not None and continuity_holds(history, policy, now_ms):
+        days = (history.last_seen_ms - history.contacts_since_ms) / DAY_MS
+        return Trust(
+            TrustLevel.CONTINUITY,
+            f"continuity: {days:.1f} days, {history.reports} reports, "
+            f"{len(history.networks)} networks",
+        )
+    return Trust(TrustLevel.UNKNOWN, "in-band only" if history is not None else "never seen")
+
+
+class TrustBook:
+    """Pinned keys and the history of every key seen in band, with the events they raise."""
+
+    def __init__(
+        self, pinned: Iterable[PinnedKey] = (), policy: ContinuityPolicy | None = None
+    ) -> None:
+        self.policy = policy or ContinuityPolicy()
+        self._pinned: dict[bytes, PinnedKey] = {p.key: p for p in pinned}
+        # least recently seen first
+        self._keys: OrderedDict[bytes, KeyHistory] = OrderedDict()
+        self._by_contact: dict[str, set[bytes]] = {}
+        self._by_label: dict[str, set[bytes]] = {}
+        for pin in self._pinned.values():
+            if pin.label:
+                self._by_label.setdefault(pin.label, set()).add(pin.key)
+        self._observations = self._new_key = self._contacts_changed = self._evicted = 0
+
+    # -- reading --------------------------------------------------------------------------
+
+    def pinned(self) -> tuple[PinnedKey, ...]:
+        return tuple(self._pinned.values())
+
+    def history(self, key: bytes) -> KeyHistory | None:
+        return self._keys.get(key)
+
+    def assess(self, key: bytes, *, dns: Iterable[Found] = (), now_ms: int = 0) -> Trust:
+        return assess(
+            key,
+            pinned=self._pinned.values(),
+            dns=dns,
+            history=self._keys.get(key),
+            policy=self.policy,
+            now_ms=now_ms,
+        )
+
+    def statistics(self) -> TrustStatistics:
+        return TrustStatistics(
+            keys=len(self._keys),
+            pinned=len(self._pinned),
+            observations=self._observations,
+            new_key_events=self._new_key,
+            contacts_changed_events=self._contacts_changed,
+            evicted=self._evicted,
+        )
+
+    # -- learning -------------------------------------------------------------------------
+
+    def load(self, history: KeyHistory) -> None:
+        """Take a key's history from the store (no events: it is not news)."""
+        self._forget(history.key)
+        self._remember(history)
+
+    def observe(
+        self,
+        key: bytes,
+        contacts: Iterable[str],
+        *,
+        now_ms: int,
+        network: str | None = None,
+        label: str | None = None,
+    ) -> list[TrustEvent]:
+        """Record a verified report signed by ``key``; return the events it raises.
+
+        ``network`` is :func:`network_of` the address the report reached us from, when known;
+        ``label`` a name the caller knows the observer by (the DNS name it claims, say).
+        """
+        if len(key) != 32:
+            raise ValueError("an Ed25519 public key is 32 bytes")
+        contacts = tuple(contacts)
+        self._observations += 1
+        events: list[TrustEvent] = []
+        old = self._keys.get(key)
+        if old is None:
+            related = self._related(contacts, label) - {key}
+            if related:
+                pinned = any(k in self._pinned for k in related)
+                why = "same label" if label and label in self._by_label else "shared contacts"
+                events.append(NewKey(key, tuple(sorted(related)), pinned, now_ms, why))
+                self._new_key += 1
+            history = KeyHistory(
+                key=key,
+                contacts=contacts,
+                first_seen_ms=now_ms,
+                last_seen_ms=now_ms,
+                contacts_since_ms=now_ms,
+                reports=1,
+                networks=frozenset([network] if network else []),
+                labels=frozenset([label] if label else []),
+            )
+        else:
+            since = old.contacts_since_ms
+            if old.contacts != contacts:
+                events.append(
+                    ContactsChanged(key, old.contacts, contacts, key in self._pinned, now_ms)
+                )
+                self._contacts_changed += 1
+                since = now_ms
+            networks = old.networks
+            full = len(networks) >= self.policy.max_networks_per_key
+            if network and network not in networks and not full:
+                networks = networks | {network}
+            labels = old.labels | {label} if label and len(old.labels) < 8 else old.labels
+            history = replace(
+                old,
+                contacts=contacts,
+                first_seen_ms=min(old.first_seen_ms, now_ms),
+                last_seen_ms=max(old.last_seen_ms, now_ms),
+                contacts_since_ms=since,
+                reports=old.reports + 1,
+                networks=networks,
+                labels=labels,
+            )
+            self._forget(key)
+        self._remember(history)
+        return events
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _related(self, contacts: tuple[str, ...], label: str | None) -> set[bytes]:
+        related: set[bytes] = set()
+        for contact in contacts:
+            related |= self._by_contact.get(contact, set())
+        if label:
+            related |= self._by_label.get(label, set())
+        return related
+
+    def _remember(self, history: KeyHistory) -> None:
+        self._keys[history.key] = history
+        for contact in history.contacts:
+            self._by_contact.setdefault(contact, set()).add(history.key)
+        for label in history.labels:
+            self._by_label.setdefault(label, set()).add(history.key)
+        while len(self._keys) > self.policy.max_keys:
+            victim = next((k for k in self._keys if k not in self._pinned), None)
+            if victim is None:
+                break
+            self._forget(victim)
+            self._evicted += 1
+
+    def _forget(self, key: bytes) -> None:
+        history = self._keys.pop(key, None)
+        if history is None:
+            return
+        pin = self._pinned.get(key)
+        for contact in history.contacts:
+            self._discard(self._by_contact, contact, key)
+        for label in history.labels:
+            if pin is None or pin.label != label:  # a pinned label stays, whatever is forgotten
+                self._discard(self._by_label, label, key)
+
+    @staticmethod
+    def _discard(index: dict[str, set[bytes]], name: str, key: bytes) -> None:
+        keys = index.get(name)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del index[name]

@@ -1,0 +1,493 @@
+"""DNS lookups against a real Knot DNS server on loopback (tests/support/knot.py).
+
+The zones below are the whole fixture: reverse zones for 192.0.2.0/24, 198.51.100.0/24 and
+2001:db8::/32, the parents in-addr.arpa and ip6.arpa (so the walk-up gets NXDOMAIN above them
+rather than REFUSED), a domain zone and an abuse-contacts zone.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from overflowd.cli import cmd_contact
+from overflowd.errors import DiscoveryError
+from overflowd.identity import NodeIdentity
+from overflowd.registry import Found, Outcome, format_record, split_txt, valid_keys
+from overflowd.services.dns import DnsRegistry, RegistrySettings, observer_trust
+from overflowd.store import Store, default_url
+from overflowd.trust import PinnedKey, TrustBook, TrustLevel
+from tests.support.knot import KnotServer, KnotUnavailable, find_knotd, soa_zone
+from tests.support.reports import make_payload
+
+KEY = {name: bytes([i + 1]) * 32 for i, name in enumerate("ABCDEFGHIJKL")}
+#: a real node key, published for 192.0.2.20, that signs reports in the CLI test
+NODE = NodeIdentity(seed=b"\x09" * 32)
+
+
+def txt(
+    key: bytes | None, *contacts: str, url: str | None = None, boost: float | None = None
+) -> str:
+    """A TXT rdata in zone-file syntax (split into 255-byte strings)."""
+    text = "v=OVF1; k=ed25519; p=" if key is None else format_record(key, contacts, url, boost)
+    return " ".join(f'"{s}"' for s in split_txt(text))
+
+
+OVERSIZED = " ".join(['"v=OVF1; p=; c=' + "x" * 230 + '"'] + ['"' + "y" * 250 + '"'] * 19)
+
+HOOK = "https://example.net/hook"
+REV4 = f"""
+_overflowd 60 IN TXT {txt(KEY["A"], "mailto:noc@example.net", url=HOOK, boost=10)}
+_overflowd.7 60 IN TXT {txt(KEY["B"], "mailto:host7@example.net")}
+_overflowd.8 60 IN TXT {txt(KEY["C"], "mailto:rot@example.net")}
+_overflowd.8 60 IN TXT {txt(KEY["D"], "mailto:rot@example.net")}
+_overflowd.9 60 IN TXT {txt(None)}
+_overflowd.10 60 IN TXT "v=OVF1; p=!!!not-base64"
+_overflowd.11 60 IN TXT {OVERSIZED}
+_overflowd.11 60 IN TXT {txt(KEY["E"])}
+_overflowd.12 60 IN TXT {txt(KEY["F"], *[f"https://example.net/{'z' * 70}/{i}" for i in range(3)])}
+_overflowd.13 60 IN TXT "google-site-verification=abc"
+_overflowd.14 60 IN A 192.0.2.14
+_overflowd.20 60 IN TXT {txt(NODE.public_key, "mailto:n20@example.net")}
+"""
+# 198.51.100.0/24 publishes nothing itself; its /16 parent does (in the in-addr.arpa zone).
+REV4_PARENT = f"_overflowd.51.198 60 IN TXT {txt(KEY['G'], 'mailto:lir@example.org')}"
+# 2001:db8::/32: /32 at the apex, /48 for 2001:db8:1::, /64 for 2001:db8:1:2::, /128 for ::1
+REV6 = f"""
+_overflowd 60 IN TXT {txt(KEY["H"], "mailto:lir6@example.net")}
+_overflowd.1.0.0.0 60 IN TXT {txt(KEY["I"], "mailto:site@example.net")}
+_overflowd.2.0.0.0.1.0.0.0 60 IN TXT {txt(KEY["J"], "mailto:lan@example.net")}
+_overflowd.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0 60 IN TXT {txt(KEY["K"])}
+"""
+DOMAIN = f"""
+_overflowd 60 IN TXT {txt(KEY["L"], "mailto:abuse@example.test", url="https://example.test/h")}
+_overflowd.nodata 60 IN A 192.0.2.1
+"""
+ABUSE = """
+7.2.0.192 60 IN TXT "abuse@example.net"
+5.100.51.198 60 IN TXT "abuse@example.org, https://example.org/abuse"
+8.2.0.192 60 IN TXT "this is not a contact"
+1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2 60 IN TXT "abuse6@example.net"
+"""
+
+ZONES = {
+    "2.0.192.in-addr.arpa": soa_zone("2.0.192.in-addr.arpa", REV4, negative_ttl=7200),
+    "100.51.198.in-addr.arpa": soa_zone("100.51.198.in-addr.arpa", "", negative_ttl=7200),
+    "in-addr.arpa": soa_zone("in-addr.arpa", REV4_PARENT, negative_ttl=30),
+    "8.b.d.0.1.0.0.2.ip6.arpa": soa_zone("8.b.d.0.1.0.0.2.ip6.arpa", REV6),
+    "ip6.arpa": soa_zone("ip6.arpa", ""),
+    "example.test": soa_zone("example.test", DOMAIN, negative_ttl=120),
+    "abuse.example.test": soa_zone("abuse.example.test", ABUSE),
+}
+
+
+@pytest.fixture(scope="module")
+def knot() -> Iterator[KnotServer]:
+    try:
+        server = KnotServer(ZONES)
+        server.start()
+    except KnotUnavailable as exc:
+        pytest.fail(f"Knot DNS is required for these tests: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(knot: KnotServer, clock: FakeClock | None = None, **overrides: object) -> DnsRegistry:
+    settings = RegistrySettings(
+        nameservers=(knot.address,),
+        timeout_s=2.0,
+        abuse_zones=("abuse.example.test",),
+        **overrides,  # type: ignore[arg-type]
+    )
+    return DnsRegistry(settings, clock=clock)
+
+
+# -- walk-up ------------------------------------------------------------------------------------
+
+
+async def test_a_record_at_the_24_answers_for_a_host_without_its_own(knot: KnotServer) -> None:
+    r = make(knot)
+    found = await r.lookup_address("192.0.2.99")
+    assert [f.name for f in found] == ["_overflowd.2.0.192.in-addr.arpa"]
+    rec = found[0].record
+    assert rec.public_key == KEY["A"]
+    assert rec.contacts == ("mailto:noc@example.net",)
+    assert rec.webhook_url == "https://example.net/hook"
+    assert rec.boost == 10
+    assert r.statistics().queries == 2  # /32 NXDOMAIN, /24 answers; /16 and /8 never asked
+
+
+async def test_a_more_specific_record_wins(knot: KnotServer) -> None:
+    found = await make(knot).lookup_address("192.0.2.7")
+    assert [(f.name, f.record.public_key) for f in found] == [
+        ("_overflowd.7.2.0.192.in-addr.arpa", KEY["B"])
+    ]
+
+
+async def test_walk_reaches_the_16_in_the_parent_zone(knot: KnotServer) -> None:
+    r = make(knot)
+    found = await r.lookup_address("198.51.100.5")
+    assert [(f.name, f.record.public_key) for f in found] == [
+        ("_overflowd.51.198.in-addr.arpa", KEY["G"])
+    ]
+    assert r.statistics().nxdomain == 2
+
+
+async def test_nothing_published_anywhere_is_an_empty_answer(knot: KnotServer) -> None:
+    r = make(knot)
+    assert await r.lookup_address("203.0.113.1") == []
+    assert r.statistics().queries == 4  # /32, /24, /16, /8: the whole walk, no more
+
+
+async def test_ipv4_mapped_ipv6_is_looked_up_as_ipv4(knot: KnotServer) -> None:
+    found = await make(knot).lookup_address("::ffff:192.0.2.7")
+    assert found[0].record.public_key == KEY["B"]
+
+
+@pytest.mark.parametrize(
+    ("addr", "key", "name"),
+    [
+        ("2001:db8:1:2::5", "J", "_overflowd.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"),
+        ("2001:db8:1:3::5", "I", "_overflowd.1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"),
+        ("2001:db8:ffff::1", "H", "_overflowd.8.b.d.0.1.0.0.2.ip6.arpa"),
+        (
+            "2001:db8::1",
+            "K",
+            "_overflowd." + ".".join("1" + "0" * 23) + ".8.b.d.0.1.0.0.2.ip6.arpa",
+        ),
+    ],
+)
+async def test_ipv6_nibbles_at_128_64_48_32(
+    knot: KnotServer, addr: str, key: str, name: str
+) -> None:
+    found = await make(knot).lookup_address(addr)
+    assert [(f.name, f.record.public_key) for f in found] == [(name, KEY[key])]
+
+
+async def test_domain_names(knot: KnotServer) -> None:
+    r = make(knot)
+    found = await r.lookup_name("Example.Test.")
+    assert [(f.name, f.record.public_key) for f in found] == [("_overflowd.example.test", KEY["L"])]
+    assert found[0].record.webhook_url == "https://example.test/h"
+    with pytest.raises(ValueError, match="not a domain name"):
+        await r.lookup_name("bad name.test")
+
+
+async def test_a_zone_the_server_refuses_is_a_discovery_error(knot: KnotServer) -> None:
+    r = make(knot)
+    with pytest.raises(DiscoveryError, match=r"_overflowd\.example\.org"):
+        await r.lookup_name("example.org")
+    assert r.statistics().failures == 1
+
+
+# -- negative caching and TTLs ------------------------------------------------------------------
+
+
+async def test_nxdomain_is_cached_and_capped_at_minutes(knot: KnotServer) -> None:
+    clock = FakeClock()
+    r = make(knot, clock)
+    assert await r.lookup_name("missing.example.test") == []
+    assert r.statistics().queries == 1
+    entry = r.cache.get("_overflowd.missing.example.test", clock.now)
+    assert entry is not None and entry.outcome is Outcome.NXDOMAIN
+    assert entry.expires_at - clock.now == 120  # the SOA's MINIMUM, under the 300 s cap
+    assert await r.lookup_name("missing.example.test") == []
+    assert r.statistics().queries == 1  # second lookup: no query
+    # the reverse zone's SOA says 2 hours; we keep NXDOMAIN 5 minutes at most
+    await r.lookup_address("192.0.2.99")
+    entry = r.cache.get("_overflowd.99.2.0.192.in-addr.arpa", clock.now)
+    assert entry is not None and entry.expires_at - clock.now == 300
+    clock.now += 301
+    before = r.statistics().queries
+    assert await r.lookup_name("missing.example.test") == []
+    assert r.statistics().queries == before + 1
+
+
+async def test_nodata_is_cached(knot: KnotServer) -> None:
+    r = make(knot, FakeClock())
+    assert await r.lookup_name("nodata.example.test") == []
+    assert await r.lookup_name("nodata.example.test") == []
+    stats = r.statistics()
+    assert (stats.nodata, stats.queries, stats.cache_hits) == (1, 1, 1)
+    # a name that exists with an A record only, in the walk: NODATA, then the /24 answers
+    found = await r.lookup_address("192.0.2.14")
+    assert found[0].record.public_key == KEY["A"]
+    assert r.statistics().nodata == 2
+
+
+async def test_answers_are_cached_until_their_ttl(knot: KnotServer) -> None:
+    clock = FakeClock()
+    r = make(knot, clock)
+    await r.lookup_address("192.0.2.7")
+    await r.lookup_address("192.0.2.7")
+    assert r.statistics().queries == 1
+    clock.now += 59
+    await r.lookup_address("192.0.2.7")
+    assert r.statistics().queries == 1
+    clock.now += 2  # the record's TTL is 60 s
+    found = await r.lookup_address("192.0.2.7")
+    assert found[0].record.public_key == KEY["B"]
+    assert r.statistics().queries == 2
+    assert r.statistics().cache.expired == 1
+
+
+async def test_concurrent_lookups_of_one_name_send_one_question(knot: KnotServer) -> None:
+    r = make(knot, FakeClock())
+    results: list[list[Found]] = []
+
+    async def one() -> None:
+        results.append(await r.lookup_address("192.0.2.99"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(one)
+    assert len(results) == 20 and all(valid_keys(f) == [KEY["A"]] for f in results)
+    assert r.statistics().queries == 2  # /32 NXDOMAIN and /24, once each
+    assert r.statistics().coalesced >= 19
+
+
+async def test_query_budget_bounds_a_lookup(knot: KnotServer) -> None:
+    r = make(knot, FakeClock(), max_queries=2)
+    with pytest.raises(DiscoveryError, match="budget"):
+        await r.lookup_address("203.0.113.9")
+    stats = r.statistics()
+    assert (stats.queries, stats.budget_exhausted) == (2, 1)
+    # the two answers are cached: the next lookup goes two names further
+    assert await r.lookup_address("203.0.113.9") == []
+    assert r.statistics().queries == 4
+
+
+# -- records: rotation, revocation, malformed, oversized, multi-string --------------------------
+
+
+async def test_rotation_two_records_both_keys_valid(knot: KnotServer) -> None:
+    found = await make(knot).lookup_address("192.0.2.8")
+    assert sorted(valid_keys(found)) == sorted([KEY["C"], KEY["D"]])
+    assert {f.name for f in found} == {"_overflowd.8.2.0.192.in-addr.arpa"}
+
+
+async def test_revocation_answers_and_vouches_for_no_key(knot: KnotServer) -> None:
+    found = await make(knot).lookup_address("192.0.2.9")
+    assert len(found) == 1 and found[0].record.public_key is None
+    assert valid_keys(found) == []  # and the /24's key is not used for this host
+
+
+async def test_malformed_record_is_ignored_and_counted(knot: KnotServer) -> None:
+    r = make(knot, FakeClock())
+    found = await r.lookup_address("192.0.2.10")
+    assert found[0].record.public_key == KEY["A"]  # fell through to the /24
+    assert r.statistics().records_malformed == 1
+    await r.lookup_address("192.0.2.10")
+    assert r.statistics().records_malformed == 1  # counted once, not per cache hit
+
+
+async def test_oversized_record_is_ignored_and_counted(knot: KnotServer) -> None:
+    r = make(knot)
+    found = await r.lookup_address("192.0.2.11")  # > 1232 bytes: truncated, retried over TCP
+    assert valid_keys(found) == [KEY["E"]]
+    assert r.statistics().records_oversized == 1
+
+
+async def test_multi_string_txt_is_joined(knot: KnotServer) -> None:
+    found = await make(knot).lookup_address("192.0.2.12")
+    assert found[0].record.public_key == KEY["F"]
+    assert found[0].record.contacts[2].endswith("/2")
+
+
+async def test_foreign_txt_is_not_ours_and_the_walk_goes_on(knot: KnotServer) -> None:
+    r = make(knot)
+    found = await r.lookup_address("192.0.2.13")
+    assert found[0].record.public_key == KEY["A"]
+    assert (r.statistics().records_foreign, r.statistics().records_malformed) == (1, 0)
+
+
+# -- abuse zones --------------------------------------------------------------------------------
+
+
+async def test_abuse_zone_contacts(knot: KnotServer) -> None:
+    r = make(knot)
+    [found] = await r.abuse_contacts("198.51.100.5")
+    assert found.name == "5.100.51.198.abuse.example.test"
+    assert found.contacts == ("mailto:abuse@example.org", "https://example.org/abuse")
+    [found6] = await r.abuse_contacts("2001:db8::1")
+    assert found6.contacts == ("mailto:abuse6@example.net",)
+    assert await r.abuse_contacts("192.0.2.8") == []  # not a contact list: ignored, counted
+    assert r.statistics().abuse_malformed == 1
+    assert await r.abuse_contacts("203.0.113.1") == []
+
+
+async def test_discover_consults_abuse_zones_after_overflowd_records(knot: KnotServer) -> None:
+    d = await make(knot).discover("192.0.2.7")
+    assert d.keys == [KEY["B"]]
+    assert d.contacts == ("mailto:host7@example.net", "mailto:abuse@example.net")
+    assert d.errors == ()
+    d = await make(knot).discover("example.test")
+    assert d.keys == [KEY["L"]] and d.abuse == ()
+
+
+# -- trust of a report's key -------------------------------------------------------------------
+
+
+async def test_observer_trust_dns_unknown_and_pinned(knot: KnotServer) -> None:
+    r = make(knot)
+    book = TrustBook()
+    t = await observer_trust(r, book, NODE.public_key, now_ms=0, address="192.0.2.20")
+    assert (t.level, t.source) == (TrustLevel.DNS, "dns: _overflowd.20.2.0.192.in-addr.arpa")
+    stranger = NodeIdentity(seed=b"\x0a" * 32).public_key
+    t = await observer_trust(r, book, stranger, now_ms=0, address="192.0.2.20")
+    assert t.level is TrustLevel.UNKNOWN
+    t = await observer_trust(
+        r, book, KEY["L"], now_ms=0, address="203.0.113.1", domain="example.test"
+    )
+    assert (t.level, t.source) == (TrustLevel.DNS, "dns: _overflowd.example.test")
+    pinned = TrustBook([PinnedKey(stranger, "edge")])
+    before = r.statistics().queries
+    t = await observer_trust(r, pinned, stranger, now_ms=0, address="192.0.2.66")
+    assert t.level is TrustLevel.PINNED and r.statistics().queries == before  # no DNS needed
+    # DNS down: no evidence, not an error
+    t = await observer_trust(r, book, KEY["A"], now_ms=0, domain="example.org")
+    assert t.level is TrustLevel.UNKNOWN
+
+
+# -- a resolver that never answers --------------------------------------------------------------
+
+
+async def test_a_resolver_that_never_answers(knot: KnotServer) -> None:
+    received = 0
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    async def drop() -> None:
+        nonlocal received
+        while True:
+            await sock.recv(4096)
+            received += 1
+
+    clock = FakeClock()
+    settings = RegistrySettings(
+        nameservers=(f"127.0.0.1:{port}",),
+        timeout_s=0.3,
+        max_queries=3,
+        abuse_zones=("abuse.example.test",),
+    )
+    r = DnsRegistry(settings, clock=clock)
+    with trio.fail_after(5), sock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drop)
+            started = time.monotonic()
+            with pytest.raises(DiscoveryError, match=r"no answer within 0\.3s"):
+                await r.lookup_address("192.0.2.7")
+            elapsed = time.monotonic() - started
+            assert elapsed < 1.0
+            # the failure is cached: asking again costs nothing and fails at once
+            started = time.monotonic()
+            with pytest.raises(DiscoveryError):
+                await r.lookup_address("192.0.2.7")
+            assert time.monotonic() - started < 0.1
+            d = await r.discover("192.0.2.7")  # errors as values, both parts tried
+            assert len(d.errors) == 2 and d.records == ()
+            await trio.sleep(0.05)
+            stats = r.statistics()
+            assert stats.timeouts == 2 and stats.queries == 2
+            assert received == 2  # one datagram per question: no retry storm
+            clock.now += settings.failure_ttl_s + 1  # failures are remembered briefly only
+            with pytest.raises(DiscoveryError):
+                await r.lookup_address("192.0.2.7")
+            assert r.statistics().queries == 3
+            nursery.cancel_scope.cancel()
+
+
+def test_missing_knotd_fails_loudly_with_the_fix() -> None:
+    with pytest.raises(KnotUnavailable, match="apt-get install knot"):
+        find_knotd("/nonexistent")
+
+
+def test_settings_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="not an IP address"):
+        RegistrySettings(nameservers=("dns.example.net:53",))
+    with pytest.raises(ValueError, match="port"):
+        RegistrySettings(nameservers=("127.0.0.1:99999",))
+    with pytest.raises(ValueError, match="pinned"):
+        RegistrySettings(pinned=("not-a-key",))
+    s = RegistrySettings(
+        nameservers=("127.0.0.1:5353", "[::1]:53", "::1", "192.0.2.1"),
+        pinned=("edge=" + base64.b64encode(KEY["A"]).decode(),),
+    )
+    assert s.pinned_keys()[0].label == "edge"
+
+
+# -- overflowd-query contact ---------------------------------------------------------------------
+
+
+def contact(knot: KnotServer, home: Path, *args: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["contact", *args, "--home", str(home), "--resolver", knot.address]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cmd_contact.main([*argv, "--abuse-zone", "abuse.example.test", "--timeout", "1"])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_contact_cli_shows_where_each_piece_came_from(knot: KnotServer, tmp_path: Path) -> None:
+    code, out, _ = contact(knot, tmp_path, "192.0.2.20", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    [key] = doc["keys"]
+    assert key["key"] == NODE.public_key_b64
+    assert (key["trust"], key["sources"]) == ("dns", ["dns: _overflowd.20.2.0.192.in-addr.arpa"])
+    assert doc["contacts"] == [
+        {"uri": "mailto:n20@example.net", "source": "dns: _overflowd.20.2.0.192.in-addr.arpa"}
+    ]
+    # reports from that key in the store: in-band evidence and contacts join
+    store = Store.open(default_url(tmp_path))
+    try:
+        signed = NODE.sign_report(make_payload(contacts=("mailto:inband@example.net",)))
+        store.add_report(signed, received_ms=1_700_000_000_000, via="udp")
+    finally:
+        store.close()
+    code, out, _ = contact(knot, tmp_path, "192.0.2.20", "--json")
+    doc = json.loads(out)
+    [key] = doc["keys"]
+    assert key["sources"][-1] == "in-band" and key["in_band"]["reports"] == 1
+    assert {"uri": "mailto:inband@example.net", "source": f"in-band: {NODE.fingerprint}"} in doc[
+        "contacts"
+    ]
+
+
+def test_contact_cli_text_with_abuse_zone_and_pinned(knot: KnotServer, tmp_path: Path) -> None:
+    code, out, _ = contact(knot, tmp_path, "192.0.2.7")
+    assert code == 0
+    assert "trust dns (dns: _overflowd.7.2.0.192.in-addr.arpa)" in out
+    assert "contact mailto:abuse@example.net  (abuse-zone: 7.2.0.192.abuse.example.test)" in out
+    code, out, _ = contact(knot, tmp_path, "example.test")
+    assert "webhook https://example.test/h  (dns: _overflowd.example.test)" in out
+    code, out, _ = contact(knot, tmp_path, "192.0.2.9")
+    assert "revoked (empty p=) at _overflowd.9.2.0.192.in-addr.arpa" in out
+
+
+def test_contact_cli_errors_are_one_line(knot: KnotServer, tmp_path: Path) -> None:
+    code, _, err = contact(knot, tmp_path, "not an address")
+    assert code == 1 and "neither an IP address nor a domain name" in err
+    code, _, err = contact(knot, tmp_path, "example.org")  # REFUSED by our server
+    assert code == 1 and err.splitlines()[-1].startswith("overflowd-query: error: nothing found")
+    code, _, err = contact(knot, tmp_path, "192.0.2.7", "--resolver", "dns.example:53")
+    assert code == 1 and "not an IP address" in err

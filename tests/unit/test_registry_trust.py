@@ -1,0 +1,174 @@
+"""Trust levels (pinned > dns > continuity > unknown) and the events an operator must see."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from overflowd.registry import Found, KeyRecord
+from overflowd.trust import (
+    DAY_MS,
+    ContactsChanged,
+    ContinuityPolicy,
+    KeyHistory,
+    NewKey,
+    PinnedKey,
+    TrustBook,
+    TrustLevel,
+    assess,
+    network_of,
+    parse_pinned,
+)
+from tests.unit.test_sansio_imports import FORBIDDEN, _imports
+
+K1, K2, K3 = (bytes([i]) * 32 for i in (1, 2, 3))
+MAIL = ("mailto:abuse@example.net",)
+POLICY = ContinuityPolicy(min_days=7, min_networks=2, min_reports=3)
+
+
+def test_trust_is_sans_io() -> None:
+    path = Path(__file__).resolve().parents[2] / "overflowd" / "trust.py"
+    assert not (_imports(path) & FORBIDDEN)
+
+
+def test_levels_are_ordered() -> None:
+    assert TrustLevel.PINNED > TrustLevel.DNS > TrustLevel.CONTINUITY > TrustLevel.UNKNOWN
+    assert str(TrustLevel.DNS) == "dns"
+
+
+def test_pinned_beats_everything() -> None:
+    t = assess(K1, pinned=[PinnedKey(K1, "edge")], dns=[Found("_overflowd.x", KeyRecord(K1))])
+    assert (t.level, t.source) == (TrustLevel.PINNED, "pinned: edge")
+
+
+def test_dns_when_the_key_is_published_for_the_observer() -> None:
+    found = [Found("_overflowd.2.0.192.in-addr.arpa", KeyRecord(K1))]
+    t = assess(K1, dns=found)
+    assert (t.level, t.source) == (TrustLevel.DNS, "dns: _overflowd.2.0.192.in-addr.arpa")
+    assert assess(K2, dns=found).level is TrustLevel.UNKNOWN
+
+
+def test_revocation_vouches_for_nothing() -> None:
+    assert assess(K1, dns=[Found("n", KeyRecord(None))]).level is TrustLevel.UNKNOWN
+
+
+def _history(**kw: object) -> KeyHistory:
+    base: dict[str, object] = dict(
+        key=K1,
+        contacts=MAIL,
+        first_seen_ms=0,
+        last_seen_ms=8 * DAY_MS,
+        contacts_since_ms=0,
+        reports=5,
+        networks=frozenset({"192.0.2.0/24", "198.51.100.0/24"}),
+    )
+    base.update(kw)
+    return KeyHistory(**base)  # type: ignore[arg-type]
+
+
+def test_continuity_needs_time_reports_and_networks() -> None:
+    assert assess(K1, history=_history(), policy=POLICY).level is TrustLevel.CONTINUITY
+    for weak in (
+        _history(last_seen_ms=6 * DAY_MS),
+        _history(reports=2),
+        _history(networks=frozenset({"192.0.2.0/24"})),
+        _history(contacts_since_ms=2 * DAY_MS),  # contacts changed 6 days ago
+    ):
+        t = assess(K1, history=weak, policy=POLICY)
+        assert (t.level, t.source) == (TrustLevel.UNKNOWN, "in-band only")
+    assert assess(K1).source == "never seen"
+
+
+def test_book_learns_continuity_from_observations() -> None:
+    book = TrustBook(policy=POLICY)
+    nets = ["192.0.2.1", "192.0.2.200", "198.51.100.7"]  # two /24s
+    for day, addr in enumerate(nets):
+        assert book.observe(K1, MAIL, now_ms=day * DAY_MS, network=network_of(addr)) == []
+    assert book.assess(K1).level is TrustLevel.UNKNOWN  # 2 days only
+    book.observe(K1, MAIL, now_ms=7 * DAY_MS, network=network_of("192.0.2.9"))
+    t = book.assess(K1)
+    assert t.level is TrustLevel.CONTINUITY and "2 networks" in t.source
+    history = book.history(K1)
+    assert history is not None and history.reports == 4
+
+
+def test_changed_contacts_raise_an_event_and_restart_continuity() -> None:
+    book = TrustBook(policy=POLICY)
+    book.load(_history())
+    assert book.assess(K1).level is TrustLevel.CONTINUITY
+    events = book.observe(K1, ("mailto:new@example.net",), now_ms=9 * DAY_MS)
+    assert events == [
+        ContactsChanged(K1, MAIL, ("mailto:new@example.net",), pinned=False, at_ms=9 * DAY_MS)
+    ]
+    assert book.assess(K1).level is TrustLevel.UNKNOWN
+    assert book.statistics().contacts_changed_events == 1
+
+
+def test_new_key_for_a_pinned_observer_raises_a_pinned_event() -> None:
+    book = TrustBook([PinnedKey(K1, "edge.example.net")])
+    assert book.observe(K1, MAIL, now_ms=0) == []  # first sighting of a pinned key: not news
+    [event] = book.observe(K2, MAIL, now_ms=1000)  # same contacts, another key
+    assert isinstance(event, NewKey)
+    assert (event.key, event.previous_keys, event.pinned, event.why) == (
+        K2,
+        (K1,),
+        True,
+        "shared contacts",
+    )
+    assert book.assess(K2).level is TrustLevel.UNKNOWN  # the new key earns nothing by it
+    assert book.assess(K1).level is TrustLevel.PINNED
+
+
+def test_new_key_with_a_pinned_label_raises_an_event_without_shared_contacts() -> None:
+    book = TrustBook([PinnedKey(K1, "edge.example.net")])
+    [event] = book.observe(K2, (), now_ms=0, label="edge.example.net")
+    assert isinstance(event, NewKey) and event.pinned and event.why == "same label"
+
+
+def test_a_stranger_raises_no_event() -> None:
+    book = TrustBook([PinnedKey(K1)])
+    book.observe(K1, MAIL, now_ms=0)
+    assert book.observe(K3, ("mailto:other@example.org",), now_ms=0) == []
+    assert book.statistics().new_key_events == 0
+
+
+def test_book_is_bounded_and_never_forgets_pins() -> None:
+    policy = ContinuityPolicy(max_keys=3, min_networks=1, max_networks_per_key=2)
+    book = TrustBook([PinnedKey(K1, "p")], policy)
+    book.observe(K1, MAIL, now_ms=0)
+    for i in range(10, 20):
+        book.observe(bytes([i]) * 32, (f"mailto:{i}@example.net",), now_ms=i)
+    stats = book.statistics()
+    assert stats.keys == 3 and stats.evicted == 8
+    assert book.history(K1) is not None
+    for i in range(5):
+        book.observe(K1, MAIL, now_ms=i, network=f"10.{i}.0.0/24")
+    history = book.history(K1)
+    assert history is not None and len(history.networks) == 2
+    # the pinned label still identifies the observer after its history was rewritten
+    [event] = book.observe(K2, (), now_ms=99, label="p")
+    assert isinstance(event, NewKey) and event.pinned
+
+
+def test_network_of() -> None:
+    assert network_of("192.0.2.77") == "192.0.2.0/24"
+    assert network_of("2001:db8:1:2::5") == "2001:db8:1::/48"
+    assert network_of("::ffff:198.51.100.1") == "198.51.100.0/24"
+
+
+def test_parse_pinned() -> None:
+    b64 = base64.b64encode(K1).decode()
+    assert parse_pinned(b64) == PinnedKey(K1, "")
+    assert parse_pinned(f"edge.example.net={b64}") == PinnedKey(K1, "edge.example.net")
+    for bad in ("", "edge=", "AAAA", f"x={b64[:-4]}"):
+        with pytest.raises(ValueError):
+            parse_pinned(bad)
+
+
+def test_policy_checks() -> None:
+    with pytest.raises(ValueError):
+        ContinuityPolicy(min_networks=0)
+    with pytest.raises(ValueError):
+        ContinuityPolicy(min_networks=5, max_networks_per_key=4)
