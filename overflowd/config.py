@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from overflowd.errors import ConfigError
+from overflowd.notify import BudgetSettings, InbandSettings
 from overflowd.registry import RegistrySettings
 
 CONFIG_FILE = "overflowd.toml"
@@ -61,6 +62,20 @@ class CollectorSettings:
 
 
 @dataclass(frozen=True)
+class CaptureSettings:
+    #: Interfaces to sample packets on, in the kernel (root or CAP_NET_RAW). Empty: none.
+    interfaces: tuple[str, ...] = ()
+    #: The kernel passes one packet in this many to us, at random (classic BPF, docs/capture.md).
+    one_in: int = 1000
+    #: Bytes of each sampled packet read: enough for IPv6 + TCP headers.
+    snaplen_bytes: int = 128
+    #: Also sample what this host sends (off: a router counts forwarded packets once).
+    outgoing: bool = False
+    #: Socket receive buffer for sampled packets.
+    rcvbuf_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     #: Prometheus exposition ("ADDR:PORT"); empty disables it.
     listen: str = "127.0.0.1:9590"
@@ -73,7 +88,10 @@ class Settings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     collector: CollectorSettings = field(default_factory=CollectorSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    inband: InbandSettings = field(default_factory=InbandSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
     #: Where this came from, for messages; not a TOML key.
     source: str = field(default="(defaults)", compare=False)
 
@@ -84,7 +102,10 @@ _SECTIONS: dict[str, type] = {
     "sampling": SamplingSettings,
     "collector": CollectorSettings,
     "metrics": MetricsSettings,
+    "capture": CaptureSettings,
     "registry": RegistrySettings,
+    "inband": InbandSettings,
+    "budget": BudgetSettings,
 }
 
 DEFAULT_CONFIG_TEXT = """\
@@ -120,6 +141,15 @@ queue_datagrams = 10000
 # On shutdown, how long queued work may take to drain.
 drain_timeout_s = 5.0
 
+[capture]
+# Live capture: the kernel samples one packet in one_in on these interfaces (needs root or
+# CAP_NET_RAW); each sampled packet becomes a flow record. Empty: no capture.
+interfaces = []
+one_in = 1000
+snaplen_bytes = 128
+outgoing = false
+rcvbuf_bytes = 4194304
+
 [metrics]
 # Prometheus exposition; "" disables it.
 listen = "127.0.0.1:9590"
@@ -146,7 +176,41 @@ pinned = []
 continuity_min_days = 7.0
 continuity_min_networks = 2
 continuity_min_reports = 3
+
+[inband]
+# Send each report as a UDP datagram to port `port` of the flow's source and destination,
+# and listen for other nodes' reports on `listen`. Nothing is ever sent to an address outside
+# allowed_prefixes: empty (the default) sends nothing at all.
+enabled = true
+listen = "[::]:65535"
+port = 65535
+allowed_prefixes = []
+queue_reports = 1000
+store_batch = 200
+seen_ids = 65536
+max_age_s = 3600.0
+max_future_s = 300.0
+drain_timeout_s = 5.0
+
+[budget]
+# Everything this node sends, in band and by webhook: it must never be an amplifier.
+global_per_s = 100.0
+burst = 200
+per_prefix_per_s = 1.0
+per_prefix_burst = 10
+dedup_window_s = 600.0
+max_prefixes = 65536
+max_dedup_entries = 65536
 """
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'ADDR:PORT', '[v6]:PORT' or ':PORT' into (host, port); ValueError when it is not."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not ADDR:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
 
 
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
@@ -249,6 +313,11 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
             fail("rate", "must be in (0, 1]")
         if settings.boost_cap < 1:
             fail("boost_cap", "must be at least 1")
+    if isinstance(settings, CaptureSettings):
+        if not 1 <= settings.one_in <= 2**32:
+            fail("one_in", "must be between 1 and 4294967296")
+        if not 64 <= settings.snaplen_bytes <= 65535:
+            fail("snaplen_bytes", "must be between 64 and 65535")
     if isinstance(settings, CollectorSettings):
         for item in settings.listen:
             if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[0-9a-fA-F:]*):\d{1,5}$", item):

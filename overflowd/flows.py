@@ -33,8 +33,9 @@ __all__ = [
 
 IPAddress = IPv4Address | IPv6Address
 
-#: The ``format`` values a record can carry.
-FORMATS = ("netflow-v5", "netflow-v9", "ipfix", "sflow-v5")
+#: The ``format`` values a record can carry (``capture``: sampled in the kernel from a local
+#: interface by ``overflowd.services.capture``).
+FORMATS = ("netflow-v5", "netflow-v9", "ipfix", "sflow-v5", "capture")
 
 #: Where ``sampling_interval`` came from: the exporter said so (``announced``), the operator's
 #: per-exporter override replaced it (``overridden``), or nothing said and 1 is assumed.

@@ -24,6 +24,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--listen", action="append", metavar="ADDR:PORT", help="collector socket (repeatable)"
     )
     p.add_argument("--metrics", metavar="ADDR:PORT", help="Prometheus endpoint ('' disables)")
+    p.add_argument(
+        "--inband-listen", metavar="ADDR:PORT", help="in-band report listener (default: config)"
+    )
     p.add_argument("--rate", type=float, metavar="R", help="sampling rate (default: config)")
     p.set_defaults(func=run)
 
@@ -39,7 +42,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--rate must be in (0, 1]")
     store = ctx.open_store()
     try:
-        node = NodeService(identity, settings, store, listen=args.listen, rate=args.rate)
+        node = NodeService(
+            identity,
+            settings,
+            store,
+            listen=args.listen,
+            inband_listen=args.inband_listen,
+            rate=args.rate,
+        )
     except ValueError as exc:
         store.close()
         raise ConfigError(str(exc)) from None
@@ -51,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
                 for host, port in bound:
                     # One line on stdout so supervisors and tests learn the bound ports.
                     print(f"listening udp {host}:{port}", flush=True)
+                if node.inband_bound is not None:
+                    host, port = node.inband_bound
+                    print(f"listening inband {host}:{port}", flush=True)
                 async for signum in signals:
                     log.info("daemon.stopping signal=%s", signal.Signals(signum).name)
                     node.stop()

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import trio
 
+from overflowd.config import parse_listen
+
+__all__ = ["CollectorStatistics", "Datagram", "UdpCollector", "parse_listen"]
+
 log = logging.getLogger(__name__)
 
 #: A flow datagram never exceeds a UDP payload (65507 bytes over IPv4).
@@ -37,15 +41,6 @@ class CollectorStatistics:
     dropped_queue_full: int
     kernel_drops: int | None
     rcvbuf_bytes: int
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """'ADDR:PORT', '[v6]:PORT' or ':PORT' into (host, port); ValueError when it is not."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not ADDR:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 class UdpCollector:

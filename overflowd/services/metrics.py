@@ -48,6 +48,18 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
             dropped.add_metric([str(i), "kernel"], c.kernel_drops)
     yield datagrams
     yield dropped
+    captured = CounterMetricFamily(
+        "overflowd_capture_packets", "Packets the kernel sampled and we read", labels=["interface"]
+    )
+    capture_dropped = CounterMetricFamily(
+        "overflowd_capture_dropped", "Sampled packets dropped", labels=["interface", "where"]
+    )
+    for cap in s.captures:
+        captured.add_metric([cap.interface], cap.packets)
+        capture_dropped.add_metric([cap.interface, "queue_full"], cap.dropped_queue_full)
+        capture_dropped.add_metric([cap.interface, "kernel"], cap.kernel_drops)
+    yield captured
+    yield capture_dropped
     d = s.decoder
     yield _counter("overflowd_decoder_records", "Flow records decoded", d.records)
     malformed = CounterMetricFamily(
@@ -71,6 +83,20 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
     yield _counter("overflowd_reports_signed", "Reports signed", s.reports_signed)
     yield _counter("overflowd_reports_stored", "Reports newly stored", s.reports_stored)
     yield _counter("overflowd_store_errors", "Store batches that failed", s.store_errors)
+    if s.inband_sender is not None:
+        yield _counter(
+            "overflowd_inband_sent", "Report datagrams sent", s.inband_sender.datagrams_sent
+        )
+    if s.inband_listener is not None:
+        li = s.inband_listener
+        yield _counter("overflowd_inband_received", "Report datagrams received", li.datagrams)
+        yield _counter("overflowd_inband_stored", "Received reports newly stored", li.stored)
+        refused = CounterMetricFamily(
+            "overflowd_inband_refused", "Received datagrams refused", labels=["reason"]
+        )
+        for reason, count in sorted(li.dropped.items()):
+            refused.add_metric([reason], count)
+        yield refused
 
 
 @contextlib.contextmanager

@@ -16,18 +16,27 @@ from dataclasses import dataclass
 import trio
 
 from overflowd import report as rpt
-from overflowd.config import Settings
+from overflowd.config import Settings, parse_listen
 from overflowd.errors import DecodeError, StoreError
+from overflowd.flows import FlowRow
 from overflowd.flowsample import Sampler, SamplerStatistics
 from overflowd.identity import NodeIdentity
+from overflowd.notify import Budget
 from overflowd.pipeline import ReportMaker, policy_from_settings
+from overflowd.services.capture import CaptureStatistics, KernelSampledCapture
 from overflowd.services.collector import (
     CollectorStatistics,
     Datagram,
     UdpCollector,
-    parse_listen,
+)
+from overflowd.services.inband import (
+    InbandListener,
+    InbandListenerStatistics,
+    InbandSender,
+    InbandSenderStatistics,
 )
 from overflowd.store import Store
+from overflowd.trust import TrustBook, parse_pinned
 from overflowd.wire import DecoderState, DecoderStatistics, decode_datagram_rows
 
 log = logging.getLogger(__name__)
@@ -37,6 +46,8 @@ STORE_BATCH = 500
 STORE_BATCH_WAIT_S = 0.2
 #: Signed reports waiting for the store; when full, the decoder waits (backpressure).
 REPORT_QUEUE = 5_000
+#: Batches of kernel-sampled packets waiting to be sampled and signed.
+CAPTURE_QUEUE = 1_000
 #: At most one warning about malformed datagrams per this many seconds (the rest are counted).
 MALFORMED_LOG_INTERVAL_S = 10.0
 
@@ -51,6 +62,9 @@ class NodeStatistics:
     reports_stored: int
     reports_duplicate: int
     store_errors: int
+    captures: tuple[CaptureStatistics, ...] = ()
+    inband_sender: InbandSenderStatistics | None = None
+    inband_listener: InbandListenerStatistics | None = None
 
 
 def sampling_overrides(items: Sequence[str]) -> dict[str, int]:
@@ -62,7 +76,11 @@ def sampling_overrides(items: Sequence[str]) -> dict[str, int]:
 
 
 class NodeService:
-    """One node: listens, samples, signs, stores. Sends nothing yet (notify comes next)."""
+    """One node: collects, samples, signs, stores; sends reports in band; hears other nodes'.
+
+    Sending goes through one :class:`~overflowd.notify.Budget` and the in-band confinement
+    (``inband.allowed_prefixes``, empty by default: nothing is sent until configured).
+    """
 
     def __init__(
         self,
@@ -71,6 +89,7 @@ class NodeService:
         store: Store,
         *,
         listen: Sequence[str] | None = None,
+        inband_listen: str | None = None,
         rate: float | None = None,
         on_report: Callable[[rpt.SignedReport], None] | None = None,
     ) -> None:
@@ -84,6 +103,7 @@ class NodeService:
             overrides=sampling_overrides(settings.collector.sampling_overrides)
         )
         self.collectors: list[UdpCollector] = []
+        self.captures: list[KernelSampledCapture] = []
         self._on_report = on_report
         self._malformed = 0
         self._signed = 0
@@ -93,10 +113,46 @@ class NodeService:
         self._stop = trio.Event()
         self._last_malformed_log = -MALFORMED_LOG_INTERVAL_S
         self._malformed_unlogged = 0
+        self.budget = Budget(settings.budget)
+        for warning in settings.budget.warnings():
+            log.warning("budget.config %s", warning)
+        self.trust_book = TrustBook([parse_pinned(p) for p in settings.registry.pinned])
+        self.inband_sender: InbandSender | None = None
+        self.inband_listener: InbandListener | None = None
+        self.inband_bound: tuple[str, int] | None = None
+        self._sending_scope = trio.CancelScope()
+        if settings.inband.enabled:
+            self.inband_sender = InbandSender(settings.inband, self.budget)
+            listen_at = parse_listen(inband_listen) if inband_listen else None
+            self.inband_listener = InbandListener(
+                settings.inband, store, listen=listen_at, trust_of=self._trust_of
+            )
 
     def stop(self) -> None:
         """Stop receiving and drain (see module docstring)."""
         self._stop.set()
+        if self.inband_listener is not None:
+            self.inband_listener.stop()
+
+    def _trust_of(self, key: bytes) -> str:
+        # Pinned and continuity from the trust book; DNS evidence is wired with the registry.
+        return str(self.trust_book.assess(key, now_ms=int(time.time() * 1000)).level)
+
+    async def _start_inband(self, nursery: trio.Nursery) -> tuple[str, int] | None:
+        """Start the in-band sender (cancellable alone) and listener; the listener's address."""
+        if self.inband_sender is not None:
+            await nursery.start(self._run_sender)
+        if self.inband_listener is not None:
+            bound: tuple[str, int] = await nursery.start(self.inband_listener.run)
+            return bound
+        return None
+
+    async def _run_sender(
+        self, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self.inband_sender is not None
+        with self._sending_scope:
+            await self.inband_sender.run(task_status=task_status)
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
@@ -104,26 +160,47 @@ class NodeService:
         cs = self.settings.collector
         dgram_send, dgram_recv = trio.open_memory_channel[Datagram](cs.queue_datagrams)
         report_send, report_recv = trio.open_memory_channel[rpt.SignedReport](REPORT_QUEUE)
-        async with trio.open_nursery() as outer:
-            # The store writer and decoder live outside the collectors' scope so they can drain.
-            outer.start_soon(self._store_writer, report_recv)
-            outer.start_soon(self._decode_loop, dgram_recv, report_send)
-            with trio.CancelScope() as collecting:
-                async with trio.open_nursery() as inner:
-                    bound = []
-                    for listen in self._listen:
-                        collector = UdpCollector(
-                            listen, dgram_send.clone(), rcvbuf_bytes=cs.rcvbuf_bytes
-                        )
-                        self.collectors.append(collector)
-                        bound.append(await inner.start(collector.run))
-                    await dgram_send.aclose()
-                    task_status.started(bound)
-                    await self._stop.wait()
-                    collecting.cancel()
-            # Collectors are gone and their channel clones closed: the decoder drains, then the
-            # store writer. Past the deadline, what is left is dropped (and counted by the store).
-            outer.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
+        async with trio.open_nursery() as services:
+            # In band: the listener stops with stop() and drains itself; the sender is
+            # cancelled once the reports it could still be handed have been made.
+            self.inband_bound = await self._start_inband(services)
+            async with trio.open_nursery() as outer:
+                # Store writer and decoder live outside the collectors' scope, to drain.
+                outer.start_soon(self._store_writer, report_recv)
+                rows_send, rows_recv = trio.open_memory_channel[list[FlowRow]](CAPTURE_QUEUE)
+                outer.start_soon(self._capture_loop, rows_recv, report_send.clone())
+                outer.start_soon(self._decode_loop, dgram_recv, report_send)
+                with trio.CancelScope() as collecting:
+                    async with trio.open_nursery() as inner:
+                        bound = []
+                        for listen in self._listen:
+                            collector = UdpCollector(
+                                listen, dgram_send.clone(), rcvbuf_bytes=cs.rcvbuf_bytes
+                            )
+                            self.collectors.append(collector)
+                            bound.append(await inner.start(collector.run))
+                        await dgram_send.aclose()
+                        cap = self.settings.capture
+                        for interface in cap.interfaces:
+                            capture = KernelSampledCapture(
+                                interface,
+                                cap.one_in,
+                                rows_send.clone(),
+                                snaplen=cap.snaplen_bytes,
+                                outgoing=cap.outgoing,
+                                rcvbuf_bytes=cap.rcvbuf_bytes,
+                            )
+                            self.captures.append(capture)
+                            await inner.start(capture.run)
+                        await rows_send.aclose()
+                        task_status.started(bound)
+                        await self._stop.wait()
+                        collecting.cancel()
+                # Collectors are gone and their channel clones closed: the decoder drains, then
+                # the store writer. Past the deadline what is left is dropped (and counted).
+                outer.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
+            self._sending_scope.cancel()
+            services.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
 
     async def _decode_loop(
         self,
@@ -131,7 +208,6 @@ class NodeService:
         reports: trio.MemorySendChannel[rpt.SignedReport],
     ) -> None:
         sample = self.sampler.sample
-        make_all = self.maker.make_all
         async with datagrams, reports:
             async for dg in datagrams:
                 try:
@@ -140,14 +216,32 @@ class NodeService:
                     self._malformed += 1
                     self._log_malformed(dg.exporter, exc)
                     continue
-                sampled = sample(records)
-                if not sampled:
-                    continue
-                for report in make_all(sampled, int(time.time() * 1000)):
-                    self._signed += 1
-                    if self._on_report is not None:
-                        self._on_report(report)
-                    await reports.send(report)
+                await self._report(sample(records), reports)
+
+    async def _capture_loop(
+        self,
+        batches: trio.MemoryReceiveChannel[list[FlowRow]],
+        reports: trio.MemorySendChannel[rpt.SignedReport],
+    ) -> None:
+        """Packets the kernel sampled become records like any exporter's, and are sampled again."""
+        async with batches, reports:
+            async for rows in batches:
+                await self._report(self.sampler.sample(rows), reports)
+
+    async def _report(
+        self,
+        sampled: list[tuple[FlowRow, float]],
+        reports: trio.MemorySendChannel[rpt.SignedReport],
+    ) -> None:
+        if not sampled:
+            return
+        for report in self.maker.make_all(sampled, int(time.time() * 1000)):
+            self._signed += 1
+            if self._on_report is not None:
+                self._on_report(report)
+            if self.inband_sender is not None:
+                self.inband_sender.submit(report)  # never blocks; full: counted
+            await reports.send(report)
 
     def _log_malformed(self, exporter: str, exc: DecodeError) -> None:
         """A warning naming the exporter, rate-limited: a flood of garbage must not flood logs."""
@@ -202,4 +296,7 @@ class NodeService:
             reports_stored=self._stored,
             reports_duplicate=self._duplicate,
             store_errors=self._store_errors,
+            captures=tuple(c.statistics() for c in self.captures),
+            inband_sender=self.inband_sender.statistics() if self.inband_sender else None,
+            inband_listener=(self.inband_listener.statistics() if self.inband_listener else None),
         )

@@ -24,7 +24,8 @@ class Daemon:
     def __init__(self, home: Path, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if k != "OVERFLOWD_HOME"}
         self.proc = subprocess.Popen(
-            [str(BIN / "overflowd"), "run", "--home", str(home), *args],
+            [str(BIN / "overflowd"), "run", "--home", str(home), "--inband-listen", "127.0.0.1:0",
+             *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,

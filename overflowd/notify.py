@@ -1,0 +1,509 @@
+"""Budgets and delivery plans: how many messages this node may send, and to whom (sans-IO).
+
+A node sends datagrams to addresses it reads from flow records, and flow records name
+addresses that anyone can spoof. So every output is bounded here, whatever the input:
+
+* a **global** budget (messages per second, with a burst),
+* a **per-target-prefix** budget (/24 for IPv4, /48 for IPv6: what one network usually is),
+* **de-duplication**: the same flow (src, dst, proto, sport, dport) is sent to the same target
+  at most once per window,
+* **confinement**: targets outside the operator's allowed prefixes are never sent to, and
+  addresses no datagram should go to (multicast, broadcast, unspecified, reserved; loopback and
+  link-local unless a prefix inside them is allowed explicitly) never are.
+
+Each budget is a GCRA (the virtual-scheduling form of a token bucket, RFC 2475's "token
+bucket" as ATM's I.371 writes it) on integer microseconds. With emission interval ``T`` (the
+rate's inverse, rounded *up* to a microsecond so the real rate is never above the configured
+one) and tolerance ``(burst - 1) × T``, any window of length ``W`` admits at most
+``burst + W / T`` messages — a bound exact in integers, with no float drift to slip one more
+through. A bucket is one integer, the "theoretical arrival time" (TAT); a TAT at or before
+``now`` means a full bucket, which carries no information.
+
+Memory is bounded, and the bounds never buy an attacker more messages:
+
+* The prefix table holds at most ``max_prefixes`` buckets. Full buckets are forgotten first
+  (a forgotten full bucket comes back full: nothing changes). If every bucket is still
+  refilling, the one closest to full is evicted and its TAT raised into ``unknown_tat``: any
+  prefix not in the table is then treated as *at least that empty*. An evicted prefix can thus
+  never come back with more tokens than it had; at worst new prefixes get fewer.
+* The de-duplication table holds at most ``max_dedup_entries``; when full, the oldest entry
+  goes early (counted). That can only let a *duplicate* through earlier, and it still pays
+  both budgets. Sizing ``max_dedup_entries ≥ burst + global_per_s × dedup_window_s`` makes
+  de-duplication exact (see :meth:`BudgetSettings.warnings`).
+
+Time is injected (``now``, seconds on any monotonic clock, e.g. ``trio.current_time()``). It
+never goes backwards here: an earlier ``now`` than one already seen is taken as the latest seen.
+
+This module must never do I/O, read a clock, or keep state outside the objects it returns.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple, Protocol
+
+__all__ = [
+    "DROP_REASONS",
+    "V4_PREFIX_LEN",
+    "V6_PREFIX_LEN",
+    "Budget",
+    "BudgetSettings",
+    "BudgetStatistics",
+    "Confinement",
+    "FlowKey",
+    "flow_key",
+    "normalize",
+    "plan_inband",
+    "prefix_of",
+]
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: One budget bucket per target network of this size: an IPv4 /24 and an IPv6 /48 are what
+#: one site usually holds, so a site under attack hears from us at the per-prefix rate however
+#: many of its addresses the attacker spreads the flood (or the spoofed sources) over.
+V4_PREFIX_LEN = 24
+V6_PREFIX_LEN = 48
+
+#: Every reason a message is not sent; statistics count each one.
+DROP_REASONS = (
+    "not_allowed",  # target outside the allowed prefixes (confinement)
+    "special",  # multicast, broadcast, unspecified, reserved, loopback/link-local not allowed
+    "duplicate",  # same flow to the same target within dedup_window_s
+    "prefix_budget",  # the target's /24 or /48 is out of tokens
+    "global_budget",  # the node is out of tokens
+)
+
+_US = 1_000_000  # microseconds per second
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """Limits on messages sent; TOML ``[budget]`` (names carry their units).
+
+    Defaults: 100 messages/s of ≤ 1200 bytes is under 1 Mbit/s, a rounding error on any link
+    a flow exporter watches, yet far above what sampling at 1e-6 produces (a router at 10 Mpps
+    yields about 10 reports/s, 20 datagrams). One message per second to a /24 or /48 (burst
+    10) is enough for a victim to learn of an attack within seconds and too little to matter
+    as traffic. Ten minutes of de-duplication covers the usual active-flow export timeouts
+    (1–5 min on routers, 60 s in softflowd), so a long flow exported again and again is
+    reported once per target per window. 65,536 entries per table hold the whole working set
+    at the default rates (see :meth:`warnings`) in a few MiB.
+    """
+
+    global_per_s: float = 100.0
+    burst: int = 200
+    per_prefix_per_s: float = 1.0
+    per_prefix_burst: int = 10
+    dedup_window_s: float = 600.0
+    max_prefixes: int = 65_536
+    max_dedup_entries: int = 65_536
+
+    def __post_init__(self) -> None:
+        for name in ("global_per_s", "per_prefix_per_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of messages per second")
+            if value > _US:
+                raise ValueError(f"{name} must be at most {_US} messages per second")
+        for name in ("burst", "per_prefix_burst", "max_prefixes", "max_dedup_entries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer ≥ 1")
+        window = self.dedup_window_s
+        if not (isinstance(window, int | float) and math.isfinite(window) and window >= 0):
+            raise ValueError("dedup_window_s must be a number of seconds ≥ 0")
+
+    def warnings(self) -> list[str]:
+        """Settings that are safe (budgets always hold) but make a table weaker than exact."""
+        out = []
+        live_prefixes = (
+            self.burst + self.global_per_s * self.per_prefix_burst / self.per_prefix_per_s
+        )
+        if self.max_prefixes < live_prefixes:
+            out.append(
+                f"budget.max_prefixes={self.max_prefixes} is below the {math.ceil(live_prefixes)} "
+                "prefixes that can be refilling at once: under load new prefixes get fewer "
+                "messages than per_prefix_burst"
+            )
+        live_flows = self.burst + self.global_per_s * self.dedup_window_s
+        if self.max_dedup_entries < live_flows:
+            out.append(
+                f"budget.max_dedup_entries={self.max_dedup_entries} is below the "
+                f"{math.ceil(live_flows)} messages one window can hold: under load a flow may "
+                "be sent again before dedup_window_s"
+            )
+        return out
+
+
+class FlowKey(NamedTuple):
+    """What makes two reports "the same flow" for de-duplication."""
+
+    src: Address
+    dst: Address
+    proto: int
+    sport: int
+    dport: int
+
+
+class _HasFiveTuple(Protocol):
+    @property
+    def src(self) -> Address: ...
+    @property
+    def dst(self) -> Address: ...
+    @property
+    def proto(self) -> int: ...
+    @property
+    def sport(self) -> int: ...
+    @property
+    def dport(self) -> int: ...
+
+
+def flow_key(flow: _HasFiveTuple) -> FlowKey:
+    """The key of a :class:`overflowd.report.Flow` or :class:`overflowd.flows.FlowRecord`."""
+    return FlowKey(flow.src, flow.dst, flow.proto, flow.sport, flow.dport)
+
+
+def normalize(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) is the IPv4 address it maps.
+
+    A datagram sent to one from a dual-stack socket goes out as IPv4, so it must meet the IPv4
+    confinement and budget, not slip past them as "IPv6".
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def prefix_of(address: Address) -> tuple[int, int]:
+    """The budget bucket of ``address``: (IP version, network number of its /24 or /48)."""
+    address = normalize(address)
+    if address.version == 4:
+        return 4, int(address) >> (32 - V4_PREFIX_LEN)
+    return 6, int(address) >> (128 - V6_PREFIX_LEN)
+
+
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_LOOPBACK_OR_LINK = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("::1/128"),
+    ipaddress.ip_network("fe80::/10"),
+)
+
+
+def _within(inner: Network, outer: Network) -> bool:
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """The prefixes a node may send to. Empty (the default) means: send to no one.
+
+    Operators allow ``0.0.0.0/0`` and ``::/0`` to reach the whole Internet; tests allow only
+    their own TEST-NET prefixes or loopback. Loopback and link-local targets need a prefix
+    *inside* them (``127.0.0.0/8``, ``::1/128``...): a flow record naming 127.0.0.1 is spoofed
+    or broken, and ``0.0.0.0/0`` must not make the node send datagrams to itself.
+    """
+
+    allowed: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_strings(cls, prefixes: Iterable[str]) -> Confinement:
+        """Parse "192.0.2.0/24"-style prefixes; ValueError naming the one that is not."""
+        nets = []
+        for text in prefixes:
+            try:
+                nets.append(ipaddress.ip_network(text.strip(), strict=True))
+            except ValueError as exc:
+                raise ValueError(f"allowed prefix {text!r}: {exc}") from None
+        return cls(tuple(nets))
+
+    def refuse(self, address: Address) -> str | None:
+        """None if ``address`` may be sent to, else why not (``special``, ``not_allowed``)."""
+        address = normalize(address)
+        loopback_or_link = address.is_loopback or address.is_link_local
+        if (
+            address.is_multicast
+            or address.is_unspecified
+            or (address.is_reserved and not loopback_or_link)  # IPv6 ::/8 holds ::1
+            or address == _LIMITED_BROADCAST
+        ):
+            return "special"
+        covering = [n for n in self.allowed if n.version == address.version and address in n]
+        if not covering:
+            return "not_allowed"
+        # Loopback and link-local only when a prefix within that block allows them.
+        for special in _LOOPBACK_OR_LINK:
+            if (
+                special.version == address.version
+                and address in special
+                and not any(_within(n, special) for n in covering)
+            ):
+                return "special"
+        return None
+
+
+@dataclass(frozen=True)
+class BudgetStatistics:
+    """A snapshot: messages allowed, drops by reason, table sizes and evictions."""
+
+    allowed: int
+    dropped: Mapping[str, int]
+    prefixes: int
+    dedup_entries: int
+    prefix_evictions: int
+    dedup_evictions: int
+    settings: BudgetSettings = field(repr=False)
+
+
+class _Gcra:
+    """Emission interval and tolerance of one budget, in integer microseconds."""
+
+    __slots__ = ("interval", "tolerance")
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        # Rounded up: the real rate is never above the configured one.
+        self.interval = max(1, math.ceil(_US / per_s))
+        self.tolerance = (burst - 1) * self.interval
+
+    def conforms(self, tat: int, t: int) -> bool:
+        return max(tat, t) - t <= self.tolerance
+
+    def next_tat(self, tat: int, t: int) -> int:
+        return max(tat, t) + self.interval
+
+
+class Budget:
+    """The mutable state of the budgets (pure: no clock, no I/O).
+
+    One instance per budget: outputs that share one (in-band and webhooks, to bound the node
+    as a whole) pass their ``channel`` so that their de-duplication stays apart.
+
+    :meth:`allow` decides one message and records it; :meth:`drop` counts a message refused
+    elsewhere (confinement) so that every drop shows up in one :meth:`statistics`.
+    """
+
+    def __init__(self, settings: BudgetSettings | None = None) -> None:
+        self.settings = s = settings or BudgetSettings()
+        self._global = _Gcra(s.global_per_s, s.burst)
+        self._prefix = _Gcra(s.per_prefix_per_s, s.per_prefix_burst)
+        self._window_us = math.ceil(s.dedup_window_s * _US)
+        self._now = -(2**62)  # latest time seen (µs); time never goes backwards here
+        self._global_tat = self._now
+        # prefix → TAT; plus a min-heap of (TAT, prefix) with lazy deletion to find the fullest.
+        self._tats: dict[tuple[int, int], int] = {}
+        self._heap: list[tuple[int, tuple[int, int]]] = []
+        # A prefix not in the table has a TAT of at most this (see module docstring).
+        self._unknown_tat = self._now
+        # (channel, target, flow) → expiry (µs). Expiries are inserted in time order, so the oldest
+        # entry is always first and pruning pops from the front.
+        self._dedup: OrderedDict[tuple[str, Address, FlowKey], int] = OrderedDict()
+        self._allowed = 0
+        self._dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._prefix_evictions = 0
+        self._dedup_evictions = 0
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> int:
+        if not math.isfinite(now):
+            raise ValueError("now must be a finite number of seconds")
+        t = round(now * _US)
+        if t > self._now:
+            self._now = t
+        return self._now
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def drop(self, reason: str) -> None:
+        """Count a message refused before the budget (``not_allowed``, ``special``)."""
+        if reason not in self._dropped:
+            raise ValueError(f"unknown drop reason {reason!r}")
+        self._dropped[reason] += 1
+
+    def allow(self, target: Address, flow: FlowKey, now: float, *, channel: str = "") -> bool:
+        """Whether one message about ``flow`` may go to ``target`` at ``now``; records it if so.
+
+        ``channel`` ("inband", "webhook"...) keeps de-duplication apart when several outputs
+        share one budget: a webhook about a flow is not a duplicate of its datagram.
+        """
+        t = self._tick(now)
+        target = normalize(target)
+        self._prune_dedup(t)
+        key = (channel, target, flow)
+        if key in self._dedup:
+            self._dropped["duplicate"] += 1
+            return False
+        prefix = prefix_of(target)
+        self._prune_prefixes(t)
+        prefix_tat = self._tats.get(prefix, self._unknown_tat)
+        if not self._prefix.conforms(prefix_tat, t):
+            self._dropped["prefix_budget"] += 1
+            return False
+        if not self._global.conforms(self._global_tat, t):
+            self._dropped["global_budget"] += 1
+            return False
+        # Both conform: spend from both, then remember the flow.
+        self._global_tat = self._global.next_tat(self._global_tat, t)
+        self._set_prefix(prefix, self._prefix.next_tat(prefix_tat, t))
+        if self._window_us > 0:
+            if len(self._dedup) >= self.settings.max_dedup_entries:
+                self._dedup.popitem(last=False)
+                self._dedup_evictions += 1
+            self._dedup[key] = t + self._window_us
+        self._allowed += 1
+        return True
+
+    # -- tables -------------------------------------------------------------------------------
+
+    def _prune_dedup(self, t: int) -> None:
+        dedup = self._dedup
+        while dedup:
+            key, expiry = next(iter(dedup.items()))
+            if expiry > t:
+                break
+            del dedup[key]
+
+    def _prune_prefixes(self, t: int) -> None:
+        """Forget full buckets (TAT ≤ t): a bucket created afresh is identical."""
+        heap, tats = self._heap, self._tats
+        while heap:
+            tat, prefix = heap[0]
+            if tats.get(prefix) != tat:  # stale heap entry
+                heapq.heappop(heap)
+            elif tat <= t:
+                heapq.heappop(heap)
+                del tats[prefix]
+            else:
+                break
+
+    def _set_prefix(self, prefix: tuple[int, int], tat: int) -> None:
+        tats = self._tats
+        if prefix not in tats and len(tats) >= self.settings.max_prefixes:
+            self._evict_one()
+        tats[prefix] = tat
+        heapq.heappush(self._heap, (tat, prefix))
+        # Lazy deletion leaves one stale heap entry per update; rebuild before it doubles.
+        if len(self._heap) > 2 * len(tats) + 64:
+            self._heap = [(v, k) for k, v in tats.items()]
+            heapq.heapify(self._heap)
+
+    def _evict_one(self) -> None:
+        """Evict the fullest bucket; unknown prefixes are from now on at least as empty."""
+        heap, tats = self._heap, self._tats
+        while heap:
+            tat, prefix = heapq.heappop(heap)
+            if tats.get(prefix) == tat:
+                del tats[prefix]
+                self._unknown_tat = max(self._unknown_tat, tat)
+                self._prefix_evictions += 1
+                return
+
+    def statistics(self) -> BudgetStatistics:
+        return BudgetStatistics(
+            allowed=self._allowed,
+            dropped=MappingProxyType(dict(self._dropped)),
+            prefixes=len(self._tats),
+            dedup_entries=len(self._dedup),
+            prefix_evictions=self._prefix_evictions,
+            dedup_evictions=self._dedup_evictions,
+            settings=self.settings,
+        )
+
+
+class _HasFlow(Protocol):
+    @property
+    def flow(self) -> _HasFiveTuple: ...
+
+
+class _HasPayload(Protocol):
+    @property
+    def payload(self) -> _HasFlow: ...
+
+
+def plan_inband(
+    report: _HasPayload, policy_state: Budget, now: float, confinement: Confinement
+) -> list[Address]:
+    """The targets (of the flow's source and destination) that get this report's datagram.
+
+    Confinement first (a target outside it is never sent to, and costs no budget), then the
+    budgets. A flow from an address to itself gets one datagram. Every refusal is counted in
+    ``policy_state``.
+    """
+    flow = report.payload.flow
+    key = flow_key(flow)
+    candidates = [normalize(flow.src)]
+    if normalize(flow.dst) != candidates[0]:
+        candidates.append(normalize(flow.dst))
+    targets: list[Address] = []
+    for address in candidates:
+        reason = confinement.refuse(address)
+        if reason is not None:
+            policy_state.drop(reason)
+            continue
+        if policy_state.allow(address, key, now, channel="inband"):
+            targets.append(address)
+    return targets
+
+
+#: Seconds, for defaults written with their unit.
+SECONDS = 1.0
+#: Where in-band datagrams go, and where a node listens for them.
+DEFAULT_PORT = 65535
+
+
+@dataclass(frozen=True)
+class InbandSettings:
+    """TOML ``[inband]``. Units are in the names; see docs/notify.md for the reasons."""
+
+    #: Whether the daemon starts the listener and the sender at all.
+    enabled: bool = True
+    #: Where the listener binds; "[::]:65535" is dual-stack (IPv4 too).
+    listen: str = "[::]:65535"
+    #: Destination port of the datagrams this node sends.
+    port: int = DEFAULT_PORT
+    #: Prefixes datagrams may be sent to. Empty: none (nothing is ever sent).
+    allowed_prefixes: tuple[str, ...] = ()
+    #: Reports waiting to be sent, and verified reports waiting for the store; beyond this,
+    #: the newest is dropped and counted.
+    queue_reports: int = 1_000
+    #: Reports written per store transaction at most.
+    store_batch: int = 200
+    #: Report ids remembered for de-duplication (about 100 bytes each).
+    seen_ids: int = 65_536
+    #: Reports older than this are refused as stale: a replay after the id cache forgot it.
+    max_age_s: float = 3600 * SECONDS
+    #: Reports dated further ahead than this (observer clock skew) are refused.
+    max_future_s: float = 300 * SECONDS
+    #: On shutdown, how long queued reports may take to reach the store.
+    drain_timeout_s: float = 5 * SECONDS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("inband.port must be 0-65535")
+        for name in ("queue_reports", "store_batch", "seen_ids"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"inband.{name} must be at least 1")
+        for name in ("max_age_s", "max_future_s", "drain_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"inband.{name} must not be negative")
+
+    def confinement(self) -> Confinement:
+        return Confinement.from_strings(self.allowed_prefixes)
+
+    def listen_address(self) -> tuple[str, int]:
+        from overflowd.config import parse_listen
+
+        return parse_listen(self.listen)
