@@ -1,9 +1,13 @@
 """The flow collector: one UDP socket takes NetFlow v5/v9, IPFIX and sFlow v5.
 
-It only receives. Datagrams go into a bounded channel; when the decoder falls behind, the
-newest datagram is dropped and counted (``dropped_queue_full``) rather than buffered without
-limit. The kernel's own drops on the socket (receive buffer full) are read from
-``/proc/net/udp`` so an operator can tell our drops from the kernel's.
+It only receives. Each time the socket becomes readable it drains up to ``BATCH_DATAGRAMS``
+datagrams with plain non-blocking ``recvfrom`` calls and hands them on as one list: a trio
+``await`` per datagram costs ~25 µs, more than decoding a whole v5 datagram. Batches go into a
+channel whose bound is counted in datagrams (a :class:`Backlog` shared with the consumer), so
+memory is bounded however the datagrams are batched; when the decoder falls behind, the newest
+batch is dropped and its datagrams counted (``dropped_queue_full``). The kernel's own drops on
+the socket (receive buffer full) are read from ``/proc/net/udp`` so an operator can tell our
+drops from the kernel's.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import trio
 
 from overflowd.config import parse_listen
 
-__all__ = ["CollectorStatistics", "Datagram", "UdpCollector", "parse_listen"]
+__all__ = ["Backlog", "CollectorStatistics", "Datagram", "UdpCollector", "parse_listen"]
 
 log = logging.getLogger(__name__)
 
 #: A flow datagram never exceeds a UDP payload (65507 bytes over IPv4).
 MAX_DATAGRAM_BYTES = 65535
+#: Datagrams read per wake-up at most, so one busy socket cannot starve the other tasks.
+BATCH_DATAGRAMS = 256
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,29 @@ class Datagram:
     data: bytes
     exporter: str
     received: float  # Unix seconds
+
+
+class Backlog:
+    """Datagrams handed on and not yet consumed, bounded by ``limit``.
+
+    Collectors add what they queue; the consumer calls :meth:`done` for what it finished. One
+    trio thread touches it, so no lock is needed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("backlog limit must be at least 1")
+        self.limit = limit
+        self.queued = 0
+
+    def admit(self, n: int) -> bool:
+        if self.queued + n > self.limit:
+            return False
+        self.queued += n
+        return True
+
+    def done(self, n: int) -> None:
+        self.queued -= n
 
 
 @dataclass(frozen=True)
@@ -49,12 +78,14 @@ class UdpCollector:
     def __init__(
         self,
         listen: tuple[str, int],
-        out: trio.MemorySendChannel[Datagram],
+        out: trio.MemorySendChannel[list[Datagram]],
+        backlog: Backlog,
         *,
         rcvbuf_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.listen = listen
         self._out = out
+        self._backlog = backlog
         self._rcvbuf_requested = rcvbuf_bytes
         self._rcvbuf = 0
         self._datagrams = 0
@@ -69,14 +100,16 @@ class UdpCollector:
         host, port = self.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._family = family
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        # A plain socket: we wait for readability with trio, then drain it without awaiting.
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
         # Closing our clone of the channel when we stop lets the decoder drain and finish.
         with sock, self._out:
             _set_rcvbuf(sock, self._rcvbuf_requested)
             self._rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            await sock.bind((host, port))
+            sock.bind((host, port))
             self._inode = os.fstat(sock.fileno()).st_ino
             bound = sock.getsockname()
             log.info(
@@ -84,17 +117,35 @@ class UdpCollector:
             )
             task_status.started((bound[0], bound[1]))
             send_nowait = self._out.send_nowait
+            recvfrom = sock.recvfrom
             while True:
-                data, addr = await sock.recvfrom(MAX_DATAGRAM_BYTES)
-                self._datagrams += 1
-                self._bytes += len(data)
-                exporter = addr[0]
-                if exporter.startswith("::ffff:"):
-                    exporter = exporter[7:]
+                await trio.lowlevel.wait_readable(sock)
+                batch: list[Datagram] = []
+                now = time.time()
+                for _ in range(BATCH_DATAGRAMS):
+                    try:
+                        data, addr = recvfrom(MAX_DATAGRAM_BYTES)
+                    except BlockingIOError:
+                        break
+                    except (ConnectionRefusedError, ConnectionResetError):
+                        continue  # a queued ICMP error, not a datagram
+                    exporter = addr[0]
+                    if exporter.startswith("::ffff:"):
+                        exporter = exporter[7:]
+                    batch.append(Datagram(data, exporter, now))
+                    self._bytes += len(data)
+                self._datagrams += len(batch)
+                if not batch:
+                    continue
+                if not self._backlog.admit(len(batch)):
+                    self._dropped += len(batch)
+                    continue
                 try:
-                    send_nowait(Datagram(data, exporter, time.time()))
-                except trio.WouldBlock:
-                    self._dropped += 1
+                    send_nowait(batch)
+                except trio.WouldBlock:  # the channel holds limit items: cannot happen; be safe
+                    self._backlog.done(len(batch))
+                    self._dropped += len(batch)
+                await trio.lowlevel.checkpoint()  # let the decoder run between batches
 
     def statistics(self) -> CollectorStatistics:
         return CollectorStatistics(
@@ -106,7 +157,7 @@ class UdpCollector:
         )
 
 
-def _set_rcvbuf(sock: trio.socket.SocketType, size: int) -> None:
+def _set_rcvbuf(sock: socket.socket, size: int) -> None:
     """Ask for ``size``; as root SO_RCVBUFFORCE passes net.core.rmem_max, as nfcapd -B does."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE

@@ -25,6 +25,7 @@ from overflowd.notify import Budget
 from overflowd.pipeline import ReportMaker, policy_from_settings
 from overflowd.services.capture import CaptureStatistics, KernelSampledCapture
 from overflowd.services.collector import (
+    Backlog,
     CollectorStatistics,
     Datagram,
     UdpCollector,
@@ -158,7 +159,10 @@ class NodeService:
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cs = self.settings.collector
-        dgram_send, dgram_recv = trio.open_memory_channel[Datagram](cs.queue_datagrams)
+        # Batches of datagrams; the bound is counted in datagrams by the backlog (each batch
+        # holds at least one, so the channel itself never fills first).
+        self._backlog = Backlog(cs.queue_datagrams)
+        dgram_send, dgram_recv = trio.open_memory_channel[list[Datagram]](cs.queue_datagrams)
         report_send, report_recv = trio.open_memory_channel[rpt.SignedReport](REPORT_QUEUE)
         async with trio.open_nursery() as services:
             # In band: the listener stops with stop() and drains itself; the sender is
@@ -175,7 +179,10 @@ class NodeService:
                         bound = []
                         for listen in self._listen:
                             collector = UdpCollector(
-                                listen, dgram_send.clone(), rcvbuf_bytes=cs.rcvbuf_bytes
+                                listen,
+                                dgram_send.clone(),
+                                self._backlog,
+                                rcvbuf_bytes=cs.rcvbuf_bytes,
                             )
                             self.collectors.append(collector)
                             bound.append(await inner.start(collector.run))
@@ -204,19 +211,23 @@ class NodeService:
 
     async def _decode_loop(
         self,
-        datagrams: trio.MemoryReceiveChannel[Datagram],
+        batches: trio.MemoryReceiveChannel[list[Datagram]],
         reports: trio.MemorySendChannel[rpt.SignedReport],
     ) -> None:
         sample = self.sampler.sample
-        async with datagrams, reports:
-            async for dg in datagrams:
-                try:
-                    records = decode_datagram_rows(dg.data, dg.exporter, self.decoder, dg.received)
-                except DecodeError as exc:
-                    self._malformed += 1
-                    self._log_malformed(dg.exporter, exc)
-                    continue
-                await self._report(sample(records), reports)
+        async with batches, reports:
+            async for batch in batches:
+                self._backlog.done(len(batch))
+                for dg in batch:
+                    try:
+                        records = decode_datagram_rows(
+                            dg.data, dg.exporter, self.decoder, dg.received
+                        )
+                    except DecodeError as exc:
+                        self._malformed += 1
+                        self._log_malformed(dg.exporter, exc)
+                        continue
+                    await self._report(sample(records), reports)
 
     async def _capture_loop(
         self,
