@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from overflowd.errors import ConfigError
-from overflowd.notify import BudgetSettings, InbandSettings
+from overflowd.notify import BudgetSettings, InbandSettings, WebhookSettings
 from overflowd.registry import RegistrySettings
 
 CONFIG_FILE = "overflowd.toml"
@@ -92,6 +92,7 @@ class Settings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     inband: InbandSettings = field(default_factory=InbandSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
     #: Where this came from, for messages; not a TOML key.
     source: str = field(default="(defaults)", compare=False)
 
@@ -106,6 +107,7 @@ _SECTIONS: dict[str, type] = {
     "registry": RegistrySettings,
     "inband": InbandSettings,
     "budget": BudgetSettings,
+    "webhook": WebhookSettings,
 }
 
 DEFAULT_CONFIG_TEXT = """\
@@ -193,7 +195,7 @@ max_future_s = 300.0
 drain_timeout_s = 5.0
 
 [budget]
-# Everything this node sends, in band and by webhook: it must never be an amplifier.
+# Everything this node sends in band: it must never be an amplifier.
 global_per_s = 100.0
 burst = 200
 per_prefix_per_s = 1.0
@@ -201,6 +203,27 @@ per_prefix_burst = 10
 dedup_window_s = 600.0
 max_prefixes = 65536
 max_dedup_entries = 65536
+
+[webhook]
+# Reports whose source or destination is in `prefix` are POSTed to `url` (Standard Webhooks,
+# signed with the node key), through a durable outbox with retries.
+# targets = [{ prefix = "198.51.100.0/24", url = "https://abuse.example.net/overflowd" }]
+targets = []
+# Internal addresses (loopback, private, link-local) are refused unless listed here.
+allow_prefixes = []
+require_https = true
+connect_timeout_s = 5.0
+io_timeout_s = 10.0
+total_timeout_s = 30.0
+max_attempts = 12
+backoff_base_s = 10.0
+backoff_cap_s = 21600.0
+retry_after_cap_s = 21600.0
+lease_s = 60.0
+max_concurrency = 8
+batch_size = 64
+poll_interval_s = 1.0
+keep_delivered_s = 604800.0
 """
 
 
@@ -259,6 +282,8 @@ def _build(cls: type, table: dict[str, Any], source: str, text: str, section: st
         where = _where(source, text, section, key)
         if key not in known:
             raise ConfigError(where + f"unknown key '{section}.{key}'")
+        if section == "webhook" and key == "targets":
+            value = _webhook_targets(value, where)
         values[key] = _coerce(value, hints[key], where + f"'{section}.{key}'")
     try:
         settings = cls(**values)
@@ -266,6 +291,21 @@ def _build(cls: type, table: dict[str, Any], source: str, text: str, section: st
         raise ConfigError(_where(source, text, section, None) + str(exc)) from None
     _validate(settings, source, text, section)
     return settings
+
+
+def _webhook_targets(value: Any, where: str) -> list[list[str]]:
+    """``[{prefix = "...", url = "..."}, ...]`` into pairs for the generic coercion."""
+    if not isinstance(value, list):
+        raise ConfigError(where + "'webhook.targets' must be an array of tables")
+    pairs = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"prefix", "url"}:
+            raise ConfigError(
+                where
+                + 'each \'webhook.targets\' entry needs exactly prefix = "..." and url = "..."'
+            )
+        pairs.append([item["prefix"], item["url"]])
+    return pairs
 
 
 def _coerce(value: Any, hint: Any, what: str) -> Any:

@@ -44,9 +44,12 @@ import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
+
+from overflowd import ssrf
+from overflowd.errors import ConfigError, DeliveryError
 
 __all__ = [
     "DROP_REASONS",
@@ -507,3 +510,118 @@ class InbandSettings:
         from overflowd.config import parse_listen
 
         return parse_listen(self.listen)
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """``[webhook]`` in overflowd.toml. Every limit is written with its unit."""
+
+    #: (prefix, URL): reports whose src or dst is in the prefix go to the URL.
+    targets: tuple[tuple[str, str], ...] = ()
+    #: Prefixes that may be delivered to although internal (loopback, private...). Default none.
+    allow_prefixes: tuple[str, ...] = ()
+    #: Refuse plain-http URLs. Tests and lab set-ups turn it off.
+    require_https: bool = True
+    #: TCP + TLS connection set-up.
+    connect_timeout_s: float = 5 * SECONDS
+    #: Each read and write of a request.
+    io_timeout_s: float = 10 * SECONDS
+    #: The whole request, however slowly the receiver drips its answer.
+    total_timeout_s: float = 30 * SECONDS
+    #: Attempts per delivery before it becomes a dead letter (12 ≈ a day with the defaults).
+    max_attempts: int = 12
+    #: First retry after about this long; doubles per attempt, with jitter, up to the cap.
+    backoff_base_s: float = 10 * SECONDS
+    backoff_cap_s: float = 6 * 3600 * SECONDS
+    #: The longest Retry-After we honour; a larger one is cut to this.
+    retry_after_cap_s: float = 6 * 3600 * SECONDS
+    #: A claimed delivery not marked within this time is claimed again (crash recovery).
+    #: Must exceed total_timeout_s, or slow deliveries are sent twice.
+    lease_s: float = 60 * SECONDS
+    #: Requests in flight at once, across all endpoints.
+    max_concurrency: int = 8
+    #: Rows claimed per pass.
+    batch_size: int = 64
+    #: How often to look at the outbox when nobody calls wake().
+    poll_interval_s: float = 1 * SECONDS
+    #: Delivered rows are deleted after this long (dead letters are kept for the operator).
+    keep_delivered_s: float = 7 * 86400 * SECONDS
+
+    def __post_init__(self) -> None:
+        for name in (
+            "connect_timeout_s",
+            "io_timeout_s",
+            "total_timeout_s",
+            "backoff_base_s",
+            "backoff_cap_s",
+            "retry_after_cap_s",
+            "lease_s",
+            "poll_interval_s",
+            "keep_delivered_s",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        for name in ("max_attempts", "max_concurrency", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer of at least 1")
+        ssrf.parse_prefixes(self.allow_prefixes)
+        for prefix, url in self.targets:
+            ssrf.parse_prefixes([prefix])
+            try:
+                ssrf.parse_target(url, require_https=self.require_https)
+            except DeliveryError as exc:
+                raise ValueError(f"target {url!r}: {exc}") from None
+
+    @property
+    def allowed_networks(self) -> tuple[ssrf.Network, ...]:
+        return ssrf.parse_prefixes(self.allow_prefixes)
+
+    @classmethod
+    def from_toml(cls, table: Mapping[str, Any], source: str = "<config>") -> WebhookSettings:
+        """Build from the ``[webhook]`` TOML table; ConfigError names the bad key.
+
+        ``targets`` is an array of tables ``{prefix = "...", url = "..."}``; every other key is
+        a field of this class with the same name and type.
+        """
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key 'webhook.{key}'")
+            if key == "targets":
+                if not isinstance(value, list):
+                    raise ConfigError(f"{source}: 'webhook.targets' must be an array of tables")
+                pairs = []
+                for item in value:
+                    if (
+                        not isinstance(item, dict)
+                        or set(item) != {"prefix", "url"}
+                        or not all(isinstance(v, str) for v in item.values())
+                    ):
+                        raise ConfigError(
+                            f"{source}: each 'webhook.targets' entry needs exactly "
+                            'prefix = "..." and url = "..."'
+                        )
+                    pairs.append((item["prefix"], item["url"]))
+                values[key] = tuple(pairs)
+            elif key == "allow_prefixes":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{source}: 'webhook.allow_prefixes' must be strings")
+                values[key] = tuple(value)
+            elif key == "require_https":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{source}: 'webhook.require_https' must be true or false")
+                values[key] = value
+            elif key in ("max_attempts", "max_concurrency", "batch_size"):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ConfigError(f"{source}: 'webhook.{key}' must be an integer")
+                values[key] = value
+            else:
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise ConfigError(f"{source}: 'webhook.{key}' must be a number")
+                values[key] = float(value)
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [webhook] {exc}") from None

@@ -87,6 +87,14 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         yield _counter(
             "overflowd_inband_sent", "Report datagrams sent", s.inband_sender.datagrams_sent
         )
+    if s.webhook is not None:
+        w = s.webhook
+        outcomes = CounterMetricFamily(
+            "overflowd_webhook_deliveries", "Webhook delivery outcomes", labels=["outcome"]
+        )
+        for outcome in ("delivered", "retried", "dead", "gone", "refused", "network_errors"):
+            outcomes.add_metric([outcome], getattr(w, outcome))
+        yield outcomes
     if s.inband_listener is not None:
         li = s.inband_listener
         yield _counter("overflowd_inband_received", "Report datagrams received", li.datagrams)

@@ -8,6 +8,7 @@ queued drains within ``drain_timeout_s``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +21,9 @@ from overflowd.config import Settings, parse_listen
 from overflowd.errors import DecodeError, StoreError
 from overflowd.flows import FlowRow
 from overflowd.flowsample import Sampler, SamplerStatistics
+from overflowd.flowsample_batch import BatchSampler
 from overflowd.identity import NodeIdentity
-from overflowd.notify import Budget
+from overflowd.notify import Budget, flow_key
 from overflowd.pipeline import ReportMaker, policy_from_settings
 from overflowd.services.capture import CaptureStatistics, KernelSampledCapture
 from overflowd.services.collector import (
@@ -36,9 +38,11 @@ from overflowd.services.inband import (
     InbandSender,
     InbandSenderStatistics,
 )
+from overflowd.services.webhook import WebhookDelivery, WebhookStatistics, enqueue
 from overflowd.store import Store
 from overflowd.trust import TrustBook, parse_pinned
 from overflowd.wire import DecoderState, DecoderStatistics, decode_datagram_rows
+from overflowd.wire.v5_batch import decode_v5_batch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,26 @@ class NodeStatistics:
     captures: tuple[CaptureStatistics, ...] = ()
     inband_sender: InbandSenderStatistics | None = None
     inband_listener: InbandListenerStatistics | None = None
+    webhook: WebhookStatistics | None = None
+
+
+def merge_sampler_statistics(a: SamplerStatistics, b: SamplerStatistics) -> SamplerStatistics:
+    """One view of the scalar and the vectorized sampler (they see disjoint records)."""
+    boosts = dict(a.boosts)
+    for reason, n in b.boosts.items():
+        boosts[reason] = boosts.get(reason, 0) + n
+    return SamplerStatistics(
+        records_seen=a.records_seen + b.records_seen,
+        records_sampled=a.records_sampled + b.records_sampled,
+        expected_sampled=a.expected_sampled + b.expected_sampled,
+        variance_sampled=a.variance_sampled + b.variance_sampled,
+        packets_seen=a.packets_seen + b.packets_seen,
+        packets_sampled=a.packets_sampled + b.packets_sampled,
+        certain=a.certain + b.certain,
+        boost_capped=a.boost_capped + b.boost_capped,
+        boosts=boosts,
+        reseeds=a.reseeds + b.reseeds,
+    )
 
 
 def sampling_overrides(items: Sequence[str]) -> dict[str, int]:
@@ -99,6 +123,7 @@ class NodeService:
         self._listen = [parse_listen(x) for x in (listen or settings.collector.listen)]
         policy = policy_from_settings(settings, rate)
         self.sampler = Sampler(policy)
+        self.batch_sampler = BatchSampler(policy)
         self.maker = ReportMaker.for_node(identity, settings, policy)
         self.decoder = DecoderState(
             overrides=sampling_overrides(settings.collector.sampling_overrides)
@@ -121,7 +146,11 @@ class NodeService:
         self.inband_sender: InbandSender | None = None
         self.inband_listener: InbandListener | None = None
         self.inband_bound: tuple[str, int] | None = None
+        self.webhook: WebhookDelivery | None = None
+        if settings.webhook.targets:
+            self.webhook = WebhookDelivery(store, identity, settings.webhook)
         self._sending_scope = trio.CancelScope()
+        self._webhook_scope = trio.CancelScope()
         if settings.inband.enabled:
             self.inband_sender = InbandSender(settings.inband, self.budget)
             listen_at = parse_listen(inband_listen) if inband_listen else None
@@ -148,6 +177,13 @@ class NodeService:
             return bound
         return None
 
+    async def _run_webhooks(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self.webhook is not None
+        with self._webhook_scope:
+            await self.webhook.run(task_status=task_status)
+
     async def _run_sender(
         self, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -168,6 +204,8 @@ class NodeService:
             # In band: the listener stops with stop() and drains itself; the sender is
             # cancelled once the reports it could still be handed have been made.
             self.inband_bound = await self._start_inband(services)
+            if self.webhook is not None:
+                await services.start(self._run_webhooks)
             async with trio.open_nursery() as outer:
                 # Store writer and decoder live outside the collectors' scope, to drain.
                 outer.start_soon(self._store_writer, report_recv)
@@ -207,6 +245,8 @@ class NodeService:
                 # the store writer. Past the deadline what is left is dropped (and counted).
                 outer.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
             self._sending_scope.cancel()
+            # Webhook deliveries still pending stay in the durable outbox for the next start.
+            self._webhook_scope.cancel()
             services.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
 
     async def _decode_loop(
@@ -218,7 +258,23 @@ class NodeService:
         async with batches, reports:
             async for batch in batches:
                 self._backlog.done(len(batch))
-                for dg in batch:
+                # NetFlow v5 in one vectorized pass (decode and sample); everything else, and
+                # the v5 datagrams' FlowRows only for what was sampled, one by one.
+                v5 = decode_v5_batch(
+                    [(d.data, d.exporter, d.received) for d in batch], self.decoder
+                )
+                for index, exc in v5.errors:
+                    self._malformed += 1
+                    self._log_malformed(batch[index].exporter, exc)
+                if len(v5):
+                    indices, probabilities = self.batch_sampler.sample(v5)
+                    if len(indices):
+                        rows = v5.rows(indices)
+                        await self._report(
+                            list(zip(rows, probabilities.tolist(), strict=True)), reports
+                        )
+                for index in v5.passed:
+                    dg = batch[index]
                     try:
                         records = decode_datagram_rows(
                             dg.data, dg.exporter, self.decoder, dg.received
@@ -285,23 +341,51 @@ class NodeService:
                             break
                 await self._write(batch)
 
+    def _webhook_plan(self, report: rpt.SignedReport, now: float) -> list[str]:
+        """Webhook URLs for ``report`` that the budget lets through (counted when it does not)."""
+        flow = report.payload.flow
+        key = flow_key(flow)
+        urls: list[str] = []
+        for prefix, url in self.settings.webhook.targets:
+            net = ipaddress.ip_network(prefix, strict=False)
+            for address in (flow.src, flow.dst):
+                if address.version == net.version and address in net and url not in urls:
+                    if self.budget.allow(address, key, now, channel=f"webhook {url}"):
+                        urls.append(url)
+                    break
+        return urls
+
     async def _write(self, batch: list[rpt.SignedReport]) -> None:
         received = int(time.time() * 1000)
         rows = [(r, received, "local") for r in batch]
+        now = trio.current_time()
+        deliveries = [(r, urls) for r in batch if (urls := self._webhook_plan(r, now))]
+
+        def write() -> int:
+            # Outbox rows first: each carries its COSE bytes, so a crash between the two writes
+            # loses no delivery (the report itself is stored again from the outbox's copy).
+            for report, urls in deliveries:
+                enqueue(self.store, report, urls, now_ms=received)
+            return self.store.add_reports(rows)
+
         try:
-            new = await trio.to_thread.run_sync(self.store.add_reports, rows)
+            new = await trio.to_thread.run_sync(write)
         except StoreError as exc:
             self._store_errors += 1
             log.warning("store.write_failed reports=%d error=%s", len(batch), exc)
             return
         self._stored += new
         self._duplicate += len(batch) - new
+        if deliveries and self.webhook is not None:
+            self.webhook.wake()
 
     def statistics(self) -> NodeStatistics:
         return NodeStatistics(
             collectors=tuple(c.statistics() for c in self.collectors),
             decoder=self.decoder.statistics(),
-            sampler=self.sampler.statistics(),
+            sampler=merge_sampler_statistics(
+                self.sampler.statistics(), self.batch_sampler.statistics()
+            ),
             malformed_datagrams=self._malformed,
             reports_signed=self._signed,
             reports_stored=self._stored,
@@ -309,5 +393,6 @@ class NodeService:
             store_errors=self._store_errors,
             captures=tuple(c.statistics() for c in self.captures),
             inband_sender=self.inband_sender.statistics() if self.inband_sender else None,
+            webhook=self.webhook.statistics() if self.webhook else None,
             inband_listener=(self.inband_listener.statistics() if self.inband_listener else None),
         )

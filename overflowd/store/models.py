@@ -21,7 +21,17 @@ Choices that the queries rely on:
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Double, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Constraint and index names fixed by convention, so migrations can refer to them by name on
@@ -91,3 +101,47 @@ class ObserverModel(Base):
     last_seen_ms: Mapped[int] = mapped_column(BigInteger)
     #: how many distinct reports of this observer are stored
     reports: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebhookOutboxModel(Base):
+    """One webhook delivery of one report to one URL: pending, delivered, or dead (kept).
+
+    The row holds the report's COSE bytes, enough to rebuild the body and sign fresh headers at
+    every attempt (a signature older than the receiver's 300 s window would be refused), so the
+    outbox does not depend on the ``reports`` table. ``next_attempt_ms`` is also the lease: a
+    worker that claims a row pushes it into the future, so a crashed worker's rows come due
+    again when the lease runs out. ``(report_id, url)`` is unique: enqueueing twice is a no-op.
+    """
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        UniqueConstraint("report_id", "url"),
+        Index("ix_webhook_outbox_state_next_attempt_ms", "state", "next_attempt_ms"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    cose: Mapped[bytes] = mapped_column(LargeBinary)
+    #: 'pending', 'delivered' or 'dead'
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_ms: Mapped[int] = mapped_column(BigInteger)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(400))
+
+
+class WebhookEndpointModel(Base):
+    """What we learnt about a webhook URL: disabled (410 Gone), or asked us to slow down."""
+
+    __tablename__ = "webhook_endpoints"
+
+    url: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    #: when it answered 410 Gone; NULL while enabled
+    disabled_ms: Mapped[int | None] = mapped_column(BigInteger)
+    disabled_reason: Mapped[str | None] = mapped_column(String(400))
+    #: no request to this URL before this time (Retry-After, 429/503); 0 for none
+    not_before_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)

@@ -78,7 +78,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 _BACKENDS = ("sqlite", "postgresql")
 
 _REPORTS: Table = Base.metadata.tables["reports"]
@@ -356,6 +356,16 @@ class Store:
                 conn.execution_options(overflowd_sqlite_begin="BEGIN IMMEDIATE")
             with conn.begin():
                 yield conn
+
+    @contextlib.contextmanager
+    def transaction(self, doing: str, *, write: bool) -> Iterator[Connection]:
+        """One transaction for sibling repositories (the webhook outbox), errors mapped here.
+
+        ``doing`` names the operation in a :class:`StoreError`; ``write`` takes SQLite's write
+        lock at BEGIN, so a read-then-update inside is atomic on both backends.
+        """
+        with self._guard(doing), self._transaction(write=write) as conn:
+            yield conn
 
     def close(self) -> None:
         """Release every pooled connection. The store cannot be used afterwards."""

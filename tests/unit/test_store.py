@@ -30,6 +30,7 @@ from overflowd.store import (
     network_range,
 )
 from overflowd.store.models import BIGINT_MAX, Base
+from overflowd.store.repository import SCHEMA_HEAD
 from tests.support.postgres import free_port
 
 ALICE = NodeIdentity.generate()
@@ -405,7 +406,7 @@ def test_open_twice_is_idempotent_and_at_migration_head(db_url: str) -> None:
     try:
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
-                ("0001",)
+                (SCHEMA_HEAD,)
             ]
             # the models describe exactly what the migrations built
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

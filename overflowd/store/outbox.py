@@ -1,0 +1,399 @@
+"""The durable webhook outbox: deliveries waiting, done, and dead, in the report store.
+
+Each row is one report to one URL. The life of a row::
+
+    enqueue ──▶ pending ──claim──▶ (in flight, leased) ──2xx──▶ delivered
+                   ▲                     │
+                   └──── retry later ────┤ 429/5xx/timeout, attempts left
+                                         └──▶ dead   (4xx, 410 Gone, attempts exhausted)
+
+Claiming increments ``attempts`` and pushes ``next_attempt_ms`` one lease into the future in
+the same transaction, so two workers never send the same row at once and a worker killed after
+sending but before marking only causes a re-send when the lease runs out (the receiver
+de-duplicates by ``webhook-id``). A crash loop still ends: attempts are counted at claim time.
+
+Dead rows are kept (the dead letters) with the last status and error, for the operator.
+``webhook_endpoints`` remembers URLs that answered 410 Gone (disabled: every pending row for
+them goes dead, new ones are enqueued dead) and URLs that asked us to wait (``not_before_ms``).
+
+Sync, like :class:`~overflowd.store.Store`: services call in through ``trio.to_thread``. All
+database errors leave as :class:`~overflowd.errors.StoreError` (via ``Store.transaction``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Executable, Table, delete, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from overflowd import report as rpt
+from overflowd.store.models import Base
+from overflowd.store.repository import Store
+
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+STATES = (PENDING, DELIVERED, DEAD)
+#: Error text is cut to the column's size.
+MAX_ERROR_CHARS = 400
+MAX_URL_CHARS = 2048
+
+_OUTBOX: Table = Base.metadata.tables["webhook_outbox"]
+_ENDPOINTS: Table = Base.metadata.tables["webhook_endpoints"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One delivery as stored. ``attempts`` counts claims, including the current one."""
+
+    id: int
+    report_id: str
+    url: str
+    cose: bytes
+    state: str
+    attempts: int
+    next_attempt_ms: int
+    created_ms: int
+    updated_ms: int
+    last_status: int | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    url: str
+    disabled_ms: int | None
+    disabled_reason: str | None
+    not_before_ms: int
+
+
+def _insert(store: Store, table: Table) -> sqlite_dialect.Insert | pg_dialect.Insert:
+    # The dialect's own INSERT, for ON CONFLICT (the same SQL on both backends otherwise).
+    if store.backend == "sqlite":
+        return sqlite_dialect.insert(table)
+    return pg_dialect.insert(table)
+
+
+def _cut(text: str | None) -> str | None:
+    return None if text is None else text[:MAX_ERROR_CHARS]
+
+
+def _entry(m: object) -> OutboxEntry:
+    r = m._mapping  # type: ignore[attr-defined]
+    return OutboxEntry(
+        id=int(r["id"]),
+        report_id=str(r["report_id"]),
+        url=str(r["url"]),
+        cose=bytes(r["cose"]),
+        state=str(r["state"]),
+        attempts=int(r["attempts"]),
+        next_attempt_ms=int(r["next_attempt_ms"]),
+        created_ms=int(r["created_ms"]),
+        updated_ms=int(r["updated_ms"]),
+        last_status=None if r["last_status"] is None else int(r["last_status"]),
+        last_error=None if r["last_error"] is None else str(r["last_error"]),
+    )
+
+
+def enqueue(store: Store, report: rpt.SignedReport, urls: Iterable[str], *, now_ms: int) -> int:
+    """Add a pending delivery of ``report`` to each URL; return how many rows are new.
+
+    Idempotent: a (report, URL) pair already in the outbox, in any state, is left alone. A URL
+    disabled by 410 Gone gets its row straight away as dead, so the record says why nothing
+    was sent. Call it right after (or, for stronger guarantees, right before) storing the
+    report: the row carries the COSE bytes and does not need the ``reports`` row.
+    """
+    wanted = list(dict.fromkeys(urls))
+    for url in wanted:
+        if not url or len(url) > MAX_URL_CHARS:
+            raise ValueError(f"a webhook URL must be 1-{MAX_URL_CHARS} characters")
+    if not wanted:
+        return 0
+    with store.transaction("enqueueing webhooks", write=True) as conn:
+        disabled = {
+            str(u)
+            for u in conn.execute(
+                select(_ENDPOINTS.c.url).where(
+                    _ENDPOINTS.c.url.in_(wanted), _ENDPOINTS.c.disabled_ms.is_not(None)
+                )
+            ).scalars()
+        }
+        rows = [
+            {
+                "report_id": report.report_id,
+                "url": url,
+                "cose": report.cose,
+                "state": DEAD if url in disabled else PENDING,
+                "attempts": 0,
+                "next_attempt_ms": now_ms,
+                "created_ms": now_ms,
+                "updated_ms": now_ms,
+                "last_status": None,
+                "last_error": "endpoint disabled (410 Gone)" if url in disabled else None,
+            }
+            for url in wanted
+        ]
+        stmt = (
+            _insert(store, _OUTBOX)
+            .on_conflict_do_nothing(index_elements=[_OUTBOX.c.report_id, _OUTBOX.c.url])
+            .returning(_OUTBOX.c.id)
+        )
+        return len(list(conn.execute(stmt, rows).scalars()))
+
+
+def claim_due(store: Store, *, now_ms: int, lease_ms: int, limit: int) -> list[OutboxEntry]:
+    """Take up to ``limit`` pending rows that are due, oldest first, and lease them.
+
+    Rows of endpoints that asked us to wait (``not_before_ms`` in the future) or are disabled
+    are skipped. On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by
+    side; on SQLite the write transaction (BEGIN IMMEDIATE) serialises them.
+    """
+    if limit < 1 or lease_ms < 0:
+        raise ValueError("limit must be at least 1 and lease_ms not negative")
+    o, e = _OUTBOX, _ENDPOINTS
+    held_back = exists().where(
+        e.c.url == o.c.url, or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)
+    )
+    stmt = (
+        select(o)
+        .where(o.c.state == PENDING, o.c.next_attempt_ms <= now_ms, ~held_back)
+        .order_by(o.c.next_attempt_ms, o.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=o)
+    )
+    with store.transaction("claiming webhooks", write=True) as conn:
+        claimed = [_entry(row) for row in conn.execute(stmt)]
+        if not claimed:
+            return []
+        conn.execute(
+            update(o)
+            .where(o.c.id.in_([c.id for c in claimed]))
+            .values(
+                attempts=o.c.attempts + 1,
+                next_attempt_ms=now_ms + lease_ms,
+                updated_ms=now_ms,
+            )
+        )
+    return [
+        OutboxEntry(
+            id=c.id,
+            report_id=c.report_id,
+            url=c.url,
+            cose=c.cose,
+            state=c.state,
+            attempts=c.attempts + 1,
+            next_attempt_ms=now_ms + lease_ms,
+            created_ms=c.created_ms,
+            updated_ms=now_ms,
+            last_status=c.last_status,
+            last_error=c.last_error,
+        )
+        for c in claimed
+    ]
+
+
+def _finish(
+    store: Store,
+    entry_id: int,
+    *,
+    state: str,
+    now_ms: int,
+    next_attempt_ms: int | None = None,
+    status: int | None = None,
+    error: str | None = None,
+) -> bool:
+    values: dict[str, object] = {
+        "state": state,
+        "updated_ms": now_ms,
+        "last_status": status,
+        "last_error": _cut(error),
+    }
+    if next_attempt_ms is not None:
+        values["next_attempt_ms"] = next_attempt_ms
+    # Only a pending row changes: a row another worker finished meanwhile stays as it is.
+    stmt = update(_OUTBOX).where(_OUTBOX.c.id == entry_id, _OUTBOX.c.state == PENDING)
+    with store.transaction("updating a webhook delivery", write=True) as conn:
+        return bool(conn.execute(stmt.values(**values)).rowcount)
+
+
+def mark_delivered(store: Store, entry_id: int, *, now_ms: int, status: int) -> bool:
+    return _finish(store, entry_id, state=DELIVERED, now_ms=now_ms, status=status)
+
+
+def mark_dead(
+    store: Store, entry_id: int, *, now_ms: int, error: str, status: int | None = None
+) -> bool:
+    return _finish(store, entry_id, state=DEAD, now_ms=now_ms, status=status, error=error)
+
+
+def reschedule(
+    store: Store,
+    entry_id: int,
+    *,
+    now_ms: int,
+    next_attempt_ms: int,
+    error: str,
+    status: int | None = None,
+) -> bool:
+    return _finish(
+        store,
+        entry_id,
+        state=PENDING,
+        now_ms=now_ms,
+        next_attempt_ms=next_attempt_ms,
+        status=status,
+        error=error,
+    )
+
+
+def release(store: Store, entry_id: int, *, now_ms: int, next_attempt_ms: int) -> bool:
+    """Give a claimed row back unsent, to be tried at ``next_attempt_ms``; the claim's attempt
+    is not counted (the worker held it back because its endpoint asked us to wait)."""
+    o = _OUTBOX
+    stmt = (
+        update(o)
+        .where(o.c.id == entry_id, o.c.state == PENDING, o.c.attempts > 0)
+        .values(attempts=o.c.attempts - 1, next_attempt_ms=next_attempt_ms, updated_ms=now_ms)
+    )
+    with store.transaction("releasing a webhook delivery", write=True) as conn:
+        return bool(conn.execute(stmt).rowcount)
+
+
+def prune_delivered(store: Store, *, before_ms: int) -> int:
+    """Delete delivered rows last updated before ``before_ms``; dead letters are kept."""
+    o = _OUTBOX
+    stmt = delete(o).where(o.c.state == DELIVERED, o.c.updated_ms < before_ms)
+    with store.transaction("pruning the webhook outbox", write=True) as conn:
+        return int(conn.execute(stmt).rowcount)
+
+
+def _upsert_endpoint(store: Store, url: str, now_ms: int, **values: object) -> Executable:
+    stmt = _insert(store, _ENDPOINTS).values(
+        url=url,
+        disabled_ms=values.get("disabled_ms"),
+        disabled_reason=values.get("disabled_reason"),
+        not_before_ms=values.get("not_before_ms", 0),
+        updated_ms=now_ms,
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[_ENDPOINTS.c.url], set_={**values, "updated_ms": now_ms}
+    )
+
+
+def disable_endpoint(store: Store, url: str, *, now_ms: int, reason: str) -> int:
+    """Record that ``url`` is gone; every pending row for it goes dead. Returns that count."""
+    with store.transaction("disabling a webhook endpoint", write=True) as conn:
+        conn.execute(
+            _upsert_endpoint(store, url, now_ms, disabled_ms=now_ms, disabled_reason=_cut(reason))
+        )
+        result = conn.execute(
+            update(_OUTBOX)
+            .where(_OUTBOX.c.url == url, _OUTBOX.c.state == PENDING)
+            .values(
+                state=DEAD,
+                updated_ms=now_ms,
+                last_error=_cut(f"endpoint disabled: {reason}"),
+            )
+        )
+        return int(result.rowcount)
+
+
+def enable_endpoint(store: Store, url: str, *, now_ms: int) -> None:
+    """Undo :func:`disable_endpoint` (operator action); dead rows stay dead."""
+    with store.transaction("enabling a webhook endpoint", write=True) as conn:
+        conn.execute(
+            update(_ENDPOINTS)
+            .where(_ENDPOINTS.c.url == url)
+            .values(disabled_ms=None, disabled_reason=None, updated_ms=now_ms)
+        )
+
+
+def hold_endpoint(store: Store, url: str, *, now_ms: int, until_ms: int) -> None:
+    """No request to ``url`` before ``until_ms`` (it said 429/503, maybe with Retry-After)."""
+    with store.transaction("slowing a webhook endpoint down", write=True) as conn:
+        e = _ENDPOINTS
+        current = conn.execute(select(e.c.not_before_ms).where(e.c.url == url)).scalar()
+        if current is not None and int(current) >= until_ms:
+            return
+        conn.execute(_upsert_endpoint(store, url, now_ms, not_before_ms=until_ms))
+
+
+def endpoints(store: Store) -> list[Endpoint]:
+    e = _ENDPOINTS
+    with store.transaction("reading webhook endpoints", write=False) as conn:
+        return [
+            Endpoint(
+                url=str(r.url),
+                disabled_ms=None if r.disabled_ms is None else int(r.disabled_ms),
+                disabled_reason=r.disabled_reason,
+                not_before_ms=int(r.not_before_ms),
+            )
+            for r in conn.execute(select(e).order_by(e.c.url))
+        ]
+
+
+def entries(
+    store: Store, *, state: str | None = None, limit: int | None = None
+) -> list[OutboxEntry]:
+    """Outbox rows, oldest first; ``state`` picks pending, delivered or dead."""
+    if state is not None and state not in STATES:
+        raise ValueError(f"state must be one of {STATES}")
+    o = _OUTBOX
+    stmt = select(o).order_by(o.c.id)
+    if state is not None:
+        stmt = stmt.where(o.c.state == state)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    with store.transaction("reading the webhook outbox", write=False) as conn:
+        return [_entry(r) for r in conn.execute(stmt)]
+
+
+def counts(store: Store) -> dict[str, int]:
+    """How many rows are in each state (every state present, zero when empty)."""
+    o = _OUTBOX
+    stmt = select(o.c.state, func.count()).group_by(o.c.state)
+    with store.transaction("counting the webhook outbox", write=False) as conn:
+        found = {str(s): int(n) for s, n in conn.execute(stmt)}
+    return {s: found.get(s, 0) for s in STATES}
+
+
+def next_due_ms(store: Store) -> int | None:
+    """When the earliest pending row comes due (ignoring endpoint holds), or None."""
+    o = _OUTBOX
+    stmt = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING)
+    with store.transaction("reading the webhook outbox", write=False) as conn:
+        value = conn.execute(stmt).scalar()
+    return None if value is None else int(value)
+
+
+def pending_urls(store: Store) -> Sequence[str]:
+    o = _OUTBOX
+    stmt = select(o.c.url).where(o.c.state == PENDING).distinct()
+    with store.transaction("reading the webhook outbox", write=False) as conn:
+        return [str(u) for u in conn.execute(stmt).scalars()]
+
+
+__all__ = [
+    "DEAD",
+    "DELIVERED",
+    "PENDING",
+    "STATES",
+    "Endpoint",
+    "OutboxEntry",
+    "claim_due",
+    "counts",
+    "disable_endpoint",
+    "enable_endpoint",
+    "endpoints",
+    "enqueue",
+    "entries",
+    "hold_endpoint",
+    "mark_dead",
+    "mark_delivered",
+    "next_due_ms",
+    "pending_urls",
+    "prune_delivered",
+    "release",
+    "reschedule",
+]
