@@ -484,11 +484,16 @@ class WebhookDelivery:
                     status = response.status_code
                     retry_after = response.headers.get("retry-after")
                     detail = b""
-                    if not 200 <= status < 300:
-                        async for chunk in response.aiter_bytes():
-                            detail += chunk
-                            if len(detail) >= MAX_ERROR_BODY_BYTES:
-                                break
+                    # Read a bounded part of every answer: a response closed with its body
+                    # unread loses its keep-alive connection (one TCP handshake per delivery).
+                    # A 2xx body is normally empty; a larger one is cut and the connection
+                    # dropped, as for errors.
+                    async for chunk in response.aiter_bytes():
+                        detail += chunk
+                        if len(detail) >= MAX_ERROR_BODY_BYTES:
+                            break
+                    if 200 <= status < 300:
+                        detail = b""
                 finally:
                     await response.aclose()
         except trio.TooSlowError:

@@ -140,3 +140,10 @@ def test_fast_pre_sign_check_agrees_with_the_decoder(payload: rpt.Payload) -> No
     except ValueError:
         check_ok = False
     assert check_ok == decoder_ok
+
+
+@SETTINGS
+@given(payloads())
+def test_hand_written_encoder_is_cbor2_canonical(payload: rpt.Payload) -> None:
+    """The fast payload encoder writes exactly the bytes of RFC 8949 §4.2 deterministic CBOR."""
+    assert rpt.encode_payload(payload) == rpt._canonical(rpt.payload_to_map(payload))

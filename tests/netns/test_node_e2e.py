@@ -28,6 +28,7 @@ from overflowd.report import b64url_decode
 from tests.support import netns
 from tests.support.cli import BIN, run
 from tests.support.netns_capture import send_argv
+from tests.support.trace import trace_payloads
 
 pytestmark = pytest.mark.netns
 
@@ -50,6 +51,23 @@ class Node:
                             f"import httpx; print(httpx.get({url.group(1)!r}, timeout=5).text)"])
         return sum(float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines()
                    if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    def metric_text(self) -> str:
+        url = re.search(r"metrics (http://\S+)", self.process.output() if self.process else "")
+        assert url, "no metrics line"
+        code = f"import httpx; print(httpx.get({url.group(1)!r}, timeout=5).text)"
+        text = self.ns.run([sys.executable, "-c", code]).stdout
+        return "\n".join(line for line in text.splitlines() if "inband" in line or "budget" in line)
+
+    def settled_metric(self, name: str, quiet_s: float = 1.5) -> float:
+        """The value once it has stopped changing for ``quiet_s`` (bounded by the step timeout)."""
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        value, since = self.metric(name), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+            time.sleep(0.2)
+            if (now := self.metric(name)) != value:
+                value, since = now, time.monotonic()
+        return value
 
     def wait_metric(self, name: str, at_least: float, timeout: float = STEP_TIMEOUT_S) -> float:
         deadline = time.monotonic() + timeout
@@ -187,3 +205,69 @@ def test_live_capture_reports_reach_the_other_node_in_band(
         assert row["observer"]["contacts"] == ["mailto:abuse@a.example"]
         sports.add(row["flow"]["sport"])
     assert sports == {41000 + i for i in range(FLOWS)}
+
+
+def _rewrite_v5(payload: bytes, i: int) -> bytes:
+    """The same NetFlow v5 datagram with every flow from 203.0.113.x to node B (TEST-NET)."""
+    data = bytearray(payload)
+    count = int.from_bytes(data[2:4], "big")
+    for r in range(count):
+        at = 24 + 48 * r
+        data[at : at + 4] = bytes([203, 0, 113, 1 + (i + r) % 250])
+        data[at + 4 : at + 8] = bytes([198, 51, 100, 1])
+    return bytes(data)
+
+
+def test_exported_trace_rewritten_to_test_net_reaches_the_destination_node(
+    lab: tuple[Node, Node, netns.Link], tmp_path: Path
+) -> None:
+    """A router's NetFlow export (the shared trace, addresses rewritten to TEST-NET) reaches
+    A's collector; B, the destination of every flow, hears of them in band. The sources
+    (203.0.113.0/24) are outside A's confinement: nothing is sent there."""
+    node_a, node_b, _ = lab
+    # Only the exporter's flows this time: no live capture (which would also see the ICMP and
+    # TCP answers to A's own sending, and report those), no webhooks.
+    config = (node_a.home / "overflowd.toml").read_text()
+    config = re.sub(r"(?ms)^\[capture\].*?(?=^\[)", "", config)
+    config = re.sub(r"(?ms)^\[webhook\].*", "", config)
+    (node_a.home / "overflowd.toml").write_text(config)
+    assert "[capture]" not in config and "[webhook]" not in config and "[inband]" in config
+    payloads = [_rewrite_v5(p, i) for i, p in enumerate(trace_payloads()[:40])]
+    blob = tmp_path / "datagrams.bin"
+    blob.write_bytes(b"".join(len(p).to_bytes(2, "big") + p for p in payloads))
+    # Resolve B's link-layer address first: while ARP is pending the kernel keeps only a few
+    # packets per neighbour, and in-band delivery is plain UDP (lossy by design, exact here).
+    node_a.ns.run([sys.executable, "-c", "import socket, time; s = socket.socket(socket.AF_INET,"
+                   f" socket.SOCK_DGRAM); s.sendto(b'', ({B4!r}, 9)); time.sleep(0.5)"])
+    start(node_b)
+    start(node_a)
+    assert node_a.process is not None
+    m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", node_a.process.output())
+    assert m, node_a.process.output()
+    sender = (
+        "import socket, sys\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "i = 0\n"
+        "while i < len(data):\n"
+        "    n = int.from_bytes(data[i:i+2], 'big')\n"
+        "    s.sendto(data[i+2:i+2+n], ('127.0.0.1', int(sys.argv[2])))\n"
+        "    i += 2 + n\n"
+    )
+    node_a.ns.run([sys.executable, "-c", sender, str(blob), m.group(1)], timeout=STEP_TIMEOUT_S)
+    records = sum(int.from_bytes(p[2:4], "big") for p in payloads)
+    assert node_a.wait_metric("overflowd_decoder_records_total", records) == records
+    sent = node_a.settled_metric("overflowd_inband_sent_total")
+    stored = node_b.wait_metric("overflowd_inband_stored_total", sent)
+    # Every datagram A sent went to B (the only allowed destination among the flows' ends),
+    # as many as the budget allowed: its per-prefix burst plus its rate over the run.
+    assert 1 <= sent == stored, node_b.metric_text() + node_a.metric_text()
+    assert node_b.metric("overflowd_inband_refused_total") == 0
+    for node in (node_b, node_a):
+        assert node.process is not None
+        assert node.process.stop(grace=STEP_TIMEOUT_S) == 0, node.process.output()[-2000:]
+    listed = run("overflowd-query", "reports", "--json", "--home", str(node_b.home))
+    rows = [json.loads(line) for line in listed.out.splitlines()]
+    from_trace = [r for r in rows if r["sampling"]["format"] == "netflow-v5"]
+    assert from_trace and all(r["flow"]["dst"] == B4 for r in from_trace)
+    assert all(r["flow"]["src"].startswith("203.0.113.") for r in from_trace)
