@@ -91,8 +91,8 @@ def zone_line(text: str, name: str | None = None, ttl: int = 3600) -> str:
     return f"{owner} {ttl} IN TXT {strings}"
 
 
-def parse_record(strings: list[bytes] | bytes | str) -> KeyRecord:
-    """Parse a record (its character-strings are joined first); DecodeError if it is not ours."""
+def _txt_text(strings: list[bytes] | bytes | str, fmt: str) -> str:
+    """A TXT record's character-strings joined, bounded, and ASCII (or a DecodeError)."""
     if isinstance(strings, str):
         raw = strings.encode("utf-8", "surrogateescape")
     elif isinstance(strings, bytes):
@@ -100,11 +100,16 @@ def parse_record(strings: list[bytes] | bytes | str) -> KeyRecord:
     else:
         raw = b"".join(strings)
     if len(raw) > MAX_RECORD_BYTES:
-        raise DecodeError(f"record longer than {MAX_RECORD_BYTES} bytes", fmt="dns-txt")
+        raise DecodeError(f"record longer than {MAX_RECORD_BYTES} bytes", fmt=fmt)
     try:
-        text = raw.decode("ascii")
+        return raw.decode("ascii")
     except UnicodeDecodeError as exc:
-        raise DecodeError("record is not ASCII", fmt="dns-txt", offset=exc.start) from None
+        raise DecodeError("record is not ASCII", fmt=fmt, offset=exc.start) from None
+
+
+def parse_record(strings: list[bytes] | bytes | str) -> KeyRecord:
+    """Parse a record (its character-strings are joined first); DecodeError if it is not ours."""
+    text = _txt_text(strings, "dns-txt")
     tags: dict[str, str] = {}
     for part in text.split(";"):
         part = part.strip()
@@ -260,18 +265,7 @@ _EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,
 
 def parse_abuse_txt(strings: list[bytes] | bytes | str) -> tuple[str, ...]:
     """Contact URIs from one abuse-zone TXT record; DecodeError if it is not a contact list."""
-    if isinstance(strings, str):
-        raw = strings.encode("utf-8", "surrogateescape")
-    elif isinstance(strings, bytes):
-        raw = strings
-    else:
-        raw = b"".join(strings)
-    if len(raw) > MAX_RECORD_BYTES:
-        raise DecodeError(f"record longer than {MAX_RECORD_BYTES} bytes", fmt="abuse-txt")
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise DecodeError("record is not ASCII", fmt="abuse-txt", offset=exc.start) from None
+    text = _txt_text(strings, "abuse-txt")
     contacts: list[str] = []
     for item in re.split(r"[\s,;]+", text):
         if not item:
