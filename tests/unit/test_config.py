@@ -67,3 +67,10 @@ def test_home_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     assert resolve_home(None) == tmp_path / "env"
     monkeypatch.delenv("OVERFLOWD_HOME")
     assert resolve_home(None) == Path.home() / ".overflowd"
+
+
+def test_shipped_example_config_is_the_commented_default() -> None:
+    """deploy/overflowd.toml.example is what `overflowd init` writes, and it parses."""
+    example = Path(__file__).resolve().parents[2] / "deploy" / "overflowd.toml.example"
+    assert example.read_text(encoding="utf-8") == DEFAULT_CONFIG_TEXT
+    assert parse_settings(example.read_text(encoding="utf-8"), str(example)) == Settings()
