@@ -162,6 +162,11 @@ class ContactsChanged:
 TrustEvent = NewKey | ContactsChanged
 
 
+def event_kind(event: TrustEvent) -> str:
+    """``new_key`` or ``contacts_changed``: the name logs, metrics and the store use."""
+    return "new_key" if isinstance(event, NewKey) else "contacts_changed"
+
+
 @dataclass(frozen=True)
 class TrustStatistics:
     keys: int

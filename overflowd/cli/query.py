@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import json
 import sys
@@ -41,6 +42,7 @@ def cmd_reports(args: argparse.Namespace) -> int:
             out = rpt.to_json(signed)
             out["received"] = rpt.iso_ms(row.received_ms)
             out["via"] = row.via
+            out["trust"] = row.trust
             print(json.dumps(out, sort_keys=False))
         return 0
     _print_table(rows)
@@ -59,6 +61,7 @@ def _print_table(rows: Sequence[object]) -> None:
         "BYTES",
         "P",
         "OBSERVER",
+        "TRUST",
         "ID",
     )
     lines = [header]
@@ -77,6 +80,7 @@ def _print_table(rows: Sequence[object]) -> None:
                 str(fl.bytes),
                 f"{signed.payload.sampling.probability:.3g}",
                 rpt.key_fingerprint(signed.observer_key),
+                row.trust or "-",  # type: ignore[attr-defined]
                 signed.report_id[:12],
             )
         )
@@ -84,6 +88,51 @@ def _print_table(rows: Sequence[object]) -> None:
     for line in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     print(f"{len(rows)} report{'s' if len(rows) != 1 else ''}", file=sys.stderr)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from overflowd.store.events import list_events
+
+    ctx = context(args)
+    since_ms = parse_since(args.since) if args.since else None
+    store = ctx.open_store()
+    try:
+        events = list_events(store, since_ms=since_ms, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        for e in events:
+            out = {
+                "at": rpt.iso_ms(e.at_ms),
+                "kind": e.kind,
+                "key": base64.b64encode(e.key).decode("ascii"),
+                "fingerprint": rpt.key_fingerprint(e.key),
+                "pinned": e.pinned,
+                "old_contacts": list(e.old_contacts),
+                "new_contacts": list(e.new_contacts),
+                "sender": e.sender,
+                "detail": e.detail,
+            }
+            print(json.dumps(out))
+        return 0
+    lines = [("AT", "KIND", "KEY", "PINNED", "SENDER", "CONTACTS", "DETAIL")]
+    for e in events:
+        lines.append(
+            (
+                rpt.iso_ms(e.at_ms)[:19].replace("T", " "),
+                e.kind,
+                rpt.key_fingerprint(e.key),
+                "yes" if e.pinned else "no",
+                e.sender or "-",
+                f"{','.join(e.old_contacts) or '-'} -> {','.join(e.new_contacts) or '-'}",
+                e.detail or "",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    print(f"{len(events)} event{'s' if len(events) != 1 else ''}", file=sys.stderr)
+    return 0
 
 
 def read_report_input(source: str) -> bytes:
@@ -124,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N")
     p.add_argument("--json", action="store_true", help="one JSON object per line, with 'cose'")
     p.set_defaults(func=cmd_reports)
+    p = sub.add_parser(
+        "events", parents=[common], help="new keys for known observers, changed contacts"
+    )
+    p.add_argument("--since", metavar="WHEN", help="15m, 1h, 2d, or an ISO 8601 time")
+    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
     p = sub.add_parser("verify", parents=[common], help="verify a report (raw COSE or base64url)")
     p.add_argument("file", metavar="FILE|-")
     p.set_defaults(func=cmd_verify)

@@ -21,6 +21,7 @@ and, once the failure is cached, at once. It must never log record contents beyo
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,6 +47,9 @@ __all__ = [
     "Discovery",
     "DnsRegistry",
     "DnsStatistics",
+    "Hint",
+    "HintStatistics",
+    "RegistryHints",
     "RegistrySettings",
     "observer_trust",
     "parse_nameserver",
@@ -432,6 +436,147 @@ async def observer_trust(
     except (DiscoveryError, ValueError) as exc:
         log.debug("dns.trust_lookup_failed error=%s", exc)
     return book.assess(key, dns=found, now_ms=now_ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hints for the hot path: asked boosts and webhook URLs, read without waiting
+
+#: Addresses whose hints are held (least recently warmed forgotten first), about 200 B each.
+HINT_ENTRIES = 65_536
+#: Addresses waiting to be looked up; beyond this, warm() drops and counts.
+HINT_QUEUE = 1_024
+#: Lookups at once (each bounded by the registry's own limits).
+HINT_WORKERS = 4
+#: A hint is looked up again when warmed after this long (the registry's cache still saves
+#: the question while the record's TTL runs).
+HINT_REFRESH_S = 300.0
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What the ``_overflowd`` records for an address ask: a boost (``r=``), a webhook (``u=``)."""
+
+    boost: float | None
+    webhook_url: str | None
+    #: the DNS name that answered, "" when nothing is published or the lookup failed
+    source: str
+    at: float
+
+
+@dataclass(frozen=True)
+class HintStatistics:
+    entries: int
+    warmed: int  # lookups queued
+    queue_dropped: int  # warm() with a full queue
+    lookups: int  # lookups done
+    failures: int  # lookups that failed (no hint; asked again after HINT_REFRESH_S)
+    boosts: int  # hints found asking for a boost (r= above 1)
+
+
+class RegistryHints:
+    """Asked boosts and webhook URLs per address, from a bounded table filled in the background.
+
+    The sampler asks for a boost per record, synchronously, on the hot path: :meth:`boost` only
+    reads the table (a dict look-up), never DNS. :meth:`warm` queues an address to be looked up
+    (never blocks; full queue: dropped and counted) and :meth:`run` does the lookups. So the
+    first reports toward a new address use no asked boost and no DNS webhook: the lookup their
+    report triggers serves the ones after it. Callers warm only addresses they may notify, at
+    report rate (never per record), so a flood of spoofed sources cannot become a flood of
+    DNS questions.
+    """
+
+    def __init__(
+        self,
+        registry: DnsRegistry,
+        *,
+        max_entries: int = HINT_ENTRIES,
+        queue: int = HINT_QUEUE,
+        workers: int = HINT_WORKERS,
+        refresh_s: float = HINT_REFRESH_S,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if max_entries < 1 or queue < 1 or workers < 1 or refresh_s < 0:
+            raise ValueError("max_entries, queue and workers >= 1, refresh_s >= 0")
+        self.registry = registry
+        self._max = max_entries
+        self._workers = workers
+        self._refresh_s = refresh_s
+        self._clock = clock or trio.current_time
+        self._hints: OrderedDict[reg.Address, Hint] = OrderedDict()
+        self._pending: set[reg.Address] = set()
+        self._send, self._recv = trio.open_memory_channel[reg.Address](queue)
+        self._warmed = self._dropped = self._lookups = self._failures = self._boosts = 0
+
+    @property
+    def boosts_seen(self) -> bool:
+        """True once any address asked for a boost: until then the sampler need not ask."""
+        return self._boosts > 0
+
+    def peek(self, address: reg.Address) -> Hint | None:
+        return self._hints.get(address)
+
+    def boost(self, address: reg.Address) -> float | None:
+        """The boost asked for ``address`` (``AskedBoost`` for the sampler); None if unknown."""
+        hint = self._hints.get(address)
+        return None if hint is None else hint.boost
+
+    def webhook_url(self, address: reg.Address) -> str | None:
+        hint = self._hints.get(address)
+        return None if hint is None else hint.webhook_url
+
+    def warm(self, address: reg.Address) -> bool:
+        """Queue a lookup for ``address`` unless a fresh hint or a lookup is there already."""
+        hint = self._hints.get(address)
+        if hint is not None and self._clock() - hint.at < self._refresh_s:
+            return False
+        if address in self._pending:
+            return False
+        try:
+            self._send.send_nowait(address)
+        except trio.WouldBlock:
+            self._dropped += 1
+            return False
+        self._pending.add(address)
+        self._warmed += 1
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._workers):
+                nursery.start_soon(self._worker)
+            task_status.started()
+
+    async def _worker(self) -> None:
+        while True:
+            address = await self._recv.receive()
+            try:
+                found = await self.registry.lookup_address(address)
+            except DiscoveryError as exc:
+                self._failures += 1
+                log.debug("dns.hint_failed address=%s error=%s", address, exc)
+                found = []
+            finally:
+                self._pending.discard(address)
+            self._lookups += 1
+            boost = max((f.record.boost for f in found if f.record.boost), default=None)
+            url = next((f.record.webhook_url for f in found if f.record.webhook_url), None)
+            source = found[0].name if found else ""
+            if boost is not None and boost > 1.0:
+                self._boosts += 1
+            self._hints.pop(address, None)
+            self._hints[address] = Hint(boost, url, source, self._clock())
+            while len(self._hints) > self._max:
+                self._hints.popitem(last=False)
+
+    def statistics(self) -> HintStatistics:
+        return HintStatistics(
+            entries=len(self._hints),
+            warmed=self._warmed,
+            queue_dropped=self._dropped,
+            lookups=self._lookups,
+            failures=self._failures,
+            boosts=self._boosts,
+        )
 
 
 def _negative_ttl(response: dns.message.Message | None) -> float | None:

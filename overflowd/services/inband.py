@@ -11,6 +11,11 @@ reports, labels the observer's trust through an injected ``trust_of`` hook, and 
 report to a bounded channel that a writer drains into the store in batches. It never sends a
 single byte back: an answer to a spoofable datagram would make the node an amplifier.
 
+Trust that needs the network (a DNS lookup for the sender's address) is an injected async
+``label`` hook, awaited by a small pool of labeller tasks between that channel and the store
+writer, never by the receive loop: a slow or dead resolver fills the bounded channel, and the
+receive loop goes on counting and dropping (``queue_full``) instead of waiting.
+
 Neither class reads ``InbandSettings.enabled``: the daemon decides whether to start them.
 """
 
@@ -21,7 +26,7 @@ import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import trio
@@ -52,6 +57,7 @@ __all__ = [
     "InbandSender",
     "InbandSenderStatistics",
     "InbandSettings",
+    "TrustLabeller",
 ]
 
 
@@ -213,6 +219,18 @@ class InbandReceived:
     received_ms: int
 
 
+#: ``label(report, sender) -> trust label``: awaited off the receive path; may ask DNS.
+TrustLabeller = Callable[[rpt.SignedReport, str], Awaitable[str]]
+
+#: Reports labelled at once (each may wait for DNS). With the registry's 2 s question timeout
+#: and the walk stopping at the first failure, 16 workers keep ≥ 8 reports/s from new senders
+#: flowing through a dead resolver (failures are cached: one timeout per name, not per
+#: report), and bound the DNS questions a flood of valid reports from many senders can cause.
+LABEL_WORKERS = 16
+#: Longest one label may take; past it the report keeps the ``trust_of`` label (counted).
+LABEL_TIMEOUT_S = 10.0
+
+
 @dataclass(frozen=True)
 class InbandListenerStatistics:
     datagrams: int
@@ -223,6 +241,7 @@ class InbandListenerStatistics:
     dropped: Mapping[str, int]  # by reason, see LISTENER_DROP_REASONS
     trust: Mapping[str, int] = field(default_factory=dict)  # accepted reports by trust label
     seen_ids: int = 0  # size of the de-duplication cache
+    label_timeouts: int = 0  # labels that took longer than label_timeout_s
 
 
 def unknown_trust(key: bytes) -> str:
@@ -244,13 +263,28 @@ class InbandListener:
         *,
         listen: tuple[str, int] | None = None,
         trust_of: Callable[[bytes], str] = unknown_trust,
+        label: TrustLabeller | None = None,
+        label_workers: int = LABEL_WORKERS,
+        label_timeout_s: float = LABEL_TIMEOUT_S,
         on_report: Callable[[InbandReceived], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``trust_of`` labels at receive time (sync, cheap: pinned keys, the trust book).
+
+        ``label``, when given, replaces that label before the report is stored; it runs in
+        ``label_workers`` tasks, each label bounded by ``label_timeout_s``. ``on_report`` and
+        the ``trust`` counters see the final label.
+        """
+        if label_workers < 1 or label_timeout_s <= 0:
+            raise ValueError("label_workers >= 1 and label_timeout_s > 0")
         self.settings = settings
         self.listen = listen or settings.listen_address()
         self._store = store
         self._trust_of = trust_of
+        self._label = label
+        self._label_workers = label_workers
+        self._label_timeout_s = label_timeout_s
+        self._label_timeouts = 0
         self._on_report = on_report
         self._wall_clock = wall_clock
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -277,7 +311,19 @@ class InbandListener:
             bound = sock.getsockname()
             log.info("inband.listening addr=%s port=%s", bound[0], bound[1])
             async with trio.open_nursery() as outer:
-                outer.start_soon(self._store_writer, queue)
+                if self._label is None:
+                    outer.start_soon(self._store_writer, queue)
+                else:
+                    # receive loop → queue → labellers → labelled → store writer. The second
+                    # channel is small: when the store is slow, labellers wait, then the
+                    # first channel fills and the receive loop drops (never waits).
+                    labelled, to_store = trio.open_memory_channel[InbandReceived](
+                        self.settings.store_batch
+                    )
+                    async with queue, labelled:
+                        for _ in range(self._label_workers):
+                            outer.start_soon(self._labeller, queue.clone(), labelled.clone())
+                    outer.start_soon(self._store_writer, to_store)
                 with trio.CancelScope() as receiving:
                     async with trio.open_nursery() as inner:
                         inner.start_soon(self._receive_loop, sock, out)
@@ -334,10 +380,32 @@ class InbandListener:
             return self._drop("queue_full", sender)
         self._remember(rid)
         self._accepted += 1
+        if self._label is None:
+            self._labelled(received)
+        return received
+
+    def _labelled(self, received: InbandReceived) -> None:
         self._trust[received.trust] += 1
         if self._on_report is not None:
             self._on_report(received)
-        return received
+
+    async def _labeller(
+        self,
+        queue: trio.MemoryReceiveChannel[InbandReceived],
+        out: trio.MemorySendChannel[InbandReceived],
+    ) -> None:
+        assert self._label is not None
+        async with queue, out:
+            async for received in queue:
+                label = received.trust  # trust_of's, if the label takes too long
+                with trio.move_on_after(self._label_timeout_s) as scope:
+                    label = await self._label(received.report, received.sender)
+                if scope.cancelled_caught:
+                    self._label_timeouts += 1
+                    log.debug("inband.label_timeout sender=%s", received.sender)
+                received = replace(received, trust=label)
+                self._labelled(received)
+                await out.send(received)
 
     def _drop(self, reason: str, sender: str) -> str:
         self._dropped[reason] += 1
@@ -367,8 +435,13 @@ class InbandListener:
 
     async def _write(self, batch: list[InbandReceived]) -> None:
         rows = [(r.report, r.received_ms, "udp") for r in batch]
+        trust = {r.report.report_id: r.trust for r in batch}
+
+        def write() -> int:
+            return self._store.add_reports(rows, trust=trust)
+
         try:
-            new = await trio.to_thread.run_sync(self._store.add_reports, rows)
+            new = await trio.to_thread.run_sync(write)
         except StoreError as exc:
             self._store_errors += 1
             log.warning("inband.store_failed reports=%d error=%s", len(batch), exc)
@@ -386,7 +459,12 @@ class InbandListener:
             dropped=MappingProxyType(dict(self._dropped)),
             trust=MappingProxyType(dict(self._trust)),
             seen_ids=len(self._seen),
+            label_timeouts=self._label_timeouts,
         )
+
+
+#: Receive buffer of the in-band listener's socket.
+LISTENER_RCVBUF_BYTES = 4 * 1024 * 1024
 
 
 async def _bind(host: str, port: int) -> trio.socket.SocketType:
@@ -402,6 +480,12 @@ async def _bind(host: str, port: int) -> trio.socket.SocketType:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # Reports arrive in bursts (a budget's worth at once); the kernel's default buffer
+        # (~200 KiB of skb truesize) holds fewer than 100 of them. As root, force a larger one.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, LISTENER_RCVBUF_BYTES)  # SO_RCVBUFFORCE
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENER_RCVBUF_BYTES)
         await sock.bind((host, port))
     except BaseException:
         sock.close()

@@ -95,6 +95,17 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         for outcome in ("delivered", "retried", "dead", "gone", "refused", "network_errors"):
             outcomes.add_metric([outcome], getattr(w, outcome))
         yield outcomes
+    events = CounterMetricFamily(
+        "overflowd_registry_events",
+        "Observer events: a new key for a known observer, changed contacts",
+        labels=["kind"],
+    )
+    for kind in ("new_key", "contacts_changed"):
+        events.add_metric([kind], s.registry_events.get(kind, 0))
+    yield events
+    if s.dns is not None:
+        yield _counter("overflowd_dns_queries", "DNS questions sent", s.dns.queries)
+        yield _counter("overflowd_dns_failures", "DNS questions that failed", s.dns.failures)
     if s.inband_listener is not None:
         li = s.inband_listener
         yield _counter("overflowd_inband_received", "Report datagrams received", li.datagrams)
@@ -105,6 +116,12 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         for reason, count in sorted(li.dropped.items()):
             refused.add_metric([reason], count)
         yield refused
+        trust = CounterMetricFamily(
+            "overflowd_inband_trust", "Received reports by observer trust", labels=["trust"]
+        )
+        for label, count in sorted(li.trust.items()):
+            trust.add_metric([label], count)
+        yield trust
 
 
 @contextlib.contextmanager

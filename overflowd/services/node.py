@@ -4,23 +4,34 @@ Every queue between tasks is bounded. The collector never waits (full queue: dro
 the decoder waits for the store (backpressure), so a slow database shows up as counted
 collector drops, never as memory growth. On shutdown the collectors stop first, then what is
 queued drains within ``drain_timeout_s``.
+
+Received reports are labelled with their observer's trust before they are stored: pinned and
+continuity from the :class:`~overflowd.trust.TrustBook`, ``dns`` when the key is published at
+the reverse zone of the address the datagram came from
+(:func:`overflowd.services.dns.observer_trust`). The lookup runs in the listener's labeller
+tasks, never in its receive loop. Events the book raises (a new key for a known observer,
+changed contacts) are logged (rate-limited), counted and stored (bounded) for
+``overflowd-query events``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import trio
 
 from overflowd import report as rpt
+from overflowd import ssrf
 from overflowd.config import Settings, parse_listen
-from overflowd.errors import DecodeError, StoreError
+from overflowd.errors import DecodeError, DeliveryError, DiscoveryError, StoreError
 from overflowd.flows import FlowRow
-from overflowd.flowsample import Sampler, SamplerStatistics
+from overflowd.flowsample import Sampler, SamplerStatistics, SamplingPolicy
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.identity import NodeIdentity
 from overflowd.notify import Budget, flow_key
@@ -32,6 +43,13 @@ from overflowd.services.collector import (
     Datagram,
     UdpCollector,
 )
+from overflowd.services.dns import (
+    DnsRegistry,
+    DnsStatistics,
+    HintStatistics,
+    RegistryHints,
+    observer_trust,
+)
 from overflowd.services.inband import (
     InbandListener,
     InbandListenerStatistics,
@@ -39,8 +57,17 @@ from overflowd.services.inband import (
     InbandSenderStatistics,
 )
 from overflowd.services.webhook import WebhookDelivery, WebhookStatistics, enqueue
-from overflowd.store import Store
-from overflowd.trust import TrustBook, parse_pinned
+from overflowd.store import Store, outbox
+from overflowd.store.events import ObserverEvent, add_events
+from overflowd.trust import (
+    KeyHistory,
+    NewKey,
+    TrustBook,
+    TrustEvent,
+    TrustStatistics,
+    event_kind,
+    network_of,
+)
 from overflowd.wire import DecoderState, DecoderStatistics, decode_datagram_rows
 from overflowd.wire.v5_batch import decode_v5_batch
 
@@ -55,6 +82,31 @@ REPORT_QUEUE = 5_000
 CAPTURE_QUEUE = 1_000
 #: At most one warning about malformed datagrams per this many seconds (the rest are counted).
 MALFORMED_LOG_INTERVAL_S = 10.0
+#: Observer events: at most this many warnings in a burst, then one per 10 s (the rest are
+#: counted and named in the next line). A stranger can raise events at will (a fresh key that
+#: copies a known observer's contacts), so neither the log nor the table may grow with them.
+EVENT_LOG_BURST, EVENT_LOG_PER_S = 10, 0.1
+#: ... and at most this many stored in a burst, then one per second; the rest only counted.
+EVENT_STORE_BURST, EVENT_STORE_PER_S = 100, 1.0
+
+
+class _Bucket:
+    """A token bucket on trio's clock: ``take()`` is True while tokens are left."""
+
+    def __init__(self, burst: int, per_s: float) -> None:
+        self._burst, self._per_s = float(burst), per_s
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        if self._at is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -71,6 +123,15 @@ class NodeStatistics:
     inband_sender: InbandSenderStatistics | None = None
     inband_listener: InbandListenerStatistics | None = None
     webhook: WebhookStatistics | None = None
+    #: observer events raised, by kind ('new_key', 'contacts_changed')
+    registry_events: Mapping[str, int] = field(default_factory=dict)
+    #: events counted but not stored (over the storing budget, or the store failed)
+    registry_events_unstored: int = 0
+    trust: TrustStatistics | None = None
+    dns: DnsStatistics | None = None
+    hints: HintStatistics | None = None
+    #: webhook deliveries enqueued to URLs published in DNS (``u=``)
+    webhooks_from_dns: int = 0
 
 
 def merge_sampler_statistics(a: SamplerStatistics, b: SamplerStatistics) -> SamplerStatistics:
@@ -117,11 +178,29 @@ class NodeService:
         inband_listen: str | None = None,
         rate: float | None = None,
         on_report: Callable[[rpt.SignedReport], None] | None = None,
+        registry: DnsRegistry | None = None,
     ) -> None:
+        """``registry`` overrides the DNS registry built from ``settings.registry``."""
         self.settings = settings
         self.store = store
         self._listen = [parse_listen(x) for x in (listen or settings.collector.listen)]
         policy = policy_from_settings(settings, rate)
+        self.registry = registry
+        if self.registry is None and settings.inband.enabled:
+            self.registry = _registry_from(settings)
+        # Who may be told anything (in band, or by a webhook found in DNS): inband's confinement.
+        self.confinement = settings.inband.confinement()
+        # Asked boosts (r=) and webhooks (u=) only for flow ends we may notify: with the default
+        # (nothing allowed) DNS is never asked for them. The samplers start without an asked
+        # boost (their fast paths: a per-record lookup costs the scalar sampler ~4x) and take
+        # it on once some address has asked for one (_use_asked_boost).
+        self.hints: RegistryHints | None = None
+        self._asked_policy: SamplingPolicy | None = None
+        if self.registry is not None and settings.inband.allowed_prefixes:
+            self.hints = RegistryHints(self.registry)
+            self._asked_policy = dataclasses.replace(policy, asked_boost=self.hints.boost)
+        self._retired_batch: SamplerStatistics | None = None
+        self._webhooks_from_dns = 0
         self.sampler = Sampler(policy)
         self.batch_sampler = BatchSampler(policy)
         self.maker = ReportMaker.for_node(identity, settings, policy)
@@ -142,12 +221,18 @@ class NodeService:
         self.budget = Budget(settings.budget)
         for warning in settings.budget.warnings():
             log.warning("budget.config %s", warning)
-        self.trust_book = TrustBook([parse_pinned(p) for p in settings.registry.pinned])
+        rs = settings.registry
+        self.trust_book = TrustBook(rs.pinned_keys(), rs.continuity_policy())
+        self._events: Counter[str] = Counter()
+        self._events_unstored = 0
+        self._event_log = _Bucket(EVENT_LOG_BURST, EVENT_LOG_PER_S)
+        self._event_store = _Bucket(EVENT_STORE_BURST, EVENT_STORE_PER_S)
+        self._events_unlogged = 0
         self.inband_sender: InbandSender | None = None
         self.inband_listener: InbandListener | None = None
         self.inband_bound: tuple[str, int] | None = None
         self.webhook: WebhookDelivery | None = None
-        if settings.webhook.targets:
+        if settings.webhook.targets or self.hints is not None:
             self.webhook = WebhookDelivery(store, identity, settings.webhook)
         self._sending_scope = trio.CancelScope()
         self._webhook_scope = trio.CancelScope()
@@ -155,7 +240,11 @@ class NodeService:
             self.inband_sender = InbandSender(settings.inband, self.budget)
             listen_at = parse_listen(inband_listen) if inband_listen else None
             self.inband_listener = InbandListener(
-                settings.inband, store, listen=listen_at, trust_of=self._trust_of
+                settings.inband,
+                store,
+                listen=listen_at,
+                trust_of=self._trust_of,
+                label=self._label,
             )
 
     def stop(self) -> None:
@@ -165,8 +254,130 @@ class NodeService:
             self.inband_listener.stop()
 
     def _trust_of(self, key: bytes) -> str:
-        # Pinned and continuity from the trust book; DNS evidence is wired with the registry.
+        # At receive time, from the book alone; the label the report keeps is _label's.
         return str(self.trust_book.assess(key, now_ms=int(time.time() * 1000)).level)
+
+    def _may_ask_dns(self, sender: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Ask DNS about ``sender``'s reverse zone? Always with the operator's own resolvers
+        (``registry.nameservers``, which may serve private zones); with /etc/resolv.conf's
+        only for globally routable addresses: a reverse name of 10/8, 127/8 or TEST-NET is
+        nobody's business upstream (RFC 6303), and would only cost a question."""
+        if self.registry is None:
+            return False
+        if self.registry.settings.nameservers:
+            return True
+        try:
+            address = ipaddress.ip_address(sender) if isinstance(sender, str) else sender
+        except ValueError:
+            return False
+        return address.is_global
+
+    async def _label(self, report: rpt.SignedReport, sender: str) -> str:
+        """The trust a received report is stored with; learns from it and raises events."""
+        now_ms = int(time.time() * 1000)
+        key = report.observer_key
+        try:
+            network: str | None = network_of(sender)
+        except ValueError:
+            network = None
+        events = self.trust_book.observe(
+            key, report.payload.observer.contacts, now_ms=now_ms, network=network
+        )
+        if events:
+            await self._record_events(events, report, sender)
+        if self.registry is not None and self._may_ask_dns(sender):
+            trust = await observer_trust(
+                self.registry, self.trust_book, key, now_ms=now_ms, address=sender
+            )
+        else:
+            trust = self.trust_book.assess(key, now_ms=now_ms)
+        return str(trust.level)
+
+    async def _record_events(
+        self, events: list[TrustEvent], report: rpt.SignedReport, sender: str
+    ) -> None:
+        rows: list[ObserverEvent] = []
+        for event in events:
+            kind = event_kind(event)
+            self._events[kind] += 1
+            fingerprint = rpt.key_fingerprint(event.key)
+            if isinstance(event, NewKey):
+                old: list[str] = []
+                for previous in event.previous_keys:
+                    history = self.trust_book.history(previous)
+                    for contact in history.contacts if history else ():
+                        if contact not in old:
+                            old.append(contact)
+                previous_fps = ", ".join(rpt.key_fingerprint(k) for k in event.previous_keys[:4])
+                detail = f"{event.why}; previous key {previous_fps}"
+                old_contacts = tuple(old)
+                new_contacts = tuple(report.payload.observer.contacts)
+            else:
+                detail = None
+                old_contacts, new_contacts = event.old, event.new
+            if self._event_log.take():
+                log.warning(
+                    "registry.event kind=%s key=%s pinned=%s sender=%s detail=%s "
+                    "suppressed_since_last=%d",
+                    kind,
+                    fingerprint,
+                    event.pinned,
+                    sender,
+                    detail or f"{len(old_contacts)} contacts -> {len(new_contacts)}",
+                    self._events_unlogged,
+                )
+                self._events_unlogged = 0
+            else:
+                self._events_unlogged += 1
+            if not self._event_store.take():
+                self._events_unstored += 1
+                continue
+            rows.append(
+                ObserverEvent(
+                    kind=kind,
+                    key=event.key,
+                    old_contacts=old_contacts,
+                    new_contacts=new_contacts,
+                    pinned=event.pinned,
+                    at_ms=event.at_ms,
+                    sender=sender,
+                    detail=detail,
+                )
+            )
+        if not rows:
+            return
+        try:
+            await trio.to_thread.run_sync(add_events, self.store, rows)
+        except StoreError as exc:
+            self._events_unstored += len(rows)
+            log.warning("store.events_failed events=%d error=%s", len(rows), exc)
+
+    async def _load_trust_book(self) -> None:
+        """Seed the trust book with the observers the store knows, so that a new key for an
+        observer seen before a restart still raises its event.
+
+        The store keeps contacts, first and last sighting and report count per key, not the
+        networks nor when the contacts last changed; so continuity restarts (contacts dated from
+        the last sighting, no networks): a restart may delay ``continuity``, never grant it.
+        """
+        try:
+            rows = await trio.to_thread.run_sync(self.store.observers)
+        except StoreError as exc:
+            log.warning("registry.trust_book_not_loaded error=%s", exc)
+            return
+        # most recently seen first; load the newest max_keys, oldest first (LRU order)
+        for row in reversed(rows[: self.trust_book.policy.max_keys]):
+            self.trust_book.load(
+                KeyHistory(
+                    key=row.key,
+                    contacts=row.contacts,
+                    first_seen_ms=row.first_seen_ms,
+                    last_seen_ms=row.last_seen_ms,
+                    contacts_since_ms=row.last_seen_ms,
+                    reports=row.reports,
+                )
+            )
+        log.info("registry.trust_book_loaded keys=%d", len(rows))
 
     async def _start_inband(self, nursery: trio.Nursery) -> tuple[str, int] | None:
         """Start the in-band sender (cancellable alone) and listener; the listener's address."""
@@ -200,12 +411,16 @@ class NodeService:
         self._backlog = Backlog(cs.queue_datagrams)
         dgram_send, dgram_recv = trio.open_memory_channel[list[Datagram]](cs.queue_datagrams)
         report_send, report_recv = trio.open_memory_channel[rpt.SignedReport](REPORT_QUEUE)
+        if self.inband_listener is not None:
+            await self._load_trust_book()
         async with trio.open_nursery() as services:
             # In band: the listener stops with stop() and drains itself; the sender is
             # cancelled once the reports it could still be handed have been made.
             self.inband_bound = await self._start_inband(services)
             if self.webhook is not None:
                 await services.start(self._run_webhooks)
+            if self.hints is not None:
+                await services.start(self.hints.run)
             async with trio.open_nursery() as outer:
                 # Store writer and decoder live outside the collectors' scope, to drain.
                 outer.start_soon(self._store_writer, report_recv)
@@ -258,6 +473,8 @@ class NodeService:
         async with batches, reports:
             async for batch in batches:
                 self._backlog.done(len(batch))
+                if self._asked_policy is not None:
+                    self._use_asked_boost()  # same Sampler object: `sample` stays bound
                 # NetFlow v5 in one vectorized pass (decode and sample); everything else, and
                 # the v5 datagrams' FlowRows only for what was sampled, one by one.
                 v5 = decode_v5_batch(
@@ -285,6 +502,21 @@ class NodeService:
                         continue
                     await self._report(sample(records), reports)
 
+    def _use_asked_boost(self) -> None:
+        """Switch both samplers to the policy with the asked boost, once one is asked for.
+
+        One way: the scalar sampler's policy is replaced (it reads it per call); the batch
+        sampler precomputes from its policy, so a new one takes over and the old one's counts
+        are kept for :meth:`statistics`.
+        """
+        if self._asked_policy is None or self.hints is None or not self.hints.boosts_seen:
+            return
+        policy, self._asked_policy = self._asked_policy, None
+        self.sampler.policy = policy
+        self._retired_batch = self.batch_sampler.statistics()
+        self.batch_sampler = BatchSampler(policy)
+        log.info("sampler.asked_boost_on")
+
     async def _capture_loop(
         self,
         batches: trio.MemoryReceiveChannel[list[FlowRow]],
@@ -293,6 +525,8 @@ class NodeService:
         """Packets the kernel sampled become records like any exporter's, and are sampled again."""
         async with batches, reports:
             async for rows in batches:
+                if self._asked_policy is not None:
+                    self._use_asked_boost()
                 await self._report(self.sampler.sample(rows), reports)
 
     async def _report(
@@ -304,6 +538,8 @@ class NodeService:
             return
         for report in self.maker.make_all(sampled, int(time.time() * 1000)):
             self._signed += 1
+            if self.hints is not None:
+                self._warm(report)
             if self._on_report is not None:
                 self._on_report(report)
             if self.inband_sender is not None:
@@ -341,11 +577,43 @@ class NodeService:
                             break
                 await self._write(batch)
 
+    def _warm(self, report: rpt.SignedReport) -> None:
+        """Look up hints for the ends of a flow we reported (report rate, never per record)."""
+        assert self.hints is not None
+        flow = report.payload.flow
+        for address in (flow.src, flow.dst):
+            if self.confinement.refuse(address) is None and self._may_ask_dns(address):
+                self.hints.warm(address)
+
     def _webhook_plan(self, report: rpt.SignedReport, now: float) -> list[str]:
-        """Webhook URLs for ``report`` that the budget lets through (counted when it does not)."""
+        """Webhook URLs for ``report`` that the budget lets through (counted when it does not).
+
+        URLs the flow's ends publish in DNS (``u=``), for ends inside the confinement and
+        already in the hints table, then static targets (``webhook.targets``). A DNS URL
+        meets the same checks as a static one: its syntax here, and the SSRF policy (internal
+        addresses refused) when it is delivered.
+        """
         flow = report.payload.flow
         key = flow_key(flow)
         urls: list[str] = []
+        ws = self.settings.webhook
+        if self.hints is not None:
+            for address in (flow.src, flow.dst):
+                url = self.hints.webhook_url(address)
+                if url is None or url in urls or self.confinement.refuse(address) is not None:
+                    continue
+                try:
+                    target = ssrf.parse_target(url, require_https=ws.require_https)
+                    if target.literal is not None:  # a name is checked when it is resolved
+                        ssrf.check_address(target.literal, ws.allowed_networks)
+                except DeliveryError as exc:
+                    log.debug("webhook.dns_url_refused url=%s error=%s", url[:200], exc)
+                    continue
+                if len(url) <= outbox.MAX_URL_CHARS and self.budget.allow(
+                    address, key, now, channel=f"webhook {url}"
+                ):
+                    urls.append(url)
+                    self._webhooks_from_dns += 1
         for prefix, url in self.settings.webhook.targets:
             net = ipaddress.ip_network(prefix, strict=False)
             for address in (flow.src, flow.dst):
@@ -384,7 +652,10 @@ class NodeService:
             collectors=tuple(c.statistics() for c in self.collectors),
             decoder=self.decoder.statistics(),
             sampler=merge_sampler_statistics(
-                self.sampler.statistics(), self.batch_sampler.statistics()
+                self.sampler.statistics(),
+                merge_sampler_statistics(self._retired_batch, self.batch_sampler.statistics())
+                if self._retired_batch is not None
+                else self.batch_sampler.statistics(),
             ),
             malformed_datagrams=self._malformed,
             reports_signed=self._signed,
@@ -395,4 +666,19 @@ class NodeService:
             inband_sender=self.inband_sender.statistics() if self.inband_sender else None,
             webhook=self.webhook.statistics() if self.webhook else None,
             inband_listener=(self.inband_listener.statistics() if self.inband_listener else None),
+            registry_events=dict(self._events),
+            registry_events_unstored=self._events_unstored,
+            trust=self.trust_book.statistics(),
+            dns=self.registry.statistics() if self.registry else None,
+            hints=self.hints.statistics() if self.hints else None,
+            webhooks_from_dns=self._webhooks_from_dns,
         )
+
+
+def _registry_from(settings: Settings) -> DnsRegistry | None:
+    """A DNS registry from ``[registry]``; None (no DNS evidence) when there is no resolver."""
+    try:
+        return DnsRegistry(settings.registry)
+    except DiscoveryError as exc:
+        log.warning("registry.no_dns error=%s (received reports get no dns trust)", exc)
+        return None

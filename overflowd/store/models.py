@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Double,
     Index,
     Integer,
@@ -85,6 +86,9 @@ class ReportModel(Base):
     received_ms: Mapped[int] = mapped_column(BigInteger, index=True)
     #: how it reached us: 'local', 'udp', 'webhook', 'import' or 'gossip'
     via: Mapped[str] = mapped_column(String(16))
+    #: the observer's trust when it arrived ('pinned', 'dns', 'continuity', 'unknown');
+    #: NULL for our own reports and for reports stored before revision 0003
+    trust: Mapped[str | None] = mapped_column(String(16))
 
 
 class ObserverModel(Base):
@@ -145,3 +149,27 @@ class WebhookEndpointModel(Base):
     #: no request to this URL before this time (Retry-After, 429/503); 0 for none
     not_before_ms: Mapped[int] = mapped_column(BigInteger)
     updated_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class ObserverEventModel(Base):
+    """Something about an observer the operator should look at (:mod:`overflowd.trust` events).
+
+    ``kind`` is ``new_key`` (a key never seen before, for an observer known by its contacts or
+    label) or ``contacts_changed`` (a known key now sends other contacts). Contacts are JSON
+    arrays; for ``new_key``, ``old_contacts`` are those of the keys it is related to.
+    """
+
+    __tablename__ = "observer_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    old_contacts: Mapped[str] = mapped_column(Text)
+    new_contacts: Mapped[str] = mapped_column(Text)
+    #: one of the keys involved is pinned: look now
+    pinned: Mapped[bool] = mapped_column(Boolean)
+    at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    #: the address the report came from, when known
+    sender: Mapped[str | None] = mapped_column(String(64))
+    #: for people: why the key is related, and the previous keys' fingerprints
+    detail: Mapped[str | None] = mapped_column(String(400))

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 _BACKENDS = ("sqlite", "postgresql")
 
 _REPORTS: Table = Base.metadata.tables["reports"]
@@ -163,6 +163,8 @@ class StoredReport:
     sampling_format: str
     sampling_interval: int
     sampling_provenance: str
+    #: the observer's trust label when the report arrived; None for local and older reports
+    trust: str | None = None
 
     def signed_report(self) -> rpt.SignedReport:
         """The stored bytes decoded again, as the :class:`SignedReport` that was stored.
@@ -392,11 +394,18 @@ class Store:
         """Store a verified report; True if it is new, False if this id was already stored."""
         return self.add_reports([(report, received_ms, via)]) == 1
 
-    def add_reports(self, reports: Sequence[tuple[rpt.SignedReport, int, str]]) -> int:
+    def add_reports(
+        self,
+        reports: Sequence[tuple[rpt.SignedReport, int, str]],
+        *,
+        trust: Mapping[str, str] | None = None,
+    ) -> int:
         """Store ``(report, received_ms, via)`` in one transaction; return how many were new.
 
         A report already stored, or repeated within ``reports``, is counted once (the first
-        entry wins). Each observer's row is updated once for its new reports.
+        entry wins). Each observer's row is updated once for its new reports. ``trust`` maps
+        report ids to the observer's trust label when they arrived (stored with new reports
+        only: a report stored before keeps the label it came with).
         """
         rows: dict[str, dict[str, Any]] = {}
         observed: dict[str, tuple[rpt.Observer, int]] = {}
@@ -406,7 +415,9 @@ class Store:
             if received_ms < 0:
                 raise ValueError("received_ms must not be negative")
             if report.report_id not in rows:
-                rows[report.report_id] = _report_row(report, received_ms, via)
+                label = trust.get(report.report_id) if trust else None
+                label = None if label is None else label[:16]  # the column holds 16
+                rows[report.report_id] = _report_row(report, received_ms, via, label)
                 observed[report.report_id] = (report.payload.observer, received_ms)
         if not rows:
             return 0
@@ -562,7 +573,9 @@ def _configure_sqlite(engine: Engine) -> None:
 # Rows
 
 
-def _report_row(report: rpt.SignedReport, received_ms: int, via: str) -> dict[str, Any]:
+def _report_row(
+    report: rpt.SignedReport, received_ms: int, via: str, trust: str | None = None
+) -> dict[str, Any]:
     p = report.payload
     fl = p.flow
     return {
@@ -591,6 +604,7 @@ def _report_row(report: rpt.SignedReport, received_ms: int, via: str) -> dict[st
         "sampling_provenance": p.sampling.provenance,
         "received_ms": _saturate(received_ms),
         "via": via,
+        "trust": trust,
     }
 
 
@@ -653,6 +667,7 @@ def _stored_report(m: RowMapping) -> StoredReport:
         sampling_format=str(m["sampling_format"]),
         sampling_interval=int(m["sampling_interval"]),
         sampling_provenance=str(m["sampling_provenance"]),
+        trust=None if m["trust"] is None else str(m["trust"]),
     )
 
 
