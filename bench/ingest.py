@@ -1086,7 +1086,7 @@ def worker_overflowd(rcvbuf: int) -> int:
         # NodeService._decode_loop, minus signing what is sampled (about nothing at 1e-6).
         sample = sampler.sample
         async for batch in batches:
-            backlog.done(len(batch))
+            backlog.done(len(batch), sum(len(d.data) for d in batch))
             v5 = decode_v5_batch([(d.data, d.exporter, d.received) for d in batch], state)
             counts["records"] += len(v5)
             counts["malformed"] += len(v5.errors)

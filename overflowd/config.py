@@ -375,6 +375,11 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
     if isinstance(settings, NodeSettings):
         if len(settings.observation_point.encode()) > 64:
             fail("observation_point", "must be at most 64 bytes")
+        # What every report carries must fit the report (docs/protocol.md §2).
+        if len(settings.contacts) > 4:
+            fail("contacts", "has more than 4 entries (a report carries at most 4)")
+        if sum(len(c.encode()) for c in settings.contacts) > 512:
+            fail("contacts", "are longer than 512 bytes together (a report's limit)")
         for contact in settings.contacts:
             if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:\S+$", contact):
                 fail("contacts", f"has '{contact}', which is not a URI (mailto:, https:, tel:)")

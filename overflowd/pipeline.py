@@ -33,7 +33,12 @@ def report_payload(
     now_ms: int,
     kind: str = "flow-seen",
 ) -> rpt.Payload:
-    """The payload reporting ``record``, chosen with ``probability``. Pure."""
+    """The payload reporting ``record``, chosen with ``probability``. Pure.
+
+    Exporters send values the report cannot carry (times before 1970 from a bad clock or
+    uptime, 32-bit TCP flag fields, AS numbers wider than 32 bits): they are clamped or dropped
+    here, so a report about a real flow is never refused for its exporter's quirks.
+    """
     return rpt.Payload(
         kind=kind,
         nonce=nonce,
@@ -45,22 +50,30 @@ def report_payload(
             sport=record.sport,
             dport=record.dport,
             proto=record.proto,
-            packets=record.packets,
-            bytes=record.bytes,
-            first=record.first,
-            last=record.last,
-            tcp_flags=record.tcp_flags,
-            tos=record.tos,
-            src_as=record.src_as,
-            dst_as=record.dst_as,
+            packets=_clamp(record.packets, rpt.U64),
+            bytes=_clamp(record.bytes, rpt.U64),
+            first=_clamp(record.first, rpt.U64),
+            last=_clamp(record.last, rpt.U64),
+            tcp_flags=record.tcp_flags & 0xFFFF,
+            tos=record.tos & 0xFF,
+            src_as=_as_number(record.src_as),
+            dst_as=_as_number(record.dst_as),
         ),
         sampling=rpt.Sampling(
             probability=probability,
-            format=record.format,
-            interval=max(1, record.sampling_interval),
+            format=record.format[: rpt.MAX_FORMAT_BYTES],
+            interval=_clamp(record.sampling_interval, rpt.U32, minimum=1),
             provenance=record.sampling_provenance,
         ),
     )
+
+
+def _clamp(value: int, maximum: int, minimum: int = 0) -> int:
+    return minimum if value < minimum else maximum if value > maximum else value
+
+
+def _as_number(value: int | None) -> int | None:
+    return value if value is not None and 0 <= value <= rpt.U32 else None
 
 
 def policy_from_settings(settings: Settings, rate: float | None = None) -> SamplingPolicy:
@@ -80,6 +93,8 @@ class ReportMaker:
     nonce: Callable[[int], bytes] = os.urandom
 
     def __post_init__(self) -> None:
+        #: Sampled records that no report can carry (counted, skipped).
+        self.unreportable = 0
         self._sign = self.identity.signer()
         self._public_key = self.identity.public_key
         self._protected = rpt.protected_header(self._public_key)
@@ -112,4 +127,12 @@ class ReportMaker:
     def make_all(
         self, sampled: Iterable[tuple[RecordLike, float]], now_ms: int
     ) -> list[rpt.SignedReport]:
-        return [self.make(record, p, now_ms) for record, p in sampled]
+        """Reports for every sampled record that can be reported; the rest are counted in
+        ``unreportable`` (e.g. a record whose addresses are of two families), never raised."""
+        out = []
+        for record, p in sampled:
+            try:
+                out.append(self.make(record, p, now_ms))
+            except ValueError:
+                self.unreportable += 1
+        return out

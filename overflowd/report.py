@@ -46,7 +46,7 @@ NONCE_BYTES = 16
 U64 = 2**64 - 1
 U32 = 2**32 - 1
 
-KIND_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+KIND_RE = re.compile(r"[a-z][a-z0-9-]*")  # used with fullmatch: "$" would allow a newline
 PROVENANCES = ("announced", "overridden", "assumed")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -377,14 +377,14 @@ def decode_unverified(data: bytes) -> UnverifiedReport:
         raise ReportDecodeError("payload must be an attached byte string")
     if not isinstance(signature, bytes) or len(signature) != 64:
         raise ReportDecodeError("signature must be 64 bytes")
-    if _canonical(outer) != data:
+    if _recanonical(outer, "COSE_Sign1") != data:
         raise ReportDecodeError("COSE_Sign1 is not in canonical encoding")
     kid = _parse_protected(protected)
     payload_map = _loads(payload_bytes, "payload")
     if not isinstance(payload_map, dict):
         raise ReportDecodeError("payload must be a map")
     payload = _payload_from_map(payload_map)
-    if _canonical(payload_map) != payload_bytes:
+    if _recanonical(payload_map, "payload") != payload_bytes:
         raise ReportDecodeError("payload is not deterministic CBOR")
     return UnverifiedReport(
         cose=data,
@@ -403,6 +403,18 @@ def verify(data: bytes, check: Checker) -> SignedReport:
     return SignedReport(
         cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
     )
+
+
+def _recanonical(obj: Any, what: str) -> bytes:
+    """Re-encode what cbor2 decoded, to compare; anything it cannot encode is our decode error.
+
+    Decoded values can hold things the encoder refuses (self-referencing tags 28/29, odd
+    tags inside unknown keys): that must never escape as anything but ReportDecodeError.
+    """
+    try:
+        return _canonical(obj)
+    except Exception as exc:  # cbor2 raises CBOREncodeError, ValueError, RecursionError...
+        raise ReportDecodeError(f"{what} cannot be re-encoded: {type(exc).__name__}") from None
 
 
 def _loads(data: bytes, what: str) -> Any:
@@ -468,7 +480,7 @@ def _payload_from_map(m: Mapping[Any, Any]) -> Payload:
     if version != PAYLOAD_VERSION:
         raise ReportDecodeError(f"payload version {version} is not supported")
     kind = _text(m, "kind", "payload", MAX_KIND_BYTES)
-    if not KIND_RE.match(kind):
+    if not KIND_RE.fullmatch(kind):
         raise ReportDecodeError("payload.kind must be lowercase letters, digits and '-'")
     nonce: bytes = _get(m, "nonce", bytes, "payload")
     if len(nonce) != NONCE_BYTES:
@@ -549,7 +561,7 @@ def _check_payload(payload: Payload) -> None:
 
     if payload.version != PAYLOAD_VERSION:
         raise bad(f"version must be {PAYLOAD_VERSION}")
-    if len(payload.kind.encode()) > MAX_KIND_BYTES or not KIND_RE.match(payload.kind):
+    if len(payload.kind.encode()) > MAX_KIND_BYTES or not KIND_RE.fullmatch(payload.kind):
         raise bad("kind must be lowercase letters, digits and '-', at most 32 bytes")
     if type(payload.nonce) is not bytes or len(payload.nonce) != NONCE_BYTES:
         raise bad(f"nonce must be {NONCE_BYTES} bytes")

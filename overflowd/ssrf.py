@@ -51,8 +51,16 @@ def parse_prefixes(texts: Iterable[str]) -> tuple[Network, ...]:
     return tuple(out)
 
 
+#: Longest webhook URL accepted (the outbox column holds 2048 characters).
+MAX_URL_CHARS = 2048
+
+
 def parse_target(url: str, *, require_https: bool = True) -> Target:
     """Check a URL's form: http(s), a host, no credentials; DeliveryError otherwise."""
+    if len(url) > MAX_URL_CHARS:
+        raise DeliveryError(f"webhook URL is longer than {MAX_URL_CHARS} characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise DeliveryError("webhook URL holds white space or control characters")
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -70,6 +78,11 @@ def parse_target(url: str, *, require_https: bool = True) -> Target:
         literal: Address | None = ipaddress.ip_address(host)
     except ValueError:
         literal = None
+    if literal is None:
+        try:
+            host.encode("idna")
+        except UnicodeError as exc:
+            raise DeliveryError(f"webhook URL host is not a valid name: {exc}") from None
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     return Target(scheme=parts.scheme, host=host, port=port, literal=literal)
@@ -81,6 +94,11 @@ def is_internal(address: Address) -> bool:
         mapped = address.ipv4_mapped
         if mapped is not None:  # ::ffff:127.0.0.1 is 127.0.0.1 to the kernel
             return is_internal(mapped)
+        # 6to4 (2002::/16) and Teredo embed an IPv4 address a relay would deliver to.
+        if address.sixtofour is not None and is_internal(address.sixtofour):
+            return True
+        if address.teredo is not None and is_internal(address.teredo[1]):
+            return True
     return (
         not address.is_global
         or address.is_loopback

@@ -137,6 +137,75 @@ class KeyHistory:
 
 
 @dataclass(frozen=True)
+class NetworkSighting:
+    """Reports of ``key`` that reached us from ``network``: when first and last, how many."""
+
+    key: bytes
+    network: str
+    first_seen_ms: int
+    last_seen_ms: int
+    reports: int
+
+
+class ContinuityJournal:
+    """What a :class:`TrustBook` learned since it was last saved (sans-IO, bounded).
+
+    The caller notes each observation (:meth:`note`) and, every few seconds, takes what has
+    gathered (:meth:`take`) to write it in one batch: the (key, network) sightings, and the keys
+    whose contacts and ``contacts_since_ms`` to write. At most ``max_entries`` sightings and as
+    many keys wait; past that, new ones are dropped and counted (``dropped``): a key dropped
+    is noted again with its next report, and a network missed only delays continuity.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._sightings: dict[tuple[bytes, str], NetworkSighting] = {}
+        self._keys: dict[bytes, None] = {}  # an ordered set
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._sightings) + len(self._keys)
+
+    def note(self, key: bytes, network: str | None, now_ms: int) -> None:
+        """A report signed by ``key`` reached us from ``network`` (None: unknown)."""
+        if key not in self._keys:
+            if len(self._keys) < self.max_entries:
+                self._keys[key] = None
+            else:
+                self.dropped += 1
+        if network is None:
+            return
+        old = self._sightings.get((key, network))
+        if old is None:
+            if len(self._sightings) >= self.max_entries:
+                self.dropped += 1
+                return
+            self._sightings[(key, network)] = NetworkSighting(key, network, now_ms, now_ms, 1)
+        else:
+            self._sightings[(key, network)] = NetworkSighting(
+                key,
+                network,
+                min(old.first_seen_ms, now_ms),
+                max(old.last_seen_ms, now_ms),
+                old.reports + 1,
+            )
+
+    def again(self, keys: Iterable[bytes]) -> None:
+        """Keys whose contacts could not be written yet: keep them for the next batch."""
+        for key in keys:
+            if key not in self._keys and len(self._keys) < self.max_entries:
+                self._keys[key] = None
+
+    def take(self) -> tuple[list[NetworkSighting], list[bytes]]:
+        """The sightings and keys gathered since the last ``take``; the journal is emptied."""
+        sightings, keys = list(self._sightings.values()), list(self._keys)
+        self._sightings, self._keys = {}, {}
+        return sightings, keys
+
+
+@dataclass(frozen=True)
 class NewKey:
     """A key not seen before, for an observer we know by its contacts or label."""
 

@@ -40,27 +40,36 @@ class Datagram:
     received: float  # Unix seconds
 
 
+#: Bytes of datagrams waiting for the decoder at most: 10,000 large (fragmented, spoofed)
+#: datagrams would otherwise hold ~650 MB.
+BACKLOG_MAX_BYTES = 64 * 1024 * 1024
+
+
 class Backlog:
-    """Datagrams handed on and not yet consumed, bounded by ``limit``.
+    """Datagrams handed on and not yet consumed, bounded in count and in bytes.
 
     Collectors add what they queue; the consumer calls :meth:`done` for what it finished. One
     trio thread touches it, so no lock is needed.
     """
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("backlog limit must be at least 1")
+    def __init__(self, limit: int, max_bytes: int = BACKLOG_MAX_BYTES) -> None:
+        if limit < 1 or max_bytes < MAX_DATAGRAM_BYTES:
+            raise ValueError("backlog limits must hold at least one datagram")
         self.limit = limit
+        self.max_bytes = max_bytes
         self.queued = 0
+        self.queued_bytes = 0
 
-    def admit(self, n: int) -> bool:
-        if self.queued + n > self.limit:
+    def admit(self, n: int, nbytes: int) -> bool:
+        if self.queued + n > self.limit or self.queued_bytes + nbytes > self.max_bytes:
             return False
         self.queued += n
+        self.queued_bytes += nbytes
         return True
 
-    def done(self, n: int) -> None:
+    def done(self, n: int, nbytes: int) -> None:
         self.queued -= n
+        self.queued_bytes -= nbytes
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ class UdpCollector:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 batch: list[Datagram] = []
+                batch_bytes = 0
                 now = time.time()
                 for _ in range(BATCH_DATAGRAMS):
                     try:
@@ -133,17 +143,18 @@ class UdpCollector:
                     if exporter.startswith("::ffff:"):
                         exporter = exporter[7:]
                     batch.append(Datagram(data, exporter, now))
-                    self._bytes += len(data)
+                    batch_bytes += len(data)
                 self._datagrams += len(batch)
+                self._bytes += batch_bytes
                 if not batch:
                     continue
-                if not self._backlog.admit(len(batch)):
+                if not self._backlog.admit(len(batch), batch_bytes):
                     self._dropped += len(batch)
                     continue
                 try:
                     send_nowait(batch)
                 except trio.WouldBlock:  # the channel holds limit items: cannot happen; be safe
-                    self._backlog.done(len(batch))
+                    self._backlog.done(len(batch), batch_bytes)
                     self._dropped += len(batch)
                 await trio.lowlevel.checkpoint()  # let the decoder run between batches
 

@@ -17,6 +17,8 @@ changed contacts) are logged (rate-limited), counted and stored (bounded) for
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import ipaddress
 import logging
 import time
@@ -58,9 +60,10 @@ from overflowd.services.inband import (
 )
 from overflowd.services.webhook import WebhookDelivery, WebhookStatistics, enqueue
 from overflowd.store import Store, outbox
+from overflowd.store.continuity import batch_from, read_histories, save_continuity
 from overflowd.store.events import ObserverEvent, add_events
 from overflowd.trust import (
-    KeyHistory,
+    ContinuityJournal,
     NewKey,
     TrustBook,
     TrustEvent,
@@ -88,6 +91,11 @@ MALFORMED_LOG_INTERVAL_S = 10.0
 EVENT_LOG_BURST, EVENT_LOG_PER_S = 10, 0.1
 #: ... and at most this many stored in a burst, then one per second; the rest only counted.
 EVENT_STORE_BURST, EVENT_STORE_PER_S = 100, 1.0
+#: The trust book's continuity (networks per key, since when contacts are unchanged) is saved
+#: in one batch this often, and at stop; at most CONTINUITY_PENDING sightings wait between
+#: saves (the rest are dropped and counted: they only delay continuity). A separate write from
+#: the listener's report batches: the book is fed by the labellers, after the receive loop.
+CONTINUITY_SAVE_S, CONTINUITY_PENDING = 5.0, 10_000
 
 
 class _Bucket:
@@ -132,6 +140,13 @@ class NodeStatistics:
     hints: HintStatistics | None = None
     #: webhook deliveries enqueued to URLs published in DNS (``u=``)
     webhooks_from_dns: int = 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _webhook_channel(url: str) -> str:
+    """The budget's de-duplication channel of a webhook URL: a short digest, not the URL, so
+    up to max_dedup_entries entries stay small whatever the URLs' length (review finding)."""
+    return "webhook " + hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
 
 
 def merge_sampler_statistics(a: SamplerStatistics, b: SamplerStatistics) -> SamplerStatistics:
@@ -223,6 +238,9 @@ class NodeService:
             log.warning("budget.config %s", warning)
         rs = settings.registry
         self.trust_book = TrustBook(rs.pinned_keys(), rs.continuity_policy())
+        self._journal = ContinuityJournal(CONTINUITY_PENDING)
+        self._continuity_retried: set[bytes] = set()
+        self._continuity_scope = trio.CancelScope()
         self._events: Counter[str] = Counter()
         self._events_unstored = 0
         self._event_log = _Bucket(EVENT_LOG_BURST, EVENT_LOG_PER_S)
@@ -236,6 +254,7 @@ class NodeService:
             self.webhook = WebhookDelivery(store, identity, settings.webhook)
         self._sending_scope = trio.CancelScope()
         self._webhook_scope = trio.CancelScope()
+        self._hints_scope = trio.CancelScope()
         if settings.inband.enabled:
             self.inband_sender = InbandSender(settings.inband, self.budget)
             listen_at = parse_listen(inband_listen) if inband_listen else None
@@ -283,6 +302,7 @@ class NodeService:
         events = self.trust_book.observe(
             key, report.payload.observer.contacts, now_ms=now_ms, network=network
         )
+        self._journal.note(key, network, now_ms)
         if events:
             await self._record_events(events, report, sender)
         if self.registry is not None and self._may_ask_dns(sender):
@@ -353,31 +373,63 @@ class NodeService:
             log.warning("store.events_failed events=%d error=%s", len(rows), exc)
 
     async def _load_trust_book(self) -> None:
-        """Seed the trust book with the observers the store knows, so that a new key for an
-        observer seen before a restart still raises its event.
+        """Seed the trust book from the store: contacts, first and last sighting and report
+        count per key (``observers``), since when the contacts are unchanged and the networks
+        seen (``observer_networks``), so that continuity resumes where it was and a new key for
+        an observer seen before a restart still raises its event.
 
-        The store keeps contacts, first and last sighting and report count per key, not the
-        networks nor when the contacts last changed; so continuity restarts (contacts dated from
-        the last sighting, no networks): a restart may delay ``continuity``, never grant it.
+        A key whose contacts were not dated yet (saved every ``CONTINUITY_SAVE_S``) restarts its
+        continuity clock at its last sighting: a restart may delay ``continuity``, never grant it.
         """
+        policy = self.trust_book.policy
         try:
-            rows = await trio.to_thread.run_sync(self.store.observers)
+            histories = await trio.to_thread.run_sync(
+                functools.partial(
+                    read_histories,
+                    self.store,
+                    max_keys=policy.max_keys,
+                    max_networks_per_key=policy.max_networks_per_key,
+                )
+            )
         except StoreError as exc:
             log.warning("registry.trust_book_not_loaded error=%s", exc)
             return
-        # most recently seen first; load the newest max_keys, oldest first (LRU order)
-        for row in reversed(rows[: self.trust_book.policy.max_keys]):
-            self.trust_book.load(
-                KeyHistory(
-                    key=row.key,
-                    contacts=row.contacts,
-                    first_seen_ms=row.first_seen_ms,
-                    last_seen_ms=row.last_seen_ms,
-                    contacts_since_ms=row.last_seen_ms,
-                    reports=row.reports,
-                )
+        for history in histories:  # least recently seen first (LRU order)
+            self.trust_book.load(history)
+        log.info(
+            "registry.trust_book_loaded keys=%d networks=%d",
+            len(histories),
+            sum(len(h.networks) for h in histories),
+        )
+
+    async def _save_continuity(self) -> None:
+        """Write what the book learned since the last save, in one transaction."""
+        if not len(self._journal):
+            return
+        sightings, dated = batch_from(self.trust_book, self._journal)
+        try:
+            unwritten = await trio.to_thread.run_sync(save_continuity, self.store, sightings, dated)
+        except StoreError as exc:
+            log.warning(
+                "registry.continuity_not_saved networks=%d keys=%d error=%s",
+                len(sightings),
+                len(dated),
+                exc,
             )
-        log.info("registry.trust_book_loaded keys=%d", len(rows))
+            return
+        # A key whose report is not stored yet is tried once more with the next batch.
+        retry = [k for k in unwritten if k not in self._continuity_retried]
+        self._continuity_retried = set(retry)
+        self._journal.again(retry)
+
+    async def _run_continuity(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with self._continuity_scope:
+            task_status.started()
+            while True:
+                await trio.sleep(CONTINUITY_SAVE_S)
+                await self._save_continuity()
 
     async def _start_inband(self, nursery: trio.Nursery) -> tuple[str, int] | None:
         """Start the in-band sender (cancellable alone) and listener; the listener's address."""
@@ -387,6 +439,13 @@ class NodeService:
             bound: tuple[str, int] = await nursery.start(self.inband_listener.run)
             return bound
         return None
+
+    async def _run_hints(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self.hints is not None
+        with self._hints_scope:
+            await self.hints.run(task_status=task_status)
 
     async def _run_webhooks(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -417,10 +476,12 @@ class NodeService:
             # In band: the listener stops with stop() and drains itself; the sender is
             # cancelled once the reports it could still be handed have been made.
             self.inband_bound = await self._start_inband(services)
+            if self.inband_listener is not None:
+                await services.start(self._run_continuity)
             if self.webhook is not None:
                 await services.start(self._run_webhooks)
             if self.hints is not None:
-                await services.start(self.hints.run)
+                await services.start(self._run_hints)
             async with trio.open_nursery() as outer:
                 # Store writer and decoder live outside the collectors' scope, to drain.
                 outer.start_soon(self._store_writer, report_recv)
@@ -462,7 +523,13 @@ class NodeService:
             self._sending_scope.cancel()
             # Webhook deliveries still pending stay in the durable outbox for the next start.
             self._webhook_scope.cancel()
+            # Hint lookups only warm a cache: nothing is lost by stopping them now.
+            self._hints_scope.cancel()
+            # The periodic save stops; the last one runs once the listener has drained.
+            self._continuity_scope.cancel()
             services.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
+        if self.inband_listener is not None:
+            await self._save_continuity()
 
     async def _decode_loop(
         self,
@@ -472,7 +539,7 @@ class NodeService:
         sample = self.sampler.sample
         async with batches, reports:
             async for batch in batches:
-                self._backlog.done(len(batch))
+                self._backlog.done(len(batch), sum(len(d.data) for d in batch))
                 if self._asked_policy is not None:
                     self._use_asked_boost()  # same Sampler object: `sample` stays bound
                 # NetFlow v5 in one vectorized pass (decode and sample); everything else, and
@@ -610,7 +677,7 @@ class NodeService:
                     log.debug("webhook.dns_url_refused url=%s error=%s", url[:200], exc)
                     continue
                 if len(url) <= outbox.MAX_URL_CHARS and self.budget.allow(
-                    address, key, now, channel=f"webhook {url}"
+                    address, key, now, channel=_webhook_channel(url)
                 ):
                     urls.append(url)
                     self._webhooks_from_dns += 1
@@ -618,7 +685,7 @@ class NodeService:
             net = ipaddress.ip_network(prefix, strict=False)
             for address in (flow.src, flow.dst):
                 if address.version == net.version and address in net and url not in urls:
-                    if self.budget.allow(address, key, now, channel=f"webhook {url}"):
+                    if self.budget.allow(address, key, now, channel=_webhook_channel(url)):
                         urls.append(url)
                     break
         return urls

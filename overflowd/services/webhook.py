@@ -226,6 +226,8 @@ async def resolve(host: str, port: int) -> list[ssrf.Address]:
         infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     except OSError as exc:
         raise ResolveError(f"cannot resolve {host}: {exc}") from None
+    except (UnicodeError, ValueError) as exc:  # a name IDNA cannot encode: never deliverable
+        raise DeliveryError(f"webhook host {host[:80]!r} is not a valid name: {exc}") from None
     out: list[ssrf.Address] = []
     for info in infos:
         addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
@@ -301,7 +303,12 @@ class WebhookDelivery:
                     log.warning("webhook delivery: %s", exc)
                     claimed = 0
                 if claimed == 0:
-                    await self._idle()
+                    try:
+                        await self._idle()
+                    except StoreError as exc:
+                        self._counters.store_errors += 1
+                        log.warning("webhook delivery: %s", exc)
+                        await trio.sleep(self._settings.poll_interval_s)
 
     async def drain(self, *, timeout_s: float | None = None) -> dict[str, int]:
         """Deliver until no row is pending (waiting out backoffs); return the outbox counts."""
@@ -499,6 +506,9 @@ class WebhookDelivery:
         except trio.TooSlowError:
             self._counters.network_errors += 1
             return _Attempt(RETRY, error=f"no answer within {s.total_timeout_s:g} s")
+        except httpx.InvalidURL as exc:  # a URL httpx will never send: no retry helps
+            self._counters.refused += 1
+            return _Attempt(DEAD, error=f"invalid URL: {exc}"[:200])
         except httpx.HTTPError as exc:
             self._counters.network_errors += 1
             return _Attempt(RETRY, error=f"{type(exc).__name__}: {exc}"[:200])

@@ -105,6 +105,27 @@ class ObserverModel(Base):
     last_seen_ms: Mapped[int] = mapped_column(BigInteger)
     #: how many distinct reports of this observer are stored
     reports: Mapped[int] = mapped_column(BigInteger)
+    #: since when the daemon's trust book has seen these contacts unchanged; NULL when unknown
+    #: (not written yet, or a newer report brought other contacts)
+    contacts_since_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ObserverNetworkModel(Base):
+    """A /24 or /48 network an observer key's reports reached us from (trust continuity).
+
+    Written by the daemon in batches (:mod:`overflowd.store.continuity`), at most
+    ``MAX_NETWORKS_PER_KEY`` rows per key: the least recently seen are deleted first, so a
+    flood of spoofed sources cannot grow the table without limit.
+    """
+
+    __tablename__ = "observer_networks"
+
+    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    #: "192.0.2.0/24" or "2001:db8:1::/48" (43 characters hold any IPv6 prefix)
+    network: Mapped[str] = mapped_column(String(43), primary_key=True)
+    first_seen_ms: Mapped[int] = mapped_column(BigInteger)
+    last_seen_ms: Mapped[int] = mapped_column(BigInteger)
+    reports: Mapped[int] = mapped_column(BigInteger)
 
 
 class WebhookOutboxModel(Base):

@@ -38,6 +38,7 @@ from sqlalchemy import (
     Insert,
     RowMapping,
     Table,
+    and_,
     case,
     create_engine,
     event,
@@ -78,7 +79,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 _BACKENDS = ("sqlite", "postgresql")
 
 _REPORTS: Table = Base.metadata.tables["reports"]
@@ -193,6 +194,8 @@ class ObserverRow:
     first_seen_ms: int
     last_seen_ms: int
     reports: int
+    #: since when these contacts are unchanged, as the daemon's trust book saw it; None if unknown
+    contacts_since_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +465,12 @@ class Store:
                 "contacts": case((newer, new.contacts), else_=t.c.contacts),
                 "point": case((newer, new.point), else_=t.c.point),
                 "reports": t.c.reports + new.reports,
+                # Other contacts in a newer report: the trust book's date no longer applies
+                # (the daemon writes the right one with its next continuity batch).
+                "contacts_since_ms": case(
+                    (and_(newer, new.contacts != t.c.contacts), None),
+                    else_=t.c.contacts_since_ms,
+                ),
             },
         )
         return reports, observers
@@ -680,4 +689,5 @@ def _observer(m: RowMapping) -> ObserverRow:
         first_seen_ms=int(m["first_seen_ms"]),
         last_seen_ms=int(m["last_seen_ms"]),
         reports=int(m["reports"]),
+        contacts_since_ms=None if m["contacts_since_ms"] is None else int(m["contacts_since_ms"]),
     )

@@ -123,6 +123,29 @@ def test_one_socket_takes_ipv6_exporters_too(home: Path) -> None:
     assert code == 0, output
 
 
+def test_hostile_datagrams_do_not_stop_the_daemon(home: Path) -> None:
+    """A v5 record whose times fall before 1970 (uptime > now) and whose packet count makes
+    p = 1, from any source: the daemon reports it (clamped) and keeps running (review finding)."""
+    import ipaddress
+    import struct
+
+    daemon = Daemon(home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rate", "1")
+    try:
+        assert daemon.udp is not None
+        header = struct.pack(">HHIIIIBBH", 5, 1, 100_000, 0, 0, 0, 0, 0, 0)
+        record = struct.pack(
+            ">IIIHHIIIIHHBBBBHHBBH",
+            int(ipaddress.IPv4Address("192.0.2.1")), int(ipaddress.IPv4Address("198.51.100.1")),
+            0, 0, 0, 0xFFFFFFFF, 1000, 0, 0, 1234, 80, 0, 2, 6, 0, 0, 0, 0, 0, 0,
+        )  # fmt: skip
+        send_udp([header + record] * 3, daemon.udp)
+        assert daemon.wait_for("overflowd_reports_stored_total", 3, timeout=20) == 3
+        assert daemon.proc.poll() is None
+    finally:
+        code, output = daemon.stop()
+    assert code == 0, output
+
+
 def test_bad_listen_address_is_a_clear_error(home: Path) -> None:
     result = run(
         "overflowd", "run", "--home", str(home), "--listen", "192.0.2.1:9", "--metrics", ""

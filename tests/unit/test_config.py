@@ -74,3 +74,12 @@ def test_shipped_example_config_is_the_commented_default() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "overflowd.toml.example"
     assert example.read_text(encoding="utf-8") == DEFAULT_CONFIG_TEXT
     assert parse_settings(example.read_text(encoding="utf-8"), str(example)) == Settings()
+
+
+def test_contacts_that_no_report_could_carry_are_refused() -> None:
+    five = ", ".join(f'"mailto:a{i}@example.net"' for i in range(5))
+    with pytest.raises(ConfigError, match=r"x.toml:2: 'node.contacts' has more than 4"):
+        parse_settings(f"[node]\ncontacts = [{five}]\n", "x.toml")
+    long = '"https://example.net/' + "x" * 520 + '"'
+    with pytest.raises(ConfigError, match="512 bytes"):
+        parse_settings(f"[node]\ncontacts = [{long}]\n", "x.toml")

@@ -202,3 +202,22 @@ def test_json_rendering_is_derived_from_the_payload() -> None:
     assert out["observer"]["fingerprint"] == IDENTITY.fingerprint
     assert rpt.b64url_decode(out["cose"]) == signed.cose
     assert out["time"] == "2023-11-14T22:13:20.000Z"
+
+
+def test_payload_values_the_encoder_refuses_are_a_decode_error() -> None:
+    """An unknown key holding a self-referencing CBOR value (tags 28/29) decodes but cannot be
+    re-encoded: it must be our ReportDecodeError, before any signature check (found in review:
+    it used to escape as cbor2's ValueError and stop the in-band listener)."""
+    m = rpt.payload_to_map(make_payload())
+    m["zz"] = 0
+    enc = rpt._canonical(m).replace(b"\x62zz\x00", b"\x62zz" + bytes.fromhex("d81c81d81d00"))
+    assert enc != rpt._canonical(m)
+    protected = rpt.protected_header(IDENTITY.public_key)
+    cose = rpt._COSE_PREFIX + rpt._bstr(protected) + b"\xa0" + rpt._bstr(enc) + rpt._bstr(bytes(64))
+    with pytest.raises(ReportDecodeError, match="re-encoded"):
+        verify_report(cose)
+
+
+def test_kind_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        IDENTITY.sign_report(dataclasses.replace(make_payload(), kind="flow-seen\n"))

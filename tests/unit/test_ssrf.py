@@ -30,6 +30,8 @@ INTERNAL = [
     "2001:db8::1",
     "::ffff:127.0.0.1",
     "::ffff:10.0.0.1",
+    "2002:7f00:1::1",  # 6to4 embedding 127.0.0.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
 ]
 GLOBAL = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
 
@@ -85,3 +87,18 @@ def test_parse_target() -> None:
 def test_bad_prefix_is_named() -> None:
     with pytest.raises(ValueError, match="nonsense"):
         ssrf.parse_prefixes(["nonsense"])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://" + "a" * 64 + ".example.com/hook",  # a label IDNA cannot encode
+        "https://93.184.216.34/\x01",  # a control character httpx refuses
+        "https://example.net/a b",
+        "https://example.net/" + "x" * 3000,
+    ],
+)
+def test_urls_that_could_never_be_sent_are_refused_up_front(url: str) -> None:
+    """Found in review: these used to raise out of the delivery service."""
+    with pytest.raises(DeliveryError):
+        ssrf.parse_target(url)
