@@ -8,6 +8,7 @@ their unit (``timeout_s``, ``max_bytes``). Command-line flags override only when
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -45,6 +46,10 @@ class SamplingSettings:
     rate: float = 1e-6
     #: Upper bound on any boost, whatever policy or a destination asks.
     boost_cap: float = 1000.0
+    #: Reports signed per second at most (token bucket): spoofed or absurd flow records can
+    #: make p = 1 for everything; beyond this, sampled records are shed and counted.
+    max_reports_per_s: float = 1000.0
+    max_reports_burst: int = 5000
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class CollectorSettings:
     sampling_overrides: tuple[str, ...] = ()
     #: On shutdown, how long queued datagrams and reports may take to drain.
     drain_timeout_s: float = 5.0
+    #: Exporters (addresses or prefixes) whose datagrams are decoded; others are counted and
+    #: dropped. Empty: every source (UDP sources can be spoofed: list your routers).
+    allowed_exporters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,9 @@ url = ""
 rate = 1e-6
 # Upper bound on any boost, whatever policy or a destination asks.
 boost_cap = 1000.0
+# Reports signed per second at most, and the burst above it; the rest are shed and counted.
+max_reports_per_s = 1000.0
+max_reports_burst = 5000
 
 [collector]
 # UDP addresses taking NetFlow v5/v9, IPFIX and sFlow v5 alike.
@@ -142,6 +153,10 @@ queue_datagrams = 10000
 # sampling_overrides = ["192.0.2.1=1000"]
 # On shutdown, how long queued work may take to drain.
 drain_timeout_s = 5.0
+# Exporters (addresses or prefixes) whose datagrams are decoded; empty: every source.
+# UDP sources can be spoofed: list your routers.
+# allowed_exporters = ["192.0.2.0/28", "2001:db8::1"]
+allowed_exporters = []
 
 [capture]
 # Live capture: the kernel samples one packet in one_in on these interfaces (needs root or
@@ -351,6 +366,8 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
     if isinstance(settings, SamplingSettings):
         if not 0 < settings.rate <= 1:
             fail("rate", "must be in (0, 1]")
+        if settings.max_reports_per_s <= 0 or settings.max_reports_burst < 1:
+            fail("max_reports_per_s", "and max_reports_burst must be positive")
         if settings.boost_cap < 1:
             fail("boost_cap", "must be at least 1")
     if isinstance(settings, CaptureSettings):
@@ -366,6 +383,11 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
             fail("rcvbuf_bytes", "must be at least 4096")
         if settings.queue_datagrams < 1:
             fail("queue_datagrams", "must be at least 1")
+        for item in settings.allowed_exporters:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                fail("allowed_exporters", f"has {item!r}, which is not an address or prefix")
         for item in settings.sampling_overrides:
             if not re.match(r"^[^=\s]+=[1-9][0-9]*$", item):
                 fail("sampling_overrides", f"has {item!r}, which is not ADDR=N (N >= 1)")

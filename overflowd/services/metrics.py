@@ -83,6 +83,16 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
     yield _counter("overflowd_reports_signed", "Reports signed", s.reports_signed)
     yield _counter("overflowd_reports_stored", "Reports newly stored", s.reports_stored)
     yield _counter("overflowd_store_errors", "Store batches that failed", s.store_errors)
+    yield _counter(
+        "overflowd_collector_exporter_refused",
+        "Datagrams from exporters outside collector.allowed_exporters",
+        s.exporters_refused,
+    )
+    yield _counter(
+        "overflowd_reports_shed",
+        "Sampled records not signed: over sampling.max_reports_per_s",
+        s.reports_shed,
+    )
     if s.inband_sender is not None:
         yield _counter(
             "overflowd_inband_sent", "Report datagrams sent", s.inband_sender.datagrams_sent

@@ -127,6 +127,8 @@ class NodeStatistics:
     reports_stored: int
     reports_duplicate: int
     store_errors: int
+    exporters_refused: int = 0
+    reports_shed: int = 0
     captures: tuple[CaptureStatistics, ...] = ()
     inband_sender: InbandSenderStatistics | None = None
     inband_listener: InbandListenerStatistics | None = None
@@ -255,6 +257,14 @@ class NodeService:
         self._sending_scope = trio.CancelScope()
         self._webhook_scope = trio.CancelScope()
         self._hints_scope = trio.CancelScope()
+        self._allowed_exporters = tuple(
+            ipaddress.ip_network(x, strict=False) for x in settings.collector.allowed_exporters
+        )
+        self._exporter_verdicts: dict[str, bool] = {}
+        self._exporters_refused = 0
+        self._sign_tokens = float(settings.sampling.max_reports_burst)
+        self._sign_refilled = 0.0
+        self._shed = 0
         if settings.inband.enabled:
             self.inband_sender = InbandSender(settings.inband, self.budget)
             listen_at = parse_listen(inband_listen) if inband_listen else None
@@ -468,6 +478,7 @@ class NodeService:
         # Batches of datagrams; the bound is counted in datagrams by the backlog (each batch
         # holds at least one, so the channel itself never fills first).
         self._backlog = Backlog(cs.queue_datagrams)
+        self._sign_refilled = trio.current_time()
         dgram_send, dgram_recv = trio.open_memory_channel[list[Datagram]](cs.queue_datagrams)
         report_send, report_recv = trio.open_memory_channel[rpt.SignedReport](REPORT_QUEUE)
         if self.inband_listener is not None:
@@ -540,6 +551,8 @@ class NodeService:
         async with batches, reports:
             async for batch in batches:
                 self._backlog.done(len(batch), sum(len(d.data) for d in batch))
+                if self._allowed_exporters:
+                    batch = [d for d in batch if self._exporter_allowed(d.exporter)]
                 if self._asked_policy is not None:
                     self._use_asked_boost()  # same Sampler object: `sample` stays bound
                 # NetFlow v5 in one vectorized pass (decode and sample); everything else, and
@@ -596,6 +609,42 @@ class NodeService:
                     self._use_asked_boost()
                 await self._report(self.sampler.sample(rows), reports)
 
+    def _exporter_allowed(self, exporter: str) -> bool:
+        """Whether datagrams from ``exporter`` are decoded (collector.allowed_exporters)."""
+        if not self._allowed_exporters:
+            return True
+        verdict = self._exporter_verdicts.get(exporter)
+        if verdict is None:
+            try:
+                address = ipaddress.ip_address(exporter)
+            except ValueError:
+                verdict = False
+            else:
+                verdict = any(
+                    address.version == net.version and address in net
+                    for net in self._allowed_exporters
+                )
+            if len(self._exporter_verdicts) >= 4096:  # spoofed sources: bounded memory
+                self._exporter_verdicts.clear()
+            self._exporter_verdicts[exporter] = verdict
+        if not verdict:
+            self._exporters_refused += 1
+        return verdict
+
+    def _signing_allowance(self, wanted: int) -> int:
+        """How many of ``wanted`` sampled records may be signed now (token bucket)."""
+        sm = self.settings.sampling
+        now = trio.current_time()
+        self._sign_tokens = min(
+            float(sm.max_reports_burst),
+            self._sign_tokens + (now - self._sign_refilled) * sm.max_reports_per_s,
+        )
+        self._sign_refilled = now
+        allowed = min(wanted, int(self._sign_tokens))
+        self._sign_tokens -= allowed
+        self._shed += wanted - allowed
+        return allowed
+
     async def _report(
         self,
         sampled: list[tuple[FlowRow, float]],
@@ -603,6 +652,11 @@ class NodeService:
     ) -> None:
         if not sampled:
             return
+        allowed = self._signing_allowance(len(sampled))
+        if allowed < len(sampled):
+            sampled = sampled[:allowed]
+            if not sampled:
+                return
         for report in self.maker.make_all(sampled, int(time.time() * 1000)):
             self._signed += 1
             if self.hints is not None:
@@ -729,6 +783,8 @@ class NodeService:
             reports_stored=self._stored,
             reports_duplicate=self._duplicate,
             store_errors=self._store_errors,
+            exporters_refused=self._exporters_refused,
+            reports_shed=self._shed,
             captures=tuple(c.statistics() for c in self.captures),
             inband_sender=self.inband_sender.statistics() if self.inband_sender else None,
             webhook=self.webhook.statistics() if self.webhook else None,

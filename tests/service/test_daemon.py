@@ -146,6 +146,41 @@ def test_hostile_datagrams_do_not_stop_the_daemon(home: Path) -> None:
     assert code == 0, output
 
 
+def test_unlisted_exporters_are_refused_and_signing_is_budgeted(home: Path) -> None:
+    """collector.allowed_exporters drops spoofable sources before decoding; the signing budget
+    caps reports however many records come with p = 1."""
+    payloads = trace_payloads()[:20]
+    records = sum(len(decode_datagram(p, "127.0.0.1", DecoderState(), 0)) for p in payloads)
+    (home / "overflowd.toml").write_text(
+        '[collector]\nallowed_exporters = ["192.0.2.0/24"]\n'
+        "[sampling]\nmax_reports_per_s = 1.0\nmax_reports_burst = 100\n"
+    )
+    daemon = Daemon(home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rate", "1")
+    try:
+        assert daemon.udp is not None
+        send_udp(payloads, daemon.udp)
+        refused = daemon.wait_for("overflowd_collector_exporter_refused_total", len(payloads))
+        assert refused == len(payloads)
+        assert daemon.metric("overflowd_decoder_records_total") == 0
+    finally:
+        daemon.stop()
+    (home / "overflowd.toml").write_text(
+        '[collector]\nallowed_exporters = ["127.0.0.0/8"]\n'
+        "[sampling]\nmax_reports_per_s = 1.0\nmax_reports_burst = 100\n"
+    )
+    daemon = Daemon(home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rate", "1")
+    try:
+        assert daemon.udp is not None
+        send_udp(payloads, daemon.udp)
+        assert daemon.wait_for("overflowd_decoder_records_total", records) == records
+        shed = daemon.wait_for("overflowd_reports_shed_total", records - 110)
+        signed = daemon.metric("overflowd_reports_signed_total")
+        assert 100 <= signed <= 110 and signed + shed == records
+    finally:
+        code, output = daemon.stop()
+    assert code == 0, output
+
+
 def test_bad_listen_address_is_a_clear_error(home: Path) -> None:
     result = run(
         "overflowd", "run", "--home", str(home), "--listen", "192.0.2.1:9", "--metrics", ""
