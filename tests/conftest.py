@@ -8,9 +8,11 @@ skip: DESIGN.md promises the store is tested on a real server.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from overflowd.store import Store
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 SESSION_DATABASE = "overflowd_test"
@@ -48,3 +50,19 @@ def postgres_db_url(postgres_server: PostgresServer, postgres_url: str) -> Itera
     """
     with postgres_server.schema(SESSION_DATABASE) as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store URL on each backend: SQLite in a directory that does not exist yet (open()
+    creates it), and a schema of its own on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'home' / 'overflowd.db'}"
+    url: str = request.getfixturevalue("postgres_db_url")
+    return url
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    with Store.open(db_url) as s:
+        yield s

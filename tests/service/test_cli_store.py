@@ -12,14 +12,6 @@ from overflowd.identity import load_identity, verify_report
 from tests.support.cli import run
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'reports.db'}"
-    url: str = request.getfixturevalue("postgres_db_url")
-    return url
-
-
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     home = tmp_path / "node"

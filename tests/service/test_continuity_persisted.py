@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from overflowd.config import Settings
@@ -41,22 +39,6 @@ X = NodeIdentity.generate()
 T0 = 1_700_000_000_000
 OLD = ("mailto:noc@edge.example.net",)
 NEW = ("mailto:new@edge.example.net",)
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'overflowd.db'}"
-    url: str = request.getfixturevalue("postgres_db_url")
-    return url
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    with Store.open(db_url) as s:
-        yield s
-
 
 class Daemon:
     """What NodeService does per received report and every few seconds, with the clock injected."""

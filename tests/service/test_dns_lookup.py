@@ -23,7 +23,7 @@ from overflowd.registry import Found, Outcome, format_record, split_txt, valid_k
 from overflowd.services.dns import DnsRegistry, RegistrySettings, observer_trust
 from overflowd.store import Store, default_url
 from overflowd.trust import PinnedKey, TrustBook, TrustLevel
-from tests.support.knot import KnotServer, KnotUnavailable, find_knotd, soa_zone
+from tests.support.knot import KnotServer, KnotUnavailable, find_knotd, running_knot, soa_zone
 from tests.support.reports import make_payload
 
 KEY = {name: bytes([i + 1]) * 32 for i, name in enumerate("ABCDEFGHIJKL")}
@@ -89,15 +89,8 @@ ZONES = {
 
 @pytest.fixture(scope="module")
 def knot() -> Iterator[KnotServer]:
-    try:
-        server = KnotServer(ZONES)
-        server.start()
-    except KnotUnavailable as exc:
-        pytest.fail(f"Knot DNS is required for these tests: {exc}", pytrace=False)
-    try:
+    with running_knot(ZONES) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class FakeClock:

@@ -39,7 +39,7 @@ from overflowd.services.node import NodeService
 from overflowd.store import Store
 from overflowd.store.events import ObserverEvent, add_events, list_events
 from overflowd.wire import datagram
-from tests.support.knot import KnotServer, KnotUnavailable, soa_zone
+from tests.support.knot import KnotServer, running_knot, soa_zone
 from tests.support.reports import make_payload
 
 TIMEOUT_S = 30
@@ -76,15 +76,8 @@ ZONES = {
 
 @pytest.fixture(scope="module")
 def knot() -> Iterator[KnotServer]:
-    try:
-        server = KnotServer(ZONES)
-        server.start()
-    except KnotUnavailable as exc:
-        pytest.fail(f"Knot DNS is required for these tests: {exc}", pytrace=False)
-    try:
+    with running_knot(ZONES) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ A missing ``knotd`` is :class:`KnotUnavailable`, a loud failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import dns.exception
@@ -210,3 +211,19 @@ zone:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def running_knot(zones: dict[str, str]) -> Iterator[KnotServer]:
+    """A started Knot server with ``zones``, stopped afterwards; a test failure without Knot."""
+    import pytest
+
+    try:
+        server = KnotServer(zones)
+        server.start()
+    except KnotUnavailable as exc:
+        pytest.fail(f"Knot DNS is required for these tests: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,23 +35,6 @@ from tests.support.postgres import free_port
 ALICE = NodeIdentity.generate()
 BOB = NodeIdentity.generate()
 T0 = 1_700_000_000_000
-
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        # a directory that does not exist yet: open() creates it
-        return f"sqlite:///{tmp_path / 'home' / 'overflowd.db'}"
-    url: str = request.getfixturevalue("postgres_db_url")
-    return url
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    with Store.open(db_url) as s:
-        yield s
 
 
 def signed(
