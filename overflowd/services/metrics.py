@@ -58,6 +58,9 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         captured.add_metric([cap.interface], cap.packets)
         capture_dropped.add_metric([cap.interface, "queue_full"], cap.dropped_queue_full)
         capture_dropped.add_metric([cap.interface, "kernel"], cap.kernel_drops)
+        capture_dropped.add_metric(
+            [cap.interface, "input_error"], sum(cap.input_errors.values())
+        )
     yield captured
     yield capture_dropped
     d = s.decoder
