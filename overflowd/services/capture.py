@@ -33,8 +33,9 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import trio
 
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: The ``format`` of the records this source makes.
 CAPTURE_FORMAT = "capture"
+#: Unexpected exception types counted by name, then "other" (bounded labels).
+MAX_ERROR_TYPES = 32
 
 # <linux/if_ether.h>, <linux/if_packet.h>, <asm-generic/socket.h>: not all are in `socket`.
 ETH_P_ALL = 0x0003
@@ -93,6 +96,9 @@ class CaptureStatistics:
     #: Times the socket reported the interface going down (``ENETDOWN``).
     interface_down: int
     rcvbuf_bytes: int
+    #: Of the packets: dropped after an exception no decoder expected (a bug some packet
+    #: reaches), by type; the capture goes on.
+    input_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class KernelSampledCapture:
@@ -138,6 +144,7 @@ class KernelSampledCapture:
         self._decoded = 0
         self._not_ip = 0
         self._undecodable = 0
+        self._input_errors: Counter[str] = Counter()
         self._dropped = 0
         self._kernel_packets = 0
         self._kernel_drops = 0
@@ -251,6 +258,13 @@ class KernelSampledCapture:
             self._undecodable += 1
             self._log_undecodable(exc)
             return None
+        except Exception as exc:  # the per-packet boundary: one packet, never the capture
+            name = type(exc).__name__
+            if name not in self._input_errors and len(self._input_errors) >= MAX_ERROR_TYPES:
+                name = "other"
+            self._input_errors[name] += 1
+            self._log_undecodable(exc)
+            return None
         if summary is None:
             self._not_ip += 1
             return None
@@ -276,7 +290,7 @@ class KernelSampledCapture:
             "announced",
         )
 
-    def _log_undecodable(self, exc: DecodeError) -> None:
+    def _log_undecodable(self, exc: Exception) -> None:
         now = trio.current_time()
         if now - self._last_undecodable_log < UNDECODABLE_LOG_INTERVAL_S:
             self._undecodable_unlogged += 1
@@ -311,6 +325,7 @@ class KernelSampledCapture:
             decoded=self._decoded,
             not_ip=self._not_ip,
             undecodable=self._undecodable,
+            input_errors=dict(self._input_errors),
             dropped_queue_full=self._dropped,
             kernel_packets=self._kernel_packets,
             kernel_drops=self._kernel_drops,

@@ -58,9 +58,15 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         captured.add_metric([cap.interface], cap.packets)
         capture_dropped.add_metric([cap.interface, "queue_full"], cap.dropped_queue_full)
         capture_dropped.add_metric([cap.interface, "kernel"], cap.kernel_drops)
+        capture_dropped.add_metric(
+            [cap.interface, "input_error"], sum(cap.input_errors.values())
+        )
     yield captured
     yield capture_dropped
     d = s.decoder
+    yield _counter(
+        "overflowd_decoder_datagrams", "Datagrams decoded or refused by the decoder", d.datagrams
+    )
     yield _counter("overflowd_decoder_records", "Flow records decoded", d.records)
     malformed = CounterMetricFamily(
         "overflowd_decoder_malformed", "Datagrams refused by the decoder", labels=["reason"]
@@ -82,7 +88,27 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
     )
     yield _counter("overflowd_reports_signed", "Reports signed", s.reports_signed)
     yield _counter("overflowd_reports_stored", "Reports newly stored", s.reports_stored)
-    yield _counter("overflowd_store_errors", "Store batches that failed", s.store_errors)
+    yield _counter(
+        "overflowd_store_errors", "Store writes that failed (tried again)", s.store_errors
+    )
+    yield _counter(
+        "overflowd_store_retried_batches",
+        "Report batches stored after one or more failed tries",
+        s.store_retried_batches,
+    )
+    yield _counter(
+        "overflowd_reports_unstored_at_stop",
+        "Reports signed but still queued at the drain deadline (neither stored nor sent)",
+        s.reports_unstored_at_stop,
+    )
+    input_errors = CounterMetricFamily(
+        "overflowd_input_errors",
+        "Inputs dropped after an unexpected exception (a bug some input reaches)",
+        labels=["type"],
+    )
+    for name, count in sorted(s.input_errors.items()):
+        input_errors.add_metric([name], count)
+    yield input_errors
     yield _counter(
         "overflowd_collector_exporter_refused",
         "Datagrams from exporters outside collector.allowed_exporters",

@@ -23,10 +23,11 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
+from sqlalchemy import Connection
 
 from overflowd import report as rpt
 from overflowd import ssrf
@@ -58,7 +59,7 @@ from overflowd.services.inband import (
     InbandSender,
     InbandSenderStatistics,
 )
-from overflowd.services.webhook import WebhookDelivery, WebhookStatistics, enqueue
+from overflowd.services.webhook import WebhookDelivery, WebhookStatistics
 from overflowd.store import Store, outbox
 from overflowd.store.continuity import batch_from, read_histories, save_continuity
 from overflowd.store.events import ObserverEvent, add_events
@@ -96,6 +97,16 @@ EVENT_STORE_BURST, EVENT_STORE_PER_S = 100, 1.0
 #: saves (the rest are dropped and counted: they only delay continuity). A separate write from
 #: the listener's report batches: the book is fed by the labellers, after the receive loop.
 CONTINUITY_SAVE_S, CONTINUITY_PENDING = 5.0, 10_000
+#: Unexpected exceptions at the per-datagram boundary are counted by type name; a decoder bug
+#: that raises a new type per input must not grow the table (or Prometheus' label set), so
+#: past this many names the rest count as "other".
+MAX_ERROR_TYPES = 32
+#: A batch the store refused (locked past its busy timeout, disk full) is tried again after
+#: this long, doubling up to the cap. Meanwhile the report queue fills and the decoder waits:
+#: the collectors shed datagrams (counted) rather than the node losing signed reports.
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.1, 5.0
+#: At most one warning about a failing store per this many seconds.
+STORE_LOG_INTERVAL_S = 10.0
 
 
 class _Bucket:
@@ -142,6 +153,14 @@ class NodeStatistics:
     hints: HintStatistics | None = None
     #: webhook deliveries enqueued to URLs published in DNS (``u=``)
     webhooks_from_dns: int = 0
+    #: inputs (datagrams, capture batches) dropped at the per-input boundary after an
+    #: exception no decoder or policy expected, by exception type (a bug, reported and survived)
+    input_errors: Mapping[str, int] = field(default_factory=dict)
+    #: store batches written after one or more failed tries
+    store_retried_batches: int = 0
+    #: reports signed but never stored: still queued when the drain deadline passed at stop
+    #: (nothing was sent for them: sending happens only after the store commits)
+    reports_unstored_at_stop: int = 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -232,6 +251,10 @@ class NodeService:
         self._stored = 0
         self._duplicate = 0
         self._store_errors = 0
+        self._store_retried = 0
+        self._unstored_at_stop = 0
+        self._last_store_log = -STORE_LOG_INTERVAL_S
+        self._input_errors: Counter[str] = Counter()
         self._stop = trio.Event()
         self._last_malformed_log = -MALFORMED_LOG_INTERVAL_S
         self._malformed_unlogged = 0
@@ -547,7 +570,6 @@ class NodeService:
         batches: trio.MemoryReceiveChannel[list[Datagram]],
         reports: trio.MemorySendChannel[rpt.SignedReport],
     ) -> None:
-        sample = self.sampler.sample
         async with batches, reports:
             async for batch in batches:
                 self._backlog.done(len(batch), sum(len(d.data) for d in batch))
@@ -555,32 +577,57 @@ class NodeService:
                     batch = [d for d in batch if self._exporter_allowed(d.exporter)]
                 if self._asked_policy is not None:
                     self._use_asked_boost()  # same Sampler object: `sample` stays bound
-                # NetFlow v5 in one vectorized pass (decode and sample); everything else, and
-                # the v5 datagrams' FlowRows only for what was sampled, one by one.
-                v5 = decode_v5_batch(
-                    [(d.data, d.exporter, d.received) for d in batch], self.decoder
-                )
-                for index, exc in v5.errors:
-                    self._malformed += 1
-                    self._log_malformed(batch[index].exporter, exc)
-                if len(v5):
-                    indices, probabilities = self.batch_sampler.sample(v5)
-                    if len(indices):
-                        rows = v5.rows(indices)
-                        await self._report(
-                            list(zip(rows, probabilities.tolist(), strict=True)), reports
-                        )
-                for index in v5.passed:
-                    dg = batch[index]
-                    try:
-                        records = decode_datagram_rows(
-                            dg.data, dg.exporter, self.decoder, dg.received
-                        )
-                    except DecodeError as exc:
-                        self._malformed += 1
-                        self._log_malformed(dg.exporter, exc)
-                        continue
-                    await self._report(sample(records), reports)
+                for signed in self._decode_batch(batch):
+                    for report in signed:
+                        await reports.send(report)
+
+    def _decode_batch(self, batch: list[Datagram]) -> Iterator[list[rpt.SignedReport]]:
+        """Decode, sample and sign ``batch``, yielding the reports of each step as it is made.
+
+        The per-datagram boundary is here: a :class:`DecodeError` is a counted malformed
+        datagram, and any other exception (a decoder or policy bug that some input reaches) is
+        counted by type, logged rate-limited with the exporter, and costs that one datagram,
+        never the daemon. Cancellation is no ``Exception`` and passes through.
+        """
+        # NetFlow v5 in one vectorized pass (decode and sample); everything else, and the v5
+        # datagrams' FlowRows only for what was sampled, one by one.
+        try:
+            v5 = decode_v5_batch([(d.data, d.exporter, d.received) for d in batch], self.decoder)
+            for index, exc in v5.errors:
+                self._malformed += 1
+                self._log_malformed(batch[index].exporter, exc)
+            scalar: Iterable[int] = v5.passed
+            signed: list[rpt.SignedReport] = []
+            if len(v5):
+                indices, probabilities = self.batch_sampler.sample(v5)
+                if len(indices):
+                    rows = v5.rows(indices)
+                    signed = self._sign(list(zip(rows, probabilities.tolist(), strict=True)))
+        except Exception as exc:  # the batch path failed: each datagram goes the scalar way
+            self._input_error(batch[0].exporter if batch else "-", exc)
+            scalar, signed = range(len(batch)), []
+        yield signed
+        for index in scalar:
+            dg = batch[index]
+            try:
+                records = decode_datagram_rows(dg.data, dg.exporter, self.decoder, dg.received)
+                signed = self._sign(self.sampler.sample(records))
+            except DecodeError as exc:
+                self._malformed += 1
+                self._log_malformed(dg.exporter, exc)
+                continue
+            except Exception as exc:
+                self._input_error(dg.exporter, exc)
+                continue
+            yield signed
+
+    def _input_error(self, source: str, exc: Exception) -> None:
+        """Count an input dropped at a per-input boundary; warn, rate-limited, naming it."""
+        name = type(exc).__name__
+        if name not in self._input_errors and len(self._input_errors) >= MAX_ERROR_TYPES:
+            name = "other"
+        self._input_errors[name] += 1
+        self._log_malformed(source, exc, unexpected=True)
 
     def _use_asked_boost(self) -> None:
         """Switch both samplers to the policy with the asked boost, once one is asked for.
@@ -607,7 +654,13 @@ class NodeService:
             async for rows in batches:
                 if self._asked_policy is not None:
                     self._use_asked_boost()
-                await self._report(self.sampler.sample(rows), reports)
+                try:
+                    signed = self._sign(self.sampler.sample(rows))
+                except Exception as exc:  # the per-input boundary, as in _decode_batch
+                    self._input_error(f"capture:{len(rows)} rows", exc)
+                    continue
+                for report in signed:
+                    await reports.send(report)
 
     def _exporter_allowed(self, exporter: str) -> bool:
         """Whether datagrams from ``exporter`` are decoded (collector.allowed_exporters)."""
@@ -645,58 +698,66 @@ class NodeService:
         self._shed += wanted - allowed
         return allowed
 
-    async def _report(
-        self,
-        sampled: list[tuple[FlowRow, float]],
-        reports: trio.MemorySendChannel[rpt.SignedReport],
-    ) -> None:
+    def _sign(self, sampled: list[tuple[FlowRow, float]]) -> list[rpt.SignedReport]:
+        """Sign what the signing budget lets through of ``sampled``. Sending waits for the
+        store: a report goes out in band only once it is committed (see :meth:`_write`)."""
         if not sampled:
-            return
+            return []
         allowed = self._signing_allowance(len(sampled))
         if allowed < len(sampled):
             sampled = sampled[:allowed]
             if not sampled:
-                return
-        for report in self.maker.make_all(sampled, int(time.time() * 1000)):
+                return []
+        signed = self.maker.make_all(sampled, int(time.time() * 1000))
+        for report in signed:
             self._signed += 1
             if self.hints is not None:
                 self._warm(report)
             if self._on_report is not None:
                 self._on_report(report)
-            if self.inband_sender is not None:
-                self.inband_sender.submit(report)  # never blocks; full: counted
-            await reports.send(report)
+        return signed
 
-    def _log_malformed(self, exporter: str, exc: DecodeError) -> None:
+    def _log_malformed(self, exporter: str, exc: Exception, *, unexpected: bool = False) -> None:
         """A warning naming the exporter, rate-limited: a flood of garbage must not flood logs."""
         now = trio.current_time()
         if now - self._last_malformed_log < MALFORMED_LOG_INTERVAL_S:
             self._malformed_unlogged += 1
             return
         log.warning(
-            "collector.malformed exporter=%s reason=%s suppressed_since_last=%d",
+            "collector.%s exporter=%s reason=%s suppressed_since_last=%d",
+            "input_error" if unexpected else "malformed",
             exporter,
-            exc,
+            f"{type(exc).__name__}: {str(exc)[:200]}" if unexpected else exc,
             self._malformed_unlogged,
+            exc_info=exc if unexpected and log.isEnabledFor(logging.DEBUG) else None,
         )
         self._last_malformed_log = now
         self._malformed_unlogged = 0
 
     async def _store_writer(self, reports: trio.MemoryReceiveChannel[rpt.SignedReport]) -> None:
         async with reports:
-            while True:
-                try:
-                    first = await reports.receive()
-                except trio.EndOfChannel:
-                    return
-                batch = [first]
-                with trio.move_on_after(STORE_BATCH_WAIT_S):
-                    while len(batch) < STORE_BATCH:
-                        try:
-                            batch.append(await reports.receive())
-                        except trio.EndOfChannel:
-                            break
-                await self._write(batch)
+            try:
+                while True:
+                    try:
+                        first = await reports.receive()
+                    except trio.EndOfChannel:
+                        return
+                    batch = [first]
+                    try:
+                        with trio.move_on_after(STORE_BATCH_WAIT_S):
+                            while len(batch) < STORE_BATCH:
+                                try:
+                                    batch.append(await reports.receive())
+                                except trio.EndOfChannel:
+                                    break
+                    except trio.Cancelled:
+                        self._unstored_at_stop += len(batch)
+                        raise
+                    await self._write(batch)
+            except trio.Cancelled:
+                # Past the drain deadline: what is still queued was never stored nor sent.
+                self._unstored_at_stop += reports.statistics().current_buffer_used
+                raise
 
     def _warm(self, report: rpt.SignedReport) -> None:
         """Look up hints for the ends of a flow we reported (report rate, never per record)."""
@@ -745,28 +806,62 @@ class NodeService:
         return urls
 
     async def _write(self, batch: list[rpt.SignedReport]) -> None:
+        """Store ``batch`` and its outbox rows in one transaction, then send it in band.
+
+        Nothing leaves the node before its report is committed, so whatever a crash cuts, a
+        report that was sent (in band or by webhook) is in the node's own store. A failed
+        write is tried again with backoff for as long as it takes: the queue behind it fills,
+        the decoder waits, and the collectors shed datagrams, counted. The drain deadline at
+        stop is the only thing that gives a batch up (counted, and nothing of it was sent).
+        """
         received = int(time.time() * 1000)
         rows = [(r, received, "local") for r in batch]
         now = trio.current_time()
         deliveries = [(r, urls) for r in batch if (urls := self._webhook_plan(r, now))]
 
-        def write() -> int:
-            # Outbox rows first: each carries its COSE bytes, so a crash between the two writes
-            # loses no delivery (the report itself is stored again from the outbox's copy).
+        def alongside(conn: Connection) -> None:
             for report, urls in deliveries:
-                enqueue(self.store, report, urls, now_ms=received)
-            return self.store.add_reports(rows)
+                outbox.enqueue_in(conn, self.store, report, urls, now_ms=received)
 
+        def write() -> int:
+            return self.store.add_reports(rows, alongside=alongside)
+
+        delay, tries = STORE_RETRY_FIRST_S, 0
         try:
-            new = await trio.to_thread.run_sync(write)
-        except StoreError as exc:
-            self._store_errors += 1
-            log.warning("store.write_failed reports=%d error=%s", len(batch), exc)
-            return
+            while True:
+                try:
+                    new = await trio.to_thread.run_sync(write)
+                    break
+                except StoreError as exc:
+                    tries += 1
+                    self._store_errors += 1
+                    self._log_store_failure(len(batch), tries, exc)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, STORE_RETRY_MAX_S)
+        except trio.Cancelled:
+            self._unstored_at_stop += len(batch)
+            raise
+        if tries:
+            self._store_retried += 1
         self._stored += new
         self._duplicate += len(batch) - new
+        if self.inband_sender is not None:
+            for report in batch:
+                self.inband_sender.submit(report)  # never blocks; full: counted
         if deliveries and self.webhook is not None:
             self.webhook.wake()
+
+    def _log_store_failure(self, reports: int, tries: int, exc: StoreError) -> None:
+        now = trio.current_time()
+        if now - self._last_store_log < STORE_LOG_INTERVAL_S:
+            return
+        self._last_store_log = now
+        log.warning(
+            "store.write_failed reports=%d tries=%d error=%s (kept, tried again)",
+            reports,
+            tries,
+            exc,
+        )
 
     def statistics(self) -> NodeStatistics:
         return NodeStatistics(
@@ -795,6 +890,9 @@ class NodeService:
             dns=self.registry.statistics() if self.registry else None,
             hints=self.hints.statistics() if self.hints else None,
             webhooks_from_dns=self._webhooks_from_dns,
+            input_errors=dict(self._input_errors),
+            store_retried_batches=self._store_retried,
+            reports_unstored_at_stop=self._unstored_at_stop,
         )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Executable, Table, delete, exists, func, or_, select, update
+from sqlalchemy import Connection, Executable, Table, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -101,45 +101,60 @@ def enqueue(store: Store, report: rpt.SignedReport, urls: Iterable[str], *, now_
 
     Idempotent: a (report, URL) pair already in the outbox, in any state, is left alone. A URL
     disabled by 410 Gone gets its row straight away as dead, so the record says why nothing
-    was sent. Call it right after (or, for stronger guarantees, right before) storing the
-    report: the row carries the COSE bytes and does not need the ``reports`` row.
+    was sent. The row carries the COSE bytes and does not need the ``reports`` row; the daemon
+    writes both in one transaction (:func:`enqueue_in` inside ``Store.add_reports``).
     """
+    wanted = _checked(urls)
+    if not wanted:
+        return 0
+    with store.transaction("enqueueing webhooks", write=True) as conn:
+        return enqueue_in(conn, store, report, wanted, now_ms=now_ms)
+
+
+def _checked(urls: Iterable[str]) -> list[str]:
     wanted = list(dict.fromkeys(urls))
     for url in wanted:
         if not url or len(url) > MAX_URL_CHARS:
             raise ValueError(f"a webhook URL must be 1-{MAX_URL_CHARS} characters")
+    return wanted
+
+
+def enqueue_in(
+    conn: Connection, store: Store, report: rpt.SignedReport, urls: Iterable[str], *, now_ms: int
+) -> int:
+    """:func:`enqueue` inside the caller's transaction ``conn`` (its errors are the caller's)."""
+    wanted = _checked(urls)
     if not wanted:
         return 0
-    with store.transaction("enqueueing webhooks", write=True) as conn:
-        disabled = {
-            str(u)
-            for u in conn.execute(
-                select(_ENDPOINTS.c.url).where(
-                    _ENDPOINTS.c.url.in_(wanted), _ENDPOINTS.c.disabled_ms.is_not(None)
-                )
-            ).scalars()
+    disabled = {
+        str(u)
+        for u in conn.execute(
+            select(_ENDPOINTS.c.url).where(
+                _ENDPOINTS.c.url.in_(wanted), _ENDPOINTS.c.disabled_ms.is_not(None)
+            )
+        ).scalars()
+    }
+    rows = [
+        {
+            "report_id": report.report_id,
+            "url": url,
+            "cose": report.cose,
+            "state": DEAD if url in disabled else PENDING,
+            "attempts": 0,
+            "next_attempt_ms": now_ms,
+            "created_ms": now_ms,
+            "updated_ms": now_ms,
+            "last_status": None,
+            "last_error": "endpoint disabled (410 Gone)" if url in disabled else None,
         }
-        rows = [
-            {
-                "report_id": report.report_id,
-                "url": url,
-                "cose": report.cose,
-                "state": DEAD if url in disabled else PENDING,
-                "attempts": 0,
-                "next_attempt_ms": now_ms,
-                "created_ms": now_ms,
-                "updated_ms": now_ms,
-                "last_status": None,
-                "last_error": "endpoint disabled (410 Gone)" if url in disabled else None,
-            }
-            for url in wanted
-        ]
-        stmt = (
-            _insert(store, _OUTBOX)
-            .on_conflict_do_nothing(index_elements=[_OUTBOX.c.report_id, _OUTBOX.c.url])
-            .returning(_OUTBOX.c.id)
-        )
-        return len(list(conn.execute(stmt, rows).scalars()))
+        for url in wanted
+    ]
+    stmt = (
+        _insert(store, _OUTBOX)
+        .on_conflict_do_nothing(index_elements=[_OUTBOX.c.report_id, _OUTBOX.c.url])
+        .returning(_OUTBOX.c.id)
+    )
+    return len(list(conn.execute(stmt, rows).scalars()))
 
 
 def claim_due(store: Store, *, now_ms: int, lease_ms: int, limit: int) -> list[OutboxEntry]:

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -402,13 +402,15 @@ class Store:
         reports: Sequence[tuple[rpt.SignedReport, int, str]],
         *,
         trust: Mapping[str, str] | None = None,
+        alongside: Callable[[Connection], object] | None = None,
     ) -> int:
         """Store ``(report, received_ms, via)`` in one transaction; return how many were new.
 
         A report already stored, or repeated within ``reports``, is counted once (the first
         entry wins). Each observer's row is updated once for its new reports. ``trust`` maps
         report ids to the observer's trust label when they arrived (stored with new reports
-        only: a report stored before keeps the label it came with).
+        only: a report stored before keeps the label it came with). ``alongside`` runs in the
+        same transaction after the inserts (the daemon's outbox rows): both commit or neither.
         """
         rows: dict[str, dict[str, Any]] = {}
         observed: dict[str, tuple[rpt.Observer, int]] = {}
@@ -432,6 +434,8 @@ class Store:
             observer_rows = _observer_rows(new)
             if observer_rows:
                 conn.execute(self._upsert_observers, observer_rows)
+            if alongside is not None:
+                alongside(conn)
         with self._lock:
             self._new += len(new_ids)
             self._duplicate += len(reports) - len(new_ids)
