@@ -631,7 +631,9 @@ class WebhookDelivery:
                 retry_at_ms = now_ms + int(self._settings.backoff_cap_s * 1000)
             # A row already finished (the error came later) is left as it is: _finish only
             # changes pending rows.
-            await self._store_call(functools.partial(self._record, entry, attempt, retry_at_ms))
+            await self._store_call(
+                functools.partial(self._record, entry, attempt, now_ms, retry_at_ms)
+            )
 
     async def _deliver(
         self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, deferred: dict[str, int]
@@ -661,7 +663,7 @@ class WebhookDelivery:
                     del self._held[url]
                 until = mono + (retry_at_ms - now_ms) / 1000
                 self._held[entry.url] = max(self._held.get(entry.url, -math.inf), until)
-        await self._store_call(functools.partial(self._record, entry, attempt, retry_at_ms))
+        await self._store_call(functools.partial(self._record, entry, attempt, now_ms, retry_at_ms))
 
     async def _over_retry_budget(self, entry: outbox.OutboxEntry, deferred: dict[str, int]) -> bool:
         """Charge a retry to its URL and host; if either is spent, give the row back for when
@@ -711,13 +713,22 @@ class WebhookDelivery:
             self._counters.store_errors += 1
             log.warning("webhook delivery: cannot record an outcome: %s", exc)
 
-    def _record(self, entry: outbox.OutboxEntry, attempt: _Attempt, until_ms: int) -> None:
-        """Write the outcome of one attempt (blocking; runs in a thread)."""
-        with self._record_lock:  # counters are shared with other threads doing the same
-            self._record_locked(entry, attempt, until_ms)
+    def _record(
+        self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
+    ) -> None:
+        """Write the outcome of one attempt (blocking; runs in a thread).
 
-    def _record_locked(self, entry: outbox.OutboxEntry, attempt: _Attempt, until_ms: int) -> None:
-        s, c, now_ms = self._settings, self._counters, self._now_ms()
+        ``now_ms`` is the time ``until_ms`` was computed from, written as the row's
+        ``updated_ms``: the pair keeps the delay even if the clock steps meanwhile, which is
+        what :func:`outbox.rebase_clock` relies on.
+        """
+        with self._record_lock:  # counters are shared with other threads doing the same
+            self._record_locked(entry, attempt, now_ms, until_ms)
+
+    def _record_locked(
+        self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
+    ) -> None:
+        s, c = self._settings, self._counters
         outcome = attempt.outcome
         if outcome == DELIVERED:
             c.delivered += 1

@@ -312,6 +312,103 @@ async def test_reports_of_other_observers_are_not_signed_for(
     assert "not signed by this node" in (ob.entries(store)[0].last_error or "")
 
 
+# -- the wall clock steps -------------------------------------------------------------------------
+
+
+class SteppedClock:
+    """The wall clock, plus an offset the test sets (as if an operator or NTP stepped it)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def wait_for(condition: Any, timeout_s: float = 20) -> None:
+    with trio.fail_after(timeout_s):
+        while not await condition():
+            await trio.sleep(0.02)
+
+
+async def recorded(store: Store, status: int) -> bool:
+    rows = await trio.to_thread.run_sync(ob.entries, store)
+    return any(e.last_status == status for e in rows)
+
+
+#: Backoff of the retry in these tests: uniform in [0.5, 1] s.
+BACKOFF_S = 1.0
+#: Slack for a poll, a pass and a loaded test machine on top of the backoff.
+SLACK_S = 2.0
+STEPS_S = [6 * 3600, 3600, 30 * 86400]
+
+
+@pytest.mark.parametrize("step_s", STEPS_S)
+async def test_clock_stepped_back_does_not_stall_a_due_row(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity, step_s: float
+) -> None:
+    app = Scripted(identity.public_key, [(500, [])])
+    base = await serve_app(nursery, app)
+    enqueue_reports(store, identity, base + "/x", 1)
+    clock = SteppedClock()
+    settings = fast(backoff_base_s=BACKOFF_S, backoff_cap_s=BACKOFF_S)
+    delivery = svc.WebhookDelivery(store, identity, settings, clock=clock)
+    await nursery.start(delivery.run)
+    await wait_for(lambda: recorded(store, 500))  # the retry is due within BACKOFF_S
+    clock.offset = -step_s
+    stepped = time.monotonic()
+    with trio.fail_after(BACKOFF_S + SLACK_S):
+        while delivery.statistics().delivered < 1:
+            await trio.sleep(0.02)
+    assert time.monotonic() - stepped < BACKOFF_S + SLACK_S
+    assert len(app.seen) == 2
+    assert delivery.statistics().clock_steps == 1
+
+
+@pytest.mark.parametrize("step_s", STEPS_S)
+async def test_clock_stepped_back_while_stopped_does_not_stall_after_restart(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity, step_s: float
+) -> None:
+    app = Scripted(identity.public_key, [(500, [])])
+    base = await serve_app(nursery, app)
+    enqueue_reports(store, identity, base + "/x", 1)
+    clock = SteppedClock()
+    settings = fast(backoff_base_s=BACKOFF_S, backoff_cap_s=BACKOFF_S)
+    with trio.CancelScope() as first_life:
+        first = svc.WebhookDelivery(store, identity, settings, clock=clock)
+        await nursery.start(first.run)
+        await wait_for(lambda: recorded(store, 500))
+        first_life.cancel()
+    clock.offset = -step_s  # while nothing runs
+    second = svc.WebhookDelivery(store, identity, settings, clock=clock)
+    stepped = time.monotonic()
+    counts = await second.drain(timeout_s=BACKOFF_S + SLACK_S)
+    assert counts["delivered"] == 1
+    assert time.monotonic() - stepped < BACKOFF_S + SLACK_S
+    assert second.statistics().rebased == 1  # seen in the rows, not by the new service
+
+
+async def test_clock_stepped_back_does_not_stretch_a_retry_after_hold(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity
+) -> None:
+    app = Scripted(identity.public_key, [(503, [(b"retry-after", b"1")])])
+    base = await serve_app(nursery, app)
+    enqueue_reports(store, identity, base + "/x", 2)
+    clock = SteppedClock()
+    delivery = svc.WebhookDelivery(store, identity, fast(max_concurrency=1), clock=clock)
+    await nursery.start(delivery.run)
+    await wait_for(lambda: recorded(store, 503))
+    clock.offset = -6 * 3600
+    stepped = time.monotonic()
+    with trio.fail_after(1 + SLACK_S):
+        while delivery.statistics().delivered < 2:
+            await trio.sleep(0.02)
+    assert time.monotonic() - stepped < 1 + SLACK_S
+    assert len(app.seen) == 3 and app.seen[1].at - app.seen[0].at >= 0.95
+    (endpoint,) = await trio.to_thread.run_sync(ob.endpoints, store)
+    assert endpoint.not_before_ms <= clock() * 1000 + 1000
+
+
 # -- kill -9 in the middle of delivery ------------------------------------------------------------
 
 

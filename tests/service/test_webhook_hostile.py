@@ -263,3 +263,94 @@ async def test_unexpected_error_is_a_counted_failed_attempt(
     # Logged, but rate-limited: one warning for the three.
     warnings = [r for r in caplog.records if "Boom" in r.getMessage()]
     assert len(warnings) == 1
+
+
+# -- finding 2: retries are charged to per-URL and per-host budgets -------------------------------
+
+
+class Clocks:
+    """The wall and the monotonic clock, both real time plus an offset the test moves.
+
+    The budgets below refill at 0.01 retries/s: a test that runs seconds sees no refill it
+    did not make by ``advance``.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return trio.current_time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20) -> None:
+    with trio.fail_after(timeout_s):
+        while not condition():
+            await trio.sleep(0.02)
+
+
+async def test_retries_to_one_url_are_charged_to_its_budget(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity
+) -> None:
+    url, server = await serve_raw(nursery, answer(500, b"no"))
+    enqueue_reports(store, identity, url, 5)
+    clocks = Clocks()
+    limits = svc.RetryLimits(per_url_per_s=0.01, per_url_burst=2)
+    delivery = svc.WebhookDelivery(
+        store,
+        identity,
+        fast(max_attempts=12),
+        clock=clocks.wall,
+        monotonic=clocks.monotonic,
+        retry_limits=limits,
+    )
+    await nursery.start(delivery.run)
+    # Five first attempts (not charged: the node's send budget admitted them), two retries
+    # (the burst), then each of the five rows has found the bucket empty once.
+    await until(lambda: delivery.statistics().retry_budget_url >= 5)
+    await trio.sleep(0.5)  # backoff is at most 0.2 s: without the budget, more would go now
+    assert len(server.heads) == 7
+    rows = await trio.to_thread.run_sync(ob.entries, store)
+    assert [r.state for r in rows] == ["pending"] * 5  # waiting, not dropped
+    assert sum(r.attempts for r in rows) == 7  # a row held back spends no attempt
+    assert delivery.statistics().retry_budget_host == 0
+    # 100 s later the bucket has one retry more; 300 s later (its refill time for the rows
+    # that wait) two more — and never more than the burst at once.
+    clocks.advance(300)
+    delivery.wake()
+    await until(lambda: len(server.heads) >= 9)
+    await trio.sleep(0.5)
+    assert len(server.heads) == 9
+    assert delivery.statistics().dead == 0
+
+
+async def test_retries_to_one_host_share_its_budget(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity
+) -> None:
+    base, server = await serve_raw(nursery, answer(503, b"busy"))
+    urls = [f"{base}/{i}" for i in range(4)]  # one host name, four URLs
+    for url in urls:
+        enqueue_reports(store, identity, url, 2)
+    clocks = Clocks()
+    limits = svc.RetryLimits(per_host_per_s=0.01, per_host_burst=3)
+    delivery = svc.WebhookDelivery(
+        store,
+        identity,
+        fast(max_attempts=12),
+        clock=clocks.wall,
+        monotonic=clocks.monotonic,
+        retry_limits=limits,
+    )
+    await nursery.start(delivery.run)
+    await until(lambda: delivery.statistics().retry_budget_host >= 5)
+    await trio.sleep(0.5)
+    assert len(server.heads) == 8 + 3
+    stats = delivery.statistics()
+    assert stats.retry_budget_url == 0 and stats.dead == 0
+    rows = await trio.to_thread.run_sync(ob.entries, store)
+    assert sum(r.attempts for r in rows) == 11
