@@ -14,10 +14,20 @@ answer                 what happens
 timeout, network
 3xx, other 4xx         dead letter (kept, with status and reason)
 internal address       dead letter (SSRF policy, :mod:`overflowd.ssrf`)
+broken HTTP, any       retry with backoff, counted (a bad answer; an unexpected exception
+other error            by its type): one row never stops the service
 =====================  ================================================================
 
 Backoff is exponential with jitter: attempt ``n`` waits a uniform random time in
 ``[d/2, d]`` where ``d = min(cap, base × 2^(n-1))``; after ``max_attempts`` the row is dead.
+Retries are also charged to per-URL and per-host token buckets (:class:`RetryLimits`); a
+retry over budget waits for its bucket without spending an attempt.
+
+Every endpoint is an attacker's (anyone can publish ``u=``): answers are read raw, never
+decoded (``Accept-Encoding: identity``; a ``gzip, gzip`` body of 500 bytes can inflate to
+GBs), and at most MAX_ERROR_BODY_BYTES of the body and MAX_ANSWER_HEAD_BYTES of the head are
+read, all within one deadline for the whole attempt. Due times are wall-clock, like
+:func:`enqueue`'s, and re-based when the wall clock steps (:func:`outbox.rebase_clock`).
 
 Exactly once at the receiver: a crash between sending and marking a row only means the row is
 sent again when its lease runs out, with the same ``webhook-id`` (the report id), which the
