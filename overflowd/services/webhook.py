@@ -95,6 +95,10 @@ CLOCK_STEP_TOLERANCE_S = 1 * SECONDS
 #: One WARNING per kind of unexpected error per this long; the others are counted and the
 #: next warning says how many were suppressed (a hostile endpoint must not flood the log).
 UNEXPECTED_LOG_INTERVAL_S = 60 * SECONDS
+#: Endpoints held in memory (said 429/503) at most. The hold is also in the store, which is
+#: what claiming obeys; the memory copy only stops rows of the same batch, so forgetting the
+#: hold that ends first is safe, and a flood of slow-down answers cannot grow it unbounded.
+MAX_HELD_URLS = 10_000
 #: Kinds of unexpected error counted by name; more kinds than this are counted as "other"
 #: (the names come from our code, so this only bounds a pathological case).
 MAX_ERROR_KINDS = 32
@@ -435,6 +439,22 @@ async def resolve(host: str, port: int) -> list[ssrf.Address]:
     return out
 
 
+async def read_raw_capped(response: httpx.Response, max_bytes: int) -> tuple[bytes, bool]:
+    """At most ``max_bytes`` of a streamed answer's body as sent, and whether there was more.
+
+    Raw: transfer-encoding undone by h11, content-encoding never (``aiter_raw``), so the cap
+    is on bytes from the socket, not on what a compression bomb inflates to. Stops reading at
+    the cap (the caller closes the response, which drops the connection if unread bytes are
+    left). For every answer from a server we call: webhook endpoints, and peers.
+    """
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk[: max_bytes + 1 - len(body)]
+        if len(body) > max_bytes:
+            return bytes(body[:max_bytes]), True
+    return bytes(body), False
+
+
 def _host_key(url: str) -> str:
     """The host name a URL's retries are charged to (the URL itself if it does not parse)."""
     try:
@@ -671,6 +691,8 @@ class WebhookDelivery:
                 mono = self._monotonic()
                 for url in [u for u, t in self._held.items() if t <= mono]:
                     del self._held[url]
+                if entry.url not in self._held and len(self._held) >= MAX_HELD_URLS:
+                    del self._held[min(self._held, key=self._held.__getitem__)]
                 until = mono + (retry_at_ms - now_ms) / 1000
                 self._held[entry.url] = max(self._held.get(entry.url, -math.inf), until)
         await self._store_call(functools.partial(self._record, entry, attempt, now_ms, retry_at_ms))
@@ -836,16 +858,9 @@ class WebhookDelivery:
                 status = response.status_code
                 retry_after = response.headers.get("retry-after")
                 encoding = response.headers.get("content-encoding", "").strip().lower()
-                # Raw bytes, never decoded, at most the cap. Reading an answer to its end
-                # keeps the keep-alive connection (no TCP handshake per delivery); a longer
-                # one is cut and its connection dropped, 2xx or not.
-                detail = bytearray()
-                cut = False
-                async for chunk in response.aiter_raw():
-                    detail += chunk[: MAX_ERROR_BODY_BYTES + 1 - len(detail)]
-                    if len(detail) > MAX_ERROR_BODY_BYTES:
-                        cut = True
-                        break
+                # Reading an answer to its end keeps the keep-alive connection (no TCP
+                # handshake per delivery); a longer one is cut and its connection dropped.
+                detail, cut = await read_raw_capped(response, MAX_ERROR_BODY_BYTES)
             finally:
                 await response.aclose()
         except httpx.InvalidURL as exc:  # a URL httpx will never send: no retry helps

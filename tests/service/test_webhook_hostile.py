@@ -147,6 +147,7 @@ async def test_gzip_bomb_answer_is_never_inflated(
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    print(f"peak {peak / 2**20:.2f} MiB for a {len(bomb)}-byte answer")
     assert peak < MAX_PEAK_BYTES, f"peak {peak / 2**20:.0f} MiB for a {len(bomb)}-byte answer"
     assert counts[outcome] == 1
     # We asked for the body as it is, and read at most the cap of it.
