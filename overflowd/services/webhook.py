@@ -121,8 +121,8 @@ class RetryLimits:
     it waits for the bucket (rescheduled, counted), it is never dropped.
 
     Defaults: one retry per second to a URL (two per host, which may serve several URLs),
-    about what the per-prefix send budget admits to one site; a burst of 30 (60) lets a short
-    outage's backlog be retried within a minute of the endpoint coming back.
+    about what the per-prefix send budget admits to one site (1/s); a burst of 30 (60) lets
+    that many waiting rows go at once when an endpoint comes back.
     """
 
     per_url_per_s: float = 1.0
