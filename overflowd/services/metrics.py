@@ -128,9 +128,43 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         outcomes = CounterMetricFamily(
             "overflowd_webhook_deliveries", "Webhook delivery outcomes", labels=["outcome"]
         )
-        for outcome in ("delivered", "retried", "dead", "gone", "refused", "network_errors"):
+        for outcome in (
+            "delivered",
+            "retried",
+            "dead",
+            "gone",
+            "refused",
+            "network_errors",
+            "bad_answers",
+        ):
             outcomes.add_metric([outcome], getattr(w, outcome))
         yield outcomes
+        yield _counter(
+            "overflowd_webhook_answers_cut",
+            "Webhook answers whose body was over the cap (reading stopped)",
+            w.answers_cut,
+        )
+        waits = CounterMetricFamily(
+            "overflowd_webhook_retry_budget_waits",
+            "Webhook retries held back: the URL's or host's retry budget was spent",
+            labels=["budget"],
+        )
+        waits.add_metric(["url"], w.retry_budget_url)
+        waits.add_metric(["host"], w.retry_budget_host)
+        yield waits
+        yield _counter(
+            "overflowd_webhook_clock_steps",
+            "Wall-clock steps seen by webhook delivery",
+            w.clock_steps,
+        )
+        unexpected = CounterMetricFamily(
+            "overflowd_webhook_unexpected_errors",
+            "Unexpected errors delivering one webhook row (each a failed attempt)",
+            labels=["type"],
+        )
+        for kind, count in sorted(w.unexpected_errors.items()):
+            unexpected.add_metric([kind], count)
+        yield unexpected
     events = CounterMetricFamily(
         "overflowd_registry_events",
         "Observer events: a new key for a known observer, changed contacts",

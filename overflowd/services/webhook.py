@@ -14,10 +14,20 @@ answer                 what happens
 timeout, network
 3xx, other 4xx         dead letter (kept, with status and reason)
 internal address       dead letter (SSRF policy, :mod:`overflowd.ssrf`)
+broken HTTP, any       retry with backoff, counted (a bad answer; an unexpected exception
+other error            by its type): one row never stops the service
 =====================  ================================================================
 
 Backoff is exponential with jitter: attempt ``n`` waits a uniform random time in
 ``[d/2, d]`` where ``d = min(cap, base × 2^(n-1))``; after ``max_attempts`` the row is dead.
+Retries are also charged to per-URL and per-host token buckets (:class:`RetryLimits`); a
+retry over budget waits for its bucket without spending an attempt.
+
+Every endpoint is an attacker's (anyone can publish ``u=``): answers are read raw, never
+decoded (``Accept-Encoding: identity``; a ``gzip, gzip`` body of 500 bytes can inflate to
+GBs), and at most MAX_ERROR_BODY_BYTES of the body and MAX_ANSWER_HEAD_BYTES of the head are
+read, all within one deadline for the whole attempt. Due times are wall-clock, like
+:func:`enqueue`'s, and re-based when the wall clock steps (:func:`outbox.rebase_clock`).
 
 Exactly once at the receiver: a crash between sending and marking a row only means the row is
 sent again when its lease runs out, with the same ``webhook-id`` (the report id), which the
@@ -38,9 +48,10 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -65,19 +76,188 @@ log = logging.getLogger(__name__)
 
 SECONDS = 1.0
 USER_AGENT = "overflowd-webhook/1"
-#: Bytes of a non-2xx answer kept for the dead-letter reason; the rest is never read, so a
-#: receiver cannot make us download a large body.
+#: Raw bytes of an answer's body we read at most (kept for the dead-letter reason); reading
+#: stops there and the connection is dropped, so a receiver cannot make us download a large
+#: body. Counted in raw bytes from the socket: we ask for ``Accept-Encoding: identity`` and
+#: never decode a ``Content-Encoding`` (a 500-byte ``gzip, gzip`` answer inflates to GBs).
 MAX_ERROR_BODY_BYTES = 256
+#: The answer's head (status line and headers) is capped by httpcore at this many bytes
+#: (``AsyncHTTP11Connection.MAX_INCOMPLETE_EVENT_SIZE``, h11's ``max_incomplete_event_size``);
+#: a longer one is a protocol error, a counted bad answer. With the body cap and one socket
+#: read of 64 KiB, this bounds what one attempt reads; ``total_timeout_s`` bounds how long.
+MAX_ANSWER_HEAD_BYTES = 100 * 1024
 #: How often the running service deletes old delivered rows.
 PRUNE_INTERVAL_S = 3600 * SECONDS
+#: A change of the wall clock against the monotonic one larger than this is a clock step:
+#: due times written under the old clock are re-based (:func:`outbox.rebase_clock`). Smaller
+#: than any backoff worth speaking of, larger than NTP slewing between two passes.
+CLOCK_STEP_TOLERANCE_S = 1 * SECONDS
+#: One WARNING per kind of unexpected error per this long; the others are counted and the
+#: next warning says how many were suppressed (a hostile endpoint must not flood the log).
+UNEXPECTED_LOG_INTERVAL_S = 60 * SECONDS
+#: Endpoints held in memory (said 429/503) at most. The hold is also in the store, which is
+#: what claiming obeys; the memory copy only stops rows of the same batch, so forgetting the
+#: hold that ends first is safe, and a flood of slow-down answers cannot grow it unbounded.
+MAX_HELD_URLS = 10_000
+#: Kinds of unexpected error counted by name; more kinds than this are counted as "other"
+#: (the names come from our code, so this only bounds a pathological case).
+MAX_ERROR_KINDS = 32
 
 
 # ---------------------------------------------------------------------------------------------
 # Settings
 
 
+@dataclass(frozen=True, slots=True)
+class RetryLimits:
+    """Budgets for retries, per URL and per host name (an explicit value, like ``httpx.Limits``).
+
+    First attempts are admitted by the node's send budget (:class:`overflowd.notify.Budget`);
+    each can be retried up to ``max_attempts - 1`` times, so without these a receiver that
+    answers 500 to everything would get up to 12 requests per admitted delivery. With them,
+    every URL gets at most ``per_url_burst + per_url_per_s × T`` retries in any window of
+    ``T`` seconds, every host name ``per_host_burst + per_host_per_s × T``, however many
+    deliveries wait. A row whose retry is over budget is not sent and not charged an attempt:
+    it waits for the bucket (rescheduled, counted), it is never dropped.
+
+    Defaults: one retry per second to a URL (two per host, which may serve several URLs),
+    about what the per-prefix send budget admits to one site (1/s); a burst of 30 (60) lets
+    that many waiting rows go at once when an endpoint comes back.
+    """
+
+    per_url_per_s: float = 1.0
+    per_url_burst: int = 30
+    per_host_per_s: float = 2.0
+    per_host_burst: int = 60
+    #: Buckets kept per table. URLs come from DNS (anyone's ``u=``), so the table is bounded;
+    #: what is forgotten never comes back with more retries (see :class:`_Buckets`).
+    max_tracked: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in ("per_url_per_s", "per_host_per_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of retries per second")
+        for name in ("per_url_burst", "per_host_burst", "max_tracked"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer of at least 1")
+
+    @property
+    def longest_wait_s(self) -> float:
+        """The longest a row can wait for one retry token."""
+        return 1 / min(self.per_url_per_s, self.per_host_per_s)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure policy
+
+
+class _Buckets:
+    """Token buckets by key, each one number: GCRA's theoretical arrival time (TAT).
+
+    Emission interval ``T = 1 / per_s`` and tolerance ``(burst - 1) × T``; a key conforms when
+    ``TAT - tolerance <= now``. Time is injected (monotonic seconds) and never goes backwards
+    here. At most ``max_keys`` buckets: full ones (TAT at or before now) are forgotten first,
+    as a forgotten full bucket comes back full; if that is not enough, the quarter closest to
+    full is evicted and ``_floor`` raised to the highest TAT evicted, the TAT every key not in
+    the table starts from — so an evicted key never comes back with more tokens than it had.
+    """
+
+    def __init__(self, per_s: float, burst: int, max_keys: int) -> None:
+        self.interval_s = 1.0 / per_s
+        self._tolerance_s = (burst - 1) * self.interval_s
+        self._max_keys = max_keys
+        self._tat: dict[str, float] = {}
+        self._floor = -math.inf
+        self._last = -math.inf
+
+    def _tick(self, now: float) -> float:
+        self._last = max(self._last, now)
+        return self._last
+
+    def wait_s(self, key: str, now: float) -> float:
+        """Seconds until ``key`` has a token (0 when it has one now)."""
+        now = self._tick(now)
+        return max(0.0, self._tat.get(key, self._floor) - self._tolerance_s - now)
+
+    def take(self, key: str, now: float) -> None:
+        now = self._tick(now)
+        tat = max(self._tat.get(key, self._floor), now) + self.interval_s
+        if key not in self._tat and len(self._tat) >= self._max_keys:
+            self._make_room(now)
+        self._tat[key] = tat
+
+    def __len__(self) -> int:
+        return len(self._tat)
+
+    def _make_room(self, now: float) -> None:
+        for key in [k for k, t in self._tat.items() if t <= now]:
+            del self._tat[key]
+        if len(self._tat) < self._max_keys:
+            return
+        # Evict a quarter at once: the sort is paid once per max_keys / 4 new keys.
+        by_tat = sorted(self._tat.items(), key=lambda kv: kv[1])
+        for key, tat in by_tat[: max(1, len(by_tat) // 4)]:
+            self._floor = max(self._floor, tat)
+            del self._tat[key]
+
+
+class RetryBudget:
+    """Per-URL and per-host retry budgets (:class:`RetryLimits`), on an injected clock (pure)."""
+
+    def __init__(self, limits: RetryLimits | None = None) -> None:
+        self.limits = limits or RetryLimits()
+        lim = self.limits
+        self._url = _Buckets(lim.per_url_per_s, lim.per_url_burst, lim.max_tracked)
+        self._host = _Buckets(lim.per_host_per_s, lim.per_host_burst, lim.max_tracked)
+
+    def charge(self, url: str, host: str, now: float) -> tuple[str, float, float] | None:
+        """Take one retry from both the URL's and the host's bucket, or from neither.
+
+        None when taken; else ``(which, wait_s, interval_s)``: the bucket that is empty
+        (``"host"`` or ``"url"``), seconds until it has a token, and its emission interval
+        (for spreading several waiting rows over the refill instead of waking them at once).
+        """
+        wait = self._host.wait_s(host, now)
+        if wait > 0:
+            return ("host", wait, self._host.interval_s)
+        wait = self._url.wait_s(url, now)
+        if wait > 0:
+            return ("url", wait, self._url.interval_s)
+        self._host.take(host, now)
+        self._url.take(url, now)
+        return None
+
+    def tracked(self) -> tuple[int, int]:
+        """Buckets held: (URLs, hosts)."""
+        return len(self._url), len(self._host)
+
+
+class _LogLimiter:
+    """At most one WARNING per key per ``interval_s`` (monotonic); the rest are counted and the
+    next warning for that key says how many were suppressed."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float], max_keys: int) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._max_keys = max_keys
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = self._clock()
+        if key not in self._next and len(self._next) >= self._max_keys:
+            key = "other"
+        if now < self._next.get(key, -math.inf):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._next[key] = now + self._interval_s
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            msg += " (%d more suppressed)"
+            args = (*args, suppressed)
+        log.warning(msg, *args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -101,7 +281,8 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: str.isdigit() is true for "²", which int() refuses.
+    if value.isascii() and value.isdigit():
         return float(min(int(value[:12]), 10**9))
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -170,6 +351,18 @@ class WebhookStatistics:
     postponed: int
     store_errors: int
     in_flight: int
+    #: answers whose body was longer than MAX_ERROR_BODY_BYTES: reading stopped there
+    answers_cut: int
+    #: answers that broke HTTP (a head over MAX_ANSWER_HEAD_BYTES, garbage): failed attempts
+    bad_answers: int
+    #: retries not sent because the URL's / the host's retry budget was spent (rows wait)
+    retry_budget_url: int
+    retry_budget_host: int
+    #: wall-clock steps seen (beyond CLOCK_STEP_TOLERANCE_S) and rows/holds re-based
+    clock_steps: int
+    rebased: int
+    #: unexpected exceptions at the per-row boundary, by type name (each a failed attempt)
+    unexpected_errors: Mapping[str, int]
 
 
 @dataclass
@@ -185,6 +378,12 @@ class _Counters:
     postponed: int = 0
     store_errors: int = 0
     in_flight: int = 0
+    answers_cut: int = 0
+    bad_answers: int = 0
+    retry_budget_url: int = 0
+    retry_budget_host: int = 0
+    clock_steps: int = 0
+    rebased: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +398,11 @@ ClientFactory = Callable[[WebhookSettings], httpx.AsyncClient]
 
 
 def default_client(settings: WebhookSettings) -> httpx.AsyncClient:
-    """The HTTP client: explicit timeouts, no redirects, no proxies from the environment."""
+    """The HTTP client: explicit timeouts, no redirects, no proxies from the environment.
+
+    HTTP/1.1 only (httpx's default): its answer head is capped by httpcore
+    (MAX_ANSWER_HEAD_BYTES), and the body is read raw by :meth:`WebhookDelivery._send`.
+    """
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.io_timeout_s, connect=settings.connect_timeout_s),
         limits=httpx.Limits(
@@ -208,7 +411,7 @@ def default_client(settings: WebhookSettings) -> httpx.AsyncClient:
         ),
         follow_redirects=False,
         trust_env=False,
-        headers={"user-agent": USER_AGENT},
+        headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
     )
 
 
@@ -236,12 +439,49 @@ async def resolve(host: str, port: int) -> list[ssrf.Address]:
     return out
 
 
+async def read_raw_capped(response: httpx.Response, max_bytes: int) -> tuple[bytes, bool]:
+    """At most ``max_bytes`` of a streamed answer's body as sent, and whether there was more.
+
+    Raw: transfer-encoding undone by h11, content-encoding never (``aiter_raw``), so the cap
+    is on bytes from the socket, not on what a compression bomb inflates to. Stops reading at
+    the cap (the caller closes the response, which drops the connection if unread bytes are
+    left). For every answer from a server we call: webhook endpoints, and peers.
+    """
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk[: max_bytes + 1 - len(body)]
+        if len(body) > max_bytes:
+            return bytes(body[:max_bytes]), True
+    return bytes(body), False
+
+
+def _host_key(url: str) -> str:
+    """The host name a URL's retries are charged to (the URL itself if it does not parse)."""
+    try:
+        return ssrf.parse_target(url, require_https=False).host.lower()
+    except DeliveryError:
+        return url
+
+
+def _printable(text: str) -> str:
+    """An endpoint's words as they go into the dead-letter reason: no control characters."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
 class WebhookDelivery:
     """Deliver the outbox. ``run()`` is the daemon's service; ``drain()`` empties it and returns.
 
     ``client_factory(settings)`` makes the httpx client (tests inject transports); ``clock``
-    gives Unix seconds for the outbox's wall-clock times and the signature timestamp; ``rng``
-    the backoff jitter.
+    gives Unix seconds for the outbox's wall-clock times and the signature timestamp;
+    ``monotonic`` gives seconds that never step (retry budgets, endpoint holds, detecting
+    steps of ``clock``; default ``trio.current_time``); ``rng`` the backoff jitter;
+    ``retry_limits`` the retry budgets.
+
+    Due times in the outbox are wall-clock milliseconds, like :func:`enqueue`'s, so that every
+    worker and restart reads them alike. A clock stepped back would leave them far in the
+    future: at start-up and whenever the wall clock moves against the monotonic one, the
+    service re-bases them (:func:`outbox.rebase_clock`), so a row waits at most its own delay
+    again, never the size of the step.
     """
 
     def __init__(
@@ -252,7 +492,9 @@ class WebhookDelivery:
         client_factory: ClientFactory | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = trio.current_time,
         rng: random.Random | None = None,
+        retry_limits: RetryLimits | None = None,
     ) -> None:
         self._store = store
         self._identity = identity
@@ -262,16 +504,30 @@ class WebhookDelivery:
         self._allowed = settings.allowed_networks
         self._client_factory = client_factory or default_client
         self._clock = clock
+        self._monotonic = monotonic
         self._rng = rng or random.Random()
+        self._budget = RetryBudget(retry_limits)
         self._counters = _Counters()
+        self._unexpected: dict[str, int] = {}
+        self._log_limiter = _LogLimiter(UNEXPECTED_LOG_INTERVAL_S, monotonic, MAX_ERROR_KINDS)
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(settings.max_concurrency)
         self._record_lock = threading.Lock()
-        #: endpoints that said 429/502/503/504, until when (Unix seconds); also in the store
+        #: endpoints that said 429/502/503/504, until when (monotonic seconds, so that a
+        #: wall-clock step does not stretch a hold); also in the store, in wall-clock time
         self._held: dict[str, float] = {}
+        #: wall clock minus monotonic clock at the last look, to see steps; None before
+        self._clock_offset: float | None = None
+        s = settings
+        #: no due time we write lies further ahead than this (rebase_clock clamps to it)
+        self._max_delay_s = max(
+            s.backoff_cap_s, s.retry_after_cap_s, s.lease_s, self._budget.limits.longest_wait_s
+        )
 
     def statistics(self) -> WebhookStatistics:
-        return WebhookStatistics(**vars(self._counters))
+        return WebhookStatistics(
+            **vars(self._counters), unexpected_errors=MappingProxyType(dict(self._unexpected))
+        )
 
     def wake(self) -> None:
         """Look at the outbox now (something was enqueued)."""
@@ -279,6 +535,29 @@ class WebhookDelivery:
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    async def _check_clock(self) -> None:
+        """Re-base due times if the wall clock stepped since the last look (or ever, at start:
+        it may have stepped while the service was down; the rows say so by themselves)."""
+        offset = self._clock() - self._monotonic()
+        last, self._clock_offset = self._clock_offset, offset
+        if last is not None:
+            if abs(offset - last) <= CLOCK_STEP_TOLERANCE_S:
+                return
+            self._counters.clock_steps += 1
+            log.warning("webhook delivery: wall clock stepped by %+.0f s", offset - last)
+        moved = await trio.to_thread.run_sync(
+            functools.partial(
+                outbox.rebase_clock,
+                self._store,
+                now_ms=self._now_ms(),
+                max_delay_ms=int(self._max_delay_s * 1000),
+                tolerance_ms=int(CLOCK_STEP_TOLERANCE_S * 1000),
+            )
+        )
+        self._counters.rebased += moved
+        if moved:
+            log.info("webhook delivery: re-based %d due times to the current clock", moved)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver forever: a pass over due rows, then wait for wake() or the next poll."""
@@ -288,6 +567,7 @@ class WebhookDelivery:
             next_prune = trio.current_time()
             while True:
                 try:
+                    await self._check_clock()
                     if trio.current_time() >= next_prune:
                         next_prune = trio.current_time() + PRUNE_INTERVAL_S
                         before_ms = self._now_ms() - int(self._settings.keep_delivered_s * 1000)
@@ -315,6 +595,7 @@ class WebhookDelivery:
         with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
             async with self._client_factory(self._settings) as client:
                 while True:
+                    await self._check_clock()
                     claimed = await self._pass(client)
                     if claimed:
                         continue
@@ -347,27 +628,56 @@ class WebhookDelivery:
         )
         self._counters.claimed += len(claimed)
         if claimed:
+            deferred: dict[str, int] = {}
             async with trio.open_nursery() as nursery:
                 for entry in claimed:
-                    nursery.start_soon(self._deliver_one, client, entry)
+                    nursery.start_soon(self._deliver_one, client, entry, deferred)
         return len(claimed)
 
-    async def _deliver_one(self, client: httpx.AsyncClient, entry: outbox.OutboxEntry) -> None:
+    async def _deliver_one(
+        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, deferred: dict[str, int]
+    ) -> None:
+        """The per-row boundary: whatever goes wrong with one row is a counted, failed attempt
+        of that row, never the end of the pass or of the service (Cancelled still passes)."""
+        try:
+            await self._deliver(client, entry, deferred)
+        except Exception as exc:
+            kind = type(exc).__name__
+            if kind not in self._unexpected and len(self._unexpected) >= MAX_ERROR_KINDS:
+                kind = "other"
+            self._unexpected[kind] = self._unexpected.get(kind, 0) + 1
+            self._log_limiter.warning(
+                kind,
+                "webhook delivery: unexpected %s delivering row %d: %s",
+                type(exc).__name__,
+                entry.id,
+                str(exc)[:200],
+            )
+            attempt = _Attempt(RETRY, error=f"internal error: {type(exc).__name__}")
+            now_ms = self._now_ms()
+            try:
+                retry_at_ms = self._retry_at_ms(entry, attempt, now_ms)
+            except Exception:  # the boundary itself must not fail: the longest backoff
+                retry_at_ms = now_ms + int(self._settings.backoff_cap_s * 1000)
+            # A row already finished (the error came later) is left as it is: _finish only
+            # changes pending rows.
+            await self._store_call(
+                functools.partial(self._record, entry, attempt, now_ms, retry_at_ms)
+            )
+
+    async def _deliver(
+        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, deferred: dict[str, int]
+    ) -> None:
         async with self._limiter:
-            held_until = self._held.get(entry.url, 0.0)
-            if held_until > self._clock():
+            held_until = self._held.get(entry.url, -math.inf)
+            wait_s = held_until - self._monotonic()
+            if wait_s > 0:
                 # Claimed in the same batch as a row whose answer said "slow down": do not send,
                 # give it back for when the endpoint wants to hear from us again.
                 self._counters.postponed += 1
-                await self._store_call(
-                    functools.partial(
-                        outbox.release,
-                        self._store,
-                        entry.id,
-                        now_ms=self._now_ms(),
-                        next_attempt_ms=int(held_until * 1000),
-                    )
-                )
+                await self._release(entry, wait_s)
+                return
+            if entry.attempts > 1 and await self._over_retry_budget(entry, deferred):
                 return
             self._counters.in_flight += 1
             try:
@@ -378,11 +688,43 @@ class WebhookDelivery:
             retry_at_ms = self._retry_at_ms(entry, attempt, now_ms)
             if attempt.outcome == SLOW_DOWN:
                 # Before the limiter lets the next request go, so that it sees the hold.
-                now_s = now_ms / 1000
-                for url in [u for u, t in self._held.items() if t <= now_s]:
+                mono = self._monotonic()
+                for url in [u for u, t in self._held.items() if t <= mono]:
                     del self._held[url]
-                self._held[entry.url] = max(self._held.get(entry.url, 0.0), retry_at_ms / 1000)
-        await self._store_call(functools.partial(self._record, entry, attempt, retry_at_ms))
+                if entry.url not in self._held and len(self._held) >= MAX_HELD_URLS:
+                    del self._held[min(self._held, key=self._held.__getitem__)]
+                until = mono + (retry_at_ms - now_ms) / 1000
+                self._held[entry.url] = max(self._held.get(entry.url, -math.inf), until)
+        await self._store_call(functools.partial(self._record, entry, attempt, now_ms, retry_at_ms))
+
+    async def _over_retry_budget(self, entry: outbox.OutboxEntry, deferred: dict[str, int]) -> bool:
+        """Charge a retry to its URL and host; if either is spent, give the row back for when
+        the bucket has refilled (later rows of the same pass one interval later each)."""
+        spent = self._budget.charge(entry.url, _host_key(entry.url), self._monotonic())
+        if spent is None:
+            return False
+        which, wait_s, interval_s = spent
+        key = f"{which} {entry.url if which == 'url' else _host_key(entry.url)}"
+        queued = deferred.get(key, 0)
+        deferred[key] = queued + 1
+        if which == "url":
+            self._counters.retry_budget_url += 1
+        else:
+            self._counters.retry_budget_host += 1
+        await self._release(entry, min(wait_s + queued * interval_s, self._max_delay_s))
+        return True
+
+    async def _release(self, entry: outbox.OutboxEntry, wait_s: float) -> None:
+        now_ms = self._now_ms()
+        await self._store_call(
+            functools.partial(
+                outbox.release,
+                self._store,
+                entry.id,
+                now_ms=now_ms,
+                next_attempt_ms=now_ms + math.ceil(wait_s * 1000),
+            )
+        )
 
     def _retry_at_ms(self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int) -> int:
         """When to try again: jittered backoff, at least what Retry-After asked (capped)."""
@@ -403,13 +745,22 @@ class WebhookDelivery:
             self._counters.store_errors += 1
             log.warning("webhook delivery: cannot record an outcome: %s", exc)
 
-    def _record(self, entry: outbox.OutboxEntry, attempt: _Attempt, until_ms: int) -> None:
-        """Write the outcome of one attempt (blocking; runs in a thread)."""
-        with self._record_lock:  # counters are shared with other threads doing the same
-            self._record_locked(entry, attempt, until_ms)
+    def _record(
+        self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
+    ) -> None:
+        """Write the outcome of one attempt (blocking; runs in a thread).
 
-    def _record_locked(self, entry: outbox.OutboxEntry, attempt: _Attempt, until_ms: int) -> None:
-        s, c, now_ms = self._settings, self._counters, self._now_ms()
+        ``now_ms`` is the time ``until_ms`` was computed from, written as the row's
+        ``updated_ms``: the pair keeps the delay even if the clock steps meanwhile, which is
+        what :func:`outbox.rebase_clock` relies on.
+        """
+        with self._record_lock:  # counters are shared with other threads doing the same
+            self._record_locked(entry, attempt, now_ms, until_ms)
+
+    def _record_locked(
+        self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
+    ) -> None:
+        s, c = self._settings, self._counters
         outcome = attempt.outcome
         if outcome == DELIVERED:
             c.delivered += 1
@@ -445,7 +796,11 @@ class WebhookDelivery:
         outbox.mark_dead(self._store, entry.id, now_ms=now_ms, error=error, status=attempt.status)
 
     async def _attempt(self, client: httpx.AsyncClient, entry: outbox.OutboxEntry) -> _Attempt:
-        """One POST; every failure becomes an outcome, never an exception (but Cancelled)."""
+        """One POST; every failure becomes an outcome, never an exception (but Cancelled).
+
+        One deadline, ``total_timeout_s``, covers the whole attempt: resolving, connecting,
+        sending and reading the answer, however slowly it drips.
+        """
         s = self._settings
         try:
             unverified = rpt.decode_unverified(entry.cose)
@@ -458,6 +813,17 @@ class WebhookDelivery:
         report = rpt.SignedReport(
             cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
         )
+        try:
+            with trio.fail_after(s.total_timeout_s):
+                return await self._send(client, entry, report)
+        except trio.TooSlowError:
+            self._counters.network_errors += 1
+            return _Attempt(RETRY, error=f"no answer within {s.total_timeout_s:g} s")
+
+    async def _send(
+        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, report: rpt.SignedReport
+    ) -> _Attempt:
+        s = self._settings
         try:
             target = ssrf.parse_target(entry.url, require_https=s.require_https)
             with trio.fail_after(s.connect_timeout_s):
@@ -478,45 +844,44 @@ class WebhookDelivery:
 
         body = encode_body(report)
         headers = wh.sign(report.report_id, int(self._clock()), body, self._signer)
+        # The body as it is: a Content-Encoding we would have to inflate is a bomb's fuse.
+        headers["accept-encoding"] = "identity"
         url, extensions = _pinned(entry.url, target, addresses[0])
         if url != entry.url:
             headers["host"] = _host_header(target)
         try:
-            with trio.fail_after(s.total_timeout_s):
-                request = client.build_request(
-                    "POST", url, content=body, headers=headers, extensions=extensions
-                )
-                response = await client.send(request, stream=True)
-                try:
-                    status = response.status_code
-                    retry_after = response.headers.get("retry-after")
-                    detail = b""
-                    # Read a bounded part of every answer: a response closed with its body
-                    # unread loses its keep-alive connection (one TCP handshake per delivery).
-                    # A 2xx body is normally empty; a larger one is cut and the connection
-                    # dropped, as for errors.
-                    async for chunk in response.aiter_bytes():
-                        detail += chunk
-                        if len(detail) >= MAX_ERROR_BODY_BYTES:
-                            break
-                    if 200 <= status < 300:
-                        detail = b""
-                finally:
-                    await response.aclose()
-        except trio.TooSlowError:
-            self._counters.network_errors += 1
-            return _Attempt(RETRY, error=f"no answer within {s.total_timeout_s:g} s")
+            request = client.build_request(
+                "POST", url, content=body, headers=headers, extensions=extensions
+            )
+            response = await client.send(request, stream=True)
+            try:
+                status = response.status_code
+                retry_after = response.headers.get("retry-after")
+                encoding = response.headers.get("content-encoding", "").strip().lower()
+                # Reading an answer to its end keeps the keep-alive connection (no TCP
+                # handshake per delivery); a longer one is cut and its connection dropped.
+                detail, cut = await read_raw_capped(response, MAX_ERROR_BODY_BYTES)
+            finally:
+                await response.aclose()
         except httpx.InvalidURL as exc:  # a URL httpx will never send: no retry helps
             self._counters.refused += 1
             return _Attempt(DEAD, error=f"invalid URL: {exc}"[:200])
+        except httpx.RemoteProtocolError as exc:  # not HTTP, or a head over the cap
+            self._counters.bad_answers += 1
+            return _Attempt(RETRY, error=f"bad answer: {exc}"[:200])
         except httpx.HTTPError as exc:
             self._counters.network_errors += 1
             return _Attempt(RETRY, error=f"{type(exc).__name__}: {exc}"[:200])
         except OSError as exc:  # pragma: no cover - httpx maps these; belt and braces
             self._counters.network_errors += 1
             return _Attempt(RETRY, error=f"network error: {exc.strerror or exc}")
+        if cut:
+            self._counters.answers_cut += 1
         outcome = classify(status)
-        text = detail[:MAX_ERROR_BODY_BYTES].decode("utf-8", "replace").strip()
+        if encoding not in ("", "identity"):
+            text = f"({_printable(encoding[:40])}-encoded body, not read)"
+        else:
+            text = _printable(detail[:MAX_ERROR_BODY_BYTES].decode("utf-8", "replace").strip())
         error = f"HTTP {status}" + (f": {text}" if text else "")
         if 300 <= status < 400:
             error = f"HTTP {status}: redirects are not followed"

@@ -12,6 +12,12 @@ the same transaction, so two workers never send the same row at once and a worke
 sending but before marking only causes a re-send when the lease runs out (the receiver
 de-duplicates by ``webhook-id``). A crash loop still ends: attempts are counted at claim time.
 
+Times are wall-clock milliseconds, like :func:`enqueue`'s ``now_ms``, so that every worker
+and every restart reads them alike. A wall clock set back would leave due times far ahead:
+:func:`rebase_clock` brings them back (a row written "in the future" keeps its delay, counted
+from now) and clamps any due time to the longest delay a worker writes; the delivery service
+calls it at start-up and whenever it sees the clock step.
+
 Dead rows are kept (the dead letters) with the last status and error, for the operator.
 ``webhook_endpoints`` remembers URLs that answered 410 Gone (disabled: every pending row for
 them goes dead, new ones are enqueued dead) and URLs that asked us to wait (``not_before_ms``).
@@ -25,7 +31,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Executable, Table, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Executable,
+    Table,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -275,6 +292,65 @@ def release(store: Store, entry_id: int, *, now_ms: int, next_attempt_ms: int) -
         return bool(conn.execute(stmt).rowcount)
 
 
+def rebase_clock(store: Store, *, now_ms: int, max_delay_ms: int, tolerance_ms: int = 0) -> int:
+    """Bring due times written under a clock that has since stepped back into the present.
+
+    Due times are wall-clock milliseconds. A row (or endpoint hold) last written at
+    ``updated_ms`` later than ``now_ms + tolerance_ms`` was written before the clock was set
+    back; its due time keeps the delay it was given, counted again from now
+    (``next = now + (next - updated)``), so it waits at most that delay more instead of the
+    size of the step. Then no due time may lie more than ``max_delay_ms`` ahead (the longest
+    backoff, Retry-After or lease a worker writes): anything further is clamped to that.
+    Call at start-up (the clock may have stepped while nothing ran) and whenever the clock is
+    seen to step. Returns how many rows and endpoint holds moved.
+    """
+    if max_delay_ms < 0 or tolerance_ms < 0:
+        raise ValueError("max_delay_ms and tolerance_ms must not be negative")
+    o, e = _OUTBOX, _ENDPOINTS
+    ahead, horizon = now_ms + tolerance_ms, now_ms + max_delay_ms
+    moved = 0
+    with store.transaction("re-basing webhook due times", write=True) as conn:
+        moved += conn.execute(
+            update(o)
+            .where(o.c.state == PENDING, o.c.updated_ms > ahead)
+            .values(
+                next_attempt_ms=case(
+                    (
+                        o.c.next_attempt_ms > o.c.updated_ms,
+                        o.c.next_attempt_ms - o.c.updated_ms + now_ms,
+                    ),
+                    else_=now_ms,
+                ),
+                updated_ms=now_ms,
+            )
+        ).rowcount
+        moved += conn.execute(
+            update(o)
+            .where(o.c.state == PENDING, o.c.next_attempt_ms > horizon)
+            .values(next_attempt_ms=horizon, updated_ms=now_ms)
+        ).rowcount
+        moved += conn.execute(
+            update(e)
+            .where(e.c.updated_ms > ahead, e.c.not_before_ms > now_ms)
+            .values(
+                not_before_ms=case(
+                    (
+                        e.c.not_before_ms > e.c.updated_ms,
+                        e.c.not_before_ms - e.c.updated_ms + now_ms,
+                    ),
+                    else_=now_ms,
+                ),
+                updated_ms=now_ms,
+            )
+        ).rowcount
+        moved += conn.execute(
+            update(e)
+            .where(e.c.not_before_ms > horizon)
+            .values(not_before_ms=horizon, updated_ms=now_ms)
+        ).rowcount
+    return int(moved)
+
+
 def prune_delivered(store: Store, *, before_ms: int) -> int:
     """Delete delivered rows last updated before ``before_ms``; dead letters are kept."""
     o = _OUTBOX
@@ -409,6 +485,7 @@ __all__ = [
     "next_due_ms",
     "pending_urls",
     "prune_delivered",
+    "rebase_clock",
     "release",
     "reschedule",
 ]

@@ -61,6 +61,7 @@ class Seen:
     at: float
     headers: dict[str, str]
     body: bytes
+    wall: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -207,8 +208,9 @@ async def test_retry_after_as_http_date_and_429_holds_the_endpoint(
 ) -> None:
     import email.utils
 
-    when = email.utils.formatdate(time.time() + 2, usegmt=True).encode()
-    app = Scripted(identity.public_key, [(429, [(b"retry-after", when)])])
+    date = email.utils.formatdate(time.time() + 2, usegmt=True)
+    when = email.utils.parsedate_to_datetime(date).timestamp()
+    app = Scripted(identity.public_key, [(429, [(b"retry-after", date.encode())])])
     base = await serve_app(nursery, app)
     enqueue_reports(store, identity, base + "/slow", 3)
     delivery = svc.WebhookDelivery(store, identity, fast(max_concurrency=1))
@@ -217,7 +219,8 @@ async def test_retry_after_as_http_date_and_429_holds_the_endpoint(
     # After the 429, nothing went to that endpoint until the date it named: the two rows
     # claimed in the same batch were given back unsent, without spending an attempt.
     assert len(app.seen) == 4
-    assert app.seen[1].at - app.seen[0].at >= 0.9
+    # Not before the date it named (which is whole seconds, so 1-2 s after the test began).
+    assert app.seen[1].wall >= when - 0.05, (app.seen[1].wall, when)
     assert delivery.statistics().postponed == 2
     assert sorted(e.attempts for e in ob.entries(store)) == [1, 1, 2]
 
@@ -310,6 +313,103 @@ async def test_reports_of_other_observers_are_not_signed_for(
     counts = await svc.WebhookDelivery(store, identity, fast()).drain(timeout_s=30)
     assert counts["dead"] == 1
     assert "not signed by this node" in (ob.entries(store)[0].last_error or "")
+
+
+# -- the wall clock steps -------------------------------------------------------------------------
+
+
+class SteppedClock:
+    """The wall clock, plus an offset the test sets (as if an operator or NTP stepped it)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def wait_for(condition: Any, timeout_s: float = 20) -> None:
+    with trio.fail_after(timeout_s):
+        while not await condition():
+            await trio.sleep(0.02)
+
+
+async def recorded(store: Store, status: int) -> bool:
+    rows = await trio.to_thread.run_sync(ob.entries, store)
+    return any(e.last_status == status for e in rows)
+
+
+#: Backoff of the retry in these tests: uniform in [0.5, 1] s.
+BACKOFF_S = 1.0
+#: Slack for a poll, a pass and a loaded test machine on top of the backoff.
+SLACK_S = 2.0
+STEPS_S = [6 * 3600, 3600, 30 * 86400]
+
+
+@pytest.mark.parametrize("step_s", STEPS_S)
+async def test_clock_stepped_back_does_not_stall_a_due_row(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity, step_s: float
+) -> None:
+    app = Scripted(identity.public_key, [(500, [])])
+    base = await serve_app(nursery, app)
+    enqueue_reports(store, identity, base + "/x", 1)
+    clock = SteppedClock()
+    settings = fast(backoff_base_s=BACKOFF_S, backoff_cap_s=BACKOFF_S)
+    delivery = svc.WebhookDelivery(store, identity, settings, clock=clock)
+    await nursery.start(delivery.run)
+    await wait_for(lambda: recorded(store, 500))  # the retry is due within BACKOFF_S
+    clock.offset = -step_s
+    stepped = time.monotonic()
+    with trio.fail_after(BACKOFF_S + SLACK_S):
+        while delivery.statistics().delivered < 1:
+            await trio.sleep(0.02)
+    assert time.monotonic() - stepped < BACKOFF_S + SLACK_S
+    assert len(app.seen) == 2
+    assert delivery.statistics().clock_steps == 1
+
+
+@pytest.mark.parametrize("step_s", STEPS_S)
+async def test_clock_stepped_back_while_stopped_does_not_stall_after_restart(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity, step_s: float
+) -> None:
+    app = Scripted(identity.public_key, [(500, [])])
+    base = await serve_app(nursery, app)
+    enqueue_reports(store, identity, base + "/x", 1)
+    clock = SteppedClock()
+    settings = fast(backoff_base_s=BACKOFF_S, backoff_cap_s=BACKOFF_S)
+    with trio.CancelScope() as first_life:
+        first = svc.WebhookDelivery(store, identity, settings, clock=clock)
+        await nursery.start(first.run)
+        await wait_for(lambda: recorded(store, 500))
+        first_life.cancel()
+    clock.offset = -step_s  # while nothing runs
+    second = svc.WebhookDelivery(store, identity, settings, clock=clock)
+    stepped = time.monotonic()
+    counts = await second.drain(timeout_s=BACKOFF_S + SLACK_S)
+    assert counts["delivered"] == 1
+    assert time.monotonic() - stepped < BACKOFF_S + SLACK_S
+    assert second.statistics().rebased == 1  # seen in the rows, not by the new service
+
+
+async def test_clock_stepped_back_does_not_stretch_a_retry_after_hold(
+    nursery: trio.Nursery, store: Store, identity: NodeIdentity
+) -> None:
+    app = Scripted(identity.public_key, [(503, [(b"retry-after", b"1")])])
+    base = await serve_app(nursery, app)
+    enqueue_reports(store, identity, base + "/x", 2)
+    clock = SteppedClock()
+    delivery = svc.WebhookDelivery(store, identity, fast(max_concurrency=1), clock=clock)
+    await nursery.start(delivery.run)
+    await wait_for(lambda: recorded(store, 503))
+    clock.offset = -6 * 3600
+    stepped = time.monotonic()
+    with trio.fail_after(1 + SLACK_S):
+        while delivery.statistics().delivered < 2:
+            await trio.sleep(0.02)
+    assert time.monotonic() - stepped < 1 + SLACK_S
+    assert len(app.seen) == 3 and app.seen[1].at - app.seen[0].at >= 0.95
+    (endpoint,) = await trio.to_thread.run_sync(ob.endpoints, store)
+    assert endpoint.not_before_ms <= clock() * 1000 + 1000
 
 
 # -- kill -9 in the middle of delivery ------------------------------------------------------------

@@ -158,6 +158,49 @@ def test_concurrent_claimers_never_share_a_row(store: Store, identity: NodeIdent
     assert len(got) == 40 and len(set(got)) == 40
 
 
+def test_rebase_clock_after_a_step_back(store: Store, identity: NodeIdentity) -> None:
+    hour = 3_600_000
+    ob.enqueue(store, report(identity), [URL_A, URL_B], now_ms=T0)
+    a, b = ob.claim_due(store, now_ms=T0, lease_ms=60_000, limit=2)
+    ob.reschedule(store, a.id, now_ms=T0 + 10, next_attempt_ms=T0 + 10 + 5_000, error="HTTP 500")
+    ob.hold_endpoint(store, URL_A, now_ms=T0 + 10, until_ms=T0 + 10 + 2_000)
+    ob.enqueue(store, report(identity), [URL_A], now_ms=T0 + 20)  # due at once
+    # The clock goes back 6 h: nothing is due for 6 h, unless re-based.
+    back = T0 - 6 * hour
+    assert ob.claim_due(store, now_ms=back + 5_000, lease_ms=1, limit=9) == []
+    moved = ob.rebase_clock(store, now_ms=back, max_delay_ms=6 * hour, tolerance_ms=1000)
+    assert moved == 4  # three rows and one hold
+    rows = {e.id: e for e in ob.entries(store)}
+    assert rows[a.id].next_attempt_ms == back + 5_000  # its delay, counted from now
+    assert rows[b.id].next_attempt_ms == back + 60_000  # the lease, likewise
+    assert [e.next_attempt_ms for e in rows.values() if e.attempts == 0] == [back]
+    assert all(e.updated_ms == back for e in rows.values())
+    (hold,) = [e for e in ob.endpoints(store) if e.url == URL_A]
+    assert hold.not_before_ms == back + 2_000
+    # Idempotent; and within the tolerance, nothing is rewritten.
+    assert ob.rebase_clock(store, now_ms=back, max_delay_ms=6 * hour, tolerance_ms=1000) == 0
+    assert ob.rebase_clock(store, now_ms=back - 999, max_delay_ms=6 * hour, tolerance_ms=1000) == 0
+    assert {e.id for e in ob.claim_due(store, now_ms=back + 5_000, lease_ms=1, limit=9)} == {
+        a.id,
+        max(rows),
+    }
+
+
+def test_rebase_clock_clamps_due_times_beyond_the_longest_delay(
+    store: Store, identity: NodeIdentity
+) -> None:
+    ob.enqueue(store, report(identity), [URL_A], now_ms=T0)
+    (a,) = ob.claim_due(store, now_ms=T0, lease_ms=1, limit=1)
+    ob.reschedule(store, a.id, now_ms=T0, next_attempt_ms=T0 + 10**9, error="bogus")
+    ob.hold_endpoint(store, URL_A, now_ms=T0, until_ms=T0 + 10**9)
+    assert ob.rebase_clock(store, now_ms=T0, max_delay_ms=1000) == 2
+    (row,) = ob.entries(store)
+    assert row.next_attempt_ms == T0 + 1000
+    assert ob.endpoints(store)[0].not_before_ms == T0 + 1000
+    with pytest.raises(ValueError):
+        ob.rebase_clock(store, now_ms=T0, max_delay_ms=-1)
+
+
 # -- pure policy -------------------------------------------------------------------------------
 
 
@@ -194,6 +237,63 @@ def test_retry_after() -> None:
     assert svc.parse_retry_after(date, now=now) == pytest.approx(90, abs=1)
     past = email.utils.formatdate(now - 90, usegmt=True)
     assert svc.parse_retry_after(past, now=now) == 0
+    # Digits that str.isdigit() knows but int() refuses, and other scripts' digits.
+    for odd in ("²", "¹²", "١٢", "12\u00b2", "", " "):
+        assert svc.parse_retry_after(odd, now=now) is None
+
+
+def test_retry_budget_burst_then_rate() -> None:
+    budget = svc.RetryBudget(svc.RetryLimits(per_url_per_s=0.5, per_url_burst=3))
+    for _ in range(3):
+        assert budget.charge(URL_A, "a.example.net", 100.0) is None
+    which, wait, interval = budget.charge(URL_A, "a.example.net", 100.0) or ("", 0, 0)
+    assert (which, wait, interval) == ("url", pytest.approx(2.0), pytest.approx(2.0))
+    assert budget.charge(URL_A, "a.example.net", 101.9) is not None
+    assert budget.charge(URL_A, "a.example.net", 102.0) is None
+    # Another URL has its own bucket; a clock going back refills nothing.
+    assert budget.charge(URL_B, "b.example.net", 102.0) is None
+    assert budget.charge(URL_A, "a.example.net", 50.0) is not None
+
+
+def test_retry_budget_host_is_shared_and_nothing_is_charged_on_refusal() -> None:
+    limits = svc.RetryLimits(
+        per_url_per_s=0.001, per_url_burst=1, per_host_per_s=0.1, per_host_burst=3
+    )
+    budget = svc.RetryBudget(limits)
+    urls = [f"https://h.example.net/{i}" for i in range(4)]
+    results = [budget.charge(u, "h.example.net", 0.0) for u in urls]
+    assert results[:3] == [None, None, None]
+    assert results[3] == ("host", pytest.approx(10.0), pytest.approx(10.0))
+    # The refused URL was not charged: once the host has a token again, so has the URL.
+    assert budget.charge(urls[3], "h.example.net", 10.0) is None
+    assert budget.charge(urls[3], "h.example.net", 30.0) == (
+        "url",
+        pytest.approx(980.0),
+        pytest.approx(1000.0),
+    )
+
+
+def test_retry_budget_is_bounded_and_forgetting_never_refills() -> None:
+    budget = svc.RetryBudget(svc.RetryLimits(per_url_per_s=0.001, per_url_burst=1, max_tracked=8))
+    assert budget.charge(URL_A, "a", 0.0) is None
+    assert budget.charge(URL_A, "a", 0.0) is not None
+    for i in range(1000):  # an attacker's many URLs (and hosts) push URL_A out of the table
+        budget.charge(f"https://x{i}.example/", f"x{i}", 1.0)
+    urls, hosts = budget.tracked()
+    assert urls <= 8 and hosts <= 8
+    assert budget.charge(URL_A, "a", 2.0) is not None  # evicted, yet no fresh token
+
+
+def test_retry_limits_are_checked() -> None:
+    for bad in (
+        {"per_url_per_s": 0},
+        {"per_host_per_s": float("inf")},
+        {"per_url_burst": 0},
+        {"max_tracked": True},
+    ):
+        with pytest.raises(ValueError):
+            svc.RetryLimits(**bad)
+    assert svc.RetryLimits(per_url_per_s=0.25, per_host_per_s=0.5).longest_wait_s == 4.0
 
 
 def test_backoff_grows_with_jitter_up_to_the_cap() -> None:
