@@ -30,6 +30,7 @@ from overflowd.wire import webhook as wh
 from tests.support.reports import make_payload
 
 TIMEOUT_S = 60
+COMMAND = (sys.executable, "-m", "overflowd.cli.receive", "--listen", "127.0.0.1:0")
 GOOD = NodeIdentity(seed=bytes(range(32)))
 
 
@@ -44,8 +45,7 @@ def receiver(tmp_path: Path, *flags: str) -> Iterator[tuple[str, int, Path]]:
     env = {k: v for k, v in os.environ.items() if k != "OVERFLOWD_HOME"}
     with open(errfile, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "overflowd.cli.receive", "--listen", "127.0.0.1:0"]
-            + ["--out", str(out), *flags],
+            [*COMMAND, "--out", str(out), *flags],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
@@ -133,10 +133,15 @@ async def test_64_slow_bodies_do_not_shut_out_a_real_delivery(tmp_path: Path) ->
             stream = await connect_from(f"127.0.0.{2 + i // 8}", port)
             await stream.send_all(SLOW_HEAD)
             streams.append(stream)
+        polls = 0
         while True:  # until the server has seen all 72 (or, on main, /metrics is shut out too)
             async with httpx.AsyncClient(base_url=base) as client:
                 r = await client.get("/metrics")
-            if r.status_code != 200 or "overflowd_receiver_requests_total 72" in r.text:
+            polls += 1  # each poll is a request too
+            if r.status_code != 200:
+                break
+            found = re.search(r"^overflowd_receiver_requests_total (\d+)$", r.text, re.M)
+            if found and int(found.group(1)) >= 72 + polls:
                 break
             await trio.sleep(0.05)
         headers, body = signed(GOOD)
@@ -326,7 +331,7 @@ async def test_throwaway_keys_are_capped_in_rate_and_bytes_a_good_key_gets_throu
 
 
 async def test_bytes_per_key_and_output_file_caps(tmp_path: Path) -> None:
-    headers, body = signed(GOOD)
+    _, body = signed(GOOD)
     line = len(body) + 1
     flags = (
         *("--key-max-bytes", str(3 * line + 10), "--key-window-s", "3600"),
@@ -367,3 +372,57 @@ async def test_with_trust_untrusted_keys_are_refused_and_trusted_ones_not_rate_l
             r = await client.post("/", content=b, headers=h)
             assert r.status_code == 401 and r.text.startswith("untrusted")
     assert len(out.read_text().splitlines()) == 3
+
+
+async def test_readers_are_capped_per_client_and_in_all(tmp_path: Path) -> None:
+    flags = ("--max-reading-per-client", "2", "--max-reading", "4", "--body-timeout-s", "30")
+    with receiver(tmp_path, *flags) as (base, port, _), trio.fail_after(TIMEOUT_S):
+        held = []
+        for source in ("127.0.0.2", "127.0.0.2"):
+            stream = await connect_from(source, port)
+            await stream.send_all(SLOW_HEAD)
+            held.append(stream)
+        await wait_metric(base, "overflowd_receiver_reading", 2)
+        third = await connect_from("127.0.0.2", port)
+        await third.send_all(SLOW_HEAD)
+        answer = await read_all(third, 10)
+        assert answer.startswith(b"HTTP/1.1 429 "), answer
+        assert b"retry-after: 1" in answer.lower()
+        for source in ("127.0.0.3", "127.0.0.4"):
+            stream = await connect_from(source, port)
+            await stream.send_all(SLOW_HEAD)
+            held.append(stream)
+        await wait_metric(base, "overflowd_receiver_reading", 4)
+        fifth = await connect_from("127.0.0.5", port)
+        await fifth.send_all(SLOW_HEAD)
+        answer = await read_all(fifth, 10)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        m = await metrics(base)
+        assert m['overflowd_receiver_rejected_total{reason="client_reading_full"}'] == 1
+        assert m['overflowd_receiver_rejected_total{reason="reading_full"}'] == 1
+        for stream in (*held, third, fifth):
+            await stream.aclose()
+
+
+def test_limit_flags_out_of_range_are_one_clear_line(tmp_path: Path) -> None:
+    for flag, value in (
+        ("--body-timeout-s", "0"),
+        ("--max-connections-per-client", "0"),
+        ("--key-rate-per-s", "nan"),
+        ("--max-out-bytes", "-1"),
+    ):
+        done = subprocess.run(
+            [*COMMAND, "--out", str(tmp_path / "o.jsonl"), flag, value],
+            capture_output=True,
+            timeout=30,
+        )
+        assert done.returncode == 1, (flag, done.stderr)
+        err = done.stderr.decode().strip()
+        assert err.startswith(f"overflowd-receive: error: {flag} ") and "\n" not in err
+    helped = subprocess.run(
+        [sys.executable, "-m", "overflowd.cli.receive", "--help"], capture_output=True, timeout=30
+    )
+    text = helped.stdout.decode()
+    for flag in ("--body-timeout-s", "--max-connections-per-client", "--key-max-bytes"):
+        assert flag in text
+    assert "[10]" in text and "[67108864]" in text  # defaults are shown
