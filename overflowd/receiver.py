@@ -178,19 +178,23 @@ class SeenIds:
 # -- who may write how much: the receiver's budgets for keys it does not know ------------------
 
 #: Defaults for :class:`KeyCaps`, each with its reason. A sender is an overflowd node: its
-#: webhook worker runs at most 8 deliveries at once and its budgets send a target a few
-#: reports a second at most in a flood; 10 per second with a burst of 100 leaves it room.
-DEFAULT_KEY_RATE_PER_S = 10.0
-DEFAULT_KEY_BURST = 100
-#: 64 MiB a day is about 22 000 reports of 3 KiB from one observer: far more than a real one
+#: budgets send one target a few reports a second at most, even in a flood, and on 429 it holds
+#: the endpoint until ``Retry-After`` (its outbox is durable: late, not lost). One a second with
+#: a burst of 20 leaves it room and gives a throwaway key little.
+DEFAULT_KEY_RATE_PER_S = 1.0
+DEFAULT_KEY_BURST = 20
+#: 16 MiB a day is about 5 500 reports of 3 KiB from one observer: far more than a real one
 #: sends to one receiver, far less than a disk.
-DEFAULT_KEY_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_KEY_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_KEY_WINDOW_S = 86_400.0
 #: Keys are free to make, so per-key caps alone do not bound a flood of throwaway keys: keys
-#: not seen before are admitted one a second (burst 100), a real receiver meets new observers
+#: not seen before are admitted one per 10 s (burst 10); a real receiver meets new observers
 #: far more slowly than that.
-DEFAULT_NEW_KEYS_PER_S = 1.0
-DEFAULT_NEW_KEYS_BURST = 100
+DEFAULT_NEW_KEYS_PER_S = 0.1
+DEFAULT_NEW_KEYS_BURST = 10
+#: All keys together, per window: many keys within their own caps still add up, and this
+#: refills (a full output file does not). 256 MiB a day is some 90 000 reports.
+DEFAULT_ALL_KEYS_MAX_BYTES = 256 * 1024 * 1024
 #: Keys whose budgets are remembered (about 200 bytes each); the least recently used goes first,
 #: and a forgotten key is new again (so it passes the new-key bucket again).
 DEFAULT_MAX_KEYS = 65_536
@@ -206,20 +210,23 @@ class KeyCaps:
     window_s: float = DEFAULT_KEY_WINDOW_S
     new_keys_per_s: float = DEFAULT_NEW_KEYS_PER_S
     new_keys_burst: int = DEFAULT_NEW_KEYS_BURST
+    all_keys_max_bytes: int = DEFAULT_ALL_KEYS_MAX_BYTES
     max_keys: int = DEFAULT_MAX_KEYS
 
     def __post_init__(self) -> None:
         if not (self.rate_per_s > 0 and self.new_keys_per_s > 0 and self.window_s > 0):
             raise ValueError("key rates and the window must be positive")
-        if self.burst < 1 or self.new_keys_burst < 1 or self.max_keys < 1 or self.max_bytes < 1:
+        if min(self.burst, self.new_keys_burst, self.max_keys, self.max_bytes) < 1:
             raise ValueError("key bursts, max_bytes and max_keys must be at least 1")
+        if self.all_keys_max_bytes < 1:
+            raise ValueError("all_keys_max_bytes must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a verified delivery is not written now, and when trying again may succeed."""
 
-    reason: str  # "key_rate", "key_bytes" or "new_key_rate"
+    reason: str  # "key_rate", "key_bytes", "new_key_rate" or "all_keys_bytes"
     retry_after_s: float
 
 
@@ -259,6 +266,7 @@ class KeyBudget:
             collections.OrderedDict()
         )
         self._new: _Bucket | None = None
+        self._all: _Bucket | None = None
         self._evicted = 0
 
     def admit(self, key: bytes, nbytes: int, now: float) -> Refusal | None:
@@ -274,17 +282,23 @@ class KeyBudget:
             rate, size = _Bucket(c.burst, now), _Bucket(c.max_bytes, now)
         else:
             rate, size = state
+        if self._all is None:
+            self._all = _Bucket(c.all_keys_max_bytes, now)
         bytes_per_s = c.max_bytes / c.window_s
+        all_per_s = c.all_keys_max_bytes / c.window_s
         rate.refill(c.burst, c.rate_per_s, now)
         size.refill(c.max_bytes, bytes_per_s, now)
+        self._all.refill(c.all_keys_max_bytes, all_per_s, now)
+        refusal: Refusal | None = None
         if rate.tokens < 1:
             refusal = Refusal("key_rate", rate.wait_s(1, c.rate_per_s))
         elif size.tokens < nbytes:
             # A report bigger than the whole cap never fits: say "a window", not forever.
             wait = c.window_s if nbytes > c.max_bytes else size.wait_s(nbytes, bytes_per_s)
             refusal = Refusal("key_bytes", min(c.window_s, wait))
-        else:
-            refusal = None
+        elif self._all.tokens < nbytes:
+            wait = self._all.wait_s(nbytes, all_per_s)
+            refusal = Refusal("all_keys_bytes", min(c.window_s, wait))
         if state is None:
             if refusal is not None:
                 return refusal  # a new key refused by its own caps costs no new-key token
@@ -300,6 +314,7 @@ class KeyBudget:
                 return refusal
         rate.tokens -= 1
         size.tokens -= nbytes
+        self._all.tokens -= nbytes
         return None
 
     def statistics(self) -> KeyBudgetStatistics:

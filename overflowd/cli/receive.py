@@ -108,6 +108,7 @@ LIMIT_FLAGS: tuple[tuple[str, type, float, float, str], ...] = (
     ("--key-window-s", float, _K.window_s, 1, "no --trust: the window of --key-max-bytes"),
     ("--new-keys-per-s", float, _K.new_keys_per_s, 1e-6, "no --trust: keys not seen before /s"),
     ("--new-keys-burst", int, _K.new_keys_burst, 1, "no --trust: burst of new keys"),
+    ("--all-keys-max-bytes", int, _K.all_keys_max_bytes, 1, "no --trust: all keys, per window"),
     ("--max-keys", int, _K.max_keys, 1, "no --trust: keys whose budgets are remembered"),
     ("--max-out-bytes", int, _D.max_out_bytes, 0, "output file cap, then 507; 0: none"),
 )
@@ -156,6 +157,7 @@ def limits_from(args: argparse.Namespace) -> ReceiverLimits:
         window_s=a.key_window_s,
         new_keys_per_s=a.new_keys_per_s,
         new_keys_burst=a.new_keys_burst,
+        all_keys_max_bytes=a.all_keys_max_bytes,
         max_keys=a.max_keys,
     )
     return ReceiverLimits(

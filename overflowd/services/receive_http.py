@@ -87,6 +87,7 @@ REASONS = (
     "key_rate",
     "key_bytes",
     "new_key_rate",
+    "all_keys_bytes",
     "out_full",
     "write_failed",
     "internal_error",

@@ -425,4 +425,13 @@ def test_limit_flags_out_of_range_are_one_clear_line(tmp_path: Path) -> None:
     text = helped.stdout.decode()
     for flag in ("--body-timeout-s", "--max-connections-per-client", "--key-max-bytes"):
         assert flag in text
-    assert "[10]" in text and "[67108864]" in text  # defaults are shown
+    assert "[10]" in text and "[16777216]" in text  # defaults are shown
+
+
+def test_every_limit_flag_is_in_the_receiver_docs() -> None:
+    from overflowd.cli.receive import LIMIT_FLAGS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text()
+    section = doc[doc.index("### Receiver limits") : doc.index("## Sending")]
+    for flag, *_ in LIMIT_FLAGS:
+        assert f"`{flag}`" in section, flag

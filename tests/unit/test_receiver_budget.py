@@ -17,6 +17,7 @@ CAPS = KeyCaps(
     window_s=100.0,
     new_keys_per_s=0.5,
     new_keys_burst=3,
+    all_keys_max_bytes=30_000,
     max_keys=1000,
 )
 
@@ -46,11 +47,12 @@ def test_no_sequence_of_deliveries_exceeds_any_cap(
             reports[key] = reports.get(key, 0) + 1
             sizes[key] = sizes.get(key, 0) + nbytes
         else:
-            assert refusal.reason in ("key_rate", "key_bytes", "new_key_rate")
+            assert refusal.reason in ("key_rate", "key_bytes", "new_key_rate", "all_keys_bytes")
             assert 0 <= refusal.retry_after_s <= CAPS.window_s
     for key in reports:
         assert reports[key] <= CAPS.burst + CAPS.rate_per_s * now + 1e-9
         assert sizes[key] <= CAPS.max_bytes * (1 + now / CAPS.window_s) + 1e-6
+    assert sum(sizes.values()) <= CAPS.all_keys_max_bytes * (1 + now / CAPS.window_s) + 1e-6
     assert len(reports) <= CAPS.new_keys_burst + CAPS.new_keys_per_s * now + 1e-9
     assert budget.statistics().keys == len(reports)
 
@@ -80,6 +82,18 @@ def test_refusals_say_why_and_when() -> None:
     assert late.retry_after_s == pytest.approx(2.0)
     assert fresh.admit(b"x" * 32, 10, 2.0) is None
     assert fresh.admit(b"\x00" * 32, 10, 2.0) is None  # a known key is not new
+
+
+def test_all_keys_together_have_a_byte_budget() -> None:
+    caps = KeyCaps(max_bytes=10_000, all_keys_max_bytes=15_000, window_s=100.0)
+    budget = KeyBudget(caps)
+    assert budget.admit(b"a" * 32, 9000, 0.0) is None
+    # b's own 10 000 would do, but all keys together have 6 000 left (150 B/s back)
+    refusal = budget.admit(b"b" * 32, 9000, 0.0)
+    assert refusal is not None and refusal.reason == "all_keys_bytes"
+    assert refusal.retry_after_s == pytest.approx(20.0)
+    assert budget.admit(b"b" * 32, 6000, 0.0) is None
+    assert budget.admit(b"b" * 32, 3000, 20.0) is None
 
 
 def test_keys_are_forgotten_least_recently_used_first() -> None:
