@@ -501,7 +501,7 @@ def count_connections() -> Iterator[_ConnectionCounter]:
         logger.propagate = propagate
 
 
-def start_receiver(tmp: Path, out: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_receiver(tmp: Path, out: Path, trust: str) -> tuple[subprocess.Popen[bytes], int]:
     log_path = tmp / "receiver.stderr"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -513,6 +513,9 @@ def start_receiver(tmp: Path, out: Path) -> tuple[subprocess.Popen[bytes], int]:
                 "127.0.0.1:0",
                 "--out",
                 str(out),
+                # trusted: without it the receiver's per-key caps (1/s) would be the figure
+                "--trust",
+                trust,
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -550,7 +553,7 @@ def run_webhooks(identity: NodeIdentity, rows: Sequence[FlowRow]) -> WebhookResu
     proc: subprocess.Popen[bytes] | None = None
     try:
         out = tmp / "received.jsonl"
-        proc, port = start_receiver(tmp, out)
+        proc, port = start_receiver(tmp, out, identity.public_key_b64)
         url = f"http://127.0.0.1:{port}/"
         settings = WebhookSettings(
             targets=(("127.0.0.0/8", url),),

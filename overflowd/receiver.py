@@ -25,6 +25,7 @@ headers and body (a hypothesis test says so).
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -172,3 +173,167 @@ class SeenIds:
         return SeenIdsStatistics(
             size=len(self._ids), capacity=self._capacity, evicted=self._evicted
         )
+
+
+# -- who may write how much: the receiver's budgets for keys it does not know ------------------
+
+#: Defaults for :class:`KeyCaps`, each with its reason. A sender is an overflowd node: its
+#: budgets send one target a few reports a second at most, even in a flood, and on 429 it holds
+#: the endpoint until ``Retry-After`` (its outbox is durable: late, not lost). One a second with
+#: a burst of 20 leaves it room and gives a throwaway key little.
+DEFAULT_KEY_RATE_PER_S = 1.0
+DEFAULT_KEY_BURST = 20
+#: 16 MiB a day is about 5 500 reports of 3 KiB from one observer: far more than a real one
+#: sends to one receiver, far less than a disk.
+DEFAULT_KEY_MAX_BYTES = 16 * 1024 * 1024
+DEFAULT_KEY_WINDOW_S = 86_400.0
+#: Keys are free to make, so per-key caps alone do not bound a flood of throwaway keys: keys
+#: not seen before are admitted one per 10 s (burst 10); a real receiver meets new observers
+#: far more slowly than that.
+DEFAULT_NEW_KEYS_PER_S = 0.1
+DEFAULT_NEW_KEYS_BURST = 10
+#: All keys together, per window: many keys within their own caps still add up, and this
+#: refills (a full output file does not). 256 MiB a day is some 90 000 reports.
+DEFAULT_ALL_KEYS_MAX_BYTES = 256 * 1024 * 1024
+#: Keys whose budgets are remembered (about 200 bytes each); the least recently used goes first,
+#: and a forgotten key is new again (so it passes the new-key bucket again).
+DEFAULT_MAX_KEYS = 65_536
+
+
+@dataclass(frozen=True)
+class KeyCaps:
+    """Per-key rate and size caps for deliveries from keys nobody vouched for (no ``--trust``)."""
+
+    rate_per_s: float = DEFAULT_KEY_RATE_PER_S
+    burst: int = DEFAULT_KEY_BURST
+    max_bytes: int = DEFAULT_KEY_MAX_BYTES
+    window_s: float = DEFAULT_KEY_WINDOW_S
+    new_keys_per_s: float = DEFAULT_NEW_KEYS_PER_S
+    new_keys_burst: int = DEFAULT_NEW_KEYS_BURST
+    all_keys_max_bytes: int = DEFAULT_ALL_KEYS_MAX_BYTES
+    max_keys: int = DEFAULT_MAX_KEYS
+
+    def __post_init__(self) -> None:
+        if not (self.rate_per_s > 0 and self.new_keys_per_s > 0 and self.window_s > 0):
+            raise ValueError("key rates and the window must be positive")
+        if min(self.burst, self.new_keys_burst, self.max_keys, self.max_bytes) < 1:
+            raise ValueError("key bursts, max_bytes and max_keys must be at least 1")
+        if self.all_keys_max_bytes < 1:
+            raise ValueError("all_keys_max_bytes must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a verified delivery is not written now, and when trying again may succeed."""
+
+    reason: str  # "key_rate", "key_bytes", "new_key_rate" or "all_keys_bytes"
+    retry_after_s: float
+
+
+class _Bucket:
+    """Tokens up to ``capacity``, refilled at ``per_s``; time is the caller's (``now``)."""
+
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, capacity: float, now: float) -> None:
+        self.tokens, self.at = capacity, now
+
+    def refill(self, capacity: float, per_s: float, now: float) -> None:
+        if now > self.at:
+            self.tokens = min(capacity, self.tokens + (now - self.at) * per_s)
+            self.at = now
+
+    def wait_s(self, need: float, per_s: float) -> float:
+        return max(0.0, (need - self.tokens) / per_s)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBudgetStatistics:
+    keys: int
+    evicted: int
+
+
+class KeyBudget:
+    """Token buckets per signing key (reports and bytes) and one for keys not seen before.
+
+    Sans-IO: ``now`` is any monotonic clock in seconds. Charge only verified deliveries (a
+    forger must not spend somebody else's budget) and only what is about to be written.
+    """
+
+    def __init__(self, caps: KeyCaps | None = None) -> None:
+        self.caps = caps or KeyCaps()
+        self._keys: collections.OrderedDict[bytes, tuple[_Bucket, _Bucket]] = (
+            collections.OrderedDict()
+        )
+        self._new: _Bucket | None = None
+        self._all: _Bucket | None = None
+        self._evicted = 0
+
+    def admit(self, key: bytes, nbytes: int, now: float) -> Refusal | None:
+        """Charge one report of ``nbytes`` to ``key``; a :class:`Refusal` if over a cap."""
+        c = self.caps
+        state = self._keys.get(key)
+        if state is None:
+            if self._new is None:
+                self._new = _Bucket(c.new_keys_burst, now)
+            self._new.refill(c.new_keys_burst, c.new_keys_per_s, now)
+            if self._new.tokens < 1:
+                return Refusal("new_key_rate", self._new.wait_s(1, c.new_keys_per_s))
+            rate, size = _Bucket(c.burst, now), _Bucket(c.max_bytes, now)
+        else:
+            rate, size = state
+        if self._all is None:
+            self._all = _Bucket(c.all_keys_max_bytes, now)
+        bytes_per_s = c.max_bytes / c.window_s
+        all_per_s = c.all_keys_max_bytes / c.window_s
+        rate.refill(c.burst, c.rate_per_s, now)
+        size.refill(c.max_bytes, bytes_per_s, now)
+        self._all.refill(c.all_keys_max_bytes, all_per_s, now)
+        refusal: Refusal | None = None
+        if rate.tokens < 1:
+            refusal = Refusal("key_rate", rate.wait_s(1, c.rate_per_s))
+        elif size.tokens < nbytes:
+            # A report bigger than the whole cap never fits: say "a window", not forever.
+            wait = c.window_s if nbytes > c.max_bytes else size.wait_s(nbytes, bytes_per_s)
+            refusal = Refusal("key_bytes", min(c.window_s, wait))
+        elif self._all.tokens < nbytes:
+            wait = self._all.wait_s(nbytes, all_per_s)
+            refusal = Refusal("all_keys_bytes", min(c.window_s, wait))
+        if state is None:
+            if refusal is not None:
+                return refusal  # a new key refused by its own caps costs no new-key token
+            assert self._new is not None
+            self._new.tokens -= 1
+            self._keys[key] = (rate, size)
+            while len(self._keys) > c.max_keys:
+                self._keys.popitem(last=False)
+                self._evicted += 1
+        else:
+            self._keys.move_to_end(key)
+            if refusal is not None:
+                return refusal
+        rate.tokens -= 1
+        size.tokens -= nbytes
+        self._all.tokens -= nbytes
+        return None
+
+    def statistics(self) -> KeyBudgetStatistics:
+        return KeyBudgetStatistics(keys=len(self._keys), evicted=self._evicted)
+
+
+def client_key(host: str) -> str:
+    """The unit the per-client limits count: an IPv4 address, or an IPv6 /64.
+
+    One IPv6 host usually holds a whole /64 (SLAAC, privacy addresses), so counting single
+    IPv6 addresses would give each attacker 2^64 clients. IPv4-mapped addresses count as IPv4.
+    Anything else (a Unix socket, no address) is its own key.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)

@@ -5,8 +5,10 @@
 Each verified report is written once, as one JSON line, flushed and fsynced before the sender
 is answered. ``--trust`` takes a base64 public key (what ``overflowd key show`` prints) or a
 file with one such key per line; without it any key whose signatures verify is accepted (the
-key is in every line, to decide on later). The bound address is printed on stderr as
-``listening on http://HOST:PORT`` (useful with port 0). SIGTERM or SIGINT stop it cleanly.
+key is in every line, to decide on later) within per-key rate and byte caps. Every limit is a
+flag (``--help`` lists them with their defaults; docs/webhooks.md gives the reasons). The
+bound address is printed on stderr as ``listening on http://HOST:PORT`` (useful with port 0).
+SIGTERM or SIGINT stop it cleanly.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import trio
 
 from overflowd.cli.common import configure_logging
 from overflowd.errors import ConfigError, OverflowdError
-from overflowd.receiver import DEFAULT_SEEN_IDS, MAX_BODY_BYTES
+from overflowd.receiver import DEFAULT_SEEN_IDS, MAX_BODY_BYTES, KeyCaps
 from overflowd.services.receive_http import JsonLinesSink, ReceiverLimits, WebhookReceiver
 from overflowd.wire.webhook import DEFAULT_TOLERANCE_S
 
@@ -85,8 +87,39 @@ def parse_trust(values: Sequence[str]) -> set[bytes] | None:
     return keys
 
 
+#: Every limit flag: (flag, type, default, smallest allowed, help). Reasons for each default are
+#: beside the field in ReceiverLimits / KeyCaps and in docs/webhooks.md (receiver limits).
+_D, _K = ReceiverLimits(), KeyCaps()
+LIMIT_FLAGS: tuple[tuple[str, type, float, float, str], ...] = (
+    ("--tolerance-s", float, DEFAULT_TOLERANCE_S, 1, "webhook-timestamp window, both ways"),
+    ("--max-body-bytes", int, MAX_BODY_BYTES, 1024, "larger bodies get 413 unread"),
+    ("--seen-ids", int, DEFAULT_SEEN_IDS, 1, "delivered ids remembered for de-duplication"),
+    ("--body-timeout-s", float, _D.body_timeout_s, 0.1, "a whole body within this, or 408"),
+    ("--header-timeout-s", float, _D.header_timeout_s, 0.1, "whole headers, and idle keep-alive"),
+    ("--read-timeout-s", float, _D.read_timeout_s, 1, "longest wait for any next bytes"),
+    ("--max-in-flight", int, _D.max_in_flight, 1, "requests verified/written at once, then 503"),
+    ("--max-reading", int, _D.max_reading, 1, "requests reading their body at once, then 503"),
+    ("--max-reading-per-client", int, _D.max_reading_per_client, 1, "... per client, then 429"),
+    ("--max-connections", int, _D.max_connections, 1, "open connections; more are closed"),
+    ("--max-connections-per-client", int, _D.max_connections_per_client, 1, "... per client"),
+    ("--key-rate-per-s", float, _K.rate_per_s, 1e-6, "no --trust: reports/s per key, then 429"),
+    ("--key-burst", int, _K.burst, 1, "no --trust: burst of reports per key"),
+    ("--key-max-bytes", int, _K.max_bytes, 1, "no --trust: bytes per key per window, then 429"),
+    ("--key-window-s", float, _K.window_s, 1, "no --trust: the window of --key-max-bytes"),
+    ("--new-keys-per-s", float, _K.new_keys_per_s, 1e-6, "no --trust: keys not seen before /s"),
+    ("--new-keys-burst", int, _K.new_keys_burst, 1, "no --trust: burst of new keys"),
+    ("--all-keys-max-bytes", int, _K.all_keys_max_bytes, 1, "no --trust: all keys, per window"),
+    ("--max-keys", int, _K.max_keys, 1, "no --trust: keys whose budgets are remembered"),
+    ("--max-out-bytes", int, _D.max_out_bytes, 0, "output file cap, then 507; 0: none"),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="A client is an IPv4 address or an IPv6 /64. Limits: docs/webhooks.md.",
+    )
     p.add_argument("--listen", required=True, metavar="ADDR:PORT", help="address to serve on")
     p.add_argument("--out", required=True, metavar="FILE|-", help="JSON lines file, - for stdout")
     p.add_argument(
@@ -94,14 +127,54 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PUBKEY|KEYFILE",
-        help="accept only reports signed by these keys (repeatable)",
+        help="accept only reports signed by these keys (repeatable); without it any key is "
+        "accepted within the --key-* and --new-keys-* caps",
     )
-    p.add_argument("--tolerance-s", type=float, default=DEFAULT_TOLERANCE_S, metavar="S")
-    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, metavar="N")
-    p.add_argument("--max-in-flight", type=int, default=ReceiverLimits.max_in_flight, metavar="N")
-    p.add_argument("--seen-ids", type=int, default=DEFAULT_SEEN_IDS, metavar="N")
+    limits = p.add_argument_group("limits (defaults in brackets)")
+    for flag, kind, default, _, text in LIMIT_FLAGS:
+        limits.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            metavar="R" if flag.endswith("-per-s") else "S" if flag.endswith("-s") else "N",
+            help=f"{text} [{default:g}]" if kind is float else f"{text} [{int(default)}]",
+        )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     return p
+
+
+def limits_from(args: argparse.Namespace) -> ReceiverLimits:
+    """The limits the flags ask for; ConfigError naming the first flag out of range."""
+    for flag, _, _, least, _ in LIMIT_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not value >= least:  # also refuses NaN
+            raise ConfigError(f"{flag} {value}: must be at least {least:g}")
+    a = args
+    keys = KeyCaps(
+        rate_per_s=a.key_rate_per_s,
+        burst=a.key_burst,
+        max_bytes=a.key_max_bytes,
+        window_s=a.key_window_s,
+        new_keys_per_s=a.new_keys_per_s,
+        new_keys_burst=a.new_keys_burst,
+        all_keys_max_bytes=a.all_keys_max_bytes,
+        max_keys=a.max_keys,
+    )
+    return ReceiverLimits(
+        max_body_bytes=a.max_body_bytes,
+        max_in_flight=a.max_in_flight,
+        tolerance_s=a.tolerance_s,
+        seen_ids=a.seen_ids,
+        body_timeout_s=a.body_timeout_s,
+        header_timeout_s=a.header_timeout_s,
+        read_timeout_s=a.read_timeout_s,
+        max_reading=a.max_reading,
+        max_reading_per_client=a.max_reading_per_client,
+        max_connections=a.max_connections,
+        max_connections_per_client=a.max_connections_per_client,
+        keys=keys,
+        max_out_bytes=a.max_out_bytes,
+    )
 
 
 async def _serve(receiver: WebhookReceiver, listen: tuple[str, int]) -> None:
@@ -129,14 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         listen = parse_listen(args.listen)
         trusted = parse_trust(args.trust)
-        if args.tolerance_s <= 0 or args.max_body_bytes < 1024 or args.max_in_flight < 1:
-            raise ConfigError("--tolerance-s must be positive, --max-body-bytes at least 1024")
-        limits = ReceiverLimits(
-            max_body_bytes=args.max_body_bytes,
-            max_in_flight=args.max_in_flight,
-            tolerance_s=args.tolerance_s,
-            seen_ids=max(1, args.seen_ids),
-        )
+        limits = limits_from(args)
         try:
             sink = JsonLinesSink(args.out)
         except OSError as exc:

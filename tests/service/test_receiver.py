@@ -116,7 +116,8 @@ async def test_forged_altered_stale_untrusted_are_rejected_and_counted(
     assert altered != body
     cases.append(("bad_signature", headers, altered, 401))
     # stale, and from the future
-    for skew in (-301, 301):
+    # 305, not 301: int() truncates the timestamp, and our clock moves on before the check.
+    for skew in (-305, 305):
         h, b = delivery(identity, report, ts=time.time() + skew)
         cases.append(("stale", h, b, 401))
     # untrusted: a valid delivery from a key not in --trust
@@ -221,21 +222,32 @@ async def test_a_flood_of_garbage_does_not_stop_valid_deliveries(
 async def test_overload_answers_503_with_retry_after(
     tmp_path: Path, identity: NodeIdentity
 ) -> None:
+    """Readers full: 503 before the body is read. In-flight full: 503 once it is read."""
     sink = JsonLinesSink(str(tmp_path / "o.jsonl"))
-    receiver = WebhookReceiver(sink, limits=ReceiverLimits(max_in_flight=1))
-    receiver._in_flight = 1  # as if one request were being handled
+    receiver = WebhookReceiver(sink, limits=ReceiverLimits(max_in_flight=1, max_reading=1))
     sent: list[dict[str, object]] = []
+    bodies_read = 0
 
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
     async def receive() -> dict[str, object]:
-        raise AssertionError("the body is not read when overloaded")
+        nonlocal bodies_read
+        bodies_read += 1
+        return {"type": "http.request", "body": b"{}", "more_body": False}
 
-    await receiver({"type": "http", "method": "POST", "path": "/", "headers": []}, receive, send)
-    assert sent[0]["status"] == 503
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+    receiver._reading = 1  # as if one request were reading its body
+    await receiver(scope, receive, send)
+    assert sent[0]["status"] == 503 and bodies_read == 0
     assert (b"retry-after", b"1") in sent[0]["headers"]  # type: ignore[operator]
-    assert receiver.statistics().rejected["overloaded"] == 1
+    receiver._reading, receiver._in_flight = 0, 1  # as if one were being verified
+    sent.clear()
+    await receiver(scope, receive, send)
+    assert sent[0]["status"] == 503 and bodies_read == 1
+    assert (b"retry-after", b"1") in sent[0]["headers"]  # type: ignore[operator]
+    rejected = receiver.statistics().rejected
+    assert rejected["reading_full"] == 1 and rejected["overloaded"] == 1
     sink.close()
 
 
@@ -361,3 +373,42 @@ def test_listen_and_trust_parsing(tmp_path: Path) -> None:
     keys.write_text("# nothing\n")
     with pytest.raises(ConfigError, match="no keys"):
         parse_trust([str(keys)])
+
+
+class _BrokenSink(JsonLinesSink):
+    """A sink with a bug (not an OSError) on its first two writes: the per-request boundary."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__(out)
+        self.fail = 2
+
+    def write(self, line: bytes) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise KeyError("a bug")
+        super().write(line)
+
+
+async def test_an_unexpected_exception_is_a_500_counted_and_the_server_keeps_serving(
+    tmp_path: Path, identity: NodeIdentity, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out.jsonl"
+    sink = _BrokenSink(str(out))
+    receiver = WebhookReceiver(sink)
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(functools.partial(receiver.run, ("127.0.0.1", 0)))
+            async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+                codes = []
+                for _ in range(3):
+                    h, b = delivery(identity, identity.sign_report(make_payload()))
+                    codes.append((await client.post("/", content=b, headers=h)).status_code)
+                metrics = (await client.get("/metrics")).text
+            nursery.cancel_scope.cancel()
+    sink.close()
+    assert codes == [500, 500, 204]
+    assert 'overflowd_receiver_errors_total{type="KeyError"} 2' in metrics
+    assert 'overflowd_receiver_rejected_total{reason="internal_error"} 2' in metrics
+    warnings = [r for r in caplog.records if "internal_error" in r.getMessage()]
+    assert len(warnings) == 1  # rate-limited: the second within the interval is not logged
+    assert len(lines(out)) == 1
