@@ -74,6 +74,14 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
     for reason, count in sorted(d.malformed.items()):
         malformed.add_metric([reason], count)
     yield malformed
+    defects = CounterMetricFamily(
+        "overflowd_decoder_defects",
+        "Exporter quirks tolerated in datagrams otherwise decoded",
+        labels=["reason"],
+    )
+    for reason, count in sorted(d.defects.items()):
+        defects.add_metric([reason], count)
+    yield defects
     yield GaugeMetricFamily("overflowd_decoder_templates", "Templates held", value=d.templates)
     yield _counter(
         "overflowd_decoder_pending_dropped",

@@ -37,6 +37,7 @@ from overflowd.wire.reader import Reader, TruncatedError, UnsupportedError, Wire
 from overflowd.wire.templates import (
     Limits,
     PendingBuffer,
+    PendingSet,
     SamplingTable,
     SetContext,
     Template,
@@ -119,6 +120,7 @@ def _decode(
 ) -> list[Any]:
     state._datagrams += 1
     state.build = build
+    state._deferred.clear()  # a datagram refused half-way leaves nothing for the next
     try:
         fmt = sniff_format(data)
         state._by_format[fmt] += 1
@@ -172,6 +174,12 @@ class DecoderStatistics:
     counters: Mapping[str, int]
     #: Per exporter (up to Limits.max_exporters_tracked, then summed under "other").
     exporters: Mapping[str, ExporterStatistics] = field(default_factory=dict)
+    #: Exporter quirks tolerated in datagrams that were otherwise decoded, by
+    #: ``"<format>/<kind>"``: ``trailing_padding`` (zeros after the last flowset, set or
+    #: sample), ``trailing_bytes``, ``flowset_<code>``/``set_<code>``/``sample_<code>`` (a part
+    #: that did not decode, the rest kept), ``samples_missing``, ``record_<code>`` (an sFlow
+    #: flow record), ``sampling_out_of_range``, ``time_out_of_range`` (docs/flows.md).
+    defects: Mapping[str, int] = field(default_factory=dict)
 
 
 class DecoderState:
@@ -207,7 +215,11 @@ class DecoderState:
         self._by_format: Counter[str] = Counter()
         self._malformed: Counter[str] = Counter()
         self._counters: Counter[str] = Counter()
+        self._defects: Counter[str] = Counter()
         self._exporters: dict[str, list[int]] = {}
+        #: Held data sets taken for a template learned in the datagram being decoded; replayed
+        #: at its end (:meth:`replay_deferred`), after its options data.
+        self._deferred: list[tuple[Template, PendingSet]] = []
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -238,16 +250,38 @@ class DecoderState:
     def learn_template(
         self, key: TemplateKey, template: Template, now: float, out: list[Any]
     ) -> None:
-        """Store a template and replay data that was waiting for it into ``out``."""
+        """Store a template and replay data that was waiting for it.
+
+        Held *options* data is replayed into ``out`` at once: it is older than any options
+        data later in this datagram, which must win. Held *flow* data waits for the end of
+        the datagram (:meth:`replay_deferred`), so that the sampling announced by this
+        datagram's options data applies to it: an exporter that sends templates, options
+        template and options data together after a restart means them together.
+        """
         self.templates.add(key, template)
-        for held in self.pending.take(key):
-            r = Reader(held.body, fmt=held.ctx.fmt, exporter=held.ctx.exporter)
-            try:
-                self._decode_set(template, r, held.ctx, out)
-            except WireDecodeError as exc:
-                # The datagram that carried this data was accepted long ago; its data is
-                # lost but this datagram (the template) is fine.
-                self._counters[f"pending.replay_failed.{exc.code}"] += 1
+        held = self.pending.take(key)
+        if not held:
+            return
+        if template.is_options:
+            for entry in held:
+                self._replay(template, entry, out)
+        else:
+            self._deferred.extend((template, entry) for entry in held)
+
+    def replay_deferred(self, out: list[Any]) -> None:
+        """Replay the held flow data taken for templates of this datagram (call at its end)."""
+        deferred, self._deferred = self._deferred, []
+        for template, entry in deferred:
+            self._replay(template, entry, out)
+
+    def _replay(self, template: Template, held: PendingSet, out: list[Any]) -> None:
+        r = Reader(held.body, fmt=held.ctx.fmt, exporter=held.ctx.exporter)
+        try:
+            self._decode_set(template, r, held.ctx, out)
+        except WireDecodeError as exc:
+            # The datagram that carried this data was accepted long ago; its data is
+            # lost but this datagram (the template) is fine.
+            self._counters[f"pending.replay_failed.{exc.code}"] += 1
 
     def data_set(self, set_id: int, r: Reader, ctx: SetContext, now: float, out: list[Any]) -> None:
         key = (ctx.fmt, ctx.exporter, ctx.domain, set_id)
@@ -261,7 +295,8 @@ class DecoderState:
         if template.is_options:
             for values in template.option_values(r):
                 self._counters["options_records"] += 1
-                self.sampling.learn(ctx.fmt, ctx.exporter, ctx.domain, values)
+                if not self.sampling.learn(ctx.fmt, ctx.exporter, ctx.domain, values):
+                    self._defects[f"{ctx.fmt}/sampling_out_of_range"] += 1
             return
         if not template.is_flow:
             self._counters["non_flow_data_sets"] += 1
@@ -274,6 +309,10 @@ class DecoderState:
     def count(self, what: str, n: int = 1) -> None:
         """Count an expected event (skipped sample, reserved set...)."""
         self._counters[what] += n
+
+    def defect(self, fmt: str, kind: str, n: int = 1) -> None:
+        """Count an exporter's quirk that was tolerated (``DecoderStatistics.defects``)."""
+        self._defects[f"{fmt}/{kind}"] += n
 
     def _malformed_datagram(self, exc: DecodeError, exporter: str) -> None:
         code = exc.code if isinstance(exc, WireDecodeError) else "malformed"
@@ -325,6 +364,7 @@ class DecoderState:
             exporters=MappingProxyType(
                 {k: ExporterStatistics(*v) for k, v in self._exporters.items()}
             ),
+            defects=MappingProxyType(dict(self._defects)),
         )
 
 

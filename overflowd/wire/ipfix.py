@@ -1,5 +1,6 @@
 """IPFIX (RFC 7011) messages: header, template and options template sets (with withdrawal),
-data sets, enterprise-specific and variable-length fields.
+data sets, enterprise-specific and variable-length fields. A set that fails, or a tail that is
+no set (zero padding), is counted and the rest of the message kept (:mod:`overflowd.wire.walk`).
 
 Pure: no I/O.
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
-from overflowd.wire.reader import Reader, TruncatedError
+from overflowd.wire.reader import Reader, TruncatedError, WireDecodeError
 from overflowd.wire.templates import FieldSpec, SetContext, Template, TemplateKey
+from overflowd.wire.walk import Walk
 
 if TYPE_CHECKING:
     from overflowd.wire.dispatch import DecoderState
@@ -44,26 +46,47 @@ def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[
         )
     if length < len(data):
         # One message per UDP datagram (RFC 7011 §10.3.2); bytes after it are not IPFIX.
-        state.count("ipfix.trailing_bytes")
+        state.defect(FORMAT, "trailing_bytes" if any(data[length:]) else "trailing_padding")
     r = Reader(data, fmt=FORMAT, exporter=exporter, start=HEADER.size, end=length)
     ctx = SetContext(FORMAT, exporter, domain, export_time * 1000, None)
     records: list[Any] = []
+    walk = Walk(FORMAT)
+    # Each set is bounded by its own length and decoded on its own (walk.py): one that fails
+    # loses only itself; a tail that is no set (zeros after the last set: RFC 7011 §3.3.1 puts
+    # padding inside sets, some exporters pad the message) ends the walk.
     while not r.at_end():
         start = r.offset
+        if r.remaining() < 4:
+            walk.tail(data, start, length, "trailing_bytes", r.truncated("set header", 4))
+            break
         set_id = r.u16()
         set_length = r.u16()
         if set_length < 4:
-            raise r.malformed(f"set length {set_length} < 4", offset=start + 2)
+            error = r.malformed(f"set length {set_length} < 4", offset=start + 2)
+            walk.tail(data, start, length, "trailing_bytes", error)
+            break
+        if set_length - 4 > r.remaining():
+            walk.tail(data, start, length, "set_truncated", r.truncated("set", set_length - 4))
+            break
         body = r.sub(set_length - 4, "set")
-        if set_id == TEMPLATE_SET:
-            _templates(body, ctx, state, now, records, options=False)
-        elif set_id == OPTIONS_TEMPLATE_SET:
-            _templates(body, ctx, state, now, records, options=True)
-        elif set_id >= FIRST_DATA_SET:
-            state.data_set(set_id, body, ctx, now, records)
-        else:
-            # Set ids 0, 1 (NetFlow v9) and 4–255 are reserved (RFC 7011 §3.3.2).
-            state.count("ipfix.reserved_sets")
+        try:
+            if set_id == TEMPLATE_SET:
+                _templates(body, ctx, state, now, records, options=False)
+            elif set_id == OPTIONS_TEMPLATE_SET:
+                _templates(body, ctx, state, now, records, options=True)
+            elif set_id >= FIRST_DATA_SET:
+                state.data_set(set_id, body, ctx, now, records)
+            else:
+                # Set ids 0, 1 (NetFlow v9) and 4–255 are reserved (RFC 7011 §3.3.2).
+                state.count("ipfix.reserved_sets")
+        except WireDecodeError as exc:
+            walk.failed("set", exc)
+            continue
+        walk.kept += 1
+    # Data held for a template of this message is replayed only now, after the options data
+    # of the message has announced its sampling.
+    state.replay_deferred(records)
+    walk.finish(state, records)
     return records
 
 

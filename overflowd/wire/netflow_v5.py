@@ -60,7 +60,7 @@ def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[
     rows = r.unpack_many(RECORD, count, f"{count} records")
     if not r.at_end():
         # Cisco never pads v5; some exporters do. The records announced were all there.
-        state.count("netflow-v5.trailing_bytes")
+        state.defect(FORMAT, "trailing_bytes")
     if nsecs >= 1_000_000_000:
         raise r.malformed(f"unix_nsecs {nsecs} >= 10**9", offset=16)
     export_ms = secs * 1000 + nsecs // 1_000_000

@@ -3,7 +3,8 @@
 The header's ``count`` is *not* used to stop parsing: RFC 3954 defines it as the number of
 records (templates plus data) in the packet, and exporters disagree about it (softflowd puts
 the flow count there, tshark 4.0 then misses records). We walk flowsets until the end of the
-datagram, each bounded by its own length.
+datagram, each bounded by its own length; a flowset that fails, or a tail that is no flowset
+(zero padding), is counted and the rest kept (:mod:`overflowd.wire.walk`).
 
 Pure: no I/O.
 """
@@ -13,8 +14,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
-from overflowd.wire.reader import Reader
+from overflowd.wire.reader import Reader, WireDecodeError
 from overflowd.wire.templates import FieldSpec, SetContext, Template, TemplateKey
+from overflowd.wire.walk import Walk
 
 if TYPE_CHECKING:
     from overflowd.wire.dispatch import DecoderState
@@ -38,23 +40,44 @@ def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[
         raise r.malformed(f"version {version} is not 9", offset=0)
     ctx = SetContext(FORMAT, exporter, source_id, unix_secs * 1000, uptime)
     records: list[Any] = []
-    # Flowsets are 4-byte aligned; fewer than 4 bytes left is padding at the end.
+    walk = Walk(FORMAT)
+    end = len(data)
+    # Each flowset is bounded by its own length and decoded on its own (walk.py): one that
+    # fails loses only itself; a tail that is no flowset (Palo Alto and Cisco ACI pad the
+    # datagram with zeros) ends the walk. Flowsets are 4-byte aligned, so fewer than 4 bytes
+    # left can only be padding.
     while r.remaining() >= 4:
         start = r.offset
         flowset_id = r.u16()
         length = r.u16()
         if length < 4:
-            raise r.malformed(f"flowset length {length} < 4", offset=start + 2)
+            short = r.malformed(f"flowset length {length} < 4", offset=start + 2)
+            walk.tail(data, start, end, "trailing_bytes", short)
+            break
+        if length - 4 > r.remaining():
+            walk.tail(data, start, end, "flowset_truncated", r.truncated("flowset", length - 4))
+            break
         body = r.sub(length - 4, "flowset")
-        if flowset_id == TEMPLATE_FLOWSET:
-            _templates(body, ctx, state, now, records)
-        elif flowset_id == OPTIONS_TEMPLATE_FLOWSET:
-            _options_templates(body, ctx, state, now, records)
-        elif flowset_id >= FIRST_DATA_FLOWSET:
-            state.data_set(flowset_id, body, ctx, now, records)
-        else:
-            state.count("netflow-v9.reserved_flowsets")
-    r.skip(r.remaining(), "padding")
+        try:
+            if flowset_id == TEMPLATE_FLOWSET:
+                _templates(body, ctx, state, now, records)
+            elif flowset_id == OPTIONS_TEMPLATE_FLOWSET:
+                _options_templates(body, ctx, state, now, records)
+            elif flowset_id >= FIRST_DATA_FLOWSET:
+                state.data_set(flowset_id, body, ctx, now, records)
+            else:
+                state.count("netflow-v9.reserved_flowsets")
+        except WireDecodeError as exc:
+            walk.failed("flowset", exc)
+            continue
+        walk.kept += 1
+    else:
+        if r.remaining():
+            walk.tail(data, r.offset, end, "trailing_bytes", r.malformed("bytes after flowsets"))
+    # Data held for a template of this datagram is replayed only now, after the options data
+    # of the datagram has announced its sampling.
+    state.replay_deferred(records)
+    walk.finish(state, records)
     return records
 
 

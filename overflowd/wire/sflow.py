@@ -17,9 +17,11 @@ every format. ``bytes`` is the layer-3 length (as NetFlow/IPFIX count octets), t
 IP header; the frame length is only a fallback when the IP header does not say.
 
 Counter samples (0:2, 0:4) are counted and skipped; unknown sample and record types are
-skipped by their length, and counted. The datagram carries no wall-clock time, so a record's
-``first`` and ``last`` are the arrival time ``now``. Its ``observation_domain`` is the
-sub-agent id; its ``exporter`` the UDP source (the agent address inside is not trusted).
+skipped by their length, and counted. A sample or flow record that fails to decode loses only
+itself, and bytes after the last sample are counted, not fatal (:mod:`overflowd.wire.walk`).
+The datagram carries no wall-clock time, so a record's ``first`` and ``last`` are the arrival
+time ``now``. Its ``observation_domain`` is the sub-agent id; its ``exporter`` the UDP source
+(the agent address inside is not trusted).
 
 Pure: no I/O.
 """
@@ -32,7 +34,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from overflowd.errors import DecodeError
 from overflowd.wire import packet
-from overflowd.wire.reader import Reader
+from overflowd.wire.reader import Reader, WireDecodeError
+from overflowd.wire.walk import Walk
 
 if TYPE_CHECKING:
     from overflowd.wire.dispatch import DecoderState
@@ -97,28 +100,46 @@ def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[
     samples = r.u32()
     if samples > MAX_SAMPLES:
         raise r.malformed(f"{samples} samples (at most {MAX_SAMPLES})")
-    if samples * 8 > r.remaining():
-        raise r.truncated(f"{samples} samples", samples * 8)
     now_ms = int(now * 1000)
     out: list[Any] = []
+    walk = Walk(FORMAT)
+    end = len(data)
+    # Each sample is bounded by its own length and decoded on its own (walk.py): one that
+    # fails loses only itself; fewer samples than counted, or bytes after the last one, end
+    # the walk and are counted. Each pass reads at least 8 bytes, so the datagram bounds the
+    # work whatever ``samples`` says.
     for _ in range(samples):
+        if r.remaining() < 8:
+            walk.tail(data, r.offset, end, "samples_missing", r.truncated("sample header", 8))
+            break
         kind, length = r.unpack(_TYPE_LENGTH, "sample header")
+        if length > r.remaining():
+            walk.tail(data, r.offset - 8, end, "samples_missing", r.truncated("sample", length))
+            break
         body = r.sub(length, "sample")
         enterprise, fmt = kind >> 12, kind & 0xFFF
-        if enterprise != 0:
-            state.count("sflow.unknown_samples")
-        elif fmt in (SAMPLE_FLOW, SAMPLE_FLOW_EXPANDED):
-            record = _flow_sample(
-                body, fmt == SAMPLE_FLOW_EXPANDED, exporter, sub_agent, now_ms, state
-            )
-            if record is not None:
-                out.append(record)
-        elif fmt in (SAMPLE_COUNTERS, SAMPLE_COUNTERS_EXPANDED):
-            state.count("sflow.counter_samples")
-        else:
-            state.count("sflow.unknown_samples")
-    if not r.at_end():
-        raise r.malformed(f"{r.remaining()} bytes after the last sample")
+        try:
+            if enterprise != 0:
+                state.count("sflow.unknown_samples")
+            elif fmt in (SAMPLE_FLOW, SAMPLE_FLOW_EXPANDED):
+                record = _flow_sample(
+                    body, fmt == SAMPLE_FLOW_EXPANDED, exporter, sub_agent, now_ms, state, walk
+                )
+                if record is not None:
+                    out.append(record)
+            elif fmt in (SAMPLE_COUNTERS, SAMPLE_COUNTERS_EXPANDED):
+                state.count("sflow.counter_samples")
+            else:
+                state.count("sflow.unknown_samples")
+        except WireDecodeError as exc:
+            walk.failed("sample", exc)
+            continue
+        walk.kept += 1
+    else:
+        if not r.at_end():
+            error = r.malformed(f"{r.remaining()} bytes after the last sample")
+            walk.tail(data, r.offset, end, "trailing_bytes", error)
+    walk.finish(state, out)
     return out
 
 
@@ -140,6 +161,7 @@ def _flow_sample(
     sub_agent: int,
     now_ms: int,
     state: DecoderState,
+    walk: Walk,
 ) -> Any:
     if expanded:
         _seq, _src_type, _src_index, rate, _pool, _drops, _if, _iv, _of, _ov, count = r.unpack(
@@ -156,22 +178,32 @@ def _flow_sample(
     observed: _Observed | None = None
     src_as: int | None = None
     dst_as: int | None = None
+    failures: list[WireDecodeError] = []
     for _ in range(count):
         kind, length = r.unpack(_TYPE_LENGTH, "flow record header")
         body = r.sub(length, "flow record")
-        if kind == RECORD_RAW_HEADER:
-            if observed is None:
-                observed = _raw_header(body, exporter, state)
-        elif kind == RECORD_IPV4:
-            if observed is None:
-                observed = _sampled_ip(body, _SAMPLED_V4, IPv4Address)
-        elif kind == RECORD_IPV6:
-            if observed is None:
-                observed = _sampled_ip(body, _SAMPLED_V6, IPv6Address)
-        elif kind == RECORD_EXTENDED_GATEWAY:
-            src_as, dst_as = _gateway(body)
-        else:
-            state.count("sflow.flow_records_skipped")
+        try:
+            if kind == RECORD_RAW_HEADER:
+                if observed is None:
+                    observed = _raw_header(body, exporter, state)
+            elif kind == RECORD_IPV4:
+                if observed is None:
+                    observed = _sampled_ip(body, _SAMPLED_V4, IPv4Address)
+            elif kind == RECORD_IPV6:
+                if observed is None:
+                    observed = _sampled_ip(body, _SAMPLED_V6, IPv6Address)
+            elif kind == RECORD_EXTENDED_GATEWAY:
+                src_as, dst_as = _gateway(body)
+            else:
+                state.count("sflow.flow_records_skipped")
+        except WireDecodeError as exc:
+            # A record bounded by its length: the sample's other records still describe the
+            # packet (a garbled gateway record costs the AS numbers, not the flow).
+            failures.append(exc)
+    if failures:
+        if observed is None:
+            raise failures[0]
+        walk.noted.extend(f"record_{exc.code}" for exc in failures)
     if observed is None:
         state.count("sflow.samples_without_ip")
         return None

@@ -21,7 +21,6 @@ Pure: no I/O, no clocks (``now`` is an argument), no global state.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -45,6 +44,7 @@ __all__ = [
     "Template",
     "TemplateCache",
     "TemplateKey",
+    "announces_sampling",
     "interval_from_elements",
 ]
 
@@ -134,6 +134,16 @@ IE_SAMPLER_RANDOM_INTERVAL = 50
 IE_OCTET_TOTAL = 85
 IE_PACKET_TOTAL = 86
 IE_ICMP_V6 = 139
+IE_ICMP_TYPE_V4 = 176
+IE_ICMP_CODE_V4 = 177
+IE_ICMP_TYPE_V6 = 178
+IE_ICMP_CODE_V6 = 179
+#: Cisco ASA NSEL (NetFlow Security Event Logging) counters, IANA names: what the
+#: connection's initiator sent (towards the responder) and what came back.
+IE_INITIATOR_OCTETS = 231
+IE_RESPONDER_OCTETS = 232
+IE_INITIATOR_PACKETS = 298
+IE_RESPONDER_PACKETS = 299
 IE_START_S = 150
 IE_END_S = 151
 IE_START_MS = 152
@@ -157,12 +167,25 @@ IE_SAMPLING_PROBABILITY = 311
 #: RFC 7011 §6.2). Everything else stays raw bytes.
 _UNSIGNED_V9 = (1, 2, 3, 4, 5, 6, 7, 10, 11, 14, 16, 17, 21, 22, 23, 24, 32, 34, 35, 48, 49, 50)
 _UNSIGNED_IPFIX = (85, 86, 136, 139, 144, 148, 149, *range(150, 161), 195, 302, 304, 305, 306)
-UNSIGNED_ELEMENTS = frozenset((*_UNSIGNED_V9, *_UNSIGNED_IPFIX, 309, 310))
+_UNSIGNED_ICMP_NSEL = (176, 177, 178, 179, 231, 232, 298, 299)
+UNSIGNED_ELEMENTS = frozenset((*_UNSIGNED_V9, *_UNSIGNED_IPFIX, *_UNSIGNED_ICMP_NSEL, 309, 310))
 ADDRESS_V4_ELEMENTS = frozenset({IE_SRC_V4, IE_DST_V4})
 ADDRESS_V6_ELEMENTS = frozenset({IE_SRC_V6, IE_DST_V6})
 
 #: NTP era offset (1900 → 1970) for dateTimeMicroseconds/Nanoseconds (RFC 7011 §6.1.9–10).
 NTP_UNIX_OFFSET_S = 2_208_988_800
+
+#: The largest sampling interval a record carries: a report says it in 32 bits (and sFlow's
+#: rate is 32 bits). An exporter "announcing" more (an 8-byte samplingInterval, a
+#: samplingProbability of 1e-10, or of 5e-324 whose inverse is infinite) announces nothing,
+#: and that is counted (``<format>/sampling_out_of_range`` in ``DecoderStatistics.defects``).
+MAX_INTERVAL = 2**32 - 1
+#: Times a record may carry, in Unix milliseconds: 0001-01-01 to 9999-12-31, what
+#: ``datetime`` and RFC 3339 text can write, so every consumer can render them. Only IPFIX's
+#: 64-bit time elements reach beyond (flowStartMilliseconds of 2**63, ...); such a time is
+#: treated as absent and counted (``<format>/time_out_of_range``).
+MIN_TIME_MS = -62_135_596_800_000
+MAX_TIME_MS = 253_402_300_799_999
 
 
 class FieldSpec(NamedTuple):
@@ -239,7 +262,8 @@ _IN_RECORD_SAMPLING = frozenset(
 def interval_from_elements(values: Mapping[int, Value]) -> int | None:
     """The "1 in N" sampling interval announced by a set of element values, if any.
 
-    Precedence and semantics (docs/flows.md):
+    Precedence and semantics (docs/flows.md), the first that gives an interval in
+    1..:data:`MAX_INTERVAL` wins:
 
     * 305/306 samplingPacketInterval/Space (RFC 5477 §8.2.2, RFC 7014): ``interval`` packets
       are selected, then ``space`` packets are skipped, so 1 in ``(interval+space)/interval``
@@ -251,26 +275,57 @@ def interval_from_elements(values: Mapping[int, Value]) -> int | None:
     * 309/310 samplingSize/samplingPopulation: ``size`` of ``population``.
     * 311 samplingProbability: 1 / p.
 
-    Zero or nonsensical values announce nothing.
+    Zero or nonsensical values announce nothing; :func:`announces_sampling` tells a caller
+    whether that was a defect worth counting. Never raises: every value comes from the wire
+    (a probability of 5e-324 has an infinite inverse, which ``round`` refuses).
     """
     interval = values.get(IE_SAMPLING_PACKET_INTERVAL)
     if isinstance(interval, int) and interval > 0:
         space = values.get(IE_SAMPLING_PACKET_SPACE)
-        if isinstance(space, int):
-            return max(1, round((interval + space) / interval))
-        return interval
+        # Integer true division is exact enough and never overflows for 64-bit values.
+        n = max(1, round((interval + space) / interval)) if isinstance(space, int) else interval
+        if n <= MAX_INTERVAL:
+            return n
     for element in (IE_SAMPLING_INTERVAL, IE_SAMPLER_RANDOM_INTERVAL):
         value = values.get(element)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and 0 < value <= MAX_INTERVAL:
             return value
     size = values.get(IE_SAMPLING_SIZE)
     population = values.get(IE_SAMPLING_POPULATION)
     if isinstance(size, int) and isinstance(population, int) and 0 < size <= population:
-        return max(1, round(population / size))
+        n = max(1, round(population / size))
+        if n <= MAX_INTERVAL:
+            return n
     probability = values.get(IE_SAMPLING_PROBABILITY)
-    if isinstance(probability, float) and 0.0 < probability <= 1.0 and math.isfinite(probability):
-        return max(1, min(2**32, round(1 / probability)))
+    # NaN fails both comparisons; 1/p is inf (not an error) for subnormal p, and inf fails
+    # the bound, so round() only ever sees a finite number below 2**32.
+    if isinstance(probability, float) and 0.0 < probability <= 1.0:
+        inverse = 1.0 / probability
+        if inverse < MAX_INTERVAL + 0.5:
+            return max(1, round(inverse))
     return None
+
+
+#: Elements whose non-zero value is an announcement of sampling (306 and 310 only qualify
+#: 305 and 309).
+_ANNOUNCING = (
+    IE_SAMPLING_PACKET_INTERVAL,
+    IE_SAMPLING_INTERVAL,
+    IE_SAMPLER_RANDOM_INTERVAL,
+    IE_SAMPLING_SIZE,
+    IE_SAMPLING_PROBABILITY,
+)
+
+
+def announces_sampling(values: Mapping[int, Value]) -> bool:
+    """Whether ``values`` tried to announce sampling: a non-zero interval, size or probability
+    (NaN included). Zero is how exporters say "not sampled"; anything else that
+    :func:`interval_from_elements` refuses is a defect of the exporter."""
+    for element in _ANNOUNCING:
+        value = values.get(element)
+        if isinstance(value, int | float) and value != 0:
+            return True
+    return False
 
 
 def _sampler_of(values: Mapping[int, Value]) -> int | None:
@@ -447,12 +502,15 @@ class _FlowPlan:
         "dst6",
         "dst_as",
         "first",
-        "icmp",
+        "icmp4",
+        "icmp6",
         "interval_elements",
         "last",
         "odd",
         "packets_ix",
         "proto",
+        "reverse_bytes_ix",
+        "reverse_packets_ix",
         "sampler",
         "sport",
         "src4",
@@ -488,12 +546,27 @@ class _FlowPlan:
             ),
             -1,
         )
+        # Cisco ASA NSEL exports no standard counters, only the initiator's and the
+        # responder's (docs/flows.md): the initiator's are the record's (src -> dst), the
+        # responder's become a second record the other way.
+        self.reverse_packets_ix = self.reverse_bytes_ix = -1
+        if self.packets_ix < 0 and IE_INITIATOR_PACKETS in position:
+            self.packets_ix = position[IE_INITIATOR_PACKETS]
+            self.reverse_packets_ix = get(IE_RESPONDER_PACKETS, -1)
+        if self.bytes_ix < 0 and IE_INITIATOR_OCTETS in position:
+            self.bytes_ix = position[IE_INITIATOR_OCTETS]
+            self.reverse_bytes_ix = get(IE_RESPONDER_OCTETS, -1)
         self.tcp_flags = get(IE_TCP_FLAGS, -1)
         self.tos = get(IE_TOS, -1)
         self.dscp = get(IE_DSCP, -1)
         self.src_as = get(IE_SRC_AS, -1)
         self.dst_as = get(IE_DST_AS, -1)
-        self.icmp = get(IE_ICMP_V4, get(IE_ICMP_V6, -1))
+        # Where ICMP type/code is, for an ICMP (1) and an ICMPv6 (58) record: the element of
+        # the record's family first, the other family's as a fallback (exporters mix them up).
+        v4 = _icmp_source(position, IE_ICMP_V4, IE_ICMP_TYPE_V4, IE_ICMP_CODE_V4)
+        v6 = _icmp_source(position, IE_ICMP_V6, IE_ICMP_TYPE_V6, IE_ICMP_CODE_V6)
+        self.icmp4 = v4 or v6
+        self.icmp6 = v6 or v4
         self.first = next(((position[e], k) for e, k in _FIRST_TIME if e in position), None)
         self.last = next(((position[e], k) for e, k in _LAST_TIME if e in position), None)
         self.sampler = get(IE_SELECTOR_ID, get(IE_SAMPLER_ID, -1))
@@ -523,11 +596,15 @@ class _FlowPlan:
         src4, dst4, src6, dst6 = self.src4, self.dst4, self.src6, self.dst6
         sport_ix, dport_ix, proto_ix = self.sport, self.dport, self.proto
         packets_ix, bytes_ix = self.packets_ix, self.bytes_ix
+        reverse_packets_ix, reverse_bytes_ix = self.reverse_packets_ix, self.reverse_bytes_ix
+        reverse = reverse_packets_ix >= 0 or reverse_bytes_ix >= 0
         flags_ix, tos_ix, dscp_ix = self.tcp_flags, self.tos, self.dscp
-        src_as_ix, dst_as_ix, icmp_ix = self.src_as, self.dst_as, self.icmp
+        src_as_ix, dst_as_ix = self.src_as, self.dst_as
+        icmp4, icmp6 = self.icmp4, self.icmp6
         first, last = self.first, self.last
         sampler_ix, interval_elements = self.sampler, self.interval_elements
         uptime = ctx.uptime_ms
+        bad_times = bad_sampling = 0
         out: list[Any] = []
         append = out.append
         for raw in rows:
@@ -551,35 +628,45 @@ class _FlowPlan:
             proto = row[proto_ix] & 0xFF if proto_ix >= 0 else 0
             sport = row[sport_ix] & 0xFFFF if sport_ix >= 0 else 0
             dport = row[dport_ix] & 0xFFFF if dport_ix >= 0 else 0
-            if icmp_ix >= 0 and proto in (1, 58) and not dport:
-                # NetFlow convention: ICMP type/code travel as the destination port.
-                dport = row[icmp_ix] & 0xFFFF
+            if proto == 1 or proto == 58:
+                icmp = icmp4 if proto == 1 else icmp6
+                if icmp is not None:
+                    sport, dport = _icmp_ports(row, icmp, sport, dport)
             if tos_ix >= 0:
                 tos = row[tos_ix] & 0xFF
             elif dscp_ix >= 0:
                 tos = (row[dscp_ix] & 0x3F) << 2
             else:
                 tos = 0
+            first_ms = last_ms = None
             if first is not None:
                 first_ms = _time(row[first[0]], first[1], export_ms, boot_ms, uptime)
-            else:
-                first_ms = None
+                if not MIN_TIME_MS <= first_ms <= MAX_TIME_MS:
+                    first_ms = None
+                    bad_times += 1
             if last is not None:
                 last_ms = _time(row[last[0]], last[1], export_ms, boot_ms, uptime)
-            else:
-                last_ms = None
+                if not MIN_TIME_MS <= last_ms <= MAX_TIME_MS:
+                    last_ms = None
+                    bad_times += 1
             if first_ms is None:
                 first_ms = export_ms if last_ms is None else last_ms
             if last_ms is None:
                 last_ms = first_ms
             interval, provenance = set_interval, set_provenance
             if interval_elements:
-                announced = interval_from_elements({e: row[i] for e, i in interval_elements})
+                values = {e: row[i] for e, i in interval_elements}
+                announced = interval_from_elements(values)
                 if announced is not None:
                     interval, provenance = state.resolve_interval(exporter, announced)
+                elif announces_sampling(values):
+                    bad_sampling += 1
             elif sampler_ix >= 0:
                 announced = sampling.announced(fmt, exporter, domain, row[sampler_ix])
                 interval, provenance = state.resolve_interval(exporter, announced)
+            flags = row[flags_ix] if flags_ix >= 0 else 0
+            src_as = row[src_as_ix] if src_as_ix >= 0 else None
+            dst_as = row[dst_as_ix] if dst_as_ix >= 0 else None
             append(
                 make(
                     src,
@@ -591,10 +678,10 @@ class _FlowPlan:
                     row[bytes_ix] if bytes_ix >= 0 else 0,
                     first_ms,
                     last_ms,
-                    row[flags_ix] if flags_ix >= 0 else 0,
+                    flags,
                     tos,
-                    row[src_as_ix] if src_as_ix >= 0 else None,
-                    row[dst_as_ix] if dst_as_ix >= 0 else None,
+                    src_as,
+                    dst_as,
                     exporter,
                     domain,
                     fmt,
@@ -602,7 +689,80 @@ class _FlowPlan:
                     provenance,
                 )
             )
+            if reverse:
+                packets = row[reverse_packets_ix] if reverse_packets_ix >= 0 else 0
+                octets = row[reverse_bytes_ix] if reverse_bytes_ix >= 0 else 0
+                if packets or octets:
+                    # The responder's traffic: ends, ports and ASes swapped. ICMP keeps
+                    # sport 0 and the exported type/code in dport (the replies' own type is
+                    # not exported).
+                    if proto == 1 or proto == 58:
+                        rsport, rdport = sport, dport
+                    else:
+                        rsport, rdport = dport, sport
+                    append(
+                        make(
+                            dst,
+                            src,
+                            rsport,
+                            rdport,
+                            proto,
+                            packets,
+                            octets,
+                            first_ms,
+                            last_ms,
+                            flags,
+                            tos,
+                            dst_as,
+                            src_as,
+                            exporter,
+                            domain,
+                            fmt,
+                            interval,
+                            provenance,
+                        )
+                    )
+        if bad_times:
+            state.defect(fmt, "time_out_of_range", bad_times)
+        if bad_sampling:
+            state.defect(fmt, "sampling_out_of_range", bad_sampling)
         return out
+
+
+#: Where a record's ICMP type/code is: (combined type*256+code column, type column, code
+#: column), -1 where absent.
+_IcmpSource = tuple[int, int, int]
+
+
+def _icmp_source(
+    position: Mapping[int, int], combined: int, type_element: int, code_element: int
+) -> _IcmpSource | None:
+    source = (
+        position.get(combined, -1),
+        position.get(type_element, -1),
+        position.get(code_element, -1),
+    )
+    return source if source != (-1, -1, -1) else None
+
+
+def _icmp_ports(row: Any, icmp: _IcmpSource, sport: int, dport: int) -> tuple[int, int]:
+    """(sport, dport) of an ICMP record by the convention: (0, type * 256 + code).
+
+    The exported type/code elements win over the port fields, which Cisco ASA fills with the
+    ICMP identifier. One exception: elements saying 0/0 (an echo reply, or an exporter that
+    never fills them) beside a source port of 0 keep the destination port, where exporters
+    without ICMP elements put type/code.
+    """
+    combined, type_ix, code_ix = icmp
+    if combined >= 0:
+        value = row[combined] & 0xFFFF
+    else:
+        value = (row[type_ix] & 0xFF) << 8 if type_ix >= 0 else 0
+        if code_ix >= 0:
+            value |= row[code_ix] & 0xFF
+    if value == 0 and sport == 0:
+        return 0, dport
+    return 0, value
 
 
 def _time(value: int, kind: str, export_ms: int, boot_ms: int | None, uptime: int | None) -> int:
@@ -803,12 +963,14 @@ class SamplingTable:
             self._domains.move_to_end(key)
         return info
 
-    def learn(self, fmt: str, exporter: str, domain: int, values: Mapping[int, Value]) -> None:
-        """Apply one options data record."""
+    def learn(self, fmt: str, exporter: str, domain: int, values: Mapping[int, Value]) -> bool:
+        """Apply one options data record; False if it announced sampling out of range (then
+        it changes no interval, and the caller counts the defect)."""
         interval = interval_from_elements(values)
+        valid = interval is not None or not announces_sampling(values)
         init = values.get(IE_SYSTEM_INIT_MS)
         if interval is None and not isinstance(init, int):
-            return
+            return valid
         info = self._entry((fmt, exporter, domain))
         if isinstance(init, int):
             info.system_init_ms = init
@@ -823,6 +985,7 @@ class SamplingTable:
                 info.samplers.move_to_end(sampler)
                 while len(info.samplers) > self._max_samplers:
                     info.samplers.popitem(last=False)
+        return valid
 
     def announced(
         self, fmt: str, exporter: str, domain: int, sampler: int | None = None

@@ -15,8 +15,8 @@ same :class:`~overflowd.errors.DecodeError` with the same message and offset:
 
 1. fewer than 24 bytes: ``TruncatedError`` at 0 (the header);
 2. fewer than ``24 + 48 × count`` bytes: ``TruncatedError`` at 24 (the records);
-3. more than that: accepted, counted as ``netflow-v5.trailing_bytes`` (before check 4, as
-   there);
+3. more than that: accepted, counted as the defect ``netflow-v5/trailing_bytes`` (before
+   check 4, as there);
 4. ``unix_nsecs >= 10**9``: ``MalformedError`` at 16.
 
 ``count`` is not bounded to 1..30 because the scalar decoder does not bound it either
@@ -286,7 +286,7 @@ def decode_v5_batch(datagrams: Sequence[tuple[bytes, str, float]], state: Decode
             errors.append((i, exc))
     n_trailing = int(np.count_nonzero(trailing))
     if n_trailing:
-        state.count("netflow-v5.trailing_bytes", n_trailing)
+        state.defect(FORMAT, "trailing_bytes", n_trailing)
     state._datagrams += n_v5
     state._records += n_records
     if n_v5:

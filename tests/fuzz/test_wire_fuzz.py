@@ -16,12 +16,14 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from overflowd.cli.cmd_decode import format_record
 from overflowd.errors import DecodeError
 from overflowd.flows import FlowRecord
 from overflowd.wire import CaptureReader, DecoderState, Limits, decode_datagram
+from overflowd.wire.templates import MAX_INTERVAL, MAX_TIME_MS, MIN_TIME_MS
 from tests.unit.test_wire_encoder import (
     IE,
     VARIABLE,
@@ -48,6 +50,7 @@ from tests.unit.test_wire_encoder import (
     v9_packet,
     v9_template,
 )
+from tests.unit.test_wire_v5 import v5
 
 SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 SHARED = Path(
@@ -80,6 +83,11 @@ def decode_ok(
     for rec in records:
         assert isinstance(rec, FlowRecord)
         rec.validate()
+        # Within what every consumer can carry: a report's 32-bit interval, and times that
+        # datetime can render (`overflowd decode` prints each record).
+        assert 1 <= rec.sampling_interval <= MAX_INTERVAL
+        assert MIN_TIME_MS <= rec.first <= MAX_TIME_MS and MIN_TIME_MS <= rec.last <= MAX_TIME_MS
+        format_record(rec)
     return records
 
 
@@ -144,6 +152,7 @@ def built_datagrams() -> list[bytes]:
                 flowset(2, ipfix_withdrawal(256)),
             ]
         ),
+        v5([{}, {"proto": 1, "sport": 0, "dport": 0x0800}], sampling=0x4000 | 100),
         sflow_datagram(
             [
                 sflow_counter_sample(),
@@ -205,6 +214,89 @@ def test_one_state_across_hostile_datagrams_stays_bounded(datagrams: Sequence[by
     for i, data in enumerate(datagrams):
         decode_ok(data, state, exporter=f"192.0.2.{i % 20}")
         check_bounds(state)
+
+
+# -- extreme decoded values: floats and intervals that turn into arithmetic ----------------------
+
+#: samplingProbability values that have broken decoders: 5e-324 (1/p is infinite, round()
+#: raised OverflowError and the daemon exited), zero of both signs, NaN, infinities, huge.
+EXTREME_FLOATS = [5e-324, 0.0, -0.0, float("nan"), float("inf"), float("-inf"), 1e308, -1e308]
+SAMPLING_INTS = (34, 50, 305, 306, 309, 310)
+TIME_ELEMENTS = (150, 151, 152, 153, 154, 155, 156, 157, 158, 159, 22, 21)
+U64 = st.one_of(
+    st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1]),
+    st.integers(0, 2**64 - 1),
+)
+
+
+@st.composite
+def extreme_datagrams(draw: st.DrawFn) -> bytes:
+    """A v9 or IPFIX datagram whose options data and data record carry sampling values and
+    times at the edges: IE 311 as a 4- or 8-byte float, intervals as 8-byte integers (zero,
+    huge), 64-bit time elements and system init time; sometimes mutated after."""
+    probability = draw(st.one_of(st.sampled_from(EXTREME_FLOATS), st.floats()))
+    width = draw(st.sampled_from([4, 8]))
+    ints = draw(st.lists(st.sampled_from(SAMPLING_INTS), unique=True, max_size=4))
+    options = [IE(311, width), *(IE(e, 8) for e in ints), IE(160, 8)]
+    option_values = [probability, *(draw(U64) for _ in ints), draw(U64)]
+    times = draw(st.lists(st.sampled_from(TIME_ELEMENTS), unique=True, max_size=3))
+    in_record = draw(st.lists(st.sampled_from([*SAMPLING_INTS, 311]), unique=True, max_size=3))
+    fields = [*V4, *(IE(e, 8) for e in times)]
+    values: list[object] = [*V4_VALUES, *(draw(U64) for _ in times)]
+    for e in in_record:
+        fields.append(IE(e, width if e == 311 else 8))
+        values.append(draw(st.floats()) if e == 311 else draw(U64))
+    data = record(fields, values)
+    if draw(st.booleans()):
+        scope = [IE(1, 4)]
+        datagram = v9_packet(
+            [
+                flowset(0, v9_template(256, fields)),
+                flowset(1, v9_options_template(300, scope, options)),
+                flowset(300, record(scope + options, [0, *option_values])),
+                flowset(256, data * draw(st.integers(1, 3))),
+            ],
+            unix_secs=draw(st.sampled_from([0, 1, 1_700_000_000, 2**32 - 1])),
+            uptime_ms=draw(st.sampled_from([0, 2**31, 2**32 - 1])),
+        )
+    else:
+        scope = [IE(149, 4)]
+        datagram = ipfix_message(
+            [
+                flowset(3, ipfix_options_template(300, scope, options)),
+                flowset(300, record(scope + options, [0, *option_values])),
+                flowset(2, ipfix_template(256, fields)),
+                flowset(256, data * draw(st.integers(1, 3))),
+            ],
+            export_time=draw(st.sampled_from([0, 1, 1_700_000_000, 2**32 - 1])),
+        )
+    buf = bytearray(datagram)
+    for _ in range(draw(st.integers(0, 4))):
+        buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
+    return bytes(buf)
+
+
+def _ipfix_probability(p: float) -> bytes:
+    scope, options = [IE(149, 4)], [IE(311, 8)]
+    return ipfix_message(
+        [
+            flowset(3, ipfix_options_template(300, scope, options)),
+            flowset(300, record(scope + options, [0, p])),
+            flowset(2, ipfix_template(256, V4)),
+            flowset(256, record(V4, V4_VALUES)),
+        ]
+    )
+
+
+@SETTINGS
+@given(extreme_datagrams())
+@example(_ipfix_probability(5e-324))
+@example(_ipfix_probability(float("nan")))
+def test_extreme_floats_intervals_and_times_decode_or_raise_decode_error(data: bytes) -> None:
+    decode_ok(data)
+    state = DecoderState()
+    decode_ok(data, state)
+    decode_ok(data, state)  # templates and options known: the data path with them
 
 
 # -- truncated at every offset ---------------------------------------------------------------

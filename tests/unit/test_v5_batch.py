@@ -195,7 +195,7 @@ def test_corrupted_datagrams_are_counted_as_the_scalar_decoder_counts_them(
     stats = batch_state.statistics()
     assert stats.malformed["netflow-v5/truncated"] > 0
     assert stats.malformed["netflow-v5/malformed"] > 0
-    assert stats.counters["netflow-v5.trailing_bytes"] > 0
+    assert stats.defects["netflow-v5/trailing_bytes"] > 0
     # What each path had to say about it, and which datagrams the batch left to the caller.
     assert {i for i, _ in batch.errors}.isdisjoint(batch.passed)
     assert all(datagrams[i][0][:2] != b"\x00\x05" for i in batch.passed)

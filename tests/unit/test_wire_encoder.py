@@ -8,6 +8,7 @@ misunderstanding would have to be made twice; the tshark tests below rule out mo
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytest
 from tests.support.tshark import TsharkUnavailable, cflow_records, find_values, frames_json
 
 VARIABLE = 65535
+FLOAT32_MAX = 3.4028234663852886e38
 
 # -- information elements and values ---------------------------------------------------------
 
@@ -45,6 +47,8 @@ def encode_value(ie: IE, value: Any) -> bytes:
     elif isinstance(value, bytes):
         raw = value
     elif isinstance(value, float):
+        if ie.length == 4 and abs(value) > FLOAT32_MAX and math.isfinite(value):
+            value = math.copysign(math.inf, value)  # what a C cast to float gives
         raw = struct.pack("!d" if ie.length == 8 else "!f", value)
     else:
         raw = int(value).to_bytes(ie.length if ie.length != VARIABLE else 8, "big")

@@ -114,10 +114,14 @@ def test_non_ip_and_garbled_headers_lose_only_their_sample() -> None:
     assert counters["sflow.headers_undecodable"] == 1
 
 
-def test_structural_errors_refuse_the_datagram() -> None:
+def test_structural_errors_refuse_a_datagram_with_nothing_decodable() -> None:
     good = sflow_datagram([sflow_flow_sample([], rate=1)])
+    # Bytes after the last sample lose nothing: counted (test_wire_quirks.py), not refused.
+    state = DecoderState()
+    assert decode_datagram(good + b"\1\0\0\0", EXPORTER, state, NOW) == []
+    assert state.statistics().defects == {"sflow-v5/trailing_bytes": 1}
     with pytest.raises(MalformedError, match="after the last sample"):
-        decode_datagram(good + b"\0\0\0\0", EXPORTER, DecoderState(), NOW)
+        decode_datagram(sflow_datagram([]) + b"\1\0\0\0", EXPORTER, DecoderState(), NOW)
     head = good[: -4 - len(sflow_flow_sample([], rate=1))]
     with pytest.raises(TruncatedError):
         decode_datagram(head + struct.pack("!I", 100), EXPORTER, DecoderState(), NOW)

@@ -143,7 +143,7 @@ def test_trailing_bytes_are_counted_not_fatal() -> None:
     state = DecoderState()
     records = decode_datagram(v5([{}]) + b"\0\0\0\0", "192.0.2.9", state, NOW)
     assert len(records) == 1
-    assert state.statistics().counters["netflow-v5.trailing_bytes"] == 1
+    assert state.statistics().defects == {"netflow-v5/trailing_bytes": 1}
 
 
 def test_bad_nanoseconds_are_malformed() -> None:

@@ -385,6 +385,9 @@ def test_ipfix_options_305_306_and_other_sampling_elements() -> None:
         ({34: 0}, None),
         ({311: 0.0}, None),
         ({311: float("nan")}, None),
+        ({311: 5e-324}, None),  # 1/p is infinite: used to raise OverflowError
+        ({311: 1e-10}, None),  # 1 in 10**10 is beyond the 32 bits a report carries
+        ({34: 2**40, 50: 64}, 64),  # an out-of-range element gives way to the next
         ({}, None),
     ],
 )
