@@ -301,8 +301,16 @@ class NodeService:
             return False
         return address.is_global
 
-    async def _label(self, report: rpt.SignedReport, sender: str) -> str:
-        """The trust a received report is stored with; learns from it and raises events."""
+    async def _label(
+        self, report: rpt.SignedReport, sender: str, *, authenticated: bool = False
+    ) -> str:
+        """The trust a received report is stored with; learns from it and raises events.
+
+        ``authenticated``: the report came over a path that proves ``sender`` is where it came
+        from (a TCP connection: a webhook, a peer, the API). Only such a sighting adds
+        ``sender``'s network to the key's continuity. The in-band listener never passes it: a
+        UDP source address is anyone's to forge, so in band alone never grants continuity.
+        """
         now_ms = int(time.time() * 1000)
         key = report.observer_key
         try:
@@ -310,9 +318,13 @@ class NodeService:
         except ValueError:
             network = None
         events = self.trust_book.observe(
-            key, report.payload.observer.contacts, now_ms=now_ms, network=network
+            key,
+            report.payload.observer.contacts,
+            now_ms=now_ms,
+            network=network,
+            authenticated=authenticated,
         )
-        self._journal.note(key, network, now_ms)
+        self._journal.note(key, network, now_ms, authenticated=authenticated)
         if events:
             await self._record_events(events, report, sender)
         if self.registry is not None and self._may_ask_dns(sender):
