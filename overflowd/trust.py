@@ -12,16 +12,26 @@ kinds of evidence, strongest first::
                  ``min_networks`` distinct networks (/24 for IPv4, /48 for IPv6)
     unknown      none of the above
 
-"Networks" are those the reports of a key reached us from (the in-band sender, the webhook
-client, the gossip peer), aggregated to /24 and /48 so that one host changing addresses inside
-its LAN does not count twice. A key seen from several networks over a week is unlikely to be a
-man in the middle on one path, the same argument SSH's trust-on-first-use and Perspectives make.
+"Networks" are those the reports of a key reached us from over an *authenticated* path (a TCP
+connection: the webhook client, the gossip peer, the API), aggregated to /24 and /48 so that one
+host changing addresses inside its LAN does not count twice. A key seen from several networks
+over a week is unlikely to be a man in the middle on one path, the same argument SSH's
+trust-on-first-use and Perspectives make. The source address of a UDP datagram proves nothing:
+anyone can forge it, so an in-band sighting (``authenticated=False``, the default) never adds a
+network, and in band alone never grants ``continuity``.
 
 Events: when a *known* observer shows up with a new key (its contacts overlap those of a key we
 know, or it carries the label of one, e.g. its pinned name), or a known key changes its
 contacts, :meth:`TrustBook.observe` returns an event; the caller logs it, counts it and shows it
 in queries. Nothing here logs, reads a clock (``now_ms`` is an argument) or does I/O; the book
 is bounded in keys (least recently seen unpinned key evicted first) and networks per key.
+
+The work of one :meth:`~TrustBook.observe` is bounded too, whatever the book holds: the index
+that finds "keys known by this contact or label" keeps, per contact and per label, every pinned
+key and at most ``max_keys_per_name`` others (the first seen; a key with ``continuity`` takes the
+place of one without). Strangers who all copy one contact (60,000 keys sharing
+``mailto:abuse@...``) cannot make each report walk them all; the keys an event must name, the
+pinned and the established ones, stay indexed (see :class:`_NameIndex`).
 """
 
 from __future__ import annotations
@@ -76,12 +86,18 @@ class ContinuityPolicy:
     max_keys: int = 100_000
     #: networks remembered per key (only min_networks matter for trust) [32]
     max_networks_per_key: int = 32
+    #: unpinned keys indexed per contact and per label, to find the known keys a new key's
+    #: event names [16]. Pinned keys always are. Bounds the work of one observe: without it,
+    #: 60,000 keys sharing a contact cost 70-110 ms per report in the trio thread.
+    max_keys_per_name: int = 16
 
     def __post_init__(self) -> None:
         if self.min_days < 0 or self.min_networks < 1 or self.min_reports < 1:
             raise ValueError("min_days >= 0, min_networks >= 1 and min_reports >= 1")
         if self.max_keys < 1 or self.max_networks_per_key < self.min_networks:
             raise ValueError("max_keys >= 1 and max_networks_per_key >= min_networks")
+        if self.max_keys_per_name < 1:
+            raise ValueError("max_keys_per_name >= 1")
 
 
 @dataclass(frozen=True)
@@ -168,14 +184,20 @@ class ContinuityJournal:
     def __len__(self) -> int:
         return len(self._sightings) + len(self._keys)
 
-    def note(self, key: bytes, network: str | None, now_ms: int) -> None:
-        """A report signed by ``key`` reached us from ``network`` (None: unknown)."""
+    def note(
+        self, key: bytes, network: str | None, now_ms: int, *, authenticated: bool = False
+    ) -> None:
+        """A report signed by ``key`` reached us from ``network`` (None: unknown).
+
+        The network is kept only when ``authenticated`` (a TCP path): a saved network counts
+        toward continuity when the book is loaded again, and a UDP source proves nothing.
+        """
         if key not in self._keys:
             if len(self._keys) < self.max_entries:
                 self._keys[key] = None
             else:
                 self.dropped += 1
-        if network is None:
+        if network is None or not authenticated:
             return
         old = self._sightings.get((key, network))
         if old is None:
@@ -244,6 +266,9 @@ class TrustStatistics:
     new_key_events: int
     contacts_changed_events: int
     evicted: int
+    #: keys left out of a full contact or label index (they still get their events; they are
+    #: only not named in the events of later keys)
+    unindexed: int = 0
 
 
 def continuity_holds(history: KeyHistory, policy: ContinuityPolicy, now_ms: int) -> bool:
@@ -289,8 +314,34 @@ def assess(
     return Trust(TrustLevel.UNKNOWN, "in-band only" if history is not None else "never seen")
 
 
+class _NameIndex:
+    """The keys known under one contact or label: every pinned key, and ``cap`` others at most.
+
+    Which others: the first seen, so that strangers arriving after an observer cannot push it
+    out; and a key with continuity takes the place of the most recent one without, so that an
+    established observer is named even when strangers took the contact first. A key left out
+    is counted (``TrustStatistics.unindexed``); a slot freed (the key forgotten, or its contacts
+    changed) goes to the next key seen with that name, never by a scan of the book.
+    """
+
+    __slots__ = ("others", "pinned")
+
+    def __init__(self) -> None:
+        self.pinned: set[bytes] = set()
+        self.others: dict[bytes, None] = {}  # an ordered set, first indexed first
+
+    def __len__(self) -> int:
+        return len(self.pinned) + len(self.others)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.pinned or key in self.others
+
+    def keys(self) -> set[bytes]:
+        return self.pinned | self.others.keys()
+
+
 class TrustBook:
-    """Pinned keys and the history of every key seen in band, with the events they raise."""
+    """Pinned keys and the history of every key seen, with the events they raise."""
 
     def __init__(
         self, pinned: Iterable[PinnedKey] = (), policy: ContinuityPolicy | None = None
@@ -299,12 +350,13 @@ class TrustBook:
         self._pinned: dict[bytes, PinnedKey] = {p.key: p for p in pinned}
         # least recently seen first
         self._keys: OrderedDict[bytes, KeyHistory] = OrderedDict()
-        self._by_contact: dict[str, set[bytes]] = {}
-        self._by_label: dict[str, set[bytes]] = {}
+        self._by_contact: dict[str, _NameIndex] = {}
+        self._by_label: dict[str, _NameIndex] = {}
         for pin in self._pinned.values():
             if pin.label:
-                self._by_label.setdefault(pin.label, set()).add(pin.key)
+                self._by_label.setdefault(pin.label, _NameIndex()).pinned.add(pin.key)
         self._observations = self._new_key = self._contacts_changed = self._evicted = 0
+        self._unindexed = 0
 
     # -- reading --------------------------------------------------------------------------
 
@@ -332,6 +384,7 @@ class TrustBook:
             new_key_events=self._new_key,
             contacts_changed_events=self._contacts_changed,
             evicted=self._evicted,
+            unindexed=self._unindexed,
         )
 
     # -- learning -------------------------------------------------------------------------
@@ -348,12 +401,19 @@ class TrustBook:
         *,
         now_ms: int,
         network: str | None = None,
+        authenticated: bool = False,
         label: str | None = None,
     ) -> list[TrustEvent]:
         """Record a verified report signed by ``key``; return the events it raises.
 
-        ``network`` is :func:`network_of` the address the report reached us from, when known;
-        ``label`` a name the caller knows the observer by (the DNS name it claims, say).
+        ``network`` is :func:`network_of` the address the report reached us from, when known.
+        It counts toward continuity only when ``authenticated``: the report came over a path
+        that proves its source address (a TCP connection: webhook, peer, API). A UDP datagram's
+        source can be forged by anyone, so an in-band sighting leaves the networks as they are.
+        ``label`` is a name the caller knows the observer by (the DNS name it claims, say).
+
+        Work is bounded by the number of contacts (at most 4 in a report) times the index's
+        per-name bound, whatever the book holds.
         """
         if len(key) != 32:
             raise ValueError("an Ed25519 public key is 32 bytes")
@@ -362,65 +422,111 @@ class TrustBook:
         events: list[TrustEvent] = []
         old = self._keys.get(key)
         if old is None:
-            related = self._related(contacts, label) - {key}
+            related = self._related(contacts, label)
+            related.discard(key)
             if related:
                 pinned = any(k in self._pinned for k in related)
                 why = "same label" if label and label in self._by_label else "shared contacts"
-                events.append(NewKey(key, tuple(sorted(related)), pinned, now_ms, why))
-                self._new_key += 1
-            history = KeyHistory(
-                key=key,
-                contacts=contacts,
-                first_seen_ms=now_ms,
-                last_seen_ms=now_ms,
-                contacts_since_ms=now_ms,
-                reports=1,
-                networks=frozenset([network] if network else []),
-                labels=frozenset([label] if label else []),
-            )
-        else:
-            since = old.contacts_since_ms
-            if old.contacts != contacts:
-                events.append(
-                    ContactsChanged(key, old.contacts, contacts, key in self._pinned, now_ms)
+                previous = sorted(k for k in related if k in self._pinned) + sorted(
+                    k for k in related if k not in self._pinned
                 )
-                self._contacts_changed += 1
-                since = now_ms
-            networks = old.networks
-            full = len(networks) >= self.policy.max_networks_per_key
-            if network and network not in networks and not full:
-                networks = networks | {network}
-            labels = old.labels | {label} if label and len(old.labels) < 8 else old.labels
-            history = replace(
-                old,
-                contacts=contacts,
-                first_seen_ms=min(old.first_seen_ms, now_ms),
-                last_seen_ms=max(old.last_seen_ms, now_ms),
-                contacts_since_ms=since,
-                reports=old.reports + 1,
-                networks=networks,
-                labels=labels,
+                events.append(NewKey(key, tuple(previous), pinned, now_ms, why))
+                self._new_key += 1
+            self._remember(
+                KeyHistory(
+                    key=key,
+                    contacts=contacts,
+                    first_seen_ms=now_ms,
+                    last_seen_ms=now_ms,
+                    contacts_since_ms=now_ms,
+                    reports=1,
+                    networks=frozenset([network] if network and authenticated else []),
+                    labels=frozenset([label] if label else []),
+                )
             )
-            self._forget(key)
-        self._remember(history)
+            return events
+        since = old.contacts_since_ms
+        if old.contacts != contacts:
+            events.append(ContactsChanged(key, old.contacts, contacts, key in self._pinned, now_ms))
+            self._contacts_changed += 1
+            since = now_ms
+        networks = old.networks
+        full = len(networks) >= self.policy.max_networks_per_key
+        if network and authenticated and network not in networks and not full:
+            networks = networks | {network}
+        labels = old.labels | {label} if label and len(old.labels) < 8 else old.labels
+        history = replace(
+            old,
+            contacts=contacts,
+            first_seen_ms=min(old.first_seen_ms, now_ms),
+            last_seen_ms=max(old.last_seen_ms, now_ms),
+            contacts_since_ms=since,
+            reports=old.reports + 1,
+            networks=networks,
+            labels=labels,
+        )
+        self._keys[key] = history
+        self._keys.move_to_end(key)
+        # The index changes only with the names, or when the key becomes established: the
+        # common case (the same key, contacts and standing again) touches no index at all.
+        for contact in old.contacts:
+            if contact not in contacts:
+                self._unindex(self._by_contact, contact, key)
+        established = not self._holds(old) and self._holds(history)
+        for contact in contacts:
+            if established or contact not in old.contacts:
+                self._index(self._by_contact, contact, history)
+        for name in labels:
+            if established or name not in old.labels:
+                self._index(self._by_label, name, history)
         return events
 
     # -- internals ------------------------------------------------------------------------
 
+    def _holds(self, history: KeyHistory) -> bool:
+        return continuity_holds(history, self.policy, history.last_seen_ms)
+
     def _related(self, contacts: tuple[str, ...], label: str | None) -> set[bytes]:
         related: set[bytes] = set()
         for contact in contacts:
-            related |= self._by_contact.get(contact, set())
+            index = self._by_contact.get(contact)
+            if index is not None:
+                related |= index.keys()
         if label:
-            related |= self._by_label.get(label, set())
+            index = self._by_label.get(label)
+            if index is not None:
+                related |= index.keys()
         return related
+
+    def _index(self, indexes: dict[str, _NameIndex], name: str, history: KeyHistory) -> None:
+        key = history.key
+        index = indexes.get(name)
+        if index is None:
+            index = indexes[name] = _NameIndex()
+        if key in index:
+            return
+        if key in self._pinned:
+            index.pinned.add(key)
+            return
+        if len(index.others) < self.policy.max_keys_per_name:
+            index.others[key] = None
+            return
+        if self._holds(history):
+            # An established key takes the place of the most recently indexed one without.
+            for other in reversed(index.others):
+                known = self._keys.get(other)
+                if known is None or not self._holds(known):
+                    del index.others[other]
+                    index.others[key] = None
+                    return
+        self._unindexed += 1
 
     def _remember(self, history: KeyHistory) -> None:
         self._keys[history.key] = history
         for contact in history.contacts:
-            self._by_contact.setdefault(contact, set()).add(history.key)
+            self._index(self._by_contact, contact, history)
         for label in history.labels:
-            self._by_label.setdefault(label, set()).add(history.key)
+            self._index(self._by_label, label, history)
         while len(self._keys) > self.policy.max_keys:
             victim = next((k for k in self._keys if k not in self._pinned), None)
             if victim is None:
@@ -434,15 +540,19 @@ class TrustBook:
             return
         pin = self._pinned.get(key)
         for contact in history.contacts:
-            self._discard(self._by_contact, contact, key)
+            self._unindex(self._by_contact, contact, key)
         for label in history.labels:
             if pin is None or pin.label != label:  # a pinned label stays, whatever is forgotten
-                self._discard(self._by_label, label, key)
+                self._unindex(self._by_label, label, key)
 
-    @staticmethod
-    def _discard(index: dict[str, set[bytes]], name: str, key: bytes) -> None:
-        keys = index.get(name)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del index[name]
+    def _unindex(self, indexes: dict[str, _NameIndex], name: str, key: bytes) -> None:
+        index = indexes.get(name)
+        if index is None:
+            return
+        pin = self._pinned.get(key)
+        if pin is not None and indexes is self._by_label and pin.label == name:
+            return  # a pinned key's own label always names it
+        index.pinned.discard(key)
+        index.others.pop(key, None)
+        if not index:
+            del indexes[name]

@@ -11,10 +11,18 @@ reports, labels the observer's trust through an injected ``trust_of`` hook, and 
 report to a bounded channel that a writer drains into the store in batches. It never sends a
 single byte back: an answer to a spoofable datagram would make the node an amplifier.
 
-Trust that needs the network (a DNS lookup for the sender's address) is an injected async
-``label`` hook, awaited by a small pool of labeller tasks between that channel and the store
-writer, never by the receive loop: a slow or dead resolver fills the bounded channel, and the
-receive loop goes on counting and dropping (``queue_full``) instead of waiting.
+Nothing before the store waits for the network. The ``label`` hook (the trust book alone:
+pinned, continuity, unknown) runs in a small pool of labeller tasks between that channel and
+the store writer; trust that needs DNS (a lookup for the sender's address) is the ``relabel``
+hook, asked *after* the report is stored, by relabel workers fed from a bounded
+:class:`RelabelQueue` (fair per sender /24 or /48, a priority lane for pairs DNS vouched for
+before), and written with ``Store.update_trust``. Spoofed senders whose reverse zones never
+answer can only fill that queue; when it is full their reports keep their first label
+(counted), and an established observer's reports are stored at once whatever strangers do.
+
+Each datagram, each label and each relabel is a boundary: an unexpected exception from one is
+logged (rate-limited, with the sender), counted by type (``errors``), and costs that datagram
+or report only.
 
 Neither class reads ``InbandSettings.enabled``: the daemon decides whether to start them.
 """
@@ -24,7 +32,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -43,6 +51,7 @@ from overflowd.notify import (
     plan_inband,
 )
 from overflowd.store import Store
+from overflowd.trust import network_of
 from overflowd.wire import datagram
 from overflowd.wire.reader import WireDecodeError
 
@@ -57,7 +66,10 @@ __all__ = [
     "InbandSender",
     "InbandSenderStatistics",
     "InbandSettings",
+    "RelabelQueue",
+    "RelabelStatistics",
     "TrustLabeller",
+    "TrustRelabeller",
 ]
 
 
@@ -226,18 +238,171 @@ class InbandReceived:
     trust: str
     sender: str
     received_ms: int
+    #: ``trust`` is provisional: once stored, the report waits for a relabel (DNS)
+    relabel: bool = False
 
 
-#: ``label(report, sender) -> trust label``: awaited off the receive path; may ask DNS.
+#: ``label(report, sender) -> trust label``: awaited by the labellers before the report is
+#: stored; must not wait for the network (the trust book alone: pinned, continuity, unknown).
 TrustLabeller = Callable[[rpt.SignedReport, str], Awaitable[str]]
+#: ``relabel(report, sender) -> trust label``: awaited after the report is stored; may ask DNS.
+TrustRelabeller = Callable[[rpt.SignedReport, str], Awaitable[str]]
+#: ``wants_relabel(report, sender, label) -> bool``: sync and cheap; is a relabel worth asking?
+RelabelWanted = Callable[[rpt.SignedReport, str, str], bool]
 
-#: Reports labelled at once (each may wait for DNS). With the registry's 2 s question timeout
-#: and the walk stopping at the first failure, 16 workers keep ≥ 8 reports/s from new senders
-#: flowing through a dead resolver (failures are cached: one timeout per name, not per
-#: report), and bound the DNS questions a flood of valid reports from many senders can cause.
+#: Reports labelled at once. The label comes from the trust book and never waits for the
+#: network; the workers only overlap the short waits of storing an observer event.
 LABEL_WORKERS = 16
-#: Longest one label may take; past it the report keeps the ``trust_of`` label (counted).
+#: Longest one label or relabel may take; past it the report keeps the label it had (counted).
 LABEL_TIMEOUT_S = 10.0
+#: Relabels (DNS lookups) at once. With the registry's 2 s question timeout and failures
+#: cached, 16 workers get through ≥ 8 new senders a second behind dead zones, and bound the
+#: questions a flood of valid reports from many spoofed senders can cause.
+RELABEL_WORKERS = 16
+#: Stored reports waiting for a relabel, all senders together (each ~2 KB with its parsed
+#: payload). When full, a report keeps its first label: DNS is skipped, counted ``backlog``.
+RELABEL_REPORTS = 2_048
+#: ... of which at most this many from one /24 or /48 (outside the priority lane, below): one
+#: prefix of spoofed senders cannot fill the queue, it takes at least 16.
+RELABEL_PREFIX_SHARE = 128
+#: A report that waited longer than this is not looked up any more (counted ``stale``): under a
+#: backlog, workers skip old entries rather than fall further behind on dead lookups.
+RELABEL_MAX_WAIT_S = 60.0
+#: (key, /24 or /48) pairs whose relabel changed their label before (DNS vouched for them): their
+#: reports go to the priority lane, ahead of strangers and outside the per-prefix share. Only a
+#: key published at its sender's reverse zone gets there; about 100 B each.
+PROVEN_PAIRS = 4_096
+#: At most one warning about an unexpected exception per this many seconds (all are counted).
+ERROR_LOG_INTERVAL_S = 10.0
+
+#: Why a stored report kept its first label instead of being relabelled; statistics count each.
+RELABEL_SKIP_REASONS = (
+    "backlog",  # the relabel queue was full
+    "prefix_share",  # its sender's /24 or /48 already had RELABEL_PREFIX_SHARE waiting
+    "evicted",  # pushed out of a full queue by a report in the priority lane
+    "stale",  # waited longer than RELABEL_MAX_WAIT_S
+    "not_stored",  # the store write failed: there is nothing to relabel
+    "timeout",  # the relabel took longer than label_timeout_s
+    "error",  # the relabel hook or the store update failed
+    "stopped",  # still waiting when the listener stopped
+)
+
+
+@dataclass
+class RelabelEntry:
+    """Reports of one key from one sender address, waiting for one relabel (one DNS lookup)."""
+
+    key: bytes
+    sender: str
+    prefix: str
+    priority: bool
+    queued_at: float
+    items: list[InbandReceived]
+
+
+class RelabelQueue:
+    """Stored reports waiting for DNS, bounded and fair per sender prefix (sans-IO).
+
+    Reports of the same key from the same sender share one entry and one lookup. Two lanes:
+    *priority* for pairs proven before (see :data:`PROVEN_PAIRS`), served first, bounded only
+    by the total, and allowed to push the newest stranger entry out of a full queue; and the
+    others, first in first out, each /24 or /48 holding at most ``prefix_share`` reports.
+    Nothing here waits or reads a clock: ``now`` is an argument.
+    """
+
+    def __init__(
+        self,
+        max_reports: int = RELABEL_REPORTS,
+        prefix_share: int = RELABEL_PREFIX_SHARE,
+        max_wait_s: float = RELABEL_MAX_WAIT_S,
+    ) -> None:
+        if max_reports < 1 or prefix_share < 1 or max_wait_s <= 0:
+            raise ValueError("max_reports >= 1, prefix_share >= 1 and max_wait_s > 0")
+        self.max_reports = max_reports
+        self.prefix_share = prefix_share
+        self.max_wait_s = max_wait_s
+        self._queued: dict[tuple[bytes, str], RelabelEntry] = {}
+        self._priority: deque[RelabelEntry] = deque()
+        self._others: deque[RelabelEntry] = deque()
+        self._per_prefix: Counter[str] = Counter()  # reports waiting in the others' lane
+        self._reports = 0
+
+    def __len__(self) -> int:
+        """Reports waiting."""
+        return self._reports
+
+    def prefix_waiting(self, prefix: str) -> int:
+        return self._per_prefix[prefix]
+
+    def offer(
+        self, received: InbandReceived, prefix: str, *, priority: bool, now: float
+    ) -> tuple[str | None, list[InbandReceived]]:
+        """Queue ``received``: (None, pushed out) if queued, else (the reason, [])."""
+        evicted: list[InbandReceived] = []
+        pair = (received.report.observer_key, received.sender)
+        entry = self._queued.get(pair)
+        lane_priority = entry.priority if entry is not None else priority
+        if not lane_priority and self._per_prefix[prefix] >= self.prefix_share:
+            return "prefix_share", []
+        if self._reports >= self.max_reports:
+            if not lane_priority or not self._others:
+                return "backlog", []
+            victim = self._others.pop()  # the newest stranger entry: the oldest are nearly done
+            self._drop(victim)
+            evicted = victim.items
+            if victim is entry:
+                entry, lane_priority = None, priority
+        if entry is None:
+            entry = RelabelEntry(pair[0], pair[1], prefix, lane_priority, now, [])
+            self._queued[pair] = entry
+            (self._priority if lane_priority else self._others).append(entry)
+        entry.items.append(received)
+        self._reports += 1
+        if not entry.priority:
+            self._per_prefix[prefix] += 1
+        return None, evicted
+
+    def take(self, now: float) -> tuple[RelabelEntry | None, list[RelabelEntry]]:
+        """The next entry to relabel (priority lane first), and those it found stale."""
+        stale: list[RelabelEntry] = []
+        for lane in (self._priority, self._others):
+            while lane:
+                entry = lane.popleft()
+                self._drop(entry)
+                if now - entry.queued_at > self.max_wait_s:
+                    stale.append(entry)
+                    continue
+                return entry, stale
+        return None, stale
+
+    def clear(self) -> list[RelabelEntry]:
+        """Everything still waiting (the listener stops)."""
+        entries = [*self._priority, *self._others]
+        self._priority.clear()
+        self._others.clear()
+        self._queued.clear()
+        self._per_prefix.clear()
+        self._reports = 0
+        return entries
+
+    def _drop(self, entry: RelabelEntry) -> None:
+        del self._queued[(entry.key, entry.sender)]
+        self._reports -= len(entry.items)
+        if not entry.priority:
+            self._per_prefix[entry.prefix] -= len(entry.items)
+            if self._per_prefix[entry.prefix] <= 0:
+                del self._per_prefix[entry.prefix]
+
+
+@dataclass(frozen=True)
+class RelabelStatistics:
+    queued: int = 0  # stored reports queued for a relabel
+    waiting: int = 0  # ... still waiting now
+    relabelled: Mapping[str, int] = field(default_factory=dict)  # stored label changed, by new
+    unchanged: int = 0  # looked up, the label stayed
+    skipped: Mapping[str, int] = field(default_factory=dict)  # see RELABEL_SKIP_REASONS
+    priority: int = 0  # reports queued in the priority lane
+    proven_pairs: int = 0
 
 
 @dataclass(frozen=True)
@@ -248,14 +413,22 @@ class InbandListenerStatistics:
     already_stored: int  # the store had the id already (e.g. from a webhook or gossip)
     store_errors: int
     dropped: Mapping[str, int]  # by reason, see LISTENER_DROP_REASONS
-    trust: Mapping[str, int] = field(default_factory=dict)  # accepted reports by trust label
+    trust: Mapping[str, int] = field(default_factory=dict)  # accepted reports by final label
     seen_ids: int = 0  # size of the de-duplication cache
-    label_timeouts: int = 0  # labels that took longer than label_timeout_s
+    label_timeouts: int = 0  # labels and relabels that took longer than label_timeout_s
+    #: unexpected exceptions caught at the per-datagram boundary, by exception type; each
+    #: datagram (or report, in a labeller) was dropped and the listener went on
+    errors: Mapping[str, int] = field(default_factory=dict)
+    relabel: RelabelStatistics = field(default_factory=RelabelStatistics)
 
 
 def unknown_trust(key: bytes) -> str:
     """Trust until the registry exists: every observer is ``unknown``."""
     return "unknown"
+
+
+def _always(report: rpt.SignedReport, sender: str, label: str) -> bool:
+    return True
 
 
 #: A receive buffer one byte larger than the largest datagram, so oversize ones are seen as such.
@@ -275,17 +448,27 @@ class InbandListener:
         label: TrustLabeller | None = None,
         label_workers: int = LABEL_WORKERS,
         label_timeout_s: float = LABEL_TIMEOUT_S,
+        relabel: TrustRelabeller | None = None,
+        wants_relabel: RelabelWanted = _always,
+        relabel_workers: int = RELABEL_WORKERS,
+        relabel_queue: RelabelQueue | None = None,
         on_report: Callable[[InbandReceived], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``trust_of`` labels at receive time (sync, cheap: pinned keys, the trust book).
 
         ``label``, when given, replaces that label before the report is stored; it runs in
-        ``label_workers`` tasks, each label bounded by ``label_timeout_s``. ``on_report`` and
-        the ``trust`` counters see the final label.
+        ``label_workers`` tasks, each label bounded by ``label_timeout_s``, and must not wait
+        for the network. ``relabel`` (needs ``label``), when given, is asked after the report
+        is stored, for reports ``wants_relabel`` picks: ``relabel_workers`` tasks take them
+        from ``relabel_queue`` (bounded, fair per sender prefix) and write a changed label
+        with ``Store.update_trust``. ``on_report`` and the ``trust`` counters see each
+        report's final label: at once, or when its relabel is done or skipped.
         """
-        if label_workers < 1 or label_timeout_s <= 0:
-            raise ValueError("label_workers >= 1 and label_timeout_s > 0")
+        if label_workers < 1 or label_timeout_s <= 0 or relabel_workers < 1:
+            raise ValueError("label_workers >= 1, relabel_workers >= 1 and label_timeout_s > 0")
+        if relabel is not None and label is None:
+            raise ValueError("relabel needs label (the labeller stage that queues for it)")
         self.settings = settings
         self.listen = listen or settings.listen_address()
         self._store = store
@@ -294,6 +477,17 @@ class InbandListener:
         self._label_workers = label_workers
         self._label_timeout_s = label_timeout_s
         self._label_timeouts = 0
+        self._relabel = relabel
+        self._wants_relabel = wants_relabel
+        self._relabel_workers = relabel_workers
+        self._relabels = relabel_queue or RelabelQueue()
+        self._relabel_lot = trio.lowlevel.ParkingLot()
+        self._proven: OrderedDict[tuple[bytes, str], None] = OrderedDict()
+        self._relabel_queued = 0
+        self._relabel_priority = 0
+        self._relabelled: Counter[str] = Counter()
+        self._relabel_unchanged = 0
+        self._relabel_skipped = dict.fromkeys(RELABEL_SKIP_REASONS, 0)
         self._on_report = on_report
         self._wall_clock = wall_clock
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -305,6 +499,9 @@ class InbandListener:
         self._store_errors = 0
         self._dropped = dict.fromkeys(LISTENER_DROP_REASONS, 0)
         self._trust: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._errors_unlogged = 0
+        self._last_error_log = -ERROR_LOG_INTERVAL_S
 
     def stop(self) -> None:
         """Stop receiving; what is queued reaches the store within ``drain_timeout_s``."""
@@ -320,19 +517,25 @@ class InbandListener:
             bound = sock.getsockname()
             log.info("inband.listening addr=%s port=%s", bound[0], bound[1])
             async with trio.open_nursery() as outer:
+                # Relabels only improve labels already stored: they stop once the store writer
+                # is done, and what still waits keeps its first label (counted "stopped").
+                relabelling = trio.CancelScope()
+                if self._relabel is not None:
+                    outer.start_soon(self._run_relabellers, relabelling)
                 if self._label is None:
-                    outer.start_soon(self._store_writer, queue)
+                    outer.start_soon(self._store_writer_then, queue, relabelling)
                 else:
-                    # receive loop → queue → labellers → labelled → store writer. The second
-                    # channel is small: when the store is slow, labellers wait, then the
-                    # first channel fills and the receive loop drops (never waits).
+                    # receive loop → queue → labellers → labelled → store writer → relabel
+                    # queue. The second channel is small: when the store is slow, labellers
+                    # wait, then the first channel fills and the receive loop drops (never
+                    # waits). Nothing before the store waits for DNS.
                     labelled, to_store = trio.open_memory_channel[InbandReceived](
                         self.settings.store_batch
                     )
                     async with queue, labelled:
                         for _ in range(self._label_workers):
                             outer.start_soon(self._labeller, queue.clone(), labelled.clone())
-                    outer.start_soon(self._store_writer, to_store)
+                    outer.start_soon(self._store_writer_then, to_store, relabelling)
                 with trio.CancelScope() as receiving:
                     async with trio.open_nursery() as inner:
                         inner.start_soon(self._receive_loop, sock, out)
@@ -354,7 +557,12 @@ class InbandListener:
                 sender = addr[0]
                 if sender.startswith("::ffff:"):
                     sender = sender[7:]
-                self.handle_datagram(data, sender, out)
+                # The per-datagram boundary: whatever one datagram makes go wrong (a bug in a
+                # decoder or a hook) costs that datagram, never the listener.
+                try:
+                    self.handle_datagram(data, sender, out)
+                except Exception as exc:
+                    self._unexpected("receive", exc, sender)
 
     def handle_datagram(
         self, data: bytes, sender: str, out: trio.MemorySendChannel[InbandReceived]
@@ -406,15 +614,148 @@ class InbandListener:
         assert self._label is not None
         async with queue, out:
             async for received in queue:
-                label = received.trust  # trust_of's, if the label takes too long
-                with trio.move_on_after(self._label_timeout_s) as scope:
-                    label = await self._label(received.report, received.sender)
-                if scope.cancelled_caught:
-                    self._label_timeouts += 1
-                    log.debug("inband.label_timeout sender=%s", received.sender)
-                received = replace(received, trust=label)
-                self._labelled(received)
+                try:
+                    received = await self._label_one(received)
+                except Exception as exc:  # the per-report boundary: this report is dropped
+                    self._unexpected("label", exc, received.sender)
+                    continue
                 await out.send(received)
+
+    async def _label_one(self, received: InbandReceived) -> InbandReceived:
+        assert self._label is not None
+        label = received.trust  # trust_of's, if the label takes too long
+        with trio.move_on_after(self._label_timeout_s) as scope:
+            label = await self._label(received.report, received.sender)
+        if scope.cancelled_caught:
+            self._label_timeouts += 1
+            log.debug("inband.label_timeout sender=%s", received.sender)
+        wanted = self._relabel is not None and self._wants_relabel(
+            received.report, received.sender, label
+        )
+        received = replace(received, trust=label, relabel=wanted)
+        if not wanted:
+            self._labelled(received)  # final: nothing better to ask
+        return received
+
+    # -- relabelling, after the store -----------------------------------------------------
+
+    def _queue_relabels(self, batch: list[InbandReceived], *, stored: bool) -> None:
+        """Hand the reports of a written batch that want a relabel to the relabel queue."""
+        now = trio.current_time()
+        woken = 0
+        for received in batch:
+            if not received.relabel:
+                continue
+            if not stored:
+                self._skip([received], "not_stored")
+                continue
+            try:
+                prefix = network_of(received.sender)
+            except ValueError:
+                prefix = received.sender
+            key = received.report.observer_key
+            priority = (key, prefix) in self._proven
+            reason, evicted = self._relabels.offer(received, prefix, priority=priority, now=now)
+            if evicted:
+                self._skip(evicted, "evicted")
+            if reason is not None:
+                self._skip([received], reason)
+                continue
+            self._relabel_queued += 1
+            self._relabel_priority += priority
+            woken += 1
+        if woken:
+            self._relabel_lot.unpark(count=woken)
+
+    async def _run_relabellers(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self._relabel_workers):
+                        nursery.start_soon(self._relabeller)
+        finally:
+            for entry in self._relabels.clear():
+                self._skip(entry.items, "stopped")
+
+    async def _relabeller(self) -> None:
+        while True:
+            entry, stale = self._relabels.take(trio.current_time())
+            for old in stale:
+                self._skip(old.items, "stale")
+            if entry is None:
+                await self._relabel_lot.park()
+                continue
+            finished = False
+            try:
+                await self._relabel_entry(entry)
+                finished = True
+            except Exception as exc:  # the per-report boundary: the stored labels stand
+                finished = True
+                self._unexpected("relabel", exc, entry.sender)
+                self._skip(entry.items, "error")
+            finally:
+                if not finished:  # cancelled: the listener stops, the stored labels stand
+                    self._skip(entry.items, "stopped")
+
+    async def _relabel_entry(self, entry: RelabelEntry) -> None:
+        assert self._relabel is not None
+        first = entry.items[0]
+        with trio.move_on_after(self._label_timeout_s) as scope:
+            label = await self._relabel(first.report, entry.sender)
+        if scope.cancelled_caught:
+            self._label_timeouts += 1
+            log.debug("inband.relabel_timeout sender=%s", entry.sender)
+            self._skip(entry.items, "timeout")
+            return
+        changes = {r.report.report_id: (r.trust, label) for r in entry.items if r.trust != label}
+        if changes:
+            try:
+                await trio.to_thread.run_sync(self._store.update_trust, changes)
+            except StoreError as exc:
+                self._store_errors += 1
+                log.warning("inband.relabel_store_failed reports=%d error=%s", len(changes), exc)
+                self._skip(entry.items, "error")
+                return
+            self._relabelled[label] += len(changes)
+            self._prove((entry.key, entry.prefix))
+        self._relabel_unchanged += len(entry.items) - len(changes)
+        for received in entry.items:
+            self._labelled(replace(received, trust=label, relabel=False))
+
+    def _prove(self, pair: tuple[bytes, str]) -> None:
+        proven = self._proven
+        proven[pair] = None
+        proven.move_to_end(pair)
+        if len(proven) > PROVEN_PAIRS:
+            proven.popitem(last=False)
+
+    def _skip(self, items: list[InbandReceived], reason: str) -> None:
+        self._relabel_skipped[reason] += len(items)
+        for received in items:
+            self._labelled(replace(received, relabel=False))  # the stored label is final
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _unexpected(self, stage: str, exc: Exception, sender: str) -> None:
+        """Count an exception nothing expected, by type; warn at most every 10 s, with the
+        sender and the traceback (it is a bug to fix); the caller drops what caused it."""
+        self._errors[type(exc).__name__] += 1
+        now = trio.current_time()
+        if now - self._last_error_log < ERROR_LOG_INTERVAL_S:
+            self._errors_unlogged += 1
+            log.debug("inband.unexpected_error stage=%s sender=%s error=%r", stage, sender, exc)
+            return
+        self._last_error_log = now
+        log.warning(
+            "inband.unexpected_error stage=%s sender=%s error=%s: %s suppressed_since_last=%d",
+            stage,
+            sender,
+            type(exc).__name__,
+            exc,
+            self._errors_unlogged,
+            exc_info=exc,
+        )
+        self._errors_unlogged = 0
 
     def _drop(self, reason: str, sender: str) -> str:
         self._dropped[reason] += 1
@@ -426,6 +767,14 @@ class InbandListener:
         seen[rid] = None
         if len(seen) > self.settings.seen_ids:
             seen.popitem(last=False)
+
+    async def _store_writer_then(
+        self, queue: trio.MemoryReceiveChannel[InbandReceived], relabelling: trio.CancelScope
+    ) -> None:
+        try:
+            await self._store_writer(queue)
+        finally:
+            relabelling.cancel()
 
     async def _store_writer(self, queue: trio.MemoryReceiveChannel[InbandReceived]) -> None:
         async with queue:
@@ -454,9 +803,11 @@ class InbandListener:
         except StoreError as exc:
             self._store_errors += 1
             log.warning("inband.store_failed reports=%d error=%s", len(batch), exc)
+            self._queue_relabels(batch, stored=False)
             return
         self._stored += new
         self._already += len(batch) - new
+        self._queue_relabels(batch, stored=True)
 
     def statistics(self) -> InbandListenerStatistics:
         return InbandListenerStatistics(
@@ -469,6 +820,16 @@ class InbandListener:
             trust=MappingProxyType(dict(self._trust)),
             seen_ids=len(self._seen),
             label_timeouts=self._label_timeouts,
+            errors=MappingProxyType(dict(self._errors)),
+            relabel=RelabelStatistics(
+                queued=self._relabel_queued,
+                waiting=len(self._relabels),
+                relabelled=MappingProxyType(dict(self._relabelled)),
+                unchanged=self._relabel_unchanged,
+                skipped=MappingProxyType(dict(self._relabel_skipped)),
+                priority=self._relabel_priority,
+                proven_pairs=len(self._proven),
+            ),
         )
 
 

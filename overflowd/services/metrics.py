@@ -200,6 +200,32 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         for label, count in sorted(li.trust.items()):
             trust.add_metric([label], count)
         yield trust
+        errors = CounterMetricFamily(
+            "overflowd_inband_errors",
+            "Unexpected exceptions at the per-datagram boundary (datagram dropped)",
+            labels=["type"],
+        )
+        for kind, count in sorted(li.errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+        rl = li.relabel
+        relabelled = CounterMetricFamily(
+            "overflowd_inband_relabelled", "Stored reports relabelled after DNS", labels=["trust"]
+        )
+        for label, count in sorted(rl.relabelled.items()):
+            relabelled.add_metric([label], count)
+        yield relabelled
+        skipped = CounterMetricFamily(
+            "overflowd_inband_relabel_skipped",
+            "Stored reports that kept their first label without a DNS answer",
+            labels=["reason"],
+        )
+        for reason, count in sorted(rl.skipped.items()):
+            skipped.add_metric([reason], count)
+        yield skipped
+        yield GaugeMetricFamily(
+            "overflowd_inband_relabel_waiting", "Stored reports waiting for DNS", value=rl.waiting
+        )
 
 
 @contextlib.contextmanager

@@ -5,13 +5,14 @@ the decoder waits for the store (backpressure), so a slow database shows up as c
 collector drops, never as memory growth. On shutdown the collectors stop first, then what is
 queued drains within ``drain_timeout_s``.
 
-Received reports are labelled with their observer's trust before they are stored: pinned and
-continuity from the :class:`~overflowd.trust.TrustBook`, ``dns`` when the key is published at
-the reverse zone of the address the datagram came from
-(:func:`overflowd.services.dns.observer_trust`). The lookup runs in the listener's labeller
-tasks, never in its receive loop. Events the book raises (a new key for a known observer,
-changed contacts) are logged (rate-limited), counted and stored (bounded) for
-``overflowd-query events``.
+Received reports are stored at once with their observer's trust from the
+:class:`~overflowd.trust.TrustBook` alone (pinned, continuity, unknown: ``_label``), and
+relabelled ``dns`` afterwards when the key is published at the reverse zone of the address the
+datagram came from (:func:`overflowd.services.dns.observer_trust`, ``_relabel``), by the
+listener's relabel workers: a DNS lookup never holds a report back from the store. Events the
+book raises (a new key for a known observer, changed contacts) are logged (rate-limited),
+counted and stored (bounded) for ``overflowd-query events``. In-band sightings never count
+toward continuity (``_label(..., authenticated=False)``): a UDP source can be forged.
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ class NodeService:
                 listen=listen_at,
                 trust_of=self._trust_of,
                 label=self._label,
+                relabel=self._relabel,
+                wants_relabel=self._wants_relabel,
             )
 
     def stop(self) -> None:
@@ -324,8 +327,16 @@ class NodeService:
             return False
         return address.is_global
 
-    async def _label(self, report: rpt.SignedReport, sender: str) -> str:
-        """The trust a received report is stored with; learns from it and raises events."""
+    async def _label(
+        self, report: rpt.SignedReport, sender: str, *, authenticated: bool = False
+    ) -> str:
+        """The trust a received report is stored with; learns from it and raises events.
+
+        ``authenticated``: the report came over a path that proves ``sender`` is where it came
+        from (a TCP connection: a webhook, a peer, the API). Only such a sighting adds
+        ``sender``'s network to the key's continuity. The in-band listener never passes it: a
+        UDP source address is anyone's to forge, so in band alone never grants continuity.
+        """
         now_ms = int(time.time() * 1000)
         key = report.observer_key
         try:
@@ -333,17 +344,34 @@ class NodeService:
         except ValueError:
             network = None
         events = self.trust_book.observe(
-            key, report.payload.observer.contacts, now_ms=now_ms, network=network
+            key,
+            report.payload.observer.contacts,
+            now_ms=now_ms,
+            network=network,
+            authenticated=authenticated,
         )
-        self._journal.note(key, network, now_ms)
+        self._journal.note(key, network, now_ms, authenticated=authenticated)
         if events:
             await self._record_events(events, report, sender)
-        if self.registry is not None and self._may_ask_dns(sender):
-            trust = await observer_trust(
-                self.registry, self.trust_book, key, now_ms=now_ms, address=sender
-            )
-        else:
-            trust = self.trust_book.assess(key, now_ms=now_ms)
+        # From the book alone: the report is stored at once with it, whatever DNS does;
+        # _relabel asks DNS afterwards (InbandListener's relabel queue).
+        return str(self.trust_book.assess(key, now_ms=now_ms).level)
+
+    def _wants_relabel(self, report: rpt.SignedReport, sender: str, label: str) -> bool:
+        """Is DNS worth asking about this stored report? Not for a pinned key (nothing is
+        stronger), nor for a sender whose reverse zone we do not ask (:meth:`_may_ask_dns`)."""
+        return label != "pinned" and self._may_ask_dns(sender)
+
+    async def _relabel(self, report: rpt.SignedReport, sender: str) -> str:
+        """The label DNS gives a stored report: ``dns`` when the key is published at the
+        sender's reverse zone, else the book's (a failed lookup is no evidence)."""
+        now_ms = int(time.time() * 1000)
+        key = report.observer_key
+        if self.registry is None:
+            return str(self.trust_book.assess(key, now_ms=now_ms).level)
+        trust = await observer_trust(
+            self.registry, self.trust_book, key, now_ms=now_ms, address=sender
+        )
         return str(trust.level)
 
     async def _record_events(

@@ -82,6 +82,9 @@ _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SCHEMA_HEAD = "0004"
 _BACKENDS = ("sqlite", "postgresql")
 
+#: Ids per UPDATE in update_trust: well under SQLite's 32,766 bound parameters.
+_UPDATE_CHUNK = 500
+
 _REPORTS: Table = Base.metadata.tables["reports"]
 _OBSERVERS: Table = Base.metadata.tables["observers"]
 
@@ -528,6 +531,38 @@ class Store:
         stmt = select(t).order_by(t.c.last_seen_ms.desc(), t.c.key)
         with self._guard("reading observers"), self._transaction(write=False) as conn:
             return [_observer(row._mapping) for row in conn.execute(stmt)]
+
+    # -- relabelling --------------------------------------------------------------------------
+
+    def update_trust(self, changes: Mapping[str, tuple[str | None, str]]) -> int:
+        """Relabel stored reports: ``{report_id: (label expected now, new label)}``, in one
+        transaction; return how many rows changed.
+
+        A row changes only while it still holds the expected label, so a report that reached
+        the store first by another path (and kept that path's label) is left alone. Unknown
+        ids are ignored: the in-band listener relabels after storing, once DNS has answered.
+        """
+        by_change: dict[tuple[str | None, str], list[str]] = {}
+        for report_id, (old, new) in changes.items():
+            # the column holds 16, as add_reports stores it
+            expected = None if old is None else old[:16]
+            by_change.setdefault((expected, new[:16]), []).append(report_id.lower())
+        t = _REPORTS
+        changed = 0
+        with self._guard("relabelling reports"), self._transaction(write=True) as conn:
+            for (old, new), ids in sorted(
+                by_change.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])
+            ):
+                ids.sort()  # the same lock order on PostgreSQL for concurrent relabels
+                for i in range(0, len(ids), _UPDATE_CHUNK):
+                    still = t.c.trust.is_(None) if old is None else t.c.trust == old
+                    stmt = (
+                        t.update()
+                        .where(t.c.id.in_(ids[i : i + _UPDATE_CHUNK]), still)
+                        .values(trust=new)
+                    )
+                    changed += conn.execute(stmt).rowcount
+        return changed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from overflowd import report as rpt
 from overflowd.config import Settings
 from overflowd.identity import NodeIdentity
 from overflowd.registry import RegistrySettings
@@ -41,7 +42,9 @@ OLD = ("mailto:noc@edge.example.net",)
 NEW = ("mailto:new@edge.example.net",)
 
 class Daemon:
-    """What NodeService does per received report and every few seconds, with the clock injected."""
+    """What NodeService does per report received over an authenticated path (TCP: a webhook, a
+    peer; see test_in_band_sightings_grant_no_continuity for UDP), and every few seconds, with
+    the clock injected."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -51,9 +54,11 @@ class Daemon:
     def receive(self, sender: str, contacts: tuple[str, ...], now_ms: int) -> None:
         report = X.sign_report(make_payload(contacts=contacts, time_ms=now_ms))
         network = network_of(sender)
-        self.book.observe(X.public_key, contacts, now_ms=now_ms, network=network)
-        self.journal.note(X.public_key, network, now_ms)
-        assert self.store.add_reports([(report, now_ms, "udp")]) == 1
+        self.book.observe(
+            X.public_key, contacts, now_ms=now_ms, network=network, authenticated=True
+        )
+        self.journal.note(X.public_key, network, now_ms, authenticated=True)
+        assert self.store.add_reports([(report, now_ms, "webhook")]) == 1
 
     def save(self) -> list[bytes]:
         return save_continuity(self.store, *batch_from(self.book, self.journal))
@@ -142,8 +147,8 @@ def test_unsaved_contacts_change_never_grants_continuity(store: Store) -> None:
 def test_dating_waits_for_the_observers_row(store: Store) -> None:
     """contacts_since is written only onto a row with the same contacts; else retried later."""
     book, journal = TrustBook(), ContinuityJournal()
-    book.observe(X.public_key, OLD, now_ms=T0, network="192.0.2.0/24")
-    journal.note(X.public_key, "192.0.2.0/24", T0)
+    book.observe(X.public_key, OLD, now_ms=T0, network="192.0.2.0/24", authenticated=True)
+    journal.note(X.public_key, "192.0.2.0/24", T0, authenticated=True)
     assert save_continuity(store, *batch_from(book, journal)) == [X.public_key]
     assert len(load_continuity(store)) == 1  # the network is saved all the same
     report = X.sign_report(make_payload(contacts=OLD, time_ms=T0))
@@ -179,27 +184,32 @@ def test_networks_per_key_are_capped(store: Store) -> None:
 def test_journal_is_bounded() -> None:
     journal = ContinuityJournal(max_entries=4)
     for i in range(10):
-        journal.note(X.public_key, f"10.0.{i}.0/24", T0 + i)
+        journal.note(X.public_key, f"10.0.{i}.0/24", T0 + i, authenticated=True)
     sightings, keys = journal.take()
     assert len(sightings) == 4 and keys == [X.public_key] and journal.dropped == 6
     assert len(journal) == 0
 
 
 async def test_node_saves_at_stop_and_loads_at_start(tmp_path: Path) -> None:
-    """A real NodeService: reports from two networks (127.0.0.0/24, 127.0.1.0/24) make the key
-    ``continuity``; after a restart the new node's book says so before any new report."""
+    """A real NodeService: in-band reports from two networks (127.0.0.0/24, 127.0.1.0/24) add
+    no network and grant nothing (UDP sources are forgeable); the same reports over an
+    authenticated path (``NodeService._label(..., authenticated=True)``, what a webhook or peer
+    service calls) make the key ``continuity``; after a restart the new node's book says so
+    before any new report."""
     node_id = NodeIdentity.generate()
     s = Settings(
         registry=RegistrySettings(continuity_min_days=0.0, continuity_min_reports=2),
         inband=InbandSettings(listen="127.0.0.1:0"),
     )
 
+    def signed() -> rpt.SignedReport:
+        return X.sign_report(make_payload(contacts=OLD, time_ms=int(time.time() * 1000)))
+
     async def send(to: tuple[str, int], source: str) -> None:
-        payload = make_payload(contacts=OLD, time_ms=int(time.time() * 1000))
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with sock:
             await sock.bind((source, 0))
-            await sock.sendto(datagram.to_wire(X.sign_report(payload).cose), to)
+            await sock.sendto(datagram.to_wire(signed().cose), to)
 
     with Store.open(f"sqlite:///{tmp_path / 'node.sqlite'}") as store:
         with trio.fail_after(30):
@@ -213,9 +223,16 @@ async def test_node_saves_at_stop_and_loads_at_start(tmp_path: Path) -> None:
                     await send(node.inband_bound, source)
                 while (h := node.trust_book.history(X.public_key)) is None or h.reports < 2:
                     await trio.sleep(0.01)
-                assert node.trust_book.assess(X.public_key).level == TrustLevel.CONTINUITY
+                assert h.networks == frozenset()
+                assert node.trust_book.assess(X.public_key).level == TrustLevel.UNKNOWN
                 while len(store.observers()) < 1:  # the report rows, written by the listener
                     await trio.sleep(0.01)
+                await node._save_continuity()
+                assert load_continuity(store) == {}  # nothing in band is saved as a network
+                # The same sightings over an authenticated path count.
+                for source in ("127.0.0.1", "127.0.1.1"):
+                    await node._label(signed(), source, authenticated=True)
+                assert node.trust_book.assess(X.public_key).level == TrustLevel.CONTINUITY
                 node.stop()
             (stored,) = load_continuity(store).values()
             assert {n.network for n in stored.networks} == {"127.0.0.0/24", "127.0.1.0/24"}

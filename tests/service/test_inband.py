@@ -8,6 +8,7 @@ target it injects the send function and counts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import time
@@ -377,3 +378,101 @@ async def test_submit_after_the_sender_stopped_is_a_counted_drop_not_an_error() 
     assert sender.submit(signed())
     assert not sender.submit(signed())
     assert sender.statistics().queue_dropped == 1
+
+
+# -- the per-datagram boundary ----------------------------------------------------------------
+
+
+class HookBug(RuntimeError):
+    """What a bug in a hook raises: nothing the listener expects."""
+
+
+async def test_an_unexpected_exception_costs_one_datagram_not_the_listener(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug hit by some datagrams (here in the receive-time trust hook, for OTHER's key) is
+    counted by type, logged once per 10 s with the sender, and only those datagrams are lost."""
+
+    def trust_of(key: bytes) -> str:
+        if key == OTHER.public_key:
+            raise HookBug("boom")
+        return "unknown"
+
+    caplog.set_level(logging.WARNING, logger="overflowd.services.inband")
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            listener, addr = await start_listener(nursery, store, trust_of=trust_of)
+            client = await udp_client()
+            for n in range(5):
+                bad = OTHER.sign_report(
+                    make_payload("127.0.0.1", "127.0.0.2", packets=n + 1, time_ms=now_ms())
+                )
+                await client.sendto(datagram.to_wire(bad.cose), addr)
+                await client.sendto(datagram.to_wire(signed(packets=n + 1).cose), addr)
+            await wait_until(lambda: listener.statistics().stored == 5)
+            listener.stop()
+        client.close()
+    stats = listener.statistics()
+    assert stats.datagrams == 10 and stats.accepted == 5
+    assert dict(stats.errors) == {"HookBug": 5}
+    warnings = [r for r in caplog.records if "inband.unexpected_error" in r.getMessage()]
+    assert len(warnings) == 1  # rate-limited; the other four are counted
+    assert "stage=receive sender=127.0.0.1 error=HookBug: boom" in warnings[0].getMessage()
+
+
+async def test_an_unexpected_exception_in_a_labeller_costs_one_report(store: Store) -> None:
+    async def label(report: rpt.SignedReport, sender: str) -> str:
+        if report.payload.flow.packets == 13:
+            raise HookBug("unlucky")
+        return "unknown"
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            listener, addr = await start_listener(nursery, store, label=label, label_workers=2)
+            client = await udp_client()
+            for packets in (12, 13, 14, 13, 15):
+                report = signed(packets=packets)
+                await client.sendto(datagram.to_wire(report.cose), addr)
+            await wait_until(lambda: listener.statistics().stored == 3)
+            listener.stop()
+        client.close()
+    stats = listener.statistics()
+    assert stats.accepted == 5 and stats.stored == 3
+    assert dict(stats.errors) == {"HookBug": 2}
+
+
+async def test_relabel_after_storing_and_its_failures(store: Store) -> None:
+    """Reports are stored with the quick label, then relabelled in the store; a relabel that
+    raises leaves the stored label alone (counted), and the listener goes on."""
+
+    async def quick(report: rpt.SignedReport, sender: str) -> str:
+        return "unknown"
+
+    async def relabel(report: rpt.SignedReport, sender: str) -> str:
+        if report.payload.flow.packets == 2:
+            raise HookBug("relabel bug")
+        return "dns"
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            listener, addr = await start_listener(
+                nursery, store, label=quick, relabel=relabel, relabel_workers=1
+            )
+            client = await udp_client()
+            reports = [signed(packets=n, sport=n) for n in (1, 2)]
+
+            def finished() -> int:
+                return sum(listener.statistics().trust.values())  # reports with a final label
+
+            for n, report in enumerate(reports, 1):
+                await client.sendto(datagram.to_wire(report.cose), addr)
+                # one at a time: reports of one key and sender would share one relabel
+                await wait_until(lambda n=n: finished() == n)  # type: ignore[misc]
+            listener.stop()
+        client.close()
+    labels = [store.get_report(r.report_id).trust for r in reports]  # type: ignore[union-attr]
+    assert labels == ["dns", "unknown"]
+    stats = listener.statistics()
+    assert stats.trust == {"dns": 1, "unknown": 1}
+    assert dict(stats.relabel.relabelled) == {"dns": 1} and stats.relabel.skipped["error"] == 1
+    assert dict(stats.errors) == {"HookBug": 1}

@@ -112,13 +112,27 @@ async def wait_until(check: Callable[[], bool]) -> None:
         await trio.sleep(0.01)
 
 
-async def stored_trust(store: Store, report_id: str) -> str | None:
+def settled(listener: InbandListener) -> bool:
+    """Every accepted report has its final label (relabels done or skipped)."""
+    s = listener.statistics()
+    return sum(s.trust.values()) == s.accepted
+
+
+async def stored_trust(
+    store: Store, report_id: str, listener: InbandListener | None = None
+) -> str | None:
+    """The stored label, once the report is stored and (given ``listener``) its relabel done:
+    reports are stored at once with the trust book's label and relabelled after DNS answers."""
+
     async def get() -> str | None:
         row = await trio.to_thread.run_sync(store.get_report, report_id)
         return None if row is None else (row.trust or "")
 
     while (trust := await get()) is None:
         await trio.sleep(0.02)
+    if listener is not None:
+        await wait_until(lambda: settled(listener))
+        trust = await get()
     return trust
 
 
@@ -138,13 +152,13 @@ async def test_published_key_is_dns_unpublished_is_unknown(
             assert node.inband_bound is not None
             to = node.inband_bound
             by_x = await send(signed(X), to)
-            assert await stored_trust(store, by_x) == "dns"
+            assert await stored_trust(store, by_x, node.inband_listener) == "dns"
             # another key from the same address: the record there vouches only for X
             by_y = await send(signed(Y), to)
-            assert await stored_trust(store, by_y) == "unknown"
+            assert await stored_trust(store, by_y, node.inband_listener) == "unknown"
             # X's key from an address whose reverse zone publishes nothing
             x_elsewhere = await send(signed(X), to, source="127.0.0.2")
-            assert await stored_trust(store, x_elsewhere) == "unknown"
+            assert await stored_trust(store, x_elsewhere, node.inband_listener) == "unknown"
             stats = node.statistics()
             assert stats.inband_listener is not None
             assert stats.inband_listener.trust == {"dns": 1, "unknown": 2}
@@ -174,14 +188,14 @@ async def test_new_key_for_pinned_observer_raises_the_event(
             assert node.inband_bound is not None
             to = node.inband_bound
             first = await send(signed(P1, PINNED_CONTACTS), to, source="127.0.0.2")
-            assert await stored_trust(store, first) == "pinned"
+            assert await stored_trust(store, first, node.inband_listener) == "pinned"
             assert node.statistics().registry_events == {}
             # the same operator (same contacts) with a key nobody vouches for
             second = await send(signed(P2, PINNED_CONTACTS), to, source="127.0.0.2")
-            assert await stored_trust(store, second) == "unknown"
+            assert await stored_trust(store, second, node.inband_listener) == "unknown"
             # the pinned key now gives other contacts
             third = await send(signed(P1, ("mailto:new@edge.example.net",)), to, "127.0.0.2")
-            assert await stored_trust(store, third) == "pinned"
+            assert await stored_trust(store, third, node.inband_listener) == "pinned"
             stats = node.statistics()
             assert stats.registry_events == {"new_key": 1, "contacts_changed": 1}
             assert stats.registry_events_unstored == 0
@@ -219,7 +233,8 @@ async def test_new_key_for_pinned_observer_raises_the_event(
 
 
 async def test_dead_resolver_costs_no_report(db_url: str) -> None:
-    """A resolver that never answers: the report is stored as ``unknown`` after one timeout."""
+    """A resolver that never answers: the report is stored at once, and stays ``unknown``
+    after the relabel's one timeout."""
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blackhole.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{blackhole.getsockname()[1]}"
@@ -230,12 +245,14 @@ async def test_dead_resolver_costs_no_report(db_url: str) -> None:
                 assert node.inband_bound is not None
                 started = trio.current_time()
                 first = await send(signed(X), node.inband_bound)
-                assert await stored_trust(store, first) == "unknown"
+                assert await stored_trust(store, first) == "unknown"  # stored, before DNS
+                assert trio.current_time() - started < 0.9  # the question's timeout is 1 s
+                assert await stored_trust(store, first, node.inband_listener) == "unknown"
                 assert trio.current_time() - started < 5.0
                 # the failure is cached: the next report from there waits for no timeout
                 started = trio.current_time()
                 second = await send(signed(X), node.inband_bound)
-                assert await stored_trust(store, second) == "unknown"
+                assert await stored_trust(store, second, node.inband_listener) == "unknown"
                 assert trio.current_time() - started < 0.9
                 stats = node.statistics()
                 assert stats.dns is not None and stats.dns.timeouts == 1
@@ -365,7 +382,7 @@ async def test_observers_in_the_store_survive_a_restart(knot: KnotServer, db_url
             node = await start_node(nursery, settings((knot.address,), pinned=(pin,)), store)
             assert node.inband_bound is not None
             rid = await send(signed(P2, PINNED_CONTACTS), node.inband_bound, "127.0.0.2")
-            assert await stored_trust(store, rid) == "unknown"
+            assert await stored_trust(store, rid, node.inband_listener) == "unknown"
             assert node.statistics().registry_events == {"new_key": 1}
             node.stop()
         events = list_events(store)
