@@ -43,6 +43,7 @@ from overflowd.notify import (
     plan_inband,
 )
 from overflowd.store import Store
+from overflowd.trust import network_of
 from overflowd.wire import datagram
 from overflowd.wire.reader import WireDecodeError
 
@@ -72,6 +73,7 @@ LISTENER_DROP_REASONS = (
     "stale",  # made longer ago than max_age_s
     "future",  # made more than max_future_s from now
     "queue_full",  # verified, but the store writer is behind
+    "storage",  # verified, but over a storage budget (the admission hook says which)
 )
 
 
@@ -228,6 +230,18 @@ class InbandReceived:
     received_ms: int
 
 
+#: ``admit(key, sender, cose_bytes, now_s) -> None | reason`` (overflowd.storage_policy).
+StorageAdmission = Callable[[bytes, str, int, float], str | None]
+
+
+def _network(sender: str) -> str:
+    """The /24 or /48 stored with a report, for the storage budgets per sender network."""
+    try:
+        return network_of(sender)
+    except ValueError:
+        return ""
+
+
 #: ``label(report, sender) -> trust label``: awaited off the receive path; may ask DNS.
 TrustLabeller = Callable[[rpt.SignedReport, str], Awaitable[str]]
 
@@ -277,8 +291,12 @@ class InbandListener:
         label_timeout_s: float = LABEL_TIMEOUT_S,
         on_report: Callable[[InbandReceived], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        admit: StorageAdmission | None = None,
     ) -> None:
-        """``trust_of`` labels at receive time (sync, cheap: pinned keys, the trust book).
+        """``admit(key, sender, cose_bytes, now_s)`` is asked before a verified report is
+        queued for the store; a reason (not None) refuses it, counted as ``storage``.
+
+        ``trust_of`` labels at receive time (sync, cheap: pinned keys, the trust book).
 
         ``label``, when given, replaces that label before the report is stored; it runs in
         ``label_workers`` tasks, each label bounded by ``label_timeout_s``. ``on_report`` and
@@ -296,6 +314,7 @@ class InbandListener:
         self._label_timeouts = 0
         self._on_report = on_report
         self._wall_clock = wall_clock
+        self._admit = admit
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stop = trio.Event()
         self._datagrams = 0
@@ -382,6 +401,10 @@ class InbandListener:
             return self._drop("stale", sender)
         if report.payload.time > now_ms + self.settings.max_future_s * 1000:
             return self._drop("future", sender)
+        if self._admit is not None and self._admit(
+            report.observer_key, sender, len(cose), now_ms / 1000
+        ):
+            return self._drop("storage", sender)
         received = InbandReceived(report, self._trust_of(report.observer_key), sender, now_ms)
         try:
             out.send_nowait(received)
@@ -445,9 +468,10 @@ class InbandListener:
     async def _write(self, batch: list[InbandReceived]) -> None:
         rows = [(r.report, r.received_ms, "udp") for r in batch]
         trust = {r.report.report_id: r.trust for r in batch}
+        senders = {r.report.report_id: _network(r.sender) for r in batch}
 
         def write() -> int:
-            return self._store.add_reports(rows, trust=trust)
+            return self._store.add_reports(rows, trust=trust, senders=senders)
 
         try:
             new = await trio.to_thread.run_sync(write)
