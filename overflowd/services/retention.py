@@ -29,7 +29,7 @@ import trio
 
 from overflowd.config import StorageSettings
 from overflowd.errors import StoreError
-from overflowd.storage_policy import PrunedRow, StoragePolicy
+from overflowd.storage_policy import PrunedRow, StoragePolicy, row_bytes
 from overflowd.store import Store
 from overflowd.store import retention as ret
 
@@ -41,6 +41,9 @@ HEADROOM_HYSTERESIS = 0.1
 #: Batches pruned for headroom in one check at most; the next check goes on. Bounds one check's
 #: work (1000 rows a batch: about a million rows, a few hundred megabytes, per check).
 MAX_HEADROOM_BATCHES = 1000
+
+#: The largest a stored report can count (a 1200-byte datagram's report, plus the row).
+MAX_ROW_BYTES = row_bytes(1200)
 
 PRUNE_REASONS = ("received_age", "received_size", "own_age", "own_size", "headroom")
 
@@ -192,7 +195,10 @@ class RetentionService:
         for _ in range(MAX_HEADROOM_BATCHES):
             if free >= target:
                 break
-            rows = await self._prune_batch("headroom", ret.RECEIVED, None)
+            # No more rows than the shortfall needs, counting each at the largest a row can be,
+            # so headroom never prunes more than a row's worth past the target.
+            need = max(1, (target - free) // MAX_ROW_BYTES)
+            rows = await self._prune_batch("headroom", ret.RECEIVED, None, need)
             if rows is None:
                 break
             if not rows:
@@ -221,7 +227,7 @@ class RetentionService:
     async def _prune_batch(
         self, reason: str, kind: str, before_ms: int | None, limit: int | None = None
     ) -> list[PrunedRow] | None:
-        n = limit or self.settings.prune_batch_rows
+        n = min(limit or self.settings.prune_batch_rows, self.settings.prune_batch_rows)
         if before_ms is None:
             fn: Callable[[], list[PrunedRow]] = lambda: ret.prune_oldest(self.store, kind, limit=n)  # noqa: E731
         else:

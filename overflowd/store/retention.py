@@ -171,6 +171,25 @@ def prune_oldest(store: Store, kind: str, *, limit: int) -> list[PrunedRow]:
 StatVfs = Callable[[str], os.statvfs_result]
 
 
+def _sqlite_pages(store: Store) -> tuple[int, int, str]:
+    """(bytes in use, bytes of free pages, the database file's path or "" in memory)."""
+    with store.transaction("measuring headroom", write=False) as conn:
+        page_size = int(conn.execute(text("PRAGMA page_size")).scalar_one())
+        pages = int(conn.execute(text("PRAGMA page_count")).scalar_one())
+        free_pages = int(conn.execute(text("PRAGMA freelist_count")).scalar_one())
+        files = {str(r[1]): str(r[2]) for r in conn.execute(text("PRAGMA database_list"))}
+    return (pages - free_pages) * page_size, free_pages * page_size, files.get("main", "")
+
+
+def database_bytes(store: Store) -> int:
+    """What the database takes: SQLite's pages in use (free pages are reused before the file
+    grows), PostgreSQL's ``pg_database_size()`` (which falls only after a VACUUM)."""
+    if store.backend == "sqlite":
+        return _sqlite_pages(store)[0]
+    with store.transaction("measuring headroom", write=False) as conn:
+        return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+
+
 def headroom(
     store: Store, *, max_database_bytes: int = 0, statvfs: StatVfs = os.statvfs
 ) -> Headroom | None:
@@ -182,14 +201,7 @@ def headroom(
     without a limit there is nothing to measure).
     """
     if store.backend == "sqlite":
-        with store.transaction("measuring headroom", write=False) as conn:
-            page_size = int(conn.execute(text("PRAGMA page_size")).scalar_one())
-            pages = int(conn.execute(text("PRAGMA page_count")).scalar_one())
-            free_pages = int(conn.execute(text("PRAGMA freelist_count")).scalar_one())
-            files = {str(r[1]): str(r[2]) for r in conn.execute(text("PRAGMA database_list"))}
-        reusable = free_pages * page_size
-        used = (pages - free_pages) * page_size
-        path = files.get("main", "")
+        used, reusable, path = _sqlite_pages(store)
         answers: list[Headroom] = []
         if path:  # "" is an in-memory database: no file, no disk
             st = statvfs(os.path.dirname(path) or ".")
@@ -201,8 +213,7 @@ def headroom(
         return min(answers, key=lambda h: h.free_bytes) if answers else None
     if not max_database_bytes:
         return None
-    with store.transaction("measuring headroom", write=False) as conn:
-        size = int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+    size = database_bytes(store)
     return Headroom(max_database_bytes - size, max_database_bytes, visible=False)
 
 
@@ -213,6 +224,7 @@ __all__ = [
     "Headroom",
     "ReceivedSeed",
     "Usage",
+    "database_bytes",
     "headroom",
     "prune_older_than",
     "prune_oldest",
