@@ -47,6 +47,9 @@ from overflowd.trust import network_of
 #: leaves the real check to headroom.
 ROW_OVERHEAD_BYTES = 320
 
+#: The largest report one datagram carries (1200 bytes less the 4-byte magic).
+MAX_COSE_BYTES = 1196
+
 #: Why a received report was refused.
 REFUSAL_REASONS = (
     "headroom",  # the disk or the database size limit is short: own reports first
@@ -124,6 +127,7 @@ class StoragePolicy:
         self._orphan_bytes = 0
         self._short = False
         self._admitted = 0
+        self._admitted_bytes = 0
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
 
     # -- the decision --------------------------------------------------------------------------
@@ -173,6 +177,7 @@ class StoragePolicy:
         self._reports += 1
         self._bytes += cost
         self._admitted += 1
+        self._admitted_bytes += cost
         return None
 
     def _refuse(self, reason: str) -> str:
@@ -250,15 +255,36 @@ class StoragePolicy:
             self._senders[net] = count
             if len(self._senders) > self.settings.max_tracked_senders:
                 self._senders.popitem(last=False)
-        self.resync(reports=reports, bytes_=bytes_)
-
-    def resync(self, *, reports: int, bytes_: int) -> None:
-        """The store's own totals of received reports replace the policy's (which drift
-        upwards: a report admitted but then a duplicate, or lost to a full queue)."""
         self._reports, self._bytes = reports, bytes_
+
+    def mark(self) -> tuple[int, int]:
+        """Reports and bytes admitted so far: take it before measuring the store, and hand it
+        to :meth:`resync` with the measurement."""
+        return self._admitted, self._admitted_bytes
+
+    def resync(
+        self, *, reports: int, bytes_: int, since: tuple[int, int] = (0, 0), in_flight: int = 0
+    ) -> None:
+        """Correct the totals with the store's own, measured after :meth:`mark` gave ``since``.
+
+        The policy's count drifts up (a report admitted, then a duplicate, lost to a full
+        queue or a failed write) and the store's lags (admitted reports still on their way to
+        it, at most ``in_flight``). So the count is never set below what the store holds plus
+        what was admitted since the mark, and never left more than ``in_flight`` reports (at
+        their largest) above it: a resync can never let the budget be passed. (A report
+        admitted after the mark and stored before the measurement is counted twice: at most
+        what arrives during one measurement, and on the safe side.)
+        """
+        admitted = self._admitted - since[0]
+        admitted_bytes = self._admitted_bytes - since[1]
+        floor_reports, floor_bytes = reports + admitted, bytes_ + admitted_bytes
+        self._reports = max(floor_reports, min(self._reports, floor_reports + in_flight))
+        self._bytes = max(
+            floor_bytes, min(self._bytes, floor_bytes + in_flight * row_bytes(MAX_COSE_BYTES))
+        )
         # The pool can never hold more than everything received.
-        self._new_reports = min(self._new_reports, reports)
-        self._new_bytes = min(self._new_bytes, bytes_)
+        self._new_reports = min(self._new_reports, self._reports)
+        self._new_bytes = min(self._new_bytes, self._bytes)
 
     def forget(self, rows: Iterable[PrunedRow]) -> None:
         """Received reports the retention service deleted: their share is free again."""

@@ -42,6 +42,9 @@ HEADROOM_HYSTERESIS = 0.1
 #: work (1000 rows a batch: about a million rows, a few hundred megabytes, per check).
 MAX_HEADROOM_BATCHES = 1000
 
+#: Admitted reports that may be between the policy and the store at once, by default: the
+#: in-band listener's queue and one store batch (InbandSettings' defaults, 1000 + 200).
+IN_FLIGHT_REPORTS = 1200
 #: The largest a stored report can count (a 1200-byte datagram's report, plus the row).
 MAX_ROW_BYTES = row_bytes(1200)
 
@@ -83,15 +86,19 @@ class RetentionService:
         wall_clock: Callable[[], float] = time.time,
         probe: HeadroomProbe | None = None,
         statvfs: ret.StatVfs = os.statvfs,
+        in_flight: int = IN_FLIGHT_REPORTS,
     ) -> None:
         """``policy`` is seeded and kept in step (the in-band listener's admission hook);
-        ``probe`` replaces the free-space measurement, ``statvfs`` only the filesystem's."""
+        ``probe`` replaces the free-space measurement, ``statvfs`` only the filesystem's.
+        ``in_flight`` is how many admitted reports may be on their way to the store at once
+        (the listener's queue and batch): the policy's count is corrected only beyond it."""
         self.store = store
         self.settings = settings
         self.policy = policy if policy is not None else StoragePolicy(settings)
         self._clock = wall_clock
         self._probe = probe or self._measure
         self._statvfs = statvfs
+        self._in_flight = in_flight
         self._usage = {k: ret.Usage(0, 0) for k in ret.KINDS}
         self._pruned: Counter[str] = Counter()
         self._pruned_bytes: Counter[str] = Counter()
@@ -279,11 +286,14 @@ class RetentionService:
                     )
                     if not rows:
                         break  # nothing prunable left (pending deliveries), or an error
+            mark = self.policy.mark()
             measured = await self._call("measuring the store", lambda: ret.usage(self.store))
             if isinstance(measured, dict):
                 self._usage = dict(measured)
                 got = self._usage[ret.RECEIVED]
-                self.policy.resync(reports=got.reports, bytes_=got.bytes)
+                self.policy.resync(
+                    reports=got.reports, bytes_=got.bytes, since=mark, in_flight=self._in_flight
+                )
         self._passes += 1
         done = {
             r: self._pruned[r] - before[r] for r in PRUNE_REASONS if self._pruned[r] > before[r]
