@@ -271,7 +271,12 @@ class NodeService:
         # Storage budgets: received reports are admitted by the policy, which the retention
         # service seeds from the store and keeps in step with what it prunes (docs/storage.md).
         self.storage_policy = StoragePolicy(settings.storage)
-        self.retention = RetentionService(store, settings.storage, policy=self.storage_policy)
+        self.retention = RetentionService(
+            store,
+            settings.storage,
+            policy=self.storage_policy,
+            in_flight=settings.inband.queue_reports + settings.inband.store_batch,
+        )
         self._retention_scope = trio.CancelScope()
         if settings.inband.enabled:
             self.inband_sender = InbandSender(settings.inband, self.budget)

@@ -8,11 +8,14 @@ sender networks.
 from __future__ import annotations
 
 import dataclasses
+import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overflowd.config import StorageSettings
+from overflowd.config import StorageSettings, parse_settings
+from overflowd.errors import ConfigError
 from overflowd.storage_policy import (
     REFUSAL_REASONS,
     ROW_OVERHEAD_BYTES,
@@ -168,3 +171,18 @@ def test_the_budgets_hold_whatever_comes(events: list[tuple[int, int, int, bool]
         st_ = p.statistics()
         assert st_.received_reports == len(stored)
         assert st_.new_key_reports <= s.new_keys_max_fraction * s.received_max_reports
+
+
+def test_storage_config_is_strict() -> None:
+    s = parse_settings("[storage]\nreceived_max_bytes = 1000\nreceived_max_age_days = 7\n")
+    assert s.storage.received_max_bytes == 1000 and s.storage.received_max_age_days == 7.0
+    for bad, what in [
+        ("min_free_fraction = 1.5", "storage.min_free_fraction"),
+        ("received_max_reports = 0", "storage.received_max_reports"),
+        ("max_database_bytes = -1", "storage.max_database_bytes"),
+        ("prune_interval_s = 0", "storage.prune_interval_s"),
+        ("received_max_bytes = '300MB'", "storage.received_max_bytes"),
+        ("max_age_days = 3", "storage.max_age_days"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(what)):
+            parse_settings(f"[storage]\n{bad}\n", "node.toml")
