@@ -89,6 +89,60 @@ class MetricsSettings:
     listen: str = "127.0.0.1:9590"
 
 
+# -- [storage]: budgets and retention of the report store (docs/storage.md) -------------------
+
+#: One megabyte / gigabyte, for defaults written with their unit.
+MB, GB = 1_000_000, 1_000_000_000
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """What the store may hold. Received reports (any ``via`` but ``local``) are other
+    nodes' words, signed with keys anybody can make: they get a budget of their own, admitted
+    per observer key, per sender network and in total, and are the first to go when the disk
+    runs short. Our own reports (``local``) and the webhook outbox are never refused."""
+
+    #: Received reports stored at most, in bytes (COSE bytes plus an estimated row overhead)
+    #: and in rows. 300 MB is about half a million reports: weeks of what a busy neighbourhood
+    #: of honest nodes sends, and minutes of what one socket can flood.
+    received_max_bytes: int = 300 * MB
+    received_max_reports: int = 500_000
+    #: Received reports stored at most per observer key: no single key, throwaway or not, may
+    #: take more than a small share of the budget.
+    received_max_reports_per_key: int = 20_000
+    #: Received reports stored at most per sender network (/24 IPv4, /48 IPv6). Sources are
+    #: spoofable, so this bounds one socket's flood, not a determined attacker's.
+    received_max_reports_per_sender: int = 50_000
+    #: Keys whose first stored report is younger than ``established_after_s`` share at most
+    #: this fraction of the received budget, so a flood of throwaway keys can never crowd out
+    #: the observers we have heard from before.
+    new_keys_max_fraction: float = 0.25
+    established_after_s: float = DAY_S
+    #: Received reports older than this (by the time we received them) are pruned.
+    received_max_age_days: float = 30.0
+    #: Our own reports: kept this long and up to this size (oldest pruned first); never pruned
+    #: while a pending webhook delivery still refers to them.
+    own_max_bytes: int = 4 * GB
+    own_max_age_days: float = 365.0
+    #: Disk headroom: when free space falls below the larger of these two, received reports are
+    #: refused and pruned oldest first, so our own reports and the outbox keep being written.
+    min_free_bytes: int = 1 * GB
+    min_free_fraction: float = 0.05
+    #: The most the database may take, in bytes; 0 for no limit. On PostgreSQL this is the only
+    #: headroom check (the disk is on another machine): pg_database_size() against it.
+    max_database_bytes: int = 0
+    #: How often headroom is checked, and how often age and size are pruned.
+    headroom_interval_s: float = 10.0
+    prune_interval_s: float = 300.0
+    #: Rows deleted per transaction: a prune never holds the write lock for long.
+    prune_batch_rows: int = 1000
+    #: Memory of the admission policy: keys and sender networks counted (least recently used
+    #: forgotten first).
+    max_tracked_keys: int = 65_536
+    max_tracked_senders: int = 65_536
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -101,6 +155,7 @@ class Settings:
     inband: InbandSettings = field(default_factory=InbandSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     #: Where this came from, for messages; not a TOML key.
     source: str = field(default="(defaults)", compare=False)
 
@@ -116,6 +171,7 @@ _SECTIONS: dict[str, type] = {
     "inband": InbandSettings,
     "budget": BudgetSettings,
     "webhook": WebhookSettings,
+    "storage": StorageSettings,
 }
 
 DEFAULT_CONFIG_TEXT = """\
@@ -239,6 +295,40 @@ max_concurrency = 8
 batch_size = 64
 poll_interval_s = 1.0
 keep_delivered_s = 604800.0
+
+[storage]
+# Budgets and retention of the report store (docs/storage.md). Received reports are other
+# nodes' (signed with keys anybody can make); own reports are this node's.
+# Received reports stored at most: bytes (COSE plus row overhead) and rows.
+received_max_bytes = 300000000
+received_max_reports = 500000
+# ... per observer key, and per sender network (/24 IPv4, /48 IPv6; sources can be spoofed).
+received_max_reports_per_key = 20000
+received_max_reports_per_sender = 50000
+# Keys first stored less than established_after_s ago share at most this fraction of the
+# received budget: a flood of throwaway keys cannot crowd out observers heard from before.
+new_keys_max_fraction = 0.25
+established_after_s = 86400.0
+# Received reports are pruned after this many days.
+received_max_age_days = 30.0
+# Own reports: kept this long and up to this size, oldest pruned first (never one a pending
+# webhook delivery refers to).
+own_max_bytes = 4000000000
+own_max_age_days = 365.0
+# Disk headroom: below the larger of these, received reports are refused and pruned oldest
+# first, so own reports and the webhook outbox keep being written.
+min_free_bytes = 1000000000
+min_free_fraction = 0.05
+# The most the database may take (0: no limit). On PostgreSQL, the only headroom check:
+# pg_database_size() against this.
+max_database_bytes = 0
+# How often headroom is checked and age/size pruned; rows deleted per transaction.
+headroom_interval_s = 10.0
+prune_interval_s = 300.0
+prune_batch_rows = 1000
+# Keys and sender networks the admission policy counts (least recently used forgotten).
+max_tracked_keys = 65536
+max_tracked_senders = 65536
 """
 
 
@@ -391,6 +481,35 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
         for item in settings.sampling_overrides:
             if not re.match(r"^[^=\s]+=[1-9][0-9]*$", item):
                 fail("sampling_overrides", f"has {item!r}, which is not ADDR=N (N >= 1)")
+    if isinstance(settings, StorageSettings):
+        for name in (
+            "received_max_bytes",
+            "received_max_reports",
+            "received_max_reports_per_key",
+            "received_max_reports_per_sender",
+            "own_max_bytes",
+            "prune_batch_rows",
+            "max_tracked_keys",
+            "max_tracked_senders",
+        ):
+            if getattr(settings, name) < 1:
+                fail(name, "must be at least 1")
+        for name in ("min_free_bytes", "max_database_bytes"):
+            if getattr(settings, name) < 0:
+                fail(name, "must not be negative")
+        for name in ("new_keys_max_fraction", "min_free_fraction"):
+            if not 0 <= getattr(settings, name) <= 1:
+                fail(name, "must be between 0 and 1")
+        for name in (
+            "received_max_age_days",
+            "own_max_age_days",
+            "headroom_interval_s",
+            "prune_interval_s",
+        ):
+            if getattr(settings, name) <= 0:
+                fail(name, "must be positive")
+        if settings.established_after_s < 0:
+            fail("established_after_s", "must not be negative")
     listen_re = r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[A-Za-z0-9.-]*):\d{1,5}$"
     if isinstance(settings, MetricsSettings) and not re.match(listen_re, settings.listen or ":0"):
         fail("listen", f"has {settings.listen!r}, which is not ADDR:PORT")

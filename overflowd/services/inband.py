@@ -84,6 +84,7 @@ LISTENER_DROP_REASONS = (
     "stale",  # made longer ago than max_age_s
     "future",  # made more than max_future_s from now
     "queue_full",  # verified, but the store writer is behind
+    "storage",  # verified, but over a storage budget (the admission hook says which)
 )
 
 
@@ -240,6 +241,18 @@ class InbandReceived:
     received_ms: int
     #: ``trust`` is provisional: once stored, the report waits for a relabel (DNS)
     relabel: bool = False
+
+
+#: ``admit(key, sender, cose_bytes, now_s) -> None | reason`` (overflowd.storage_policy).
+StorageAdmission = Callable[[bytes, str, int, float], str | None]
+
+
+def _network(sender: str) -> str:
+    """The /24 or /48 stored with a report, for the storage budgets per sender network."""
+    try:
+        return network_of(sender)
+    except ValueError:
+        return ""
 
 
 #: ``label(report, sender) -> trust label``: awaited by the labellers before the report is
@@ -454,8 +467,12 @@ class InbandListener:
         relabel_queue: RelabelQueue | None = None,
         on_report: Callable[[InbandReceived], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        admit: StorageAdmission | None = None,
     ) -> None:
-        """``trust_of`` labels at receive time (sync, cheap: pinned keys, the trust book).
+        """``admit(key, sender, cose_bytes, now_s)`` is asked before a verified report is
+        queued for the store; a reason (not None) refuses it, counted as ``storage``.
+
+        ``trust_of`` labels at receive time (sync, cheap: pinned keys, the trust book).
 
         ``label``, when given, replaces that label before the report is stored; it runs in
         ``label_workers`` tasks, each label bounded by ``label_timeout_s``, and must not wait
@@ -490,6 +507,7 @@ class InbandListener:
         self._relabel_skipped = dict.fromkeys(RELABEL_SKIP_REASONS, 0)
         self._on_report = on_report
         self._wall_clock = wall_clock
+        self._admit = admit
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stop = trio.Event()
         self._datagrams = 0
@@ -590,6 +608,10 @@ class InbandListener:
             return self._drop("stale", sender)
         if report.payload.time > now_ms + self.settings.max_future_s * 1000:
             return self._drop("future", sender)
+        if self._admit is not None and self._admit(
+            report.observer_key, sender, len(cose), now_ms / 1000
+        ):
+            return self._drop("storage", sender)
         received = InbandReceived(report, self._trust_of(report.observer_key), sender, now_ms)
         try:
             out.send_nowait(received)
@@ -794,9 +816,10 @@ class InbandListener:
     async def _write(self, batch: list[InbandReceived]) -> None:
         rows = [(r.report, r.received_ms, "udp") for r in batch]
         trust = {r.report.report_id: r.trust for r in batch}
+        senders = {r.report.report_id: _network(r.sender) for r in batch}
 
         def write() -> int:
-            return self._store.add_reports(rows, trust=trust)
+            return self._store.add_reports(rows, trust=trust, senders=senders)
 
         try:
             new = await trio.to_thread.run_sync(write)

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from overflowd.services.collector import parse_listen
 from overflowd.services.node import NodeStatistics
+from overflowd.services.retention import RetentionStatistics
 
 
 class NodeCollector(Collector):
@@ -226,6 +227,52 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "overflowd_inband_relabel_waiting", "Stored reports waiting for DNS", value=rl.waiting
         )
+    if s.storage is not None:
+        yield from storage_metrics(s.storage)
+
+
+def storage_metrics(st: RetentionStatistics) -> Iterator[Metric]:
+    """Storage budgets and retention (docs/storage.md)."""
+    reports = GaugeMetricFamily(
+        "overflowd_storage_reports", "Reports stored, by kind (own, received)", labels=["kind"]
+    )
+    stored_bytes = GaugeMetricFamily(
+        "overflowd_storage_bytes", "Bytes stored (COSE plus row overhead), by kind", labels=["kind"]
+    )
+    for kind in sorted(st.reports):
+        reports.add_metric([kind], st.reports[kind])
+        stored_bytes.add_metric([kind], st.bytes.get(kind, 0))
+    yield reports
+    yield stored_bytes
+    pruned = CounterMetricFamily(
+        "overflowd_storage_pruned", "Reports pruned, by reason", labels=["reason"]
+    )
+    for reason, count in sorted(st.pruned.items()):
+        pruned.add_metric([reason], count)
+    yield pruned
+    refused = CounterMetricFamily(
+        "overflowd_storage_refused",
+        "Received reports refused by a storage budget",
+        labels=["reason"],
+    )
+    for reason, count in sorted(st.refused.items()):
+        refused.add_metric([reason], count)
+    yield refused
+    yield GaugeMetricFamily(
+        "overflowd_storage_headroom_short",
+        "1 while free space is under the reserve (received reports refused)",
+        value=1 if st.headroom_short else 0,
+    )
+    if st.free_bytes is not None:
+        yield GaugeMetricFamily(
+            "overflowd_storage_free_bytes", "Free space for the store", value=st.free_bytes
+        )
+    yield _counter(
+        "overflowd_storage_headroom_exhausted",
+        "Headroom checks short with no received report left to prune",
+        st.headroom_exhausted,
+    )
+    yield _counter("overflowd_storage_errors", "Retention store calls that failed", st.errors)
 
 
 @contextlib.contextmanager

@@ -60,7 +60,9 @@ from overflowd.services.inband import (
     InbandSender,
     InbandSenderStatistics,
 )
+from overflowd.services.retention import RetentionService, RetentionStatistics
 from overflowd.services.webhook import WebhookDelivery, WebhookStatistics
+from overflowd.storage_policy import StoragePolicy
 from overflowd.store import Store, outbox
 from overflowd.store.continuity import batch_from, read_histories, save_continuity
 from overflowd.store.events import ObserverEvent, add_events
@@ -162,6 +164,7 @@ class NodeStatistics:
     #: reports signed but never stored: still queued when the drain deadline passed at stop
     #: (nothing was sent for them: sending happens only after the store commits)
     reports_unstored_at_stop: int = 0
+    storage: RetentionStatistics | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -289,6 +292,16 @@ class NodeService:
         self._sign_tokens = float(settings.sampling.max_reports_burst)
         self._sign_refilled = 0.0
         self._shed = 0
+        # Storage budgets: received reports are admitted by the policy, which the retention
+        # service seeds from the store and keeps in step with what it prunes (docs/storage.md).
+        self.storage_policy = StoragePolicy(settings.storage)
+        self.retention = RetentionService(
+            store,
+            settings.storage,
+            policy=self.storage_policy,
+            in_flight=settings.inband.queue_reports + settings.inband.store_batch,
+        )
+        self._retention_scope = trio.CancelScope()
         if settings.inband.enabled:
             self.inband_sender = InbandSender(settings.inband, self.budget)
             listen_at = parse_listen(inband_listen) if inband_listen else None
@@ -300,6 +313,7 @@ class NodeService:
                 label=self._label,
                 relabel=self._relabel,
                 wants_relabel=self._wants_relabel,
+                admit=self.storage_policy.admit,
             )
 
     def stop(self) -> None:
@@ -515,6 +529,12 @@ class NodeService:
         with self._webhook_scope:
             await self.webhook.run(task_status=task_status)
 
+    async def _run_retention(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with self._retention_scope:
+            await self.retention.run(task_status=task_status)
+
     async def _run_sender(
         self, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -535,6 +555,8 @@ class NodeService:
         if self.inband_listener is not None:
             await self._load_trust_book()
         async with trio.open_nursery() as services:
+            # Retention first: the admission policy is seeded before anything is received.
+            await services.start(self._run_retention)
             # In band: the listener stops with stop() and drains itself; the sender is
             # cancelled once the reports it could still be handed have been made.
             self.inband_bound = await self._start_inband(services)
@@ -587,6 +609,8 @@ class NodeService:
             self._webhook_scope.cancel()
             # Hint lookups only warm a cache: nothing is lost by stopping them now.
             self._hints_scope.cancel()
+            # Pruning can stop anywhere: every batch is its own transaction.
+            self._retention_scope.cancel()
             # The periodic save stops; the last one runs once the listener has drained.
             self._continuity_scope.cancel()
             services.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
@@ -921,6 +945,7 @@ class NodeService:
             input_errors=dict(self._input_errors),
             store_retried_batches=self._store_retried,
             reports_unstored_at_stop=self._unstored_at_stop,
+            storage=self.retention.statistics(),
         )
 
 

@@ -57,6 +57,8 @@ class ReportModel(Base):
     """One signed report, stored once whatever path it arrived by (``via``)."""
 
     __tablename__ = "reports"
+    #: oldest-first pruning of one kind (own: via = 'local'; received: the rest)
+    __table_args__ = (Index("ix_reports_via_received_ms", "via", "received_ms"),)
 
     #: lowercase hex SHA-256 of ``cose`` (:func:`overflowd.report.report_id`)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -89,6 +91,9 @@ class ReportModel(Base):
     #: the observer's trust when it arrived ('pinned', 'dns', 'continuity', 'unknown');
     #: NULL for our own reports and for reports stored before revision 0003
     trust: Mapped[str | None] = mapped_column(String(16))
+    #: the /24 or /48 the report reached us from (storage budgets per sender network);
+    #: NULL for our own reports, and where the path has no sender address
+    sender_net: Mapped[str | None] = mapped_column(String(43))
 
 
 class ObserverModel(Base):

@@ -79,7 +79,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 _BACKENDS = ("sqlite", "postgresql")
 
 #: Ids per UPDATE in update_trust: well under SQLite's 32,766 bound parameters.
@@ -406,14 +406,17 @@ class Store:
         *,
         trust: Mapping[str, str] | None = None,
         alongside: Callable[[Connection], object] | None = None,
+        senders: Mapping[str, str] | None = None,
     ) -> int:
         """Store ``(report, received_ms, via)`` in one transaction; return how many were new.
 
         A report already stored, or repeated within ``reports``, is counted once (the first
         entry wins). Each observer's row is updated once for its new reports. ``trust`` maps
         report ids to the observer's trust label when they arrived (stored with new reports
-        only: a report stored before keeps the label it came with). ``alongside`` runs in the
-        same transaction after the inserts (the daemon's outbox rows): both commit or neither.
+        only: a report stored before keeps the label it came with). ``senders`` maps report ids
+        to the /24 or /48 they came from, for the storage budgets per sender network.
+        ``alongside`` runs in the same transaction after the inserts (the daemon's outbox
+        rows): both commit or neither.
         """
         rows: dict[str, dict[str, Any]] = {}
         observed: dict[str, tuple[rpt.Observer, int]] = {}
@@ -426,6 +429,8 @@ class Store:
                 label = trust.get(report.report_id) if trust else None
                 label = None if label is None else label[:16]  # the column holds 16
                 rows[report.report_id] = _report_row(report, received_ms, via, label)
+                net = senders.get(report.report_id) if senders else None
+                rows[report.report_id]["sender_net"] = net[:43] if net else None
                 observed[report.report_id] = (report.payload.observer, received_ms)
         if not rows:
             return 0

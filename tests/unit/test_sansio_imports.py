@@ -19,6 +19,7 @@ SANS_IO = [
     "overflowd/ssrf.py",
     "overflowd/flowsample_batch.py",
     "overflowd/receiver.py",
+    "overflowd/storage_policy.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
     "ratelock/policy.py",
