@@ -543,13 +543,15 @@ async def test_a_resolver_that_never_answers(knot: KnotServer) -> None:
             started = time.monotonic()
             with pytest.raises(DiscoveryError, match=r"no answer within 0\.3s"):
                 await r.lookup_address("192.0.2.7")
-            elapsed = time.monotonic() - started
-            assert elapsed < 1.0
-            # the failure is cached: asking again costs nothing and fails at once
-            started = time.monotonic()
+            # one question, one timeout: the walk stops at the first failure. The wall-clock
+            # bound is the documented one (max_queries x timeout_s) with a margin for a loaded
+            # machine; the question count below is what proves "one".
+            assert time.monotonic() - started < settings.max_queries * settings.timeout_s + 2.0
+            assert r.statistics().queries == 1
+            # the failure is cached: asking again sends nothing and fails at once
             with pytest.raises(DiscoveryError):
                 await r.lookup_address("192.0.2.7")
-            assert time.monotonic() - started < 0.1
+            assert r.statistics().queries == 1 and r.statistics().cache_hits == 1
             d = await r.discover("192.0.2.7")  # errors as values, both parts tried
             assert len(d.errors) == 2 and d.records == ()
             await trio.sleep(0.05)
