@@ -603,6 +603,12 @@ def test_settings_refuse_bad_values() -> None:
         RegistrySettings(nameservers=("127.0.0.1:99999",))
     with pytest.raises(ValueError, match="pinned"):
         RegistrySettings(pinned=("not-a-key",))
+    with pytest.raises(ValueError, match="cache_entry_max_bytes"):
+        RegistrySettings(cache_entry_max_bytes=10)
+    with pytest.raises(ValueError, match="cache_max_bytes"):
+        RegistrySettings(cache_max_bytes=-1)
+    policy = RegistrySettings(cache_max_bytes=2**20, cache_entry_max_bytes=4096).cache_policy()
+    assert (policy.max_positive_bytes, policy.max_entry_bytes) == (2**20, 4096)
     s = RegistrySettings(
         nameservers=("127.0.0.1:5353", "[::1]:53", "::1", "192.0.2.1"),
         pinned=("edge=" + base64.b64encode(KEY["A"]).decode(),),
