@@ -14,7 +14,7 @@ Hypothesis profiles (chosen here, before any test module builds its ``settings``
 * ``dev`` — the default: random seeds, the local example database, so a developer's runs
   keep exploring and replay what failed before.
 * ``fuzz`` — ``HYPOTHESIS_PROFILE=fuzz`` (``make fuzz``): random seeds and every test's own
-  ``max_examples`` multiplied by ``FUZZ_EXAMPLES_FACTOR`` (default 20). A failure found this
+  ``max_examples`` multiplied by ``FUZZ_EXAMPLES_FACTOR`` (default 10). A failure found this
   way is added to the test as an ``@example`` so that CI replays it for ever.
 
 ``HYPOTHESIS_PROFILE`` names a profile explicitly and wins over ``CI``.
@@ -67,7 +67,7 @@ def _hypothesis_profile() -> str:
 HYPOTHESIS_PROFILE = _hypothesis_profile()
 settings.load_profile(HYPOTHESIS_PROFILE)
 #: under the fuzz profile, each test runs this many times its own max_examples
-FUZZ_EXAMPLES_FACTOR = int(os.environ.get("FUZZ_EXAMPLES_FACTOR", "20"))
+FUZZ_EXAMPLES_FACTOR = int(os.environ.get("FUZZ_EXAMPLES_FACTOR", "10"))
 
 
 def pytest_report_header() -> str:
