@@ -70,6 +70,21 @@ settings.load_profile(HYPOTHESIS_PROFILE)
 FUZZ_EXAMPLES_FACTOR = int(os.environ.get("FUZZ_EXAMPLES_FACTOR", "10"))
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_trio_scheduling(request: pytest.FixtureRequest) -> None:
+    """Under ``ci``, seed trio's scheduler per test: it reverses each batch of runnable tasks
+    at random (trio/_core/_run.py ``_r``), so a test that depends on task order by mistake
+    passes or fails the same way on every run instead of once in a while. Hypothesis seeds
+    the same generator itself inside @given tests (trio registers it)."""
+    if HYPOTHESIS_PROFILE != "ci":
+        return
+    import trio._core._run as trio_run
+
+    rng = getattr(trio_run, "_r", None)
+    if rng is not None:
+        rng.seed(request.node.nodeid)
+
+
 def pytest_report_header() -> str:
     return f"hypothesis profile: {HYPOTHESIS_PROFILE} ({settings.default})"
 
