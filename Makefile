@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot
 DEB_DEMO := python3-venv
 
-.PHONY: demo test lint typecheck pytest deps-test deps-demo clean
+.PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz
 
 demo: deps-demo $(VENV)/.installed
 	./scripts/demo.sh
@@ -23,6 +23,19 @@ typecheck: $(VENV)/.installed
 
 pytest: $(VENV)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Longer, random-seeded property runs (the `fuzz` profile in tests/conftest.py), then the
+# atheris targets for FUZZ_SECONDS each (default 60) when atheris is installed.
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/fuzz $(PYTEST_ARGS)
+	@if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
+	  for target in tests/fuzz/fuzz_report.py tests/fuzz/fuzz_wire.py; do \
+	    echo "atheris: $$target for $${FUZZ_SECONDS:-60} s"; \
+	    $(BIN)/python $$target -max_total_time=$${FUZZ_SECONDS:-60} -rss_limit_mb=2048 || exit 1; \
+	  done; \
+	else \
+	  echo "atheris is not installed: skipping tests/fuzz/fuzz_report.py and tests/fuzz/fuzz_wire.py ($(BIN)/pip install atheris)"; \
+	fi
 
 deps-test:
 	@./scripts/apt-ensure $(DEB_TEST)

@@ -238,6 +238,11 @@ max_concurrent_queries = 64
 # Cache sizes and lifetimes; NXDOMAIN/NODATA are kept at most negative_ttl_cap_s.
 cache_entries = 4096
 negative_cache_entries = 4096
+# ... and bytes (estimated): an answer's size is the zone owner's choice. An answer larger
+# than cache_entry_max_bytes is not kept: it is remembered as a failure for failure_ttl_s.
+cache_max_bytes = 16777216
+negative_cache_max_bytes = 4194304
+cache_entry_max_bytes = 16384
 positive_ttl_cap_s = 86400.0
 negative_ttl_cap_s = 300.0
 failure_ttl_s = 30.0

@@ -122,8 +122,13 @@ def parse_record(strings: list[bytes] | bytes | str) -> KeyRecord:
         if name in tags:
             raise DecodeError(f"tag '{name}' appears twice", fmt="dns-txt")
         tags[name] = re.sub(r"\s+", "", value)  # DKIM folds white space inside values
-    if tags.get("v") != RECORD_VERSION:
-        raise DecodeError(f"not an {RECORD_VERSION} record (v=)", fmt="dns-txt")
+    # protocol.md §5: v= is required and first (as DKIM's v=, RFC 6376 §3.6.1), so a TXT
+    # string that merely mentions v=OVF1 somewhere (an SPF-like record, a site-verification
+    # blob with our tags pasted in) is never taken for a key publication.
+    if next(iter(tags), None) != "v" or tags["v"] != RECORD_VERSION:
+        raise DecodeError(
+            f"not an {RECORD_VERSION} record (v= must be the first tag)", fmt="dns-txt"
+        )
     if tags.get("k", KEY_TYPE) != KEY_TYPE:
         raise DecodeError(f"key type {tags['k']!r} is not supported", fmt="dns-txt")
     if "p" not in tags:
@@ -180,10 +185,13 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def as_address(addr: str | Address) -> Address:
     """An address object from text or an address (ValueError if it is neither)."""
-    if isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return addr
-    parsed = ipaddress.ip_address(addr.strip())
-    # An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 host: look it up in in-addr.arpa.
+    parsed = (
+        addr
+        if isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address)
+        else ipaddress.ip_address(addr.strip())
+    )
+    # An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 host: look it up in in-addr.arpa,
+    # whether it came as text or as an address object (a v6 socket's peer, an IPFIX v6 field).
     if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
         return parsed.ipv4_mapped
     return parsed
@@ -299,23 +307,63 @@ def parse_abuse_txt(strings: list[bytes] | bytes | str) -> tuple[str, ...]:
 # * Failures (timeouts, SERVFAIL, refusals) are cached briefly, so a dead resolver costs one
 #   timeout per name per failure TTL instead of one per report (RFC 2308 §7.1 allows up to 5
 #   minutes; we default to 30 s).
+#
+# Entries are counted in bytes as well as in number, because an answer's size is the zone
+# owner's choice: one name may answer 64 KiB of TXT (a TCP message's limit), so 4096 entries
+# alone would allow a quarter gigabyte. Each entry's footprint is estimated from what it holds
+# (:func:`entry_footprint`, an upper bound checked against tracemalloc by a unit test) and
+# each table is evicted, least recently used first, until both its count and its bytes fit.
+# An answer whose footprint exceeds the per-entry cap is not kept: it is cached as a failure
+# ("answer too large"), counted, so the zone that sent it is not asked again at every report.
+
+#: bytes one cached entry costs beyond its strings: the CachedTxt object and its __dict__,
+#: the key string's header, the OrderedDict slot and link, the records tuple (measured on
+#: CPython 3.11 with tracemalloc, rounded up; see tests/unit/test_registry_lookup_policy.py)
+ENTRY_OVERHEAD_BYTES = 320
+#: bytes one record costs beyond its length: the bytes object's header and the tuple slot
+RECORD_OVERHEAD_BYTES = 64
+#: a failure's reason is kept to one line of this many characters
+MAX_REASON_CHARS = 300
+
+
+def entry_footprint(name: str, records: tuple[bytes, ...] = (), reason: str = "") -> int:
+    """Bytes a cache entry holding these is estimated to cost (an upper bound)."""
+    return (
+        ENTRY_OVERHEAD_BYTES
+        + len(name)
+        + len(reason)
+        + sum(len(r) + RECORD_OVERHEAD_BYTES for r in records)
+    )
 
 
 class Outcome(enum.Enum):
     ANSWER = "answer"  # the name has TXT records (maybe none of them ours)
     NXDOMAIN = "nxdomain"  # the name does not exist
     NODATA = "nodata"  # the name exists, without TXT
-    FAILURE = "failure"  # no usable answer: timeout, SERVFAIL, REFUSED, network error
+    FAILURE = "failure"  # no usable answer: timeout, SERVFAIL, REFUSED, network error, too large
+
+
+KIB = 1024
+MIB = 1024 * KIB
 
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """Bounds of the TXT cache. Times in seconds."""
+    """Bounds of the TXT cache. Times in seconds, sizes in bytes as :func:`entry_footprint`."""
 
     #: answers kept (names with TXT records)
     max_positive: int = 4096
     #: NXDOMAIN, NODATA and failures kept
     max_negative: int = 4096
+    #: bytes of answers kept: 4096 typical answers (one or two OVF1 records, ~1 KiB each)
+    #: fit four times over, while 4096 answers of 64 KiB (256 MiB) cannot
+    max_positive_bytes: int = 16 * MIB
+    #: bytes of negative entries kept; each is small (a name, a reason of at most
+    #: MAX_REASON_CHARS), so this only binds when names are long
+    max_negative_bytes: int = 4 * MIB
+    #: an answer costing more than this is cached as a failure instead: eight OVF1 records
+    #: (rotation) of ~500 bytes plus foreign TXT fit, a zone's 64 KiB of junk does not
+    max_entry_bytes: int = 16 * KIB
     #: longest an answer is kept, whatever its TTL says (1 day)
     positive_ttl_cap_s: float = 24 * 3600.0
     #: longest an NXDOMAIN or NODATA is kept, whatever the SOA says (5 minutes)
@@ -326,8 +374,15 @@ class CachePolicy:
     failure_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_positive < 0 or self.max_negative < 0:
-            raise ValueError("cache sizes must not be negative")
+        for name in (
+            "max_positive",
+            "max_negative",
+            "max_positive_bytes",
+            "max_negative_bytes",
+            "max_entry_bytes",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"cache size {name} must not be negative")
         for name in (
             "positive_ttl_cap_s",
             "negative_ttl_cap_s",
@@ -350,29 +405,71 @@ class CachedTxt:
     #: why, for failures (one line)
     reason: str = ""
 
+    @property
+    def footprint(self) -> int:
+        return entry_footprint(self.name, self.records, self.reason)
+
 
 @dataclass(frozen=True)
 class CacheStatistics:
     positive_entries: int
     negative_entries: int
+    #: estimated bytes held (entry_footprint), answers and negative entries
+    positive_bytes: int
+    negative_bytes: int
     hits: int
     misses: int
     expired: int
     evicted: int
+    #: answers over max_entry_bytes, cached as failures instead
+    too_large: int
+
+
+class _Table:
+    """One LRU map of entries with its count and byte bounds."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, CachedTxt] = OrderedDict()
+        self.bytes = 0
+
+    def pop(self, key: str) -> CachedTxt | None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.footprint
+        return entry
+
+    def add(self, entry: CachedTxt) -> int:
+        """Insert ``entry`` (whose key is not present); the number of entries evicted."""
+        self.entries[entry.name] = entry
+        self.bytes += entry.footprint
+        evicted = 0
+        while self.entries and (
+            len(self.entries) > self.max_entries or self.bytes > self.max_bytes
+        ):
+            _key, old = self.entries.popitem(last=False)
+            self.bytes -= old.footprint
+            evicted += 1
+        return evicted
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
 
 
 class TxtCache:
-    """Positive and negative TXT answers, bounded in entries and by TTL. ``now`` is injected.
+    """Positive and negative TXT answers, bounded in entries, in bytes and by TTL.
 
-    Names are compared case-insensitively without a trailing dot. Not thread-safe; one per
-    resolver, used from one trio task at a time.
+    ``now`` is injected. Names are compared case-insensitively without a trailing dot. Not
+    thread-safe; one per resolver, used from one trio task at a time.
     """
 
     def __init__(self, policy: CachePolicy | None = None) -> None:
         self.policy = policy or CachePolicy()
-        self._positive: OrderedDict[str, CachedTxt] = OrderedDict()
-        self._negative: OrderedDict[str, CachedTxt] = OrderedDict()
-        self._hits = self._misses = self._expired = self._evicted = 0
+        self._positive = _Table(self.policy.max_positive, self.policy.max_positive_bytes)
+        self._negative = _Table(self.policy.max_negative, self.policy.max_negative_bytes)
+        self._hits = self._misses = self._expired = self._evicted = self._too_large = 0
 
     @staticmethod
     def _key(name: str) -> str:
@@ -381,14 +478,14 @@ class TxtCache:
     def get(self, name: str, now: float) -> CachedTxt | None:
         key = self._key(name)
         for table in (self._positive, self._negative):
-            entry = table.get(key)
+            entry = table.entries.get(key)
             if entry is None:
                 continue
             if now >= entry.expires_at:
-                del table[key]
+                table.pop(key)
                 self._expired += 1
                 break
-            table.move_to_end(key)
+            table.entries.move_to_end(key)
             self._hits += 1
             return entry
         self._misses += 1
@@ -397,8 +494,19 @@ class TxtCache:
     def put_answer(
         self, name: str, records: tuple[bytes, ...], ttl_s: float, now: float
     ) -> CachedTxt:
+        """Cache an answer; one over ``max_entry_bytes`` is cached (and returned) as a failure."""
+        key = self._key(name)
+        size = entry_footprint(key, records)
+        if size > self.policy.max_entry_bytes:
+            self._too_large += 1
+            return self.put_failure(
+                name,
+                f"answer of {len(records)} TXT records, ~{size} bytes, is larger than "
+                f"{self.policy.max_entry_bytes} bytes",
+                now,
+            )
         ttl = min(max(ttl_s, 0.0), self.policy.positive_ttl_cap_s)
-        entry = CachedTxt(self._key(name), Outcome.ANSWER, records, now + ttl)
+        entry = CachedTxt(key, Outcome.ANSWER, records, now + ttl)
         self._store(entry, ttl, positive=True)
         return entry
 
@@ -416,41 +524,45 @@ class TxtCache:
 
     def put_failure(self, name: str, reason: str, now: float) -> CachedTxt:
         ttl = self.policy.failure_ttl_s
+        reason = reason[:MAX_REASON_CHARS]
         entry = CachedTxt(self._key(name), Outcome.FAILURE, (), now + ttl, reason)
         self._store(entry, ttl, positive=False)
         return entry
 
     def _store(self, entry: CachedTxt, ttl: float, *, positive: bool) -> None:
         # An answer replaces a negative entry for the same name and vice versa.
-        self._positive.pop(entry.name, None)
-        self._negative.pop(entry.name, None)
-        table, limit = (
-            (self._positive, self.policy.max_positive)
-            if positive
-            else (self._negative, self.policy.max_negative)
-        )
-        if ttl <= 0 or limit == 0:
+        self._positive.pop(entry.name)
+        self._negative.pop(entry.name)
+        table = self._positive if positive else self._negative
+        if ttl <= 0 or table.max_entries == 0:
             return  # TTL 0: use once, never cache (RFC 1035 §3.2.1)
-        table[entry.name] = entry
-        while len(table) > limit:
-            table.popitem(last=False)
-            self._evicted += 1
+        if entry.footprint > table.max_bytes:
+            return  # could never fit: returned to the caller, not kept
+        self._evicted += table.add(entry)
 
     def clear(self) -> None:
         self._positive.clear()
         self._negative.clear()
 
     def __len__(self) -> int:
-        return len(self._positive) + len(self._negative)
+        return len(self._positive.entries) + len(self._negative.entries)
+
+    @property
+    def bytes(self) -> int:
+        """Estimated bytes held, both tables."""
+        return self._positive.bytes + self._negative.bytes
 
     def statistics(self) -> CacheStatistics:
         return CacheStatistics(
-            positive_entries=len(self._positive),
-            negative_entries=len(self._negative),
+            positive_entries=len(self._positive.entries),
+            negative_entries=len(self._negative.entries),
+            positive_bytes=self._positive.bytes,
+            negative_bytes=self._negative.bytes,
             hits=self._hits,
             misses=self._misses,
             expired=self._expired,
             evicted=self._evicted,
+            too_large=self._too_large,
         )
 
 
@@ -500,7 +612,8 @@ def parse_answer(records: tuple[bytes, ...] | list[bytes]) -> ParsedAnswer:
         try:
             record = parse_record(raw)
         except DecodeError:
-            if re.match(rb"^\s*v\s*=\s*OVF", raw):
+            # claims to be ours (a v=OVF tag anywhere, first or not) but does not parse
+            if re.search(rb"(?:^|;)\s*v\s*=\s*OVF", raw):
                 malformed += 1
             else:
                 foreign += 1
@@ -549,6 +662,12 @@ class RegistrySettings:
     cache_entries: int = 4096
     #: NXDOMAIN, NODATA and failures cached
     negative_cache_entries: int = 4096
+    #: estimated bytes of answers cached (an answer's size is the zone owner's choice)
+    cache_max_bytes: int = 16 * MIB
+    #: estimated bytes of NXDOMAIN, NODATA and failures cached
+    negative_cache_max_bytes: int = 4 * MIB
+    #: an answer larger than this is not kept; it is cached as a failure (counted too_large)
+    cache_entry_max_bytes: int = 16 * KIB
     #: an answer is asked again after this long at most, whatever its TTL
     positive_ttl_cap_s: float = 24 * 3600 * SECONDS
     #: NXDOMAIN / NODATA are cached at most this long, whatever the SOA says
@@ -576,6 +695,10 @@ class RegistrySettings:
             raise ValueError("registry.max_queries must be between 1 and 64")
         if not 1 <= self.max_concurrent_queries <= 4096:
             raise ValueError("registry.max_concurrent_queries must be between 1 and 4096")
+        if self.cache_max_bytes < 0 or self.negative_cache_max_bytes < 0:
+            raise ValueError("registry.cache_max_bytes and negative_cache_max_bytes must be >= 0")
+        if not 1024 <= self.cache_entry_max_bytes <= 1 * MIB:
+            raise ValueError("registry.cache_entry_max_bytes must be between 1024 and 1048576")
         for zone in self.abuse_zones:
             check_domain(zone)
         for pin in self.pinned:
@@ -587,6 +710,9 @@ class RegistrySettings:
         return CachePolicy(
             max_positive=self.cache_entries,
             max_negative=self.negative_cache_entries,
+            max_positive_bytes=self.cache_max_bytes,
+            max_negative_bytes=self.negative_cache_max_bytes,
+            max_entry_bytes=self.cache_entry_max_bytes,
             positive_ttl_cap_s=self.positive_ttl_cap_s,
             negative_ttl_cap_s=self.negative_ttl_cap_s,
             negative_ttl_default_s=min(60.0, self.negative_ttl_cap_s),

@@ -3,19 +3,104 @@
 ``postgres_url`` is a throwaway PostgreSQL cluster (see tests/support/postgres.py), started
 once per session and only when some test asks for it. Missing PostgreSQL is a failure, not a
 skip: DESIGN.md promises the store is tested on a real server.
+
+Hypothesis profiles (chosen here, before any test module builds its ``settings``):
+
+* ``ci`` — loaded when ``CI=true`` (CI sets it; ``make test`` under CI): derandomized, so a
+  run from a fresh clone tries exactly the examples the last one did and a red CI is a real
+  regression, never a lucky draw; no example database; no deadline and no ``too_slow``
+  health check, since both measure wall time and 8 jobs share 2 cores; failures print their
+  ``@reproduce_failure`` blob.
+* ``dev`` — the default: random seeds, the local example database, so a developer's runs
+  keep exploring and replay what failed before.
+* ``fuzz`` — ``HYPOTHESIS_PROFILE=fuzz`` (``make fuzz``): random seeds and every test's own
+  ``max_examples`` multiplied by ``FUZZ_EXAMPLES_FACTOR`` (default 10). A failure found this
+  way is added to the test as an ``@example`` so that CI replays it for ever.
+
+``HYPOTHESIS_PROFILE`` names a profile explicitly and wins over ``CI``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Verbosity, settings
 
 from overflowd.store import Store
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 SESSION_DATABASE = "overflowd_test"
+
+# -- hypothesis profiles -------------------------------------------------------------------------
+
+#: health checks that measure wall time: on a loaded machine they fail a correct test
+_TIMING_HEALTH_CHECKS = [HealthCheck.too_slow]
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_TIMING_HEALTH_CHECKS,
+)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.register_profile(
+    "fuzz",
+    derandomize=False,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_TIMING_HEALTH_CHECKS,
+    verbosity=Verbosity.normal,
+)
+
+
+def _hypothesis_profile() -> str:
+    explicit = os.environ.get("HYPOTHESIS_PROFILE", "").strip()
+    if explicit:
+        return explicit
+    return "ci" if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes") else "dev"
+
+
+HYPOTHESIS_PROFILE = _hypothesis_profile()
+settings.load_profile(HYPOTHESIS_PROFILE)
+#: under the fuzz profile, each test runs this many times its own max_examples
+FUZZ_EXAMPLES_FACTOR = int(os.environ.get("FUZZ_EXAMPLES_FACTOR", "10"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_trio_scheduling(request: pytest.FixtureRequest) -> None:
+    """Under ``ci``, seed trio's scheduler per test: it reverses each batch of runnable tasks
+    at random (trio/_core/_run.py ``_r``), so a test that depends on task order by mistake
+    passes or fails the same way on every run instead of once in a while. Hypothesis seeds
+    the same generator itself inside @given tests (trio registers it)."""
+    if HYPOTHESIS_PROFILE != "ci":
+        return
+    import trio._core._run as trio_run
+
+    rng = getattr(trio_run, "_r", None)
+    if rng is not None:
+        rng.seed(request.node.nodeid)
+
+
+def pytest_report_header() -> str:
+    return f"hypothesis profile: {HYPOTHESIS_PROFILE} ({settings.default})"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``fuzz``, scale every property's ``max_examples``; tests fix their own for CI."""
+    if HYPOTHESIS_PROFILE != "fuzz":
+        return
+    for item in items:
+        test = getattr(item, "obj", None)
+        own = getattr(test, "_hypothesis_internal_use_settings", None)
+        if own is None or not getattr(test, "is_hypothesis_test", False):
+            continue
+        test._hypothesis_internal_use_settings = settings(
+            own, max_examples=own.max_examples * FUZZ_EXAMPLES_FACTOR, derandomize=False
+        )
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,12 @@ Limits, each per lookup (one call of :meth:`DnsRegistry.lookup_address` and frie
 * at most ``max_queries`` questions reach the network; answers from the cache are free. An
   address walk asks at most 4 names, so the default of 8 leaves room for abuse zones.
 
+and, for the whole registry, memory: the cache is bounded in entries and in bytes
+(:class:`overflowd.registry.TxtCache`); records over ``registry.MAX_RECORD_BYTES`` are
+dropped before they are cached (neither an OVF1 record nor a contact list can be that long);
+at most :data:`MAX_INFLIGHT_NAMES` names are being asked at once; the hints table is bounded
+in entries and in bytes (:data:`HINT_MAX_BYTES`).
+
 So a lookup against resolvers that never answer returns within ``max_queries × timeout_s``
 and, once the failure is cached, at once. It must never log record contents beyond names.
 """
@@ -59,6 +65,11 @@ log = logging.getLogger(__name__)
 
 #: TXT records kept from one answer; a name with more is not a key publication (counted).
 MAX_TXT_RECORDS = 32
+#: Names being asked at once (sent, or waiting for a free slot of max_concurrent_queries),
+#: all lookups together. Callers are a few bounded pools (hint workers, labellers), so this
+#: only binds if one misbehaves; beyond it a question fails at once (counted
+#: ``inflight_refused``) rather than growing the in-flight map and the limiter's queue.
+MAX_INFLIGHT_NAMES = 4096
 
 
 class AbuseFound(NamedTuple):
@@ -123,6 +134,8 @@ class DnsStatistics:
     records_oversized: int
     #: records beyond the per-name limits
     records_excess: int
+    #: questions refused because MAX_INFLIGHT_NAMES names were being asked already
+    inflight_refused: int
     #: abuse-zone TXT records that are not contact lists
     abuse_malformed: int
     cache: reg.CacheStatistics
@@ -150,6 +163,7 @@ class _Counters:
     records_malformed: int = 0
     records_oversized: int = 0
     records_excess: int = 0
+    inflight_refused: int = 0
     abuse_malformed: int = 0
 
 
@@ -281,6 +295,7 @@ class DnsRegistry:
             records_malformed=c.records_malformed,
             records_oversized=c.records_oversized,
             records_excess=c.records_excess,
+            inflight_refused=c.inflight_refused,
             abuse_malformed=c.abuse_malformed,
             cache=self.cache.statistics(),
         )
@@ -351,6 +366,9 @@ class DnsRegistry:
             raise DiscoveryError(
                 f"{name}: query budget of {self.settings.max_queries} per lookup used up"
             )
+        if len(self._inflight) >= MAX_INFLIGHT_NAMES:
+            self._c.inflight_refused += 1
+            raise DiscoveryError(f"{name}: {MAX_INFLIGHT_NAMES} names are being asked already")
         budget.left -= 1
         done = self._inflight[key] = trio.Event()
         try:
@@ -396,11 +414,18 @@ class DnsRegistry:
         for rdata in answer.rrset:
             if not isinstance(rdata, dns.rdtypes.ANY.TXT.TXT):
                 continue
+            if sum(len(s) for s in rdata.strings) > reg.MAX_RECORD_BYTES:
+                # neither parse_record nor parse_abuse_txt reads one this long: not cached
+                self._c.records_oversized += 1
+                continue
             if len(records) >= MAX_TXT_RECORDS:
                 self._c.records_excess += 1
                 continue
             records.append(b"".join(rdata.strings))
-        return self.cache.put_answer(name, tuple(records), float(answer.rrset.ttl), now)
+        entry = self.cache.put_answer(name, tuple(records), float(answer.rrset.ttl), now)
+        if entry.outcome is Outcome.FAILURE:
+            log.debug("dns.answer_too_large name=%s records=%d", name, len(records))
+        return entry
 
     def _failure(self, name: str, reason: str) -> CachedTxt:
         self._c.failures += 1
@@ -441,8 +466,15 @@ async def observer_trust(
 # ---------------------------------------------------------------------------------------------
 # Hints for the hot path: asked boosts and webhook URLs, read without waiting
 
-#: Addresses whose hints are held (least recently warmed forgotten first), about 200 B each.
+#: Addresses whose hints are held (least recently warmed forgotten first), about 500 B each
+#: (HINT_OVERHEAD_BYTES) plus the URL and name they hold.
 HINT_ENTRIES = 65_536
+#: Estimated bytes of the hints table: a webhook URL (u=) is up to a record's 4096 bytes,
+#: so the entry bound alone would allow ~270 MiB; typical hints (no URL) fit 65 536 times.
+HINT_MAX_BYTES = 32 * 1024 * 1024
+#: Bytes a hint costs beyond its strings: the Hint object and its __dict__, the address key,
+#: the OrderedDict slot (CPython 3.11, tracemalloc, rounded up; a unit test checks).
+HINT_OVERHEAD_BYTES = 512
 #: Addresses waiting to be looked up; beyond this, warm() drops and counts.
 HINT_QUEUE = 1_024
 #: Lookups at once (each bounded by the registry's own limits).
@@ -462,10 +494,16 @@ class Hint:
     source: str
     at: float
 
+    @property
+    def footprint(self) -> int:
+        """Estimated bytes this hint holds in the table (an upper bound)."""
+        return HINT_OVERHEAD_BYTES + len(self.webhook_url or "") + len(self.source)
+
 
 @dataclass(frozen=True)
 class HintStatistics:
     entries: int
+    bytes: int  # estimated, Hint.footprint summed
     warmed: int  # lookups queued
     queue_dropped: int  # warm() with a full queue
     lookups: int  # lookups done
@@ -490,15 +528,18 @@ class RegistryHints:
         registry: DnsRegistry,
         *,
         max_entries: int = HINT_ENTRIES,
+        max_bytes: int = HINT_MAX_BYTES,
         queue: int = HINT_QUEUE,
         workers: int = HINT_WORKERS,
         refresh_s: float = HINT_REFRESH_S,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if max_entries < 1 or queue < 1 or workers < 1 or refresh_s < 0:
-            raise ValueError("max_entries, queue and workers >= 1, refresh_s >= 0")
+        if max_entries < 1 or max_bytes < 1 or queue < 1 or workers < 1 or refresh_s < 0:
+            raise ValueError("max_entries, max_bytes, queue and workers >= 1, refresh_s >= 0")
         self.registry = registry
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._workers = workers
         self._refresh_s = refresh_s
         self._clock = clock or trio.current_time
@@ -512,20 +553,24 @@ class RegistryHints:
         """True once any address asked for a boost: until then the sampler need not ask."""
         return self._boosts > 0
 
+    # Addresses are keyed as reg.as_address gives them, so ::ffff:192.0.2.7 and 192.0.2.7
+    # are one entry (and one lookup, in in-addr.arpa) whichever form the flow carried.
+
     def peek(self, address: reg.Address) -> Hint | None:
-        return self._hints.get(address)
+        return self._hints.get(reg.as_address(address))
 
     def boost(self, address: reg.Address) -> float | None:
         """The boost asked for ``address`` (``AskedBoost`` for the sampler); None if unknown."""
-        hint = self._hints.get(address)
+        hint = self._hints.get(reg.as_address(address))
         return None if hint is None else hint.boost
 
     def webhook_url(self, address: reg.Address) -> str | None:
-        hint = self._hints.get(address)
+        hint = self._hints.get(reg.as_address(address))
         return None if hint is None else hint.webhook_url
 
     def warm(self, address: reg.Address) -> bool:
         """Queue a lookup for ``address`` unless a fresh hint or a lookup is there already."""
+        address = reg.as_address(address)
         hint = self._hints.get(address)
         if hint is not None and self._clock() - hint.at < self._refresh_s:
             return False
@@ -563,14 +608,19 @@ class RegistryHints:
             source = found[0].name if found else ""
             if boost is not None and boost > 1.0:
                 self._boosts += 1
-            self._hints.pop(address, None)
-            self._hints[address] = Hint(boost, url, source, self._clock())
-            while len(self._hints) > self._max:
-                self._hints.popitem(last=False)
+            old = self._hints.pop(address, None)
+            if old is not None:
+                self._bytes -= old.footprint
+            hint = self._hints[address] = Hint(boost, url, source, self._clock())
+            self._bytes += hint.footprint
+            while len(self._hints) > self._max or self._bytes > self._max_bytes:
+                _address, gone = self._hints.popitem(last=False)
+                self._bytes -= gone.footprint
 
     def statistics(self) -> HintStatistics:
         return HintStatistics(
             entries=len(self._hints),
+            bytes=self._bytes,
             warmed=self._warmed,
             queue_dropped=self._dropped,
             lookups=self._lookups,

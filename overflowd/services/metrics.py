@@ -185,6 +185,19 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
     if s.dns is not None:
         yield _counter("overflowd_dns_queries", "DNS questions sent", s.dns.queries)
         yield _counter("overflowd_dns_failures", "DNS questions that failed", s.dns.failures)
+        dns_dropped = CounterMetricFamily(
+            "overflowd_dns_dropped", "DNS answers or questions not kept", labels=["reason"]
+        )
+        dns_dropped.add_metric(["answer_too_large"], s.dns.cache.too_large)
+        dns_dropped.add_metric(["record_oversized"], s.dns.records_oversized)
+        dns_dropped.add_metric(["inflight_refused"], s.dns.inflight_refused)
+        yield dns_dropped
+        cache_bytes = GaugeMetricFamily(
+            "overflowd_dns_cache_bytes", "Estimated bytes the DNS cache holds", labels=["table"]
+        )
+        cache_bytes.add_metric(["positive"], s.dns.cache.positive_bytes)
+        cache_bytes.add_metric(["negative"], s.dns.cache.negative_bytes)
+        yield cache_bytes
     if s.inband_listener is not None:
         li = s.inband_listener
         yield _counter("overflowd_inband_received", "Report datagrams received", li.datagrams)

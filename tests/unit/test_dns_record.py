@@ -36,6 +36,13 @@ def test_empty_p_revokes_and_unknown_tags_are_ignored() -> None:
     assert rec.public_key is None
 
 
+def test_v_first_after_white_space_and_folding_is_accepted() -> None:
+    rec = parse_record(
+        [b"  v = OVF1 ;k=ed25519;", b" p=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="]
+    )
+    assert rec.public_key == bytes([1]) * 32
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -51,6 +58,10 @@ def test_empty_p_revokes_and_unknown_tags_are_ignored() -> None:
         "v=OVF1; p=; c=not a uri",
         b"v=OVF1; p=\xff",
         "v=OVF1; p=; " + "x=1; " * 1000,
+        # protocol.md §5: v= is required and first
+        "k=ed25519; v=OVF1; p=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+        "p=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=; v=OVF1",
+        "zz=1; v=OVF1; p=",
     ],
 )
 def test_malformed_records_raise_decode_error(text: str | bytes) -> None:
