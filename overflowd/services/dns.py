@@ -27,9 +27,9 @@ and, once the failure is cached, at once. It must never log record contents beyo
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import dns.asyncresolver
@@ -509,6 +509,8 @@ class HintStatistics:
     lookups: int  # lookups done
     failures: int  # lookups that failed (no hint; asked again after HINT_REFRESH_S)
     boosts: int  # hints found asking for a boost (r= above 1)
+    #: lookups that raised an exception nothing expected, by type (counted in failures too)
+    errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class RegistryHints:
@@ -547,6 +549,7 @@ class RegistryHints:
         self._pending: set[reg.Address] = set()
         self._send, self._recv = trio.open_memory_channel[reg.Address](queue)
         self._warmed = self._dropped = self._lookups = self._failures = self._boosts = 0
+        self._errors: Counter[str] = Counter()
 
     @property
     def boosts_seen(self) -> bool:
@@ -600,6 +603,11 @@ class RegistryHints:
                 self._failures += 1
                 log.debug("dns.hint_failed address=%s error=%s", address, exc)
                 found = []
+            except Exception as exc:  # the per-answer boundary: a DNS answer reaching a bug
+                self._failures += 1  # costs its hint, never the node (the daemon's nursery)
+                self._errors[type(exc).__name__[:40]] += 1
+                log.warning("dns.hint_error address=%s error=%s", address, _one_line(exc))
+                found = []
             finally:
                 self._pending.discard(address)
             self._lookups += 1
@@ -626,6 +634,7 @@ class RegistryHints:
             lookups=self._lookups,
             failures=self._failures,
             boosts=self._boosts,
+            errors=dict(self._errors),
         )
 
 
