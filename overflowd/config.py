@@ -300,6 +300,12 @@ max_concurrency = 8
 batch_size = 64
 poll_interval_s = 1.0
 keep_delivered_s = 604800.0
+# Retries (first attempts are the [budget]'s) per second and burst, per URL and per host:
+# an endpoint failing everything is not hammered; a row over budget waits, never dropped.
+retry_per_url_per_s = 1.0
+retry_per_url_burst = 30
+retry_per_host_per_s = 2.0
+retry_per_host_burst = 60
 
 [storage]
 # Budgets and retention of the report store (docs/storage.md). Received reports are other

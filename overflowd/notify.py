@@ -546,8 +546,22 @@ class WebhookSettings:
     poll_interval_s: float = 1 * SECONDS
     #: Delivered rows are deleted after this long (dead letters are kept for the operator).
     keep_delivered_s: float = 7 * 86400 * SECONDS
+    #: Retries (not first attempts) per second and burst, per URL and per host name: a
+    #: receiver that answers 500 to everything gets at most burst + rate × T retries in T s
+    #: (services/webhook.py RetryLimits; over budget a row waits, it is never dropped).
+    retry_per_url_per_s: float = 1.0
+    retry_per_url_burst: int = 30
+    retry_per_host_per_s: float = 2.0
+    retry_per_host_burst: int = 60
 
     def __post_init__(self) -> None:
+        for name in ("retry_per_url_per_s", "retry_per_host_per_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of retries per second")
+        for name in ("retry_per_url_burst", "retry_per_host_burst"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer of at least 1")
         for name in (
             "connect_timeout_s",
             "io_timeout_s",

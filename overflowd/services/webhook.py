@@ -506,6 +506,13 @@ class WebhookDelivery:
         self._clock = clock
         self._monotonic = monotonic
         self._rng = rng or random.Random()
+        if retry_limits is None:
+            retry_limits = RetryLimits(
+                per_url_per_s=settings.retry_per_url_per_s,
+                per_url_burst=settings.retry_per_url_burst,
+                per_host_per_s=settings.retry_per_host_per_s,
+                per_host_burst=settings.retry_per_host_burst,
+            )
         self._budget = RetryBudget(retry_limits)
         self._counters = _Counters()
         self._unexpected: dict[str, int] = {}

@@ -83,3 +83,13 @@ def test_contacts_that_no_report_could_carry_are_refused() -> None:
     long = '"https://example.net/' + "x" * 520 + '"'
     with pytest.raises(ConfigError, match="512 bytes"):
         parse_settings(f"[node]\ncontacts = [{long}]\n", "x.toml")
+
+
+def test_webhook_retry_budgets_come_from_the_config() -> None:
+    settings = parse_settings(
+        "[webhook]\nretry_per_url_burst = 2\nretry_per_host_per_s = 0.5\n", "x.toml"
+    )
+    assert settings.webhook.retry_per_url_burst == 2
+    assert settings.webhook.retry_per_host_per_s == 0.5
+    with pytest.raises(ConfigError, match="retry_per_url_burst must be an integer of at least 1"):
+        parse_settings("[webhook]\nretry_per_url_burst = 0\n", "x.toml")
