@@ -60,6 +60,8 @@ def main() -> None:
         properties.test_mutated_capture_files()
         print("atheris not installed; ran the hypothesis properties instead")
         return
+    # Coverage guidance needs the decoders' bytecode instrumented; they were imported above.
+    atheris.instrument_all()
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 
