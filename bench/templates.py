@@ -11,21 +11,25 @@ Not a test: it prints figures, all from the same run so that rows compare.
    is fed the datagrams once untimed first (templates learned, burst allowances spent: the
    steady state of a flood), then timed. Also: templates compiled (learned + updated) per
    simulated second per exporter while timed.
-2. **Bytes held by a full template cache** (tracemalloc: what is freed when the cache goes)
-   after a flood of ``max_templates`` + 256 distinct templates from spoofed exporters, for
-   15-field flow templates and for templates of ``max_template_fields`` fields, beside the
-   cache's byte cap and its own estimate (where the decoder has them).
+2. **Bytes held by a full template cache** (tracemalloc: what is freed when the cache's
+   templates go) after a flood of ``max_templates`` + 256 distinct templates from as many
+   spoofed exporters, for 15-field flow templates and for templates of
+   ``max_template_fields`` fields, beside the cache's byte cap and its own estimate (where the
+   decoder has them), and apart from them the per-exporter learning buckets (bounded by
+   ``max_template_exporters``, not by the byte cap).
 3. **A real exporter beside a churning second source**: the real one announces 20 flow
-   templates every 30 s and sends data for all of them; the other sends 20 new templates per
-   datagram at 1000 datagrams/s. Records the real exporter got decoded, of those it sent.
+   templates every 30 s and sends data for one of them every 50 ms (each used once a
+   second); the other sends 20 new templates per datagram at 250 datagrams/s. Records the
+   real exporter got decoded, of those it sent.
 
 Usage::
 
-    .venv/bin/python bench/templates.py           # about a minute
-    .venv/bin/python bench/templates.py --quick   # about 15 seconds, rougher
+    .venv/bin/python bench/templates.py           # several minutes
+    .venv/bin/python bench/templates.py --quick   # about 3 minutes (8 on the old decoder)
 
-Written against the decoder's public interface only (``decode_datagram``, ``DecoderState``,
-``Limits``) so the same script runs on older code for a before/after. Datagrams are built
+Written against the decoder's public interface (``decode_datagram``, ``DecoderState``,
+``Limits``; the cache's byte estimate and bucket table only where they exist) so the same
+script runs on older code for a before/after: ``PYTHONPATH=<old tree>``. Datagrams are built
 here from RFC 3954 / RFC 7011, not by our encoder. Sends nothing anywhere. The trace is
 ``<repo>/../shared/data/netflow_v5_simpleweb.pcap``; ``OVERFLOWD_SHARED`` overrides ``shared``.
 """
@@ -262,9 +266,10 @@ def part1(v5: list[bytes], *, quick: bool) -> None:
         print(f"  {name:36} {rate / 1e6:>8.2f} {rate / ref:>7.3f} {per_s:>20}  {note}")
 
 
-def _held_by_cache(datagrams: Sequence[tuple[bytes, str]]) -> tuple[int, int, int | None]:
+def _held_by_cache(datagrams: Sequence[tuple[bytes, str]]) -> tuple[int, int, int, int | None]:
     """Feed the datagrams (one simulated second apart); return (templates held, bytes freed
-    when the cache is dropped, the cache's own estimate or None)."""
+    when the cache's templates go, bytes of its per-exporter learning state, the cache's own
+    estimate or None)."""
     from overflowd.errors import DecodeError
     from overflowd.wire import DecoderState, decode_datagram
 
@@ -284,13 +289,18 @@ def _held_by_cache(datagrams: Sequence[tuple[bytes, str]]) -> tuple[int, int, in
         estimate = getattr(cache, "bytes", None)
         state.templates = None  # type: ignore[assignment]
         gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        del cache
+        start = tracemalloc.get_traced_memory()[0]
+        buckets = getattr(cache, "_buckets", None)
+        if buckets is not None:  # learning state (bounded by max_template_exporters)
+            buckets.clear()
+            gc.collect()
+        middle = tracemalloc.get_traced_memory()[0]
+        del cache, buckets
         gc.collect()
-        after = tracemalloc.get_traced_memory()[0]
+        end = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    return held, before - after, estimate
+    return held, middle - end, start - middle, estimate
 
 
 def part2() -> None:
@@ -305,8 +315,8 @@ def part2() -> None:
         f"{'none' if cap is None else f'{cap / MiB:.1f} MiB'}) =="
     )
     print(
-        f"  {'templates':30} {'held':>6} {'MiB (tracemalloc)':>18} {'cap MiB':>8} "
-        f"{'estimate MiB':>13} {'B/template':>11}"
+        f"  {'templates':26} {'held':>6} {'MiB (tracemalloc)':>18} {'cap MiB':>8} "
+        f"{'estimate MiB':>13} {'B/template':>11} {'buckets MiB':>12}"
     )
     wide = [(1 + i % 400, 4) for i in range(limits.max_template_fields)]
     for name, fields in (
@@ -320,11 +330,14 @@ def part2() -> None:
             )
             for i in range(n)
         ]
-        held, freed, estimate = _held_by_cache(datagrams)
+        held, freed, buckets, estimate = _held_by_cache(datagrams)
         est = "-" if estimate is None else f"{estimate / MiB:.2f}"
         capm = "-" if cap is None else f"{cap / MiB:.1f}"
         per = freed // held if held else 0
-        print(f"  {name:30} {held:>6} {freed / MiB:>18.2f} {capm:>8} {est:>13} {per:>11}")
+        print(
+            f"  {name:26} {held:>6} {freed / MiB:>18.2f} {capm:>8} {est:>13} {per:>11} "
+            f"{buckets / MiB:>12.2f}"
+        )
 
 
 def churn_datagram(n: int) -> bytes:
@@ -384,7 +397,7 @@ def part3(*, quick: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="about 15 seconds, rougher figures")
+    parser.add_argument("--quick", action="store_true", help="fewer datagrams, rougher figures")
     args = parser.parse_args(argv)
     path = trace_path()
     if not path.exists():

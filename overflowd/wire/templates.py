@@ -13,8 +13,10 @@ Information Elements"). A :class:`Template` is compiled once when it arrives:
 * enterprise-specific elements (IPFIX E bit) and elements we do not know are kept as raw
   bytes (:meth:`Template.read_values`); they never make a template invalid.
 
-Everything here is bounded (see :class:`Limits` and docs/flows.md): templates by count (LRU),
-held data by sets and bytes and age, sampling entries by exporter/domain and sampler.
+Everything here is bounded (see :class:`Limits` and docs/flows.md): templates by count and
+estimated bytes, per exporter and per domain, learned at a bounded rate (re-announcements are
+recognised by their bytes and cost nothing) and evicted fairly, the exporter holding the most
+first; held data by sets and bytes and age; sampling entries by exporter/domain and sampler.
 
 Pure: no I/O, no clocks (``now`` is an argument), no global state.
 """

@@ -18,9 +18,12 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from overflowd.flows import FlowRecord
 from overflowd.wire import DecoderState, Limits, decode_datagram, decode_datagram_rows
+from overflowd.wire import templates as templates_module
 from tests.unit.test_wire_encoder import (
     IE,
     VARIABLE,
@@ -369,6 +372,98 @@ def test_footprint_estimate_matches_tracemalloc_for_every_kind_of_template() -> 
     finally:
         tracemalloc.stop()
     assert abs(held - estimate) <= 0.2 * held, (held, estimate)
+
+
+# -- the cache's own accounting, under any sequence of announcements ---------------------------
+
+TINY = Limits(
+    max_templates=12,
+    max_template_bytes=40_000,
+    max_templates_per_exporter=7,
+    max_templates_per_domain=4,
+    max_templates_per_datagram=3,
+    template_learn_rate_per_s=1.0,
+    template_learn_burst=5,
+    template_work_rate_per_s=40.0,
+    template_work_burst=200,
+    max_template_exporters=3,
+    max_template_fields=12,
+)
+
+_RECORD = st.tuples(
+    st.sampled_from(["template", "options", "withdraw", "withdraw_all", "data"]),
+    st.integers(256, 261),  # template id
+    st.integers(0, 14),  # field count: 0 and over max_template_fields included
+    st.booleans(),  # zero-length fields
+)
+_DATAGRAM = st.tuples(
+    st.integers(0, 3),  # exporter
+    st.integers(0, 2),  # domain
+    st.sampled_from([0.0, 0.01, 0.5, 3.0, -1.0]),  # time step (backwards too)
+    st.lists(_RECORD, min_size=1, max_size=5),
+)
+
+
+def _hostile_ipfix(records: Sequence[tuple[str, int, int, bool]], domain: int) -> bytes:
+    sets = []
+    for kind, template_id, count, zero in records:
+        fields = [IE(8, 4), IE(12, 4), *(IE(100 + k, 0 if zero else 2) for k in range(count))]
+        fields = fields[:count]
+        if kind == "template":
+            sets.append(flowset(2, ipfix_template(template_id, fields)))
+        elif kind == "options" and fields:
+            sets.append(flowset(3, ipfix_options_template(template_id, fields[:1], fields[1:])))
+        elif kind == "withdraw":
+            sets.append(flowset(2, ipfix_withdrawal(template_id)))
+        elif kind == "withdraw_all":
+            sets.append(flowset(3 if count % 2 else 2, ipfix_withdrawal(3 if count % 2 else 2)))
+        else:
+            sets.append(flowset(template_id, bytes(count * 3)))
+    return ipfix_message(sets, domain=domain)
+
+
+def _check_cache(state: DecoderState) -> None:
+    cache = state.templates
+    limits = state.limits
+    entries = cache._exporters
+    assert len(cache) == sum(len(e.lru) for e in entries.values()) <= limits.max_templates
+    assert cache.bytes == sum(e.bytes for e in entries.values())
+    if len(cache):
+        assert cache.bytes <= limits.max_template_bytes
+    domains: dict[tuple[str, str, int], set[int]] = {}
+    for name, entry in entries.items():
+        assert entry.lru, "no empty exporter entries"
+        assert len(entry.lru) <= limits.max_templates_per_exporter
+        charged = sum(t.footprint + templates_module._ENTRY_SIZE for t in entry.lru.values())
+        own = {k[:3] for k in entry.lru}
+        assert entry.bytes == (
+            templates_module._EXPORTER_SIZE + charged + len(own) * templates_module._DOMAIN_SIZE
+        )
+        for key in entry.lru:
+            assert key[1] == name
+            domains.setdefault(key[:3], set()).add(key[3])
+    assert domains == cache._domains
+    assert all(len(ids) <= limits.max_templates_per_domain for ids in domains.values())
+    assert len(cache._buckets) <= limits.max_template_exporters
+    stats = state.statistics()
+    assert stats.templates == stats.templates_learned - stats.templates_evicted - (
+        stats.templates_withdrawn
+    )
+    assert stats.templates_evicted == sum(stats.templates_evicted_by_reason.values())
+    assert stats.templates_dropped == sum(stats.templates_dropped_by_reason.values())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_DATAGRAM, min_size=1, max_size=40))
+def test_cache_accounting_stays_exact_under_any_announcements(
+    datagrams: list[tuple[int, int, float, list[tuple[str, int, int, bool]]]],
+) -> None:
+    state = DecoderState(limits=TINY)
+    now = T0
+    for exporter, domain, step, records in datagrams:
+        now += step
+        decode(_hostile_ipfix(records, domain), state, f"192.0.2.{exporter}", now)
+        _check_cache(state)
 
 
 # -- quirks of real exporters ---------------------------------------------------------------
