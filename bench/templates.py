@@ -266,7 +266,9 @@ def part1(v5: list[bytes], *, quick: bool) -> None:
         print(f"  {name:36} {rate / 1e6:>8.2f} {rate / ref:>7.3f} {per_s:>20}  {note}")
 
 
-def _held_by_cache(datagrams: Sequence[tuple[bytes, str]]) -> tuple[int, int, int, int | None]:
+def _held_by_cache(
+    datagrams: Sequence[tuple[bytes, str]],
+) -> tuple[int, int, int | None, int | None]:
     """Feed the datagrams (one simulated second apart); return (templates held, bytes freed
     when the cache's templates go, bytes of its per-exporter learning state, the cache's own
     estimate or None)."""
@@ -291,6 +293,7 @@ def _held_by_cache(datagrams: Sequence[tuple[bytes, str]]) -> tuple[int, int, in
         gc.collect()
         start = tracemalloc.get_traced_memory()[0]
         buckets = getattr(cache, "_buckets", None)
+        has_buckets = buckets is not None
         if buckets is not None:  # learning state (bounded by max_template_exporters)
             buckets.clear()
             gc.collect()
@@ -300,7 +303,7 @@ def _held_by_cache(datagrams: Sequence[tuple[bytes, str]]) -> tuple[int, int, in
         end = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    return held, middle - end, start - middle, estimate
+    return held, middle - end, start - middle if has_buckets else None, estimate
 
 
 def part2() -> None:
@@ -336,7 +339,7 @@ def part2() -> None:
         per = freed // held if held else 0
         print(
             f"  {name:26} {held:>6} {freed / MiB:>18.2f} {capm:>8} {est:>13} {per:>11} "
-            f"{buckets / MiB:>12.2f}"
+            f"{'-' if buckets is None else f'{buckets / MiB:.2f}':>12}"
         )
 
 
