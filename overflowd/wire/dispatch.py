@@ -249,7 +249,9 @@ class DecoderState:
 
     @property
     def datagram_serial(self) -> int:
-        """Changes with every datagram (for the template cache's per-datagram cap)."""
+        """Changes with every datagram (for the template cache's per-datagram cap): the
+        datagram count, which ``_decode`` advances before it calls a format's decoder, so
+        the v9/IPFIX decoders must be reached through it."""
         return self._datagrams
 
     def learn_template(
