@@ -84,6 +84,25 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         defects.add_metric([reason], count)
     yield defects
     yield GaugeMetricFamily("overflowd_decoder_templates", "Templates held", value=d.templates)
+    yield GaugeMetricFamily(
+        "overflowd_decoder_template_bytes",
+        "Estimated bytes of templates held",
+        value=d.template_bytes,
+    )
+    template_drops = CounterMetricFamily(
+        "overflowd_decoder_templates_dropped",
+        "Template announcements not learned",
+        labels=["reason"],
+    )
+    for reason, count in sorted(d.templates_dropped_by_reason.items()):
+        template_drops.add_metric([reason], count)
+    yield template_drops
+    template_evictions = CounterMetricFamily(
+        "overflowd_decoder_templates_evicted", "Templates evicted", labels=["reason"]
+    )
+    for reason, count in sorted(d.templates_evicted_by_reason.items()):
+        template_evictions.add_metric([reason], count)
+    yield template_evictions
     yield _counter(
         "overflowd_decoder_pending_dropped",
         "Data sets dropped waiting for a template",

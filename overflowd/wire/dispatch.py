@@ -154,12 +154,24 @@ class DecoderStatistics:
     datagrams_by_format: Mapping[str, int]
     #: Refused datagrams by ``"<format>/<code>"`` (code: truncated, malformed, unsupported).
     malformed: Mapping[str, int]
-    #: Templates held now, and what happened to them over time.
+    #: Templates held now (count, and estimated bytes: what Limits.max_template_bytes caps),
+    #: and what happened to them over time. ``templates_refreshed`` counts identical
+    #: re-announcements (recognised by their bytes, not recompiled).
     templates: int
+    template_bytes: int
     templates_learned: int
     templates_updated: int
+    templates_refreshed: int
     templates_evicted: int
     templates_withdrawn: int
+    #: Evictions by reason: ``domain_cap``, ``exporter_cap`` (the source's own oldest went),
+    #: ``count``, ``bytes`` (the cache was full: the biggest exporter's oldest went),
+    #: ``superseded`` (a changed template was dropped, so the stale one went too).
+    templates_evicted_by_reason: Mapping[str, int]
+    #: Template announcements not learned, and why: ``datagram_cap``, ``exporter_rate``,
+    #: ``total_rate``, ``too_many_fields``, ``no_fields``, ``empty_record``.
+    templates_dropped: int
+    templates_dropped_by_reason: Mapping[str, int]
     #: Data sets held for their template now (count and bytes), and their fates.
     pending_sets: int
     pending_bytes: int
@@ -198,7 +210,7 @@ class DecoderState:
         overrides: Mapping[str, int] | None = None,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
-        self.templates = TemplateCache(self.limits.max_templates)
+        self.templates = TemplateCache(self.limits)
         self.pending = PendingBuffer(self.limits)
         self.sampling = SamplingTable(
             self.limits.max_sampling_entries, self.limits.max_samplers_per_domain
@@ -246,6 +258,13 @@ class DecoderState:
         return 1, "assumed"
 
     # -- template machinery (used by netflow_v9 and ipfix) -------------------------------
+
+    @property
+    def datagram_serial(self) -> int:
+        """Changes with every datagram (for the template cache's per-datagram cap): the
+        datagram count, which ``_decode`` advances before it calls a format's decoder, so
+        the v9/IPFIX decoders must be reached through it."""
+        return self._datagrams
 
     def learn_template(
         self, key: TemplateKey, template: Template, now: float, out: list[Any]
@@ -338,6 +357,7 @@ class DecoderState:
 
     def statistics(self) -> DecoderStatistics:
         pending = self.pending
+        templates = self.templates
         dropped = {
             "evicted": pending.dropped_evicted,
             "expired": pending.dropped_expired,
@@ -348,11 +368,16 @@ class DecoderState:
             records=self._records,
             datagrams_by_format=MappingProxyType(dict(self._by_format)),
             malformed=MappingProxyType(dict(self._malformed)),
-            templates=len(self.templates),
-            templates_learned=self.templates.learned,
-            templates_updated=self.templates.updated,
-            templates_evicted=self.templates.evicted,
-            templates_withdrawn=self.templates.withdrawn,
+            templates=len(templates),
+            template_bytes=templates.bytes,
+            templates_learned=templates.learned,
+            templates_updated=templates.updated,
+            templates_refreshed=templates.refreshed,
+            templates_evicted=templates.evicted,
+            templates_withdrawn=templates.withdrawn,
+            templates_evicted_by_reason=MappingProxyType(dict(templates.evicted_by)),
+            templates_dropped=templates.dropped,
+            templates_dropped_by_reason=MappingProxyType(dict(templates.dropped_by)),
             pending_sets=len(pending),
             pending_bytes=pending.bytes,
             pending_held=pending.held,

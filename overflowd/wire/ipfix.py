@@ -29,6 +29,9 @@ OPTIONS_TEMPLATE_SET = 3
 FIRST_DATA_SET = 256
 ENTERPRISE_BIT = 0x8000
 
+#: template id, field count (RFC 7011 §3.4.1).
+_TEMPLATE_HEADER = struct.Struct("!HH")
+
 
 def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[Any]:
     outer = Reader(data, fmt=FORMAT, exporter=exporter)
@@ -99,20 +102,23 @@ def _templates(
     *,
     options: bool,
 ) -> None:
+    cache = state.templates
     limits = state.limits
+    data = r.data
+    end = r.offset + r.remaining()  # this set's end
+    serial = state.datagram_serial
     # Every template record starts with 4 bytes; padding is shorter (RFC 7011 §3.3.1).
     while r.remaining() >= 4:
         start = r.offset
-        template_id = r.u16()
-        field_count = r.u16()
+        template_id, field_count = r.unpack(_TEMPLATE_HEADER, "template header")
         if field_count == 0:
             # Withdrawal (RFC 7011 §8.1): the set's own id as template id withdraws all
             # templates of that kind for the domain.
             all_id = OPTIONS_TEMPLATE_SET if options else TEMPLATE_SET
             if template_id == all_id:
-                state.templates.withdraw_all(FORMAT, ctx.exporter, ctx.domain, options=options)
+                cache.withdraw_all(FORMAT, ctx.exporter, ctx.domain, options=options)
             elif template_id >= FIRST_DATA_SET:
-                state.templates.withdraw(_key(ctx, template_id))
+                cache.withdraw(_key(ctx, template_id))
             else:
                 raise r.malformed(f"withdrawal of template id {template_id}", offset=start)
             continue
@@ -128,6 +134,20 @@ def _templates(
         # Each field specifier is at least 4 bytes: refuse impossible counts before looping.
         if field_count * 4 > r.remaining():
             raise r.truncated("template fields", field_count * 4)
+        key = _key(ctx, template_id)
+        # A re-announcement (every refresh) is recognised by its bytes: no parse, no compile.
+        known = cache.refresh(key, data, start, end, is_options=options)
+        if known:
+            r.skip(known - (r.offset - start), "template fields")
+            continue
+        if field_count > limits.max_template_fields:
+            state.count("templates.refused_too_many_fields")
+            _skip_fields(r, field_count)
+            cache.refuse(key, "too_many_fields")
+            continue
+        if not cache.admit(key, field_count, now, serial):
+            _skip_fields(r, field_count)
+            continue
         fields = []
         for _ in range(field_count):
             element = r.u16()
@@ -137,22 +157,32 @@ def _templates(
                 element &= ~ENTERPRISE_BIT
                 enterprise = r.u32()
             if length == 0:
-                raise r.malformed(f"element {element} has length 0", offset=r.offset - 2)
+                # A field that occupies no bytes of a record (exporters send element 0 of
+                # length 0 as filler): the template is decodable as it stands.
+                state.count("templates.zero_length_fields")
             fields.append(FieldSpec(element, length, enterprise))
-        if field_count > limits.max_template_fields:
-            state.count("templates.refused_too_many_fields")
-            continue
-        wire = r.data[start : r.offset]
         template = Template(
             FORMAT,
             template_id,
             fields,
             scope_count=scope_count,
             is_options=options,
-            wire=wire,
+            wire=data[start : r.offset],
         )
-        state.learn_template(_key(ctx, template_id), template, now, out)
+        if template.fixed_length == 0:
+            # Every field has length 0: records of no bytes carry nothing and cannot be counted.
+            cache.refuse(key, "empty_record")
+            continue
+        state.learn_template(key, template, now, out)
     r.skip(r.remaining(), "padding")
+
+
+def _skip_fields(r: Reader, count: int) -> None:
+    """Move past ``count`` field specifiers of a template not learned (4 bytes, 8 with the
+    enterprise bit)."""
+    for _ in range(count):
+        element = r.u16()
+        r.skip(6 if element & ENTERPRISE_BIT else 2, "field specifier")
 
 
 def _key(ctx: SetContext, template_id: int) -> TemplateKey:

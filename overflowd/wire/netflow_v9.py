@@ -32,6 +32,10 @@ TEMPLATE_FLOWSET = 0
 OPTIONS_TEMPLATE_FLOWSET = 1
 FIRST_DATA_FLOWSET = 256
 
+#: template id, field count; options: template id, scope length, option length (bytes).
+_TEMPLATE_HEADER = struct.Struct("!HH")
+_OPTIONS_HEADER = struct.Struct("!HHH")
+
 
 def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[Any]:
     r = Reader(data, fmt=FORMAT, exporter=exporter)
@@ -82,72 +86,123 @@ def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[
 
 
 def _templates(r: Reader, ctx: SetContext, state: DecoderState, now: float, out: list[Any]) -> None:
+    cache = state.templates
     limits = state.limits
+    data = r.data
+    end = r.offset + r.remaining()  # this set's end
+    serial = state.datagram_serial
     while r.remaining() >= 4:
         start = r.offset
-        template_id = r.u16()
-        field_count = r.u16()
+        template_id, field_count = r.unpack(_TEMPLATE_HEADER, "template header")
         if template_id < FIRST_DATA_FLOWSET:
             raise r.malformed(f"template id {template_id} < 256", offset=start)
         if field_count * 4 > r.remaining():
             raise r.truncated("template fields", field_count * 4)
+        key = _key(ctx, template_id)
+        # A re-announcement (every refresh) is recognised by its bytes: no parse, no compile.
+        known = cache.refresh(key, data, start, end, is_options=False)
+        if known:
+            r.skip(known - 4, "template fields")
+            continue
+        if field_count == 0:
+            # Nothing to learn and nothing lost: skip it, not the datagram.
+            cache.refuse(key, "no_fields")
+            continue
+        if field_count > limits.max_template_fields:
+            state.count("templates.refused_too_many_fields")
+            r.skip(field_count * 4, "template fields")
+            cache.refuse(key, "too_many_fields")
+            continue
+        if not cache.admit(key, field_count, now, serial):
+            r.skip(field_count * 4, "template fields")
+            continue
         fields = []
         for _ in range(field_count):
             element = r.u16()
             length = r.u16()
             if length == 0:
-                raise r.malformed(f"element {element} has length 0", offset=r.offset - 2)
+                # Exporters send e.g. element 0 of length 0 as filler: it occupies no bytes
+                # of a record, so the template is decodable as it stands.
+                state.count("templates.zero_length_fields")
             fields.append(FieldSpec(element, length))
-        if field_count == 0:
-            raise r.malformed("template without fields", offset=start)
-        if field_count > limits.max_template_fields:
-            state.count("templates.refused_too_many_fields")
-            continue
-        wire = r.data[start : r.offset]
-        template = Template(FORMAT, template_id, fields, wire=wire)
-        state.learn_template(_key(ctx, template_id), template, now, out)
+        _learn(
+            state, key, Template(FORMAT, template_id, fields, wire=data[start : r.offset]), now, out
+        )
     r.skip(r.remaining(), "padding")
 
 
 def _options_templates(
     r: Reader, ctx: SetContext, state: DecoderState, now: float, out: list[Any]
 ) -> None:
+    cache = state.templates
     limits = state.limits
+    data = r.data
+    end = r.offset + r.remaining()  # this set's end
+    serial = state.datagram_serial
     # An options template record is 6 + 4n bytes; the flowset pads to 4 bytes, so fewer than
     # 6 bytes left is padding.
     while r.remaining() >= 6:
         start = r.offset
-        template_id = r.u16()
-        scope_length = r.u16()
-        option_length = r.u16()
+        template_id, scope_length, option_length = r.unpack(_OPTIONS_HEADER, "template header")
         if template_id < FIRST_DATA_FLOWSET:
             raise r.malformed(f"options template id {template_id} < 256", offset=start)
         if scope_length % 4 or option_length % 4:
             raise r.malformed("options template lengths not multiples of 4", offset=start + 2)
-        fields = []
-        with r.restrict_to(scope_length + option_length, "options template fields"):
-            for index in range((scope_length + option_length) // 4):
-                element = r.u16()
-                length = r.u16()
-                if length == 0:
-                    raise r.malformed(f"field {element} has length 0", offset=r.offset - 2)
-                fields.append(FieldSpec(element, length, scope=index < scope_length // 4))
-        if not fields:
-            raise r.malformed("options template without fields", offset=start)
-        if len(fields) > limits.max_template_fields:
-            state.count("templates.refused_too_many_fields")
+        size = scope_length + option_length
+        if size > r.remaining():
+            raise r.truncated("options template fields", size)
+        key = _key(ctx, template_id)
+        known = cache.refresh(key, data, start, end, is_options=True)
+        if known:
+            r.skip(known - 6, "options template fields")
             continue
-        wire = r.data[start : r.offset]
+        field_count = size // 4
+        if field_count == 0:
+            cache.refuse(key, "no_fields")
+            continue
+        if field_count > limits.max_template_fields:
+            state.count("templates.refused_too_many_fields")
+            r.skip(size, "options template fields")
+            cache.refuse(key, "too_many_fields")
+            continue
+        if not cache.admit(key, field_count, now, serial):
+            r.skip(size, "options template fields")
+            continue
+        fields = []
+        scope_count = scope_length // 4
+        for index in range(field_count):
+            element = r.u16()
+            length = r.u16()
+            scope = index < scope_count
+            if length == 0:
+                # Juniper sends the System scope (type 1) with length 0: a scope with no
+                # value, which RFC 3954 does not forbid and which costs no record bytes.
+                state.count(
+                    "templates.zero_length_scope_fields"
+                    if scope
+                    else "templates.zero_length_fields"
+                )
+            fields.append(FieldSpec(element, length, scope=scope))
         template = Template(
             FORMAT,
             template_id,
             fields,
-            scope_count=scope_length // 4,
+            scope_count=scope_count,
             is_options=True,
-            wire=wire,
+            wire=data[start : r.offset],
         )
-        state.learn_template(_key(ctx, template_id), template, now, out)
+        _learn(state, key, template, now, out)
     r.skip(r.remaining(), "padding")
+
+
+def _learn(
+    state: DecoderState, key: TemplateKey, template: Template, now: float, out: list[Any]
+) -> None:
+    if template.fixed_length == 0:
+        # Every field has length 0: records of no bytes carry nothing and cannot be counted.
+        state.templates.refuse(key, "empty_record")
+        return
+    state.learn_template(key, template, now, out)
 
 
 def _key(ctx: SetContext, template_id: int) -> TemplateKey:

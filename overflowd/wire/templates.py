@@ -13,19 +13,24 @@ Information Elements"). A :class:`Template` is compiled once when it arrives:
 * enterprise-specific elements (IPFIX E bit) and elements we do not know are kept as raw
   bytes (:meth:`Template.read_values`); they never make a template invalid.
 
-Everything here is bounded (see :class:`Limits` and docs/flows.md): templates by count (LRU),
-held data by sets and bytes and age, sampling entries by exporter/domain and sampler.
+Everything here is bounded (see :class:`Limits` and docs/flows.md): templates by count and
+estimated bytes, per exporter and per domain, learned at a bounded rate (re-announcements are
+recognised by their bytes and cost nothing) and evicted fairly, the exporter holding the most
+first; held data by sets and bytes and age; sampling entries by exporter/domain and sampler.
 
 Pure: no I/O, no clocks (``now`` is an argument), no global state.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from sys import getsizeof
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from overflowd.wire.reader import MalformedError, Reader
@@ -51,6 +56,9 @@ __all__ = [
 #: IPFIX field length that means "length precedes each value" (RFC 7011 §7).
 VARIABLE_LENGTH = 65535
 
+#: Work units a template costs beyond its field count (Limits.template_work_rate_per_s).
+TEMPLATE_WORK = 16
+
 KiB = 1024
 MiB = 1024 * KiB
 SECONDS = 1.0
@@ -65,10 +73,44 @@ class Limits:
     table is capped; what does not fit is evicted or refused, and counted.
     """
 
-    #: Templates kept across all exporters, LRU. Real exporters send tens of templates each
+    #: Templates kept across all exporters. Real exporters send tens of templates each
     #: (softflowd 2–4, pmacct a handful, a big router under 100 per line card); 4096 covers a
-    #: few dozen large exporters while a flood of spoofed templates costs at most ~10 MiB.
+    #: few dozen large exporters. When full, the exporter holding the most gives up its least
+    #: recently used template (fair eviction): one source's churn evicts its own templates,
+    #: not another exporter's.
     max_templates: int = 4096
+    #: Bytes held by the template cache (each template charged its estimated footprint:
+    #: fields, compiled struct and flow plan, wire bytes, the cache's entry). A typical 15–30
+    #: field template takes 3–6 KiB, so 4096 of them fit; a template of max_template_fields
+    #: fields takes ~65 KiB and without this cap 4096 of them held over 220 MiB.
+    max_template_bytes: int = 16 * MiB
+    #: Templates held for one exporter address (all its domains and both formats), so that
+    #: claiming many observation domains from one address buys no more than a quarter of
+    #: the cache. Beyond it the exporter's own least recently used template goes.
+    max_templates_per_exporter: int = 1024
+    #: Templates held for one (format, exporter, observation domain / source id): a big
+    #: router's line card uses under 100. Beyond it the domain's own oldest template goes.
+    max_templates_per_domain: int = 256
+    #: New or changed templates compiled from one datagram; more are dropped and counted
+    #: (identical re-announcements are not compiled and do not count). A 1500-byte datagram
+    #: holds 17 templates of 20 fields; only a flood packs a datagram with tiny templates.
+    max_templates_per_datagram: int = 128
+    #: Token bucket per exporter address for new or changed templates: the rate and the
+    #: burst. An exporter announces all its templates at start (the burst) and then re-sends
+    #: them unchanged (free: compared by bytes, never recompiled); a source that keeps
+    #: changing templates is churning, and its churn is compiled at most this fast.
+    template_learn_rate_per_s: float = 16.0
+    template_learn_burst: int = 512
+    #: Token bucket for all exporters together, in work units: compiling a template costs 16
+    #: plus its field count (the fixed part — object, flow plan, cache entry, the eviction it
+    #: causes — costs about as much as 16 fields). It bounds the work of a flood spoofing
+    #: many source addresses, each of which would start with a full bucket of its own: about
+    #: 1000 one-field, 500 fifteen-field or 30 maximal templates a second. The burst relearns
+    #: a full cache of 64-field templates after a collector restart.
+    template_work_rate_per_s: float = 16384.0
+    template_work_burst: int = 4096 * 80
+    #: Exporters whose learning bucket is remembered, least recently seen forgotten first.
+    max_template_exporters: int = 4096
     #: Fields in one template. The largest real templates have ~100 fields; a template of
     #: thousands of fields is an attack on compile time, refused and counted.
     max_template_fields: int = 512
@@ -93,6 +135,12 @@ class Limits:
     def __post_init__(self) -> None:
         for name in (
             "max_templates",
+            "max_template_bytes",
+            "max_templates_per_exporter",
+            "max_templates_per_domain",
+            "max_templates_per_datagram",
+            "template_learn_burst",
+            "max_template_exporters",
             "max_template_fields",
             "max_pending_sets",
             "max_sampling_entries",
@@ -104,6 +152,12 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be >= 1")
         if self.max_pending_bytes < 0 or self.pending_max_age_s < 0:
             raise ValueError("Limits: pending bounds must be >= 0")
+        for name in ("template_learn_rate_per_s", "template_work_rate_per_s"):
+            rate = getattr(self, name)
+            if not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"Limits.{name} must be a finite number > 0")
+        if self.template_work_burst < TEMPLATE_WORK + self.max_template_fields:
+            raise ValueError("Limits.template_work_burst must cover one maximal template")
 
 
 # -- information elements (IANA numbers; v9 uses the same below 128) -------------------------
@@ -208,6 +262,38 @@ class FieldSpec(NamedTuple):
 
 TemplateKey = tuple[str, str, int, int]  # (format, exporter, domain, template id)
 Value = int | bytes | float
+
+
+#: What one FieldSpec (a 4-tuple) takes, GC header included, plus the one item more that
+#: CPython allocates for instances of tuple subclasses (PyType_GenericAlloc: nitems + 1).
+_FIELD_SPEC_SIZE = getsizeof(FieldSpec(300, 300, 300, False)) + 8
+
+
+def _deep_size(obj: object) -> int:
+    """Bytes of ``obj`` and the containers and numbers it holds (not shared singletons:
+    None, bools, small ints, str constants). For the few small objects of a flow plan."""
+    seen: set[int] = set()
+    stack = [obj]
+    size = 0
+    while stack:
+        item = stack.pop()
+        if (
+            item is None
+            or isinstance(item, bool | str)
+            or (isinstance(item, int) and -5 <= item <= 256)
+            or id(item) in seen
+        ):
+            continue
+        seen.add(id(item))
+        size += getsizeof(item)
+        if isinstance(item, tuple | list | frozenset | set):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif hasattr(item, "__slots__"):
+            stack.extend(getattr(item, name, None) for name in item.__slots__)
+    return size
 
 
 def _field_kind(f: FieldSpec) -> str:
@@ -346,6 +432,7 @@ class Template:
         "fields",
         "fixed_length",
         "fmt",
+        "footprint",
         "is_flow",
         "is_options",
         "min_length",
@@ -382,10 +469,34 @@ class Template:
         self.is_flow = False
         if not is_options:
             self._compile_flow_plan()
+        #: Estimated bytes this template holds (what the cache's byte cap is charged).
+        self.footprint = self._footprint()
 
     def __repr__(self) -> str:
         kind = "options template" if self.is_options else "template"
         return f"<{self.fmt} {kind} {self.template_id}: {len(self.fields)} fields>"
+
+    def _footprint(self) -> int:
+        """Bytes held by this template and what it compiled, as tracemalloc would count them.
+
+        The field list is sized by formula (every FieldSpec is a 4-tuple; numbers above 256
+        are int objects of their own, smaller ones are shared), the rest by walking the
+        objects, which are few: the struct (its ``__sizeof__`` includes the format codes) and
+        the flow plan. tests/unit/test_wire_templates.py checks this against tracemalloc.
+        """
+        fields = self.fields
+        size = getsizeof(self) + getsizeof(fields) + getsizeof(self._kinds)
+        size += getsizeof(self.wire) + len(fields) * _FIELD_SPEC_SIZE
+        for f in fields:
+            for number in (f.id, f.length, f.enterprise):
+                if number > 256:
+                    size += getsizeof(number)
+        st = self._flow_struct
+        if st is not None:
+            size += getsizeof(st) + getsizeof(st.format)
+        if self._flow_plan is not None:
+            size += _deep_size(self._flow_plan)
+        return size
 
     # -- generic decoding (variable-length templates, options, raw access) --------------
 
@@ -792,61 +903,314 @@ def _time(value: int, kind: str, export_ms: int, boot_ms: int | None, uptime: in
 
 # -- template cache --------------------------------------------------------------------------
 
+#: Bytes the cache itself spends per template (its key tuple and template-id int, the
+#: exporter's LRU slot, the domain index slot), per domain index and per exporter entry;
+#: measured with tracemalloc (tests/unit/test_wire_templates.py checks the total).
+_ENTRY_SIZE = 300
+_DOMAIN_SIZE = 400
+_EXPORTER_SIZE = 500
+
+#: Why templates leave the cache (TemplateCache.evicted_by) and why announcements are not
+#: learned (TemplateCache.dropped_by); docs/flows.md explains each.
+EVICTION_REASONS = ("domain_cap", "exporter_cap", "count", "bytes", "superseded")
+DROP_REASONS = (
+    "datagram_cap",
+    "exporter_rate",
+    "total_rate",
+    "too_many_fields",
+    "no_fields",
+    "empty_record",
+)
+
+
+class _Bucket:
+    """A token bucket on the caller's clock."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+    def refill(self, now: float, rate: float, burst: float) -> float:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(burst, self.tokens + elapsed * rate)
+        # A clock that went backwards (a pcap replay of several files) restarts the refill
+        # from here instead of pinning the bucket empty until it catches up.
+        self.stamp = now
+        return self.tokens
+
+
+class _ExporterTemplates:
+    """One exporter address's templates, least recently used first, and their bytes."""
+
+    __slots__ = ("bytes", "lru", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lru: OrderedDict[TemplateKey, Template] = OrderedDict()
+        self.bytes = _EXPORTER_SIZE
+
 
 class TemplateCache:
-    """Templates by (format, exporter, domain, template id), bounded, least recently used
-    evicted first."""
+    """Templates by (format, exporter, domain, template id), bounded in count and bytes,
+    learned at a bounded rate, evicted fairly.
 
-    def __init__(self, max_templates: int) -> None:
-        self._max = max_templates
-        self._templates: OrderedDict[TemplateKey, Template] = OrderedDict()
+    Work: an identical re-announcement is recognised by comparing bytes with the cached
+    template's wire form (:meth:`refresh`) and costs no compile. A new or changed template
+    must be :meth:`admit`-ted first: at most ``max_templates_per_datagram`` per datagram,
+    one token from its exporter's bucket and ``TEMPLATE_WORK + len(fields)`` from the bucket
+    shared by all exporters. A dropped change also removes the stale template it was meant
+    to replace, so data is held for the new one instead of being decoded with the old
+    layout.
+
+    Memory: each template is charged its :attr:`Template.footprint` plus the cache's entry.
+    A domain or an exporter over its own cap gives up its own least recently used template;
+    when the whole cache is over ``max_templates`` or ``max_template_bytes``, the exporter
+    holding the most (bytes, or templates at the cache's average size, whichever is more)
+    gives up its least recently used one. So one source's churn evicts its own templates and
+    never another exporter's while it holds more than they do.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._exporters: dict[str, _ExporterTemplates] = {}
+        self._domains: dict[tuple[str, str, int], set[int]] = {}
+        # (-weight, exporter): a max-heap of exporters by weight, updated lazily (an entry
+        # is valid while it matches the exporter's current weight).
+        self._heap: list[tuple[int, str]] = []
+        self._unit = max(1, limits.max_template_bytes // limits.max_templates)
+        self._count = 0
+        #: Estimated bytes held (what max_template_bytes caps).
+        self.bytes = 0
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._work_bucket: _Bucket | None = None
+        self._datagram: object = None
+        self._datagram_learned = 0
         self.learned = 0
         self.updated = 0
-        self.evicted = 0
+        self.refreshed = 0
         self.withdrawn = 0
+        self.evicted_by = dict.fromkeys(EVICTION_REASONS, 0)
+        self.dropped_by = dict.fromkeys(DROP_REASONS, 0)
 
     def __len__(self) -> int:
-        return len(self._templates)
+        return self._count
+
+    @property
+    def evicted(self) -> int:
+        return sum(self.evicted_by.values())
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by.values())
 
     def get(self, key: TemplateKey) -> Template | None:
-        template = self._templates.get(key)
+        entry = self._exporters.get(key[1])
+        if entry is None:
+            return None
+        template = entry.lru.get(key)
         if template is not None:
-            self._templates.move_to_end(key)
+            entry.lru.move_to_end(key)
         return template
+
+    def keys(self) -> list[TemplateKey]:
+        return [key for entry in self._exporters.values() for key in entry.lru]
+
+    def __iter__(self) -> Iterator[TemplateKey]:
+        return iter(self.keys())
+
+    def exporter_templates(self, exporter: str) -> int:
+        """Templates held for one exporter address."""
+        entry = self._exporters.get(exporter)
+        return 0 if entry is None else len(entry.lru)
+
+    # -- learning ---------------------------------------------------------------------------
+
+    def refresh(
+        self, key: TemplateKey, data: bytes, start: int, end: int, *, is_options: bool
+    ) -> int:
+        """If ``data[start:]`` begins with the cached template's exact wire form (and it
+        fits before ``end``), count a refresh and return that length; else 0.
+
+        A template record is self-delimiting, so equal leading bytes are the same record:
+        no parse, no compile.
+        """
+        entry = self._exporters.get(key[1])
+        if entry is None:
+            return 0
+        template = entry.lru.get(key)
+        if template is None or template.is_options != is_options:
+            return 0
+        wire = template.wire
+        if not wire or start + len(wire) > end or not data.startswith(wire, start):
+            return 0
+        entry.lru.move_to_end(key)
+        self.refreshed += 1
+        return len(wire)
+
+    def admit(self, key: TemplateKey, fields: int, now: float, datagram: object) -> bool:
+        """May a new or changed template of ``fields`` fields be compiled now? Consumes
+        tokens if so; counts the reason and drops the stale template if not. ``datagram``
+        identifies the datagram being decoded (any value that changes between datagrams)."""
+        limits = self._limits
+        if datagram != self._datagram:
+            self._datagram = datagram
+            self._datagram_learned = 0
+        if self._datagram_learned >= limits.max_templates_per_datagram:
+            return self.refuse(key, "datagram_cap")
+        exporter = key[1]
+        bucket = self._buckets.get(exporter)
+        if bucket is None:
+            bucket = self._buckets[exporter] = _Bucket(float(limits.template_learn_burst), now)
+            if len(self._buckets) > limits.max_template_exporters:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(exporter)
+        if bucket.refill(now, limits.template_learn_rate_per_s, limits.template_learn_burst) < 1:
+            return self.refuse(key, "exporter_rate")
+        total = self._work_bucket
+        if total is None:
+            total = self._work_bucket = _Bucket(float(limits.template_work_burst), now)
+        cost = TEMPLATE_WORK + fields
+        rate, burst = limits.template_work_rate_per_s, limits.template_work_burst
+        if total.refill(now, rate, burst) < cost:
+            return self.refuse(key, "total_rate")
+        bucket.tokens -= 1
+        total.tokens -= cost
+        self._datagram_learned += 1
+        return True
+
+    def refuse(self, key: TemplateKey, reason: str) -> bool:
+        """Count an announcement not learned; the template it would have replaced goes
+        (the exporter said it changed). Returns False, for ``return cache.refuse(...)``."""
+        self.dropped_by[reason] += 1
+        entry = self._exporters.get(key[1])
+        if entry is not None and key in entry.lru:
+            self._remove(entry, key, "superseded")
+        return False
 
     def add(self, key: TemplateKey, template: Template) -> bool:
         """Store a template; return True if it is new or changed (data may be replayed)."""
-        old = self._templates.get(key)
-        self._templates[key] = template
-        self._templates.move_to_end(key)
+        fmt, exporter, domain, template_id = key
+        entry = self._exporters.get(exporter)
+        if entry is None:
+            entry = self._exporters[exporter] = _ExporterTemplates(exporter)
+            self.bytes += entry.bytes
+        # Keys share the entry's exporter string (each datagram brings its own copy).
+        key = (fmt, entry.name, domain, template_id)
+        charge = template.footprint + _ENTRY_SIZE
+        old = entry.lru.get(key)
         if old is not None:
+            entry.lru.move_to_end(key)
             if old.wire == template.wire and old.is_options == template.is_options:
-                self._templates[key] = old  # a refresh: keep the compiled one
+                self.refreshed += 1  # keep the compiled one
                 return False
+            entry.lru[key] = template
+            delta = charge - old.footprint - _ENTRY_SIZE
+            entry.bytes += delta
+            self.bytes += delta
             self.updated += 1
-            return True
-        self.learned += 1
-        while len(self._templates) > self._max:
-            self._templates.popitem(last=False)
-            self.evicted += 1
+        else:
+            domain_key = (fmt, entry.name, domain)
+            ids = self._domains.get(domain_key)
+            if ids is None:
+                ids = self._domains[domain_key] = set()
+                entry.bytes += _DOMAIN_SIZE
+                self.bytes += _DOMAIN_SIZE
+            ids.add(template_id)
+            entry.lru[key] = template
+            entry.bytes += charge
+            self.bytes += charge
+            self._count += 1
+            self.learned += 1
+            limits = self._limits
+            while len(ids) > limits.max_templates_per_domain:
+                oldest = next(k for k in entry.lru if k[:3] == domain_key and k != key)
+                self._remove(entry, oldest, "domain_cap")
+            while len(entry.lru) > limits.max_templates_per_exporter:
+                oldest = next(k for k in entry.lru if k != key)
+                self._remove(entry, oldest, "exporter_cap")
+        self._push(entry)
+        self._fit()
         return True
 
+    def _fit(self) -> None:
+        """Evict until the cache is within its count and byte caps, fairly."""
+        limits = self._limits
+        while self._count > limits.max_templates or (
+            self.bytes > limits.max_template_bytes and self._count
+        ):
+            reason = "count" if self._count > limits.max_templates else "bytes"
+            victim = self._biggest()
+            self._remove(victim, next(iter(victim.lru)), reason)
+
+    def _weight(self, entry: _ExporterTemplates) -> int:
+        return max(entry.bytes, len(entry.lru) * self._unit)
+
+    def _push(self, entry: _ExporterTemplates) -> None:
+        heap = self._heap
+        heapq.heappush(heap, (-self._weight(entry), entry.name))
+        if len(heap) > 2 * len(self._exporters) + 64:
+            # Stale entries pile up with every change: rebuild from the live exporters.
+            heap[:] = [(-self._weight(e), e.name) for e in self._exporters.values()]
+            heapq.heapify(heap)
+
+    def _biggest(self) -> _ExporterTemplates:
+        heap = self._heap
+        while True:
+            weight, name = heap[0]
+            entry = self._exporters.get(name)
+            if entry is not None and -weight == self._weight(entry):
+                return entry
+            heapq.heappop(heap)
+
+    def _remove(self, entry: _ExporterTemplates, key: TemplateKey, reason: str | None) -> None:
+        template = entry.lru.pop(key)
+        charge = template.footprint + _ENTRY_SIZE
+        entry.bytes -= charge
+        self.bytes -= charge
+        self._count -= 1
+        if reason is not None:
+            self.evicted_by[reason] += 1
+        domain_key = key[:3]
+        ids = self._domains[domain_key]
+        ids.discard(key[3])
+        if not ids:
+            del self._domains[domain_key]
+            entry.bytes -= _DOMAIN_SIZE
+            self.bytes -= _DOMAIN_SIZE
+        if entry.lru:
+            self._push(entry)
+        else:
+            del self._exporters[entry.name]
+            self.bytes -= entry.bytes
+            # Its heap entries are stale now and go when they reach the top.
+
+    # -- withdrawal (IPFIX, RFC 7011 §8.1) ----------------------------------------------------
+
     def withdraw(self, key: TemplateKey) -> None:
-        if self._templates.pop(key, None) is not None:
+        entry = self._exporters.get(key[1])
+        if entry is not None and key in entry.lru:
+            self._remove(entry, key, None)
             self.withdrawn += 1
 
     def withdraw_all(self, fmt: str, exporter: str, domain: int, *, options: bool) -> None:
+        """Only the domain's own templates are visited, so a datagram full of withdrawals
+        costs no more than the templates it removes."""
+        entry = self._exporters.get(exporter)
+        ids = self._domains.get((fmt, exporter, domain))
+        if entry is None or not ids:
+            return
         doomed = [
-            k
-            for k, t in self._templates.items()
-            if k[:3] == (fmt, exporter, domain) and t.is_options == options
+            key
+            for key in ((fmt, exporter, domain, i) for i in ids)
+            if entry.lru[key].is_options == options
         ]
         for key in doomed:
-            del self._templates[key]
+            self._remove(entry, key, None)
         self.withdrawn += len(doomed)
-
-    def keys(self) -> list[TemplateKey]:
-        return list(self._templates)
 
 
 # -- data held until its template arrives ----------------------------------------------------
