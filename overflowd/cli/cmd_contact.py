@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from overflowd.cli.common import Context, common_options, context, run_main
+from overflowd.cli.common import Context, Parser, common_options, context, run_main
 from overflowd.errors import ConfigError, DiscoveryError
 from overflowd.report import iso_ms, key_fingerprint
 from overflowd.services.dns import Discovery, DnsRegistry, RegistrySettings
@@ -31,7 +31,7 @@ PROG = "overflowd-query"
 
 
 def register(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    subparsers: Any,
     common_parent: argparse.ArgumentParser,
 ) -> None:
     """Add ``contact`` to overflowd-query's subcommands."""
@@ -85,7 +85,7 @@ def _in_band_book(ctx: Context, settings: RegistrySettings) -> tuple[TrustBook, 
     url = ctx.store_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return book, False  # no store yet: never create one just to read it
-    store = ctx.open_store()
+    store = ctx.open_store(create=False)
     try:
         rows = store.observers()
     finally:
@@ -234,7 +234,7 @@ def cmd_contact(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only ``contact``, so it runs before overflowd-query registers it."""
     common = common_options()
-    parser = argparse.ArgumentParser(prog=PROG, parents=[common])
+    parser = Parser(prog=PROG, parents=[common])
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     register(sub, common)
     return parser

@@ -126,7 +126,12 @@ def run(args: argparse.Namespace) -> int:
             flush()
             progress.update(size, summary, final=True)
     except OSError as exc:
-        raise OverflowdError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        raise OverflowdError(
+            f"cannot read {args.file}: {exc.strerror or exc}{_stored(summary, store)}"
+        ) from None
+    except DecodeError as exc:  # the capture itself is corrupt (a frame is, not a datagram)
+        flush()  # what was decoded before the corrupt frame is kept, and said
+        raise OverflowdError(f"{args.file}: {exc}{_stored(summary, store)}") from None
     finally:
         if store is not None:
             store.close()
@@ -135,6 +140,15 @@ def run(args: argparse.Namespace) -> int:
     summary.seconds = time.monotonic() - started
     _print_summary(summary, args.json)
     return 0
+
+
+def _stored(summary: ReplaySummary, store: object) -> str:
+    if store is None:
+        return f"; cut short after {summary.datagrams} datagrams (--no-store: nothing stored)"
+    return (
+        f"; cut short after {summary.datagrams} datagrams, {summary.reports_new} reports "
+        f"stored ({summary.reports_duplicate} duplicates)"
+    )
 
 
 def _print_summary(summary: ReplaySummary, as_json: bool) -> None:
