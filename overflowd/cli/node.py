@@ -72,10 +72,21 @@ def cmd_key_dns_record(args: argparse.Namespace) -> int:
     ctx = context(args)
     identity = load_identity(ctx.home)
     contacts = args.contact if args.contact else list(ctx.settings.node.contacts)
-    try:
-        text = format_record(identity.public_key, contacts, args.url, args.boost)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    origin = "--contact" if args.contact else f"node.contacts in {ctx.home / CONFIG_FILE}"
+    key = identity.public_key
+    # Each part on its own first, so that the error names the flag (or key) it came from.
+    parts: tuple[tuple[str, list[str], str | None, float | None], ...] = (
+        (origin, contacts, None, None),
+        ("--url", [], args.url, None),
+        ("--boost", [], None, args.boost),
+    )
+    for flag, only_contacts, url, boost in parts:
+        try:
+            format_record(key, only_contacts, url, boost)
+        except ValueError as exc:
+            error = ConfigError if flag == origin and not args.contact else UsageError
+            raise error(f"{flag}: {exc}") from None
+    text = format_record(key, contacts, args.url, args.boost)
     print(zone_line(text, args.name, args.ttl))
     return 0
 

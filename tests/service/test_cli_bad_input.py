@@ -319,3 +319,33 @@ def _whole_records(data: bytes, upto: int) -> bytes:
         out += data[pos : pos + 16 + incl]
         pos += 16 + incl
     return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "names"),
+    [
+        (("replay", "{missing}"), 1, ("{missing}",)),
+        (("replay", "{empty}"), 1, ("{empty}", "not a capture")),
+        (("replay", "{pcap}", "--port", "70000"), 2, ("--port",)),
+        (("replay", "{pcap}", "--rate", "nan"), 2, ("--rate",)),
+        (("replay", "{pcap}", "--sampling-override", "x"), 1, ("--sampling-override",)),
+    ],
+)
+def test_replay_bad_input_creates_no_store(home: Path, tmp_path: Path, argv: tuple[str, ...],
+                                           code: int, names: tuple[str, ...]) -> None:
+    (tmp_path / "empty.pcap").write_bytes(b"")
+    paths = {"missing": str(tmp_path / "missing.pcap"), "empty": str(tmp_path / "empty.pcap"),
+             "pcap": str(netflow_v5_trace())}
+    before = files(home)
+    result = run("overflowd", *(a.format(**paths) for a in argv), "--home", str(home))
+    one_line(result, code, *(n.format(**paths) for n in names))
+    assert files(home) == before
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--boost", "nan"), ("--boost", "0.5"), ("--url", "ftp://x")]
+)
+def test_dns_record_bad_flag_named(home: Path, flag: str, value: str) -> None:
+    result = run("overflowd", "key", "dns-record", "--home", str(home), flag, value)
+    one_line(result, 2, f"{flag}: ")
+    assert result.out == ""
