@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from overflowd.cli.common import Context, Parser, common_options, context, run_main
+from overflowd.cli.common import Context, Parser, UsageError, common_options, context, run_main
 from overflowd.errors import ConfigError, DiscoveryError
 from overflowd.report import iso_ms, key_fingerprint
 from overflowd.services.dns import Discovery, DnsRegistry, RegistrySettings
@@ -67,12 +67,18 @@ def registry_settings(ctx: Context, args: argparse.Namespace) -> RegistrySetting
     if not isinstance(settings, RegistrySettings):
         settings = RegistrySettings()
     changes: dict[str, Any] = {}
-    if args.resolver:
-        changes["nameservers"] = tuple(args.resolver)
-    if args.timeout is not None:
-        changes["timeout_s"] = args.timeout
-    if args.abuse_zone:
-        changes["abuse_zones"] = tuple(args.abuse_zone)
+    for flag, key, value in (
+        ("--resolver", "nameservers", tuple(args.resolver or ())),
+        ("--timeout", "timeout_s", args.timeout),
+        ("--abuse-zone", "abuse_zones", tuple(args.abuse_zone or ())),
+    ):
+        if value is None or value == ():
+            continue
+        try:  # one flag at a time, so that the error names it
+            dataclasses.replace(settings, **{key: value})
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+        changes[key] = value
     try:
         return dataclasses.replace(settings, **changes) if changes else settings
     except ValueError as exc:

@@ -153,7 +153,7 @@ def parse_since(text: str, now_s: float | None = None) -> int:
     try:
         t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(
+        raise UsageError(
             f"--since {text!r}: expected a duration like 15m, 1h, 2d or an ISO 8601 time"
         ) from None
     if t.tzinfo is None:

@@ -349,3 +349,19 @@ def test_dns_record_bad_flag_named(home: Path, flag: str, value: str) -> None:
     result = run("overflowd", "key", "dns-record", "--home", str(home), flag, value)
     one_line(result, 2, f"{flag}: ")
     assert result.out == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (("contact", "192.0.2.1", "--resolver", "nonsense"), "--resolver"),
+        (("contact", "192.0.2.1", "--resolver", "127.0.0.1:53", "--timeout", "-1"), "--timeout"),
+        (("contact", "192.0.2.1", "--resolver", "127.0.0.1:53", "--timeout", "nan"), "--timeout"),
+        (("reports", "--since", "yesterday"), "--since"),
+        (("events", "--since", "yesterday"), "--since"),
+    ],
+)
+def test_query_flags_named_before_any_lookup(home: Path, argv: tuple[str, ...], flag: str) -> None:
+    before = files(home)
+    one_line(run("overflowd-query", *argv, "--home", str(home)), 2, flag)
+    assert files(home) == before
