@@ -67,15 +67,17 @@ def registry_settings(ctx: Context, args: argparse.Namespace) -> RegistrySetting
     if not isinstance(settings, RegistrySettings):
         settings = RegistrySettings()
     changes: dict[str, Any] = {}
-    for flag, key, value in (
+    flags: tuple[tuple[str, str, Any], ...] = (
         ("--resolver", "nameservers", tuple(args.resolver or ())),
         ("--timeout", "timeout_s", args.timeout),
         ("--abuse-zone", "abuse_zones", tuple(args.abuse_zone or ())),
-    ):
+    )
+    for flag, key, value in flags:
         if value is None or value == ():
             continue
         try:  # one flag at a time, so that the error names it
-            dataclasses.replace(settings, **{key: value})
+            one: dict[str, Any] = {key: value}
+            dataclasses.replace(settings, **one)
         except ValueError as exc:
             raise UsageError(f"{flag}: {exc}") from None
         changes[key] = value
