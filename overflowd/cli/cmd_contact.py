@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from overflowd.cli.common import Context, common_options, context, run_main
+from overflowd.cli.common import Context, Parser, UsageError, common_options, context, run_main
 from overflowd.errors import ConfigError, DiscoveryError
 from overflowd.report import iso_ms, key_fingerprint
 from overflowd.services.dns import Discovery, DnsRegistry, RegistrySettings
@@ -31,7 +31,7 @@ PROG = "overflowd-query"
 
 
 def register(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    subparsers: Any,
     common_parent: argparse.ArgumentParser,
 ) -> None:
     """Add ``contact`` to overflowd-query's subcommands."""
@@ -67,12 +67,20 @@ def registry_settings(ctx: Context, args: argparse.Namespace) -> RegistrySetting
     if not isinstance(settings, RegistrySettings):
         settings = RegistrySettings()
     changes: dict[str, Any] = {}
-    if args.resolver:
-        changes["nameservers"] = tuple(args.resolver)
-    if args.timeout is not None:
-        changes["timeout_s"] = args.timeout
-    if args.abuse_zone:
-        changes["abuse_zones"] = tuple(args.abuse_zone)
+    flags: tuple[tuple[str, str, Any], ...] = (
+        ("--resolver", "nameservers", tuple(args.resolver or ())),
+        ("--timeout", "timeout_s", args.timeout),
+        ("--abuse-zone", "abuse_zones", tuple(args.abuse_zone or ())),
+    )
+    for flag, key, value in flags:
+        if value is None or value == ():
+            continue
+        try:  # one flag at a time, so that the error names it
+            one: dict[str, Any] = {key: value}
+            dataclasses.replace(settings, **one)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+        changes[key] = value
     try:
         return dataclasses.replace(settings, **changes) if changes else settings
     except ValueError as exc:
@@ -85,7 +93,7 @@ def _in_band_book(ctx: Context, settings: RegistrySettings) -> tuple[TrustBook, 
     url = ctx.store_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return book, False  # no store yet: never create one just to read it
-    store = ctx.open_store()
+    store = ctx.open_store(create=False)
     try:
         rows = store.observers()
     finally:
@@ -234,7 +242,7 @@ def cmd_contact(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only ``contact``, so it runs before overflowd-query registers it."""
     common = common_options()
-    parser = argparse.ArgumentParser(prog=PROG, parents=[common])
+    parser = Parser(prog=PROG, parents=[common])
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     register(sub, common)
     return parser

@@ -28,13 +28,17 @@ _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 58: "icmp6",
 _FLAG_LETTERS = "CEUAPRSF"  # CWR ECE URG ACK PSH RST SYN FIN, high bit first
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(
+    subparsers: Any, common: argparse.ArgumentParser | None = None
+) -> argparse.ArgumentParser:
     """Add the ``decode`` subcommand to an ``argparse`` subparsers object.
 
-    The parser's ``func`` default is :func:`run`.
+    The parser's ``func`` default is :func:`run`. ``common`` (--home, --db, -v) is accepted,
+    like every command's, though decoding reads neither the home nor the store.
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "decode",
+        parents=[common] if common is not None else [],
         help="print the flow records in a pcap/pcapng file",
         description=(
             "Decode NetFlow v5/v9, IPFIX and sFlow v5 datagrams found in a pcap or pcapng "

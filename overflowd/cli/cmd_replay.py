@@ -12,16 +12,19 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from overflowd import report as rpt
-from overflowd.cli.cmd_decode import _overrides
-from overflowd.cli.common import context, now_ms
-from overflowd.errors import ConfigError, DecodeError, OverflowdError
+from overflowd.cli.cmd_decode import _overrides, _port
+from overflowd.cli.common import UsageError, context, now_ms
+from overflowd.errors import DecodeError, OverflowdError
 from overflowd.flowsample import Sampler
 from overflowd.identity import load_identity
 from overflowd.pipeline import ReportMaker, policy_from_settings
 from overflowd.wire import CaptureReader, DecoderState, decode_datagram_rows
+
+if TYPE_CHECKING:
+    from overflowd.store.repository import Store
 
 #: Reports are written to the store in batches of this many (one transaction each).
 STORE_BATCH = 500
@@ -35,7 +38,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("file", metavar="FILE", help="pcap or pcapng file of flow export datagrams")
     p.add_argument("--rate", type=float, metavar="R", help="sampling rate (default: config)")
-    p.add_argument("--port", type=int, metavar="N", help="only datagrams to this UDP port")
+    p.add_argument("--port", type=_port, metavar="N", help="only datagrams to this UDP port")
     p.add_argument("--sampling-override", action="append", default=[], metavar="EXPORTER=N")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--no-store", action="store_true", help="sign but do not store")
@@ -82,18 +85,21 @@ def run(args: argparse.Namespace) -> int:
     identity = load_identity(ctx.home)
     settings = ctx.settings
     if args.rate is not None and not 0 < args.rate <= 1:
-        raise ConfigError("--rate must be in (0, 1]")
+        raise UsageError("--rate must be in (0, 1]")
     policy = policy_from_settings(settings, args.rate)
     sampler = Sampler(policy)
     maker = ReportMaker.for_node(identity, settings, policy)
     state = DecoderState(overrides=_overrides(args.sampling_override))
     capture = CaptureReader()
     summary = ReplaySummary()
-    store = None if args.no_store else ctx.open_store()
+    store: Store | None = None
     started = time.monotonic()
     pending: list[rpt.SignedReport] = []
 
     def flush() -> None:
+        nonlocal store
+        if pending and not args.no_store and store is None:
+            store = ctx.open_store()  # opened (and created) only once there is a report for it
         if store is not None and pending:
             received = now_ms()
             new = store.add_reports([(r, received, "import") for r in pending])
@@ -126,7 +132,12 @@ def run(args: argparse.Namespace) -> int:
             flush()
             progress.update(size, summary, final=True)
     except OSError as exc:
-        raise OverflowdError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        raise OverflowdError(
+            f"cannot read {args.file}: {exc.strerror or exc}{_stored(summary, args.no_store)}"
+        ) from None
+    except DecodeError as exc:  # the capture itself is corrupt (a frame is, not a datagram)
+        flush()  # what was decoded before the corrupt frame is kept, and said
+        raise OverflowdError(f"{args.file}: {exc}{_stored(summary, args.no_store)}") from None
     finally:
         if store is not None:
             store.close()
@@ -135,6 +146,17 @@ def run(args: argparse.Namespace) -> int:
     summary.seconds = time.monotonic() - started
     _print_summary(summary, args.json)
     return 0
+
+
+def _stored(summary: ReplaySummary, no_store: bool) -> str:
+    if summary.datagrams == 0:
+        return ""
+    if no_store:
+        return f"; cut short after {summary.datagrams} datagrams (--no-store: nothing stored)"
+    return (
+        f"; cut short after {summary.datagrams} datagrams, {summary.reports_new} reports "
+        f"stored ({summary.reports_duplicate} duplicates)"
+    )
 
 
 def _print_summary(summary: ReplaySummary, as_json: bool) -> None:

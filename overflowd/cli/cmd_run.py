@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ipaddress
 import logging
 import signal
 from typing import Any
 
 import trio
 
-from overflowd.cli.common import context, run_trio
+from overflowd.cli.common import Context, UsageError, context, run_trio
+from overflowd.config import CONFIG_FILE, parse_listen
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.identity import load_identity
 
@@ -31,15 +34,57 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+def _check_flag(flag: str, value: str) -> None:
+    """A listen flag is ADDR:PORT with an IP address (a daemon binds no name lookup)."""
+    try:
+        host, _port = parse_listen(value)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"{flag} {value}: expected ADDR:PORT, ADDR an IP address") from None
+
+
+def _sockets(ctx: Context, args: argparse.Namespace) -> dict[str, str]:
+    """'host:port' as the services name a socket that failed -> the flag or key it came from."""
+    config = ctx.home / CONFIG_FILE
+    named: dict[str, str] = {}
+
+    def add(text: str, origin: str) -> None:
+        with contextlib.suppress(ValueError):
+            host, port = parse_listen(text)
+            named.setdefault(f"{host}:{port}", f"{origin} {text}")
+
+    if args.inband_listen:
+        add(args.inband_listen, "--inband-listen")
+    else:
+        add(ctx.settings.inband.listen, f"inband.listen in {config}:")
+    for text in args.listen or ctx.settings.collector.listen:
+        add(text, "--listen" if args.listen else f"collector.listen in {config}:")
+    return named
+
+
+def _listen_error(exc: OSError, named: dict[str, str], fallback: str) -> OverflowdError:
+    where = named.get(str(exc.filename), fallback) if exc.filename else fallback
+    why = exc.strerror or str(exc)
+    return OverflowdError(f"{where}: cannot listen: {why}")
+
+
 def run(args: argparse.Namespace) -> int:
     from overflowd.services.metrics import serve_metrics
     from overflowd.services.node import NodeService
 
+    for flag, values in (
+        ("--listen", args.listen or []),
+        ("--inband-listen", [args.inband_listen] if args.inband_listen else []),
+        ("--metrics", [args.metrics] if args.metrics else []),
+    ):
+        for value in values:
+            _check_flag(flag, value)
     ctx = context(args)
     identity = load_identity(ctx.home)
     settings = ctx.settings
     if args.rate is not None and not 0 < args.rate <= 1:
-        raise ConfigError("--rate must be in (0, 1]")
+        raise UsageError("--rate must be in (0, 1]")
+    named = _sockets(ctx, args)
     store = ctx.open_store()
     try:
         node = NodeService(
@@ -70,14 +115,24 @@ def run(args: argparse.Namespace) -> int:
                     break
 
     metrics_listen = settings.metrics.listen if args.metrics is None else args.metrics
+    metrics_origin = (
+        f"metrics.listen in {ctx.home / CONFIG_FILE}:" if args.metrics is None else "--metrics"
+    )
     try:
-        with serve_metrics(metrics_listen, node.statistics) as server:
+        with contextlib.ExitStack() as stack:
+            try:
+                server = stack.enter_context(serve_metrics(metrics_listen, node.statistics))
+            except (OSError, ValueError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise OverflowdError(
+                    f"{metrics_origin} {metrics_listen}: cannot listen: {why}"
+                ) from None
             if server is not None:
                 host, port = server.server_address[:2]
                 print(f"metrics http://{host}:{port}/metrics", flush=True)
             run_trio(main)
     except OSError as exc:
-        raise OverflowdError(f"cannot listen: {exc.strerror or exc}") from None
+        raise _listen_error(exc, named, "a listening socket") from None
     finally:
         store.close()
     stats = node.statistics()

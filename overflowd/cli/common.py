@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from overflowd.config import Settings, load_settings, resolve_home
 from overflowd.errors import ConfigError, OverflowdError
@@ -22,9 +22,40 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def common_options() -> argparse.ArgumentParser:
+class UsageError(ConfigError):
+    """Bad command-line input found after parsing (exit 2, like argparse's own)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage itself is one ``--help`` away).
+
+    A script or an operator reads the one line that names the flag; argparse's default
+    prints the whole usage first, and for ``choices=range(...)`` every choice.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_flag(flag: str, lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a decimal integer in lo..hi, refused in one line naming ``flag``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer in {lo}-{hi}")
+        return value
+
+    parse.__name__ = flag  # argparse names the type in its message; the flag is named anyway
+    return parse
+
+
+def common_options() -> Parser:
     """A parent parser so --home and --db work before or after the subcommand."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = Parser(add_help=False)
     parent.add_argument(
         "--home",
         metavar="DIR",
@@ -60,10 +91,11 @@ class Context:
 
         return self.db_url or self.settings.store.url or default_url(self.home)
 
-    def open_store(self) -> Store:
+    def open_store(self, *, create: bool = True) -> Store:
+        """The store; ``create=False`` (read-only commands) opens an existing one only."""
         from overflowd.store.repository import Store
 
-        return Store.open(self.store_url())
+        return Store.open(self.store_url(), create=create)
 
 
 def context(args: argparse.Namespace) -> Context:
@@ -98,6 +130,9 @@ def run_main(
         return 2
     try:
         return func(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     except OverflowdError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
@@ -118,7 +153,7 @@ def parse_since(text: str, now_s: float | None = None) -> int:
     try:
         t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(
+        raise UsageError(
             f"--since {text!r}: expected a duration like 15m, 1h, 2d or an ISO 8601 time"
         ) from None
     if t.tzinfo is None:

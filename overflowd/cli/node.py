@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import secrets
 import socket
 import sys
@@ -14,11 +15,22 @@ from pathlib import Path
 from overflowd import __version__
 from overflowd import report as rpt
 from overflowd.cli import cmd_decode, cmd_replay, cmd_run
-from overflowd.cli.common import common_options, context, now_ms, run_main
+from overflowd.cli.common import (
+    Parser,
+    UsageError,
+    common_options,
+    context,
+    int_flag,
+    now_ms,
+    run_main,
+)
 from overflowd.config import CONFIG_FILE, DEFAULT_CONFIG_TEXT
 from overflowd.errors import ConfigError, IdentityError
 from overflowd.identity import NodeIdentity, identity_path, load_identity, write_identity
-from overflowd.registry import format_record, zone_line
+from overflowd.registry import check_domain, format_record, reverse_name, walk_prefixes, zone_line
+
+#: A TTL is an unsigned 32-bit field whose high bit RFC 2181 §8 says to treat as zero.
+MAX_TTL_S = 2**31 - 1
 
 PROG = "overflowd"
 
@@ -60,12 +72,67 @@ def cmd_key_dns_record(args: argparse.Namespace) -> int:
     ctx = context(args)
     identity = load_identity(ctx.home)
     contacts = args.contact if args.contact else list(ctx.settings.node.contacts)
-    try:
-        text = format_record(identity.public_key, contacts, args.url, args.boost)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    origin = "--contact" if args.contact else f"node.contacts in {ctx.home / CONFIG_FILE}"
+    key = identity.public_key
+    # Each part on its own first, so that the error names the flag (or key) it came from.
+    parts: tuple[tuple[str, list[str], str | None, float | None], ...] = (
+        (origin, contacts, None, None),
+        ("--url", [], args.url, None),
+        ("--boost", [], None, args.boost),
+    )
+    for flag, only_contacts, url, boost in parts:
+        try:
+            format_record(key, only_contacts, url, boost)
+        except ValueError as exc:
+            error = ConfigError if flag == origin and not args.contact else UsageError
+            raise error(f"{flag}: {exc}") from None
+    text = format_record(key, contacts, args.url, args.boost)
     print(zone_line(text, args.name, args.ttl))
     return 0
+
+
+def _owner_name(text: str) -> str:
+    """--name: a domain, or an address or prefix turned into the reverse name looked up."""
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        try:
+            return check_domain(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}, nor an address or prefix") from None
+    lengths = walk_prefixes(net.network_address)
+    if net.prefixlen not in lengths:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: lookups ask only /{', /'.join(map(str, lengths))} for IPv{net.version}"
+        )
+    return reverse_name(net.network_address, net.prefixlen)
+
+
+def _kind(text: str) -> str:
+    if len(text.encode()) > rpt.MAX_KIND_BYTES or not rpt.KIND_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r}: lowercase letters, digits and '-', at most {rpt.MAX_KIND_BYTES} bytes"
+        )
+    return text
+
+
+def _duration_ms(text: str) -> int:
+    # The flow's first packet is now - duration: it may not precede the Unix epoch.
+    return int_flag("--duration-ms", 0, now_ms())(text)
+
+
+def _check_out(out: str | None) -> None:
+    """Refuse an --out that cannot be written before anything is signed or stored."""
+    if not out or out == "-":
+        return
+    path = Path(out)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"--out {out}: is a directory")
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--out {out}: not writable")
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -95,7 +162,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     ctx = context(args)
     identity = load_identity(ctx.home)
     if args.src.version != args.dst.version:
-        raise ConfigError("--src and --dst must be the same address family")
+        raise UsageError("--src and --dst must be the same address family")
+    _check_out(args.out)
     now = now_ms()
     payload = rpt.Payload(
         kind=args.kind,
@@ -132,7 +200,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
         return 0
     if args.out:
-        Path(args.out).write_bytes(signed.cose)
+        try:
+            Path(args.out).write_bytes(signed.cose)
+        except OSError as exc:  # checked above; a race or a full disk
+            raise ConfigError(f"--out {args.out}: cannot write: {exc.strerror}") from None
     if args.json:
         print(json.dumps(rpt.to_json(signed)))
     else:
@@ -142,7 +213,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="overflowd node: sample flows, sign reports, tell the flow's ends.",
         parents=[common],
@@ -165,28 +236,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contact", action="append", metavar="URI", help="contact URI (repeatable)")
     p.add_argument("--url", metavar="URL", help="webhook URL for reports about your addresses")
     p.add_argument("--boost", type=float, metavar="R", help="ask observers to report R times more")
-    p.add_argument("--name", metavar="NAME", help="owner: a domain or reverse-zone name")
-    p.add_argument("--ttl", type=int, default=3600, metavar="S")
+    p.add_argument(
+        "--name",
+        type=_owner_name,
+        metavar="NAME",
+        help="owner: a domain, or an address or prefix (/8, /16, /24, /32; IPv6 /32, /48, /64, "
+        "/128) printed as its reverse name, e.g. 192.0.2.0/24 -> 2.0.192.in-addr.arpa",
+    )
+    p.add_argument(
+        "--ttl", type=int_flag("--ttl", 0, MAX_TTL_S), default=3600, metavar="S",
+        help=f"seconds, 0-{MAX_TTL_S} (default 3600)",
+    )
     p.set_defaults(func=cmd_key_dns_record)
 
     p = sub.add_parser("report", parents=[common], help="sign and store one report by hand")
     p.add_argument("--src", type=_address, required=True, metavar="ADDR")
     p.add_argument("--dst", type=_address, required=True, metavar="ADDR")
     p.add_argument("--proto", type=_proto, default=17, metavar="P", help="tcp, udp, icmp or 0-255")
-    p.add_argument("--sport", type=int, default=0, choices=range(65536), metavar="PORT")
-    p.add_argument("--dport", type=int, default=0, choices=range(65536), metavar="PORT")
-    p.add_argument("--packets", type=int, default=1, metavar="N")
-    p.add_argument("--bytes", type=int, default=0, metavar="N")
-    p.add_argument("--duration-ms", type=int, default=0, metavar="MS")
-    p.add_argument("--kind", default="flow-seen", help="flow-seen (default), flow-suspect, ...")
+    port = int_flag("--sport", 0, 0xFFFF)
+    p.add_argument("--sport", type=port, default=0, metavar="PORT", help="0-65535")
+    p.add_argument("--dport", type=port, default=0, metavar="PORT", help="0-65535")
+    count = int_flag("--packets", 0, rpt.U64)  # the report's fields are unsigned 64-bit
+    p.add_argument("--packets", type=count, default=1, metavar="N", help="0-2^64-1")
+    p.add_argument("--bytes", type=count, default=0, metavar="N", help="0-2^64-1")
     p.add_argument(
-        "--out", metavar="FILE", help="also write the COSE bytes here ('-': stdout only)"
+        "--duration-ms", type=_duration_ms, default=0, metavar="MS",
+        help="first to last packet, 0 up to now since the epoch",
+    )
+    p.add_argument(
+        "--kind", type=_kind, default="flow-seen", help="flow-seen (default), flow-suspect, ..."
+    )
+    p.add_argument(
+        "--out", metavar="FILE",
+        help="also write the COSE bytes here ('-': stdout only); checked before anything is "
+        "signed or stored",
     )
     p.add_argument("--no-store", action="store_true", help="do not store it in the node's store")
     p.add_argument("--json", action="store_true", help="print the JSON rendering")
     p.set_defaults(func=cmd_report)
 
-    cmd_decode.register(sub)
+    cmd_decode.register(sub, common)
     cmd_replay.register(sub, common)
     cmd_run.register(sub, common)
     return parser

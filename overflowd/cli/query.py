@@ -8,17 +8,19 @@ import ipaddress
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from overflowd import report as rpt
 from overflowd.cli import cmd_contact
-from overflowd.cli.common import common_options, context, parse_since, run_main
+from overflowd.cli.common import Parser, common_options, context, int_flag, parse_since, run_main
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.identity import verify_report
 
 PROG = "overflowd-query"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 47: "gre", 50: "esp"}
+#: --limit's ceiling: every row is verified and printed, so a million is minutes of output;
+#: more is a typo (1e23), and SQLite refuses a LIMIT beyond 2^63-1 anyway.
+MAX_LIMIT = 1_000_000
 
 
 def _network(text: str) -> Network:
@@ -31,7 +33,7 @@ def _network(text: str) -> Network:
 def cmd_reports(args: argparse.Namespace) -> int:
     ctx = context(args)
     since_ms = parse_since(args.since) if args.since else None
-    store = ctx.open_store()
+    store = ctx.open_store(create=False)
     try:
         rows = store.query_reports(src=args.src, dst=args.dst, since_ms=since_ms, limit=args.limit)
     finally:
@@ -95,7 +97,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     ctx = context(args)
     since_ms = parse_since(args.since) if args.since else None
-    store = ctx.open_store()
+    store = ctx.open_store(create=False)
     try:
         events = list_events(store, since_ms=since_ms, limit=args.limit)
     finally:
@@ -135,16 +137,37 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+#: verify reads at most this much: a JSON line of the largest report (base64url, with its
+#: rendering beside it) is a few kB; more is not one report.
+MAX_VERIFY_INPUT_BYTES = 64 * 1024
+
+
 def read_report_input(source: str) -> bytes:
-    """Raw COSE bytes, or base64url text of them (as in --json output and webhooks)."""
+    """Raw COSE bytes, base64url text of them (webhooks), or one JSON line with a ``cose``
+    field (what ``overflowd-query reports --json`` and ``overflowd-receive`` write)."""
     try:
-        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_VERIFY_INPUT_BYTES + 1)
+        else:
+            with open(source, "rb") as f:
+                data = f.read(MAX_VERIFY_INPUT_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_VERIFY_INPUT_BYTES:
+        raise ConfigError(f"{source}: more than {MAX_VERIFY_INPUT_BYTES} bytes, not one report")
     if data[:1] == b"\xd2":  # CBOR tag 18: a raw COSE_Sign1
         return data
+    if data.lstrip()[:1] == b"{":
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, ValueError):
+            raise ConfigError(f"{source}: not one JSON object (one report per input)") from None
+        cose = doc.get("cose") if isinstance(doc, dict) else None
+        if not isinstance(cose, str):
+            raise ConfigError(f"{source}: JSON without a 'cose' field (base64url of the report)")
+        data = cose.encode("ascii", "replace")
     try:
-        return rpt.b64url_decode(data.decode("ascii"))
+        return rpt.b64url_decode(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         return data  # let the report parser say what is wrong with it
 
@@ -162,7 +185,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description="Query a node's reports; verify any report.", parents=[common]
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -170,17 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", type=_network, metavar="ADDR|PREFIX")
     p.add_argument("--src", type=_network, metavar="ADDR|PREFIX")
     p.add_argument("--since", metavar="WHEN", help="15m, 1h, 2d, or an ISO 8601 time")
-    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--limit", type=int_flag("--limit", 1, MAX_LIMIT), metavar="N",
+                   help=f"at most N, 1-{MAX_LIMIT}")
     p.add_argument("--json", action="store_true", help="one JSON object per line, with 'cose'")
     p.set_defaults(func=cmd_reports)
     p = sub.add_parser(
         "events", parents=[common], help="new keys for known observers, changed contacts"
     )
     p.add_argument("--since", metavar="WHEN", help="15m, 1h, 2d, or an ISO 8601 time")
-    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--limit", type=int_flag("--limit", 1, MAX_LIMIT), metavar="N",
+                   help=f"at most N, 1-{MAX_LIMIT}")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_events)
-    p = sub.add_parser("verify", parents=[common], help="verify a report (raw COSE or base64url)")
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="verify a report (raw COSE, base64url, or a JSON line with 'cose')",
+    )
     p.add_argument("file", metavar="FILE|-")
     p.set_defaults(func=cmd_verify)
     cmd_contact.register(sub, common)

@@ -118,7 +118,11 @@ class UdpCollector:
             self._rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, port))
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                exc.filename = f"{host}:{port}"  # which socket: the CLI names its flag
+                raise
             self._inode = os.fstat(sock.fileno()).st_ino
             bound = sock.getsockname()
             log.info(

@@ -862,6 +862,7 @@ LISTENER_RCVBUF_BYTES = 4 * 1024 * 1024
 
 async def _bind(host: str, port: int) -> trio.socket.SocketType:
     """A UDP socket bound to (host, port); "::" is dual-stack, falling back to IPv4 only."""
+    requested = host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = trio.socket.socket(family, socket.SOCK_DGRAM)
@@ -880,6 +881,10 @@ async def _bind(host: str, port: int) -> trio.socket.SocketType:
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENER_RCVBUF_BYTES)
         await sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        exc.filename = f"{requested}:{port}"  # which socket: the CLI names its flag
+        raise
     except BaseException:
         sock.close()
         raise

@@ -24,12 +24,14 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     URL,
@@ -263,12 +265,14 @@ class Store:
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str) -> Store:
+    def open(cls, url: str, *, create: bool = True) -> Store:
         """Connect to the database at ``url`` and bring its schema to the latest migration.
 
         ``sqlite:///path`` (the parent directory is created) or
         ``postgresql+psycopg://user:pw@host/db``; a bare ``postgresql://`` means psycopg 3.
-        Opening an up-to-date database again changes nothing.
+        Opening an up-to-date database again changes nothing. ``create=False`` is for readers
+        (queries): a SQLite file must exist ("no store at PATH" otherwise, nothing created) and
+        is opened read-only, so a read-only home or file can be queried.
         """
         try:
             parsed = make_url(url)
@@ -283,7 +287,7 @@ class Store:
         if backend == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
-            engine = _create_engine(parsed)
+            engine = _create_engine(parsed, create=create)
         except ImportError as exc:
             raise StoreError(
                 f"database {name}: driver not installed ({exc}); "
@@ -574,7 +578,7 @@ class Store:
 # Engine setup
 
 
-def _create_engine(url: URL) -> Engine:
+def _create_engine(url: URL, *, create: bool = True) -> Engine:
     if url.get_backend_name() == "postgresql":
         connect_args: dict[str, Any] = {}
         if "connect_timeout" not in url.query:
@@ -587,15 +591,30 @@ def _create_engine(url: URL) -> Engine:
     if in_memory:
         # One shared connection, or each pooled connection would see its own empty database.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    elif not create and not database.startswith("file:"):
+        path = Path(database).expanduser()
+        if not path.is_file():
+            raise StoreError(f"no store at {path}")
+        # mode=ro writes nothing, but a WAL database's reader still creates -shm (and -wal)
+        # next to it when no writer has. Where it cannot (a read-only directory) and there is
+        # no -wal, no writer is running and nothing is left to checkpoint: read the file as
+        # immutable (no locks, no shared memory), as SQLite documents for read-only media.
+        query = {"mode": "ro", "uri": "true"}
+        wal = path.with_name(path.name + "-wal")
+        if not wal.exists() and not os.access(path.parent, os.W_OK):
+            query["immutable"] = "1"
+        engine = create_engine(
+            url.set(database=f"file:{quote(str(path.resolve()))}", query=query)
+        )
     else:
         if not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url)
-    _configure_sqlite(engine)
+    _configure_sqlite(engine, read_only=not create)
     return engine
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
     """WAL, foreign keys, a busy timeout, and SQLAlchemy (not pysqlite) in charge of BEGIN.
 
     pysqlite's legacy transaction control skips BEGIN before DDL and SELECT, which would let the
@@ -609,6 +628,8 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            if read_only:  # the writer chose the journal mode; setting it would write
+                return
             cursor.execute("PRAGMA journal_mode = WAL")
             # WAL with synchronous=NORMAL is durable across crashes of the process, and loses at
             # most the last transactions on power loss; what SQLite recommends for WAL.

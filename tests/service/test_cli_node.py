@@ -79,10 +79,15 @@ def test_key_show_and_dns_record_parse_back(home: Path) -> None:
     assert record.contacts == ("mailto:abuse@example.net", "tel:+1-555-0100")
 
 
-def test_bad_contact_is_one_line_and_exit_1(home: Path) -> None:
+def test_bad_contact_is_one_line_naming_the_flag(home: Path) -> None:
     result = run("overflowd", "key", "dns-record", "--home", str(home), "--contact", "call us")
-    assert result.code == 1 and result.err.startswith("overflowd: error:")
+    assert result.code == 2 and result.err.startswith("overflowd: error: --contact: ")
     assert result.err.count("\n") == 1
+    # The same contact from the config is our error (exit 1), naming the file, line and key.
+    (home / "overflowd.toml").write_text('[node]\ncontacts = ["call us"]\n')
+    result = run("overflowd", "key", "dns-record", "--home", str(home))
+    assert result.code == 1 and result.err.count("\n") == 1
+    assert f"{home / 'overflowd.toml'}:2: 'node.contacts'" in result.err
 
 
 def test_usage_errors_exit_2(home: Path) -> None:

@@ -186,7 +186,7 @@ def test_bad_listen_address_is_a_clear_error(home: Path) -> None:
         "overflowd", "run", "--home", str(home), "--listen", "192.0.2.1:9", "--metrics", ""
     )
     assert result.code == 1
-    assert result.err.startswith("overflowd: error: cannot listen")
+    assert result.err.startswith("overflowd: error: --listen 192.0.2.1:9: cannot listen")
 
 
 if __name__ == "__main__":
