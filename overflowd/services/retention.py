@@ -139,6 +139,12 @@ class RetentionService:
             self._errors += 1
             log.warning("retention.store_failed doing=%s error=%s", doing, exc)
             return None
+        except Exception as exc:  # a bug in one check costs that check, never the node
+            self._errors += 1
+            log.warning(
+                "retention.check_failed doing=%s error=%s: %s", doing, type(exc).__name__, exc
+            )
+            return None
 
     async def seed(self) -> None:
         """Start the policy from what the store holds (counts per key, per sender, totals)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, Table, delete, exists, func, select, text, update
 
+from overflowd.errors import StoreError
 from overflowd.storage_policy import ROW_OVERHEAD_BYTES, KeyUsage, PrunedRow
 from overflowd.store.models import Base
 from overflowd.store.outbox import PENDING
@@ -204,7 +205,14 @@ def headroom(
         used, reusable, path = _sqlite_pages(store)
         answers: list[Headroom] = []
         if path:  # "" is an in-memory database: no file, no disk
-            st = statvfs(os.path.dirname(path) or ".")
+            directory = os.path.dirname(path) or "."
+            try:
+                st = statvfs(directory)
+            except OSError as exc:  # a failing or stale mount: the caller counts and retries
+                raise StoreError(
+                    f"database {store.name}: measuring free space in {directory}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
             answers.append(
                 Headroom(st.f_bavail * st.f_frsize + reusable, st.f_blocks * st.f_frsize)
             )
