@@ -105,6 +105,10 @@ class InbandSenderStatistics:
     budget: BudgetStatistics  # drops by reason, confinement included
 
 
+#: How often a stopping node looks whether the sender's queue has emptied.
+IDLE_POLL_S = 0.01
+
+
 class InbandSender:
     """Send report datagrams to flows' ends, within confinement and budget.
 
@@ -130,10 +134,20 @@ class InbandSender:
             self.settings.queue_reports
         )
         self._reports = 0
+        self._sending = False
         self._queue_dropped = 0
         self._sent = 0
         self._bytes = 0
         self._errors = 0
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted report has been sent (or refused by the plan)."""
+        while self._queue_recv.statistics().current_buffer_used or self._sending:
+            await trio.sleep(IDLE_POLL_S)
+
+    def unsent(self) -> int:
+        """Reports submitted and still waiting in the queue (what a stop leaves unsent)."""
+        return int(self._queue_recv.statistics().current_buffer_used) + int(self._sending)
 
     def submit(self, report: rpt.SignedReport) -> bool:
         """Queue ``report`` for :meth:`run`; False (and counted) when the queue is full."""
@@ -175,7 +189,12 @@ class InbandSender:
             # The channel stays open when run() ends, so a late submit() is a counted drop,
             # never an exception in the caller's task.
             while True:
-                await self.send_report(await self._queue_recv.receive())
+                report = await self._queue_recv.receive()
+                self._sending = True
+                try:
+                    await self.send_report(report)
+                finally:
+                    self._sending = False
         finally:
             for sock in self._sockets.values():
                 sock.close()

@@ -129,6 +129,11 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         "Reports signed but still queued at the drain deadline (neither stored nor sent)",
         s.reports_unstored_at_stop,
     )
+    yield _counter(
+        "overflowd_inband_unsent_at_stop",
+        "Reports stored but not yet sent in band when the drain deadline passed",
+        s.inband_unsent_at_stop,
+    )
     input_errors = CounterMetricFamily(
         "overflowd_input_errors",
         "Inputs dropped after an unexpected exception (a bug some input reaches)",

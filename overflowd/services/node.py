@@ -164,6 +164,8 @@ class NodeStatistics:
     #: reports signed but never stored: still queued when the drain deadline passed at stop
     #: (nothing was sent for them: sending happens only after the store commits)
     reports_unstored_at_stop: int = 0
+    #: reports stored and handed to the in-band sender but not sent by the drain deadline
+    inband_unsent_at_stop: int = 0
     storage: RetentionStatistics | None = None
 
 
@@ -257,6 +259,7 @@ class NodeService:
         self._store_errors = 0
         self._store_retried = 0
         self._unstored_at_stop = 0
+        self._inband_unsent_at_stop = 0
         self._last_store_log = -STORE_LOG_INTERVAL_S
         self._input_errors: Counter[str] = Counter()
         self._stop = trio.Event()
@@ -603,7 +606,14 @@ class NodeService:
                         collecting.cancel()
                 # Collectors are gone and their channel clones closed: the decoder drains, then
                 # the store writer. Past the deadline what is left is dropped (and counted).
-                outer.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
+                drain_deadline = trio.current_time() + cs.drain_timeout_s
+                outer.cancel_scope.deadline = drain_deadline
+            if self.inband_sender is not None:
+                # The last batches were committed and handed over: send them, within what is
+                # left of the drain deadline; what is still queued then is counted.
+                with trio.move_on_at(drain_deadline):
+                    await self.inband_sender.wait_idle()
+                self._inband_unsent_at_stop = self.inband_sender.unsent()
             self._sending_scope.cancel()
             # Webhook deliveries still pending stay in the durable outbox for the next start.
             self._webhook_scope.cancel()
@@ -945,6 +955,7 @@ class NodeService:
             input_errors=dict(self._input_errors),
             store_retried_batches=self._store_retried,
             reports_unstored_at_stop=self._unstored_at_stop,
+            inband_unsent_at_stop=self._inband_unsent_at_stop,
             storage=self.retention.statistics(),
         )
 

@@ -373,3 +373,53 @@ def test_kill_9_while_flows_arrive_delivers_only_what_was_stored(home: Path) -> 
         stored = {r.report_id for r in store.query_reports()}
     assert inband - stored == set(), f"{len(inband - stored)} sent in band but never stored"
     assert hook.seen - stored == set(), f"{len(hook.seen - stored)} delivered but never stored"
+
+
+async def test_reports_stored_while_draining_are_sent_in_band(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: the in-band sender was cancelled the moment the store writer ended, so
+    the reports committed during the drain (the last batch) were never sent, uncounted."""
+    monkeypatch.setattr(repository, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    path = tmp_path / "node.db"
+    inbox = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await inbox.bind(("127.0.0.1", 0))
+    port = inbox.getsockname()[1]
+    with Store.open(f"sqlite:///{path}") as store:
+        s = _flow_rows_settings(port, "http://127.0.0.1:9/hook")
+        node = NodeService(
+            NodeIdentity.generate(),
+            s,
+            store,
+            listen=["127.0.0.1:0"],
+            inband_listen="127.0.0.1:0",
+            rate=1.0,
+        )
+        node.webhook = None
+        lock = sqlite3.connect(path, isolation_level=None)
+        got: list[bytes] = []
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(node.run)
+                lock.execute("BEGIN EXCLUSIVE")
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                    for i in range(15):
+                        record = v9_one_record("127.0.0.2", "127.0.0.1", 1, sport=1000 + i)
+                        out.sendto(record, bound[0])
+                while node.statistics().store_errors < 1:
+                    await trio.sleep(0.05)
+                node.stop()  # the batch is still waiting for the store: it drains now
+                await trio.sleep(0.2)
+                lock.execute("ROLLBACK")  # well inside drain_timeout_s
+
+                async def collect() -> None:
+                    with trio.move_on_after(3):
+                        while len(got) < 15:
+                            got.append(await inbox.recv(2048))
+
+                nursery.start_soon(collect)
+        lock.close()
+        inbox.close()
+        stats = node.statistics()
+        assert stats.reports_stored == 15  # committed during the drain, and sent
+        assert len(got) == 15 and stats.inband_unsent_at_stop == 0
