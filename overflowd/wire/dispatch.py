@@ -94,8 +94,9 @@ def decode_datagram(
 ) -> list[FlowRecord]:
     """Decode one UDP payload from ``exporter`` (its address as text) arriving at ``now``.
 
-    Returns the flow records it yields, including records of earlier data sets replayed
-    because their template arrived in this datagram. Raises a DecodeError (counted in
+    Returns the flow records it yields, including records of earlier data sets of this
+    exporter replayed because their template arrived (in this datagram or, over
+    Limits.max_replayed_records_per_datagram, in an earlier one). Raises a DecodeError (counted in
     ``state``) for anything malformed, truncated or unsupported.
     """
     records: list[FlowRecord] = _decode(data, exporter, state, now, make_record)
@@ -120,7 +121,7 @@ def _decode(
 ) -> list[Any]:
     state._datagrams += 1
     state.build = build
-    state._deferred.clear()  # a datagram refused half-way leaves nothing for the next
+    state._replay_spent = 0  # the replay budget is per datagram
     try:
         fmt = sniff_format(data)
         state._by_format[fmt] += 1
@@ -172,7 +173,11 @@ class DecoderStatistics:
     #: ``total_rate``, ``too_many_fields``, ``no_fields``, ``empty_record``.
     templates_dropped: int
     templates_dropped_by_reason: Mapping[str, int]
-    #: Data sets held for their template now (count and bytes), and their fates.
+    #: Data sets held for their template now (count and bytes; including those whose template
+    #: came and that wait for a replay budget), and their fates. Drops by reason:
+    #: ``evicted`` (buffer full), ``exporter_cap`` (the exporter's share full: its own oldest
+    #: went), ``expired``, ``too_large``, ``replay_cap`` (held options data over a datagram's
+    #: replay budget).
     pending_sets: int
     pending_bytes: int
     pending_held: int
@@ -229,9 +234,9 @@ class DecoderState:
         self._counters: Counter[str] = Counter()
         self._defects: Counter[str] = Counter()
         self._exporters: dict[str, list[int]] = {}
-        #: Held data sets taken for a template learned in the datagram being decoded; replayed
-        #: at its end (:meth:`replay_deferred`), after its options data.
-        self._deferred: list[tuple[Template, PendingSet]] = []
+        #: Held records replayed in the datagram being decoded, counted by each held set's
+        #: most records (Limits.max_replayed_records_per_datagram).
+        self._replay_spent = 0
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -272,26 +277,50 @@ class DecoderState:
         """Store a template and replay data that was waiting for it.
 
         Held *options* data is replayed into ``out`` at once: it is older than any options
-        data later in this datagram, which must win. Held *flow* data waits for the end of
-        the datagram (:meth:`replay_deferred`), so that the sampling announced by this
-        datagram's options data applies to it: an exporter that sends templates, options
-        template and options data together after a restart means them together.
+        data later in this datagram, which must win; what is over the datagram's replay
+        budget is dropped (replayed later it would undo newer announcements). Held *flow*
+        data becomes ready and waits for the end of the datagram (:meth:`replay_deferred`),
+        so that the sampling announced by this datagram's options data applies to it: an
+        exporter that sends templates, options template and options data together after a
+        restart means them together.
         """
         self.templates.add(key, template)
-        held = self.pending.take(key)
-        if not held:
+        if not template.is_options:
+            self.pending.release(key)
             return
-        if template.is_options:
-            for entry in held:
+        for entry in self.pending.take(key):
+            if self._within_replay_budget(template, entry):
+                self.pending.replayed += 1
                 self._replay(template, entry, out)
-        else:
-            self._deferred.extend((template, entry) for entry in held)
+            else:
+                self.pending.dropped_replay_cap += 1
 
-    def replay_deferred(self, out: list[Any]) -> None:
-        """Replay the held flow data taken for templates of this datagram (call at its end)."""
-        deferred, self._deferred = self._deferred, []
-        for template, entry in deferred:
-            self._replay(template, entry, out)
+    def replay_deferred(self, exporter: str, out: list[Any]) -> None:
+        """Replay the exporter's held flow data whose template has arrived, oldest first, as
+        far as this datagram's replay budget goes (call at the end of a datagram that was
+        not refused). What is left stays held for the exporter's next datagram."""
+        ready = self.pending.ready(exporter)
+        for index, (ident, entry) in enumerate(ready):
+            # The template now cached: the one that released the set, unless it changed.
+            template = self.templates.get(entry.key)
+            if template is None:
+                self.pending.wait_again(ident)
+                continue
+            if not self._within_replay_budget(template, entry):
+                self._counters["pending.replay_postponed"] += len(ready) - index
+                return
+            self._replay(template, self.pending.pop(ident), out)
+
+    def _within_replay_budget(self, template: Template, held: PendingSet) -> bool:
+        """Charge a held set's most records to this datagram's budget if they fit. The first
+        set of a datagram always fits, so a set bigger than the budget is not stuck; a set
+        came in one datagram, so that is still no more than one datagram carries."""
+        most = len(held.body) // max(1, template.min_length)
+        spent = self._replay_spent
+        if spent and spent + most > self.limits.max_replayed_records_per_datagram:
+            return False
+        self._replay_spent = spent + most
+        return True
 
     def _replay(self, template: Template, held: PendingSet, out: list[Any]) -> None:
         r = Reader(held.body, fmt=held.ctx.fmt, exporter=held.ctx.exporter)
@@ -362,6 +391,8 @@ class DecoderState:
             "evicted": pending.dropped_evicted,
             "expired": pending.dropped_expired,
             "too_large": pending.dropped_too_large,
+            "exporter_cap": pending.dropped_exporter_cap,
+            "replay_cap": pending.dropped_replay_cap,
         }
         return DecoderStatistics(
             datagrams=self._datagrams,

@@ -86,10 +86,11 @@ def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[
             walk.failed("set", exc)
             continue
         walk.kept += 1
-    # Data held for a template of this message is replayed only now, after the options data
-    # of the message has announced its sampling.
-    state.replay_deferred(records)
     walk.finish(state, records)
+    # Held data whose template has arrived (in this message or an earlier one of the exporter) is
+    # replayed only now: after the options data of the message has announced its sampling, and
+    # only if the message was not refused (what is not replayed stays held).
+    state.replay_deferred(exporter, records)
     return records
 
 

@@ -78,10 +78,11 @@ def decode(data: bytes, exporter: str, state: DecoderState, now: float) -> list[
     else:
         if r.remaining():
             walk.tail(data, r.offset, end, "trailing_bytes", r.malformed("bytes after flowsets"))
-    # Data held for a template of this datagram is replayed only now, after the options data
-    # of the datagram has announced its sampling.
-    state.replay_deferred(records)
     walk.finish(state, records)
+    # Held data whose template has arrived (in this datagram or an earlier one of the exporter) is
+    # replayed only now: after the options data of the datagram has announced its sampling, and
+    # only if the datagram was not refused (what is not replayed stays held).
+    state.replay_deferred(exporter, records)
     return records
 
 

@@ -16,7 +16,8 @@ Information Elements"). A :class:`Template` is compiled once when it arrives:
 Everything here is bounded (see :class:`Limits` and docs/flows.md): templates by count and
 estimated bytes, per exporter and per domain, learned at a bounded rate (re-announcements are
 recognised by their bytes and cost nothing) and evicted fairly, the exporter holding the most
-first; held data by sets and bytes and age; sampling entries by exporter/domain and sampler.
+first; held data by sets and bytes (in all and per exporter) and age, and replayed within a
+per-datagram budget; sampling entries by exporter/domain and sampler.
 
 Pure: no I/O, no clocks (``now`` is an argument), no global state.
 """
@@ -119,6 +120,18 @@ class Limits:
     max_pending_sets: int = 1024
     #: Bytes held in those sets: 4 MiB is a few thousand typical datagrams.
     max_pending_bytes: int = 4 * MiB
+    #: Held sets and bytes for one exporter address (all its domains, both formats): a
+    #: quarter of the buffer, so that one source (spoofed or not) cannot fill the buffer
+    #: for everyone. Beyond them the exporter's own oldest held set goes (``exporter_cap``).
+    max_pending_sets_per_exporter: int = 256
+    max_pending_bytes_per_exporter: int = 1 * MiB
+    #: Held records replayed in one datagram (counted by each held set's most records:
+    #: its bytes over the template's shortest record). A small template datagram would
+    #: otherwise release everything held for it at once (a full buffer is ~160,000 records,
+    #: close to a second of the trio thread). 2048 is what one maximal datagram of ~32-byte
+    #: records carries; what is over stays held and is replayed by the exporter's next
+    #: datagrams (at least one held set each, so no set is stuck), and expires as held data.
+    max_replayed_records_per_datagram: int = 2048
     #: How long held data waits. RFC 7011 §10.3.6 suggests re-sending templates over UDP at
     #: least every 600 s; data older than one refresh period will not be rescued.
     pending_max_age_s: float = 10 * MINUTES
@@ -143,6 +156,8 @@ class Limits:
             "max_template_exporters",
             "max_template_fields",
             "max_pending_sets",
+            "max_pending_sets_per_exporter",
+            "max_replayed_records_per_datagram",
             "max_sampling_entries",
             "max_samplers_per_domain",
             "max_exporters_tracked",
@@ -150,7 +165,11 @@ class Limits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be >= 1")
-        if self.max_pending_bytes < 0 or self.pending_max_age_s < 0:
+        if (
+            self.max_pending_bytes < 0
+            or self.max_pending_bytes_per_exporter < 0
+            or self.pending_max_age_s < 0
+        ):
             raise ValueError("Limits: pending bounds must be >= 0")
         for name in ("template_learn_rate_per_s", "template_work_rate_per_s"):
             rate = getattr(self, name)
@@ -1223,14 +1242,35 @@ class PendingSet(NamedTuple):
     arrived: float
 
 
+class _HeldFor:
+    """One exporter's share of the pending buffer."""
+
+    __slots__ = ("bytes", "ready", "sets")
+
+    def __init__(self) -> None:
+        #: Its held sets, oldest first (for its own cap).
+        self.sets: OrderedDict[int, None] = OrderedDict()
+        #: Those of them whose template has arrived, waiting for a replay budget.
+        self.ready: dict[int, None] = {}
+        self.bytes = 0
+
+
 class PendingBuffer:
     """Data sets whose template is unknown, bounded by count, bytes and age (oldest go
-    first). Replayed in arrival order when their template arrives."""
+    first), in all and per exporter address.
+
+    A held set is *waiting* until its template arrives, then *ready*: the decoder replays
+    ready sets as its per-datagram budget allows (:meth:`ready`, :meth:`pop`), in arrival
+    order, and what the budget leaves stays held (capped and aged like the rest) for the
+    exporter's next datagram.
+    """
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
         self._sets: OrderedDict[int, PendingSet] = OrderedDict()
+        #: Waiting sets by key, in arrival order.
         self._by_key: dict[TemplateKey, list[int]] = {}
+        self._exporters: dict[str, _HeldFor] = {}
         self._next = 0
         self.bytes = 0
         self.held = 0
@@ -1238,35 +1278,76 @@ class PendingBuffer:
         self.dropped_evicted = 0
         self.dropped_expired = 0
         self.dropped_too_large = 0
+        self.dropped_exporter_cap = 0
+        #: Held options data over a datagram's replay budget (counted by the decoder).
+        self.dropped_replay_cap = 0
 
     def __len__(self) -> int:
         return len(self._sets)
 
+    def exporter_sets(self, exporter: str) -> int:
+        """Sets held for one exporter address (waiting and ready)."""
+        mine = self._exporters.get(exporter)
+        return 0 if mine is None else len(mine.sets)
+
+    def exporter_bytes(self, exporter: str) -> int:
+        mine = self._exporters.get(exporter)
+        return 0 if mine is None else mine.bytes
+
     def hold(self, key: TemplateKey, body: bytes, ctx: SetContext, now: float) -> None:
         limits = self._limits
-        if len(body) > limits.max_pending_bytes:
+        size = len(body)
+        if size > min(limits.max_pending_bytes, limits.max_pending_bytes_per_exporter):
             self.dropped_too_large += 1
             return
+        exporter = key[1]
+        mine = self._exporters.get(exporter)
+        # The exporter's own oldest go first, so one source never evicts another's data
+        # beyond its share; then the buffer's oldest, whoever held them.
+        while mine is not None and (  # an exporter holding nothing has no entry
+            len(mine.sets) >= limits.max_pending_sets_per_exporter
+            or mine.bytes + size > limits.max_pending_bytes_per_exporter
+        ):
+            self._drop(next(iter(mine.sets)))
+            self.dropped_exporter_cap += 1
+            mine = self._exporters.get(exporter)
         while self._sets and (
             len(self._sets) >= limits.max_pending_sets
-            or self.bytes + len(body) > limits.max_pending_bytes
+            or self.bytes + size > limits.max_pending_bytes
         ):
-            self._drop_oldest()
+            self._drop(next(iter(self._sets)))
             self.dropped_evicted += 1
         ident = self._next
         self._next += 1
         self._sets[ident] = PendingSet(key, body, ctx, now)
         self._by_key.setdefault(key, []).append(ident)
-        self.bytes += len(body)
+        mine = self._exporters.get(exporter)
+        if mine is None:
+            mine = self._exporters[exporter] = _HeldFor()
+        mine.sets[ident] = None
+        mine.bytes += size
+        self.bytes += size
         self.held += 1
 
-    def _drop_oldest(self) -> None:
-        ident, entry = self._sets.popitem(last=False)
-        self.bytes -= len(entry.body)
-        idents = self._by_key[entry.key]
-        idents.remove(ident)
-        if not idents:
-            del self._by_key[entry.key]
+    def _drop(self, ident: int) -> PendingSet:
+        """Remove one held set, waiting or ready, from every index."""
+        entry = self._sets.pop(ident)
+        size = len(entry.body)
+        self.bytes -= size
+        exporter = entry.key[1]
+        mine = self._exporters[exporter]
+        del mine.sets[ident]
+        mine.bytes -= size
+        if ident in mine.ready:
+            del mine.ready[ident]
+        else:  # still waiting for its template
+            idents = self._by_key[entry.key]
+            idents.remove(ident)
+            if not idents:
+                del self._by_key[entry.key]
+        if not mine.sets:
+            del self._exporters[exporter]
+        return entry
 
     def expire(self, now: float) -> None:
         horizon = now - self._limits.pending_max_age_s
@@ -1275,20 +1356,49 @@ class PendingBuffer:
             # A clock that went backwards (pcap replay of several files) must not pin data.
             if horizon < entry.arrived <= now + self._limits.pending_max_age_s:
                 break
-            self._drop_oldest()
+            self._drop(next(iter(self._sets)))
             self.dropped_expired += 1
 
     def take(self, key: TemplateKey) -> list[PendingSet]:
+        """Remove and return the sets waiting for ``key``, oldest first."""
         idents = self._by_key.pop(key, None)
         if not idents:
             return []
-        out = []
+        # Marked ready first: _drop then leaves _by_key (already popped) alone.
+        self._release(key, idents)
+        return [self._drop(ident) for ident in sorted(idents)]
+
+    def release(self, key: TemplateKey) -> None:
+        """``key``'s template has arrived: its waiting sets become ready."""
+        idents = self._by_key.pop(key, None)
+        if idents:
+            self._release(key, idents)
+
+    def _release(self, key: TemplateKey, idents: list[int]) -> None:
+        ready = self._exporters[key[1]].ready
         for ident in idents:
-            entry = self._sets.pop(ident)
-            self.bytes -= len(entry.body)
-            out.append(entry)
-        self.replayed += len(out)
-        return out
+            ready[ident] = None
+
+    def ready(self, exporter: str) -> list[tuple[int, PendingSet]]:
+        """The exporter's ready sets, oldest first (at most max_pending_sets_per_exporter)."""
+        mine = self._exporters.get(exporter)
+        if mine is None or not mine.ready:
+            return []
+        return [(ident, self._sets[ident]) for ident in sorted(mine.ready)]
+
+    def pop(self, ident: int) -> PendingSet:
+        """Remove a ready set to replay it."""
+        self.replayed += 1
+        return self._drop(ident)
+
+    def wait_again(self, ident: int) -> None:
+        """A ready set whose template went (evicted, withdrawn) before its replay waits for
+        the template again."""
+        entry = self._sets[ident]
+        del self._exporters[entry.key[1]].ready[ident]
+        idents = self._by_key.setdefault(entry.key, [])
+        idents.append(ident)
+        idents.sort()
 
 
 # -- sampling and system init time announced in options data -----------------------------------
