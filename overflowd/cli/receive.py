@@ -7,6 +7,7 @@ is answered. ``--trust`` takes a base64 public key (what ``overflowd key show`` 
 file with one such key per line; without it any key whose signatures verify is accepted (the
 key is in every line, to decide on later) within per-key rate and byte caps. Every limit is a
 flag (``--help`` lists them with their defaults; docs/webhooks.md gives the reasons). The
+server speaks HTTP/1.1 only, as overflowd's sender does (docs/webhooks.md says why). The
 bound address is printed on stderr as ``listening on http://HOST:PORT`` (useful with port 0).
 SIGTERM or SIGINT stop it cleanly.
 """
@@ -102,6 +103,7 @@ LIMIT_FLAGS: tuple[tuple[str, type, float, float, str], ...] = (
     ("--max-reading-per-client", int, _D.max_reading_per_client, 1, "... per client, then 429"),
     ("--max-connections", int, _D.max_connections, 1, "open connections; more are closed"),
     ("--max-connections-per-client", int, _D.max_connections_per_client, 1, "... per client"),
+    ("--max-connections-per-network", int, _D.max_connections_per_network, 1, "... per IPv6 /48"),
     ("--key-rate-per-s", float, _K.rate_per_s, 1e-6, "no --trust: reports/s per key, then 429"),
     ("--key-burst", int, _K.burst, 1, "no --trust: burst of reports per key"),
     ("--key-max-bytes", int, _K.max_bytes, 1, "no --trust: bytes per key per window, then 429"),
@@ -118,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
-        epilog="A client is an IPv4 address or an IPv6 /64. Limits: docs/webhooks.md.",
+        epilog="A client is an IPv4 address or an IPv6 /64. HTTP/1.1 only (no HTTP/2). "
+        "Limits: docs/webhooks.md.",
     )
     p.add_argument("--listen", required=True, metavar="ADDR:PORT", help="address to serve on")
     p.add_argument("--out", required=True, metavar="FILE|-", help="JSON lines file, - for stdout")
@@ -172,6 +175,7 @@ def limits_from(args: argparse.Namespace) -> ReceiverLimits:
         max_reading_per_client=a.max_reading_per_client,
         max_connections=a.max_connections,
         max_connections_per_client=a.max_connections_per_client,
+        max_connections_per_network=a.max_connections_per_network,
         keys=keys,
         max_out_bytes=a.max_out_bytes,
     )

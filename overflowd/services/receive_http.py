@@ -11,12 +11,19 @@ Every byte comes from a stranger, so every resource has a bound (defaults and re
 :class:`ReceiverLimits`, documented in docs/webhooks.md), in the order a request meets them:
 
 * **connections**, at accept: at most ``max_connections`` open, ``max_connections_per_client``
-  per client (an IPv4 address or an IPv6 /64, :func:`~overflowd.receiver.client_key`); more are
-  closed at once, unanswered, and counted. hypercorn bounds none of this (it accepts every
-  connection), so we run its per-connection :class:`TCPServer` from our own accept loop.
+  per client (an IPv4 address or an IPv6 /64, :func:`~overflowd.receiver.client_key`) and
+  ``max_connections_per_network`` per IPv6 /48 (:func:`network_key`); more are closed at once,
+  unanswered, and counted. hypercorn bounds none of this (it accepts every connection), so we
+  run its per-connection :class:`TCPServer` from our own accept loop.
+* **HTTP/1.1 only**: our sender speaks nothing else, and h2 lets one connection buffer ~1 MiB
+  of header fragments (64 CONTINUATION frames of 16 KiB) before the headers end. A connection
+  that opens with the HTTP/2 preface is closed unanswered and counted (``http2``);
+  ``Upgrade: h2c`` is ignored (the request is answered over HTTP/1.1, RFC 9110 §7.8); no TLS,
+  so no ALPN (and ``h2`` is not among its protocols if that changes).
 * **headers**: hypercorn's keep-alive timer runs from the connection's start (and after each
   answer) until a request's headers are complete, so ``header_timeout_s`` is a whole-headers
-  deadline; h11 refuses headers over 16 KiB (``h11_max_incomplete_size``).
+  deadline; h11 refuses headers over 16 KiB (``h11_max_incomplete_size``), the only header
+  buffer a connection has.
 * **bodies**: ``max_reading`` requests may be reading their body at once,
   ``max_reading_per_client`` per client (503 / 429 beyond); each body must arrive whole within
   ``body_timeout_s`` (408 and the connection closed; hypercorn's ``read_timeout`` only bounds
@@ -35,6 +42,7 @@ It never logs report bodies.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import logging
 import math
@@ -93,8 +101,15 @@ REASONS = (
     "internal_error",
     "method",
 )
-#: Why a connection was closed at accept, unanswered.
-CONNECTION_REFUSALS = ("total", "per_client")
+#: Why a connection was closed at accept (or at its first bytes: http2), unanswered.
+CONNECTION_REFUSALS = ("total", "per_client", "per_network", "http2")
+#: RFC 9113 §3.4: what an HTTP/2 client with prior knowledge sends first. We refuse it: h2
+#: buffers up to 64 CONTINUATION frames of 16 KiB a connection (h2's CONTINUATION_BACKLOG)
+#: before a header block ends, where h11 holds 16 KiB, and our sender never speaks HTTP/2.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: The IPv6 prefix length of the coarse per-network connection cap: a site is usually given
+#: a /48 (RFC 6177 allows /56 too), so one attacker's /56 or /48 is 256 or 65 536 /64 clients.
+NETWORK_PREFIX_V6 = 48
 #: One warning per this many seconds for unexpected exceptions: a bug that every request
 #: triggers must not turn into one traceback per request.
 ERROR_LOG_INTERVAL_S = 10 * SECONDS
@@ -131,6 +146,11 @@ class ReceiverLimits:
     max_connections: int = 512
     #: Open connections per client (IPv4 address or IPv6 /64): a sender's pool is 8.
     max_connections_per_client: int = 32
+    #: Open connections per IPv6 /48 (NETWORK_PREFIX_V6): a /56 holds 256 /64 "clients", so
+    #: without it one site could take all of max_connections; a quarter leaves the rest to
+    #: others and still 16 senders' pools to one site. IPv4 has no coarser cap: a /24 is many
+    #: unrelated customers behind one ISP as often as one attacker, and addresses cost money.
+    max_connections_per_network: int = 128
     #: Per-key caps, applied when there is no trust list (anybody may sign).
     keys: KeyCaps = field(default_factory=KeyCaps)
     #: The output file stops growing here (507); 0 for no cap. Bytes already in it count.
@@ -151,6 +171,8 @@ class ReceiverStatistics:
     errors: dict[str, int] = field(default_factory=dict)
     keys_tracked: int = 0
     out_bytes: int = 0
+    #: HTTP/1.1 requests asking ``Upgrade: h2c``, answered over HTTP/1.1 all the same.
+    h2c_upgrades_ignored: int = 0
 
 
 class _PerClient:
@@ -257,6 +279,8 @@ class WebhookReceiver:
         self._reading_by_client = _PerClient()
         self._connections = 0
         self._connections_by_client = _PerClient()
+        self._connections_by_network = _PerClient()
+        self._h2c_upgrades_ignored = 0
         self._refused = dict.fromkeys(CONNECTION_REFUSALS, 0)
         self._errors: dict[str, int] = {}
         self._last_error_log: float | None = None
@@ -276,6 +300,7 @@ class WebhookReceiver:
             errors=dict(self._errors),
             keys_tracked=self._budget.statistics().keys,
             out_bytes=self._sink.size,
+            h2c_upgrades_ignored=self._h2c_upgrades_ignored,
         )
 
     def metrics_text(self) -> str:
@@ -308,6 +333,12 @@ class WebhookReceiver:
             "counter",
             "Connections closed at accept, by limit",
             [(f'{{reason="{r}"}}', n) for r, n in s.connections_refused.items()],
+        )
+        metric(
+            p + "h2c_upgrades_ignored_total",
+            "counter",
+            "Requests asking Upgrade: h2c, answered over HTTP/1.1",
+            [("", s.h2c_upgrades_ignored)],
         )
         metric(
             p + "errors_total",
@@ -529,12 +560,11 @@ class WebhookReceiver:
 
         hypercorn's ``worker_serve`` accepts every connection it is offered; we run its
         per-connection protocol (``TCPServer``) from our own accept loop so that connections
-        are counted and capped, in all and per client, before any byte is parsed.
+        are counted and capped, in all, per client and per network, before any byte is parsed,
+        and so that each speaks HTTP/1.1 only (:func:`_http11_server`).
         """
         from hypercorn.config import Config
-        from hypercorn.trio.tcp_server import TCPServer
         from hypercorn.trio.worker_context import WorkerContext
-        from hypercorn.typing import ConnectionState
         from hypercorn.utils import repr_socket_addr, wrap_app
 
         lim = self._limits
@@ -545,9 +575,8 @@ class WebhookReceiver:
         config.errorlog = logging.getLogger("overflowd.receive.http")
         config.read_timeout = max(1, math.ceil(lim.read_timeout_s))  # hypercorn wants an int
         config.keep_alive_timeout = lim.header_timeout_s
-        # HTTP/2 (h2c) multiplexes requests on one connection: no more streams than a client
-        # may have reading at once.
-        config.h2_max_concurrent_streams = lim.max_reading_per_client
+        # No TLS is served (only insecure sockets below); should it be, never offer h2 by ALPN.
+        config.alpn_protocols = ["http/1.1"]
         config.graceful_timeout = 1 * SECONDS
         config.include_server_header = False
 
@@ -567,30 +596,178 @@ class WebhookReceiver:
             for sock in sockets.insecure_sockets
         ]
 
+        def refuse_http2() -> None:
+            self._refused["http2"] += 1
+
+        def ignore_h2c() -> None:
+            self._h2c_upgrades_ignored += 1
+
         async def connection(stream: trio.SocketStream) -> None:
             try:
                 peer = stream.socket.getpeername()
             except OSError:
                 return  # gone already
-            who = client_key(str(peer[0])) if isinstance(peer, tuple) else "-"
+            addr = str(peer[0]) if isinstance(peer, tuple) else "-"
+            who, net = client_key(addr), network_key(addr)
             if self._connections >= lim.max_connections:
                 self._refused["total"] += 1
                 return  # serve_listeners closes it
             if not self._connections_by_client.acquire(who, lim.max_connections_per_client):
                 self._refused["per_client"] += 1
                 return
+            if net is not None and not self._connections_by_network.acquire(
+                net, lim.max_connections_per_network
+            ):
+                self._connections_by_client.release(who)
+                self._refused["per_network"] += 1
+                return
             self._connections += 1
             try:
-                await TCPServer(app, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+                await _http11_server(
+                    app, config, context, _RefuseHttp2(stream, refuse_http2), ignore_h2c
+                )
             except Exception as exc:  # the per-connection boundary: hypercorn's bug, one client
                 self._count_error(exc)
             finally:
                 self._connections -= 1
                 self._connections_by_client.release(who)
+                if net is not None:
+                    self._connections_by_network.release(net)
 
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, connection, listeners)
             task_status.started(_bound(binds[0]))
+
+
+def network_key(host: str) -> str | None:
+    """The IPv6 /48 that ``host`` is in, for the coarse connection cap; None for IPv4 (and
+    IPv4-mapped IPv6, and anything that is not an address): those have no coarser cap."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if not isinstance(ip, ipaddress.IPv6Address) or ip.ipv4_mapped is not None:
+        return None
+    shift = 128 - NETWORK_PREFIX_V6
+    return str(ipaddress.IPv6Network((int(ip) >> shift << shift, NETWORK_PREFIX_V6)))
+
+
+class _RefuseHttp2(trio.abc.HalfCloseableStream):
+    """A connection's stream that ends it, unanswered, if it opens with the HTTP/2 preface.
+
+    The check reads (rather than peeks: a peek cannot wait for more bytes without polling)
+    until the bytes so far stop being a prefix of :data:`H2_PREFACE`, which for HTTP/1.1 is the
+    first byte or two of the first read, and hands them on; at most 23 bytes are held. It runs
+    inside hypercorn's first ``receive_some``, so hypercorn's timers bound it: the headers
+    deadline (keep-alive timer, from the connection's start) and the read timeout.
+    """
+
+    def __init__(self, stream: trio.SocketStream, on_refused: Callable[[], None]) -> None:
+        self.socket = stream.socket
+        self._stream = stream
+        self._on_refused = on_refused
+        self._checked = False
+        self._held = b""
+        #: It opened with the preface and was refused.
+        self.refused = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._checked:
+            data = b""
+            while len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                chunk = await self._stream.receive_some()
+                if not chunk:
+                    break
+                data += chunk
+            self._checked = True
+            if data.startswith(H2_PREFACE):
+                self.refused = True
+                self._on_refused()
+                log.debug("receive.http2_refused")
+                raise trio.BrokenResourceError("HTTP/2 is not served")
+            self._held = data
+        if self._held:
+            n = len(self._held) if max_bytes is None else max_bytes
+            data, self._held = self._held[:n], self._held[n:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _http11_server(
+    app: Any,
+    config: Any,
+    context: Any,
+    stream: _RefuseHttp2,
+    on_h2c_upgrade: Callable[[], None],
+) -> None:
+    """hypercorn's ``TCPServer`` for one plain-TCP connection, speaking HTTP/1.1 only.
+
+    ``TCPServer.run`` builds a ``ProtocolWrapper`` that switches to HTTP/2 on the preface
+    (on any request of the connection) or on ``Upgrade: h2c`` (after answering 101 itself), so
+    we replace ``run`` with its plain-TCP path around an ``H11Protocol`` that never switches.
+    hypercorn is pinned to 0.18.x for these internals; tests/service/test_receiver_h2.py
+    checks them.
+    """
+    import h11
+    from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.trio.task_group import TaskGroup
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.typing import ConnectionState
+    from hypercorn.utils import parse_socket_addr
+
+    class Http11Only(H11Protocol):
+        async def _check_protocol(self, event: h11.Request) -> None:
+            # Upgrade is optional for a server to honour (RFC 9110 §7.8): serve it as HTTP/1.1.
+            # "PRI * HTTP/2.0" past the first request is then a request like any other (405).
+            for name, value in event.headers:
+                if name.lower() == b"upgrade" and value.strip().lower() == b"h2c":
+                    on_h2c_upgrade()
+
+    class Server(TCPServer):
+        async def run(self) -> None:
+            sock = self.stream.socket
+            try:
+                client = parse_socket_addr(sock.family, sock.getpeername())
+                server = parse_socket_addr(sock.family, sock.getsockname())
+                with trio.CancelScope() as scope:
+                    async with TaskGroup() as task_group:
+                        self._task_group = task_group
+                        self.protocol = Http11Only(  # type: ignore[assignment]
+                            self.app,
+                            self.config,
+                            self.context,
+                            task_group,
+                            ConnectionState(self.state),
+                            False,
+                            client,
+                            server,
+                            self.protocol_send,
+                        )
+                        await self.protocol.initiate()
+                        await self.idle_task.restart(self._task_group, self._idle_timeout)
+                        await self._read_data()
+                        if stream.refused:
+                            # No request was parsed, so no app task runs; the idle timer
+                            # would hold the connection (and its slot) for header_timeout_s.
+                            scope.cancel()
+            except OSError:
+                pass
+            finally:
+                await self._close()
+
+    await Server(app, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
 
 
 def _bound(bind: str) -> tuple[str, int]:

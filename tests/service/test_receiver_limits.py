@@ -35,7 +35,9 @@ GOOD = NodeIdentity(seed=bytes(range(32)))
 
 
 @contextmanager
-def receiver(tmp_path: Path, *flags: str) -> Iterator[tuple[str, int, Path]]:
+def receiver(
+    tmp_path: Path, *flags: str, listen: str = "127.0.0.1:0"
+) -> Iterator[tuple[str, int, Path]]:
     """``overflowd-receive`` on 127.0.0.1 port 0: (base URL, port, output file); stopped after.
 
     Its stderr goes to a file, never a pipe nobody reads (a full pipe would stall the server).
@@ -45,7 +47,7 @@ def receiver(tmp_path: Path, *flags: str) -> Iterator[tuple[str, int, Path]]:
     env = {k: v for k, v in os.environ.items() if k != "OVERFLOWD_HOME"}
     with open(errfile, "wb") as err:
         proc = subprocess.Popen(
-            [*COMMAND, "--out", str(out), *flags],
+            [*COMMAND[:-1], listen, "--out", str(out), *flags],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
