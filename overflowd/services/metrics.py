@@ -103,11 +103,14 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
     for reason, count in sorted(d.templates_evicted_by_reason.items()):
         template_evictions.add_metric([reason], count)
     yield template_evictions
-    yield _counter(
+    pending_dropped = CounterMetricFamily(
         "overflowd_decoder_pending_dropped",
-        "Data sets dropped waiting for a template",
-        d.pending_dropped,
+        "Data sets dropped waiting for a template, by reason",
+        labels=["reason"],
     )
+    for reason, count in sorted(d.pending_dropped_by_reason.items()):
+        pending_dropped.add_metric([reason], count)
+    yield pending_dropped
     sm = s.sampler
     yield _counter("overflowd_sampler_records", "Records offered to the sampler", sm.records_seen)
     yield _counter("overflowd_sampler_sampled", "Records sampled for a report", sm.records_sampled)
