@@ -24,7 +24,15 @@ Events: when a *known* observer shows up with a new key (its contacts overlap th
 know, or it carries the label of one, e.g. its pinned name), or a known key changes its
 contacts, :meth:`TrustBook.observe` returns an event; the caller logs it, counts it and shows it
 in queries. Nothing here logs, reads a clock (``now_ms`` is an argument) or does I/O; the book
-is bounded in keys (least recently seen unpinned key evicted first) and networks per key.
+is bounded in keys and networks per key.
+
+Keys live in two tables, each bounded and least recently seen first out: *established* keys
+(pinned, or that have held ``continuity`` while remembered; at most ``max_keys``) and *new* keys
+(every other; at most ``max_new_keys``). A new key only ever pushes out another new key: a valid
+signature costs an attacker nothing but a fresh key, and a burst of throwaway keys in band
+(every admitted report is observed) must not forget the observers that took a week of
+authenticated sightings to earn ``continuity``. The storage policy keeps new and established
+keys apart for the same reason (:mod:`overflowd.storage_policy`).
 
 The work of one :meth:`~TrustBook.observe` is bounded too, whatever the book holds: the index
 that finds "keys known by this contact or label" keeps, per contact and per label, every pinned
@@ -82,8 +90,13 @@ class ContinuityPolicy:
     min_networks: int = 2
     #: in at least this many reports [3]
     min_reports: int = 3
-    #: keys remembered; the least recently seen unpinned key is forgotten first [100 000]
+    #: established keys remembered (pinned, or that have held continuity); the least recently
+    #: seen unpinned one is forgotten first [100 000]
     max_keys: int = 100_000
+    #: new keys remembered (not established): a separate table, so that a flood of fresh keys
+    #: only pushes out other new keys; least recently seen first out [50 000]. About 1.5 KiB
+    #: each with a contact of its own and its index entry (tracemalloc, CPython 3.11).
+    max_new_keys: int = 50_000
     #: networks remembered per key (only min_networks matter for trust) [32]
     max_networks_per_key: int = 32
     #: unpinned keys indexed per contact and per label, to find the known keys a new key's
@@ -94,8 +107,10 @@ class ContinuityPolicy:
     def __post_init__(self) -> None:
         if self.min_days < 0 or self.min_networks < 1 or self.min_reports < 1:
             raise ValueError("min_days >= 0, min_networks >= 1 and min_reports >= 1")
-        if self.max_keys < 1 or self.max_networks_per_key < self.min_networks:
-            raise ValueError("max_keys >= 1 and max_networks_per_key >= min_networks")
+        if self.max_keys < 1 or self.max_new_keys < 1:
+            raise ValueError("max_keys >= 1 and max_new_keys >= 1")
+        if self.max_networks_per_key < self.min_networks:
+            raise ValueError("max_networks_per_key >= min_networks")
         if self.max_keys_per_name < 1:
             raise ValueError("max_keys_per_name >= 1")
 
@@ -265,10 +280,15 @@ class TrustStatistics:
     observations: int
     new_key_events: int
     contacts_changed_events: int
+    #: keys forgotten to make room, new and established together
     evicted: int
     #: keys left out of a full contact or label index (they still get their events; they are
     #: only not named in the events of later keys)
     unindexed: int = 0
+    #: of ``keys``, those in the established table (pinned, or have held continuity)
+    established: int = 0
+    #: of ``evicted``, established keys (only established keys push these out)
+    evicted_established: int = 0
 
 
 def continuity_holds(history: KeyHistory, policy: ContinuityPolicy, now_ms: int) -> bool:
@@ -348,15 +368,18 @@ class TrustBook:
     ) -> None:
         self.policy = policy or ContinuityPolicy()
         self._pinned: dict[bytes, PinnedKey] = {p.key: p for p in pinned}
-        # least recently seen first
-        self._keys: OrderedDict[bytes, KeyHistory] = OrderedDict()
+        # Every key's history; which table it is in says which bound it counts against.
+        self._keys: dict[bytes, KeyHistory] = {}
+        # Two LRU tables (ordered sets, least recently seen first): see the module docstring.
+        self._established: OrderedDict[bytes, None] = OrderedDict()
+        self._new: OrderedDict[bytes, None] = OrderedDict()
         self._by_contact: dict[str, _NameIndex] = {}
         self._by_label: dict[str, _NameIndex] = {}
         for pin in self._pinned.values():
             if pin.label:
                 self._by_label.setdefault(pin.label, _NameIndex()).pinned.add(pin.key)
         self._observations = self._new_key = self._contacts_changed = self._evicted = 0
-        self._unindexed = 0
+        self._unindexed = self._evicted_established = 0
 
     # -- reading --------------------------------------------------------------------------
 
@@ -385,12 +408,22 @@ class TrustBook:
             contacts_changed_events=self._contacts_changed,
             evicted=self._evicted,
             unindexed=self._unindexed,
+            established=len(self._established),
+            evicted_established=self._evicted_established,
         )
+
+    def established(self, key: bytes) -> bool:
+        """Is ``key`` in the established table (pinned, or has held continuity)?"""
+        return key in self._established
 
     # -- learning -------------------------------------------------------------------------
 
     def load(self, history: KeyHistory) -> None:
-        """Take a key's history from the store (no events: it is not news)."""
+        """Take a key's history from the store (no events: it is not news).
+
+        Load the least recently seen first: each goes to the most recent end of its table.
+        A key holding continuity goes to the established table, any other to the new one.
+        """
         self._forget(history.key)
         self._remember(history)
 
@@ -466,13 +499,23 @@ class TrustBook:
             labels=labels,
         )
         self._keys[key] = history
-        self._keys.move_to_end(key)
+        established = not self._holds(old) and self._holds(history)
+        if key in self._established:
+            self._established.move_to_end(key)
+        elif self._holds(history):
+            # It earned continuity: out of the new keys' reach from now on. It stays
+            # established while remembered, even if its contacts change later (as the storage
+            # policy keeps a key established): only its owner can sign with it.
+            del self._new[key]
+            self._established[key] = None
+            self._trim(self._established, self.policy.max_keys)
+        else:
+            self._new.move_to_end(key)
         # The index changes only with the names, or when the key becomes established: the
         # common case (the same key, contacts and standing again) touches no index at all.
         for contact in old.contacts:
             if contact not in contacts:
                 self._unindex(self._by_contact, contact, key)
-        established = not self._holds(old) and self._holds(history)
         for contact in contacts:
             if established or contact not in old.contacts:
                 self._index(self._by_contact, contact, history)
@@ -522,22 +565,36 @@ class TrustBook:
         self._unindexed += 1
 
     def _remember(self, history: KeyHistory) -> None:
-        self._keys[history.key] = history
+        key = history.key
+        self._keys[key] = history
         for contact in history.contacts:
             self._index(self._by_contact, contact, history)
         for label in history.labels:
             self._index(self._by_label, label, history)
-        while len(self._keys) > self.policy.max_keys:
-            victim = next((k for k in self._keys if k not in self._pinned), None)
+        if key in self._pinned or self._holds(history):
+            self._established[key] = None
+            self._trim(self._established, self.policy.max_keys)
+        else:
+            self._new[key] = None
+            self._trim(self._new, self.policy.max_new_keys)
+
+    def _trim(self, table: OrderedDict[bytes, None], cap: int) -> None:
+        """Forget the least recently seen unpinned keys of ``table`` past ``cap``."""
+        while len(table) > cap:
+            # Pinned keys are few (configured) and only in the established table.
+            victim = next((k for k in table if k not in self._pinned), None)
             if victim is None:
                 break
             self._forget(victim)
             self._evicted += 1
+            self._evicted_established += table is self._established
 
     def _forget(self, key: bytes) -> None:
         history = self._keys.pop(key, None)
         if history is None:
             return
+        self._established.pop(key, None)
+        self._new.pop(key, None)
         pin = self._pinned.get(key)
         for contact in history.contacts:
             self._unindex(self._by_contact, contact, key)

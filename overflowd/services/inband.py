@@ -51,7 +51,7 @@ from overflowd.notify import (
     plan_inband,
 )
 from overflowd.store import Store
-from overflowd.trust import network_of
+from overflowd.trust import TrustLevel, network_of
 from overflowd.wire import datagram
 from overflowd.wire.reader import WireDecodeError
 
@@ -304,6 +304,16 @@ RELABEL_MAX_WAIT_S = 60.0
 #: reports go to the priority lane, ahead of strangers and outside the per-prefix share. Only a
 #: key published at its sender's reverse zone gets there; about 100 B each.
 PROVEN_PAIRS = 4_096
+_DNS = str(TrustLevel.DNS)
+_RANKS = {str(level): int(level) for level in TrustLevel}
+
+
+def _label_rank(label: str | None) -> int:
+    """Trust labels by strength (``TrustLevel``); anything else ranks below ``unknown``, so
+    that a hook's stray answer never replaces a real label."""
+    return _RANKS.get(label or "", -1)
+
+
 #: At most one warning about an unexpected exception per this many seconds (all are counted).
 ERROR_LOG_INTERVAL_S = 10.0
 
@@ -432,6 +442,10 @@ class RelabelStatistics:
     waiting: int = 0  # ... still waiting now
     relabelled: Mapping[str, int] = field(default_factory=dict)  # stored label changed, by new
     unchanged: int = 0  # looked up, the label stayed
+    #: of ``unchanged``, reports whose relabel answered a weaker label than the stored one (a
+    #: lookup that failed or found nothing, a key forgotten by the book since): kept, never
+    #: lowered
+    not_lowered: int = 0
     skipped: Mapping[str, int] = field(default_factory=dict)  # see RELABEL_SKIP_REASONS
     priority: int = 0  # reports queued in the priority lane
     proven_pairs: int = 0
@@ -523,6 +537,7 @@ class InbandListener:
         self._relabel_priority = 0
         self._relabelled: Counter[str] = Counter()
         self._relabel_unchanged = 0
+        self._relabel_not_lowered = 0
         self._relabel_skipped = dict.fromkeys(RELABEL_SKIP_REASONS, 0)
         self._on_report = on_report
         self._wall_clock = wall_clock
@@ -748,7 +763,17 @@ class InbandListener:
             log.debug("inband.relabel_timeout sender=%s", entry.sender)
             self._skip(entry.items, "timeout")
             return
-        changes = {r.report.report_id: (r.trust, label) for r in entry.items if r.trust != label}
+        # A relabel only ever raises a stored label. What it answers below the stored one is no
+        # evidence against it: the lookup failed or found nothing, and the book's own answer
+        # may be weaker now only because it forgot the key (a flood of fresh keys) since.
+        changes = {
+            r.report.report_id: (r.trust, label)
+            for r in entry.items
+            if _label_rank(label) > _label_rank(r.trust)
+        }
+        self._relabel_not_lowered += sum(
+            _label_rank(label) < _label_rank(r.trust) for r in entry.items
+        )
         if changes:
             try:
                 await trio.to_thread.run_sync(self._store.update_trust, changes)
@@ -758,10 +783,15 @@ class InbandListener:
                 self._skip(entry.items, "error")
                 return
             self._relabelled[label] += len(changes)
+        if label == _DNS:
+            # Only DNS vouching for the key at its sender's reverse zone earns the priority
+            # lane; any other change (the book's continuity grew meanwhile) proves nothing
+            # about this (key, prefix) pair.
             self._prove((entry.key, entry.prefix))
         self._relabel_unchanged += len(entry.items) - len(changes)
         for received in entry.items:
-            self._labelled(replace(received, trust=label, relabel=False))
+            final = label if received.report.report_id in changes else received.trust
+            self._labelled(replace(received, trust=final, relabel=False))
 
     def _prove(self, pair: tuple[bytes, str]) -> None:
         proven = self._proven
@@ -868,6 +898,7 @@ class InbandListener:
                 waiting=len(self._relabels),
                 relabelled=MappingProxyType(dict(self._relabelled)),
                 unchanged=self._relabel_unchanged,
+                not_lowered=self._relabel_not_lowered,
                 skipped=MappingProxyType(dict(self._relabel_skipped)),
                 priority=self._relabel_priority,
                 proven_pairs=len(self._proven),

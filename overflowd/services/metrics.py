@@ -264,6 +264,11 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         for reason, count in sorted(rl.skipped.items()):
             skipped.add_metric([reason], count)
         yield skipped
+        yield CounterMetricFamily(
+            "overflowd_inband_relabel_not_lowered",
+            "Stored reports whose relabel answered a weaker label (kept, never lowered)",
+            value=rl.not_lowered,
+        )
         yield GaugeMetricFamily(
             "overflowd_inband_relabel_waiting", "Stored reports waiting for DNS", value=rl.waiting
         )

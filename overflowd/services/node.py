@@ -381,7 +381,9 @@ class NodeService:
 
     async def _relabel(self, report: rpt.SignedReport, sender: str) -> str:
         """The label DNS gives a stored report: ``dns`` when the key is published at the
-        sender's reverse zone, else the book's (a failed lookup is no evidence)."""
+        sender's reverse zone, else the book's. The listener writes it only when it is
+        stronger than the stored label, and proves the (key, prefix) pair only for ``dns``:
+        a failed lookup is no evidence, and the book may have forgotten the key since."""
         now_ms = int(time.time() * 1000)
         key = report.observer_key
         if self.registry is None:
@@ -467,6 +469,7 @@ class NodeService:
                     self.store,
                     max_keys=policy.max_keys,
                     max_networks_per_key=policy.max_networks_per_key,
+                    policy=policy,  # established keys first: a flood of fresh ones is recent
                 )
             )
         except StoreError as exc:

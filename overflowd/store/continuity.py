@@ -29,7 +29,14 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from overflowd.store.models import Base
 from overflowd.store.repository import Store
-from overflowd.trust import ContinuityJournal, KeyHistory, NetworkSighting, TrustBook
+from overflowd.trust import (
+    ContinuityJournal,
+    ContinuityPolicy,
+    KeyHistory,
+    NetworkSighting,
+    TrustBook,
+    continuity_holds,
+)
 
 #: Network rows kept per key (the trust book itself remembers at most 32).
 MAX_NETWORKS_PER_KEY = 64
@@ -212,30 +219,52 @@ def batch_from(
     return sightings, dated
 
 
-def read_histories(store: Store, *, max_keys: int, max_networks_per_key: int) -> list[KeyHistory]:
-    """Key histories for :meth:`TrustBook.load` from ``observers`` and ``observer_networks``:
-    the ``max_keys`` most recently seen keys, least recently seen first (the book's LRU order),
-    each with its ``max_networks_per_key`` most recently seen networks.
+def read_histories(
+    store: Store,
+    *,
+    max_keys: int,
+    max_networks_per_key: int,
+    policy: ContinuityPolicy | None = None,
+) -> list[KeyHistory]:
+    """Key histories for :meth:`TrustBook.load` from ``observers`` and ``observer_networks``,
+    least recently seen first (the book's LRU order), each with its ``max_networks_per_key``
+    most recently seen networks.
+
+    Which keys: the ``max_keys`` most recently seen that hold continuity under ``policy`` (the
+    book's established table), then the ``policy.max_new_keys`` most recently seen of the rest.
+    Established keys first: a burst of throwaway keys just before a restart is the most
+    recently seen, and must not take the place of the observers that earned continuity.
+    Without ``policy``, the ``max_keys`` most recently seen keys, whatever they hold.
 
     A key without ``contacts_since_ms`` gets its last sighting (continuity starts over for it).
     """
-    rows = store.observers()[:max_keys]  # most recently seen first
+    rows = store.observers()  # most recently seen first
     stored = load_continuity(store, max_networks_per_key=max_networks_per_key)
-    histories = []
-    for row in reversed(rows):
+    established: list[KeyHistory] = []
+    new: list[KeyHistory] = []
+    max_new = policy.max_new_keys if policy is not None else 0
+    for row in rows:
+        if len(established) >= max_keys and len(new) >= max_new:
+            break
         since = row.contacts_since_ms
         if since is None or since > row.last_seen_ms:
             since = row.last_seen_ms
         found = stored.get(row.key)
-        histories.append(
-            KeyHistory(
-                key=row.key,
-                contacts=row.contacts,
-                first_seen_ms=row.first_seen_ms,
-                last_seen_ms=row.last_seen_ms,
-                contacts_since_ms=max(since, row.first_seen_ms),
-                reports=row.reports,
-                networks=frozenset(n.network for n in found.networks) if found else frozenset(),
-            )
+        history = KeyHistory(
+            key=row.key,
+            contacts=row.contacts,
+            first_seen_ms=row.first_seen_ms,
+            last_seen_ms=row.last_seen_ms,
+            contacts_since_ms=max(since, row.first_seen_ms),
+            reports=row.reports,
+            networks=frozenset(n.network for n in found.networks) if found else frozenset(),
         )
+        if policy is None or continuity_holds(history, policy, row.last_seen_ms):
+            if len(established) < max_keys:
+                established.append(history)
+        elif len(new) < max_new:
+            new.append(history)
+    # Both lists are most recently seen first; merged, least recently seen first.
+    histories = established + new
+    histories.sort(key=lambda h: (h.last_seen_ms, h.key))
     return histories

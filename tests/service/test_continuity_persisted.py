@@ -64,10 +64,13 @@ class Daemon:
         return save_continuity(self.store, *batch_from(self.book, self.journal))
 
 
-def fresh_book(store: Store) -> TrustBook:
-    book = TrustBook(policy=ContinuityPolicy())
-    for history in read_histories(
-        store, max_keys=book.policy.max_keys, max_networks_per_key=book.policy.max_networks_per_key
+def fresh_book(store: Store, policy: ContinuityPolicy | None = None) -> TrustBook:
+    book = TrustBook(policy=policy or ContinuityPolicy())
+    for history in read_histories(  # as NodeService._load_trust_book
+        store,
+        max_keys=book.policy.max_keys,
+        max_networks_per_key=book.policy.max_networks_per_key,
+        policy=book.policy,
     ):
         book.load(history)
     return book
@@ -179,6 +182,32 @@ def test_networks_per_key_are_capped(store: Store) -> None:
         n.network for n in reversed(flood[-3:])
     ]
     assert len(load_continuity(store, max_networks_per_key=2)[X.public_key].networks) == 2
+
+
+def test_a_burst_of_fresh_keys_before_a_restart_does_not_displace_established_ones(
+    store: Store,
+) -> None:
+    """Review: read_histories loaded the most recently seen keys, so after a burst of
+    throwaway keys a restart loaded the attacker's and forgot the established observer. Now
+    established keys (continuity) are loaded first, the rest in their own bound."""
+    d = Daemon(store)
+    for day, sender in [(0, "192.0.2.7"), (3, "198.51.100.9"), (8, "192.0.2.8")]:
+        d.receive(sender, OLD, T0 + day * DAY_MS)
+    assert d.save() == []
+    # the burst: 12 fresh keys, each one in-band report, all seen after X
+    strangers = [NodeIdentity.generate() for _ in range(12)]
+    later = T0 + 9 * DAY_MS
+    for n, stranger in enumerate(strangers):
+        report = stranger.sign_report(make_payload(contacts=("mailto:x@example.org",)))
+        assert store.add_reports([(report, later + n, "udp")]) == 1
+    policy = ContinuityPolicy(max_keys=4, max_new_keys=4)
+    book = fresh_book(store, policy)
+    assert level(book) == TrustLevel.CONTINUITY and book.established(X.public_key)
+    stats = book.statistics()
+    assert stats.keys == 5 and stats.established == 1 and stats.evicted == 0
+    # the new keys loaded are the most recently seen ones, oldest first in the book's order
+    loaded = [s.public_key for s in strangers if book.history(s.public_key) is not None]
+    assert loaded == [s.public_key for s in strangers[-4:]]
 
 
 def test_journal_is_bounded() -> None:

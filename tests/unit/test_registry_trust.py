@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 import tracemalloc
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_a_stranger_raises_no_event() -> None:
 
 
 def test_book_is_bounded_and_never_forgets_pins() -> None:
-    policy = ContinuityPolicy(max_keys=3, min_networks=1, max_networks_per_key=2)
+    policy = ContinuityPolicy(max_keys=3, max_new_keys=2, min_networks=1, max_networks_per_key=2)
     book = TrustBook([PinnedKey(K1, "p")], policy)
     book.observe(K1, MAIL, now_ms=0)
     for i in range(10, 20):
@@ -224,7 +225,8 @@ def _key(i: int) -> bytes:
 
 def _crowded_book() -> tuple[TrustBook, bytes, bytes]:
     """60,000 strangers' keys share one contact with a pinned and an established observer."""
-    book = TrustBook([PinnedKey(K1, "edge")], POLICY)
+    # room for all the strangers (new keys), so that the index, not the table, is what bounds
+    book = TrustBook([PinnedKey(K1, "edge")], dataclasses.replace(POLICY, max_new_keys=4 * MANY))
     book.observe(K1, SHARED, now_ms=0)
     for i in range(MANY):
         book.load(KeyHistory(_key(i), SHARED, i, i, i, 1))
