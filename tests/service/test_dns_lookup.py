@@ -673,4 +673,5 @@ def test_contact_cli_errors_are_one_line(knot: KnotServer, tmp_path: Path) -> No
     code, _, err = contact(knot, tmp_path, "example.org")  # REFUSED by our server
     assert code == 1 and err.splitlines()[-1].startswith("overflowd-query: error: nothing found")
     code, _, err = contact(knot, tmp_path, "192.0.2.7", "--resolver", "dns.example:53")
-    assert code == 1 and "not an IP address" in err
+    # a bad flag value is a usage error: exit 2, naming the flag (operability issue)
+    assert code == 2 and "--resolver" in err and "not an IP address" in err
