@@ -2,28 +2,36 @@
 
 Sans-IO: counts in, a verdict out; no database, no clock of its own (``now`` is an argument,
 Unix seconds). The in-band listener asks :meth:`StoragePolicy.admit` for every verified report
-before it queues it for the store; the retention service (:mod:`overflowd.services.retention`)
-seeds the counts from the store at start, tells the policy what it pruned (:meth:`forget`),
-re-reads the totals after every pass (:meth:`resync`) and switches the headroom state.
+before it queues it for the store, and hands back with :meth:`refund` what it admitted but did
+not store (already in the store, cut at stop); the retention service
+(:mod:`overflowd.services.retention`) seeds the counts from the store at start, tells the
+policy what it pruned (:meth:`forget`), re-reads the totals after every pass (:meth:`resync`)
+and switches the headroom state.
 
 Why each budget exists (docs/storage.md has the defaults):
 
 * **per observer key** — a valid signature costs an attacker nothing but a fresh key; no key
   may take more than ``received_max_reports_per_key`` rows.
 * **per sender network** (/24, /48, as :func:`overflowd.trust.network_of` draws them) — one
-  socket, or one misbehaving node, cannot fill the store with many keys. Sources are spoofable,
-  so this is not a bound on a determined attacker; the next two are.
+  socket, or one misbehaving node, cannot fill the store with many *new* keys. Sources are
+  spoofable, so this is not a bound on a determined attacker (the next two are), and it never
+  refuses an established key: anyone can send "from" an established observer's network.
 * **in total**, rows and bytes — the hard bound: whatever comes in, received reports never take
   more than ``received_max_bytes``.
-* **new keys** — keys whose first stored report is younger than ``established_after_s`` share
-  at most ``new_keys_max_fraction`` of the total, so a flood of throwaway keys fills its own
-  pool and is refused there, while the observers we have heard from before keep being stored.
+* **new keys** — keys whose first stored report is younger than ``established_after_s``, or
+  that have fewer than ``established_min_reports`` stored, share at most
+  ``new_keys_max_fraction`` of the total, so a flood of throwaway keys fills its own pool and is
+  refused there, while the observers we have heard from before keep being stored. A refused
+  report leaves no entry, so a key's age starts with its first *stored* report; and age alone
+  (one report, then a day's wait) does not establish a key.
 * **headroom** — while the disk (or the configured database size) runs short, every received
   report is refused: our own reports and the webhook outbox need the room.
 
 Memory is bounded: ``max_tracked_keys`` and ``max_tracked_senders`` entries, least recently
 used forgotten first. Established keys and new keys live in separate tables, so a flood of new
-keys can only push out other new keys. A new key's rows that leave the table stay in the new-key
+keys can only push out other new keys; a key due for promotion while the established table is
+full stays new (no established entry is ever evicted; one is freed when its last report is
+pruned). A new key's rows that leave the table stay in the new-key
 pool (as ``orphaned``) until they are pruned: forgetting a key must not free its pool share.
 
 Expected outcomes are values: ``admit`` returns None (admitted, and counted) or the reason it
