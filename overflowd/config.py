@@ -119,6 +119,12 @@ class StorageSettings:
     #: the observers we have heard from before.
     new_keys_max_fraction: float = 0.25
     established_after_s: float = DAY_S
+    #: ... and a key leaves that pool only once it also has this many reports stored: age
+    #: alone is free (one report, then wait a day), so a key must have been stored, and
+    #: counted in the pool, this many times first. The pool bounds how many keys can get there
+    #: a day (its share divided by this). Keys already in the store at start are established
+    #: by age alone (the store is the record).
+    established_min_reports: int = 10
     #: Received reports older than this (by the time we received them) are pruned.
     received_max_age_days: float = 30.0
     #: Our own reports: kept this long and up to this size (oldest pruned first); never pruned
@@ -320,6 +326,8 @@ received_max_reports_per_sender = 50000
 # received budget: a flood of throwaway keys cannot crowd out observers heard from before.
 new_keys_max_fraction = 0.25
 established_after_s = 86400.0
+# ... and leave it once they also have this many reports stored (age alone is free).
+established_min_reports = 10
 # Received reports are pruned after this many days.
 received_max_age_days = 30.0
 # Own reports: kept this long and up to this size, oldest pruned first (never one a pending
@@ -521,6 +529,8 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
                 fail(name, "must be positive")
         if settings.established_after_s < 0:
             fail("established_after_s", "must not be negative")
+        if settings.established_min_reports < 0:
+            fail("established_min_reports", "must not be negative")
     listen_re = r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[A-Za-z0-9.-]*):\d{1,5}$"
     if isinstance(settings, MetricsSettings) and not re.match(listen_re, settings.listen or ":0"):
         fail("listen", f"has {settings.listen!r}, which is not ADDR:PORT")

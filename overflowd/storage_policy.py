@@ -2,28 +2,36 @@
 
 Sans-IO: counts in, a verdict out; no database, no clock of its own (``now`` is an argument,
 Unix seconds). The in-band listener asks :meth:`StoragePolicy.admit` for every verified report
-before it queues it for the store; the retention service (:mod:`overflowd.services.retention`)
-seeds the counts from the store at start, tells the policy what it pruned (:meth:`forget`),
-re-reads the totals after every pass (:meth:`resync`) and switches the headroom state.
+before it queues it for the store, and hands back with :meth:`refund` what it admitted but did
+not store (already in the store, cut at stop); the retention service
+(:mod:`overflowd.services.retention`) seeds the counts from the store at start, tells the
+policy what it pruned (:meth:`forget`), re-reads the totals after every pass (:meth:`resync`)
+and switches the headroom state.
 
 Why each budget exists (docs/storage.md has the defaults):
 
 * **per observer key** — a valid signature costs an attacker nothing but a fresh key; no key
   may take more than ``received_max_reports_per_key`` rows.
 * **per sender network** (/24, /48, as :func:`overflowd.trust.network_of` draws them) — one
-  socket, or one misbehaving node, cannot fill the store with many keys. Sources are spoofable,
-  so this is not a bound on a determined attacker; the next two are.
+  socket, or one misbehaving node, cannot fill the store with many *new* keys. Sources are
+  spoofable, so this is not a bound on a determined attacker (the next two are), and it never
+  refuses an established key: anyone can send "from" an established observer's network.
 * **in total**, rows and bytes — the hard bound: whatever comes in, received reports never take
   more than ``received_max_bytes``.
-* **new keys** — keys whose first stored report is younger than ``established_after_s`` share
-  at most ``new_keys_max_fraction`` of the total, so a flood of throwaway keys fills its own
-  pool and is refused there, while the observers we have heard from before keep being stored.
+* **new keys** — keys whose first stored report is younger than ``established_after_s``, or
+  that have fewer than ``established_min_reports`` stored, share at most
+  ``new_keys_max_fraction`` of the total, so a flood of throwaway keys fills its own pool and is
+  refused there, while the observers we have heard from before keep being stored. A refused
+  report leaves no entry, so a key's age starts with its first *stored* report; and age alone
+  (one report, then a day's wait) does not establish a key.
 * **headroom** — while the disk (or the configured database size) runs short, every received
   report is refused: our own reports and the webhook outbox need the room.
 
 Memory is bounded: ``max_tracked_keys`` and ``max_tracked_senders`` entries, least recently
 used forgotten first. Established keys and new keys live in separate tables, so a flood of new
-keys can only push out other new keys. A new key's rows that leave the table stay in the new-key
+keys can only push out other new keys; a key due for promotion while the established table is
+full stays new (no established entry is ever evicted; one is freed when its last report is
+pruned). A new key's rows that leave the table stay in the new-key
 pool (as ``orphaned``) until they are pruned: forgetting a key must not free its pool share.
 
 Expected outcomes are values: ``admit`` returns None (admitted, and counted) or the reason it
@@ -88,6 +96,7 @@ class PrunedRow:
 @dataclass(frozen=True)
 class StoragePolicyStatistics:
     admitted: int
+    refunded: int  # admitted, then handed back (not stored after all)
     refused: Mapping[str, int]  # by reason, see REFUSAL_REASONS
     received_reports: int  # as the policy counts them (admitted + seeded - pruned)
     received_bytes: int
@@ -128,32 +137,51 @@ class StoragePolicy:
         self._short = False
         self._admitted = 0
         self._admitted_bytes = 0
+        self._refunded = 0
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
 
     # -- the decision --------------------------------------------------------------------------
 
     def admit(self, key: bytes, sender: str, size: int, now: float) -> str | None:
         """None if a received report of ``size`` COSE bytes from ``sender``, signed by
-        ``key``, may be stored now (and count it); else the reason it may not."""
+        ``key``, may be stored now (and count it); else the reason it may not.
+
+        A refused report leaves no trace but its refusal count: a key's entry (and so its
+        age) starts with its first *admitted* report. A report admitted and then not stored
+        (queue full, failed write, already in the store) is handed back with :meth:`refund`.
+        """
         s = self.settings
         if self._short:
             return self._refuse("headroom")
         now_ms = int(now * 1000)
-        entry = self._entry(key, now_ms)
-        if entry.reports >= s.received_max_reports_per_key:
+        entry = self._lookup(key, now_ms)
+        if entry is None:
+            is_new = s.established_after_s > 0  # a key first stored now starts new
+            held = 0
+        else:
+            is_new = key in self._new
+            held = entry.reports
+        if held >= s.received_max_reports_per_key:
             return self._refuse("per_key")
         try:
             net: str | None = network_of(sender)
         except ValueError:
             net = None  # not an address (a test harness, a Unix socket): no network to count
-        if net is not None and self._senders.get(net, 0) >= s.received_max_reports_per_sender:
+        # Sources are spoofable: anyone can send "from" an established observer's /24. So the
+        # per-network cap limits new keys only; an established key is never refused for what
+        # strangers sent from its network (its own reports still count there, as the store
+        # counts them).
+        if (
+            is_new
+            and net is not None
+            and self._senders.get(net, 0) >= s.received_max_reports_per_sender
+        ):
             return self._refuse("per_sender")
         if self._reports >= s.received_max_reports:
             return self._refuse("total_reports")
         cost = row_bytes(size)
         if self._bytes + cost > s.received_max_bytes:
             return self._refuse("total_bytes")
-        is_new = key in self._new
         if is_new:
             pool = s.new_keys_max_fraction
             if (
@@ -162,6 +190,13 @@ class StoragePolicy:
             ):
                 return self._refuse("new_keys")
         # admitted: count it everywhere
+        if entry is None:
+            entry = _Key(now_ms)
+            if is_new:
+                self._put_new(key, entry)
+            else:
+                self._promote(key, entry)  # established_after_s = 0: every key is established
+                is_new = key in self._new  # (or stays new if the established table is full)
         entry.reports += 1
         entry.bytes += cost
         if is_new:
@@ -180,25 +215,36 @@ class StoragePolicy:
         self._admitted_bytes += cost
         return None
 
+    def refund(self, key: bytes, sender: str, size: int) -> None:
+        """Hand back a report :meth:`admit` counted that was not stored after all (dropped
+        before the store, a write given up, already in the store): every count it took is
+        free again, and a new key left with no report starts over (its age with it)."""
+        try:
+            net: str | None = network_of(sender)
+        except ValueError:
+            net = None
+        self._refunded += 1
+        self.forget([PrunedRow(key, net, row_bytes(size))])
+
     def _refuse(self, reason: str) -> str:
         self._refused[reason] += 1
         return reason
 
-    def _entry(self, key: bytes, now_ms: int) -> _Key:
-        """The key's entry, most recently used; a key first seen now starts new."""
+    def _lookup(self, key: bytes, now_ms: int) -> _Key | None:
+        """The key's entry, most recently used (promoted if it is due); None if it has none."""
         entry = self._established.get(key)
         if entry is not None:
             self._established.move_to_end(key)
             return entry
         entry = self._new.get(key)
         if entry is None:
-            entry = _Key(now_ms)
-            if self.settings.established_after_s <= 0:
-                self._promote(key, entry)  # every key counts as established
-            else:
-                self._put_new(key, entry)
-            return entry
-        if now_ms - entry.first_ms >= self.settings.established_after_s * 1000:
+            return None
+        s = self.settings
+        if (
+            now_ms - entry.first_ms >= s.established_after_s * 1000
+            and entry.reports >= s.established_min_reports
+            and len(self._established) < s.max_tracked_keys
+        ):
             del self._new[key]
             self._promote(key, entry)
         else:
@@ -213,12 +259,15 @@ class StoragePolicy:
             self._orphan_bytes += gone.new_bytes
 
     def _promote(self, key: bytes, entry: _Key) -> None:
+        """Move ``entry`` out of the pool into the established table. Never pushes an
+        established key out: with the table full, the key stays new (and in the pool)."""
+        if len(self._established) >= self.settings.max_tracked_keys:
+            self._put_new(key, entry)
+            return
         self._new_reports -= entry.new_reports
         self._new_bytes -= entry.new_bytes
         entry.new_reports = entry.new_bytes = 0
         self._established[key] = entry
-        if len(self._established) > self.settings.max_tracked_keys:
-            self._established.popitem(last=False)
 
     # -- what the store says -------------------------------------------------------------------
 
@@ -299,6 +348,12 @@ class StoragePolicy:
                     entry.new_reports -= 1
                     entry.new_bytes = max(0, entry.new_bytes - row.bytes)
                     self._release_pool(row.bytes)
+                if entry.reports == 0:
+                    # Nothing of it is stored any more: as after a restart (the store seeds
+                    # only keys with reports), its next report starts it over as a new key.
+                    # This is also what frees established entries: none is ever evicted.
+                    self._established.pop(row.key, None)
+                    self._new.pop(row.key, None)
             elif self._orphan_reports:
                 self._orphan_reports -= 1
                 self._orphan_bytes = max(0, self._orphan_bytes - row.bytes)
@@ -325,6 +380,7 @@ class StoragePolicy:
     def statistics(self) -> StoragePolicyStatistics:
         return StoragePolicyStatistics(
             admitted=self._admitted,
+            refunded=self._refunded,
             refused=MappingProxyType(dict(self._refused)),
             received_reports=self._reports,
             received_bytes=self._bytes,

@@ -264,6 +264,15 @@ class InbandReceived:
 
 #: ``admit(key, sender, cose_bytes, now_s) -> None | reason`` (overflowd.storage_policy).
 StorageAdmission = Callable[[bytes, str, int, float], str | None]
+#: ``refund(key, sender, cose_bytes)``: an admitted report that was not stored after all.
+StorageRefund = Callable[[bytes, str, int], None]
+
+#: A failed store write is tried again after this long, doubling up to the most (as the
+#: node's own writer does): a locked or briefly failing store delays received reports, never
+#: loses them. Meanwhile the queue fills and the receive loop drops, counted ``queue_full``.
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.1, 5.0
+#: At most one warning about a failing store write per this many seconds (all are counted).
+STORE_LOG_INTERVAL_S = 10.0
 
 
 def _network(sender: str) -> str:
@@ -457,7 +466,7 @@ class InbandListenerStatistics:
     accepted: int  # verified and queued for the store
     stored: int  # new in the store
     already_stored: int  # the store had the id already (e.g. from a webhook or gossip)
-    store_errors: int
+    store_errors: int  # failed store writes (each tried again)
     dropped: Mapping[str, int]  # by reason, see LISTENER_DROP_REASONS
     trust: Mapping[str, int] = field(default_factory=dict)  # accepted reports by final label
     seen_ids: int = 0  # size of the de-duplication cache
@@ -466,6 +475,9 @@ class InbandListenerStatistics:
     #: datagram (or report, in a labeller) was dropped and the listener went on
     errors: Mapping[str, int] = field(default_factory=dict)
     relabel: RelabelStatistics = field(default_factory=RelabelStatistics)
+    store_retried: int = 0  # batches stored after at least one failed write
+    #: accepted reports never stored: the drain deadline at stop cut their write's retries
+    unstored_at_stop: int = 0
 
 
 def unknown_trust(key: bytes) -> str:
@@ -501,9 +513,13 @@ class InbandListener:
         on_report: Callable[[InbandReceived], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
         admit: StorageAdmission | None = None,
+        refund: StorageRefund | None = None,
     ) -> None:
         """``admit(key, sender, cose_bytes, now_s)`` is asked before a verified report is
-        queued for the store; a reason (not None) refuses it, counted as ``storage``.
+        queued for the store (only when the queue has room); a reason (not None) refuses it,
+        counted as ``storage``. ``refund(key, sender, cose_bytes)`` hands back an admitted
+        report that was not stored after all: the store had it already, a labeller dropped it,
+        or the drain deadline cut its write.
 
         ``trust_of`` labels at receive time (sync, cheap: pinned keys, the trust book).
 
@@ -542,6 +558,7 @@ class InbandListener:
         self._on_report = on_report
         self._wall_clock = wall_clock
         self._admit = admit
+        self._refund = refund
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stop = trio.Event()
         self._datagrams = 0
@@ -549,6 +566,9 @@ class InbandListener:
         self._stored = 0
         self._already = 0
         self._store_errors = 0
+        self._store_retried = 0
+        self._unstored_at_stop = 0
+        self._last_store_log = -STORE_LOG_INTERVAL_S
         self._dropped = dict.fromkeys(LISTENER_DROP_REASONS, 0)
         self._trust: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -642,6 +662,12 @@ class InbandListener:
             return self._drop("stale", sender)
         if report.payload.time > now_ms + self.settings.max_future_s * 1000:
             return self._drop("future", sender)
+        # Room first, admission second: a report dropped for a full queue must not use up its
+        # key's, its network's or the pool's budget (nothing of it is stored). No checkpoint
+        # lies between this test and send_nowait, so the room is still there.
+        room = out.statistics()
+        if room.current_buffer_used >= room.max_buffer_size and not room.tasks_waiting_receive:
+            return self._drop("queue_full", sender)
         if self._admit is not None and self._admit(
             report.observer_key, sender, len(cose), now_ms / 1000
         ):
@@ -649,7 +675,8 @@ class InbandListener:
         received = InbandReceived(report, self._trust_of(report.observer_key), sender, now_ms)
         try:
             out.send_nowait(received)
-        except trio.WouldBlock:
+        except trio.WouldBlock:  # not expected (see above); counted all the same
+            self._refund_one(received)
             return self._drop("queue_full", sender)
         self._remember(rid)
         self._accepted += 1
@@ -674,6 +701,7 @@ class InbandListener:
                     received = await self._label_one(received)
                 except Exception as exc:  # the per-report boundary: this report is dropped
                     self._unexpected("label", exc, received.sender)
+                    self._refund_one(received)
                     continue
                 await out.send(received)
 
@@ -833,6 +861,12 @@ class InbandListener:
         log.debug("inband.dropped reason=%s sender=%s", reason, sender)
         return reason
 
+    def _refund_one(self, received: InbandReceived) -> None:
+        """``received`` was admitted but will not be stored: its budget share is free again."""
+        if self._refund is not None:
+            report = received.report
+            self._refund(report.observer_key, received.sender, len(report.cose))
+
     def _remember(self, rid: str) -> None:
         seen = self._seen
         seen[rid] = None
@@ -863,23 +897,63 @@ class InbandListener:
                 await self._write(batch)
 
     async def _write(self, batch: list[InbandReceived]) -> None:
+        """Store ``batch``; a failed write is tried again with backoff for as long as it takes.
+
+        Like the node's own writer: while a write fails (SQLite locked past its busy timeout,
+        a full disk, a database restarting) the queue behind it fills and the receive loop
+        drops, counted ``queue_full`` and not charged to any budget. Only the drain deadline
+        at stop gives a batch up (counted ``unstored_at_stop``); its ids then leave the
+        de-duplication cache and its admissions are refunded, so nothing holds them.
+        """
         rows = [(r.report, r.received_ms, "udp") for r in batch]
         trust = {r.report.report_id: r.trust for r in batch}
         senders = {r.report.report_id: _network(r.sender) for r in batch}
 
-        def write() -> int:
-            return self._store.add_reports(rows, trust=trust, senders=senders)
+        def write() -> set[str]:
+            return self._store.add_new_reports(rows, trust=trust, senders=senders)
 
+        delay, tries = STORE_RETRY_FIRST_S, 0
         try:
-            new = await trio.to_thread.run_sync(write)
-        except StoreError as exc:
-            self._store_errors += 1
-            log.warning("inband.store_failed reports=%d error=%s", len(batch), exc)
+            while True:
+                try:
+                    new = await trio.to_thread.run_sync(write)
+                    break
+                except StoreError as exc:
+                    tries += 1
+                    self._store_errors += 1
+                    self._log_store_failure(len(batch), tries, exc)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, STORE_RETRY_MAX_S)
+        except trio.Cancelled:
+            self._unstored_at_stop += len(batch)
+            for received in batch:
+                self._seen.pop(received.report.report_id, None)
+                self._refund_one(received)
             self._queue_relabels(batch, stored=False)
-            return
-        self._stored += new
-        self._already += len(batch) - new
+            raise
+        if tries:
+            self._store_retried += 1
+        self._stored += len(new)
+        self._already += len(batch) - len(new)
+        for received in batch:
+            rid = received.report.report_id
+            if rid in new:
+                new.discard(rid)  # a report repeated within the batch is stored once
+            else:
+                self._refund_one(received)  # the store had it: it takes no new room
         self._queue_relabels(batch, stored=True)
+
+    def _log_store_failure(self, reports: int, tries: int, exc: StoreError) -> None:
+        now = trio.current_time()
+        if now - self._last_store_log < STORE_LOG_INTERVAL_S:
+            return
+        self._last_store_log = now
+        log.warning(
+            "inband.store_failed reports=%d tries=%d error=%s (kept, tried again)",
+            reports,
+            tries,
+            exc,
+        )
 
     def statistics(self) -> InbandListenerStatistics:
         return InbandListenerStatistics(
@@ -888,6 +962,8 @@ class InbandListener:
             stored=self._stored,
             already_stored=self._already,
             store_errors=self._store_errors,
+            store_retried=self._store_retried,
+            unstored_at_stop=self._unstored_at_stop,
             dropped=MappingProxyType(dict(self._dropped)),
             trust=MappingProxyType(dict(self._trust)),
             seen_ids=len(self._seen),

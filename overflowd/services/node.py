@@ -317,6 +317,7 @@ class NodeService:
                 relabel=self._relabel,
                 wants_relabel=self._wants_relabel,
                 admit=self.storage_policy.admit,
+                refund=self.storage_policy.refund,
             )
 
     def stop(self) -> None:

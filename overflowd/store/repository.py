@@ -414,6 +414,20 @@ class Store:
     ) -> int:
         """Store ``(report, received_ms, via)`` in one transaction; return how many were new.
 
+        :meth:`add_new_reports` is the same and says which ids were new.
+        """
+        return len(self.add_new_reports(reports, trust=trust, alongside=alongside, senders=senders))
+
+    def add_new_reports(
+        self,
+        reports: Sequence[tuple[rpt.SignedReport, int, str]],
+        *,
+        trust: Mapping[str, str] | None = None,
+        alongside: Callable[[Connection], object] | None = None,
+        senders: Mapping[str, str] | None = None,
+    ) -> set[str]:
+        """Store ``(report, received_ms, via)`` in one transaction; return the ids that were new.
+
         A report already stored, or repeated within ``reports``, is counted once (the first
         entry wins). Each observer's row is updated once for its new reports. ``trust`` maps
         report ids to the observer's trust label when they arrived (stored with new reports
@@ -437,7 +451,7 @@ class Store:
                 rows[report.report_id]["sender_net"] = net[:43] if net else None
                 observed[report.report_id] = (report.payload.observer, received_ms)
         if not rows:
-            return 0
+            return set()
         with self._guard("storing reports"), self._transaction(write=True) as conn:
             new_ids: set[str] = set(
                 conn.execute(self._insert_reports, list(rows.values())).scalars()
@@ -451,7 +465,7 @@ class Store:
         with self._lock:
             self._new += len(new_ids)
             self._duplicate += len(reports) - len(new_ids)
-        return len(new_ids)
+        return new_ids
 
     @staticmethod
     def _statements(sqlite: bool) -> tuple[ReturningInsert[Any], Insert]:

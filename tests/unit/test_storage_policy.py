@@ -76,7 +76,12 @@ def test_total_count_and_bytes() -> None:
 
 def test_new_keys_share_a_pool_established_keys_go_on() -> None:
     """Throwaway keys fill their pool; a key first stored two days ago keeps being admitted."""
-    p = policy(received_max_reports=100, new_keys_max_fraction=0.25, established_after_s=DAY)
+    p = policy(
+        received_max_reports=100,
+        new_keys_max_fraction=0.25,
+        established_after_s=DAY,
+        established_min_reports=1,
+    )
     old = KeyUsage(key(0), reports=1, bytes=row_bytes(500), first_ms=int((NOW - 2 * DAY) * 1000))
     p.seed(reports=1, bytes_=old.bytes, keys=[old], senders=[], now=NOW)
     verdicts = [p.admit(key(1000 + i), f"10.{i}.0.1", 500, NOW) for i in range(40)]
@@ -151,26 +156,116 @@ def test_the_budgets_hold_whatever_comes(events: list[tuple[int, int, int, bool]
         received_max_reports_per_sender=10,
         new_keys_max_fraction=0.5,
         established_after_s=10.0,
+        established_min_reports=2,
         max_tracked_keys=8,
     )
     p = StoragePolicy(s)
     stored: list[PrunedRow] = []
+    by_new_key: list[bool] = []  # was the row admitted for a key in the new-key table?
     for i, (k, net, size, prune) in enumerate(events):
         now = NOW + i
         if prune and stored:
             p.forget([stored.pop(0)])
+            by_new_key.pop(0)
             continue
         verdict = p.admit(key(k), f"10.0.{net}.1", size, now)
         assert verdict is None or verdict in REFUSAL_REASONS
         if verdict is None:
             stored.append(PrunedRow(key(k), f"10.0.{net}.0/24", row_bytes(size)))
+            by_new_key.append(key(k) in p._new)  # white box
         assert len(stored) <= s.received_max_reports
         assert sum(r.bytes for r in stored) <= s.received_max_bytes
         for net_id in range(6):
-            assert sum(r.sender_net == f"10.0.{net_id}.0/24" for r in stored) <= 10
+            # the per-network cap limits new keys only (established ones are never refused it)
+            in_net = [
+                new
+                for r, new in zip(stored, by_new_key, strict=True)
+                if r.sender_net == f"10.0.{net_id}.0/24"
+            ]
+            assert sum(in_net) <= 10
         st_ = p.statistics()
         assert st_.received_reports == len(stored)
         assert st_.new_key_reports <= s.new_keys_max_fraction * s.received_max_reports
+
+
+def test_per_sender_cap_never_refuses_an_established_key() -> None:
+    """Sources are spoofable: strangers filling an established observer's /24 with new keys
+    are refused there themselves; the observer is not."""
+    p = policy(received_max_reports_per_sender=3, established_after_s=DAY)
+    old = KeyUsage(key(0), 1, row_bytes(500), int((NOW - 2 * DAY) * 1000))
+    p.seed(reports=1, bytes_=old.bytes, keys=[old], senders=[("192.0.2.0/24", 1)], now=NOW)
+    assert [p.admit(key(10 + i), "192.0.2.99", 500, NOW) for i in range(3)] == [
+        None,
+        None,
+        "per_sender",
+    ]
+    assert all(p.admit(key(0), "192.0.2.1", 500, NOW) is None for _ in range(5))
+
+
+def test_a_refused_report_does_not_start_a_keys_age() -> None:
+    p = policy(received_max_reports=10, new_keys_max_fraction=0.1, established_after_s=DAY)
+    assert p.admit(key(1), "10.0.0.1", 500, NOW) is None  # fills the pool (1 report)
+    assert p.admit(key(2), "10.0.1.1", 500, NOW) == "new_keys"
+    assert p.statistics().tracked_keys == 1  # key(2) left no entry...
+    p.forget([PrunedRow(key(1), "10.0.0.0/24", row_bytes(500))])
+    # ...so a day later it is still a new key, first stored now
+    assert p.admit(key(2), "10.0.1.1", 500, NOW + DAY) is None
+    assert p._new[key(2)].first_ms == int((NOW + DAY) * 1000)  # white box
+
+
+def test_age_alone_does_not_establish_a_key() -> None:
+    """One report, then a day's wait, is free: a key leaves the pool only with
+    established_min_reports stored reports as well."""
+    p = policy(established_after_s=DAY, established_min_reports=3)
+    for n in range(2):
+        assert p.admit(key(1), "10.0.0.1", 500, NOW + n) is None
+    assert p.admit(key(1), "10.0.0.1", 500, NOW + 2 * DAY) is None  # aged, but 2 < 3 before it
+    assert key(1) in p._new and p.statistics().new_key_reports == 3
+    assert p.admit(key(1), "10.0.0.1", 500, NOW + 2 * DAY) is None  # 3 stored and aged
+    assert key(1) in p._established and p.statistics().new_key_reports == 0
+
+
+def test_promotion_never_evicts_an_established_key() -> None:
+    p = policy(max_tracked_keys=2, established_after_s=DAY, established_min_reports=1)
+    first = int((NOW - 2 * DAY) * 1000)
+    p.seed(
+        reports=2,
+        bytes_=2 * row_bytes(500),
+        keys=[
+            KeyUsage(key(0), 1, row_bytes(500), first),
+            KeyUsage(key(1), 1, row_bytes(500), first),
+        ],
+        senders=[],
+        now=NOW,
+    )
+    assert p.admit(key(2), "10.0.0.1", 500, NOW) is None
+    assert p.admit(key(2), "10.0.0.1", 500, NOW + DAY) is None  # due, but the table is full
+    assert set(p._established) == {key(0), key(1)} and key(2) in p._new
+    # an established key whose reports are all pruned frees its place
+    p.forget([PrunedRow(key(0), None, row_bytes(500))])
+    assert p.admit(key(2), "10.0.0.1", 500, NOW + DAY) is None
+    assert set(p._established) == {key(1), key(2)}
+
+
+def test_refund_gives_back_every_count() -> None:
+    p = policy(
+        received_max_reports_per_key=2,
+        received_max_reports_per_sender=2,
+        received_max_reports=4,
+        new_keys_max_fraction=0.5,
+        established_after_s=DAY,
+    )
+    for _ in range(2):
+        assert p.admit(key(1), "10.0.0.1", 500, NOW) is None
+    before = p.statistics()
+    assert p.admit(key(1), "10.0.0.1", 500, NOW) == "per_key"
+    for _ in range(2):
+        p.refund(key(1), "10.0.0.1", 500)
+    s = p.statistics()
+    assert (s.received_reports, s.received_bytes, s.new_key_reports, s.tracked_keys) == (0, 0, 0, 0)
+    assert s.refunded == 2 and s.tracked_senders == 0 and before.received_reports == 2
+    for _ in range(2):  # per key, per sender, pool: all free again
+        assert p.admit(key(1), "10.0.0.1", 500, NOW) is None
 
 
 def test_storage_config_is_strict() -> None:
@@ -181,6 +276,7 @@ def test_storage_config_is_strict() -> None:
         ("received_max_reports = 0", "storage.received_max_reports"),
         ("max_database_bytes = -1", "storage.max_database_bytes"),
         ("prune_interval_s = 0", "storage.prune_interval_s"),
+        ("established_min_reports = -1", "storage.established_min_reports"),
         ("received_max_bytes = '300MB'", "storage.received_max_bytes"),
         ("max_age_days = 3", "storage.max_age_days"),
     ]:
