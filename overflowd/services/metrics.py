@@ -229,6 +229,21 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         li = s.inband_listener
         yield _counter("overflowd_inband_received", "Report datagrams received", li.datagrams)
         yield _counter("overflowd_inband_stored", "Received reports newly stored", li.stored)
+        yield _counter(
+            "overflowd_inband_store_errors",
+            "Store writes of received reports that failed (tried again)",
+            li.store_errors,
+        )
+        yield _counter(
+            "overflowd_inband_store_retried",
+            "Batches of received reports stored after a failed write",
+            li.store_retried,
+        )
+        yield _counter(
+            "overflowd_inband_unstored_at_stop",
+            "Received reports still unstored at the drain deadline (their budget refunded)",
+            li.unstored_at_stop,
+        )
         refused = CounterMetricFamily(
             "overflowd_inband_refused", "Received datagrams refused", labels=["reason"]
         )
