@@ -540,8 +540,8 @@ class WebhookSettings:
     lease_s: float = 60 * SECONDS
     #: Requests in flight at once, across all endpoints.
     max_concurrency: int = 8
-    #: ... and to one host name at once: an endpoint that never answers holds at most this
-    #: many of the max_concurrency slots (each for up to total_timeout_s), never all of them,
+    #: ... and to one server (host name and port) at once: one that never answers holds this
+    #: many of the max_concurrency slots at most (each up to total_timeout_s), never all,
     #: so it cannot hold up deliveries to other hosts (anyone can publish a ``u=`` URL).
     max_concurrency_per_host: int = 2
     #: Rows claimed at most by one look at the outbox (claiming also tops up freed slots).

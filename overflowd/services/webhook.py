@@ -662,13 +662,15 @@ class WebhookDelivery:
         self._wake = trio.Event()
 
     def _busy_urls(self) -> list[str]:
-        """URLs of the hosts with max_concurrency_per_host deliveries in flight."""
-        return [
+        """URLs of the hosts with max_concurrency_per_host deliveries in flight (at most
+        outbox.MAX_SKIP_URLS: rows of the others are claimed and given back, as correct)."""
+        busy = [
             url
             for urls in self._busy.values()
             if sum(urls.values()) >= self._per_host
             for url in urls
         ]
+        return busy[: outbox.MAX_SKIP_URLS]
 
     async def _pass(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> int:
         """Fill the free delivery slots with due rows; return how many rows were claimed.
@@ -856,8 +858,9 @@ class WebhookDelivery:
         s, c = self._settings, self._counters
         outcome = attempt.outcome
         if outcome == DELIVERED:
-            c.delivered += 1
+            # Counted once written: whoever sees the counter then finds the row delivered.
             outbox.mark_delivered(self._store, entry.id, now_ms=now_ms, status=attempt.status or 0)
+            c.delivered += 1
             return
         if outcome == GONE:
             c.gone += 1

@@ -378,11 +378,13 @@ async def test_clock_stepped_back_while_stopped_does_not_stall_after_restart(
     enqueue_reports(store, identity, base + "/x", 1)
     clock = SteppedClock()
     settings = fast(backoff_base_s=BACKOFF_S, backoff_cap_s=BACKOFF_S)
-    with trio.CancelScope() as first_life:
+    # The first service in a nursery of its own, so that it really stops: started in the
+    # test's nursery it went on running, and sometimes saw the step (and re-based) first.
+    async with trio.open_nursery() as first_life:
         first = svc.WebhookDelivery(store, identity, settings, clock=clock)
-        await nursery.start(first.run)
+        await first_life.start(first.run)
         await wait_for(lambda: recorded(store, 500))
-        first_life.cancel()
+        first_life.cancel_scope.cancel()
     clock.offset = -step_s  # while nothing runs
     second = svc.WebhookDelivery(store, identity, settings, clock=clock)
     stepped = time.monotonic()
