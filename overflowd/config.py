@@ -303,6 +303,8 @@ backoff_cap_s = 21600.0
 retry_after_cap_s = 21600.0
 lease_s = 60.0
 max_concurrency = 8
+# ... of them to one host at once: a host that never answers cannot hold them all.
+max_concurrency_per_host = 2
 batch_size = 64
 poll_interval_s = 1.0
 keep_delivered_s = 604800.0

@@ -540,7 +540,11 @@ class WebhookSettings:
     lease_s: float = 60 * SECONDS
     #: Requests in flight at once, across all endpoints.
     max_concurrency: int = 8
-    #: Rows claimed per pass.
+    #: ... and to one server (host name and port) at once: one that never answers holds this
+    #: many of the max_concurrency slots at most (each up to total_timeout_s), never all,
+    #: so it cannot hold up deliveries to other hosts (anyone can publish a ``u=`` URL).
+    max_concurrency_per_host: int = 2
+    #: Rows claimed at most by one look at the outbox (claiming also tops up freed slots).
     batch_size: int = 64
     #: How often to look at the outbox when nobody calls wake().
     poll_interval_s: float = 1 * SECONDS
@@ -576,7 +580,7 @@ class WebhookSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds")
-        for name in ("max_attempts", "max_concurrency", "batch_size"):
+        for name in ("max_attempts", "max_concurrency", "max_concurrency_per_host", "batch_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer of at least 1")
         ssrf.parse_prefixes(self.allow_prefixes)
@@ -627,7 +631,12 @@ class WebhookSettings:
                 if not isinstance(value, bool):
                     raise ConfigError(f"{source}: 'webhook.require_https' must be true or false")
                 values[key] = value
-            elif key in ("max_attempts", "max_concurrency", "batch_size"):
+            elif key in (
+                "max_attempts",
+                "max_concurrency",
+                "max_concurrency_per_host",
+                "batch_size",
+            ):
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ConfigError(f"{source}: 'webhook.{key}' must be an integer")
                 values[key] = value

@@ -189,6 +189,11 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         waits.add_metric(["host"], w.retry_budget_host)
         yield waits
         yield _counter(
+            "overflowd_webhook_host_busy",
+            "Webhook rows given back unsent: their server had max_concurrency_per_host in flight",
+            w.host_busy,
+        )
+        yield _counter(
             "overflowd_webhook_clock_steps",
             "Wall-clock steps seen by webhook delivery",
             w.clock_steps,

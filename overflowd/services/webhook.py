@@ -21,7 +21,12 @@ other error            by its type): one row never stops the service
 Backoff is exponential with jitter: attempt ``n`` waits a uniform random time in
 ``[d/2, d]`` where ``d = min(cap, base × 2^(n-1))``; after ``max_attempts`` the row is dead.
 Retries are also charged to per-URL and per-host token buckets (:class:`RetryLimits`); a
-retry over budget waits for its bucket without spending an attempt.
+retry over budget waits for its bucket without spending an attempt. First attempts are not:
+the node's send budget admitted them.
+
+Deliveries run in a pool of ``max_concurrency`` slots, each refilled as soon as it frees, and
+one server (host name and port) gets at most ``max_concurrency_per_host`` of them, so an
+endpoint that never answers holds up only its own slots, never everybody's deliveries.
 
 Every endpoint is an attacker's (anyone can publish ``u=``): answers are read raw, never
 decoded (``Accept-Encoding: identity``; a ``gzip, gzip`` body of 500 bytes can inflate to
@@ -96,9 +101,16 @@ CLOCK_STEP_TOLERANCE_S = 1 * SECONDS
 #: next warning says how many were suppressed (a hostile endpoint must not flood the log).
 UNEXPECTED_LOG_INTERVAL_S = 60 * SECONDS
 #: Endpoints held in memory (said 429/503) at most. The hold is also in the store, which is
-#: what claiming obeys; the memory copy only stops rows of the same batch, so forgetting the
-#: hold that ends first is safe, and a flood of slow-down answers cannot grow it unbounded.
+#: what claiming obeys; the memory copy only stops rows claimed before it got there, so
+#: forgetting the hold that ends first is safe, and a flood of slow-down answers cannot grow
+#: it unbounded.
 MAX_HELD_URLS = 10_000
+#: A row claimed for a host that already has max_concurrency_per_host deliveries in flight
+#: (under another of its URLs: the busy URLs themselves are not claimed) is given back unsent,
+#: due again after this long. Long enough that the next claims reach other hosts' rows, short
+#: enough that a quick host's other URLs hardly wait; a host with many URLs costs at most one
+#: claim and release per row per this long, never a request.
+HOST_BUSY_RELEASE_S = 1 * SECONDS
 #: Kinds of unexpected error counted by name; more kinds than this are counted as "other"
 #: (the names come from our code, so this only bounds a pathological case).
 MAX_ERROR_KINDS = 32
@@ -358,6 +370,8 @@ class WebhookStatistics:
     #: retries not sent because the URL's / the host's retry budget was spent (rows wait)
     retry_budget_url: int
     retry_budget_host: int
+    #: rows given back unsent because their host had max_concurrency_per_host in flight
+    host_busy: int
     #: wall-clock steps seen (beyond CLOCK_STEP_TOLERANCE_S) and rows/holds re-based
     clock_steps: int
     rebased: int
@@ -382,6 +396,7 @@ class _Counters:
     bad_answers: int = 0
     retry_budget_url: int = 0
     retry_budget_host: int = 0
+    host_busy: int = 0
     clock_steps: int = 0
     rebased: int = 0
 
@@ -463,6 +478,16 @@ def _host_key(url: str) -> str:
         return url
 
 
+def _server_key(url: str) -> str:
+    """The server a URL's deliveries share slots on: host name and port (the connection
+    pool's origin; another port is another server). The URL itself if it does not parse."""
+    try:
+        target = ssrf.parse_target(url, require_https=False)
+    except DeliveryError:
+        return url
+    return f"{target.host.lower()}:{target.port}"
+
+
 def _printable(text: str) -> str:
     """An endpoint's words as they go into the dead-letter reason: no control characters."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)
@@ -518,7 +543,13 @@ class WebhookDelivery:
         self._unexpected: dict[str, int] = {}
         self._log_limiter = _LogLimiter(UNEXPECTED_LOG_INTERVAL_S, monotonic, MAX_ERROR_KINDS)
         self._wake = trio.Event()
-        self._limiter = trio.CapacityLimiter(settings.max_concurrency)
+        #: delivery tasks running (a slot each, up to max_concurrency), and per host name the
+        #: URLs they deliver to, with how many each (max_concurrency_per_host per host)
+        self._active = 0
+        self._per_host = min(settings.max_concurrency_per_host, settings.max_concurrency)
+        self._busy: dict[str, dict[str, int]] = {}
+        #: over-budget rows given back per bucket since the last idle (spreads their due times)
+        self._deferred: dict[str, int] = {}
         self._record_lock = threading.Lock()
         #: endpoints that said 429/502/503/504, until when (monotonic seconds, so that a
         #: wall-clock step does not stretch a hold); also in the store, in wall-clock time
@@ -568,7 +599,7 @@ class WebhookDelivery:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver forever: a pass over due rows, then wait for wake() or the next poll."""
-        async with self._client_factory(self._settings) as client:
+        async with self._client_factory(self._settings) as client, trio.open_nursery() as nursery:
             task_status.started()
             log.info("webhook delivery started")
             next_prune = trio.current_time()
@@ -583,7 +614,7 @@ class WebhookDelivery:
                                 outbox.prune_delivered, self._store, before_ms=before_ms
                             )
                         )
-                    claimed = await self._pass(client)
+                    claimed = await self._pass(client, nursery)
                 except StoreError as exc:
                     # The database is away: keep the service up and try again next poll.
                     self._counters.store_errors += 1
@@ -600,54 +631,111 @@ class WebhookDelivery:
     async def drain(self, *, timeout_s: float | None = None) -> dict[str, int]:
         """Deliver until no row is pending (waiting out backoffs); return the outbox counts."""
         with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
-            async with self._client_factory(self._settings) as client:
+            async with self._client_factory(self._settings) as client, trio.open_nursery() as n:
                 while True:
                     await self._check_clock()
-                    claimed = await self._pass(client)
+                    claimed = await self._pass(client, n)
                     if claimed:
                         continue
-                    counts = await trio.to_thread.run_sync(outbox.counts, self._store)
-                    if counts[outbox.PENDING] == 0:
-                        return counts
+                    if self._active == 0:
+                        counts = await trio.to_thread.run_sync(outbox.counts, self._store)
+                        if counts[outbox.PENDING] == 0:
+                            return counts
                     await self._idle()
         return await trio.to_thread.run_sync(outbox.counts, self._store)
 
     async def _idle(self) -> None:
+        """Wait for wake(): something enqueued, or a delivery finished (a slot is free); or for
+        the next due row or poll."""
+        self._deferred.clear()
         due = await trio.to_thread.run_sync(outbox.next_due_ms, self._store)
         wait = self._settings.poll_interval_s
         if due is not None:
             wait = min(wait, max(0.0, (due - self._now_ms()) / 1000))
+            if wait < 0.02 and self._active:
+                # Due but not claimed: the rows of busy hosts, or no slot free. A finishing
+                # delivery wakes us; no need to look again every 20 ms meanwhile.
+                wait = self._settings.poll_interval_s
         # A pending row may be due yet held (endpoint slowed down): never spin faster than 20 ms.
         with trio.move_on_after(max(wait, 0.02)):
             await self._wake.wait()
         self._wake = trio.Event()
 
-    async def _pass(self, client: httpx.AsyncClient) -> int:
+    def _busy_urls(self) -> list[str]:
+        """URLs of the hosts with max_concurrency_per_host deliveries in flight (at most
+        outbox.MAX_SKIP_URLS: rows of the others are claimed and given back, as correct)."""
+        busy = [
+            url
+            for urls in self._busy.values()
+            if sum(urls.values()) >= self._per_host
+            for url in urls
+        ]
+        return busy[: outbox.MAX_SKIP_URLS]
+
+    async def _pass(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> int:
+        """Fill the free delivery slots with due rows; return how many rows were claimed.
+
+        A worker pool, not a batch: each delivery runs in ``nursery`` in a slot of its own and
+        frees it when done (waking the service to claim again), so a slow endpoint holds up
+        only its own slots. A host has at most max_concurrency_per_host of them: its busy URLs
+        are not claimed, and a row for another of its URLs is given back (HOST_BUSY_RELEASE_S).
+        """
         s = self._settings
-        claimed = await trio.to_thread.run_sync(
-            functools.partial(
-                outbox.claim_due,
-                self._store,
-                now_ms=self._now_ms(),
-                lease_ms=int(s.lease_s * 1000),
-                limit=s.batch_size,
+        total = 0
+        while self._active < s.max_concurrency:
+            if len(self._deferred) > MAX_HELD_URLS:
+                self._deferred.clear()
+            claimed = await trio.to_thread.run_sync(
+                functools.partial(
+                    outbox.claim_due,
+                    self._store,
+                    now_ms=self._now_ms(),
+                    lease_ms=int(s.lease_s * 1000),
+                    limit=min(s.max_concurrency - self._active, s.batch_size),
+                    skip_urls=self._busy_urls(),
+                )
             )
-        )
-        self._counters.claimed += len(claimed)
-        if claimed:
-            deferred: dict[str, int] = {}
-            async with trio.open_nursery() as nursery:
-                for entry in claimed:
-                    nursery.start_soon(self._deliver_one, client, entry, deferred)
-        return len(claimed)
+            self._counters.claimed += len(claimed)
+            total += len(claimed)
+            if not claimed:
+                break
+            for entry in claimed:
+                host = _server_key(entry.url)
+                urls = self._busy.get(host, {})
+                if sum(urls.values()) >= self._per_host:
+                    self._counters.host_busy += 1
+                    await self._release(entry, HOST_BUSY_RELEASE_S)
+                    continue
+                urls[entry.url] = urls.get(entry.url, 0) + 1
+                self._busy[host] = urls
+                self._active += 1
+                nursery.start_soon(self._deliver_one, client, entry, host)
+        return total
+
+    def _free_slot(self, entry: outbox.OutboxEntry, host: str) -> None:
+        self._active -= 1
+        urls = self._busy[host]
+        urls[entry.url] -= 1
+        if not urls[entry.url]:
+            del urls[entry.url]
+        if not urls:
+            del self._busy[host]
+        self.wake()
 
     async def _deliver_one(
-        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, deferred: dict[str, int]
+        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, host: str
     ) -> None:
-        """The per-row boundary: whatever goes wrong with one row is a counted, failed attempt
-        of that row, never the end of the pass or of the service (Cancelled still passes)."""
+        """One delivery slot, and the per-row boundary: whatever goes wrong with one row is a
+        counted, failed attempt of that row, never the end of the service (Cancelled still
+        passes). The slot is freed however it ends."""
         try:
-            await self._deliver(client, entry, deferred)
+            await self._deliver_guarded(client, entry)
+        finally:
+            self._free_slot(entry, host)
+
+    async def _deliver_guarded(self, client: httpx.AsyncClient, entry: outbox.OutboxEntry) -> None:
+        try:
+            await self._deliver(client, entry)
         except Exception as exc:
             kind = type(exc).__name__
             if kind not in self._unexpected and len(self._unexpected) >= MAX_ERROR_KINDS:
@@ -672,41 +760,41 @@ class WebhookDelivery:
                 functools.partial(self._record, entry, attempt, now_ms, retry_at_ms)
             )
 
-    async def _deliver(
-        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, deferred: dict[str, int]
-    ) -> None:
-        async with self._limiter:
-            held_until = self._held.get(entry.url, -math.inf)
-            wait_s = held_until - self._monotonic()
-            if wait_s > 0:
-                # Claimed in the same batch as a row whose answer said "slow down": do not send,
-                # give it back for when the endpoint wants to hear from us again.
-                self._counters.postponed += 1
-                await self._release(entry, wait_s)
-                return
-            if entry.attempts > 1 and await self._over_retry_budget(entry, deferred):
-                return
-            self._counters.in_flight += 1
-            try:
-                attempt = await self._attempt(client, entry)
-            finally:
-                self._counters.in_flight -= 1
-            now_ms = self._now_ms()
-            retry_at_ms = self._retry_at_ms(entry, attempt, now_ms)
-            if attempt.outcome == SLOW_DOWN:
-                # Before the limiter lets the next request go, so that it sees the hold.
-                mono = self._monotonic()
-                for url in [u for u, t in self._held.items() if t <= mono]:
-                    del self._held[url]
-                if entry.url not in self._held and len(self._held) >= MAX_HELD_URLS:
-                    del self._held[min(self._held, key=self._held.__getitem__)]
-                until = mono + (retry_at_ms - now_ms) / 1000
-                self._held[entry.url] = max(self._held.get(entry.url, -math.inf), until)
+    async def _deliver(self, client: httpx.AsyncClient, entry: outbox.OutboxEntry) -> None:
+        held_until = self._held.get(entry.url, -math.inf)
+        wait_s = held_until - self._monotonic()
+        if wait_s > 0:
+            # Claimed before the "slow down" of a row in flight reached the store: do not send,
+            # give it back for when the endpoint wants to hear from us again.
+            self._counters.postponed += 1
+            await self._release(entry, wait_s)
+            return
+        # First attempts are not charged: the node's send budget admitted them
+        # (notify.Budget), and max_concurrency_per_host bounds what one host holds.
+        if entry.attempts > 1 and await self._over_retry_budget(entry):
+            return
+        self._counters.in_flight += 1
+        try:
+            attempt = await self._attempt(client, entry)
+        finally:
+            self._counters.in_flight -= 1
+        now_ms = self._now_ms()
+        retry_at_ms = self._retry_at_ms(entry, attempt, now_ms)
+        if attempt.outcome == SLOW_DOWN:
+            # Before the slot is freed and the next row claimed, so that it sees the hold.
+            mono = self._monotonic()
+            for url in [u for u, t in self._held.items() if t <= mono]:
+                del self._held[url]
+            if entry.url not in self._held and len(self._held) >= MAX_HELD_URLS:
+                del self._held[min(self._held, key=self._held.__getitem__)]
+            until = mono + (retry_at_ms - now_ms) / 1000
+            self._held[entry.url] = max(self._held.get(entry.url, -math.inf), until)
         await self._store_call(functools.partial(self._record, entry, attempt, now_ms, retry_at_ms))
 
-    async def _over_retry_budget(self, entry: outbox.OutboxEntry, deferred: dict[str, int]) -> bool:
+    async def _over_retry_budget(self, entry: outbox.OutboxEntry) -> bool:
         """Charge a retry to its URL and host; if either is spent, give the row back for when
-        the bucket has refilled (later rows of the same pass one interval later each)."""
+        the bucket has refilled (later rows, until the service idles, one interval later each)."""
+        deferred = self._deferred
         spent = self._budget.charge(entry.url, _host_key(entry.url), self._monotonic())
         if spent is None:
             return False
@@ -770,8 +858,9 @@ class WebhookDelivery:
         s, c = self._settings, self._counters
         outcome = attempt.outcome
         if outcome == DELIVERED:
-            c.delivered += 1
+            # Counted once written: whoever sees the counter then finds the row delivered.
             outbox.mark_delivered(self._store, entry.id, now_ms=now_ms, status=attempt.status or 0)
+            c.delivered += 1
             return
         if outcome == GONE:
             c.gone += 1

@@ -174,22 +174,38 @@ def enqueue_in(
     return len(list(conn.execute(stmt, rows).scalars()))
 
 
-def claim_due(store: Store, *, now_ms: int, lease_ms: int, limit: int) -> list[OutboxEntry]:
+#: URLs one claim may be told to skip at most (the worker passes the URLs of its busy hosts,
+#: at most its max_concurrency of them); bounds the size of the NOT IN list.
+MAX_SKIP_URLS = 1024
+
+
+def claim_due(
+    store: Store, *, now_ms: int, lease_ms: int, limit: int, skip_urls: Sequence[str] = ()
+) -> list[OutboxEntry]:
     """Take up to ``limit`` pending rows that are due, oldest first, and lease them.
 
     Rows of endpoints that asked us to wait (``not_before_ms`` in the future) or are disabled
-    are skipped. On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` lets several workers claim side by
-    side; on SQLite the write transaction (BEGIN IMMEDIATE) serialises them.
+    are skipped, and so are rows for ``skip_urls`` (the worker's busy hosts' URLs: claiming
+    them would only mean giving them back, and the oldest rows of one slow host would be
+    claimed again and again ahead of everybody else's). On PostgreSQL, ``FOR UPDATE SKIP
+    LOCKED`` lets several workers claim side by side; on SQLite the write transaction (BEGIN
+    IMMEDIATE) serialises them.
     """
     if limit < 1 or lease_ms < 0:
         raise ValueError("limit must be at least 1 and lease_ms not negative")
+    skip = sorted(set(skip_urls))
+    if len(skip) > MAX_SKIP_URLS:
+        raise ValueError(f"at most {MAX_SKIP_URLS} URLs can be skipped")
     o, e = _OUTBOX, _ENDPOINTS
     held_back = exists().where(
         e.c.url == o.c.url, or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)
     )
+    where = [o.c.state == PENDING, o.c.next_attempt_ms <= now_ms, ~held_back]
+    if skip:
+        where.append(o.c.url.not_in(skip))
     stmt = (
         select(o)
-        .where(o.c.state == PENDING, o.c.next_attempt_ms <= now_ms, ~held_back)
+        .where(*where)
         .order_by(o.c.next_attempt_ms, o.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=o)
