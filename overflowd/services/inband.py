@@ -50,6 +50,7 @@ from overflowd.notify import (
     InbandSettings,
     plan_inband,
 )
+from overflowd.services.storing import PersistentWrite
 from overflowd.store import Store
 from overflowd.trust import TrustLevel, network_of
 from overflowd.wire import datagram
@@ -267,12 +268,6 @@ StorageAdmission = Callable[[bytes, str, int, float], str | None]
 #: ``refund(key, sender, cose_bytes)``: an admitted report that was not stored after all.
 StorageRefund = Callable[[bytes, str, int], None]
 
-#: A failed store write is tried again after this long, doubling up to the most (as the
-#: node's own writer does): a locked or briefly failing store delays received reports, never
-#: loses them. Meanwhile the queue fills and the receive loop drops, counted ``queue_full``.
-STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.1, 5.0
-#: At most one warning about a failing store write per this many seconds (all are counted).
-STORE_LOG_INTERVAL_S = 10.0
 
 
 def _network(sender: str) -> str:
@@ -565,10 +560,12 @@ class InbandListener:
         self._accepted = 0
         self._stored = 0
         self._already = 0
-        self._store_errors = 0
-        self._store_retried = 0
+        # A failed write is tried again (overflowd.services.storing), as the node's own writer
+        # does: a failing store delays received reports, never loses them; meanwhile the queue
+        # fills and the receive loop drops, counted ``queue_full``.
+        self._writer = PersistentWrite("inband.store_failed")
+        self._relabel_store_errors = 0
         self._unstored_at_stop = 0
-        self._last_store_log = -STORE_LOG_INTERVAL_S
         self._dropped = dict.fromkeys(LISTENER_DROP_REASONS, 0)
         self._trust: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -806,7 +803,7 @@ class InbandListener:
             try:
                 await trio.to_thread.run_sync(self._store.update_trust, changes)
             except StoreError as exc:
-                self._store_errors += 1
+                self._relabel_store_errors += 1
                 log.warning("inband.relabel_store_failed reports=%d error=%s", len(changes), exc)
                 self._skip(entry.items, "error")
                 return
@@ -912,18 +909,8 @@ class InbandListener:
         def write() -> set[str]:
             return self._store.add_new_reports(rows, trust=trust, senders=senders)
 
-        delay, tries = STORE_RETRY_FIRST_S, 0
         try:
-            while True:
-                try:
-                    new = await trio.to_thread.run_sync(write)
-                    break
-                except StoreError as exc:
-                    tries += 1
-                    self._store_errors += 1
-                    self._log_store_failure(len(batch), tries, exc)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, STORE_RETRY_MAX_S)
+            new = await self._writer.write(write, reports=len(batch))
         except trio.Cancelled:
             self._unstored_at_stop += len(batch)
             for received in batch:
@@ -931,8 +918,6 @@ class InbandListener:
                 self._refund_one(received)
             self._queue_relabels(batch, stored=False)
             raise
-        if tries:
-            self._store_retried += 1
         self._stored += len(new)
         self._already += len(batch) - len(new)
         for received in batch:
@@ -943,26 +928,14 @@ class InbandListener:
                 self._refund_one(received)  # the store had it: it takes no new room
         self._queue_relabels(batch, stored=True)
 
-    def _log_store_failure(self, reports: int, tries: int, exc: StoreError) -> None:
-        now = trio.current_time()
-        if now - self._last_store_log < STORE_LOG_INTERVAL_S:
-            return
-        self._last_store_log = now
-        log.warning(
-            "inband.store_failed reports=%d tries=%d error=%s (kept, tried again)",
-            reports,
-            tries,
-            exc,
-        )
-
     def statistics(self) -> InbandListenerStatistics:
         return InbandListenerStatistics(
             datagrams=self._datagrams,
             accepted=self._accepted,
             stored=self._stored,
             already_stored=self._already,
-            store_errors=self._store_errors,
-            store_retried=self._store_retried,
+            store_errors=self._writer.errors + self._relabel_store_errors,
+            store_retried=self._writer.retried,
             unstored_at_stop=self._unstored_at_stop,
             dropped=MappingProxyType(dict(self._dropped)),
             trust=MappingProxyType(dict(self._trust)),

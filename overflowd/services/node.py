@@ -61,6 +61,7 @@ from overflowd.services.inband import (
     InbandSenderStatistics,
 )
 from overflowd.services.retention import RetentionService, RetentionStatistics
+from overflowd.services.storing import PersistentWrite
 from overflowd.services.webhook import WebhookDelivery, WebhookStatistics
 from overflowd.storage_policy import StoragePolicy
 from overflowd.store import Store, outbox
@@ -104,12 +105,6 @@ CONTINUITY_SAVE_S, CONTINUITY_PENDING = 5.0, 10_000
 #: that raises a new type per input must not grow the table (or Prometheus' label set), so
 #: past this many names the rest count as "other".
 MAX_ERROR_TYPES = 32
-#: A batch the store refused (locked past its busy timeout, disk full) is tried again after
-#: this long, doubling up to the cap. Meanwhile the report queue fills and the decoder waits:
-#: the collectors shed datagrams (counted) rather than the node losing signed reports.
-STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.1, 5.0
-#: At most one warning about a failing store per this many seconds.
-STORE_LOG_INTERVAL_S = 10.0
 
 
 class _Bucket:
@@ -256,11 +251,11 @@ class NodeService:
         self._signed = 0
         self._stored = 0
         self._duplicate = 0
-        self._store_errors = 0
-        self._store_retried = 0
+        # A refused batch is tried again (overflowd.services.storing): the report queue fills,
+        # the decoder waits, and the collectors shed datagrams (counted), no signed report lost.
+        self._writer = PersistentWrite("store.write_failed")
         self._unstored_at_stop = 0
         self._inband_unsent_at_stop = 0
-        self._last_store_log = -STORE_LOG_INTERVAL_S
         self._input_errors: Counter[str] = Counter()
         self._stop = trio.Event()
         self._last_malformed_log = -MALFORMED_LOG_INTERVAL_S
@@ -892,23 +887,11 @@ class NodeService:
         def write() -> int:
             return self.store.add_reports(rows, alongside=alongside)
 
-        delay, tries = STORE_RETRY_FIRST_S, 0
         try:
-            while True:
-                try:
-                    new = await trio.to_thread.run_sync(write)
-                    break
-                except StoreError as exc:
-                    tries += 1
-                    self._store_errors += 1
-                    self._log_store_failure(len(batch), tries, exc)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, STORE_RETRY_MAX_S)
+            new = await self._writer.write(write, reports=len(batch))
         except trio.Cancelled:
             self._unstored_at_stop += len(batch)
             raise
-        if tries:
-            self._store_retried += 1
         self._stored += new
         self._duplicate += len(batch) - new
         if self.inband_sender is not None:
@@ -916,18 +899,6 @@ class NodeService:
                 self.inband_sender.submit(report)  # never blocks; full: counted
         if deliveries and self.webhook is not None:
             self.webhook.wake()
-
-    def _log_store_failure(self, reports: int, tries: int, exc: StoreError) -> None:
-        now = trio.current_time()
-        if now - self._last_store_log < STORE_LOG_INTERVAL_S:
-            return
-        self._last_store_log = now
-        log.warning(
-            "store.write_failed reports=%d tries=%d error=%s (kept, tried again)",
-            reports,
-            tries,
-            exc,
-        )
 
     def statistics(self) -> NodeStatistics:
         return NodeStatistics(
@@ -943,7 +914,7 @@ class NodeService:
             reports_signed=self._signed,
             reports_stored=self._stored,
             reports_duplicate=self._duplicate,
-            store_errors=self._store_errors,
+            store_errors=self._writer.errors,
             exporters_refused=self._exporters_refused,
             reports_shed=self._shed,
             captures=tuple(c.statistics() for c in self.captures),
@@ -957,7 +928,7 @@ class NodeService:
             hints=self.hints.statistics() if self.hints else None,
             webhooks_from_dns=self._webhooks_from_dns,
             input_errors=dict(self._input_errors),
-            store_retried_batches=self._store_retried,
+            store_retried_batches=self._writer.retried,
             reports_unstored_at_stop=self._unstored_at_stop,
             inband_unsent_at_stop=self._inband_unsent_at_stop,
             storage=self.retention.statistics(),
