@@ -8,7 +8,7 @@ shuts that server down when the daemon's nursery ends, so it never outlives the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -32,6 +32,14 @@ class NodeCollector(Collector):
 def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
     m = CounterMetricFamily(name, doc, labels=list(labels or {}))
     m.add_metric(list((labels or {}).values()), value)
+    return m
+
+
+def _counters_by(name: str, doc: str, label: str, counts: Mapping[str, float]) -> Metric:
+    """One counter family with a sample per key of ``counts`` (sorted, for stable output)."""
+    m = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(counts.items()):
+        m.add_metric([key], value)
     return m
 
 
@@ -59,9 +67,7 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         captured.add_metric([cap.interface], cap.packets)
         capture_dropped.add_metric([cap.interface, "queue_full"], cap.dropped_queue_full)
         capture_dropped.add_metric([cap.interface, "kernel"], cap.kernel_drops)
-        capture_dropped.add_metric(
-            [cap.interface, "input_error"], sum(cap.input_errors.values())
-        )
+        capture_dropped.add_metric([cap.interface, "input_error"], sum(cap.input_errors.values()))
     yield captured
     yield capture_dropped
     d = s.decoder
@@ -69,48 +75,39 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         "overflowd_decoder_datagrams", "Datagrams decoded or refused by the decoder", d.datagrams
     )
     yield _counter("overflowd_decoder_records", "Flow records decoded", d.records)
-    malformed = CounterMetricFamily(
-        "overflowd_decoder_malformed", "Datagrams refused by the decoder", labels=["reason"]
+    yield _counters_by(
+        "overflowd_decoder_malformed", "Datagrams refused by the decoder", "reason", d.malformed
     )
-    for reason, count in sorted(d.malformed.items()):
-        malformed.add_metric([reason], count)
-    yield malformed
-    defects = CounterMetricFamily(
+    yield _counters_by(
         "overflowd_decoder_defects",
         "Exporter quirks tolerated in datagrams otherwise decoded",
-        labels=["reason"],
+        "reason",
+        d.defects,
     )
-    for reason, count in sorted(d.defects.items()):
-        defects.add_metric([reason], count)
-    yield defects
     yield GaugeMetricFamily("overflowd_decoder_templates", "Templates held", value=d.templates)
     yield GaugeMetricFamily(
         "overflowd_decoder_template_bytes",
         "Estimated bytes of templates held",
         value=d.template_bytes,
     )
-    template_drops = CounterMetricFamily(
+    yield _counters_by(
         "overflowd_decoder_templates_dropped",
         "Template announcements not learned",
-        labels=["reason"],
+        "reason",
+        d.templates_dropped_by_reason,
     )
-    for reason, count in sorted(d.templates_dropped_by_reason.items()):
-        template_drops.add_metric([reason], count)
-    yield template_drops
-    template_evictions = CounterMetricFamily(
-        "overflowd_decoder_templates_evicted", "Templates evicted", labels=["reason"]
+    yield _counters_by(
+        "overflowd_decoder_templates_evicted",
+        "Templates evicted",
+        "reason",
+        d.templates_evicted_by_reason,
     )
-    for reason, count in sorted(d.templates_evicted_by_reason.items()):
-        template_evictions.add_metric([reason], count)
-    yield template_evictions
-    pending_dropped = CounterMetricFamily(
+    yield _counters_by(
         "overflowd_decoder_pending_dropped",
         "Data sets dropped waiting for a template, by reason",
-        labels=["reason"],
+        "reason",
+        d.pending_dropped_by_reason,
     )
-    for reason, count in sorted(d.pending_dropped_by_reason.items()):
-        pending_dropped.add_metric([reason], count)
-    yield pending_dropped
     sm = s.sampler
     yield _counter("overflowd_sampler_records", "Records offered to the sampler", sm.records_seen)
     yield _counter("overflowd_sampler_sampled", "Records sampled for a report", sm.records_sampled)
@@ -137,14 +134,12 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         "Reports stored but not yet sent in band when the drain deadline passed",
         s.inband_unsent_at_stop,
     )
-    input_errors = CounterMetricFamily(
+    yield _counters_by(
         "overflowd_input_errors",
         "Inputs dropped after an unexpected exception (a bug some input reaches)",
-        labels=["type"],
+        "type",
+        s.input_errors,
     )
-    for name, count in sorted(s.input_errors.items()):
-        input_errors.add_metric([name], count)
-    yield input_errors
     yield _counter(
         "overflowd_collector_exporter_refused",
         "Datagrams from exporters outside collector.allowed_exporters",
@@ -198,14 +193,12 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
             "Wall-clock steps seen by webhook delivery",
             w.clock_steps,
         )
-        unexpected = CounterMetricFamily(
+        yield _counters_by(
             "overflowd_webhook_unexpected_errors",
             "Unexpected errors delivering one webhook row (each a failed attempt)",
-            labels=["type"],
+            "type",
+            w.unexpected_errors,
         )
-        for kind, count in sorted(w.unexpected_errors.items()):
-            unexpected.add_metric([kind], count)
-        yield unexpected
     events = CounterMetricFamily(
         "overflowd_registry_events",
         "Observer events: a new key for a known observer, changed contacts",
@@ -249,41 +242,31 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
             "Received reports still unstored at the drain deadline (their budget refunded)",
             li.unstored_at_stop,
         )
-        refused = CounterMetricFamily(
-            "overflowd_inband_refused", "Received datagrams refused", labels=["reason"]
+        yield _counters_by(
+            "overflowd_inband_refused", "Received datagrams refused", "reason", li.dropped
         )
-        for reason, count in sorted(li.dropped.items()):
-            refused.add_metric([reason], count)
-        yield refused
-        trust = CounterMetricFamily(
-            "overflowd_inband_trust", "Received reports by observer trust", labels=["trust"]
+        yield _counters_by(
+            "overflowd_inband_trust", "Received reports by observer trust", "trust", li.trust
         )
-        for label, count in sorted(li.trust.items()):
-            trust.add_metric([label], count)
-        yield trust
-        errors = CounterMetricFamily(
+        yield _counters_by(
             "overflowd_inband_errors",
             "Unexpected exceptions at the per-datagram boundary (datagram dropped)",
-            labels=["type"],
+            "type",
+            li.errors,
         )
-        for kind, count in sorted(li.errors.items()):
-            errors.add_metric([kind], count)
-        yield errors
         rl = li.relabel
-        relabelled = CounterMetricFamily(
-            "overflowd_inband_relabelled", "Stored reports relabelled after DNS", labels=["trust"]
+        yield _counters_by(
+            "overflowd_inband_relabelled",
+            "Stored reports relabelled after DNS",
+            "trust",
+            rl.relabelled,
         )
-        for label, count in sorted(rl.relabelled.items()):
-            relabelled.add_metric([label], count)
-        yield relabelled
-        skipped = CounterMetricFamily(
+        yield _counters_by(
             "overflowd_inband_relabel_skipped",
             "Stored reports that kept their first label without a DNS answer",
-            labels=["reason"],
+            "reason",
+            rl.skipped,
         )
-        for reason, count in sorted(rl.skipped.items()):
-            skipped.add_metric([reason], count)
-        yield skipped
         yield CounterMetricFamily(
             "overflowd_inband_relabel_not_lowered",
             "Stored reports whose relabel answered a weaker label (kept, never lowered)",
@@ -309,20 +292,13 @@ def storage_metrics(st: RetentionStatistics) -> Iterator[Metric]:
         stored_bytes.add_metric([kind], st.bytes.get(kind, 0))
     yield reports
     yield stored_bytes
-    pruned = CounterMetricFamily(
-        "overflowd_storage_pruned", "Reports pruned, by reason", labels=["reason"]
-    )
-    for reason, count in sorted(st.pruned.items()):
-        pruned.add_metric([reason], count)
-    yield pruned
-    refused = CounterMetricFamily(
+    yield _counters_by("overflowd_storage_pruned", "Reports pruned, by reason", "reason", st.pruned)
+    yield _counters_by(
         "overflowd_storage_refused",
         "Received reports refused by a storage budget",
-        labels=["reason"],
+        "reason",
+        st.refused,
     )
-    for reason, count in sorted(st.refused.items()):
-        refused.add_metric([reason], count)
-    yield refused
     yield GaugeMetricFamily(
         "overflowd_storage_headroom_short",
         "1 while free space is under the reserve (received reports refused)",
