@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ctx.settings
     if args.rate is not None and not 0 < args.rate <= 1:
         raise UsageError("--rate must be in (0, 1]")
+    for line in settings.deprecations:
+        log.warning("config.deprecated %s", line)
     named = _sockets(ctx, args)
     store = ctx.open_store()
     try:
