@@ -156,6 +156,22 @@ SEND_EVERYWHERE = ("0.0.0.0/0", "::/0")
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """``[api]``: the node's HTTP API (overflowd.services.api)."""
+
+    #: "ADDR:PORT"; empty disables it. Loopback by default: it is for this host's tools until
+    #: peers are configured.
+    listen: str = "127.0.0.1:9591"
+    #: TLS: a PEM certificate chain and its key; both empty: plain HTTP.
+    tls_certificate_file: str = ""
+    tls_key_file: str = ""
+    #: Client certificates required, and checked against this CA bundle (PEM); empty: none.
+    client_ca_file: str = ""
+    #: An idle keep-alive connection is closed after this long.
+    keep_alive_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class SendSettings:
     """``[send]``: the one switch for telling the ends of the flows a node sees.
 
@@ -181,6 +197,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
     send: SendSettings = field(default_factory=SendSettings)
     inband: InbandSettings = field(default_factory=InbandSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
@@ -200,6 +217,7 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsSettings,
     "capture": CaptureSettings,
     "registry": RegistrySettings,
+    "api": ApiSettings,
     "send": SendSettings,
     "inband": InbandSettings,
     "budget": BudgetSettings,
@@ -287,6 +305,16 @@ pinned = []
 continuity_min_days = 7.0
 continuity_min_networks = 2
 continuity_min_reports = 3
+
+[api]
+# The node's HTTP API (/v1/..., /metrics, /healthz; docs/api.md); "" disables it.
+listen = "127.0.0.1:9591"
+# TLS certificate chain and key (PEM); both empty: plain HTTP, fine on loopback.
+tls_certificate_file = ""
+tls_key_file = ""
+# Require client certificates issued by this CA (PEM); empty: none asked.
+client_ca_file = ""
+keep_alive_s = 5.0
 
 [send]
 # The one switch for telling the ends of the flows you see: a UDP datagram to the flow's
@@ -537,6 +565,17 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
     def fail(key: str, why: str) -> None:
         raise ConfigError(_where(source, text, section, key) + f"'{section}.{key}' {why}")
 
+    if isinstance(settings, ApiSettings):
+        if settings.listen and not re.match(
+            r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[0-9a-fA-F:]*):\d{1,5}$", settings.listen
+        ):
+            fail("listen", f"has {settings.listen!r}, which is not ADDR:PORT (ADDR an IP)")
+        if bool(settings.tls_certificate_file) != bool(settings.tls_key_file):
+            fail("tls_certificate_file", "and api.tls_key_file go together: give both or neither")
+        if settings.client_ca_file and not settings.tls_certificate_file:
+            fail("client_ca_file", "needs TLS: set api.tls_certificate_file and api.tls_key_file")
+        if settings.keep_alive_s <= 0:
+            fail("keep_alive_s", "must be positive")
     if isinstance(settings, SendSettings):
         for item in settings.allowed_prefixes:
             try:
