@@ -149,6 +149,45 @@ class StorageSettings:
     max_tracked_senders: int = 65_536
 
 
+#: What ``send.allowed_prefixes`` is when the switch is on and the key is not given: every
+#: address. Addresses no datagram should go to (multicast, broadcast, unspecified, reserved,
+#: loopback and link-local) stay refused by the confinement whatever this says.
+SEND_EVERYWHERE = ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """``[api]``: the node's HTTP API (overflowd.services.api)."""
+
+    #: "ADDR:PORT"; empty disables it. Loopback by default: it is for this host's tools until
+    #: peers are configured.
+    listen: str = "127.0.0.1:9591"
+    #: TLS: a PEM certificate chain and its key; both empty: plain HTTP.
+    tls_certificate_file: str = ""
+    tls_key_file: str = ""
+    #: Client certificates required, and checked against this CA bundle (PEM); empty: none.
+    client_ca_file: str = ""
+    #: An idle keep-alive connection is closed after this long.
+    keep_alive_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """``[send]``: the one switch for telling the ends of the flows a node sees.
+
+    "Telling a flow's ends" is every message whose destination is read from a flow record:
+    the in-band datagram to its source and destination, and the webhook POSTed to a URL that
+    one of them publishes in DNS (``u=``). Webhook endpoints the operator lists
+    (``webhook.targets``, ``[[webhook.endpoints]]``) are the operator's own recipients, not
+    a flow's ends, and get their reports whatever this says.
+    """
+
+    #: Off (the default): nothing is ever sent to an address read from a flow.
+    to_flow_addresses: bool = False
+    #: Which flow ends may be told when the switch is on (the confinement).
+    allowed_prefixes: tuple[str, ...] = SEND_EVERYWHERE
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -158,12 +197,16 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    send: SendSettings = field(default_factory=SendSettings)
     inband: InbandSettings = field(default_factory=InbandSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     #: Where this came from, for messages; not a TOML key.
     source: str = field(default="(defaults)", compare=False)
+    #: Keys that still work but have a new name: one warning line each at start.
+    deprecations: tuple[str, ...] = field(default=(), compare=False)
 
 
 _SECTIONS: dict[str, type] = {
@@ -174,6 +217,8 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsSettings,
     "capture": CaptureSettings,
     "registry": RegistrySettings,
+    "api": ApiSettings,
+    "send": SendSettings,
     "inband": InbandSettings,
     "budget": BudgetSettings,
     "webhook": WebhookSettings,
@@ -261,14 +306,34 @@ continuity_min_days = 7.0
 continuity_min_networks = 2
 continuity_min_reports = 3
 
+[api]
+# The node's HTTP API (/v1/..., /metrics, /healthz; docs/api.md); "" disables it.
+listen = "127.0.0.1:9591"
+# TLS certificate chain and key (PEM); both empty: plain HTTP, fine on loopback.
+tls_certificate_file = ""
+tls_key_file = ""
+# Require client certificates issued by this CA (PEM); empty: none asked.
+client_ca_file = ""
+keep_alive_s = 5.0
+
+[send]
+# The one switch for telling the ends of the flows you see: a UDP datagram to the flow's
+# source and destination (port inband.port), and a webhook to a URL they publish in DNS
+# (u=). Off, nothing is ever sent to an address read from a flow record. Webhook endpoints
+# you list under [webhook] are your own recipients: they get their reports either way.
+to_flow_addresses = false
+# With the switch on, only flow ends inside these prefixes are told. Whatever they say,
+# multicast, broadcast, unspecified and reserved addresses never are, nor loopback and
+# link-local unless a prefix inside 127.0.0.0/8, ::1 or fe80::/10 is listed. Everything
+# sent is bounded by [budget] (per /24 or /48, global, once per flow and target a window).
+allowed_prefixes = ["0.0.0.0/0", "::/0"]
+
 [inband]
-# Send each report as a UDP datagram to port `port` of the flow's source and destination,
-# and listen for other nodes' reports on `listen`. Nothing is ever sent to an address outside
-# allowed_prefixes: empty (the default) sends nothing at all.
+# Reports as UDP datagrams: sent to port `port` of the flow's ends (when [send] allows),
+# and other nodes' reports taken in on `listen`. enabled = false: neither.
 enabled = true
 listen = "[::]:65535"
 port = 65535
-allowed_prefixes = []
 queue_reports = 1000
 store_batch = 200
 seen_ids = 65536
@@ -397,7 +462,33 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
         if not isinstance(table, dict):
             raise ConfigError(_where(source, text, None, name) + f"'{name}' must be a table")
         sections[name] = _build(_SECTIONS[name], table, source, text, name)
-    return Settings(**sections, source=source)
+    deprecations: list[str] = []
+    inband_table = data.get("inband", {})
+    if "allowed_prefixes" in inband_table:
+        if "send" in data:
+            raise ConfigError(
+                _where(source, text, "inband", "allowed_prefixes")
+                + "'inband.allowed_prefixes' is the old name of [send]: give only [send] "
+                "(to_flow_addresses = true, allowed_prefixes = [...])"
+            )
+        # The old form: a non-empty list switched sending on, confined to it.
+        legacy = sections["inband"].allowed_prefixes
+        sections["send"] = SendSettings(
+            to_flow_addresses=bool(legacy), allowed_prefixes=legacy or SEND_EVERYWHERE
+        )
+        deprecations.append(
+            f"{source}: 'inband.allowed_prefixes' is deprecated: write [send] "
+            f"to_flow_addresses = {'true' if legacy else 'false'}"
+            + (f", allowed_prefixes = {list(legacy)}" if legacy else "")
+        )
+    else:
+        send = sections.get("send", SendSettings())
+        inband = sections.get("inband", InbandSettings())
+        # The node's confinement lives in InbandSettings; [send] decides what it holds.
+        sections["inband"] = dataclasses.replace(
+            inband, allowed_prefixes=send.allowed_prefixes if send.to_flow_addresses else ()
+        )
+    return Settings(**sections, source=source, deprecations=tuple(deprecations))
 
 
 def _build(cls: type, table: dict[str, Any], source: str, text: str, section: str) -> Any:
@@ -474,6 +565,23 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
     def fail(key: str, why: str) -> None:
         raise ConfigError(_where(source, text, section, key) + f"'{section}.{key}' {why}")
 
+    if isinstance(settings, ApiSettings):
+        if settings.listen and not re.match(
+            r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[0-9a-fA-F:]*):\d{1,5}$", settings.listen
+        ):
+            fail("listen", f"has {settings.listen!r}, which is not ADDR:PORT (ADDR an IP)")
+        if bool(settings.tls_certificate_file) != bool(settings.tls_key_file):
+            fail("tls_certificate_file", "and api.tls_key_file go together: give both or neither")
+        if settings.client_ca_file and not settings.tls_certificate_file:
+            fail("client_ca_file", "needs TLS: set api.tls_certificate_file and api.tls_key_file")
+        if settings.keep_alive_s <= 0:
+            fail("keep_alive_s", "must be positive")
+    if isinstance(settings, SendSettings):
+        for item in settings.allowed_prefixes:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                fail("allowed_prefixes", f"has {item!r}, which is not an address or prefix")
     if isinstance(settings, SamplingSettings):
         if not 0 < settings.rate <= 1:
             fail("rate", "must be in (0, 1]")

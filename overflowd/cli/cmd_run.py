@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -15,6 +16,9 @@ from overflowd.cli.common import Context, UsageError, context, run_trio
 from overflowd.config import CONFIG_FILE, parse_listen
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.identity import load_identity
+
+if TYPE_CHECKING:
+    from overflowd.services.api import ApiService
 
 log = logging.getLogger("overflowd.daemon")
 
@@ -29,6 +33,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", metavar="ADDR:PORT", help="Prometheus endpoint ('' disables)")
     p.add_argument(
         "--inband-listen", metavar="ADDR:PORT", help="in-band report listener (default: config)"
+    )
+    p.add_argument(
+        "--api", metavar="ADDR:PORT", help="node HTTP API ('' disables; default: config)"
     )
     p.add_argument("--rate", type=float, metavar="R", help="sampling rate (default: config)")
     p.set_defaults(func=run)
@@ -59,6 +66,10 @@ def _sockets(ctx: Context, args: argparse.Namespace) -> dict[str, str]:
         add(ctx.settings.inband.listen, f"inband.listen in {config}:")
     for text in args.listen or ctx.settings.collector.listen:
         add(text, "--listen" if args.listen else f"collector.listen in {config}:")
+    if args.api:
+        add(args.api, "--api")
+    elif args.api is None and ctx.settings.api.listen:
+        add(ctx.settings.api.listen, f"api.listen in {config}:")
     return named
 
 
@@ -69,6 +80,7 @@ def _listen_error(exc: OSError, named: dict[str, str], fallback: str) -> Overflo
 
 
 def run(args: argparse.Namespace) -> int:
+    from overflowd.services.api import ApiContext, ApiService, collectors_for
     from overflowd.services.metrics import serve_metrics
     from overflowd.services.node import NodeService
 
@@ -76,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         ("--listen", args.listen or []),
         ("--inband-listen", [args.inband_listen] if args.inband_listen else []),
         ("--metrics", [args.metrics] if args.metrics else []),
+        ("--api", [args.api] if args.api else []),
     ):
         for value in values:
             _check_flag(flag, value)
@@ -84,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ctx.settings
     if args.rate is not None and not 0 < args.rate <= 1:
         raise UsageError("--rate must be in (0, 1]")
+    for line in settings.deprecations:
+        log.warning("config.deprecated %s", line)
     named = _sockets(ctx, args)
     store = ctx.open_store()
     try:
@@ -98,6 +113,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         store.close()
         raise ConfigError(str(exc)) from None
+    api_listen = settings.api.listen if args.api is None else args.api
+    api: ApiService | None = None
+    if api_listen:
+        try:
+            api = ApiService(
+                dataclasses.replace(settings.api, listen=api_listen),
+                ApiContext(
+                    identity=identity,
+                    contacts=settings.node.contacts,
+                    observation_point=settings.node.observation_point,
+                    store=store,
+                    collectors=collectors_for(node.statistics),
+                ),
+            )
+        except ConfigError:
+            store.close()
+            raise
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -109,9 +141,15 @@ def run(args: argparse.Namespace) -> int:
                 if node.inband_bound is not None:
                     host, port = node.inband_bound
                     print(f"listening inband {host}:{port}", flush=True)
+                if api is not None:
+                    host, port = await nursery.start(api.run)
+                    shown = f"[{host}]" if ":" in host else host
+                    print(f"api http://{shown}:{port}/v1/", flush=True)
                 async for signum in signals:
                     log.info("daemon.stopping signal=%s", signal.Signals(signum).name)
                     node.stop()
+                    if api is not None:
+                        api.stop()
                     break
 
     metrics_listen = settings.metrics.listen if args.metrics is None else args.metrics

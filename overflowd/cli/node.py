@@ -24,7 +24,7 @@ from overflowd.cli.common import (
     now_ms,
     run_main,
 )
-from overflowd.config import CONFIG_FILE, DEFAULT_CONFIG_TEXT
+from overflowd.config import CONFIG_FILE, DEFAULT_CONFIG_TEXT, parse_settings
 from overflowd.errors import ConfigError, IdentityError
 from overflowd.identity import NodeIdentity, identity_path, load_identity, write_identity
 from overflowd.registry import check_domain, format_record, reverse_name, walk_prefixes, zone_line
@@ -35,9 +35,48 @@ MAX_TTL_S = 2**31 - 1
 PROG = "overflowd"
 
 
+def initial_config(contacts: list[str], exporters: list[str], *, send: bool) -> str:
+    """The commented default config with what ``init``'s flags say filled in.
+
+    Each flag replaces one line of the default text, so the file stays the documented one and
+    a person reading it sees what was chosen. The result is parsed before it is written: a bad
+    value is refused naming its flag, and nothing is created.
+    """
+    text = DEFAULT_CONFIG_TEXT
+    lines = {
+        "--contact": (
+            '# contacts = ["mailto:abuse@example.net", "https://example.net/abuse"]\n',
+            contacts,
+            "contacts",
+        ),
+        "--exporter": ("allowed_exporters = []\n", exporters, "allowed_exporters"),
+    }
+    for flag, (line, values, key) in lines.items():
+        if not values:
+            continue
+        assert line in text, line  # the default text is ours: a test keeps them in step
+        text = text.replace(line, f"{key} = {json.dumps(values)}\n", 1)
+        try:
+            parse_settings(text, "<init>")
+        except ConfigError as exc:
+            why = str(exc).split(": ", 2)[-1]
+            raise UsageError(f"{flag}: {why}") from None
+    if send:
+        line = "to_flow_addresses = false\n"
+        assert line in text, line
+        text = text.replace(line, "to_flow_addresses = true\n", 1)
+    return text
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     ctx = context(args)
     path = identity_path(ctx.home)
+    text = initial_config(args.contact or [], args.exporter or [], send=args.send)
+    if (args.contact or args.exporter or args.send) and (ctx.home / CONFIG_FILE).exists():
+        raise UsageError(
+            f"{ctx.home / CONFIG_FILE} exists: --contact, --exporter and --send only write a new "
+            "config; edit that file instead"
+        )
     if path.exists() and not args.force:
         raise IdentityError(f"{path} exists; refusing to overwrite a node identity without --force")
     try:
@@ -46,7 +85,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         write_identity(ctx.home, identity, force=args.force)
         config = ctx.home / CONFIG_FILE
         if not config.exists():
-            config.write_text(DEFAULT_CONFIG_TEXT, encoding="utf-8")
+            config.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise IdentityError(f"cannot create node home {ctx.home}: {exc.strerror}") from None
     print(f"node home   {ctx.home}")
@@ -223,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", parents=[common], help="create the node home and identity")
     p.add_argument("--force", action="store_true", help="replace an existing identity")
+    p.add_argument(
+        "--contact",
+        action="append",
+        metavar="URI",
+        help="node.contacts in the new config: mailto:, https: or tel: (repeatable)",
+    )
+    p.add_argument(
+        "--exporter",
+        action="append",
+        metavar="ADDR|PREFIX",
+        help="collector.allowed_exporters in the new config: your routers (repeatable)",
+    )
+    p.add_argument(
+        "--send",
+        action="store_true",
+        help="send.to_flow_addresses = true in the new config: tell the flows' ends",
+    )
     p.set_defaults(func=cmd_init)
 
     key = sub.add_parser("key", parents=[common], help="show the node key and its DNS record")

@@ -202,7 +202,7 @@ class NodeService:
     """One node: collects, samples, signs, stores; sends reports in band; hears other nodes'.
 
     Sending goes through one :class:`~overflowd.notify.Budget` and the in-band confinement
-    (``inband.allowed_prefixes``, empty by default: nothing is sent until configured).
+    (``[send]``, off by default: nothing is sent to a flow's ends until configured).
     """
 
     def __init__(

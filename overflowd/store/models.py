@@ -94,6 +94,25 @@ class ReportModel(Base):
     #: the /24 or /48 the report reached us from (storage budgets per sender network);
     #: NULL for our own reports, and where the path has no sender address
     sender_net: Mapped[str | None] = mapped_column(String(43))
+    #: this node's own number for the report, given when it was first stored and strictly
+    #: increasing in commit order (:class:`ReportSequenceModel`): the cursor of every reader
+    #: that pages through reports (peers, ``--follow``); never a timestamp, which many share
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+
+
+class ReportSequenceModel(Base):
+    """The last report sequence number given out: one row, updated in each storing transaction.
+
+    Updating it takes the row's lock (PostgreSQL) or the database's write lock (SQLite) until
+    the transaction ends, so a writer gets its numbers only after the writer before it has
+    committed or rolled back: numbers become visible in order, and a reader that has seen
+    ``n`` will never later find a new report numbered below ``n``.
+    """
+
+    __tablename__ = "report_sequence"
+
+    name: Mapped[str] = mapped_column(String(16), primary_key=True)
+    last: Mapped[int] = mapped_column(BigInteger)
 
 
 class ObserverModel(Base):

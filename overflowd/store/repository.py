@@ -81,7 +81,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 _BACKENDS = ("sqlite", "postgresql")
 
 #: Ids per UPDATE in update_trust: well under SQLite's 32,766 bound parameters.
@@ -89,6 +89,11 @@ _UPDATE_CHUNK = 500
 
 _REPORTS: Table = Base.metadata.tables["reports"]
 _OBSERVERS: Table = Base.metadata.tables["observers"]
+_SEQUENCE: Table = Base.metadata.tables["report_sequence"]
+#: The one row of report_sequence (a name, so other sequences can join it later).
+_REPORTS_SEQUENCE = "reports"
+#: The most reports one page of :meth:`Store.reports_after` returns.
+MAX_PAGE_REPORTS = 10_000
 
 # IPv4 is stored IPv4-mapped (RFC 4291 §2.5.5.2) so both families share one 16-byte keyspace,
 # and an IPv4 prefix is a range inside ::ffff:0:0/96.
@@ -171,6 +176,8 @@ class StoredReport:
     sampling_provenance: str
     #: the observer's trust label when the report arrived; None for local and older reports
     trust: str | None = None
+    #: this node's sequence number for the report (increasing in commit order, not contiguous)
+    seq: int = 0
 
     def signed_report(self) -> rpt.SignedReport:
         """The stored bytes decoded again, as the :class:`SignedReport` that was stored.
@@ -453,6 +460,16 @@ class Store:
         if not rows:
             return set()
         with self._guard("storing reports"), self._transaction(write=True) as conn:
+            # Numbers first: the counter's lock is held to the commit, so writers number (and
+            # become visible) one after the other. A duplicate leaves its number unused.
+            last = conn.execute(
+                _SEQUENCE.update()
+                .where(_SEQUENCE.c.name == _REPORTS_SEQUENCE)
+                .values(last=_SEQUENCE.c.last + len(rows))
+                .returning(_SEQUENCE.c.last)
+            ).scalar_one()
+            for seq, row in enumerate(rows.values(), start=int(last) - len(rows) + 1):
+                row["seq"] = seq
             new_ids: set[str] = set(
                 conn.execute(self._insert_reports, list(rows.values())).scalars()
             )
@@ -535,6 +552,58 @@ class Store:
             stmt = stmt.limit(limit)
         with self._guard("querying reports"), self._transaction(write=False) as conn:
             return [_stored_report(row._mapping) for row in conn.execute(stmt)]
+
+    def reports_after(
+        self,
+        after: int,
+        limit: int,
+        *,
+        src: Network | None = None,
+        dst: Network | None = None,
+        either: Network | None = None,
+    ) -> tuple[list[StoredReport], int]:
+        """Up to ``limit`` reports numbered above ``after``, in number order, and the next cursor.
+
+        Paging from 0 sees every report once, including those stored while it pages: numbers
+        are given in commit order, so none can appear below a cursor already passed. A full
+        page's cursor is its last report's number. A short page has returned everything up to
+        the highest number committed, so its cursor is that number (read first, in the same
+        transaction): filtered-out reports are not looked at again. ``either`` keeps reports
+        whose source or destination is in it (a network's own view); ``src``/``dst`` filter
+        one end.
+        """
+        if after < 0:
+            raise ValueError("after must not be negative")
+        if not 1 <= limit <= MAX_PAGE_REPORTS:
+            raise ValueError(f"limit must be 1 to {MAX_PAGE_REPORTS}")
+        t = _REPORTS
+        stmt = select(t).where(t.c.seq > after)
+        for column, net in ((t.c.src, src), (t.c.dst, dst)):
+            if net is not None:
+                lo, hi = network_range(net)
+                stmt = stmt.where(column >= lo, column <= hi, t.c.ip_version == net.version)
+        if either is not None:
+            lo, hi = network_range(either)
+            stmt = stmt.where(
+                t.c.ip_version == either.version,
+                ((t.c.src >= lo) & (t.c.src <= hi)) | ((t.c.dst >= lo) & (t.c.dst <= hi)),
+            )
+        stmt = stmt.order_by(t.c.seq).limit(limit)
+        committed = select(_SEQUENCE.c.last).where(_SEQUENCE.c.name == _REPORTS_SEQUENCE)
+        with self._guard("paging reports"), self._transaction(write=False) as conn:
+            # The counter before the rows: every number up to it belongs to a committed
+            # transaction, so the rows read next hold all of them that match (and maybe more).
+            last_committed = int(conn.execute(committed).scalar_one())
+            page = [_stored_report(row._mapping) for row in conn.execute(stmt)]
+        if len(page) == limit:
+            return page, page[-1].seq
+        return page, max(after, last_committed, page[-1].seq if page else 0)
+
+    def last_seq(self) -> int:
+        """The highest number given out so far (0 for a new store)."""
+        stmt = select(_SEQUENCE.c.last).where(_SEQUENCE.c.name == _REPORTS_SEQUENCE)
+        with self._guard("reading the report sequence"), self._transaction(write=False) as conn:
+            return int(conn.execute(stmt).scalar_one())
 
     def get_report(self, report_id: str) -> StoredReport | None:
         """The report with this id (lowercase hex SHA-256 of its bytes), if stored."""
@@ -756,6 +825,7 @@ def _stored_report(m: RowMapping) -> StoredReport:
         sampling_interval=int(m["sampling_interval"]),
         sampling_provenance=str(m["sampling_provenance"]),
         trust=None if m["trust"] is None else str(m["trust"]),
+        seq=int(m["seq"]),
     )
 
 

@@ -106,9 +106,11 @@ listen = "127.0.0.1:0"
 [capture]
 interfaces = ["{link.a_dev}"]
 one_in = 1
+[send]
+to_flow_addresses = true
+allowed_prefixes = ["192.0.2.0/24", "198.51.100.0/24"]
 [inband]
 listen = "{A4}:65535"
-allowed_prefixes = ["192.0.2.0/24", "198.51.100.0/24"]
 [budget]
 # The webhooks' own TCP packets are captured and reported too (each POST a new flow, which
 # asks for another POST): the budget bounds that loop; give the test's flows room before it.

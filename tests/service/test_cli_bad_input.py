@@ -250,7 +250,9 @@ def _busy_tcp() -> socket.socket:
 
 
 def _daemon(home: Path, *extra: str) -> Result:
-    return run("overflowd", "run", "--home", str(home), "--metrics", "", *extra, timeout=30)
+    return run(
+        "overflowd", "run", "--home", str(home), "--metrics", "", "--api", "", *extra, timeout=30
+    )
 
 
 def test_run_names_the_collector_socket_in_use(home: Path) -> None:
@@ -263,7 +265,7 @@ def test_run_names_the_metrics_socket_in_use(home: Path) -> None:
     with _busy_tcp() as busy:
         addr = f"127.0.0.1:{busy.getsockname()[1]}"
         result = run("overflowd", "run", "--home", str(home), "--listen", "127.0.0.1:0",
-                     "--metrics", addr, timeout=30)
+                     "--metrics", addr, "--api", "", timeout=30)
         one_line(result, 1, f"--metrics {addr}", "Address already in use")
 
 
@@ -275,11 +277,13 @@ def test_run_names_the_inband_socket_in_use(home: Path) -> None:
         one_line(result, 1, f"--inband-listen {addr}", "Address already in use")
 
 
-@pytest.mark.parametrize("flag", ["--listen", "--metrics", "--inband-listen"])
+@pytest.mark.parametrize("flag", ["--listen", "--metrics", "--inband-listen", "--api"])
 @pytest.mark.parametrize("value", ["no-such-host.invalid:2055", "127.0.0.1", "127.0.0.1:70000"])
 def test_run_names_a_bad_address(home: Path, flag: str, value: str) -> None:
     (home / "overflowd.toml").write_text("[inband]\nenabled = true\n")
-    extra = {"--listen": "127.0.0.1:0", "--metrics": "", "--inband-listen": "127.0.0.1:0"}
+    extra = {
+        "--listen": "127.0.0.1:0", "--metrics": "", "--inband-listen": "127.0.0.1:0", "--api": ""
+    }
     extra[flag] = value
     argv = [x for k, v in extra.items() for x in (k, v)]
     result = run("overflowd", "run", "--home", str(home), *argv, timeout=30)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from overflowd.config import DEFAULT_CONFIG_TEXT, load_settings
 from overflowd.identity import identity_path, load_identity
 from overflowd.registry import parse_record
 from tests.support.cli import run
@@ -101,3 +102,46 @@ def test_bad_config_names_the_line(home: Path) -> None:
     result = run("overflowd", "key", "dns-record", "--home", str(home))
     assert result.code == 1
     assert f"{home / 'overflowd.toml'}:3: unknown key 'node.contact'" in result.err
+
+
+def test_init_flags_fill_in_the_new_config_and_nothing_else(tmp_path: Path) -> None:
+    new = tmp_path / "router-node"
+    result = run(
+        "overflowd", "init", "--home", str(new), "--contact", "mailto:abuse@example.net",
+        "--exporter", "192.0.2.1", "--exporter", "2001:db8::/64", "--send",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    settings = load_settings(new)
+    assert settings.node.contacts == ("mailto:abuse@example.net",)
+    assert settings.collector.allowed_exporters == ("192.0.2.1", "2001:db8::/64")
+    assert settings.send.to_flow_addresses is True
+    assert settings.inband.allowed_prefixes == ("0.0.0.0/0", "::/0")
+    # Every other line is the documented default file, comments included.
+    written = (new / "overflowd.toml").read_text().splitlines()
+    default = DEFAULT_CONFIG_TEXT.splitlines()
+    assert len(written) == len(default)
+    assert sum(a != b for a, b in zip(written, default, strict=True)) == 3
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--contact", "nope", "--contact: 'node.contacts' has 'nope', which is not a URI"),
+        ("--exporter", "300.1.1.1", "--exporter: 'collector.allowed_exporters' has '300.1.1.1'"),
+    ],
+)
+def test_init_refuses_a_bad_flag_value_and_creates_nothing(
+    tmp_path: Path, flag: str, value: str, says: str
+) -> None:
+    new = tmp_path / "never"
+    result = run("overflowd", "init", "--home", str(new), flag, value)
+    assert result.code == 2
+    assert result.err.count("\n") == 1 and says in result.err and "Traceback" not in result.err
+    assert not new.exists()
+
+
+def test_init_flags_never_rewrite_an_existing_config(home: Path) -> None:
+    before = (home / "overflowd.toml").read_text()
+    result = run("overflowd", "init", "--force", "--home", str(home), "--send")
+    assert result.code == 2 and "edit that file instead" in result.err
+    assert (home / "overflowd.toml").read_text() == before

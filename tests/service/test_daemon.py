@@ -25,7 +25,7 @@ class Daemon:
         env = {k: v for k, v in os.environ.items() if k != "OVERFLOWD_HOME"}
         self.proc = subprocess.Popen(
             [str(BIN / "overflowd"), "run", "--home", str(home), "--inband-listen", "127.0.0.1:0",
-             *args],
+             "--api", "127.0.0.1:0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -183,8 +183,9 @@ def test_unlisted_exporters_are_refused_and_signing_is_budgeted(home: Path) -> N
 
 def test_bad_listen_address_is_a_clear_error(home: Path) -> None:
     result = run(
-        "overflowd", "run", "--home", str(home), "--listen", "192.0.2.1:9", "--metrics", ""
-    )
+        "overflowd", "run", "--home", str(home), "--listen", "192.0.2.1:9", "--metrics", "",
+        "--api", "",
+    )  # fmt: skip
     assert result.code == 1
     assert result.err.startswith("overflowd: error: --listen 192.0.2.1:9: cannot listen")
 

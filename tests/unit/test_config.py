@@ -93,3 +93,40 @@ def test_webhook_retry_budgets_come_from_the_config() -> None:
     assert settings.webhook.retry_per_host_per_s == 0.5
     with pytest.raises(ConfigError, match="retry_per_url_burst must be an integer of at least 1"):
         parse_settings("[webhook]\nretry_per_url_burst = 0\n", "x.toml")
+
+
+def test_send_is_off_by_default_and_the_one_switch_sets_the_confinement() -> None:
+    off = parse_settings("")
+    assert off.send.to_flow_addresses is False
+    assert off.inband.confinement().allowed == ()
+    on = parse_settings("[send]\nto_flow_addresses = true\n")
+    assert on.inband.allowed_prefixes == ("0.0.0.0/0", "::/0")
+    narrowed = parse_settings(
+        '[send]\nto_flow_addresses = true\nallowed_prefixes = ["198.51.100.0/24"]\n'
+    )
+    assert narrowed.inband.allowed_prefixes == ("198.51.100.0/24",)
+    # Prefixes listed with the switch off still send nothing: the switch decides.
+    listed_off = parse_settings('[send]\nallowed_prefixes = ["198.51.100.0/24"]\n')
+    assert listed_off.inband.allowed_prefixes == ()
+    assert on.deprecations == () and off.deprecations == ()
+
+
+def test_the_old_inband_allowed_prefixes_still_works_and_says_it_is_deprecated() -> None:
+    old = parse_settings('[inband]\nallowed_prefixes = ["127.0.0.0/8"]\n', "/etc/o.toml")
+    assert old.send.to_flow_addresses is True
+    assert old.inband.allowed_prefixes == ("127.0.0.0/8",)
+    assert len(old.deprecations) == 1 and "[send]" in old.deprecations[0]
+    assert "/etc/o.toml" in old.deprecations[0]
+    empty = parse_settings("[inband]\nallowed_prefixes = []\n")
+    assert empty.send.to_flow_addresses is False and empty.inband.allowed_prefixes == ()
+
+
+def test_send_and_the_old_key_together_are_refused_naming_the_line() -> None:
+    text = '[send]\nto_flow_addresses = true\n\n[inband]\nallowed_prefixes = ["127.0.0.0/8"]\n'
+    with pytest.raises(ConfigError, match=r"^/x\.toml:5: 'inband.allowed_prefixes' is the old"):
+        parse_settings(text, "/x.toml")
+
+
+def test_a_send_prefix_that_is_no_prefix_names_key_and_line() -> None:
+    with pytest.raises(ConfigError, match=r"^/x\.toml:3: 'send.allowed_prefixes' has 'nope'"):
+        parse_settings('[send]\nto_flow_addresses = true\nallowed_prefixes = ["nope"]\n', "/x.toml")

@@ -1,0 +1,296 @@
+"""The node API: one HTTP server per node for peers, queries, dashboards and Prometheus.
+
+An ASGI application (FastAPI, so the OpenAPI document is generated from these routes and their
+types, not written by hand) served by hypercorn on trio, in the daemon's nursery. FastAPI
+over bare Starlette because the peers and query issues add a dozen routes with typed query
+parameters and JSON bodies: FastAPI validates them (422 naming the parameter) and documents
+them from the same code; Starlette would need both written twice.
+
+Routes here: ``/healthz``, ``/metrics`` (the same exposition as ``metrics.listen``),
+``/v1/openapi.json``, ``/v1/identity`` (key, contacts, the DNS record to publish) and
+``/v1/reports`` (cursor paging in the store's sequence order: :meth:`Store.reports_after`).
+The peers issue adds ``/v1/inbox`` and subscriptions, the query issue ``/v1/who`` and
+``/v1/top``.
+
+Bounds: a page holds at most ``MAX_PAGE`` reports; the store is read in a worker thread
+(anyio's limiter, 40 at once) so a slow query never blocks the event loop. The server listens
+on loopback by default. Before it faces other networks it must get the receiver's per-client
+connection caps (``overflowd.services.receive_http``), which the peers issue brings here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio.to_thread
+import trio
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
+
+from overflowd import __version__
+from overflowd import report as rpt
+from overflowd.config import ApiSettings, parse_listen
+from overflowd.errors import ConfigError
+from overflowd.identity import NodeIdentity
+from overflowd.registry import format_record
+from overflowd.store.repository import Store, StoredReport
+
+log = logging.getLogger(__name__)
+
+#: Reports per page at most: a page of 1000 reports is about 2 MB of JSON.
+MAX_PAGE = 1000
+#: Where the OpenAPI document is shipped in the package (a test keeps it equal to the code's).
+OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi.json"
+
+
+class DnsRecord(BaseModel):
+    """The TXT record that publishes this node's key (``overflowd key dns-record``)."""
+
+    text: str = Field(description="the record's text: v=OVF1; k=ed25519; p=...; c=...")
+
+
+class Identity(BaseModel):
+    """Who this node is: its key, its contacts and the record that vouches for it in DNS."""
+
+    key: str = Field(description="Ed25519 public key, base64")
+    fingerprint: str = Field(description="first 8 bytes of SHA-256 of the key, xxxx-xxxx-...")
+    contacts: list[str]
+    observation_point: str
+    dns_record: DnsRecord
+    software: str
+
+
+class StoredReportOut(BaseModel):
+    """A stored report: the observer's signed COSE bytes and this node's facts about it."""
+
+    seq: int = Field(description="this node's number for the report: the paging cursor")
+    received: str = Field(description="when this node stored it, RFC 3339")
+    via: str = Field(description="how it arrived: local, udp, webhook, import, gossip")
+    trust: str | None = Field(description="the observer's trust when it arrived")
+    report: dict[str, Any] = Field(
+        description="the report's JSON rendering, with `cose` (base64url): verify that"
+    )
+
+
+class ReportPage(BaseModel):
+    reports: list[StoredReportOut]
+    next: int = Field(description="the cursor for the next page: pass it as ?after=")
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What the routes read: the node's identity and settings, its store, its counters."""
+
+    identity: NodeIdentity
+    contacts: tuple[str, ...]
+    observation_point: str
+    store: Store
+    #: the Prometheus collectors of the node (the same as metrics.listen serves)
+    collectors: tuple[Collector, ...] = ()
+
+
+def _network(text: str | None, name: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    if text is None:
+        return None
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise HTTPException(400, f"{name}: {text[:60]!r} is not an address or prefix") from None
+
+
+def _stored(row: StoredReport) -> StoredReportOut:
+    return StoredReportOut(
+        seq=row.seq,
+        received=rpt.iso_ms(row.received_ms),
+        via=row.via,
+        trust=row.trust,
+        report=rpt.to_json(row.signed_report()),
+    )
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """The node's ASGI application over ``ctx``."""
+    app = FastAPI(
+        title="overflowd node API",
+        version=__version__,
+        description="Reports this node holds, who it is, and its counters. "
+        "Every report carries the observer's own COSE signature: verify it, not this server.",
+        openapi_url="/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    for collector in ctx.collectors:
+        registry.register(collector)
+    record = format_record(ctx.identity.public_key, list(ctx.contacts))
+
+    @app.get("/healthz", response_class=PlainTextResponse, summary="liveness")
+    def healthz() -> str:
+        return "ok"
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus counters")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/identity", summary="this node's key, contacts and DNS record")
+    def identity() -> Identity:
+        return Identity(
+            key=ctx.identity.public_key_b64,
+            fingerprint=ctx.identity.fingerprint,
+            contacts=list(ctx.contacts),
+            observation_point=ctx.observation_point,
+            dns_record=DnsRecord(text=record),
+            software=f"overflowd {__version__}",
+        )
+
+    @app.get("/v1/reports", summary="stored reports in this node's order, from a cursor")
+    async def reports(
+        after: Annotated[int, Query(ge=0, description="cursor: the `next` of the last page")] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        src: Annotated[str | None, Query(description="source address or prefix")] = None,
+        dst: Annotated[str | None, Query(description="destination address or prefix")] = None,
+        prefix: Annotated[
+            str | None, Query(description="source or destination in this prefix")
+        ] = None,
+    ) -> ReportPage:
+        nets = (_network(src, "src"), _network(dst, "dst"), _network(prefix, "prefix"))
+
+        def page() -> tuple[list[StoredReport], int]:
+            return ctx.store.reports_after(after, limit, src=nets[0], dst=nets[1], either=nets[2])
+
+        rows, cursor = await anyio.to_thread.run_sync(page)
+        return ReportPage(reports=[_stored(r) for r in rows], next=cursor)
+
+    return app
+
+
+def openapi_text(app: FastAPI) -> str:
+    """The OpenAPI document as shipped: stable key order, one trailing newline."""
+    return json.dumps(app.openapi(), indent=2, sort_keys=True) + "\n"
+
+
+def check_tls_files(settings: ApiSettings) -> None:
+    """Load the certificate, key and client CA once at start, so a bad file is one clear line
+    naming it (hypercorn would only fail later, on its first connection)."""
+    if not settings.tls_certificate_file:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_certificate_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"api.tls_certificate_file {settings.tls_certificate_file} / api.tls_key_file "
+            f"{settings.tls_key_file}: cannot load: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if settings.client_ca_file:
+        try:
+            context.load_verify_locations(settings.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"api.client_ca_file {settings.client_ca_file}: cannot load: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+
+
+class ApiService:
+    """The API server as a service of the daemon: ``await nursery.start(api.run)``."""
+
+    def __init__(self, settings: ApiSettings, ctx: ApiContext) -> None:
+        check_tls_files(settings)
+        self.settings = settings
+        self.app = create_app(ctx)
+        self._stop = trio.Event()
+        self.bound: tuple[str, int] | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+        from hypercorn.config import Config
+        from hypercorn.trio import serve
+
+        host, port = parse_listen(self.settings.listen)
+        config = Config()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("overflowd.api.hypercorn")
+        config.keep_alive_timeout = self.settings.keep_alive_s
+        config.graceful_timeout = 2.0
+        # HTTP/1.1 only (no h2: see receive_http for what one h2 connection can buffer).
+        config.alpn_protocols = ["http/1.1"]
+        if self.settings.tls_certificate_file:
+            config.certfile = self.settings.tls_certificate_file
+            config.keyfile = self.settings.tls_key_file
+            if self.settings.client_ca_file:
+                config.ca_certs = self.settings.client_ca_file
+                config.verify_mode = ssl.CERT_REQUIRED
+
+        async def started_at(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await serve(
+                    self.app,  # type: ignore[arg-type]  # FastAPI is an ASGI 3 app
+                    config,
+                    shutdown_trigger=self._stop.wait,
+                    task_status=task_status,
+                )
+            except* OSError as group:
+                # Named by "host:port", as the other services name theirs, so the daemon can
+                # say which flag or key the socket came from.
+                first = _first_leaf(group)
+                raise OSError(first.errno, first.strerror or str(first), f"{host}:{port}") from None
+
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(started_at)
+            self.bound = _bound(binds[0])
+            log.info("api.listening url=%s", binds[0])
+            task_status.started(self.bound)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, OSError)
+    return leaf
+
+
+def _bound(url: str) -> tuple[str, int]:
+    """('127.0.0.1', 9591) from hypercorn's 'http://127.0.0.1:9591'."""
+    hostport = url.split("://", 1)[1]
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def collectors_for(snapshot: Callable[[], Any]) -> tuple[Collector, ...]:
+    """The node's Prometheus collector over its statistics snapshot."""
+    from overflowd.services.metrics import NodeCollector
+
+    return (NodeCollector(snapshot),)
+
+
+def main() -> None:  # pragma: no cover - used by `make openapi`
+    """Print the OpenAPI document (the shipped file is this output)."""
+    ctx = ApiContext(
+        identity=NodeIdentity.generate(),
+        contacts=(),
+        observation_point="",
+        store=None,  # type: ignore[arg-type]  # routes are not called
+    )
+    print(openapi_text(create_app(ctx)), end="")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
+__all__ = ["MAX_PAGE", "ApiContext", "ApiService", "create_app", "openapi_text"]
