@@ -196,28 +196,27 @@ def weighted_poisson_interval(
     ``w·χ²(α/2; 2K)/2`` and ``w·χ²(1−α/2; 2K+2)/2``, Garwood's exact interval.
     """
     alpha = 1.0 - confidence
-    if total < 0.0 or sum_squares < 0.0:
-        raise ValueError("total and sum_squares must be >= 0")
+    if not (total >= 0.0 and sum_squares >= 0.0):
+        raise ValueError("total and sum_squares must be numbers >= 0")
+    if max_weight is not None and not max_weight >= 0.0:
+        raise ValueError(f"max_weight must be a number >= 0 or None, not {max_weight!r}")
     if not (math.isfinite(total) and math.isfinite(sum_squares)):
         return 0.0, math.inf
-    if total > 0.0 and sum_squares > 0.0:
-        scale = sum_squares / total
-        low = scale * gamma_quantile(total * total / sum_squares, alpha / 2.0)
-    else:
-        low = 0.0
-    if max_weight is None or not math.isfinite(max_weight):
-        return low, math.inf
-    if max_weight <= 0.0:
-        if total == 0.0:
-            return 0.0, 0.0  # the caller states nothing could have been missed
-        max_weight = 0.0
-    top_total = total + max_weight
-    top_squares = sum_squares + max_weight * max_weight
-    if not math.isfinite(top_squares):
-        return low, math.inf
-    high = (top_squares / top_total) * gamma_quantile(
-        top_total * top_total / top_squares, 1.0 - alpha / 2.0
-    )
+    if total > 0.0 and sum_squares == 0.0:
+        raise ValueError("sum_squares cannot be 0 when total is not")
+    unbounded = max_weight is None or not math.isfinite(max_weight)
+    # The interval scales with the weights: compute it in units of m, at least every weight
+    # (sqrt(Σw²x) >= max w), so no square below over- or underflows, whatever the weights.
+    m = max(math.sqrt(sum_squares), 0.0 if unbounded or max_weight is None else max_weight)
+    if m == 0.0:
+        return 0.0, (math.inf if unbounded else 0.0)  # max_weight 0: nothing could be missed
+    t, s = total / m, sum_squares / m / m
+    low = m * (s / t) * gamma_quantile(t * t / s, alpha / 2.0) if t > 0.0 else 0.0
+    if unbounded or max_weight is None:
+        return min(low, total), math.inf
+    w = max_weight / m
+    top_t, top_s = t + w, s + w * w
+    high = m * (top_s / top_t) * gamma_quantile(top_t * top_t / top_s, 1.0 - alpha / 2.0)
     # The interval holds its own estimate (true in exact arithmetic: both gammas have shape >= 1,
     # see docs/estimates.md); rounding must not make a reader doubt it.
     return min(low, total), max(high, total)

@@ -109,15 +109,16 @@ class Score:
 HEADER = "    rate   runs  packets  w/ reports  0-report    bytes   normal  rel.width"
 
 
-def chosen_destinations(records: Sequence[FlowRecord], policy: SamplingPolicy) -> list[object]:
-    """The destinations scored at this rate, from the true data only (no sample seen)."""
-    total: Counter[object] = Counter()
-    uncertain: Counter[object] = Counter()
+def chosen_destinations(records: Sequence[FlowRecord], policy: SamplingPolicy) -> list[int]:
+    """The destinations scored at this rate (as integers), from the true data only."""
+    total: Counter[int] = Counter()
+    uncertain: Counter[int] = Counter()
     for r in records:
-        total[r.dst] += r.packets * r.sampling_interval
+        dst = int(r.dst)
+        total[dst] += r.packets * r.sampling_interval
         p = policy.evaluate(r)[0]
         if 0.0 < p < 1.0:
-            uncertain[r.dst] += r.packets * r.sampling_interval
+            uncertain[dst] += r.packets * r.sampling_interval
     busiest = [d for d, _ in total.most_common(TOP_BUSIEST)]
     most_uncertain = [d for d, _ in uncertain.most_common(TOP_UNCERTAIN)]
     return list(dict.fromkeys(busiest + most_uncertain))
@@ -127,12 +128,17 @@ def measure(records: Sequence[FlowRecord], rate: float) -> Score:
     policy = SamplingPolicy(rate=rate)
     dests = chosen_destinations(records, policy)
     wanted = set(dests)
-    true_packets: Counter[object] = Counter()
-    true_bytes: Counter[object] = Counter()
+    true_packets: Counter[int] = Counter()
+    true_bytes: Counter[int] = Counter()
+    #: id(record) -> its destination, for the records of the scored destinations only: the
+    #: sampled records are looked up by identity, not by hashing an address (the hot loop).
+    scored: dict[int, int] = {}
     for r in records:
-        if r.dst in wanted:
-            true_packets[r.dst] += r.packets * r.sampling_interval
-            true_bytes[r.dst] += r.bytes * r.sampling_interval
+        dst = int(r.dst)
+        if dst in wanted:
+            true_packets[dst] += r.packets * r.sampling_interval
+            true_bytes[dst] += r.bytes * r.sampling_interval
+            scored[id(r)] = dst
     score = Score()
     for seed in SEEDS:
         sampler = Sampler(policy, random.Random(seed))
@@ -140,16 +146,17 @@ def measure(records: Sequence[FlowRecord], rate: float) -> Score:
         per_dst = {d: Tally() for d in dests}
         normal_var = dict.fromkeys(dests, 0.0)
         for record, p in sampler.sample(records):
-            tally = per_dst.get(record.dst)
-            if tally is None:  # only the observer's unit needs it: skip building a payload
+            dst = scored.get(id(record))
+            if dst is None:  # only the observer's unit needs it: skip building a payload
                 observer.add(record.packets, record.bytes, p, record.sampling_interval)
                 continue
             payload = report_payload(record, p, observer=OBSERVER, nonce=NONCE, now_ms=0)
+            assert int(payload.flow.dst) == dst
             observer.add_payload(payload)
-            tally.add_payload(payload)
+            per_dst[dst].add_payload(payload)
             q = payload.sampling.probability
             w = payload.flow.packets * payload.sampling.interval / q
-            normal_var[payload.flow.dst] += w * w * (1.0 - q)
+            normal_var[dst] += w * w * (1.0 - q)
         unit, byte_unit = observer.packets_unit, observer.bytes_unit
         assert unit is not None  # hundreds of p < 1 reports per run at every rate
         for d in dests:
