@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CONFIDENCE",
     "DEFAULT_MAX_KEYS",
+    "GROUP_BY",
     "OTHER",
     "Estimate",
     "Interval",
@@ -74,6 +75,7 @@ __all__ = [
     "TopN",
     "TopResult",
     "gamma_quantile",
+    "group_key",
     "prefix_key",
     "weighted_poisson_interval",
 ]
@@ -481,9 +483,36 @@ def prefix_key(
     address: ipaddress.IPv4Address | ipaddress.IPv6Address, v4_len: int = 24, v6_len: int = 48
 ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """The prefix of ``address`` to group by (/24 and /48 by default, as nfdump and Akvorado)."""
+    if not (0 <= v4_len <= 32 and 0 <= v6_len <= 128):
+        raise ValueError(f"prefix lengths must be 0..32 and 0..128, not {v4_len}, {v6_len}")
     if isinstance(address, ipaddress.IPv4Address):
         return ipaddress.IPv4Network((int(address) >> (32 - v4_len) << (32 - v4_len), v4_len))
     return ipaddress.IPv6Network((int(address) >> (128 - v6_len) << (128 - v6_len), v6_len))
+
+
+#: What `group_key` groups by: the names of ``overflowd-query top --by`` (issue #11).
+GROUP_BY = ("observer", "src", "dst", "srcport", "dstport", "proto")
+GroupKey = bytes | int | ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def group_key(
+    by: str, payload: Payload, observer_key: bytes, *, v4_len: int = 24, v6_len: int = 48
+) -> GroupKey:
+    """The key of a report for grouping ``by`` one of `GROUP_BY` (addresses by prefix)."""
+    flow = payload.flow
+    if by == "observer":
+        return observer_key
+    if by == "src":
+        return prefix_key(flow.src, v4_len, v6_len)
+    if by == "dst":
+        return prefix_key(flow.dst, v4_len, v6_len)
+    if by == "srcport":
+        return flow.sport
+    if by == "dstport":
+        return flow.dport
+    if by == "proto":
+        return flow.proto
+    raise ValueError(f"cannot group by {by!r}: one of {', '.join(GROUP_BY)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,7 +522,8 @@ class TopResult(Generic[K]):
     top: tuple[tuple[K, Estimate], ...]
     #: Everything else, or None when nothing else was seen.
     other: Estimate | None
-    #: Distinct groups the result stands for (top + those in "other", as far as known).
+    #: Distinct groups the result stands for (top + those in "other"); exact when ``folded`` is
+    #: 0, else an upper bound (a group folded and seen again is counted twice).
     groups: int
     #: Groups folded into "other" while streaming because more than ``max_keys`` were held;
     #: 0 means every group's tally is exact. Else, a group seen both before and after a fold is

@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 
 from overflowd import report as rpt
 from overflowd.estimate import (
+    GROUP_BY,
     OTHER,
     Tally,
     TopN,
     gamma_quantile,
+    group_key,
     prefix_key,
     weighted_poisson_interval,
 )
@@ -347,6 +349,25 @@ def test_prefix_key() -> None:
     )
     assert prefix_key(ipaddress.ip_address("10.1.2.3"), v4_len=32).prefixlen == 32
     assert prefix_key(ipaddress.ip_address("10.1.2.3"), v4_len=0).prefixlen == 0
+
+
+def test_group_key_names_every_top_by() -> None:
+    payload = make_payload(src="203.0.113.9", dst="198.51.100.77")
+    key = bytes(32)
+    got = {by: group_key(by, payload, key) for by in GROUP_BY}
+    assert got == {
+        "observer": key,
+        "src": ipaddress.ip_network("203.0.113.0/24"),
+        "dst": ipaddress.ip_network("198.51.100.0/24"),
+        "srcport": 53,
+        "dstport": 40000,
+        "proto": 17,
+    }
+    assert group_key("dst", payload, key, v4_len=32) == ipaddress.ip_network("198.51.100.77/32")
+    with pytest.raises(ValueError, match="cannot group by 'flows'"):
+        group_key("flows", payload, key)
+    with pytest.raises(ValueError):
+        prefix_key(ipaddress.ip_address("10.0.0.1"), v4_len=33)
 
 
 def test_top_n_and_other_add_up() -> None:
