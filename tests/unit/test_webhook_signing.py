@@ -240,3 +240,28 @@ def test_sign_then_verify(
             wh.verify_hmac(headers, body, other, now=ts)
         with pytest.raises(SignatureError):
             wh.verify_hmac(headers, body + b"x", secrets[0], now=ts)
+
+
+def test_the_v1_example_in_protocol_md() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from overflowd.identity import verify_report
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    section = text.split("## 7. Webhooks", 1)[1].split("## Test vectors", 1)[0]
+    block = json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1))  # type: ignore[union-attr]
+    report = verify_report(bytes.fromhex(block["vectors"]["ipv4-flow-seen"]["cose_hex"]))
+    body = encode_body(report)
+    (secret,) = re.findall(r"secret `(whsec_[A-Za-z0-9+/=]+)`", section)
+    assert wh.parse_secret(secret) == bytes(range(0x20, 0x40))
+    node = NodeIdentity(bytes.fromhex(block["seed_hex"]))
+    headers = wh.sign(report.report_id, 1_700_000_000, body, node.sign, secrets=[secret])
+    line = f"webhook-signature: {headers['webhook-signature']}"
+    assert line in section
+    webhooks_md = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text()
+    assert line in webhooks_md
+    v1 = headers["webhook-signature"].split()[0].removeprefix("v1,")
+    content = f"{report.report_id}.1700000000.".encode() + body
+    assert v1 == independent_hmac(wh.parse_secret(secret), content)
