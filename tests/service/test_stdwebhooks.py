@@ -294,6 +294,28 @@ def test_the_npm_package_alone_on_the_exact_bytes(node_modules: Path) -> None:
     assert run.stdout.split() == ["ok", "ok", "WebhookVerificationError"]
 
 
+def test_the_der_wrap_the_docs_name_verifies_v1a_in_node(tmp_path: Path) -> None:
+    """node:crypto with the key as DER SubjectPublicKeyInfo: the docs' 12-byte prefix + key."""
+    (prefix,) = re.findall(r"the\s+12 bytes `([0-9a-f]{24})`", DOC.read_text())
+    script = tmp_path / "der.js"
+    script.write_text(
+        'const crypto = require("node:crypto");\n'
+        "const [prefix, key, signed, sig] = process.argv.slice(2)"
+        '.map((h) => Buffer.from(h, "hex"));\n'
+        "const pub = crypto.createPublicKey("
+        '{ key: Buffer.concat([prefix, key]), format: "der", type: "spki" });\n'
+        "console.log(crypto.verify(null, signed, pub, sig));\n"
+        "console.log(crypto.verify(null, Buffer.concat([signed, Buffer.from(' ')]), pub, sig));\n"
+    )
+    headers, body, _ = delivery(secrets=())
+    signed = wh.signed_content(headers["webhook-id"], int(headers["webhook-timestamp"]), body)
+    sig = base64.b64decode(headers["webhook-signature"].removeprefix("v1a,"))
+    args = [prefix, IDENTITY.public_key.hex(), signed.hex(), sig.hex()]
+    run = npm.run_node(script, *args)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["true", "false"]
+
+
 def test_the_overflowd_library_fragment_in_the_docs() -> None:
     code = compile(PY_FRAGMENT(), "webhooks.md", "exec")
     headers, body, _ = delivery()
