@@ -126,9 +126,10 @@ def parse_secret(text: str) -> bytes:
 
     Strict where the reference libraries are lenient, so that every library reads the same key
     from the same text: the prefix is required (a bare base64 string may be some other kind of
-    secret), the base64 is the standard alphabet with its padding and canonical (npm's decoder
-    refuses unpadded text; Python's skips stray characters), and the key is 24 to 64 bytes.
-    Surrounding whitespace (a secret file's newline) is ignored.
+    secret), the base64 is the standard alphabet and canonical, its ``=`` padding optional (both
+    libraries accept either), and the key is 24 to 64 bytes. Python's package silently drops
+    characters outside the alphabet (URL-safe ``-`` and ``_``, stray text) and so reads another
+    key than npm's, which refuses them. Surrounding whitespace (a file's newline) is ignored.
     """
     if not isinstance(text, str):
         raise TypeError("a webhook secret is a str: whsec_ followed by base64")
@@ -136,14 +137,16 @@ def parse_secret(text: str) -> bytes:
     if not text.startswith(SECRET_PREFIX):
         raise WebhookSecretError(f"a webhook secret starts with {SECRET_PREFIX}")
     encoded = text[len(SECRET_PREFIX) :]
+    unpadded = encoded.rstrip("=")
     try:
-        key = base64.b64decode(encoded, validate=True)
+        key = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
     except (binascii.Error, ValueError):
         key = None
-    if key is None or base64.b64encode(key).decode("ascii") != encoded:
+    canonical = "" if key is None else base64.b64encode(key).decode("ascii")
+    if key is None or encoded not in (canonical, canonical.rstrip("=")):
         raise WebhookSecretError(
-            f"a webhook secret is {SECRET_PREFIX} followed by padded standard base64 "
-            "(A-Z a-z 0-9 + /, = padding)"
+            f"a webhook secret is {SECRET_PREFIX} followed by standard base64 "
+            "(A-Z a-z 0-9 + /, = padding optional)"
         )
     return _check_key(key)
 

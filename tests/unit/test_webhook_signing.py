@@ -72,6 +72,7 @@ def test_format_and_parse_round_trip() -> None:
         assert text.startswith("whsec_")
         assert wh.parse_secret(text) == key
         assert wh.parse_secret(f"  {text}\n") == key  # a secret file's newline
+        assert wh.parse_secret(text.rstrip("=")) == key  # padding is optional, as in both libraries
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,8 @@ def test_format_and_parse_round_trip() -> None:
         ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "starts with whsec_"),  # the bare base64
         ("whsk_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "starts with whsec_"),  # an Ed25519 key
         ("whsec_", "bytes, not 0"),
-        ("whsec_" + base64.b64encode(bytes(32)).decode().rstrip("="), "padded standard base64"),
+        ("whsec_" + base64.b64encode(bytes(31)).decode() + "=", "standard base64"),  # "==="
+        ("whsec_" + base64.b64encode(bytes(32)).decode() + "x", "standard base64"),
         ("whsec_" + base64.urlsafe_b64encode(b"\xfb\xff" * 12).decode(), "standard base64"),
         ("whsec_AAAA AAAA", "standard base64"),
         ("whsec_" + base64.b64encode(bytes(23)).decode(), "24 to 64 bytes, not 23"),
