@@ -14,7 +14,7 @@ from pathlib import Path
 
 from overflowd import __version__
 from overflowd import report as rpt
-from overflowd.cli import cmd_decode, cmd_replay, cmd_run
+from overflowd.cli import cmd_decode, cmd_replay, cmd_run, cmd_webhook_secret
 from overflowd.cli.common import (
     Parser,
     UsageError,
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds, 0-{MAX_TTL_S} (default 3600)",
     )
     p.set_defaults(func=cmd_key_dns_record)
+    cmd_webhook_secret.register(key_sub, common)
 
     p = sub.add_parser("report", parents=[common], help="sign and store one report by hand")
     p.add_argument("--src", type=_address, required=True, metavar="ADDR")

@@ -1,4 +1,4 @@
-"""Standard Webhooks signatures with Ed25519 (``v1a``): sign and verify, sans-IO.
+"""Standard Webhooks signatures, Ed25519 (``v1a``) and HMAC-SHA256 (``v1``): sign and verify.
 
 The Standard Webhooks specification (standardwebhooks.com) signs the exact string
 ``"{webhook-id}.{webhook-timestamp}.{body}"`` and sends it in three headers::
@@ -8,8 +8,17 @@ The Standard Webhooks specification (standardwebhooks.com) signs the exact strin
     webhook-signature:  space-separated list of "<version>,<base64 signature>"
 
 ``v1`` is HMAC-SHA256 with a shared secret; ``v1a`` is Ed25519 over the same string, which is
-what a node uses: the receiver needs only the node's public key. A receiver accepts a message if
-*any* ``v1a`` entry verifies, so a sender can rotate keys by sending two signatures.
+what a node always sends: the receiver needs only the node's public key. A receiver accepts a
+message if *any* entry of the scheme it checks verifies, so a sender can rotate keys or secrets
+by sending two signatures.
+
+The ecosystem's own verifiers (the ``standardwebhooks`` packages on PyPI and npm, Svix) check
+only ``v1``. So an endpoint configured with a shared secret (``whsec_`` + base64 of 24 to 64
+random bytes, the specification's serialisation) gets ``v1,<hmac>`` entries for each secret
+first and then the ``v1a,<ed25519>`` entry, space separated, in one header; a receiver with the
+secret checks ``v1`` (:func:`verify_hmac`), one with the node's key ``v1a`` (:func:`verify`).
+The ``v1`` entries say only that the sender knows the endpoint's secret: they never stand in for
+the Ed25519 signature, which binds the webhook to the key that signed the report inside.
 
 This module is pure: headers and bytes in, values out. The Ed25519 arithmetic is injected
 (``sign`` / ``check`` callables, see :mod:`overflowd.identity`), the clock is an argument. It
@@ -21,6 +30,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +43,18 @@ HEADER_TIMESTAMP = "webhook-timestamp"
 HEADER_SIGNATURE = "webhook-signature"
 #: The Standard Webhooks version tag for Ed25519 signatures.
 SCHEME = "v1a"
+#: The Standard Webhooks version tag for HMAC-SHA256 signatures with a shared secret.
+SCHEME_HMAC = "v1"
+#: Raw signature length per scheme: Ed25519 (RFC 8032) and SHA-256 HMAC outputs.
+SIGNATURE_BYTES = {SCHEME: 64, SCHEME_HMAC: 32}
+#: How the specification serialises a symmetric secret ("for easy identification").
+SECRET_PREFIX = "whsec_"
+#: The specification's bounds on a symmetric secret: 24 bytes (192 bits) to 64 bytes (512
+#: bits). Shorter is guessable; longer than the SHA-256 block (64 bytes) HMAC hashes first.
+MIN_SECRET_BYTES = 24
+MAX_SECRET_BYTES = 64
+#: What ``overflowd key webhook-secret`` makes: 256 bits, the HMAC-SHA256 output size.
+NEW_SECRET_BYTES = 32
 CONTENT_TYPE = "application/json"
 
 #: Timestamps further than this from the receiver's clock, in either direction, are refused:
@@ -44,6 +67,10 @@ MAX_ID_BYTES = 256
 #: 92 bytes. More than this is garbage, refused before any base64 or crypto work.
 MAX_SIGNATURE_HEADER_BYTES = 2048
 MAX_SIGNATURES = 8
+#: Secrets one message is signed with (the current one and, while rotating, the old ones): one
+#: fewer than the entries a receiver reads, so the ``v1a`` entry always fits. A ``v1`` entry is
+#: 47 bytes; seven and the ``v1a`` one are 429, well inside the header bound.
+MAX_SECRETS = MAX_SIGNATURES - 1
 #: Integer seconds; 12 digits reach the year 33658, which is enough.
 MAX_TIMESTAMP_DIGITS = 12
 
@@ -67,9 +94,22 @@ class StaleWebhookError(SignatureError):
     """A webhook whose timestamp is outside the tolerance window (replay protection)."""
 
 
+class WebhookSecretError(ValueError):
+    """A shared secret that is not ``whsec_`` + canonical base64 of 24 to 64 bytes.
+
+    A ValueError: secrets come from the operator's config (which names the key and file around
+    this message) or from a receiver's own code, never from the network. The message never
+    contains the secret.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookHeaders:
-    """The three Standard Webhooks headers, parsed. ``signatures`` holds the ``v1a`` entries."""
+    """The three Standard Webhooks headers, parsed.
+
+    ``signatures`` holds the decoded entries of the one scheme asked for (``v1a`` unless
+    :func:`parse_headers` was told otherwise), in header order.
+    """
 
     msg_id: str
     timestamp: int
@@ -81,21 +121,104 @@ def signed_content(msg_id: str, timestamp: int, body: bytes) -> bytes:
     return f"{msg_id}.{timestamp}.".encode("ascii") + bytes(body)
 
 
-def sign(msg_id: str, timestamp: int, body: bytes, signer: Signer) -> dict[str, str]:
-    """The headers of a message signed with ``signer`` (an Ed25519 signing callable)."""
+def parse_secret(text: str) -> bytes:
+    """The key bytes of a ``whsec_...`` secret; :class:`WebhookSecretError` if malformed.
+
+    Strict where the reference libraries are lenient, so that every library reads the same key
+    from the same text: the prefix is required (a bare base64 string may be some other kind of
+    secret), the base64 is the standard alphabet and canonical, its ``=`` padding optional (both
+    libraries accept either), and the key is 24 to 64 bytes. Python's package silently drops
+    characters outside the alphabet (URL-safe ``-`` and ``_``, stray text) and so reads another
+    key than npm's, which refuses them. Surrounding whitespace (a file's newline) is ignored.
+    """
+    if not isinstance(text, str):
+        raise TypeError("a webhook secret is a str: whsec_ followed by base64")
+    text = text.strip()
+    if not text.startswith(SECRET_PREFIX):
+        raise WebhookSecretError(f"a webhook secret starts with {SECRET_PREFIX}")
+    encoded = text[len(SECRET_PREFIX) :]
+    unpadded = encoded.rstrip("=")
+    try:
+        key = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = None
+    canonical = "" if key is None else base64.b64encode(key).decode("ascii")
+    if key is None or encoded not in (canonical, canonical.rstrip("=")):
+        raise WebhookSecretError(
+            f"a webhook secret is {SECRET_PREFIX} followed by standard base64 "
+            "(A-Z a-z 0-9 + /, = padding optional)"
+        )
+    return _check_key(key)
+
+
+def format_secret(key: bytes) -> str:
+    """``whsec_`` + base64 of ``key``: how a secret is written in config files and shown."""
+    return SECRET_PREFIX + base64.b64encode(_check_key(bytes(key))).decode("ascii")
+
+
+def _check_key(key: bytes) -> bytes:
+    if not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
+        raise WebhookSecretError(
+            f"a webhook secret must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes, "
+            f"not {len(key)}"
+        )
+    return key
+
+
+def _secret_key(secret: bytes | str) -> bytes:
+    if isinstance(secret, str):
+        return parse_secret(secret)
+    if isinstance(secret, bytes | bytearray | memoryview):
+        return _check_key(bytes(secret))
+    raise TypeError("a webhook secret is bytes (the key) or a whsec_ str")
+
+
+def hmac_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> bytes:
+    """The raw ``v1`` signature: HMAC-SHA256 under ``key`` of the signed content."""
+    return hmac.digest(key, signed_content(msg_id, timestamp, body), hashlib.sha256)
+
+
+def sign(
+    msg_id: str,
+    timestamp: int,
+    body: bytes,
+    signer: Signer,
+    *,
+    secrets: Iterable[bytes | str] = (),
+) -> dict[str, str]:
+    """The headers of a message signed with ``signer`` (Ed25519) and each shared secret.
+
+    ``webhook-signature`` is ``v1,<hmac>`` for each of ``secrets`` (key bytes, or ``whsec_``
+    text), in order, then ``v1a,<ed25519>``: the reference verifiers stop at the first entry
+    that matches, and ours skip the ``v1`` ones without decoding them.
+    """
     if not _ID_RE.match(msg_id) or len(msg_id) > MAX_ID_BYTES:
         raise ValueError("webhook id must be 1-256 characters of [A-Za-z0-9_.:-]")
     if timestamp < 0:
         raise ValueError("timestamp must not be negative")
-    signature = signer(signed_content(msg_id, timestamp, body))
-    if len(signature) != 64:
+    if isinstance(secrets, str | bytes | bytearray | memoryview):
+        raise TypeError("secrets is a sequence of secrets, not one secret")
+    keys = [_secret_key(secret) for secret in secrets]
+    if len(keys) > MAX_SECRETS:
+        raise ValueError(f"at most {MAX_SECRETS} secrets sign one message")
+    content = signed_content(msg_id, timestamp, body)
+    signature = signer(content)
+    if len(signature) != SIGNATURE_BYTES[SCHEME]:
         raise ValueError("an Ed25519 signature is 64 bytes")
+    entries = [
+        f"{SCHEME_HMAC},{_b64(hmac.digest(key, content, hashlib.sha256))}" for key in keys
+    ]
+    entries.append(f"{SCHEME},{_b64(signature)}")
     return {
         HEADER_ID: msg_id,
         HEADER_TIMESTAMP: str(timestamp),
-        HEADER_SIGNATURE: f"{SCHEME},{base64.b64encode(signature).decode('ascii')}",
+        HEADER_SIGNATURE: " ".join(entries),
         "content-type": CONTENT_TYPE,
     }
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
 
 
 def normalize_headers(headers: HeaderInput) -> dict[str, str]:
@@ -117,12 +240,17 @@ def normalize_headers(headers: HeaderInput) -> dict[str, str]:
     return out
 
 
-def parse_headers(headers: HeaderInput) -> WebhookHeaders:
+def parse_headers(headers: HeaderInput, *, scheme: str = SCHEME) -> WebhookHeaders:
     """Parse the three headers; :class:`WebhookDecodeError` for anything malformed.
 
-    Entries of other schemes (``v1`` HMAC, future ones) are skipped, as the specification asks;
-    a header without a single ``v1a`` entry is refused.
+    ``signatures`` gets the entries of ``scheme`` (``v1a``, or ``v1`` for :func:`verify_hmac`),
+    each base64 checked and of its scheme's length. Entries of other schemes (``v1`` HMACs when
+    checking ``v1a``, future ones) are skipped without decoding, as the specification asks; a
+    header without a single entry of ``scheme`` is refused. The header's length and entry
+    count are bounded before any entry is looked at.
     """
+    if scheme not in SIGNATURE_BYTES:
+        raise ValueError(f"unknown signature scheme {scheme!r}")
     h = normalize_headers(headers)
     for name in (HEADER_ID, HEADER_TIMESTAMP, HEADER_SIGNATURE):
         if name not in h:
@@ -139,22 +267,24 @@ def parse_headers(headers: HeaderInput) -> WebhookHeaders:
     entries = sig_text.split()
     if len(entries) > MAX_SIGNATURES:
         raise WebhookDecodeError(f"more than {MAX_SIGNATURES} signatures")
+    size = SIGNATURE_BYTES[scheme]
     signatures: list[bytes] = []
     for entry in entries:
-        scheme, sep, value = entry.partition(",")
+        version, sep, value = entry.partition(",")
         if not sep:
             raise WebhookDecodeError("a webhook-signature entry is not 'version,signature'")
-        if scheme != SCHEME:
+        if version != scheme:
             continue
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise WebhookDecodeError("a v1a signature is not base64") from None
-        if len(raw) != 64:
-            raise WebhookDecodeError("a v1a signature is not 64 bytes")
+            raise WebhookDecodeError(f"a {scheme} signature is not base64") from None
+        if len(raw) != size:
+            raise WebhookDecodeError(f"a {scheme} signature is not {size} bytes")
         signatures.append(raw)
     if not signatures:
-        raise WebhookDecodeError("no v1a (Ed25519) signature")
+        what = "Ed25519" if scheme == SCHEME else "HMAC-SHA256"
+        raise WebhookDecodeError(f"no {scheme} ({what}) signature")
     return WebhookHeaders(msg_id=msg_id, timestamp=int(ts_text), signatures=tuple(signatures))
 
 
@@ -198,4 +328,32 @@ def verify(
     parsed = parse_headers(headers)
     check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
     verify_signature(parsed, body, public_key=public_key, check=check)
+    return parsed
+
+
+def verify_hmac(
+    headers: HeaderInput,
+    body: bytes,
+    secret: bytes | str,
+    *,
+    now: float,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+) -> WebhookHeaders:
+    """The whole ``v1`` check with the endpoint's shared secret (key bytes or ``whsec_`` text).
+
+    What the ``standardwebhooks`` libraries do, with our bounds: parse (``signatures`` are the
+    ``v1`` entries), check the timestamp window, accept if any entry equals the HMAC, compared
+    in constant time. It proves only that the sender knows the secret; :func:`verify` (or
+    :func:`overflowd.receiver.verify_delivery`) checks who signed the report.
+    """
+    key = _secret_key(secret)
+    parsed = parse_headers(headers, scheme=SCHEME_HMAC)
+    check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
+    expected = hmac_signature(key, parsed.msg_id, parsed.timestamp, body)
+    # Every entry is compared, so the time taken does not say which one matched.
+    matched = False
+    for signature in parsed.signatures:
+        matched |= hmac.compare_digest(expected, signature)
+    if not matched:
+        raise SignatureError("no v1 webhook signature matches the secret")
     return parsed

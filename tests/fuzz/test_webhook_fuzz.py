@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import string
 import time
 
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +26,10 @@ REPORT = IDENTITY.sign_report(make_payload())
 BODY = encode_body(REPORT)
 NOW = 1_800_000_000
 HEADERS = wh.sign(REPORT.report_id, NOW, BODY, IDENTITY.sign)
+SECRET = bytes(range(32))
+#: The same delivery for an endpoint with a shared secret: "v1,<hmac> v1a,<ed25519>".
+V1_HEADERS = wh.sign(REPORT.report_id, NOW, BODY, IDENTITY.sign, secrets=[SECRET])
+V1_ENTRY, V1A_ENTRY = V1_HEADERS["webhook-signature"].split()
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 OUR_ERRORS = (DecodeError, SignatureError)
@@ -37,6 +42,9 @@ header_values = st.text(max_size=300) | st.sampled_from(
         REPORT.report_id,
         str(NOW),
         HEADERS["webhook-signature"],
+        V1_HEADERS["webhook-signature"],
+        V1_ENTRY,
+        "v1," + base64.b64encode(b"\x00" * 32).decode() + " " + V1A_ENTRY,
         "v1a," + base64.b64encode(b"\x00" * 64).decode(),
         "v1a,",
         "v1a,====",
@@ -105,12 +113,63 @@ def test_any_timestamp_and_clock(ts: int, now: float) -> None:
     assert got is None or abs(ts - now) <= wh.DEFAULT_TOLERANCE_S
 
 
+b64_text = st.text(string.ascii_letters + string.digits + "+/=,", max_size=60)
+v1_entries = st.sampled_from(
+    [V1_ENTRY, "v1,", "v1,====", "v1," + base64.b64encode(bytes(32)).decode(), "v1," + "A" * 300]
+) | b64_text.map(lambda t: "v1," + t)
+
+
+@SETTINGS
+@given(st.lists(v1_entries, max_size=10), st.integers(min_value=0, max_value=10))
+def test_v1_entries_anywhere_in_the_signature_header(extra: list[str], at: int) -> None:
+    """v1 entries never change the v1a outcome while the header is within its bounds, and
+    verify_hmac accepts only when the secret's own entry is there."""
+    entries = [*extra]
+    entries.insert(min(at, len(entries)), V1A_ENTRY)
+    text = " ".join(entries)
+    headers = {**HEADERS, "webhook-signature": text}
+    got = check(headers, BODY)
+    if len(entries) <= wh.MAX_SIGNATURES and len(text) <= wh.MAX_SIGNATURE_HEADER_BYTES:
+        assert got == REPORT
+    else:
+        assert got is None
+    try:
+        wh.verify_hmac(headers, BODY, SECRET, now=NOW)
+    except OUR_ERRORS:
+        accepted = False
+    else:
+        accepted = True
+    assert not accepted or V1_ENTRY in entries
+
+
+@SETTINGS
+@given(st.dictionaries(header_names, header_values, max_size=6), st.binary(max_size=300))
+def test_verify_hmac_on_any_headers_and_bytes(headers: dict[str, str], body: bytes) -> None:
+    try:
+        wh.verify_hmac(headers, body, SECRET, now=NOW)
+    except OUR_ERRORS:
+        return
+    # Accepted: then it is the one delivery we signed with the secret.
+    signature = wh.normalize_headers(headers)["webhook-signature"]
+    assert body == BODY and V1_ENTRY in signature.split()
+
+
 def test_every_truncation_and_every_byte_flip() -> None:
     assert check(HEADERS, BODY) == REPORT
     for i in range(len(BODY)):
         assert check(HEADERS, BODY[:i]) is None
         flipped = BODY[:i] + bytes([BODY[i] ^ 0x20]) + BODY[i + 1 :]
         assert check(HEADERS, flipped) is None
+    assert check(V1_HEADERS, BODY) == REPORT
+    wh.verify_hmac(V1_HEADERS, BODY, SECRET, now=NOW)
+    for i in range(0, len(BODY), 7):
+        flipped = BODY[:i] + bytes([BODY[i] ^ 0x20]) + BODY[i + 1 :]
+        for body in (BODY[:i], flipped):
+            try:
+                wh.verify_hmac(V1_HEADERS, body, SECRET, now=NOW)
+            except SignatureError:
+                continue
+            raise AssertionError(f"v1 verified a changed body at offset {i}")
 
 
 def test_real_clock_sanity() -> None:
