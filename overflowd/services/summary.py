@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from overflowd.services.inband import LISTENER_DROP_REASONS
 from overflowd.services.node import NodeStatistics
 
 __all__ = ["stop_summary"]
@@ -51,7 +52,9 @@ def stop_summary(s: NodeStatistics) -> list[str]:
         lines.append(line)
     refused = [f"stopped: refused exporters={s.exporters_refused}"]
     if s.inband_listener is not None:
-        refused.append(f"inband={_reasons(s.inband_listener.dropped)}")
+        dropped = s.inband_listener.dropped  # in the documented order, not arrival's
+        ordered = {r: dropped.get(r, 0) for r in (*LISTENER_DROP_REASONS, *sorted(dropped))}
+        refused.append(f"inband={_reasons(ordered)}")
     if s.storage is not None:
         refused.append(f"storage_budget={_reasons(s.storage.refused)}")
     lines.append(" ".join(refused))

@@ -453,3 +453,29 @@ def test_outbox_rows_by_state_and_store_bytes(
         server.server_close()
     assert code == 0, err
     assert "stopped: webhook delivered=2 " in out, out
+
+
+# -- the [metrics] settings, from a person ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("max_exporter_labels = -1", "'metrics.max_exporter_labels' must be between 0 and 10000"),
+        ("max_exporter_labels = 6.5", "'metrics.max_exporter_labels' must be an integer"),
+        ("gauges_interval_s = 0", "'metrics.gauges_interval_s' must be a number of seconds in"),
+        ('gauges_timeout_s = "2s"', "'metrics.gauges_timeout_s' must be a number"),
+        ("gauges_timeout_s = inf", "'metrics.gauges_timeout_s' must be a number of seconds in"),
+    ],
+)
+def test_a_bad_metrics_setting_is_one_line_naming_file_line_and_key(
+    home: Path, line: str, why: str
+) -> None:
+    config = home / "overflowd.toml"
+    config.write_text(f'[metrics]\nlisten = ""\n{line}\n')
+    before = sorted(p.name for p in home.iterdir())
+    result = run("overflowd", "run", "--home", str(home), "--listen", "127.0.0.1:0")
+    assert result.code == 1, result.err
+    assert result.err.count("\n") == 1 and "Traceback" not in result.err
+    assert f"{config}:3: {why}" in result.err
+    assert sorted(p.name for p in home.iterdir()) == before  # nothing created
