@@ -280,4 +280,6 @@ class RefusedExporters:
     def totals(self) -> Mapping[str, int]:
         """Datagrams refused per exporter, in the order they were first refused (``other``:
         those past the table's size)."""
-        return MappingProxyType({k: v.total for k, v in self._table.items()})
+        # list() copies in one C call: a scrape reads this from the metrics server's thread
+        # while the decode task may add an entry; a Python-level loop over the dict could fail.
+        return MappingProxyType({k: v.total for k, v in list(self._table.items())})

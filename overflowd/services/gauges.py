@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import trio
@@ -67,7 +67,6 @@ class StoreGaugeStatistics:
     errors: int = 0
     timeouts: int = 0
     skipped: int = 0
-    settings: tuple[float, float] = field(default=(0.0, 0.0), repr=False)
 
 
 class StoreGauges:
@@ -82,7 +81,6 @@ class StoreGauges:
         interval_s: float,
         timeout_s: float,
         in_flight: Callable[[], int] | None = None,
-        outbox_rows: bool = True,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("interval_s and timeout_s must be positive")
@@ -90,7 +88,6 @@ class StoreGauges:
         self._interval = interval_s
         self._timeout = timeout_s
         self._in_flight = in_flight
-        self._outbox_rows = outbox_rows
         # One token: an abandoned read keeps it until its thread ends, so reads never pile up.
         self._limiter = trio.CapacityLimiter(1)
         self._outbox: Mapping[str, int] | None = None
@@ -104,16 +101,15 @@ class StoreGauges:
             await self.refresh()
             await trio.sleep(self._interval)
 
-    def _read(self) -> tuple[dict[str, int] | None, int | None]:
-        counts = outbox.counts(self._store) if self._outbox_rows else None
-        return counts, store_bytes(self._store)
+    def _read(self) -> tuple[dict[str, int], int | None]:
+        return outbox.counts(self._store), store_bytes(self._store)
 
     async def refresh(self) -> None:
         """One read, bounded by the timeout; the gauges keep their last values if it fails."""
         if self._limiter.borrowed_tokens:  # the abandoned read still runs: do not pile up
             self._skipped += 1
             return
-        result: tuple[dict[str, int] | None, int | None] | None = None
+        result: tuple[dict[str, int], int | None] | None = None
         with trio.move_on_after(self._timeout):
             try:
                 result = await trio.to_thread.run_sync(
@@ -130,18 +126,17 @@ class StoreGauges:
         counts, size = result
         self._reads += 1
         self._bytes = size
-        if counts is not None:
-            in_flight = self._in_flight() if self._in_flight is not None else 0
-            pending = counts.get(outbox.PENDING, 0)
-            in_flight = min(in_flight, pending)
-            self._outbox = MappingProxyType(
-                {
-                    "pending": pending - in_flight,
-                    "in_flight": in_flight,
-                    "dead": counts.get(outbox.DEAD, 0),
-                    "delivered": counts.get(outbox.DELIVERED, 0),
-                }
-            )
+        # The service's count, taken now (it may have moved since the read: never above it).
+        pending = counts.get(outbox.PENDING, 0)
+        in_flight = min(self._in_flight() if self._in_flight is not None else 0, pending)
+        self._outbox = MappingProxyType(
+            {
+                "pending": pending - in_flight,
+                "in_flight": in_flight,
+                "dead": counts.get(outbox.DEAD, 0),
+                "delivered": counts.get(outbox.DELIVERED, 0),
+            }
+        )
 
     def _warn(self, what: str) -> None:
         now = trio.current_time()
@@ -158,5 +153,4 @@ class StoreGauges:
             errors=self._errors,
             timeouts=self._timeouts,
             skipped=self._skipped,
-            settings=(self._interval, self._timeout),
         )
