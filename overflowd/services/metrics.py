@@ -2,7 +2,10 @@
 
 Nothing is counted twice: services keep their own counters and this module only renders
 snapshots when scraped. prometheus-client serves HTTP from its own thread; :func:`serve_metrics`
-shuts that server down when the daemon's nursery ends, so it never outlives the node.
+shuts that server down when the daemon's nursery ends, so it never outlives the node. A scrape
+does no I/O: the store gauges (outbox rows, store size) come from the last read of the periodic
+:class:`~overflowd.services.gauges.StoreGauges`. Every family is listed, with its labels, in
+docs/daemon.md "What the metrics say" (a unit test holds the two together).
 """
 
 from __future__ import annotations
