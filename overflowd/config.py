@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -87,6 +88,21 @@ class CaptureSettings:
 class MetricsSettings:
     #: Prometheus exposition ("ADDR:PORT"); empty disables it.
     listen: str = "127.0.0.1:9590"
+    #: Exporter addresses with a label of their own in the per-exporter families; the first
+    #: this many seen keep theirs for the life of the process, the rest are summed as
+    #: exporter="other". UDP sources are spoofable: without a cap a flood of forged sources
+    #: would grow every scrape and the Prometheus server's series without bound.
+    max_exporter_labels: int = 64
+    #: How often the store gauges (outbox rows by state, store size) are read, and how long
+    #: one read may take before it is abandoned (the gauges keep their last values).
+    gauges_interval_s: float = 5.0
+    gauges_timeout_s: float = 2.0
+
+
+#: Bounds of the [metrics] settings: a label set larger than this is a mistake (each label is
+#: four series on every scrape), and a gauge read once a day is no gauge.
+MAX_EXPORTER_LABELS = 10_000
+MAX_GAUGES_S = 86_400.0
 
 
 # -- [storage]: budgets and retention of the report store (docs/storage.md) -------------------
@@ -277,6 +293,11 @@ rcvbuf_bytes = 4194304
 [metrics]
 # Prometheus exposition; "" disables it.
 listen = "127.0.0.1:9590"
+# Exporters with a label of their own (the first seen); the rest count as exporter="other".
+max_exporter_labels = 64
+# How often the outbox and store-size gauges are read, and the longest one read may take.
+gauges_interval_s = 5.0
+gauges_timeout_s = 2.0
 
 [registry]
 # Resolvers asked for _overflowd and abuse-zone TXT records: "ADDR", "ADDR:PORT", "[V6]:PORT".
@@ -642,8 +663,15 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
         if settings.established_min_reports < 0:
             fail("established_min_reports", "must not be negative")
     listen_re = r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[A-Za-z0-9.-]*):\d{1,5}$"
-    if isinstance(settings, MetricsSettings) and not re.match(listen_re, settings.listen or ":0"):
-        fail("listen", f"has {settings.listen!r}, which is not ADDR:PORT")
+    if isinstance(settings, MetricsSettings):
+        if not re.match(listen_re, settings.listen or ":0"):
+            fail("listen", f"has {settings.listen!r}, which is not ADDR:PORT")
+        if not 0 <= settings.max_exporter_labels <= MAX_EXPORTER_LABELS:
+            fail("max_exporter_labels", f"must be between 0 and {MAX_EXPORTER_LABELS}")
+        for name in ("gauges_interval_s", "gauges_timeout_s"):
+            value = getattr(settings, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_GAUGES_S):
+                fail(name, f"must be a number of seconds in (0, {MAX_GAUGES_S:g}]")
     if isinstance(settings, NodeSettings):
         if len(settings.observation_point.encode()) > 64:
             fail("observation_point", "must be at most 64 bytes")

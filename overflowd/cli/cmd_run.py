@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from overflowd.services.api import ApiContext, ApiService, collectors_for
     from overflowd.services.metrics import serve_metrics
     from overflowd.services.node import NodeService
+    from overflowd.services.summary import stop_summary
 
     for flag, values in (
         ("--listen", args.listen or []),
@@ -159,7 +160,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             try:
-                server = stack.enter_context(serve_metrics(metrics_listen, node.statistics))
+                server = stack.enter_context(
+                    serve_metrics(
+                        metrics_listen,
+                        node.statistics,
+                        max_exporter_labels=settings.metrics.max_exporter_labels,
+                    )
+                )
             except (OSError, ValueError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise OverflowdError(
@@ -173,11 +180,6 @@ def run(args: argparse.Namespace) -> int:
         raise _listen_error(exc, named, "a listening socket") from None
     finally:
         store.close()
-    stats = node.statistics()
-    print(
-        f"stopped: datagrams {sum(c.datagrams for c in stats.collectors)} "
-        f"records {stats.decoder.records} malformed {stats.malformed_datagrams} "
-        f"sampled {stats.sampler.records_sampled} stored {stats.reports_stored}",
-        flush=True,
-    )
+    # What it took in, stored from every source, sent and refused (services/summary.py).
+    print("\n".join(stop_summary(node.statistics())), flush=True)
     return 0

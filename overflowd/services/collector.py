@@ -16,14 +16,23 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import trio
 
 from overflowd.config import parse_listen
 
-__all__ = ["Backlog", "CollectorStatistics", "Datagram", "UdpCollector", "parse_listen"]
+__all__ = [
+    "Backlog",
+    "CollectorStatistics",
+    "Datagram",
+    "RefusedExporters",
+    "UdpCollector",
+    "parse_listen",
+]
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +203,83 @@ def _kernel_drops(inode: int | None, family: int) -> int | None:
         if len(cols) >= 13 and cols[9] == str(inode):
             return int(cols[12])
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Exporters refused by collector.allowed_exporters
+
+#: At most one warning per refused exporter per this many seconds: a router left out of
+#: ``collector.allowed_exporters`` is named within a minute of its first datagram, and a
+#: steady exporter costs one line a minute, not one per datagram.
+REFUSED_LOG_INTERVAL_S = 60.0
+#: Refused exporters counted one by one (their totals and their warnings' rate limit). Sources
+#: are spoofable: past this many addresses the rest share one entry, ``other``, whose warning
+#: is rate-limited like one exporter's, so a flood of spoofed sources costs at most this many
+#: entries (~200 B each) and one line a minute.
+REFUSED_EXPORTERS_TRACKED = 1024
+#: The shared entry's name: not an address, so no exporter can take it.
+OTHER = "other"
+
+
+class _Refused:
+    __slots__ = ("logged_at", "total", "unlogged")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.unlogged = 0
+        self.logged_at: float | None = None
+
+
+class RefusedExporters:
+    """Datagrams from exporters outside ``collector.allowed_exporters``: counted per exporter
+    (bounded) and warned about, one line per exporter per ``interval_s`` naming it and the
+    datagrams refused since its last line. The line for a new count is written with the next
+    refused datagram after the interval (a refused exporter that goes quiet leaves its last
+    few uncounted in the log, never in :meth:`totals`). No clock of its own: ``now`` is passed.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_tracked: int = REFUSED_EXPORTERS_TRACKED,
+        interval_s: float = REFUSED_LOG_INTERVAL_S,
+    ) -> None:
+        if max_tracked < 1 or interval_s < 0:
+            raise ValueError("max_tracked must be at least 1 and interval_s not negative")
+        self._max = max_tracked
+        self._interval = interval_s
+        self._table: dict[str, _Refused] = {}
+        self.lines = 0
+
+    def refused(self, exporter: str, now: float) -> None:
+        """Count one refused datagram from ``exporter``; warn if its interval has passed."""
+        name = exporter
+        entry = self._table.get(name)
+        if entry is None:
+            if len(self._table) >= self._max:
+                name = OTHER
+                entry = self._table.get(name)
+            if entry is None:
+                entry = self._table[name] = _Refused()
+        entry.total += 1
+        entry.unlogged += 1
+        if entry.logged_at is not None and now - entry.logged_at < self._interval:
+            return
+        log.warning(
+            "collector.exporter_refused exporter=%s%s datagrams=%d interval_s=%g "
+            "reason=not_in_allowed_exporters",
+            name,
+            f" last={exporter}" if name == OTHER else "",
+            entry.unlogged,
+            self._interval,
+        )
+        self.lines += 1
+        entry.logged_at = now
+        entry.unlogged = 0
+
+    def totals(self) -> Mapping[str, int]:
+        """Datagrams refused per exporter, in the order they were first refused (``other``:
+        those past the table's size)."""
+        # list() copies in one C call: a scrape reads this from the metrics server's thread
+        # while the decode task may add an entry; a Python-level loop over the dict could fail.
+        return MappingProxyType({k: v.total for k, v in list(self._table.items())})

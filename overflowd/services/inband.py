@@ -44,6 +44,7 @@ from overflowd.errors import DecodeError, SignatureError, StoreError
 from overflowd.identity import verify_report
 from overflowd.notify import (
     DEFAULT_PORT,
+    DROP_REASONS,
     Address,
     Budget,
     BudgetStatistics,
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_PORT",
     "LISTENER_DROP_REASONS",
+    "SEND_DROP_REASONS",
     "InbandListener",
     "InbandListenerStatistics",
     "InbandReceived",
@@ -104,7 +106,16 @@ class InbandSenderStatistics:
     bytes_sent: int
     send_errors: int  # the OS refused (no route, firewall, no IPv6...)
     budget: BudgetStatistics  # drops by reason, confinement included
+    #: What this sender did not send, by reason (:data:`SEND_DROP_REASONS`): the plan's
+    #: refusals of its own reports only, whoever else shares the budget (one per target), plus
+    #: ``shed`` (a report submitted while the queue was full: up to two datagrams unsent) and
+    #: ``send_error`` (the OS refused one datagram).
+    dropped: Mapping[str, int] = field(default_factory=dict)
 
+
+#: Why the sender did not send a datagram: the plan's reasons (:data:`notify.DROP_REASONS`),
+#: then ``shed`` (the sender's queue was full) and ``send_error`` (the OS refused it).
+SEND_DROP_REASONS = (*DROP_REASONS, "shed", "send_error")
 
 #: How often a stopping node looks whether the sender's queue has emptied.
 IDLE_POLL_S = 0.01
@@ -140,6 +151,7 @@ class InbandSender:
         self._sent = 0
         self._bytes = 0
         self._errors = 0
+        self._dropped = dict.fromkeys(SEND_DROP_REASONS, 0)
 
     async def wait_idle(self) -> None:
         """Return once every submitted report has been sent (or refused by the plan)."""
@@ -156,6 +168,7 @@ class InbandSender:
             self._queue_send.send_nowait(report)
         except trio.WouldBlock:
             self._queue_dropped += 1
+            self._dropped["shed"] += 1
             return False
         return True
 
@@ -204,7 +217,14 @@ class InbandSender:
     async def send_report(self, report: rpt.SignedReport) -> int:
         """Send ``report`` to whichever of its flow's ends the plan allows; how many were sent."""
         self._reports += 1
+        # The budget may be shared (webhooks, other senders): what this plan refused is the
+        # difference of its counters across the call (synchronous: nothing runs in between).
+        before = self.budget.statistics().dropped
         targets = plan_inband(report, self.budget, self._clock(), self.confinement)
+        if len(targets) < 2:
+            after = self.budget.statistics().dropped
+            for reason in DROP_REASONS:
+                self._dropped[reason] += after[reason] - before[reason]
         if not targets:
             return 0
         data = datagram.to_wire(report.cose)
@@ -214,6 +234,7 @@ class InbandSender:
                 await self._sendto(data, address)
             except OSError as exc:
                 self._errors += 1
+                self._dropped["send_error"] += 1
                 log.debug("inband.send_failed target=%s error=%s", address, exc)
                 continue
             sent += 1
@@ -244,6 +265,7 @@ class InbandSender:
             bytes_sent=self._bytes,
             send_errors=self._errors,
             budget=self.budget.statistics(),
+            dropped=MappingProxyType(dict(self._dropped)),
         )
 
 

@@ -2,12 +2,16 @@
 
 Nothing is counted twice: services keep their own counters and this module only renders
 snapshots when scraped. prometheus-client serves HTTP from its own thread; :func:`serve_metrics`
-shuts that server down when the daemon's nursery ends, so it never outlives the node.
+shuts that server down when the daemon's nursery ends, so it never outlives the node. A scrape
+does no I/O: the store gauges (outbox rows, store size) come from the last read of the periodic
+:class:`~overflowd.services.gauges.StoreGauges`. Every family is listed, with its labels, in
+docs/daemon.md "What the metrics say" (a unit test holds the two together).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -15,18 +19,24 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from overflowd.services.collector import parse_listen
+from overflowd.services.collector import OTHER, parse_listen
+from overflowd.services.gauges import OUTBOX_GAUGE_STATES
+from overflowd.services.inband import LISTENER_DROP_REASONS, SEND_DROP_REASONS
 from overflowd.services.node import NodeStatistics
 from overflowd.services.retention import RetentionStatistics
 
 
 class NodeCollector(Collector):
-    def __init__(self, snapshot: Callable[[], NodeStatistics]) -> None:
+    def __init__(
+        self, snapshot: Callable[[], NodeStatistics], *, max_exporter_labels: int = 64
+    ) -> None:
         self._snapshot = snapshot
+        self._labels = ExporterLabels(max_exporter_labels)
 
     def collect(self) -> Iterable[Metric]:
         s = self._snapshot()
         yield from node_metrics(s)
+        yield from visibility_metrics(s, self._labels)
 
 
 def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
@@ -243,7 +253,10 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
             li.unstored_at_stop,
         )
         yield _counters_by(
-            "overflowd_inband_refused", "Received datagrams refused", "reason", li.dropped
+            "overflowd_inband_refused",
+            "Received datagrams refused",
+            "reason",
+            {**dict.fromkeys(LISTENER_DROP_REASONS, 0), **li.dropped},
         )
         yield _counters_by(
             "overflowd_inband_trust", "Received reports by observer trust", "trust", li.trust
@@ -316,15 +329,153 @@ def storage_metrics(st: RetentionStatistics) -> Iterator[Metric]:
     yield _counter("overflowd_storage_errors", "Retention store calls that failed", st.errors)
 
 
+# -- visibility: why anything was or was not sent (docs/daemon.md "What the metrics say") ----
+
+
+class ExporterLabels:
+    """Which exporter addresses get a label of their own: the first ``limit`` seen, for the
+    life of the process, so every labelled series only ever grows and ``other`` (the sum of
+    everyone else) does too. Assigned at scrape time from the tables the services keep (in
+    the order they first saw each address), never per datagram."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._labelled: dict[str, None] = {}
+        self._lock = threading.Lock()  # scrapes run in the HTTP server's threads
+
+    def assign(self, *tables: Iterable[str]) -> frozenset[str]:
+        with self._lock:
+            for table in tables:
+                for address in table:
+                    if len(self._labelled) >= self.limit:
+                        break
+                    if address != OTHER:
+                        self._labelled.setdefault(address, None)
+            return frozenset(self._labelled)
+
+
+def _by_exporter(
+    name: str, doc: str, values: Mapping[str, int], labelled: frozenset[str]
+) -> Metric:
+    """A sample per labelled exporter (zero where this table has none: every family has the
+    same label set, so their ratios need no ``or``), and ``other`` for the rest (always)."""
+    m = CounterMetricFamily(name, doc, labels=["exporter"])
+    for address in sorted(labelled):
+        m.add_metric([address], values.get(address, 0))
+    m.add_metric([OTHER], sum(n for a, n in values.items() if a not in labelled))
+    return m
+
+
+def exporter_metrics(s: NodeStatistics, labels: ExporterLabels) -> Iterator[Metric]:
+    """Per exporter: datagrams looked at, records decoded, datagrams malformed or refused."""
+    decoded = s.decoder.exporters
+    refused = s.exporters_refused_by
+    labelled = labels.assign(decoded, refused)
+    datagrams = {a: e.datagrams for a, e in decoded.items()}
+    for address, n in refused.items():
+        datagrams[address] = datagrams.get(address, 0) + n
+    yield _by_exporter(
+        "overflowd_exporter_datagrams",
+        "Datagrams from the exporter: decoded, malformed or refused (queue drops not included)",
+        datagrams,
+        labelled,
+    )
+    yield _by_exporter(
+        "overflowd_exporter_records",
+        "Flow records decoded from the exporter",
+        {a: e.records for a, e in decoded.items()},
+        labelled,
+    )
+    yield _by_exporter(
+        "overflowd_exporter_malformed",
+        "Datagrams from the exporter that the decoder refused",
+        {a: e.malformed for a, e in decoded.items()},
+        labelled,
+    )
+    yield _by_exporter(
+        "overflowd_exporter_refused",
+        "Datagrams from the exporter refused by collector.allowed_exporters",
+        refused,
+        labelled,
+    )
+    yield GaugeMetricFamily(
+        "overflowd_exporter_labels",
+        "Exporter addresses with a label of their own (metrics.max_exporter_labels at most)",
+        value=len(labelled),
+    )
+
+
+def send_metrics(s: NodeStatistics) -> Iterator[Metric]:
+    """Messages not sent, by channel and reason; what the daemon stored, by via."""
+    dropped = CounterMetricFamily(
+        "overflowd_send_dropped",
+        "Messages not sent, by channel and reason (per target; shed: reports)",
+        labels=["channel", "reason"],
+    )
+    if s.inband_sender is not None:
+        for reason in SEND_DROP_REASONS:
+            dropped.add_metric(["inband", reason], s.inband_sender.dropped.get(reason, 0))
+    yield dropped
+    yield _counters_by(
+        "overflowd_stored_reports",
+        "Reports this daemon newly stored, by how they came (local: its own; udp: in band)",
+        "via",
+        s.stored_by_via,
+    )
+
+
+def store_gauge_metrics(s: NodeStatistics) -> Iterator[Metric]:
+    """Outbox rows by state and the store's size, as of the gauges' last read."""
+    g = s.gauges
+    if g is None:
+        return
+    if g.outbox is not None:
+        rows = GaugeMetricFamily(
+            "overflowd_webhook_outbox_rows",
+            "Webhook outbox rows by state (in_flight: pending rows being sent now)",
+            labels=["state"],
+        )
+        for state in OUTBOX_GAUGE_STATES:
+            rows.add_metric([state], g.outbox.get(state, 0))
+        yield rows
+    if g.store_bytes is not None:
+        yield GaugeMetricFamily(
+            "overflowd_store_bytes",
+            "Bytes the store takes (SQLite file and WAL; PostgreSQL pg_database_size)",
+            value=g.store_bytes,
+        )
+    reads = CounterMetricFamily(
+        "overflowd_store_gauge_reads",
+        "Reads of the store gauges, by outcome (their values are as of the last ok)",
+        labels=["outcome"],
+    )
+    for outcome, n in (
+        ("ok", g.reads),
+        ("error", g.errors),
+        ("timeout", g.timeouts),
+        ("skipped", g.skipped),
+    ):
+        reads.add_metric([outcome], n)
+    yield reads
+
+
+def visibility_metrics(s: NodeStatistics, labels: ExporterLabels) -> Iterator[Metric]:
+    yield from send_metrics(s)
+    yield from exporter_metrics(s, labels)
+    yield from store_gauge_metrics(s)
+
+
 @contextlib.contextmanager
-def serve_metrics(listen: str, snapshot: Callable[[], NodeStatistics]) -> Iterator[Any]:
+def serve_metrics(
+    listen: str, snapshot: Callable[[], NodeStatistics], *, max_exporter_labels: int = 64
+) -> Iterator[Any]:
     """Serve /metrics on ``listen`` for the duration of the ``with`` block."""
     if not listen:
         yield None
         return
     host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(snapshot))
+    registry.register(NodeCollector(snapshot, max_exporter_labels=max_exporter_labels))
     server, thread = start_http_server(port, addr=host, registry=registry)
     try:
         yield server

@@ -45,6 +45,7 @@ from overflowd.services.collector import (
     Backlog,
     CollectorStatistics,
     Datagram,
+    RefusedExporters,
     UdpCollector,
 )
 from overflowd.services.dns import (
@@ -54,6 +55,7 @@ from overflowd.services.dns import (
     RegistryHints,
     observer_trust,
 )
+from overflowd.services.gauges import StoreGauges, StoreGaugeStatistics
 from overflowd.services.inband import (
     InbandListener,
     InbandListenerStatistics,
@@ -162,6 +164,13 @@ class NodeStatistics:
     #: reports stored and handed to the in-band sender but not sent by the drain deadline
     inband_unsent_at_stop: int = 0
     storage: RetentionStatistics | None = None
+    # -- visibility (docs/daemon.md "What the metrics say") --
+    #: datagrams refused by collector.allowed_exporters, per exporter (bounded: "other")
+    exporters_refused_by: Mapping[str, int] = field(default_factory=dict)
+    #: reports this daemon newly stored, by how they came (the store's ``via``)
+    stored_by_via: Mapping[str, int] = field(default_factory=dict)
+    #: outbox rows by state and the store's size, as of the gauges' last read
+    gauges: StoreGaugeStatistics | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -287,6 +296,15 @@ class NodeService:
         )
         self._exporter_verdicts: dict[str, bool] = {}
         self._exporters_refused = 0
+        self._refused_exporters = RefusedExporters()
+        ms = settings.metrics
+        self.gauges = StoreGauges(
+            store,
+            interval_s=ms.gauges_interval_s,
+            timeout_s=ms.gauges_timeout_s,
+            in_flight=lambda: self.webhook.statistics().in_flight if self.webhook else 0,
+        )
+        self._gauges_scope = trio.CancelScope()
         self._sign_tokens = float(settings.sampling.max_reports_burst)
         self._sign_refilled = 0.0
         self._shed = 0
@@ -537,6 +555,12 @@ class NodeService:
         with self._retention_scope:
             await self.retention.run(task_status=task_status)
 
+    async def _run_gauges(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with self._gauges_scope:
+            await self.gauges.run(task_status=task_status)
+
     async def _run_sender(
         self, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -559,6 +583,7 @@ class NodeService:
         async with trio.open_nursery() as services:
             # Retention first: the admission policy is seeded before anything is received.
             await services.start(self._run_retention)
+            await services.start(self._run_gauges)
             # In band: the listener stops with stop() and drains itself; the sender is
             # cancelled once the reports it could still be handed have been made.
             self.inband_bound = await self._start_inband(services)
@@ -620,6 +645,8 @@ class NodeService:
             self._hints_scope.cancel()
             # Pruning can stop anywhere: every batch is its own transaction.
             self._retention_scope.cancel()
+            # The gauges only read.
+            self._gauges_scope.cancel()
             # The periodic save stops; the last one runs once the listener has drained.
             self._continuity_scope.cancel()
             services.cancel_scope.deadline = trio.current_time() + cs.drain_timeout_s
@@ -743,6 +770,7 @@ class NodeService:
             self._exporter_verdicts[exporter] = verdict
         if not verdict:
             self._exporters_refused += 1
+            self._refused_exporters.refused(exporter, trio.current_time())
         return verdict
 
     def _signing_allowance(self, wanted: int) -> int:
@@ -901,6 +929,7 @@ class NodeService:
             self.webhook.wake()
 
     def statistics(self) -> NodeStatistics:
+        listener = self.inband_listener.statistics() if self.inband_listener else None
         return NodeStatistics(
             collectors=tuple(c.statistics() for c in self.collectors),
             decoder=self.decoder.statistics(),
@@ -920,7 +949,7 @@ class NodeService:
             captures=tuple(c.statistics() for c in self.captures),
             inband_sender=self.inband_sender.statistics() if self.inband_sender else None,
             webhook=self.webhook.statistics() if self.webhook else None,
-            inband_listener=(self.inband_listener.statistics() if self.inband_listener else None),
+            inband_listener=listener,
             registry_events=dict(self._events),
             registry_events_unstored=self._events_unstored,
             trust=self.trust_book.statistics(),
@@ -932,7 +961,17 @@ class NodeService:
             reports_unstored_at_stop=self._unstored_at_stop,
             inband_unsent_at_stop=self._inband_unsent_at_stop,
             storage=self.retention.statistics(),
+            exporters_refused_by=self._refused_exporters.totals(),
+            stored_by_via=self._stored_by_via(listener),
+            gauges=self.gauges.statistics(),
         )
+
+    def _stored_by_via(self, listener: InbandListenerStatistics | None) -> dict[str, int]:
+        """What this daemon newly stored, by ``via``: its own reports, and what it received."""
+        via = {"local": self._stored}
+        if listener is not None:
+            via["udp"] = listener.stored
+        return via
 
 
 def _registry_from(settings: Settings) -> DnsRegistry | None:
