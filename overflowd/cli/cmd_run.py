@@ -80,8 +80,8 @@ def _listen_error(exc: OSError, named: dict[str, str], fallback: str) -> Overflo
 
 
 def run(args: argparse.Namespace) -> int:
-    from overflowd.services.api import ApiContext, ApiService, collectors_for
-    from overflowd.services.metrics import serve_metrics
+    from overflowd.services.api import ApiContext, ApiService
+    from overflowd.services.metrics import NodeCollector, serve_metrics
     from overflowd.services.node import NodeService
     from overflowd.services.summary import stop_summary
 
@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         store.close()
         raise ConfigError(str(exc)) from None
+    # One collector for both /metrics endpoints: an exporter keeps the label it got first.
+    collector = NodeCollector(
+        node.statistics, max_exporter_labels=settings.metrics.max_exporter_labels
+    )
     api_listen = settings.api.listen if args.api is None else args.api
     api: ApiService | None = None
     if api_listen:
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                     contacts=settings.node.contacts,
                     observation_point=settings.node.observation_point,
                     store=store,
-                    collectors=collectors_for(node.statistics),
+                    collectors=(collector,),
                 ),
             )
         except ConfigError:
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                     serve_metrics(
                         metrics_listen,
                         node.statistics,
-                        max_exporter_labels=settings.metrics.max_exporter_labels,
+                        collector=collector,
                     )
                 )
             except (OSError, ValueError) as exc:

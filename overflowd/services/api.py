@@ -24,7 +24,6 @@ import ipaddress
 import json
 import logging
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -269,13 +268,6 @@ def _bound(url: str) -> tuple[str, int]:
     hostport = url.split("://", 1)[1]
     host, _, port = hostport.rpartition(":")
     return host.strip("[]"), int(port)
-
-
-def collectors_for(snapshot: Callable[[], Any]) -> tuple[Collector, ...]:
-    """The node's Prometheus collector over its statistics snapshot."""
-    from overflowd.services.metrics import NodeCollector
-
-    return (NodeCollector(snapshot),)
 
 
 def main() -> None:  # pragma: no cover - used by `make openapi`

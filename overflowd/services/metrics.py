@@ -467,15 +467,25 @@ def visibility_metrics(s: NodeStatistics, labels: ExporterLabels) -> Iterator[Me
 
 @contextlib.contextmanager
 def serve_metrics(
-    listen: str, snapshot: Callable[[], NodeStatistics], *, max_exporter_labels: int = 64
+    listen: str,
+    snapshot: Callable[[], NodeStatistics],
+    *,
+    max_exporter_labels: int = 64,
+    collector: NodeCollector | None = None,
 ) -> Iterator[Any]:
-    """Serve /metrics on ``listen`` for the duration of the ``with`` block."""
+    """Serve /metrics on ``listen`` for the duration of the ``with`` block.
+
+    ``collector``: the one the node API's /metrics also reads, so both give exporters the same
+    labels (an exporter keeps the label it got first).
+    """
     if not listen:
         yield None
         return
     host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(snapshot, max_exporter_labels=max_exporter_labels))
+    registry.register(
+        collector or NodeCollector(snapshot, max_exporter_labels=max_exporter_labels)
+    )
     server, thread = start_http_server(port, addr=host, registry=registry)
     try:
         yield server
