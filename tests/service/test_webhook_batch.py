@@ -24,9 +24,15 @@ import trio
 
 from overflowd.config import Settings
 from overflowd.identity import NodeIdentity
-from overflowd.notify import BudgetSettings, InbandSettings, WebhookSettings
+from overflowd.notify import (
+    WEBHOOK_DROP_REASONS,
+    BudgetSettings,
+    InbandSettings,
+    WebhookSettings,
+)
 from overflowd.receiver import KeyCaps, batch_id
 from overflowd.services import webhook as svc
+from overflowd.services.metrics import node_metrics
 from overflowd.services.node import NodeService
 from overflowd.services.receive_http import JsonLinesSink, ReceiverLimits, WebhookReceiver
 from overflowd.store import Store
@@ -117,6 +123,13 @@ async def test_thirty_flows_toward_one_address_reach_the_receiver_batched(
     budget = node.budget.statistics()
     assert budget.allowed == sender.datagrams_sent == 10
     assert budget.dropped["prefix_budget"] == 2 * FLOWS - 10
+    # ... and the metrics say so.
+    exported = {m.name: m.samples for m in node_metrics(stats)}
+    assert exported["overflowd_webhook_posts"][0].value == posts
+    assert exported["overflowd_webhook_batched_reports"][0].value == w.batched_reports
+    assert exported["overflowd_webhook_deferred"][0].value == 0
+    dropped = {x.labels["reason"]: x.value for x in exported["overflowd_webhook_dropped"]}
+    assert dropped == {reason: 0 for reason in WEBHOOK_DROP_REASONS}
 
 
 # -- the per-endpoint POST budget batches what it holds back ----------------------------------
