@@ -1057,6 +1057,14 @@ class WebhookDelivery:
         what :func:`outbox.rebase_clock` relies on.
         """
         with self._record_lock:  # counters are shared with other threads doing the same
+            if attempt.outcome == DELIVERED:
+                # One transaction for the POST; counted once written: whoever sees the
+                # counter then finds the rows delivered.
+                ids = [e.id for e in batch]
+                status = attempt.status or 0
+                outbox.mark_delivered_many(self._store, ids, now_ms=now_ms, status=status)
+                self._counters.delivered += len(batch)
+                return
             if attempt.outcome == GONE:
                 url = batch[0].url
                 self._counters.gone += 1

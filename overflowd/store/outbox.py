@@ -350,6 +350,10 @@ def claim_due(
     ]
 
 
+#: Due rows read to find the URLs of one claim: max_urls times this many.
+URL_SCAN_FACTOR = 8
+
+
 def claim_batches(
     store: Store,
     *,
@@ -379,14 +383,20 @@ def claim_batches(
     where = [o.c.state == PENDING, o.c.next_attempt_ms <= now_ms, ~held_back]
     if skip:
         where.append(o.c.url.not_in(skip))
-    oldest = func.min(o.c.next_attempt_ms)
+    # The URLs of the oldest due rows, read along the (state, next_attempt_ms) index with a
+    # LIMIT: a GROUP BY would read every due row at every claim (measured: 20 ms a claim with
+    # 2 000 pending). Fewer URLs than max_urls when old rows crowd one URL: the next claim
+    # tops up (that URL is then in flight and skipped).
     urls_stmt = (
-        select(o.c.url).where(*where).group_by(o.c.url).order_by(oldest, o.c.url).limit(max_urls)
+        select(o.c.url)
+        .where(*where)
+        .order_by(o.c.next_attempt_ms, o.c.id)
+        .limit(max_urls * URL_SCAN_FACTOR)
     )
     out: list[list[OutboxEntry]] = []
     with store.transaction("claiming webhooks", write=True) as conn:
-        urls = [str(u) for u in conn.execute(urls_stmt).scalars()]
-        for url in urls:
+        urls = list(dict.fromkeys(str(u) for u in conn.execute(urls_stmt).scalars()))
+        for url in urls[:max_urls]:
             rows_stmt = (
                 select(o)
                 .where(*where, o.c.url == url)
@@ -446,6 +456,20 @@ def _finish(
 
 def mark_delivered(store: Store, entry_id: int, *, now_ms: int, status: int) -> bool:
     return _finish(store, entry_id, state=DELIVERED, now_ms=now_ms, status=status)
+
+
+def mark_delivered_many(store: Store, entry_ids: Sequence[int], *, now_ms: int, status: int) -> int:
+    """:func:`mark_delivered` for every row one POST carried, in one transaction."""
+    if not entry_ids:
+        return 0
+    o = _OUTBOX
+    stmt = (
+        update(o)
+        .where(o.c.id.in_(list(entry_ids)), o.c.state == PENDING)
+        .values(state=DELIVERED, updated_ms=now_ms, last_status=status, last_error=None)
+    )
+    with store.transaction("updating webhook deliveries", write=True) as conn:
+        return int(conn.execute(stmt).rowcount)
 
 
 def mark_dead(
@@ -697,6 +721,7 @@ __all__ = [
     "hold_endpoint",
     "mark_dead",
     "mark_delivered",
+    "mark_delivered_many",
     "next_due_ms",
     "pending_urls",
     "prune_delivered",
