@@ -38,7 +38,7 @@ from overflowd.flows import FlowRow
 from overflowd.flowsample import Sampler, SamplerStatistics, SamplingPolicy
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.identity import NodeIdentity
-from overflowd.notify import Budget, flow_key
+from overflowd.notify import Budget, WebhookBudget, flow_key
 from overflowd.pipeline import ReportMaker, policy_from_settings
 from overflowd.services.capture import CaptureStatistics, KernelSampledCapture
 from overflowd.services.collector import (
@@ -275,8 +275,13 @@ class NodeService:
         self._webhook_endpoints = [
             (e, ssrf.parse_prefixes(e.prefixes)) for e in settings.webhook.all_endpoints()
         ]
+        #: what the webhook plan enqueues (de-duplication, per-prefix deferral), the node's
+        #: own: apart from the in-band budget
+        self.webhook_budget = WebhookBudget(settings.webhook)
         if self._webhook_endpoints or self.hints is not None:
-            self.webhook = WebhookDelivery(store, identity, settings.webhook)
+            self.webhook = WebhookDelivery(
+                store, identity, settings.webhook, planner=self.webhook_budget
+            )
         self._sending_scope = trio.CancelScope()
         self._webhook_scope = trio.CancelScope()
         self._hints_scope = trio.CancelScope()
@@ -838,9 +843,7 @@ class NodeService:
         per-prefix bucket that defers the first attempt rather than refusing it. Every
         refusal is counted by reason in the webhook statistics.
         """
-        if self.webhook is None:
-            return []
-        planner = self.webhook.planner
+        planner = self.webhook_budget
         flow = report.payload.flow
         key = flow_key(flow)
         chosen: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
@@ -852,7 +855,7 @@ class NodeService:
                     continue
                 refused = self.confinement.refuse(address)
                 if refused is not None:
-                    self.webhook.plan_dropped(refused)
+                    planner.drop(refused)
                     continue
                 try:
                     if len(url) > outbox.MAX_URL_CHARS:
@@ -862,11 +865,11 @@ class NodeService:
                         ssrf.check_address(target.literal, ws.allowed_networks)
                 except ssrf.AddressRefused as exc:
                     log.debug("webhook.dns_url_refused url=%s error=%s", url[:200], exc)
-                    self.webhook.plan_dropped("ssrf")
+                    planner.drop("ssrf")
                     continue
                 except DeliveryError as exc:
                     log.debug("webhook.dns_url_refused url=%s error=%s", url[:200], exc)
-                    self.webhook.plan_dropped("bad_url")
+                    planner.drop("bad_url")
                     continue
                 chosen[url] = address
                 self._webhooks_from_dns += 1
@@ -885,9 +888,11 @@ class NodeService:
         return planned
 
     def _count_outbox_full(self, full: Mapping[str, int]) -> None:
-        if not full or self.webhook is None:
+        if not full:
             return
-        self.webhook.plan_dropped("outbox_full", sum(full.values()))
+        self.webhook_budget.drop("outbox_full", sum(full.values()))
+        if self.webhook is None:
+            return
         ws = self.settings.webhook
         for url, n in full.items():
             self.webhook.warn_outbox_full(url, n, ws.max_pending_per_url, ws.max_pending)

@@ -552,7 +552,8 @@ class WebhookDelivery:
     gives Unix seconds for the outbox's wall-clock times and the signature timestamp;
     ``monotonic`` gives seconds that never step (retry budgets, endpoint holds, detecting
     steps of ``clock``; default ``trio.current_time``); ``rng`` the backoff jitter;
-    ``retry_limits`` the retry budgets.
+    ``retry_limits`` the retry budgets; ``planner`` the enqueue-time webhook budget whose
+    drops and deferrals :meth:`statistics` reports (the node's; a new one if not given).
 
     Due times in the outbox are wall-clock milliseconds, like :func:`enqueue`'s, so that every
     worker and restart reads them alike. A clock stepped back would leave them far in the
@@ -572,6 +573,7 @@ class WebhookDelivery:
         monotonic: Callable[[], float] = trio.current_time,
         rng: random.Random | None = None,
         retry_limits: RetryLimits | None = None,
+        planner: WebhookBudget | None = None,
     ) -> None:
         self._store = store
         self._identity = identity
@@ -592,7 +594,7 @@ class WebhookDelivery:
             )
         self._budget = RetryBudget(retry_limits)
         #: the node's enqueue-time plan: de-duplication and the per-prefix deferral
-        self.planner = WebhookBudget(settings)
+        self.planner = planner or WebhookBudget(settings)
         #: POSTs per URL at delivery (endpoint_posts_per_s, burst endpoint_posts_burst)
         self._posts = _Buckets(
             settings.endpoint_posts_per_s, settings.endpoint_posts_burst, retry_limits.max_tracked
@@ -634,11 +636,6 @@ class WebhookDelivery:
             dropped=plan.dropped,
             deferred=plan.deferred,
         )
-
-    def plan_dropped(self, reason: str, n: int = 1) -> None:
-        """Count deliveries the node's plan did not enqueue (and warn, rate-limited, of a
-        full outbox: a shed by policy that an operator must hear of)."""
-        self.planner.drop(reason, n)
 
     def warn_outbox_full(self, url: str, n: int, per_url: int, total: int) -> None:
         """One line per URL per FAILING_LOG_INTERVAL_S for deliveries shed at a full outbox."""
