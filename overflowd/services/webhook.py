@@ -1,8 +1,13 @@
 """Webhook delivery: the outbox worker that POSTs signed reports to receivers (trio + httpx).
 
 Reports to deliver are rows in the durable outbox (:mod:`overflowd.store.outbox`), put there by
-:func:`enqueue`. :class:`WebhookDelivery` claims due rows, signs fresh Standard Webhooks headers
-(``v1a``, the node key) over the report's JSON rendering, POSTs, and records the outcome:
+:func:`enqueue` (the daemon: :func:`outbox.enqueue_planned_in`, after its plan,
+:class:`overflowd.notify.WebhookBudget`). :class:`WebhookDelivery` claims the due rows of a URL
+together, up to ``max_batch_reports`` and ``max_batch_bytes``, signs fresh Standard Webhooks
+headers (``v1`` per endpoint secret, when configured, and ``v1a``, the node key) over one body
+(one report: its JSON rendering, ``webhook-id`` its id; several: ``{"reports": [...]}``,
+``webhook-id`` :func:`overflowd.receiver.batch_id`), POSTs, and records the outcome for every
+row the POST carried:
 
 =====================  ================================================================
 answer                 what happens
@@ -20,9 +25,13 @@ other error            by its type): one row never stops the service
 
 Backoff is exponential with jitter: attempt ``n`` waits a uniform random time in
 ``[d/2, d]`` where ``d = min(cap, base × 2^(n-1))``; after ``max_attempts`` the row is dead.
-Retries are also charged to per-URL and per-host token buckets (:class:`RetryLimits`); a
-retry over budget waits for its bucket without spending an attempt. First attempts are not:
-the node's send budget admitted them.
+Every POST is charged to its URL's POST budget (``endpoint_posts_per_s``, burst
+``endpoint_posts_burst``): a URL out of tokens is not claimed, so its rows wait in the outbox
+and go together in its next POST (batching), and a URL has one POST in flight at a time. POSTs
+carrying retries are also charged to per-URL and per-host token buckets (:class:`RetryLimits`);
+over budget, the rows wait for the bucket without spending an attempt. A receiver that answers
+a batch with a 4xx (built for the single form) gets its rows back unsent and one report per
+POST from then on. A failing endpoint is logged once per FAILING_LOG_INTERVAL_S.
 
 Deliveries run in a pool of ``max_concurrency`` slots, each refilled as soon as it frees, and
 one server (host name and port) gets at most ``max_concurrency_per_host`` of them, so an
@@ -35,9 +44,9 @@ read, all within one deadline for the whole attempt. Due times are wall-clock, l
 :func:`enqueue`'s, and re-based when the wall clock steps (:func:`outbox.rebase_clock`).
 
 Exactly once at the receiver: a crash between sending and marking a row only means the row is
-sent again when its lease runs out, with the same ``webhook-id`` (the report id), which the
-receiver de-duplicates. This module never logs report bodies, and maps httpx's exceptions to
-outcomes here, at the one boundary that talks HTTP.
+sent again when its lease runs out, with the same report id, which the receiver
+de-duplicates (per report, in a batch too). This module never logs report bodies or
+secrets, and maps httpx's exceptions to outcomes here, at the one boundary that talks HTTP.
 """
 
 from __future__ import annotations
@@ -297,7 +306,6 @@ def _network(prefix: str) -> ssrf.Network:
 #: Whether wh.sign takes the v1 keys yet (helper stdwebhooks adds ``secrets=`` in parallel;
 #: this adapter is the one call site, so the lead can merge both in either order).
 _SIGN_TAKES_SECRETS = "secrets" in inspect.signature(wh.sign).parameters
-_warned_no_v1: list[bool] = []
 
 
 def sign_headers(
@@ -308,10 +316,7 @@ def sign_headers(
     sign: Any = wh.sign
     if secrets and _SIGN_TAKES_SECRETS:
         return dict(sign(msg_id, timestamp, body, signer, secrets=tuple(secrets)))
-    if secrets and not _warned_no_v1:
-        _warned_no_v1.append(True)
-        log.warning("webhook.v1_unsupported (this build signs v1a only; secrets are ignored)")
-    return dict(sign(msg_id, timestamp, body, signer))
+    return dict(sign(msg_id, timestamp, body, signer))  # WebhookDelivery warned at start
 
 
 def webhook_targets(report: rpt.SignedReport, mapping: Sequence[tuple[str, str]]) -> list[str]:
@@ -601,6 +606,8 @@ class WebhookDelivery:
         )
         #: v1 (HMAC) keys per URL, from [[webhook.endpoints]] secrets; DNS URLs have none
         self._secrets = settings.secrets()
+        if self._secrets and not _SIGN_TAKES_SECRETS:
+            log.warning("webhook.v1_unsupported (this build signs v1a only; secrets are ignored)")
         #: URLs whose receiver refused a batch with a 4xx: one report per POST from then on
         self._singles: dict[str, None] = {}
         self._counters = _Counters()

@@ -1,6 +1,7 @@
 """The durable webhook outbox: deliveries waiting, done, and dead, in the report store.
 
-Each row is one report to one URL. The life of a row::
+Each row is one report to one URL; one POST may carry several rows of one URL
+(:func:`claim_batches`), and its outcome is written for each. The life of a row::
 
     enqueue ──▶ pending ──claim──▶ (in flight, leased) ──2xx──▶ delivered
                    ▲                     │

@@ -365,3 +365,76 @@ async def test_outbox_full_is_a_counted_shed(tmp_path: Path, n: int) -> None:
         assert ob.counts(store)["pending"] == 5 * n
     assert stats.webhook is not None
     assert stats.webhook.dropped["outbox_full"] == 12 - 5 * n
+
+
+# -- a failing endpoint is one warning per 5 minutes, and secrets reach the signature -----------
+
+
+async def test_a_failing_endpoint_is_warned_of_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    identity = NodeIdentity(seed=bytes(range(32)))
+    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as store, trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            app = Scripted(identity.public_key, [], default=500)
+            url = await serve_app(nursery, app) + "/broken"
+            enqueue_reports(store, identity, url, 3)
+            settings = WebhookSettings(
+                allow_prefixes=("127.0.0.0/8",),
+                require_https=False,
+                poll_interval_s=0.05,
+                backoff_base_s=0.05,
+                backoff_cap_s=0.1,
+                max_attempts=4,
+                endpoint_posts_per_s=100.0,
+            )
+            delivery = svc.WebhookDelivery(store, identity, settings)
+            counts = await delivery.drain(timeout_s=30)
+            nursery.cancel_scope.cancel()
+    assert counts["dead"] == 3 and len(app.seen) == 4  # four POSTs of the three rows
+    failing = [r for r in caplog.records if "webhook.endpoint_failing" in r.getMessage()]
+    assert len(failing) == 1  # one line per endpoint per FAILING_LOG_INTERVAL_S
+    assert url in failing[0].getMessage() and "HTTP 500" in failing[0].getMessage()
+    assert svc.FAILING_LOG_INTERVAL_S == 300
+
+
+async def test_an_endpoint_secret_reaches_the_signature(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """[[webhook.endpoints]] secret → wh.sign(..., secrets=...): with the v1 signing merged
+    (helper stdwebhooks), a v1 HMAC entry over the same content; before it, v1a only and one
+    warning. The v1a signature verifies either way (Scripted checks it independently)."""
+    import base64
+    import hashlib
+    import hmac
+
+    from overflowd.notify import WebhookEndpoint, parse_secret
+
+    secret = "whsec_" + base64.b64encode(bytes(range(24))).decode()
+    identity = NodeIdentity(seed=bytes(range(32)))
+    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as store, trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            app = Scripted(identity.public_key, [])
+            url = await serve_app(nursery, app) + "/secret"
+            enqueue_reports(store, identity, url, 2)
+            settings = WebhookSettings(
+                endpoints=(WebhookEndpoint(url=url, prefixes=("127.0.0.0/8",), secret=secret),),
+                allow_prefixes=("127.0.0.0/8",),
+                require_https=False,
+                poll_interval_s=0.05,
+            )
+            counts = await svc.WebhookDelivery(store, identity, settings).drain(timeout_s=30)
+            nursery.cancel_scope.cancel()
+    assert counts["delivered"] == 2
+    (seen,) = app.seen
+    entries = seen.headers["webhook-signature"].split()
+    v1 = [e.split(",", 1)[1] for e in entries if e.startswith("v1,")]
+    assert entries[-1].startswith("v1a,")
+    if svc._SIGN_TAKES_SECRETS:
+        content = f"{seen.headers['webhook-id']}.{seen.headers['webhook-timestamp']}.".encode()
+        mac = hmac.new(parse_secret(secret), content + seen.body, hashlib.sha256).digest()
+        assert v1 == [base64.b64encode(mac).decode()]
+    else:
+        assert v1 == []
+        assert any("webhook.v1_unsupported" in r.getMessage() for r in caplog.records)
+    assert secret not in caplog.text
