@@ -195,8 +195,10 @@ def sampling_overrides(items: Sequence[str]) -> dict[str, int]:
 class NodeService:
     """One node: collects, samples, signs, stores; sends reports in band; hears other nodes'.
 
-    Sending goes through one :class:`~overflowd.notify.Budget` and the in-band confinement
-    (``inband.allowed_prefixes``, empty by default: nothing is sent until configured).
+    In-band sending goes through one :class:`~overflowd.notify.Budget` and the in-band
+    confinement (``inband.allowed_prefixes``, empty by default: nothing is sent until
+    configured); webhooks through their own :class:`~overflowd.notify.WebhookBudget` at
+    enqueue and the delivery's per-endpoint POST budget (docs/webhooks.md).
     """
 
     def __init__(
