@@ -363,8 +363,10 @@ async def test_asked_boost_and_webhook_url_come_from_dns(knot: KnotServer, db_ur
             # 127.0.0.4's URL points at an internal address: refused like a static target would be
             assert [p.url for p in node._webhook_plan(wanted, trio.current_time(), 0)] == [HOOK]
             assert node.statistics().webhooks_from_dns == 1
+            assert node.webhook_budget.statistics().dropped["ssrf"] == 1  # 127.0.0.4's, counted
             # the same flow again: the budget's de-duplication holds it back
             assert [p.url for p in node._webhook_plan(wanted, trio.current_time(), 0)] == []
+            assert node.webhook_budget.statistics().dropped["duplicate"] == 1
             assert node.hints.statistics().warmed == 2
             nursery.cancel_scope.cancel()
 
