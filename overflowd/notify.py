@@ -50,7 +50,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 from overflowd import ssrf
-from overflowd.errors import ConfigError, DeliveryError
+from overflowd.errors import ConfigError, DeliveryError, OverflowdError
 
 __all__ = [
     "DROP_REASONS",
@@ -550,7 +550,7 @@ def parse_secret(text: str, where: str = "secret") -> bytes:
     if parse is not None:
         try:
             return bytes(parse(text))
-        except (ValueError, DeliveryError, ConfigError) as exc:
+        except (ValueError, OverflowdError) as exc:  # whichever error it raises
             raise ValueError(f"{where}: {exc}") from None
     import base64
     import binascii
