@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from overflowd.errors import ConfigError
-from overflowd.notify import BudgetSettings, InbandSettings, WebhookSettings
+from overflowd.notify import (
+    MAX_SECRET_FILE_BYTES,
+    BudgetSettings,
+    InbandSettings,
+    WebhookSettings,
+    parse_endpoints,
+    parse_secret,
+)
 from overflowd.registry import RegistrySettings
 
 CONFIG_FILE = "overflowd.toml"
@@ -377,6 +384,12 @@ max_dedup_entries = 65536
 # signed with the node key), through a durable outbox with retries.
 # targets = [{ prefix = "198.51.100.0/24", url = "https://abuse.example.net/overflowd" }]
 targets = []
+# The long form, one table per endpoint, with an optional shared secret (adds a v1 HMAC
+# signature for the Standard Webhooks libraries); secret_file is relative to the node home.
+# [[webhook.endpoints]]
+# url = "https://abuse.example.net/overflowd"
+# prefixes = ["198.51.100.0/24", "2001:db8::/32"]
+# secret_file = "webhook.secret"    # or: secret = "whsec_..."
 # Internal addresses (loopback, private, link-local) are refused unless listed here.
 allow_prefixes = []
 require_https = true
@@ -400,6 +413,25 @@ retry_per_url_per_s = 1.0
 retry_per_url_burst = 30
 retry_per_host_per_s = 2.0
 retry_per_host_burst = 60
+# Webhooks have budgets of their own (not [budget]'s). What they do not let through waits in
+# the outbox and goes in the next POST, which carries up to max_batch_reports reports.
+max_batch_reports = 50
+max_batch_bytes = 61440
+# POSTs per second and burst to one endpoint.
+endpoint_posts_per_s = 1.0
+endpoint_posts_burst = 5
+# Reports per second and burst about one /24 or /48 to one endpoint; over it the first
+# attempt is deferred, and shed (counted prefix_backlog) if that would be over max_defer_s.
+prefix_reports_per_s = 2.0
+prefix_reports_burst = 60
+max_defer_s = 600.0
+# The same flow to the same endpoint once per window (counted duplicate).
+dedup_window_s = 600.0
+max_prefixes = 65536
+max_dedup_entries = 65536
+# Pending rows per endpoint and in all; beyond, new deliveries are shed (outbox_full).
+max_pending_per_url = 10000
+max_pending = 100000
 
 [storage]
 # Budgets and retention of the report store (docs/storage.md). Received reports are other
@@ -467,7 +499,42 @@ def load_settings(home: Path) -> Settings:
         return Settings()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse_settings(text, str(path))
+    settings = parse_settings(text, str(path))
+    webhook = read_secret_files(settings.webhook, home, str(path))
+    return (
+        dataclasses.replace(settings, webhook=webhook)
+        if webhook is not settings.webhook
+        else settings
+    )
+
+
+def read_secret_files(webhook: WebhookSettings, home: Path, source: str) -> WebhookSettings:
+    """Each ``[[webhook.endpoints]]`` ``secret_file`` (relative to the node home) read into its
+    ``secret``; ConfigError naming the file and the endpoint when it cannot be read or is not
+    a ``whsec_`` secret."""
+    if not any(e.secret_file for e in webhook.endpoints):
+        return webhook
+    endpoints = []
+    for e in webhook.endpoints:
+        if e.secret_file:
+            path = home / Path(e.secret_file).expanduser()
+            where = f"{source}: webhook endpoint {e.url!r} secret_file {str(path)!r}"
+            try:
+                with open(path, "rb") as fh:
+                    raw = fh.read(MAX_SECRET_FILE_BYTES + 1)
+                text = raw.decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ConfigError(f"{where}: cannot read: {why}") from None
+            if len(raw) > MAX_SECRET_FILE_BYTES:
+                raise ConfigError(f"{where}: larger than {MAX_SECRET_FILE_BYTES} bytes")
+            try:
+                parse_secret(text, "the secret")
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            e = dataclasses.replace(e, secret=text)
+        endpoints.append(e)
+    return dataclasses.replace(webhook, endpoints=tuple(endpoints))
 
 
 def parse_settings(text: str, source: str = "<string>") -> Settings:
@@ -522,6 +589,9 @@ def _build(cls: type, table: dict[str, Any], source: str, text: str, section: st
             raise ConfigError(where + f"unknown key '{section}.{key}'")
         if section == "webhook" and key == "targets":
             value = _webhook_targets(value, where)
+        if section == "webhook" and key == "endpoints":  # tables: notify parses them
+            values[key] = parse_endpoints(value, where)
+            continue
         values[key] = _coerce(value, hints[key], where + f"'{section}.{key}'")
     try:
         settings = cls(**values)

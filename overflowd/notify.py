@@ -39,6 +39,7 @@ This module must never do I/O, read a clock, or keep state outside the objects i
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import ipaddress
 import math
@@ -55,15 +56,22 @@ __all__ = [
     "DROP_REASONS",
     "V4_PREFIX_LEN",
     "V6_PREFIX_LEN",
+    "WEBHOOK_DROP_REASONS",
     "Budget",
     "BudgetSettings",
     "BudgetStatistics",
     "Confinement",
     "FlowKey",
+    "WebhookBudget",
+    "WebhookBudgetStatistics",
+    "WebhookEndpoint",
     "flow_key",
     "normalize",
+    "parse_endpoints",
+    "parse_secret",
     "plan_inband",
     "prefix_of",
+    "url_key",
 ]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -512,12 +520,87 @@ class InbandSettings:
         return parse_listen(self.listen)
 
 
+#: Every reason the webhook plan does not enqueue a delivery it selected; counted each.
+WEBHOOK_DROP_REASONS = (
+    "duplicate",  # the same flow to the same URL within webhook.dedup_window_s
+    "prefix_backlog",  # the target prefix's bucket would defer it beyond webhook.max_defer_s
+    "outbox_full",  # max_pending_per_url (or max_pending in all) rows already wait
+    "not_allowed",  # a DNS (u=) URL of a flow end outside the confinement
+    "special",  # ... of a flow end no message should go to (multicast, loopback...)
+    "ssrf",  # a DNS URL whose literal address is internal (not in webhook.allow_prefixes)
+    "bad_url",  # a DNS URL that does not parse, is not https, or is too long
+)
+
+#: A secret_file holding more than this is not a secret (read no further).
+MAX_SECRET_FILE_BYTES = 4096
+
+
+def parse_secret(text: str, where: str = "secret") -> bytes:
+    """The key bytes of a ``whsec_<base64>`` secret (:func:`overflowd.wire.webhook.parse_secret`
+    decides the form); ValueError naming ``where``, never echoing the secret."""
+    from overflowd.wire import webhook as wh
+
+    try:
+        return wh.parse_secret(text)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """One ``[[webhook.endpoints]]`` table: the operator's own receiver for some prefixes.
+
+    Reports whose source or destination is in one of ``prefixes`` go to ``url``. ``secret``
+    (``whsec_...``) adds a ``v1`` HMAC signature beside ``v1a`` for receivers built on the
+    Standard Webhooks libraries; ``secret_file`` names a file holding it (relative to the node
+    home), read once at start by :meth:`WebhookSettings.with_secrets_from`, so the secret need
+    not sit in overflowd.toml. Static endpoints are not governed by ``[send]``: they are the
+    operator's own recipients.
+    """
+
+    url: str
+    prefixes: tuple[str, ...]
+    secret: str | None = field(default=None, repr=False)
+    secret_file: str | None = None
+
+    @classmethod
+    def from_toml(cls, item: Any, where: str) -> WebhookEndpoint:
+        """One table of the array; ConfigError (prefixed with ``where``) naming the bad key."""
+        keys = {"url", "prefixes", "secret", "secret_file"}
+        if not isinstance(item, dict):
+            raise ConfigError(where + "each [[webhook.endpoints]] entry must be a table")
+        for key in item:
+            if key not in keys:
+                raise ConfigError(where + f"unknown key 'webhook.endpoints.{key}'")
+        url, prefixes = item.get("url"), item.get("prefixes")
+        if not isinstance(url, str):
+            raise ConfigError(where + "'webhook.endpoints.url' must be a string")
+        if not (
+            isinstance(prefixes, list) and prefixes and all(isinstance(p, str) for p in prefixes)
+        ):
+            raise ConfigError(
+                where + "'webhook.endpoints.prefixes' must be a non-empty list of strings"
+            )
+        secret, secret_file = item.get("secret"), item.get("secret_file")
+        for name, value in (("secret", secret), ("secret_file", secret_file)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(where + f"'webhook.endpoints.{name}' must be a string")
+        if secret is not None and secret_file is not None:
+            raise ConfigError(
+                where + "a [[webhook.endpoints]] entry takes secret or secret_file, not both"
+            )
+        return cls(url=url, prefixes=tuple(prefixes), secret=secret, secret_file=secret_file)
+
+
 @dataclass(frozen=True)
 class WebhookSettings:
     """``[webhook]`` in overflowd.toml. Every limit is written with its unit."""
 
-    #: (prefix, URL): reports whose src or dst is in the prefix go to the URL.
+    #: (prefix, URL): reports whose src or dst is in the prefix go to the URL. The short form
+    #: of ``endpoints``: one prefix each, no secret.
     targets: tuple[tuple[str, str], ...] = ()
+    #: ``[[webhook.endpoints]]``: URL, prefixes, optional secret (see WebhookEndpoint).
+    endpoints: tuple[WebhookEndpoint, ...] = ()
     #: Prefixes that may be delivered to although internal (loopback, private...). Default none.
     allow_prefixes: tuple[str, ...] = ()
     #: Refuse plain-http URLs. Tests and lab set-ups turn it off.
@@ -544,7 +627,7 @@ class WebhookSettings:
     #: many of the max_concurrency slots at most (each up to total_timeout_s), never all,
     #: so it cannot hold up deliveries to other hosts (anyone can publish a ``u=`` URL).
     max_concurrency_per_host: int = 2
-    #: Rows claimed at most by one look at the outbox (claiming also tops up freed slots).
+    #: Endpoints (URLs) claimed at most by one look at the outbox (claims top up free slots).
     batch_size: int = 64
     #: How often to look at the outbox when nobody calls wake().
     poll_interval_s: float = 1 * SECONDS
@@ -557,15 +640,51 @@ class WebhookSettings:
     retry_per_url_burst: int = 30
     retry_per_host_per_s: float = 2.0
     retry_per_host_burst: int = 60
+    #: Reports one POST carries at most ({"reports": [...]}); what waits beyond goes next.
+    #: 50 reports of ~1.4 KiB of JSON fit max_batch_bytes; more are cut by the byte cap.
+    max_batch_reports: int = 50
+    #: Body bytes of one POST at most (at least one report always goes): below the 64 KiB a
+    #: receiver accepts by default (overflowd.receiver.MAX_BODY_BYTES), headers aside.
+    max_batch_bytes: int = 60 * 1024
+    #: POSTs per second and burst to one endpoint (URL), at delivery: what the budget does not
+    #: let through waits in the outbox and goes in the next POST (batching). 1/s with a burst
+    #: of 5 is nothing to any HTTP server, and with max_batch_reports 50 reports a second.
+    endpoint_posts_per_s: float = 1.0
+    endpoint_posts_burst: int = 5
+    #: Reports per second and burst about one target prefix (/24, /48 of the flow end the URL
+    #: was chosen for) to one URL, at enqueue: over it, the first attempt is deferred until
+    #: the bucket allows (batched later), never refused. A spoofed flood toward one network
+    #: fills at most burst + rate × max_defer_s rows per URL, and a real attack is told
+    #: within seconds: 60 at once covers a burst of distinct flows toward one site.
+    prefix_reports_per_s: float = 2.0
+    prefix_reports_burst: int = 60
+    #: A deferral longer than this sheds the report, counted ``prefix_backlog``: ten minutes
+    #: of backlog about one prefix is as late as a report is still worth hearing.
+    max_defer_s: float = 600 * SECONDS
+    #: The same flow (src, dst, proto, ports) to the same URL once per window (``duplicate``):
+    #: routers export a long flow every 1-5 min; ten minutes covers that, as [budget] does.
+    dedup_window_s: float = 600 * SECONDS
+    #: Table sizes of the prefix buckets and of de-duplication (full: see notify.Budget).
+    max_prefixes: int = 65_536
+    max_dedup_entries: int = 65_536
+    #: Pending rows per URL, and in all, beyond which new deliveries are shed (``outbox_full``,
+    #: a warning): a flood of spoofed flows cannot swell the store. 10 000 rows is hours of
+    #: reports at the prefix budget; 100 000 rows of ~1.3 KiB are ~130 MB.
+    max_pending_per_url: int = 10_000
+    max_pending: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("retry_per_url_per_s", "retry_per_host_per_s"):
+        for name in (
+            "retry_per_url_per_s",
+            "retry_per_host_per_s",
+            "endpoint_posts_per_s",
+            "prefix_reports_per_s",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of retries per second")
-        for name in ("retry_per_url_burst", "retry_per_host_burst"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be an integer of at least 1")
+                raise ValueError(f"{name} must be a positive number per second")
+            if value > _US:
+                raise ValueError(f"{name} must be at most {_US} per second")
         for name in (
             "connect_timeout_s",
             "io_timeout_s",
@@ -580,9 +699,32 @@ class WebhookSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds")
-        for name in ("max_attempts", "max_concurrency", "max_concurrency_per_host", "batch_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+        for name in ("max_defer_s", "dedup_window_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number of seconds ≥ 0")
+        for name in (
+            "max_attempts",
+            "max_concurrency",
+            "max_concurrency_per_host",
+            "batch_size",
+            "retry_per_url_burst",
+            "retry_per_host_burst",
+            "max_batch_reports",
+            "endpoint_posts_burst",
+            "prefix_reports_burst",
+            "max_prefixes",
+            "max_dedup_entries",
+            "max_pending_per_url",
+            "max_pending",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer of at least 1")
+        if isinstance(self.max_batch_bytes, bool) or not isinstance(self.max_batch_bytes, int):
+            raise ValueError("max_batch_bytes must be an integer")
+        if self.max_batch_bytes < 4096:
+            raise ValueError("max_batch_bytes must be at least 4096 (one report's JSON)")
         ssrf.parse_prefixes(self.allow_prefixes)
         for prefix, url in self.targets:
             ssrf.parse_prefixes([prefix])
@@ -590,19 +732,45 @@ class WebhookSettings:
                 ssrf.parse_target(url, require_https=self.require_https)
             except DeliveryError as exc:
                 raise ValueError(f"target {url!r}: {exc}") from None
+        for endpoint in self.endpoints:
+            try:
+                ssrf.parse_prefixes(endpoint.prefixes)
+                ssrf.parse_target(endpoint.url, require_https=self.require_https)
+            except (DeliveryError, ValueError) as exc:
+                raise ValueError(f"endpoint {endpoint.url!r}: {exc}") from None
+            if endpoint.secret is not None:
+                parse_secret(endpoint.secret, f"endpoint {endpoint.url!r} secret")
 
     @property
     def allowed_networks(self) -> tuple[ssrf.Network, ...]:
         return ssrf.parse_prefixes(self.allow_prefixes)
 
+    def all_endpoints(self) -> tuple[WebhookEndpoint, ...]:
+        """``targets`` (one prefix each, no secret) and ``endpoints``, in that order."""
+        short = tuple(WebhookEndpoint(url=url, prefixes=(prefix,)) for prefix, url in self.targets)
+        return short + self.endpoints
+
+    def secrets(self) -> dict[str, tuple[bytes, ...]]:
+        """The ``v1`` keys of each URL that has any (an endpoint's secret_file already read
+        into ``secret`` by the configuration loader)."""
+        out: dict[str, tuple[bytes, ...]] = {}
+        for e in self.endpoints:
+            if e.secret is not None:
+                key = parse_secret(e.secret, f"endpoint {e.url!r} secret")
+                if key not in out.get(e.url, ()):
+                    out[e.url] = (*out.get(e.url, ()), key)
+        return out
+
     @classmethod
     def from_toml(cls, table: Mapping[str, Any], source: str = "<config>") -> WebhookSettings:
         """Build from the ``[webhook]`` TOML table; ConfigError names the bad key.
 
-        ``targets`` is an array of tables ``{prefix = "...", url = "..."}``; every other key is
-        a field of this class with the same name and type.
+        ``targets`` is an array of tables ``{prefix = "...", url = "..."}``, ``endpoints`` an
+        array of tables (WebhookEndpoint); every other key is a field of this class with the
+        same name and type.
         """
         known = {f.name for f in fields(cls)}
+        ints = {f.name for f in fields(cls) if f.type in ("int", int)}
         values: dict[str, Any] = {}
         for key, value in table.items():
             if key not in known:
@@ -623,6 +791,8 @@ class WebhookSettings:
                         )
                     pairs.append((item["prefix"], item["url"]))
                 values[key] = tuple(pairs)
+            elif key == "endpoints":
+                values[key] = parse_endpoints(value, f"{source}: ")
             elif key == "allow_prefixes":
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ConfigError(f"{source}: 'webhook.allow_prefixes' must be strings")
@@ -631,12 +801,7 @@ class WebhookSettings:
                 if not isinstance(value, bool):
                     raise ConfigError(f"{source}: 'webhook.require_https' must be true or false")
                 values[key] = value
-            elif key in (
-                "max_attempts",
-                "max_concurrency",
-                "max_concurrency_per_host",
-                "batch_size",
-            ):
+            elif key in ints:
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ConfigError(f"{source}: 'webhook.{key}' must be an integer")
                 values[key] = value
@@ -648,3 +813,161 @@ class WebhookSettings:
             return cls(**values)
         except ValueError as exc:
             raise ConfigError(f"{source}: [webhook] {exc}") from None
+
+
+def parse_endpoints(value: Any, where: str) -> tuple[WebhookEndpoint, ...]:
+    """``[[webhook.endpoints]]`` (a TOML array of tables); ConfigError prefixed by ``where``."""
+    if not isinstance(value, list):
+        raise ConfigError(where + "'webhook.endpoints' must be an array of tables")
+    return tuple(WebhookEndpoint.from_toml(item, where) for item in value)
+
+
+# -- webhook budgets: sans-IO, apart from the in-band Budget --------------------------------------
+
+
+@dataclass(frozen=True)
+class WebhookBudgetStatistics:
+    """A snapshot of the webhook plan: drops by reason, deferrals, table sizes."""
+
+    dropped: Mapping[str, int]
+    #: deliveries whose first attempt the prefix bucket deferred (enqueued, sent later)
+    deferred: int
+    prefixes: int
+    dedup_entries: int
+    prefix_evictions: int
+    dedup_evictions: int
+
+
+class _TatTable:
+    """GCRA buckets by key, bounded as :class:`Budget`'s prefix table (module docstring):
+    full buckets are forgotten first; else the fullest is evicted and ``unknown_tat`` raised
+    to its TAT, so a key never comes back with more tokens than it had."""
+
+    def __init__(self, max_keys: int, start: int) -> None:
+        self._max_keys = max_keys
+        self._tats: dict[Any, int] = {}
+        self._heap: list[tuple[int, Any]] = []
+        self.unknown_tat = start
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def get(self, key: Any) -> int:
+        return self._tats.get(key, self.unknown_tat)
+
+    def prune(self, t: int) -> None:
+        heap, tats = self._heap, self._tats
+        while heap:
+            tat, key = heap[0]
+            if tats.get(key) != tat:
+                heapq.heappop(heap)
+            elif tat <= t:
+                heapq.heappop(heap)
+                del tats[key]
+            else:
+                break
+
+    def set(self, key: Any, tat: int) -> None:
+        tats = self._tats
+        if key not in tats and len(tats) >= self._max_keys:
+            while self._heap:
+                old, victim = heapq.heappop(self._heap)
+                if tats.get(victim) == old:
+                    del tats[victim]
+                    self.unknown_tat = max(self.unknown_tat, old)
+                    self.evictions += 1
+                    break
+        tats[key] = tat
+        heapq.heappush(self._heap, (tat, key))
+        if len(self._heap) > 2 * len(tats) + 64:
+            self._heap = [(v, k) for k, v in tats.items()]
+            heapq.heapify(self._heap)
+
+
+def url_key(url: str) -> bytes:
+    """A short digest standing for a URL in the tables (URLs are up to 2 KiB, anyone's)."""
+    return hashlib.blake2b(url.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+
+
+class WebhookBudget:
+    """What the node enqueues for webhooks: de-duplication and the per-prefix deferral (pure).
+
+    Apart from the in-band :class:`Budget`: a webhook goes to a receiver that asked for it
+    (the operator's endpoint, or a ``u=`` the flow end published), over a durable outbox, so
+    nothing over budget is refused. :meth:`plan` answers, for one (URL, flow end, flow), the
+    seconds its first attempt waits for the (URL, /24 or /48) bucket, or None when it is
+    dropped by policy: ``duplicate`` (same flow to the same URL within ``dedup_window_s``)
+    or ``prefix_backlog`` (the wait would exceed ``max_defer_s``). The bucket is charged at
+    the deferred time, so in any window of W seconds a URL is scheduled at most
+    ``burst + W × rate`` reports about one prefix. Time is injected, as in :class:`Budget`.
+    """
+
+    def __init__(self, settings: WebhookSettings) -> None:
+        self.settings = s = settings
+        self._gcra = _Gcra(s.prefix_reports_per_s, s.prefix_reports_burst)
+        self._window_us = math.ceil(s.dedup_window_s * _US)
+        self._max_defer_us = math.ceil(s.max_defer_s * _US)
+        self._now = -(2**62)
+        self._prefixes = _TatTable(s.max_prefixes, self._now)
+        self._dedup: OrderedDict[tuple[bytes, FlowKey], int] = OrderedDict()
+        self._dropped = dict.fromkeys(WEBHOOK_DROP_REASONS, 0)
+        self._deferred = 0
+        self._dedup_evictions = 0
+
+    def _tick(self, now: float) -> int:
+        if not math.isfinite(now):
+            raise ValueError("now must be a finite number of seconds")
+        t = round(now * _US)
+        if t > self._now:
+            self._now = t
+        return self._now
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` deliveries refused elsewhere (confinement, SSRF, a full outbox)."""
+        if reason not in self._dropped:
+            raise ValueError(f"unknown drop reason {reason!r}")
+        self._dropped[reason] += n
+
+    def plan(self, url: str, target: Address, flow: FlowKey, now: float) -> float | None:
+        """Seconds until the first attempt of ``flow``'s report to ``url`` (0: now), or None
+        when dropped (counted). ``target`` is the flow end the URL was chosen for."""
+        t = self._tick(now)
+        ukey = url_key(url)
+        dedup = self._dedup
+        while dedup:
+            first, expiry = next(iter(dedup.items()))
+            if expiry > t:
+                break
+            del dedup[first]
+        key = (ukey, flow)
+        if key in dedup:
+            self._dropped["duplicate"] += 1
+            return None
+        bucket = (ukey, prefix_of(target))
+        self._prefixes.prune(t)
+        tat = self._prefixes.get(bucket)
+        # GCRA: conforming at t_a once TAT - tolerance <= t_a; the earliest such t_a >= t.
+        at = max(t, tat - self._gcra.tolerance)
+        if at - t > self._max_defer_us:
+            self._dropped["prefix_backlog"] += 1
+            return None
+        self._prefixes.set(bucket, self._gcra.next_tat(tat, at))
+        if self._window_us > 0:
+            if len(dedup) >= self.settings.max_dedup_entries:
+                dedup.popitem(last=False)
+                self._dedup_evictions += 1
+            dedup[key] = t + self._window_us
+        if at > t:
+            self._deferred += 1
+        return (at - t) / _US
+
+    def statistics(self) -> WebhookBudgetStatistics:
+        return WebhookBudgetStatistics(
+            dropped=MappingProxyType(dict(self._dropped)),
+            deferred=self._deferred,
+            prefixes=len(self._prefixes),
+            dedup_entries=len(self._dedup),
+            prefix_evictions=self._prefixes.evictions,
+            dedup_evictions=self._dedup_evictions,
+        )

@@ -1,7 +1,10 @@
 """Verify an overflowd webhook delivery: the library call for people writing their own receiver.
 
-``verify_delivery(headers, body, now=time.time())`` does every check ``overflowd-receive`` does
-and returns the verified :class:`~overflowd.report.SignedReport`, or raises one of our errors:
+``verify_batch(headers, body, now=time.time())`` does every check ``overflowd-receive`` does
+and returns the verified reports, for both forms a sender POSTs: one report (the report's JSON,
+``webhook-id`` = its id) or several (``{"reports": [...]}``, ``webhook-id`` = :func:`batch_id`
+of their ids). ``verify_delivery`` does the same for the single form only and returns the one
+:class:`~overflowd.report.SignedReport`. Both raise one of our errors:
 
 * :class:`~overflowd.wire.webhook.WebhookDecodeError` (a ``DecodeError``): headers or body
   malformed or too large; :class:`~overflowd.errors.ReportDecodeError`: the COSE report inside
@@ -25,9 +28,10 @@ headers and body (a hypothesis test says so).
 from __future__ import annotations
 
 import collections
+import hashlib
 import ipaddress
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,12 @@ from overflowd.wire import webhook as wh
 #: the base64url COSE inside is under 3 KiB. 64 KiB leaves room for future fields and refuses
 #: anything that is plainly not a report before it is parsed.
 MAX_BODY_BYTES = 64 * 1024
+#: Reports one batch may carry: a report's JSON is at least ~600 bytes, so MAX_BODY_BYTES holds
+#: about 100; the cap bounds the Ed25519 checks one request costs (one per report, plus one).
+MAX_BATCH_REPORTS = 100
+#: How a batch body begins and ends (the sender writes exactly this; receivers parse JSON).
+BATCH_PREFIX = b'{"reports":['
+BATCH_SUFFIX = b"]}"
 #: Ids remembered for de-duplication. A retry arrives within the sender's backoff cap (hours);
 #: 100 000 ids of 64 characters cost about 15 MiB.
 DEFAULT_SEEN_IDS = 100_000
@@ -56,11 +66,26 @@ def encode_body(report: rpt.SignedReport) -> bytes:
     ).encode("utf-8")
 
 
-def _parse_body(body: bytes) -> tuple[dict[str, Any], rpt.UnverifiedReport]:
+def encode_batch_body(reports: Sequence[rpt.SignedReport]) -> bytes:
+    """The body of one POST carrying several reports: ``{"reports": [<report JSON>, ...]}``."""
+    return BATCH_PREFIX + b",".join(encode_body(r) for r in reports) + BATCH_SUFFIX
+
+
+def batch_id(report_ids: Sequence[str]) -> str:
+    """The ``webhook-id`` of a batch: ``batch_`` + hex of the first 16 bytes of SHA-256 over
+    the report ids in body order joined by ``,`` (so it names exactly these reports)."""
+    digest = hashlib.sha256(",".join(report_ids).encode("ascii")).digest()
+    return "batch_" + digest[:16].hex()
+
+
+def _load(body: bytes) -> Any:
     try:
-        doc = json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise wh.WebhookDecodeError("body is not UTF-8 JSON") from None
+
+
+def _parse_doc(doc: Any) -> tuple[dict[str, Any], rpt.UnverifiedReport]:
     if not isinstance(doc, dict):
         raise wh.WebhookDecodeError("body is not a JSON object")
     cose_text = doc.get("cose")
@@ -108,16 +133,74 @@ def verify_delivery(
     parsed = wh.parse_headers(headers)
     # The cheap checks first: a stale or mis-addressed message costs no crypto.
     wh.check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
-    doc, unverified = _parse_body(body)
+    doc, unverified = _parse_doc(_load(body))
     if trusted_keys is not None and unverified.kid not in trusted_keys:
         raise UntrustedKeyError("delivery signed by a key that is not trusted")
     wh.verify_signature(parsed, body, public_key=unverified.kid, check=check_signature)
+    report = _verified(doc, unverified)
+    if parsed.msg_id != report.report_id:
+        raise wh.WebhookDecodeError("webhook-id is not the id of the report in the body")
+    return report
+
+
+def verify_batch(
+    headers: wh.HeaderInput,
+    body: bytes,
+    *,
+    now: float,
+    trusted_keys: Collection[bytes] | None = None,
+    tolerance_s: float = wh.DEFAULT_TOLERANCE_S,
+    max_reports: int = MAX_BATCH_REPORTS,
+) -> list[rpt.SignedReport]:
+    """Verify one delivery of either form; return its reports in body order.
+
+    A single-report body gives a list of one (the checks of :func:`verify_delivery`). A batch,
+    ``{"reports": [...]}``, holds 1 to ``max_reports`` report renderings, all by one key (the
+    ``kid`` every COSE carries, which must verify the webhook signature), none twice, and
+    ``webhook-id`` must be :func:`batch_id` of their ids: every COSE is verified, every
+    rendering must agree with its report. Any failure refuses the whole delivery.
+    """
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise TypeError("body must be bytes")
+    body = bytes(body)
+    if len(body) > MAX_BODY_BYTES:
+        raise wh.WebhookDecodeError(f"body is larger than {MAX_BODY_BYTES} bytes")
+    parsed = wh.parse_headers(headers)
+    wh.check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
+    doc = _load(body)
+    if not (isinstance(doc, dict) and "reports" in doc and "cose" not in doc):
+        return [
+            verify_delivery(
+                headers, body, now=now, trusted_keys=trusted_keys, tolerance_s=tolerance_s
+            )
+        ]
+    items = doc["reports"]
+    if set(doc) != {"reports"} or not isinstance(items, list) or not items:
+        raise wh.WebhookDecodeError('a batch is {"reports": [one or more reports]}')
+    if len(items) > max_reports:
+        raise wh.WebhookDecodeError(f"a batch holds more than {max_reports} reports")
+    docs = [_parse_doc(item) for item in items]
+    kid = docs[0][1].kid
+    if any(u.kid != kid for _, u in docs):
+        raise wh.WebhookDecodeError("the reports of a batch are not all signed by one key")
+    # The cheap checks first (ids are hashes of the COSE bytes): no crypto for a mismatch.
+    ids = [rpt.report_id(u.cose) for _, u in docs]
+    if len(set(ids)) != len(ids):
+        raise wh.WebhookDecodeError("a batch holds one report twice")
+    if parsed.msg_id != batch_id(ids):
+        raise wh.WebhookDecodeError("webhook-id is not the batch id of the reports in the body")
+    if trusted_keys is not None and kid not in trusted_keys:
+        raise UntrustedKeyError("delivery signed by a key that is not trusted")
+    wh.verify_signature(parsed, body, public_key=kid, check=check_signature)
+    return [_verified(d, u) for d, u in docs]
+
+
+def _verified(doc: dict[str, Any], unverified: rpt.UnverifiedReport) -> rpt.SignedReport:
+    """The report after its COSE signature verified and its rendering agreed."""
     check_signature(unverified.kid, unverified.to_be_signed, unverified.signature)
     report = rpt.SignedReport(
         cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
     )
-    if parsed.msg_id != report.report_id:
-        raise wh.WebhookDecodeError("webhook-id is not the id of the report in the body")
     try:
         # 'cose' itself is what was verified (padded or not); every other field must agree.
         rendered = rpt.to_json(report, include_cose=False)

@@ -2,7 +2,8 @@
 
     overflowd-receive --listen 127.0.0.1:8080 --out reports.jsonl [--trust KEY|KEYFILE ...]
 
-Each verified report is written once, as one JSON line, flushed and fsynced before the sender
+A POST carries one report or several (``{"reports": [...]}``, overflowd's batches). Each
+verified report is written once, as one JSON line, flushed and fsynced before the sender
 is answered. ``--trust`` takes a base64 public key (what ``overflowd key show`` prints) or a
 file with one such key per line; without it any key whose signatures verify is accepted (the
 key is in every line, to decide on later) within per-key rate and byte caps. Every limit is a
@@ -27,7 +28,7 @@ import trio
 
 from overflowd.cli.common import configure_logging
 from overflowd.errors import ConfigError, OverflowdError
-from overflowd.receiver import DEFAULT_SEEN_IDS, MAX_BODY_BYTES, KeyCaps
+from overflowd.receiver import DEFAULT_SEEN_IDS, MAX_BATCH_REPORTS, MAX_BODY_BYTES, KeyCaps
 from overflowd.services.receive_http import JsonLinesSink, ReceiverLimits, WebhookReceiver
 from overflowd.wire.webhook import DEFAULT_TOLERANCE_S
 
@@ -94,6 +95,7 @@ _D, _K = ReceiverLimits(), KeyCaps()
 LIMIT_FLAGS: tuple[tuple[str, type, float, float, str], ...] = (
     ("--tolerance-s", float, DEFAULT_TOLERANCE_S, 1, "webhook-timestamp window, both ways"),
     ("--max-body-bytes", int, MAX_BODY_BYTES, 1024, "larger bodies get 413 unread"),
+    ("--max-batch-reports", int, MAX_BATCH_REPORTS, 1, "reports one POST may carry, else 400"),
     ("--seen-ids", int, DEFAULT_SEEN_IDS, 1, "delivered ids remembered for de-duplication"),
     ("--body-timeout-s", float, _D.body_timeout_s, 0.1, "a whole body within this, or 408"),
     ("--header-timeout-s", float, _D.header_timeout_s, 0.1, "whole headers, and idle keep-alive"),
@@ -165,6 +167,7 @@ def limits_from(args: argparse.Namespace) -> ReceiverLimits:
     )
     return ReceiverLimits(
         max_body_bytes=a.max_body_bytes,
+        max_batch_reports=a.max_batch_reports,
         max_in_flight=a.max_in_flight,
         tolerance_s=a.tolerance_s,
         seen_ids=a.seen_ids,

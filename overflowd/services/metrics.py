@@ -209,6 +209,24 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
             "type",
             w.unexpected_errors,
         )
+        # Webhook batching and its own budgets (#9; webhook-batch's block).
+        yield _counter("overflowd_webhook_posts", "Webhook POSTs sent", w.posts)
+        yield _counter(
+            "overflowd_webhook_batched_reports",
+            "Reports carried in webhook POSTs of more than one report",
+            w.batched_reports,
+        )
+        yield _counter(
+            "overflowd_webhook_deferred",
+            "Webhook deliveries whose first attempt the prefix budget deferred",
+            w.deferred,
+        )
+        yield _counters_by(
+            "overflowd_webhook_dropped",
+            "Webhook deliveries not enqueued, by reason",
+            "reason",
+            w.dropped,
+        )
     events = CounterMetricFamily(
         "overflowd_registry_events",
         "Observer events: a new key for a known observer, changed contacts",

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import ipaddress
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,7 +38,7 @@ from overflowd.flows import FlowRow
 from overflowd.flowsample import Sampler, SamplerStatistics, SamplingPolicy
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.identity import NodeIdentity
-from overflowd.notify import Budget, flow_key
+from overflowd.notify import Budget, WebhookBudget, flow_key
 from overflowd.pipeline import ReportMaker, policy_from_settings
 from overflowd.services.capture import CaptureStatistics, KernelSampledCapture
 from overflowd.services.collector import (
@@ -69,6 +69,7 @@ from overflowd.storage_policy import StoragePolicy
 from overflowd.store import Store, outbox
 from overflowd.store.continuity import batch_from, read_histories, save_continuity
 from overflowd.store.events import ObserverEvent, add_events
+from overflowd.store.outbox import Planned
 from overflowd.trust import (
     ContinuityJournal,
     NewKey,
@@ -173,13 +174,6 @@ class NodeStatistics:
     gauges: StoreGaugeStatistics | None = None
 
 
-@functools.lru_cache(maxsize=4096)
-def _webhook_channel(url: str) -> str:
-    """The budget's de-duplication channel of a webhook URL: a short digest, not the URL, so
-    up to max_dedup_entries entries stay small whatever the URLs' length (review finding)."""
-    return "webhook " + hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
-
-
 def merge_sampler_statistics(a: SamplerStatistics, b: SamplerStatistics) -> SamplerStatistics:
     """One view of the scalar and the vectorized sampler (they see disjoint records)."""
     boosts = dict(a.boosts)
@@ -210,8 +204,10 @@ def sampling_overrides(items: Sequence[str]) -> dict[str, int]:
 class NodeService:
     """One node: collects, samples, signs, stores; sends reports in band; hears other nodes'.
 
-    Sending goes through one :class:`~overflowd.notify.Budget` and the in-band confinement
-    (``[send]``, off by default: nothing is sent to a flow's ends until configured).
+    In-band sending goes through one :class:`~overflowd.notify.Budget` and the in-band
+    confinement (``[send]``, off by default: nothing is sent to a flow's ends until
+    configured); webhooks through their own :class:`~overflowd.notify.WebhookBudget` at
+    enqueue and the delivery's per-endpoint POST budget (docs/webhooks.md).
     """
 
     def __init__(
@@ -286,8 +282,17 @@ class NodeService:
         self.inband_listener: InbandListener | None = None
         self.inband_bound: tuple[str, int] | None = None
         self.webhook: WebhookDelivery | None = None
-        if settings.webhook.targets or self.hints is not None:
-            self.webhook = WebhookDelivery(store, identity, settings.webhook)
+        #: static endpoints with their prefixes parsed once (targets are the short form)
+        self._webhook_endpoints = [
+            (e, ssrf.parse_prefixes(e.prefixes)) for e in settings.webhook.all_endpoints()
+        ]
+        #: what the webhook plan enqueues (de-duplication, per-prefix deferral), the node's
+        #: own: apart from the in-band budget
+        self.webhook_budget = WebhookBudget(settings.webhook)
+        if self._webhook_endpoints or self.hints is not None:
+            self.webhook = WebhookDelivery(
+                store, identity, settings.webhook, planner=self.webhook_budget
+            )
         self._sending_scope = trio.CancelScope()
         self._webhook_scope = trio.CancelScope()
         self._hints_scope = trio.CancelScope()
@@ -856,43 +861,71 @@ class NodeService:
             if self.confinement.refuse(address) is None and self._may_ask_dns(address):
                 self.hints.warm(address)
 
-    def _webhook_plan(self, report: rpt.SignedReport, now: float) -> list[str]:
-        """Webhook URLs for ``report`` that the budget lets through (counted when it does not).
+    def _webhook_plan(self, report: rpt.SignedReport, now: float, now_ms: int) -> list[Planned]:
+        """The webhook deliveries of ``report``, each with when its first attempt is due.
 
         URLs the flow's ends publish in DNS (``u=``), for ends inside the confinement and
-        already in the hints table, then static targets (``webhook.targets``). A DNS URL
-        meets the same checks as a static one: its syntax here, and the SSRF policy (internal
-        addresses refused) when it is delivered.
+        already in the hints table, then static endpoints (``webhook.targets`` and
+        ``[[webhook.endpoints]]``, by prefix; the operator's own, not governed by the
+        confinement). A DNS URL meets the same checks as a static one: its syntax here, and
+        the SSRF policy (internal addresses refused) when it is delivered. Webhooks have their
+        own budgets (notify.WebhookBudget), not the in-band one: de-duplication per URL and a
+        per-prefix bucket that defers the first attempt rather than refusing it. Every
+        refusal is counted by reason in the webhook statistics.
         """
+        planner = self.webhook_budget
         flow = report.payload.flow
         key = flow_key(flow)
-        urls: list[str] = []
+        chosen: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
         ws = self.settings.webhook
         if self.hints is not None:
             for address in (flow.src, flow.dst):
                 url = self.hints.webhook_url(address)
-                if url is None or url in urls or self.confinement.refuse(address) is not None:
+                if url is None or url in chosen:
+                    continue
+                refused = self.confinement.refuse(address)
+                if refused is not None:
+                    planner.drop(refused)
                     continue
                 try:
+                    if len(url) > outbox.MAX_URL_CHARS:
+                        raise DeliveryError("URL too long")
                     target = ssrf.parse_target(url, require_https=ws.require_https)
                     if target.literal is not None:  # a name is checked when it is resolved
                         ssrf.check_address(target.literal, ws.allowed_networks)
+                except ssrf.AddressRefused as exc:
+                    log.debug("webhook.dns_url_refused url=%s error=%s", url[:200], exc)
+                    planner.drop("ssrf")
+                    continue
                 except DeliveryError as exc:
                     log.debug("webhook.dns_url_refused url=%s error=%s", url[:200], exc)
+                    planner.drop("bad_url")
                     continue
-                if len(url) <= outbox.MAX_URL_CHARS and self.budget.allow(
-                    address, key, now, channel=_webhook_channel(url)
-                ):
-                    urls.append(url)
-                    self._webhooks_from_dns += 1
-        for prefix, url in self.settings.webhook.targets:
-            net = ipaddress.ip_network(prefix, strict=False)
+                chosen[url] = address
+                self._webhooks_from_dns += 1
+        for endpoint, nets in self._webhook_endpoints:
+            if endpoint.url in chosen:
+                continue
             for address in (flow.src, flow.dst):
-                if address.version == net.version and address in net and url not in urls:
-                    if self.budget.allow(address, key, now, channel=_webhook_channel(url)):
-                        urls.append(url)
+                if any(address.version == n.version and address in n for n in nets):
+                    chosen[endpoint.url] = address
                     break
-        return urls
+        planned = []
+        for url, address in chosen.items():
+            defer_s = planner.plan(url, address, key, now)
+            if defer_s is not None:
+                planned.append(Planned(report, url, now_ms + math.ceil(defer_s * 1000)))
+        return planned
+
+    def _count_outbox_full(self, full: Mapping[str, int]) -> None:
+        if not full:
+            return
+        self.webhook_budget.drop("outbox_full", sum(full.values()))
+        if self.webhook is None:
+            return
+        ws = self.settings.webhook
+        for url, n in full.items():
+            self.webhook.warn_outbox_full(url, n, ws.max_pending_per_url, ws.max_pending)
 
     async def _write(self, batch: list[rpt.SignedReport]) -> None:
         """Store ``batch`` and its outbox rows in one transaction, then send it in band.
@@ -906,14 +939,24 @@ class NodeService:
         received = int(time.time() * 1000)
         rows = [(r, received, "local") for r in batch]
         now = trio.current_time()
-        deliveries = [(r, urls) for r in batch if (urls := self._webhook_plan(r, now))]
+        planned = [p for r in batch for p in self._webhook_plan(r, now, received)]
+        ws = self.settings.webhook
+        full: dict[str, int] = {}
 
         def alongside(conn: Connection) -> None:
-            for report, urls in deliveries:
-                outbox.enqueue_in(conn, self.store, report, urls, now_ms=received)
+            full.clear()  # a retried write counts again from scratch
+            result = outbox.enqueue_planned_in(
+                conn,
+                self.store,
+                planned,
+                now_ms=received,
+                max_pending_per_url=ws.max_pending_per_url,
+                max_pending=ws.max_pending,
+            )
+            full.update(result.outbox_full)
 
         def write() -> int:
-            return self.store.add_reports(rows, alongside=alongside)
+            return self.store.add_reports(rows, alongside=alongside if planned else None)
 
         try:
             new = await self._writer.write(write, reports=len(batch))
@@ -922,10 +965,11 @@ class NodeService:
             raise
         self._stored += new
         self._duplicate += len(batch) - new
+        self._count_outbox_full(full)
         if self.inband_sender is not None:
             for report in batch:
                 self.inband_sender.submit(report)  # never blocks; full: counted
-        if deliveries and self.webhook is not None:
+        if planned and self.webhook is not None:
             self.webhook.wake()
 
     def statistics(self) -> NodeStatistics:

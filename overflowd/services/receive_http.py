@@ -1,9 +1,12 @@
 """The webhook receiver: an ASGI app on hypercorn + trio that verifies and appends reports.
 
-``POST`` (any path): a Standard Webhooks delivery, checked by
-:func:`overflowd.receiver.verify_delivery`; a new report is appended once as one JSON line to
-the sink (flushed and fsynced before we answer), then ``204``. A delivery whose ``webhook-id``
-was already written answers ``200`` without writing: the sender is retrying after a lost answer.
+``POST`` (any path): a Standard Webhooks delivery of one report or of several
+(``{"reports": [...]}``), checked by :func:`overflowd.receiver.verify_batch`; each new report is
+appended once as one JSON line to the sink (flushed and fsynced before we answer). One report:
+``204``, or ``200`` without writing when its id was already written (the sender is retrying
+after a lost answer). A batch: ``200`` with ``{"accepted": N, "duplicates": M}``, duplicates
+counted per report; when a cap stops part of a batch, what fits is written and the cap's
+answer (429 with Retry-After, 507) carries the same counts.
 Rejections answer 4xx/5xx with a short reason and are counted by reason. ``GET /metrics``
 renders the counters in the Prometheus text format; ``GET /healthz`` says ``ok``.
 
@@ -50,7 +53,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -61,6 +64,7 @@ from overflowd import report as rpt
 from overflowd.errors import DecodeError, ReportDecodeError, SignatureError
 from overflowd.receiver import (
     DEFAULT_SEEN_IDS,
+    MAX_BATCH_REPORTS,
     MAX_BODY_BYTES,
     KeyBudget,
     KeyCaps,
@@ -68,7 +72,7 @@ from overflowd.receiver import (
     UntrustedKeyError,
     client_key,
     encode_body,
-    verify_delivery,
+    verify_batch,
 )
 from overflowd.wire import webhook as wh
 
@@ -121,8 +125,10 @@ DEFAULT_MAX_OUT_BYTES = 1024 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ReceiverLimits:
-    #: Largest body read; a report's JSON is under 3 KiB.
+    #: Largest body read; a report's JSON is under 3 KiB, a batch's (several) up to this.
     max_body_bytes: int = MAX_BODY_BYTES
+    #: Reports one batch may carry (each costs an Ed25519 check), else 400.
+    max_batch_reports: int = MAX_BATCH_REPORTS
     #: Requests being verified and written at once (counted once their body is read); more are
     #: answered 503 at once instead of queueing behind the fsyncs.
     max_in_flight: int = 64
@@ -173,6 +179,8 @@ class ReceiverStatistics:
     out_bytes: int = 0
     #: HTTP/1.1 requests asking ``Upgrade: h2c``, answered over HTTP/1.1 all the same.
     h2c_upgrades_ignored: int = 0
+    #: verified deliveries in the batch form ({"reports": [...]})
+    batches: int = 0
 
 
 class _PerClient:
@@ -237,9 +245,14 @@ class JsonLinesSink:
         return list(ids)
 
     def write(self, line: bytes) -> None:
+        self.write_many([line])
+
+    def write_many(self, lines: list[bytes]) -> None:
+        """Append ``lines``, each as one line, with one flush and fsync for all of them."""
         with self._lock:
-            self._fh.write(line + b"\n")
-            self.size += len(line) + 1
+            data = b"".join(line + b"\n" for line in lines)
+            self._fh.write(data)
+            self.size += len(data)
             self._fh.flush()
             try:
                 os.fsync(self._fh.fileno())
@@ -281,6 +294,7 @@ class WebhookReceiver:
         self._connections_by_client = _PerClient()
         self._connections_by_network = _PerClient()
         self._h2c_upgrades_ignored = 0
+        self._batches = 0
         self._refused = dict.fromkeys(CONNECTION_REFUSALS, 0)
         self._errors: dict[str, int] = {}
         self._last_error_log: float | None = None
@@ -301,6 +315,7 @@ class WebhookReceiver:
             keys_tracked=self._budget.statistics().keys,
             out_bytes=self._sink.size,
             h2c_upgrades_ignored=self._h2c_upgrades_ignored,
+            batches=self._batches,
         )
 
     def metrics_text(self) -> str:
@@ -319,8 +334,14 @@ class WebhookReceiver:
         metric(
             p + "duplicates_total",
             "counter",
-            "Verified deliveries of an id already written",
+            "Verified reports of an id already written",
             [("", s.duplicates)],
+        )
+        metric(
+            p + "batches_total",
+            "counter",
+            "Verified deliveries carrying several reports",
+            [("", s.batches)],
         )
         metric(
             p + "rejected_total",
@@ -471,12 +492,13 @@ class WebhookReceiver:
         self, headers: list[tuple[bytes, bytes]], body: bytes, send: Send
     ) -> None:
         try:
-            report = verify_delivery(
+            reports = verify_batch(
                 headers,
                 body,
                 now=self._clock(),
                 trusted_keys=self._trusted,
                 tolerance_s=self._limits.tolerance_s,
+                max_reports=self._limits.max_batch_reports,
             )
         except (DecodeError, SignatureError) as exc:
             reason, status = _reason(exc)
@@ -484,7 +506,11 @@ class WebhookReceiver:
             log.debug("webhook rejected: %s", reason)
             await _answer(send, status, f"{reason}: {exc}"[:200])
             return
-        await self._accept(report, send)
+        if _is_batch(body):
+            self._batches += 1
+            await self._accept_batch(reports, send)
+        else:
+            await self._accept(reports[0], send)
 
     async def _read_body(
         self, headers: list[tuple[bytes, bytes]], receive: Receive
@@ -512,41 +538,104 @@ class WebhookReceiver:
                 break
         return b"".join(chunks)
 
-    async def _accept(self, report: rpt.SignedReport, send: Send) -> None:
-        # One writer at a time: two concurrent deliveries of one id must write it once, and
-        # the caps below are checked and charged together with the write.
-        async with self._write_lock:
-            if report.report_id in self._seen:
-                self._duplicates += 1
-                await _answer(send, 200, "duplicate")
-                return
+    def _admit(self, reports: list[rpt.SignedReport]) -> _Admitted:
+        """Which of ``reports`` (in order) to write now: duplicates are skipped (counted), the
+        rest admitted while the output cap and, without a trust list, the key's caps allow;
+        the first one refused stops it (the caps count every report and byte of a batch).
+        Under the write lock."""
+        out = _Admitted()
+        cap = self._limits.max_out_bytes
+        size = self._sink.size
+        fresh: set[str] = set()
+        for i, report in enumerate(reports):
+            if report.report_id in self._seen or report.report_id in fresh:
+                out.duplicates += 1
+                continue
             line = encode_body(report)
-            cap = self._limits.max_out_bytes
-            if cap and self._sink.size + len(line) + 1 > cap:
-                self._rejected["out_full"] += 1
-                await _answer(send, 507, "the receiver's output is full")
-                return
+            if cap and size + len(line) + 1 > cap:
+                out.refusal = ("out_full", 507, 0.0)
+                out.left = len(reports) - i
+                return out
             if self._trusted is None:
                 refusal = self._budget.admit(
                     report.observer_key, len(line) + 1, trio.current_time()
                 )
                 if refusal is not None:
-                    self._rejected[refusal.reason] += 1
-                    retry = str(max(1, math.ceil(refusal.retry_after_s))).encode("ascii")
+                    out.left = len(reports) - i
+                    wait = refusal.retry_after_s
+                    if refusal.reason == "key_rate":
+                        # Room for the rest (up to a burst) at once, not for one at a time:
+                        # the sender retries the whole POST, and each try spends an attempt.
+                        caps = self._limits.keys
+                        wait += (min(out.left, caps.burst) - 1) / caps.rate_per_s
+                    out.refusal = (refusal.reason, 429, wait)
+                    return out
+            size += len(line) + 1
+            fresh.add(report.report_id)
+            out.lines.append(line)
+            out.ids.append(report.report_id)
+        return out
+
+    async def _write_admitted(self, admitted: _Admitted) -> bool:
+        """Write the admitted lines with one fsync; False (counted, logged) if it failed."""
+        if not admitted.lines:
+            return True
+        try:
+            await trio.to_thread.run_sync(self._sink.write_many, admitted.lines)
+        except OSError as exc:
+            self._rejected["write_failed"] += 1
+            log.warning("cannot write a verified report: %s", exc.strerror or exc)
+            return False
+        for report_id in admitted.ids:
+            self._seen.add(report_id)
+        self._accepted += len(admitted.ids)
+        return True
+
+    async def _accept(self, report: rpt.SignedReport, send: Send) -> None:
+        # One writer at a time: two concurrent deliveries of one id must write it once, and
+        # the caps below are checked and charged together with the write.
+        async with self._write_lock:
+            admitted = self._admit([report])
+            if admitted.duplicates:
+                self._duplicates += 1
+                await _answer(send, 200, "duplicate")
+                return
+            if admitted.refusal is not None:
+                reason, status, wait = admitted.refusal
+                self._rejected[reason] += 1
+                if status == 507:
+                    await _answer(send, 507, "the receiver's output is full")
+                else:
                     await _answer(
-                        send, 429, f"{refusal.reason}: slow down", [(b"retry-after", retry)]
+                        send, 429, f"{reason}: slow down", [(b"retry-after", _seconds(wait))]
                     )
-                    return
-            try:
-                await trio.to_thread.run_sync(self._sink.write, line)
-            except OSError as exc:
-                self._rejected["write_failed"] += 1
-                log.warning("cannot write a verified report: %s", exc.strerror or exc)
+                return
+            if not await self._write_admitted(admitted):
                 await _answer(send, 500, "cannot store the report")
                 return
-            self._seen.add(report.report_id)
-            self._accepted += 1
         await _answer(send, 204, "")
+
+    async def _accept_batch(self, reports: list[rpt.SignedReport], send: Send) -> None:
+        """Write each new report of a batch once; answer 200 ``{"accepted":N,"duplicates":M}``.
+
+        When a cap stops part of it, what fits is written and the answer is the cap's (429
+        with Retry-After, or 507) with the same counts: the sender sends the POST again, and
+        what was written is then a duplicate, which costs nothing.
+        """
+        async with self._write_lock:
+            admitted = self._admit(reports)
+            self._duplicates += admitted.duplicates
+            if not await self._write_admitted(admitted):
+                await _answer(send, 500, "cannot store the reports")
+                return
+        counts = {"accepted": len(admitted.ids), "duplicates": admitted.duplicates}
+        if admitted.refusal is None:
+            await _answer_json(send, 200, counts)
+            return
+        reason, status, wait = admitted.refusal
+        self._rejected[reason] += admitted.left
+        extra = [] if status == 507 else [(b"retry-after", _seconds(wait))]
+        await _answer_json(send, status, {**counts, "refused": reason}, extra)
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -775,6 +864,43 @@ def _bound(bind: str) -> tuple[str, int]:
     hostport = bind.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+@dataclass
+class _Admitted:
+    lines: list[bytes] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    #: (reason, status, retry-after seconds) of the cap that stopped it, and how many were left
+    refusal: tuple[str, int, float] | None = None
+    left: int = 0
+
+
+def _is_batch(body: bytes) -> bool:
+    """Whether a verified body is the batch form (verify_batch told the two apart already;
+    a single report's rendering has no "reports" key at its top level)."""
+    doc = json.loads(body)
+    return isinstance(doc, dict) and "reports" in doc and "cose" not in doc
+
+
+def _seconds(wait_s: float) -> bytes:
+    """A Retry-After: whole seconds, at least 1."""
+    return str(max(1, math.ceil(min(wait_s, 86_400.0)))).encode("ascii")
+
+
+async def _answer_json(
+    send: Send,
+    status: int,
+    doc: Mapping[str, object],
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await _answer(
+        send,
+        status,
+        json.dumps(doc, separators=(",", ":")),
+        extra,
+        content_type=b"application/json",
+    )
 
 
 def _reason(exc: Exception) -> tuple[str, int]:

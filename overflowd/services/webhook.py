@@ -1,8 +1,13 @@
 """Webhook delivery: the outbox worker that POSTs signed reports to receivers (trio + httpx).
 
 Reports to deliver are rows in the durable outbox (:mod:`overflowd.store.outbox`), put there by
-:func:`enqueue`. :class:`WebhookDelivery` claims due rows, signs fresh Standard Webhooks headers
-(``v1a``, the node key) over the report's JSON rendering, POSTs, and records the outcome:
+:func:`enqueue` (the daemon: :func:`outbox.enqueue_planned_in`, after its plan,
+:class:`overflowd.notify.WebhookBudget`). :class:`WebhookDelivery` claims the due rows of a URL
+together, up to ``max_batch_reports`` and ``max_batch_bytes``, signs fresh Standard Webhooks
+headers (``v1`` per endpoint secret, when configured, and ``v1a``, the node key) over one body
+(one report: its JSON rendering, ``webhook-id`` its id; several: ``{"reports": [...]}``,
+``webhook-id`` :func:`overflowd.receiver.batch_id`), POSTs, and records the outcome for every
+row the POST carried:
 
 =====================  ================================================================
 answer                 what happens
@@ -20,9 +25,13 @@ other error            by its type): one row never stops the service
 
 Backoff is exponential with jitter: attempt ``n`` waits a uniform random time in
 ``[d/2, d]`` where ``d = min(cap, base × 2^(n-1))``; after ``max_attempts`` the row is dead.
-Retries are also charged to per-URL and per-host token buckets (:class:`RetryLimits`); a
-retry over budget waits for its bucket without spending an attempt. First attempts are not:
-the node's send budget admitted them.
+Every POST is charged to its URL's POST budget (``endpoint_posts_per_s``, burst
+``endpoint_posts_burst``): a URL out of tokens is not claimed, so its rows wait in the outbox
+and go together in its next POST (batching), and a URL has one POST in flight at a time. POSTs
+carrying retries are also charged to per-URL and per-host token buckets (:class:`RetryLimits`);
+over budget, the rows wait for the bucket without spending an attempt. A receiver that answers
+a batch with a 4xx (built for the single form) gets its rows back unsent and one report per
+POST from then on. A failing endpoint is logged once per FAILING_LOG_INTERVAL_S.
 
 Deliveries run in a pool of ``max_concurrency`` slots, each refilled as soon as it frees, and
 one server (host name and port) gets at most ``max_concurrency_per_host`` of them, so an
@@ -35,9 +44,9 @@ read, all within one deadline for the whole attempt. Due times are wall-clock, l
 :func:`enqueue`'s, and re-based when the wall clock steps (:func:`outbox.rebase_clock`).
 
 Exactly once at the receiver: a crash between sending and marking a row only means the row is
-sent again when its lease runs out, with the same ``webhook-id`` (the report id), which the
-receiver de-duplicates. This module never logs report bodies, and maps httpx's exceptions to
-outcomes here, at the one boundary that talks HTTP.
+sent again when its lease runs out, with the same report id, which the receiver
+de-duplicates (per report, in a batch too). This module never logs report bodies or
+secrets, and maps httpx's exceptions to outcomes here, at the one boundary that talks HTTP.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -71,8 +80,8 @@ from overflowd.errors import (
     StoreError,
 )
 from overflowd.identity import NodeIdentity
-from overflowd.notify import WebhookSettings
-from overflowd.receiver import encode_body
+from overflowd.notify import WebhookBudget, WebhookSettings
+from overflowd.receiver import BATCH_PREFIX, BATCH_SUFFIX, batch_id, encode_body
 from overflowd.store import outbox
 from overflowd.store.repository import Store
 from overflowd.wire import webhook as wh
@@ -111,6 +120,9 @@ MAX_HELD_URLS = 10_000
 #: enough that a quick host's other URLs hardly wait; a host with many URLs costs at most one
 #: claim and release per row per this long, never a request.
 HOST_BUSY_RELEASE_S = 1 * SECONDS
+#: One WARNING per failing endpoint (URL) per this long, saying how many failed POSTs since
+#: the last: an operator hears of a broken receiver without a line per retry.
+FAILING_LOG_INTERVAL_S = 300 * SECONDS
 #: Kinds of unexpected error counted by name; more kinds than this are counted as "other"
 #: (the names come from our code, so this only bounds a pathological case).
 MAX_ERROR_KINDS = 32
@@ -203,6 +215,19 @@ class _Buckets:
     def __len__(self) -> int:
         return len(self._tat)
 
+    def spent(self, now: float) -> list[str]:
+        """Keys without a token at ``now`` (at most ``max_keys``: the table's size)."""
+        now = self._tick(now)
+        edge = now + self._tolerance_s
+        return [key for key, tat in self._tat.items() if tat > edge]
+
+    def next_token_s(self, now: float) -> float | None:
+        """Seconds until the first spent key has a token again; None if none is spent."""
+        now = self._tick(now)
+        waits = [tat - self._tolerance_s - now for tat in self._tat.values()]
+        ahead = [w for w in waits if w > 0]
+        return min(ahead) if ahead else None
+
     def _make_room(self, now: float) -> None:
         for key in [k for k, t in self._tat.items() if t <= now]:
             del self._tat[key]
@@ -275,6 +300,14 @@ class _LogLimiter:
 @functools.lru_cache(maxsize=1024)
 def _network(prefix: str) -> ssrf.Network:
     return ipaddress.ip_network(prefix, strict=False)
+
+
+def sign_headers(
+    msg_id: str, timestamp: int, body: bytes, signer: wh.Signer, secrets: Sequence[bytes]
+) -> dict[str, str]:
+    """The Standard Webhooks headers of one POST: ``v1`` for each endpoint secret (when
+    configured), then ``v1a`` with the node key."""
+    return wh.sign(msg_id, timestamp, body, signer, secrets=tuple(secrets))
 
 
 def webhook_targets(report: rpt.SignedReport, mapping: Sequence[tuple[str, str]]) -> list[str]:
@@ -375,8 +408,18 @@ class WebhookStatistics:
     #: wall-clock steps seen (beyond CLOCK_STEP_TOLERANCE_S) and rows/holds re-based
     clock_steps: int
     rebased: int
-    #: unexpected exceptions at the per-row boundary, by type name (each a failed attempt)
+    #: unexpected exceptions at the per-POST boundary, by type name (each a failed attempt)
     unexpected_errors: Mapping[str, int]
+    #: POSTs sent (one carries one report, or several: {"reports": [...]})
+    posts: int = 0
+    #: reports carried in POSTs of more than one report
+    batched_reports: int = 0
+    #: batches a receiver refused with a 4xx: its URL then gets one report per POST
+    batches_refused: int = 0
+    #: deliveries the node's plan did not enqueue, by reason (notify.WEBHOOK_DROP_REASONS)
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    #: deliveries whose first attempt the prefix budget deferred (enqueued, sent later)
+    deferred: int = 0
 
 
 @dataclass
@@ -399,6 +442,9 @@ class _Counters:
     host_busy: int = 0
     clock_steps: int = 0
     rebased: int = 0
+    posts: int = 0
+    batched_reports: int = 0
+    batches_refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +453,8 @@ class _Attempt:
     status: int | None = None
     error: str = ""
     retry_after_s: float | None = None
+    #: not sent: the URL or its addresses are refused (SSRF policy), counted per row
+    refused: bool = False
 
 
 ClientFactory = Callable[[WebhookSettings], httpx.AsyncClient]
@@ -500,7 +548,8 @@ class WebhookDelivery:
     gives Unix seconds for the outbox's wall-clock times and the signature timestamp;
     ``monotonic`` gives seconds that never step (retry budgets, endpoint holds, detecting
     steps of ``clock``; default ``trio.current_time``); ``rng`` the backoff jitter;
-    ``retry_limits`` the retry budgets.
+    ``retry_limits`` the retry budgets; ``planner`` the enqueue-time webhook budget whose
+    drops and deferrals :meth:`statistics` reports (the node's; a new one if not given).
 
     Due times in the outbox are wall-clock milliseconds, like :func:`enqueue`'s, so that every
     worker and restart reads them alike. A clock stepped back would leave them far in the
@@ -520,6 +569,7 @@ class WebhookDelivery:
         monotonic: Callable[[], float] = trio.current_time,
         rng: random.Random | None = None,
         retry_limits: RetryLimits | None = None,
+        planner: WebhookBudget | None = None,
     ) -> None:
         self._store = store
         self._identity = identity
@@ -539,9 +589,21 @@ class WebhookDelivery:
                 per_host_burst=settings.retry_per_host_burst,
             )
         self._budget = RetryBudget(retry_limits)
+        #: the node's enqueue-time plan: de-duplication and the per-prefix deferral
+        self.planner = planner or WebhookBudget(settings)
+        #: POSTs per URL at delivery (endpoint_posts_per_s, burst endpoint_posts_burst)
+        self._posts = _Buckets(
+            settings.endpoint_posts_per_s, settings.endpoint_posts_burst, retry_limits.max_tracked
+        )
+        #: v1 (HMAC) keys per URL, from [[webhook.endpoints]] secrets; DNS URLs have none
+        self._secrets = settings.secrets()
+        #: URLs whose receiver refused a batch with a 4xx: one report per POST from then on
+        self._singles: dict[str, None] = {}
         self._counters = _Counters()
         self._unexpected: dict[str, int] = {}
         self._log_limiter = _LogLimiter(UNEXPECTED_LOG_INTERVAL_S, monotonic, MAX_ERROR_KINDS)
+        self._failing = _LogLimiter(FAILING_LOG_INTERVAL_S, monotonic, MAX_HELD_URLS)
+        self._outbox_full = _LogLimiter(FAILING_LOG_INTERVAL_S, monotonic, MAX_HELD_URLS)
         self._wake = trio.Event()
         #: delivery tasks running (a slot each, up to max_concurrency), and per host name the
         #: URLs they deliver to, with how many each (max_concurrency_per_host per host)
@@ -563,8 +625,23 @@ class WebhookDelivery:
         )
 
     def statistics(self) -> WebhookStatistics:
+        plan = self.planner.statistics()
         return WebhookStatistics(
-            **vars(self._counters), unexpected_errors=MappingProxyType(dict(self._unexpected))
+            **vars(self._counters),
+            unexpected_errors=MappingProxyType(dict(self._unexpected)),
+            dropped=plan.dropped,
+            deferred=plan.deferred,
+        )
+
+    def warn_outbox_full(self, url: str, n: int, per_url: int, total: int) -> None:
+        """One line per URL per FAILING_LOG_INTERVAL_S for deliveries shed at a full outbox."""
+        self._outbox_full.warning(
+            url,
+            "webhook.outbox_full url=%s shed=%d (max_pending_per_url=%d, max_pending=%d)",
+            url[:200],
+            n,
+            per_url,
+            total,
         )
 
     def wake(self) -> None:
@@ -656,86 +733,104 @@ class WebhookDelivery:
                 # Due but not claimed: the rows of busy hosts, or no slot free. A finishing
                 # delivery wakes us; no need to look again every 20 ms meanwhile.
                 wait = self._settings.poll_interval_s
+            token_s = self._posts.next_token_s(self._monotonic())
+            if wait < 0.02 and token_s is not None:
+                # Due but their URL's POST budget is spent: they go when it has a token
+                # (with whatever else came due by then: the batching).
+                wait = min(self._settings.poll_interval_s, token_s)
         # A pending row may be due yet held (endpoint slowed down): never spin faster than 20 ms.
         with trio.move_on_after(max(wait, 0.02)):
             await self._wake.wait()
         self._wake = trio.Event()
 
-    def _busy_urls(self) -> list[str]:
-        """URLs of the hosts with max_concurrency_per_host deliveries in flight (at most
-        outbox.MAX_SKIP_URLS: rows of the others are claimed and given back, as correct)."""
-        busy = [
-            url
-            for urls in self._busy.values()
-            if sum(urls.values()) >= self._per_host
-            for url in urls
-        ]
-        return busy[: outbox.MAX_SKIP_URLS]
+    def _skip_urls(self) -> list[str]:
+        """URLs not to claim now: those with a POST in flight (one at a time per URL: what
+        comes due meanwhile goes in its next POST), those of hosts with
+        max_concurrency_per_host in flight, and those whose POST budget is spent (their rows
+        wait and are batched). At most outbox.MAX_SKIP_URLS: rows of the others are claimed
+        and given back, as correct, only dearer."""
+        skip: dict[str, None] = {}
+        for urls in self._busy.values():
+            skip.update(dict.fromkeys(urls))
+        mono = self._monotonic()
+        for url in self._posts.spent(mono):
+            skip[url] = None
+        return list(skip)[: outbox.MAX_SKIP_URLS]
 
     async def _pass(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> int:
-        """Fill the free delivery slots with due rows; return how many rows were claimed.
+        """Fill the free delivery slots with due POSTs; return how many rows were claimed.
 
-        A worker pool, not a batch: each delivery runs in ``nursery`` in a slot of its own and
-        frees it when done (waking the service to claim again), so a slow endpoint holds up
-        only its own slots. A host has at most max_concurrency_per_host of them: its busy URLs
-        are not claimed, and a row for another of its URLs is given back (HOST_BUSY_RELEASE_S).
+        A worker pool: each POST (all due rows of one URL, up to max_batch_reports) runs in
+        ``nursery`` in a slot of its own and frees it when done (waking the service to claim
+        again), so a slow endpoint holds up only its own slots. A host has at most
+        max_concurrency_per_host of them; a URL one POST at a time, and at most
+        ``endpoint_posts_per_s`` (burst ``endpoint_posts_burst``).
         """
         s = self._settings
         total = 0
         while self._active < s.max_concurrency:
             if len(self._deferred) > MAX_HELD_URLS:
                 self._deferred.clear()
-            claimed = await trio.to_thread.run_sync(
+            batches = await trio.to_thread.run_sync(
                 functools.partial(
-                    outbox.claim_due,
+                    outbox.claim_batches,
                     self._store,
                     now_ms=self._now_ms(),
                     lease_ms=int(s.lease_s * 1000),
-                    limit=min(s.max_concurrency - self._active, s.batch_size),
-                    skip_urls=self._busy_urls(),
+                    max_urls=min(s.max_concurrency - self._active, s.batch_size),
+                    max_reports=s.max_batch_reports,
+                    skip_urls=self._skip_urls(),
                 )
             )
-            self._counters.claimed += len(claimed)
-            total += len(claimed)
-            if not claimed:
+            claimed = sum(len(b) for b in batches)
+            self._counters.claimed += claimed
+            total += claimed
+            if not batches:
                 break
-            for entry in claimed:
-                host = _server_key(entry.url)
+            for batch in batches:
+                url = batch[0].url
+                host = _server_key(url)
                 urls = self._busy.get(host, {})
-                if sum(urls.values()) >= self._per_host:
-                    self._counters.host_busy += 1
-                    await self._release(entry, HOST_BUSY_RELEASE_S)
+                if sum(urls.values()) >= self._per_host or url in urls:
+                    self._counters.host_busy += len(batch)
+                    await self._release_all(batch, HOST_BUSY_RELEASE_S)
                     continue
-                urls[entry.url] = urls.get(entry.url, 0) + 1
+                wait_s = self._posts.wait_s(url, self._monotonic())
+                if wait_s > 0:  # past the skip list's cap: back for when the bucket allows
+                    await self._release_all(batch, wait_s)
+                    continue
+                urls[url] = urls.get(url, 0) + 1
                 self._busy[host] = urls
                 self._active += 1
-                nursery.start_soon(self._deliver_one, client, entry, host)
+                nursery.start_soon(self._deliver_one, client, batch, host)
         return total
 
-    def _free_slot(self, entry: outbox.OutboxEntry, host: str) -> None:
+    def _free_slot(self, url: str, host: str) -> None:
         self._active -= 1
         urls = self._busy[host]
-        urls[entry.url] -= 1
-        if not urls[entry.url]:
-            del urls[entry.url]
+        urls[url] -= 1
+        if not urls[url]:
+            del urls[url]
         if not urls:
             del self._busy[host]
         self.wake()
 
     async def _deliver_one(
-        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, host: str
+        self, client: httpx.AsyncClient, batch: list[outbox.OutboxEntry], host: str
     ) -> None:
-        """One delivery slot, and the per-row boundary: whatever goes wrong with one row is a
-        counted, failed attempt of that row, never the end of the service (Cancelled still
+        """One delivery slot, and the per-POST boundary: whatever goes wrong with one POST is
+        a counted, failed attempt of its rows, never the end of the service (Cancelled still
         passes). The slot is freed however it ends."""
         try:
-            await self._deliver_guarded(client, entry)
+            await self._deliver_guarded(client, batch)
         finally:
-            self._free_slot(entry, host)
+            self._free_slot(batch[0].url, host)
 
-    async def _deliver_guarded(self, client: httpx.AsyncClient, entry: outbox.OutboxEntry) -> None:
+    async def _deliver_guarded(
+        self, client: httpx.AsyncClient, batch: list[outbox.OutboxEntry]
+    ) -> None:
         try:
-            await self._deliver(client, entry)
+            await self._deliver(client, batch)
         except Exception as exc:
             kind = type(exc).__name__
             if kind not in self._unexpected and len(self._unexpected) >= MAX_ERROR_KINDS:
@@ -743,83 +838,188 @@ class WebhookDelivery:
             self._unexpected[kind] = self._unexpected.get(kind, 0) + 1
             self._log_limiter.warning(
                 kind,
-                "webhook delivery: unexpected %s delivering row %d: %s",
+                "webhook delivery: unexpected %s delivering %d rows from row %d: %s",
                 type(exc).__name__,
-                entry.id,
+                len(batch),
+                batch[0].id,
                 str(exc)[:200],
             )
             attempt = _Attempt(RETRY, error=f"internal error: {type(exc).__name__}")
             now_ms = self._now_ms()
             try:
-                retry_at_ms = self._retry_at_ms(entry, attempt, now_ms)
+                retry_at_ms = self._retry_at_ms(batch[0], attempt, now_ms)
             except Exception:  # the boundary itself must not fail: the longest backoff
                 retry_at_ms = now_ms + int(self._settings.backoff_cap_s * 1000)
-            # A row already finished (the error came later) is left as it is: _finish only
+            # Rows already finished (the error came later) are left as they are: _finish only
             # changes pending rows.
             await self._store_call(
-                functools.partial(self._record, entry, attempt, now_ms, retry_at_ms)
+                functools.partial(self._record, batch, attempt, now_ms, retry_at_ms)
             )
 
-    async def _deliver(self, client: httpx.AsyncClient, entry: outbox.OutboxEntry) -> None:
-        held_until = self._held.get(entry.url, -math.inf)
+    async def _deliver(self, client: httpx.AsyncClient, batch: list[outbox.OutboxEntry]) -> None:
+        url = batch[0].url
+        held_until = self._held.get(url, -math.inf)
         wait_s = held_until - self._monotonic()
         if wait_s > 0:
-            # Claimed before the "slow down" of a row in flight reached the store: do not send,
-            # give it back for when the endpoint wants to hear from us again.
-            self._counters.postponed += 1
-            await self._release(entry, wait_s)
+            # Claimed before the "slow down" of a POST in flight reached the store: do not
+            # send, give them back for when the endpoint wants to hear from us again.
+            self._counters.postponed += len(batch)
+            await self._release_all(batch, wait_s)
             return
-        # First attempts are not charged: the node's send budget admitted them
-        # (notify.Budget), and max_concurrency_per_host bounds what one host holds.
-        if entry.attempts > 1 and await self._over_retry_budget(entry):
+        # Only retries are charged to the retry budgets, once per POST that carries any: the
+        # POST budget bounds every POST, first attempts included.
+        if any(e.attempts > 1 for e in batch) and await self._over_retry_budget(batch):
             return
-        self._counters.in_flight += 1
+        body = await self._body(batch)
+        if body is None:
+            return
+        sent, msg_id, content = body
+        self._posts.take(url, self._monotonic())
+        self._counters.in_flight += len(sent)
         try:
-            attempt = await self._attempt(client, entry)
+            attempt = await self._attempt(client, url, msg_id, content)
         finally:
-            self._counters.in_flight -= 1
+            self._counters.in_flight -= len(sent)
+        if attempt.refused:
+            self._counters.refused += len(sent)
+        else:
+            self._counters.posts += 1
+        if len(sent) > 1:
+            self._counters.batched_reports += len(sent)
+            if attempt.outcome == DEAD and attempt.status is not None and url not in self._singles:
+                # A receiver that knows only the single form (4xx to the batch): its rows go
+                # back unsent and are sent one per POST from now on (bounded memory).
+                self._batch_refused(url)
+                await self._release_all(sent, 0.0)
+                return
         now_ms = self._now_ms()
-        retry_at_ms = self._retry_at_ms(entry, attempt, now_ms)
+        retry_at_ms = self._retry_at_ms(sent[0], attempt, now_ms)
         if attempt.outcome == SLOW_DOWN:
             # Before the slot is freed and the next row claimed, so that it sees the hold.
             mono = self._monotonic()
-            for url in [u for u, t in self._held.items() if t <= mono]:
-                del self._held[url]
-            if entry.url not in self._held and len(self._held) >= MAX_HELD_URLS:
+            for held in [u for u, t in self._held.items() if t <= mono]:
+                del self._held[held]
+            if url not in self._held and len(self._held) >= MAX_HELD_URLS:
                 del self._held[min(self._held, key=self._held.__getitem__)]
             until = mono + (retry_at_ms - now_ms) / 1000
-            self._held[entry.url] = max(self._held.get(entry.url, -math.inf), until)
-        await self._store_call(functools.partial(self._record, entry, attempt, now_ms, retry_at_ms))
+            self._held[url] = max(self._held.get(url, -math.inf), until)
+        if attempt.outcome != DELIVERED:
+            self._failing.warning(
+                url,
+                "webhook.endpoint_failing url=%s reports=%d outcome=%s error=%s",
+                url[:200],
+                len(sent),
+                attempt.outcome,
+                attempt.error[:200],
+            )
+        await self._store_call(functools.partial(self._record, sent, attempt, now_ms, retry_at_ms))
 
-    async def _over_retry_budget(self, entry: outbox.OutboxEntry) -> bool:
-        """Charge a retry to its URL and host; if either is spent, give the row back for when
-        the bucket has refilled (later rows, until the service idles, one interval later each)."""
+    def _batch_refused(self, url: str) -> None:
+        self._counters.batches_refused += 1
+        if url not in self._singles and len(self._singles) >= MAX_HELD_URLS:
+            self._singles.pop(next(iter(self._singles)))
+        self._singles[url] = None
+        log.warning(
+            "webhook.batch_refused url=%s (sending it one report per POST from now on)",
+            url[:200],
+        )
+
+    async def _body(
+        self, batch: list[outbox.OutboxEntry]
+    ) -> tuple[list[outbox.OutboxEntry], str, bytes] | None:
+        """The rows that go, the webhook-id and the body; rows that cannot go are recorded
+        (dead: not our report, or it does not decode) or given back (over the body cap, or
+        the endpoint takes one report per POST), and None if none is left."""
+        s = self._settings
+        url = batch[0].url
+        limit = 1 if url in self._singles else s.max_batch_reports
+        reports: list[rpt.SignedReport] = []
+        parts: list[bytes] = []
+        size = len(BATCH_PREFIX) + len(BATCH_SUFFIX)
+        sent: list[outbox.OutboxEntry] = []
+        rest: list[outbox.OutboxEntry] = []
+        for i, entry in enumerate(batch):
+            if len(sent) >= limit:
+                rest = batch[i:]
+                break
+            report, error = self._own_report(entry)
+            if report is None:
+                await self._store_call(
+                    functools.partial(
+                        self._record, [entry], _Attempt(DEAD, error=error), self._now_ms(), 0
+                    )
+                )
+                continue
+            part = encode_body(report)
+            if sent and size + len(part) + 1 > s.max_batch_bytes:
+                rest = batch[i:]
+                break
+            size += len(part) + (1 if parts else 0)
+            reports.append(report)
+            parts.append(part)
+            sent.append(entry)
+        if rest:
+            await self._release_all(rest, 0.0, uncount=True)
+        if not sent:
+            return None
+        if len(sent) == 1:
+            return sent, reports[0].report_id, parts[0]
+        content = BATCH_PREFIX + b",".join(parts) + BATCH_SUFFIX
+        return sent, batch_id([r.report_id for r in reports]), content
+
+    def _own_report(self, entry: outbox.OutboxEntry) -> tuple[rpt.SignedReport | None, str]:
+        try:
+            unverified = rpt.decode_unverified(entry.cose)
+        except ReportDecodeError as exc:
+            return None, f"stored report does not decode: {exc}"
+        if unverified.kid != self._public_key:
+            # The receiver checks the webhook key against the report's kid: only our own
+            # reports can be delivered under our signature.
+            return None, "report not signed by this node's key"
+        return (
+            rpt.SignedReport(
+                cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
+            ),
+            "",
+        )
+
+    async def _over_retry_budget(self, batch: list[outbox.OutboxEntry]) -> bool:
+        """Charge a retry to its URL and host; if either is spent, give the rows back for when
+        the bucket has refilled (later POSTs, until the service idles, one interval later each)."""
+        url = batch[0].url
         deferred = self._deferred
-        spent = self._budget.charge(entry.url, _host_key(entry.url), self._monotonic())
+        spent = self._budget.charge(url, _host_key(url), self._monotonic())
         if spent is None:
             return False
         which, wait_s, interval_s = spent
-        key = f"{which} {entry.url if which == 'url' else _host_key(entry.url)}"
+        key = f"{which} {url if which == 'url' else _host_key(url)}"
         queued = deferred.get(key, 0)
         deferred[key] = queued + 1
         if which == "url":
             self._counters.retry_budget_url += 1
         else:
             self._counters.retry_budget_host += 1
-        await self._release(entry, min(wait_s + queued * interval_s, self._max_delay_s))
+        await self._release_all(batch, min(wait_s + queued * interval_s, self._max_delay_s))
         return True
 
-    async def _release(self, entry: outbox.OutboxEntry, wait_s: float) -> None:
+    async def _release_all(
+        self, batch: Sequence[outbox.OutboxEntry], wait_s: float, *, uncount: bool = False
+    ) -> None:
+        """Give claimed rows back unsent (their claim's attempt not counted), due in
+        ``wait_s``. ``uncount``: they were counted claimed but never offered for sending."""
+        if uncount:
+            self._counters.claimed -= len(batch)
         now_ms = self._now_ms()
+        due_ms = now_ms + math.ceil(wait_s * 1000)
+        ids = [e.id for e in batch]
         await self._store_call(
             functools.partial(
-                outbox.release,
-                self._store,
-                entry.id,
-                now_ms=now_ms,
-                next_attempt_ms=now_ms + math.ceil(wait_s * 1000),
+                outbox.release_many, self._store, ids, now_ms=now_ms, next_attempt_ms=due_ms
             )
         )
+
+    async def _release(self, entry: outbox.OutboxEntry, wait_s: float) -> None:
+        await self._release_all([entry], wait_s)
 
     def _retry_at_ms(self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int) -> int:
         """When to try again: jittered backoff, at least what Retry-After asked (capped)."""
@@ -832,8 +1032,8 @@ class WebhookDelivery:
         return now_ms + int(delay * 1000)
 
     async def _store_call(self, call: Callable[[], object]) -> None:
-        """Write an outcome. If the database fails, the row stays leased and is sent again
-        when its lease runs out (the receiver de-duplicates), so only log it."""
+        """Write an outcome. If the database fails, the rows stay leased and are sent again
+        when their lease runs out (the receiver de-duplicates), so only log it."""
         try:
             await trio.to_thread.run_sync(call)
         except StoreError as exc:
@@ -841,16 +1041,30 @@ class WebhookDelivery:
             log.warning("webhook delivery: cannot record an outcome: %s", exc)
 
     def _record(
-        self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
+        self, batch: list[outbox.OutboxEntry], attempt: _Attempt, now_ms: int, until_ms: int
     ) -> None:
-        """Write the outcome of one attempt (blocking; runs in a thread).
+        """Write the outcome of one POST for every row it carried (blocking; in a thread).
 
-        ``now_ms`` is the time ``until_ms`` was computed from, written as the row's
+        ``now_ms`` is the time ``until_ms`` was computed from, written as the rows'
         ``updated_ms``: the pair keeps the delay even if the clock steps meanwhile, which is
         what :func:`outbox.rebase_clock` relies on.
         """
         with self._record_lock:  # counters are shared with other threads doing the same
-            self._record_locked(entry, attempt, now_ms, until_ms)
+            if attempt.outcome == DELIVERED:
+                # One transaction for the POST; counted once written: whoever sees the
+                # counter then finds the rows delivered.
+                ids = [e.id for e in batch]
+                status = attempt.status or 0
+                outbox.mark_delivered_many(self._store, ids, now_ms=now_ms, status=status)
+                self._counters.delivered += len(batch)
+                return
+            if attempt.outcome == GONE:
+                url = batch[0].url
+                self._counters.gone += 1
+                outbox.disable_endpoint(self._store, url, now_ms=now_ms, reason=attempt.error)
+                log.warning("webhook endpoint disabled: %s answered 410 Gone", url)
+            for entry in batch:
+                self._record_locked(entry, attempt, now_ms, until_ms)
 
     def _record_locked(
         self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
@@ -863,13 +1077,11 @@ class WebhookDelivery:
             c.delivered += 1
             return
         if outcome == GONE:
-            c.gone += 1
+            # disable_endpoint (in _record) made the pending rows dead; this one too.
             c.dead += 1
             outbox.mark_dead(
                 self._store, entry.id, now_ms=now_ms, error=attempt.error, status=attempt.status
             )
-            outbox.disable_endpoint(self._store, entry.url, now_ms=now_ms, reason=attempt.error)
-            log.warning("webhook endpoint disabled: %s answered 410 Gone", entry.url)
             return
         if outcome in (RETRY, SLOW_DOWN) and entry.attempts < s.max_attempts:
             if outcome == SLOW_DOWN:
@@ -891,7 +1103,9 @@ class WebhookDelivery:
             error = f"gave up after {entry.attempts} attempts: {error}"
         outbox.mark_dead(self._store, entry.id, now_ms=now_ms, error=error, status=attempt.status)
 
-    async def _attempt(self, client: httpx.AsyncClient, entry: outbox.OutboxEntry) -> _Attempt:
+    async def _attempt(
+        self, client: httpx.AsyncClient, url: str, msg_id: str, body: bytes
+    ) -> _Attempt:
         """One POST; every failure becomes an outcome, never an exception (but Cancelled).
 
         One deadline, ``total_timeout_s``, covers the whole attempt: resolving, connecting,
@@ -899,55 +1113,43 @@ class WebhookDelivery:
         """
         s = self._settings
         try:
-            unverified = rpt.decode_unverified(entry.cose)
-        except ReportDecodeError as exc:
-            return _Attempt(DEAD, error=f"stored report does not decode: {exc}")
-        if unverified.kid != self._public_key:
-            # The receiver checks the webhook key against the report's kid: only our own
-            # reports can be delivered under our signature.
-            return _Attempt(DEAD, error="report not signed by this node's key")
-        report = rpt.SignedReport(
-            cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
-        )
-        try:
             with trio.fail_after(s.total_timeout_s):
-                return await self._send(client, entry, report)
+                return await self._send(client, url, msg_id, body)
         except trio.TooSlowError:
             self._counters.network_errors += 1
             return _Attempt(RETRY, error=f"no answer within {s.total_timeout_s:g} s")
 
     async def _send(
-        self, client: httpx.AsyncClient, entry: outbox.OutboxEntry, report: rpt.SignedReport
+        self, client: httpx.AsyncClient, url: str, msg_id: str, body: bytes
     ) -> _Attempt:
         s = self._settings
         try:
-            target = ssrf.parse_target(entry.url, require_https=s.require_https)
+            target = ssrf.parse_target(url, require_https=s.require_https)
             with trio.fail_after(s.connect_timeout_s):
                 addresses = await resolve(target.host, target.port)
             ssrf.check_addresses(addresses, self._allowed)
         except ssrf.AddressRefused as exc:
-            self._counters.refused += 1
-            return _Attempt(DEAD, error=str(exc))
+            return _Attempt(DEAD, error=str(exc), refused=True)
         except trio.TooSlowError:
             self._counters.network_errors += 1
-            return _Attempt(RETRY, error=f"resolving {entry.url} timed out")
+            return _Attempt(RETRY, error=f"resolving {url} timed out")
         except ResolveError as exc:
             self._counters.network_errors += 1
             return _Attempt(RETRY, error=str(exc))
         except DeliveryError as exc:
-            self._counters.refused += 1
-            return _Attempt(DEAD, error=str(exc))
+            return _Attempt(DEAD, error=str(exc), refused=True)
 
-        body = encode_body(report)
-        headers = wh.sign(report.report_id, int(self._clock()), body, self._signer)
+        headers = sign_headers(
+            msg_id, int(self._clock()), body, self._signer, self._secrets.get(url, ())
+        )
         # The body as it is: a Content-Encoding we would have to inflate is a bomb's fuse.
         headers["accept-encoding"] = "identity"
-        url, extensions = _pinned(entry.url, target, addresses[0])
-        if url != entry.url:
+        pinned, extensions = _pinned(url, target, addresses[0])
+        if pinned != url:
             headers["host"] = _host_header(target)
         try:
             request = client.build_request(
-                "POST", url, content=body, headers=headers, extensions=extensions
+                "POST", pinned, content=body, headers=headers, extensions=extensions
             )
             response = await client.send(request, stream=True)
             try:
@@ -960,8 +1162,7 @@ class WebhookDelivery:
             finally:
                 await response.aclose()
         except httpx.InvalidURL as exc:  # a URL httpx will never send: no retry helps
-            self._counters.refused += 1
-            return _Attempt(DEAD, error=f"invalid URL: {exc}"[:200])
+            return _Attempt(DEAD, error=f"invalid URL: {exc}"[:200], refused=True)
         except httpx.RemoteProtocolError as exc:  # not HTTP, or a head over the cap
             self._counters.bad_answers += 1
             return _Attempt(RETRY, error=f"bad answer: {exc}"[:200])
@@ -1028,6 +1229,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff-cap-s", type=float, default=WebhookSettings.backoff_cap_s)
     p.add_argument("--concurrency", type=int, default=WebhookSettings.max_concurrency)
     p.add_argument("--batch-size", type=int, default=WebhookSettings.batch_size)
+    p.add_argument(
+        "--max-batch-reports",
+        type=int,
+        default=WebhookSettings.max_batch_reports,
+        help="reports one POST carries at most",
+    )
     p.add_argument("--timeout-s", type=float, default=None, help="give up after this long")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -1056,6 +1263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backoff_cap_s=args.backoff_cap_s,
             max_concurrency=args.concurrency,
             batch_size=args.batch_size,
+            max_batch_reports=args.max_batch_reports,
             poll_interval_s=min(WebhookSettings.poll_interval_s, args.lease_s),
         )
         identity = load_identity(home)

@@ -1,6 +1,7 @@
 """The durable webhook outbox: deliveries waiting, done, and dead, in the report store.
 
-Each row is one report to one URL. The life of a row::
+Each row is one report to one URL; one POST may carry several rows of one URL
+(:func:`claim_batches`), and its outcome is written for each. The life of a row::
 
     enqueue ──▶ pending ──claim──▶ (in flight, leased) ──2xx──▶ delivered
                    ▲                     │
@@ -28,6 +29,7 @@ database errors leave as :class:`~overflowd.errors.StoreError` (via ``Store.tran
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -174,6 +176,114 @@ def enqueue_in(
     return len(list(conn.execute(stmt, rows).scalars()))
 
 
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One delivery the node's webhook plan chose: ``report`` to ``url``, first attempt at
+    ``due_ms`` (later than now when the prefix budget deferred it)."""
+
+    report: rpt.SignedReport
+    url: str
+    due_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    #: rows new in the outbox
+    new: int
+    #: deliveries shed because their URL had max_pending_per_url pending rows, or the outbox
+    #: max_pending in all (per URL, for the warning)
+    outbox_full: dict[str, int]
+
+
+def enqueue_planned_in(
+    conn: Connection,
+    store: Store,
+    planned: Sequence[Planned],
+    *,
+    now_ms: int,
+    max_pending_per_url: int,
+    max_pending: int,
+) -> EnqueueResult:
+    """Enqueue ``planned`` inside the caller's transaction, within the pending caps.
+
+    Pending rows are counted once per call (per URL among the ones named, and in all), then
+    the new rows are admitted in order while their URL and the total are under the caps; the
+    rest are shed and returned by URL (the caller counts ``outbox_full`` and warns). A row
+    already in the outbox (same report and URL) stays as it is and costs nothing.
+    """
+    if not planned:
+        return EnqueueResult(0, {})
+    for p in planned:
+        _checked([p.url])
+    o = _OUTBOX
+    urls = sorted({p.url for p in planned})
+    per_url = {
+        str(u): int(n)
+        for u, n in conn.execute(
+            select(o.c.url, func.count())
+            .where(o.c.state == PENDING, o.c.url.in_(urls))
+            .group_by(o.c.url)
+        )
+    }
+    total = int(conn.execute(select(func.count()).where(o.c.state == PENDING)).scalar() or 0)
+    # Rows already there (a report written twice) are not new and must not count twice.
+    existing = {
+        (str(r), str(u))
+        for r, u in conn.execute(
+            select(o.c.report_id, o.c.url).where(
+                o.c.report_id.in_(sorted({p.report.report_id for p in planned})),
+                o.c.url.in_(urls),
+            )
+        )
+    }
+    disabled = {
+        str(u)
+        for u in conn.execute(
+            select(_ENDPOINTS.c.url).where(
+                _ENDPOINTS.c.url.in_(urls), _ENDPOINTS.c.disabled_ms.is_not(None)
+            )
+        ).scalars()
+    }
+    rows: list[dict[str, object]] = []
+    full: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    for p in planned:
+        pair = (p.report.report_id, p.url)
+        if pair in existing or pair in seen:
+            continue
+        seen.add(pair)
+        dead = p.url in disabled
+        if not dead:
+            if per_url.get(p.url, 0) >= max_pending_per_url or total >= max_pending:
+                full[p.url] = full.get(p.url, 0) + 1
+                continue
+            per_url[p.url] = per_url.get(p.url, 0) + 1
+            total += 1
+        rows.append(
+            {
+                "report_id": p.report.report_id,
+                "url": p.url,
+                "cose": p.report.cose,
+                "state": DEAD if dead else PENDING,
+                "attempts": 0,
+                "next_attempt_ms": max(now_ms, p.due_ms),
+                "created_ms": now_ms,
+                "updated_ms": now_ms,
+                "last_status": None,
+                "last_error": "endpoint disabled (410 Gone)" if dead else None,
+            }
+        )
+    new = 0
+    if rows:
+        stmt = (
+            _insert(store, o)
+            .on_conflict_do_nothing(index_elements=[o.c.report_id, o.c.url])
+            .returning(o.c.id)
+        )
+        new = len(list(conn.execute(stmt, rows).scalars()))
+    return EnqueueResult(new, full)
+
+
 #: URLs one claim may be told to skip at most (the worker passes the URLs of its busy hosts,
 #: at most its max_concurrency of them); bounds the size of the NOT IN list.
 MAX_SKIP_URLS = 1024
@@ -241,6 +351,86 @@ def claim_due(
     ]
 
 
+#: Due rows read to find the URLs of one claim: max_urls times this many.
+URL_SCAN_FACTOR = 8
+
+
+def claim_batches(
+    store: Store,
+    *,
+    now_ms: int,
+    lease_ms: int,
+    max_urls: int,
+    max_reports: int,
+    skip_urls: Sequence[str] = (),
+) -> list[list[OutboxEntry]]:
+    """Lease the due rows of up to ``max_urls`` URLs, up to ``max_reports`` rows each.
+
+    One list per URL (the rows one POST carries), oldest first; the URLs whose oldest due row
+    is oldest come first. The same rows are skipped as by :func:`claim_due` (held, disabled,
+    ``skip_urls``: the worker's busy URLs and those out of POST budget). Each row's claim
+    counts an attempt and leases it, as in :func:`claim_due`; rows the worker then does not
+    send (over the body cap) go back with :func:`release`.
+    """
+    if max_urls < 1 or max_reports < 1 or lease_ms < 0:
+        raise ValueError("max_urls and max_reports must be at least 1, lease_ms not negative")
+    skip = sorted(set(skip_urls))
+    if len(skip) > MAX_SKIP_URLS:
+        raise ValueError(f"at most {MAX_SKIP_URLS} URLs can be skipped")
+    o, e = _OUTBOX, _ENDPOINTS
+    held_back = exists().where(
+        e.c.url == o.c.url, or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)
+    )
+    where = [o.c.state == PENDING, o.c.next_attempt_ms <= now_ms, ~held_back]
+    if skip:
+        where.append(o.c.url.not_in(skip))
+    # The URLs of the oldest due rows, read along the (state, next_attempt_ms) index with a
+    # LIMIT: a GROUP BY would read every due row at every claim (measured: 20 ms a claim with
+    # 2 000 pending). Fewer URLs than max_urls when old rows crowd one URL: the next claim
+    # tops up (that URL is then in flight and skipped).
+    urls_stmt = (
+        select(o.c.url)
+        .where(*where)
+        .order_by(o.c.next_attempt_ms, o.c.id)
+        .limit(max_urls * URL_SCAN_FACTOR)
+    )
+    out: list[list[OutboxEntry]] = []
+    with store.transaction("claiming webhooks", write=True) as conn:
+        urls = list(dict.fromkeys(str(u) for u in conn.execute(urls_stmt).scalars()))
+        for url in urls[:max_urls]:
+            rows_stmt = (
+                select(o)
+                .where(*where, o.c.url == url)
+                .order_by(o.c.next_attempt_ms, o.c.id)
+                .limit(max_reports)
+                .with_for_update(skip_locked=True, of=o)
+            )
+            claimed = [_entry(row) for row in conn.execute(rows_stmt)]
+            if not claimed:
+                continue  # another worker holds them (PostgreSQL, SKIP LOCKED)
+            conn.execute(
+                update(o)
+                .where(o.c.id.in_([c.id for c in claimed]))
+                .values(
+                    attempts=o.c.attempts + 1,
+                    next_attempt_ms=now_ms + lease_ms,
+                    updated_ms=now_ms,
+                )
+            )
+            out.append(
+                [
+                    dataclasses.replace(
+                        c,
+                        attempts=c.attempts + 1,
+                        next_attempt_ms=now_ms + lease_ms,
+                        updated_ms=now_ms,
+                    )
+                    for c in claimed
+                ]
+            )
+    return out
+
+
 def _finish(
     store: Store,
     entry_id: int,
@@ -267,6 +457,20 @@ def _finish(
 
 def mark_delivered(store: Store, entry_id: int, *, now_ms: int, status: int) -> bool:
     return _finish(store, entry_id, state=DELIVERED, now_ms=now_ms, status=status)
+
+
+def mark_delivered_many(store: Store, entry_ids: Sequence[int], *, now_ms: int, status: int) -> int:
+    """:func:`mark_delivered` for every row one POST carried, in one transaction."""
+    if not entry_ids:
+        return 0
+    o = _OUTBOX
+    stmt = (
+        update(o)
+        .where(o.c.id.in_(list(entry_ids)), o.c.state == PENDING)
+        .values(state=DELIVERED, updated_ms=now_ms, last_status=status, last_error=None)
+    )
+    with store.transaction("updating webhook deliveries", write=True) as conn:
+        return int(conn.execute(stmt).rowcount)
 
 
 def mark_dead(
@@ -306,6 +510,22 @@ def release(store: Store, entry_id: int, *, now_ms: int, next_attempt_ms: int) -
     )
     with store.transaction("releasing a webhook delivery", write=True) as conn:
         return bool(conn.execute(stmt).rowcount)
+
+
+def release_many(
+    store: Store, entry_ids: Sequence[int], *, now_ms: int, next_attempt_ms: int
+) -> int:
+    """:func:`release` for the rows of one POST at once (one transaction); returns how many."""
+    if not entry_ids:
+        return 0
+    o = _OUTBOX
+    stmt = (
+        update(o)
+        .where(o.c.id.in_(list(entry_ids)), o.c.state == PENDING, o.c.attempts > 0)
+        .values(attempts=o.c.attempts - 1, next_attempt_ms=next_attempt_ms, updated_ms=now_ms)
+    )
+    with store.transaction("releasing webhook deliveries", write=True) as conn:
+        return int(conn.execute(stmt).rowcount)
 
 
 def rebase_clock(store: Store, *, now_ms: int, max_delay_ms: int, tolerance_ms: int = 0) -> int:
@@ -487,21 +707,27 @@ __all__ = [
     "PENDING",
     "STATES",
     "Endpoint",
+    "EnqueueResult",
     "OutboxEntry",
+    "Planned",
+    "claim_batches",
     "claim_due",
     "counts",
     "disable_endpoint",
     "enable_endpoint",
     "endpoints",
     "enqueue",
+    "enqueue_planned_in",
     "entries",
     "hold_endpoint",
     "mark_dead",
     "mark_delivered",
+    "mark_delivered_many",
     "next_due_ms",
     "pending_urls",
     "prune_delivered",
     "rebase_clock",
     "release",
+    "release_many",
     "reschedule",
 ]

@@ -1,4 +1,5 @@
-"""Any headers and body given to verify_delivery verify or raise our errors, never anything else.
+"""Any headers and body given to verify_delivery or verify_batch verify or raise our errors,
+never anything else.
 
 Also: a valid delivery truncated at every offset, or with any one byte changed, never verifies
 as a different report.
@@ -17,7 +18,13 @@ from hypothesis import strategies as st
 from overflowd import report as rpt
 from overflowd.errors import DecodeError, SignatureError
 from overflowd.identity import NodeIdentity
-from overflowd.receiver import encode_body, verify_delivery
+from overflowd.receiver import (
+    batch_id,
+    encode_batch_body,
+    encode_body,
+    verify_batch,
+    verify_delivery,
+)
 from overflowd.wire import webhook as wh
 from tests.support.reports import make_payload
 
@@ -175,3 +182,79 @@ def test_every_truncation_and_every_byte_flip() -> None:
 def test_real_clock_sanity() -> None:
     headers = wh.sign(REPORT.report_id, int(time.time()), BODY, IDENTITY.sign)
     assert verify_delivery(headers, BODY, now=time.time()) == REPORT
+
+
+# -- the batch form (#9): verify_batch, {"reports": [...]} ---------------------------------------
+
+BATCH = [IDENTITY.sign_report(make_payload(packets=1000 + i)) for i in range(3)]
+BATCH_BODY = encode_batch_body(BATCH)
+BATCH_ID = batch_id([r.report_id for r in BATCH])
+BATCH_HEADERS = wh.sign(BATCH_ID, NOW, BATCH_BODY, IDENTITY.sign)
+
+
+def check_batch(headers: object, body: bytes, now: float = NOW) -> list[rpt.SignedReport] | None:
+    try:
+        return verify_batch(headers, body, now=now, max_reports=8)  # type: ignore[arg-type]
+    except OUR_ERRORS:
+        return None
+
+
+def test_batch_verifies_in_order_and_single_form_too() -> None:
+    assert check_batch(BATCH_HEADERS, BATCH_BODY) == BATCH
+    assert check_batch(HEADERS, BODY) == [REPORT]
+
+
+@SETTINGS
+@given(json_values)
+def test_any_reports_list_with_valid_headers(items: object) -> None:
+    body = json.dumps({"reports": items}).encode()
+    headers = wh.sign(BATCH_ID, NOW, body, IDENTITY.sign)
+    got = check_batch(headers, body)
+    assert got is None  # nothing but our own three reports, in order, verifies under BATCH_ID
+
+
+report_docs = st.lists(
+    st.sampled_from([json.loads(encode_body(r)) for r in [*BATCH, REPORT]]), max_size=10
+)
+
+
+@SETTINGS
+@given(report_docs, st.booleans())
+def test_any_selection_of_real_reports(docs: list[dict[str, object]], right_id: bool) -> None:
+    """Any order, repetition and count of real reports, under their batch id or ours: only a
+    list of distinct reports under exactly its own batch id, within max_reports, verifies."""
+    body = json.dumps({"reports": docs}, separators=(",", ":")).encode()
+    ids = [str(d["id"]) for d in docs]
+    msg_id = batch_id(ids) if right_id and ids else BATCH_ID
+    got = check_batch(wh.sign(msg_id, NOW, body, IDENTITY.sign), body)
+    valid = bool(ids) and len(set(ids)) == len(ids) <= 8 and msg_id == batch_id(ids)
+    if valid:
+        assert got is not None and [r.report_id for r in got] == ids
+    else:
+        assert got is None
+
+
+def test_batch_of_two_keys_is_refused() -> None:
+    other = NodeIdentity(seed=b"\x08" * 32)
+    mixed = [BATCH[0], other.sign_report(make_payload())]
+    body = encode_batch_body(mixed)
+    msg_id = batch_id([r.report_id for r in mixed])
+    for signer in (IDENTITY, other):
+        assert check_batch(wh.sign(msg_id, NOW, body, signer.sign), body) is None
+
+
+def test_batch_truncated_at_every_offset_and_every_byte_flipped() -> None:
+    for cut in range(len(BATCH_BODY)):
+        assert check_batch(BATCH_HEADERS, BATCH_BODY[:cut]) is None
+    for i in range(0, len(BATCH_BODY), 7):
+        flipped = bytearray(BATCH_BODY)
+        flipped[i] ^= 0x20
+        # The webhook signature covers the exact bytes: no change of one survives it.
+        assert check_batch(BATCH_HEADERS, bytes(flipped)) is None
+
+
+@SETTINGS
+@given(st.dictionaries(header_names, header_values, max_size=6), st.binary(max_size=3000))
+def test_batch_parser_any_headers_and_bytes(headers: dict[str, str], body: bytes) -> None:
+    check_batch(headers, body)
+    check_batch(BATCH_HEADERS, b'{"reports":' + body + b"}")

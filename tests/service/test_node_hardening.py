@@ -10,6 +10,7 @@ Review findings reproduced here (issue "Hardening"):
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import sqlite3
 import threading
@@ -287,7 +288,8 @@ async def test_a_locked_store_delays_reports_and_loses_none(
 
 
 class HookServer:
-    """A plain HTTP endpoint on 127.0.0.1 that records each delivery's webhook-id."""
+    """A plain HTTP endpoint on 127.0.0.1 that records the report ids each delivery carries
+    (one report's webhook-id, or the ids of a batch: {"reports": [...]}, since #9)."""
 
     def __init__(self) -> None:
         import http.server
@@ -297,8 +299,11 @@ class HookServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
-                self.rfile.read(length)
-                seen.add(self.headers.get("webhook-id", ""))
+                doc = json.loads(self.rfile.read(length))
+                if "reports" in doc:
+                    seen.update(str(r["id"]) for r in doc["reports"])
+                else:
+                    seen.add(self.headers.get("webhook-id", ""))
                 self.send_response(200)
                 self.send_header("content-length", "0")
                 self.end_headers()

@@ -382,11 +382,11 @@ class _BrokenSink(JsonLinesSink):
         super().__init__(out)
         self.fail = 2
 
-    def write(self, line: bytes) -> None:
+    def write_many(self, lines: list[bytes]) -> None:  # what the receiver writes through
         if self.fail:
             self.fail -= 1
             raise KeyError("a bug")
-        super().write(line)
+        super().write_many(lines)
 
 
 async def test_an_unexpected_exception_is_a_500_counted_and_the_server_keeps_serving(

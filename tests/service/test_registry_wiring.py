@@ -340,7 +340,7 @@ async def test_asked_boost_and_webhook_url_come_from_dns(knot: KnotServer, db_ur
         dst = wanted.payload.flow.dst
         # before the first lookup: no asked boost, no DNS webhook (documented)
         assert asked(dst) is None
-        assert node._webhook_plan(wanted, trio.current_time()) == []
+        assert [p.url for p in node._webhook_plan(wanted, trio.current_time(), 0)] == []
         async with trio.open_nursery() as nursery:
             await nursery.start(node.hints.run)
             node._warm(wanted)
@@ -361,10 +361,12 @@ async def test_asked_boost_and_webhook_url_come_from_dns(knot: KnotServer, db_ur
             plain, _, _ = dataclasses.replace(node.sampler.policy, asked_boost=None).evaluate(row)
             assert boosted == pytest.approx(50 * plain)
             # 127.0.0.4's URL points at an internal address: refused like a static target would be
-            assert node._webhook_plan(wanted, trio.current_time()) == [HOOK]
+            assert [p.url for p in node._webhook_plan(wanted, trio.current_time(), 0)] == [HOOK]
             assert node.statistics().webhooks_from_dns == 1
+            assert node.webhook_budget.statistics().dropped["ssrf"] == 1  # 127.0.0.4's, counted
             # the same flow again: the budget's de-duplication holds it back
-            assert node._webhook_plan(wanted, trio.current_time()) == []
+            assert [p.url for p in node._webhook_plan(wanted, trio.current_time(), 0)] == []
+            assert node.webhook_budget.statistics().dropped["duplicate"] == 1
             assert node.hints.statistics().warmed == 2
             nursery.cancel_scope.cancel()
 

@@ -338,23 +338,15 @@ def test_the_overflowd_library_fragment_in_the_docs() -> None:
 
 # -- through WebhookDelivery -------------------------------------------------------------------
 
-needs_endpoints = pytest.mark.skipif(
-    not hasattr(notify, "WebhookEndpoint"),
-    reason="SKIPPED until ops/webhook-batch is merged: needs [[webhook.endpoints]] with a secret "
-    "(notify.WebhookEndpoint) passed to wh.sign(secrets=...)",
-)
-
-
-@needs_endpoints
 async def test_webhook_delivery_to_endpoints_with_a_secret(
     py_receiver: Receiver, js_receiver: Receiver, tmp_path: Path
 ) -> None:
     from overflowd.services import webhook as svc
 
-    endpoint = notify.WebhookEndpoint  # type: ignore[attr-defined,unused-ignore]
+    endpoint = notify.WebhookEndpoint
     urls = [py_receiver.url, js_receiver.url]
     settings = svc.WebhookSettings(
-        endpoints=tuple(  # type: ignore[call-arg,unused-ignore]
+        endpoints=tuple(
             endpoint(url=url, prefixes=("198.51.100.0/24",), secret=SECRET) for url in urls
         ),
         allow_prefixes=("127.0.0.0/8",),

@@ -17,8 +17,6 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.service.test_daemon import Daemon
 from tests.service.test_node_hardening import v9_one_record
 from tests.service.test_receiver import start_receiver, stop
@@ -64,9 +62,6 @@ def _labelled(daemon: Daemon, name: str, **labels: str) -> float:
     return total
 
 
-@pytest.mark.xfail(
-    strict=True, reason="webhooks share the in-band budget: fixed by the webhook-batch branch"
-)
 def test_thirty_flows_reach_the_webhook_as_thirty_reports_and_the_metrics_say_why(
     tmp_path: Path,
 ) -> None:

@@ -89,7 +89,8 @@ async def test_one_server_holds_at_most_max_concurrency_per_host_slots(tmp_path:
             delivery = svc.WebhookDelivery(
                 store,
                 identity,
-                fast(total_timeout_s=1.0, io_timeout_s=1.0, max_concurrency=8),
+                # One report per POST, so that each URL has POSTs waiting: slots, not batches.
+                fast(total_timeout_s=1.0, io_timeout_s=1.0, max_concurrency=8, max_batch_reports=1),
             )
             await nursery.start(delivery.run)
             with trio.move_on_after(30):

@@ -252,7 +252,10 @@ async def test_unexpected_error_is_a_counted_failed_attempt(
         return c
 
     enqueue_reports(store, identity, url, 2)
-    delivery = svc.WebhookDelivery(store, identity, fast(max_concurrency=1), client)
+    # One report per POST (the counts below are per row): batching is tested elsewhere.
+    delivery = svc.WebhookDelivery(
+        store, identity, fast(max_concurrency=1, max_batch_reports=1), client
+    )
     await nursery.start(delivery.run)
     with trio.fail_after(20):
         while delivery.statistics().delivered < 2:
@@ -305,7 +308,7 @@ async def test_retries_to_one_url_are_charged_to_its_budget(
     delivery = svc.WebhookDelivery(
         store,
         identity,
-        fast(max_attempts=12),
+        fast(max_attempts=12, max_batch_reports=1),  # retries counted per row
         clock=clocks.wall,
         monotonic=clocks.monotonic,
         retry_limits=limits,
@@ -342,7 +345,7 @@ async def test_retries_to_one_host_share_its_budget(
     delivery = svc.WebhookDelivery(
         store,
         identity,
-        fast(max_attempts=12),
+        fast(max_attempts=12, max_batch_reports=1),  # retries counted per row
         clock=clocks.wall,
         monotonic=clocks.monotonic,
         retry_limits=limits,
@@ -350,9 +353,7 @@ async def test_retries_to_one_host_share_its_budget(
     await nursery.start(delivery.run)
     # Two at a time to the host (max_concurrency_per_host): the first attempts of some rows
     # come after other rows' retries were refused, so wait for both.
-    await until(
-        lambda: delivery.statistics().retry_budget_host >= 5 and len(server.heads) >= 8 + 3
-    )
+    await until(lambda: delivery.statistics().retry_budget_host >= 5 and len(server.heads) >= 8 + 3)
     await trio.sleep(0.5)
     assert len(server.heads) == 8 + 3
     stats = delivery.statistics()
