@@ -14,7 +14,7 @@ from pathlib import Path
 
 from overflowd import __version__
 from overflowd import report as rpt
-from overflowd.cli import cmd_decode, cmd_replay, cmd_run, cmd_webhook_secret
+from overflowd.cli import cmd_decode, cmd_outbox, cmd_replay, cmd_run, cmd_webhook_secret
 from overflowd.cli.common import (
     Parser,
     UsageError,
@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_decode.register(sub, common)
     cmd_replay.register(sub, common)
     cmd_run.register(sub, common)
+    cmd_outbox.register(sub, common)
     return parser
 
 

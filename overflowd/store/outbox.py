@@ -731,3 +731,291 @@ __all__ = [
     "release_many",
     "reschedule",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator's view and hands: ``overflowd-query outbox``, ``overflowd outbox retry|enable``.
+# They run in another process than the daemon (SQLite WAL, PostgreSQL); each is one
+# transaction, and a refused request writes nothing.
+
+#: Ids one retry may name at most: they go into one IN list, far under SQLite's 32,766 bound
+#: parameters; more than this on a command line is a job for ``--all``.
+MAX_RETRY_IDS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An outbox row as the operator sees it: :class:`OutboxEntry` without the COSE bytes
+    (a listing of a million rows need not read half a gigabyte of reports)."""
+
+    id: int
+    report_id: str
+    url: str
+    state: str
+    attempts: int
+    next_attempt_ms: int
+    created_ms: int
+    updated_ms: int
+    last_status: int | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """An endpoint that holds deliveries back: disabled (410 Gone) or asked us to wait."""
+
+    url: str
+    disabled_ms: int | None
+    disabled_reason: str | None
+    not_before_ms: int
+    #: its dead rows (what ``overflowd outbox retry --all --url`` would send)
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxListing:
+    """What ``overflowd-query outbox`` prints: rows newest first, and how many there were."""
+
+    rows: tuple[OutboxRow, ...]
+    #: rows the filter selects (``rows`` holds at most ``limit`` of them)
+    matching: int
+    #: rows per state, of the URL when one was given, else of the whole outbox
+    counts: dict[str, int]
+    #: endpoints disabled or held now (of the URL when given), most recently changed first
+    endpoints: tuple[EndpointView, ...]
+    endpoints_matching: int
+
+
+@dataclass(frozen=True, slots=True)
+class UrlSummary:
+    """One URL's rows per state and its endpoint state (``disabled_ms`` None: enabled)."""
+
+    url: str
+    counts: dict[str, int]
+    disabled_ms: int | None
+    disabled_reason: str | None
+    not_before_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryResult:
+    """The outcome of a retry. When ``refused``, nothing was changed (all or nothing)."""
+
+    retried: int
+    #: named ids with no row
+    unknown: tuple[int, ...] = ()
+    #: named rows that are not dead, with their state
+    not_dead: tuple[tuple[int, str], ...] = ()
+    #: named dead rows whose endpoint is disabled, with its URL
+    disabled: tuple[tuple[int, str], ...] = ()
+    #: ``--all``: dead rows left as they are because their endpoint is disabled, and how many
+    #: endpoints those are
+    skipped_disabled: int = 0
+    skipped_endpoints: int = 0
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.unknown or self.not_dead or self.disabled)
+
+
+_ROW_COLUMNS = tuple(c for c in _OUTBOX.c if c.name != "cose")
+
+
+def _row(r: object) -> OutboxRow:
+    m = r._mapping  # type: ignore[attr-defined]
+    return OutboxRow(
+        id=int(m["id"]),
+        report_id=str(m["report_id"]),
+        url=str(m["url"]),
+        state=str(m["state"]),
+        attempts=int(m["attempts"]),
+        next_attempt_ms=int(m["next_attempt_ms"]),
+        created_ms=int(m["created_ms"]),
+        updated_ms=int(m["updated_ms"]),
+        last_status=None if m["last_status"] is None else int(m["last_status"]),
+        last_error=None if m["last_error"] is None else str(m["last_error"]),
+    )
+
+
+def _state_counts(conn: Connection, url: str | None) -> dict[str, int]:
+    o = _OUTBOX
+    stmt = select(o.c.state, func.count()).group_by(o.c.state)
+    if url is not None:
+        stmt = stmt.where(o.c.url == url)
+    found = {str(s): int(n) for s, n in conn.execute(stmt)}
+    return {s: found.get(s, 0) for s in STATES}
+
+
+def list_outbox(
+    store: Store, *, now_ms: int, limit: int, state: str | None = None, url: str | None = None
+) -> OutboxListing:
+    """Rows newest first (``state``/``url`` select), at most ``limit``, with the counts and the
+    endpoints holding deliveries back. Reads only (``Store.open(create=False)`` will do)."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    if state is not None and state not in STATES:
+        raise ValueError(f"state must be one of {STATES}")
+    o, e = _OUTBOX, _ENDPOINTS
+    where = []
+    if state is not None:
+        where.append(o.c.state == state)
+    if url is not None:
+        where.append(o.c.url == url)
+    held = [or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)]
+    if url is not None:
+        held.append(e.c.url == url)
+    dead = (
+        select(func.count())
+        .where(o.c.url == e.c.url, o.c.state == DEAD)
+        .correlate(e)
+        .scalar_subquery()
+    )
+    with store.transaction("reading the webhook outbox", write=False) as conn:
+        rows = tuple(
+            _row(r)
+            for r in conn.execute(
+                select(*_ROW_COLUMNS).where(*where).order_by(o.c.id.desc()).limit(limit)
+            )
+        )
+        matching = int(conn.execute(select(func.count()).select_from(o).where(*where)).scalar_one())
+        counts = _state_counts(conn, url)
+        views = tuple(
+            EndpointView(
+                url=str(r.url),
+                disabled_ms=None if r.disabled_ms is None else int(r.disabled_ms),
+                disabled_reason=r.disabled_reason,
+                not_before_ms=int(r.not_before_ms),
+                dead=int(r.dead),
+            )
+            for r in conn.execute(
+                select(e, dead.label("dead"))
+                .where(*held)
+                .order_by(e.c.updated_ms.desc(), e.c.url)
+                .limit(limit)
+            )
+        )
+        held_count = conn.execute(select(func.count()).select_from(e).where(*held)).scalar_one()
+    return OutboxListing(
+        rows=rows,
+        matching=matching,
+        counts=counts,
+        endpoints=views,
+        endpoints_matching=int(held_count),
+    )
+
+
+def _summary(conn: Connection, url: str) -> UrlSummary | None:
+    e = _ENDPOINTS
+    counts = _state_counts(conn, url)
+    endpoint = conn.execute(select(e).where(e.c.url == url)).first()
+    if endpoint is None and not any(counts.values()):
+        return None
+    if endpoint is None:
+        return UrlSummary(url, counts, disabled_ms=None, disabled_reason=None, not_before_ms=0)
+    return UrlSummary(
+        url=url,
+        counts=counts,
+        disabled_ms=None if endpoint.disabled_ms is None else int(endpoint.disabled_ms),
+        disabled_reason=endpoint.disabled_reason,
+        not_before_ms=int(endpoint.not_before_ms),
+    )
+
+
+def url_summary(store: Store, url: str) -> UrlSummary | None:
+    """``url``'s rows and endpoint state; None when no row and no endpoint has that URL."""
+    with store.transaction("reading the webhook outbox", write=False) as conn:
+        return _summary(conn, url)
+
+
+def _requeue(now_ms: int) -> dict[str, object]:
+    # Due now, with its attempts counted afresh (max_attempts again). The last status and
+    # error stay, saying what happened before, until the next attempt writes its own.
+    return {"state": PENDING, "attempts": 0, "next_attempt_ms": now_ms, "updated_ms": now_ms}
+
+
+def retry_dead(store: Store, ids: Sequence[int], *, now_ms: int) -> RetryResult:
+    """Put the dead rows ``ids`` back to pending, due now, attempts reset: all of them, or
+    none (a named id that is unknown, not dead, or of a disabled endpoint refuses the lot)."""
+    wanted = sorted(set(ids))
+    if not wanted or len(wanted) > MAX_RETRY_IDS:
+        raise ValueError(f"name 1-{MAX_RETRY_IDS} ids")
+    o, e = _OUTBOX, _ENDPOINTS
+    with store.transaction("retrying webhook deliveries", write=True) as conn:
+        # FOR UPDATE (PostgreSQL; SQLite's BEGIN IMMEDIATE already holds the write lock): no
+        # worker changes these rows between the checks and the update.
+        found = {
+            int(r.id): (str(r.state), str(r.url))
+            for r in conn.execute(
+                select(o.c.id, o.c.state, o.c.url).where(o.c.id.in_(wanted)).with_for_update(of=o)
+            )
+        }
+        urls = sorted({url for _, url in found.values()})
+        disabled: set[str] = set()
+        if urls:
+            gone = select(e.c.url).where(e.c.url.in_(urls), e.c.disabled_ms.is_not(None))
+            disabled = {str(u) for u in conn.execute(gone).scalars()}
+        result = RetryResult(
+            retried=0,
+            unknown=tuple(i for i in wanted if i not in found),
+            not_dead=tuple((i, s) for i, (s, _) in sorted(found.items()) if s != DEAD),
+            disabled=tuple(
+                (i, u) for i, (s, u) in sorted(found.items()) if s == DEAD and u in disabled
+            ),
+        )
+        if result.refused:
+            return result
+        changed = conn.execute(
+            update(o).where(o.c.id.in_(wanted), o.c.state == DEAD).values(**_requeue(now_ms))
+        ).rowcount
+    return RetryResult(retried=int(changed))
+
+
+def retry_all_dead(store: Store, *, now_ms: int, url: str | None = None) -> RetryResult:
+    """Put every dead row (of ``url``) back to pending, due now, attempts reset, except those
+    of disabled endpoints: they are left, and counted (``overflowd outbox enable URL`` first)."""
+    o, e = _OUTBOX, _ENDPOINTS
+    gone = exists().where(e.c.url == o.c.url, e.c.disabled_ms.is_not(None))
+    where = [o.c.state == DEAD]
+    if url is not None:
+        where.append(o.c.url == url)
+    with store.transaction("retrying webhook deliveries", write=True) as conn:
+        changed = conn.execute(update(o).where(*where, ~gone).values(**_requeue(now_ms))).rowcount
+        skipped, endpoints_skipped = conn.execute(
+            select(func.count(), func.count(o.c.url.distinct())).where(*where, gone)
+        ).one()
+    return RetryResult(
+        retried=int(changed),
+        skipped_disabled=int(skipped),
+        skipped_endpoints=int(endpoints_skipped),
+    )
+
+
+def enable_url(store: Store, url: str, *, now_ms: int) -> UrlSummary | None:
+    """Clear a 410 Gone disable of ``url`` (operator action); dead rows stay dead. Returns the
+    URL's summary as it was before (``disabled_ms`` says whether it was disabled), or None,
+    changing nothing, when no row and no endpoint has that URL."""
+    e = _ENDPOINTS
+    with store.transaction("enabling a webhook endpoint", write=True) as conn:
+        before = _summary(conn, url)
+        if before is not None and before.disabled_ms is not None:
+            conn.execute(
+                update(e)
+                .where(e.c.url == url)
+                .values(disabled_ms=None, disabled_reason=None, updated_ms=now_ms)
+            )
+    return before
+
+
+__all__ += [
+    "MAX_RETRY_IDS",
+    "EndpointView",
+    "OutboxListing",
+    "OutboxRow",
+    "RetryResult",
+    "UrlSummary",
+    "enable_url",
+    "list_outbox",
+    "retry_all_dead",
+    "retry_dead",
+    "url_summary",
+]
