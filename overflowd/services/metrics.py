@@ -227,6 +227,11 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
             "reason",
             w.dropped,
         )
+        yield _counter(
+            "overflowd_webhook_batches_refused",
+            "Batches an endpoint refused with a 4xx (it gets one report per POST since)",
+            w.batches_refused,
+        )
     events = CounterMetricFamily(
         "overflowd_registry_events",
         "Observer events: a new key for a known observer, changed contacts",
