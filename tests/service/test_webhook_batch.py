@@ -405,9 +405,8 @@ async def test_a_failing_endpoint_is_warned_of_once_per_interval(
 async def test_an_endpoint_secret_reaches_the_signature(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """[[webhook.endpoints]] secret → wh.sign(..., secrets=...): with the v1 signing merged
-    (helper stdwebhooks), a v1 HMAC entry over the same content; before it, v1a only and one
-    warning. The v1a signature verifies either way (Scripted checks it independently)."""
+    """[[webhook.endpoints]] secret → wh.sign(..., secrets=...): a v1 HMAC entry over the same
+    content before the v1a entry, which still verifies (Scripted checks it independently)."""
     import base64
     import hashlib
     import hmac
