@@ -17,15 +17,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from overflowd.cli.common import Context, Parser, UsageError, common_options, context, run_main
 from overflowd.errors import ConfigError, DiscoveryError
+from overflowd.registry import RegistrySettings
 from overflowd.report import iso_ms, key_fingerprint
-from overflowd.services.dns import Discovery, DnsRegistry, RegistrySettings
-from overflowd.trust import KeyHistory, TrustBook
+
+if TYPE_CHECKING:  # the DNS service pulls in trio and dnspython: only `contact` needs them
+    from overflowd.services.dns import Discovery
+    from overflowd.trust import TrustBook
 
 PROG = "overflowd-query"
 
@@ -88,6 +89,8 @@ def registry_settings(ctx: Context, args: argparse.Namespace) -> RegistrySetting
 
 
 def _in_band_book(ctx: Context, settings: RegistrySettings) -> tuple[TrustBook, bool]:
+    from overflowd.trust import KeyHistory, TrustBook
+
     """The trust book with pins and the history of every observer in the store, if any."""
     book = TrustBook(settings.pinned_keys(), settings.continuity_policy())
     url = ctx.store_url()
@@ -214,6 +217,9 @@ def render_text(doc: dict[str, Any]) -> str:
 
 
 def cmd_contact(args: argparse.Namespace) -> int:
+    import trio
+
+    from overflowd.services.dns import DnsRegistry
     ctx = context(args)
     settings = registry_settings(ctx, args)
     target = args.target.strip()

@@ -10,8 +10,6 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from overflowd.cli.common import Context, UsageError, context, run_trio
 from overflowd.config import CONFIG_FILE, parse_listen
 from overflowd.errors import ConfigError, OverflowdError
@@ -80,6 +78,8 @@ def _listen_error(exc: OSError, named: dict[str, str], fallback: str) -> Overflo
 
 
 def run(args: argparse.Namespace) -> int:
+    import trio
+
     from overflowd.services.api import ApiContext, ApiService
     from overflowd.services.metrics import NodeCollector, serve_metrics
     from overflowd.services.node import NodeService
