@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 #: Reports per page at most: a page of 1000 reports is about 2 MB of JSON.
 MAX_PAGE = 1000
+#: The largest cursor: report numbers are the store's 64-bit signed integers (SQLite INTEGER,
+#: PostgreSQL BIGINT). A larger ``after`` names no report, and reaching the database it is an
+#: OverflowError (a 500 and a logged traceback per request), so it is refused as a bad parameter.
+MAX_CURSOR = 2**63 - 1
 #: Where the OpenAPI document is shipped in the package (a test keeps it equal to the code's).
 OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi.json"
 
@@ -154,7 +158,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/v1/reports", summary="stored reports in this node's order, from a cursor")
     async def reports(
-        after: Annotated[int, Query(ge=0, description="cursor: the `next` of the last page")] = 0,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_CURSOR, description="cursor: the `next` of the last page")
+        ] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         src: Annotated[str | None, Query(description="source address or prefix")] = None,
         dst: Annotated[str | None, Query(description="destination address or prefix")] = None,
