@@ -725,7 +725,9 @@ class WebhookDelivery:
         """Wait for wake(): something enqueued, or a delivery finished (a slot is free); or for
         the next due row or poll."""
         self._deferred.clear()
-        due = await trio.to_thread.run_sync(outbox.next_due_ms, self._store)
+        due = await trio.to_thread.run_sync(
+            functools.partial(outbox.next_due_ms, self._store, now_ms=self._now_ms())
+        )
         wait = self._settings.poll_interval_s
         if due is not None:
             wait = min(wait, max(0.0, (due - self._now_ms()) / 1000))
@@ -738,7 +740,8 @@ class WebhookDelivery:
                 # Due but their URL's POST budget is spent: they go when it has a token
                 # (with whatever else came due by then: the batching).
                 wait = min(self._settings.poll_interval_s, token_s)
-        # A pending row may be due yet held (endpoint slowed down): never spin faster than 20 ms.
+        # Held endpoints' rows come due when the hold ends (next_due_ms); whatever else is due
+        # yet not claimed, never spin faster than 20 ms.
         with trio.move_on_after(max(wait, 0.02)):
             await self._wake.wait()
         self._wake = trio.Event()

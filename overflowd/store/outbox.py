@@ -685,13 +685,33 @@ def counts(store: Store) -> dict[str, int]:
     return {s: found.get(s, 0) for s in STATES}
 
 
-def next_due_ms(store: Store) -> int | None:
-    """When the earliest pending row comes due (ignoring endpoint holds), or None."""
-    o = _OUTBOX
-    stmt = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING)
+def next_due_ms(store: Store, *, now_ms: int | None = None) -> int | None:
+    """When the earliest pending row comes due, or None.
+
+    Without ``now_ms``, endpoint holds are ignored. With it, as :func:`claim_batches` sees the
+    outbox at ``now_ms``: a row whose endpoint is held (429/503, maybe an hour or more) or
+    disabled is not due, and a hold ends at its ``not_before_ms`` (taken over every held
+    endpoint, rows or not: at worst one early look). A worker that waited for the held rows'
+    own due times would find them due, claim nothing, and look again at once, for as long as
+    the endpoint holds it off.
+    """
+    o, e = _OUTBOX, _ENDPOINTS
+    if now_ms is None:
+        stmt = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING)
+        with store.transaction("reading the webhook outbox", write=False) as conn:
+            value = conn.execute(stmt).scalar()
+        return None if value is None else int(value)
+    held_back = exists().where(
+        e.c.url == o.c.url, or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)
+    )
+    free = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING, ~held_back)
+    hold_ends = select(func.min(e.c.not_before_ms)).where(
+        e.c.disabled_ms.is_(None), e.c.not_before_ms > now_ms
+    )
     with store.transaction("reading the webhook outbox", write=False) as conn:
-        value = conn.execute(stmt).scalar()
-    return None if value is None else int(value)
+        values = [conn.execute(free).scalar(), conn.execute(hold_ends).scalar()]
+    due = [int(v) for v in values if v is not None]
+    return min(due) if due else None
 
 
 def pending_urls(store: Store) -> Sequence[str]:

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,12 +15,19 @@ import trio
 
 from overflowd.config import ApiSettings
 from overflowd.identity import NodeIdentity
+from overflowd.notify import WebhookSettings
 from overflowd.receiver import MAX_BODY_BYTES, batch_id, encode_batch_body
+from overflowd.services import webhook as svc
 from overflowd.services.api import ApiContext, ApiService
 from overflowd.store import Store
+from overflowd.store import outbox as ob
 from overflowd.wire import webhook as wh
 from tests.service.test_receiver import lines, start_receiver, stop
+from tests.service.test_webhook_delivery import Scripted, enqueue_reports, serve_app
 from tests.support.reports import make_payload
+from tests.unit.test_outbox import store
+
+__all__ = ["store"]  # the fixture (SQLite and PostgreSQL), shared with test_outbox.py
 
 TIMEOUT_S = 60
 
@@ -76,3 +84,62 @@ async def test_a_larger_max_body_bytes_takes_a_larger_batch(tmp_path: Path) -> N
     assert answer.status_code == 200, answer.text
     assert json.loads(answer.content) == {"accepted": 70, "duplicates": 0}
     assert len(lines(out)) == 70
+
+
+# -- webhook delivery: an endpoint that said "wait an hour" must not make us poll every 20 ms --
+
+
+async def test_a_held_endpoint_with_due_rows_does_not_spin_the_delivery_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint answers 429 with Retry-After: 3600 (an overloaded receiver, or a hostile
+    one). Reports for it keep coming: their rows are due, but held. next_due_ms ignores holds,
+    so the service woke every 20 ms for the whole hold (up to retry_after_cap_s, 6 h) and ran a
+    claim (a write transaction scanning every held row) each time: 50 claims a second."""
+    identity = NodeIdentity(seed=bytes(range(32)))
+    claims = 0
+    real_claim = ob.claim_batches
+
+    def counting_claim(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(ob, "claim_batches", counting_claim)
+    settings = WebhookSettings(
+        allow_prefixes=("127.0.0.0/8",), require_https=False, poll_interval_s=0.5
+    )
+    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as store, trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            app = Scripted(identity.public_key, [(429, [(b"retry-after", b"3600")])])
+            url = await serve_app(nursery, app) + "/busy"
+            enqueue_reports(store, identity, url, 1)
+            delivery = svc.WebhookDelivery(store, identity, settings)
+            await nursery.start(delivery.run)
+            while delivery.statistics().slowed_down < 1:
+                await trio.sleep(0.01)
+            enqueue_reports(store, identity, url, 3)  # due now, their endpoint held
+            delivery.wake()
+            claims = 0
+            await trio.sleep(3.0)
+            nursery.cancel_scope.cancel()
+    assert len(app.seen) == 1  # the hold held
+    # Woken by the enqueue, then once per poll interval: 3 s / 0.5 s, and a little slack.
+    assert claims <= 10, claims
+
+
+def test_next_due_counts_a_held_endpoint_due_when_its_hold_ends(store: Store) -> None:
+    """The store side of the fix, on both backends: rows of a held endpoint are due when the
+    hold ends, a disabled endpoint's never, other rows when they are."""
+    from tests.unit.test_outbox import T0, URL_A, URL_B, report
+
+    identity = NodeIdentity(seed=bytes(range(32)))
+    ob.enqueue(store, report(identity), [URL_A], now_ms=T0)
+    ob.hold_endpoint(store, URL_A, now_ms=T0, until_ms=T0 + 3_600_000)
+    assert ob.next_due_ms(store) == T0  # without a clock: holds ignored, as before
+    assert ob.next_due_ms(store, now_ms=T0 + 10) == T0 + 3_600_000
+    ob.enqueue(store, report(identity), [URL_B], now_ms=T0 + 5_000)
+    assert ob.next_due_ms(store, now_ms=T0 + 10) == T0 + 5_000
+    ob.disable_endpoint(store, URL_B, now_ms=T0 + 20, reason="410")
+    assert ob.next_due_ms(store, now_ms=T0 + 30) == T0 + 3_600_000
+    assert ob.next_due_ms(store, now_ms=T0 + 3_600_000) == T0  # the hold is over
