@@ -888,7 +888,8 @@ class WebhookDelivery:
         else:
             self._counters.posts += 1
         if len(sent) > 1:
-            self._counters.batched_reports += len(sent)
+            if not attempt.refused:  # a POST that was never sent carried nothing
+                self._counters.batched_reports += len(sent)
             if attempt.outcome == DEAD and attempt.status is not None and url not in self._singles:
                 # A receiver that knows only the single form (4xx to the batch): its rows go
                 # back unsent and are sent one per POST from now on (bounded memory).

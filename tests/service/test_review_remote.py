@@ -23,7 +23,7 @@ from overflowd.store import Store
 from overflowd.store import outbox as ob
 from overflowd.wire import webhook as wh
 from tests.service.test_receiver import lines, start_receiver, stop
-from tests.service.test_webhook_delivery import Scripted, enqueue_reports, serve_app
+from tests.service.test_webhook_delivery import Scripted, enqueue_reports, fast, serve_app
 from tests.support.reports import make_payload
 from tests.unit.test_outbox import store
 
@@ -143,3 +143,25 @@ def test_next_due_counts_a_held_endpoint_due_when_its_hold_ends(store: Store) ->
     ob.disable_endpoint(store, URL_B, now_ms=T0 + 20, reason="410")
     assert ob.next_due_ms(store, now_ms=T0 + 30) == T0 + 3_600_000
     assert ob.next_due_ms(store, now_ms=T0 + 3_600_000) == T0  # the hold is over
+
+
+# -- webhook counters: a batch the SSRF policy refused was never a POST -------------------------
+
+
+async def test_a_refused_batch_is_not_counted_as_batched_reports(tmp_path: Path) -> None:
+    """batched_reports ("reports carried in POSTs of more than one") counted the rows of a
+    batch the SSRF policy refused before anything was sent: the metric said reports went out
+    batched where none went out at all (posts, rightly, stayed 0)."""
+    identity = NodeIdentity(seed=bytes(range(32)))
+    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as store, trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            app = Scripted(identity.public_key, [])
+            url = await serve_app(nursery, app) + "/internal"
+            enqueue_reports(store, identity, url, 3)
+            delivery = svc.WebhookDelivery(store, identity, fast(allow_prefixes=()))
+            counts = await delivery.drain(timeout_s=30)
+            nursery.cancel_scope.cancel()
+    assert counts == {"pending": 0, "delivered": 0, "dead": 3} and app.seen == []
+    s = delivery.statistics()
+    assert s.refused == 3 and s.posts == 0
+    assert s.batched_reports == 0
