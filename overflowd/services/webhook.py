@@ -1067,45 +1067,32 @@ class WebhookDelivery:
                 self._counters.gone += 1
                 outbox.disable_endpoint(self._store, url, now_ms=now_ms, reason=attempt.error)
                 log.warning("webhook endpoint disabled: %s answered 410 Gone", url)
-            for entry in batch:
-                self._record_locked(entry, attempt, now_ms, until_ms)
+            # One transaction for the POST's rows and the endpoint's hold, as for a 2xx: an
+            # endpoint answering 429 to every POST must not cost a commit per row it carried.
+            outcomes = [self._outcome(entry, attempt, until_ms) for entry in batch]
+            slow = attempt.outcome == SLOW_DOWN and any(o.state == outbox.PENDING for o in outcomes)
+            hold = (batch[0].url, until_ms) if slow else None
+            outbox.finish_many(self._store, outcomes, now_ms=now_ms, hold=hold)
 
-    def _record_locked(
-        self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
-    ) -> None:
+    def _outcome(
+        self, entry: outbox.OutboxEntry, attempt: _Attempt, until_ms: int
+    ) -> outbox.RowOutcome:
+        """What a failed attempt makes of one row (counted); written by :meth:`_record`."""
         s, c = self._settings, self._counters
         outcome = attempt.outcome
-        if outcome == DELIVERED:
-            # Counted once written: whoever sees the counter then finds the row delivered.
-            outbox.mark_delivered(self._store, entry.id, now_ms=now_ms, status=attempt.status or 0)
-            c.delivered += 1
-            return
-        if outcome == GONE:
-            # disable_endpoint (in _record) made the pending rows dead; this one too.
-            c.dead += 1
-            outbox.mark_dead(
-                self._store, entry.id, now_ms=now_ms, error=attempt.error, status=attempt.status
-            )
-            return
         if outcome in (RETRY, SLOW_DOWN) and entry.attempts < s.max_attempts:
             if outcome == SLOW_DOWN:
                 c.slowed_down += 1
-                outbox.hold_endpoint(self._store, entry.url, now_ms=now_ms, until_ms=until_ms)
             c.retried += 1
-            outbox.reschedule(
-                self._store,
-                entry.id,
-                now_ms=now_ms,
-                next_attempt_ms=until_ms,
-                error=attempt.error,
-                status=attempt.status,
+            return outbox.RowOutcome(
+                entry.id, outbox.PENDING, attempt.error, attempt.status, next_attempt_ms=until_ms
             )
-            return
+        # GONE: disable_endpoint (in _record) made the pending rows dead; this one too.
         c.dead += 1
         error = attempt.error
         if outcome in (RETRY, SLOW_DOWN):
             error = f"gave up after {entry.attempts} attempts: {error}"
-        outbox.mark_dead(self._store, entry.id, now_ms=now_ms, error=error, status=attempt.status)
+        return outbox.RowOutcome(entry.id, outbox.DEAD, error, attempt.status)
 
     async def _attempt(
         self, client: httpx.AsyncClient, url: str, msg_id: str, body: bytes

@@ -220,3 +220,76 @@ async def test_a_single_form_receiver_is_not_throttled_to_one_report_a_second(
             nursery.cancel_scope.cancel()
     assert delivery.statistics().batches_refused == 1
     assert counts == {"pending": 0, "delivered": 30, "dead": 0}
+
+
+# -- webhook delivery: a failed POST's outcome is one transaction, as a delivered one's is ------
+
+
+async def test_a_slowed_down_batch_is_recorded_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429 to a POST of 20 rows was recorded row by row: a reschedule and a hold upsert
+    each, 40 write transactions (SQLite's write lock taken 40 times, and 40 commits to flush on
+    PostgreSQL) under the service's one record lock, where a 2xx is one. An endpoint that
+    answers 429 to every POST made every outcome 20x dearer for everybody's deliveries."""
+    identity = NodeIdentity(seed=bytes(range(32)))
+    outcome_writes: list[str] = []
+    real_transaction = Store.transaction
+
+    def counting(self: Store, doing: str, *, write: bool) -> Any:
+        if write and not doing.startswith(("claiming", "re-basing", "pruning")):
+            outcome_writes.append(doing)
+        return real_transaction(self, doing, write=write)
+
+    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as store, trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            app = Scripted(identity.public_key, [(429, [(b"retry-after", b"3600")])])
+            url = await serve_app(nursery, app) + "/busy"
+            enqueue_reports(store, identity, url, 20)
+            settings = WebhookSettings(
+                allow_prefixes=("127.0.0.0/8",), require_https=False, poll_interval_s=0.1
+            )
+            delivery = svc.WebhookDelivery(store, identity, settings)
+            monkeypatch.setattr(Store, "transaction", counting)
+            await delivery.drain(timeout_s=2)
+            monkeypatch.undo()
+            nursery.cancel_scope.cancel()
+        entries = ob.entries(store)
+        (endpoint,) = ob.endpoints(store)
+    assert len(app.seen) == 1 and delivery.statistics().slowed_down == 20
+    assert {e.attempts for e in entries} == {1} and {e.last_status for e in entries} == {429}
+    assert all(e.next_attempt_ms >= endpoint.not_before_ms - 1 for e in entries)
+    assert endpoint.not_before_ms > time.time() * 1000 + 3_000_000  # held for the hour
+    assert len(outcome_writes) == 1, outcome_writes
+
+
+def test_finish_many_writes_each_rows_outcome_and_the_hold(store: Store) -> None:
+    """The store side, on both backends: rows rescheduled or dead by their own outcome, the
+    hold written, a row another worker finished meanwhile left alone."""
+    from tests.unit.test_outbox import T0, URL_A, report
+
+    identity = NodeIdentity(seed=bytes(range(32)))
+    for _ in range(3):
+        ob.enqueue(store, report(identity), [URL_A], now_ms=T0)
+    a, b, c = ob.claim_batches(store, now_ms=T0, lease_ms=1000, max_urls=1, max_reports=3)[0]
+    ob.mark_delivered(store, c.id, now_ms=T0, status=200)
+    changed = ob.finish_many(
+        store,
+        [
+            ob.RowOutcome(a.id, ob.PENDING, "HTTP 429", 429, next_attempt_ms=T0 + 9000),
+            ob.RowOutcome(b.id, ob.DEAD, "gave up after 12 attempts: HTTP 429", 429),
+            ob.RowOutcome(c.id, ob.PENDING, "HTTP 429", 429, next_attempt_ms=T0 + 9000),
+        ],
+        now_ms=T0 + 1,
+        hold=(URL_A, T0 + 9000),
+    )
+    assert changed == 2
+    rows = {e.id: e for e in ob.entries(store)}
+    assert (rows[a.id].state, rows[a.id].next_attempt_ms, rows[a.id].last_status) == (
+        ob.PENDING,
+        T0 + 9000,
+        429,
+    )
+    assert rows[b.id].state == ob.DEAD and "gave up" in (rows[b.id].last_error or "")
+    assert rows[c.id].state == ob.DELIVERED
+    assert [e.not_before_ms for e in ob.endpoints(store)] == [T0 + 9000]
