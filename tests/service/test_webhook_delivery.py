@@ -102,7 +102,9 @@ class Scripted:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.seen.append(Seen(time.monotonic(), headers, body))
         # The independent check: the exact Standard Webhooks string, another Ed25519.
-        sig = base64.b64decode(headers["webhook-signature"].split(",", 1)[1])
+        # The v1a entry (after any v1 HMAC entries, when the endpoint has a secret).
+        (v1a,) = [e for e in headers["webhook-signature"].split() if e.startswith("v1a,")]
+        sig = base64.b64decode(v1a.split(",", 1)[1])
         content = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
         Ed25519PublicKey.from_public_bytes(self.public_key).verify(sig, content)
         status, extra = self.script.pop(0) if self.script else (self.default, [])
