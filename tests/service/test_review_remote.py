@@ -58,6 +58,41 @@ async def test_an_after_past_the_store_integer_is_refused_naming_it(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+
+@pytest.mark.postgres
+async def test_a_store_that_fails_is_a_503_and_no_traceback_per_request(
+    postgres_db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database goes away under the API (here: its reports table, as a failed migration
+    or a restore would): every request was a 500 and an ERROR traceback from hypercorn, so any
+    client on the port wrote the log as fast as it asked. A store error is the server's
+    state, not the request's: 503 with a short reason, and the warning rate-limited."""
+    import sqlalchemy
+
+    with Store.open(postgres_db_url) as store, trio.fail_after(TIMEOUT_S):
+        ctx = ApiContext(
+            identity=NodeIdentity.generate(), contacts=(), observation_point="", store=store
+        )
+        service = ApiService(ApiSettings(listen="127.0.0.1:0"), ctx)
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(service.run)
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"http://{host}:{port}/v1/reports")).status_code == 200
+                admin = sqlalchemy.create_engine(postgres_db_url)
+                with admin.begin() as conn:
+                    conn.execute(sqlalchemy.text("DROP TABLE reports CASCADE"))
+                admin.dispose()
+                answers = [
+                    await client.get(f"http://{host}:{port}/v1/reports") for _ in range(20)
+                ]
+            service.stop()
+    assert {a.status_code for a in answers} == {503}, answers[0].text
+    assert answers[0].json() == {"detail": "the store is unavailable"}  # nothing internal
+    assert answers[0].headers["retry-after"] == "5"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) <= 1
+
+
 # -- overflowd-receive: --max-body-bytes above 64 KiB is what it says ---------------------------
 
 
