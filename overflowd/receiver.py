@@ -118,18 +118,20 @@ def verify_delivery(
     now: float,
     trusted_keys: Collection[bytes] | None = None,
     tolerance_s: float = wh.DEFAULT_TOLERANCE_S,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> rpt.SignedReport:
     """Verify one webhook delivery; return the verified report or raise one of our errors.
 
     ``headers``: a mapping or ``(name, value)`` pairs, names in any case. ``body``: the exact
     bytes received. ``now``: Unix seconds (``time.time()``). ``trusted_keys``: 32-byte Ed25519
     public keys; ``None`` accepts any key whose signatures verify (trust decided later).
+    ``max_body_bytes``: the receiver's body cap (it may raise the default).
     """
     if not isinstance(body, bytes | bytearray | memoryview):
         raise TypeError("body must be bytes")
     body = bytes(body)
-    if len(body) > MAX_BODY_BYTES:
-        raise wh.WebhookDecodeError(f"body is larger than {MAX_BODY_BYTES} bytes")
+    if len(body) > max_body_bytes:
+        raise wh.WebhookDecodeError(f"body is larger than {max_body_bytes} bytes")
     parsed = wh.parse_headers(headers)
     # The cheap checks first: a stale or mis-addressed message costs no crypto.
     wh.check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
@@ -151,6 +153,7 @@ def verify_batch(
     trusted_keys: Collection[bytes] | None = None,
     tolerance_s: float = wh.DEFAULT_TOLERANCE_S,
     max_reports: int = MAX_BATCH_REPORTS,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> list[rpt.SignedReport]:
     """Verify one delivery of either form; return its reports in body order.
 
@@ -159,19 +162,25 @@ def verify_batch(
     ``kid`` every COSE carries, which must verify the webhook signature), none twice, and
     ``webhook-id`` must be :func:`batch_id` of their ids: every COSE is verified, every
     rendering must agree with its report. Any failure refuses the whole delivery.
+    ``max_reports`` and ``max_body_bytes`` are the receiver's caps (its flags may raise them).
     """
     if not isinstance(body, bytes | bytearray | memoryview):
         raise TypeError("body must be bytes")
     body = bytes(body)
-    if len(body) > MAX_BODY_BYTES:
-        raise wh.WebhookDecodeError(f"body is larger than {MAX_BODY_BYTES} bytes")
+    if len(body) > max_body_bytes:
+        raise wh.WebhookDecodeError(f"body is larger than {max_body_bytes} bytes")
     parsed = wh.parse_headers(headers)
     wh.check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
     doc = _load(body)
     if not (isinstance(doc, dict) and "reports" in doc and "cose" not in doc):
         return [
             verify_delivery(
-                headers, body, now=now, trusted_keys=trusted_keys, tolerance_s=tolerance_s
+                headers,
+                body,
+                now=now,
+                trusted_keys=trusted_keys,
+                tolerance_s=tolerance_s,
+                max_body_bytes=max_body_bytes,
             )
         ]
     items = doc["reports"]

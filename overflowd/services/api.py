@@ -23,15 +23,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio.to_thread
 import trio
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import PlainTextResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
@@ -39,7 +41,7 @@ from pydantic import BaseModel, Field
 from overflowd import __version__
 from overflowd import report as rpt
 from overflowd.config import ApiSettings, parse_listen
-from overflowd.errors import ConfigError
+from overflowd.errors import ConfigError, StoreError
 from overflowd.identity import NodeIdentity
 from overflowd.registry import format_record
 from overflowd.store.repository import Store, StoredReport
@@ -48,6 +50,15 @@ log = logging.getLogger(__name__)
 
 #: Reports per page at most: a page of 1000 reports is about 2 MB of JSON.
 MAX_PAGE = 1000
+#: The largest cursor: report numbers are the store's 64-bit signed integers (SQLite INTEGER,
+#: PostgreSQL BIGINT). A larger ``after`` names no report, and reaching the database it is an
+#: OverflowError (a 500 and a logged traceback per request), so it is refused as a bad parameter.
+MAX_CURSOR = 2**63 - 1
+#: One WARNING per this long while the store fails: every request then fails alike, and a
+#: client must not write the log as fast as it asks (an unhandled error is hypercorn's
+#: traceback per request). The answer is 503 with this Retry-After, saying nothing internal.
+STORE_ERROR_LOG_INTERVAL_S = 60.0
+STORE_ERROR_RETRY_AFTER_S = 5
 #: Where the OpenAPI document is shipped in the package (a test keeps it equal to the code's).
 OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi.json"
 
@@ -128,6 +139,28 @@ def create_app(ctx: ApiContext) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    store_errors: dict[str, float] = {"next_log": -math.inf, "suppressed": 0}
+
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        now = time.monotonic()
+        if now < store_errors["next_log"]:
+            store_errors["suppressed"] += 1
+        else:
+            log.warning(
+                "api.store_error path=%s error=%s suppressed_since_last=%d",
+                request.url.path,
+                str(exc)[:200],
+                int(store_errors["suppressed"]),
+            )
+            store_errors["next_log"] = now + STORE_ERROR_LOG_INTERVAL_S
+            store_errors["suppressed"] = 0
+        return JSONResponse(
+            {"detail": "the store is unavailable"},
+            status_code=503,
+            headers={"retry-after": str(STORE_ERROR_RETRY_AFTER_S)},
+        )
+
+    app.add_exception_handler(StoreError, store_unavailable)
     registry = CollectorRegistry(auto_describe=False)
     for collector in ctx.collectors:
         registry.register(collector)
@@ -154,7 +187,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/v1/reports", summary="stored reports in this node's order, from a cursor")
     async def reports(
-        after: Annotated[int, Query(ge=0, description="cursor: the `next` of the last page")] = 0,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_CURSOR, description="cursor: the `next` of the last page")
+        ] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         src: Annotated[str | None, Query(description="source address or prefix")] = None,
         dst: Annotated[str | None, Query(description="destination address or prefix")] = None,

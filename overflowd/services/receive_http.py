@@ -499,6 +499,7 @@ class WebhookReceiver:
                 trusted_keys=self._trusted,
                 tolerance_s=self._limits.tolerance_s,
                 max_reports=self._limits.max_batch_reports,
+                max_body_bytes=self._limits.max_body_bytes,
             )
         except (DecodeError, SignatureError) as exc:
             reason, status = _reason(exc)

@@ -725,7 +725,9 @@ class WebhookDelivery:
         """Wait for wake(): something enqueued, or a delivery finished (a slot is free); or for
         the next due row or poll."""
         self._deferred.clear()
-        due = await trio.to_thread.run_sync(outbox.next_due_ms, self._store)
+        due = await trio.to_thread.run_sync(
+            functools.partial(outbox.next_due_ms, self._store, now_ms=self._now_ms())
+        )
         wait = self._settings.poll_interval_s
         if due is not None:
             wait = min(wait, max(0.0, (due - self._now_ms()) / 1000))
@@ -738,7 +740,8 @@ class WebhookDelivery:
                 # Due but their URL's POST budget is spent: they go when it has a token
                 # (with whatever else came due by then: the batching).
                 wait = min(self._settings.poll_interval_s, token_s)
-        # A pending row may be due yet held (endpoint slowed down): never spin faster than 20 ms.
+        # Held endpoints' rows come due when the hold ends (next_due_ms); whatever else is due
+        # yet not claimed, never spin faster than 20 ms.
         with trio.move_on_after(max(wait, 0.02)):
             await self._wake.wait()
         self._wake = trio.Event()
@@ -885,7 +888,8 @@ class WebhookDelivery:
         else:
             self._counters.posts += 1
         if len(sent) > 1:
-            self._counters.batched_reports += len(sent)
+            if not attempt.refused:  # a POST that was never sent carried nothing
+                self._counters.batched_reports += len(sent)
             if attempt.outcome == DEAD and attempt.status is not None and url not in self._singles:
                 # A receiver that knows only the single form (4xx to the batch): its rows go
                 # back unsent and are sent one per POST from now on (bounded memory).
@@ -1063,45 +1067,32 @@ class WebhookDelivery:
                 self._counters.gone += 1
                 outbox.disable_endpoint(self._store, url, now_ms=now_ms, reason=attempt.error)
                 log.warning("webhook endpoint disabled: %s answered 410 Gone", url)
-            for entry in batch:
-                self._record_locked(entry, attempt, now_ms, until_ms)
+            # One transaction for the POST's rows and the endpoint's hold, as for a 2xx: an
+            # endpoint answering 429 to every POST must not cost a commit per row it carried.
+            outcomes = [self._outcome(entry, attempt, until_ms) for entry in batch]
+            slow = attempt.outcome == SLOW_DOWN and any(o.state == outbox.PENDING for o in outcomes)
+            hold = (batch[0].url, until_ms) if slow else None
+            outbox.finish_many(self._store, outcomes, now_ms=now_ms, hold=hold)
 
-    def _record_locked(
-        self, entry: outbox.OutboxEntry, attempt: _Attempt, now_ms: int, until_ms: int
-    ) -> None:
+    def _outcome(
+        self, entry: outbox.OutboxEntry, attempt: _Attempt, until_ms: int
+    ) -> outbox.RowOutcome:
+        """What a failed attempt makes of one row (counted); written by :meth:`_record`."""
         s, c = self._settings, self._counters
         outcome = attempt.outcome
-        if outcome == DELIVERED:
-            # Counted once written: whoever sees the counter then finds the row delivered.
-            outbox.mark_delivered(self._store, entry.id, now_ms=now_ms, status=attempt.status or 0)
-            c.delivered += 1
-            return
-        if outcome == GONE:
-            # disable_endpoint (in _record) made the pending rows dead; this one too.
-            c.dead += 1
-            outbox.mark_dead(
-                self._store, entry.id, now_ms=now_ms, error=attempt.error, status=attempt.status
-            )
-            return
         if outcome in (RETRY, SLOW_DOWN) and entry.attempts < s.max_attempts:
             if outcome == SLOW_DOWN:
                 c.slowed_down += 1
-                outbox.hold_endpoint(self._store, entry.url, now_ms=now_ms, until_ms=until_ms)
             c.retried += 1
-            outbox.reschedule(
-                self._store,
-                entry.id,
-                now_ms=now_ms,
-                next_attempt_ms=until_ms,
-                error=attempt.error,
-                status=attempt.status,
+            return outbox.RowOutcome(
+                entry.id, outbox.PENDING, attempt.error, attempt.status, next_attempt_ms=until_ms
             )
-            return
+        # GONE: disable_endpoint (in _record) made the pending rows dead; this one too.
         c.dead += 1
         error = attempt.error
         if outcome in (RETRY, SLOW_DOWN):
             error = f"gave up after {entry.attempts} attempts: {error}"
-        outbox.mark_dead(self._store, entry.id, now_ms=now_ms, error=error, status=attempt.status)
+        return outbox.RowOutcome(entry.id, outbox.DEAD, error, attempt.status)
 
     async def _attempt(
         self, client: httpx.AsyncClient, url: str, msg_id: str, body: bytes

@@ -639,11 +639,15 @@ def enable_endpoint(store: Store, url: str, *, now_ms: int) -> None:
 def hold_endpoint(store: Store, url: str, *, now_ms: int, until_ms: int) -> None:
     """No request to ``url`` before ``until_ms`` (it said 429/503, maybe with Retry-After)."""
     with store.transaction("slowing a webhook endpoint down", write=True) as conn:
-        e = _ENDPOINTS
-        current = conn.execute(select(e.c.not_before_ms).where(e.c.url == url)).scalar()
-        if current is not None and int(current) >= until_ms:
-            return
-        conn.execute(_upsert_endpoint(store, url, now_ms, not_before_ms=until_ms))
+        _hold_in(conn, store, url, now_ms=now_ms, until_ms=until_ms)
+
+
+def _hold_in(conn: Connection, store: Store, url: str, *, now_ms: int, until_ms: int) -> None:
+    e = _ENDPOINTS
+    current = conn.execute(select(e.c.not_before_ms).where(e.c.url == url)).scalar()
+    if current is not None and int(current) >= until_ms:
+        return
+    conn.execute(_upsert_endpoint(store, url, now_ms, not_before_ms=until_ms))
 
 
 def endpoints(store: Store) -> list[Endpoint]:
@@ -685,13 +689,33 @@ def counts(store: Store) -> dict[str, int]:
     return {s: found.get(s, 0) for s in STATES}
 
 
-def next_due_ms(store: Store) -> int | None:
-    """When the earliest pending row comes due (ignoring endpoint holds), or None."""
-    o = _OUTBOX
-    stmt = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING)
+def next_due_ms(store: Store, *, now_ms: int | None = None) -> int | None:
+    """When the earliest pending row comes due, or None.
+
+    Without ``now_ms``, endpoint holds are ignored. With it, as :func:`claim_batches` sees the
+    outbox at ``now_ms``: a row whose endpoint is held (429/503, maybe an hour or more) or
+    disabled is not due, and a hold ends at its ``not_before_ms`` (taken over every held
+    endpoint, rows or not: at worst one early look). A worker that waited for the held rows'
+    own due times would find them due, claim nothing, and look again at once, for as long as
+    the endpoint holds it off.
+    """
+    o, e = _OUTBOX, _ENDPOINTS
+    if now_ms is None:
+        stmt = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING)
+        with store.transaction("reading the webhook outbox", write=False) as conn:
+            value = conn.execute(stmt).scalar()
+        return None if value is None else int(value)
+    held_back = exists().where(
+        e.c.url == o.c.url, or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)
+    )
+    free = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING, ~held_back)
+    hold_ends = select(func.min(e.c.not_before_ms)).where(
+        e.c.disabled_ms.is_(None), e.c.not_before_ms > now_ms
+    )
     with store.transaction("reading the webhook outbox", write=False) as conn:
-        value = conn.execute(stmt).scalar()
-    return None if value is None else int(value)
+        values = [conn.execute(free).scalar(), conn.execute(hold_ends).scalar()]
+    due = [int(v) for v in values if v is not None]
+    return min(due) if due else None
 
 
 def pending_urls(store: Store) -> Sequence[str]:
@@ -699,6 +723,55 @@ def pending_urls(store: Store) -> Sequence[str]:
     stmt = select(o.c.url).where(o.c.state == PENDING).distinct()
     with store.transaction("reading the webhook outbox", write=False) as conn:
         return [str(u) for u in conn.execute(stmt).scalars()]
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    """What one row of a POST becomes: ``state`` PENDING (rescheduled to ``next_attempt_ms``)
+    or DEAD, with the answer's status and the error kept for the operator."""
+
+    entry_id: int
+    state: str
+    error: str
+    status: int | None = None
+    next_attempt_ms: int | None = None
+
+
+def finish_many(
+    store: Store,
+    outcomes: Sequence[RowOutcome],
+    *,
+    now_ms: int,
+    hold: tuple[str, int] | None = None,
+) -> int:
+    """The failed outcome of one POST for every row it carried, and the endpoint's hold
+    (``(url, until_ms)``: it said 429/503), in one transaction: a POST's outcome costs one
+    commit however many rows it carried (:func:`mark_delivered_many` for a 2xx). Only pending
+    rows change, as in :func:`reschedule` and :func:`mark_dead`; returns how many did."""
+    o = _OUTBOX
+    changed = 0
+    with store.transaction("updating webhook deliveries", write=True) as conn:
+        if hold is not None:
+            _hold_in(conn, store, hold[0], now_ms=now_ms, until_ms=hold[1])
+        # Rows of one POST mostly end alike: one UPDATE per distinct outcome, not per row.
+        alike: dict[tuple[str, str, int | None, int | None], list[int]] = {}
+        for row in outcomes:
+            if row.state not in (PENDING, DEAD):
+                raise ValueError(f"a failed POST leaves a row pending or dead, not {row.state}")
+            key = (row.state, row.error, row.status, row.next_attempt_ms)
+            alike.setdefault(key, []).append(row.entry_id)
+        for (state, error, status, next_attempt_ms), ids in alike.items():
+            values: dict[str, object] = {
+                "state": state,
+                "updated_ms": now_ms,
+                "last_status": status,
+                "last_error": _cut(error),
+            }
+            if next_attempt_ms is not None:
+                values["next_attempt_ms"] = next_attempt_ms
+            stmt = update(o).where(o.c.id.in_(ids), o.c.state == PENDING).values(**values)
+            changed += conn.execute(stmt).rowcount
+    return changed
 
 
 __all__ = [
@@ -710,6 +783,7 @@ __all__ = [
     "EnqueueResult",
     "OutboxEntry",
     "Planned",
+    "RowOutcome",
     "claim_batches",
     "claim_due",
     "counts",
@@ -719,6 +793,7 @@ __all__ = [
     "enqueue",
     "enqueue_planned_in",
     "entries",
+    "finish_many",
     "hold_endpoint",
     "mark_dead",
     "mark_delivered",
