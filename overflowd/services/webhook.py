@@ -114,6 +114,10 @@ UNEXPECTED_LOG_INTERVAL_S = 60 * SECONDS
 #: forgetting the hold that ends first is safe, and a flood of slow-down answers cannot grow
 #: it unbounded.
 MAX_HELD_URLS = 10_000
+#: A URL whose receiver refused a batch (a 4xx) gets one report per POST for this long, then
+#: batches are tried again: a proxy's transient 404 or a skewed clock's 401 must not make it
+#: single-form for the process's life.
+SINGLE_FORM_FOR_S = 3600.0
 #: A row claimed for a host that already has max_concurrency_per_host deliveries in flight
 #: (under another of its URLs: the busy URLs themselves are not claimed) is given back unsent,
 #: due again after this long. Long enough that the next claims reach other hosts' rows, short
@@ -597,8 +601,9 @@ class WebhookDelivery:
         )
         #: v1 (HMAC) keys per URL, from [[webhook.endpoints]] secrets; DNS URLs have none
         self._secrets = settings.secrets()
-        #: URLs whose receiver refused a batch with a 4xx: one report per POST from then on
-        self._singles: dict[str, None] = {}
+        #: URLs whose receiver refused a batch with a 4xx -> until when (monotonic) they get
+        #: one report per POST; those POSTs spend no POST-budget token (see _single_form)
+        self._singles: dict[str, float] = {}
         self._counters = _Counters()
         self._unexpected: dict[str, int] = {}
         self._log_limiter = _LogLimiter(UNEXPECTED_LOG_INTERVAL_S, monotonic, MAX_ERROR_KINDS)
@@ -877,7 +882,10 @@ class WebhookDelivery:
         if body is None:
             return
         sent, msg_id, content = body
-        self._posts.take(url, self._monotonic())
+        if not (len(sent) == 1 and self._single_form(url)):
+            # A single-form URL's POSTs are bounded by its one POST in flight and by what the
+            # enqueue budgets let into the outbox; a token each would cap it at 1 report/s.
+            self._posts.take(url, self._monotonic())
         self._counters.in_flight += len(sent)
         try:
             attempt = await self._attempt(client, url, msg_id, content)
@@ -890,7 +898,8 @@ class WebhookDelivery:
         if len(sent) > 1:
             if not attempt.refused:  # a POST that was never sent carried nothing
                 self._counters.batched_reports += len(sent)
-            if attempt.outcome == DEAD and attempt.status is not None and url not in self._singles:
+            refused_batch = attempt.outcome == DEAD and attempt.status is not None
+            if refused_batch and not self._single_form(url):
                 # A receiver that knows only the single form (4xx to the batch): its rows go
                 # back unsent and are sent one per POST from now on (bounded memory).
                 self._batch_refused(url)
@@ -918,14 +927,24 @@ class WebhookDelivery:
             )
         await self._store_call(functools.partial(self._record, sent, attempt, now_ms, retry_at_ms))
 
+    def _single_form(self, url: str) -> bool:
+        until = self._singles.get(url)
+        if until is None:
+            return False
+        if until <= self._monotonic():
+            del self._singles[url]
+            return False
+        return True
+
     def _batch_refused(self, url: str) -> None:
         self._counters.batches_refused += 1
         if url not in self._singles and len(self._singles) >= MAX_HELD_URLS:
             self._singles.pop(next(iter(self._singles)))
-        self._singles[url] = None
+        self._singles[url] = self._monotonic() + SINGLE_FORM_FOR_S
         log.warning(
-            "webhook.batch_refused url=%s (sending it one report per POST from now on)",
+            "webhook.batch_refused url=%s (one report per POST for %d s)",
             url[:200],
+            SINGLE_FORM_FOR_S,
         )
 
     async def _body(
@@ -936,7 +955,7 @@ class WebhookDelivery:
         the endpoint takes one report per POST), and None if none is left."""
         s = self._settings
         url = batch[0].url
-        limit = 1 if url in self._singles else s.max_batch_reports
+        limit = 1 if self._single_form(url) else s.max_batch_reports
         reports: list[rpt.SignedReport] = []
         parts: list[bytes] = []
         size = len(BATCH_PREFIX) + len(BATCH_SUFFIX)

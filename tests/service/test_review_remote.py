@@ -205,20 +205,15 @@ async def test_a_refused_batch_is_not_counted_as_batched_reports(tmp_path: Path)
 # -- webhook delivery: one 4xx to a batch caps the URL at endpoint_posts_per_s reports ---------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design question for the lead: after a 4xx to a batch the URL gets one report per "
-    "POST for the process's life, and the POST budget (1/s, burst 5) then caps it at 1 report/s "
-    "(a backlog past max_pending_per_url is shed outbox_full); see the review report",
-)
 async def test_a_single_form_receiver_is_not_throttled_to_one_report_a_second(
     tmp_path: Path,
 ) -> None:
     """A receiver that answers a batch with a 4xx (one built on verify_delivery, or a proxy's
     transient 404/413, a 401 for a skewed clock) is sent one report per POST from then on,
-    and each POST spends a token of the URL's POST budget: 30 reports take 25 s at the
-    defaults, where the same 30 in batches take one POST. The docs say nothing is lost by it;
-    under a sustained 2 reports/s (one prefix's budget) the backlog grows until it is shed."""
+    and each POST spent a token of the URL's POST budget: 30 reports took 25 s at the
+    defaults, and under a sustained 2 reports/s (one prefix's budget) the backlog grew until it
+    was shed. Now single-form POSTs spend no token (one in flight bounds them), and the mark
+    ends after SINGLE_FORM_FOR_S."""
     identity = NodeIdentity(seed=bytes(range(32)))
 
     class SingleOnly(Scripted):
@@ -255,6 +250,43 @@ async def test_a_single_form_receiver_is_not_throttled_to_one_report_a_second(
             nursery.cancel_scope.cancel()
     assert delivery.statistics().batches_refused == 1
     assert counts == {"pending": 0, "delivered": 30, "dead": 0}
+
+
+async def test_a_transient_4xx_to_a_batch_makes_a_url_single_form_only_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One 400 to a batch (a proxy's hiccup), then the receiver takes batches again: once the
+    single-form mark ends (SINGLE_FORM_FOR_S, here 0) the rest go batched, not one per POST."""
+    monkeypatch.setattr(svc, "SINGLE_FORM_FOR_S", 0.0)
+    identity = NodeIdentity(seed=bytes(range(32)))
+    refused: list[int] = []
+
+    class RefusesOnce(Scripted):
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or refused:
+                await super().__call__(scope, receive, send)
+                return
+            while (await receive()).get("more_body") is not False:
+                pass
+            refused.append(1)
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b"not now"})
+
+    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as store, trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            app = RefusesOnce(identity.public_key, [])
+            url = await serve_app(nursery, app) + "/flaky"
+            enqueue_reports(store, identity, url, 10)
+            settings = WebhookSettings(
+                allow_prefixes=("127.0.0.0/8",), require_https=False, poll_interval_s=0.1
+            )
+            delivery = svc.WebhookDelivery(store, identity, settings)
+            counts = await delivery.drain(timeout_s=20)
+            nursery.cancel_scope.cancel()
+    stats = delivery.statistics()
+    assert counts == {"pending": 0, "delivered": 10, "dead": 0}
+    assert stats.batches_refused == 1
+    assert len(app.seen) < 5, f"{len(app.seen)} POSTs for 10 reports: still one per POST"
 
 
 # -- webhook delivery: a failed POST's outcome is one transaction, as a delivered one's is ------
