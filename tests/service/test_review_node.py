@@ -87,3 +87,36 @@ def test_stop_summary_says_what_the_webhook_plan_shed(
     assert code == 0, err
     (line,) = [x for x in out.splitlines() if x.startswith("stopped: webhook ")]
     assert " not_enqueued=3 outbox_full=3 deferred=0" in line, line
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design: rows for a disabled (410) endpoint are enqueued dead outside the pending "
+    "caps and dead rows are never pruned, so a flood grows the store without bound",
+)
+def test_flood_toward_a_gone_endpoint_is_held_to_the_outbox_caps(
+    hooks: str, node_factory: Callable[..., Node]
+) -> None:
+    """The endpoint answers 410 once and is disabled; then every new row for it is written
+    straight away as dead, and neither ``max_pending_per_url`` nor ``max_pending`` counts dead
+    rows. A spoofed flood toward its prefix (or toward the prefix of anyone who publishes a
+    ``u=`` URL that answers 410) adds a row with a copy of the COSE per report, forever: the
+    caps' promise, "a flood of spoofed flows cannot swell the store", does not hold."""
+    node = node_factory(_config(f"{hooks}/gone", per_url=3, total=3), "--rate", "1")
+    try:
+        _flood(node, 1, sport=1000)
+        eventually(node.url, lambda s: _rows(s).get("dead") == 1)
+        _flood(node, 20, sport=2000)
+        s = eventually(
+            node.url,
+            lambda s: (
+                s.value("overflowd_stored_reports_total", via="local") == 21
+                and _rows(s).get("dead", 0)
+                + s.value("overflowd_webhook_dropped_total", reason="outbox_full")
+                == 21
+            ),
+        )
+        assert s.value("overflowd_stored_reports_total", via="local") == 21
+        assert _rows(s)["dead"] <= 3, _rows(s)
+    finally:
+        node.stop_split()
