@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from tests.service.test_metrics_visibility import (
     node_factory,
     send_from,
 )
+from tests.support.cli import run
 from tests.support.metrics import Scrape
 
 __all__ = ["home", "node_factory"]  # fixtures, re-used
@@ -120,3 +122,18 @@ def test_flood_toward_a_gone_endpoint_is_held_to_the_outbox_caps(
         assert _rows(s)["dead"] <= 3, _rows(s)
     finally:
         node.stop_split()
+
+
+def test_host_bits_in_send_allowed_prefixes_name_the_key(home: Path) -> None:
+    """``send.allowed_prefixes = ["192.0.2.1/24"]`` passed the config check (strict=False) and
+    failed at start in Confinement (strict=True) with a line naming neither file nor key."""
+    (home / "overflowd.toml").write_text(
+        '[send]\nto_flow_addresses = true\nallowed_prefixes = ["192.0.2.1/24"]\n'
+    )
+    result = run(
+        "overflowd", "--home", str(home), "run", "--listen", "127.0.0.1:0",
+        "--inband-listen", "127.0.0.1:0", "--api", "", "--metrics", "", timeout=30,
+    )  # fmt: skip
+    assert result.code == 1, result
+    assert "send.allowed_prefixes" in result.err and "overflowd.toml" in result.err, result.err
+    assert "Traceback" not in result.err
