@@ -228,7 +228,9 @@ class NodeService:
         self._listen = [parse_listen(x) for x in (listen or settings.collector.listen)]
         policy = policy_from_settings(settings, rate)
         self.registry = registry
-        if self.registry is None and settings.inband.enabled:
+        # DNS for the in-band listener's senders, and for the hints ([send] on: asked boosts
+        # and u= webhooks, which do not need in band: docs/notify.md's rule has no `enabled`).
+        if self.registry is None and (settings.inband.enabled or settings.inband.allowed_prefixes):
             self.registry = _registry_from(settings)
         # Who may be told anything (in band, or by a webhook found in DNS): inband's confinement.
         self.confinement = settings.inband.confinement()
