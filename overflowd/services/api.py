@@ -42,7 +42,7 @@ from overflowd.config import ApiSettings, parse_listen
 from overflowd.errors import ConfigError
 from overflowd.identity import NodeIdentity
 from overflowd.registry import format_record
-from overflowd.store.repository import Store, StoredReport
+from overflowd.store.repository import MAX_SEQ, Store, StoredReport
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/v1/reports", summary="stored reports in this node's order, from a cursor")
     async def reports(
-        after: Annotated[int, Query(ge=0, description="cursor: the `next` of the last page")] = 0,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_SEQ, description="cursor: the `next` of the last page")
+        ] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         src: Annotated[str | None, Query(description="source address or prefix")] = None,
         dst: Annotated[str | None, Query(description="destination address or prefix")] = None,

@@ -94,6 +94,9 @@ _SEQUENCE: Table = Base.metadata.tables["report_sequence"]
 _REPORTS_SEQUENCE = "reports"
 #: The most reports one page of :meth:`Store.reports_after` returns.
 MAX_PAGE_REPORTS = 10_000
+#: The largest report number (``reports.seq`` is a signed 64-bit column): a cursor beyond it
+#: is no cursor this store gave, and would not even bind as a query parameter.
+MAX_SEQ = 2**63 - 1
 
 # IPv4 is stored IPv4-mapped (RFC 4291 §2.5.5.2) so both families share one 16-byte keyspace,
 # and an IPv4 prefix is a range inside ::ffff:0:0/96.
@@ -572,8 +575,8 @@ class Store:
         whose source or destination is in it (a network's own view); ``src``/``dst`` filter
         one end.
         """
-        if after < 0:
-            raise ValueError("after must not be negative")
+        if not 0 <= after <= MAX_SEQ:
+            raise ValueError(f"after must be 0 to {MAX_SEQ}")
         if not 1 <= limit <= MAX_PAGE_REPORTS:
             raise ValueError(f"limit must be 1 to {MAX_PAGE_REPORTS}")
         t = _REPORTS

@@ -124,6 +124,8 @@ def test_reports_page_by_cursor_and_pick_up_what_is_stored_meanwhile(
         ({"limit": 1001}, 422, "limit"),
         ({"after": -1}, 422, "after"),
         ({"after": "x"}, 422, "after"),
+        # past the 64-bit column: was an OverflowError out of the store, a 500 and a traceback
+        ({"after": 2**64}, 422, "after"),
         ({"prefix": "nope"}, 400, "prefix"),
         ({"src": "10.0.0.0/33"}, 400, "src"),
     ],
