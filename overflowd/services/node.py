@@ -38,7 +38,7 @@ from overflowd.flows import FlowRow
 from overflowd.flowsample import Sampler, SamplerStatistics, SamplingPolicy
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.identity import NodeIdentity
-from overflowd.notify import Budget, WebhookBudget, flow_key
+from overflowd.notify import Budget, WebhookBudget, flow_key, normalize
 from overflowd.pipeline import ReportMaker, policy_from_settings
 from overflowd.services.capture import CaptureStatistics, KernelSampledCapture
 from overflowd.services.collector import (
@@ -905,10 +905,12 @@ class NodeService:
                     continue
                 chosen[url] = address
                 self._webhooks_from_dns += 1
+        # An IPv4-mapped end is its IPv4 host, as for the confinement and the budgets.
+        ends = (normalize(flow.src), normalize(flow.dst))
         for endpoint, nets in self._webhook_endpoints:
             if endpoint.url in chosen:
                 continue
-            for address in (flow.src, flow.dst):
+            for address in ends:
                 if any(address.version == n.version and address in n for n in nets):
                     chosen[endpoint.url] = address
                     break
