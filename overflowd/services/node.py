@@ -152,7 +152,8 @@ class NodeStatistics:
     trust: TrustStatistics | None = None
     dns: DnsStatistics | None = None
     hints: HintStatistics | None = None
-    #: webhook deliveries enqueued to URLs published in DNS (``u=``)
+    #: webhook deliveries to URLs published in DNS (``u=``) that the webhook plan let through
+    #: (the outbox may still shed them: ``outbox_full``, counted with the other drops)
     webhooks_from_dns: int = 0
     #: inputs (datagrams, capture batches) dropped at the per-input boundary after an
     #: exception no decoder or policy expected, by exception type (a bug, reported and survived)
@@ -904,7 +905,7 @@ class NodeService:
                     planner.drop("bad_url")
                     continue
                 chosen[url] = address
-                self._webhooks_from_dns += 1
+        from_dns = set(chosen)  # counted once planned (the plan may drop them)
         # An IPv4-mapped end is its IPv4 host, as for the confinement and the budgets.
         ends = (normalize(flow.src), normalize(flow.dst))
         for endpoint, nets in self._webhook_endpoints:
@@ -919,6 +920,7 @@ class NodeService:
             defer_s = planner.plan(url, address, key, now)
             if defer_s is not None:
                 planned.append(Planned(report, url, now_ms + math.ceil(defer_s * 1000)))
+                self._webhooks_from_dns += url in from_dns
         return planned
 
     def _count_outbox_full(self, full: Mapping[str, int]) -> None:

@@ -50,3 +50,31 @@ async def test_dns_webhooks_follow_send_not_inband_enabled(
             planned = node._webhook_plan(report, trio.current_time(), 0)
             assert [p.url for p in planned] == [HOOK]
             nursery.cancel_scope.cancel()
+
+
+async def test_webhooks_from_dns_counts_what_was_planned_not_what_was_looked_at(
+    knot: KnotServer, tmp_path: Path
+) -> None:
+    """``webhooks_from_dns`` is "deliveries enqueued to URLs published in DNS"; it was counted
+    when the URL was chosen, before the plan, so each duplicate the plan dropped counted too."""
+    text = (
+        f'[registry]\nnameservers = ["{knot.address}"]\ntimeout_s = 1.0\n'
+        '[send]\nto_flow_addresses = true\nallowed_prefixes = ["127.0.0.0/8"]\n'
+    )
+    s = parse_settings(text, "overflowd.toml")
+    report = NodeIdentity(seed=b"\x36" * 32).sign_report(
+        make_payload("127.0.0.4", "127.0.0.3", time_ms=int(time.time() * 1000))
+    )
+    with Store.open(f"sqlite:///{tmp_path / 'node.sqlite'}") as store, trio.fail_after(TIMEOUT_S):
+        node = NodeService(NODE, s, store, listen=["127.0.0.1:0"], inband_listen="127.0.0.1:0")
+        assert node.hints is not None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.hints.run)
+            node._warm(report)
+            hints = node.hints
+            await wait_until(lambda: hints.statistics().lookups == 2)
+            for _ in range(3):
+                node._webhook_plan(report, trio.current_time(), 0)
+            assert node.webhook_budget.statistics().dropped["duplicate"] == 2
+            assert node.statistics().webhooks_from_dns == 1
+            nursery.cancel_scope.cancel()
