@@ -42,7 +42,7 @@ from overflowd.config import ApiSettings, parse_listen
 from overflowd.errors import ConfigError
 from overflowd.identity import NodeIdentity
 from overflowd.registry import format_record
-from overflowd.store.repository import MAX_SEQ, Store, StoredReport
+from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         def page() -> tuple[list[StoredReport], int]:
             return ctx.store.reports_after(after, limit, src=nets[0], dst=nets[1], either=nets[2])
 
-        rows, cursor = await anyio.to_thread.run_sync(page)
+        try:
+            rows, cursor = await anyio.to_thread.run_sync(page)
+        except CursorAhead as exc:
+            raise HTTPException(409, f"after: {exc}; page again from 0") from None
         return ReportPage(reports=[_stored(r) for r in rows], next=cursor)
 
     return app
