@@ -667,12 +667,14 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
             fail("client_ca_file", "needs TLS: set api.tls_certificate_file and api.tls_key_file")
         if settings.keep_alive_s <= 0:
             fail("keep_alive_s", "must be positive")
-    if isinstance(settings, SendSettings):
+    if isinstance(settings, SendSettings | InbandSettings):
+        # strict, as notify.Confinement parses them at start: "192.0.2.1/24" (host bits set)
+        # must fail here, naming the key, not later in the daemon naming neither key nor file.
         for item in settings.allowed_prefixes:
             try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                fail("allowed_prefixes", f"has {item!r}, which is not an address or prefix")
+                ipaddress.ip_network(item.strip(), strict=True)
+            except ValueError as exc:
+                fail("allowed_prefixes", f"has {item!r}, which is not a prefix: {exc}")
     if isinstance(settings, SamplingSettings):
         if not 0 < settings.rate <= 1:
             fail("rate", "must be in (0, 1]")

@@ -44,16 +44,12 @@ from overflowd.config import ApiSettings, parse_listen
 from overflowd.errors import ConfigError, StoreError
 from overflowd.identity import NodeIdentity
 from overflowd.registry import format_record
-from overflowd.store.repository import Store, StoredReport
+from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
 log = logging.getLogger(__name__)
 
 #: Reports per page at most: a page of 1000 reports is about 2 MB of JSON.
 MAX_PAGE = 1000
-#: The largest cursor: report numbers are the store's 64-bit signed integers (SQLite INTEGER,
-#: PostgreSQL BIGINT). A larger ``after`` names no report, and reaching the database it is an
-#: OverflowError (a 500 and a logged traceback per request), so it is refused as a bad parameter.
-MAX_CURSOR = 2**63 - 1
 #: One WARNING per this long while the store fails: every request then fails alike, and a
 #: client must not write the log as fast as it asks (an unhandled error is hypercorn's
 #: traceback per request). The answer is 503 with this Retry-After, saying nothing internal.
@@ -188,7 +184,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/v1/reports", summary="stored reports in this node's order, from a cursor")
     async def reports(
         after: Annotated[
-            int, Query(ge=0, le=MAX_CURSOR, description="cursor: the `next` of the last page")
+            int, Query(ge=0, le=MAX_SEQ, description="cursor: the `next` of the last page")
         ] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         src: Annotated[str | None, Query(description="source address or prefix")] = None,
@@ -202,7 +198,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
         def page() -> tuple[list[StoredReport], int]:
             return ctx.store.reports_after(after, limit, src=nets[0], dst=nets[1], either=nets[2])
 
-        rows, cursor = await anyio.to_thread.run_sync(page)
+        try:
+            rows, cursor = await anyio.to_thread.run_sync(page)
+        except CursorAhead as exc:
+            raise HTTPException(409, f"after: {exc}; page again from 0") from None
         return ReportPage(reports=[_stored(r) for r in rows], next=cursor)
 
     return app

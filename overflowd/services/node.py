@@ -38,7 +38,7 @@ from overflowd.flows import FlowRow
 from overflowd.flowsample import Sampler, SamplerStatistics, SamplingPolicy
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.identity import NodeIdentity
-from overflowd.notify import Budget, WebhookBudget, flow_key
+from overflowd.notify import Budget, WebhookBudget, flow_key, normalize
 from overflowd.pipeline import ReportMaker, policy_from_settings
 from overflowd.services.capture import CaptureStatistics, KernelSampledCapture
 from overflowd.services.collector import (
@@ -152,7 +152,8 @@ class NodeStatistics:
     trust: TrustStatistics | None = None
     dns: DnsStatistics | None = None
     hints: HintStatistics | None = None
-    #: webhook deliveries enqueued to URLs published in DNS (``u=``)
+    #: webhook deliveries to URLs published in DNS (``u=``) that the webhook plan let through
+    #: (the outbox may still shed them: ``outbox_full``, counted with the other drops)
     webhooks_from_dns: int = 0
     #: inputs (datagrams, capture batches) dropped at the per-input boundary after an
     #: exception no decoder or policy expected, by exception type (a bug, reported and survived)
@@ -228,7 +229,9 @@ class NodeService:
         self._listen = [parse_listen(x) for x in (listen or settings.collector.listen)]
         policy = policy_from_settings(settings, rate)
         self.registry = registry
-        if self.registry is None and settings.inband.enabled:
+        # DNS for the in-band listener's senders, and for the hints ([send] on: asked boosts
+        # and u= webhooks, which do not need in band: docs/notify.md's rule has no `enabled`).
+        if self.registry is None and (settings.inband.enabled or settings.inband.allowed_prefixes):
             self.registry = _registry_from(settings)
         # Who may be told anything (in band, or by a webhook found in DNS): inband's confinement.
         self.confinement = settings.inband.confinement()
@@ -902,11 +905,13 @@ class NodeService:
                     planner.drop("bad_url")
                     continue
                 chosen[url] = address
-                self._webhooks_from_dns += 1
+        from_dns = set(chosen)  # counted once planned (the plan may drop them)
+        # An IPv4-mapped end is its IPv4 host, as for the confinement and the budgets.
+        ends = (normalize(flow.src), normalize(flow.dst))
         for endpoint, nets in self._webhook_endpoints:
             if endpoint.url in chosen:
                 continue
-            for address in (flow.src, flow.dst):
+            for address in ends:
                 if any(address.version == n.version and address in n for n in nets):
                     chosen[endpoint.url] = address
                     break
@@ -915,6 +920,7 @@ class NodeService:
             defer_s = planner.plan(url, address, key, now)
             if defer_s is not None:
                 planned.append(Planned(report, url, now_ms + math.ceil(defer_s * 1000)))
+                self._webhooks_from_dns += url in from_dns
         return planned
 
     def _count_outbox_full(self, full: Mapping[str, int]) -> None:

@@ -44,7 +44,10 @@ def stop_summary(s: NodeStatistics) -> list[str]:
         w = s.webhook
         line = (
             f"stopped: webhook delivered={w.delivered} retried={w.retried} dead={w.dead} "
-            f"gone={w.gone} refused={w.refused} network_errors={w.network_errors}"
+            f"gone={w.gone} refused={w.refused} network_errors={w.network_errors} "
+            # What the plan did not enqueue (duplicate, outbox_full...): shed by policy, so
+            # said here as in-band's not_sent is, not only in /metrics.
+            f"not_enqueued={_reasons(w.dropped)} deferred={w.deferred}"
         )
         if s.gauges is not None and s.gauges.outbox is not None:
             rows = s.gauges.outbox

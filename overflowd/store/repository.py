@@ -94,6 +94,20 @@ _SEQUENCE: Table = Base.metadata.tables["report_sequence"]
 _REPORTS_SEQUENCE = "reports"
 #: The most reports one page of :meth:`Store.reports_after` returns.
 MAX_PAGE_REPORTS = 10_000
+#: The largest report number (``reports.seq`` is a signed 64-bit column): a cursor beyond it
+#: is no cursor this store gave, and would not even bind as a query parameter.
+MAX_SEQ = 2**63 - 1
+
+
+class CursorAhead(ValueError):
+    """A cursor above every number this store has given: not one of its cursors (the database
+    was recreated, or restored from an older copy). Paging on from it would skip every report
+    numbered below it, silently; the reader must start again (from 0, or its last report)."""
+
+    def __init__(self, after: int, last: int) -> None:
+        super().__init__(f"after {after} is beyond this store's last report number {last}")
+        self.after = after
+        self.last = last
 
 # IPv4 is stored IPv4-mapped (RFC 4291 §2.5.5.2) so both families share one 16-byte keyspace,
 # and an IPv4 prefix is a range inside ::ffff:0:0/96.
@@ -570,10 +584,10 @@ class Store:
         the highest number committed, so its cursor is that number (read first, in the same
         transaction): filtered-out reports are not looked at again. ``either`` keeps reports
         whose source or destination is in it (a network's own view); ``src``/``dst`` filter
-        one end.
+        one end. A cursor above the highest number given raises :class:`CursorAhead`.
         """
-        if after < 0:
-            raise ValueError("after must not be negative")
+        if not 0 <= after <= MAX_SEQ:
+            raise ValueError(f"after must be 0 to {MAX_SEQ}")
         if not 1 <= limit <= MAX_PAGE_REPORTS:
             raise ValueError(f"limit must be 1 to {MAX_PAGE_REPORTS}")
         t = _REPORTS
@@ -594,6 +608,10 @@ class Store:
             # The counter before the rows: every number up to it belongs to a committed
             # transaction, so the rows read next hold all of them that match (and maybe more).
             last_committed = int(conn.execute(committed).scalar_one())
+            if after > last_committed:
+                # Every cursor this store hands out is a committed number (below): this one
+                # is not its own. An empty page would hide all reports numbered below it.
+                raise CursorAhead(after, last_committed)
             page = [_stored_report(row._mapping) for row in conn.execute(stmt)]
         if len(page) == limit:
             return page, page[-1].seq

@@ -124,6 +124,11 @@ def test_reports_page_by_cursor_and_pick_up_what_is_stored_meanwhile(
         ({"limit": 1001}, 422, "limit"),
         ({"after": -1}, 422, "after"),
         ({"after": "x"}, 422, "after"),
+        # past the 64-bit column: was an OverflowError out of the store, a 500 and a traceback
+        ({"after": 2**64}, 422, "after"),
+        # a cursor this store never gave (its database was recreated or restored from an older
+        # copy): an empty page with next=after hid every report numbered below it, for good
+        ({"after": 10**6}, 409, "after"),
         ({"prefix": "nope"}, 400, "prefix"),
         ({"src": "10.0.0.0/33"}, 400, "src"),
     ],
