@@ -407,6 +407,8 @@ max_concurrency_per_host = 2
 batch_size = 64
 poll_interval_s = 1.0
 keep_delivered_s = 604800.0
+# Dead letters (overflowd-query outbox --dead) are kept this long, then deleted.
+keep_dead_s = 2592000.0
 # Retries (first attempts are the [budget]'s) per second and burst, per URL and per host:
 # an endpoint failing everything is not hammered; a row over budget waits, never dropped.
 retry_per_url_per_s = 1.0
@@ -429,7 +431,8 @@ max_defer_s = 600.0
 dedup_window_s = 600.0
 max_prefixes = 65536
 max_dedup_entries = 65536
-# Pending rows per endpoint and in all; beyond, new deliveries are shed (outbox_full).
+# Rows kept (pending or dead) per endpoint and in all; beyond, new deliveries are shed
+# (outbox_full).
 max_pending_per_url = 10000
 max_pending = 100000
 

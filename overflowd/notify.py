@@ -631,8 +631,11 @@ class WebhookSettings:
     batch_size: int = 64
     #: How often to look at the outbox when nobody calls wake().
     poll_interval_s: float = 1 * SECONDS
-    #: Delivered rows are deleted after this long (dead letters are kept for the operator).
+    #: Delivered rows are deleted after this long.
     keep_delivered_s: float = 7 * 86400 * SECONDS
+    #: Dead letters are kept this long for the operator (`overflowd-query outbox --dead`,
+    #: `overflowd outbox retry`), then deleted: they count against the outbox caps meanwhile.
+    keep_dead_s: float = 30 * 86400 * SECONDS
     #: Retries (not first attempts) per second and burst, per URL and per host name: a
     #: receiver that answers 500 to everything gets at most burst + rate × T retries in T s
     #: (services/webhook.py RetryLimits; over budget a row waits, it is never dropped).
@@ -695,6 +698,7 @@ class WebhookSettings:
             "lease_s",
             "poll_interval_s",
             "keep_delivered_s",
+            "keep_dead_s",
         ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):

@@ -690,10 +690,13 @@ class WebhookDelivery:
                     await self._check_clock()
                     if trio.current_time() >= next_prune:
                         next_prune = trio.current_time() + PRUNE_INTERVAL_S
-                        before_ms = self._now_ms() - int(self._settings.keep_delivered_s * 1000)
+                        now_ms = self._now_ms()
                         await trio.to_thread.run_sync(
                             functools.partial(
-                                outbox.prune_delivered, self._store, before_ms=before_ms
+                                outbox.prune_delivered,
+                                self._store,
+                                before_ms=now_ms - int(self._settings.keep_delivered_s * 1000),
+                                dead_before_ms=now_ms - int(self._settings.keep_dead_s * 1000),
                             )
                         )
                     claimed = await self._pass(client, nursery)

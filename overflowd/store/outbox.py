@@ -217,15 +217,17 @@ def enqueue_planned_in(
         _checked([p.url])
     o = _OUTBOX
     urls = sorted({p.url for p in planned})
+    # Rows kept, pending or dead: dead letters are kept for the operator (until keep_dead_s),
+    # so they count too, or a flood toward an endpoint that answers 410 or 4xx would grow the
+    # outbox by one dead row per report for ever (review finding).
+    kept = o.c.state != DELIVERED
     per_url = {
         str(u): int(n)
         for u, n in conn.execute(
-            select(o.c.url, func.count())
-            .where(o.c.state == PENDING, o.c.url.in_(urls))
-            .group_by(o.c.url)
+            select(o.c.url, func.count()).where(kept, o.c.url.in_(urls)).group_by(o.c.url)
         )
     }
-    total = int(conn.execute(select(func.count()).where(o.c.state == PENDING)).scalar() or 0)
+    total = int(conn.execute(select(func.count()).where(kept)).scalar() or 0)
     # Rows already there (a report written twice) are not new and must not count twice.
     existing = {
         (str(r), str(u))
@@ -253,12 +255,11 @@ def enqueue_planned_in(
             continue
         seen.add(pair)
         dead = p.url in disabled
-        if not dead:
-            if per_url.get(p.url, 0) >= max_pending_per_url or total >= max_pending:
-                full[p.url] = full.get(p.url, 0) + 1
-                continue
-            per_url[p.url] = per_url.get(p.url, 0) + 1
-            total += 1
+        if per_url.get(p.url, 0) >= max_pending_per_url or total >= max_pending:
+            full[p.url] = full.get(p.url, 0) + 1
+            continue
+        per_url[p.url] = per_url.get(p.url, 0) + 1
+        total += 1
         rows.append(
             {
                 "report_id": p.report.report_id,
@@ -587,12 +588,15 @@ def rebase_clock(store: Store, *, now_ms: int, max_delay_ms: int, tolerance_ms: 
     return int(moved)
 
 
-def prune_delivered(store: Store, *, before_ms: int) -> int:
-    """Delete delivered rows last updated before ``before_ms``; dead letters are kept."""
+def prune_delivered(store: Store, *, before_ms: int, dead_before_ms: int | None = None) -> int:
+    """Delete delivered rows last updated before ``before_ms`` and, with ``dead_before_ms``,
+    dead letters last updated before that (kept that long for the operator)."""
     o = _OUTBOX
-    stmt = delete(o).where(o.c.state == DELIVERED, o.c.updated_ms < before_ms)
+    old = (o.c.state == DELIVERED) & (o.c.updated_ms < before_ms)
+    if dead_before_ms is not None:
+        old = old | ((o.c.state == DEAD) & (o.c.updated_ms < dead_before_ms))
     with store.transaction("pruning the webhook outbox", write=True) as conn:
-        return int(conn.execute(stmt).rowcount)
+        return int(conn.execute(delete(o).where(old)).rowcount)
 
 
 def _upsert_endpoint(store: Store, url: str, now_ms: int, **values: object) -> Executable:

@@ -91,19 +91,13 @@ def test_stop_summary_says_what_the_webhook_plan_shed(
     assert " not_enqueued=3 outbox_full=3 deferred=0" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: rows for a disabled (410) endpoint are enqueued dead outside the pending "
-    "caps and dead rows are never pruned, so a flood grows the store without bound",
-)
 def test_flood_toward_a_gone_endpoint_is_held_to_the_outbox_caps(
     hooks: str, node_factory: Callable[..., Node]
 ) -> None:
-    """The endpoint answers 410 once and is disabled; then every new row for it is written
-    straight away as dead, and neither ``max_pending_per_url`` nor ``max_pending`` counts dead
-    rows. A spoofed flood toward its prefix (or toward the prefix of anyone who publishes a
-    ``u=`` URL that answers 410) adds a row with a copy of the COSE per report, forever: the
-    caps' promise, "a flood of spoofed flows cannot swell the store", does not hold."""
+    """Review finding: the endpoint answers 410 once and is disabled; every new row for it was
+    written straight away as dead, outside ``max_pending_per_url`` and ``max_pending``, and dead
+    rows were never pruned, so a spoofed flood added a row with a copy of the COSE per report,
+    for ever. Now dead letters count against the caps (and go after ``keep_dead_s``)."""
     node = node_factory(_config(f"{hooks}/gone", per_url=3, total=3), "--rate", "1")
     try:
         _flood(node, 1, sport=1000)

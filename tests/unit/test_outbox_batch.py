@@ -73,13 +73,23 @@ def test_enqueue_planned_sheds_past_the_pending_caps(store: Store, identity: Nod
     )
 
 
-def test_enqueue_planned_to_a_disabled_endpoint_is_dead_not_full(
+def test_enqueue_planned_to_a_disabled_endpoint_is_dead_and_within_the_caps(
     store: Store, identity: NodeIdentity
 ) -> None:
+    """Dead letters count against the caps: a flood toward a gone endpoint cannot grow the
+    outbox by a dead row per report (review finding)."""
     ob.disable_endpoint(store, URL_A, now_ms=T0, reason="410")
     result = enqueue(store, planned(identity, URL_A, 3), max_pending_per_url=1)
-    assert result.new == 3 and result.outbox_full == {}
-    assert ob.counts(store) == {"pending": 0, "delivered": 0, "dead": 3}
+    assert result.new == 1 and result.outbox_full == {URL_A: 2}
+    assert ob.counts(store) == {"pending": 0, "delivered": 0, "dead": 1}
+
+
+def test_dead_letters_are_pruned_after_keep_dead_s(store: Store, identity: NodeIdentity) -> None:
+    ob.disable_endpoint(store, URL_A, now_ms=T0, reason="410")
+    enqueue(store, planned(identity, URL_A, 2))
+    assert ob.prune_delivered(store, before_ms=T0 + 10, dead_before_ms=T0) == 0
+    assert ob.prune_delivered(store, before_ms=T0 + 10, dead_before_ms=T0 + 1) == 2
+    assert ob.counts(store)["dead"] == 0
 
 
 def test_concurrent_batch_claimers_never_share_a_row(store: Store, identity: NodeIdentity) -> None:
