@@ -279,6 +279,13 @@ class BudgetStatistics:
     settings: BudgetSettings = field(repr=False)
 
 
+def _advance(current_us: int, now: float) -> int:
+    """The clock in integer microseconds after seeing ``now``: never backwards."""
+    if not math.isfinite(now):
+        raise ValueError("now must be a finite number of seconds")
+    return max(current_us, round(now * _US))
+
+
 class _Gcra:
     """Emission interval and tolerance of one budget, in integer microseconds."""
 
@@ -329,11 +336,7 @@ class Budget:
     # -- time ---------------------------------------------------------------------------------
 
     def _tick(self, now: float) -> int:
-        if not math.isfinite(now):
-            raise ValueError("now must be a finite number of seconds")
-        t = round(now * _US)
-        if t > self._now:
-            self._now = t
+        self._now = _advance(self._now, now)
         return self._now
 
     # -- decisions ----------------------------------------------------------------------------
@@ -920,11 +923,7 @@ class WebhookBudget:
         self._dedup_evictions = 0
 
     def _tick(self, now: float) -> int:
-        if not math.isfinite(now):
-            raise ValueError("now must be a finite number of seconds")
-        t = round(now * _US)
-        if t > self._now:
-            self._now = t
+        self._now = _advance(self._now, now)
         return self._now
 
     def drop(self, reason: str, n: int = 1) -> None:
