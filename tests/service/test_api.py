@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -36,16 +37,14 @@ def _api_url(daemon: Daemon) -> str:
     raise AssertionError("the daemon printed no api line")
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    home = tmp_path / "node"
+def _init(home: Path) -> Path:
     result = run("overflowd", "init", "--home", str(home), "--contact", "mailto:a@example.net")
     assert result.code == 0, result.err
     return home
 
 
-@pytest.fixture
-def node(home: Path) -> Iterator[tuple[Daemon, str]]:
+@contextlib.contextmanager
+def _running(home: Path) -> Iterator[tuple[Daemon, str]]:
     other = NodeIdentity.generate()
     now_ms = int(time.time() * 1000)  # received now: older received reports are pruned
     with Store.open(default_url(home)) as store:
@@ -61,6 +60,26 @@ def node(home: Path) -> Iterator[tuple[Daemon, str]]:
     finally:
         code, output = daemon.stop()
         assert code == 0, output
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return _init(tmp_path / "node")
+
+
+@pytest.fixture
+def node(home: Path) -> Iterator[tuple[Daemon, str]]:
+    """A daemon of its own (the test stores reports)."""
+    with _running(home) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Daemon, str]]:
+    """One daemon for the tests that only read (a daemon start is seconds of the suite)."""
+    home = _init(tmp_path_factory.mktemp("api") / "node")
+    with _running(home) as (daemon, url):
+        yield home, daemon, url
 
 
 def _page_all(
@@ -79,9 +98,9 @@ def _page_all(
 
 
 def test_identity_is_the_node_key_and_the_record_to_publish(
-    home: Path, node: tuple[Daemon, str]
+    shared: tuple[Path, Daemon, str],
 ) -> None:
-    _, url = node
+    home, _, url = shared
     identity = httpx.get(f"{url}/identity", timeout=5).json()
     key = load_identity(home)
     assert identity["key"] == key.public_key_b64 and identity["fingerprint"] == key.fingerprint
@@ -134,17 +153,17 @@ def test_reports_page_by_cursor_and_pick_up_what_is_stored_meanwhile(
     ],
 )
 def test_bad_query_parameters_are_refused_naming_them(
-    node: tuple[Daemon, str], params: dict[str, object], status: int, names: str
+    shared: tuple[Path, Daemon, str], params: dict[str, object], status: int, names: str
 ) -> None:
-    daemon, url = node
+    _, daemon, url = shared
     answer = httpx.get(f"{url}/reports", params=params, timeout=5)
     assert answer.status_code == status
     assert names in answer.text
     assert daemon.proc.poll() is None
 
 
-def test_openapi_metrics_and_health(node: tuple[Daemon, str]) -> None:
-    _, url = node
+def test_openapi_metrics_and_health(shared: tuple[Path, Daemon, str]) -> None:
+    _, _, url = shared
     served = httpx.get(f"{url}/openapi.json", timeout=5).json()
     assert served == json.loads(OPENAPI_FILE.read_text())
     assert {"/v1/reports", "/v1/identity", "/healthz", "/metrics"} <= set(served["paths"])
