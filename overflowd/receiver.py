@@ -127,15 +127,32 @@ def verify_delivery(
     public keys; ``None`` accepts any key whose signatures verify (trust decided later).
     ``max_body_bytes``: the receiver's body cap (it may raise the default).
     """
+    body, parsed = _preflight(
+        headers, body, now=now, tolerance_s=tolerance_s, max_body_bytes=max_body_bytes
+    )
+    return _single(parsed, body, _load(body), trusted_keys)
+
+
+def _preflight(
+    headers: wh.HeaderInput, body: bytes, *, now: float, tolerance_s: float, max_body_bytes: int
+) -> tuple[bytes, wh.WebhookHeaders]:
+    """The checks both forms start with, before any JSON or crypto: size, headers, timestamp
+    (a stale or mis-addressed message costs no crypto)."""
     if not isinstance(body, bytes | bytearray | memoryview):
         raise TypeError("body must be bytes")
     body = bytes(body)
     if len(body) > max_body_bytes:
         raise wh.WebhookDecodeError(f"body is larger than {max_body_bytes} bytes")
     parsed = wh.parse_headers(headers)
-    # The cheap checks first: a stale or mis-addressed message costs no crypto.
     wh.check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
-    doc, unverified = _parse_doc(_load(body))
+    return body, parsed
+
+
+def _single(
+    parsed: wh.WebhookHeaders, body: bytes, loaded: Any, trusted_keys: Collection[bytes] | None
+) -> rpt.SignedReport:
+    """The single form, once :func:`_preflight` has passed and the body is loaded."""
+    doc, unverified = _parse_doc(loaded)
     if trusted_keys is not None and unverified.kid not in trusted_keys:
         raise UntrustedKeyError("delivery signed by a key that is not trusted")
     wh.verify_signature(parsed, body, public_key=unverified.kid, check=check_signature)
@@ -164,25 +181,12 @@ def verify_batch(
     rendering must agree with its report. Any failure refuses the whole delivery.
     ``max_reports`` and ``max_body_bytes`` are the receiver's caps (its flags may raise them).
     """
-    if not isinstance(body, bytes | bytearray | memoryview):
-        raise TypeError("body must be bytes")
-    body = bytes(body)
-    if len(body) > max_body_bytes:
-        raise wh.WebhookDecodeError(f"body is larger than {max_body_bytes} bytes")
-    parsed = wh.parse_headers(headers)
-    wh.check_timestamp(parsed.timestamp, now=now, tolerance_s=tolerance_s)
+    body, parsed = _preflight(
+        headers, body, now=now, tolerance_s=tolerance_s, max_body_bytes=max_body_bytes
+    )
     doc = _load(body)
     if not (isinstance(doc, dict) and "reports" in doc and "cose" not in doc):
-        return [
-            verify_delivery(
-                headers,
-                body,
-                now=now,
-                trusted_keys=trusted_keys,
-                tolerance_s=tolerance_s,
-                max_body_bytes=max_body_bytes,
-            )
-        ]
+        return [_single(parsed, body, doc, trusted_keys)]  # parsed and loaded once
     items = doc["reports"]
     if set(doc) != {"reports"} or not isinstance(items, list) or not items:
         raise wh.WebhookDecodeError('a batch is {"reports": [one or more reports]}')

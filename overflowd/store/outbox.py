@@ -99,21 +99,25 @@ def _cut(text: str | None) -> str | None:
     return None if text is None else text[:MAX_ERROR_CHARS]
 
 
-def _entry(m: object) -> OutboxEntry:
+def _fields(m: object) -> dict[str, object]:
+    """Every column of an outbox row but ``cose``, typed (rows and listings alike)."""
     r = m._mapping  # type: ignore[attr-defined]
-    return OutboxEntry(
-        id=int(r["id"]),
-        report_id=str(r["report_id"]),
-        url=str(r["url"]),
-        cose=bytes(r["cose"]),
-        state=str(r["state"]),
-        attempts=int(r["attempts"]),
-        next_attempt_ms=int(r["next_attempt_ms"]),
-        created_ms=int(r["created_ms"]),
-        updated_ms=int(r["updated_ms"]),
-        last_status=None if r["last_status"] is None else int(r["last_status"]),
-        last_error=None if r["last_error"] is None else str(r["last_error"]),
-    )
+    return {
+        "id": int(r["id"]),
+        "report_id": str(r["report_id"]),
+        "url": str(r["url"]),
+        "state": str(r["state"]),
+        "attempts": int(r["attempts"]),
+        "next_attempt_ms": int(r["next_attempt_ms"]),
+        "created_ms": int(r["created_ms"]),
+        "updated_ms": int(r["updated_ms"]),
+        "last_status": None if r["last_status"] is None else int(r["last_status"]),
+        "last_error": None if r["last_error"] is None else str(r["last_error"]),
+    }
+
+
+def _entry(m: object) -> OutboxEntry:
+    return OutboxEntry(cose=bytes(m._mapping["cose"]), **_fields(m))  # type: ignore[arg-type,attr-defined]
 
 
 def enqueue(store: Store, report: rpt.SignedReport, urls: Iterable[str], *, now_ms: int) -> int:
@@ -221,7 +225,7 @@ def enqueue_planned_in(
     # Rows kept, pending or dead: dead letters are kept for the operator (until keep_dead_s),
     # so they count too, or a flood toward an endpoint that answers 410 or 4xx would grow the
     # outbox by one dead row per report for ever (review finding).
-    kept = o.c.state != DELIVERED
+    kept = o.c.state.in_((PENDING, DEAD))  # an index range, where != would scan
     per_url = {
         str(u): int(n)
         for u, n in conn.execute(
@@ -902,19 +906,7 @@ _ROW_COLUMNS = tuple(c for c in _OUTBOX.c if c.name != "cose")
 
 
 def _row(r: object) -> OutboxRow:
-    m = r._mapping  # type: ignore[attr-defined]
-    return OutboxRow(
-        id=int(m["id"]),
-        report_id=str(m["report_id"]),
-        url=str(m["url"]),
-        state=str(m["state"]),
-        attempts=int(m["attempts"]),
-        next_attempt_ms=int(m["next_attempt_ms"]),
-        created_ms=int(m["created_ms"]),
-        updated_ms=int(m["updated_ms"]),
-        last_status=None if m["last_status"] is None else int(m["last_status"]),
-        last_error=None if m["last_error"] is None else str(m["last_error"]),
-    )
+    return OutboxRow(**_fields(r))  # type: ignore[arg-type]
 
 
 def _state_counts(conn: Connection, url: str | None) -> dict[str, int]:

@@ -26,15 +26,7 @@ SEEDED = 250
 
 
 def _api_url(daemon: Daemon) -> str:
-    assert daemon.proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = daemon.proc.stdout.readline()
-        if line.startswith("api "):
-            return line.split()[1].rstrip("/")
-        if not line:
-            break
-    raise AssertionError("the daemon printed no api line")
+    return daemon.line("api ").split()[1].rstrip("/")
 
 
 def _init(home: Path) -> Path:

@@ -47,6 +47,19 @@ class Daemon:
             self.proc.kill()
             raise AssertionError(f"daemon did not start: {self.proc.stderr.read()}")  # type: ignore[union-attr]
 
+    def line(self, prefix: str, timeout_s: float = 30) -> str:
+        """The next line on stdout starting with ``prefix`` (the daemon's own announcements,
+        such as "listening inband" and "api", printed after the ones read at start)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith(prefix):
+                return line.rstrip("\n")
+            if not line:
+                break
+        raise AssertionError(f"the daemon printed no line starting {prefix!r}")
+
     def metric(self, name: str) -> float:
         text = httpx.get(self.metrics_url or "", timeout=5).text
         total = 0.0

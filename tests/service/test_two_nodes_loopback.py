@@ -21,45 +21,17 @@ from tests.service.test_daemon import Daemon
 from tests.service.test_node_hardening import v9_one_record
 from tests.service.test_receiver import start_receiver, stop
 from tests.support.cli import run
+from tests.support.metrics import reasons, scrape
 
 FLOWS = 30
 VICTIM = "127.0.0.2"
 TIMEOUT_S = 60.0
 
 
-def _inband_port(daemon: Daemon) -> int:
-    """The in-band port the daemon printed (it binds port 0)."""
-    assert daemon.proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = daemon.proc.stdout.readline()
-        if line.startswith("listening inband "):
-            return int(line.rsplit(":", 1)[1])
-        if not line:
-            break
-    raise AssertionError("the daemon printed no in-band listener")
-
-
 def _lines(path: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _labelled(daemon: Daemon, name: str, **labels: str) -> float:
-    """One sample of a labelled family (0 when absent)."""
-    import httpx
-
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in httpx.get(daemon.metrics_url or "", timeout=5).text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        inside = line[len(name) + 1 : line.index("}")]
-        got = ",".join(sorted(inside.split(",")))
-        if got == want:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_thirty_flows_reach_the_webhook_as_thirty_reports_and_the_metrics_say_why(
@@ -76,7 +48,7 @@ def test_thirty_flows_reach_the_webhook_as_thirty_reports_and_the_metrics_say_wh
             victim_home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
             "--inband-listen", f"{VICTIM}:0",
         )  # fmt: skip
-        port = _inband_port(victim)
+        port = int(victim.line("listening inband ").rsplit(":", 1)[1])
         (router_home / "overflowd.toml").write_text(
             f"""
 [sampling]
@@ -108,30 +80,20 @@ require_https = false
         assert len(delivered) == FLOWS
         assert len({d["id"] for d in delivered}) == FLOWS
         assert {d["flow"]["dst"] for d in delivered} == {VICTIM}  # type: ignore[index]
-        posts = _receiver_requests(base)
+        posts = scrape(f"{base}/metrics").value("overflowd_receiver_requests_total")
         assert 1 <= posts < FLOWS, f"{posts} POSTs for {FLOWS} reports: not batched"
 
         # In band: 10 datagrams to the victim (the /24's burst), 20 refused by that budget,
         # and the 30 sources outside the confinement; the victim's node stored the 10.
         assert router.wait_for("overflowd_inband_sent_total", 10, TIMEOUT_S) == 10
-        family = "overflowd_send_dropped_total"
-        assert _labelled(router, family, channel="inband", reason="prefix_budget") == 20
-        assert _labelled(router, family, channel="inband", reason="not_allowed") == FLOWS
+        metrics = scrape(router.metrics_url or "")
+        dropped = reasons(metrics, "overflowd_send_dropped_total", channel="inband")
+        assert dropped["prefix_budget"] == 20 and dropped["not_allowed"] == FLOWS
         assert victim.wait_for("overflowd_inband_stored_total", 10, TIMEOUT_S) == 10
-        assert _labelled(router, "overflowd_webhook_dropped_total", reason="duplicate") == 0
+        assert metrics.value("overflowd_webhook_dropped_total", reason="duplicate") == 0
     finally:
         for node in (router, victim):
             if node is not None:
                 code, output = node.stop()
                 assert code == 0, output
         stop(receiver)
-
-
-def _receiver_requests(base: str) -> int:
-    import httpx
-
-    text = httpx.get(f"{base}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith("overflowd_receiver_requests_total"):
-            return int(float(line.rsplit(" ", 1)[1]))
-    raise AssertionError("the receiver exports no request count")
