@@ -123,7 +123,8 @@ def _evidence(report: SignedReport) -> dict[str, Any]:
 def _incident(chunk: Sequence[SignedReport], reporter: dict[str, str] | None) -> dict[str, Any]:
     head = chunk[0]
     fl = head.payload.flow
-    obs = head.payload.observer
+    # The observer as it describes itself now: its newest report's contacts and point.
+    obs = max(chunk, key=lambda r: (r.payload.time, r.report_id)).payload.observer
     fp = key_fingerprint(head.observer_key)
     if reporter is None:
         found = next(filter(None, map(_email, obs.contacts)), None)
@@ -153,7 +154,7 @@ def _incident(chunk: Sequence[SignedReport], reporter: dict[str, str] | None) ->
         "report_id": uuid5("xarf", *(r.report_id for r in chunk)),
         "timestamp": rfc3339_ms(first, head.report_id),
         "reporter": reporter,
-        "sender": reporter,
+        "sender": dict(reporter),
         "source_identifier": str(fl.src),
         "source_port": fl.sport,
         "category": "connection",
