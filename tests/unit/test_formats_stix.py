@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pycose.keys import OKPKey
+from pycose.keys.curves import Ed25519
+from pycose.messages import CoseMessage, Sign1Message
 from stix2validator import validate_string
 
 from overflowd.errors import ReportDecodeError, SignatureError
@@ -30,6 +33,14 @@ OTHER = NodeIdentity(seed=bytes(range(1, 33)))
 _RFC3339_MAX_MS = 253_402_300_799_999
 #: The one warning we accept, documented in docs/formats.md: "{103} ... not a valid UUIDv4 ID".
 ACCEPTED_WARNING = "{103}"
+
+
+def _pycose_verifies(cose: bytes, public_key: bytes) -> bool:
+    """The independent COSE implementation's verdict (as tests/unit/test_protocol_vectors.py)."""
+    msg = CoseMessage.decode(cose)
+    assert isinstance(msg, Sign1Message)
+    msg.key = OKPKey(crv=Ed25519, x=public_key)
+    return bool(msg.verify_signature())
 
 
 def _sign(identity: NodeIdentity = OBSERVER, **flow: Any) -> SignedReport:
@@ -64,6 +75,9 @@ def test_bundle_validates_and_its_cose_verifies(src: str, dst: str, kind: str) -
     bundle = _valid(stix_bundle(reports, created_ms=1_700_000_100_000))
     back = [verify_report(c) for c in cose_from_stix(bundle)]
     assert sorted(r.report_id for r in back) == sorted(r.report_id for r in reports)
+    for cose in cose_from_stix(bundle):
+        assert _pycose_verifies(cose, OBSERVER.public_key)
+        assert not _pycose_verifies(cose, OTHER.public_key)  # the check can fail
     assert {o["value"] for o in _by_type(bundle, kind)} == {src, dst}
     (identity,) = _by_type(bundle, "identity")
     assert key_fingerprint(OBSERVER.public_key) in identity["name"]
