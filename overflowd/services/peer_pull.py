@@ -298,9 +298,15 @@ class PeerPull:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Ensure every peer's row, then pull each in its own task until :meth:`stop`."""
         now_ms = self._now_ms()
-        rows = await trio.to_thread.run_sync(self._ensure_rows, now_ms)
+        try:
+            # Rows first, so `overflowd-query peers` lists every peer from the start.
+            rows = await trio.to_thread.run_sync(self._ensure_rows, now_ms)
+        except StoreError as exc:  # each round reads (and makes) its row again: not fatal
+            log.warning("peer_pull.rows_unstored error=%s", exc)
+            rows = {}
         for peer in self.peers:
-            self._counters[peer.name].cursor = rows[peer.key].pull_cursor
+            if peer.key in rows:
+                self._counters[peer.name].cursor = rows[peer.key].pull_cursor
         with self._cancel:
             async with self._client_factory(self.peering) as client, trio.open_nursery() as n:
                 for peer in self.peers:
