@@ -21,7 +21,7 @@ import trio
 
 from overflowd import report as rpt
 from overflowd.config import ApiSettings
-from overflowd.identity import NodeIdentity, load_identity, verify_node_record
+from overflowd.identity import NodeIdentity, load_identity, verify_node_record, write_identity
 from overflowd.peers import PeeringSettings, PeerSettings
 from overflowd.services.api import ApiContext, ApiService
 from overflowd.services.peer_pull import PeerPull, default_client, parse_page
@@ -54,8 +54,9 @@ def seed(home: Path, n: int, *, signer: NodeIdentity = OBSERVER, start: int = 0)
 
 
 def init(tmp_path: Path, name: str) -> Path:
+    """A node home with its identity (what `overflowd init` makes; the config is the test's)."""
     home = tmp_path / name
-    assert run("overflowd", "init", "--home", str(home)).code == 0
+    write_identity(home, NodeIdentity.generate())
     return home
 
 
