@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -495,6 +495,7 @@ def serve_metrics(
     *,
     max_exporter_labels: int = 64,
     collector: NodeCollector | None = None,
+    extra_collectors: Sequence[Collector] = (),
 ) -> Iterator[Any]:
     """Serve /metrics on ``listen`` for the duration of the ``with`` block.
 
@@ -509,6 +510,8 @@ def serve_metrics(
     registry.register(
         collector or NodeCollector(snapshot, max_exporter_labels=max_exporter_labels)
     )
+    for extra in extra_collectors:  # the services' own families (peers)
+        registry.register(extra)
     server, thread = start_http_server(port, addr=host, registry=registry)
     try:
         yield server
