@@ -15,11 +15,12 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from overflowd.errors import DecodeError, OverflowdError
-from overflowd.flows import FlowRecord
-from overflowd.wire import CaptureReader, DecoderState, decode_datagram
+
+if TYPE_CHECKING:  # the decoders load only for `decode`: every other command starts faster
+    from overflowd.flows import FlowRecord
 
 __all__ = ["format_record", "main", "register", "run"]
 
@@ -121,6 +122,8 @@ def _describe(exc: Exception, path: str) -> str:
 
 
 def _decode(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from overflowd.wire import CaptureReader, DecoderState, decode_datagram
+
     state = DecoderState(overrides=_overrides(args.sampling_override))
     capture = CaptureReader()
     datagrams = records = malformed = 0

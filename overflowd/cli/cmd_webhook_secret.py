@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from overflowd.errors import ConfigError
-from overflowd.wire import webhook as wh
 
 
 def register(key_subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
@@ -37,6 +36,9 @@ def register(key_subparsers: Any, common_parent: argparse.ArgumentParser) -> Non
 
 
 def cmd_webhook_secret(args: argparse.Namespace) -> int:
+    # overflowd.wire's package import loads every decoder: only this command needs it here.
+    from overflowd.wire import webhook as wh
+
     secret = wh.format_secret(secrets.token_bytes(wh.NEW_SECRET_BYTES))
     if not args.out:
         print(secret)

@@ -1,6 +1,13 @@
 """Every command behaves on bad input: one line naming what is wrong, the right exit code,
 nothing stored or created. Each case was a user's report against main; all run the real
-console scripts as processes."""
+console scripts as processes.
+
+In each table of cases (a parametrized test) the first case runs the console script as a
+process and the others call its ``main(argv)`` in this process (``tests.support.cli.call``:
+the same parser, checks and exit codes, without a Python start per case): what the process
+adds (its exit status, its streams, no traceback) is shown once per table, what each case
+checks (the flag named, the code, nothing created) is shown for every case.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,31 @@ import json
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from overflowd.store import Store, default_url
-from tests.support.cli import BIN, Result, run
+from tests.support.cli import BIN, Result, call, run
 from tests.support.trace import netflow_v5_trace
 
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     home = tmp_path / "node"
-    assert run("overflowd", "init", "--home", str(home)).code == 0
+    assert call("overflowd", "init", "--home", str(home)).code == 0  # a process: test_cli_node
     return home
+
+
+Tool = Callable[..., Result]
+
+
+@pytest.fixture
+def tool(request: pytest.FixtureRequest) -> Tool:
+    """``run`` (a process) for the first case of a parametrized test, ``call`` for the rest."""
+    spec = getattr(request.node, "callspec", None)
+    return run if spec is None or not any(spec.indices.values()) else call
 
 
 def files(root: Path) -> set[Path]:
@@ -38,8 +56,8 @@ def one_line(result: Result, code: int, *names: str) -> str:
     return result.err
 
 
-def report(home: Path, *extra: str) -> Result:
-    return run("overflowd", "report", "--home", str(home), "--src", "192.0.2.1",
+def report(home: Path, *extra: str, tool: Tool = run) -> Result:
+    return tool("overflowd", "report", "--home", str(home), "--src", "192.0.2.1",
                "--dst", "198.51.100.7", *extra)
 
 
@@ -48,9 +66,10 @@ def report(home: Path, *extra: str) -> Result:
 
 @pytest.mark.parametrize("flag", ["--sport", "--dport"])
 @pytest.mark.parametrize("value", ["70000", "-1", "http"])
-def test_report_port_out_of_range_says_the_range(home: Path, flag: str, value: str) -> None:
+def test_report_port_out_of_range_says_the_range(home: Path, flag: str, value: str,
+                                                 tool: Tool) -> None:
     before = files(home)
-    err = one_line(report(home, flag, value), 2, flag, "0-65535")
+    err = one_line(report(home, flag, value, tool=tool), 2, flag, "0-65535")
     assert len(err) < 200
     assert files(home) == before
 
@@ -71,9 +90,9 @@ def test_report_port_out_of_range_says_the_range(home: Path, flag: str, value: s
         ("--src", "2001:db8::1"),  # families differ from --dst
     ],
 )
-def test_report_refuses_impossible_values(home: Path, flag: str, value: str) -> None:
+def test_report_refuses_impossible_values(home: Path, flag: str, value: str, tool: Tool) -> None:
     before = files(home)
-    one_line(report(home, flag, value), 2, flag)
+    one_line(report(home, flag, value, tool=tool), 2, flag)
     assert files(home) == before  # nothing signed into a store
 
 
@@ -96,8 +115,8 @@ def test_report_out_works_and_stores(home: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("ttl", ["-5", str(2**31), "1h"])
-def test_dns_record_ttl_out_of_range(home: Path, ttl: str) -> None:
-    result = run("overflowd", "key", "dns-record", "--home", str(home), "--ttl", ttl)
+def test_dns_record_ttl_out_of_range(home: Path, ttl: str, tool: Tool) -> None:
+    result = tool("overflowd", "key", "dns-record", "--home", str(home), "--ttl", ttl)
     one_line(result, 2, "--ttl", "2147483647")
 
 
@@ -111,16 +130,17 @@ def test_dns_record_ttl_out_of_range(home: Path, ttl: str) -> None:
         ("2.0.192.in-addr.arpa", "_overflowd.2.0.192.in-addr.arpa."),
     ],
 )
-def test_dns_record_name_is_a_domain_or_a_prefix(home: Path, name: str, owner: str) -> None:
-    result = run("overflowd", "key", "dns-record", "--home", str(home), "--name", name,
-                 "--ttl", "0")
+def test_dns_record_name_is_a_domain_or_a_prefix(home: Path, name: str, owner: str,
+                                                 tool: Tool) -> None:
+    result = tool("overflowd", "key", "dns-record", "--home", str(home), "--name", name,
+                  "--ttl", "0")
     assert result.code == 0, result.err
     assert result.out.split()[:4] == [owner, "0", "IN", "TXT"]
 
 
 @pytest.mark.parametrize("name", ["192.0.2.0/22", "2001:db8::/36", "exa mple.net", "a..b", "-"])
-def test_dns_record_bad_name(home: Path, name: str) -> None:
-    result = run("overflowd", "key", "dns-record", "--home", str(home), "--name", name)
+def test_dns_record_bad_name(home: Path, name: str, tool: Tool) -> None:
+    result = tool("overflowd", "key", "dns-record", "--home", str(home), "--name", name)
     one_line(result, 2, "--name")
     assert result.out == ""
 
@@ -130,9 +150,10 @@ def test_dns_record_bad_name(home: Path, name: str) -> None:
 
 @pytest.mark.parametrize("command", ["reports", "events"])
 @pytest.mark.parametrize("limit", ["-1", "0", "1e23", str(10**23), "ten"])
-def test_query_limit_is_a_sane_positive_integer(home: Path, command: str, limit: str) -> None:
+def test_query_limit_is_a_sane_positive_integer(home: Path, command: str, limit: str,
+                                                tool: Tool) -> None:
     before = files(home)
-    result = run("overflowd-query", command, "--home", str(home), "--limit", limit)
+    result = tool("overflowd-query", command, "--home", str(home), "--limit", limit)
     one_line(result, 2, "--limit")
     assert files(home) == before
 
@@ -146,10 +167,10 @@ def test_query_limit_is_a_sane_positive_integer(home: Path, command: str, limit:
     ],
 )
 def test_query_of_missing_store_creates_nothing(tmp_path: Path, home: Path,
-                                                argv: tuple[str, ...]) -> None:
+                                                argv: tuple[str, ...], tool: Tool) -> None:
     db = tmp_path / "missing" / "dir" / "x.db"
     before = files(tmp_path)
-    result = run(*argv, "--home", str(home), "--db", f"sqlite:///{db}")
+    result = tool(*argv, "--home", str(home), "--db", f"sqlite:///{db}")
     one_line(result, 1, f"no store at {db}")
     assert files(tmp_path) == before
 
@@ -250,8 +271,12 @@ def _busy_tcp() -> socket.socket:
 
 
 def _daemon(home: Path, *extra: str) -> Result:
+    # Port 0 unless the test names it: the default in-band port is fixed ([::]:65535), and
+    # another daemon on the machine holding it made this test fail for the wrong socket.
+    inband = () if "--inband-listen" in extra else ("--inband-listen", "127.0.0.1:0")
     return run(
-        "overflowd", "run", "--home", str(home), "--metrics", "", "--api", "", *extra, timeout=30
+        "overflowd", "run", "--home", str(home), "--metrics", "", "--api", "", *inband, *extra,
+        timeout=30,
     )
 
 
@@ -279,14 +304,14 @@ def test_run_names_the_inband_socket_in_use(home: Path) -> None:
 
 @pytest.mark.parametrize("flag", ["--listen", "--metrics", "--inband-listen", "--api"])
 @pytest.mark.parametrize("value", ["no-such-host.invalid:2055", "127.0.0.1", "127.0.0.1:70000"])
-def test_run_names_a_bad_address(home: Path, flag: str, value: str) -> None:
+def test_run_names_a_bad_address(home: Path, flag: str, value: str, tool: Tool) -> None:
     (home / "overflowd.toml").write_text("[inband]\nenabled = true\n")
     extra = {
         "--listen": "127.0.0.1:0", "--metrics": "", "--inband-listen": "127.0.0.1:0", "--api": ""
     }
     extra[flag] = value
     argv = [x for k, v in extra.items() for x in (k, v)]
-    result = run("overflowd", "run", "--home", str(home), *argv, timeout=30)
+    result = tool("overflowd", "run", "--home", str(home), *argv, timeout=30)
     # A name is refused before any lookup (a test sends nothing off the machine, and a daemon
     # binds addresses, not what a resolver says today).
     one_line(result, 2, f"{flag} {value}")
@@ -336,12 +361,12 @@ def _whole_records(data: bytes, upto: int) -> bytes:
     ],
 )
 def test_replay_bad_input_creates_no_store(home: Path, tmp_path: Path, argv: tuple[str, ...],
-                                           code: int, names: tuple[str, ...]) -> None:
+                                           code: int, names: tuple[str, ...], tool: Tool) -> None:
     (tmp_path / "empty.pcap").write_bytes(b"")
     paths = {"missing": str(tmp_path / "missing.pcap"), "empty": str(tmp_path / "empty.pcap"),
              "pcap": str(netflow_v5_trace())}
     before = files(home)
-    result = run("overflowd", *(a.format(**paths) for a in argv), "--home", str(home))
+    result = tool("overflowd", *(a.format(**paths) for a in argv), "--home", str(home))
     one_line(result, code, *(n.format(**paths) for n in names))
     assert files(home) == before
 
@@ -349,8 +374,8 @@ def test_replay_bad_input_creates_no_store(home: Path, tmp_path: Path, argv: tup
 @pytest.mark.parametrize(
     ("flag", "value"), [("--boost", "nan"), ("--boost", "0.5"), ("--url", "ftp://x")]
 )
-def test_dns_record_bad_flag_named(home: Path, flag: str, value: str) -> None:
-    result = run("overflowd", "key", "dns-record", "--home", str(home), flag, value)
+def test_dns_record_bad_flag_named(home: Path, flag: str, value: str, tool: Tool) -> None:
+    result = tool("overflowd", "key", "dns-record", "--home", str(home), flag, value)
     one_line(result, 2, f"{flag}: ")
     assert result.out == ""
 
@@ -365,7 +390,8 @@ def test_dns_record_bad_flag_named(home: Path, flag: str, value: str) -> None:
         (("events", "--since", "yesterday"), "--since"),
     ],
 )
-def test_query_flags_named_before_any_lookup(home: Path, argv: tuple[str, ...], flag: str) -> None:
+def test_query_flags_named_before_any_lookup(home: Path, argv: tuple[str, ...], flag: str,
+                                             tool: Tool) -> None:
     before = files(home)
-    one_line(run("overflowd-query", *argv, "--home", str(home)), 2, flag)
+    one_line(tool("overflowd-query", *argv, "--home", str(home)), 2, flag)
     assert files(home) == before

@@ -1,5 +1,12 @@
-"""The outbox for operators, through the console scripts as processes, on SQLite and PostgreSQL:
-``overflowd-query outbox``, ``overflowd outbox retry``, ``overflowd outbox enable``.
+"""The outbox for operators, through the console scripts: ``overflowd-query outbox``,
+``overflowd outbox retry``, ``overflowd outbox enable``.
+
+The commands' logic runs through their ``main(argv)`` in this process (``tests.support.cli.call``:
+same parser, dispatch and exit codes, no Python start per command) on SQLite; the tests whose
+SQL differs between backends (listing and selecting, retry by id and ``--all``, enable, and the
+daemon's claim -> dead -> retry -> delivered) also run on PostgreSQL. What only a process shows
+(exit status and streams of the real scripts, a read-only home, the documented examples) runs
+the installed console scripts as processes.
 
 Rows are made dead by the outbox's own functions here (the states a worker leaves), or, in the
 daemon tests, by a real ``overflowd run`` delivering to a real HTTP server on 127.0.0.1 that
@@ -32,7 +39,7 @@ from overflowd.store import outbox as ob
 from overflowd.store.models import Base
 from tests.service.test_cli_bad_input import _run_read_only, files, one_line
 from tests.service.test_daemon import Daemon
-from tests.support.cli import Result, run
+from tests.support.cli import Result, call, run
 from tests.support.reports import make_payload
 from tests.support.trace import send_udp
 
@@ -44,8 +51,15 @@ URL_GONE = "http://127.0.0.1:9/gone"  # answered 410: disabled, its rows dead
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     home = tmp_path / "node"
-    assert run("overflowd", "init", "--home", str(home)).code == 0
+    assert call("overflowd", "init", "--home", str(home)).code == 0
     return home
+
+
+@pytest.fixture
+def sqlite_url(home: Path) -> str:
+    """For the tests where the backend does not matter (the SQL they reach is shared with a
+    test that runs on both): the node's own SQLite file."""
+    return f"sqlite:///{home / 'overflowd.db'}"
 
 
 @dataclass(frozen=True)
@@ -100,7 +114,7 @@ def rows_by_id(db_url: str) -> dict[int, ob.OutboxEntry]:
 
 
 def cli(prog: str, home: Path, db_url: str, *argv: str) -> Result:
-    return run(prog, *argv, "--home", str(home), "--db", db_url)
+    return call(prog, *argv, "--home", str(home), "--db", db_url)
 
 
 def json_lines(result: Result) -> list[dict[str, Any]]:
@@ -139,9 +153,9 @@ def test_query_lists_rows_newest_first_and_the_disabled_endpoint(home: Path, db_
     rfc3339(endpoint["disabled"])
 
 
-def test_query_table_footer_says_n_of_m(home: Path, db_url: str) -> None:
-    s = seed(home, db_url)
-    result = cli("overflowd-query", home, db_url, "outbox", "--limit", "2")
+def test_query_table_footer_says_n_of_m(home: Path, sqlite_url: str) -> None:
+    s = seed(home, sqlite_url)
+    result = cli("overflowd-query", home, sqlite_url, "outbox", "--limit", "2")
     assert result.code == 0, result.err
     header, first, second, blank, ends_header, gone = result.out.splitlines()
     assert header.split()[:4] == ["ID", "STATE", "URL", "REPORT"]
@@ -168,17 +182,17 @@ def test_query_dead_and_url_select(home: Path, db_url: str) -> None:
     assert nothing.code == 0 and "no row has this URL" in nothing.err
 
 
-def test_query_escapes_control_characters_for_the_terminal(home: Path, db_url: str) -> None:
+def test_query_escapes_control_characters_for_the_terminal(home: Path, sqlite_url: str) -> None:
     identity = load_identity(home)
     now = int(time.time() * 1000)
-    with Store.open(db_url) as store:
+    with Store.open(sqlite_url) as store:
         ob.enqueue(store, identity.sign_report(make_payload()), [URL_A], now_ms=now)
         (entry,) = ob.claim_due(store, now_ms=now, lease_ms=1, limit=1)
         ob.mark_dead(store, entry.id, now_ms=now, error="HTTP 400: \x1b[2Jgotcha\r", status=400)
-    result = cli("overflowd-query", home, db_url, "outbox")
+    result = cli("overflowd-query", home, sqlite_url, "outbox")
     assert "\x1b" not in result.out and "\r" not in result.out
     assert "\\x1b[2Jgotcha\\r" in result.out
-    (row,) = json_lines(cli("overflowd-query", home, db_url, "outbox", "--json"))
+    (row,) = json_lines(cli("overflowd-query", home, sqlite_url, "outbox", "--json"))
     assert row["last_error"] == "HTTP 400: \x1b[2Jgotcha\r"  # JSON carries it exactly, escaped
 
 
@@ -216,9 +230,9 @@ def test_retry_ids_puts_dead_rows_back_due_now(home: Path, db_url: str) -> None:
         ("gone", ("disabled endpoint", f"overflowd outbox enable {URL_GONE}` first")),
     ],
 )
-def test_retry_refused_changes_nothing(home: Path, db_url: str, which: str,
+def test_retry_refused_changes_nothing(home: Path, sqlite_url: str, which: str,
                                        names: tuple[str, ...]) -> None:
-    s = seed(home, db_url)
+    s = seed(home, sqlite_url)
     ids = {
         "unknown": [999_999],
         "pending": [s.pending_b],
@@ -226,10 +240,11 @@ def test_retry_refused_changes_nothing(home: Path, db_url: str, which: str,
         "dead+unknown": [s.dead_a[0], 999_999],  # all or nothing: the dead one stays dead
         "gone": [s.dead_gone[0]],
     }[which]
-    before = snapshot(db_url)
-    err = one_line(cli("overflowd", home, db_url, "outbox", "retry", *map(str, ids)), 1, *names)
+    before = snapshot(sqlite_url)
+    result = cli("overflowd", home, sqlite_url, "outbox", "retry", *map(str, ids))
+    err = one_line(result, 1, *names)
     assert err.startswith("overflowd: error: ")
-    assert snapshot(db_url) == before
+    assert snapshot(sqlite_url) == before
 
 
 def test_retry_all_leaves_disabled_endpoints_and_says_so(home: Path, db_url: str) -> None:
@@ -245,19 +260,19 @@ def test_retry_all_leaves_disabled_endpoints_and_says_so(home: Path, db_url: str
     assert json_lines(again) == [{"retried": 0, "skipped_disabled": 2, "skipped_endpoints": 1}]
 
 
-def test_retry_all_of_one_url(home: Path, db_url: str) -> None:
-    s = seed(home, db_url)
-    with Store.open(db_url) as store:  # a second URL with a dead row, left alone
+def test_retry_all_of_one_url(home: Path, sqlite_url: str) -> None:
+    s = seed(home, sqlite_url)
+    with Store.open(sqlite_url) as store:  # a second URL with a dead row, left alone
         now = int(time.time() * 1000)
         ob.enqueue(store, load_identity(home).sign_report(make_payload()), [URL_B], now_ms=now)
         (other,) = ob.claim_due(store, now_ms=now, lease_ms=1, limit=1)
         ob.mark_dead(store, other.id, now_ms=now, error="HTTP 404", status=404)
-    result = cli("overflowd", home, db_url, "outbox", "retry", "--all", "--url", URL_A)
+    result = cli("overflowd", home, sqlite_url, "outbox", "retry", "--all", "--url", URL_A)
     assert result.out == f"3 dead rows for {URL_A} pending again, due now\n", result.err
-    after = rows_by_id(db_url)
+    after = rows_by_id(sqlite_url)
     assert {after[i].state for i in s.dead_a} == {"pending"}
     assert after[other.id].state == "dead"
-    none_left = cli("overflowd", home, db_url, "outbox", "retry", "--all", "--url", URL_A)
+    none_left = cli("overflowd", home, sqlite_url, "outbox", "retry", "--all", "--url", URL_A)
     assert none_left.code == 0 and none_left.out == f"no dead rows for {URL_A}: nothing to retry\n"
 
 
@@ -269,12 +284,13 @@ def test_retry_all_of_one_url(home: Path, db_url: str) -> None:
         (URL_A + "/", (f"no outbox row or endpoint has the URL {URL_A}/", "match exactly")),
     ],
 )
-def test_retry_all_url_refused_changes_nothing(home: Path, db_url: str, url: str,
+def test_retry_all_url_refused_changes_nothing(home: Path, sqlite_url: str, url: str,
                                                names: tuple[str, ...]) -> None:
-    seed(home, db_url)
-    before = snapshot(db_url)
-    one_line(cli("overflowd", home, db_url, "outbox", "retry", "--all", "--url", url), 1, *names)
-    assert snapshot(db_url) == before
+    seed(home, sqlite_url)
+    before = snapshot(sqlite_url)
+    result = cli("overflowd", home, sqlite_url, "outbox", "retry", "--all", "--url", url)
+    one_line(result, 1, *names)
+    assert snapshot(sqlite_url) == before
 
 
 # -- overflowd outbox enable ---------------------------------------------------------------------
@@ -302,12 +318,12 @@ def test_enable_clears_the_disable_and_says_how_to_send_the_dead(home: Path, db_
     assert b.out == f"{URL_B} was not disabled; it has no dead rows\n"
 
 
-def test_enable_unknown_url_changes_nothing(home: Path, db_url: str) -> None:
-    seed(home, db_url)
-    before = snapshot(db_url)
-    result = cli("overflowd", home, db_url, "outbox", "enable", URL_GONE + "x")
+def test_enable_unknown_url_changes_nothing(home: Path, sqlite_url: str) -> None:
+    seed(home, sqlite_url)
+    before = snapshot(sqlite_url)
+    result = cli("overflowd", home, sqlite_url, "outbox", "enable", URL_GONE + "x")
     one_line(result, 1, f"no outbox row or endpoint has the URL {URL_GONE}x", "nothing enabled")
-    assert snapshot(db_url) == before
+    assert snapshot(sqlite_url) == before
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -340,6 +356,17 @@ def test_bad_flag_values_are_usage_errors(home: Path, argv: tuple[str, ...],
     assert snapshot(db_url) == before
 
 
+def test_usage_errors_are_exit_2_and_one_line_from_the_processes(home: Path) -> None:
+    """The installed scripts themselves (not only their ``main``) refuse with status 2."""
+    db_url = f"sqlite:///{home / 'overflowd.db'}"
+    seed(home, db_url)
+    before = snapshot(db_url)
+    common = ("--home", str(home), "--db", db_url)
+    one_line(run("overflowd-query", "outbox", "--limit", "0", *common), 2, "--limit", "1-1000000")
+    one_line(run("overflowd", "outbox", "retry", "1", "--all", *common), 2, "ids or --all")
+    assert snapshot(db_url) == before
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -352,9 +379,10 @@ def test_missing_store_is_one_line_and_creates_nothing(tmp_path: Path, home: Pat
                                                        argv: tuple[str, ...]) -> None:
     db = tmp_path / "missing" / "dir" / "x.db"
     before = files(tmp_path)
-    one_line(run(*argv, "--home", str(home), "--db", f"sqlite:///{db}"), 1, f"no store at {db}")
+    tool = run if argv[0] == "overflowd-query" else call  # each script once as a process
+    one_line(tool(*argv, "--home", str(home), "--db", f"sqlite:///{db}"), 1, f"no store at {db}")
     assert files(tmp_path) == before
-    one_line(run(*argv, "--home", str(home)), 1, f"no store at {home / 'overflowd.db'}")
+    one_line(tool(*argv, "--home", str(home)), 1, f"no store at {home / 'overflowd.db'}")
     assert files(tmp_path) == before
 
 
@@ -375,16 +403,17 @@ def test_read_only_home_can_be_queried_not_changed(home: Path) -> None:
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_home_and_db_before_or_after_the_subcommand(home: Path, db_url: str, where: str) -> None:
-    s = seed(home, db_url)
-    common = ["--home", str(home), "--db", db_url]
+def test_home_and_db_before_or_after_the_subcommand(home: Path, sqlite_url: str,
+                                                    where: str) -> None:
+    s = seed(home, sqlite_url)
+    common = ["--home", str(home), "--db", sqlite_url]
     for prog, cmd in (
         ("overflowd-query", ["outbox", "--json"]),
         ("overflowd", ["outbox", "retry", str(s.dead_a[0])]),
         ("overflowd", ["outbox", "enable", URL_GONE]),
     ):
         argv = [*common, *cmd] if where == "before" else [*cmd, *common]
-        result = run(prog, *argv)
+        result = call(prog, *argv)
         assert result.code == 0, (argv, result.err)
 
 
@@ -500,13 +529,13 @@ def outbox_rows(home: Path, db_url: str, *argv: str) -> list[dict[str, Any]]:
     return [x for x in lines if x["type"] == "row"]
 
 
-def test_retry_is_delivered_by_the_running_daemon(home: Path, db_url: str,
+def test_retry_is_delivered_by_the_running_daemon(home: Path, sqlite_url: str,
                                                   receiver: Receiver) -> None:
-    daemon = start_daemon(home, db_url, receiver.url)
+    daemon = start_daemon(home, sqlite_url, receiver.url)
     try:
         assert daemon.udp is not None
         send_udp([v5_datagram(["198.51.100.7", "198.51.100.8", "198.51.100.9"])], daemon.udp)
-        dead = wait_until("3 dead rows", lambda: (r := outbox_rows(home, db_url, "--dead"))
+        dead = wait_until("3 dead rows", lambda: (r := outbox_rows(home, sqlite_url, "--dead"))
                           and len(r) == 3 and r)
         reports = {x["report_id"] for x in dead}
         assert {x["last_status"] for x in dead} == {400}
@@ -514,13 +543,14 @@ def test_retry_is_delivered_by_the_running_daemon(home: Path, db_url: str,
         receiver.status = 204
         time.sleep(3 * POLL_S)  # dead rows stay dead: nothing is sent until the retry
         assert receiver.answered(204) == set()
-        result = cli("overflowd", home, db_url, "outbox", "retry", *(str(x["id"]) for x in dead))
-        retried_at = time.monotonic()  # committed when the process ends
+        result = cli("overflowd", home, sqlite_url, "outbox", "retry",
+                     *(str(x["id"]) for x in dead))
+        retried_at = time.monotonic()  # committed when the command returns
         assert result.out == "3 dead rows pending again, due now\n", result.err
         wait_until("the retried reports at the receiver", lambda: receiver.answered(204) == reports)
         took = time.monotonic() - retried_at
         assert took < POLL_S + 5, took  # at the next look (5 s: a loaded machine's slack)
-        rows = wait_until("the rows marked delivered", lambda: (r := outbox_rows(home, db_url))
+        rows = wait_until("the rows marked delivered", lambda: (r := outbox_rows(home, sqlite_url))
                           and {x["state"] for x in r} == {"delivered"} and r)
         assert {x["report_id"] for x in rows} == reports and {x["attempts"] for x in rows} == {1}
     finally:
@@ -601,5 +631,5 @@ def test_the_examples_in_webhooks_md_are_what_the_commands_print(home: Path) -> 
 
     for command, shown in examples:
         argv = shlex.split(command)
-        result = run(*argv, "--home", str(home))
+        result = call(*argv, "--home", str(home))
         assert masked((result.out + result.err).splitlines()) == masked(shown), command

@@ -1,4 +1,11 @@
-"""Sign, store, query and verify through the CLIs, on SQLite and on a real PostgreSQL."""
+"""Sign, store, query and verify through the CLIs, on SQLite and on a real PostgreSQL.
+
+The prefix selection (16-byte range comparisons that differ between SQLite BLOBs and
+PostgreSQL bytea) runs on both backends through the commands' ``main(argv)`` in this process
+(``tests.support.cli.call``: same parser and dispatch, no Python start per command); the JSON
+rendering of a stored report runs the console scripts as processes on both, and the table and
+``verify`` (which do not reach backend-specific SQL) as processes on SQLite.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +16,37 @@ import pytest
 
 from overflowd import report as rpt
 from overflowd.identity import load_identity, verify_report
-from tests.support.cli import run
+from tests.support.cli import call, run
 
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     home = tmp_path / "node"
-    assert run("overflowd", "init", "--home", str(home)).code == 0
+    assert call("overflowd", "init", "--home", str(home)).code == 0
     (home / "overflowd.toml").write_text(
         '[node]\ncontacts = ["mailto:abuse@example.net"]\nobservation_point = "edge-1"\n'
     )
     return home
 
 
-def sign(home: Path, db_url: str, src: str, dst: str, *extra: str) -> str:
-    result = run("overflowd", "report", "--home", str(home), "--db", db_url,
-                 "--src", src, "--dst", dst, "--proto", "udp", "--sport", "123",
-                 "--packets", "500", "--bytes", "38000", *extra)
+@pytest.fixture
+def sqlite_url(home: Path) -> str:
+    return f"sqlite:///{home / 'overflowd.db'}"
+
+
+def sign(home: Path, db_url: str, src: str, dst: str, *extra: str, process: bool = False) -> str:
+    tool = run if process else call
+    result = tool("overflowd", "report", "--home", str(home), "--db", db_url,
+                  "--src", src, "--dst", dst, "--proto", "udp", "--sport", "123",
+                  "--packets", "500", "--bytes", "38000", *extra)
     assert result.code == 0, result.err
     return result.out.strip()
 
 
-def query(home: Path, db_url: str, *args: str) -> list[dict[str, object]]:
-    result = run("overflowd-query", "reports", "--json", "--home", str(home), "--db", db_url,
-                 *args)
+def query(home: Path, db_url: str, *args: str, process: bool = False) -> list[dict[str, object]]:
+    tool = run if process else call
+    result = tool("overflowd-query", "reports", "--json", "--home", str(home), "--db", db_url,
+                  *args)
     assert result.code == 0, result.err
     return [json.loads(line) for line in result.out.splitlines()]
 
@@ -59,8 +73,8 @@ def test_prefix_queries_return_exactly_the_matching_reports(home: Path, db_url: 
 
 
 def test_json_lines_carry_fields_and_verifiable_cose(home: Path, db_url: str) -> None:
-    report_id = sign(home, db_url, "192.0.2.1", "198.51.100.7", "--dport", "4444")
-    (row,) = query(home, db_url)
+    report_id = sign(home, db_url, "192.0.2.1", "198.51.100.7", "--dport", "4444", process=True)
+    (row,) = query(home, db_url, process=True)
     assert row["id"] == report_id and row["via"] == "local"
     assert row["flow"]["dport"] == 4444 and row["flow"]["packets"] == 500  # type: ignore[index]
     assert row["observer"]["contacts"] == ["mailto:abuse@example.net"]  # type: ignore[index]
@@ -69,9 +83,9 @@ def test_json_lines_carry_fields_and_verifiable_cose(home: Path, db_url: str) ->
     assert signed.observer_key == load_identity(home).public_key
 
 
-def test_table_for_people(home: Path, db_url: str) -> None:
-    sign(home, db_url, "192.0.2.1", "198.51.100.7")
-    result = run("overflowd-query", "reports", "--home", str(home), "--db", db_url)
+def test_table_for_people(home: Path, sqlite_url: str) -> None:
+    sign(home, sqlite_url, "192.0.2.1", "198.51.100.7")
+    result = run("overflowd-query", "reports", "--home", str(home), "--db", sqlite_url)
     header, line = result.out.splitlines()
     assert header.split()[:4] == ["RECEIVED", "SRC", "SPORT", "DST"]
     assert "192.0.2.1" in line and "udp" in line and load_identity(home).fingerprint in line
@@ -79,9 +93,9 @@ def test_table_for_people(home: Path, db_url: str) -> None:
 
 
 def test_verify_accepts_raw_and_base64url_and_rejects_tampering(home: Path, tmp_path: Path,
-                                                                db_url: str) -> None:
+                                                                sqlite_url: str) -> None:
     out = tmp_path / "r.cose"
-    sign(home, db_url, "192.0.2.1", "198.51.100.7", "--out", str(out))
+    sign(home, sqlite_url, "192.0.2.1", "198.51.100.7", "--out", str(out))
     raw = out.read_bytes()
     ok = run("overflowd-query", "verify", str(out))
     assert ok.code == 0 and json.loads(ok.out)["flow"]["dst"] == "198.51.100.7"

@@ -40,3 +40,64 @@ def run(
         err=proc.stderr.decode("utf-8", "replace"),
         raw=proc.stdout,
     )
+
+
+class CallTimeout(AssertionError):
+    """A command run by :func:`call` did not return within its timeout."""
+
+
+def call(
+    *argv: str, home: Path | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> Result:
+    """Run a console script's ``main(argv)`` in this process: the same parser, dispatch and
+    exit code as :func:`run` without a Python start and its imports (~0.5 s each). For tests
+    of a command's logic; tests of the process itself (exit status, streams, environment)
+    use :func:`run`, and each command keeps at least one of those. Bounded like :func:`run`:
+    after ``timeout`` seconds a SIGALRM raises :class:`CallTimeout` in the command."""
+    import contextlib
+    import io
+    import signal
+    import threading
+    from collections.abc import Callable
+    from types import FrameType
+
+    from overflowd.cli import node, query, receive
+
+    mains: dict[str, Callable[[list[str]], int]] = {
+        "overflowd": node.main,
+        "overflowd-query": query.main,
+        "overflowd-receive": receive.main,
+    }
+    out, err = io.BytesIO(), io.StringIO()
+    stdout = io.TextIOWrapper(out, encoding="utf-8", newline="\n", write_through=True)
+    stdin_stream = io.TextIOWrapper(io.BytesIO(stdin or b""), encoding="utf-8")
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise CallTimeout(f"{' '.join(argv)} did not return within {timeout} s")
+
+    alarm = threading.current_thread() is threading.main_thread()
+    if alarm:
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    saved_home = os.environ.pop("OVERFLOWD_HOME", None)
+    if home is not None:
+        os.environ["OVERFLOWD_HOME"] = str(home)
+    saved_stdin = sys.stdin
+    sys.stdin = stdin_stream
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(err):
+            try:
+                code = mains[argv[0]](list(argv[1:]))
+            except SystemExit as exc:  # argparse: usage errors and --help
+                code = exc.code if isinstance(exc.code, int) else 1
+            stdout.flush()
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        sys.stdin = saved_stdin
+        os.environ.pop("OVERFLOWD_HOME", None)
+        if saved_home is not None:
+            os.environ["OVERFLOWD_HOME"] = saved_home
+    raw = out.getvalue()
+    return Result(code=code, out=raw.decode("utf-8", "replace"), err=err.getvalue(), raw=raw)
