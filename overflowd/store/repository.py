@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 from sqlalchemy import (
     URL,
+    ColumnElement,
     Connection,
     Engine,
     Insert,
@@ -575,6 +576,7 @@ class Store:
         src: Network | None = None,
         dst: Network | None = None,
         either: Network | None = None,
+        where: ColumnElement[bool] | None = None,
     ) -> tuple[list[StoredReport], int]:
         """Up to ``limit`` reports numbered above ``after``, in number order, and the next cursor.
 
@@ -584,7 +586,9 @@ class Store:
         the highest number committed, so its cursor is that number (read first, in the same
         transaction): filtered-out reports are not looked at again. ``either`` keeps reports
         whose source or destination is in it (a network's own view); ``src``/``dst`` filter
-        one end. A cursor above the highest number given raises :class:`CursorAhead`.
+        one end; ``where`` is any further condition on the reports table
+        (:mod:`overflowd.store.query` filters). A cursor above the highest number given raises
+        :class:`CursorAhead`.
         """
         if not 0 <= after <= MAX_SEQ:
             raise ValueError(f"after must be 0 to {MAX_SEQ}")
@@ -602,6 +606,8 @@ class Store:
                 t.c.ip_version == either.version,
                 ((t.c.src >= lo) & (t.c.src <= hi)) | ((t.c.dst >= lo) & (t.c.dst <= hi)),
             )
+        if where is not None:
+            stmt = stmt.where(where)
         stmt = stmt.order_by(t.c.seq).limit(limit)
         committed = select(_SEQUENCE.c.last).where(_SEQUENCE.c.name == _REPORTS_SEQUENCE)
         with self._guard("paging reports"), self._transaction(write=False) as conn:
