@@ -184,7 +184,8 @@ def make_filter(
         try:
             keys = observers(observer)
         except ValueError as exc:
-            raise ValueError(f"{flag('observer')}: {exc}") from None
+            why = str(exc).removeprefix("observer ")  # the library names no flag: we do
+            raise ValueError(f"{flag('observer')} {why}") from None
     flt = ReportFilter(
         since_ms=when("since"),
         until_ms=when("until"),

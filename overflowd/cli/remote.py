@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from overflowd import __version__
+from overflowd.cli.common import UsageError
 from overflowd.errors import OverflowdError
 
 #: Connect, read and write each give up after this long: a node's page of 1000 reports comes
@@ -33,7 +34,7 @@ def base_url(url: str) -> str:
     """``http://host:port/v1`` from what a person pastes (with or without ``/v1/``)."""
     u = url.strip().rstrip("/")
     if not u.startswith(("http://", "https://")):
-        raise RemoteError(f"--remote {url[:80]!r}: expected an http:// or https:// URL")
+        raise UsageError(f"--remote {url[:80]!r}: expected an http:// or https:// URL")
     return u if u.endswith("/v1") else u + "/v1"
 
 
@@ -71,6 +72,8 @@ class Remote:
                 status = answer.status_code
         except httpx.HTTPError as exc:
             raise RemoteError(f"{url}: {_why(exc)}") from None
+        if status == 400:  # the question is refused (a bad value): usage, as locally
+            raise UsageError(f"{_detail(bytes(body))} (said {url})")
         if status != 200:
             raise RemoteError(f"{url}: HTTP {status}: {_detail(bytes(body))}")
         try:
