@@ -71,7 +71,8 @@ FILTERS: list[tuple[list[str], dict[str, Any]]] = [
         ["--since", iso(BASE_MS + HOUR_MS), "--until", iso(BASE_MS + 90 * 60_000)],
         {"since_ms": BASE_MS + HOUR_MS, "until_ms": BASE_MS + 90 * 60_000},
     ),
-    (["--received-since", iso(BASE_MS + 3 * HOUR_MS)], {"received_since_ms": BASE_MS + 3 * HOUR_MS}),
+    (["--received-since", iso(BASE_MS + 3 * HOUR_MS)],
+     {"received_since_ms": BASE_MS + 3 * HOUR_MS}),
     (["--dst", "198.51.100.0/24"], {"dst": "198.51.100.0/24"}),
     (["--src", "2001:db8:1::/48"], {"src": "2001:db8:1::/48"}),
     (["--prefix", "203.0.113.0/24"], {"either": "203.0.113.0/24"}),
@@ -80,7 +81,8 @@ FILTERS: list[tuple[list[str], dict[str, Any]]] = [
     (["--sport", "53", "--dport", "123"], {"sport": 53, "dport": 123}),
     (["--kind", "ddos-suspect"], {"kind": "ddos-suspect"}),
     (["--min-trust", "dns"], {"min_trust": "dns"}),
-    (["--min-trust", "pinned", "--dst", "2001:db8:ff::/48"], {"min_trust": "pinned", "dst": "2001:db8:ff::/48"}),
+    (["--min-trust", "pinned", "--dst", "2001:db8:ff::/48"],
+     {"min_trust": "pinned", "dst": "2001:db8:ff::/48"}),
 ]  # fmt: skip
 
 
@@ -91,7 +93,9 @@ def _filter(fields: dict[str, Any]) -> ReportFilter:
     return ReportFilter(**{**fields, **nets})
 
 
-@pytest.mark.parametrize(("flags", "fields"), FILTERS, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+@pytest.mark.parametrize(
+    ("flags", "fields"), FILTERS, ids=lambda x: " ".join(x) if isinstance(x, list) else ""
+)
 def test_each_filter_selects_what_it_means_newest_flow_first(
     seeded: tuple[Seeded, str], capsys: pytest.CaptureFixture[str], flags: list[str],
     fields: dict[str, Any],
@@ -167,7 +171,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "flag"), BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+@pytest.mark.parametrize(
+    ("argv", "flag"), BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else x
+)
 def test_a_bad_value_is_one_line_naming_the_flag_exit_2(
     seeded: tuple[Seeded, str], capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
 ) -> None:
@@ -193,13 +199,19 @@ def test_who_is_per_observer_largest_first_with_contacts_and_intervals(
     packets = [r["packets"]["estimate"] for r in rows]
     assert packets == sorted(packets, reverse=True)
     for row in rows:
-        mine = [r for r in matching if rpt.key_fingerprint(r.observer_key) == row["observer"]["fingerprint"]]
+        mine = [
+            r
+            for r in matching
+            if rpt.key_fingerprint(r.observer_key) == row["observer"]["fingerprint"]
+        ]
         assert row["reports"] == len(mine)
         assert row["first"] == iso(min(r.first_ms for r in mine))
         assert row["last"] == iso(max(r.last_ms for r in mine))
         index = [i.fingerprint for i in data.identities].index(row["observer"]["fingerprint"])
         assert row["contacts"] == [f"mailto:abuse@obs{index}.example"]
-        assert row["packets"]["low"] <= row["packets"]["estimate"] <= (row["packets"]["high"] or 1e300)
+        assert (
+            row["packets"]["low"] <= row["packets"]["estimate"] <= (row["packets"]["high"] or 1e300)
+        )
         import ipaddress
 
         sources = [ipaddress.ip_network(s["prefix"]) for s in row["top_sources"]]
@@ -207,7 +219,9 @@ def test_who_is_per_observer_largest_first_with_contacts_and_intervals(
     assert err.strip() == f"3 observers, {len(matching)} reports"
     # the table for people: one line per observer, in the same order
     code, out, _ = cli(capsys, "who", "--db", url, "--dst", "198.51.100.0/24")
-    assert [line.split()[0] for line in out.splitlines()[1:]] == [r["observer"]["fingerprint"] for r in rows]
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [
+        r["observer"]["fingerprint"] for r in rows
+    ]
 
 
 def test_top_n_then_other_and_by_bytes(
@@ -225,7 +239,9 @@ def test_top_n_then_other_and_by_bytes(
     packets = [r["packets"]["estimate"] for r in rows[:3]]
     assert packets == sorted(packets, reverse=True)
     assert err.strip() == "3 of 6 groups by dstport, ranked by packets"
-    code, out, _ = cli(capsys, "top", "--db", url, "--by", "src", "--prefix-len", "16", "--bytes", "--json")
+    code, out, _ = cli(
+        capsys, "top", "--db", url, "--by", "src", "--prefix-len", "16", "--bytes", "--json"
+    )
     rows = [json.loads(line) for line in out.splitlines()]
     sizes = [r["bytes"]["estimate"] for r in rows if r["rank"] is not None]
     assert sizes == sorted(sizes, reverse=True)
@@ -239,7 +255,9 @@ def test_csv_has_a_header_and_one_row_per_report(
     seeded: tuple[Seeded, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     data, url = seeded
-    code, out, err = cli(capsys, "reports", "--db", url, "--csv", "--kind", "flow-seen", "--limit", "7")
+    code, out, err = cli(
+        capsys, "reports", "--db", url, "--csv", "--kind", "flow-seen", "--limit", "7"
+    )
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     want = expected(data, ReportFilter(kind="flow-seen"))
@@ -254,7 +272,9 @@ def test_follow_prints_new_reports_once_then_ctrl_c_exits_0(tmp_path: Path) -> N
     now_ms = int(time.time() * 1000)
 
     def batch(dst: str, n: int) -> list[tuple[rpt.SignedReport, int, str]]:
-        return [(observer.sign_report(make_payload("192.0.2.9", dst)), now_ms, "udp") for _ in range(n)]
+        return [
+            (observer.sign_report(make_payload("192.0.2.9", dst)), now_ms, "udp") for _ in range(n)
+        ]
 
     with Store.open(url) as store:
         store.add_reports(batch("198.51.100.1", 3))
