@@ -9,7 +9,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from overflowd import report as rpt
 from overflowd.answers import (
@@ -125,10 +125,20 @@ def cmd_reports(args: argparse.Namespace) -> int:
     _check_filter_syntax(args)
     if args.follow and fmt in ("xarf", "stix"):
         raise UsageError(f"--follow prints reports one by one: not as one {fmt} document")
+    if fmt != "xarf" and (args.reporter_contact or args.reporter_name):
+        raise UsageError("--reporter-contact and --reporter-name are for --format xarf")
+    if fmt == "xarf":
+        from overflowd.formats import FormatError, xarf_reports
+
+        try:  # the reporter is checked before any report is read
+            xarf_reports([], reporter_contact=args.reporter_contact,
+                         reporter_name=args.reporter_name)
+        except FormatError as exc:
+            raise UsageError(f"--reporter-contact/--reporter-name: {exc}") from None
     if args.remote:
         with Remote(args.remote) as remote:
             objects, total, cursor = _remote_reports(remote, args)
-            _print_reports(objects, total, fmt)
+            _print_reports(objects, total, fmt, args)
             if args.follow:
                 seen = {o["report"]["id"] for o in objects}
                 return _follow(lambda after: _remote_page(remote, args, after), cursor, seen,
@@ -143,7 +153,7 @@ def cmd_reports(args: argparse.Namespace) -> int:
         rows = find_reports(store, flt, limit=args.limit)
         total = count_reports(store, flt) if args.limit is not None else len(rows)
         objects = [report_json(r) for r in rows]
-        _print_reports(objects, max(total, len(objects)), fmt)
+        _print_reports(objects, max(total, len(objects)), fmt, args)
         if args.follow:
             seen = {o["report"]["id"] for o in objects}
 
@@ -190,20 +200,51 @@ def _remote_page(
     return list(doc["reports"]), int(doc["next"])
 
 
-def _print_reports(objects: list[dict[str, Any]], total: int, fmt: str) -> None:
+def _print_reports(
+    objects: list[dict[str, Any]], total: int, fmt: str, args: argparse.Namespace
+) -> None:
     if fmt == "json":
         render.json_lines(objects)
     elif fmt == "csv":
         render.reports_csv(objects)
     elif fmt in ("xarf", "stix"):
-        _print_document(objects, fmt)
+        _print_document(objects, fmt, args)
     else:
         render.reports_table(objects)
     print(count_line(len(objects), total, "report"), file=sys.stderr)
 
 
-def _print_document(objects: list[dict[str, Any]], fmt: str) -> None:
-    raise UsageError(f"--format {fmt} is not built yet")
+def _print_document(objects: list[dict[str, Any]], fmt: str, args: argparse.Namespace) -> None:
+    """XARF (one document per line: each goes to its source's abuse desk) or one STIX bundle.
+
+    Each report is rebuilt from its own COSE bytes and its signature checked here, so a
+    document made from a node's answer (--remote) carries only what the observers signed.
+    """
+    from overflowd.formats import FormatError, stix_bundle, xarf_reports
+
+    signed = []
+    for obj in objects:
+        try:
+            signed.append(verify_report(rpt.b64url_decode(obj["report"]["cose"])))
+        except (OverflowdError, ValueError) as exc:
+            raise OverflowdError(f"report {str(obj['report'].get('id'))[:64]}: {exc}") from None
+    try:
+        if fmt == "stix":
+            print(json.dumps(stix_bundle(signed)))
+            return
+        docs = xarf_reports(
+            signed,
+            reporter_contact=args.reporter_contact,
+            reporter_name=args.reporter_name,
+            skip_unfit=True,
+        )
+    except FormatError as exc:
+        raise OverflowdError(f"--format {fmt}: {exc}") from None
+    render.json_lines(docs)
+    left_out = len({s.report_id for s in signed}) - sum(len(d["evidence"]) for d in docs)
+    if left_out:
+        print(f"{left_out} reports left out: XARF cannot express them (protocol or source "
+              "port 0; see docs/formats.md)", file=sys.stderr)
 
 
 def _follow(
@@ -268,7 +309,7 @@ def cmd_who(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     fmt = _output_format(args, ("table", "json", "csv"))
     _check_filter_syntax(args)
-    measure = "bytes" if args.bytes else "packets"
+    measure: Literal["packets", "bytes"] = "bytes" if args.bytes else "packets"
     if args.remote:
         with Remote(args.remote) as remote:
             doc = remote.get("top", {**_remote_params(args), "by": args.by, "n": args.n,
@@ -454,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=_poll_interval, default=FOLLOW_POLL_S, metavar="S",
                    help=f"--follow asks for new reports every S seconds (default "
                    f"{FOLLOW_POLL_S:g}, {MIN_POLL_S:g}-{MAX_POLL_S:g})")
+    p.add_argument("--reporter-contact", metavar="EMAIL",
+                   help="--format xarf: who files the reports (default: each observer)")
+    p.add_argument("--reporter-name", metavar="NAME", help="--format xarf: the reporter's org")
     p.set_defaults(func=cmd_reports)
     p = sub.add_parser("who", parents=[common, filters, output],
                        help="whom to call: the observers behind traffic, by estimated size",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import ipaddress
 import json
 import signal
 import subprocess
@@ -87,8 +88,6 @@ FILTERS: list[tuple[list[str], dict[str, Any]]] = [
 
 
 def _filter(fields: dict[str, Any]) -> ReportFilter:
-    import ipaddress
-
     nets = {k: ipaddress.ip_network(v) for k, v in fields.items() if k in ("src", "dst", "either")}
     return ReportFilter(**{**fields, **nets})
 
@@ -162,6 +161,8 @@ BAD = [
     (["reports", "--json", "--csv"], "--csv"),
     (["reports", "--since", "2026-01-02T00:00:00Z", "--until", "2026-01-01T00:00:00Z"], "--until"),
     (["reports", "--follow", "--format", "stix"], "--follow"),
+    (["reports", "--format", "xarf", "--reporter-contact", "nope"], "--reporter-contact"),
+    (["reports", "--format", "stix", "--reporter-name", "X"], "--reporter-name"),
     (["who", "--prefix-len", "33"], "--prefix-len"),
     (["who", "--format", "xarf"], "--format"),
     (["top", "--by", "color"], "--by"),
@@ -212,8 +213,6 @@ def test_who_is_per_observer_largest_first_with_contacts_and_intervals(
         assert (
             row["packets"]["low"] <= row["packets"]["estimate"] <= (row["packets"]["high"] or 1e300)
         )
-        import ipaddress
-
         sources = [ipaddress.ip_network(s["prefix"]) for s in row["top_sources"]]
         assert sources and all(any(r.src in net for r in mine) for net in sources)
     assert err.strip() == f"3 observers, {len(matching)} reports"
@@ -301,3 +300,27 @@ def test_follow_prints_new_reports_once_then_ctrl_c_exits_0(tmp_path: Path) -> N
     assert set(ids[3:]) == {r.report_id for r, _, _ in later[:4]}
     assert proc.returncode == 0, err
     assert "Traceback" not in err and err.splitlines()[0] == "3 reports"
+
+
+@pytest.mark.parametrize("fmt", ["xarf", "stix"])
+def test_xarf_and_stix_carry_every_selected_report_and_its_cose_verifies(
+    seeded: tuple[Seeded, str], capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    from overflowd.formats import cose_from_stix, cose_from_xarf
+    from overflowd.identity import verify_report
+
+    data, url = seeded
+    flags = ["--dst", "198.51.100.0/24", "--proto", "udp", "--limit", "40"]
+    if fmt == "xarf":
+        flags += ["--reporter-contact", "abuse@victim.example"]
+    code, out, err = cli(capsys, "reports", "--db", url, "--format", fmt, *flags)
+    assert code == 0, err
+    if fmt == "xarf":
+        docs = [json.loads(line) for line in out.splitlines()]
+        assert docs and all(d["reporter"]["contact"] == "abuse@victim.example" for d in docs)
+        coses = cose_from_xarf(docs)
+    else:
+        coses = cose_from_stix(json.loads(out))
+    want = expected(data, ReportFilter(dst=ipaddress.ip_network("198.51.100.0/24"), proto=17))
+    assert sorted(verify_report(c).report_id for c in coses) == sorted(want[:40])
+    assert err.splitlines()[0] == f"40 of {len(want)} reports"

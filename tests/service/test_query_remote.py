@@ -93,7 +93,10 @@ def test_the_cli_remote_and_the_api_answer_alike(
     node: tuple[Seeded, str, str], capsys: pytest.CaptureFixture[str], question: list[str]
 ) -> None:
     _, url, api = node
-    for fmt in (["--json"], [], ["--csv"]):
+    formats: list[list[str]] = [["--json"], [], ["--csv"]]
+    if question[0] == "reports":
+        formats += [["--format", "xarf"], ["--format", "stix"]]
+    for fmt in formats:
         local = cli(capsys, *question, "--db", url, *fmt)
         remote = cli(capsys, *question, "--remote", api + "/", *fmt)
         assert local[0] == 0, local[2]
