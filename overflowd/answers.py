@@ -19,7 +19,7 @@ import binascii
 import datetime as dt
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from overflowd import report as rpt
@@ -227,7 +227,7 @@ def _estimate_json(estimate: Estimate) -> dict[str, Any]:
     return estimate.to_json()
 
 
-def who_json(row: WhoRow, *, registry_contacts: Sequence[str] = ()) -> dict[str, Any]:
+def who_json(row: WhoRow) -> dict[str, Any]:
     """One observer behind the traffic asked about: whom to call, and how much it saw."""
     return {
         "observer": {
@@ -237,7 +237,6 @@ def who_json(row: WhoRow, *, registry_contacts: Sequence[str] = ()) -> dict[str,
         },
         "trust": row.trust,
         "contacts": list(row.contacts),
-        "registry_contacts": list(registry_contacts),
         "first": rpt.iso_ms(row.first_ms),
         "last": rpt.iso_ms(row.last_ms),
         "first_ms": row.first_ms,
