@@ -39,12 +39,12 @@ from overflowd.cli.common import (
     parse_since,
     run_main,
 )
-from overflowd.cli.remote import Remote
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.estimate import GROUP_BY
 from overflowd.identity import verify_report
 
 if TYPE_CHECKING:
+    from overflowd.cli.remote import Remote
     from overflowd.store.query import ReportFilter
     from overflowd.store.repository import Store
 
@@ -136,6 +136,8 @@ def cmd_reports(args: argparse.Namespace) -> int:
         except FormatError as exc:
             raise UsageError(f"--reporter-contact/--reporter-name: {exc}") from None
     if args.remote:
+        from overflowd.cli.remote import Remote  # httpx: a third of a second, only for this
+
         with Remote(args.remote) as remote:
             objects, total, cursor = _remote_reports(remote, args)
             _print_reports(objects, total, fmt, args)
@@ -280,6 +282,8 @@ def cmd_who(args: argparse.Namespace) -> int:
     _check_filter_syntax(args)
     v4_len, v6_len = prefix_lengths(args.prefix_len)
     if args.remote:
+        from overflowd.cli.remote import Remote  # httpx: a third of a second, only for this
+
         with Remote(args.remote) as remote:
             doc = remote.get("who", {**_remote_params(args), "prefix_len": args.prefix_len})
         objects = list(doc["observers"])
@@ -311,6 +315,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     _check_filter_syntax(args)
     measure: Literal["packets", "bytes"] = "bytes" if args.bytes else "packets"
     if args.remote:
+        from overflowd.cli.remote import Remote  # httpx: a third of a second, only for this
+
         with Remote(args.remote) as remote:
             doc = remote.get("top", {**_remote_params(args), "by": args.by, "n": args.n,
                                      "prefix_len": args.prefix_len, "measure": measure})
