@@ -324,3 +324,16 @@ def test_xarf_and_stix_carry_every_selected_report_and_its_cose_verifies(
     want = expected(data, ReportFilter(dst=ipaddress.ip_network("198.51.100.0/24"), proto=17))
     assert sorted(verify_report(c).report_id for c in coses) == sorted(want[:40])
     assert err.splitlines()[0] == f"40 of {len(want)} reports"
+
+
+def test_verify_reads_a_line_of_reports_json(
+    seeded: tuple[Seeded, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.support.cli import run
+
+    _, url = seeded
+    code, out, err = cli(capsys, "reports", "--db", url, "--json", "--limit", "1")
+    assert code == 0, err
+    checked = run("overflowd-query", "verify", "-", stdin=out.encode())
+    assert checked.code == 0, checked.err
+    assert json.loads(checked.out)["id"] == json.loads(out)["report"]["id"]
