@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from overflowd.formats._common import COSE_MEDIA_TYPE, FormatError
 from overflowd.formats.stix import cose_from_stix, stix_bundle
-from overflowd.formats.xarf import cose_from_xarf, xarf_reports
+from overflowd.formats.xarf import cose_from_xarf, unfit_reason, xarf_reports
 
 __all__ = [
     "COSE_MEDIA_TYPE",
@@ -18,5 +18,6 @@ __all__ = [
     "cose_from_stix",
     "cose_from_xarf",
     "stix_bundle",
+    "unfit_reason",
     "xarf_reports",
 ]

@@ -201,9 +201,18 @@ def stix_bundle(
     objects: dict[str, dict[str, Any]] = {}
     identities: dict[bytes, str] = {}
     incidents: dict[tuple[bytes, bytes], list[tuple[SignedReport, str]]] = {}
+    # Each observer as it describes itself now: its newest report's contacts and point.
+    newest: dict[bytes, SignedReport] = {}
     for report in unique:
-        obs = report.payload.observer
+        seen = newest.get(report.observer_key)
+        if seen is None or (report.payload.time, report.report_id) > (
+            seen.payload.time,
+            seen.report_id,
+        ):
+            newest[report.observer_key] = report
+    for report in unique:
         if report.observer_key not in identities:
+            obs = newest[report.observer_key].payload.observer
             ident = _identity(report.observer_key, obs.contacts, obs.point, created)
             identities[report.observer_key] = ident["id"]
             objects[ident["id"]] = ident

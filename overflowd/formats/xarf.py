@@ -43,6 +43,7 @@ MAX_EVIDENCE = 50
 MAX_DESCRIPTION_CHARS = 1000
 MAX_EVIDENCE_DESCRIPTION_CHARS = 500
 MAX_ORG_CHARS = 200
+MAX_TAGS = 20
 #: Protocol numbers the connection/ddos schema can name (its ``protocol`` enum).
 XARF_PROTOCOLS = {1: "icmp", 58: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
 #: UDP source ports of the usual reflectors: a flood *from* one of them is that amplification
@@ -60,7 +61,6 @@ MIN_RATE_SPAN_MS = 1000
 _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _EMAIL_RE = re.compile(rf"({_LOCAL})@({_LABEL}(?:\.{_LABEL})*)")
-_TAG_PART_RE = re.compile(r"[a-z0-9][a-z0-9_+-]*")
 
 
 def _email(text: str) -> tuple[str, str] | None:
@@ -123,7 +123,8 @@ def _evidence(report: SignedReport) -> dict[str, Any]:
 def _incident(chunk: Sequence[SignedReport], reporter: dict[str, str] | None) -> dict[str, Any]:
     head = chunk[0]
     fl = head.payload.flow
-    obs = head.payload.observer
+    # The observer as it describes itself now: its newest report's contacts and point.
+    obs = max(chunk, key=lambda r: (r.payload.time, r.report_id)).payload.observer
     fp = key_fingerprint(head.observer_key)
     if reporter is None:
         found = next(filter(None, map(_email, obs.contacts)), None)
@@ -153,7 +154,7 @@ def _incident(chunk: Sequence[SignedReport], reporter: dict[str, str] | None) ->
         "report_id": uuid5("xarf", *(r.report_id for r in chunk)),
         "timestamp": rfc3339_ms(first, head.report_id),
         "reporter": reporter,
-        "sender": reporter,
+        "sender": dict(reporter),
         "source_identifier": str(fl.src),
         "source_port": fl.sport,
         "category": "connection",
@@ -165,14 +166,13 @@ def _incident(chunk: Sequence[SignedReport], reporter: dict[str, str] | None) ->
         "first_seen": rfc3339_ms(first, head.report_id),
         "last_seen": rfc3339_ms(last, head.report_id),
         "description": _cut(described, MAX_DESCRIPTION_CHARS),
-        "tags": [f"observer:{fp}", *(f"overflowd:{k}" for k in kinds if _TAG_PART_RE.fullmatch(k))][
-            :20
-        ],
+        # "namespace:predicate" tags; a kind (report.KIND_RE) always fits the tag pattern.
+        "tags": [f"observer:{fp}", *(f"overflowd:{k}" for k in kinds)][:MAX_TAGS],
         "evidence": [_evidence(r) for r in chunk],
     }
-    (dport,) = dports if len(dports) == 1 else (0,)
-    if dport and fl.proto in (6, 17, 132):  # an ICMP flow's "port" is its type and code
-        doc["destination_port"] = dport
+    # One destination port for the whole incident, or none; an ICMP "port" is type and code.
+    if len(dports) == 1 and fl.proto in (6, 17, 132) and fl.dport != 0:
+        doc["destination_port"] = fl.dport
     if last - first >= 1:
         doc["duration_seconds"] = math.ceil((last - first) / 1000)
     doc.update(_peaks(chunk))

@@ -25,7 +25,7 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -46,12 +46,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 
 from overflowd.estimate import (
-    DEFAULT_MAX_KEYS,
     GROUP_BY,
     Estimate,
     GroupKey,
     Tally,
-    TopN,
     TopResult,
 )
 from overflowd.store.models import BIGINT_MAX, Base
@@ -156,22 +154,6 @@ class ReportFilter:
                 raise ValueError(f"an observer key is 32 bytes, not {len(key)}")
         if self.min_trust is not None and self.min_trust not in TRUST_ORDER:
             raise ValueError(f"min_trust must be one of {', '.join(TRUST_ORDER)}")
-
-    def context(self) -> ReportFilter:
-        """The same time, kind, observer and trust filters, for any address or port.
-
-        The reports a unit (the largest weight a missed report could have) is taken from: an
-        observer's sampling rate does not depend on where a flow went.
-        """
-        return ReportFilter(
-            since_ms=self.since_ms,
-            until_ms=self.until_ms,
-            received_since_ms=self.received_since_ms,
-            received_until_ms=self.received_until_ms,
-            kind=self.kind,
-            observers=self.observers,
-            min_trust=self.min_trust,
-        )
 
 
 def _in(column: Any, net: Network) -> ColumnElement[bool]:
@@ -411,38 +393,65 @@ def _tally(row: Any) -> Tally:
 Units = tuple[float | None, float | None]
 
 
-def _units(
-    store: Store, flt: ReportFilter, *, per_observer: bool, keys: Sequence[bytes] = ()
-) -> dict[bytes | None, Units]:
-    """The largest packets and bytes weights among the p < 1 reports of ``flt.context()``:
-    per observer (key -> units), or of all observers (None -> units)."""
-    cols = _sum_columns(store)
-    pick = [
-        c
-        for c in cols
-        if c.name in ("reports", "packets_max", "bytes_max", "packets_huge", "bytes_huge")
+def _rank(
+    groups: Sequence[tuple[Any, Tally, Units]],
+    n: int,
+    measure: Literal["packets", "bytes"],
+) -> TopResult[Any]:
+    """The ``n`` largest groups by point estimate, the rest merged into "other" (exact).
+
+    What :meth:`TopN.result` gives for the same groups (ties by order in ``groups``), but the
+    intervals (a tenth of a millisecond each) are computed for the rows shown only, not for
+    every group: a top-10 of the sources of an hour may rank tens of thousands.
+    """
+
+    def point(item: tuple[Any, Tally, Units]) -> float:
+        t = item[1]
+        if measure == "packets":
+            return -(float(t.certain_packets) + t.packets_total)
+        return -(float(t.certain_bytes) + t.bytes_total)
+
+    ranked = sorted(groups, key=point)  # stable: ties keep their order
+    shown = [
+        (key, tally.estimate(unit=units[0], byte_unit=units[1])) for key, tally, units in ranked[:n]
     ]
-    ctx = flt.context()
-    if keys:
-        ctx = ReportFilter(**{**ctx.__dict__, "observers": tuple(keys)})
-    if per_observer:
-        stmt = _where(select(_T.c.observer_key, *pick), ctx).where(_T.c.probability < 1.0)
-        stmt = stmt.group_by(_T.c.observer_key)
-    else:
-        stmt = _where(select(literal(None).label("observer_key"), *pick), ctx).where(
-            _T.c.probability < 1.0
-        )
-    out: dict[bytes | None, Units] = {}
-    with store.transaction("estimating units", write=False) as conn:
-        for row in conn.execute(stmt):
-            m = row._mapping
-            if not int(m["reports"]):
-                continue
-            key = None if m["observer_key"] is None else bytes(m["observer_key"])
-            out[key] = (
-                math.inf if int(m["packets_huge"]) else float(m["packets_max"]),
-                math.inf if int(m["bytes_huge"]) else float(m["bytes_max"]),
-            )
+    rest = Tally()
+    rest_unit: float | None = None
+    rest_byte_unit: float | None = None
+    for _, tally, (unit, byte_unit) in ranked[n:]:
+        rest.merge(tally)
+        rest_unit = _larger(rest_unit, unit)
+        rest_byte_unit = _larger(rest_byte_unit, byte_unit)
+    other = rest.estimate(unit=rest_unit, byte_unit=rest_byte_unit) if rest.reports else None
+    return TopResult(top=tuple(shown), other=other, groups=len(groups), folded=0, max_folded=0.0)
+
+
+def _larger(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _observer_units(store: Store, keys: Sequence[bytes] = ()) -> dict[bytes, Units]:
+    """Each observer's unit (observers.packets_unit/bytes_unit, kept by every insert): the
+    largest weight among all its p < 1 reports, what a report it did not send could have
+    weighed. ``keys``: only those (else every observer)."""
+    stmt = select(_O.c.key, _O.c.packets_unit, _O.c.bytes_unit)
+    out: dict[bytes, Units] = {}
+    with store.transaction("reading observer units", write=False) as conn:
+        chunks: list[list[bytes] | None] = [
+            list(keys[i : i + MAX_FILTER_OBSERVERS])
+            for i in range(0, len(keys), MAX_FILTER_OBSERVERS)
+        ]
+        for chunk in chunks or [None]:
+            part = stmt if chunk is None else stmt.where(_O.c.key.in_(chunk))
+            for r in conn.execute(part):
+                out[bytes(r.key)] = (
+                    None if r.packets_unit is None else float(r.packets_unit),
+                    None if r.bytes_unit is None else float(r.bytes_unit),
+                )
     return out
 
 
@@ -511,9 +520,9 @@ def who(
 ) -> list[WhoRow]:
     """Every observer with reports that match, busiest (estimated packets) first.
 
-    The unit of each observer's intervals (what a report missed would have weighed) is its
-    largest weight among its p < 1 reports within the filter's time, kind and trust
-    (:meth:`ReportFilter.context`), as docs/estimates.md asks for.
+    The unit of each observer's intervals (what a report it did not send could have weighed)
+    is its largest weight among all its p < 1 reports stored (``observers.packets_unit``), as
+    docs/estimates.md asks for.
     """
     _check_lengths(v4_len, v6_len)
     if top_sources < 0:
@@ -535,8 +544,8 @@ def who(
     if not groups:
         return []
     keys = sorted(bytes(r.observer_key) for r in groups)
-    units = _units(store, flt, per_observer=True, keys=keys)
-    sources: dict[bytes, TopN[Network]] = {}
+    info = _observer_info(store, keys)
+    sources: dict[bytes, list[tuple[Network, Tally]]] = {}
     if top_sources:
         prefix = _prefix_column(t.c.src, v4_len, v6_len).label("prefix")
         by_prefix = _run_sums(
@@ -549,21 +558,28 @@ def who(
         # In key order, so that ties rank the same on both backends whatever order GROUP BY
         # returns (TopN breaks ties by first appearance).
         by_prefix.sort(key=lambda r: (int(r.ip_version), bytes(r.prefix)))
+        merged: dict[tuple[bytes, Network], Tally] = {}
         for row in by_prefix:
+            # a prefix of whole bytes is one SQL group; a /20 gathers several here
             net = _network(int(row.ip_version), bytes(row.prefix), v4_len, v6_len)
-            per = sources.setdefault(bytes(row.observer_key), TopN(DEFAULT_MAX_KEYS))
-            per.add_tally(net, _tally(row))
-    info = _observer_info(store, keys)
+            at = (bytes(row.observer_key), net)
+            if at in merged:
+                merged[at].merge(_tally(row))
+            else:
+                merged[at] = _tally(row)
+                sources.setdefault(at[0], []).append((net, merged[at]))
     rows: list[WhoRow] = []
     for row in groups:
         key = bytes(row.observer_key)
-        unit, byte_unit = units.get(key, (None, None))
+        fingerprint, contacts, point, trust, (unit, byte_unit) = info.get(
+            key, ("", (), "", None, (None, None))
+        )
         tally = _tally(row)
-        fingerprint, contacts, point, trust = info.get(key, ("", (), "", None))
         top_list: list[tuple[Network, Estimate]] = []
         if key in sources:
-            result = sources[key].result(top_sources, unit=unit, byte_unit=byte_unit)
-            top_list = list(result.top)
+            units = (unit, byte_unit)
+            ranked = _rank([(k, t, units) for k, t in sources[key]], top_sources, "packets")
+            top_list = list(ranked.top)
         rows.append(
             WhoRow(
                 observer_key=key,
@@ -582,26 +598,34 @@ def who(
     return rows
 
 
-def _observer_info(
-    store: Store, keys: Sequence[bytes]
-) -> dict[bytes, tuple[str, tuple[str, ...], str, str | None]]:
-    """Fingerprint, contacts and point (observers table) and the trust label of each key's
-    most recently received report (one index probe each: observer_key, received_ms)."""
+Info = tuple[str, tuple[str, ...], str, str | None, Units]
+
+
+def _observer_info(store: Store, keys: Sequence[bytes]) -> dict[bytes, Info]:
+    """Fingerprint, contacts, point and units (observers table) and the trust label of each
+    key's most recently received report (one index probe each: observer_key, received_ms)."""
     t = _T
     latest_trust = (
         select(t.c.trust)
         .where(t.c.observer_key == _O.c.key)
-        .order_by(t.c.received_ms.desc(), t.c.seq.desc())
+        # received_ms alone: the index's own order, one probe (same-millisecond ties: any)
+        .order_by(t.c.received_ms.desc())
         .limit(1)
         .correlate(_O)
         .scalar_subquery()
     )
-    out: dict[bytes, tuple[str, tuple[str, ...], str, str | None]] = {}
+    out: dict[bytes, Info] = {}
     with store.transaction("reading observers", write=False) as conn:
         for i in range(0, len(keys), MAX_FILTER_OBSERVERS):
             chunk = list(keys[i : i + MAX_FILTER_OBSERVERS])
             stmt = select(
-                _O.c.key, _O.c.fingerprint, _O.c.contacts, _O.c.point, latest_trust.label("trust")
+                _O.c.key,
+                _O.c.fingerprint,
+                _O.c.contacts,
+                _O.c.point,
+                _O.c.packets_unit,
+                _O.c.bytes_unit,
+                latest_trust.label("trust"),
             ).where(_O.c.key.in_(chunk))
             for r in conn.execute(stmt):
                 out[bytes(r.key)] = (
@@ -609,6 +633,10 @@ def _observer_info(
                     tuple(json.loads(r.contacts)),
                     str(r.point),
                     None if r.trust is None else str(r.trust),
+                    (
+                        None if r.packets_unit is None else float(r.packets_unit),
+                        None if r.bytes_unit is None else float(r.bytes_unit),
+                    ),
                 )
     return out
 
@@ -631,9 +659,9 @@ def top(
     as "other" (exact: tallies merge exactly).
 
     Keys are as :func:`overflowd.estimate.group_key` gives them: an observer key, a network, a
-    port or a protocol number. Units: per observer for ``by='observer'``; otherwise the largest
-    weight among all observers' p < 1 reports within the filter's context, which may only widen
-    an interval.
+    port or a protocol number. Units: each observer's own for ``by='observer'``; otherwise the
+    largest of every observer's (of ``flt.observers`` if given), which may only widen an
+    interval.
     """
     if by not in GROUP_BY:
         raise ValueError(f"cannot group by {by!r}: one of {', '.join(GROUP_BY)}")
@@ -665,7 +693,7 @@ def top(
         rows.sort(key=lambda r: bytes(r.k))
     else:
         rows.sort(key=lambda r: int(r.k))
-    acc: TopN[GroupKey] = TopN(DEFAULT_MAX_KEYS)
+    tallies: list[tuple[GroupKey, Tally]] = []
     for row in rows:
         key: GroupKey
         if by in ("src", "dst"):
@@ -674,13 +702,21 @@ def top(
             key = bytes(row.k)
         else:
             key = int(row.k)
-        acc.add_tally(key, _tally(row))
+        if tallies and tallies[-1][0] == key:  # a prefix of part of a byte: several SQL groups
+            tallies[-1][1].merge(_tally(row))
+        else:
+            tallies.append((key, _tally(row)))
     if by == "observer":
-        units = _units(store, flt, per_observer=True)
+        units = _observer_units(store, [k for k, _ in tallies if isinstance(k, bytes)])
+        return _rank([(k, t, units.get(k, (None, None))) for k, t in tallies], n, measure)  # type: ignore[arg-type]
+    every = _observer_units(store, flt.observers).values()
+    unit = _max_unit(u for u, _ in every)
+    byte_unit = _max_unit(b for _, b in every)
+    return _rank([(k, t, (unit, byte_unit)) for k, t in tallies], n, measure)
 
-        def unit_of(key: GroupKey) -> Units:
-            return units.get(key, (None, None)) if isinstance(key, bytes) else (None, None)
 
-        return acc.result(n, by=measure, unit_of=unit_of)
-    unit, byte_unit = _units(store, flt, per_observer=False).get(None, (None, None))
-    return acc.result(n, by=measure, unit=unit, byte_unit=byte_unit)
+def _max_unit(values: Iterable[float | None]) -> float | None:
+    out: float | None = None
+    for v in values:
+        out = _larger(out, v)
+    return out
