@@ -188,40 +188,62 @@ def rows(n: int, observers: list[Observer], now_ms: int, seed: int) -> Iterator[
         yield row
 
 
-def build(store: Store, n: int, now_ms: int, seed: int = 1) -> float:
-    """Fill ``store`` with ``n`` reports; returns the seconds it took."""
+class Data:
+    """The reports of the bench, generated once and loaded into each backend."""
+
+    def __init__(self, n: int, now_ms: int, seed: int = 1) -> None:
+        started = time.perf_counter()
+        rng = random.Random(seed)
+        self.n = n
+        self.now_ms = now_ms
+        self.observers = [Observer(rng, i) for i in range(OBSERVERS)]
+        for o in self.observers:
+            o.sign_pool(rng, now_ms)
+        self.columns = [c.name for c in Base.metadata.tables["reports"].columns]
+        # each observer's unit, as add_reports keeps it in the observers table
+        units: dict[bytes, list[float]] = {o.key: [-1.0, -1.0] for o in self.observers}
+        self.rows: list[tuple[Any, ...]] = []
+        for row in rows(n, self.observers, now_ms, seed):
+            if row["probability"] < 1.0:
+                u = units[row["observer_key"]]
+                k_p = row["sampling_interval"] / row["probability"]
+                u[0] = max(u[0], row["packets"] * k_p)
+                u[1] = max(u[1], row["bytes"] * k_p)
+            self.rows.append(tuple(row[c] for c in self.columns))
+            if len(self.rows) % 50_000 == 0:
+                print(f"\r  generated {len(self.rows):,} reports", end="", file=sys.stderr)
+        print(file=sys.stderr)
+        self.units = units
+        self.seconds = time.perf_counter() - started
+
+
+def build(store: Store, data: Data) -> float:
+    """Load ``data`` into ``store``; returns the seconds it took."""
     started = time.perf_counter()
-    rng = random.Random(seed)
-    observers = [Observer(rng, i) for i in range(OBSERVERS)]
-    for o in observers:
-        o.sign_pool(rng, now_ms)
+    n, now_ms = data.n, data.now_ms
     reports = Base.metadata.tables["reports"]
     # Secondary indexes are built after the load (a sort each) rather than maintained row by
     # row: the same store at the end, in a fraction of the time.
     indexes = [ix for ix in reports.indexes if ix.name]
+    names = ", ".join(data.columns)
     with store.transaction("bench: loading", write=True) as conn:
         if store.backend == "sqlite":
             conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BENCH_CACHE_KB}")
         for ix in indexes:
             ix.drop(conn)
-    batch: list[dict[str, Any]] = []
-    # each observer's unit, as add_reports keeps it in the observers table
-    units: dict[bytes, list[float]] = {o.key: [-1.0, -1.0] for o in observers}
-    for row in rows(n, observers, now_ms, seed):
-        batch.append(row)
-        if row["probability"] < 1.0:
-            u = units[row["observer_key"]]
-            k_p = row["sampling_interval"] / row["probability"]
-            u[0] = max(u[0], row["packets"] * k_p)
-            u[1] = max(u[1], row["bytes"] * k_p)
-        if len(batch) == BATCH:
-            with store.transaction("bench: loading", write=True) as conn:
-                conn.execute(insert(reports), batch)
-            batch = []
-            print(f"\r  loaded {row['seq']:,} reports", end="", file=sys.stderr, flush=True)
+    for start in range(0, n, BATCH):
+        batch = data.rows[start : start + BATCH]
+        with store.transaction("bench: loading", write=True) as conn:
+            if store.backend == "sqlite":
+                marks = ", ".join("?" * len(data.columns))
+                conn.exec_driver_sql(f"INSERT INTO reports ({names}) VALUES ({marks})", batch)
+            else:  # COPY: the PostgreSQL way to load many rows
+                raw: Any = conn.connection.driver_connection
+                with raw.cursor() as cur, cur.copy(f"COPY reports ({names}) FROM STDIN") as cp:
+                    for r in batch:
+                        cp.write_row(r)
+        print(f"\r  loaded {start + len(batch):,} reports", end="", file=sys.stderr, flush=True)
     with store.transaction("bench: loading", write=True) as conn:
-        if batch:
-            conn.execute(insert(reports), batch)
         conn.execute(text("UPDATE report_sequence SET last = :n"), {"n": n})
         conn.execute(
             insert(Base.metadata.tables["observers"]),
@@ -235,10 +257,10 @@ def build(store: Store, n: int, now_ms: int, seed: int = 1) -> float:
                     "last_seen_ms": now_ms,
                     "reports": n // OBSERVERS,
                     "contacts_since_ms": None,
-                    "packets_unit": units[o.key][0] if units[o.key][0] >= 0 else None,
-                    "bytes_unit": units[o.key][1] if units[o.key][1] >= 0 else None,
+                    "packets_unit": data.units[o.key][0] if data.units[o.key][0] >= 0 else None,
+                    "bytes_unit": data.units[o.key][1] if data.units[o.key][1] >= 0 else None,
                 }
-                for o in observers
+                for o in data.observers
             ],
         )
         print("\n  indexing", file=sys.stderr)
@@ -405,14 +427,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.cli} has no 'who' command here: CLI rows are 'not available'", file=sys.stderr
         )
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
+    now_ms = int(time.time() * 1000)
+    print(f"generating {args.reports:,} reports", file=sys.stderr)
+    data = Data(args.reports, now_ms)
+    print(f"  in {data.seconds:.0f} s", file=sys.stderr)
     for backend in backends:
         tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-query-"))
         try:
-            now_ms = int(time.time() * 1000)
             ctx = sqlite_store(tmp) if backend == "sqlite" else postgres_store()
             with ctx as (store, url, path):
                 print(f"{backend}: loading {args.reports:,} reports", file=sys.stderr)
-                load_s = build(store, args.reports, now_ms)
+                load_s = build(store, data)
                 per_report = bytes_per_report(store, args.reports, path)
                 inproc = time_in_process(store, now_ms, args.runs)
                 cli = time_cli(args.cli, url, args.cli_runs) if have_cli else None
