@@ -36,6 +36,7 @@ would do it within a minute); SQLite is measured as a node leaves it (no ANALYZE
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import ipaddress
 import json
@@ -332,10 +333,17 @@ def cli_available(cli: str) -> bool:
     return result.returncode == 0
 
 
-def time_cli(cli: str, url: str, runs: int) -> dict[str, list[float] | str]:
+def time_cli(cli: str, url: str, runs: int, now_ms: int) -> dict[str, list[float] | str]:
+    # the hour before the data's end, as RFC 3339: "1h" would be relative to the clock, which
+    # has moved on since the data was made
+    since = (
+        datetime.datetime.fromtimestamp((now_ms - HOUR_MS) / 1000, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
     commands = {
-        "who --dst 203.0.113.0/24 --since 1h": ["who", "--dst", str(VICTIM), "--since", "1h"],
-        "top --by src --since 1h": ["top", "--by", "src", "--since", "1h"],
+        "who --dst 203.0.113.0/24 --since 1h": ["who", "--dst", str(VICTIM), "--since", since],
+        "top --by src --since 1h": ["top", "--by", "src", "--since", since],
         f"reports --dst {VICTIM_ADDRESS}": ["reports", "--dst", VICTIM_ADDRESS, "--json"],
     }
     out: dict[str, list[float] | str] = {}
@@ -420,12 +428,25 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(sys.executable).with_name("overflowd-query")),
         help="the overflowd-query to time (default: this venv's)",
     )
+    parser.add_argument(
+        "--db",
+        help="time an existing store built by this script (no loading): its URL",
+    )
     args = parser.parse_args(argv)
     have_cli = cli_available(args.cli)
     if not have_cli:
         print(
             f"{args.cli} has no 'who' command here: CLI rows are 'not available'", file=sys.stderr
         )
+    if args.db:
+        with Store.open(args.db, create=False) as store:
+            with store.transaction("bench: reading", write=False) as conn:
+                now_ms = int(conn.execute(text("SELECT MAX(last_ms) FROM reports")).scalar_one())
+            n = store.count_reports()
+            inproc = time_in_process(store, now_ms, args.runs)
+        cli = time_cli(args.cli, args.db, args.cli_runs, now_ms) if have_cli else None
+        show(store.backend, inproc, cli, float("nan"), float("nan"), n)
+        return 0
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     now_ms = int(time.time() * 1000)
     print(f"generating {args.reports:,} reports", file=sys.stderr)
@@ -440,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 load_s = build(store, data)
                 per_report = bytes_per_report(store, args.reports, path)
                 inproc = time_in_process(store, now_ms, args.runs)
-                cli = time_cli(args.cli, url, args.cli_runs) if have_cli else None
+                cli = time_cli(args.cli, url, args.cli_runs, now_ms) if have_cli else None
                 show(backend, inproc, cli, per_report, load_s, args.reports)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
