@@ -417,12 +417,13 @@ def _sums(row: Any, at: int) -> list[Any]:
     """The group's Tally fields from a result row whose sums start at column ``at``."""
     v = row[at : at + 12]
     inf = math.inf
-    p_huge, b_huge = int(v[10]), int(v[11])
+    p_huge, b_huge = v[10], v[11]
+    certain_packets, certain_bytes = v[2], v[3]
     return [
         int(v[0]),
         int(v[1]),
-        _number(v[2]),
-        _number(v[3]),
+        certain_packets if type(certain_packets) is int else _number(certain_packets),
+        certain_bytes if type(certain_bytes) is int else _number(certain_bytes),
         inf if p_huge else float(v[4]),
         inf if p_huge else float(v[5]),
         inf if p_huge else float(v[6]),
@@ -459,14 +460,18 @@ def _rank(
         (key if key_of is None else key_of(key), _from(sums).estimate(unit=u[0], byte_unit=u[1]))
         for key, sums, u in ranked[:n]
     ]
-    rest = [0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    rest_unit: float | None = None
-    rest_byte_unit: float | None = None
-    for _, sums, (unit, byte_unit) in ranked[n:]:
-        _merge(rest, sums)
-        rest_unit = _larger(rest_unit, unit)
-        rest_byte_unit = _larger(rest_byte_unit, byte_unit)
-    other = _from(rest).estimate(unit=rest_unit, byte_unit=rest_byte_unit) if rest[0] else None
+    rest_groups = ranked[n:]
+    other = None
+    if rest_groups:
+        # field by field in C (sum, max) rather than group by group in Python: "other" of an
+        # hour of spoofed sources is tens of thousands of groups; sum() adds left to right, as
+        # Tally.merge would
+        columns = list(zip(*(sums for _, sums, _ in rest_groups), strict=True))
+        rest = [max(c) if i in _MAXES else sum(c) for i, c in enumerate(columns)]
+        distinct = {u for _, _, u in rest_groups}
+        rest_unit = _max_unit(u for u, _ in distinct)
+        rest_byte_unit = _max_unit(b for _, b in distinct)
+        other = _from(rest).estimate(unit=rest_unit, byte_unit=rest_byte_unit)
     return TopResult(top=tuple(shown), other=other, groups=len(groups), folded=0, max_folded=0.0)
 
 
