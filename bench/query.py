@@ -36,6 +36,7 @@ would do it within a minute); SQLite is measured as a node leaves it (no ANALYZE
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import ipaddress
 import json
@@ -188,40 +189,62 @@ def rows(n: int, observers: list[Observer], now_ms: int, seed: int) -> Iterator[
         yield row
 
 
-def build(store: Store, n: int, now_ms: int, seed: int = 1) -> float:
-    """Fill ``store`` with ``n`` reports; returns the seconds it took."""
+class Data:
+    """The reports of the bench, generated once and loaded into each backend."""
+
+    def __init__(self, n: int, now_ms: int, seed: int = 1) -> None:
+        started = time.perf_counter()
+        rng = random.Random(seed)
+        self.n = n
+        self.now_ms = now_ms
+        self.observers = [Observer(rng, i) for i in range(OBSERVERS)]
+        for o in self.observers:
+            o.sign_pool(rng, now_ms)
+        self.columns = [c.name for c in Base.metadata.tables["reports"].columns]
+        # each observer's unit, as add_reports keeps it in the observers table
+        units: dict[bytes, list[float]] = {o.key: [-1.0, -1.0] for o in self.observers}
+        self.rows: list[tuple[Any, ...]] = []
+        for row in rows(n, self.observers, now_ms, seed):
+            if row["probability"] < 1.0:
+                u = units[row["observer_key"]]
+                k_p = row["sampling_interval"] / row["probability"]
+                u[0] = max(u[0], row["packets"] * k_p)
+                u[1] = max(u[1], row["bytes"] * k_p)
+            self.rows.append(tuple(row[c] for c in self.columns))
+            if len(self.rows) % 50_000 == 0:
+                print(f"\r  generated {len(self.rows):,} reports", end="", file=sys.stderr)
+        print(file=sys.stderr)
+        self.units = units
+        self.seconds = time.perf_counter() - started
+
+
+def build(store: Store, data: Data) -> float:
+    """Load ``data`` into ``store``; returns the seconds it took."""
     started = time.perf_counter()
-    rng = random.Random(seed)
-    observers = [Observer(rng, i) for i in range(OBSERVERS)]
-    for o in observers:
-        o.sign_pool(rng, now_ms)
+    n, now_ms = data.n, data.now_ms
     reports = Base.metadata.tables["reports"]
     # Secondary indexes are built after the load (a sort each) rather than maintained row by
     # row: the same store at the end, in a fraction of the time.
     indexes = [ix for ix in reports.indexes if ix.name]
+    names = ", ".join(data.columns)
     with store.transaction("bench: loading", write=True) as conn:
         if store.backend == "sqlite":
             conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BENCH_CACHE_KB}")
         for ix in indexes:
             ix.drop(conn)
-    batch: list[dict[str, Any]] = []
-    # each observer's unit, as add_reports keeps it in the observers table
-    units: dict[bytes, list[float]] = {o.key: [-1.0, -1.0] for o in observers}
-    for row in rows(n, observers, now_ms, seed):
-        batch.append(row)
-        if row["probability"] < 1.0:
-            u = units[row["observer_key"]]
-            k_p = row["sampling_interval"] / row["probability"]
-            u[0] = max(u[0], row["packets"] * k_p)
-            u[1] = max(u[1], row["bytes"] * k_p)
-        if len(batch) == BATCH:
-            with store.transaction("bench: loading", write=True) as conn:
-                conn.execute(insert(reports), batch)
-            batch = []
-            print(f"\r  loaded {row['seq']:,} reports", end="", file=sys.stderr, flush=True)
+    for start in range(0, n, BATCH):
+        batch = data.rows[start : start + BATCH]
+        with store.transaction("bench: loading", write=True) as conn:
+            if store.backend == "sqlite":
+                marks = ", ".join("?" * len(data.columns))
+                conn.exec_driver_sql(f"INSERT INTO reports ({names}) VALUES ({marks})", batch)
+            else:  # COPY: the PostgreSQL way to load many rows
+                raw: Any = conn.connection.driver_connection
+                with raw.cursor() as cur, cur.copy(f"COPY reports ({names}) FROM STDIN") as cp:
+                    for r in batch:
+                        cp.write_row(r)
+        print(f"\r  loaded {start + len(batch):,} reports", end="", file=sys.stderr, flush=True)
     with store.transaction("bench: loading", write=True) as conn:
-        if batch:
-            conn.execute(insert(reports), batch)
         conn.execute(text("UPDATE report_sequence SET last = :n"), {"n": n})
         conn.execute(
             insert(Base.metadata.tables["observers"]),
@@ -235,10 +258,10 @@ def build(store: Store, n: int, now_ms: int, seed: int = 1) -> float:
                     "last_seen_ms": now_ms,
                     "reports": n // OBSERVERS,
                     "contacts_since_ms": None,
-                    "packets_unit": units[o.key][0] if units[o.key][0] >= 0 else None,
-                    "bytes_unit": units[o.key][1] if units[o.key][1] >= 0 else None,
+                    "packets_unit": data.units[o.key][0] if data.units[o.key][0] >= 0 else None,
+                    "bytes_unit": data.units[o.key][1] if data.units[o.key][1] >= 0 else None,
                 }
-                for o in observers
+                for o in data.observers
             ],
         )
         print("\n  indexing", file=sys.stderr)
@@ -310,10 +333,17 @@ def cli_available(cli: str) -> bool:
     return result.returncode == 0
 
 
-def time_cli(cli: str, url: str, runs: int) -> dict[str, list[float] | str]:
+def time_cli(cli: str, url: str, runs: int, now_ms: int) -> dict[str, list[float] | str]:
+    # the hour before the data's end, as RFC 3339: "1h" would be relative to the clock, which
+    # has moved on since the data was made
+    since = (
+        datetime.datetime.fromtimestamp((now_ms - HOUR_MS) / 1000, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
     commands = {
-        "who --dst 203.0.113.0/24 --since 1h": ["who", "--dst", str(VICTIM), "--since", "1h"],
-        "top --by src --since 1h": ["top", "--by", "src", "--since", "1h"],
+        "who --dst 203.0.113.0/24 --since 1h": ["who", "--dst", str(VICTIM), "--since", since],
+        "top --by src --since 1h": ["top", "--by", "src", "--since", since],
         f"reports --dst {VICTIM_ADDRESS}": ["reports", "--dst", VICTIM_ADDRESS, "--json"],
     }
     out: dict[str, list[float] | str] = {}
@@ -398,24 +428,40 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(sys.executable).with_name("overflowd-query")),
         help="the overflowd-query to time (default: this venv's)",
     )
+    parser.add_argument(
+        "--db",
+        help="time an existing store built by this script (no loading): its URL",
+    )
     args = parser.parse_args(argv)
     have_cli = cli_available(args.cli)
     if not have_cli:
         print(
             f"{args.cli} has no 'who' command here: CLI rows are 'not available'", file=sys.stderr
         )
+    if args.db:
+        with Store.open(args.db, create=False) as store:
+            with store.transaction("bench: reading", write=False) as conn:
+                now_ms = int(conn.execute(text("SELECT MAX(last_ms) FROM reports")).scalar_one())
+            n = store.count_reports()
+            inproc = time_in_process(store, now_ms, args.runs)
+        cli = time_cli(args.cli, args.db, args.cli_runs, now_ms) if have_cli else None
+        show(store.backend, inproc, cli, float("nan"), float("nan"), n)
+        return 0
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
+    now_ms = int(time.time() * 1000)
+    print(f"generating {args.reports:,} reports", file=sys.stderr)
+    data = Data(args.reports, now_ms)
+    print(f"  in {data.seconds:.0f} s", file=sys.stderr)
     for backend in backends:
         tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-query-"))
         try:
-            now_ms = int(time.time() * 1000)
             ctx = sqlite_store(tmp) if backend == "sqlite" else postgres_store()
             with ctx as (store, url, path):
                 print(f"{backend}: loading {args.reports:,} reports", file=sys.stderr)
-                load_s = build(store, args.reports, now_ms)
+                load_s = build(store, data)
                 per_report = bytes_per_report(store, args.reports, path)
                 inproc = time_in_process(store, now_ms, args.runs)
-                cli = time_cli(args.cli, url, args.cli_runs) if have_cli else None
+                cli = time_cli(args.cli, url, args.cli_runs, now_ms) if have_cli else None
                 show(backend, inproc, cli, per_report, load_s, args.reports)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -166,14 +166,18 @@ def conditions(flt: ReportFilter) -> list[ColumnElement[bool]]:
     """The filter as SQL conditions on the reports table (empty: every report)."""
     t = _T
     out: list[ColumnElement[bool]] = []
+    # Each time range is written with both ends (the other one the column's own bound, always
+    # true): SQLite without statistics guesses a one-sided range keeps 1/4 of the rows and
+    # would rather scan the newest-first order's index whole; a two-sided one, 1/64, and it
+    # uses the range's index. PostgreSQL plans from its statistics either way.
     if flt.since_ms is not None:
-        out.append(t.c.last_ms >= flt.since_ms)
+        out.append(t.c.last_ms.between(flt.since_ms, BIGINT_MAX))
     if flt.until_ms is not None:
-        out.append(t.c.first_ms <= flt.until_ms)
-    if flt.received_since_ms is not None:
-        out.append(t.c.received_ms >= flt.received_since_ms)
-    if flt.received_until_ms is not None:
-        out.append(t.c.received_ms <= flt.received_until_ms)
+        out.append(t.c.first_ms.between(0, flt.until_ms))
+    if flt.received_since_ms is not None or flt.received_until_ms is not None:
+        first = 0 if flt.received_since_ms is None else flt.received_since_ms
+        last = BIGINT_MAX if flt.received_until_ms is None else flt.received_until_ms
+        out.append(t.c.received_ms.between(first, last))
     if flt.src is not None:
         out.append(_in(t.c.src, flt.src))
     if flt.dst is not None:
@@ -392,37 +396,82 @@ def _tally(row: Any) -> Tally:
 
 Units = tuple[float | None, float | None]
 
+#: The Tally fields in the order of _sum_columns (then packets_huge, bytes_huge), as a list per
+#: group: ranking thousands of groups must not build a Tally (or an interval) for each.
+_FIELDS = (
+    "reports",
+    "certain_reports",
+    "certain_packets",
+    "certain_bytes",
+    "packets_total",
+    "packets_squares",
+    "packets_max",
+    "bytes_total",
+    "bytes_squares",
+    "bytes_max",
+)
+_MAXES = (6, 9)
+
+
+def _sums(row: Any, at: int) -> list[Any]:
+    """The group's Tally fields from a result row whose sums start at column ``at``."""
+    v = row[at : at + 12]
+    inf = math.inf
+    p_huge, b_huge = v[10], v[11]
+    certain_packets, certain_bytes = v[2], v[3]
+    return [
+        int(v[0]),
+        int(v[1]),
+        certain_packets if type(certain_packets) is int else _number(certain_packets),
+        certain_bytes if type(certain_bytes) is int else _number(certain_bytes),
+        inf if p_huge else float(v[4]),
+        inf if p_huge else float(v[5]),
+        inf if p_huge else float(v[6]),
+        inf if b_huge else float(v[7]),
+        inf if b_huge else float(v[8]),
+        inf if b_huge else float(v[9]),
+    ]
+
+
+def _merge(into: list[Any], more: list[Any]) -> None:
+    for i, value in enumerate(more):
+        into[i] = max(into[i], value) if i in _MAXES else into[i] + value
+
+
+def _from(sums: list[Any]) -> Tally:
+    return Tally.from_sums(**dict(zip(_FIELDS, sums, strict=True)))
+
 
 def _rank(
-    groups: Sequence[tuple[Any, Tally, Units]],
+    groups: Sequence[tuple[Any, list[Any], Units]],
     n: int,
     measure: Literal["packets", "bytes"],
+    key_of: Any = None,
 ) -> TopResult[Any]:
     """The ``n`` largest groups by point estimate, the rest merged into "other" (exact).
 
     What :meth:`TopN.result` gives for the same groups (ties by order in ``groups``), but the
-    intervals (a tenth of a millisecond each) are computed for the rows shown only, not for
-    every group: a top-10 of the sources of an hour may rank tens of thousands.
+    tallies, intervals (a tenth of a millisecond each) and keys (``key_of(raw)``) are made for
+    the rows shown only: a top-10 of the sources of an hour may rank tens of thousands.
     """
-
-    def point(item: tuple[Any, Tally, Units]) -> float:
-        t = item[1]
-        if measure == "packets":
-            return -(float(t.certain_packets) + t.packets_total)
-        return -(float(t.certain_bytes) + t.bytes_total)
-
-    ranked = sorted(groups, key=point)  # stable: ties keep their order
+    certain, total = (2, 4) if measure == "packets" else (3, 7)
+    ranked = sorted(groups, key=lambda g: -(float(g[1][certain]) + g[1][total]))  # stable
     shown = [
-        (key, tally.estimate(unit=units[0], byte_unit=units[1])) for key, tally, units in ranked[:n]
+        (key if key_of is None else key_of(key), _from(sums).estimate(unit=u[0], byte_unit=u[1]))
+        for key, sums, u in ranked[:n]
     ]
-    rest = Tally()
-    rest_unit: float | None = None
-    rest_byte_unit: float | None = None
-    for _, tally, (unit, byte_unit) in ranked[n:]:
-        rest.merge(tally)
-        rest_unit = _larger(rest_unit, unit)
-        rest_byte_unit = _larger(rest_byte_unit, byte_unit)
-    other = rest.estimate(unit=rest_unit, byte_unit=rest_byte_unit) if rest.reports else None
+    rest_groups = ranked[n:]
+    other = None
+    if rest_groups:
+        # field by field in C (sum, max) rather than group by group in Python: "other" of an
+        # hour of spoofed sources is tens of thousands of groups; sum() adds left to right, as
+        # Tally.merge would
+        columns = list(zip(*(sums for _, sums, _ in rest_groups), strict=True))
+        rest = [max(c) if i in _MAXES else sum(c) for i, c in enumerate(columns)]
+        distinct = {u for _, _, u in rest_groups}
+        rest_unit = _max_unit(u for u, _ in distinct)
+        rest_byte_unit = _max_unit(b for _, b in distinct)
+        other = _from(rest).estimate(unit=rest_unit, byte_unit=rest_byte_unit)
     return TopResult(top=tuple(shown), other=other, groups=len(groups), folded=0, max_folded=0.0)
 
 
@@ -478,6 +527,16 @@ def _network(version: int, prefix: bytes, v4_len: int, v6_len: int) -> Network:
         return ipaddress.IPv4Network((value >> (32 - v4_len) << (32 - v4_len), v4_len))
     value = int.from_bytes(full, "big")
     return ipaddress.IPv6Network((value >> (128 - v6_len) << (128 - v6_len), v6_len))
+
+
+def _masked(version: int, prefix: bytes, v4_len: int, v6_len: int) -> tuple[int, bytes]:
+    """The grouped prefix bytes with the bits past the prefix length cleared (a /20 from the
+    3 bytes SQL grouped by): equal for every group of one network, and cheap to compare."""
+    bits = (96 + v4_len) if version == 4 else v6_len
+    whole, rest = divmod(bits, 8)
+    if not rest:
+        return version, prefix[:whole]
+    return version, prefix[:whole] + bytes([prefix[whole] & (0xFF << (8 - rest)) & 0xFF])
 
 
 def _check_lengths(v4_len: int, v6_len: int) -> None:
@@ -545,7 +604,7 @@ def who(
         return []
     keys = sorted(bytes(r.observer_key) for r in groups)
     info = _observer_info(store, keys)
-    sources: dict[bytes, list[tuple[Network, Tally]]] = {}
+    sources: dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]] = {}
     if top_sources:
         prefix = _prefix_column(t.c.src, v4_len, v6_len).label("prefix")
         by_prefix = _run_sums(
@@ -557,17 +616,16 @@ def who(
         )
         # In key order, so that ties rank the same on both backends whatever order GROUP BY
         # returns (TopN breaks ties by first appearance).
-        by_prefix.sort(key=lambda r: (int(r.ip_version), bytes(r.prefix)))
-        merged: dict[tuple[bytes, Network], Tally] = {}
+        by_prefix.sort(key=lambda r: (int(r[1]), bytes(r[2])))
+        merged: dict[tuple[bytes, tuple[int, bytes]], list[Any]] = {}
         for row in by_prefix:
             # a prefix of whole bytes is one SQL group; a /20 gathers several here
-            net = _network(int(row.ip_version), bytes(row.prefix), v4_len, v6_len)
-            at = (bytes(row.observer_key), net)
+            at = (bytes(row[0]), _masked(int(row[1]), bytes(row[2]), v4_len, v6_len))
             if at in merged:
-                merged[at].merge(_tally(row))
+                _merge(merged[at], _sums(row, 3))
             else:
-                merged[at] = _tally(row)
-                sources.setdefault(at[0], []).append((net, merged[at]))
+                merged[at] = _sums(row, 3)
+                sources.setdefault(at[0], []).append((at[1], merged[at]))
     rows: list[WhoRow] = []
     for row in groups:
         key = bytes(row.observer_key)
@@ -578,7 +636,12 @@ def who(
         top_list: list[tuple[Network, Estimate]] = []
         if key in sources:
             units = (unit, byte_unit)
-            ranked = _rank([(k, t, units) for k, t in sources[key]], top_sources, "packets")
+            ranked = _rank(
+                [(k, sums, units) for k, sums in sources[key]],
+                top_sources,
+                "packets",
+                lambda k: _network(k[0], k[1], v4_len, v6_len),
+            )
             top_list = list(ranked.top)
         rows.append(
             WhoRow(
@@ -688,31 +751,33 @@ def top(
         "asking for the top",
     )
     if by in ("src", "dst"):
-        rows.sort(key=lambda r: (int(r.ip_version), bytes(r.k)))
+        rows.sort(key=lambda r: (int(r[0]), bytes(r[1])))
     elif by == "observer":
-        rows.sort(key=lambda r: bytes(r.k))
+        rows.sort(key=lambda r: bytes(r[0]))
     else:
-        rows.sort(key=lambda r: int(r.k))
-    tallies: list[tuple[GroupKey, Tally]] = []
+        rows.sort(key=lambda r: int(r[0]))
+    at = len(keys)
+    groups: list[tuple[Any, list[Any]]] = []
     for row in rows:
-        key: GroupKey
+        raw: Any
         if by in ("src", "dst"):
-            key = _network(int(row.ip_version), bytes(row.k), v4_len, v6_len)
+            raw = _masked(int(row[0]), bytes(row[1]), v4_len, v6_len)
         elif by == "observer":
-            key = bytes(row.k)
+            raw = bytes(row[0])
         else:
-            key = int(row.k)
-        if tallies and tallies[-1][0] == key:  # a prefix of part of a byte: several SQL groups
-            tallies[-1][1].merge(_tally(row))
+            raw = int(row[0])
+        if groups and groups[-1][0] == raw:  # a prefix of part of a byte: several SQL groups
+            _merge(groups[-1][1], _sums(row, at))
         else:
-            tallies.append((key, _tally(row)))
+            groups.append((raw, _sums(row, at)))
+    key_of = (lambda k: _network(k[0], k[1], v4_len, v6_len)) if by in ("src", "dst") else None
     if by == "observer":
-        units = _observer_units(store, [k for k, _ in tallies if isinstance(k, bytes)])
-        return _rank([(k, t, units.get(k, (None, None))) for k, t in tallies], n, measure)  # type: ignore[arg-type]
+        units = _observer_units(store, [k for k, _ in groups])
+        return _rank([(k, sums, units.get(k, (None, None))) for k, sums in groups], n, measure)
     every = _observer_units(store, flt.observers).values()
     unit = _max_unit(u for u, _ in every)
     byte_unit = _max_unit(b for _, b in every)
-    return _rank([(k, t, (unit, byte_unit)) for k, t in tallies], n, measure)
+    return _rank([(k, sums, (unit, byte_unit)) for k, sums in groups], n, measure, key_of)
 
 
 def _max_unit(values: Iterable[float | None]) -> float | None:

@@ -215,3 +215,49 @@ def test_forged_counters_and_probabilities_do_not_break_a_query(store: Store) ->
     # certain part alone: two saturated counters, more than a 64-bit sum holds, still summed
     certain = who(store, ReportFilter(dst=net("198.51.100.0/24"), observers=(identity.public_key,)))
     assert certain[0].estimate.bytes.estimate >= 2 * (2**63 - 1)
+
+
+def test_observer_units_are_kept_by_inserts_and_filled_by_the_migration(db_url: str) -> None:
+    """observers.packets_unit/bytes_unit: the largest weights of all an observer's p < 1
+    reports, whether they were stored after revision 0007_query or before it."""
+    import alembic.command
+    import alembic.config
+    import sqlalchemy as sa
+
+    from overflowd.store import repository
+
+    identity = NodeIdentity.generate()
+    certain_only = NodeIdentity.generate()
+    batches = [
+        [(10, 0.01), (500, 0.5)],
+        [(3, 0.001), (2000, 1.0)],  # a later batch with a larger weight, and a certain one
+    ]
+    with Store.open(db_url) as store:
+        for batch in batches:
+            store.add_reports(
+                [
+                    (identity.sign_report(make_payload(packets=n, probability=p)), BASE_MS, "udp")
+                    for n, p in batch
+                ]
+            )
+        store.add_report(
+            certain_only.sign_report(make_payload(probability=1.0)), received_ms=BASE_MS, via="udp"
+        )
+        want = _tally(r for r in store.query_reports() if r.observer_key == identity.public_key)
+    config = alembic.config.Config()
+    config.set_main_option("script_location", str(repository._MIGRATIONS))
+    config.set_main_option("path_separator", "os")
+    engine = sa.create_engine(db_url)
+    read = sa.text("SELECT key, packets_unit, bytes_unit FROM observers")
+    try:
+        with engine.begin() as conn:
+            inserted = {bytes(k): (u, b) for k, u, b in conn.execute(read)}
+            config.attributes["connection"] = conn
+            alembic.command.downgrade(config, "0006")
+            alembic.command.upgrade(config, "head")
+            migrated = {bytes(k): (u, b) for k, u, b in conn.execute(read)}
+    finally:
+        engine.dispose()
+    for units in (inserted, migrated):
+        assert units[identity.public_key] == pytest.approx((want.packets_unit, want.bytes_unit))
+        assert units[certain_only.public_key] == (None, None)
