@@ -216,7 +216,8 @@ def test_read_only_home_can_be_queried(home: Path) -> None:
         result = _run_read_only(home, *argv)
         assert result.code == 0, (argv, result.err)
         if argv[1] == "reports":
-            assert [json.loads(line)["id"] for line in result.out.splitlines()] == [report_id]
+            got = [json.loads(line)["report"]["id"] for line in result.out.splitlines()]
+            assert got == [report_id]
     assert {p: p.stat().st_mtime_ns for p in files(home)} == before
 
 
@@ -240,7 +241,7 @@ def test_verify_takes_raw_base64url_and_a_json_line(home: Path, tmp_path: Path) 
     assert report(home, "--out", str(raw)).code == 0
     lines = run("overflowd-query", "reports", "--json", "--home", str(home)).out.splitlines()
     assert len(lines) == 1
-    cose_b64 = json.loads(lines[0])["cose"]
+    cose_b64 = json.loads(lines[0])["report"]["cose"]
     inputs = {
         "raw": raw.read_bytes(),
         "b64": cose_b64.encode() + b"\n",
@@ -249,7 +250,7 @@ def test_verify_takes_raw_base64url_and_a_json_line(home: Path, tmp_path: Path) 
     for what, data in inputs.items():
         result = run("overflowd-query", "verify", "-", stdin=data)
         assert result.code == 0, (what, result.err)
-        assert json.loads(result.out)["id"] == json.loads(lines[0])["id"]
+        assert json.loads(result.out)["id"] == json.loads(lines[0])["report"]["id"]
     bad = run("overflowd-query", "verify", "-", stdin=b'{"id": "x"}\n')
     one_line(bad, 1, "cose")
 
