@@ -588,16 +588,17 @@ def _victim_holds(victim_home: Path) -> tuple[int, int, dict[str, int]]:
     return len(rows), verified, dict(collections.Counter(row.via for row in rows))
 
 
-def _has(tools: dict[str, list[str]], command: str) -> bool:
-    """Does this overflowd-query know ``command`` (who/top arrive with the query CLI)?"""
+def _query_commands(tools: dict[str, list[str]]) -> set[str]:
+    """The commands this overflowd-query knows (who and top arrive with the query CLI)."""
     done = subprocess.run(
-        [*tools["overflowd-query"], command, "--help"],
+        [*tools["overflowd-query"], "--help"],
         capture_output=True,
+        text=True,
         env=_env(),
         timeout=START_TIMEOUT_S,
         check=False,
     )
-    return done.returncode == 0
+    return set(re.findall(r"^    (\w+)\s", done.stdout, re.MULTILINE))
 
 
 def _run_shown(tools: dict[str, list[str]], argv: list[str]) -> None:
@@ -789,7 +790,7 @@ def _demo(args: argparse.Namespace, work: Path, procs: list[Proc], started: floa
 
     _say(f"who reported {VICTIM}, and whom to call")
     home = ["--home", str(victim_home)]
-    if _has(tools, "who") and _has(tools, "top"):
+    if {"who", "top"} <= _query_commands(tools):
         _run_shown(tools, ["overflowd-query", "who", "--dst", VICTIM, *home])
         _run_shown(
             tools, ["overflowd-query", "top", "--by", "src", "--dst", VICTIM, "-n", "10", *home]
