@@ -291,6 +291,11 @@ class Proc:
             self._terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
     def stop(self) -> int:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; the exit code (joins the readers)."""
         if self.proc.poll() is None:
@@ -628,9 +633,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         code = _demo(args, work, procs, started)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
+        _stop_all(procs)
     return code
+
+
+def _stop_all(procs: list[Proc]) -> None:
+    """Stop every process started, all at once; a second Ctrl-C kills those still draining."""
+    for proc in procs:
+        proc.terminate()
+    try:
+        for proc in procs:
+            proc.stop()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.kill()
+        raise
 
 
 def _in_process(argv: list[str]) -> None:
@@ -771,10 +788,9 @@ def _demo(args: argparse.Namespace, work: Path, procs: list[Proc], started: floa
     )
 
     _say("stop the nodes (their stop summaries)")
+    _stop_all([router, victim, receiver])  # all at once; each drains on its own
     for proc in (router, victim, receiver):
-        proc.terminate()  # all at once; each drains on its own
-    for proc in (router, victim, receiver):
-        code = proc.stop()
+        code = proc.stop()  # already stopped: its exit code
         for line in proc.output:
             if line.startswith("stopped:"):
                 print(f"{proc.name}: {line}")

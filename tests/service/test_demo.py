@@ -20,7 +20,7 @@ from pathlib import Path
 
 from overflowd.identity import verify_report
 from overflowd.store import Store, default_url
-from tests.support.cli import BIN
+from tests.support.cli import BIN, run
 from tests.support.trace import netflow_v5_trace
 
 VICTIM = "127.0.0.2"
@@ -151,3 +151,17 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path) -> None:
     assert proc.returncode == 130
     assert not _left_running(work)
 
+
+
+def test_bad_flags_are_one_line_and_start_nothing(tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep").write_text("mine")
+    for args, why in (
+        (["--dir", str(busy)], f"--dir {busy}: not a new or empty directory"),
+        (["--dir", str(tmp_path / "new"), "--rate", "0"], "--rate must be in (0, 1]"),
+    ):
+        done = run("overflowd", "demo", *args)
+        assert done.code == 2 and done.err == f"overflowd: error: {why}\n", done.err
+    assert sorted(p.name for p in busy.iterdir()) == ["keep"]
+    assert not (tmp_path / "new").exists()
