@@ -1,8 +1,10 @@
 """``overflowd decode FILE``: print the flow records in a capture file, one per line.
 
 For people (one readable line per record) and for scripts and differential tests
-(``--json``: one JSON object per line with exactly the keys of
-:meth:`overflowd.flows.FlowRecord.to_json`). A summary goes to stderr. Malformed datagrams
+(``--json``: one JSON object per line with the keys of
+:meth:`overflowd.flows.FlowRecord.to_json`, times as RFC 3339 like every command's JSON:
+``first``/``last`` are RFC 3339 UTC, ``first_ms``/``last_ms`` the Unix milliseconds, as in
+a report's JSON). A summary goes to stderr. Malformed datagrams
 and a truncated last frame are counted in the summary, not errors; an unreadable file or one
 that is not a capture is (exit 1, one line).
 """
@@ -21,7 +23,7 @@ from overflowd.errors import DecodeError, OverflowdError
 from overflowd.flows import FlowRecord
 from overflowd.wire import CaptureReader, DecoderState, decode_datagram
 
-__all__ = ["format_record", "main", "register", "run"]
+__all__ = ["format_record", "main", "record_json", "register", "run"]
 
 PROG = "overflowd"
 _PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 58: "icmp6", 132: "sctp"}
@@ -53,7 +55,9 @@ def register(
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="pcap or pcapng capture file")
     parser.add_argument(
-        "--json", action="store_true", help="one JSON object per record (keys of FlowRecord)"
+        "--json",
+        action="store_true",
+        help="one JSON object per record (keys of FlowRecord; times RFC 3339, and *_ms)",
     )
     parser.add_argument(
         "--port",
@@ -137,7 +141,7 @@ def _decode(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             records += len(flows)
             if as_json:
                 for flow in flows:
-                    write(json.dumps(flow.to_json(), separators=(",", ":")))
+                    write(json.dumps(record_json(flow), separators=(",", ":")))
                     write("\n")
             else:
                 for flow in flows:
@@ -164,6 +168,27 @@ def _decode(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         parts.append(f"malformed[{reason}]={count}")
     print(f"{PROG}: decode: {' '.join(parts)}", file=err)
     return 0
+
+
+def record_json(flow: FlowRecord) -> dict[str, Any]:
+    """``--json``'s object: the record's keys, times in RFC 3339 with the milliseconds beside
+    them (``first_ms``/``last_ms``, as in a report's JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in flow.to_json().items():
+        if key in ("first", "last"):
+            out[key] = _iso_ms(value)
+            out[f"{key}_ms"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _iso_ms(ms: int) -> str:
+    try:
+        t = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(ms)  # beyond year 9999: the number, not a made-up date
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 def format_record(flow: FlowRecord) -> str:

@@ -4,92 +4,344 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ipaddress
 import json
+import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from overflowd import report as rpt
-from overflowd.cli import cmd_contact, cmd_outbox
-from overflowd.cli.common import Parser, common_options, context, int_flag, parse_since, run_main
+from overflowd.answers import (
+    DEFAULT_TOP_N,
+    DEFAULT_V4_LEN,
+    FILTER_PARAMS,
+    MAX_TOP_N,
+    PROTOCOLS,
+    TRUST_LEVELS,
+    V6_EXTRA_BITS,
+    WHO_TOP_SOURCES,
+    count_line,
+    make_filter,
+    prefix_lengths,
+    report_json,
+    top_json,
+    who_json,
+)
+from overflowd.cli import cmd_contact, cmd_outbox, render
+from overflowd.cli.common import (
+    Parser,
+    UsageError,
+    common_options,
+    context,
+    int_flag,
+    now_ms,
+    parse_since,
+    run_main,
+)
 from overflowd.errors import ConfigError, OverflowdError
+from overflowd.estimate import GROUP_BY
 from overflowd.identity import verify_report
 
+if TYPE_CHECKING:
+    from overflowd.cli.remote import Remote
+    from overflowd.store.query import ReportFilter
+    from overflowd.store.repository import Store
+
 PROG = "overflowd-query"
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 47: "gre", 50: "esp"}
-#: --limit's ceiling: every row is verified and printed, so a million is minutes of output;
+#: --limit's ceiling: every row is decoded and printed, so a million is minutes of output;
 #: more is a typo (1e23), and SQLite refuses a LIMIT beyond 2^63-1 anyway.
 MAX_LIMIT = 1_000_000
+#: --follow asks the store (or the node) for new reports this often by default, and
+#: --poll-interval is bounded: under 0.1 s is a busy loop on the database, over a minute is not
+#: following.
+FOLLOW_POLL_S = 1.0
+MIN_POLL_S, MAX_POLL_S = 0.1, 60.0
+#: Reports per page when following or paging a node's API (its MAX_PAGE).
+PAGE = 1000
+FORMATS = ("table", "json", "csv", "xarf", "stix")
 
 
-def _network(text: str) -> Network:
+def _poll_interval(text: str) -> float:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an address or prefix") from None
+        value = math.nan
+    if not MIN_POLL_S <= value <= MAX_POLL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not a number of seconds in {MIN_POLL_S:g}-{MAX_POLL_S:g}"
+        )
+    return value
+
+
+def _output_format(args: argparse.Namespace, allowed: Sequence[str]) -> str:
+    chosen = [f for f, on in (("json", args.json), ("csv", args.csv)) if on]
+    if args.format is not None:
+        chosen.append(args.format)
+    if len(set(chosen)) > 1:
+        raise UsageError(f"--json, --csv and --format ask for different outputs: {chosen}")
+    fmt = chosen[0] if chosen else "table"
+    if fmt not in allowed:
+        raise UsageError(f"--format {fmt}: this command prints {', '.join(allowed)}")
+    return fmt
+
+
+def _filter_text(args: argparse.Namespace) -> dict[str, str | None]:
+    return {name: getattr(args, name, None) for name in FILTER_PARAMS}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _local_filter(args: argparse.Namespace, store: Store) -> ReportFilter:
+    from overflowd.store.query import resolve_observer
+
+    try:
+        return make_filter(
+            _filter_text(args),
+            now_ms=now_ms(),
+            observers=lambda text: resolve_observer(store, text),
+            flag=_flag,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_filter_syntax(args: argparse.Namespace) -> None:
+    """Refuse a bad value before any store or node is asked (the observer is resolved there)."""
+    try:
+        make_filter(_filter_text(args), now_ms=now_ms(), observers=lambda t: (), flag=_flag)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _remote_params(args: argparse.Namespace) -> dict[str, str | int | None]:
+    return dict(_filter_text(args))
 
 
 def cmd_reports(args: argparse.Namespace) -> int:
-    ctx = context(args)
-    since_ms = parse_since(args.since) if args.since else None
-    store = ctx.open_store(create=False)
+    fmt = _output_format(args, FORMATS)
+    _check_filter_syntax(args)
+    if args.follow and fmt in ("xarf", "stix"):
+        raise UsageError(f"--follow prints reports one by one: not as one {fmt} document")
+    if fmt != "xarf" and (args.reporter_contact or args.reporter_name):
+        raise UsageError("--reporter-contact and --reporter-name are for --format xarf")
+    if fmt == "xarf":
+        from overflowd.formats import FormatError, xarf_reports
+
+        try:  # the reporter is checked before any report is read
+            xarf_reports([], reporter_contact=args.reporter_contact,
+                         reporter_name=args.reporter_name)
+        except FormatError as exc:
+            raise UsageError(f"--reporter-contact/--reporter-name: {exc}") from None
+    if args.remote:
+        from overflowd.cli.remote import Remote  # httpx: a third of a second, only for this
+
+        with Remote(args.remote) as remote:
+            objects, total, cursor = _remote_reports(remote, args)
+            _print_reports(objects, total, fmt, args)
+            if args.follow:
+                seen = {o["report"]["id"] for o in objects}
+                return _follow(lambda after: _remote_page(remote, args, after), cursor, seen,
+                               fmt, args.poll_interval)
+        return 0
+    store = context(args).open_store(create=False)
     try:
-        rows = store.query_reports(src=args.src, dst=args.dst, since_ms=since_ms, limit=args.limit)
+        flt = _local_filter(args, store)
+        from overflowd.store.query import count_reports, find_reports, page_reports
+
+        cursor = store.last_seq()  # before the answer: --follow goes on from here
+        rows = find_reports(store, flt, limit=args.limit)
+        total = count_reports(store, flt) if args.limit is not None else len(rows)
+        objects = [report_json(r) for r in rows]
+        _print_reports(objects, max(total, len(objects)), fmt, args)
+        if args.follow:
+            seen = {o["report"]["id"] for o in objects}
+
+            def page(after: int) -> tuple[list[dict[str, Any]], int]:
+                got, nxt = page_reports(store, flt, after=after, limit=PAGE)
+                return [report_json(r) for r in got], nxt
+
+            return _follow(page, cursor, seen, fmt, args.poll_interval)
     finally:
         store.close()
-    if args.json:
-        for row in rows:
-            signed = verify_report(row.cose)
-            out = rpt.to_json(signed)
-            out["received"] = rpt.iso_ms(row.received_ms)
-            out["via"] = row.via
-            out["trust"] = row.trust
-            print(json.dumps(out, sort_keys=False))
-        return 0
-    _print_table(rows)
     return 0
 
 
-def _print_table(rows: Sequence[object]) -> None:
-    header = (
-        "RECEIVED",
-        "SRC",
-        "SPORT",
-        "DST",
-        "DPORT",
-        "PROTO",
-        "PACKETS",
-        "BYTES",
-        "P",
-        "OBSERVER",
-        "TRUST",
-        "ID",
-    )
-    lines = [header]
-    for row in rows:
-        signed = verify_report(row.cose)  # type: ignore[attr-defined]
-        fl = signed.payload.flow
-        lines.append(
-            (
-                rpt.iso_ms(row.received_ms)[:19].replace("T", " "),  # type: ignore[attr-defined]
-                str(fl.src),
-                str(fl.sport),
-                str(fl.dst),
-                str(fl.dport),
-                PROTO_NAMES.get(fl.proto, str(fl.proto)),
-                str(fl.packets),
-                str(fl.bytes),
-                f"{signed.payload.sampling.probability:.3g}",
-                rpt.key_fingerprint(signed.observer_key),
-                row.trust or "-",  # type: ignore[attr-defined]
-                signed.report_id[:12],
-            )
+def _order_key(obj: dict[str, Any]) -> tuple[int, int]:
+    """find_reports' order: the newest flow first (last seen), then the newest stored."""
+    return (-int(obj["report"]["flow"]["last_ms"]), -int(obj["seq"]))
+
+
+def _remote_reports(
+    remote: Remote, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], int, int]:
+    """The same answer as a local store gives: a node's newest flows (one request when the
+    limit fits a page), else every match paged by cursor and ordered here."""
+    params = _remote_params(args)
+    if args.limit is not None and args.limit <= PAGE:
+        doc = remote.get("reports", {**params, "order": "flow", "limit": args.limit})
+        return list(doc["reports"]), int(doc["total"]), int(doc["next"])
+    got: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page, after = _remote_page(remote, args, after)
+        got.extend(page)
+        if len(page) < PAGE:
+            break
+    got.sort(key=_order_key)
+    total = len(got)
+    return (got if args.limit is None else got[: args.limit]), total, after
+
+
+def _remote_page(
+    remote: Remote, args: argparse.Namespace, after: int
+) -> tuple[list[dict[str, Any]], int]:
+    doc = remote.get("reports", {**_remote_params(args), "after": after, "limit": PAGE})
+    return list(doc["reports"]), int(doc["next"])
+
+
+def _print_reports(
+    objects: list[dict[str, Any]], total: int, fmt: str, args: argparse.Namespace
+) -> None:
+    if fmt == "json":
+        render.json_lines(objects)
+    elif fmt == "csv":
+        render.reports_csv(objects)
+    elif fmt in ("xarf", "stix"):
+        _print_document(objects, fmt, args)
+    else:
+        render.reports_table(objects)
+    print(count_line(len(objects), total, "report"), file=sys.stderr)
+
+
+def _print_document(objects: list[dict[str, Any]], fmt: str, args: argparse.Namespace) -> None:
+    """XARF (one document per line: each goes to its source's abuse desk) or one STIX bundle.
+
+    Each report is rebuilt from its own COSE bytes and its signature checked here, so a
+    document made from a node's answer (--remote) carries only what the observers signed.
+    """
+    from overflowd.formats import FormatError, stix_bundle, xarf_reports
+
+    signed = []
+    for obj in objects:
+        try:
+            signed.append(verify_report(rpt.b64url_decode(obj["report"]["cose"])))
+        except (OverflowdError, ValueError) as exc:
+            raise OverflowdError(f"report {str(obj['report'].get('id'))[:64]}: {exc}") from None
+    try:
+        if fmt == "stix":
+            print(json.dumps(stix_bundle(signed)))
+            return
+        docs = xarf_reports(
+            signed,
+            reporter_contact=args.reporter_contact,
+            reporter_name=args.reporter_name,
+            skip_unfit=True,
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-    print(f"{len(rows)} report{'s' if len(rows) != 1 else ''}", file=sys.stderr)
+    except FormatError as exc:
+        raise OverflowdError(f"--format {fmt}: {exc}") from None
+    render.json_lines(docs)
+    left_out = len({s.report_id for s in signed}) - sum(len(d["evidence"]) for d in docs)
+    if left_out:
+        print(f"{left_out} reports left out: XARF cannot express them (protocol or source "
+              "port 0; see docs/formats.md)", file=sys.stderr)
+
+
+def _follow(
+    page: Callable[[int], tuple[list[dict[str, Any]], int]],
+    cursor: int,
+    seen: set[str],
+    fmt: str,
+    interval_s: float,
+) -> int:
+    """Print reports as they are stored, by the store's sequence cursor: none is skipped or
+    repeated (``page_reports``' rule), whatever arrives meanwhile. Ctrl-C ends it (exit 0)."""
+    try:
+        while True:
+            rows, cursor = page(cursor)
+            new = [o for o in rows if o["report"]["id"] not in seen]
+            seen.difference_update(o["report"]["id"] for o in rows)  # only the first page
+            if new:
+                if fmt == "json":
+                    render.json_lines(new)
+                elif fmt == "csv":
+                    render.reports_csv_rows(new)
+                else:
+                    for obj in new:
+                        print(render.report_line(obj), flush=True)
+            if len(rows) < PAGE:
+                time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_who(args: argparse.Namespace) -> int:
+    fmt = _output_format(args, ("table", "json", "csv"))
+    _check_filter_syntax(args)
+    v4_len, v6_len = prefix_lengths(args.prefix_len)
+    if args.remote:
+        from overflowd.cli.remote import Remote  # httpx: a third of a second, only for this
+
+        with Remote(args.remote) as remote:
+            doc = remote.get("who", {**_remote_params(args), "prefix_len": args.prefix_len})
+        objects = list(doc["observers"])
+        reports = int(doc["reports"])
+    else:
+        from overflowd.store.query import who
+
+        store = context(args).open_store(create=False)
+        try:
+            rows = who(store, _local_filter(args, store), top_sources=WHO_TOP_SOURCES,
+                       v4_len=v4_len, v6_len=v6_len)
+        finally:
+            store.close()
+        objects = [who_json(r) for r in rows]
+        reports = sum(r.reports for r in rows)
+    if fmt == "json":
+        render.json_lines(objects)
+    elif fmt == "csv":
+        render.who_csv(objects)
+    else:
+        render.who_table(objects)
+    print(f"{count_line(len(objects), len(objects), 'observer')}, "
+          f"{count_line(reports, reports, 'report')}", file=sys.stderr)
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    fmt = _output_format(args, ("table", "json", "csv"))
+    _check_filter_syntax(args)
+    measure: Literal["packets", "bytes"] = "bytes" if args.bytes else "packets"
+    if args.remote:
+        from overflowd.cli.remote import Remote  # httpx: a third of a second, only for this
+
+        with Remote(args.remote) as remote:
+            doc = remote.get("top", {**_remote_params(args), "by": args.by, "n": args.n,
+                                     "prefix_len": args.prefix_len, "measure": measure})
+        objects, groups = list(doc["rows"]), int(doc["groups"])
+    else:
+        from overflowd.store.query import top
+
+        v4_len, v6_len = prefix_lengths(args.prefix_len)
+        store = context(args).open_store(create=False)
+        try:
+            result = top(store, _local_filter(args, store), by=args.by, n=args.n,
+                         v4_len=v4_len, v6_len=v6_len, measure=measure)
+        finally:
+            store.close()
+        objects, groups = top_json(result, by=args.by), result.groups
+    if fmt == "json":
+        render.json_lines(objects)
+    elif fmt == "csv":
+        render.top_csv(objects)
+    else:
+        render.top_table(objects)
+    shown = sum(1 for o in objects if o["rank"] is not None)
+    print(count_line(shown, groups, "group") + f" by {args.by}, ranked by {measure}",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -144,7 +396,8 @@ MAX_VERIFY_INPUT_BYTES = 64 * 1024
 
 def read_report_input(source: str) -> bytes:
     """Raw COSE bytes, base64url text of them (webhooks), or one JSON line with a ``cose``
-    field (what ``overflowd-query reports --json`` and ``overflowd-receive`` write)."""
+    field (what ``overflowd-receive`` writes) or a ``report.cose`` (``overflowd-query reports
+    --json`` and the API)."""
     try:
         if source == "-":
             data = sys.stdin.buffer.read(MAX_VERIFY_INPUT_BYTES + 1)
@@ -162,6 +415,8 @@ def read_report_input(source: str) -> bytes:
             doc = json.loads(data)
         except (UnicodeDecodeError, ValueError):
             raise ConfigError(f"{source}: not one JSON object (one report per input)") from None
+        if isinstance(doc, dict) and isinstance(doc.get("report"), dict):
+            doc = doc["report"]  # a line of `reports --json` or of the API
         cose = doc.get("cose") if isinstance(doc, dict) else None
         if not isinstance(cose, str):
             raise ConfigError(f"{source}: JSON without a 'cose' field (base64url of the report)")
@@ -183,20 +438,88 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter_options() -> Parser:
+    p = Parser(add_help=False)
+    g = p.add_argument_group("filters (all must match; times are the flow's own)")
+    when = "15m, 1h, 2d, 1w ago, 'now', or an RFC 3339 time"
+    g.add_argument("--since", metavar="WHEN", help=f"flow last seen at or after WHEN ({when})")
+    g.add_argument("--until", metavar="WHEN", help="flow first seen at or before WHEN")
+    g.add_argument("--received-since", metavar="WHEN", help="stored here at or after WHEN")
+    g.add_argument("--received-until", metavar="WHEN", help="stored here at or before WHEN")
+    g.add_argument("--src", metavar="ADDR|PREFIX", help="source in it")
+    g.add_argument("--dst", metavar="ADDR|PREFIX", help="destination in it")
+    g.add_argument("--prefix", metavar="ADDR|PREFIX", help="source or destination in it")
+    g.add_argument("--proto", metavar="P", help=f"{'|'.join(PROTOCOLS)} or a number")
+    g.add_argument("--port", metavar="N", help="source or destination port")
+    g.add_argument("--sport", metavar="N", help="source port")
+    g.add_argument("--dport", metavar="N", help="destination port")
+    g.add_argument("--kind", metavar="K", help="report kind (flow-seen, ...)")
+    g.add_argument("--observer", metavar="KEY|FINGERPRINT",
+                   help="reports of this observer (base64 key, or a fingerprint prefix)")
+    g.add_argument("--min-trust", metavar="LEVEL",
+                   help=f"observer trust at least LEVEL ({' < '.join(TRUST_LEVELS)}); "
+                   "this node's own reports always pass")
+    g.add_argument("--remote", metavar="URL",
+                   help="ask this node's API (http://host:port/) instead of the local store")
+    return p
+
+
+def _output_options() -> Parser:
+    p = Parser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true",
+                   help="one JSON object per line (the API's objects)")
+    g.add_argument("--csv", action="store_true", help="CSV with a header line")
+    g.add_argument("--format", choices=FORMATS, default=None,
+                   help="table (default), json, csv; xarf or stix (reports only)")
+    return p
+
+
+def _prefix_len_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-len", type=int_flag("--prefix-len", 0, 32), metavar="N",
+                   default=None,
+                   help=f"group addresses by /N for IPv4 (default {DEFAULT_V4_LEN}) and "
+                   f"/N+{V6_EXTRA_BITS} for IPv6")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = Parser(
         prog=PROG, description="Query a node's reports; verify any report.", parents=[common]
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    p = sub.add_parser("reports", parents=[common], help="list stored reports")
-    p.add_argument("--dst", type=_network, metavar="ADDR|PREFIX")
-    p.add_argument("--src", type=_network, metavar="ADDR|PREFIX")
-    p.add_argument("--since", metavar="WHEN", help="15m, 1h, 2d, or an ISO 8601 time")
+    filters = _filter_options()
+    output = _output_options()
+    p = sub.add_parser("reports", parents=[common, filters, output],
+                       help="stored reports, newest flow first",
+                       description="Stored reports that match every filter given, the newest "
+                       "flow first. Times are the flow's (first and last seen), not arrival.")
     p.add_argument("--limit", type=int_flag("--limit", 1, MAX_LIMIT), metavar="N",
-                   help=f"at most N, 1-{MAX_LIMIT}")
-    p.add_argument("--json", action="store_true", help="one JSON object per line, with 'cose'")
+                   help=f"at most N (1-{MAX_LIMIT}); the footer says 'N of M reports'")
+    p.add_argument("--follow", action="store_true",
+                   help="then print new reports as they are stored, until Ctrl-C")
+    p.add_argument("--poll-interval", type=_poll_interval, default=FOLLOW_POLL_S, metavar="S",
+                   help=f"--follow asks for new reports every S seconds (default "
+                   f"{FOLLOW_POLL_S:g}, {MIN_POLL_S:g}-{MAX_POLL_S:g})")
+    p.add_argument("--reporter-contact", metavar="EMAIL",
+                   help="--format xarf: who files the reports (default: each observer)")
+    p.add_argument("--reporter-name", metavar="NAME", help="--format xarf: the reporter's org")
     p.set_defaults(func=cmd_reports)
+    p = sub.add_parser("who", parents=[common, filters, output],
+                       help="whom to call: the observers behind traffic, by estimated size",
+                       description="Per observer of the matching reports: trust, contacts, "
+                       "reports, estimated packets and bytes (Horvitz-Thompson, 95%% interval), "
+                       "first and last seen, top source prefixes. Largest first.")
+    _prefix_len_option(p)
+    p.set_defaults(func=cmd_who)
+    p = sub.add_parser("top", parents=[common, filters, output],
+                       help="top N by estimated packets or bytes, the rest as 'other'")
+    p.add_argument("--by", required=True, choices=GROUP_BY, help="what to group by")
+    p.add_argument("-n", type=int_flag("-n", 1, MAX_TOP_N), default=DEFAULT_TOP_N, metavar="N",
+                   help=f"rows before 'other' (default {DEFAULT_TOP_N}, at most {MAX_TOP_N})")
+    p.add_argument("--bytes", action="store_true", help="rank by bytes, not packets")
+    _prefix_len_option(p)
+    p.set_defaults(func=cmd_top)
     p = sub.add_parser(
         "events", parents=[common], help="new keys for known observers, changed contacts"
     )

@@ -20,7 +20,6 @@ connection caps (``overflowd.services.receive_http``), which the peers issue bri
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -28,11 +27,11 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import anyio.to_thread
 import trio
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
@@ -40,13 +39,29 @@ from pydantic import BaseModel, Field
 
 from overflowd import __version__
 from overflowd import report as rpt
+from overflowd.answers import (
+    DEFAULT_TOP_N,
+    MAX_TOP_N,
+    WHO_TOP_SOURCES,
+    make_filter,
+    prefix_lengths,
+    top_json,
+    who_json,
+)
 from overflowd.config import ApiSettings, parse_listen
 from overflowd.errors import ConfigError, StoreError
+from overflowd.estimate import GROUP_BY
 from overflowd.identity import NodeIdentity
 from overflowd.registry import format_record
 from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
+if TYPE_CHECKING:
+    from overflowd.store.query import ReportFilter
+
 log = logging.getLogger(__name__)
+#: `top`'s ?by= words (overflowd.estimate.GROUP_BY), as a type FastAPI documents.
+GROUP_BY_NAMES = Literal["observer", "src", "dst", "srcport", "dstport", "proto"]
+assert get_args(GROUP_BY_NAMES) == GROUP_BY, "keep GROUP_BY_NAMES equal to estimate.GROUP_BY"
 
 #: Reports per page at most: a page of 1000 reports is about 2 MB of JSON.
 MAX_PAGE = 1000
@@ -91,6 +106,66 @@ class StoredReportOut(BaseModel):
 class ReportPage(BaseModel):
     reports: list[StoredReportOut]
     next: int = Field(description="the cursor for the next page: pass it as ?after=")
+    total: int | None = Field(
+        default=None, description="order=flow: how many reports match (the footer's M)"
+    )
+
+
+class WhoAnswer(BaseModel):
+    """Per observer: trust, contacts, reports, estimated packets and bytes (95% intervals),
+    first and last seen (the flows'), top source prefixes; the largest first."""
+
+    observers: list[dict[str, Any]]
+    reports: int = Field(description="reports behind the answer")
+
+
+class TopAnswer(BaseModel):
+    """The top groups by estimated ``measure``, then the row ``other`` (rank null)."""
+
+    by: str
+    measure: str
+    rows: list[dict[str, Any]]
+    groups: int = Field(description="groups seen (an upper bound when folded > 0)")
+    folded: int = Field(description="groups folded into 'other' to bound memory")
+
+
+class FilterParams:
+    """The filters of every query route: the CLI's flags, with underscores."""
+
+    def __init__(
+        self,
+        since: Annotated[
+            str | None, Query(description="flow last seen at or after: 1h, 2d, RFC 3339")
+        ] = None,
+        until: Annotated[str | None, Query(description="flow first seen at or before")] = None,
+        received_since: Annotated[str | None, Query(description="stored at or after")] = None,
+        received_until: Annotated[str | None, Query(description="stored at or before")] = None,
+        src: Annotated[str | None, Query(description="source address or prefix")] = None,
+        dst: Annotated[str | None, Query(description="destination address or prefix")] = None,
+        prefix: Annotated[
+            str | None, Query(description="source or destination in this prefix")
+        ] = None,
+        proto: Annotated[str | None, Query(description="tcp, udp, icmp... or 0-255")] = None,
+        port: Annotated[str | None, Query(description="source or destination port")] = None,
+        sport: Annotated[str | None, Query(description="source port")] = None,
+        dport: Annotated[str | None, Query(description="destination port")] = None,
+        kind: Annotated[str | None, Query(description="report kind")] = None,
+        observer: Annotated[
+            str | None, Query(description="observer key (base64) or fingerprint prefix")
+        ] = None,
+        min_trust: Annotated[
+            str | None, Query(description="unknown < continuity < dns < pinned")
+        ] = None,
+    ) -> None:
+        self.values: dict[str, str | None] = {
+            "since": since, "until": until, "received_since": received_since,
+            "received_until": received_until, "src": src, "dst": dst, "prefix": prefix,
+            "proto": proto, "port": port, "sport": sport, "dport": dport, "kind": kind,
+            "observer": observer, "min_trust": min_trust,
+        }  # fmt: skip
+
+    def text(self) -> dict[str, str | None]:
+        return self.values
 
 
 @dataclass(frozen=True)
@@ -103,15 +178,6 @@ class ApiContext:
     store: Store
     #: the Prometheus collectors of the node (the same as metrics.listen serves)
     collectors: tuple[Collector, ...] = ()
-
-
-def _network(text: str | None, name: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    if text is None:
-        return None
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise HTTPException(400, f"{name}: {text[:60]!r} is not an address or prefix") from None
 
 
 def _stored(row: StoredReport) -> StoredReportOut:
@@ -181,28 +247,106 @@ def create_app(ctx: ApiContext) -> FastAPI:
             software=f"overflowd {__version__}",
         )
 
-    @app.get("/v1/reports", summary="stored reports in this node's order, from a cursor")
+    def make(params: FilterParams) -> ReportFilter:
+        """The filter of the query parameters (in a worker thread: --observer reads the store)."""
+        from overflowd.store.query import resolve_observer
+
+        try:
+            return make_filter(
+                params.text(),
+                now_ms=int(time.time() * 1000),
+                observers=lambda text: resolve_observer(ctx.store, text),
+            )
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)[:300]) from None
+
+    @app.get("/v1/reports", summary="stored reports that match the filters, from a cursor")
     async def reports(
+        params: Annotated[FilterParams, Depends()],
         after: Annotated[
             int, Query(ge=0, le=MAX_SEQ, description="cursor: the `next` of the last page")
         ] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        src: Annotated[str | None, Query(description="source address or prefix")] = None,
-        dst: Annotated[str | None, Query(description="destination address or prefix")] = None,
-        prefix: Annotated[
-            str | None, Query(description="source or destination in this prefix")
-        ] = None,
+        order: Annotated[
+            Literal["seq", "flow"],
+            Query(
+                description="`seq` (default): this node's order, paged by `after` and `next`, "
+                "complete while reports arrive. `flow`: the `limit` newest flows (last seen) "
+                "and `total`, what `overflowd-query reports --limit` shows; `next` is then "
+                "the cursor to follow new reports from"
+            ),
+        ] = "seq",
     ) -> ReportPage:
-        nets = (_network(src, "src"), _network(dst, "dst"), _network(prefix, "prefix"))
+        def answer() -> ReportPage:
+            from overflowd.store.query import count_reports, find_reports, page_reports
 
-        def page() -> tuple[list[StoredReport], int]:
-            return ctx.store.reports_after(after, limit, src=nets[0], dst=nets[1], either=nets[2])
+            flt = make(params)
+            if order == "flow":
+                cursor = ctx.store.last_seq()  # before the rows: nothing after it is missed
+                rows = find_reports(ctx.store, flt, limit=limit)
+                total = count_reports(ctx.store, flt)
+                return ReportPage(
+                    reports=[_stored(r) for r in rows], next=cursor, total=max(total, len(rows))
+                )
+            page, nxt = page_reports(ctx.store, flt, after=after, limit=limit)
+            return ReportPage(reports=[_stored(r) for r in page], next=nxt)
 
         try:
-            rows, cursor = await anyio.to_thread.run_sync(page)
+            return await anyio.to_thread.run_sync(answer)
         except CursorAhead as exc:
             raise HTTPException(409, f"after: {exc}; page again from 0") from None
-        return ReportPage(reports=[_stored(r) for r in rows], next=cursor)
+
+    @app.get("/v1/who", summary="whom to call: the observers behind the matching reports")
+    async def who(
+        params: Annotated[FilterParams, Depends()],
+        prefix_len: Annotated[
+            int | None,
+            Query(ge=0, le=32, description="top sources by /N (IPv4, default 24; IPv6 /N+24)"),
+        ] = None,
+    ) -> WhoAnswer:
+        from overflowd.store.query import who as who_query
+
+        v4_len, v6_len = prefix_lengths(prefix_len)
+
+        def answer() -> WhoAnswer:
+            rows = who_query(
+                ctx.store, make(params), top_sources=WHO_TOP_SOURCES, v4_len=v4_len,
+                v6_len=v6_len,
+            )  # fmt: skip
+            return WhoAnswer(
+                observers=[who_json(r) for r in rows], reports=sum(r.reports for r in rows)
+            )
+
+        return await anyio.to_thread.run_sync(answer)
+
+    @app.get("/v1/top", summary="top N by estimated packets or bytes, the rest as 'other'")
+    async def top(
+        params: Annotated[FilterParams, Depends()],
+        by: Annotated[GROUP_BY_NAMES, Query(description="what to group by")],
+        n: Annotated[int, Query(ge=1, le=MAX_TOP_N, description="rows before other")] = (
+            DEFAULT_TOP_N
+        ),
+        prefix_len: Annotated[
+            int | None,
+            Query(ge=0, le=32, description="addresses by /N (IPv4, default 24; IPv6 /N+24)"),
+        ] = None,
+        measure: Annotated[Literal["packets", "bytes"], Query()] = "packets",
+    ) -> TopAnswer:
+        from overflowd.store.query import top as top_query
+
+        v4_len, v6_len = prefix_lengths(prefix_len)
+
+        def answer() -> TopAnswer:
+            result = top_query(
+                ctx.store, make(params), by=by, n=n, v4_len=v4_len, v6_len=v6_len,
+                measure=measure,
+            )  # fmt: skip
+            return TopAnswer(
+                by=by, measure=measure, rows=top_json(result, by=by), groups=result.groups,
+                folded=result.folded,
+            )  # fmt: skip
+
+        return await anyio.to_thread.run_sync(answer)
 
     return app
 

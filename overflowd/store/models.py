@@ -57,17 +57,45 @@ class ReportModel(Base):
     """One signed report, stored once whatever path it arrived by (``via``)."""
 
     __tablename__ = "reports"
-    #: oldest-first pruning of one kind (own: via = 'local'; received: the rest)
-    __table_args__ = (Index("ix_reports_via_received_ms", "via", "received_ms"),)
+    __table_args__ = (
+        #: oldest-first pruning of one kind (own: via = 'local'; received: the rest)
+        Index("ix_reports_via_received_ms", "via", "received_ms"),
+        # The query filters (migration 0007_query; docs/storage.md "Queries"): flow time on
+        # its own, each equality filter with last_ms (select and order newest-first at once).
+        #: covering what who/top read of a time window: they never touch the (~1 kB) rows
+        Index(
+            "ix_reports_last_ms_covering",
+            "last_ms",
+            "observer_key",
+            "ip_version",
+            "src",
+            "dst",
+            "first_ms",
+            "packets",
+            "bytes",
+            "probability",
+            "sampling_interval",
+        ),
+        Index("ix_reports_first_ms", "first_ms"),
+        Index("ix_reports_src_last_ms", "src", "last_ms"),
+        Index("ix_reports_dst_last_ms", "dst", "last_ms"),
+        #: an observer's reports, and its latest one (its current trust label) in one probe
+        Index("ix_reports_observer_key_received_ms", "observer_key", "received_ms"),
+        Index("ix_reports_proto_last_ms", "proto", "last_ms"),
+        Index("ix_reports_sport_last_ms", "sport", "last_ms"),
+        Index("ix_reports_dport_last_ms", "dport", "last_ms"),
+        Index("ix_reports_kind_last_ms", "kind", "last_ms"),
+        Index("ix_reports_trust", "trust"),
+    )
 
     #: lowercase hex SHA-256 of ``cose`` (:func:`overflowd.report.report_id`)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     cose: Mapped[bytes] = mapped_column(LargeBinary)
-    observer_key: Mapped[bytes] = mapped_column(LargeBinary(32), index=True)
+    observer_key: Mapped[bytes] = mapped_column(LargeBinary(32))
     kind: Mapped[str] = mapped_column(String(32))
     ip_version: Mapped[int] = mapped_column(Integer)
-    src: Mapped[bytes] = mapped_column(LargeBinary(16), index=True)
-    dst: Mapped[bytes] = mapped_column(LargeBinary(16), index=True)
+    src: Mapped[bytes] = mapped_column(LargeBinary(16))
+    dst: Mapped[bytes] = mapped_column(LargeBinary(16))
     proto: Mapped[int] = mapped_column(Integer)
     sport: Mapped[int] = mapped_column(Integer)
     dport: Mapped[int] = mapped_column(Integer)
@@ -132,6 +160,11 @@ class ObserverModel(Base):
     #: since when the daemon's trust book has seen these contacts unchanged; NULL when unknown
     #: (not written yet, or a newer report brought other contacts)
     contacts_since_ms: Mapped[int | None] = mapped_column(BigInteger)
+    #: the largest weights n·k/p and b·k/p of its p < 1 reports ever stored (inf allowed): what
+    #: one report it did not send could have weighed, the unit of its estimates' intervals
+    #: (docs/estimates.md); NULL while it has none. Kept when reports are pruned: only wider.
+    packets_unit: Mapped[float | None] = mapped_column(Double)
+    bytes_unit: Mapped[float | None] = mapped_column(Double)
 
 
 class ObserverNetworkModel(Base):

@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 from sqlalchemy import (
     URL,
+    ColumnElement,
     Connection,
     Engine,
     Insert,
@@ -81,7 +82,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007_query"
 _BACKENDS = ("sqlite", "postgresql")
 
 #: Ids per UPDATE in update_trust: well under SQLite's 32,766 bound parameters.
@@ -108,6 +109,7 @@ class CursorAhead(ValueError):
         super().__init__(f"after {after} is beyond this store's last report number {last}")
         self.after = after
         self.last = last
+
 
 # IPv4 is stored IPv4-mapped (RFC 4291 §2.5.5.2) so both families share one 16-byte keyspace,
 # and an IPv4 prefix is a range inside ::ffff:0:0/96.
@@ -487,7 +489,7 @@ class Store:
             new_ids: set[str] = set(
                 conn.execute(self._insert_reports, list(rows.values())).scalars()
             )
-            new = ((rows[i]["observer_key"], *observed[i]) for i in new_ids)
+            new = ((rows[i]["observer_key"], *observed[i], rows[i]) for i in new_ids)
             observer_rows = _observer_rows(new)
             if observer_rows:
                 conn.execute(self._upsert_observers, observer_rows)
@@ -526,6 +528,8 @@ class Store:
                 "contacts": case((newer, new.contacts), else_=t.c.contacts),
                 "point": case((newer, new.point), else_=t.c.point),
                 "reports": t.c.reports + new.reports,
+                "packets_unit": _larger(new.packets_unit, t.c.packets_unit),
+                "bytes_unit": _larger(new.bytes_unit, t.c.bytes_unit),
                 # Other contacts in a newer report: the trust book's date no longer applies
                 # (the daemon writes the right one with its next continuity batch).
                 "contacts_since_ms": case(
@@ -575,6 +579,7 @@ class Store:
         src: Network | None = None,
         dst: Network | None = None,
         either: Network | None = None,
+        where: ColumnElement[bool] | None = None,
     ) -> tuple[list[StoredReport], int]:
         """Up to ``limit`` reports numbered above ``after``, in number order, and the next cursor.
 
@@ -584,7 +589,9 @@ class Store:
         the highest number committed, so its cursor is that number (read first, in the same
         transaction): filtered-out reports are not looked at again. ``either`` keeps reports
         whose source or destination is in it (a network's own view); ``src``/``dst`` filter
-        one end. A cursor above the highest number given raises :class:`CursorAhead`.
+        one end; ``where`` is any further condition on the reports table
+        (:mod:`overflowd.store.query` filters). A cursor above the highest number given raises
+        :class:`CursorAhead`.
         """
         if not 0 <= after <= MAX_SEQ:
             raise ValueError(f"after must be 0 to {MAX_SEQ}")
@@ -602,6 +609,8 @@ class Store:
                 t.c.ip_version == either.version,
                 ((t.c.src >= lo) & (t.c.src <= hi)) | ((t.c.dst >= lo) & (t.c.dst <= hi)),
             )
+        if where is not None:
+            stmt = stmt.where(where)
         stmt = stmt.order_by(t.c.seq).limit(limit)
         committed = select(_SEQUENCE.c.last).where(_SEQUENCE.c.name == _REPORTS_SEQUENCE)
         with self._guard("paging reports"), self._transaction(write=False) as conn:
@@ -704,9 +713,7 @@ def _create_engine(url: URL, *, create: bool = True) -> Engine:
         wal = path.with_name(path.name + "-wal")
         if not wal.exists() and not os.access(path.parent, os.W_OK):
             query["immutable"] = "1"
-        engine = create_engine(
-            url.set(database=f"file:{quote(str(path.resolve()))}", query=query)
-        )
+        engine = create_engine(url.set(database=f"file:{quote(str(path.resolve()))}", query=query))
     else:
         if not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -783,14 +790,24 @@ def _report_row(
     }
 
 
-def _observer_rows(new: Iterable[tuple[bytes, rpt.Observer, int]]) -> list[dict[str, Any]]:
-    """One upsert row per observer key from ``(key, observer, received_ms)`` of new reports.
+def _larger(new: Any, old: Any) -> Any:
+    """The larger of two nullable columns, NULL counting as smaller than anything (CASE, not
+    max()/GREATEST(), so it is the same SQL on both backends)."""
+    return case((new.is_(None), old), (old.is_(None), new), (new > old, new), else_=old)
+
+
+def _observer_rows(
+    new: Iterable[tuple[bytes, rpt.Observer, int, Mapping[str, Any]]],
+) -> list[dict[str, Any]]:
+    """One upsert row per observer key from ``(key, observer, received_ms, report row)`` of new
+    reports.
 
     Sorted by key, so that concurrent batches on PostgreSQL lock observer rows in the same order
-    and cannot deadlock.
+    and cannot deadlock. ``packets_unit``/``bytes_unit`` are the largest weights n·k/p and b·k/p
+    among the p < 1 reports (the observer's estimate unit, :mod:`overflowd.store.query`).
     """
     by_key: dict[bytes, dict[str, Any]] = {}
-    for key, observer, received_ms in new:
+    for key, observer, received_ms, row in new:
         received = _saturate(received_ms)
         current = by_key.get(key)
         if current is None:
@@ -800,8 +817,17 @@ def _observer_rows(new: Iterable[tuple[bytes, rpt.Observer, int]]) -> list[dict[
                 "first_seen_ms": received,
                 "last_seen_ms": received,
                 "reports": 0,
+                "packets_unit": None,
+                "bytes_unit": None,
             }
         current["reports"] += 1
+        p = row["probability"]
+        if p < 1.0:
+            k = row["sampling_interval"]
+            for field, amount in (("packets_unit", row["packets"]), ("bytes_unit", row["bytes"])):
+                w = amount * k / p  # inf for a p near 5e-324, as Tally.add
+                if current[field] is None or w > current[field]:
+                    current[field] = w
         current["first_seen_ms"] = min(current["first_seen_ms"], received)
         if received >= current["last_seen_ms"] or "contacts" not in current:
             current["last_seen_ms"] = received

@@ -195,17 +195,18 @@ def test_live_capture_reports_reach_the_other_node_in_band(
 
     listed = run("overflowd-query", "reports", "--json", "--home", str(node_b.home))
     assert listed.code == 0, listed.err
-    rows = [r for r in map(json.loads, listed.out.splitlines()) if _ours(r)]
+    listed_rows = [json.loads(line) for line in listed.out.splitlines()]
+    rows = [r for r in listed_rows if _ours(r["report"])]
     assert len(rows) == FLOWS
     sports = set()
     for row in rows:
-        report = verify_report(b64url_decode(row["cose"]))
+        report = verify_report(b64url_decode(row["report"]["cose"]))
         assert report.observer_key == key_a
         assert row["via"] == "udp"
-        assert (row["flow"]["src"], row["flow"]["dst"]) == (B4, A4)
-        assert row["sampling"]["format"] == "capture"
-        assert row["observer"]["contacts"] == ["mailto:abuse@a.example"]
-        sports.add(row["flow"]["sport"])
+        assert (row["report"]["flow"]["src"], row["report"]["flow"]["dst"]) == (B4, A4)
+        assert row["report"]["sampling"]["format"] == "capture"
+        assert row["report"]["observer"]["contacts"] == ["mailto:abuse@a.example"]
+        sports.add(row["report"]["flow"]["sport"])
     assert sports == {41000 + i for i in range(FLOWS)}
 
 
@@ -271,7 +272,7 @@ def test_exported_trace_rewritten_to_test_net_reaches_the_destination_node(
         assert node.process is not None
         assert node.process.stop(grace=STEP_TIMEOUT_S) == 0, node.process.output()[-2000:]
     listed = run("overflowd-query", "reports", "--json", "--home", str(node_b.home))
-    rows = [json.loads(line) for line in listed.out.splitlines()]
+    rows = [json.loads(line)["report"] for line in listed.out.splitlines()]
     from_trace = [r for r in rows if r["sampling"]["format"] == "netflow-v5"]
     assert from_trace and all(r["flow"]["dst"] == B4 for r in from_trace)
     assert all(r["flow"]["src"].startswith("203.0.113.") for r in from_trace)

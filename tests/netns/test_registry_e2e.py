@@ -114,7 +114,7 @@ timeout_s = 2.0
         deadline = time.monotonic() + STEP_TIMEOUT_S
         while True:
             listed = run("overflowd-query", "reports", "--json", "--home", str(home))
-            rows = {r["id"]: r for r in map(json.loads, listed.out.splitlines())}
+            rows = {r["report"]["id"]: r for r in map(json.loads, listed.out.splitlines())}
             # stored at once with the trust book's label, relabelled dns once DNS answered
             relabelled = rows.get(by_published, {}).get("trust") == "dns"
             if (len(rows) == 2 and relabelled) or time.monotonic() > deadline:
@@ -124,4 +124,4 @@ timeout_s = 2.0
     assert rows[by_published]["trust"] == "dns", rows
     assert rows[by_unpublished]["trust"] == "unknown", rows
     assert rows[by_published]["via"] == "udp"
-    assert rpt.key_fingerprint(key) == rows[by_published]["observer"]["fingerprint"]
+    assert rpt.key_fingerprint(key) == rows[by_published]["report"]["observer"]["fingerprint"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_prefix_queries_return_exactly_the_matching_reports(home: Path, db_url: 
         "d": sign(home, db_url, "2001:db8:1::1", "2001:db8:2::2"),
         "e": sign(home, db_url, "2001:db8:1::5", "2001:db8:3::3"),
     }
-    got = lambda *a: {r["id"] for r in query(home, db_url, *a)}  # noqa: E731
+    got = lambda *a: {r["report"]["id"] for r in query(home, db_url, *a)}  # noqa: E731
     assert got() == set(ids.values())
     assert got("--dst", "198.51.100.0/24") == {ids["a"], ids["b"]}
     assert got("--dst", "198.51.100.7") == {ids["a"]}
@@ -60,11 +61,14 @@ def test_prefix_queries_return_exactly_the_matching_reports(home: Path, db_url: 
 
 def test_json_lines_carry_fields_and_verifiable_cose(home: Path, db_url: str) -> None:
     report_id = sign(home, db_url, "192.0.2.1", "198.51.100.7", "--dport", "4444")
+    # The API's object (GET /v1/reports): this node's facts, and the report as signed.
     (row,) = query(home, db_url)
-    assert row["id"] == report_id and row["via"] == "local"
-    assert row["flow"]["dport"] == 4444 and row["flow"]["packets"] == 500  # type: ignore[index]
-    assert row["observer"]["contacts"] == ["mailto:abuse@example.net"]  # type: ignore[index]
-    signed = verify_report(rpt.b64url_decode(str(row["cose"])))
+    assert row["via"] == "local" and row["trust"] is None and row["seq"] == 1
+    report: dict[str, Any] = row["report"]  # type: ignore[assignment]
+    assert report["id"] == report_id
+    assert report["flow"]["dport"] == 4444 and report["flow"]["packets"] == 500
+    assert report["observer"]["contacts"] == ["mailto:abuse@example.net"]
+    signed = verify_report(rpt.b64url_decode(str(report["cose"])))
     assert signed.report_id == report_id
     assert signed.observer_key == load_identity(home).public_key
 
@@ -73,7 +77,7 @@ def test_table_for_people(home: Path, db_url: str) -> None:
     sign(home, db_url, "192.0.2.1", "198.51.100.7")
     result = run("overflowd-query", "reports", "--home", str(home), "--db", db_url)
     header, line = result.out.splitlines()
-    assert header.split()[:4] == ["RECEIVED", "SRC", "SPORT", "DST"]
+    assert header.split()[:6] == ["FLOW", "START", "(UTC)", "DUR", "SRC", "SPORT"]
     assert "192.0.2.1" in line and "udp" in line and load_identity(home).fingerprint in line
     assert "1 report" in result.err
 

@@ -125,9 +125,13 @@ def test_json_lines_have_exactly_the_record_keys(
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["format"] for line in lines] == ["netflow-v5", "netflow-v9", "ipfix", "sflow-v5"]
+    # The record's keys, times in RFC 3339 (every command's JSON, #11) with the ms beside them.
+    timed = [k for f in FlowRecord.__dataclass_fields__ for k in (
+        (f, f + "_ms") if f in ("first", "last") else (f,))]  # fmt: skip
     for line in lines:
-        assert list(line) == KEYS
-        assert list(line) == list(FlowRecord.__dataclass_fields__)
+        assert list(line) == timed
+        assert [k for k in line if not k.endswith("_ms")] == KEYS
+    assert lines[0]["first"] == "2023-11-14T22:13:19.900Z" and isinstance(lines[0]["first_ms"], int)
     assert lines[0]["sampling_interval"] == 10 and lines[0]["sampling_provenance"] == "announced"
     assert lines[3]["packets"] == 1 and lines[3]["sampling_interval"] == 500
     assert "datagrams=5 records=4 malformed=1" in err

@@ -1,0 +1,430 @@
+"""How fast the query layer answers on a store of a million reports (issue #11).
+
+Builds a store of ``--reports`` (1,000,000) reports on SQLite and on PostgreSQL (a throwaway
+cluster, tests/support/postgres.py, ``fsync=off``), then times, interleaved, ``--runs`` times
+each:
+
+* ``who --dst 203.0.113.0/24 --since 1h`` (:func:`overflowd.store.query.who`),
+* ``top --by src --since 1h`` (:func:`overflowd.store.query.top`),
+* ``reports --dst 203.0.113.7`` (:func:`overflowd.store.query.find_reports`, every match),
+
+in process (the library call: SQL and the intervals) and as whole ``overflowd-query``
+processes (``--cli-runs`` times; start-up, opening the store and printing included), and prints
+p50 and p99 of each, and the bytes on disk per report. Goal: p99 under 100 ms in process.
+
+    .venv/bin/python bench/query.py                      # both backends, ~10 min
+    .venv/bin/python bench/query.py --backend sqlite --reports 200000
+
+The data. One day of flows ending now: ``last_ms`` uniform over the last 24 h (so an hour holds
+about 1/24 of the reports), durations up to 5 minutes, arrival a few seconds later, stored in
+arrival order (as a node stores them). 20
+observers (one is this node: via 'local'), sampling rates 1e-3 and 1e-4, about 10% of reports
+with p = 1, exporter intervals 1 or 1000. Destinations: 60% spread over 16,384 IPv4 /24s
+(100.64.0.0/10), 10% over IPv6 /48s, 30% on ten attacked /24s, the first of which,
+203.0.113.0/24, gets a tenth of those (3% of all: ~1,250 reports an hour, ~118 per address).
+Sources: random IPv4 addresses (spoofed floods) and 50,000 /24s. Seeded.
+
+The rows are inserted directly through the store's engine (SQLAlchemy Core, batches of 10,000),
+not through ``add_reports``: signing a million reports costs ~10 minutes here. Every row's
+``cose`` is a real signed report (of the row's observer, from a pool of 500 per observer) and
+its indexed columns are the row's own; ids are unique. So the store has the real row size and
+every index, and output that decodes ``cose`` does the same work, but a row's decoded payload
+is its pool report's, not the row's. ``ANALYZE`` runs on PostgreSQL after loading (autovacuum
+would do it within a minute); SQLite is measured as a node leaves it (no ANALYZE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+from sqlalchemy import insert, text
+
+from overflowd import report as rpt
+from overflowd.store import Store, address_to_key
+from overflowd.store.models import Base
+from overflowd.store.query import ReportFilter, find_reports, top, who
+from overflowd.store.repository import _report_row
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+OBSERVERS = 20
+POOL_PER_OBSERVER = 500
+BATCH = 10_000
+#: page cache of the loading connection (SQLite's default is 2 MB): the primary key's random
+#: ids are inserted into a B-tree that outgrows it at once
+SQLITE_BENCH_CACHE_KB = 512 * 1024
+VICTIM = ipaddress.ip_network("203.0.113.0/24")
+VICTIM_ADDRESS = "203.0.113.7"
+ATTACKED = [VICTIM] + [ipaddress.ip_network(f"198.18.{i}.0/24") for i in range(9)]
+PORTS = (53, 80, 123, 443, 1900, 11211)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class Observer:
+    def __init__(self, rng: random.Random, index: int) -> None:
+        self.signing = nacl.signing.SigningKey(rng.randbytes(32))
+        self.key = bytes(self.signing.verify_key)
+        self.rate = 1e-3 if index % 2 else 1e-4
+        self.via = "local" if index == 0 else ("udp", "webhook")[index % 2]
+        self.trust = None if index == 0 else ("unknown", "continuity", "dns", "pinned")[index % 4]
+        self.contacts = (f"mailto:abuse@observer{index}.example",)
+        self.point = f"edge-{index}"
+        self.pool: list[bytes] = []
+
+    def sign_pool(self, rng: random.Random, now_ms: int) -> None:
+        for _ in range(POOL_PER_OBSERVER):
+            payload = rpt.Payload(
+                kind="flow-seen",
+                nonce=rng.randbytes(rpt.NONCE_BYTES),
+                time=now_ms,
+                observer=rpt.Observer(contacts=self.contacts, point=self.point),
+                flow=rpt.Flow(
+                    src=ipaddress.IPv4Address(rng.getrandbits(32)),
+                    dst=ipaddress.IPv4Address(int(VICTIM.network_address) + rng.randrange(256)),
+                    sport=rng.choice(PORTS),
+                    dport=rng.randrange(1024, 65536),
+                    proto=17,
+                    packets=rng.randrange(1, 100_000),
+                    bytes=rng.randrange(1, 100_000) * 500,
+                    first=now_ms - 60_000,
+                    last=now_ms,
+                    tcp_flags=0,
+                    tos=0,
+                ),
+                sampling=rpt.Sampling(probability=0.01, format="netflow-v9", interval=1000),
+            )
+            self.pool.append(
+                rpt.encode_signed(payload, self.key, lambda m: self.signing.sign(m).signature)
+            )
+
+
+def _dst(rng: random.Random) -> tuple[int, bytes]:
+    u = rng.random()
+    if u < 0.6:  # background IPv4: 100.64.0.0/10
+        return 4, address_to_key(ipaddress.IPv4Address(0x64400000 + rng.getrandbits(22)))
+    if u < 0.7:  # background IPv6: 2001:db8:xxxx::/48, 65,536 of them
+        return 6, bytes.fromhex("20010db8") + rng.randbytes(2) + bytes(8) + rng.randbytes(2)
+    net = VICTIM if u < 0.73 else rng.choice(ATTACKED[1:])
+    host = rng.randrange(1, 255)
+    return 4, address_to_key(ipaddress.IPv4Address(int(net.network_address) + host))
+
+
+def _src(rng: random.Random, version: int) -> bytes:
+    if version == 6:
+        return bytes.fromhex("2a00") + rng.randbytes(14)
+    if rng.random() < 0.5:  # spoofed: anywhere
+        return address_to_key(ipaddress.IPv4Address(rng.getrandbits(32)))
+    net = rng.randrange(50_000)
+    return address_to_key(ipaddress.IPv4Address(0x0B000000 + (net << 8) + rng.randrange(256)))
+
+
+def rows(n: int, observers: list[Observer], now_ms: int, seed: int) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    template = _report_row(
+        rpt.SignedReport(
+            cose=observers[0].pool[0],
+            observer_key=observers[0].key,
+            payload=rpt.decode_unverified(observers[0].pool[0]).payload,
+        ),
+        now_ms,
+        "udp",
+    )
+    for i in range(n):
+        o = observers[rng.randrange(OBSERVERS)]
+        version, dst = _dst(rng)
+        # in arrival order, as a node stores them: the table's rows of an hour are neighbours
+        last = now_ms - DAY_MS + (i * DAY_MS) // n - rng.randrange(30_000)
+        packets = int(10 ** rng.uniform(0, 5))
+        interval = rng.choice((1, 1000))
+        if rng.random() < 0.1:
+            p = 1.0
+        else:
+            p = min(1.0, o.rate * packets * interval * rng.choice((1, 1, 1, 10)))
+        cose = o.pool[i % POOL_PER_OBSERVER]
+        row = dict(template)
+        row.update(
+            id=hashlib.sha256(cose + i.to_bytes(8, "big")).hexdigest(),
+            cose=cose,
+            observer_key=o.key,
+            kind="flow-seen" if rng.random() < 0.95 else "ddos-suspect",
+            ip_version=version,
+            src=_src(rng, version),
+            dst=dst,
+            proto=rng.choices((17, 6, 1), (70, 25, 5))[0],
+            sport=rng.choice(PORTS),
+            dport=rng.randrange(1024, 65536),
+            packets=packets,
+            bytes=packets * rng.randrange(60, 1500),
+            first_ms=last - int(rng.expovariate(1 / 30_000)) % 300_000,
+            last_ms=last,
+            report_time_ms=last + 1_000,
+            probability=p,
+            sampling_interval=interval,
+            received_ms=min(now_ms, last + rng.randrange(1_000, 20_000)),
+            via=o.via,
+            trust=o.trust,
+            sender_net=None,
+            seq=i + 1,
+        )
+        yield row
+
+
+def build(store: Store, n: int, now_ms: int, seed: int = 1) -> float:
+    """Fill ``store`` with ``n`` reports; returns the seconds it took."""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    observers = [Observer(rng, i) for i in range(OBSERVERS)]
+    for o in observers:
+        o.sign_pool(rng, now_ms)
+    reports = Base.metadata.tables["reports"]
+    # Secondary indexes are built after the load (a sort each) rather than maintained row by
+    # row: the same store at the end, in a fraction of the time.
+    indexes = [ix for ix in reports.indexes if ix.name]
+    with store.transaction("bench: loading", write=True) as conn:
+        if store.backend == "sqlite":
+            conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BENCH_CACHE_KB}")
+        for ix in indexes:
+            ix.drop(conn)
+    batch: list[dict[str, Any]] = []
+    # each observer's unit, as add_reports keeps it in the observers table
+    units: dict[bytes, list[float]] = {o.key: [-1.0, -1.0] for o in observers}
+    for row in rows(n, observers, now_ms, seed):
+        batch.append(row)
+        if row["probability"] < 1.0:
+            u = units[row["observer_key"]]
+            k_p = row["sampling_interval"] / row["probability"]
+            u[0] = max(u[0], row["packets"] * k_p)
+            u[1] = max(u[1], row["bytes"] * k_p)
+        if len(batch) == BATCH:
+            with store.transaction("bench: loading", write=True) as conn:
+                conn.execute(insert(reports), batch)
+            batch = []
+            print(f"\r  loaded {row['seq']:,} reports", end="", file=sys.stderr, flush=True)
+    with store.transaction("bench: loading", write=True) as conn:
+        if batch:
+            conn.execute(insert(reports), batch)
+        conn.execute(text("UPDATE report_sequence SET last = :n"), {"n": n})
+        conn.execute(
+            insert(Base.metadata.tables["observers"]),
+            [
+                {
+                    "key": o.key,
+                    "fingerprint": rpt.key_fingerprint(o.key),
+                    "contacts": json.dumps(list(o.contacts)),
+                    "point": o.point,
+                    "first_seen_ms": now_ms - DAY_MS,
+                    "last_seen_ms": now_ms,
+                    "reports": n // OBSERVERS,
+                    "contacts_since_ms": None,
+                    "packets_unit": units[o.key][0] if units[o.key][0] >= 0 else None,
+                    "bytes_unit": units[o.key][1] if units[o.key][1] >= 0 else None,
+                }
+                for o in observers
+            ],
+        )
+        print("\n  indexing", file=sys.stderr)
+        for ix in indexes:
+            ix.create(conn)
+    if store.backend == "postgresql":
+        with store.transaction("bench: analyze", write=False) as conn:
+            conn.execute(text("ANALYZE"))
+    return time.perf_counter() - started
+
+
+def bytes_per_report(store: Store, n: int, sqlite_path: Path | None) -> float:
+    if sqlite_path is not None:
+        with store.transaction("bench: checkpoint", write=False) as conn:
+            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        size = sum(
+            p.stat().st_size
+            for p in sqlite_path.parent.iterdir()
+            if p.name.startswith(sqlite_path.name)
+        )
+        return size / n
+    with store.transaction("bench: size", write=False) as conn:
+        size = conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+    return int(size) / n
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    s = sorted(samples)
+    p99 = s[min(len(s) - 1, max(0, round(0.99 * (len(s) - 1))))]
+    return statistics.median(s), p99
+
+
+def time_in_process(store: Store, now_ms: int, runs: int) -> dict[str, tuple[list[float], str]]:
+    since = now_ms - HOUR_MS
+    victim_host = ipaddress.ip_network(VICTIM_ADDRESS + "/32")
+    questions: dict[str, Callable[[], str]] = {
+        "who --dst 203.0.113.0/24 --since 1h": lambda: (
+            f"{len(who(store, ReportFilter(dst=VICTIM, since_ms=since)))} observers"
+        ),
+        "top --by src --since 1h": lambda: (
+            f"{top(store, ReportFilter(since_ms=since), by='src').groups} groups"
+        ),
+        f"reports --dst {VICTIM_ADDRESS}": lambda: (
+            f"{len(find_reports(store, ReportFilter(dst=victim_host)))} reports"
+        ),
+    }
+    out: dict[str, tuple[list[float], str]] = {name: ([], "") for name in questions}
+    for name, ask in questions.items():  # warm the caches once each
+        out[name] = ([], ask())
+    for _ in range(runs):
+        for name, ask in questions.items():
+            t = time.perf_counter()
+            ask()
+            out[name][0].append(time.perf_counter() - t)
+    return out
+
+
+def cli_available(cli: str) -> bool:
+    try:
+        result = subprocess.run(
+            [cli, "who", "--help"], capture_output=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def time_cli(cli: str, url: str, runs: int) -> dict[str, list[float] | str]:
+    commands = {
+        "who --dst 203.0.113.0/24 --since 1h": ["who", "--dst", str(VICTIM), "--since", "1h"],
+        "top --by src --since 1h": ["top", "--by", "src", "--since", "1h"],
+        f"reports --dst {VICTIM_ADDRESS}": ["reports", "--dst", VICTIM_ADDRESS, "--json"],
+    }
+    out: dict[str, list[float] | str] = {}
+    for name, argv in commands.items():
+        samples: list[float] = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            result = subprocess.run(
+                [cli, "--db", url, *argv], capture_output=True, timeout=120, check=False
+            )
+            samples.append(time.perf_counter() - t)
+            if result.returncode != 0:
+                out[name] = (
+                    f"failed (exit {result.returncode}): "
+                    + result.stderr.decode(errors="replace").strip().splitlines()[-1:][0]
+                    if result.stderr
+                    else "failed"
+                )
+                break
+        else:
+            out[name] = samples
+    return out
+
+
+def show(
+    backend: str,
+    inproc: dict[str, tuple[list[float], str]],
+    cli: dict[str, list[float] | str] | None,
+    per_report: float,
+    load_s: float,
+    n: int,
+) -> None:
+    print(
+        f"\n{backend}: {n:,} reports, loaded in {load_s:.0f} s, "
+        f"{per_report:.0f} bytes on disk per report"
+    )
+    print(f"  {'question':42} {'in process p50/p99 ms':>24}   {'CLI process p50/p99 ms':>24}")
+    for name, (samples, answer) in inproc.items():
+        p50, p99 = percentiles(samples)
+        flag = "" if p99 < 0.1 else "  (over the 100 ms goal)"
+        if cli is None:
+            cli_text = "not available"
+        elif isinstance(cli[name], str):
+            cli_text = str(cli[name])
+        else:
+            c50, c99 = percentiles(cli[name])  # type: ignore[arg-type]
+            cli_text = f"{c50 * 1000:.0f} / {c99 * 1000:.0f}"
+        print(
+            f"  {name:42} {p50 * 1000:11.1f} / {p99 * 1000:<10.1f}   {cli_text:>24}"
+            f"   [{answer}]{flag}"
+        )
+
+
+@contextmanager
+def sqlite_store(directory: Path) -> Iterator[tuple[Store, str, Path]]:
+    path = directory / "overflowd.db"
+    url = f"sqlite:///{path}"
+    with Store.open(url) as store:
+        yield store, url, path
+
+
+@contextmanager
+def postgres_store() -> Iterator[tuple[Store, str, None]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.support.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        server.createdb("bench")
+        url = server.url("bench")
+        with Store.open(url) as store:
+            yield store, url, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reports", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=200, help="in-process runs per question")
+    parser.add_argument("--cli-runs", type=int, default=20, help="CLI runs per question")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument(
+        "--cli",
+        default=str(Path(sys.executable).with_name("overflowd-query")),
+        help="the overflowd-query to time (default: this venv's)",
+    )
+    args = parser.parse_args(argv)
+    have_cli = cli_available(args.cli)
+    if not have_cli:
+        print(
+            f"{args.cli} has no 'who' command here: CLI rows are 'not available'", file=sys.stderr
+        )
+    backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
+    for backend in backends:
+        tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-query-"))
+        try:
+            now_ms = int(time.time() * 1000)
+            ctx = sqlite_store(tmp) if backend == "sqlite" else postgres_store()
+            with ctx as (store, url, path):
+                print(f"{backend}: loading {args.reports:,} reports", file=sys.stderr)
+                load_s = build(store, args.reports, now_ms)
+                per_report = bytes_per_report(store, args.reports, path)
+                inproc = time_in_process(store, now_ms, args.runs)
+                cli = time_cli(args.cli, url, args.cli_runs) if have_cli else None
+                show(backend, inproc, cli, per_report, load_s, args.reports)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\n(python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Rendering answers for people (a rich table) and scripts (JSON lines, CSV).
+
+Every renderer takes the answer objects of `overflowd.answers` (the API's and ``--json``'s),
+never store rows, so a local and a ``--remote`` answer print alike. Times shown are the
+FLOW's (first seen, in UTC), not when this node stored the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+from overflowd.answers import PROTO_NAMES
+
+#: Rich wraps to the terminal; into a pipe it would wrap at 80 columns and cut addresses.
+PIPE_WIDTH = 500
+
+
+def json_lines(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    for obj in objects:
+        out.write(json.dumps(obj, separators=(", ", ": ")) + "\n")
+    out.flush()
+
+
+def _table(columns: Sequence[str], rows: Iterable[Sequence[str]], out: TextIO) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    tty = out.isatty()
+    # Into a pipe: no colours, no rules, no padding after the last column (grep, cut, awk).
+    console = Console(
+        file=out if tty else io.StringIO(), width=None if tty else PIPE_WIDTH, highlight=False
+    )
+    table = Table(box=box.SIMPLE_HEAD if tty else None, show_edge=False, pad_edge=False)
+    for name in columns:
+        numeric = name in ("PACKETS", "BYTES", "REPORTS", "DUR", "SPORT", "DPORT", "P")
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    if tty:
+        console.print(table)
+        return
+    with console.capture() as captured:
+        console.print(table)
+    out.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    out.flush()
+
+
+def _time(rfc3339: str) -> str:
+    """'2007-11-14 22:13:19' for people (UTC, whole seconds)."""
+    return rfc3339[:19].replace("T", " ")
+
+
+def _proto(number: int) -> str:
+    return PROTO_NAMES.get(number, str(number))
+
+
+def _count(value: float) -> str:
+    """An estimate for people: 3 significant digits with k/M/G (nfdump's way)."""
+    if not math.isfinite(value):
+        return "inf"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _interval(est: dict[str, Any]) -> str:
+    """'12.3k (8.1k-18.0k)' from an Interval's JSON; an unbounded end is '∞'."""
+    high = est["high"]
+    return (
+        f"{_count(est['estimate'])} ({_count(est['low'])}-"
+        f"{'inf' if high is None else _count(high)})"
+    )
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+REPORT_COLUMNS = (
+    "FLOW START (UTC)", "DUR", "SRC", "SPORT", "DST", "DPORT", "PROTO", "PACKETS", "BYTES",
+    "P", "KIND", "OBSERVER", "TRUST", "ID",
+)  # fmt: skip
+REPORT_CSV = (
+    "first", "last", "src", "sport", "dst", "dport", "proto", "packets", "bytes",
+    "probability", "interval", "kind", "observer", "trust", "via", "received", "seq", "id",
+)  # fmt: skip
+
+
+def _report_cells(obj: dict[str, Any]) -> list[str]:
+    r = obj["report"]
+    fl = r["flow"]
+    duration_s = max(0, fl["last_ms"] - fl["first_ms"]) / 1000
+    return [
+        _time(fl["first"]),
+        f"{duration_s:.0f}s" if duration_s >= 1 else f"{duration_s:.1f}s",
+        fl["src"],
+        str(fl["sport"]),
+        fl["dst"],
+        str(fl["dport"]),
+        _proto(fl["proto"]),
+        str(fl["packets"]),
+        str(fl["bytes"]),
+        f"{r['sampling']['probability']:.3g}",
+        r["kind"],
+        r["observer"]["fingerprint"],
+        obj["trust"] or ("own" if obj["via"] == "local" else "-"),
+        r["id"][:12],
+    ]
+
+
+def reports_table(objects: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
+    _table(REPORT_COLUMNS, (_report_cells(o) for o in objects), out or sys.stdout)
+
+
+def report_line(obj: dict[str, Any]) -> str:
+    """One report as one line of fixed columns, for --follow (a table cannot stream)."""
+    c = _report_cells(obj)
+    return (
+        f"{c[0]}  {c[1]:>5}  {c[2] + ':' + c[3]:>41} > {c[4] + ':' + c[5]:<41} {c[6]:<5} "
+        f"{c[7]:>10} {c[8]:>12}  p={c[9]:<7} {c[10]} {c[11]} {c[12]} {c[13]}"
+    )
+
+
+def reports_csv(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> None:
+    csv.writer(out or sys.stdout, lineterminator="\n").writerow(REPORT_CSV)
+    reports_csv_rows(objects, out)
+
+
+def reports_csv_rows(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> None:
+    """Rows without the header (--follow goes on under the first answer's header)."""
+    stream = out or sys.stdout
+    writer = csv.writer(stream, lineterminator="\n")
+    for obj in objects:
+        r = obj["report"]
+        fl, s = r["flow"], r["sampling"]
+        writer.writerow(
+            [
+                fl["first"], fl["last"], fl["src"], fl["sport"], fl["dst"], fl["dport"],
+                fl["proto"], fl["packets"], fl["bytes"], s["probability"], s["interval"],
+                r["kind"], r["observer"]["key"], obj["trust"] or "", obj["via"],
+                obj["received"], obj["seq"], r["id"],
+            ]
+        )  # fmt: skip
+    stream.flush()
+
+
+# -- who ---------------------------------------------------------------------------------------
+
+WHO_COLUMNS = (
+    "OBSERVER", "POINT", "TRUST", "CONTACTS", "REPORTS", "PACKETS (95%)", "BYTES (95%)",
+    "FIRST SEEN", "LAST SEEN", "TOP SOURCES",
+)  # fmt: skip
+WHO_CSV = (
+    "observer", "fingerprint", "point", "trust", "contacts", "reports",
+    "packets", "packets_low", "packets_high", "bytes", "bytes_low", "bytes_high",
+    "first", "last", "top_sources",
+)  # fmt: skip
+
+
+def who_table(objects: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
+    rows = (
+        [
+            o["observer"]["fingerprint"],
+            o["observer"]["point"] or "-",
+            o["trust"] or "-",
+            " ".join(o["contacts"]) or "-",
+            str(o["reports"]),
+            _interval(o["packets"]),
+            _interval(o["bytes"]),
+            _time(o["first"]),
+            _time(o["last"]),
+            " ".join(
+                f"{s['prefix']}({_count(s['packets']['estimate'])})" for s in o["top_sources"]
+            )
+            or "-",
+        ]
+        for o in objects
+    )
+    _table(WHO_COLUMNS, rows, out or sys.stdout)
+
+
+def _high(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def who_csv(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> None:
+    writer = csv.writer(out or sys.stdout, lineterminator="\n")
+    writer.writerow(WHO_CSV)
+    for o in objects:
+        p, b = o["packets"], o["bytes"]
+        writer.writerow(
+            [
+                o["observer"]["key"], o["observer"]["fingerprint"], o["observer"]["point"],
+                o["trust"] or "", " ".join(o["contacts"]), o["reports"],
+                p["estimate"], p["low"], _high(p["high"]), b["estimate"], b["low"],
+                _high(b["high"]), o["first"], o["last"],
+                " ".join(s["prefix"] for s in o["top_sources"]),
+            ]
+        )  # fmt: skip
+
+
+# -- top ---------------------------------------------------------------------------------------
+
+TOP_CSV = (
+    "rank", "by", "key", "name", "reports", "packets", "packets_low", "packets_high",
+    "bytes", "bytes_low", "bytes_high",
+)  # fmt: skip
+
+
+def top_table(objects: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:
+    by = objects[0]["by"] if objects else ""
+    rows = (
+        [
+            "" if o["rank"] is None else str(o["rank"]),
+            str(o["key"]) + (f" ({o['name']})" if o["name"] else ""),
+            str(o["reports"]),
+            _interval(o["packets"]),
+            _interval(o["bytes"]),
+        ]
+        for o in objects
+    )
+    _table(
+        ("#", by.upper() or "KEY", "REPORTS", "PACKETS (95%)", "BYTES (95%)"),
+        rows,
+        out or sys.stdout,
+    )
+
+
+def top_csv(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> None:
+    writer = csv.writer(out or sys.stdout, lineterminator="\n")
+    writer.writerow(TOP_CSV)
+    for o in objects:
+        p, b = o["packets"], o["bytes"]
+        writer.writerow(
+            [
+                "" if o["rank"] is None else o["rank"], o["by"], o["key"], o["name"] or "",
+                o["reports"], p["estimate"], p["low"], _high(p["high"]), b["estimate"],
+                b["low"], _high(b["high"]),
+            ]
+        )  # fmt: skip

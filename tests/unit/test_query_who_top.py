@@ -1,0 +1,217 @@
+"""who and top: SQL GROUP BY sums against every report streamed through Tally/TopN in Python.
+
+Same store, same filter, both backends: the estimates (points and 95% intervals, packets and
+bytes), counts, spans, top source prefixes and "other" must agree to rounding (the database
+adds floats in its own order). Prefix lengths that are not whole bytes, IPv6, and forged
+counters that would overflow a 64-bit sum are covered too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from overflowd import report as rpt
+from overflowd.estimate import Estimate, Tally, TopN, prefix_key
+from overflowd.identity import NodeIdentity
+from overflowd.store import Store, StoredReport
+from overflowd.store.query import ReportFilter, top, who
+from tests.support.query_reports import BACKENDS, BASE_MS, HOUR_MS, Seeded, matches, seeded_store
+from tests.support.reports import make_payload
+
+net = ipaddress.ip_network
+
+
+SEED = 5
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def seeded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Seeded]:
+    yield from seeded_store(request, tmp_path_factory, 300, SEED)
+
+
+def _tally(reports: Iterable[StoredReport]) -> Tally:
+    t = Tally()
+    for r in reports:
+        t.add(r.packets, r.bytes, r.probability, r.sampling_interval)
+    return t
+
+
+def _flat(e: Estimate) -> list[float]:
+    out: list[float] = [e.reports, e.certain_reports]
+    for i in (e.packets, e.bytes):
+        out += [i.estimate, i.low, i.high if math.isfinite(i.high) else -1.0]
+    return out
+
+
+def _same(a: Estimate, b: Estimate) -> None:
+    assert _flat(a) == pytest.approx(_flat(b), rel=1e-9, abs=1e-9)
+
+
+def _units(s: Seeded, key: bytes) -> tuple[float | None, float | None]:
+    """An observer's unit: the largest weights of all its stored reports (docs/estimates.md)."""
+    t = _tally(r for r in s.reports if r.observer_key == key)
+    return t.packets_unit, t.bytes_unit
+
+
+def _all_units(s: Seeded, keys: Iterable[bytes]) -> tuple[float | None, float | None]:
+    """The largest unit of these observers: top's unit for groups of several observers."""
+    units = [_units(s, k) for k in keys]
+    packets = [u for u, _ in units if u is not None]
+    octets = [b for _, b in units if b is not None]
+    return (max(packets) if packets else None, max(octets) if octets else None)
+
+
+FILTERS = [
+    ReportFilter(),
+    ReportFilter(dst=net("198.51.100.0/24"), since_ms=BASE_MS + HOUR_MS),
+    ReportFilter(dst=net("2001:db8:ff::/48")),
+    ReportFilter(proto=17, min_trust="continuity"),
+    ReportFilter(dst=net("198.51.101.0/24"), until_ms=BASE_MS + HOUR_MS),
+]
+
+
+@pytest.mark.parametrize(("v4_len", "v6_len"), [(24, 48), (20, 36), (0, 0), (32, 128)])
+def test_who_equals_streaming_every_report(seeded: Seeded, v4_len: int, v6_len: int) -> None:
+    s = seeded
+    latest = {}
+    for r in sorted(s.reports, key=lambda r: (r.received_ms, r.seq)):
+        latest[r.observer_key] = r
+    for flt in FILTERS if (v4_len, v6_len) == (24, 48) else FILTERS[:2]:
+        rows = who(s.store, flt, v4_len=v4_len, v6_len=v6_len)
+        match = [r for r in s.reports if matches(r, flt)]
+        keys = {r.observer_key for r in match}
+        assert [row.observer_key for row in rows] != [] or not keys
+        assert {row.observer_key for row in rows} == keys
+        points = [row.estimate.packets.estimate for row in rows]
+        assert points == sorted(points, reverse=True)
+        for row in rows:
+            mine = [r for r in match if r.observer_key == row.observer_key]
+            unit, byte_unit = _units(s, row.observer_key)
+            _same(row.estimate, _tally(mine).estimate(unit=unit, byte_unit=byte_unit))
+            assert row.reports == len(mine)
+            assert row.first_ms == min(r.first_ms for r in mine)
+            assert row.last_ms == max(r.last_ms for r in mine)
+            assert row.fingerprint == rpt.key_fingerprint(row.observer_key)
+            last = latest[row.observer_key]
+            assert row.trust == last.trust
+            payload = last.signed_report().payload
+            assert row.contacts == payload.observer.contacts
+            assert row.point == payload.observer.point
+            by_prefix: dict[Any, Tally] = {}
+            for r in mine:
+                by_prefix.setdefault(prefix_key(r.src, v4_len, v6_len), Tally()).add(
+                    r.packets, r.bytes, r.probability, r.sampling_interval
+                )
+            ref: TopN[Any] = TopN()
+            for k in sorted(by_prefix, key=lambda n: (n.version, n.network_address.packed)):
+                ref.add_tally(k, by_prefix[k])
+            want = ref.result(3, unit=unit, byte_unit=byte_unit).top
+            assert [k for k, _ in row.top_sources] == [k for k, _ in want]
+            for (_, got_e), (_, want_e) in zip(row.top_sources, want, strict=True):
+                _same(got_e, want_e)
+            for k, _ in row.top_sources:
+                assert k.prefixlen == (v4_len if k.version == 4 else v6_len)
+
+
+def _key(by: str, r: StoredReport, v4_len: int, v6_len: int) -> Any:
+    if by == "observer":
+        return r.observer_key
+    if by in ("src", "dst"):
+        return prefix_key(getattr(r, by), v4_len, v6_len)
+    return {"srcport": r.sport, "dstport": r.dport, "proto": r.proto}[by]
+
+
+def _order(k: Any) -> Any:
+    if isinstance(k, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return (k.version, k.network_address.packed)
+    return k
+
+
+@pytest.mark.parametrize(
+    ("by", "v4_len", "v6_len", "measure"),
+    [
+        ("src", 24, 48, "packets"),
+        ("dst", 24, 48, "bytes"),
+        ("src", 12, 40, "packets"),
+        ("dst", 32, 128, "packets"),
+        ("srcport", 24, 48, "packets"),
+        ("dstport", 24, 48, "bytes"),
+        ("proto", 24, 48, "packets"),
+        ("observer", 24, 48, "packets"),
+    ],
+)
+def test_top_equals_streaming_every_report(
+    seeded: Seeded, by: str, v4_len: int, v6_len: int, measure: str
+) -> None:
+    s = seeded
+    for flt in (FILTERS[0], FILTERS[1], FILTERS[3]):
+        units = {k: _units(s, k) for k in {r.observer_key for r in s.reports}}
+        match = [r for r in s.reports if matches(r, flt)]
+        groups: dict[Any, Tally] = {}
+        for r in match:
+            groups.setdefault(_key(by, r, v4_len, v6_len), Tally()).add(
+                r.packets, r.bytes, r.probability, r.sampling_interval
+            )
+        ref: TopN[Any] = TopN()
+        for k in sorted(groups, key=_order):
+            ref.add_tally(k, groups[k])
+        if by == "observer":
+            want = ref.result(4, by=measure, unit_of=units.__getitem__)  # type: ignore[arg-type]
+        else:
+            unit, byte_unit = _all_units(s, {r.observer_key for r in s.reports})
+            want = ref.result(4, by=measure, unit=unit, byte_unit=byte_unit)  # type: ignore[arg-type]
+        got = top(s.store, flt, by=by, n=4, v4_len=v4_len, v6_len=v6_len, measure=measure)  # type: ignore[arg-type]
+        assert [k for k, _ in got.top] == [k for k, _ in want.top]
+        for (_, a), (_, b) in zip(got.top, want.top, strict=True):
+            _same(a, b)
+        assert (got.other is None) == (want.other is None)
+        if got.other is not None and want.other is not None:
+            _same(got.other, want.other)
+        assert got.groups == len(groups)
+        assert got.folded == 0
+        assert sum(e.reports for _, e in got.rows()) == len(match)
+
+
+def test_an_empty_answer(seeded: Seeded) -> None:
+    flt = ReportFilter(kind="no-such-kind")
+    assert who(seeded.store, flt) == []
+    result = top(seeded.store, flt, by="src")
+    assert result.top == () and result.other is None and result.groups == 0
+
+
+def test_bad_arguments_are_refused(seeded: Seeded) -> None:
+    with pytest.raises(ValueError, match="cannot group by"):
+        top(seeded.store, ReportFilter(), by="flows")
+    with pytest.raises(ValueError, match="prefix lengths"):
+        top(seeded.store, ReportFilter(), by="src", v4_len=33)
+    with pytest.raises(ValueError, match="prefix lengths"):
+        who(seeded.store, ReportFilter(), v6_len=129)
+
+
+def test_forged_counters_and_probabilities_do_not_break_a_query(store: Store) -> None:
+    """Anyone may sign a report: counters at 2**64-1 (stored saturated at 2**63-1) and a p of
+    5e-324 must give an answer (infinite where it is), never a database error."""
+    identity = NodeIdentity.generate()
+    batch = []
+    for packets, p in ((2**64 - 1, 1.0), (2**64 - 1, 1.0), (2**64 - 1, 5e-324), (10, 0.5)):
+        payload = make_payload(dst="198.51.100.9", packets=packets, probability=p)
+        batch.append((identity.sign_report(payload), BASE_MS, "udp"))
+    assert store.add_reports(batch) == 4
+    flt = ReportFilter(dst=net("198.51.100.0/24"))
+    (row,) = who(store, flt)
+    assert row.reports == 4
+    assert row.estimate.packets.estimate == math.inf
+    assert row.estimate.packets.high == math.inf
+    assert row.estimate.certain_reports == 2
+    (only,) = top(store, flt, by="dst").top
+    assert only[1].packets.estimate == math.inf
+    # certain part alone: two saturated counters, more than a 64-bit sum holds, still summed
+    certain = who(store, ReportFilter(dst=net("198.51.100.0/24"), observers=(identity.public_key,)))
+    assert certain[0].estimate.bytes.estimate >= 2 * (2**63 - 1)
