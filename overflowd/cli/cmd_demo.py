@@ -157,11 +157,13 @@ def busiest_destination(payloads: list[bytes], exporter: str) -> tuple[str, int,
 
 def remap_v5(payloads: list[bytes], old: str, new: str, *, now_s: int) -> tuple[list[bytes], int]:
     """NetFlow v5 datagrams with every record's dstaddr ``old`` rewritten to ``new``, and the
-    export times moved so that the first datagram is exported ``now_s`` (the trace's flows
-    then look as recent as the demo: ``--since 1h`` finds them). Other formats pass as they
-    are. Returns the datagrams and how many records were rewritten."""
+    export times moved so that the last datagram is exported at ``now_s`` (the trace's flows
+    then end as the demo starts: ``--since 1h`` finds them, and none lies in the future).
+    Other formats pass as they are. Returns the datagrams and how many records were
+    rewritten."""
     before, after = ipaddress.IPv4Address(old).packed, ipaddress.IPv4Address(new).packed
-    shift: int | None = None
+    v5 = [p for p in payloads if len(p) >= _V5_HEADER.size and p[:2] == b"\x00\x05"]
+    shift = now_s - max((_V5_HEADER.unpack_from(p)[3] for p in v5), default=now_s)
     out: list[bytes] = []
     rewritten = 0
     for payload in payloads:
@@ -170,9 +172,8 @@ def remap_v5(payloads: list[bytes], old: str, new: str, *, now_s: int) -> tuple[
             continue
         data = bytearray(payload)
         fields = list(_V5_HEADER.unpack_from(data))
-        count, unix_secs = fields[1], fields[3]
-        shift = now_s - unix_secs if shift is None else shift
-        fields[3] = max(0, min(0xFFFFFFFF, unix_secs + shift))
+        count = fields[1]
+        fields[3] = max(0, min(0xFFFFFFFF, fields[3] + shift))
         _V5_HEADER.pack_into(data, 0, *fields)
         for i in range(count):
             at = _V5_HEADER.size + i * _V5_RECORD_BYTES + _V5_DSTADDR
@@ -424,8 +425,9 @@ def _default_trace() -> Path:
     return Path(os.environ.get("OVERFLOWD_SHARED", "../shared")) / "data" / TRACE_NAME
 
 
-def _flood(args: argparse.Namespace) -> tuple[list[bytes], str]:
-    """The datagrams to replay, the busiest destination mapped onto VICTIM; says what it did."""
+def _flood(args: argparse.Namespace) -> tuple[list[bytes], str, int]:
+    """The datagrams to replay, the busiest destination mapped onto VICTIM, where they came
+    from and the packets toward it (the truth the estimates are compared with); said."""
     from overflowd.wire import CaptureReader
 
     now_s = int(time.time())
@@ -442,7 +444,7 @@ def _flood(args: argparse.Namespace) -> tuple[list[bytes], str]:
             f"synthetic flood: {len(payloads)} NetFlow v5 datagrams; toward {dst}: "
             f"{packets} packets in {flows} flows from {sources} sources"
         )
-        return payloads, "synthetic"
+        return payloads, "synthetic", packets
     try:
         with open(trace, "rb") as fh:
             payloads = [d.payload for d in CaptureReader().udp_datagrams(fh)]
@@ -459,7 +461,7 @@ def _flood(args: argparse.Namespace) -> tuple[list[bytes], str]:
         f"busiest destination {dst}: {packets} packets in {flows} flows from {sources} "
         f"sources; its {rewritten} records now say dst {VICTIM}"
     )
-    return payloads, str(trace)
+    return payloads, str(trace), packets
 
 
 def _send(payloads: list[bytes], addr: tuple[str, int], deadline: float) -> int:
@@ -687,7 +689,7 @@ def _demo(args: argparse.Namespace, work: Path, procs: list[Proc], started: floa
     dns_port = _closed_port()
 
     _say(f"the flood, its busiest destination mapped onto {VICTIM}")
-    payloads, source = _flood(args)
+    payloads, source, truth = _flood(args)
     ends = (
         "the synthetic flood's sources" if source == "synthetic" else "the trace's real addresses"
     )
@@ -808,6 +810,7 @@ def _demo(args: argparse.Namespace, work: Path, procs: list[Proc], started: floa
     home = ["--home", str(victim_home)]
     if {"who", "top"} <= _query_commands(tools):
         _run_shown(tools, ["overflowd-query", "who", "--dst", VICTIM, *home])
+        print(f"(the flood held {truth} packets toward {VICTIM}: compare the PACKETS estimate)")
         _run_shown(
             tools, ["overflowd-query", "top", "--by", "src", "--dst", VICTIM, "-n", "10", *home]
         )

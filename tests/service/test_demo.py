@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -113,7 +114,18 @@ def test_demo_on_the_shared_trace_shows_reports_in_band_and_by_webhook(tmp_path:
     counts = _check(out, work)
     assert 20 <= counts["held"] <= 80  # a few dozen at the demo's rate (expected ~46)
     assert "contact to call: mailto:abuse@router.example" in out
-    assert "overflowd-query" in out and "pinned" in out
+    # who, as the demo showed it: one observer, the router, pinned, with its contact
+    (shown,) = _number(r"demo-router\s+pinned\s+mailto:abuse@router\.example\s+(\d+)", out)
+    assert shown == counts["held"]
+    assert "(the flood held 315537 packets toward 127.0.0.2" in out
+    # ... and asked again: the flows were moved to now (--since 1h finds them all), and the
+    # estimate of the packets toward the victim is the trace's within a few sd (~0.3%).
+    who = run("overflowd-query", "who", "--dst", VICTIM, "--since", "1h", "--json",
+              "--home", str(work / "victim"))  # fmt: skip
+    assert who.code == 0, who.err
+    (row,) = [json.loads(line) for line in who.out.splitlines() if line.startswith("{")]
+    assert row["reports"] == counts["held"] and row["trust"] == "pinned"
+    assert abs(row["packets"]["estimate"] - 315537) < 0.02 * 315537
 
 
 def test_without_the_trace_it_says_so_and_floods_synthetically(tmp_path: Path) -> None:
