@@ -1,4 +1,4 @@
-# overflowd: `make demo` runs the main job on embedded defaults; `make test` sets up
+# overflowd: `make demo` shows the whole idea on loopback (docs/demo.md); `make test` sets up
 # everything (Debian packages included, as root) and runs ruff, mypy and the whole suite.
 
 PYTHON ?= python3
@@ -10,8 +10,15 @@ DEB_DEMO := python3-venv
 
 .PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz
 
-demo: deps-demo $(VENV)/.installed
+demo: deps-demo $(VENV)/.runtime
 	./scripts/demo.sh
+
+# The demo needs the package only, not its test extras: a fresh clone's `make demo` installs
+# less (`make test` installs the rest; a venv that has them is taken as it is).
+$(VENV)/.runtime: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test $(VENV)/.installed -nt pyproject.toml || $(BIN)/python -m pip install --quiet -e .
+	touch $@
 
 test: deps-test $(VENV)/.installed lint typecheck pytest
 

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from overflowd import __version__
 from overflowd import report as rpt
-from overflowd.cli import cmd_decode, cmd_outbox, cmd_replay, cmd_run, cmd_webhook_secret
+from overflowd.cli import (
+    cmd_decode,
+    cmd_demo,
+    cmd_outbox,
+    cmd_replay,
+    cmd_run,
+    cmd_webhook_secret,
+)
 from overflowd.cli.common import (
     Parser,
     UsageError,
@@ -336,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_replay.register(sub, common)
     cmd_run.register(sub, common)
     cmd_outbox.register(sub, common)
+    cmd_demo.register(sub, common)
     return parser
 
 
