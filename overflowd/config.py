@@ -28,6 +28,7 @@ from overflowd.notify import (
     parse_endpoints,
     parse_secret,
 )
+from overflowd.peers import PeeringSettings, PeerSettings, parse_peers
 from overflowd.registry import RegistrySettings
 
 CONFIG_FILE = "overflowd.toml"
@@ -226,6 +227,9 @@ class Settings:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    #: ``[[peers]]`` and ``[peering]`` (overflowd.peers, docs/peers.md)
+    peers: tuple[PeerSettings, ...] = ()
+    peering: PeeringSettings = field(default_factory=PeeringSettings)
     #: Where this came from, for messages; not a TOML key.
     source: str = field(default="(defaults)", compare=False)
     #: Keys that still work but have a new name: one warning line each at start.
@@ -246,6 +250,7 @@ _SECTIONS: dict[str, type] = {
     "budget": BudgetSettings,
     "webhook": WebhookSettings,
     "storage": StorageSettings,
+    "peering": PeeringSettings,
 }
 
 DEFAULT_CONFIG_TEXT = """\
@@ -471,6 +476,42 @@ prune_batch_rows = 1000
 # Keys and sender networks the admission policy counts (least recently used forgotten).
 max_tracked_keys = 65536
 max_tracked_senders = 65536
+
+# Peers (docs/peers.md): nodes this one pulls reports from and pushes its own to. Each
+# [[peers]] table names one: its API base URL and its Ed25519 key (its /v1/identity "key").
+# [[peers]]
+# name = "upstream-1"
+# url = "http://192.0.2.10:9591/"
+# key = "BASE64-ED25519-PUBLIC-KEY"
+# trust = "pinned"            # the trust its reports get: unknown, continuity, dns, pinned
+# push = true                 # push our reports to its inbox
+# pull = true                 # pull its reports, on start and every pull_interval_s
+# pull_interval_s = 60.0
+# in_reports_per_s = 100.0    # what it may push to us, and the burst above that
+# in_reports_burst = 5000
+# in_bytes_per_s = 1000000.0
+# in_bytes_burst = 10000000
+# out_reports_per_s = 100.0   # what we push to it; the rest waits in the outbox
+# out_reports_burst = 5000
+# out_bytes_per_s = 1000000.0
+# out_bytes_burst = 10000000
+
+# [peering]
+# Hops a report travels from its observer at most; inbox requests at most (bytes, reports).
+# hop_limit = 4
+# inbox_max_body_bytes = 2000000
+# inbox_max_reports = 500
+# Pulling: reports per page asked, bytes of one page read at most, time for one page (and
+# for its connect), pages per round, first pause after a failure (doubling).
+# pull_page_reports = 500
+# pull_max_body_bytes = 4000000
+# pull_timeout_s = 30.0
+# pull_connect_timeout_s = 5.0
+# pull_max_pages = 200
+# pull_retry_s = 5.0
+# Reports made longer ago than this, or dated further ahead than max_future_s, are refused.
+# max_report_age_s = 604800.0
+# max_future_s = 300.0
 """
 
 
@@ -548,6 +589,9 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
         raise ConfigError(f"{source}: {exc}") from None
     sections: dict[str, Any] = {}
     for name, table in data.items():
+        if name == "peers":  # an array of tables: overflowd.peers parses it
+            sections["peers"] = parse_peers(table, source, text)
+            continue
         if name not in _SECTIONS:
             raise ConfigError(_where(source, text, None, name) + f"unknown section or key '{name}'")
         if not isinstance(table, dict):
@@ -659,6 +703,9 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
     def fail(key: str, why: str) -> None:
         raise ConfigError(_where(source, text, section, key) + f"'{section}.{key}' {why}")
 
+    if isinstance(settings, PeeringSettings):
+        for key, why in settings.problems():
+            fail(key, why)
     if isinstance(settings, ApiSettings):
         if settings.listen and not re.match(
             r"^(\[[0-9a-fA-F:.]+\]|[0-9.]*|[0-9a-fA-F:]*):\d{1,5}$", settings.listen

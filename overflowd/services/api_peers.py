@@ -16,8 +16,9 @@ costs as little as possible:
    honest peer's budget by naming it;
 5. the body (:func:`~overflowd.wire.peering.decode_inbox`): refused whole only if it is not an
    inbox body at all (400); a bad item is refused by index and the others go on;
-6. each report's own COSE signature (forwarding never re-signs), then freshness as the in-band
-   listener judges it (``inband.max_age_s``, ``inband.max_future_s``);
+6. each report's own COSE signature (forwarding never re-signs), then freshness by the in-band
+   listener's rule with ``peering.max_report_age_s`` and ``peering.max_future_s`` (those of
+   the pull: a week, since a peer's outbox delivers what it held through an outage);
 7. the store, ``via="gossip"``, arrival channel ``peer:<fingerprint>`` and the item's hop
    count, in one transaction; duplicates (already stored by any path) are counted as arrivals.
 
@@ -50,7 +51,8 @@ from overflowd import receiver
 from overflowd import report as rpt
 from overflowd.errors import DecodeError, SignatureError, StoreError
 from overflowd.identity import check_signature, verify_report
-from overflowd.store.repository import Store, peer_channel
+from overflowd.peers import PeeringSettings, PeerSettings, fresh
+from overflowd.store.repository import Store
 from overflowd.wire import peering
 from overflowd.wire import webhook as wh
 
@@ -72,24 +74,6 @@ PEER_EVENTS = (
     "over_budget",  # the peer's inbound budget is spent: 429
     "oversized",  # a body over the cap: 413
 )
-
-
-@dataclass(frozen=True, slots=True)
-class InboxPeer:
-    """What the inbox needs of one configured peer (built from its ``[[peers]]`` entry)."""
-
-    name: str
-    key: bytes
-    in_reports_per_s: float
-    in_reports_burst: float
-    in_bytes_per_s: float
-    in_bytes_burst: float
-    #: the trust label stored with its reports (the observer's trust is decided elsewhere)
-    trust: str = "unknown"
-
-    @property
-    def channel(self) -> str:
-        return peer_channel(self.key)
 
 
 class PeerEvents:
@@ -145,21 +129,20 @@ class PeerInbox:
     def __init__(
         self,
         store: Store,
-        peers: Sequence[InboxPeer],
+        peers: Sequence[PeerSettings],
+        settings: PeeringSettings | None = None,
         *,
-        max_body_bytes: int = peering.DEFAULT_MAX_BODY_BYTES,
-        max_reports: int = peering.DEFAULT_MAX_REPORTS,
-        max_age_s: float = 3600.0,
-        max_future_s: float = 300.0,
         tolerance_s: float = wh.DEFAULT_TOLERANCE_S,
         events: PeerEvents | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
-        self.max_body_bytes = max_body_bytes
-        self.max_reports = max_reports
-        self.max_age_s, self.max_future_s, self.tolerance_s = max_age_s, max_future_s, tolerance_s
+        settings = settings or PeeringSettings()
+        self.max_body_bytes = settings.inbox_max_body_bytes
+        self.max_reports = settings.inbox_max_reports
+        self.max_age_s, self.max_future_s = settings.max_report_age_s, settings.max_future_s
+        self.tolerance_s = tolerance_s
         self.events = events or PeerEvents()
         self._wall_clock, self._clock = wall_clock, clock
         self._peers = {p.key: p for p in peers}
@@ -191,7 +174,7 @@ class PeerInbox:
             self._rejected[status] = self._rejected.get(status, 0) + 1
         return InboxResult(status, _detail(why), retry_after_s)
 
-    def peer_of(self, headers: Mapping[str, str]) -> InboxPeer | None:
+    def peer_of(self, headers: Mapping[str, str]) -> PeerSettings | None:
         """The configured peer the request names, or None (any malformed value is None)."""
         value = headers.get(peering.HEADER_PEER, "").strip()
         if not value or len(value) > 64:
@@ -252,7 +235,7 @@ class PeerInbox:
             )
         return self._store(peer, batch)
 
-    def _store(self, peer: InboxPeer, batch: peering.InboxBatch) -> InboxResult:
+    def _store(self, peer: PeerSettings, batch: peering.InboxBatch) -> InboxResult:
         refused = list(batch.bad)
         if batch.bad:
             self.events.note(peer.name, "malformed", len(batch.bad))
@@ -307,12 +290,11 @@ class PeerInbox:
             return "undecodable"
         except SignatureError:
             return "forged"
-        # The in-band listener's rule (services/inband.py), with its settings.
-        if report.payload.time < now_ms - self.max_age_s * 1000:
-            return "stale"
-        if report.payload.time > now_ms + self.max_future_s * 1000:
-            return "future"
-        return report
+        # The in-band listener's rule, with [peering]'s ages (the pull's, too).
+        late = fresh(
+            report.payload.time, now_ms, max_age_s=self.max_age_s, max_future_s=self.max_future_s
+        )
+        return report if late is None else late
 
     def statistics(self) -> PeerInboxStatistics:
         with self._lock:
@@ -422,7 +404,6 @@ def router(inbox: Callable[[], PeerInbox | None]) -> APIRouter:
 
 __all__ = [
     "PEER_EVENTS",
-    "InboxPeer",
     "InboxResult",
     "PeerEvents",
     "PeerInbox",

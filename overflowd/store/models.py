@@ -243,3 +243,39 @@ class ObserverEventModel(Base):
     sender: Mapped[str | None] = mapped_column(String(64))
     #: for people: why the key is related, and the previous keys' fingerprints
     detail: Mapped[str | None] = mapped_column(String(400))
+
+
+class PeerStateModel(Base):
+    """What this node knows of one peer (:mod:`overflowd.store.peers`), durable across restarts.
+
+    ``pull_cursor`` is the peer's own report number (its ``/v1/reports`` ``next``) up to which
+    every report it served is stored here; ``push_cursor`` is *our* report number up to which
+    ours were handed to its inbox queue. Both only move forward, except that a peer whose store
+    was reset (it answers 409 to our cursor) is pulled from 0 again.
+    """
+
+    __tablename__ = "peer_state"
+
+    #: the peer's Ed25519 public key
+    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    pull_cursor: Mapped[int] = mapped_column(BigInteger)
+    push_cursor: Mapped[int] = mapped_column(BigInteger)
+    #: the last time the peer answered (a pull page, an inbox delivery); NULL: never
+    last_contact_ms: Mapped[int | None] = mapped_column(BigInteger)
+    last_error: Mapped[str | None] = mapped_column(String(400))
+    last_error_ms: Mapped[int | None] = mapped_column(BigInteger)
+    #: reports stored from it (new to us), sent to it, and received from it that we had
+    reports_in: Mapped[int] = mapped_column(BigInteger)
+    reports_out: Mapped[int] = mapped_column(BigInteger)
+    duplicates: Mapped[int] = mapped_column(BigInteger)
+    score: Mapped[float] = mapped_column(Double)
+    #: no exchange with it before this time; NULL: not banned
+    banned_until_ms: Mapped[int | None] = mapped_column(BigInteger)
+    ban_count: Mapped[int] = mapped_column(Integer)
+    ban_reason: Mapped[str | None] = mapped_column(String(400))
+    #: learned from another node's signed record, not configured
+    learned: Mapped[bool] = mapped_column(Boolean)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)

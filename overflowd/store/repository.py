@@ -235,11 +235,6 @@ class Arrival:
     last_ms: int
 
 
-def peer_channel(peer_key: bytes) -> str:
-    """The arrival channel of reports a peer forwarded: ``peer:`` + its key's fingerprint."""
-    return "peer:" + rpt.key_fingerprint(peer_key)
-
-
 @dataclass(frozen=True, slots=True)
 class ObserverRow:
     """An observer key we hold reports from; contacts and point are from its latest report."""

@@ -21,6 +21,7 @@ SANS_IO = [
     "overflowd/receiver.py",
     "overflowd/storage_policy.py",
     "overflowd/estimate.py",
+    "overflowd/peers.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
     "ratelock/policy.py",

@@ -7,7 +7,7 @@ come through a peer); ``webhook_outbox.kind`` tells webhook deliveries from peer
 share the outbox's machinery but not its workers.
 
 Revision ID: 0007_arrivals
-Revises: 0006
+Revises: 0007_peers
 Create Date: 2026-12-02
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007_arrivals"
-down_revision: str | Sequence[str] | None = "0006"
+down_revision: str | Sequence[str] | None = "0007_peers"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
