@@ -291,6 +291,7 @@ StorageAdmission = Callable[[bytes, str, int, float], str | None]
 StorageRefund = Callable[[bytes, str, int], None]
 
 
+
 def _network(sender: str) -> str:
     """The /24 or /48 stored with a report, for the storage budgets per sender network."""
     try:

@@ -506,7 +506,9 @@ def serve_metrics(
         return
     host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector or NodeCollector(snapshot, max_exporter_labels=max_exporter_labels))
+    registry.register(
+        collector or NodeCollector(snapshot, max_exporter_labels=max_exporter_labels)
+    )
     server, thread = start_http_server(port, addr=host, registry=registry)
     try:
         yield server
