@@ -118,6 +118,20 @@ def run(args: argparse.Namespace) -> int:
     collector = NodeCollector(
         node.statistics, max_exporter_labels=settings.metrics.max_exporter_labels
     )
+    # Peers, push half (docs/peers.md "Push"): the inbox behind the API, and the push service.
+    from overflowd.services.api_peers import PeerEvents, PeerInbox
+    from overflowd.services.peer_push import PeerCollector, PeerPush
+
+    peer_events = PeerEvents()
+    inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events)
+    push = PeerPush(identity, store, settings.peers, settings.peering, events=peer_events)
+    peer_collector = PeerCollector(push, inbox, peer_events)
+    push_scope = trio.CancelScope()
+
+    async def run_push(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with push_scope:
+            await push.run(task_status=task_status)
+
     api_listen = settings.api.listen if args.api is None else args.api
     api: ApiService | None = None
     if api_listen:
@@ -129,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                     contacts=settings.node.contacts,
                     observation_point=settings.node.observation_point,
                     store=store,
-                    collectors=(collector,),
+                    collectors=(collector, peer_collector),
+                    inbox=inbox if settings.peers else None,
                 ),
             )
         except ConfigError:
@@ -150,8 +165,10 @@ def run(args: argparse.Namespace) -> int:
                     host, port = await nursery.start(api.run)
                     shown = f"[{host}]" if ":" in host else host
                     print(f"api http://{shown}:{port}/v1/", flush=True)
+                await nursery.start(run_push)
                 async for signum in signals:
                     log.info("daemon.stopping signal=%s", signal.Signals(signum).name)
+                    push_scope.cancel()
                     node.stop()
                     if api is not None:
                         api.stop()
@@ -169,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
                         metrics_listen,
                         node.statistics,
                         collector=collector,
+                        extra=(peer_collector,),
                     )
                 )
             except (OSError, ValueError) as exc:

@@ -44,6 +44,8 @@ from overflowd.config import ApiSettings, parse_listen
 from overflowd.errors import ConfigError, StoreError
 from overflowd.identity import NodeIdentity
 from overflowd.registry import format_record
+from overflowd.services.api_peers import PeerInbox
+from overflowd.services.api_peers import router as peers_router
 from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class ApiContext:
     store: Store
     #: the Prometheus collectors of the node (the same as metrics.listen serves)
     collectors: tuple[Collector, ...] = ()
+    #: the peer inbox (POST /v1/inbox, services/api_peers.py); None: no peers configured
+    inbox: PeerInbox | None = None
 
 
 def _network(text: str | None, name: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
@@ -204,6 +208,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             raise HTTPException(409, f"after: {exc}; page again from 0") from None
         return ReportPage(reports=[_stored(r) for r in rows], next=cursor)
 
+    app.include_router(peers_router(lambda: ctx.inbox))
     return app
 
 

@@ -495,11 +495,13 @@ def serve_metrics(
     *,
     max_exporter_labels: int = 64,
     collector: NodeCollector | None = None,
+    extra: Iterable[Collector] = (),
 ) -> Iterator[Any]:
     """Serve /metrics on ``listen`` for the duration of the ``with`` block.
 
     ``collector``: the one the node API's /metrics also reads, so both give exporters the same
-    labels (an exporter keeps the label it got first).
+    labels (an exporter keeps the label it got first). ``extra``: other services' collectors
+    (the peers').
     """
     if not listen:
         yield None
@@ -509,6 +511,8 @@ def serve_metrics(
     registry.register(
         collector or NodeCollector(snapshot, max_exporter_labels=max_exporter_labels)
     )
+    for other in extra:
+        registry.register(other)
     server, thread = start_http_server(port, addr=host, registry=registry)
     try:
         yield server
