@@ -15,6 +15,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,8 +132,9 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]
     )
     (c.home / "overflowd.toml").write_text(common + _peer(b, push=False), encoding="utf-8")
     try:
-        for node in (c, b, a):
-            node.start()
+        # Started side by side: each start is seconds on a loaded machine.
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(Node.start, (c, b, a)))
         yield made
     finally:
         for node in made.values():
