@@ -57,13 +57,18 @@ def main() -> int:
             reports = _fresh(args.reports, observer, salt=7)
             start = time.monotonic()
             _seed(a, reports)
-            with c.store() as s:
+            at_b = None
+            with c.store() as s, b.store() as sb:
                 while s.count_reports() < len(reports):
+                    if at_b is None and sb.count_reports() >= len(reports):
+                        at_b = time.monotonic() - start
                     if time.monotonic() - start > 600:
                         print(f"timed out: C holds {s.count_reports()}")
                         return 1
                     time.sleep(0.05)
             took = time.monotonic() - start
+            posts = a.metric("overflowd_peer_push_posts_total")
+            print(f"all at B after {at_b or took:.2f} s; A sent {posts:.0f} POSTs")
         finally:
             for node in nodes.values():
                 if node.daemon is not None:

@@ -222,6 +222,10 @@ def test_a_forged_item_is_refused_alone_and_the_hop_limit_stops_forwarding(
     old[peering.HEADER_PEER] = a.identity.public_key_b64
     assert httpx.post(b.url + "v1/inbox", content=body, headers=old).status_code == 401
     assert b.metric("overflowd_peer_events_total", event="replay") == 1
+    # Over the body cap (peering.inbox_max_body_bytes, 2 MB): 413 before anything is parsed.
+    huge = b" " * (PeeringSettings().inbox_max_body_bytes + 1)
+    assert _post_as(a.identity, b, huge).status_code == 413
+    assert b.metric("overflowd_peer_events_total", event="oversized") == 1
     assert b.metric("overflowd_peer_events_total", event="unknown") == 1
 
 
