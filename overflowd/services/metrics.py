@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -495,13 +495,12 @@ def serve_metrics(
     *,
     max_exporter_labels: int = 64,
     collector: NodeCollector | None = None,
-    extra: Iterable[Collector] = (),
+    extra_collectors: Sequence[Collector] = (),
 ) -> Iterator[Any]:
     """Serve /metrics on ``listen`` for the duration of the ``with`` block.
 
     ``collector``: the one the node API's /metrics also reads, so both give exporters the same
-    labels (an exporter keeps the label it got first). ``extra``: other services' collectors
-    (the peers').
+    labels (an exporter keeps the label it got first).
     """
     if not listen:
         yield None
@@ -511,8 +510,8 @@ def serve_metrics(
     registry.register(
         collector or NodeCollector(snapshot, max_exporter_labels=max_exporter_labels)
     )
-    for other in extra:
-        registry.register(other)
+    for extra in extra_collectors:  # the services' own families (peers)
+        registry.register(extra)
     server, thread = start_http_server(port, addr=host, registry=registry)
     try:
         yield server
