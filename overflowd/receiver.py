@@ -127,17 +127,19 @@ def verify_delivery(
     public keys; ``None`` accepts any key whose signatures verify (trust decided later).
     ``max_body_bytes``: the receiver's body cap (it may raise the default).
     """
-    body, parsed = _preflight(
+    body, parsed = preflight(
         headers, body, now=now, tolerance_s=tolerance_s, max_body_bytes=max_body_bytes
     )
     return _single(parsed, body, _load(body), trusted_keys)
 
 
-def _preflight(
+def preflight(
     headers: wh.HeaderInput, body: bytes, *, now: float, tolerance_s: float, max_body_bytes: int
 ) -> tuple[bytes, wh.WebhookHeaders]:
     """The checks both forms start with, before any JSON or crypto: size, headers, timestamp
-    (a stale or mis-addressed message costs no crypto)."""
+    (a stale or mis-addressed message costs no crypto). Public for the peer inbox
+    (:mod:`overflowd.services.api_peers`), whose body is another format behind the same
+    Standard Webhooks checks."""
     if not isinstance(body, bytes | bytearray | memoryview):
         raise TypeError("body must be bytes")
     body = bytes(body)
@@ -151,7 +153,7 @@ def _preflight(
 def _single(
     parsed: wh.WebhookHeaders, body: bytes, loaded: Any, trusted_keys: Collection[bytes] | None
 ) -> rpt.SignedReport:
-    """The single form, once :func:`_preflight` has passed and the body is loaded."""
+    """The single form, once :func:`preflight` has passed and the body is loaded."""
     doc, unverified = _parse_doc(loaded)
     if trusted_keys is not None and unverified.kid not in trusted_keys:
         raise UntrustedKeyError("delivery signed by a key that is not trusted")
@@ -181,7 +183,7 @@ def verify_batch(
     rendering must agree with its report. Any failure refuses the whole delivery.
     ``max_reports`` and ``max_body_bytes`` are the receiver's caps (its flags may raise them).
     """
-    body, parsed = _preflight(
+    body, parsed = preflight(
         headers, body, now=now, tolerance_s=tolerance_s, max_body_bytes=max_body_bytes
     )
     doc = _load(body)

@@ -121,6 +121,20 @@ def run(args: argparse.Namespace) -> int:
     collector = NodeCollector(
         node.statistics, max_exporter_labels=settings.metrics.max_exporter_labels
     )
+    # Peers, push half (docs/peers.md "Push"): the inbox behind the API, and the push service.
+    from overflowd.services.api_peers import PeerEvents, PeerInbox
+    from overflowd.services.peer_push import PeerCollector, PeerPush
+
+    peer_events = PeerEvents()
+    inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events)
+    push = PeerPush(identity, store, settings.peers, settings.peering, events=peer_events)
+    peer_collector = PeerCollector(push, inbox, peer_events)
+    push_scope = trio.CancelScope()
+
+    async def run_push(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with push_scope:
+            await push.run(task_status=task_status)
+
     api_listen = settings.api.listen if args.api is None else args.api
     # -- peers: pull from each [[peers]] with pull = true (docs/peers.md) -----------------------
     from overflowd.services.peer_pull import PeerPull, PeerPullCollector
@@ -137,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             ),
             admit=node.storage_policy.admit,
             refund=node.storage_policy.refund,
-            record_arrivals=None,  # the report_arrivals hook (peer-push's table), at merge
+            record_arrivals=None,  # arrivals: Store.add_new_reports(channels=) (peer_pull)
         )
         peer_collectors.append(PeerPullCollector(peer_pull.statistics))
     # -- end peers --------------------------------------------------------------------------
@@ -151,8 +165,9 @@ def run(args: argparse.Namespace) -> int:
                     contacts=settings.node.contacts,
                     observation_point=settings.node.observation_point,
                     store=store,
-                    collectors=(collector, *peer_collectors),
+                    collectors=(collector, *peer_collectors, peer_collector),
                     endpoint=settings.peering.endpoint(api_listen),
+                    inbox=inbox if settings.peers else None,
                 ),
             )
         except ConfigError:
@@ -175,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
                     print(f"api http://{shown}:{port}/v1/", flush=True)
                 if peer_pull is not None:
                     await nursery.start(peer_pull.run)
+                await nursery.start(run_push)
                 async for signum in signals:
                     log.info("daemon.stopping signal=%s", signal.Signals(signum).name)
+                    push_scope.cancel()
                     node.stop()
                     if api is not None:
                         api.stop()
@@ -196,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                         metrics_listen,
                         node.statistics,
                         collector=collector,
-                        extra_collectors=peer_collectors,
+                        extra_collectors=(*peer_collectors, peer_collector),
                     )
                 )
             except (OSError, ValueError) as exc:

@@ -53,6 +53,8 @@ from overflowd.errors import ConfigError, StoreError
 from overflowd.estimate import GROUP_BY
 from overflowd.identity import NodeIdentity, sign_node_record
 from overflowd.registry import format_record
+from overflowd.services.api_peers import PeerInbox
+from overflowd.services.api_peers import router as peers_router
 from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
 if TYPE_CHECKING:
@@ -183,6 +185,8 @@ class ApiContext:
     store: Store
     #: the Prometheus collectors of the node (the same as metrics.listen serves)
     collectors: tuple[Collector, ...] = ()
+    #: the peer inbox (POST /v1/inbox, services/api_peers.py); None: no peers configured
+    inbox: PeerInbox | None = None
     #: this node's API base URL for peers, in its signed node record ("" when not known)
     endpoint: str = ""
 
@@ -364,6 +368,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
         return await anyio.to_thread.run_sync(answer)
 
+    app.include_router(peers_router(lambda: ctx.inbox))
     return app
 
 

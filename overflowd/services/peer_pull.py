@@ -517,7 +517,16 @@ class PeerPull:
 
         if reports:
             rows = [(r, now_ms, "gossip") for r in reports]
-            new_ids = self._store.add_new_reports(rows, trust=trust, alongside=alongside)
+            # Every report of the page is an arrival from this peer, one hop away (its API
+            # does not say how many hops it had: one is the fewest it can have made).
+            ids = [r.report_id for r in reports]
+            new_ids = self._store.add_new_reports(
+                rows,
+                trust=trust,
+                alongside=alongside,
+                channels=dict.fromkeys(ids, peer.channel),
+                hops=dict.fromkeys(ids, 1),
+            )
         else:
             new_ids = set()
             with self._store.transaction("advancing a pull cursor", write=True) as conn:

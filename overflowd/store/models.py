@@ -126,6 +126,28 @@ class ReportModel(Base):
     #: increasing in commit order (:class:`ReportSequenceModel`): the cursor of every reader
     #: that pages through reports (peers, ``--follow``); never a timestamp, which many share
     seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    #: the fewest peer-to-peer hops it made to reach us (0: not through a peer; the
+    #: inbox's ``hops``); what it is forwarded with, plus one
+    hops: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class ReportArrivalModel(Base):
+    """One way a report reached this node, and how often: the report is stored once, every
+    arrival is counted here (duplicates included), so an operator sees a report that came by
+    UDP, by webhook and from three peers as one report with five channels.
+
+    ``channel`` is ``local``, ``udp``, ``webhook``, ``import`` or ``peer:<fingerprint>`` of
+    the peer it came from (``peer`` for gossip stored before revision 0007_arrivals). Rows per
+    report are bounded by construction: four fixed channels plus one per configured peer.
+    """
+
+    __tablename__ = "report_arrivals"
+
+    report_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    first_ms: Mapped[int] = mapped_column(BigInteger)
+    last_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class ReportSequenceModel(Base):
@@ -213,6 +235,9 @@ class WebhookOutboxModel(Base):
     updated_ms: Mapped[int] = mapped_column(BigInteger)
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(400))
+    #: 'webhook' (a webhook endpoint's delivery) or 'peer' (a push to a peer's inbox): the
+    #: same machinery, claimed by different workers
+    kind: Mapped[str] = mapped_column(String(8), server_default="webhook")
 
 
 class WebhookEndpointModel(Base):

@@ -54,6 +54,10 @@ from overflowd.store.models import Base
 from overflowd.store.repository import Store
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+#: Who a row is for: a webhook endpoint (:mod:`overflowd.services.webhook`) or a peer's inbox
+#: (:mod:`overflowd.services.peer_push`). Each worker claims only its own kind.
+KIND_WEBHOOK, KIND_PEER = "webhook", "peer"
+KINDS = (KIND_WEBHOOK, KIND_PEER)
 STATES = (PENDING, DELIVERED, DEAD)
 #: Error text is cut to the column's size.
 MAX_ERROR_CHARS = 400
@@ -208,6 +212,7 @@ def enqueue_planned_in(
     now_ms: int,
     max_pending_per_url: int,
     max_pending: int,
+    kind: str = KIND_WEBHOOK,
 ) -> EnqueueResult:
     """Enqueue ``planned`` inside the caller's transaction, within the pending caps.
 
@@ -277,6 +282,7 @@ def enqueue_planned_in(
                 "updated_ms": now_ms,
                 "last_status": None,
                 "last_error": "endpoint disabled (410 Gone)" if dead else None,
+                "kind": kind,
             }
         )
     new = 0
@@ -295,9 +301,12 @@ def enqueue_planned_in(
 MAX_SKIP_URLS = 1024
 
 
-def _due(now_ms: int, skip_urls: Iterable[str]) -> list[ColumnElement[bool]]:
+def _due(
+    now_ms: int, skip_urls: Iterable[str], kind: str = KIND_WEBHOOK, url: str | None = None
+) -> list[ColumnElement[bool]]:
     """What makes a row claimable: pending, due, its endpoint neither held nor disabled, its
-    URL not among ``skip_urls`` (at most MAX_SKIP_URLS)."""
+    URL not among ``skip_urls`` (at most MAX_SKIP_URLS), of the worker's ``kind`` (and
+    ``url``, for a worker of one peer)."""
     skip = sorted(set(skip_urls))
     if len(skip) > MAX_SKIP_URLS:
         raise ValueError(f"at most {MAX_SKIP_URLS} URLs can be skipped")
@@ -305,7 +314,9 @@ def _due(now_ms: int, skip_urls: Iterable[str]) -> list[ColumnElement[bool]]:
     held_back = exists().where(
         e.c.url == o.c.url, or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)
     )
-    where = [o.c.state == PENDING, o.c.next_attempt_ms <= now_ms, ~held_back]
+    where = [o.c.state == PENDING, o.c.next_attempt_ms <= now_ms, ~held_back, o.c.kind == kind]
+    if url is not None:
+        where.append(o.c.url == url)
     if skip:
         where.append(o.c.url.not_in(skip))
     return where
@@ -377,6 +388,8 @@ def claim_batches(
     max_urls: int,
     max_reports: int,
     skip_urls: Sequence[str] = (),
+    kind: str = KIND_WEBHOOK,
+    url: str | None = None,
 ) -> list[list[OutboxEntry]]:
     """Lease the due rows of up to ``max_urls`` URLs, up to ``max_reports`` rows each.
 
@@ -384,12 +397,13 @@ def claim_batches(
     is oldest come first. The same rows are skipped as by :func:`claim_due` (held, disabled,
     ``skip_urls``: the worker's busy URLs and those out of POST budget). Each row's claim
     counts an attempt and leases it, as in :func:`claim_due`; rows the worker then does not
-    send (over the body cap) go back with :func:`release`.
+    send (over the body cap) go back with :func:`release`. ``kind`` and ``url`` restrict the
+    claim to one kind of row (and one URL: a peer's worker claims only its peer's rows).
     """
     if max_urls < 1 or max_reports < 1 or lease_ms < 0:
         raise ValueError("max_urls and max_reports must be at least 1, lease_ms not negative")
     o = _OUTBOX
-    where = _due(now_ms, skip_urls)
+    where = _due(now_ms, skip_urls, kind, url)
     # The URLs of the oldest due rows, read along the (state, next_attempt_ms) index with a
     # LIMIT: a GROUP BY would read every due row at every claim (measured: 20 ms a claim with
     # 2 000 pending). Fewer URLs than max_urls when old rows crowd one URL: the next claim
@@ -698,7 +712,9 @@ def counts(store: Store) -> dict[str, int]:
     return {s: found.get(s, 0) for s in STATES}
 
 
-def next_due_ms(store: Store, *, now_ms: int | None = None) -> int | None:
+def next_due_ms(
+    store: Store, *, now_ms: int | None = None, kind: str = KIND_WEBHOOK, url: str | None = None
+) -> int | None:
     """When the earliest pending row comes due, or None.
 
     Without ``now_ms``, endpoint holds are ignored. With it, as :func:`claim_batches` sees the
@@ -706,20 +722,23 @@ def next_due_ms(store: Store, *, now_ms: int | None = None) -> int | None:
     disabled is not due, and a hold ends at its ``not_before_ms`` (taken over every held
     endpoint, rows or not: at worst one early look). A worker that waited for the held rows'
     own due times would find them due, claim nothing, and look again at once, for as long as
-    the endpoint holds it off.
+    the endpoint holds it off. ``kind`` and ``url`` as for :func:`claim_batches`.
     """
     o, e = _OUTBOX, _ENDPOINTS
+    mine = [o.c.kind == kind] + ([] if url is None else [o.c.url == url])
     if now_ms is None:
-        stmt = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING)
+        stmt = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING, *mine)
         with store.transaction("reading the webhook outbox", write=False) as conn:
             value = conn.execute(stmt).scalar()
         return None if value is None else int(value)
     held_back = exists().where(
         e.c.url == o.c.url, or_(e.c.disabled_ms.is_not(None), e.c.not_before_ms > now_ms)
     )
-    free = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING, ~held_back)
+    free = select(func.min(o.c.next_attempt_ms)).where(o.c.state == PENDING, ~held_back, *mine)
     hold_ends = select(func.min(e.c.not_before_ms)).where(
-        e.c.disabled_ms.is_(None), e.c.not_before_ms > now_ms
+        e.c.disabled_ms.is_(None),
+        e.c.not_before_ms > now_ms,
+        *([] if url is None else [e.c.url == url]),
     )
     with store.transaction("reading the webhook outbox", write=False) as conn:
         values = [conn.execute(free).scalar(), conn.execute(hold_ends).scalar()]
@@ -786,6 +805,9 @@ def finish_many(
 __all__ = [
     "DEAD",
     "DELIVERED",
+    "KINDS",
+    "KIND_PEER",
+    "KIND_WEBHOOK",
     "PENDING",
     "STATES",
     "Endpoint",

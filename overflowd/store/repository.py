@@ -91,6 +91,18 @@ _UPDATE_CHUNK = 500
 _REPORTS: Table = Base.metadata.tables["reports"]
 _OBSERVERS: Table = Base.metadata.tables["observers"]
 _SEQUENCE: Table = Base.metadata.tables["report_sequence"]
+_ARRIVALS: Table = Base.metadata.tables["report_arrivals"]
+#: The arrival channel of each ``via`` when the caller names none (gossip names its peer:
+#: ``peer:<fingerprint>``, see :func:`peer_channel`).
+_VIA_CHANNEL = {
+    "local": "local",
+    "udp": "udp",
+    "webhook": "webhook",
+    "import": "import",
+    "gossip": "peer",
+}
+#: The longest channel name (the column's size): "peer:" and a 19-character fingerprint fit.
+MAX_CHANNEL_CHARS = 64
 #: The one row of report_sequence (a name, so other sequences can join it later).
 _REPORTS_SEQUENCE = "reports"
 #: The most reports one page of :meth:`Store.reports_after` returns.
@@ -194,6 +206,8 @@ class StoredReport:
     trust: str | None = None
     #: this node's sequence number for the report (increasing in commit order, not contiguous)
     seq: int = 0
+    #: the fewest peer-to-peer hops it made to reach us (0: not through a peer)
+    hops: int = 0
 
     def signed_report(self) -> rpt.SignedReport:
         """The stored bytes decoded again, as the :class:`SignedReport` that was stored.
@@ -209,6 +223,16 @@ class StoredReport:
         return rpt.SignedReport(
             cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One way a report reached us (``report_arrivals``): channel, how often, first and last."""
+
+    channel: str
+    count: int
+    first_ms: int
+    last_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +304,7 @@ class Store:
         self._name = name
         self._sqlite = engine.dialect.name == "sqlite"
         self._insert_reports, self._upsert_observers = self._statements(self._sqlite)
+        self._upsert_arrivals = self._arrivals_statement(self._sqlite)
         self._lock = threading.Lock()
         self._new = 0
         self._duplicate = 0
@@ -434,12 +459,23 @@ class Store:
         trust: Mapping[str, str] | None = None,
         alongside: Callable[[Connection], object] | None = None,
         senders: Mapping[str, str] | None = None,
+        channels: Mapping[str, str] | None = None,
+        hops: Mapping[str, int] | None = None,
     ) -> int:
         """Store ``(report, received_ms, via)`` in one transaction; return how many were new.
 
         :meth:`add_new_reports` is the same and says which ids were new.
         """
-        return len(self.add_new_reports(reports, trust=trust, alongside=alongside, senders=senders))
+        return len(
+            self.add_new_reports(
+                reports,
+                trust=trust,
+                alongside=alongside,
+                senders=senders,
+                channels=channels,
+                hops=hops,
+            )
+        )
 
     def add_new_reports(
         self,
@@ -448,6 +484,8 @@ class Store:
         trust: Mapping[str, str] | None = None,
         alongside: Callable[[Connection], object] | None = None,
         senders: Mapping[str, str] | None = None,
+        channels: Mapping[str, str] | None = None,
+        hops: Mapping[str, int] | None = None,
     ) -> set[str]:
         """Store ``(report, received_ms, via)`` in one transaction; return the ids that were new.
 
@@ -458,20 +496,50 @@ class Store:
         to the /24 or /48 they came from, for the storage budgets per sender network.
         ``alongside`` runs in the same transaction after the inserts (the daemon's outbox
         rows): both commit or neither.
+
+        Every entry, new or duplicate, is counted as an arrival in ``report_arrivals`` (one
+        upsert per transaction): its channel is ``channels[id]`` when given (a peer's
+        ``peer:<fingerprint>``), else its ``via``'s. ``hops`` maps ids to the peer-to-peer hop
+        count they came with (0 when absent); a report's stored ``hops`` is the fewest seen.
         """
         rows: dict[str, dict[str, Any]] = {}
         observed: dict[str, tuple[rpt.Observer, int]] = {}
+        arrivals: dict[tuple[str, str], dict[str, Any]] = {}
         for report, received_ms, via in reports:
             if via not in VIAS:
                 raise ValueError(f"via must be one of {sorted(VIAS)}, not {via!r}")
             if received_ms < 0:
                 raise ValueError("received_ms must not be negative")
+            rid = report.report_id
+            channel = (channels.get(rid) if channels else None) or _VIA_CHANNEL[via]
+            if len(channel) > MAX_CHANNEL_CHARS:
+                raise ValueError(f"a channel is at most {MAX_CHANNEL_CHARS} characters")
+            at = _saturate(received_ms)
+            arrival = arrivals.get((rid, channel))
+            if arrival is None:
+                arrivals[(rid, channel)] = {
+                    "report_id": rid,
+                    "channel": channel,
+                    "count": 1,
+                    "first_ms": at,
+                    "last_ms": at,
+                }
+            else:
+                arrival["count"] += 1
+                arrival["first_ms"] = min(arrival["first_ms"], at)
+                arrival["last_ms"] = max(arrival["last_ms"], at)
+            h = hops.get(rid, 0) if hops else 0
+            if h < 0:
+                raise ValueError("hops must not be negative")
+            if rid in rows:
+                rows[rid]["hops"] = min(rows[rid]["hops"], h)
             if report.report_id not in rows:
                 label = trust.get(report.report_id) if trust else None
                 label = None if label is None else label[:16]  # the column holds 16
                 rows[report.report_id] = _report_row(report, received_ms, via, label)
                 net = senders.get(report.report_id) if senders else None
                 rows[report.report_id]["sender_net"] = net[:43] if net else None
+                rows[report.report_id]["hops"] = h
                 observed[report.report_id] = (report.payload.observer, received_ms)
         if not rows:
             return set()
@@ -493,6 +561,24 @@ class Store:
             observer_rows = _observer_rows(new)
             if observer_rows:
                 conn.execute(self._upsert_observers, observer_rows)
+            # A report stored before that now came by a shorter path keeps the fewer hops: one
+            # UPDATE per hop count among the duplicates (a batch mostly has one), by id list.
+            by_hops: dict[int, list[str]] = {}
+            for rid, row in rows.items():
+                if rid not in new_ids:
+                    by_hops.setdefault(row["hops"], []).append(rid)
+            for h, ids in sorted(by_hops.items()):
+                for start in range(0, len(ids), _UPDATE_CHUNK):
+                    conn.execute(
+                        _REPORTS.update()
+                        .where(
+                            _REPORTS.c.id.in_(ids[start : start + _UPDATE_CHUNK]),
+                            _REPORTS.c.hops > h,
+                        )
+                        .values(hops=h)
+                    )
+            # Sorted, like the observer rows: concurrent PostgreSQL batches lock in one order.
+            conn.execute(self._upsert_arrivals, [arrivals[k] for k in sorted(arrivals)])
             if alongside is not None:
                 alongside(conn)
         with self._lock:
@@ -539,6 +625,48 @@ class Store:
             },
         )
         return reports, observers
+
+    @staticmethod
+    def _arrivals_statement(sqlite: bool) -> Insert:
+        """Count one more arrival per (report, channel); first and last times widen."""
+        insert = sqlite_dialect.insert if sqlite else pg_dialect.insert
+        t = _ARRIVALS
+        stmt = insert(t)
+        new = stmt.excluded
+        return stmt.on_conflict_do_update(
+            index_elements=[t.c.report_id, t.c.channel],
+            set_={
+                "count": t.c.count + new.count,
+                "first_ms": case((new.first_ms < t.c.first_ms, new.first_ms), else_=t.c.first_ms),
+                "last_ms": case((new.last_ms > t.c.last_ms, new.last_ms), else_=t.c.last_ms),
+            },
+        )
+
+    def arrivals(self, report_ids: Sequence[str]) -> dict[str, list[Arrival]]:
+        """Every way each of ``report_ids`` arrived, by channel name (unknown ids: absent)."""
+        out: dict[str, list[Arrival]] = {}
+        ids = sorted(set(report_ids))
+        if not ids:
+            return out
+        t = _ARRIVALS
+        with self._guard("reading arrivals"), self._transaction(write=False) as conn:
+            for start in range(0, len(ids), _UPDATE_CHUNK):
+                stmt = (
+                    select(t)
+                    .where(t.c.report_id.in_(ids[start : start + _UPDATE_CHUNK]))
+                    .order_by(t.c.report_id, t.c.channel)
+                )
+                for row in conn.execute(stmt):
+                    m = row._mapping
+                    out.setdefault(str(m["report_id"]), []).append(
+                        Arrival(
+                            channel=str(m["channel"]),
+                            count=int(m["count"]),
+                            first_ms=int(m["first_ms"]),
+                            last_ms=int(m["last_ms"]),
+                        )
+                    )
+        return out
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -870,6 +998,7 @@ def _stored_report(m: RowMapping) -> StoredReport:
         sampling_provenance=str(m["sampling_provenance"]),
         trust=None if m["trust"] is None else str(m["trust"]),
         seq=int(m["seq"]),
+        hops=int(m["hops"]),
     )
 
 

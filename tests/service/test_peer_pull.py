@@ -165,7 +165,8 @@ def test_b_catches_up_after_downtime_nothing_twice_and_shrugs_off_hostile_peers(
         (home_b / "overflowd.toml").write_text(
             "".join(
                 f'[[peers]]\nname = "{n}"\nurl = "{u}"\nkey = "{base64.b64encode(k).decode()}"\n'
-                "pull_interval_s = 1\n"
+                # pull only: B's pushes (peer-push) would queue rows for A, which has no peers
+                "pull_interval_s = 1\npush = false\n"
                 for n, u, k in peers
             )
             + "[peering]\npull_page_reports = 8\npull_max_body_bytes = 100000\npull_retry_s = 0.2\n"

@@ -1,0 +1,412 @@
+"""``POST /v1/inbox``: reports a configured peer pushes to this node (the push half of #10).
+
+What one request goes through, cheapest check first, so that a stranger's or a flood's request
+costs as little as possible:
+
+1. body size: ``Content-Length`` and then the bytes read, capped at
+   ``peering.inbox_max_body_bytes`` before anything is parsed (413);
+2. the sender: the :data:`~overflowd.wire.peering.HEADER_PEER` key must be a configured peer
+   (401 otherwise; nothing else is looked at);
+3. Standard Webhooks: headers, timestamp window (replays), ``webhook-id`` equal to
+   :func:`~overflowd.wire.peering.message_id` of the body, and the ``v1a`` signature under the
+   peer's configured key (:func:`overflowd.receiver.preflight` and
+   :func:`overflowd.wire.webhook.verify_signature`, the checks webhook receivers make): 400/401;
+4. the peer's inbound budget (reports/s and bytes/s; :class:`~overflowd.wire.peering.Budget`):
+   429 with ``Retry-After``, charged only after the signature verified, so nobody can spend an
+   honest peer's budget by naming it;
+5. the body (:func:`~overflowd.wire.peering.decode_inbox`): refused whole only if it is not an
+   inbox body at all (400); a bad item is refused by index and the others go on;
+6. each report's own COSE signature (forwarding never re-signs), then freshness by the in-band
+   listener's rule with ``peering.max_report_age_s`` and ``peering.max_future_s`` (those of
+   the pull: a week, since a peer's outbox delivers what it held through an outage);
+7. the store, ``via="gossip"``, arrival channel ``peer:<fingerprint>`` and the item's hop
+   count, in one transaction; duplicates (already stored by any path) are counted as arrivals.
+
+Steps 2 to 7 run in a worker thread (``anyio.to_thread``), never on the event loop: a request
+costs up to ``inbox_max_reports`` Ed25519 checks and a database write. Every refusal is one
+call to :meth:`PeerEvents.note` with the peer and a reason, counted per reason: the place where
+peer scores and bans plug in.
+
+The answer is ``{"accepted": N, "duplicates": M, "refused": [{"index": i, "reason": r}]}``
+(200), the sender's outbox marks every row it carried by it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from overflowd import receiver
+from overflowd import report as rpt
+from overflowd.errors import DecodeError, SignatureError, StoreError
+from overflowd.identity import check_signature, verify_report
+from overflowd.peers import PeeringSettings, PeerSettings, fresh
+from overflowd.store.repository import Store
+from overflowd.wire import peering
+from overflowd.wire import webhook as wh
+
+log = logging.getLogger(__name__)
+
+#: Seconds a sender is told to wait when the store cannot take its reports now.
+STORE_RETRY_AFTER_S = 5
+#: A Retry-After is whole seconds (RFC 9110 §10.2.3); never less than one, never more than an
+#: hour (a budget's debt after a huge burst would otherwise say "come back tomorrow").
+MAX_RETRY_AFTER_S = 3600
+
+#: What PeerEvents counts (the metric's ``event`` label); "unknown" has no peer.
+PEER_EVENTS = (
+    "unknown",  # the sender is not a configured peer (or names no key)
+    "malformed",  # headers or body not the format; a bad item
+    "replay",  # timestamp outside the window
+    "forged",  # the request's or one report's signature does not verify
+    "stale",  # a report older than the in-band max age, or further in the future
+    "over_budget",  # the peer's inbound budget is spent: 429
+    "oversized",  # a body over the cap: 413
+)
+
+
+class PeerEvents:
+    """Counts what peers did wrong, by peer name and event; one call per event.
+
+    ``note`` is where scores and bans plug in (next session): each forged, malformed, replayed
+    or over-budget request or report is one call here, from the inbox and from push answers.
+    Thread-safe (the inbox runs in worker threads). Peer names come from the operator's config,
+    so the label set is bounded.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def note(self, peer: str | None, event: str, n: int = 1) -> None:
+        if event not in PEER_EVENTS:
+            raise ValueError(f"unknown peer event {event!r}")
+        key = (peer or "-", event)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + n
+
+    def statistics(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+@dataclass(frozen=True, slots=True)
+class InboxResult:
+    """What the route answers: status, JSON body, and Retry-After seconds for 429/503."""
+
+    status: int
+    body: bytes
+    retry_after_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInboxStatistics:
+    requests: int
+    accepted: int
+    duplicates: int
+    refused: Mapping[str, int] = field(default_factory=dict)  # per item reason
+    rejected: Mapping[int, int] = field(default_factory=dict)  # whole requests, per status
+
+
+def _detail(text: str) -> bytes:
+    return ('{"detail":"' + text.replace('"', "'") + '"}').encode("utf-8")
+
+
+class PeerInbox:
+    """The inbox's checks and its write: :meth:`handle` (blocking; call from a thread)."""
+
+    def __init__(
+        self,
+        store: Store,
+        peers: Sequence[PeerSettings],
+        settings: PeeringSettings | None = None,
+        *,
+        tolerance_s: float = wh.DEFAULT_TOLERANCE_S,
+        events: PeerEvents | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        settings = settings or PeeringSettings()
+        self.max_body_bytes = settings.inbox_max_body_bytes
+        self.max_reports = settings.inbox_max_reports
+        self.max_age_s, self.max_future_s = settings.max_report_age_s, settings.max_future_s
+        self.tolerance_s = tolerance_s
+        self.events = events or PeerEvents()
+        self._wall_clock, self._clock = wall_clock, clock
+        self._peers = {p.key: p for p in peers}
+        now = clock()
+        # One budget per peer, and one lock per budget: peers never wait on each other.
+        self._budgets = {
+            p.key: (
+                threading.Lock(),
+                peering.Budget(
+                    reports_per_s=p.in_reports_per_s,
+                    reports_burst=p.in_reports_burst,
+                    bytes_per_s=p.in_bytes_per_s,
+                    bytes_burst=p.in_bytes_burst,
+                    now=now,
+                ),
+            )
+            for p in peers
+        }
+        self._lock = threading.Lock()
+        self._requests = self._accepted = self._duplicates = 0
+        self._refused: dict[str, int] = {}
+        self._rejected: dict[int, int] = {}
+
+    def _reject(
+        self, status: int, why: str, peer: str | None, event: str, retry_after_s: int | None = None
+    ) -> InboxResult:
+        self.events.note(peer, event)
+        with self._lock:
+            self._rejected[status] = self._rejected.get(status, 0) + 1
+        return InboxResult(status, _detail(why), retry_after_s)
+
+    def peer_of(self, headers: Mapping[str, str]) -> PeerSettings | None:
+        """The configured peer the request names, or None (any malformed value is None)."""
+        value = headers.get(peering.HEADER_PEER, "").strip()
+        if not value or len(value) > 64:
+            return None
+        try:
+            key = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return self._peers.get(key)
+
+    def oversized(self) -> InboxResult:
+        return self._reject(
+            413, f"body is larger than {self.max_body_bytes} bytes", None, "oversized"
+        )
+
+    def handle(self, headers: wh.HeaderInput, body: bytes) -> InboxResult:
+        """Every check and the write for one request (blocking: a worker thread's job)."""
+        with self._lock:
+            self._requests += 1
+        try:
+            h = wh.normalize_headers(headers)
+        except wh.WebhookDecodeError as exc:
+            return self._reject(400, exc.reason, None, "malformed")
+        peer = self.peer_of(h)
+        if peer is None:
+            return self._reject(401, "not a configured peer", None, "unknown")
+        try:
+            body, parsed = receiver.preflight(
+                h,
+                body,
+                now=self._wall_clock(),
+                tolerance_s=self.tolerance_s,
+                max_body_bytes=self.max_body_bytes,
+            )
+        except wh.StaleWebhookError as exc:
+            return self._reject(401, str(exc), peer.name, "replay")
+        except wh.WebhookDecodeError as exc:
+            return self._reject(400, exc.reason, peer.name, "malformed")
+        if parsed.msg_id != peering.message_id(body):
+            return self._reject(400, "webhook-id is not the body's id", peer.name, "malformed")
+        try:
+            wh.verify_signature(parsed, body, public_key=peer.key, check=check_signature)
+        except SignatureError:
+            return self._reject(401, "signature does not verify", peer.name, "forged")
+        try:
+            batch = peering.decode_inbox(
+                body, max_body_bytes=self.max_body_bytes, max_reports=self.max_reports
+            )
+        except peering.InboxDecodeError as exc:
+            return self._reject(400, exc.reason, peer.name, "malformed")
+        lock, budget = self._budgets[peer.key]
+        with lock:
+            wait = budget.try_admit(batch.total, len(body), self._clock())
+        if wait > 0:
+            seconds = min(MAX_RETRY_AFTER_S, max(1, int(wait + 0.999)))
+            return self._reject(
+                429, "over the peer's inbound budget", peer.name, "over_budget", seconds
+            )
+        return self._store(peer, batch)
+
+    def _store(self, peer: PeerSettings, batch: peering.InboxBatch) -> InboxResult:
+        refused = list(batch.bad)
+        if batch.bad:
+            self.events.note(peer.name, "malformed", len(batch.bad))
+        good: list[tuple[rpt.SignedReport, int]] = []
+        now_ms = int(self._wall_clock() * 1000)
+        for item in batch.items:
+            reason = self._check(item, now_ms)
+            if isinstance(reason, str):
+                refused.append((item.index, reason))
+                self.events.note(
+                    peer.name,
+                    "forged"
+                    if reason == "forged"
+                    else "stale"
+                    if reason in ("stale", "future")
+                    else "malformed",
+                )
+            else:
+                good.append((reason, item.hops))
+        new: set[str] = set()
+        if good:
+            rows = [(r, now_ms, "gossip") for r, _ in good]
+            ids = [r.report_id for r, _ in good]
+            try:
+                new = self.store.add_new_reports(
+                    rows,
+                    trust=dict.fromkeys(ids, peer.trust),
+                    channels=dict.fromkeys(ids, peer.channel),
+                    hops={r.report_id: h for r, h in good},
+                )
+            except StoreError as exc:
+                log.warning("peers.inbox_store_failed peer=%s error=%s", peer.name, exc)
+                with self._lock:
+                    self._rejected[503] = self._rejected.get(503, 0) + 1
+                return InboxResult(503, _detail("the store is unavailable"), STORE_RETRY_AFTER_S)
+        refused.sort()
+        answer = peering.InboxAnswer(
+            accepted=len(new), duplicates=len(good) - len(new), refused=tuple(refused)
+        )
+        with self._lock:
+            self._accepted += answer.accepted
+            self._duplicates += answer.duplicates
+            for _index, reason in refused:
+                self._refused[reason] = self._refused.get(reason, 0) + 1
+        return InboxResult(200, peering.encode_answer(answer))
+
+    def _check(self, item: peering.InboxItem, now_ms: int) -> rpt.SignedReport | str:
+        """The verified report, or why it is refused."""
+        try:
+            report = verify_report(item.cose)
+        except DecodeError:
+            return "undecodable"
+        except SignatureError:
+            return "forged"
+        # The in-band listener's rule, with [peering]'s ages (the pull's, too).
+        late = fresh(
+            report.payload.time, now_ms, max_age_s=self.max_age_s, max_future_s=self.max_future_s
+        )
+        return report if late is None else late
+
+    def statistics(self) -> PeerInboxStatistics:
+        with self._lock:
+            return PeerInboxStatistics(
+                requests=self._requests,
+                accepted=self._accepted,
+                duplicates=self._duplicates,
+                refused=dict(self._refused),
+                rejected=dict(self._rejected),
+            )
+
+
+class InboxRefusal(BaseModel):
+    index: int
+    reason: str
+
+
+class InboxAnswerOut(BaseModel):
+    """How many of the reports sent were stored, already held, and refused (by index)."""
+
+    accepted: int
+    duplicates: int
+    refused: list[InboxRefusal]
+
+
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["reports"],
+                    "properties": {
+                        "reports": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["cose", "hops"],
+                                "properties": {
+                                    "cose": {"type": "string", "description": "base64url COSE"},
+                                    "hops": {
+                                        "type": "integer",
+                                        "minimum": 1,
+                                        "maximum": peering.MAX_HOPS,
+                                    },
+                                },
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+async def _read_capped(request: Request, max_bytes: int) -> bytes | None:
+    """The body, or None as soon as it is longer than ``max_bytes`` (the rest is not read)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isascii() and length.isdigit() and int(length) > max_bytes:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def router(inbox: Callable[[], PeerInbox | None]) -> APIRouter:
+    """The inbox route; ``inbox()`` is None when no peers are configured (every sender 401)."""
+    r = APIRouter()
+
+    @r.post(
+        peering.INBOX_PATH,
+        summary="reports a configured peer forwards (signed, batched)",
+        response_model=InboxAnswerOut,
+        responses={
+            400: {"description": "not an inbox body, or malformed headers"},
+            401: {"description": "not a configured peer, a bad signature, or a replay"},
+            413: {"description": "body over peering.inbox_max_body_bytes"},
+            429: {"description": "over the peer's inbound budget; see Retry-After"},
+            503: {"description": "the store cannot take reports now; see Retry-After"},
+        },
+        openapi_extra=_REQUEST_BODY,
+    )
+    async def inbox_post(request: Request) -> Response:
+        box = inbox()
+        if box is None:
+            return Response(_detail("not a configured peer"), 401, media_type="application/json")
+        body = await _read_capped(request, box.max_body_bytes)
+        result = (
+            box.oversized()
+            if body is None
+            else await anyio.to_thread.run_sync(box.handle, request.headers.raw, body)
+        )
+        headers = {}
+        if result.retry_after_s is not None:
+            headers["retry-after"] = str(result.retry_after_s)
+        return Response(result.body, result.status, headers=headers, media_type="application/json")
+
+    return r
+
+
+__all__ = [
+    "PEER_EVENTS",
+    "InboxResult",
+    "PeerEvents",
+    "PeerInbox",
+    "PeerInboxStatistics",
+    "router",
+]
