@@ -512,6 +512,9 @@ max_tracked_senders = 65536
 # Reports made longer ago than this, or dated further ahead than max_future_s, are refused.
 # max_report_age_s = 604800.0
 # max_future_s = 300.0
+# This node's API base URL as peers reach it, in its signed node record (/v1/identity).
+# Empty: http://<api.listen>/ when that is one address and port.
+# api_url = ""
 """
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
+from overflowd import peers
 from overflowd import report as rpt
 from overflowd.errors import IdentityError, SignatureError
 
@@ -89,6 +90,22 @@ def check_signature(public_key: bytes, message: bytes, signature: bytes) -> None
 def verify_report(data: bytes) -> rpt.SignedReport:
     """Parse and verify a report from anywhere (ReportDecodeError or SignatureError)."""
     return rpt.verify(data, check_signature)
+
+
+def sign_node_record(
+    identity: NodeIdentity, *, contacts: tuple[str, ...], point: str, endpoint: str, time_ms: int
+) -> bytes:
+    """This node's signed record (``/v1/identity`` ``signed``): :mod:`overflowd.peers` codec."""
+    record = peers.NodeRecord(
+        key=identity.public_key, contacts=contacts, point=point, endpoint=endpoint, time_ms=time_ms
+    )
+    return peers.encode_node_record(record, identity.sign)
+
+
+def verify_node_record(data: bytes, *, now_ms: int | None = None) -> peers.NodeRecord:
+    """Parse and verify a node record from anywhere (NodeRecordError or SignatureError);
+    with ``now_ms``, also refuse one too old or dated ahead (peers.verify_node_record)."""
+    return peers.verify_node_record(data, check_signature, now_ms=now_ms)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,6 +148,10 @@ class PeeringSettings:
     #: so a report too old to refuse by age is still in the store to refuse as a duplicate).
     max_report_age_s: float = 7 * DAYS
     max_future_s: float = 300 * SECONDS
+    #: This node's API base URL as peers should reach it, carried in its signed node record
+    #: (``/v1/identity`` ``signed``). Empty: ``http://<api.listen>/`` when that names one
+    #: address and port (not 0.0.0.0, ::, or port 0), else the record names no endpoint.
+    api_url: str = ""
 
     def problems(self) -> list[tuple[str, str]]:
         """``(key, why)`` for each value out of its range; empty when all are fine."""
@@ -173,7 +177,25 @@ class PeeringSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 out.append((name, "must be a positive number of seconds"))
+        if len(self.api_url.encode()) > MAX_ENDPOINT_BYTES:
+            out.append(("api_url", f"is longer than {MAX_ENDPOINT_BYTES} bytes"))
+        elif self.api_url:
+            try:
+                _peer_url(self.api_url, lambda key, why: ConfigError(why))
+            except ConfigError as exc:
+                out.append(("api_url", str(exc)))
         return out
+
+    def endpoint(self, api_listen: str) -> str:
+        """The API base URL for the node record: ``api_url``, else one derived from
+        ``api_listen`` ("ADDR:PORT") when it names one reachable address and port."""
+        if self.api_url:
+            return self.api_url if self.api_url.endswith("/") else self.api_url + "/"
+        host, sep, port = api_listen.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit() or int(port) == 0 or host in ("", "0.0.0.0", "::"):
+            return ""
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def fresh(time_ms: int, now_ms: int, *, max_age_s: float, max_future_s: float) -> str | None:

@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import logging
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from overflowd.cli.common import Context, UsageError, context, run_trio
@@ -16,6 +17,8 @@ from overflowd.errors import ConfigError, OverflowdError
 from overflowd.identity import load_identity
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from overflowd.services.api import ApiService
 
 log = logging.getLogger("overflowd.daemon")
@@ -133,6 +136,25 @@ def run(args: argparse.Namespace) -> int:
             await push.run(task_status=task_status)
 
     api_listen = settings.api.listen if args.api is None else args.api
+    # -- peers: pull from each [[peers]] with pull = true (docs/peers.md) -----------------------
+    from overflowd.services.peer_pull import PeerPull, PeerPullCollector
+
+    peer_pull: PeerPull | None = None
+    peer_collectors: list[Collector] = []
+    if any(p.pull for p in settings.peers):
+        peer_pull = PeerPull(
+            settings.peers,
+            settings.peering,
+            store,
+            trust_of=lambda key: str(
+                node.trust_book.assess(key, now_ms=int(time.time() * 1000)).level
+            ),
+            admit=node.storage_policy.admit,
+            refund=node.storage_policy.refund,
+            record_arrivals=None,  # the report_arrivals hook (peer-push's table), at merge
+        )
+        peer_collectors.append(PeerPullCollector(peer_pull.statistics))
+    # -- end peers --------------------------------------------------------------------------
     api: ApiService | None = None
     if api_listen:
         try:
@@ -143,8 +165,9 @@ def run(args: argparse.Namespace) -> int:
                     contacts=settings.node.contacts,
                     observation_point=settings.node.observation_point,
                     store=store,
-                    collectors=(collector, peer_collector),
+                    collectors=(collector, peer_collector, *peer_collectors),
                     inbox=inbox if settings.peers else None,
+                    endpoint=settings.peering.endpoint(api_listen),
                 ),
             )
         except ConfigError:
@@ -166,12 +189,16 @@ def run(args: argparse.Namespace) -> int:
                     shown = f"[{host}]" if ":" in host else host
                     print(f"api http://{shown}:{port}/v1/", flush=True)
                 await nursery.start(run_push)
+                if peer_pull is not None:
+                    await nursery.start(peer_pull.run)
                 async for signum in signals:
                     log.info("daemon.stopping signal=%s", signal.Signals(signum).name)
                     push_scope.cancel()
                     node.stop()
                     if api is not None:
                         api.stop()
+                    if peer_pull is not None:
+                        peer_pull.stop()
                     break
 
     metrics_listen = settings.metrics.listen if args.metrics is None else args.metrics
@@ -186,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                         metrics_listen,
                         node.statistics,
                         collector=collector,
-                        extra=(peer_collector,),
+                        extra=(peer_collector, *peer_collectors),
                     )
                 )
             except (OSError, ValueError) as exc:

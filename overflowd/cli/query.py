@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from overflowd import report as rpt
-from overflowd.cli import cmd_contact, cmd_outbox
+from overflowd.cli import cmd_contact, cmd_outbox, cmd_peers
 from overflowd.cli.common import Parser, common_options, context, int_flag, parse_since, run_main
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.identity import verify_report
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     cmd_contact.register(sub, common)
     cmd_outbox.register_query(sub, common)
+    cmd_peers.register(sub, common)
     return parser
 
 

@@ -42,7 +42,7 @@ from overflowd import __version__
 from overflowd import report as rpt
 from overflowd.config import ApiSettings, parse_listen
 from overflowd.errors import ConfigError, StoreError
-from overflowd.identity import NodeIdentity
+from overflowd.identity import NodeIdentity, sign_node_record
 from overflowd.registry import format_record
 from overflowd.services.api_peers import PeerInbox
 from overflowd.services.api_peers import router as peers_router
@@ -76,6 +76,11 @@ class Identity(BaseModel):
     observation_point: str
     dns_record: DnsRecord
     software: str
+    signed: str = Field(
+        description="base64url COSE_Sign1 by the node key (content type "
+        "application/overflowd-node+cbor) over key, contacts, observation point, API endpoint "
+        "and time: what peers check, not the fields above (docs/peers.md)"
+    )
 
 
 class StoredReportOut(BaseModel):
@@ -107,6 +112,8 @@ class ApiContext:
     collectors: tuple[Collector, ...] = ()
     #: the peer inbox (POST /v1/inbox, services/api_peers.py); None: no peers configured
     inbox: PeerInbox | None = None
+    #: this node's API base URL for peers, in its signed node record ("" when not known)
+    endpoint: str = ""
 
 
 def _network(text: str | None, name: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
@@ -183,6 +190,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
             observation_point=ctx.observation_point,
             dns_record=DnsRecord(text=record),
             software=f"overflowd {__version__}",
+            signed=rpt.b64url(
+                sign_node_record(
+                    ctx.identity,
+                    contacts=ctx.contacts,
+                    point=ctx.observation_point,
+                    endpoint=ctx.endpoint,
+                    time_ms=int(time.time() * 1000),
+                )
+            ),
         )
 
     @app.get("/v1/reports", summary="stored reports in this node's order, from a cursor")

@@ -222,3 +222,53 @@ def test_outbox_depth_counts_pending_rows_per_url(store: Store) -> None:
         "http://b/v1/inbox": 1,
         "http://c/": 0,
     }
+
+
+def test_every_pull_metric_family_is_documented_with_its_labels() -> None:
+    """docs/daemon.md "What the metrics say" lists overflowd_peer_pull_* as it does the rest."""
+    import re
+    from pathlib import Path
+
+    from overflowd.services.peer_pull import PeerPull, peer_pull_metrics
+
+    peer = PeerSettings(name="a", url="http://a/", key=KEY_A)
+    stats = PeerPull([peer], PeeringSettings(), None).statistics()  # type: ignore[arg-type]
+    families = list(peer_pull_metrics(stats))
+    assert len(families) == 6
+    doc = Path(__file__).resolve().parents[2] / "docs" / "daemon.md"
+    section = doc.read_text(encoding="utf-8").split("## What the metrics say", 1)[1]
+    for m in families:
+        name = m.name + ("_total" if m.type == "counter" else "")
+        assert re.search(rf"`{name}[`{{]", section), f"{name} is not in {doc.name}"
+        row = next(line for line in section.splitlines() if f"`{name}" in line)
+        for label in {k for sample in m.samples for k in sample.labels}:
+            assert f"`{label}" in row, f"{name}: label {label} is not in its row"
+        for sample in m.samples:  # every reason and kind listed at zero, named in the row
+            for value in sample.labels.values():
+                if value != "a":
+                    assert f"`{value}`" in row, f"{name}: {value} is not in its row"
+
+
+@pytest.mark.parametrize(
+    ("api_url", "listen", "expected"),
+    [
+        ("https://node.example/api", "127.0.0.1:9591", "https://node.example/api/"),
+        ("", "192.0.2.1:9591", "http://192.0.2.1:9591/"),
+        ("", "[2001:db8::1]:9591", "http://[2001:db8::1]:9591/"),
+        ("", "0.0.0.0:9591", ""),  # every address: which one would a peer use?
+        ("", "[::]:9591", ""),
+        ("", "127.0.0.1:0", ""),  # the port is not known yet
+        ("", "", ""),
+    ],
+)
+def test_the_record_endpoint_is_configured_or_derived(
+    api_url: str, listen: str, expected: str
+) -> None:
+    assert PeeringSettings(api_url=api_url).endpoint(listen) == expected
+
+
+def test_a_bad_api_url_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"t\.toml:2: 'peering\.api_url' has 'ftp://x/'"):
+        parse_settings('[peering]\napi_url = "ftp://x/"\n', "t.toml")
+    with pytest.raises(ConfigError, match=r"'peering\.api_url' is longer than 512 bytes"):
+        parse_settings(f'[peering]\napi_url = "http://{"x" * 600}/"\n', "t.toml")
