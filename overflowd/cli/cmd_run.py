@@ -123,10 +123,15 @@ def run(args: argparse.Namespace) -> int:
     )
     # Peers, push half (docs/peers.md "Push"): the inbox behind the API, and the push service.
     from overflowd.services.api_peers import PeerEvents, PeerInbox
+
+    # -- peers: scores and bans (docs/peers.md "Scores and bans"), shared by inbox and pull --
+    from overflowd.services.peer_policy import PeerPolicy, PeerPolicyCollector
     from overflowd.services.peer_push import PeerCollector, PeerPush
 
+    policy = PeerPolicy(store, settings.peers) if settings.peers else None
+    # -- end scores and bans ------------------------------------------------------------------
     peer_events = PeerEvents()
-    inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events)
+    inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events, policy=policy)
     push = PeerPush(identity, store, settings.peers, settings.peering, events=peer_events)
     peer_collector = PeerCollector(push, inbox, peer_events)
     push_scope = trio.CancelScope()
@@ -152,8 +157,11 @@ def run(args: argparse.Namespace) -> int:
             admit=node.storage_policy.admit,
             refund=node.storage_policy.refund,
             record_arrivals=None,  # the report_arrivals hook (peer-push's table), at merge
+            policy=policy,
         )
         peer_collectors.append(PeerPullCollector(peer_pull.statistics))
+    if policy is not None:
+        peer_collectors.append(PeerPolicyCollector(policy))
     # -- end peers --------------------------------------------------------------------------
     api: ApiService | None = None
     if api_listen:
@@ -177,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
+                if policy is not None:  # stored bans hold before the inbox or a pull runs
+                    await nursery.start(policy.run)
                 bound = await nursery.start(node.run)
                 for host, port in bound:
                     # One line on stdout so supervisors and tests learn the bound ports.
@@ -199,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
                         api.stop()
                     if peer_pull is not None:
                         peer_pull.stop()
+                    if policy is not None:
+                        policy.stop()
                     break
 
     metrics_listen = settings.metrics.listen if args.metrics is None else args.metrics

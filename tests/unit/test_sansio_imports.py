@@ -22,6 +22,7 @@ SANS_IO = [
     "overflowd/storage_policy.py",
     "overflowd/estimate.py",
     "overflowd/peers.py",
+    "overflowd/peerscore.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
     "ratelock/policy.py",
