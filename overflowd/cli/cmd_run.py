@@ -132,7 +132,29 @@ def run(args: argparse.Namespace) -> int:
     # -- end scores and bans ------------------------------------------------------------------
     peer_events = PeerEvents()
     inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events, policy=policy)
-    push = PeerPush(identity, store, settings.peers, settings.peering, events=peer_events)
+    # -- peers: subscriptions (docs/peers.md "Subscriptions") ----------------------------------
+    from overflowd.errors import DiscoveryError
+    from overflowd.services.api_subscriptions import SubscriptionDesk, SubscriptionIndex
+    from overflowd.services.dns import DnsRegistry
+
+    sub_index = SubscriptionIndex()
+    desk: SubscriptionDesk | None = None
+    if settings.peers:
+        sub_index.load(store)
+        try:
+            sub_registry: DnsRegistry | None = node.registry or DnsRegistry(settings.registry)
+        except DiscoveryError:
+            sub_registry = None  # every prefix is refused with that reason
+        desk = SubscriptionDesk(store, settings.peers, sub_registry, policy=policy, index=sub_index)
+    # -- end subscriptions --------------------------------------------------------------------
+    push = PeerPush(
+        identity,
+        store,
+        settings.peers,
+        settings.peering,
+        events=peer_events,
+        subscribed=sub_index.covers if settings.peers else None,
+    )
     peer_collector = PeerCollector(push, inbox, peer_events)
     push_scope = trio.CancelScope()
 
@@ -175,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
                     store=store,
                     collectors=(collector, peer_collector, *peer_collectors),
                     inbox=inbox if settings.peers else None,
+                    subscriptions=desk,
                     endpoint=settings.peering.endpoint(api_listen),
                 ),
             )

@@ -46,6 +46,8 @@ from overflowd.identity import NodeIdentity, sign_node_record
 from overflowd.registry import format_record
 from overflowd.services.api_peers import PeerInbox
 from overflowd.services.api_peers import router as peers_router
+from overflowd.services.api_subscriptions import SubscriptionDesk
+from overflowd.services.api_subscriptions import router as subscriptions_router
 from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,8 @@ class ApiContext:
     collectors: tuple[Collector, ...] = ()
     #: the peer inbox (POST /v1/inbox, services/api_peers.py); None: no peers configured
     inbox: PeerInbox | None = None
+    #: POST/GET /v1/subscriptions (services/api_subscriptions.py); None: no peers configured
+    subscriptions: SubscriptionDesk | None = None
     #: this node's API base URL for peers, in its signed node record ("" when not known)
     endpoint: str = ""
 
@@ -225,6 +229,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return ReportPage(reports=[_stored(r) for r in rows], next=cursor)
 
     app.include_router(peers_router(lambda: ctx.inbox))
+    app.include_router(subscriptions_router(lambda: ctx.subscriptions))
     return app
 
 
