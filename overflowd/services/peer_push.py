@@ -89,9 +89,11 @@ CONNECT_TIMEOUT_S = 5 * SECONDS
 #: A claimed row comes due again after this long if the worker died mid-POST.
 LEASE_S = 2 * TOTAL_TIMEOUT_S
 #: Backoff after a failed POST: jittered, doubling from RETRY_BASE_S up to RETRY_CAP_S, never
-#: giving up (a configured peer that is down is late, not gone).
+#: giving up (a configured peer that is down is late, not gone). The cap is short because the
+#: peer is the operator's, not a stranger's endpoint: one connection attempt every 10 s costs
+#: nothing, and the backlog moves within seconds of the peer coming back.
 RETRY_BASE_S = 0.5 * SECONDS
-RETRY_CAP_S = 60 * SECONDS
+RETRY_CAP_S = 10 * SECONDS
 #: A Retry-After longer than this is read as this (a peer cannot park our reports for a year).
 MAX_RETRY_AFTER_S = 3600 * SECONDS
 #: The longest an idle delivery sleeps before looking at the outbox again.

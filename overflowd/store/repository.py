@@ -41,7 +41,6 @@ from sqlalchemy import (
     RowMapping,
     Table,
     and_,
-    bindparam,
     case,
     create_engine,
     event,
@@ -561,18 +560,22 @@ class Store:
             observer_rows = _observer_rows(new)
             if observer_rows:
                 conn.execute(self._upsert_observers, observer_rows)
-            # A report stored before that now came by a shorter path keeps the fewer hops
-            # (a primary-key lookup per duplicate; nothing for new reports).
-            shorter = [
-                {"rid": rid, "h": row["hops"]} for rid, row in rows.items() if rid not in new_ids
-            ]
-            if shorter:
-                conn.execute(
-                    _REPORTS.update()
-                    .where(_REPORTS.c.id == bindparam("rid"), _REPORTS.c.hops > bindparam("h"))
-                    .values(hops=bindparam("h")),
-                    shorter,
-                )
+            # A report stored before that now came by a shorter path keeps the fewer hops: one
+            # UPDATE per hop count among the duplicates (a batch mostly has one), by id list.
+            by_hops: dict[int, list[str]] = {}
+            for rid, row in rows.items():
+                if rid not in new_ids:
+                    by_hops.setdefault(row["hops"], []).append(rid)
+            for h, ids in sorted(by_hops.items()):
+                for start in range(0, len(ids), _UPDATE_CHUNK):
+                    conn.execute(
+                        _REPORTS.update()
+                        .where(
+                            _REPORTS.c.id.in_(ids[start : start + _UPDATE_CHUNK]),
+                            _REPORTS.c.hops > h,
+                        )
+                        .values(hops=h)
+                    )
             # Sorted, like the observer rows: concurrent PostgreSQL batches lock in one order.
             conn.execute(self._upsert_arrivals, [arrivals[k] for k in sorted(arrivals)])
             if alongside is not None:

@@ -36,6 +36,7 @@ OWN, RECEIVED = "own", "received"
 KINDS = (OWN, RECEIVED)
 
 _REPORTS: Table = Base.metadata.tables["reports"]
+_ARRIVALS: Table = Base.metadata.tables["report_arrivals"]
 _OBSERVERS: Table = Base.metadata.tables["observers"]
 _OUTBOX: Table = Base.metadata.tables["webhook_outbox"]
 
@@ -139,7 +140,10 @@ def _prune(
         found = list(conn.execute(stmt))
         if not found:
             return []
-        conn.execute(delete(t).where(t.c.id.in_([r[0] for r in found])))
+        gone = [r[0] for r in found]
+        conn.execute(delete(t).where(t.c.id.in_(gone)))
+        # A report's arrivals go with it (report_arrivals would otherwise grow for ever).
+        conn.execute(delete(_ARRIVALS).where(_ARRIVALS.c.report_id.in_(gone)))
         per_key = Counter(bytes(r[1]) for r in found)
         for key in sorted(per_key):  # one order, so concurrent prunes cannot deadlock
             ob = _OBSERVERS

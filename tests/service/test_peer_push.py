@@ -15,6 +15,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,8 +132,9 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]
     )
     (c.home / "overflowd.toml").write_text(common + _peer(b, push=False), encoding="utf-8")
     try:
-        for node in (c, b, a):
-            node.start()
+        # Started side by side: each start is seconds on a loaded machine.
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(Node.start, (c, b, a)))
         yield made
     finally:
         for node in made.values():
@@ -220,6 +222,10 @@ def test_a_forged_item_is_refused_alone_and_the_hop_limit_stops_forwarding(
     old[peering.HEADER_PEER] = a.identity.public_key_b64
     assert httpx.post(b.url + "v1/inbox", content=body, headers=old).status_code == 401
     assert b.metric("overflowd_peer_events_total", event="replay") == 1
+    # Over the body cap (peering.inbox_max_body_bytes, 2 MB): 413 before anything is parsed.
+    huge = b" " * (PeeringSettings().inbox_max_body_bytes + 1)
+    assert _post_as(a.identity, b, huge).status_code == 413
+    assert b.metric("overflowd_peer_events_total", event="oversized") == 1
     assert b.metric("overflowd_peer_events_total", event="unknown") == 1
 
 
