@@ -76,6 +76,7 @@ ERROR_KINDS = (
     "bad_json",  # not JSON, or not the page object
     "bad_page",  # a page that breaks the paging contract (next below our cursor, too long)
     "store",  # our store refused the write (the page is asked again)
+    "unexpected",  # a bug of ours in one round (logged with its traceback): the next goes on
 )
 #: At most one warning per peer per this long (every failure is counted).
 WARN_INTERVAL_S = 60.0
@@ -303,9 +304,15 @@ class PeerPull:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Ensure every peer's row, then pull each in its own task until :meth:`stop`."""
         now_ms = self._now_ms()
-        rows = await trio.to_thread.run_sync(self._ensure_rows, now_ms)
+        try:
+            # Rows first, so `overflowd-query peers` lists every peer from the start.
+            rows = await trio.to_thread.run_sync(self._ensure_rows, now_ms)
+        except StoreError as exc:  # each round reads (and makes) its row again: not fatal
+            log.warning("peer_pull.rows_unstored error=%s", exc)
+            rows = {}
         for peer in self.peers:
-            self._counters[peer.name].cursor = rows[peer.key].pull_cursor
+            if peer.key in rows:
+                self._counters[peer.name].cursor = rows[peer.key].pull_cursor
         with self._cancel:
             async with self._client_factory(self.peering) as client, trio.open_nursery() as n:
                 for peer in self.peers:
@@ -352,7 +359,7 @@ class PeerPull:
                 ok = False
                 log.exception("peer_pull.unexpected peer=%s", peer.name)
                 with trio.move_on_after(self.peering.pull_timeout_s):
-                    await self._fail(peer, "connect", f"unexpected {type(exc).__name__}: {exc}")
+                    await self._fail(peer, "unexpected", f"{type(exc).__name__}: {exc}")
             if ok:
                 delay, retry = peer.pull_interval_s, self.peering.pull_retry_s
             else:
@@ -387,7 +394,11 @@ class PeerPull:
                 body = await self._get(client, peer, after, limit)
             except PageError as exc:
                 if exc.kind == "reset" and after > 0:
-                    await self._reset(peer, str(exc))
+                    try:
+                        await self._reset(peer, str(exc))
+                    except StoreError as store_exc:
+                        await self._fail(peer, "store", str(store_exc))
+                        return False
                     continue
                 await self._fail(peer, "status" if exc.kind == "reset" else exc.kind, str(exc))
                 return False
@@ -458,7 +469,7 @@ class PeerPull:
             ) from None
         except httpx.TimeoutException as exc:
             raise PageError("timeout", f"{type(exc).__name__}") from None
-        except (httpx.HTTPError, OSError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             raise PageError("connect", f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]) from None
         if status == 409:
             raise PageError("reset", f"the peer answered 409 to after={after}: its store was reset")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 import time
@@ -20,7 +21,7 @@ import trio
 
 from overflowd import report as rpt
 from overflowd.config import ApiSettings
-from overflowd.identity import NodeIdentity, load_identity, verify_node_record
+from overflowd.identity import NodeIdentity, load_identity, verify_node_record, write_identity
 from overflowd.peers import PeeringSettings, PeerSettings
 from overflowd.services.api import ApiContext, ApiService
 from overflowd.services.peer_pull import PeerPull, default_client, parse_page
@@ -53,8 +54,9 @@ def seed(home: Path, n: int, *, signer: NodeIdentity = OBSERVER, start: int = 0)
 
 
 def init(tmp_path: Path, name: str) -> Path:
+    """A node home with its identity (what `overflowd init` makes; the config is the test's)."""
     home = tmp_path / name
-    assert run("overflowd", "init", "--home", str(home)).code == 0
+    write_identity(home, NodeIdentity.generate())
     return home
 
 
@@ -291,3 +293,70 @@ def test_a_page_that_breaks_the_contract_is_refused_whole(body: bytes, kind: str
     with pytest.raises(PageError) as info:
         parse_page(body, after=10, limit=5, now_ms=now_ms(), peering=PeeringSettings())
     assert info.value.kind == kind
+
+
+# -- one peer that never answers delays no other ------------------------------------------------
+
+
+async def test_a_stalled_peer_delays_no_other(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that accepts the connection and never answers holds only its own task: the
+    honest peer is pulled (and pulled again for new reports) while the stalled request waits
+    for its timeout, which then ends as a counted `timeout` and a rate-limited warning."""
+    ident_a, ident_s = NodeIdentity.generate(), NodeIdentity.generate()
+    held: list[trio.SocketStream] = []
+
+    async def stall(stream: trio.SocketStream) -> None:
+        held.append(stream)  # read nothing, answer nothing
+        await trio.sleep_forever()
+
+    with (
+        Store.open(f"sqlite:///{tmp_path / 'a.db'}") as store_a,
+        Store.open(f"sqlite:///{tmp_path / 'b.db'}") as store_b,
+        trio.fail_after(TIMEOUT_S),
+    ):
+        t = now_ms()
+        first = [
+            OBSERVER.sign_report(make_payload(dst=f"192.0.2.{i}", time_ms=t)) for i in range(6)
+        ]
+        store_a.add_reports([(r, t, "import") for r in first])
+        api = ApiService(
+            ApiSettings(listen="127.0.0.1:0"),
+            ApiContext(identity=ident_a, contacts=(), observation_point="", store=store_a),
+        )
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(api.run)
+            (listener,) = await nursery.start(
+                functools.partial(trio.serve_tcp, stall, 0, host="127.0.0.1")
+            )
+            stall_port = listener.socket.getsockname()[1]
+            honest = PeerSettings(
+                "a", f"http://{host}:{port}/", ident_a.public_key, pull_interval_s=60
+            )
+            stalled = PeerSettings("s", f"http://127.0.0.1:{stall_port}/", ident_s.public_key)
+            pull = PeerPull([stalled, honest], PeeringSettings(pull_timeout_s=3.0), store_b)
+            await nursery.start(pull.run)
+            started = trio.current_time()
+            while pull.statistics().peers["a"].stored < 6:
+                await trio.sleep(0.02)
+            more = [
+                OBSERVER.sign_report(make_payload(dst=f"192.0.2.{i}", time_ms=t))
+                for i in range(6, 9)
+            ]
+            store_a.add_reports([(r, t, "import") for r in more])
+            pull.wake("a")  # a round now, not at the next interval
+            while pull.statistics().peers["a"].stored < 9:
+                await trio.sleep(0.02)
+            honest_done = trio.current_time() - started
+            waiting = pull.statistics().peers["s"]
+            while pull.statistics().peers["s"].errors["timeout"] < 1:
+                await trio.sleep(0.05)
+            pull.stop()
+            api.stop()
+            nursery.cancel_scope.cancel()
+    assert held, "the stalled peer was asked"
+    assert honest_done < 3.0 and waiting.errors["timeout"] == 0 and waiting.pages == 0
+    s = pull.statistics().peers
+    assert (s["a"].stored, s["a"].duplicates, s["s"].stored) == (9, 0, 0)
+    assert [r for r in caplog.records if "peer_pull.failed peer=s kind=timeout" in r.getMessage()]
