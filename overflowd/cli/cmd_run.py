@@ -123,11 +123,38 @@ def run(args: argparse.Namespace) -> int:
     )
     # Peers, push half (docs/peers.md "Push"): the inbox behind the API, and the push service.
     from overflowd.services.api_peers import PeerEvents, PeerInbox
+
+    # -- peers: scores and bans (docs/peers.md "Scores and bans"), shared by inbox and pull --
+    from overflowd.services.peer_policy import PeerPolicy, PeerPolicyCollector
     from overflowd.services.peer_push import PeerCollector, PeerPush
 
+    policy = PeerPolicy(store, settings.peers) if settings.peers else None
+    # -- end scores and bans ------------------------------------------------------------------
     peer_events = PeerEvents()
-    inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events)
-    push = PeerPush(identity, store, settings.peers, settings.peering, events=peer_events)
+    inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events, policy=policy)
+    # -- peers: subscriptions (docs/peers.md "Subscriptions") ----------------------------------
+    from overflowd.errors import DiscoveryError
+    from overflowd.services.api_subscriptions import SubscriptionDesk, SubscriptionIndex
+    from overflowd.services.dns import DnsRegistry
+
+    sub_index = SubscriptionIndex()
+    desk: SubscriptionDesk | None = None
+    if settings.peers:
+        sub_index.load(store)
+        try:
+            sub_registry: DnsRegistry | None = node.registry or DnsRegistry(settings.registry)
+        except DiscoveryError:
+            sub_registry = None  # every prefix is refused with that reason
+        desk = SubscriptionDesk(store, settings.peers, sub_registry, policy=policy, index=sub_index)
+    # -- end subscriptions --------------------------------------------------------------------
+    push = PeerPush(
+        identity,
+        store,
+        settings.peers,
+        settings.peering,
+        events=peer_events,
+        subscribed=sub_index.covers if settings.peers else None,
+    )
     peer_collector = PeerCollector(push, inbox, peer_events)
     push_scope = trio.CancelScope()
 
@@ -152,8 +179,11 @@ def run(args: argparse.Namespace) -> int:
             admit=node.storage_policy.admit,
             refund=node.storage_policy.refund,
             record_arrivals=None,  # arrivals: Store.add_new_reports(channels=) (peer_pull)
+            policy=policy,
         )
         peer_collectors.append(PeerPullCollector(peer_pull.statistics))
+    if policy is not None:
+        peer_collectors.append(PeerPolicyCollector(policy))
     # -- end peers --------------------------------------------------------------------------
     api: ApiService | None = None
     if api_listen:
@@ -165,9 +195,10 @@ def run(args: argparse.Namespace) -> int:
                     contacts=settings.node.contacts,
                     observation_point=settings.node.observation_point,
                     store=store,
-                    collectors=(collector, *peer_collectors, peer_collector),
-                    endpoint=settings.peering.endpoint(api_listen),
+                    collectors=(collector, peer_collector, *peer_collectors),
                     inbox=inbox if settings.peers else None,
+                    subscriptions=desk,
+                    endpoint=settings.peering.endpoint(api_listen),
                 ),
             )
         except ConfigError:
@@ -177,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
+                if policy is not None:  # stored bans hold before the inbox or a pull runs
+                    await nursery.start(policy.run)
                 bound = await nursery.start(node.run)
                 for host, port in bound:
                     # One line on stdout so supervisors and tests learn the bound ports.
@@ -199,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
                         api.stop()
                     if peer_pull is not None:
                         peer_pull.stop()
+                    if policy is not None:
+                        policy.stop()
                     break
 
     metrics_listen = settings.metrics.listen if args.metrics is None else args.metrics

@@ -55,6 +55,8 @@ from overflowd.identity import NodeIdentity, sign_node_record
 from overflowd.registry import format_record
 from overflowd.services.api_peers import PeerInbox
 from overflowd.services.api_peers import router as peers_router
+from overflowd.services.api_subscriptions import SubscriptionDesk
+from overflowd.services.api_subscriptions import router as subscriptions_router
 from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
 if TYPE_CHECKING:
@@ -187,8 +189,11 @@ class ApiContext:
     collectors: tuple[Collector, ...] = ()
     #: the peer inbox (POST /v1/inbox, services/api_peers.py); None: no peers configured
     inbox: PeerInbox | None = None
+    #: POST/GET /v1/subscriptions (services/api_subscriptions.py); None: no peers configured
+    subscriptions: SubscriptionDesk | None = None
     #: this node's API base URL for peers, in its signed node record ("" when not known)
     endpoint: str = ""
+
 
 
 def _stored(row: StoredReport) -> StoredReportOut:
@@ -369,6 +374,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return await anyio.to_thread.run_sync(answer)
 
     app.include_router(peers_router(lambda: ctx.inbox))
+    app.include_router(subscriptions_router(lambda: ctx.subscriptions))
     return app
 
 

@@ -52,6 +52,7 @@ from overflowd import report as rpt
 from overflowd.errors import DecodeError, SignatureError, StoreError
 from overflowd.identity import check_signature, verify_report
 from overflowd.peers import PeeringSettings, PeerSettings, fresh
+from overflowd.services.peer_policy import PeerPolicy
 from overflowd.store.repository import Store
 from overflowd.wire import peering
 from overflowd.wire import webhook as wh
@@ -136,8 +137,12 @@ class PeerInbox:
         events: PeerEvents | None = None,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        policy: PeerPolicy | None = None,
     ) -> None:
         self.store = store
+        # Scores and bans (docs/peers.md "Scores and bans"): only what the peer's key signed
+        # is judged, so a stranger naming a peer cannot lower its score.
+        self.policy = policy
         settings = settings or PeeringSettings()
         self.max_body_bytes = settings.inbox_max_body_bytes
         self.max_reports = settings.inbox_max_reports
@@ -185,6 +190,37 @@ class PeerInbox:
             return None
         return self._peers.get(key)
 
+    def _judge(self, peer: PeerSettings, event: str, retry_after_s: float | None = None) -> None:
+        if self.policy is not None:
+            self.policy.note(peer.name, event, retry_after_s=retry_after_s)
+
+    def refuse_banned(self, headers: Mapping[str, str]) -> InboxResult | None:
+        """403 for a banned peer, from the one header that names it: nothing else is read,
+        parsed or verified (a banned flood costs a dict lookup per request)."""
+        if self.policy is None:
+            return None
+        peer = self.peer_of(headers)
+        if peer is None:
+            return None
+        until = self.policy.banned_until_ms(peer.key)
+        if until is None:
+            return None
+        self.policy.refused(peer.key, "inbox")
+        with self._lock:
+            self._requests += 1
+            self._rejected[403] = self._rejected.get(403, 0) + 1
+        seconds = min(MAX_RETRY_AFTER_S, max(1, (until - int(self._wall_clock() * 1000)) // 1000))
+        return InboxResult(403, _detail("the peer is banned"), seconds)
+
+    def _signed_by(self, peer: PeerSettings, h: Mapping[str, str], body: bytes) -> bool:
+        """Does the request's signature verify under the peer's key (whatever its time)?"""
+        try:
+            parsed = wh.parse_headers(h)
+            wh.verify_signature(parsed, body, public_key=peer.key, check=check_signature)
+        except (wh.WebhookDecodeError, SignatureError):
+            return False
+        return True
+
     def oversized(self) -> InboxResult:
         return self._reject(
             413, f"body is larger than {self.max_body_bytes} bytes", None, "oversized"
@@ -201,6 +237,9 @@ class PeerInbox:
         peer = self.peer_of(h)
         if peer is None:
             return self._reject(401, "not a configured peer", None, "unknown")
+        banned = self.refuse_banned(h)
+        if banned is not None:
+            return banned
         try:
             body, parsed = receiver.preflight(
                 h,
@@ -210,6 +249,10 @@ class PeerInbox:
                 max_body_bytes=self.max_body_bytes,
             )
         except wh.StaleWebhookError as exc:
+            # Out of the window: a replay if the peer's key signed it (then it is the peer's
+            # bytes again), a forgery of nobody in particular if not.
+            if len(body) <= self.max_body_bytes and self._signed_by(peer, h, body):
+                self._judge(peer, "replay")
             return self._reject(401, str(exc), peer.name, "replay")
         except wh.WebhookDecodeError as exc:
             return self._reject(400, exc.reason, peer.name, "malformed")
@@ -224,12 +267,14 @@ class PeerInbox:
                 body, max_body_bytes=self.max_body_bytes, max_reports=self.max_reports
             )
         except peering.InboxDecodeError as exc:
+            self._judge(peer, "malformed")
             return self._reject(400, exc.reason, peer.name, "malformed")
         lock, budget = self._budgets[peer.key]
         with lock:
             wait = budget.try_admit(batch.total, len(body), self._clock())
         if wait > 0:
             seconds = min(MAX_RETRY_AFTER_S, max(1, int(wait + 0.999)))
+            self._judge(peer, "over_budget", seconds)
             return self._reject(
                 429, "over the peer's inbound budget", peer.name, "over_budget", seconds
             )
@@ -237,22 +282,25 @@ class PeerInbox:
 
     def _store(self, peer: PeerSettings, batch: peering.InboxBatch) -> InboxResult:
         refused = list(batch.bad)
+        judged: set[str] = set()  # one judgement per kind per batch: "N forged batches"
         if batch.bad:
             self.events.note(peer.name, "malformed", len(batch.bad))
+            judged.add("malformed")
         good: list[tuple[rpt.SignedReport, int]] = []
         now_ms = int(self._wall_clock() * 1000)
         for item in batch.items:
             reason = self._check(item, now_ms)
             if isinstance(reason, str):
                 refused.append((item.index, reason))
-                self.events.note(
-                    peer.name,
+                event = (
                     "forged"
                     if reason == "forged"
                     else "stale"
                     if reason in ("stale", "future")
-                    else "malformed",
+                    else "malformed"
                 )
+                self.events.note(peer.name, event)
+                judged.add(event)
             else:
                 good.append((reason, item.hops))
         new: set[str] = set()
@@ -271,6 +319,8 @@ class PeerInbox:
                 with self._lock:
                     self._rejected[503] = self._rejected.get(503, 0) + 1
                 return InboxResult(503, _detail("the store is unavailable"), STORE_RETRY_AFTER_S)
+        for event in sorted(judged) or ["honest"]:
+            self._judge(peer, event)
         refused.sort()
         answer = peering.InboxAnswer(
             accepted=len(new), duplicates=len(good) - len(new), refused=tuple(refused)
@@ -378,6 +428,7 @@ def router(inbox: Callable[[], PeerInbox | None]) -> APIRouter:
         responses={
             400: {"description": "not an inbox body, or malformed headers"},
             401: {"description": "not a configured peer, a bad signature, or a replay"},
+            403: {"description": "the peer is banned (docs/peers.md); see Retry-After"},
             413: {"description": "body over peering.inbox_max_body_bytes"},
             429: {"description": "over the peer's inbound budget; see Retry-After"},
             503: {"description": "the store cannot take reports now; see Retry-After"},
@@ -388,12 +439,17 @@ def router(inbox: Callable[[], PeerInbox | None]) -> APIRouter:
         box = inbox()
         if box is None:
             return Response(_detail("not a configured peer"), 401, media_type="application/json")
-        body = await _read_capped(request, box.max_body_bytes)
-        result = (
-            box.oversized()
-            if body is None
-            else await anyio.to_thread.run_sync(box.handle, request.headers.raw, body)
-        )
+        # A banned peer is turned away before its body is read or anything is verified.
+        banned = box.refuse_banned(request.headers)
+        if banned is not None:
+            result = banned
+        else:
+            body = await _read_capped(request, box.max_body_bytes)
+            result = (
+                box.oversized()
+                if body is None
+                else await anyio.to_thread.run_sync(box.handle, request.headers.raw, body)
+            )
         headers = {}
         if result.retry_after_s is not None:
             headers["retry-after"] = str(result.retry_after_s)

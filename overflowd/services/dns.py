@@ -26,6 +26,7 @@ and, once the failure is cached, at once. It must never log record contents beyo
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -227,6 +228,22 @@ class DnsRegistry:
         self._c.lookups += 1
         budget = _Budget(self.settings.max_queries)
         for _plen, name in reg.address_record_names(address):
+            found = await self._records_at(name, budget)
+            if found:
+                return found
+        return []
+
+    async def lookup_prefix(
+        self, net: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ) -> list[Found]:
+        """Records for a whole prefix: the walk-up of its first address from the prefix's own
+        length upwards (a record for one host inside it never speaks for all of it). Empty:
+        nothing published; DiscoveryError as :meth:`lookup_address`."""
+        self._c.lookups += 1
+        budget = _Budget(self.settings.max_queries)
+        for plen, name in reg.address_record_names(net.network_address):
+            if plen > net.prefixlen:
+                continue
             found = await self._records_at(name, budget)
             if found:
                 return found

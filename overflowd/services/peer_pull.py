@@ -51,6 +51,7 @@ from overflowd import report as rpt
 from overflowd.errors import DecodeError, SignatureError, StoreError
 from overflowd.identity import verify_report
 from overflowd.peers import TRUST_LEVELS, PeeringSettings, PeerSettings, fresh
+from overflowd.services.peer_policy import PeerPolicy
 from overflowd.services.webhook import read_raw_capped
 from overflowd.store import peers as peer_store
 from overflowd.store.repository import MAX_SEQ, Store
@@ -277,6 +278,7 @@ class PeerPull:
         record_arrivals: ArrivalsHook | None = None,
         wall_clock: Callable[[], float] = time.time,
         client_factory: ClientFactory = default_client,
+        policy: PeerPolicy | None = None,
     ) -> None:
         """``trust_of(observer_key)`` is the node's trust for an observer (its trust book);
         a pulled report is labelled with the better of it and, for reports the peer itself
@@ -290,6 +292,9 @@ class PeerPull:
         self._record_arrivals = record_arrivals
         self._clock = wall_clock
         self._client_factory = client_factory
+        # Scores and bans (docs/peers.md): a banned peer's rounds are skipped; forged and
+        # malformed reports in its pages count against it (one event per page and kind).
+        self._policy = policy
         self._counters = {p.name: _PeerCounters() for p in self.peers}
         self._wake = {p.name: trio.Event() for p in self.peers}
         self._cancel = trio.CancelScope()
@@ -370,6 +375,9 @@ class PeerPull:
     async def pull_round(self, client: httpx.AsyncClient, peer: PeerSettings) -> bool:
         """Pages from the cursor until a short one (or ``pull_max_pages``); False on a failure."""
         counters = self._counters[peer.name]
+        if self._policy is not None and self._policy.banned(peer.key):
+            self._policy.refused(peer.key, "pull")
+            return True  # not a failure: the next round comes at the interval
         counters.rounds += 1
         limit = self.peering.pull_page_reports
         # The durable cursor is the truth: read it at each round (one small read per round),
@@ -414,6 +422,10 @@ class PeerPull:
             except StoreError as exc:
                 await self._fail(peer, "store", str(exc))
                 return False
+            if self._policy is not None:
+                for kind in ("forged", "malformed"):
+                    if page.dropped.get(kind):
+                        self._policy.note(peer.name, kind)
             counters.pages += 1
             counters.pulled += page.listed
             counters.stored += new

@@ -99,7 +99,7 @@ MAX_RETRY_AFTER_S = 3600 * SECONDS
 #: The longest an idle delivery sleeps before looking at the outbox again.
 IDLE_MAX_S = 1 * SECONDS
 #: Why a report is not forwarded to a peer (the ``reason`` label).
-SKIP_REASONS = ("echo", "own", "hop_limit")
+SKIP_REASONS = ("echo", "own", "hop_limit", "not_subscribed")
 
 _REPORTS = Base.metadata.tables["reports"]
 
@@ -150,12 +150,16 @@ class PeerPush:
         events: PeerEvents | None = None,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        subscribed: Callable[[bytes, StoredReport], bool] | None = None,
     ) -> None:
         self._identity = identity
+        # Subscriptions (docs/peers.md "Subscriptions"): a peer with push = false still gets
+        # the reports its subscriptions cover, through the same tail, outbox and budgets.
+        self._subscribed = subscribed
         self._signer = identity.signer()
         self._key_b64 = base64.b64encode(identity.public_key).decode("ascii")
         self._store = store
-        self._peers = tuple(p for p in peers if p.push)
+        self._peers = tuple(p for p in peers if p.push or subscribed is not None)
         self._settings = peering_settings
         self.events = events or PeerEvents()
         self._wall_clock = wall_clock
@@ -259,6 +263,8 @@ class PeerPush:
             return "own"
         if r.hops + 1 > self._settings.hop_limit:
             return "hop_limit"
+        if not peer.push and (self._subscribed is None or not self._subscribed(peer.key, r)):
+            return "not_subscribed"
         return None
 
     # -- outbox -> peer -----------------------------------------------------------------------

@@ -312,3 +312,19 @@ class PeerStateModel(Base):
     learned: Mapped[bool] = mapped_column(Boolean)
     created_ms: Mapped[int] = mapped_column(BigInteger)
     updated_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class PeerSubscriptionModel(Base):
+    """A prefix a peer subscribed to (docs/peers.md "Subscriptions"): the reports whose source
+    or destination is inside it go to ``endpoint`` (the subscriber's inbox). Accepted only when
+    the prefix's ``_overflowd`` record names the subscriber's key."""
+
+    __tablename__ = "peer_subscriptions"
+
+    #: the subscriber's Ed25519 public key (a configured peer's)
+    subscriber: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    #: the prefix in its canonical text form (``192.0.2.0/24``)
+    prefix: Mapped[str] = mapped_column(String(43), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(2048))
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)

@@ -23,6 +23,7 @@ SANS_IO = [
     "overflowd/estimate.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "formats").glob("*.py")),
     "overflowd/peers.py",
+    "overflowd/peerscore.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
     "ratelock/policy.py",

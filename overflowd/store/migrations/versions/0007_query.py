@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007_query"
-down_revision: str | Sequence[str] | None = "0007_arrivals"
+down_revision: str | Sequence[str] | None = "0007_subscriptions"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
