@@ -219,7 +219,8 @@ def test_a_silent_nameserver_is_a_timeout_within_the_budget(
         code, out, err = cli(capsys, "who", "--home", str(home), "--dst", DST, "--json")
         took = time.monotonic() - started
     assert code == 0, err
-    assert WHO_DNS_BUDGET_S - 0.1 < took < WHO_DNS_BUDGET_S + 2.0
+    # the budget, not the 30 s question timeout (slack for the store query on a loaded machine)
+    assert WHO_DNS_BUDGET_S - 0.1 < took < WHO_DNS_BUDGET_S + 4.0, took
     rows = by_fingerprint(lines(out))
     assert [r["error"] for r in rows[A.fingerprint]["registry"]] == ["timeout", "timeout"]
     assert rows[B.fingerprint]["registry"] == [
