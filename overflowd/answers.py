@@ -19,7 +19,8 @@ import binascii
 import datetime as dt
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from overflowd import report as rpt
@@ -227,8 +228,37 @@ def _estimate_json(estimate: Estimate) -> dict[str, Any]:
     return estimate.to_json()
 
 
-def who_json(row: WhoRow) -> dict[str, Any]:
-    """One observer behind the traffic asked about: whom to call, and how much it saw."""
+@dataclass(frozen=True)
+class RegistryContacts:
+    """What DNS says about one network an observer's reports came from (``who``'s
+    ``registry``; looked up by :mod:`overflowd.services.who_dns`)."""
+
+    network: str
+    #: from the network's ``_overflowd`` record, only if it names the observer's key
+    contacts: tuple[str, ...]
+    #: from the ``[registry] abuse_zones`` for the network
+    abuse_contacts: tuple[str, ...]
+    #: does the record name the observer's key? None: the record lookup did not answer
+    record_names_key: bool | None
+    #: None, "timeout" (no answer within the budget), or why a lookup failed
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "contacts": list(self.contacts),
+            "abuse_contacts": list(self.abuse_contacts),
+            "record_names_key": self.record_names_key,
+            "error": self.error,
+        }
+
+
+def who_json(row: WhoRow, registry: Sequence[RegistryContacts] | None = None) -> dict[str, Any]:
+    """One observer behind the traffic asked about: whom to call, and how much it saw.
+
+    ``registry`` is null when DNS was not asked (not configured, ``--no-dns``, or beyond the
+    first rows), else one entry per network its reports came from (none: no in-band report).
+    """
     return {
         "observer": {
             "key": base64.b64encode(row.observer_key).decode("ascii"),
@@ -245,6 +275,7 @@ def who_json(row: WhoRow) -> dict[str, Any]:
         "top_sources": [
             {"prefix": str(net), **_estimate_json(est)} for net, est in row.top_sources
         ],
+        "registry": None if registry is None else [r.to_json() for r in registry],
     }
 
 
@@ -292,6 +323,7 @@ __all__ = [
     "PROTOCOLS",
     "PROTO_NAMES",
     "TRUST_LEVELS",
+    "RegistryContacts",
     "count_line",
     "parse_when",
     "report_json",

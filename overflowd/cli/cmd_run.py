@@ -185,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
     if policy is not None:
         peer_collectors.append(PeerPolicyCollector(policy))
     # -- end peers --------------------------------------------------------------------------
+    from overflowd.services.who_dns import who_registry
+
     api: ApiService | None = None
     if api_listen:
         try:
@@ -199,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
                     inbox=inbox if settings.peers else None,
                     subscriptions=desk,
                     endpoint=settings.peering.endpoint(api_listen),
+                    registry=who_registry(settings.registry, node.registry),  # /v1/who
                 ),
             )
         except ConfigError:

@@ -45,7 +45,8 @@ from overflowd.identity import verify_report
 
 if TYPE_CHECKING:
     from overflowd.cli.remote import Remote
-    from overflowd.store.query import ReportFilter
+    from overflowd.registry import RegistrySettings
+    from overflowd.store.query import ReportFilter, WhoRow
     from overflowd.store.repository import Store
 
 PROG = "overflowd-query"
@@ -285,19 +286,21 @@ def cmd_who(args: argparse.Namespace) -> int:
         from overflowd.cli.remote import Remote  # httpx: a third of a second, only for this
 
         with Remote(args.remote) as remote:
-            doc = remote.get("who", {**_remote_params(args), "prefix_len": args.prefix_len})
+            doc = remote.get("who", {**_remote_params(args), "prefix_len": args.prefix_len,
+                                     "dns": "false" if args.no_dns else None})
         objects = list(doc["observers"])
         reports = int(doc["reports"])
     else:
         from overflowd.store.query import who
 
-        store = context(args).open_store(create=False)
+        ctx = context(args)
+        store = ctx.open_store(create=False)
         try:
             rows = who(store, _local_filter(args, store), top_sources=WHO_TOP_SOURCES,
                        v4_len=v4_len, v6_len=v6_len)
+            objects = _with_registry(ctx.settings.registry, store, rows, args.no_dns)
         finally:
             store.close()
-        objects = [who_json(r) for r in rows]
         reports = sum(r.reports for r in rows)
     if fmt == "json":
         render.json_lines(objects)
@@ -308,6 +311,27 @@ def cmd_who(args: argparse.Namespace) -> int:
     print(f"{count_line(len(objects), len(objects), 'observer')}, "
           f"{count_line(reports, reports, 'report')}", file=sys.stderr)
     return 0
+
+
+def _with_registry(
+    settings: RegistrySettings, store: Store, rows: Sequence[WhoRow], no_dns: bool
+) -> list[dict[str, Any]]:
+    """The rows as JSON, with the contacts DNS gives for their networks when DNS is configured
+    (the same lookups as the API's /v1/who: services/who_dns.py)."""
+    from overflowd.services.who_dns import dns_configured
+
+    if no_dns or not dns_configured(settings):
+        return [who_json(r) for r in rows]
+    import trio  # with dnspython, a quarter second: only when DNS is asked
+
+    from overflowd.services.who_dns import registry_contacts, wanted, who_objects, who_registry
+
+    registry = who_registry(settings, None)
+    if registry is None:
+        return [who_json(r) for r in rows]
+    want = wanted(store, rows)
+    found = trio.run(registry_contacts, registry, want)
+    return who_objects(rows, found)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -509,8 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="whom to call: the observers behind traffic, by estimated size",
                        description="Per observer of the matching reports: trust, contacts, "
                        "reports, estimated packets and bytes (Horvitz-Thompson, 95%% interval), "
-                       "first and last seen, top source prefixes. Largest first.")
+                       "first and last seen, top source prefixes; with DNS configured, the "
+                       "contacts the networks its reports came from publish. Largest first.")
     _prefix_len_option(p)
+    p.add_argument("--no-dns", action="store_true",
+                   help="do not look up the contacts the observers' networks publish in DNS "
+                   "(asked only with [registry] nameservers or abuse_zones)")
     p.set_defaults(func=cmd_who)
     p = sub.add_parser("top", parents=[common, filters, output],
                        help="top N by estimated packets or bytes, the rest as 'other'")

@@ -155,12 +155,12 @@ def reports_csv_rows(objects: Iterable[dict[str, Any]], out: TextIO | None = Non
 
 WHO_COLUMNS = (
     "OBSERVER", "POINT", "TRUST", "CONTACTS", "REPORTS", "PACKETS (95%)", "BYTES (95%)",
-    "FIRST SEEN", "LAST SEEN", "TOP SOURCES",
+    "FIRST SEEN", "LAST SEEN", "TOP SOURCES", "CONTACTS FROM DNS",
 )  # fmt: skip
 WHO_CSV = (
     "observer", "fingerprint", "point", "trust", "contacts", "reports",
     "packets", "packets_low", "packets_high", "bytes", "bytes_low", "bytes_high",
-    "first", "last", "top_sources",
+    "first", "last", "top_sources", "dns_contacts",
 )  # fmt: skip
 
 
@@ -180,10 +180,22 @@ def who_table(objects: Sequence[dict[str, Any]], out: TextIO | None = None) -> N
                 f"{s['prefix']}({_count(s['packets']['estimate'])})" for s in o["top_sources"]
             )
             or "-",
+            _dns_contacts(o.get("registry")) or "-",
         ]
         for o in objects
     )
     _table(WHO_COLUMNS, rows, out or sys.stdout)
+
+
+def _dns_contacts(registry: Sequence[dict[str, Any]] | None) -> str:
+    """'192.0.2.0/24 mailto:noc@... abuse@...; 2001:db8::/48 (timeout)': per network, the
+    record's contacts (only if it names the observer's key), then the abuse zones'."""
+    cells = []
+    for r in registry or ():
+        contacts = [*r["contacts"], *(c for c in r["abuse_contacts"] if c not in r["contacts"])]
+        note = f" ({r['error']})" if r["error"] else ""
+        cells.append(f"{r['network']} {' '.join(contacts) or '-'}{note}")
+    return "; ".join(cells)
 
 
 def _high(value: float | None) -> str:
@@ -202,6 +214,7 @@ def who_csv(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> Non
                 p["estimate"], p["low"], _high(p["high"]), b["estimate"], b["low"],
                 _high(b["high"]), o["first"], o["last"],
                 " ".join(s["prefix"] for s in o["top_sources"]),
+                _dns_contacts(o.get("registry")),
             ]
         )  # fmt: skip
 

@@ -46,7 +46,6 @@ from overflowd.answers import (
     make_filter,
     prefix_lengths,
     top_json,
-    who_json,
 )
 from overflowd.config import ApiSettings, parse_listen
 from overflowd.errors import ConfigError, StoreError
@@ -60,7 +59,8 @@ from overflowd.services.api_subscriptions import router as subscriptions_router
 from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 
 if TYPE_CHECKING:
-    from overflowd.store.query import ReportFilter
+    from overflowd.services.dns import DnsRegistry
+    from overflowd.store.query import ReportFilter, WhoRow
 
 log = logging.getLogger(__name__)
 #: `top`'s ?by= words (overflowd.estimate.GROUP_BY), as a type FastAPI documents.
@@ -193,6 +193,8 @@ class ApiContext:
     subscriptions: SubscriptionDesk | None = None
     #: this node's API base URL for peers, in its signed node record ("" when not known)
     endpoint: str = ""
+    #: DNS for /v1/who's `registry` (services/who_dns.py); None: DNS not configured
+    registry: DnsRegistry | None = None
 
 
 
@@ -328,21 +330,32 @@ def create_app(ctx: ApiContext) -> FastAPI:
             int | None,
             Query(ge=0, le=32, description="top sources by /N (IPv4, default 24; IPv6 /N+24)"),
         ] = None,
+        dns: Annotated[
+            bool,
+            Query(
+                description="look up the contacts the observers' networks publish in DNS "
+                "(`registry`; null when false or DNS is not configured on this node)"
+            ),
+        ] = True,
     ) -> WhoAnswer:
+        from overflowd.services.who_dns import registry_contacts, wanted, who_objects
         from overflowd.store.query import who as who_query
 
         v4_len, v6_len = prefix_lengths(prefix_len)
+        registry = ctx.registry if dns else None
 
-        def answer() -> WhoAnswer:
+        def answer() -> tuple[list[WhoRow], list[tuple[bytes, list[str]]] | None]:
             rows = who_query(
                 ctx.store, make(params), top_sources=WHO_TOP_SOURCES, v4_len=v4_len,
                 v6_len=v6_len,
             )  # fmt: skip
-            return WhoAnswer(
-                observers=[who_json(r) for r in rows], reports=sum(r.reports for r in rows)
-            )
+            return rows, None if registry is None else wanted(ctx.store, rows)
 
-        return await anyio.to_thread.run_sync(answer)
+        rows, want = await anyio.to_thread.run_sync(answer)
+        found = None if registry is None or want is None else await registry_contacts(
+            registry, want
+        )  # fmt: skip
+        return WhoAnswer(observers=who_objects(rows, found), reports=sum(r.reports for r in rows))
 
     @app.get("/v1/top", summary="top N by estimated packets or bytes, the rest as 'other'")
     async def top(
