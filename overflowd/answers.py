@@ -64,7 +64,9 @@ def parse_when(text: str, *, name: str, now_ms: int) -> int:
         return now_ms
     m = _DURATION.match(t)
     if m:
-        return max(0, now_ms - int(float(m.group(1)) * _UNITS[m.group(2)] * 1000))
+        # capped: "9999...9s" is inf as a float, which int() refuses (a 500 on the API)
+        ago_ms = min(float(m.group(1)) * _UNITS[m.group(2)] * 1000, _MAX_MS)
+        return max(0, now_ms - int(ago_ms))
     try:
         when = dt.datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
