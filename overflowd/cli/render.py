@@ -12,6 +12,7 @@ import io
 import json
 import math
 import sys
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
@@ -28,10 +29,22 @@ def json_lines(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> 
     out.flush()
 
 
+def printable(text: str) -> str:
+    """``text`` with control and format characters (ESC, BEL, C1, bidi overrides) written as
+    ``\\xNN``/``\\uNNNN``: an observer's contacts and point, and a node's whole answer, are
+    an attacker's text, and a terminal obeys ESC ] 52 (clipboard), ESC [ 2 J and the like."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if unicodedata.category(c) not in ("Cc", "Cf") else ascii(c)[1:-1] for c in text
+    )
+
+
 def _table(columns: Sequence[str], rows: Iterable[Sequence[str]], out: TextIO) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     tty = out.isatty()
     # Into a pipe: no colours, no rules, no padding after the last column (grep, cut, awk).
@@ -43,7 +56,9 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[str]], out: TextIO) -
         numeric = name in ("PACKETS", "BYTES", "REPORTS", "DUR", "SPORT", "DPORT", "P")
         table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
     for row in rows:
-        table.add_row(*row)
+        # Text, not str: rich reads a str as markup ("[/x]" raised MarkupError, "[link=...]"
+        # made a hidden link)
+        table.add_row(*(Text(printable(cell)) for cell in row))
     if tty:
         console.print(table)
         return
@@ -121,7 +136,7 @@ def reports_table(objects: Sequence[dict[str, Any]], out: TextIO | None = None) 
 
 def report_line(obj: dict[str, Any]) -> str:
     """One report as one line of fixed columns, for --follow (a table cannot stream)."""
-    c = _report_cells(obj)
+    c = [printable(cell) for cell in _report_cells(obj)]
     return (
         f"{c[0]}  {c[1]:>5}  {c[2] + ':' + c[3]:>41} > {c[4] + ':' + c[5]:<41} {c[6]:<5} "
         f"{c[7]:>10} {c[8]:>12}  p={c[9]:<7} {c[10]} {c[11]} {c[12]} {c[13]}"

@@ -67,7 +67,6 @@ def hostile_store(tmp_path: Path) -> str:
     return url
 
 
-@pytest.mark.xfail(strict=True, reason="F2 rich markup/escapes: fixed in the next commit")
 def test_who_table_prints_contacts_literally_without_markup_or_escapes(
     capsys: pytest.CaptureFixture[str], hostile_store: str
 ) -> None:
