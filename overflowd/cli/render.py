@@ -201,6 +201,16 @@ def who_table(objects: Sequence[dict[str, Any]], out: TextIO | None = None) -> N
     _table(WHO_COLUMNS, rows, out or sys.stdout)
 
 
+#: What a spreadsheet reads as a formula at the start of a cell (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """An attacker's free text (an observer's contacts, point) for a CSV cell: a leading
+    quote makes ``=cmd|' /C calc'!A0`` text in Excel and LibreOffice, not a formula."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _high(value: float | None) -> str:
     return "" if value is None else repr(value)
 
@@ -212,8 +222,9 @@ def who_csv(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> Non
         p, b = o["packets"], o["bytes"]
         writer.writerow(
             [
-                o["observer"]["key"], o["observer"]["fingerprint"], o["observer"]["point"],
-                o["trust"] or "", " ".join(o["contacts"]), o["reports"],
+                o["observer"]["key"], o["observer"]["fingerprint"],
+                csv_text(o["observer"]["point"]), o["trust"] or "",
+                csv_text(" ".join(o["contacts"])), o["reports"],
                 p["estimate"], p["low"], _high(p["high"]), b["estimate"], b["low"],
                 _high(b["high"]), o["first"], o["last"],
                 " ".join(s["prefix"] for s in o["top_sources"]),
