@@ -140,7 +140,6 @@ def _signed_obj(seq: int, **payload: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.xfail(strict=True, reason="F4 remote cursor: fixed in the next commit")
 def test_remote_pages_whose_cursor_never_moves_end_with_an_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -156,7 +155,6 @@ def test_remote_pages_whose_cursor_never_moves_end_with_an_error(
     assert "next" in err and node.requests <= 2
 
 
-@pytest.mark.xfail(strict=True, reason="F5 remote shape: fixed in the next commit")
 def test_remote_rows_of_the_wrong_shape_are_one_line_exit_1(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -170,7 +168,6 @@ def test_remote_rows_of_the_wrong_shape_are_one_line_exit_1(
     assert err.count("\n") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="F6 remote unverified: fixed in the next commit")
 def test_remote_prints_what_the_observer_signed_not_what_the_node_says(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
