@@ -18,6 +18,7 @@ import base64
 import binascii
 import datetime as dt
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -226,7 +227,17 @@ def report_json(row: StoredReport) -> dict[str, Any]:
 
 
 def _estimate_json(estimate: Estimate) -> dict[str, Any]:
-    return estimate.to_json()
+    """Estimate.to_json with every unbounded number null, not only ``high``: an observer
+    claiming p = 1e-300 makes ``estimate`` infinite, which json.dumps writes as ``Infinity``
+    (not JSON: jq refuses it) while the API (pydantic) writes null."""
+    out = estimate.to_json()
+    for name in ("packets", "bytes"):
+        interval = dict(out[name])  # type: ignore[call-overload]
+        for field, value in interval.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                interval[field] = None
+        out[name] = interval
+    return out
 
 
 def who_json(row: WhoRow) -> dict[str, Any]:

@@ -77,9 +77,10 @@ def _proto(number: int) -> str:
     return PROTO_NAMES.get(number, str(number))
 
 
-def _count(value: float) -> str:
-    """An estimate for people: 3 significant digits with k/M/G (nfdump's way)."""
-    if not math.isfinite(value):
+def _count(value: float | None) -> str:
+    """An estimate for people: 3 significant digits with k/M/G (nfdump's way); None (JSON's
+    unbounded) is 'inf'."""
+    if value is None or not math.isfinite(value):
         return "inf"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= size:
@@ -91,8 +92,7 @@ def _interval(est: dict[str, Any]) -> str:
     """'12.3k (8.1k-18.0k)' from an Interval's JSON; an unbounded end is '∞'."""
     high = est["high"]
     return (
-        f"{_count(est['estimate'])} ({_count(est['low'])}-"
-        f"{'inf' if high is None else _count(high)})"
+        f"{_count(est['estimate'])} ({_count(est['low'])}-{_count(high)})"
     )
 
 

@@ -180,3 +180,38 @@ def test_remote_prints_what_the_observer_signed_not_what_the_node_says(
     assert code == 0, err
     assert "203.0.113.66" not in out
     assert json.loads(out)["report"] == row["report"]
+
+
+# -- an observer claiming p = 1e-300 for 2**64 - 1 packets: an unbounded estimate -----------------
+
+
+@pytest.fixture
+def unbounded_store(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'overflowd.db'}"
+    payload = make_payload(packets=2**64 - 1, probability=1e-300, time_ms=NOW_MS)
+    with Store.open(url) as store:
+        store.add_reports([(NodeIdentity.generate().sign_report(payload), NOW_MS, "udp")])
+    return url
+
+
+def _strict(line: str) -> Any:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_an_unbounded_estimate_is_json_null_locally_as_on_the_api_and_remote_renders_it(
+    capsys: pytest.CaptureFixture[str], unbounded_store: str
+) -> None:
+    for argv in (("who",), ("top", "--by", "src")):
+        code, out, err = cli(capsys, *argv, "--db", unbounded_store, "--json")
+        assert code == 0, err
+        obj = _strict(out.splitlines()[0])  # 'Infinity' was printed: jq and the API disagree
+        assert obj["packets"]["estimate"] is None
+    code, out, err = cli(capsys, "who", "--db", unbounded_store, "--json")
+    obj = _strict(out)
+    with FakeNode(lambda path, n: {"observers": [obj], "reports": 1}) as node:
+        code, out, err = cli(capsys, "who", "--remote", node.url)
+    assert code == 0, err  # the API's null estimate was a TypeError in the table
+    assert "inf" in out
