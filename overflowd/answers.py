@@ -18,6 +18,7 @@ import base64
 import binascii
 import datetime as dt
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ def parse_when(text: str, *, name: str, now_ms: int) -> int:
         return now_ms
     m = _DURATION.match(t)
     if m:
-        return max(0, now_ms - int(float(m.group(1)) * _UNITS[m.group(2)] * 1000))
+        # capped: "9999...9s" is inf as a float, which int() refuses (a 500 on the API)
+        ago_ms = min(float(m.group(1)) * _UNITS[m.group(2)] * 1000, _MAX_MS)
+        return max(0, now_ms - int(ago_ms))
     try:
         when = dt.datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -225,7 +228,17 @@ def report_json(row: StoredReport) -> dict[str, Any]:
 
 
 def _estimate_json(estimate: Estimate) -> dict[str, Any]:
-    return estimate.to_json()
+    """Estimate.to_json with every unbounded number null, not only ``high``: an observer
+    claiming p = 1e-300 makes ``estimate`` infinite, which json.dumps writes as ``Infinity``
+    (not JSON: jq refuses it) while the API (pydantic) writes null."""
+    out = estimate.to_json()
+    for name in ("packets", "bytes"):
+        interval = dict(out[name])  # type: ignore[call-overload]
+        for field, value in interval.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                interval[field] = None
+        out[name] = interval
+    return out
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import math
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from overflowd import report as rpt
@@ -175,6 +177,53 @@ def _order_key(obj: dict[str, Any]) -> tuple[int, int]:
     return (-int(obj["report"]["flow"]["last_ms"]), -int(obj["seq"]))
 
 
+#: A node's facts about a report that are not signed, as this node writes them: a time
+#: (rpt.iso_ms), how it arrived, a trust word. Anything else is not printed.
+_RECEIVED = re.compile(r"\d[0-9T:.Z-]{0,31}")
+_VIA = re.compile(r"[a-z][a-z0-9:-]{0,31}")
+
+
+def _int(value: Any, what: str, remote: Remote) -> int:
+    from overflowd.cli.remote import RemoteError
+
+    if type(value) is not int or value < 0:
+        raise RemoteError(f"{remote.base}/reports: the answer's {what} is not a count")
+    return value
+
+
+def _verified(rows: Any, remote: Remote, after: int | None, nxt: int) -> list[dict[str, Any]]:
+    """A node's report objects rebuilt from their observers' COSE bytes, signatures checked:
+    the table, CSV and JSON print what the observer signed, never the node's rendering of it
+    (a node can claim any src). In cursor order (``after`` given), each seq in (after, nxt]."""
+    from overflowd.cli.remote import RemoteError
+
+    if not isinstance(rows, list):
+        raise RemoteError(f"{remote.base}/reports: the answer has no list of reports")
+    out = []
+    for obj in rows:
+        try:
+            seq, received, via, trust = obj["seq"], obj["received"], obj["via"], obj["trust"]
+            cose = obj["report"]["cose"]
+            if not (
+                type(seq) is int and isinstance(cose, str) and isinstance(received, str)
+                and _RECEIVED.fullmatch(received) and isinstance(via, str)
+                and _VIA.fullmatch(via) and (trust is None or trust in TRUST_LEVELS)
+            ):  # fmt: skip
+                raise TypeError("a field of the wrong type")
+            if after is not None and not after < seq <= nxt:
+                raise ValueError(f"seq {seq} is not after {after} up to next {nxt}")
+            signed = verify_report(rpt.b64url_decode(cose))
+        except (KeyError, TypeError, ValueError, OverflowdError) as exc:
+            raise RemoteError(
+                f"{remote.base}/reports: a report that does not check out: {str(exc)[:120]}"
+            ) from None
+        out.append(
+            {"seq": seq, "received": received, "via": via, "trust": trust,
+             "report": rpt.to_json(signed)}
+        )  # fmt: skip
+    return out
+
+
 def _remote_reports(
     remote: Remote, args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], int, int]:
@@ -183,7 +232,11 @@ def _remote_reports(
     params = _remote_params(args)
     if args.limit is not None and args.limit <= PAGE:
         doc = remote.get("reports", {**params, "order": "flow", "limit": args.limit})
-        return list(doc["reports"]), int(doc["total"]), int(doc["next"])
+        nxt = _int(doc.get("next"), "next", remote)
+        rows = _verified(doc.get("reports"), remote, None, nxt)
+        return rows, _int(doc.get("total"), "total", remote), nxt
+    from overflowd.cli.remote import RemoteError
+
     got: list[dict[str, Any]] = []
     after = 0
     while True:
@@ -191,6 +244,9 @@ def _remote_reports(
         got.extend(page)
         if len(page) < PAGE:
             break
+        if len(got) > MAX_LIMIT:  # what --limit allows: a node's endless pages are not held
+            raise RemoteError(f"{remote.base}/reports: more than {MAX_LIMIT} reports; "
+                              "ask with --limit or narrower filters")
     got.sort(key=_order_key)
     total = len(got)
     return (got if args.limit is None else got[: args.limit]), total, after
@@ -199,8 +255,16 @@ def _remote_reports(
 def _remote_page(
     remote: Remote, args: argparse.Namespace, after: int
 ) -> tuple[list[dict[str, Any]], int]:
+    from overflowd.cli.remote import RemoteError
+
     doc = remote.get("reports", {**_remote_params(args), "after": after, "limit": PAGE})
-    return list(doc["reports"]), int(doc["next"])
+    nxt = _int(doc.get("next"), "next", remote)
+    rows = _verified(doc.get("reports"), remote, after, nxt)
+    # a cursor that does not move under a full page repeats that page forever (a busy loop
+    # in --follow, memory without end in 'reports')
+    if nxt < after or (rows and nxt == after):
+        raise RemoteError(f"{remote.base}/reports: next {nxt} does not advance from {after}")
+    return rows, nxt
 
 
 def _print_reports(
@@ -278,6 +342,23 @@ def _follow(
         return 0
 
 
+@contextlib.contextmanager
+def _shape(args: argparse.Namespace, what: str) -> Iterator[None]:
+    """A --remote answer (who, top: a node's sums, nothing signed to check) that lacks a field
+    or has one of the wrong type is the node's fault: one line naming it, exit 1."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        if not args.remote:
+            raise
+        from overflowd.cli.remote import RemoteError, base_url
+
+        raise RemoteError(
+            f"{base_url(args.remote)}/{what}: the answer has the wrong shape "
+            f"({type(exc).__name__}: {str(exc)[:80]})"
+        ) from None
+
+
 def cmd_who(args: argparse.Namespace) -> int:
     fmt = _output_format(args, ("table", "json", "csv"))
     _check_filter_syntax(args)
@@ -288,8 +369,9 @@ def cmd_who(args: argparse.Namespace) -> int:
         with Remote(args.remote) as remote:
             doc = remote.get("who", {**_remote_params(args), "prefix_len": args.prefix_len,
                                      "dns": "false" if args.no_dns else None})
-        objects = list(doc["observers"])
-        reports = int(doc["reports"])
+        with _shape(args, "who"):
+            objects = list(doc["observers"])
+            reports = int(doc["reports"])
     else:
         from overflowd.store.query import who
 
@@ -302,12 +384,13 @@ def cmd_who(args: argparse.Namespace) -> int:
         finally:
             store.close()
         reports = sum(r.reports for r in rows)
-    if fmt == "json":
-        render.json_lines(objects)
-    elif fmt == "csv":
-        render.who_csv(objects)
-    else:
-        render.who_table(objects)
+    with _shape(args, "who"):
+        if fmt == "json":
+            render.json_lines(objects)
+        elif fmt == "csv":
+            render.who_csv(objects)
+        else:
+            render.who_table(objects)
     print(f"{count_line(len(objects), len(objects), 'observer')}, "
           f"{count_line(reports, reports, 'report')}", file=sys.stderr)
     return 0
@@ -344,7 +427,8 @@ def cmd_top(args: argparse.Namespace) -> int:
         with Remote(args.remote) as remote:
             doc = remote.get("top", {**_remote_params(args), "by": args.by, "n": args.n,
                                      "prefix_len": args.prefix_len, "measure": measure})
-        objects, groups = list(doc["rows"]), int(doc["groups"])
+        with _shape(args, "top"):
+            objects, groups = list(doc["rows"]), int(doc["groups"])
     else:
         from overflowd.store.query import top
 
@@ -356,13 +440,14 @@ def cmd_top(args: argparse.Namespace) -> int:
         finally:
             store.close()
         objects, groups = top_json(result, by=args.by), result.groups
-    if fmt == "json":
-        render.json_lines(objects)
-    elif fmt == "csv":
-        render.top_csv(objects)
-    else:
-        render.top_table(objects)
-    shown = sum(1 for o in objects if o["rank"] is not None)
+    with _shape(args, "top"):
+        if fmt == "json":
+            render.json_lines(objects)
+        elif fmt == "csv":
+            render.top_csv(objects)
+        else:
+            render.top_table(objects)
+        shown = sum(1 for o in objects if o["rank"] is not None)
     print(count_line(shown, groups, "group") + f" by {args.by}, ranked by {measure}",
           file=sys.stderr)
     return 0

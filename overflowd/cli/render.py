@@ -12,6 +12,7 @@ import io
 import json
 import math
 import sys
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
@@ -28,10 +29,22 @@ def json_lines(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> 
     out.flush()
 
 
+def printable(text: str) -> str:
+    """``text`` with control and format characters (ESC, BEL, C1, bidi overrides) written as
+    ``\\xNN``/``\\uNNNN``: an observer's contacts and point, and a node's whole answer, are
+    an attacker's text, and a terminal obeys ESC ] 52 (clipboard), ESC [ 2 J and the like."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if unicodedata.category(c) not in ("Cc", "Cf") else ascii(c)[1:-1] for c in text
+    )
+
+
 def _table(columns: Sequence[str], rows: Iterable[Sequence[str]], out: TextIO) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     tty = out.isatty()
     # Into a pipe: no colours, no rules, no padding after the last column (grep, cut, awk).
@@ -43,7 +56,9 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[str]], out: TextIO) -
         numeric = name in ("PACKETS", "BYTES", "REPORTS", "DUR", "SPORT", "DPORT", "P")
         table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
     for row in rows:
-        table.add_row(*row)
+        # Text, not str: rich reads a str as markup ("[/x]" raised MarkupError, "[link=...]"
+        # made a hidden link)
+        table.add_row(*(Text(printable(cell)) for cell in row))
     if tty:
         console.print(table)
         return
@@ -62,9 +77,10 @@ def _proto(number: int) -> str:
     return PROTO_NAMES.get(number, str(number))
 
 
-def _count(value: float) -> str:
-    """An estimate for people: 3 significant digits with k/M/G (nfdump's way)."""
-    if not math.isfinite(value):
+def _count(value: float | None) -> str:
+    """An estimate for people: 3 significant digits with k/M/G (nfdump's way); None (JSON's
+    unbounded) is 'inf'."""
+    if value is None or not math.isfinite(value):
         return "inf"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= size:
@@ -76,8 +92,7 @@ def _interval(est: dict[str, Any]) -> str:
     """'12.3k (8.1k-18.0k)' from an Interval's JSON; an unbounded end is '∞'."""
     high = est["high"]
     return (
-        f"{_count(est['estimate'])} ({_count(est['low'])}-"
-        f"{'inf' if high is None else _count(high)})"
+        f"{_count(est['estimate'])} ({_count(est['low'])}-{_count(high)})"
     )
 
 
@@ -121,7 +136,7 @@ def reports_table(objects: Sequence[dict[str, Any]], out: TextIO | None = None) 
 
 def report_line(obj: dict[str, Any]) -> str:
     """One report as one line of fixed columns, for --follow (a table cannot stream)."""
-    c = _report_cells(obj)
+    c = [printable(cell) for cell in _report_cells(obj)]
     return (
         f"{c[0]}  {c[1]:>5}  {c[2] + ':' + c[3]:>41} > {c[4] + ':' + c[5]:<41} {c[6]:<5} "
         f"{c[7]:>10} {c[8]:>12}  p={c[9]:<7} {c[10]} {c[11]} {c[12]} {c[13]}"
@@ -198,6 +213,16 @@ def _dns_contacts(registry: Sequence[dict[str, Any]] | None) -> str:
     return "; ".join(cells)
 
 
+#: What a spreadsheet reads as a formula at the start of a cell (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """An attacker's free text (an observer's contacts, point) for a CSV cell: a leading
+    quote makes ``=cmd|' /C calc'!A0`` text in Excel and LibreOffice, not a formula."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _high(value: float | None) -> str:
     return "" if value is None else repr(value)
 
@@ -209,12 +234,13 @@ def who_csv(objects: Iterable[dict[str, Any]], out: TextIO | None = None) -> Non
         p, b = o["packets"], o["bytes"]
         writer.writerow(
             [
-                o["observer"]["key"], o["observer"]["fingerprint"], o["observer"]["point"],
-                o["trust"] or "", " ".join(o["contacts"]), o["reports"],
+                o["observer"]["key"], o["observer"]["fingerprint"],
+                csv_text(o["observer"]["point"]), o["trust"] or "",
+                csv_text(" ".join(o["contacts"])), o["reports"],
                 p["estimate"], p["low"], _high(p["high"]), b["estimate"], b["low"],
                 _high(b["high"]), o["first"], o["last"],
                 " ".join(s["prefix"] for s in o["top_sources"]),
-                _dns_contacts(o.get("registry")),
+                csv_text(_dns_contacts(o.get("registry"))),
             ]
         )  # fmt: skip
 
