@@ -297,8 +297,13 @@ def router(desk: Callable[[], SubscriptionDesk | None]) -> APIRouter:
             if body is None:
                 out = _detail(413, f"body is larger than {MAX_BODY_BYTES} bytes")
             else:
-                who = d.authenticate(wh.normalize_headers(request.headers.raw), body)
-                out = who if isinstance(who, Answer) else await handle(d, who, body)
+                try:
+                    headers = wh.normalize_headers(request.headers.raw)
+                except wh.WebhookDecodeError as exc:  # a header given twice: anyone's input
+                    out = _detail(400, exc.reason)
+                else:
+                    who = d.authenticate(headers, body)
+                    out = who if isinstance(who, Answer) else await handle(d, who, body)
         return Response(out.body, out.status, media_type="application/json")
 
     @r.post(

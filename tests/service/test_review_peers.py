@@ -17,6 +17,7 @@ from overflowd.identity import NodeIdentity
 from overflowd.peers import PeeringSettings, PeerSettings
 from overflowd.services.api import ApiContext, ApiService
 from overflowd.services.api_peers import PeerInbox
+from overflowd.services.api_subscriptions import SubscriptionDesk
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.services.peer_push import PeerPush
 from overflowd.store import Store
@@ -133,5 +134,35 @@ def test_a_request_a_peer_made_for_b_cannot_be_replayed_to_c(tmp_path: Path) -> 
                 assert store_c.get_report(report.report_id) is None
                 assert not policy.banned(HONEST.public_key)
                 assert policy.statistics().scores["a"] == 0.0
+
+        trio.run(main)
+
+
+def test_a_stranger_with_a_header_given_twice_gets_400_not_500_from_subscriptions(
+    tmp_path: Path,
+) -> None:
+    """``/v1/subscriptions`` normalised the headers outside its try: a ``webhook-id`` given
+    twice raised out of the route (500, and a traceback in the log per request) for anyone."""
+    with Store.open(f"sqlite:///{tmp_path / 'c.db'}") as store:
+        peers = [PeerSettings("a", "http://127.0.0.1:9/", HONEST.public_key, push=False)]
+        desk = SubscriptionDesk(store, peers, None, node_key=VICTIM_NODE.public_key)
+        ctx = ApiContext(
+            identity=VICTIM_NODE, contacts=(), observation_point="", store=store, subscriptions=desk
+        )
+        api = ApiService(ApiSettings(listen="127.0.0.1:0"), ctx)
+
+        async def main() -> None:
+            with trio.fail_after(TIMEOUT_S):
+                async with trio.open_nursery() as nursery:
+                    host, port = await nursery.start(api.run)
+                    url = f"http://{host}:{port}/v1/subscriptions"
+                    headers = [("webhook-id", "x"), ("webhook-id", "y")]
+                    async with httpx.AsyncClient() as client:
+                        for method in ("POST", "GET"):
+                            r = await client.request(
+                                method, url, content=b"{}", headers=headers, timeout=10
+                            )
+                            assert r.status_code == 400, (method, r.status_code, r.text)
+                    api.stop()
 
         trio.run(main)
