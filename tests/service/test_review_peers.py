@@ -166,3 +166,37 @@ def test_a_stranger_with_a_header_given_twice_gets_400_not_500_from_subscription
                     api.stop()
 
         trio.run(main)
+
+
+def test_a_peer_whose_url_the_operator_changed_still_gets_what_was_queued_for_it(
+    tmp_path: Path,
+) -> None:
+    """B is down; A queues a report for B's inbox; the operator moves B (a new ``url``, same
+    key) and restarts A. The outbox rows are keyed by URL and the push cursor had passed the
+    report, so on main the report sat at the old URL for ever: lost for B."""
+    now = int(time.time() * 1000)
+    report = OBSERVER.sign_report(make_payload(packets=9, time_ms=now))
+    with Store.open(f"sqlite:///{tmp_path / 'a.db'}") as store_a:
+        store_a.add_reports([(report, now, "import")])
+
+        async def main() -> None:
+            with trio.fail_after(TIMEOUT_S):
+                # 1. B at a port nothing listens on: the report is queued, not delivered.
+                with trio.socket.socket() as sock:
+                    await sock.bind(("127.0.0.1", 0))
+                    dead_port = sock.getsockname()[1]
+                old = PeerSettings("b", f"http://127.0.0.1:{dead_port}/", HOSTILE.public_key)
+                push = PeerPush(HONEST, store_a, [old], PeeringSettings())
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(push.run)
+                    while push.statistics().peers["b"]["enqueued"] < 1:
+                        await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+            # 2. B moved; A restarted: B must get the report at its new URL.
+            with trio.move_on_after(10):
+                _headers, body = await _capture_one_push(store_a)
+                assert report.cose in [i.cose for i in peering.decode_inbox(body).items]
+                return
+            raise AssertionError("the report queued for B's old URL never reached B")
+
+        trio.run(main)
