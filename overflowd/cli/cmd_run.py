@@ -131,7 +131,14 @@ def run(args: argparse.Namespace) -> int:
     policy = PeerPolicy(store, settings.peers) if settings.peers else None
     # -- end scores and bans ------------------------------------------------------------------
     peer_events = PeerEvents()
-    inbox = PeerInbox(store, settings.peers, settings.peering, events=peer_events, policy=policy)
+    inbox = PeerInbox(
+        store,
+        settings.peers,
+        settings.peering,
+        node_key=identity.public_key,
+        events=peer_events,
+        policy=policy,
+    )
     # -- peers: subscriptions (docs/peers.md "Subscriptions") ----------------------------------
     from overflowd.errors import DiscoveryError
     from overflowd.services.api_subscriptions import SubscriptionDesk, SubscriptionIndex
@@ -145,7 +152,14 @@ def run(args: argparse.Namespace) -> int:
             sub_registry: DnsRegistry | None = node.registry or DnsRegistry(settings.registry)
         except DiscoveryError:
             sub_registry = None  # every prefix is refused with that reason
-        desk = SubscriptionDesk(store, settings.peers, sub_registry, policy=policy, index=sub_index)
+        desk = SubscriptionDesk(
+            store,
+            settings.peers,
+            sub_registry,
+            node_key=identity.public_key,
+            policy=policy,
+            index=sub_index,
+        )
     # -- end subscriptions --------------------------------------------------------------------
     push = PeerPush(
         identity,

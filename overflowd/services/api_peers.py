@@ -8,7 +8,8 @@ costs as little as possible:
 2. the sender: the :data:`~overflowd.wire.peering.HEADER_PEER` key must be a configured peer
    (401 otherwise; nothing else is looked at);
 3. Standard Webhooks: headers, timestamp window (replays), ``webhook-id`` equal to
-   :func:`~overflowd.wire.peering.message_id` of the body, and the ``v1a`` signature under the
+   :func:`~overflowd.wire.peering.message_id` of the body and this node's key (a request made
+   for another node is refused, and is nobody's replay here), and the ``v1a`` signature under the
    peer's configured key (:func:`overflowd.receiver.preflight` and
    :func:`overflowd.wire.webhook.verify_signature`, the checks webhook receivers make): 400/401;
 4. the peer's inbound budget (reports/s and bytes/s; :class:`~overflowd.wire.peering.Budget`):
@@ -133,6 +134,7 @@ class PeerInbox:
         peers: Sequence[PeerSettings],
         settings: PeeringSettings | None = None,
         *,
+        node_key: bytes,
         tolerance_s: float = wh.DEFAULT_TOLERANCE_S,
         events: PeerEvents | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -140,6 +142,9 @@ class PeerInbox:
         policy: PeerPolicy | None = None,
     ) -> None:
         self.store = store
+        # This node's public key: a request's webhook-id names its recipient
+        # (peering.message_id), so one a peer made for another node is refused here.
+        self.node_key = node_key
         # Scores and bans (docs/peers.md "Scores and bans"): only what the peer's key signed
         # is judged, so a stranger naming a peer cannot lower its score.
         self.policy = policy
@@ -213,9 +218,13 @@ class PeerInbox:
         return InboxResult(403, _detail("the peer is banned"), seconds)
 
     def _signed_by(self, peer: PeerSettings, h: Mapping[str, str], body: bytes) -> bool:
-        """Does the request's signature verify under the peer's key (whatever its time)?"""
+        """Was the request made for this node and signed by the peer's key (whatever its
+        time)? A request the peer made for another node, sent here by that node, is not the
+        peer's replay."""
         try:
             parsed = wh.parse_headers(h)
+            if parsed.msg_id != peering.message_id(body, self.node_key):
+                return False
             wh.verify_signature(parsed, body, public_key=peer.key, check=check_signature)
         except (wh.WebhookDecodeError, SignatureError):
             return False
@@ -256,8 +265,10 @@ class PeerInbox:
             return self._reject(401, str(exc), peer.name, "replay")
         except wh.WebhookDecodeError as exc:
             return self._reject(400, exc.reason, peer.name, "malformed")
-        if parsed.msg_id != peering.message_id(body):
-            return self._reject(400, "webhook-id is not the body's id", peer.name, "malformed")
+        if parsed.msg_id != peering.message_id(body, self.node_key):
+            return self._reject(
+                400, "webhook-id is not this body's id for this node", peer.name, "malformed"
+            )
         try:
             wh.verify_signature(parsed, body, public_key=peer.key, check=check_signature)
         except SignatureError:

@@ -3,10 +3,11 @@ its own address space (docs/peers.md "Subscriptions").
 
 The body ``{"prefixes": ["192.0.2.0/24", ...], "endpoint": "<its inbox URL>"}`` is signed as
 an inbox POST is (Standard Webhooks ``v1a`` by the subscriber's key, ``overflowd-peer`` naming
-it, ``webhook-id`` the body's id): only configured peers subscribe, and a banned one gets 403
-before anything is read. Each prefix is accepted only if the ``_overflowd`` record found by the
-registry's walk-up *for the whole prefix* (:meth:`DnsRegistry.lookup_prefix`: from the
-prefix's own length upwards) names the subscriber's key; otherwise it is refused with a reason.
+it, ``webhook-id`` the body's id for this node): only configured peers subscribe, and a banned
+one gets 403 before anything is read. Each prefix is accepted only if the ``_overflowd``
+record found by the registry's walk-up *for the whole prefix*
+(:meth:`DnsRegistry.lookup_prefix`: from the prefix's own length upwards) names the
+subscriber's key; otherwise it is refused with a reason.
 The endpoint must be the peer's configured inbox (no request can make this node call an
 address its operator did not configure).
 
@@ -132,12 +133,16 @@ class SubscriptionDesk:
         peers: Sequence[PeerSettings],
         registry: DnsRegistry | None,
         *,
+        node_key: bytes,
         policy: PeerPolicy | None = None,
         index: SubscriptionIndex | None = None,
         tolerance_s: float = wh.DEFAULT_TOLERANCE_S,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.registry, self.policy = store, registry, policy
+        # The webhook-id names this node (peering.message_id): a subscription made for another
+        # node is not one made here.
+        self.node_key = node_key
         self.index = index or SubscriptionIndex()
         self._peers = {p.key: p for p in peers}
         self._tolerance_s = tolerance_s
@@ -164,7 +169,7 @@ class SubscriptionDesk:
                 tolerance_s=self._tolerance_s,
                 max_body_bytes=MAX_BODY_BYTES,
             )
-            if parsed.msg_id != peering.message_id(body):
+            if parsed.msg_id != peering.message_id(body, self.node_key):
                 return _detail(400, "webhook-id is not the body's id")
             wh.verify_signature(parsed, body, public_key=peer.key, check=check_signature)
         except wh.WebhookDecodeError as exc:
@@ -292,8 +297,13 @@ def router(desk: Callable[[], SubscriptionDesk | None]) -> APIRouter:
             if body is None:
                 out = _detail(413, f"body is larger than {MAX_BODY_BYTES} bytes")
             else:
-                who = d.authenticate(wh.normalize_headers(request.headers.raw), body)
-                out = who if isinstance(who, Answer) else await handle(d, who, body)
+                try:
+                    headers = wh.normalize_headers(request.headers.raw)
+                except wh.WebhookDecodeError as exc:  # a header given twice: anyone's input
+                    out = _detail(400, exc.reason)
+                else:
+                    who = d.authenticate(headers, body)
+                    out = who if isinstance(who, Answer) else await handle(d, who, body)
         return Response(out.body, out.status, media_type="application/json")
 
     @r.post(

@@ -356,7 +356,8 @@ class PeerPush:
         body: bytes,
         counters: _PeerCounters,
     ) -> None:
-        headers = wh.sign(peering.message_id(body), int(self._wall_clock()), body, self._signer)
+        msg_id = peering.message_id(body, peer.key)  # names the recipient: not replayable elsewhere
+        headers = wh.sign(msg_id, int(self._wall_clock()), body, self._signer)
         headers[peering.HEADER_PEER] = self._key_b64
         status: int | None = None
         retry_after: float | None = None

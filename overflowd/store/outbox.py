@@ -532,6 +532,30 @@ def release(store: Store, entry_id: int, *, now_ms: int, next_attempt_ms: int) -
         return bool(conn.execute(stmt).rowcount)
 
 
+def retarget_pending_in(
+    conn: Connection, old_url: str, new_url: str, *, now_ms: int, kind: str
+) -> int:
+    """Move the pending rows of ``kind`` from ``old_url`` to ``new_url``; returns how many.
+
+    A peer's rows are keyed by its inbox URL, and its push cursor has passed what they hold:
+    when the operator changes the peer's ``url`` (same key), rows left at the old URL would
+    never be claimed again (:func:`overflowd.store.peers.ensure_peer_in` calls this in the
+    transaction that stores the new URL). A row whose report is already at the new URL stays
+    (that row's duplicate). Due at once, attempts kept.
+    """
+    if old_url == new_url:
+        return 0
+    o = _OUTBOX
+    there = o.alias("there")
+    taken = select(there.c.id).where(there.c.url == new_url, there.c.report_id == o.c.report_id)
+    stmt = (
+        update(o)
+        .where(o.c.url == old_url, o.c.kind == kind, o.c.state == PENDING, ~taken.exists())
+        .values(url=new_url, next_attempt_ms=now_ms, updated_ms=now_ms)
+    )
+    return int(conn.execute(stmt).rowcount)
+
+
 def release_many(
     store: Store, entry_ids: Sequence[int], *, now_ms: int, next_attempt_ms: int
 ) -> int:

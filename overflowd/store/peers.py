@@ -28,8 +28,9 @@ from sqlalchemy import Connection, Table, case, func, select
 
 from overflowd import report as rpt
 from overflowd.store.models import BIGINT_MAX, Base
-from overflowd.store.outbox import PENDING
+from overflowd.store.outbox import KIND_PEER, PENDING, retarget_pending_in
 from overflowd.store.repository import Store
+from overflowd.wire.peering import INBOX_PATH
 
 #: Text columns are cut to their size (an error is a peer's words, or an exception's).
 MAX_ERROR_CHARS = 400
@@ -147,6 +148,13 @@ def ensure_peer_in(
     else:
         current = _row(found)
         still_learned = current.learned and learned
+        if current.url != url:
+            # The operator moved the peer (same key): what its outbox held for the old inbox
+            # goes to the new one, in this transaction (the push cursor is past it).
+            inbox = INBOX_PATH.lstrip("/")  # as PeerSettings.endpoint makes it
+            retarget_pending_in(
+                conn, current.url + inbox, url + inbox, now_ms=now_ms, kind=KIND_PEER
+            )
         if (current.name, current.url, current.learned) != (name, url, still_learned):
             conn.execute(
                 t.update()

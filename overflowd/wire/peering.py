@@ -7,7 +7,11 @@ A node forwards reports to a peer as one JSON body::
 signed the Standard Webhooks way (:mod:`overflowd.wire.webhook`, ``v1a``) with the sending
 node's key, which it names in the :data:`HEADER_PEER` header (base64, as in the receiver's
 ``[[peers]]`` ``key``): the receiver then checks one signature under one configured key instead
-of trying every peer's. ``webhook-id`` is :func:`message_id` of the body. ``hops`` counts the
+of trying every peer's. ``webhook-id`` is :func:`message_id` of the body *and the recipient's
+key*: Standard Webhooks signs id, time and body and nothing that names the recipient, so
+without it a peer could resend what a sender pushed to it to the sender's other peers, as the
+sender's (spending its budget there, and after the time window getting it judged for
+"replays" it never made). ``hops`` counts the
 peer-to-peer hops the report has made when it arrives (1 for a report its observer's node
 sent); it travels outside the signed COSE bytes, which are forwarded verbatim, never re-signed.
 
@@ -107,9 +111,13 @@ class InboxAnswer:
     refused: tuple[tuple[int, str], ...] = field(default_factory=tuple)
 
 
-def message_id(body: bytes) -> str:
-    """The ``webhook-id`` of an inbox POST: ``inbox_`` + hex of 16 bytes of SHA-256(body)."""
-    return "inbox_" + hashlib.sha256(body).digest()[:16].hex()
+def message_id(body: bytes, recipient: bytes) -> str:
+    """The ``webhook-id`` of an inbox POST to the node whose key is ``recipient``: ``inbox_`` +
+    hex of 16 bytes of SHA-256(recipient key + body). The id is signed, so a request made for
+    one node does not verify as one made for another (see the module docstring)."""
+    if len(recipient) != 32:
+        raise ValueError("the recipient is a 32-byte Ed25519 public key")
+    return "inbox_" + hashlib.sha256(bytes(recipient) + bytes(body)).digest()[:16].hex()
 
 
 def encode_inbox(items: Sequence[tuple[bytes, int]]) -> bytes:

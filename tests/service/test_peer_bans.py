@@ -32,6 +32,7 @@ from overflowd.wire import peering
 from overflowd.wire import webhook as wh
 from tests.service.test_daemon import Daemon
 from tests.support.cli import run
+from tests.support.node_key import node_key
 from tests.support.postgres import free_port
 from tests.support.reports import make_payload
 
@@ -63,7 +64,7 @@ def _post(
     client: httpx.Client, url: str, sender: NodeIdentity, body: bytes, *, at: int | None = None
 ) -> httpx.Response:
     ts = int(time.time()) if at is None else at
-    headers = wh.sign(peering.message_id(body), ts, body, sender.sign)
+    headers = wh.sign(peering.message_id(body, node_key(url)), ts, body, sender.sign)
     headers[peering.HEADER_PEER] = sender.public_key_b64
     return client.post(url, content=body, headers=headers, timeout=10)
 

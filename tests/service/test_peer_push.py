@@ -175,7 +175,8 @@ def test_reports_stored_at_a_reach_c_once_with_hops_and_never_echo(
 
 
 def _post_as(sender: NodeIdentity, node: Node, body: bytes) -> httpx.Response:
-    headers = wh.sign(peering.message_id(body), int(time.time()), body, sender.sign)
+    msg_id = peering.message_id(body, node.identity.public_key)
+    headers = wh.sign(msg_id, int(time.time()), body, sender.sign)
     headers[peering.HEADER_PEER] = sender.public_key_b64
     return httpx.post(node.url + "v1/inbox", content=body, headers=headers, timeout=10)
 
@@ -215,10 +216,11 @@ def test_a_forged_item_is_refused_alone_and_the_hop_limit_stops_forwarding(
         assert [x.count for x in s.arrivals([near.report_id])[near.report_id]] == [2]
     # A key that is not a peer, a signature by the wrong key, a replayed timestamp: refused.
     assert _post_as(OBSERVER, b, body).status_code == 401
-    headers = wh.sign(peering.message_id(body), int(time.time()), body, OBSERVER.sign)
+    to_b = peering.message_id(body, b.identity.public_key)
+    headers = wh.sign(to_b, int(time.time()), body, OBSERVER.sign)
     headers[peering.HEADER_PEER] = a.identity.public_key_b64
     assert httpx.post(b.url + "v1/inbox", content=body, headers=headers).status_code == 401
-    old = wh.sign(peering.message_id(body), int(time.time()) - 3600, body, a.identity.sign)
+    old = wh.sign(to_b, int(time.time()) - 3600, body, a.identity.sign)
     old[peering.HEADER_PEER] = a.identity.public_key_b64
     assert httpx.post(b.url + "v1/inbox", content=body, headers=old).status_code == 401
     assert b.metric("overflowd_peer_events_total", event="replay") == 1
@@ -310,7 +312,7 @@ def test_peer_metric_families_are_documented(tmp_path: Path) -> None:
     events.note("p", "forged")
     with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as store:
         push = PeerPush(NodeIdentity.generate(), store, (), PeeringSettings())
-        inbox = PeerInbox(store, ())
+        inbox = PeerInbox(store, (), node_key=bytes(32))
         families = list(peer_metrics(push, inbox, events))
     assert len(families) >= 10
     for m in families:

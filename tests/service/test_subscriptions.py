@@ -31,6 +31,7 @@ from overflowd.wire import webhook as wh
 from tests.service.test_daemon import Daemon
 from tests.support.cli import run
 from tests.support.knot import KnotServer, running_knot, soa_zone
+from tests.support.node_key import node_key
 from tests.support.reports import make_payload
 
 SUBSCRIBER = NodeIdentity(seed=b"\x51" * 32)
@@ -81,8 +82,11 @@ def knot() -> Iterator[KnotServer]:
         yield server
 
 
-def _signed(sender: NodeIdentity, body: bytes, named: NodeIdentity | None = None) -> dict[str, str]:
-    headers = wh.sign(peering.message_id(body), int(time.time()), body, sender.sign)
+def _signed(
+    url: str, sender: NodeIdentity, body: bytes, named: NodeIdentity | None = None
+) -> dict[str, str]:
+    msg_id = peering.message_id(body, node_key(url))
+    headers = wh.sign(msg_id, int(time.time()), body, sender.sign)
     headers[peering.HEADER_PEER] = (named or sender).public_key_b64
     return headers
 
@@ -120,9 +124,9 @@ def test_a_subscription_is_accepted_only_where_dns_names_the_key(
         ]
         body = json.dumps({"prefixes": prefixes, "endpoint": sub_url + "v1/inbox"}).encode()
         # Signed by another key while naming the subscriber: refused, nothing stored.
-        forged = httpx.post(url, content=body, headers=_signed(OTHER, body, SUBSCRIBER))
+        forged = httpx.post(url, content=body, headers=_signed(url, OTHER, body, SUBSCRIBER))
         assert forged.status_code == 401, forged.text
-        r = httpx.post(url, content=body, headers=_signed(SUBSCRIBER, body), timeout=20)
+        r = httpx.post(url, content=body, headers=_signed(url, SUBSCRIBER, body), timeout=20)
         assert r.status_code == 200, r.text
         answer = r.json()
         assert answer["accepted"] == ["192.0.2.0/24"]
@@ -135,9 +139,9 @@ def test_a_subscription_is_accepted_only_where_dns_names_the_key(
         assert reasons["192.0.2.1/24"].startswith("not a prefix")
         assert len(answer["refused"]) == 5  # the repeated 192.0.2.0/24 too
         wrong = json.dumps({"prefixes": ["192.0.2.0/24"], "endpoint": "http://127.0.0.9/"})
-        bad = httpx.post(url, content=wrong, headers=_signed(SUBSCRIBER, wrong.encode()))
+        bad = httpx.post(url, content=wrong, headers=_signed(url, SUBSCRIBER, wrong.encode()))
         assert bad.status_code == 400 and "configured inbox" in bad.text
-        listed = httpx.get(url, headers=_signed(SUBSCRIBER, b""))
+        listed = httpx.get(url, headers=_signed(url, SUBSCRIBER, b""))
         assert listed.json() == {
             "subscriptions": [{"prefix": "192.0.2.0/24", "endpoint": sub_url + "v1/inbox"}]
         }

@@ -100,10 +100,12 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
         peering.encode_inbox([(b"", 1)])
 
 
-def test_message_id_names_the_body() -> None:
+def test_message_id_names_the_body_and_the_recipient() -> None:
     a, b = peering.encode_inbox([(COSES[0], 1)]), peering.encode_inbox([(COSES[0], 2)])
-    assert peering.message_id(a) != peering.message_id(b)
-    assert peering.message_id(a).startswith("inbox_") and len(peering.message_id(a)) == 38
+    to, other = b"\x01" * 32, b"\x02" * 32
+    assert peering.message_id(a, to) != peering.message_id(b, to)
+    assert peering.message_id(a, to) != peering.message_id(a, other)
+    assert peering.message_id(a, to).startswith("inbox_") and len(peering.message_id(a, to)) == 38
 
 
 def test_answer_round_trip_and_counts_must_add_up() -> None:
