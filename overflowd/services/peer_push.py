@@ -67,9 +67,17 @@ log = logging.getLogger(__name__)
 
 SECONDS = 1.0
 USER_AGENT = "overflowd-peer/1"
-#: How often an idle tail looks for new reports: one indexed query per peer and period; a
-#: report waits at most this long before it is queued for the peer.
+#: How often an idle tail looks for new reports when nothing woke it: one indexed query per
+#: peer and period. The store wakes the tails after every commit that stored new reports
+#: (:meth:`Store.on_new_reports`), so this is only the fallback (a write by another process,
+#: e.g. ``overflowd-query import`` on the same database, or a wake-up lost to a race).
 TAIL_POLL_S = 0.5 * SECONDS
+#: After a wake-up the tail waits this long for more commits to land before it reads, so a
+#: stream of small writes (the daemon's store writer commits every few reports) becomes at
+#: most 20 pages, outbox transactions and POSTs a second per peer, not one each: every one
+#: is several SQLite write transactions here and at the peer. It adds at most this much to a
+#: hop's latency (goal: under 1 s for two hops).
+TAIL_GATHER_S = 0.05 * SECONDS
 #: Reports one tail step reads (and enqueues in one transaction).
 TAIL_PAGE_REPORTS = 500
 #: Pending rows one peer's outbox may hold: a peer down for a day at 1 report/s is 86 400;
@@ -166,6 +174,11 @@ class PeerPush:
         self._rng = rng or random.Random()
         self._counters = {p.name: _PeerCounters() for p in self._peers}
         self._wakeups = {p.name: trio.Event() for p in self._peers}
+        # Set by the store's commit hook: new reports to look at (one event per tail).
+        self._new_reports = {p.name: trio.Event() for p in self._peers}
+        self.tail_poll_s = TAIL_POLL_S
+        self.idle_max_s = IDLE_MAX_S
+        self.wakeups = 0  # commit notifications received (statistics, tests)
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -183,11 +196,29 @@ class PeerPush:
                     now_ms=now_ms,
                 )
             )
-        async with trio.open_nursery() as nursery:
-            for peer in self._peers:
-                nursery.start_soon(self._guarded, self._tail, peer)
-                nursery.start_soon(self._guarded, self._deliver, peer)
-            task_status.started()
+        token = trio.lowlevel.current_trio_token()
+
+        def notify() -> None:  # any thread: the store's committing one
+            try:
+                token.run_sync_soon(self._wake_tails)
+            except trio.RunFinishedError:
+                pass
+
+        undo = self._store.on_new_reports(notify) if self._peers else None
+        try:
+            async with trio.open_nursery() as nursery:
+                for peer in self._peers:
+                    nursery.start_soon(self._guarded, self._tail, peer)
+                    nursery.start_soon(self._guarded, self._deliver, peer)
+                task_status.started()
+        finally:
+            if undo is not None:
+                undo()
+
+    def _wake_tails(self) -> None:
+        self.wakeups += 1
+        for event in self._new_reports.values():
+            event.set()
 
     async def _guarded(
         self, fn: Callable[[PeerSettings], Awaitable[None]], peer: PeerSettings
@@ -207,11 +238,19 @@ class PeerPush:
 
     async def _tail(self, peer: PeerSettings) -> None:
         while True:
+            # A fresh event before the read: a commit that lands while we read wakes us again.
+            woken = self._new_reports[peer.name] = trio.Event()
             before = self._counters[peer.name].enqueued
             more = await trio.to_thread.run_sync(self._tail_step, peer)
             if self._counters[peer.name].enqueued != before:
                 self._wakeups[peer.name].set()
-            await trio.sleep(0 if more else TAIL_POLL_S)
+            if more:
+                await trio.sleep(0)
+                continue
+            with trio.move_on_after(self.tail_poll_s):
+                await woken.wait()
+            if woken.is_set():
+                await trio.sleep(TAIL_GATHER_S)
 
     def _tail_step(self, peer: PeerSettings) -> bool:
         """Enqueue one page after the push cursor; True if there may be more right away."""
@@ -317,7 +356,8 @@ class PeerPush:
                 outbox.next_due_ms, self._store, now_ms=now_ms, kind=outbox.KIND_PEER, url=url
             )
         )
-        wait = IDLE_MAX_S if due is None else min(IDLE_MAX_S, max(0.0, (due - now_ms) / 1000))
+        cap = self.idle_max_s
+        wait = cap if due is None else min(cap, max(0.0, (due - now_ms) / 1000))
         with trio.move_on_after(wait):
             await event.wait()
 

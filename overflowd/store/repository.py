@@ -309,6 +309,18 @@ class Store:
         self._new = 0
         self._duplicate = 0
         self._errors = 0
+        # Called (from the committing thread) after a write stored new reports: PeerPush's
+        # wake-up, so a new report is forwarded at once rather than at the next poll.
+        self._on_new: list[Callable[[], None]] = []
+
+    def on_new_reports(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn()`` after each commit that stored new reports; returns the undo.
+
+        ``fn`` runs in whatever thread committed, so it must be cheap and thread-safe (e.g.
+        ``TrioToken.run_sync_soon``); an exception from it is not the write's failure.
+        """
+        self._on_new.append(fn)
+        return lambda: self._on_new.remove(fn) if fn in self._on_new else None
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -584,6 +596,12 @@ class Store:
         with self._lock:
             self._new += len(new_ids)
             self._duplicate += len(reports) - len(new_ids)
+        if new_ids:
+            for fn in tuple(self._on_new):
+                try:
+                    fn()
+                except Exception:  # a listener's bug never undoes a committed write
+                    log.exception("store.listener_failed")
         return new_ids
 
     @staticmethod
