@@ -185,6 +185,7 @@ def rows(n: int, observers: list[Observer], now_ms: int, seed: int) -> Iterator[
             trust=o.trust,
             sender_net=None,
             seq=i + 1,
+            hops=0,
         )
         yield row
 
@@ -432,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         "--db",
         help="time an existing store built by this script (no loading): its URL",
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="build the SQLite store in this directory and leave it there (time it again "
+        "with --db sqlite:///DIR/overflowd.db)",
+    )
     args = parser.parse_args(argv)
     have_cli = cli_available(args.cli)
     if not have_cli:
@@ -453,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     data = Data(args.reports, now_ms)
     print(f"  in {data.seconds:.0f} s", file=sys.stderr)
     for backend in backends:
-        tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-query-"))
+        keep = args.keep is not None and backend == "sqlite"
+        if keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        tmp = args.keep if keep else Path(tempfile.mkdtemp(prefix="overflowd-bench-query-"))
         try:
             ctx = sqlite_store(tmp) if backend == "sqlite" else postgres_store()
             with ctx as (store, url, path):
@@ -464,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                 cli = time_cli(args.cli, url, args.cli_runs, now_ms) if have_cli else None
                 show(backend, inproc, cli, per_report, load_s, args.reports)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\n(python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
         f"load average {os.getloadavg()[0]:.1f})"

@@ -475,6 +475,87 @@ def _rank(
     return TopResult(top=tuple(shown), other=other, groups=len(groups), folded=0, max_folded=0.0)
 
 
+def _whole_bytes(v4_len: int, v6_len: int) -> bool:
+    """Whether both prefix lengths end on a byte: then SQL groups by exactly the network (a
+    /20 is several 3-byte groups that Python merges)."""
+    return v4_len % 8 == 0 and v6_len % 8 == 0
+
+
+#: The sums of a group that _sums reads, in its order: what the ranking queries carry along.
+_SUM_LABELS = (*_FIELDS, "packets_huge", "bytes_huge")
+
+
+def _rank_order(g: Any, keys: Sequence[str], measure: Literal["packets", "bytes"]) -> list[Any]:
+    """ORDER BY of groups ``g`` (a subquery of _sum_columns sums), busiest first, as _rank
+    sorts them: the point estimate (certain + Σ weights), any report over WEIGHT_CAP making it
+    infinite (those first, among themselves by key), ties by key ascending (bytes compare as
+    memcmp on both backends, like Python's bytes)."""
+    certain, total, huge = (
+        ("certain_packets", "packets_total", "packets_huge")
+        if measure == "packets"
+        else ("certain_bytes", "bytes_total", "bytes_huge")
+    )
+    unbounded = g.c[huge] > 0
+    estimate: ColumnElement[float] = cast(g.c[certain], Double()) + cast(g.c[total], Double())
+    return [
+        case((unbounded, 1), else_=0).desc(),
+        case((unbounded, 0.0), else_=estimate).desc(),
+        *(g.c[k].asc() for k in keys),
+    ]
+
+
+def _top_rows(
+    store: Store,
+    flt: ReportFilter,
+    keys: Sequence[Any],
+    n: int,
+    measure: Literal["packets", "bytes"],
+    doing: str,
+) -> tuple[list[tuple[tuple[Any, ...], list[Any]]], list[Any] | None, int]:
+    """The ``n`` busiest groups by ``keys`` ranked in SQL, and the sums of all the others
+    added in SQL: only n + 1 rows reach Python, however many groups an hour of spoofed sources
+    makes. Returns ``[(key values, sums)]`` busiest first, the rest's sums (None: no rest)
+    and the number of groups.
+
+    The groups are numbered by ROW_NUMBER() in _rank_order and grouped again by "its number
+    if at most n, else n + 1", the keys kept for the first n only (PostgreSQL has no MIN of
+    bytea to carry them otherwise). "Other" is the rest's sums merged (sums added, maxima
+    kept): what TopN gives, up to the order floating-point sums are added in.
+    """
+    names = [k.name for k in keys]
+
+    def build(cols: list[ColumnElement[Any]]) -> Select[Any]:
+        g = _where(select(*keys, *cols), flt).group_by(*keys).subquery("g")
+        rn = func.row_number().over(order_by=_rank_order(g, names, measure)).label("rn")
+        r = select(*(g.c[k] for k in names), *(g.c[f] for f in _SUM_LABELS), rn).subquery("r")
+        shown = r.c.rn <= n
+        bucket = case((shown, r.c.rn), else_=n + 1).label("bucket")
+        # labels unlike r's columns: PostgreSQL's GROUP BY prefers an input column's name
+        kept = [case((shown, r.c[k]), else_=None).label(f"key_{i}") for i, k in enumerate(names)]
+        sums = [
+            (func.max if i in _MAXES else func.sum)(r.c[f]).label(f)
+            for i, f in enumerate(_SUM_LABELS)
+        ]
+        return (
+            select(bucket, *kept, *sums, func.count().label("groups"))
+            .group_by(bucket, *kept)
+            .order_by(bucket)
+        )
+
+    rows = _run_sums(store, build, doing)
+    at = 1 + len(keys)
+    shown_rows: list[tuple[tuple[Any, ...], list[Any]]] = []
+    rest: list[Any] | None = None
+    groups = 0
+    for row in rows:
+        groups += int(row[-1])
+        if int(row[0]) <= n:
+            shown_rows.append((tuple(row[1:at]), _sums(row, at)))
+        else:
+            rest = _sums(row, at)
+    return shown_rows, rest, groups
+
+
 def _larger(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
@@ -605,7 +686,10 @@ def who(
     keys = sorted(bytes(r.observer_key) for r in groups)
     info = _observer_info(store, keys)
     sources: dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]] = {}
-    if top_sources:
+    if top_sources and _whole_bytes(v4_len, v6_len):
+        for key, (version, raw), sums in _top_sources(store, flt, top_sources, v4_len, v6_len):
+            sources.setdefault(key, []).append(((version, raw), sums))
+    elif top_sources:
         prefix = _prefix_column(t.c.src, v4_len, v6_len).label("prefix")
         by_prefix = _run_sums(
             store,
@@ -659,6 +743,41 @@ def who(
         )
     rows.sort(key=lambda r: (-r.estimate.packets.estimate, r.fingerprint, r.observer_key))
     return rows
+
+
+def _top_sources(
+    store: Store, flt: ReportFilter, n: int, v4_len: int, v6_len: int
+) -> list[tuple[bytes, tuple[int, bytes], list[Any]]]:
+    """Each observer's ``n`` busiest source prefixes (whole bytes), ranked in SQL by
+    ROW_NUMBER() per observer as _rank orders them: only those rows reach Python."""
+    t = _T
+    prefix = _prefix_column(t.c.src, v4_len, v6_len).label("prefix")
+
+    def build(cols: list[ColumnElement[Any]]) -> Select[Any]:
+        g = (
+            _where(select(t.c.observer_key, t.c.ip_version, prefix, *cols), flt)
+            .group_by(t.c.observer_key, t.c.ip_version, prefix)
+            .subquery("g")
+        )
+        rn = (
+            func.row_number()
+            .over(
+                partition_by=g.c.observer_key,
+                order_by=_rank_order(g, ("ip_version", "prefix"), "packets"),
+            )
+            .label("rn")
+        )
+        r = select(*g.c, rn).subquery("r")
+        return (
+            select(r.c.observer_key, r.c.ip_version, r.c.prefix, *(r.c[f] for f in _SUM_LABELS))
+            .where(r.c.rn <= n)
+            .order_by(r.c.observer_key, r.c.rn)
+        )
+
+    return [
+        (bytes(row[0]), (int(row[1]), bytes(row[2])), _sums(row, 3))
+        for row in _run_sums(store, build, "asking who reports")
+    ]
 
 
 Info = tuple[str, tuple[str, ...], str, str | None, Units]
@@ -745,6 +864,22 @@ def top(
             "proto": t.c.proto,
         }[by]
         keys = [column.label("k")]
+    if by != "observer" and (by not in ("src", "dst") or _whole_bytes(v4_len, v6_len)):
+        # the common case, ranked in SQL: every group has the same units
+        every = _observer_units(store, flt.observers).values()
+        same: Units = (_max_unit(u for u, _ in every), _max_unit(b for _, b in every))
+        shown, rest, count = _top_rows(store, flt, keys, n, measure, "asking for the top")
+        top_list = []
+        for values, sums in shown:
+            if by in ("src", "dst"):
+                key: Any = _network(int(values[0]), bytes(values[1]), v4_len, v6_len)
+            else:
+                key = int(values[0])
+            top_list.append((key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
+        other = None if rest is None else _from(rest).estimate(unit=same[0], byte_unit=same[1])
+        return TopResult(top=tuple(top_list), other=other, groups=count, folded=0, max_folded=0.0)
+    # By observer (each its own units) or a prefix of part of a byte: grouped in SQL, merged
+    # and ranked here.
     rows = _run_sums(
         store,
         lambda cols: _where(select(*keys, *cols), flt).group_by(*keys),

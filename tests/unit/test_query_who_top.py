@@ -261,3 +261,43 @@ def test_observer_units_are_kept_by_inserts_and_filled_by_the_migration(db_url: 
     for units in (inserted, migrated):
         assert units[identity.public_key] == pytest.approx((want.packets_unit, want.bytes_unit))
         assert units[certain_only.public_key] == (None, None)
+
+
+def test_ties_rank_by_key_as_streaming_does(store: Store) -> None:
+    """Groups with equal estimates (and groups tied at infinity) cut by n: SQL ranks them by
+    key ascending, as TopN fed in key order does, on both backends, for top and who."""
+    identity = NodeIdentity.generate()
+    batch = []
+    # sources given out of key order; 10 packets each at p = 1 ties six /24s;
+    # two /24s are unbounded (p = 5e-324), tied at infinity
+    sources = [("192.0.2.9", 10, 1.0), ("10.0.4.1", 10, 1.0), ("10.0.3.1", 10, 1.0)]
+    sources += [("10.0.1.1", 10, 1.0), ("203.0.113.1", 10, 1.0), ("10.0.2.1", 10, 1.0)]
+    sources += [("172.16.0.1", 10, 5e-324), ("172.15.0.1", 10, 5e-324), ("10.0.0.1", 3, 1.0)]
+    for src, packets, p in sources:
+        payload = make_payload(src=src, dst="198.51.100.9", packets=packets, probability=p)
+        batch.append((identity.sign_report(payload), BASE_MS, "udp"))
+    assert store.add_reports(batch) == len(sources)
+    flt = ReportFilter(dst=net("198.51.100.0/24"))
+    groups: dict[Any, Tally] = {}
+    for r in store.query_reports():
+        groups.setdefault(prefix_key(r.src, 24, 48), Tally()).add(
+            r.packets, r.bytes, r.probability, r.sampling_interval
+        )
+    ref: TopN[Any] = TopN()
+    for k in sorted(groups, key=_order):
+        ref.add_tally(k, groups[k])
+    unit = _tally(store.query_reports())
+    for n in (1, 3, 4, 6):
+        want = ref.result(n, by="packets", unit=unit.packets_unit, byte_unit=unit.bytes_unit)
+        got = top(store, flt, by="src", n=n)
+        assert [k for k, _ in got.top] == [k for k, _ in want.top]
+        assert got.other is not None and want.other is not None
+        _same(got.other, want.other)
+        (row,) = who(store, flt, top_sources=n)
+        assert [k for k, _ in row.top_sources] == [k for k, _ in want.top]
+    assert [str(k) for k, _ in top(store, flt, by="src", n=4).top] == [
+        "172.15.0.0/24",
+        "172.16.0.0/24",
+        "10.0.1.0/24",
+        "10.0.2.0/24",
+    ]
