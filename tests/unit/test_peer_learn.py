@@ -93,3 +93,57 @@ def test_peer_records_keep_the_newest(store: Store) -> None:
     assert peer_store.list_records(store, limit=1) == [rec]
     with pytest.raises(ValueError):
         peer_store.put_record(store, b"x", rec, record_ms=1, now_ms=1)
+
+
+def _consider(store: Store, signed: bytes | None, **peering: object) -> str:
+    import trio
+
+    from overflowd.peers import PeerSettings
+    from overflowd.services.peer_pull import PeerPull
+
+    async def resolve(host: str, port: int) -> list[object]:
+        import ipaddress
+
+        return [ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address("10.1.2.3")]
+
+    via = PeerSettings(name="b", url="http://127.0.0.1:1/", key=bytes([9]) * 32)
+    pull = PeerPull(
+        [via], PeeringSettings(learn=True, **peering), store,  # type: ignore[arg-type]
+        own_key=NodeIdentity(seed=bytes([8]) * 32).public_key, resolve=resolve,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return trio.run(pull._consider, via, signed)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "age_ms", "peering", "outcome"),
+    [
+        ("http://127.0.0.1:9591/", 0, {}, "internal"),  # loopback, learn_allow_private off
+        ("http://[::ffff:10.0.0.1]:9591/", 0, {}, "internal"),
+        ("http://node.example:9591/", 0, {}, "internal"),  # one resolved address is private
+        ("", 0, {}, "bad_endpoint"),
+        ("ftp://8.8.8.8/", 0, {}, "bad_endpoint"),
+        ("http://8.8.8.8:9591/", 2 * 86_400_000, {}, "stale"),
+        ("http://8.8.8.8:9591/", -3_600_000, {}, "stale"),  # dated an hour ahead
+        ("http://8.8.8.8:9591/", 0, {"max_learned_peers": 0}, "over_limit"),
+        ("http://127.0.0.1:9591/", 0, {"max_learned_peers": 0, "learn_allow_private": True},
+         "over_limit"),
+    ],
+)  # fmt: skip
+def test_a_listed_record_is_refused_and_counted(
+    store: Store, endpoint: str, age_ms: int, peering: dict[str, object], outcome: str
+) -> None:
+    signed = record(int(time.time() * 1000) - age_ms, endpoint)
+    assert _consider(store, signed, **peering) == outcome
+    assert peer_store.list_peers(store) == []  # nothing stored for a refused record
+
+
+def test_forged_malformed_and_known_records(store: Store) -> None:
+    t = int(time.time() * 1000)
+    forged = bytearray(record(t))
+    forged[-1] ^= 1
+    assert _consider(store, bytes(forged)) == "forged"
+    assert _consider(store, b"\xa0") == "malformed"
+    assert _consider(store, None) == "malformed"
+    me = NodeIdentity(seed=bytes([8]) * 32)  # PeerPull's own key above
+    mine = sign_node_record(me, contacts=(), point="", endpoint="http://8.8.8.8/", time_ms=t)
+    assert _consider(store, mine) == "known"
