@@ -515,6 +515,13 @@ max_tracked_senders = 65536
 # This node's API base URL as peers reach it, in its signed node record (/v1/identity).
 # Empty: http://<api.listen>/ when that is one address and port.
 # api_url = ""
+# Learn peers from the signed node records configured peers serve at /v1/peers (off: a
+# learned peer is a stranger; pulled only, at the lowest trust), also those at internal
+# addresses (loopback, private), and at most this many.
+# learn = false
+# learn_allow_private = false
+# max_learned_peers = 16
+# learned_pull_interval_s = 60.0  # how often a learned peer is pulled
 """
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,11 @@ MAX_PEERS = 256
 #: hammered for nothing (push carries the news); once a day is still a catch-up.
 MIN_PULL_INTERVAL_S = 1 * SECONDS
 MAX_PULL_INTERVAL_S = 1 * DAYS
+#: ``peering.max_learned_peers`` at most: each learned peer has its own pull task.
+MAX_LEARNED_PEERS = 256
+#: Node records served at ``GET /v1/peers`` and read from a peer's at most: every configured
+#: and learned peer's, the most a node holds.
+MAX_PEER_RECORDS = MAX_PEERS + MAX_LEARNED_PEERS
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,19 @@ class PeeringSettings:
     #: (``/v1/identity`` ``signed``). Empty: ``http://<api.listen>/`` when that names one
     #: address and port (not 0.0.0.0, ::, or port 0), else the record names no endpoint.
     api_url: str = ""
+    #: Learned peers (docs/peers.md "Learned peers"): read each configured peer's
+    #: ``/v1/peers`` and pull from the nodes its signed records name. Off by default: a learned
+    #: peer is a stranger one of our peers vouches for only by handing on its record, and
+    #: pulling from it costs requests, storage and the operator's attention.
+    learn: bool = False
+    #: Learn peers whose endpoint is a loopback, private or other internal address: refused
+    #: by default, as webhook URLs are (overflowd/ssrf.py), so a peer's list cannot make this
+    #: node send requests into its own network.
+    learn_allow_private: bool = False
+    #: Learned peers at most (each costs a pull task): one peer's list cannot grow it beyond.
+    max_learned_peers: int = 16
+    #: How often a learned peer is pulled (a configured one says its own pull_interval_s).
+    learned_pull_interval_s: float = 1 * MINUTES
 
     def problems(self) -> list[tuple[str, str]]:
         """``(key, why)`` for each value out of its range; empty when all are fine."""
@@ -164,6 +183,7 @@ class PeeringSettings:
             ("pull_page_reports", 1, 1000),  # the API's MAX_PAGE
             ("pull_max_body_bytes", 4096, 1_000_000_000),
             ("pull_max_pages", 1, 1_000_000),
+            ("max_learned_peers", 0, MAX_LEARNED_PEERS),
         ):
             if not lo <= getattr(self, name) <= hi:
                 out.append((name, f"must be between {lo} and {hi}"))
@@ -177,6 +197,13 @@ class PeeringSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 out.append((name, "must be a positive number of seconds"))
+        if not MIN_PULL_INTERVAL_S <= self.learned_pull_interval_s <= MAX_PULL_INTERVAL_S:
+            out.append(
+                (
+                    "learned_pull_interval_s",
+                    f"must be between {MIN_PULL_INTERVAL_S:g} and {MAX_PULL_INTERVAL_S:g} seconds",
+                )
+            )
         if len(self.api_url.encode()) > MAX_ENDPOINT_BYTES:
             out.append(("api_url", f"is longer than {MAX_ENDPOINT_BYTES} bytes"))
         elif self.api_url:
@@ -584,6 +611,70 @@ def _dumps(obj: Any) -> bytes:
         return bytes(cbor2.dumps(obj, canonical=True))
     except Exception as exc:  # what cbor2 decoded but cannot encode: our decode error
         raise NodeRecordError(f"cannot be re-encoded: {type(exc).__name__}") from None
+
+
+# -- learned peers ------------------------------------------------------------------------------
+
+#: A learned peer's name: ``learned-`` and its key's fingerprint (a name for logs and tables).
+LEARNED_PREFIX = "learned-"
+
+
+class PeerListError(ValueError):
+    """A ``/v1/peers`` answer that is not a list of records at all (the whole list is refused)."""
+
+
+def parse_peer_list(body: bytes, *, max_records: int = MAX_PEER_RECORDS) -> list[bytes | None]:
+    """The records of one ``/v1/peers`` answer (``{"peers": [{"signed": b64url}, ...]}``).
+
+    An entry that is not a base64url string of at most :data:`MAX_NODE_RECORD_BYTES` is None
+    (the caller counts it malformed); more than ``max_records`` entries refuses the list.
+    """
+
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise PeerListError("the answer is not JSON") from None
+    items = doc.get("peers") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise PeerListError("the answer has no 'peers' list")
+    if len(items) > max_records:
+        raise PeerListError(f"{len(items)} records, more than {max_records}")
+    out: list[bytes | None] = []
+    for item in items:
+        text = item.get("signed") if isinstance(item, dict) else None
+        if not isinstance(text, str) or len(text) > 2 * MAX_NODE_RECORD_BYTES:
+            out.append(None)
+            continue
+        try:
+            out.append(rpt.b64url_decode(text))
+        except ValueError:
+            out.append(None)
+    return out
+
+
+def learned_endpoint(url: str) -> str:
+    """A learned peer's API base from its record: an http(s) URL with a host, no query,
+    fragment or user info (as ``peers.url``); ValueError saying why not."""
+    if not url:
+        raise ValueError("the record names no endpoint")
+    try:
+        return _peer_url(url, lambda key, why: ConfigError(f"endpoint {why}"))
+    except ConfigError as exc:  # a peer's words, not the operator's file
+        raise ValueError(str(exc)) from None
+
+
+def learned_peer(record: NodeRecord, url: str, interval_s: float = 1 * MINUTES) -> PeerSettings:
+    """The settings of a peer learned from ``record``: the lowest trust, pulled, never pushed
+    to (we owe a stranger nothing; its reports still carry their observers' signatures)."""
+    return PeerSettings(
+        name=LEARNED_PREFIX + record.fingerprint,
+        url=url,
+        key=record.key,
+        trust=TRUST_LEVELS[0],
+        push=False,
+        pull=True,
+        pull_interval_s=interval_s,
+    )
 
 
 def peers_by_key(peers: Sequence[PeerSettings]) -> Mapping[bytes, PeerSettings]:

@@ -114,8 +114,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         for v in views:
             print(json.dumps(v.fields))
         return 0
-    header = ("NAME", "STATE", "KEY", "LAST CONTACT", "CURSOR", "IN", "OUT", "DUP", "OUTBOX",
-              "SCORE", "BAN")  # fmt: skip
+    header = ("NAME", "STATE", "KEY", "LEARNED", "LAST CONTACT", "CURSOR", "IN", "OUT", "DUP",
+              "OUTBOX", "SCORE", "BAN")  # fmt: skip
     lines = [header]
     for v in views:
         f = v.fields
@@ -127,6 +127,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                 f["name"],
                 f["state"],
                 f["fingerprint"],
+                "yes" if f["learned"] else "no",
                 (f["last_contact"] or "never")[:19].replace("T", " "),
                 f"{f['pull_cursor']}/{f['push_cursor']}",
                 str(f["reports_in"]),

@@ -194,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
             refund=node.storage_policy.refund,
             record_arrivals=None,  # arrivals: Store.add_new_reports(channels=) (peer_pull)
             policy=policy,
+            own_key=identity.public_key,
         )
-        peer_collectors.append(PeerPullCollector(peer_pull.statistics))
+        peer_collectors.append(PeerPullCollector(peer_pull.statistics, peer_pull))
     if policy is not None:
         peer_collectors.append(PeerPolicyCollector(policy))
     # -- end peers --------------------------------------------------------------------------

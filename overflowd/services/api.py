@@ -84,6 +84,15 @@ class DnsRecord(BaseModel):
     text: str = Field(description="the record's text: v=OVF1; k=ed25519; p=...; c=...")
 
 
+class PeerRecord(BaseModel):
+    #: a peer's signed node record (COSE_Sign1, base64url), as that peer served it
+    signed: str
+
+
+class PeerRecords(BaseModel):
+    peers: list[PeerRecord]
+
+
 class Identity(BaseModel):
     """Who this node is: its key, its contacts and the record that vouches for it in DNS."""
 
@@ -197,7 +206,6 @@ class ApiContext:
     registry: DnsRegistry | None = None
 
 
-
 def _stored(row: StoredReport) -> StoredReportOut:
     return StoredReportOut(
         seq=row.seq,
@@ -273,6 +281,18 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 )
             ),
         )
+
+    @app.get("/v1/peers", summary="the signed node records this node holds of its peers")
+    async def peers() -> PeerRecords:
+        """Each peer's latest record as it served it (verbatim: check each signature), so
+        that this node's peers can learn of each other (docs/peers.md "Learned peers")."""
+        from overflowd.peers import MAX_PEER_RECORDS
+        from overflowd.store.peers import list_records
+
+        records = await anyio.to_thread.run_sync(
+            lambda: list_records(ctx.store, limit=MAX_PEER_RECORDS)
+        )
+        return PeerRecords(peers=[PeerRecord(signed=rpt.b64url(r)) for r in records])
 
     def make(params: FilterParams) -> ReportFilter:
         """The filter of the query parameters (in a worker thread: --observer reads the store)."""

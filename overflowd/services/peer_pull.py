@@ -46,13 +46,26 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection
 
-from overflowd import __version__
+from overflowd import __version__, ssrf
 from overflowd import report as rpt
-from overflowd.errors import DecodeError, SignatureError, StoreError
-from overflowd.identity import verify_report
-from overflowd.peers import TRUST_LEVELS, PeeringSettings, PeerSettings, fresh
+from overflowd.errors import DecodeError, DeliveryError, SignatureError, StoreError
+from overflowd.identity import verify_node_record, verify_report
+from overflowd.peers import (
+    MAX_NODE_RECORD_BYTES,
+    MAX_PEER_RECORDS,
+    TRUST_LEVELS,
+    NodeRecordError,
+    PeeringSettings,
+    PeerListError,
+    PeerSettings,
+    fresh,
+    learned_endpoint,
+    learned_peer,
+    parse_peer_list,
+)
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.services.webhook import read_raw_capped
+from overflowd.store import events as event_store
 from overflowd.store import peers as peer_store
 from overflowd.store.repository import MAX_SEQ, Store
 
@@ -78,6 +91,27 @@ ERROR_KINDS = (
     "store",  # our store refused the write (the page is asked again)
     "unexpected",  # a bug of ours in one round (logged with its traceback): the next goes on
 )
+#: What became of the node records read (a peer's own at /v1/identity, and those in the lists
+#: configured peers serve at /v1/peers when peering.learn is on); each counted, summed.
+RECORD_OUTCOMES = (
+    "stored",  # a peer's own record, verified and kept for GET /v1/peers
+    "learned",  # a new learned peer
+    "known",  # a record of a peer we have (configured, learned, or ourselves)
+    "forged",  # its signature does not verify
+    "malformed",  # not a node record (bad base64, bad CBOR, field limits)
+    "stale",  # signed longer ago than peers.MAX_RECORD_AGE_S, or dated ahead
+    "wrong_key",  # a peer's /v1/identity record signed by a key not the peer's
+    "bad_endpoint",  # names no http(s) endpoint
+    "internal",  # its endpoint is an internal address (peering.learn_allow_private = false)
+    "over_limit",  # peering.max_learned_peers reached
+    "unavailable",  # /v1/identity or /v1/peers did not answer with a usable document
+)
+#: The most bytes read of one /v1/identity answer (a record is at most 4 kB; the rest is a
+#: few short fields).
+MAX_IDENTITY_BODY_BYTES = 64 * 1024
+#: The most bytes read of one /v1/peers answer: MAX_PEER_RECORDS records of the largest size,
+#: base64url in JSON, fit.
+MAX_PEER_LIST_BODY_BYTES = MAX_PEER_RECORDS * (2 * MAX_NODE_RECORD_BYTES + 32) + 1024
 #: At most one warning per peer per this long (every failure is counted).
 WARN_INTERVAL_S = 60.0
 #: The longest error text kept per peer (last_error in the store, the log line).
@@ -279,6 +313,8 @@ class PeerPull:
         wall_clock: Callable[[], float] = time.time,
         client_factory: ClientFactory = default_client,
         policy: PeerPolicy | None = None,
+        own_key: bytes | None = None,
+        resolve: Callable[[str, int], Any] | None = None,
     ) -> None:
         """``trust_of(observer_key)`` is the node's trust for an observer (its trust book);
         a pulled report is labelled with the better of it and, for reports the peer itself
@@ -298,6 +334,15 @@ class PeerPull:
         self._counters = {p.name: _PeerCounters() for p in self.peers}
         self._wake = {p.name: trio.Event() for p in self.peers}
         self._cancel = trio.CancelScope()
+        # Learned peers (docs/peers.md "Learned peers"), by key; their tasks join the nursery.
+        self._own_key = own_key
+        self._configured = {p.key for p in peers}
+        self._learned: dict[bytes, PeerSettings] = {}
+        self._records: Counter[str] = Counter()
+        self._resolve = resolve if resolve is not None else _resolve
+        self._allow: tuple[ssrf.Network, ...] = ()
+        self._nursery: trio.Nursery | None = None
+        self._client: httpx.AsyncClient | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -315,8 +360,19 @@ class PeerPull:
                 self._counters[peer.name].cursor = rows[peer.key].pull_cursor
         with self._cancel:
             async with self._client_factory(self.peering) as client, trio.open_nursery() as n:
+                self._nursery, self._client = n, client
                 for peer in self.peers:
                     n.start_soon(self._peer_loop, client, peer)
+                if self.peering.learn:
+                    try:
+                        learned = await trio.to_thread.run_sync(self._learned_rows)
+                    except StoreError as exc:
+                        log.warning("peer_pull.learned_unread error=%s", exc)
+                        learned = []
+                    for row in learned:
+                        self._start_learned(
+                            learned_peer_of(row, self.peering.learned_pull_interval_s)
+                        )
                 task_status.started()
                 await trio.sleep_forever()
 
@@ -330,6 +386,19 @@ class PeerPull:
             if name is None or peer_name == name:
                 event.set()
 
+    def _learned_rows(self) -> list[peer_store.PeerRow]:
+        rows = [r for r in peer_store.list_peers(self._store) if r.learned]
+        return rows[: self.peering.max_learned_peers]
+
+    def _start_learned(self, peer: PeerSettings) -> None:
+        if peer.key in self._learned or peer.key in self._configured:
+            return
+        self._learned[peer.key] = peer
+        self._counters[peer.name] = _PeerCounters()
+        self._wake[peer.name] = trio.Event()
+        assert self._nursery is not None and self._client is not None
+        self._nursery.start_soon(self._peer_loop, self._client, peer)
+
     def _ensure_rows(self, now_ms: int) -> dict[bytes, peer_store.PeerRow]:
         return {
             p.key: peer_store.ensure_peer(self._store, p.key, name=p.name, url=p.url, now_ms=now_ms)
@@ -340,7 +409,12 @@ class PeerPull:
         row = peer_store.get_peer(self._store, peer.key)
         if row is None:
             row = peer_store.ensure_peer(
-                self._store, peer.key, name=peer.name, url=peer.url, now_ms=self._now_ms()
+                self._store,
+                peer.key,
+                name=peer.name,
+                url=peer.url,
+                now_ms=self._now_ms(),
+                learned=peer.key in self._learned,
             )
         return row
 
@@ -355,6 +429,8 @@ class PeerPull:
             # The per-peer boundary: whatever one round makes go wrong costs that round.
             try:
                 ok = await self.pull_round(client, peer)
+                if ok:
+                    await self.record_round(client, peer)
             except Exception as exc:
                 ok = False
                 log.exception("peer_pull.unexpected peer=%s", peer.name)
@@ -599,11 +675,167 @@ class PeerPull:
         except StoreError:
             pass  # the store is what failed; the counter and the log have it
 
+    # -- node records and learned peers ---------------------------------------------------
+
+    async def record_round(self, client: httpx.AsyncClient, peer: PeerSettings) -> None:
+        """After a good round: keep the peer's own signed record (for GET /v1/peers) and, with
+        ``peering.learn``, learn the peers a configured peer's list names. A failure here is
+        counted and costs nothing else: the reports are what a round is for."""
+        body = await self._get_doc(client, peer, "v1/identity", MAX_IDENTITY_BODY_BYTES)
+        signed = _signed_of(body) if body is not None else None
+        if signed is None:
+            self._records["unavailable"] += 1
+        else:
+            now_ms = self._now_ms()
+            try:
+                record = verify_node_record(signed, now_ms=now_ms)
+            except SignatureError:
+                self._records["forged"] += 1
+            except NodeRecordError as exc:
+                self._records["stale" if "node record is" in str(exc) else "malformed"] += 1
+            else:
+                if record.key != peer.key:
+                    self._records["wrong_key"] += 1
+                else:
+                    try:
+                        await trio.to_thread.run_sync(
+                            functools.partial(
+                                peer_store.put_record,
+                                self._store,
+                                peer.key,
+                                signed,
+                                record_ms=record.time_ms,
+                                now_ms=now_ms,
+                            )
+                        )
+                        self._records["stored"] += 1
+                    except StoreError as exc:
+                        log.debug("peer_pull.record_unstored peer=%s error=%s", peer.name, exc)
+        if self.peering.learn and peer.key in self._configured:
+            await self._learn_from(client, peer)
+
+    async def _learn_from(self, client: httpx.AsyncClient, peer: PeerSettings) -> None:
+        body = await self._get_doc(client, peer, "v1/peers", MAX_PEER_LIST_BODY_BYTES)
+        if body is None:
+            self._records["unavailable"] += 1
+            return
+        try:
+            items = await trio.to_thread.run_sync(parse_peer_list, body)
+        except PeerListError as exc:
+            self._records["unavailable"] += 1
+            log.debug("peer_pull.bad_peer_list peer=%s error=%s", peer.name, exc)
+            return
+        for signed in items:
+            outcome = await self._consider(peer, signed)
+            self._records[outcome] += 1
+
+    async def _consider(self, via: PeerSettings, signed: bytes | None) -> str:
+        """One record of ``via``'s list: its outcome (one of RECORD_OUTCOMES)."""
+        if signed is None:
+            return "malformed"
+        now_ms = self._now_ms()
+        try:
+            record = verify_node_record(signed, now_ms=now_ms)
+        except SignatureError:
+            return "forged"
+        except NodeRecordError as exc:
+            return "stale" if "node record is" in str(exc) else "malformed"
+        if (
+            record.key == self._own_key
+            or record.key in self._configured
+            or record.key in self._learned
+        ):
+            return "known"
+        try:
+            url = learned_endpoint(record.endpoint)
+        except ValueError:
+            return "bad_endpoint"
+        if not self.peering.learn_allow_private and not await self._global(url):
+            return "internal"
+        if len(self._learned) >= self.peering.max_learned_peers:
+            return "over_limit"
+        peer = learned_peer(record, url, self.peering.learned_pull_interval_s)
+        event = event_store.ObserverEvent(
+            kind=event_store.NEW_PEER,
+            key=record.key,
+            old_contacts=(),
+            new_contacts=record.contacts,
+            pinned=False,
+            at_ms=now_ms,
+            sender=via.name,
+            detail=f"learned from peer {via.name}: endpoint {url}, pulled at trust unknown",
+        )
+
+        def write() -> None:
+            peer_store.ensure_peer(
+                self._store, peer.key, name=peer.name, url=url, now_ms=now_ms, learned=True
+            )
+            peer_store.put_record(
+                self._store, peer.key, signed, record_ms=record.time_ms, now_ms=now_ms
+            )
+            event_store.add_events(self._store, [event])
+
+        try:
+            await trio.to_thread.run_sync(write)
+        except StoreError as exc:  # asked again next round
+            log.debug("peer_pull.learned_unstored peer=%s error=%s", peer.name, exc)
+            return "unavailable"
+        log.warning(
+            "peer_pull.learned peer=%s url=%s via=%s contacts=%s",
+            peer.name,
+            url,
+            via.name,
+            ",".join(record.contacts) or "-",
+        )
+        self._start_learned(peer)
+        return "learned"
+
+    async def _global(self, url: str) -> bool:
+        """Every address the endpoint's host has is global (ssrf.py, as the webhook client)."""
+        try:
+            target = ssrf.parse_target(url, require_https=False)
+            if target.literal is not None:
+                ssrf.check_address(target.literal, self._allow)
+            else:
+                with trio.fail_after(self.peering.pull_connect_timeout_s):
+                    addresses = await self._resolve(target.host, target.port)
+                ssrf.check_addresses(addresses, self._allow)
+        except (DeliveryError, OSError, trio.TooSlowError):
+            return False
+        return True
+
+    async def _get_doc(
+        self, client: httpx.AsyncClient, peer: PeerSettings, path: str, cap: int
+    ) -> bytes | None:
+        """One GET under the peer's base: the body of a 200 within the cap and timeout."""
+        try:
+            with trio.fail_after(self.peering.pull_timeout_s):
+                response = await client.send(
+                    client.build_request("GET", peer.endpoint(path)), stream=True
+                )
+                try:
+                    status = response.status_code
+                    body, cut = await read_raw_capped(response, cap)
+                finally:
+                    await response.aclose()
+        except (trio.TooSlowError, httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+            log.debug("peer_pull.doc_failed peer=%s path=%s error=%s", peer.name, path, exc)
+            return None
+        return body if status == 200 and not cut else None
+
+    def record_statistics(self) -> Mapping[str, int]:
+        """Node records read since start, by outcome (RECORD_OUTCOMES), and learned peers."""
+        return {o: self._records[o] for o in RECORD_OUTCOMES}
+
+    @property
+    def learned(self) -> Sequence[PeerSettings]:
+        return tuple(self._learned.values())
+
     # -- statistics -----------------------------------------------------------------------
 
     def statistics(self) -> PeerPullStatistics:
         out = {}
-        for peer in self.peers:
+        for peer in (*self.peers, *self._learned.values()):
             c = self._counters[peer.name]
             out[peer.name] = PeerPullPeerStatistics(
                 name=peer.name,
@@ -620,6 +852,41 @@ class PeerPull:
                 last_page_ms=c.last_page_ms,
             )
         return PeerPullStatistics(peers=out)
+
+
+def learned_peer_of(row: peer_store.PeerRow, interval_s: float) -> PeerSettings:
+    """A stored learned peer's settings (its row holds the endpoint it was learned with)."""
+    return PeerSettings(
+        name=row.name,
+        url=row.url,
+        key=row.key,
+        trust=TRUST_LEVELS[0],
+        push=False,
+        pull=True,
+        pull_interval_s=interval_s,
+    )
+
+
+def _signed_of(body: bytes) -> bytes | None:
+    """The ``signed`` record of a /v1/identity answer, or None."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    text = doc.get("signed") if isinstance(doc, dict) else None
+    if not isinstance(text, str) or len(text) > 2 * MAX_NODE_RECORD_BYTES:
+        return None
+    try:
+        return rpt.b64url_decode(text)
+    except ValueError:
+        return None
+
+
+async def _resolve(host: str, port: int) -> list[ssrf.Address]:
+    import ipaddress
+
+    infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
 
 def _rank(level: str) -> int:
@@ -667,11 +934,30 @@ def peer_pull_metrics(s: PeerPullStatistics) -> Iterable[Metric]:
     return [reports, dropped, errors, pages, resets, cursor]
 
 
+def peer_record_metrics(records: Mapping[str, int], learned: int) -> Iterable[Metric]:
+    """``overflowd_peer_records`` and ``overflowd_peer_learned`` (docs/daemon.md)."""
+    outcomes = CounterMetricFamily(
+        "overflowd_peer_records",
+        "Signed node records read from peers (/v1/identity, /v1/peers), by outcome",
+        labels=["outcome"],
+    )
+    for outcome, n in records.items():
+        outcomes.add_metric([outcome], n)
+    gauge = GaugeMetricFamily("overflowd_peer_learned", "Learned peers being pulled")
+    gauge.add_metric([], learned)
+    return [outcomes, gauge]
+
+
 class PeerPullCollector(Collector):
     """Prometheus collector over :meth:`PeerPull.statistics` (read at scrape, no I/O)."""
 
-    def __init__(self, snapshot: Callable[[], PeerPullStatistics]) -> None:
+    def __init__(
+        self, snapshot: Callable[[], PeerPullStatistics], pull: PeerPull | None = None
+    ) -> None:
         self._snapshot = snapshot
+        self._pull = pull
 
     def collect(self) -> Iterable[Metric]:
-        return peer_pull_metrics(self._snapshot())
+        yield from peer_pull_metrics(self._snapshot())
+        if self._pull is not None:
+            yield from peer_record_metrics(self._pull.record_statistics(), len(self._pull.learned))

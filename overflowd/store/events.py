@@ -21,7 +21,9 @@ from overflowd.store.models import Base
 from overflowd.store.repository import Store
 
 NEW_KEY, CONTACTS_CHANGED = "new_key", "contacts_changed"
-KINDS = (NEW_KEY, CONTACTS_CHANGED)
+#: a peer learned from another peer's signed node record (services/peer_pull.py)
+NEW_PEER = "new_peer"
+KINDS = (NEW_KEY, CONTACTS_CHANGED, NEW_PEER)
 MAX_DETAIL_CHARS = 400
 MAX_SENDER_CHARS = 64
 

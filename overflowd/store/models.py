@@ -314,6 +314,22 @@ class PeerStateModel(Base):
     updated_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class PeerRecordModel(Base):
+    """The latest signed node record a peer served at its ``/v1/identity``, kept verbatim
+    (docs/peers.md "Learned peers"): ``GET /v1/peers`` hands these on so that a node's peers
+    can learn of each other. One row per peer key, replaced at each pull round."""
+
+    __tablename__ = "peer_records"
+
+    #: the peer's Ed25519 public key (the record's own key: checked before it is stored)
+    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    #: the COSE_Sign1 bytes as served (at most peers.MAX_NODE_RECORD_BYTES)
+    record: Mapped[bytes] = mapped_column(LargeBinary(4096))
+    #: the record's own signing time, and when we fetched it
+    record_ms: Mapped[int] = mapped_column(BigInteger)
+    fetched_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class PeerSubscriptionModel(Base):
     """A prefix a peer subscribed to (docs/peers.md "Subscriptions"): the reports whose source
     or destination is inside it go to ``endpoint`` (the subscriber's inbox). Accepted only when

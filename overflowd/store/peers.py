@@ -39,6 +39,7 @@ MAX_URL_CHARS = 2048
 
 _PEERS: Table = Base.metadata.tables["peer_state"]
 _OUTBOX: Table = Base.metadata.tables["webhook_outbox"]
+_RECORDS: Table = Base.metadata.tables["peer_records"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,3 +359,43 @@ def outbox_depth(store: Store, urls: Iterable[str]) -> dict[str, int]:
         for url, n in conn.execute(stmt):
             out[str(url)] = int(n)
     return out
+
+
+# -- node records (GET /v1/peers) -----------------------------------------------------------
+
+
+def put_record(store: Store, key: bytes, record: bytes, *, record_ms: int, now_ms: int) -> None:
+    """Keep ``record`` (verified by the caller: signed by ``key``) as the peer's latest one.
+
+    An older record never replaces a newer one (a peer that serves a replay keeps its word).
+    """
+    _check_key(key)
+    if len(record) > 4096:
+        raise ValueError("a node record is at most 4096 bytes")
+    t = _RECORDS
+    with store.transaction("storing a peer's node record", write=True) as conn:
+        found = conn.execute(select(t.c.record_ms).where(t.c.key == key)).first()
+        if found is None:
+            conn.execute(
+                t.insert().values(key=key, record=record, record_ms=record_ms, fetched_ms=now_ms)
+            )
+        elif int(found[0]) <= record_ms:
+            conn.execute(
+                t.update()
+                .where(t.c.key == key)
+                .values(record=record, record_ms=record_ms, fetched_ms=now_ms)
+            )
+
+
+def list_records(store: Store, *, limit: int) -> list[bytes]:
+    """The stored node records, newest first, at most ``limit``."""
+    t = _RECORDS
+    stmt = select(t.c.record).order_by(t.c.record_ms.desc(), t.c.key).limit(limit)
+    with store.transaction("reading peers' node records", write=False) as conn:
+        return [bytes(r[0]) for r in conn.execute(stmt)]
+
+
+def count_learned(store: Store) -> int:
+    t = _PEERS
+    with store.transaction("counting learned peers", write=False) as conn:
+        return int(conn.execute(select(func.count()).where(t.c.learned.is_(True))).scalar_one())

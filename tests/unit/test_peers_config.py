@@ -38,7 +38,8 @@ def test_defaults_have_no_peers_and_the_example_only_comments_them() -> None:
     assert "\n# [[peers]]\n" in DEFAULT_CONFIG_TEXT and "\n[[peers]]" not in DEFAULT_CONFIG_TEXT
     # every [peering] default is shown in the example, with its value
     for name, value in vars(PeeringSettings()).items():
-        assert f"# {name} = {value!r}".replace("'", '"') in DEFAULT_CONFIG_TEXT, name
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # TOML's
+        assert f"# {name} = {shown}".replace("'", '"') in DEFAULT_CONFIG_TEXT, name
 
 
 def test_a_peer_parses_with_its_defaults_and_a_normalised_url() -> None:
