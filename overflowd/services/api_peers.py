@@ -413,7 +413,7 @@ _REQUEST_BODY: dict[str, Any] = {
 }
 
 
-async def _read_capped(request: Request, max_bytes: int) -> bytes | None:
+async def read_capped(request: Request, max_bytes: int) -> bytes | None:
     """The body, or None as soon as it is longer than ``max_bytes`` (the rest is not read)."""
     length = request.headers.get("content-length")
     if length is not None and length.isascii() and length.isdigit() and int(length) > max_bytes:
@@ -455,7 +455,7 @@ def router(inbox: Callable[[], PeerInbox | None]) -> APIRouter:
         if banned is not None:
             result = banned
         else:
-            body = await _read_capped(request, box.max_body_bytes)
+            body = await read_capped(request, box.max_body_bytes)
             result = (
                 box.oversized()
                 if body is None

@@ -37,6 +37,7 @@ from overflowd.errors import DiscoveryError, SignatureError, StoreError
 from overflowd.identity import check_signature
 from overflowd.peers import PeerSettings
 from overflowd.registry import Found, valid_keys
+from overflowd.services.api_peers import read_capped
 from overflowd.services.dns import DnsRegistry
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.store import peer_subscriptions as subs
@@ -250,17 +251,6 @@ class SubscriptionDesk:
         )
 
 
-async def _read_capped(request: Request) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 _BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -293,7 +283,7 @@ def router(desk: Callable[[], SubscriptionDesk | None]) -> APIRouter:
         if d is None:
             out = _detail(401, "not a configured peer")
         else:
-            body = await _read_capped(request)
+            body = await read_capped(request, MAX_BODY_BYTES)
             if body is None:
                 out = _detail(413, f"body is larger than {MAX_BODY_BYTES} bytes")
             else:
