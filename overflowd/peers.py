@@ -680,3 +680,13 @@ def learned_peer(record: NodeRecord, url: str, interval_s: float = 1 * MINUTES) 
 def peers_by_key(peers: Sequence[PeerSettings]) -> Mapping[bytes, PeerSettings]:
     """The configured peers by their key (the inbox finds a sender this way)."""
     return {p.key: p for p in peers}
+
+
+def relayed_trust(peer: PeerSettings, observer_key: bytes, observer_trust: str) -> str:
+    """The trust label of a report a peer brought (pushed or pulled): the observer's own, from
+    this node's trust book, never the carrier's, because a peer is trusted to carry reports,
+    not to vouch for them. Only what the peer observed itself may take the peer's trust."""
+    rank = {level: i for i, level in enumerate(TRUST_LEVELS)}
+    if observer_key == peer.key and rank.get(peer.trust, 0) > rank.get(observer_trust, 0):
+        return peer.trust
+    return observer_trust

@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         node_key=identity.public_key,
         events=peer_events,
         policy=policy,
+        trust_of=lambda key: str(node.trust_book.assess(key, now_ms=int(time.time() * 1000)).level),
     )
     # -- peers: subscriptions (docs/peers.md "Subscriptions") ----------------------------------
     from overflowd.errors import DiscoveryError

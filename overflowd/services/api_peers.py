@@ -52,7 +52,7 @@ from overflowd import receiver
 from overflowd import report as rpt
 from overflowd.errors import DecodeError, SignatureError, StoreError
 from overflowd.identity import check_signature, verify_report
-from overflowd.peers import PeeringSettings, PeerSettings, fresh
+from overflowd.peers import PeeringSettings, PeerSettings, fresh, relayed_trust
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.store.repository import Store
 from overflowd.wire import peering
@@ -140,8 +140,12 @@ class PeerInbox:
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         policy: PeerPolicy | None = None,
+        trust_of: Callable[[bytes], str] | None = None,
     ) -> None:
         self.store = store
+        # The label of a pushed report is its observer's trust in this node's book (read-only
+        # here), never the sending peer's (peers.relayed_trust); None: every observer unknown.
+        self._trust_of = trust_of
         # This node's public key: a request's webhook-id names its recipient
         # (peering.message_id), so one a peer made for another node is refused here.
         self.node_key = node_key
@@ -194,6 +198,10 @@ class PeerInbox:
         except (binascii.Error, ValueError):
             return None
         return self._peers.get(key)
+
+    def _label(self, peer: PeerSettings, report: rpt.SignedReport) -> str:
+        own = self._trust_of(report.observer_key) if self._trust_of else "unknown"
+        return relayed_trust(peer, report.observer_key, own)
 
     def _judge(self, peer: PeerSettings, event: str, retry_after_s: float | None = None) -> None:
         if self.policy is not None:
@@ -321,7 +329,7 @@ class PeerInbox:
             try:
                 new = self.store.add_new_reports(
                     rows,
-                    trust=dict.fromkeys(ids, peer.trust),
+                    trust={r.report_id: self._label(peer, r) for r, _ in good},
                     channels=dict.fromkeys(ids, peer.channel),
                     hops={r.report_id: h for r, h in good},
                 )

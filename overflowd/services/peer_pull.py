@@ -62,6 +62,7 @@ from overflowd.peers import (
     learned_endpoint,
     learned_peer,
     parse_peer_list,
+    relayed_trust,
 )
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.services.webhook import read_raw_capped
@@ -640,10 +641,8 @@ class PeerPull:
             self._refund(r.observer_key, sender, len(r.cose))
 
     def _label(self, peer: PeerSettings, report: rpt.SignedReport) -> str:
-        label = self._trust_of(report.observer_key) if self._trust_of else "unknown"
-        if report.observer_key == peer.key and _rank(peer.trust) > _rank(label):
-            label = peer.trust
-        return label
+        own = self._trust_of(report.observer_key) if self._trust_of else "unknown"
+        return relayed_trust(peer, report.observer_key, own)
 
     async def _reset(self, peer: PeerSettings, why: str) -> None:
         counters = self._counters[peer.name]
@@ -887,10 +886,6 @@ async def _resolve(host: str, port: int) -> list[ssrf.Address]:
 
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-
-
-def _rank(level: str) -> int:
-    return TRUST_LEVELS.index(level) if level in TRUST_LEVELS else 0
 
 
 # -- metrics ----------------------------------------------------------------------------------
