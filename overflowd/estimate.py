@@ -76,6 +76,7 @@ __all__ = [
     "TopResult",
     "gamma_quantile",
     "group_key",
+    "larger",
     "prefix_key",
     "weighted_poisson_interval",
 ]
@@ -455,7 +456,8 @@ def _max_weight(seen: float | None, given: float | None) -> float | None:
     return max(seen, given)
 
 
-def _larger(a: float | None, b: float | None) -> float | None:
+def larger(a: float | None, b: float | None) -> float | None:
+    """The larger of two optional units; None stands for "not known", not for zero."""
     if a is None:
         return b
     if b is None:
@@ -626,8 +628,8 @@ class TopN(Generic[K]):
             rest.merge(self._tallies[key])
             if unit_of is not None:
                 u, bu = unit_of(key)
-                rest_unit = _larger(rest_unit, u)
-                rest_byte_unit = _larger(rest_byte_unit, bu)
+                rest_unit = larger(rest_unit, u)
+                rest_byte_unit = larger(rest_byte_unit, bu)
         other = (
             rest.estimate(unit=rest_unit, byte_unit=rest_byte_unit, confidence=confidence)
             if rest.reports

@@ -51,6 +51,7 @@ from overflowd.estimate import (
     GroupKey,
     Tally,
     TopResult,
+    larger,
 )
 from overflowd.store.models import BIGINT_MAX, Base
 from overflowd.store.repository import (
@@ -556,14 +557,6 @@ def _top_rows(
     return shown_rows, rest, groups
 
 
-def _larger(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
-
-
 def _observer_units(store: Store, keys: Sequence[bytes] = ()) -> dict[bytes, Units]:
     """Each observer's unit (observers.packets_unit/bytes_unit, kept by every insert): the
     largest weight among all its p < 1 reports, what a report it did not send could have
@@ -918,5 +911,5 @@ def top(
 def _max_unit(values: Iterable[float | None]) -> float | None:
     out: float | None = None
     for v in values:
-        out = _larger(out, v)
+        out = larger(out, v)
     return out
