@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from overflowd.errors import ConfigError
 from overflowd.notify import (
@@ -30,6 +30,8 @@ from overflowd.notify import (
 )
 from overflowd.peers import PeeringSettings, PeerSettings, parse_peers
 from overflowd.registry import RegistrySettings
+
+_T = TypeVar("_T")
 
 CONFIG_FILE = "overflowd.toml"
 HOME_ENV = "OVERFLOWD_HOME"
@@ -602,6 +604,10 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
         if name == "peers":  # an array of tables: overflowd.peers parses it
             sections["peers"] = parse_peers(table, source, text)
             continue
+        if name in OTHER_PROGRAMS_SECTIONS:  # read and checked by that program (section_table)
+            if not isinstance(table, dict):
+                raise ConfigError(_where(source, text, None, name) + f"'{name}' must be a table")
+            continue
         if name not in _SECTIONS:
             raise ConfigError(_where(source, text, None, name) + f"unknown section or key '{name}'")
         if not isinstance(table, dict):
@@ -634,6 +640,37 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
             inband, allowed_prefixes=send.allowed_prefixes if send.to_flow_addresses else ()
         )
     return Settings(**sections, source=source, deprecations=tuple(deprecations))
+
+
+#: Sections of ``overflowd.toml`` that belong to the other programs sharing the node home (jfe,
+#: ratelockd): the node skips them, and each program parses its own with :func:`load_section`,
+#: as strictly as the node parses its sections.
+OTHER_PROGRAMS_SECTIONS = ("jfe", "ratelock")
+
+
+def load_section(home: Path, section: str, cls: type[_T]) -> _T:
+    """One other program's section of the node home's ``overflowd.toml`` as a frozen dataclass.
+
+    A missing file or section means the dataclass defaults. Unknown keys and wrong types are a
+    ConfigError naming the file, line and key, exactly as for the node's own sections; the rest
+    of the file must parse as the node's too, so one program never accepts what another refuses.
+    """
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return cls()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_section(text, section, cls, str(path))
+
+
+def parse_section(text: str, section: str, cls: type[_T], source: str = "<string>") -> _T:
+    """:func:`load_section` on text already read (tests, ``jfe rules show --config``)."""
+    parse_settings(text, source)
+    table = tomllib.loads(text).get(section, {})
+    result: _T = _build(cls, table, source, text, section)
+    return result
 
 
 def _build(cls: type, table: dict[str, Any], source: str, text: str, section: str) -> Any:
@@ -713,7 +750,9 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
     def fail(key: str, why: str) -> None:
         raise ConfigError(_where(source, text, section, key) + f"'{section}.{key}' {why}")
 
-    if isinstance(settings, PeeringSettings):
+    # A section's own cross-key checks (PeeringSettings, and jfe's and ratelock's sections):
+    # ``problems()`` yields (key, why) pairs.
+    if callable(getattr(settings, "problems", None)):
         for key, why in settings.problems():
             fail(key, why)
     if isinstance(settings, ApiSettings):
