@@ -648,7 +648,9 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
 OTHER_PROGRAMS_SECTIONS = ("jfe", "ratelock")
 
 
-def load_section(home: Path, section: str, cls: type[_T]) -> _T:
+def load_section(
+    home: Path, section: str, cls: type[_T], *, subtables: tuple[str, ...] = ()
+) -> _T:
     """One other program's section of the node home's ``overflowd.toml`` as a frozen dataclass.
 
     A missing file or section means the dataclass defaults. Unknown keys and wrong types are a
@@ -662,14 +664,30 @@ def load_section(home: Path, section: str, cls: type[_T]) -> _T:
         return cls()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse_section(text, section, cls, str(path))
+    return parse_section(text, section, cls, str(path), subtables=subtables)
 
 
-def parse_section(text: str, section: str, cls: type[_T], source: str = "<string>") -> _T:
-    """:func:`load_section` on text already read (tests, ``jfe rules show --config``)."""
+def parse_section(
+    text: str,
+    section: str,
+    cls: type[_T],
+    source: str = "<string>",
+    *,
+    subtables: tuple[str, ...] = (),
+) -> _T:
+    """:func:`load_section` on text already read (tests, ``jfe rules show --config``).
+
+    ``section`` may be dotted (``jfe.certificates``); ``subtables`` are the names of the
+    section's sub-tables that another dataclass parses, left out of this one.
+    """
     parse_settings(text, source)
-    table = tomllib.loads(text).get(section, {})
-    result: _T = _build(cls, table, source, text, section)
+    table: Any = tomllib.loads(text)
+    for part in section.split("."):
+        table = table.get(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(_where(source, text, None, part) + f"'{section}' must be a table")
+    own = {k: v for k, v in table.items() if not (k in subtables and isinstance(v, dict))}
+    result: _T = _build(cls, own, source, text, section)
     return result
 
 

@@ -40,3 +40,18 @@ def test_rest_of_file_still_checked_and_defaults(tmp_path: Path) -> None:
     (tmp_path / "overflowd.toml").write_text("[nodez]\n[jfe]\nports = [1]\n")
     with pytest.raises(ConfigError, match="unknown section or key 'nodez'"):
         load_section(tmp_path, "jfe", Example)
+
+
+@dataclass(frozen=True)
+class Sub:
+    allow: tuple[str, ...] = ()
+
+
+def test_dotted_subtable_parsed_by_its_own_class() -> None:
+    text = '[jfe]\nports = [25]\n\n[jfe.certificates]\nallow = ["a.example"]\n'
+    assert parse_section(text, "jfe", Example, subtables=("certificates",)) == Example(ports=(25,))
+    assert parse_section(text, "jfe.certificates", Sub) == Sub(allow=("a.example",))
+    with pytest.raises(ConfigError, match=r"unknown key 'jfe\.certificates'"):
+        parse_section(text, "jfe", Example)
+    with pytest.raises(ConfigError, match=r"x:5: unknown key 'jfe.certificates.alow'"):
+        parse_section(text.replace("allow", "alow"), "jfe.certificates", Sub, "x")
