@@ -14,6 +14,7 @@ counters, never exceptions. Exceptions are for input we refuse and for failures 
     ├── StoreError                    the database refused or could not be reached
     ├── JfeError                      jfe's own failures
     └── RatelockError                 ratelock's own failures
+        └── RatelockUnavailable       ratelockd unreachable, or its answer unreadable (client)
 
 Library misuse (wrong argument types, calling things in the wrong order) raises the ordinary
 Python exceptions (TypeError, ValueError): those are bugs in the caller, not input to handle.
@@ -92,3 +93,7 @@ class JfeError(OverflowdError):
 
 class RatelockError(OverflowdError):
     """ratelock failed."""
+
+
+class RatelockUnavailable(RatelockError):
+    """The client could not reach ratelockd or read its answer (names the socket or URL)."""

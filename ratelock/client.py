@@ -1,0 +1,341 @@
+"""The Python client of ratelockd: ask, then believe only what the node's key signed.
+
+What it is for: an application's one way to ratelockd, over the Unix socket (or TCP). Every
+request carries a fresh random nonce; every answer is a verdict (``ratelock.verdict``) that
+must verify with the node's public key, name this request's nonce, operation and subject, and
+be dated within ``max_skew_s`` of our clock. A forged, replayed, swapped or stale verdict
+raises :class:`overflowd.errors.VerdictError`; nothing here ever turns one into an answer. The
+HTTP status is ignored: whoever sits on the socket can change it, not the signature.
+
+What it must never do: accept a verdict it did not verify, reuse a nonce, or log a token,
+password or record. Transport failures are mapped to :class:`RatelockUnavailable` here, at the
+one boundary that talks to httpx.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from overflowd.errors import RatelockUnavailable, VerdictError
+from overflowd.identity import check_signature
+from ratelock import verdict as vd
+
+#: Nonce bytes per request: 128 bits never repeat in the life of a vault (the server accepts
+#: 16..64).
+NONCE_BYTES = 16
+#: A verdict is a few hundred bytes plus at most one record; the daemon's record bound is
+#: 64 KiB by default. We read at most this much of any answer.
+MAX_ANSWER_BYTES = 1 << 20
+#: Seconds a request may take end to end: an Argon2id hash waits for a slot behind others.
+DEFAULT_TIMEOUT_S = 30.0
+#: A verdict dated further than this from our clock is refused (the daemon's default).
+DEFAULT_MAX_SKEW_S = 30.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What ratelockd decided, as its signed verdict says.
+
+    ``outcome`` is the vault's word: ``ok``, ``wrong`` (a password that does not match),
+    ``unknown`` (no such user), ``not_found`` (no such record), ``exists``, ``over_budget``
+    (with ``retry_after_s``: no decision was made about the password), ``invalid`` (the vault
+    refused the name or size), ``unauthorized``, ``bad_request``, ``too_large``, ``busy``.
+    """
+
+    op: str
+    subject: str
+    outcome: str
+    time_ms: int
+    retry_after_s: float | None = None
+    data: bytes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def read_public_key(path: Path) -> bytes:
+    """The node's public key from ``ratelock.pub`` (base64, as ratelockd writes it)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        key = base64.b64decode(text, validate=True)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RatelockUnavailable(f"{path}: not a ratelock public key ({exc})") from None
+    if len(key) != 32:
+        raise RatelockUnavailable(f"{path}: not a ratelock public key (not 32 bytes)")
+    return key
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One request, transport-free: what to send and what the verdict must bind."""
+
+    method: str
+    path: str
+    op: str
+    subject: str
+    nonce: bytes
+    body: bytes | None
+    content_type: str | None
+
+
+class _Core:
+    """Requests and verdict checks shared by the sync and the async client (no I/O)."""
+
+    def __init__(
+        self, token: str, public_key: bytes, *, max_skew_s: float, clock: Callable[[], float]
+    ) -> None:
+        if len(public_key) != 32:
+            raise ValueError("an Ed25519 public key is 32 bytes")
+        self.token = token
+        self.public_key = public_key
+        self.max_skew_s = max_skew_s
+        self.clock = clock
+
+    def request(
+        self, method: str, path: str, op: str, subject: str,
+        body: bytes | None = None, content_type: str | None = None,
+    ) -> _Request:
+        return _Request(method, path, op, subject, secrets.token_bytes(NONCE_BYTES), body,
+                        content_type)
+
+    def headers(self, req: _Request) -> dict[str, str]:
+        h = {"authorization": f"Bearer {self.token}", "ratelock-nonce": _b64(req.nonce),
+             "accept": vd.CONTENT_TYPE}
+        if req.content_type:
+            h["content-type"] = req.content_type
+        return h
+
+    def answer(self, req: _Request, status: int, content_type: str, body: bytes) -> Answer:
+        if content_type.split(";")[0].strip() != vd.CONTENT_TYPE:
+            # Not a verdict: the daemon refused the request's form (it signs everything else).
+            raise VerdictError(f"ratelockd answered {status} without a verdict ({body[:200]!r})")
+        verdict = vd.verify_verdict(
+            body,
+            lambda message, signature: check_signature(self.public_key, message, signature),
+            public_key=self.public_key,
+            nonce=req.nonce,
+            now_ms=int(self.clock() * 1000),
+            max_skew_ms=int(self.max_skew_s * 1000),
+        )
+        # The nonce proves it answers this request; op and subject prove it answers the
+        # question we asked (a man in the middle could re-address our request, nonce and all).
+        if verdict.op != req.op or verdict.subject != req.subject:
+            raise VerdictError(
+                f"verdict answers {verdict.op} {verdict.subject!r}, not {req.op} {req.subject!r}"
+            )
+        return Answer(
+            op=verdict.op, subject=verdict.subject, outcome=verdict.outcome,
+            time_ms=verdict.time_ms, retry_after_s=verdict.retry_after_s, data=verdict.data,
+        )
+
+
+def _password(password: bytes | str) -> bytes:
+    return password.encode("utf-8") if isinstance(password, str) else password
+
+
+def _user_path(user: str, what: str = "") -> str:
+    return f"/v1/users/{quote(user, safe='')}" + (f"/{what}" if what else "")
+
+
+def _record_path(key: str) -> str:
+    return f"/v1/records/{quote(key, safe='')}"
+
+
+def _json_body(**fields: bytes) -> bytes:
+    return json.dumps({k: _b64(v) for k, v in fields.items()}).encode("ascii")
+
+
+class _Operations:
+    """The operations as requests (shared by both clients)."""
+
+    core: _Core
+
+    def _enroll(self, user: str, password: bytes | str) -> _Request:
+        return self.core.request("POST", _user_path(user, "enroll"), "enroll", user,
+                                 _json_body(password=_password(password)), "application/json")
+
+    def _verify(self, user: str, password: bytes | str) -> _Request:
+        return self.core.request("POST", _user_path(user, "verify"), "verify", user,
+                                 _json_body(password=_password(password)), "application/json")
+
+    def _change(self, user: str, old: bytes | str, new: bytes | str) -> _Request:
+        return self.core.request(
+            "POST", _user_path(user, "change"), "change", user,
+            _json_body(old=_password(old), new=_password(new)), "application/json",
+        )
+
+    def _delete_user(self, user: str) -> _Request:
+        return self.core.request("DELETE", _user_path(user), "delete_user", user)
+
+    def _put(self, key: str, data: bytes) -> _Request:
+        return self.core.request("PUT", _record_path(key), "put", key, data,
+                                 "application/octet-stream")
+
+    def _get(self, key: str) -> _Request:
+        return self.core.request("GET", _record_path(key), "get", key)
+
+    def _delete_record(self, key: str) -> _Request:
+        return self.core.request("DELETE", _record_path(key), "delete_record", key)
+
+    def _status(self) -> _Request:
+        return self.core.request("GET", "/v1/status", "status", "")
+
+
+def _transport_args(socket_path: Path | None, url: str | None) -> tuple[str, dict[str, Any]]:
+    if (socket_path is None) == (url is None):
+        raise ValueError("give exactly one of socket_path and url")
+    if socket_path is not None:
+        return "http://ratelockd", {"uds": str(socket_path)}
+    assert url is not None
+    return url.rstrip("/"), {}
+
+
+def _where(socket_path: Path | None, url: str | None) -> str:
+    return f"unix:{socket_path}" if socket_path is not None else str(url)
+
+
+class Client(_Operations):
+    """A synchronous client (httpx). One per thread or shared: httpx's pool is thread-safe."""
+
+    def __init__(
+        self, *, token: str, public_key: bytes, socket_path: Path | None = None,
+        url: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_skew_s: float = DEFAULT_MAX_SKEW_S, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = _Core(token, public_key, max_skew_s=max_skew_s, clock=clock)
+        base, kw = _transport_args(socket_path, url)
+        self.where = _where(socket_path, url)
+        self._http = httpx.Client(
+            base_url=base, transport=httpx.HTTPTransport(**kw), timeout=timeout_s,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, req: _Request) -> Answer:
+        try:
+            with self._http.stream(
+                req.method, req.path, content=req.body, headers=self.core.headers(req)
+            ) as resp:
+                body = bytearray()
+                for chunk in resp.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise VerdictError(f"answer from {self.where} over {MAX_ANSWER_BYTES} B")
+                status, ctype = resp.status_code, resp.headers.get("content-type", "")
+        except httpx.HTTPError as exc:
+            raise RatelockUnavailable(f"ratelockd at {self.where}: {exc}") from None
+        return self.core.answer(req, status, ctype, bytes(body))
+
+    def enroll(self, user: str, password: bytes | str) -> Answer:
+        return self._send(self._enroll(user, password))
+
+    def verify(self, user: str, password: bytes | str) -> Answer:
+        return self._send(self._verify(user, password))
+
+    def change(self, user: str, old: bytes | str, new: bytes | str) -> Answer:
+        return self._send(self._change(user, old, new))
+
+    def delete_user(self, user: str) -> Answer:
+        return self._send(self._delete_user(user))
+
+    def put(self, key: str, data: bytes) -> Answer:
+        return self._send(self._put(key, data))
+
+    def get(self, key: str) -> Answer:
+        return self._send(self._get(key))
+
+    def delete_record(self, key: str) -> Answer:
+        return self._send(self._delete_record(key))
+
+    def status(self) -> dict[str, Any]:
+        answer = self._send(self._status())
+        if not answer.ok or answer.data is None:
+            raise VerdictError(f"status refused: {answer.outcome}")
+        result: dict[str, Any] = json.loads(answer.data)
+        return result
+
+
+class AsyncClient(_Operations):
+    """The same over httpx's async client (trio or asyncio, through anyio)."""
+
+    def __init__(
+        self, *, token: str, public_key: bytes, socket_path: Path | None = None,
+        url: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_skew_s: float = DEFAULT_MAX_SKEW_S, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = _Core(token, public_key, max_skew_s=max_skew_s, clock=clock)
+        base, kw = _transport_args(socket_path, url)
+        self.where = _where(socket_path, url)
+        self._http = httpx.AsyncClient(
+            base_url=base, transport=httpx.AsyncHTTPTransport(**kw), timeout=timeout_s,
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, req: _Request) -> Answer:
+        try:
+            async with self._http.stream(
+                req.method, req.path, content=req.body, headers=self.core.headers(req)
+            ) as resp:
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise VerdictError(f"answer from {self.where} over {MAX_ANSWER_BYTES} B")
+                status, ctype = resp.status_code, resp.headers.get("content-type", "")
+        except httpx.HTTPError as exc:
+            raise RatelockUnavailable(f"ratelockd at {self.where}: {exc}") from None
+        return self.core.answer(req, status, ctype, bytes(body))
+
+    async def enroll(self, user: str, password: bytes | str) -> Answer:
+        return await self._send(self._enroll(user, password))
+
+    async def verify(self, user: str, password: bytes | str) -> Answer:
+        return await self._send(self._verify(user, password))
+
+    async def change(self, user: str, old: bytes | str, new: bytes | str) -> Answer:
+        return await self._send(self._change(user, old, new))
+
+    async def delete_user(self, user: str) -> Answer:
+        return await self._send(self._delete_user(user))
+
+    async def put(self, key: str, data: bytes) -> Answer:
+        return await self._send(self._put(key, data))
+
+    async def get(self, key: str) -> Answer:
+        return await self._send(self._get(key))
+
+    async def delete_record(self, key: str) -> Answer:
+        return await self._send(self._delete_record(key))
+
+
+__all__ = ["Answer", "AsyncClient", "Client", "read_public_key"]

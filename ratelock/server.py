@@ -1,0 +1,669 @@
+"""ratelockd: the vault's HTTP face, on a Unix socket in the node home (or TCP).
+
+What it is for: the application asks, ratelockd decides within budgets the vault enforces
+itself (``ratelock.vault``), and every answer is a verdict signed with the node identity that
+binds the client's request nonce (``ratelock.verdict``), so whoever sits between the two can
+neither forge an answer nor replay an old one. What it must never do: answer before the
+vault's charge is committed, hold more Argon2id hashes in memory than ``max_concurrent_hashes``,
+read an unbounded body, or log a token, a password or a record.
+
+Wire protocol (docs/ratelock.md has it for operators)::
+
+    Authorization: Bearer <token>        per client; the vault keeps only its hash
+    Ratelock-Nonce: <base64url>          16..64 fresh random bytes per request
+
+    POST   /v1/users/{user}/enroll       {"password": b64url}
+    POST   /v1/users/{user}/verify       {"password": b64url}
+    POST   /v1/users/{user}/change       {"old": b64url, "new": b64url}
+    DELETE /v1/users/{user}
+    PUT    /v1/records/{key}             the record's bytes
+    GET    /v1/records/{key}
+    DELETE /v1/records/{key}
+    GET    /v1/status
+    GET    /healthz, /metrics, /v1/identity   (no token, no verdict: liveness, counters, key)
+
+Every answer to a request that carried a well-formed nonce is a signed verdict
+(``application/ratelock-verdict+cbor``), refusals included: the client believes the verdict,
+never the HTTP status (a man in the middle can rewrite the status, not the signature). The
+status still follows the verdict for people and proxies: 429 with ``Retry-After`` over budget,
+401 for a bad token, 400/413 for bad input, 503 when the hash slots are all taken.
+
+Blocking work (the vault's SQL and Argon2id) runs in worker threads, at most
+``max_concurrent_hashes`` at once (one ``trio.CapacityLimiter``), and is never abandoned on
+cancellation: a client that disconnects mid-request does not get its charge refunded, because
+the vault committed it before it computed the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import dataclasses
+import errno
+import grp
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from overflowd.config import resolve_home
+from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
+from overflowd.identity import NodeIdentity, load_identity
+from ratelock import verdict as vd
+from ratelock.config import RatelockSettings, load_ratelock
+from ratelock.vault import Outcome, Vault
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Limits. Every request is an attacker's: each bound below names what it protects.
+
+#: Request nonce size: 16 bytes (128 bits) is the least that cannot be guessed or collide in
+#: the life of a vault; 64 bounds what we copy into each verdict.
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+#: A password body ({"password": b64url} or old/new) is far below this; the bound keeps a
+#: client from making us buffer and parse megabytes of JSON per request.
+MAX_PASSWORD_BODY_BYTES = 4096
+#: Pending TCP connections the kernel queues for us (hypercorn's default).
+LISTEN_BACKLOG = 100
+#: An idle keep-alive connection is closed after this long: clients are few and local, and an
+#: idle connection holds a file descriptor.
+KEEP_ALIVE_S = 15
+#: The whole request (headers, body, the vault's decision) must finish within this long; a
+#: slow client is dropped (the vault's charge, once taken, stays taken).
+REQUEST_BODY_TIMEOUT_S = 10.0
+#: Requests waiting for a hash slot at most, beyond the slots themselves; more is 503 with
+#: this Retry-After, so a flood queues in bounded memory instead of in every coroutine.
+MAX_WAITING_PER_SLOT = 8
+BUSY_RETRY_AFTER_S = 1
+#: Header name of the request nonce and the verdict content type.
+NONCE_HEADER = "ratelock-nonce"
+VERDICT_CONTENT_TYPE = vd.CONTENT_TYPE
+#: The file beside the socket holding the node's public key (base64), readable by all: what a
+#: client pins to verify verdicts (the key is public; the daemon rewrites it at every start).
+PUBLIC_KEY_FILE = "ratelock.pub"
+
+OPERATIONS = ("enroll", "verify", "change", "delete_user", "put", "get", "delete_record", "status")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class RatelockMetrics:
+    """The daemon's Prometheus families (each listed in docs/ratelock.md "Metrics")."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ratelock_requests", "Answered requests by operation and outcome",
+            ["op", "outcome"], registry=self.registry,
+        )
+        self.refused = Counter(
+            "ratelock_refused", "Requests refused before the vault by reason",
+            ["reason"], registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "ratelock_request_seconds", "Time to answer a vault operation",
+            ["op"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        self.busy = Gauge(
+            "ratelock_hash_slots_busy", "Vault calls running in worker threads now",
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "ratelock_hash_slots_waiting", "Requests waiting for a hash slot now",
+            registry=self.registry,
+        )
+        self.audit_signed = Counter(
+            "ratelock_audit_heads_signed", "Audit heads signed by the periodic task",
+            registry=self.registry,
+        )
+        self.audit_failed = Counter(
+            "ratelock_audit_head_failures", "Periodic audit head signings that failed",
+            registry=self.registry,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+
+class Refusal(Exception):
+    """A request refused before the vault: HTTP status, verdict outcome, counter reason."""
+
+    def __init__(self, status: int, outcome: str, reason: str, retry_after_s: float | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.outcome = outcome
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class ServerContext:
+    vault: Vault
+    identity: NodeIdentity
+    settings: RatelockSettings
+    metrics: RatelockMetrics = field(default_factory=RatelockMetrics)
+    clock: Callable[[], float] = time.time
+    limiter: trio.CapacityLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.limiter is None:
+            self.limiter = trio.CapacityLimiter(self.settings.max_concurrent_hashes)
+        self.sign = self.identity.signer()
+
+
+#: HTTP status of each vault outcome; the verdict is the truth, this is for people and proxies.
+_STATUS = {
+    "ok": 200, "wrong": 200, "unknown": 404, "not_found": 404, "exists": 409,
+    "over_budget": 429, "invalid": 400, "unauthorized": 401, "bad_request": 400,
+    "too_large": 413, "busy": 503,
+}
+
+
+def _nonce(request: Request) -> bytes:
+    text = request.headers.get(NONCE_HEADER)
+    if text is None:
+        raise Refusal(400, "bad_request", "no_nonce")
+    try:
+        nonce = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise Refusal(400, "bad_request", "bad_nonce") from None
+    if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+        raise Refusal(400, "bad_request", "bad_nonce")
+    return nonce
+
+
+def _name(text: str, max_bytes: int) -> str:
+    """User names and record keys are path segments: short, printable, no control characters."""
+    if not text or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise Refusal(400, "bad_request", "bad_name")
+    if not text.isprintable():
+        raise Refusal(400, "bad_request", "bad_name")
+    return text
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes, within REQUEST_BODY_TIMEOUT_S."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise Refusal(413, "too_large", "too_large")
+    chunks: list[bytes] = []
+    size = 0
+    with trio.move_on_after(REQUEST_BODY_TIMEOUT_S) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refusal(413, "too_large", "too_large")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise Refusal(400, "bad_request", "slow_body")
+    return b"".join(chunks)
+
+
+def _b64(obj: dict[str, Any], key: str, max_bytes: int) -> bytes:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise Refusal(400, "bad_request", "bad_body")
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise Refusal(400, "bad_request", "bad_body") from None
+    if len(raw) > max_bytes:
+        raise Refusal(413, "too_large", "too_large")
+    return raw
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    raw = await _body(request, MAX_PASSWORD_BODY_BYTES)
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise Refusal(400, "bad_request", "bad_body") from None
+    if not isinstance(obj, dict):
+        raise Refusal(400, "bad_request", "bad_body")
+    return obj
+
+
+def create_app(ctx: ServerContext) -> Starlette:
+    """The ASGI app; Starlette, not FastAPI: bodies are raw bytes and answers CBOR verdicts,
+    so FastAPI's JSON validation and OpenAPI would describe none of what matters."""
+    m = ctx.metrics
+    limiter = ctx.limiter
+    assert limiter is not None
+    max_waiting = MAX_WAITING_PER_SLOT * ctx.settings.max_concurrent_hashes
+    max_name = ctx.settings.max_name_bytes
+    max_pw = ctx.settings.max_password_bytes
+
+    def verdict_response(
+        op: str, subject: str, nonce: bytes, outcome: str,
+        retry_after_s: float | None = None, data: bytes | None = None,
+    ) -> Response:
+        body = vd.encode_verdict(
+            vd.Verdict(
+                nonce=nonce, op=op, subject=subject, outcome=outcome,
+                time_ms=int(ctx.clock() * 1000),
+                retry_after_s=retry_after_s, data=data,
+            ),
+            ctx.sign,
+        )
+        headers = {}
+        if retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, int(-(-retry_after_s // 1))))
+        return Response(
+            body, status_code=_STATUS.get(outcome, 200), media_type=VERDICT_CONTENT_TYPE,
+            headers=headers,
+        )
+
+    async def in_thread(fn: Callable[[], Outcome]) -> Outcome:
+        stats = limiter.statistics()
+        if stats.tasks_waiting >= max_waiting:
+            raise Refusal(503, "busy", "busy", BUSY_RETRY_AFTER_S)
+        m.waiting.inc()
+        try:
+            async with limiter:
+                m.waiting.dec()
+                m.busy.inc()
+                try:
+                    # Not abandoned on cancel: the charge is the vault's, and we wait for it.
+                    return await trio.to_thread.run_sync(fn, limiter=trio.CapacityLimiter(1))
+                finally:
+                    m.busy.dec()
+        except BaseException:
+            # only reached when cancelled while waiting (waiting already decremented otherwise)
+            raise
+
+    def handler(
+        op: str, subject_param: str | None,
+        call: Callable[[Request, str, str], Awaitable[Callable[[], Outcome]]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            started = time.monotonic()
+            try:
+                nonce = _nonce(request)
+            except Refusal as r:
+                m.refused.labels(r.reason).inc()
+                return JSONResponse({"error": r.reason}, status_code=r.status)
+            subject = ""
+            try:
+                if subject_param is not None:
+                    subject = _name(request.path_params[subject_param], max_name)
+                auth = request.headers.get("authorization", "")
+                scheme, _, token = auth.partition(" ")
+                if scheme.lower() != "bearer" or not token or len(token) > 512:
+                    raise Refusal(401, "unauthorized", "bad_token")
+                client = await trio.to_thread.run_sync(ctx.vault.authenticate, token.strip())
+                if client is None:
+                    raise Refusal(401, "unauthorized", "bad_token")
+                fn = await call(request, client, subject)
+                outcome = await in_thread(fn)
+            except Refusal as r:
+                m.refused.labels(r.reason).inc()
+                return verdict_response(op, subject, nonce, r.outcome, r.retry_after_s)
+            m.requests.labels(op, outcome.kind).inc()
+            m.seconds.labels(op).observe(time.monotonic() - started)
+            return verdict_response(
+                op, subject, nonce, outcome.kind, outcome.retry_after_s, outcome.data
+            )
+
+        return endpoint
+
+    v = ctx.vault
+
+    async def enroll(request: Request, client: str, user: str) -> Callable[[], Outcome]:
+        password = _b64(await _json(request), "password", max_pw)
+        return lambda: v.enroll(client, user, password)
+
+    async def verify(request: Request, client: str, user: str) -> Callable[[], Outcome]:
+        password = _b64(await _json(request), "password", max_pw)
+        return lambda: v.verify(client, user, password)
+
+    async def change(request: Request, client: str, user: str) -> Callable[[], Outcome]:
+        body = await _json(request)
+        old, new = _b64(body, "old", max_pw), _b64(body, "new", max_pw)
+        return lambda: v.change(client, user, old, new)
+
+    async def delete_user(request: Request, client: str, user: str) -> Callable[[], Outcome]:
+        return lambda: v.delete_user(client, user)
+
+    async def put(request: Request, client: str, key: str) -> Callable[[], Outcome]:
+        data = await _body(request, ctx.settings.max_record_bytes)
+        return lambda: v.put(client, key, data)
+
+    async def get(request: Request, client: str, key: str) -> Callable[[], Outcome]:
+        return lambda: v.get(client, key)
+
+    async def delete_record(request: Request, client: str, key: str) -> Callable[[], Outcome]:
+        return lambda: v.delete_record(client, key)
+
+    async def status(request: Request, client: str, subject: str) -> Callable[[], Outcome]:
+        def answer() -> Outcome:
+            s = dataclasses.asdict(v.status())
+            return Outcome(kind="ok", data=json.dumps(s, sort_keys=True).encode())
+
+        return answer
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(m.registry), media_type="text/plain; version=0.0.4")
+
+    async def identity(request: Request) -> Response:
+        return JSONResponse({
+            "key": ctx.identity.public_key_b64, "fingerprint": ctx.identity.fingerprint,
+        })
+
+    routes = [
+        Route("/v1/users/{user}/enroll", handler("enroll", "user", enroll), methods=["POST"]),
+        Route("/v1/users/{user}/verify", handler("verify", "user", verify), methods=["POST"]),
+        Route("/v1/users/{user}/change", handler("change", "user", change), methods=["POST"]),
+        Route("/v1/users/{user}", handler("delete_user", "user", delete_user),
+              methods=["DELETE"]),
+        Route("/v1/records/{key}", handler("put", "key", put), methods=["PUT"]),
+        Route("/v1/records/{key}", handler("get", "key", get), methods=["GET"]),
+        Route("/v1/records/{key}", handler("delete_record", "key", delete_record),
+              methods=["DELETE"]),
+        Route("/v1/status", handler("status", None, status), methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/identity", identity, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sockets
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where to listen: a Unix socket path, or a TCP host and port."""
+
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    def text(self) -> str:
+        return f"unix:{self.path}" if self.path is not None else _hostport(self.host, self.port)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_listen(text: str, home: Path) -> Listen:
+    """``unix:PATH`` (relative to the home) or ``tcp:HOST:PORT`` / ``HOST:PORT``."""
+    if text.startswith("unix:"):
+        rest = text[5:]
+        if not rest:
+            raise ValueError(f"{text!r}: unix: needs a path")
+        path = Path(rest).expanduser()
+        return Listen(path=path if path.is_absolute() else home / path)
+    rest = text[4:] if text.startswith("tcp:") else text
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError(f"{text!r} is neither unix:PATH nor HOST:PORT")
+    return Listen(host=host.strip("[]"), port=int(port))
+
+
+def _socket_group(name: str) -> int | None:
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ConfigError(f"ratelock.socket_group: no group named {name!r}") from None
+
+
+def open_unix_socket(path: Path, mode: int, group: str) -> socket.socket:
+    """Bind a Unix socket with ``mode`` and ``group``, never looser in between.
+
+    A stale socket file (left by a crash) is removed only when nobody answers on it: a second
+    ratelockd on the same socket is an error, not a takeover.
+    """
+    gid = _socket_group(group)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, "exists and is not a socket", str(path))
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise OSError(errno.EADDRINUSE, "another ratelockd answers there", str(path))
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # bound 0600: nobody else connects before the chmod below
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.umask(old)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+    sock.setblocking(False)
+    return sock
+
+
+def open_tcp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, _hostport(host, port)) from None
+    sock.setblocking(False)
+    return sock
+
+
+# ---------------------------------------------------------------------------------------------
+# The service
+
+
+@dataclass(frozen=True)
+class ServerStatistics:
+    requests: int
+    refused: int
+    audit_heads_signed: int
+
+
+class RatelockService:
+    """ratelockd as a trio service: ``await nursery.start(service.run)`` gives the address."""
+
+    def __init__(self, ctx: ServerContext, listen: Listen) -> None:
+        self.ctx = ctx
+        self.listen = listen
+        self.app = create_app(ctx)
+        self._stop = trio.Event()
+        self._audit_signed = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        from hypercorn.config import Config, Sockets
+        from hypercorn.trio.run import worker_serve
+        from hypercorn.utils import wrap_app
+
+        s = self.ctx.settings
+        if self.listen.path is not None:
+            sock = open_unix_socket(self.listen.path, int(s.socket_mode, 8), s.socket_group)
+        else:
+            sock = open_tcp_socket(self.listen.host, self.listen.port)
+        sock.listen(LISTEN_BACKLOG)
+        config = Config()
+        config.accesslog = None
+        config.errorlog = logging.getLogger("ratelock.server.hypercorn")
+        config.keep_alive_timeout = KEEP_ALIVE_S
+        config.read_timeout = int(REQUEST_BODY_TIMEOUT_S)
+        config.graceful_timeout = 2.0
+        config.h11_max_incomplete_size = 16 * 1024  # headers: a token and a nonce, not more
+        config.alpn_protocols = ["http/1.1"]
+        config.include_server_header = False
+        app = wrap_app(self.app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+        try:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(
+                    lambda task_status: worker_serve(
+                        app, config, sockets=Sockets([], [sock], []),
+                        shutdown_trigger=self._stop.wait, task_status=task_status,
+                    )
+                )
+                if self.ctx.settings.audit_sign_interval_s > 0:
+                    nursery.start_soon(self._sign_audit_heads)
+                where = self.listen.text() if self.listen.path is not None else binds[0]
+                log.info("ratelockd.listening at=%s", where)
+                task_status.started(where)
+                await self._stop.wait()
+                nursery.cancel_scope.deadline = trio.current_time() + 3.0
+        finally:
+            if self.listen.path is not None:
+                with contextlib.suppress(OSError):
+                    self.listen.path.unlink()
+
+    async def _sign_audit_heads(self) -> None:
+        """Sign the audit chain's head every interval (the first one at once), so a deleted tail
+        of the log shows: the last signed head must still be on the chain."""
+        while True:
+            try:
+                signed = await trio.to_thread.run_sync(self.ctx.vault.sign_audit_head)
+            except (RatelockError, OSError) as exc:
+                self.ctx.metrics.audit_failed.inc()
+                log.warning("ratelockd.audit_head_failed error=%s", exc)
+            else:
+                if signed is not None:
+                    self._audit_signed += 1
+                    self.ctx.metrics.audit_signed.inc()
+            await trio.sleep(self.ctx.settings.audit_sign_interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def statistics(self) -> ServerStatistics:
+        reg = self.ctx.metrics.registry
+
+        def total(name: str) -> int:
+            return int(sum(s.value for mf in reg.collect() if mf.name == name
+                           for s in mf.samples if s.name.endswith("_total")))
+
+        return ServerStatistics(
+            requests=total("ratelock_requests"), refused=total("ratelock_refused"),
+            audit_heads_signed=self._audit_signed,
+        )
+
+
+def write_public_key(home: Path, identity: NodeIdentity) -> Path:
+    path = home / PUBLIC_KEY_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(identity.public_key_b64 + "\n", encoding="ascii")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# ratelockd
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ratelockd", description="The ratelock daemon: budgets, verifiers, signed verdicts."
+    )
+    p.add_argument("--home", help="node home (default $OVERFLOWD_HOME or ~/.overflowd)")
+    p.add_argument("--listen", help="unix:PATH or HOST:PORT (overrides ratelock.listen)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def _serve(service: RatelockService) -> None:
+    async with trio.open_nursery() as nursery:
+        where = await nursery.start(service.run)
+        print(f"ratelockd listening {where}", flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                service.stop()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    home = resolve_home(args.home)
+    try:
+        settings = load_ratelock(home)
+        text = args.listen or settings.listen
+        try:
+            listen = parse_listen(text, home)
+        except ValueError as exc:
+            flag = "--listen" if args.listen else "ratelock.listen"
+            print(f"ratelockd: {flag}: {exc}", file=sys.stderr)
+            return 2 if args.listen else 1
+        identity = load_identity(home)
+        vault = Vault.open(home, settings, identity=identity)
+    except (ConfigError, IdentityError, OverflowdError) as exc:
+        print(f"ratelockd: {exc}", file=sys.stderr)
+        return 1
+    try:
+        write_public_key(home, identity)
+        ctx = ServerContext(vault=vault, identity=identity, settings=settings)
+        trio.run(_serve, RatelockService(ctx, listen))
+    except* OSError as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        assert isinstance(first, OSError)
+        print(f"ratelockd: cannot listen on {first.filename or text}: {first.strerror}",
+              file=sys.stderr)
+        return 1
+    except* OverflowdError as group:
+        print(f"ratelockd: {group.exceptions[0]}", file=sys.stderr)
+        return 1
+    finally:
+        vault.close()
+    return 0
+
+
+__all__ = [
+    "PUBLIC_KEY_FILE", "Listen", "RatelockService", "ServerContext", "create_app", "main",
+    "parse_listen",
+]
