@@ -1,0 +1,240 @@
+"""ratelock's cryptography: Argon2id verifiers, sealed with a secret only ratelockd holds.
+
+The choice (docs/ratelock-design.md says it at length):
+
+* **Argon2id** (RFC 9106) over the password with a random 16-byte salt, parameters from
+  ``[ratelock]`` (default RFC 9106's second recommended option, t=3, 64 MiB; libsodium computes
+  with one lane). The parameters are stored per user, so changing them never breaks a verifier.
+* **The secret encrypts the verifier** instead of being hashed into it (a "pepper" fed to
+  Argon2 or an HMAC before it). The 32-byte Argon2 output is sealed with XChaCha20-Poly1305
+  (libsodium's ``crypto_aead_xchacha20poly1305_ietf``, a random 24-byte nonce, so no nonce
+  bookkeeping) under a key derived from the secret, the user's namespace and name as associated
+  data, so a sealed verifier moved to another user does not open. Why encryption:
+
+  - a stolen database holds only ciphertext: without the secret, not one guess can be tested
+    offline (a peppered hash is as good here, but the next two points are not);
+  - **rotating the secret** re-encrypts each verifier (open with the old key, seal with the
+    new) with no password; a pepper inside the hash can only be changed at each user's next
+    login, leaving the old pepper alive for ever for users who never come back;
+  - **upgrading Argon2 parameters** happens at a user's next successful verify, when the
+    password is at hand: the vault re-hashes with the new parameters and reseals.
+
+* **Records** are sealed the same way under a second key derived from the secret, with a
+  different BLAKE2b personalisation, so a verifier key can never open a record and back.
+
+The secret lives in its own file (never the node's signing key, DESIGN.md "Identity"), mode
+0600, created on first open; a loader refuses one group or others can read, as for the node
+key. The file holds numbered keys: the first is current; a rotation writes the new key first,
+re-encrypts, then drops the old one, so a crash half-way leaves every row still openable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.pwhash.argon2id as argon2id
+
+from overflowd.errors import RatelockError
+
+SECRET_BYTES = 32
+SALT_BYTES = argon2id.SALTBYTES  # 16
+HASH_BYTES = 32
+NONCE_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES  # 24
+_HEADER = "# ratelock vault secret: never share, never copy with the database. key-id:base64\n"
+#: BLAKE2b personalisations (16 bytes max): one derived key per purpose (domain separation)
+PERSON_VERIFIER = b"ratelock-verif1"
+PERSON_RECORD = b"ratelock-record1"
+AAD_VERIFIER = b"ratelock verifier v1\x00"
+AAD_RECORD = b"ratelock record v1\x00"
+
+
+class SecretError(RatelockError):
+    """The vault secret cannot be created, read or trusted."""
+
+
+class SealError(RatelockError):
+    """A sealed value does not open with the secret (wrong key, edited row or other user)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Argon2Parameters:
+    """Argon2id cost: ``time_cost`` passes over ``memory_kib`` KiB (libsodium: one lane)."""
+
+    time_cost: int
+    memory_kib: int
+
+    @property
+    def memlimit(self) -> int:
+        return self.memory_kib * 1024
+
+
+def argon2(password: bytes, salt: bytes, params: Argon2Parameters) -> bytes:
+    """The raw 32-byte Argon2id output. CPU- and memory-bound: callers bound concurrency."""
+    return bytes(
+        argon2id.kdf(
+            HASH_BYTES, password, salt, opslimit=params.time_cost, memlimit=params.memlimit
+        )
+    )
+
+
+def new_salt() -> bytes:
+    return secrets.token_bytes(SALT_BYTES)
+
+
+def same(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison (the Argon2 outputs of a guess and the verifier)."""
+    return hmac.compare_digest(a, b)
+
+
+@dataclass(frozen=True)
+class VaultKey:
+    """One numbered vault secret and the keys derived from it. Never log it."""
+
+    key_id: int
+    secret: bytes
+
+    def __repr__(self) -> str:
+        return f"VaultKey(key_id={self.key_id})"
+
+    def _derive(self, person: bytes) -> bytes:
+        return hashlib.blake2b(key=self.secret, person=person, digest_size=32).digest()
+
+    def seal_verifier(self, namespace: str, user: str, verifier: bytes) -> tuple[bytes, bytes]:
+        return _seal(self._derive(PERSON_VERIFIER), _aad(AAD_VERIFIER, namespace, user), verifier)
+
+    def open_verifier(self, namespace: str, user: str, nonce: bytes, sealed: bytes) -> bytes:
+        return _open(
+            self._derive(PERSON_VERIFIER), _aad(AAD_VERIFIER, namespace, user), nonce, sealed
+        )
+
+    def seal_record(self, namespace: str, key: str, data: bytes) -> tuple[bytes, bytes]:
+        return _seal(self._derive(PERSON_RECORD), _aad(AAD_RECORD, namespace, key), data)
+
+    def open_record(self, namespace: str, key: str, nonce: bytes, sealed: bytes) -> bytes:
+        return _open(self._derive(PERSON_RECORD), _aad(AAD_RECORD, namespace, key), nonce, sealed)
+
+
+def _aad(prefix: bytes, namespace: str, name: str) -> bytes:
+    # Length-prefixed so ("ab", "c") and ("a", "bc") differ.
+    ns, nm = namespace.encode("utf-8"), name.encode("utf-8")
+    return prefix + len(ns).to_bytes(4, "big") + ns + len(nm).to_bytes(4, "big") + nm
+
+
+def _seal(key: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
+    return nonce, bytes(sealed)
+
+
+def _open(key: bytes, aad: bytes, nonce: bytes, sealed: bytes) -> bytes:
+    try:
+        return bytes(sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(sealed, aad, nonce, key))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise SealError("sealed value does not open with the vault secret") from None
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """The secret file's keys: ``keys[0]`` is current; others are kept until a rotation ends."""
+
+    path: Path
+    keys: tuple[VaultKey, ...]
+
+    @property
+    def current(self) -> VaultKey:
+        return self.keys[0]
+
+    def key(self, key_id: int) -> VaultKey:
+        for k in self.keys:
+            if k.key_id == key_id:
+                return k
+        raise SealError(f"sealed with vault key {key_id}, which {self.path} no longer holds")
+
+
+def open_secret(path: Path, *, create: bool = True) -> SecretFile:
+    """Load the secret file, creating it (mode 0600, atomically) when absent and ``create``."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if not create:
+            raise SecretError(f"no vault secret at {path}") from None
+        write_secret(path, (VaultKey(1, secrets.token_bytes(SECRET_BYTES)),), new=True)
+        return open_secret(path, create=False)
+    except OSError as exc:
+        raise SecretError(f"cannot read {path}: {exc.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise SecretError(
+            f"permissions {mode:04o} for {path} are too open: the vault secret must be readable "
+            f"by its owner only (chmod 600 {path})"
+        )
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretError(f"cannot read {path}: {exc}") from None
+    keys: list[VaultKey] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key_id, sep, b64 = line.partition(":")
+        try:
+            if not sep or not key_id.isdigit():
+                raise ValueError
+            secret = base64.b64decode(b64, validate=True)
+            if len(secret) != SECRET_BYTES:
+                raise ValueError
+        except ValueError:
+            raise SecretError(f"{path}:{number}: not a ratelock vault key") from None
+        keys.append(VaultKey(int(key_id), secret))
+    if not keys:
+        raise SecretError(f"{path} holds no vault key")
+    return SecretFile(path, tuple(keys))
+
+
+def write_secret(path: Path, keys: tuple[VaultKey, ...], *, new: bool = False) -> None:
+    """Write the keys with mode 0600 via a temporary file and rename (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if new and path.exists():
+        raise SecretError(f"{path} exists")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    body = _HEADER + "".join(
+        f"{k.key_id}:{base64.b64encode(k.secret).decode('ascii')}\n" for k in keys
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if new:
+            os.link(tmp, path)  # fails if another process created it meanwhile: theirs wins
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def token_digest(token: str) -> bytes:
+    """What the vault stores for a client token: tokens are 256 random bits, so one BLAKE2b
+    (keyless, personalised) is as good as a slow hash and keeps authentication cheap."""
+    return hashlib.blake2b(
+        token.encode("utf-8"), person=b"ratelock-token1", digest_size=32
+    ).digest()
+
+
+def new_token() -> str:
+    return "rl1_" + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
