@@ -14,6 +14,14 @@ counters, never exceptions. Exceptions are for input we refuse and for failures 
     ├── StoreError                    the database refused or could not be reached
     ├── JfeError                      jfe's own failures
     └── RatelockError                 ratelock's own failures
+        ├── VaultError                the vault's database cannot be opened or used
+        ├── SecretError               the vault secret file is missing, unreadable or too open
+        ├── SealError                 a sealed verifier or record does not open (wrong secret)
+        ├── VerdictError              a signed verdict the client must refuse
+        │   ├── VerdictDecodeError    malformed, oversized, or not a ratelock verdict
+        │   ├── VerdictSignatureError not signed by the expected ratelockd key
+        │   ├── VerdictReplayError    does not bind this request's nonce (replayed or swapped)
+        │   └── VerdictStaleError     dated too far from the client's clock
         └── RatelockUnavailable       ratelockd unreachable, or its answer unreadable (client)
 
 Library misuse (wrong argument types, calling things in the wrong order) raises the ordinary
@@ -93,6 +101,44 @@ class JfeError(OverflowdError):
 
 class RatelockError(OverflowdError):
     """ratelock failed."""
+
+
+# -- ratelock (ratelock-core) ---------------------------------------------------------------
+
+
+class VaultError(RatelockError):
+    """The vault's database cannot be opened or used; the message names the store."""
+
+
+class SecretError(RatelockError):
+    """The vault secret cannot be created, read or trusted."""
+
+
+class SealError(RatelockError):
+    """A sealed value does not open with the secret (wrong key, edited row or other user)."""
+
+
+class VerdictError(RatelockError):
+    """A verdict the client library refuses; never act on its contents."""
+
+
+class VerdictDecodeError(VerdictError):
+    """Bytes that are not a well-formed ratelock verdict."""
+
+
+class VerdictSignatureError(VerdictError):
+    """A well-formed verdict not signed by the ratelockd key the client trusts."""
+
+
+class VerdictReplayError(VerdictError):
+    """A verdict for another request: its nonce is not the one this request sent."""
+
+
+class VerdictStaleError(VerdictError):
+    """A verdict dated too far from the client's clock."""
+
+
+# -- ratelock (ratelock-server) -------------------------------------------------------------
 
 
 class RatelockUnavailable(RatelockError):

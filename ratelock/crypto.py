@@ -43,7 +43,7 @@ import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.pwhash.argon2id as argon2id
 
-from overflowd.errors import RatelockError
+from overflowd.errors import SealError, SecretError
 
 SECRET_BYTES = 32
 SALT_BYTES = argon2id.SALTBYTES  # 16
@@ -55,14 +55,6 @@ PERSON_VERIFIER = b"ratelock-verif1"
 PERSON_RECORD = b"ratelock-record1"
 AAD_VERIFIER = b"ratelock verifier v1\x00"
 AAD_RECORD = b"ratelock record v1\x00"
-
-
-class SecretError(RatelockError):
-    """The vault secret cannot be created, read or trusted."""
-
-
-class SealError(RatelockError):
-    """A sealed value does not open with the secret (wrong key, edited row or other user)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from overflowd.errors import RatelockError
+from overflowd.errors import SealError, VaultError
 from overflowd.identity import NodeIdentity, check_signature, identity_path, load_identity
 from ratelock import audit, crypto, policy
 from ratelock.config import RatelockSettings
@@ -95,10 +95,6 @@ POOL_OVERFLOW = 16
 ADMIN = "-admin"
 
 OutcomeKind = Literal["ok", "wrong", "unknown", "over_budget", "exists", "not_found", "invalid"]
-
-
-class VaultError(RatelockError):
-    """The vault's database cannot be opened or used."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,7 +694,7 @@ class Vault:
             secret = self._secret
         try:
             return secret.key(key_id)
-        except crypto.SealError:
+        except SealError:
             # another process may have rotated: read the file again once
             fresh = crypto.open_secret(secret.path, create=False)
             with self._secret_lock:

@@ -27,6 +27,8 @@ SANS_IO = [
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
     "ratelock/policy.py",
+    "ratelock/verdict.py",
+    "ratelock/audit.py",
 ]
 
 
