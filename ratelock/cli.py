@@ -28,7 +28,7 @@ from overflowd.config import resolve_home
 from overflowd.errors import OverflowdError
 from ratelock.client import Answer, Client, read_public_key
 from ratelock.config import load_ratelock
-from ratelock.server import PUBLIC_KEY_FILE, parse_listen
+from ratelock.server import PUBLIC_KEY_FILE, Listen, parse_listen, public_key_path
 
 TOKEN_ENV = "RATELOCK_TOKEN"
 #: What ``put`` reads from stdin at most beyond the daemon's own bound: one byte more than
@@ -96,7 +96,11 @@ def _token(args: argparse.Namespace) -> str:
 def _client(args: argparse.Namespace, home: Path) -> Client:
     if args.socket and args.url:
         raise Usage("--socket and --url: give one of them")
-    key_path = Path(args.public_key_file) if args.public_key_file else home / PUBLIC_KEY_FILE
+    listen = parse_listen(load_ratelock(home).listen, home)
+    if args.socket:
+        listen = Listen(path=Path(args.socket))
+    key_path = (Path(args.public_key_file) if args.public_key_file
+                else public_key_path(listen, home))
     try:
         public_key = read_public_key(key_path)
     except OverflowdError as exc:
@@ -109,7 +113,6 @@ def _client(args: argparse.Namespace, home: Path) -> Client:
         return Client(token=token, public_key=public_key, url=args.url)
     if args.socket:
         return Client(token=token, public_key=public_key, socket_path=Path(args.socket))
-    listen = parse_listen(load_ratelock(home).listen, home)
     if listen.path is None:
         return Client(token=token, public_key=public_key,
                       url=f"http://{listen.text()}")

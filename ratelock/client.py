@@ -1,11 +1,12 @@
 """The Python client of ratelockd: ask, then believe only what the node's key signed.
 
 What it is for: an application's one way to ratelockd, over the Unix socket (or TCP). Every
-request carries a fresh random nonce; every answer is a verdict (``ratelock.verdict``) that
-must verify with the node's public key, name this request's nonce, operation and subject, and
-be dated within ``max_skew_s`` of our clock. A forged, replayed, swapped or stale verdict
-raises :class:`overflowd.errors.VerdictError`; nothing here ever turns one into an answer. The
-HTTP status is ignored: whoever sits on the socket can change it, not the signature.
+request carries a fresh random nonce; every answer carries a verdict (``ratelock.verdict``)
+that must verify with the node's public key, name this request's nonce, operation and subject,
+sign the SHA-256 of any body (a record, the status), and be dated within ``max_skew_s`` of our
+clock. A forged, replayed, swapped or stale verdict raises :class:`overflowd.errors.VerdictError`
+(a subclass naming which check failed); nothing here ever turns one into an answer. The HTTP
+status is ignored: whoever sits on the socket can change it, not the signature.
 
 What it must never do: accept a verdict it did not verify, reuse a nonce, or log a token,
 password or record. Transport failures are mapped to :class:`RatelockUnavailable` here, at the
@@ -15,6 +16,8 @@ one boundary that talks to httpx.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -26,10 +29,17 @@ from urllib.parse import quote
 
 import httpx
 
-from overflowd.errors import RatelockUnavailable, VerdictError
+from overflowd.errors import (
+    RatelockUnavailable,
+    VerdictDecodeError,
+    VerdictError,
+    VerdictSignatureError,
+)
 from overflowd.identity import check_signature
 from ratelock import verdict as vd
 
+NONCE_HEADER = "ratelock-nonce"
+VERDICT_HEADER = "ratelock-verdict"
 #: Nonce bytes per request: 128 bits never repeat in the life of a vault (the server accepts
 #: 16..64).
 NONCE_BYTES = 16
@@ -110,37 +120,54 @@ class _Core:
         self, method: str, path: str, op: str, subject: str,
         body: bytes | None = None, content_type: str | None = None,
     ) -> _Request:
+        if len(subject.encode("utf-8", "surrogatepass")) > vd.MAX_NAME_BYTES:
+            # no verdict can name it, so no answer could be checked: the caller's bug
+            raise ValueError(f"a user or key is at most {vd.MAX_NAME_BYTES} bytes")
         return _Request(method, path, op, subject, secrets.token_bytes(NONCE_BYTES), body,
                         content_type)
 
     def headers(self, req: _Request) -> dict[str, str]:
-        h = {"authorization": f"Bearer {self.token}", "ratelock-nonce": _b64(req.nonce),
-             "accept": vd.CONTENT_TYPE}
+        h = {"authorization": f"Bearer {self.token}", NONCE_HEADER: _b64(req.nonce)}
         if req.content_type:
             h["content-type"] = req.content_type
         return h
 
-    def answer(self, req: _Request, status: int, content_type: str, body: bytes) -> Answer:
-        if content_type.split(";")[0].strip() != vd.CONTENT_TYPE:
-            # Not a verdict: the daemon refused the request's form (it signs everything else).
-            raise VerdictError(f"ratelockd answered {status} without a verdict ({body[:200]!r})")
+    def answer(self, req: _Request, status: int, headers: httpx.Headers, body: bytes) -> Answer:
+        text = headers.get(VERDICT_HEADER)
+        if text is None:
+            # No verdict: the daemon refused the request's form (it signs everything else),
+            # or something else answered. Either way nothing here is to be believed.
+            raise VerdictDecodeError(f"answer {status} carries no verdict ({body[:120]!r})")
+        if len(text) > 2 * vd.MAX_VERDICT_BYTES:
+            raise VerdictDecodeError("verdict header too long")
+        try:
+            cose = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except ValueError:
+            raise VerdictDecodeError("verdict header is not base64url") from None
+        # The nonce proves it answers this request; op and subject prove it answers the
+        # question we asked (a man in the middle could re-address our request, nonce and all).
         verdict = vd.verify_verdict(
-            body,
-            lambda message, signature: check_signature(self.public_key, message, signature),
+            cose,
+            check_signature,
             public_key=self.public_key,
             nonce=req.nonce,
             now_ms=int(self.clock() * 1000),
             max_skew_ms=int(self.max_skew_s * 1000),
+            expect={"op": req.op, "subject": req.subject},
         )
-        # The nonce proves it answers this request; op and subject prove it answers the
-        # question we asked (a man in the middle could re-address our request, nonce and all).
-        if verdict.op != req.op or verdict.subject != req.subject:
-            raise VerdictError(
-                f"verdict answers {verdict.op} {verdict.subject!r}, not {req.op} {req.subject!r}"
-            )
+        data: bytes | None = None
+        if verdict.digest is not None:
+            if not hmac.compare_digest(hashlib.sha256(body).digest(), verdict.digest):
+                raise VerdictSignatureError("the answer's body is not what the verdict signed")
+            data = body
+        elif body:
+            raise VerdictDecodeError("the answer has a body its verdict does not sign")
         return Answer(
             op=verdict.op, subject=verdict.subject, outcome=verdict.outcome,
-            time_ms=verdict.time_ms, retry_after_s=verdict.retry_after_s, data=verdict.data,
+            time_ms=verdict.time_ms,
+            retry_after_s=None if verdict.retry_after_ms is None
+            else verdict.retry_after_ms / 1000,
+            data=data,
         )
 
 
@@ -243,10 +270,10 @@ class Client(_Operations):
                     body += chunk
                     if len(body) > MAX_ANSWER_BYTES:
                         raise VerdictError(f"answer from {self.where} over {MAX_ANSWER_BYTES} B")
-                status, ctype = resp.status_code, resp.headers.get("content-type", "")
+                status, headers = resp.status_code, resp.headers
         except httpx.HTTPError as exc:
             raise RatelockUnavailable(f"ratelockd at {self.where}: {exc}") from None
-        return self.core.answer(req, status, ctype, bytes(body))
+        return self.core.answer(req, status, headers, bytes(body))
 
     def enroll(self, user: str, password: bytes | str) -> Answer:
         return self._send(self._enroll(user, password))
@@ -311,10 +338,10 @@ class AsyncClient(_Operations):
                     body += chunk
                     if len(body) > MAX_ANSWER_BYTES:
                         raise VerdictError(f"answer from {self.where} over {MAX_ANSWER_BYTES} B")
-                status, ctype = resp.status_code, resp.headers.get("content-type", "")
+                status, headers = resp.status_code, resp.headers
         except httpx.HTTPError as exc:
             raise RatelockUnavailable(f"ratelockd at {self.where}: {exc}") from None
-        return self.core.answer(req, status, ctype, bytes(body))
+        return self.core.answer(req, status, headers, bytes(body))
 
     async def enroll(self, user: str, password: bytes | str) -> Answer:
         return await self._send(self._enroll(user, password))

@@ -22,8 +22,10 @@ Wire protocol (docs/ratelock.md has it for operators)::
     GET    /v1/status
     GET    /healthz, /metrics, /v1/identity   (no token, no verdict: liveness, counters, key)
 
-Every answer to a request that carried a well-formed nonce is a signed verdict
-(``application/ratelock-verdict+cbor``), refusals included: the client believes the verdict,
+Every answer to a request that carried a well-formed nonce carries a signed verdict (COSE_Sign1,
+``application/ratelock-verdict+cbor``, base64url in the ``Ratelock-Verdict`` header; the body is
+the record or status bytes the verdict's ``digest`` binds), refusals included: the client
+believes the verdict,
 never the HTTP status (a man in the middle can rewrite the status, not the signature). The
 status still follows the verdict for people and proxies: 429 with ``Retry-After`` over budget,
 401 for a bad token, 400/413 for bad input, 503 when the hash slots are all taken.
@@ -43,6 +45,7 @@ import contextlib
 import dataclasses
 import errno
 import grp
+import hashlib
 import json
 import logging
 import os
@@ -66,6 +69,7 @@ from starlette.routing import Route
 from overflowd.config import resolve_home
 from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
 from overflowd.identity import NodeIdentity, load_identity
+from ratelock import policy
 from ratelock import verdict as vd
 from ratelock.config import RatelockSettings, load_ratelock
 from ratelock.vault import Outcome, Vault
@@ -77,8 +81,8 @@ log = logging.getLogger(__name__)
 
 #: Request nonce size: 16 bytes (128 bits) is the least that cannot be guessed or collide in
 #: the life of a vault; 64 bounds what we copy into each verdict.
-MIN_NONCE_BYTES = 16
-MAX_NONCE_BYTES = 64
+MIN_NONCE_BYTES = vd.MIN_NONCE_BYTES
+MAX_NONCE_BYTES = vd.MAX_NONCE_BYTES
 #: A password body ({"password": b64url} or old/new) is far below this; the bound keeps a
 #: client from making us buffer and parse megabytes of JSON per request.
 MAX_PASSWORD_BODY_BYTES = 4096
@@ -94,9 +98,11 @@ REQUEST_BODY_TIMEOUT_S = 10.0
 #: this Retry-After, so a flood queues in bounded memory instead of in every coroutine.
 MAX_WAITING_PER_SLOT = 8
 BUSY_RETRY_AFTER_S = 1
-#: Header name of the request nonce and the verdict content type.
+#: Header names: the request nonce, and the answer's verdict (base64url COSE_Sign1, at most
+#: verdict.MAX_VERDICT_BYTES): a header so that a record's bytes can be the body, bound to the
+#: verdict by its SHA-256 ``digest``.
 NONCE_HEADER = "ratelock-nonce"
-VERDICT_CONTENT_TYPE = vd.CONTENT_TYPE
+VERDICT_HEADER = "ratelock-verdict"
 #: The file beside the socket holding the node's public key (base64), readable by all: what a
 #: client pins to verify verdicts (the key is public; the daemon rewrites it at every start).
 PUBLIC_KEY_FILE = "ratelock.pub"
@@ -256,24 +262,28 @@ def create_app(ctx: ServerContext) -> Starlette:
     max_name = ctx.settings.max_name_bytes
     max_pw = ctx.settings.max_password_bytes
 
+    public_key = ctx.identity.public_key
+
     def verdict_response(
-        op: str, subject: str, nonce: bytes, outcome: str,
+        op: str, client: str, subject: str, nonce: bytes, outcome: str,
         retry_after_s: float | None = None, data: bytes | None = None,
     ) -> Response:
-        body = vd.encode_verdict(
+        retry_ms = None if retry_after_s is None else max(0, int(retry_after_s * 1000))
+        cose = vd.encode_verdict(
             vd.Verdict(
-                nonce=nonce, op=op, subject=subject, outcome=outcome,
-                time_ms=int(ctx.clock() * 1000),
-                retry_after_s=retry_after_s, data=data,
+                op=op, nonce=nonce, client=client, subject=subject, outcome=outcome,
+                time_ms=int(ctx.clock() * 1000), retry_after_ms=retry_ms,
+                digest=None if data is None else hashlib.sha256(data).digest(),
             ),
+            public_key,
             ctx.sign,
         )
-        headers = {}
-        if retry_after_s is not None:
-            headers["Retry-After"] = str(max(1, int(-(-retry_after_s // 1))))
+        headers = {VERDICT_HEADER: base64.urlsafe_b64encode(cose).rstrip(b"=").decode("ascii")}
+        if retry_ms is not None:
+            headers["Retry-After"] = str(policy.retry_after_header(retry_ms))
         return Response(
-            body, status_code=_STATUS.get(outcome, 200), media_type=VERDICT_CONTENT_TYPE,
-            headers=headers,
+            data or b"", status_code=_STATUS.get(outcome, 200),
+            media_type="application/octet-stream", headers=headers,
         )
 
     async def in_thread(fn: Callable[[], Outcome]) -> Outcome:
@@ -305,26 +315,31 @@ def create_app(ctx: ServerContext) -> Starlette:
             except Refusal as r:
                 m.refused.labels(r.reason).inc()
                 return JSONResponse({"error": r.reason}, status_code=r.status)
-            subject = ""
+            subject = client = ""
             try:
                 if subject_param is not None:
-                    subject = _name(request.path_params[subject_param], max_name)
+                    raw = request.path_params[subject_param]
+                    # echoed in the refusal so the client can match it; the verdict bounds it
+                    if len(raw.encode("utf-8", "surrogatepass")) <= vd.MAX_NAME_BYTES:
+                        subject = raw
+                    _name(raw, max_name)
                 auth = request.headers.get("authorization", "")
                 scheme, _, token = auth.partition(" ")
                 if scheme.lower() != "bearer" or not token or len(token) > 512:
                     raise Refusal(401, "unauthorized", "bad_token")
-                client = await trio.to_thread.run_sync(ctx.vault.authenticate, token.strip())
-                if client is None:
+                name = await trio.to_thread.run_sync(ctx.vault.authenticate, token.strip())
+                if name is None:
                     raise Refusal(401, "unauthorized", "bad_token")
+                client = name
                 fn = await call(request, client, subject)
                 outcome = await in_thread(fn)
             except Refusal as r:
                 m.refused.labels(r.reason).inc()
-                return verdict_response(op, subject, nonce, r.outcome, r.retry_after_s)
+                return verdict_response(op, client, subject, nonce, r.outcome, r.retry_after_s)
             m.requests.labels(op, outcome.kind).inc()
             m.seconds.labels(op).observe(time.monotonic() - started)
             return verdict_response(
-                op, subject, nonce, outcome.kind, outcome.retry_after_s, outcome.data
+                op, client, subject, nonce, outcome.kind, outcome.retry_after_s, outcome.data
             )
 
         return endpoint
@@ -376,14 +391,14 @@ def create_app(ctx: ServerContext) -> Starlette:
         })
 
     routes = [
-        Route("/v1/users/{user}/enroll", handler("enroll", "user", enroll), methods=["POST"]),
-        Route("/v1/users/{user}/verify", handler("verify", "user", verify), methods=["POST"]),
-        Route("/v1/users/{user}/change", handler("change", "user", change), methods=["POST"]),
-        Route("/v1/users/{user}", handler("delete_user", "user", delete_user),
+        Route("/v1/users/{user:path}/enroll", handler("enroll", "user", enroll), methods=["POST"]),
+        Route("/v1/users/{user:path}/verify", handler("verify", "user", verify), methods=["POST"]),
+        Route("/v1/users/{user:path}/change", handler("change", "user", change), methods=["POST"]),
+        Route("/v1/users/{user:path}", handler("delete_user", "user", delete_user),
               methods=["DELETE"]),
-        Route("/v1/records/{key}", handler("put", "key", put), methods=["PUT"]),
-        Route("/v1/records/{key}", handler("get", "key", get), methods=["GET"]),
-        Route("/v1/records/{key}", handler("delete_record", "key", delete_record),
+        Route("/v1/records/{key:path}", handler("put", "key", put), methods=["PUT"]),
+        Route("/v1/records/{key:path}", handler("get", "key", get), methods=["GET"]),
+        Route("/v1/records/{key:path}", handler("delete_record", "key", delete_record),
               methods=["DELETE"]),
         Route("/v1/status", handler("status", None, status), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -512,6 +527,7 @@ class RatelockService:
         self.app = create_app(ctx)
         self._stop = trio.Event()
         self._audit_signed = 0
+        self._audit_scope = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         from hypercorn.config import Config, Sockets
@@ -548,7 +564,9 @@ class RatelockService:
                 log.info("ratelockd.listening at=%s", where)
                 task_status.started(where)
                 await self._stop.wait()
-                nursery.cancel_scope.deadline = trio.current_time() + 3.0
+                # hypercorn drains the requests in flight within graceful_timeout and returns;
+                # the audit timer just stops (a head it was signing commits or rolls back).
+                self._audit_scope.cancel()
         finally:
             if self.listen.path is not None:
                 with contextlib.suppress(OSError):
@@ -557,6 +575,10 @@ class RatelockService:
     async def _sign_audit_heads(self) -> None:
         """Sign the audit chain's head every interval (the first one at once), so a deleted tail
         of the log shows: the last signed head must still be on the chain."""
+        with self._audit_scope:
+            await self._audit_loop()
+
+    async def _audit_loop(self) -> None:
         while True:
             try:
                 signed = await trio.to_thread.run_sync(self.ctx.vault.sign_audit_head)
@@ -585,8 +607,19 @@ class RatelockService:
         )
 
 
-def write_public_key(home: Path, identity: NodeIdentity) -> Path:
-    path = home / PUBLIC_KEY_FILE
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def public_key_path(listen: Listen, home: Path) -> Path:
+    """Beside the socket (the directory its clients can reach), else in the home."""
+    return (listen.path.parent if listen.path is not None else home) / PUBLIC_KEY_FILE
+
+
+def write_public_key(listen: Listen, home: Path, identity: NodeIdentity) -> Path:
+    path = public_key_path(listen, home)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(identity.public_key_b64 + "\n", encoding="ascii")
     os.chmod(tmp, 0o644)
@@ -644,19 +677,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ratelockd: {exc}", file=sys.stderr)
         return 1
     try:
-        write_public_key(home, identity)
+        write_public_key(listen, home, identity)
         ctx = ServerContext(vault=vault, identity=identity, settings=settings)
         trio.run(_serve, RatelockService(ctx, listen))
-    except* OSError as group:
-        first: BaseException = group
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        assert isinstance(first, OSError)
-        print(f"ratelockd: cannot listen on {first.filename or text}: {first.strerror}",
-              file=sys.stderr)
-        return 1
-    except* OverflowdError as group:
-        print(f"ratelockd: {group.exceptions[0]}", file=sys.stderr)
+    except (OSError, OverflowdError, BaseExceptionGroup) as exc:
+        leaf = _first_leaf(exc)
+        if isinstance(leaf, OSError):
+            print(f"ratelockd: cannot listen on {leaf.filename or text}: {leaf.strerror}",
+                  file=sys.stderr)
+        elif isinstance(leaf, OverflowdError):
+            print(f"ratelockd: {leaf}", file=sys.stderr)
+        else:
+            raise
         return 1
     finally:
         vault.close()
