@@ -97,10 +97,15 @@ def _client(args: argparse.Namespace, home: Path) -> Client:
     if args.socket and args.url:
         raise Usage("--socket and --url: give one of them")
     listen = parse_listen(load_ratelock(home).listen, home)
+    configured = public_key_path(listen, home)
     if args.socket:
         listen = Listen(path=Path(args.socket))
-    key_path = (Path(args.public_key_file) if args.public_key_file
-                else public_key_path(listen, home))
+    if args.public_key_file:
+        key_path = Path(args.public_key_file)
+    else:
+        # beside the socket asked for, else where the configured daemon writes it
+        beside = public_key_path(listen, home)
+        key_path = beside if beside.exists() else configured
     try:
         public_key = read_public_key(key_path)
     except OverflowdError as exc:
