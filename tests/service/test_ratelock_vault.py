@@ -84,3 +84,79 @@ def test_client_tokens_hashed_at_rest(db_url: str, home: Path) -> None:
         assert vault.revoke_client("web") is False
     if db_url.startswith("sqlite"):
         assert token.encode() not in Path(_url(db_url).removeprefix("sqlite:///")).read_bytes()
+
+
+def test_records_a_client_reads_at_most_its_budget_however_it_asks(db_url: str, home: Path) -> None:
+    """Same key, other keys, missing keys, threads at once, over three hours of clock: never
+    more than burst + per_hour x hours reads, counted per client."""
+    import threading
+
+    burst, per_hour = 20, 20
+    now = [1_900_000_000_000]
+    settings = fast_settings(_url(db_url), client_reads_burst=burst, client_reads_per_hour=per_hour)
+    with Vault.open(home, settings, clock_ms=lambda: now[0]) as vault:
+        for i in range(10):
+            vault.put("app", f"k{i}", f"record {i}".encode())
+        served: list[int] = []  # clock of each read that returned data or not_found
+        lock = threading.Lock()
+
+        def ask(keys: list[str]) -> None:
+            for key in keys:
+                out = vault.get("app", key)
+                if out.kind in ("ok", "not_found"):
+                    with lock:
+                        served.append(now[0])
+                else:
+                    assert out.kind == "over_budget" and out.retry_after_s
+
+        # at once, from 8 threads, a mix of one key, many keys and missing keys
+        patterns = [["k0"] * 4, [f"k{i}" for i in range(4)], [f"nope{i}" for i in range(4)]]
+        threads = [threading.Thread(target=ask, args=(patterns[i % 3],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(served) == burst  # exactly the burst, 32 asked
+        for step in range(12):  # three hours in 15-minute steps, asking for more than refills
+            now[0] += 900_000
+            ask([f"k{(step + i) % 10}" for i in range(7)])
+        assert len(served) == burst + 3 * per_hour
+        for i, t0 in enumerate(served):  # any window of an hour: at most burst + per_hour
+            assert sum(1 for t in served[i:] if t - t0 <= 3_600_000) <= burst + per_hour
+        # another client is not charged for this one's reads
+        vault.put("other", "k0", b"x")
+        assert vault.get("other", "k0").kind == "ok"
+
+
+def test_config_section_is_strict(tmp_path: Path) -> None:
+    from overflowd.config import parse_section
+    from overflowd.errors import ConfigError
+    from ratelock.config import RatelockSettings, load_ratelock
+
+    assert load_ratelock(tmp_path) == RatelockSettings()
+    text = "[ratelock]\nuser_failures_burst = 3\nstore_url = 'sqlite:////tmp/x.db'\n"
+    s = parse_section(text, "ratelock", RatelockSettings, "f.toml")
+    assert s.user_failures_burst == 3 and s.store_url_for(tmp_path) == "sqlite:////tmp/x.db"
+    assert RatelockSettings().store_url_for(tmp_path) == f"sqlite:///{tmp_path / 'ratelock.db'}"
+    for bad, match in (
+        (
+            "[ratelock]\nuser_failures_bust = 3\n",
+            "f.toml:2: unknown key 'ratelock.user_failures_bust'",
+        ),
+        ("[ratelock]\nuser_failures_burst = 0\n", "user_failures_burst' must be at least 1"),
+        ("[ratelock]\nlisten = 'here'\n", "unix:PATH or tcp:HOST:PORT"),
+        ("[ratelock]\nsocket_mode = '999'\n", "octal"),
+        ("[ratelock]\nargon2_memory_kib = 1\n", "argon2_memory_kib"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_section(bad, "ratelock", RatelockSettings, "f.toml")
+
+
+def test_bad_input_is_invalid_not_an_error(home: Path) -> None:
+    settings = fast_settings(max_password_bytes=16, max_name_bytes=8)
+    with Vault.open(home, settings) as vault:
+        assert vault.enroll("app", "x" * 9, b"pw").kind == "invalid"
+        assert vault.enroll("app", "a\nb", b"pw").kind == "invalid"
+        assert vault.verify("app", "alice", b"p" * 17).kind == "invalid"
+        assert vault.put("app", "", b"").kind == "invalid"
+        assert vault.status().audit_entries == 0  # refused before anything is charged

@@ -1,0 +1,133 @@
+"""The audit log: every request chained; an edited, deleted or reordered row is caught, and so
+is a truncated tail (against the last signed head) or a chain rebuilt without the node key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, delete, select, update
+
+from overflowd.identity import NodeIdentity, write_identity
+from ratelock import audit
+from ratelock.vault import Vault, t_audit, t_audit_heads, t_audit_tail
+from tests.support.ratelock import fast_settings
+
+SIGN_EVERY = 5
+
+
+def _vault(home: Path) -> Vault:
+    return Vault.open(home, fast_settings(audit_sign_every_entries=SIGN_EVERY))
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = tmp_path / "home"
+    write_identity(h, NodeIdentity.generate())
+    with _vault(h) as vault:
+        vault.enroll("app", "alice", b"pw")  # 1
+        for _ in range(4):
+            vault.verify("app", "alice", b"x")  # 2 entries each: charged, wrong
+        vault.put("app", "k", b"v")  # 10
+        vault.get("app", "k")  # 11
+        vault.get("app", "missing")  # 12
+        report = vault.audit_verify()
+    assert report.ok and report.entries == 12 and report.signed_seq == 10, report
+    return h
+
+
+def _tamper(home: Path, change: Callable[[Connection], None]) -> audit.AuditReport:
+    with _vault(home) as vault:
+        with vault._engine.begin() as conn:
+            change(conn)
+        return vault.audit_verify()
+
+
+def _row(conn: Connection, seq: int) -> dict[str, object]:
+    return dict(conn.execute(select(t_audit).where(t_audit.c.seq == seq)).one()._mapping)
+
+
+def test_every_request_is_logged(home: Path) -> None:
+    with _vault(home) as vault, vault._engine.connect() as conn:
+        ops = [
+            (r.op, r.subject, r.outcome)
+            for r in conn.execute(select(t_audit).order_by(t_audit.c.seq))
+        ]
+    assert ops[0] == ("enroll", "alice", "ok")
+    assert ops[1:3] == [("verify", "alice", "charged"), ("verify", "alice", "wrong")]
+    assert ops[-1] == ("get", "missing", "not_found")
+
+
+def test_edited_row(home: Path) -> None:
+    report = _tamper(
+        home, lambda c: c.execute(update(t_audit).where(t_audit.c.seq == 3).values(outcome="ok"))
+    )
+    assert not report.ok and any("entry 3" in p and "edited" in p for p in report.problems)
+
+
+def test_deleted_row(home: Path) -> None:
+    report = _tamper(home, lambda c: c.execute(delete(t_audit).where(t_audit.c.seq == 4)))
+    assert not report.ok and any("entry 5" in p for p in report.problems), report.problems
+
+
+def test_reordered_rows(home: Path) -> None:
+    def swap(conn: Connection) -> None:
+        a, b = _row(conn, 6), _row(conn, 7)
+        for seq, other in ((6, b), (7, a)):
+            values = {k: v for k, v in other.items() if k != "seq"}
+            conn.execute(update(t_audit).where(t_audit.c.seq == seq).values(**values))
+
+    report = _tamper(home, swap)
+    assert not report.ok and any("entry 6" in p for p in report.problems), report.problems
+
+
+def test_truncated_tail_against_the_signed_head(home: Path) -> None:
+    def truncate(conn: Connection) -> None:
+        conn.execute(delete(t_audit).where(t_audit.c.seq > 8))
+        last = _row(conn, 8)
+        conn.execute(update(t_audit_tail).values(seq=8, hash=last["hash"]))
+
+    report = _tamper(home, truncate)
+    assert not report.ok and any("truncated" in p for p in report.problems), report.problems
+
+
+def test_chain_rebuilt_without_the_node_key(home: Path) -> None:
+    """An attacker with the database but not identity.key edits a row and rehashes the chain:
+    it links again, but no longer matches the signed head."""
+
+    def rebuild(conn: Connection) -> None:
+        rows = [dict(r._mapping) for r in conn.execute(select(t_audit).order_by(t_audit.c.seq))]
+        prev = audit.GENESIS
+        for r in rows:
+            if r["seq"] == 2:
+                r["outcome"] = "ok"
+            e = audit.make_entry(
+                prev, r["seq"], r["time_ms"], r["client"], r["op"], r["subject"], r["outcome"]
+            )
+            conn.execute(
+                update(t_audit)
+                .where(t_audit.c.seq == r["seq"])
+                .values(outcome=e.outcome, prev=e.prev, hash=e.hash)
+            )
+            prev = e.hash
+
+    report = _tamper(home, rebuild)
+    assert not report.ok and any("head 5" in p for p in report.problems), report.problems
+
+
+def test_forged_head_signature(home: Path) -> None:
+    report = _tamper(
+        home,
+        lambda c: c.execute(
+            update(t_audit_heads).where(t_audit_heads.c.seq == 5).values(signature=b"\x00" * 64)
+        ),
+    )
+    assert not report.ok and any("head 5: signature" in p for p in report.problems)
+
+
+def test_sign_audit_head_on_demand(home: Path) -> None:
+    with _vault(home) as vault:
+        assert vault.sign_audit_head() == 12
+        assert vault.sign_audit_head() is None  # nothing new since
+        assert vault.audit_verify().signed_seq == 12
