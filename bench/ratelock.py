@@ -75,7 +75,10 @@ def hammer(threads: int, per_thread: int, fn: Callable[[int], str]) -> tuple[lis
     def worker(n: int) -> None:
         start.wait()
         for _ in range(per_thread):
-            a = fn(n)
+            try:
+                a = fn(n)
+            except Exception as exc:  # counted: a failed request is a figure, not a crash
+                a = f"error: {type(exc).__name__}"
             with lock:
                 answers.append(a)
 
@@ -154,7 +157,6 @@ def run_backend(name: str, url: str, args: argparse.Namespace) -> dict[str, floa
     params = crypto.Argon2Parameters(args.time_cost, args.memory_kib)
     salt = crypto.new_salt()
     crypto.argon2(b"warm", salt, params)
-    hash_t = timed(lambda: crypto.argon2(b"correct horse", salt, params), args.runs)
     home = Path(tempfile.mkdtemp(prefix="ratelock-bench-")) / "home"
     make_home(home, store_url=url)
     # make_home writes the test cost; the bench measures the chosen one
@@ -176,7 +178,13 @@ def run_backend(name: str, url: str, args: argparse.Namespace) -> dict[str, floa
         for u in [*users, "alice", "hammered"]:
             assert c.enroll(u, b"correct horse").ok
         c.verify("alice", b"correct horse")
-        far = timed(lambda: c.verify("alice", b"correct horse"), args.runs)
+        # Interleaved, one hash then one verify: the machine's load drifts, and the ratio must
+        # compare the two under the same load.
+        hash_t: list[float] = []
+        far: list[float] = []
+        for _ in range(args.runs):
+            hash_t += timed(lambda: crypto.argon2(b"correct horse", salt, params), 1)
+            far += timed(lambda: c.verify("alice", b"correct horse"), 1)
         for _ in range(BURST):
             c.verify("spent", b"x")  # unknown user: failures are charged all the same
         assert c.enroll("spent2", b"pw").ok
@@ -188,8 +196,8 @@ def run_backend(name: str, url: str, args: argparse.Namespace) -> dict[str, floa
         per = max(1, args.runs // 2)
         answers, took = hammer(args.threads, per,
                                lambda n: clients[n].verify(users[n], b"correct horse").outcome)
-        assert all(a == "ok" for a in answers), set(answers)
-        throughput = len(answers) / took
+        errors = sum(a != "ok" for a in answers)
+        throughput = (len(answers) - errors) / took
         answers, _ = hammer(args.threads, 2 * BURST // args.threads + 2,
                             lambda n: clients[n].verify("hammered", b"guess").outcome)
         granted = answers.count("wrong")
@@ -210,9 +218,12 @@ def run_backend(name: str, url: str, args: argparse.Namespace) -> dict[str, floa
           f"   = {f50 / h50:.2f}x the hash (goal <= 1.2x)")
     print(f"  verify, at the budget (refused)     p50 {ms(statistics.median(at))}  "
           f"p99 {ms(pct(at, .99))}")
-    print(f"  throughput, {args.threads} threads, many users   {throughput:8.1f} verifies/s")
+    print(f"  throughput, {args.threads} threads, many users   {throughput:8.1f} verifies/s"
+          f"  ({errors} not ok of {len(answers)})")
     print(f"  overshoot, {len(answers)} wrong guesses at burst {BURST}: ratelockd "
           f"{overshoot} (granted {granted})   naive check-then-update {naive}  (goal 0)")
+    load = os.getloadavg()[0]
+    print(f"  load average during the run: {load:.1f} on {os.cpu_count()} cores")
     print(f"  ratelockd peak RSS {rss / 1024:8.1f} MiB   bound on hash memory "
           f"{args.hashes * args.memory_kib / 1024:.0f} MiB (+ interpreter)")
     return {"ratio": f50 / h50, "overshoot": overshoot, "naive": naive}

@@ -19,6 +19,7 @@ import dataclasses
 import getpass
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -206,11 +207,31 @@ def _operator(args: argparse.Namespace, home: Path) -> int:
     from ratelock.vault import Vault
 
     settings = load_ratelock(home)
+    if args.command == "secret":
+        # A running daemon holds the old key in memory and would keep sealing under a key the
+        # rotation drops: rotate with it stopped (docs/ratelock.md "Rotation").
+        listen = parse_listen(settings.listen, home)
+        if listen.path is not None and _answers(listen.path):
+            print(f"ratelock: secret rotate: ratelockd is running on {listen.path}; stop it "
+                  "first (systemctl stop ratelockd), rotate, start it again", file=sys.stderr)
+            return 1
     vault = Vault.open(home, settings)
     try:
         return _operate(args, vault)
     finally:
         vault.close()
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _operate(args: argparse.Namespace, vault: Any) -> int:

@@ -154,6 +154,10 @@ class RatelockMetrics:
 # The application
 
 
+#: The worker threads' own limiter: the hash slots (ServerContext.limiter) already bound them.
+_UNBOUNDED = trio.CapacityLimiter(1_000_000)
+
+
 class Refusal(Exception):
     """A request refused before the vault: HTTP status, verdict outcome, counter reason."""
 
@@ -292,17 +296,16 @@ def create_app(ctx: ServerContext) -> Starlette:
             raise Refusal(503, "busy", "busy", BUSY_RETRY_AFTER_S)
         m.waiting.inc()
         try:
-            async with limiter:
-                m.waiting.dec()
-                m.busy.inc()
-                try:
-                    # Not abandoned on cancel: the charge is the vault's, and we wait for it.
-                    return await trio.to_thread.run_sync(fn, limiter=trio.CapacityLimiter(1))
-                finally:
-                    m.busy.dec()
-        except BaseException:
-            # only reached when cancelled while waiting (waiting already decremented otherwise)
-            raise
+            await limiter.acquire()
+        finally:
+            m.waiting.dec()
+        m.busy.inc()
+        try:
+            # Not abandoned on cancel: the charge is the vault's, and we wait for it.
+            return await trio.to_thread.run_sync(fn, limiter=_UNBOUNDED)
+        finally:
+            m.busy.dec()
+            limiter.release()
 
     def handler(
         op: str, subject_param: str | None,
@@ -544,7 +547,11 @@ class RatelockService:
         config.accesslog = None
         config.errorlog = logging.getLogger("ratelock.server.hypercorn")
         config.keep_alive_timeout = KEEP_ALIVE_S
-        config.read_timeout = int(REQUEST_BODY_TIMEOUT_S)
+        # No read_timeout: hypercorn's would also fire while a request waits for its hash
+        # (the reader idles meanwhile) and reset the connection of an honest, queued client.
+        # Bodies are timed by _body; idle connections by keep_alive_timeout; slow headers are
+        # bounded by who may connect at all (the socket's 0660 and group).
+        config.read_timeout = None
         config.graceful_timeout = 2.0
         config.h11_max_incomplete_size = 16 * 1024  # headers: a token and a nonce, not more
         config.alpn_protocols = ["http/1.1"]

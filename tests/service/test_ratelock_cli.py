@@ -72,6 +72,8 @@ def test_operator_commands(daemon: tuple[Ratelockd, str]) -> None:
     assert r.code == 1 and r.err == "ratelock: clients revoke: no client named 'ghost'\n"
     r = run("ratelock", "--home", home, "--json", "status")
     assert r.code == 0 and json.loads(r.out)["clients"] >= 2
+    r = run("ratelock", "--home", home, "secret", "rotate")
+    assert r.code == 1 and "ratelockd is running" in r.err and str(d.socket_path) in r.err
     r = run("ratelock", "--home", home, "audit", "verify")
     assert r.code == 0 and r.out.startswith("audit ok:"), r.err
 

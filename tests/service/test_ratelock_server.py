@@ -13,6 +13,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,7 @@ FAILURES = "user_failures_burst = 3\nuser_failures_per_hour = 1\n"
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ratelockd, str]]:
     home = tmp_path_factory.mktemp("rl") / "home"
-    make_home(home)
+    make_home(home, "audit_sign_interval_s = 0.3\n")
     token = add_client(home, "app")
     d = Ratelockd(home)
     try:
@@ -87,6 +88,18 @@ def test_enroll_verify_change_delete_through_the_socket(daemon: tuple[Ratelockd,
         assert c.get("k/1").outcome == "not_found"
         status = c.status()
         assert status["users"] >= 0 and status["argon2_memory_kib"] == 8
+    # the daemon's timer signs the audit head once there are new entries
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        text = _raw(d, "GET", "/metrics").text
+        signed = re.search(r"^ratelock_audit_heads_signed_total (\S+)$", text, re.M)
+        if signed and float(signed.group(1)) >= 1:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("ratelockd signed no audit head")
+    with d.client(token) as c:
+        assert c.status()["audit_signed_seq"] > 0
 
 
 def test_refusals_are_bounded_and_signed(daemon: tuple[Ratelockd, str]) -> None:
