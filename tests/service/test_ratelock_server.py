@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ratelock.client import Answer
+from ratelock.client import Answer, Client, read_public_key
 from tests.support.cli import run
 from tests.support.ratelockd import Ratelockd, add_client, make_home
 
@@ -220,5 +220,20 @@ def test_socket_group_and_a_second_daemon_refused(tmp_path: Path) -> None:
         assert "another ratelockd answers there" in second.err, second.err
         assert str(d.socket_path) in second.err
         assert d.socket_path.exists()
+    finally:
+        d.stop()
+
+
+def test_tcp_listen_on_loopback(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    make_home(home)
+    token = add_client(home, "app")
+    d = Ratelockd(home, "--listen", "tcp:127.0.0.1:0")
+    try:
+        assert d.where.startswith("http://127.0.0.1:")
+        key = read_public_key(home / "ratelock.pub")
+        with Client(token=token, public_key=key, url=d.where) as c:
+            assert c.enroll("tess", b"pw").ok
+            assert c.verify("tess", b"pw").ok
     finally:
         d.stop()
