@@ -22,6 +22,12 @@ ARGON2_MIN_MEMORY_KIB = 8
 #: libsodium's ceiling for memory (4 TiB on 64-bit); a typo of a few zeros should not be taken.
 ARGON2_MAX_MEMORY_KIB = 4 * 1024 * 1024  # 4 GiB: more than any verifier needs
 
+#: ratelock.policy keeps a bucket as an integer in units of 1/per_hour ms: now_ms x per_hour
+#: must fit the database's signed 64-bit column for centuries (2**63 / 1e6 ms ~ 292 years
+#: of milliseconds at a million per hour), and so must burst x 3,600,000.
+MAX_PER_HOUR = 1_000_000
+MAX_BURST = 1_000_000_000
+
 
 @dataclass(frozen=True)
 class RatelockSettings:
@@ -108,8 +114,10 @@ class RatelockSettings:
         ):
             if getattr(self, f"{name}_burst") < 1:
                 yield f"{name}_burst", "must be at least 1"
-            if getattr(self, f"{name}_per_hour") < 1:
-                yield f"{name}_per_hour", "must be at least 1"
+            if not 1 <= getattr(self, f"{name}_per_hour") <= MAX_PER_HOUR:
+                yield f"{name}_per_hour", f"must be in [1, {MAX_PER_HOUR}]"
+            if getattr(self, f"{name}_burst") > MAX_BURST:
+                yield f"{name}_burst", f"must be at most {MAX_BURST}"
         for name in ("max_name_bytes", "max_password_bytes", "max_record_bytes"):
             if getattr(self, name) < 1:
                 yield name, "must be positive"

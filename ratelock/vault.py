@@ -65,6 +65,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -298,18 +299,31 @@ class Vault:
             with self._engine.connect() as conn:
                 conn = conn.execution_options(ratelock_begin="BEGIN IMMEDIATE")
                 with conn.begin():
-                    yield conn
+                    # The audit tail first, in every write (FOR UPDATE on PostgreSQL; SQLite's
+                    # BEGIN IMMEDIATE already holds the write lock): all decisions queue on one
+                    # row, so bucket locks taken after it can never deadlock. Kept for _append.
+                    tail = conn.execute(
+                        select(t_audit_tail.c.seq, t_audit_tail.c.hash, t_audit_tail.c.signed_seq)
+                        .where(t_audit_tail.c.id == 1)
+                        .with_for_update()
+                    ).one()
+                    conn.info["ratelock_tail"] = (
+                        int(tail.seq),
+                        bytes(tail.hash),
+                        int(tail.signed_seq),
+                    )
+                    try:
+                        yield conn
+                    finally:
+                        conn.info.pop("ratelock_tail", None)
         except SQLAlchemyError as exc:
             raise VaultError(f"ratelock store {self._store}: {_short(exc)}") from None
 
     def _append(self, conn: Connection, client: str, op: str, subject: str, outcome: str) -> int:
-        tail = conn.execute(
-            select(t_audit_tail.c.seq, t_audit_tail.c.hash, t_audit_tail.c.signed_seq)
-            .where(t_audit_tail.c.id == 1)
-            .with_for_update()
-        ).one()
-        seq = int(tail.seq) + 1
-        entry = audit.make_entry(bytes(tail.hash), seq, self._clock(), client, op, subject, outcome)
+        tail: tuple[int, bytes, int] = conn.info["ratelock_tail"]
+        last_seq, last_hash, signed_seq = tail
+        seq = last_seq + 1
+        entry = audit.make_entry(last_hash, seq, self._clock(), client, op, subject, outcome)
         conn.execute(
             insert(t_audit).values(
                 seq=seq,
@@ -325,8 +339,10 @@ class Vault:
         conn.execute(
             update(t_audit_tail).where(t_audit_tail.c.id == 1).values(seq=seq, hash=entry.hash)
         )
-        if self._sign and seq - int(tail.signed_seq) >= self.settings.audit_sign_every_entries:
+        if self._sign and seq - signed_seq >= self.settings.audit_sign_every_entries:
             self._sign_head(conn, seq, entry.hash)
+            signed_seq = seq
+        conn.info["ratelock_tail"] = (seq, entry.hash, signed_seq)
         return seq
 
     def _sign_head(self, conn: Connection, seq: int, hash_: bytes) -> None:
@@ -352,21 +368,24 @@ class Vault:
     ) -> policy.Joint:
         """Read, decide and (if allowed) write the buckets, rows locked until commit."""
         now = self._clock()
-        missing = set(names) - {
-            r[0] for r in conn.execute(select(t_buckets.c.name).where(t_buckets.c.name.in_(names)))
-        }
-        for name, rate in zip(names, rates, strict=True):
-            if name in missing:
-                conn.execute(_insert_ignore(self._postgres, name, rate.per_period))
-        rows = {
-            r.name: r
-            for r in conn.execute(
-                select(t_buckets)
-                .where(t_buckets.c.name.in_(names))
-                .order_by(t_buckets.c.name)
-                .with_for_update()
-            )
-        }
+
+        def locked() -> dict[str, Any]:
+            return {
+                r.name: r
+                for r in conn.execute(
+                    select(t_buckets)
+                    .where(t_buckets.c.name.in_(names))
+                    .order_by(t_buckets.c.name)
+                    .with_for_update()
+                )
+            }
+
+        rows = locked()
+        if len(rows) < len(names):  # first use of a bucket: make its row, then lock it
+            for name, rate in sorted(zip(names, rates, strict=True), key=lambda nr: nr[0]):
+                if name not in rows:
+                    conn.execute(_insert_ignore(self._postgres, name, rate.per_period))
+            rows = locked()
         tats = []
         for name, rate in zip(names, rates, strict=True):
             row = rows[name]
@@ -375,13 +394,16 @@ class Vault:
                 tat = -(-tat * rate.per_period // int(row.per_period))
             tats.append(tat)
         joint = policy.charge_all(rates, tats, now)
-        if joint.allowed:
-            for name, rate, tat in zip(names, rates, joint.tats, strict=True):
-                conn.execute(
-                    update(t_buckets)
-                    .where(t_buckets.c.name == name)
-                    .values(tat=tat, per_period=rate.per_period)
-                )
+        if joint.allowed:  # one executemany: psycopg pipelines it into one round trip
+            conn.execute(
+                update(t_buckets)
+                .where(t_buckets.c.name == bindparam("b_name"))
+                .values(tat=bindparam("b_tat"), per_period=bindparam("b_per")),
+                [
+                    {"b_name": n, "b_tat": t, "b_per": r.per_period}
+                    for n, r, t in zip(names, rates, joint.tats, strict=True)
+                ],
+            )
         return joint
 
     def _refund(

@@ -160,3 +160,40 @@ def test_bad_input_is_invalid_not_an_error(home: Path) -> None:
         assert vault.verify("app", "alice", b"p" * 17).kind == "invalid"
         assert vault.put("app", "", b"").kind == "invalid"
         assert vault.status().audit_entries == 0  # refused before anything is charged
+
+
+def test_concurrent_hashes_are_bounded(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_concurrent_hashes Argon2 calls at once per vault, however many threads ask (the
+    real hash runs; the wrapper only counts who is inside it)."""
+    import threading
+
+    from ratelock import crypto
+
+    real, inside, peak = crypto.argon2, [0], [0]
+    lock = threading.Lock()
+
+    def counting(password: bytes, salt: bytes, params: crypto.Argon2Parameters) -> bytes:
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        try:
+            return real(
+                password, salt, crypto.Argon2Parameters(1, 16384)
+            )  # tens of ms: they overlap
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(crypto, "argon2", counting)
+    settings = fast_settings(max_concurrent_hashes=1, user_failures_burst=1000)
+    with Vault.open(home, settings) as vault:
+        vault.enroll("app", "alice", b"pw")
+        threads = [
+            threading.Thread(target=lambda: [vault.verify("app", "alice", b"x") for _ in range(2)])
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert peak[0] == 1  # without the bound, 2-4 of them overlap here
