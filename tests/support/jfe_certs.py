@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -159,3 +160,33 @@ class TestCertificateSource:
         return CertificateStatistics(
             self._stats.granted, dict(self._stats.refused), self._stats.budget_left
         )
+
+
+def _run_jfe(home: Path) -> int:
+    """``python -m tests.support.jfe_certs HOME``: `jfe run` with this module's CA.
+
+    The netns tests run jfe as its own process (signals, leftovers after SIGKILL) while
+    jfe-certs builds the product's certificate source; this runs the same `jfe.cli.serve`
+    with a `TestCertificateSource` and writes the CA to ``HOME/test-ca.pem`` for clients.
+    """
+    import logging
+
+    import trio
+
+    from jfe.cli import serve
+    from jfe.config import load_jfe
+    from overflowd.errors import OverflowdError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    ca = TestCA()
+    (home / "test-ca.pem").write_bytes(ca.ca_pem)
+    try:
+        trio.run(serve, home, load_jfe(home).proxy, TestCertificateSource(ca))
+    except OverflowdError as exc:
+        print(f"jfe: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_run_jfe(Path(sys.argv[1])))
