@@ -37,7 +37,8 @@ class JfeSettings:
     cgroups: tuple[str, ...] = ()
     #: Ports whose backends get a PROXY v2 header instead of a transparent bind. A PROXY v2
     #: backend waits for the header, so on these ports jfe waits for the client's first bytes
-    #: (up to ``handshake_timeout_s``): use it for client-speaks-first protocols (HTTP).
+    #: up to ``handshake_timeout_s`` before sending an address-only header: use it for
+    #: client-speaks-first protocols (HTTP), or accept that delay on a server's banner.
     proxy_v2_ports: tuple[int, ...] = ()
     #: The transparent listener TPROXY delivers to; 127.0.0.1 is never reachable from outside.
     listen_address: str = "127.0.0.1"

@@ -299,7 +299,19 @@ class Proxy:
         proxy_v2 = s.mode(port) == "proxy_v2"
         upstream = await self._upstream(client, original, transparent=not proxy_v2)
         with upstream:
-            first, data = await self._first_speaker(conn, upstream, wait_for_client=proxy_v2)
+            if proxy_v2:
+                # The backend waits for the header, so nobody else can speak first: give the
+                # client handshake_timeout_s, then send an address-only header and pass through.
+                with trio.move_on_after(s.handshake_timeout_s) as quiet:
+                    data = await conn.recv(FIRST_READ_BYTES)
+                if quiet.cancelled_caught:
+                    self._port(port).passthrough_server_first += 1
+                    await _send_all(upstream, proxyv2.encode(client, original))
+                    await self._splice_both(conn, upstream, b"")
+                    return
+                first = "client"
+            else:
+                first, data = await self._first_speaker(conn, upstream)
             if first == "upstream":
                 self._port(port).passthrough_server_first += 1
                 if not data:
@@ -321,7 +333,7 @@ class Proxy:
             await self._tls(conn, upstream, client, original, hello.server_name, buffered, proxy_v2)
 
     async def _first_speaker(
-        self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType, wait_for_client: bool
+        self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType
     ) -> tuple[str, bytes]:
         """Whoever sends first; cancelling the other read loses nothing (trio cancels recv
         only while it waits for readability, before any byte is taken)."""
@@ -336,8 +348,7 @@ class Proxy:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(read, "client", conn)
-                if not wait_for_client:
-                    nursery.start_soon(read, "upstream", upstream)
+                nursery.start_soon(read, "upstream", upstream)
         if idle.cancelled_caught or not winner:
             raise _Drop("idle")
         return winner[0]

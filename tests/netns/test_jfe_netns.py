@@ -34,6 +34,10 @@ HTTP_PORT = 80
 HAPROXY_PORT = 8080
 PRIVATE_PORT = 9000
 SMTP_PORT = 25
+ECHO_PORT = 7
+#: Small on purpose, so the tests reach them quickly.
+HANDSHAKE_TIMEOUT_S = 1.0
+PER_CLIENT = 30
 JFE_PORT = 8443
 #: The issue's goal for a server-speaks-first banner through jfe.
 BANNER_BUDGET_S = 0.005
@@ -71,6 +75,69 @@ SMTP_BACKEND = textwrap.dedent(
     while True:
         c, _ = s.accept()
         threading.Thread(target=serve, args=(c,), daemon=True).start()
+    """
+)
+
+ECHO_BACKEND = textwrap.dedent(
+    """
+    import socket, sys, threading
+    s = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=200)
+    def serve(c):
+        with c:
+            while data := c.recv(65536):
+                c.sendall(data)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+    """
+)
+
+#: Hostile clients: a TLS-looking stream that is no ClientHello (must come back byte-exact
+#: from the echo service), a slow-loris ClientHello, and more connections than the budget.
+ABUSE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, socket, sys, time
+    host, port, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    out = {}
+    fake = b"\\x16\\x03\\x01\\x00\\x10" + b"\\x68" + os.urandom(15) + os.urandom(3000)
+    with socket.create_connection((host, port), timeout=5) as c:
+        c.sendall(fake)
+        got = b""
+        while len(got) < len(fake):
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        out["echo_exact"] = got == fake
+    with socket.create_connection((host, port), timeout=10) as c:
+        c.sendall(b"\\x16\\x03\\x01")
+        start = time.monotonic()
+        try:
+            out["slow_read"] = c.recv(100).decode("latin-1")
+        except OSError as exc:
+            out["slow_read"] = type(exc).__name__
+        out["slow_cut_after_s"] = time.monotonic() - start
+    held, refused = [], 0
+    for _ in range(budget + 10):
+        c = socket.create_connection((host, port), timeout=5)
+        held.append(c)
+    time.sleep(0.5)
+    alive = 0
+    for c in held:
+        c.settimeout(2)
+        try:
+            c.sendall(b"ping")
+            alive += c.recv(10) == b"ping"
+        except OSError:
+            pass
+    out["alive"] = alive
+    for c in held:
+        c.close()
+    time.sleep(0.3)
+    with socket.create_connection((host, port), timeout=5) as c:
+        c.sendall(b"again")
+        out["after"] = c.recv(10).decode()
+    print(json.dumps(out))
     """
 )
 
@@ -159,8 +226,10 @@ def _jfe_config(home: Path) -> None:
         textwrap.dedent(
             f"""
             [jfe]
-            ports = [{HTTP_PORT}, {HAPROXY_PORT}, {PRIVATE_PORT}, {SMTP_PORT}]
+            ports = [{HTTP_PORT}, {HAPROXY_PORT}, {PRIVATE_PORT}, {SMTP_PORT}, {ECHO_PORT}]
             proxy_v2_ports = [{HAPROXY_PORT}]
+            handshake_timeout_s = {HANDSHAKE_TIMEOUT_S}
+            max_connections_per_client = {PER_CLIENT}
             listen_port = {JFE_PORT}
             status_interval_s = 0.2
             """
@@ -221,11 +290,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         http = host.spawn([PY, "-c", HTTP_BACKEND, HOST, str(HTTP_PORT)], label="http")
         host.spawn([PY, "-c", SMTP_BACKEND, HOST, str(SMTP_PORT)], label="smtp")
         host.spawn([PY, "-c", PRIVATE_BACKEND, str(PRIVATE_PORT)], label="private")
+        host.spawn([PY, "-c", ECHO_BACKEND, HOST, str(ECHO_PORT)], label="echo")
         host.spawn(["haproxy", "-db", "-f", str(_haproxy_config(workdir))], label="haproxy")
         home = workdir / "home"
         _jfe_config(home)
         lab = Lab(host, client, home, http)
-        _wait_listening(host, [HTTP_PORT, SMTP_PORT, PRIVATE_PORT, HAPROXY_PORT])
+        _wait_listening(host, [HTTP_PORT, SMTP_PORT, PRIVATE_PORT, HAPROXY_PORT, ECHO_PORT])
         yield lab
 
 
@@ -293,6 +363,23 @@ def test_banner_within_budget(lab: Lab, jfe: netns.Process) -> None:
     )
     # The median is the claim; a loaded 2-core CI box can stall any single run.
     assert median < BANNER_BUDGET_S, latencies
+
+
+def test_hostile_clients_are_bounded_counted_and_dropped(lab: Lab, jfe: netns.Process) -> None:
+    done = lab.client.run(
+        [PY, "-c", ABUSE_SCRIPT, HOST, str(ECHO_PORT), str(PER_CLIENT)], timeout=60
+    )
+    out = json.loads(done.stdout)
+    assert out["echo_exact"] is True, out  # not a ClientHello: passed through byte-exact
+    assert out["slow_read"] in ("", "ConnectionResetError"), out
+    assert HANDSHAKE_TIMEOUT_S * 0.9 <= out["slow_cut_after_s"] < HANDSHAKE_TIMEOUT_S + 3, out
+    assert out["alive"] == PER_CLIENT, out  # the budget, exactly; the rest were closed
+    assert out["after"] == "again", out  # the budget comes back as connections close
+    time.sleep(0.5)
+    status = json.loads((lab.home / "jfe" / "status.json").read_text())
+    dropped = status["ports"][str(ECHO_PORT)]["dropped"]
+    assert dropped.get("hello_timeout") == 1, status
+    assert dropped.get("budget_client") == 10, status
 
 
 def test_status_cli(lab: Lab, jfe: netns.Process) -> None:
