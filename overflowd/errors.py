@@ -13,6 +13,8 @@ counters, never exceptions. Exceptions are for input we refuse and for failures 
     ├── DiscoveryError                DNS lookups for keys and contacts failed
     ├── StoreError                    the database refused or could not be reached
     ├── JfeError                      jfe's own failures
+    │   ├── CertificateError          a certificate, key or CA file jfe cannot use
+    │   └── AcmeError                 an ACME order or account failed (the reason inside)
     └── RatelockError                 ratelock's own failures
 
 Library misuse (wrong argument types, calling things in the wrong order) raises the ordinary
@@ -88,6 +90,14 @@ class StoreError(OverflowdError):
 
 class JfeError(OverflowdError):
     """jfe failed."""
+
+
+class CertificateError(JfeError):
+    """A certificate, key or CA file jfe cannot read, parse or write (names the file)."""
+
+
+class AcmeError(JfeError):
+    """An ACME account or order failed; the message has the server's problem type."""
 
 
 class RatelockError(OverflowdError):
