@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -51,8 +51,11 @@ from jfe import gate as gt
 from jfe.ca import FALLBACK_NAME, Leaf, LocalCA, write_private
 from jfe.certconfig import DAY_S, CertificateSettings
 from jfe.gate import Address, Reason
-from overflowd.errors import CertificateError, ConfigError, JfeError
+from overflowd.errors import CertificateError, JfeError
 from overflowd.identity import NodeIdentity
+
+if TYPE_CHECKING:
+    from jfe.acme import AcmeIssuer
 
 __all__ = [
     "CertificateSource",
@@ -559,13 +562,18 @@ def open_certificate_source(
         cache_dir = home / cache_dir
     ca = LocalCA.open(cache_dir, identity, wall())
     issuer: Issuer
+    acme: AcmeIssuer | None
     if settings.mode == "acme":
-        raise ConfigError("jfe.certificates.mode = \"acme\" is not available in this build")
+        from jfe.acme import AcmeIssuer  # the acme library only where it is used
+
+        acme = AcmeIssuer.open(cache_dir, settings)
+        issuer = acme
     else:
+        acme = None
         issuer = LocalIssuer(ca, settings.leaf_lifetime_days * DAY_S, wall)
     source = Certificates(
         settings, cache_dir=cache_dir, ca=ca, issuer=issuer, clock=clock, wall=wall
     )
-    if hasattr(issuer, "attach"):
-        issuer.attach(source)
+    if acme is not None:
+        acme.attach(source)
     return source
