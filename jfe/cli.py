@@ -85,6 +85,10 @@ async def serve(home: Path, settings: JfeSettings, certificates: CertificateSour
     try:
         rules.apply(settings)
         async with trio.open_nursery() as nursery:
+            # The source's own service (renewals, issuance outliving a handshake), if it has one.
+            source_service = getattr(certificates, "run", None)
+            if source_service is not None:
+                await nursery.start(source_service)
             address = await nursery.start(proxy.run)
 
             async def report(state: str = "running") -> None:
@@ -119,17 +123,20 @@ async def serve(home: Path, settings: JfeSettings, certificates: CertificateSour
 
 
 def _open_certificates(home: Path) -> CertificateSource:
-    try:
-        from jfe import certs  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise JfeError("jfe.certs is not installed in this build (certificates)") from None
-    config = load_jfe(home)
+    """The product's certificate source (jfe.certs): the local CA rooted in the node identity,
+    ACME where configured. Opened inside trio: its clock is trio's."""
+    from jfe import certs
     from overflowd.identity import load_identity
 
+    config = load_jfe(home)
     source: CertificateSource = certs.open_certificate_source(
         home, config.certificates, load_identity(home)
     )
     return source
+
+
+async def _run(home: Path, settings: JfeSettings) -> None:
+    await serve(home, settings, _open_certificates(home))
 
 
 def _status(home: Path, as_json: bool) -> int:
@@ -215,8 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = rules.remove(settings)
                 print("removed" if found.any else "nothing to remove")
             return 0
-        certificates = _open_certificates(home)
-        trio.run(serve, home, settings, certificates)
+        trio.run(_run, home, settings)
         return 0
     except OverflowdError as exc:
         print(f"jfe: {exc}", file=sys.stderr)

@@ -104,6 +104,7 @@ class ProxyStatistics:
     bytes_to_client: int
     cpu_seconds: float
     ports: dict[int, PortStatistics]
+    acme_challenges: int = 0
 
 
 class _Prefixed(trio.abc.Stream):
@@ -150,6 +151,7 @@ class Proxy:
         self._dropped: Counter[str] = Counter()
         self._bytes_up = 0
         self._bytes_down = 0
+        self._challenges = 0
         self._cpu_start = time.process_time()
 
     # -- statistics -------------------------------------------------------------------------
@@ -176,6 +178,7 @@ class Proxy:
             bytes_to_client=self._bytes_down,
             cpu_seconds=time.process_time() - self._cpu_start,
             ports=ports,
+            acme_challenges=self._challenges,
         )
 
     def _drop(self, port: int, reason: str) -> None:
@@ -330,7 +333,9 @@ class Proxy:
                 await self._splice_both(conn, upstream, hello_or_bytes)
                 return
             hello, buffered = hello_or_bytes
-            await self._tls(conn, upstream, client, original, hello.server_name, buffered, proxy_v2)
+            await self._tls(
+                conn, upstream, client, original, hello.server_name, hello.alpn, buffered, proxy_v2
+            )
 
     async def _first_speaker(
         self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType
@@ -381,11 +386,28 @@ class Proxy:
         client: tuple[Address, int],
         original: tuple[Address, int],
         server_name: str | None,
+        alpn: tuple[str, ...],
         buffered: bytes,
         proxy_v2: bool,
     ) -> None:
         port = original[1]
         with trio.move_on_after(self.settings.handshake_timeout_s) as deadline:
+            # ACME tls-alpn-01 (RFC 8737): a pending order's challenge certificate answers a
+            # validator offering acme-tls/1; that handshake is the whole connection.
+            challenge = getattr(self.certificates, "challenge_context", None)
+            context = challenge(server_name, alpn) if challenge is not None else None
+            if context is not None:
+                tls = trio.SSLStream(
+                    _Prefixed(buffered, trio.SocketStream(conn)), context, server_side=True
+                )
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError:
+                    raise _Drop("acme_challenge_failed") from None
+                self._challenges += 1
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await tls.aclose()
+                return
             context = self.certificates.cached(server_name)
             if context is None:
                 context = await self.certificates.context_for(server_name, client[0])

@@ -15,7 +15,9 @@ counters, never exceptions. Exceptions are for input we refuse and for failures 
     ├── JfeError                      jfe's own failures
     │   ├── NotTls                    first bytes of a connection that are not a TLS ClientHello
     │   ├── RulesError                nft / ip refused jfe's ruleset or policy routing
-    │   └── ProxyError                the listener or an upstream socket could not be set up
+    │   ├── ProxyError                the listener or an upstream socket could not be set up
+    │   ├── CertificateError          a certificate, key or CA file jfe cannot use
+    │   └── AcmeError                 an ACME order or account failed (the reason inside)
     └── RatelockError                 ratelock's own failures
 
 Library misuse (wrong argument types, calling things in the wrong order) raises the ordinary
@@ -111,6 +113,14 @@ class RulesError(JfeError):
 
 class ProxyError(JfeError):
     """The transparent listener or an upstream socket could not be set up."""
+
+
+class CertificateError(JfeError):
+    """A certificate, key or CA file jfe cannot read, parse or write (names the file)."""
+
+
+class AcmeError(JfeError):
+    """An ACME account or order failed; the message has the server's problem type."""
 
 
 class RatelockError(OverflowdError):

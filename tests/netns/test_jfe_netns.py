@@ -415,3 +415,36 @@ def test_rules_removed_on_sigterm_and_leftovers_after_sigkill(lab: Lab, jfe: net
     assert lab.jfe_installed() == (False, False, False)
     assert lab.nft("list", "table", "inet", OTHER_TABLE) == other_before
     assert lab.host.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "0"
+
+
+def test_real_jfe_run_with_the_node_ca(lab: Lab) -> None:
+    """The console script with the product's certificate source (jfe.certs, local CA rooted
+    in the node identity): an allowed name verifies against the home's CA, others do not."""
+    home = lab.home.parent / "real-home"
+    subprocess.run(
+        [str(Path(PY).parent / "overflowd"), "init", "--home", str(home)],
+        capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    config = (lab.home / "overflowd.toml").read_text()
+    config += '\n[jfe.certificates]\nallow_names = ["real.example"]\n'
+    with (home / "overflowd.toml").open("a") as f:
+        f.write(config)
+    process = lab.host.spawn(
+        [str(Path(PY).parent / "jfe"), "--home", str(home), "run"], label="jfe-real"
+    )
+    try:
+        process.wait_for_output(r"jfe running listen=", timeout=30)
+        ca = str(home / "jfe" / "certs" / "ca.pem")
+        ok = lab.client_run("tls", HOST, str(HTTP_PORT), ca, "real.example")
+        assert ok.get("cert_cn") == "real.example", ok
+        assert f"hello {CLIENT}" in str(ok["reply"])
+        refused = lab.client_run("tls", HOST, str(HTTP_PORT), ca, "other.example")
+        assert "CERTIFICATE_VERIFY_FAILED" in str(refused.get("error")), refused
+        time.sleep(0.5)
+        status = json.loads((home / "jfe" / "status.json").read_text())
+        assert status["certificates"]["granted"] == 1, status["certificates"]
+        assert sum(status["certificates"]["refused"].values()) >= 1, status["certificates"]
+    finally:
+        process.stop(signal.SIGTERM)
+    assert process.popen.returncode == 0, process.output()
+    assert lab.jfe_installed() == (False, False, False)

@@ -27,6 +27,7 @@ SANS_IO = [
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
     "jfe/proxyv2.py",
+    "jfe/gate.py",
     "ratelock/policy.py",
 ]
 
