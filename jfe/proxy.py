@@ -255,12 +255,13 @@ class Proxy:
         self._per_client[client[0]] += 1
         try:
             await self._serve(conn, client, original)
-        except _Drop as drop:
-            self._drop(port, drop.reason)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            self._drop(port, "reset")
-        except ssl.SSLError:
-            self._drop(port, "tls_error")
+        except Exception as exc:  # Cancelled is a BaseException: it propagates
+            # One connection's failure is counted and dropped, never the listener's. Errors
+            # from the copy tasks arrive wrapped in ExceptionGroups (trio's nurseries).
+            reason = _reason(exc)
+            if reason == "internal_error":
+                log.exception("jfe connection failed unexpectedly port=%d", port)
+            self._drop(port, reason)
         finally:
             conn.close()
             self._open -= 1
@@ -483,6 +484,19 @@ class Proxy:
 
     def _count_down(self, n: int) -> None:
         self._bytes_down += n
+
+
+def _reason(exc: BaseException) -> str:
+    """The drop reason for what ended a connection; the first leaf of a group decides."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, _Drop):
+        return exc.reason
+    if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
+        return "tls_error"
+    if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+        return "reset"
+    return "internal_error"
 
 
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:

@@ -117,7 +117,18 @@ ABUSE_SCRIPT = textwrap.dedent(
         except OSError as exc:
             out["slow_read"] = type(exc).__name__
         out["slow_cut_after_s"] = time.monotonic() - start
-    held, refused = [], 0
+    # TLS clients that vanish mid-stream: FIN without close_notify, then a RST.
+    import ssl
+    ctx = ssl.create_default_context(cafile=sys.argv[4])
+    for rst in (False, True):
+        tls = ctx.wrap_socket(socket.create_connection((host, port), timeout=5),
+                              server_hostname="gone.example")
+        tls.sendall(b"half a request")
+        if rst:
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, bytes([1] + [0] * 7))
+        tls.close()
+        time.sleep(0.2)
+    held = []
     for _ in range(budget + 10):
         c = socket.create_connection((host, port), timeout=5)
         held.append(c)
@@ -366,8 +377,9 @@ def test_banner_within_budget(lab: Lab, jfe: netns.Process) -> None:
 
 
 def test_hostile_clients_are_bounded_counted_and_dropped(lab: Lab, jfe: netns.Process) -> None:
+    ca = str(lab.home / "test-ca.pem")
     done = lab.client.run(
-        [PY, "-c", ABUSE_SCRIPT, HOST, str(ECHO_PORT), str(PER_CLIENT)], timeout=60
+        [PY, "-c", ABUSE_SCRIPT, HOST, str(ECHO_PORT), str(PER_CLIENT), ca], timeout=60
     )
     out = json.loads(done.stdout)
     assert out["echo_exact"] is True, out  # not a ClientHello: passed through byte-exact
@@ -380,6 +392,8 @@ def test_hostile_clients_are_bounded_counted_and_dropped(lab: Lab, jfe: netns.Pr
     dropped = status["ports"][str(ECHO_PORT)]["dropped"]
     assert dropped.get("hello_timeout") == 1, status
     assert dropped.get("budget_client") == 10, status
+    assert dropped.get("reset", 0) + dropped.get("tls_error", 0) >= 1, status  # the RST
+    assert "internal_error" not in dropped, status
 
 
 def test_status_cli(lab: Lab, jfe: netns.Process) -> None:

@@ -163,7 +163,7 @@ class TestCertificateSource:
 
 
 def _run_jfe(home: Path) -> int:
-    """``python -m tests.support.jfe_certs HOME``: `jfe run` with this module's CA.
+    """``python -m tests.support.jfe_certs HOME [CHAIN KEY]``: `jfe run` with this module's CA.
 
     The netns tests run jfe as its own process (signals, leftovers after SIGKILL) while
     jfe-certs builds the product's certificate source; this runs the same `jfe.cli.serve`
@@ -180,8 +180,13 @@ def _run_jfe(home: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     ca = TestCA()
     (home / "test-ca.pem").write_bytes(ca.ca_pem)
+    source = TestCertificateSource(ca)
+    if len(sys.argv) > 3:  # bench/jfe.py: one given leaf for every name, as haproxy serves
+        fixed = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        fixed.load_cert_chain(sys.argv[2], sys.argv[3])
+        source.cached = lambda _name: fixed  # type: ignore[method-assign]
     try:
-        trio.run(serve, home, load_jfe(home).proxy, TestCertificateSource(ca))
+        trio.run(serve, home, load_jfe(home).proxy, source)
     except OverflowdError as exc:
         print(f"jfe: {exc}", file=sys.stderr)
         return 1
