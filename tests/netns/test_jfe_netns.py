@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from jfe import rules
+from jfe.rules import _cgroup2_prefix as rules_prefix
 from tests.support import netns
 
 pytestmark = pytest.mark.netns
@@ -320,6 +323,20 @@ def _wait_listening(ns: netns.Namespace, ports: list[int], timeout: float = 20) 
     raise TimeoutError(f"backends not listening on {ports}: {ns.run(['ss', '-ltn']).stdout}")
 
 
+def _spawn_nsenter(ns: netns.Namespace, argv: list[str], label: str) -> netns.Process:
+    """Like `Namespace.spawn`, through nsenter --net (mounts stay the host's); same cleanup."""
+    out_path = ns.workdir / f"{ns.name}.{label}.out"
+    err_path = ns.workdir / f"{ns.name}.{label}.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        popen = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{ns.name}", *argv],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=ROOT,
+        )  # fmt: skip
+    process = netns.Process(argv, popen, out_path, err_path)
+    ns.processes.append(process)
+    return process
+
+
 @pytest.fixture(scope="module")
 def jfe(lab: Lab) -> Iterator[netns.Process]:
     process = lab.start_jfe()
@@ -461,4 +478,44 @@ def test_real_jfe_run_with_the_node_ca(lab: Lab) -> None:
     finally:
         process.stop(signal.SIGTERM)
     assert process.popen.returncode == 0, process.output()
+    assert lab.jfe_installed() == (False, False, False)
+
+
+def test_cgroup_scoping_intercepts_only_sockets_in_the_cgroup(lab: Lab) -> None:
+    """``cgroups``: only services whose listening socket is in a listed cgroup v2 get jfe."""
+    prefix = rules_prefix()
+    group = f"jfp-{os.getpid()}-scoped"
+    path = Path(rules.CGROUP_ROOT) / prefix / group
+    path.mkdir()
+    inside = outside = None
+    try:
+        inside = lab.host.spawn([PY, "-c", HTTP_BACKEND, HOST, "81"], label="http-in")
+        (path / "cgroup.procs").write_text(f"{inside.pid}\n")
+        outside = lab.host.spawn([PY, "-c", HTTP_BACKEND, HOST, "82"], label="http-out")
+        _wait_listening(lab.host, [81, 82])
+        home = lab.home.parent / "cgroup-home"
+        home.mkdir()
+        (home / "overflowd.toml").write_text(
+            f'[jfe]\nports = [81, 82]\ncgroups = ["{group}"]\nlisten_port = {JFE_PORT}\n'
+        )
+        # `ip netns exec` remounts /sys, hiding the cgroup tree nft resolves paths in; enter
+        # only the network namespace, as a jfe under systemd sees the host's mounts.
+        jfe = _spawn_nsenter(lab.host, [PY, "-m", "tests.support.jfe_certs", str(home)], "jfe-cg")
+        try:
+            jfe.wait_for_output(r"jfe running listen=", timeout=30)
+            ca = str(home / "test-ca.pem")
+            scoped = lab.client_run("tls", HOST, "81", ca, "in.example")
+            assert scoped.get("cert_cn") == "in.example", scoped
+            unscoped = lab.client_run("tls", HOST, "82", ca, "out.example")
+            assert "error" in unscoped, unscoped  # the plaintext backend got a ClientHello
+            plain = lab.client_run("plain", HOST, "82")
+            assert f"hello {CLIENT}" in str(plain["reply"]), plain
+        finally:
+            jfe.stop(signal.SIGTERM)
+    finally:
+        for process in (inside, outside):
+            if process is not None:
+                process.stop()
+        with contextlib.suppress(OSError):
+            path.rmdir()
     assert lab.jfe_installed() == (False, False, False)
