@@ -59,7 +59,8 @@ class JfeSettings:
     handshake_timeout_s: float = 10.0
     #: Connecting to the original destination.
     connect_timeout_s: float = 5.0
-    #: A connection where neither side says anything for this long is closed.
+    #: A connection where NEITHER side says anything for this long is closed (one quiet
+    #: direction is normal: a download with a silent client).
     idle_timeout_s: float = 600.0
     #: The status file and Prometheus textfile are rewritten this often.
     status_interval_s: float = 1.0

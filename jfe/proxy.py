@@ -32,7 +32,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -428,34 +428,32 @@ class Proxy:
             )
             await _send_all(upstream, header)
         up = trio.SocketStream(upstream)
-        async with trio.open_nursery() as nursery:
+        idle = _Idle(self.settings.idle_timeout_s)
 
-            async def client_to_upstream() -> None:
-                while True:
-                    with trio.move_on_after(self.settings.idle_timeout_s) as idle:
-                        data = await tls.receive_some(CHUNK_BYTES)
-                    if idle.cancelled_caught:
-                        nursery.cancel_scope.cancel()
-                        return
-                    if not data:
-                        with contextlib.suppress(OSError, trio.BrokenResourceError):
-                            await up.send_eof()
-                        return
-                    self._bytes_up += len(data)
-                    await up.send_all(data)
+        async def client_to_upstream(copies: trio.Nursery) -> None:
+            while True:
+                data = await tls.receive_some(CHUNK_BYTES)
+                if not data:
+                    with contextlib.suppress(OSError, trio.BrokenResourceError):
+                        await up.send_eof()
+                    return
+                idle.touch()
+                self._bytes_up += len(data)
+                await up.send_all(data)
 
-            async def upstream_to_client() -> None:
-                while True:
-                    with trio.move_on_after(self.settings.idle_timeout_s) as idle:
-                        data = await up.receive_some(CHUNK_BYTES)
-                    if idle.cancelled_caught or not data:
-                        nursery.cancel_scope.cancel()
-                        return
-                    self._bytes_down += len(data)
-                    await tls.send_all(data)
+        async def upstream_to_client(copies: trio.Nursery) -> None:
+            while True:
+                data = await up.receive_some(CHUNK_BYTES)
+                if not data:
+                    copies.cancel_scope.cancel()
+                    return
+                idle.touch()
+                self._bytes_down += len(data)
+                await tls.send_all(data)
 
-            nursery.start_soon(client_to_upstream)
-            nursery.start_soon(upstream_to_client)
+        await idle.run(client_to_upstream, upstream_to_client)
+        if idle.expired:
+            self._drop(port, "idle")
         # Upstream done: say close_notify, but never wait long for a client that does not read.
         with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError):
             await tls.aclose()
@@ -466,24 +464,68 @@ class Proxy:
         if first:
             await _send_all(upstream, first)
             self._bytes_up += len(first)
-        async with trio.open_nursery() as nursery:
+        idle = _Idle(self.settings.idle_timeout_s)
 
-            async def one(
-                src: trio.socket.SocketType, dst: trio.socket.SocketType, up: bool
-            ) -> None:
-                counted = self._count_up if up else self._count_down
-                await _copy(src, dst, self.settings.idle_timeout_s, counted)
+        def one(src: trio.socket.SocketType, dst: trio.socket.SocketType, up: bool) -> _Task:
+            count = self._count_up if up else self._count_down
+
+            def counted(n: int) -> None:
+                idle.touch()
+                count(n)
+
+            async def copy(copies: trio.Nursery) -> None:
+                await _copy(src, dst, counted)
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
 
-            nursery.start_soon(one, conn, upstream, True)
-            nursery.start_soon(one, upstream, conn, False)
+            return copy
+
+        await idle.run(one(conn, upstream, True), one(upstream, conn, False))
+        if idle.expired:
+            self._dropped["idle"] += 1
 
     def _count_up(self, n: int) -> None:
         self._bytes_up += n
 
     def _count_down(self, n: int) -> None:
         self._bytes_down += n
+
+
+_Task = Callable[[trio.Nursery], Awaitable[None]]
+
+
+class _Idle:
+    """Idle means BOTH directions quiet: a long download with a silent client is not idle.
+
+    `run` runs the copy tasks with a watchdog that cancels them all once nothing moved for
+    ``limit`` seconds (``expired`` then says so). A copy task may cancel its siblings through
+    the nursery it is given (the TLS path does when the backend closes).
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.last = trio.current_time()
+        self.expired = False
+
+    def touch(self) -> None:
+        self.last = trio.current_time()
+
+    async def run(self, *tasks: _Task) -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._watch, outer.cancel_scope)
+            async with trio.open_nursery() as copies:
+                for task in tasks:
+                    copies.start_soon(task, copies)
+            outer.cancel_scope.cancel()
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        while True:
+            left = self.last + self.limit - trio.current_time()
+            if left <= 0:
+                self.expired = True
+                scope.cancel()
+                return
+            await trio.sleep(left)
 
 
 def _reason(exc: BaseException) -> str:
@@ -509,14 +551,13 @@ async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
 async def _copy(
     src: trio.socket.SocketType,
     dst: trio.socket.SocketType,
-    idle_s: float,
     counted: Callable[[int], None],
 ) -> None:
     """src -> dst until EOF: splice through a pipe, or large buffers where splice is refused."""
     try:
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        await _copy_buffers(src, dst, idle_s, counted)
+        await _copy_buffers(src, dst, counted)
         return
     try:
         with contextlib.suppress(OSError):
@@ -528,14 +569,11 @@ async def _copy(
             try:
                 n = os.splice(src.fileno(), write_fd, CHUNK_BYTES, flags=flags)
             except BlockingIOError:
-                with trio.move_on_after(idle_s) as idle:
-                    await trio.lowlevel.wait_readable(src)
-                if idle.cancelled_caught:
-                    return
+                await trio.lowlevel.wait_readable(src)
                 continue
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
-                    await _copy_buffers(src, dst, idle_s, counted)
+                    await _copy_buffers(src, dst, counted)
                     return
                 raise
             if n == 0:
@@ -555,14 +593,12 @@ async def _copy(
 async def _copy_buffers(
     src: trio.socket.SocketType,
     dst: trio.socket.SocketType,
-    idle_s: float,
     counted: Callable[[int], None],
 ) -> None:
     buffer = bytearray(CHUNK_BYTES)
     while True:
-        with trio.move_on_after(idle_s) as idle:
-            n = await src.recv_into(buffer)
-        if idle.cancelled_caught or n == 0:
+        n = await src.recv_into(buffer)
+        if n == 0:
             return
         counted(n)
         await _send_all(dst, bytes(buffer[:n]))

@@ -40,6 +40,7 @@ SMTP_PORT = 25
 ECHO_PORT = 7
 #: Small on purpose, so the tests reach them quickly.
 HANDSHAKE_TIMEOUT_S = 1.0
+IDLE_TIMEOUT_S = 2.0
 PER_CLIENT = 30
 JFE_PORT = 8443
 #: The issue's goal for a server-speaks-first banner through jfe.
@@ -83,11 +84,16 @@ SMTP_BACKEND = textwrap.dedent(
 
 ECHO_BACKEND = textwrap.dedent(
     """
-    import socket, sys, threading
+    import socket, sys, threading, time
     s = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=200)
     def serve(c):
         with c:
             while data := c.recv(65536):
+                if data == b"STREAM\\n":  # a download the client stays silent through
+                    for _ in range(50):
+                        c.sendall(b"x" * 1000)
+                        time.sleep(0.1)
+                    return
                 c.sendall(data)
     while True:
         c, _ = s.accept()
@@ -244,6 +250,7 @@ def _jfe_config(home: Path) -> None:
             proxy_v2_ports = [{HAPROXY_PORT}]
             handshake_timeout_s = {HANDSHAKE_TIMEOUT_S}
             max_connections_per_client = {PER_CLIENT}
+            idle_timeout_s = {IDLE_TIMEOUT_S}
             listen_port = {JFE_PORT}
             status_interval_s = 0.2
             """
@@ -411,6 +418,43 @@ def test_hostile_clients_are_bounded_counted_and_dropped(lab: Lab, jfe: netns.Pr
     assert dropped.get("budget_client") == 10, status
     assert dropped.get("reset", 0) + dropped.get("tls_error", 0) >= 1, status  # the RST
     assert "internal_error" not in dropped, status
+
+
+IDLE_SCRIPT = textwrap.dedent(
+    """
+    import json, socket, ssl, sys, time
+    host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    out = {}
+    for kind in ("plain", "tls"):
+        c = socket.create_connection((host, port), timeout=10)
+        if kind == "tls":
+            c = ssl.create_default_context(cafile=ca).wrap_socket(c, server_hostname="dl.example")
+        c.sendall(b"STREAM\\n")
+        got, start = 0, time.monotonic()
+        while chunk := c.recv(65536):
+            got += len(chunk)
+        out[kind + "_download"] = [got, time.monotonic() - start]
+        c.close()
+        c = socket.create_connection((host, port), timeout=10)
+        start = time.monotonic()
+        if kind == "plain":
+            out["plain_quiet"] = [c.recv(10).decode(), time.monotonic() - start]
+        c.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_idle_means_both_directions_quiet(lab: Lab, jfe: netns.Process) -> None:
+    ca = str(lab.home / "test-ca.pem")
+    done = lab.client.run([PY, "-c", IDLE_SCRIPT, HOST, str(ECHO_PORT), ca], timeout=60)
+    out = json.loads(done.stdout)
+    # 5 s downloads with a silent client outlive the 2-s idle limit, to the last byte...
+    assert out["plain_download"][0] == 50_000, out
+    assert out["tls_download"][0] == 50_000, out
+    # ...while a connection where nobody speaks is closed after it.
+    reply, waited = out["plain_quiet"]
+    assert reply == "" and IDLE_TIMEOUT_S * 0.9 <= waited < IDLE_TIMEOUT_S + 3, out
 
 
 def test_status_cli(lab: Lab, jfe: netns.Process) -> None:
