@@ -9,6 +9,7 @@ The suite issues for ``JFE_ACME_NAMES`` names (default 8) with Pebble's delays c
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -105,9 +106,26 @@ async def test_every_allowed_name_gets_a_certificate_that_verifies(
                 assert line == f"ok {names[0]}\n"
             finally:
                 acme.pebble.start()
+            # the restarted Pebble forgot the account: registered again, the order goes through
+            again = await source.context_for("again.acme.test", CLIENT)
+            assert again is source.cached("again.acme.test") is not None
+            # a restart of jfe: certificates come from disk, the account key is reused (the
+            # server answers "exists" for it)
+            (account_file,) = tmp_path.glob("jfe/certs/acme/*/account.json")
+            account = json.loads(account_file.read_text())["uri"]
+            reopened = open_certificate_source(tmp_path, source.settings, NodeIdentity.generate())
+            await nursery.start(reopened.run)
+            server.source = reopened
+            assert all(reopened.cached(name) is not None for name in names)
+            third = await reopened.context_for("third.acme.test", CLIENT)
+            assert third is reopened.cached("third.acme.test") is not None
+            _, line = await trio.to_thread.run_sync(handshake, server.port, names[1], str(root))
+            assert line == f"ok {names[1]}\n"
+            assert reopened.statistics().granted == 1
+            assert json.loads(account_file.read_text())["uri"] == account  # the same account
             nursery.cancel_scope.cancel()
     # one order per allowed name; none for the refused name, none reached Pebble while down
-    assert source.issuer.orders == NAMES  # type: ignore[attr-defined]
+    assert source.issuer.orders == NAMES + 1  # type: ignore[attr-defined]  # again.acme.test
     assert source.statistics().refused.get("not_allowed") == 1
     assert source.statistics().issue_failures == 1
     print(f"acme: {NAMES} names in {elapsed:.1f} s")

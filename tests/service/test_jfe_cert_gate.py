@@ -4,8 +4,10 @@ handshakes from Python ssl clients against a trio TLS server using the source's 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
+import socket
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,58 +56,66 @@ async def test_ten_thousand_random_sni_names_under_a_wildcard_stay_within_budget
     assert stats.names == 60 and len(list((tmp_path / "jfe/certs/local").glob("*.pem"))) == 61
 
 
+def _own_address() -> str:
+    """An address of this host that is not loopback: the source address the kernel picks for
+    a route (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("203.0.113.1", 9))
+        address = str(probe.getsockname()[0])
+    assert not ipaddress.ip_address(address).is_loopback, "this host has no routed address"
+    return address
+
+
 async def test_the_dns_check_refuses_names_that_resolve_elsewhere(tmp_path: Path) -> None:
+    own = _own_address()
     zone = soa_zone(
         "zone.test",
         "\n".join(
             [
+                f"self IN A {own}",
                 "here IN A 127.0.0.1",
                 "here6 IN AAAA ::1",
-                "elsewhere IN A 192.0.2.1",
+                "elsewhere IN A 198.51.100.77",
+                "routed IN A 203.0.113.80",
                 "mixed IN A 127.0.0.1",
-                "mixed IN A 192.0.2.1",
+                "mixed IN A 198.51.100.77",
                 "alias IN CNAME here",
                 'nowhere IN TXT "no address"',
             ]
         ),
     )
+    hosts = ("self", "here", "here6", "alias", "elsewhere", "routed", "mixed", "nowhere", "absent")
     with running_knot({"zone.test": zone}) as knot:
-        source = _source(
-            tmp_path,
+        plain = _source(
+            tmp_path / "plain",
             dns_check=True,
             dns_nameservers=(knot.address,),
-            dns_timeout_s=2.0,
             per_client_burst=20,
         )
-        results = {}
-        for host in ("here", "here6", "alias", "elsewhere", "mixed", "nowhere", "absent"):
-            ctx = await source.context_for(f"{host}.zone.test", LOCAL)
-            results[host] = ctx is not source.fallback_context
-        # an operator's prefix counts as this host (TPROXY answers for others' addresses)
-        routed = _source(
-            tmp_path / "routed",
+        # loopback and a routed prefix declared as this host's (a TPROXY router)
+        declared = _source(
+            tmp_path / "declared",
             dns_check=True,
             dns_nameservers=(knot.address,),
-            local_addresses=("192.0.2.0/24",),
+            local_addresses=("127.0.0.0/8", "::1/128", "203.0.113.0/24"),
+            per_client_burst=20,
         )
-        routed_ok = await routed.context_for("elsewhere.zone.test", LOCAL)
-    assert results == {
-        "here": True,
-        "here6": True,
-        "alias": True,
-        "elsewhere": False,
-        "mixed": False,
-        "nowhere": False,
-        "absent": False,
-    }
-    stats = source.statistics()
-    assert stats.refused == {"dns_elsewhere": 4} and stats.granted == 3
-    assert routed_ok is not routed.fallback_context
-    # a refused name is remembered: asking again costs no query
-    checks = stats.dns_checks
-    await source.context_for("elsewhere.zone.test", LOCAL)
-    assert source.statistics().dns_checks == checks
-    assert source.statistics().refused["recently_refused"] == 1
+        got = {}
+        for source in (plain, declared):
+            for host in hosts:
+                ctx = await source.context_for(f"{host}.zone.test", LOCAL)
+                got[(source is plain, host)] = ctx is not source.fallback_context
+        # a refused name is remembered: asking again costs no query
+        checks = plain.statistics().dns_checks
+        assert await plain.context_for("elsewhere.zone.test", LOCAL) is plain.fallback_context
+        assert plain.statistics().dns_checks == checks
+    granted_plain = {h for h in hosts if got[(True, h)]}
+    granted_declared = {h for h in hosts if got[(False, h)]}
+    # the host's own address (the kernel lets us bind it) counts; loopback is anybody's name
+    assert granted_plain == {"self"}
+    assert granted_declared == {"self", "here", "here6", "alias", "routed"}
+    stats = plain.statistics()
+    assert stats.refused == {"dns_elsewhere": len(hosts) - 1, "recently_refused": 1}
 
 
 @dataclass
@@ -230,3 +240,48 @@ async def test_cached_names_keep_their_handshake_p99_while_ask_is_down(tmp_path:
         f"hanging {_p99(hanging) * 1e3:.2f}"
     )
     assert _p99(closed) < limit and _p99(hanging) < limit
+
+
+async def _hostile(stream: trio.SocketStream, mode: str) -> None:
+    try:
+        await _hostile_answer(stream, mode)
+    except trio.BrokenResourceError:
+        pass  # jfe hung up on it: what the test wants
+
+
+async def _hostile_answer(stream: trio.SocketStream, mode: str) -> None:
+    async with stream:
+        await stream.receive_some(8192)
+        if mode == "endless":  # 200, then a body that never ends
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            chunk = b"1000\r\n" + b"x" * 4096 + b"\r\n"
+            with trio.move_on_after(10):
+                while True:
+                    await stream.send_all(chunk)
+        else:  # a header a byte at a time, never finished
+            with trio.move_on_after(10):
+                for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"y" * 1000:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.05)
+
+
+async def test_a_hostile_ask_endpoint_costs_bounded_time_and_memory(tmp_path: Path) -> None:
+    for mode, allowed in (("endless", True), ("drip", False)):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(
+                    trio.serve_tcp, functools.partial(_hostile, mode=mode), 0, host="127.0.0.1"
+                ),
+            )
+            port = listeners[0].socket.getsockname()[1]
+            source = _source(
+                tmp_path / mode, ask_url=f"http://127.0.0.1:{port}/", ask_timeout_s=0.5
+            )
+            start = trio.current_time()
+            ctx = await source.context_for(f"{mode}.hostile.test", LOCAL)
+            took = trio.current_time() - start
+            assert (ctx is not source.fallback_context) is allowed, mode
+            assert took < 1.5, (mode, took)  # ask_timeout_s plus the safety margin
+            if not allowed:
+                assert source.statistics().refused == {"ask_failed": 1}
+            nursery.cancel_scope.cancel()

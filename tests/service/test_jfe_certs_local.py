@@ -119,3 +119,21 @@ async def test_renewal_before_expiry_and_expired_names_are_not_served(tmp_path: 
     assert leaf.not_valid_after_utc.timestamp() > wall.t + 9 * DAY_S
     wall.t += 11 * DAY_S  # past the new one's end too
     assert source.cached("a.example.test") is None
+
+
+async def test_concurrent_handshakes_for_a_new_name_cause_one_issuance(tmp_path: Path) -> None:
+    source = _open(tmp_path, NodeIdentity.generate(), per_client_burst=1)
+    got: list[object] = []
+
+    async def ask() -> None:
+        got.append(await source.context_for("a.example.test", CLIENT))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run)
+        async with trio.open_nursery() as clients:
+            for _ in range(50):
+                clients.start_soon(ask)
+        nursery.cancel_scope.cancel()
+    # one client token spent, one certificate made, every handshake got it
+    assert source.statistics().granted == 1
+    assert len({id(ctx) for ctx in got}) == 1 and got[0] is not source.fallback_context
