@@ -535,7 +535,9 @@ class Certificates:
         now = self._wall()
         try:
             pem = path.read_bytes()
-            fresh = Leaf.not_after_of(pem) - now > self.settings.renew_before_days * DAY_S
+            fresh = Leaf.not_after_of(
+                pem
+            ) - now > self.settings.renew_before_days * DAY_S and self.ca.signed(pem)
         except (OSError, ValueError):
             fresh = False
         if not fresh:
@@ -554,9 +556,12 @@ class Certificates:
             try:
                 if path.stat().st_size > MAX_PEM_BYTES:
                     continue
-                not_after = Leaf.not_after_of(path.read_bytes())
+                pem = path.read_bytes()
+                not_after = Leaf.not_after_of(pem)
                 if not_after <= now:
                     continue
+                if self.issuer.label == "local" and not self.ca.signed(pem):
+                    continue  # an earlier identity's CA: clients trusting this one reject it
                 self._entries[name] = self._entry(server_context(path), not_after)
             except (OSError, ValueError, CertificateError) as exc:
                 log.warning("certificate_unreadable path=%s error=%s", path, exc)
