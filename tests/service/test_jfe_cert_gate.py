@@ -233,8 +233,9 @@ async def test_cached_names_keep_their_handshake_p99_while_ask_is_down(tmp_path:
     base = _p99(up)
     # the same work on the same path (dict lookup, then the handshake): the bound only absorbs
     # the noise of a loaded machine (2 cores shared by several test runs), never a check on
-    # the path, which would cost an ask timeout (1,000 ms) or a refused connection's retry
-    limit = max(3 * base, base + 0.050)
+    # the path, which would cost an ask timeout (1,000 ms); that cached names never reach the
+    # ask endpoint at all is asserted above (its request log did not grow)
+    limit = max(3 * base, base + 0.100)
     print(
         f"handshake p99 ms: ask up {base * 1e3:.2f}, closed {_p99(closed) * 1e3:.2f}, "
         f"hanging {_p99(hanging) * 1e3:.2f}"
