@@ -1,8 +1,8 @@
 """jfe's ACME issuance against a real Pebble, with its nonce rejection (5% of good nonces) and
 validation delays on, tls-alpn-01 answered through the same TLS listener as every handshake.
 
-The suite issues for ``JFE_ACME_NAMES`` names (default 8) with Pebble's delays capped at
-``JFE_PEBBLE_SLEEP_S`` seconds (default 3: still random, still on, so the client must poll);
+The suite issues for ``JFE_ACME_NAMES`` names (default 5) with Pebble's delays capped at
+``JFE_PEBBLE_SLEEP_S`` seconds (default 2: still random, still on, so the client must poll);
 ``make jfe-acme-100`` runs it with 100 names and Pebble's default delays (0-15 s).
 """
 
@@ -26,8 +26,8 @@ from tests.support.jfe_tls import TlsServer, handshake
 from tests.support.knot import free_udp_tcp_port, running_knot, soa_zone
 from tests.support.pebble import Pebble, PebbleUnavailable
 
-NAMES = int(os.environ.get("JFE_ACME_NAMES", "8"))
-SLEEP_S = os.environ.get("JFE_PEBBLE_SLEEP_S", "3")
+NAMES = int(os.environ.get("JFE_ACME_NAMES", "5"))
+SLEEP_S = os.environ.get("JFE_PEBBLE_SLEEP_S", "2")
 CLIENT = ipaddress.ip_address("127.0.0.1")
 
 
