@@ -45,7 +45,7 @@ fuzz: $(VENV)/.installed
 	fi
 
 # jfe's Show item: 100 of 100 allowed names get certificates from Pebble with its default nonce
-# rejection and validation delays (0-15 s); the suite runs the same test with 8 names, 3 s.
+# rejection and validation delays (0-15 s); the suite runs the same test with 5 names, delays up to 2 s.
 jfe-acme-100: deps-test $(VENV)/.installed
 	JFE_ACME_NAMES=100 JFE_PEBBLE_SLEEP_S=default $(BIN)/pytest -s tests/service/test_jfe_acme.py
 

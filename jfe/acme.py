@@ -186,12 +186,18 @@ class AcmeIssuer:
     def issue(self, name: str) -> Leaf:
         """One order for ``name`` (tls-alpn-01), blocking; AcmeError for every failure."""
         try:
-            return self._issue(name)
+            try:
+                return self._issue(name)
+            except messages.Error as exc:
+                if exc.code != "accountDoesNotExist":
+                    raise
+                # the server forgot the account (a test CA restarted, an account deactivated
+                # elsewhere): register again, once, and retry the order
+                self._ensure_account(fresh=True)
+                return self._issue(name)
         except AcmeError:
             raise
         except messages.Error as exc:
-            if exc.code == "accountDoesNotExist":  # the server forgot us (Pebble restarted)
-                self._account = None
             raise AcmeError(f"acme order for {name}: {exc.typ}: {exc.detail}") from None
         except acme_errors.ValidationError as exc:
             raise AcmeError(f"acme order for {name}: validation failed: {_problems(exc)}") from None

@@ -150,6 +150,15 @@ class LocalCA:
         self.cert = cert
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
 
+    def signed(self, pem: bytes) -> bool:
+        """True if the first certificate in ``pem`` was signed by this CA's key."""
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+            cert.verify_directly_issued_by(self.cert)
+        except Exception:  # InvalidSignature, ValueError, TypeError: all mean "not ours"
+            return False
+        return True
+
     @classmethod
     def open(cls, directory: Path, identity: NodeIdentity, now: float) -> LocalCA:
         """The cached CA certificate if it is this identity's and not near its end, else a new

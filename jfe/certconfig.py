@@ -70,9 +70,9 @@ class CertificateSettings:
     max_tracked_buckets: int = 65_536
 
     # -- certificates -----------------------------------------------------------------------
-    #: Names with a certificate held in memory (each is an SSLContext, ~10 KiB); past it no
-    #: new name is issued (refused "full") until one expires.
-    max_names: int = 10_000
+    #: Names with a certificate held in memory (each an SSLContext, ~30 KiB measured, so the
+    #: default is ~60 MB); past it no new name is issued (refused "full") until one expires.
+    max_names: int = 2_000
     #: Local leaves are valid this long (browsers cap publicly trusted ones at 398 days).
     leaf_lifetime_days: float = 90.0
     #: Renew a certificate this long before it expires (ACME ones too).

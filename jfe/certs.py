@@ -128,6 +128,14 @@ class CertificateStatistics:
 
 
 @dataclass
+class _Pending:
+    """A name being checked or issued: its waiters wake on ``done`` and read ``reason``."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    reason: Reason | None = None
+
+
+@dataclass
 class _Entry:
     context: ssl.SSLContext
     not_after: float
@@ -190,7 +198,7 @@ class Certificates:
         )
         self._refusals = gt.RefusalMemory(settings.refused_cache_s, MAX_REFUSALS)
         self._local = [ipaddress.ip_network(p) for p in settings.local_addresses]
-        self._inflight: dict[str, trio.Event] = {}
+        self._inflight: dict[str, _Pending] = {}
         self._issue_limiter = trio.CapacityLimiter(settings.max_concurrent_issues)
         self._check_limiter = trio.CapacityLimiter(MAX_CONCURRENT_CHECKS)
         self._nursery: trio.Nursery | None = None
@@ -217,40 +225,53 @@ class Certificates:
         return entry.context
 
     async def context_for(self, server_name: str | None, client: Address) -> ssl.SSLContext:
-        """The name's context, issuing it if the gate allows; the fallback context otherwise."""
+        """The name's context, issuing it if the gate allows; the fallback context otherwise.
+
+        The first handshake for a new name that passes the gate's free checks registers the
+        name as pending before any network check, so concurrent handshakes for it wait for that
+        one outcome and spend no budget of their own.
+        """
         ctx = self.cached(server_name)
         if ctx is not None:
             return ctx
         name = gt.normalize_name(server_name) if server_name else None
-        if name is not None and name in self._inflight:
-            return await self._await_issue(name)
         if name is not None:
-            recalled = self._refusals.recalls(name, self._clock())
-            if recalled is not None:
+            if name in self._inflight:
+                return await self._await_issue(name)
+            if self._refusals.recalls(name, self._clock()) is not None:
                 return self._fallback(Reason.RECENTLY_REFUSED)
         screened = self._gate.screen(server_name, client, self._clock())
         if isinstance(screened, Reason):
             return self._fallback(screened)
-        name = screened.name
         if len(self._entries) >= self.settings.max_names:
             return self._fallback(Reason.FULL)
-        refusal = await self._network_checks(name, client)
-        if refusal is not None:
-            self._refusals.remember(name, refusal, self._clock())
-            return self._fallback(refusal)
-        if name in self._inflight:  # another handshake got here first while we checked
-            return await self._await_issue(name)
-        charged = self._gate.charge(screened, self._clock())
-        if charged is not None:
-            return self._fallback(charged)
-        done = trio.Event()
-        self._inflight[name] = done
+        pending = _Pending()
+        self._inflight[screened.name] = pending
         if self._nursery is not None:
-            self._nursery.start_soon(self._issue_task, name, done, False)
-            return await self._await_issue(name)
-        with trio.move_on_after(self.settings.wait_for_issue_s):
-            await self._issue_task(name, done, False)
-        return self._after_issue(name)
+            self._nursery.start_soon(self._admit_and_issue, screened, client, pending)
+        else:
+            with trio.move_on_after(self.settings.wait_for_issue_s):
+                await self._admit_and_issue(screened, client, pending)
+        return await self._await_issue(screened.name, pending)
+
+    async def _admit_and_issue(
+        self, screened: gt.Admitted, client: Address, pending: _Pending
+    ) -> None:
+        """The network checks, the domain and total tokens, then the issuance; ``pending``
+        carries the refusal, if any, to every handshake waiting for the name."""
+        name = screened.name
+        try:
+            refusal = await self._network_checks(name, client)
+            if refusal is not None:
+                self._refusals.remember(name, refusal, self._clock())
+            else:
+                refusal = self._gate.charge(screened, self._clock())
+            if refusal is not None:
+                pending.reason = refusal
+                return
+            await self._issue_task(name, pending, False)
+        finally:
+            self._settle(name, pending)
 
     def challenge_context(
         self, server_name: str | None, alpn: tuple[str, ...]
@@ -284,7 +305,9 @@ class Certificates:
             ask_calls=self._c["ask_calls"],
             dns_checks=self._c["dns_checks"],
             challenges_served=self._c["challenges_served"],
-            budget_left_total=self._gate.total_left(now) if now is not None else 0.0,
+            budget_left_total=(
+                self._gate.total_left(now) if now is not None else self._gate.total.tokens
+            ),
             tracked_clients=len(self._gate.clients),
             tracked_domains=len(self._gate.domains),
         )
@@ -324,22 +347,26 @@ class Certificates:
 
     # -- issuance ---------------------------------------------------------------------------
 
-    async def _await_issue(self, name: str) -> ssl.SSLContext:
-        event = self._inflight.get(name)
-        if event is not None:
+    async def _await_issue(self, name: str, pending: _Pending | None = None) -> ssl.SSLContext:
+        pending = pending or self._inflight.get(name)
+        if pending is not None:
             with trio.move_on_after(self.settings.wait_for_issue_s):
-                await event.wait()
-        return self._after_issue(name)
-
-    def _after_issue(self, name: str) -> ssl.SSLContext:
+                await pending.done.wait()
         ctx = self.cached(name)
         if ctx is not None:
             return ctx
-        if name in self._inflight:
+        if pending is None:  # settled before we looked: its reason is gone with it
+            return self._fallback(Reason.ISSUE_FAILED)
+        if not pending.done.is_set():
             return self._fallback(Reason.ISSUE_PENDING)
-        return self._fallback(Reason.ISSUE_FAILED)
+        return self._fallback(pending.reason or Reason.ISSUE_FAILED)
 
-    async def _issue_task(self, name: str, done: trio.Event, renewal: bool) -> None:
+    def _settle(self, name: str, pending: _Pending) -> None:
+        if self._inflight.get(name) is pending:
+            del self._inflight[name]
+        pending.done.set()
+
+    async def _issue_task(self, name: str, pending: _Pending, renewal: bool) -> None:
         try:
             with trio.move_on_after(self._issue_timeout_s()) as scope:
                 leaf = await trio.to_thread.run_sync(
@@ -355,6 +382,7 @@ class Certificates:
                 "certificate_issued name=%s issuer=%s renewal=%s", name, self.issuer.label, renewal
             )
         except (JfeError, OSError, ValueError) as exc:
+            pending.reason = Reason.ISSUE_FAILED
             if renewal:
                 self._c["renew_failures"] += 1
                 self._renew_retry[name] = self._wall() + RENEW_RETRY_S
@@ -365,9 +393,8 @@ class Certificates:
                 "certificate_failed name=%s issuer=%s error=%s", name, self.issuer.label, exc
             )
         finally:
-            if self._inflight.get(name) is done:
-                del self._inflight[name]
-            done.set()
+            if renewal:
+                self._settle(name, pending)
 
     def _issue_timeout_s(self) -> float:
         if self.issuer.label == "local":
@@ -397,9 +424,9 @@ class Certificates:
         ]
         async with trio.open_nursery() as nursery:
             for name in due:
-                done = trio.Event()
-                self._inflight[name] = done
-                nursery.start_soon(self._issue_task, name, done, True)
+                pending = _Pending()
+                self._inflight[name] = pending
+                nursery.start_soon(self._issue_task, name, pending, True)
         return len(due)
 
     # -- network checks ---------------------------------------------------------------------
@@ -477,9 +504,15 @@ class Certificates:
 
     def _is_local(self, address: Address) -> bool:
         """Configured as ours, or an address this host can bind: the kernel's own answer to
-        "is this one of my addresses", without enumerating interfaces."""
+        "is this one of my addresses", without enumerating interfaces.
+
+        Loopback counts only when configured: anybody can point a name at 127.0.0.1 (public
+        names like that exist for developers), so it says nothing about whose name it is.
+        """
         if any(address in net for net in self._local):
             return True
+        if address.is_loopback or address.is_unspecified or address.is_multicast:
+            return False
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             try:
@@ -502,7 +535,9 @@ class Certificates:
         now = self._wall()
         try:
             pem = path.read_bytes()
-            fresh = Leaf.not_after_of(pem) - now > self.settings.renew_before_days * DAY_S
+            fresh = Leaf.not_after_of(
+                pem
+            ) - now > self.settings.renew_before_days * DAY_S and self.ca.signed(pem)
         except (OSError, ValueError):
             fresh = False
         if not fresh:
@@ -521,9 +556,12 @@ class Certificates:
             try:
                 if path.stat().st_size > MAX_PEM_BYTES:
                     continue
-                not_after = Leaf.not_after_of(path.read_bytes())
+                pem = path.read_bytes()
+                not_after = Leaf.not_after_of(pem)
                 if not_after <= now:
                     continue
+                if self.issuer.label == "local" and not self.ca.signed(pem):
+                    continue  # an earlier identity's CA: clients trusting this one reject it
                 self._entries[name] = self._entry(server_context(path), not_after)
             except (OSError, ValueError, CertificateError) as exc:
                 log.warning("certificate_unreadable path=%s error=%s", path, exc)

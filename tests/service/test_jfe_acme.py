@@ -1,14 +1,15 @@
 """jfe's ACME issuance against a real Pebble, with its nonce rejection (5% of good nonces) and
 validation delays on, tls-alpn-01 answered through the same TLS listener as every handshake.
 
-The suite issues for ``JFE_ACME_NAMES`` names (default 8) with Pebble's delays capped at
-``JFE_PEBBLE_SLEEP_S`` seconds (default 3: still random, still on, so the client must poll);
+The suite issues for ``JFE_ACME_NAMES`` names (default 5) with Pebble's delays capped at
+``JFE_PEBBLE_SLEEP_S`` seconds (default 2: still random, still on, so the client must poll);
 ``make jfe-acme-100`` runs it with 100 names and Pebble's default delays (0-15 s).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -25,8 +26,8 @@ from tests.support.jfe_tls import TlsServer, handshake
 from tests.support.knot import free_udp_tcp_port, running_knot, soa_zone
 from tests.support.pebble import Pebble, PebbleUnavailable
 
-NAMES = int(os.environ.get("JFE_ACME_NAMES", "8"))
-SLEEP_S = os.environ.get("JFE_PEBBLE_SLEEP_S", "3")
+NAMES = int(os.environ.get("JFE_ACME_NAMES", "5"))
+SLEEP_S = os.environ.get("JFE_PEBBLE_SLEEP_S", "2")
 CLIENT = ipaddress.ip_address("127.0.0.1")
 
 
@@ -105,9 +106,26 @@ async def test_every_allowed_name_gets_a_certificate_that_verifies(
                 assert line == f"ok {names[0]}\n"
             finally:
                 acme.pebble.start()
+            # the restarted Pebble forgot the account: registered again, the order goes through
+            again = await source.context_for("again.acme.test", CLIENT)
+            assert again is source.cached("again.acme.test") is not None
+            # a restart of jfe: certificates come from disk, the account key is reused (the
+            # server answers "exists" for it)
+            (account_file,) = tmp_path.glob("jfe/certs/acme/*/account.json")
+            account = json.loads(account_file.read_text())["uri"]
+            reopened = open_certificate_source(tmp_path, source.settings, NodeIdentity.generate())
+            await nursery.start(reopened.run)
+            server.source = reopened
+            assert all(reopened.cached(name) is not None for name in names)
+            third = await reopened.context_for("third.acme.test", CLIENT)
+            assert third is reopened.cached("third.acme.test") is not None
+            _, line = await trio.to_thread.run_sync(handshake, server.port, names[1], str(root))
+            assert line == f"ok {names[1]}\n"
+            assert reopened.statistics().granted == 1
+            assert json.loads(account_file.read_text())["uri"] == account  # the same account
             nursery.cancel_scope.cancel()
     # one order per allowed name; none for the refused name, none reached Pebble while down
-    assert source.issuer.orders == NAMES  # type: ignore[attr-defined]
+    assert source.issuer.orders == NAMES + 1  # type: ignore[attr-defined]  # again.acme.test
     assert source.statistics().refused.get("not_allowed") == 1
     assert source.statistics().issue_failures == 1
     print(f"acme: {NAMES} names in {elapsed:.1f} s")

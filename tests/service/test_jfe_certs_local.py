@@ -119,3 +119,35 @@ async def test_renewal_before_expiry_and_expired_names_are_not_served(tmp_path: 
     assert leaf.not_valid_after_utc.timestamp() > wall.t + 9 * DAY_S
     wall.t += 11 * DAY_S  # past the new one's end too
     assert source.cached("a.example.test") is None
+
+
+async def test_concurrent_handshakes_for_a_new_name_cause_one_issuance(tmp_path: Path) -> None:
+    source = _open(tmp_path, NodeIdentity.generate(), per_client_burst=1)
+    got: list[object] = []
+
+    async def ask() -> None:
+        got.append(await source.context_for("a.example.test", CLIENT))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run)
+        async with trio.open_nursery() as clients:
+            for _ in range(50):
+                clients.start_soon(ask)
+        nursery.cancel_scope.cancel()
+    # one client token spent, one certificate made, every handshake got it
+    assert source.statistics().granted == 1
+    assert len({id(ctx) for ctx in got}) == 1 and got[0] is not source.fallback_context
+
+
+async def test_past_max_names_new_names_get_the_fallback(tmp_path: Path) -> None:
+    identity = NodeIdentity.generate()
+    source = _open(tmp_path, identity, max_names=3, per_client_burst=10)
+    got = [await source.context_for(f"n{i}.example.test", CLIENT) for i in range(5)]
+    assert [ctx is source.fallback_context for ctx in got] == [False, False, False, True, True]
+    assert source.statistics().refused == {"full": 2}
+    # a restart loads no more than max_names either
+    assert _open(tmp_path, identity, max_names=2).statistics().names == 2
+    # a new identity is a new CA: the old CA's leaves are not served (clients would reject them)
+    renewed = _open(tmp_path, NodeIdentity.generate())
+    assert renewed.statistics().names == 0 and renewed.cached("n0.example.test") is None
+    assert renewed.ca.signed((tmp_path / "jfe/certs/local/_fallback.pem").read_bytes())
