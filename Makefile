@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives for real (see README "What the tests run").
-DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm
+DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm haproxy pebble
 DEB_DEMO := python3-venv
 
-.PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz
+.PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz jfe-acme-100
 
 demo: deps-demo $(VENV)/.runtime
 	./scripts/demo.sh
@@ -43,6 +43,11 @@ fuzz: $(VENV)/.installed
 	else \
 	  echo "atheris is not installed: skipping tests/fuzz/fuzz_report.py and tests/fuzz/fuzz_wire.py ($(BIN)/pip install atheris)"; \
 	fi
+
+# jfe's Show item: 100 of 100 allowed names get certificates from Pebble with its default nonce
+# rejection and validation delays (0-15 s); the suite runs the same test with 5 names, delays up to 2 s.
+jfe-acme-100: deps-test $(VENV)/.installed
+	JFE_ACME_NAMES=100 JFE_PEBBLE_SLEEP_S=default $(BIN)/pytest -s tests/service/test_jfe_acme.py
 
 deps-test:
 	@./scripts/apt-ensure $(DEB_TEST)

@@ -13,6 +13,11 @@ counters, never exceptions. Exceptions are for input we refuse and for failures 
     ├── DiscoveryError                DNS lookups for keys and contacts failed
     ├── StoreError                    the database refused or could not be reached
     ├── JfeError                      jfe's own failures
+    │   ├── NotTls                    first bytes of a connection that are not a TLS ClientHello
+    │   ├── RulesError                nft / ip refused jfe's ruleset or policy routing
+    │   ├── ProxyError                the listener or an upstream socket could not be set up
+    │   ├── CertificateError          a certificate, key or CA file jfe cannot use
+    │   └── AcmeError                 an ACME order or account failed (the reason inside)
     └── RatelockError                 ratelock's own failures
         ├── VaultError                the vault's database cannot be opened or used
         ├── SecretError               the vault secret file is missing, unreadable or too open
@@ -97,6 +102,34 @@ class StoreError(OverflowdError):
 
 class JfeError(OverflowdError):
     """jfe failed."""
+
+
+class NotTls(JfeError):
+    """A client's first bytes are not a TLS ClientHello we answer (garbage, other protocol,
+    or over the size bound). The proxy passes such connections through byte-exact; ``offset``
+    is the byte where the sniffer stopped believing."""
+
+    def __init__(self, reason: str, *, offset: int | None = None) -> None:
+        self.reason = reason
+        self.offset = offset
+        where = f"not a TLS ClientHello at byte {offset}: " if offset is not None else ""
+        super().__init__(where + reason)
+
+
+class RulesError(JfeError):
+    """nftables or policy routing refused what jfe asked; the message holds the tool's words."""
+
+
+class ProxyError(JfeError):
+    """The transparent listener or an upstream socket could not be set up."""
+
+
+class CertificateError(JfeError):
+    """A certificate, key or CA file jfe cannot read, parse or write (names the file)."""
+
+
+class AcmeError(JfeError):
+    """An ACME account or order failed; the message has the server's problem type."""
 
 
 class RatelockError(OverflowdError):

@@ -26,6 +26,8 @@ SANS_IO = [
     "overflowd/peerscore.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "overflowd" / "wire").glob("*.py")),
     "jfe/sniff.py",
+    "jfe/proxyv2.py",
+    "jfe/gate.py",
     "ratelock/policy.py",
     "ratelock/verdict.py",
     "ratelock/audit.py",

@@ -1,0 +1,616 @@
+"""jfe's transparent proxy (trio): TLS for clients that ask, byte-exact pass-through otherwise.
+
+One listener with ``IP_TRANSPARENT`` receives the connections jfe's nftables rules TPROXY to it.
+For each accepted connection:
+
+1. budgets first (all connections, per client address): over budget is closed and counted;
+2. the upstream connection to the ORIGINAL destination (``getsockname()`` of the accepted
+   socket: TPROXY keeps it) is opened at once — transparent ports bind it to the client's own
+   address (``IP_TRANSPARENT`` + ``SO_MARK``, port 0), so the backend sees the real client;
+3. then whichever side speaks first decides, with no timer in between:
+   - a TLS ClientHello from the client (`jfe.sniff`, bounded in bytes and time) -> TLS with a
+     context from the `CertificateSource`; bytes the backend sent meanwhile wait in its socket
+     and go inside TLS;
+   - the backend first (SMTP, FTP, SSH banners) -> plain pass-through; the banner is forwarded
+     the moment it arrives;
+   - anything else from the client -> plain pass-through, byte-exact, buffered bytes first;
+4. pass-through copies with ``os.splice`` through a pipe (no copy through Python), falling back
+   to large buffers; TLS copies through ``trio.SSLStream``.
+
+Every connection's failure is its own: counted by reason and dropped, never the listener's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import resource
+import socket
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from jfe import proxyv2
+from jfe.config import JfeSettings
+from jfe.sniff import (
+    MAX_CLIENT_HELLO_BYTES,
+    ClientHello,
+    NotTls,
+    looks_like_tls,
+    parse_client_hello,
+)
+from overflowd.errors import ProxyError
+
+log = logging.getLogger(__name__)
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Linux values (not all are in Python's socket module).
+IP_TRANSPARENT = 19
+SO_MARK = 36
+#: One read of a pass-through or TLS stream: large enough to keep bulk copies cheap per byte.
+CHUNK_BYTES = 256 * 1024
+#: Pipe capacity for splice (F_SETPIPE_SZ); the default 64 KiB halves bulk throughput.
+PIPE_BYTES = 1024 * 1024
+F_SETPIPE_SZ = 1031
+#: Accept backlog: the kernel holds at most this many not-yet-accepted connections.
+BACKLOG = 1024
+#: The first read from either side; a ClientHello larger than one read is reassembled.
+FIRST_READ_BYTES = 16 * 1024
+
+
+class CertificateSource(Protocol):
+    """jfe.certs's seam (S5-DESIGN.md); only what the proxy calls."""
+
+    def cached(self, server_name: str | None) -> ssl.SSLContext | None: ...
+
+    async def context_for(self, server_name: str | None, client: Address) -> ssl.SSLContext: ...
+
+
+@dataclass
+class PortCounters:
+    accepted: int = 0
+    tls: int = 0
+    passthrough_client_first: int = 0
+    passthrough_server_first: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class PortStatistics:
+    accepted: int
+    tls: int
+    passthrough_client_first: int
+    passthrough_server_first: int
+    dropped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ProxyStatistics:
+    open_connections: int
+    accepted: int
+    handshakes: int
+    passthroughs: int
+    dropped: dict[str, int]
+    bytes_to_upstream: int
+    bytes_to_client: int
+    cpu_seconds: float
+    ports: dict[int, PortStatistics]
+    acme_challenges: int = 0
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream that first returns bytes already read (the ClientHello), then the socket's."""
+
+    def __init__(self, prefix: bytes, inner: trio.SocketStream) -> None:
+        self._prefix = prefix
+        self._inner = inner
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            out, self._prefix = self._prefix, b""
+            return out
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _address(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> tuple[Address, int]:
+    return ipaddress.ip_address(sockaddr[0]), int(sockaddr[1])
+
+
+class _Drop(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Proxy:
+    """The listener and every connection; `run` is a trio service (CONVENTIONS.md 4)."""
+
+    def __init__(self, settings: JfeSettings, certificates: CertificateSource) -> None:
+        self.settings = settings
+        self.certificates = certificates
+        self._open = 0
+        self._per_client: Counter[Address] = Counter()
+        self._ports: dict[int, PortCounters] = {}
+        self._dropped: Counter[str] = Counter()
+        self._bytes_up = 0
+        self._bytes_down = 0
+        self._challenges = 0
+        self._cpu_start = time.process_time()
+
+    # -- statistics -------------------------------------------------------------------------
+    def statistics(self) -> ProxyStatistics:
+        ports = {
+            port: PortStatistics(
+                c.accepted,
+                c.tls,
+                c.passthrough_client_first,
+                c.passthrough_server_first,
+                dict(c.dropped),
+            )
+            for port, c in sorted(self._ports.items())
+        }
+        return ProxyStatistics(
+            open_connections=self._open,
+            accepted=sum(p.accepted for p in ports.values()),
+            handshakes=sum(p.tls for p in ports.values()),
+            passthroughs=sum(
+                p.passthrough_client_first + p.passthrough_server_first for p in ports.values()
+            ),
+            dropped=dict(self._dropped),
+            bytes_to_upstream=self._bytes_up,
+            bytes_to_client=self._bytes_down,
+            cpu_seconds=time.process_time() - self._cpu_start,
+            ports=ports,
+            acme_challenges=self._challenges,
+        )
+
+    def _drop(self, port: int, reason: str) -> None:
+        self._dropped[reason] += 1
+        self._port(port).dropped[reason] += 1
+
+    def _port(self, port: int) -> PortCounters:
+        counters = self._ports.get(port)
+        if counters is None:
+            counters = self._ports[port] = PortCounters()
+        return counters
+
+    # -- the listener -----------------------------------------------------------------------
+    def _listen_socket(self) -> socket.socket:
+        s = self.settings
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((s.listen_address, s.listen_port))
+            sock.listen(BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise ProxyError(
+                f"cannot listen on {s.listen_address}:{s.listen_port} with IP_TRANSPARENT "
+                f"(needs CAP_NET_ADMIN): {exc.strerror or exc}"
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        _raise_nofile_limit()
+        listener = trio.socket.from_stdlib_socket(self._listen_socket())
+        with listener:
+            task_status.started(listener.getsockname())
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        conn, _ = await listener.accept()
+                    except OSError as exc:
+                        # EMFILE and friends: count, breathe, go on (the listener must live).
+                        self._dropped[f"accept_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
+                        await trio.sleep(0.05)
+                        continue
+                    nursery.start_soon(self._connection, conn)
+
+    async def _connection(self, conn: trio.socket.SocketType) -> None:
+        s = self.settings
+        try:
+            client = _address(conn.getpeername())
+            original = _address(conn.getsockname())
+        except OSError:
+            conn.close()
+            self._dropped["gone_at_accept"] += 1
+            return
+        port = original[1]
+        self._port(port).accepted += 1
+        if original == (ipaddress.ip_address(s.listen_address), s.listen_port):
+            # Connected to the listener itself, not diverted: "forwarding" would loop to us.
+            conn.close()
+            self._drop(port, "not_diverted")
+            return
+        if self._open >= s.max_connections:
+            conn.close()
+            self._drop(port, "budget_total")
+            return
+        if self._per_client[client[0]] >= s.max_connections_per_client:
+            conn.close()
+            self._drop(port, "budget_client")
+            return
+        self._open += 1
+        self._per_client[client[0]] += 1
+        try:
+            await self._serve(conn, client, original)
+        except Exception as exc:  # Cancelled is a BaseException: it propagates
+            # One connection's failure is counted and dropped, never the listener's. Errors
+            # from the copy tasks arrive wrapped in ExceptionGroups (trio's nurseries).
+            reason = _reason(exc)
+            if reason == "internal_error":
+                log.exception("jfe connection failed unexpectedly port=%d", port)
+            self._drop(port, reason)
+        finally:
+            conn.close()
+            self._open -= 1
+            self._per_client[client[0]] -= 1
+            if not self._per_client[client[0]]:
+                del self._per_client[client[0]]
+
+    async def _upstream(
+        self, client: tuple[Address, int], original: tuple[Address, int], transparent: bool
+    ) -> trio.socket.SocketType:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # The mark keeps jfe's upstream packets (and, through conntrack, the backend's
+            # replies) on the policy route; jfe's rules never TPROXY marked or lo traffic.
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.settings.fwmark)
+            if transparent:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                # Port 0: reusing the client's port collides with the client's own 4-tuple
+                # when backend and jfe share the host.
+                await sock.bind((str(client[0]), 0))
+            with trio.fail_after(self.settings.connect_timeout_s):
+                await sock.connect((str(original[0]), original[1]))
+        except trio.TooSlowError:
+            sock.close()
+            raise _Drop("upstream_timeout") from None
+        except OSError:
+            sock.close()
+            raise _Drop("upstream_refused") from None
+        return sock
+
+    async def _serve(
+        self,
+        conn: trio.socket.SocketType,
+        client: tuple[Address, int],
+        original: tuple[Address, int],
+    ) -> None:
+        s = self.settings
+        port = original[1]
+        proxy_v2 = s.mode(port) == "proxy_v2"
+        upstream = await self._upstream(client, original, transparent=not proxy_v2)
+        with upstream:
+            if proxy_v2:
+                # The backend waits for the header, so nobody else can speak first: give the
+                # client handshake_timeout_s, then send an address-only header and pass through.
+                with trio.move_on_after(s.handshake_timeout_s) as quiet:
+                    data = await conn.recv(FIRST_READ_BYTES)
+                if quiet.cancelled_caught:
+                    self._port(port).passthrough_server_first += 1
+                    await _send_all(upstream, proxyv2.encode(client, original))
+                    await self._splice_both(conn, upstream, b"")
+                    return
+                first = "client"
+            else:
+                first, data = await self._first_speaker(conn, upstream)
+            if first == "upstream":
+                self._port(port).passthrough_server_first += 1
+                if not data:
+                    return  # the backend closed at once
+                await _send_all(conn, data)
+                self._bytes_down += len(data)
+                await self._splice_both(conn, upstream, b"")
+                return
+            if not data:
+                return  # the client closed without a word
+            hello_or_bytes = await self._read_hello(conn, data)
+            if isinstance(hello_or_bytes, bytes):
+                self._port(port).passthrough_client_first += 1
+                if proxy_v2:
+                    await _send_all(upstream, proxyv2.encode(client, original))
+                await self._splice_both(conn, upstream, hello_or_bytes)
+                return
+            hello, buffered = hello_or_bytes
+            await self._tls(
+                conn, upstream, client, original, hello.server_name, hello.alpn, buffered, proxy_v2
+            )
+
+    async def _first_speaker(
+        self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType
+    ) -> tuple[str, bytes]:
+        """Whoever sends first; cancelling the other read loses nothing (trio cancels recv
+        only while it waits for readability, before any byte is taken)."""
+        winner: list[tuple[str, bytes]] = []
+        with trio.move_on_after(self.settings.idle_timeout_s) as idle:
+            async with trio.open_nursery() as nursery:
+
+                async def read(side: str, sock: trio.socket.SocketType) -> None:
+                    data = await sock.recv(FIRST_READ_BYTES)
+                    if not winner:
+                        winner.append((side, data))
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(read, "client", conn)
+                nursery.start_soon(read, "upstream", upstream)
+        if idle.cancelled_caught or not winner:
+            raise _Drop("idle")
+        return winner[0]
+
+    async def _read_hello(
+        self, conn: trio.socket.SocketType, data: bytes
+    ) -> bytes | tuple[ClientHello, bytes]:
+        """A ClientHello (and the bytes read), or the bytes read when this is not TLS."""
+        if looks_like_tls(data[:3]) is False:
+            return data
+        buffered = bytearray(data)
+        with trio.move_on_after(self.settings.handshake_timeout_s):
+            while True:
+                try:
+                    hello = parse_client_hello(bytes(buffered))
+                except NotTls:
+                    return bytes(buffered)
+                if hello is not None:
+                    return hello, bytes(buffered)
+                more = await conn.recv(MAX_CLIENT_HELLO_BYTES - len(buffered) + 5)
+                if not more:
+                    return bytes(buffered)
+                buffered += more
+        raise _Drop("hello_timeout")
+
+    async def _tls(
+        self,
+        conn: trio.socket.SocketType,
+        upstream: trio.socket.SocketType,
+        client: tuple[Address, int],
+        original: tuple[Address, int],
+        server_name: str | None,
+        alpn: tuple[str, ...],
+        buffered: bytes,
+        proxy_v2: bool,
+    ) -> None:
+        port = original[1]
+        with trio.move_on_after(self.settings.handshake_timeout_s) as deadline:
+            # ACME tls-alpn-01 (RFC 8737): a pending order's challenge certificate answers a
+            # validator offering acme-tls/1; that handshake is the whole connection.
+            challenge = getattr(self.certificates, "challenge_context", None)
+            context = challenge(server_name, alpn) if challenge is not None else None
+            if context is not None:
+                tls = trio.SSLStream(
+                    _Prefixed(buffered, trio.SocketStream(conn)), context, server_side=True
+                )
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError:
+                    raise _Drop("acme_challenge_failed") from None
+                self._challenges += 1
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await tls.aclose()
+                return
+            context = self.certificates.cached(server_name)
+            if context is None:
+                context = await self.certificates.context_for(server_name, client[0])
+            tls = trio.SSLStream(
+                _Prefixed(buffered, trio.SocketStream(conn)), context, server_side=True
+            )
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError:
+                raise _Drop("tls_handshake_failed") from None
+        if deadline.cancelled_caught:
+            raise _Drop("tls_timeout")
+        self._port(port).tls += 1
+        if proxy_v2:
+            header = proxyv2.encode(
+                client, original, authority=server_name, alpn=tls.selected_alpn_protocol()
+            )
+            await _send_all(upstream, header)
+        up = trio.SocketStream(upstream)
+        idle = _Idle(self.settings.idle_timeout_s)
+
+        async def client_to_upstream(copies: trio.Nursery) -> None:
+            while True:
+                data = await tls.receive_some(CHUNK_BYTES)
+                if not data:
+                    with contextlib.suppress(OSError, trio.BrokenResourceError):
+                        await up.send_eof()
+                    return
+                idle.touch()
+                self._bytes_up += len(data)
+                await up.send_all(data)
+
+        async def upstream_to_client(copies: trio.Nursery) -> None:
+            while True:
+                data = await up.receive_some(CHUNK_BYTES)
+                if not data:
+                    copies.cancel_scope.cancel()
+                    return
+                idle.touch()
+                self._bytes_down += len(data)
+                await tls.send_all(data)
+
+        await idle.run(client_to_upstream, upstream_to_client)
+        if idle.expired:
+            self._drop(port, "idle")
+        # Upstream done: say close_notify, but never wait long for a client that does not read.
+        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError):
+            await tls.aclose()
+
+    async def _splice_both(
+        self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType, first: bytes
+    ) -> None:
+        if first:
+            await _send_all(upstream, first)
+            self._bytes_up += len(first)
+        idle = _Idle(self.settings.idle_timeout_s)
+
+        def one(src: trio.socket.SocketType, dst: trio.socket.SocketType, up: bool) -> _Task:
+            count = self._count_up if up else self._count_down
+
+            def counted(n: int) -> None:
+                idle.touch()
+                count(n)
+
+            async def copy(copies: trio.Nursery) -> None:
+                await _copy(src, dst, counted)
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+
+            return copy
+
+        await idle.run(one(conn, upstream, True), one(upstream, conn, False))
+        if idle.expired:
+            self._dropped["idle"] += 1
+
+    def _count_up(self, n: int) -> None:
+        self._bytes_up += n
+
+    def _count_down(self, n: int) -> None:
+        self._bytes_down += n
+
+
+_Task = Callable[[trio.Nursery], Awaitable[None]]
+
+
+class _Idle:
+    """Idle means BOTH directions quiet: a long download with a silent client is not idle.
+
+    `run` runs the copy tasks with a watchdog that cancels them all once nothing moved for
+    ``limit`` seconds (``expired`` then says so). A copy task may cancel its siblings through
+    the nursery it is given (the TLS path does when the backend closes).
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.last = trio.current_time()
+        self.expired = False
+
+    def touch(self) -> None:
+        self.last = trio.current_time()
+
+    async def run(self, *tasks: _Task) -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._watch, outer.cancel_scope)
+            async with trio.open_nursery() as copies:
+                for task in tasks:
+                    copies.start_soon(task, copies)
+            outer.cancel_scope.cancel()
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        while True:
+            left = self.last + self.limit - trio.current_time()
+            if left <= 0:
+                self.expired = True
+                scope.cancel()
+                return
+            await trio.sleep(left)
+
+
+def _reason(exc: BaseException) -> str:
+    """The drop reason for what ended a connection; the first leaf of a group decides."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, _Drop):
+        return exc.reason
+    if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
+        return "tls_error"
+    if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+        return "reset"
+    return "internal_error"
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+async def _copy(
+    src: trio.socket.SocketType,
+    dst: trio.socket.SocketType,
+    counted: Callable[[int], None],
+) -> None:
+    """src -> dst until EOF: splice through a pipe, or large buffers where splice is refused."""
+    try:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        await _copy_buffers(src, dst, counted)
+        return
+    try:
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_BYTES)
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        while True:
+            try:
+                n = os.splice(src.fileno(), write_fd, CHUNK_BYTES, flags=flags)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(src)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    await _copy_buffers(src, dst, counted)
+                    return
+                raise
+            if n == 0:
+                return
+            counted(n)
+            left = n
+            while left:
+                try:
+                    left -= os.splice(read_fd, dst.fileno(), left, flags=flags)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(dst)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+async def _copy_buffers(
+    src: trio.socket.SocketType,
+    dst: trio.socket.SocketType,
+    counted: Callable[[int], None],
+) -> None:
+    buffer = bytearray(CHUNK_BYTES)
+    while True:
+        n = await src.recv_into(buffer)
+        if n == 0:
+            return
+        counted(n)
+        await _send_all(dst, bytes(buffer[:n]))
+
+
+def _raise_nofile_limit() -> None:
+    """Each connection holds up to six descriptors; the soft limit (often 1,024) is raised to
+    the hard one so budgets, not descriptors, decide how many connections fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+__all__ = ["CertificateSource", "Proxy", "ProxyStatistics"]
