@@ -32,6 +32,7 @@ Pure: no I/O, no clock. numpy is used for arithmetic only.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -69,6 +70,14 @@ _SYSUP_V9, _SYSUP_BOOT, _SYSUP_EXPORT = 0, 1, 2
 #: (an exporter's nonsense) go the scalar way.
 _BOOT_BOUND = 1 << 62
 
+#: Each width read once into the host's order at the same width (not widened: memory traffic
+#: is most of the cost); arithmetic that could overflow a width widens first.
+_NATIVE: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.uint16),
+    4: np.dtype(np.uint32),
+    8: np.dtype(np.uint64),
+}
 _BIG_ENDIAN: dict[int, np.dtype[Any]] = {
     1: np.dtype("u1"),
     2: np.dtype(">u2"),
@@ -77,6 +86,7 @@ _BIG_ENDIAN: dict[int, np.dtype[Any]] = {
 }
 
 U64 = npt.NDArray[np.uint64]
+Unsigned = npt.NDArray[np.unsignedinteger[Any]]
 I64 = npt.NDArray[np.int64]
 U32 = npt.NDArray[np.uint32]
 U16 = npt.NDArray[np.uint16]
@@ -98,14 +108,14 @@ class TemplateBatch:
     sport: U16
     dport: U16
     proto: U8
-    packets: U64
-    bytes: U64
+    packets: Unsigned
+    bytes: Unsigned
     first: I64
     last: I64
-    tcp_flags: U64
+    tcp_flags: Unsigned
     tos: U8
-    src_as: U64
-    dst_as: U64
+    src_as: Unsigned
+    dst_as: Unsigned
     #: Whether the record's template has the AS fields (else the row says None).
     has_as: Bools
     interval: I64
@@ -213,38 +223,27 @@ class SetSink:
         self._mark = 0
         self._groups: dict[BatchLayout, _Group] = {}
         self._exporter_index: dict[str, int] = {}
-        # Per taken set, in order.
-        self._group_of: list[_Group] = []
-        self._datagram_of: list[int] = []
-        self._position: list[int] = []
-        self._exporter: list[int] = []
-        self._domain: list[int] = []
-        self._fmt: list[int] = []
-        self._export_ms: list[int] = []
-        self._uptime: list[int] = []
-        self._sysup_mode: list[int] = []
-        self._boot: list[int] = []
-        self._interval: list[int] = []
-        self._provenance: list[int] = []
+        # Per taken set, in order: (group, datagram, position, exporter, domain, format,
+        # export_ms, uptime, sysUpTime mode, boot ms, interval, provenance). One tuple a set:
+        # this runs per datagram.
+        self._sets: list[tuple[Any, ...]] = []
+        self._last_layout: BatchLayout | None = None
+        self._last_group = _Group()
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
-        self._mark = len(self._group_of)
+        self._mark = len(self._sets)
         self.taken = 0
 
     def rollback(self) -> None:
         """Forget the sets of the datagram being decoded: it was refused (or failed)."""
         mark = self._mark
-        for group in reversed(self._group_of[mark:]):
+        for kept in reversed(self._sets[mark:]):
+            group = kept[0]
             group.bodies.pop()
             group.counts.pop()
             group.sets.pop()
-        for column in (
-            self._group_of, self._datagram_of, self._position, self._exporter, self._domain,
-            self._fmt, self._export_ms, self._uptime, self._sysup_mode, self._boot,
-            self._interval, self._provenance,
-        ):  # fmt: skip
-            del column[mark:]
+        del self._sets[mark:]
         self.taken = 0
 
     def take(self, template: Template, r: Reader, ctx: SetContext, out: list[Any]) -> bool:
@@ -252,19 +251,41 @@ class SetSink:
         scalar path to decode them."""
         layout = template.batch_layout
         assert layout is not None
-        state = self._state
-        fmt, exporter, domain = ctx.fmt, ctx.exporter, ctx.domain
+        start = r.offset
+        length = r.remaining()
+        if not self.keep(
+            layout, r.data, start, length, ctx.fmt, ctx.exporter, ctx.domain, ctx.export_ms,
+            ctx.uptime_ms, len(out),
+        ):  # fmt: skip
+            return False
+        r.skip(length, "data set")
+        return True
+
+    def keep(
+        self,
+        layout: BatchLayout,
+        data: bytes,
+        start: int,
+        length: int,
+        fmt: str,
+        exporter: str,
+        domain: int,
+        export_ms: int,
+        uptime: int | None,
+        position: int,
+    ) -> bool:
+        """Keep the ``length`` bytes of a data set body at ``data[start:]`` (checked by the
+        caller to lie inside ``data``), or return False for the scalar path to decode it."""
         code = _FORMAT_CODE.get(fmt)
         if code is None:
             return False
+        state = self._state
         # The values Template.flows reads from the state, read at the same point of the walk
         # (options data earlier in the datagram has been applied, later data has not).
         sampling = state.sampling
         interval, provenance = state.resolve_interval(
             exporter, sampling.announced(fmt, exporter, domain)
         )
-        export_ms = ctx.export_ms
-        uptime = ctx.uptime_ms
         boot = 0
         if uptime is not None:
             mode = _SYSUP_V9
@@ -277,33 +298,34 @@ class SetSink:
             else:
                 return False
         size = layout.itemsize
-        count = r.remaining() // size
+        count = length // size
         if count == 0:
-            if r.remaining() >= 4:
+            # As Template.flows: more than alignment padding but less than one record.
+            if length >= 4:
                 state.count("data_sets_shorter_than_a_record")
-            r.skip(r.remaining(), "padding")
             return True
-        body = r.bytes(count * size)
-        r.skip(r.remaining(), "padding")
-        group = self._groups.get(layout)
-        if group is None:
-            group = self._groups[layout] = _Group()
+        body = data[start : start + count * size]  # trailing bytes: padding
+        if layout is self._last_layout:
+            group = self._last_group
+        else:
+            # Hashing a layout walks its columns: remember the last one (one exporter's
+            # datagrams come in runs).
+            got = self._groups.get(layout)
+            if got is None:
+                got = self._groups[layout] = _Group()
+            group = self._last_group = got
+            self._last_layout = layout
+        sets = self._sets
         group.bodies.append(body)
         group.counts.append(count)
-        group.sets.append(len(self._group_of))
+        group.sets.append(len(sets))
         index = self._exporter_index.setdefault(exporter, len(self._exporter_index))
-        self._group_of.append(group)
-        self._datagram_of.append(self._datagram)
-        self._position.append(len(out))
-        self._exporter.append(index)
-        self._domain.append(domain)
-        self._fmt.append(code)
-        self._export_ms.append(export_ms)
-        self._uptime.append(uptime or 0)
-        self._sysup_mode.append(mode)
-        self._boot.append(boot)
-        self._interval.append(interval)
-        self._provenance.append(_PROVENANCE_CODE[provenance])
+        sets.append(
+            (
+                group, self._datagram, position, index, domain, code, export_ms, uptime or 0,
+                mode, boot, interval, _PROVENANCE_CODE[provenance],
+            )
+        )  # fmt: skip
         self.taken += count
         return True
 
@@ -314,19 +336,20 @@ class SetSink:
         failures: Sequence[tuple[int, Exception]],
     ) -> TemplateBatch:
         """Decode every taken set into the batch's columns."""
+        by_field = list(zip(*self._sets, strict=True)) or [()] * 12
         per_set: dict[str, npt.NDArray[Any]] = {
-            "exporter": np.array(self._exporter, dtype=np.uint32),
-            "domain": np.array(self._domain, dtype=np.uint32),
-            "fmt": np.array(self._fmt, dtype=np.uint8),
-            "export_ms": np.array(self._export_ms, dtype=np.int64),
-            "uptime": np.array(self._uptime, dtype=np.uint32),
-            "sysup_mode": np.array(self._sysup_mode, dtype=np.uint8),
-            "boot": np.array(self._boot, dtype=np.int64),
-            "interval": np.array(self._interval, dtype=np.int64),
-            "provenance": np.array(self._provenance, dtype=np.uint8),
+            "exporter": np.array(by_field[3], dtype=np.uint32),
+            "domain": np.array(by_field[4], dtype=np.uint32),
+            "fmt": np.array(by_field[5], dtype=np.uint8),
+            "export_ms": np.array(by_field[6], dtype=np.int64),
+            "uptime": np.array(by_field[7], dtype=np.uint32),
+            "sysup_mode": np.array(by_field[8], dtype=np.uint8),
+            "boot": np.array(by_field[9], dtype=np.int64),
+            "interval": np.array(by_field[10], dtype=np.int64),
+            "provenance": np.array(by_field[11], dtype=np.uint8),
         }
         parts: list[dict[str, npt.NDArray[Any]]] = []
-        starts = [0] * len(self._group_of)
+        starts = [0] * len(self._sets)
         start = 0
         bad_times = np.zeros(len(FORMATS), dtype=np.int64)
         for layout, group in self._groups.items():
@@ -349,14 +372,14 @@ class SetSink:
             if len(parts) == 1
             else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         )
-        counts = [0] * len(self._group_of)
+        counts = [0] * len(self._sets)
         for group in self._groups.values():
             for s, n in zip(group.sets, group.counts, strict=True):
                 counts[s] = n
         return TemplateBatch(
             **joined,
             exporters=tuple(self._exporter_index),
-            sets=tuple(zip(self._datagram_of, self._position, starts, counts, strict=True)),
+            sets=tuple(zip(by_field[1], by_field[2], starts, counts, strict=True)),
             scalar=tuple(scalar),
             errors=tuple(errors),
             failures=tuple(failures),
@@ -395,23 +418,24 @@ def _decode_group(
     data = b"".join(group.bodies)
     size = layout.itemsize
     n = len(data) // size
-    raw: dict[str, U64] = {}
+    raw: dict[str, Unsigned] = {}
     for name, offset, length in layout.columns:
         view = np.ndarray(
             (n,), dtype=_BIG_ENDIAN[length], buffer=data, offset=offset, strides=(size,)
         )
-        raw[name] = view.astype(np.uint64)
+        raw[name] = view.astype(_NATIVE[length])
     sets = np.array(group.sets, dtype=np.intp)
     reps = np.array(group.counts, dtype=np.intp)
     const = {name: np.repeat(values[sets], reps) for name, values in per_set.items()}
     zeros = np.zeros(n, dtype=np.uint64)
 
-    def col(name: str) -> U64:
+    def col(name: str) -> Unsigned:
         return raw.get(name, zeros)
 
-    proto = (col("proto") & 0xFF).astype(np.uint8)
-    sport = (col("sport") & 0xFFFF).astype(np.uint16)
-    dport = (col("dport") & 0xFFFF).astype(np.uint16)
+    # Narrowing casts of unsigned integers keep the low bits: ``& 0xFF`` / ``& 0xFFFF``.
+    proto = col("proto").astype(np.uint8)
+    sport = col("sport").astype(np.uint16)
+    dport = col("dport").astype(np.uint16)
     for family, number in (("icmp4", 1), ("icmp6", 58)):
         names = (f"{family}_combined", f"{family}_type", f"{family}_code")
         if not any(name in raw for name in names):
@@ -422,19 +446,19 @@ def _decode_group(
         # _icmp_ports: (0, type * 256 + code), unless that says 0/0 beside a source port
         # of 0 (then the destination port stays).
         if names[0] in raw:
-            value = raw[names[0]] & 0xFFFF
+            value = raw[names[0]].astype(np.uint64) & 0xFFFF
         else:
-            value = (col(names[1]) & 0xFF) << np.uint64(8)
+            value = (col(names[1]).astype(np.uint64) & 0xFF) << np.uint64(8)
             if names[2] in raw:
-                value |= raw[names[2]] & 0xFF
+                value |= raw[names[2]].astype(np.uint64) & 0xFF
         value16 = value.astype(np.uint16)
         new_dport = np.where((value16 == 0) & (sport == 0), dport, value16)
         dport = np.where(is_icmp, new_dport, dport)
         sport = np.where(is_icmp, np.uint16(0), sport)
     if "tos" in raw:
-        tos = (raw["tos"] & 0xFF).astype(np.uint8)
+        tos = raw["tos"].astype(np.uint8)
     elif "dscp" in raw:
-        tos = ((raw["dscp"] & 0x3F) << np.uint64(2)).astype(np.uint8)
+        tos = ((raw["dscp"].astype(np.uint64) & 0x3F) << np.uint64(2)).astype(np.uint8)
     else:
         tos = np.zeros(n, dtype=np.uint8)
 
@@ -460,8 +484,8 @@ def _decode_group(
 
     has_as = "src_as" in raw or "dst_as" in raw
     columns: dict[str, npt.NDArray[Any]] = {
-        "src": col("src").astype(np.uint32),
-        "dst": col("dst").astype(np.uint32),
+        "src": col("src").astype(np.uint32, copy=False),
+        "dst": col("dst").astype(np.uint32, copy=False),
         "sport": sport,
         "dport": dport,
         "proto": proto,
@@ -484,7 +508,7 @@ def _decode_group(
 
 
 def _times(
-    raw: dict[str, U64], name: str, kind: str | None, const: dict[str, npt.NDArray[Any]]
+    raw: dict[str, Unsigned], name: str, kind: str | None, const: dict[str, npt.NDArray[Any]]
 ) -> tuple[I64 | None, Bools | None]:
     """One time column as Unix ms and where it is in range (``Template._time`` and the
     MIN/MAX_TIME_MS check of ``_FlowPlan.build``), or (None, None) without one."""
@@ -493,9 +517,13 @@ def _times(
     value = raw[name]
     if kind == "ms":
         ok = value <= np.uint64(MAX_TIME_MS)
+        if value.dtype.itemsize < 8 or ok.all():
+            return value.astype(np.int64), ok
         return np.where(ok, value, 0).astype(np.int64), ok
     if kind == "s":
         ok = value <= np.uint64(MAX_TIME_MS // 1000)
+        if value.dtype.itemsize < 8 or ok.all():
+            return value.astype(np.int64) * 1000, ok
         return np.where(ok, value, 0).astype(np.int64) * 1000, ok
     export_ms: I64 = const["export_ms"]
     if kind == "delta_us":
@@ -503,14 +531,93 @@ def _times(
     else:  # sysup, at most 32 bits wide (BatchLayout)
         mode = const["sysup_mode"]
         # NetFlow v9: the 32-bit difference to the header's sysUpTime, read as signed.
-        delta = (const["uptime"] - value.astype(np.uint32)).view(np.int32)
-        t = np.where(
-            mode == _SYSUP_V9,
-            export_ms - delta,
-            np.where(mode == _SYSUP_BOOT, const["boot"] + value.astype(np.int64), export_ms),
-        )
+        v9 = export_ms - (const["uptime"] - value.astype(np.uint32)).view(np.int32)
+        low, high = int(mode.min()), int(mode.max())
+        if low == high == _SYSUP_V9:
+            t = v9
+        else:
+            boot = const["boot"] + value.astype(np.int64)
+            t = np.where(mode == _SYSUP_V9, v9, np.where(mode == _SYSUP_BOOT, boot, export_ms))
     ok = (t >= MIN_TIME_MS) & (t <= MAX_TIME_MS)
     return t, ok
+
+
+_V9_HEADER = netflow_v9.HEADER
+_IPFIX_HEADER = ipfix.HEADER
+_SET_HEADER = struct.Struct("!HH")
+_V9_VERSION = b"\x00\x09"
+_IPFIX_VERSION = b"\x00\x0a"
+
+
+def _plain_datagram(
+    data: bytes, exporter: str, now: float, state: DecoderState, sink: SetSink
+) -> bool:
+    """Decode a datagram that holds nothing but data sets of array-decodable templates
+    (what an exporter sends between template refreshes), with no data held anywhere; or
+    return False having changed nothing (but the templates' recency, which the scalar path
+    then sets again the same way) for ``decode_datagram_rows`` to decode it.
+
+    It does what ``dispatch._decode`` and the format's ``decode`` do for such a datagram,
+    without their readers: the same bounds (every set inside the datagram; a datagram
+    that is anything else — templates, options, a set that overruns, trailing bytes, a bad
+    header — is left to them, so every refusal and defect is theirs).
+    """
+    if len(state.pending):
+        return False  # expiry and replay have work to do: the scalar path does it
+    size = len(data)
+    version = data[:2]
+    if version == _V9_VERSION:
+        if size < _V9_HEADER.size:
+            return False
+        _, _, uptime, secs, _, domain = _V9_HEADER.unpack_from(data)
+        fmt = netflow_v9.FORMAT
+        offset = _V9_HEADER.size
+        up: int | None = uptime
+    elif version == _IPFIX_VERSION:
+        if size < _IPFIX_HEADER.size:
+            return False
+        _, length, secs, _, domain = _IPFIX_HEADER.unpack_from(data)
+        if length != size:
+            return False
+        fmt = ipfix.FORMAT
+        offset = _IPFIX_HEADER.size
+        up = None
+    else:
+        return False
+    # Pass 1, pure: the sets, each inside the datagram, ending exactly at its end.
+    spans: list[tuple[int, int, int]] = []
+    while offset < size:
+        if size - offset < 4:
+            return False
+        set_id, set_length = _SET_HEADER.unpack_from(data, offset)
+        if set_id < 256 or set_length < 4 or set_length > size - offset:
+            return False
+        spans.append((set_id, offset + 4, set_length - 4))
+        offset += set_length
+    # Pass 2: every set's template known and array-decodable.
+    get = state.templates.get
+    layouts: list[BatchLayout] = []
+    for set_id, _, _ in spans:
+        template = get((fmt, exporter, domain, set_id))
+        if template is None or template.batch_layout is None:
+            return False
+        layouts.append(template.batch_layout)
+    # Pass 3: keep them, as the scalar path would decode them (the first one can only be
+    # declined before anything was kept: all sets share the datagram's context).
+    export_ms = secs * 1000
+    keep = sink.keep
+    for (_, start, length), layout in zip(spans, layouts, strict=True):
+        if not keep(layout, data, start, length, fmt, exporter, domain, export_ms, up, 0):
+            if sink.taken:  # cannot happen (see above); never leave half a datagram
+                raise AssertionError("a set declined after another was kept")
+            return False
+    state._datagrams += 1
+    state.build = make_row
+    state._replay_spent = 0
+    state._by_format[fmt] += 1
+    state._records += sink.taken
+    state._exporter_seen(exporter, sink.taken)
+    return True
 
 
 def decode_template_batch(
@@ -529,6 +636,8 @@ def decode_template_batch(
         for i, (data, exporter, now) in enumerate(datagrams):
             sink.begin(i)
             try:
+                if _plain_datagram(data, exporter, now, state, sink):
+                    continue
                 rows = decode_datagram_rows(data, exporter, state, now)
             except DecodeError as exc:
                 sink.rollback()
