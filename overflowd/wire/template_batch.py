@@ -229,11 +229,19 @@ class SetSink:
         self._sets: list[tuple[Any, ...]] = []
         self._last_layout: BatchLayout | None = None
         self._last_group = _Group()
+        #: (format, exporter, domain) -> what keep() read from the state for it, while only
+        #: plain datagrams (which change no sampling state) are decoded; at most one entry
+        #: per exporter and domain of the batch.
+        self._contexts: dict[tuple[str, str, int], tuple[int, int, int, int, int, int]] = {}
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
         self._mark = len(self._sets)
         self.taken = 0
+
+    def forget(self) -> None:
+        """A datagram goes the scalar way: the sampling state may change."""
+        self._contexts.clear()
 
     def rollback(self) -> None:
         """Forget the sets of the datagram being decoded: it was refused (or failed)."""
@@ -273,30 +281,48 @@ class SetSink:
         export_ms: int,
         uptime: int | None,
         position: int,
+        memo: bool = False,
     ) -> bool:
         """Keep the ``length`` bytes of a data set body at ``data[start:]`` (checked by the
-        caller to lie inside ``data``), or return False for the scalar path to decode it."""
-        code = _FORMAT_CODE.get(fmt)
-        if code is None:
-            return False
+        caller to lie inside ``data``), or return False for the scalar path to decode it.
+
+        ``memo``: the sampling state has not changed since the last datagram of the scalar
+        path (only plain datagrams since), so what was read from it for this exporter and
+        domain still holds and is not read again."""
         state = self._state
-        # The values Template.flows reads from the state, read at the same point of the walk
-        # (options data earlier in the datagram has been applied, later data has not).
-        sampling = state.sampling
-        interval, provenance = state.resolve_interval(
-            exporter, sampling.announced(fmt, exporter, domain)
-        )
-        boot = 0
-        if uptime is not None:
-            mode = _SYSUP_V9
-        else:
-            init = sampling.system_init_ms(fmt, exporter, domain)
-            if init is None:
-                mode = _SYSUP_EXPORT
-            elif -_BOOT_BOUND <= init <= _BOOT_BOUND:
-                mode, boot = _SYSUP_BOOT, init
-            else:
+        key = (fmt, exporter, domain)
+        context = self._contexts.get(key) if memo else None
+        if context is None:
+            if not memo:
+                # Inside a datagram of the scalar path, which may change the sampling
+                # state (options data) after this set: nothing remembered holds.
+                self._contexts.clear()
+            code = _FORMAT_CODE.get(fmt)
+            if code is None:
                 return False
+            # The values Template.flows reads from the state, read at the same point of the
+            # walk (options data earlier in the datagram has been applied, later data has
+            # not).
+            sampling = state.sampling
+            interval, provenance = state.resolve_interval(
+                exporter, sampling.announced(fmt, exporter, domain)
+            )
+            boot = 0
+            if uptime is not None:
+                mode = _SYSUP_V9
+            else:
+                init = sampling.system_init_ms(fmt, exporter, domain)
+                if init is None:
+                    mode = _SYSUP_EXPORT
+                elif -_BOOT_BOUND <= init <= _BOOT_BOUND:
+                    mode, boot = _SYSUP_BOOT, init
+                else:
+                    return False
+            index = self._exporter_index.setdefault(exporter, len(self._exporter_index))
+            context = (index, code, mode, boot, interval, _PROVENANCE_CODE[provenance])
+            if memo:
+                self._contexts[key] = context
+        index, code, mode, boot, interval, provenance_code = context
         size = layout.itemsize
         count = length // size
         if count == 0:
@@ -319,11 +345,10 @@ class SetSink:
         group.bodies.append(body)
         group.counts.append(count)
         group.sets.append(len(sets))
-        index = self._exporter_index.setdefault(exporter, len(self._exporter_index))
         sets.append(
             (
                 group, self._datagram, position, index, domain, code, export_ms, uptime or 0,
-                mode, boot, interval, _PROVENANCE_CODE[provenance],
+                mode, boot, interval, provenance_code,
             )
         )  # fmt: skip
         self.taken += count
@@ -607,7 +632,7 @@ def _plain_datagram(
     export_ms = secs * 1000
     keep = sink.keep
     for (_, start, length), layout in zip(spans, layouts, strict=True):
-        if not keep(layout, data, start, length, fmt, exporter, domain, export_ms, up, 0):
+        if not keep(layout, data, start, length, fmt, exporter, domain, export_ms, up, 0, True):
             if sink.taken:  # cannot happen (see above); never leave half a datagram
                 raise AssertionError("a set declined after another was kept")
             return False
@@ -638,6 +663,7 @@ def decode_template_batch(
             try:
                 if _plain_datagram(data, exporter, now, state, sink):
                     continue
+                sink.forget()
                 rows = decode_datagram_rows(data, exporter, state, now)
             except DecodeError as exc:
                 sink.rollback()
