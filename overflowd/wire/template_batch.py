@@ -587,7 +587,7 @@ def _plain_datagram(
     that is anything else — templates, options, a set that overruns, trailing bytes, a bad
     header — is left to them, so every refusal and defect is theirs).
     """
-    if len(state.pending):
+    if state.pending:
         return False  # expiry and replay have work to do: the scalar path does it
     size = len(data)
     version = data[:2]
@@ -609,29 +609,30 @@ def _plain_datagram(
         up = None
     else:
         return False
-    # Pass 1, pure: the sets, each inside the datagram, ending exactly at its end.
-    spans: list[tuple[int, int, int]] = []
+    # Pass 1: the sets, each inside the datagram, ending exactly at its end, each of a
+    # known array-decodable template (looked up in the scalar path's order; a lookup only
+    # refreshes the template's recency, which the scalar path would refresh the same way).
+    get = state.templates.get
+    spans: list[tuple[int, int, BatchLayout]] = []
     while offset < size:
         if size - offset < 4:
             return False
         set_id, set_length = _SET_HEADER.unpack_from(data, offset)
         if set_id < 256 or set_length < 4 or set_length > size - offset:
             return False
-        spans.append((set_id, offset + 4, set_length - 4))
-        offset += set_length
-    # Pass 2: every set's template known and array-decodable.
-    get = state.templates.get
-    layouts: list[BatchLayout] = []
-    for set_id, _, _ in spans:
         template = get((fmt, exporter, domain, set_id))
-        if template is None or template.batch_layout is None:
+        if template is None:
             return False
-        layouts.append(template.batch_layout)
+        layout = template.batch_layout
+        if layout is None:
+            return False
+        spans.append((offset + 4, set_length - 4, layout))
+        offset += set_length
     # Pass 3: keep them, as the scalar path would decode them (the first one can only be
     # declined before anything was kept: all sets share the datagram's context).
     export_ms = secs * 1000
     keep = sink.keep
-    for (_, start, length), layout in zip(spans, layouts, strict=True):
+    for start, length, layout in spans:
         if not keep(layout, data, start, length, fmt, exporter, domain, export_ms, up, 0, True):
             if sink.taken:  # cannot happen (see above); never leave half a datagram
                 raise AssertionError("a set declined after another was kept")
@@ -640,8 +641,11 @@ def _plain_datagram(
     state.build = make_row
     state._replay_spent = 0
     state._by_format[fmt] += 1
-    state._records += sink.taken
-    state._exporter_seen(exporter, sink.taken)
+    taken = sink.taken
+    state._records += taken
+    entry = state._exporters.get(exporter) or state._exporter_entry(exporter)
+    entry[0] += 1  # as DecoderState._exporter_seen
+    entry[1] += taken
     return True
 
 
