@@ -1,4 +1,5 @@
-"""The sampler of `overflowd.flowsample`, over a whole `V5Batch` at once (sans-IO).
+"""The sampler of `overflowd.flowsample`, over a whole batch at once (sans-IO): a `V5Batch`
+or a `TemplateBatch` (NetFlow v9/IPFIX), anything with the columns of `BatchColumns`.
 
 Same policy, same ``p`` (bit for bit: the factors are multiplied in the order
 `SamplingPolicy.evaluate` multiplies them), same meaning of every statistic; the difference
@@ -50,15 +51,49 @@ import math
 import os
 from collections.abc import Callable
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from overflowd.flowsample import BOOST_REASONS, SamplerStatistics, SamplingPolicy
-from overflowd.wire.v5_batch import V5Batch
 
-__all__ = ["BatchSampler"]
+__all__ = ["BatchColumns", "BatchSampler"]
+
+Unsigned = npt.NDArray[np.unsignedinteger[Any]]
+
+
+class BatchColumns(Protocol):
+    """What the sampler reads of a batch: one array per field, a row per record."""
+
+    @property
+    def src(self) -> npt.NDArray[np.uint32]: ...
+    @property
+    def dst(self) -> npt.NDArray[np.uint32]: ...
+    @property
+    def sport(self) -> npt.NDArray[np.uint16]: ...
+    @property
+    def proto(self) -> npt.NDArray[np.uint8]: ...
+    @property
+    def tcp_flags(self) -> Unsigned: ...
+    @property
+    def packets(self) -> Unsigned: ...
+    #: Resolved sampling interval, >= 1.
+    @property
+    def interval(self) -> npt.NDArray[np.int64]: ...
+    def __len__(self) -> int: ...
+
+
+#: Packet counts below this cannot overflow a uint64 sum over any batch (< 2**32 records).
+_SUMMABLE = 1 << 32
+
+
+def _total(packets: Unsigned) -> int:
+    """Sum of the packet counts as Python ints do it (no wrap-around for 64-bit counters)."""
+    if len(packets) and packets.dtype.itemsize > 4 and int(packets.max()) >= _SUMMABLE:
+        return sum(packets.tolist())
+    return int(packets.sum(dtype=np.uint64))
+
 
 F64 = npt.NDArray[np.float64]
 Indices = npt.NDArray[np.intp]
@@ -117,7 +152,8 @@ _FEW = 8
 
 
 class BatchSampler:
-    """Draws, for every record of a `V5Batch`, whether it is reported, with the policy's p."""
+    """Draws, for every record of a batch (`BatchColumns`), whether it is reported, with
+    the policy's p."""
 
     def __init__(
         self,
@@ -208,7 +244,7 @@ class BatchSampler:
 
     # -- probabilities ------------------------------------------------------------------------
 
-    def _base(self, batch: V5Batch) -> tuple[F64, F64, F64]:
+    def _base(self, batch: BatchColumns) -> tuple[F64, F64, F64]:
         """``(scale, boost, p)`` without the asked boost.
 
         ``scale`` is ``rate × packets × interval``, ``boost`` the uncapped product of the
@@ -233,7 +269,7 @@ class BatchSampler:
         scale: F64 = (policy.rate * batch.packets * batch.interval).astype(np.float64, copy=False)
         return scale, boost, self._clamp(scale * np.minimum(boost, policy.boost_cap))
 
-    def _plain(self, batch: V5Batch) -> tuple[F64, int]:
+    def _plain(self, batch: BatchColumns) -> tuple[F64, int]:
         """``(p, n capped)`` when the only factors are amplification and SYN-only (the
         default policy): no boost array, the factors multiplied in place where they apply.
 
@@ -278,7 +314,9 @@ class BatchSampler:
             return out
         return np.minimum(p, 1.0)
 
-    def _exact(self, batch: V5Batch, idx: Indices, scale: F64, boost: F64) -> tuple[F64, int, int]:
+    def _exact(
+        self, batch: BatchColumns, idx: Indices, scale: F64, boost: F64
+    ) -> tuple[F64, int, int]:
         """Exact p for records ``idx`` with the asked boost; (p, n asked, n capped).
 
         The lookup is called once per distinct address among those records (it is a pure
@@ -310,7 +348,7 @@ class BatchSampler:
         out: F64 = np.where(p > 1.0, 1.0, np.where(p > 0.0, p, 0.0))
         return out, int(np.count_nonzero(lifted)), int(np.count_nonzero(capped))
 
-    def probabilities(self, batch: V5Batch) -> F64:
+    def probabilities(self, batch: BatchColumns) -> F64:
         """p of every record, as `overflowd.flowsample.probability` gives it; no draws, no
         statistics. With an asked boost this looks up every record (slow: for tests)."""
         saved = list(self._reasons)
@@ -322,7 +360,7 @@ class BatchSampler:
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def sample(self, batch: V5Batch) -> tuple[Indices, F64]:
+    def sample(self, batch: BatchColumns) -> tuple[Indices, F64]:
         """``(indices, p)`` of the records to report, in batch order.
 
         ``batch.rows(indices)`` gives their FlowRows.
@@ -384,8 +422,8 @@ class BatchSampler:
         self._sampled += len(chosen)
         self._sum_p += sum_p
         self._sum_var += sum_var
-        self._packets_seen += int(packets.sum(dtype=np.uint64))
-        self._packets_sampled += int(packets[chosen].sum(dtype=np.uint64))
+        self._packets_seen += _total(packets)
+        self._packets_sampled += _total(packets[chosen])
         self._certain += certain
         self._capped += n_capped
         return chosen, p_chosen

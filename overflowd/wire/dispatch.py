@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from overflowd.errors import DecodeError
 from overflowd.flows import FlowRecord, FlowRow, make_record, make_row
@@ -45,6 +45,9 @@ from overflowd.wire.templates import (
     TemplateKey,
     address_cache,
 )
+
+if TYPE_CHECKING:
+    from overflowd.wire.template_batch import SetSink
 
 __all__ = [
     "DecoderState",
@@ -132,8 +135,12 @@ def _decode(
         if exc.exporter is None:
             exc.exporter = exporter
         raise
-    state._records += len(records)
-    state._exporter_seen(exporter, len(records))
+    n = len(records)
+    sink = state.sink
+    if sink is not None:
+        n += sink.taken  # records of this datagram decoded into arrays, not into `records`
+    state._records += n
+    state._exporter_seen(exporter, n)
     return records
 
 
@@ -227,6 +234,9 @@ class DecoderState:
         self.address_from_bytes = address_cache(self.limits.address_cache_size)
         #: How decoders build a record (``make_record`` or ``make_row``), set per call.
         self.build: Callable[..., Any] = make_record
+        #: Where data sets of array-decodable templates go instead of becoming records, while
+        #: ``template_batch.decode_template_batch`` runs (None otherwise).
+        self.sink: SetSink | None = None
         self._datagrams = 0
         self._records = 0
         self._by_format: Counter[str] = Counter()
@@ -349,6 +359,13 @@ class DecoderState:
         if not template.is_flow:
             self._counters["non_flow_data_sets"] += 1
             r.skip(r.remaining(), "data set")
+            return
+        sink = self.sink
+        if (
+            sink is not None
+            and template.batch_layout is not None
+            and sink.take(template, r, ctx, out)
+        ):
             return
         out.extend(template.flows(r, ctx, self))
 

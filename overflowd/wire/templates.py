@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VARIABLE_LENGTH",
+    "BatchLayout",
     "FieldSpec",
     "Limits",
     "PendingBuffer",
@@ -448,6 +449,7 @@ class Template:
         "_flow_plan",
         "_flow_struct",
         "_kinds",
+        "batch_layout",
         "fields",
         "fixed_length",
         "fmt",
@@ -485,6 +487,9 @@ class Template:
         self.fixed_length: int | None = None if variable else self.min_length
         self._flow_struct: struct.Struct | None = None
         self._flow_plan: _FlowPlan | None = None
+        #: Where the columns of the array decoder (overflowd.wire.template_batch) sit in a
+        #: record, or None where that decoder declines this template (the scalar path runs).
+        self.batch_layout: BatchLayout | None = None
         self.is_flow = False
         if not is_options:
             self._compile_flow_plan()
@@ -515,6 +520,8 @@ class Template:
             size += getsizeof(st) + getsizeof(st.format)
         if self._flow_plan is not None:
             size += _deep_size(self._flow_plan)
+        if self.batch_layout is not None:
+            size += _deep_size(self.batch_layout)
         return size
 
     # -- generic decoding (variable-length templates, options, raw access) --------------
@@ -597,6 +604,7 @@ class Template:
                 if self._kinds[index] == "int" and self.fields[index].length not in (1, 2, 4, 8)
             }
             self._flow_plan = _FlowPlan(remap, odd)
+            self.batch_layout = _batch_layout(self.fields, _FlowPlan(position, set()))
         else:
             self._flow_plan = _FlowPlan(position, set())
 
@@ -619,6 +627,89 @@ class Template:
         else:
             rows = list(self.iter_records(r))
         return plan.build(rows, ctx, state)
+
+
+class BatchLayout(NamedTuple):
+    """A fixed-length flow template compiled for the array decoder (``template_batch``).
+
+    ``columns`` are ``(name, byte offset, length)`` of the unsigned big-endian fields the
+    array decoder reads (lengths 1, 2, 4 or 8); a column the template lacks is absent. Pure
+    data, hashable: sets of templates with the same layout (the same exporter software on
+    many routers) are decoded together. Built from the same :class:`_FlowPlan` as the scalar
+    path, so the precedence rules (which counter, which time element) are the scalar ones.
+    """
+
+    itemsize: int
+    columns: tuple[tuple[str, int, int], ...]
+    first_kind: str | None
+    last_kind: str | None
+
+
+#: Time kinds the array decoder computes; NTP timestamps (dateTimeMicro/Nanoseconds) and
+#: the rarer layouts are left to the scalar path.
+_BATCH_TIME_KINDS = frozenset({"ms", "s", "delta_us", "sysup"})
+
+
+def _batch_layout(fields: tuple[FieldSpec, ...], plan: _FlowPlan) -> BatchLayout | None:
+    """The array decoder's layout for a fixed-length flow template, or None to decline.
+
+    Declined (the scalar path, the reference, decodes them): IPv6 address fields (alone or
+    beside IPv4 ones: which family a record uses depends on its values), sampling carried
+    in the records (intervals or sampler ids per record), one AS field without the other,
+    NSEL initiator/responder counters (two records per record), integers of 3, 5, 6 or 7
+    bytes, NTP times, and sysUpTime times wider than 32 bits. ``plan`` holds field
+    *indices* (not struct columns).
+    """
+    if plan.src4 < 0 or plan.dst4 < 0 or plan.src6 >= 0 or plan.dst6 >= 0:
+        return None
+    if plan.interval_elements or plan.sampler >= 0:
+        return None
+    if plan.reverse_packets_ix >= 0 or plan.reverse_bytes_ix >= 0:
+        return None
+    if (plan.src_as < 0) != (plan.dst_as < 0):
+        return None  # one AS without the other: rare, and one presence flag per record
+    offsets = []
+    offset = 0
+    for f in fields:
+        offsets.append(offset)
+        offset += f.length
+    wanted: list[tuple[str, int]] = [
+        ("src", plan.src4),
+        ("dst", plan.dst4),
+        ("sport", plan.sport),
+        ("dport", plan.dport),
+        ("proto", plan.proto),
+        ("packets", plan.packets_ix),
+        ("bytes", plan.bytes_ix),
+        ("tcp_flags", plan.tcp_flags),
+        ("tos", plan.tos),
+        ("dscp", plan.dscp),
+        ("src_as", plan.src_as),
+        ("dst_as", plan.dst_as),
+    ]
+    for name, icmp in (("icmp4", plan.icmp4), ("icmp6", plan.icmp6)):
+        if icmp is not None:
+            wanted += [(f"{name}_combined", icmp[0]), (f"{name}_type", icmp[1])]
+            wanted += [(f"{name}_code", icmp[2])]
+    kinds: list[str | None] = []
+    for name, when in (("first", plan.first), ("last", plan.last)):
+        if when is None:
+            kinds.append(None)
+            continue
+        index, kind = when
+        if kind not in _BATCH_TIME_KINDS or (kind == "sysup" and fields[index].length > 4):
+            return None
+        wanted.append((name, index))
+        kinds.append(kind)
+    columns = []
+    for name, index in wanted:
+        if index < 0:
+            continue
+        length = fields[index].length
+        if length not in (1, 2, 4, 8):
+            return None
+        columns.append((name, offsets[index], length))
+    return BatchLayout(offset, tuple(columns), kinds[0], kinds[1])
 
 
 class _FlowPlan:
