@@ -238,6 +238,38 @@ def synthetic_flood(victim: str, *, now_s: int, seed: int = 11) -> list[bytes]:
     return out
 
 
+# --- installing -------------------------------------------------------------------------
+
+#: Imported inside functions (so not by importing overflowd's modules) by the demo's processes.
+_LAZY_IMPORTS = (
+    "alembic.command",
+    "alembic.config",
+    "httpx",
+    "rich.box",
+    "rich.console",
+    "rich.table",
+    "rich.text",
+    "sqlalchemy.dialects.sqlite",
+)
+
+
+def precompile() -> int:
+    """Import every overflowd module and what they import lazily, writing .pyc files: called
+    by scripts/venv-runtime after uv installs (uv writes none), so the demo's three processes,
+    started at once, do not each compile sqlalchemy, fastapi and pydantic again. A module that
+    does not import (an optional dependency missing) is skipped. Returns the modules loaded."""
+    import importlib
+    import pkgutil
+
+    import overflowd
+
+    names = [m.name for m in pkgutil.walk_packages(overflowd.__path__, "overflowd.")]
+    for name in [n for n in names if ".migrations" not in n] + list(_LAZY_IMPORTS):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    return len(sys.modules)
+
+
 # --- processes ---------------------------------------------------------------------------
 
 
