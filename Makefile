@@ -14,10 +14,10 @@ demo: deps-demo $(VENV)/.runtime
 	./scripts/demo.sh
 
 # The demo needs the package only, not its test extras: a fresh clone's `make demo` installs
-# less (`make test` installs the rest; a venv that has them is taken as it is).
+# less (`make test` installs the rest; a venv that has them is taken as it is), with uv when it
+# can be had (seconds, not a minute: scripts/venv-runtime says why), else with pip.
 $(VENV)/.runtime: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	test $(VENV)/.installed -nt pyproject.toml || $(BIN)/python -m pip install --quiet -e .
+	test $(VENV)/.installed -nt pyproject.toml || ./scripts/venv-runtime $(PYTHON) $(VENV)
 	touch $@
 
 test: deps-test $(VENV)/.installed lint typecheck pytest

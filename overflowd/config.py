@@ -193,8 +193,27 @@ class ApiSettings:
     tls_key_file: str = ""
     #: Client certificates required, and checked against this CA bundle (PEM); empty: none.
     client_ca_file: str = ""
-    #: An idle keep-alive connection is closed after this long.
+    #: An idle keep-alive connection is closed after this long. hypercorn runs the same timer
+    #: from a connection's start (and after each answer) until a request's headers are whole,
+    #: so it is also the headers deadline: a client that trickles headers (slowloris) holds a
+    #: connection this long at most.
     keep_alive_s: float = 5.0
+    # -- limits (issue #11: the API faces peers) -------------------------------------------
+    #: A route's whole answer must be ready within this, or the client gets 503 with
+    #: Retry-After (counted, overflowd_api_refused_total{reason="deadline"}); the slowest
+    #: honest query (who/top over a day of a busy store) takes well under a second.
+    request_timeout_s: float = 10.0
+    #: hypercorn's read timeout: the longest wait for the next bytes of a request (a body
+    #: that stalls); whole seconds.
+    read_timeout_s: float = 10.0
+    #: The largest request head (request line and headers) h11 buffers before refusing it
+    #: (hypercorn's h11_max_incomplete_size): our clients send a few hundred bytes.
+    max_header_bytes: int = 16 * 1024
+    #: Requests one client (an IPv4 address or an IPv6 /64) may have in flight at once; more
+    #: get 429 with Retry-After (overflowd_api_refused_total{reason="per_client"}). A peer
+    #: pulls with one request at a time; a dashboard asks a few at once.
+    max_requests_per_client: int = 16
+    # -- end limits ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -349,7 +368,15 @@ tls_certificate_file = ""
 tls_key_file = ""
 # Require client certificates issued by this CA (PEM); empty: none asked.
 client_ca_file = ""
+# An idle connection is closed after this long; also the deadline for a request's headers.
 keep_alive_s = 5.0
+# Limits (docs/api.md "Limits"): a route's answer within request_timeout_s or 503; the wait
+# for a request's next bytes; the largest request head; requests in flight per client
+# address (an IPv6 /64) before 429.
+request_timeout_s = 10.0
+read_timeout_s = 10.0
+max_header_bytes = 16384
+max_requests_per_client = 16
 
 [send]
 # The one switch for telling the ends of the flows you see: a UDP datagram to the flow's
@@ -782,8 +809,14 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
             fail("tls_certificate_file", "and api.tls_key_file go together: give both or neither")
         if settings.client_ca_file and not settings.tls_certificate_file:
             fail("client_ca_file", "needs TLS: set api.tls_certificate_file and api.tls_key_file")
-        if settings.keep_alive_s <= 0:
-            fail("keep_alive_s", "must be positive")
+        for key in ("keep_alive_s", "request_timeout_s", "read_timeout_s"):
+            value = getattr(settings, key)
+            if not (value > 0 and math.isfinite(value)):
+                fail(key, "must be a positive number of seconds")
+        if not 1024 <= settings.max_header_bytes <= 1024 * 1024:
+            fail("max_header_bytes", "must be within 1024..1048576 (a request head's bytes)")
+        if settings.max_requests_per_client < 1:
+            fail("max_requests_per_client", "must be at least 1")
     if isinstance(settings, SendSettings | InbandSettings):
         # strict, as notify.Confinement parses them at start: "192.0.2.1/24" (host bits set)
         # must fail here, naming the key, not later in the daemon naming neither key nor file.

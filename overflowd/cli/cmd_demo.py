@@ -238,6 +238,38 @@ def synthetic_flood(victim: str, *, now_s: int, seed: int = 11) -> list[bytes]:
     return out
 
 
+# --- installing -------------------------------------------------------------------------
+
+#: Imported inside functions (so not by importing overflowd's modules) by the demo's processes.
+_LAZY_IMPORTS = (
+    "alembic.command",
+    "alembic.config",
+    "httpx",
+    "rich.box",
+    "rich.console",
+    "rich.table",
+    "rich.text",
+    "sqlalchemy.dialects.sqlite",
+)
+
+
+def precompile() -> int:
+    """Import every overflowd module and what they import lazily, writing .pyc files: called
+    by scripts/venv-runtime after uv installs (uv writes none), so the demo's three processes,
+    started at once, do not each compile sqlalchemy, fastapi and pydantic again. A module that
+    does not import (an optional dependency missing) is skipped. Returns the modules loaded."""
+    import importlib
+    import pkgutil
+
+    import overflowd
+
+    names = [m.name for m in pkgutil.walk_packages(overflowd.__path__, "overflowd.")]
+    for name in [n for n in names if ".migrations" not in n] + list(_LAZY_IMPORTS):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    return len(sys.modules)
+
+
 # --- processes ---------------------------------------------------------------------------
 
 
@@ -406,8 +438,20 @@ def _show(argv: list[str]) -> None:
 def _closed_port() -> int:
     """A loopback UDP port nothing listens on (bound, then closed): DNS asked there fails at
     once with a refusal, and never reaches a resolver on another machine."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((LOCAL, 0))
+    return _free_port(socket.SOCK_DGRAM, LOCAL)
+
+
+def _free_port(kind: socket.SocketKind, host: str) -> int:
+    """A port free on ``host`` now (bound, then closed), for a process started next to bind.
+
+    Chosen ahead so that the receiver, the victim and the router start at once (the router's
+    config names the victim's in-band port and the receiver's URL): an interpreter start is
+    a second or more, and waiting for one before the next was most of the demo's start-up.
+    Another process's port-0 bind meanwhile lands on it with a chance of about one in the
+    ephemeral range (~28,000); a process that cannot bind says so and the demo stops, in one
+    line."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -595,32 +639,17 @@ def _victim_holds(victim_home: Path) -> tuple[int, int, dict[str, int]]:
     return len(rows), verified, dict(collections.Counter(row.via for row in rows))
 
 
-def _query_commands(tools: dict[str, list[str]]) -> set[str]:
-    """The commands this overflowd-query knows (who and top arrive with the query CLI)."""
-    done = subprocess.run(
-        [*tools["overflowd-query"], "--help"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=START_TIMEOUT_S,
-        check=False,
-    )
-    return set(re.findall(r"^    (\w+)\s", done.stdout, re.MULTILINE))
+def _run_shown(argv: list[str]) -> None:
+    """An overflowd-query command, shown and run in this process: two interpreter starts
+    (and their imports) were seconds of the demo's end on a loaded machine."""
+    from overflowd.cli import query
 
-
-def _run_shown(tools: dict[str, list[str]], argv: list[str]) -> None:
     _show(argv)
-    done = subprocess.run(
-        [*tools[argv[0]], *argv[1:]],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=START_TIMEOUT_S,
-        check=False,
-    )
-    sys.stdout.write(done.stdout)
-    if done.returncode != 0:
-        raise OverflowdError(f"{argv[0]} {argv[1]} failed: {done.stderr.strip()[-300:]}")
+    sys.stdout.flush()
+    code = query.main(argv[1:])
+    sys.stdout.flush()
+    if code != 0:
+        raise OverflowdError(f"{argv[0]} {argv[1]} failed (exit {code})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -662,7 +691,7 @@ def _in_process(argv: list[str]) -> None:
         raise OverflowdError(f"{' '.join(argv[:2])} failed (exit {code})")
 
 
-def _start_node(name: str, home: Path, listen: str, inband: str) -> list[str]:
+def _start_node(home: Path, listen: str, inband: str) -> list[str]:
     return [
         *_tools()["overflowd"],
         "run",
@@ -671,7 +700,7 @@ def _start_node(name: str, home: Path, listen: str, inband: str) -> list[str]:
         "--listen",
         f"{listen}:0",
         "--inband-listen",
-        f"{inband}:0",
+        inband,
         "--metrics",
         f"{LOCAL}:0",
         "--api",
@@ -715,18 +744,24 @@ def _demo(args: argparse.Namespace, work: Path, procs: list[Proc], started: floa
     )
     print("(the record the router's operator would publish; the victim pins the key instead)")
 
-    _say("the victim's webhook receiver and node")
+    _say("the victim's webhook receiver and node, and the router's node")
+    # All three start at once (an interpreter start is a second or more, and none needs
+    # another to be up): the router's config names ports chosen here for the other two.
+    inband_port = _free_port(socket.SOCK_DGRAM, VICTIM)
+    hook_base = f"http://{LOCAL}:{_free_port(socket.SOCK_STREAM, LOCAL)}"
     (victim_home / "overflowd.toml").write_text(
         _victim_config(dns_port, router_key), encoding="utf-8"
     )
+    (router_home / "overflowd.toml").write_text(
+        _router_config(args.rate, dns_port, inband_port, f"{hook_base}/hook"), encoding="utf-8"
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
-    # Both start at once (an interpreter start is a second or more): neither needs the other.
     receiver = Proc(
         "overflowd-receive",
         [
             *tools["overflowd-receive"],
             "--listen",
-            f"{LOCAL}:0",
+            hook_base.removeprefix("http://"),
             "--out",
             str(hook_out),
             "--trust",
@@ -735,21 +770,18 @@ def _demo(args: argparse.Namespace, work: Path, procs: list[Proc], started: floa
         env,
     )
     procs.append(receiver)
-    victim = Proc("the victim's node", _start_node("victim", victim_home, VICTIM, VICTIM), env)
+    victim = Proc(
+        "the victim's node", _start_node(victim_home, VICTIM, f"{VICTIM}:{inband_port}"), env
+    )
     procs.append(victim)
-    hook_base = receiver.wait_line(r"listening on (http://\S+)", deadline).group(1)
+    router = Proc("the router's node", _start_node(router_home, LOCAL, f"{LOCAL}:0"), env)
+    procs.append(router)
+    receiver.wait_line(rf"listening on {re.escape(hook_base)}$", deadline)
     victim_metrics = victim.wait_line(r"^metrics (\S+)", deadline).group(1)
-    inband_port = int(victim.wait_line(rf"^listening inband {VICTIM}:(\d+)", deadline).group(1))
+    victim.wait_line(rf"^listening inband {re.escape(VICTIM)}:{inband_port}$", deadline)
     print(f"overflowd-receive {hook_base} -> {hook_out} (trusts only the router's key)")
     print(f"victim node: in band on {VICTIM}:{inband_port}, metrics {victim_metrics}")
     print((victim_home / "overflowd.toml").read_text(encoding="utf-8").rstrip())
-
-    _say("the router's node")
-    (router_home / "overflowd.toml").write_text(
-        _router_config(args.rate, dns_port, inband_port, f"{hook_base}/hook"), encoding="utf-8"
-    )
-    router = Proc("the router's node", _start_node("router", router_home, LOCAL, LOCAL), env)
-    procs.append(router)
     router_metrics = router.wait_line(r"^metrics (\S+)", deadline).group(1)
     m = router.wait_line(r"^listening udp ([\d.]+):(\d+)", deadline)
     collector = (m.group(1), int(m.group(2)))
@@ -808,14 +840,9 @@ def _demo(args: argparse.Namespace, work: Path, procs: list[Proc], started: floa
 
     _say(f"who reported {VICTIM}, and whom to call")
     home = ["--home", str(victim_home)]
-    if {"who", "top"} <= _query_commands(tools):
-        _run_shown(tools, ["overflowd-query", "who", "--dst", VICTIM, *home])
-        print(f"(the flood held {truth} packets toward {VICTIM}: compare the PACKETS estimate)")
-        _run_shown(
-            tools, ["overflowd-query", "top", "--by", "src", "--dst", VICTIM, "-n", "10", *home]
-        )
-    else:
-        _run_shown(tools, ["overflowd-query", "reports", "--dst", VICTIM, "--limit", "10", *home])
+    _run_shown(["overflowd-query", "who", "--dst", VICTIM, *home])
+    print(f"(the flood held {truth} packets toward {VICTIM}: compare the PACKETS estimate)")
+    _run_shown(["overflowd-query", "top", "--by", "src", "--dst", VICTIM, "-n", "10", *home])
     fingerprint = key_fingerprint(base64.b64decode(router_key))
     print(
         f"contact to call: {ROUTER_CONTACT} (in every report of key {fingerprint}; the "

@@ -267,7 +267,11 @@ def run(args: argparse.Namespace) -> int:
                         metrics_listen,
                         node.statistics,
                         collector=collector,
-                        extra_collectors=(*peer_collectors, peer_collector),
+                        extra_collectors=(
+                            *peer_collectors,
+                            peer_collector,
+                            *([api.limits.collector()] if api is not None else []),
+                        ),
                     )
                 )
             except (OSError, ValueError) as exc:

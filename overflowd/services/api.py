@@ -14,17 +14,22 @@ The peers issue adds ``/v1/inbox`` and subscriptions, the query issue ``/v1/who`
 
 Bounds: a page holds at most ``MAX_PAGE`` reports; the store is read in a worker thread
 (anyio's limiter, 40 at once) so a slow query never blocks the event loop. The server listens
-on loopback by default. Before it faces other networks it must get the receiver's per-client
-connection caps (``overflowd.services.receive_http``), which the peers issue brings here.
+on loopback by default. Limits (:class:`RequestLimits`, ``[api]`` settings, docs/api.md
+"Limits"): each request answered within ``request_timeout_s`` (else 503), at most
+``max_requests_per_client`` in flight per client address (else 429), and hypercorn's headers
+deadline, read timeout and head size. Not here yet: the receiver's cap on *connections* per
+client at accept (``overflowd.services.receive_http``), which needs our own accept loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
@@ -34,6 +39,7 @@ import trio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
@@ -439,13 +445,204 @@ def check_tls_files(settings: ApiSettings) -> None:
             ) from None
 
 
+# -- limits: a deadline per request, a cap on each client's requests in flight -------------
+
+#: Retry-After of a 429 (a client over api.max_requests_per_client): one of its own requests
+#: ends within a second or so, or at api.request_timeout_s.
+PER_CLIENT_RETRY_AFTER_S = 1
+#: Retry-After of a 503 after api.request_timeout_s: whatever made a route that slow (a store
+#: under load, a lock) lasts longer than one request.
+DEADLINE_RETRY_AFTER_S = 5
+#: Why the limits answered instead of a route, in the order /metrics lists them.
+LIMIT_REASONS = ("deadline", "deadline_started", "per_client")
+
+_Scope = dict[str, Any]
+_Message = dict[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+_Asgi = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiLimitStatistics:
+    requests: int
+    in_flight: int
+    #: answered by the limits instead of a route, by LIMIT_REASONS
+    refused: dict[str, int]
+    #: handlers still running after their deadline passed (each in its worker thread, which
+    #: cannot be interrupted: it ends on its own, within anyio's 40 threads)
+    abandoned: int
+
+
+class RequestLimits:
+    """ASGI middleware in front of the routes: each request's answer within
+    ``request_timeout_s`` (else 503 with Retry-After, at the deadline itself even while the
+    route's store read goes on in its thread) and at most ``max_requests_per_client`` in
+    flight per client key (an IPv4 address or an IPv6 /64; else 429 with Retry-After).
+
+    What a route would send after its deadline is dropped. A route that had begun its answer
+    when the deadline passed cannot be told to stop it cleanly: the rest is dropped and
+    hypercorn closes the connection (``deadline_started``). Connections themselves, before a
+    request exists, are hypercorn's: its headers deadline (keep_alive_s), read timeout and
+    head size (ApiSettings).
+    """
+
+    def __init__(self, settings: ApiSettings) -> None:
+        from overflowd.receiver import client_key
+
+        self._client_key = client_key
+        self._timeout_s = settings.request_timeout_s
+        self._per_client = settings.max_requests_per_client
+        self._by_client: dict[str, int] = {}
+        self._requests = 0
+        self._in_flight = 0
+        self._abandoned = 0
+        self._refused = dict.fromkeys(LIMIT_REASONS, 0)
+
+    def statistics(self) -> ApiLimitStatistics:
+        return ApiLimitStatistics(
+            requests=self._requests,
+            in_flight=self._in_flight,
+            refused=dict(self._refused),
+            abandoned=self._abandoned,
+        )
+
+    def collector(self) -> Collector:
+        return _LimitsCollector(self.statistics)
+
+    def wrap(self, app: _Asgi) -> _Asgi:
+        async def limited(scope: _Scope, receive: _Receive, send: _Send) -> None:
+            if scope.get("type") != "http":
+                await app(scope, receive, send)  # lifespan
+                return
+            client = scope.get("client")
+            key = self._client_key(str(client[0])) if client else "-"
+            self._requests += 1
+            held = self._by_client.get(key, 0)
+            if held >= self._per_client:
+                self._refused["per_client"] += 1
+                await _answer(send, 429, "too many requests in flight", PER_CLIENT_RETRY_AFTER_S)
+                return
+            self._by_client[key] = held + 1
+            self._in_flight += 1
+            try:
+                await self._within_deadline(app, scope, receive, send)
+            finally:
+                self._in_flight -= 1
+                if self._by_client[key] == 1:
+                    del self._by_client[key]
+                else:
+                    self._by_client[key] -= 1
+
+        return limited
+
+    async def _within_deadline(
+        self,
+        app: _Asgi,
+        scope: _Scope,
+        receive: _Receive,
+        send: _Send,
+    ) -> None:
+        state = {"started": False, "over": False}
+        done = trio.Event()
+        errors: list[Exception] = []
+
+        async def guarded(message: _Message) -> None:
+            if state["over"]:
+                return  # the deadline answered already
+            if message.get("type") == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        async def route() -> None:
+            try:
+                await app(scope, receive, guarded)
+            except Exception as exc:  # re-raised below, as itself (not in an exception group)
+                errors.append(exc)
+            finally:
+                done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(route)
+            with trio.move_on_after(self._timeout_s):
+                await done.wait()
+            if not done.is_set():
+                state["over"] = True
+                self._abandoned += 1
+                if state["started"]:
+                    self._refused["deadline_started"] += 1
+                else:
+                    self._refused["deadline"] += 1
+                    await _answer(send, 503, "the answer took too long", DEADLINE_RETRY_AFTER_S)
+                # A route awaiting trio stops here; one in a worker thread runs on (a thread
+                # cannot be interrupted), its answer dropped, and this request's task waits
+                # for it with the client answered already.
+                nursery.cancel_scope.cancel()
+        if state["over"]:
+            self._abandoned -= 1
+        if errors and not state["over"]:
+            raise errors[0]
+
+
+async def _answer(send: _Send, status: int, detail: str, retry_after_s: int) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(retry_after_s).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _LimitsCollector(Collector):
+    def __init__(self, snapshot: Callable[[], ApiLimitStatistics]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._snapshot()
+        requests = CounterMetricFamily("overflowd_api_requests", "HTTP requests the API received")
+        requests.add_metric([], s.requests)
+        yield requests
+        refused = CounterMetricFamily(
+            "overflowd_api_refused",
+            "API requests answered by its limits instead of a route",
+            labels=["reason"],
+        )
+        for reason in LIMIT_REASONS:
+            refused.add_metric([reason], s.refused[reason])
+        yield refused
+        in_flight = GaugeMetricFamily("overflowd_api_in_flight", "API requests being answered")
+        in_flight.add_metric([], s.in_flight)
+        yield in_flight
+        abandoned = GaugeMetricFamily(
+            "overflowd_api_abandoned",
+            "API route handlers still running after their deadline (in worker threads)",
+        )
+        abandoned.add_metric([], s.abandoned)
+        yield abandoned
+
+
+# -- end limits ---------------------------------------------------------------------------
+
+
 class ApiService:
     """The API server as a service of the daemon: ``await nursery.start(api.run)``."""
 
     def __init__(self, settings: ApiSettings, ctx: ApiContext) -> None:
         check_tls_files(settings)
         self.settings = settings
-        self.app = create_app(ctx)
+        self.limits = RequestLimits(settings)
+        self.app = create_app(
+            dataclasses.replace(ctx, collectors=(*ctx.collectors, self.limits.collector()))
+        )
         self._stop = trio.Event()
         self.bound: tuple[str, int] | None = None
 
@@ -458,7 +655,10 @@ class ApiService:
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         config.accesslog = None
         config.errorlog = logging.getLogger("overflowd.api.hypercorn")
-        config.keep_alive_timeout = self.settings.keep_alive_s
+        config.keep_alive_timeout = self.settings.keep_alive_s  # also the headers deadline
+        config.read_timeout = max(1, math.ceil(self.settings.read_timeout_s))  # an int
+        config.h11_max_incomplete_size = self.settings.max_header_bytes
+        config.include_server_header = False
         config.graceful_timeout = 2.0
         # HTTP/1.1 only (no h2: see receive_http for what one h2 connection can buffer).
         config.alpn_protocols = ["http/1.1"]
@@ -472,7 +672,7 @@ class ApiService:
         async def started_at(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
                 await serve(
-                    self.app,  # type: ignore[arg-type]  # FastAPI is an ASGI 3 app
+                    self.limits.wrap(self.app),  # type: ignore[arg-type]  # an ASGI 3 app
                     config,
                     shutdown_trigger=self._stop.wait,
                     task_status=task_status,

@@ -3,7 +3,9 @@
 A report carries its observer's own contacts (``who``'s ``contacts``), not where it came from.
 The store does know that: ``observer_networks`` holds the /24 or /48 networks each key's reports
 arrived from over a path that proves the source (webhooks, peers: the networks of trust
-continuity, :mod:`overflowd.store.continuity`). For the first :data:`WHO_DNS_ROWS`
+continuity, :mod:`overflowd.store.continuity`); for a key heard only in band, which has none,
+the networks its reports name as sources stand in (:func:`wanted`). For the first
+:data:`WHO_DNS_ROWS`
 rows of a ``who`` answer, this asks DNS about each key's :data:`WHO_DNS_NETWORKS` most recently
 seen networks: (a) the ``_overflowd`` record for the network (the walk-up of
 :meth:`DnsRegistry.lookup_prefix`), whose contacts count only if the record names the observer's
@@ -213,10 +215,25 @@ async def registry_contacts(
 
 def wanted(store: Store, rows: Sequence[WhoRow]) -> list[tuple[bytes, list[str]]]:
     """The networks to ask about for the first :data:`WHO_DNS_ROWS` rows (sync: reads the
-    store)."""
+    store).
+
+    An observer heard only in band has no ``observer_networks`` (a datagram's source address
+    proves nothing, so no sighting is recorded for it). Its row then asks about the networks
+    its own reports name: its top source prefixes (``row.top_sources``, busiest first), where
+    a router that reports a flood usually sits. That is safe for the same reason as above: a
+    record's contacts count only when the record names the observer's key, and the report's
+    signature proves the key; the signer chooses which networks are asked about, but no more
+    of them (:data:`WHO_DNS_NETWORKS`) and within the same deadline as any other row."""
     first = rows[:WHO_DNS_ROWS]
     networks = recent_networks(store, [r.observer_key for r in first])
-    return [(r.observer_key, networks.get(r.observer_key, [])) for r in first]
+    return [
+        (
+            r.observer_key,
+            networks.get(r.observer_key)
+            or [str(net) for net, _estimate in r.top_sources[:WHO_DNS_NETWORKS]],
+        )
+        for r in first
+    ]
 
 
 def who_objects(

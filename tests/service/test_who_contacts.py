@@ -10,6 +10,7 @@ nameserver that never answers must give ``error: "timeout"`` within the budget.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -36,6 +37,9 @@ from tests.support.reports import make_payload
 A = NodeIdentity(seed=b"\x21" * 32)
 B = NodeIdentity(seed=b"\x22" * 32)
 OTHER_KEY = b"\x23" * 32
+C = NodeIdentity(seed=b"\x24" * 32)  # heard only in band: no observer_networks
+D = NodeIdentity(seed=b"\x25" * 32)  # in band too, its sources' record names another key
+NET_C = "198.18.5.0/24"
 NET_A, NET_B = "192.0.2.0/24", "203.0.113.0/24"
 DST = "198.51.100.0/24"
 
@@ -50,6 +54,9 @@ ZONES = {
     ),
     "113.0.203.in-addr.arpa": soa_zone(
         "113.0.203.in-addr.arpa", f"_overflowd 60 IN TXT {txt(OTHER_KEY, 'mailto:noc@x.test')}"
+    ),
+    "5.18.198.in-addr.arpa": soa_zone(
+        "5.18.198.in-addr.arpa", f"_overflowd 60 IN TXT {txt(C.public_key, 'mailto:noc@c.test')}"
     ),
     # the parent, so that a walk above a /24 gets NXDOMAIN rather than REFUSED
     "in-addr.arpa": soa_zone("in-addr.arpa", ""),
@@ -234,3 +241,35 @@ def test_a_silent_nameserver_is_a_timeout_within_the_budget(
     ]
     # the report's own contacts are there all the same
     assert rows[A.fingerprint]["contacts"] == ["mailto:abuse@example.net"]
+
+
+def test_observers_heard_only_in_band_get_contacts_from_the_networks_their_reports_name(
+    tmp_path: Path, knot: KnotServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No sighting proves where C and D report from (in band only), so their rows ask about
+    the networks their reports name as sources: C's record names C's key (its contact
+    counts), D's sources' record names another key (nothing from it but the abuse zone)."""
+    home = tmp_path / "node"
+    assert run("overflowd", "init", "--home", str(home)).code == 0
+    (home / "overflowd.toml").write_text(registry_toml(knot.address))
+    now = int(time.time() * 1000)
+    with Store.open(default_url(home)) as store:
+        store.add_reports(
+            [
+                (ident.sign_report(make_payload(src, "198.51.100.9", time_ms=now - i)), now, "udp")
+                for ident, src in ((C, "198.18.5.7"), (D, "203.0.113.7"))
+                for i in range(2)
+            ]
+        )
+    code, out, err = cli(capsys, "who", "--home", str(home), "--dst", DST, "--json")
+    assert code == 0, err
+    rows = {r["observer"]["key"]: r for r in lines(out)}
+    c = rows[base64.b64encode(C.public_key).decode()]["registry"]
+    d = rows[base64.b64encode(D.public_key).decode()]["registry"]
+    assert [(x["network"], x["contacts"], x["record_names_key"]) for x in c] == [
+        (NET_C, ["mailto:noc@c.test"], True)
+    ], c
+    assert [(x["network"], x["contacts"], x["record_names_key"]) for x in d] == [
+        (NET_B, [], False)
+    ], d
+    assert d[0]["abuse_contacts"] == ["mailto:abuse@b.test"] and d[0]["error"] is None
