@@ -42,6 +42,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
 )
 from sqlalchemy.exc import OperationalError
 
@@ -86,6 +87,12 @@ TRUST_ORDER = ("unknown", "continuity", "dns", "pinned")
 #: 1e20 reports finite; a real flow weighs 1/rate (1e4 at the default rate), so only an
 #: observer claiming p < 1e-112 for an ordinary flow ever reaches it.
 WEIGHT_CAP = 1e140
+
+#: PostgreSQL's memory for one aggregation (SET LOCAL work_mem, its transaction only): an
+#: hour of a spoofed flood is ~40,000 groups whose numeric sums take ~40 MB in a hash table,
+#: and at the server's default 4 MB the groups and their ranking sort spill to disk. It is a
+#: ceiling per sort or hash of this transaction (freed at its end), not an allocation.
+AGGREGATE_WORK_MEM_MB = 64
 
 #: The longest fingerprint prefix people type: the whole fingerprint (16 hex digits and dashes).
 _FINGERPRINT = re.compile(r"[0-9a-f]{1,4}(-[0-9a-f]{1,4}){0,3}")
@@ -363,6 +370,12 @@ def _run_sums(store: Store, build: Any, doing: str) -> list[Any]:
     """Run ``build(sum_columns)`` and return its rows; on SQLite's integer overflow, again with
     floating-point certain sums."""
     with store.transaction(doing, write=False) as conn:
+        if store.backend == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL work_mem = '{AGGREGATE_WORK_MEM_MB}MB'")
+            # An hour is tens of thousands of index entries: parallel workers' start and the
+            # gather-merge of their partial numeric sums cost more than they save (measured:
+            # the merge alone took 4x the workers' scans on a busy 2-core machine).
+            conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
         try:
             return list(conn.execute(build(_sum_columns(store))))
         except OperationalError as exc:
@@ -500,42 +513,51 @@ def _top_rows(
     makes. Returns ``[(key values, sums)]`` busiest first, the rest's sums (None: no rest)
     and the number of groups.
 
-    The groups are numbered by ROW_NUMBER() in _rank_order and grouped again by "its number
-    if at most n, else n + 1", the keys kept for the first n only (PostgreSQL has no MIN of
-    bytea to carry them otherwise). "Other" is the rest's sums merged (sums added, maxima
-    kept): what TopN gives, up to the order floating-point sums are added in.
+    Two statements. The first groups, counts the groups (``COUNT(*) OVER ()``, no sort) and
+    keeps the first n in _rank_order with ``ORDER BY ... LIMIT n`` (a top-N sort: n rows held,
+    not every group sorted). The second, only when there are more groups than n, is "other":
+    one aggregate without GROUP BY over the filter's reports whose key is none of the n. Its
+    sums are the rest's reports' sums, what TopN's merge of the rest gives up to the order
+    floating-point sums are added in; maxima are exact. Numbering every group with
+    ROW_NUMBER() and grouping again by "its number or n + 1" (the previous way) sorted all
+    the groups, then grouped them again: two more passes over tens of thousands of rows.
     """
     names = [k.name for k in keys]
 
     def build(cols: list[ColumnElement[Any]]) -> Select[Any]:
         g = _where(select(*keys, *cols), flt).group_by(*keys).subquery("g")
-        rn = func.row_number().over(order_by=_rank_order(g, names, measure)).label("rn")
-        r = select(*(g.c[k] for k in names), *(g.c[f] for f in _SUM_LABELS), rn).subquery("r")
-        shown = r.c.rn <= n
-        bucket = case((shown, r.c.rn), else_=n + 1).label("bucket")
-        # labels unlike r's columns: PostgreSQL's GROUP BY prefers an input column's name
-        kept = [case((shown, r.c[k]), else_=None).label(f"key_{i}") for i, k in enumerate(names)]
-        sums = [
-            (func.max if i in _MAXES else func.sum)(r.c[f]).label(f)
-            for i, f in enumerate(_SUM_LABELS)
-        ]
         return (
-            select(bucket, *kept, *sums, func.count().label("groups"))
-            .group_by(bucket, *kept)
-            .order_by(bucket)
+            select(
+                *(g.c[k] for k in names),
+                *(g.c[f] for f in _SUM_LABELS),
+                func.count().over().label("groups"),
+            )
+            .order_by(*_rank_order(g, names, measure))
+            .limit(n)
         )
 
-    rows = _run_sums(store, build, doing)
-    at = 1 + len(keys)
-    shown_rows: list[tuple[tuple[Any, ...], list[Any]]] = []
+    shown = _run_sums(store, build, doing) if n else []
+    at = len(keys)
+    if shown:
+        groups = int(shown[0][-1])
+    else:
+        counted = _where(select(*keys), flt).group_by(*keys).subquery("c")
+        with store.transaction(doing, write=False) as conn:
+            groups = int(conn.execute(select(func.count()).select_from(counted)).scalar_one())
+    shown_rows = [(tuple(row[:at]), _sums(row, at)) for row in shown]
     rest: list[Any] | None = None
-    groups = 0
-    for row in rows:
-        groups += int(row[-1])
-        if int(row[0]) <= n:
-            shown_rows.append((tuple(row[1:at]), _sums(row, at)))
-        else:
-            rest = _sums(row, at)
+    if groups > len(shown_rows):
+        taken = [values for values, _ in shown_rows]
+
+        def other(cols: list[ColumnElement[Any]]) -> Select[Any]:
+            stmt = _where(select(*cols), flt)
+            if not taken:
+                return stmt
+            # the n shown keys: a row value IN on both backends (SQLite 3.15+)
+            return stmt.where(~tuple_(*keys).in_(taken))
+
+        (row,) = _run_sums(store, other, doing)
+        rest = _sums(row, 0)
     return shown_rows, rest, groups
 
 
