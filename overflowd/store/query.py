@@ -42,6 +42,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
 )
 from sqlalchemy.exc import OperationalError
 
@@ -86,6 +87,12 @@ TRUST_ORDER = ("unknown", "continuity", "dns", "pinned")
 #: 1e20 reports finite; a real flow weighs 1/rate (1e4 at the default rate), so only an
 #: observer claiming p < 1e-112 for an ordinary flow ever reaches it.
 WEIGHT_CAP = 1e140
+
+#: PostgreSQL's memory for one aggregation (SET LOCAL work_mem, its transaction only): an
+#: hour of a spoofed flood is ~40,000 groups whose numeric sums take ~40 MB in a hash table,
+#: and at the server's default 4 MB the groups and their ranking sort spill to disk. It is a
+#: ceiling per sort or hash of this transaction (freed at its end), not an allocation.
+AGGREGATE_WORK_MEM_MB = 64
 
 #: The longest fingerprint prefix people type: the whole fingerprint (16 hex digits and dashes).
 _FINGERPRINT = re.compile(r"[0-9a-f]{1,4}(-[0-9a-f]{1,4}){0,3}")
@@ -363,6 +370,17 @@ def _run_sums(store: Store, build: Any, doing: str) -> list[Any]:
     """Run ``build(sum_columns)`` and return its rows; on SQLite's integer overflow, again with
     floating-point certain sums."""
     with store.transaction(doing, write=False) as conn:
+        if store.backend == "postgresql":
+            # One round trip for both (set_config(..., true) is SET LOCAL). An hour is tens
+            # of thousands of index entries: parallel workers' start and the gather-merge of
+            # their partial numeric sums cost more than they save (measured: the merge alone
+            # took 4x the workers' scans on a busy 2-core machine).
+            conn.execute(
+                select(
+                    func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
+                    func.set_config("max_parallel_workers_per_gather", "0", True),
+                )
+            )
         try:
             return list(conn.execute(build(_sum_columns(store))))
         except OperationalError as exc:
@@ -375,24 +393,6 @@ def _number(value: Any) -> int:
     if isinstance(value, Decimal | float):
         return int(value) if math.isfinite(value) else BIGINT_MAX
     return int(value)
-
-
-def _tally(row: Any) -> Tally:
-    m = row._mapping
-    inf = math.inf
-    p_huge, b_huge = int(m["packets_huge"]), int(m["bytes_huge"])
-    return Tally.from_sums(
-        reports=int(m["reports"]),
-        certain_reports=int(m["certain_reports"]),
-        certain_packets=_number(m["certain_packets"]),
-        certain_bytes=_number(m["certain_bytes"]),
-        packets_total=inf if p_huge else float(m["packets_total"]),
-        packets_squares=inf if p_huge else float(m["packets_squares"]),
-        packets_max=inf if p_huge else float(m["packets_max"]),
-        bytes_total=inf if b_huge else float(m["bytes_total"]),
-        bytes_squares=inf if b_huge else float(m["bytes_squares"]),
-        bytes_max=inf if b_huge else float(m["bytes_max"]),
-    )
 
 
 Units = tuple[float | None, float | None]
@@ -518,42 +518,51 @@ def _top_rows(
     makes. Returns ``[(key values, sums)]`` busiest first, the rest's sums (None: no rest)
     and the number of groups.
 
-    The groups are numbered by ROW_NUMBER() in _rank_order and grouped again by "its number
-    if at most n, else n + 1", the keys kept for the first n only (PostgreSQL has no MIN of
-    bytea to carry them otherwise). "Other" is the rest's sums merged (sums added, maxima
-    kept): what TopN gives, up to the order floating-point sums are added in.
+    Two statements. The first groups, counts the groups (``COUNT(*) OVER ()``, no sort) and
+    keeps the first n in _rank_order with ``ORDER BY ... LIMIT n`` (a top-N sort: n rows held,
+    not every group sorted). The second, only when there are more groups than n, is "other":
+    one aggregate without GROUP BY over the filter's reports whose key is none of the n. Its
+    sums are the rest's reports' sums, what TopN's merge of the rest gives up to the order
+    floating-point sums are added in; maxima are exact. Numbering every group with
+    ROW_NUMBER() and grouping again by "its number or n + 1" (the previous way) sorted all
+    the groups, then grouped them again: two more passes over tens of thousands of rows.
     """
     names = [k.name for k in keys]
 
     def build(cols: list[ColumnElement[Any]]) -> Select[Any]:
         g = _where(select(*keys, *cols), flt).group_by(*keys).subquery("g")
-        rn = func.row_number().over(order_by=_rank_order(g, names, measure)).label("rn")
-        r = select(*(g.c[k] for k in names), *(g.c[f] for f in _SUM_LABELS), rn).subquery("r")
-        shown = r.c.rn <= n
-        bucket = case((shown, r.c.rn), else_=n + 1).label("bucket")
-        # labels unlike r's columns: PostgreSQL's GROUP BY prefers an input column's name
-        kept = [case((shown, r.c[k]), else_=None).label(f"key_{i}") for i, k in enumerate(names)]
-        sums = [
-            (func.max if i in _MAXES else func.sum)(r.c[f]).label(f)
-            for i, f in enumerate(_SUM_LABELS)
-        ]
         return (
-            select(bucket, *kept, *sums, func.count().label("groups"))
-            .group_by(bucket, *kept)
-            .order_by(bucket)
+            select(
+                *(g.c[k] for k in names),
+                *(g.c[f] for f in _SUM_LABELS),
+                func.count().over().label("groups"),
+            )
+            .order_by(*_rank_order(g, names, measure))
+            .limit(n)
         )
 
-    rows = _run_sums(store, build, doing)
-    at = 1 + len(keys)
-    shown_rows: list[tuple[tuple[Any, ...], list[Any]]] = []
+    shown = _run_sums(store, build, doing) if n else []
+    at = len(keys)
+    if shown:
+        groups = int(shown[0][-1])
+    else:
+        counted = _where(select(*keys), flt).group_by(*keys).subquery("c")
+        with store.transaction(doing, write=False) as conn:
+            groups = int(conn.execute(select(func.count()).select_from(counted)).scalar_one())
+    shown_rows = [(tuple(row[:at]), _sums(row, at)) for row in shown]
     rest: list[Any] | None = None
-    groups = 0
-    for row in rows:
-        groups += int(row[-1])
-        if int(row[0]) <= n:
-            shown_rows.append((tuple(row[1:at]), _sums(row, at)))
-        else:
-            rest = _sums(row, at)
+    if groups > len(shown_rows):
+        taken = [values for values, _ in shown_rows]
+
+        def other(cols: list[ColumnElement[Any]]) -> Select[Any]:
+            stmt = _where(select(*cols), flt)
+            if not taken:
+                return stmt
+            # the n shown keys: a row value IN on both backends (SQLite 3.15+)
+            return stmt.where(~tuple_(*keys).in_(taken))
+
+        (row,) = _run_sums(store, other, doing)
+        rest = _sums(row, 0)
     return shown_rows, rest, groups
 
 
@@ -661,55 +670,67 @@ def who(
     if top_sources < 0:
         raise ValueError("top_sources must not be negative")
     t = _T
-    groups = _run_sums(
-        store,
-        lambda cols: _where(
-            select(
-                t.c.observer_key,
-                func.min(t.c.first_ms).label("first_ms"),
-                func.max(t.c.last_ms).label("last_ms"),
-                *cols,
-            ),
-            flt,
-        ).group_by(t.c.observer_key),
-        "asking who reports",
-    )
-    if not groups:
-        return []
-    keys = sorted(bytes(r.observer_key) for r in groups)
-    info = _observer_info(store, keys)
+    first = func.min(t.c.first_ms).label("first_ms")
+    last = func.max(t.c.last_ms).label("last_ms")
+    # One scan: the groups are (observer, source prefix) when sources are asked for, and each
+    # observer's own sums are its groups' sums merged here (sums added, maxima kept, spans
+    # widened), as Tally.merge would. A second GROUP BY per observer would read the window's
+    # rows again for numbers this one already has; an observer has at most as many groups
+    # as reports, and the filter's reports are what who is about.
+    per_observer: dict[bytes, list[Any]] = {}
+    spans: dict[bytes, list[int]] = {}
     sources: dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]] = {}
-    if top_sources and _whole_bytes(v4_len, v6_len):
-        for key, (version, raw), sums in _top_sources(store, flt, top_sources, v4_len, v6_len):
-            sources.setdefault(key, []).append(((version, raw), sums))
-    elif top_sources:
+    if top_sources:
         prefix = _prefix_column(t.c.src, v4_len, v6_len).label("prefix")
-        by_prefix = _run_sums(
+        rows = _run_sums(
             store,
             lambda cols: _where(
-                select(t.c.observer_key, t.c.ip_version, prefix, *cols), flt
+                select(t.c.observer_key, t.c.ip_version, prefix, first, last, *cols), flt
             ).group_by(t.c.observer_key, t.c.ip_version, prefix),
             "asking who reports",
         )
         # In key order, so that ties rank the same on both backends whatever order GROUP BY
         # returns (TopN breaks ties by first appearance).
-        by_prefix.sort(key=lambda r: (int(r[1]), bytes(r[2])))
+        rows.sort(key=lambda r: (bytes(r[0]), int(r[1]), bytes(r[2])))
         merged: dict[tuple[bytes, tuple[int, bytes]], list[Any]] = {}
-        for row in by_prefix:
-            # a prefix of whole bytes is one SQL group; a /20 gathers several here
-            at = (bytes(row[0]), _masked(int(row[1]), bytes(row[2]), v4_len, v6_len))
-            if at in merged:
-                _merge(merged[at], _sums(row, 3))
+        for row in rows:
+            key = bytes(row[0])
+            sums = _sums(row, 5)
+            if key in per_observer:
+                _merge(per_observer[key], sums)
+                span = spans[key]
+                span[0] = min(span[0], int(row[3]))
+                span[1] = max(span[1], int(row[4]))
             else:
-                merged[at] = _sums(row, 3)
-                sources.setdefault(at[0], []).append((at[1], merged[at]))
-    rows: list[WhoRow] = []
-    for row in groups:
-        key = bytes(row.observer_key)
+                per_observer[key] = list(sums)
+                spans[key] = [int(row[3]), int(row[4])]
+            # a prefix of whole bytes is one SQL group; a /20 gathers several here
+            at = (key, _masked(int(row[1]), bytes(row[2]), v4_len, v6_len))
+            if at in merged:
+                _merge(merged[at], sums)
+            else:
+                merged[at] = sums
+                sources.setdefault(key, []).append((at[1], sums))
+    else:
+        for row in _run_sums(
+            store,
+            lambda cols: _where(select(t.c.observer_key, first, last, *cols), flt).group_by(
+                t.c.observer_key
+            ),
+            "asking who reports",
+        ):
+            key = bytes(row[0])
+            per_observer[key] = _sums(row, 3)
+            spans[key] = [int(row[1]), int(row[2])]
+    if not per_observer:
+        return []
+    info = _observer_info(store, sorted(per_observer))
+    out: list[WhoRow] = []
+    for key, totals in per_observer.items():
         fingerprint, contacts, point, trust, (unit, byte_unit) = info.get(
             key, ("", (), "", None, (None, None))
         )
-        tally = _tally(row)
+        tally = _from(totals)
         top_list: list[tuple[Network, Estimate]] = []
         if key in sources:
             units = (unit, byte_unit)
@@ -720,7 +741,7 @@ def who(
                 lambda k: _network(k[0], k[1], v4_len, v6_len),
             )
             top_list = list(ranked.top)
-        rows.append(
+        out.append(
             WhoRow(
                 observer_key=key,
                 fingerprint=fingerprint,
@@ -729,48 +750,13 @@ def who(
                 point=point,
                 reports=tally.reports,
                 estimate=tally.estimate(unit=unit, byte_unit=byte_unit),
-                first_ms=int(row.first_ms),
-                last_ms=int(row.last_ms),
+                first_ms=spans[key][0],
+                last_ms=spans[key][1],
                 top_sources=top_list,
             )
         )
-    rows.sort(key=lambda r: (-r.estimate.packets.estimate, r.fingerprint, r.observer_key))
-    return rows
-
-
-def _top_sources(
-    store: Store, flt: ReportFilter, n: int, v4_len: int, v6_len: int
-) -> list[tuple[bytes, tuple[int, bytes], list[Any]]]:
-    """Each observer's ``n`` busiest source prefixes (whole bytes), ranked in SQL by
-    ROW_NUMBER() per observer as _rank orders them: only those rows reach Python."""
-    t = _T
-    prefix = _prefix_column(t.c.src, v4_len, v6_len).label("prefix")
-
-    def build(cols: list[ColumnElement[Any]]) -> Select[Any]:
-        g = (
-            _where(select(t.c.observer_key, t.c.ip_version, prefix, *cols), flt)
-            .group_by(t.c.observer_key, t.c.ip_version, prefix)
-            .subquery("g")
-        )
-        rn = (
-            func.row_number()
-            .over(
-                partition_by=g.c.observer_key,
-                order_by=_rank_order(g, ("ip_version", "prefix"), "packets"),
-            )
-            .label("rn")
-        )
-        r = select(*g.c, rn).subquery("r")
-        return (
-            select(r.c.observer_key, r.c.ip_version, r.c.prefix, *(r.c[f] for f in _SUM_LABELS))
-            .where(r.c.rn <= n)
-            .order_by(r.c.observer_key, r.c.rn)
-        )
-
-    return [
-        (bytes(row[0]), (int(row[1]), bytes(row[2])), _sums(row, 3))
-        for row in _run_sums(store, build, "asking who reports")
-    ]
+    out.sort(key=lambda r: (-r.estimate.packets.estimate, r.fingerprint, r.observer_key))
+    return out
 
 
 Info = tuple[str, tuple[str, ...], str, str | None, Units]

@@ -301,3 +301,38 @@ def test_ties_rank_by_key_as_streaming_does(store: Store) -> None:
         "10.0.1.0/24",
         "10.0.2.0/24",
     ]
+
+
+def test_top_with_nothing_shown_or_everything_shown(seeded: Seeded) -> None:
+    """The two statements' edges: n = 0 puts every group in "other" (the ungrouped pass with
+    no keys excluded, groups counted apart), n past the group count leaves no "other"."""
+    s = seeded
+    flt = FILTERS[1]
+    match = [r for r in s.reports if matches(r, flt)]
+    groups = {prefix_key(r.src, 24, 48) for r in match}
+    assert len(groups) > 2
+    unit, byte_unit = _all_units(s, {r.observer_key for r in s.reports})
+    none = top(s.store, flt, by="src", n=0)
+    assert none.top == () and none.groups == len(groups)
+    assert none.other is not None
+    _same(none.other, _tally(match).estimate(unit=unit, byte_unit=byte_unit))
+    every = top(s.store, flt, by="src", n=len(groups) + 5)
+    assert len(every.top) == len(groups) == every.groups and every.other is None
+    assert sum(e.reports for _, e in every.top) == len(match)
+
+
+def test_who_without_top_sources_equals_streaming(seeded: Seeded) -> None:
+    """top_sources=0 asks one GROUP BY observer_key; the same per-observer answers as the
+    single scan by (observer, source prefix) merged in Python."""
+    s = seeded
+    for flt in FILTERS[:2]:
+        plain = who(s.store, flt, top_sources=0)
+        full = who(s.store, flt)
+        assert [r.observer_key for r in plain] == [r.observer_key for r in full]
+        for a, b in zip(plain, full, strict=True):
+            assert a.top_sources == []
+            _same(a.estimate, b.estimate)
+            assert (a.reports, a.first_ms, a.last_ms) == (b.reports, b.first_ms, b.last_ms)
+            mine = [r for r in s.reports if matches(r, flt) and r.observer_key == a.observer_key]
+            unit, byte_unit = _units(s, a.observer_key)
+            _same(a.estimate, _tally(mine).estimate(unit=unit, byte_unit=byte_unit))
