@@ -36,12 +36,12 @@ pytest: $(VENV)/.installed
 fuzz: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/fuzz $(PYTEST_ARGS)
 	@if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
-	  for target in tests/fuzz/fuzz_report.py tests/fuzz/fuzz_wire.py; do \
+	  for target in tests/fuzz/fuzz_*.py; do \
 	    echo "atheris: $$target for $${FUZZ_SECONDS:-60} s"; \
 	    $(BIN)/python $$target -max_total_time=$${FUZZ_SECONDS:-60} -rss_limit_mb=2048 || exit 1; \
 	  done; \
 	else \
-	  echo "atheris is not installed: skipping tests/fuzz/fuzz_report.py and tests/fuzz/fuzz_wire.py ($(BIN)/pip install atheris)"; \
+	  echo "atheris is not installed: skipping the tests/fuzz/fuzz_*.py targets ($(BIN)/pip install atheris)"; \
 	fi
 
 # jfe's Show item: 100 of 100 allowed names get certificates from Pebble with its default nonce
