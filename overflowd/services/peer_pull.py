@@ -573,6 +573,19 @@ class PeerPull:
     async def _get(
         self, client: httpx.AsyncClient, peer: PeerSettings, after: int, limit: int
     ) -> tuple[bytes, str]:
+        try:
+            return await self._get_once(client, peer, after, limit)
+        except PageError as exc:
+            if exc.kind != "connect":
+                raise
+        # Once more at once, on a new connection: the kept-alive one may have been closed by
+        # the peer's idle timeout while this node verified and stored the last page (a race
+        # that is no failure of the peer's). A second failure is one.
+        return await self._get_once(client, peer, after, limit)
+
+    async def _get_once(
+        self, client: httpx.AsyncClient, peer: PeerSettings, after: int, limit: int
+    ) -> tuple[bytes, str]:
         url = peer.endpoint("v1/reports")
         try:
             with trio.fail_after(self.peering.pull_timeout_s):
