@@ -5,9 +5,13 @@ keep for people and older peers."""
 from __future__ import annotations
 
 import base64
+import json
+import threading
 import time
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -19,7 +23,8 @@ from overflowd.peers import PeeringSettings, PeerSettings
 from overflowd.services.api import ApiContext, ApiService
 from overflowd.services.api_peers import PeerInbox
 from overflowd.services.peer_pull import PeerPull, default_client
-from overflowd.store import Store
+from overflowd.services.peer_push import PeerPush
+from overflowd.store import Store, outbox
 from overflowd.store import peers as peer_store
 from overflowd.wire import peering
 from overflowd.wire import webhook as wh
@@ -138,3 +143,60 @@ async def test_the_inbox_reads_cbor_and_json_and_the_signature_covers_the_bytes(
         for r in reports:
             held = store_a.get_report(r.report_id)
             assert held is not None and held.hops == 2 and held.via == "gossip"
+
+
+class _OldInbox(BaseHTTPRequestHandler):
+    """An inbox of a node from before CBOR: it reads JSON bodies only (400 otherwise)."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.seen.append(self.headers.get("content-type", ""))
+        try:
+            batch = peering.decode_inbox(body)
+        except peering.InboxDecodeError as exc:
+            status, answer = 400, json.dumps({"detail": exc.reason}).encode()
+        else:
+            status = 200
+            answer = peering.encode_answer(peering.InboxAnswer(batch.total, 0, ()))
+        self.send_response(status)
+        self.send_header("content-length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+async def test_the_sender_falls_back_to_json_for_an_inbox_that_reads_only_json(
+    tmp_path: Path,
+) -> None:
+    """A pushes CBOR; an older peer answers 400; A sends the same reports again at once as
+    JSON, and every one is delivered (none dead, no attempt spent)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OldInbox)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _OldInbox.seen.clear()
+    t = _now_ms()
+    reports = [
+        OBSERVER.sign_report(make_payload(dst=f"203.0.113.{i}", time_ms=t)) for i in range(5)
+    ]
+    peer = PeerSettings(
+        name="old", url=f"http://127.0.0.1:{server.server_address[1]}/", key=B.public_key
+    )
+    try:
+        with Store.open(f"sqlite:///{tmp_path / 'a.db'}") as store_a:
+            store_a.add_reports([(r, t, "local") for r in reports])
+            push = PeerPush(A, store_a, [peer], PeeringSettings())
+            with trio.fail_after(TIMEOUT_S):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(push.run)
+                    while push.statistics().peers["old"]["delivered"] < len(reports):
+                        await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+            counts = outbox.counts(store_a)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _OldInbox.seen[0] == peering.CBOR and _OldInbox.seen[1:] == [peering.CONTENT_TYPE]
+    assert counts.get(outbox.DEAD, 0) == 0 and counts.get(outbox.DELIVERED) == len(reports)
