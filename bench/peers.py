@@ -20,6 +20,12 @@ on A, so each record becomes one report signed by A.
    compressed; B's retry backoff (at most 10 s) is part of the catch-up time.
 3. **Burst** (``--burst N``, 0 to skip; was ``bench/peer_push.py``): N fresh reports stored at
    A in one transaction, timed until C holds them all: the chain's top speed.
+4. **Pull** (``--pull N``, 0 to skip): in this process, one node's API (hypercorn, SQLite)
+   serving N reports and another node's pull round taking them all, page after page
+   (``peering.pull_page_reports``), lean CBOR pages and then JSON pages: reports/s, and the
+   CPU seconds the process spent (both ends run in it). Goal: 3,000 reports/s.
+
+``--steady-s 0`` skips the three daemons (and with them phases 1 to 3).
 
 Budgets are raised out of the way unless ``--default-budgets`` (100 reports/s out per peer,
 burst 5000: then a 600 s backlog of 60 000 takes ~550 s by design, and that is the figure).
@@ -198,6 +204,58 @@ def _start(node: Node, *extra: str) -> None:
     raise SystemExit(f"{node.name} did not start within {START_MAX_S:g} s")
 
 
+def pull_bench(n: int) -> None:
+    """Phase 4: N reports from one store through GET /v1/reports into another store."""
+    import trio
+
+    from overflowd.config import ApiSettings
+    from overflowd.peers import PeeringSettings, PeerSettings
+    from overflowd.services.api import ApiContext, ApiService
+    from overflowd.services.peer_pull import PeerPull, default_client
+    from overflowd.store import peers as peer_store
+    from tests.support.reports import make_payload
+
+    observer, server = NodeIdentity(seed=b"\x43" * 32), NodeIdentity(seed=b"\x44" * 32)
+    now = int(time.time() * 1000)
+    reports = [observer.sign_report(make_payload(packets=1 + i, time_ms=now)) for i in range(n)]
+    settings = PeeringSettings(pull_page_reports=1000)
+    with tempfile.TemporaryDirectory() as tmp, Store.open(f"sqlite:///{tmp}/a.db") as a:
+        for i in range(0, n, 1000):
+            a.add_reports([(r, now, "import") for r in reports[i : i + 1000]])
+
+        async def one(accept: str, db: str) -> tuple[float, float, int]:
+            with Store.open(f"sqlite:///{tmp}/{db}") as b:
+                ctx = ApiContext(identity=server, contacts=(), observation_point="", store=a)
+                api = ApiService(ApiSettings(listen="127.0.0.1:0"), ctx)
+                async with trio.open_nursery() as nursery:
+                    host, port = await nursery.start(api.run)
+                    url = f"http://{host}:{port}/"
+                    peer = PeerSettings(name="a", url=url, key=server.public_key)
+                    peer_store.ensure_peer(b, peer.key, name="a", url=url, now_ms=now)
+                    pull = PeerPull([peer], settings, b)
+                    async with default_client(settings) as client:
+                        client.headers["accept"] = accept
+                        wall, cpu = time.perf_counter(), time.process_time()
+                        while pull.statistics().peers["a"].stored < n:
+                            if not await pull.pull_round(client, peer):
+                                break
+                        wall = time.perf_counter() - wall
+                        cpu = time.process_time() - cpu
+                    api.stop()
+                return wall, cpu, pull.statistics().peers["a"].stored
+
+        for label, accept, db in (
+            ("lean CBOR pages", "application/cbor", "b.db"),
+            ("JSON pages", "application/json", "c.db"),
+        ):
+            wall, cpu, stored = trio.run(one, accept, db)
+            print(
+                f"pull {label}: {stored}/{n} reports in {wall:.2f} s = {stored / wall:.0f}"
+                f" reports/s (both ends in one process: {cpu:.2f} CPU s,"
+                f" {stored / cpu:.0f} reports per CPU second)   (goal >= 3000/s)"
+            )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rate", type=float, default=100.0, help="flow records/s into A")
@@ -205,7 +263,12 @@ def main() -> int:
     p.add_argument("--outage-s", type=float, default=600.0, help="C down this long (0: skip)")
     p.add_argument("--burst", type=int, default=5000, help="reports seeded at A at once")
     p.add_argument("--default-budgets", action="store_true")
+    p.add_argument("--pull", type=int, default=20000, help="reports pulled in process (0: skip)")
     args = p.parse_args()
+    if args.steady_s <= 0:
+        if args.pull > 0:
+            pull_bench(args.pull)
+        return 0
     extra = "" if args.default_budgets else FAST
     with tempfile.TemporaryDirectory() as tmp:
         nodes = {}
@@ -301,6 +364,8 @@ def main() -> int:
             for node in nodes.values():
                 if node.daemon is not None:
                     node.stop()
+    if args.pull > 0:
+        pull_bench(args.pull)
     return 0
 
 

@@ -532,7 +532,7 @@ max_tracked_senders = 65536
 # inbox_max_reports = 500
 # Pulling: reports per page asked, bytes of one page read at most, time for one page (and
 # for its connect), pages per round, first pause after a failure (doubling).
-# pull_page_reports = 500
+# pull_page_reports = 1000
 # pull_max_body_bytes = 4000000
 # pull_timeout_s = 30.0
 # pull_connect_timeout_s = 5.0

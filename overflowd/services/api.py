@@ -63,6 +63,7 @@ from overflowd.services.api_peers import router as peers_router
 from overflowd.services.api_subscriptions import SubscriptionDesk
 from overflowd.services.api_subscriptions import router as subscriptions_router
 from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
+from overflowd.wire import peering
 
 if TYPE_CHECKING:
     from overflowd.services.dns import DnsRegistry
@@ -122,6 +123,9 @@ class StoredReportOut(BaseModel):
     received: str = Field(description="when this node stored it, RFC 3339")
     via: str = Field(description="how it arrived: local, udp, webhook, import, gossip")
     trust: str | None = Field(description="the observer's trust when it arrived")
+    hops: int = Field(
+        default=0, description="the fewest peer-to-peer hops it made to this node (0: none)"
+    )
     report: dict[str, Any] = Field(
         description="the report's JSON rendering, with `cose` (base64url): verify that"
     )
@@ -218,6 +222,7 @@ def _stored(row: StoredReport) -> StoredReportOut:
         received=rpt.iso_ms(row.received_ms),
         via=row.via,
         trust=row.trust,
+        hops=row.hops,
         report=rpt.to_json(row.signed_report()),
     )
 
@@ -313,8 +318,25 @@ def create_app(ctx: ApiContext) -> FastAPI:
         except ValueError as exc:
             raise HTTPException(400, str(exc)[:300]) from None
 
-    @app.get("/v1/reports", summary="stored reports that match the filters, from a cursor")
+    @app.get(
+        "/v1/reports",
+        summary="stored reports that match the filters, from a cursor",
+        response_model=ReportPage,
+        responses={
+            200: {
+                "content": {
+                    peering.CBOR: {
+                        "schema": {"type": "string", "format": "binary"},
+                        "description": "with Accept: application/cbor and order=seq, the lean "
+                        'page peers pull: {"next": n, "reports": [[seq, h\'COSE\', hops], ...]} '
+                        "(docs/peers.md)",
+                    }
+                }
+            }
+        },
+    )
     async def reports(
+        request: Request,
         params: Annotated[FilterParams, Depends()],
         after: Annotated[
             int, Query(ge=0, le=MAX_SEQ, description="cursor: the `next` of the last page")
@@ -329,8 +351,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 "the cursor to follow new reports from"
             ),
         ] = "seq",
-    ) -> ReportPage:
-        def answer() -> ReportPage:
+    ) -> ReportPage | Response:
+        # The lean page for peers (docs/peers.md "Pulling"): seq, COSE bytes and hops only,
+        # in CBOR, without rendering each report: JSON stays the default for people.
+        lean = order == "seq" and peering.CBOR in request.headers.get("accept", "").lower()
+
+        def answer() -> ReportPage | Response:
             from overflowd.store.query import count_reports, find_reports, page_reports
 
             flt = make(params)
@@ -342,6 +368,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
                     reports=[_stored(r) for r in rows], next=cursor, total=max(total, len(rows))
                 )
             page, nxt = page_reports(ctx.store, flt, after=after, limit=limit)
+            if lean:
+                body = peering.encode_page([(r.seq, r.cose, r.hops) for r in page], nxt)
+                return Response(body, media_type=peering.CBOR)
             return ReportPage(reports=[_stored(r) for r in page], next=nxt)
 
         try:

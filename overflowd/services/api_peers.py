@@ -238,6 +238,11 @@ class PeerInbox:
             return False
         return True
 
+    def media_type(self, h: Mapping[str, str]) -> str | None:
+        """The body's encoding from ``Content-Type`` (JSON when absent), None when neither."""
+        value = h.get("content-type", peering.CONTENT_TYPE).split(";", 1)[0].strip().lower()
+        return value if value in (peering.CONTENT_TYPE, peering.CBOR) else None
+
     def oversized(self) -> InboxResult:
         return self._reject(
             413, f"body is larger than {self.max_body_bytes} bytes", None, "oversized"
@@ -281,9 +286,20 @@ class PeerInbox:
             wh.verify_signature(parsed, body, public_key=peer.key, check=check_signature)
         except SignatureError:
             return self._reject(401, "signature does not verify", peer.name, "forged")
+        media = self.media_type(h)
+        if media is None:
+            # Not the peer's fault in a way worth judging (an older or newer encoding): say
+            # which encodings this inbox reads, so a sender can fall back to JSON.
+            return self._reject(
+                415, f"an inbox body is {peering.CONTENT_TYPE} or {peering.CBOR}", peer.name,
+                "malformed",
+            )  # fmt: skip
         try:
             batch = peering.decode_inbox(
-                body, max_body_bytes=self.max_body_bytes, max_reports=self.max_reports
+                body,
+                max_body_bytes=self.max_body_bytes,
+                max_reports=self.max_reports,
+                content_type=media,
             )
         except peering.InboxDecodeError as exc:
             self._judge(peer, "malformed")
@@ -415,7 +431,15 @@ _REQUEST_BODY: dict[str, Any] = {
                         }
                     },
                 }
-            }
+            },
+            peering.CBOR: {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "CBOR {\"reports\": [[h'COSE_Sign1', hops], ...]}, "
+                    "deterministic encoding, no tags (docs/peers.md)",
+                }
+            },
         },
     }
 }
@@ -449,6 +473,7 @@ def router(inbox: Callable[[], PeerInbox | None]) -> APIRouter:
             401: {"description": "not a configured peer, a bad signature, or a replay"},
             403: {"description": "the peer is banned (docs/peers.md); see Retry-After"},
             413: {"description": "body over peering.inbox_max_body_bytes"},
+            415: {"description": "a Content-Type other than application/json or application/cbor"},
             429: {"description": "over the peer's inbound budget; see Retry-After"},
             503: {"description": "the store cannot take reports now; see Retry-After"},
         },

@@ -69,6 +69,7 @@ from overflowd.services.webhook import read_raw_capped
 from overflowd.store import events as event_store
 from overflowd.store import peers as peer_store
 from overflowd.store.repository import MAX_SEQ, Store
+from overflowd.wire import peering as wire_peering
 
 log = logging.getLogger(__name__)
 
@@ -150,33 +151,65 @@ class Page:
     dropped: Mapping[str, int]
     #: the page was full: ask again from ``next``
     full: bool
+    #: report id -> hops on arrival here (the peer's count + 1; 1 when the peer gave none)
+    hops: Mapping[str, int] = field(default_factory=dict)
 
 
 def parse_page(
-    body: bytes, *, after: int, limit: int, now_ms: int, peering: PeeringSettings
+    body: bytes,
+    *,
+    after: int,
+    limit: int,
+    now_ms: int,
+    peering: PeeringSettings,
+    content_type: str = wire_peering.CONTENT_TYPE,
 ) -> Page:
-    """Check one ``/v1/reports`` answer; PageError when the page as a whole is unusable."""
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise PageError("bad_json", "the answer is not JSON") from None
-    if not isinstance(doc, dict):
-        raise PageError("bad_json", "the answer is not a JSON object")
-    items, nxt = doc.get("reports"), doc.get("next")
-    if not isinstance(items, list) or not isinstance(nxt, int) or isinstance(nxt, bool):
-        raise PageError("bad_json", "the answer has no 'reports' list and integer 'next'")
-    if len(items) > limit:
-        raise PageError("bad_page", f"{len(items)} reports on a page of at most {limit}")
+    """Check one ``/v1/reports`` answer; PageError when the page as a whole is unusable.
+
+    ``content_type`` is the answer's: the lean CBOR page (``seq``, ``cose``, ``hops``) or the
+    JSON page people read (an older peer answers that whatever we accept)."""
+    entries: list[tuple[bytes | None, int]] = []  # (COSE bytes or None: malformed, hops)
+    if content_type == wire_peering.CBOR:
+        try:
+            lean = wire_peering.decode_page(
+                body, max_body_bytes=len(body), max_reports=max(limit, 1)
+            )
+        except wire_peering.InboxDecodeError as exc:
+            kind = "bad_page" if "more than" in exc.reason else "bad_json"
+            raise PageError(kind, exc.reason) from None
+        nxt, listed = lean.next, lean.listed
+        entries = [(i.cose, i.hops) for i in lean.items] + [(None, 0) for _ in lean.bad]
+    else:
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise PageError("bad_json", "the answer is not JSON") from None
+        if not isinstance(doc, dict):
+            raise PageError("bad_json", "the answer is not a JSON object")
+        items, json_next = doc.get("reports"), doc.get("next")
+        if (
+            not isinstance(items, list)
+            or not isinstance(json_next, int)
+            or isinstance(json_next, bool)
+        ):
+            raise PageError("bad_json", "the answer has no 'reports' list and integer 'next'")
+        nxt = json_next
+        if len(items) > limit:
+            raise PageError("bad_page", f"{len(items)} reports on a page of at most {limit}")
+        listed = len(items)
+        entries = [(_cose_of(item), _hops_of(item)) for item in items]
     if not after <= nxt <= MAX_SEQ:
         raise PageError("bad_page", f"next {nxt} is below our cursor {after} or out of range")
-    full = len(items) == limit
+    full = listed == limit
     if full and nxt == after:
         # A full page that does not move the cursor would be asked for ever.
         raise PageError("bad_page", f"a full page whose next is our cursor {after}")
     dropped: Counter[str] = Counter()
     reports: list[rpt.SignedReport] = []
-    for item in items:
-        cose = _cose_of(item)
+    hops: dict[str, int] = {}
+    # One worker-thread call verifies the whole page (no round trip per report); the caller
+    # stores it in one transaction.
+    for cose, peer_hops in entries:
         if cose is None:
             dropped["malformed"] += 1
             continue
@@ -198,7 +231,17 @@ def parse_page(
             dropped[why] += 1
             continue
         reports.append(report)
-    return Page(reports=reports, next=nxt, listed=len(items), dropped=dropped, full=full)
+        # One hop more than it had made to the peer (the fewest is kept if it came twice).
+        hops[report.report_id] = min(wire_peering.MAX_HOPS, peer_hops + 1)
+    return Page(reports=reports, next=nxt, listed=listed, dropped=dropped, full=full, hops=hops)
+
+
+def _hops_of(item: Any) -> int:
+    """The hops a JSON page entry says it made to the peer (0 when absent or not a count)."""
+    hops = item.get("hops") if isinstance(item, dict) else None
+    if isinstance(hops, int) and not isinstance(hops, bool) and 0 <= hops <= wire_peering.MAX_HOPS:
+        return hops
+    return 0
 
 
 def _cose_of(item: Any) -> bytes | None:
@@ -292,7 +335,8 @@ def default_client(peering: PeeringSettings) -> httpx.AsyncClient:
         trust_env=False,
         headers={
             "user-agent": USER_AGENT,
-            "accept": "application/json",
+            # The lean CBOR page when the peer has it; its JSON page otherwise.
+            "accept": f"{wire_peering.CBOR}, {wire_peering.CONTENT_TYPE};q=0.5",
             "accept-encoding": "identity",
         },
     )
@@ -468,7 +512,7 @@ class PeerPull:
         for _ in range(self.peering.pull_max_pages):
             after = counters.cursor
             try:
-                body = await self._get(client, peer, after, limit)
+                body, media = await self._get(client, peer, after, limit)
             except PageError as exc:
                 if exc.kind == "reset" and after > 0:
                     try:
@@ -489,6 +533,7 @@ class PeerPull:
                         limit=limit,
                         now_ms=now_ms,
                         peering=self.peering,
+                        content_type=media,
                     )
                 )
             except PageError as exc:
@@ -527,7 +572,20 @@ class PeerPull:
 
     async def _get(
         self, client: httpx.AsyncClient, peer: PeerSettings, after: int, limit: int
-    ) -> bytes:
+    ) -> tuple[bytes, str]:
+        try:
+            return await self._get_once(client, peer, after, limit)
+        except PageError as exc:
+            if exc.kind != "connect":
+                raise
+        # Once more at once, on a new connection: the kept-alive one may have been closed by
+        # the peer's idle timeout while this node verified and stored the last page (a race
+        # that is no failure of the peer's). A second failure is one.
+        return await self._get_once(client, peer, after, limit)
+
+    async def _get_once(
+        self, client: httpx.AsyncClient, peer: PeerSettings, after: int, limit: int
+    ) -> tuple[bytes, str]:
         url = peer.endpoint("v1/reports")
         try:
             with trio.fail_after(self.peering.pull_timeout_s):
@@ -537,6 +595,7 @@ class PeerPull:
                 )
                 try:
                     status = response.status_code
+                    media = response.headers.get("content-type", "").split(";", 1)[0]
                     body, cut = await read_raw_capped(response, self.peering.pull_max_body_bytes)
                 finally:
                     await response.aclose()
@@ -556,7 +615,8 @@ class PeerPull:
             raise PageError(
                 "too_large", f"a page over {self.peering.pull_max_body_bytes} bytes (cut)"
             )
-        return body
+        media = media.strip().lower()
+        return body, wire_peering.CBOR if media == wire_peering.CBOR else wire_peering.CONTENT_TYPE
 
     async def _store_page(
         self, peer: PeerSettings, page: Page, now_ms: int
@@ -580,7 +640,7 @@ class PeerPull:
         trust = {r.report_id: self._label(peer, r) for r in admitted}
         try:
             new_ids = await trio.to_thread.run_sync(
-                self._write, peer, page.next, admitted, trust, now_ms
+                self._write, peer, page.next, admitted, trust, now_ms, page.hops
             )
         except BaseException:
             self._refund_all(sender, admitted)
@@ -595,6 +655,7 @@ class PeerPull:
         reports: list[rpt.SignedReport],
         trust: dict[str, str],
         now_ms: int,
+        hops: Mapping[str, int] | None = None,
     ) -> set[str]:
         """In a worker thread: the reports, the cursor (and the arrivals) in one transaction."""
 
@@ -606,15 +667,15 @@ class PeerPull:
 
         if reports:
             rows = [(r, now_ms, "gossip") for r in reports]
-            # Every report of the page is an arrival from this peer, one hop away (its API
-            # does not say how many hops it had: one is the fewest it can have made).
+            # Every report of the page is an arrival from this peer, with one hop more than
+            # the peer's own count (1 when its page gave none).
             ids = [r.report_id for r in reports]
             new_ids = self._store.add_new_reports(
                 rows,
                 trust=trust,
                 alongside=alongside,
                 channels=dict.fromkeys(ids, peer.channel),
-                hops=dict.fromkeys(ids, 1),
+                hops={i: (hops or {}).get(i, 1) for i in ids},
             )
         else:
             new_ids = set()

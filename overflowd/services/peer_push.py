@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import functools
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -77,17 +76,18 @@ TAIL_POLL_S = 0.5 * SECONDS
 #: most 20 pages, outbox transactions and POSTs a second per peer, not one each: every one
 #: is several SQLite write transactions here and at the peer. It adds at most this much to a
 #: hop's latency (goal: under 1 s for two hops).
-TAIL_GATHER_S = 0.05 * SECONDS
-#: Reports one tail step reads (and enqueues in one transaction).
-TAIL_PAGE_REPORTS = 500
+TAIL_GATHER_S = 0.005 * SECONDS
+#: Reports one tail step reads (and enqueues in one transaction): after an outage the tail
+#: catches up a page per transaction.
+TAIL_PAGE_REPORTS = 1000
 #: Pending rows one peer's outbox may hold: a peer down for a day at 1 report/s is 86 400;
 #: beyond this the tail waits (its cursor stays), so the outbox cannot grow without bound.
 PEER_OUTBOX_MAX_PENDING = 200_000
 #: And all rows of the outbox together (webhooks' too): the same bound the tail respects.
 OUTBOX_MAX_PENDING = 1_000_000
-#: Reports one POST carries at most (the receiver's default ``inbox_max_reports`` is 500; a
-#: smaller batch keeps one request's verification work short on the peer).
-BATCH_REPORTS = 200
+#: Reports one POST carries at most: the receiver's default ``inbox_max_reports`` (a larger
+#: batch would be refused whole; fewer would cost a round trip more per 200 after an outage).
+BATCH_REPORTS = 500
 #: Bytes of one body at most: under the receiver's default ``inbox_max_body_bytes``.
 BATCH_BYTES = 900_000
 #: One POST, connect to the whole answer read, takes at most this long; connecting alone at most
@@ -176,6 +176,9 @@ class PeerPush:
         self._wakeups = {p.name: trio.Event() for p in self._peers}
         # Set by the store's commit hook: new reports to look at (one event per tail).
         self._new_reports = {p.name: trio.Event() for p in self._peers}
+        # The body encoding per peer: CBOR (docs/peers.md), JSON once a peer's inbox refused
+        # CBOR (415, or 400 from an inbox that reads only JSON), for the rest of the run.
+        self._encoding = {p.name: peering.CBOR for p in self._peers}
         self.tail_poll_s = TAIL_POLL_S
         self.idle_max_s = IDLE_MAX_S
         self.wakeups = 0  # commit notifications received (statistics, tests)
@@ -270,7 +273,8 @@ class PeerPush:
                 chosen.append(r)
             else:
                 counters.skipped[reason] += 1
-        planned = [outbox.Planned(r.signed_report(), url, now_ms) for r in chosen]
+        # Id and bytes only: decoding each stored report again cost most of a tail step.
+        planned = [outbox.Planned(outbox.Queued(r.report_id, r.cose), url, now_ms) for r in chosen]
         with self._store.transaction("queueing reports for a peer", write=True) as conn:
             result = outbox.enqueue_planned_in(
                 conn,
@@ -343,9 +347,10 @@ class PeerPush:
                     await self._idle(peer, url)
                     continue
                 rows = batches[0]
-                sent, body = await trio.to_thread.run_sync(self._body, rows)
+                encoding = self._encoding[peer.name]
+                sent, body = await trio.to_thread.run_sync(self._body, rows, encoding)
                 budget.charge(len(sent), len(body), trio.current_time())
-                await self._post(client, peer, url, sent, body, counters)
+                await self._post(client, peer, url, sent, body, counters, encoding)
 
     async def _idle(self, peer: PeerSettings, url: str) -> None:
         # The event first: a tail step that queues rows while we look wakes us all the same.
@@ -361,13 +366,15 @@ class PeerPush:
         with trio.move_on_after(wait):
             await event.wait()
 
-    def _body(self, rows: list[outbox.OutboxEntry]) -> tuple[list[outbox.OutboxEntry], bytes]:
+    def _body(
+        self, rows: list[outbox.OutboxEntry], encoding: str = peering.CBOR
+    ) -> tuple[list[outbox.OutboxEntry], bytes]:
         """The rows that fit one body, and the body (rows over the byte cap go back)."""
         hops = self._hops([r.report_id for r in rows])
         sent: list[outbox.OutboxEntry] = []
         size = len(b'{"reports":[]}')
         for r in rows:
-            item = 4 * math.ceil(len(r.cose) / 3) + 24  # {"cose":"...","hops":N},
+            item = peering.inbox_item_bytes(len(r.cose), encoding)
             if sent and size + item > BATCH_BYTES:
                 break
             sent.append(r)
@@ -379,7 +386,7 @@ class PeerPush:
             )
         # A report pruned meanwhile is still sent (the row holds its bytes) as one hop.
         items = [(r.cose, min(peering.MAX_HOPS, hops.get(r.report_id, 0) + 1)) for r in sent]
-        return sent, peering.encode_inbox(items)
+        return sent, peering.encode_inbox(items, content_type=encoding)
 
     def _hops(self, report_ids: Iterable[str]) -> dict[str, int]:
         t = _REPORTS
@@ -395,10 +402,13 @@ class PeerPush:
         rows: list[outbox.OutboxEntry],
         body: bytes,
         counters: _PeerCounters,
+        encoding: str = peering.CBOR,
     ) -> None:
         msg_id = peering.message_id(body, peer.key)  # names the recipient: not replayable elsewhere
+        # The signature covers the body bytes whatever their encoding.
         headers = wh.sign(msg_id, int(self._wall_clock()), body, self._signer)
         headers[peering.HEADER_PEER] = self._key_b64
+        headers["content-type"] = encoding
         status: int | None = None
         retry_after: float | None = None
         answer_body = b""
@@ -440,7 +450,18 @@ class PeerPush:
 
             await trio.to_thread.run_sync(hold)
             return
-        if status in (400, 413):
+        if encoding == peering.CBOR and status in (400, 415):
+            # An inbox that does not read CBOR (an older node: 400, "not UTF-8 JSON"): the
+            # same rows again at once, as JSON, without spending their attempt.
+            log.info("peers.push_json peer=%s status=%d", peer.name, status)
+            self._encoding[peer.name] = peering.CONTENT_TYPE
+            await trio.to_thread.run_sync(
+                functools.partial(
+                    outbox.release_many, self._store, ids, now_ms=now_ms, next_attempt_ms=now_ms
+                )
+            )
+            return
+        if status in (400, 413, 415):
             outcomes = [outbox.RowOutcome(i, outbox.DEAD, error, status) for i in ids]
         else:
             attempt = max(r.attempts for r in rows)

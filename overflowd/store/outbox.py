@@ -186,11 +186,20 @@ def enqueue_in(
 
 
 @dataclass(frozen=True, slots=True)
+class Queued:
+    """A report as the outbox keeps it: its id and verbatim bytes (no decoded payload)."""
+
+    report_id: str
+    cose: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Planned:
     """One delivery the node's webhook plan chose: ``report`` to ``url``, first attempt at
-    ``due_ms`` (later than now when the prefix budget deferred it)."""
+    ``due_ms`` (later than now when the prefix budget deferred it). Only the report's id and
+    bytes are read: a stored report is enqueued without decoding it again (peer push)."""
 
-    report: rpt.SignedReport
+    report: rpt.SignedReport | Queued
     url: str
     due_ms: int
 

@@ -17,6 +17,22 @@ sent); it travels outside the signed COSE bytes, which are forwarded verbatim, n
 
 The answer is ``{"accepted": N, "duplicates": M, "refused": [{"index": i, "reason": r}]}``.
 
+**CBOR** (``Content-Type: application/cbor``, :data:`CBOR`): the same body without base64 and
+keys per item, what nodes send each other (JSON stays for people and older peers)::
+
+    {"reports": [[h'<COSE_Sign1>', hops], ...]}
+
+and the lean pull page of ``GET /v1/reports`` asked with ``Accept: application/cbor``::
+
+    {"next": cursor, "reports": [[seq, h'<COSE_Sign1>', hops], ...]}
+
+Both are read by one strict, bounded CBOR reader (:func:`_cbor_value` over
+:class:`~overflowd.wire.reader.Reader`): definite lengths only, shortest heads (deterministic
+encoding, RFC 8949 §4.2.1), no tags, floats or undefined, text keys once each, a nesting
+depth of :data:`_MAX_CBOR_DEPTH`, and every declared length checked against the bytes left
+before anything is allocated. The signature (Standard Webhooks, the caller's) covers the body
+bytes as sent, whichever the encoding; the webhook-id binding of the recipient is the same.
+
 Parsing is strict and bounded (the body and the answer come from the network): the size is
 checked before JSON is read, the item count before any item is looked at, every field of every
 item is checked, and one bad item is reported by index and reason (:class:`InboxBatch.bad`)
@@ -35,6 +51,7 @@ from typing import Any
 
 from overflowd import report as rpt
 from overflowd.errors import DecodeError
+from overflowd.wire.reader import Reader, WireDecodeError
 
 INBOX_PATH = "/v1/inbox"
 #: Names the sending peer's Ed25519 public key (standard base64, 32 bytes): the key the
@@ -42,6 +59,13 @@ INBOX_PATH = "/v1/inbox"
 #: against the configured peers before any crypto is spent.
 HEADER_PEER = "overflowd-peer"
 CONTENT_TYPE = "application/json"
+#: The compact encoding of inbox bodies and pull pages (module docstring), negotiated by
+#: ``Content-Type`` (inbox) and ``Accept`` (pull).
+CBOR = "application/cbor"
+#: Reports one lean pull page may list (the API's ``MAX_PAGE``): bounds the decoder's work.
+MAX_PAGE_REPORTS = 5000
+#: Report numbers are unsigned 63-bit (the store's ``MAX_SEQ``).
+MAX_SEQ = 2**63 - 1
 
 #: The most hops a report may have made. The operator's ``peering.hop_limit`` (default 4) is
 #: what stops forwarding; this only bounds the field (one byte's worth is far beyond any mesh).
@@ -120,16 +144,128 @@ def message_id(body: bytes, recipient: bytes) -> str:
     return "inbox_" + hashlib.sha256(bytes(recipient) + bytes(body)).digest()[:16].hex()
 
 
-def encode_inbox(items: Sequence[tuple[bytes, int]]) -> bytes:
-    """The body carrying ``(cose, hops)`` pairs, in order; compact JSON."""
-    out = []
+def encode_inbox(items: Sequence[tuple[bytes, int]], *, content_type: str = CONTENT_TYPE) -> bytes:
+    """The body carrying ``(cose, hops)`` pairs, in order; compact JSON, or CBOR."""
     for cose, hops in items:
         if not 1 <= hops <= MAX_HOPS:
             raise ValueError(f"hops must be 1 to {MAX_HOPS}")
         if not 0 < len(cose) <= rpt.MAX_REPORT_BYTES:
             raise ValueError("not a report's size")
-        out.append({"cose": rpt.b64url(cose), "hops": hops})
+    if content_type == CBOR:
+        parts = [_head(5, 1), _text_item("reports"), _head(4, len(items))]
+        for cose, hops in items:
+            parts += [b"\x82", _head(2, len(cose)), bytes(cose), _head(0, hops)]
+        return b"".join(parts)
+    if content_type != CONTENT_TYPE:
+        raise ValueError(f"an inbox body is {CONTENT_TYPE} or {CBOR}")
+    out = [{"cose": rpt.b64url(cose), "hops": hops} for cose, hops in items]
     return json.dumps({"reports": out}, separators=(",", ":")).encode("ascii")
+
+
+def inbox_item_bytes(cose_len: int, content_type: str = CONTENT_TYPE) -> int:
+    """What one item adds to a body (the sender's byte cap per POST counts with this)."""
+    if content_type == CBOR:
+        return 1 + len(_head(2, cose_len)) + cose_len + 2
+    return 4 * math.ceil(cose_len / 3) + 24  # {"cose":"...","hops":N},
+
+
+# -- CBOR: the strict subset both bodies use ----------------------------------------------------
+
+#: Arrays and maps nest at most this deep: {"reports": [[...]]} is 3.
+_MAX_CBOR_DEPTH = 4
+#: The longest map key: both formats' keys are short words.
+_MAX_KEY_CHARS = 16
+
+
+def _head(major: int, value: int) -> bytes:
+    """A CBOR head in the shortest form (RFC 8949 §4.2.1)."""
+    if value < 0:
+        raise ValueError("CBOR arguments are unsigned")
+    top = major << 5
+    if value < 24:
+        return bytes([top | value])
+    for ai, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * size):
+            return bytes([top | ai]) + value.to_bytes(size, "big")
+    raise ValueError("a CBOR argument is at most 64 bits")
+
+
+def _text_item(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return _head(3, len(raw)) + raw
+
+
+def _read_head(r: Reader) -> tuple[int, int]:
+    start = r.offset
+    initial = r.u8()
+    major, ai = initial >> 5, initial & 0x1F
+    if ai < 24:
+        return major, ai
+    if ai > 27:
+        raise r.malformed("indefinite lengths and reserved values are not used", offset=start)
+    value = r.uint(1 << (ai - 24))
+    if value < (24 if ai == 24 else 1 << (8 * (1 << (ai - 25)))):
+        raise r.malformed("a CBOR head is not in its shortest form", offset=start)
+    return major, value
+
+
+def _cbor_value(r: Reader, depth: int) -> Any:
+    """One data item of the subset: unsigned and negative integers, byte and text strings,
+    arrays, maps with text keys, false/true/null. Anything else raises (the caller maps)."""
+    start = r.offset
+    major, arg = _read_head(r)
+    if major == 0:
+        return arg
+    if major == 1:
+        return -1 - arg
+    if major == 2:
+        return r.bytes(arg)
+    if major == 3:
+        try:
+            return r.bytes(arg).decode("utf-8")
+        except UnicodeDecodeError:
+            raise r.malformed("a text string is not UTF-8", offset=start) from None
+    if major in (4, 5):
+        if depth >= _MAX_CBOR_DEPTH:
+            raise r.malformed("nested too deeply", offset=start)
+        # Every item takes at least one byte (a map entry two): a count beyond what is left
+        # is refused before anything is made for it.
+        if arg * (2 if major == 5 else 1) > r.remaining():
+            raise r.truncated("array or map", arg)
+        if major == 4:
+            return [_cbor_value(r, depth + 1) for _ in range(arg)]
+        out: dict[str, Any] = {}
+        for _ in range(arg):
+            key_at = r.offset
+            key = _cbor_value(r, depth + 1)
+            if not isinstance(key, str) or len(key) > _MAX_KEY_CHARS:
+                raise r.malformed("a map key is not a short text string", offset=key_at)
+            if key in out:
+                raise r.malformed(f"key {key!r} given twice", offset=key_at)
+            out[key] = _cbor_value(r, depth + 1)
+        return out
+    if major == 7 and arg in (20, 21, 22):
+        return (False, True, None)[arg - 20]
+    if major == 6:
+        raise r.malformed("tags are not used", offset=start)
+    raise r.malformed("floats and other simple values are not used", offset=start)
+
+
+def _load_cbor(body: bytes, max_bytes: int, what: str) -> Any:
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise TypeError("body must be bytes")
+    if len(body) > max_bytes:
+        raise InboxDecodeError(f"{what} is larger than {max_bytes} bytes")
+    r = Reader(body, fmt="peer-cbor")
+    try:
+        doc = _cbor_value(r, 0)
+        if not r.at_end():
+            raise r.malformed("bytes after the CBOR item")
+    except WireDecodeError as exc:
+        raise InboxDecodeError(
+            f"{what} is not the peers' CBOR: {exc} at offset {exc.offset}"
+        ) from None
+    return doc
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -174,6 +310,22 @@ def _load(body: bytes, max_bytes: int, what: str) -> Any:
         raise InboxDecodeError(f"{what} is not UTF-8 JSON") from None
 
 
+def _cbor_item(index: int, raw: Any) -> InboxItem | str:
+    """One CBOR item ``[cose, hops]``, or the reason it is refused."""
+    if not isinstance(raw, list) or len(raw) != 2:
+        return "malformed"
+    cose, hops = raw
+    if not isinstance(cose, bytes) or not isinstance(hops, int) or isinstance(hops, bool):
+        return "malformed"
+    if not 1 <= hops <= MAX_HOPS:
+        return "hops"
+    if not cose:
+        return "malformed"
+    if len(cose) > rpt.MAX_REPORT_BYTES:
+        return "oversized"
+    return InboxItem(index=index, cose=cose, hops=hops)
+
+
 def _item(index: int, raw: Any) -> InboxItem | str:
     """One item, or the reason it is refused."""
     if not isinstance(raw, dict) or set(raw) != {"cose", "hops"}:
@@ -199,6 +351,7 @@ def decode_inbox(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_reports: int = DEFAULT_MAX_REPORTS,
+    content_type: str = CONTENT_TYPE,
 ) -> InboxBatch:
     """Parse an inbox body; :class:`InboxDecodeError` if it is not one at all.
 
@@ -207,8 +360,14 @@ def decode_inbox(
     in ``bad`` by index): anything but ``{"cose": base64url, "hops": 1..MAX_HOPS}``, and the
     same COSE bytes twice (``repeated``, the later one). The COSE bytes are not decoded here:
     the receiver decodes and verifies each report (its own errors are per item too).
+    ``content_type`` is :data:`CONTENT_TYPE` (JSON) or :data:`CBOR` (items ``[cose, hops]``).
     """
-    doc = _load(body, max_body_bytes, "body")
+    if content_type == CBOR:
+        doc, item_of = _load_cbor(body, max_body_bytes, "body"), _cbor_item
+    elif content_type == CONTENT_TYPE:
+        doc, item_of = _load(body, max_body_bytes, "body"), _item
+    else:
+        raise ValueError(f"an inbox body is {CONTENT_TYPE} or {CBOR}")
     if not isinstance(doc, dict) or set(doc) != {"reports"} or not isinstance(doc["reports"], list):
         raise InboxDecodeError('an inbox body is {"reports": [...]}')
     raw_items = doc["reports"]
@@ -220,7 +379,7 @@ def decode_inbox(
     bad: list[tuple[int, str]] = []
     seen: set[bytes] = set()
     for index, raw in enumerate(raw_items):
-        parsed = _item(index, raw)
+        parsed = item_of(index, raw)
         if isinstance(parsed, str):
             bad.append((index, parsed))
         elif parsed.cose in seen:
@@ -229,6 +388,84 @@ def decode_inbox(
             seen.add(parsed.cose)
             items.append(parsed)
     return InboxBatch(items=tuple(items), bad=tuple(bad), total=len(raw_items))
+
+
+# -- the lean pull page (GET /v1/reports, Accept: application/cbor) -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PageItem:
+    """One report of a lean page: the peer's number for it, its bytes, its hops there."""
+
+    seq: int
+    cose: bytes
+    hops: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeanPage:
+    """A lean page as parsed: the items that parsed, how many were listed, the next cursor,
+    and how many items were refused by shape (``malformed``) or size (``oversized``)."""
+
+    items: tuple[PageItem, ...]
+    next: int
+    listed: int
+    bad: tuple[tuple[int, str], ...]
+
+
+def encode_page(items: Sequence[tuple[int, bytes, int]], next_cursor: int) -> bytes:
+    """The lean page: ``(seq, cose, hops)`` triples in order and the next cursor (CBOR)."""
+    if not 0 <= next_cursor <= MAX_SEQ:
+        raise ValueError("the cursor is 0 to 2**63-1")
+    parts = [_head(5, 2), _text_item("next"), _head(0, next_cursor), _text_item("reports")]
+    parts.append(_head(4, len(items)))
+    for seq, cose, hops in items:
+        parts += [b"\x83", _head(0, seq), _head(2, len(cose)), bytes(cose), _head(0, hops)]
+    return b"".join(parts)
+
+
+def decode_page(body: bytes, *, max_body_bytes: int, max_reports: int) -> LeanPage:
+    """A peer's lean page; :class:`InboxDecodeError` when it is not one at all.
+
+    Refused whole: over ``max_body_bytes``, not the CBOR subset, not exactly
+    ``{"next": uint, "reports": [...]}``, more than ``max_reports`` items, a ``next`` out of
+    range. Per item (kept in ``bad`` by index): not ``[uint seq, bstr cose, uint hops]`` with
+    a report's size and hops 0 to :data:`MAX_HOPS`. The paging contract (``next`` against
+    the asker's cursor) and the reports themselves are the caller's to check.
+    """
+    doc = _load_cbor(body, max_body_bytes, "page")
+    if not isinstance(doc, dict) or set(doc) != {"next", "reports"}:
+        raise InboxDecodeError('a page is {"next": cursor, "reports": [...]}')
+    nxt, raw_items = doc["next"], doc["reports"]
+    if not isinstance(nxt, int) or isinstance(nxt, bool) or not 0 <= nxt <= MAX_SEQ:
+        raise InboxDecodeError("a page's next is not a cursor")
+    if not isinstance(raw_items, list):
+        raise InboxDecodeError("a page's reports are not a list")
+    if len(raw_items) > max_reports:
+        raise InboxDecodeError(f"a page lists more than {max_reports} reports")
+    items: list[PageItem] = []
+    bad: list[tuple[int, str]] = []
+    for index, raw in enumerate(raw_items):
+        if not isinstance(raw, list) or len(raw) != 3:
+            bad.append((index, "malformed"))
+            continue
+        seq, cose, hops = raw
+        if (
+            not isinstance(seq, int)
+            or isinstance(seq, bool)
+            or not 0 < seq <= MAX_SEQ
+            or not isinstance(cose, bytes)
+            or not cose
+            or not isinstance(hops, int)
+            or isinstance(hops, bool)
+            or not 0 <= hops <= MAX_HOPS
+        ):
+            bad.append((index, "malformed"))
+        elif len(cose) > rpt.MAX_REPORT_BYTES:
+            bad.append((index, "oversized"))
+        else:
+            items.append(PageItem(seq=seq, cose=cose, hops=hops))
+    return LeanPage(items=tuple(items), next=nxt, listed=len(raw_items), bad=tuple(bad))
 
 
 def encode_answer(answer: InboxAnswer) -> bytes:
@@ -347,6 +584,7 @@ class Budget:
 
 
 __all__ = [
+    "CBOR",
     "CONTENT_TYPE",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_REPORTS",
@@ -354,14 +592,20 @@ __all__ = [
     "INBOX_PATH",
     "ITEM_REASONS",
     "MAX_HOPS",
+    "MAX_PAGE_REPORTS",
     "Budget",
     "InboxAnswer",
     "InboxBatch",
     "InboxDecodeError",
     "InboxItem",
+    "LeanPage",
+    "PageItem",
     "decode_answer",
     "decode_inbox",
+    "decode_page",
     "encode_answer",
     "encode_inbox",
+    "encode_page",
+    "inbox_item_bytes",
     "message_id",
 ]

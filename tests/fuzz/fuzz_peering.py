@@ -1,6 +1,7 @@
 """Fuzz target for the peer inbox codec: ``python tests/fuzz/fuzz_peering.py [atheris args]``.
 
-With atheris installed it runs coverage-guided over ``decode_inbox`` and ``decode_answer``;
+With atheris installed it runs coverage-guided over ``decode_inbox`` (JSON and CBOR),
+``decode_page`` and ``decode_answer``;
 without it, the hypothesis properties of tests/fuzz/test_peering_fuzz.py. The invariant: any
 input parses within its caps or raises InboxDecodeError; nothing else escapes.
 """
@@ -12,7 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.fuzz.test_peering_fuzz import one_input, test_any_bytes, test_any_json
+from tests.fuzz.test_peering_fuzz import (
+    one_input,
+    test_any_bytes,
+    test_any_json,
+    test_cbor_mutations,
+)
 
 
 def main() -> None:
@@ -21,6 +27,7 @@ def main() -> None:
     except ImportError:
         test_any_bytes()
         test_any_json()
+        test_cbor_mutations()
         return
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()

@@ -287,9 +287,9 @@ def test_victim_hears_of_its_prefix_through_peers_only(tmp_path: Path) -> None:
         assert verified.observer_key == observer.key
         assert report_id in (rx.reports() if observer is rx else ry.reports())
         assert stored.via == "gossip"
-        # Pushed over two hops (router, hub) and pulled from the hub, which counts one
-        # (docs/peers.md: the peer's API does not say how many it made); the fewest is kept.
-        assert stored.hops == 1
+        # Pushed over two hops (router, hub) and pulled from the hub, whose lean page says
+        # the one hop it had made there: two either way (pulls used to count one).
+        assert stored.hops == 2
         assert stored.trust == ("pinned" if observer is rx else "unknown"), stored
         channels = {a.channel: a.count for a in arrivals[report_id]}
         assert set(channels) == {hub_channel}, channels  # never in band

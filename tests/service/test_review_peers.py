@@ -54,7 +54,7 @@ async def _capture_one_push(store_a: Store) -> tuple[dict[str, str], bytes]:
         headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
         while len(body) < int(headers["content-length"]):
             body += await stream.receive_some(65536)
-        n = len(peering.decode_inbox(body).items)
+        n = len(peering.decode_inbox(body, content_type=headers["content-type"]).items)
         answer = peering.encode_answer(peering.InboxAnswer(accepted=n, duplicates=0))
         await stream.send_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -122,6 +122,7 @@ def test_a_request_a_peer_made_for_b_cannot_be_replayed_to_c(tmp_path: Path) -> 
                     url = f"http://{host}:{port}/v1/inbox"
                     keep = {k: v for k, v in headers.items() if k.startswith("webhook-")}
                     keep[peering.HEADER_PEER] = headers[peering.HEADER_PEER]
+                    keep["content-type"] = headers["content-type"]
                     async with httpx.AsyncClient() as client:
                         # In the window: C must not take B's copy as A's.
                         r = await client.post(url, content=body, headers=keep, timeout=10)
@@ -195,7 +196,8 @@ def test_a_peer_whose_url_the_operator_changed_still_gets_what_was_queued_for_it
             # 2. B moved; A restarted: B must get the report at its new URL.
             with trio.move_on_after(10):
                 _headers, body = await _capture_one_push(store_a)
-                assert report.cose in [i.cose for i in peering.decode_inbox(body).items]
+                items = peering.decode_inbox(body, content_type=_headers["content-type"]).items
+                assert report.cose in [i.cose for i in items]
                 return
             raise AssertionError("the report queued for B's old URL never reached B")
 

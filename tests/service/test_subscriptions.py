@@ -63,7 +63,7 @@ class _Inbox(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
-        n = len(json.loads(body)["reports"])
+        n = peering.decode_inbox(body, content_type=self.headers["content-type"]).total
         type(self).received.append(body)
         answer = json.dumps({"accepted": n, "duplicates": 0, "refused": []}).encode()
         self.send_response(200)
@@ -159,7 +159,11 @@ def test_a_subscription_is_accepted_only_where_dns_names_the_key(
             time.sleep(0.1)
         assert _Inbox.received, "the subscribed report never reached the subscriber"
         time.sleep(1.0)  # anything else the tail would send has had its turn
-        pushed = [item["cose"] for b in _Inbox.received for item in json.loads(b)["reports"]]
+        pushed = [
+            rpt.b64url(i.cose)
+            for b in _Inbox.received
+            for i in peering.decode_inbox(b, content_type=peering.CBOR).items
+        ]
         assert pushed == [rpt.b64url(inside.cose)]
         assert 'reason="not_subscribed"' in httpx.get(daemon.metrics_url or "").text
     finally:

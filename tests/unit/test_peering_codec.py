@@ -158,3 +158,135 @@ def test_property_encode_decode_is_identity_up_to_repeats(items: list[tuple[byte
     ]
     assert sorted(i for i, _ in batch.bad) == [i for i, (c, _) in enumerate(items) if first[c] != i]
     assert all(reason == "repeated" for _, reason in batch.bad)
+
+
+# -- CBOR bodies and lean pages ------------------------------------------------------------------
+
+import cbor2  # noqa: E402
+
+
+def test_cbor_inbox_round_trip_is_deterministic_cbor_and_lean() -> None:
+    items = [(c, i + 1) for i, c in enumerate(COSES)]
+    body = peering.encode_inbox(items, content_type=peering.CBOR)
+    # Deterministic CBOR, exactly the documented shape
+    assert cbor2.loads(body) == {"reports": [[c, h] for c, h in items]}
+    assert cbor2.dumps(cbor2.loads(body), canonical=True) == body
+    batch = peering.decode_inbox(body, content_type=peering.CBOR)
+    assert [(i.index, i.cose, i.hops) for i in batch.items] == [
+        (n, c, h) for n, (c, h) in enumerate(items)
+    ]
+    # A few bytes per report beyond its COSE (JSON with base64 is a third more)
+    cose = sum(len(c) for c in COSES)
+    assert len(body) - cose <= 10 + 6 * len(COSES)
+    assert len(body) < len(peering.encode_inbox(items)) * 0.8
+    sizes = [peering.inbox_item_bytes(len(c), peering.CBOR) for c in COSES]
+    # The sender's size estimate is an upper bound (hops of two bytes), at most one over.
+    empty = len(peering.encode_inbox([], content_type=peering.CBOR))
+    assert 0 <= sum(sizes) + empty - len(body) <= len(COSES)
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        ([b"x"], "malformed"),
+        ([b"x", 1, 2], "malformed"),
+        ({"cose": b"x", "hops": 1}, "malformed"),
+        (["text", 1], "malformed"),
+        ([b"", 1], "malformed"),
+        ([b"x", 0], "hops"),
+        ([b"x", 256], "hops"),
+        ([b"x", True], "malformed"),
+        ([b"x" * (rpt.MAX_REPORT_BYTES + 1), 1], "oversized"),
+    ],
+)
+def test_cbor_bad_item_is_refused_by_index(doc: object, reason: str) -> None:
+    body = cbor2.dumps({"reports": [[COSES[0], 1], doc, [COSES[0], 2]]}, canonical=True)
+    batch = peering.decode_inbox(body, content_type=peering.CBOR)
+    assert batch.bad == ((1, reason), (2, "repeated"))
+    assert [i.index for i in batch.items] == [0]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\xa1",  # truncated
+        cbor2.dumps({"reports": []}),  # no reports
+        cbor2.dumps({"reports": [[COSES[0], 1]], "x": 1}),  # other keys
+        cbor2.dumps([[COSES[0], 1]]),
+        cbor2.dumps({"reports": [[COSES[0], 1.0]]}),  # a float
+        cbor2.dumps({"reports": [cbor2.CBORTag(24, COSES[0])]}),  # a tag
+        b"\xa1\x67reports\x9f\x82\x41x\x01\xff",  # indefinite length
+        b"\xa1\x67reports\x81\x82\x41x\x18\x01",  # hops 1 not in its shortest form
+        b"\xa1\x67reports\x81\x82\x41x\x01\x00",  # bytes after the item
+        b"\xa1\x67reports\x9b" + b"\xff" * 8,  # 2**64-1 items announced
+        b"\xa1\x67reports\x81\x82\x5b" + b"\x7f" * 8 + b"x\x01",  # a huge byte string
+        b"\xa2\x67reports\x80\x67reports\x80",  # a key twice
+        b"\x81" * 10 + b"\x00",  # deeply nested
+        b"\xa1\x67rep\xffrts\x80",  # not UTF-8
+    ],
+)
+def test_cbor_not_an_inbox_body_is_refused_whole(body: bytes) -> None:
+    with pytest.raises(InboxDecodeError):
+        peering.decode_inbox(body, content_type=peering.CBOR)
+
+
+def test_cbor_body_over_the_cap_is_refused_before_parsing() -> None:
+    body = peering.encode_inbox([(COSES[0], 1)], content_type=peering.CBOR)
+    with pytest.raises(InboxDecodeError, match="larger"):
+        peering.decode_inbox(body, max_body_bytes=len(body) - 1, content_type=peering.CBOR)
+    with pytest.raises(InboxDecodeError, match="more than 1"):
+        peering.decode_inbox(
+            peering.encode_inbox([(COSES[0], 1), (COSES[1], 1)], content_type=peering.CBOR),
+            max_reports=1,
+            content_type=peering.CBOR,
+        )
+
+
+def test_a_json_body_is_not_cbor_nor_the_reverse() -> None:
+    items = [(COSES[0], 1)]
+    with pytest.raises(InboxDecodeError):
+        peering.decode_inbox(peering.encode_inbox(items), content_type=peering.CBOR)
+    with pytest.raises(InboxDecodeError):
+        peering.decode_inbox(peering.encode_inbox(items, content_type=peering.CBOR))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 2**63 - 1), st.binary(min_size=1, max_size=600), st.integers(0, 255)
+        ),
+        max_size=20,
+    ),
+    st.integers(0, 2**63 - 1),
+)
+def test_lean_page_round_trip(items: list[tuple[int, bytes, int]], nxt: int) -> None:
+    body = peering.encode_page(items, nxt)
+    assert cbor2.dumps(cbor2.loads(body), canonical=True) == body
+    page = peering.decode_page(body, max_body_bytes=10**6, max_reports=20)
+    assert page.next == nxt and page.listed == len(items) and page.bad == ()
+    assert [(i.seq, i.cose, i.hops) for i in page.items] == items
+
+
+def test_lean_page_refuses_bad_items_by_index_and_bad_pages_whole() -> None:
+    body = cbor2.dumps(
+        {"next": 9, "reports": [[1, COSES[0], 0], [0, COSES[0], 0], [2, "x", 0], [3, COSES[0], 256],
+                                [4, b"x" * (rpt.MAX_REPORT_BYTES + 1), 1], [5, COSES[1]]]},
+        canonical=True,
+    )  # fmt: skip
+    page = peering.decode_page(body, max_body_bytes=10**6, max_reports=10)
+    assert [i.seq for i in page.items] == [1]
+    assert page.bad == ((1, "malformed"), (2, "malformed"), (3, "malformed"), (4, "oversized"),
+                        (5, "malformed"))  # fmt: skip
+    for bad in (
+        cbor2.dumps({"next": -1, "reports": []}),
+        cbor2.dumps({"next": 2**63, "reports": []}),
+        cbor2.dumps({"next": 1}),
+        cbor2.dumps({"next": 1, "reports": {}}),
+        cbor2.dumps({"next": 1, "reports": [], "more": 1}),
+    ):
+        with pytest.raises(InboxDecodeError):
+            peering.decode_page(bad, max_body_bytes=10**6, max_reports=10)
+    with pytest.raises(InboxDecodeError, match="more than 1"):
+        peering.decode_page(body, max_body_bytes=10**6, max_reports=1)
