@@ -43,9 +43,9 @@ from jfe.config import JfeSettings
 from jfe.sniff import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
+    HelloBuffer,
     NotTls,
     looks_like_tls,
-    parse_client_hello,
 )
 from overflowd.errors import ProxyError
 
@@ -365,19 +365,21 @@ class Proxy:
         """A ClientHello (and the bytes read), or the bytes read when this is not TLS."""
         if looks_like_tls(data[:3]) is False:
             return data
-        buffered = bytearray(data)
+        # HelloBuffer, not parse_client_hello on the growing buffer: re-parsing after every
+        # read is quadratic in a client's trickled records (see jfe.sniff.HelloBuffer).
+        buffered = HelloBuffer()
+        more = data
         with trio.move_on_after(self.settings.handshake_timeout_s):
             while True:
                 try:
-                    hello = parse_client_hello(bytes(buffered))
+                    hello = buffered.feed(more)
                 except NotTls:
-                    return bytes(buffered)
+                    return buffered.data
                 if hello is not None:
-                    return hello, bytes(buffered)
+                    return hello, buffered.data
                 more = await conn.recv(MAX_CLIENT_HELLO_BYTES - len(buffered) + 5)
                 if not more:
-                    return bytes(buffered)
-                buffered += more
+                    return buffered.data
         raise _Drop("hello_timeout")
 
     async def _tls(
