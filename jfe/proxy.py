@@ -313,16 +313,16 @@ class Proxy:
                     await _send_all(upstream, proxyv2.encode(client, original))
                     await self._splice_both(conn, upstream, b"")
                     return
-                first = "client"
+                first, early = "client", b""
             else:
-                first, data = await self._first_speaker(conn, upstream)
+                first, data, early = await self._first_speaker(conn, upstream)
             if first == "upstream":
                 self._port(port).passthrough_server_first += 1
                 if not data:
                     return  # the backend closed at once
                 await _send_all(conn, data)
                 self._bytes_down += len(data)
-                await self._splice_both(conn, upstream, b"")
+                await self._splice_both(conn, upstream, early)
                 return
             if not data:
                 return  # the client closed without a word
@@ -340,24 +340,30 @@ class Proxy:
 
     async def _first_speaker(
         self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType
-    ) -> tuple[str, bytes]:
-        """Whoever sends first; cancelling the other read loses nothing (trio cancels recv
-        only while it waits for readability, before any byte is taken)."""
-        winner: list[tuple[str, bytes]] = []
+    ) -> tuple[str, bytes, bytes]:
+        """Whoever sends first: (side, its bytes, the client's bytes read in the same moment).
+
+        Both reads can succeed: trio's recv tries the syscall before it ever waits, so when
+        both sockets are already readable (SSH: both sides send their identification string
+        at once) the losing read returns data too, and dropping it lost the banner or the
+        client's first bytes. When both spoke, the backend counts as first (a server-first
+        protocol) and the client's bytes go to it first; nothing read is ever dropped.
+        """
+        got: dict[str, bytes] = {}
         with trio.move_on_after(self.settings.idle_timeout_s) as idle:
             async with trio.open_nursery() as nursery:
 
                 async def read(side: str, sock: trio.socket.SocketType) -> None:
-                    data = await sock.recv(FIRST_READ_BYTES)
-                    if not winner:
-                        winner.append((side, data))
+                    got[side] = await sock.recv(FIRST_READ_BYTES)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(read, "client", conn)
                 nursery.start_soon(read, "upstream", upstream)
-        if idle.cancelled_caught or not winner:
+        if idle.cancelled_caught or not got:
             raise _Drop("idle")
-        return winner[0]
+        if got.get("upstream") or "client" not in got:
+            return "upstream", got.get("upstream", b""), got.get("client", b"")
+        return "client", got["client"], b""
 
     async def _read_hello(
         self, conn: trio.socket.SocketType, data: bytes
