@@ -238,8 +238,12 @@ class Proxy:
             return
         port = original[1]
         self._port(port).accepted += 1
-        if original == (ipaddress.ip_address(s.listen_address), s.listen_port):
+        if port == s.listen_port:
             # Connected to the listener itself, not diverted: "forwarding" would loop to us.
+            # The port decides, not the address: a wildcard listen_address accepts the listen
+            # port on every local address, and TPROXY never diverts it (config keeps
+            # listen_port out of ports), so comparing addresses let such a connection dial
+            # the listener again and again until the per-client budget stopped the loop.
             conn.close()
             self._drop(port, "not_diverted")
             return
