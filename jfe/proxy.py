@@ -315,7 +315,7 @@ class Proxy:
                 if quiet.cancelled_caught:
                     self._port(port).passthrough_server_first += 1
                     await _send_all(upstream, proxyv2.encode(client, original))
-                    await self._splice_both(conn, upstream, b"")
+                    await self._splice_both(conn, upstream, b"", port)
                     return
                 first, early = "client", b""
             else:
@@ -326,7 +326,7 @@ class Proxy:
                     return  # the backend closed at once
                 await _send_all(conn, data)
                 self._bytes_down += len(data)
-                await self._splice_both(conn, upstream, early)
+                await self._splice_both(conn, upstream, early, port)
                 return
             if not data:
                 return  # the client closed without a word
@@ -335,7 +335,7 @@ class Proxy:
                 self._port(port).passthrough_client_first += 1
                 if proxy_v2:
                     await _send_all(upstream, proxyv2.encode(client, original))
-                await self._splice_both(conn, upstream, hello_or_bytes)
+                await self._splice_both(conn, upstream, hello_or_bytes, port)
                 return
             hello, buffered = hello_or_bytes
             await self._tls(
@@ -471,7 +471,11 @@ class Proxy:
             await tls.aclose()
 
     async def _splice_both(
-        self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType, first: bytes
+        self,
+        conn: trio.socket.SocketType,
+        upstream: trio.socket.SocketType,
+        first: bytes,
+        port: int,
     ) -> None:
         if first:
             await _send_all(upstream, first)
@@ -494,7 +498,7 @@ class Proxy:
 
         await idle.run(one(conn, upstream, True), one(upstream, conn, False))
         if idle.expired:
-            self._dropped["idle"] += 1
+            self._drop(port, "idle")  # per port too, as the TLS path: the ports sum to the total
 
     def _count_up(self, n: int) -> None:
         self._bytes_up += n

@@ -22,9 +22,9 @@ ORIGINAL = (ipaddress.IPv4Address("198.51.100.5"), 2222)
 
 
 class _PreDialed(Proxy):
-    def __init__(self, upstream: trio.socket.SocketType) -> None:
+    def __init__(self, upstream: trio.socket.SocketType, idle_timeout_s: float = 5.0) -> None:
         super().__init__(
-            JfeSettings(idle_timeout_s=5.0, handshake_timeout_s=5.0),
+            JfeSettings(idle_timeout_s=idle_timeout_s, handshake_timeout_s=5.0),
             TestCertificateSource(TestCA()),
         )
         self._pre = upstream
@@ -76,3 +76,18 @@ async def test_no_first_bytes_are_lost(client_speaks: bool, backend_speaks: bool
             nursery.cancel_scope.cancel()
     assert got_by_client == backend_says
     assert got_by_backend == client_says
+
+
+async def test_idle_pass_through_is_counted_on_its_port() -> None:
+    """Review (jfe #12): pass-through idle closes were counted in the total only, so the
+    per-port drops (status, metrics) did not add up to the total."""
+    client_side, conn = trio.socket.socketpair()
+    backend_side, upstream = trio.socket.socketpair()
+    proxy = _PreDialed(upstream, idle_timeout_s=0.3)
+    with client_side, backend_side, conn:
+        await backend_side.send(b"220 banner\r\n")
+        with trio.fail_after(5):
+            await proxy._serve(conn, CLIENT, ORIGINAL)
+    stats = proxy.statistics()
+    assert stats.dropped == {"idle": 1}
+    assert stats.ports[ORIGINAL[1]].dropped == {"idle": 1}
