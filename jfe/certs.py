@@ -553,6 +553,10 @@ class Certificates:
             name = path.name[: -len(".pem")]
             if gt.normalize_name(name) != name or len(self._entries) >= self.settings.max_names:
                 continue
+            if self._gate.policy_refuses(name) is not None:
+                # Issued under an earlier allow-list: the name is no longer ours to serve, and
+                # keeping it would also renew it (ACME orders) for ever.
+                continue
             try:
                 if path.stat().st_size > MAX_PEM_BYTES:
                     continue
