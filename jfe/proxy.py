@@ -153,6 +153,7 @@ class Proxy:
         self._bytes_down = 0
         self._challenges = 0
         self._cpu_start = time.process_time()
+        self._bound: socket.socket | None = None
 
     # -- statistics -------------------------------------------------------------------------
     def statistics(self) -> ProxyStatistics:
@@ -209,11 +210,24 @@ class Proxy:
         sock.setblocking(False)
         return sock
 
+    def listen(self) -> None:
+        """Bind the listener now (ProxyError if the port is busy), before any rule is
+        touched: a second jfe started by mistake must fail without changing the first's rules.
+        `run` uses this socket; `close` closes it if `run` never does."""
+        if self._bound is None:
+            self._bound = self._listen_socket()
+
+    def close(self) -> None:
+        if self._bound is not None:
+            self._bound.close()
+            self._bound = None
+
     async def run(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         _raise_nofile_limit()
-        listener = trio.socket.from_stdlib_socket(self._listen_socket())
+        bound, self._bound = self._bound, None
+        listener = trio.socket.from_stdlib_socket(bound or self._listen_socket())
         with listener:
             task_status.started(listener.getsockname())
             async with trio.open_nursery() as nursery:

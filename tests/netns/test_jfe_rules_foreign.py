@@ -48,3 +48,27 @@ def test_a_stranger_at_jfes_priority_neither_hides_nor_loses_a_rule(ns: netns.Na
     shown = _rules(ns)
     assert "fwmark" not in shown, shown
     assert "from 192.0.2.0/24" in shown, shown
+
+
+def test_a_second_jfe_leaves_the_running_ones_rules_alone(
+    ns: netns.Namespace, tmp_path: Path
+) -> None:
+    """Review (jfe #12): `jfe run` removed "leftovers" and applied its rules before it had a
+    listener, then failed on the busy listen port and removed the rules on its way out: a
+    second start by mistake silently switched the running jfe's interception off."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "overflowd.toml").write_text("[jfe]\nports = [443]\nlisten_port = 18443\n")
+    first = ns.spawn([sys.executable, "-m", "tests.support.jfe_certs", str(home)], label="jfe1")
+    try:
+        first.wait_for_output(r"jfe running listen=", timeout=30)
+        second = ns.run(
+            [sys.executable, "-m", "tests.support.jfe_certs", str(home)], timeout=30, check=False
+        )
+        assert second.returncode != 0, second.stderr
+        table = ns.run(["nft", "list", "table", "inet", "jfe"], check=False)
+        assert table.returncode == 0, "the running jfe's table was removed"
+        assert "fwmark 0x6a66" in _rules(ns)
+    finally:
+        first.stop()
+    assert ns.run(["nft", "list", "table", "inet", "jfe"], check=False).returncode != 0
