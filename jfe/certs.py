@@ -511,16 +511,24 @@ class Certificates:
         """
         if any(address in net for net in self._local):
             return True
+        # ::ffff:127.0.0.1 and ::ffff:0.0.0.0 are bindable here, and Python 3.11 calls neither
+        # loopback nor unspecified: judge a v4-mapped address as the IPv4 address it is.
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+            if any(address in net for net in self._local):
+                return True
         if address.is_loopback or address.is_unspecified or address.is_multicast:
             return False
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            try:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
                 probe.bind((str(address), 0))
-            except OSError as exc:
-                if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):
-                    return False
-                raise
+        except OSError as exc:
+            # Not bindable is not ours. Any other error (no IPv6 in this kernel, say) is
+            # refused too: raising here would end the certificate service, and jfe with it.
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL):
+                log.warning("dns_check_probe_failed address=%s error=%s", address, exc)
+            return False
         return True
 
     # -- cache on disk ----------------------------------------------------------------------
@@ -552,6 +560,10 @@ class Certificates:
         for path in sorted(self.dir.glob("*.pem")):
             name = path.name[: -len(".pem")]
             if gt.normalize_name(name) != name or len(self._entries) >= self.settings.max_names:
+                continue
+            if self._gate.policy_refuses(name) is not None:
+                # Issued under an earlier allow-list: the name is no longer ours to serve, and
+                # keeping it would also renew it (ACME orders) for ever.
                 continue
             try:
                 if path.stat().st_size > MAX_PEM_BYTES:

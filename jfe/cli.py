@@ -70,7 +70,21 @@ def _status_document(proxy: Proxy, certificates: CertificateSource, state: str) 
 
 
 async def serve(home: Path, settings: JfeSettings, certificates: CertificateSource) -> None:
-    """Leftovers out, rules in, proxy up; rules out again however it ends (but SIGKILL)."""
+    """Listener bound, leftovers out, rules in, proxy up; rules out again however it ends
+    (but SIGKILL)."""
+    proxy = Proxy(settings, certificates)
+    # The listener first: a busy port (another jfe running) fails here, before the
+    # "leftovers" of that running jfe are removed and its interception switched off.
+    proxy.listen()
+    try:
+        await _serve_listening(home, settings, certificates, proxy)
+    finally:
+        proxy.close()
+
+
+async def _serve_listening(
+    home: Path, settings: JfeSettings, certificates: CertificateSource, proxy: Proxy
+) -> None:
     from jfe.metrics import exposition
 
     found = rules.remove(settings)
@@ -81,7 +95,6 @@ async def serve(home: Path, settings: JfeSettings, certificates: CertificateSour
             found.ip_rule,
             found.ip_route,
         )
-    proxy = Proxy(settings, certificates)
     try:
         rules.apply(settings)
         async with trio.open_nursery() as nursery:

@@ -234,12 +234,11 @@ class Gate:
         name = normalize_name(server_name)
         if name is None:
             return Reason.INVALID_NAME
-        if not self.allow and not self.has_other_checks:
-            return Reason.NO_POLICY
-        if self.allow and not self.allow.allows(name):
-            return Reason.NOT_ALLOWED
+        refusal = self.policy_refuses(name)
+        if refusal is not None:
+            return refusal
         domain = registered_domain(name)
-        if domain is None:
+        if domain is None:  # policy_refuses checked it already; kept for the type
             return Reason.PUBLIC_SUFFIX
         if not self.total.has(now):
             return Reason.TOTAL_BUDGET
@@ -249,6 +248,17 @@ class Gate:
         if not self.clients.get(key, now).take(now):
             return Reason.CLIENT_BUDGET
         return Admitted(name=name, domain=domain, client=key)
+
+    def policy_refuses(self, name: str) -> Reason | None:
+        """The static policy alone (no budget) for a normalised name: also what a certificate
+        cached by an earlier run must still pass before it is served or renewed."""
+        if not self.allow and not self.has_other_checks:
+            return Reason.NO_POLICY
+        if self.allow and not self.allow.allows(name):
+            return Reason.NOT_ALLOWED
+        if registered_domain(name) is None:
+            return Reason.PUBLIC_SUFFIX
+        return None
 
     def charge(self, admitted: Admitted, now: float) -> Reason | None:
         """Take the domain and total tokens right before issuing; None when both were taken."""

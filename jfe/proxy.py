@@ -43,9 +43,9 @@ from jfe.config import JfeSettings
 from jfe.sniff import (
     MAX_CLIENT_HELLO_BYTES,
     ClientHello,
+    HelloBuffer,
     NotTls,
     looks_like_tls,
-    parse_client_hello,
 )
 from overflowd.errors import ProxyError
 
@@ -153,6 +153,7 @@ class Proxy:
         self._bytes_down = 0
         self._challenges = 0
         self._cpu_start = time.process_time()
+        self._bound: socket.socket | None = None
 
     # -- statistics -------------------------------------------------------------------------
     def statistics(self) -> ProxyStatistics:
@@ -209,11 +210,24 @@ class Proxy:
         sock.setblocking(False)
         return sock
 
+    def listen(self) -> None:
+        """Bind the listener now (ProxyError if the port is busy), before any rule is
+        touched: a second jfe started by mistake must fail without changing the first's rules.
+        `run` uses this socket; `close` closes it if `run` never does."""
+        if self._bound is None:
+            self._bound = self._listen_socket()
+
+    def close(self) -> None:
+        if self._bound is not None:
+            self._bound.close()
+            self._bound = None
+
     async def run(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         _raise_nofile_limit()
-        listener = trio.socket.from_stdlib_socket(self._listen_socket())
+        bound, self._bound = self._bound, None
+        listener = trio.socket.from_stdlib_socket(bound or self._listen_socket())
         with listener:
             task_status.started(listener.getsockname())
             async with trio.open_nursery() as nursery:
@@ -238,8 +252,12 @@ class Proxy:
             return
         port = original[1]
         self._port(port).accepted += 1
-        if original == (ipaddress.ip_address(s.listen_address), s.listen_port):
+        if port == s.listen_port:
             # Connected to the listener itself, not diverted: "forwarding" would loop to us.
+            # The port decides, not the address: a wildcard listen_address accepts the listen
+            # port on every local address, and TPROXY never diverts it (config keeps
+            # listen_port out of ports), so comparing addresses let such a connection dial
+            # the listener again and again until the per-client budget stopped the loop.
             conn.close()
             self._drop(port, "not_diverted")
             return
@@ -311,18 +329,18 @@ class Proxy:
                 if quiet.cancelled_caught:
                     self._port(port).passthrough_server_first += 1
                     await _send_all(upstream, proxyv2.encode(client, original))
-                    await self._splice_both(conn, upstream, b"")
+                    await self._splice_both(conn, upstream, b"", port)
                     return
-                first = "client"
+                first, early = "client", b""
             else:
-                first, data = await self._first_speaker(conn, upstream)
+                first, data, early = await self._first_speaker(conn, upstream)
             if first == "upstream":
                 self._port(port).passthrough_server_first += 1
                 if not data:
                     return  # the backend closed at once
                 await _send_all(conn, data)
                 self._bytes_down += len(data)
-                await self._splice_both(conn, upstream, b"")
+                await self._splice_both(conn, upstream, early, port)
                 return
             if not data:
                 return  # the client closed without a word
@@ -331,7 +349,7 @@ class Proxy:
                 self._port(port).passthrough_client_first += 1
                 if proxy_v2:
                     await _send_all(upstream, proxyv2.encode(client, original))
-                await self._splice_both(conn, upstream, hello_or_bytes)
+                await self._splice_both(conn, upstream, hello_or_bytes, port)
                 return
             hello, buffered = hello_or_bytes
             await self._tls(
@@ -340,24 +358,30 @@ class Proxy:
 
     async def _first_speaker(
         self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType
-    ) -> tuple[str, bytes]:
-        """Whoever sends first; cancelling the other read loses nothing (trio cancels recv
-        only while it waits for readability, before any byte is taken)."""
-        winner: list[tuple[str, bytes]] = []
+    ) -> tuple[str, bytes, bytes]:
+        """Whoever sends first: (side, its bytes, the client's bytes read in the same moment).
+
+        Both reads can succeed: trio's recv tries the syscall before it ever waits, so when
+        both sockets are already readable (SSH: both sides send their identification string
+        at once) the losing read returns data too, and dropping it lost the banner or the
+        client's first bytes. When both spoke, the backend counts as first (a server-first
+        protocol) and the client's bytes go to it first; nothing read is ever dropped.
+        """
+        got: dict[str, bytes] = {}
         with trio.move_on_after(self.settings.idle_timeout_s) as idle:
             async with trio.open_nursery() as nursery:
 
                 async def read(side: str, sock: trio.socket.SocketType) -> None:
-                    data = await sock.recv(FIRST_READ_BYTES)
-                    if not winner:
-                        winner.append((side, data))
+                    got[side] = await sock.recv(FIRST_READ_BYTES)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(read, "client", conn)
                 nursery.start_soon(read, "upstream", upstream)
-        if idle.cancelled_caught or not winner:
+        if idle.cancelled_caught or not got:
             raise _Drop("idle")
-        return winner[0]
+        if got.get("upstream") or "client" not in got:
+            return "upstream", got.get("upstream", b""), got.get("client", b"")
+        return "client", got["client"], b""
 
     async def _read_hello(
         self, conn: trio.socket.SocketType, data: bytes
@@ -365,19 +389,21 @@ class Proxy:
         """A ClientHello (and the bytes read), or the bytes read when this is not TLS."""
         if looks_like_tls(data[:3]) is False:
             return data
-        buffered = bytearray(data)
+        # HelloBuffer, not parse_client_hello on the growing buffer: re-parsing after every
+        # read is quadratic in a client's trickled records (see jfe.sniff.HelloBuffer).
+        buffered = HelloBuffer()
+        more = data
         with trio.move_on_after(self.settings.handshake_timeout_s):
             while True:
                 try:
-                    hello = parse_client_hello(bytes(buffered))
+                    hello = buffered.feed(more)
                 except NotTls:
-                    return bytes(buffered)
+                    return buffered.data
                 if hello is not None:
-                    return hello, bytes(buffered)
+                    return hello, buffered.data
                 more = await conn.recv(MAX_CLIENT_HELLO_BYTES - len(buffered) + 5)
                 if not more:
-                    return bytes(buffered)
-                buffered += more
+                    return buffered.data
         raise _Drop("hello_timeout")
 
     async def _tls(
@@ -459,7 +485,11 @@ class Proxy:
             await tls.aclose()
 
     async def _splice_both(
-        self, conn: trio.socket.SocketType, upstream: trio.socket.SocketType, first: bytes
+        self,
+        conn: trio.socket.SocketType,
+        upstream: trio.socket.SocketType,
+        first: bytes,
+        port: int,
     ) -> None:
         if first:
             await _send_all(upstream, first)
@@ -482,7 +512,7 @@ class Proxy:
 
         await idle.run(one(conn, upstream, True), one(upstream, conn, False))
         if idle.expired:
-            self._dropped["idle"] += 1
+            self._drop(port, "idle")  # per port too, as the TLS path: the ports sum to the total
 
     def _count_up(self, n: int) -> None:
         self._bytes_up += n

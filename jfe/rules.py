@@ -185,9 +185,13 @@ def installed(settings: JfeSettings) -> Installed:
     table = _run(["nft", "list", "table", "inet", settings.nft_table]).returncode == 0
     rules = _run(["ip", "-4", "rule", "show", "priority", str(settings.rule_priority)])
     routes = _run(["ip", "-4", "route", "show", "table", str(settings.route_table)])
+    # jfe's rule is the one with jfe's mark and table: another rule at the same priority is
+    # somebody else's and must neither stand in for it nor be removed with it.
+    ours = (f"fwmark {settings.fwmark:#x} ", f"lookup {settings.route_table} ")
     return Installed(
         table=table,
-        ip_rule=rules.returncode == 0 and bool(rules.stdout.strip()),
+        ip_rule=rules.returncode == 0
+        and any(all(word in line + " " for word in ours) for line in rules.stdout.splitlines()),
         ip_route=routes.returncode == 0 and bool(routes.stdout.strip()),
     )
 
@@ -201,9 +205,11 @@ def remove(settings: JfeSettings) -> Installed:
             f"nft delete table inet {settings.nft_table}",
         )
     if found.ip_rule:
-        # Only rules at jfe's priority: deleting by priority alone until none is left.
+        # Only jfe's rule (its mark, table and priority; a stranger may share the priority),
+        # every copy of it.
+        p = plan(settings, cgroup_prefix="")
         for _ in range(16):
-            done = _run(["ip", "-4", "rule", "del", "priority", str(settings.rule_priority)])
+            done = _run(["ip", "-4", "rule", "del", *p.ip_rule])
             if done.returncode != 0:
                 break
     if found.ip_route:

@@ -293,3 +293,33 @@ async def test_a_hostile_ask_endpoint_costs_bounded_time_and_memory(tmp_path: Pa
             if not allowed:
                 assert source.statistics().refused == {"ask_failed": 1}
             nursery.cancel_scope.cancel()
+
+
+async def test_the_dns_check_is_not_fooled_by_v4_mapped_loopback_or_any(tmp_path: Path) -> None:
+    """Review (jfe #12): ``::ffff:127.0.0.1`` and ``::ffff:0.0.0.0`` are bindable on this host
+    and Python 3.11 calls neither loopback nor unspecified, so a hostile zone pointing its names
+    there passed the "this host's address" check and got certificates."""
+    zone = soa_zone(
+        "mapped.test",
+        "\n".join(
+            [
+                "lo IN AAAA ::ffff:127.0.0.1",
+                "lo2 IN AAAA ::ffff:127.3.2.1",
+                "any IN AAAA ::ffff:0.0.0.0",
+                "zero IN A 0.0.0.0",
+                "compat IN AAAA ::127.0.0.1",
+            ]
+        ),
+    )
+    hosts = ("lo", "lo2", "any", "zero", "compat")
+    with running_knot({"mapped.test": zone}) as knot:
+        source = _source(
+            tmp_path, dns_check=True, dns_nameservers=(knot.address,), per_client_burst=20
+        )
+        granted = {
+            host
+            for host in hosts
+            if await source.context_for(f"{host}.mapped.test", LOCAL) is not source.fallback_context
+        }
+    assert granted == set()
+    assert source.statistics().refused == {"dns_elsewhere": len(hosts)}

@@ -151,3 +151,23 @@ async def test_past_max_names_new_names_get_the_fallback(tmp_path: Path) -> None
     renewed = _open(tmp_path, NodeIdentity.generate())
     assert renewed.statistics().names == 0 and renewed.cached("n0.example.test") is None
     assert renewed.ca.signed((tmp_path / "jfe/certs/local/_fallback.pem").read_bytes())
+
+
+async def test_names_no_longer_allowed_are_neither_served_nor_renewed(tmp_path: Path) -> None:
+    """Review (jfe #12): the cache on disk was served and renewed whatever the allow-list says
+    now, so a name the operator removed kept its certificate (and, with ACME, its orders)."""
+    ident = NodeIdentity.generate()
+    wall = Wall(1_800_000_000.0)
+    source = _open(tmp_path, ident, wall)
+    assert await source.context_for("a.example.test", CLIENT) is not source.fallback_context
+    assert await source.context_for("exact.test", CLIENT) is not source.fallback_context
+    narrowed = CertificateSettings(allow_names=("exact.test",))
+    again = open_certificate_source(tmp_path, narrowed, ident, wall=wall)
+    assert again.cached("exact.test") is not None
+    assert again.cached("a.example.test") is None
+    assert await again.context_for("a.example.test", CLIENT) is again.fallback_context
+    assert again.statistics().names == 1
+    # past both renewal times, before expiry: only the allowed name is renewed
+    wall.t += (again.settings.leaf_lifetime_days - again.settings.renew_before_days / 2) * DAY_S
+    assert await again.renew_due() == 1
+    assert again.statistics().renewed == 1

@@ -182,3 +182,62 @@ def test_looks_like_tls() -> None:
     assert sniff.looks_like_tls(b"\x16") is None
     assert sniff.looks_like_tls(b"\x16\x03\x01") is True
     assert sniff.looks_like_tls(b"2") is False
+
+
+def _tiny_record_hello(padding: int) -> bytes:
+    """A ClientHello with a padding extension, sent as one-byte TLS records (legal, hostile)."""
+    ext = (21).to_bytes(2, "big") + padding.to_bytes(2, "big") + bytes(padding)
+    body = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    body += len(ext).to_bytes(2, "big") + ext
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"".join(b"\x16\x03\x01\x00\x01" + message[i : i + 1] for i in range(len(message)))
+
+
+def test_trickled_tiny_records_cost_linear_work() -> None:
+    """Review (jfe #12): re-parsing after each read walked every record again, so a client
+    trickling ~2,650 one-byte records, one per read, cost 11 s of event-loop CPU."""
+    import time
+
+    records = _tiny_record_hello(2600)
+    assert len(records) < MAX_CLIENT_HELLO_BYTES
+    buffer = sniff.HelloBuffer()
+    started = time.process_time()
+    hello = None
+    for i in range(0, len(records), 6):
+        hello = buffer.feed(records[i : i + 6])
+        if hello is not None:
+            break
+    spent = time.process_time() - started
+    assert hello is not None and hello.record_bytes == len(records)
+    assert spent < 1.0, f"{spent:.2f} s of CPU for one trickled ClientHello"
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        python_client_hello("a.example", alpn=["h2"]) + b"\x17\x03\x03",
+        _tiny_record_hello(40),
+        _tiny_record_hello(40)[:-3] + b"\x17\x03\x03\x00\x01",
+        b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",
+        b"\x16\x03\x01\x00\x02\x01\x00\x16\x03\x01\x00\x02\xff\xff",
+        b"\x16\x03\x01\x40\x01" + bytes(20),
+        b"GET / HTTP/1.1\r\n",
+        b"\x16\x03\x05",
+    ],
+)
+def test_hello_buffer_agrees_with_parse_client_hello_on_every_split(stream: bytes) -> None:
+    for step in (1, 2, 7):
+        buffer = sniff.HelloBuffer()
+        for end in range(step, len(stream) + step, step):
+            piece = stream[end - step : end]
+            try:
+                expected: object = parse_client_hello(stream[:end])
+            except NotTls:
+                expected = NotTls
+            try:
+                got: object = buffer.feed(piece)
+            except NotTls:
+                got = NotTls
+            assert got == expected, (step, end)
+            if got is not None:
+                break
