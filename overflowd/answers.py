@@ -223,6 +223,7 @@ def report_json(row: StoredReport) -> dict[str, Any]:
         "received": rpt.iso_ms(row.received_ms),
         "via": row.via,
         "trust": row.trust,
+        "hops": row.hops,
         "report": rpt.to_json(row.signed_report()),
     }
 

@@ -183,6 +183,9 @@ _RECEIVED = re.compile(r"\d[0-9T:.Z-]{0,31}")
 _VIA = re.compile(r"[a-z][a-z0-9:-]{0,31}")
 
 
+#: the largest hop count a store holds (a 32-bit column); a remote answering more is not a node
+MAX_HOPS_SHOWN = 2**31 - 1
+
 def _int(value: Any, what: str, remote: Remote) -> int:
     from overflowd.cli.remote import RemoteError
 
@@ -203,11 +206,13 @@ def _verified(rows: Any, remote: Remote, after: int | None, nxt: int) -> list[di
     for obj in rows:
         try:
             seq, received, via, trust = obj["seq"], obj["received"], obj["via"], obj["trust"]
+            hops = obj.get("hops", 0)  # a node from before hops were served: none counted
             cose = obj["report"]["cose"]
             if not (
                 type(seq) is int and isinstance(cose, str) and isinstance(received, str)
                 and _RECEIVED.fullmatch(received) and isinstance(via, str)
                 and _VIA.fullmatch(via) and (trust is None or trust in TRUST_LEVELS)
+                and type(hops) is int and 0 <= hops <= MAX_HOPS_SHOWN
             ):  # fmt: skip
                 raise TypeError("a field of the wrong type")
             if after is not None and not after < seq <= nxt:
@@ -218,7 +223,7 @@ def _verified(rows: Any, remote: Remote, after: int | None, nxt: int) -> list[di
                 f"{remote.base}/reports: a report that does not check out: {str(exc)[:120]}"
             ) from None
         out.append(
-            {"seq": seq, "received": received, "via": via, "trust": trust,
+            {"seq": seq, "received": received, "via": via, "trust": trust, "hops": hops,
              "report": rpt.to_json(signed)}
         )  # fmt: skip
     return out
