@@ -6,7 +6,7 @@ API (the seam ratelock-server builds on; all methods thread-safe, one Vault per 
         # own database (settings.store_url_for(home)), own schema (SCHEMA_VERSION), the secret
         # file (created 0600 on first open); identity signs audit heads (default: the node's
         # identity.key in home when present, else heads stay unsigned)
-    vault.enroll(client, user, password) -> Outcome   # ok | exists | invalid
+    vault.enroll(client, user, password) -> Outcome   # ok | exists | over_budget | invalid
     vault.verify(client, user, password) -> Outcome   # ok | wrong | unknown | over_budget | invalid
     vault.change(client, user, old, new) -> Outcome   # ok | wrong | unknown | over_budget | invalid
     vault.delete_user(client, user) -> Outcome        # ok | unknown | invalid
@@ -469,6 +469,12 @@ class Vault:
                 select(t_users.c.user).where(t_users.c.namespace == client, t_users.c.user == user)
             ).first()
             if exists:
+                # "exists" says the user is there: charged like a verify probe (design: probing
+                # for names costs the same budget as guessing), else a free existence oracle
+                joint = self._charge(conn, self._fail_buckets(client, user), self._fail_rates)
+                if not joint.allowed:
+                    self._append(conn, client, "enroll", user, "over_budget")
+                    return Outcome("over_budget", retry_after_s=joint.retry_after_ms / 1000)
                 self._append(conn, client, "enroll", user, "exists")
                 return Outcome("exists")
             conn.execute(

@@ -1,0 +1,89 @@
+"""Review attacks on ratelock: a compromised application holding a valid token, a man in the
+middle between the application and ratelockd. Each test failed on the code it was written
+against (lead/s5 26ead81); see the commit that fixed it, or the xfail's reason."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from overflowd.errors import VerdictError
+from overflowd.identity import NodeIdentity, write_identity
+from ratelock.vault import Vault
+from tests.support.ratelock import fast_settings
+from tests.support.ratelockd import Ratelockd, add_client, make_home
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = tmp_path / "home"
+    write_identity(h, NodeIdentity.generate())
+    return h
+
+
+def test_enroll_of_an_existing_user_is_no_free_existence_oracle(home: Path) -> None:
+    """docs/ratelock-design.md: "probing for names costs the same budget as guessing". A verify
+    of a missing user is charged; an enroll of an existing one answered ``exists`` for free, so
+    a compromised application could test any number of names for existence at no cost."""
+    now = [1_000_000_000_000]
+    settings = fast_settings(client_failures_burst=3, client_failures_per_hour=1)
+    with Vault.open(home, settings, clock_ms=lambda: now[0]) as vault:
+        names = [f"user{i}" for i in range(5)]
+        # honest enrolments of new users are not failures and cost nothing
+        assert [vault.enroll("app", n, b"pw").kind for n in names] == ["ok"] * 5
+        probes = [vault.enroll("app", n, b"guess").kind for n in names]
+        assert probes == ["exists"] * 3 + ["over_budget"] * 2
+        # and the probes were charged to the same budget a verify probe draws on
+        assert vault.verify("app", "nobody", b"x").kind == "over_budget"
+        assert vault.audit_verify().ok
+
+
+@pytest.fixture(scope="module")
+def two_clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ratelockd, str, str]]:
+    home = tmp_path_factory.mktemp("rla") / "home"
+    make_home(home)
+    app, evil = add_client(home, "app"), add_client(home, "evil")
+    d = Ratelockd(home)
+    try:
+        yield d, app, evil
+    finally:
+        d.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design: the client library checks op and subject but not the verdict's client, and "
+    "knows no name of its own to check it against; see the review report",
+)
+def test_a_verdict_for_another_clients_namespace_is_refused(
+    two_clients: tuple[Ratelockd, str, str],
+) -> None:
+    """A man in the middle who holds any other client's token (a second, compromised
+    application on the same ratelockd) enrolls ``alice`` in its own namespace, then re-addresses
+    the application's verify of alice with its own token and password. The verdict is signed
+    by ratelockd, binds the application's nonce, op ``verify`` and subject ``alice``: the
+    application's client library believed an ``ok`` for a password alice never had."""
+    d, app_token, evil_token = two_clients
+    with d.client(app_token) as app:
+        assert app.enroll("alice", b"alice's real password").ok
+    with d.client(evil_token) as evil:
+        assert evil.enroll("alice", b"chosen by the attacker").ok
+
+    def rewrite(request: httpx.Request) -> None:
+        request.headers["authorization"] = f"Bearer {evil_token}"
+        body = json.dumps({"password": base64.urlsafe_b64encode(b"chosen by the attacker")
+                           .rstrip(b"=").decode()}).encode()
+        request.headers["content-length"] = str(len(body))
+        request.stream = httpx.ByteStream(body)
+        request._content = body
+
+    with d.client(app_token) as app:
+        app._http.event_hooks["request"] = [rewrite]
+        with pytest.raises(VerdictError):
+            answer = app.verify("alice", b"not alice's password")
+            assert answer.outcome == "ok"  # what the application believed
