@@ -48,6 +48,7 @@ What it must never do:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -817,7 +818,29 @@ class Vault:
                 )
                 for r in rows
             )
-            return audit.verify_chain(entries, heads, check_signature, trusted_keys=trusted)
+            report = audit.verify_chain(entries, heads, check_signature, trusted_keys=trusted)
+            tail = conn.execute(select(t_audit_tail).where(t_audit_tail.c.id == 1)).one()
+        if self._identity is None:
+            return report
+        # With the node key, _append signs a head at least every audit_sign_every_entries: a
+        # longer unsigned stretch at the end means heads were deleted (to hide a rebuilt chain
+        # that no longer matches them), which the chain alone cannot show.
+        extra: list[str] = []
+        every = self.settings.audit_sign_every_entries
+        if report.last_seq - report.signed_seq >= every:
+            extra.append(
+                f"entries {report.signed_seq + 1} to {report.last_seq} have no signed head, but "
+                f"one is signed every {every} entries: heads deleted, the chain rebuilt "
+                "(or audit_sign_every_entries lowered since the last request)"
+            )
+        if int(tail.signed_seq) > report.signed_seq:
+            extra.append(
+                f"the store says head {int(tail.signed_seq)} was signed, and no signed head "
+                "verifies that far: heads deleted"
+            )
+        if not extra:
+            return report
+        return dataclasses.replace(report, problems=(*report.problems, *extra))
 
     def status(self) -> VaultStatus:
         with self._engine.connect() as conn:

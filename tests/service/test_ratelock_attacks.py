@@ -87,3 +87,43 @@ def test_a_verdict_for_another_clients_namespace_is_refused(
         with pytest.raises(VerdictError):
             answer = app.verify("alice", b"not alice's password")
             assert answer.outcome == "ok"  # what the application believed
+
+
+def test_audit_chain_rebuilt_with_its_signed_heads_deleted_is_caught(home: Path) -> None:
+    """Someone editing the audit log (the database, not the node key) changes a ``wrong`` into
+    an ``ok``, rehashes the chain (SHA-256, keyless) and deletes the signed heads that would no
+    longer match, resetting the tail row too. The chain links and no head contradicts it:
+    audit_verify said ok, though the vault signs a head at least every
+    audit_sign_every_entries entries and there was none for the whole log."""
+    from sqlalchemy import delete, select, update
+
+    from ratelock import audit
+    from ratelock.vault import t_audit, t_audit_heads, t_audit_tail
+
+    settings = fast_settings(audit_sign_every_entries=5)
+    with Vault.open(home, settings) as vault:
+        vault.enroll("app", "alice", b"pw")
+        for _ in range(6):
+            vault.verify("app", "alice", b"x")
+        assert vault.audit_verify().ok and vault.audit_verify().signed_seq >= 10
+
+    with Vault.open(home, settings) as vault:
+        with vault._engine.begin() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(select(t_audit).order_by(t_audit.c.seq))]
+            prev = audit.GENESIS
+            for r in rows:
+                if r["outcome"] == "wrong":
+                    r["outcome"] = "ok"
+                e = audit.make_entry(
+                    prev, r["seq"], r["time_ms"], r["client"], r["op"], r["subject"], r["outcome"]
+                )
+                conn.execute(
+                    update(t_audit).where(t_audit.c.seq == r["seq"])
+                    .values(outcome=e.outcome, prev=e.prev, hash=e.hash)
+                )
+                prev = e.hash
+            conn.execute(delete(t_audit_heads))
+            conn.execute(update(t_audit_tail).values(hash=prev, signed_seq=0))
+        report = vault.audit_verify()
+    assert not report.ok, report
+    assert any("no signed head" in p for p in report.problems), report.problems
