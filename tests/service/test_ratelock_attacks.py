@@ -127,3 +127,21 @@ def test_audit_chain_rebuilt_with_its_signed_heads_deleted_is_caught(home: Path)
         report = vault.audit_verify()
     assert not report.ok, report
     assert any("no signed head" in p for p in report.problems), report.problems
+
+
+def test_deeply_nested_json_body_is_a_signed_bad_request(
+    two_clients: tuple[Ratelockd, str, str],
+) -> None:
+    """A 4 KiB body of ``[`` (within MAX_PASSWORD_BODY_BYTES) made json.loads raise
+    RecursionError, which _json did not catch: a 500 with no verdict and no refusal counted,
+    and a traceback in the daemon's log per request."""
+    d, token, _ = two_clients
+    nonce = base64.urlsafe_b64encode(b"n" * 16).rstrip(b"=").decode()
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),
+                      base_url="http://ratelockd", timeout=10) as http:
+        r = http.post("/v1/users/alice/verify", content=b"[" * 4000, headers={
+            "authorization": f"Bearer {token}", "ratelock-nonce": nonce,
+            "content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert "ratelock-verdict" in r.headers
+        assert http.get("/healthz").text == "ok\n"
