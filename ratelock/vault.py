@@ -93,6 +93,8 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 #: transactions at once; threads beyond wait for a connection.
 POOL_SIZE = 8
 POOL_OVERFLOW = 16
+#: rl_meta row: the vault key id the last rotation made current (see Vault._key_for_write)
+SECRET_KEY_META = "secret_key_id"
 #: the audit log's "client" for operator actions (clients add/revoke, rotation)
 ADMIN = "-admin"
 
@@ -463,8 +465,6 @@ class Vault:
             return bad
         salt = crypto.new_salt()
         verifier = self._hash(password, salt, self._params)
-        key = self._current_key()
-        nonce, sealed = key.seal_verifier(client, user, verifier)
         with self._write() as conn:
             exists = conn.execute(
                 select(t_users.c.user).where(t_users.c.namespace == client, t_users.c.user == user)
@@ -478,6 +478,8 @@ class Vault:
                     return Outcome("over_budget", retry_after_s=joint.retry_after_ms / 1000)
                 self._append(conn, client, "enroll", user, "exists")
                 return Outcome("exists")
+            key = self._key_for_write(conn)
+            nonce, sealed = key.seal_verifier(client, user, verifier)
             conn.execute(
                 insert(t_users).values(
                     namespace=client,
@@ -521,19 +523,18 @@ class Vault:
         )
         ok = crypto.same(self._hash(password, bytes(row.salt), params), stored)
         # 3. Record the result; a success gives its token back and upgrades the parameters.
-        upgrade: tuple[bytes, bytes, bytes, int] | None = None
+        upgrade: tuple[bytes, bytes] | None = None
         if ok and params != self._params:
             salt = crypto.new_salt()
-            key = self._current_key()
-            nonce, sealed = key.seal_verifier(
-                client, user, self._hash(password, salt, self._params)
-            )
-            upgrade = (salt, nonce, sealed, key.key_id)
+            upgrade = (salt, self._hash(password, salt, self._params))
         with self._write() as conn:
             if ok:
                 self._refund(conn, names, self._fail_rates)
                 if upgrade:
-                    salt, nonce, sealed, key_id = upgrade
+                    salt, verifier = upgrade
+                    key = self._key_for_write(conn)
+                    nonce, sealed = key.seal_verifier(client, user, verifier)
+                    key_id = key.key_id
                     conn.execute(
                         update(t_users)
                         .where(
@@ -562,9 +563,10 @@ class Vault:
         if checked.kind != "ok":
             return checked
         salt = crypto.new_salt()
-        key = self._current_key()
-        nonce, sealed = key.seal_verifier(client, user, self._hash(new, salt, self._params))
+        verifier = self._hash(new, salt, self._params)
         with self._write() as conn:
+            key = self._key_for_write(conn)
+            nonce, sealed = key.seal_verifier(client, user, verifier)
             result = conn.execute(
                 update(t_users)
                 .where(t_users.c.namespace == client, t_users.c.user == user)
@@ -604,15 +606,15 @@ class Vault:
             return Outcome(
                 "invalid", detail=f"record longer than {self.settings.max_record_bytes} bytes"
             )
-        vkey = self._current_key()
-        nonce, sealed = vkey.seal_record(client, key, data)
-        values = {
-            "key_id": vkey.key_id,
-            "nonce": nonce,
-            "sealed": sealed,
-            "updated_ms": self._clock(),
-        }
         with self._write() as conn:
+            vkey = self._key_for_write(conn)
+            nonce, sealed = vkey.seal_record(client, key, data)
+            values = {
+                "key_id": vkey.key_id,
+                "nonce": nonce,
+                "sealed": sealed,
+                "updated_ms": self._clock(),
+            }
             changed = conn.execute(
                 update(t_records)
                 .where(t_records.c.namespace == client, t_records.c.key == key)
@@ -730,6 +732,22 @@ class Vault:
                 self._secret = fresh
             return fresh.key(key_id)
 
+    def _key_for_write(self, conn: Connection) -> crypto.VaultKey:
+        """The key to seal with, checked under the write lock against the key id the last
+        rotation recorded in the store (in its own locked transaction): a process that missed
+        another's rotation would otherwise seal under a key that rotation then drops from the
+        file, and those rows would never open again."""
+        recorded = conn.execute(
+            select(t_meta.c.value).where(t_meta.c.name == SECRET_KEY_META)
+        ).scalar()
+        key = self._current_key()
+        if recorded is None or int(recorded) == key.key_id:
+            return key
+        fresh = crypto.open_secret(self._secret.path, create=False)
+        with self._secret_lock:
+            self._secret = fresh
+        return fresh.key(int(recorded))
+
     def rotate_secret(self) -> int:
         """A new secret; every verifier and record re-encrypted; the old one dropped. No
         password is needed (the secret seals the verifier, it is not hashed into it)."""
@@ -769,6 +787,13 @@ class Vault:
                     .values(nonce=nonce, sealed=sealed, key_id=new_key.key_id)
                 )
                 count += 1
+            # recorded under the lock: every later seal, in any process, checks it
+            if not conn.execute(
+                update(t_meta)
+                .where(t_meta.c.name == SECRET_KEY_META)
+                .values(value=str(new_key.key_id))
+            ).rowcount:
+                conn.execute(insert(t_meta).values(name=SECRET_KEY_META, value=str(new_key.key_id)))
             self._append(conn, ADMIN, "secret.rotate", str(new_key.key_id), "ok")
         # 2. committed: the old keys can go
         with self._secret_lock:

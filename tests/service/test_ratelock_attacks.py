@@ -145,3 +145,23 @@ def test_deeply_nested_json_body_is_a_signed_bad_request(
         assert r.status_code == 400, r.text
         assert "ratelock-verdict" in r.headers
         assert http.get("/healthz").text == "ok\n"
+
+
+def test_a_rotation_by_another_process_loses_no_verifier_or_record(home: Path) -> None:
+    """ratelockd (vault A) keeps running while another process rotates the secret (the CLI's
+    running-daemon guard only probes the configured Unix socket: a daemon on TCP, another
+    socket or another host on the same PostgreSQL passes it). A kept sealing new verifiers and
+    records under the key the rotation dropped: after a restart they no longer open."""
+    settings = fast_settings()
+    with Vault.open(home, settings) as daemon:
+        assert daemon.enroll("app", "alice", b"pw-a").kind == "ok"
+        with Vault.open(home, settings) as operator:
+            operator.rotate_secret()
+        assert daemon.enroll("app", "bob", b"pw-b").kind == "ok"
+        assert daemon.change("app", "alice", b"pw-a", b"pw-a2").kind == "ok"
+        assert daemon.put("app", "k", b"record").kind == "ok"
+    with Vault.open(home, settings) as restarted:
+        assert restarted.verify("app", "bob", b"pw-b").kind == "ok"
+        assert restarted.verify("app", "alice", b"pw-a2").kind == "ok"
+        got = restarted.get("app", "k")
+        assert got.kind == "ok" and got.data == b"record"
