@@ -165,3 +165,24 @@ def test_a_rotation_by_another_process_loses_no_verifier_or_record(home: Path) -
         assert restarted.verify("app", "alice", b"pw-a2").kind == "ok"
         got = restarted.get("app", "k")
         assert got.kind == "ok" and got.data == b"record"
+
+
+def test_limits_the_wire_cannot_carry_are_refused_at_start(tmp_path: Path) -> None:
+    """max_name_bytes above what a verdict (and the users/records columns) can carry, 1024,
+    was accepted: names between 1025 bytes and the setting were then refused as empty (the
+    server does not echo a subject a verdict cannot name) or broke the PostgreSQL column, so the
+    documented setting silently meant something else. A password limit the server's body bound
+    cannot carry (a change sends two) silently answered 413 below the setting."""
+    from overflowd.errors import ConfigError
+    from tests.support.cli import run
+
+    for text, key in (("max_name_bytes = 2000\n", "max_name_bytes"),
+                      ("max_password_bytes = 8192\n", "max_password_bytes")):
+        home = tmp_path / key
+        make_home(home, text)
+        with pytest.raises(ConfigError, match=key):
+            from ratelock.config import load_ratelock
+
+            load_ratelock(home)
+        r = run("ratelockd", "--home", str(home), timeout=30)
+        assert r.code == 1 and key in r.err and "Traceback" not in r.err, r
