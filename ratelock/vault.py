@@ -469,15 +469,19 @@ class Vault:
             exists = conn.execute(
                 select(t_users.c.user).where(t_users.c.namespace == client, t_users.c.user == user)
             ).first()
+            # "exists" says the user is there: charged like a verify probe (design: probing for
+            # names costs the same budget as guessing), else a free existence oracle. Decided
+            # before looking, so over budget is the answer for new and existing names alike;
+            # a new name gets its token back in this same transaction.
+            names = self._fail_buckets(client, user)
+            joint = self._charge(conn, names, self._fail_rates)
+            if not joint.allowed:
+                self._append(conn, client, "enroll", user, "over_budget")
+                return Outcome("over_budget", retry_after_s=joint.retry_after_ms / 1000)
             if exists:
-                # "exists" says the user is there: charged like a verify probe (design: probing
-                # for names costs the same budget as guessing), else a free existence oracle
-                joint = self._charge(conn, self._fail_buckets(client, user), self._fail_rates)
-                if not joint.allowed:
-                    self._append(conn, client, "enroll", user, "over_budget")
-                    return Outcome("over_budget", retry_after_s=joint.retry_after_ms / 1000)
                 self._append(conn, client, "enroll", user, "exists")
                 return Outcome("exists")
+            self._refund(conn, names, self._fail_rates)
             key = self._key_for_write(conn)
             nonce, sealed = key.seal_verifier(client, user, verifier)
             conn.execute(

@@ -40,6 +40,13 @@ def test_enroll_of_an_existing_user_is_no_free_existence_oracle(home: Path) -> N
         assert probes == ["exists"] * 3 + ["over_budget"] * 2
         # and the probes were charged to the same budget a verify probe draws on
         assert vault.verify("app", "nobody", b"x").kind == "over_budget"
+        # over budget, "over_budget" for a name that exists and "ok" for one that does not
+        # would be the same free oracle again: a new name is refused alike until the budget
+        # refills (and was not created)
+        assert vault.enroll("app", "newcomer", b"pw").kind == "over_budget"
+        now[0] += 3_600_000  # one token back
+        assert vault.enroll("app", "newcomer", b"pw").kind == "ok"
+        assert vault.enroll("app", "newcomer2", b"pw").kind == "ok"  # a new name costs nothing
         assert vault.audit_verify().ok
 
 
