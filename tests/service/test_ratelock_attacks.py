@@ -193,3 +193,30 @@ def test_limits_the_wire_cannot_carry_are_refused_at_start(tmp_path: Path) -> No
             load_ratelock(home)
         r = run("ratelockd", "--home", str(home), timeout=30)
         assert r.code == 1 and key in r.err and "Traceback" not in r.err, r
+
+
+def test_audit_verify_memory_does_not_grow_with_the_log() -> None:
+    """The log grows by one entry per request for the life of the vault; verify_chain kept
+    every entry's hash in a dict (about 100 bytes each: a gigabyte at ten million requests) to
+    look up the few that signed heads name. Streamed entries must verify in bounded memory."""
+    import tracemalloc
+
+    from ratelock import audit
+
+    count = 10_000  # ~1.4 MB held before the fix; a few KB after
+
+    def entries() -> Iterator[audit.Entry]:
+        prev = audit.GENESIS
+        for seq in range(1, count + 1):
+            e = audit.make_entry(prev, seq, 1_000 + seq, "app", "verify", "alice", "wrong")
+            prev = e.hash
+            yield e
+
+    tracemalloc.start()
+    try:
+        report = audit.verify_chain(entries(), [], lambda k, m, s: None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.ok and report.entries == count
+    assert peak < 300_000, f"peak {peak} bytes for {count} entries"
