@@ -25,6 +25,13 @@ ARGON2_MAX_MEMORY_KIB = 4 * 1024 * 1024  # 4 GiB: more than any verifier needs
 #: ratelock.policy keeps a bucket as an integer in units of 1/per_hour ms: now_ms x per_hour
 #: must fit the database's signed 64-bit column for centuries (2**63 / 1e6 ms ~ 292 years
 #: of milliseconds at a million per hour), and so must burst x 3,600,000.
+#: what the wire can carry: a verdict names a user or key of at most ratelock.verdict
+#: MAX_NAME_BYTES (1024), and so wide are the users/records columns; and a change sends two
+#: passwords base64url in one JSON body of at most ratelock.server MAX_PASSWORD_BODY_BYTES
+#: (4096): 2 x ceil(4 x 1500 / 3) + 22 bytes of JSON = 4022. A larger setting would silently
+#: refuse names or passwords below it.
+MAX_NAME_BYTES_CEILING = 1024
+MAX_PASSWORD_BYTES_CEILING = 1500
 MAX_PER_HOUR = 1_000_000
 MAX_BURST = 1_000_000_000
 
@@ -121,6 +128,16 @@ class RatelockSettings:
         for name in ("max_name_bytes", "max_password_bytes", "max_record_bytes"):
             if getattr(self, name) < 1:
                 yield name, "must be positive"
+        if self.max_name_bytes > MAX_NAME_BYTES_CEILING:
+            yield (
+                "max_name_bytes",
+                f"must be at most {MAX_NAME_BYTES_CEILING} (what a verdict names)",
+            )
+        if self.max_password_bytes > MAX_PASSWORD_BYTES_CEILING:
+            yield (
+                "max_password_bytes",
+                f"must be at most {MAX_PASSWORD_BYTES_CEILING} (what a change request carries)",
+            )
         if self.audit_sign_every_entries < 1:
             yield "audit_sign_every_entries", "must be at least 1"
         if self.audit_sign_interval_s <= 0:

@@ -249,7 +249,7 @@ async def _json(request: Request) -> dict[str, Any]:
     raw = await _body(request, MAX_PASSWORD_BODY_BYTES)
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests past the stack
         raise Refusal(400, "bad_request", "bad_body") from None
     if not isinstance(obj, dict):
         raise Refusal(400, "bad_request", "bad_body")

@@ -6,7 +6,7 @@ API (the seam ratelock-server builds on; all methods thread-safe, one Vault per 
         # own database (settings.store_url_for(home)), own schema (SCHEMA_VERSION), the secret
         # file (created 0600 on first open); identity signs audit heads (default: the node's
         # identity.key in home when present, else heads stay unsigned)
-    vault.enroll(client, user, password) -> Outcome   # ok | exists | invalid
+    vault.enroll(client, user, password) -> Outcome   # ok | exists | over_budget | invalid
     vault.verify(client, user, password) -> Outcome   # ok | wrong | unknown | over_budget | invalid
     vault.change(client, user, old, new) -> Outcome   # ok | wrong | unknown | over_budget | invalid
     vault.delete_user(client, user) -> Outcome        # ok | unknown | invalid
@@ -48,6 +48,7 @@ What it must never do:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,6 +93,8 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 #: transactions at once; threads beyond wait for a connection.
 POOL_SIZE = 8
 POOL_OVERFLOW = 16
+#: rl_meta row: the vault key id the last rotation made current (see Vault._key_for_write)
+SECRET_KEY_META = "secret_key_id"
 #: the audit log's "client" for operator actions (clients add/revoke, rotation)
 ADMIN = "-admin"
 
@@ -462,15 +465,25 @@ class Vault:
             return bad
         salt = crypto.new_salt()
         verifier = self._hash(password, salt, self._params)
-        key = self._current_key()
-        nonce, sealed = key.seal_verifier(client, user, verifier)
         with self._write() as conn:
             exists = conn.execute(
                 select(t_users.c.user).where(t_users.c.namespace == client, t_users.c.user == user)
             ).first()
+            # "exists" says the user is there: charged like a verify probe (design: probing for
+            # names costs the same budget as guessing), else a free existence oracle. Decided
+            # before looking, so over budget is the answer for new and existing names alike;
+            # a new name gets its token back in this same transaction.
+            names = self._fail_buckets(client, user)
+            joint = self._charge(conn, names, self._fail_rates)
+            if not joint.allowed:
+                self._append(conn, client, "enroll", user, "over_budget")
+                return Outcome("over_budget", retry_after_s=joint.retry_after_ms / 1000)
             if exists:
                 self._append(conn, client, "enroll", user, "exists")
                 return Outcome("exists")
+            self._refund(conn, names, self._fail_rates)
+            key = self._key_for_write(conn)
+            nonce, sealed = key.seal_verifier(client, user, verifier)
             conn.execute(
                 insert(t_users).values(
                     namespace=client,
@@ -514,19 +527,18 @@ class Vault:
         )
         ok = crypto.same(self._hash(password, bytes(row.salt), params), stored)
         # 3. Record the result; a success gives its token back and upgrades the parameters.
-        upgrade: tuple[bytes, bytes, bytes, int] | None = None
+        upgrade: tuple[bytes, bytes] | None = None
         if ok and params != self._params:
             salt = crypto.new_salt()
-            key = self._current_key()
-            nonce, sealed = key.seal_verifier(
-                client, user, self._hash(password, salt, self._params)
-            )
-            upgrade = (salt, nonce, sealed, key.key_id)
+            upgrade = (salt, self._hash(password, salt, self._params))
         with self._write() as conn:
             if ok:
                 self._refund(conn, names, self._fail_rates)
                 if upgrade:
-                    salt, nonce, sealed, key_id = upgrade
+                    salt, verifier = upgrade
+                    key = self._key_for_write(conn)
+                    nonce, sealed = key.seal_verifier(client, user, verifier)
+                    key_id = key.key_id
                     conn.execute(
                         update(t_users)
                         .where(
@@ -555,9 +567,10 @@ class Vault:
         if checked.kind != "ok":
             return checked
         salt = crypto.new_salt()
-        key = self._current_key()
-        nonce, sealed = key.seal_verifier(client, user, self._hash(new, salt, self._params))
+        verifier = self._hash(new, salt, self._params)
         with self._write() as conn:
+            key = self._key_for_write(conn)
+            nonce, sealed = key.seal_verifier(client, user, verifier)
             result = conn.execute(
                 update(t_users)
                 .where(t_users.c.namespace == client, t_users.c.user == user)
@@ -597,15 +610,15 @@ class Vault:
             return Outcome(
                 "invalid", detail=f"record longer than {self.settings.max_record_bytes} bytes"
             )
-        vkey = self._current_key()
-        nonce, sealed = vkey.seal_record(client, key, data)
-        values = {
-            "key_id": vkey.key_id,
-            "nonce": nonce,
-            "sealed": sealed,
-            "updated_ms": self._clock(),
-        }
         with self._write() as conn:
+            vkey = self._key_for_write(conn)
+            nonce, sealed = vkey.seal_record(client, key, data)
+            values = {
+                "key_id": vkey.key_id,
+                "nonce": nonce,
+                "sealed": sealed,
+                "updated_ms": self._clock(),
+            }
             changed = conn.execute(
                 update(t_records)
                 .where(t_records.c.namespace == client, t_records.c.key == key)
@@ -723,6 +736,22 @@ class Vault:
                 self._secret = fresh
             return fresh.key(key_id)
 
+    def _key_for_write(self, conn: Connection) -> crypto.VaultKey:
+        """The key to seal with, checked under the write lock against the key id the last
+        rotation recorded in the store (in its own locked transaction): a process that missed
+        another's rotation would otherwise seal under a key that rotation then drops from the
+        file, and those rows would never open again."""
+        recorded = conn.execute(
+            select(t_meta.c.value).where(t_meta.c.name == SECRET_KEY_META)
+        ).scalar()
+        key = self._current_key()
+        if recorded is None or int(recorded) == key.key_id:
+            return key
+        fresh = crypto.open_secret(self._secret.path, create=False)
+        with self._secret_lock:
+            self._secret = fresh
+        return fresh.key(int(recorded))
+
     def rotate_secret(self) -> int:
         """A new secret; every verifier and record re-encrypted; the old one dropped. No
         password is needed (the secret seals the verifier, it is not hashed into it)."""
@@ -762,6 +791,13 @@ class Vault:
                     .values(nonce=nonce, sealed=sealed, key_id=new_key.key_id)
                 )
                 count += 1
+            # recorded under the lock: every later seal, in any process, checks it
+            if not conn.execute(
+                update(t_meta)
+                .where(t_meta.c.name == SECRET_KEY_META)
+                .values(value=str(new_key.key_id))
+            ).rowcount:
+                conn.execute(insert(t_meta).values(name=SECRET_KEY_META, value=str(new_key.key_id)))
             self._append(conn, ADMIN, "secret.rotate", str(new_key.key_id), "ok")
         # 2. committed: the old keys can go
         with self._secret_lock:
@@ -811,7 +847,29 @@ class Vault:
                 )
                 for r in rows
             )
-            return audit.verify_chain(entries, heads, check_signature, trusted_keys=trusted)
+            report = audit.verify_chain(entries, heads, check_signature, trusted_keys=trusted)
+            tail = conn.execute(select(t_audit_tail).where(t_audit_tail.c.id == 1)).one()
+        if self._identity is None:
+            return report
+        # With the node key, _append signs a head at least every audit_sign_every_entries: a
+        # longer unsigned stretch at the end means heads were deleted (to hide a rebuilt chain
+        # that no longer matches them), which the chain alone cannot show.
+        extra: list[str] = []
+        every = self.settings.audit_sign_every_entries
+        if report.last_seq - report.signed_seq >= every:
+            extra.append(
+                f"entries {report.signed_seq + 1} to {report.last_seq} have no signed head, but "
+                f"one is signed every {every} entries: heads deleted, the chain rebuilt "
+                "(or audit_sign_every_entries lowered since the last request)"
+            )
+        if int(tail.signed_seq) > report.signed_seq:
+            extra.append(
+                f"the store says head {int(tail.signed_seq)} was signed, and no signed head "
+                "verifies that far: heads deleted"
+            )
+        if not extra:
+            return report
+        return dataclasses.replace(report, problems=(*report.problems, *extra))
 
     def status(self) -> VaultStatus:
         with self._engine.connect() as conn:
