@@ -8,7 +8,6 @@ is the one place that touches PyNaCl's signing API.
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import stat
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import nacl.signing
 from overflowd import peers
 from overflowd import report as rpt
 from overflowd.errors import IdentityError, SignatureError
+from overflowd.files import write_private
 
 IDENTITY_FILE = "identity.key"
 _HEADER = "# overflowd node identity: Ed25519 seed, base64. Never share this file.\n"
@@ -121,19 +121,8 @@ def write_identity(home: Path, identity: NodeIdentity, *, force: bool = False) -
     path = identity_path(home)
     if path.exists() and not force:
         raise IdentityError(f"{path} exists; refusing to overwrite a node identity without --force")
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     text = _HEADER + _PREFIX + base64.b64encode(identity.seed).decode("ascii") + "\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(path, text.encode("ascii"))
     return path
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 import stat
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import nacl.exceptions
 import nacl.pwhash.argon2id as argon2id
 
 from overflowd.errors import SealError, SecretError
+from overflowd.files import write_private
 
 SECRET_BYTES = 32
 SALT_BYTES = argon2id.SALTBYTES  # 16
@@ -198,26 +198,11 @@ def write_secret(path: Path, keys: tuple[VaultKey, ...], *, new: bool = False) -
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if new and path.exists():
         raise SecretError(f"{path} exists")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     body = _HEADER + "".join(
         f"{k.key_id}:{base64.b64encode(k.secret).decode('ascii')}\n" for k in keys
     )
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if new:
-            os.link(tmp, path)  # fails if another process created it meanwhile: theirs wins
-            tmp.unlink()
-        else:
-            os.replace(tmp, path)
-    except FileExistsError:
-        tmp.unlink(missing_ok=True)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # new: another process that created it meanwhile wins, and both then read its keys
+    write_private(path, body.encode("ascii"), keep_existing=new)
 
 
 def token_digest(token: str) -> bytes:
