@@ -74,6 +74,10 @@ class JfeSettings:
             yield "listen_port", "must be in 1..65535"
         if self.listen_port in self.ports:
             yield "listen_port", "must not be one of the intercepted ports"
+        # A PROXY v2 port that is not intercepted would silently do nothing (review-jfe).
+        for port in self.proxy_v2_ports:
+            if port not in self.ports or port in self.excluded_ports:
+                yield "proxy_v2_ports", f"port {port} is not an intercepted port ('jfe.ports')"
         for address in self.addresses:
             try:
                 net = ipaddress.ip_network(address, strict=False)

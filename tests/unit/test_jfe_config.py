@@ -35,6 +35,8 @@ def test_load_jfe_reads_the_section_and_defaults(tmp_path: Path) -> None:
         ("portz = [1]", r"x.toml:2: unknown key 'jfe.portz'"),
         ("ports = [0]", r"'jfe.ports'.*port 0"),
         ("ports = [8443]", r"'jfe.listen_port' must not be one of the intercepted ports"),
+        ("ports = [25]\nproxy_v2_ports = [80]", r"'jfe.proxy_v2_ports' port 80 is not an interc"),
+        ("ports = [22]\nproxy_v2_ports = [22]", r"'jfe.proxy_v2_ports' port 22 is not an interc"),
         ('addresses = ["2001:db8::/32"]', "IPv4 only"),
         ('addresses = ["nope"]', "not an address"),
         ('cgroups = ["/abs"]', "relative"),
