@@ -113,6 +113,8 @@ def test_demo_on_the_shared_trace_shows_reports_in_band_and_by_webhook(tmp_path:
     assert "its 450 records now say dst 127.0.0.2" in out
     counts = _check(out, work)
     assert 20 <= counts["held"] <= 80  # a few dozen at the demo's rate (expected ~46)
+    # The signing budget shed nothing: a shed report about the victim biases its estimate low.
+    assert _number(r"the router's node: stopped: stored .* shed=(\d+)", out) == (0,)
     assert "contact to call: mailto:abuse@router.example" in out
     # who, as the demo showed it: one observer, the router, pinned, with its contact
     (shown,) = _number(r"demo-router\s+pinned\s+mailto:abuse@router\.example\s+(\d+)", out)
