@@ -160,6 +160,11 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         "Sampled records not signed: over sampling.max_reports_per_s",
         s.reports_shed,
     )
+    yield _counter(
+        "overflowd_reports_thinned",
+        "Of the shed: left out at random, the kept ones signed with a matching probability",
+        s.reports_thinned,
+    )
     if s.inband_sender is not None:
         yield _counter(
             "overflowd_inband_sent", "Report datagrams sent", s.inband_sender.datagrams_sent

@@ -22,6 +22,8 @@ import functools
 import ipaddress
 import logging
 import math
+import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -144,6 +146,9 @@ class NodeStatistics:
     store_errors: int
     exporters_refused: int = 0
     reports_shed: int = 0
+    #: of ``reports_shed``: sampled records the signing budget left out at random, the kept
+    #: ones signed with their probability scaled to match (NodeService._thin)
+    reports_thinned: int = 0
     captures: tuple[CaptureStatistics, ...] = ()
     inband_sender: InbandSenderStatistics | None = None
     inband_listener: InbandListenerStatistics | None = None
@@ -319,6 +324,10 @@ class NodeService:
         self._sign_tokens = float(settings.sampling.max_reports_burst)
         self._sign_refilled = 0.0
         self._shed = 0
+        self._thinned = 0
+        # Which sampled records a flood over the signing budget keeps (:meth:`_thin`): not
+        # guessable from outside, so a flooder cannot steer which of its records survive.
+        self._thin_rng = random.Random(os.urandom(32))
         # Storage budgets: received reports are admitted by the policy, which the retention
         # service seeds from the store and keeps in step with what it prunes (docs/storage.md).
         self.storage_policy = StoragePolicy(settings.storage)
@@ -808,8 +817,10 @@ class NodeService:
             self._refused_exporters.refused(exporter, trio.current_time())
         return verdict
 
-    def _signing_allowance(self, wanted: int) -> int:
-        """How many of ``wanted`` sampled records may be signed now (token bucket)."""
+    def _signing_allowance(self, wanted: int) -> float:
+        """How many of ``wanted`` sampled records the signing budget covers now, as a real
+        number: a flood's steady refill is a fraction of a token per batch, and rounding it
+        down would drop whole batches (see :meth:`_sign`)."""
         sm = self.settings.sampling
         now = trio.current_time()
         self._sign_tokens = min(
@@ -817,21 +828,47 @@ class NodeService:
             self._sign_tokens + (now - self._sign_refilled) * sm.max_reports_per_s,
         )
         self._sign_refilled = now
-        allowed = min(wanted, int(self._sign_tokens))
+        allowed = min(float(wanted), self._sign_tokens)
         self._sign_tokens -= allowed
-        self._shed += wanted - allowed
         return allowed
 
+    def _thin(self, sampled: list[tuple[FlowRow, float]]) -> list[tuple[FlowRow, float]]:
+        """What the signing budget keeps of ``sampled``, with probabilities that stay true.
+
+        Over budget, the records kept are a uniform random subset whose expected size is the
+        allowance ``t`` (``floor(t)`` records, one more with probability ``t - floor(t)``),
+        and each kept record is signed with ``p * t / wanted``: the probability that it was
+        both sampled and kept. Estimates (sum of n/p) therefore stay unbiased under a flood,
+        where taking the first records of a batch (biased to whatever a batch starts with)
+        or rounding each batch's fraction of a token down to none (a steady flood signed at
+        a fraction of its rate, weighted as if it were all) made them low. The budget is
+        charged the expectation ``t``, so it holds on average; the count signed in any
+        interval may exceed it by its binomial spread, at most one report per batch.
+        """
+        wanted = len(sampled)
+        allowed = self._signing_allowance(wanted)
+        if allowed >= wanted:
+            return sampled
+        whole = int(allowed)
+        keep = whole + (self._thin_rng.random() < allowed - whole)
+        self._shed += wanted - keep
+        self._thinned += wanted - keep
+        if not keep:
+            return []
+        q = allowed / wanted
+        chosen = sorted(self._thin_rng.sample(range(wanted), keep))
+        kept = [(sampled[i][0], sampled[i][1] * q) for i in chosen]
+        return [(row, p) for row, p in kept if p > 0.0]
+
     def _sign(self, sampled: list[tuple[FlowRow, float]]) -> list[rpt.SignedReport]:
-        """Sign what the signing budget lets through of ``sampled``. Sending waits for the
-        store: a report goes out in band only once it is committed (see :meth:`_write`)."""
+        """Sign what the signing budget lets through of ``sampled`` (:meth:`_thin`). Sending
+        waits for the store: a report goes out in band only once it is committed (see
+        :meth:`_write`)."""
         if not sampled:
             return []
-        allowed = self._signing_allowance(len(sampled))
-        if allowed < len(sampled):
-            sampled = sampled[:allowed]
-            if not sampled:
-                return []
+        sampled = self._thin(sampled)
+        if not sampled:
+            return []
         signed = self.maker.make_all(sampled, int(time.time() * 1000))
         for report in signed:
             self._signed += 1
@@ -1023,6 +1060,7 @@ class NodeService:
             store_errors=self._writer.errors,
             exporters_refused=self._exporters_refused,
             reports_shed=self._shed,
+            reports_thinned=self._thinned,
             captures=tuple(c.statistics() for c in self.captures),
             inband_sender=self.inband_sender.statistics() if self.inband_sender else None,
             webhook=self.webhook.statistics() if self.webhook else None,
