@@ -147,7 +147,8 @@ class NodeStatistics:
     exporters_refused: int = 0
     reports_shed: int = 0
     #: of ``reports_shed``: sampled records the signing budget left out at random, the kept
-    #: ones signed with their probability scaled to match (NodeService._thin)
+    #: ones signed with their probability scaled to match (NodeService._thin); today every
+    #: shed record is, so it equals ``reports_shed``
     reports_thinned: int = 0
     captures: tuple[CaptureStatistics, ...] = ()
     inband_sender: InbandSenderStatistics | None = None
@@ -324,7 +325,6 @@ class NodeService:
         self._sign_tokens = float(settings.sampling.max_reports_burst)
         self._sign_refilled = 0.0
         self._shed = 0
-        self._thinned = 0
         # Which sampled records a flood over the signing budget keeps (:meth:`_thin`): not
         # guessable from outside, so a flooder cannot steer which of its records survive.
         self._thin_rng = random.Random(os.urandom(32))
@@ -820,7 +820,7 @@ class NodeService:
     def _signing_allowance(self, wanted: int) -> float:
         """How many of ``wanted`` sampled records the signing budget covers now, as a real
         number: a flood's steady refill is a fraction of a token per batch, and rounding it
-        down would drop whole batches (see :meth:`_sign`)."""
+        down would drop whole batches (see :meth:`_thin`)."""
         sm = self.settings.sampling
         now = trio.current_time()
         self._sign_tokens = min(
@@ -852,21 +852,15 @@ class NodeService:
         whole = int(allowed)
         keep = whole + (self._thin_rng.random() < allowed - whole)
         self._shed += wanted - keep
-        self._thinned += wanted - keep
-        if not keep:
-            return []
         q = allowed / wanted
         chosen = sorted(self._thin_rng.sample(range(wanted), keep))
-        kept = [(sampled[i][0], sampled[i][1] * q) for i in chosen]
-        return [(row, p) for row, p in kept if p > 0.0]
+        return [(sampled[i][0], sampled[i][1] * q) for i in chosen if sampled[i][1] * q > 0.0]
 
     def _sign(self, sampled: list[tuple[FlowRow, float]]) -> list[rpt.SignedReport]:
         """Sign what the signing budget lets through of ``sampled`` (:meth:`_thin`). Sending
         waits for the store: a report goes out in band only once it is committed (see
         :meth:`_write`)."""
-        if not sampled:
-            return []
-        sampled = self._thin(sampled)
+        sampled = self._thin(sampled) if sampled else sampled
         if not sampled:
             return []
         signed = self.maker.make_all(sampled, int(time.time() * 1000))
@@ -1060,7 +1054,7 @@ class NodeService:
             store_errors=self._writer.errors,
             exporters_refused=self._exporters_refused,
             reports_shed=self._shed,
-            reports_thinned=self._thinned,
+            reports_thinned=self._shed,  # every shed record is thinned now (see _thin)
             captures=tuple(c.statistics() for c in self.captures),
             inband_sender=self.inband_sender.statistics() if self.inband_sender else None,
             webhook=self.webhook.statistics() if self.webhook else None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import socket
-import time
 from pathlib import Path
 
 import trio
@@ -23,21 +22,12 @@ from overflowd.identity import NodeIdentity
 from overflowd.services.inband import InbandSettings
 from overflowd.services.node import NodeService
 from overflowd.store import Store
-from tests.unit.test_wire_v5 import v5
+from tests.service.test_storage_node import spoofed_v5
 
 DATAGRAMS = 300
 RECORDS = 10  # per datagram
 PER_S = 150.0
 PACE_S = 1 / 300  # 3,000 records/s offered, 20x the budget
-
-
-def flood(i: int) -> bytes:
-    records = [
-        {"src": 0xC0000200 + (i * RECORDS + j) % 250 + 1, "sport": 1 + i * RECORDS + j,
-         "packets": 2**32 - 1}
-        for j in range(RECORDS)
-    ]  # fmt: skip
-    return v5(records, secs=int(time.time()))
 
 
 async def test_a_steady_flood_over_the_signing_budget_is_estimated_unbiased(
@@ -62,7 +52,7 @@ async def test_a_steady_flood_over_the_signing_budget_is_estimated_unbiased(
                     await sock.bind(("127.0.0.1", 0))
                     started = trio.current_time()
                     for i in range(DATAGRAMS):
-                        await sock.sendto(flood(i), collector)
+                        await sock.sendto(spoofed_v5(i * RECORDS, RECORDS), collector)
                         await trio.sleep(PACE_S)
                     elapsed = trio.current_time() - started
                 while node.statistics().decoder.records < DATAGRAMS * RECORDS:
