@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -737,8 +737,17 @@ def webhook_breakdown(
     url = "http://127.0.0.1:9/"  # never connected to: the mock transport answers
     settings = WebhookSettings(allow_prefixes=("127.0.0.0/8",), require_https=False)
 
+    class EmptyBody(httpx.AsyncByteStream):
+        # A Response built with bytes counts as already read, and the delivery streams its
+        # answer (``aiter_raw``): an unread stream is what a real connection gives it.
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            return
+            yield b""
+
     def factory(s: WebhookSettings) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(204)))
+        return httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda _: httpx.Response(204, stream=EmptyBody()))
+        )
 
     n = len(reports)
     tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-notify-"))
