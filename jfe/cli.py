@@ -26,7 +26,9 @@ import trio
 from jfe import rules
 from jfe.config import JfeSettings, load_jfe
 from jfe.proxy import CertificateSource, Proxy
-from overflowd.errors import JfeError, OverflowdError
+from overflowd.config import key_origin
+from overflowd.errors import JfeError, OverflowdError, ProxyError
+from overflowd.homelock import acquire
 
 log = logging.getLogger("jfe")
 
@@ -75,7 +77,10 @@ async def serve(home: Path, settings: JfeSettings, certificates: CertificateSour
     proxy = Proxy(settings, certificates)
     # The listener first: a busy port (another jfe running) fails here, before the
     # "leftovers" of that running jfe are removed and its interception switched off.
-    proxy.listen()
+    try:
+        proxy.listen()
+    except ProxyError as exc:  # name the config key (FILE:LINE), as every daemon's listen error
+        raise ProxyError(f"{key_origin(home, 'jfe', 'listen_port')}: {exc}") from None
     try:
         await _serve_listening(home, settings, certificates, proxy)
     finally:
@@ -235,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = rules.remove(settings)
                 print("removed" if found.any else "nothing to remove")
             return 0
-        trio.run(_run, home, settings)
+        lock = acquire(home, "jfe")  # one jfe per home; held until exit
+        try:
+            trio.run(_run, home, settings)
+        finally:
+            lock.release()
         return 0
     except OverflowdError as exc:
         print(f"jfe: {exc}", file=sys.stderr)

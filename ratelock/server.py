@@ -66,8 +66,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from overflowd.config import resolve_home
+from overflowd.config import key_origin, resolve_home
 from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
+from overflowd.homelock import acquire
 from overflowd.identity import NodeIdentity, load_identity
 from ratelock import policy
 from ratelock import verdict as vd
@@ -679,7 +680,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ratelockd: {flag}: {exc}", file=sys.stderr)
             return 2 if args.listen else 1
         identity = load_identity(home)
-        vault = Vault.open(home, settings, identity=identity)
+        lock = acquire(home, "ratelockd")  # one ratelockd per home; held until exit
+        try:
+            vault = Vault.open(home, settings, identity=identity)
+        except BaseException:
+            lock.release()
+            raise
     except (ConfigError, IdentityError, OverflowdError) as exc:
         print(f"ratelockd: {exc}", file=sys.stderr)
         return 1
@@ -690,7 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, OverflowdError, BaseExceptionGroup) as exc:
         leaf = _first_leaf(exc)
         if isinstance(leaf, OSError):
-            print(f"ratelockd: cannot listen on {leaf.filename or text}: {leaf.strerror}",
+            origin = "--listen" if args.listen else key_origin(home, "ratelock", "listen")
+            print(f"ratelockd: {origin} {leaf.filename or text}: cannot listen: {leaf.strerror}",
                   file=sys.stderr)
         elif isinstance(leaf, OverflowdError):
             print(f"ratelockd: {leaf}", file=sys.stderr)
@@ -699,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         vault.close()
+        lock.release()
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from overflowd import __version__
 from overflowd import report as rpt
 from overflowd.cli import (
+    cmd_config,
     cmd_decode,
     cmd_demo,
     cmd_outbox,
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_run.register(sub, common)
     cmd_outbox.register(sub, common)
     cmd_demo.register(sub, common)
+    cmd_config.register(sub, common)
     return parser
 
 

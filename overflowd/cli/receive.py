@@ -226,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # binding the address failed
-        print(f"{PROG}: error: --listen {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        why = exc.strerror or exc
+        print(f"{PROG}: error: --listen {args.listen}: cannot listen: {why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
