@@ -26,6 +26,7 @@ import trio
 from jfe import rules
 from jfe.config import JfeSettings, load_jfe
 from jfe.proxy import CertificateSource, Proxy
+from overflowd import logformat
 from overflowd.config import key_origin
 from overflowd.errors import JfeError, OverflowdError, ProxyError
 from overflowd.homelock import acquire
@@ -205,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jfe", description="Jump to Full Encryption")
     parser.add_argument("--home", metavar="DIR", help="node home (default: $OVERFLOWD_HOME)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--log-format", choices=logformat.FORMATS, default="plain")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="apply the rules and serve until SIGTERM")
     rules_p = sub.add_parser("rules", help="jfe's nftables table and policy routing")
@@ -216,13 +218,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose > 1
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    logformat.configure(
+        logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        args.log_format,
     )
     home = _home(args)
     try:

@@ -66,6 +66,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from overflowd import logformat
 from overflowd.config import key_origin, resolve_home
 from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
 from overflowd.homelock import acquire
@@ -646,6 +647,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="node home (default $OVERFLOWD_HOME or ~/.overflowd)")
     p.add_argument("--listen", help="unix:PATH or HOST:PORT (overrides ratelock.listen)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=logformat.FORMATS, default="plain")
     return p
 
 
@@ -665,10 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logformat.configure(getattr(logging, args.log_level.upper()), args.log_format, sys.stderr)
     home = resolve_home(args.home)
     try:
         settings = load_ratelock(home)
