@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from overflowd.homelock import acquire
-from tests.support.cli import BIN, Result, call, run
+from tests.service.test_cli_bad_input import one_line
+from tests.support.cli import BIN, call, run
 from tests.support.ratelockd import FAST_ARGON2, Ratelockd, make_home
 
 START_TIMEOUT_S = 30
@@ -38,15 +39,6 @@ def home(tmp_path: Path) -> Path:
     assert call("overflowd", "init", "--home", str(home)).code == 0
     (home / "overflowd.toml").write_text(QUIET)
     return home
-
-
-def one_line(result: Result, code: int, *names: str) -> str:
-    assert result.code == code, (result.code, result.err)
-    assert result.err.count("\n") == 1 and result.err.endswith("\n"), result.err
-    assert "Traceback" not in result.err
-    for name in names:
-        assert name in result.err, (name, result.err)
-    return result.err
 
 
 def start_run(home: Path) -> subprocess.Popen[str]:
