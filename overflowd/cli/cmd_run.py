@@ -98,14 +98,18 @@ def run(args: argparse.Namespace) -> int:
             _check_flag(flag, value)
     ctx = context(args)
     identity = load_identity(ctx.home)
-    home_lock = acquire(ctx.home, "overflowd")  # one daemon per home; held until exit
     settings = ctx.settings
     if args.rate is not None and not 0 < args.rate <= 1:
         raise UsageError("--rate must be in (0, 1]")
     for line in settings.deprecations:
         log.warning("config.deprecated %s", line)
     named = _sockets(ctx, args)
-    store = ctx.open_store()
+    home_lock = acquire(ctx.home, "overflowd")  # one daemon per home; held until exit
+    try:
+        store = ctx.open_store()
+    except BaseException:
+        home_lock.release()
+        raise
     try:
         node = NodeService(
             identity,
@@ -117,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         store.close()
+        home_lock.release()
         raise ConfigError(str(exc)) from None
     # One collector for both /metrics endpoints: an exporter keeps the label it got first.
     collector = NodeCollector(
@@ -223,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             )
         except ConfigError:
             store.close()
+            home_lock.release()
             raise
 
     async def main() -> None:

@@ -86,6 +86,20 @@ def test_a_second_run_on_the_same_home_refuses_and_names_the_first(home: Path) -
     acquire(home, "overflowd").release()
 
 
+def test_a_run_that_fails_to_start_lets_go_of_the_lock(home: Path) -> None:
+    """In one process (``call``), a start that fails after taking the lock releases it: the
+    second try fails for the same reason, not 'in use'."""
+    with socket.socket() as closed:  # bound, never listening: connection refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"postgresql+psycopg://nobody@127.0.0.1:{closed.getsockname()[1]}/x"
+        (home / "overflowd.toml").write_text(f'{QUIET}[store]\nurl = "{url}"\n')
+        for _ in range(2):
+            result = call("overflowd", "run", "--home", str(home))
+            assert result.code == 1 and "database" in result.err, result.err
+            assert "in use" not in result.err
+    acquire(home, "overflowd").release()
+
+
 def test_jfe_run_refuses_a_home_whose_lock_is_held(tmp_path: Path) -> None:
     assert call("overflowd", "init", "--home", str(tmp_path)).code == 0
     held = acquire(tmp_path, "jfe")  # this process is "the running jfe"
