@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import json
 import os
@@ -113,14 +114,21 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_key_show(args: argparse.Namespace) -> int:
-    identity = load_identity(context(args).home)
+    home = context(args).home
+    identity = load_identity(home)
+    previous = load_previous_public(home)  # kept by the last 'key rotate', if any
     if args.json:
-        print(
-            json.dumps({"public_key": identity.public_key_b64, "fingerprint": identity.fingerprint})
-        )
+        doc = {"public_key": identity.public_key_b64, "fingerprint": identity.fingerprint}
+        if previous is not None:
+            doc["previous_public_key"] = base64.b64encode(previous).decode("ascii")
+            doc["previous_fingerprint"] = rpt.key_fingerprint(previous)
+        print(json.dumps(doc))
     else:
         print(f"public key  {identity.public_key_b64}")
         print(f"fingerprint {identity.fingerprint}")
+        if previous is not None:
+            print(f"previous    {base64.b64encode(previous).decode('ascii')} "
+                  f"({rpt.key_fingerprint(previous)}, until its DNS record is removed)")
     return 0
 
 

@@ -9,6 +9,7 @@ each ``dns``; a report by a key published nowhere (the control) stays ``unknown`
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -44,6 +45,8 @@ def test_rotate_keeps_the_previous_key_and_both_verify_during_the_overlap(tmp_pa
     new_key = load_identity(a).public_key
     assert new_key != old_key and load_previous_public(a) == old_key
     assert oct((a / "identity.key").stat().st_mode & 0o777) == "0o600"
+    shown = json.loads(call("overflowd", "key", "show", "--home", str(a), "--json").out)
+    assert shown["previous_public_key"] == base64.b64encode(old_key).decode()
     new_id = sign(a, tmp_path / "new.cose")
     stranger_id = sign(stranger, tmp_path / "stranger.cose")
     # dns-record --with-previous prints the same two records rotate did.
