@@ -26,7 +26,10 @@ import trio
 from jfe import rules
 from jfe.config import JfeSettings, load_jfe
 from jfe.proxy import CertificateSource, Proxy
-from overflowd.errors import JfeError, OverflowdError
+from overflowd import logformat
+from overflowd.config import key_origin
+from overflowd.errors import JfeError, OverflowdError, ProxyError
+from overflowd.homelock import acquire
 
 log = logging.getLogger("jfe")
 
@@ -75,7 +78,10 @@ async def serve(home: Path, settings: JfeSettings, certificates: CertificateSour
     proxy = Proxy(settings, certificates)
     # The listener first: a busy port (another jfe running) fails here, before the
     # "leftovers" of that running jfe are removed and its interception switched off.
-    proxy.listen()
+    try:
+        proxy.listen()
+    except ProxyError as exc:  # name the config key (FILE:LINE), as every daemon's listen error
+        raise ProxyError(f"{key_origin(home, 'jfe', 'listen_port')}: {exc}") from None
     try:
         await _serve_listening(home, settings, certificates, proxy)
     finally:
@@ -200,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jfe", description="Jump to Full Encryption")
     parser.add_argument("--home", metavar="DIR", help="node home (default: $OVERFLOWD_HOME)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--log-format", choices=logformat.FORMATS, default="plain")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="apply the rules and serve until SIGTERM")
     rules_p = sub.add_parser("rules", help="jfe's nftables table and policy routing")
@@ -211,13 +218,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose > 1
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    logformat.configure(
+        logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        args.log_format,
     )
     home = _home(args)
     try:
@@ -235,7 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = rules.remove(settings)
                 print("removed" if found.any else "nothing to remove")
             return 0
-        trio.run(_run, home, settings)
+        lock = acquire(home, "jfe")  # one jfe per home; held until exit
+        try:
+            trio.run(_run, home, settings)
+        finally:
+            lock.release()
         return 0
     except OverflowdError as exc:
         print(f"jfe: {exc}", file=sys.stderr)

@@ -718,6 +718,16 @@ def parse_section(
     return result
 
 
+class KeyProblem(ConfigError):
+    """A ConfigError about one key of a section: ``config check`` leaves the key out and goes
+    on, to report every problem of a file and not only the first."""
+
+    def __init__(self, message: str, section: str, key: str) -> None:
+        super().__init__(message)
+        self.section = section
+        self.key = key
+
+
 def _build(cls: type, table: dict[str, Any], source: str, text: str, section: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -725,13 +735,18 @@ def _build(cls: type, table: dict[str, Any], source: str, text: str, section: st
     for key, value in table.items():
         where = _where(source, text, section, key)
         if key not in known:
-            raise ConfigError(where + f"unknown key '{section}.{key}'")
-        if section == "webhook" and key == "targets":
-            value = _webhook_targets(value, where)
-        if section == "webhook" and key == "endpoints":  # tables: notify parses them
-            values[key] = parse_endpoints(value, where)
-            continue
-        values[key] = _coerce(value, hints[key], where + f"'{section}.{key}'")
+            raise KeyProblem(where + f"unknown key '{section}.{key}'", section, key)
+        try:
+            if section == "webhook" and key == "targets":
+                value = _webhook_targets(value, where)
+            if section == "webhook" and key == "endpoints":  # tables: notify parses them
+                values[key] = parse_endpoints(value, where)
+                continue
+            values[key] = _coerce(value, hints[key], where + f"'{section}.{key}'")
+        except KeyProblem:
+            raise
+        except ConfigError as exc:
+            raise KeyProblem(str(exc), section, key) from None
     try:
         settings = cls(**values)
     except (TypeError, ValueError) as exc:
@@ -793,7 +808,8 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
 
 def _validate(settings: Any, source: str, text: str, section: str) -> None:
     def fail(key: str, why: str) -> None:
-        raise ConfigError(_where(source, text, section, key) + f"'{section}.{key}' {why}")
+        where = _where(source, text, section, key)
+        raise KeyProblem(where + f"'{section}.{key}' {why}", section, key)
 
     # A section's own cross-key checks (PeeringSettings, and jfe's and ratelock's sections):
     # ``problems()`` yields (key, why) pairs.
@@ -905,6 +921,83 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
         for contact in settings.contacts:
             if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:\S+$", contact):
                 fail("contacts", f"has '{contact}', which is not a URI (mailto:, https:, tel:)")
+
+
+# -- config check: every problem of a file, not only the first ----------------------------------
+
+#: Sections another program parses (``overflowd config check`` passes jfe's and ratelock's):
+#: dotted name -> (dataclass, names of sub-tables another entry parses).
+OtherSections = dict[str, tuple[type, tuple[str, ...]]]
+
+
+def check_text(text: str, source: str, others: OtherSections | None = None) -> list[str]:
+    """Every problem ``parse_settings`` (and the other programs' ``parse_section``) would
+    raise one at a time, each a 'FILE:LINE: ...' line. A key found bad is left out and its
+    section built again, so later keys are checked too; a problem of a whole section (no key
+    to leave out) ends that section's checks. Empty: the file would load."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return [f"{source}: {exc}"]
+    others = others or {}
+    problems: list[str] = []
+
+    def build(cls: type, table: dict[str, Any], section: str) -> None:
+        table = dict(table)
+        for _ in range(len(table) + 1):  # each round leaves one key out: bounded
+            try:
+                _build(cls, table, source, text, section)
+                return
+            except KeyProblem as exc:
+                problems.append(str(exc))
+                if exc.key not in table:
+                    return
+                del table[exc.key]
+            except ConfigError as exc:
+                problems.append(str(exc))
+                return
+
+    for name, table in data.items():
+        if name == "peers":
+            try:
+                parse_peers(table, source, text)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            continue
+        if name not in _SECTIONS and name not in OTHER_PROGRAMS_SECTIONS:
+            problems.append(_where(source, text, None, name) + f"unknown section or key '{name}'")
+            continue
+        if not isinstance(table, dict):
+            problems.append(_where(source, text, None, name) + f"'{name}' must be a table")
+            continue
+        if name in _SECTIONS:
+            build(_SECTIONS[name], table, name)
+    for section, (cls, subtables) in others.items():
+        table = data
+        for part in section.split("."):
+            table = table.get(part, {}) if isinstance(table, dict) else {}
+        if not isinstance(table, dict):
+            continue  # named above: "'jfe' must be a table"
+        own = {k: v for k, v in table.items() if not (k in subtables and isinstance(v, dict))}
+        build(cls, own, section)
+    if not problems:  # what only the whole file shows (inband.allowed_prefixes beside [send])
+        try:
+            parse_settings(text, source)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def key_origin(home: Path, section: str, key: str) -> str:
+    """Where a setting came from, for a one-line error: 'FILE:LINE section.key', or
+    'FILE section.key (default)' when the file does not set it."""
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    line = _find_line(text, section, key)
+    return f"{path}:{line} {section}.{key}" if line else f"{path} {section}.{key} (default)"
 
 
 def _where(source: str, text: str, section: str | None, key: str | None) -> str:

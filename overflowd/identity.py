@@ -23,6 +23,9 @@ from overflowd.errors import IdentityError, SignatureError
 from overflowd.files import write_private
 
 IDENTITY_FILE = "identity.key"
+#: The public key the identity had before ``overflowd key rotate``: published beside the new one
+#: during the overlap, so reports signed before the rotation still verify against DNS.
+PREVIOUS_PUBLIC_FILE = "identity.previous.pub"
 _HEADER = "# overflowd node identity: Ed25519 seed, base64. Never share this file.\n"
 _PREFIX = "ed25519-seed:"
 
@@ -156,3 +159,45 @@ def load_identity(home: Path) -> NodeIdentity:
                 return NodeIdentity(seed=seed)
             break
     raise IdentityError(f"{path} is not an overflowd identity file")
+
+
+def previous_public_path(home: Path) -> Path:
+    return home / PREVIOUS_PUBLIC_FILE
+
+
+def load_previous_public(home: Path) -> bytes | None:
+    """The key kept by the last rotation, or None when there was none (IdentityError if bad)."""
+    path = previous_public_path(home)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"cannot read {path}: {exc}") from None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise IdentityError(f"{path} is not a base64 Ed25519 public key")
+    return key
+
+
+def rotate_identity(home: Path) -> tuple[NodeIdentity, NodeIdentity]:
+    """A new identity in place of the current one, whose public key is kept as the previous
+    one (replacing any older previous: one overlap at a time). Returns (old, new).
+
+    Order matters for a crash in between: the previous key is written first, so at worst it
+    names the key still in use, never a key whose reports can no longer be verified."""
+    old = load_identity(home)
+    path = previous_public_path(home)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(old.public_key_b64 + "\n", encoding="ascii")
+        tmp.chmod(0o644)  # a public key: jfe, ratelockd and people may read it
+        tmp.replace(path)
+    except OSError as exc:
+        raise IdentityError(f"cannot write {path}: {exc.strerror}") from None
+    new = NodeIdentity.generate()
+    write_identity(home, new, force=True)
+    return old, new

@@ -66,8 +66,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from overflowd.config import resolve_home
+from overflowd import logformat
+from overflowd.config import key_origin, resolve_home
 from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
+from overflowd.homelock import acquire
 from overflowd.identity import NodeIdentity, load_identity
 from ratelock import policy
 from ratelock import verdict as vd
@@ -645,6 +647,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="node home (default $OVERFLOWD_HOME or ~/.overflowd)")
     p.add_argument("--listen", help="unix:PATH or HOST:PORT (overrides ratelock.listen)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=logformat.FORMATS, default="plain")
     return p
 
 
@@ -664,10 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logformat.configure(getattr(logging, args.log_level.upper()), args.log_format, sys.stderr)
     home = resolve_home(args.home)
     try:
         settings = load_ratelock(home)
@@ -679,7 +679,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ratelockd: {flag}: {exc}", file=sys.stderr)
             return 2 if args.listen else 1
         identity = load_identity(home)
-        vault = Vault.open(home, settings, identity=identity)
+        lock = acquire(home, "ratelockd")  # one ratelockd per home; held until exit
+        try:
+            vault = Vault.open(home, settings, identity=identity)
+        except BaseException:
+            lock.release()
+            raise
     except (ConfigError, IdentityError, OverflowdError) as exc:
         print(f"ratelockd: {exc}", file=sys.stderr)
         return 1
@@ -690,7 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, OverflowdError, BaseExceptionGroup) as exc:
         leaf = _first_leaf(exc)
         if isinstance(leaf, OSError):
-            print(f"ratelockd: cannot listen on {leaf.filename or text}: {leaf.strerror}",
+            origin = "--listen" if args.listen else key_origin(home, "ratelock", "listen")
+            print(f"ratelockd: {origin} {leaf.filename or text}: cannot listen: {leaf.strerror}",
                   file=sys.stderr)
         elif isinstance(leaf, OverflowdError):
             print(f"ratelockd: {leaf}", file=sys.stderr)
@@ -699,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         vault.close()
+        lock.release()
     return 0
 
 

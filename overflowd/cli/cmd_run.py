@@ -12,8 +12,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from overflowd.cli.common import Context, UsageError, context, run_trio
-from overflowd.config import CONFIG_FILE, parse_listen
+from overflowd.config import key_origin, parse_listen
 from overflowd.errors import ConfigError, OverflowdError
+from overflowd.homelock import acquire
 from overflowd.identity import load_identity
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ def _check_flag(flag: str, value: str) -> None:
 
 def _sockets(ctx: Context, args: argparse.Namespace) -> dict[str, str]:
     """'host:port' as the services name a socket that failed -> the flag or key it came from."""
-    config = ctx.home / CONFIG_FILE
     named: dict[str, str] = {}
 
     def add(text: str, origin: str) -> None:
@@ -64,13 +64,13 @@ def _sockets(ctx: Context, args: argparse.Namespace) -> dict[str, str]:
     if args.inband_listen:
         add(args.inband_listen, "--inband-listen")
     else:
-        add(ctx.settings.inband.listen, f"inband.listen in {config}:")
+        add(ctx.settings.inband.listen, key_origin(ctx.home, "inband", "listen"))
     for text in args.listen or ctx.settings.collector.listen:
-        add(text, "--listen" if args.listen else f"collector.listen in {config}:")
+        add(text, "--listen" if args.listen else key_origin(ctx.home, "collector", "listen"))
     if args.api:
         add(args.api, "--api")
     elif args.api is None and ctx.settings.api.listen:
-        add(ctx.settings.api.listen, f"api.listen in {config}:")
+        add(ctx.settings.api.listen, key_origin(ctx.home, "api", "listen"))
     return named
 
 
@@ -104,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
     for line in settings.deprecations:
         log.warning("config.deprecated %s", line)
     named = _sockets(ctx, args)
-    store = ctx.open_store()
+    home_lock = acquire(ctx.home, "overflowd")  # one daemon per home; held until exit
+    try:
+        store = ctx.open_store()
+    except BaseException:
+        home_lock.release()
+        raise
     try:
         node = NodeService(
             identity,
@@ -116,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         store.close()
+        home_lock.release()
         raise ConfigError(str(exc)) from None
     # One collector for both /metrics endpoints: an exporter keeps the label it got first.
     collector = NodeCollector(
@@ -222,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             )
         except ConfigError:
             store.close()
+            home_lock.release()
             raise
 
     async def main() -> None:
@@ -257,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
 
     metrics_listen = settings.metrics.listen if args.metrics is None else args.metrics
     metrics_origin = (
-        f"metrics.listen in {ctx.home / CONFIG_FILE}:" if args.metrics is None else "--metrics"
+        key_origin(ctx.home, "metrics", "listen") if args.metrics is None else "--metrics"
     )
     try:
         with contextlib.ExitStack() as stack:
@@ -287,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
         raise _listen_error(exc, named, "a listening socket") from None
     finally:
         store.close()
+        home_lock.release()
     # What it took in, stored from every source, sent and refused (services/summary.py).
     print("\n".join(stop_summary(node.statistics())), flush=True)
     return 0

@@ -71,6 +71,12 @@ def common_options() -> Parser:
     parent.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output"
     )
+    parent.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default=argparse.SUPPRESS,
+        help="log lines on stderr: plain (default) or JSON lines (journald, log shippers)",
+    )
     return parent
 
 
@@ -106,13 +112,11 @@ def context(args: argparse.Namespace) -> Context:
     )
 
 
-def configure_logging(verbosity: int) -> None:
+def configure_logging(verbosity: int, fmt: str = "plain") -> None:
+    from overflowd.logformat import configure
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure(level, fmt, sys.stderr)
 
 
 def run_main(
@@ -122,7 +126,7 @@ def run_main(
 ) -> int:
     """Parse, dispatch to ``args.func``, map our errors to one line and exit code 1."""
     args = parser.parse_args(argv)
-    configure_logging(getattr(args, "verbose", 0) or 0)
+    configure_logging(getattr(args, "verbose", 0) or 0, getattr(args, "log_format", "plain"))
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_usage(sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from overflowd import __version__
 from overflowd import report as rpt
 from overflowd.cli import (
+    cmd_config,
     cmd_decode,
     cmd_demo,
     cmd_outbox,
@@ -23,6 +25,7 @@ from overflowd.cli import (
     cmd_webhook_secret,
 )
 from overflowd.cli.common import (
+    Context,
     Parser,
     UsageError,
     common_options,
@@ -33,7 +36,15 @@ from overflowd.cli.common import (
 )
 from overflowd.config import CONFIG_FILE, DEFAULT_CONFIG_TEXT, parse_settings
 from overflowd.errors import ConfigError, IdentityError
-from overflowd.identity import NodeIdentity, identity_path, load_identity, write_identity
+from overflowd.identity import (
+    NodeIdentity,
+    identity_path,
+    load_identity,
+    load_previous_public,
+    previous_public_path,
+    rotate_identity,
+    write_identity,
+)
 from overflowd.registry import check_domain, format_record, reverse_name, walk_prefixes, zone_line
 
 #: A TTL is an unsigned 32-bit field whose high bit RFC 2181 §8 says to treat as zero.
@@ -103,23 +114,62 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_key_show(args: argparse.Namespace) -> int:
-    identity = load_identity(context(args).home)
+    home = context(args).home
+    identity = load_identity(home)
+    previous = load_previous_public(home)  # kept by the last 'key rotate', if any
     if args.json:
-        print(
-            json.dumps({"public_key": identity.public_key_b64, "fingerprint": identity.fingerprint})
-        )
+        doc = {"public_key": identity.public_key_b64, "fingerprint": identity.fingerprint}
+        if previous is not None:
+            doc["previous_public_key"] = base64.b64encode(previous).decode("ascii")
+            doc["previous_fingerprint"] = rpt.key_fingerprint(previous)
+        print(json.dumps(doc))
     else:
         print(f"public key  {identity.public_key_b64}")
         print(f"fingerprint {identity.fingerprint}")
+        if previous is not None:
+            print(f"previous    {base64.b64encode(previous).decode('ascii')} "
+                  f"({rpt.key_fingerprint(previous)}, until its DNS record is removed)")
     return 0
 
 
 def cmd_key_dns_record(args: argparse.Namespace) -> int:
     ctx = context(args)
     identity = load_identity(ctx.home)
+    keys = [identity.public_key]
+    if args.with_previous:
+        previous = load_previous_public(ctx.home)
+        if previous is None:
+            raise IdentityError(
+                f"no previous key at {previous_public_path(ctx.home)}: 'overflowd key rotate' "
+                "keeps one"
+            )
+        keys.append(previous)
+    _print_records(ctx, args, keys)
+    return 0
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> int:
+    """A new identity; the old public key stays published beside it until every report it
+    signed has been read (docs/operations.md "Key rotation")."""
+    ctx = context(args)
+    _print_records(ctx, args, [load_identity(ctx.home).public_key], dry_run=True)  # flags first
+    old, new = rotate_identity(ctx.home)
+    print(f"; new key      {new.public_key_b64} (fingerprint {new.fingerprint})")
+    print(f"; previous key {old.public_key_b64} (kept in {previous_public_path(ctx.home)})")
+    print("; publish both records below, then restart overflowd, jfe and ratelockd; once the")
+    print("; previous key's reports are read, remove its record")
+    _print_records(ctx, args, [new.public_key, old.public_key])
+    return 0
+
+
+def _print_records(
+    ctx: Context, args: argparse.Namespace, keys: list[bytes], *, dry_run: bool = False
+) -> None:
+    """One zone line per key, with the same contacts, URL and boost (two TXT records at one
+    name: a lookup accepts each key it finds, registry.valid_keys)."""
     contacts = args.contact if args.contact else list(ctx.settings.node.contacts)
     origin = "--contact" if args.contact else f"node.contacts in {ctx.home / CONFIG_FILE}"
-    key = identity.public_key
+    key = keys[0]
     # Each part on its own first, so that the error names the flag (or key) it came from.
     parts: tuple[tuple[str, list[str], str | None, float | None], ...] = (
         (origin, contacts, None, None),
@@ -132,9 +182,10 @@ def cmd_key_dns_record(args: argparse.Namespace) -> int:
         except ValueError as exc:
             error = ConfigError if flag == origin and not args.contact else UsageError
             raise error(f"{flag}: {exc}") from None
-    text = format_record(key, contacts, args.url, args.boost)
-    print(zone_line(text, args.name, args.ttl))
-    return 0
+    if dry_run:
+        return
+    for key in keys:
+        print(zone_line(format_record(key, contacts, args.url, args.boost), args.name, args.ttl))
 
 
 def _owner_name(text: str) -> str:
@@ -257,6 +308,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a DNS record: ``key dns-record`` and ``key rotate``."""
+    p.add_argument("--contact", action="append", metavar="URI", help="contact URI (repeatable)")
+    p.add_argument("--url", metavar="URL", help="webhook URL for reports about your addresses")
+    p.add_argument("--boost", type=float, metavar="R", help="ask observers to report R times more")
+    p.add_argument(
+        "--name",
+        type=_owner_name,
+        metavar="NAME",
+        help="owner: a domain, or an address or prefix (/8, /16, /24, /32; IPv6 /32, /48, /64, "
+        "/128) printed as its reverse name, e.g. 192.0.2.0/24 -> 2.0.192.in-addr.arpa",
+    )
+    p.add_argument(
+        "--ttl", type=int_flag("--ttl", 0, MAX_TTL_S), default=3600, metavar="S",
+        help=f"seconds, 0-{MAX_TTL_S} (default 3600)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = Parser(
@@ -296,21 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = key_sub.add_parser(
         "dns-record", parents=[common], help="print the _overflowd TXT record to publish"
     )
-    p.add_argument("--contact", action="append", metavar="URI", help="contact URI (repeatable)")
-    p.add_argument("--url", metavar="URL", help="webhook URL for reports about your addresses")
-    p.add_argument("--boost", type=float, metavar="R", help="ask observers to report R times more")
     p.add_argument(
-        "--name",
-        type=_owner_name,
-        metavar="NAME",
-        help="owner: a domain, or an address or prefix (/8, /16, /24, /32; IPv6 /32, /48, /64, "
-        "/128) printed as its reverse name, e.g. 192.0.2.0/24 -> 2.0.192.in-addr.arpa",
+        "--with-previous",
+        action="store_true",
+        help="also the record of the key before the last 'key rotate' (the overlap)",
     )
-    p.add_argument(
-        "--ttl", type=int_flag("--ttl", 0, MAX_TTL_S), default=3600, metavar="S",
-        help=f"seconds, 0-{MAX_TTL_S} (default 3600)",
-    )
+    _record_flags(p)
     p.set_defaults(func=cmd_key_dns_record)
+    p = key_sub.add_parser(
+        "rotate",
+        parents=[common],
+        help="make a new identity, keep the old public key, print the records for both",
+    )
+    _record_flags(p)
+    p.set_defaults(func=cmd_key_rotate)
     cmd_webhook_secret.register(key_sub, common)
 
     p = sub.add_parser("report", parents=[common], help="sign and store one report by hand")
@@ -344,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_run.register(sub, common)
     cmd_outbox.register(sub, common)
     cmd_demo.register(sub, common)
+    cmd_config.register(sub, common)
     return parser
 
 

@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{text} [{default:g}]" if kind is float else f"{text} [{int(default)}]",
         )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("--log-format", choices=("plain", "json"), default="plain", help="log lines")
     return p
 
 
@@ -205,7 +206,7 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, args.log_format)
     try:
         listen = parse_listen(args.listen)
         trusted = parse_trust(args.trust)
@@ -226,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # binding the address failed
-        print(f"{PROG}: error: --listen {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        why = exc.strerror or exc
+        print(f"{PROG}: error: --listen {args.listen}: cannot listen: {why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -217,8 +217,17 @@ def test_socket_group_and_a_second_daemon_refused(tmp_path: Path) -> None:
         assert stat.S_IMODE(st.st_mode) == 0o640
         second = run("ratelockd", "--home", str(home), timeout=30)
         assert second.code == 1
-        assert "another ratelockd answers there" in second.err, second.err
-        assert str(d.socket_path) in second.err
+        # The home lock refuses it before the socket is touched, naming the holder.
+        assert f"ratelockd already runs there (PID {d.proc.pid} holds" in second.err, second.err
+        assert str(home / "ratelockd.lock") in second.err
+        # Another home on the same socket: the socket check still refuses it.
+        other = tmp_path / "other"
+        make_home(other)
+        third = run("ratelockd", "--home", str(other), "--listen", f"unix:{d.socket_path}",
+                    timeout=30)
+        assert third.code == 1
+        assert "another ratelockd answers there" in third.err, third.err
+        assert str(d.socket_path) in third.err
         assert d.socket_path.exists()
     finally:
         d.stop()

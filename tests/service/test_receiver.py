@@ -349,7 +349,8 @@ def test_overflowd_receive_usage_errors(tmp_path: Path) -> None:
         bad = run("--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "o.jsonl"))
     assert bad.returncode == 1
     assert bad.stderr.decode().strip() == (
-        f"overflowd-receive: error: --listen 127.0.0.1:{port}: Address already in use"
+        f"overflowd-receive: error: --listen 127.0.0.1:{port}: "
+        "cannot listen: Address already in use"
     )
 
 
