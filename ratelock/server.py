@@ -245,8 +245,7 @@ def _b64(obj: dict[str, Any], key: str, max_bytes: int) -> bytes:
     return raw
 
 
-async def _json(request: Request) -> dict[str, Any]:
-    raw = await _body(request, MAX_PASSWORD_BODY_BYTES)
+def _json(raw: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests past the stack
@@ -269,14 +268,15 @@ def create_app(ctx: ServerContext) -> Starlette:
     public_key = ctx.identity.public_key
 
     def verdict_response(
-        op: str, client: str, subject: str, nonce: bytes, outcome: str,
-        retry_after_s: float | None = None, data: bytes | None = None,
+        op: str, client: str, subject: str, nonce: bytes, token: bytes, request: bytes | None,
+        outcome: str, retry_after_s: float | None = None, data: bytes | None = None,
     ) -> Response:
         retry_ms = None if retry_after_s is None else max(0, int(retry_after_s * 1000))
         cose = vd.encode_verdict(
             vd.Verdict(
                 op=op, nonce=nonce, client=client, subject=subject, outcome=outcome,
-                time_ms=int(ctx.clock() * 1000), retry_after_ms=retry_ms,
+                time_ms=int(ctx.clock() * 1000), token=token, request=request,
+                retry_after_ms=retry_ms,
                 digest=None if data is None else hashlib.sha256(data).digest(),
             ),
             public_key,
@@ -308,8 +308,8 @@ def create_app(ctx: ServerContext) -> Starlette:
             limiter.release()
 
     def handler(
-        op: str, subject_param: str | None,
-        call: Callable[[Request, str, str], Awaitable[Callable[[], Outcome]]],
+        op: str, subject_param: str | None, body_limit: int,
+        call: Callable[[bytes, str, str], Callable[[], Outcome]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             started = time.monotonic()
@@ -319,6 +319,12 @@ def create_app(ctx: ServerContext) -> Starlette:
                 m.refused.labels(r.reason).inc()
                 return JSONResponse({"error": r.reason}, status_code=r.status)
             subject = client = ""
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            # the verdict binds the token presented, whatever it is, so that the client can
+            # tell an answer to its own request from one earned with another client's token
+            bound_token = vd.token_digest(token if scheme.lower() == "bearer" else "")
+            bound_body: bytes | None = None
             try:
                 if subject_param is not None:
                     raw = request.path_params[subject_param]
@@ -326,58 +332,61 @@ def create_app(ctx: ServerContext) -> Starlette:
                     if len(raw.encode("utf-8", "surrogatepass")) <= vd.MAX_NAME_BYTES:
                         subject = raw
                     _name(raw, max_name)
-                auth = request.headers.get("authorization", "")
-                scheme, _, token = auth.partition(" ")
                 if scheme.lower() != "bearer" or not token or len(token) > 512:
                     raise Refusal(401, "unauthorized", "bad_token")
                 name = await trio.to_thread.run_sync(ctx.vault.authenticate, token.strip())
                 if name is None:
                     raise Refusal(401, "unauthorized", "bad_token")
                 client = name
-                fn = await call(request, client, subject)
+                body = await _body(request, body_limit)
+                bound_body = vd.body_digest(body)
+                fn = call(body, client, subject)
                 outcome = await in_thread(fn)
             except Refusal as r:
                 m.refused.labels(r.reason).inc()
-                return verdict_response(op, client, subject, nonce, r.outcome, r.retry_after_s)
+                return verdict_response(
+                    op, client, subject, nonce, bound_token, bound_body, r.outcome,
+                    r.retry_after_s,
+                )
             m.requests.labels(op, outcome.kind).inc()
             m.seconds.labels(op).observe(time.monotonic() - started)
             return verdict_response(
-                op, client, subject, nonce, outcome.kind, outcome.retry_after_s, outcome.data
+                op, client, subject, nonce, bound_token, bound_body, outcome.kind,
+                outcome.retry_after_s, outcome.data,
             )
 
         return endpoint
 
     v = ctx.vault
 
-    async def enroll(request: Request, client: str, user: str) -> Callable[[], Outcome]:
-        password = _b64(await _json(request), "password", max_pw)
+    def enroll(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
+        password = _b64(_json(body), "password", max_pw)
         return lambda: v.enroll(client, user, password)
 
-    async def verify(request: Request, client: str, user: str) -> Callable[[], Outcome]:
-        password = _b64(await _json(request), "password", max_pw)
+    def verify(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
+        password = _b64(_json(body), "password", max_pw)
         return lambda: v.verify(client, user, password)
 
-    async def change(request: Request, client: str, user: str) -> Callable[[], Outcome]:
-        body = await _json(request)
-        old, new = _b64(body, "old", max_pw), _b64(body, "new", max_pw)
+    def change(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
+        obj = _json(body)
+        old, new = _b64(obj, "old", max_pw), _b64(obj, "new", max_pw)
         return lambda: v.change(client, user, old, new)
 
-    async def delete_user(request: Request, client: str, user: str) -> Callable[[], Outcome]:
+    def delete_user(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
         return lambda: v.delete_user(client, user)
 
-    async def put(request: Request, client: str, key: str) -> Callable[[], Outcome]:
-        data = await _body(request, ctx.settings.max_record_bytes)
-        return lambda: v.put(client, key, data)
+    def put(body: bytes, client: str, key: str) -> Callable[[], Outcome]:
+        return lambda: v.put(client, key, body)
 
-    async def get(request: Request, client: str, key: str) -> Callable[[], Outcome]:
+    def get(body: bytes, client: str, key: str) -> Callable[[], Outcome]:
         return lambda: v.get(client, key)
 
-    async def delete_record(request: Request, client: str, key: str) -> Callable[[], Outcome]:
+    def delete_record(body: bytes, client: str, key: str) -> Callable[[], Outcome]:
         return lambda: v.delete_record(client, key)
 
-    async def status(request: Request, client: str, subject: str) -> Callable[[], Outcome]:
+    def status(body: bytes, client: str, subject: str) -> Callable[[], Outcome]:
         def answer() -> Outcome:
-            s = dataclasses.asdict(v.status())
+            s = dataclasses.asdict(v.client_status(client))
             return Outcome(kind="ok", data=json.dumps(s, sort_keys=True).encode())
 
         return answer
@@ -393,17 +402,18 @@ def create_app(ctx: ServerContext) -> Starlette:
             "key": ctx.identity.public_key_b64, "fingerprint": ctx.identity.fingerprint,
         })
 
+    pw, rec = MAX_PASSWORD_BODY_BYTES, ctx.settings.max_record_bytes
+    user, key = "/v1/users/{user:path}", "/v1/records/{key:path}"
     routes = [
-        Route("/v1/users/{user:path}/enroll", handler("enroll", "user", enroll), methods=["POST"]),
-        Route("/v1/users/{user:path}/verify", handler("verify", "user", verify), methods=["POST"]),
-        Route("/v1/users/{user:path}/change", handler("change", "user", change), methods=["POST"]),
-        Route("/v1/users/{user:path}", handler("delete_user", "user", delete_user),
-              methods=["DELETE"]),
-        Route("/v1/records/{key:path}", handler("put", "key", put), methods=["PUT"]),
-        Route("/v1/records/{key:path}", handler("get", "key", get), methods=["GET"]),
-        Route("/v1/records/{key:path}", handler("delete_record", "key", delete_record),
-              methods=["DELETE"]),
-        Route("/v1/status", handler("status", None, status), methods=["GET"]),
+        Route(f"{user}/enroll", handler("enroll", "user", pw, enroll), methods=["POST"]),
+        Route(f"{user}/verify", handler("verify", "user", pw, verify), methods=["POST"]),
+        Route(f"{user}/change", handler("change", "user", pw, change), methods=["POST"]),
+        Route(user, handler("delete_user", "user", 0, delete_user), methods=["DELETE"]),
+        Route(key, handler("put", "key", rec, put), methods=["PUT"]),
+        Route(key, handler("get", "key", 0, get), methods=["GET"]),
+        Route(key, handler("delete_record", "key", 0, delete_record), methods=["DELETE"]),
+        # a body on GET/DELETE is refused (too_large): the verdict binds an empty one
+        Route("/v1/status", handler("status", None, 0, status), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/identity", identity, methods=["GET"]),

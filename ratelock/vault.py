@@ -20,7 +20,8 @@ API (the seam ratelock-server builds on; all methods thread-safe, one Vault per 
     vault.rotate_secret() -> int                         # rows re-encrypted
     vault.sign_audit_head() -> int | None                # seq signed (None: nothing new / no key)
     vault.audit_verify() -> AuditReport                  # ratelock.audit
-    vault.status() -> VaultStatus
+    vault.status() -> VaultStatus                        # the operator's view (all clients)
+    vault.client_status(client) -> ClientStatus          # one client's own view (/v1/status)
     vault.max_concurrent_hashes -> int                   # size the server's CapacityLimiter
     vault.close()
 
@@ -126,6 +127,32 @@ class VaultStatus:
     audit_entries: int
     audit_signed_seq: int
     secret_key_id: int
+    argon2_time_cost: int
+    argon2_memory_kib: int
+    max_concurrent_hashes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatus:
+    """What ``/v1/status`` tells a client: its own users, records and budgets, and settings.
+
+    Nothing here depends on another client's activity (no global counts, no audit length, no
+    global bucket level): only the configured global limits, which the operator chose."""
+
+    client: str
+    schema_version: int
+    users: int
+    records: int
+    failures_available: int
+    failures_burst: int
+    failures_per_hour: int
+    reads_available: int
+    reads_burst: int
+    reads_per_hour: int
+    global_failures_burst: int
+    global_failures_per_hour: int
+    global_reads_burst: int
+    global_reads_per_hour: int
     argon2_time_cost: int
     argon2_memory_kib: int
     max_concurrent_hashes: int
@@ -870,6 +897,60 @@ class Vault:
         if not extra:
             return report
         return dataclasses.replace(report, problems=(*report.problems, *extra))
+
+    def client_status(self, client: str) -> ClientStatus:
+        """The caller's own counts and budget levels (never another client's)."""
+        fail_rate, read_rate = self._fail_rates[1], self._read_rates[1]
+        names = {f"fail:client:{client}": fail_rate, f"read:client:{client}": read_rate}
+        now = self._clock()
+        try:
+            with self._engine.connect() as conn:
+
+                def count(table: Table) -> int:
+                    return int(
+                        conn.execute(
+                            select(func.count()).select_from(table)
+                            .where(table.c.namespace == client)
+                        ).scalar_one()
+                    )
+
+                users, records = count(t_users), count(t_records)
+                rows = {
+                    r.name: r
+                    for r in conn.execute(select(t_buckets).where(t_buckets.c.name.in_(names)))
+                }
+        except SQLAlchemyError as exc:
+            raise VaultError(f"ratelock store {self._store}: {_short(exc)}") from None
+
+        def available(name: str) -> int:
+            rate, row = names[name], rows.get(name)
+            if row is None:
+                return rate.burst
+            tat = int(row.tat)
+            if int(row.per_period) != rate.per_period:
+                tat = -(-tat * rate.per_period // int(row.per_period))
+            return policy.remaining(rate, tat, now)
+
+        s = self.settings
+        return ClientStatus(
+            client=client,
+            schema_version=SCHEMA_VERSION,
+            users=users,
+            records=records,
+            failures_available=available(f"fail:client:{client}"),
+            failures_burst=s.client_failures_burst,
+            failures_per_hour=s.client_failures_per_hour,
+            reads_available=available(f"read:client:{client}"),
+            reads_burst=s.client_reads_burst,
+            reads_per_hour=s.client_reads_per_hour,
+            global_failures_burst=s.global_failures_burst,
+            global_failures_per_hour=s.global_failures_per_hour,
+            global_reads_burst=s.global_reads_burst,
+            global_reads_per_hour=s.global_reads_per_hour,
+            argon2_time_cost=self._params.time_cost,
+            argon2_memory_kib=self._params.memory_kib,
+            max_concurrent_hashes=self.max_concurrent_hashes,
+        )
 
     def status(self) -> VaultStatus:
         with self._engine.connect() as conn:
