@@ -61,7 +61,9 @@ class Answer:
     ``outcome`` is the vault's word: ``ok``, ``wrong`` (a password that does not match),
     ``unknown`` (no such user), ``not_found`` (no such record), ``exists``, ``over_budget``
     (with ``retry_after_s``: no decision was made about the password), ``invalid`` (the vault
-    refused the name or size), ``unauthorized``, ``bad_request``, ``too_large``, ``busy``.
+    refused the name or size), ``tampered`` (the stored verifier was edited in the database:
+    refused, never hashed; tell the operator), ``unauthorized``, ``bad_request``,
+    ``too_large``, ``busy``.
     """
 
     op: str

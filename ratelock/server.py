@@ -140,6 +140,11 @@ class RatelockMetrics:
             "ratelock_hash_slots_waiting", "Requests waiting for a hash slot now",
             registry=self.registry,
         )
+        self.tampered = Counter(
+            "ratelock_tampered_rows", "Verifies refused because the stored verifier was edited "
+            "(parameters out of bounds, or sealed for other parameters): never hashed",
+            registry=self.registry,
+        )
         self.audit_signed = Counter(
             "ratelock_audit_heads_signed", "Audit heads signed by the periodic task",
             registry=self.registry,
@@ -188,7 +193,7 @@ class ServerContext:
 _STATUS = {
     "ok": 200, "wrong": 200, "unknown": 404, "not_found": 404, "exists": 409,
     "over_budget": 429, "invalid": 400, "unauthorized": 401, "bad_request": 400,
-    "too_large": 413, "busy": 503,
+    "too_large": 413, "busy": 503, "tampered": 500,
 }
 
 
@@ -349,6 +354,8 @@ def create_app(ctx: ServerContext) -> Starlette:
                     r.retry_after_s,
                 )
             m.requests.labels(op, outcome.kind).inc()
+            if outcome.kind == "tampered":
+                m.tampered.inc()
             m.seconds.labels(op).observe(time.monotonic() - started)
             return verdict_response(
                 op, client, subject, nonce, bound_token, bound_body, outcome.kind,

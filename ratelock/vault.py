@@ -83,9 +83,11 @@ from sqlalchemy.pool import StaticPool
 from overflowd.errors import SealError, VaultError
 from overflowd.identity import NodeIdentity, check_signature, identity_path, load_identity
 from ratelock import audit, crypto, policy
-from ratelock.config import RatelockSettings
+from ratelock.config import ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME_COST, RatelockSettings
 
-SCHEMA_VERSION = 1
+#: 2: verifiers sealed with the Argon2 parameters and salt in their associated data (a schema 1
+#: store is resealed once, at the first open by this version: Vault._reseal_schema_1)
+SCHEMA_VERSION = 2
 #: SQLite: how long a writer waits for another's lock. Every verify takes the write lock
 #: briefly (no hashing inside it), so a long wait means a stuck process, not load.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -99,7 +101,9 @@ SECRET_KEY_META = "secret_key_id"
 #: the audit log's "client" for operator actions (clients add/revoke, rotation)
 ADMIN = "-admin"
 
-OutcomeKind = Literal["ok", "wrong", "unknown", "over_budget", "exists", "not_found", "invalid"]
+OutcomeKind = Literal[
+    "ok", "wrong", "unknown", "over_budget", "exists", "not_found", "invalid", "tampered"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,10 +265,18 @@ class Vault:
         self._clock = clock_ms
         self._store = store
         self._hashes = threading.BoundedSemaphore(settings.max_concurrent_hashes)
+        self._counts_lock = threading.Lock()
+        #: verifies refused because the stored verifier was edited (ratelock_tampered_rows)
+        self.tampered_rows = 0
         self._postgres = engine.dialect.name == "postgresql"
         self._params = crypto.Argon2Parameters(
             settings.argon2_time_cost, settings.argon2_memory_kib
         )
+        if not self._params_allowed(self._params):
+            raise VaultError(
+                "ratelock.argon2_max_time_cost / argon2_max_memory_kib are below the configured "
+                "argon2_time_cost / argon2_memory_kib: raise the bounds first"
+            )
         s = settings
         self._fail_rates = (
             policy.Rate(s.user_failures_burst, s.user_failures_per_hour),
@@ -298,7 +310,7 @@ class Vault:
         except SQLAlchemyError as exc:
             engine.dispose()
             raise VaultError(f"ratelock store {_redact(url)}: {_short(exc)}") from None
-        return cls(
+        vault = cls(
             engine,
             settings,
             secret,
@@ -306,6 +318,40 @@ class Vault:
             clock_ms=clock_ms or _now_ms,
             store=_redact(url),
         )
+        try:
+            vault._reseal_schema_1()
+        except BaseException:
+            engine.dispose()
+            raise
+        return vault
+
+    def _reseal_schema_1(self) -> None:
+        """Once per store: seal every schema 1 verifier again with v2 associated data (its
+        parameters and salt as stored), then record schema 2, in one locked transaction (two
+        processes opening at once: the second finds schema 2 and does nothing)."""
+        with self._write() as conn:
+            version = conn.execute(
+                select(t_meta.c.value).where(t_meta.c.name == "schema_version")
+            ).scalar()
+            if version is None or int(version) >= 2:
+                return
+            count = 0
+            for r in conn.execute(select(t_users)).all():
+                key = self._key(int(r.key_id))
+                plain = key.open_verifier_v1(r.namespace, r.user, bytes(r.nonce), bytes(r.sealed))
+                params = crypto.Argon2Parameters(int(r.time_cost), int(r.memory_kib))
+                nonce, sealed = key.seal_verifier(r.namespace, r.user, plain, params,
+                                                  bytes(r.salt))
+                conn.execute(
+                    update(t_users)
+                    .where(t_users.c.namespace == r.namespace, t_users.c.user == r.user)
+                    .values(nonce=nonce, sealed=sealed)
+                )
+                count += 1
+            conn.execute(
+                update(t_meta).where(t_meta.c.name == "schema_version").values(value="2")
+            )
+            self._append(conn, ADMIN, "schema.reseal", str(count), "ok")
 
     def close(self) -> None:
         self._engine.dispose()
@@ -481,6 +527,19 @@ class Vault:
         with self._hashes:
             return crypto.argon2(password, salt, params)
 
+    def _params_allowed(self, params: crypto.Argon2Parameters) -> bool:
+        s = self.settings
+        return (
+            ARGON2_MIN_TIME_COST <= params.time_cost <= s.argon2_max_time_cost
+            and ARGON2_MIN_MEMORY_KIB <= params.memory_kib <= s.argon2_max_memory_kib
+        )
+
+    def _tampered(self, client: str, user: str, why: str) -> Outcome:
+        """A stored verifier refused (edited in the database): counted, never hashed."""
+        with self._counts_lock:
+            self.tampered_rows += 1
+        return Outcome("tampered", detail=why)
+
     # -- passwords ----------------------------------------------------------------------------
 
     def _fail_buckets(self, client: str, user: str) -> tuple[str, ...]:
@@ -510,7 +569,7 @@ class Vault:
                 return Outcome("exists")
             self._refund(conn, names, self._fail_rates)
             key = self._key_for_write(conn)
-            nonce, sealed = key.seal_verifier(client, user, verifier)
+            nonce, sealed = key.seal_verifier(client, user, verifier, self._params, salt)
             conn.execute(
                 insert(t_users).values(
                     namespace=client,
@@ -544,15 +603,29 @@ class Vault:
             row = conn.execute(
                 select(t_users).where(t_users.c.namespace == client, t_users.c.user == user)
             ).first()
+            params = None
+            if row is not None:
+                params = crypto.Argon2Parameters(int(row.time_cost), int(row.memory_kib))
+                if not self._params_allowed(params):
+                    # a database writer raised them (or the bounds were lowered): refused
+                    # before anything is hashed or allocated, and said so in the audit log
+                    self._append(conn, client, op, user, "tampered")
+                    return self._tampered(client, user, "parameters out of bounds")
             self._append(conn, client, op, user, "charged" if row else "unknown")
-        if row is None:
+        if row is None or params is None:
             return Outcome("unknown")
-        # 2. The charge is committed: hash outside any transaction.
-        params = crypto.Argon2Parameters(int(row.time_cost), int(row.memory_kib))
-        stored = self._key(int(row.key_id)).open_verifier(
-            client, user, bytes(row.nonce), bytes(row.sealed)
-        )
-        ok = crypto.same(self._hash(password, bytes(row.salt), params), stored)
+        # 2. The charge is committed: open (the parameters and salt are in the associated
+        # data, so edited ones do not open), then hash outside any transaction.
+        salt_ = bytes(row.salt)
+        key_ = self._key(int(row.key_id))
+        try:
+            stored = key_.open_verifier(client, user, bytes(row.nonce), bytes(row.sealed),
+                                        params, salt_)
+        except SealError:
+            with self._write() as conn:
+                self._append(conn, client, op, user, "tampered")
+            return self._tampered(client, user, "verifier does not open")
+        ok = crypto.same(self._hash(password, salt_, params), stored)
         # 3. Record the result; a success gives its token back and upgrades the parameters.
         upgrade: tuple[bytes, bytes] | None = None
         if ok and params != self._params:
@@ -564,7 +637,7 @@ class Vault:
                 if upgrade:
                     salt, verifier = upgrade
                     key = self._key_for_write(conn)
-                    nonce, sealed = key.seal_verifier(client, user, verifier)
+                    nonce, sealed = key.seal_verifier(client, user, verifier, self._params, salt)
                     key_id = key.key_id
                     conn.execute(
                         update(t_users)
@@ -597,7 +670,7 @@ class Vault:
         verifier = self._hash(new, salt, self._params)
         with self._write() as conn:
             key = self._key_for_write(conn)
-            nonce, sealed = key.seal_verifier(client, user, verifier)
+            nonce, sealed = key.seal_verifier(client, user, verifier, self._params, salt)
             result = conn.execute(
                 update(t_users)
                 .where(t_users.c.namespace == client, t_users.c.user == user)
@@ -795,10 +868,13 @@ class Vault:
         count = 0
         with self._write() as conn:
             for r in conn.execute(select(t_users).where(t_users.c.key_id != new_key.key_id)).all():
+                params = crypto.Argon2Parameters(int(r.time_cost), int(r.memory_kib))
                 plain = old.key(int(r.key_id)).open_verifier(
-                    r.namespace, r.user, bytes(r.nonce), bytes(r.sealed)
+                    r.namespace, r.user, bytes(r.nonce), bytes(r.sealed), params, bytes(r.salt)
                 )
-                nonce, sealed = new_key.seal_verifier(r.namespace, r.user, plain)
+                nonce, sealed = new_key.seal_verifier(
+                    r.namespace, r.user, plain, params, bytes(r.salt)
+                )
                 conn.execute(
                     update(t_users)
                     .where(t_users.c.namespace == r.namespace, t_users.c.user == r.user)

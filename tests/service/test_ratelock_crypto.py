@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import resource
 import shutil
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
-from overflowd.errors import SealError
+from overflowd.errors import SealError, VaultError
 from ratelock import crypto
-from ratelock.vault import Vault, t_users
+from ratelock.config import RatelockSettings
+from ratelock.vault import Vault, t_audit, t_meta, t_users
 from tests.support.ratelock import fast_settings
 
 PASSWORD = b"correct horse battery staple"
@@ -40,9 +42,9 @@ def test_a_copy_of_the_database_without_the_secret_verifies_nothing(tmp_path: Pa
     assert PASSWORD not in stolen and b"the record" not in stolen
     # online with the copy: a vault on it makes a new secret and opens nothing
     with Vault.open(thief, fast_settings()) as copy:
-        for user in ("alice", "bob", "carol"):
-            with pytest.raises(SealError):
-                copy.verify("app", user, PASSWORD)
+        for user in ("alice", "bob", "carol"):  # refused, not hashed: nothing opens
+            assert copy.verify("app", user, PASSWORD).kind == "tampered"
+        assert copy.tampered_rows == 3
         with pytest.raises(SealError):
             copy.get("app", "42")
     # the real vault still works
@@ -86,3 +88,81 @@ def test_argon2_parameters_upgrade_at_next_successful_verify(db_url: str, tmp_pa
         assert (row.time_cost, row.memory_kib) == (2, 64)
         assert vault.verify("app", "alice", PASSWORD).kind == "ok"
         assert vault.verify("app", "alice", b"wrong").kind == "wrong"
+
+
+@pytest.mark.parametrize(
+    ("time_cost", "memory_kib"),
+    [(1, 4 * 1024 * 1024), (10_000, 8), (2, 8)],
+    ids=["memory-bomb", "time-bomb", "within-bounds"],
+)
+def test_a_row_whose_parameters_were_edited_is_refused_not_hashed(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, time_cost: int, memory_kib: int
+) -> None:
+    """A database writer (no secret) raises alice's stored Argon2 parameters so that every
+    verify of her allocates 4 GiB or runs for minutes. Out of the configured bounds, the row is
+    refused before it is opened; within them, the parameters are in the sealed verifier's
+    associated data and it does not open. Either way: counted, audited, never hashed."""
+    home = tmp_path / "home"
+    url = db_url.replace("overflowd.db", "ratelock.db")
+    with Vault.open(home, fast_settings(url)) as vault:
+        assert vault.enroll("app", "alice", PASSWORD).kind == "ok"
+        with vault._engine.begin() as conn:
+            conn.execute(update(t_users).values(time_cost=time_cost, memory_kib=memory_kib))
+        hashed: list[crypto.Argon2Parameters] = []
+        real = crypto.argon2
+        monkeypatch.setattr(crypto, "argon2", lambda pw, salt, p: hashed.append(p) or real(
+            pw, salt, p))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert vault.verify("app", "alice", PASSWORD).kind == "tampered"
+        assert vault.change("app", "alice", PASSWORD, b"new").kind == "tampered"
+        assert hashed == []  # neither verify nor change hashed anything
+        assert vault.tampered_rows == 2
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB
+        with vault._engine.connect() as conn:
+            outcomes = [r.outcome for r in conn.execute(
+                select(t_audit.c.outcome).where(t_audit.c.subject == "alice")
+                .order_by(t_audit.c.seq))]
+        assert outcomes.count("tampered") == 2
+        assert vault.audit_verify().ok
+
+
+def test_the_configured_parameters_must_be_within_the_bounds(tmp_path: Path) -> None:
+    with pytest.raises(VaultError, match="argon2_max"):
+        Vault.open(tmp_path / "h", fast_settings(argon2_time_cost=3, argon2_max_time_cost=2))
+    problems = dict(RatelockSettings(argon2_max_memory_kib=1024).problems())
+    assert "argon2_max_memory_kib" in problems
+    assert "argon2_max_time_cost" in dict(RatelockSettings(argon2_max_time_cost=2).problems())
+
+
+def test_a_schema_1_store_is_resealed_once(tmp_path: Path) -> None:
+    """Before v2 a verifier's associated data held only its namespace and user. The first open
+    by this version seals every one again with its parameters and salt, records schema 2 and
+    audits it; the passwords still verify, and a second open reseals nothing."""
+    home = tmp_path / "home"
+    with Vault.open(home, fast_settings()) as vault:
+        for user in ("alice", "bob"):
+            assert vault.enroll("app", user, PASSWORD).kind == "ok"
+        # turn the store into what schema 1 wrote: v1 associated data, schema_version 1
+        key = vault._current_key()
+        with vault._engine.begin() as conn:
+            for r in conn.execute(select(t_users)).all():
+                params = crypto.Argon2Parameters(r.time_cost, r.memory_kib)
+                plain = key.open_verifier(r.namespace, r.user, r.nonce, r.sealed, params, r.salt)
+                nonce, sealed = crypto._seal(
+                    key._derive(crypto.PERSON_VERIFIER),
+                    crypto._aad(crypto.AAD_VERIFIER_V1, r.namespace, r.user), plain)
+                conn.execute(update(t_users).where(t_users.c.user == r.user)
+                             .values(nonce=nonce, sealed=sealed))
+            conn.execute(update(t_meta).where(t_meta.c.name == "schema_version")
+                         .values(value="1"))
+        assert vault.verify("app", "alice", PASSWORD).kind == "tampered"  # v1 no longer opens
+    for _ in range(2):
+        with Vault.open(home, fast_settings()) as vault:
+            assert vault.verify("app", "alice", PASSWORD).kind == "ok"
+            assert vault.verify("app", "bob", b"wrong").kind == "wrong"
+            assert vault.status().schema_version == 2
+            with vault._engine.connect() as conn:
+                reseals = conn.execute(select(t_audit.c.subject)
+                                       .where(t_audit.c.op == "schema.reseal")).all()
+            assert [r.subject for r in reseals] == ["2"]  # once, two verifiers
+            assert vault.audit_verify().ok
