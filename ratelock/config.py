@@ -96,6 +96,10 @@ class RatelockSettings:
     #: the server signs the head at least this often when there were new entries
     audit_sign_interval_s: float = 60.0
 
+    #: requests refused before the vault (bad token, malformed or too large body, wrong
+    #: method) are audited as one counted row per (client, op, reason) per this many seconds
+    audit_refusal_window_s: float = 10.0
+
     # -- verdicts --------------------------------------------------------------------------------
     #: a client refuses a verdict dated further than this from its own clock
     verdict_max_skew_s: float = 30.0
@@ -158,6 +162,8 @@ class RatelockSettings:
             yield "audit_sign_every_entries", "must be at least 1"
         if self.audit_sign_interval_s <= 0:
             yield "audit_sign_interval_s", "must be positive"
+        if self.audit_refusal_window_s <= 0:
+            yield "audit_refusal_window_s", "must be positive"
         if self.verdict_max_skew_s <= 0:
             yield "verdict_max_skew_s", "must be positive"
 

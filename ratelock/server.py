@@ -69,7 +69,7 @@ from starlette.routing import Route
 from overflowd.config import resolve_home
 from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
 from overflowd.identity import NodeIdentity, load_identity
-from ratelock import policy
+from ratelock import audit, policy
 from ratelock import verdict as vd
 from ratelock.config import RatelockSettings, load_ratelock
 from ratelock.vault import Outcome, Vault
@@ -98,6 +98,8 @@ REQUEST_BODY_TIMEOUT_S = 10.0
 #: this Retry-After, so a flood queues in bounded memory instead of in every coroutine.
 MAX_WAITING_PER_SLOT = 8
 BUSY_RETRY_AFTER_S = 1
+#: At shutdown, the last window's refusal rows get this long to commit.
+REFUSAL_FLUSH_TIMEOUT_S = 5.0
 #: Header names: the request nonce, and the answer's verdict (base64url COSE_Sign1, at most
 #: verdict.MAX_VERDICT_BYTES): a header so that a record's bytes can be the body, bound to the
 #: verdict by its SHA-256 ``digest``.
@@ -145,6 +147,23 @@ class RatelockMetrics:
             "(parameters out of bounds, or sealed for other parameters): never hashed",
             registry=self.registry,
         )
+        self.refusal_rows = Counter(
+            "ratelock_refusal_audit_rows", "Aggregated audit rows written for refusals before "
+            "the vault (one per client, op and reason per window)", registry=self.registry,
+        )
+        self.refusal_requests = Counter(
+            "ratelock_refusal_audit_requests", "Refusals before the vault counted in those rows",
+            registry=self.registry,
+        )
+        self.refusal_overflow = Counter(
+            "ratelock_refusal_audit_overflow", "Refusals counted in a window's overflow row "
+            "(past its distinct-key bound)", registry=self.registry,
+        )
+        self.refusal_failed = Counter(
+            "ratelock_refusal_audit_failures", "Refusal rows that could not be written "
+            "(the store failed; their counts are lost, the metrics keep them)",
+            registry=self.registry,
+        )
         self.audit_signed = Counter(
             "ratelock_audit_heads_signed", "Audit heads signed by the periodic task",
             registry=self.registry,
@@ -182,6 +201,8 @@ class ServerContext:
     metrics: RatelockMetrics = field(default_factory=RatelockMetrics)
     clock: Callable[[], float] = time.time
     limiter: trio.CapacityLimiter | None = None
+    #: refusals before the vault, audited in aggregate by RatelockService (one row per key)
+    refusals: audit.RefusalTally = field(default_factory=audit.RefusalTally)
 
     def __post_init__(self) -> None:
         if self.limiter is None:
@@ -322,6 +343,7 @@ def create_app(ctx: ServerContext) -> Starlette:
                 nonce = _nonce(request)
             except Refusal as r:
                 m.refused.labels(r.reason).inc()
+                ctx.refusals.add("", op, r.reason)
                 return JSONResponse({"error": r.reason}, status_code=r.status)
             subject = client = ""
             auth = request.headers.get("authorization", "")
@@ -349,6 +371,7 @@ def create_app(ctx: ServerContext) -> Starlette:
                 outcome = await in_thread(fn)
             except Refusal as r:
                 m.refused.labels(r.reason).inc()
+                ctx.refusals.add(client, op, r.reason)
                 return verdict_response(
                     op, client, subject, nonce, bound_token, bound_body, r.outcome,
                     r.retry_after_s,
@@ -425,7 +448,16 @@ def create_app(ctx: ServerContext) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/identity", identity, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    async def no_route(request: Request, exc: Exception) -> Response:
+        """Wrong method or no such path: refused before the vault, so counted and audited in
+        aggregate like any other (no client is known: the token is not even looked at)."""
+        status = getattr(exc, "status_code", 404)
+        reason = "wrong_method" if status == 405 else "no_route"
+        m.refused.labels(reason).inc()
+        ctx.refusals.add("", "-", reason)
+        return JSONResponse({"error": reason}, status_code=status)
+
+    return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +580,7 @@ class RatelockService:
         self._stop = trio.Event()
         self._audit_signed = 0
         self._audit_scope = trio.CancelScope()
+        self._refusal_scope = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         from hypercorn.config import Config, Sockets
@@ -584,6 +617,7 @@ class RatelockService:
                 )
                 if self.ctx.settings.audit_sign_interval_s > 0:
                     nursery.start_soon(self._sign_audit_heads)
+                nursery.start_soon(self._audit_refusals)
                 where = self.listen.text() if self.listen.path is not None else binds[0]
                 log.info("ratelockd.listening at=%s", where)
                 task_status.started(where)
@@ -591,6 +625,10 @@ class RatelockService:
                 # hypercorn drains the requests in flight within graceful_timeout and returns;
                 # the audit timer just stops (a head it was signing commits or rolls back).
                 self._audit_scope.cancel()
+                self._refusal_scope.cancel()
+            # what the last window counted is written before we go
+            with trio.move_on_after(REFUSAL_FLUSH_TIMEOUT_S):
+                await self._flush_refusals()
         finally:
             if self.listen.path is not None:
                 with contextlib.suppress(OSError):
@@ -614,6 +652,31 @@ class RatelockService:
                     self._audit_signed += 1
                     self.ctx.metrics.audit_signed.inc()
             await trio.sleep(self.ctx.settings.audit_sign_interval_s)
+
+    async def _audit_refusals(self) -> None:
+        """Every ``audit_refusal_window_s``: the window's refusals as counted audit rows."""
+        with self._refusal_scope:
+            while True:
+                await trio.sleep(self.ctx.settings.audit_refusal_window_s)
+                await self._flush_refusals()
+
+    async def _flush_refusals(self) -> None:
+        tally, m = self.ctx.refusals, self.ctx.metrics
+        overflowed, tally.overflowed = tally.overflowed, 0
+        rows = tally.take()
+        if not rows:
+            return
+        counted = sum(int(outcome.partition(":")[2]) for *_, outcome in rows)
+        try:
+            # not abandoned on cancel: the transaction commits or rolls back as a whole
+            written = await trio.to_thread.run_sync(self.ctx.vault.record_refusals, rows)
+        except (RatelockError, OSError) as exc:
+            m.refusal_failed.inc(len(rows))
+            log.warning("ratelockd.refusal_audit_failed rows=%d error=%s", len(rows), exc)
+            return
+        m.refusal_rows.inc(written)
+        m.refusal_requests.inc(counted)
+        m.refusal_overflow.inc(overflowed)
 
     def stop(self) -> None:
         self._stop.set()

@@ -19,6 +19,7 @@ API (the seam ratelock-server builds on; all methods thread-safe, one Vault per 
     vault.authenticate(token) -> str | None              # the client's name; None = unknown/revoked
     vault.rotate_secret() -> int                         # rows re-encrypted
     vault.sign_audit_head() -> int | None                # seq signed (None: nothing new / no key)
+    vault.record_refusals(rows) -> int                   # the server's aggregated refusals
     vault.audit_verify() -> AuditReport                  # ratelock.audit
     vault.status() -> VaultStatus                        # the operator's view (all clients)
     vault.client_status(client) -> ClientStatus          # one client's own view (/v1/status)
@@ -909,6 +910,17 @@ class Vault:
         return count
 
     # -- audit -------------------------------------------------------------------------------------
+
+    def record_refusals(self, rows: list[tuple[str, str, str, str]]) -> int:
+        """Append the server's aggregated refusals (audit.RefusalTally.take) in one transaction;
+        returns the rows written. Nothing was charged for them: they are the audit's only."""
+        if not rows:
+            return 0
+        with self._write() as conn:
+            for client, op, subject, outcome in rows:
+                self._append(conn, client, op, subject, outcome)
+        return len(rows)
+
 
     def sign_audit_head(self) -> int | None:
         """Sign the current head if entries came since the last signed one (the server's timer)."""
