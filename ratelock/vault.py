@@ -825,6 +825,19 @@ class Vault:
         with self._secret_lock:
             return self._secret.current
 
+    def _reload_secret(self) -> crypto.SecretFile:
+        """Read the secret file again (another process rotated: ``ratelock secret rotate``
+        while ratelockd runs). The file's keys come first (its first is current); every key
+        this process held before stays known in memory, so a row read under the old key just
+        before the rotation resealed it still opens after the rotation dropped that key from
+        the file. The file, not memory, is what a thief of the disk would get."""
+        with self._secret_lock:
+            fresh = crypto.open_secret(self._secret.path, create=False)
+            known = {k.key_id for k in fresh.keys}
+            kept = tuple(k for k in self._secret.keys if k.key_id not in known)
+            self._secret = crypto.SecretFile(fresh.path, (*fresh.keys, *kept))
+            return self._secret
+
     def _key(self, key_id: int) -> crypto.VaultKey:
         with self._secret_lock:
             secret = self._secret
@@ -832,10 +845,7 @@ class Vault:
             return secret.key(key_id)
         except SealError:
             # another process may have rotated: read the file again once
-            fresh = crypto.open_secret(secret.path, create=False)
-            with self._secret_lock:
-                self._secret = fresh
-            return fresh.key(key_id)
+            return self._reload_secret().key(key_id)
 
     def _key_for_write(self, conn: Connection) -> crypto.VaultKey:
         """The key to seal with, checked under the write lock against the key id the last
@@ -848,10 +858,9 @@ class Vault:
         key = self._current_key()
         if recorded is None or int(recorded) == key.key_id:
             return key
-        fresh = crypto.open_secret(self._secret.path, create=False)
-        with self._secret_lock:
-            self._secret = fresh
-        return fresh.key(int(recorded))
+        # the rotation record moved on: another process rotated while we ran
+        # (or one crashed after writing its new key first: the recorded key is still current)
+        return self._reload_secret().key(int(recorded))
 
     def rotate_secret(self) -> int:
         """A new secret; every verifier and record re-encrypted; the old one dropped. No

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,69 @@ def test_a_schema_1_store_is_resealed_once(tmp_path: Path) -> None:
                                        .where(t_audit.c.op == "schema.reseal")).all()
             assert [r.subject for r in reseals] == ["2"]  # once, two verifiers
             assert vault.audit_verify().ok
+
+
+def test_secret_rotation_while_ratelockd_runs(tmp_path: Path) -> None:
+    """``ratelock secret rotate`` beside a running daemon that keeps answering: the daemon
+    sees the rotation record in the store before its next seal and reads the new key, and a
+    row it read under the old key just before the reseal still opens. Nothing is lost: every
+    verify and get during and after the rotation answers, and so does a restarted daemon."""
+    import threading
+
+    from tests.support.cli import run
+    from tests.support.ratelockd import Ratelockd, add_client, make_home
+
+    home = tmp_path / "home"
+    make_home(home)
+    token = add_client(home, "app")
+    d = Ratelockd(home)
+    try:
+        with d.client(token) as c:
+            for user in ("alice", "bob"):
+                assert c.enroll(user, PASSWORD).ok
+            assert c.put("k1", b"first record").ok
+        stop, seen, errors = threading.Event(), [], []
+
+        def busy() -> None:
+            with d.client(token) as c:
+                while not stop.is_set():
+                    try:
+                        seen.append(c.verify("alice", PASSWORD).outcome)
+                        got = c.get("k1")
+                        if got.outcome != "over_budget":
+                            seen.append("ok" if got.data == b"first record" else "bad-data")
+                    except Exception as exc:
+                        errors.append(exc)
+                        return
+
+        worker = threading.Thread(target=busy)
+        worker.start()
+        try:
+            time.sleep(0.3)
+            r = run("ratelock", "--home", str(home), "secret", "rotate")
+            assert r.code == 0 and "secret rotated: 3 " in r.out, r.err
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+        assert not errors and seen and set(seen) == {"ok"}, (errors, set(seen))
+        assert [k.key_id for k in crypto.open_secret(home / "ratelock.secret").keys] == [2]
+        with d.client(token) as c:  # new seals after the rotation: under the new key
+            assert c.enroll("carol", PASSWORD).ok
+            assert c.change("bob", PASSWORD, b"bob's new").ok
+            assert c.put("k2", b"second record").ok
+    finally:
+        code, err = d.stop()
+    assert code == 0, err
+    with Vault.open(home, fast_settings()) as vault, vault._engine.connect() as conn:
+        assert {r.key_id for r in conn.execute(select(t_users.c.key_id))} == {2}
+    d = Ratelockd(home)  # a restart knows only the new key: everything still opens
+    try:
+        with d.client(token) as c:
+            assert c.verify("alice", PASSWORD).ok and c.verify("carol", PASSWORD).ok
+            assert c.verify("bob", b"bob's new").ok
+            assert c.get("k1").data == b"first record" and c.get("k2").data == b"second record"
+    finally:
+        d.stop()
+    r = run("ratelock", "--home", str(home), "audit", "verify")
+    assert r.code == 0, r.err
