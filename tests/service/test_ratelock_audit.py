@@ -144,7 +144,7 @@ def test_a_flood_of_bad_requests_is_audited_in_counted_rows(tmp_path: Path) -> N
 
     import httpx
 
-    from tests.support.cli import run
+    from tests.support.cli import call
     from tests.support.ratelockd import Ratelockd, add_client, make_home
 
     home = tmp_path / "home"
@@ -192,5 +192,5 @@ def test_a_flood_of_bad_requests_is_audited_in_counted_rows(tmp_path: Path) -> N
         (audit.ANONYMOUS, "-", "wrong_method"): 1,
     }
     assert len(rows) <= 3 * 20  # a few windows' worth of rows, not one per request
-    r = run("ratelock", "--home", str(home), "audit", "verify")
+    r = call("ratelock", "--home", str(home), "audit", "verify")
     assert r.code == 0 and "audit ok" in r.out, r.err

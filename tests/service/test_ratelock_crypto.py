@@ -176,7 +176,7 @@ def test_secret_rotation_while_ratelockd_runs(tmp_path: Path) -> None:
     verify and get during and after the rotation answers, and so does a restarted daemon."""
     import threading
 
-    from tests.support.cli import run
+    from tests.support.cli import call
     from tests.support.ratelockd import Ratelockd, add_client, make_home
 
     home = tmp_path / "home"
@@ -206,7 +206,7 @@ def test_secret_rotation_while_ratelockd_runs(tmp_path: Path) -> None:
         worker.start()
         try:
             time.sleep(0.3)
-            r = run("ratelock", "--home", str(home), "secret", "rotate")
+            r = call("ratelock", "--home", str(home), "secret", "rotate")
             assert r.code == 0 and "secret rotated: 3 " in r.out, r.err
             time.sleep(0.3)
         finally:
@@ -231,5 +231,5 @@ def test_secret_rotation_while_ratelockd_runs(tmp_path: Path) -> None:
             assert c.get("k1").data == b"first record" and c.get("k2").data == b"second record"
     finally:
         d.stop()
-    r = run("ratelock", "--home", str(home), "audit", "verify")
+    r = call("ratelock", "--home", str(home), "audit", "verify")
     assert r.code == 0, r.err
