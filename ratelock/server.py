@@ -30,6 +30,14 @@ never the HTTP status (a man in the middle can rewrite the status, not the signa
 status still follows the verdict for people and proxies: 429 with ``Retry-After`` over budget,
 401 for a bad token, 400/413 for bad input, 503 when the hash slots are all taken.
 
+Every verdict (v2) also binds a digest of the bearer token the request presented and the
+SHA-256 of the body read, so the client library refuses an answer to its request re-addressed
+with another client's token or carrying an altered body. ``/v1/status`` answers the caller's
+own view only (Vault.client_status). Requests refused before the vault are counted per
+(client, op, reason) and audited as one ``refused:N`` row per key per
+``audit_refusal_window_s`` (ratelock.audit.RefusalTally): a flood cannot grow the log a row
+per request.
+
 Blocking work (the vault's SQL and Argon2id) runs in worker threads, at most
 ``max_concurrent_hashes`` at once (one ``trio.CapacityLimiter``), and is never abandoned on
 cancellation: a client that disconnects mid-request does not get its charge refunded, because

@@ -8,7 +8,8 @@ API (the seam ratelock-server builds on; all methods thread-safe, one Vault per 
         # identity.key in home when present, else heads stay unsigned)
     vault.enroll(client, user, password) -> Outcome   # ok | exists | over_budget | invalid
     vault.verify(client, user, password) -> Outcome   # ok | wrong | unknown | over_budget | invalid
-    vault.change(client, user, old, new) -> Outcome   # ok | wrong | unknown | over_budget | invalid
+                                                      #   | tampered (row edited: never hashed)
+    vault.change(client, user, old, new) -> Outcome   # the same outcomes as verify
     vault.delete_user(client, user) -> Outcome        # ok | unknown | invalid
     vault.put(client, key, data) -> Outcome           # ok | invalid
     vault.get(client, key) -> Outcome              # ok (.data) | not_found | over_budget | invalid
