@@ -77,8 +77,9 @@ from starlette.routing import Route
 from overflowd.config import resolve_home
 from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
 from overflowd.identity import NodeIdentity, load_identity
-from ratelock import audit, policy
+from ratelock import policy
 from ratelock import verdict as vd
+from ratelock.audit import RefusalTally
 from ratelock.config import RatelockSettings, load_ratelock
 from ratelock.vault import Outcome, Vault
 
@@ -210,7 +211,7 @@ class ServerContext:
     clock: Callable[[], float] = time.time
     limiter: trio.CapacityLimiter | None = None
     #: refusals before the vault, audited in aggregate by RatelockService (one row per key)
-    refusals: audit.RefusalTally = field(default_factory=audit.RefusalTally)
+    refusals: RefusalTally = field(default_factory=RefusalTally)
 
     def __post_init__(self) -> None:
         if self.limiter is None:
