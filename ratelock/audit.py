@@ -139,3 +139,42 @@ def verify_chain(
             problem(f"head {h.seq}: entry {h.seq} is not the one that was signed")
         signed = max(signed, h.seq)
     return AuditReport(count, last_seq, signed, tuple(problems))
+
+
+#: the audit "client" of a refusal whose token named no client
+ANONYMOUS = "-anonymous"
+#: the key every refusal beyond ``max_keys`` distinct ones in a window is counted under
+OVERFLOW_KEY = (ANONYMOUS, "-overflow", "-overflow")
+
+
+class RefusalTally:
+    """Requests refused before the vault, counted per (client, op, reason) per window. Sans-IO.
+
+    A refusal costs the daemon next to nothing, so a flood of bad tokens must not cost one
+    audit row (a transaction and a fsync) each: the server counts them here and writes one row
+    per key per window (:meth:`take`, ``outcome`` ``refused:N``). At most ``max_keys`` distinct
+    keys per window; every refusal past that is counted under :data:`OVERFLOW_KEY`, so the
+    memory and the rows of one window are bounded whatever the flood. Keys hold no attacker's
+    bytes: the client name is the vault's (an authenticated token) or :data:`ANONYMOUS`, op and
+    reason come from fixed sets.
+    """
+
+    def __init__(self, max_keys: int = 256) -> None:
+        self.max_keys = max_keys
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self.overflowed = 0
+
+    def add(self, client: str, op: str, reason: str) -> None:
+        key = (client or ANONYMOUS, op, reason)
+        if key not in self._counts and len(self._counts) >= self.max_keys:
+            key = OVERFLOW_KEY
+            self.overflowed += 1
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def take(self) -> list[tuple[str, str, str, str]]:
+        """This window's rows as (client, op, subject, outcome); the tally starts again."""
+        counts, self._counts = self._counts, {}
+        return [(c, op, reason, f"refused:{n}") for (c, op, reason), n in sorted(counts.items())]

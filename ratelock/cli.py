@@ -19,7 +19,6 @@ import dataclasses
 import getpass
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -206,32 +205,15 @@ def _application(args: argparse.Namespace, home: Path) -> int:
 def _operator(args: argparse.Namespace, home: Path) -> int:
     from ratelock.vault import Vault
 
+    # ``secret rotate`` runs beside a running ratelockd: the daemon checks the rotation record
+    # in the store before every seal and reads the secret file again when a row names a key it
+    # does not hold (ratelock.vault Vault._key_for_write, Vault._reload_secret).
     settings = load_ratelock(home)
-    if args.command == "secret":
-        # A running daemon holds the old key in memory and would keep sealing under a key the
-        # rotation drops: rotate with it stopped (docs/ratelock.md "Rotation").
-        listen = parse_listen(settings.listen, home)
-        if listen.path is not None and _answers(listen.path):
-            print(f"ratelock: secret rotate: ratelockd is running on {listen.path}; stop it "
-                  "first (systemctl stop ratelockd), rotate, start it again", file=sys.stderr)
-            return 1
     vault = Vault.open(home, settings)
     try:
         return _operate(args, vault)
     finally:
         vault.close()
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(2)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def _operate(args: argparse.Namespace, vault: Any) -> int:

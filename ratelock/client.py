@@ -3,7 +3,9 @@
 What it is for: an application's one way to ratelockd, over the Unix socket (or TCP). Every
 request carries a fresh random nonce; every answer carries a verdict (``ratelock.verdict``)
 that must verify with the node's public key, name this request's nonce, operation and subject,
-sign the SHA-256 of any body (a record, the status), and be dated within ``max_skew_s`` of our
+bind the digest of our own token and the SHA-256 of the body we sent (so an answer to a request
+re-addressed with another client's token, or with an altered body, is refused), sign the
+SHA-256 of any answer body (a record, the status), and be dated within ``max_skew_s`` of our
 clock. A forged, replayed, swapped or stale verdict raises :class:`overflowd.errors.VerdictError`
 (a subclass naming which check failed); nothing here ever turns one into an answer. The HTTP
 status is ignored: whoever sits on the socket can change it, not the signature.
@@ -59,7 +61,9 @@ class Answer:
     ``outcome`` is the vault's word: ``ok``, ``wrong`` (a password that does not match),
     ``unknown`` (no such user), ``not_found`` (no such record), ``exists``, ``over_budget``
     (with ``retry_after_s``: no decision was made about the password), ``invalid`` (the vault
-    refused the name or size), ``unauthorized``, ``bad_request``, ``too_large``, ``busy``.
+    refused the name or size), ``tampered`` (the stored verifier was edited in the database:
+    refused, never hashed; tell the operator), ``unauthorized``, ``bad_request``,
+    ``too_large``, ``busy``.
     """
 
     op: str
@@ -112,6 +116,7 @@ class _Core:
         if len(public_key) != 32:
             raise ValueError("an Ed25519 public key is 32 bytes")
         self.token = token
+        self.token_digest = vd.token_digest(token)
         self.public_key = public_key
         self.max_skew_s = max_skew_s
         self.clock = clock
@@ -145,13 +150,18 @@ class _Core:
         except ValueError:
             raise VerdictDecodeError("verdict header is not base64url") from None
         # The nonce proves it answers this request; op and subject prove it answers the
-        # question we asked (a man in the middle could re-address our request, nonce and all).
+        # question we asked (a man in the middle could re-address our request, nonce and all);
+        # the token and body digests that it was asked with our token and our body (a man in
+        # the middle holding another client's token could otherwise get a genuine "ok" for a
+        # user of the same name in that client's namespace).
         verdict = vd.verify_verdict(
             cose,
             check_signature,
             public_key=self.public_key,
             nonce=req.nonce,
             now_ms=int(self.clock() * 1000),
+            token=self.token_digest,
+            request=vd.body_digest(req.body or b""),
             max_skew_ms=int(self.max_skew_s * 1000),
             expect={"op": req.op, "subject": req.subject},
         )

@@ -58,6 +58,11 @@ class RatelockSettings:
     # -- Argon2id (RFC 9106 §4 second recommended option, t=3 and 64 MiB; libsodium runs p=1) --
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
+    #: the most a stored verifier may ask for: a verify of a row above either is refused
+    #: ("tampered", never hashed), so a database writer cannot make each verify a memory bomb.
+    #: Refused at start when below the two above; raise them before raising the parameters.
+    argon2_max_time_cost: int = 12
+    argon2_max_memory_kib: int = 262144
     #: hashes running at once: each holds argon2_memory_kib, so memory is bounded by the product
     max_concurrent_hashes: int = 4
 
@@ -91,6 +96,10 @@ class RatelockSettings:
     #: the server signs the head at least this often when there were new entries
     audit_sign_interval_s: float = 60.0
 
+    #: requests refused before the vault (bad token, malformed or too large body, wrong
+    #: method) are audited as one counted row per (client, op, reason) per this many seconds
+    audit_refusal_window_s: float = 10.0
+
     # -- verdicts --------------------------------------------------------------------------------
     #: a client refuses a verdict dated further than this from its own clock
     verdict_max_skew_s: float = 30.0
@@ -108,6 +117,17 @@ class RatelockSettings:
             yield (
                 "argon2_memory_kib",
                 f"must be in [{ARGON2_MIN_MEMORY_KIB}, {ARGON2_MAX_MEMORY_KIB}]",
+            )
+        if self.argon2_max_time_cost < self.argon2_time_cost:
+            yield (
+                "argon2_max_time_cost",
+                f"must be at least argon2_time_cost ({self.argon2_time_cost})",
+            )
+        if not self.argon2_memory_kib <= self.argon2_max_memory_kib <= ARGON2_MAX_MEMORY_KIB:
+            yield (
+                "argon2_max_memory_kib",
+                f"must be in [argon2_memory_kib ({self.argon2_memory_kib}), "
+                f"{ARGON2_MAX_MEMORY_KIB}]",
             )
         if self.max_concurrent_hashes < 1:
             yield "max_concurrent_hashes", "must be at least 1"
@@ -142,6 +162,8 @@ class RatelockSettings:
             yield "audit_sign_every_entries", "must be at least 1"
         if self.audit_sign_interval_s <= 0:
             yield "audit_sign_interval_s", "must be positive"
+        if self.audit_refusal_window_s <= 0:
+            yield "audit_refusal_window_s", "must be positive"
         if self.verdict_max_skew_s <= 0:
             yield "verdict_max_skew_s", "must be positive"
 

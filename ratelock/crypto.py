@@ -8,8 +8,10 @@ The choice (docs/ratelock-design.md says it at length):
 * **The secret encrypts the verifier** instead of being hashed into it (a "pepper" fed to
   Argon2 or an HMAC before it). The 32-byte Argon2 output is sealed with XChaCha20-Poly1305
   (libsodium's ``crypto_aead_xchacha20poly1305_ietf``, a random 24-byte nonce, so no nonce
-  bookkeeping) under a key derived from the secret, the user's namespace and name as associated
-  data, so a sealed verifier moved to another user does not open. Why encryption:
+  bookkeeping) under a key derived from the secret, the user's namespace and name, the Argon2
+  parameters and the salt as associated data (v2), so a sealed verifier moved to another user
+  does not open, and neither does one whose stored parameters a database writer raised to make
+  each verify a memory bomb (the vault opens the verifier before it hashes). Why encryption:
 
   - a stolen database holds only ciphertext: without the secret, not one guess can be tested
     offline (a peppered hash is as good here, but the next two points are not);
@@ -53,7 +55,10 @@ _HEADER = "# ratelock vault secret: never share, never copy with the database. k
 #: BLAKE2b personalisations (16 bytes max): one derived key per purpose (domain separation)
 PERSON_VERIFIER = b"ratelock-verif1"
 PERSON_RECORD = b"ratelock-record1"
-AAD_VERIFIER = b"ratelock verifier v1\x00"
+#: v2 binds the Argon2 parameters and the salt; v1 (namespace and user only) is read once, by
+#: the vault's one-time reseal of a schema 1 store (Vault.open)
+AAD_VERIFIER = b"ratelock verifier v2\x00"
+AAD_VERIFIER_V1 = b"ratelock verifier v1\x00"
 AAD_RECORD = b"ratelock record v1\x00"
 
 
@@ -100,12 +105,24 @@ class VaultKey:
     def _derive(self, person: bytes) -> bytes:
         return hashlib.blake2b(key=self.secret, person=person, digest_size=32).digest()
 
-    def seal_verifier(self, namespace: str, user: str, verifier: bytes) -> tuple[bytes, bytes]:
-        return _seal(self._derive(PERSON_VERIFIER), _aad(AAD_VERIFIER, namespace, user), verifier)
+    def seal_verifier(
+        self, namespace: str, user: str, verifier: bytes, params: Argon2Parameters, salt: bytes
+    ) -> tuple[bytes, bytes]:
+        aad = _verifier_aad(namespace, user, params, salt)
+        return _seal(self._derive(PERSON_VERIFIER), aad, verifier)
 
-    def open_verifier(self, namespace: str, user: str, nonce: bytes, sealed: bytes) -> bytes:
+    def open_verifier(
+        self, namespace: str, user: str, nonce: bytes, sealed: bytes,
+        params: Argon2Parameters, salt: bytes,
+    ) -> bytes:
+        """SealError unless sealed for this user with exactly these parameters and salt."""
+        aad = _verifier_aad(namespace, user, params, salt)
+        return _open(self._derive(PERSON_VERIFIER), aad, nonce, sealed)
+
+    def open_verifier_v1(self, namespace: str, user: str, nonce: bytes, sealed: bytes) -> bytes:
+        """A verifier sealed before v2 (schema 1): only the one-time reseal reads these."""
         return _open(
-            self._derive(PERSON_VERIFIER), _aad(AAD_VERIFIER, namespace, user), nonce, sealed
+            self._derive(PERSON_VERIFIER), _aad(AAD_VERIFIER_V1, namespace, user), nonce, sealed
         )
 
     def seal_record(self, namespace: str, key: str, data: bytes) -> tuple[bytes, bytes]:
@@ -119,6 +136,16 @@ def _aad(prefix: bytes, namespace: str, name: str) -> bytes:
     # Length-prefixed so ("ab", "c") and ("a", "bc") differ.
     ns, nm = namespace.encode("utf-8"), name.encode("utf-8")
     return prefix + len(ns).to_bytes(4, "big") + ns + len(nm).to_bytes(4, "big") + nm
+
+
+def _verifier_aad(namespace: str, user: str, params: Argon2Parameters, salt: bytes) -> bytes:
+    return (
+        _aad(AAD_VERIFIER, namespace, user)
+        + params.time_cost.to_bytes(8, "big")
+        + params.memory_kib.to_bytes(8, "big")
+        + len(salt).to_bytes(4, "big")
+        + salt
+    )
 
 
 def _seal(key: bytes, aad: bytes, plaintext: bytes) -> tuple[bytes, bytes]:

@@ -30,6 +30,14 @@ never the HTTP status (a man in the middle can rewrite the status, not the signa
 status still follows the verdict for people and proxies: 429 with ``Retry-After`` over budget,
 401 for a bad token, 400/413 for bad input, 503 when the hash slots are all taken.
 
+Every verdict (v2) also binds a digest of the bearer token the request presented and the
+SHA-256 of the body read, so the client library refuses an answer to its request re-addressed
+with another client's token or carrying an altered body. ``/v1/status`` answers the caller's
+own view only (Vault.client_status). Requests refused before the vault are counted per
+(client, op, reason) and audited as one ``refused:N`` row per key per
+``audit_refusal_window_s`` (ratelock.audit.RefusalTally): a flood cannot grow the log a row
+per request.
+
 Blocking work (the vault's SQL and Argon2id) runs in worker threads, at most
 ``max_concurrent_hashes`` at once (one ``trio.CapacityLimiter``), and is never abandoned on
 cancellation: a client that disconnects mid-request does not get its charge refunded, because
@@ -73,6 +81,7 @@ from overflowd.homelock import acquire
 from overflowd.identity import NodeIdentity, load_identity
 from ratelock import policy
 from ratelock import verdict as vd
+from ratelock.audit import RefusalTally
 from ratelock.config import RatelockSettings, load_ratelock
 from ratelock.vault import Outcome, Vault
 
@@ -100,6 +109,8 @@ REQUEST_BODY_TIMEOUT_S = 10.0
 #: this Retry-After, so a flood queues in bounded memory instead of in every coroutine.
 MAX_WAITING_PER_SLOT = 8
 BUSY_RETRY_AFTER_S = 1
+#: At shutdown, the last window's refusal rows get this long to commit.
+REFUSAL_FLUSH_TIMEOUT_S = 5.0
 #: Header names: the request nonce, and the answer's verdict (base64url COSE_Sign1, at most
 #: verdict.MAX_VERDICT_BYTES): a header so that a record's bytes can be the body, bound to the
 #: verdict by its SHA-256 ``digest``.
@@ -142,6 +153,28 @@ class RatelockMetrics:
             "ratelock_hash_slots_waiting", "Requests waiting for a hash slot now",
             registry=self.registry,
         )
+        self.tampered = Counter(
+            "ratelock_tampered_rows", "Verifies refused because the stored verifier was edited "
+            "(parameters out of bounds, or sealed for other parameters): never hashed",
+            registry=self.registry,
+        )
+        self.refusal_rows = Counter(
+            "ratelock_refusal_audit_rows", "Aggregated audit rows written for refusals before "
+            "the vault (one per client, op and reason per window)", registry=self.registry,
+        )
+        self.refusal_requests = Counter(
+            "ratelock_refusal_audit_requests", "Refusals before the vault counted in those rows",
+            registry=self.registry,
+        )
+        self.refusal_overflow = Counter(
+            "ratelock_refusal_audit_overflow", "Refusals counted in a window's overflow row "
+            "(past its distinct-key bound)", registry=self.registry,
+        )
+        self.refusal_failed = Counter(
+            "ratelock_refusal_audit_failures", "Refusal rows that could not be written "
+            "(the store failed; their counts are lost, the metrics keep them)",
+            registry=self.registry,
+        )
         self.audit_signed = Counter(
             "ratelock_audit_heads_signed", "Audit heads signed by the periodic task",
             registry=self.registry,
@@ -179,6 +212,8 @@ class ServerContext:
     metrics: RatelockMetrics = field(default_factory=RatelockMetrics)
     clock: Callable[[], float] = time.time
     limiter: trio.CapacityLimiter | None = None
+    #: refusals before the vault, audited in aggregate by RatelockService (one row per key)
+    refusals: RefusalTally = field(default_factory=RefusalTally)
 
     def __post_init__(self) -> None:
         if self.limiter is None:
@@ -190,7 +225,7 @@ class ServerContext:
 _STATUS = {
     "ok": 200, "wrong": 200, "unknown": 404, "not_found": 404, "exists": 409,
     "over_budget": 429, "invalid": 400, "unauthorized": 401, "bad_request": 400,
-    "too_large": 413, "busy": 503,
+    "too_large": 413, "busy": 503, "tampered": 500,
 }
 
 
@@ -247,8 +282,7 @@ def _b64(obj: dict[str, Any], key: str, max_bytes: int) -> bytes:
     return raw
 
 
-async def _json(request: Request) -> dict[str, Any]:
-    raw = await _body(request, MAX_PASSWORD_BODY_BYTES)
+def _json(raw: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # "[[[[..." nests past the stack
@@ -271,14 +305,15 @@ def create_app(ctx: ServerContext) -> Starlette:
     public_key = ctx.identity.public_key
 
     def verdict_response(
-        op: str, client: str, subject: str, nonce: bytes, outcome: str,
-        retry_after_s: float | None = None, data: bytes | None = None,
+        op: str, client: str, subject: str, nonce: bytes, token: bytes, request: bytes | None,
+        outcome: str, retry_after_s: float | None = None, data: bytes | None = None,
     ) -> Response:
         retry_ms = None if retry_after_s is None else max(0, int(retry_after_s * 1000))
         cose = vd.encode_verdict(
             vd.Verdict(
                 op=op, nonce=nonce, client=client, subject=subject, outcome=outcome,
-                time_ms=int(ctx.clock() * 1000), retry_after_ms=retry_ms,
+                time_ms=int(ctx.clock() * 1000), token=token, request=request,
+                retry_after_ms=retry_ms,
                 digest=None if data is None else hashlib.sha256(data).digest(),
             ),
             public_key,
@@ -310,8 +345,8 @@ def create_app(ctx: ServerContext) -> Starlette:
             limiter.release()
 
     def handler(
-        op: str, subject_param: str | None,
-        call: Callable[[Request, str, str], Awaitable[Callable[[], Outcome]]],
+        op: str, subject_param: str | None, body_limit: int,
+        call: Callable[[bytes, str, str], Callable[[], Outcome]],
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             started = time.monotonic()
@@ -319,8 +354,15 @@ def create_app(ctx: ServerContext) -> Starlette:
                 nonce = _nonce(request)
             except Refusal as r:
                 m.refused.labels(r.reason).inc()
+                ctx.refusals.add("", op, r.reason)
                 return JSONResponse({"error": r.reason}, status_code=r.status)
             subject = client = ""
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            # the verdict binds the token presented, whatever it is, so that the client can
+            # tell an answer to its own request from one earned with another client's token
+            bound_token = vd.token_digest(token if scheme.lower() == "bearer" else "")
+            bound_body: bytes | None = None
             try:
                 if subject_param is not None:
                     raw = request.path_params[subject_param]
@@ -328,58 +370,64 @@ def create_app(ctx: ServerContext) -> Starlette:
                     if len(raw.encode("utf-8", "surrogatepass")) <= vd.MAX_NAME_BYTES:
                         subject = raw
                     _name(raw, max_name)
-                auth = request.headers.get("authorization", "")
-                scheme, _, token = auth.partition(" ")
                 if scheme.lower() != "bearer" or not token or len(token) > 512:
                     raise Refusal(401, "unauthorized", "bad_token")
                 name = await trio.to_thread.run_sync(ctx.vault.authenticate, token.strip())
                 if name is None:
                     raise Refusal(401, "unauthorized", "bad_token")
                 client = name
-                fn = await call(request, client, subject)
+                body = await _body(request, body_limit)
+                bound_body = vd.body_digest(body)
+                fn = call(body, client, subject)
                 outcome = await in_thread(fn)
             except Refusal as r:
                 m.refused.labels(r.reason).inc()
-                return verdict_response(op, client, subject, nonce, r.outcome, r.retry_after_s)
+                ctx.refusals.add(client, op, r.reason)
+                return verdict_response(
+                    op, client, subject, nonce, bound_token, bound_body, r.outcome,
+                    r.retry_after_s,
+                )
             m.requests.labels(op, outcome.kind).inc()
+            if outcome.kind == "tampered":
+                m.tampered.inc()
             m.seconds.labels(op).observe(time.monotonic() - started)
             return verdict_response(
-                op, client, subject, nonce, outcome.kind, outcome.retry_after_s, outcome.data
+                op, client, subject, nonce, bound_token, bound_body, outcome.kind,
+                outcome.retry_after_s, outcome.data,
             )
 
         return endpoint
 
     v = ctx.vault
 
-    async def enroll(request: Request, client: str, user: str) -> Callable[[], Outcome]:
-        password = _b64(await _json(request), "password", max_pw)
+    def enroll(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
+        password = _b64(_json(body), "password", max_pw)
         return lambda: v.enroll(client, user, password)
 
-    async def verify(request: Request, client: str, user: str) -> Callable[[], Outcome]:
-        password = _b64(await _json(request), "password", max_pw)
+    def verify(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
+        password = _b64(_json(body), "password", max_pw)
         return lambda: v.verify(client, user, password)
 
-    async def change(request: Request, client: str, user: str) -> Callable[[], Outcome]:
-        body = await _json(request)
-        old, new = _b64(body, "old", max_pw), _b64(body, "new", max_pw)
+    def change(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
+        obj = _json(body)
+        old, new = _b64(obj, "old", max_pw), _b64(obj, "new", max_pw)
         return lambda: v.change(client, user, old, new)
 
-    async def delete_user(request: Request, client: str, user: str) -> Callable[[], Outcome]:
+    def delete_user(body: bytes, client: str, user: str) -> Callable[[], Outcome]:
         return lambda: v.delete_user(client, user)
 
-    async def put(request: Request, client: str, key: str) -> Callable[[], Outcome]:
-        data = await _body(request, ctx.settings.max_record_bytes)
-        return lambda: v.put(client, key, data)
+    def put(body: bytes, client: str, key: str) -> Callable[[], Outcome]:
+        return lambda: v.put(client, key, body)
 
-    async def get(request: Request, client: str, key: str) -> Callable[[], Outcome]:
+    def get(body: bytes, client: str, key: str) -> Callable[[], Outcome]:
         return lambda: v.get(client, key)
 
-    async def delete_record(request: Request, client: str, key: str) -> Callable[[], Outcome]:
+    def delete_record(body: bytes, client: str, key: str) -> Callable[[], Outcome]:
         return lambda: v.delete_record(client, key)
 
-    async def status(request: Request, client: str, subject: str) -> Callable[[], Outcome]:
+    def status(body: bytes, client: str, subject: str) -> Callable[[], Outcome]:
         def answer() -> Outcome:
-            s = dataclasses.asdict(v.status())
+            s = dataclasses.asdict(v.client_status(client))
             return Outcome(kind="ok", data=json.dumps(s, sort_keys=True).encode())
 
         return answer
@@ -395,22 +443,32 @@ def create_app(ctx: ServerContext) -> Starlette:
             "key": ctx.identity.public_key_b64, "fingerprint": ctx.identity.fingerprint,
         })
 
+    pw, rec = MAX_PASSWORD_BODY_BYTES, ctx.settings.max_record_bytes
+    user, key = "/v1/users/{user:path}", "/v1/records/{key:path}"
     routes = [
-        Route("/v1/users/{user:path}/enroll", handler("enroll", "user", enroll), methods=["POST"]),
-        Route("/v1/users/{user:path}/verify", handler("verify", "user", verify), methods=["POST"]),
-        Route("/v1/users/{user:path}/change", handler("change", "user", change), methods=["POST"]),
-        Route("/v1/users/{user:path}", handler("delete_user", "user", delete_user),
-              methods=["DELETE"]),
-        Route("/v1/records/{key:path}", handler("put", "key", put), methods=["PUT"]),
-        Route("/v1/records/{key:path}", handler("get", "key", get), methods=["GET"]),
-        Route("/v1/records/{key:path}", handler("delete_record", "key", delete_record),
-              methods=["DELETE"]),
-        Route("/v1/status", handler("status", None, status), methods=["GET"]),
+        Route(f"{user}/enroll", handler("enroll", "user", pw, enroll), methods=["POST"]),
+        Route(f"{user}/verify", handler("verify", "user", pw, verify), methods=["POST"]),
+        Route(f"{user}/change", handler("change", "user", pw, change), methods=["POST"]),
+        Route(user, handler("delete_user", "user", 0, delete_user), methods=["DELETE"]),
+        Route(key, handler("put", "key", rec, put), methods=["PUT"]),
+        Route(key, handler("get", "key", 0, get), methods=["GET"]),
+        Route(key, handler("delete_record", "key", 0, delete_record), methods=["DELETE"]),
+        # a body on GET/DELETE is refused (too_large): the verdict binds an empty one
+        Route("/v1/status", handler("status", None, 0, status), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/identity", identity, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    async def no_route(request: Request, exc: Exception) -> Response:
+        """Wrong method or no such path: refused before the vault, so counted and audited in
+        aggregate like any other (no client is known: the token is not even looked at)."""
+        status = getattr(exc, "status_code", 404)
+        reason = "wrong_method" if status == 405 else "no_route"
+        m.refused.labels(reason).inc()
+        ctx.refusals.add("", "-", reason)
+        return JSONResponse({"error": reason}, status_code=status)
+
+    return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +591,7 @@ class RatelockService:
         self._stop = trio.Event()
         self._audit_signed = 0
         self._audit_scope = trio.CancelScope()
+        self._refusal_scope = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         from hypercorn.config import Config, Sockets
@@ -569,6 +628,7 @@ class RatelockService:
                 )
                 if self.ctx.settings.audit_sign_interval_s > 0:
                     nursery.start_soon(self._sign_audit_heads)
+                nursery.start_soon(self._audit_refusals)
                 where = self.listen.text() if self.listen.path is not None else binds[0]
                 log.info("ratelockd.listening at=%s", where)
                 task_status.started(where)
@@ -576,6 +636,10 @@ class RatelockService:
                 # hypercorn drains the requests in flight within graceful_timeout and returns;
                 # the audit timer just stops (a head it was signing commits or rolls back).
                 self._audit_scope.cancel()
+                self._refusal_scope.cancel()
+            # what the last window counted is written before we go
+            with trio.move_on_after(REFUSAL_FLUSH_TIMEOUT_S):
+                await self._flush_refusals()
         finally:
             if self.listen.path is not None:
                 with contextlib.suppress(OSError):
@@ -599,6 +663,31 @@ class RatelockService:
                     self._audit_signed += 1
                     self.ctx.metrics.audit_signed.inc()
             await trio.sleep(self.ctx.settings.audit_sign_interval_s)
+
+    async def _audit_refusals(self) -> None:
+        """Every ``audit_refusal_window_s``: the window's refusals as counted audit rows."""
+        with self._refusal_scope:
+            while True:
+                await trio.sleep(self.ctx.settings.audit_refusal_window_s)
+                await self._flush_refusals()
+
+    async def _flush_refusals(self) -> None:
+        tally, m = self.ctx.refusals, self.ctx.metrics
+        overflowed, tally.overflowed = tally.overflowed, 0
+        rows = tally.take()
+        if not rows:
+            return
+        counted = sum(int(outcome.partition(":")[2]) for *_, outcome in rows)
+        try:
+            # not abandoned on cancel: the transaction commits or rolls back as a whole
+            written = await trio.to_thread.run_sync(self.ctx.vault.record_refusals, rows)
+        except (RatelockError, OSError) as exc:
+            m.refusal_failed.inc(len(rows))
+            log.warning("ratelockd.refusal_audit_failed rows=%d error=%s", len(rows), exc)
+            return
+        m.refusal_rows.inc(written)
+        m.refusal_requests.inc(counted)
+        m.refusal_overflow.inc(overflowed)
 
     def stop(self) -> None:
         self._stop.set()

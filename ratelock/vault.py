@@ -8,7 +8,8 @@ API (the seam ratelock-server builds on; all methods thread-safe, one Vault per 
         # identity.key in home when present, else heads stay unsigned)
     vault.enroll(client, user, password) -> Outcome   # ok | exists | over_budget | invalid
     vault.verify(client, user, password) -> Outcome   # ok | wrong | unknown | over_budget | invalid
-    vault.change(client, user, old, new) -> Outcome   # ok | wrong | unknown | over_budget | invalid
+                                                      #   | tampered (row edited: never hashed)
+    vault.change(client, user, old, new) -> Outcome   # the same outcomes as verify
     vault.delete_user(client, user) -> Outcome        # ok | unknown | invalid
     vault.put(client, key, data) -> Outcome           # ok | invalid
     vault.get(client, key) -> Outcome              # ok (.data) | not_found | over_budget | invalid
@@ -19,8 +20,10 @@ API (the seam ratelock-server builds on; all methods thread-safe, one Vault per 
     vault.authenticate(token) -> str | None              # the client's name; None = unknown/revoked
     vault.rotate_secret() -> int                         # rows re-encrypted
     vault.sign_audit_head() -> int | None                # seq signed (None: nothing new / no key)
+    vault.record_refusals(rows) -> int                   # the server's aggregated refusals
     vault.audit_verify() -> AuditReport                  # ratelock.audit
-    vault.status() -> VaultStatus
+    vault.status() -> VaultStatus                        # the operator's view (all clients)
+    vault.client_status(client) -> ClientStatus          # one client's own view (/v1/status)
     vault.max_concurrent_hashes -> int                   # size the server's CapacityLimiter
     vault.close()
 
@@ -82,9 +85,11 @@ from sqlalchemy.pool import StaticPool
 from overflowd.errors import SealError, VaultError
 from overflowd.identity import NodeIdentity, check_signature, identity_path, load_identity
 from ratelock import audit, crypto, policy
-from ratelock.config import RatelockSettings
+from ratelock.config import ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME_COST, RatelockSettings
 
-SCHEMA_VERSION = 1
+#: 2: verifiers sealed with the Argon2 parameters and salt in their associated data (a schema 1
+#: store is resealed once, at the first open by this version: Vault._reseal_schema_1)
+SCHEMA_VERSION = 2
 #: SQLite: how long a writer waits for another's lock. Every verify takes the write lock
 #: briefly (no hashing inside it), so a long wait means a stuck process, not load.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -98,7 +103,9 @@ SECRET_KEY_META = "secret_key_id"
 #: the audit log's "client" for operator actions (clients add/revoke, rotation)
 ADMIN = "-admin"
 
-OutcomeKind = Literal["ok", "wrong", "unknown", "over_budget", "exists", "not_found", "invalid"]
+OutcomeKind = Literal[
+    "ok", "wrong", "unknown", "over_budget", "exists", "not_found", "invalid", "tampered"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +133,32 @@ class VaultStatus:
     audit_entries: int
     audit_signed_seq: int
     secret_key_id: int
+    argon2_time_cost: int
+    argon2_memory_kib: int
+    max_concurrent_hashes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatus:
+    """What ``/v1/status`` tells a client: its own users, records and budgets, and settings.
+
+    Nothing here depends on another client's activity (no global counts, no audit length, no
+    global bucket level): only the configured global limits, which the operator chose."""
+
+    client: str
+    schema_version: int
+    users: int
+    records: int
+    failures_available: int
+    failures_burst: int
+    failures_per_hour: int
+    reads_available: int
+    reads_burst: int
+    reads_per_hour: int
+    global_failures_burst: int
+    global_failures_per_hour: int
+    global_reads_burst: int
+    global_reads_per_hour: int
     argon2_time_cost: int
     argon2_memory_kib: int
     max_concurrent_hashes: int
@@ -234,10 +267,18 @@ class Vault:
         self._clock = clock_ms
         self._store = store
         self._hashes = threading.BoundedSemaphore(settings.max_concurrent_hashes)
+        self._counts_lock = threading.Lock()
+        #: verifies refused because the stored verifier was edited (ratelock_tampered_rows)
+        self.tampered_rows = 0
         self._postgres = engine.dialect.name == "postgresql"
         self._params = crypto.Argon2Parameters(
             settings.argon2_time_cost, settings.argon2_memory_kib
         )
+        if not self._params_allowed(self._params):
+            raise VaultError(
+                "ratelock.argon2_max_time_cost / argon2_max_memory_kib are below the configured "
+                "argon2_time_cost / argon2_memory_kib: raise the bounds first"
+            )
         s = settings
         self._fail_rates = (
             policy.Rate(s.user_failures_burst, s.user_failures_per_hour),
@@ -271,7 +312,7 @@ class Vault:
         except SQLAlchemyError as exc:
             engine.dispose()
             raise VaultError(f"ratelock store {_redact(url)}: {_short(exc)}") from None
-        return cls(
+        vault = cls(
             engine,
             settings,
             secret,
@@ -279,6 +320,40 @@ class Vault:
             clock_ms=clock_ms or _now_ms,
             store=_redact(url),
         )
+        try:
+            vault._reseal_schema_1()
+        except BaseException:
+            engine.dispose()
+            raise
+        return vault
+
+    def _reseal_schema_1(self) -> None:
+        """Once per store: seal every schema 1 verifier again with v2 associated data (its
+        parameters and salt as stored), then record schema 2, in one locked transaction (two
+        processes opening at once: the second finds schema 2 and does nothing)."""
+        with self._write() as conn:
+            version = conn.execute(
+                select(t_meta.c.value).where(t_meta.c.name == "schema_version")
+            ).scalar()
+            if version is None or int(version) >= 2:
+                return
+            count = 0
+            for r in conn.execute(select(t_users)).all():
+                key = self._key(int(r.key_id))
+                plain = key.open_verifier_v1(r.namespace, r.user, bytes(r.nonce), bytes(r.sealed))
+                params = crypto.Argon2Parameters(int(r.time_cost), int(r.memory_kib))
+                nonce, sealed = key.seal_verifier(r.namespace, r.user, plain, params,
+                                                  bytes(r.salt))
+                conn.execute(
+                    update(t_users)
+                    .where(t_users.c.namespace == r.namespace, t_users.c.user == r.user)
+                    .values(nonce=nonce, sealed=sealed)
+                )
+                count += 1
+            conn.execute(
+                update(t_meta).where(t_meta.c.name == "schema_version").values(value="2")
+            )
+            self._append(conn, ADMIN, "schema.reseal", str(count), "ok")
 
     def close(self) -> None:
         self._engine.dispose()
@@ -454,6 +529,19 @@ class Vault:
         with self._hashes:
             return crypto.argon2(password, salt, params)
 
+    def _params_allowed(self, params: crypto.Argon2Parameters) -> bool:
+        s = self.settings
+        return (
+            ARGON2_MIN_TIME_COST <= params.time_cost <= s.argon2_max_time_cost
+            and ARGON2_MIN_MEMORY_KIB <= params.memory_kib <= s.argon2_max_memory_kib
+        )
+
+    def _tampered(self, client: str, user: str, why: str) -> Outcome:
+        """A stored verifier refused (edited in the database): counted, never hashed."""
+        with self._counts_lock:
+            self.tampered_rows += 1
+        return Outcome("tampered", detail=why)
+
     # -- passwords ----------------------------------------------------------------------------
 
     def _fail_buckets(self, client: str, user: str) -> tuple[str, ...]:
@@ -483,7 +571,7 @@ class Vault:
                 return Outcome("exists")
             self._refund(conn, names, self._fail_rates)
             key = self._key_for_write(conn)
-            nonce, sealed = key.seal_verifier(client, user, verifier)
+            nonce, sealed = key.seal_verifier(client, user, verifier, self._params, salt)
             conn.execute(
                 insert(t_users).values(
                     namespace=client,
@@ -517,15 +605,29 @@ class Vault:
             row = conn.execute(
                 select(t_users).where(t_users.c.namespace == client, t_users.c.user == user)
             ).first()
+            params = None
+            if row is not None:
+                params = crypto.Argon2Parameters(int(row.time_cost), int(row.memory_kib))
+                if not self._params_allowed(params):
+                    # a database writer raised them (or the bounds were lowered): refused
+                    # before anything is hashed or allocated, and said so in the audit log
+                    self._append(conn, client, op, user, "tampered")
+                    return self._tampered(client, user, "parameters out of bounds")
             self._append(conn, client, op, user, "charged" if row else "unknown")
-        if row is None:
+        if row is None or params is None:
             return Outcome("unknown")
-        # 2. The charge is committed: hash outside any transaction.
-        params = crypto.Argon2Parameters(int(row.time_cost), int(row.memory_kib))
-        stored = self._key(int(row.key_id)).open_verifier(
-            client, user, bytes(row.nonce), bytes(row.sealed)
-        )
-        ok = crypto.same(self._hash(password, bytes(row.salt), params), stored)
+        # 2. The charge is committed: open (the parameters and salt are in the associated
+        # data, so edited ones do not open), then hash outside any transaction.
+        salt_ = bytes(row.salt)
+        key_ = self._key(int(row.key_id))
+        try:
+            stored = key_.open_verifier(client, user, bytes(row.nonce), bytes(row.sealed),
+                                        params, salt_)
+        except SealError:
+            with self._write() as conn:
+                self._append(conn, client, op, user, "tampered")
+            return self._tampered(client, user, "verifier does not open")
+        ok = crypto.same(self._hash(password, salt_, params), stored)
         # 3. Record the result; a success gives its token back and upgrades the parameters.
         upgrade: tuple[bytes, bytes] | None = None
         if ok and params != self._params:
@@ -537,7 +639,7 @@ class Vault:
                 if upgrade:
                     salt, verifier = upgrade
                     key = self._key_for_write(conn)
-                    nonce, sealed = key.seal_verifier(client, user, verifier)
+                    nonce, sealed = key.seal_verifier(client, user, verifier, self._params, salt)
                     key_id = key.key_id
                     conn.execute(
                         update(t_users)
@@ -570,7 +672,7 @@ class Vault:
         verifier = self._hash(new, salt, self._params)
         with self._write() as conn:
             key = self._key_for_write(conn)
-            nonce, sealed = key.seal_verifier(client, user, verifier)
+            nonce, sealed = key.seal_verifier(client, user, verifier, self._params, salt)
             result = conn.execute(
                 update(t_users)
                 .where(t_users.c.namespace == client, t_users.c.user == user)
@@ -724,6 +826,19 @@ class Vault:
         with self._secret_lock:
             return self._secret.current
 
+    def _reload_secret(self) -> crypto.SecretFile:
+        """Read the secret file again (another process rotated: ``ratelock secret rotate``
+        while ratelockd runs). The file's keys come first (its first is current); every key
+        this process held before stays known in memory, so a row read under the old key just
+        before the rotation resealed it still opens after the rotation dropped that key from
+        the file. The file, not memory, is what a thief of the disk would get."""
+        with self._secret_lock:
+            fresh = crypto.open_secret(self._secret.path, create=False)
+            known = {k.key_id for k in fresh.keys}
+            kept = tuple(k for k in self._secret.keys if k.key_id not in known)
+            self._secret = crypto.SecretFile(fresh.path, (*fresh.keys, *kept))
+            return self._secret
+
     def _key(self, key_id: int) -> crypto.VaultKey:
         with self._secret_lock:
             secret = self._secret
@@ -731,10 +846,7 @@ class Vault:
             return secret.key(key_id)
         except SealError:
             # another process may have rotated: read the file again once
-            fresh = crypto.open_secret(secret.path, create=False)
-            with self._secret_lock:
-                self._secret = fresh
-            return fresh.key(key_id)
+            return self._reload_secret().key(key_id)
 
     def _key_for_write(self, conn: Connection) -> crypto.VaultKey:
         """The key to seal with, checked under the write lock against the key id the last
@@ -747,10 +859,9 @@ class Vault:
         key = self._current_key()
         if recorded is None or int(recorded) == key.key_id:
             return key
-        fresh = crypto.open_secret(self._secret.path, create=False)
-        with self._secret_lock:
-            self._secret = fresh
-        return fresh.key(int(recorded))
+        # the rotation record moved on: another process rotated while we ran
+        # (or one crashed after writing its new key first: the recorded key is still current)
+        return self._reload_secret().key(int(recorded))
 
     def rotate_secret(self) -> int:
         """A new secret; every verifier and record re-encrypted; the old one dropped. No
@@ -768,10 +879,13 @@ class Vault:
         count = 0
         with self._write() as conn:
             for r in conn.execute(select(t_users).where(t_users.c.key_id != new_key.key_id)).all():
+                params = crypto.Argon2Parameters(int(r.time_cost), int(r.memory_kib))
                 plain = old.key(int(r.key_id)).open_verifier(
-                    r.namespace, r.user, bytes(r.nonce), bytes(r.sealed)
+                    r.namespace, r.user, bytes(r.nonce), bytes(r.sealed), params, bytes(r.salt)
                 )
-                nonce, sealed = new_key.seal_verifier(r.namespace, r.user, plain)
+                nonce, sealed = new_key.seal_verifier(
+                    r.namespace, r.user, plain, params, bytes(r.salt)
+                )
                 conn.execute(
                     update(t_users)
                     .where(t_users.c.namespace == r.namespace, t_users.c.user == r.user)
@@ -806,6 +920,17 @@ class Vault:
         return count
 
     # -- audit -------------------------------------------------------------------------------------
+
+    def record_refusals(self, rows: list[tuple[str, str, str, str]]) -> int:
+        """Append the server's aggregated refusals (audit.RefusalTally.take) in one transaction;
+        returns the rows written. Nothing was charged for them: they are the audit's only."""
+        if not rows:
+            return 0
+        with self._write() as conn:
+            for client, op, subject, outcome in rows:
+                self._append(conn, client, op, subject, outcome)
+        return len(rows)
+
 
     def sign_audit_head(self) -> int | None:
         """Sign the current head if entries came since the last signed one (the server's timer)."""
@@ -870,6 +995,60 @@ class Vault:
         if not extra:
             return report
         return dataclasses.replace(report, problems=(*report.problems, *extra))
+
+    def client_status(self, client: str) -> ClientStatus:
+        """The caller's own counts and budget levels (never another client's)."""
+        fail_rate, read_rate = self._fail_rates[1], self._read_rates[1]
+        names = {f"fail:client:{client}": fail_rate, f"read:client:{client}": read_rate}
+        now = self._clock()
+        try:
+            with self._engine.connect() as conn:
+
+                def count(table: Table) -> int:
+                    return int(
+                        conn.execute(
+                            select(func.count()).select_from(table)
+                            .where(table.c.namespace == client)
+                        ).scalar_one()
+                    )
+
+                users, records = count(t_users), count(t_records)
+                rows = {
+                    r.name: r
+                    for r in conn.execute(select(t_buckets).where(t_buckets.c.name.in_(names)))
+                }
+        except SQLAlchemyError as exc:
+            raise VaultError(f"ratelock store {self._store}: {_short(exc)}") from None
+
+        def available(name: str) -> int:
+            rate, row = names[name], rows.get(name)
+            if row is None:
+                return rate.burst
+            tat = int(row.tat)
+            if int(row.per_period) != rate.per_period:
+                tat = -(-tat * rate.per_period // int(row.per_period))
+            return policy.remaining(rate, tat, now)
+
+        s = self.settings
+        return ClientStatus(
+            client=client,
+            schema_version=SCHEMA_VERSION,
+            users=users,
+            records=records,
+            failures_available=available(f"fail:client:{client}"),
+            failures_burst=s.client_failures_burst,
+            failures_per_hour=s.client_failures_per_hour,
+            reads_available=available(f"read:client:{client}"),
+            reads_burst=s.client_reads_burst,
+            reads_per_hour=s.client_reads_per_hour,
+            global_failures_burst=s.global_failures_burst,
+            global_failures_per_hour=s.global_failures_per_hour,
+            global_reads_burst=s.global_reads_burst,
+            global_reads_per_hour=s.global_reads_per_hour,
+            argon2_time_cost=self._params.time_cost,
+            argon2_memory_kib=self._params.memory_kib,
+            max_concurrent_hashes=self.max_concurrent_hashes,
+        )
 
     def status(self) -> VaultStatus:
         with self._engine.connect() as conn:

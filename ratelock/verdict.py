@@ -11,9 +11,18 @@ verdict or the reverse (DESIGN.md "Identity"). The payload binds:
 * ``op``, ``client``, ``subject`` (user or record key), ``outcome`` — so an "ok" for bob, or for
   verify when the client asked change, is refused by a client that checks the fields
   (:func:`verify_verdict` does when given ``expect``);
+* ``token`` — :func:`token_digest` of the bearer token the request presented (never the token
+  itself): the client library computes the same digest of its own token, so a verdict earned
+  with another client's token (a second, compromised application re-addressing our request into
+  its own namespace) is refused, although the client does not know its own client name;
+* ``request`` — SHA-256 of the request body as ratelockd read it (absent only when it refused
+  the request before reading the body: ``unauthorized``, ``too_large``, ``bad_request``,
+  ``busy``): an altered ``put`` data or ``change`` password is refused by the client;
 * ``time`` (Unix ms) — a client refuses one dated more than ``max_skew_ms`` from its clock;
 * ``retry_after_ms`` with ``over_budget``; ``digest``, a SHA-256 of record data for ``get``
   (the data itself travels beside the verdict, not inside it).
+
+Version 2 (these two bindings) is the only one accepted: a v1 verdict binds neither.
 
 Strict decoding, as for reports: tag 18, an empty unprotected header, a canonical
 (deterministic) protected header and payload, bounded size (:data:`MAX_VERDICT_BYTES`), so
@@ -25,6 +34,7 @@ signature)`` raising on failure (overflowd.identity.check_signature).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,7 +53,7 @@ CONTENT_TYPE = "application/ratelock-verdict+cbor"
 COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
 HDR_ALG, HDR_CONTENT_TYPE, HDR_KID = 1, 3, 4
-VERDICT_VERSION = 1
+VERDICT_VERSION = 2
 #: a verdict is a few hundred bytes; anything bigger is not one and is refused before decoding
 MAX_VERDICT_BYTES = 2048
 #: request nonces: at least 128 bits so a client's fresh nonce never repeats; at most 64 bytes
@@ -59,8 +69,22 @@ U63 = 2**63 - 1
 Signer = Callable[[bytes], bytes]
 Checker = Callable[[bytes, bytes, bytes], None]
 
-_FIELDS = {"v", "op", "nonce", "client", "subject", "outcome", "time"}
-_OPTIONAL = {"retry_after_ms", "digest"}
+_FIELDS = {"v", "op", "nonce", "client", "subject", "outcome", "time", "token"}
+_OPTIONAL = {"retry_after_ms", "digest", "request"}
+#: outcomes of a request refused before its body was read: ``request`` may be absent
+PRE_BODY_OUTCOMES = frozenset({"unauthorized", "bad_request", "too_large", "busy"})
+_TOKEN_DOMAIN = b"ratelock verdict token v2\x00"
+
+
+def token_digest(token: str) -> bytes:
+    """What a verdict binds of the presented bearer token: domain-separated SHA-256, so it is
+    neither the token nor the at-rest token hash (ratelock.crypto.token_digest)."""
+    return hashlib.sha256(_TOKEN_DOMAIN + token.strip().encode("utf-8", "surrogatepass")).digest()
+
+
+def body_digest(body: bytes) -> bytes:
+    """What a verdict binds of the request body (``request``)."""
+    return hashlib.sha256(body).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +97,8 @@ class Verdict:
     subject: str
     outcome: str
     time_ms: int
+    token: bytes
+    request: bytes | None = None
     retry_after_ms: int | None = None
     digest: bytes | None = None
     version: int = VERDICT_VERSION
@@ -102,6 +128,10 @@ def _check_fields(v: Verdict, fail: Callable[[str], Exception]) -> None:
         raise fail("retry_after_ms out of range")
     if v.digest is not None and len(v.digest) != 32:
         raise fail("digest must be 32 bytes")
+    if len(v.token) != 32:
+        raise fail("token must be a 32-byte digest")
+    if v.request is not None and len(v.request) != 32:
+        raise fail("request must be a 32-byte digest")
 
 
 def verdict_to_map(v: Verdict) -> dict[str, Any]:
@@ -113,7 +143,10 @@ def verdict_to_map(v: Verdict) -> dict[str, Any]:
         "subject": v.subject,
         "outcome": v.outcome,
         "time": v.time_ms,
+        "token": v.token,
     }
+    if v.request is not None:
+        m["request"] = v.request
     if v.retry_after_ms is not None:
         m["retry_after_ms"] = v.retry_after_ms
     if v.digest is not None:
@@ -225,6 +258,8 @@ def _from_map(m: Mapping[Any, Any]) -> Verdict:
         subject=typed("subject", str),
         outcome=typed("outcome", str),
         time_ms=typed("time", int),
+        token=typed("token", bytes),
+        request=typed("request", bytes) if "request" in m else None,
         retry_after_ms=typed("retry_after_ms", int) if "retry_after_ms" in m else None,
         digest=typed("digest", bytes) if "digest" in m else None,
         version=typed("v", int),
@@ -240,13 +275,18 @@ def verify_verdict(
     public_key: bytes,
     nonce: bytes,
     now_ms: int,
+    token: bytes,
+    request: bytes | None = None,
     max_skew_ms: int = DEFAULT_MAX_SKEW_MS,
     expect: Mapping[str, str] | None = None,
 ) -> Verdict:
-    """Decode, then refuse unless signed by ``public_key``, for ``nonce``, and fresh.
+    """Decode, then refuse unless signed by ``public_key``, for ``nonce``, ``token``, and fresh.
 
-    ``expect`` maps field names (``op``, ``client``, ``subject``) to the values this request
-    asked for; a verdict about anything else is refused as a replay.
+    ``token`` is :func:`token_digest` of the token this request presented; ``request``, when
+    given, :func:`body_digest` of the body it sent: the verdict must bind it, unless its outcome
+    is one of :data:`PRE_BODY_OUTCOMES` and it binds no body. ``expect`` maps field names
+    (``op``, ``client``, ``subject``) to the values this request asked for; a verdict about
+    anything else is refused as a replay.
     """
     u = decode_unverified(data)
     if not hmac.compare_digest(u.kid, public_key):
@@ -258,6 +298,14 @@ def verify_verdict(
     v = u.verdict
     if not hmac.compare_digest(v.nonce, nonce):
         raise VerdictReplayError("verdict does not bind this request's nonce")
+    if not hmac.compare_digest(v.token, token):
+        raise VerdictReplayError("verdict answers a request made with another token")
+    if request is not None:
+        if v.request is None:
+            if v.outcome not in PRE_BODY_OUTCOMES:
+                raise VerdictReplayError("verdict does not bind the request body")
+        elif not hmac.compare_digest(v.request, request):
+            raise VerdictReplayError("verdict answers a request with another body")
     for name, wanted in (expect or {}).items():
         if getattr(v, name) != wanted:
             raise VerdictReplayError(f"verdict is about another {name}")

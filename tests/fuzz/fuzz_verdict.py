@@ -20,7 +20,8 @@ NODE = NodeIdentity(seed=b"\x09" * 32)
 def one_input(data: bytes) -> None:
     try:
         vd.verify_verdict(
-            data, check_signature, public_key=NODE.public_key, nonce=b"\x01" * 24, now_ms=0
+            data, check_signature, public_key=NODE.public_key, nonce=b"\x01" * 24, now_ms=0,
+            token=vd.token_digest("rl1_fuzz"), request=vd.body_digest(b""),
         )
     except VerdictError:
         pass

@@ -62,11 +62,6 @@ def two_clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Rate
         d.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: the client library checks op and subject but not the verdict's client, and "
-    "knows no name of its own to check it against; see the review report",
-)
 def test_a_verdict_for_another_clients_namespace_is_refused(
     two_clients: tuple[Ratelockd, str, str],
 ) -> None:
@@ -94,6 +89,51 @@ def test_a_verdict_for_another_clients_namespace_is_refused(
         with pytest.raises(VerdictError):
             answer = app.verify("alice", b"not alice's password")
             assert answer.outcome == "ok"  # what the application believed
+
+
+def _rewrite_body(body: bytes) -> object:
+    def hook(request: httpx.Request) -> None:
+        request.headers["content-length"] = str(len(body))
+        request.stream = httpx.ByteStream(body)
+        request._content = body
+
+    return hook
+
+
+def test_an_altered_put_body_is_refused_by_the_client(
+    two_clients: tuple[Ratelockd, str, str],
+) -> None:
+    """A man in the middle swaps a ``put``'s data for its own (same token, nonce, key): the
+    daemon stores the swapped data and signs ``ok``, but the verdict binds the SHA-256 of the
+    body it read, so the application learns its write was not the one stored."""
+    d, app_token, _ = two_clients
+    with d.client(app_token) as app:
+        app._http.event_hooks["request"] = [_rewrite_body(b"the attacker's data")]
+        with pytest.raises(VerdictError):
+            app.put("record-1", b"the application's data")
+        app._http.event_hooks["request"] = []
+        assert app.put("record-2", b"the application's data").ok  # an honest put still passes
+
+
+def test_an_altered_change_password_is_refused_by_the_client(
+    two_clients: tuple[Ratelockd, str, str],
+) -> None:
+    """The same for ``change``: the new password re-written in transit (old one kept, so the
+    daemon says ``ok``) is refused by the library; the application is not told its password
+    was changed to the one it chose."""
+    d, app_token, _ = two_clients
+    with d.client(app_token) as app:
+        assert app.enroll("bob", b"bob's first").ok
+        body = json.dumps({
+            k: base64.urlsafe_b64encode(v).rstrip(b"=").decode()
+            for k, v in (("old", b"bob's first"), ("new", b"the attacker's choice"))
+        }).encode()
+        app._http.event_hooks["request"] = [_rewrite_body(body)]
+        with pytest.raises(VerdictError):
+            app.change("bob", b"bob's first", b"bob's second")
+        app._http.event_hooks["request"] = []
+        # the change did happen on the daemon: the library's refusal is what tells the caller
+        assert app.verify("bob", b"the attacker's choice").ok
 
 
 def test_audit_chain_rebuilt_with_its_signed_heads_deleted_is_caught(home: Path) -> None:
@@ -220,3 +260,29 @@ def test_audit_verify_memory_does_not_grow_with_the_log() -> None:
         tracemalloc.stop()
     assert report.ok and report.entries == count
     assert peak < 300_000, f"peak {peak} bytes for {count} entries"
+
+
+def test_status_shows_only_the_calling_clients_own_counts(
+    two_clients: tuple[Ratelockd, str, str],
+) -> None:
+    """``/v1/status`` once counted users, records, clients and audit entries across every
+    client: one application learnt how busy the others were. Now it is the caller's own
+    counts and budget levels, plus configured limits that say nothing about anyone else."""
+    d, app_token, evil_token = two_clients
+    with d.client(app_token) as app, d.client(evil_token) as evil:
+        before = app.status()
+        assert before["client"] == "app"
+        assert not {"clients", "audit_entries", "audit_signed_seq", "store"} & set(before)
+        # another client's activity, successes and failures alike, does not move our view
+        for i in range(3):
+            assert evil.enroll(f"status-probe-{i}", b"pw").ok
+            assert evil.put(f"status-probe-{i}", b"x").ok
+        assert evil.verify("status-probe-0", b"wrong").outcome == "wrong"
+        assert app.status() == before
+        assert evil.status()["users"] >= 3 and evil.status()["records"] >= 3
+        # our own failure is ours to see
+        assert app.enroll("status-own", b"pw").ok
+        assert app.verify("status-own", b"wrong").outcome == "wrong"
+        after = app.status()
+        assert after["users"] == before["users"] + 1
+        assert after["failures_available"] == before["failures_available"] - 1

@@ -3,6 +3,7 @@ is a truncated tail (against the last signed head) or a chain rebuilt without th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,3 +132,65 @@ def test_sign_audit_head_on_demand(home: Path) -> None:
         assert vault.sign_audit_head() == 12
         assert vault.sign_audit_head() is None  # nothing new since
         assert vault.audit_verify().signed_seq == 12
+
+
+def test_a_flood_of_bad_requests_is_audited_in_counted_rows(tmp_path: Path) -> None:
+    """Refusals before the vault (bad or unknown tokens, a malformed body, wrong method) land
+    in the audit log as a few counted rows per window, not one per request: the log grows by
+    a handful of rows for a flood of 300, and ``ratelock audit verify`` still walks the chain."""
+    import base64
+    import re
+    import secrets
+
+    import httpx
+
+    from tests.support.cli import call
+    from tests.support.ratelockd import Ratelockd, add_client, make_home
+
+    home = tmp_path / "home"
+    make_home(home, "audit_refusal_window_s = 0.3\n")
+    token = add_client(home, "app")
+    d = Ratelockd(home)
+    try:
+        def nonce() -> str:
+            return base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()
+
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),
+                          base_url="http://ratelockd", timeout=10) as http:
+            for i in range(300):
+                bad = f"rl1_{secrets.token_urlsafe(32)}" if i % 2 else "garbage"
+                r = http.post("/v1/users/alice/verify", json={"password": "eA"},
+                              headers={"authorization": f"Bearer {bad}", "ratelock-nonce": nonce()})
+                assert r.status_code == 401
+            for _ in range(5):  # an authenticated client's malformed bodies
+                r = http.post("/v1/users/alice/verify", content=b"{not json",
+                              headers={"authorization": f"Bearer {token}",
+                                       "ratelock-nonce": nonce()})
+                assert r.status_code == 400
+            assert http.get("/v1/users/alice/verify").status_code == 405
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                text = http.get("/metrics").text
+                m = re.search(r"^ratelock_refusal_audit_requests_total (\S+)$", text, re.M)
+                if m and float(m.group(1)) >= 306:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"refusals not audited:\n{text}")
+    finally:
+        code, err = d.stop()
+    assert code == 0, err
+    with Vault.open(home, fast_settings()) as vault, vault._engine.connect() as conn:
+        rows = [(r.client, r.op, r.subject, r.outcome)
+                for r in conn.execute(select(t_audit).where(t_audit.c.outcome.like("refused:%")))]
+    counts: dict[tuple[str, str, str], int] = {}
+    for client, op, subject, outcome in rows:
+        counts[(client, op, subject)] = counts.get((client, op, subject), 0) + int(outcome[8:])
+    assert counts == {
+        (audit.ANONYMOUS, "verify", "bad_token"): 300,
+        ("app", "verify", "bad_body"): 5,
+        (audit.ANONYMOUS, "-", "wrong_method"): 1,
+    }
+    assert len(rows) <= 3 * 20  # a few windows' worth of rows, not one per request
+    r = call("ratelock", "--home", str(home), "audit", "verify")
+    assert r.code == 0 and "audit ok" in r.out, r.err

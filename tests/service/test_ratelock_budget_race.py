@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select
 
+from ratelock import crypto
 from ratelock.vault import Vault, t_audit, t_users
 from tests.support import ratelock_hammer as hm
 from tests.support.ratelock import fast_settings
@@ -116,12 +117,14 @@ def test_no_overshoot_under_8_processes_x_8_threads(db_url: str, tmp_path: Path)
 
 def test_kill_9_mid_hash_keeps_the_charge(db_url: str, tmp_path: Path) -> None:
     url, home = _url(db_url), tmp_path / "home"
-    settings = fast_settings(url, user_failures_burst=1, user_failures_per_hour=1)
+    settings = fast_settings(url, user_failures_burst=1, user_failures_per_hour=1,
+                             argon2_max_time_cost=50)
     with Vault.open(home, settings) as vault:
-        # a verifier whose hash takes many seconds (50 passes over 64 MiB): the child is
-        # surely inside it when killed; the sealed value is random (nobody knows a password)
+        # a verifier whose hash takes many seconds (50 passes over 64 MiB, within the raised
+        # bound): the child is surely inside it when killed; the sealed value is random
         key = vault._current_key()
-        nonce, sealed = key.seal_verifier("app", "carol", secrets.token_bytes(32))
+        nonce, sealed = key.seal_verifier("app", "carol", secrets.token_bytes(32),
+                                          crypto.Argon2Parameters(50, 65536), b"\x00" * 16)
         with vault._engine.begin() as conn:
             conn.execute(
                 insert(t_users).values(

@@ -47,7 +47,11 @@ class CallTimeout(AssertionError):
 
 
 def call(
-    *argv: str, home: Path | None = None, stdin: bytes | None = None, timeout: float = 60
+    *argv: str,
+    home: Path | None = None,
+    stdin: bytes | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> Result:
     """Run a console script's ``main(argv)`` in this process: the same parser, dispatch and
     exit code as :func:`run` without a Python start and its imports (~0.5 s each). For tests
@@ -62,11 +66,13 @@ def call(
     from types import FrameType
 
     from overflowd.cli import node, query, receive
+    from ratelock import cli as ratelock_cli
 
     mains: dict[str, Callable[[list[str]], int]] = {
         "overflowd": node.main,
         "overflowd-query": query.main,
         "overflowd-receive": receive.main,
+        "ratelock": ratelock_cli.main,
     }
     out, err = io.BytesIO(), io.StringIO()
     stdout = io.TextIOWrapper(out, encoding="utf-8", newline="\n", write_through=True)
@@ -82,6 +88,8 @@ def call(
     saved_home = os.environ.pop("OVERFLOWD_HOME", None)
     if home is not None:
         os.environ["OVERFLOWD_HOME"] = str(home)
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     saved_stdin = sys.stdin
     sys.stdin = stdin_stream
     try:
@@ -96,6 +104,11 @@ def call(
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         sys.stdin = saved_stdin
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         os.environ.pop("OVERFLOWD_HOME", None)
         if saved_home is not None:
             os.environ["OVERFLOWD_HOME"] = saved_home

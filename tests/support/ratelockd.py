@@ -12,7 +12,7 @@ from pathlib import Path
 
 from overflowd.identity import NodeIdentity, write_identity
 from ratelock.client import Client, read_public_key
-from tests.support.cli import BIN, run
+from tests.support.cli import BIN, call
 
 #: Argon2id at libsodium's floor (t=1, 8 KiB): tests are about budgets, not hashing cost.
 FAST_ARGON2 = "argon2_time_cost = 1\nargon2_memory_kib = 8\n"
@@ -32,8 +32,9 @@ def make_home(home: Path, ratelock_toml: str = "", *, store_url: str = "") -> No
 
 
 def add_client(home: Path, name: str) -> str:
-    """A token from ``ratelock clients add NAME --json`` (the operator's way)."""
-    r = run("ratelock", "--home", str(home), "--json", "clients", "add", name)
+    """A token from ``ratelock clients add NAME --json`` (the operator's way, in process:
+    tests/service/test_ratelock_cli.py runs the console script as a process)."""
+    r = call("ratelock", "--home", str(home), "--json", "clients", "add", name)
     assert r.code == 0, r.err
     token: str = json.loads(r.out)["token"]
     return token

@@ -66,3 +66,25 @@ def test_any_single_edit_delete_or_swap_is_caught(n: int, data: st.DataObject) -
         j = (i + 1) % n
         tampered[i], tampered[j] = entries[j], entries[i]
     assert not audit.verify_chain(tampered, heads, check_signature).ok
+
+
+def test_refusal_tally_counts_per_key_and_bounds_distinct_keys() -> None:
+    """Refusals before the vault: one row per (client, op, reason) per window, at most
+    max_keys of them plus one overflow row, whatever the flood."""
+    tally = audit.RefusalTally(max_keys=3)
+    for _ in range(1000):
+        tally.add("", "verify", "bad_token")
+    tally.add("app", "put", "too_large")
+    tally.add("app", "put", "too_large")
+    tally.add("app", "get", "busy")
+    for i in range(50):  # distinct keys past the bound (clients the vault named)
+        tally.add(f"client-{i}", "verify", "bad_body")
+    assert len(tally) == 4 and tally.overflowed == 50
+    rows = tally.take()
+    assert rows == sorted([
+        (audit.ANONYMOUS, "verify", "bad_token", "refused:1000"),
+        ("app", "put", "too_large", "refused:2"),
+        ("app", "get", "busy", "refused:1"),
+        (*audit.OVERFLOW_KEY, "refused:50"),
+    ])
+    assert tally.take() == [] and len(tally) == 0  # the next window starts empty

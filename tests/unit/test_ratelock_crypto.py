@@ -45,20 +45,31 @@ def test_secret_garbage_and_absence(tmp_path: Path) -> None:
 def test_sealed_verifier_is_bound_to_its_user_and_purpose(tmp_path: Path) -> None:
     key = crypto.open_secret(tmp_path / "s").current
     verifier = crypto.argon2(b"pw", crypto.new_salt(), FAST)
-    nonce, sealed = key.seal_verifier("app", "alice", verifier)
-    assert key.open_verifier("app", "alice", nonce, sealed) == verifier
+    salt = b"s" * 16
+    nonce, sealed = key.seal_verifier("app", "alice", verifier, FAST, salt)
+    assert key.open_verifier("app", "alice", nonce, sealed, FAST, salt) == verifier
     with pytest.raises(SealError):
-        key.open_verifier("app", "bob", nonce, sealed)  # moved to another user
+        key.open_verifier("app", "bob", nonce, sealed, FAST, salt)  # moved to another user
     with pytest.raises(SealError):
-        key.open_verifier("ap", "palice", nonce, sealed)  # namespace/user boundary
+        key.open_verifier("ap", "palice", nonce, sealed, FAST, salt)  # namespace/user boundary
     with pytest.raises(SealError):
         key.open_record("app", "alice", nonce, sealed)  # a verifier is not a record
     other = crypto.open_secret(tmp_path / "other").current
     with pytest.raises(SealError):
-        other.open_verifier("app", "alice", nonce, sealed)  # another vault's secret
+        other.open_verifier("app", "alice", nonce, sealed, FAST, salt)  # another vault's secret
     flipped = bytes([sealed[0] ^ 1]) + sealed[1:]
     with pytest.raises(SealError):
-        key.open_verifier("app", "alice", nonce, flipped)
+        key.open_verifier("app", "alice", nonce, flipped, FAST, salt)
+    # the parameters and salt are associated data: edited ones do not open (v2)
+    for params in (crypto.Argon2Parameters(FAST.time_cost + 1, FAST.memory_kib),
+                   crypto.Argon2Parameters(FAST.time_cost, FAST.memory_kib * 1024)):
+        with pytest.raises(SealError):
+            key.open_verifier("app", "alice", nonce, sealed, params, salt)
+    with pytest.raises(SealError):
+        key.open_verifier("app", "alice", nonce, sealed, FAST, b"t" * 16)
+    # a v1 verifier (namespace and user only) opens only with open_verifier_v1
+    with pytest.raises(SealError):
+        key.open_verifier_v1("app", "alice", nonce, sealed)
 
 
 def test_argon2_is_deterministic_per_salt_and_params() -> None:

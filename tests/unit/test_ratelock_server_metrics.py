@@ -17,7 +17,7 @@ def test_every_family_is_documented_with_its_labels() -> None:
     m.seconds.labels("verify").observe(0.1)
     section = DOC.read_text(encoding="utf-8").split("## Metrics", 1)[1].split("\n## ", 1)[0]
     families = list(m.registry.collect())
-    assert len(families) == 7
+    assert len(families) == 12
     for fam in families:
         name = fam.name + ("_total" if fam.type == "counter" else "")
         assert re.search(rf"`{name}`", section), f"{name} is not in {DOC.name}"

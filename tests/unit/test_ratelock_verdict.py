@@ -24,6 +24,8 @@ NODE = NodeIdentity(seed=b"\x05" * 32)
 OTHER = NodeIdentity(seed=b"\x06" * 32)
 NONCE = b"n" * 16
 NOW = 1_800_000_000_000
+TOKEN = vd.token_digest("rl1_the-application")
+BODY = vd.body_digest(b'{"password":"cHc"}')
 
 
 def _verdict(**changes: object) -> vd.Verdict:
@@ -34,13 +36,18 @@ def _verdict(**changes: object) -> vd.Verdict:
         "subject": "alice",
         "outcome": "ok",
         "time_ms": NOW,
+        "token": TOKEN,
+        "request": BODY,
     }
     fields.update(changes)
     return vd.Verdict(**fields)  # type: ignore[arg-type]
 
 
 def _check(data: bytes, **kw: object) -> vd.Verdict:
-    args: dict[str, object] = {"public_key": NODE.public_key, "nonce": NONCE, "now_ms": NOW}
+    args: dict[str, object] = {
+        "public_key": NODE.public_key, "nonce": NONCE, "now_ms": NOW, "token": TOKEN,
+        "request": BODY,
+    }
     args.update(kw)
     return vd.verify_verdict(data, check_signature, **args)  # type: ignore[arg-type]
 
@@ -77,6 +84,48 @@ def test_replayed_verdict_for_another_request_is_refused() -> None:
     with pytest.raises(VerdictReplayError):
         _check(data, expect={"subject": "bob"})
     assert _check(data, expect={"subject": "alice", "op": "verify", "client": "web"})
+
+
+def test_verdict_for_another_token_or_body_is_refused() -> None:
+    """v2: the verdict binds the presenting token's digest and the request body's SHA-256."""
+    data = vd.encode_verdict(_verdict(), NODE.public_key, NODE.sign)
+    with pytest.raises(VerdictReplayError, match="another token"):
+        _check(data, token=vd.token_digest("rl1_another-client"))
+    with pytest.raises(VerdictReplayError, match="another body"):
+        _check(data, request=vd.body_digest(b'{"password":"b3RoZXI"}'))
+    # an "ok" that binds no body at all is refused when a body was sent ...
+    bodiless = vd.encode_verdict(_verdict(request=None), NODE.public_key, NODE.sign)
+    with pytest.raises(VerdictReplayError, match="body"):
+        _check(bodiless)
+    # ... but a refusal before the body was read may bind none
+    for outcome in sorted(vd.PRE_BODY_OUTCOMES):
+        refusal = vd.encode_verdict(
+            _verdict(request=None, outcome=outcome), NODE.public_key, NODE.sign
+        )
+        assert _check(refusal).outcome == outcome
+
+
+def test_token_digest_is_neither_the_token_nor_its_at_rest_hash() -> None:
+    from ratelock import crypto
+
+    token = "rl1_" + "A" * 43
+    assert vd.token_digest(token) != crypto.token_digest(token)
+    assert token.encode() not in vd.token_digest(token)
+    assert vd.token_digest(" " + token + " ") == vd.token_digest(token)  # as the daemon strips
+
+
+def test_a_version_1_verdict_is_refused() -> None:
+    """v1 bound neither token nor body: a v1 verdict (even correctly signed) is not accepted."""
+    fields = vd.verdict_to_map(_verdict())
+    fields["v"] = 1
+    for drop in ((), ("token",)):
+        m = {k: v for k, v in fields.items() if k not in drop}
+        payload = cbor2.dumps(m, canonical=True)
+        protected = vd.protected_header(NODE.public_key)
+        sig = NODE.sign(vd.sig_structure(protected, payload))
+        data = cbor2.dumps(cbor2.CBORTag(18, [protected, {}, payload, sig]), canonical=True)
+        with pytest.raises(VerdictDecodeError):
+            _check(data)
 
 
 def test_stale_or_future_verdict_is_refused() -> None:
@@ -123,6 +172,10 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
         vd.encode_verdict(_verdict(nonce=b"short"), NODE.public_key, NODE.sign)
     with pytest.raises(ValueError):
         vd.encode_verdict(_verdict(subject="x" * 2000), NODE.public_key, NODE.sign)
+    with pytest.raises(ValueError):
+        vd.encode_verdict(_verdict(token=b"short"), NODE.public_key, NODE.sign)
+    with pytest.raises(ValueError):
+        vd.encode_verdict(_verdict(request=b"\x00" * 31), NODE.public_key, NODE.sign)
 
 
 names = st.text(min_size=0, max_size=40)
@@ -134,6 +187,8 @@ verdicts = st.builds(
     subject=names,
     outcome=st.sampled_from(["ok", "wrong", "unknown", "over_budget", "not_found"]),
     time_ms=st.integers(0, 2**63 - 1),
+    token=st.binary(min_size=32, max_size=32),
+    request=st.none() | st.binary(min_size=32, max_size=32),
     retry_after_ms=st.none() | st.integers(0, 2**40),
     digest=st.none() | st.binary(min_size=32, max_size=32),
 )
@@ -145,7 +200,8 @@ def test_property_round_trip_and_single_encoding(v: vd.Verdict) -> None:
     data = vd.encode_verdict(v, NODE.public_key, NODE.sign)
     assert len(data) <= vd.MAX_VERDICT_BYTES
     got = vd.verify_verdict(
-        data, check_signature, public_key=NODE.public_key, nonce=v.nonce, now_ms=v.time_ms
+        data, check_signature, public_key=NODE.public_key, nonce=v.nonce, now_ms=v.time_ms,
+        token=v.token,
     )
     assert got == v
     assert vd.encode_verdict(got, NODE.public_key, NODE.sign) == data  # Ed25519 is deterministic
