@@ -83,7 +83,14 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from overflowd.errors import SealError, VaultError
-from overflowd.identity import NodeIdentity, check_signature, identity_path, load_identity
+from overflowd.identity import (
+    IdentityError,
+    NodeIdentity,
+    check_signature,
+    identity_path,
+    load_identity,
+    load_previous_public,
+)
 from ratelock import audit, crypto, policy
 from ratelock.config import ARGON2_MIN_MEMORY_KIB, ARGON2_MIN_TIME_COST, RatelockSettings
 
@@ -257,12 +264,15 @@ class Vault:
         identity: NodeIdentity | None,
         clock_ms: Callable[[], int],
         store: str,
+        previous_keys: tuple[bytes, ...] = (),
     ) -> None:
         self._engine = engine
         self.settings = settings
         self._secret = secret
         self._secret_lock = threading.Lock()
         self._identity = identity
+        # Heads signed before `overflowd key rotate` carry the key it kept as previous.
+        self._previous_keys = previous_keys
         self._sign = identity.signer() if identity else None
         self._clock = clock_ms
         self._store = store
@@ -319,6 +329,7 @@ class Vault:
             identity=identity,
             clock_ms=clock_ms or _now_ms,
             store=_redact(url),
+            previous_keys=_previous_keys(home),
         )
         try:
             vault._reseal_schema_1()
@@ -946,7 +957,9 @@ class Vault:
             return int(tail.seq)
 
     def audit_verify(self) -> audit.AuditReport:
-        trusted = [self._identity.public_key] if self._identity else None
+        trusted = (
+            [self._identity.public_key, *self._previous_keys] if self._identity else None
+        )
         with self._engine.connect() as conn:
             heads = [
                 audit.Head(
@@ -1161,6 +1174,15 @@ def _migrate(engine: Engine) -> None:
                     f"the ratelock store has schema {version}, newer than this ratelock "
                     f"({SCHEMA_VERSION}): upgrade ratelock"
                 )
+
+
+def _previous_keys(home: Path) -> tuple[bytes, ...]:
+    """The node key kept by the last rotation (one overlap at a time), if any."""
+    try:
+        previous = load_previous_public(home)
+    except IdentityError as exc:
+        raise VaultError(str(exc)) from None
+    return (previous,) if previous is not None else ()
 
 
 def _redact(url: str) -> str:

@@ -3,6 +3,7 @@ is a truncated tail (against the last signed head) or a chain rebuilt without th
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from sqlalchemy import Connection, delete, select, update
 from overflowd.identity import NodeIdentity, write_identity
 from ratelock import audit
 from ratelock.vault import Vault, t_audit, t_audit_heads, t_audit_tail
+from tests.support.cli import call
 from tests.support.ratelock import fast_settings
 
 SIGN_EVERY = 5
@@ -194,3 +196,20 @@ def test_a_flood_of_bad_requests_is_audited_in_counted_rows(tmp_path: Path) -> N
     assert len(rows) <= 3 * 20  # a few windows' worth of rows, not one per request
     r = call("ratelock", "--home", str(home), "audit", "verify")
     assert r.code == 0 and "audit ok" in r.out, r.err
+
+
+def test_heads_signed_before_a_key_rotation_still_verify(home: Path) -> None:
+    """Found by the ops helper: after ``overflowd key rotate``, ``ratelock audit verify`` said
+    the heads were "signed by a key that is not the node's". The key the rotation kept as
+    previous is trusted too; a key the node never had is not."""
+    assert call("overflowd", "key", "rotate", "--home", str(home)).code == 0
+    verified = call("ratelock", "--home", str(home), "audit", "verify")
+    assert verified.code == 0, verified.err
+    with _vault(home) as vault:
+        vault.verify("app", "alice", b"pw")  # heads go on under the new key
+        assert vault.audit_verify().ok
+    # A previous key that never signed these heads (a stranger's) does not stand in.
+    (home / "identity.previous.pub").write_text(
+        base64.b64encode(NodeIdentity.generate().public_key).decode() + "\n"
+    )
+    assert call("ratelock", "--home", str(home), "audit", "verify").code != 0
