@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives for real (see README "What the tests run").
-DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm haproxy pebble
+DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm haproxy pebble chromium
 DEB_DEMO := python3-venv
 
 .PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz jfe-acme-100
