@@ -204,6 +204,10 @@ class CounterHistory:
         self.errors = 0
         self._stop = trio.Event()
 
+    def now(self) -> dict[str, float]:
+        """The numbers as of this moment (the Node page's table), not the last sample's."""
+        return sample_of(self._snapshot(), self._exporters)
+
     def sample(self) -> None:
         """Take one sample now (also the first one at start, so a page has a point at once)."""
         try:

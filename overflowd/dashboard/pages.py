@@ -258,13 +258,12 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
                     f'{chart.key}.svg" alt="{escape(chart.title)}" width="{svg.WIDTH}" '
                     f'height="{svg.HEIGHT}">{legend}</section>'
                 )
-            latest = history.ring.latest()
-            if latest is not None:
-                rows = [[escape(k), _num(v, v)] for k, v in sorted(latest[1].items())]
-                parts.append(
-                    "<h2>Counters at the last sample</h2>"
-                    + _table(("counter", "total"), rows, tid="counters")
-                )
+            rows = [[escape(k), _num(v, v)] for k, v in sorted(history.now().items())]
+            parts.insert(
+                0,
+                "<h2>Counters now</h2>"
+                + _table(("counter", "total since start"), rows, tid="counters", cls="counters"),
+            )
         body = (
             f"<p>Node <code>{escape(ctx.identity.fingerprint)}</code> · "
             f"{escape(ctx.observation_point or '-')} · contacts "

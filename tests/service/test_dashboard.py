@@ -207,6 +207,14 @@ def test_tables_are_there_with_javascript_off(node: Node, chromium: Chromium) ->
         for path, table in (("/reports", "#reports"), ("/", "#counters")):
             page.goto(node.base + path)
             assert page.eval(f"document.querySelectorAll('{table} tbody tr').length") > 0, path
+        counters = page.eval(
+            "Object.fromEntries([...document.querySelectorAll('#counters tbody tr')].map(tr =>"
+            " [tr.cells[0].textContent, Number(tr.querySelector('[data-value]').dataset.value)]))"
+        )
+        assert counters["records:127.0.0.1"] == node.daemon.metric(
+            "overflowd_decoder_records_total"
+        )
+        assert counters["signed"] == node.daemon.metric("overflowd_reports_signed_total")
         # the live line still says what it would do: nothing ran
         assert page.eval("1 + 1") == 2
         page.goto(node.base + "/reports")
