@@ -106,6 +106,7 @@ def sample_of(s: NodeStatistics, exporters: ExporterNames) -> dict[str, float]:
         for reason, n in s.webhook.dropped.items():
             add(f"drop:webhook_{reason}", n)
         add("drop:webhook_dead", s.webhook.dead)
+        add("drop:webhook_refused", s.webhook.refused)
     outbox = s.gauges.outbox if s.gauges is not None else None
     add("outbox:pending", (outbox or {}).get("pending", 0))
     add("outbox:dead", (outbox or {}).get("dead", 0))
