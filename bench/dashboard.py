@@ -39,13 +39,14 @@ from overflowd.store import Store
 
 def pages(now_ms: int, last_seq: int) -> dict[str, str]:
     hour = rpt.iso_ms(now_ms - HOUR_MS)
+    day = rpt.iso_ms(now_ms - 24 * HOUR_MS)
     return {
         "Node /": "/",
         "Node chart (ingest)": "/dashboard/chart/node/ingest.svg",
-        "Victim, the last hour": f"/victim?dst={VICTIM}&since={hour}",
+        "Victim, the last hour (as by default)": f"/victim?dst={VICTIM}&since={hour}",
         "Victim chart, the last hour": f"/dashboard/chart/victim.svg?dst={VICTIM}&since={hour}",
-        "Victim, the whole day": f"/victim?dst={VICTIM}",
-        "Victim chart, the whole day": f"/dashboard/chart/victim.svg?dst={VICTIM}",
+        "Victim, the whole day": f"/victim?dst={VICTIM}&since={day}",
+        "Victim chart, the whole day": f"/dashboard/chart/victim.svg?dst={VICTIM}&since={day}",
         "Reports (newest 50 of all)": "/reports",
         "Reports, one /24, the last hour": f"/reports?dst={VICTIM}&since={hour}",
         "Reports live poll (100 new)": f"/dashboard/reports/rows?after={max(0, last_seq - 100)}",
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reports", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=50, help="requests per page")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--db", help="an existing store built by bench/query.py (its URL)")
+    parser.add_argument("--db", help="an existing store built by this script or bench/query.py")
+    parser.add_argument(
+        "--keep", type=Path, help="build the SQLite store in this directory and leave it there"
+    )
     args = parser.parse_args(argv)
     if args.db:
         with Store.open(args.db, create=False) as store:
@@ -121,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         now_ms = int(time.time() * 1000)
         print(f"generating {args.reports:,} reports", file=sys.stderr)
         data = Data(args.reports, now_ms)
-        tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-dashboard-"))
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        tmp = args.keep or Path(tempfile.mkdtemp(prefix="overflowd-bench-dashboard-"))
         try:
             ctx = sqlite_store(tmp) if args.backend == "sqlite" else postgres_store()
             with ctx as (store, _url, _path):
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 results = trio.run(time_pages, store, now_ms, args.runs)
                 show(store.backend, args.reports, results)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"\n(python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
         f"load average {os.getloadavg()[0]:.1f})"

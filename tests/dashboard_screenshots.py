@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
                 page = browser.page()
                 for name, path in (
                     ("node", "/"),
-                    ("victim", f"/victim?dst={dst}"),
+                    ("victim", f"/victim?dst={dst}&since=2007-07-27T16:48:00Z"),
                     ("reports", "/reports?limit=25"),
                     ("peers", "/peers"),
                 ):

@@ -142,10 +142,12 @@ class CounterRing:
     def names(self, chart: Chart) -> list[str]:
         """The sampled names a chart draws (a family's members as they appear)."""
         seen: dict[str, None] = {}
+        every: dict[str, None] = {}
         for _, sample in self._ring:
-            for name in sample:
-                if any(name == s or (s.endswith(":") and name.startswith(s)) for s in chart.series):
-                    seen.setdefault(name, None)
+            every.update(dict.fromkeys(sample))
+        for name in every:
+            if any(name == s or (s.endswith(":") and name.startswith(s)) for s in chart.series):
+                seen.setdefault(name, None)
         if chart.kind != "ratio":
             order = {s: i for i, s in enumerate(chart.series)}
             return sorted(seen, key=lambda n: (order.get(n, len(order)), n))

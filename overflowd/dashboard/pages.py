@@ -59,6 +59,10 @@ MAX_REPORT_ROWS = 500
 LIVE_ROWS = 100
 #: Reports put in one XARF or STIX export (the CLI's --limit gives more).
 EXPORT_LIMIT = 1000
+#: The victim view's time when the URL gives none: an attack is now (and a day of a busy
+#: store's reports is more than a page can sum in 200 ms; give since= for longer).
+VICTIM_SINCE = "1h"
+VICTIM_FIELDS = ("prefix", "dst", "since", "until", "min_trust")
 PAGES = (("/", "Node"), ("/victim", "Victim"), ("/reports", "Reports"), ("/peers", "Peers"))
 
 
@@ -292,13 +296,16 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
         from overflowd.store.query import who as who_query
 
         params = params_of(request)
-        form = _filter_form("/victim", params, ("prefix", "dst", "since", "until", "min_trust"))
         if not any(params.values()):
+            form = _filter_form("/victim", {"since": VICTIM_SINCE}, VICTIM_FIELDS)
             return _page(
                 "Victim", "/victim",
                 form + "<p>Who is sending this to me? Give a prefix (your network) and "
                 "a time: the estimate over time, the observers behind it, their contacts.</p>",
             )  # fmt: skip
+        if not params["since"] and not params["until"]:
+            params["since"] = VICTIM_SINCE  # "now", not the store's whole history
+        form = _filter_form("/victim", params, VICTIM_FIELDS)
 
         def answer() -> tuple[list[dict[str, Any]], list[StoredReport]]:
             flt = make(params)

@@ -110,13 +110,18 @@ def test_every_page_loads_with_no_console_error(node: Node, chromium: Chromium) 
 
 def test_the_victim_view_shows_what_who_says(node: Node, chromium: Chromium) -> None:
     dst = busiest_destination(node)
-    who = run("overflowd-query", "who", "--dst", dst, "--json", "--no-dns", home=node.home)
+    since = "2007-07-27T00:00:00Z"  # the trace's day (the view's default is the last hour)
+    who = run("overflowd-query", "who", "--dst", dst, "--since", since, "--json", "--no-dns",
+              home=node.home)  # fmt: skip
     assert who.code == 0, who.err
     lines = [json.loads(line) for line in who.out.splitlines()]
     assert lines
     page = chromium.page(javascript=False)
     try:
         page.goto(f"{node.base}/victim?dst={dst}")
+        assert page.eval("document.querySelector('input[name=since]').value") == "1h"
+        assert page.eval("document.querySelectorAll('#who tbody tr').length") == 0  # 2007
+        page.goto(f"{node.base}/victim?dst={dst}&since={since}")
         rows = page.eval(
             """[...document.querySelectorAll('#who tbody tr')].map(tr => ({
                 fp: tr.querySelector('code').textContent,
@@ -131,7 +136,9 @@ def test_the_victim_view_shows_what_who_says(node: Node, chromium: Chromium) -> 
             assert byte_count == o["bytes"]["estimate"]
         # the charts' series, added up over the span, are the same estimate
         chart = httpx.get(
-            f"{node.base}/dashboard/chart/victim.svg", params={"dst": dst}, timeout=10
+            f"{node.base}/dashboard/chart/victim.svg",
+            params={"dst": dst, "since": since},
+            timeout=10,
         )
         assert chart.status_code == 200 and "<polygon" in chart.text
         assert page.errors() == []
