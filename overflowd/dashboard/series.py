@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
@@ -20,7 +20,6 @@ from overflowd import report as rpt
 from overflowd.store import query as q
 
 if TYPE_CHECKING:
-    from overflowd.estimate import Estimate
     from overflowd.store.query import ReportFilter
     from overflowd.store.repository import Store
 
@@ -41,8 +40,8 @@ class Series:
     starts: tuple[int, ...]
     #: (observer fingerprint, packets/s, bytes/s per bucket), busiest first
     stacks: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...]
-    #: the 95% band of the total per bucket: packets low/high, bytes low/high (per second;
-    #: high None: unbounded), the sums of the observers' bounds
+    #: the 95% interval of the total per bucket: packets low/high, bytes low/high (per
+    #: second; high None: unbounded), of all the bucket's reports with the largest unit
     band_packets: tuple[tuple[float, ...], tuple[float | None, ...]]
     band_bytes: tuple[tuple[float, ...], tuple[float | None, ...]]
     reports: int
@@ -81,7 +80,12 @@ def victim_series(store: Store, flt: ReportFilter) -> Series:
         "drawing the victim's traffic",
     )
     units = q._observer_units(store, sorted({bytes(r[1]) for r in rows}))
-    per: dict[bytes, dict[int, Estimate]] = {}
+    # Point estimates per (bucket, observer) straight from the sums (certain + Σ weights, what
+    # Tally.estimate's point is); one interval per bucket, of all its observers' sums merged,
+    # with the largest of their units (as `top` does across observers): 60 intervals, not one
+    # per observer and bucket (a tenth of a millisecond each).
+    per: dict[bytes, dict[int, tuple[float, float]]] = {}
+    merged: dict[int, list[Any]] = {}
     totals: dict[bytes, float] = {}
     reports = 0
     for row in rows:
@@ -89,37 +93,44 @@ def victim_series(store: Store, flt: ReportFilter) -> Series:
         if not 0 <= index < count:
             continue  # a flow ending past `until` (its first packet was before it)
         observer = bytes(row[1])
-        unit, byte_unit = units.get(observer, (None, None))
-        estimate = q._from(q._sums(row, 2)).estimate(unit=unit, byte_unit=byte_unit)
-        per.setdefault(observer, {})[index] = estimate
-        totals[observer] = totals.get(observer, 0.0) + estimate.packets.estimate
-        reports += estimate.reports
-    order = sorted(per, key=lambda k: (-totals[k], k))
+        sums = q._sums(row, 2)
+        packets = _finite(float(sums[2]) + sums[4])
+        byte_count = _finite(float(sums[3]) + sums[7])
+        per.setdefault(observer, {})[index] = (packets, byte_count)
+        totals[observer] = totals.get(observer, 0.0) + packets
+        reports += int(sums[0])
+        if index in merged:
+            q._merge(merged[index], sums)
+        else:
+            merged[index] = list(sums)
+    unit = q._max_unit(u for u, _ in units.values())
+    byte_unit = q._max_unit(b for _, b in units.values())
     seconds = bucket / 1000
+    pl, bl = [0.0] * count, [0.0] * count
+    ph: list[float | None] = [0.0] * count
+    bh: list[float | None] = [0.0] * count
+    for index, sums in merged.items():
+        e = q._from(sums).estimate(unit=unit, byte_unit=byte_unit)
+        pl[index], bl[index] = e.packets.low / seconds, e.bytes.low / seconds
+        ph[index] = e.packets.high / seconds if math.isfinite(e.packets.high) else None
+        bh[index] = e.bytes.high / seconds if math.isfinite(e.bytes.high) else None
+    order = sorted(per, key=lambda k: (-totals[k], k))
     stacks: list[tuple[str, list[float], list[float]]] = []
-    pl, ph, bl, bh = ([0.0] * count for _ in range(4))
-    ph_inf, bh_inf = [False] * count, [False] * count
     for rank, observer in enumerate(order):
         if rank < MAX_STACKS:
             stacks.append((rpt.key_fingerprint(observer), [0.0] * count, [0.0] * count))
         elif rank == MAX_STACKS:
             stacks.append(("other", [0.0] * count, [0.0] * count))
-        _, packets, bytes_ = stacks[-1]
-        for i, e in per[observer].items():
-            packets[i] += _finite(e.packets.estimate) / seconds
-            bytes_[i] += _finite(e.bytes.estimate) / seconds
-            pl[i] += e.packets.low / seconds
-            bl[i] += e.bytes.low / seconds
-            ph_inf[i] |= not math.isfinite(e.packets.high)
-            bh_inf[i] |= not math.isfinite(e.bytes.high)
-            ph[i] += _finite(e.packets.high) / seconds
-            bh[i] += _finite(e.bytes.high) / seconds
+        _, packet_rates, byte_rates = stacks[-1]
+        for i, (packets, byte_count) in per[observer].items():
+            packet_rates[i] += packets / seconds
+            byte_rates[i] += byte_count / seconds
     return Series(
         bucket_ms=bucket,
         starts=tuple((first + i) * bucket for i in range(count)),
         stacks=tuple((name, tuple(p), tuple(b)) for name, p, b in stacks),
-        band_packets=(tuple(pl), tuple(None if ph_inf[i] else v for i, v in enumerate(ph))),
-        band_bytes=(tuple(bl), tuple(None if bh_inf[i] else v for i, v in enumerate(bh))),
+        band_packets=(tuple(pl), tuple(ph)),
+        band_bytes=(tuple(bl), tuple(bh)),
         reports=reports,
     )
 
