@@ -240,7 +240,7 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
     # -- Node ------------------------------------------------------------------------------
 
     @r.get("/", dependencies=guarded)
-    def node() -> HTMLResponse:
+    async def node() -> HTMLResponse:  # in the event loop, as the sampler: no locking
         parts = []
         if history is None:
             parts.append(
@@ -277,7 +277,7 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
         return _page("Node", "/", body)
 
     @r.get("/dashboard/chart/node/{key}.svg", dependencies=guarded)
-    def node_chart(key: str) -> Response:
+    async def node_chart(key: str) -> Response:
         chart = next((c for c in CHARTS if c.key == key), None)
         if chart is None:
             raise HTTPException(404, "no such chart")
