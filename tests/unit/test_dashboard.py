@@ -211,3 +211,31 @@ def test_a_short_token_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="dashboard_token"):
         parse_settings('[api]\ndashboard_token = "short"\n')
     assert parse_settings(f'[api]\ndashboard_token = "{TOKEN}"\n').api.dashboard_token == TOKEN
+
+
+def test_the_peers_table_is_every_peer_counter_by_peer() -> None:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    from overflowd.dashboard.pages import _peer_table
+
+    class Peers(Collector):
+        def collect(self) -> Iterator[Any]:
+            posts = CounterMetricFamily("overflowd_peer_push_posts", "", labels=["peer", "outcome"])
+            posts.add_metric(["b<peer>", "ok"], 3)
+            posts.add_metric(["a-peer", "ok"], 5)
+            posts.add_metric(["a-peer", "refused"], 1)
+            yield posts
+            banned = GaugeMetricFamily("overflowd_peer_banned", "", labels=["peer"])
+            banned.add_metric(["a-peer"], 1)
+            yield banned
+            yield GaugeMetricFamily("overflowd_peer_learned", "", value=2)  # no peer label
+
+    table = _peer_table([Peers()])
+    assert table is not None
+    head, rows = table
+    assert head == ["peer", "push_posts/ok", "push_posts/refused", "banned"]
+    assert rows[0][0] == "<code>a-peer</code>" and 'data-value="5.0"' in rows[0][1]
+    assert 'data-value="1"' in rows[0][3] or 'data-value="1.0"' in rows[0][3]
+    assert rows[1][0] == "<code>b&lt;peer&gt;</code>" and rows[1][2] == "<span class=num>-</span>"
+    assert _peer_table([]) is None
