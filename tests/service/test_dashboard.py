@@ -80,6 +80,7 @@ def test_every_page_loads_with_no_console_error(node: Node, chromium: Chromium) 
             ("/victim", "Victim"),
             ("/reports", "Reports"),
             ("/peers", "Peers"),
+            ("/login", "Operator token"),
         ):
             page.goto(node.base + path)
             assert page.eval("document.querySelector('h1').textContent") == title
