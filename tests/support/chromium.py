@@ -103,7 +103,11 @@ class Chromium:
         self._closed = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.call("Target.setDiscoverTargets", discover=False)
+        try:
+            self.call("Target.setDiscoverTargets", discover=False)
+        except BaseException:  # a browser that did not start leaves no process nor profile
+            self.close()
+            raise
 
     def _read(self) -> None:
         buffer = b""
