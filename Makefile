@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives for real (see README "What the tests run").
-DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm haproxy pebble
+DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm haproxy pebble chromium
 DEB_DEMO := python3-venv
 
-.PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz jfe-acme-100
+.PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz jfe-acme-100 screenshots
 
 demo: deps-demo $(VENV)/.runtime
 	./scripts/demo.sh
@@ -48,6 +48,11 @@ fuzz: $(VENV)/.installed
 # rejection and validation delays (0-15 s); the suite runs the same test with 5 names, delays up to 2 s.
 jfe-acme-100: deps-test $(VENV)/.installed
 	JFE_ACME_NAMES=100 JFE_PEBBLE_SLEEP_S=default $(BIN)/pytest -s tests/service/test_jfe_acme.py
+
+# The dashboard's pages as docs/dashboard/*.png, from a node fed the shared trace in headless
+# Chromium (docs/dashboard.md; about a minute).
+screenshots: deps-test $(VENV)/.installed
+	$(BIN)/python -m tests.dashboard_screenshots docs/dashboard
 
 deps-test:
 	@./scripts/apt-ensure $(DEB_TEST)

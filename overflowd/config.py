@@ -214,6 +214,9 @@ class ApiSettings:
     #: pulls with one request at a time; a dashboard asks a few at once.
     max_requests_per_client: int = 16
     # -- end limits ------------------------------------------------------------------------
+    #: The operator token for the dashboard (docs/dashboard.md): required, as a bearer token
+    #: or the cookie /login sets, when set; empty: the dashboard answers on loopback only.
+    dashboard_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,9 @@ request_timeout_s = 10.0
 read_timeout_s = 10.0
 max_header_bytes = 16384
 max_requests_per_client = 16
+# The dashboard (docs/dashboard.md) beyond loopback needs this operator token (bearer or the
+# cookie /login sets; at least 16 characters); empty: the dashboard answers on loopback only.
+dashboard_token = ""
 
 [send]
 # The one switch for telling the ends of the flows you see: a UDP datagram to the flow's
@@ -833,6 +839,10 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
             fail("max_header_bytes", "must be within 1024..1048576 (a request head's bytes)")
         if settings.max_requests_per_client < 1:
             fail("max_requests_per_client", "must be at least 1")
+        if settings.dashboard_token and not (
+            16 <= len(settings.dashboard_token) <= 512 and settings.dashboard_token.isprintable()
+        ):
+            fail("dashboard_token", "must be 16 to 512 printable characters (or empty)")
     if isinstance(settings, SendSettings | InbandSettings):
         # strict, as notify.Confinement parses them at start: "192.0.2.1/24" (host bits set)
         # must fail here, naming the key, not later in the daemon naming neither key nor file.

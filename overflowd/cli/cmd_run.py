@@ -207,8 +207,11 @@ def run(args: argparse.Namespace) -> int:
     if policy is not None:
         peer_collectors.append(PeerPolicyCollector(policy))
     # -- end peers --------------------------------------------------------------------------
+    # The counters' last hour, for the dashboard's Node page (docs/dashboard.md).
+    from overflowd.dashboard.history import CounterHistory
     from overflowd.services.who_dns import who_registry
 
+    history = CounterHistory(node.statistics)
     api: ApiService | None = None
     if api_listen:
         try:
@@ -224,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
                     subscriptions=desk,
                     endpoint=settings.peering.endpoint(api_listen),
                     registry=who_registry(settings.registry, node.registry),  # /v1/who
+                    history=history,
                 ),
             )
         except ConfigError:
@@ -244,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
                     host, port = node.inband_bound
                     print(f"listening inband {host}:{port}", flush=True)
                 if api is not None:
+                    await nursery.start(history.run)
                     host, port = await nursery.start(api.run)
                     shown = f"[{host}]" if ":" in host else host
                     print(f"api http://{shown}:{port}/v1/", flush=True)
@@ -256,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
                     node.stop()
                     if api is not None:
                         api.stop()
+                        history.stop()
                     if peer_pull is not None:
                         peer_pull.stop()
                     if policy is not None:

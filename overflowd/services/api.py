@@ -66,6 +66,7 @@ from overflowd.store.repository import MAX_SEQ, CursorAhead, Store, StoredReport
 from overflowd.wire import peering
 
 if TYPE_CHECKING:
+    from overflowd.dashboard.history import CounterHistory
     from overflowd.services.dns import DnsRegistry
     from overflowd.store.query import ReportFilter, WhoRow
 
@@ -214,6 +215,8 @@ class ApiContext:
     endpoint: str = ""
     #: DNS for /v1/who's `registry` (services/who_dns.py); None: DNS not configured
     registry: DnsRegistry | None = None
+    #: the counters' last hour for the dashboard's Node page (overflowd.dashboard.history)
+    history: CounterHistory | None = None
 
 
 def _stored(row: StoredReport) -> StoredReportOut:
@@ -669,9 +672,12 @@ class ApiService:
         check_tls_files(settings)
         self.settings = settings
         self.limits = RequestLimits(settings)
-        self.app = create_app(
-            dataclasses.replace(ctx, collectors=(*ctx.collectors, self.limits.collector()))
-        )
+        ctx = dataclasses.replace(ctx, collectors=(*ctx.collectors, self.limits.collector()))
+        self.app = create_app(ctx)
+        # The dashboard (docs/dashboard.md): HTML at /, under the same limits; not in OpenAPI.
+        from overflowd.dashboard import router as dashboard_router
+
+        self.app.include_router(dashboard_router(ctx, settings, ctx.history))
         self._stop = trio.Event()
         self.bound: tuple[str, int] | None = None
 

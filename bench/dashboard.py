@@ -1,0 +1,156 @@
+"""How fast the dashboard's pages answer on a store of a million reports (issue #14).
+
+Builds bench/query.py's store (``--reports``, 1,000,000: a day of reports, 20 observers, the
+attacked 203.0.113.0/24 getting ~3% of them; see that file) on SQLite (or PostgreSQL with
+``--backend postgresql``), then asks each page ``--runs`` times, interleaved, through the
+node API's ASGI application (the same routes, limits and rendering as ``overflowd run``
+serves; no socket: httpx's ASGI transport, so the figure is the server's, not the
+network's), and prints p50 and p99 per page. The Node page's counter history holds its full
+hour (360 samples). Goal: every page under 200 ms (p99).
+
+    .venv/bin/python bench/dashboard.py                     # SQLite, ~4 minutes
+    .venv/bin/python bench/dashboard.py --reports 100000 --runs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.query import HOUR_MS, VICTIM, Data, build, percentiles, postgres_store, sqlite_store
+from overflowd import report as rpt
+from overflowd.config import ApiSettings
+from overflowd.dashboard.history import CounterHistory
+from overflowd.identity import NodeIdentity
+from overflowd.services.api import ApiContext, ApiService
+from overflowd.store import Store
+
+
+def pages(now_ms: int, last_seq: int) -> dict[str, str]:
+    hour = rpt.iso_ms(now_ms - HOUR_MS)
+    day = rpt.iso_ms(now_ms - 24 * HOUR_MS)
+    return {
+        "Node /": "/",
+        "Node chart (ingest)": "/dashboard/chart/node/ingest.svg",
+        "Victim, the last hour (as by default)": f"/victim?dst={VICTIM}&since={hour}",
+        "Victim chart, the last hour": f"/dashboard/chart/victim.svg?dst={VICTIM}&since={hour}",
+        "Victim, the whole day": f"/victim?dst={VICTIM}&since={day}",
+        "Victim chart, the whole day": f"/dashboard/chart/victim.svg?dst={VICTIM}&since={day}",
+        "Reports (newest 50 of all)": "/reports",
+        "Reports, one /24, the last hour": f"/reports?dst={VICTIM}&since={hour}",
+        "Reports live poll (100 new)": f"/dashboard/reports/rows?after={max(0, last_seq - 100)}",
+        "Peers": "/peers",
+    }
+
+
+def full_history() -> CounterHistory:
+    history = CounterHistory(lambda: None)  # type: ignore[arg-type,return-value]
+    now = time.time()
+    for i in range(360):
+        sample = {f"records:192.0.2.{e}": float(i * 1000 * (e + 1)) for e in range(8)}
+        sample.update(
+            {"malformed": i, "refused": 0, "sampled": i * 50, "signed": i * 40, "drop:shed": i,
+             "sent:inband": i * 30, "sent:webhook": i, "outbox:pending": i % 7, "outbox:dead": 1,
+             "dns:lookups": i * 10, "dns:queries": i * 2, "dns:cache_hits": i * 8}
+        )  # fmt: skip
+        history.ring.add(now - (360 - i) * 10, sample)
+    history.now = lambda: history.ring.latest()[1]  # type: ignore[method-assign,index]
+    return history
+
+
+async def time_pages(store: Store, now_ms: int, runs: int) -> dict[str, tuple[list[float], int]]:
+    ctx = ApiContext(
+        identity=NodeIdentity.generate(),
+        contacts=("mailto:abuse@example.net",),
+        observation_point="bench",
+        store=store,
+        history=full_history(),
+    )
+    service = ApiService(ApiSettings(listen="127.0.0.1:0"), ctx)
+    app = service.limits.wrap(service.app)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))  # type: ignore[arg-type]
+    out: dict[str, tuple[list[float], int]] = {}
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        wanted = pages(now_ms, store.last_seq())
+        for name, path in wanted.items():  # warm once each; every page must answer
+            answer = await client.get(path)
+            assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
+            out[name] = ([], len(answer.content))
+        for _ in range(runs):
+            for name, path in wanted.items():
+                t = time.perf_counter()
+                answer = await client.get(path)
+                out[name][0].append(time.perf_counter() - t)
+    return out
+
+
+def show(backend: str, n: int, results: dict[str, tuple[list[float], int]]) -> bool:
+    print(f"\n{backend}, {n:,} reports: page                        p50 ms / p99 ms   bytes")
+    ok = True
+    for name, (samples, size) in results.items():
+        p50, p99 = percentiles(samples)
+        flag = "" if p99 < 0.2 else "   over 200 ms"
+        ok = ok and not flag
+        print(f"  {name:38} {p50 * 1000:8.1f} / {p99 * 1000:<8.1f} {size:>9,}{flag}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reports", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=50, help="requests per page")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--db", help="an existing store built by this script or bench/query.py")
+    parser.add_argument(
+        "--keep", type=Path, help="build the SQLite store in this directory and leave it there"
+    )
+    args = parser.parse_args(argv)
+    if args.db:
+        with Store.open(args.db, create=False) as store:
+            now_ms = max(r.last_ms for r in store_latest(store))
+            results = trio.run(time_pages, store, now_ms, args.runs)
+            show(store.backend, store.count_reports(), results)
+    else:
+        now_ms = int(time.time() * 1000)
+        print(f"generating {args.reports:,} reports", file=sys.stderr)
+        data = Data(args.reports, now_ms)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        tmp = args.keep or Path(tempfile.mkdtemp(prefix="overflowd-bench-dashboard-"))
+        try:
+            ctx = sqlite_store(tmp) if args.backend == "sqlite" else postgres_store()
+            with ctx as (store, _url, _path):
+                print(f"{args.backend}: loading", file=sys.stderr)
+                build(store, data)
+                del data
+                results = trio.run(time_pages, store, now_ms, args.runs)
+                show(store.backend, args.reports, results)
+        finally:
+            if not args.keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\n(python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
+    return 0
+
+
+def store_latest(store: Store) -> list[Any]:
+    from overflowd.store.query import ReportFilter, find_reports
+
+    return find_reports(store, ReportFilter(), limit=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The dashboard's parts without a browser: the counter ring, the victim series (one grouped
+query, its sums equal to ``who``'s), the SVG's escaping, and who may see the pages."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from sqlalchemy import event
+
+from overflowd.config import ApiSettings
+from overflowd.dashboard import svg
+from overflowd.dashboard.history import CHARTS, CounterHistory, CounterRing, ExporterNames
+from overflowd.dashboard.pages import COOKIE, router
+from overflowd.dashboard.series import bucket_for, victim_series
+from overflowd.identity import NodeIdentity
+from overflowd.services.api import ApiContext
+from overflowd.store.query import ReportFilter, who
+from tests.support.query_reports import BACKENDS, Seeded, seeded_store
+
+CHART = {c.key: c for c in CHARTS}
+
+
+def test_rates_gauges_and_the_hit_rate_come_from_the_samples() -> None:
+    ring = CounterRing(points=3)
+    for t, records, pending, hits, lookups in (
+        (0, 0, 5, 0, 0),
+        (10, 100, 7, 0, 0),
+        (20, 300, 2, 30, 40),
+        (30, 300, 1, 30, 40),
+    ):
+        ring.add(t, {"records:192.0.2.1": records, "outbox:pending": pending,
+                     "dns:cache_hits": hits, "dns:lookups": lookups})  # fmt: skip
+    assert len(ring) == 3  # bounded: the oldest went
+    (line,) = ring.lines(CHART["ingest"])
+    assert line.name == "records:192.0.2.1"
+    assert line.points == ((10, None), (20, 20.0), (30, 0.0))
+    pending = {ln.name: ln.points for ln in ring.lines(CHART["outbox"])}["outbox:pending"]
+    assert [v for _, v in pending] == [7, 2, 1]
+    (hit,) = ring.lines(CHART["dns_hits"])
+    assert [v for _, v in hit.points] == [None, 0.75, None]  # no lookups: no rate
+    assert ring.current(CHART["ingest"]) == {"records:192.0.2.1": 0.0}
+
+
+def test_exporter_series_are_bounded() -> None:
+    names = ExporterNames(limit=2)
+    got = [names.name(a) for a in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.1")]
+    assert got == ["192.0.2.1", "192.0.2.2", "other", "192.0.2.1"]
+
+
+async def test_the_service_samples_every_interval_and_stops(autojump_clock: Any) -> None:
+    class Stats:
+        calls = 0
+
+    def snapshot() -> Any:
+        Stats.calls += 1
+        raise RuntimeError("a snapshot that fails is counted, not fatal")
+
+    history = CounterHistory(snapshot, interval_s=10, clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(history.run)
+        await trio.sleep(35)
+        history.stop()
+    assert Stats.calls == 4 and history.errors == 4
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+# -- the victim series ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def seeded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Seeded]:
+    yield from seeded_store(request, tmp_path_factory, 300, 7)
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        ReportFilter(),
+        ReportFilter(dst=ipaddress.ip_network("198.51.100.0/24")),
+        ReportFilter(either=ipaddress.ip_network("2001:db8::/32"), proto=17),
+    ],
+    ids=["all", "dst", "v6-udp"],
+)
+def test_the_series_adds_up_to_who_in_one_grouped_query(seeded: Seeded, flt: ReportFilter) -> None:
+    store = seeded.store
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append(statement)
+
+    engine = store._engine  # type: ignore[attr-defined]
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        series = victim_series(store, flt)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    # the span, the grouped sums, the observers' units: never a statement per bucket
+    grouped = [s for s in statements if "GROUP BY" in s.upper()]
+    assert len(grouped) == 1 and len(statements) <= 4, statements
+    assert len(series.starts) >= 2 and len(series.starts) <= 2 * 60
+    rows = {r.fingerprint: r for r in who(store, flt, top_sources=0)}
+    assert {name for name, _, _ in series.stacks} == set(rows)
+    seconds = series.bucket_ms / 1000
+    for name, packets, byte_rates in series.stacks:
+        assert math.isclose(
+            sum(packets) * seconds, rows[name].estimate.packets.estimate, rel_tol=1e-9
+        )
+        assert math.isclose(
+            sum(byte_rates) * seconds, rows[name].estimate.bytes.estimate, rel_tol=1e-9
+        )
+    assert series.reports == sum(r.reports for r in rows.values())
+    low, high = series.band_packets
+    totals = [sum(s[1][i] for s in series.stacks) for i in range(len(series.starts))]
+    for lo, total, hi in zip(low, totals, high, strict=True):
+        assert lo <= total * (1 + 1e-9) and (hi is None or total <= hi * (1 + 1e-9))
+
+
+def test_no_reports_is_an_empty_series(seeded: Seeded) -> None:
+    series = victim_series(seeded.store, ReportFilter(dst=ipaddress.ip_network("192.0.2.77/32")))
+    assert series.stacks == () and series.reports == 0
+    assert "no reports" in svg.stacked_chart("t", "u", [], [])
+
+
+def test_buckets_are_round_and_few() -> None:
+    assert bucket_for(0) == 1000
+    assert bucket_for(3_600_000) == 60_000
+    assert 365 * 86_400_000 / bucket_for(365 * 86_400_000) <= 60
+
+
+def test_names_in_charts_are_escaped() -> None:
+    text = svg.line_chart("<t>", "u", [("<script>", [(0.0, 1.0), (10.0, 2.0)])])
+    assert "<script>" not in text.replace("<t>", "") and "&lt;t&gt;" in text
+    stacked = svg.stacked_chart("t", "u", [0, 1], [('"><x', [1.0, 2.0])])
+    assert '"><x' not in stacked
+
+
+# -- who may see it ---------------------------------------------------------------------------
+
+
+def _client(listen: str, token: str = "") -> httpx.AsyncClient:
+    from fastapi import FastAPI
+
+    ctx = ApiContext(
+        identity=NodeIdentity.generate(),
+        contacts=("mailto:abuse@example.net",),
+        observation_point="edge-1",
+        store=None,  # type: ignore[arg-type]  # the Node page without history reads no store
+    )
+    app = FastAPI()
+    app.include_router(router(ctx, ApiSettings(listen=listen, dashboard_token=token), None))
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4000))
+    return httpx.AsyncClient(transport=transport, base_url="http://node.example")
+
+
+TOKEN = "a-long-operator-token-0123456789"
+
+
+async def test_loopback_needs_no_token() -> None:
+    async with _client("127.0.0.1:9591") as client:
+        answer = await client.get("/")
+        assert answer.status_code == 200
+        csp = answer.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp
+        assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_beyond_loopback_without_a_token_the_dashboard_is_refused() -> None:
+    async with _client("0.0.0.0:9591") as client:
+        answer = await client.get("/")
+        assert answer.status_code == 403 and "dashboard_token" in answer.text
+        assert (await client.get("/dashboard/static/dash.css")).status_code == 200  # no secrets
+
+
+async def test_beyond_loopback_the_token_is_asked_as_bearer_or_cookie() -> None:
+    async with _client("[::]:9591", TOKEN) as client:
+        assert (await client.get("/")).status_code == 401
+        assert (await client.get("/", headers={"authorization": "Bearer wrong"})).status_code == 401
+        assert (
+            await client.get("/", headers={"authorization": f"Bearer {TOKEN}"})
+        ).status_code == 200
+        assert (await client.post("/login", content=b"token=wrong")).status_code == 401
+        answer = await client.post(
+            "/login",
+            content=f"token={TOKEN}".encode(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            follow_redirects=False,
+        )
+        assert answer.status_code == 303
+        assert "httponly" in answer.headers["set-cookie"].lower()
+        assert client.cookies.get(COOKIE) == TOKEN
+        assert (await client.get("/")).status_code == 200
+
+
+def test_a_short_token_is_a_config_error() -> None:
+    from overflowd.config import parse_settings
+    from overflowd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dashboard_token"):
+        parse_settings('[api]\ndashboard_token = "short"\n')
+    assert parse_settings(f'[api]\ndashboard_token = "{TOKEN}"\n').api.dashboard_token == TOKEN
+
+
+def test_the_peers_table_is_every_peer_counter_by_peer() -> None:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    from overflowd.dashboard.pages import _peer_table
+
+    class Peers(Collector):
+        def collect(self) -> Iterator[Any]:
+            posts = CounterMetricFamily("overflowd_peer_push_posts", "", labels=["peer", "outcome"])
+            posts.add_metric(["b<peer>", "ok"], 3)
+            posts.add_metric(["a-peer", "ok"], 5)
+            posts.add_metric(["a-peer", "refused"], 1)
+            yield posts
+            banned = GaugeMetricFamily("overflowd_peer_banned", "", labels=["peer"])
+            banned.add_metric(["a-peer"], 1)
+            yield banned
+            yield GaugeMetricFamily("overflowd_peer_learned", "", value=2)  # no peer label
+
+    table = _peer_table([Peers()])
+    assert table is not None
+    head, rows = table
+    assert head == ["peer", "push_posts/ok", "push_posts/refused", "banned"]
+    assert rows[0][0] == "<code>a-peer</code>" and 'data-value="5.0"' in rows[0][1]
+    assert 'data-value="1"' in rows[0][3] or 'data-value="1.0"' in rows[0][3]
+    assert rows[1][0] == "<code>b&lt;peer&gt;</code>" and rows[1][2] == "<span class=num>-</span>"
+    assert _peer_table([]) is None
