@@ -82,9 +82,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from overflowd.errors import SealError, VaultError
+from overflowd.errors import IdentityError, SealError, VaultError
 from overflowd.identity import (
-    IdentityError,
     NodeIdentity,
     check_signature,
     identity_path,
