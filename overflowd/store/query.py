@@ -358,10 +358,11 @@ _WEIGHTS = ("w_certain", "w_cp", "w_cb", "w_p", "w_b", "w_hp", "w_hb")
 
 
 def _weighed(
-    store: Store, flt: ReportFilter, columns: Sequence[str], *, real_certain: bool = False
+    store: Store, flt: ReportFilter, columns: Sequence[Any], *, real_certain: bool = False
 ) -> Any:
-    """The filter's reports as a subquery: the raw ``columns`` the groups need, and each
-    report's weights and certain amounts, computed once per report.
+    """The filter's reports as a subquery: the ``columns`` the groups need (names of the
+    reports table's, or labelled expressions on it, such as a group key: also computed once),
+    and each report's weights and certain amounts, computed once per report.
 
     The sums read each weight three times (Σw, Σw², max w) and SQLite evaluates an expression
     as often as it is written: summing this subquery's columns costs half as much CPU as
@@ -388,7 +389,7 @@ def _weighed(
         cb = t.c.bytes * t.c.sampling_interval
     stmt = _where(
         select(
-            *(t.c[c] for c in columns),
+            *(t.c[c] if isinstance(c, str) else c for c in columns),
             case((certain, 1), else_=0).label("w_certain"),
             case((certain, cp), else_=None).label("w_cp"),
             case((certain, cb), else_=None).label("w_cb"),
@@ -425,7 +426,7 @@ def _sum_columns(w: Any) -> list[ColumnElement[Any]]:
 
 
 def _run_sums(
-    store: Store, flt: ReportFilter, columns: Sequence[str], build: Any, doing: str
+    store: Store, flt: ReportFilter, columns: Sequence[Any], build: Any, doing: str
 ) -> list[Any]:
     """Run ``build(w, sum_columns)`` over the filter's weighed reports (:func:`_weighed` of
     ``columns``) and return its rows; on SQLite's integer overflow, again with floating-point
@@ -571,7 +572,7 @@ def _rank_order(g: Any, keys: Sequence[str], measure: Literal["packets", "bytes"
 def _top_rows(
     store: Store,
     flt: ReportFilter,
-    columns: Sequence[str],
+    columns: Sequence[Any],
     keys_of: Callable[[Any], list[Any]],
     n: int,
     measure: Literal["packets", "bytes"],
@@ -721,16 +722,13 @@ def _observer_units(store: Store, keys: Sequence[bytes] = ()) -> dict[bytes, Uni
 # Grouping by address prefix
 
 
-def _prefix_column(
-    column: Any, v4_len: int, v6_len: int, version: Any = None
-) -> ColumnElement[Any]:
+def _prefix_column(column: Any, v4_len: int, v6_len: int) -> ColumnElement[Any]:
     """The bytes of ``column`` that hold its /v4_len or /v6_len (rounded up to whole bytes):
-    IPv4 is IPv4-mapped, so its prefix is the 12 mapping bytes and then its own. ``version``:
-    the ip_version column beside it (the reports table's by default)."""
+    IPv4 is IPv4-mapped, so its prefix is the 12 mapping bytes and then its own."""
     v4_bytes = 12 + (v4_len + 7) // 8
     v6_bytes = (v6_len + 7) // 8
     return case(
-        ((_T.c.ip_version if version is None else version) == 4, func.substr(column, 1, v4_bytes)),
+        (_T.c.ip_version == 4, func.substr(column, 1, v4_bytes)),
         else_=func.substr(column, 1, v6_bytes),
     )
 
@@ -810,18 +808,17 @@ def who(
     per_observer: dict[bytes, list[Any]] = {}
     spans: dict[bytes, list[int]] = {}
     sources: dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]] = {}
-    columns = ("observer_key", "ip_version", "src", "first_ms", "last_ms")
+    columns: list[Any] = ["observer_key", "ip_version", "first_ms", "last_ms"]
     if top_sources:
 
         def by_source(w: Any, cols: list[ColumnElement[Any]]) -> Select[Any]:
-            prefix = _prefix_column(w.c.src, v4_len, v6_len, w.c.ip_version).label("prefix")
             first = func.min(w.c.first_ms).label("first_ms")
             last = func.max(w.c.last_ms).label("last_ms")
-            return select(w.c.observer_key, w.c.ip_version, prefix, first, last, *cols).group_by(
-                w.c.observer_key, w.c.ip_version, prefix
-            )
+            keys = (w.c.observer_key, w.c.ip_version, w.c.prefix)
+            return select(*keys, first, last, *cols).group_by(*keys)
 
-        rows = _run_sums(store, flt, columns, by_source, "asking who reports")
+        prefix = _prefix_column(_T.c.src, v4_len, v6_len).label("prefix")
+        rows = _run_sums(store, flt, [*columns, prefix], by_source, "asking who reports")
         # In key order, so that ties rank the same on both backends whatever order GROUP BY
         # returns (TopN breaks ties by first appearance).
         rows.sort(key=lambda r: (bytes(r[0]), int(r[1]), bytes(r[2])))
@@ -964,13 +961,14 @@ def top(
     if n < 0:
         raise ValueError("n must be >= 0")
     _check_lengths(v4_len, v6_len)
-    columns: tuple[str, ...]
+    columns: tuple[Any, ...]
     if by in ("src", "dst"):
-        columns = ("ip_version", by)
+        prefix = _prefix_column(_T.c[by], v4_len, v6_len).label("k")
+        # the prefix is computed in the weighed subquery, once per report
+        columns = ("ip_version", prefix)
 
         def keys_of(r: Any) -> list[Any]:
-            prefix = _prefix_column(r.c[by], v4_len, v6_len, r.c.ip_version).label("k")
-            return [r.c.ip_version, prefix]
+            return [r.c.ip_version, prefix if r is _T else r.c.k]
 
     else:
         name = {"observer": "observer_key", "srcport": "sport", "dstport": "dport"}.get(by, by)
