@@ -165,32 +165,10 @@ class ReportFilter:
             raise ValueError(f"min_trust must be one of {', '.join(TRUST_ORDER)}")
 
 
-#: A prefix of at most this many addresses (a /24 and longer; an IPv6 /120) is asked for as
-#: the list of its addresses rather than as a range. Same rows; but each (address, last_ms)
-#: index entry list is then probed at the time window's start, so ``who --dst /24 --since 1h``
-#: reads the window's ~1,250 entries of the /24 instead of its whole day (~30,000) or the
-#: whole hour of every destination (~42,000, the covering time index): a probe is a few µs.
-MAX_LISTED_ADDRESSES = 256
-
-
-def _addresses(net: Network) -> list[bytes]:
-    """The keys of every address of a small ``net`` (at most MAX_LISTED_ADDRESSES), in order."""
-    lo, _ = network_range(net)
-    first = int.from_bytes(lo, "big")
-    return [(first + i).to_bytes(16, "big") for i in range(net.num_addresses)]
-
-
 def _in(column: Any, net: Network) -> ColumnElement[bool]:
     lo, hi = network_range(net)
     # ip_version: an IPv6 prefix never returns IPv4 reports (models.py)
-    within = and_(column >= lo, column <= hi, _T.c.ip_version == net.version)
-    if net.num_addresses > MAX_LISTED_ADDRESSES:
-        return within
-    # The list and the range (the same rows): SQLite takes the list (an IN of equalities is
-    # its preferred index use); PostgreSQL, which estimates an IN of 256 values as 256 times
-    # one value's share, needs the range too to see how few rows the index gives on a small
-    # table, and then probes with the list (the index condition holds both).
-    return and_(column.in_(_addresses(net)), within)
+    return and_(column >= lo, column <= hi, _T.c.ip_version == net.version)
 
 
 def conditions(flt: ReportFilter) -> list[ColumnElement[bool]]:
@@ -351,10 +329,6 @@ def _weight(amount: Any) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
     huge = and_(p < 1.0, scaled > p * WEIGHT_CAP)
     w = case((and_(p < 1.0, scaled <= p * WEIGHT_CAP), scaled / p), else_=None)
     return w, huge
-
-
-#: The columns of a weighed report (:func:`_weighed`) that the sums read, beside its raw ones.
-_WEIGHTS = ("w_certain", "w_cp", "w_cb", "w_p", "w_b", "w_hp", "w_hb")
 
 
 def _weighed(

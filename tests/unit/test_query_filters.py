@@ -59,7 +59,6 @@ def _filters(s: Seeded) -> list[ReportFilter]:
         ReportFilter(received_until_ms=BASE_MS + HOUR_MS),
         ReportFilter(dst=net("198.51.100.0/24")),
         ReportFilter(dst=net("198.51.100.101/32")),
-        # up to MAX_LISTED_ADDRESSES addresses are asked for as a list, more as a range
         ReportFilter(dst=net("198.51.100.96/27"), since_ms=BASE_MS + HOUR_MS),
         ReportFilter(dst=net("198.51.100.0/23")),
         ReportFilter(src=net("192.0.2.128/25"), dst=net("198.51.100.0/24")),
