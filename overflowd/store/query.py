@@ -357,7 +357,7 @@ def _weighed(
         cp = cast(t.c.packets, Double()) * t.c.sampling_interval
         cb = cast(t.c.bytes, Double()) * t.c.sampling_interval
     else:
-        # SQLite's integer SUM is exact and raises on overflow; _run_sums then asks again in
+        # SQLite's integer SUM is exact and raises on overflow; _run_weighed then asks again in
         # floating point (only forged counters near 2**63 get there).
         cp = t.c.packets * t.c.sampling_interval
         cb = t.c.bytes * t.c.sampling_interval
@@ -379,7 +379,7 @@ def _weighed(
     return stmt.subquery("w")
 
 
-def _sum_columns(w: Any) -> list[ColumnElement[Any]]:
+def _weighed_sums(w: Any) -> list[ColumnElement[Any]]:
     """The Tally fields as SQL aggregates over a :func:`_weighed` subquery (labels =
     from_sums arguments, plus the two counts of reports over WEIGHT_CAP)."""
     zero = literal(0)
@@ -399,7 +399,7 @@ def _sum_columns(w: Any) -> list[ColumnElement[Any]]:
     ]
 
 
-def _run_sums(
+def _run_weighed(
     store: Store, flt: ReportFilter, columns: Sequence[Any], build: Any, doing: str
 ) -> list[Any]:
     """Run ``build(w, sum_columns)`` over the filter's weighed reports (:func:`_weighed` of
@@ -419,12 +419,76 @@ def _run_sums(
             )
         w = _weighed(store, flt, columns)
         try:
-            return list(conn.execute(build(w, _sum_columns(w))))
+            return list(conn.execute(build(w, _weighed_sums(w))))
         except OperationalError as exc:
             if store.backend != "sqlite" or "overflow" not in str(exc.orig):
                 raise
         w = _weighed(store, flt, columns, real_certain=True)
-        return list(conn.execute(build(w, _sum_columns(w))))
+        return list(conn.execute(build(w, _weighed_sums(w))))
+
+
+# The sums over the reports table itself, each weight written into every aggregate: what
+# callers outside this module build on (overflowd/dashboard/series.py); this module's own
+# questions use _run_weighed.
+
+
+def _sum_columns(store: Store, *, real_certain: bool = False) -> list[ColumnElement[Any]]:
+    """The Tally fields as SQL aggregates (labels = from_sums arguments, plus the two counts
+    of reports over WEIGHT_CAP)."""
+    t = _T
+    certain = t.c.probability >= 1.0
+    wp, huge_p = _weight(t.c.packets)
+    wb, huge_b = _weight(t.c.bytes)
+    if store.backend == "postgresql":
+        # bigint × bigint may overflow (an error on PostgreSQL); numeric sums are exact.
+        cp: Any = cast(t.c.packets, Numeric()) * t.c.sampling_interval
+        cb: Any = cast(t.c.bytes, Numeric()) * t.c.sampling_interval
+    elif real_certain:
+        cp = cast(t.c.packets, Double()) * t.c.sampling_interval
+        cb = cast(t.c.bytes, Double()) * t.c.sampling_interval
+    else:
+        # SQLite's integer SUM is exact and raises on overflow; _run_sums then asks again in
+        # floating point (only forged counters near 2**63 get there).
+        cp = t.c.packets * t.c.sampling_interval
+        cb = t.c.bytes * t.c.sampling_interval
+    zero = literal(0)
+    return [
+        func.count().label("reports"),
+        func.coalesce(func.sum(case((certain, 1), else_=0)), zero).label("certain_reports"),
+        func.coalesce(func.sum(case((certain, cp), else_=None)), zero).label("certain_packets"),
+        func.coalesce(func.sum(case((certain, cb), else_=None)), zero).label("certain_bytes"),
+        func.coalesce(func.sum(wp), 0.0).label("packets_total"),
+        func.coalesce(func.sum(wp * wp), 0.0).label("packets_squares"),
+        func.coalesce(func.max(wp), 0.0).label("packets_max"),
+        func.coalesce(func.sum(wb), 0.0).label("bytes_total"),
+        func.coalesce(func.sum(wb * wb), 0.0).label("bytes_squares"),
+        func.coalesce(func.max(wb), 0.0).label("bytes_max"),
+        func.coalesce(func.sum(case((huge_p, 1), else_=0)), zero).label("packets_huge"),
+        func.coalesce(func.sum(case((huge_b, 1), else_=0)), zero).label("bytes_huge"),
+    ]
+
+
+def _run_sums(store: Store, build: Any, doing: str) -> list[Any]:
+    """Run ``build(sum_columns)`` and return its rows; on SQLite's integer overflow, again with
+    floating-point certain sums."""
+    with store.transaction(doing, write=False) as conn:
+        if store.backend == "postgresql":
+            # One round trip for both (set_config(..., true) is SET LOCAL). An hour is tens
+            # of thousands of index entries: parallel workers' start and the gather-merge of
+            # their partial numeric sums cost more than they save (measured: the merge alone
+            # took 4x the workers' scans on a busy 2-core machine).
+            conn.execute(
+                select(
+                    func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
+                    func.set_config("max_parallel_workers_per_gather", "0", True),
+                )
+            )
+        try:
+            return list(conn.execute(build(_sum_columns(store))))
+        except OperationalError as exc:
+            if store.backend != "sqlite" or "overflow" not in str(exc.orig):
+                raise
+        return list(conn.execute(build(_sum_columns(store, real_certain=True))))
 
 
 def _number(value: Any) -> int:
@@ -599,7 +663,7 @@ def _top_rows(
             .limit(n)
         )
 
-    shown = _run_sums(store, flt, columns, build, doing) if n else []
+    shown = _run_weighed(store, flt, columns, build, doing) if n else []
     at = len(names)
     if shown:
         groups = int(shown[0][at + len(_SUM_LABELS)])
@@ -622,7 +686,7 @@ def _top_rows(
             # the n shown keys: a row value IN on both backends (SQLite 3.15+)
             return stmt.where(~tuple_(*keys_of(w)).in_(taken))
 
-        (row,) = _run_sums(store, flt, columns, other, doing)
+        (row,) = _run_weighed(store, flt, columns, other, doing)
         rest = _sums(row, 0)
     return shown_rows, rest, groups
 
@@ -792,7 +856,7 @@ def who(
             return select(*keys, first, last, *cols).group_by(*keys)
 
         prefix = _prefix_column(_T.c.src, v4_len, v6_len).label("prefix")
-        rows = _run_sums(store, flt, [*columns, prefix], by_source, "asking who reports")
+        rows = _run_weighed(store, flt, [*columns, prefix], by_source, "asking who reports")
         # In key order, so that ties rank the same on both backends whatever order GROUP BY
         # returns (TopN breaks ties by first appearance).
         rows.sort(key=lambda r: (bytes(r[0]), int(r[1]), bytes(r[2])))
@@ -822,7 +886,7 @@ def who(
             last = func.max(w.c.last_ms).label("last_ms")
             return select(w.c.observer_key, first, last, *cols).group_by(w.c.observer_key)
 
-        for row in _run_sums(store, flt, columns, by_observer, "asking who reports"):
+        for row in _run_weighed(store, flt, columns, by_observer, "asking who reports"):
             key = bytes(row[0])
             per_observer[key] = _sums(row, 3)
             spans[key] = [int(row[1]), int(row[2])]
@@ -974,7 +1038,7 @@ def top(
         keys = keys_of(w)  # the same objects in both: PostgreSQL matches their parameters
         return select(*keys, *cols).group_by(*keys)
 
-    rows = _run_sums(store, flt, columns, grouped, "asking for the top")
+    rows = _run_weighed(store, flt, columns, grouped, "asking for the top")
     if by in ("src", "dst"):
         rows.sort(key=lambda r: (int(r[0]), bytes(r[1])))
     elif by == "observer":
