@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from overflowd import report as rpt
 from overflowd.estimate import Estimate, Tally, TopN, prefix_key
@@ -419,3 +419,22 @@ def test_who_without_top_sources_equals_streaming(seeded: Seeded) -> None:
             mine = [r for r in s.reports if matches(r, flt) and r.observer_key == a.observer_key]
             unit, byte_unit = _units(s, a.observer_key)
             _same(a.estimate, _tally(mine).estimate(unit=unit, byte_unit=byte_unit))
+
+
+def test_sums_over_the_reports_table_equal_who(seeded: Seeded) -> None:
+    """_run_sums (sums written over the reports table, what the dashboard's victim series
+    builds on) gives each observer the same estimate as who's weighed sums."""
+    t = query._T
+    flt = FILTERS[1]
+    rows = query._run_sums(
+        seeded.store,
+        lambda cols: query._where(select(t.c.observer_key, *cols), flt).group_by(t.c.observer_key),
+        "testing",
+    )
+    want = {r.observer_key: r for r in who(seeded.store, flt, top_sources=0)}
+    assert {bytes(r[0]) for r in rows} == set(want) and want
+    units = query._observer_units(seeded.store)
+    for r in rows:
+        key = bytes(r[0])
+        got = query._from(query._sums(r, 1)).estimate(unit=units[key][0], byte_unit=units[key][1])
+        _same(got, want[key].estimate)
