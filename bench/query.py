@@ -40,6 +40,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import random
 import shutil
@@ -54,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
-from sqlalchemy import insert, text
+from sqlalchemy import event, insert, text
 
 from overflowd import report as rpt
 from overflowd.store import Store, address_to_key
@@ -299,7 +300,10 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(s), p99
 
 
-def time_in_process(store: Store, now_ms: int, runs: int) -> dict[str, tuple[list[float], str]]:
+Timings = dict[str, tuple[list[float], list[float], str]]
+
+
+def questions_of(store: Store, now_ms: int) -> dict[str, Callable[[], str]]:
     since = now_ms - HOUR_MS
     victim_host = ipaddress.ip_network(VICTIM_ADDRESS + "/32")
     questions: dict[str, Callable[[], str]] = {
@@ -313,14 +317,61 @@ def time_in_process(store: Store, now_ms: int, runs: int) -> dict[str, tuple[lis
             f"{len(find_reports(store, ReportFilter(dst=victim_host)))} reports"
         ),
     }
-    out: dict[str, tuple[list[float], str]] = {name: ([], "") for name in questions}
+    return questions
+
+
+def time_in_process(store: Store, now_ms: int, runs: int) -> Timings:
+    """Wall time and this process's CPU time (``time.process_time``: SQLite runs in it) of each
+    question, ``runs`` times, interleaved. On a busy machine the wall time grows with the load
+    and the CPU time much less: both are printed."""
+    questions = questions_of(store, now_ms)
+    out: Timings = {}
     for name, ask in questions.items():  # warm the caches once each
-        out[name] = ([], ask())
+        out[name] = ([], [], ask())
     for _ in range(runs):
         for name, ask in questions.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ask()
             out[name][0].append(time.perf_counter() - t)
+            out[name][1].append(time.process_time() - c)
+    return out
+
+
+def server_times(store: Store, now_ms: int, tries: int = 5) -> dict[str, float]:
+    """PostgreSQL's own execution time of each question (its statements' EXPLAIN ANALYZE
+    "Execution Time" added up, best of ``tries``, in seconds): what the server spends,
+    whatever the load does to the client and the round trips."""
+    engine = store._engine
+    out: dict[str, float] = {}
+    for name, ask in questions_of(store, now_ms).items():
+        sent: list[tuple[str, Any]] = []
+
+        def capture(
+            _c: Any, _cur: Any, statement: str, params: Any, *_: Any, sent: Any = sent
+        ) -> None:
+            sent.append((statement, params))
+
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            ask()
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        best = math.inf
+        for _ in range(tries):
+            total = 0.0
+            # one transaction, in order: the SET LOCALs (set_config) apply to what follows
+            with engine.connect() as conn, conn.begin():
+                for statement, params in sent:
+                    if "FROM reports" not in statement:
+                        conn.exec_driver_sql(statement, params)
+                        continue
+                    (plan,) = conn.exec_driver_sql(
+                        "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params
+                    ).one()
+                    doc = json.loads(plan) if isinstance(plan, str) else plan
+                    total += float(doc[0]["Execution Time"]) / 1000
+            best = min(best, total)
+        out[name] = best
     return out
 
 
@@ -371,30 +422,39 @@ def time_cli(cli: str, url: str, runs: int, now_ms: int) -> dict[str, list[float
 
 def show(
     backend: str,
-    inproc: dict[str, tuple[list[float], str]],
+    inproc: Timings,
     cli: dict[str, list[float] | str] | None,
     per_report: float,
     load_s: float,
     n: int,
+    server: dict[str, float] | None = None,
 ) -> None:
     print(
         f"\n{backend}: {n:,} reports, loaded in {load_s:.0f} s, "
-        f"{per_report:.0f} bytes on disk per report"
+        f"{per_report:.0f} bytes on disk per report, load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"  {'question':42} {'in process p50/p99 ms':>24}   {'CLI process p50/p99 ms':>24}")
-    for name, (samples, answer) in inproc.items():
+    cpu_title = "CPU p50/p99 ms" + (" | server best" if server else "")
+    print(
+        f"  {'question':42} {'in process p50/p99 ms':>24}   {cpu_title:>26}"
+        f"   {'CLI process p50/p99 ms':>24}"
+    )
+    for name, (samples, cpu, answer) in inproc.items():
         p50, p99 = percentiles(samples)
+        c50, c99 = percentiles(cpu)
+        cpu_text = f"{c50 * 1000:.1f} / {c99 * 1000:.1f}"
+        if server:
+            cpu_text += f" | {server[name] * 1000:.1f}"
         flag = "" if p99 < 0.1 else "  (over the 100 ms goal)"
         if cli is None:
             cli_text = "not available"
         elif isinstance(cli[name], str):
             cli_text = str(cli[name])
         else:
-            c50, c99 = percentiles(cli[name])  # type: ignore[arg-type]
-            cli_text = f"{c50 * 1000:.0f} / {c99 * 1000:.0f}"
+            l50, l99 = percentiles(cli[name])  # type: ignore[arg-type]
+            cli_text = f"{l50 * 1000:.0f} / {l99 * 1000:.0f}"
         print(
-            f"  {name:42} {p50 * 1000:11.1f} / {p99 * 1000:<10.1f}   {cli_text:>24}"
-            f"   [{answer}]{flag}"
+            f"  {name:42} {p50 * 1000:11.1f} / {p99 * 1000:<10.1f}   {cpu_text:>26}"
+            f"   {cli_text:>24}   [{answer}]{flag}"
         )
 
 
@@ -451,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                 now_ms = int(conn.execute(text("SELECT MAX(last_ms) FROM reports")).scalar_one())
             n = store.count_reports()
             inproc = time_in_process(store, now_ms, args.runs)
+            server = server_times(store, now_ms) if store.backend == "postgresql" else None
         cli = time_cli(args.cli, args.db, args.cli_runs, now_ms) if have_cli else None
-        show(store.backend, inproc, cli, float("nan"), float("nan"), n)
+        show(store.backend, inproc, cli, float("nan"), float("nan"), n, server)
         return 0
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     now_ms = int(time.time() * 1000)
@@ -471,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
                 load_s = build(store, data)
                 per_report = bytes_per_report(store, args.reports, path)
                 inproc = time_in_process(store, now_ms, args.runs)
+                server = server_times(store, now_ms) if backend == "postgresql" else None
                 cli = time_cli(args.cli, url, args.cli_runs, now_ms) if have_cli else None
-                show(backend, inproc, cli, per_report, load_s, args.reports)
+                show(backend, inproc, cli, per_report, load_s, args.reports, server)
         finally:
             if not keep:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ import ipaddress
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -42,6 +42,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
     tuple_,
 )
 from sqlalchemy.exc import OperationalError
@@ -330,6 +331,107 @@ def _weight(amount: Any) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
     return w, huge
 
 
+def _weighed(
+    store: Store, flt: ReportFilter, columns: Sequence[Any], *, real_certain: bool = False
+) -> Any:
+    """The filter's reports as a subquery: the ``columns`` the groups need (names of the
+    reports table's, or labelled expressions on it, such as a group key: also computed once),
+    and each report's weights and certain amounts, computed once per report.
+
+    The sums read each weight three times (Σw, Σw², max w) and SQLite evaluates an expression
+    as often as it is written: summing this subquery's columns costs half as much CPU as
+    writing the weights into every aggregate (an hour of the million reports: 52 → 24 ms for
+    one ungrouped total). ``LIMIT -1`` (no limit) keeps SQLite from flattening it back into
+    the aggregate. PostgreSQL plans it as the same scan. ``columns`` should stay inside
+    ``ix_reports_last_ms_covering`` so that a time window never reads a table row.
+    """
+    t = _T
+    certain = t.c.probability >= 1.0
+    wp, huge_p = _weight(t.c.packets)
+    wb, huge_b = _weight(t.c.bytes)
+    if store.backend == "postgresql":
+        # bigint × bigint may overflow (an error on PostgreSQL); numeric sums are exact.
+        cp: Any = cast(t.c.packets, Numeric()) * t.c.sampling_interval
+        cb: Any = cast(t.c.bytes, Numeric()) * t.c.sampling_interval
+    elif real_certain:
+        cp = cast(t.c.packets, Double()) * t.c.sampling_interval
+        cb = cast(t.c.bytes, Double()) * t.c.sampling_interval
+    else:
+        # SQLite's integer SUM is exact and raises on overflow; _run_weighed then asks again in
+        # floating point (only forged counters near 2**63 get there).
+        cp = t.c.packets * t.c.sampling_interval
+        cb = t.c.bytes * t.c.sampling_interval
+    stmt = _where(
+        select(
+            *(t.c[c] if isinstance(c, str) else c for c in columns),
+            case((certain, 1), else_=0).label("w_certain"),
+            case((certain, cp), else_=None).label("w_cp"),
+            case((certain, cb), else_=None).label("w_cb"),
+            wp.label("w_p"),
+            wb.label("w_b"),
+            case((huge_p, 1), else_=0).label("w_hp"),
+            case((huge_b, 1), else_=0).label("w_hb"),
+        ),
+        flt,
+    )
+    if store.backend == "sqlite":
+        stmt = stmt.limit(-1)
+    return stmt.subquery("w")
+
+
+def _weighed_sums(w: Any) -> list[ColumnElement[Any]]:
+    """The Tally fields as SQL aggregates over a :func:`_weighed` subquery (labels =
+    from_sums arguments, plus the two counts of reports over WEIGHT_CAP)."""
+    zero = literal(0)
+    return [
+        func.count().label("reports"),
+        func.coalesce(func.sum(w.c.w_certain), zero).label("certain_reports"),
+        func.coalesce(func.sum(w.c.w_cp), zero).label("certain_packets"),
+        func.coalesce(func.sum(w.c.w_cb), zero).label("certain_bytes"),
+        func.coalesce(func.sum(w.c.w_p), 0.0).label("packets_total"),
+        func.coalesce(func.sum(w.c.w_p * w.c.w_p), 0.0).label("packets_squares"),
+        func.coalesce(func.max(w.c.w_p), 0.0).label("packets_max"),
+        func.coalesce(func.sum(w.c.w_b), 0.0).label("bytes_total"),
+        func.coalesce(func.sum(w.c.w_b * w.c.w_b), 0.0).label("bytes_squares"),
+        func.coalesce(func.max(w.c.w_b), 0.0).label("bytes_max"),
+        func.coalesce(func.sum(w.c.w_hp), zero).label("packets_huge"),
+        func.coalesce(func.sum(w.c.w_hb), zero).label("bytes_huge"),
+    ]
+
+
+def _run_weighed(
+    store: Store, flt: ReportFilter, columns: Sequence[Any], build: Any, doing: str
+) -> list[Any]:
+    """Run ``build(w, sum_columns)`` over the filter's weighed reports (:func:`_weighed` of
+    ``columns``) and return its rows; on SQLite's integer overflow, again with floating-point
+    certain sums."""
+    with store.transaction(doing, write=False) as conn:
+        if store.backend == "postgresql":
+            # One round trip for both (set_config(..., true) is SET LOCAL). An hour is tens
+            # of thousands of index entries: parallel workers' start and the gather-merge of
+            # their partial numeric sums cost more than they save (measured: the merge alone
+            # took 4x the workers' scans on a busy 2-core machine).
+            conn.execute(
+                select(
+                    func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
+                    func.set_config("max_parallel_workers_per_gather", "0", True),
+                )
+            )
+        w = _weighed(store, flt, columns)
+        try:
+            return list(conn.execute(build(w, _weighed_sums(w))))
+        except OperationalError as exc:
+            if store.backend != "sqlite" or "overflow" not in str(exc.orig):
+                raise
+        w = _weighed(store, flt, columns, real_certain=True)
+        return list(conn.execute(build(w, _weighed_sums(w))))
+
+
+# The sums over the reports table itself, each weight written into every aggregate: what
+# callers outside this module build on (overflowd/dashboard/series.py); this module's own
+# questions use _run_weighed.
+
+
 def _sum_columns(store: Store, *, real_certain: bool = False) -> list[ColumnElement[Any]]:
     """The Tally fields as SQL aggregates (labels = from_sums arguments, plus the two counts
     of reports over WEIGHT_CAP)."""
@@ -508,62 +610,129 @@ def _rank_order(g: Any, keys: Sequence[str], measure: Literal["packets", "bytes"
 def _top_rows(
     store: Store,
     flt: ReportFilter,
-    keys: Sequence[Any],
+    columns: Sequence[Any],
+    keys_of: Callable[[Any], list[Any]],
     n: int,
     measure: Literal["packets", "bytes"],
     doing: str,
+    units: Units = (None, None),
 ) -> tuple[list[tuple[tuple[Any, ...], list[Any]]], list[Any] | None, int]:
     """The ``n`` busiest groups by ``keys`` ranked in SQL, and the sums of all the others
     added in SQL: only n + 1 rows reach Python, however many groups an hour of spoofed sources
     makes. Returns ``[(key values, sums)]`` busiest first, the rest's sums (None: no rest)
-    and the number of groups.
+    and the number of groups. ``keys_of(source)``: the group keys on the reports table or a
+    :func:`_weighed` subquery of its ``columns``.
 
-    Two statements. The first groups, counts the groups (``COUNT(*) OVER ()``, no sort) and
-    keeps the first n in _rank_order with ``ORDER BY ... LIMIT n`` (a top-N sort: n rows held,
-    not every group sorted). The second, only when there are more groups than n, is "other":
+    One statement, most often. It groups, counts the groups and adds all their sums
+    (one pass over the groups, no sort) and keeps the first n in
+    _rank_order with ``ORDER BY ... LIMIT n`` (a top-N sort: n rows held, not every group
+    sorted). "Other" is then all the groups' sums less the n shown (:func:`_rest_by_difference`,
+    ``units``: the units its interval will use) when that subtraction loses nothing that
+    shows. Otherwise a second statement, only when there are more groups than n, is "other":
     one aggregate without GROUP BY over the filter's reports whose key is none of the n. Its
     sums are the rest's reports' sums, what TopN's merge of the rest gives up to the order
     floating-point sums are added in; maxima are exact. Numbering every group with
     ROW_NUMBER() and grouping again by "its number or n + 1" (the previous way) sorted all
     the groups, then grouped them again: two more passes over tens of thousands of rows.
     """
-    names = [k.name for k in keys]
+    names = [k.name for k in keys_of(_T)]
 
-    def build(cols: list[ColumnElement[Any]]) -> Select[Any]:
-        g = _where(select(*keys, *cols), flt).group_by(*keys).subquery("g")
+    def build(w: Any, cols: list[ColumnElement[Any]]) -> Select[Any]:
+        keys = keys_of(w)
+        # used twice, so both backends materialize it (SQLite 3.35+, PostgreSQL 12+): the
+        # groups are made once, then read for the count and every group's sums (a: one row)
+        # and for the top-N sort. The same sums as window aggregates over the groups (OVER ())
+        # cost SQLite a quarter more.
+        g = select(*keys, *cols).group_by(*keys).cte("g")
+        every = select(
+            func.count().label("groups"),
+            *(
+                (func.max if i in _MAXES else func.sum)(g.c[f]).label("all_" + f)
+                for i, f in enumerate(_SUM_LABELS)
+            ),
+        ).cte("a")
         return (
             select(
                 *(g.c[k] for k in names),
                 *(g.c[f] for f in _SUM_LABELS),
-                func.count().over().label("groups"),
+                every.c.groups,
+                *(every.c["all_" + f] for f in _SUM_LABELS),
             )
+            .select_from(g.join(every, true()))
             .order_by(*_rank_order(g, names, measure))
             .limit(n)
         )
 
-    shown = _run_sums(store, build, doing) if n else []
-    at = len(keys)
+    shown = _run_weighed(store, flt, columns, build, doing) if n else []
+    at = len(names)
     if shown:
-        groups = int(shown[0][-1])
+        groups = int(shown[0][at + len(_SUM_LABELS)])
     else:
+        keys = keys_of(_T)
         counted = _where(select(*keys), flt).group_by(*keys).subquery("c")
         with store.transaction(doing, write=False) as conn:
             groups = int(conn.execute(select(func.count()).select_from(counted)).scalar_one())
     shown_rows = [(tuple(row[:at]), _sums(row, at)) for row in shown]
     rest: list[Any] | None = None
-    if groups > len(shown_rows):
+    if groups > len(shown_rows) and shown:
+        rest = _rest_by_difference(shown, at, units)
+    if groups > len(shown_rows) and rest is None:
         taken = [values for values, _ in shown_rows]
 
-        def other(cols: list[ColumnElement[Any]]) -> Select[Any]:
-            stmt = _where(select(*cols), flt)
+        def other(w: Any, cols: list[ColumnElement[Any]]) -> Select[Any]:
+            stmt = select(*cols)
             if not taken:
                 return stmt
             # the n shown keys: a row value IN on both backends (SQLite 3.15+)
-            return stmt.where(~tuple_(*keys).in_(taken))
+            return stmt.where(~tuple_(*keys_of(w)).in_(taken))
 
-        (row,) = _run_sums(store, other, doing)
+        (row,) = _run_weighed(store, flt, columns, other, doing)
         rest = _sums(row, 0)
     return shown_rows, rest, groups
+
+
+#: "Other" by difference (all the groups' sums less the shown ones) is taken only when each
+#: floating-point sum of the rest is at least this share of all the groups' one: the
+#: difference's rounding error is then at most 1/share times the sum's own (a few 1e-16 per
+#: term), far under what the tests compare (1e-9); when the shown groups hold nearly everything
+#: the rest is added up again instead.
+_DIFFERENCE_MIN_SHARE = 1e-2
+
+
+def _rest_by_difference(shown: Sequence[Any], at: int, units: Units) -> list[Any] | None:
+    """The sums of the groups not in ``shown`` (rows of _top_rows' statement, the group's sums
+    at ``at``, every group's at ``at + 13``), as _sums gives them; None when the difference
+    would not be what adding the rest gives.
+
+    Counts and certain amounts (integers; numeric on PostgreSQL) subtract exactly. A maximum
+    cannot be subtracted: the rest's is taken as every group's, which leaves its interval as it
+    is when the interval's unit is at least that (the unit is the larger of the two,
+    Tally.estimate) — so only when the unit is known and that large, or the rest has no p < 1
+    report. The sums over WEIGHT_CAP are counts (exact).
+    """
+    width = len(_SUM_LABELS)
+    every = shown[0][at + width + 1 : at + 2 * width + 1]
+    rest: list[Any] = list(every)
+    for row in shown:
+        for i in range(width):
+            if i not in _MAXES:
+                rest[i] -= row[at + i]
+    for i in range(width):
+        if i in _MAXES:
+            continue
+        value, whole = rest[i], every[i]
+        if isinstance(whole, float) and not (
+            math.isfinite(whole) and value >= _DIFFERENCE_MIN_SHARE * whole
+        ):
+            if whole == 0.0 and value == 0.0:
+                continue
+            return None
+    sampled = rest[0] > rest[1]
+    if sampled:
+        for unit, i in zip(units, _MAXES, strict=True):
+            if unit is None or not unit >= float(every[i]):
+                return None
+    return _sums(rest, 0)
 
 
 def _observer_units(store: Store, keys: Sequence[bytes] = ()) -> dict[bytes, Units]:
@@ -669,9 +838,6 @@ def who(
     _check_lengths(v4_len, v6_len)
     if top_sources < 0:
         raise ValueError("top_sources must not be negative")
-    t = _T
-    first = func.min(t.c.first_ms).label("first_ms")
-    last = func.max(t.c.last_ms).label("last_ms")
     # One scan: the groups are (observer, source prefix) when sources are asked for, and each
     # observer's own sums are its groups' sums merged here (sums added, maxima kept, spans
     # widened), as Tally.merge would. A second GROUP BY per observer would read the window's
@@ -680,15 +846,17 @@ def who(
     per_observer: dict[bytes, list[Any]] = {}
     spans: dict[bytes, list[int]] = {}
     sources: dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]] = {}
+    columns: list[Any] = ["observer_key", "ip_version", "first_ms", "last_ms"]
     if top_sources:
-        prefix = _prefix_column(t.c.src, v4_len, v6_len).label("prefix")
-        rows = _run_sums(
-            store,
-            lambda cols: _where(
-                select(t.c.observer_key, t.c.ip_version, prefix, first, last, *cols), flt
-            ).group_by(t.c.observer_key, t.c.ip_version, prefix),
-            "asking who reports",
-        )
+
+        def by_source(w: Any, cols: list[ColumnElement[Any]]) -> Select[Any]:
+            first = func.min(w.c.first_ms).label("first_ms")
+            last = func.max(w.c.last_ms).label("last_ms")
+            keys = (w.c.observer_key, w.c.ip_version, w.c.prefix)
+            return select(*keys, first, last, *cols).group_by(*keys)
+
+        prefix = _prefix_column(_T.c.src, v4_len, v6_len).label("prefix")
+        rows = _run_weighed(store, flt, [*columns, prefix], by_source, "asking who reports")
         # In key order, so that ties rank the same on both backends whatever order GROUP BY
         # returns (TopN breaks ties by first appearance).
         rows.sort(key=lambda r: (bytes(r[0]), int(r[1]), bytes(r[2])))
@@ -712,13 +880,13 @@ def who(
                 merged[at] = sums
                 sources.setdefault(key, []).append((at[1], sums))
     else:
-        for row in _run_sums(
-            store,
-            lambda cols: _where(select(t.c.observer_key, first, last, *cols), flt).group_by(
-                t.c.observer_key
-            ),
-            "asking who reports",
-        ):
+
+        def by_observer(w: Any, cols: list[ColumnElement[Any]]) -> Select[Any]:
+            first = func.min(w.c.first_ms).label("first_ms")
+            last = func.max(w.c.last_ms).label("last_ms")
+            return select(w.c.observer_key, first, last, *cols).group_by(w.c.observer_key)
+
+        for row in _run_weighed(store, flt, columns, by_observer, "asking who reports"):
             key = bytes(row[0])
             per_observer[key] = _sums(row, 3)
             spans[key] = [int(row[1]), int(row[2])]
@@ -831,23 +999,29 @@ def top(
     if n < 0:
         raise ValueError("n must be >= 0")
     _check_lengths(v4_len, v6_len)
-    t = _T
-    keys: list[Any]
+    columns: tuple[Any, ...]
     if by in ("src", "dst"):
-        keys = [t.c.ip_version, _prefix_column(t.c[by], v4_len, v6_len).label("k")]
+        prefix = _prefix_column(_T.c[by], v4_len, v6_len).label("k")
+        # the prefix is computed in the weighed subquery, once per report
+        columns = ("ip_version", prefix)
+
+        def keys_of(r: Any) -> list[Any]:
+            return [r.c.ip_version, prefix if r is _T else r.c.k]
+
     else:
-        column = {
-            "observer": t.c.observer_key,
-            "srcport": t.c.sport,
-            "dstport": t.c.dport,
-            "proto": t.c.proto,
-        }[by]
-        keys = [column.label("k")]
+        name = {"observer": "observer_key", "srcport": "sport", "dstport": "dport"}.get(by, by)
+        columns = (name,)
+
+        def keys_of(r: Any) -> list[Any]:
+            return [r.c[name].label("k")]
+
     if by != "observer" and (by not in ("src", "dst") or _whole_bytes(v4_len, v6_len)):
         # the common case, ranked in SQL: every group has the same units
         every = _observer_units(store, flt.observers).values()
         same: Units = (_max_unit(u for u, _ in every), _max_unit(b for _, b in every))
-        shown, rest, count = _top_rows(store, flt, keys, n, measure, "asking for the top")
+        shown, rest, count = _top_rows(
+            store, flt, columns, keys_of, n, measure, "asking for the top", same
+        )
         top_list = []
         for values, sums in shown:
             if by in ("src", "dst"):
@@ -857,20 +1031,21 @@ def top(
             top_list.append((key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
         other = None if rest is None else _from(rest).estimate(unit=same[0], byte_unit=same[1])
         return TopResult(top=tuple(top_list), other=other, groups=count, folded=0, max_folded=0.0)
+
     # By observer (each its own units) or a prefix of part of a byte: grouped in SQL, merged
     # and ranked here.
-    rows = _run_sums(
-        store,
-        lambda cols: _where(select(*keys, *cols), flt).group_by(*keys),
-        "asking for the top",
-    )
+    def grouped(w: Any, cols: list[ColumnElement[Any]]) -> Select[Any]:
+        keys = keys_of(w)  # the same objects in both: PostgreSQL matches their parameters
+        return select(*keys, *cols).group_by(*keys)
+
+    rows = _run_weighed(store, flt, columns, grouped, "asking for the top")
     if by in ("src", "dst"):
         rows.sort(key=lambda r: (int(r[0]), bytes(r[1])))
     elif by == "observer":
         rows.sort(key=lambda r: bytes(r[0]))
     else:
         rows.sort(key=lambda r: int(r[0]))
-    at = len(keys)
+    at = 2 if by in ("src", "dst") else 1
     groups: list[tuple[Any, list[Any]]] = []
     for row in rows:
         raw: Any

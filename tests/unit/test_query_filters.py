@@ -59,6 +59,9 @@ def _filters(s: Seeded) -> list[ReportFilter]:
         ReportFilter(received_until_ms=BASE_MS + HOUR_MS),
         ReportFilter(dst=net("198.51.100.0/24")),
         ReportFilter(dst=net("198.51.100.101/32")),
+        ReportFilter(dst=net("198.51.100.96/27"), since_ms=BASE_MS + HOUR_MS),
+        ReportFilter(dst=net("198.51.100.0/23")),
+        ReportFilter(src=net("192.0.2.128/25"), dst=net("198.51.100.0/24")),
         ReportFilter(dst=net("198.51.0.0/16"), since_ms=BASE_MS + HOUR_MS),
         ReportFilter(dst=net("10.9.8.0/24")),  # IPv4: not the IPv6 ::ffff:10.9.8.x reports
         ReportFilter(dst=net("::ffff:10.9.8.0/120")),

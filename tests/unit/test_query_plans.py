@@ -101,7 +101,10 @@ def _plans(store: Store, ask: Callable[[], object]) -> list[str]:
     sent: list[tuple[str, Any]] = []
 
     def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM reports" in statement:
+        if (
+            statement.lstrip().upper().startswith(("SELECT", "WITH"))
+            and "FROM reports" in statement
+        ):
             sent.append((statement, params))
 
     event.listen(engine, "before_cursor_execute", capture)

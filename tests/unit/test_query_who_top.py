@@ -14,11 +14,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import event, select
 
 from overflowd import report as rpt
 from overflowd.estimate import Estimate, Tally, TopN, prefix_key
 from overflowd.identity import NodeIdentity
-from overflowd.store import Store, StoredReport
+from overflowd.store import Store, StoredReport, query
 from overflowd.store.query import ReportFilter, top, who
 from tests.support.query_reports import BACKENDS, BASE_MS, HOUR_MS, Seeded, matches, seeded_store
 from tests.support.reports import make_payload
@@ -150,7 +151,10 @@ def _order(k: Any) -> Any:
 def test_top_equals_streaming_every_report(
     seeded: Seeded, by: str, v4_len: int, v6_len: int, measure: str
 ) -> None:
-    s = seeded
+    _check_top(seeded, by, v4_len, v6_len, measure)
+
+
+def _check_top(s: Seeded, by: str, v4_len: int, v6_len: int, measure: str) -> None:
     for flt in (FILTERS[0], FILTERS[1], FILTERS[3]):
         units = {k: _units(s, k) for k in {r.observer_key for r in s.reports}}
         match = [r for r in s.reports if matches(r, flt)]
@@ -177,6 +181,85 @@ def test_top_equals_streaming_every_report(
         assert got.groups == len(groups)
         assert got.folded == 0
         assert sum(e.reports for _, e in got.rows()) == len(match)
+
+
+def _statements(store: Store) -> list[str]:
+    """The statements on the reports table sent from now on (appended as they are sent)."""
+    sent: list[str] = []
+
+    def capture(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        if "FROM reports" in statement:
+            sent.append(statement)
+
+    event.listen(store._engine, "before_cursor_execute", capture)
+    _listeners.append((store, capture))
+    return sent
+
+
+_listeners: list[tuple[Store, Any]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_listeners_left() -> Iterator[None]:
+    yield
+    while _listeners:
+        store, fn = _listeners.pop()
+        event.remove(store._engine, "before_cursor_execute", fn)
+
+
+@pytest.mark.parametrize("share", [0.0, 2.0])
+def test_other_by_difference_equals_other_added_again(
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch, share: float
+) -> None:
+    """ "Other" as every group's sums less the shown ones (one statement a question) and as
+    the rest's reports added up again (a second one), each forced here: both equal streaming."""
+    monkeypatch.setattr(query, "_DIFFERENCE_MIN_SHARE", share)
+    sent = _statements(seeded.store)
+    for by, measure in (("src", "packets"), ("srcport", "bytes"), ("dstport", "packets")):
+        del sent[:]
+        _check_top(seeded, by, 24, 48, measure)  # three filters
+        if share == 0.0:
+            assert len(sent) == 3, by
+        else:  # a rest of only p = 1 reports has no floating-point sum to lose
+            assert len(sent) > 3, by
+
+
+def test_other_is_added_again_when_the_difference_would_lose_it(store: Store) -> None:
+    """One source weighing a billion times the rest: every group's sums less the shown ones
+    would be mostly rounding error, so the rest is added up again (a second statement), and
+    "other" is what streaming gives."""
+    big, small = NodeIdentity.generate(), NodeIdentity.generate()
+    batch = [
+        (
+            big.sign_report(make_payload(src="192.0.2.1", packets=10**9, probability=1e-6)),
+            BASE_MS,
+            "udp",
+        )
+    ]
+    for i in range(1, 40):
+        payload = make_payload(src=f"198.18.{i}.1", packets=1 + i % 3, probability=0.5)
+        batch.append((small.sign_report(payload), BASE_MS + i, "udp"))
+    assert store.add_reports(batch) == 40
+    reports = store.reports_after(0, 100)[0]
+    sent = _statements(store)
+    got = top(store, ReportFilter(), by="src", n=2)
+    assert len(sent) == 2
+    ref: TopN[Any] = TopN()
+    groups: dict[Any, Tally] = {}
+    for r in reports:
+        groups.setdefault(prefix_key(r.src, 24, 48), Tally()).add(
+            r.packets, r.bytes, r.probability, r.sampling_interval
+        )
+    for k in sorted(groups, key=_order):
+        ref.add_tally(k, groups[k])
+    everyone = Tally()
+    for r in reports:
+        everyone.add(r.packets, r.bytes, r.probability, r.sampling_interval)
+    want = ref.result(2, unit=everyone.packets_unit, byte_unit=everyone.bytes_unit)
+    assert [k for k, _ in got.top] == [k for k, _ in want.top]
+    assert got.other is not None and want.other is not None
+    _same(got.other, want.other)
+    assert got.groups == 40
 
 
 def test_an_empty_answer(seeded: Seeded) -> None:
@@ -336,3 +419,22 @@ def test_who_without_top_sources_equals_streaming(seeded: Seeded) -> None:
             mine = [r for r in s.reports if matches(r, flt) and r.observer_key == a.observer_key]
             unit, byte_unit = _units(s, a.observer_key)
             _same(a.estimate, _tally(mine).estimate(unit=unit, byte_unit=byte_unit))
+
+
+def test_sums_over_the_reports_table_equal_who(seeded: Seeded) -> None:
+    """_run_sums (sums written over the reports table, what the dashboard's victim series
+    builds on) gives each observer the same estimate as who's weighed sums."""
+    t = query._T
+    flt = FILTERS[1]
+    rows = query._run_sums(
+        seeded.store,
+        lambda cols: query._where(select(t.c.observer_key, *cols), flt).group_by(t.c.observer_key),
+        "testing",
+    )
+    want = {r.observer_key: r for r in who(seeded.store, flt, top_sources=0)}
+    assert {bytes(r[0]) for r in rows} == set(want) and want
+    units = query._observer_units(seeded.store)
+    for r in rows:
+        key = bytes(r[0])
+        got = query._from(query._sums(r, 1)).estimate(unit=units[key][0], byte_unit=units[key][1])
+        _same(got, want[key].estimate)
