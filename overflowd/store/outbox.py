@@ -492,14 +492,24 @@ def mark_delivered_many(store: Store, entry_ids: Sequence[int], *, now_ms: int, 
     """:func:`mark_delivered` for every row one POST carried, in one transaction."""
     if not entry_ids:
         return 0
+    with store.transaction("updating webhook deliveries", write=True) as conn:
+        return mark_delivered_in(conn, entry_ids, now_ms=now_ms, status=status)
+
+
+def mark_delivered_in(
+    conn: Connection, entry_ids: Sequence[int], *, now_ms: int, status: int
+) -> int:
+    """:func:`mark_delivered_many` inside the caller's transaction (a peer delivery writes its
+    rows, the refused ones and the peer's counters in one commit)."""
+    if not entry_ids:
+        return 0
     o = _OUTBOX
     stmt = (
         update(o)
         .where(o.c.id.in_(list(entry_ids)), o.c.state == PENDING)
         .values(state=DELIVERED, updated_ms=now_ms, last_status=status, last_error=None)
     )
-    with store.transaction("updating webhook deliveries", write=True) as conn:
-        return int(conn.execute(stmt).rowcount)
+    return int(conn.execute(stmt).rowcount)
 
 
 def mark_dead(
@@ -809,29 +819,34 @@ def finish_many(
     (``(url, until_ms)``: it said 429/503), in one transaction: a POST's outcome costs one
     commit however many rows it carried (:func:`mark_delivered_many` for a 2xx). Only pending
     rows change, as in :func:`reschedule` and :func:`mark_dead`; returns how many did."""
-    o = _OUTBOX
-    changed = 0
     with store.transaction("updating webhook deliveries", write=True) as conn:
         if hold is not None:
             _hold_in(conn, store, hold[0], now_ms=now_ms, until_ms=hold[1])
-        # Rows of one POST mostly end alike: one UPDATE per distinct outcome, not per row.
-        alike: dict[tuple[str, str, int | None, int | None], list[int]] = {}
-        for row in outcomes:
-            if row.state not in (PENDING, DEAD):
-                raise ValueError(f"a failed POST leaves a row pending or dead, not {row.state}")
-            key = (row.state, row.error, row.status, row.next_attempt_ms)
-            alike.setdefault(key, []).append(row.entry_id)
-        for (state, error, status, next_attempt_ms), ids in alike.items():
-            values: dict[str, object] = {
-                "state": state,
-                "updated_ms": now_ms,
-                "last_status": status,
-                "last_error": _cut(error),
-            }
-            if next_attempt_ms is not None:
-                values["next_attempt_ms"] = next_attempt_ms
-            stmt = update(o).where(o.c.id.in_(ids), o.c.state == PENDING).values(**values)
-            changed += conn.execute(stmt).rowcount
+        return finish_in(conn, outcomes, now_ms=now_ms)
+
+
+def finish_in(conn: Connection, outcomes: Sequence[RowOutcome], *, now_ms: int) -> int:
+    """:func:`finish_many` (without a hold) inside the caller's transaction."""
+    o = _OUTBOX
+    changed = 0
+    # Rows of one POST mostly end alike: one UPDATE per distinct outcome, not per row.
+    alike: dict[tuple[str, str, int | None, int | None], list[int]] = {}
+    for row in outcomes:
+        if row.state not in (PENDING, DEAD):
+            raise ValueError(f"a failed POST leaves a row pending or dead, not {row.state}")
+        key = (row.state, row.error, row.status, row.next_attempt_ms)
+        alike.setdefault(key, []).append(row.entry_id)
+    for (state, error, status, next_attempt_ms), ids in alike.items():
+        values: dict[str, object] = {
+            "state": state,
+            "updated_ms": now_ms,
+            "last_status": status,
+            "last_error": _cut(error),
+        }
+        if next_attempt_ms is not None:
+            values["next_attempt_ms"] = next_attempt_ms
+        stmt = update(o).where(o.c.id.in_(ids), o.c.state == PENDING).values(**values)
+        changed += conn.execute(stmt).rowcount
     return changed
 
 
@@ -857,10 +872,12 @@ __all__ = [
     "enqueue",
     "enqueue_planned_in",
     "entries",
+    "finish_in",
     "finish_many",
     "hold_endpoint",
     "mark_dead",
     "mark_delivered",
+    "mark_delivered_in",
     "mark_delivered_many",
     "next_due_ms",
     "pending_urls",
