@@ -29,7 +29,6 @@ database errors leave as :class:`~overflowd.errors.StoreError` (via ``Store.tran
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -434,7 +433,16 @@ def claim_batches(
                 .limit(max_reports)
                 .with_for_update(skip_locked=True, of=o)
             )
-            claimed = [_entry(row) for row in conn.execute(rows_stmt)]
+            # Built once, already as claimed (dataclasses.replace per row was a third of a
+            # 500-row claim's time).
+            lease = {"next_attempt_ms": now_ms + lease_ms, "updated_ms": now_ms}
+            claimed = [
+                OutboxEntry(
+                    cose=bytes(row._mapping["cose"]),
+                    **{**_fields(row), "attempts": int(row._mapping["attempts"]) + 1, **lease},  # type: ignore[arg-type]
+                )
+                for row in conn.execute(rows_stmt)
+            ]
             if not claimed:
                 continue  # another worker holds them (PostgreSQL, SKIP LOCKED)
             conn.execute(
@@ -446,17 +454,7 @@ def claim_batches(
                     updated_ms=now_ms,
                 )
             )
-            out.append(
-                [
-                    dataclasses.replace(
-                        c,
-                        attempts=c.attempts + 1,
-                        next_attempt_ms=now_ms + lease_ms,
-                        updated_ms=now_ms,
-                    )
-                    for c in claimed
-                ]
-            )
+            out.append(claimed)
     return out
 
 
