@@ -112,6 +112,8 @@ RETRY_CAP_S = 10 * SECONDS
 MAX_RETRY_AFTER_S = 3600 * SECONDS
 #: The longest an idle delivery sleeps before looking at the outbox again.
 IDLE_MAX_S = 1 * SECONDS
+#: The POST outcome of a 2xx whose body is not an inbox answer (counted as a failure).
+UNREADABLE = "unreadable"
 #: Why a report is not forwarded to a peer (the ``reason`` label).
 SKIP_REASONS = ("echo", "own", "hop_limit", "not_subscribed")
 
@@ -135,6 +137,8 @@ class PeerPushStatistics:
     peers: dict[str, dict[str, int]]
     skipped: dict[tuple[str, str], int]
     attempts: dict[tuple[str, str], int]
+    #: pending outbox rows of peers no longer configured, deleted at start
+    pruned_removed: int = 0
 
 
 def inbox_url(peer: PeerSettings) -> str:
@@ -190,6 +194,7 @@ class PeerPush:
         self.tail_poll_s = TAIL_POLL_S
         self.idle_max_s = IDLE_MAX_S
         self.wakeups = 0  # commit notifications received (statistics, tests)
+        self.pruned_removed = 0  # pending rows of removed peers deleted at start
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -206,6 +211,16 @@ class PeerPush:
                     url=peer.url,
                     now_ms=now_ms,
                 )
+            )
+        # Rows for a peer no longer pushed to (removed from the configuration) would wait for
+        # ever and count in the outbox depth: they go, counted and said.
+        self.pruned_removed = await trio.to_thread.run_sync(
+            outbox.prune_unserved_peer_rows, self._store, [inbox_url(p) for p in self._peers]
+        )
+        if self.pruned_removed:
+            log.warning(
+                "peers.outbox_pruned rows=%d why=no_configured_peer_has_their_url",
+                self.pruned_removed,
             )
         token = trio.lowlevel.current_trio_token()
 
@@ -480,11 +495,17 @@ class PeerPush:
         now_ms = self._now_ms()
         ids = [r.id for r in rows]
         outcome = "network" if status is None else classify(status)
-        counters.attempts[outcome] = counters.attempts.get(outcome, 0) + 1
         if status is not None and outcome == DELIVERED:
-            await trio.to_thread.run_sync(self._delivered, peer, rows, answer_body, now_ms)
-            return True
-        if status is not None:
+            if await trio.to_thread.run_sync(self._delivered, peer, rows, answer_body, now_ms):
+                counters.attempts[outcome] = counters.attempts.get(outcome, 0) + 1
+                return True
+            # A 2xx whose answer does not parse: what the peer kept is unknown, so it is a
+            # failure (retried with backoff; what it did store comes back as duplicates).
+            outcome = UNREADABLE
+        counters.attempts[outcome] = counters.attempts.get(outcome, 0) + 1
+        if outcome == UNREADABLE:
+            error = f"HTTP {status}: an answer that is not an inbox answer"
+        elif status is not None:
             error = f"HTTP {status}: " + answer_body[:200].decode("utf-8", "replace").strip()
         if outcome == SLOW_DOWN:
             wait_s = min(MAX_RETRY_AFTER_S, retry_after if retry_after is not None else 1.0)
@@ -526,14 +547,14 @@ class PeerPush:
 
     def _delivered(
         self, peer: PeerSettings, rows: list[outbox.OutboxEntry], answer: bytes, now_ms: int
-    ) -> None:
+    ) -> bool:
+        """Record a 2xx answer; False (nothing written) when the answer does not parse."""
         counters = self._counters[peer.name]
         try:
             parsed = peering.decode_answer(answer, sent=len(rows))
         except peering.InboxDecodeError:
-            # It said 2xx: the reports are there; what it said about them is not readable.
             self.events.note(peer.name, "malformed")
-            parsed = peering.InboxAnswer(accepted=len(rows), duplicates=0)
+            return False
         refused = dict(parsed.refused)
         ok = [r.id for i, r in enumerate(rows) if i not in refused]
         # One commit for the whole answer: the rows delivered, the refused ones dead, the
@@ -557,6 +578,7 @@ class PeerPush:
         counters.delivered += parsed.accepted
         counters.duplicates += parsed.duplicates
         counters.refused += len(refused)
+        return True
 
     def statistics(self) -> PeerPushStatistics:
         peers = {
@@ -579,7 +601,9 @@ class PeerPush:
             for name, c in self._counters.items()
             for outcome, n in c.attempts.items()
         }
-        return PeerPushStatistics(peers=peers, skipped=skipped, attempts=attempts)
+        return PeerPushStatistics(
+            peers=peers, skipped=skipped, attempts=attempts, pruned_removed=self.pruned_removed
+        )
 
 
 class PeerCollector(Collector):
@@ -621,6 +645,12 @@ def peer_metrics(
         )
         for (name, outcome), n in sorted(s.attempts.items()):
             m.add_metric([name, outcome], n)
+        yield m
+        m = CounterMetricFamily(
+            "overflowd_peer_push_pruned",
+            "Pending outbox rows of peers removed from the configuration, deleted at start",
+        )
+        m.add_metric([], s.pruned_removed)
         yield m
     if inbox is not None:
         st = inbox.statistics()

@@ -589,6 +589,19 @@ def release_many(
         return int(conn.execute(stmt).rowcount)
 
 
+def prune_unserved_peer_rows(store: Store, served_urls: Iterable[str]) -> int:
+    """Delete the pending peer rows whose URL is none of ``served_urls`` (the inboxes of the
+    peers this node pushes to now): a peer removed from the configuration leaves rows nobody
+    would ever deliver, counted in the outbox depth for ever. Returns how many went."""
+    o = _OUTBOX
+    served = sorted(set(served_urls))
+    stmt = delete(o).where(o.c.kind == KIND_PEER, o.c.state == PENDING)
+    if served:
+        stmt = stmt.where(o.c.url.not_in(served))
+    with store.transaction("pruning rows of removed peers", write=True) as conn:
+        return int(conn.execute(stmt).rowcount)
+
+
 def rebase_clock(store: Store, *, now_ms: int, max_delay_ms: int, tolerance_ms: int = 0) -> int:
     """Bring due times written under a clock that has since stepped back into the present.
 
@@ -880,6 +893,7 @@ __all__ = [
     "next_due_ms",
     "pending_urls",
     "prune_delivered",
+    "prune_unserved_peer_rows",
     "rebase_clock",
     "release",
     "release_many",

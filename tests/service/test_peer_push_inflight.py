@@ -5,7 +5,10 @@ A's store and PeerPush run in process; the peer is an httpx mock transport that 
 (the real CBOR inbox codec), holds the first POST's answer until the later ones are answered,
 and refuses the first report of every batch by index. Afterwards: the refused rows (one per
 batch, the right ones) are dead, every other row delivered, the counters add up. A second test:
-a failing peer gets one POST at a time once a POST has failed (no storm of attempts).
+a failing peer gets one POST at a time once a POST has failed (no storm of attempts). And two
+older gaps: a 2xx whose body is not an inbox answer is a failure (rows retried, not marked
+delivered), and the pending rows of a peer removed from the configuration are deleted at start,
+counted.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ BATCHES = MAX_POSTS_IN_FLIGHT + 1
 class FakeInbox:
     """The peer's inbox: answers after ``hold(n)`` seconds for the n-th POST (0-based)."""
 
-    def __init__(self, hold: Callable[[int], float], status: int = 200) -> None:
-        self.hold, self.status = hold, status
+    def __init__(
+        self, hold: Callable[[int], float], status: int = 200, answer: bytes | None = None
+    ) -> None:
+        self.hold, self.status, self.answer = hold, status, answer
         self.posts = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -59,6 +64,9 @@ class FakeInbox:
             if self.status != 200:
                 self.failed = True
                 return httpx.Response(self.status, stream=httpx.ByteStream(b"{}"))
+            if self.answer is not None:
+                self.failed = True
+                return httpx.Response(200, stream=httpx.ByteStream(self.answer))
             self.first_of_batch.append(batch.items[0].report_id)
             answer = peering.InboxAnswer(
                 accepted=len(batch.items) - 1, duplicates=0, refused=((0, "stale"),)
@@ -77,11 +85,17 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield s
 
 
-def _run(store: Store, inbox: FakeInbox, until: Callable[[PeerPush], bool], limit_s: float) -> None:
+def _run(
+    store: Store,
+    inbox: FakeInbox,
+    until: Callable[[PeerPush], bool],
+    limit_s: float,
+    peers: tuple[PeerSettings, ...] = (PEER,),
+) -> PeerPush:
     def client() -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.MockTransport(inbox))
 
-    push = PeerPush(A, store, [PEER], PeeringSettings())
+    push = PeerPush(A, store, list(peers), PeeringSettings())
     push.tail_poll_s = push.idle_max_s = 0.05
 
     async def main() -> None:
@@ -98,6 +112,7 @@ def _run(store: Store, inbox: FakeInbox, until: Callable[[PeerPush], bool], limi
         trio.run(main)
     finally:
         peer_push._client = original  # type: ignore[assignment]
+    return push
 
 
 def test_posts_overlap_and_out_of_order_answers_settle_their_own_rows(store: Store) -> None:
@@ -141,3 +156,51 @@ def test_a_failing_peer_gets_one_post_at_a_time(store: Store) -> None:
     later = inbox.arrived_after_failure
     assert len(later) >= 5 and all(n == 1 for n in later), later
     assert not outbox.entries(store, state=outbox.DELIVERED)
+
+
+def test_a_2xx_that_is_not_an_inbox_answer_is_a_failure(store: Store) -> None:
+    reports = _fresh(20, A, salt=63)
+    now = int(time.time() * 1000)
+    store.add_reports([(r, now, "import") for r in reports])
+    inbox = FakeInbox(lambda n: 0.0, answer=b"<html>welcome to nginx</html>")
+
+    def answered(push: PeerPush) -> bool:  # the outcome is written, not only counted
+        rows = outbox.entries(store)
+        return inbox.posts >= 1 and bool(rows) and all(e.last_error for e in rows)
+
+    push = _run(store, inbox, answered, 30)
+    assert push.statistics().attempts.get(("b", "unreadable")) == 1
+    assert ("b", "delivered") not in push.statistics().attempts
+    assert push.statistics().peers["b"]["delivered"] == 0
+    assert not outbox.entries(store, state=outbox.DELIVERED)
+    pending = outbox.entries(store, state=outbox.PENDING)
+    assert len(pending) == len(reports)
+    assert all("not an inbox answer" in (e.last_error or "") for e in pending)
+    assert all(e.next_attempt_ms > now for e in pending)  # after a backoff, not at once
+    row = peer_store.get_peer(store, PEER.key)
+    assert row is not None and row.reports_out == 0 and row.last_error
+
+
+def test_rows_of_a_removed_peer_are_pruned_at_start_and_counted(store: Store) -> None:
+    reports = _fresh(30, A, salt=64)
+    now = int(time.time() * 1000)
+    store.add_reports([(r, now, "import") for r in reports])
+    gone = PeerSettings(
+        name="gone", url="http://gone.invalid/", key=NodeIdentity(seed=b"\x53" * 32).public_key
+    )
+    peer_store.ensure_peer(store, gone.key, name="gone", url=gone.url, now_ms=now)
+    # A run that pushes to both, against a peer that is down: rows wait for both.
+    down = FakeInbox(lambda n: 0.0, status=500)
+    both = (PEER, gone)
+    _run(store, down, lambda push: push.statistics().peers["gone"]["enqueued"] >= 30, 30, both)
+    depth = peer_store.outbox_depth(store, [peer_push.inbox_url(p) for p in both])
+    assert depth == {peer_push.inbox_url(PEER): 30, peer_push.inbox_url(gone): 30}
+    # "gone" is removed from the configuration: its 30 rows go at the next start, counted.
+    push = _run(store, down, lambda push: True, 30)
+    assert push.pruned_removed == 30 and push.statistics().pruned_removed == 30
+    depth = peer_store.outbox_depth(store, [peer_push.inbox_url(p) for p in both])
+    assert depth == {peer_push.inbox_url(PEER): 30, peer_push.inbox_url(gone): 0}
+    text = "".join(
+        str(m) for m in peer_push.peer_metrics(push, None, push.events)
+    )  # the counter is exported
+    assert "overflowd_peer_push_pruned" in text
