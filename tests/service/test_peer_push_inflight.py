@@ -204,3 +204,46 @@ def test_rows_of_a_removed_peer_are_pruned_at_start_and_counted(store: Store) ->
         str(m) for m in peer_push.peer_metrics(push, None, push.events)
     )  # the counter is exported
     assert "overflowd_peer_push_pruned" in text
+
+
+def test_a_pull_only_peer_without_subscriptions_is_skipped_without_reading(store: Store) -> None:
+    """Its tail moves the cursor past every report, counted not_subscribed, reading none;
+    once it subscribes, the reports stored after that are looked at one by one again."""
+    now = int(time.time() * 1000)
+    store.add_reports([(r, now, "import") for r in _fresh(1500, A, salt=65)])
+    quiet = PeerSettings(name="b", url=PEER.url, key=B.public_key, push=False, pull=False)
+    wanted: set[str] = set()
+    push = PeerPush(
+        A,
+        store,
+        [quiet],
+        PeeringSettings(),
+        subscribed=lambda key, r: r.report_id in wanted,
+        subscribes=lambda key: bool(wanted),
+    )
+    reads: list[int] = []
+    reports_after = store.reports_after
+
+    def counting(after: int, limit: int, **kw: object) -> object:
+        reads.append(after)
+        return reports_after(after, limit, **kw)  # type: ignore[arg-type]
+
+    store.reports_after = counting  # type: ignore[method-assign]
+    try:
+        assert push._tail_step(quiet) is False
+        assert reads == []
+        assert push.statistics().skipped[("b", "not_subscribed")] == 1500
+        row = peer_store.get_peer(store, B.public_key)
+        assert row is not None and row.push_cursor == store.last_seq()
+        assert not outbox.entries(store)
+        # It subscribes (to one of the next reports): the tail reads again, one is queued.
+        later = _fresh(3, A, salt=66)
+        store.add_reports([(r, now, "import") for r in later])
+        wanted.add(later[1].report_id)
+        while push._tail_step(quiet):
+            pass
+        assert reads
+        assert [e.report_id for e in outbox.entries(store)] == [later[1].report_id]
+        assert push.statistics().skipped[("b", "not_subscribed")] == 1502
+    finally:
+        store.reports_after = reports_after  # type: ignore[method-assign]
