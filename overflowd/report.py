@@ -354,6 +354,84 @@ def decode_unverified(data: bytes) -> UnverifiedReport:
     """Parse COSE bytes into a report; raise :class:`ReportDecodeError` and nothing else.
 
     The signature is *not* checked here; :func:`verify` does that.
+
+    Fast path: the outer array is split by hand and the payload's canonical form is checked
+    by re-encoding the decoded :class:`Payload` with the hand-written encoder (cbor2's
+    canonical encoder sorting keys cost as much as the signature check). A report is accepted
+    here only when its bytes are exactly what the encoders write for the decoded values, which
+    is what the general decoder accepts; anything else (refusals included) goes to
+    :func:`_decode_unverified_reference`, so the verdicts and messages do not change.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError("report must be bytes")
+    data = bytes(data)
+    if not 0 < len(data) <= MAX_REPORT_BYTES:
+        return _decode_unverified_reference(data)
+    parts = _split_sign1(data)
+    if parts is None:
+        return _decode_unverified_reference(data)
+    protected, payload_bytes, signature = parts
+    if len(protected) == _PROTECTED_LEN and protected.startswith(_PROTECTED_PREFIX):
+        kid = protected[-32:]  # exactly protected_header(kid): what _parse_protected accepts
+    else:
+        return _decode_unverified_reference(data)
+    try:
+        payload_map = cbor2.loads(payload_bytes)
+        payload = _payload_from_map(payload_map) if type(payload_map) is dict else None
+        same = payload is not None and _encode_payload_fast(payload) == payload_bytes
+    except Exception:  # the general decoder says what is wrong, in its words
+        same = False
+    if not same:
+        return _decode_unverified_reference(data)
+    assert payload is not None
+    return UnverifiedReport(
+        cose=data,
+        protected=protected,
+        payload_bytes=payload_bytes,
+        signature=signature,
+        kid=kid,
+        payload=payload,
+    )
+
+
+_PROTECTED_PREFIX = protected_header(bytes(32))[:-32]
+_PROTECTED_LEN = len(_PROTECTED_PREFIX) + 32
+
+
+def _split_sign1(data: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(protected, payload, signature) if ``data`` is exactly the canonical COSE_Sign1 that
+    :func:`encode_signed` writes around them (tag 18, empty unprotected map, a 64-byte
+    signature), else None: the general decoder then looks at it."""
+    pos, fields = 2, []
+    if data[:2] != _COSE_PREFIX:
+        return None
+    for _ in range(3):
+        head = data[pos : pos + 1]
+        if head == b"\x58":  # a byte string of 24..255 bytes
+            n, pos = data[pos + 1 : pos + 2], pos + 2
+        elif head == b"\x59":  # 256..65535 bytes
+            n, pos = data[pos + 1 : pos + 3], pos + 3
+        else:  # shorter (0x40..0x57) or longer heads: not what a report holds
+            return None
+        end = pos + int.from_bytes(n, "big")
+        fields.append(data[pos:end])
+        pos = end
+        if len(fields) == 1:
+            if data[pos : pos + 1] != _EMPTY_MAP:
+                return None
+            pos += 1  # the unprotected header, after the protected one
+    protected, payload_bytes, signature = fields
+    if len(signature) != 64 or pos != len(data):
+        return None
+    rebuilt = _COSE_PREFIX + _bstr(protected) + _EMPTY_MAP + _bstr(payload_bytes) + _bstr(signature)
+    return (protected, payload_bytes, signature) if rebuilt == data else None
+
+
+def _decode_unverified_reference(data: bytes) -> UnverifiedReport:
+    """The general decoder: cbor2 decodes, every check, and cbor2 re-encodes to compare.
+
+    It decides every input the fast path of :func:`decode_unverified` does not accept
+    itself; ``tests/unit/test_report_fast_decode.py`` checks both give the same verdicts.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError("report must be bytes")

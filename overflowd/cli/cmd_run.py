@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         settings.peering,
         events=peer_events,
         subscribed=sub_index.covers if settings.peers else None,
+        subscribes=sub_index.subscribes if settings.peers else None,
     )
     peer_collector = PeerCollector(push, inbox, peer_events)
     push_scope = trio.CancelScope()

@@ -118,6 +118,11 @@ class SubscriptionIndex:
             held = self._nets.get(key, ())
             self._nets[key] = held + tuple(n for n in nets if n not in held)
 
+    def subscribes(self, key: bytes) -> bool:
+        """Does the key hold any subscription? (A pull-only peer's tail skips whole pages.)"""
+        with self._lock:
+            return bool(self._nets.get(key))
+
     def covers(self, key: bytes, report: StoredReport) -> bool:
         """Is the report's source or destination inside one of the subscriber's prefixes?"""
         with self._lock:

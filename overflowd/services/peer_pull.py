@@ -155,6 +155,28 @@ class Page:
     hops: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RawPage:
+    """A page read but not verified: its cursor is known, so the next page can be asked for
+    while this one's reports are checked and stored (:meth:`PeerPull.pull_round`)."""
+
+    #: (COSE bytes, or None for an entry that is not a report at all; the peer's hops)
+    entries: list[tuple[bytes | None, int]]
+    next: int
+    listed: int
+    full: bool
+
+
+@dataclass
+class _Fetch:
+    """A page asked for from cursor ``after``: the answer (body, media type) or why not."""
+
+    after: int
+    answer: tuple[bytes, str] | None = None
+    error: PageError | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 def parse_page(
     body: bytes,
     *,
@@ -168,6 +190,15 @@ def parse_page(
 
     ``content_type`` is the answer's: the lean CBOR page (``seq``, ``cose``, ``hops``) or the
     JSON page people read (an older peer answers that whatever we accept)."""
+    raw = read_page(body, after=after, limit=limit, content_type=content_type)
+    return verify_page(raw, now_ms=now_ms, peering=peering)
+
+
+def read_page(
+    body: bytes, *, after: int, limit: int, content_type: str = wire_peering.CONTENT_TYPE
+) -> RawPage:
+    """The page's shape and cursor (the first half of :func:`parse_page`): PageError when
+    the page as a whole is unusable."""
     entries: list[tuple[bytes | None, int]] = []  # (COSE bytes or None: malformed, hops)
     if content_type == wire_peering.CBOR:
         try:
@@ -204,6 +235,12 @@ def parse_page(
     if full and nxt == after:
         # A full page that does not move the cursor would be asked for ever.
         raise PageError("bad_page", f"a full page whose next is our cursor {after}")
+    return RawPage(entries=entries, next=nxt, listed=listed, full=full)
+
+
+def verify_page(raw: RawPage, *, now_ms: int, peering: PeeringSettings) -> Page:
+    """Verify and date-check a read page's reports (the second half of :func:`parse_page`)."""
+    entries, nxt, listed, full = raw.entries, raw.next, raw.listed, raw.full
     dropped: Counter[str] = Counter()
     reports: list[rpt.SignedReport] = []
     hops: dict[str, int] = {}
@@ -500,7 +537,6 @@ class PeerPull:
             self._policy.refused(peer.key, "pull")
             return True  # not a failure: the next round comes at the interval
         counters.rounds += 1
-        limit = self.peering.pull_page_reports
         # The durable cursor is the truth: read it at each round (one small read per round),
         # so a cursor reset by the operator or another process is taken up.
         try:
@@ -509,11 +545,33 @@ class PeerPull:
             await self._fail(peer, "store", str(exc))
             return False
         counters.cursor = row.pull_cursor
-        for _ in range(self.peering.pull_max_pages):
-            after = counters.cursor
+        # One page ahead at most: while a page is verified and stored, the next one (from the
+        # cursor the page names) is being fetched. Leaving the round cancels a fetch ahead.
+        async with trio.open_nursery() as ahead:
             try:
-                body, media = await self._get(client, peer, after, limit)
-            except PageError as exc:
+                return await self._pages(client, peer, ahead)
+            finally:
+                ahead.cancel_scope.cancel()
+
+    async def _pages(
+        self, client: httpx.AsyncClient, peer: PeerSettings, ahead: trio.Nursery
+    ) -> bool:
+        counters = self._counters[peer.name]
+        limit = self.peering.pull_page_reports
+        pending: _Fetch | None = None
+        pages_left = self.peering.pull_max_pages
+        while pages_left > 0:
+            pages_left -= 1
+            after = counters.cursor
+            if pending is not None and pending.after == after:
+                fetch = pending
+            else:
+                fetch = _Fetch(after)
+                await self._fetch(fetch, client, peer, limit)
+            pending = None
+            await fetch.done.wait()
+            if fetch.error is not None:
+                exc = fetch.error
                 if exc.kind == "reset" and after > 0:
                     try:
                         await self._reset(peer, str(exc))
@@ -523,22 +581,23 @@ class PeerPull:
                     continue
                 await self._fail(peer, "status" if exc.kind == "reset" else exc.kind, str(exc))
                 return False
+            assert fetch.answer is not None
+            body, media = fetch.answer
             now_ms = self._now_ms()
             try:
-                page = await trio.to_thread.run_sync(
-                    functools.partial(
-                        parse_page,
-                        body,
-                        after=after,
-                        limit=limit,
-                        now_ms=now_ms,
-                        peering=self.peering,
-                        content_type=media,
-                    )
+                raw = await trio.to_thread.run_sync(
+                    functools.partial(read_page, body, after=after, limit=limit, content_type=media)
                 )
             except PageError as exc:
                 await self._fail(peer, exc.kind, str(exc))
                 return False
+            del body  # the page ahead is the only other body held
+            if raw.full and pages_left > 0:
+                pending = _Fetch(raw.next)
+                ahead.start_soon(self._fetch, pending, client, peer, limit)
+            page = await trio.to_thread.run_sync(
+                functools.partial(verify_page, raw, now_ms=now_ms, peering=self.peering)
+            )
             try:
                 new, dup, refused = await self._store_page(peer, page, now_ms)
             except StoreError as exc:
@@ -569,6 +628,17 @@ class PeerPull:
             if not page.full:
                 return True
         return True  # more to come: the next round goes on from the cursor
+
+    async def _fetch(
+        self, fetch: _Fetch, client: httpx.AsyncClient, peer: PeerSettings, limit: int
+    ) -> None:
+        """One page into ``fetch`` (its answer or its PageError), then ``fetch.done``."""
+        try:
+            fetch.answer = await self._get(client, peer, fetch.after, limit)
+        except PageError as exc:
+            fetch.error = exc
+        finally:
+            fetch.done.set()
 
     async def _get(
         self, client: httpx.AsyncClient, peer: PeerSettings, after: int, limit: int

@@ -41,7 +41,7 @@ import httpx
 import trio
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from overflowd.errors import StoreError
 from overflowd.identity import NodeIdentity
@@ -90,6 +90,12 @@ OUTBOX_MAX_PENDING = 1_000_000
 BATCH_REPORTS = 500
 #: Bytes of one body at most: under the receiver's default ``inbox_max_body_bytes``.
 BATCH_BYTES = 900_000
+#: POSTs one peer's delivery keeps in flight at most while the peer takes them (a backlog: the
+#: peer verifies one batch while we read, encode and send the next, and the next's answer
+#: comes back while it stores). After a failed POST, one at a time until a POST succeeds, so
+#: a peer that is down sees one connection attempt at a time. Bounds the memory per peer to
+#: this many bodies of at most BATCH_BYTES.
+MAX_POSTS_IN_FLIGHT = 3
 #: One POST, connect to the whole answer read, takes at most this long; connecting alone at most
 #: ``CONNECT_TIMEOUT_S``. A peer that stalls holds only its own task this long.
 TOTAL_TIMEOUT_S = 30 * SECONDS
@@ -106,6 +112,8 @@ RETRY_CAP_S = 10 * SECONDS
 MAX_RETRY_AFTER_S = 3600 * SECONDS
 #: The longest an idle delivery sleeps before looking at the outbox again.
 IDLE_MAX_S = 1 * SECONDS
+#: The POST outcome of a 2xx whose body is not an inbox answer (counted as a failure).
+UNREADABLE = "unreadable"
 #: Why a report is not forwarded to a peer (the ``reason`` label).
 SKIP_REASONS = ("echo", "own", "hop_limit", "not_subscribed")
 
@@ -129,6 +137,8 @@ class PeerPushStatistics:
     peers: dict[str, dict[str, int]]
     skipped: dict[tuple[str, str], int]
     attempts: dict[tuple[str, str], int]
+    #: pending outbox rows of peers no longer configured, deleted at start
+    pruned_removed: int = 0
 
 
 def inbox_url(peer: PeerSettings) -> str:
@@ -138,7 +148,9 @@ def inbox_url(peer: PeerSettings) -> str:
 def _client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(TOTAL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        limits=httpx.Limits(
+            max_connections=MAX_POSTS_IN_FLIGHT, max_keepalive_connections=MAX_POSTS_IN_FLIGHT
+        ),
         follow_redirects=False,
         trust_env=False,
         headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
@@ -159,11 +171,17 @@ class PeerPush:
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         subscribed: Callable[[bytes, StoredReport], bool] | None = None,
+        subscribes: Callable[[bytes], bool] | None = None,
     ) -> None:
         self._identity = identity
         # Subscriptions (docs/peers.md "Subscriptions"): a peer with push = false still gets
         # the reports its subscriptions cover, through the same tail, outbox and budgets.
         self._subscribed = subscribed
+        # Whether a key holds any subscription now: a push = false peer without one would
+        # have every report skipped, so its tail moves the cursor without reading them
+        # (reading 1000 stored reports and their arrivals per page cost the receiving node
+        # of a catch-up a quarter of its time).
+        self._subscribes = subscribes
         self._signer = identity.signer()
         self._key_b64 = base64.b64encode(identity.public_key).decode("ascii")
         self._store = store
@@ -182,6 +200,7 @@ class PeerPush:
         self.tail_poll_s = TAIL_POLL_S
         self.idle_max_s = IDLE_MAX_S
         self.wakeups = 0  # commit notifications received (statistics, tests)
+        self.pruned_removed = 0  # pending rows of removed peers deleted at start
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -198,6 +217,16 @@ class PeerPush:
                     url=peer.url,
                     now_ms=now_ms,
                 )
+            )
+        # Rows for a peer no longer pushed to (removed from the configuration) would wait for
+        # ever and count in the outbox depth: they go, counted and said.
+        self.pruned_removed = await trio.to_thread.run_sync(
+            outbox.prune_unserved_peer_rows, self._store, [inbox_url(p) for p in self._peers]
+        )
+        if self.pruned_removed:
+            log.warning(
+                "peers.outbox_pruned rows=%d why=no_configured_peer_has_their_url",
+                self.pruned_removed,
             )
         token = trio.lowlevel.current_trio_token()
 
@@ -259,6 +288,11 @@ class PeerPush:
         """Enqueue one page after the push cursor; True if there may be more right away."""
         row = peer_store.get_peer(self._store, peer.key)
         cursor = 0 if row is None else row.push_cursor
+        if not peer.push and (
+            self._subscribed is None
+            or (self._subscribes is not None and not self._subscribes(peer.key))
+        ):
+            return self._skip_unsubscribed(peer, cursor)
         page, next_cursor = self._store.reports_after(cursor, TAIL_PAGE_REPORTS)
         if not page and next_cursor == cursor:
             return False
@@ -299,6 +333,20 @@ class PeerPush:
             return False
         return len(page) == TAIL_PAGE_REPORTS
 
+    def _skip_unsubscribed(self, peer: PeerSettings, cursor: int) -> bool:
+        """Move a peer's cursor past every report stored so far, none of which it is sent (it
+        is not pushed to and holds no subscription): counted ``not_subscribed``, not read."""
+        last = self._store.last_seq()
+        if last <= cursor:
+            return False
+        t = _REPORTS
+        count = select(func.count()).where(t.c.seq > cursor, t.c.seq <= last)
+        with self._store.transaction("skipping reports for a peer", write=True) as conn:
+            skipped = int(conn.execute(count).scalar_one())
+            peer_store.advance_push_cursor_in(conn, peer.key, last, now_ms=self._now_ms())
+        self._counters[peer.name].skipped["not_subscribed"] += skipped
+        return False
+
     def _skip(self, peer: PeerSettings, r: StoredReport, channels: set[str]) -> str | None:
         if peer.channel in channels:
             return "echo"
@@ -314,7 +362,6 @@ class PeerPush:
 
     async def _deliver(self, peer: PeerSettings) -> None:
         url = inbox_url(peer)
-        counters = self._counters[peer.name]
         budget = peering.Budget(
             reports_per_s=peer.out_reports_per_s,
             reports_burst=peer.out_reports_burst,
@@ -322,35 +369,75 @@ class PeerPush:
             bytes_burst=peer.out_bytes_burst,
             now=trio.current_time(),
         )
-        async with _client() as client:
+        # Tokens: POSTs in flight. Rows are leased when claimed, so the next claim takes the
+        # next rows; each POST's answer settles its own rows (by id), whatever the order the
+        # answers come back in.
+        flight = trio.CapacityLimiter(MAX_POSTS_IN_FLIGHT)
+        async with _client() as client, trio.open_nursery() as posts:
             while True:
                 wait = budget.wait_s(trio.current_time())
                 if wait > 0:
                     await trio.sleep(wait)  # over budget: the rows wait in the outbox
                     continue
-                room_reports, _room_bytes = budget.room(trio.current_time())
-                limit = max(1, min(BATCH_REPORTS, room_reports))
-                now_ms = self._now_ms()
-                batches = await trio.to_thread.run_sync(
-                    functools.partial(
-                        outbox.claim_batches,
-                        self._store,
-                        now_ms=now_ms,
-                        lease_ms=int(LEASE_S * 1000),
-                        max_urls=1,
-                        max_reports=limit,
-                        kind=outbox.KIND_PEER,
-                        url=url,
+                token = object()
+                await flight.acquire_on_behalf_of(token)
+                try:
+                    room_reports, _room_bytes = budget.room(trio.current_time())
+                    limit = max(1, min(BATCH_REPORTS, room_reports))
+                    now_ms = self._now_ms()
+                    batches = await trio.to_thread.run_sync(
+                        functools.partial(
+                            outbox.claim_batches,
+                            self._store,
+                            now_ms=now_ms,
+                            lease_ms=int(LEASE_S * 1000),
+                            max_urls=1,
+                            max_reports=limit,
+                            kind=outbox.KIND_PEER,
+                            url=url,
+                        )
                     )
-                )
+                    if batches:
+                        rows = batches[0]
+                        encoding = self._encoding[peer.name]
+                        sent, body = await trio.to_thread.run_sync(self._body, rows, encoding)
+                        budget.charge(len(sent), len(body), trio.current_time())
+                except BaseException:
+                    flight.release_on_behalf_of(token)
+                    raise
                 if not batches:
+                    flight.release_on_behalf_of(token)
                     await self._idle(peer, url)
                     continue
-                rows = batches[0]
-                encoding = self._encoding[peer.name]
-                sent, body = await trio.to_thread.run_sync(self._body, rows, encoding)
-                budget.charge(len(sent), len(body), trio.current_time())
-                await self._post(client, peer, url, sent, body, counters, encoding)
+                posts.start_soon(
+                    self._post_in_flight, flight, token, client, peer, url, sent, body, encoding
+                )
+
+    async def _post_in_flight(
+        self,
+        flight: trio.CapacityLimiter,
+        token: object,
+        client: httpx.AsyncClient,
+        peer: PeerSettings,
+        url: str,
+        rows: list[outbox.OutboxEntry],
+        body: bytes,
+        encoding: str,
+    ) -> None:
+        """One POST of the delivery's; its slot is free again once its outcome is written."""
+        try:
+            delivered = await self._post(
+                client, peer, url, rows, body, self._counters[peer.name], encoding
+            )
+            flight.total_tokens = MAX_POSTS_IN_FLIGHT if delivered else 1
+        finally:
+            flight.release_on_behalf_of(token)
+        if not delivered:
+            self._wake_delivery(peer)
+
+    def _wake_delivery(self, peer: PeerSettings) -> None:
+        """An idle delivery looks at the outbox again (rows a POST gave back may be due)."""
+        self._wakeups[peer.name].set()
 
     async def _idle(self, peer: PeerSettings, url: str) -> None:
         # The event first: a tail step that queues rows while we look wakes us all the same.
@@ -403,7 +490,8 @@ class PeerPush:
         body: bytes,
         counters: _PeerCounters,
         encoding: str = peering.CBOR,
-    ) -> None:
+    ) -> bool:
+        """POST one batch and record its outcome; True when the peer took it (2xx)."""
         msg_id = peering.message_id(body, peer.key)  # names the recipient: not replayable elsewhere
         # The signature covers the body bytes whatever their encoding.
         headers = wh.sign(msg_id, int(self._wall_clock()), body, self._signer)
@@ -432,11 +520,17 @@ class PeerPush:
         now_ms = self._now_ms()
         ids = [r.id for r in rows]
         outcome = "network" if status is None else classify(status)
-        counters.attempts[outcome] = counters.attempts.get(outcome, 0) + 1
         if status is not None and outcome == DELIVERED:
-            await trio.to_thread.run_sync(self._delivered, peer, rows, answer_body, now_ms)
-            return
-        if status is not None:
+            if await trio.to_thread.run_sync(self._delivered, peer, rows, answer_body, now_ms):
+                counters.attempts[outcome] = counters.attempts.get(outcome, 0) + 1
+                return True
+            # A 2xx whose answer does not parse: what the peer kept is unknown, so it is a
+            # failure (retried with backoff; what it did store comes back as duplicates).
+            outcome = UNREADABLE
+        counters.attempts[outcome] = counters.attempts.get(outcome, 0) + 1
+        if outcome == UNREADABLE:
+            error = f"HTTP {status}: an answer that is not an inbox answer"
+        elif status is not None:
             error = f"HTTP {status}: " + answer_body[:200].decode("utf-8", "replace").strip()
         if outcome == SLOW_DOWN:
             wait_s = min(MAX_RETRY_AFTER_S, retry_after if retry_after is not None else 1.0)
@@ -449,7 +543,7 @@ class PeerPush:
                 outbox.release_many(self._store, ids, now_ms=now_ms, next_attempt_ms=until)
 
             await trio.to_thread.run_sync(hold)
-            return
+            return False
         if encoding == peering.CBOR and status in (400, 415):
             # An inbox that does not read CBOR (an older node: 400, "not UTF-8 JSON"): the
             # same rows again at once, as JSON, without spending their attempt.
@@ -460,7 +554,7 @@ class PeerPush:
                     outbox.release_many, self._store, ids, now_ms=now_ms, next_attempt_ms=now_ms
                 )
             )
-            return
+            return False
         if status in (400, 413, 415):
             outcomes = [outbox.RowOutcome(i, outbox.DEAD, error, status) for i in ids]
         else:
@@ -474,39 +568,42 @@ class PeerPush:
             peer_store.record_error(self._store, peer.key, error or "failed", now_ms=now_ms)
 
         await trio.to_thread.run_sync(fail)
+        return False
 
     def _delivered(
         self, peer: PeerSettings, rows: list[outbox.OutboxEntry], answer: bytes, now_ms: int
-    ) -> None:
+    ) -> bool:
+        """Record a 2xx answer; False (nothing written) when the answer does not parse."""
         counters = self._counters[peer.name]
         try:
             parsed = peering.decode_answer(answer, sent=len(rows))
         except peering.InboxDecodeError:
-            # It said 2xx: the reports are there; what it said about them is not readable.
             self.events.note(peer.name, "malformed")
-            parsed = peering.InboxAnswer(accepted=len(rows), duplicates=0)
+            return False
         refused = dict(parsed.refused)
         ok = [r.id for i, r in enumerate(rows) if i not in refused]
-        outbox.mark_delivered_many(self._store, ok, now_ms=now_ms, status=200)
-        if refused:
-            outbox.finish_many(
-                self._store,
-                [
-                    outbox.RowOutcome(rows[i].id, outbox.DEAD, f"refused by the peer: {why}", 200)
-                    for i, why in refused.items()
-                ],
-                now_ms=now_ms,
-            )
-        peer_store.add_counts(
-            self._store,
-            peer.key,
-            now_ms=now_ms,
-            reports_out=parsed.accepted,
-        )
-        peer_store.record_contact(self._store, peer.key, now_ms=now_ms)
+        # One commit for the whole answer: the rows delivered, the refused ones dead, the
+        # peer's counters and contact (four transactions per POST were half the sender's
+        # write time during a catch-up).
+        with self._store.transaction("recording a peer delivery", write=True) as conn:
+            outbox.mark_delivered_in(conn, ok, now_ms=now_ms, status=200)
+            if refused:
+                outbox.finish_in(
+                    conn,
+                    [
+                        outbox.RowOutcome(
+                            rows[i].id, outbox.DEAD, f"refused by the peer: {why}", 200
+                        )
+                        for i, why in refused.items()
+                    ],
+                    now_ms=now_ms,
+                )
+            peer_store.add_counts_in(conn, peer.key, now_ms=now_ms, reports_out=parsed.accepted)
+            peer_store.record_contact_in(conn, peer.key, now_ms=now_ms)
         counters.delivered += parsed.accepted
         counters.duplicates += parsed.duplicates
         counters.refused += len(refused)
+        return True
 
     def statistics(self) -> PeerPushStatistics:
         peers = {
@@ -529,7 +626,9 @@ class PeerPush:
             for name, c in self._counters.items()
             for outcome, n in c.attempts.items()
         }
-        return PeerPushStatistics(peers=peers, skipped=skipped, attempts=attempts)
+        return PeerPushStatistics(
+            peers=peers, skipped=skipped, attempts=attempts, pruned_removed=self.pruned_removed
+        )
 
 
 class PeerCollector(Collector):
@@ -571,6 +670,12 @@ def peer_metrics(
         )
         for (name, outcome), n in sorted(s.attempts.items()):
             m.add_metric([name, outcome], n)
+        yield m
+        m = CounterMetricFamily(
+            "overflowd_peer_push_pruned",
+            "Pending outbox rows of peers removed from the configuration, deleted at start",
+        )
+        m.add_metric([], s.pruned_removed)
         yield m
     if inbox is not None:
         st = inbox.statistics()

@@ -321,11 +321,14 @@ def add_counts(
 
 def record_contact(store: Store, key: bytes, *, now_ms: int) -> None:
     """The peer answered (a page, an accepted delivery, an inbox request it signed)."""
-    t = _PEERS
     with store.transaction("noting a peer's contact", write=True) as conn:
-        conn.execute(
-            t.update().where(t.c.key == key).values(last_contact_ms=now_ms, updated_ms=now_ms)
-        )
+        record_contact_in(conn, key, now_ms=now_ms)
+
+
+def record_contact_in(conn: Connection, key: bytes, *, now_ms: int) -> None:
+    """:func:`record_contact` inside the caller's transaction."""
+    t = _PEERS
+    conn.execute(t.update().where(t.c.key == key).values(last_contact_ms=now_ms, updated_ms=now_ms))
 
 
 def record_error(store: Store, key: bytes, error: str, *, now_ms: int) -> None:
