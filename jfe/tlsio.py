@@ -20,9 +20,11 @@ ClientHello jfe already read to choose TLS could not be replayed into it.
 The receive and plaintext buffers are shared by every connection (trio runs one task at a time
 and nothing awaits while they hold data), so an idle connection holds only its SSLObject and two
 empty BIOs. Bytes a socket did not take at once are copied out and kept by their connection
-until sent: at most one chunk per direction. Only one task writes the client socket at a time
-(`_send_lock`): the backend -> client copy, or the other direction flushing the records
-`SSLObject.read` produced itself (a TLS 1.3 KeyUpdate answer).
+until sent: at most one chunk per direction. Two tasks may write the client socket: the
+backend -> client copy, or the other direction flushing the records `SSLObject.read`
+produced itself (a TLS 1.3 KeyUpdate answer). Writes that the socket takes at once need no
+lock; `_send_lock` is held only by a task waiting for the socket, and whoever comes next
+queues behind it, so records leave in the order they were made.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def _read_into(fd: int, view: memoryview) -> int | None:
         return os.readv(fd, [view])
     except BlockingIOError:
         return None
+
+
+def _write(fd: int, data: bytes | memoryview) -> int:
+    """One non-blocking write: bytes taken (0 when the socket is full)."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
 
 
 async def receive_into(fd: int, view: memoryview) -> int:
@@ -92,15 +102,35 @@ class TlsConnection:
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         if received:  # the ClientHello (and anything after it) that jfe read to choose TLS
             self._incoming.write(received)
-        self._send_lock = trio.Lock()
+        self._send_lock = trio.Lock()  # held only by a task that waits for the socket
+        self._rest: memoryview | bytes = b""  # records the client's socket has not taken yet
 
     def selected_alpn_protocol(self) -> str | None:
         return self._tls.selected_alpn_protocol()
 
+    def _write_now(self) -> None:
+        """Write queued records without waiting; what the socket refuses stays in `_rest`."""
+        fd = self._fd
+        if self._rest:
+            self._rest = self._rest[_write(fd, self._rest) :]
+        while not self._rest and self._outgoing.pending:
+            data = self._outgoing.read()
+            sent = _write(fd, data)
+            if sent < len(data):
+                self._rest = memoryview(data)[sent:]
+
     async def _flush(self) -> None:
+        """Send every queued record, in order; waits only while the client's socket is full."""
+        if not self._send_lock.locked():  # no task is waiting to send: write right now
+            self._write_now()
+            if not self._rest:
+                return
         async with self._send_lock:
-            while self._outgoing.pending:
-                await send_all(self._fd, self._outgoing.read())
+            while True:
+                self._write_now()
+                if not self._rest:
+                    return
+                await trio.lowlevel.wait_writable(self._fd)
 
     async def _fill(self) -> bool:
         """Client bytes into the incoming BIO; False at EOF (the BIO is then at EOF too)."""
