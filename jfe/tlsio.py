@@ -17,14 +17,14 @@ An ``ssl.SSLSocket`` over the real socket would skip the BIO copy, but OpenSSL t
 record with two ``read`` calls (header, body; Python's ssl offers no read-ahead) and the
 ClientHello jfe already read to choose TLS could not be replayed into it.
 
-The receive and plaintext buffers are shared by every connection (trio runs one task at a time
-and nothing awaits while they hold data), so an idle connection holds only its SSLObject and two
-empty BIOs. Bytes a socket did not take at once are copied out and kept by their connection
-until sent: at most one chunk per direction. Two tasks may write the client socket: the
-backend -> client copy, or the other direction flushing the records `SSLObject.read`
-produced itself (a TLS 1.3 KeyUpdate answer). Writes that the socket takes at once need no
-lock; `_send_lock` is held only by a task waiting for the socket, and whoever comes next
-queues behind it, so records leave in the order they were made.
+The receive and plaintext buffers are shared by every connection of a thread (trio runs one
+task at a time and nothing awaits while they hold data), so an idle connection holds only its
+SSLObject and two empty BIOs. Bytes a socket did not take at once are copied out and kept by
+their connection until sent: at most one chunk per direction. Two tasks may write the client
+socket: the backend -> client copy, or the other direction flushing the records
+`SSLObject.read` produced itself (a TLS 1.3 KeyUpdate answer). Writes that the socket takes at
+once need no lock; `_send_lock` is held only by a task waiting for the socket, and whoever
+comes next queues behind it, so records leave in the order they were made.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
+import threading
 from collections.abc import Callable
 from typing import cast
 
@@ -39,11 +40,21 @@ import trio
 
 #: One read of a TLS stream: 16 TLS records of plaintext per wakeup.
 CHUNK_BYTES = 256 * 1024
+#: One read while the handshake runs: the client's flight after its ClientHello is a Finished
+#: (and at most a few records more), so a client that is not through the handshake yet can
+#: never park more than this in its incoming BIO.
+HANDSHAKE_READ_BYTES = 32 * 1024
 
-_RECEIVED = bytearray(CHUNK_BYTES)
-_RECEIVED_VIEW = memoryview(_RECEIVED)
-_PLAIN = bytearray(CHUNK_BYTES)
-_PLAIN_VIEW = memoryview(_PLAIN)
+
+class _Buffers(threading.local):
+    """The shared buffers, one pair per thread: each trio run (one per thread) owns its own."""
+
+    def __init__(self) -> None:
+        self.received = memoryview(bytearray(CHUNK_BYTES))
+        self.plain = memoryview(bytearray(CHUNK_BYTES))
+
+
+_BUFFERS = _Buffers()
 
 
 class TlsClosed(Exception):
@@ -102,6 +113,7 @@ class TlsConnection:
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         if received:  # the ClientHello (and anything after it) that jfe read to choose TLS
             self._incoming.write(received)
+        self._received, self._plain = _BUFFERS.received, _BUFFERS.plain
         self._send_lock = trio.Lock()  # held only by a task that waits for the socket
         self._rest: memoryview | bytes = b""  # records the client's socket has not taken yet
 
@@ -132,13 +144,13 @@ class TlsConnection:
                     return
                 await trio.lowlevel.wait_writable(self._fd)
 
-    async def _fill(self) -> bool:
+    async def _fill(self, limit: int = CHUNK_BYTES) -> bool:
         """Client bytes into the incoming BIO; False at EOF (the BIO is then at EOF too)."""
-        n = await receive_into(self._fd, _RECEIVED_VIEW)
+        n = await receive_into(self._fd, self._received[:limit])
         if n == 0:
             self._incoming.write_eof()
             return False
-        self._incoming.write(_RECEIVED_VIEW[:n])
+        self._incoming.write(self._received[:n])
         return True
 
     async def handshake(self) -> None:
@@ -149,7 +161,7 @@ class TlsConnection:
             except ssl.SSLWantReadError:
                 await self._flush()
                 try:
-                    if not await self._fill():
+                    if not await self._fill(HANDSHAKE_READ_BYTES):
                         raise TlsClosed from None
                 except OSError:
                     raise TlsClosed from None
@@ -164,11 +176,11 @@ class TlsConnection:
         close_notify ends its direction; ssl.SSLError if the stream is bad or cut short."""
         # With a buffer, read returns a count (typeshed says bytes either way).
         read = cast(Callable[[int, memoryview], int], self._tls.read)
-        size, got = CHUNK_BYTES, 0
+        size, got, plain = CHUNK_BYTES, 0, self._plain
         while True:
             # Records already in the BIO first: the handshake's last read may hold data.
             try:
-                n = read(size - got, _PLAIN_VIEW[got:])
+                n = read(size - got, plain[got:])
             except ssl.SSLWantReadError:
                 n = -1
             except ssl.SSLZeroReturnError:
@@ -180,7 +192,7 @@ class TlsConnection:
             if got:
                 # send_all takes or copies the shared buffer before it ever awaits.
                 count(got)
-                await send_all(upstream, _PLAIN_VIEW[:got])
+                await send_all(upstream, plain[:got])
                 got = 0
             if self._outgoing.pending:
                 await self._flush()
@@ -192,13 +204,13 @@ class TlsConnection:
 
     async def to_client(self, upstream: int, count: Callable[[int], None]) -> None:
         """Backend bytes from ``upstream``, encrypted, to the client until the backend's EOF."""
-        tls = self._tls
+        tls, received = self._tls, self._received
         while True:
-            n = await receive_into(upstream, _RECEIVED_VIEW)
+            n = await receive_into(upstream, received)
             if n == 0:
                 return
             count(n)
-            view = _RECEIVED_VIEW[:n]
+            view = received[:n]
             while view:  # a memory BIO takes everything: one pass in practice
                 view = view[tls.write(view) :]
             await self._flush()
