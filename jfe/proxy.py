@@ -401,18 +401,23 @@ class Proxy:
         # HelloBuffer, not parse_client_hello on the growing buffer: re-parsing after every
         # read is quadratic in a client's trickled records (see jfe.sniff.HelloBuffer).
         buffered = HelloBuffer()
-        more = data
+        try:
+            hello = buffered.feed(data)
+        except NotTls:
+            return buffered.data
+        if hello is not None:  # the usual case: all of it in the first read, no timer needed
+            return hello, buffered.data
         with trio.move_on_after(self.settings.handshake_timeout_s):
             while True:
+                more = await conn.recv(MAX_CLIENT_HELLO_BYTES - len(buffered) + 5)
+                if not more:
+                    return buffered.data
                 try:
                     hello = buffered.feed(more)
                 except NotTls:
                     return buffered.data
                 if hello is not None:
                     return hello, buffered.data
-                more = await conn.recv(MAX_CLIENT_HELLO_BYTES - len(buffered) + 5)
-                if not more:
-                    return buffered.data
         raise _Drop("hello_timeout")
 
     async def _tls(
@@ -439,8 +444,7 @@ class Proxy:
                 except (TlsClosed, ssl.SSLError, OSError):
                     raise _Drop("acme_challenge_failed") from None
                 self._challenges += 1
-                with trio.move_on_after(1.0):
-                    await tls.close_notify()
+                await tls.close_notify(1.0)
                 return
             context = self.certificates.cached(server_name)
             if context is None:
@@ -482,8 +486,7 @@ class Proxy:
         if idle.expired:
             self._drop(port, "idle")
         # Upstream done: say close_notify, but never wait long for a client that does not read.
-        with trio.move_on_after(1.0):
-            await tls.close_notify()
+        await tls.close_notify(1.0)
 
     async def _splice_both(
         self,

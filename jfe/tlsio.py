@@ -216,12 +216,18 @@ class TlsConnection:
             await self._flush()
             await trio.lowlevel.checkpoint()
 
-    async def close_notify(self) -> None:
-        """Say close_notify; never wait for the client's own (it may not read at all)."""
+    async def close_notify(self, timeout: float) -> None:
+        """Say close_notify; never wait for the client's own (it may not read at all), and
+        wait at most ``timeout`` for a client whose socket is full."""
         with contextlib.suppress(ssl.SSLError):
             self._tls.unwrap()
         with contextlib.suppress(OSError):
-            await self._flush()
+            if not self._send_lock.locked():
+                self._write_now()  # the usual case: sent at once, no timer needed
+                if not self._rest:
+                    return
+            with trio.move_on_after(timeout):
+                await self._flush()
 
 
 __all__ = ["CHUNK_BYTES", "TlsClosed", "TlsConnection", "receive_into", "send_all"]
