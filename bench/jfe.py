@@ -258,6 +258,7 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {"jfe": {}, "haproxy": {}, "direct": {}}
     load = os.getloadavg()
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)  # last out: after the namespaces
         host = stack.enter_context(netns.namespace(workdir, prefix="jfb"))
         client = stack.enter_context(netns.namespace(workdir, prefix="jfb"))
         link = netns.veth(client, host, [f"{CLIENT}/24"], [f"{HOST}/24"])
