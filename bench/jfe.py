@@ -13,8 +13,11 @@ OpenSSL, so the same cipher (printed). Measured, each side in turn:
 - plaintext pass-through MB/s through jfe vs direct to the backend;
 - RSS of the proxy with ``--idle`` idle TLS connections open.
 
-Goals (issue #12): bulk >= 80% of haproxy's, connections/s >= 70% at equal CPU, pass-through
->= 90% of direct, 1,000 idle connections in under 200 MB. Needs root.
+Goals (issue #12): bulk >= 80% of haproxy's, connections/s >= 70% at equal CPU (handshakes per
+proxy CPU-second), pass-through >= 90% of direct, 1,000 idle connections in under 200 MB. It
+prints one row per phase: jfe, the reference, the ratio, the goal, met or not, and each proxy's
+CPU (user+sys) per MB or per handshake. ``--profile DIR`` samples jfe with py-spy (if
+installed) during each phase. Needs root.
 """
 
 from __future__ import annotations
@@ -24,11 +27,17 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -102,9 +111,11 @@ CLIENT_SCRIPT = textwrap.dedent(
 ).replace("@NAME@", NAME)
 
 
-def _cpu_s(pid: int) -> float:
+def _cpu(pid: int) -> tuple[float, float]:
+    """(user, sys) CPU seconds of ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _rss_mb(pid: int) -> float:
@@ -112,12 +123,107 @@ def _rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+class _Profile:
+    """``--profile DIR``: py-spy (if installed) samples jfe during each of its phases."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(PY).parent))
+        if directory is not None and self.spy is None:
+            print("--profile: no py-spy (pip install py-spy): not profiling", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def phase(self, side: str, name: str, pid: int) -> Iterator[None]:
+        if self.directory is None or self.spy is None or side != "jfe":
+            yield
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        out = self.directory / f"jfe-{name}.txt"
+        spy = subprocess.Popen(
+            [self.spy, "record", "--nonblocking", "--format", "raw", "--rate", "250",
+             "-o", str(out), "-p", str(pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1.0)  # py-spy attaches
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+            print(f"profile {name}: {out} (top: {_top(out)})", file=sys.stderr)
+
+
+def _top(raw: Path, n: int = 3) -> str:
+    """The ``n`` functions with the most self samples in a py-spy raw (collapsed) file."""
+    own: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if stack and count.isdigit():
+                own[stack.rsplit(";", 1)[-1]] += int(count)
+    total = sum(own.values()) or 1
+    return ", ".join(f"{name} {c * 100 // total}%" for name, c in own.most_common(n))
+
+
+def _verdict(value: float | None, goal: float, higher: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if (value >= goal if higher else value <= goal) else "NOT met"
+
+
+def _table(results: dict[str, dict[str, Any]], idle: int) -> str:
+    """The per-phase comparison: jfe, the reference, ratio, goal, verdict, CPU for both."""
+    j, h, d = results["jfe"], results["haproxy"], results["direct"]
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return round(float(a) / float(b), 2) if a and b else None
+
+    def cpu(side: dict[str, Any], key: str) -> str:
+        user, system = side.get(f"{key}_user_us"), side.get(f"{key}_sys_us")
+        if user is None or system is None:
+            return "-"
+        return f"{user + system:,.0f} ({user:,.0f}u+{system:,.0f}s)"
+
+    bulk = ratio(j.get("bulk_tls_mb_s"), h.get("bulk_tls_mb_s"))
+    conn = ratio(j.get("tls_conn_s"), h.get("tls_conn_s"))
+    # "At equal CPU": handshakes per proxy CPU-second, jfe's over haproxy's.
+    per_cpu = ratio(h.get("cpu_us_per_handshake"), j.get("cpu_us_per_handshake"))
+    plain = ratio(j.get("passthrough_mb_s"), d.get("plain_mb_s"))
+    rss = j.get(f"rss_mb_{idle}_idle_tls")
+    rows = [
+        ("bulk TLS MB/s", j.get("bulk_tls_mb_s"), h.get("bulk_tls_mb_s"), bulk, ">= 0.8x",
+         _verdict(bulk, 0.8), cpu(j, "bulk_cpu_per_mb"), cpu(h, "bulk_cpu_per_mb")),
+        ("new TLS conn/s", j.get("tls_conn_s"), h.get("tls_conn_s"), conn, "(raw rate)",
+         "", cpu(j, "cpu_per_handshake"), cpu(h, "cpu_per_handshake")),
+        ("conn/s at equal CPU", j.get("handshakes_per_cpu_s"), h.get("handshakes_per_cpu_s"),
+         per_cpu, ">= 0.7x", _verdict(per_cpu, 0.7), "", ""),
+        ("pass-through MB/s", j.get("passthrough_mb_s"), d.get("plain_mb_s"), plain,
+         ">= 0.9x direct", _verdict(plain, 0.9), cpu(j, "plain_cpu_per_mb"), "(no proxy)"),
+        (f"RSS MB, {idle} idle TLS", rss, h.get(f"rss_mb_{idle}_idle_tls"), None, "< 200 MB",
+         _verdict(rss, 200.0, higher=False) if idle == 1000 else "", "", ""),
+    ]  # fmt: skip
+    head = ("phase", "jfe", "haproxy/direct", "ratio", "goal", "verdict",
+            "jfe CPU us/unit", "ref CPU us/unit")  # fmt: skip
+    lines = [head] + [tuple("-" if v is None else str(v) for v in row) for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    text.append("CPU us/unit: per MB (bulk, pass-through) or per handshake; u = user, s = sys.")
+    return "\n".join(text)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bulk-mb", type=int, default=512)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--profile", type=Path, help="write py-spy profiles of jfe's phases here")
+    parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     args = parser.parse_args()
+    profile = _Profile(args.profile)
     netns.require("ip", "nft", "haproxy", "openssl")
     netns.sweep_stale("jfb")
     workdir = Path(tempfile.mkdtemp(prefix="jfe-bench-"))
@@ -149,8 +255,10 @@ def main() -> int:
             """
         )
     )
-    results: dict[str, dict[str, object]] = {"jfe": {}, "haproxy": {}, "direct": {}}
+    results: dict[str, dict[str, Any]] = {"jfe": {}, "haproxy": {}, "direct": {}}
+    load = os.getloadavg()
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)  # last out: after the namespaces
         host = stack.enter_context(netns.namespace(workdir, prefix="jfb"))
         client = stack.enter_context(netns.namespace(workdir, prefix="jfb"))
         link = netns.veth(client, host, [f"{CLIENT}/24"], [f"{HOST}/24"])
@@ -171,40 +279,58 @@ def main() -> int:
         pids = {"jfe": jfe.pid, "haproxy": haproxy.pid}
         ports = {"jfe": JFE_PORT, "haproxy": HAPROXY_PORT}
 
-        def client_json(*argv: str, timeout: float = 300) -> dict[str, object]:
+        def client_json(*argv: str, timeout: float = 300) -> dict[str, Any]:
             done = client.run([PY, "-c", CLIENT_SCRIPT, *argv], timeout=timeout)
-            out: dict[str, object] = json.loads(done.stdout)
+            out: dict[str, Any] = json.loads(done.stdout)
             return out
+
+        def charge(side: str, key: str, before: tuple[float, float], units: float) -> None:
+            """The proxy's CPU since ``before``, in us per unit (MB or handshake)."""
+            after = _cpu(pids[side])
+            if units:
+                results[side][f"{key}_user_us"] = round((after[0] - before[0]) / units * 1e6, 1)
+                results[side][f"{key}_sys_us"] = round((after[1] - before[1]) / units * 1e6, 1)
 
         for side in ("jfe", "haproxy"):
             port = str(ports[side])
-            bulk = client_json("bulk_tls", HOST, port, str(ca.ca_file), str(args.bulk_mb))
-            results[side]["bulk_tls_mb_s"] = round(float(bulk["mb_s"]), 1)  # type: ignore[arg-type]
+            with profile.phase(side, "bulk", pids[side]):
+                cpu0 = _cpu(pids[side])
+                bulk = client_json("bulk_tls", HOST, port, str(ca.ca_file), str(args.bulk_mb))
+                charge(side, "bulk_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
+            results[side]["bulk_tls_mb_s"] = round(float(bulk["mb_s"]), 1)
             results[side]["cipher"] = bulk["cipher"]
-            cpu0 = _cpu_s(pids[side])
-            wall0 = time.monotonic()
-            done = client.run(
-                ["openssl", "s_time", "-connect", f"{HOST}:{port}", "-new",
-                 "-time", str(args.seconds), "-CAfile", str(ca.ca_file)],
-                timeout=args.seconds + 60,
-                check=False,
-            )  # fmt: skip
+            with profile.phase(side, "handshakes", pids[side]):
+                cpu0 = _cpu(pids[side])
+                wall0 = time.monotonic()
+                done = client.run(
+                    ["openssl", "s_time", "-connect", f"{HOST}:{port}", "-new",
+                     "-time", str(args.seconds), "-CAfile", str(ca.ca_file)],
+                    timeout=args.seconds + 60,
+                    check=False,
+                )  # fmt: skip
+                cpu1 = _cpu(pids[side])
             if done.returncode != 0:
                 print(f"{side}: s_time: {done.stdout[-800:]} {done.stderr[-800:]}", file=sys.stderr)
-            cpu = _cpu_s(pids[side]) - cpu0
             # s_time's "N connections in Xs" is the CLIENT's CPU time; the rate is per wall
             # second of the run (its "in N real seconds" line, which it rounds: ours instead).
             wall = time.monotonic() - wall0
             match = re.search(r"(\d+) connections in \d+ real seconds", done.stdout)
-            if match:
+            if match and int(match.group(1)):
                 n, secs = int(match.group(1)), min(wall, args.seconds + 1.0)
+                used = cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]
                 results[side]["tls_conn_s"] = round(n / secs, 1)
-                results[side]["cpu_us_per_handshake"] = round(cpu / n * 1e6, 1) if n else None
-                results[side]["cpu_share"] = round(cpu / secs, 2)
-        plain = client_json("bulk_plain", HOST, str(JFE_PORT), "-", str(args.bulk_mb))
-        results["jfe"]["passthrough_mb_s"] = round(float(plain["mb_s"]), 1)  # type: ignore[arg-type]
+                results[side]["cpu_us_per_handshake"] = round(used / n * 1e6, 1)
+                results[side]["cpu_per_handshake_user_us"] = round((cpu1[0] - cpu0[0]) / n * 1e6)
+                results[side]["cpu_per_handshake_sys_us"] = round((cpu1[1] - cpu0[1]) / n * 1e6)
+                results[side]["handshakes_per_cpu_s"] = round(n / used) if used else None
+                results[side]["cpu_share"] = round(used / secs, 2)
+        with profile.phase("jfe", "passthrough", pids["jfe"]):
+            cpu0 = _cpu(pids["jfe"])
+            plain = client_json("bulk_plain", HOST, str(JFE_PORT), "-", str(args.bulk_mb))
+            charge("jfe", "plain_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
+        results["jfe"]["passthrough_mb_s"] = round(float(plain["mb_s"]), 1)
         direct = client_json("bulk_plain", HOST, str(DIRECT_PORT), "-", str(args.bulk_mb))
-        results["direct"]["plain_mb_s"] = round(float(direct["mb_s"]), 1)  # type: ignore[arg-type]
+        results["direct"]["plain_mb_s"] = round(float(direct["mb_s"]), 1)
         for side in ("jfe", "haproxy"):
             idle = client.spawn(
                 [PY, "-c", CLIENT_SCRIPT, "idle_tls", HOST, str(ports[side]), str(ca.ca_file),
@@ -215,17 +341,13 @@ def main() -> int:
             time.sleep(1.0)
             results[side][f"rss_mb_{args.idle}_idle_tls"] = round(_rss_mb(pids[side]), 1)
             idle.stop()
-    j, h, d = results["jfe"], results["haproxy"], results["direct"]
-
-    def ratio(a: object, b: object) -> float | None:
-        return round(float(a) / float(b), 2) if a and b else None  # type: ignore[arg-type]
-
-    results["ratios"] = {
-        "bulk_jfe_over_haproxy": ratio(j.get("bulk_tls_mb_s"), h.get("bulk_tls_mb_s")),
-        "conn_jfe_over_haproxy": ratio(j.get("tls_conn_s"), h.get("tls_conn_s")),
-        "passthrough_over_direct": ratio(j.get("passthrough_mb_s"), d.get("plain_mb_s")),
-    }
-    print(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    cipher = results["jfe"].get("cipher"), results["haproxy"].get("cipher")
+    after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load)}; after: {after}")
+    print(f"ciphers jfe/haproxy: {cipher}")
+    print(_table(results, args.idle))
     return 0
 
 

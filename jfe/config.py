@@ -50,8 +50,10 @@ class JfeSettings:
     rule_priority: int = 27238
     #: jfe's own nftables table (family inet); jfe never touches any other.
     nft_table: str = "jfe"
-    #: All connections at once: each costs two sockets and up to two pipes (file descriptors)
-    #: and ~100 KiB of buffers at most, so 10,000 stays under ~1 GB worst case.
+    #: All connections at once: each costs two sockets and up to two pipes (file descriptors).
+    #: Memory beyond the kernel's socket buffers: an idle TLS connection ~40 KiB (its
+    #: SSLObject); while a peer reads slower than the other side sends, up to ~0.5 MiB of TLS
+    #: bytes waiting (256 KiB per direction), or the pipes' pages on a pass-through.
     max_connections: int = 10000
     #: Per client address, so one host cannot take the whole budget.
     max_connections_per_client: int = 200

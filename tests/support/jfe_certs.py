@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import shutil
 import ssl
 import sys
 import tempfile
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,8 @@ class TestCA:
         )
         self.ca_pem = self.cert.public_bytes(serialization.Encoding.PEM)
         self._dir = Path(tempfile.mkdtemp(prefix="jfe-test-ca-"))
+        # Removed with the CA (or at exit): every test and bench run made one and left it.
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
         self.ca_file = self._dir / "ca.pem"
         self.ca_file.write_bytes(self.ca_pem)
 
