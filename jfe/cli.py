@@ -27,6 +27,7 @@ from jfe import rules
 from jfe.config import JfeSettings, load_jfe
 from jfe.proxy import CertificateSource, Proxy
 from overflowd.errors import JfeError, OverflowdError
+from overflowd.sandbox import confine
 
 log = logging.getLogger("jfe")
 
@@ -122,6 +123,7 @@ async def _serve_listening(
                     await report()
 
             nursery.start_soon(reporter)
+            confine("jfe", home)  # seccomp from here on (docs/deploy.md)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("jfe stopping signal=%s", signal.Signals(signum).name)
