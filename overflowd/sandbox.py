@@ -74,7 +74,7 @@ _COMMON = frozenset({
     "newfstatat", "statx", "fstatfs", "statfs", "fcntl",
     "ioctl", "fsync", "fdatasync", "ftruncate", "rename", "renameat", "renameat2", "unlink",
     "unlinkat", "mkdir", "mkdirat", "getdents64", "access", "faccessat", "faccessat2",
-    "readlink", "readlinkat", "getcwd", "fchmod", "fchown", "flock", "dup", "dup2", "dup3",
+    "readlink", "readlinkat", "getcwd", "fchmod", "flock", "dup", "dup2", "dup3",
     "umask", "chmod", "fchmodat", "utimensat",
     # sockets already bound; connections out (peers, webhooks, PostgreSQL, DNS) and in
     "socket", "connect", "accept", "accept4", "recvfrom", "recvmsg", "recvmmsg", "sendto",

@@ -110,3 +110,39 @@ def test_sysusers_creates_the_users_and_the_group(root: Path) -> None:
         assert "LoadCredential=identity.key:/var/lib/overflowd/identity.key" in units[unit]
         assert "User=overflowd" not in units[unit]
     assert "Environment=OVERFLOWD_SECCOMP=1" in units["overflowd"]
+
+
+def _filter_group(name: str) -> set[str]:
+    """The calls in a systemd syscall group (``@system-service``...), nested groups expanded."""
+    assert ANALYZE is not None
+    out = subprocess.run(
+        [ANALYZE, "syscall-filter", name], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    calls: set[str] = set()
+    for line in out.splitlines()[1:]:
+        word = line.strip().split(" ")[0]
+        if word.startswith("@"):
+            calls |= _filter_group(word)
+        elif word and not word.startswith("#"):
+            calls.add(word)
+    return calls
+
+
+@needs_analyze
+@pytest.mark.parametrize(("unit", "daemon"), [("overflowd", "overflowd"), ("jfe", "jfe"),
+                                              ("ratelockd", "ratelockd")])
+def test_daemon_allow_list_within_its_unit_filter(root: Path, unit: str, daemon: str) -> None:
+    """The daemon's own list (overflowd.sandbox) inside the unit's SystemCallFilter=: a call on
+    the first but not the second would be refused by systemd, whatever the daemon allows."""
+    from overflowd import sandbox
+
+    allowed: set[str] = set()
+    for line in (root / f"etc/systemd/system/{unit}.service").read_text().splitlines():
+        if line.startswith("SystemCallFilter="):
+            words = line.split("=", 1)[1].split()
+            deny = words[0].startswith("~")
+            names = set().union(*(_filter_group(w.lstrip("~")) if w.lstrip("~").startswith("@")
+                                  else {w.lstrip("~")} for w in words))
+            allowed = allowed - names if deny else allowed | names
+    assert len(allowed) > 100
+    assert not sandbox.ALLOWED[daemon] - allowed, sorted(sandbox.ALLOWED[daemon] - allowed)
