@@ -99,7 +99,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     },
 }
 
-#: The calls a probe may try (PROBE_ENV): none is on any list, each would succeed for root.
+#: The calls a probe may try (PROBE_ENV): on no list but jfe's (execve), and each answered
+#: otherwise than EPERM for root without a filter (ptrace ESRCH, mount ENOENT, execve runs).
 PROBES = ("ptrace", "mount", "execve")
 
 # libseccomp's constants (seccomp.h)

@@ -5,6 +5,7 @@ forbidden calls attempted from inside the daemon are refused with EPERM)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -217,3 +218,12 @@ def test_off_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         sandbox.load_settings(tmp_path)
 
 
+
+
+def test_probes_are_not_refused_without_the_filter() -> None:
+    """The EPERM the probes get under the filter is the filter's: without it, root gets
+    another answer (execve is not tried here: it would replace the test process)."""
+    if os.geteuid() != 0:
+        pytest.skip("mount answers EPERM to a user without the filter too: run as root")
+    assert sandbox.probe("ptrace") == errno.ESRCH  # no tracee attached
+    assert sandbox.probe("mount") == errno.ENOENT  # no such mount point
