@@ -145,4 +145,6 @@ def test_daemon_allow_list_within_its_unit_filter(root: Path, unit: str, daemon:
                                   else {w.lstrip("~")} for w in words))
             allowed = allowed - names if deny else allowed | names
     assert len(allowed) > 100
-    assert not sandbox.ALLOWED[daemon] - allowed, sorted(sandbox.ALLOWED[daemon] - allowed)
+    root_only = {"fchown"}  # SQLite's, as root only (overflowd/sandbox.py): not under a unit
+    outside = sandbox.ALLOWED[daemon] - allowed - root_only
+    assert not outside, sorted(outside)
