@@ -227,3 +227,28 @@ def test_probes_are_not_refused_without_the_filter() -> None:
         pytest.skip("mount answers EPERM to a user without the filter too: run as root")
     assert sandbox.probe("ptrace") == errno.ESRCH  # no tracee attached
     assert sandbox.probe("mount") == errno.ENOENT  # no such mount point
+
+
+MDWE_CHILD = """
+import ctypes, errno, importlib, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3)
+    print("no mdwe", errno.errorcode.get(ctypes.get_errno())); sys.exit(0)
+importlib.reload(ctypes)  # what `import ctypes` does under the unit: a callback made at import
+from overflowd import sandbox
+print("allowed", sandbox.confine("overflowd", None))
+"""
+
+
+def test_the_filter_loads_under_memory_deny_write_execute() -> None:
+    """The units set MemoryDenyWriteExecute=yes: ctypes (its import makes a libffi closure)
+    and libseccomp must work without writable-executable memory. The kernel's own MDWE
+    (prctl, Linux 6.3) stands in for systemd's."""
+    env = {**os.environ, sandbox.ENV: "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", MDWE_CHILD], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    if done.stdout.startswith("no mdwe"):
+        pytest.skip(f"this kernel has no PR_SET_MDWE ({done.stdout.strip()})")
+    assert f"allowed {len(sandbox.ALLOWED['overflowd'])}" in done.stdout, done.stdout
