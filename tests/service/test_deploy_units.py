@@ -5,9 +5,13 @@ creates the users and the group (docs/deploy.md)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +28,18 @@ needs_analyze = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("sysroot")
+def root() -> Iterator[Path]:
+    # In /tmp itself, 0755: the installed venv must be reachable by an unprivileged user
+    # (pytest's own temporary directories are root's alone).
+    root = Path(tempfile.mkdtemp(prefix="units-sysroot-"))
+    root.chmod(0o755)
+    try:
+        yield from _installed(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _installed(root: Path) -> Iterator[Path]:
     done = subprocess.run(
         ["make", "-C", str(ROOT), "--no-print-directory", "install", f"DESTDIR={root}"],
         capture_output=True, text=True, timeout=600,
@@ -148,3 +162,90 @@ def test_daemon_allow_list_within_its_unit_filter(root: Path, unit: str, daemon:
     root_only = {"fchown"}  # SQLite's, as root only (overflowd/sandbox.py): not under a unit
     outside = sandbox.ALLOWED[daemon] - allowed - root_only
     assert not outside, sorted(outside)
+
+
+NOBODY = 65534
+SETPRIV = shutil.which("setpriv")
+
+
+def _as_nobody(root: Path, argv: list[str], home: Path) -> subprocess.Popen[str]:
+    """A command of the installed venv as an unprivileged user without capabilities, with the
+    seccomp filter forced on: what the units do, less the rest of systemd's confinement."""
+    assert SETPRIV is not None
+    env = {"PATH": "/usr/bin:/bin", "OVERFLOWD_HOME": str(home), "OVERFLOWD_SECCOMP": "1"}
+    return subprocess.Popen(
+        [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+         str(root / "opt/overflowd/venv/bin" / argv[0]), *argv[1:]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd="/",
+    )  # fmt: skip
+
+
+def _until(proc: subprocess.Popen[str], *patterns: str, timeout_s: float = 60) -> str:
+    """Output up to the line where every pattern has been seen, in any order (killed if not
+    within the timeout: a silent process must not hang the test in readline)."""
+    assert proc.stdout is not None
+    watchdog = threading.Timer(timeout_s, proc.kill)
+    watchdog.start()
+    seen, wanted = "", set(patterns)
+    try:
+        while wanted:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+            wanted -= {p for p in wanted if re.search(p, line)}
+    finally:
+        watchdog.cancel()
+    if wanted:
+        proc.kill()
+        raise AssertionError(f"no {sorted(wanted)} in: {seen}")
+    return seen
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="setpriv is not installed (util-linux)")
+def test_installed_daemons_run_unprivileged_confined_with_the_identity_as_a_credential(
+    root: Path,
+) -> None:
+    """overflowd and ratelockd from the installed venv as an unprivileged user, seccomp on;
+    ratelockd's identity is a symlink to a 0400 file of its own, as LoadCredential= and the
+    unit's ExecStartPre= leave it (docs/deploy.md "Users, homes and the identity")."""
+    base = Path(tempfile.mkdtemp(prefix="units-homes-"))
+    try:
+        base.chmod(0o755)
+        node = base / "overflowd"
+        init = subprocess.run(
+            [str(root / "opt/overflowd/venv/bin/overflowd"), "init", "--home", str(node)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert init.returncode == 0, init.stderr
+        credentials = base / "credentials"
+        credentials.mkdir(mode=0o700)
+        shutil.copy(node / "identity.key", credentials / "identity.key")
+        (credentials / "identity.key").chmod(0o400)
+        rl = base / "ratelock"
+        rl.mkdir(mode=0o700)
+        (rl / "identity.key").symlink_to(credentials / "identity.key")
+        (rl / "overflowd.toml").write_text("[ratelock]\nargon2_time_cost = 1\n"
+                                          "argon2_memory_kib = 8\n")
+        for path in (node, *node.iterdir(), credentials, credentials / "identity.key", rl,
+                     *rl.iterdir()):
+            os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+        daemons = [
+            (_as_nobody(root, ["overflowd", "run", "--home", str(node), "--listen",
+                               "127.0.0.1:0", "--api", "", "--metrics", ""], node),
+             "overflowd", r"^listening udp 127\.0\.0\.1:\d+"),
+            (_as_nobody(root, ["ratelockd", "--home", str(rl), "--listen",
+                               f"unix:{rl}/ratelockd.sock"], rl),
+             "ratelockd", r"^ratelockd listening unix:"),
+        ]  # fmt: skip
+        for proc, name, started in daemons:
+            out = _until(proc, started, rf"^{name}: sandbox seccomp on, \d+ system calls allowed")
+            assert proc.poll() is None, out
+        for proc, name, _ in daemons:
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=30)
+            assert proc.returncode == 0, (name, rest)
+        assert os.stat(rl / "ratelock.pub").st_uid == NOBODY  # written by ratelockd itself
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
