@@ -27,6 +27,7 @@ from jfe import rules
 from jfe.config import JfeSettings, load_jfe
 from jfe.proxy import CertificateSource, Proxy
 from overflowd.errors import JfeError, OverflowdError
+from overflowd.sandbox import check as check_sandbox
 from overflowd.sandbox import confine
 
 log = logging.getLogger("jfe")
@@ -237,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = rules.remove(settings)
                 print("removed" if found.any else "nothing to remove")
             return 0
+        check_sandbox(home)  # its errors here, not from inside the proxy's nursery
         trio.run(_run, home, settings)
         return 0
     except OverflowdError as exc:

@@ -202,6 +202,15 @@ def probe(name: str) -> int:
     return ctypes.get_errno() if rc == -1 else 0
 
 
+def check(home: Path) -> str:
+    """The mode :func:`confine` will take, with its errors (a bad ``[sandbox]``, no
+    libseccomp) raised now: for a daemon that would otherwise meet them inside its nursery."""
+    mode = wanted(load_settings(home))
+    if mode != "off":
+        _libseccomp()
+    return mode
+
+
 def confine(daemon: str, home: Path | None) -> int:
     """Install ``daemon``'s allow-list if asked for (config or OVERFLOWD_SECCOMP); returns how
     many calls it allows, 0 when not asked. Call once, after start-up."""
@@ -228,4 +237,6 @@ def confine(daemon: str, home: Path | None) -> int:
     return count
 
 
-__all__ = ["ALLOWED", "ENV", "PROBES", "PROBE_ENV", "SandboxSettings", "confine", "install"]
+__all__ = [
+    "ALLOWED", "ENV", "PROBES", "PROBE_ENV", "SandboxSettings", "check", "confine", "install",
+]

@@ -252,3 +252,19 @@ def test_the_filter_loads_under_memory_deny_write_execute() -> None:
     if done.stdout.startswith("no mdwe"):
         pytest.skip(f"this kernel has no PR_SET_MDWE ({done.stdout.strip()})")
     assert f"allowed {len(sandbox.ALLOWED['overflowd'])}" in done.stdout, done.stdout
+
+
+def test_jfe_refuses_a_bad_sandbox_section_before_it_starts(tmp_path: Path) -> None:
+    """One clear line and exit 1, before any listener or rule (not a traceback out of trio)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare: a jfe that did start would touch the host's nft")
+    (tmp_path / "overflowd.toml").write_text("[sandbox]\nseccomp = 1\n")
+    done = subprocess.run(  # in a network namespace of its own, should it start after all
+        [unshare, "--net", str(Path(sys.executable).parent / "jfe"), "--home", str(tmp_path),
+         "run"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("jfe: ") and "sandbox.seccomp" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
