@@ -5,10 +5,24 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives for real (see README "What the tests run").
-DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm haproxy pebble chromium
+DEB_TEST := python3-venv postgresql tshark softflowd pmacct tcpdump iproute2 ethtool procps nfdump strace knot nftables nodejs npm@npm haproxy pebble chromium libseccomp2 systemd
 DEB_DEMO := python3-venv
+DEB_INSTALL := python3-venv libseccomp2
 
-.PHONY: demo test lint typecheck pytest deps-test deps-demo clean fuzz jfe-acme-100 screenshots
+# `make install` (docs/deploy.md): the package built as a wheel and installed (not editable) in
+# a venv of its own under PREFIX, the commands linked into BINDIR, the systemd units, the
+# system users (sysusers.d) and the docs. DESTDIR stages it all under another root (the tests:
+# tests/service/test_deploy_units.py); the units and links name the paths without DESTDIR.
+PREFIX      ?= /opt/overflowd
+BINDIR      ?= /usr/local/bin
+UNITDIR     ?= /etc/systemd/system
+SYSUSERSDIR ?= /etc/sysusers.d
+DOCDIR      ?= /usr/share/doc/overflowd
+DESTDIR     ?=
+COMMANDS    := overflowd overflowd-query overflowd-receive jfe ratelock ratelockd
+UNITS       := overflowd overflowd-identity jfe ratelockd
+
+.PHONY: install deps-install demo test lint typecheck pytest deps-test deps-demo clean fuzz jfe-acme-100 screenshots
 
 demo: deps-demo $(VENV)/.runtime
 	./scripts/demo.sh
@@ -53,6 +67,23 @@ jfe-acme-100: deps-test $(VENV)/.installed
 # Chromium (docs/dashboard.md; about a minute).
 screenshots: deps-test $(VENV)/.installed
 	$(BIN)/python -m tests.dashboard_screenshots docs/dashboard
+
+install: deps-install
+	./scripts/install-venv $(PYTHON) "$(DESTDIR)$(PREFIX)/venv"
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSUSERSDIR)" "$(DESTDIR)$(DOCDIR)"
+	for c in $(COMMANDS); do ln -sfn "$(PREFIX)/venv/bin/$$c" "$(DESTDIR)$(BINDIR)/$$c"; done
+	for u in $(UNITS); do \
+	  sed 's#/usr/local/bin/#$(BINDIR)/#g' deploy/$$u.service > "$(DESTDIR)$(UNITDIR)/$$u.service"; \
+	  chmod 644 "$(DESTDIR)$(UNITDIR)/$$u.service"; done
+	install -m 644 deploy/sysusers.d-overflowd.conf "$(DESTDIR)$(SYSUSERSDIR)/overflowd.conf"
+	install -m 644 README.md docs/*.md deploy/overflowd.toml.example "$(DESTDIR)$(DOCDIR)/"
+	@if [ -z "$(DESTDIR)" ] && command -v systemd-sysusers >/dev/null; then \
+	  systemd-sysusers "$(SYSUSERSDIR)/overflowd.conf"; fi
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed: $(PREFIX)/venv, $(BINDIR)/{$$(echo $(COMMANDS) | tr ' ' ,)}, units in $(UNITDIR)"
+
+deps-install:
+	@./scripts/apt-ensure $(DEB_INSTALL)
 
 deps-test:
 	@./scripts/apt-ensure $(DEB_TEST)

@@ -30,6 +30,8 @@ from overflowd import logformat
 from overflowd.config import key_origin
 from overflowd.errors import JfeError, OverflowdError, ProxyError
 from overflowd.homelock import acquire
+from overflowd.sandbox import check as check_sandbox
+from overflowd.sandbox import confine
 
 log = logging.getLogger("jfe")
 
@@ -128,6 +130,7 @@ async def _serve_listening(
                     await report()
 
             nursery.start_soon(reporter)
+            confine("jfe", home)  # seccomp from here on (docs/deploy.md)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("jfe stopping signal=%s", signal.Signals(signum).name)
@@ -238,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = rules.remove(settings)
                 print("removed" if found.any else "nothing to remove")
             return 0
+        check_sandbox(home)  # its errors here, not from inside the proxy's nursery
         lock = acquire(home, "jfe")  # one jfe per home; held until exit
         try:
             trio.run(_run, home, settings)

@@ -676,9 +676,10 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
 
 
 #: Sections of ``overflowd.toml`` that belong to the other programs sharing the node home (jfe,
-#: ratelockd): the node skips them, and each program parses its own with :func:`load_section`,
-#: as strictly as the node parses its sections.
-OTHER_PROGRAMS_SECTIONS = ("jfe", "ratelock")
+#: ratelockd; [sandbox], read by all three through overflowd.sandbox): the node skips them,
+#: and each program parses its own with :func:`load_section`, as strictly as the node parses
+#: its sections.
+OTHER_PROGRAMS_SECTIONS = ("jfe", "ratelock", "sandbox")
 
 
 def load_section(

@@ -79,6 +79,7 @@ from overflowd.config import key_origin, resolve_home
 from overflowd.errors import ConfigError, IdentityError, OverflowdError, RatelockError
 from overflowd.homelock import acquire
 from overflowd.identity import NodeIdentity, load_identity
+from overflowd.sandbox import confine
 from ratelock import policy
 from ratelock import verdict as vd
 from ratelock.audit import RefusalTally
@@ -740,9 +741,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(service: RatelockService) -> None:
+async def _serve(service: RatelockService, home: Path | None = None) -> None:
     async with trio.open_nursery() as nursery:
         where = await nursery.start(service.run)
+        confine("ratelockd", home)  # seccomp from here on (docs/deploy.md)
         print(f"ratelockd listening {where}", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
@@ -780,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         write_public_key(listen, home, identity)
         ctx = ServerContext(vault=vault, identity=identity, settings=settings)
-        trio.run(_serve, RatelockService(ctx, listen))
+        trio.run(_serve, RatelockService(ctx, listen), home)
     except (OSError, OverflowdError, BaseExceptionGroup) as exc:
         leaf = _first_leaf(exc)
         if isinstance(leaf, OSError):

@@ -16,6 +16,7 @@ from overflowd.config import key_origin, parse_listen
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.homelock import acquire
 from overflowd.identity import load_identity
+from overflowd.sandbox import confine
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -256,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
                 if peer_pull is not None:
                     await nursery.start(peer_pull.run)
                 await nursery.start(run_push)
+                confine("overflowd", ctx.home)  # seccomp from here on (docs/deploy.md)
                 async for signum in signals:
                     log.info("daemon.stopping signal=%s", signal.Signals(signum).name)
                     push_scope.cancel()
