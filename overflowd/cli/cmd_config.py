@@ -36,15 +36,17 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def other_sections() -> OtherSections:
-    """jfe's and ratelock's sections, checked with their own dataclasses."""
+    """jfe's, ratelock's and the sandbox's sections, checked with their own dataclasses."""
     from jfe.certconfig import CertificateSettings
     from jfe.config import JfeSettings
+    from overflowd.sandbox import SandboxSettings
     from ratelock.config import RatelockSettings
 
     return {
         "jfe": (JfeSettings, ("certificates",)),
         "jfe.certificates": (CertificateSettings, ()),
         "ratelock": (RatelockSettings, ()),
+        "sandbox": (SandboxSettings, ()),
     }
 
 

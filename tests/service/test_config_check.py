@@ -83,3 +83,11 @@ def test_a_cross_section_problem_is_found_too(tmp_path: Path) -> None:
     )
     result = call("overflowd", "config", "check", "--home", str(tmp_path))
     assert result.code == 1 and ":4: 'inband.allowed_prefixes' is the old name" in result.out
+
+
+def test_the_sandbox_section_is_checked_as_its_daemons_read_it(tmp_path: Path) -> None:
+    """[sandbox] came with the seccomp allow-lists after config check was written: a typo there
+    passed the check while every daemon then refused to start."""
+    (tmp_path / "overflowd.toml").write_text('[sandbox]\nseccomp = true\nsecomp = "yes"\n')
+    result = call("overflowd", "config", "check", "--home", str(tmp_path))
+    assert result.code == 1 and ":3: unknown key 'sandbox.secomp'" in result.out, result.out
