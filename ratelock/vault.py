@@ -984,7 +984,10 @@ class Vault:
                 )
                 for r in rows
             )
-            report = audit.verify_chain(entries, heads, check_signature, trusted_keys=trusted)
+            report = audit.verify_chain(
+                entries, heads, check_signature, trusted_keys=trusted,
+                retired_keys=self._previous_keys if self._identity else (),
+            )
             tail = conn.execute(select(t_audit_tail).where(t_audit_tail.c.id == 1)).one()
         if self._identity is None:
             return report
