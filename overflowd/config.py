@@ -632,6 +632,8 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message already ends with "(at line L, column C)".
         raise ConfigError(f"{source}: {exc}") from None
+    except RecursionError:  # tomllib recurses per "[" or "{": "a = [[[[..." past the stack
+        raise ConfigError(f"{source}: {TOO_DEEP}") from None
     sections: dict[str, Any] = {}
     for name, table in data.items():
         if name == "peers":  # an array of tables: overflowd.peers parses it
@@ -936,6 +938,28 @@ def _validate(settings: Any, source: str, text: str, section: str) -> None:
 
 # -- config check: every problem of a file, not only the first ----------------------------------
 
+#: ``config check`` stops after this many problems: each costs a rebuild of its section and a
+#: scan of the file for its line, so a file of 200,000 bad keys would otherwise run for minutes.
+MAX_CHECK_PROBLEMS = 100
+TOO_DEEP = "nested too deeply to be a config (arrays or inline tables)"
+
+
+class _TooManyProblems(Exception):
+    pass
+
+
+class _Problems(list[str]):
+    """The problems found; raises _TooManyProblems at MAX_CHECK_PROBLEMS."""
+
+    def append(self, problem: str) -> None:
+        super().append(problem)
+        if len(self) >= MAX_CHECK_PROBLEMS:
+            raise _TooManyProblems
+
+    def append_last(self, problem: str) -> None:
+        super().append(problem)
+
+
 #: Sections another program parses (``overflowd config check`` passes jfe's and ratelock's):
 #: dotted name -> (dataclass, names of sub-tables another entry parses).
 OtherSections = dict[str, tuple[type, tuple[str, ...]]]
@@ -946,12 +970,26 @@ def check_text(text: str, source: str, others: OtherSections | None = None) -> l
     raise one at a time, each a 'FILE:LINE: ...' line. A key found bad is left out and its
     section built again, so later keys are checked too; a problem of a whole section (no key
     to leave out) ends that section's checks. Empty: the file would load."""
+    problems = _Problems()
+    try:
+        _check_into(problems, text, source, others)
+    except _TooManyProblems:
+        problems.append_last(f"{source}: more than {MAX_CHECK_PROBLEMS} problems: stopped")
+    return list(problems)
+
+
+def _check_into(
+    problems: _Problems, text: str, source: str, others: OtherSections | None
+) -> None:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        return [f"{source}: {exc}"]
+        problems.append(f"{source}: {exc}")
+        return
+    except RecursionError:
+        problems.append(f"{source}: {TOO_DEEP}")
+        return
     others = others or {}
-    problems: list[str] = []
 
     def build(cls: type, table: dict[str, Any], section: str) -> None:
         table = dict(table)
@@ -996,7 +1034,7 @@ def check_text(text: str, source: str, others: OtherSections | None = None) -> l
             parse_settings(text, source)
         except ConfigError as exc:
             problems.append(str(exc))
-    return problems
+    return
 
 
 def key_origin(home: Path, section: str, key: str) -> str:

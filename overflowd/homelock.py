@@ -10,8 +10,10 @@ different inodes). The holder writes its PID into the file for the message.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +58,17 @@ def acquire(home: Path, program: str) -> HomeLock:
     """Take ``HOME/PROGRAM.lock`` or raise :class:`HomeLocked` naming the home, file and PID."""
     path = lock_path(home, program)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # never through a symlink (the PID write truncates: a link to identity.key emptied it)
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644
+        )
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise HomeLocked(f"the lock file {path} is not a regular file (a symlink)") from None
         raise HomeLocked(f"cannot open the lock file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise HomeLocked(f"the lock file {path} is not a regular file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -71,6 +81,10 @@ def acquire(home: Path, program: str) -> HomeLock:
     except OSError as exc:
         os.close(fd)
         raise HomeLocked(f"cannot lock {path}: {exc.strerror}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError as exc:  # a full disk: refused, not a traceback with the lock held
+        os.close(fd)
+        raise HomeLocked(f"cannot write {path}: {exc.strerror}") from None
     return HomeLock(path=path, fd=fd)

@@ -91,12 +91,16 @@ def verify_chain(
     check: Checker,
     *,
     trusted_keys: Sequence[bytes] | None = None,
+    retired_keys: Sequence[bytes] = (),
     max_problems: int = 20,
 ) -> AuditReport:
     """Walk the chain from the first entry; report each break (at most ``max_problems``).
 
     ``trusted_keys``: the public keys a head may be signed with (the node's); None trusts the
     key each head names, which still catches every edit made without the node key.
+    ``retired_keys`` (among the trusted: the key a rotation kept as previous) may only sign
+    heads before the first head of a key not retired: once the new key signs, the old one,
+    perhaps leaked, vouches for nothing later.
     """
     problems: list[str] = []
 
@@ -124,9 +128,23 @@ def verify_chain(
         expected_seq = e.seq + 1
     last_seq = expected_seq - 1
     signed = 0
+    first_current = min(
+        (
+            h.seq for h in heads
+            if h.public_key not in retired_keys
+            and (trusted_keys is None or h.public_key in trusted_keys)
+        ),
+        default=None,
+    )
     for h in heads:
         if trusted_keys is not None and h.public_key not in trusted_keys:
             problem(f"head {h.seq}: signed by a key that is not the node's")
+            continue
+        if h.public_key in retired_keys and first_current is not None and h.seq > first_current:
+            problem(
+                f"head {h.seq}: signed by the node's previous key after its current key "
+                f"signed head {first_current}"
+            )
             continue
         try:
             check(h.public_key, head_message(h.seq, h.hash, h.time_ms), h.signature)

@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -876,6 +878,10 @@ class Vault:
     def rotate_secret(self) -> int:
         """A new secret; every verifier and record re-encrypted; the old one dropped. No
         password is needed (the secret seals the verifier, it is not hashed into it)."""
+        with _rotation_lock(self._secret.path):
+            return self._rotate_secret()
+
+    def _rotate_secret(self) -> int:
         import secrets as _secrets
 
         with self._secret_lock:
@@ -984,7 +990,10 @@ class Vault:
                 )
                 for r in rows
             )
-            report = audit.verify_chain(entries, heads, check_signature, trusted_keys=trusted)
+            report = audit.verify_chain(
+                entries, heads, check_signature, trusted_keys=trusted,
+                retired_keys=self._previous_keys if self._identity else (),
+            )
             tail = conn.execute(select(t_audit_tail).where(t_audit_tail.c.id == 1)).one()
         if self._identity is None:
             return report
@@ -1173,6 +1182,35 @@ def _migrate(engine: Engine) -> None:
                     f"the ratelock store has schema {version}, newer than this ratelock "
                     f"({SCHEMA_VERSION}): upgrade ratelock"
                 )
+
+
+#: How long a rotation waits for another one (in any process) to finish.
+ROTATION_LOCK_TIMEOUT_S = 600.0
+
+
+@contextlib.contextmanager
+def _rotation_lock(secret: Path) -> Iterator[None]:
+    """One rotation at a time per secret file, across processes (flock beside the file): two
+    that both read the file before either wrote made the same key id, and the file ended up
+    holding the key the rows were not sealed with."""
+    path = secret.with_name(f"{secret.name}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise VaultError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + ROTATION_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise VaultError(f"another secret rotation holds {path}") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # drops the flock
 
 
 def _previous_keys(home: Path) -> tuple[bytes, ...]:

@@ -91,3 +91,30 @@ def test_the_sandbox_section_is_checked_as_its_daemons_read_it(tmp_path: Path) -
     (tmp_path / "overflowd.toml").write_text('[sandbox]\nseccomp = true\nsecomp = "yes"\n')
     result = call("overflowd", "config", "check", "--home", str(tmp_path))
     assert result.code == 1 and ":3: unknown key 'sandbox.secomp'" in result.out, result.out
+
+
+def test_a_deeply_nested_config_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    """tomllib recurses per nesting level: a config nested past the stack raised
+    RecursionError out of config check (and of every daemon's start)."""
+    assert call("overflowd", "init", "--home", str(tmp_path)).code == 0
+    config = tmp_path / "overflowd.toml"
+    config.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    result = call("overflowd", "config", "check", "--home", str(tmp_path))
+    assert result.code == 1 and "nested too deeply" in result.out, (result.out, result.err)
+    refused = call("overflowd", "run", "--home", str(tmp_path))
+    assert refused.code == 1 and "nested too deeply" in refused.err, refused.err
+
+
+def test_a_config_of_thousands_of_bad_keys_is_checked_in_bounded_work(tmp_path: Path) -> None:
+    """Each bad key cost a rebuild of its section and a scan of the file for its line: 200,000
+    unknown keys ran for minutes. The check stops after MAX_CHECK_PROBLEMS and says so."""
+    from overflowd.config import MAX_CHECK_PROBLEMS
+
+    config = tmp_path / "overflowd.toml"
+    config.write_text("[node]\n" + "".join(f"k{i} = 1\n" for i in range(5000)))
+    result = call("overflowd", "config", "check", "--home", str(tmp_path), timeout=30)
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert len(lines) <= MAX_CHECK_PROBLEMS + 2, len(lines)
+    assert f"{config}:2: unknown key 'node.k0'" in lines[0]
+    assert any("stopped" in line for line in lines), lines[-3:]

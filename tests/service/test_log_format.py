@@ -113,4 +113,40 @@ def test_a_forged_newline_stays_in_one_line() -> None:
     assert "\n" not in line
     doc = json.loads(line)
     assert doc["level"] == "warning" and doc["event"] == "inband.refused"
-    assert doc["sender"] == "192.0.2.1" and doc["peer"] == "198.51.100.7"
+    # the field is the whole argument (a value, never more fields)
+    assert doc["sender"] == "192.0.2.1\n{\"level\": \"critical\"}"
+    assert doc["peer"] == "198.51.100.7"
+
+
+def _record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("overflowd.peers", logging.WARNING, __file__, 1, msg, args, None)
+
+
+def test_a_network_string_cannot_forge_or_shadow_a_json_field() -> None:
+    """Fields were parsed out of the formatted message: a peer's error text holding
+    ' peer=evil level=critical' became a field, and, the first occurrence winning, hid the real
+    peer that followed; a message starting with an argument could forge its event."""
+    line = JsonFormatter().format(_record(
+        "peer.pull_failed error=%s peer=%s took=%.1fms",
+        "bad page peer=evil.example origin=forged", "good.example", 12.34,
+    ))
+    doc = json.loads(line)
+    assert doc["event"] == "peer.pull_failed"
+    assert doc["peer"] == "good.example"
+    assert doc["error"] == "bad page peer=evil.example origin=forged"
+    assert doc["took"] == "12.3ms"
+    assert "origin" not in doc
+    forged = json.loads(JsonFormatter().format(_record("%s", "admin.login user=root")))
+    assert "event" not in forged and "user" not in forged
+
+
+def test_a_forged_newline_stays_in_one_plain_line() -> None:
+    """The plain format wrote a network string's newline as is: a second, forged log line."""
+    from overflowd.logformat import PLAIN, PlainFormatter
+
+    record = _record("inband.refused sender=%s", "192.0.2.1\n2026-01-01 00:00:00,000 "
+                     "CRITICAL overflowd.daemon daemon.compromised\r\u2028x")
+    line = PlainFormatter(PLAIN).format(record)
+    assert "\n" not in line and "\r" not in line and "\u2028" not in line
+    assert line.endswith("inband.refused sender=192.0.2.1\\n2026-01-01 00:00:00,000 CRITICAL "
+                         "overflowd.daemon daemon.compromised\\r\\u2028x")

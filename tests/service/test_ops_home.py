@@ -183,3 +183,24 @@ def test_ratelockd_names_its_listen_key(tmp_path: Path) -> None:
         result = run("ratelockd", "--home", str(home), timeout=30)
     one_line(result, 1, f"{config}:4 ratelock.listen", f"127.0.0.1:{port}",
              "cannot listen: Address already in use")
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(home: Path) -> None:
+    """The lock was opened following symlinks and truncated for the PID: a HOME/overflowd.lock
+    pointing at identity.key (a mistaken ln, or anyone who may write the home) emptied the
+    node's key at the next start."""
+    from overflowd.homelock import HomeLocked
+
+    key = (home / "identity.key").read_bytes()
+    (home / "overflowd.lock").symlink_to(home / "identity.key")
+    with pytest.raises(HomeLocked, match="not a regular file"):
+        acquire(home, "overflowd")
+    assert (home / "identity.key").read_bytes() == key
+
+
+def test_a_lock_file_that_is_a_fifo_is_refused_not_a_traceback(home: Path) -> None:
+    from overflowd.homelock import HomeLocked
+
+    os.mkfifo(home / "overflowd.lock")
+    with pytest.raises(HomeLocked, match="not a regular file"):
+        acquire(home, "overflowd")

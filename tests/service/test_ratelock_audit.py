@@ -213,3 +213,28 @@ def test_heads_signed_before_a_key_rotation_still_verify(home: Path) -> None:
         base64.b64encode(NodeIdentity.generate().public_key).decode() + "\n"
     )
     assert call("ratelock", "--home", str(home), "audit", "verify").code != 0
+
+
+def test_the_previous_key_vouches_for_no_head_after_the_new_key_signed(home: Path) -> None:
+    """The key a rotation retires (often because it leaked) was trusted for every head: a
+    holder of it re-signing a head after the new key had taken over, to cover a rewritten
+    tail, passed ``ratelock audit verify``. A previous key's heads must come before the
+    current key's first."""
+    from overflowd.identity import load_identity
+
+    old = load_identity(home)
+    assert call("overflowd", "key", "rotate", "--home", str(home)).code == 0
+    with _vault(home) as vault:
+        for _ in range(5):
+            vault.verify("app", "alice", b"x")  # heads at 15 and 20, under the new key
+        assert vault.audit_verify().ok
+        with vault._engine.begin() as conn:
+            last = conn.execute(select(t_audit_heads).order_by(t_audit_heads.c.seq.desc())).first()
+            assert last is not None and last.seq == 20
+            message = audit.head_message(int(last.seq), bytes(last.hash), int(last.time_ms))
+            conn.execute(
+                update(t_audit_heads).where(t_audit_heads.c.seq == last.seq)
+                .values(public_key=old.public_key, signature=old.signer()(message))
+            )
+    r = call("ratelock", "--home", str(home), "audit", "verify")
+    assert r.code != 0 and "head 20" in r.out + r.err, (r.out, r.err)

@@ -233,3 +233,52 @@ def test_secret_rotation_while_ratelockd_runs(tmp_path: Path) -> None:
         d.stop()
     r = call("ratelock", "--home", str(home), "audit", "verify")
     assert r.code == 0, r.err
+
+
+def test_two_rotations_at_once_lose_no_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``ratelock secret rotate`` at once (now allowed beside a running ratelockd, so two
+    operators or two cron jobs may meet) both read the file before either wrote: both made a
+    key 2, each wrote its own, the second reseal found nothing to do, and the file kept the
+    key the database was not sealed with: every verifier and record lost. Rotations are
+    serialised on a lock beside the secret file."""
+    import threading
+
+    home = tmp_path / "home"
+    settings = fast_settings()
+    with Vault.open(home, settings) as vault:
+        vault.enroll("app", "alice", PASSWORD)
+        vault.put("app", "42", b"record")
+    a, b = Vault.open(home, settings), Vault.open(home, settings)
+    both_read = threading.Barrier(2, timeout=2)
+    real_open = crypto.open_secret
+
+    def open_then_meet(path: Path, *, create: bool = True) -> crypto.SecretFile:
+        got = real_open(path, create=create)
+        try:
+            both_read.wait()  # the race, forced: each has read before the other writes
+        except threading.BrokenBarrierError:
+            pass  # serialised: the other rotation is not reading now
+        return got
+
+    monkeypatch.setattr(crypto, "open_secret", open_then_meet)
+    errors: list[BaseException] = []
+
+    def rotate(v: Vault) -> None:
+        try:
+            v.rotate_secret()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rotate, args=(v,)) for v in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    a.close()
+    b.close()
+    monkeypatch.setattr(crypto, "open_secret", real_open)
+    assert errors == []
+    with Vault.open(home, settings) as vault:
+        assert vault.verify("app", "alice", PASSWORD).kind == "ok"
+        assert vault.get("app", "42").data == b"record"
+        assert vault.status().secret_key_id == 3
