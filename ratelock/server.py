@@ -745,8 +745,10 @@ async def _serve(service: RatelockService, home: Path | None = None) -> None:
     async with trio.open_nursery() as nursery:
         where = await nursery.start(service.run)
         confine("ratelockd", home)  # seccomp from here on (docs/deploy.md)
-        print(f"ratelockd listening {where}", flush=True)
+        # The handler first, then the ready line: a supervisor that stops ratelockd as soon as
+        # it says it listens must get the orderly stop, not the default SIGTERM death.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            print(f"ratelockd listening {where}", flush=True)
             async for _ in signals:
                 service.stop()
                 break
