@@ -233,7 +233,9 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
         text = request.query_params.get(name)
         if text is None or text == "":
             return default
-        if not text.isdigit() or not 0 <= int(text) <= top:
+        # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and int() of
+        # thousands of digits raises; both were a 500 for a bad URL
+        if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) > top:
             raise HTTPException(400, f"{name} {text[:20]!r}: expected a number 0-{top}")
         return int(text)
 

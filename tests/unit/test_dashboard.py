@@ -239,3 +239,13 @@ def test_the_peers_table_is_every_peer_counter_by_peer() -> None:
     assert 'data-value="1"' in rows[0][3] or 'data-value="1.0"' in rows[0][3]
     assert rows[1][0] == "<code>b&lt;peer&gt;</code>" and rows[1][2] == "<span class=num>-</span>"
     assert _peer_table([]) is None
+
+
+async def test_a_bad_number_in_the_url_is_a_400_not_a_500() -> None:
+    """``limit``/``after`` of non-ASCII digits ('²' passes str.isdigit) or thousands of digits
+    (int() refuses them) were an unhandled ValueError: a 500 for any URL an attacker writes."""
+    async with _client("127.0.0.1:9591") as client:
+        for path in ("/reports?limit=", "/dashboard/reports/rows?after="):
+            for bad in ("%C2%B2", "%D9%A1", "9" * 5000, "-1", "1e3"):
+                answer = await client.get(path + bad)
+                assert answer.status_code == 400, (path, bad[:10], answer.status_code)
