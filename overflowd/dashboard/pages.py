@@ -546,8 +546,12 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
 
     @open_r.post("/login")
     async def login(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > 4096:
+        from overflowd.services.api_peers import read_capped
+
+        # Capped while read (request.body() held all of a client's bytes before the length
+        # was looked at: an open route, so anyone's megabytes)
+        body = await read_capped(request, 4096)
+        if body is None:
             raise HTTPException(413, "too long")
         token = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         if not gate.token or not hmac.compare_digest(token.encode(), gate.token.encode()):
