@@ -271,3 +271,40 @@ async def test_a_long_login_body_is_refused_without_reading_it_all() -> None:
         assert pulled <= 2
         long = await client.post("/login", content=b"x" * 5000)  # with a content-length
         assert long.status_code == 413
+
+
+async def test_a_flow_ending_past_year_9999_does_not_break_the_victim_chart(
+    tmp_path: Any,
+) -> None:
+    """Any signer's report may say its flow's last packet is at 2**64-1 ms; the span then
+    reached past year 9999 and the chart's time labels raised ValueError: one stored report
+    made the victim chart of every prefix holding its destination a 500."""
+    import dataclasses
+    import time
+
+    from fastapi import FastAPI
+
+    from overflowd.store.repository import Store
+    from tests.support.reports import make_payload
+
+    now = int(time.time() * 1000)
+    observer = NodeIdentity(seed=b"\x07" * 32)
+    payload = make_payload(time_ms=now)
+    hostile = dataclasses.replace(payload.flow, first=now - 5, last=2**64 - 1)
+    with Store.open(f"sqlite:///{tmp_path / 'overflowd.db'}") as store:
+        for p in (payload, dataclasses.replace(make_payload(time_ms=now), flow=hostile)):
+            store.add_report(observer.sign_report(p), received_ms=now, via="udp")
+        ctx = ApiContext(
+            identity=NodeIdentity.generate(), contacts=(), observation_point="", store=store
+        )
+        app = FastAPI()
+        app.include_router(router(ctx, ApiSettings(listen="127.0.0.1:9591"), None))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://node.example") as c:
+            for since in ("1h", ""):
+                answer = await c.get(
+                    "/dashboard/chart/victim.svg",
+                    params={"prefix": "198.51.100.0/24", "since": since, "measure": "bytes"},
+                )
+                assert answer.status_code == 200
+                assert answer.text.startswith("<svg") and "<polygon" in answer.text
