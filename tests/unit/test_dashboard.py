@@ -3,9 +3,10 @@ query, its sums equal to ``who``'s), the SVG's escaping, and who may see the pag
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -273,12 +274,10 @@ async def test_a_long_login_body_is_refused_without_reading_it_all() -> None:
         assert long.status_code == 413
 
 
-async def test_a_flow_ending_past_year_9999_does_not_break_the_victim_chart(
-    tmp_path: Any,
-) -> None:
-    """Any signer's report may say its flow's last packet is at 2**64-1 ms; the span then
-    reached past year 9999 and the chart's time labels raised ValueError: one stored report
-    made the victim chart of every prefix holding its destination a 500."""
+@contextlib.asynccontextmanager
+async def _far_future_flow(tmp_path: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A dashboard over a store of two reports to 198.51.100.2, one of whose flow says it
+    ends at 2**64-1 ms (any signer may say so: the observer's word)."""
     import dataclasses
     import time
 
@@ -301,10 +300,33 @@ async def test_a_flow_ending_past_year_9999_does_not_break_the_victim_chart(
         app.include_router(router(ctx, ApiSettings(listen="127.0.0.1:9591"), None))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://node.example") as c:
-            for since in ("1h", ""):
-                answer = await c.get(
-                    "/dashboard/chart/victim.svg",
-                    params={"prefix": "198.51.100.0/24", "since": since, "measure": "bytes"},
-                )
-                assert answer.status_code == 200
-                assert answer.text.startswith("<svg") and "<polygon" in answer.text
+            yield c
+
+
+async def test_a_flow_ending_past_year_9999_does_not_break_the_victim_chart(
+    tmp_path: Any,
+) -> None:
+    """The span then reached past year 9999 and the chart's time labels raised ValueError:
+    one stored report made the victim chart of every prefix holding its destination a 500."""
+    async with _far_future_flow(tmp_path) as c:
+        for since in ("1h", ""):
+            answer = await c.get(
+                "/dashboard/chart/victim.svg",
+                params={"prefix": "198.51.100.0/24", "since": since, "measure": "bytes"},
+            )
+            assert answer.status_code == 200
+            assert answer.text.startswith("<svg") and "<polygon" in answer.text
+
+
+async def test_a_flow_ending_past_year_9999_is_left_out_of_the_xarf_export(
+    tmp_path: Any,
+) -> None:
+    """XARF cannot write such a time; the export skips reports XARF cannot express, but this
+    one raised instead (422), so one stored report broke every export of its destination."""
+    async with _far_future_flow(tmp_path) as c:
+        answer = await c.get(
+            "/dashboard/export/xarf",
+            params={"dst": "198.51.100.2", "reporter_contact": "abuse@victim.example"},
+        )
+        assert answer.status_code == 200, answer.text
+        assert len(answer.text.splitlines()) == 1  # the other report's incident
