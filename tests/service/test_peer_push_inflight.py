@@ -247,3 +247,34 @@ def test_a_pull_only_peer_without_subscriptions_is_skipped_without_reading(store
         assert push.statistics().skipped[("b", "not_subscribed")] == 1502
     finally:
         store.reports_after = reports_after  # type: ignore[method-assign]
+
+
+def test_a_subscription_accepted_while_the_tail_skips_loses_no_report(store: Store) -> None:
+    """The tail asked "any subscription?" (no), then read the last report number and moved
+    the cursor there: a subscription accepted and a report it covers stored in between were
+    skipped, although docs/peers.md says every report stored from the acceptance on is sent."""
+    now = int(time.time() * 1000)
+    store.add_reports([(r, now, "import") for r in _fresh(5, A, salt=67)])
+    quiet = PeerSettings(name="b", url=PEER.url, key=B.public_key, push=False, pull=False)
+    covered = _fresh(1, A, salt=68)[0]
+    wanted: set[str] = set()
+
+    def subscribes(key: bytes) -> bool:
+        held = bool(wanted)
+        if not held:  # just after this answer: the subscription, then a report it covers
+            wanted.add(covered.report_id)
+            store.add_reports([(covered, now, "import")])
+        return held
+
+    push = PeerPush(
+        A,
+        store,
+        [quiet],
+        PeeringSettings(),
+        subscribed=lambda key, r: r.report_id in wanted,
+        subscribes=subscribes,
+    )
+    for _ in range(10):
+        if not push._tail_step(quiet):
+            break
+    assert [e.report_id for e in outbox.entries(store)] == [covered.report_id]
