@@ -119,8 +119,10 @@ def test_posts_overlap_and_out_of_order_answers_settle_their_own_rows(store: Sto
     reports = _fresh(BATCHES * BATCH_REPORTS, A, salt=61)
     now = int(time.time() * 1000)
     store.add_reports([(r, now, "import") for r in reports])
-    # The first POST's answer comes last: the others are answered while it is held.
-    inbox = FakeInbox(lambda n: 1.5 if n == 0 else 0.05)
+    # The first POST's answer comes last: the others are answered while it is held. Each is
+    # held long enough for the next claim and body to be made under load (0.05 s was not:
+    # the second POST was answered before the third arrived, and max_in_flight was 2).
+    inbox = FakeInbox(lambda n: 2.0 if n == 0 else 0.4)
     total = len(reports)
 
     def done(push: PeerPush) -> bool:
