@@ -83,7 +83,10 @@ class Gate:
 
     def allows(self, request: Request) -> bool:
         if not self.token:
-            return self.loopback
+            # Open on loopback to this host's users, not to any web page they visit: a page
+            # whose name resolves to 127.0.0.1 (DNS rebinding) is same-origin with what it
+            # fetches from there, and its requests carry its own name as Host.
+            return self.loopback and _loopback_host(request.headers.get("host", ""))
         given = request.cookies.get(COOKIE, "")
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -93,6 +96,12 @@ class Gate:
     def check(self, request: Request) -> None:
         if self.allows(request):
             return
+        if not self.token and self.loopback:
+            raise HTTPException(
+                403, "on loopback the dashboard answers a loopback Host only (127.0.0.1, "
+                "[::1], localhost); for any other name set api.dashboard_token "
+                "(docs/dashboard.md)",
+            )  # fmt: skip
         if not self.token:
             raise HTTPException(
                 403, "the dashboard beyond loopback needs api.dashboard_token (docs/dashboard.md)"
@@ -100,6 +109,23 @@ class Gate:
         raise HTTPException(
             401, "the operator token is needed: /login", {"www-authenticate": "Bearer"}
         )
+
+
+def _loopback_host(host: str) -> bool:
+    """Does a Host header name this host's loopback (``127.0.0.1:9591``, ``[::1]:9591``,
+    ``localhost``)?"""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal, with or without a port
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 # -- HTML ------------------------------------------------------------------------------------

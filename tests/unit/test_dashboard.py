@@ -163,7 +163,8 @@ def _client(listen: str, token: str = "") -> httpx.AsyncClient:
     app = FastAPI()
     app.include_router(router(ctx, ApiSettings(listen=listen, dashboard_token=token), None))
     transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4000))
-    return httpx.AsyncClient(transport=transport, base_url="http://node.example")
+    base = "http://127.0.0.1:9591" if listen.startswith("127.") else "http://node.example"
+    return httpx.AsyncClient(transport=transport, base_url=base)
 
 
 TOKEN = "a-long-operator-token-0123456789"
@@ -176,6 +177,20 @@ async def test_loopback_needs_no_token() -> None:
         csp = answer.headers["content-security-policy"]
         assert "default-src 'none'" in csp and "script-src 'self'" in csp
         assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_on_loopback_another_host_name_is_refused() -> None:
+    """Open on loopback meant open to any web page the operator visits: a page whose name
+    resolves to 127.0.0.1 (DNS rebinding) read the dashboard as its own origin."""
+    async with _client("127.0.0.1:9591") as client:
+        for host in ("localhost:9591", "LOCALHOST", "127.0.0.1", "[::1]:9591", "127.1.2.3:80"):
+            assert (await client.get("/", headers={"host": host})).status_code == 200, host
+        for host in ("evil.example:9591", "evil.example", "127.0.0.1.evil.example", "", "[::1"):
+            answer = await client.get("/", headers={"host": host})
+            assert answer.status_code == 403 and "dashboard_token" in answer.text, host
+    async with _client("[::1]:9591") as client:  # the same on IPv6 loopback
+        assert (await client.get("/", headers={"host": "[::1]:9591"})).status_code == 200
+        assert (await client.get("/", headers={"host": "rebound.example"})).status_code == 403
 
 
 async def test_beyond_loopback_without_a_token_the_dashboard_is_refused() -> None:
@@ -299,7 +314,7 @@ async def _far_future_flow(tmp_path: Any) -> AsyncIterator[httpx.AsyncClient]:
         app = FastAPI()
         app.include_router(router(ctx, ApiSettings(listen="127.0.0.1:9591"), None))
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://node.example") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9591") as c:
             yield c
 
 
