@@ -502,7 +502,7 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
             rows = find_reports(ctx.store, make(params), limit=EXPORT_LIMIT)
             signed = [x.signed_report() for x in rows]
             if fmt == "stix":
-                return json.dumps(stix_bundle(signed)) + "\n"
+                return json.dumps(stix_bundle(signed, skip_unwritable=True)) + "\n"
             # XARF names who files the reports: ?reporter_contact=, else this node's first
             # e-mail contact, else each report's observer (refused if it has none)
             contact = request.query_params.get("reporter_contact") or next(

@@ -333,11 +333,9 @@ async def test_a_flow_ending_past_year_9999_does_not_break_the_victim_chart(
             assert answer.text.startswith("<svg") and "<polygon" in answer.text
 
 
-async def test_a_flow_ending_past_year_9999_is_left_out_of_the_xarf_export(
-    tmp_path: Any,
-) -> None:
-    """XARF cannot write such a time; the export skips reports XARF cannot express, but this
-    one raised instead (422), so one stored report broke every export of its destination."""
+async def test_a_flow_ending_past_year_9999_is_left_out_of_the_exports(tmp_path: Any) -> None:
+    """Neither XARF nor STIX can write such a time; both exports raised (422), so one stored
+    report broke every export of its destination. Now it is left out of both."""
     async with _far_future_flow(tmp_path) as c:
         answer = await c.get(
             "/dashboard/export/xarf",
@@ -345,3 +343,7 @@ async def test_a_flow_ending_past_year_9999_is_left_out_of_the_xarf_export(
         )
         assert answer.status_code == 200, answer.text
         assert len(answer.text.splitlines()) == 1  # the other report's incident
+        answer = await c.get("/dashboard/export/stix", params={"dst": "198.51.100.2"})
+        assert answer.status_code == 200, answer.text
+        kinds = [o["type"] for o in answer.json()["objects"]]
+        assert kinds.count("observed-data") == 1  # the other report only
