@@ -83,7 +83,10 @@ class Gate:
 
     def allows(self, request: Request) -> bool:
         if not self.token:
-            return self.loopback
+            # Open on loopback to this host's users, not to any web page they visit: a page
+            # whose name resolves to 127.0.0.1 (DNS rebinding) is same-origin with what it
+            # fetches from there, and its requests carry its own name as Host.
+            return self.loopback and _loopback_host(request.headers.get("host", ""))
         given = request.cookies.get(COOKIE, "")
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -93,6 +96,12 @@ class Gate:
     def check(self, request: Request) -> None:
         if self.allows(request):
             return
+        if not self.token and self.loopback:
+            raise HTTPException(
+                403, "on loopback the dashboard answers a loopback Host only (127.0.0.1, "
+                "[::1], localhost); for any other name set api.dashboard_token "
+                "(docs/dashboard.md)",
+            )  # fmt: skip
         if not self.token:
             raise HTTPException(
                 403, "the dashboard beyond loopback needs api.dashboard_token (docs/dashboard.md)"
@@ -100,6 +109,23 @@ class Gate:
         raise HTTPException(
             401, "the operator token is needed: /login", {"www-authenticate": "Bearer"}
         )
+
+
+def _loopback_host(host: str) -> bool:
+    """Does a Host header name this host's loopback (``127.0.0.1:9591``, ``[::1]:9591``,
+    ``localhost``)?"""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal, with or without a port
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 # -- HTML ------------------------------------------------------------------------------------
@@ -233,7 +259,9 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
         text = request.query_params.get(name)
         if text is None or text == "":
             return default
-        if not text.isdigit() or not 0 <= int(text) <= top:
+        # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and int() of
+        # thousands of digits raises; both were a 500 for a bad URL
+        if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) > top:
             raise HTTPException(400, f"{name} {text[:20]!r}: expected a number 0-{top}")
         return int(text)
 
@@ -474,7 +502,7 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
             rows = find_reports(ctx.store, make(params), limit=EXPORT_LIMIT)
             signed = [x.signed_report() for x in rows]
             if fmt == "stix":
-                return json.dumps(stix_bundle(signed)) + "\n"
+                return json.dumps(stix_bundle(signed, skip_unwritable=True)) + "\n"
             # XARF names who files the reports: ?reporter_contact=, else this node's first
             # e-mail contact, else each report's observer (refused if it has none)
             contact = request.query_params.get("reporter_contact") or next(
@@ -544,8 +572,12 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
 
     @open_r.post("/login")
     async def login(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > 4096:
+        from overflowd.services.api_peers import read_capped
+
+        # Capped while read (request.body() held all of a client's bytes before the length
+        # was looked at: an open route, so anyone's megabytes)
+        body = await read_capped(request, 4096)
+        if body is None:
             raise HTTPException(413, "too long")
         token = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         if not gate.token or not hmac.compare_digest(token.encode(), gate.token.encode()):

@@ -36,7 +36,12 @@ def number(value: float | None) -> str:
 
 
 def _clock(t: float, span: float) -> str:
-    when = dt.datetime.fromtimestamp(t, dt.UTC)
+    # A flow "ending" past year 9999 (its observer's word, and anyone can sign) must not
+    # make the chart a 500: such a time is labelled in seconds.
+    try:
+        when = dt.datetime.fromtimestamp(t, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{t:.0f}"
     return when.strftime("%H:%M:%S" if span < 600 else "%H:%M" if span < 2 * 86400 else "%m-%d")
 
 

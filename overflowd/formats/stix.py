@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from overflowd.formats._common import (
+    _MAX_RFC3339_MS,
     COSE_MEDIA_TYPE,
     FormatError,
     b64,
@@ -185,16 +186,26 @@ def _report_objects(report: SignedReport, identity_id: str) -> list[dict[str, An
 
 
 def stix_bundle(
-    reports: Sequence[SignedReport], *, created_ms: int | None = None
+    reports: Sequence[SignedReport],
+    *,
+    created_ms: int | None = None,
+    skip_unwritable: bool = False,
 ) -> dict[str, Any]:
     """One STIX 2.1 bundle (a JSON-ready dict) of the reports; the same reports, the same bundle.
 
     ``created_ms`` stamps the objects this rendering makes (identities, attack pattern,
     sightings); by default the newest report's signing time, so nothing depends on a clock.
     Observed-data carry their report's own signing time. FormatError for a time RFC 3339
-    cannot write (past year 9999).
+    cannot write (past year 9999); ``skip_unwritable`` leaves such reports out instead (any
+    signer may write such a time: one stored report must not stop a view's every export).
     """
     unique = unique_reports(reports)
+    if skip_unwritable:
+        unique = [
+            r
+            for r in unique
+            if max(r.payload.time, r.payload.flow.first, r.payload.flow.last) <= _MAX_RFC3339_MS
+        ]
     if created_ms is None:
         created_ms = max((r.payload.time for r in unique), default=0)
     created = rfc3339_ms(created_ms, "created_ms")

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from overflowd.formats._common import (
+    _MAX_RFC3339_MS,
     COSE_MEDIA_TYPE,
     FormatError,
     b64,
@@ -84,6 +85,8 @@ def unfit_reason(report: SignedReport) -> str | None:
         return f"protocol {fl.proto} has no XARF name (tcp, udp, icmp and sctp only)"
     if fl.sport == 0:
         return "source port 0: XARF connection/ddos requires a source port 1-65535 for an IP"
+    if max(fl.first, fl.last) > _MAX_RFC3339_MS:  # a signer may write any 64-bit time
+        return "a flow time past year 9999, which RFC 3339 cannot write"
     return None
 
 

@@ -339,6 +339,11 @@ class PeerPush:
         last = self._store.last_seq()
         if last <= cursor:
             return False
+        # Asked again after the number is read: a subscription accepted since the first
+        # question may cover reports up to it (they are read one by one, the next step).
+        subscribes = self._subscribes if self._subscribed is not None else None
+        if subscribes is not None and subscribes(peer.key):
+            return True
         t = _REPORTS
         count = select(func.count()).where(t.c.seq > cursor, t.c.seq <= last)
         with self._store.transaction("skipping reports for a peer", write=True) as conn:

@@ -3,9 +3,10 @@ query, its sums equal to ``who``'s), the SVG's escaping, and who may see the pag
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -162,7 +163,8 @@ def _client(listen: str, token: str = "") -> httpx.AsyncClient:
     app = FastAPI()
     app.include_router(router(ctx, ApiSettings(listen=listen, dashboard_token=token), None))
     transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4000))
-    return httpx.AsyncClient(transport=transport, base_url="http://node.example")
+    base = "http://127.0.0.1:9591" if listen.startswith("127.") else "http://node.example"
+    return httpx.AsyncClient(transport=transport, base_url=base)
 
 
 TOKEN = "a-long-operator-token-0123456789"
@@ -175,6 +177,20 @@ async def test_loopback_needs_no_token() -> None:
         csp = answer.headers["content-security-policy"]
         assert "default-src 'none'" in csp and "script-src 'self'" in csp
         assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_on_loopback_another_host_name_is_refused() -> None:
+    """Open on loopback meant open to any web page the operator visits: a page whose name
+    resolves to 127.0.0.1 (DNS rebinding) read the dashboard as its own origin."""
+    async with _client("127.0.0.1:9591") as client:
+        for host in ("localhost:9591", "LOCALHOST", "127.0.0.1", "[::1]:9591", "127.1.2.3:80"):
+            assert (await client.get("/", headers={"host": host})).status_code == 200, host
+        for host in ("evil.example:9591", "evil.example", "127.0.0.1.evil.example", "", "[::1"):
+            answer = await client.get("/", headers={"host": host})
+            assert answer.status_code == 403 and "dashboard_token" in answer.text, host
+    async with _client("[::1]:9591") as client:  # the same on IPv6 loopback
+        assert (await client.get("/", headers={"host": "[::1]:9591"})).status_code == 200
+        assert (await client.get("/", headers={"host": "rebound.example"})).status_code == 403
 
 
 async def test_beyond_loopback_without_a_token_the_dashboard_is_refused() -> None:
@@ -239,3 +255,95 @@ def test_the_peers_table_is_every_peer_counter_by_peer() -> None:
     assert 'data-value="1"' in rows[0][3] or 'data-value="1.0"' in rows[0][3]
     assert rows[1][0] == "<code>b&lt;peer&gt;</code>" and rows[1][2] == "<span class=num>-</span>"
     assert _peer_table([]) is None
+
+
+async def test_a_bad_number_in_the_url_is_a_400_not_a_500() -> None:
+    """``limit``/``after`` of non-ASCII digits ('²' passes str.isdigit) or thousands of digits
+    (int() refuses them) were an unhandled ValueError: a 500 for any URL an attacker writes."""
+    async with _client("127.0.0.1:9591") as client:
+        for path in ("/reports?limit=", "/dashboard/reports/rows?after="):
+            for bad in ("%C2%B2", "%D9%A1", "9" * 5000, "-1", "1e3"):
+                answer = await client.get(path + bad)
+                assert answer.status_code == 400, (path, bad[:10], answer.status_code)
+
+
+async def test_a_long_login_body_is_refused_without_reading_it_all() -> None:
+    """/login is open to anyone: its body was read whole (request.body()) before its length
+    was checked, so one client's stream of megabytes was held in memory."""
+    pulled = 0
+
+    async def endless() -> Any:
+        nonlocal pulled
+        for _ in range(200):  # 12.5 MiB in all, were it read
+            pulled += 1
+            yield b"token=" + b"x" * 65536
+
+    async with _client("[::]:9591", TOKEN) as client:
+        answer = await client.post(
+            "/login", content=endless(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )  # fmt: skip
+        assert answer.status_code == 413
+        assert pulled <= 2
+        long = await client.post("/login", content=b"x" * 5000)  # with a content-length
+        assert long.status_code == 413
+
+
+@contextlib.asynccontextmanager
+async def _far_future_flow(tmp_path: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A dashboard over a store of two reports to 198.51.100.2, one of whose flow says it
+    ends at 2**64-1 ms (any signer may say so: the observer's word)."""
+    import dataclasses
+    import time
+
+    from fastapi import FastAPI
+
+    from overflowd.store.repository import Store
+    from tests.support.reports import make_payload
+
+    now = int(time.time() * 1000)
+    observer = NodeIdentity(seed=b"\x07" * 32)
+    payload = make_payload(time_ms=now)
+    hostile = dataclasses.replace(payload.flow, first=now - 5, last=2**64 - 1)
+    with Store.open(f"sqlite:///{tmp_path / 'overflowd.db'}") as store:
+        for p in (payload, dataclasses.replace(make_payload(time_ms=now), flow=hostile)):
+            store.add_report(observer.sign_report(p), received_ms=now, via="udp")
+        ctx = ApiContext(
+            identity=NodeIdentity.generate(), contacts=(), observation_point="", store=store
+        )
+        app = FastAPI()
+        app.include_router(router(ctx, ApiSettings(listen="127.0.0.1:9591"), None))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9591") as c:
+            yield c
+
+
+async def test_a_flow_ending_past_year_9999_does_not_break_the_victim_chart(
+    tmp_path: Any,
+) -> None:
+    """The span then reached past year 9999 and the chart's time labels raised ValueError:
+    one stored report made the victim chart of every prefix holding its destination a 500."""
+    async with _far_future_flow(tmp_path) as c:
+        for since in ("1h", ""):
+            answer = await c.get(
+                "/dashboard/chart/victim.svg",
+                params={"prefix": "198.51.100.0/24", "since": since, "measure": "bytes"},
+            )
+            assert answer.status_code == 200
+            assert answer.text.startswith("<svg") and "<polygon" in answer.text
+
+
+async def test_a_flow_ending_past_year_9999_is_left_out_of_the_exports(tmp_path: Any) -> None:
+    """Neither XARF nor STIX can write such a time; both exports raised (422), so one stored
+    report broke every export of its destination. Now it is left out of both."""
+    async with _far_future_flow(tmp_path) as c:
+        answer = await c.get(
+            "/dashboard/export/xarf",
+            params={"dst": "198.51.100.2", "reporter_contact": "abuse@victim.example"},
+        )
+        assert answer.status_code == 200, answer.text
+        assert len(answer.text.splitlines()) == 1  # the other report's incident
+        answer = await c.get("/dashboard/export/stix", params={"dst": "198.51.100.2"})
+        assert answer.status_code == 200, answer.text
+        kinds = [o["type"] for o in answer.json()["objects"]]
+        assert kinds.count("observed-data") == 1  # the other report only
