@@ -23,6 +23,7 @@ Hypothesis profiles (chosen here, before any test module builds its ``settings``
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,15 @@ def _deterministic_trio_scheduling(request: pytest.FixtureRequest) -> None:
     rng = getattr(trio_run, "_r", None)
     if rng is not None:
         rng.seed(request.node.nodeid)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Children get Ctrl-C as a user's would. A shell starts a background job (``make test &``,
+    ``nohup``) with SIGINT ignored, every process started from it inherits that, and Python
+    then never installs its KeyboardInterrupt handler: the tests that press Ctrl-C on
+    ``overflowd demo`` or ``--follow`` waited out their 30 s timeouts and failed."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header() -> str:
