@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from hypothesis import HealthCheck, Verbosity, settings
 
 from overflowd.store import Store
 from tests.support.postgres import PostgresServer, PostgresUnavailable
+from tests.support.stores import sqlite_at_head
 
 SESSION_DATABASE = "overflowd_test"
 
@@ -172,24 +172,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def sqlite_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite store migrated to the schema head once per session, closed (one file, no WAL
-    left): copying it is 10 ms where migrating a new file is a quarter of a second."""
-    path = tmp_path_factory.mktemp("store-template") / "overflowd.db"
-    Store.open(f"sqlite:///{path}").close()
-    assert [p.name for p in path.parent.iterdir()] == [path.name], "the template is one file"
-    return path
-
-
 @pytest.fixture
-def store(db_url: str, request: pytest.FixtureRequest) -> Iterator[Store]:
-    """An open store on each backend. On SQLite it starts as a copy of the session's migrated
-    template (the same schema and rows a migration writes); opening it still checks the
-    revision. Migrating a new file is shown by the tests that open ``db_url`` themselves."""
+def store(db_url: str) -> Iterator[Store]:
+    """An open store on each backend. On SQLite it starts as a copy of a file migrated once
+    (tests/support/stores.py: 10 ms, not 250); opening it still checks the revision. Migrating
+    a new file is shown by the tests that open ``db_url`` themselves."""
     if db_url.startswith("sqlite:///"):
-        target = Path(db_url.removeprefix("sqlite:///"))
-        target.parent.mkdir(parents=True)
-        shutil.copyfile(request.getfixturevalue("sqlite_store_template"), target)
+        sqlite_at_head(Path(db_url.removeprefix("sqlite:///")))
     with Store.open(db_url) as s:
         yield s
