@@ -30,6 +30,7 @@ from overflowd.services.inband import (
 from overflowd.store import Store
 from overflowd.wire import datagram
 from tests.support.reports import make_payload
+from tests.support.stores import sqlite_at_head
 
 TIMEOUT_S = 20
 OBSERVER = NodeIdentity(seed=b"\x11" * 32)
@@ -63,7 +64,7 @@ async def wait_until(check: Callable[[], bool]) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    with Store.open(f"sqlite:///{tmp_path / 'b.sqlite'}") as s:
+    with Store.open(sqlite_at_head(tmp_path / "b.sqlite")) as s:
         yield s
 
 

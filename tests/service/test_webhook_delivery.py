@@ -36,6 +36,7 @@ from overflowd.store import Store
 from overflowd.store import outbox as ob
 from tests.service.test_receiver import lines, start_receiver, stop
 from tests.support.reports import make_payload
+from tests.support.stores import sqlite_at_head
 
 TIMEOUT_S = 60
 LOOPBACK_ONLY = ("127.0.0.0/8",)
@@ -128,7 +129,7 @@ def identity() -> NodeIdentity:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
-    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as s:
+    with Store.open(sqlite_at_head(tmp_path / "node.db")) as s:
         yield s
 
 

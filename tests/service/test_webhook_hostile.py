@@ -28,6 +28,7 @@ from overflowd.services import webhook as svc
 from overflowd.store import Store
 from overflowd.store import outbox as ob
 from tests.service.test_webhook_delivery import enqueue_reports, fast
+from tests.support.stores import sqlite_at_head
 
 TIMEOUT_S = 60
 
@@ -95,7 +96,7 @@ def answer(status: int, body: bytes = b"", *headers: str) -> Respond:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
-    with Store.open(f"sqlite:///{tmp_path / 'node.db'}") as s:
+    with Store.open(sqlite_at_head(tmp_path / "node.db")) as s:
         yield s
 
 

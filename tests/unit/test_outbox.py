@@ -18,6 +18,7 @@ from overflowd.services import webhook as svc
 from overflowd.store import Store
 from overflowd.store import outbox as ob
 from tests.support.reports import make_payload
+from tests.support.stores import sqlite_at_head
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 URL_A = "https://a.example.net/hook"
@@ -28,7 +29,7 @@ T0 = 1_700_000_000_000
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'o.db'}"
+        url = sqlite_at_head(tmp_path / "o.db")
     else:
         url = request.getfixturevalue("postgres_db_url")
     with Store.open(url) as s:

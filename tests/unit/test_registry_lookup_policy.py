@@ -29,6 +29,7 @@ from overflowd.registry import (
     valid_keys,
     walk_prefixes,
 )
+from tests.support.heap import own_objects_only
 
 K1, K2 = bytes([1]) * 32, bytes([2]) * 32
 
@@ -217,19 +218,20 @@ def test_entry_footprint_is_an_upper_bound_of_what_tracemalloc_sees(n: int, size
     """The cache's own byte count, checked once against the allocator (CPython 3.11)."""
     policy = CachePolicy(max_positive=10**6, max_positive_bytes=10**12, max_entry_bytes=10**9)
     count = 500
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        cache = TxtCache(policy)
-        for i in range(count):
-            name, records = _answer(i, n, size)
-            cache.put_answer(name, records, 60, 0)
-            del records
+    with own_objects_only():
         gc.collect()
-        measured = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            cache = TxtCache(policy)
+            for i in range(count):
+                name, records = _answer(i, n, size)
+                cache.put_answer(name, records, 60, 0)
+                del records
+            gc.collect()
+            measured = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
     estimated = cache.bytes
     assert measured <= estimated <= 2 * measured + 1024 * count // 10, (measured, estimated)
 

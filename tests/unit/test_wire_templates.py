@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from overflowd.flows import FlowRecord
 from overflowd.wire import DecoderState, Limits, decode_datagram, decode_datagram_rows
 from overflowd.wire import templates as templates_module
+from tests.support.heap import own_objects_only
 from tests.unit.test_wire_encoder import (
     IE,
     VARIABLE,
@@ -318,7 +319,8 @@ def test_withdraw_all_takes_only_that_domains_templates_of_that_kind() -> None:
 
 
 def _bytes_held_by_cache(state: DecoderState) -> int:
-    """Bytes freed when the cache goes (tracemalloc must be tracing)."""
+    """Bytes freed when the cache goes (tracemalloc must be tracing; inside
+    ``own_objects_only``, or each collection scans the whole session's heap)."""
     cache = state.templates
     state.templates = None  # type: ignore[assignment]
     gc.collect()
@@ -331,18 +333,19 @@ def _bytes_held_by_cache(state: DecoderState) -> int:
 def test_flood_of_large_templates_stays_under_the_byte_cap() -> None:
     limits = Limits()
     wide = [IE(1 + k % 400, 4) for k in range(limits.max_template_fields)]
-    gc.collect()
-    tracemalloc.start()
-    try:
-        state = DecoderState(limits=limits)
-        for n in range(250):
-            packet = v9_packet([flowset(0, v9_template(256 + n, wide))])
-            decode(packet, state, f"10.0.{n >> 8}.{n & 255}", T0 + n)
-        stats = state.statistics()
-        estimate = stats.template_bytes
-        held = _bytes_held_by_cache(state)
-    finally:
-        tracemalloc.stop()
+    with own_objects_only():
+        gc.collect()
+        tracemalloc.start()
+        try:
+            state = DecoderState(limits=limits)
+            for n in range(250):
+                packet = v9_packet([flowset(0, v9_template(256 + n, wide))])
+                decode(packet, state, f"10.0.{n >> 8}.{n & 255}", T0 + n)
+            stats = state.statistics()
+            estimate = stats.template_bytes
+            held = _bytes_held_by_cache(state)
+        finally:
+            tracemalloc.stop()
     assert stats.templates_evicted_by_reason["bytes"] > 0
     assert estimate <= limits.max_template_bytes
     assert held <= limits.max_template_bytes, held
@@ -357,20 +360,22 @@ def test_footprint_estimate_matches_tracemalloc_for_every_kind_of_template() -> 
         [*V4, IE(82, VARIABLE), IE(300, 4, 29305)],
         [*V4, IE(2, 3), IE(1, 5), IE(152, 8), IE(153, 8), IE(305, 4), IE(306, 4)],
     ]
-    gc.collect()
-    tracemalloc.start()
-    try:
-        state = DecoderState()
-        for n in range(600):
-            fields = shapes[n % len(shapes)]
-            sets = [flowset(2, ipfix_template(256 + n % 300, fields))]
-            if n % 7 == 0:
-                sets.append(flowset(3, ipfix_options_template(600 + n, [IE(149, 4)], [IE(34, 4)])))
-            decode(ipfix_message(sets, domain=n // 300), state, f"10.1.0.{n % 50}")
-        estimate = state.statistics().template_bytes
-        held = _bytes_held_by_cache(state)
-    finally:
-        tracemalloc.stop()
+    with own_objects_only():
+        gc.collect()
+        tracemalloc.start()
+        try:
+            state = DecoderState()
+            for n in range(600):
+                fields = shapes[n % len(shapes)]
+                sets = [flowset(2, ipfix_template(256 + n % 300, fields))]
+                if n % 7 == 0:
+                    options = ipfix_options_template(600 + n, [IE(149, 4)], [IE(34, 4)])
+                    sets.append(flowset(3, options))
+                decode(ipfix_message(sets, domain=n // 300), state, f"10.1.0.{n % 50}")
+            estimate = state.statistics().template_bytes
+            held = _bytes_held_by_cache(state)
+        finally:
+            tracemalloc.stop()
     assert abs(held - estimate) <= 0.2 * held, (held, estimate)
 
 
