@@ -331,6 +331,29 @@ def _weight(amount: Any) -> tuple[ColumnElement[Any], ColumnElement[bool]]:
     return w, huge
 
 
+def _amounts(store: Store, real_certain: bool) -> tuple[Any, ...]:
+    """The per-report terms every sum is built of: whether the report is certain (p = 1), the
+    packet and byte weights with their over-the-cap flags, and the certain amounts (n times the
+    sampling interval) in the type the backend sums exactly."""
+    t = _T
+    certain = t.c.probability >= 1.0
+    wp, huge_p = _weight(t.c.packets)
+    wb, huge_b = _weight(t.c.bytes)
+    if store.backend == "postgresql":
+        # bigint × bigint may overflow (an error on PostgreSQL); numeric sums are exact.
+        cp: Any = cast(t.c.packets, Numeric()) * t.c.sampling_interval
+        cb: Any = cast(t.c.bytes, Numeric()) * t.c.sampling_interval
+    elif real_certain:
+        cp = cast(t.c.packets, Double()) * t.c.sampling_interval
+        cb = cast(t.c.bytes, Double()) * t.c.sampling_interval
+    else:
+        # SQLite's integer SUM is exact and raises on overflow; the callers then ask again in
+        # floating point (only forged counters near 2**63 get there).
+        cp = t.c.packets * t.c.sampling_interval
+        cb = t.c.bytes * t.c.sampling_interval
+    return certain, wp, huge_p, wb, huge_b, cp, cb
+
+
 def _weighed(
     store: Store, flt: ReportFilter, columns: Sequence[Any], *, real_certain: bool = False
 ) -> Any:
@@ -346,21 +369,7 @@ def _weighed(
     ``ix_reports_last_ms_covering`` so that a time window never reads a table row.
     """
     t = _T
-    certain = t.c.probability >= 1.0
-    wp, huge_p = _weight(t.c.packets)
-    wb, huge_b = _weight(t.c.bytes)
-    if store.backend == "postgresql":
-        # bigint × bigint may overflow (an error on PostgreSQL); numeric sums are exact.
-        cp: Any = cast(t.c.packets, Numeric()) * t.c.sampling_interval
-        cb: Any = cast(t.c.bytes, Numeric()) * t.c.sampling_interval
-    elif real_certain:
-        cp = cast(t.c.packets, Double()) * t.c.sampling_interval
-        cb = cast(t.c.bytes, Double()) * t.c.sampling_interval
-    else:
-        # SQLite's integer SUM is exact and raises on overflow; _run_weighed then asks again in
-        # floating point (only forged counters near 2**63 get there).
-        cp = t.c.packets * t.c.sampling_interval
-        cb = t.c.bytes * t.c.sampling_interval
+    certain, wp, huge_p, wb, huge_b, cp, cb = _amounts(store, real_certain)
     stmt = _where(
         select(
             *(t.c[c] if isinstance(c, str) else c for c in columns),
@@ -435,22 +444,7 @@ def _run_weighed(
 def _sum_columns(store: Store, *, real_certain: bool = False) -> list[ColumnElement[Any]]:
     """The Tally fields as SQL aggregates (labels = from_sums arguments, plus the two counts
     of reports over WEIGHT_CAP)."""
-    t = _T
-    certain = t.c.probability >= 1.0
-    wp, huge_p = _weight(t.c.packets)
-    wb, huge_b = _weight(t.c.bytes)
-    if store.backend == "postgresql":
-        # bigint × bigint may overflow (an error on PostgreSQL); numeric sums are exact.
-        cp: Any = cast(t.c.packets, Numeric()) * t.c.sampling_interval
-        cb: Any = cast(t.c.bytes, Numeric()) * t.c.sampling_interval
-    elif real_certain:
-        cp = cast(t.c.packets, Double()) * t.c.sampling_interval
-        cb = cast(t.c.bytes, Double()) * t.c.sampling_interval
-    else:
-        # SQLite's integer SUM is exact and raises on overflow; _run_sums then asks again in
-        # floating point (only forged counters near 2**63 get there).
-        cp = t.c.packets * t.c.sampling_interval
-        cb = t.c.bytes * t.c.sampling_interval
+    certain, wp, huge_p, wb, huge_b, cp, cb = _amounts(store, real_certain)
     zero = literal(0)
     return [
         func.count().label("reports"),
