@@ -458,6 +458,21 @@ def claim_batches(
     return out
 
 
+def _finished_values(
+    state: str, now_ms: int, status: int | None, error: str | None, next_attempt_ms: int | None
+) -> dict[str, object]:
+    """The columns an attempt's outcome sets on its row (the due time only when it has one)."""
+    values: dict[str, object] = {
+        "state": state,
+        "updated_ms": now_ms,
+        "last_status": status,
+        "last_error": _cut(error),
+    }
+    if next_attempt_ms is not None:
+        values["next_attempt_ms"] = next_attempt_ms
+    return values
+
+
 def _finish(
     store: Store,
     entry_id: int,
@@ -468,14 +483,7 @@ def _finish(
     status: int | None = None,
     error: str | None = None,
 ) -> bool:
-    values: dict[str, object] = {
-        "state": state,
-        "updated_ms": now_ms,
-        "last_status": status,
-        "last_error": _cut(error),
-    }
-    if next_attempt_ms is not None:
-        values["next_attempt_ms"] = next_attempt_ms
+    values = _finished_values(state, now_ms, status, error, next_attempt_ms)
     # Only a pending row changes: a row another worker finished meanwhile stays as it is.
     stmt = update(_OUTBOX).where(_OUTBOX.c.id == entry_id, _OUTBOX.c.state == PENDING)
     with store.transaction("updating a webhook delivery", write=True) as conn:
@@ -848,14 +856,7 @@ def finish_in(conn: Connection, outcomes: Sequence[RowOutcome], *, now_ms: int) 
         key = (row.state, row.error, row.status, row.next_attempt_ms)
         alike.setdefault(key, []).append(row.entry_id)
     for (state, error, status, next_attempt_ms), ids in alike.items():
-        values: dict[str, object] = {
-            "state": state,
-            "updated_ms": now_ms,
-            "last_status": status,
-            "last_error": _cut(error),
-        }
-        if next_attempt_ms is not None:
-            values["next_attempt_ms"] = next_attempt_ms
+        values = _finished_values(state, now_ms, status, error, next_attempt_ms)
         stmt = update(o).where(o.c.id.in_(ids), o.c.state == PENDING).values(**values)
         changed += conn.execute(stmt).rowcount
     return changed
