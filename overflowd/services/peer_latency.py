@@ -8,6 +8,7 @@ the services time their exchanges and add the seconds here; scrapes and pages re
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,24 +35,29 @@ EMPTY = LatencySummary(0, 0.0, 0.0)
 class LatencyWindow:
     """The last ``size`` samples (seconds) of one peer and kind; never grows past ``size``."""
 
-    __slots__ = ("_samples", "total")
+    __slots__ = ("_lock", "_samples", "total")
 
     def __init__(self, size: int = WINDOW) -> None:
         self._samples: deque[float] = deque(maxlen=size)
         self.total = 0  # samples ever added (the window holds the last ``size`` of them)
+        # Added to from worker threads (a delivery's answer is recorded in one), read by the
+        # scrape's: a copy under the lock is never one mutated mid-iteration.
+        self._lock = threading.Lock()
 
     def add(self, seconds: float) -> None:
-        self._samples.append(max(0.0, float(seconds)))
-        self.total += 1
+        with self._lock:
+            self._samples.append(max(0.0, float(seconds)))
+            self.total += 1
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def summary(self) -> LatencySummary:
         """Median (the lower middle of an even count) and maximum of the window."""
-        if not self._samples:
+        with self._lock:
+            ordered = sorted(self._samples)
+        if not ordered:
             return EMPTY
-        ordered = sorted(self._samples)
         return LatencySummary(len(ordered), ordered[(len(ordered) - 1) // 2], ordered[-1])
 
 
