@@ -2,6 +2,10 @@
 
 One line (or JSON object) per peer: configured peers in config order, then peers with a row
 in the store that the config no longer lists (``removed``) or that were learned. Reads only.
+
+Latency (push round trip, report age at delivery, pull page round trip) is the running node's
+memory, not the store's: it is read from that node's ``GET /v1/peers`` (``--api``, default
+``http://<api.listen>/``); when no node answers, the latency fields are null.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from overflowd.peers import PeerSettings
 
 #: The inbox path under a peer's API base, where our pushes wait in the webhook outbox.
 INBOX_PATH = "v1/inbox"
+#: Latency fields of each peer (seconds, or None: no sample, or no node answered).
+LATENCY_FIELDS = tuple(
+    f"{k}_{q}" for k in ("push_rtt", "delivery_age", "pull_rtt") for q in ("p50", "max")
+)
+#: A node that does not answer its own loopback API within this long is not waited for.
+LATENCY_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,11 @@ def _iso(ms: int | None) -> str | None:
 
 
 def collect(
-    configured: tuple[PeerSettings, ...], rows: list[Any], depth: dict[str, int], now: int
+    configured: tuple[PeerSettings, ...],
+    rows: list[Any],
+    depth: dict[str, int],
+    now: int,
+    latency: dict[str, Any] | None = None,
 ) -> list[PeerView]:
     by_key = {r.key: r for r in rows}
     views: list[PeerView] = []
@@ -93,8 +107,41 @@ def collect(
             "last_error": row.last_error if row else None,
             "last_error_at": _iso(row.last_error_ms) if row else None,
         }
+        lat = (latency or {}).get(name)
+        for k in LATENCY_FIELDS:
+            v = lat.get(k) if isinstance(lat, dict) else None
+            fields[k] = float(v) if isinstance(v, int | float) and v >= 0 else None
         views.append(PeerView(name, url, key, peer is not None, fields["state"], fields))
     return views
+
+
+def _node_latency(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
+    """The running node's latency per peer name, from its ``GET /v1/peers``; {} when no
+    node answers (it is not running, or its API is elsewhere or needs TLS)."""
+    url = args.api
+    if url is None:
+        listen = settings.api.listen
+        if not listen or "," in listen or getattr(settings.api, "tls_certificate_file", None):
+            return {}
+        url = f"http://{listen}/"
+    if not url:
+        return {}
+    from overflowd.cli.common import UsageError
+    from overflowd.cli.remote import Remote, RemoteError  # httpx: only when asked
+    from overflowd.errors import OverflowdError
+
+    try:
+        with Remote(url, timeout_s=LATENCY_TIMEOUT_S) as remote:
+            doc = remote.get("peers", {})
+    except (RemoteError, UsageError, OverflowdError):
+        print(f"latency: no node answered at {url[:80]}", file=sys.stderr)
+        return {}
+    latency = doc.get("latency")
+    return latency if isinstance(latency, dict) else {}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -109,13 +156,13 @@ def cmd_peers(args: argparse.Namespace) -> int:
         depth = peer_store.outbox_depth(store, urls)
     finally:
         store.close()
-    views = collect(configured, rows, depth, now_ms())
+    views = collect(configured, rows, depth, now_ms(), _node_latency(args, ctx.settings))
     if args.json:
         for v in views:
             print(json.dumps(v.fields))
         return 0
     header = ("NAME", "STATE", "KEY", "LEARNED", "LAST CONTACT", "CURSOR", "IN", "OUT", "DUP",
-              "OUTBOX", "SCORE", "BAN")  # fmt: skip
+              "OUTBOX", "SCORE", "RTT MS", "AGE MS", "BAN")  # fmt: skip
     lines = [header]
     for v in views:
         f = v.fields
@@ -135,6 +182,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
                 str(f["duplicates"]),
                 str(f["outbox"]),
                 f"{f['score']:g}",
+                f"{_ms(f['push_rtt_p50'])}/{_ms(f['push_rtt_max'])}",
+                _ms(f["delivery_age_p50"]),
                 ban,
             )
         )
@@ -144,7 +193,11 @@ def cmd_peers(args: argparse.Namespace) -> int:
     for v in views:
         if v.state == "failing" and v.fields["last_error"]:
             print(f"{v.name}: {v.fields['last_error']}", file=sys.stderr)
-    print(f"{len(views)} peer{'s' if len(views) != 1 else ''} (CURSOR: pull/push)", file=sys.stderr)
+    print(
+        f"{len(views)} peer{'s' if len(views) != 1 else ''} (CURSOR: pull/push; "
+        "RTT MS: push round trip p50/max; AGE MS: report age at delivery p50)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -156,7 +209,15 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="each peer: state, key, last contact, cursors, counts, outbox, score, ban",
         description="Each peer's state as the config names it and the store remembers it: "
         "key fingerprint, last contact, pull and push cursors, reports in and out, "
-        "duplicates, outbox depth, score and ban. Reads only.",
+        "duplicates, outbox depth, score and ban, and the running node's latency to each "
+        "(push round trip, report age at delivery, pull page round trip). Reads only.",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per peer per line")
+    p.add_argument(
+        "--api",
+        metavar="URL",
+        default=None,
+        help="the running node's API to read latency from (default: "
+        "http://<api.listen>/; '' for none)",
+    )
     p.set_defaults(func=cmd_peers)

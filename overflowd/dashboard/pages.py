@@ -617,11 +617,17 @@ def _by_seq(ctx: ApiContext, seq: int) -> StoredReport:
 
 def _peer_table(collectors: Sequence[Any]) -> tuple[list[str], list[list[str]]] | None:
     """Every metric sample with a ``peer`` label, one row per peer, one column per metric
-    (and its other label, as ``posts/ok``): the same numbers as /metrics."""
+    (and its other label, as ``posts/ok``): the same numbers as /metrics. The latency
+    windows (services/peer_latency.py) are one column, ``latency``, in milliseconds."""
+    from overflowd.services.peer_latency import FAMILIES, latency_of_collectors
+
+    latency = latency_of_collectors(collectors)
     columns: dict[str, None] = {}
     cells: dict[str, dict[str, float]] = {}
     for collector in collectors:
         for family in collector.collect():
+            if family.name in FAMILIES or family.name.removesuffix("_window") in FAMILIES:
+                continue
             for sample in family.samples:
                 peer = sample.labels.get("peer")
                 if peer is None or sample.name.endswith("_created"):
@@ -634,15 +640,29 @@ def _peer_table(collectors: Sequence[Any]) -> tuple[list[str], list[list[str]]] 
                 row[column] = row.get(column, 0.0) + sample.value
     if not cells:
         return None
-    head = ["peer", *columns]
+    head = ["peer", "latency (ms)", *columns]
     rows = [
         [
             f"<code>{escape(peer)}</code>",
+            _latency_cell(latency.get(peer, {})),
             *(_num(cells[peer].get(c), cells[peer].get(c)) for c in columns),
         ]
         for peer in sorted(cells)
     ]
     return head, rows
+
+
+def _latency_cell(lat: dict[str, float | None]) -> str:
+    """``push rtt 301/305 · delivery age 320 · pull rtt -`` (p50/max, p50, p50; ms)."""
+
+    def ms(key: str) -> str:
+        v = lat.get(key)
+        return "-" if v is None else f"{v * 1000:.0f}"
+
+    return (
+        f"push rtt {ms('push_rtt_p50')}/{ms('push_rtt_max')} · "
+        f"delivery age {ms('delivery_age_p50')} · pull rtt {ms('pull_rtt_p50')}"
+    )
 
 
 __all__ = ["CSP", "Gate", "router"]

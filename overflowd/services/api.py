@@ -99,6 +99,12 @@ class PeerRecord(BaseModel):
 
 class PeerRecords(BaseModel):
     peers: list[PeerRecord]
+    latency: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict,
+        description="per configured peer name, this node's recent latency to it in seconds "
+        "(push_rtt_p50/max, delivery_age_p50/max, pull_rtt_p50/max; null: none yet); "
+        "docs/peers.md 'Latency'",
+    )
 
 
 class Identity(BaseModel):
@@ -301,12 +307,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
         """Each peer's latest record as it served it (verbatim: check each signature), so
         that this node's peers can learn of each other (docs/peers.md "Learned peers")."""
         from overflowd.peers import MAX_PEER_RECORDS
+        from overflowd.services.peer_latency import latency_of_collectors
         from overflowd.store.peers import list_records
 
         records = await anyio.to_thread.run_sync(
             lambda: list_records(ctx.store, limit=MAX_PEER_RECORDS)
         )
-        return PeerRecords(peers=[PeerRecord(signed=rpt.b64url(r)) for r in records])
+        return PeerRecords(
+            peers=[PeerRecord(signed=rpt.b64url(r)) for r in records],
+            latency=latency_of_collectors(ctx.collectors),
+        )
 
     def make(params: FilterParams) -> ReportFilter:
         """The filter of the query parameters (in a worker thread: --observer reads the store)."""

@@ -64,6 +64,7 @@ from overflowd.peers import (
     parse_peer_list,
     relayed_trust,
 )
+from overflowd.services.peer_latency import EMPTY, LatencySummary, LatencyWindow, latency_metrics
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.services.webhook import read_raw_capped
 from overflowd.store import events as event_store
@@ -310,6 +311,8 @@ class _PeerCounters:
     #: wall-clock ms of the last page read, 0 for none yet
     last_page_ms: int = 0
     next_warn: float = -math.inf
+    #: page GET sent -> whole 200 answer read, of the last pages
+    rtt: LatencyWindow = field(default_factory=LatencyWindow)
 
 
 @dataclass(frozen=True)
@@ -326,6 +329,8 @@ class PeerPullPeerStatistics:
     dropped: Mapping[str, int]
     errors: Mapping[str, int]
     last_page_ms: int
+    #: the recent page round trips (GET sent -> 200 answer read)
+    rtt: LatencySummary = EMPTY
 
 
 @dataclass(frozen=True)
@@ -657,6 +662,7 @@ class PeerPull:
         self, client: httpx.AsyncClient, peer: PeerSettings, after: int, limit: int
     ) -> tuple[bytes, str]:
         url = peer.endpoint("v1/reports")
+        sent_at = trio.current_time()
         try:
             with trio.fail_after(self.peering.pull_timeout_s):
                 response = await client.send(
@@ -681,6 +687,9 @@ class PeerPull:
             raise PageError("reset", f"the peer answered 409 to after={after}: its store was reset")
         if status != 200:
             raise PageError("status", f"HTTP {status}")
+        counters = self._counters.get(peer.name)
+        if counters is not None:
+            counters.rtt.add(trio.current_time() - sent_at)
         if cut:
             raise PageError(
                 "too_large", f"a page over {self.peering.pull_max_body_bytes} bytes (cut)"
@@ -980,6 +989,7 @@ class PeerPull:
                 dropped={r: c.dropped[r] for r in DROP_REASONS},
                 errors={k: c.errors[k] for k in ERROR_KINDS},
                 last_page_ms=c.last_page_ms,
+                rtt=c.rtt.summary(),
             )
         return PeerPullStatistics(peers=out)
 
@@ -1057,7 +1067,12 @@ def peer_pull_metrics(s: PeerPullStatistics) -> Iterable[Metric]:
         pages.add_metric([name], p.pages)
         resets.add_metric([name], p.resets)
         cursor.add_metric([name], p.cursor)
-    return [reports, dropped, errors, pages, resets, cursor]
+    rtt = latency_metrics(
+        "overflowd_peer_pull_rtt_seconds",
+        "Page round trips (GET sent to the whole 200 answer read), of the peer's last pages",
+        {name: p.rtt for name, p in s.peers.items()},
+    )
+    return [reports, dropped, errors, pages, resets, cursor, *rtt]
 
 
 def peer_record_metrics(records: Mapping[str, int], learned: int) -> Iterable[Metric]:

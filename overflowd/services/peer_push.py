@@ -47,6 +47,7 @@ from overflowd.errors import StoreError
 from overflowd.identity import NodeIdentity
 from overflowd.peers import PeeringSettings, PeerSettings
 from overflowd.services.api_peers import PeerEvents, PeerInbox
+from overflowd.services.peer_latency import LatencySummary, LatencyWindow, latency_metrics
 from overflowd.services.webhook import (
     DELIVERED,
     SLOW_DOWN,
@@ -129,6 +130,11 @@ class _PeerCounters:
     outbox_full: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     attempts: dict[str, int] = field(default_factory=dict)
+    #: POST sent -> answer read, of the last POSTs that got an answer (any status)
+    rtt: LatencyWindow = field(default_factory=LatencyWindow)
+    #: a report's age at the peer's 2xx: queued in the outbox (stored here) -> delivered,
+    #: one sample per delivered POST (its oldest row), so a backlog shows as its wait
+    age: LatencyWindow = field(default_factory=LatencyWindow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,9 @@ class PeerPushStatistics:
     attempts: dict[tuple[str, str], int]
     #: pending outbox rows of peers no longer configured, deleted at start
     pruned_removed: int = 0
+    #: per peer name: the recent POST round trips and report ages at delivery
+    rtt: dict[str, LatencySummary] = field(default_factory=dict)
+    age: dict[str, LatencySummary] = field(default_factory=dict)
 
 
 def inbox_url(peer: PeerSettings) -> str:
@@ -506,6 +515,7 @@ class PeerPush:
         retry_after: float | None = None
         answer_body = b""
         error = ""
+        sent_at = trio.current_time()
         try:
             with trio.fail_after(TOTAL_TIMEOUT_S):
                 request = client.build_request("POST", url, content=body, headers=headers)
@@ -518,6 +528,7 @@ class PeerPush:
                     answer_body, _cut = await read_raw_capped(response, peering.MAX_ANSWER_BYTES)
                 finally:
                     await response.aclose()
+                counters.rtt.add(trio.current_time() - sent_at)
         except trio.TooSlowError:
             error = f"no answer within {TOTAL_TIMEOUT_S:g} s"
         except httpx.HTTPError as exc:
@@ -608,6 +619,8 @@ class PeerPush:
         counters.delivered += parsed.accepted
         counters.duplicates += parsed.duplicates
         counters.refused += len(refused)
+        if rows:
+            counters.age.add((now_ms - min(r.created_ms for r in rows)) / 1000)
         return True
 
     def statistics(self) -> PeerPushStatistics:
@@ -632,7 +645,12 @@ class PeerPush:
             for outcome, n in c.attempts.items()
         }
         return PeerPushStatistics(
-            peers=peers, skipped=skipped, attempts=attempts, pruned_removed=self.pruned_removed
+            peers=peers,
+            skipped=skipped,
+            attempts=attempts,
+            pruned_removed=self.pruned_removed,
+            rtt={name: c.rtt.summary() for name, c in self._counters.items()},
+            age={name: c.age.summary() for name, c in self._counters.items()},
         )
 
 
@@ -676,6 +694,16 @@ def peer_metrics(
         for (name, outcome), n in sorted(s.attempts.items()):
             m.add_metric([name, outcome], n)
         yield m
+        yield from latency_metrics(
+            "overflowd_peer_push_rtt_seconds",
+            "Inbox POST round trips (sent to answer read), of the peer's last POSTs",
+            s.rtt,
+        )
+        yield from latency_metrics(
+            "overflowd_peer_push_age_seconds",
+            "Reports' age at the peer's 2xx (queued here to delivered), of its last POSTs",
+            s.age,
+        )
         m = CounterMetricFamily(
             "overflowd_peer_push_pruned",
             "Pending outbox rows of peers removed from the configuration, deleted at start",

@@ -246,14 +246,27 @@ def test_the_peers_table_is_every_peer_counter_by_peer() -> None:
             banned.add_metric(["a-peer"], 1)
             yield banned
             yield GaugeMetricFamily("overflowd_peer_learned", "", value=2)  # no peer label
+            rtt = GaugeMetricFamily(
+                "overflowd_peer_push_rtt_seconds", "", labels=["peer", "quantile"]
+            )
+            rtt.add_metric(["a-peer", "0.5"], 0.301)
+            rtt.add_metric(["a-peer", "1"], 0.5)
+            yield rtt
+            name = "overflowd_peer_push_rtt_seconds_window"
+            window = GaugeMetricFamily(name, "", labels=["peer"])
+            window.add_metric(["a-peer"], 2)
+            yield window
 
     table = _peer_table([Peers()])
     assert table is not None
     head, rows = table
-    assert head == ["peer", "push_posts/ok", "push_posts/refused", "banned"]
-    assert rows[0][0] == "<code>a-peer</code>" and 'data-value="5.0"' in rows[0][1]
-    assert 'data-value="1"' in rows[0][3] or 'data-value="1.0"' in rows[0][3]
-    assert rows[1][0] == "<code>b&lt;peer&gt;</code>" and rows[1][2] == "<span class=num>-</span>"
+    # The latency windows are one column (ms), not a column per quantile.
+    assert head == ["peer", "latency (ms)", "push_posts/ok", "push_posts/refused", "banned"]
+    assert rows[0][1] == "push rtt 301/500 · delivery age - · pull rtt -"
+    assert rows[1][1] == "push rtt -/- · delivery age - · pull rtt -"
+    assert rows[0][0] == "<code>a-peer</code>" and 'data-value="5.0"' in rows[0][2]
+    assert 'data-value="1"' in rows[0][4] or 'data-value="1.0"' in rows[0][4]
+    assert rows[1][0] == "<code>b&lt;peer&gt;</code>" and rows[1][3] == "<span class=num>-</span>"
     assert _peer_table([]) is None
 
 

@@ -235,7 +235,7 @@ def test_every_pull_metric_family_is_documented_with_its_labels() -> None:
     peer = PeerSettings(name="a", url="http://a/", key=KEY_A)
     stats = PeerPull([peer], PeeringSettings(), None).statistics()  # type: ignore[arg-type]
     families = list(peer_pull_metrics(stats))
-    assert len(families) == 6
+    assert len(families) == 8  # with the page round trip window and its count
     doc = Path(__file__).resolve().parents[2] / "docs" / "daemon.md"
     section = doc.read_text(encoding="utf-8").split("## What the metrics say", 1)[1]
     for m in families:
