@@ -51,8 +51,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.dml import ReturningInsert
@@ -288,6 +286,18 @@ _BACKEND_ERRORS: tuple[type[BaseException], ...] = (
 
 # ---------------------------------------------------------------------------------------------
 # The store
+
+
+def _dialect_insert(sqlite: bool) -> Callable[..., Any]:
+    """The backend's own INSERT (for ON CONFLICT). Imported here: the PostgreSQL dialect pulls
+    in asyncio and asyncpg's adapter (~35 ms), which a CLI on a SQLite store never needs."""
+    if sqlite:
+        from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+        return sqlite_dialect.insert
+    from sqlalchemy.dialects import postgresql as pg_dialect
+
+    return pg_dialect.insert
 
 
 def default_url(home: Path) -> str:
@@ -607,7 +617,7 @@ class Store:
     @staticmethod
     def _statements(sqlite: bool) -> tuple[ReturningInsert[Any], Insert]:
         """The two writes, in the dialect's own INSERT (for ON CONFLICT)."""
-        insert = sqlite_dialect.insert if sqlite else pg_dialect.insert
+        insert = _dialect_insert(sqlite)
         # RETURNING lists only the rows actually inserted; a conflicting id returns nothing.
         reports = (
             insert(_REPORTS)
@@ -647,7 +657,7 @@ class Store:
     @staticmethod
     def _arrivals_statement(sqlite: bool) -> Insert:
         """Count one more arrival per (report, channel); first and last times widen."""
-        insert = sqlite_dialect.insert if sqlite else pg_dialect.insert
+        insert = _dialect_insert(sqlite)
         t = _ARRIVALS
         stmt = insert(t)
         new = stmt.excluded
