@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy import (
@@ -58,6 +58,10 @@ from sqlalchemy.sql.dml import ReturningInsert
 from overflowd import report as rpt
 from overflowd.errors import ReportDecodeError, StoreError
 from overflowd.store.models import BIGINT_MAX, Base
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql as pg_dialect
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +292,9 @@ _BACKEND_ERRORS: tuple[type[BaseException], ...] = (
 # The store
 
 
-def _dialect_insert(sqlite: bool) -> Callable[..., Any]:
+def _dialect_insert(
+    sqlite: bool,
+) -> Callable[[Table], sqlite_dialect.Insert | pg_dialect.Insert]:
     """The backend's own INSERT (for ON CONFLICT). Imported here: the PostgreSQL dialect pulls
     in asyncio and asyncpg's adapter (~35 ms), which a CLI on a SQLite store never needs."""
     if sqlite:
