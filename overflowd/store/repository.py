@@ -292,7 +292,7 @@ _BACKEND_ERRORS: tuple[type[BaseException], ...] = (
 # The store
 
 
-def _dialect_insert(
+def dialect_insert(
     sqlite: bool,
 ) -> Callable[[Table], sqlite_dialect.Insert | pg_dialect.Insert]:
     """The backend's own INSERT (for ON CONFLICT). Imported here: the PostgreSQL dialect pulls
@@ -623,7 +623,7 @@ class Store:
     @staticmethod
     def _statements(sqlite: bool) -> tuple[ReturningInsert[Any], Insert]:
         """The two writes, in the dialect's own INSERT (for ON CONFLICT)."""
-        insert = _dialect_insert(sqlite)
+        insert = dialect_insert(sqlite)
         # RETURNING lists only the rows actually inserted; a conflicting id returns nothing.
         reports = (
             insert(_REPORTS)
@@ -663,7 +663,7 @@ class Store:
     @staticmethod
     def _arrivals_statement(sqlite: bool) -> Insert:
         """Count one more arrival per (report, channel); first and last times widen."""
-        insert = _dialect_insert(sqlite)
+        insert = dialect_insert(sqlite)
         t = _ARRIVALS
         stmt = insert(t)
         new = stmt.excluded
