@@ -24,11 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Table, bindparam, delete, func, select, update
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from overflowd.store.models import Base
-from overflowd.store.repository import Store
+from overflowd.store.repository import Store, dialect_insert
 from overflowd.trust import (
     ContinuityJournal,
     ContinuityPolicy,
@@ -115,7 +113,7 @@ def save_continuity(
         }
         for _, s in sorted(merged.items())
     ]
-    insert = sqlite_dialect.insert if store.backend == "sqlite" else pg_dialect.insert
+    insert = dialect_insert(store.backend == "sqlite")
     t = _NETWORKS
     stmt = insert(t)
     new = stmt.excluded

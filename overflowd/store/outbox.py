@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     ColumnElement,
@@ -45,12 +46,14 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from overflowd import report as rpt
 from overflowd.store.models import Base
-from overflowd.store.repository import Store
+from overflowd.store.repository import Store, dialect_insert
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql as pg_dialect
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 #: Who a row is for: a webhook endpoint (:mod:`overflowd.services.webhook`) or a peer's inbox
@@ -93,9 +96,7 @@ class Endpoint:
 
 def _insert(store: Store, table: Table) -> sqlite_dialect.Insert | pg_dialect.Insert:
     # The dialect's own INSERT, for ON CONFLICT (the same SQL on both backends otherwise).
-    if store.backend == "sqlite":
-        return sqlite_dialect.insert(table)
-    return pg_dialect.insert(table)
+    return dialect_insert(store.backend == "sqlite")(table)
 
 
 def _cut(text: str | None) -> str | None:

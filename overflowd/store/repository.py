@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy import (
@@ -51,8 +51,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.dml import ReturningInsert
@@ -60,6 +58,10 @@ from sqlalchemy.sql.dml import ReturningInsert
 from overflowd import report as rpt
 from overflowd.errors import ReportDecodeError, StoreError
 from overflowd.store.models import BIGINT_MAX, Base
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql as pg_dialect
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +290,20 @@ _BACKEND_ERRORS: tuple[type[BaseException], ...] = (
 
 # ---------------------------------------------------------------------------------------------
 # The store
+
+
+def dialect_insert(
+    sqlite: bool,
+) -> Callable[[Table], sqlite_dialect.Insert | pg_dialect.Insert]:
+    """The backend's own INSERT (for ON CONFLICT). Imported here: the PostgreSQL dialect pulls
+    in asyncio and asyncpg's adapter (~35 ms), which a CLI on a SQLite store never needs."""
+    if sqlite:
+        from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+        return sqlite_dialect.insert
+    from sqlalchemy.dialects import postgresql as pg_dialect
+
+    return pg_dialect.insert
 
 
 def default_url(home: Path) -> str:
@@ -607,7 +623,7 @@ class Store:
     @staticmethod
     def _statements(sqlite: bool) -> tuple[ReturningInsert[Any], Insert]:
         """The two writes, in the dialect's own INSERT (for ON CONFLICT)."""
-        insert = sqlite_dialect.insert if sqlite else pg_dialect.insert
+        insert = dialect_insert(sqlite)
         # RETURNING lists only the rows actually inserted; a conflicting id returns nothing.
         reports = (
             insert(_REPORTS)
@@ -647,7 +663,7 @@ class Store:
     @staticmethod
     def _arrivals_statement(sqlite: bool) -> Insert:
         """Count one more arrival per (report, channel); first and last times widen."""
-        insert = sqlite_dialect.insert if sqlite else pg_dialect.insert
+        insert = dialect_insert(sqlite)
         t = _ARRIVALS
         stmt = insert(t)
         new = stmt.excluded
