@@ -246,10 +246,20 @@ def _tstr(text: str) -> bytes:
 
 
 _SMALL_UINTS = tuple(bytes((n,)) if n < 24 else bytes((24, n)) for n in range(256))
+_PACK_U16 = struct.Struct(">BH").pack
+_PACK_U32 = struct.Struct(">BI").pack
+_PACK_U64 = struct.Struct(">BQ").pack
 
 
 def _cbor_uint(n: int) -> bytes:
-    return _SMALL_UINTS[n] if n < 256 else _head(0, n)
+    """An unsigned integer's shortest head; ``n`` is checked to be in 0..2**64-1 before."""
+    if n < 0x100:
+        return _SMALL_UINTS[n]
+    if n < 0x10000:
+        return _PACK_U16(0x19, n)
+    if n < 0x100000000:
+        return _PACK_U32(0x1A, n)
+    return _PACK_U64(0x1B, n)
 
 
 def _float(x: float) -> bytes:
@@ -275,6 +285,16 @@ _K = {
 }  # fmt: skip
 
 
+def _encode_observer(obs: Observer) -> bytes:
+    """The payload's ``"observer"`` key and its map."""
+    k = _K
+    observer = [k["observer"], _head(5, 2 if obs.point else 1)]
+    if obs.point:
+        observer += (k["point"], _tstr(obs.point))
+    observer += (k["contacts"], _head(4, len(obs.contacts)), *map(_tstr, obs.contacts))
+    return b"".join(observer)
+
+
 def _encode_payload_fast(payload: Payload) -> bytes:
     fl = payload.flow
     k = _K
@@ -291,11 +311,6 @@ def _encode_payload_fast(payload: Payload) -> bytes:
     if fl.src_as is not None:
         flow += (k["src_as"], u(fl.src_as))
     flow += (k["packets"], u(fl.packets), k["tcp_flags"], u(fl.tcp_flags))
-    obs = payload.observer
-    observer = [_head(5, 2 if obs.point else 1)]
-    if obs.point:
-        observer += (k["point"], _tstr(obs.point))
-    observer += (k["contacts"], _head(4, len(obs.contacts)), *map(_tstr, obs.contacts))
     sm = payload.sampling
     return b"".join((
         b"\xa7", k["v"], u(payload.version),
@@ -303,7 +318,7 @@ def _encode_payload_fast(payload: Payload) -> bytes:
         k["kind"], _tstr(payload.kind),
         k["time"], u(payload.time),
         k["nonce"], _bstr(payload.nonce),
-        k["observer"], *observer,
+        _encode_observer(payload.observer),
         k["sampling"], b"\xa4", k["p"], _float(float(sm.probability)),
         k["format"], _tstr(sm.format), k["interval"], u(sm.interval),
         k["provenance"], _tstr(sm.provenance),
@@ -344,6 +359,181 @@ def encode_signed(
     if len(cose) > MAX_REPORT_BYTES:  # cannot happen within the field limits; guard anyway
         raise ValueError(f"report is {len(cose)} bytes, more than {MAX_REPORT_BYTES}")
     return cose
+
+
+#: Distinct (kind) and (format, interval, provenance) values whose checked encodings an
+#: :class:`Envelope` keeps; past this the table starts again empty. Kinds are the node's own
+#: few; formats and provenances are a handful, but intervals come from exporters, so the
+#: table must be bounded whatever they announce. ~100 bytes an entry.
+ENVELOPE_SHAPES = 256
+#: Sampling probabilities whose float encodings an :class:`Envelope` keeps (same rule).
+ENVELOPE_FLOATS = 1024
+
+_ADDRESS_HEADS = {ipaddress.IPv4Address: b"\x44", ipaddress.IPv6Address: b"\x50"}
+_K_TOS, _K_LAST, _K_BYTES, _K_DPORT = _K["tos"], _K["last"], _K["bytes"], _K["dport"]
+_K_FIRST, _K_PROTO, _K_SPORT, _K_PACKETS = _K["first"], _K["proto"], _K["sport"], _K["packets"]
+_K_DST_AS, _K_SRC_AS, _K_TCP_FLAGS = _K["dst_as"], _K["src_as"], _K["tcp_flags"]
+_K_TIME = _K["time"]
+_K_NONCE = _K["nonce"] + _head(2, NONCE_BYTES)
+_K_SAMPLING_P = _K["sampling"] + b"\xa4" + _K["p"]
+_SIG_BSTR = _head(2, 64)
+
+
+class Envelope:
+    """Canonical CBOR and COSE_Sign1 for the reports of one observer under one key.
+
+    What a report maker writes the same way every time is checked and encoded once, here or
+    on first sight, rather than per report: the protected header and both COSE prefixes, the
+    observer (contacts, point), each ``kind``, and each (format, interval, provenance) of the
+    sampling map. Per report only the fields that vary are checked (the flow, time, nonce,
+    ``p``) and written into the fixed pieces.
+
+    It must give, for every payload, exactly what :func:`encode_payload` and
+    :func:`encode_signed` give (the same bytes, the same refusals with the same messages):
+    whatever the fast path does not recognise (another observer, an unseen shape, any field
+    of an unexpected type or out of range) goes to them. ``tests/fuzz/test_report_fuzz.py``
+    compares both, and cbor2, on random and hostile payloads.
+    """
+
+    __slots__ = ("_cose_prefix", "_floats", "_kinds", "_observer", "_observer_bytes",
+                 "_samplings", "_sig_prefix", "_sign", "kid", "observer", "protected")  # fmt: skip
+
+    def __init__(self, kid: bytes, sign: Signer, observer: Observer) -> None:
+        if len(kid) != 32:
+            raise ValueError("kid must be the 32-byte Ed25519 public key")
+        self.kid = kid
+        self.observer = observer
+        self._sign = sign
+        self.protected = protected = protected_header(kid)
+        self._sig_prefix = _SIG1_PREFIX + _bstr(protected) + _EMPTY_BSTR
+        self._cose_prefix = _COSE_PREFIX + _bstr(protected) + _EMPTY_MAP
+        self._kinds: dict[str, bytes] = {}
+        self._samplings: dict[tuple[str, int, str], bytes] = {}
+        self._floats: dict[float, bytes] = {}
+        # The observer is checked once: a payload naming this very object needs no check of
+        # it again (frozen, of immutable parts). An observer no report may carry is left to
+        # encode_payload, which refuses it in its own words.
+        self._observer: object = _NOT_CHECKED
+        self._observer_bytes = b""
+        probe = Payload("x", bytes(NONCE_BYTES), 0, observer, _PROBE_FLOW, _PROBE_SAMPLING)
+        try:
+            _check_payload(probe)
+        except ValueError:
+            return
+        self._observer_bytes = _encode_observer(observer)
+        self._observer = observer
+
+    def encode_payload(self, payload: Payload) -> bytes:
+        """:func:`encode_payload` of ``payload``: the same bytes, or the same ValueError."""
+        fl = payload.flow
+        sm = payload.sampling
+        src, dst = fl.src, fl.dst
+        kind, interval, p = payload.kind, sm.interval, sm.probability
+        time, nonce = payload.time, payload.nonce
+        sport, dport, proto, tos = fl.sport, fl.dport, fl.proto, fl.tos
+        packets, nbytes, first, last = fl.packets, fl.bytes, fl.first, fl.last
+        tcp_flags, src_as, dst_as = fl.tcp_flags, fl.src_as, fl.dst_as
+        address_head = _ADDRESS_HEADS.get(type(src))
+        if not (
+            payload.observer is self._observer
+            and payload.version == PAYLOAD_VERSION
+            and type(payload.version) is int
+            and type(kind) is str
+            and (kind_bytes := self._kinds.get(kind)) is not None
+            and type(interval) is int
+            and type(sm.format) is str
+            and type(sm.provenance) is str
+            and (sampling_tail := self._samplings.get((sm.format, interval, sm.provenance)))
+            is not None
+            and type(p) is float
+            and 0.0 < p <= 1.0
+            and type(nonce) is bytes
+            and len(nonce) == NONCE_BYTES
+            and address_head is not None
+            and type(dst) is type(src)
+            and type(time) is int and 0 <= time <= U64
+            and type(sport) is int and 0 <= sport <= 0xFFFF
+            and type(dport) is int and 0 <= dport <= 0xFFFF
+            and type(proto) is int and 0 <= proto <= 0xFF
+            and type(tos) is int and 0 <= tos <= 0xFF
+            and type(tcp_flags) is int and 0 <= tcp_flags <= 0xFFFF
+            and type(packets) is int and 0 <= packets <= U64
+            and type(nbytes) is int and 0 <= nbytes <= U64
+            and type(first) is int and 0 <= first <= U64
+            and type(last) is int and 0 <= last <= U64
+            and (src_as is None or (type(src_as) is int and 0 <= src_as <= U32))
+            and (dst_as is None or (type(dst_as) is int and 0 <= dst_as <= U32))
+        ):  # fmt: skip
+            return self._encode_slow(payload)
+        p_bytes = self._floats.get(p)
+        if p_bytes is None:
+            if len(self._floats) >= ENVELOPE_FLOATS:
+                self._floats.clear()
+            p_bytes = self._floats[p] = _float(p)
+        u = _cbor_uint
+        flow_items = 11 + (src_as is not None) + (dst_as is not None)
+        parts = [
+            _FLOW_OPENINGS[flow_items], address_head, dst.packed, _K_SRC, address_head,
+            src.packed, _K_TOS, u(tos), _K_LAST, u(last), _K_BYTES, u(nbytes), _K_DPORT,
+            u(dport), _K_FIRST, u(first), _K_PROTO, u(proto), _K_SPORT, u(sport),
+        ]  # fmt: skip
+        if dst_as is not None:
+            parts += (_K_DST_AS, u(dst_as))
+        if src_as is not None:
+            parts += (_K_SRC_AS, u(src_as))
+        parts += (
+            _K_PACKETS, u(packets), _K_TCP_FLAGS, u(tcp_flags), kind_bytes, _K_TIME, u(time),
+            _K_NONCE, nonce, self._observer_bytes, _K_SAMPLING_P, p_bytes, sampling_tail,
+        )  # fmt: skip
+        return b"".join(parts)
+
+    def _encode_slow(self, payload: Payload) -> bytes:
+        """Today's path, which also says why a payload is refused; then remember the shape."""
+        encoded = encode_payload(payload)  # raises what it raises
+        kind, sm = payload.kind, payload.sampling
+        if type(kind) is str:
+            if len(self._kinds) >= ENVELOPE_SHAPES:
+                self._kinds.clear()
+            self._kinds[kind] = _K["kind"] + _tstr(kind)
+        if type(sm.format) is str and type(sm.interval) is int and type(sm.provenance) is str:
+            if len(self._samplings) >= ENVELOPE_SHAPES:
+                self._samplings.clear()
+            self._samplings[(sm.format, sm.interval, sm.provenance)] = b"".join((
+                _K["format"], _tstr(sm.format), _K["interval"], _cbor_uint(sm.interval),
+                _K["provenance"], _tstr(sm.provenance),
+            ))  # fmt: skip
+        return encoded
+
+    def sign(self, payload: Payload) -> bytes:
+        """:func:`encode_signed` of ``payload`` under this key: the COSE_Sign1 bytes.
+
+        The Sig_structure and the COSE_Sign1 share the payload's encoding and the fixed
+        prefixes written once; the payload is encoded once.
+        """
+        payload_bytes = self.encode_payload(payload)
+        payload_bstr = _bstr(payload_bytes)
+        signature = self._sign(self._sig_prefix + payload_bstr)
+        if len(signature) != 64:
+            raise ValueError("an Ed25519 signature is 64 bytes")
+        cose = self._cose_prefix + payload_bstr + _SIG_BSTR + signature
+        if len(cose) > MAX_REPORT_BYTES:  # cannot happen within the field limits; guard anyway
+            raise ValueError(f"report is {len(cose)} bytes, more than {MAX_REPORT_BYTES}")
+        return cose
+
+
+_K_SRC = _K["src"]
+# The flow map's head, after the payload map's opening, "v": 1 and "flow", by item count,
+# followed by "dst" (the first key of the flow map).
+_FLOW_OPENINGS = {
+    n: b"\xa7" + _K["v"] + _cbor_uint(PAYLOAD_VERSION) + _K["flow"] + _head(5, n) + _K["dst"]
+    for n in (11, 12, 13)
+}
+_PROBE_FLOW = Flow(
+    src=ipaddress.IPv4Address(0), dst=ipaddress.IPv4Address(0), sport=0, dport=0, proto=0,
+    packets=0, bytes=0, first=0, last=0,
+)  # fmt: skip
+_PROBE_SAMPLING = Sampling(probability=1.0, format="")
+_NOT_CHECKED = object()
 
 
 # ---------------------------------------------------------------------------------------------
