@@ -93,6 +93,7 @@ DROP_REASONS = (
 )
 
 _US = 1_000_000  # microseconds per second
+_V4_SHIFT, _V6_SHIFT = 32 - V4_PREFIX_LEN, 128 - V6_PREFIX_LEN
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,12 @@ def _within(inner: Network, outer: Network) -> bool:
     return False
 
 
+#: Addresses whose confinement verdict a :class:`Confinement` remembers (~200 bytes each
+#: with the address object: about 1 MiB). A spoofed-source flood naming a new address per
+#: flow only empties the table once per this many; the verdicts never change.
+CONFINEMENT_VERDICTS = 4_096
+
+
 @dataclass(frozen=True)
 class Confinement:
     """The prefixes a node may send to. Empty (the default) means: send to no one.
@@ -229,6 +236,13 @@ class Confinement:
     """
 
     allowed: tuple[Network, ...] = ()
+    #: Verdicts of :meth:`refuse` by address, at most :data:`CONFINEMENT_VERDICTS`. Part of
+    #: this object, not of the settings: a verdict is a pure function of ``allowed`` (frozen)
+    #: and the address, so it cannot outlive the prefixes it was decided under; new settings
+    #: make a new Confinement, whose table starts empty.
+    _verdicts: dict[Address, str | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def from_strings(cls, prefixes: Iterable[str]) -> Confinement:
@@ -242,7 +256,26 @@ class Confinement:
         return cls(tuple(nets))
 
     def refuse(self, address: Address) -> str | None:
-        """None if ``address`` may be sent to, else why not (``special``, ``not_allowed``)."""
+        """None if ``address`` may be sent to, else why not (``special``, ``not_allowed``).
+
+        Remembered per address (a report's two ends are often the same few hosts); the table
+        is bounded whatever the flows name: when full it starts again empty, so spoofed
+        addresses cost at most :data:`CONFINEMENT_VERDICTS` entries and a fresh decision each.
+        """
+        verdicts = self._verdicts
+        try:
+            return verdicts[address]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable: not an address; decide it the long way
+            return self._decide(address)
+        verdict = self._decide(address)
+        if len(verdicts) >= CONFINEMENT_VERDICTS:
+            verdicts.clear()
+        verdicts[address] = verdict
+        return verdict
+
+    def _decide(self, address: Address) -> str | None:
         address = normalize(address)
         loopback_or_link = address.is_loopback or address.is_link_local
         if (
@@ -353,30 +386,48 @@ class Budget:
         ``channel`` ("inband", "webhook"...) keeps de-duplication apart when several outputs
         share one budget: a webhook about a flow is not a duplicate of its datagram.
         """
-        t = self._tick(now)
+        # Written out (tick, prune, both GCRA tests and updates inline): it runs per message.
+        if not math.isfinite(now):
+            raise ValueError("now must be a finite number of seconds")
+        t = round(now * _US)
+        if t < self._now:
+            t = self._now
+        self._now = t
         target = normalize(target)
-        self._prune_dedup(t)
+        dedup = self._dedup
+        if dedup:
+            self._prune_dedup(t)
         key = (channel, target, flow)
-        if key in self._dedup:
+        if dedup and key in dedup:  # (an empty table: no need to hash the key)
             self._dropped["duplicate"] += 1
             return False
-        prefix = prefix_of(target)
-        self._prune_prefixes(t)
+        if target.version == 4:  # prefix_of(target), already normalized
+            prefix = (4, int(target) >> _V4_SHIFT)
+        else:
+            prefix = (6, int(target) >> _V6_SHIFT)
+        heap = self._heap
+        if heap and heap[0][0] <= t:  # a full bucket to forget (stale entries go later)
+            self._prune_prefixes(t)
         prefix_tat = self._tats.get(prefix, self._unknown_tat)
-        if not self._prefix.conforms(prefix_tat, t):
+        gp = self._prefix
+        if (prefix_tat if prefix_tat > t else t) - t > gp.tolerance:
             self._dropped["prefix_budget"] += 1
             return False
-        if not self._global.conforms(self._global_tat, t):
+        gg = self._global
+        global_tat = self._global_tat
+        if global_tat < t:
+            global_tat = t
+        if global_tat - t > gg.tolerance:
             self._dropped["global_budget"] += 1
             return False
         # Both conform: spend from both, then remember the flow.
-        self._global_tat = self._global.next_tat(self._global_tat, t)
-        self._set_prefix(prefix, self._prefix.next_tat(prefix_tat, t))
+        self._global_tat = global_tat + gg.interval
+        self._set_prefix(prefix, (prefix_tat if prefix_tat > t else t) + gp.interval)
         if self._window_us > 0:
-            if len(self._dedup) >= self.settings.max_dedup_entries:
-                self._dedup.popitem(last=False)
+            if len(dedup) >= self.settings.max_dedup_entries:
+                dedup.popitem(last=False)
                 self._dedup_evictions += 1
-            self._dedup[key] = t + self._window_us
+            dedup[key] = t + self._window_us
         self._allowed += 1
         return True
 
@@ -425,6 +476,11 @@ class Budget:
                 self._prefix_evictions += 1
                 return
 
+    def drop_counts(self) -> tuple[int, ...]:
+        """The drop counters in :data:`DROP_REASONS` order: a cheap snapshot for a caller that
+        wants the difference across a call (what *its* plan refused of a shared budget)."""
+        return tuple(self._dropped.values())
+
     def statistics(self) -> BudgetStatistics:
         return BudgetStatistics(
             allowed=self._allowed,
@@ -457,10 +513,9 @@ def plan_inband(
     ``policy_state``.
     """
     flow = report.payload.flow
-    key = flow_key(flow)
-    candidates = [normalize(flow.src)]
-    if normalize(flow.dst) != candidates[0]:
-        candidates.append(normalize(flow.dst))
+    key = FlowKey(flow.src, flow.dst, flow.proto, flow.sport, flow.dport)
+    src, dst = normalize(flow.src), normalize(flow.dst)
+    candidates = [src] if dst == src else [src, dst]
     targets: list[Address] = []
     for address in candidates:
         reason = confinement.refuse(address)

@@ -119,6 +119,13 @@ SEND_DROP_REASONS = (*DROP_REASONS, "shed", "send_error")
 
 #: How often a stopping node looks whether the sender's queue has emptied.
 IDLE_POLL_S = 0.01
+#: Reports the sender takes from its queue per wake-up and sends back to back, with no trio
+#: checkpoint between them unless a socket's buffer is full: one scheduling round trip per
+#: batch instead of per report (~5 us each), and the datagrams of a batch leave together.
+#: Bounded so that a full queue still lets other tasks run every this many reports.
+SEND_BATCH = 64
+#: Target addresses whose text form (what sendto takes) the sender keeps; emptied when full.
+TARGET_NAMES = 4_096
 
 
 class InbandSender:
@@ -146,7 +153,12 @@ class InbandSender:
             self.settings.queue_reports
         )
         self._reports = 0
-        self._sending = False
+        # Reports submit() queued, and those run() is done with: the difference is what is
+        # still to send, including one handed straight to run() waiting in receive() (it is
+        # then in no buffer yet).
+        self._queued = 0
+        self._done = 0
+        self._names: dict[Address, str] = {}
         self._queue_dropped = 0
         self._sent = 0
         self._bytes = 0
@@ -155,12 +167,12 @@ class InbandSender:
 
     async def wait_idle(self) -> None:
         """Return once every submitted report has been sent (or refused by the plan)."""
-        while self._queue_recv.statistics().current_buffer_used or self._sending:
+        while self._queued != self._done:
             await trio.sleep(IDLE_POLL_S)
 
     def unsent(self) -> int:
         """Reports submitted and still waiting in the queue (what a stop leaves unsent)."""
-        return int(self._queue_recv.statistics().current_buffer_used) + int(self._sending)
+        return self._queued - self._done
 
     def submit(self, report: rpt.SignedReport) -> bool:
         """Queue ``report`` for :meth:`run`; False (and counted) when the queue is full."""
@@ -170,6 +182,7 @@ class InbandSender:
             self._queue_dropped += 1
             self._dropped["shed"] += 1
             return False
+        self._queued += 1
         return True
 
     async def run(
@@ -202,13 +215,17 @@ class InbandSender:
             task_status.started(bound)
             # The channel stays open when run() ends, so a late submit() is a counted drop,
             # never an exception in the caller's task.
+            receive, receive_nowait = self._queue_recv.receive, self._queue_recv.receive_nowait
             while True:
-                report = await self._queue_recv.receive()
-                self._sending = True
-                try:
-                    await self.send_report(report)
-                finally:
-                    self._sending = False
+                batch = [await receive()]
+                while len(batch) < SEND_BATCH:
+                    try:
+                        batch.append(receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                for report in batch:
+                    await self.send_report(report)  # no checkpoint unless a socket is full
+                    self._done += 1
         finally:
             for sock in self._sockets.values():
                 sock.close()
@@ -219,12 +236,12 @@ class InbandSender:
         self._reports += 1
         # The budget may be shared (webhooks, other senders): what this plan refused is the
         # difference of its counters across the call (synchronous: nothing runs in between).
-        before = self.budget.statistics().dropped
+        before = self.budget.drop_counts()
         targets = plan_inband(report, self.budget, self._clock(), self.confinement)
         if len(targets) < 2:
-            after = self.budget.statistics().dropped
-            for reason in DROP_REASONS:
-                self._dropped[reason] += after[reason] - before[reason]
+            after = self.budget.drop_counts()
+            for reason, b, a in zip(DROP_REASONS, before, after, strict=True):
+                self._dropped[reason] += a - b
         if not targets:
             return 0
         data = datagram.to_wire(report.cose)
@@ -243,7 +260,13 @@ class InbandSender:
         return sent
 
     async def _sendto(self, data: bytes, address: Address) -> None:
-        target = (str(address), self.settings.port)
+        names = self._names
+        name = names.get(address)
+        if name is None:
+            if len(names) >= TARGET_NAMES:
+                names.clear()
+            name = names[address] = str(address)
+        target = (name, self.settings.port)
         if self._injected is not None:
             await self._injected(data, target)
             return
