@@ -75,6 +75,10 @@ WEBHOOK_TIMEOUT_S = 120.0
 
 if sys.path[0] != str(REPO):  # run as a file: make `overflowd` importable without install
     sys.path.insert(1, str(REPO))
+# --tree PATH (what --compare runs): import `overflowd` from another checkout (e.g. main,
+# exported by --compare), so that one run measures both trees with this same bench code.
+if "--tree" in sys.argv[:-1]:
+    sys.path.insert(0, sys.argv[sys.argv.index("--tree") + 1])
 
 from overflowd import report as rpt  # noqa: E402
 from overflowd.flows import FlowRow  # noqa: E402
@@ -162,13 +166,20 @@ def stop_process(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
 Candidate = Callable[[], tuple[int, float]]
 
 
+#: CPU seconds per item of this process in each candidate's best (lowest) run, by name.
+CPU_PER_ITEM: dict[str, float] = {}
+
+
 def best_rates(candidates: Sequence[tuple[str, Candidate]], runs: int) -> dict[str, float]:
     best = {name: 0.0 for name, _ in candidates}
     for _ in range(runs):
         for name, run_once in candidates:
+            c0 = time.process_time()
             n, dt = run_once()
+            cpu = time.process_time() - c0  # includes the candidate's set-up: an upper bound
             if n and dt > 0:
                 best[name] = max(best[name], n / dt)
+                CPU_PER_ITEM[name] = min(CPU_PER_ITEM.get(name, float("inf")), cpu / n)
     return best
 
 
@@ -410,6 +421,64 @@ def inband_candidate(
         totals.send_errors += stats.send_errors
         totals.budget_drops += sum(stats.budget.dropped.values())
         return stats.reports, dt
+
+    def run() -> tuple[int, float]:
+        return trio.run(run_async)
+
+    return run
+
+
+#: Reports made and submitted per batch in the daemon-path candidate: the node signs what one
+#: decode batch sampled (make_all), stores it, then submits the batch to the sender.
+DAEMON_BATCH = 64
+
+
+def daemon_path_candidate(
+    identity: NodeIdentity, rows: Sequence[FlowRow], port: int, totals: InbandTotals
+) -> Candidate:
+    """The daemon's path: ``make_all`` per batch of rows, ``submit`` each report, the sender's
+    ``run`` sends them; timed until the sender has planned every report."""
+    import trio
+
+    from overflowd.notify import Budget, BudgetSettings, InbandSettings
+    from overflowd.pipeline import ReportMaker
+    from overflowd.services.inband import InbandSender
+
+    maker = make_maker(identity)
+    assert isinstance(maker, ReportMaker)
+    settings = InbandSettings(port=port, allowed_prefixes=("127.0.0.0/8",), queue_reports=10**6)
+    budget_settings = BudgetSettings(
+        global_per_s=1e6,
+        burst=10**6,
+        per_prefix_per_s=1e6,
+        per_prefix_burst=10**6,
+        dedup_window_s=0,
+    )
+    step = DAEMON_BATCH
+    batches = [[(r, 0.001) for r in rows[i : i + step]] for i in range(0, len(rows), step)]
+
+    async def run_async() -> tuple[int, float]:
+        sender = InbandSender(settings, Budget(budget_settings))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            stats = sender.statistics
+            submit = sender.submit
+            done = 0
+            t0 = time.perf_counter()
+            for batch in batches:
+                for report in maker.make_all(batch, int(time.time() * 1000)):
+                    submit(report)
+                done += len(batch)
+                while stats().reports < done:  # the sender's turn (as after a store write)
+                    await trio.lowlevel.checkpoint()
+            dt = time.perf_counter() - t0
+            nursery.cancel_scope.cancel()
+        s = sender.statistics()
+        totals.reports += s.reports
+        totals.datagrams += s.datagrams_sent
+        totals.send_errors += s.send_errors
+        totals.budget_drops += sum(s.budget.dropped.values())
+        return s.reports, dt
 
     def run() -> tuple[int, float]:
         return trio.run(run_async)
@@ -779,20 +848,98 @@ def webhook_breakdown(
 # ============================================================================================
 
 
+COMPARED = (
+    ("sign-sig", "PyNaCl SigningKey.sign, Sig_structure size"),
+    ("make", "ReportMaker.make"),
+    ("make+inband", "make + send_report, one report at a time"),
+    ("daemon path", f"make_all + submit + run, batches of {DAEMON_BATCH}"),
+    ("inband send", "send only, pre-made reports"),
+    ("floor", "floor: 2 plain sendto"),
+)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Measure git ``args.compare`` and this tree alternately in child runs of this bench."""
+    tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-notify-ref-"))
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", args.compare, "overflowd"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        trees = {args.compare: tmp, "this tree": REPO}
+        best: dict[str, dict[str, dict[str, float]]] = {t: {} for t in trees}
+        loads, lossless = [], True
+        w0, u0 = time.monotonic(), os.times()
+        for _ in range(args.rounds):
+            for label, tree in trees.items():
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--json", "--skip-webhook"]
+                cmd += ["--runs", str(args.runs or 3), "--tree", str(tree)]
+                if args.quick:
+                    cmd.append("--quick")
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                doc = json.loads(out.strip().splitlines()[-1])  # after the header lines
+                loads.append(doc["load"])
+                lossless &= doc["sent"] == doc["received"] and not doc["failed"]
+                lossless &= doc["budget_drops"] == 0
+                for kind in ("us", "cpu_us"):
+                    for name, value in doc[kind].items():
+                        slot = best[label].setdefault(kind + name, value)
+                        best[label][kind + name] = min(slot, value)
+        print(
+            f"notify bench, {args.compare} vs this tree, {args.rounds} alternating rounds of "
+            f"{args.runs or 3} runs each, best of all; load average {min(loads):.2f}-"
+            f"{max(loads):.2f} on {os.cpu_count()} cores; every datagram counted and every "
+            f"sampled one verified by the sinks, no budget drop: {'yes' if lossless else 'NO'}"
+        )
+        head = f"| {'what (µs per report, × one signature)':<48}"
+        print(head + "".join(f" | {t + ' wall':>16} | {'cpu':>6}" for t in trees) + " |")
+        for name, title in COMPARED:
+            cells = []
+            for label in trees:
+                us, cpu = best[label]["us" + name], best[label].get("cpu_us" + name, 0.0)
+                ratio = us / best[label]["ussign-sig"]
+                cells.append(f" | {us:7.1f} ({ratio:4.2f}x) | {cpu:6.1f}")
+            print(f"| {title:<48}" + "".join(cells) + " |")
+        t = os.times()
+        print(
+            f"(ratios: against the signature measured in the same child run; cpu: this "
+            f"process, set-up included; {time.monotonic() - w0:.0f} s wall, "
+            f"{t.children_user + t.children_system - u0.children_user - u0.children_system:.0f}"
+            " s CPU in the children)"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="under 30 seconds, rougher")
     p.add_argument("--profile", action="store_true", help="also print a stage-by-stage breakdown")
     p.add_argument("--skip-webhook", action="store_true")
+    p.add_argument("--runs", type=int, help="timed runs per candidate (default 8, quick 4)")
+    p.add_argument("--json", action="store_true", help="print the in-band figures as JSON only")
+    p.add_argument("--tree", help="import overflowd from this checkout (see --compare)")
+    p.add_argument(
+        "--compare",
+        metavar="REF",
+        help="also measure git REF (e.g. main) in the same run: both trees alternately, "
+        "this bench code, the best of each (in-band figures only)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     p.add_argument("--udp-sink", type=int, metavar="N", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.udp_sink is not None:
         return udp_sink_main(0, max(1, args.udp_sink))
+    if args.compare:
+        return compare(args)
 
     t_start = time.monotonic()
     quick = args.quick
     per_pass = 2_000 if quick else 6_000
-    runs = 4 if quick else 8
+    runs = args.runs or (4 if quick else 8)
     webhook_reports = 400 if quick else 2_000
     path = trace_path()
     if not path.exists():
@@ -823,7 +970,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     sink = UdpSink(verify_every=1 if quick else 10)
-    totals = {name: InbandTotals() for name in ("make+inband", "inband send", "floor")}
+    totals = {
+        name: InbandTotals() for name in ("make+inband", "daemon path", "inband send", "floor")
+    }
     try:
         lo_rows = loopback_rows(rows)
         candidates: list[tuple[str, Candidate]] = [
@@ -835,6 +984,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 inband_candidate(
                     identity, lo_rows, sink.port, totals["make+inband"], premade=False
                 ),
+            ),
+            (
+                "daemon path",
+                daemon_path_candidate(identity, lo_rows, sink.port, totals["daemon path"]),
             ),
             (
                 "inband send",
@@ -849,6 +1002,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sink_final = sink.close()
     finally:
         stop_process(sink.proc)
+    if args.json:
+        print(json.dumps({
+            "us": {name: 1e6 / rate for name, rate in rates.items()},
+            "cpu_us": {name: cpu * 1e6 for name, cpu in CPU_PER_ITEM.items()},
+            "sent": sent, "received": received, "verified": sink_final.get("verified"),
+            "failed": sink_final.get("failed"),
+            "budget_drops": sum(t.budget_drops for t in totals.values()),
+            "load": os.getloadavg()[0],
+        }))  # fmt: skip
+        return 0
 
     webhook: WebhookResult | None = None
     webhook_error = ""
@@ -875,6 +1038,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = f"what (best of {runs} runs, one core)"
     print(f"| {title:<46} | {'per s':>9} | {'µs/rep':>8} | {'× sig':>6} | note")
     print(f"|{'-' * 48}|{'-' * 11}|{'-' * 10}|{'-' * 8}|------")
+    # (CPU µs per report of this process, best run, set-up included: printed after the table)
     row(f"PyNaCl SigningKey.sign, {MESSAGE_BYTES}-byte message", t_sign, "the budget")
     row(
         f"PyNaCl SigningKey.sign, {sig_bytes}-byte message",
@@ -884,6 +1048,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     row("ReportMaker.make (payload+CBOR+COSE+sign)", t_make)
     row("  envelope = make - sign", t_make - t_sign)
     row("in band: make + send (2 datagrams/report)", t_make_send)
+    row(
+        "in band, daemon path: make_all + submit + run",
+        1 / rates["daemon path"],
+        f"batches of {DAEMON_BATCH}",
+    )
     row("  send only, pre-made reports", t_send, "plan_inband + to_wire + 2 sendto (own sockets)")
     row("  floor: 2 plain sendto, no plan, no trio", 1 / rates["floor"], "same datagrams, sinks")
     row("  envelope + delivery = make+send - sign", t_make_send - t_sign)
