@@ -131,12 +131,12 @@ class ReportMaker:
         packets, nbytes, first, last = record.packets, record.bytes, record.first, record.last
         src_as, dst_as, interval = record.src_as, record.dst_as, record.sampling_interval
         fmt = record.format
-        payload = rpt.Payload(
+        payload = rpt.new_payload(
             kind,
             self.nonce(rpt.NONCE_BYTES),
             now_ms,
             observer,
-            rpt.Flow(
+            rpt.new_flow(
                 record.src,
                 record.dst,
                 record.sport,
@@ -151,15 +151,16 @@ class ReportMaker:
                 src_as if src_as is not None and 0 <= src_as <= _U32 else None,
                 dst_as if dst_as is not None and 0 <= dst_as <= _U32 else None,
             ),
-            rpt.Sampling(
+            rpt.new_sampling(
                 probability,
                 fmt if len(fmt) <= _MAX_FORMAT else fmt[:_MAX_FORMAT],
                 1 if interval < 1 else _U32 if interval > _U32 else interval,
                 record.sampling_provenance,
             ),
+            rpt.PAYLOAD_VERSION,
         )
         cose = envelope.sign(payload)
-        return rpt.SignedReport(cose=cose, observer_key=self._public_key, payload=payload)
+        return rpt.new_signed_report(cose, self._public_key, payload)
 
     def make_all(
         self, sampled: Iterable[tuple[RecordLike, float]], now_ms: int

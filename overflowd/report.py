@@ -134,6 +134,33 @@ class SignedReport:
         object.__setattr__(self, "report_id", report_id(self.cose))
 
 
+def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
+    setter: Callable[[Any, Any], None] = getattr(cls, name).__set__
+    return setter
+
+
+def _positional_constructor(cls: type) -> Callable[..., Any]:
+    """A constructor of the frozen slotted dataclass ``cls`` taking every field positionally:
+    the same object as ``cls(*values)``, without the generated ``__init__``'s attribute lookup
+    per field (``object.__setattr__`` by name): each slot's own setter, bound once.
+
+    For the few objects made per report signed (Flow, Sampling, Payload, SignedReport), where
+    that lookup costs about as much as the rest of building them; ``tests/unit/test_report.py``
+    checks they equal what the dataclass builds.
+    """
+    names = list(cls.__slots__)  # type: ignore[attr-defined]
+    scope: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    body = []
+    for i, name in enumerate(names):
+        scope[f"set{i}"] = _slot_setter(cls, name)
+        body.append(f"    set{i}(self, {name})")
+    source = f"def construct({', '.join(names)}):\n    self = new(cls)\n"
+    source += "\n".join(body) + "\n    return self\n"
+    exec(source, scope)  # built from the class's own slot names, nothing else
+    construct: Callable[..., Any] = scope["construct"]
+    return construct
+
+
 def report_id(cose: bytes) -> str:
     """The report id: lowercase hex SHA-256 of the exact COSE bytes."""
     return hashlib.sha256(cose).hexdigest()
@@ -155,6 +182,26 @@ def b64url_decode(text: str) -> bytes:
     if not re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", text):
         raise ValueError("not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+new_flow: Callable[..., Flow] = _positional_constructor(Flow)
+new_sampling: Callable[..., Sampling] = _positional_constructor(Sampling)
+new_payload: Callable[..., Payload] = _positional_constructor(Payload)
+_NEW = object.__new__
+_SET_COSE, _SET_KEY, _SET_PAYLOAD, _SET_ID = (
+    _slot_setter(SignedReport, name) for name in ("cose", "observer_key", "payload", "report_id")
+)
+
+
+def new_signed_report(cose: bytes, observer_key: bytes, payload: Payload) -> SignedReport:
+    """``SignedReport(cose=..., observer_key=..., payload=...)``, its id included, built
+    like the constructors above (see :func:`_positional_constructor`)."""
+    self = _NEW(SignedReport)
+    _SET_COSE(self, cose)
+    _SET_KEY(self, observer_key)
+    _SET_PAYLOAD(self, payload)
+    _SET_ID(self, hashlib.sha256(cose).hexdigest())
+    return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,3 +280,25 @@ def test_shape_tables_stay_bounded_under_many_announced_intervals(intervals: lis
             assert len(envelope._kinds) <= small
     finally:
         rpt.ENVELOPE_SHAPES, rpt.ENVELOPE_FLOATS = original
+
+
+@SETTINGS
+@given(payloads())
+def test_positional_constructors_build_what_the_dataclasses_build(payload: rpt.Payload) -> None:
+    """What make() builds with rpt.new_* equals (and hashes as) the dataclasses' own objects,
+    stays frozen, and the signed report carries its id."""
+    fl, sm = payload.flow, payload.sampling
+    flow = rpt.new_flow(*(getattr(fl, f) for f in rpt.Flow.__slots__))
+    sampling = rpt.new_sampling(sm.probability, sm.format, sm.interval, sm.provenance)
+    built = rpt.new_payload(
+        payload.kind, payload.nonce, payload.time, payload.observer, flow, sampling,
+        payload.version,
+    )  # fmt: skip
+    assert (flow, sampling, built) == (fl, sm, payload)
+    assert hash(built) == hash(payload) and type(built) is rpt.Payload
+    cose = IDENTITY.sign_report(payload).cose
+    report = rpt.new_signed_report(cose, IDENTITY.public_key, built)
+    assert report == rpt.SignedReport(cose=cose, observer_key=IDENTITY.public_key, payload=payload)
+    assert report.report_id == rpt.report_id(cose)
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+        built.kind = "other"  # type: ignore[misc]
