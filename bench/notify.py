@@ -863,11 +863,12 @@ def compare(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="overflowd-bench-notify-ref-"))
     try:
         archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", args.compare, "overflowd"],
+            # OVERFLOWD_GIT: the repository to take REF from when this tree is an export
+            ["git", "-C", os.environ.get("OVERFLOWD_GIT", str(REPO)), "archive", args.compare],
             check=True,
             capture_output=True,
         ).stdout
-        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tmp), "overflowd"], input=archive, check=True)
         trees = {args.compare: tmp, "this tree": REPO}
         best: dict[str, dict[str, dict[str, float]]] = {t: {} for t in trees}
         loads, lossless = [], True
