@@ -894,14 +894,15 @@ def compare(args: argparse.Namespace) -> int:
             f"{max(loads):.2f} on {os.cpu_count()} cores; every datagram counted and every "
             f"sampled one verified by the sinks, no budget drop: {'yes' if lossless else 'NO'}"
         )
-        head = f"| {'what (µs per report, × one signature)':<48}"
-        print(head + "".join(f" | {t + ' wall':>16} | {'cpu':>6}" for t in trees) + " |")
+        head = f"| {'what (µs per report; × one signature)':<48}"
+        print(head + "".join(f" | {t + ' wall':>16} | {t + ' cpu':>16}" for t in trees) + " |")
         for name, title in COMPARED:
             cells = []
             for label in trees:
                 us, cpu = best[label]["us" + name], best[label].get("cpu_us" + name, 0.0)
                 ratio = us / best[label]["ussign-sig"]
-                cells.append(f" | {us:7.1f} ({ratio:4.2f}x) | {cpu:6.1f}")
+                cpu_ratio = cpu / best[label]["cpu_ussign-sig"]
+                cells.append(f" | {us:7.1f} ({ratio:5.2f}x) | {cpu:7.1f} ({cpu_ratio:5.2f}x)")
             print(f"| {title:<48}" + "".join(cells) + " |")
         t = os.times()
         print(

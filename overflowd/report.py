@@ -518,11 +518,12 @@ class Envelope:
                 self._floats.clear()
             p_bytes = self._floats[p] = _float(p)
         u = _cbor_uint
+        small = _SMALL_UINTS  # tos and proto are at most 0xFF (checked above)
         flow_items = 11 + (src_as is not None) + (dst_as is not None)
         parts = [
             _FLOW_OPENINGS[flow_items], address_head, dst.packed, _K_SRC, address_head,
-            src.packed, _K_TOS, u(tos), _K_LAST, u(last), _K_BYTES, u(nbytes), _K_DPORT,
-            u(dport), _K_FIRST, u(first), _K_PROTO, u(proto), _K_SPORT, u(sport),
+            src.packed, _K_TOS, small[tos], _K_LAST, u(last), _K_BYTES, u(nbytes), _K_DPORT,
+            u(dport), _K_FIRST, u(first), _K_PROTO, small[proto], _K_SPORT, u(sport),
         ]  # fmt: skip
         if dst_as is not None:
             parts += (_K_DST_AS, u(dst_as))

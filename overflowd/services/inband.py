@@ -248,7 +248,8 @@ class InbandSender:
         sent = 0
         for address in targets:
             try:
-                await self._sendto(data, address)
+                if not self._send_now(data, address):  # the socket is full, or injected
+                    await self._sendto(data, address)
             except OSError as exc:
                 self._errors += 1
                 self._dropped["send_error"] += 1
@@ -259,14 +260,29 @@ class InbandSender:
             self._bytes += len(data)
         return sent
 
-    async def _sendto(self, data: bytes, address: Address) -> None:
+    def _target(self, address: Address) -> tuple[str, int]:
         names = self._names
         name = names.get(address)
         if name is None:
             if len(names) >= TARGET_NAMES:
                 names.clear()
             name = names[address] = str(address)
-        target = (name, self.settings.port)
+        return name, self.settings.port
+
+    def _send_now(self, data: bytes, address: Address) -> bool:
+        """Send without a coroutine when the socket takes it: True if sent, False if the
+        socket buffer is full (or the send function is injected): then :meth:`_sendto`."""
+        sock = self._sockets.get(address.version)
+        if sock is None or self._injected is not None:
+            return False
+        try:
+            sock.sendto(data, self._target(address))
+        except BlockingIOError:
+            return False
+        return True
+
+    async def _sendto(self, data: bytes, address: Address) -> None:
+        target = self._target(address)
         if self._injected is not None:
             await self._injected(data, target)
             return
