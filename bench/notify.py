@@ -14,7 +14,8 @@ Not a test: it prints figures, all from one run so that they can be compared.
    and destination), to two local sinks on 127.0.0.2 and 127.0.0.1 (a separate process that
    counts, and verifies a sample). The flows' addresses are rewritten to those two, the
    confinement allows only 127.0.0.0/8, and the budget is set so high that it never limits
-   (its drop counters are printed to prove it). Sending pre-made reports is timed too.
+   (its drop counters are printed to prove it). Sending pre-made reports is timed too, and
+   the daemon's own path: ``make_all`` per batch of 64 rows, ``submit``, the sender's ``run``.
 4. **Webhooks**: pre-made reports enqueued in the durable outbox (SQLite in a temp dir, one
    transaction per report, as ``services.webhook.enqueue`` does) and delivered by
    ``WebhookDelivery.drain`` (httpx on trio, default concurrency 8, batches of 64) to
@@ -37,6 +38,7 @@ Usage::
     .venv/bin/python bench/notify.py            # about 1-2 minutes
     .venv/bin/python bench/notify.py --quick    # under 30 seconds, rougher
     .venv/bin/python bench/notify.py --profile  # also print where the time of make/send goes
+    .venv/bin/python bench/notify.py --compare main  # main and this tree, alternately, one run
 
 Only ever sends to 127.0.0.1 and 127.0.0.2 (loopback). The trace is
 ``<repo>/../shared/data/netflow_v5_simpleweb.pcap``; ``OVERFLOWD_SHARED`` overrides ``shared``.
