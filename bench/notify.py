@@ -735,6 +735,15 @@ def breakdown(identity: NodeIdentity, rows: Sequence[FlowRow], port: int) -> Non
         ),
         ("  report_id (SHA-256)", lambda: [rpt.report_id(r.cose) for r in reports]),
     ]
+    if hasattr(rpt, "Envelope"):  # (--compare runs this bench on trees without it)
+        envelope = rpt.Envelope(key, sign, observer)
+        stages += [
+            (
+                "  Envelope.encode_payload (make's)",
+                lambda: [envelope.encode_payload(p) for p in payloads],
+            ),
+            ("  Envelope.sign, whole", lambda: [envelope.sign(p) for p in payloads]),
+        ]
     confinement = InbandSettings(allowed_prefixes=("127.0.0.0/8",)).confinement()
     budget = Budget(
         BudgetSettings(
