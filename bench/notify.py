@@ -882,7 +882,7 @@ def compare(args: argparse.Namespace) -> int:
         subprocess.run(["tar", "-x", "-C", str(tmp), "overflowd"], input=archive, check=True)
         trees = {args.compare: tmp, "this tree": REPO}
         best: dict[str, dict[str, dict[str, float]]] = {t: {} for t in trees}
-        loads, lossless = [], True
+        loads, lossless, shortfalls = [], True, []
         w0, u0 = time.monotonic(), os.times()
         for _ in range(args.rounds):
             for label, tree in trees.items():
@@ -893,8 +893,14 @@ def compare(args: argparse.Namespace) -> int:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 doc = json.loads(out.strip().splitlines()[-1])  # after the header lines
                 loads.append(doc["load"])
-                lossless &= doc["sent"] == doc["received"] and not doc["failed"]
-                lossless &= doc["budget_drops"] == 0
+                ok = doc["sent"] == doc["received"] and not doc["failed"]
+                ok &= doc["budget_drops"] == 0
+                if not ok:  # say which run and what: a sink behind under load, or a real fault
+                    shortfalls.append(
+                        f"{label}: sent {doc['sent']}, counted {doc['received']}, verify "
+                        f"failures {doc['failed']}, budget drops {doc['budget_drops']}"
+                    )
+                lossless &= ok
                 for kind in ("us", "cpu_us"):
                     for name, value in doc[kind].items():
                         slot = best[label].setdefault(kind + name, value)
@@ -905,6 +911,8 @@ def compare(args: argparse.Namespace) -> int:
             f"{max(loads):.2f} on {os.cpu_count()} cores; every datagram counted and every "
             f"sampled one verified by the sinks, no budget drop: {'yes' if lossless else 'NO'}"
         )
+        for line in shortfalls:
+            print(f"  not lossless: {line}")
         head = f"| {'what (µs per report; × one signature)':<48}"
         print(head + "".join(f" | {t + ' wall':>16} | {t + ' cpu':>16}" for t in trees) + " |")
         for name, title in COMPARED:
