@@ -45,7 +45,7 @@ from overflowd.errors import DecodeError
 from overflowd.flows import PROVENANCES, FlowRow, make_row
 from overflowd.wire import ipfix, netflow_v9
 from overflowd.wire.dispatch import decode_datagram_rows
-from overflowd.wire.reader import Reader
+from overflowd.wire.reader import Reader, WireDecodeError
 from overflowd.wire.templates import (
     MAX_TIME_MS,
     MIN_TIME_MS,
@@ -125,10 +125,10 @@ class TemplateBatch:
     #: Index into :data:`FORMATS`.
     fmt: U8
     exporters: tuple[str, ...]
-    #: ``(datagram, position, start, count)`` per taken set: its records are
+    #: ``(datagram, position, start, count)`` per taken set, a row each: its records are
     #: ``start:start+count`` here, and stood at ``position`` of the scalar records of that
     #: datagram (for tests that compare the order).
-    sets: tuple[tuple[int, int, int, int], ...]
+    set_table: npt.NDArray[np.int64]
     #: FlowRows of each datagram decoded the scalar way (only datagrams with some).
     scalar: tuple[tuple[int, list[FlowRow]], ...]
     #: Datagrams refused (counted in the state as the scalar path counts them).
@@ -184,7 +184,7 @@ class TemplateBatch:
         (datagram by datagram). Builds every row: for tests, not for a collector."""
         arrays = self.rows(np.arange(len(self)))
         by_datagram: dict[int, list[tuple[int, int, int]]] = {}
-        for datagram, position, start, count in self.sets:
+        for datagram, position, start, count in self.set_table.tolist():
             by_datagram.setdefault(datagram, []).append((position, start, count))
         scalar = dict(self.scalar)
         out: list[FlowRow] = []
@@ -200,19 +200,31 @@ class TemplateBatch:
 
 
 class _Group:
-    """The taken sets of one layout, in arrival order."""
+    """The taken sets of one layout: their bodies, in arrival order."""
 
-    __slots__ = ("bodies", "counts", "sets")
+    __slots__ = ("bodies", "layout")
 
-    def __init__(self) -> None:
+    def __init__(self, layout: BatchLayout) -> None:
+        self.layout = layout
         self.bodies: list[bytes] = []
-        self.counts: list[int] = []
-        self.sets: list[int] = []
+
+
+#: Fields of ``SetSink._flat``, one run of them per taken set.
+_DATAGRAM, _POSITION, _COUNT, _CONTEXT, _EXPORT_MS, _UPTIME = range(6)
+_PER_SET = 6
 
 
 class SetSink:
     """Takes the data sets of array-decodable templates while ``decode_template_batch`` walks
-    the datagrams (``DecoderState.sink``), with the per-set values the scalar path would use."""
+    the datagrams (``DecoderState.sink``), with the per-set values the scalar path would use.
+
+    Per taken set it keeps the body (in its layout's group), the group's number and six
+    integers (datagram, position, record count, context, export time, sysUpTime) in one flat
+    list: a few appends a set, and one array conversion for the whole batch in
+    :meth:`finish`. A *context* is what the set's records take from the sampling state
+    (exporter, format, domain, sysUpTime mode, boot time, interval, provenance): few per
+    batch, kept once each in ``_context_rows``.
+    """
 
     def __init__(self, state: DecoderState) -> None:
         self._state = state
@@ -221,53 +233,82 @@ class SetSink:
         self.taken = 0
         self._datagram = 0
         self._mark = 0
-        self._groups: dict[BatchLayout, _Group] = {}
+        self._groups: list[_Group] = []
+        #: Layout -> group number: by identity first (a template keeps its layout), then by
+        #: value (the same exporter software on many routers: one group). ``_layouts``
+        #: keeps the identities alive for the batch.
+        self._by_id: dict[int, int] = {}
+        self._by_value: dict[BatchLayout, int] = {}
+        self._layouts: list[BatchLayout] = []
+        self._set_groups: list[int] = []
+        self._flat: list[int] = []
         self._exporter_index: dict[str, int] = {}
-        # Per taken set, in order: (group, datagram, position, exporter, domain, format,
-        # export_ms, uptime, sysUpTime mode, boot ms, interval, provenance). One tuple a set:
-        # this runs per datagram.
-        self._sets: list[tuple[Any, ...]] = []
-        self._last_layout: BatchLayout | None = None
-        self._last_group = _Group()
-        #: (format, exporter, domain) -> what keep() read from the state for it, while only
-        #: plain datagrams (which change no sampling state) are decoded; at most one entry
-        #: per exporter and domain of the batch.
-        self._contexts: dict[tuple[str, str, int], tuple[int, int, int, int, int, int]] = {}
+        self._context_rows: list[tuple[int, int, int, int, int, int, int]] = []
+        #: (format, exporter, domain) -> context number, while only datagrams that change no
+        #: sampling state are decoded; at most one entry per exporter and domain of the batch.
+        self._contexts: dict[tuple[str, str, int], int] = {}
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
-        self._mark = len(self._sets)
+        self._mark = len(self._set_groups)
         self.taken = 0
 
     def forget(self) -> None:
-        """A datagram goes the scalar way: the sampling state may change."""
+        """The sampling state may change (a datagram goes the scalar way, or options data
+        was applied): no context read from it before still holds."""
         self._contexts.clear()
 
     def rollback(self) -> None:
         """Forget the sets of the datagram being decoded: it was refused (or failed)."""
         mark = self._mark
-        for kept in reversed(self._sets[mark:]):
-            group = kept[0]
-            group.bodies.pop()
-            group.counts.pop()
-            group.sets.pop()
-        del self._sets[mark:]
+        groups = self._groups
+        for number in self._set_groups[mark:]:
+            groups[number].bodies.pop()
+        del self._set_groups[mark:]
+        del self._flat[mark * _PER_SET :]
         self.taken = 0
 
     def take(self, template: Template, r: Reader, ctx: SetContext, out: list[Any]) -> bool:
-        """Keep the set's records for the arrays, or return False (nothing consumed) for the
-        scalar path to decode them."""
+        """Keep the set's records for the arrays (the scalar path's walk calls this)."""
         layout = template.batch_layout
         assert layout is not None
         start = r.offset
         length = r.remaining()
-        if not self.keep(
-            layout, r.data, start, length, ctx.fmt, ctx.exporter, ctx.domain, ctx.export_ms,
-            ctx.uptime_ms, len(out),
-        ):  # fmt: skip
-            return False
+        # Inside a datagram of the scalar path, which may change the sampling state (options
+        # data) after this set: nothing remembered holds, and this is not remembered.
+        self._contexts.clear()
+        context = self._context(ctx.fmt, ctx.exporter, ctx.domain, ctx.uptime_ms is not None)
+        self.keep(layout, r.data, start, length, context, ctx.export_ms, ctx.uptime_ms, len(out))
         r.skip(length, "data set")
         return True
+
+    def _context(self, fmt: str, exporter: str, domain: int, v9_times: bool) -> int:
+        """The number of the context of a set of ``fmt``, ``exporter``, ``domain`` now: the
+        values ``Template.flows`` reads from the state, read at the same point of the walk
+        (options data earlier in the datagram has been applied, later data has not)."""
+        state = self._state
+        sampling = state.sampling
+        interval, provenance = state.resolve_interval(
+            exporter, sampling.announced(fmt, exporter, domain)
+        )
+        boot = 0
+        if v9_times:
+            mode = _SYSUP_V9
+        else:
+            init = sampling.system_init_ms(fmt, exporter, domain)
+            if init is None:
+                mode = _SYSUP_EXPORT
+            else:
+                # Held to ±2**62 so that adding a 32-bit uptime cannot overflow int64: any
+                # init time past that gives times out of range either way (MAX_TIME_MS is
+                # under 2**58), counted and replaced as the scalar path does.
+                mode, boot = _SYSUP_BOOT, min(max(init, -_BOOT_BOUND), _BOOT_BOUND)
+        index = self._exporter_index.setdefault(exporter, len(self._exporter_index))
+        rows = self._context_rows
+        rows.append(
+            (index, _FORMAT_CODE[fmt], domain, mode, boot, interval, _PROVENANCE_CODE[provenance])
+        )
+        return len(rows) - 1
 
     def keep(
         self,
@@ -275,84 +316,36 @@ class SetSink:
         data: bytes,
         start: int,
         length: int,
-        fmt: str,
-        exporter: str,
-        domain: int,
+        context: int,
         export_ms: int,
         uptime: int | None,
         position: int,
-        memo: bool = False,
-    ) -> bool:
+    ) -> None:
         """Keep the ``length`` bytes of a data set body at ``data[start:]`` (checked by the
-        caller to lie inside ``data``), or return False for the scalar path to decode it.
-
-        ``memo``: the sampling state has not changed since the last datagram of the scalar
-        path (only plain datagrams since), so what was read from it for this exporter and
-        domain still holds and is not read again."""
-        state = self._state
-        key = (fmt, exporter, domain)
-        context = self._contexts.get(key) if memo else None
-        if context is None:
-            if not memo:
-                # Inside a datagram of the scalar path, which may change the sampling
-                # state (options data) after this set: nothing remembered holds.
-                self._contexts.clear()
-            code = _FORMAT_CODE.get(fmt)
-            if code is None:
-                return False
-            # The values Template.flows reads from the state, read at the same point of the
-            # walk (options data earlier in the datagram has been applied, later data has
-            # not).
-            sampling = state.sampling
-            interval, provenance = state.resolve_interval(
-                exporter, sampling.announced(fmt, exporter, domain)
-            )
-            boot = 0
-            if uptime is not None:
-                mode = _SYSUP_V9
-            else:
-                init = sampling.system_init_ms(fmt, exporter, domain)
-                if init is None:
-                    mode = _SYSUP_EXPORT
-                elif -_BOOT_BOUND <= init <= _BOOT_BOUND:
-                    mode, boot = _SYSUP_BOOT, init
-                else:
-                    return False
-            index = self._exporter_index.setdefault(exporter, len(self._exporter_index))
-            context = (index, code, mode, boot, interval, _PROVENANCE_CODE[provenance])
-            if memo:
-                self._contexts[key] = context
-        index, code, mode, boot, interval, provenance_code = context
+        caller to lie inside ``data``) with its context (:meth:`_context`)."""
         size = layout.itemsize
         count = length // size
         if count == 0:
             # As Template.flows: more than alignment padding but less than one record.
             if length >= 4:
-                state.count("data_sets_shorter_than_a_record")
-            return True
-        body = data[start : start + count * size]  # trailing bytes: padding
-        if layout is self._last_layout:
-            group = self._last_group
-        else:
-            # Hashing a layout walks its columns: remember the last one (one exporter's
-            # datagrams come in runs).
-            got = self._groups.get(layout)
-            if got is None:
-                got = self._groups[layout] = _Group()
-            group = self._last_group = got
-            self._last_layout = layout
-        sets = self._sets
-        group.bodies.append(body)
-        group.counts.append(count)
-        group.sets.append(len(sets))
-        sets.append(
-            (
-                group, self._datagram, position, index, domain, code, export_ms, uptime or 0,
-                mode, boot, interval, provenance_code,
-            )
-        )  # fmt: skip
+                self._state.count("data_sets_shorter_than_a_record")
+            return
+        number = self._by_id.get(id(layout))
+        if number is None:
+            number = self._group_of(layout)
+        self._groups[number].bodies.append(data[start : start + count * size])  # no padding
+        self._set_groups.append(number)
+        self._flat.extend((self._datagram, position, count, context, export_ms, uptime or 0))
         self.taken += count
-        return True
+
+    def _group_of(self, layout: BatchLayout) -> int:
+        number = self._by_value.get(layout)
+        if number is None:
+            number = self._by_value[layout] = len(self._groups)
+            self._groups.append(_Group(layout))
+        self._by_id[id(layout)] = number
+        self._layouts.append(layout)
+        return number
 
     def finish(
         self,
@@ -360,30 +353,39 @@ class SetSink:
         errors: Sequence[tuple[int, DecodeError]],
         failures: Sequence[tuple[int, Exception]],
     ) -> TemplateBatch:
-        """Decode every taken set into the batch's columns."""
-        by_field = list(zip(*self._sets, strict=True)) or [()] * 12
-        per_set: dict[str, npt.NDArray[Any]] = {
-            "exporter": np.array(by_field[3], dtype=np.uint32),
-            "domain": np.array(by_field[4], dtype=np.uint32),
-            "fmt": np.array(by_field[5], dtype=np.uint8),
-            "export_ms": np.array(by_field[6], dtype=np.int64),
-            "uptime": np.array(by_field[7], dtype=np.uint32),
-            "sysup_mode": np.array(by_field[8], dtype=np.uint8),
-            "boot": np.array(by_field[9], dtype=np.int64),
-            "interval": np.array(by_field[10], dtype=np.int64),
-            "provenance": np.array(by_field[11], dtype=np.uint8),
+        """Decode every taken set into the batch's columns: the per-set values as arrays
+        once, then one strided view per column and layout."""
+        n_sets = len(self._set_groups)
+        meta = np.array(self._flat, dtype=np.int64).reshape(n_sets, _PER_SET)
+        groups = np.array(self._set_groups, dtype=np.intp)
+        # Records go layout by layout (in order of first appearance), each layout's sets in
+        # arrival order.
+        order = np.argsort(groups, kind="stable")
+        counts = meta[order, _COUNT]
+        ends = np.cumsum(counts)
+        starts = np.empty(n_sets, dtype=np.int64)
+        starts[order] = ends - counts
+
+        def per_record(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return np.repeat(values[order], counts)
+
+        context = per_record(meta[:, _CONTEXT])
+        table = np.array(self._context_rows or [(0,) * 7], dtype=np.int64)
+        const: dict[str, npt.NDArray[Any]] = {
+            "export_ms": per_record(meta[:, _EXPORT_MS]),
+            "uptime": per_record(meta[:, _UPTIME]).astype(np.uint32),
+            "fmt": table[context, 1].astype(np.uint8),
+            "sysup_mode": table[context, 3].astype(np.uint8),
+            "boot": table[context, 4],
         }
         parts: list[dict[str, npt.NDArray[Any]]] = []
-        starts = [0] * len(self._sets)
-        start = 0
         bad_times = np.zeros(len(FORMATS), dtype=np.int64)
-        for layout, group in self._groups.items():
-            if not group.counts:
+        done = 0
+        for group in self._groups:
+            if not group.bodies:
                 continue  # every set of it was rolled back
-            for s, n in zip(group.sets, group.counts, strict=True):
-                starts[s] = start
-                start += n
-            columns, bad = _decode_group(layout, group, per_set)
+            columns, bad = _decode_group(group, done, const)
+            done += len(columns["src"])
             bad_times += bad
             parts.append(columns)
         state = self._state
@@ -397,14 +399,17 @@ class SetSink:
             if len(parts) == 1
             else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         )
-        counts = [0] * len(self._sets)
-        for group in self._groups.values():
-            for s, n in zip(group.sets, group.counts, strict=True):
-                counts[s] = n
         return TemplateBatch(
             **joined,
+            interval=table[context, 5],
+            provenance=table[context, 6].astype(np.uint8),
+            exporter=table[context, 0].astype(np.uint32),
+            domain=table[context, 2].astype(np.uint32),
+            fmt=const["fmt"],
             exporters=tuple(self._exporter_index),
-            sets=tuple(zip(by_field[1], by_field[2], starts, counts, strict=True)),
+            set_table=np.stack(
+                (meta[:, _DATAGRAM], meta[:, _POSITION], starts, meta[:, _COUNT]), axis=1
+            ),
             scalar=tuple(scalar),
             errors=tuple(errors),
             failures=tuple(failures),
@@ -427,31 +432,26 @@ def _empty_columns() -> dict[str, npt.NDArray[Any]]:
         "src_as": np.empty(0, np.uint64),
         "dst_as": np.empty(0, np.uint64),
         "has_as": np.empty(0, np.bool_),
-        "interval": np.empty(0, np.int64),
-        "provenance": np.empty(0, np.uint8),
-        "exporter": np.empty(0, np.uint32),
-        "domain": np.empty(0, np.uint32),
-        "fmt": np.empty(0, np.uint8),
     }
 
 
 def _decode_group(
-    layout: BatchLayout, group: _Group, per_set: dict[str, npt.NDArray[Any]]
+    group: _Group, first: int, batch_const: dict[str, npt.NDArray[Any]]
 ) -> tuple[dict[str, npt.NDArray[Any]], I64]:
-    """The columns of one layout's sets, and the out-of-range times by format, computed as
-    ``_FlowPlan.build`` computes them record by record."""
+    """The columns of one layout's sets (records ``first:`` of the batch), and the
+    out-of-range times by format, computed as ``_FlowPlan.build`` computes them record by
+    record."""
+    layout = group.layout
     data = b"".join(group.bodies)
     size = layout.itemsize
     n = len(data) // size
+    const = {name: values[first : first + n] for name, values in batch_const.items()}
     raw: dict[str, Unsigned] = {}
     for name, offset, length in layout.columns:
         view = np.ndarray(
             (n,), dtype=_BIG_ENDIAN[length], buffer=data, offset=offset, strides=(size,)
         )
         raw[name] = view.astype(_NATIVE[length])
-    sets = np.array(group.sets, dtype=np.intp)
-    reps = np.array(group.counts, dtype=np.intp)
-    const = {name: np.repeat(values[sets], reps) for name, values in per_set.items()}
     zeros = np.zeros(n, dtype=np.uint64)
 
     def col(name: str) -> Unsigned:
@@ -523,11 +523,6 @@ def _decode_group(
         "src_as": col("src_as"),
         "dst_as": col("dst_as"),
         "has_as": np.full(n, has_as, dtype=np.bool_),
-        "interval": const["interval"],
-        "provenance": const["provenance"],
-        "exporter": const["exporter"],
-        "domain": const["domain"],
-        "fmt": const["fmt"],
     }
     return columns, bad
 
@@ -572,20 +567,32 @@ _IPFIX_HEADER = ipfix.HEADER
 _SET_HEADER = struct.Struct("!HH")
 _V9_VERSION = b"\x00\x09"
 _IPFIX_VERSION = b"\x00\x0a"
+#: Template and options template set ids of each format, and the size of their record
+#: headers (the decoders' loops stop when less than that is left: padding).
+_V9_TEMPLATE_SETS = {netflow_v9.TEMPLATE_FLOWSET: 4, netflow_v9.OPTIONS_TEMPLATE_FLOWSET: 6}
+_IPFIX_TEMPLATE_SETS = {ipfix.TEMPLATE_SET: 4, ipfix.OPTIONS_TEMPLATE_SET: 4}
+_OPTIONS_SETS = frozenset({netflow_v9.OPTIONS_TEMPLATE_FLOWSET, ipfix.OPTIONS_TEMPLATE_SET})
+
+#: What pass 1 of ``_fast_datagram`` found in a set, for pass 2 to apply in set order.
+_FLOW, _OPTIONS_DATA, _REFRESH = 0, 1, 2
 
 
-def _plain_datagram(
-    data: bytes, exporter: str, now: float, state: DecoderState, sink: SetSink
-) -> bool:
-    """Decode a datagram that holds nothing but data sets of array-decodable templates
-    (what an exporter sends between template refreshes), with no data held anywhere; or
-    return False having changed nothing (but the templates' recency, which the scalar path
-    then sets again the same way) for ``decode_datagram_rows`` to decode it.
+def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSink) -> bool:
+    """Decode a v9/IPFIX datagram of the kinds an exporter sends all the time, with no data
+    held anywhere; or return False having changed nothing, for ``decode_datagram_rows``.
 
-    It does what ``dispatch._decode`` and the format's ``decode`` do for such a datagram,
-    without their readers: the same bounds (every set inside the datagram; a datagram
-    that is anything else — templates, options, a set that overruns, trailing bytes, a bad
-    header — is left to them, so every refusal and defect is theirs).
+    Taken: data sets of array-decodable templates (into the sink), and in the datagrams that
+    refresh templates, identical re-announcements of known templates (counted as refreshed,
+    as ``TemplateCache.refresh`` does) and options data of known options templates (applied
+    to the sampling state, as ``DecoderState._decode_set`` does). Anything else — a new or
+    changed template, a withdrawal, data of an unknown or declined template, a set that
+    overruns, trailing bytes, a bad header, an options record that does not decode — is
+    left to the scalar path, so every refusal, defect and learned template is its own.
+
+    Pass 1 checks the whole datagram and changes nothing (templates are looked up without
+    touching their recency); pass 2 applies it set by set in the scalar path's order:
+    recency, refreshes, sampling state, then the context of each data set read after the
+    options data before it.
     """
     if state.pending:
         return False  # expiry and replay have work to do: the scalar path does it
@@ -598,6 +605,7 @@ def _plain_datagram(
         fmt = netflow_v9.FORMAT
         offset = _V9_HEADER.size
         up: int | None = uptime
+        template_sets = _V9_TEMPLATE_SETS
     elif version == _IPFIX_VERSION:
         if size < _IPFIX_HEADER.size:
             return False
@@ -607,36 +615,90 @@ def _plain_datagram(
         fmt = ipfix.FORMAT
         offset = _IPFIX_HEADER.size
         up = None
+        template_sets = _IPFIX_TEMPLATE_SETS
     else:
         return False
-    # Pass 1: the sets, each inside the datagram, ending exactly at its end, each of a
-    # known array-decodable template (looked up in the scalar path's order; a lookup only
-    # refreshes the template's recency, which the scalar path would refresh the same way).
-    get = state.templates.get
-    spans: list[tuple[int, int, BatchLayout]] = []
+    lru = state.templates.exporter_lru(exporter)
+    if lru is None:
+        return False
+    # Pass 1: every set inside the datagram, ending exactly at its end, and of a kind taken.
+    peek = lru.get
+    unpack = _SET_HEADER.unpack_from
+    spans: list[tuple[int, int, int, Any, Any]] = []
+    plain = True  # only flow data sets
     while offset < size:
         if size - offset < 4:
             return False
-        set_id, set_length = _SET_HEADER.unpack_from(data, offset)
-        if set_id < 256 or set_length < 4 or set_length > size - offset:
+        set_id, set_length = unpack(data, offset)
+        if set_length < 4 or set_length > size - offset:
             return False
-        template = get((fmt, exporter, domain, set_id))
-        if template is None:
-            return False
-        layout = template.batch_layout
-        if layout is None:
-            return False
-        spans.append((offset + 4, set_length - 4, layout))
-        offset += set_length
-    # Pass 3: keep them, as the scalar path would decode them (the first one can only be
-    # declined before anything was kept: all sets share the datagram's context).
+        end = offset + set_length
+        if set_id >= 256:
+            key = (fmt, exporter, domain, set_id)
+            template = peek(key)
+            if template is None:
+                return False
+            layout = template.batch_layout
+            if layout is not None:
+                spans.append((_FLOW, offset + 4, set_length - 4, key, layout))
+            elif template.is_options:
+                values = _option_values(template, data, offset + 4, end, fmt, exporter)
+                if values is None:
+                    return False
+                spans.append((_OPTIONS_DATA, offset + 4, set_length - 4, key, values))
+                plain = False
+            else:
+                return False
+        else:
+            header = template_sets.get(set_id)
+            if header is None:
+                return False
+            known = _refreshes(
+                lru, fmt, exporter, domain, data, offset + 4, end, header, set_id in _OPTIONS_SETS
+            )
+            if known is None:
+                return False
+            spans.append((_REFRESH, offset + 4, end, set_id in _OPTIONS_SETS, known))
+            plain = False
+        offset = end
+    # Pass 2: apply, set by set.
     export_ms = secs * 1000
+    touch = lru.move_to_end
     keep = sink.keep
-    for start, length, layout in spans:
-        if not keep(layout, data, start, length, fmt, exporter, domain, export_ms, up, 0, True):
-            if sink.taken:  # cannot happen (see above); never leave half a datagram
-                raise AssertionError("a set declined after another was kept")
-            return False
+    sink_contexts = sink._contexts
+    context_key = (fmt, exporter, domain)
+    context = sink_contexts.get(context_key)
+    if plain:
+        if context is None:
+            context = sink_contexts[context_key] = sink._context(
+                fmt, exporter, domain, up is not None
+            )
+        for _, start, length, key, layout in spans:
+            touch(key)
+            keep(layout, data, start, length, context, export_ms, up, 0)
+    else:
+        cache = state.templates
+        sampling = state.sampling
+        for kind, start, length, key, extra in spans:
+            if kind == _FLOW:
+                touch(key)
+                if context is None:
+                    context = sink_contexts[context_key] = sink._context(
+                        fmt, exporter, domain, up is not None
+                    )
+                keep(extra, data, start, length, context, export_ms, up, 0)
+            elif kind == _OPTIONS_DATA:
+                touch(key)
+                for values in extra:
+                    state.count("options_records")
+                    if not sampling.learn(fmt, exporter, domain, values):
+                        state.defect(fmt, "sampling_out_of_range")
+                sink.forget()
+                context = None
+            else:  # _REFRESH: start, length are the set's body start and end
+                for template_key, at in extra:
+                    if not cache.refresh(template_key, data, at, length, is_options=key):
+                        raise AssertionError("a template checked in pass 1 did not refresh")
     state._datagrams += 1
     state.build = make_row
     state._replay_spent = 0
@@ -647,6 +709,52 @@ def _plain_datagram(
     entry[0] += 1  # as DecoderState._exporter_seen
     entry[1] += taken
     return True
+
+
+def _refreshes(
+    lru: Any,
+    fmt: str,
+    exporter: str,
+    domain: int,
+    data: bytes,
+    start: int,
+    end: int,
+    header: int,
+    is_options: bool,
+) -> list[tuple[tuple[str, str, int, int], int]] | None:
+    """The (key, offset) of each template record of the set body ``data[start:end]`` if
+    every one is the exact wire form of a cached template of its kind (what
+    ``TemplateCache.refresh`` recognises), else None. Such a record passed every check the
+    format's template walk makes before it asks ``refresh`` when it was learned, so the walk
+    would refresh it and move on; fewer than ``header`` bytes left are its padding."""
+    out = []
+    pos = start
+    unpack = _SET_HEADER.unpack_from
+    while end - pos >= header:
+        template_id = unpack(data, pos)[0]
+        key = (fmt, exporter, domain, template_id)
+        template = lru.get(key)
+        if template is None or template.is_options != is_options:
+            return None
+        wire = template.wire
+        if not wire or pos + len(wire) > end or not data.startswith(wire, pos):
+            return None
+        out.append((key, pos))
+        pos += len(wire)
+    return out
+
+
+def _option_values(
+    template: Template, data: bytes, start: int, end: int, fmt: str, exporter: str
+) -> list[dict[int, Any]] | None:
+    """The records of an options data set as ``Template.option_values`` reads them, or None
+    if it would fail (the scalar path then counts that as it does)."""
+    try:
+        return list(
+            template.option_values(Reader(data, fmt=fmt, exporter=exporter, start=start, end=end))
+        )
+    except WireDecodeError:
+        return None
 
 
 def decode_template_batch(
@@ -665,7 +773,7 @@ def decode_template_batch(
         for i, (data, exporter, now) in enumerate(datagrams):
             sink.begin(i)
             try:
-                if _plain_datagram(data, exporter, now, state, sink):
+                if _fast_datagram(data, exporter, state, sink):
                     continue
                 sink.forget()
                 rows = decode_datagram_rows(data, exporter, state, now)
