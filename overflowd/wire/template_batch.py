@@ -247,6 +247,14 @@ class SetSink:
         #: (format, exporter, domain) -> context number, while only datagrams that change no
         #: sampling state are decoded; at most one entry per exporter and domain of the batch.
         self._contexts: dict[tuple[str, str, int], int] = {}
+        #: exporter -> its templates (``TemplateCache.exporter_lru``), and whether data is
+        #: held anywhere, as of the last datagram of the scalar path: nothing on the array
+        #: path changes either.
+        self._lrus: dict[str, Any] = {}
+        self._pending_unknown = True
+        #: (format, exporter, domain) -> set id -> (template key, record size, group) of
+        #: array-decodable templates, as of the last datagram of the scalar path.
+        self._set_memo: dict[tuple[str, str, int], dict[int, tuple[Any, int, int]]] = {}
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
@@ -257,6 +265,13 @@ class SetSink:
         """The sampling state may change (a datagram goes the scalar way, or options data
         was applied): no context read from it before still holds."""
         self._contexts.clear()
+
+    def settle(self) -> None:
+        """A datagram went the scalar way: templates and held data may have changed too."""
+        self._contexts.clear()
+        self._lrus.clear()
+        self._set_memo.clear()
+        self._pending_unknown = True
 
     def rollback(self) -> None:
         """Forget the sets of the datagram being decoded: it was refused (or failed)."""
@@ -436,16 +451,16 @@ def _empty_columns() -> dict[str, npt.NDArray[Any]]:
 
 
 def _decode_group(
-    group: _Group, first: int, batch_const: dict[str, npt.NDArray[Any]]
+    group: _Group, begin: int, batch_const: dict[str, npt.NDArray[Any]]
 ) -> tuple[dict[str, npt.NDArray[Any]], I64]:
-    """The columns of one layout's sets (records ``first:`` of the batch), and the
+    """The columns of one layout's sets (records ``begin:`` of the batch), and the
     out-of-range times by format, computed as ``_FlowPlan.build`` computes them record by
     record."""
     layout = group.layout
     data = b"".join(group.bodies)
     size = layout.itemsize
     n = len(data) // size
-    const = {name: values[first : first + n] for name, values in batch_const.items()}
+    const = {name: values[begin : begin + n] for name, values in batch_const.items()}
     raw: dict[str, Unsigned] = {}
     for name, offset, length in layout.columns:
         view = np.ndarray(
@@ -594,8 +609,10 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
     recency, refreshes, sampling state, then the context of each data set read after the
     options data before it.
     """
-    if state.pending:
-        return False  # expiry and replay have work to do: the scalar path does it
+    if sink._pending_unknown:
+        if state.pending:
+            return False  # expiry and replay have work to do: the scalar path does it
+        sink._pending_unknown = False
     size = len(data)
     version = data[:2]
     if version == _V9_VERSION:
@@ -618,14 +635,97 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
         template_sets = _IPFIX_TEMPLATE_SETS
     else:
         return False
-    lru = state.templates.exporter_lru(exporter)
+    lru = sink._lrus.get(exporter)
     if lru is None:
-        return False
+        lru = state.templates.exporter_lru(exporter)
+        if lru is None:
+            return False
+        sink._lrus[exporter] = lru
+    # The common datagram, in one pass: data sets of array-decodable templates only. What
+    # it keeps goes back (``rollback``) if the datagram turns out to be something else; the
+    # recency it touched is then touched again, in the same order, by whichever path takes
+    # the datagram (both walk the same sets first), so it ends the same.
+    memo_key = (fmt, exporter, domain)
+    memo = sink._set_memo.get(memo_key)
+    if memo is None:
+        memo = sink._set_memo[memo_key] = {}
+    contexts = sink._contexts
+    context = contexts.get(memo_key)
+    if context is None:
+        context = contexts[memo_key] = sink._context(fmt, exporter, domain, up is not None)
+    touch = lru.move_to_end
+    unpack = _SET_HEADER.unpack_from
+    groups = sink._groups
+    set_groups = sink._set_groups
+    flat = sink._flat
+    datagram = sink._datagram
+    export_ms = secs * 1000
+    uptime_or_0 = up or 0
+    start = offset
+    short = 0
+    while offset < size:
+        if size - offset < 4:
+            sink.rollback()
+            return False
+        set_id, set_length = unpack(data, offset)
+        if set_length < 4 or set_length > size - offset:
+            sink.rollback()
+            return False
+        hit = memo.get(set_id)
+        if hit is None:
+            template = lru.get((fmt, exporter, domain, set_id)) if set_id >= 256 else None
+            if template is None or template.batch_layout is None:
+                sink.rollback()
+                if set_id >= 256 and template is None:
+                    return False  # data for an unknown template: held by the scalar path
+                return _mixed_datagram(
+                    data, exporter, state, sink, lru, fmt, domain, start, secs, up,
+                    template_sets,
+                )  # fmt: skip
+            layout = template.batch_layout
+            hit = memo[set_id] = (
+                (fmt, exporter, domain, set_id),
+                layout.itemsize,
+                sink._group_of(layout),
+            )
+        key, record_size, number = hit
+        touch(key)
+        count = (set_length - 4) // record_size
+        if count:
+            body = offset + 4
+            groups[number].bodies.append(data[body : body + count * record_size])
+            set_groups.append(number)
+            flat += (datagram, 0, count, context, export_ms, uptime_or_0)
+            sink.taken += count
+        elif set_length >= 8:
+            short += 1  # as Template.flows: more than padding, less than a record
+        offset += set_length
+    if short:
+        state.count("data_sets_shorter_than_a_record", short)
+    _count_datagram(state, fmt, exporter, sink.taken)
+    return True
+
+
+def _mixed_datagram(
+    data: bytes,
+    exporter: str,
+    state: DecoderState,
+    sink: SetSink,
+    lru: Any,
+    fmt: str,
+    domain: int,
+    offset: int,
+    secs: int,
+    up: int | None,
+    template_sets: dict[int, int],
+) -> bool:
+    """``_fast_datagram`` for a datagram that also holds template refreshes or options
+    data (its sets from ``offset``), in two passes."""
+    size = len(data)
     # Pass 1: every set inside the datagram, ending exactly at its end, and of a kind taken.
     peek = lru.get
     unpack = _SET_HEADER.unpack_from
     spans: list[tuple[int, int, int, Any, Any]] = []
-    plain = True  # only flow data sets
     while offset < size:
         if size - offset < 4:
             return False
@@ -646,7 +746,6 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
                 if values is None:
                     return False
                 spans.append((_OPTIONS_DATA, offset + 4, set_length - 4, key, values))
-                plain = False
             else:
                 return False
         else:
@@ -659,7 +758,6 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
             if known is None:
                 return False
             spans.append((_REFRESH, offset + 4, end, set_id in _OPTIONS_SETS, known))
-            plain = False
         offset = end
     # Pass 2: apply, set by set.
     export_ms = secs * 1000
@@ -668,47 +766,42 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
     sink_contexts = sink._contexts
     context_key = (fmt, exporter, domain)
     context = sink_contexts.get(context_key)
-    if plain:
-        if context is None:
-            context = sink_contexts[context_key] = sink._context(
-                fmt, exporter, domain, up is not None
-            )
-        for _, start, length, key, layout in spans:
+    cache = state.templates
+    sampling = state.sampling
+    for kind, start, length, key, extra in spans:
+        if kind == _FLOW:
             touch(key)
-            keep(layout, data, start, length, context, export_ms, up, 0)
-    else:
-        cache = state.templates
-        sampling = state.sampling
-        for kind, start, length, key, extra in spans:
-            if kind == _FLOW:
-                touch(key)
-                if context is None:
-                    context = sink_contexts[context_key] = sink._context(
-                        fmt, exporter, domain, up is not None
-                    )
-                keep(extra, data, start, length, context, export_ms, up, 0)
-            elif kind == _OPTIONS_DATA:
-                touch(key)
-                for values in extra:
-                    state.count("options_records")
-                    if not sampling.learn(fmt, exporter, domain, values):
-                        state.defect(fmt, "sampling_out_of_range")
-                sink.forget()
-                context = None
-            else:  # _REFRESH: start, length are the set's body start and end
-                for template_key, at in extra:
-                    if not cache.refresh(template_key, data, at, length, is_options=key):
-                        raise AssertionError("a template checked in pass 1 did not refresh")
+            if context is None:
+                context = sink_contexts[context_key] = sink._context(
+                    fmt, exporter, domain, up is not None
+                )
+            keep(extra, data, start, length, context, export_ms, up, 0)
+        elif kind == _OPTIONS_DATA:
+            touch(key)
+            for values in extra:
+                state.count("options_records")
+                if not sampling.learn(fmt, exporter, domain, values):
+                    state.defect(fmt, "sampling_out_of_range")
+            sink.forget()
+            context = None
+        else:  # _REFRESH: start, length are the set's body start and end
+            for template_key, at in extra:
+                if not cache.refresh(template_key, data, at, length, is_options=key):
+                    raise AssertionError("a template checked in pass 1 did not refresh")
+    _count_datagram(state, fmt, exporter, sink.taken)
+    return True
+
+
+def _count_datagram(state: DecoderState, fmt: str, exporter: str, taken: int) -> None:
+    """What ``dispatch._decode`` counts for a datagram of ``taken`` records."""
     state._datagrams += 1
     state.build = make_row
     state._replay_spent = 0
     state._by_format[fmt] += 1
-    taken = sink.taken
     state._records += taken
     entry = state._exporters.get(exporter) or state._exporter_entry(exporter)
     entry[0] += 1  # as DecoderState._exporter_seen
     entry[1] += taken
-    return True
 
 
 def _refreshes(
@@ -775,7 +868,7 @@ def decode_template_batch(
             try:
                 if _fast_datagram(data, exporter, state, sink):
                     continue
-                sink.forget()
+                sink.settle()
                 rows = decode_datagram_rows(data, exporter, state, now)
             except DecodeError as exc:
                 sink.rollback()
