@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
@@ -94,78 +93,212 @@ U8 = npt.NDArray[np.uint8]
 Bools = npt.NDArray[np.bool_]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+class _Part:
+    """One layout's records in a batch: records ``begin:begin+n`` of the batch, read from
+    ``data`` (the layout's set bodies joined)."""
+
+    __slots__ = ("begin", "data", "layout", "n")
+
+    def __init__(self, layout: BatchLayout, data: bytes, begin: int) -> None:
+        self.layout = layout
+        self.data = data
+        self.begin = begin
+        self.n = len(data) // layout.itemsize
+
+    def raw(
+        self, names: frozenset[str] | None = None, local: npt.NDArray[np.intp] | None = None
+    ) -> dict[str, Unsigned]:
+        """The layout's columns (those in ``names``) in host order, for records ``local``
+        (all without)."""
+        size = self.layout.itemsize
+        out: dict[str, Unsigned] = {}
+        for name, offset, length in self.layout.columns:
+            if names is not None and name not in names:
+                continue
+            view = np.ndarray(
+                (self.n,), dtype=_BIG_ENDIAN[length], buffer=self.data, offset=offset,
+                strides=(size,),
+            )  # fmt: skip
+            out[name] = (view if local is None else view[local]).astype(_NATIVE[length])
+        return out
+
+
+#: The columns built only for the records asked for (:meth:`TemplateBatch.rows`): the
+#: sampler reads none of them. name -> dtype.
+_LAZY: dict[str, np.dtype[Any]] = {
+    "dport": np.dtype(np.uint16),
+    "bytes": np.dtype(np.uint64),
+    "first": np.dtype(np.int64),
+    "last": np.dtype(np.int64),
+    "tos": np.dtype(np.uint8),
+    "src_as": np.dtype(np.uint64),
+    "dst_as": np.dtype(np.uint64),
+    "has_as": np.dtype(np.bool_),
+}
+
+
 class TemplateBatch:
     """The array-decoded records of a batch of v9/IPFIX datagrams, one array per field.
 
-    Columns have the types :class:`~overflowd.flowsample_batch.BatchSampler` reads (``src``,
-    ``dst`` uint32; ``sport`` uint16; ``proto`` uint8; ``packets`` and ``tcp_flags`` uint64,
-    raw as the scalar path keeps them; ``interval`` int64). Treat them as read-only.
+    The columns :class:`~overflowd.flowsample_batch.BatchSampler` reads are arrays (``src``,
+    ``dst`` uint32; ``sport`` uint16; ``proto`` uint8; ``packets`` and ``tcp_flags``
+    unsigned, raw as the scalar path keeps them; ``interval`` int64); treat them as
+    read-only. Every other field is decoded from the kept bytes only for the records asked
+    for (:meth:`rows`, :meth:`column`): at a sampling rate of 1e-6 that is almost none, and
+    a batch's fixed cost is what a daemon at a modest rate pays per wake-up.
     """
 
-    src: U32
-    dst: U32
-    sport: U16
-    dport: U16
-    proto: U8
-    packets: Unsigned
-    bytes: Unsigned
-    first: I64
-    last: I64
-    tcp_flags: Unsigned
-    tos: U8
-    src_as: Unsigned
-    dst_as: Unsigned
-    #: Whether the record's template has the AS fields (else the row says None).
-    has_as: Bools
-    interval: I64
-    provenance: U8
-    exporter: U32
-    domain: U32
-    #: Index into :data:`FORMATS`.
-    fmt: U8
-    exporters: tuple[str, ...]
-    #: ``(datagram, position, start, count)`` per taken set, a row each: its records are
-    #: ``start:start+count`` here, and stood at ``position`` of the scalar records of that
-    #: datagram (for tests that compare the order).
-    set_table: npt.NDArray[np.int64]
-    #: FlowRows of each datagram decoded the scalar way (only datagrams with some).
-    scalar: tuple[tuple[int, list[FlowRow]], ...]
-    #: Datagrams refused (counted in the state as the scalar path counts them).
-    errors: tuple[tuple[int, DecodeError], ...]
-    #: Datagrams whose decoding raised something else (a bug some input reaches): dropped.
-    failures: tuple[tuple[int, Exception], ...]
+    __slots__ = (
+        "_context",
+        "_parts",
+        "_set_of_record",
+        "_set_table_export",
+        "_set_table_uptime",
+        "_table",
+        "dst",
+        "errors",
+        "exporters",
+        "failures",
+        "interval",
+        "packets",
+        "proto",
+        "scalar",
+        "set_table",
+        "sport",
+        "src",
+        "tcp_flags",
+    )
+
+    def __init__(
+        self,
+        *,
+        src: U32,
+        dst: U32,
+        sport: U16,
+        proto: U8,
+        packets: Unsigned,
+        tcp_flags: Unsigned,
+        interval: I64,
+        context: npt.NDArray[np.int64],
+        set_of_record: npt.NDArray[np.int64],
+        table: npt.NDArray[np.int64],
+        set_export: npt.NDArray[np.int64],
+        set_uptime: npt.NDArray[np.int64],
+        parts: tuple[_Part, ...],
+        exporters: tuple[str, ...],
+        set_table: npt.NDArray[np.int64],
+        scalar: tuple[tuple[int, list[FlowRow]], ...],
+        errors: tuple[tuple[int, DecodeError], ...],
+        failures: tuple[tuple[int, Exception], ...],
+    ) -> None:
+        self.src = src
+        self.dst = dst
+        self.sport = sport
+        self.proto = proto
+        self.packets = packets
+        self.tcp_flags = tcp_flags
+        self.interval = interval
+        self._context = context
+        self._set_of_record = set_of_record
+        self._table = table
+        self._set_table_export = set_export
+        self._set_table_uptime = set_uptime
+        self._parts = parts
+        self.exporters = exporters
+        #: ``(datagram, position, start, count)`` per taken set, a row each: its records
+        #: are ``start:start+count`` here, and stood at ``position`` of the scalar records
+        #: of that datagram (for tests that compare the order).
+        self.set_table = set_table
+        #: FlowRows of each datagram decoded the scalar way (only datagrams with some).
+        self.scalar = scalar
+        #: Datagrams refused (counted in the state as the scalar path counts them).
+        self.errors = errors
+        #: Datagrams whose decoding raised something else (a bug some input reaches):
+        #: dropped.
+        self.failures = failures
 
     def __len__(self) -> int:
         return len(self.src)
 
+    def _const(self, idx: npt.NDArray[np.intp]) -> dict[str, npt.NDArray[Any]]:
+        """The per-record values the time columns read, for records ``idx``."""
+        context = self._context[idx]
+        sets = self._set_of_record[idx]
+        table = self._table
+        return {
+            "export_ms": self._set_table_export[sets],
+            "uptime": self._set_table_uptime[sets].astype(np.uint32),
+            "fmt": table[context, 1].astype(np.uint8),
+            "sysup_mode": table[context, 3].astype(np.uint8),
+            "boot": table[context, 4],
+        }
+
+    def column(self, name: str, indices: npt.NDArray[np.intp] | None = None) -> npt.NDArray[Any]:
+        """Any field (a sampler column, one of ``dport bytes first last tos src_as dst_as
+        has_as``, or ``provenance exporter domain fmt``) for records ``indices`` (all
+        without)."""
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.intp)
+        if name in _LAZY:
+            return self._lazy(idx)[name]
+        by_context = {"exporter": (0, np.uint32), "fmt": (1, np.uint8), "domain": (2, np.uint32)}
+        by_context["provenance"] = (6, np.uint8)
+        if name in by_context:
+            index, dtype = by_context[name]
+            values: npt.NDArray[Any] = self._table[self._context[idx], index].astype(dtype)
+            return values
+        values = getattr(self, name)[idx]
+        return values
+
+    def _lazy(self, idx: npt.NDArray[np.intp]) -> dict[str, npt.NDArray[Any]]:
+        out = {name: np.zeros(len(idx), dtype=dtype) for name, dtype in _LAZY.items()}
+        const = self._const(idx)
+        for part in self._parts:
+            inside = (idx >= part.begin) & (idx < part.begin + part.n)
+            if not inside.any():
+                continue
+            local = idx[inside] - part.begin
+            columns, _ = _columns(
+                part.layout,
+                part.raw(None, local),
+                {k: v[inside] for k, v in const.items()},
+                len(local),
+            )
+            for name in _LAZY:
+                out[name][inside] = columns[name]
+        return out
+
     def rows(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[FlowRow]:
         """FlowRows for the chosen records, equal to the scalar decoder's for them."""
         idx = np.asarray(indices, dtype=np.intp)
+        if not len(idx):
+            return []
         exporters = self.exporters
         new_address = IPv4Address
-        has_as = self.has_as[idx].tolist()
-        src_as = self.src_as[idx].tolist()
-        dst_as = self.dst_as[idx].tolist()
+        lazy = self._lazy(idx)
+        has_as = lazy["has_as"].tolist()
+        src_as = lazy["src_as"].tolist()
+        dst_as = lazy["dst_as"].tolist()
+        table = self._table
+        context = self._context[idx]
         columns = (
             self.src[idx].tolist(),
             self.dst[idx].tolist(),
             self.sport[idx].tolist(),
-            self.dport[idx].tolist(),
+            lazy["dport"].tolist(),
             self.proto[idx].tolist(),
             self.packets[idx].tolist(),
-            self.bytes[idx].tolist(),
-            self.first[idx].tolist(),
-            self.last[idx].tolist(),
+            lazy["bytes"].tolist(),
+            lazy["first"].tolist(),
+            lazy["last"].tolist(),
             self.tcp_flags[idx].tolist(),
-            self.tos[idx].tolist(),
+            lazy["tos"].tolist(),
             [a if h else None for a, h in zip(src_as, has_as, strict=True)],
             [a if h else None for a, h in zip(dst_as, has_as, strict=True)],
-            self.exporter[idx].tolist(),
-            self.domain[idx].tolist(),
-            self.fmt[idx].tolist(),
+            table[context, 0].tolist(),
+            table[context, 2].tolist(),
+            table[context, 1].tolist(),
             self.interval[idx].tolist(),
-            self.provenance[idx].tolist(),
+            table[context, 6].tolist(),
         )
         return [
             make_row(
@@ -368,8 +501,9 @@ class SetSink:
         errors: Sequence[tuple[int, DecodeError]],
         failures: Sequence[tuple[int, Exception]],
     ) -> TemplateBatch:
-        """Decode every taken set into the batch's columns: the per-set values as arrays
-        once, then one strided view per column and layout."""
+        """The batch: the per-set values as arrays once, the sampler's columns decoded
+        (one strided view per column and layout), the rest kept for ``rows``; and the
+        out-of-range times counted, as the scalar path counts them."""
         n_sets = len(self._set_groups)
         meta = np.array(self._flat, dtype=np.int64).reshape(n_sets, _PER_SET)
         groups = np.array(self._set_groups, dtype=np.intp)
@@ -380,47 +514,44 @@ class SetSink:
         ends = np.cumsum(counts)
         starts = np.empty(n_sets, dtype=np.int64)
         starts[order] = ends - counts
-
-        def per_record(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
-            return np.repeat(values[order], counts)
-
-        context = per_record(meta[:, _CONTEXT])
+        set_of_record = np.repeat(order, counts)
+        context = meta[set_of_record, _CONTEXT]
         table = np.array(self._context_rows or [(0,) * 7], dtype=np.int64)
-        const: dict[str, npt.NDArray[Any]] = {
-            "export_ms": per_record(meta[:, _EXPORT_MS]),
-            "uptime": per_record(meta[:, _UPTIME]).astype(np.uint32),
-            "fmt": table[context, 1].astype(np.uint8),
-            "sysup_mode": table[context, 3].astype(np.uint8),
-            "boot": table[context, 4],
-        }
-        parts: list[dict[str, npt.NDArray[Any]]] = []
+        set_export = meta[:, _EXPORT_MS]
+        set_uptime = meta[:, _UPTIME]
+        parts: list[_Part] = []
+        columns: list[dict[str, npt.NDArray[Any]]] = []
         bad_times = np.zeros(len(FORMATS), dtype=np.int64)
         done = 0
         for group in self._groups:
             if not group.bodies:
                 continue  # every set of it was rolled back
-            columns, bad = _decode_group(group, done, const)
-            done += len(columns["src"])
-            bad_times += bad
-            parts.append(columns)
+            part = _Part(group.layout, b"".join(group.bodies), done)
+            done += part.n
+            parts.append(part)
+            raw = part.raw(_EAGER_FIELDS)
+            columns.append(_sampler_columns(raw, part.n))
+            bad_times += _bad_times(part, context, set_of_record, set_export, set_uptime, table)
         state = self._state
         for code, n in enumerate(bad_times.tolist()):
             if n:
                 state.defect(FORMATS[code], "time_out_of_range", n)
-        if not parts:
-            parts.append(_empty_columns())
+        if not columns:
+            columns.append(_sampler_columns({}, 0))
         joined = (
-            parts[0]
-            if len(parts) == 1
-            else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            columns[0]
+            if len(columns) == 1
+            else {name: np.concatenate([c[name] for c in columns]) for name in columns[0]}
         )
         return TemplateBatch(
             **joined,
             interval=table[context, 5],
-            provenance=table[context, 6].astype(np.uint8),
-            exporter=table[context, 0].astype(np.uint32),
-            domain=table[context, 2].astype(np.uint32),
-            fmt=const["fmt"],
+            context=context,
+            set_of_record=set_of_record,
+            table=table,
+            set_export=set_export,
+            set_uptime=set_uptime,
+            parts=tuple(parts),
             exporters=tuple(self._exporter_index),
             set_table=np.stack(
                 (meta[:, _DATAGRAM], meta[:, _POSITION], starts, meta[:, _COUNT]), axis=1
@@ -431,42 +562,86 @@ class SetSink:
         )
 
 
-def _empty_columns() -> dict[str, npt.NDArray[Any]]:
+#: The fields the sampler's columns are made of (ICMP ones: an ICMP record's source port
+#: is 0).
+_EAGER_FIELDS = frozenset(
+    {"src", "dst", "sport", "proto", "tcp_flags", "packets"}
+    | {f"{family}_{kind}" for family in ("icmp4", "icmp6") for kind in ("combined", "type", "code")}
+)
+
+
+def _sampler_columns(raw: dict[str, Unsigned], n: int) -> dict[str, npt.NDArray[Any]]:
+    """``src dst sport proto packets tcp_flags`` of ``n`` records, as ``_columns`` makes
+    them."""
+    zeros = np.zeros(n, dtype=np.uint64)
+    proto = raw.get("proto", zeros).astype(np.uint8)
+    sport = raw.get("sport", zeros).astype(np.uint16)
+    for family, number in (("icmp4", 1), ("icmp6", 58)):
+        if any(f"{family}_{kind}" in raw for kind in ("combined", "type", "code")):
+            is_icmp = proto == number
+            if is_icmp.any():
+                sport = np.where(is_icmp, np.uint16(0), sport)
     return {
-        "src": np.empty(0, np.uint32),
-        "dst": np.empty(0, np.uint32),
-        "sport": np.empty(0, np.uint16),
-        "dport": np.empty(0, np.uint16),
-        "proto": np.empty(0, np.uint8),
-        "packets": np.empty(0, np.uint64),
-        "bytes": np.empty(0, np.uint64),
-        "first": np.empty(0, np.int64),
-        "last": np.empty(0, np.int64),
-        "tcp_flags": np.empty(0, np.uint64),
-        "tos": np.empty(0, np.uint8),
-        "src_as": np.empty(0, np.uint64),
-        "dst_as": np.empty(0, np.uint64),
-        "has_as": np.empty(0, np.bool_),
+        "src": raw.get("src", zeros).astype(np.uint32, copy=False),
+        "dst": raw.get("dst", zeros).astype(np.uint32, copy=False),
+        "sport": sport,
+        "proto": proto,
+        "packets": raw.get("packets", zeros),
+        "tcp_flags": raw.get("tcp_flags", zeros),
     }
 
 
-def _decode_group(
-    group: _Group, begin: int, batch_const: dict[str, npt.NDArray[Any]]
+def _bad_times(
+    part: _Part,
+    context: npt.NDArray[np.int64],
+    set_of_record: npt.NDArray[np.int64],
+    set_export: npt.NDArray[np.int64],
+    set_uptime: npt.NDArray[np.int64],
+    table: npt.NDArray[np.int64],
+) -> I64:
+    """The part's first/last times out of range, by format (``_times``), computed only
+    where they can be: a time of a kind and width that cannot leave the range (below) is
+    not computed at all."""
+    bad = np.zeros(len(FORMATS), dtype=np.int64)
+    layout = part.layout
+    widths = {name: length for name, _, length in layout.columns}
+    span = slice(part.begin, part.begin + part.n)
+    for name, kind in (("first", layout.first_kind), ("last", layout.last_kind)):
+        if kind is None:
+            continue
+        if kind == "sysup":
+            # NetFlow v9: export time (a u32 of seconds, in ms) minus an int32: in range.
+            # IPFIX without an init time: the export time. With one: init + a u32.
+            rows = table[np.unique(context[span])]
+            boots = rows[rows[:, 3] == _SYSUP_BOOT, 4]
+            if not len(boots) or (
+                int(boots.min()) >= MIN_TIME_MS and int(boots.max()) + 0xFFFFFFFF <= MAX_TIME_MS
+            ):
+                continue
+        elif widths[name] <= 4:
+            continue  # ms, s (x 1000) and delta_us (export - u32 / 1000) of 32 bits: in range
+        sets = set_of_record[span]
+        contexts = context[span]
+        const = {
+            "export_ms": set_export[sets],
+            "uptime": set_uptime[sets].astype(np.uint32),
+            "sysup_mode": table[contexts, 3].astype(np.uint8),
+            "boot": table[contexts, 4],
+        }
+        _, ok = _times(part.raw(frozenset({name})), name, kind, const)
+        assert ok is not None
+        wrong = ~ok
+        if wrong.any():
+            bad += np.bincount(table[contexts[wrong], 1], minlength=len(FORMATS))
+    return bad
+
+
+def _columns(
+    layout: BatchLayout, raw: dict[str, Unsigned], const: dict[str, npt.NDArray[Any]], n: int
 ) -> tuple[dict[str, npt.NDArray[Any]], I64]:
-    """The columns of one layout's sets (records ``begin:`` of the batch), and the
-    out-of-range times by format, computed as ``_FlowPlan.build`` computes them record by
-    record."""
-    layout = group.layout
-    data = b"".join(group.bodies)
-    size = layout.itemsize
-    n = len(data) // size
-    const = {name: values[begin : begin + n] for name, values in batch_const.items()}
-    raw: dict[str, Unsigned] = {}
-    for name, offset, length in layout.columns:
-        view = np.ndarray(
-            (n,), dtype=_BIG_ENDIAN[length], buffer=data, offset=offset, strides=(size,)
-        )
-        raw[name] = view.astype(_NATIVE[length])
+    """Every column of ``n`` records of ``layout`` (``raw``: its fields, ``const``: their
+    per-set values), and the out-of-range times by format, computed as ``_FlowPlan.build``
+    computes them record by record."""
     zeros = np.zeros(n, dtype=np.uint64)
 
     def col(name: str) -> Unsigned:

@@ -160,6 +160,13 @@ def test_softflowd_like_reexport_of_the_trace(v5_trace: list[Datagram], fmt: str
     # Every data set went into the arrays: nothing decoded record by record.
     assert len(batch) > 20_000 and batch.scalar == ()
     assert_equivalent(datagrams)
+    # Columns outside the sampler's are decoded on demand, for all or some records.
+    rows = batch.rows(np.arange(len(batch)))
+    some = np.arange(0, len(batch), 7)
+    assert batch.column("first").tolist() == [r.first for r in rows]
+    assert batch.column("dport", some).tolist() == [rows[i].dport for i in some]
+    assert batch.column("exporter", some).tolist() == [0] * len(some)
+    assert batch.column("packets", some).tolist() == [rows[i].packets for i in some]
 
 
 @pytest.mark.parametrize("fmt", ["v9", "ipfix-ms", "ipfix-sysup"])
