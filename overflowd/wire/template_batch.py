@@ -519,6 +519,10 @@ class SetSink:
         table = np.array(self._context_rows or [(0,) * 7], dtype=np.int64)
         set_export = meta[:, _EXPORT_MS]
         set_uptime = meta[:, _UPTIME]
+        boots = table[table[:, 3] == _SYSUP_BOOT, 4]
+        boots_in_range = not len(boots) or (
+            int(boots.min()) >= MIN_TIME_MS and int(boots.max()) + 0xFFFFFFFF <= MAX_TIME_MS
+        )
         parts: list[_Part] = []
         columns: list[dict[str, npt.NDArray[Any]]] = []
         bad_times = np.zeros(len(FORMATS), dtype=np.int64)
@@ -531,7 +535,9 @@ class SetSink:
             parts.append(part)
             raw = part.raw(_EAGER_FIELDS)
             columns.append(_sampler_columns(raw, part.n))
-            bad_times += _bad_times(part, context, set_of_record, set_export, set_uptime, table)
+            bad_times += _bad_times(
+                part, context, set_of_record, set_export, set_uptime, table, boots_in_range
+            )
         state = self._state
         for code, n in enumerate(bad_times.tolist()):
             if n:
@@ -598,6 +604,7 @@ def _bad_times(
     set_export: npt.NDArray[np.int64],
     set_uptime: npt.NDArray[np.int64],
     table: npt.NDArray[np.int64],
+    boots_in_range: bool,
 ) -> I64:
     """The part's first/last times out of range, by format (``_times``), computed only
     where they can be: a time of a kind and width that cannot leave the range (below) is
@@ -612,11 +619,8 @@ def _bad_times(
         if kind == "sysup":
             # NetFlow v9: export time (a u32 of seconds, in ms) minus an int32: in range.
             # IPFIX without an init time: the export time. With one: init + a u32.
-            rows = table[np.unique(context[span])]
-            boots = rows[rows[:, 3] == _SYSUP_BOOT, 4]
-            if not len(boots) or (
-                int(boots.min()) >= MIN_TIME_MS and int(boots.max()) + 0xFFFFFFFF <= MAX_TIME_MS
-            ):
+            # (Judged on every context of the batch: few, and exact either way.)
+            if boots_in_range:
                 continue
         elif widths[name] <= 4:
             continue  # ms, s (x 1000) and delta_us (export - u32 / 1000) of 32 bits: in range
