@@ -388,6 +388,10 @@ class SetSink:
         #: (format, exporter, domain) -> set id -> (template key, record size, group) of
         #: array-decodable templates, as of the last datagram of the scalar path.
         self._set_memo: dict[tuple[str, str, int], dict[int, tuple[Any, int, int]]] = {}
+        self._counted = 0
+        self._counted_records = 0
+        self._counted_by_format = dict.fromkeys(FORMATS, 0)
+        self._counted_by_exporter: dict[str, list[int]] = {}
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
@@ -399,8 +403,46 @@ class SetSink:
         was applied): no context read from it before still holds."""
         self._contexts.clear()
 
+    def count(self, fmt: str, exporter: str, records: int) -> None:
+        """Count a datagram taken here as ``dispatch._decode`` counts one, later
+        (:meth:`flush`): per exporter in order of first appearance, so that the state's
+        per-exporter table fills in the same order."""
+        self._counted += 1
+        self._counted_by_format[fmt] += 1
+        self._counted_records += records
+        entry = self._counted_by_exporter.get(exporter)
+        if entry is None:
+            self._counted_by_exporter[exporter] = [1, records]
+        else:
+            entry[0] += 1
+            entry[1] += records
+
+    def flush(self) -> None:
+        """Apply the counts of :meth:`count` to the state: before a datagram goes the scalar
+        way (its decoder reads the datagram count: ``DecoderState.datagram_serial``) and when
+        the batch ends."""
+        if not self._counted:
+            return
+        state = self._state
+        state._datagrams += self._counted
+        state.build = make_row
+        state._replay_spent = 0
+        for fmt, n in self._counted_by_format.items():
+            if n:
+                state._by_format[fmt] += n
+        state._records += self._counted_records
+        for exporter, (datagrams, records) in self._counted_by_exporter.items():
+            entry = state._exporters.get(exporter) or state._exporter_entry(exporter)
+            entry[0] += datagrams  # as DecoderState._exporter_seen
+            entry[1] += records
+        self._counted = self._counted_records = 0
+        self._counted_by_format = dict.fromkeys(FORMATS, 0)
+        self._counted_by_exporter.clear()
+
     def settle(self) -> None:
-        """A datagram went the scalar way: templates and held data may have changed too."""
+        """A datagram goes the scalar way: counts are due, and templates, held data and the
+        sampling state may change."""
+        self.flush()
         self._contexts.clear()
         self._lrus.clear()
         self._set_memo.clear()
@@ -504,6 +546,7 @@ class SetSink:
         """The batch: the per-set values as arrays once, the sampler's columns decoded
         (one strided view per column and layout), the rest kept for ``rows``; and the
         out-of-range times counted, as the scalar path counts them."""
+        self.flush()
         n_sets = len(self._set_groups)
         meta = np.array(self._flat, dtype=np.int64).reshape(n_sets, _PER_SET)
         groups = np.array(self._set_groups, dtype=np.intp)
@@ -881,7 +924,7 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
         offset += set_length
     if short:
         state.count("data_sets_shorter_than_a_record", short)
-    _count_datagram(state, fmt, exporter, sink.taken)
+    sink.count(fmt, exporter, sink.taken)
     return True
 
 
@@ -967,20 +1010,8 @@ def _mixed_datagram(
             for template_key, at in extra:
                 if not cache.refresh(template_key, data, at, length, is_options=key):
                     raise AssertionError("a template checked in pass 1 did not refresh")
-    _count_datagram(state, fmt, exporter, sink.taken)
+    sink.count(fmt, exporter, sink.taken)
     return True
-
-
-def _count_datagram(state: DecoderState, fmt: str, exporter: str, taken: int) -> None:
-    """What ``dispatch._decode`` counts for a datagram of ``taken`` records."""
-    state._datagrams += 1
-    state.build = make_row
-    state._replay_spent = 0
-    state._by_format[fmt] += 1
-    state._records += taken
-    entry = state._exporters.get(exporter) or state._exporter_entry(exporter)
-    entry[0] += 1  # as DecoderState._exporter_seen
-    entry[1] += taken
 
 
 def _refreshes(
@@ -1043,7 +1074,9 @@ def decode_template_batch(
     state.sink = sink
     try:
         for i, (data, exporter, now) in enumerate(datagrams):
-            sink.begin(i)
+            sink._datagram = i  # sink.begin(i), inlined
+            sink._mark = len(sink._set_groups)
+            sink.taken = 0
             try:
                 if _fast_datagram(data, exporter, state, sink):
                     continue
@@ -1061,4 +1094,5 @@ def decode_template_batch(
                 scalar.append((i, rows))
     finally:
         state.sink = None
+        sink.flush()
     return sink.finish(scalar, errors, failures)
