@@ -150,10 +150,12 @@ class TemplateBatch:
 
     __slots__ = (
         "_context",
+        "_meta",
         "_parts",
         "_set_of_record",
         "_set_table_export",
         "_set_table_uptime",
+        "_starts",
         "_table",
         "dst",
         "errors",
@@ -163,7 +165,6 @@ class TemplateBatch:
         "packets",
         "proto",
         "scalar",
-        "set_table",
         "sport",
         "src",
         "tcp_flags",
@@ -186,7 +187,8 @@ class TemplateBatch:
         set_uptime: npt.NDArray[np.int64],
         parts: tuple[_Part, ...],
         exporters: tuple[str, ...],
-        set_table: npt.NDArray[np.int64],
+        meta: npt.NDArray[np.int64],
+        starts: npt.NDArray[np.int64],
         scalar: tuple[tuple[int, list[FlowRow]], ...],
         errors: tuple[tuple[int, DecodeError], ...],
         failures: tuple[tuple[int, Exception], ...],
@@ -205,10 +207,8 @@ class TemplateBatch:
         self._set_table_uptime = set_uptime
         self._parts = parts
         self.exporters = exporters
-        #: ``(datagram, position, start, count)`` per taken set, a row each: its records
-        #: are ``start:start+count`` here, and stood at ``position`` of the scalar records
-        #: of that datagram (for tests that compare the order).
-        self.set_table = set_table
+        self._meta = meta
+        self._starts = starts
         #: FlowRows of each datagram decoded the scalar way (only datagrams with some).
         self.scalar = scalar
         #: Datagrams refused (counted in the state as the scalar path counts them).
@@ -219,6 +219,16 @@ class TemplateBatch:
 
     def __len__(self) -> int:
         return len(self.src)
+
+    @property
+    def set_table(self) -> npt.NDArray[np.int64]:
+        """``(datagram, position, start, count)`` per taken set, a row each: its records
+        are ``start:start+count`` here, and stood at ``position`` of the scalar records of
+        that datagram (for tests that compare the order)."""
+        meta = self._meta
+        return np.stack(
+            (meta[:, _DATAGRAM], meta[:, _POSITION], self._starts, meta[:, _COUNT]), axis=1
+        )
 
     def _const(self, idx: npt.NDArray[np.intp]) -> dict[str, npt.NDArray[Any]]:
         """The per-record values the time columns read, for records ``idx``."""
@@ -552,7 +562,7 @@ class SetSink:
         groups = np.array(self._set_groups, dtype=np.intp)
         # Records go layout by layout (in order of first appearance), each layout's sets in
         # arrival order.
-        order = np.argsort(groups, kind="stable")
+        order = np.arange(n_sets) if len(self._groups) == 1 else np.argsort(groups, kind="stable")
         counts = meta[order, _COUNT]
         ends = np.cumsum(counts)
         starts = np.empty(n_sets, dtype=np.int64)
@@ -602,9 +612,8 @@ class SetSink:
             set_uptime=set_uptime,
             parts=tuple(parts),
             exporters=tuple(self._exporter_index),
-            set_table=np.stack(
-                (meta[:, _DATAGRAM], meta[:, _POSITION], starts, meta[:, _COUNT]), axis=1
-            ),
+            meta=meta,
+            starts=starts,
             scalar=tuple(scalar),
             errors=tuple(errors),
             failures=tuple(failures),
