@@ -10,15 +10,25 @@ fixed-length; IPv4 addresses; no per-record sampling; see ``_batch_layout`` for 
 declined) is not decoded there but taken by a :class:`SetSink`, which keeps its bytes and
 the values the scalar path would read from the set's context *at that moment* (announced
 sampling, system init time, export time). After the last datagram the sets of each layout
-are joined and read with one strided numpy view per column: no Python per record. Sampling
-runs on the arrays (:class:`~overflowd.flowsample_batch.BatchSampler`), and
-:meth:`TemplateBatch.rows` builds FlowRows only for the sampled records, equal to the scalar
+are joined and the six columns the sampler reads are decoded, one strided numpy view per
+column: no Python per record. Sampling runs on the arrays
+(:class:`~overflowd.flowsample_batch.BatchSampler`), and :meth:`TemplateBatch.rows` decodes
+the other fields and builds FlowRows only for the sampled records, equal to the scalar
 path's.
+
+Most datagrams never reach the scalar code at all (``_fast_datagram``): those of data sets
+only (taken in one pass, rolled back if the datagram turns out to be anything else) and,
+in two passes (check everything, then apply in the scalar order), those that refresh
+templates with identical bytes and carry options data of known options templates — what
+an exporter such as softflowd sends every 16 datagrams. Anything else (a new or changed
+template, a withdrawal, held data, a defect of any kind) is left to the scalar code, so
+every refusal, defect and learned template is its own.
 
 Same state as the scalar path: the datagram, record and exporter counts, held data, templates
 and defects end up as ``decode_datagram_rows`` over the same datagrams leaves them (the
-``time_out_of_range`` defects of taken sets are counted when the batch is finished, not
-during the walk). A layout is cached with its template (``Template.batch_layout``), so a
+``time_out_of_range`` defects of taken sets, and the counts of datagrams taken without the
+scalar code, are counted when the batch is finished or before the next datagram of the
+scalar path, not during the walk). A layout is cached with its template (``Template.batch_layout``), so a
 changed template is a new layout, and the cache's bounds are the scalar ones: the layout is
 charged in the template's footprint.
 
