@@ -362,6 +362,7 @@ def test_a_changed_template_or_options_among_refreshes_goes_the_scalar_way(
     stream = [*datagrams[:20], (extra[0], datagrams[0][1], 1.0), *datagrams[20:30]]
     stream += [(extra[1], datagrams[0][1], 2.0), *datagrams[:1], *datagrams[30:40]]
     stream += [(extra[2], datagrams[0][1], 3.0), *datagrams[40:48]]
-    stream += [(extra[3], datagrams[0][1], 4.0), *datagrams[48:]]
+    # Not before datagram 48, whose own options data would set the sampling again.
+    stream += [(extra[3], datagrams[0][1], 4.0), *datagrams[49:]]
     assert_equivalent(stream, batch_size=256)
     assert_equivalent(stream, batch_size=5)
