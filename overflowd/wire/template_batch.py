@@ -28,9 +28,9 @@ Same state as the scalar path: the datagram, record and exporter counts, held da
 and defects end up as ``decode_datagram_rows`` over the same datagrams leaves them (the
 ``time_out_of_range`` defects of taken sets, and the counts of datagrams taken without the
 scalar code, are counted when the batch is finished or before the next datagram of the
-scalar path, not during the walk). A layout is cached with its template (``Template.batch_layout``), so a
-changed template is a new layout, and the cache's bounds are the scalar ones: the layout is
-charged in the template's footprint.
+scalar path, not during the walk). A layout is cached with its template
+(``Template.batch_layout``), so a changed template is a new layout, and the cache's bounds
+are the scalar ones: the layout is charged in the template's footprint.
 
 Records of every other set (variable-length and declined templates, sFlow, NetFlow v5 given
 here) come back as FlowRows per datagram in ``TemplateBatch.scalar``, for the scalar
