@@ -407,7 +407,7 @@ class SetSink:
         self._pending_unknown = True
         #: (format, exporter, domain) -> set id -> (template key, record size, group) of
         #: array-decodable templates, as of the last datagram of the scalar path.
-        self._set_memo: dict[tuple[str, str, int], dict[int, tuple[Any, int, int]]] = {}
+        self._set_memo: dict[tuple[str, str, int], dict[int, tuple[Any, int, int, Any]]] = {}
         self._counted = 0
         self._counted_records = 0
         self._counted_by_format = dict.fromkeys(FORMATS, 0)
@@ -896,7 +896,6 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
         context = contexts[memo_key] = sink._context(fmt, exporter, domain, up is not None)
     touch = lru.move_to_end
     unpack = _SET_HEADER.unpack_from
-    groups = sink._groups
     set_groups = sink._set_groups
     flat = sink._flat
     datagram = sink._datagram
@@ -904,6 +903,7 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
     uptime_or_0 = up or 0
     start = offset
     short = 0
+    taken = 0
     while offset < size:
         if size - offset < 4:
             sink.rollback()
@@ -924,26 +924,29 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
                     template_sets,
                 )  # fmt: skip
             layout = template.batch_layout
+            number = sink._group_of(layout)
             hit = memo[set_id] = (
                 (fmt, exporter, domain, set_id),
                 layout.itemsize,
-                sink._group_of(layout),
+                number,
+                sink._groups[number].bodies.append,
             )
-        key, record_size, number = hit
+        key, record_size, number, keep_body = hit
         touch(key)
         count = (set_length - 4) // record_size
         if count:
             body = offset + 4
-            groups[number].bodies.append(data[body : body + count * record_size])
+            keep_body(data[body : body + count * record_size])
             set_groups.append(number)
             flat += (datagram, 0, count, context, export_ms, uptime_or_0)
-            sink.taken += count
+            taken += count
         elif set_length >= 8:
             short += 1  # as Template.flows: more than padding, less than a record
         offset += set_length
     if short:
         state.count("data_sets_shorter_than_a_record", short)
-    sink.count(fmt, exporter, sink.taken)
+    sink.taken = taken
+    sink.count(fmt, exporter, taken)
     return True
 
 
