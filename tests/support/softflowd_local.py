@@ -21,6 +21,8 @@ from pathlib import Path
 
 SOFTFLOWD = shutil.which("softflowd") or shutil.which("softflowd", path="/usr/sbin:/sbin")
 EXPORT_TIMEOUT_S = 30.0
+#: Linux's SO_RCVBUFFORCE (socket.h), which Python's socket module does not name.
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _ETHERNET = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02\x08\x00"
 
 
@@ -65,7 +67,10 @@ def export(capture: Path, version: int, workdir: Path) -> list[bytes]:
     assert SOFTFLOWD is not None, "softflowd is not installed"
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 25)
+        try:  # past net.core.rmem_max where allowed (root): loopback drops nothing then
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 1 << 25)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 25)
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(0.2)
         port = sock.getsockname()[1]
