@@ -10,17 +10,27 @@ fixed-length; IPv4 addresses; no per-record sampling; see ``_batch_layout`` for 
 declined) is not decoded there but taken by a :class:`SetSink`, which keeps its bytes and
 the values the scalar path would read from the set's context *at that moment* (announced
 sampling, system init time, export time). After the last datagram the sets of each layout
-are joined and read with one strided numpy view per column: no Python per record. Sampling
-runs on the arrays (:class:`~overflowd.flowsample_batch.BatchSampler`), and
-:meth:`TemplateBatch.rows` builds FlowRows only for the sampled records, equal to the scalar
+are joined and the six columns the sampler reads are decoded, one strided numpy view per
+column: no Python per record. Sampling runs on the arrays
+(:class:`~overflowd.flowsample_batch.BatchSampler`), and :meth:`TemplateBatch.rows` decodes
+the other fields and builds FlowRows only for the sampled records, equal to the scalar
 path's.
+
+Most datagrams never reach the scalar code at all (``_fast_datagram``): those of data sets
+only (taken in one pass, rolled back if the datagram turns out to be anything else) and,
+in two passes (check everything, then apply in the scalar order), those that refresh
+templates with identical bytes and carry options data of known options templates — what
+an exporter such as softflowd sends every 16 datagrams. Anything else (a new or changed
+template, a withdrawal, held data, a defect of any kind) is left to the scalar code, so
+every refusal, defect and learned template is its own.
 
 Same state as the scalar path: the datagram, record and exporter counts, held data, templates
 and defects end up as ``decode_datagram_rows`` over the same datagrams leaves them (the
-``time_out_of_range`` defects of taken sets are counted when the batch is finished, not
-during the walk). A layout is cached with its template (``Template.batch_layout``), so a
-changed template is a new layout, and the cache's bounds are the scalar ones: the layout is
-charged in the template's footprint.
+``time_out_of_range`` defects of taken sets, and the counts of datagrams taken without the
+scalar code, are counted when the batch is finished or before the next datagram of the
+scalar path, not during the walk). A layout is cached with its template
+(``Template.batch_layout``), so a changed template is a new layout, and the cache's bounds
+are the scalar ones: the layout is charged in the template's footprint.
 
 Records of every other set (variable-length and declined templates, sFlow, NetFlow v5 given
 here) come back as FlowRows per datagram in ``TemplateBatch.scalar``, for the scalar
@@ -34,7 +44,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +54,7 @@ from overflowd.errors import DecodeError
 from overflowd.flows import PROVENANCES, FlowRow, make_row
 from overflowd.wire import ipfix, netflow_v9
 from overflowd.wire.dispatch import decode_datagram_rows
-from overflowd.wire.reader import Reader
+from overflowd.wire.reader import Reader, WireDecodeError
 from overflowd.wire.templates import (
     MAX_TIME_MS,
     MIN_TIME_MS,
@@ -94,78 +103,222 @@ U8 = npt.NDArray[np.uint8]
 Bools = npt.NDArray[np.bool_]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+class _Part:
+    """One layout's records in a batch: records ``begin:begin+n`` of the batch, read from
+    ``data`` (the layout's set bodies joined)."""
+
+    __slots__ = ("begin", "data", "layout", "n")
+
+    def __init__(self, layout: BatchLayout, data: bytes, begin: int) -> None:
+        self.layout = layout
+        self.data = data
+        self.begin = begin
+        self.n = len(data) // layout.itemsize
+
+    def raw(
+        self, names: frozenset[str] | None = None, local: npt.NDArray[np.intp] | None = None
+    ) -> dict[str, Unsigned]:
+        """The layout's columns (those in ``names``) in host order, for records ``local``
+        (all without)."""
+        size = self.layout.itemsize
+        out: dict[str, Unsigned] = {}
+        for name, offset, length in self.layout.columns:
+            if names is not None and name not in names:
+                continue
+            view = np.ndarray(
+                (self.n,), dtype=_BIG_ENDIAN[length], buffer=self.data, offset=offset,
+                strides=(size,),
+            )  # fmt: skip
+            out[name] = (view if local is None else view[local]).astype(_NATIVE[length])
+        return out
+
+
+#: The columns built only for the records asked for (:meth:`TemplateBatch.rows`): the
+#: sampler reads none of them. name -> dtype.
+_LAZY: dict[str, np.dtype[Any]] = {
+    "dport": np.dtype(np.uint16),
+    "bytes": np.dtype(np.uint64),
+    "first": np.dtype(np.int64),
+    "last": np.dtype(np.int64),
+    "tos": np.dtype(np.uint8),
+    "src_as": np.dtype(np.uint64),
+    "dst_as": np.dtype(np.uint64),
+    "has_as": np.dtype(np.bool_),
+}
+
+
 class TemplateBatch:
     """The array-decoded records of a batch of v9/IPFIX datagrams, one array per field.
 
-    Columns have the types :class:`~overflowd.flowsample_batch.BatchSampler` reads (``src``,
-    ``dst`` uint32; ``sport`` uint16; ``proto`` uint8; ``packets`` and ``tcp_flags`` uint64,
-    raw as the scalar path keeps them; ``interval`` int64). Treat them as read-only.
+    The columns :class:`~overflowd.flowsample_batch.BatchSampler` reads are arrays (``src``,
+    ``dst`` uint32; ``sport`` uint16; ``proto`` uint8; ``packets`` and ``tcp_flags``
+    unsigned, raw as the scalar path keeps them; ``interval`` int64); treat them as
+    read-only. Every other field is decoded from the kept bytes only for the records asked
+    for (:meth:`rows`, :meth:`column`): at a sampling rate of 1e-6 that is almost none, and
+    a batch's fixed cost is what a daemon at a modest rate pays per wake-up.
     """
 
-    src: U32
-    dst: U32
-    sport: U16
-    dport: U16
-    proto: U8
-    packets: Unsigned
-    bytes: Unsigned
-    first: I64
-    last: I64
-    tcp_flags: Unsigned
-    tos: U8
-    src_as: Unsigned
-    dst_as: Unsigned
-    #: Whether the record's template has the AS fields (else the row says None).
-    has_as: Bools
-    interval: I64
-    provenance: U8
-    exporter: U32
-    domain: U32
-    #: Index into :data:`FORMATS`.
-    fmt: U8
-    exporters: tuple[str, ...]
-    #: ``(datagram, position, start, count)`` per taken set: its records are
-    #: ``start:start+count`` here, and stood at ``position`` of the scalar records of that
-    #: datagram (for tests that compare the order).
-    sets: tuple[tuple[int, int, int, int], ...]
-    #: FlowRows of each datagram decoded the scalar way (only datagrams with some).
-    scalar: tuple[tuple[int, list[FlowRow]], ...]
-    #: Datagrams refused (counted in the state as the scalar path counts them).
-    errors: tuple[tuple[int, DecodeError], ...]
-    #: Datagrams whose decoding raised something else (a bug some input reaches): dropped.
-    failures: tuple[tuple[int, Exception], ...]
+    __slots__ = (
+        "_context",
+        "_meta",
+        "_parts",
+        "_set_of_record",
+        "_set_table_export",
+        "_set_table_uptime",
+        "_starts",
+        "_table",
+        "dst",
+        "errors",
+        "exporters",
+        "failures",
+        "interval",
+        "packets",
+        "proto",
+        "scalar",
+        "sport",
+        "src",
+        "tcp_flags",
+    )
+
+    def __init__(
+        self,
+        *,
+        src: U32,
+        dst: U32,
+        sport: U16,
+        proto: U8,
+        packets: Unsigned,
+        tcp_flags: Unsigned,
+        interval: I64,
+        context: npt.NDArray[np.int64],
+        set_of_record: npt.NDArray[np.int64],
+        table: npt.NDArray[np.int64],
+        set_export: npt.NDArray[np.int64],
+        set_uptime: npt.NDArray[np.int64],
+        parts: tuple[_Part, ...],
+        exporters: tuple[str, ...],
+        meta: npt.NDArray[np.int64],
+        starts: npt.NDArray[np.int64],
+        scalar: tuple[tuple[int, list[FlowRow]], ...],
+        errors: tuple[tuple[int, DecodeError], ...],
+        failures: tuple[tuple[int, Exception], ...],
+    ) -> None:
+        self.src = src
+        self.dst = dst
+        self.sport = sport
+        self.proto = proto
+        self.packets = packets
+        self.tcp_flags = tcp_flags
+        self.interval = interval
+        self._context = context
+        self._set_of_record = set_of_record
+        self._table = table
+        self._set_table_export = set_export
+        self._set_table_uptime = set_uptime
+        self._parts = parts
+        self.exporters = exporters
+        self._meta = meta
+        self._starts = starts
+        #: FlowRows of each datagram decoded the scalar way (only datagrams with some).
+        self.scalar = scalar
+        #: Datagrams refused (counted in the state as the scalar path counts them).
+        self.errors = errors
+        #: Datagrams whose decoding raised something else (a bug some input reaches):
+        #: dropped.
+        self.failures = failures
 
     def __len__(self) -> int:
         return len(self.src)
 
+    @property
+    def set_table(self) -> npt.NDArray[np.int64]:
+        """``(datagram, position, start, count)`` per taken set, a row each: its records
+        are ``start:start+count`` here, and stood at ``position`` of the scalar records of
+        that datagram (for tests that compare the order)."""
+        meta = self._meta
+        return np.stack(
+            (meta[:, _DATAGRAM], meta[:, _POSITION], self._starts, meta[:, _COUNT]), axis=1
+        )
+
+    def _const(self, idx: npt.NDArray[np.intp]) -> dict[str, npt.NDArray[Any]]:
+        """The per-record values the time columns read, for records ``idx``."""
+        context = self._context[idx]
+        sets = self._set_of_record[idx]
+        table = self._table
+        return {
+            "export_ms": self._set_table_export[sets],
+            "uptime": self._set_table_uptime[sets].astype(np.uint32),
+            "fmt": table[context, 1].astype(np.uint8),
+            "sysup_mode": table[context, 3].astype(np.uint8),
+            "boot": table[context, 4],
+        }
+
+    def column(self, name: str, indices: npt.NDArray[np.intp] | None = None) -> npt.NDArray[Any]:
+        """Any field (a sampler column, one of ``dport bytes first last tos src_as dst_as
+        has_as``, or ``provenance exporter domain fmt``) for records ``indices`` (all
+        without)."""
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.intp)
+        if name in _LAZY:
+            return self._lazy(idx)[name]
+        by_context = {"exporter": (0, np.uint32), "fmt": (1, np.uint8), "domain": (2, np.uint32)}
+        by_context["provenance"] = (6, np.uint8)
+        if name in by_context:
+            index, dtype = by_context[name]
+            values: npt.NDArray[Any] = self._table[self._context[idx], index].astype(dtype)
+            return values
+        values = getattr(self, name)[idx]
+        return values
+
+    def _lazy(self, idx: npt.NDArray[np.intp]) -> dict[str, npt.NDArray[Any]]:
+        out = {name: np.zeros(len(idx), dtype=dtype) for name, dtype in _LAZY.items()}
+        const = self._const(idx)
+        for part in self._parts:
+            inside = (idx >= part.begin) & (idx < part.begin + part.n)
+            if not inside.any():
+                continue
+            local = idx[inside] - part.begin
+            columns, _ = _columns(
+                part.layout,
+                part.raw(None, local),
+                {k: v[inside] for k, v in const.items()},
+                len(local),
+            )
+            for name in _LAZY:
+                out[name][inside] = columns[name]
+        return out
+
     def rows(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[FlowRow]:
         """FlowRows for the chosen records, equal to the scalar decoder's for them."""
         idx = np.asarray(indices, dtype=np.intp)
+        if not len(idx):
+            return []
         exporters = self.exporters
         new_address = IPv4Address
-        has_as = self.has_as[idx].tolist()
-        src_as = self.src_as[idx].tolist()
-        dst_as = self.dst_as[idx].tolist()
+        lazy = self._lazy(idx)
+        has_as = lazy["has_as"].tolist()
+        src_as = lazy["src_as"].tolist()
+        dst_as = lazy["dst_as"].tolist()
+        table = self._table
+        context = self._context[idx]
         columns = (
             self.src[idx].tolist(),
             self.dst[idx].tolist(),
             self.sport[idx].tolist(),
-            self.dport[idx].tolist(),
+            lazy["dport"].tolist(),
             self.proto[idx].tolist(),
             self.packets[idx].tolist(),
-            self.bytes[idx].tolist(),
-            self.first[idx].tolist(),
-            self.last[idx].tolist(),
+            lazy["bytes"].tolist(),
+            lazy["first"].tolist(),
+            lazy["last"].tolist(),
             self.tcp_flags[idx].tolist(),
-            self.tos[idx].tolist(),
+            lazy["tos"].tolist(),
             [a if h else None for a, h in zip(src_as, has_as, strict=True)],
             [a if h else None for a, h in zip(dst_as, has_as, strict=True)],
-            self.exporter[idx].tolist(),
-            self.domain[idx].tolist(),
-            self.fmt[idx].tolist(),
+            table[context, 0].tolist(),
+            table[context, 2].tolist(),
+            table[context, 1].tolist(),
             self.interval[idx].tolist(),
-            self.provenance[idx].tolist(),
+            table[context, 6].tolist(),
         )
         return [
             make_row(
@@ -184,7 +337,7 @@ class TemplateBatch:
         (datagram by datagram). Builds every row: for tests, not for a collector."""
         arrays = self.rows(np.arange(len(self)))
         by_datagram: dict[int, list[tuple[int, int, int]]] = {}
-        for datagram, position, start, count in self.sets:
+        for datagram, position, start, count in self.set_table.tolist():
             by_datagram.setdefault(datagram, []).append((position, start, count))
         scalar = dict(self.scalar)
         out: list[FlowRow] = []
@@ -200,19 +353,31 @@ class TemplateBatch:
 
 
 class _Group:
-    """The taken sets of one layout, in arrival order."""
+    """The taken sets of one layout: their bodies, in arrival order."""
 
-    __slots__ = ("bodies", "counts", "sets")
+    __slots__ = ("bodies", "layout")
 
-    def __init__(self) -> None:
+    def __init__(self, layout: BatchLayout) -> None:
+        self.layout = layout
         self.bodies: list[bytes] = []
-        self.counts: list[int] = []
-        self.sets: list[int] = []
+
+
+#: Fields of ``SetSink._flat``, one run of them per taken set.
+_DATAGRAM, _POSITION, _COUNT, _CONTEXT, _EXPORT_MS, _UPTIME = range(6)
+_PER_SET = 6
 
 
 class SetSink:
     """Takes the data sets of array-decodable templates while ``decode_template_batch`` walks
-    the datagrams (``DecoderState.sink``), with the per-set values the scalar path would use."""
+    the datagrams (``DecoderState.sink``), with the per-set values the scalar path would use.
+
+    Per taken set it keeps the body (in its layout's group), the group's number and six
+    integers (datagram, position, record count, context, export time, sysUpTime) in one flat
+    list: a few appends a set, and one array conversion for the whole batch in
+    :meth:`finish`. A *context* is what the set's records take from the sampling state
+    (exporter, format, domain, sysUpTime mode, boot time, interval, provenance): few per
+    batch, kept once each in ``_context_rows``.
+    """
 
     def __init__(self, state: DecoderState) -> None:
         self._state = state
@@ -221,53 +386,139 @@ class SetSink:
         self.taken = 0
         self._datagram = 0
         self._mark = 0
-        self._groups: dict[BatchLayout, _Group] = {}
+        self._groups: list[_Group] = []
+        #: Layout -> group number: by identity first (a template keeps its layout), then by
+        #: value (the same exporter software on many routers: one group). ``_layouts``
+        #: keeps the identities alive for the batch.
+        self._by_id: dict[int, int] = {}
+        self._by_value: dict[BatchLayout, int] = {}
+        self._layouts: list[BatchLayout] = []
+        self._set_groups: list[int] = []
+        self._flat: list[int] = []
         self._exporter_index: dict[str, int] = {}
-        # Per taken set, in order: (group, datagram, position, exporter, domain, format,
-        # export_ms, uptime, sysUpTime mode, boot ms, interval, provenance). One tuple a set:
-        # this runs per datagram.
-        self._sets: list[tuple[Any, ...]] = []
-        self._last_layout: BatchLayout | None = None
-        self._last_group = _Group()
-        #: (format, exporter, domain) -> what keep() read from the state for it, while only
-        #: plain datagrams (which change no sampling state) are decoded; at most one entry
-        #: per exporter and domain of the batch.
-        self._contexts: dict[tuple[str, str, int], tuple[int, int, int, int, int, int]] = {}
+        self._context_rows: list[tuple[int, int, int, int, int, int, int]] = []
+        #: (format, exporter, domain) -> context number, while only datagrams that change no
+        #: sampling state are decoded; at most one entry per exporter and domain of the batch.
+        self._contexts: dict[tuple[str, str, int], int] = {}
+        #: exporter -> its templates (``TemplateCache.exporter_lru``), and whether data is
+        #: held anywhere, as of the last datagram of the scalar path: nothing on the array
+        #: path changes either.
+        self._lrus: dict[str, Any] = {}
+        self._pending_unknown = True
+        #: (format, exporter, domain) -> set id -> (template key, record size, group) of
+        #: array-decodable templates, as of the last datagram of the scalar path.
+        self._set_memo: dict[tuple[str, str, int], dict[int, tuple[Any, int, int, Any]]] = {}
+        self._counted = 0
+        self._counted_records = 0
+        self._counted_by_format = dict.fromkeys(FORMATS, 0)
+        self._counted_by_exporter: dict[str, list[int]] = {}
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
-        self._mark = len(self._sets)
+        self._mark = len(self._set_groups)
         self.taken = 0
 
     def forget(self) -> None:
-        """A datagram goes the scalar way: the sampling state may change."""
+        """The sampling state may change (a datagram goes the scalar way, or options data
+        was applied): no context read from it before still holds."""
         self._contexts.clear()
+
+    def count(self, fmt: str, exporter: str, records: int) -> None:
+        """Count a datagram taken here as ``dispatch._decode`` counts one, later
+        (:meth:`flush`): per exporter in order of first appearance, so that the state's
+        per-exporter table fills in the same order."""
+        self._counted += 1
+        self._counted_by_format[fmt] += 1
+        self._counted_records += records
+        entry = self._counted_by_exporter.get(exporter)
+        if entry is None:
+            self._counted_by_exporter[exporter] = [1, records]
+        else:
+            entry[0] += 1
+            entry[1] += records
+
+    def flush(self) -> None:
+        """Apply the counts of :meth:`count` to the state: before a datagram goes the scalar
+        way (its decoder reads the datagram count: ``DecoderState.datagram_serial``) and when
+        the batch ends."""
+        if not self._counted:
+            return
+        state = self._state
+        state._datagrams += self._counted
+        state.build = make_row
+        state._replay_spent = 0
+        for fmt, n in self._counted_by_format.items():
+            if n:
+                state._by_format[fmt] += n
+        state._records += self._counted_records
+        for exporter, (datagrams, records) in self._counted_by_exporter.items():
+            entry = state._exporters.get(exporter) or state._exporter_entry(exporter)
+            entry[0] += datagrams  # as DecoderState._exporter_seen
+            entry[1] += records
+        self._counted = self._counted_records = 0
+        self._counted_by_format = dict.fromkeys(FORMATS, 0)
+        self._counted_by_exporter.clear()
+
+    def settle(self) -> None:
+        """A datagram goes the scalar way: counts are due, and templates, held data and the
+        sampling state may change."""
+        self.flush()
+        self._contexts.clear()
+        self._lrus.clear()
+        self._set_memo.clear()
+        self._pending_unknown = True
 
     def rollback(self) -> None:
         """Forget the sets of the datagram being decoded: it was refused (or failed)."""
         mark = self._mark
-        for kept in reversed(self._sets[mark:]):
-            group = kept[0]
-            group.bodies.pop()
-            group.counts.pop()
-            group.sets.pop()
-        del self._sets[mark:]
+        groups = self._groups
+        for number in self._set_groups[mark:]:
+            groups[number].bodies.pop()
+        del self._set_groups[mark:]
+        del self._flat[mark * _PER_SET :]
         self.taken = 0
 
     def take(self, template: Template, r: Reader, ctx: SetContext, out: list[Any]) -> bool:
-        """Keep the set's records for the arrays, or return False (nothing consumed) for the
-        scalar path to decode them."""
+        """Keep the set's records for the arrays (the scalar path's walk calls this)."""
         layout = template.batch_layout
         assert layout is not None
         start = r.offset
         length = r.remaining()
-        if not self.keep(
-            layout, r.data, start, length, ctx.fmt, ctx.exporter, ctx.domain, ctx.export_ms,
-            ctx.uptime_ms, len(out),
-        ):  # fmt: skip
-            return False
+        # Inside a datagram of the scalar path, which may change the sampling state (options
+        # data) after this set: nothing remembered holds, and this is not remembered.
+        self._contexts.clear()
+        context = self._context(ctx.fmt, ctx.exporter, ctx.domain, ctx.uptime_ms is not None)
+        self.keep(layout, r.data, start, length, context, ctx.export_ms, ctx.uptime_ms, len(out))
         r.skip(length, "data set")
         return True
+
+    def _context(self, fmt: str, exporter: str, domain: int, v9_times: bool) -> int:
+        """The number of the context of a set of ``fmt``, ``exporter``, ``domain`` now: the
+        values ``Template.flows`` reads from the state, read at the same point of the walk
+        (options data earlier in the datagram has been applied, later data has not)."""
+        state = self._state
+        sampling = state.sampling
+        interval, provenance = state.resolve_interval(
+            exporter, sampling.announced(fmt, exporter, domain)
+        )
+        boot = 0
+        if v9_times:
+            mode = _SYSUP_V9
+        else:
+            init = sampling.system_init_ms(fmt, exporter, domain)
+            if init is None:
+                mode = _SYSUP_EXPORT
+            else:
+                # Held to ±2**62 so that adding a 32-bit uptime cannot overflow int64: any
+                # init time past that gives times out of range either way (MAX_TIME_MS is
+                # under 2**58), counted and replaced as the scalar path does.
+                mode, boot = _SYSUP_BOOT, min(max(init, -_BOOT_BOUND), _BOOT_BOUND)
+        index = self._exporter_index.setdefault(exporter, len(self._exporter_index))
+        rows = self._context_rows
+        rows.append(
+            (index, _FORMAT_CODE[fmt], domain, mode, boot, interval, _PROVENANCE_CODE[provenance])
+        )
+        return len(rows) - 1
 
     def keep(
         self,
@@ -275,84 +526,36 @@ class SetSink:
         data: bytes,
         start: int,
         length: int,
-        fmt: str,
-        exporter: str,
-        domain: int,
+        context: int,
         export_ms: int,
         uptime: int | None,
         position: int,
-        memo: bool = False,
-    ) -> bool:
+    ) -> None:
         """Keep the ``length`` bytes of a data set body at ``data[start:]`` (checked by the
-        caller to lie inside ``data``), or return False for the scalar path to decode it.
-
-        ``memo``: the sampling state has not changed since the last datagram of the scalar
-        path (only plain datagrams since), so what was read from it for this exporter and
-        domain still holds and is not read again."""
-        state = self._state
-        key = (fmt, exporter, domain)
-        context = self._contexts.get(key) if memo else None
-        if context is None:
-            if not memo:
-                # Inside a datagram of the scalar path, which may change the sampling
-                # state (options data) after this set: nothing remembered holds.
-                self._contexts.clear()
-            code = _FORMAT_CODE.get(fmt)
-            if code is None:
-                return False
-            # The values Template.flows reads from the state, read at the same point of the
-            # walk (options data earlier in the datagram has been applied, later data has
-            # not).
-            sampling = state.sampling
-            interval, provenance = state.resolve_interval(
-                exporter, sampling.announced(fmt, exporter, domain)
-            )
-            boot = 0
-            if uptime is not None:
-                mode = _SYSUP_V9
-            else:
-                init = sampling.system_init_ms(fmt, exporter, domain)
-                if init is None:
-                    mode = _SYSUP_EXPORT
-                elif -_BOOT_BOUND <= init <= _BOOT_BOUND:
-                    mode, boot = _SYSUP_BOOT, init
-                else:
-                    return False
-            index = self._exporter_index.setdefault(exporter, len(self._exporter_index))
-            context = (index, code, mode, boot, interval, _PROVENANCE_CODE[provenance])
-            if memo:
-                self._contexts[key] = context
-        index, code, mode, boot, interval, provenance_code = context
+        caller to lie inside ``data``) with its context (:meth:`_context`)."""
         size = layout.itemsize
         count = length // size
         if count == 0:
             # As Template.flows: more than alignment padding but less than one record.
             if length >= 4:
-                state.count("data_sets_shorter_than_a_record")
-            return True
-        body = data[start : start + count * size]  # trailing bytes: padding
-        if layout is self._last_layout:
-            group = self._last_group
-        else:
-            # Hashing a layout walks its columns: remember the last one (one exporter's
-            # datagrams come in runs).
-            got = self._groups.get(layout)
-            if got is None:
-                got = self._groups[layout] = _Group()
-            group = self._last_group = got
-            self._last_layout = layout
-        sets = self._sets
-        group.bodies.append(body)
-        group.counts.append(count)
-        group.sets.append(len(sets))
-        sets.append(
-            (
-                group, self._datagram, position, index, domain, code, export_ms, uptime or 0,
-                mode, boot, interval, provenance_code,
-            )
-        )  # fmt: skip
+                self._state.count("data_sets_shorter_than_a_record")
+            return
+        number = self._by_id.get(id(layout))
+        if number is None:
+            number = self._group_of(layout)
+        self._groups[number].bodies.append(data[start : start + count * size])  # no padding
+        self._set_groups.append(number)
+        self._flat.extend((self._datagram, position, count, context, export_ms, uptime or 0))
         self.taken += count
-        return True
+
+    def _group_of(self, layout: BatchLayout) -> int:
+        number = self._by_value.get(layout)
+        if number is None:
+            number = self._by_value[layout] = len(self._groups)
+            self._groups.append(_Group(layout))
+        self._by_id[id(layout)] = number
+        self._layouts.append(layout)
+        return number
 
     def finish(
         self,
@@ -360,98 +563,151 @@ class SetSink:
         errors: Sequence[tuple[int, DecodeError]],
         failures: Sequence[tuple[int, Exception]],
     ) -> TemplateBatch:
-        """Decode every taken set into the batch's columns."""
-        by_field = list(zip(*self._sets, strict=True)) or [()] * 12
-        per_set: dict[str, npt.NDArray[Any]] = {
-            "exporter": np.array(by_field[3], dtype=np.uint32),
-            "domain": np.array(by_field[4], dtype=np.uint32),
-            "fmt": np.array(by_field[5], dtype=np.uint8),
-            "export_ms": np.array(by_field[6], dtype=np.int64),
-            "uptime": np.array(by_field[7], dtype=np.uint32),
-            "sysup_mode": np.array(by_field[8], dtype=np.uint8),
-            "boot": np.array(by_field[9], dtype=np.int64),
-            "interval": np.array(by_field[10], dtype=np.int64),
-            "provenance": np.array(by_field[11], dtype=np.uint8),
-        }
-        parts: list[dict[str, npt.NDArray[Any]]] = []
-        starts = [0] * len(self._sets)
-        start = 0
+        """The batch: the per-set values as arrays once, the sampler's columns decoded
+        (one strided view per column and layout), the rest kept for ``rows``; and the
+        out-of-range times counted, as the scalar path counts them."""
+        self.flush()
+        n_sets = len(self._set_groups)
+        meta = np.array(self._flat, dtype=np.int64).reshape(n_sets, _PER_SET)
+        groups = np.array(self._set_groups, dtype=np.intp)
+        # Records go layout by layout (in order of first appearance), each layout's sets in
+        # arrival order.
+        order = np.arange(n_sets) if len(self._groups) == 1 else np.argsort(groups, kind="stable")
+        counts = meta[order, _COUNT]
+        ends = np.cumsum(counts)
+        starts = np.empty(n_sets, dtype=np.int64)
+        starts[order] = ends - counts
+        set_of_record = np.repeat(order, counts)
+        context = meta[set_of_record, _CONTEXT]
+        table = np.array(self._context_rows or [(0,) * 7], dtype=np.int64)
+        set_export = meta[:, _EXPORT_MS]
+        set_uptime = meta[:, _UPTIME]
+        boots = table[table[:, 3] == _SYSUP_BOOT, 4]
+        boots_in_range = not len(boots) or (
+            int(boots.min()) >= MIN_TIME_MS and int(boots.max()) + 0xFFFFFFFF <= MAX_TIME_MS
+        )
+        parts: list[_Part] = []
+        columns: list[dict[str, npt.NDArray[Any]]] = []
         bad_times = np.zeros(len(FORMATS), dtype=np.int64)
-        for layout, group in self._groups.items():
-            if not group.counts:
+        done = 0
+        for group in self._groups:
+            if not group.bodies:
                 continue  # every set of it was rolled back
-            for s, n in zip(group.sets, group.counts, strict=True):
-                starts[s] = start
-                start += n
-            columns, bad = _decode_group(layout, group, per_set)
-            bad_times += bad
-            parts.append(columns)
+            part = _Part(group.layout, b"".join(group.bodies), done)
+            done += part.n
+            parts.append(part)
+            raw = part.raw(_EAGER_FIELDS)
+            columns.append(_sampler_columns(raw, part.n))
+            bad_times += _bad_times(
+                part, context, set_of_record, set_export, set_uptime, table, boots_in_range
+            )
         state = self._state
         for code, n in enumerate(bad_times.tolist()):
             if n:
                 state.defect(FORMATS[code], "time_out_of_range", n)
-        if not parts:
-            parts.append(_empty_columns())
+        if not columns:
+            columns.append(_sampler_columns({}, 0))
         joined = (
-            parts[0]
-            if len(parts) == 1
-            else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            columns[0]
+            if len(columns) == 1
+            else {name: np.concatenate([c[name] for c in columns]) for name in columns[0]}
         )
-        counts = [0] * len(self._sets)
-        for group in self._groups.values():
-            for s, n in zip(group.sets, group.counts, strict=True):
-                counts[s] = n
         return TemplateBatch(
             **joined,
+            interval=table[context, 5],
+            context=context,
+            set_of_record=set_of_record,
+            table=table,
+            set_export=set_export,
+            set_uptime=set_uptime,
+            parts=tuple(parts),
             exporters=tuple(self._exporter_index),
-            sets=tuple(zip(by_field[1], by_field[2], starts, counts, strict=True)),
+            meta=meta,
+            starts=starts,
             scalar=tuple(scalar),
             errors=tuple(errors),
             failures=tuple(failures),
         )
 
 
-def _empty_columns() -> dict[str, npt.NDArray[Any]]:
+#: The fields the sampler's columns are made of (ICMP ones: an ICMP record's source port
+#: is 0).
+_EAGER_FIELDS = frozenset(
+    {"src", "dst", "sport", "proto", "tcp_flags", "packets"}
+    | {f"{family}_{kind}" for family in ("icmp4", "icmp6") for kind in ("combined", "type", "code")}
+)
+
+
+def _sampler_columns(raw: dict[str, Unsigned], n: int) -> dict[str, npt.NDArray[Any]]:
+    """``src dst sport proto packets tcp_flags`` of ``n`` records, as ``_columns`` makes
+    them."""
+    zeros = np.zeros(n, dtype=np.uint64)
+    proto = raw.get("proto", zeros).astype(np.uint8)
+    sport = raw.get("sport", zeros).astype(np.uint16)
+    for family, number in (("icmp4", 1), ("icmp6", 58)):
+        if any(f"{family}_{kind}" in raw for kind in ("combined", "type", "code")):
+            is_icmp = proto == number
+            if is_icmp.any():
+                sport = np.where(is_icmp, np.uint16(0), sport)
     return {
-        "src": np.empty(0, np.uint32),
-        "dst": np.empty(0, np.uint32),
-        "sport": np.empty(0, np.uint16),
-        "dport": np.empty(0, np.uint16),
-        "proto": np.empty(0, np.uint8),
-        "packets": np.empty(0, np.uint64),
-        "bytes": np.empty(0, np.uint64),
-        "first": np.empty(0, np.int64),
-        "last": np.empty(0, np.int64),
-        "tcp_flags": np.empty(0, np.uint64),
-        "tos": np.empty(0, np.uint8),
-        "src_as": np.empty(0, np.uint64),
-        "dst_as": np.empty(0, np.uint64),
-        "has_as": np.empty(0, np.bool_),
-        "interval": np.empty(0, np.int64),
-        "provenance": np.empty(0, np.uint8),
-        "exporter": np.empty(0, np.uint32),
-        "domain": np.empty(0, np.uint32),
-        "fmt": np.empty(0, np.uint8),
+        "src": raw.get("src", zeros).astype(np.uint32, copy=False),
+        "dst": raw.get("dst", zeros).astype(np.uint32, copy=False),
+        "sport": sport,
+        "proto": proto,
+        "packets": raw.get("packets", zeros),
+        "tcp_flags": raw.get("tcp_flags", zeros),
     }
 
 
-def _decode_group(
-    layout: BatchLayout, group: _Group, per_set: dict[str, npt.NDArray[Any]]
+def _bad_times(
+    part: _Part,
+    context: npt.NDArray[np.int64],
+    set_of_record: npt.NDArray[np.int64],
+    set_export: npt.NDArray[np.int64],
+    set_uptime: npt.NDArray[np.int64],
+    table: npt.NDArray[np.int64],
+    boots_in_range: bool,
+) -> I64:
+    """The part's first/last times out of range, by format (``_times``), computed only
+    where they can be: a time of a kind and width that cannot leave the range (below) is
+    not computed at all."""
+    bad = np.zeros(len(FORMATS), dtype=np.int64)
+    layout = part.layout
+    widths = {name: length for name, _, length in layout.columns}
+    span = slice(part.begin, part.begin + part.n)
+    for name, kind in (("first", layout.first_kind), ("last", layout.last_kind)):
+        if kind is None:
+            continue
+        if kind == "sysup":
+            # NetFlow v9: export time (a u32 of seconds, in ms) minus an int32: in range.
+            # IPFIX without an init time: the export time. With one: init + a u32.
+            # (Judged on every context of the batch: few, and exact either way.)
+            if boots_in_range:
+                continue
+        elif widths[name] <= 4:
+            continue  # ms, s (x 1000) and delta_us (export - u32 / 1000) of 32 bits: in range
+        sets = set_of_record[span]
+        contexts = context[span]
+        const = {
+            "export_ms": set_export[sets],
+            "uptime": set_uptime[sets].astype(np.uint32),
+            "sysup_mode": table[contexts, 3].astype(np.uint8),
+            "boot": table[contexts, 4],
+        }
+        _, ok = _times(part.raw(frozenset({name})), name, kind, const)
+        assert ok is not None
+        wrong = ~ok
+        if wrong.any():
+            bad += np.bincount(table[contexts[wrong], 1], minlength=len(FORMATS))
+    return bad
+
+
+def _columns(
+    layout: BatchLayout, raw: dict[str, Unsigned], const: dict[str, npt.NDArray[Any]], n: int
 ) -> tuple[dict[str, npt.NDArray[Any]], I64]:
-    """The columns of one layout's sets, and the out-of-range times by format, computed as
-    ``_FlowPlan.build`` computes them record by record."""
-    data = b"".join(group.bodies)
-    size = layout.itemsize
-    n = len(data) // size
-    raw: dict[str, Unsigned] = {}
-    for name, offset, length in layout.columns:
-        view = np.ndarray(
-            (n,), dtype=_BIG_ENDIAN[length], buffer=data, offset=offset, strides=(size,)
-        )
-        raw[name] = view.astype(_NATIVE[length])
-    sets = np.array(group.sets, dtype=np.intp)
-    reps = np.array(group.counts, dtype=np.intp)
-    const = {name: np.repeat(values[sets], reps) for name, values in per_set.items()}
+    """Every column of ``n`` records of ``layout`` (``raw``: its fields, ``const``: their
+    per-set values), and the out-of-range times by format, computed as ``_FlowPlan.build``
+    computes them record by record."""
     zeros = np.zeros(n, dtype=np.uint64)
 
     def col(name: str) -> Unsigned:
@@ -523,11 +779,6 @@ def _decode_group(
         "src_as": col("src_as"),
         "dst_as": col("dst_as"),
         "has_as": np.full(n, has_as, dtype=np.bool_),
-        "interval": const["interval"],
-        "provenance": const["provenance"],
-        "exporter": const["exporter"],
-        "domain": const["domain"],
-        "fmt": const["fmt"],
     }
     return columns, bad
 
@@ -572,23 +823,37 @@ _IPFIX_HEADER = ipfix.HEADER
 _SET_HEADER = struct.Struct("!HH")
 _V9_VERSION = b"\x00\x09"
 _IPFIX_VERSION = b"\x00\x0a"
+#: Template and options template set ids of each format, and the size of their record
+#: headers (the decoders' loops stop when less than that is left: padding).
+_V9_TEMPLATE_SETS = {netflow_v9.TEMPLATE_FLOWSET: 4, netflow_v9.OPTIONS_TEMPLATE_FLOWSET: 6}
+_IPFIX_TEMPLATE_SETS = {ipfix.TEMPLATE_SET: 4, ipfix.OPTIONS_TEMPLATE_SET: 4}
+_OPTIONS_SETS = frozenset({netflow_v9.OPTIONS_TEMPLATE_FLOWSET, ipfix.OPTIONS_TEMPLATE_SET})
+
+#: What pass 1 of ``_fast_datagram`` found in a set, for pass 2 to apply in set order.
+_FLOW, _OPTIONS_DATA, _REFRESH = 0, 1, 2
 
 
-def _plain_datagram(
-    data: bytes, exporter: str, now: float, state: DecoderState, sink: SetSink
-) -> bool:
-    """Decode a datagram that holds nothing but data sets of array-decodable templates
-    (what an exporter sends between template refreshes), with no data held anywhere; or
-    return False having changed nothing (but the templates' recency, which the scalar path
-    then sets again the same way) for ``decode_datagram_rows`` to decode it.
+def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSink) -> bool:
+    """Decode a v9/IPFIX datagram of the kinds an exporter sends all the time, with no data
+    held anywhere; or return False having changed nothing, for ``decode_datagram_rows``.
 
-    It does what ``dispatch._decode`` and the format's ``decode`` do for such a datagram,
-    without their readers: the same bounds (every set inside the datagram; a datagram
-    that is anything else — templates, options, a set that overruns, trailing bytes, a bad
-    header — is left to them, so every refusal and defect is theirs).
+    Taken: data sets of array-decodable templates (into the sink), and in the datagrams that
+    refresh templates, identical re-announcements of known templates (counted as refreshed,
+    as ``TemplateCache.refresh`` does) and options data of known options templates (applied
+    to the sampling state, as ``DecoderState._decode_set`` does). Anything else — a new or
+    changed template, a withdrawal, data of an unknown or declined template, a set that
+    overruns, trailing bytes, a bad header, an options record that does not decode — is
+    left to the scalar path, so every refusal, defect and learned template is its own.
+
+    Pass 1 checks the whole datagram and changes nothing (templates are looked up without
+    touching their recency); pass 2 applies it set by set in the scalar path's order:
+    recency, refreshes, sampling state, then the context of each data set read after the
+    options data before it.
     """
-    if state.pending:
-        return False  # expiry and replay have work to do: the scalar path does it
+    if sink._pending_unknown:
+        if state.pending:
+            return False  # expiry and replay have work to do: the scalar path does it
+        sink._pending_unknown = False
     size = len(data)
     version = data[:2]
     if version == _V9_VERSION:
@@ -598,6 +863,7 @@ def _plain_datagram(
         fmt = netflow_v9.FORMAT
         offset = _V9_HEADER.size
         up: int | None = uptime
+        template_sets = _V9_TEMPLATE_SETS
     elif version == _IPFIX_VERSION:
         if size < _IPFIX_HEADER.size:
             return False
@@ -607,46 +873,213 @@ def _plain_datagram(
         fmt = ipfix.FORMAT
         offset = _IPFIX_HEADER.size
         up = None
+        template_sets = _IPFIX_TEMPLATE_SETS
     else:
         return False
-    # Pass 1: the sets, each inside the datagram, ending exactly at its end, each of a
-    # known array-decodable template (looked up in the scalar path's order; a lookup only
-    # refreshes the template's recency, which the scalar path would refresh the same way).
-    get = state.templates.get
-    spans: list[tuple[int, int, BatchLayout]] = []
+    lru = sink._lrus.get(exporter)
+    if lru is None:
+        lru = state.templates.exporter_lru(exporter)
+        if lru is None:
+            return False
+        sink._lrus[exporter] = lru
+    # The common datagram, in one pass: data sets of array-decodable templates only. What
+    # it keeps goes back (``rollback``) if the datagram turns out to be something else; the
+    # recency it touched is then touched again, in the same order, by whichever path takes
+    # the datagram (both walk the same sets first), so it ends the same.
+    memo_key = (fmt, exporter, domain)
+    memo = sink._set_memo.get(memo_key)
+    if memo is None:
+        memo = sink._set_memo[memo_key] = {}
+    contexts = sink._contexts
+    context = contexts.get(memo_key)
+    if context is None:
+        context = contexts[memo_key] = sink._context(fmt, exporter, domain, up is not None)
+    touch = lru.move_to_end
+    unpack = _SET_HEADER.unpack_from
+    set_groups = sink._set_groups
+    flat = sink._flat
+    datagram = sink._datagram
+    export_ms = secs * 1000
+    uptime_or_0 = up or 0
+    start = offset
+    short = 0
+    taken = 0
+    while offset < size:
+        if size - offset < 4:
+            sink.rollback()
+            return False
+        set_id, set_length = unpack(data, offset)
+        if set_length < 4 or set_length > size - offset:
+            sink.rollback()
+            return False
+        hit = memo.get(set_id)
+        if hit is None:
+            template = lru.get((fmt, exporter, domain, set_id)) if set_id >= 256 else None
+            if template is None or template.batch_layout is None:
+                sink.rollback()
+                if set_id >= 256 and template is None:
+                    return False  # data for an unknown template: held by the scalar path
+                return _mixed_datagram(
+                    data, exporter, state, sink, lru, fmt, domain, start, secs, up,
+                    template_sets,
+                )  # fmt: skip
+            layout = template.batch_layout
+            number = sink._group_of(layout)
+            hit = memo[set_id] = (
+                (fmt, exporter, domain, set_id),
+                layout.itemsize,
+                number,
+                sink._groups[number].bodies.append,
+            )
+        key, record_size, number, keep_body = hit
+        touch(key)
+        count = (set_length - 4) // record_size
+        if count:
+            body = offset + 4
+            keep_body(data[body : body + count * record_size])
+            set_groups.append(number)
+            flat += (datagram, 0, count, context, export_ms, uptime_or_0)
+            taken += count
+        elif set_length >= 8:
+            short += 1  # as Template.flows: more than padding, less than a record
+        offset += set_length
+    if short:
+        state.count("data_sets_shorter_than_a_record", short)
+    sink.taken = taken
+    sink.count(fmt, exporter, taken)
+    return True
+
+
+def _mixed_datagram(
+    data: bytes,
+    exporter: str,
+    state: DecoderState,
+    sink: SetSink,
+    lru: Any,
+    fmt: str,
+    domain: int,
+    offset: int,
+    secs: int,
+    up: int | None,
+    template_sets: dict[int, int],
+) -> bool:
+    """``_fast_datagram`` for a datagram that also holds template refreshes or options
+    data (its sets from ``offset``), in two passes."""
+    size = len(data)
+    # Pass 1: every set inside the datagram, ending exactly at its end, and of a kind taken.
+    peek = lru.get
+    unpack = _SET_HEADER.unpack_from
+    spans: list[tuple[int, int, int, Any, Any]] = []
     while offset < size:
         if size - offset < 4:
             return False
-        set_id, set_length = _SET_HEADER.unpack_from(data, offset)
-        if set_id < 256 or set_length < 4 or set_length > size - offset:
+        set_id, set_length = unpack(data, offset)
+        if set_length < 4 or set_length > size - offset:
             return False
-        template = get((fmt, exporter, domain, set_id))
-        if template is None:
-            return False
-        layout = template.batch_layout
-        if layout is None:
-            return False
-        spans.append((offset + 4, set_length - 4, layout))
-        offset += set_length
-    # Pass 3: keep them, as the scalar path would decode them (the first one can only be
-    # declined before anything was kept: all sets share the datagram's context).
+        end = offset + set_length
+        if set_id >= 256:
+            key = (fmt, exporter, domain, set_id)
+            template = peek(key)
+            if template is None:
+                return False
+            layout = template.batch_layout
+            if layout is not None:
+                spans.append((_FLOW, offset + 4, set_length - 4, key, layout))
+            elif template.is_options:
+                values = _option_values(template, data, offset + 4, end, fmt, exporter)
+                if values is None:
+                    return False
+                spans.append((_OPTIONS_DATA, offset + 4, set_length - 4, key, values))
+            else:
+                return False
+        else:
+            header = template_sets.get(set_id)
+            if header is None:
+                return False
+            known = _refreshes(
+                lru, fmt, exporter, domain, data, offset + 4, end, header, set_id in _OPTIONS_SETS
+            )
+            if known is None:
+                return False
+            spans.append((_REFRESH, offset + 4, end, set_id in _OPTIONS_SETS, known))
+        offset = end
+    # Pass 2: apply, set by set.
     export_ms = secs * 1000
+    touch = lru.move_to_end
     keep = sink.keep
-    for start, length, layout in spans:
-        if not keep(layout, data, start, length, fmt, exporter, domain, export_ms, up, 0, True):
-            if sink.taken:  # cannot happen (see above); never leave half a datagram
-                raise AssertionError("a set declined after another was kept")
-            return False
-    state._datagrams += 1
-    state.build = make_row
-    state._replay_spent = 0
-    state._by_format[fmt] += 1
-    taken = sink.taken
-    state._records += taken
-    entry = state._exporters.get(exporter) or state._exporter_entry(exporter)
-    entry[0] += 1  # as DecoderState._exporter_seen
-    entry[1] += taken
+    sink_contexts = sink._contexts
+    context_key = (fmt, exporter, domain)
+    context = sink_contexts.get(context_key)
+    cache = state.templates
+    sampling = state.sampling
+    for kind, start, length, key, extra in spans:
+        if kind == _FLOW:
+            touch(key)
+            if context is None:
+                context = sink_contexts[context_key] = sink._context(
+                    fmt, exporter, domain, up is not None
+                )
+            keep(extra, data, start, length, context, export_ms, up, 0)
+        elif kind == _OPTIONS_DATA:
+            touch(key)
+            for values in extra:
+                state.count("options_records")
+                if not sampling.learn(fmt, exporter, domain, values):
+                    state.defect(fmt, "sampling_out_of_range")
+            sink.forget()
+            context = None
+        else:  # _REFRESH: start, length are the set's body start and end
+            for template_key, at in extra:
+                if not cache.refresh(template_key, data, at, length, is_options=key):
+                    raise AssertionError("a template checked in pass 1 did not refresh")
+    sink.count(fmt, exporter, sink.taken)
     return True
+
+
+def _refreshes(
+    lru: Any,
+    fmt: str,
+    exporter: str,
+    domain: int,
+    data: bytes,
+    start: int,
+    end: int,
+    header: int,
+    is_options: bool,
+) -> list[tuple[tuple[str, str, int, int], int]] | None:
+    """The (key, offset) of each template record of the set body ``data[start:end]`` if
+    every one is the exact wire form of a cached template of its kind (what
+    ``TemplateCache.refresh`` recognises), else None. Such a record passed every check the
+    format's template walk makes before it asks ``refresh`` when it was learned, so the walk
+    would refresh it and move on; fewer than ``header`` bytes left are its padding."""
+    out = []
+    pos = start
+    unpack = _SET_HEADER.unpack_from
+    while end - pos >= header:
+        template_id = unpack(data, pos)[0]
+        key = (fmt, exporter, domain, template_id)
+        template = lru.get(key)
+        if template is None or template.is_options != is_options:
+            return None
+        wire = template.wire
+        if not wire or pos + len(wire) > end or not data.startswith(wire, pos):
+            return None
+        out.append((key, pos))
+        pos += len(wire)
+    return out
+
+
+def _option_values(
+    template: Template, data: bytes, start: int, end: int, fmt: str, exporter: str
+) -> list[dict[int, Any]] | None:
+    """The records of an options data set as ``Template.option_values`` reads them, or None
+    if it would fail (the scalar path then counts that as it does)."""
+    try:
+        return list(
+            template.option_values(Reader(data, fmt=fmt, exporter=exporter, start=start, end=end))
+        )
+    except WireDecodeError:
+        return None
 
 
 def decode_template_batch(
@@ -663,11 +1096,13 @@ def decode_template_batch(
     state.sink = sink
     try:
         for i, (data, exporter, now) in enumerate(datagrams):
-            sink.begin(i)
+            sink._datagram = i  # sink.begin(i), inlined
+            sink._mark = len(sink._set_groups)
+            sink.taken = 0
             try:
-                if _plain_datagram(data, exporter, now, state, sink):
+                if _fast_datagram(data, exporter, state, sink):
                     continue
-                sink.forget()
+                sink.settle()
                 rows = decode_datagram_rows(data, exporter, state, now)
             except DecodeError as exc:
                 sink.rollback()
@@ -681,4 +1116,5 @@ def decode_template_batch(
                 scalar.append((i, rows))
     finally:
         state.sink = None
+        sink.flush()
     return sink.finish(scalar, errors, failures)

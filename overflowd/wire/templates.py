@@ -1125,6 +1125,15 @@ class TemplateCache:
             entry.lru.move_to_end(key)
         return template
 
+    def exporter_lru(self, exporter: str) -> OrderedDict[TemplateKey, Template] | None:
+        """The exporter's templates, least recently used first (None without any), for the
+        array decoder (``template_batch``), which checks a whole datagram before it changes
+        anything: ``.get(key)`` looks a template up without touching its recency (unlike
+        :meth:`get`), ``.move_to_end(key)`` then does what :meth:`get` would have done.
+        Nothing else may be changed through it."""
+        entry = self._exporters.get(exporter)
+        return None if entry is None else entry.lru
+
     def keys(self) -> list[TemplateKey]:
         return [key for entry in self._exporters.values() for key in entry.lru]
 

@@ -147,6 +147,8 @@ def assert_equivalent(datagrams: Sequence[Datagram], batch_size: int = 256) -> T
     assert rows == expected
     same_errors(errors, expected_errors)
     assert batch_state.statistics() == scalar_state.statistics()
+    # The same templates in the same recency order (what eviction takes first).
+    assert batch_state.templates.keys() == scalar_state.templates.keys()
     assert last is not None
     return last
 
@@ -158,6 +160,13 @@ def test_softflowd_like_reexport_of_the_trace(v5_trace: list[Datagram], fmt: str
     # Every data set went into the arrays: nothing decoded record by record.
     assert len(batch) > 20_000 and batch.scalar == ()
     assert_equivalent(datagrams)
+    # Columns outside the sampler's are decoded on demand, for all or some records.
+    rows = batch.rows(np.arange(len(batch)))
+    some = np.arange(0, len(batch), 7)
+    assert batch.column("first").tolist() == [r.first for r in rows]
+    assert batch.column("dport", some).tolist() == [rows[i].dport for i in some]
+    assert batch.column("exporter", some).tolist() == [0] * len(some)
+    assert batch.column("packets", some).tolist() == [rows[i].packets for i in some]
 
 
 @pytest.mark.parametrize("fmt", ["v9", "ipfix-ms", "ipfix-sysup"])
@@ -302,3 +311,58 @@ def templated_datagrams(draw: st.DrawFn) -> list[Datagram]:
 def test_generated_templates_decode_the_same_either_way(datagrams: list[Datagram]) -> None:
     assert_equivalent(datagrams)
     assert_equivalent(list(reversed(datagrams)))
+
+
+# -- what goes the scalar way -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["v9", "ipfix-ms", "ipfix-sysup"])
+def test_refreshes_and_options_data_stay_on_the_array_path(
+    v5_trace: list[Datagram], fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-announced templates (every 16th datagram) and the systemInitTimeMilliseconds
+    options data with them are taken on the array path: only the first datagram, which
+    teaches the templates, is decoded the scalar way."""
+    import overflowd.wire.template_batch as tb
+
+    datagrams = reexport(v5_trace[:200], fmt)
+    scalar_calls: list[int] = []
+    original = tb.decode_datagram_rows
+
+    def counting(data: bytes, exporter: str, state: DecoderState, now: float) -> list[FlowRow]:
+        scalar_calls.append(len(data))
+        return original(data, exporter, state, now)
+
+    monkeypatch.setattr(tb, "decode_datagram_rows", counting)
+    state = DecoderState()
+    for start in range(0, len(datagrams), 64):
+        decode_template_batch(datagrams[start : start + 64], state)
+    assert len(scalar_calls) == 1
+    assert state.statistics().templates_refreshed == (2 if fmt == "ipfix-sysup" else 1) * 12
+    monkeypatch.undo()
+    assert_equivalent(datagrams, batch_size=64)
+
+
+def test_a_changed_template_or_options_among_refreshes_goes_the_scalar_way(
+    v5_trace: list[Datagram],
+) -> None:
+    """A template datagram that is not a pure refresh (a changed template, a withdrawal, a
+    new options template, sampling announced out of range) is the scalar path's; the
+    datagrams after it decode with what it taught, on either path."""
+    datagrams = reexport(v5_trace[:64], "ipfix-sysup")
+    header = struct.Struct("!HHIII")
+    changed = _set(2, _template(256, (*IPFIX_SYSUP_FIELDS[:-1], (11, 2))))
+    withdrawal = _set(2, struct.pack("!HH", 256, 0))
+    sampling = _set(3, struct.pack("!HHHHHHH", 258, 2, 1, 149, 4, 34, 4))
+    sampling += _set(258, struct.pack("!II", 0, 0))  # interval 0: out of range
+    sampling_ok = _set(258, struct.pack("!II", 0, 100))
+    extra = []
+    for i, sets in enumerate((changed, withdrawal, sampling, sampling_ok)):
+        extra.append(header.pack(10, 16 + len(sets), 1_600_000_000 + i, 0, 0) + sets)
+    stream = [*datagrams[:20], (extra[0], datagrams[0][1], 1.0), *datagrams[20:30]]
+    stream += [(extra[1], datagrams[0][1], 2.0), *datagrams[:1], *datagrams[30:40]]
+    stream += [(extra[2], datagrams[0][1], 3.0), *datagrams[40:48]]
+    # Not before datagram 48, whose own options data would set the sampling again.
+    stream += [(extra[3], datagrams[0][1], 4.0), *datagrams[49:]]
+    assert_equivalent(stream, batch_size=256)
+    assert_equivalent(stream, batch_size=5)
