@@ -52,12 +52,10 @@ _AT = {name: i for i, name in enumerate(COLUMNS)}
 _SELECT = "SELECT " + ", ".join("reports." + c for c in COLUMNS) + " \nFROM reports"
 _COUNT = "SELECT count(*) AS count_1 \nFROM reports"
 _ORDER = " ORDER BY reports.last_ms DESC, reports.seq DESC"
-LAST_SEQ_SQL = (
-    "SELECT report_sequence.last \nFROM report_sequence \nWHERE report_sequence.name = ?"
-)
+LAST_SEQ_SQL = "SELECT report_sequence.last \nFROM report_sequence \nWHERE report_sequence.name = ?"
 OBSERVERS_LIKE_SQL = (
-    "SELECT observers.key, observers.fingerprint \nFROM observers \n"
-    "WHERE observers.fingerprint LIKE ? ORDER BY observers.fingerprint, observers.key\n"
+    'SELECT observers."key", observers.fingerprint \nFROM observers \n'
+    'WHERE observers.fingerprint LIKE ? ORDER BY observers.fingerprint, observers."key"\n'
     " LIMIT ? OFFSET ?"
 )
 _V4_MAPPED = bytes(10) + b"\xff\xff"
