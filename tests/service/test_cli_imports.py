@@ -62,6 +62,13 @@ def test_reports_as_json_imports_no_dns_http_numpy_or_tables(home: tuple[Path, s
     assert [p for p in HEAVY if has(names, p)] == []
 
 
+def test_reports_table_into_a_pipe_imports_no_rich_or_sqlalchemy(home: tuple[Path, str]) -> None:
+    path, dst = home
+    names, out = loaded(["reports", "--dst", dst], path)
+    assert out.startswith("FLOW START (UTC)") and dst in out
+    assert [p for p in HEAVY if has(names, p)] == []
+
+
 def test_who_with_dns_configured_still_imports_trio_and_dnspython(
     home: tuple[Path, str], tmp_path: Path
 ) -> None:
