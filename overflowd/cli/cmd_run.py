@@ -44,8 +44,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-#: Migrates the SQLite store whose URL is on stdin, in a child process (_migrate_apart).
-_MIGRATE = "import sys; from overflowd.store import Store; Store.open(sys.stdin.read()).close()"
+#: Migrates the SQLite store named on stdin with the daemon's own sys.path (the same overflowd
+#: and migrations, however it was started), in a child process (_migrate_apart).
+_MIGRATE = (
+    "import json, sys; job = json.loads(sys.stdin.read()); sys.path[:] = job['path']; "
+    "from overflowd.store import Store; Store.open(job['url']).close()"
+)
 #: A migration of a large store can take minutes; past this the daemon migrates itself.
 MIGRATE_TIMEOUT_S = 15 * 60
 
@@ -67,14 +71,16 @@ def _migrate_apart(url: str) -> None:
     if reader is not None:
         reader.close()
         return
+    import json
     import subprocess
     import sys
 
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        # the URL on stdin, not in argv (a process list shows argv to every user); -I: not the
-        # working directory or PYTHON* variables on the path
+        # the URL on stdin, not in argv (a process list shows argv to every user); -I: the
+        # path is this process's, not the working directory's or PYTHON* variables'
         subprocess.run(
-            [sys.executable, "-I", "-c", _MIGRATE], input=url, text=True, capture_output=True,
+            [sys.executable, "-I", "-c", _MIGRATE],
+            input=json.dumps({"url": url, "path": sys.path}), text=True, capture_output=True,
             timeout=MIGRATE_TIMEOUT_S, check=False,
         )  # fmt: skip
 
