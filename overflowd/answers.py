@@ -164,7 +164,7 @@ def make_filter(
     ``flag`` names a parameter in messages (``--min-trust`` for the CLI). ValueError, naming
     the parameter, for the first bad value.
     """
-    from overflowd.store.query import ReportFilter
+    from overflowd.store.base import ReportFilter
 
     def get(name: str) -> str | None:
         value = text.get(name)
@@ -218,13 +218,28 @@ def make_filter(
 def report_json(row: StoredReport) -> dict[str, Any]:
     """One stored report: this node's facts about it and the report's own rendering (with
     ``cose``, the observer's signed bytes: verify those, not this server)."""
+    return report_object(
+        row.seq, row.received_ms, row.via, row.trust, row.hops, row.signed_report()
+    )
+
+
+def report_object(
+    seq: int,
+    received_ms: int,
+    via: str,
+    trust: str | None,
+    hops: int,
+    signed: rpt.SignedReport,
+) -> dict[str, Any]:
+    """:func:`report_json` from its parts (the stdlib SQLite reader's rows are no StoredReport:
+    :mod:`overflowd.store.fastread`)."""
     return {
-        "seq": row.seq,
-        "received": rpt.iso_ms(row.received_ms),
-        "via": row.via,
-        "trust": row.trust,
-        "hops": row.hops,
-        "report": rpt.to_json(row.signed_report()),
+        "seq": seq,
+        "received": rpt.iso_ms(received_ms),
+        "via": via,
+        "trust": trust,
+        "hops": hops,
+        "report": rpt.to_json(signed),
     }
 
 

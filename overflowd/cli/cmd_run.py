@@ -44,6 +44,47 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+#: Migrates the SQLite store named on stdin with the daemon's own sys.path (the same overflowd
+#: and migrations, however it was started), in a child process (_migrate_apart).
+_MIGRATE = (
+    "import json, sys; job = json.loads(sys.stdin.read()); sys.path[:] = job['path']; "
+    "from overflowd.store import Store; Store.open(job['url']).close()"
+)
+#: A migration of a large store can take minutes; past this the daemon migrates itself.
+MIGRATE_TIMEOUT_S = 15 * 60
+
+
+def _migrate_apart(url: str) -> None:
+    """Bring a SQLite store that is new or behind the schema to it in a short-lived child, so
+    that Alembic (~11 MB of modules, needed once) is never loaded into the daemon that then
+    runs for months (issue #16: idle memory). A store already at the schema is read with
+    stdlib sqlite3 only. Whatever goes wrong in the child is not said here: the daemon's own
+    Store.open that follows migrates (or fails) as it always did, and says why."""
+    from overflowd.store.fastread import Reader, sqlite_path
+
+    if sqlite_path(url) is None:
+        return  # PostgreSQL or a URL with options: the daemon's own Store.open migrates
+    try:
+        reader = Reader.open(url)
+    except Exception:  # sqlite3.Error, OSError: Store.open says what it is
+        return
+    if reader is not None:
+        reader.close()
+        return
+    import json
+    import subprocess
+    import sys
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        # the URL on stdin, not in argv (a process list shows argv to every user); -I: the
+        # path is this process's, not the working directory's or PYTHON* variables'
+        subprocess.run(
+            [sys.executable, "-I", "-c", _MIGRATE],
+            input=json.dumps({"url": url, "path": sys.path}), text=True, capture_output=True,
+            timeout=MIGRATE_TIMEOUT_S, check=False,
+        )  # fmt: skip
+
+
 def _check_flag(flag: str, value: str) -> None:
     """A listen flag is ADDR:PORT with an IP address (a daemon binds no name lookup)."""
     try:
@@ -107,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     named = _sockets(ctx, args)
     home_lock = acquire(ctx.home, "overflowd")  # one daemon per home; held until exit
     try:
+        _migrate_apart(ctx.store_url())
         store = ctx.open_store()
     except BaseException:
         home_lock.release()

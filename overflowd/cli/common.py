@@ -93,7 +93,7 @@ class Context:
         return self._settings[0]
 
     def store_url(self) -> str:
-        from overflowd.store.repository import default_url
+        from overflowd.store.base import default_url
 
         return self.db_url or self.settings.store.url or default_url(self.home)
 

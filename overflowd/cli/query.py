@@ -32,6 +32,7 @@ from overflowd.answers import (
 )
 from overflowd.cli import cmd_contact, cmd_outbox, cmd_peers, render
 from overflowd.cli.common import (
+    Context,
     Parser,
     UsageError,
     common_options,
@@ -43,7 +44,6 @@ from overflowd.cli.common import (
 )
 from overflowd.errors import ConfigError, OverflowdError
 from overflowd.estimate import GROUP_BY
-from overflowd.identity import verify_report
 
 if TYPE_CHECKING:
     from overflowd.cli.remote import Remote
@@ -149,7 +149,10 @@ def cmd_reports(args: argparse.Namespace) -> int:
                 return _follow(lambda after: _remote_page(remote, args, after), cursor, seen,
                                fmt, args.poll_interval)
         return 0
-    store = context(args).open_store(create=False)
+    ctx = context(args)
+    if not args.follow and _fast_reports(ctx, args, fmt):
+        return 0
+    store = ctx.open_store(create=False)
     try:
         flt = _local_filter(args, store)
         from overflowd.store.query import count_reports, find_reports, page_reports
@@ -170,6 +173,36 @@ def cmd_reports(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _fast_reports(ctx: Context, args: argparse.Namespace, fmt: str) -> bool:
+    """The answer from a SQLite store through stdlib sqlite3 (overflowd.store.fastread: the
+    same statements, no SQLAlchemy to import); False where the Store must answer instead (not
+    a plain SQLite file at the current schema, or a database error: said the Store's way)."""
+    import sqlite3
+
+    from overflowd.store.fastread import Reader
+
+    try:
+        reader = Reader.open(ctx.store_url())
+        if reader is None:
+            return False
+        with reader:
+            try:
+                flt = make_filter(
+                    _filter_text(args),
+                    now_ms=now_ms(),
+                    observers=reader.resolve_observer,
+                    flag=_flag,
+                )
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            objects = reader.find_reports(flt, limit=args.limit)
+            total = reader.count_reports(flt) if args.limit is not None else len(objects)
+    except sqlite3.Error:
+        return False
+    _print_reports(objects, max(total, len(objects)), fmt, args)
+    return True
 
 
 def _order_key(obj: dict[str, Any]) -> tuple[int, int]:
@@ -199,6 +232,7 @@ def _verified(rows: Any, remote: Remote, after: int | None, nxt: int) -> list[di
     the table, CSV and JSON print what the observer signed, never the node's rendering of it
     (a node can claim any src). In cursor order (``after`` given), each seq in (after, nxt]."""
     from overflowd.cli.remote import RemoteError
+    from overflowd.identity import verify_report  # PyNaCl (cffi): only where a check is made
 
     if not isinstance(rows, list):
         raise RemoteError(f"{remote.base}/reports: the answer has no list of reports")
@@ -293,6 +327,7 @@ def _print_document(objects: list[dict[str, Any]], fmt: str, args: argparse.Name
     document made from a node's answer (--remote) carries only what the observers signed.
     """
     from overflowd.formats import FormatError, stix_bundle, xarf_reports
+    from overflowd.identity import verify_report
 
     signed = []
     for obj in objects:
@@ -542,6 +577,8 @@ def read_report_input(source: str) -> bytes:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from overflowd.identity import verify_report
+
     data = read_report_input(args.file)
     try:
         signed = verify_report(data)

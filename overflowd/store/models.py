@@ -35,6 +35,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from overflowd.store.base import BIGINT_MAX as _BIGINT_MAX
+
 #: Constraint and index names fixed by convention, so migrations can refer to them by name on
 #: every backend.
 NAMING_CONVENTION = {
@@ -45,8 +47,9 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-#: The largest value a BIGINT column holds; u64 protocol fields saturate here.
-BIGINT_MAX = 2**63 - 1
+#: The largest value a BIGINT column holds; u64 protocol fields saturate here (defined beside
+#: the report filter, which imports no SQLAlchemy: overflowd.store.base).
+BIGINT_MAX = _BIGINT_MAX
 
 
 class Base(DeclarativeBase):

@@ -19,12 +19,9 @@ write.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -55,6 +52,12 @@ from overflowd.estimate import (
     TopResult,
     larger,
 )
+from overflowd.store.base import (
+    MAX_FILTER_OBSERVERS,
+    TRUST_ORDER,
+    ReportFilter,
+    resolve_observer_with,
+)
 from overflowd.store.models import BIGINT_MAX, Base
 from overflowd.store.repository import (
     Network,
@@ -77,11 +80,6 @@ __all__ = [
     "who",
 ]
 
-#: Trust labels from low to high. ``min_trust`` keeps reports that arrived with that label or a
-#: higher one; our own reports (``via = 'local'``, no label) pass any. ``unknown`` is the lowest,
-#: so ``min_trust='unknown'`` keeps everything, also reports stored before labels existed.
-TRUST_ORDER = ("unknown", "continuity", "dns", "pinned")
-
 #: A report whose weight n·k/p (or b·k/p) is above this counts as unbounded (its estimate is
 #: infinite) instead of entering the sums: PostgreSQL raises on a float8 overflow where SQLite
 #: and Python give inf, and Σw² of a few weights near 1e154 would overflow. 1e140 keeps Σw² of
@@ -95,12 +93,6 @@ WEIGHT_CAP = 1e140
 #: ceiling per sort or hash of this transaction (freed at its end), not an allocation.
 AGGREGATE_WORK_MEM_MB = 64
 
-#: The longest fingerprint prefix people type: the whole fingerprint (16 hex digits and dashes).
-_FINGERPRINT = re.compile(r"[0-9a-f]{1,4}(-[0-9a-f]{1,4}){0,3}")
-#: The shortest fingerprint prefix accepted: fewer digits match too many keys to mean one.
-MIN_FINGERPRINT_DIGITS = 4
-#: Observer keys in one filter: each is a bound parameter (SQLite allows 32,766 per statement).
-MAX_FILTER_OBSERVERS = 1000
 
 _T = Base.metadata.tables["reports"]
 _O = Base.metadata.tables["observers"]
@@ -108,61 +100,6 @@ _O = Base.metadata.tables["observers"]
 
 # ---------------------------------------------------------------------------------------------
 # The filter
-
-
-@dataclass(frozen=True)
-class ReportFilter:
-    """Which reports a question is about; every field left at its default matches all."""
-
-    #: the flow's last packet at or after this (ms since the epoch): "traffic since"
-    since_ms: int | None = None
-    #: the flow's first packet at or before this
-    until_ms: int | None = None
-    #: arrival at this node (``received_ms``), at or after / at or before
-    received_since_ms: int | None = None
-    received_until_ms: int | None = None
-    src: Network | None = None
-    dst: Network | None = None
-    #: source or destination in it (a network's own view; peers)
-    either: Network | None = None
-    proto: int | None = None
-    #: source or destination port
-    port: int | None = None
-    sport: int | None = None
-    dport: int | None = None
-    kind: str | None = None
-    #: 32-byte observer keys; empty: any observer
-    observers: tuple[bytes, ...] = ()
-    #: one of TRUST_ORDER
-    min_trust: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("since_ms", "until_ms", "received_since_ms", "received_until_ms"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= BIGINT_MAX:
-                raise ValueError(f"{name} must be 0 to {BIGINT_MAX}, not {value}")
-        for name, top_value in (
-            ("proto", 255),
-            ("port", 65535),
-            ("sport", 65535),
-            ("dport", 65535),
-        ):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= top_value:
-                raise ValueError(f"{name} must be 0 to {top_value}, not {value}")
-        for name in ("src", "dst", "either"):
-            net = getattr(self, name)
-            if net is not None and not isinstance(
-                net, ipaddress.IPv4Network | ipaddress.IPv6Network
-            ):
-                raise TypeError(f"{name} must be an IPv4Network or IPv6Network")
-        if len(self.observers) > MAX_FILTER_OBSERVERS:
-            raise ValueError(f"at most {MAX_FILTER_OBSERVERS} observers in one filter")
-        for key in self.observers:
-            if len(key) != 32:
-                raise ValueError(f"an observer key is 32 bytes, not {len(key)}")
-        if self.min_trust is not None and self.min_trust not in TRUST_ORDER:
-            raise ValueError(f"min_trust must be one of {', '.join(TRUST_ORDER)}")
 
 
 def _in(column: Any, net: Network) -> ColumnElement[bool]:
@@ -228,59 +165,30 @@ def _where(stmt: Select[Any], flt: ReportFilter) -> Select[Any]:
 
 
 def resolve_observer(store: Store, text: str) -> tuple[bytes, ...]:
-    """The observer keys ``text`` names: a key in base64 (standard or url-safe, 32 bytes) or a
-    fingerprint (``1a2b-3c4d-...``), whole or a prefix of at least 4 digits naming one key.
-
-    ValueError with a message for people when it names none, or a prefix names several.
-    """
-    text = text.strip()
-    key = _decode_key(text)
-    if key is not None:
-        return (key,)
-    wanted = text.lower()
-    if not _FINGERPRINT.fullmatch(wanted):
-        raise ValueError(
-            f"observer {text!r}: neither a base64 key (32 bytes) nor a fingerprint like 1a2b-3c4d"
-        )
-    digits = wanted.replace("-", "")
-    if len(digits) < MIN_FINGERPRINT_DIGITS:
-        raise ValueError(
-            f"observer {text!r}: a fingerprint prefix needs at least "
-            f"{MIN_FINGERPRINT_DIGITS} digits"
-        )
-    # LIKE on the stored form; the prefix is hex and dashes only, so nothing needs escaping.
-    stmt = (
-        select(_O.c.key, _O.c.fingerprint)
-        .where(_O.c.fingerprint.like(wanted + "%"))
-        .order_by(_O.c.fingerprint, _O.c.key)
-        .limit(MAX_FILTER_OBSERVERS + 1)
+    """The observer keys ``text`` names (:func:`overflowd.store.base.resolve_observer_with`:
+    a base64 key, or a fingerprint or a prefix of it naming one key); ValueError otherwise."""
+    return resolve_observer_with(
+        text, lambda prefix, limit: _observers_like(store, prefix, limit), store.name
     )
+
+
+def observers_like_statement(prefix: str, limit: int) -> Select[Any]:
+    """The observers whose fingerprint starts with ``prefix`` (hex and dashes only, so nothing
+    in it needs escaping for LIKE), by fingerprint then key."""
+    return (
+        select(_O.c.key, _O.c.fingerprint)
+        .where(_O.c.fingerprint.like(prefix + "%"))
+        .order_by(_O.c.fingerprint, _O.c.key)
+        .limit(limit)
+    )
+
+
+def _observers_like(store: Store, prefix: str, limit: int) -> list[tuple[bytes, str]]:
     with store.transaction("resolving an observer", write=False) as conn:
-        rows = [(bytes(r.key), str(r.fingerprint)) for r in conn.execute(stmt)]
-    if not rows:
-        raise ValueError(f"observer {text!r}: no observer with that fingerprint in {store.name}")
-    fingerprints = sorted({fp for _, fp in rows})
-    if len(fingerprints) > 1:
-        shown = ", ".join(fingerprints[:5]) + (", ..." if len(fingerprints) > 5 else "")
-        raise ValueError(
-            f"observer {text!r}: the prefix matches {len(fingerprints)} observers ({shown}); "
-            "give more of the fingerprint"
-        )
-    return tuple(k for k, _ in rows[:MAX_FILTER_OBSERVERS])
-
-
-def _decode_key(text: str) -> bytes | None:
-    if len(text) < 43 or not re.fullmatch(r"[A-Za-z0-9+/_-]+={0,2}", text):
-        return None
-    padded = text + "=" * (-len(text) % 4)
-    try:
-        if "+" in text or "/" in text:
-            key = base64.b64decode(padded, validate=True)
-        else:
-            key = base64.urlsafe_b64decode(padded)
-    except (binascii.Error, ValueError):
-        return None
-    return key if len(key) == 32 else None
+        return [
+            (bytes(r.key), str(r.fingerprint))
+            for r in conn.execute(observers_like_statement(prefix, limit))
+        ]
 
 
 # ---------------------------------------------------------------------------------------------

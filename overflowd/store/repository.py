@@ -56,7 +56,9 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.dml import ReturningInsert
 
 from overflowd import report as rpt
-from overflowd.errors import ReportDecodeError, StoreError
+from overflowd.errors import StoreError
+from overflowd.store.base import default_url as default_url  # re-exported: callers import it here
+from overflowd.store.base import stored_signed_report
 from overflowd.store.models import BIGINT_MAX, Base
 
 if TYPE_CHECKING:
@@ -218,13 +220,7 @@ class StoredReport:
         :meth:`Store.add_report` says so). Check it with
         :func:`overflowd.identity.verify_report` when the database itself is not trusted.
         """
-        try:
-            unverified = rpt.decode_unverified(self.cose)
-        except ReportDecodeError as exc:
-            raise StoreError(f"stored report {self.report_id} no longer decodes: {exc}") from exc
-        return rpt.SignedReport(
-            cose=unverified.cose, observer_key=unverified.kid, payload=unverified.payload
-        )
+        return stored_signed_report(self.report_id, self.cose)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,11 +300,6 @@ def dialect_insert(
     from sqlalchemy.dialects import postgresql as pg_dialect
 
     return pg_dialect.insert
-
-
-def default_url(home: Path) -> str:
-    """The embedded database of a node whose home directory is ``home``."""
-    return f"sqlite:///{Path(home).expanduser().resolve() / 'overflowd.db'}"
 
 
 class Store:
