@@ -852,9 +852,14 @@ class DaemonReceiver(Receiver):
     poll_s = 0.02  # each scrape costs the daemon a statistics() snapshot: poll gently
     counts_records = True
 
-    def __init__(self, rcvbuf: int) -> None:
+    def __init__(self, rcvbuf: int, tree: Path | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="bench-overflowd-")
         home = Path(self.dir, "home")
+        # --daemon-tree: the same daemon from another source tree (main, in the same run).
+        env = dict(os.environ)
+        if tree is not None:
+            self.name = f"overflowd run ({tree.name})"
+            env["PYTHONPATH"] = str(tree)
         exe = [
             sys.executable,
             "-c",
@@ -863,7 +868,12 @@ class DaemonReceiver(Receiver):
         self.proc: subprocess.Popen[str] | None = None
         try:
             subprocess.run(
-                [*exe, "init", "--home", str(home)], check=True, capture_output=True, timeout=60
+                [*exe, "init", "--home", str(home)],
+                check=True,
+                capture_output=True,
+                timeout=60,
+                env=env,
+                cwd=self.dir,
             )
             self.out = open(Path(self.dir, "run.log"), "w+")  # noqa: SIM115 - closed in close()
             self.proc = subprocess.Popen(
@@ -876,6 +886,11 @@ class DaemonReceiver(Receiver):
                     "127.0.0.1:0",
                     "--metrics",
                     "127.0.0.1:0",
+                    # Two daemons at once (--daemon-tree): no fixed port anywhere.
+                    "--inband-listen",
+                    "127.0.0.1:0",
+                    "--api",
+                    "127.0.0.1:0",
                     "--rate",
                     str(SAMPLE_RATE),
                 ],
@@ -883,6 +898,8 @@ class DaemonReceiver(Receiver):
                 stderr=subprocess.STDOUT,
                 text=True,
                 preexec_fn=_pin(RECEIVER_CPU),
+                env=env,
+                cwd=self.dir,  # not the repository: its overflowd/ would come first on sys.path
             )
             self.pid = self.proc.pid
             deadline = time.monotonic() + 30
@@ -1261,6 +1278,7 @@ def part3(
     formats: Sequence[str],
     receivers: Sequence[str],
     busy: int | None,
+    daemon_tree: Path | None = None,
 ) -> None:
     print(
         f"\n== 3. Lossless UDP ingest on loopback: receivers on core {RECEIVER_CPU}, the C "
@@ -1292,6 +1310,7 @@ def part3(
             makers: list[tuple[str, Callable[[], Receiver]]] = [
                 ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
                 ("daemon", lambda: DaemonReceiver(rcvbuf)),
+                *([("daemon", lambda: DaemonReceiver(rcvbuf, daemon_tree))] if daemon_tree else []),
                 ("harness", lambda: OverflowdReceiver(rcvbuf)),
             ]
             if key == "sflow":
@@ -1541,6 +1560,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"part 3: a spinning process on CORE (default {SENDER_CPU}, the other core: the "
         f"receivers are on {RECEIVER_CPU}) throughout, as other work on the machine",
     )
+    parser.add_argument(
+        "--daemon-tree",
+        type=Path,
+        help="part 3: also run `overflowd run` from this source tree (e.g. `git archive main "
+        "overflowd | tar -x -C DIR`), in the same run as this checkout's",
+    )
     parser.add_argument("--skip-decode", action="store_true", help="part 3 only")
     parser.add_argument(
         "--rcvbuf",
@@ -1578,6 +1603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=[f for f in args.formats.split(",") if f in FORMATS],
             receivers=args.receivers.split(","),
             busy=args.busy,
+            daemon_tree=args.daemon_tree.resolve() if args.daemon_tree else None,
         )
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     return 0
