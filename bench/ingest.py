@@ -12,27 +12,34 @@ Not a test: it prints figures. Three parts.
 2. **v9, IPFIX and sFlow v5 decode rates** on synthetic datagrams built here (a template
    datagram, then data datagrams of 25 records; sFlow: 10 flow samples with raw packet
    headers per datagram), with the ``netflow`` package beside overflowd for v9 and IPFIX.
-3. **Lossless UDP ingest on loopback**: a receiver pinned to core 0 and a sender pinned to
-   core 1 (separate processes); the sender replays the trace's datagrams at a paced rate for a
-   bounded step; the highest rate with zero loss is searched (doubling, then bisection).
-   Receivers: overflowd's collector path (``UdpCollector`` → bounded channel →
-   ``decode_datagram`` → ``Sampler.sample``, the decode loop of ``NodeService`` without
-   signing — at rate 1e-6 almost nothing is signed), the real daemon (``overflowd run`` in a
-   fresh home, read through its Prometheus counters; ``--no-daemon`` skips it) and
-   ``nfcapd -B 4194304`` from nfdump. The goal line judges the daemon.
-   A step is lossless when the receiving socket's kernel drop counter (``/proc/net/udp``) did
-   not move, nothing was dropped by the receiver itself, and the receiver caught up within a
-   short grace after the last datagram (so a queue that merely absorbs a too-fast sender does
-   not count as keeping up). For overflowd every record is also counted after decoding.
+3. **Lossless UDP ingest on loopback, every format, beside the peers**: receivers pinned to
+   core 0, a C ``sendmmsg`` sender (``bench/c/sender.c``, built here with gcc into a temp dir)
+   pinned to core 1 replaying each format's datagrams in a loop at a paced rate. Formats: v5
+   (the shared trace), v9 and IPFIX (softflowd exporting a pcap of 30,000 TEST-NET flows
+   generated here), sFlow v5 (pmacctd's sfprobe on the same pcap, 1:1). Receivers: the C
+   ``recvmmsg`` floor (``bench/c/floor.c``), ``overflowd run`` (a fresh home, counters from its
+   Prometheus page; ``--daemon-tree DIR`` adds the daemon of another source tree, e.g. main,
+   to the same run), ``nfcapd -B``, ``nfacctd`` and ``sfacctd`` (pmacct, aggregating 5-tuples
+   in memory), every socket with the same buffer. Per receiver: CPU per record (utime+stime
+   of its process tree over a 2 s step at a fixed rate every receiver handles, ``CPU_RATE``),
+   then the highest lossless rate (one flat-out step, then down from 0.9 of what the receiver
+   got through, then bisection). A step is lossless when the socket's kernel drop counter
+   (``/proc/net/udp``) did not move, the receiver dropped nothing itself, and it caught up
+   within 0.1 s of the last datagram (a receiver merely filling its queue is ``BEHIND``); for
+   overflowd every record is also counted. Ratios are to nfcapd (sFlow: sfacctd). ``--busy``
+   keeps a spinning process on the other core (the sender's) throughout.
 
 Usage::
 
-    .venv/bin/python bench/ingest.py            # about 2.5-4.5 minutes
-    .venv/bin/python bench/ingest.py --quick    # about 25 seconds, rougher
-    .venv/bin/python bench/ingest.py --skip-udp # parts 1-2 only
+    .venv/bin/python bench/ingest.py            # about 5-6 minutes
+    .venv/bin/python bench/ingest.py --quick    # about 1.5 minutes, rougher
+    .venv/bin/python bench/ingest.py --skip-udp # parts 1-2 only; --skip-decode: part 3 only
+    .venv/bin/python bench/ingest.py --skip-decode --busy --formats v5 --receivers daemon,nfcapd
 
-Needs: ``pip install netflow`` (0.12.x), scapy, and nfdump's ``nfcapd``/``nfdump`` on PATH for
-the nfcapd figure; whatever is missing is reported and skipped. Linux only for part 3
+Needs: ``pip install netflow`` (0.12.x), scapy; for part 3 gcc, nfdump (``nfcapd``, ``nfdump``),
+pmacct (``nfacctd``, ``sfacctd``, ``pmacctd``) and softflowd (``make deps-test`` installs them
+but gcc, which the image has; else ``apt-get install gcc``); whatever is missing is reported
+and skipped. Linux only for part 3
 (``sched_setaffinity``, ``/proc/net/udp``). Only ever sends to 127.0.0.1.
 
 The trace is ``<repo>/../shared/data/netflow_v5_simpleweb.pcap``; ``OVERFLOWD_SHARED`` overrides
@@ -1113,7 +1120,7 @@ class Step:
     app_drops: int
     missing_records: int | None
     caught_up_s: float | None  # after the last datagram; None: not within the wait
-    cpu_s: float  # the receiver's CPU seconds from the first datagram to caught up
+    cpu_s: float  # the receiver's CPU seconds while the datagrams were sent
     ok: bool
 
     @property
@@ -1133,6 +1140,9 @@ def run_step(rx: Receiver, sender: CSender, rate: float, seconds: float, grace: 
     before = rx.counters()
     cpu0 = cpu_seconds(rx.pid)
     reply = sender.send(rx.port, rate, seconds)
+    # CPU over the sending only: the scrapes that follow (overflowd's Prometheus page, polled
+    # until it caught up) would be charged to the daemon and to no peer.
+    cpu = cpu_seconds(rx.pid) - cpu0
     t_end = time.monotonic()
     caught_up = None
     after = before
@@ -1152,7 +1162,6 @@ def run_step(rx: Receiver, sender: CSender, rate: float, seconds: float, grace: 
             caught_up = time.monotonic() - t_end
             break
         time.sleep(rx.poll_s)
-    cpu = cpu_seconds(rx.pid) - cpu0
     kdrops = (after["kernel_drops"] or 0) - (before["kernel_drops"] or 0)
     adrops = (after["app_drops"] or 0) - (before["app_drops"] or 0)
     missing = None
