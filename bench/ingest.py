@@ -536,7 +536,7 @@ def part2(*, quick: bool) -> None:
 C_DIR = Path(__file__).resolve().parent / "c"
 #: Datagrams/s of the fixed-rate step that measures CPU per record (every receiver keeps up
 #: there on this machine, the daemon included, so the figures compare work, not overload).
-CPU_RATE = {"v5": 20_000.0, "v9": 4_000.0, "ipfix": 4_000.0, "sflow": 4_000.0}
+CPU_RATE = {"v5": 20_000.0, "v9": 4_000.0, "ipfix": 4_000.0, "sflow": 1_500.0}
 FORMATS = ("v5", "v9", "ipfix", "sflow")
 FORMAT_NAMES = {"v5": "NetFlow v5", "v9": "NetFlow v9", "ipfix": "IPFIX", "sflow": "sFlow v5"}
 #: The peer each format's ratio is taken to.
@@ -1255,6 +1255,9 @@ def measure(rx: Receiver, sender: CSender, ds: Dataset, *, quick: bool, budget_s
     run_step(rx, sender, CPU_RATE[ds.key], 0.2, 0.5)
     window = 1.0 if quick else 2.0
     fixed = run_step(rx, sender, CPU_RATE[ds.key], window, 0.2)
+    if not fixed.ok or fixed.achieved < 0.9 * CPU_RATE[ds.key]:
+        # Lossy, or the sender (on a loaded core) fell short: once more before it counts.
+        fixed = run_step(rx, sender, CPU_RATE[ds.key], window, 0.2)
     cpu_us = fixed.cpu_s / fixed.sent_records * 1e6 if fixed.sent_records else None
     share = fixed.cpu_s / window
     print(

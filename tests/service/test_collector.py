@@ -68,7 +68,7 @@ async def test_without_coalescing_each_wake_up_takes_what_is_there() -> None:
         async with trio.open_nursery() as nursery:
             collector, recv, tx = await start(nursery, Backlog(10_000), **kwargs)
             with tx:
-                nursery.start_soon(spaced, tx, 20, 0.005)
+                nursery.start_soon(spaced, tx, 20, 0.02)  # a stall of 20 ms merges two
                 got = await batches_of(recv, 20)
             nursery.cancel_scope.cancel()
         assert len(got) >= 10, (kwargs, collector.statistics().rcvbuf_bytes)
