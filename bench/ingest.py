@@ -12,27 +12,34 @@ Not a test: it prints figures. Three parts.
 2. **v9, IPFIX and sFlow v5 decode rates** on synthetic datagrams built here (a template
    datagram, then data datagrams of 25 records; sFlow: 10 flow samples with raw packet
    headers per datagram), with the ``netflow`` package beside overflowd for v9 and IPFIX.
-3. **Lossless UDP ingest on loopback**: a receiver pinned to core 0 and a sender pinned to
-   core 1 (separate processes); the sender replays the trace's datagrams at a paced rate for a
-   bounded step; the highest rate with zero loss is searched (doubling, then bisection).
-   Receivers: overflowd's collector path (``UdpCollector`` → bounded channel →
-   ``decode_datagram`` → ``Sampler.sample``, the decode loop of ``NodeService`` without
-   signing — at rate 1e-6 almost nothing is signed), the real daemon (``overflowd run`` in a
-   fresh home, read through its Prometheus counters; ``--no-daemon`` skips it) and
-   ``nfcapd -B 4194304`` from nfdump. The goal line judges the daemon.
-   A step is lossless when the receiving socket's kernel drop counter (``/proc/net/udp``) did
-   not move, nothing was dropped by the receiver itself, and the receiver caught up within a
-   short grace after the last datagram (so a queue that merely absorbs a too-fast sender does
-   not count as keeping up). For overflowd every record is also counted after decoding.
+3. **Lossless UDP ingest on loopback, every format, beside the peers**: receivers pinned to
+   core 0, a C ``sendmmsg`` sender (``bench/c/sender.c``, built here with gcc into a temp dir)
+   pinned to core 1 replaying each format's datagrams in a loop at a paced rate. Formats: v5
+   (the shared trace), v9 and IPFIX (softflowd exporting a pcap of 30,000 TEST-NET flows
+   generated here), sFlow v5 (pmacctd's sfprobe on the same pcap, 1:1). Receivers: the C
+   ``recvmmsg`` floor (``bench/c/floor.c``), ``overflowd run`` (a fresh home, counters from its
+   Prometheus page; ``--daemon-tree DIR`` adds the daemon of another source tree, e.g. main,
+   to the same run), ``nfcapd -B``, ``nfacctd`` and ``sfacctd`` (pmacct, aggregating 5-tuples
+   in memory), every socket with the same buffer. Per receiver: CPU per record (utime+stime
+   of its process tree over a 2 s step at a fixed rate every receiver handles, ``CPU_RATE``),
+   then the highest lossless rate (one flat-out step, then down from 0.9 of what the receiver
+   got through, then bisection). A step is lossless when the socket's kernel drop counter
+   (``/proc/net/udp``) did not move, the receiver dropped nothing itself, and it caught up
+   within 0.1 s of the last datagram (a receiver merely filling its queue is ``BEHIND``); for
+   overflowd every record is also counted. Ratios are to nfcapd (sFlow: sfacctd). ``--busy``
+   keeps a spinning process on the other core (the sender's) throughout.
 
 Usage::
 
-    .venv/bin/python bench/ingest.py            # about 2.5-4.5 minutes
-    .venv/bin/python bench/ingest.py --quick    # about 25 seconds, rougher
-    .venv/bin/python bench/ingest.py --skip-udp # parts 1-2 only
+    .venv/bin/python bench/ingest.py            # about 5-6 minutes
+    .venv/bin/python bench/ingest.py --quick    # 1.5-2.5 minutes, rougher
+    .venv/bin/python bench/ingest.py --skip-udp # parts 1-2 only; --skip-decode: part 3 only
+    .venv/bin/python bench/ingest.py --skip-decode --busy --formats v5 --receivers daemon,nfcapd
 
-Needs: ``pip install netflow`` (0.12.x), scapy, and nfdump's ``nfcapd``/``nfdump`` on PATH for
-the nfcapd figure; whatever is missing is reported and skipped. Linux only for part 3
+Needs: ``pip install netflow`` (0.12.x), scapy; for part 3 gcc, nfdump (``nfcapd``, ``nfdump``),
+pmacct (``nfacctd``, ``sfacctd``, ``pmacctd``) and softflowd (``make deps-test`` installs them
+but gcc, which the image has; else ``apt-get install gcc``); whatever is missing is reported
+and skipped. Linux only for part 3
 (``sched_setaffinity``, ``/proc/net/udp``). Only ever sends to 127.0.0.1.
 
 The trace is ``<repo>/../shared/data/netflow_v5_simpleweb.pcap``; ``OVERFLOWD_SHARED`` overrides
@@ -43,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import re
@@ -523,19 +529,49 @@ def part2(*, quick: bool) -> None:
 
 
 # ============================================================================================
-# Part 3: lossless UDP ingest on loopback
+# Part 3: lossless UDP ingest on loopback, every format, beside the peers
 # ============================================================================================
+
+#: C programs built at run time with gcc: the paced sendmmsg sender and the recvmmsg floor.
+C_DIR = Path(__file__).resolve().parent / "c"
+#: Datagrams/s of the fixed-rate step that measures CPU per record (every receiver keeps up
+#: there on this machine, the daemon included, so the figures compare work, not overload).
+CPU_RATE = {"v5": 20_000.0, "v9": 4_000.0, "ipfix": 4_000.0, "sflow": 1_500.0}
+FORMATS = ("v5", "v9", "ipfix", "sflow")
+FORMAT_NAMES = {"v5": "NetFlow v5", "v9": "NetFlow v9", "ipfix": "IPFIX", "sflow": "sFlow v5"}
+#: The peer each format's ratio is taken to.
+REFERENCE = {"v5": "nfcapd", "v9": "nfcapd", "ipfix": "nfcapd", "sflow": "sfacctd"}
+
+
+@dataclass
+class Dataset:
+    """One format's datagrams as the sender replays them (in a loop), with records each."""
+
+    key: str
+    source: str
+    datagrams: list[bytes]
+    records: list[int]
+
+    @property
+    def records_per_datagram(self) -> float:
+        return sum(self.records) / max(1, len(self.records))
+
+    def write(self, path: Path) -> Path:
+        with path.open("wb") as f:
+            for data, n in zip(self.datagrams, self.records, strict=True):
+                f.write(struct.pack("<II", len(data), n) + data)
+        return path
 
 
 def udp_socket_stats(port: int) -> tuple[int, int] | None:
-    """(rx_queue bytes, drops) of the IPv4 UDP socket(s) bound to 127.0.0.1:port."""
-    want = f"0100007F:{port:04X}"
+    """(rx_queue bytes, drops) of the IPv4 UDP socket(s) bound to 127.0.0.1:port or *:port."""
+    want = (f"0100007F:{port:04X}", f"00000000:{port:04X}")
     found = None
     with open("/proc/net/udp") as f:
         next(f)
         for line in f:
             cols = line.split()
-            if len(cols) >= 13 and cols[1] == want:
+            if len(cols) >= 13 and cols[1] in want:
                 rx = int(cols[4].split(":")[1], 16)
                 drops = int(cols[12])
                 found = (rx + (found[0] if found else 0), drops + (found[1] if found else 0))
@@ -553,6 +589,835 @@ def _pin(cpu: int) -> Callable[[], None]:
         os.sched_setaffinity(0, {cpu})
 
     return pin
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU seconds of ``root`` and every descendant (pmacct forks its plugins)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, total = {root}, 0.0
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                changed = True
+    for pid in tree & times.keys():
+        # The stat ticks are 10 ms: at a few % of a core over 2 s that is +-25%. Each live
+        # thread's schedstat counts nanoseconds; threads gone (trio's worker threads come
+        # and go) are left in the process's ticks beyond its live threads' ticks.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            live_ns = live_ticks = 0
+            for task in Path("/proc", str(pid), "task").iterdir():
+                live_ns += int(Path(task, "schedstat").read_text().split()[0])
+                tstat = Path(task, "stat").read_text()
+                tf = tstat[tstat.rindex(")") + 2 :].split()
+                live_ticks += int(tf[11]) + int(tf[12])
+            times[pid] = live_ns / 1e9 + max(0.0, times[pid] - live_ticks / tick)
+    for pid in tree:
+        total += times.get(pid, 0.0)
+    return total
+
+
+def build_tools(workdir: Path) -> dict[str, Path] | str:
+    """gcc -O2 the sender and the floor receiver into ``workdir``; a reason string if not."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        return "no gcc (apt-get install -y gcc)"
+    out = {}
+    for name in ("sender", "floor"):
+        exe = workdir / name
+        done = subprocess.run(
+            [gcc, "-O2", "-Wall", "-o", str(exe), str(C_DIR / f"{name}.c")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode:
+            return f"gcc {name}.c failed: {done.stderr.strip()[-300:]}"
+        out[name] = exe
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Real exporter data: softflowd (v9, IPFIX) and pmacctd's sfprobe (sFlow) on a generated pcap
+
+
+def traffic_pcap(path: Path, packets: int) -> Path:
+    """Ethernet/IPv4 TCP and UDP packets between TEST-NET hosts, one flow each (mostly)."""
+    import random
+
+    rng = random.Random(1)
+    out = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    t = 1_700_000_000.0
+    payload = b"x" * 64
+    for _ in range(packets):
+        src = bytes([192, 0, 2, rng.randrange(1, 255)])
+        dst = bytes([*rng.choice(([198, 51, 100], [203, 0, 113])), rng.randrange(1, 255)])
+        sport, dport = rng.randrange(1024, 65535), rng.choice((53, 80, 123, 443))
+        proto = rng.choice((6, 17))
+        if proto == 17:
+            l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        else:
+            l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x18, 65535, 0, 0) + payload
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0, src, dst)
+        frame = bytes.fromhex("020000000001020000000002") + b"\x08\x00" + ip + l4
+        t += 0.0001
+        out += struct.pack("<IIII", int(t), int(t % 1 * 1e6), len(frame), len(frame)) + frame
+    path.write_bytes(bytes(out))
+    return path
+
+
+def _collect_exports(
+    argv: list[str], port_flag: Callable[[int], list[str]], quiet_s: float
+) -> list[bytes]:
+    """Run an exporter towards a socket of ours on 127.0.0.1 and keep what it sends."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024 * 1024)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        proc = subprocess.Popen(
+            [*argv, *port_flag(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        got: list[bytes] = []
+        sock.settimeout(quiet_s)
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    got.append(sock.recv(65535))
+                except TimeoutError:
+                    if proc.poll() is not None:
+                        break
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        return got
+
+
+def count_records(datagrams: Sequence[bytes]) -> list[int]:
+    """Records overflowd's scalar decoder (the reference) finds in each datagram, in order."""
+    from overflowd.errors import DecodeError
+    from overflowd.wire import DecoderState, decode_datagram
+
+    state = DecoderState()
+    out = []
+    for data in datagrams:
+        try:
+            out.append(len(decode_datagram(data, "127.0.0.1", state, 1_700_000_000.0)))
+        except DecodeError:
+            out.append(0)
+    return out
+
+
+def datasets(
+    trace: list[tuple[bytes, str, float]], workdir: Path, formats: Sequence[str]
+) -> dict[str, Dataset]:
+    out: dict[str, Dataset] = {}
+    if "v5" in formats:
+        payloads = [p for p, _, _ in trace]
+        out["v5"] = Dataset("v5", "shared trace", payloads, [v5_count(p) for p in payloads])
+    pcap = traffic_pcap(workdir / "traffic.pcap", 30_000)
+    for key, version in (("v9", "9"), ("ipfix", "10")):
+        if key not in formats:
+            continue
+        if shutil.which("softflowd") is None:
+            print(f"  {key}: no softflowd (apt-get install softflowd); synthetic datagrams")
+            dgs = (synthetic_v9 if key == "v9" else synthetic_ipfix)(400)
+            out[key] = Dataset(key, "synthetic", dgs, count_records(dgs))
+            continue
+        pid = workdir / f"softflowd-{key}.pid"
+        dgs = _collect_exports(
+            ["softflowd", "-d", "-r", str(pcap), "-v", version, "-m", "65536", "-p", str(pid)],
+            lambda port: ["-n", f"127.0.0.1:{port}"],
+            1.0,
+        )
+        out[key] = Dataset(key, f"softflowd -v {version}, 30k flows", dgs, count_records(dgs))
+    if "sflow" in formats:
+        if shutil.which("pmacctd") is None:
+            dgs = synthetic_sflow(400)
+            out["sflow"] = Dataset("sflow", "synthetic (RFC 3176 layout)", dgs, count_records(dgs))
+        else:
+            conf = workdir / "pmacctd.conf"
+
+            def sfprobe(port: int) -> list[str]:
+                conf.write_text(
+                    "daemonize: false\n"
+                    f"pcap_savefile: {pcap}\n"
+                    "pcap_savefile_wait: false\n"
+                    "plugins: sfprobe[sf]\n"
+                    f"sfprobe_receiver[sf]: 127.0.0.1:{port}\n"
+                    "sfprobe_agentip[sf]: 192.0.2.254\n"
+                    "sampling_rate[sf]: 1\n"
+                )
+                return ["-f", str(conf)]
+
+            dgs = _collect_exports(["pmacctd"], sfprobe, 3.0)
+            out["sflow"] = Dataset("sflow", "pmacctd sfprobe, 30k packets", dgs, count_records(dgs))
+    for ds in out.values():
+        if not ds.datagrams or not sum(ds.records):
+            print(f"  {ds.key}: the exporter gave nothing usable; skipped")
+    return {k: v for k, v in out.items() if v.datagrams and sum(v.records)}
+
+
+# --------------------------------------------------------------------------------------------
+# Receivers
+
+
+class Receiver:
+    name: str
+    port: int
+    pid: int
+    #: How often the receiver's counters are polled while waiting for it to catch up.
+    poll_s = 0.005
+    counts_records = False
+
+    def counters(self) -> dict[str, int | None]:
+        """records (None when not observable), app_drops, kernel_drops, rx_queue."""
+        kernel = udp_socket_stats(self.port)
+        return {
+            "records": None,
+            "app_drops": 0,
+            "kernel_drops": kernel[1] if kernel else None,
+            "rx_queue": kernel[0] if kernel else None,
+        }
+
+    def close(self) -> str:
+        return ""
+
+
+def _wait_bound(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while udp_socket_stats(port) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not bind 127.0.0.1:{port}")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+class FloorReceiver(Receiver):
+    name = "C recvmmsg floor"
+
+    def __init__(self, exe: Path, rcvbuf: int) -> None:
+        self.proc = subprocess.Popen(
+            [str(exe), str(rcvbuf)],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_pin(RECEIVER_CPU),
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline().split()[1])
+        self.pid = self.proc.pid
+
+    def close(self) -> str:
+        _stop(self.proc)
+        return ""
+
+
+class OverflowdReceiver(Receiver):
+    name = "overflowd collector harness"
+    poll_s = 0.02  # each answer costs the receiver a statistics() snapshot: poll gently
+    counts_records = True
+
+    def __init__(self, rcvbuf: int) -> None:
+        self.helper = LineProcess(
+            [sys.executable, __file__, "--worker", "overflowd", "--rcvbuf", str(rcvbuf)],
+            RECEIVER_CPU,
+        )
+        self.port = int(self.helper.read(timeout=30)["port"])
+        self.pid = self.helper.proc.pid
+
+    def counters(self) -> dict[str, int | None]:
+        c = self.helper.ask({"cmd": "stats"})
+        kernel = udp_socket_stats(self.port)
+        c["rx_queue"] = kernel[0] if kernel else None
+        return c
+
+    def close(self) -> str:
+        self.helper.close()
+        return ""
+
+
+class DaemonReceiver(Receiver):
+    """The real daemon: ``overflowd run`` in a fresh home, counters from its Prometheus page."""
+
+    name = "overflowd run"
+    poll_s = 0.02  # each scrape costs the daemon a statistics() snapshot: poll gently
+    counts_records = True
+
+    def __init__(self, rcvbuf: int, tree: Path | None = None) -> None:
+        self.dir = tempfile.mkdtemp(prefix="bench-overflowd-")
+        home = Path(self.dir, "home")
+        # --daemon-tree: the same daemon from another source tree (main, in the same run).
+        env = dict(os.environ)
+        if tree is not None:
+            self.name = f"overflowd run ({tree.name})"
+            env["PYTHONPATH"] = str(tree)
+        exe = [
+            sys.executable,
+            "-c",
+            "import sys; from overflowd.cli.node import main; sys.exit(main())",
+        ]
+        self.proc: subprocess.Popen[str] | None = None
+        try:
+            subprocess.run(
+                [*exe, "init", "--home", str(home)],
+                check=True,
+                capture_output=True,
+                timeout=60,
+                env=env,
+                cwd=self.dir,
+            )
+            self.out = open(Path(self.dir, "run.log"), "w+")  # noqa: SIM115 - closed in close()
+            self.proc = subprocess.Popen(
+                [
+                    *exe,
+                    "run",
+                    "--home",
+                    str(home),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--metrics",
+                    "127.0.0.1:0",
+                    # Two daemons at once (--daemon-tree): no fixed port anywhere.
+                    "--inband-listen",
+                    "127.0.0.1:0",
+                    "--api",
+                    "127.0.0.1:0",
+                    "--rate",
+                    str(SAMPLE_RATE),
+                ],
+                stdout=self.out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=_pin(RECEIVER_CPU),
+                env=env,
+                cwd=self.dir,  # not the repository: its overflowd/ would come first on sys.path
+            )
+            self.pid = self.proc.pid
+            deadline = time.monotonic() + 30
+            port = metrics = None
+            while port is None or metrics is None:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("overflowd run did not start: " + self._log()[-400:])
+                time.sleep(0.1)
+                text = self._log()
+                m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", text)
+                port = int(m.group(1)) if m else None
+                m = re.search(r"metrics (http://\S+)", text)
+                metrics = m.group(1) if m else None
+            self.port, self.metrics = port, metrics
+        except BaseException:
+            self.close()
+            raise
+
+    def _log(self) -> str:
+        return Path(self.dir, "run.log").read_text(errors="replace")
+
+    def counters(self) -> dict[str, int | None]:
+        from urllib.request import urlopen
+
+        with urlopen(self.metrics, timeout=5) as r:
+            text = r.read().decode()
+
+        def value(pattern: str) -> int:
+            m = re.search(r"^" + pattern + r" (\S+)$", text, re.M)
+            return int(float(m.group(1))) if m else 0
+
+        kernel = udp_socket_stats(self.port)
+        return {
+            "records": value("overflowd_decoder_records_total"),
+            "app_drops": value(
+                r'overflowd_collector_dropped_total\{socket="0",where="queue_full"\}'
+            ),
+            "kernel_drops": kernel[1] if kernel else None,
+            "rx_queue": kernel[0] if kernel else None,
+        }
+
+    def close(self) -> str:
+        summary = ""
+        try:
+            if self.proc is not None:
+                _stop(self.proc)
+            with contextlib.suppress(OSError):
+                m = re.search(r"^stopped: .*$", self._log(), re.M)
+                summary = f"overflowd run {m.group(0)}" if m else ""
+        finally:
+            with contextlib.suppress(Exception):
+                self.out.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return summary
+
+
+class NfcapdReceiver(Receiver):
+    name = "nfcapd"
+
+    def __init__(self, rcvbuf: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="bench-nfcapd-")
+        self.flows = Path(self.dir, "flows")
+        self.flows.mkdir()
+        self.port = free_port()
+        self.log = open(Path(self.dir, "nfcapd.log"), "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [
+                "nfcapd",
+                "-B",
+                str(rcvbuf),
+                "-w",
+                str(self.flows),
+                "-p",
+                str(self.port),
+                "-b",
+                "127.0.0.1",
+                "-t",
+                "3600",
+                "-I",
+                "bench",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_pin(RECEIVER_CPU),
+        )
+        self.pid = self.proc.pid
+        try:
+            _wait_bound(self.port, self.proc, "nfcapd")
+        except RuntimeError:
+            self.close()
+            raise
+
+    def close(self) -> str:
+        summary = ""
+        try:
+            _stop(self.proc)
+            out = subprocess.run(
+                ["nfdump", "-R", str(self.flows), "-I"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            ).stdout
+            flows = re.search(r"^Flows: (\d+)", out, re.M)
+            summary = f"nfcapd stored {flows.group(1) if flows else '?'} records (nfdump -I)"
+        except (OSError, subprocess.SubprocessError) as exc:
+            summary = f"nfcapd summary unavailable: {exc}"
+        finally:
+            self.log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return summary
+
+
+class PmacctReceiver(Receiver):
+    """nfacctd (NetFlow/IPFIX) or sfacctd (sFlow), aggregating 5-tuples into its memory
+    table (the print plugin, flushed only at exit), socket buffer as nfcapd -B."""
+
+    def __init__(self, daemon: str, rcvbuf: int) -> None:
+        self.name = daemon
+        prefix = daemon  # nfacctd_port / sfacctd_port ...
+        self.dir = tempfile.mkdtemp(prefix=f"bench-{daemon}-")
+        self.port = free_port()
+        conf = Path(self.dir, f"{daemon}.conf")
+        conf.write_text(
+            "daemonize: false\n"
+            f"{prefix}_ip: 127.0.0.1\n"
+            f"{prefix}_port: {self.port}\n"
+            f"{prefix}_pipe_size: {rcvbuf}\n"
+            "plugins: print[p]\n"
+            "aggregate[p]: src_host, dst_host, src_port, dst_port, proto\n"
+            f"print_output_file[p]: {self.dir}/out.txt\n"
+            "print_refresh_time[p]: 3600\n"
+            f"logfile: {self.dir}/log.txt\n"
+        )
+        self.proc = subprocess.Popen(
+            [daemon, "-f", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_pin(RECEIVER_CPU),
+        )
+        self.pid = self.proc.pid
+        try:
+            _wait_bound(self.port, self.proc, daemon)
+            time.sleep(0.3)  # its plugin process comes up after the socket
+        except RuntimeError:
+            self.close()
+            raise
+
+    def close(self) -> str:
+        try:
+            _stop(self.proc, signal.SIGINT)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Sender, steps and the search
+
+
+class CSender:
+    """The C sendmmsg sender on its own core, replaying one dataset file."""
+
+    def __init__(self, exe: Path, data: Path) -> None:
+        self.proc = subprocess.Popen(
+            [str(exe), str(data)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            preexec_fn=_pin(SENDER_CPU),
+        )
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()
+        if not ready.startswith("ready"):
+            raise RuntimeError(f"sender did not start: {ready!r}")
+
+    def send(self, port: int, datagrams_per_s: float, seconds: float) -> dict[str, float]:
+        """rate 0: as fast as it goes."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"send {port} {datagrams_per_s:.1f} {seconds}\n")
+        self.proc.stdin.flush()
+        dgs, recs, errors, elapsed = self.proc.stdout.readline().split()
+        return {
+            "datagrams": int(dgs),
+            "records": int(recs),
+            "errors": int(errors),
+            "elapsed": float(elapsed),
+        }
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@dataclass
+class Step:
+    target: float  # datagrams/s asked (0: flat out)
+    achieved: float  # datagrams/s the sender managed
+    sent_records: int
+    sent_datagrams: int
+    kernel_drops: int
+    app_drops: int
+    missing_records: int | None
+    caught_up_s: float | None  # after the last datagram; None: not within the wait
+    cpu_s: float  # the receiver's CPU seconds while the datagrams were sent
+    ok: bool
+
+    @property
+    def verdict(self) -> str:
+        if self.ok:
+            return "ok    "
+        if self.kernel_drops or self.app_drops:
+            return "LOSS  "
+        return "BEHIND"  # nothing dropped: what is missing is still queued
+
+
+def run_step(rx: Receiver, sender: CSender, rate: float, seconds: float, grace: float) -> Step:
+    """Send at ``rate`` datagrams/s for ``seconds``, wait (bounded) until the receiver caught
+    up (every record counted, or its socket's queue empty), and judge: lossless when the
+    kernel drop counter did not move, the receiver dropped nothing, nothing is missing and it
+    caught up within ``grace``."""
+    before = rx.counters()
+    cpu0 = cpu_seconds(rx.pid)
+    reply = sender.send(rx.port, rate, seconds)
+    # CPU over the sending only: the scrapes that follow (overflowd's Prometheus page, polled
+    # until it caught up) would be charged to the daemon and to no peer.
+    cpu = cpu_seconds(rx.pid) - cpu0
+    t_end = time.monotonic()
+    caught_up = None
+    after = before
+    while time.monotonic() - t_end < max(1.0, 4 * grace):
+        after = rx.counters()
+        idle = not after["rx_queue"] and not after.get("backlog")
+        if after["records"] is not None:
+            lost = (
+                after["kernel_drops"] != before["kernel_drops"]
+                or after["app_drops"] != before["app_drops"]
+            )
+            counted = after["records"] - (before["records"] or 0)
+            done = counted >= reply["records"] or (lost and idle)
+        else:
+            done = idle
+        if done:
+            caught_up = time.monotonic() - t_end
+            break
+        time.sleep(rx.poll_s)
+    kdrops = (after["kernel_drops"] or 0) - (before["kernel_drops"] or 0)
+    adrops = (after["app_drops"] or 0) - (before["app_drops"] or 0)
+    missing = None
+    if after["records"] is not None:
+        missing = int(reply["records"] - (after["records"] - (before["records"] or 0)))
+    ok = (
+        kdrops == 0
+        and adrops == 0
+        and (missing is None or missing <= 0)
+        and caught_up is not None
+        and caught_up <= grace
+    )
+    return Step(
+        rate,
+        reply["datagrams"] / reply["elapsed"],
+        int(reply["records"]),
+        int(reply["datagrams"]),
+        kdrops,
+        adrops,
+        missing,
+        caught_up,
+        cpu,
+        ok,
+    )
+
+
+def print_step(step: Step, per_dg: float, note: str = "") -> None:
+    missing = "-" if step.missing_records is None else max(0, step.missing_records)
+    caught = "no" if step.caught_up_s is None else f"{step.caught_up_s * 1000:.0f} ms"
+    asked = "flat out" if step.target == 0 else f"{fmt_rate(step.target * per_dg)}/s"
+    print(
+        f"      {asked:>9} asked, {fmt_rate(step.achieved * per_dg):>7}/s sent: {step.verdict}"
+        f" kernel drops {step.kernel_drops}, own {step.app_drops}, missing {missing}, "
+        f"caught up {caught} {note}".rstrip()
+    )
+
+
+@dataclass
+class Result:
+    lossless: float  # records/s
+    sender_limited: bool
+    cpu_us: float | None  # µs of receiver CPU per record at the fixed rate
+    cpu_share: float | None  # of one core, at the fixed rate
+    cpu_ok: bool
+
+
+def search(
+    rx: Receiver, sender: CSender, per_dg: float, *, quick: bool, budget_s: float
+) -> tuple[float, bool, list[Step]]:
+    """Highest lossless datagrams/s. One flat-out step tells what the receiver gets through
+    when overrun (an upper bound); then down from 0.9 of that until a step is lossless, then
+    bisect between the best lossless and the lowest lossy rate. Bounded in steps and time."""
+    seconds, grace, bisections = (0.6, 0.1, 2) if quick else (1.2, 0.1, 4)
+    started = time.monotonic()
+    steps = [run_step(rx, sender, 0, seconds, grace)]
+    flood = steps[0]
+    print_step(flood, per_dg, "(how fast the sender goes)")
+    if flood.ok:
+        return flood.achieved, True, steps
+    handled = max(0.0, flood.sent_datagrams - flood.kernel_drops - flood.app_drops) / seconds
+    lo, hi = 0.0, flood.achieved
+    rate = min(0.9 * hi, 0.9 * handled) if handled > 0 else 0.5 * hi
+    while len(steps) < (8 if quick else 16) and time.monotonic() - started < budget_s:
+        step = run_step(rx, sender, rate, seconds, grace)
+        limited = step.achieved < 0.97 * rate
+        if not step.ok and not quick:  # the machine is shared: one retry before "lossy"
+            print_step(step, per_dg, "(retrying)")
+            steps.append(step)
+            step = run_step(rx, sender, rate, seconds, grace)
+        steps.append(step)
+        print_step(step, per_dg, "(sender could not keep the pace)" if limited else "")
+        if step.ok:
+            lo = max(lo, step.achieved if limited else rate)
+        else:
+            hi = min(hi, rate)
+        if lo == 0.0:
+            rate *= 0.6
+            if rate * per_dg < 5_000:
+                break
+            continue
+        if bisections == 0 or hi / lo < 1.05:
+            break
+        bisections -= 1
+        rate = (lo * hi) ** 0.5
+    return lo, False, steps
+
+
+def measure(rx: Receiver, sender: CSender, ds: Dataset, *, quick: bool, budget_s: float) -> Result:
+    per_dg = ds.records_per_datagram
+    # Warm-up (templates learned, caches filled), then CPU per record at the fixed rate.
+    run_step(rx, sender, CPU_RATE[ds.key], 0.2, 0.5)
+    window = 1.0 if quick else 2.0
+    fixed = run_step(rx, sender, CPU_RATE[ds.key], window, 0.2)
+    if not fixed.ok or fixed.achieved < 0.9 * CPU_RATE[ds.key]:
+        # Lossy, or the sender (on a loaded core) fell short: once more before it counts.
+        fixed = run_step(rx, sender, CPU_RATE[ds.key], window, 0.2)
+    cpu_us = fixed.cpu_s / fixed.sent_records * 1e6 if fixed.sent_records else None
+    share = fixed.cpu_s / window
+    print(
+        f"      CPU at {fmt_rate(CPU_RATE[ds.key] * per_dg)} records/s "
+        f"({fmt_rate(CPU_RATE[ds.key])} datagrams/s): "
+        + (f"{cpu_us:.3f} µs/record, {share:.0%} of a core" if cpu_us else "-")
+        + ("" if fixed.ok else f" — NOT lossless there ({fixed.verdict.strip()})")
+    )
+    dgs, limited, _ = search(rx, sender, per_dg, quick=quick, budget_s=budget_s)
+    return Result(dgs * per_dg, limited, cpu_us, share, fixed.ok)
+
+
+class Busy:
+    """``--busy``: a spinning process on ``cpu`` (other work on the machine), killed at the end."""
+
+    def __init__(self, cpu: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"], preexec_fn=_pin(cpu)
+        )
+
+    def close(self) -> None:
+        _stop(self.proc, signal.SIGKILL)
+
+
+def part3(
+    trace: list[tuple[bytes, str, float]],
+    *,
+    quick: bool,
+    rcvbuf: int,
+    formats: Sequence[str],
+    receivers: Sequence[str],
+    busy: int | None,
+    daemon_tree: Path | None = None,
+) -> None:
+    print(
+        f"\n== 3. Lossless UDP ingest on loopback: receivers on core {RECEIVER_CPU}, the C "
+        f"sendmmsg sender on core {SENDER_CPU}, each format's datagrams replayed in a loop =="
+    )
+    if sys.platform != "linux" or (os.cpu_count() or 1) < 2:
+        print("  skipped: needs Linux and two cores")
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    busy_proc: Busy | None = None
+    try:
+        tools = build_tools(workdir)
+        if isinstance(tools, str):
+            print(f"  skipped: {tools}")
+            return
+        sets = datasets(trace, workdir, formats)
+        for ds in sets.values():
+            print(
+                f"  {FORMAT_NAMES[ds.key]:10} {ds.source}: {len(ds.datagrams)} datagrams, "
+                f"{sum(ds.records)} records ({ds.records_per_datagram:.1f} a datagram)"
+            )
+        if busy is not None:
+            busy_proc = Busy(busy)
+            print(f"  --busy: a spinning process on core {busy}")
+        print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        budget = 8.0 if quick else 25.0
+        results: dict[str, dict[str, Result]] = {}
+        for key, ds in sets.items():
+            makers: list[tuple[str, Callable[[], Receiver]]] = [
+                ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
+                ("daemon", lambda: DaemonReceiver(rcvbuf)),
+                *([("daemon", lambda: DaemonReceiver(rcvbuf, daemon_tree))] if daemon_tree else []),
+                ("harness", lambda: OverflowdReceiver(rcvbuf)),
+            ]
+            if key == "sflow":
+                makers.append(("sfacctd", lambda: PmacctReceiver("sfacctd", rcvbuf)))
+            else:
+                makers.append(("nfcapd", lambda: NfcapdReceiver(rcvbuf)))
+                makers.append(("nfacctd", lambda: PmacctReceiver("nfacctd", rcvbuf)))
+            sender = CSender(tools["sender"], ds.write(workdir / f"{key}.bin"))
+            results[key] = {}
+            print(f"\n  -- {FORMAT_NAMES[key]} --")
+            try:
+                for short, make in makers:
+                    if short not in receivers:
+                        continue
+                    binary = {"floor": None, "daemon": None, "harness": None}.get(short, short)
+                    if binary and not shutil.which(binary):
+                        print(f"    {short}: not installed (apt-get install nfdump pmacct)")
+                        continue
+                    rx: Receiver | None = None
+                    try:
+                        rx = make()
+                        print(f"    {rx.name} (port {rx.port})")
+                        results[key][rx.name] = measure(
+                            rx, sender, ds, quick=quick, budget_s=budget
+                        )
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                        print(f"    {short} failed: {exc}")
+                    finally:
+                        if rx is not None:
+                            note = rx.close()
+                            if note:
+                                print(f"      {note}")
+            finally:
+                sender.close()
+        summary(results)
+    finally:
+        if busy_proc is not None:
+            busy_proc.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summary(results: dict[str, dict[str, Result]]) -> None:
+    print(
+        "\n  Lossless records/s (x the reference peer: nfcapd; sFlow: sfacctd) and CPU per "
+        "record at the fixed rate (x the reference)"
+    )
+    print(
+        f"  {'format':10} {'receiver':28} {'lossless/s':>11} {'ratio':>6} {'µs/record':>10} "
+        f"{'ratio':>6} {'core':>5}"
+    )
+    goals = []
+    for key, per in results.items():
+        ref = per.get(REFERENCE[key])
+        for name, r in per.items():
+            ratio = f"{r.lossless / ref.lossless:.2f}" if ref and ref.lossless else "-"
+            cratio = f"{r.cpu_us / ref.cpu_us:.2f}" if ref and ref.cpu_us and r.cpu_us else "-"
+            cpu = f"{r.cpu_us:.3f}" if r.cpu_us else "-"
+            share = f"{r.cpu_share:.0%}" if r.cpu_share is not None else "-"
+            mark = "+" if r.sender_limited else " "
+            print(
+                f"  {FORMAT_NAMES[key]:10} {name:28} {fmt_rate(r.lossless):>10}{mark} {ratio:>6} "
+                f"{cpu:>10} {cratio:>6} {share:>5}{'' if r.cpu_ok else ' (lossy there)'}"
+            )
+        daemon = per.get(DaemonReceiver.name)
+        if daemon and ref and ref.lossless:
+            cpu_limit = 2.0 if key != "sflow" else 1.0
+            rate_ok = daemon.lossless >= ref.lossless
+            cpu_ok = bool(daemon.cpu_us and ref.cpu_us and daemon.cpu_us <= cpu_limit * ref.cpu_us)
+            goals.append(
+                f"  {FORMAT_NAMES[key]:10} rate >= {REFERENCE[key]}: "
+                f"{'MET' if rate_ok else 'NOT MET'} ({daemon.lossless / ref.lossless:.2f}x); "
+                f"CPU/record <= {cpu_limit:g}x {REFERENCE[key]}: {'MET' if cpu_ok else 'NOT MET'}"
+                + (f" ({daemon.cpu_us / ref.cpu_us:.2f}x)" if daemon.cpu_us and ref.cpu_us else "")
+            )
+    print("  (+: sender-limited, a lower bound)")
+    if goals:
+        print("goals for `overflowd run`:")
+        print("\n".join(goals))
+
+
+# ============================================================================================
+# Helper processes
+# ============================================================================================
 
 
 class LineProcess:
@@ -601,502 +1466,6 @@ class LineProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-
-
-class Receiver:
-    name: str
-    port: int
-    #: First rate tried (records/s), and how often the receiver's counters are polled.
-    start_rate = 100_000.0
-    poll_s = 0.005
-
-    def counters(self) -> dict[str, int | None]:
-        """records (None when not observable), app_drops, kernel_drops, rx_queue."""
-        raise NotImplementedError
-
-    def close(self) -> str:
-        return ""
-
-
-class OverflowdReceiver(Receiver):
-    name = "overflowd collector+decode+sample"
-    poll_s = 0.02  # each answer costs the receiver a statistics() snapshot: poll gently
-
-    def __init__(self, rcvbuf: int) -> None:
-        self.helper = LineProcess(
-            [sys.executable, __file__, "--worker", "overflowd", "--rcvbuf", str(rcvbuf)],
-            RECEIVER_CPU,
-        )
-        self.port = int(self.helper.read(timeout=30)["port"])
-
-    def counters(self) -> dict[str, int | None]:
-        c = self.helper.ask({"cmd": "stats"})
-        kernel = udp_socket_stats(self.port)
-        c["rx_queue"] = kernel[0] if kernel else None
-        return c
-
-    def close(self) -> str:
-        final: dict[str, Any] = {}
-        try:
-            if self.helper.proc.poll() is None:
-                final = self.helper.ask({"cmd": "stats"}, timeout=5)
-        except (OSError, RuntimeError, ValueError):
-            pass  # it is gone already (Ctrl-C reaches the whole process group)
-        finally:
-            self.helper.close()
-        return (
-            f"overflowd totals: {final.get('datagrams')} datagrams, {final.get('records')} "
-            f"records, {final.get('malformed')} malformed, {final.get('sampled')} sampled, "
-            f"rcvbuf {final.get('rcvbuf')} bytes"
-        )
-
-
-class DaemonReceiver(Receiver):
-    """The real daemon: ``overflowd run`` in a fresh home, counters from its Prometheus page."""
-
-    name = "overflowd run (daemon)"
-    start_rate = 100_000.0
-    poll_s = 0.02  # each scrape costs the daemon a statistics() snapshot: poll gently
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="bench-overflowd-")
-        home = Path(self.dir, "home")
-        exe = [
-            sys.executable,
-            "-c",
-            "import sys; from overflowd.cli.node import main; sys.exit(main())",
-        ]
-        self.proc: subprocess.Popen[str] | None = None
-        try:
-            subprocess.run(
-                [*exe, "init", "--home", str(home)], check=True, capture_output=True, timeout=60
-            )
-            self.out = open(Path(self.dir, "run.log"), "w+")  # noqa: SIM115 - closed in close()
-            self.proc = subprocess.Popen(
-                [
-                    *exe,
-                    "run",
-                    "--home",
-                    str(home),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--metrics",
-                    "127.0.0.1:0",
-                    "--rate",
-                    str(SAMPLE_RATE),
-                ],
-                stdout=self.out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                preexec_fn=_pin(RECEIVER_CPU),
-            )
-            deadline = time.monotonic() + 30
-            port = metrics = None
-            while port is None or metrics is None:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("overflowd run did not start: " + self._log()[-400:])
-                time.sleep(0.1)
-                text = self._log()
-                m = re.search(r"listening udp 127\.0\.0\.1:(\d+)", text)
-                port = int(m.group(1)) if m else None
-                m = re.search(r"metrics (http://\S+)", text)
-                metrics = m.group(1) if m else None
-            self.port, self.metrics = port, metrics
-        except BaseException:
-            self.close()
-            raise
-
-    def _log(self) -> str:
-        return Path(self.dir, "run.log").read_text(errors="replace")
-
-    def counters(self) -> dict[str, int | None]:
-        from urllib.request import urlopen
-
-        with urlopen(self.metrics, timeout=5) as r:
-            text = r.read().decode()
-
-        def value(pattern: str) -> int:
-            m = re.search(r"^" + pattern + r" (\S+)$", text, re.M)
-            return int(float(m.group(1))) if m else 0
-
-        kernel = udp_socket_stats(self.port)
-        return {
-            "records": value("overflowd_decoder_records_total"),
-            "app_drops": value(
-                r'overflowd_collector_dropped_total\{socket="0",where="queue_full"\}'
-            ),
-            "kernel_drops": kernel[1] if kernel else None,
-            "rx_queue": kernel[0] if kernel else None,
-        }
-
-    def close(self) -> str:
-        summary = ""
-        try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=5)
-            with contextlib.suppress(OSError):
-                m = re.search(r"^stopped: .*$", self._log(), re.M)
-                summary = f"overflowd run {m.group(0)}" if m else ""
-        finally:
-            with contextlib.suppress(Exception):
-                self.out.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return summary
-
-
-class NfcapdReceiver(Receiver):
-    name = "nfcapd -B 4194304"
-    start_rate = 400_000.0
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="bench-nfcapd-")
-        self.flows = Path(self.dir, "flows")
-        self.flows.mkdir()
-        self.port = free_port()
-        self.log = open(Path(self.dir, "nfcapd.log"), "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [
-                "nfcapd",
-                "-B",
-                "4194304",
-                "-w",
-                str(self.flows),
-                "-p",
-                str(self.port),
-                "-b",
-                "127.0.0.1",
-                "-t",
-                "3600",
-                "-I",
-                "bench",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_pin(RECEIVER_CPU),
-        )
-        deadline = time.monotonic() + 10
-        while udp_socket_stats(self.port) is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"nfcapd did not bind 127.0.0.1:{self.port}")
-            time.sleep(0.05)
-
-    def counters(self) -> dict[str, int | None]:
-        kernel = udp_socket_stats(self.port)
-        return {
-            "records": None,
-            "app_drops": 0,
-            "kernel_drops": kernel[1] if kernel else None,
-            "rx_queue": kernel[0] if kernel else None,
-        }
-
-    def close(self) -> str:
-        summary = ""
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=5)
-            out = subprocess.run(
-                ["nfdump", "-R", str(self.flows), "-I"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            ).stdout
-            flows = re.search(r"^Flows: (\d+)", out, re.M)
-            seq = re.search(r"^Sequence failures: (\d+)", out, re.M)
-            summary = (
-                f"nfcapd stored {flows.group(1) if flows else '?'} records "
-                f"(nfdump -I; sequence failures {seq.group(1) if seq else '?'}, expected "
-                "since the trace is replayed in a loop)"
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            summary = f"nfcapd summary unavailable: {exc}"
-        finally:
-            self.log.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return summary
-
-
-@dataclass
-class Step:
-    target: float  # records/s asked
-    achieved: float  # records/s the sender managed
-    sent_records: int
-    sent_datagrams: int
-    kernel_drops: int
-    app_drops: int
-    missing_records: int | None
-    caught_up_s: float | None  # after the last datagram; None: not within the wait
-    ok: bool
-
-    @property
-    def verdict(self) -> str:
-        if self.ok:
-            return "ok    "
-        if self.kernel_drops or self.app_drops:
-            return "LOSS  "
-        # Nothing dropped: what is missing is still queued. Too slow, but not lost (yet).
-        return "BEHIND"
-
-
-def run_step(
-    rx: Receiver,
-    sender: LineProcess,
-    rate: float,
-    seconds: float,
-    grace: float,
-    records_per_dg: float,
-) -> Step:
-    before = rx.counters()
-    reply = sender.ask(
-        {"cmd": "send", "port": rx.port, "rate": rate / records_per_dg, "seconds": seconds},
-        timeout=seconds + 30,
-    )
-    t_end = time.monotonic()
-    # Wait (bounded) for the receiver to catch up: every record counted (overflowd) or the
-    # socket's receive queue empty (nfcapd).
-    caught_up = None
-    after = before
-    while time.monotonic() - t_end < max(1.0, 4 * grace):
-        after = rx.counters()
-        idle = not after["rx_queue"] and not after.get("backlog")
-        if after["records"] is not None:
-            lost = (
-                after["kernel_drops"] != before["kernel_drops"]
-                or after["app_drops"] != before["app_drops"]
-            )
-            counted = after["records"] - (before["records"] or 0)
-            done = counted >= reply["records"] or (lost and idle)
-        else:
-            done = idle
-        if done:
-            caught_up = time.monotonic() - t_end
-            break
-        time.sleep(rx.poll_s)
-    kdrops = (after["kernel_drops"] or 0) - (before["kernel_drops"] or 0)
-    adrops = (after["app_drops"] or 0) - (before["app_drops"] or 0)
-    missing = None
-    if after["records"] is not None:
-        missing = reply["records"] - (after["records"] - (before["records"] or 0))
-    ok = (
-        kdrops == 0
-        and adrops == 0
-        and (missing is None or missing <= 0)
-        and caught_up is not None
-        and caught_up <= grace
-    )
-    return Step(
-        rate,
-        reply["records"] / reply["elapsed"],
-        reply["records"],
-        reply["datagrams"],
-        kdrops,
-        adrops,
-        missing,
-        caught_up,
-        ok,
-    )
-
-
-def print_step(step: Step, note: str) -> None:
-    # Records not counted by the end of the wait: dropped, or still queued (BEHIND).
-    missing = "-" if step.missing_records is None else max(0, step.missing_records)
-    caught = "no" if step.caught_up_s is None else f"{step.caught_up_s * 1000:.0f} ms"
-    print(
-        f"    {fmt_rate(step.target):>7}/s asked, {fmt_rate(step.achieved):>7}/s sent: "
-        f"{step.verdict} kernel drops {step.kernel_drops}, own drops {step.app_drops}, "
-        f"missing records {missing}, caught up {caught} {note}".rstrip()
-    )
-
-
-def search(
-    rx: Receiver, sender: LineProcess, *, quick: bool, records_per_dg: float, budget_s: float
-) -> tuple[float, bool, list[Step]]:
-    """Highest lossless records/s: double from a start rate, then bisect. Bounded in steps and
-    time. Returns (rate, sender_limited, steps)."""
-    seconds, grace, bisections = (0.8, 0.1, 2) if quick else (2.5, 0.1, 5)
-    rate = rx.start_rate
-    lo, hi = 0.0, None
-    sender_limited = False
-    steps: list[Step] = []
-    started = time.monotonic()
-    max_steps = 8 if quick else 20
-    print(f"  {rx.name}: port {rx.port}, step {seconds}s, caught-up grace {grace}s")
-    while len(steps) < max_steps and time.monotonic() - started < budget_s:
-        step = run_step(rx, sender, rate, seconds, grace, records_per_dg)
-        if not step.ok and not quick and len(steps) < max_steps - 1:
-            # The machine is shared: one retry before a rate is called lossy.
-            print_step(step, "(retrying)")
-            steps.append(step)
-            step = run_step(rx, sender, rate, seconds, grace, records_per_dg)
-        steps.append(step)
-        limited = step.achieved < 0.97 * step.target
-        print_step(step, "(sender could not keep the pace)" if limited else "")
-        if step.ok:
-            lo = max(lo, step.achieved if limited else step.target)
-            if limited:
-                sender_limited = True
-                break
-        else:
-            hi = rate if hi is None else min(hi, rate)
-        if hi is None:
-            rate *= 2
-        elif lo == 0.0:
-            rate /= 2
-            if rate < 10_000:
-                break
-        else:
-            if bisections == 0:
-                break
-            bisections -= 1
-            rate = (lo * hi) ** 0.5
-    return lo, sender_limited, steps
-
-
-def part3(trace: list[tuple[bytes, str, float]], *, quick: bool, rcvbuf: int, daemon: bool) -> None:
-    print(
-        f"\n== 3. Lossless UDP ingest on loopback: receiver on core {RECEIVER_CPU}, sender "
-        f"(own process) on core {SENDER_CPU}, the trace's datagrams replayed in a loop =="
-    )
-    if sys.platform != "linux" or (os.cpu_count() or 1) < 2:
-        print("  skipped: needs Linux and two cores")
-        return
-    records_per_dg = sum(v5_count(p) for p, _, _ in trace) / len(trace)
-    print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start")
-    budget = 8.0 if quick else 75.0
-    results: dict[str, tuple[float, bool]] = {}
-    sender = LineProcess([sys.executable, __file__, "--worker", "sender"], SENDER_CPU)
-    try:
-        sender.read(timeout=60)  # ready
-        makers: list[Callable[[], Receiver]] = [lambda: OverflowdReceiver(rcvbuf)]
-        if daemon:
-            makers.append(DaemonReceiver)
-        if shutil.which("nfcapd") and shutil.which("nfdump"):
-            makers.append(NfcapdReceiver)
-        else:
-            print("  nfcapd: not installed (apt-get install nfdump); skipped")
-        for make in makers:
-            rx: Receiver | None = None
-            try:
-                rx = make()
-                rate, limited, steps = search(
-                    rx, sender, quick=quick, records_per_dg=records_per_dg, budget_s=budget
-                )
-                results[rx.name] = (rate, limited)
-                print(
-                    f"    sent {sum(x.sent_records for x in steps)} records in "
-                    f"{sum(x.sent_datagrams for x in steps)} datagrams over {len(steps)} steps; "
-                    f"kernel drops {sum(x.kernel_drops for x in steps)} datagrams"
-                )
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                print(f"  failed: {exc}")
-            finally:
-                if rx is not None:
-                    note = rx.close()
-                    if note:
-                        print(f"    {note}")
-    finally:
-        sender.close()
-    print()
-    for name, (rate, limited) in results.items():
-        dgs = rate / records_per_dg
-        print(
-            f"  {name:36} lossless up to {fmt_rate(rate):>7} records/s ({fmt_rate(dgs)} "
-            f"datagrams/s){'  (sender-limited: a lower bound)' if limited else ''}"
-        )
-    nf = results.get(NfcapdReceiver.name)
-    goal = "goal: overflowd >= 2/3 of nfcapd's lossless rate in the same run"
-    # The goal is judged on the daemon when it was measured (it is what operators run), else
-    # on the collector harness.
-    judged = [n for n in (DaemonReceiver.name, OverflowdReceiver.name) if n in results]
-    if not (nf and nf[0] > 0 and judged):
-        print(f"{goal}: not measured")
-        return
-    for name in judged:
-        print(f"  ratio {name} / nfcapd: {results[name][0] / nf[0]:.2f}")
-    rate = results[judged[0]][0]
-    need = GOAL_INGEST_FRACTION * nf[0]
-    lower = " (nfcapd's figure is a lower bound: the sender could not go faster)" if nf[1] else ""
-    print(
-        f"{goal} [{judged[0]}]: "
-        + (
-            "MET"
-            if rate >= need
-            else f"NOT MET — needs {fmt_rate(need)} records/s, has {fmt_rate(rate)} "
-            f"({need / max(rate, 1):.1f}x short)"
-        )
-        + lower
-    )
-
-
-# ============================================================================================
-# Helper processes
-# ============================================================================================
-
-
-def worker_sender() -> int:
-    """Paced sender: {"cmd":"send","port":P,"rate":datagrams/s,"seconds":S} -> what it sent."""
-    os.sched_setaffinity(0, {SENDER_CPU})
-    trace = load_trace(trace_path())
-    payloads = [p for p, _, _ in trace]
-    counts = [v5_count(p) for p in payloads]
-    n = len(payloads)
-    gc.disable()
-    print(json.dumps({"ready": n}), flush=True)
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["cmd"] != "send":
-            break
-        rate = float(msg["rate"])
-        seconds = min(float(msg["seconds"]), 10.0)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-            sock.connect(("127.0.0.1", int(msg["port"])))  # loopback only, by construction
-            send = sock.send
-            sent = records = errors = i = 0
-            clock = time.perf_counter
-            t0 = clock()
-            deadline = t0 + seconds
-            while True:
-                now = clock()
-                if now >= deadline:
-                    break
-                due = int((now - t0) * rate) - sent
-                if due <= 0:
-                    continue  # busy-wait: this core is the sender's
-                for _ in range(min(due, 64)):
-                    try:
-                        send(payloads[i])
-                        records += counts[i]
-                    except OSError:  # ECONNREFUSED after the receiver is gone, ENOBUFS
-                        errors += 1
-                    sent += 1
-                    i += 1
-                    if i == n:
-                        i = 0
-            elapsed = clock() - t0
-        print(
-            json.dumps(
-                {
-                    "datagrams": sent - errors,
-                    "records": records,
-                    "errors": errors,
-                    "elapsed": elapsed,
-                }
-            ),
-            flush=True,
-        )
-    return 0
 
 
 def worker_overflowd(rcvbuf: int) -> int:
@@ -1195,18 +1564,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="about 30 seconds, rougher figures")
     parser.add_argument("--skip-udp", action="store_true", help="decode rates only (parts 1-2)")
     parser.add_argument(
-        "--no-daemon", action="store_true", help="skip the `overflowd run` receiver in part 3"
+        "--formats",
+        default=",".join(FORMATS),
+        help=f"part 3: formats to measure (default {','.join(FORMATS)})",
     )
+    parser.add_argument(
+        "--receivers",
+        default="floor,daemon,nfcapd,nfacctd,sfacctd",
+        help="part 3: receivers (floor, daemon, harness, nfcapd, nfacctd, sfacctd; default: "
+        "all but harness, the collector path in a process without signing or store)",
+    )
+    parser.add_argument(
+        "--busy",
+        nargs="?",
+        type=int,
+        const=SENDER_CPU,
+        default=None,
+        metavar="CORE",
+        help=f"part 3: a spinning process on CORE (default {SENDER_CPU}, the other core: the "
+        f"receivers are on {RECEIVER_CPU}) throughout, as other work on the machine",
+    )
+    parser.add_argument(
+        "--daemon-tree",
+        type=Path,
+        help="part 3: also run `overflowd run` from this source tree (e.g. `git archive main "
+        "overflowd | tar -x -C DIR`), in the same run as this checkout's",
+    )
+    parser.add_argument("--skip-decode", action="store_true", help="part 3 only")
     parser.add_argument(
         "--rcvbuf",
         type=int,
         default=4 * 1024 * 1024,
-        help="overflowd collector socket buffer (default: as nfcapd -B 4194304)",
+        help="every receiver's socket buffer (default: as nfcapd -B 4194304)",
     )
-    parser.add_argument("--worker", choices=("sender", "overflowd"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("overflowd",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker == "sender":
-        return worker_sender()
     if args.worker == "overflowd":
         return worker_overflowd(args.rcvbuf)
 
@@ -1224,10 +1616,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print("note: figures are noisy when the machine is shared; compare rows of the same run.")
-    part1(trace, quick=args.quick)
-    part2(quick=args.quick)
+    if not args.skip_decode:
+        part1(trace, quick=args.quick)
+        part2(quick=args.quick)
     if not args.skip_udp:
-        part3(trace, quick=args.quick, rcvbuf=args.rcvbuf, daemon=not args.no_daemon)
+        part3(
+            trace,
+            quick=args.quick,
+            rcvbuf=args.rcvbuf,
+            formats=[f for f in args.formats.split(",") if f in FORMATS],
+            receivers=args.receivers.split(","),
+            busy=args.busy,
+            daemon_tree=args.daemon_tree.resolve() if args.daemon_tree else None,
+        )
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     return 0
 
