@@ -240,17 +240,20 @@ class SFlowBatch:
         ]  # fmt: skip
 
 
-def _u16(b: U8, at: I64) -> I64:
-    return (b[at].astype(np.int64) << 8) | b[at + 1]
+def _w(words: npt.NDArray[Any], at: I64) -> I64:
+    """XDR words at word indices ``at``, as int64 (room for arithmetic on u32 values)."""
+    return words[at].astype(np.int64)
 
 
-def _u32(b: U8, at: I64) -> I64:
-    return (
-        (b[at].astype(np.int64) << 24)
-        | (b[at + 1].astype(np.int64) << 16)
-        | (b[at + 2].astype(np.int64) << 8)
-        | b[at + 3]
-    )
+def _u16(halves: npt.NDArray[Any], at: I64) -> I64:
+    """Big-endian u16 at even byte offsets ``at``."""
+    return halves[at >> 1].astype(np.int64)
+
+
+def _u32(halves: npt.NDArray[Any], at: I64) -> U32:
+    """Big-endian u32 at even byte offsets ``at``."""
+    k = at >> 1
+    return (halves[k].astype(np.uint32) << 16) | halves[k + 1]
 
 
 @dataclass(slots=True)
@@ -297,8 +300,12 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
     """
     sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
     buf = b"".join(payloads) + bytes(_PAD)
-    words = np.frombuffer(buf, dtype=">u4").astype(np.int64)
+    # Views, no copies: XDR words, bytes, and big-endian u16 at even offsets (every 16- and
+    # 32-bit field of a packet header the array path reads is at an even offset: the header
+    # starts 4-aligned, Ethernet and VLAN tags are 14 and 4 bytes, IP headers multiples of 4).
+    words = np.frombuffer(buf, dtype=">u4")
     b = np.frombuffer(buf, dtype=np.uint8)
+    halves = np.frombuffer(buf, dtype=">u2")
     start = np.zeros(len(payloads), dtype=np.int64)
     np.cumsum(sizes[:-1] // 4, out=start[1:])
     end = start + sizes // 4
@@ -306,11 +313,11 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
 
     # -- datagram headers: version, agent address (type 0/1/2: 0/4/16 bytes), sub-agent,
     # sequence, uptime, sample count.
-    atype = words[np.minimum(start + 1, len(words) - 1)]
+    atype = _w(words, start + 1)
     head = np.where(atype == 1, 7, np.where(atype == 2, 10, 6))
     ok_dg = (atype <= 2) & (sizes >= 4 * head)
-    sub_agent = words[start + head - 4]
-    n_samples = words[start + head - 1]
+    sub_agent = _w(words, start + head - 4)
+    n_samples = _w(words, start + head - 1)
     ok_dg &= (n_samples <= MAX_FAST_SAMPLES) & (2 * n_samples <= end - start - head)
     bad_dg = ~ok_dg
 
@@ -333,8 +340,8 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
             act, pos, left, e = act[keep], pos[keep], left[keep], e[keep]
             if not len(act):
                 break
-        kind = words[pos]
-        length = words[pos + 1]
+        kind = _w(words, pos)
+        length = _w(words, pos + 1)
         room = e - pos - 2
         broken = (room < 0) | ((length & 3) != 0) | (length > 4 * room)
         if broken.any():
@@ -369,8 +376,8 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
     expanded = fmt[f] == SAMPLE_FLOW_EXPANDED
     fhead = np.where(expanded, 11, 8)
     f_ok = flen >= fhead
-    rate = words[fbody + np.where(expanded, 3, 2)]
-    count = words[fbody + fhead - 1]
+    rate = _w(words, fbody + np.where(expanded, 3, 2))
+    count = _w(words, fbody + fhead - 1)
     f_ok &= (count <= MAX_FAST_RECORDS) & (2 * count <= flen - fhead)
 
     # -- the record walk, one step per record index, over the flow samples.
@@ -389,8 +396,8 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
             ract, rpos, rend, rleft = ract[live], rpos[live], rend[live], rleft[live]
             if not len(ract):
                 break
-        rkind = words[rpos]
-        rlen = words[rpos + 1]
+        rkind = _w(words, rpos)
+        rlen = _w(words, rpos + 1)
         room = rend - rpos - 2
         broken = (room < 0) | ((rlen & 3) != 0) | (rlen > 4 * room)
         broken |= rkind == RECORD_EXTENDED_GATEWAY
@@ -415,10 +422,10 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
 
     # -- raw packet headers: protocol, frame length, stripped, header length, header.
     rb = first_body[raw]
-    protocol = words[rb]
-    frame_length = words[rb + 1]
-    stripped = words[rb + 2]
-    hlen = words[rb + 3]
+    protocol = _w(words, rb)
+    frame_length = _w(words, rb + 1)
+    stripped = _w(words, rb + 2)
+    hlen = _w(words, rb + 3)
     ok = (first_len[raw] >= 16) & (hlen <= first_len[raw] - 16)
     h = 4 * (rb + 4)
     hlen = np.where(ok, hlen, 0)
@@ -427,14 +434,14 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
     ok &= eth | (protocol == HEADER_IPV4) | (protocol == HEADER_IPV6)
     # Ethernet: 12 address bytes, then the ethertype, after up to MAX_FAST_TAGS VLAN tags.
     l3 = np.where(eth, h + 14, h)
-    ethertype = np.where(eth & (hlen >= 14), _u16(b, h + 12), 0)
+    ethertype = np.where(eth & (hlen >= 14), _u16(halves, h + 12), 0)
     ok &= ~eth | (hlen >= 14)
     for _ in range(MAX_FAST_TAGS):
         tagged = eth & np.isin(ethertype, _VLAN)
         if not tagged.any():
             break
         ok &= ~tagged | (hend - l3 >= 4)
-        ethertype = np.where(tagged, _u16(b, np.minimum(l3 + 2, hend)), ethertype)
+        ethertype = np.where(tagged, _u16(halves, np.minimum(l3 + 2, hend)), ethertype)
         l3 = np.where(tagged, l3 + 4, l3)
     ok &= ~eth | (ethertype == packet.ETHERTYPE_IPV4) | (ethertype == packet.ETHERTYPE_IPV6)
     l3 = np.where(ok, l3, h)
@@ -449,11 +456,11 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
     # IPv6: version/class/label, payload length, next header, hops, addresses.
     nh6 = b[l3 + 6]
     ok &= ~v6 | ((avail3 >= 40) & ~_V6_CHAIN[nh6])
-    total = _u16(b, l3 + 2)
-    payload6 = _u16(b, l3 + 4)
+    total = _u16(halves, l3 + 2)
+    payload6 = _u16(halves, l3 + 4)
     proto = np.where(v4, b[l3 + 9], nh6)
     tos = np.where(v4, b[l3 + 1], ((b[l3] & 0x0F) << 4) | (b[l3 + 1] >> 4)).astype(np.uint8)
-    fragment = v4 & ((_u16(b, l3 + 6) & 0x1FFF) != 0)
+    fragment = v4 & ((_u16(halves, l3 + 6) & 0x1FFF) != 0)
     l4 = np.where(ok, l3 + np.where(v4, ihl4, 40), l3)
     ip_end = np.where(
         v4,
@@ -464,9 +471,9 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
     ported = ~fragment & _PORTS[proto] & (available >= 4)
     icmp = ~fragment & _ICMP[proto] & (available >= 2)
     at = np.where(ported | icmp, l4, h)
-    first16 = _u16(b, at)
+    first16 = _u16(halves, at)
     sport = np.where(ported, first16, 0).astype(np.uint16)
-    dport = np.where(ported, _u16(b, at + 2), np.where(icmp, first16, 0)).astype(np.uint16)
+    dport = np.where(ported, _u16(halves, at + 2), np.where(icmp, first16, 0)).astype(np.uint16)
     flagged = ported & (proto == 6) & (available >= 14)
     tcp_flags = np.where(flagged, b[np.where(flagged, l4 + 13, h)], 0).astype(np.uint8)
     ip_length = np.where(v4, total, 40 + payload6)
@@ -501,8 +508,8 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
     rec: dict[str, Any] = {
         "datagram": sd[rsample],
         "v4": ~v6_rec,
-        "src": np.where(v6_rec, 0, _u32(b, a + 12)).astype(np.uint32),
-        "dst": np.where(v6_rec, 0, _u32(b, a + 16)).astype(np.uint32),
+        "src": np.where(v6_rec, 0, _u32(halves, a + 12)).astype(np.uint32),
+        "dst": np.where(v6_rec, 0, _u32(halves, a + 16)).astype(np.uint32),
         "src6": b[(a6 + 8)[:, None] + span],
         "dst6": b[(a6 + 24)[:, None] + span],
         "sport": sport[pick],
@@ -531,56 +538,80 @@ def _finish(
     rec: dict[str, Any],
     passed: tuple[int, ...],
 ) -> SFlowBatch:
-    """State bookkeeping in datagram order, the scalar way for the rest, the columns."""
+    """State bookkeeping as ``_decode`` does it, the scalar way for the rest, the columns."""
     scalar: list[tuple[int, list[FlowRow]]] = []
     errors: list[tuple[int, DecodeError]] = []
     failures: list[tuple[int, Exception]] = []
-    # Per candidate position: records and counts of each fast datagram.
-    n_rec = rec["records"].tolist() if cand else []
-    position = {i: k for k, i in enumerate(cand)}
-    pending = state.pending
-    fmt_count = 0
-    counters = unknown = no_ip = skipped_total = 0
-    if cand:
-        counters = int(rec["counters"][fast[cand]].sum())
-        unknown = int(rec["unknown"][fast[cand]].sum())
-        no_ip = int(rec["no_ip"][fast[cand]].sum())
-        skipped_total = int(rec["skipped"][fast[cand]].sum())
-    for i, (data, exporter, now) in enumerate(datagrams):
-        if not is_sflow[i]:
-            continue
-        if fast[i]:
-            # What _decode does for a datagram that decoded: count it, expire held data.
-            state._datagrams += 1
-            fmt_count += 1
-            if len(pending):
-                pending.expire(now)
-            n = n_rec[position[i]]
-            state._records += n
-            entry = state._exporter_entry(exporter)
-            entry[0] += 1
-            entry[1] += n
-            continue
+
+    def slow(i: int) -> None:
+        data, exporter, now = datagrams[i]
         try:
             rows = decode_datagram_rows(data, exporter, state, now)
         except DecodeError as exc:
             errors.append((i, exc))
-            continue
+            return
         except Exception as exc:  # a bug some input reaches: that datagram only
             failures.append((i, exc))
-            continue
+            return
         if rows:
             scalar.append((i, rows))
-    if fmt_count:
-        state._by_format[FORMAT] += fmt_count
-    for name, n in (
-        ("sflow.counter_samples", counters),
-        ("sflow.unknown_samples", unknown),
-        ("sflow.flow_records_skipped", skipped_total),
-        ("sflow.samples_without_ip", no_ip),
-    ):
-        if n:
-            state.count(name, n)
+
+    n_fast = int(np.count_nonzero(fast))
+    if cand and n_fast:
+        fast_c = fast[cand]
+        n_rec = rec["records"]
+        for name, n in (
+            ("sflow.counter_samples", rec["counters"]),
+            ("sflow.unknown_samples", rec["unknown"]),
+            ("sflow.flow_records_skipped", rec["skipped"]),
+            ("sflow.samples_without_ip", rec["no_ip"]),
+        ):
+            total = int(n[fast_c].sum())
+            if total:
+                state.count(name, total)
+        state._datagrams += n_fast
+        state._records += int(n_rec.sum())
+        state._by_format[FORMAT] += n_fast
+    pending = state.pending
+    if len(pending):
+        # Held v9/IPFIX data expires by each datagram's arrival time, in arrival order (a
+        # clock may go backwards in a replay): datagram by datagram, as _decode does. Rare:
+        # nothing is held in an sFlow-only collector.
+        position = {i: k for k, i in enumerate(cand)}
+        n_list = rec["records"].tolist() if cand else []
+        for i, (_data, exporter, now) in enumerate(datagrams):
+            if not is_sflow[i]:
+                continue
+            if fast[i]:
+                pending.expire(now)
+                entry = state._exporter_entry(exporter)
+                entry[0] += 1
+                entry[1] += n_list[position[i]]
+            else:
+                slow(i)
+    else:
+        # Exporter entries are made in the order the scalar path first meets each exporter,
+        # the datagrams decoded the scalar way included (they find their entry there), so
+        # the cap on tracked exporters falls on the same ones whichever path ran.
+        if n_fast:
+            names = [datagrams[i][1] for i in cand]
+            index = dict.fromkeys(names, 0)
+            for k, name in enumerate(index):
+                index[name] = k
+            for i, flag in enumerate(is_sflow):
+                if flag and not fast[i]:
+                    index.setdefault(datagrams[i][1], len(index))
+            entries = [state._exporter_entry(name) for name in index]
+            fast_c = fast[cand]
+            ex = np.fromiter(map(index.__getitem__, names), dtype=np.int64, count=len(names))
+            seen = np.bincount(ex[fast_c], minlength=len(index)).tolist()
+            records = np.bincount(ex, weights=rec["records"], minlength=len(index)).tolist()
+            for entry, d, r in zip(entries, seen, records, strict=True):
+                entry[0] += d
+                entry[1] += int(r)
+        for i, flag in enumerate(is_sflow):
+            if flag and not fast[i]:
+                slow(i)
     return _columns(datagrams, state, cand, rec, scalar, errors, failures, passed)
 
 
