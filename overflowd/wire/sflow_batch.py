@@ -133,6 +133,8 @@ class SFlowBatch:
     #: The sub-agent id.
     domain: U32
     exporters: tuple[str, ...]
+    #: Index in the input of the datagram each record came from.
+    datagram: I64
     #: FlowRows of each sFlow datagram decoded the scalar way (only datagrams with some).
     scalar: tuple[tuple[int, list[FlowRow]], ...]
     #: Datagrams refused (counted in the state as the scalar path counts them).
@@ -152,10 +154,7 @@ class SFlowBatch:
     def needs_scalar_ipv6(self, policy: Any) -> bool:
         """Whether IPv6 records must go the scalar sampler's way under ``policy``: it has
         operator prefixes or an asked boost (the batch sampler reads IPv4 addresses only)."""
-        return bool(
-            (policy.operator_prefixes or policy.asked_boost is not None)
-            and len(self.src6)
-        )
+        return bool((policy.operator_prefixes or policy.asked_boost is not None) and len(self.src6))
 
     def select(self, mask: Bools) -> SFlowBatch:
         """The records where ``mask`` holds, as a batch of their own (same exporters)."""
@@ -183,6 +182,7 @@ class SFlowBatch:
             exporter=self.exporter[idx],
             domain=self.domain[idx],
             exporters=self.exporters,
+            datagram=self.datagram[idx],
             scalar=(),
             errors=(),
             failures=(),
@@ -194,6 +194,15 @@ class SFlowBatch:
 
     def ipv6_rows(self) -> list[FlowRow]:
         return self.rows(np.flatnonzero(self.v6_slot >= 0))
+
+    def all_rows_in_order(self) -> list[FlowRow]:
+        """Every record, array and scalar, in the order the scalar path gives them. Builds
+        every row: for tests, not for a collector."""
+        arrays = self.rows(np.arange(len(self)))
+        by_datagram: dict[int, list[FlowRow]] = dict(self.scalar)
+        for i, row in zip(self.datagram.tolist(), arrays, strict=True):
+            by_datagram.setdefault(i, []).append(row)
+        return [row for i in sorted(by_datagram) for row in by_datagram[i]]
 
     def rows(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[FlowRow]:
         """FlowRows for the chosen records, equal to the scalar decoder's for them."""
@@ -347,7 +356,13 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
         if broken.any():
             bad_dg[act[broken]] = True
             keep = ~broken
-            act, pos, left, kind, length = act[keep], pos[keep], left[keep], kind[keep], length[keep]
+            act, pos, left, kind, length = (
+                act[keep],
+                pos[keep],
+                left[keep],
+                kind[keep],
+                length[keep],
+            )
         s_dg.append(act)
         s_step.append(np.full(len(act), step, dtype=np.int64))
         s_kind.append(kind)
@@ -646,6 +661,7 @@ def _columns(
             exporter=z.astype(np.uint32),
             domain=z.astype(np.uint32),
             exporters=(),
+            datagram=z,
             scalar=tuple(scalar),
             errors=tuple(errors),
             failures=tuple(failures),
@@ -694,6 +710,7 @@ def _columns(
         exporter=ex.astype(np.uint32),
         domain=rec["sub_agent"][rec["datagram"]].astype(np.uint32),
         exporters=tuple(exporter_names),
+        datagram=np.asarray(cand, dtype=np.int64)[rec["datagram"]],
         scalar=tuple(scalar),
         errors=tuple(errors),
         failures=tuple(failures),
