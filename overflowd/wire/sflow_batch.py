@@ -50,6 +50,7 @@ import numpy.typing as npt
 
 from overflowd.errors import DecodeError
 from overflowd.flows import PROVENANCES, FlowRow, make_row
+from overflowd.flowsample import SamplingPolicy
 from overflowd.wire import packet
 from overflowd.wire.dispatch import decode_datagram_rows
 from overflowd.wire.sflow import (
@@ -151,7 +152,7 @@ class SFlowBatch:
     def last(self) -> I64:
         return self.first
 
-    def needs_scalar_ipv6(self, policy: Any) -> bool:
+    def needs_scalar_ipv6(self, policy: SamplingPolicy) -> bool:
         """Whether IPv6 records must go the scalar sampler's way under ``policy``: it has
         operator prefixes or an asked boost (the batch sampler reads IPv4 addresses only)."""
         return bool((policy.operator_prefixes or policy.asked_boost is not None) and len(self.src6))
@@ -256,13 +257,15 @@ def _w(words: npt.NDArray[Any], at: I64) -> I64:
 
 def _u16(halves: npt.NDArray[Any], at: I64) -> I64:
     """Big-endian u16 at even byte offsets ``at``."""
-    return halves[at >> 1].astype(np.int64)
+    out: I64 = halves[at >> 1].astype(np.int64)
+    return out
 
 
 def _u32(halves: npt.NDArray[Any], at: I64) -> U32:
     """Big-endian u32 at even byte offsets ``at``."""
     k = at >> 1
-    return (halves[k].astype(np.uint32) << 16) | halves[k + 1]
+    out: U32 = (halves[k].astype(np.uint32) << 16) | halves[k + 1]
+    return out
 
 
 @dataclass(slots=True)

@@ -265,7 +265,9 @@ def test_state_across_batches_exporters_overrides_and_the_exporter_cap() -> None
         expected, _ = scalar(datagrams, scalar_state)
         rows: list[FlowRow] = []
         for start in range(0, len(datagrams), size):
-            rows.extend(decode_sflow_batch(datagrams[start : start + size], batch_state).all_rows_in_order())
+            rows.extend(
+                decode_sflow_batch(datagrams[start : start + size], batch_state).all_rows_in_order()
+            )
         assert rows == expected
         assert batch_state.statistics() == scalar_state.statistics()
         assert "other" in batch_state.statistics().exporters
@@ -349,7 +351,9 @@ def samples(draw: st.DrawFn) -> bytes:
                 raw(frame, keep=keep, extra=draw(st.integers(-100, 8)) % 2**16, protocol=protocol)
             )
         elif what == 4:
-            records.append(sflow_unknown_record(draw(st.sampled_from([1001, 1002, 2001])), bytes(8)))
+            records.append(
+                sflow_unknown_record(draw(st.sampled_from([1001, 1002, 2001])), bytes(8))
+            )
         elif what == 5:
             records.append(sflow_gateway(64500, [1]))
         else:
