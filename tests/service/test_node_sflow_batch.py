@@ -44,7 +44,7 @@ def test_sflow_records_are_reported_as_the_scalar_decoder_reads_them(tmp_path: P
     datagrams = payloads()
     state = DecoderState()
     rows = [r for p in datagrams for r in decode_datagram_rows(p, "127.0.0.1", state, 0.0)]
-    expected = sorted(key(r, *FIELDS) + (r.sampling_interval,) for r in rows)
+    expected = sorted((*key(r, *FIELDS), r.sampling_interval) for r in rows)
     records = state.statistics().records
     # The array path takes most of them (else this test would not test it).
     batch = decode_sflow_batch([(p, "127.0.0.1", 0.0) for p in datagrams], DecoderState())
@@ -67,5 +67,5 @@ def test_sflow_records_are_reported_as_the_scalar_decoder_reads_them(tmp_path: P
         reports, _ = store.reports_after(0, 10_000)
     finally:
         store.close()
-    got = sorted(key(r, *FIELDS) + (r.sampling_interval,) for r in reports)
+    got = sorted((*key(r, *FIELDS), r.sampling_interval) for r in reports)
     assert got == expected
