@@ -87,7 +87,8 @@ _SFLOW_MAGIC = b"\0\0\0\x05"
 #: address near the end.
 _PAD = 128
 _PROVENANCE_CODE = {name: i for i, name in enumerate(PROVENANCES)}
-_VLAN = np.array(packet.VLAN_ETHERTYPES, dtype=np.int64)
+_VLAN = np.zeros(0x10000, dtype=bool)
+_VLAN[list(packet.VLAN_ETHERTYPES)] = True
 _PORTS = np.zeros(256, dtype=bool)
 _PORTS[list(packet.PORT_PROTOCOLS)] = True
 _ICMP = np.zeros(256, dtype=bool)
@@ -290,27 +291,44 @@ def decode_sflow_batch(
     datagram that raised something else is in ``failures``; non-sFlow datagrams in
     ``passed``.
     """
-    payloads = [d[0] for d in datagrams]
-    is_sflow = [p[:4] == _SFLOW_MAGIC for p in payloads]
-    passed = tuple(i for i, s in enumerate(is_sflow) if not s)
+    n = len(datagrams)
+    if not n:
+        return _columns(datagrams, (), (), (), {}, [], [], [], (), state)
+    payloads: tuple[bytes, ...]
+    names: tuple[str, ...]
+    nows: tuple[float, ...]
+    payloads, names, nows = zip(*datagrams, strict=True)
+    is_sflow = np.fromiter(map(_is_sflow, payloads), dtype=bool, count=n)
+    sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+    passed = tuple(np.flatnonzero(~is_sflow).tolist())
     # Candidates for the array walk: XDR keeps every field 4-aligned from the datagram's
     # start, so datagrams of a multiple of 4 bytes joined end to end keep them aligned in
     # the buffer, and every XDR field is one element of a big-endian u32 view.
-    cand = [i for i, s in enumerate(is_sflow) if s and len(payloads[i]) % 4 == 0]
-    fast = np.zeros(len(datagrams), dtype=bool)
+    cand_mask = is_sflow & ((sizes & 3) == 0)
+    fast = np.zeros(n, dtype=bool)
     rec: dict[str, Any] = {}
-    if cand:
-        fast_c, rec = _walk([payloads[i] for i in cand])
-        fast[np.asarray(cand, dtype=np.intp)[fast_c]] = True
-    return _finish(datagrams, state, is_sflow, fast, cand, rec, passed)
+    cand: Sequence[int] = ()
+    if cand_mask.any():
+        if cand_mask.all():
+            cand = range(n)
+            fast_c, rec = _walk(payloads, sizes)
+            fast = fast_c
+        else:
+            cand = np.flatnonzero(cand_mask).tolist()
+            fast_c, rec = _walk([payloads[i] for i in cand], sizes[cand_mask])
+            fast[cand_mask] = fast_c
+    return _finish(datagrams, state, names, nows, is_sflow, fast, cand, rec, passed)
 
 
-def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
+def _is_sflow(payload: bytes) -> bool:
+    return payload[:4] == _SFLOW_MAGIC
+
+
+def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]:
     """The pure part: which datagrams decode the array way, and their records' columns.
 
     Records come in (datagram, sample) order, with ``datagram`` their index in ``payloads``.
     """
-    sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
     buf = b"".join(payloads) + bytes(_PAD)
     # Views, no copies: XDR words, bytes, and big-endian u16 at even offsets (every 16- and
     # 32-bit field of a packet header the array path reads is at an even offset: the header
@@ -455,7 +473,7 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
     ethertype = np.where(eth & (hlen >= 14), _u16(halves, h + 12), 0)
     ok &= ~eth | (hlen >= 14)
     for _ in range(MAX_FAST_TAGS):
-        tagged = eth & np.isin(ethertype, _VLAN)
+        tagged = eth & _VLAN[ethertype]
         if not tagged.any():
             break
         ok &= ~tagged | (hend - l3 >= 4)
@@ -550,9 +568,11 @@ def _walk(payloads: list[bytes]) -> tuple[Bools, dict[str, Any]]:
 def _finish(
     datagrams: Sequence[tuple[bytes, str, float]],
     state: DecoderState,
-    is_sflow: list[bool],
+    names: Sequence[str],
+    nows: Sequence[float],
+    is_sflow: Bools,
     fast: Bools,
-    cand: list[int],
+    cand: Sequence[int],
     rec: dict[str, Any],
     passed: tuple[int, ...],
 ) -> SFlowBatch:
@@ -575,8 +595,8 @@ def _finish(
             scalar.append((i, rows))
 
     n_fast = int(np.count_nonzero(fast))
-    if cand and n_fast:
-        fast_c = fast[cand]
+    fast_c = fast[np.asarray(cand, dtype=np.intp)] if n_fast else fast[:0]
+    if n_fast:
         n_rec = rec["records"]
         for name, n in (
             ("sflow.counter_samples", rec["counters"]),
@@ -590,58 +610,60 @@ def _finish(
         state._datagrams += n_fast
         state._records += int(n_rec.sum())
         state._by_format[FORMAT] += n_fast
+    slow_idx = np.flatnonzero(is_sflow & ~fast).tolist()
     pending = state.pending
-    if len(pending):
+    if len(pending) and n_fast:
         # Held v9/IPFIX data expires by each datagram's arrival time, in arrival order (a
         # clock may go backwards in a replay): datagram by datagram, as _decode does. Rare:
         # nothing is held in an sFlow-only collector.
         position = {i: k for k, i in enumerate(cand)}
-        n_list = rec["records"].tolist() if cand else []
-        for i, (_data, exporter, now) in enumerate(datagrams):
-            if not is_sflow[i]:
-                continue
+        n_list = rec["records"].tolist()
+        for i in np.flatnonzero(is_sflow).tolist():
             if fast[i]:
-                pending.expire(now)
-                entry = state._exporter_entry(exporter)
+                pending.expire(nows[i])
+                entry = state._exporter_entry(names[i])
                 entry[0] += 1
                 entry[1] += n_list[position[i]]
             else:
                 slow(i)
-    else:
+        return _columns(datagrams, names, nows, cand, rec, scalar, errors, failures, passed, state)
+    if n_fast:
         # Exporter entries are made in the order the scalar path first meets each exporter,
         # the datagrams decoded the scalar way included (they find their entry there), so
         # the cap on tracked exporters falls on the same ones whichever path ran.
-        if n_fast:
-            names = [datagrams[i][1] for i in cand]
-            index = dict.fromkeys(names, 0)
-            for k, name in enumerate(index):
-                index[name] = k
-            for i, flag in enumerate(is_sflow):
-                if flag and not fast[i]:
-                    index.setdefault(datagrams[i][1], len(index))
-            entries = [state._exporter_entry(name) for name in index]
-            fast_c = fast[cand]
-            ex = np.fromiter(map(index.__getitem__, names), dtype=np.int64, count=len(names))
-            seen = np.bincount(ex[fast_c], minlength=len(index)).tolist()
-            records = np.bincount(ex, weights=rec["records"], minlength=len(index)).tolist()
-            for entry, d, r in zip(entries, seen, records, strict=True):
-                entry[0] += d
-                entry[1] += int(r)
-        for i, flag in enumerate(is_sflow):
-            if flag and not fast[i]:
-                slow(i)
-    return _columns(datagrams, state, cand, rec, scalar, errors, failures, passed)
+        cand_names = names if isinstance(cand, range) else [names[i] for i in cand]
+        index = dict.fromkeys(cand_names, 0)
+        for k, name in enumerate(index):
+            index[name] = k
+        first_seen = list(index)
+        if slow_idx:
+            # Order of first appearance over every sFlow datagram, fast or not.
+            order = dict.fromkeys(names[i] for i in np.flatnonzero(is_sflow).tolist())
+            first_seen = list(order)
+        entries = {name: state._exporter_entry(name) for name in first_seen}
+        ex = np.fromiter(map(index.__getitem__, cand_names), dtype=np.int64, count=len(cand))
+        seen = np.bincount(ex[fast_c], minlength=len(index)).tolist()
+        records = np.bincount(ex, weights=rec["records"], minlength=len(index)).tolist()
+        for name, d, r in zip(index, seen, records, strict=True):
+            entry = entries[name]
+            entry[0] += d
+            entry[1] += int(r)
+    for i in slow_idx:
+        slow(i)
+    return _columns(datagrams, names, nows, cand, rec, scalar, errors, failures, passed, state)
 
 
 def _columns(
     datagrams: Sequence[tuple[bytes, str, float]],
-    state: DecoderState,
-    cand: list[int],
+    names: Sequence[str],
+    nows: Sequence[float],
+    cand: Sequence[int],
     rec: dict[str, Any],
     scalar: list[tuple[int, list[FlowRow]]],
     errors: list[tuple[int, DecodeError]],
     failures: list[tuple[int, Exception]],
     passed: tuple[int, ...],
+    state: DecoderState,
 ) -> SFlowBatch:
     if not cand or not len(rec["datagram"]):
         z = np.zeros(0, dtype=np.int64)
@@ -670,27 +692,45 @@ def _columns(
             failures=tuple(failures),
             passed=passed,
         )
-    names = [datagrams[i][1] for i in cand]
-    index = dict.fromkeys(names, 0)
+    whole = isinstance(cand, range)
+    cand_names = names if whole else [names[i] for i in cand]
+    index = dict.fromkeys(cand_names, 0)
     for k, name in enumerate(index):
         index[name] = k
     exporter_names = list(index)
-    ex_of_cand = np.fromiter(map(index.__getitem__, names), dtype=np.int64, count=len(names))
-    ex = ex_of_cand[rec["datagram"]]
-    # Arrival ms as the scalar path computes it, int(now * 1000), per datagram.
-    now_ms = np.array([int(datagrams[i][2] * 1000) for i in cand], dtype=np.int64)
-    first = now_ms[rec["datagram"]]
+    datagram = rec["datagram"]
+    # Arrival ms as the scalar path computes it, int(now * 1000), per datagram: float to
+    # int64 truncates toward zero as int() does, for every finite value in range.
+    cand_nows = np.fromiter(nows if whole else (nows[i] for i in cand), np.float64, len(cand))
+    ms = cand_nows * 1000
+    if np.isfinite(ms).all() and float(np.abs(ms).max()) < 2.0**62:
+        now_ms = ms.astype(np.int64)
+    else:
+        now_ms = np.array([int(t * 1000) for t in cand_nows.tolist()], dtype=np.int64)
+    first = now_ms[datagram]
     # Interval and provenance per (exporter, announced rate) pair: few per batch.
     rate = rec["rate"]
-    pairs, inverse = np.unique((ex << 32) | rate, return_inverse=True)
-    pair_interval = np.empty(len(pairs), dtype=np.int64)
-    pair_provenance = np.empty(len(pairs), dtype=np.uint8)
-    for j, pair in enumerate(pairs.tolist()):
-        value, provenance = state.resolve_interval(
-            exporter_names[pair >> 32], (pair & 0xFFFFFFFF) or None
-        )
-        pair_interval[j] = value
-        pair_provenance[j] = _PROVENANCE_CODE[provenance]
+    if len(index) == 1:
+        ex = np.zeros(len(datagram), dtype=np.int64)
+    else:
+        ex_of_cand = np.fromiter(map(index.__getitem__, cand_names), np.int64, len(cand))
+        ex = ex_of_cand[datagram]
+    if len(index) == 1 and int(rate.min()) == int(rate.max()):
+        value, provenance = state.resolve_interval(exporter_names[0], int(rate[0]) or None)
+        interval = np.full(len(datagram), value, dtype=np.int64)
+        provenance_code = np.full(len(datagram), _PROVENANCE_CODE[provenance], dtype=np.uint8)
+    else:
+        pairs, inverse = np.unique((ex << 32) | rate, return_inverse=True)
+        pair_interval = np.empty(len(pairs), dtype=np.int64)
+        pair_provenance = np.empty(len(pairs), dtype=np.uint8)
+        for j, pair in enumerate(pairs.tolist()):
+            value, provenance = state.resolve_interval(
+                exporter_names[pair >> 32], (pair & 0xFFFFFFFF) or None
+            )
+            pair_interval[j] = value
+            pair_provenance[j] = _PROVENANCE_CODE[provenance]
+        interval = pair_interval[inverse.reshape(-1)]
+        provenance_code = pair_provenance[inverse.reshape(-1)]
     v4 = rec["v4"]
     slot = np.full(len(v4), -1, dtype=np.int64)
     slot[~v4] = np.arange(int(np.count_nonzero(~v4)))
@@ -708,12 +748,12 @@ def _columns(
         first=first,
         tcp_flags=rec["tcp_flags"],
         tos=rec["tos"],
-        interval=pair_interval[inverse.reshape(-1)],
-        provenance=pair_provenance[inverse.reshape(-1)],
+        interval=interval,
+        provenance=provenance_code,
         exporter=ex.astype(np.uint32),
-        domain=rec["sub_agent"][rec["datagram"]].astype(np.uint32),
+        domain=rec["sub_agent"][datagram].astype(np.uint32),
         exporters=tuple(exporter_names),
-        datagram=np.asarray(cand, dtype=np.int64)[rec["datagram"]],
+        datagram=datagram if whole else np.asarray(cand, dtype=np.int64)[datagram],
         scalar=tuple(scalar),
         errors=tuple(errors),
         failures=tuple(failures),
