@@ -86,6 +86,7 @@ _SFLOW_MAGIC = b"\0\0\0\x05"
 #: afterwards) stays inside the buffer. The farthest is 64 bytes of IPv6 header from an
 #: address near the end.
 _PAD = 128
+_PAD_BYTES = bytes(_PAD)
 _PROVENANCE_CODE = {name: i for i, name in enumerate(PROVENANCES)}
 _VLAN = np.zeros(0x10000, dtype=bool)
 _VLAN[list(packet.VLAN_ETHERTYPES)] = True
@@ -269,18 +270,6 @@ def _u32(halves: npt.NDArray[Any], at: I64) -> U32:
     return out
 
 
-@dataclass(slots=True)
-class _Walked:
-    """Per-sample results of the array walk (index = sample, in step order)."""
-
-    datagram: I64
-    step: I64
-    ok: Bools  # decoded the array way (a record, or counted and skipped)
-    record: Bools  # gives a record
-    counters: int = 0
-    unknown: int = 0
-
-
 def decode_sflow_batch(
     datagrams: Sequence[tuple[bytes, str, float]], state: DecoderState
 ) -> SFlowBatch:
@@ -329,11 +318,22 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
 
     Records come in (datagram, sample) order, with ``datagram`` their index in ``payloads``.
     """
-    buf = b"".join(payloads) + bytes(_PAD)
+    # One join, the padding included: a second copy of a few hundred kB per batch is not
+    # only a copy (freed at once, it gets the heap trimmed, and the next batch pays its
+    # page faults again).
+    buf = b"".join([*payloads, _PAD_BYTES])
     # Views, no copies: XDR words, bytes, and big-endian u16 at even offsets (every 16- and
     # 32-bit field of a packet header the array path reads is at an even offset: the header
     # starts 4-aligned, Ethernet and VLAN tags are 14 and 4 bytes, IP headers multiples of 4).
     words = np.frombuffer(buf, dtype=">u4")
+    # Two and four consecutive words per row (overlapping, read-only views): a sample or
+    # record header, a raw header record's four fields, in one gather.
+    pairs = np.lib.stride_tricks.as_strided(
+        words, shape=(len(words) - 3, 2), strides=(4, 4), writeable=False
+    )
+    quads = np.lib.stride_tricks.as_strided(
+        words, shape=(len(words) - 3, 4), strides=(4, 4), writeable=False
+    )
     b = np.frombuffer(buf, dtype=np.uint8)
     halves = np.frombuffer(buf, dtype=">u2")
     start = np.zeros(len(payloads), dtype=np.int64)
@@ -356,11 +356,9 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     pos = start[act] + head[act]
     left = n_samples[act]
     s_dg: list[I64] = []
-    s_step: list[I64] = []
     s_kind: list[I64] = []
     s_body: list[I64] = []
     s_len: list[I64] = []
-    step = 0
     while len(act):
         e = end[act]
         done = left == 0
@@ -370,8 +368,8 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
             act, pos, left, e = act[keep], pos[keep], left[keep], e[keep]
             if not len(act):
                 break
-        kind = _w(words, pos)
-        length = _w(words, pos + 1)
+        kind_length = pairs[pos].astype(np.int64)
+        kind, length = kind_length[:, 0], kind_length[:, 1]
         room = e - pos - 2
         broken = (room < 0) | ((length & 3) != 0) | (length > 4 * room)
         if broken.any():
@@ -385,17 +383,15 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
                 length[keep],
             )
         s_dg.append(act)
-        s_step.append(np.full(len(act), step, dtype=np.int64))
         s_kind.append(kind)
         s_body.append(pos + 2)
         s_len.append(length >> 2)
         pos = pos + 2 + (length >> 2)
         left = left - 1
-        step += 1
 
     empty = np.zeros(0, dtype=np.int64)
     sd = np.concatenate(s_dg) if s_dg else empty
-    sstep = np.concatenate(s_step) if s_step else empty
+    sstep = np.repeat(np.arange(len(s_dg), dtype=np.int64), [len(a) for a in s_dg])
     skind = np.concatenate(s_kind) if s_kind else empty
     sbody = np.concatenate(s_body) if s_body else empty
     slen = np.concatenate(s_len) if s_len else empty
@@ -432,8 +428,8 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
             ract, rpos, rend, rleft = ract[live], rpos[live], rend[live], rleft[live]
             if not len(ract):
                 break
-        rkind = _w(words, rpos)
-        rlen = _w(words, rpos + 1)
+        kind_length = pairs[rpos].astype(np.int64)
+        rkind, rlen = kind_length[:, 0], kind_length[:, 1]
         room = rend - rpos - 2
         broken = (room < 0) | ((rlen & 3) != 0) | (rlen > 4 * room)
         broken |= rkind == RECORD_EXTENDED_GATEWAY
@@ -458,10 +454,8 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
 
     # -- raw packet headers: protocol, frame length, stripped, header length, header.
     rb = first_body[raw]
-    protocol = _w(words, rb)
-    frame_length = _w(words, rb + 1)
-    stripped = _w(words, rb + 2)
-    hlen = _w(words, rb + 3)
+    fields = quads[rb].astype(np.int64)
+    protocol, frame_length, stripped, hlen = fields.T
     ok = (first_len[raw] >= 16) & (hlen <= first_len[raw] - 16)
     h = 4 * (rb + 4)
     hlen = np.where(ok, hlen, 0)
