@@ -90,6 +90,10 @@ _PAD_BYTES = bytes(_PAD)
 _PROVENANCE_CODE = {name: i for i, name in enumerate(PROVENANCES)}
 _VLAN = np.zeros(0x10000, dtype=bool)
 _VLAN[list(packet.VLAN_ETHERTYPES)] = True
+#: Flow record types that describe the sampled packet (raw header, sampled IPv4, IPv6), by
+#: type, the last entry standing for every larger one.
+_DESCRIPTION = np.zeros(8, dtype=bool)
+_DESCRIPTION[[RECORD_RAW_HEADER, RECORD_IPV4, RECORD_IPV6]] = True
 _PORTS = np.zeros(256, dtype=bool)
 _PORTS[list(packet.PORT_PROTOCOLS)] = True
 _ICMP = np.zeros(256, dtype=bool)
@@ -360,33 +364,30 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     s_body: list[I64] = []
     s_len: list[I64] = []
     while len(act):
-        e = end[act]
         done = left == 0
         if done.any():
-            bad_dg[act[done & (pos != e)]] = True  # bytes after the last sample
+            bad_dg[act[done & (pos != end[act])]] = True  # bytes after the last sample
             keep = ~done
-            act, pos, left, e = act[keep], pos[keep], left[keep], e[keep]
+            act, pos, left = act[keep], pos[keep], left[keep]
             if not len(act):
                 break
         kind_length = pairs[pos].astype(np.int64)
         kind, length = kind_length[:, 0], kind_length[:, 1]
-        room = e - pos - 2
-        broken = (room < 0) | ((length & 3) != 0) | (length > 4 * room)
+        n_words = length >> 2
+        nxt = pos + 2 + n_words
+        # Past the datagram's end (a header cut short too: nxt >= pos + 2), or a length
+        # that is not a whole number of words.
+        broken = (nxt > end[act]) | ((length & 3) != 0)
         if broken.any():
             bad_dg[act[broken]] = True
             keep = ~broken
-            act, pos, left, kind, length = (
-                act[keep],
-                pos[keep],
-                left[keep],
-                kind[keep],
-                length[keep],
-            )
+            act, pos, left, kind = act[keep], pos[keep], left[keep], kind[keep]
+            n_words, nxt = n_words[keep], nxt[keep]
         s_dg.append(act)
         s_kind.append(kind)
         s_body.append(pos + 2)
-        s_len.append(length >> 2)
-        pos = pos + 2 + (length >> 2)
+        s_len.append(n_words)
+        pos = nxt
         left = left - 1
 
     empty = np.zeros(0, dtype=np.int64)
@@ -414,10 +415,9 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
 
     # -- the record walk, one step per record index, over the flow samples.
     n_f = len(f)
-    first_kind = np.zeros(n_f, dtype=np.int64)
-    first_body = np.zeros(n_f, dtype=np.int64)
-    first_len = np.zeros(n_f, dtype=np.int64)
-    skipped = np.zeros(n_f, dtype=np.int64)
+    # Word index of each flow sample's first packet description record (0: none yet).
+    first_pos = np.zeros(n_f, dtype=np.int64)
+    not_desc: list[I64] = []
     ract = np.flatnonzero(f_ok)
     rpos = fbody[ract] + fhead[ract]
     rend = fbody[ract] + flen[ract]
@@ -430,23 +430,27 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
                 break
         kind_length = pairs[rpos].astype(np.int64)
         rkind, rlen = kind_length[:, 0], kind_length[:, 1]
-        room = rend - rpos - 2
-        broken = (room < 0) | ((rlen & 3) != 0) | (rlen > 4 * room)
-        broken |= rkind == RECORD_EXTENDED_GATEWAY
+        nxt = rpos + 2 + (rlen >> 2)
+        broken = (nxt > rend) | ((rlen & 3) != 0) | (rkind == RECORD_EXTENDED_GATEWAY)
         if broken.any():
             f_ok[ract[broken]] = False
             keep = ~broken
             ract, rpos, rend, rleft = ract[keep], rpos[keep], rend[keep], rleft[keep]
-            rkind, rlen = rkind[keep], rlen[keep]
-        desc = (rkind == RECORD_RAW_HEADER) | (rkind == RECORD_IPV4) | (rkind == RECORD_IPV6)
-        new = desc & (first_kind[ract] == 0)
-        hit = ract[new]
-        first_kind[hit] = rkind[new]
-        first_body[hit] = rpos[new] + 2
-        first_len[hit] = rlen[new]
-        skipped[ract[~desc]] += 1
-        rpos = rpos + 2 + (rlen >> 2)
+            rkind, nxt = rkind[keep], nxt[keep]
+        desc = _DESCRIPTION[np.minimum(rkind, len(_DESCRIPTION) - 1)]
+        new = desc & (first_pos[ract] == 0)
+        first_pos[ract[new]] = rpos[new]
+        not_desc.append(ract[~desc])
+        rpos = nxt
         rleft = rleft - 1
+    found = first_pos > 0
+    first_fields = pairs[first_pos].astype(np.int64)
+    first_kind = np.where(found, first_fields[:, 0], 0)
+    first_body = first_pos + 2
+    first_len = first_fields[:, 1]
+    skipped = np.bincount(
+        np.concatenate(not_desc) if not_desc else np.zeros(0, dtype=np.int64), minlength=n_f
+    )
 
     # Sampled IP records as first description: the scalar way.
     f_ok &= (first_kind == 0) | (first_kind == RECORD_RAW_HEADER)
