@@ -112,6 +112,9 @@ Bools = npt.NDArray[np.bool_]
 class SFlowBatch:
     """The array-decoded flow samples of a batch of sFlow datagrams, one array per field.
 
+    Records are in the order of the walk: every datagram's first sample, then every
+    datagram's second... so a datagram's records are in its order, and ``datagram`` tells
+    whose each is (:meth:`all_rows_in_order` gives the scalar path's order).
     Columns have the types :class:`~overflowd.flowsample_batch.BatchSampler` reads. IPv4
     addresses are in ``src``/``dst`` (uint32); an IPv6 record has 0 there and its addresses
     in row ``v6_slot[i]`` of ``src6``/``dst6`` (``v6_slot`` is -1 for IPv4). The sampler
@@ -206,7 +209,7 @@ class SFlowBatch:
         """Every record, array and scalar, in the order the scalar path gives them. Builds
         every row: for tests, not for a collector."""
         arrays = self.rows(np.arange(len(self)))
-        by_datagram: dict[int, list[FlowRow]] = dict(self.scalar)
+        by_datagram: dict[int, list[FlowRow]] = {i: list(rows) for i, rows in self.scalar}
         for i, row in zip(self.datagram.tolist(), arrays, strict=True):
             by_datagram.setdefault(i, []).append(row)
         return [row for i in sorted(by_datagram) for row in by_datagram[i]]
@@ -392,7 +395,6 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
 
     empty = np.zeros(0, dtype=np.int64)
     sd = np.concatenate(s_dg) if s_dg else empty
-    sstep = np.repeat(np.arange(len(s_dg), dtype=np.int64), [len(a) for a in s_dg])
     skind = np.concatenate(s_kind) if s_kind else empty
     sbody = np.concatenate(s_body) if s_body else empty
     slen = np.concatenate(s_len) if s_len else empty
@@ -526,15 +528,12 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     # Per-sample counters, for fast datagrams only (the scalar path counts the others).
     in_fast = fast[sd]
     f_fast = in_fast[f]
-    raw_good = raw[ok]
-    # Records, ordered as the scalar path gives them: by datagram, then sample.
-    keep = fast[sd[f[raw_good]]]
-    sel = raw_good[keep]
+    good = np.flatnonzero(ok)
+    # Records in walk order: sample by sample index, datagram order within each; a datagram's
+    # own records are in its order (what the scalar path gives, per datagram).
+    pick = good[fast[sd[f[raw[good]]]]]  # positions among `raw` of the records kept
+    sel = raw[pick]
     rsample = f[sel]
-    order = np.argsort(sd[rsample] * (MAX_FAST_SAMPLES + 1) + sstep[rsample], kind="stable")
-    sel = sel[order]
-    rsample = rsample[order]
-    pick = np.searchsorted(raw, sel)  # position of each chosen sample among `raw`
     v6_rec = v6[pick]
     a = l3[pick]
     a6 = a[v6_rec]
