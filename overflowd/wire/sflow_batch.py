@@ -358,40 +358,49 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     ok_dg &= (n_samples <= MAX_FAST_SAMPLES) & (2 * n_samples <= end - start - head)
     bad_dg = ~ok_dg
 
-    # -- the sample walk: one step per sample index, over the datagrams that have one more.
+    # -- the sample walk: one step per sample index. The datagrams are taken in order of
+    # decreasing sample count, so those with a k-th sample are a prefix of them (a view, no
+    # copy per step). A datagram found broken is marked and walks on harmlessly: its next
+    # positions are held at its end, its broken sample gets length 0, and nothing of it is
+    # kept.
     act = np.flatnonzero(ok_dg)
+    act = act[np.argsort(-n_samples[act], kind="stable")]
+    counts = n_samples[act]
     pos = start[act] + head[act]
-    left = n_samples[act]
+    end_a = end[act]
+    steps = int(counts[0]) if len(act) else 0
+    ascending = counts[::-1]
+    live_at = (len(act) - np.searchsorted(ascending, np.arange(steps + 1), side="right")).tolist()
     s_dg: list[I64] = []
     s_kind: list[I64] = []
     s_body: list[I64] = []
     s_len: list[I64] = []
-    while len(act):
-        done = left == 0
-        if done.any():
-            bad_dg[act[done & (pos != end[act])]] = True  # bytes after the last sample
-            keep = ~done
-            act, pos, left = act[keep], pos[keep], left[keep]
-            if not len(act):
-                break
-        kind_length = pairs[pos].astype(np.int64)
+    before = len(act)
+    for m in live_at:
+        if m < before:  # these have no more samples: the last one must end the datagram
+            ended = slice(m, before)
+            bad_dg[act[ended][pos[ended] != end_a[ended]]] = True  # bytes after it
+        before = m
+        if not m:
+            break
+        p = pos[:m]
+        e = end_a[:m]
+        kind_length = pairs[p].astype(np.int64)
         kind, length = kind_length[:, 0], kind_length[:, 1]
         n_words = length >> 2
-        nxt = pos + 2 + n_words
-        # Past the datagram's end (a header cut short too: nxt >= pos + 2), or a length
+        nxt = p + 2 + n_words
+        # Past the datagram's end (a header cut short too: nxt >= p + 2), or a length
         # that is not a whole number of words.
-        broken = (nxt > end[act]) | ((length & 3) != 0)
+        broken = (nxt > e) | ((length & 3) != 0)
         if broken.any():
-            bad_dg[act[broken]] = True
-            keep = ~broken
-            act, pos, left, kind = act[keep], pos[keep], left[keep], kind[keep]
-            n_words, nxt = n_words[keep], nxt[keep]
-        s_dg.append(act)
+            bad_dg[act[:m][broken]] = True
+            n_words = np.where(broken, 0, n_words)
+            nxt = np.where(broken, e, nxt)
+        s_dg.append(act[:m])
         s_kind.append(kind)
-        s_body.append(pos + 2)
+        s_body.append(p + 2)
         s_len.append(n_words)
-        pos = nxt
-        left = left - 1
+        pos[:m] = nxt
 
     empty = np.zeros(0, dtype=np.int64)
     sd = np.concatenate(s_dg) if s_dg else empty
@@ -420,31 +429,34 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     # Word index of each flow sample's first packet description record (0: none yet).
     first_pos = np.zeros(n_f, dtype=np.int64)
     not_desc: list[I64] = []
+    # As the sample walk: flow samples by decreasing record count, prefixes per step; a
+    # sample found broken is marked, walks on at its end and is not kept.
     ract = np.flatnonzero(f_ok)
+    ract = ract[np.argsort(-count[ract], kind="stable")]
+    rcounts = count[ract]
     rpos = fbody[ract] + fhead[ract]
     rend = fbody[ract] + flen[ract]
-    rleft = count[ract]
-    while len(ract):
-        live = rleft > 0
-        if not live.all():
-            ract, rpos, rend, rleft = ract[live], rpos[live], rend[live], rleft[live]
-            if not len(ract):
-                break
-        kind_length = pairs[rpos].astype(np.int64)
+    rsteps = int(rcounts[0]) if len(ract) else 0
+    ascending = rcounts[::-1]
+    live_at = (len(ract) - np.searchsorted(ascending, np.arange(rsteps), side="right")).tolist()
+    for m in live_at:
+        if not m:
+            break
+        p = rpos[:m]
+        e = rend[:m]
+        which = ract[:m]
+        kind_length = pairs[p].astype(np.int64)
         rkind, rlen = kind_length[:, 0], kind_length[:, 1]
-        nxt = rpos + 2 + (rlen >> 2)
-        broken = (nxt > rend) | ((rlen & 3) != 0) | (rkind == RECORD_EXTENDED_GATEWAY)
+        nxt = p + 2 + (rlen >> 2)
+        broken = (nxt > e) | ((rlen & 3) != 0) | (rkind == RECORD_EXTENDED_GATEWAY)
         if broken.any():
-            f_ok[ract[broken]] = False
-            keep = ~broken
-            ract, rpos, rend, rleft = ract[keep], rpos[keep], rend[keep], rleft[keep]
-            rkind, nxt = rkind[keep], nxt[keep]
+            f_ok[which[broken]] = False
+            nxt = np.where(broken, e, nxt)
         desc = _DESCRIPTION[np.minimum(rkind, len(_DESCRIPTION) - 1)]
-        new = desc & (first_pos[ract] == 0)
-        first_pos[ract[new]] = rpos[new]
-        not_desc.append(ract[~desc])
-        rpos = nxt
-        rleft = rleft - 1
+        new = desc & (first_pos[which] == 0)
+        first_pos[which[new]] = p[new]
+        not_desc.append(which[~desc])
+        rpos[:m] = nxt
     found = first_pos > 0
     first_fields = pairs[first_pos].astype(np.int64)
     first_kind = np.where(found, first_fields[:, 0], 0)

@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from overflowd.wire import DecoderState
 from overflowd.wire.sflow_batch import decode_sflow_batch
-from tests.unit.test_sflow_batch import COMMON, EXPORTER, NOW, Datagram, assert_equivalent
+from tests.unit.test_sflow_batch import (
+    COMMON,
+    EXPORTER,
+    NOW,
+    V4_TCP,
+    Datagram,
+    assert_equivalent,
+    flow,
+    raw,
+)
 from tests.unit.test_wire_encoder import sflow_datagram
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -66,6 +75,18 @@ def test_every_datagram_cut_at_every_offset() -> None:
         for cut in range(len(datagram) + 1)
     ]
     assert_equivalent(stream, batch_size=len(stream))
+
+
+def test_a_sample_longer_than_its_datagram_at_the_end_of_a_batch() -> None:
+    """Its length says 2 GB, its record count 16 where two records follow, the second of
+    them 4 MB long: the walk must not follow them past the batch's bytes."""
+    one = flow(raw(V4_TCP)) + struct.pack("!II", 1001, 2**22)
+    body = bytearray(one[8:])
+    body[28:32] = struct.pack("!I", 16)  # record count
+    sample = struct.pack("!II", 1, 2**31) + bytes(body)
+    stream = [(corpus()[0], EXPORTER, NOW), (sflow_datagram([sample]), EXPORTER, NOW)]
+    [batch] = assert_equivalent(stream)
+    assert [i for i, _ in batch.errors] == [1]
 
 
 def test_one_hostile_datagram_costs_only_itself() -> None:
