@@ -494,21 +494,24 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     ok &= ~eth | (ethertype == packet.ETHERTYPE_IPV4) | (ethertype == packet.ETHERTYPE_IPV6)
     l3 = np.where(ok, l3, h)
     avail3 = hend - l3
-    version = b[l3] >> 4
+    b0 = b[l3]
+    b1 = b[l3 + 1]
+    version = b0 >> 4
     v4 = version == 4
     v6 = version == 6
     ok &= (avail3 >= 1) & (v4 | v6)
     # IPv4: version/IHL, ToS, total length, id, flags/fragment offset, TTL, protocol, ...
-    ihl4 = (b[l3] & 0x0F).astype(np.int64) * 4
+    ihl4 = (b0 & 0x0F).astype(np.int64) << 2
     ok &= ~v4 | ((avail3 >= 20) & (ihl4 >= 20) & (ihl4 <= avail3))
     # IPv6: version/class/label, payload length, next header, hops, addresses.
     nh6 = b[l3 + 6]
     ok &= ~v6 | ((avail3 >= 40) & ~_V6_CHAIN[nh6])
-    total = _u16(halves, l3 + 2)
-    payload6 = _u16(halves, l3 + 4)
+    k3 = l3 >> 1  # the IP header in u16 units (it starts at an even offset)
+    total = halves[k3 + 1].astype(np.int64)
+    payload6 = halves[k3 + 2].astype(np.int64)
     proto = np.where(v4, b[l3 + 9], nh6)
-    tos = np.where(v4, b[l3 + 1], ((b[l3] & 0x0F) << 4) | (b[l3 + 1] >> 4)).astype(np.uint8)
-    fragment = v4 & ((_u16(halves, l3 + 6) & 0x1FFF) != 0)
+    tos = np.where(v4, b1, ((b0 & 0x0F) << 4) | (b1 >> 4)).astype(np.uint8)
+    fragment = v4 & ((halves[k3 + 3] & 0x1FFF) != 0)
     l4 = np.where(ok, l3 + np.where(v4, ihl4, 40), l3)
     ip_end = np.where(
         v4,
