@@ -1,12 +1,14 @@
 """sFlow v5 in batches: the flow samples of many datagrams decoded into numpy columns at once.
 
-The scalar decoder (:mod:`overflowd.wire.sflow`) builds a :class:`~overflowd.wire.reader.Reader`
-per sample and per record and parses each sampled packet header in Python, some 10 µs a
-record, although a collector sampling at 1e-6 keeps almost none of them. This path finds the
-samples and records of every datagram of a batch with numpy, one *step* at a time across all
-datagrams (step ``k`` reads the ``k``-th sample header of every datagram that has one), reads
-the packet headers' fields with fancy indexing over the joined bytes, and builds FlowRows only
-for the records a sampler chose (:meth:`SFlowBatch.rows`), equal to the scalar path's.
+The scalar decoder (:mod:`overflowd.wire.sflow`) builds a
+:class:`~overflowd.wire.reader.Reader` per sample and per record and parses each sampled
+packet header in Python, some 10 µs a record (0.07-0.10M records/s decode + sample,
+bench/sflow_batch.py), although a collector sampling at 1e-6 keeps almost none of them. This
+path finds the samples and records of every datagram of a batch with numpy, one *step* at a
+time across all datagrams (step ``k`` reads the ``k``-th sample header of every datagram
+that has one), reads the packet headers' fields with fancy indexing over the joined bytes,
+and builds FlowRows only for the records a sampler chose (:meth:`SFlowBatch.rows`), equal to
+the scalar path's.
 
 The common case only. A datagram goes the array way when all of it is plain, and every
 sample's first packet description is a raw header (0:1) of Ethernet (up to
@@ -26,10 +28,18 @@ as the scalar path does. Anything else sends the *whole datagram* to
 * a header that is not one of the above: MPLS, LLC/SNAP, non-IP (the scalar path then
   tries the sample's next description), IPv6 extension headers, truncated or malformed IP.
 
-So the records, their order within the array part, their probabilities and the state
-(datagrams, records, per-exporter entries in first-seen order, counters, defects, held v9
-data expiry) are those of ``decode_datagram_rows`` over the same datagrams in the same order.
-Non-sFlow datagrams are not touched: their indices come back in ``passed``.
+So the records (each datagram's in its order; :meth:`SFlowBatch.all_rows_in_order` gives
+the scalar order), their probabilities and the state (datagrams, records, per-exporter
+entries in first-seen order, counters, defects, held v9 data expiry) are those of
+``decode_datagram_rows`` over the same datagrams in the same order. Non-sFlow datagrams are
+not touched: their indices come back in ``passed`` (decode them after: with held v9/IPFIX
+data in the same batch, it may expire one batch later than on the scalar path, as with
+``v5_batch``).
+
+Cost: about 30 numpy calls per walk step (one step per sample index, then per record
+index) and some 150 over the batch, so a batch should be full (the collector's 256
+datagrams); the join of a batch's bytes is made once, padding included (a second copy got
+the heap trimmed and every batch paid its page faults).
 
 Work is bounded: per batch at most ``MAX_FAST_SAMPLES + MAX_FAST_RECORDS`` steps of a few
 numpy calls each, plus a constant number of calls over the samples; each datagram is read
