@@ -513,21 +513,30 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     # IPv4: version/IHL, ToS, total length, id, flags/fragment offset, TTL, protocol, ...
     ihl4 = (b0 & 0x0F).astype(np.int64) << 2
     ok &= ~v4 | ((avail3 >= 20) & (ihl4 >= 20) & (ihl4 <= avail3))
-    # IPv6: version/class/label, payload length, next header, hops, addresses.
-    nh6 = b[l3 + 6]
-    ok &= ~v6 | ((avail3 >= 40) & ~_V6_CHAIN[nh6])
     k3 = l3 >> 1  # the IP header in u16 units (it starts at an even offset)
     total = halves[k3 + 1].astype(np.int64)
-    payload6 = halves[k3 + 2].astype(np.int64)
-    proto = np.where(v4, b[l3 + 9], nh6)
-    tos = np.where(v4, b1, ((b0 & 0x0F) << 4) | (b1 >> 4)).astype(np.uint8)
     fragment = v4 & ((halves[k3 + 3] & 0x1FFF) != 0)
-    l4 = np.where(ok, l3 + np.where(v4, ihl4, 40), l3)
-    ip_end = np.where(
-        v4,
-        np.where(total >= ihl4, np.minimum(hend, l3 + total), hend),
-        np.where(payload6 != 0, np.minimum(hend, l3 + 40 + payload6), hend),
-    )
+    ip_end4 = np.where(total >= ihl4, np.minimum(hend, l3 + total), hend)
+    if v6.any():
+        # IPv6: version/class/label, payload length, next header, hops, addresses.
+        nh6 = b[l3 + 6]
+        ok &= ~v6 | ((avail3 >= 40) & ~_V6_CHAIN[nh6])
+        payload6 = halves[k3 + 2].astype(np.int64)
+        proto = np.where(v4, b[l3 + 9], nh6)
+        tos = np.where(v4, b1, ((b0 & 0x0F) << 4) | (b1 >> 4)).astype(np.uint8)
+        l4 = np.where(ok, l3 + np.where(v4, ihl4, 40), l3)
+        ip_end = np.where(
+            v4, ip_end4, np.where(payload6 != 0, np.minimum(hend, l3 + 40 + payload6), hend)
+        )
+        ip_length = np.where(v4, total, 40 + payload6)
+        short = ip_length <= np.where(v6, 40, 0)
+    else:  # IPv4 only (the usual batch): the same without the IPv6 alternatives
+        proto = b[l3 + 9]
+        tos = b1
+        l4 = np.where(ok, l3 + ihl4, l3)
+        ip_end = ip_end4
+        ip_length = total
+        short = total <= 0
     available = np.maximum(ip_end - l4, 0)
     ported = ~fragment & _PORTS[proto] & (available >= 4)
     icmp = ~fragment & _ICMP[proto] & (available >= 2)
@@ -537,8 +546,6 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     dport = np.where(ported, _u16(halves, at + 2), np.where(icmp, first16, 0)).astype(np.uint16)
     flagged = ported & (proto == 6) & (available >= 14)
     tcp_flags = np.where(flagged, b[np.where(flagged, l4 + 13, h)], 0).astype(np.uint8)
-    ip_length = np.where(v4, total, 40 + payload6)
-    short = ip_length <= np.where(v6, 40, 0)
     length = np.where(short, np.maximum(frame_length - stripped - (l3 - h), 0), ip_length)
 
     # -- which samples decoded: every counter/unknown one; flow samples without a
