@@ -82,6 +82,7 @@ from overflowd.trust import (
     network_of,
 )
 from overflowd.wire import DecoderState, DecoderStatistics
+from overflowd.wire.sflow_batch import SFlowBatch, decode_sflow_batch
 from overflowd.wire.template_batch import TemplateBatch, decode_template_batch
 from overflowd.wire.v5_batch import V5Batch, decode_v5_batch
 
@@ -721,6 +722,21 @@ class NodeService:
             yield signed
         if not rest:
             return
+        if b"\x00\x00\x00\x05" in [batch[i].data[:4] for i in rest]:
+            # sFlow v5 likewise: flow samples with raw Ethernet/IP headers into arrays, odd
+            # datagrams the scalar way (sflow_batch.py); what is not sFlow is passed on.
+            candidates = [batch[i] for i in rest]
+            try:
+                sf = decode_sflow_batch(
+                    [(d.data, d.exporter, d.received) for d in candidates], self.decoder
+                )
+            except Exception as exc:  # the batch path failed: the scalar way for all
+                self._input_error(candidates[0].exporter, exc)
+            else:
+                yield from self._sample_sflow(sf, candidates)
+                rest = [rest[i] for i in sf.passed]
+                if not rest:
+                    return
         others = [batch[i] for i in rest]
         templated = decode_template_batch(
             [(d.data, d.exporter, d.received) for d in others], self.decoder
@@ -745,7 +761,36 @@ class NodeService:
                 continue
             yield signed
 
-    def _sample_batch(self, columns: V5Batch | TemplateBatch) -> list[rpt.SignedReport]:
+    def _sample_sflow(
+        self, sf: SFlowBatch, datagrams: list[Datagram]
+    ) -> Iterator[list[rpt.SignedReport]]:
+        """Account for and sample what :func:`decode_sflow_batch` made of ``datagrams``."""
+        for index, decode_error in sf.errors:
+            self._malformed += 1
+            self._log_malformed(datagrams[index].exporter, decode_error)
+        for index, failure in sf.failures:
+            self._input_error(datagrams[index].exporter, failure)
+        if len(sf):
+            try:
+                if sf.needs_scalar_ipv6(self.batch_sampler.policy):
+                    # The batch sampler's prefixes and asked boosts read IPv4 addresses.
+                    yield self._sample_batch(sf.ipv4())
+                    yield self._sign(self.sampler.sample(sf.ipv6_rows()))
+                else:
+                    yield self._sample_batch(sf)
+            except Exception as exc:
+                self._input_error(sf.exporters[0], exc)
+        for index, records in sf.scalar:
+            try:
+                signed = self._sign(self.sampler.sample(records))
+            except Exception as exc:
+                self._input_error(datagrams[index].exporter, exc)
+                continue
+            yield signed
+
+    def _sample_batch(
+        self, columns: V5Batch | TemplateBatch | SFlowBatch
+    ) -> list[rpt.SignedReport]:
         """Sample a batch's arrays; FlowRows and reports only for the records chosen."""
         indices, probabilities = self.batch_sampler.sample(columns)
         if not len(indices):

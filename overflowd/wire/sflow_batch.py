@@ -1,0 +1,790 @@
+"""sFlow v5 in batches: the flow samples of many datagrams decoded into numpy columns at once.
+
+The scalar decoder (:mod:`overflowd.wire.sflow`) builds a
+:class:`~overflowd.wire.reader.Reader` per sample and per record and parses each sampled
+packet header in Python, some 10 µs a record (0.07-0.10M records/s decode + sample,
+bench/sflow_batch.py), although a collector sampling at 1e-6 keeps almost none of them. This
+path finds the samples and records of every datagram of a batch with numpy, one *step* at a
+time across all datagrams (step ``k`` reads the ``k``-th sample header of every datagram
+that has one), reads the packet headers' fields with fancy indexing over the joined bytes,
+and builds FlowRows only for the records a sampler chose (:meth:`SFlowBatch.rows`), equal to
+the scalar path's.
+
+The common case only. A datagram goes the array way when all of it is plain, and every
+sample's first packet description is a raw header (0:1) of Ethernet (up to
+:data:`MAX_FAST_TAGS` VLAN tags) or bare IPv4/IPv6 that decodes simply: IPv4 with or without
+options, IPv6 without extension headers, any transport (ports of TCP, UDP and the rest of
+``packet.PORT_PROTOCOLS``, the ICMP type and code) cut anywhere after the IP header. Counter
+samples, unknown samples and flow records other than the ones below are counted and skipped
+as the scalar path does. Anything else sends the *whole datagram* to
+:func:`~overflowd.wire.dispatch.decode_datagram_rows`, which stays the reference:
+
+* a structural defect of any kind (truncation, bytes after the last sample, lengths that are
+  not multiples of 4, an unknown agent address type, more than :data:`MAX_FAST_SAMPLES`
+  samples or :data:`MAX_FAST_RECORDS` records in a sample: the walk is one numpy step per
+  sample, and a datagram of hundreds of tiny samples must not cost hundreds of steps);
+* an extended gateway record (0:1003: AS path parsing), a sampled IPv4/IPv6 record (0:3,
+  0:4) as first description;
+* a header that is not one of the above: MPLS, LLC/SNAP, non-IP (the scalar path then
+  tries the sample's next description), IPv6 extension headers, truncated or malformed IP.
+
+So the records (each datagram's in its order; :meth:`SFlowBatch.all_rows_in_order` gives
+the scalar order), their probabilities and the state (datagrams, records, per-exporter
+entries in first-seen order, counters, defects, held v9 data expiry) are those of
+``decode_datagram_rows`` over the same datagrams in the same order. Non-sFlow datagrams are
+not touched: their indices come back in ``passed`` (decode them after: with held v9/IPFIX
+data in the same batch, it may expire one batch later than on the scalar path, as with
+``v5_batch``).
+
+Cost: about 30 numpy calls per walk step (one step per sample index, then per record
+index) and some 150 over the batch, so a batch should be full (the collector's 256
+datagrams); the join of a batch's bytes is made once, padding included (a second copy got
+the heap trimmed and every batch paid its page faults).
+
+Work is bounded: per batch at most ``MAX_FAST_SAMPLES + MAX_FAST_RECORDS`` steps of a few
+numpy calls each, plus a constant number of calls over the samples; each datagram is read
+once into the joined buffer.
+
+Pure: no I/O, no clock. numpy is used for arithmetic only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from overflowd.errors import DecodeError
+from overflowd.flows import PROVENANCES, FlowRow, make_row
+from overflowd.flowsample import SamplingPolicy
+from overflowd.wire import packet
+from overflowd.wire.dispatch import decode_datagram_rows
+from overflowd.wire.sflow import (
+    FORMAT,
+    HEADER_ETHERNET,
+    HEADER_IPV4,
+    HEADER_IPV6,
+    RECORD_EXTENDED_GATEWAY,
+    RECORD_IPV4,
+    RECORD_IPV6,
+    RECORD_RAW_HEADER,
+    SAMPLE_COUNTERS,
+    SAMPLE_COUNTERS_EXPANDED,
+    SAMPLE_FLOW,
+    SAMPLE_FLOW_EXPANDED,
+)
+
+if TYPE_CHECKING:
+    from overflowd.wire.dispatch import DecoderState
+
+__all__ = ["MAX_FAST_RECORDS", "MAX_FAST_SAMPLES", "SFlowBatch", "decode_sflow_batch"]
+
+#: Samples per datagram and records per flow sample the array walk takes (one numpy step
+#: each); datagrams with more go the scalar way. A 1500-byte datagram of real samples (raw
+#: headers of 64-128 bytes) holds about 10, hsflowd and switches put 3-6 records per sample.
+MAX_FAST_SAMPLES = 32
+MAX_FAST_RECORDS = 16
+#: VLAN tags (802.1Q, 802.1ad, QinQ) in front of the IP header that the array path follows.
+MAX_FAST_TAGS = 2
+
+_SFLOW_MAGIC = b"\0\0\0\x05"
+#: Zero bytes after the joined datagrams: a gather a few bytes past a datagram (masked out
+#: afterwards) stays inside the buffer. The farthest is 64 bytes of IPv6 header from an
+#: address near the end.
+_PAD = 128
+_PAD_BYTES = bytes(_PAD)
+_PROVENANCE_CODE = {name: i for i, name in enumerate(PROVENANCES)}
+_VLAN = np.zeros(0x10000, dtype=bool)
+_VLAN[list(packet.VLAN_ETHERTYPES)] = True
+#: Flow record types that describe the sampled packet (raw header, sampled IPv4, IPv6), by
+#: type, the last entry standing for every larger one.
+_DESCRIPTION = np.zeros(8, dtype=bool)
+_DESCRIPTION[[RECORD_RAW_HEADER, RECORD_IPV4, RECORD_IPV6]] = True
+_PORTS = np.zeros(256, dtype=bool)
+_PORTS[list(packet.PORT_PROTOCOLS)] = True
+_ICMP = np.zeros(256, dtype=bool)
+_ICMP[list(packet.ICMP_PROTOCOLS)] = True
+_V6_CHAIN = np.zeros(256, dtype=bool)
+_V6_CHAIN[list(packet.IPV6_CHAIN)] = True
+
+I64 = npt.NDArray[np.int64]
+U32 = npt.NDArray[np.uint32]
+U16 = npt.NDArray[np.uint16]
+U8 = npt.NDArray[np.uint8]
+Bools = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SFlowBatch:
+    """The array-decoded flow samples of a batch of sFlow datagrams, one array per field.
+
+    Records are in the order of the walk: every datagram's first sample, then every
+    datagram's second... so a datagram's records are in its order, and ``datagram`` tells
+    whose each is (:meth:`all_rows_in_order` gives the scalar path's order).
+    Columns have the types :class:`~overflowd.flowsample_batch.BatchSampler` reads. IPv4
+    addresses are in ``src``/``dst`` (uint32); an IPv6 record has 0 there and its addresses
+    in row ``v6_slot[i]`` of ``src6``/``dst6`` (``v6_slot`` is -1 for IPv4). The sampler
+    reads addresses only for operator prefixes and asked boosts, which are IPv4-only there:
+    with such a policy, sample ``ipv4()`` with it and ``ipv6_rows()`` with the scalar
+    sampler (see :meth:`needs_scalar_ipv6`). Treat the arrays as read-only.
+    """
+
+    src: U32
+    dst: U32
+    v6_slot: I64
+    src6: U8
+    dst6: U8
+    sport: U16
+    dport: U16
+    proto: U8
+    packets: U32
+    bytes: I64
+    #: Arrival time in Unix ms (first and last alike: the datagram carries no time).
+    first: I64
+    tcp_flags: U8
+    tos: U8
+    interval: I64
+    provenance: U8
+    exporter: U32
+    #: The sub-agent id.
+    domain: U32
+    exporters: tuple[str, ...]
+    #: Index in the input of the datagram each record came from.
+    datagram: I64
+    #: FlowRows of each sFlow datagram decoded the scalar way (only datagrams with some).
+    scalar: tuple[tuple[int, list[FlowRow]], ...]
+    #: Datagrams refused (counted in the state as the scalar path counts them).
+    errors: tuple[tuple[int, DecodeError], ...]
+    #: Datagrams whose decoding raised something else (a bug some input reaches): dropped.
+    failures: tuple[tuple[int, Exception], ...]
+    #: Indices of datagrams that are not sFlow v5 (not counted here).
+    passed: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    @property
+    def last(self) -> I64:
+        return self.first
+
+    def needs_scalar_ipv6(self, policy: SamplingPolicy) -> bool:
+        """Whether IPv6 records must go the scalar sampler's way under ``policy``: it has
+        operator prefixes or an asked boost (the batch sampler reads IPv4 addresses only)."""
+        return bool((policy.operator_prefixes or policy.asked_boost is not None) and len(self.src6))
+
+    def select(self, mask: Bools) -> SFlowBatch:
+        """The records where ``mask`` holds, as a batch of their own (same exporters)."""
+        idx = np.flatnonzero(mask)
+        slots = self.v6_slot[idx]
+        v6 = slots >= 0
+        new_slot = np.full(len(idx), -1, dtype=np.int64)
+        new_slot[v6] = np.arange(int(np.count_nonzero(v6)))
+        return SFlowBatch(
+            src=self.src[idx],
+            dst=self.dst[idx],
+            v6_slot=new_slot,
+            src6=self.src6[slots[v6]],
+            dst6=self.dst6[slots[v6]],
+            sport=self.sport[idx],
+            dport=self.dport[idx],
+            proto=self.proto[idx],
+            packets=self.packets[idx],
+            bytes=self.bytes[idx],
+            first=self.first[idx],
+            tcp_flags=self.tcp_flags[idx],
+            tos=self.tos[idx],
+            interval=self.interval[idx],
+            provenance=self.provenance[idx],
+            exporter=self.exporter[idx],
+            domain=self.domain[idx],
+            exporters=self.exporters,
+            datagram=self.datagram[idx],
+            scalar=(),
+            errors=(),
+            failures=(),
+            passed=(),
+        )
+
+    def ipv4(self) -> SFlowBatch:
+        return self.select(self.v6_slot < 0)
+
+    def ipv6_rows(self) -> list[FlowRow]:
+        return self.rows(np.flatnonzero(self.v6_slot >= 0))
+
+    def all_rows_in_order(self) -> list[FlowRow]:
+        """Every record, array and scalar, in the order the scalar path gives them. Builds
+        every row: for tests, not for a collector."""
+        arrays = self.rows(np.arange(len(self)))
+        by_datagram: dict[int, list[FlowRow]] = {i: list(rows) for i, rows in self.scalar}
+        for i, row in zip(self.datagram.tolist(), arrays, strict=True):
+            by_datagram.setdefault(i, []).append(row)
+        return [row for i in sorted(by_datagram) for row in by_datagram[i]]
+
+    def rows(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[FlowRow]:
+        """FlowRows for the chosen records, equal to the scalar decoder's for them."""
+        idx = np.asarray(indices, dtype=np.intp)
+        slots = self.v6_slot[idx]
+        new_v4 = IPv4Address
+        src: list[Any] = self.src[idx].tolist()
+        dst: list[Any] = self.dst[idx].tolist()
+        where6 = np.flatnonzero(slots >= 0).tolist()
+        if where6:
+            s6 = self.src6[slots[where6]].tobytes()
+            d6 = self.dst6[slots[where6]].tobytes()
+            for k, i in enumerate(where6):
+                src[i] = IPv6Address(s6[16 * k : 16 * k + 16])
+                dst[i] = IPv6Address(d6[16 * k : 16 * k + 16])
+        for i in np.flatnonzero(slots < 0).tolist():
+            src[i] = new_v4(src[i])
+            dst[i] = new_v4(dst[i])
+        exporters = self.exporters
+        times = self.first[idx].tolist()
+        columns = (
+            src,
+            dst,
+            self.sport[idx].tolist(),
+            self.dport[idx].tolist(),
+            self.proto[idx].tolist(),
+            self.bytes[idx].tolist(),
+            times,
+            self.tcp_flags[idx].tolist(),
+            self.tos[idx].tolist(),
+            self.exporter[idx].tolist(),
+            self.domain[idx].tolist(),
+            self.interval[idx].tolist(),
+            self.provenance[idx].tolist(),
+        )
+        return [
+            make_row(
+                s, d, sport, dport, proto, 1, octets, t, t, flags, tos, None, None,
+                exporters[exp], domain, FORMAT, interval, PROVENANCES[prov],
+            )
+            for (
+                s, d, sport, dport, proto, octets, t, flags, tos, exp, domain, interval, prov,
+            ) in zip(*columns, strict=True)
+        ]  # fmt: skip
+
+
+def _w(words: npt.NDArray[Any], at: I64) -> I64:
+    """XDR words at word indices ``at``, as int64 (room for arithmetic on u32 values)."""
+    return words[at].astype(np.int64)
+
+
+def _u16(halves: npt.NDArray[Any], at: I64) -> I64:
+    """Big-endian u16 at even byte offsets ``at``."""
+    out: I64 = halves[at >> 1].astype(np.int64)
+    return out
+
+
+def _u32(halves: npt.NDArray[Any], at: I64) -> U32:
+    """Big-endian u32 at even byte offsets ``at``."""
+    k = at >> 1
+    out: U32 = (halves[k].astype(np.uint32) << 16) | halves[k + 1]
+    return out
+
+
+def decode_sflow_batch(
+    datagrams: Sequence[tuple[bytes, str, float]], state: DecoderState
+) -> SFlowBatch:
+    """Decode every sFlow v5 datagram of ``(payload, exporter, now)`` into one batch.
+
+    Never raises a DecodeError: refused datagrams (all of them decoded the scalar way) are
+    counted in ``state`` as ``decode_datagram`` counts them and listed in ``errors``; a
+    datagram that raised something else is in ``failures``; non-sFlow datagrams in
+    ``passed``.
+    """
+    n = len(datagrams)
+    if not n:
+        return _columns(datagrams, (), (), (), {}, [], [], [], (), state)
+    payloads: tuple[bytes, ...]
+    names: tuple[str, ...]
+    nows: tuple[float, ...]
+    payloads, names, nows = zip(*datagrams, strict=True)
+    is_sflow = np.fromiter(map(_is_sflow, payloads), dtype=bool, count=n)
+    sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+    passed = tuple(np.flatnonzero(~is_sflow).tolist())
+    # Candidates for the array walk: XDR keeps every field 4-aligned from the datagram's
+    # start, so datagrams of a multiple of 4 bytes joined end to end keep them aligned in
+    # the buffer, and every XDR field is one element of a big-endian u32 view.
+    cand_mask = is_sflow & ((sizes & 3) == 0)
+    fast = np.zeros(n, dtype=bool)
+    rec: dict[str, Any] = {}
+    cand: Sequence[int] = ()
+    if cand_mask.any():
+        if cand_mask.all():
+            cand = range(n)
+            fast_c, rec = _walk(payloads, sizes)
+            fast = fast_c
+        else:
+            cand = np.flatnonzero(cand_mask).tolist()
+            fast_c, rec = _walk([payloads[i] for i in cand], sizes[cand_mask])
+            fast[cand_mask] = fast_c
+    return _finish(datagrams, state, names, nows, is_sflow, fast, cand, rec, passed)
+
+
+def _is_sflow(payload: bytes) -> bool:
+    return payload[:4] == _SFLOW_MAGIC
+
+
+def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]:
+    """The pure part: which datagrams decode the array way, and their records' columns.
+
+    Records come in (datagram, sample) order, with ``datagram`` their index in ``payloads``.
+    """
+    # One join, the padding included: a second copy of a few hundred kB per batch is not
+    # only a copy (freed at once, it gets the heap trimmed, and the next batch pays its
+    # page faults again).
+    buf = b"".join([*payloads, _PAD_BYTES])
+    # Views, no copies: XDR words, bytes, and big-endian u16 at even offsets (every 16- and
+    # 32-bit field of a packet header the array path reads is at an even offset: the header
+    # starts 4-aligned, Ethernet and VLAN tags are 14 and 4 bytes, IP headers multiples of 4).
+    words = np.frombuffer(buf, dtype=">u4")
+    # Two and four consecutive words per row (overlapping, read-only views): a sample or
+    # record header, a raw header record's four fields, in one gather.
+    pairs = np.lib.stride_tricks.as_strided(
+        words, shape=(len(words) - 3, 2), strides=(4, 4), writeable=False
+    )
+    quads = np.lib.stride_tricks.as_strided(
+        words, shape=(len(words) - 3, 4), strides=(4, 4), writeable=False
+    )
+    b = np.frombuffer(buf, dtype=np.uint8)
+    halves = np.frombuffer(buf, dtype=">u2")
+    start = np.zeros(len(payloads), dtype=np.int64)
+    np.cumsum(sizes[:-1] // 4, out=start[1:])
+    end = start + sizes // 4
+    n_dg = len(payloads)
+
+    # -- datagram headers: version, agent address (type 0/1/2: 0/4/16 bytes), sub-agent,
+    # sequence, uptime, sample count.
+    atype = _w(words, start + 1)
+    head = np.where(atype == 1, 7, np.where(atype == 2, 10, 6))
+    ok_dg = (atype <= 2) & (sizes >= 4 * head)
+    sub_agent = _w(words, start + head - 4)
+    n_samples = _w(words, start + head - 1)
+    ok_dg &= (n_samples <= MAX_FAST_SAMPLES) & (2 * n_samples <= end - start - head)
+    bad_dg = ~ok_dg
+
+    # -- the sample walk: one step per sample index. The datagrams are taken in order of
+    # decreasing sample count, so those with a k-th sample are a prefix of them (a view, no
+    # copy per step). A datagram found broken is marked and walks on harmlessly: its next
+    # positions are held at its end, its broken sample gets length 0, and nothing of it is
+    # kept.
+    act = np.flatnonzero(ok_dg)
+    act = act[np.argsort(-n_samples[act], kind="stable")]
+    counts = n_samples[act]
+    pos = start[act] + head[act]
+    end_a = end[act]
+    steps = int(counts[0]) if len(act) else 0
+    ascending = counts[::-1]
+    live_at = (len(act) - np.searchsorted(ascending, np.arange(steps + 1), side="right")).tolist()
+    s_dg: list[I64] = []
+    s_kind: list[I64] = []
+    s_body: list[I64] = []
+    s_len: list[I64] = []
+    before = len(act)
+    for m in live_at:
+        if m < before:  # these have no more samples: the last one must end the datagram
+            ended = slice(m, before)
+            bad_dg[act[ended][pos[ended] != end_a[ended]]] = True  # bytes after it
+        before = m
+        if not m:
+            break
+        p = pos[:m]
+        e = end_a[:m]
+        kind_length = pairs[p].astype(np.int64)
+        kind, length = kind_length[:, 0], kind_length[:, 1]
+        n_words = length >> 2
+        nxt = p + 2 + n_words
+        # Past the datagram's end (a header cut short too: nxt >= p + 2), or a length
+        # that is not a whole number of words.
+        broken = (nxt > e) | ((length & 3) != 0)
+        if broken.any():
+            bad_dg[act[:m][broken]] = True
+            n_words = np.where(broken, 0, n_words)
+            nxt = np.where(broken, e, nxt)
+        s_dg.append(act[:m])
+        s_kind.append(kind)
+        s_body.append(p + 2)
+        s_len.append(n_words)
+        pos[:m] = nxt
+
+    empty = np.zeros(0, dtype=np.int64)
+    sd = np.concatenate(s_dg) if s_dg else empty
+    skind = np.concatenate(s_kind) if s_kind else empty
+    sbody = np.concatenate(s_body) if s_body else empty
+    slen = np.concatenate(s_len) if s_len else empty
+    enterprise, fmt = skind >> 12, skind & 0xFFF
+    std = enterprise == 0
+    is_flow = std & ((fmt == SAMPLE_FLOW) | (fmt == SAMPLE_FLOW_EXPANDED))
+    is_counter = std & ((fmt == SAMPLE_COUNTERS) | (fmt == SAMPLE_COUNTERS_EXPANDED))
+    is_unknown = ~is_flow & ~is_counter
+
+    # -- flow sample headers (compact: 8 words, rate at 2, count at 7; expanded: 11, 3, 10).
+    f = np.flatnonzero(is_flow)
+    fbody = sbody[f]
+    flen = slen[f]
+    expanded = fmt[f] == SAMPLE_FLOW_EXPANDED
+    fhead = np.where(expanded, 11, 8)
+    f_ok = flen >= fhead
+    rate = _w(words, fbody + np.where(expanded, 3, 2))
+    count = _w(words, fbody + fhead - 1)
+    f_ok &= (count <= MAX_FAST_RECORDS) & (2 * count <= flen - fhead)
+
+    # -- the record walk, one step per record index, over the flow samples.
+    n_f = len(f)
+    # Word index of each flow sample's first packet description record (0: none yet).
+    first_pos = np.zeros(n_f, dtype=np.int64)
+    not_desc: list[I64] = []
+    # As the sample walk: flow samples by decreasing record count, prefixes per step; a
+    # sample found broken is marked, walks on at its end and is not kept.
+    ract = np.flatnonzero(f_ok)
+    ract = ract[np.argsort(-count[ract], kind="stable")]
+    rcounts = count[ract]
+    rpos = fbody[ract] + fhead[ract]
+    rend = fbody[ract] + flen[ract]
+    rsteps = int(rcounts[0]) if len(ract) else 0
+    ascending = rcounts[::-1]
+    live_at = (len(ract) - np.searchsorted(ascending, np.arange(rsteps), side="right")).tolist()
+    for m in live_at:
+        if not m:
+            break
+        p = rpos[:m]
+        e = rend[:m]
+        which = ract[:m]
+        kind_length = pairs[p].astype(np.int64)
+        rkind, rlen = kind_length[:, 0], kind_length[:, 1]
+        nxt = p + 2 + (rlen >> 2)
+        broken = (nxt > e) | ((rlen & 3) != 0) | (rkind == RECORD_EXTENDED_GATEWAY)
+        if broken.any():
+            f_ok[which[broken]] = False
+            nxt = np.where(broken, e, nxt)
+        desc = _DESCRIPTION[np.minimum(rkind, len(_DESCRIPTION) - 1)]
+        new = desc & (first_pos[which] == 0)
+        first_pos[which[new]] = p[new]
+        not_desc.append(which[~desc])
+        rpos[:m] = nxt
+    found = first_pos > 0
+    first_fields = pairs[first_pos].astype(np.int64)
+    first_kind = np.where(found, first_fields[:, 0], 0)
+    first_body = first_pos + 2
+    first_len = first_fields[:, 1]
+    skipped = np.bincount(
+        np.concatenate(not_desc) if not_desc else np.zeros(0, dtype=np.int64), minlength=n_f
+    )
+
+    # Sampled IP records as first description: the scalar way.
+    f_ok &= (first_kind == 0) | (first_kind == RECORD_RAW_HEADER)
+    raw = np.flatnonzero(f_ok & (first_kind == RECORD_RAW_HEADER))
+
+    # -- raw packet headers: protocol, frame length, stripped, header length, header.
+    rb = first_body[raw]
+    fields = quads[rb].astype(np.int64)
+    protocol, frame_length, stripped, hlen = fields.T
+    ok = (first_len[raw] >= 16) & (hlen <= first_len[raw] - 16)
+    h = 4 * (rb + 4)
+    hlen = np.where(ok, hlen, 0)
+    hend = h + hlen
+    eth = protocol == HEADER_ETHERNET
+    ok &= eth | (protocol == HEADER_IPV4) | (protocol == HEADER_IPV6)
+    # Ethernet: 12 address bytes, then the ethertype, after up to MAX_FAST_TAGS VLAN tags.
+    l3 = np.where(eth, h + 14, h)
+    ethertype = np.where(eth & (hlen >= 14), _u16(halves, h + 12), 0)
+    ok &= ~eth | (hlen >= 14)
+    for _ in range(MAX_FAST_TAGS):
+        tagged = eth & _VLAN[ethertype]
+        if not tagged.any():
+            break
+        ok &= ~tagged | (hend - l3 >= 4)
+        ethertype = np.where(tagged, _u16(halves, np.minimum(l3 + 2, hend)), ethertype)
+        l3 = np.where(tagged, l3 + 4, l3)
+    ok &= ~eth | (ethertype == packet.ETHERTYPE_IPV4) | (ethertype == packet.ETHERTYPE_IPV6)
+    l3 = np.where(ok, l3, h)
+    avail3 = hend - l3
+    b0 = b[l3]
+    b1 = b[l3 + 1]
+    version = b0 >> 4
+    v4 = version == 4
+    v6 = version == 6
+    ok &= (avail3 >= 1) & (v4 | v6)
+    # IPv4: version/IHL, ToS, total length, id, flags/fragment offset, TTL, protocol, ...
+    ihl4 = (b0 & 0x0F).astype(np.int64) << 2
+    ok &= ~v4 | ((avail3 >= 20) & (ihl4 >= 20) & (ihl4 <= avail3))
+    k3 = l3 >> 1  # the IP header in u16 units (it starts at an even offset)
+    total = halves[k3 + 1].astype(np.int64)
+    fragment = v4 & ((halves[k3 + 3] & 0x1FFF) != 0)
+    ip_end4 = np.where(total >= ihl4, np.minimum(hend, l3 + total), hend)
+    if v6.any():
+        # IPv6: version/class/label, payload length, next header, hops, addresses.
+        nh6 = b[l3 + 6]
+        ok &= ~v6 | ((avail3 >= 40) & ~_V6_CHAIN[nh6])
+        payload6 = halves[k3 + 2].astype(np.int64)
+        proto = np.where(v4, b[l3 + 9], nh6)
+        tos = np.where(v4, b1, ((b0 & 0x0F) << 4) | (b1 >> 4)).astype(np.uint8)
+        l4 = np.where(ok, l3 + np.where(v4, ihl4, 40), l3)
+        ip_end = np.where(
+            v4, ip_end4, np.where(payload6 != 0, np.minimum(hend, l3 + 40 + payload6), hend)
+        )
+        ip_length = np.where(v4, total, 40 + payload6)
+        short = ip_length <= np.where(v6, 40, 0)
+    else:  # IPv4 only (the usual batch): the same without the IPv6 alternatives
+        proto = b[l3 + 9]
+        tos = b1
+        l4 = np.where(ok, l3 + ihl4, l3)
+        ip_end = ip_end4
+        ip_length = total
+        short = total <= 0
+    available = np.maximum(ip_end - l4, 0)
+    ported = ~fragment & _PORTS[proto] & (available >= 4)
+    icmp = ~fragment & _ICMP[proto] & (available >= 2)
+    at = np.where(ported | icmp, l4, h)
+    first16 = _u16(halves, at)
+    sport = np.where(ported, first16, 0).astype(np.uint16)
+    dport = np.where(ported, _u16(halves, at + 2), np.where(icmp, first16, 0)).astype(np.uint16)
+    flagged = ported & (proto == 6) & (available >= 14)
+    tcp_flags = np.where(flagged, b[np.where(flagged, l4 + 13, h)], 0).astype(np.uint8)
+    length = np.where(short, np.maximum(frame_length - stripped - (l3 - h), 0), ip_length)
+
+    # -- which samples decoded: every counter/unknown one; flow samples without a
+    # description (counted), or whose first description is a raw header that decoded here.
+    sample_ok = ~is_flow.copy()
+    flow_ok = f_ok.copy()
+    flow_ok[raw] = ok
+    sample_ok[f] = flow_ok
+    bad_dg[sd[~sample_ok]] = True
+    fast = ~bad_dg
+
+    # Per-sample counters, for fast datagrams only (the scalar path counts the others).
+    in_fast = fast[sd]
+    f_fast = in_fast[f]
+    good = np.flatnonzero(ok)
+    # Records in walk order: sample by sample index, datagram order within each; a datagram's
+    # own records are in its order (what the scalar path gives, per datagram).
+    pick = good[fast[sd[f[raw[good]]]]]  # positions among `raw` of the records kept
+    sel = raw[pick]
+    rsample = f[sel]
+    v6_rec = v6[pick]
+    a = l3[pick]
+    a6 = a[v6_rec]
+    span = np.arange(16, dtype=np.int64)
+    rec: dict[str, Any] = {
+        "datagram": sd[rsample],
+        "v4": ~v6_rec,
+        "src": np.where(v6_rec, 0, _u32(halves, a + 12)).astype(np.uint32),
+        "dst": np.where(v6_rec, 0, _u32(halves, a + 16)).astype(np.uint32),
+        "src6": b[(a6 + 8)[:, None] + span],
+        "dst6": b[(a6 + 24)[:, None] + span],
+        "sport": sport[pick],
+        "dport": dport[pick],
+        "proto": proto[pick].astype(np.uint8),
+        "bytes": length[pick],
+        "tcp_flags": tcp_flags[pick],
+        "tos": tos[pick],
+        "rate": rate[sel],
+        "sub_agent": sub_agent,
+        "counters": np.bincount(sd[is_counter & in_fast], minlength=n_dg),
+        "unknown": np.bincount(sd[is_unknown & in_fast], minlength=n_dg),
+        "skipped": np.bincount(sd[f[f_fast]], weights=skipped[f_fast], minlength=n_dg),
+        "no_ip": np.bincount(sd[f[f_fast & (first_kind == 0)]], minlength=n_dg),
+        "records": np.bincount(sd[rsample], minlength=n_dg),
+    }
+    return fast, rec
+
+
+def _finish(
+    datagrams: Sequence[tuple[bytes, str, float]],
+    state: DecoderState,
+    names: Sequence[str],
+    nows: Sequence[float],
+    is_sflow: Bools,
+    fast: Bools,
+    cand: Sequence[int],
+    rec: dict[str, Any],
+    passed: tuple[int, ...],
+) -> SFlowBatch:
+    """State bookkeeping as ``_decode`` does it, the scalar way for the rest, the columns."""
+    scalar: list[tuple[int, list[FlowRow]]] = []
+    errors: list[tuple[int, DecodeError]] = []
+    failures: list[tuple[int, Exception]] = []
+
+    def slow(i: int) -> None:
+        data, exporter, now = datagrams[i]
+        try:
+            rows = decode_datagram_rows(data, exporter, state, now)
+        except DecodeError as exc:
+            errors.append((i, exc))
+            return
+        except Exception as exc:  # a bug some input reaches: that datagram only
+            failures.append((i, exc))
+            return
+        if rows:
+            scalar.append((i, rows))
+
+    n_fast = int(np.count_nonzero(fast))
+    fast_c = fast[np.asarray(cand, dtype=np.intp)] if n_fast else fast[:0]
+    if n_fast:
+        n_rec = rec["records"]
+        for name, n in (
+            ("sflow.counter_samples", rec["counters"]),
+            ("sflow.unknown_samples", rec["unknown"]),
+            ("sflow.flow_records_skipped", rec["skipped"]),
+            ("sflow.samples_without_ip", rec["no_ip"]),
+        ):
+            total = int(n[fast_c].sum())
+            if total:
+                state.count(name, total)
+        state._datagrams += n_fast
+        state._records += int(n_rec.sum())
+        state._by_format[FORMAT] += n_fast
+    slow_idx = np.flatnonzero(is_sflow & ~fast).tolist()
+    pending = state.pending
+    if len(pending) and n_fast:
+        # Held v9/IPFIX data expires by each datagram's arrival time, in arrival order (a
+        # clock may go backwards in a replay): datagram by datagram, as _decode does. Rare:
+        # nothing is held in an sFlow-only collector.
+        position = {i: k for k, i in enumerate(cand)}
+        n_list = rec["records"].tolist()
+        for i in np.flatnonzero(is_sflow).tolist():
+            if fast[i]:
+                pending.expire(nows[i])
+                entry = state._exporter_entry(names[i])
+                entry[0] += 1
+                entry[1] += n_list[position[i]]
+            else:
+                slow(i)
+        return _columns(datagrams, names, nows, cand, rec, scalar, errors, failures, passed, state)
+    if n_fast:
+        # Exporter entries are made in the order the scalar path first meets each exporter,
+        # the datagrams decoded the scalar way included (they find their entry there), so
+        # the cap on tracked exporters falls on the same ones whichever path ran.
+        cand_names = names if isinstance(cand, range) else [names[i] for i in cand]
+        index = dict.fromkeys(cand_names, 0)
+        for k, name in enumerate(index):
+            index[name] = k
+        first_seen = list(index)
+        if slow_idx:
+            # Order of first appearance over every sFlow datagram, fast or not.
+            order = dict.fromkeys(names[i] for i in np.flatnonzero(is_sflow).tolist())
+            first_seen = list(order)
+        entries = {name: state._exporter_entry(name) for name in first_seen}
+        ex = np.fromiter(map(index.__getitem__, cand_names), dtype=np.int64, count=len(cand))
+        seen = np.bincount(ex[fast_c], minlength=len(index)).tolist()
+        records = np.bincount(ex, weights=rec["records"], minlength=len(index)).tolist()
+        for name, d, r in zip(index, seen, records, strict=True):
+            entry = entries[name]
+            entry[0] += d
+            entry[1] += int(r)
+    for i in slow_idx:
+        slow(i)
+    return _columns(datagrams, names, nows, cand, rec, scalar, errors, failures, passed, state)
+
+
+def _columns(
+    datagrams: Sequence[tuple[bytes, str, float]],
+    names: Sequence[str],
+    nows: Sequence[float],
+    cand: Sequence[int],
+    rec: dict[str, Any],
+    scalar: list[tuple[int, list[FlowRow]]],
+    errors: list[tuple[int, DecodeError]],
+    failures: list[tuple[int, Exception]],
+    passed: tuple[int, ...],
+    state: DecoderState,
+) -> SFlowBatch:
+    if not cand or not len(rec["datagram"]):
+        z = np.zeros(0, dtype=np.int64)
+        return SFlowBatch(
+            src=z.astype(np.uint32),
+            dst=z.astype(np.uint32),
+            v6_slot=z,
+            src6=np.zeros((0, 16), dtype=np.uint8),
+            dst6=np.zeros((0, 16), dtype=np.uint8),
+            sport=z.astype(np.uint16),
+            dport=z.astype(np.uint16),
+            proto=z.astype(np.uint8),
+            packets=z.astype(np.uint32),
+            bytes=z,
+            first=z,
+            tcp_flags=z.astype(np.uint8),
+            tos=z.astype(np.uint8),
+            interval=z,
+            provenance=z.astype(np.uint8),
+            exporter=z.astype(np.uint32),
+            domain=z.astype(np.uint32),
+            exporters=(),
+            datagram=z,
+            scalar=tuple(scalar),
+            errors=tuple(errors),
+            failures=tuple(failures),
+            passed=passed,
+        )
+    whole = isinstance(cand, range)
+    cand_names = names if whole else [names[i] for i in cand]
+    index = dict.fromkeys(cand_names, 0)
+    for k, name in enumerate(index):
+        index[name] = k
+    exporter_names = list(index)
+    datagram = rec["datagram"]
+    # Arrival ms as the scalar path computes it, int(now * 1000), per datagram: float to
+    # int64 truncates toward zero as int() does, for every finite value in range.
+    cand_nows = np.fromiter(nows if whole else (nows[i] for i in cand), np.float64, len(cand))
+    ms = cand_nows * 1000
+    if np.isfinite(ms).all() and float(np.abs(ms).max()) < 2.0**62:
+        now_ms = ms.astype(np.int64)
+    else:
+        now_ms = np.array([int(t * 1000) for t in cand_nows.tolist()], dtype=np.int64)
+    first = now_ms[datagram]
+    # Interval and provenance per (exporter, announced rate) pair: few per batch.
+    rate = rec["rate"]
+    if len(index) == 1:
+        ex = np.zeros(len(datagram), dtype=np.int64)
+    else:
+        ex_of_cand = np.fromiter(map(index.__getitem__, cand_names), np.int64, len(cand))
+        ex = ex_of_cand[datagram]
+    if len(index) == 1 and int(rate.min()) == int(rate.max()):
+        value, provenance = state.resolve_interval(exporter_names[0], int(rate[0]) or None)
+        interval = np.full(len(datagram), value, dtype=np.int64)
+        provenance_code = np.full(len(datagram), _PROVENANCE_CODE[provenance], dtype=np.uint8)
+    else:
+        pairs, inverse = np.unique((ex << 32) | rate, return_inverse=True)
+        pair_interval = np.empty(len(pairs), dtype=np.int64)
+        pair_provenance = np.empty(len(pairs), dtype=np.uint8)
+        for j, pair in enumerate(pairs.tolist()):
+            value, provenance = state.resolve_interval(
+                exporter_names[pair >> 32], (pair & 0xFFFFFFFF) or None
+            )
+            pair_interval[j] = value
+            pair_provenance[j] = _PROVENANCE_CODE[provenance]
+        interval = pair_interval[inverse.reshape(-1)]
+        provenance_code = pair_provenance[inverse.reshape(-1)]
+    v4 = rec["v4"]
+    slot = np.full(len(v4), -1, dtype=np.int64)
+    slot[~v4] = np.arange(int(np.count_nonzero(~v4)))
+    return SFlowBatch(
+        src=rec["src"],
+        dst=rec["dst"],
+        v6_slot=slot,
+        src6=rec["src6"],
+        dst6=rec["dst6"],
+        sport=rec["sport"],
+        dport=rec["dport"],
+        proto=rec["proto"],
+        packets=np.ones(len(v4), dtype=np.uint32),
+        bytes=rec["bytes"],
+        first=first,
+        tcp_flags=rec["tcp_flags"],
+        tos=rec["tos"],
+        interval=interval,
+        provenance=provenance_code,
+        exporter=ex.astype(np.uint32),
+        domain=rec["sub_agent"][datagram].astype(np.uint32),
+        exporters=tuple(exporter_names),
+        datagram=datagram if whole else np.asarray(cand, dtype=np.int64)[datagram],
+        scalar=tuple(scalar),
+        errors=tuple(errors),
+        failures=tuple(failures),
+        passed=passed,
+    )
