@@ -57,12 +57,13 @@ def bucket_for(span_ms: int) -> int:
 
 def victim_series(store: Store, flt: ReportFilter) -> Series:
     t = q._T
+    # a victim's day through its destination's index, not the day's (who does the same)
+    address_first = q._address_first(store, flt)
     lo_ms, hi_ms = flt.since_ms, flt.until_ms
     if lo_ms is None or hi_ms is None:
         with store.transaction("finding the span", write=False) as conn:
-            found = conn.execute(
-                q._where(select(func.min(t.c.last_ms), func.max(t.c.last_ms)), flt)
-            ).one()
+            span = select(func.min(t.c.last_ms), func.max(t.c.last_ms))
+            found = conn.execute(q._where(span, flt, address_first=address_first)).one()
         if found[0] is None:
             return Series(1000, (), (), ((), ()), ((), ()), 0)
         lo_ms = int(found[0]) if lo_ms is None else lo_ms
@@ -74,9 +75,9 @@ def victim_series(store: Store, flt: ReportFilter) -> Series:
     key = (t.c.last_ms // bucket).label("bucket")
     rows = q._run_sums(
         store,
-        lambda cols: q._where(select(key, t.c.observer_key, *cols), flt).group_by(
-            key, t.c.observer_key
-        ),
+        lambda cols: q._where(
+            select(key, t.c.observer_key, *cols), flt, address_first=address_first
+        ).group_by(key, t.c.observer_key),
         "drawing the victim's traffic",
     )
     units = q._observer_units(store, sorted({bytes(r[1]) for r in rows}))
