@@ -1,6 +1,7 @@
 """``make screenshots``: the dashboard's pages as PNGs in docs/dashboard/, from a real node.
 
-A throwaway node on loopback (nothing sent to a flow's addresses) is fed the shared trace a
+A throwaway node on loopback (nothing sent to a flow's addresses), pulling from a second one
+(its peer, so that the Peers page has a row: counters and latency), is fed the shared trace a
 few times, ten seconds apart, so that the Node page's counter history (one sample per 10 s)
 has lines to draw; then headless Chromium (tests/support/chromium.py) takes each page.
 About a minute. Run: ``.venv/bin/python -m tests.dashboard_screenshots docs/dashboard``.
@@ -28,11 +29,20 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0] if argv else "docs/dashboard")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dash-shots-") as tmp:
+        # a second node on loopback that this one pulls from: the Peers page's row (its
+        # counters and latency) comes from a real peer
+        peer_home = Path(tmp) / "peer"
+        assert run("overflowd", "init", "--home", str(peer_home)).code == 0
+        peer = Daemon(peer_home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+        peer_base = peer.line("api ").split()[1].removesuffix("/v1/")
+        peer_key = httpx.get(f"{peer_base}/v1/identity", timeout=10).json()["key"]
         home = Path(tmp) / "node"
         assert run("overflowd", "init", "--home", str(home)).code == 0
         (home / "overflowd.toml").write_text(
             '[node]\ncontacts = ["mailto:abuse@example.net"]\nobservation_point = "edge-1"\n'
             "[storage]\nreceived_max_age_days = 36500.0\nown_max_age_days = 36500.0\n"
+            f'[[peers]]\nname = "edge-2"\nurl = "{peer_base}/"\nkey = "{peer_key}"\n'
+            'trust = "pinned"\npush = false\npull = true\npull_interval_s = 5.0\n'
         )
         daemon = Daemon(
             home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rate", "0.02"
@@ -65,6 +75,7 @@ def main(argv: list[str]) -> int:
                 assert not errors, errors
         finally:
             daemon.stop()
+            peer.stop()
     return 0
 
 

@@ -86,7 +86,7 @@ class Gate:
             # Open on loopback to this host's users, not to any web page they visit: a page
             # whose name resolves to 127.0.0.1 (DNS rebinding) is same-origin with what it
             # fetches from there, and its requests carry its own name as Host.
-            return self.loopback and _loopback_host(request.headers.get("host", ""))
+            return self.loopback and loopback_host(request.headers.get("host", ""))
         given = request.cookies.get(COOKIE, "")
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -111,7 +111,7 @@ class Gate:
         )
 
 
-def _loopback_host(host: str) -> bool:
+def loopback_host(host: str) -> bool:
     """Does a Host header name this host's loopback (``127.0.0.1:9591``, ``[::1]:9591``,
     ``localhost``)?"""
     host = host.strip().lower()
@@ -405,15 +405,28 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
         measure = request.query_params.get("measure", "packets")
         if measure not in ("packets", "bytes"):
             raise HTTPException(400, "measure: packets or bytes")
-        series = await anyio.to_thread.run_sync(lambda: victim_series(ctx.store, make(params)))
+        series = await anyio.to_thread.run_sync(
+            lambda: victim_series(ctx.store, make(params), now_ms=int(time.time() * 1000))
+        )
         index = 1 if measure == "packets" else 2
         title = f"Estimated {measure}/s by observer (dashed: 95% band)"
+        note = ""
+        if series.outside_reports:
+            # flows said to end past the axis (until, or now): not drawn, or one report
+            # ending in year 292 million would squash the whole chart into its first pixel
+            amount = series.outside_packets if measure == "packets" else series.outside_bytes
+            note = (
+                f"not drawn: {series.outside_reports} report"
+                f"{'s' if series.outside_reports != 1 else ''} ending after the axis "
+                f"({svg.number(amount)} {measure})"
+            )
         body = svg.stacked_chart(
             title,
             f"{measure}/s",
             [s / 1000 for s in series.starts],
             [(st[0], st[index]) for st in series.stacks],  # type: ignore[misc]
             series.band_packets if measure == "packets" else series.band_bytes,
+            note=note,
         )
         return Response(body, media_type="image/svg+xml", headers=HEADERS)
 
@@ -665,4 +678,4 @@ def _latency_cell(lat: dict[str, float | None]) -> str:
     )
 
 
-__all__ = ["CSP", "Gate", "router"]
+__all__ = ["CSP", "Gate", "loopback_host", "router"]

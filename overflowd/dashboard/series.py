@@ -44,7 +44,15 @@ class Series:
     #: second; high None: unbounded), of all the bucket's reports with the largest unit
     band_packets: tuple[tuple[float, ...], tuple[float | None, ...]]
     band_bytes: tuple[tuple[float, ...], tuple[float | None, ...]]
+    #: reports drawn (in a bucket of the axis)
     reports: int
+    #: reports whose flow ends outside the axis (after ``until`` or, without one, after now:
+    #: the observer's word, and anyone can sign a flow ending in year 292 million), and their
+    #: point estimates of packets and bytes: not drawn, so that they cannot stretch the axis,
+    #: but counted, so that drawn + outside is what ``who`` says
+    outside_reports: int = 0
+    outside_packets: float = 0.0
+    outside_bytes: float = 0.0
 
 
 def bucket_for(span_ms: int) -> int:
@@ -55,18 +63,23 @@ def bucket_for(span_ms: int) -> int:
     return BUCKET_STEPS_MS[-1] * math.ceil(want / BUCKET_STEPS_MS[-1])
 
 
-def victim_series(store: Store, flt: ReportFilter) -> Series:
+def victim_series(store: Store, flt: ReportFilter, *, now_ms: int | None = None) -> Series:
+    """The series of ``flt``'s reports. The axis runs from ``since`` (else the earliest flow
+    end) to ``until`` (else the latest flow end, but never past ``now_ms`` when given): a
+    report whose flow ends beyond it is counted in ``outside_*``, not drawn."""
     t = q._T
+    # a victim's day through its destination's index, not the day's (who does the same)
+    address_first = q._address_first(store, flt)
     lo_ms, hi_ms = flt.since_ms, flt.until_ms
     if lo_ms is None or hi_ms is None:
         with store.transaction("finding the span", write=False) as conn:
-            found = conn.execute(
-                q._where(select(func.min(t.c.last_ms), func.max(t.c.last_ms)), flt)
-            ).one()
+            span = select(func.min(t.c.last_ms), func.max(t.c.last_ms))
+            found = conn.execute(q._where(span, flt, address_first=address_first)).one()
         if found[0] is None:
             return Series(1000, (), (), ((), ()), ((), ()), 0)
         lo_ms = int(found[0]) if lo_ms is None else lo_ms
-        hi_ms = int(found[1]) if hi_ms is None else hi_ms
+        if hi_ms is None:
+            hi_ms = int(found[1]) if now_ms is None else min(int(found[1]), now_ms)
     hi_ms = max(hi_ms, lo_ms)
     bucket = bucket_for(hi_ms - lo_ms)
     first = lo_ms // bucket
@@ -74,9 +87,9 @@ def victim_series(store: Store, flt: ReportFilter) -> Series:
     key = (t.c.last_ms // bucket).label("bucket")
     rows = q._run_sums(
         store,
-        lambda cols: q._where(select(key, t.c.observer_key, *cols), flt).group_by(
-            key, t.c.observer_key
-        ),
+        lambda cols: q._where(
+            select(key, t.c.observer_key, *cols), flt, address_first=address_first
+        ).group_by(key, t.c.observer_key),
         "drawing the victim's traffic",
     )
     units = q._observer_units(store, sorted({bytes(r[1]) for r in rows}))
@@ -88,14 +101,19 @@ def victim_series(store: Store, flt: ReportFilter) -> Series:
     merged: dict[int, list[Any]] = {}
     totals: dict[bytes, float] = {}
     reports = 0
+    outside = [0, 0.0, 0.0]
     for row in rows:
         index = int(row[0]) - first
-        if not 0 <= index < count:
-            continue  # a flow ending past `until` (its first packet was before it)
-        observer = bytes(row[1])
         sums = q._sums(row, 2)
         packets = _finite(float(sums[2]) + sums[4])
         byte_count = _finite(float(sums[3]) + sums[7])
+        if not 0 <= index < count:
+            # a flow ending past `until` (its first packet was before it) or past now
+            outside[0] += int(sums[0])
+            outside[1] += packets
+            outside[2] += byte_count
+            continue
+        observer = bytes(row[1])
         per.setdefault(observer, {})[index] = (packets, byte_count)
         totals[observer] = totals.get(observer, 0.0) + packets
         reports += int(sums[0])
@@ -132,6 +150,9 @@ def victim_series(store: Store, flt: ReportFilter) -> Series:
         band_packets=(tuple(pl), tuple(ph)),
         band_bytes=(tuple(bl), tuple(bh)),
         reports=reports,
+        outside_reports=int(outside[0]),
+        outside_packets=float(outside[1]),
+        outside_bytes=float(outside[2]),
     )
 
 

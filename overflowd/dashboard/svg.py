@@ -135,11 +135,13 @@ def stacked_chart(
     times: Sequence[float],
     stacks: Sequence[tuple[str, Sequence[float]]],
     band: tuple[Sequence[float], Sequence[float | None]] | None = None,
+    note: str = "",
 ) -> str:
     """Areas stacked in order (name, value per time) and the 95% band of the total (low,
-    high per time; high None: unbounded, drawn to the top) as a dashed outline."""
+    high per time; high None: unbounded, drawn to the top) as a dashed outline; ``note``
+    (what is not drawn) under the title."""
     if not times or not stacks:
-        return empty(title, "no reports match")
+        return empty(title, note or "no reports match")
     t0, t1 = times[0], times[-1]
     if t1 <= t0:
         t1 = t0 + 1
@@ -148,6 +150,11 @@ def stacked_chart(
     top = _nice(max([*totals, *highs], default=0.0))
     w, h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     out = _frame(title, unit, t0, t1, top)
+    if note:
+        out.append(
+            f'<text class="outside" x="{WIDTH - RIGHT - 4}" y="{TOP + 12}" text-anchor="end" '
+            f'fill="#a00">{escape(note)}</text>'
+        )
 
     def x(t: float) -> float:
         return LEFT + w * (t - t0) / (t1 - t0)

@@ -674,6 +674,54 @@ class _LimitsCollector(Collector):
 
 # -- end limits ---------------------------------------------------------------------------
 
+#: What a server listening on loopback answers to a loopback ``Host`` only (the dashboard's
+#: own pages have the same rule in overflowd.dashboard.pages.Gate; /healthz says nothing).
+LOOPBACK_HOST_PATHS = ("/v1/", "/metrics")
+
+
+class LoopbackHostOnly:
+    """ASGI middleware of a server listening on loopback: ``/v1/`` and ``/metrics`` answer
+    only a request whose ``Host`` names loopback (``127.0.0.1``, ``[::1]``, ``localhost``,
+    any port), else **403**.
+
+    Listening on loopback means "this host's users", but any web page they visit can make
+    their browser ask: a page whose name its owner then points at 127.0.0.1 (DNS rebinding)
+    is same-origin with what it fetches from there, and reads the answers (reports, who,
+    counters). Its requests carry its own name as Host, which is what this refuses. A server
+    listening beyond loopback does not check (peers and clients name it as they like)."""
+
+    def __init__(self, app: _Asgi) -> None:
+        from overflowd.dashboard.pages import loopback_host
+
+        self.app = app
+        self._loopback_host = loopback_host
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope.get("type") == "http" and str(scope.get("path", "")).startswith(
+            LOOPBACK_HOST_PATHS
+        ):
+            host = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"")
+            if not self._loopback_host(host.decode("latin-1")):
+                body = json.dumps(
+                    {
+                        "detail": "on loopback the API answers a loopback Host only "
+                        "(127.0.0.1, [::1], localhost): docs/api.md"
+                    }
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
 
 class ApiService:
     """The API server as a service of the daemon: ``await nursery.start(api.run)``."""
@@ -688,6 +736,8 @@ class ApiService:
         from overflowd.dashboard import router as dashboard_router
 
         self.app.include_router(dashboard_router(ctx, settings, ctx.history))
+        if _listens_on_loopback(settings):
+            self.app.add_middleware(LoopbackHostOnly)
         self._stop = trio.Event()
         self.bound: tuple[str, int] | None = None
 
@@ -736,6 +786,16 @@ class ApiService:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _listens_on_loopback(settings: ApiSettings) -> bool:
+    import ipaddress
+
+    try:
+        host, _ = parse_listen(settings.listen)
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:

@@ -81,7 +81,20 @@ class ReportModel(Base):
         ),
         Index("ix_reports_first_ms", "first_ms"),
         Index("ix_reports_src_last_ms", "src", "last_ms"),
-        Index("ix_reports_dst_last_ms", "dst", "last_ms"),
+        #: covering what who and the victim view read of one destination (0009_dash)
+        Index(
+            "ix_reports_dst_covering",
+            "dst",
+            "last_ms",
+            "observer_key",
+            "ip_version",
+            "src",
+            "first_ms",
+            "packets",
+            "bytes",
+            "probability",
+            "sampling_interval",
+        ),
         #: an observer's reports, and its latest one (its current trust label) in one probe
         Index("ix_reports_observer_key_received_ms", "observer_key", "received_ms"),
         Index("ix_reports_proto_last_ms", "proto", "last_ms"),

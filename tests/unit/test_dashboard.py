@@ -304,6 +304,12 @@ async def test_a_long_login_body_is_refused_without_reading_it_all() -> None:
 
 @contextlib.asynccontextmanager
 async def _far_future_flow(tmp_path: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with _far_future_store(tmp_path) as (client, _store):
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def _far_future_store(tmp_path: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     """A dashboard over a store of two reports to 198.51.100.2, one of whose flow says it
     ends at 2**64-1 ms (any signer may say so: the observer's word)."""
     import dataclasses
@@ -328,7 +334,7 @@ async def _far_future_flow(tmp_path: Any) -> AsyncIterator[httpx.AsyncClient]:
         app.include_router(router(ctx, ApiSettings(listen="127.0.0.1:9591"), None))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9591") as c:
-            yield c
+            yield c, store
 
 
 async def test_a_flow_ending_past_year_9999_does_not_break_the_victim_chart(
@@ -360,3 +366,41 @@ async def test_a_flow_ending_past_year_9999_is_left_out_of_the_exports(tmp_path:
         assert answer.status_code == 200, answer.text
         kinds = [o["type"] for o in answer.json()["objects"]]
         assert kinds.count("observed-data") == 1  # the other report only
+
+
+async def test_a_far_future_flow_does_not_stretch_the_victim_chart(tmp_path: Any) -> None:
+    """The axis ends at now (no `until`): a flow said to end at 2**64-1 ms stretched it to
+    year 292 million, every other report squashed into its first pixel. It is counted in a
+    note instead, and drawn + outside is still exactly what who says."""
+    import re
+    import time
+
+    async with _far_future_store(tmp_path) as (c, store):
+        now = int(time.time() * 1000)
+        flt = ReportFilter(dst=ipaddress.ip_network("198.51.100.0/24"), since_ms=now - 3_600_000)
+        series = victim_series(store, flt, now_ms=now + 60_000)
+        assert series.starts[0] <= now - 3_600_000 and series.starts[-1] <= now + 60_000
+        assert series.bucket_ms <= 120_000  # an hour's buckets, not 2**64 ms / 60
+        assert series.reports == 1 and series.outside_reports == 1
+        (row,) = who(store, flt, top_sources=0)
+        seconds = series.bucket_ms / 1000
+        drawn = sum(sum(packets) for _, packets, _ in series.stacks) * seconds
+        assert math.isclose(
+            drawn + series.outside_packets, row.estimate.packets.estimate, rel_tol=1e-9
+        )
+        drawn_bytes = sum(sum(b) for _, _, b in series.stacks) * seconds
+        assert math.isclose(drawn_bytes + series.outside_bytes, row.estimate.bytes.estimate)
+        for measure in ("packets", "bytes"):
+            answer = await c.get(
+                "/dashboard/chart/victim.svg",
+                params={"prefix": "198.51.100.0/24", "since": "1h", "measure": measure},
+            )
+            assert answer.status_code == 200 and "<polygon" in answer.text
+            assert "not drawn: 1 report ending after the axis" in answer.text
+            labels = re.findall(
+                r'text-anchor="(?:start|middle|end)">(\d\d:\d\d)</text>', answer.text
+            )
+            assert len(labels) == 5, answer.text  # clock times of the last hour, not seconds
+        # without a time the axis is the stored flows' span, also ended at now
+        answer = await c.get("/dashboard/chart/victim.svg", params={"dst": "198.51.100.2"})
+        assert answer.status_code == 200 and "not drawn: 1 report" in answer.text
