@@ -51,6 +51,7 @@ DIRECT_PORT = 5001  # not intercepted: haproxy's backend and the direct baseline
 HAPROXY_PORT = 7001
 NAME = "bench.example"
 PY = sys.executable
+PHASES = ("bulk", "handshakes", "requests", "passthrough", "idle")
 
 BACKEND = textwrap.dedent(
     """
@@ -159,14 +160,14 @@ class _Profile:
 
 @contextlib.contextmanager
 def _trace(args: argparse.Namespace, side: str, workload: str, pid: int) -> Iterator[None]:
-    """``--perf DIR`` records a proxy with ``perf record -g`` during the handshake workload,
-    ``--strace DIR`` counts its system calls (``strace -c``) during the request workload: never
-    both at once (ptrace stops would fill perf's profile)."""
-    if args.perf is not None and workload == "handshakes" and shutil.which("perf"):
+    """``--perf DIR`` records a proxy with ``perf record -g`` during each connection workload,
+    ``--strace DIR`` counts its system calls (``strace -c``); never both in one run (ptrace
+    stops would fill perf's profile and inflate the CPU figures)."""
+    if args.perf is not None and shutil.which("perf"):
         out = args.perf / f"{side}-{workload}.perf.data"
         argv = ["perf", "record", "-q", "-F", "2000", "-g", "-o", str(out), "-p", str(pid)]
         directory = args.perf
-    elif args.strace is not None and workload == "requests" and shutil.which("strace"):
+    elif args.strace is not None and shutil.which("strace"):
         out = args.strace / f"{side}-{workload}.strace.txt"
         argv = ["strace", "-c", "-f", "-o", str(out), "-p", str(pid)]
         directory = args.strace
@@ -262,18 +263,25 @@ def main() -> int:
     parser.add_argument("--bulk-mb", type=int, default=512)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument(
+        "--phases", default=",".join(PHASES),
+        help=f"comma-separated phases to run (default all: {','.join(PHASES)})",
+    )  # fmt: skip
     parser.add_argument("--profile", type=Path, help="write py-spy profiles of jfe's phases here")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     parser.add_argument(
         "--perf",
         type=Path,
-        help="record each proxy with perf during the handshake workload (perf report -i ...)",
+        help="record each proxy with perf during the connection workloads (perf report -i ...)",
     )
     parser.add_argument(
         "--strace", type=Path,
-        help="count each proxy's system calls (strace -c) during the request workload",
+        help="count each proxy's system calls (strace -c) during the connection workloads "
+        "(its CPU figures are then not comparable: not with --perf)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.perf is not None and args.strace is not None:
+        parser.error("--perf and --strace: one at a time (ptrace stops fill perf's profile)")
     profile = _Profile(args.profile)
     netns.require("ip", "nft", "haproxy", "openssl")
     netns.sweep_stale("jfb")
@@ -342,7 +350,8 @@ def main() -> int:
                 results[side][f"{key}_user_us"] = round((after[0] - before[0]) / units * 1e6, 1)
                 results[side][f"{key}_sys_us"] = round((after[1] - before[1]) / units * 1e6, 1)
 
-        for side in ("jfe", "haproxy"):
+        phases = set(args.phases.split(","))
+        for side in ("jfe", "haproxy") if "bulk" in phases else ():
             port = str(ports[side])
             with profile.phase(side, "bulk", pids[side]):
                 cpu0 = _cpu(pids[side])
@@ -350,16 +359,17 @@ def main() -> int:
                 charge(side, "bulk_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
             results[side]["bulk_tls_mb_s"] = round(float(bulk["mb_s"]), 1)
             results[side]["cipher"] = bulk["cipher"]
-            # Two workloads of new connections. "handshakes": s_time -new, the client hangs up
-            # right after its Finished, so the server's session tickets meet a reset and haproxy
-            # (which dials its backend only after the handshake) never dials it at all, while jfe
-            # dials at accept (it must, to see who speaks first): not like for like. "requests":
-            # s_time -new -www /, one HTTP/1.0 request answered by the backend per connection,
-            # so both proxies complete the handshake and dial and relay to the backend.
-            for workload, extra, key in (
-                ("handshakes", [], ""),
-                ("requests", ["-www", "/"], "req_"),
-            ):
+        # Two workloads of new connections. "handshakes": s_time -new, the client hangs up
+        # right after its Finished, so the server's session tickets meet a reset and haproxy
+        # (which dials its backend only after the handshake) never dials it at all, while jfe
+        # dials at accept (it must, to see who speaks first): not like for like. "requests":
+        # s_time -new -www /, one HTTP/1.0 request answered by the backend per connection,
+        # so both proxies complete the handshake and dial and relay to the backend. Each
+        # workload runs jfe then haproxy back to back: the machine's load drifts less between.
+        workloads = [("handshakes", [], ""), ("requests", ["-www", "/"], "req_")]
+        for workload, extra, key in workloads:
+            for side in ("jfe", "haproxy") if workload in phases else ():
+                port = str(ports[side])
                 with (
                     profile.phase(side, workload, pids[side]),
                     _trace(args, side, workload, pids[side]),
@@ -392,14 +402,15 @@ def main() -> int:
                     r[f"{key}cpu_per_handshake_sys_us"] = round((cpu1[1] - cpu0[1]) / n * 1e6)
                     r[f"{key}handshakes_per_cpu_s"] = round(n / used) if used else None
                     r[f"{key}cpu_share"] = round(used / secs, 2)
-        with profile.phase("jfe", "passthrough", pids["jfe"]):
-            cpu0 = _cpu(pids["jfe"])
-            plain = client_json("bulk_plain", HOST, str(JFE_PORT), "-", str(args.bulk_mb))
-            charge("jfe", "plain_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
-        results["jfe"]["passthrough_mb_s"] = round(float(plain["mb_s"]), 1)
-        direct = client_json("bulk_plain", HOST, str(DIRECT_PORT), "-", str(args.bulk_mb))
-        results["direct"]["plain_mb_s"] = round(float(direct["mb_s"]), 1)
-        for side in ("jfe", "haproxy"):
+        if "passthrough" in phases:
+            with profile.phase("jfe", "passthrough", pids["jfe"]):
+                cpu0 = _cpu(pids["jfe"])
+                plain = client_json("bulk_plain", HOST, str(JFE_PORT), "-", str(args.bulk_mb))
+                charge("jfe", "plain_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
+            results["jfe"]["passthrough_mb_s"] = round(float(plain["mb_s"]), 1)
+            direct = client_json("bulk_plain", HOST, str(DIRECT_PORT), "-", str(args.bulk_mb))
+            results["direct"]["plain_mb_s"] = round(float(direct["mb_s"]), 1)
+        for side in ("jfe", "haproxy") if "idle" in phases else ():
             idle = client.spawn(
                 [PY, "-c", CLIENT_SCRIPT, "idle_tls", HOST, str(ports[side]), str(ca.ca_file),
                  str(args.idle)],

@@ -103,6 +103,34 @@ async def send_all(fd: int, data: bytes | bytearray | memoryview) -> None:
             continue
 
 
+class _Pace:
+    """When a copy loop yields to the other tasks between two chunks.
+
+    A read that came back short drained the socket: the next one almost surely finds nothing
+    and waits, and that wait is the yield, so a checkpoint before it would be a second trip
+    through trio's scheduler for nothing (two per chunk of a short exchange). A full read, or
+    `MAX_UNYIELDED` reads in a row that found data, checkpoint first: a sender that keeps the
+    socket busy can never starve the other connections. (The yield comes before the read:
+    the receive buffer is shared, nothing may await while it holds data.)
+    """
+
+    MAX_UNYIELDED = 4
+
+    __slots__ = ("_unyielded", "due")
+
+    def __init__(self) -> None:
+        self.due = False
+        self._unyielded = 0
+
+    def before_read(self, last: int, size: int) -> None:
+        self._unyielded += 1
+        self.due = last >= size or self._unyielded >= self.MAX_UNYIELDED
+
+    async def checkpoint(self) -> None:
+        self._unyielded = 0
+        await trio.lowlevel.checkpoint()
+
+
 class TlsConnection:
     """The server side of one TLS connection on the client socket ``fd``."""
 
@@ -116,6 +144,7 @@ class TlsConnection:
         self._received, self._plain = _BUFFERS.received, _BUFFERS.plain
         self._send_lock = trio.Lock()  # held only by a task that waits for the socket
         self._rest: memoryview | bytes = b""  # records the client's socket has not taken yet
+        self._last_fill = 0  # bytes the last `_fill` read (see `_yield_before_read`)
 
     def selected_alpn_protocol(self) -> str | None:
         return self._tls.selected_alpn_protocol()
@@ -147,6 +176,7 @@ class TlsConnection:
     async def _fill(self, limit: int = CHUNK_BYTES) -> bool:
         """Client bytes into the incoming BIO; False at EOF (the BIO is then at EOF too)."""
         n = await receive_into(self._fd, self._received[:limit])
+        self._last_fill = n
         if n == 0:
             self._incoming.write_eof()
             return False
@@ -177,6 +207,7 @@ class TlsConnection:
         # With a buffer, read returns a count (typeshed says bytes either way).
         read = cast(Callable[[int, memoryview], int], self._tls.read)
         size, got, plain = CHUNK_BYTES, 0, self._plain
+        pace = _Pace()
         while True:
             # Records already in the BIO first: the handshake's last read may hold data.
             try:
@@ -199,12 +230,15 @@ class TlsConnection:
             if n == 0:
                 return
             if n < 0:
-                await trio.lowlevel.checkpoint()  # one yield per chunk: fair to the others
+                pace.before_read(self._last_fill, CHUNK_BYTES)
+                if pace.due:
+                    await pace.checkpoint()
                 await self._fill()  # at EOF the next read raises (SSLEOFError) or ends
 
     async def to_client(self, upstream: int, count: Callable[[int], None]) -> None:
         """Backend bytes from ``upstream``, encrypted, to the client until the backend's EOF."""
         tls, received = self._tls, self._received
+        pace = _Pace()
         while True:
             n = await receive_into(upstream, received)
             if n == 0:
@@ -214,7 +248,9 @@ class TlsConnection:
             while view:  # a memory BIO takes everything: one pass in practice
                 view = view[tls.write(view) :]
             await self._flush()
-            await trio.lowlevel.checkpoint()
+            pace.before_read(n, CHUNK_BYTES)
+            if pace.due:
+                await pace.checkpoint()
 
     async def close_notify(self, timeout: float) -> None:
         """Say close_notify; never wait for the client's own (it may not read at all), and
