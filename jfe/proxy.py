@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import resource
+import select
 import socket
 import ssl
 import time
@@ -381,16 +382,25 @@ class Proxy:
                 pass
         if got:
             return _decide(got)
-        with trio.move_on_after(self.settings.idle_timeout_s) as idle:
-            async with trio.open_nursery() as nursery:
-
-                async def read(side: str, sock: trio.socket.SocketType) -> None:
-                    got[side] = await sock.recv(FIRST_READ_BYTES)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(read, "client", conn)
-                nursery.start_soon(read, "upstream", upstream)
-        if idle.cancelled_caught or not got:
+        # Neither has spoken yet: wait for either in this one task. An epoll set of the two
+        # sockets is readable when either is, so one trio wait covers both (two reader tasks
+        # in a nursery, and cancelling the loser, cost ~100 us of CPU per connection).
+        either = select.epoll(2)
+        try:
+            either.register(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            either.register(upstream.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            with trio.move_on_after(self.settings.idle_timeout_s):
+                while not got:
+                    await trio.lowlevel.wait_readable(either)
+                    for side, sock in (("client", conn), ("upstream", upstream)):
+                        try:
+                            got[side] = os.read(sock.fileno(), FIRST_READ_BYTES)
+                        except BlockingIOError:
+                            pass
+        finally:
+            trio.lowlevel.notify_closing(either)
+            either.close()
+        if not got:
             raise _Drop("idle")
         return _decide(got)
 
