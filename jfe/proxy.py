@@ -15,7 +15,8 @@ For each accepted connection:
      the moment it arrives;
    - anything else from the client -> plain pass-through, byte-exact, buffered bytes first;
 4. pass-through copies with ``os.splice`` through a pipe (no copy through Python), falling back
-   to large buffers; TLS copies through `jfe.tlsio` (one SSLObject, 256 KiB per wakeup).
+   to large buffers; TLS copies through `jfe.tlsio` (one SSLObject, 256 KiB per wakeup, both
+   directions in the connection's one task).
 
 Every connection's failure is its own: counted by reason and dropped, never the listener's.
 """
@@ -485,16 +486,14 @@ class Proxy:
             idle.touch()
             self._bytes_down += n
 
-        async def client_to_upstream(copies: trio.Nursery) -> None:
-            await tls.client_to(up, counted_up)
+        def half_close() -> None:  # the client's close_notify: the backend reads its EOF
             with contextlib.suppress(OSError):
                 upstream.shutdown(socket.SHUT_WR)
 
-        async def upstream_to_client(copies: trio.Nursery) -> None:
-            await tls.to_client(up, counted_down)
-            copies.cancel_scope.cancel()
+        async def relay(copies: trio.CancelScope) -> None:
+            await tls.relay(up, counted_up, counted_down, half_close)
 
-        await idle.run(client_to_upstream, upstream_to_client)
+        await idle.run(relay)
         if idle.expired:
             self._drop(port, "idle")
         # Upstream done: say close_notify, but never wait long for a client that does not read.
@@ -519,7 +518,7 @@ class Proxy:
                 idle.touch()
                 count(n)
 
-            async def copy(copies: trio.Nursery) -> None:
+            async def copy(copies: trio.CancelScope) -> None:
                 await _copy(src, dst, counted)
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
@@ -537,17 +536,17 @@ class Proxy:
         self._bytes_down += n
 
 
-_Task = Callable[[trio.Nursery], Awaitable[None]]
+_Task = Callable[[trio.CancelScope], Awaitable[None]]
 
 
 class _Idle:
     """Idle means BOTH directions quiet: a long download with a silent client is not idle.
 
-    `run` runs the copy tasks (the first in the calling task, the others in a nursery) and
-    registers with the run's one `_Sweeper`, which cancels them all once nothing moved for
-    ``limit`` seconds (``expired`` then says so): no watchdog task or timer per connection. A
-    copy task may cancel its siblings through the nursery it is given (the TLS path does when
-    the backend closes).
+    `run` runs the copy tasks (the first in the calling task, the others in a nursery; one
+    task alone, the TLS relay, gets a cancel scope and no nursery) and registers with the
+    run's one `_Sweeper`, which cancels them all once nothing moved for ``limit`` seconds
+    (``expired`` then says so): no watchdog task or timer per connection. Each task is given
+    the cancel scope around them all.
     """
 
     def __init__(self, limit: float) -> None:
@@ -561,13 +560,22 @@ class _Idle:
 
     async def run(self, first: _Task, *others: _Task) -> None:
         sweeper = _Sweeper.current()
+        if not others:  # one task (the TLS relay): a cancel scope, no nursery
+            with trio.CancelScope() as scope:
+                self.scope = scope
+                sweeper.add(self)
+                try:
+                    await first(scope)
+                finally:
+                    sweeper.idles.discard(self)
+            return
         async with trio.open_nursery() as copies:
             self.scope = copies.cancel_scope
             sweeper.add(self)
             try:
                 for task in others:
-                    copies.start_soon(task, copies)
-                await first(copies)
+                    copies.start_soon(task, copies.cancel_scope)
+                await first(copies.cancel_scope)
             finally:
                 sweeper.idles.discard(self)
 
