@@ -51,6 +51,7 @@ DIRECT_PORT = 5001  # not intercepted: haproxy's backend and the direct baseline
 HAPROXY_PORT = 7001
 NAME = "bench.example"
 PY = sys.executable
+PHASES = ("bulk", "handshakes", "requests", "passthrough", "idle")
 
 BACKEND = textwrap.dedent(
     """
@@ -157,6 +158,37 @@ class _Profile:
             print(f"profile {name}: {out} (top: {_top(out)})", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _trace(args: argparse.Namespace, side: str, workload: str, pid: int) -> Iterator[None]:
+    """``--perf DIR`` records a proxy with ``perf record -g`` during each connection workload,
+    ``--strace DIR`` counts its system calls (``strace -c``); never both in one run (ptrace
+    stops would fill perf's profile and inflate the CPU figures)."""
+    if args.perf is not None and shutil.which("perf"):
+        out = args.perf / f"{side}-{workload}.perf.data"
+        argv = ["perf", "record", "-q", "-F", "2000", "-g", "-o", str(out), "-p", str(pid)]
+        directory = args.perf
+    elif args.strace is not None and shutil.which("strace"):
+        out = args.strace / f"{side}-{workload}.strace.txt"
+        argv = ["strace", "-c", "-f", "-o", str(out), "-p", str(pid)]
+        directory = args.strace
+    else:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tool = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        tool.send_signal(signal.SIGINT)
+        try:
+            tool.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            tool.kill()
+            tool.wait()
+        print(f"{argv[0]} {side} {workload}: {out}", file=sys.stderr)
+
+
 def _top(raw: Path, n: int = 3) -> str:
     """The ``n`` functions with the most self samples in a py-spy raw (collapsed) file."""
     own: Counter[str] = Counter()
@@ -192,6 +224,8 @@ def _table(results: dict[str, dict[str, Any]], idle: int) -> str:
     conn = ratio(j.get("tls_conn_s"), h.get("tls_conn_s"))
     # "At equal CPU": handshakes per proxy CPU-second, jfe's over haproxy's.
     per_cpu = ratio(h.get("cpu_us_per_handshake"), j.get("cpu_us_per_handshake"))
+    req = ratio(j.get("req_tls_conn_s"), h.get("req_tls_conn_s"))
+    req_cpu = ratio(h.get("req_cpu_us_per_handshake"), j.get("req_cpu_us_per_handshake"))
     plain = ratio(j.get("passthrough_mb_s"), d.get("plain_mb_s"))
     rss = j.get(f"rss_mb_{idle}_idle_tls")
     rows = [
@@ -201,6 +235,10 @@ def _table(results: dict[str, dict[str, Any]], idle: int) -> str:
          "", cpu(j, "cpu_per_handshake"), cpu(h, "cpu_per_handshake")),
         ("conn/s at equal CPU", j.get("handshakes_per_cpu_s"), h.get("handshakes_per_cpu_s"),
          per_cpu, ">= 0.7x", _verdict(per_cpu, 0.7), "", ""),
+        ("new TLS conn+request/s", j.get("req_tls_conn_s"), h.get("req_tls_conn_s"), req,
+         "(raw rate)", "", cpu(j, "req_cpu_per_handshake"), cpu(h, "req_cpu_per_handshake")),
+        ("conn+request at equal CPU", j.get("req_handshakes_per_cpu_s"),
+         h.get("req_handshakes_per_cpu_s"), req_cpu, ">= 0.7x", _verdict(req_cpu, 0.7), "", ""),
         ("pass-through MB/s", j.get("passthrough_mb_s"), d.get("plain_mb_s"), plain,
          ">= 0.9x direct", _verdict(plain, 0.9), cpu(j, "plain_cpu_per_mb"), "(no proxy)"),
         (f"RSS MB, {idle} idle TLS", rss, h.get(f"rss_mb_{idle}_idle_tls"), None, "< 200 MB",
@@ -212,6 +250,11 @@ def _table(results: dict[str, dict[str, Any]], idle: int) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     text.append("CPU us/unit: per MB (bulk, pass-through) or per handshake; u = user, s = sys.")
+    text.append(
+        "new TLS conn: s_time -new (the client resets before the server's tickets: haproxy "
+        "never dials its backend, jfe dials at accept); conn+request: s_time -new -www / "
+        "(one request through the backend per connection, like for like)."
+    )
     return "\n".join(text)
 
 
@@ -220,9 +263,25 @@ def main() -> int:
     parser.add_argument("--bulk-mb", type=int, default=512)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument(
+        "--phases", default=",".join(PHASES),
+        help=f"comma-separated phases to run (default all: {','.join(PHASES)})",
+    )  # fmt: skip
     parser.add_argument("--profile", type=Path, help="write py-spy profiles of jfe's phases here")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
+    parser.add_argument(
+        "--perf",
+        type=Path,
+        help="record each proxy with perf during the connection workloads (perf report -i ...)",
+    )
+    parser.add_argument(
+        "--strace", type=Path,
+        help="count each proxy's system calls (strace -c) during the connection workloads "
+        "(its CPU figures are then not comparable: not with --perf)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.perf is not None and args.strace is not None:
+        parser.error("--perf and --strace: one at a time (ptrace stops fill perf's profile)")
     profile = _Profile(args.profile)
     netns.require("ip", "nft", "haproxy", "openssl")
     netns.sweep_stale("jfb")
@@ -291,7 +350,8 @@ def main() -> int:
                 results[side][f"{key}_user_us"] = round((after[0] - before[0]) / units * 1e6, 1)
                 results[side][f"{key}_sys_us"] = round((after[1] - before[1]) / units * 1e6, 1)
 
-        for side in ("jfe", "haproxy"):
+        phases = set(args.phases.split(","))
+        for side in ("jfe", "haproxy") if "bulk" in phases else ():
             port = str(ports[side])
             with profile.phase(side, "bulk", pids[side]):
                 cpu0 = _cpu(pids[side])
@@ -299,39 +359,58 @@ def main() -> int:
                 charge(side, "bulk_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
             results[side]["bulk_tls_mb_s"] = round(float(bulk["mb_s"]), 1)
             results[side]["cipher"] = bulk["cipher"]
-            with profile.phase(side, "handshakes", pids[side]):
-                cpu0 = _cpu(pids[side])
-                wall0 = time.monotonic()
-                done = client.run(
-                    ["openssl", "s_time", "-connect", f"{HOST}:{port}", "-new",
-                     "-time", str(args.seconds), "-CAfile", str(ca.ca_file)],
-                    timeout=args.seconds + 60,
-                    check=False,
-                )  # fmt: skip
-                cpu1 = _cpu(pids[side])
-            if done.returncode != 0:
-                print(f"{side}: s_time: {done.stdout[-800:]} {done.stderr[-800:]}", file=sys.stderr)
-            # s_time's "N connections in Xs" is the CLIENT's CPU time; the rate is per wall
-            # second of the run (its "in N real seconds" line, which it rounds: ours instead).
-            wall = time.monotonic() - wall0
-            match = re.search(r"(\d+) connections in \d+ real seconds", done.stdout)
-            if match and int(match.group(1)):
-                n, secs = int(match.group(1)), min(wall, args.seconds + 1.0)
-                used = cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]
-                results[side]["tls_conn_s"] = round(n / secs, 1)
-                results[side]["cpu_us_per_handshake"] = round(used / n * 1e6, 1)
-                results[side]["cpu_per_handshake_user_us"] = round((cpu1[0] - cpu0[0]) / n * 1e6)
-                results[side]["cpu_per_handshake_sys_us"] = round((cpu1[1] - cpu0[1]) / n * 1e6)
-                results[side]["handshakes_per_cpu_s"] = round(n / used) if used else None
-                results[side]["cpu_share"] = round(used / secs, 2)
-        with profile.phase("jfe", "passthrough", pids["jfe"]):
-            cpu0 = _cpu(pids["jfe"])
-            plain = client_json("bulk_plain", HOST, str(JFE_PORT), "-", str(args.bulk_mb))
-            charge("jfe", "plain_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
-        results["jfe"]["passthrough_mb_s"] = round(float(plain["mb_s"]), 1)
-        direct = client_json("bulk_plain", HOST, str(DIRECT_PORT), "-", str(args.bulk_mb))
-        results["direct"]["plain_mb_s"] = round(float(direct["mb_s"]), 1)
-        for side in ("jfe", "haproxy"):
+        # Two workloads of new connections. "handshakes": s_time -new, the client hangs up
+        # right after its Finished, so the server's session tickets meet a reset and haproxy
+        # (which dials its backend only after the handshake) never dials it at all, while jfe
+        # dials at accept (it must, to see who speaks first): not like for like. "requests":
+        # s_time -new -www /, one HTTP/1.0 request answered by the backend per connection,
+        # so both proxies complete the handshake and dial and relay to the backend. Each
+        # workload runs jfe then haproxy back to back: the machine's load drifts less between.
+        workloads = [("handshakes", [], ""), ("requests", ["-www", "/"], "req_")]
+        for workload, extra, key in workloads:
+            for side in ("jfe", "haproxy") if workload in phases else ():
+                port = str(ports[side])
+                with (
+                    profile.phase(side, workload, pids[side]),
+                    _trace(args, side, workload, pids[side]),
+                ):
+                    cpu0 = _cpu(pids[side])
+                    wall0 = time.monotonic()
+                    done = client.run(
+                        ["openssl", "s_time", "-connect", f"{HOST}:{port}", "-new", *extra,
+                         "-time", str(args.seconds), "-CAfile", str(ca.ca_file)],
+                        timeout=args.seconds + 60,
+                        check=False,
+                    )  # fmt: skip
+                    cpu1 = _cpu(pids[side])
+                if done.returncode != 0:
+                    print(
+                        f"{side}: s_time: {done.stdout[-800:]} {done.stderr[-800:]}",
+                        file=sys.stderr,
+                    )
+                # s_time's "N connections in Xs" is the CLIENT's CPU time; the rate is per wall
+                # second of the run (its "in N real seconds" line, which it rounds: ours instead).
+                wall = time.monotonic() - wall0
+                match = re.search(r"(\d+) connections in \d+ real seconds", done.stdout)
+                if match and int(match.group(1)):
+                    n, secs = int(match.group(1)), min(wall, args.seconds + 1.0)
+                    used = cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1]
+                    r = results[side]
+                    r[f"{key}tls_conn_s"] = round(n / secs, 1)
+                    r[f"{key}cpu_us_per_handshake"] = round(used / n * 1e6, 1)
+                    r[f"{key}cpu_per_handshake_user_us"] = round((cpu1[0] - cpu0[0]) / n * 1e6)
+                    r[f"{key}cpu_per_handshake_sys_us"] = round((cpu1[1] - cpu0[1]) / n * 1e6)
+                    r[f"{key}handshakes_per_cpu_s"] = round(n / used) if used else None
+                    r[f"{key}cpu_share"] = round(used / secs, 2)
+        if "passthrough" in phases:
+            with profile.phase("jfe", "passthrough", pids["jfe"]):
+                cpu0 = _cpu(pids["jfe"])
+                plain = client_json("bulk_plain", HOST, str(JFE_PORT), "-", str(args.bulk_mb))
+                charge("jfe", "plain_cpu_per_mb", cpu0, args.bulk_mb * (1 << 20) / 1e6)
+            results["jfe"]["passthrough_mb_s"] = round(float(plain["mb_s"]), 1)
+            direct = client_json("bulk_plain", HOST, str(DIRECT_PORT), "-", str(args.bulk_mb))
+            results["direct"]["plain_mb_s"] = round(float(direct["mb_s"]), 1)
+        for side in ("jfe", "haproxy") if "idle" in phases else ():
             idle = client.spawn(
                 [PY, "-c", CLIENT_SCRIPT, "idle_tls", HOST, str(ports[side]), str(ca.ca_file),
                  str(args.idle)],

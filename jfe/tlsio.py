@@ -5,7 +5,8 @@ than the crypto. Each ``receive_some`` returned one TLS record (16 KiB) and each
 one ``send`` to the backend, with trio's conflict detectors, a lock, and two checkpoints per
 call around every syscall: jfe reached half of haproxy's bulk rate at twice its CPU per MB.
 
-Here each direction moves up to `CHUNK_BYTES` per wakeup:
+Here each direction moves up to `CHUNK_BYTES` per wakeup, both in the connection's one task
+(`TlsConnection.relay`: an epoll set of the two sockets, one trio wait per wakeup):
 
 - client -> backend: one ``readv`` of up to 256 KiB of records into the incoming BIO, then
   `SSLObject.read` into a plaintext buffer until the BIO runs dry or the buffer is full, then
@@ -20,17 +21,18 @@ ClientHello jfe already read to choose TLS could not be replayed into it.
 The receive and plaintext buffers are shared by every connection of a thread (trio runs one
 task at a time and nothing awaits while they hold data), so an idle connection holds only its
 SSLObject and two empty BIOs. Bytes a socket did not take at once are copied out and kept by
-their connection until sent: at most one chunk per direction. Two tasks may write the client
-socket: the backend -> client copy, or the other direction flushing the records
-`SSLObject.read` produced itself (a TLS 1.3 KeyUpdate answer). Writes that the socket takes at
-once need no lock; `_send_lock` is held only by a task waiting for the socket, and whoever
-comes next queues behind it, so records leave in the order they were made.
+their connection until sent: at most one chunk per direction; while they wait, that direction
+stops reading and the other goes on. Records leave in the order they were made: the
+backend's data and the records `SSLObject.read` produced itself (a TLS 1.3 KeyUpdate answer)
+queue in the one outgoing BIO. (`_send_lock` orders the handshake's and close_notify's
+flushes, the only writers that wait inside an await.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import ssl
 import threading
 from collections.abc import Callable
@@ -86,21 +88,9 @@ async def receive_into(fd: int, view: memoryview) -> int:
         await trio.lowlevel.wait_readable(fd)
 
 
-async def send_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    """Write all of ``data``; the part the socket does not take at once is copied and kept."""
-    try:
-        sent = os.write(fd, data)
-    except BlockingIOError:
-        sent = 0
-    if sent == len(data):
-        return
-    rest = memoryview(bytes(data[sent:]))  # ``data`` may be a shared buffer: own the rest
-    while rest:
-        await trio.lowlevel.wait_writable(fd)
-        try:
-            rest = rest[os.write(fd, rest) :]
-        except BlockingIOError:
-            continue
+#: Chunks a connection moves in a row before it yields to the others (when its sockets never
+#: run dry: a connection that drained them yields in its wait).
+MAX_UNYIELDED = 4
 
 
 class TlsConnection:
@@ -171,50 +161,125 @@ class TlsConnection:
             await self._flush()  # the server's last flight and TLS 1.3 session tickets
             return
 
-    async def client_to(self, upstream: int, count: Callable[[int], None]) -> None:
-        """Decrypted client bytes to the backend socket ``upstream`` until the client's
-        close_notify ends its direction; ssl.SSLError if the stream is bad or cut short."""
+    async def relay(
+        self,
+        upstream: int,
+        count_up: Callable[[int], None],
+        count_down: Callable[[int], None],
+        client_done: Callable[[], None],
+    ) -> None:
+        """Both directions in this one task until the backend's EOF (and every byte of it
+        sent to the client): `client_to` and `to_client` in one loop over an epoll set of the
+        two sockets, so a connection costs one task and one trio wait per wakeup, not a
+        nursery, a second task and a cancellation at the end.
+
+        The directions stay independent: a backend that does not read stops only the client's
+        direction, a client that does not read only the backend's. ``client_done`` runs once
+        the client's close_notify ended its direction and the backend took every byte before
+        it (the proxy half-closes the backend then). ssl.SSLError if the client's stream is bad
+        or cut short, OSError if a socket breaks.
+        """
         # With a buffer, read returns a count (typeshed says bytes either way).
         read = cast(Callable[[int, memoryview], int], self._tls.read)
-        size, got, plain = CHUNK_BYTES, 0, self._plain
-        while True:
-            # Records already in the BIO first: the handshake's last read may hold data.
-            try:
-                n = read(size - got, plain[got:])
-            except ssl.SSLWantReadError:
-                n = -1
-            except ssl.SSLZeroReturnError:
-                n = 0
-            if n > 0:
-                got += n
-                if got < size:
+        tls, fd, plain, received = self._tls, self._fd, self._plain, self._received
+        up_rest: memoryview | bytes = b""  # plaintext the backend has not taken yet
+        client_reading = True  # until the client's close_notify (then client_done)
+        client_eof = False  # close_notify seen; client_done once up_rest is gone
+        backend_eof = False
+        needs_client = False  # the client's direction waits for client bytes
+        unyielded = 0
+        either = select.epoll(2)
+        wanted = {fd: 0, upstream: 0}
+        try:
+            while True:
+                progressed = full = False
+                # client -> backend
+                if up_rest:
+                    up_rest = up_rest[_write(upstream, up_rest) :]
+                    progressed = not up_rest
+                if client_eof and not up_rest:
+                    client_eof = client_reading = False
+                    client_done()
+                needs_client = False
+                if client_reading and not up_rest:
+                    got, n = 0, -1
+                    while got < CHUNK_BYTES:
+                        try:
+                            n = read(CHUNK_BYTES - got, plain[got:])
+                        except ssl.SSLWantReadError:
+                            n = -1
+                        except ssl.SSLZeroReturnError:
+                            n = 0
+                        if n <= 0:
+                            break
+                        got += n
+                    if got:
+                        count_up(got)
+                        sent = _write(upstream, plain[:got])
+                        if sent < got:
+                            up_rest = bytes(plain[sent:got])  # the buffer is shared: own it
+                        progressed = True
+                        full = got == CHUNK_BYTES
+                    if n == 0:
+                        client_eof, progressed = True, True
+                    elif n < 0 and not up_rest:
+                        r = _read_into(fd, received)
+                        if r is None:
+                            needs_client = True
+                        elif r == 0:
+                            self._incoming.write_eof()  # the next read ends or raises
+                            progressed = True
+                        else:
+                            self._incoming.write(received[:r])
+                            progressed = True
+                            full = full or r == CHUNK_BYTES
+                # backend -> client (and records the client's direction made: KeyUpdate)
+                if self._rest or self._outgoing.pending:
+                    before = len(self._rest)
+                    self._write_now()
+                    progressed = progressed or len(self._rest) < before
+                if not self._rest and not backend_eof:
+                    r = _read_into(upstream, received)
+                    if r == 0:
+                        backend_eof = progressed = True
+                    elif r is not None:
+                        count_down(r)
+                        view = received[:r]
+                        while view:  # a memory BIO takes everything: one pass in practice
+                            view = view[tls.write(view) :]
+                        self._write_now()
+                        progressed = True
+                        full = full or r == CHUNK_BYTES
+                if backend_eof and not self._rest and not self._outgoing.pending:
+                    return
+                if progressed:
+                    # One yield per few chunks: a busy connection never starves the others
+                    # (the wait below is the yield of a connection that drained its sockets).
+                    unyielded += 1
+                    if full or unyielded >= MAX_UNYIELDED:
+                        unyielded = 0
+                        await trio.lowlevel.checkpoint()
                     continue
-            if got:
-                # send_all takes or copies the shared buffer before it ever awaits.
-                count(got)
-                await send_all(upstream, plain[:got])
-                got = 0
-            if self._outgoing.pending:
-                await self._flush()
-            if n == 0:
-                return
-            if n < 0:
-                await trio.lowlevel.checkpoint()  # one yield per chunk: fair to the others
-                await self._fill()  # at EOF the next read raises (SSLEOFError) or ends
-
-    async def to_client(self, upstream: int, count: Callable[[int], None]) -> None:
-        """Backend bytes from ``upstream``, encrypted, to the client until the backend's EOF."""
-        tls, received = self._tls, self._received
-        while True:
-            n = await receive_into(upstream, received)
-            if n == 0:
-                return
-            count(n)
-            view = received[:n]
-            while view:  # a memory BIO takes everything: one pass in practice
-                view = view[tls.write(view) :]
-            await self._flush()
-            await trio.lowlevel.checkpoint()
+                client_events = (select.EPOLLIN if needs_client else 0) | (
+                    select.EPOLLOUT if self._rest else 0
+                )
+                upstream_events = (select.EPOLLIN if not self._rest and not backend_eof else 0) | (
+                    select.EPOLLOUT if up_rest else 0
+                )
+                for sock, events in ((fd, client_events), (upstream, upstream_events)):
+                    if events != wanted[sock]:
+                        if not wanted[sock]:
+                            either.register(sock, events)
+                        elif events:
+                            either.modify(sock, events)
+                        else:
+                            either.unregister(sock)
+                        wanted[sock] = events
+                unyielded = 0
+                await trio.lowlevel.wait_readable(either)
+        finally:
+            trio.lowlevel.notify_closing(either)
+            either.close()
 
     async def close_notify(self, timeout: float) -> None:
         """Say close_notify; never wait for the client's own (it may not read at all), and
@@ -230,4 +295,4 @@ class TlsConnection:
                 await self._flush()
 
 
-__all__ = ["CHUNK_BYTES", "TlsClosed", "TlsConnection", "receive_into", "send_all"]
+__all__ = ["CHUNK_BYTES", "TlsClosed", "TlsConnection", "receive_into"]

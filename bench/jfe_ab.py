@@ -1,0 +1,146 @@
+"""jfe A/B: two source trees of jfe, the same connections, alternating runs, CPU per connection.
+
+    .venv/bin/python bench/jfe_ab.py BASE_TREE [--rounds 6] [--seconds 2] [--new-only]
+
+On a shared, loaded machine the per-connection CPU of one bench run moves by 10-20% with the
+load; this compares two versions of jfe (``BASE_TREE``: e.g. ``git archive main jfe overflowd
+tests | tar -x -C /tmp/base``; the other is this checkout) in alternating ``openssl s_time``
+runs, so both see the same load. Each side runs `jfe.proxy.Proxy._serve` behind a plain
+127.0.0.1 listener (no TPROXY, no namespaces: no root needed), every connection "diverted"
+to bench/jfe.py's backend; the workload is ``s_time -new -www /`` (one request through the
+backend per connection) or, with ``--new-only``, ``s_time -new``. Prints CPU (user+sys) per
+connection per side, and per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+BACKEND_PORT, PORTS = 7901, {"base": 7911, "work": 7912}
+
+SERVE = textwrap.dedent(
+    """
+    import ipaddress, socket, ssl, sys
+    sys.path.insert(0, sys.argv[1])
+    import trio
+    import jfe.proxy as P
+    from jfe.config import JfeSettings
+    port, backend = int(sys.argv[2]), int(sys.argv[3])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[4], sys.argv[5])
+    LOCAL = ipaddress.ip_address("127.0.0.1")
+    class Source:
+        def cached(self, name): return ctx
+        async def context_for(self, name, client): return ctx
+    class Proxy(P.Proxy):
+        async def _upstream(self, client, original, transparent):
+            return await super()._upstream(client, (LOCAL, backend), False)
+    async def main():
+        proxy = Proxy(JfeSettings(), Source())
+        listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+        listener.setblocking(False)
+        async def serve(conn):
+            try:
+                await proxy._serve(conn, P._address(conn.getpeername()), (LOCAL, 9))
+            except Exception:
+                pass
+            finally:
+                conn.close()
+        async with trio.open_nursery() as nursery:
+            print("ready", flush=True)
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                while True:
+                    try:
+                        raw, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    nursery.start_soon(serve, trio.socket.from_stdlib_socket(raw))
+    trio.run(main)
+    """
+)
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("base", type=Path, help="the other source tree (jfe/, overflowd/)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--new-only", action="store_true", help="s_time -new, no request")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tests.support.jfe_certs import TestCA
+
+    # bench/jfe.py's backend, loaded by path: its module name is the jfe package's.
+    spec = importlib.util.spec_from_file_location("jfe_bench", HERE / "jfe.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    backend: str = bench.BACKEND
+
+    ca = TestCA()
+    chain, key = ca.leaf("bench.example")
+    workdir = Path(tempfile.mkdtemp(prefix="jfe-ab-"))
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        argv = [PY, "-c", backend, "127.0.0.1", str(BACKEND_PORT)]
+        procs.append(subprocess.Popen(argv, text=True))
+        trees = {"base": args.base.resolve(), "work": ROOT}
+        sides: dict[str, subprocess.Popen[str]] = {}
+        for name, tree in trees.items():
+            serve = [PY, "-c", SERVE, str(tree), str(PORTS[name]), str(BACKEND_PORT)]
+            side = subprocess.Popen(
+                [*serve, str(chain), str(key)], stdout=subprocess.PIPE, text=True
+            )
+            procs.append(side)
+            assert side.stdout is not None
+            side.stdout.readline()  # "ready"
+            sides[name] = side
+        time.sleep(0.5)
+        extra = [] if args.new_only else ["-www", "/"]
+        per: dict[str, list[tuple[float, int]]] = {name: [] for name in sides}
+        for r in range(args.rounds):
+            for name in ("base", "work") if r % 2 == 0 else ("work", "base"):
+                before = _cpu(sides[name].pid)
+                out = subprocess.run(
+                    ["openssl", "s_time", "-connect", f"127.0.0.1:{PORTS[name]}", "-new",
+                     *extra, "-time", str(args.seconds), "-CAfile", str(ca.ca_file)],
+                    capture_output=True, text=True, check=False,
+                ).stdout  # fmt: skip
+                used = _cpu(sides[name].pid) - before
+                match = re.search(r"(\d+) connections in \d+ real seconds", out)
+                per[name].append((used, int(match.group(1)) if match else 0))
+        for name, runs in per.items():
+            used, n = sum(u for u, _ in runs), sum(c for _, c in runs)
+            rounds = [round(u / c * 1e6) for u, c in runs if c]
+            print(f"{name}: {used / max(n, 1) * 1e6:,.0f} us CPU per connection over {n} "
+                  f"connections; per round {rounds}")  # fmt: skip
+        print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
