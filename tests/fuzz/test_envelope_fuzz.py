@@ -302,3 +302,30 @@ def test_positional_constructors_build_what_the_dataclasses_build(payload: rpt.P
     assert report.report_id == rpt.report_id(cose)
     with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         built.kind = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda contacts: contacts.append("mailto:" + "x" * 600),  # now too long: refused
+        lambda contacts: contacts.__setitem__(0, "mailto:other@example.net"),  # other bytes
+        lambda contacts: contacts.append(7),  # not text: refused
+    ],
+    ids=["too_long", "replaced", "not_text"],
+)
+def test_an_observer_whose_contacts_change_after_the_envelope_is_encoded_afresh(
+    change: Any,
+) -> None:
+    """Observer is frozen, but its contacts may be any sequence: a list given in place of the
+    tuple (a caller building one by hand) can change after the envelope checked and encoded
+    it. What is signed must be what the observer holds at signing time, as encode_signed does,
+    never the bytes remembered from before, and a no longer valid observer is refused."""
+    contacts = ["mailto:noc@example.net"]
+    observer = rpt.Observer(contacts=contacts, point="r1")  # type: ignore[arg-type]
+    payload = _with(_good(), observer=observer)
+    envelope = rpt.Envelope(IDENTITY.public_key, SIGN, observer)
+    assert envelope.sign(payload) == _before_encode_signed(payload, IDENTITY.public_key)
+    change(contacts)
+    before = _outcome(lambda p: _before_encode_signed(p, IDENTITY.public_key), payload)
+    assert _outcome(envelope.sign, payload) == before
+    assert _outcome(envelope.encode_payload, payload) == _outcome(rpt.encode_payload, payload)
