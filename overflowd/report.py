@@ -462,6 +462,10 @@ class Envelope:
         # encode_payload, which refuses it in its own words.
         self._observer: object = _NOT_CHECKED
         self._observer_bytes = b""
+        # Only an Observer of a tuple is immutable all through: contacts given as a list (the
+        # annotation is not enforced) could change after this check, and the bytes with them.
+        if type(observer) is not Observer or type(observer.contacts) is not tuple:
+            return
         probe = Payload("x", bytes(NONCE_BYTES), 0, observer, _PROBE_FLOW, _PROBE_SAMPLING)
         try:
             _check_payload(probe)

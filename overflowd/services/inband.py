@@ -158,6 +158,7 @@ class InbandSender:
         # then in no buffer yet).
         self._queued = 0
         self._done = 0
+        self._batch: deque[rpt.SignedReport] = deque()
         self._names: dict[Address, str] = {}
         self._queue_dropped = 0
         self._sent = 0
@@ -171,7 +172,8 @@ class InbandSender:
             await trio.sleep(IDLE_POLL_S)
 
     def unsent(self) -> int:
-        """Reports submitted and still waiting in the queue (what a stop leaves unsent)."""
+        """Reports submitted and not yet sent: in the queue, in the batch in hand, in flight
+        (what a stop leaves unsent)."""
         return self._queued - self._done
 
     def submit(self, report: rpt.SignedReport) -> bool:
@@ -215,17 +217,25 @@ class InbandSender:
             task_status.started(bound)
             # The channel stays open when run() ends, so a late submit() is a counted drop,
             # never an exception in the caller's task.
+            # A batch taken from the queue stays on this object: if run() is cancelled inside
+            # it (a full socket), the report in flight is lost (as when one was taken at a
+            # time) but the rest are sent by the next run(), and unsent()/wait_idle agree.
             receive, receive_nowait = self._queue_recv.receive, self._queue_recv.receive_nowait
+            batch = self._batch
             while True:
-                batch = [await receive()]
-                while len(batch) < SEND_BATCH:
+                if not batch:
+                    batch.append(await receive())
+                    while len(batch) < SEND_BATCH:
+                        try:
+                            batch.append(receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                while batch:
+                    report = batch.popleft()
                     try:
-                        batch.append(receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                for report in batch:
-                    await self.send_report(report)  # no checkpoint unless a socket is full
-                    self._done += 1
+                        await self.send_report(report)  # no checkpoint unless a socket is full
+                    finally:
+                        self._done += 1
         finally:
             for sock in self._sockets.values():
                 sock.close()

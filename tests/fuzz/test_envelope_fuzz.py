@@ -11,6 +11,7 @@ missed, filled and emptied. Ed25519 is deterministic, so whole COSE_Sign1 messag
 from __future__ import annotations
 
 import ipaddress
+import math
 import struct
 from typing import Any
 
@@ -302,3 +303,147 @@ def test_positional_constructors_build_what_the_dataclasses_build(payload: rpt.P
     assert report.report_id == rpt.report_id(cose)
     with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         built.kind = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda contacts: contacts.append("mailto:" + "x" * 600),  # now too long: refused
+        lambda contacts: contacts.__setitem__(0, "mailto:other@example.net"),  # other bytes
+        lambda contacts: contacts.append(7),  # not text: refused
+    ],
+    ids=["too_long", "replaced", "not_text"],
+)
+def test_an_observer_whose_contacts_change_after_the_envelope_is_encoded_afresh(
+    change: Any,
+) -> None:
+    """Observer is frozen, but its contacts may be any sequence: a list given in place of the
+    tuple (a caller building one by hand) can change after the envelope checked and encoded
+    it. What is signed must be what the observer holds at signing time, as encode_signed does,
+    never the bytes remembered from before, and a no longer valid observer is refused."""
+    contacts = ["mailto:noc@example.net"]
+    observer = rpt.Observer(contacts=contacts, point="r1")  # type: ignore[arg-type]
+    payload = _with(_good(), observer=observer)
+    envelope = rpt.Envelope(IDENTITY.public_key, SIGN, observer)
+    assert envelope.sign(payload) == _before_encode_signed(payload, IDENTITY.public_key)
+    change(contacts)
+    before = _outcome(lambda p: _before_encode_signed(p, IDENTITY.public_key), payload)
+    assert _outcome(envelope.sign, payload) == before
+    assert _outcome(envelope.encode_payload, payload) == _outcome(rpt.encode_payload, payload)
+
+
+# -- ReportMaker.make (payload built inline) against main's report_payload + the encoder before --
+
+
+def _before_clamp(value: int, maximum: int, minimum: int = 0) -> int:
+    return minimum if value < minimum else maximum if value > maximum else value
+
+
+def _before_report_payload(record: Any, p: float, observer: rpt.Observer, nonce: bytes,
+                           now_ms: int, kind: str) -> rpt.Payload:  # fmt: skip
+    """pipeline.report_payload of 9466c00, verbatim but for names."""
+    as_number = lambda v: v if v is not None and 0 <= v <= rpt.U32 else None  # noqa: E731
+    return rpt.Payload(
+        kind=kind, nonce=nonce, time=now_ms, observer=observer,
+        flow=rpt.Flow(
+            src=record.src, dst=record.dst, sport=record.sport, dport=record.dport,
+            proto=record.proto, packets=_before_clamp(record.packets, rpt.U64),
+            bytes=_before_clamp(record.bytes, rpt.U64), first=_before_clamp(record.first, rpt.U64),
+            last=_before_clamp(record.last, rpt.U64), tcp_flags=record.tcp_flags & 0xFFFF,
+            tos=record.tos & 0xFF, src_as=as_number(record.src_as),
+            dst_as=as_number(record.dst_as),
+        ),
+        sampling=rpt.Sampling(
+            probability=p, format=record.format[: rpt.MAX_FORMAT_BYTES],
+            interval=_before_clamp(record.sampling_interval, rpt.U32, minimum=1),
+            provenance=record.sampling_provenance,
+        ),
+    )  # fmt: skip
+
+
+_edge_ints = st.one_of(
+    st.sampled_from([0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, 2**64,
+                     2**70, -1, -(2**64)]),
+    st.integers(-(2**66), 2**66),
+)  # fmt: skip
+_addresses = st.sampled_from([
+    "192.0.2.1", "0.0.0.0", "255.255.255.255", "::ffff:192.0.2.1", "2001:db8::1", "::",
+    "fe80::1%eth0", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+]).map(ipaddress.ip_address)  # fmt: skip
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.tuples(
+            _addresses,
+            _addresses,
+            st.integers(0, 65535),
+            st.integers(0, 65535),
+            st.sampled_from([0, 6, 17, 255]),
+            _edge_ints,
+            _edge_ints,
+            _edge_ints,
+            _edge_ints,
+            _edge_ints,
+            _edge_ints,
+            st.one_of(st.none(), _edge_ints),
+            st.one_of(st.none(), _edge_ints),
+            st.one_of(
+                st.sampled_from(["netflow-v5", "ipfix", "", "x" * 30, "é" * 13]),
+                st.text(max_size=30),
+            ),
+            _edge_ints,
+            st.sampled_from([*rpt.PROVENANCES, "bogus"]),
+            st.one_of(
+                st.sampled_from([1.0, 0.5, 5e-324, 1e-6, 0.0, -0.0, 1.5, math.nan, math.inf]),
+                st.floats(0.0, 1.0),
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sampled_from(
+        [
+            rpt.Observer(),
+            rpt.Observer(contacts=("mailto:noc@example.net",), point="r1"),
+            rpt.Observer(contacts=("tel:+1", "https://é.example/\u2028"), point="\U0001f600" * 16),
+        ]
+    ),
+)
+def test_make_signs_what_report_payload_and_the_encoder_before_signed(
+    rows: list[Any], observer: rpt.Observer
+) -> None:
+    """make() with the edge values exporters send (negative, > u64, > u32 AS numbers and
+    intervals, 32-bit TCP flags, long and non-ASCII formats, IPv4-mapped and scoped addresses,
+    mixed families, odd probabilities): the same payload, the same COSE bytes, or the same
+    ValueError (what make_all counts as unreportable, never raises), row after row."""
+    from overflowd.flows import FlowRow
+    from overflowd.flowsample import SamplingPolicy
+    from overflowd.pipeline import ReportMaker
+
+    maker = ReportMaker(identity=IDENTITY, observer=observer, policy=SamplingPolicy(rate=1.0))
+    nonce = b"\x07" * rpt.NONCE_BYTES
+    maker.nonce = lambda n: nonce
+    for (src, dst, sport, dport, proto, packets, nbytes, first, last, flags, tos, src_as,
+         dst_as, fmt, interval, provenance, p) in rows:  # fmt: skip
+        record = FlowRow(
+            src, dst, sport, dport, proto, packets, nbytes, first, last, flags, tos, src_as,
+            dst_as, "192.0.2.9", 0, fmt, interval, provenance,
+        )  # fmt: skip
+        try:
+            got: tuple[str, Any] = ("ok", maker.make(record, p, 1_700_000_000_000))
+        except Exception as exc:
+            got = ("refused", f"{type(exc).__name__}: {exc}")
+        try:
+            payload = _before_report_payload(record, p, observer, nonce, 1_700_000_000_000,
+                                             maker.kind_of(record))  # fmt: skip
+            want = _outcome(lambda pl: _before_encode_signed(pl, IDENTITY.public_key), payload)
+        except Exception as exc:
+            want = ("refused", f"{type(exc).__name__}: {exc}")
+        if got[0] == "ok":
+            assert want == ("ok", got[1].cose)
+            assert got[1].payload == payload
+            assert got[1].report_id == rpt.report_id(got[1].cose)
+        else:
+            assert got == want

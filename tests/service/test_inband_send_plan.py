@@ -200,3 +200,75 @@ async def test_a_full_socket_buffer_waits_for_room_and_loses_nothing(blocked_aft
             await sender.wait_idle()
             nursery.cancel_scope.cancel()
     assert len(taken) == 20 and refusals == 1
+
+
+async def test_a_run_cancelled_in_a_batch_leaves_the_rest_for_the_next_run() -> None:
+    """A batch taken from the queue is not lost when run() is cancelled inside it (while a
+    socket is full): as when the sender took one report at a time, at most the report in
+    flight is lost, the rest go out from the next run(), and wait_idle returns."""
+    taken: list[tuple[str, int]] = []
+    room = trio.Event()
+
+    async def sendto(data: bytes, target: tuple[str, int]) -> None:
+        if len(taken) >= 2 and not room.is_set():
+            await room.wait()  # the buffer is full: run() is cancelled here
+        taken.append(target)
+
+    sender = InbandSender(
+        InbandSettings(port=9, allowed_prefixes=("192.0.2.0/24",)), Budget(NO_LIMIT), sendto=sendto
+    )
+    n = 10
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            for i in range(n):
+                assert sender.submit(signed("192.0.2.1", "192.0.2.2", sport=i + 1))
+            while sender.statistics().reports < 2:  # the second report meets the full buffer
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert len(taken) == 2  # the first report's two datagrams
+        lost_in_flight = 1
+        assert sender.unsent() == n - 1 - lost_in_flight
+        room.set()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            with trio.move_on_after(5):
+                await sender.wait_idle()
+            assert sender.unsent() == 0
+            nursery.cancel_scope.cancel()
+    # Every report but the one in flight at the cancellation was sent, to both ends.
+    assert len(taken) == 2 * (n - lost_in_flight)
+
+
+async def test_port_unreachable_answers_do_not_stop_the_sender() -> None:
+    """ICMP port unreachable from loopback (nothing listens at 127.0.0.1:PORT) for every other
+    datagram: the sender keeps sending, every datagram to the listening end arrives, and an
+    error the kernel reports for the unreachable end is counted, never raised."""
+    n = 2 * SEND_BATCH + 3
+    with trio.fail_after(TIMEOUT_S):
+        sink = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        await sink.bind(("127.0.0.2", 0))
+        port = sink.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", port))  # free now; closed before the sender starts
+        sender = InbandSender(
+            InbandSettings(port=port, allowed_prefixes=("127.0.0.0/8",)), Budget(NO_LIMIT)
+        )
+        received = 0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            for i in range(n):
+                assert sender.submit(signed("127.0.0.1", "127.0.0.2", sport=i + 1))
+                if i % 7 == 0:
+                    await trio.sleep(0.001)  # let ICMP answers come back between batches
+            await sender.wait_idle()
+            with trio.move_on_after(5):
+                while received < n:
+                    await sink.recv(2048)
+                    received += 1
+            nursery.cancel_scope.cancel()
+        sink.close()
+    stats = sender.statistics()
+    assert stats.reports == n and received == n
+    assert stats.datagrams_sent + stats.send_errors == 2 * n
