@@ -807,7 +807,9 @@ def _top_stored(
         def rank(r: Any) -> list[Any]:
             # as _rank_order: the point estimate (an infinite weight makes it +inf; those
             # first, among themselves by key), ties by key ascending
-            point = cast(func.coalesce(r.c.c, literal(0)), Double()) + func.coalesce(r.c.w, 0.0)
+            point: ColumnElement[float] = cast(
+                func.coalesce(r.c.c, literal(0)), Double()
+            ) + func.coalesce(r.c.w, 0.0)
             return [point.desc(), r.c.k.asc()]
 
         first = select(g.c.k, g.c.c, g.c.w).order_by(*rank(g)).limit(n).cte("t")
@@ -1214,8 +1216,8 @@ def top(
         )
         top_list = []
         for value, sums in found:
-            key: Any = _key_network(int(value)) if by in ("src", "dst") else int(value)
-            top_list.append((key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
+            shown_key: Any = _key_network(int(value)) if by in ("src", "dst") else int(value)
+            top_list.append((shown_key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
         other = None if rest is None else _from(rest).estimate(unit=same[0], byte_unit=same[1])
         return TopResult(top=tuple(top_list), other=other, groups=count, folded=0, max_folded=0.0)
     if by != "observer" and (by not in ("src", "dst") or _whole_bytes(v4_len, v6_len)):

@@ -64,6 +64,7 @@ def upgrade() -> None:
         # SQLite has no function that reads a blob's bytes as a number: Python's, on this
         # connection only, for this statement
         raw = bind.connection.driver_connection
+        assert raw is not None
         raw.create_function("overflowd_prefix_key", 2, _sqlite_key, deterministic=True)
         src = "overflowd_prefix_key(ip_version, src)"
         dst = "overflowd_prefix_key(ip_version, dst)"
