@@ -702,14 +702,23 @@ def _stored_sums(store: Store, wide: bool) -> list[ColumnElement[Any]]:
     t = _T
     certain = t.c.probability >= 1.0
     cp, cb = _certain_amounts(store, wide)
+    return _sums_of(
+        case((certain, cp), else_=None),
+        case((certain, cb), else_=None),
+        t.c.packets_weight,
+        t.c.bytes_weight,
+    )
+
+
+def _sums_of(cp: Any, cb: Any, pw: Any, bw: Any) -> list[ColumnElement[Any]]:
+    """_stored_sums of the certain amounts (NULL unless p = 1) and weights (NULL at p = 1)."""
     zero = literal(0)
-    pw, bw = t.c.packets_weight, t.c.bytes_weight
     return [
         func.count().label("reports"),
-        # packets_weight is NULL exactly for the p = 1 reports
+        # the weights are NULL exactly for the p = 1 reports
         (func.count() - func.count(pw)).label("certain_reports"),
-        func.coalesce(func.sum(case((certain, cp), else_=None)), zero).label("certain_packets"),
-        func.coalesce(func.sum(case((certain, cb), else_=None)), zero).label("certain_bytes"),
+        func.coalesce(func.sum(cp), zero).label("certain_packets"),
+        func.coalesce(func.sum(cb), zero).label("certain_bytes"),
         func.coalesce(func.sum(pw), 0.0).label("packets_total"),
         func.coalesce(func.sum(pw * pw), 0.0).label("packets_squares"),
         func.coalesce(func.max(pw), 0.0).label("packets_max"),
@@ -795,13 +804,46 @@ def _top_stored(
         if float_rank:
             amount = cast(t.c.packets if measure == "packets" else t.c.bytes, Double())
             amount = amount * t.c.sampling_interval
-        certain = func.sum(case((t.c.probability >= 1.0, amount), else_=None))
-        g = (
-            select(key.label("k"), certain.label("c"), func.sum(weight).label("w"))
-            .where(*conds)
-            .group_by(key)
-            .cte("g")
-        )
+        certain = t.c.probability >= 1.0
+        if store.backend == "postgresql":
+            # The window read once (a materialized CTE) rather than by each of the three
+            # aggregates: its newest pages are seldom all-visible yet (vacuum has not come by),
+            # and then each index-only scan fetches every row from the table.
+            w = (
+                select(
+                    key.label("k"),
+                    case((certain, amount), else_=None).label("rc"),
+                    case((certain, cp), else_=None).label("cp"),
+                    case((certain, cb), else_=None).label("cb"),
+                    t.c.packets_weight.label("pw"),
+                    t.c.bytes_weight.label("bw"),
+                )
+                .where(*conds)
+                .cte("w")
+                .prefix_with("MATERIALIZED")
+            )
+            sums = _sums_of(w.c.cp, w.c.cb, w.c.pw, w.c.bw)
+            g = (
+                select(
+                    w.c.k,
+                    func.sum(w.c.rc).label("c"),
+                    func.sum(w.c.pw if measure == "packets" else w.c.bw).label("w"),
+                )
+                .group_by(w.c.k)
+                .cte("g")
+            )
+        else:
+            sums = _stored_sums(store, wide)
+            g = (
+                select(
+                    key.label("k"),
+                    func.sum(case((certain, amount), else_=None)).label("c"),
+                    func.sum(weight).label("w"),
+                )
+                .where(*conds)
+                .group_by(key)
+                .cte("g")
+            )
         counted = select(func.count().label("groups")).select_from(g).cte("n")
 
         def rank(r: Any) -> list[Any]:
@@ -813,14 +855,19 @@ def _top_stored(
             return [point.desc(), r.c.k.asc()]
 
         first = select(g.c.k, g.c.c, g.c.w).order_by(*rank(g)).limit(n).cte("t")
-        sums = _stored_sums(store, wide)
-        shown = (
-            select(key.label("k"), *sums)
-            .where(*conds, probe.in_(select(first.c.k)))
-            .group_by(key)
-            .cte("s")
-        )
-        every = select(*sums).where(*conds).cte("a")
+        if store.backend == "postgresql":
+            shown = (
+                select(w.c.k, *sums).where(w.c.k.in_(select(first.c.k))).group_by(w.c.k).cte("s")
+            )
+            every = select(*sums).select_from(w).cte("a")
+        else:
+            shown = (
+                select(key.label("k"), *sums)
+                .where(*conds, probe.in_(select(first.c.k)))
+                .group_by(key)
+                .cte("s")
+            )
+            every = select(*sums).where(*conds).cte("a")
         return (
             select(
                 first.c.k,
