@@ -31,7 +31,9 @@ its indexed columns (and those computed from them: top's keys and weights) are t
 ids are unique. So the store has the real row size and
 every index, and output that decodes ``cose`` does the same work, but a row's decoded payload
 is its pool report's, not the row's. ``ANALYZE`` runs on PostgreSQL after loading (autovacuum
-would do it within a minute); SQLite is measured as a node leaves it (no ANALYZE).
+would do it within a minute), not ``VACUUM``: the visibility map is unset, so index-only scans
+fetch the rows from the table, as they do for the newest hour of a live node that vacuum has
+not reached yet; SQLite is measured as a node leaves it (no ANALYZE).
 """
 
 from __future__ import annotations
