@@ -21,6 +21,8 @@ Choices that the queries rely on:
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -51,6 +53,48 @@ NAMING_CONVENTION = {
 #: the report filter, which imports no SQLAlchemy: overflowd.store.base).
 BIGINT_MAX = _BIGINT_MAX
 
+#: A report whose weight n·k/p (or b·k/p) is above this counts as unbounded (its estimate is
+#: infinite) instead of entering the sums: PostgreSQL raises on a float8 overflow where SQLite
+#: and Python give inf, and Σw² of a few weights near 1e154 would overflow. 1e140 keeps Σw² of
+#: 1e20 reports finite; a real flow weighs 1/rate (1e4 at the default rate), so only an
+#: observer claiming p < 1e-112 for an ordinary flow ever reaches it.
+WEIGHT_CAP = 1e140
+#: ``src_key``/``dst_key`` of an IPv6 address: this plus its first 48 bits (an IPv4 key is its
+#: first 24 bits, below 2**24): IPv4 keys sort before IPv6 ones, each family in address order.
+V6_KEY_BASE = 1 << 48
+
+
+def prefix_key(version: int, address: bytes) -> int:
+    """The /24 (IPv4, stored IPv4-mapped) or /48 (IPv6) of a 16-byte stored address, as the
+    integer ``src_key``/``dst_key`` hold."""
+    if version == 4:
+        return int.from_bytes(address[12:15], "big")
+    return V6_KEY_BASE | int.from_bytes(address[:6], "big")
+
+
+def report_weight(amount: int, probability: float, interval: int) -> float | None:
+    """``packets_weight``/``bytes_weight``: amount·interval/p for p < 1, in the same
+    floating-point operations as the SQL it replaces (overflowd.store.query), +inf when over
+    WEIGHT_CAP; None for a certain report (p = 1)."""
+    if not probability < 1.0:
+        return None
+    scaled = float(amount) * float(interval)
+    if scaled > probability * WEIGHT_CAP:
+        return float("inf")
+    return scaled / probability
+
+
+def derived_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """Set a reports row's computed columns (src_key, dst_key, packets_weight, bytes_weight)
+    from its own ip_version, src, dst, packets, bytes, probability and sampling_interval;
+    returns the row. Whatever writes a reports row calls it after the row's last change."""
+    version, p, k = int(row["ip_version"]), float(row["probability"]), int(row["sampling_interval"])
+    row["src_key"] = prefix_key(version, row["src"])
+    row["dst_key"] = prefix_key(version, row["dst"])
+    row["packets_weight"] = report_weight(int(row["packets"]), p, k)
+    row["bytes_weight"] = report_weight(int(row["bytes"]), p, k)
+    return row
+
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -78,6 +122,11 @@ class ReportModel(Base):
             "bytes",
             "probability",
             "sampling_interval",
+            # top's grouping keys and weights (revision 0010_top_keys)
+            "src_key",
+            "dst_key",
+            "packets_weight",
+            "bytes_weight",
         ),
         Index("ix_reports_first_ms", "first_ms"),
         Index("ix_reports_src_last_ms", "src", "last_ms"),
@@ -145,6 +194,16 @@ class ReportModel(Base):
     #: the fewest peer-to-peer hops it made to reach us (0: not through a peer; the
     #: inbox's ``hops``); what it is forwarded with, plus one
     hops: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Computed from the columns above when the row is written (derived_columns), so that `top`
+    # groups and adds stored numbers instead of evaluating expressions per report (revision
+    # 0010_top_keys; docs/query.md "How fast"). NULL only in rows written before it.
+    #: the source's /24 (IPv4) or /48 (IPv6) as one integer, ordered as (ip_version, prefix)
+    src_key: Mapped[int | None] = mapped_column(BigInteger)
+    dst_key: Mapped[int | None] = mapped_column(BigInteger)
+    #: the Horvitz-Thompson weight packets·interval/p of a p < 1 report (+inf over WEIGHT_CAP);
+    #: NULL when p = 1 (a certain report)
+    packets_weight: Mapped[float | None] = mapped_column(Double)
+    bytes_weight: Mapped[float | None] = mapped_column(Double)
 
 
 class ReportArrivalModel(Base):

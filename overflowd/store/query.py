@@ -45,7 +45,7 @@ from sqlalchemy import (
     true,
     tuple_,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from overflowd.estimate import (
     GROUP_BY,
@@ -61,7 +61,7 @@ from overflowd.store.base import (
     ReportFilter,
     resolve_observer_with,
 )
-from overflowd.store.models import BIGINT_MAX, Base
+from overflowd.store.models import BIGINT_MAX, V6_KEY_BASE, WEIGHT_CAP, Base
 from overflowd.store.repository import (
     Network,
     Store,
@@ -83,12 +83,6 @@ __all__ = [
     "who",
 ]
 
-#: A report whose weight n·k/p (or b·k/p) is above this counts as unbounded (its estimate is
-#: infinite) instead of entering the sums: PostgreSQL raises on a float8 overflow where SQLite
-#: and Python give inf, and Σw² of a few weights near 1e154 would overflow. 1e140 keeps Σw² of
-#: 1e20 reports finite; a real flow weighs 1/rate (1e4 at the default rate), so only an
-#: observer claiming p < 1e-112 for an ordinary flow ever reaches it.
-WEIGHT_CAP = 1e140
 
 #: PostgreSQL's memory for one aggregation (SET LOCAL work_mem, its transaction only): an
 #: hour of a spoofed flood is ~40,000 groups whose numeric sums take ~40 MB in a hash table,
@@ -624,6 +618,250 @@ def _top_rows(
     return shown_rows, rest, groups
 
 
+def _certain_amounts(store: Store, wide: bool) -> tuple[Any, Any]:
+    """packets·interval and bytes·interval of a report as the sums add them: 64-bit integers
+    (PostgreSQL's sum(bigint) adds them in 128 bits and returns numeric, exact), or when a
+    product or SQLite's sum overflowed (forged counters near 2**63), ``wide``: numeric on
+    PostgreSQL (exact), floating point on SQLite (as _amounts)."""
+    t = _T
+    if not wide:
+        return t.c.packets * t.c.sampling_interval, t.c.bytes * t.c.sampling_interval
+    wide_type: Any = Numeric() if store.backend == "postgresql" else Double()
+    return (
+        cast(t.c.packets, wide_type) * t.c.sampling_interval,
+        cast(t.c.bytes, wide_type) * t.c.sampling_interval,
+    )
+
+
+def _stored_sums(store: Store, wide: bool) -> list[ColumnElement[Any]]:
+    """The Tally fields (labels as _weighed_sums', in _SUM_LABELS order) as aggregates over
+    the reports table's stored weights (revision 0010_top_keys): nothing computed per report
+    but the certain amounts of p = 1 reports. A report over WEIGHT_CAP weighs +inf, so its
+    group's sums are infinite by themselves (the two counts over the cap are 0 here: _sums
+    reads the infinite sums as they are)."""
+    t = _T
+    certain = t.c.probability >= 1.0
+    cp, cb = _certain_amounts(store, wide)
+    return _sums_of(
+        case((certain, cp), else_=None),
+        case((certain, cb), else_=None),
+        t.c.packets_weight,
+        t.c.bytes_weight,
+    )
+
+
+def _sums_of(cp: Any, cb: Any, pw: Any, bw: Any) -> list[ColumnElement[Any]]:
+    """_stored_sums of the certain amounts (NULL unless p = 1) and weights (NULL at p = 1)."""
+    zero = literal(0)
+    return [
+        func.count().label("reports"),
+        # the weights are NULL exactly for the p = 1 reports
+        (func.count() - func.count(pw)).label("certain_reports"),
+        func.coalesce(func.sum(cp), zero).label("certain_packets"),
+        func.coalesce(func.sum(cb), zero).label("certain_bytes"),
+        func.coalesce(func.sum(pw), 0.0).label("packets_total"),
+        func.coalesce(func.sum(pw * pw), 0.0).label("packets_squares"),
+        func.coalesce(func.max(pw), 0.0).label("packets_max"),
+        func.coalesce(func.sum(bw), 0.0).label("bytes_total"),
+        func.coalesce(func.sum(bw * bw), 0.0).label("bytes_squares"),
+        func.coalesce(func.max(bw), 0.0).label("bytes_max"),
+        zero.label("packets_huge"),
+        zero.label("bytes_huge"),
+    ]
+
+
+class _Overflow(Exception):
+    """A 64-bit product or sum overflowed: ask again with wide certain amounts."""
+
+
+def _overflowed(exc: DBAPIError) -> bool:
+    text = str(exc.orig)
+    return "overflow" in text or "out of range" in text
+
+
+#: Below this, every partial sum of certain amounts (integers) is exact in floating point.
+_FLOAT_EXACT = 2**53
+
+
+def _run_stored(store: Store, doing: str, stmt: Select[Any]) -> list[Any]:
+    """Run a statement of _top_stored in a transaction of its own (an error aborts a
+    PostgreSQL transaction: the wide retry needs a new one)."""
+    with store.transaction(doing, write=False) as conn:
+        if store.backend == "postgresql":
+            # as _run_weighed; and no JIT: a store ten times this one passes jit_above_cost,
+            # and compiling the expressions costs more than running them once
+            conn.execute(
+                select(
+                    func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
+                    func.set_config("max_parallel_workers_per_gather", "0", True),
+                    func.set_config("jit", "off", True),
+                )
+            )
+        try:
+            return list(conn.execute(stmt))
+        except (OperationalError, DataError) as exc:
+            if not _overflowed(exc):
+                raise
+            raise _Overflow from exc
+
+
+def _top_stored(
+    store: Store,
+    flt: ReportFilter,
+    key: Any,
+    n: int,
+    measure: Literal["packets", "bytes"],
+    doing: str,
+    units: Units,
+) -> tuple[list[tuple[Any, list[Any]]], list[Any] | None, int]:
+    """_top_rows on an integer key column (``src_key``, ``dst_key``, a port, the protocol)
+    and the stored weights: the groups are ranked by the two sums the point estimate needs
+    (the certain amount and the weights of ``measure``) only, and the full sums are added
+    for the n shown groups alone and, ungrouped, for the whole window; "other" is the
+    window's less the shown (_rest_by_difference), else added up again.
+
+    One statement, so one snapshot on both backends: the groups (g, materialized: read for
+    their count and for the top-N sort), the n first (t), their sums (s: the window's reports
+    whose key is one of them) and the window's sums (a). An hour of spoofed sources is ~40,000
+    groups of ~1 report: what the GROUP BY carries per group is what costs, and it carries two
+    sums instead of twelve. On PostgreSQL the groups' certain amounts are ranked as floating-
+    point sums (a bigint or numeric sum per group costs more than the rest of the statement):
+    exactly the same ranking when the window's certain amount, known exactly from a, is under
+    2**53 (then every partial sum is an exactly represented integer); otherwise it is asked
+    again with exact sums. Returns ``[(key, sums)]`` busiest first, the rest's sums (None: no
+    rest) and the number of groups.
+    """
+    t = _T
+    conds = conditions(flt)
+    weight = t.c.packets_weight if measure == "packets" else t.c.bytes_weight
+    # SQLite would probe a port's (sport, last_ms) index for "key IN (the n shown)" and read
+    # every matching row of the table; +0 keeps it on the window's covering index
+    probe = key + 0 if store.backend == "sqlite" else key
+
+    def build(wide: bool, float_rank: bool) -> Select[Any]:
+        cp, cb = _certain_amounts(store, wide)
+        amount: Any = cp if measure == "packets" else cb
+        if float_rank:
+            amount = cast(t.c.packets if measure == "packets" else t.c.bytes, Double())
+            amount = amount * t.c.sampling_interval
+        certain = t.c.probability >= 1.0
+        if store.backend == "postgresql":
+            # The window read once (a materialized CTE) rather than by each of the three
+            # aggregates: its newest pages are seldom all-visible yet (vacuum has not come by),
+            # and then each index-only scan fetches every row from the table.
+            w = (
+                select(
+                    key.label("k"),
+                    case((certain, amount), else_=None).label("rc"),
+                    case((certain, cp), else_=None).label("cp"),
+                    case((certain, cb), else_=None).label("cb"),
+                    t.c.packets_weight.label("pw"),
+                    t.c.bytes_weight.label("bw"),
+                )
+                .where(*conds)
+                .cte("w")
+                .prefix_with("MATERIALIZED")
+            )
+            sums = _sums_of(w.c.cp, w.c.cb, w.c.pw, w.c.bw)
+            g = (
+                select(
+                    w.c.k,
+                    func.sum(w.c.rc).label("c"),
+                    func.sum(w.c.pw if measure == "packets" else w.c.bw).label("w"),
+                )
+                .group_by(w.c.k)
+                .cte("g")
+            )
+        else:
+            sums = _stored_sums(store, wide)
+            g = (
+                select(
+                    key.label("k"),
+                    func.sum(case((certain, amount), else_=None)).label("c"),
+                    func.sum(weight).label("w"),
+                )
+                .where(*conds)
+                .group_by(key)
+                .cte("g")
+            )
+        counted = select(func.count().label("groups")).select_from(g).cte("n")
+
+        def rank(r: Any) -> list[Any]:
+            # as _rank_order: the point estimate (an infinite weight makes it +inf; those
+            # first, among themselves by key), ties by key ascending
+            point: ColumnElement[float] = cast(
+                func.coalesce(r.c.c, literal(0)), Double()
+            ) + func.coalesce(r.c.w, 0.0)
+            return [point.desc(), r.c.k.asc()]
+
+        first = select(g.c.k, g.c.c, g.c.w).order_by(*rank(g)).limit(n).cte("t")
+        if store.backend == "postgresql":
+            shown = (
+                select(w.c.k, *sums).where(w.c.k.in_(select(first.c.k))).group_by(w.c.k).cte("s")
+            )
+            every = select(*sums).select_from(w).cte("a")
+        else:
+            shown = (
+                select(key.label("k"), *sums)
+                .where(*conds, probe.in_(select(first.c.k)))
+                .group_by(key)
+                .cte("s")
+            )
+            every = select(*sums).where(*conds).cte("a")
+        return (
+            select(
+                first.c.k,
+                *(shown.c[f] for f in _SUM_LABELS),
+                counted.c.groups,
+                *(every.c[f] for f in _SUM_LABELS),
+            )
+            .select_from(
+                every.join(counted, true()).outerjoin(
+                    first.join(shown, shown.c.k == first.c.k), true()
+                )
+            )
+            .order_by(*rank(first))
+        )
+
+    width = len(_SUM_LABELS)
+    float_rank = store.backend == "postgresql"
+    try:
+        wide = False
+        rows = _run_stored(store, doing, build(wide, float_rank))
+    except _Overflow:
+        wide = True
+        rows = _run_stored(store, doing, build(wide, float_rank))
+    certain_at = 2 + width + (2 if measure == "packets" else 3)
+    if float_rank and not rows[0][certain_at] < _FLOAT_EXACT:
+        rows = _run_stored(store, doing, build(wide, False))
+    groups = int(rows[0][1 + width])
+    shown = [row for row in rows if row[0] is not None]
+    shown_rows = [(row[0], _sums(row, 1)) for row in shown]
+    rest: list[Any] | None = None
+    if groups > len(shown_rows):
+        # nothing shown (n = 0): the rest is the window
+        rest = _rest_by_difference(shown, 1, units) if shown else _sums(rows[0], 2 + width)
+        if rest is None:
+            taken = [k for k, _ in shown_rows]
+
+            def other(wide: bool) -> Select[Any]:
+                return select(*_stored_sums(store, wide)).where(*conds, ~probe.in_(taken))
+
+            try:
+                (row,) = _run_stored(store, doing, other(wide))
+            except _Overflow:
+                (row,) = _run_stored(store, doing, other(True))
+            rest = _sums(row, 0)
+    return shown_rows, rest, groups
+
+
+def _key_network(key: int) -> Network:
+    """The /24 or /48 of a src_key/dst_key value (models.prefix_key)."""
+    if key >= V6_KEY_BASE:
+        return ipaddress.IPv6Network(((key - V6_KEY_BASE) << 80, 48))
+    return ipaddress.IPv4Network((key << 8, 24))
+
+
 #: "Other" by difference (all the groups' sums less the shown ones) is taken only when each
 #: floating-point sum of the rest is at least this share of all the groups' one: the
 #: difference's rounding error is then at most 1/share times the sum's own (a few 1e-16 per
@@ -1049,10 +1287,31 @@ def top(
         def keys_of(r: Any) -> list[Any]:
             return [r.c[name].label("k")]
 
-    if by != "observer" and (by not in ("src", "dst") or _whole_bytes(v4_len, v6_len)):
-        # the common case, ranked in SQL: every group has the same units
+    if by != "observer" and (by not in ("src", "dst") or (v4_len, v6_len) == (24, 48)):
+        # the common case: an integer key column and the stored weights, ranked in SQL;
+        # every group has the same units
         every = _observer_units(store, flt.observers).values()
         same: Units = (_max_unit(u for u, _ in every), _max_unit(b for _, b in every))
+        column = {
+            "src": "src_key",
+            "dst": "dst_key",
+            "srcport": "sport",
+            "dstport": "dport",
+            "proto": "proto",
+        }[by]
+        found, rest, count = _top_stored(
+            store, flt, _T.c[column], n, measure, "asking for the top", same
+        )
+        top_list = []
+        for value, sums in found:
+            shown_key: Any = _key_network(int(value)) if by in ("src", "dst") else int(value)
+            top_list.append((shown_key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
+        other = None if rest is None else _from(rest).estimate(unit=same[0], byte_unit=same[1])
+        return TopResult(top=tuple(top_list), other=other, groups=count, folded=0, max_folded=0.0)
+    if by != "observer" and (by not in ("src", "dst") or _whole_bytes(v4_len, v6_len)):
+        # other whole-byte prefix lengths, ranked in SQL: every group has the same units
+        every = _observer_units(store, flt.observers).values()
+        same = (_max_unit(u for u, _ in every), _max_unit(b for _, b in every))
         shown, rest, count = _top_rows(
             store, flt, columns, keys_of, n, measure, "asking for the top", same
         )

@@ -59,7 +59,7 @@ from overflowd import report as rpt
 from overflowd.errors import StoreError
 from overflowd.store.base import default_url as default_url  # re-exported: callers import it here
 from overflowd.store.base import stored_signed_report
-from overflowd.store.models import BIGINT_MAX, Base
+from overflowd.store.models import BIGINT_MAX, Base, derived_columns
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects import postgresql as pg_dialect
@@ -86,7 +86,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0009_dash_dst_covering"
+SCHEMA_HEAD = "0010_top_keys"
 _BACKENDS = ("sqlite", "postgresql")
 
 #: Ids per UPDATE in update_trust: well under SQLite's 32,766 bound parameters.
@@ -913,7 +913,7 @@ def _report_row(
 ) -> dict[str, Any]:
     p = report.payload
     fl = p.flow
-    return {
+    row = {
         "id": report.report_id,
         "cose": report.cose,
         "observer_key": report.observer_key,
@@ -941,6 +941,7 @@ def _report_row(
         "via": via,
         "trust": trust,
     }
+    return derived_columns(row)
 
 
 def _larger(new: Any, old: Any) -> Any:

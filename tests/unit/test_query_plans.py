@@ -21,7 +21,7 @@ from sqlalchemy import event, insert, text
 
 from overflowd.identity import NodeIdentity
 from overflowd.store import Store, address_to_key
-from overflowd.store.models import Base
+from overflowd.store.models import Base, derived_columns
 from overflowd.store.query import ReportFilter, count_reports, find_reports, top, who
 from overflowd.store.repository import _report_row
 from tests.support.query_reports import BACKENDS
@@ -86,7 +86,7 @@ def _fill(store: Store) -> None:
         )
         if row["via"] == "local":
             row["trust"] = None
-        rows.append(row)
+        rows.append(derived_columns(row))
     with store.transaction("filling", write=True) as conn:
         conn.execute(insert(Base.metadata.tables["reports"]), rows)
         conn.execute(text("UPDATE report_sequence SET last = :n"), {"n": ROWS})

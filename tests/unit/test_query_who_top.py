@@ -8,6 +8,7 @@ counters that would overflow a 64-bit sum are covered too.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 from collections.abc import Iterable, Iterator
@@ -438,3 +439,77 @@ def test_sums_over_the_reports_table_equal_who(seeded: Seeded) -> None:
         key = bytes(r[0])
         got = query._from(query._sums(r, 1)).estimate(unit=units[key][0], byte_unit=units[key][1])
         _same(got, want[key].estimate)
+
+
+def test_top_columns_are_computed_at_insert_and_filled_by_the_migration(db_url: str) -> None:
+    """src_key/dst_key/packets_weight/bytes_weight (what top groups and adds, revision
+    0010_top_keys): what an insert computes in Python is what the migration's SQL fills for
+    rows stored before it, on both backends: IPv4 and IPv6 keys, a certain report (NULL
+    weights), an ordinary weight, and one over WEIGHT_CAP (+inf)."""
+    import alembic.command
+    import alembic.config
+    import sqlalchemy as sa
+
+    from overflowd.store import repository
+    from overflowd.store.models import V6_KEY_BASE
+
+    identity = NodeIdentity.generate()
+    cases = [
+        dict(src="192.0.2.77", dst="198.51.100.9", packets=10, probability=1.0),
+        dict(src="203.0.113.200", dst="198.51.100.255", packets=7, probability=0.001),
+        dict(src="2001:db8:1234:5678::1", dst="2001:db8:ffff::9", packets=3, probability=0.25),
+        dict(src="198.18.0.1", dst="198.51.100.1", packets=10**9, probability=1e-300),
+    ]
+    with Store.open(db_url) as store:
+        store.add_reports(
+            [(identity.sign_report(make_payload(**c)), BASE_MS, "udp") for c in cases]  # type: ignore[arg-type]
+        )
+    config = alembic.config.Config()
+    config.set_main_option("script_location", str(repository._MIGRATIONS))
+    config.set_main_option("path_separator", "os")
+    engine = sa.create_engine(db_url)
+    read = sa.text(
+        "SELECT packets, src_key, dst_key, packets_weight, bytes_weight FROM reports "
+        "ORDER BY packets"
+    )
+    try:
+        with engine.begin() as conn:
+            inserted = [tuple(r) for r in conn.execute(read)]
+            config.attributes["connection"] = conn
+            alembic.command.downgrade(config, "0009_dash_dst_covering")
+            alembic.command.upgrade(config, "head")
+            migrated = [tuple(r) for r in conn.execute(read)]
+    finally:
+        engine.dispose()
+    assert migrated == inserted
+    by_packets = {r[0]: r[1:] for r in inserted}
+    assert by_packets[10] == (0xC00002, 0xC63364, None, None)
+    src_key, dst_key, weight, _ = by_packets[3]
+    assert (src_key, dst_key) == (V6_KEY_BASE | 0x20010DB81234, V6_KEY_BASE | 0x20010DB8FFFF)
+    assert weight == 3 / 0.25
+    assert by_packets[7][2] == 7 / 0.001
+    assert by_packets[10**9][2] == math.inf
+
+
+def test_certain_amounts_past_2_53_rank_exactly(store: Store) -> None:
+    """PostgreSQL ranks the groups by floating-point certain sums only while the window's
+    certain amount is under 2**53 (every partial sum then exact); past it, it ranks again with
+    exact sums. Group B (2**53 + 1 + 1 + 1) outweighs group A (2**53 + 1) by 2 packets, which a
+    floating-point sum rounds away: B must rank first, as streaming says."""
+    identity = NodeIdentity.generate()
+    big = 2**53
+    rows = [("198.18.1.1", big + 1), ("198.18.2.1", big), ("198.18.2.2", 1)]
+    rows += [("198.18.2.3", 1), ("198.18.2.4", 1)]
+    batch = []
+    for src, n in rows:
+        payload = make_payload(src=src, packets=n, probability=1.0)
+        # one byte a report: the byte sums stay within 64 bits (else SQLite adds in floating
+        # point, which rounds these counts on every backend alike)
+        payload = dataclasses.replace(payload, flow=dataclasses.replace(payload.flow, bytes=1))
+        batch.append((identity.sign_report(payload), BASE_MS, "udp"))
+    assert store.add_reports(batch) == len(rows)
+    got = top(store, ReportFilter(), by="src", n=1)
+    assert [str(k) for k, _ in got.top] == ["198.18.2.0/24"]
+    assert got.top[0][1].packets.estimate == float(big + 3)
+    assert got.other is not None and got.other.packets.estimate == float(big + 1)
+    assert got.groups == 2
