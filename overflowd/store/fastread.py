@@ -47,6 +47,7 @@ COLUMNS = (
     "packets", "bytes", "first_ms", "last_ms", "tcp_flags", "tos", "src_as", "dst_as",
     "report_time_ms", "probability", "sampling_format", "sampling_interval",
     "sampling_provenance", "received_ms", "via", "trust", "sender_net", "seq", "hops",
+    "src_key", "dst_key", "packets_weight", "bytes_weight",
 )  # fmt: skip
 _AT = {name: i for i, name in enumerate(COLUMNS)}
 _SELECT = "SELECT " + ", ".join("reports." + c for c in COLUMNS) + " \nFROM reports"
