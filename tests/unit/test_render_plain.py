@@ -58,3 +58,19 @@ def test_rich_writes_what_is_not_printable_ascii_or_too_wide() -> None:
     assert plain(columns, [["a\x1b[2J", "\u200e"]]) == rich_pipe(
         columns, [["a\\x1b[2J", "\\u200e"]]
     )
+
+
+def test_rich_syntax_blanks_and_escapes_are_written_as_rich_writes_them() -> None:
+    """Cells an observer chooses that mean something to rich (markup, emoji codes, links) or
+    sit at its edges (leading/trailing/only blanks, empty): printable ASCII, so written plainly,
+    and byte for byte what rich writes; control characters never reach the output raw."""
+    odd = [":smile:", "[bold]x[/]", "\\[x]", "[link=http://x]y", "  lead", "trail  ", "   ", ""]
+    odd += ["a\x1b]52;c;ZXZpbA==\x07", "\u202eevil\x00\t\n\r", "\x9b2J"]
+    columns = ("SRC", "P", "CONTACTS")
+    for a in odd:
+        for b in odd:
+            rows = [[a, b, a], [b, a, b]]
+            written = plain(columns, rows)
+            assert written == rich_pipe(columns, rows)
+            assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in written)
+            assert "\u202e" not in written
