@@ -58,8 +58,9 @@ def _migrate_apart(url: str) -> None:
     """Bring a SQLite store that is new or behind the schema to it in a short-lived child, so
     that Alembic (~11 MB of modules, needed once) is never loaded into the daemon that then
     runs for months (issue #16: idle memory). A store already at the schema is read with
-    stdlib sqlite3 only. Whatever goes wrong in the child is not said here: the daemon's own
-    Store.open that follows migrates (or fails) as it always did, and says why."""
+    stdlib sqlite3 only. A child that fails is said in one warning (the daemon then carries
+    Alembic after all); the daemon's own Store.open that follows migrates (or fails) as it
+    always did, and says why."""
     from overflowd.store.fastread import Reader, sqlite_path
 
     if sqlite_path(url) is None:
@@ -75,14 +76,23 @@ def _migrate_apart(url: str) -> None:
     import subprocess
     import sys
 
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
+    try:
         # the URL on stdin, not in argv (a process list shows argv to every user); -I: the
         # path is this process's, not the working directory's or PYTHON* variables'
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-I", "-c", _MIGRATE],
             input=json.dumps({"url": url, "path": sys.path}), text=True, capture_output=True,
             timeout=MIGRATE_TIMEOUT_S, check=False,
         )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        # said, so that a daemon that carries Alembic after all (idle memory) shows why
+        log.warning("store.migrate_child_failed error=%s", type(exc).__name__)
+        return
+    if done.returncode != 0:
+        last = (done.stderr or "").strip().splitlines()[-1:] or [""]
+        log.warning(
+            "store.migrate_child_failed exit=%d error=%r", done.returncode, last[0][:200]
+        )
 
 
 def _check_flag(flag: str, value: str) -> None:

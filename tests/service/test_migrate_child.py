@@ -95,3 +95,29 @@ def test_a_child_killed_at_any_moment_leaves_a_store_the_daemon_migrates(
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
         conn.close()
+
+
+def test_a_child_that_fails_is_said_in_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a store the child cannot migrate (its directory is a file): the daemon would carry
+    # Alembic after all, and the operator reads why instead of only a bigger RSS
+    blocker = tmp_path / "home"
+    blocker.write_text("not a directory")
+    url = default_url(blocker)
+    with caplog.at_level("WARNING", logger="overflowd.daemon"):
+        cmd_run._migrate_apart(url)
+    failed = [r for r in caplog.records if "store.migrate_child_failed" in r.getMessage()]
+    assert len(failed) == 1, caplog.text
+    assert "exit=1" in failed[0].getMessage()
+
+
+def test_a_child_past_its_timeout_is_said_in_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cmd_run, "MIGRATE_TIMEOUT_S", 0.001)
+    url = default_url(tmp_path / "home")
+    with caplog.at_level("WARNING", logger="overflowd.daemon"):
+        cmd_run._migrate_apart(url)
+    failed = [r for r in caplog.records if "store.migrate_child_failed" in r.getMessage()]
+    assert [r.getMessage() for r in failed] == ["store.migrate_child_failed error=TimeoutExpired"]
