@@ -833,9 +833,13 @@ _OPTIONS_SETS = frozenset({netflow_v9.OPTIONS_TEMPLATE_FLOWSET, ipfix.OPTIONS_TE
 _FLOW, _OPTIONS_DATA, _REFRESH = 0, 1, 2
 
 
-def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSink) -> bool:
-    """Decode a v9/IPFIX datagram of the kinds an exporter sends all the time, with no data
-    held anywhere; or return False having changed nothing, for ``decode_datagram_rows``.
+def _fast_datagram(
+    data: bytes, exporter: str, state: DecoderState, sink: SetSink, now: float
+) -> bool:
+    """Decode a v9/IPFIX datagram of the kinds an exporter sends all the time, with no held
+    data of the exporter ready to replay; or return False having changed nothing (but the
+    expiry of held data, which the scalar path does first too), for
+    ``decode_datagram_rows``.
 
     Taken: data sets of array-decodable templates (into the sink), and in the datagrams that
     refresh templates, identical re-announcements of known templates (counted as refreshed,
@@ -850,10 +854,6 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
     recency, refreshes, sampling state, then the context of each data set read after the
     options data before it.
     """
-    if sink._pending_unknown:
-        if state.pending:
-            return False  # expiry and replay have work to do: the scalar path does it
-        sink._pending_unknown = False
     size = len(data)
     version = data[:2]
     if version == _V9_VERSION:
@@ -876,6 +876,21 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
         template_sets = _IPFIX_TEMPLATE_SETS
     else:
         return False
+    if sink._pending_unknown:
+        pending = state.pending
+        if pending:
+            # Held data waits for templates this datagram cannot teach (one it teaches is
+            # the scalar path's), so it changes nothing here but for expiry, done as
+            # ``dispatch._decode`` does it once the version is known (and again there,
+            # harmlessly, if this returns False), and replay of what is ready: the
+            # exporter's ready sets are the scalar path's. (Not ``return False`` whenever
+            # anything is held: one set for an unknown template, from any source, would
+            # push every exporter off this path for ``pending_max_age_s``.)
+            pending.expire(now)
+            if pending.ready(exporter):
+                return False
+        if not pending:
+            sink._pending_unknown = False
     lru = sink._lrus.get(exporter)
     if lru is None:
         lru = state.templates.exporter_lru(exporter)
@@ -1100,7 +1115,7 @@ def decode_template_batch(
             sink._mark = len(sink._set_groups)
             sink.taken = 0
             try:
-                if _fast_datagram(data, exporter, state, sink):
+                if _fast_datagram(data, exporter, state, sink, now):
                     continue
                 sink.settle()
                 rows = decode_datagram_rows(data, exporter, state, now)
