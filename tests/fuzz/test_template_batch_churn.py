@@ -128,6 +128,16 @@ def datagrams(draw: st.DrawFn) -> Datagram:
 @st.composite
 def streams(draw: st.DrawFn) -> list[Datagram]:
     out = draw(st.lists(datagrams(), min_size=1, max_size=14))
+    if draw(st.integers(0, 2)):
+        # Most streams start as an exporter does: the usual templates and options first,
+        # so that later datagrams reach the array path (and its memos) before churn.
+        teach: list[Datagram] = []
+        for ipfix in (False, True):
+            sets = _set(2 if ipfix else 0, _template(256, LAYOUTS[0]) + _template(257, LAYOUTS[2]))
+            sets += _set(3 if ipfix else 1, _options_template(ipfix))
+            for exporter in draw(st.sets(st.sampled_from(EXPORTERS), min_size=1)):
+                teach.append(((_ipfix if ipfix else _v9)(sets), exporter, 0.0))
+        out = teach + out
     return [(data, exporter, float(i)) for i, (data, exporter, _) in enumerate(out)]
 
 
