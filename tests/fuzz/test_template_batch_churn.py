@@ -138,7 +138,15 @@ def streams(draw: st.DrawFn) -> list[Datagram]:
             for exporter in draw(st.sets(st.sampled_from(EXPORTERS), min_size=1)):
                 teach.append(((_ipfix if ipfix else _v9)(sets), exporter, 0.0))
         out = teach + out
-    return [(data, exporter, float(i)) for i, (data, exporter, _) in enumerate(out)]
+    # Arrival times mostly a second apart; sometimes past the held data's age limit, or
+    # backwards (a pcap replay of several files).
+    steps = draw(
+        st.lists(
+            st.sampled_from([1.0] * 6 + [0.0, 700.0, -1300.0]), min_size=len(out), max_size=len(out)
+        )
+    )
+    times = [1000.0 + sum(steps[: i + 1]) for i in range(len(out))]
+    return [(data, exporter, now) for (data, exporter, _), now in zip(out, times, strict=True)]
 
 
 def _probabilities_match(stream: list[Datagram], batch_size: int) -> None:
