@@ -257,7 +257,7 @@ class TemplateBatch:
         """Any field (a sampler column, one of ``dport bytes first last tos src_as dst_as
         has_as``, or ``provenance exporter domain fmt``) for records ``indices`` (all
         without)."""
-        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.intp)
+        idx = np.arange(len(self)) if indices is None else self._index(indices)
         if name in _LAZY:
             return self._lazy(idx)[name]
         by_context = {"exporter": (0, np.uint32), "fmt": (1, np.uint8), "domain": (2, np.uint32)}
@@ -268,6 +268,19 @@ class TemplateBatch:
             return values
         values = getattr(self, name)[idx]
         return values
+
+    def _index(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.intp]:
+        """``indices`` as numpy takes them (negative ones from the end; out of range raise
+        IndexError), as non-negative positions: the lazy columns find a record's part by
+        its position, so a negative one would match none and read as zeros."""
+        idx = np.asarray(indices, dtype=np.intp)
+        if not len(idx):
+            return idx
+        n = len(self)
+        low, high = int(idx.min()), int(idx.max())
+        if low < -n or high >= n:
+            raise IndexError(f"record index {high if high >= n else low} of {n}")
+        return idx + n * (idx < 0) if low < 0 else idx
 
     def _lazy(self, idx: npt.NDArray[np.intp]) -> dict[str, npt.NDArray[Any]]:
         out = {name: np.zeros(len(idx), dtype=dtype) for name, dtype in _LAZY.items()}
@@ -289,7 +302,7 @@ class TemplateBatch:
 
     def rows(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[FlowRow]:
         """FlowRows for the chosen records, equal to the scalar decoder's for them."""
-        idx = np.asarray(indices, dtype=np.intp)
+        idx = self._index(indices)
         if not len(idx):
             return []
         exporters = self.exporters

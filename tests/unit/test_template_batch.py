@@ -400,3 +400,19 @@ def test_data_held_for_an_unknown_template_keeps_no_exporter_off_the_array_path(
     monkeypatch.undo()
     assert_equivalent(stream, batch_size=16)
     assert_equivalent(stream, batch_size=1)
+
+
+def test_rows_and_columns_take_indices_as_numpy_does(v5_trace: list[Datagram]) -> None:
+    """A negative index is counted from the end for every field, not only for the sampler's
+    columns (the others, decoded from the kept bytes, came back as zeros); one past the end
+    raises."""
+    batch = decode_template_batch(reexport(v5_trace[:20], "v9"), DecoderState())
+    n = len(batch)
+    assert batch.rows([-1, -n]) == batch.rows([n - 1, 0])
+    for name in ("dport", "bytes", "first", "src", "exporter"):
+        assert batch.column(name, np.array([-1])).tolist() == batch.column(name)[-1:].tolist()
+    for bad in (n, -n - 1):
+        with pytest.raises(IndexError):
+            batch.rows([bad])
+        with pytest.raises(IndexError):
+            batch.column("dport", np.array([bad]))
