@@ -375,7 +375,7 @@ def test_data_held_for_an_unknown_template_keeps_no_exporter_off_the_array_path(
     ``pending_max_age_s`` (10 minutes). Held, waiting for its template, it changes nothing
     the next datagrams of any exporter decode with: a hostile source that sends one such set
     every few minutes (from its own address or spoofing an exporter's) must not push every
-    exporter's datagrams to the scalar path (7-30x the CPU per record) meanwhile."""
+    exporter's datagrams to the scalar walk (about 3x the CPU per datagram) meanwhile."""
     import overflowd.wire.template_batch as tb
 
     datagrams = reexport(v5_trace[:64], "v9")
