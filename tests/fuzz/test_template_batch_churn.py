@@ -20,6 +20,7 @@ import os
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -246,3 +247,42 @@ test_template_churn_decodes_the_same_either_way = example(
     ],
     size=1,
 )(test_template_churn_decodes_the_same_either_way)
+
+
+def _fields(fields: tuple[tuple[int, int, int], ...]) -> bytes:
+    out = b""
+    for element, length, pen in fields:
+        out += struct.pack("!HH", element | (0x8000 if pen else 0), length)
+        out += struct.pack("!I", pen) if pen else b""
+    return out
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ((8, 4, 0), (12, 4, 0), (2, 4, 0), (1, 4, 9), (7, 2, 0), (1, 4, 0)),  # enterprise
+        ((8, 4, 5), (8, 4, 0), (12, 4, 0), (2, 4, 0)),  # enterprise element 8 first
+        ((8, 4, 0), (0, 0, 0), (12, 4, 0), (2, 4, 0)),  # a zero-length filler
+        ((8, 4, 0), (8, 4, 0), (12, 4, 0), (2, 4, 0)),  # the source twice: the first wins
+        ((8, 4, 0), (12, 4, 0), (4, 1, 0), (7, 2, 0), (11, 2, 0), (32, 2, 0), (2, 4, 0)),
+        ((8, 4, 0), (12, 4, 0), (4, 1, 0), (7, 2, 0), (139, 2, 0), (176, 1, 0), (177, 1, 0)),
+    ],
+    ids=["enterprise", "enterprise-src", "zero-length", "src-twice", "icmp", "icmp-v6-type"],
+)
+def test_odd_fixed_templates_stay_on_the_array_path_and_agree(
+    fields: tuple[tuple[int, int, int], ...],
+) -> None:
+    """Enterprise fields (skipped as padding), zero-length fillers, a repeated element, ICMP
+    type/code elements: array-decoded, equal to the scalar path, padding and all."""
+    size = sum(length for _, length, _ in fields)
+    template = _set(2, struct.pack("!HH", 256, len(fields)) + _fields(fields))
+    data = [
+        _ipfix(_set(256, bytes((i * 37 + k) % 256 for i in range(size * 5 + 3)))) for k in range(4)
+    ]
+    both = _ipfix(template + _set(256, bytes(range(size * 2))))
+    stream: list[Datagram] = [(_ipfix(template), EXPORTERS[0], 0.0)]
+    stream += [(d, EXPORTERS[0], 1.0) for d in data] + [(both, EXPORTERS[0], 2.0)]
+    stream += [(d, EXPORTERS[0], 3.0) for d in data]
+    for size_ in (1, 3, 64):
+        batch = assert_equivalent(stream, batch_size=size_)
+    assert batch.scalar == () and len(batch) == 8 * 5 + 2
