@@ -24,11 +24,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from overflowd.errors import DecodeError
+from overflowd.flows import FlowRow
 from overflowd.flowsample import SamplingPolicy, probability
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.wire import DecoderState
 from overflowd.wire.template_batch import decode_template_batch
-from tests.unit.test_template_batch import Datagram, assert_equivalent
+from overflowd.wire.templates import Limits
+from tests.unit.test_template_batch import Datagram, assert_equivalent, same_errors, scalar
 
 EXAMPLES = int(os.environ.get("OVERFLOWD_CHURN_EXAMPLES", "120"))
 SETTINGS = settings(
@@ -286,3 +289,49 @@ def test_odd_fixed_templates_stay_on_the_array_path_and_agree(
     for size_ in (1, 3, 64):
         batch = assert_equivalent(stream, batch_size=size_)
     assert batch.scalar == () and len(batch) == 8 * 5 + 2
+
+
+#: Every table at its smallest, so that the churn evicts templates (by domain, exporter,
+#: count), refuses announcements (per datagram, by rate), drops held data and sampling
+#: entries, and counts exporters under "other": the two paths must still agree.
+TIGHT = Limits(
+    max_templates=3,
+    max_templates_per_exporter=2,
+    max_templates_per_domain=1,
+    max_templates_per_datagram=1,
+    template_learn_rate_per_s=0.5,
+    template_learn_burst=3,
+    max_template_exporters=1,
+    max_pending_sets=2,
+    max_pending_sets_per_exporter=1,
+    max_replayed_records_per_datagram=1,
+    pending_max_age_s=30.0,
+    max_sampling_entries=1,
+    max_samplers_per_domain=1,
+    max_exporters_tracked=1,
+)
+
+
+def _equivalent_under(stream: list[Datagram], batch_size: int) -> None:
+    """``assert_equivalent`` with TIGHT limits and an interval override for one exporter."""
+    overrides = {EXPORTERS[1]: 7}
+    scalar_state = DecoderState(limits=TIGHT, overrides=overrides)
+    batch_state = DecoderState(limits=TIGHT, overrides=overrides)
+    expected, expected_errors = scalar(stream, scalar_state)
+    rows: list[FlowRow] = []
+    errors: list[tuple[int, DecodeError]] = []
+    for start in range(0, len(stream), batch_size):
+        batch = decode_template_batch(stream[start : start + batch_size], batch_state)
+        assert batch.failures == ()
+        rows.extend(batch.all_rows_in_order())
+        errors.extend((start + i, e) for i, e in batch.errors)
+    assert rows == expected
+    same_errors(errors, expected_errors)
+    assert batch_state.statistics() == scalar_state.statistics()
+    assert batch_state.templates.keys() == scalar_state.templates.keys()
+
+
+@SETTINGS
+@given(streams(), st.integers(1, 6))
+def test_template_churn_under_tight_limits(stream: list[Datagram], size: int) -> None:
+    _equivalent_under(stream, size)
