@@ -257,7 +257,7 @@ class TemplateBatch:
         """Any field (a sampler column, one of ``dport bytes first last tos src_as dst_as
         has_as``, or ``provenance exporter domain fmt``) for records ``indices`` (all
         without)."""
-        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.intp)
+        idx = np.arange(len(self)) if indices is None else self._index(indices)
         if name in _LAZY:
             return self._lazy(idx)[name]
         by_context = {"exporter": (0, np.uint32), "fmt": (1, np.uint8), "domain": (2, np.uint32)}
@@ -268,6 +268,19 @@ class TemplateBatch:
             return values
         values = getattr(self, name)[idx]
         return values
+
+    def _index(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.intp]:
+        """``indices`` as numpy takes them (negative ones from the end; out of range raise
+        IndexError), as non-negative positions: the lazy columns find a record's part by
+        its position, so a negative one would match none and read as zeros."""
+        idx = np.asarray(indices, dtype=np.intp)
+        if not len(idx):
+            return idx
+        n = len(self)
+        low, high = int(idx.min()), int(idx.max())
+        if low < -n or high >= n:
+            raise IndexError(f"record index {high if high >= n else low} of {n}")
+        return idx + n * (idx < 0) if low < 0 else idx
 
     def _lazy(self, idx: npt.NDArray[np.intp]) -> dict[str, npt.NDArray[Any]]:
         out = {name: np.zeros(len(idx), dtype=dtype) for name, dtype in _LAZY.items()}
@@ -289,7 +302,7 @@ class TemplateBatch:
 
     def rows(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[FlowRow]:
         """FlowRows for the chosen records, equal to the scalar decoder's for them."""
-        idx = np.asarray(indices, dtype=np.intp)
+        idx = self._index(indices)
         if not len(idx):
             return []
         exporters = self.exporters
@@ -833,9 +846,13 @@ _OPTIONS_SETS = frozenset({netflow_v9.OPTIONS_TEMPLATE_FLOWSET, ipfix.OPTIONS_TE
 _FLOW, _OPTIONS_DATA, _REFRESH = 0, 1, 2
 
 
-def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSink) -> bool:
-    """Decode a v9/IPFIX datagram of the kinds an exporter sends all the time, with no data
-    held anywhere; or return False having changed nothing, for ``decode_datagram_rows``.
+def _fast_datagram(
+    data: bytes, exporter: str, state: DecoderState, sink: SetSink, now: float
+) -> bool:
+    """Decode a v9/IPFIX datagram of the kinds an exporter sends all the time, with no held
+    data of the exporter ready to replay; or return False having changed nothing (but the
+    expiry of held data, which the scalar path does first too), for
+    ``decode_datagram_rows``.
 
     Taken: data sets of array-decodable templates (into the sink), and in the datagrams that
     refresh templates, identical re-announcements of known templates (counted as refreshed,
@@ -850,10 +867,6 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
     recency, refreshes, sampling state, then the context of each data set read after the
     options data before it.
     """
-    if sink._pending_unknown:
-        if state.pending:
-            return False  # expiry and replay have work to do: the scalar path does it
-        sink._pending_unknown = False
     size = len(data)
     version = data[:2]
     if version == _V9_VERSION:
@@ -876,6 +889,21 @@ def _fast_datagram(data: bytes, exporter: str, state: DecoderState, sink: SetSin
         template_sets = _IPFIX_TEMPLATE_SETS
     else:
         return False
+    if sink._pending_unknown:
+        pending = state.pending
+        if pending:
+            # Held data waits for templates this datagram cannot teach (one it teaches is
+            # the scalar path's), so it changes nothing here but for expiry, done as
+            # ``dispatch._decode`` does it once the version is known (and again there,
+            # harmlessly, if this returns False), and replay of what is ready: the
+            # exporter's ready sets are the scalar path's. (Not ``return False`` whenever
+            # anything is held: one set for an unknown template, from any source, would
+            # push every exporter off this path for ``pending_max_age_s``.)
+            pending.expire(now)
+            if pending.ready(exporter):
+                return False
+        if not pending:
+            sink._pending_unknown = False
     lru = sink._lrus.get(exporter)
     if lru is None:
         lru = state.templates.exporter_lru(exporter)
@@ -1100,7 +1128,7 @@ def decode_template_batch(
             sink._mark = len(sink._set_groups)
             sink.taken = 0
             try:
-                if _fast_datagram(data, exporter, state, sink):
+                if _fast_datagram(data, exporter, state, sink, now):
                     continue
                 sink.settle()
                 rows = decode_datagram_rows(data, exporter, state, now)

@@ -366,3 +366,53 @@ def test_a_changed_template_or_options_among_refreshes_goes_the_scalar_way(
     stream += [(extra[3], datagrams[0][1], 4.0), *datagrams[49:]]
     assert_equivalent(stream, batch_size=256)
     assert_equivalent(stream, batch_size=5)
+
+
+def test_data_held_for_an_unknown_template_keeps_no_exporter_off_the_array_path(
+    v5_trace: list[Datagram], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One data set for a template nobody announced is held for up to
+    ``pending_max_age_s`` (10 minutes). Held, waiting for its template, it changes nothing
+    the next datagrams of any exporter decode with: a hostile source that sends one such set
+    every few minutes (from its own address or spoofing an exporter's) must not push every
+    exporter's datagrams to the scalar walk (about 3x the CPU per datagram) meanwhile."""
+    import overflowd.wire.template_batch as tb
+
+    datagrams = reexport(v5_trace[:64], "v9")
+    exporter = datagrams[0][1]
+    unknown = struct.pack("!HHIIII", 9, 1, 0, 1_600_000_000, 0, 0) + _set(999, b"\1" * 40)
+    stream = [*datagrams[:2], (unknown, "203.0.113.66", datagrams[1][2]), *datagrams[2:20]]
+    stream += [(unknown, exporter, datagrams[19][2]), *datagrams[20:]]
+    scalar_calls: list[str] = []
+    original = tb.decode_datagram_rows
+
+    def counting(data: bytes, source: str, state: DecoderState, now: float) -> list[FlowRow]:
+        scalar_calls.append(source)
+        return original(data, source, state, now)
+
+    monkeypatch.setattr(tb, "decode_datagram_rows", counting)
+    state = DecoderState()
+    for start in range(0, len(stream), 16):
+        decode_template_batch(stream[start : start + 16], state)
+    assert state.statistics().pending_sets == 2
+    # The template datagram and the two held sets: nothing else.
+    assert scalar_calls == [exporter, "203.0.113.66", exporter]
+    monkeypatch.undo()
+    assert_equivalent(stream, batch_size=16)
+    assert_equivalent(stream, batch_size=1)
+
+
+def test_rows_and_columns_take_indices_as_numpy_does(v5_trace: list[Datagram]) -> None:
+    """A negative index is counted from the end for every field, not only for the sampler's
+    columns (the others, decoded from the kept bytes, came back as zeros); one past the end
+    raises."""
+    batch = decode_template_batch(reexport(v5_trace[:20], "v9"), DecoderState())
+    n = len(batch)
+    assert batch.rows([-1, -n]) == batch.rows([n - 1, 0])
+    for name in ("dport", "bytes", "first", "src", "exporter"):
+        assert batch.column(name, np.array([-1])).tolist() == batch.column(name)[-1:].tolist()
+    for bad in (n, -n - 1):
+        with pytest.raises(IndexError):
+            batch.rows([bad])
+        with pytest.raises(IndexError):
+            batch.column("dport", np.array([bad]))
