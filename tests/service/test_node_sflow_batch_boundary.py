@@ -88,3 +88,27 @@ async def test_when_sampling_the_arrays_raises_the_scalar_datagrams_are_still_re
     assert reported(node, datagrams) == expected
     assert node.decoder.statistics().records == records(datagrams)[1].statistics().records
     assert node._input_errors == {"ValueError": 1}
+
+
+async def test_ipv6_records_get_their_asked_boost_through_the_scalar_sampler(
+    node: NodeService,
+) -> None:
+    """With an asked boost on, IPv6 records of the array path are sampled the scalar way:
+    the batch sampler would look up 0.0.0.0 for them (their IPv4 columns)."""
+    from ipaddress import ip_address
+
+    from overflowd.flowsample import SamplingPolicy
+    from overflowd.flowsample_batch import BatchSampler
+
+    asked = ip_address("2001:db8:1::2")  # V6_TCP's destination, in COMMON
+
+    def boost(address: object) -> float | None:
+        return 1e15 if address == asked else None
+
+    policy = SamplingPolicy(rate=1e-15, boost_cap=1e15, asked_boost=boost)
+    node.sampler.policy = policy
+    node.batch_sampler = BatchSampler(policy)
+    datagrams = batch()
+    rows, _ = records(datagrams)
+    got = reported(node, datagrams)
+    assert got and got == sorted(r for r in rows if r[1] == str(asked))
