@@ -5,11 +5,14 @@ the datagrams decoded the scalar way are still reported."""
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
 from overflowd.config import Settings
+from overflowd.flowsample import SamplingPolicy
+from overflowd.flowsample_batch import BatchSampler
 from overflowd.identity import NodeIdentity
 from overflowd.services import node as node_module
 from overflowd.services.collector import Datagram
@@ -95,11 +98,6 @@ async def test_ipv6_records_get_their_asked_boost_through_the_scalar_sampler(
 ) -> None:
     """With an asked boost on, IPv6 records of the array path are sampled the scalar way:
     the batch sampler would look up 0.0.0.0 for them (their IPv4 columns)."""
-    from ipaddress import ip_address
-
-    from overflowd.flowsample import SamplingPolicy
-    from overflowd.flowsample_batch import BatchSampler
-
     asked = ip_address("2001:db8:1::2")  # V6_TCP's destination, in COMMON
 
     def boost(address: object) -> float | None:
