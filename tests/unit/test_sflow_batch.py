@@ -30,6 +30,7 @@ from tests.unit.test_wire_encoder import (
     sflow_unknown_record,
     tcp,
     udp,
+    v9_packet,
 )
 
 Datagram = tuple[bytes, str, float]
@@ -272,6 +273,40 @@ def test_state_across_batches_exporters_overrides_and_the_exporter_cap() -> None
         assert batch_state.statistics() == scalar_state.statistics()
         assert "other" in batch_state.statistics().exporters
         assert {r.sampling_provenance for r in rows} == {"announced", "overridden", "assumed"}
+
+
+def test_held_v9_data_expires_by_each_datagrams_arrival_as_on_the_scalar_path() -> None:
+    """With v9 data held for a template, every sFlow datagram (array way or not) expires it
+    by its own arrival time, in arrival order (the clock goes back and forth; one datagram
+    on the array way, at +6 s, is past the 5 s limit of the oldest held set, and no other
+    datagram is); the exporter cap falls on the same exporters."""
+    from overflowd.wire.templates import Limits
+
+    held = [
+        (v9_packet([struct.pack("!HH", 300 + k, 12) + bytes(8)], source_id=k), t)
+        for k, t in enumerate((NOW, NOW + 3, NOW - 2))
+    ]
+    good = [sflow_datagram(COMMON[k : k + 4], sub_agent=k) for k in range(0, 12, 3)]
+    odd = [good[0][:-1], good[1][:-8], sflow_datagram([flow(raw(V4_TCP), sflow_gateway(1, [2]))])]
+    offsets = [1, -1, 2, 0, 1, 0, 2, 4, 6, 1]  # k % 7 >= 4: odd, the scalar way
+    stream = [
+        ((good + odd)[k % 7], f"192.0.2.{k % 3}", NOW + offset) for k, offset in enumerate(offsets)
+    ]
+    for size in (1, 3, 10):
+        for cap in (2, 100):
+            limits = Limits(pending_max_age_s=5.0, max_exporters_tracked=cap)
+            states = DecoderState(limits=limits), DecoderState(limits=limits)
+            for s in states:
+                for k, (data, t) in enumerate(held):
+                    decode_datagram_rows(data, f"198.51.100.{k}", s, t)
+            expected, _ = scalar(stream, states[0])
+            rows: list[FlowRow] = []
+            for start in range(0, len(stream), size):
+                batch = decode_sflow_batch(stream[start : start + size], states[1])
+                rows.extend(batch.all_rows_in_order())
+            assert rows == expected
+            assert states[1].statistics() == states[0].statistics()
+            assert states[1].statistics().pending_dropped_by_reason["expired"] == 1
 
 
 def test_empty_and_non_sflow_batches() -> None:
