@@ -244,6 +244,12 @@ class Confinement:
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
+    def __post_init__(self) -> None:
+        # verdicts are cached on the promise that ``allowed`` cannot change: a list given by
+        # hand could be changed under them, so it is kept as a tuple
+        if not isinstance(self.allowed, tuple):
+            object.__setattr__(self, "allowed", tuple(self.allowed))
+
     @classmethod
     def from_strings(cls, prefixes: Iterable[str]) -> Confinement:
         """Parse "192.0.2.0/24"-style prefixes; ValueError naming the one that is not."""

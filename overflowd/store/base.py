@@ -39,8 +39,14 @@ MAX_FILTER_OBSERVERS = 1000
 
 
 def default_url(home: Path) -> str:
-    """The embedded database of a node whose home directory is ``home``."""
-    return f"sqlite:///{Path(home).expanduser().resolve() / 'overflowd.db'}"
+    """The embedded database of a node whose home directory is ``home``.
+
+    ``%``, ``?`` and ``#`` in the path are escaped: SQLAlchemy reads ``?`` as the start of the
+    URL's options and unescapes ``%XX``, so a home named ``a?b`` would otherwise open ``a``.
+    """
+    path = str(Path(home).expanduser().resolve() / "overflowd.db")
+    escaped = path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+    return f"sqlite:///{escaped}"
 
 
 def stored_signed_report(report_id: str, cose: bytes) -> rpt.SignedReport:

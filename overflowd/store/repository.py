@@ -869,7 +869,11 @@ def _create_engine(url: URL, *, create: bool = True) -> Engine:
         engine = create_engine(url.set(database=f"file:{quote(str(path.resolve()))}", query=query))
     else:
         if not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # the same file the read-only path (and fastread) opens for "~/x": sqlite3 itself
+            # would open a directory named "~" below the working directory
+            path = Path(database).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = url.set(database=str(path))
         engine = create_engine(url)
     _configure_sqlite(engine, read_only=not create)
     return engine

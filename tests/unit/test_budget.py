@@ -366,3 +366,14 @@ def test_whole_shared_trace_at_rate_1_stays_within_budget(timeline: str) -> None
     for times in per_prefix.values():
         assert _max_window_excess(times, s.per_prefix_per_s) <= s.per_prefix_burst + 1e-6
     assert stats.allowed + sum(stats.dropped.values()) == candidates
+
+
+def test_a_confinement_given_a_list_keeps_its_own_copy() -> None:
+    import ipaddress
+
+    allowed = [ipaddress.ip_network("192.0.2.0/24")]
+    confinement = Confinement(allowed)  # type: ignore[arg-type]
+    assert confinement.refuse(ipaddress.ip_address("198.51.100.1")) == "not_allowed"
+    allowed.append(ipaddress.ip_network("198.51.100.0/24"))  # the caller's list, changed later
+    assert confinement.allowed == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert confinement.refuse(ipaddress.ip_address("198.51.100.1")) == "not_allowed"

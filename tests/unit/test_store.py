@@ -568,3 +568,26 @@ def test_schema_head_constant_is_alembics_head() -> None:
     config.set_main_option("path_separator", "os")
     head = alembic.script.ScriptDirectory.from_config(config).get_current_head()
     assert head == repository.SCHEMA_HEAD
+
+
+@pytest.mark.parametrize("name", ["a?b", "50%", "x#y", "%3F"])
+def test_a_home_with_url_characters_opens_its_own_file(tmp_path: Path, name: str) -> None:
+    home = tmp_path / name
+    home.mkdir()
+    with Store.open(default_url(home)) as s:
+        s.add_report(signed(), received_ms=1, via="local")
+    assert (home / "overflowd.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_home_under_tilde_is_written_and_read_in_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with Store.open("sqlite:///~/node/overflowd.db") as s:
+        s.add_report(signed(), received_ms=1, via="local")
+    assert (tmp_path / "node" / "overflowd.db").is_file()
+    assert not (tmp_path / "~").exists()
+    with Store.open("sqlite:///~/node/overflowd.db", create=False) as s:
+        assert s.count_reports() == 1
