@@ -434,7 +434,7 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
 
     @r.get("/reports", dependencies=guarded)
     async def reports(request: Request) -> HTMLResponse:
-        from overflowd.store.query import count_reports, find_reports
+        from overflowd.store.query import FOOTER_COUNT_CAP, count_reports_capped, find_reports
 
         params = params_of(request)
         limit = int_param(request, "limit", REPORT_ROWS, MAX_REPORT_ROWS)
@@ -442,9 +442,12 @@ def router(ctx: ApiContext, settings: ApiSettings, history: CounterHistory | Non
         def answer() -> tuple[int, list[StoredReport], int]:
             flt = make(params)
             cursor = ctx.store.last_seq()  # before the rows: nothing after it is missed
-            return cursor, find_reports(ctx.store, flt, limit=limit), count_reports(ctx.store, flt)
+            rows = find_reports(ctx.store, flt, limit=limit)
+            return cursor, rows, count_reports_capped(ctx.store, flt)
 
-        cursor, rows, total = await anyio.to_thread.run_sync(answer)
+        cursor, rows, counted = await anyio.to_thread.run_sync(answer)
+        # an exact count of every match, up to the cap (a million rows cost PostgreSQL ~200 ms)
+        total = f"more than {FOOTER_COUNT_CAP:,}" if counted > FOOTER_COUNT_CAP else str(counted)
         form = _filter_form(
             "/reports", {**params, "limit": str(limit)},
             ("prefix", "src", "dst", "proto", "port", "since", "kind", "min_trust", "limit"),

@@ -76,6 +76,7 @@ __all__ = [
     "ReportFilter",
     "WhoRow",
     "count_reports",
+    "count_reports_capped",
     "find_reports",
     "page_reports",
     "resolve_observer",
@@ -214,6 +215,25 @@ def find_reports(
 def count_reports(store: Store, flt: ReportFilter) -> int:
     """How many reports match (the footer's "N of M")."""
     stmt = _where(select(func.count()).select_from(_T), flt)
+    with store.transaction("counting reports", write=False) as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
+#: Matching reports the Reports page's footer counts at most ("50 of more than 10,000"): an
+#: exact count of a million rows costs PostgreSQL ~200 ms (a scan; ~100 ms after VACUUM sets the
+#: visibility map), a capped one ~5 ms; ``count_reports`` (CLI, API) still counts them all.
+FOOTER_COUNT_CAP = 10_000
+
+
+def count_reports_capped(store: Store, flt: ReportFilter, cap: int | None = None) -> int:
+    """How many reports match, counting at most ``cap + 1`` (default FOOTER_COUNT_CAP): a
+    result above ``cap`` means "more than ``cap``" (exact otherwise). Reads at most cap + 1
+    matching rows' index entries or rows."""
+    cap = FOOTER_COUNT_CAP if cap is None else cap
+    if cap < 0:
+        raise ValueError("cap must not be negative")
+    inner = _where(select(literal(1)).select_from(_T), flt).limit(cap + 1).subquery()
+    stmt = select(func.count()).select_from(inner)
     with store.transaction("counting reports", write=False) as conn:
         return int(conn.execute(stmt).scalar_one())
 

@@ -404,3 +404,21 @@ async def test_a_far_future_flow_does_not_stretch_the_victim_chart(tmp_path: Any
         # without a time the axis is the stored flows' span, also ended at now
         answer = await c.get("/dashboard/chart/victim.svg", params={"dst": "198.51.100.2"})
         assert answer.status_code == 200 and "not drawn: 1 report" in answer.text
+
+
+async def test_the_reports_footer_counts_exactly_up_to_the_cap_then_says_more_than(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The footer's "N of M": M exact while at most FOOTER_COUNT_CAP reports match (a million
+    would cost PostgreSQL ~200 ms to count), "more than <cap>" beyond it, never a wrong M."""
+    import re
+
+    from overflowd.store import query
+
+    async with _far_future_flow(tmp_path) as client:  # two reports
+        for cap, footer in ((2, "2 of 2 reports"), (1, "1 of more than 1 reports")):
+            monkeypatch.setattr(query, "FOOTER_COUNT_CAP", cap)
+            page = await client.get("/reports", params={"limit": str(cap)})
+            assert page.status_code == 200
+            text = re.sub(r"<[^>]+>", "", page.text)
+            assert footer in text, text

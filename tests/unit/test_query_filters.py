@@ -19,6 +19,7 @@ from overflowd.store import Store
 from overflowd.store.query import (
     ReportFilter,
     count_reports,
+    count_reports_capped,
     find_reports,
     page_reports,
     resolve_observer,
@@ -101,6 +102,19 @@ def test_every_filter_finds_what_its_definition_says(seeded: Seeded) -> None:
         nonempty += 0 < len(want) < len(everything)
     # the data exercises the filters: most of them keep some reports but not all
     assert nonempty >= len(_filters(seeded)) - 4
+
+
+def test_a_capped_count_is_exact_up_to_its_cap_and_says_more_above_it(seeded: Seeded) -> None:
+    """The Reports page's footer: exact when at most ``cap`` match, ``cap + 1`` ("more than
+    cap") when more do, for every filter, on both backends."""
+    for flt in _filters(seeded):
+        n = sum(matches(r, flt) for r in seeded.reports)
+        for cap in (0, 1, n - 1, n, n + 1, 10_000):
+            if cap < 0:
+                continue
+            assert count_reports_capped(seeded.store, flt, cap) == min(n, cap + 1), (flt, cap)
+    with pytest.raises(ValueError):
+        count_reports_capped(seeded.store, ReportFilter(), -1)
 
 
 def test_a_found_report_is_the_stored_one(seeded: Seeded) -> None:
