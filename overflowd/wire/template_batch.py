@@ -1000,8 +1000,8 @@ def _walk(
             sink._mark = mark
             sink.taken = 0
             if mixed and _mixed_datagram(
-                data, exporter, state, sink, sink._lrus[exporter], fmt, domain, start, secs,
-                up if v9 else None, _V9_TEMPLATE_SETS if v9 else _IPFIX_TEMPLATE_SETS,
+                data, exporter, state, sink, route, start, secs, up if v9 else None,
+                _V9_TEMPLATE_SETS if v9 else _IPFIX_TEMPLATE_SETS,
             ):  # fmt: skip
                 continue
             sink.settle()
@@ -1025,21 +1025,27 @@ def _mixed_datagram(
     exporter: str,
     state: DecoderState,
     sink: SetSink,
-    lru: Any,
-    fmt: str,
-    domain: int,
+    route: tuple[Any, dict[Any, Any], Any],
     offset: int,
     secs: int,
     up: int | None,
     template_sets: dict[int, int],
 ) -> bool:
     """``_walk``'s step for a datagram that also holds template refreshes or options
-    data (its sets from ``offset``), in two passes."""
+    data (its sets from ``offset``), in two passes.
+
+    What pass 1 finds in a template set or an options data set is remembered in the
+    route's memo under the set's id and bytes: while the route lasts (no datagram of the
+    scalar path since), the exporter's templates are the same, so the same bytes refresh
+    the same templates and decode to the same options values."""
     size = len(data)
+    memo_key, memo, touch = route
+    fmt, _, domain = memo_key
+    lru = sink._lrus[exporter]
     # Pass 1: every set inside the datagram, ending exactly at its end, and of a kind taken.
     peek = lru.get
     unpack = _SET_HEADER.unpack_from
-    spans: list[tuple[int, int, int, Any, Any]] = []
+    spans: list[tuple[int, int, int, Any]] = []
     while offset < size:
         if size - offset < 4:
             return False
@@ -1047,62 +1053,91 @@ def _mixed_datagram(
         if set_length < 4 or set_length > size - offset:
             return False
         end = offset + set_length
-        if set_id >= 256:
+        hit = memo.get(set_id)
+        if hit is not None:
+            spans.append((_FLOW, offset + 4, set_length - 4, hit))
+        elif set_id >= 256:
+            seen = memo.get((set_id, data[offset + 4 : end]))
+            if seen is not None:
+                spans.append((_OPTIONS_DATA, 0, 0, seen))
+                offset = end
+                continue
             key = (fmt, exporter, domain, set_id)
             template = peek(key)
             if template is None:
                 return False
-            layout = template.batch_layout
-            if layout is not None:
-                spans.append((_FLOW, offset + 4, set_length - 4, key, layout))
+            if template.batch_layout is not None:
+                hit = _memo_hit(sink, memo, memo_key, set_id)
+                spans.append((_FLOW, offset + 4, set_length - 4, hit))
             elif template.is_options:
                 values = _option_values(template, data, offset + 4, end, fmt, exporter)
                 if values is None:
                     return False
-                spans.append((_OPTIONS_DATA, offset + 4, set_length - 4, key, values))
+                seen = memo[(set_id, data[offset + 4 : end])] = (key, values)
+                spans.append((_OPTIONS_DATA, 0, 0, seen))
             else:
                 return False
         else:
-            header = template_sets.get(set_id)
-            if header is None:
-                return False
-            known = _refreshes(
-                lru, fmt, exporter, domain, data, offset + 4, end, header, set_id in _OPTIONS_SETS
-            )
+            body = data[offset + 4 : end]
+            known = memo.get((set_id, body))
             if known is None:
-                return False
-            spans.append((_REFRESH, offset + 4, end, set_id in _OPTIONS_SETS, known))
+                header = template_sets.get(set_id)
+                if header is None:
+                    return False
+                known = _refreshes(
+                    lru, fmt, exporter, domain, data, offset + 4, end, header,
+                    set_id in _OPTIONS_SETS,
+                )  # fmt: skip
+                if known is None:
+                    return False
+                memo[(set_id, body)] = known
+            spans.append((_REFRESH, 0, 0, known))
         offset = end
     # Pass 2: apply, set by set.
     export_ms = secs * 1000
-    touch = lru.move_to_end
-    keep = sink.keep
+    uptime = up or 0
     sink_contexts = sink._contexts
-    context_key = (fmt, exporter, domain)
-    context = sink_contexts.get(context_key)
+    context = sink_contexts.get(memo_key)
     cache = state.templates
     sampling = state.sampling
-    for kind, start, length, key, extra in spans:
+    set_groups = sink._set_groups
+    flat = sink._flat
+    datagram = sink._datagram
+    taken = 0
+    short = 0
+    for kind, start, length, extra in spans:
         if kind == _FLOW:
+            key, record_size, number, keep_body = extra
             touch(key)
             if context is None:
-                context = sink_contexts[context_key] = sink._context(
+                context = sink_contexts[memo_key] = sink._context(
                     fmt, exporter, domain, up is not None
                 )
-            keep(extra, data, start, length, context, export_ms, up, 0)
+            count = length // record_size
+            if count:
+                keep_body(data[start : start + count * record_size])
+                set_groups.append(number)
+                flat += (datagram, 0, count, context, export_ms, uptime)
+                taken += count
+            elif length >= 4:
+                short += 1  # as Template.flows: more than padding, less than a record
         elif kind == _OPTIONS_DATA:
+            key, values_list = extra
             touch(key)
-            for values in extra:
+            for values in values_list:
                 state.count("options_records")
                 if not sampling.learn(fmt, exporter, domain, values):
                     state.defect(fmt, "sampling_out_of_range")
             sink.forget()
             context = None
-        else:  # _REFRESH: start, length are the set's body start and end
-            for template_key, at in extra:
-                if not cache.refresh(template_key, data, at, length, is_options=key):
-                    raise AssertionError("a template checked in pass 1 did not refresh")
-    sink.count(fmt, exporter, sink.taken)
+        else:  # _REFRESH: as TemplateCache.refresh does for each (checked in pass 1)
+            for template_key in extra:
+                touch(template_key)
+                cache.refreshed += 1
+    if short:
+        state.count("data_sets_shorter_than_a_record", short)
+    sink.taken = taken
+    sink.count(fmt, exporter, taken)
     return True
 
 
@@ -1116,8 +1151,8 @@ def _refreshes(
     end: int,
     header: int,
     is_options: bool,
-) -> list[tuple[tuple[str, str, int, int], int]] | None:
-    """The (key, offset) of each template record of the set body ``data[start:end]`` if
+) -> list[tuple[str, str, int, int]] | None:
+    """The key of each template record of the set body ``data[start:end]`` if
     every one is the exact wire form of a cached template of its kind (what
     ``TemplateCache.refresh`` recognises), else None. Such a record passed every check the
     format's template walk makes before it asks ``refresh`` when it was learned, so the walk
@@ -1134,7 +1169,7 @@ def _refreshes(
         wire = template.wire
         if not wire or pos + len(wire) > end or not data.startswith(wire, pos):
             return None
-        out.append((key, pos))
+        out.append(key)
         pos += len(wire)
     return out
 
