@@ -335,3 +335,41 @@ def _equivalent_under(stream: list[Datagram], batch_size: int) -> None:
 @given(streams(), st.integers(1, 6))
 def test_template_churn_under_tight_limits(stream: list[Datagram], size: int) -> None:
     _equivalent_under(stream, size)
+
+
+def test_remembered_refresh_and_options_bytes_do_not_outlive_a_template_change() -> None:
+    """Template and options sets are remembered by their bytes while the exporter's
+    templates stay the same: the same bytes after a change of template 256 (to another
+    layout and back) or of the options template (to other fields) must be judged anew —
+    a refresh of the old layout is then a changed template, options data of the old
+    length decodes to other values — and the counts (refreshes, options records) and
+    recency must stay the scalar path's."""
+    exporter = EXPORTERS[0]
+    other_options = _set(
+        3,
+        struct.pack("!HHH", OPTIONS_ID, 2, 1) + struct.pack("!HHHH", 1, 4, 160, 12),
+    )
+    for ipfix in (False, True):
+        wrap = _ipfix if ipfix else _v9
+        tset = 2 if ipfix else 0
+        oset = 3 if ipfix else 1
+        refresh = _set(tset, _template(256, LAYOUTS[0]) + _template(257, LAYOUTS[2]))
+        announce = _set(oset, _options_template(ipfix))
+        stream: list[Datagram] = [(wrap(refresh + announce), exporter, 0.0)]
+        for n, interval in enumerate((100, 10, 100)):
+            # Other options bytes, then the first ones again, on the array path.
+            options = _set(OPTIONS_ID, struct.pack("!IIQ", 0, interval, 1_600_000_000_000))
+            softflowd_like = refresh + announce + options
+            data = _set(256, _records(LAYOUTS[0], 3, n)) + _set(257, _records(LAYOUTS[2], 1, n))
+            stream.append((wrap(softflowd_like + data), exporter, 1.0 + n))
+            stream.append((wrap(data), exporter, 1.5 + n))
+        # 256 changes: the old refresh bytes are a change back, not a refresh.
+        stream.append((wrap(_set(tset, _template(256, LAYOUTS[1]))), exporter, 5.0))
+        stream.append((wrap(softflowd_like + data), exporter, 6.0))
+        stream.append((wrap(data + options), exporter, 6.5))
+        # The options template changes: the same options bytes read other fields.
+        stream.append((wrap(refresh + (other_options if ipfix else b"")), exporter, 7.0))
+        stream.append((wrap(data + options + data), exporter, 8.0))
+        stream.append((wrap(refresh + options + data), exporter, 9.0))
+        for size in (1, 2, 3, 5, 64):
+            assert_equivalent(stream, batch_size=size)
