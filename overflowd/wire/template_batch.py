@@ -421,7 +421,7 @@ class SetSink:
         #: of the scalar path: nothing on the array path changes templates. The set memo is
         #: set id -> (template key, record size, group, its bodies' ``append``) of
         #: array-decodable templates.
-        self._routes: dict[tuple[str, int, int], tuple[Any, dict[int, Any], Any]] = {}
+        self._routes: dict[tuple[str, int, int], tuple[Any, dict[Any, Any], Any]] = {}
         #: exporter -> ``TemplateCache.exporter_lru`` (the same lifetime).
         self._lrus: dict[str, Any] = {}
         #: (format, exporter) -> [datagrams, records] taken without the scalar code since the
@@ -845,7 +845,7 @@ _FLOW, _OPTIONS_DATA, _REFRESH = 0, 1, 2
 
 def _route(
     sink: SetSink, state: DecoderState, exporter: str, fmt: str, domain: int
-) -> tuple[Any, dict[int, Any], Any] | None:
+) -> tuple[Any, dict[Any, Any], Any] | None:
     """A new ``SetSink._routes`` entry for an exporter's format and domain, or None without
     any template of the exporter."""
     lru = sink._lrus.get(exporter)
@@ -857,7 +857,7 @@ def _route(
     return ((fmt, exporter, domain), {}, lru.move_to_end)
 
 
-def _memo_hit(sink: SetSink, memo: dict[int, Any], memo_key: Any, set_id: int) -> Any:
+def _memo_hit(sink: SetSink, memo: dict[Any, Any], memo_key: Any, set_id: int) -> Any:
     """The memo entry of ``set_id`` for a route, made now; None unless its template is
     known and array-decodable (looked up without touching its recency)."""
     if set_id < 256:
@@ -999,7 +999,7 @@ def _walk(
             sink._datagram = i
             sink._mark = mark
             sink.taken = 0
-            if mixed and _mixed_datagram(
+            if mixed and route is not None and _mixed_datagram(
                 data, exporter, state, sink, route, start, secs, up if v9 else None,
                 _V9_TEMPLATE_SETS if v9 else _IPFIX_TEMPLATE_SETS,
             ):  # fmt: skip
