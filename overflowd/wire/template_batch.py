@@ -648,24 +648,35 @@ _EAGER_FIELDS = frozenset(
 )
 
 
+#: The sampler's columns.
+_SAMPLER_FIELDS = frozenset({"src", "dst", "sport", "proto", "packets", "tcp_flags"})
+#: (protocol number, its ICMP fields): an ICMP record's source port is 0.
+_ICMP_FIELDS = tuple(
+    (number, tuple(f"{family}_{kind}" for kind in ("combined", "type", "code")))
+    for family, number in (("icmp4", 1), ("icmp6", 58))
+)
+
+
 def _sampler_columns(raw: dict[str, Unsigned], n: int) -> dict[str, npt.NDArray[Any]]:
     """``src dst sport proto packets tcp_flags`` of ``n`` records, as ``_columns`` makes
     them."""
-    zeros = np.zeros(n, dtype=np.uint64)
-    proto = raw.get("proto", zeros).astype(np.uint8)
-    sport = raw.get("sport", zeros).astype(np.uint16)
-    for family, number in (("icmp4", 1), ("icmp6", 58)):
-        if any(f"{family}_{kind}" in raw for kind in ("combined", "type", "code")):
+    if not raw.keys() >= _SAMPLER_FIELDS:
+        zeros = np.zeros(n, dtype=np.uint64)
+        raw = {name: raw.get(name, zeros) for name in _SAMPLER_FIELDS} | raw
+    proto = raw["proto"].astype(np.uint8, copy=False)
+    sport = raw["sport"].astype(np.uint16, copy=False)
+    for number, names in _ICMP_FIELDS:
+        if names[0] in raw or names[1] in raw or names[2] in raw:
             is_icmp = proto == number
             if is_icmp.any():
                 sport = np.where(is_icmp, np.uint16(0), sport)
     return {
-        "src": raw.get("src", zeros).astype(np.uint32, copy=False),
-        "dst": raw.get("dst", zeros).astype(np.uint32, copy=False),
+        "src": raw["src"].astype(np.uint32, copy=False),
+        "dst": raw["dst"].astype(np.uint32, copy=False),
         "sport": sport,
         "proto": proto,
-        "packets": raw.get("packets", zeros),
-        "tcp_flags": raw.get("tcp_flags", zeros),
+        "packets": raw["packets"],
+        "tcp_flags": raw["tcp_flags"],
     }
 
 
