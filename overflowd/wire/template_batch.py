@@ -375,6 +375,12 @@ class _Group:
         self.bodies: list[bytes] = []
 
 
+#: ``SetSink._routes``' values: (format, exporter, domain), set memo, ``move_to_end`` of the
+#: exporter's templates, sets seen.
+_Route = tuple[tuple[str, str, int], dict[int, Any], Any, dict[tuple[int, bytes], Any]]
+#: Sets seen a route keeps for the next batch, at most.
+_MAX_SEEN = 64
+
 #: Fields of ``SetSink._flat``, one run of them per taken set.
 _DATAGRAM, _POSITION, _COUNT, _CONTEXT, _EXPORT_MS, _UPTIME = range(6)
 _PER_SET = 6
@@ -417,16 +423,36 @@ class SetSink:
         #: (nothing on the array path holds data).
         self._pending_unknown = True
         #: (exporter, version, domain) -> ((format, exporter, domain), set memo, the
-        #: exporter's ``TemplateCache.exporter_lru().move_to_end``), as of the last datagram
-        #: of the scalar path: nothing on the array path changes templates. The set memo is
-        #: set id -> (template key, record size, group, its bodies' ``append``) of
-        #: array-decodable templates.
-        self._routes: dict[tuple[str, int, int], tuple[Any, dict[Any, Any], Any]] = {}
+        #: exporter's ``TemplateCache.exporter_lru().move_to_end``, sets seen), as of the
+        #: last datagram of the scalar path: nothing on the array path changes templates.
+        #: The set memo is set id -> (template key, record size, group, its bodies'
+        #: ``append``) of array-decodable templates; sets seen are what ``_mixed_datagram``
+        #: found in template and options data sets, by their bytes.
+        self._routes: dict[tuple[str, int, int], _Route] = {}
         #: exporter -> ``TemplateCache.exporter_lru`` (the same lifetime).
         self._lrus: dict[str, Any] = {}
+        # What the last batch over this state knew of its templates still holds if no
+        # datagram was decoded since (every change of a template is made decoding one):
+        # its routes without their set memos (whose groups were that batch's).
+        saved = state.template_memo
+        state.template_memo = None
+        if saved is not None and saved[0] == state._datagrams:
+            self._lrus.update(saved[2])
+            for route_key, (memo_key, _, touch, seen) in saved[1].items():
+                self._routes[route_key] = (memo_key, {}, touch, seen)
         #: (format, exporter) -> [datagrams, records] taken without the scalar code since the
         #: last :meth:`flush`, in order of first appearance.
         self._tally: dict[tuple[str, str], list[int]] = {}
+
+    def save(self) -> None:
+        """Leave the routes to the next batch over the state (``__init__``), their sets
+        seen unless there are many (an exporter whose options data changes every time)."""
+        self.flush()
+        routes = {
+            key: (memo_key, None, touch, seen if len(seen) <= _MAX_SEEN else {})
+            for key, (memo_key, _, touch, seen) in self._routes.items()
+        }
+        self._state.template_memo = (self._state._datagrams, routes, dict(self._lrus))
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
@@ -856,7 +882,7 @@ _FLOW, _OPTIONS_DATA, _REFRESH = 0, 1, 2
 
 def _route(
     sink: SetSink, state: DecoderState, exporter: str, fmt: str, domain: int
-) -> tuple[Any, dict[Any, Any], Any] | None:
+) -> _Route | None:
     """A new ``SetSink._routes`` entry for an exporter's format and domain, or None without
     any template of the exporter."""
     lru = sink._lrus.get(exporter)
@@ -865,10 +891,10 @@ def _route(
         if lru is None:
             return None
         sink._lrus[exporter] = lru
-    return ((fmt, exporter, domain), {}, lru.move_to_end)
+    return ((fmt, exporter, domain), {}, lru.move_to_end, {})
 
 
-def _memo_hit(sink: SetSink, memo: dict[Any, Any], memo_key: Any, set_id: int) -> Any:
+def _memo_hit(sink: SetSink, memo: dict[int, Any], memo_key: Any, set_id: int) -> Any:
     """The memo entry of ``set_id`` for a route, made now; None unless its template is
     known and array-decodable (looked up without touching its recency)."""
     if set_id < 256:
@@ -956,7 +982,7 @@ def _walk(
                             routes[(exporter, version, domain)] = route
             mixed = False
             if route is not None:
-                memo_key, memo, touch = route
+                memo_key, memo, touch, _ = route
                 context = contexts.get(memo_key)
                 if context is None:
                     context = contexts[memo_key] = sink._context(fmt, exporter, domain, v9)
@@ -1036,7 +1062,7 @@ def _mixed_datagram(
     exporter: str,
     state: DecoderState,
     sink: SetSink,
-    route: tuple[Any, dict[Any, Any], Any],
+    route: _Route,
     offset: int,
     secs: int,
     up: int | None,
@@ -1046,11 +1072,11 @@ def _mixed_datagram(
     data (its sets from ``offset``), in two passes.
 
     What pass 1 finds in a template set or an options data set is remembered in the
-    route's memo under the set's id and bytes: while the route lasts (no datagram of the
+    route's sets seen under the set's id and bytes: while the route lasts (no datagram of the
     scalar path since), the exporter's templates are the same, so the same bytes refresh
     the same templates and decode to the same options values."""
     size = len(data)
-    memo_key, memo, touch = route
+    memo_key, memo, touch, seen_sets = route
     fmt, _, domain = memo_key
     lru = sink._lrus[exporter]
     # Pass 1: every set inside the datagram, ending exactly at its end, and of a kind taken.
@@ -1068,7 +1094,7 @@ def _mixed_datagram(
         if hit is not None:
             spans.append((_FLOW, offset + 4, set_length - 4, hit))
         elif set_id >= 256:
-            seen = memo.get((set_id, data[offset + 4 : end]))
+            seen = seen_sets.get((set_id, data[offset + 4 : end]))
             if seen is not None:
                 spans.append((_OPTIONS_DATA, 0, 0, seen))
                 offset = end
@@ -1084,13 +1110,13 @@ def _mixed_datagram(
                 values = _option_values(template, data, offset + 4, end, fmt, exporter)
                 if values is None:
                     return False
-                seen = memo[(set_id, data[offset + 4 : end])] = (key, values)
+                seen = seen_sets[(set_id, data[offset + 4 : end])] = (key, values)
                 spans.append((_OPTIONS_DATA, 0, 0, seen))
             else:
                 return False
         else:
             body = data[offset + 4 : end]
-            known = memo.get((set_id, body))
+            known = seen_sets.get((set_id, body))
             if known is None:
                 header = template_sets.get(set_id)
                 if header is None:
@@ -1101,7 +1127,7 @@ def _mixed_datagram(
                 )  # fmt: skip
                 if known is None:
                     return False
-                memo[(set_id, body)] = known
+                seen_sets[(set_id, body)] = known
             spans.append((_REFRESH, 0, 0, known))
         offset = end
     # Pass 2: apply, set by set.
@@ -1212,6 +1238,7 @@ def decode_template_batch(
     state.sink = sink
     try:
         _walk(datagrams, state, sink, scalar, errors, failures)
+        sink.save()
     finally:
         state.sink = None
         sink.flush()
