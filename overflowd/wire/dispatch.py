@@ -237,6 +237,9 @@ class DecoderState:
         #: Where data sets of array-decodable templates go instead of becoming records, while
         #: ``template_batch.decode_template_batch`` runs (None otherwise).
         self.sink: SetSink | None = None
+        #: What the last ``decode_template_batch`` knew of the templates, for the next one:
+        #: (datagram count then, routes, template LRUs), good while the count is the same.
+        self.template_memo: tuple[int, dict[Any, Any], dict[str, Any]] | None = None
         self._datagrams = 0
         self._records = 0
         self._by_format: Counter[str] = Counter()

@@ -16,7 +16,7 @@ column: no Python per record. Sampling runs on the arrays
 the other fields and builds FlowRows only for the sampled records, equal to the scalar
 path's.
 
-Most datagrams never reach the scalar code at all (``_fast_datagram``): those of data sets
+Most datagrams never reach the scalar code at all (``_walk``): those of data sets
 only (taken in one pass, rolled back if the datagram turns out to be anything else) and,
 in two passes (check everything, then apply in the scalar order), those that refresh
 templates with identical bytes and carry options data of known options templates — what
@@ -375,6 +375,12 @@ class _Group:
         self.bodies: list[bytes] = []
 
 
+#: ``SetSink._routes``' values: (format, exporter, domain), set memo, ``move_to_end`` of the
+#: exporter's templates, sets seen.
+_Route = tuple[tuple[str, str, int], dict[int, Any], Any, dict[tuple[int, bytes], Any]]
+#: Sets seen a route keeps for the next batch, at most.
+_MAX_SEEN = 64
+
 #: Fields of ``SetSink._flat``, one run of them per taken set.
 _DATAGRAM, _POSITION, _COUNT, _CONTEXT, _EXPORT_MS, _UPTIME = range(6)
 _PER_SET = 6
@@ -413,18 +419,40 @@ class SetSink:
         #: (format, exporter, domain) -> context number, while only datagrams that change no
         #: sampling state are decoded; at most one entry per exporter and domain of the batch.
         self._contexts: dict[tuple[str, str, int], int] = {}
-        #: exporter -> its templates (``TemplateCache.exporter_lru``), and whether data is
-        #: held anywhere, as of the last datagram of the scalar path: nothing on the array
-        #: path changes either.
-        self._lrus: dict[str, Any] = {}
+        #: Whether data may be held anywhere, as of the last datagram of the scalar path
+        #: (nothing on the array path holds data).
         self._pending_unknown = True
-        #: (format, exporter, domain) -> set id -> (template key, record size, group) of
-        #: array-decodable templates, as of the last datagram of the scalar path.
-        self._set_memo: dict[tuple[str, str, int], dict[int, tuple[Any, int, int, Any]]] = {}
-        self._counted = 0
-        self._counted_records = 0
-        self._counted_by_format = dict.fromkeys(FORMATS, 0)
-        self._counted_by_exporter: dict[str, list[int]] = {}
+        #: (exporter, version, domain) -> ((format, exporter, domain), set memo, the
+        #: exporter's ``TemplateCache.exporter_lru().move_to_end``, sets seen), as of the
+        #: last datagram of the scalar path: nothing on the array path changes templates.
+        #: The set memo is set id -> (template key, record size, group, its bodies'
+        #: ``append``) of array-decodable templates; sets seen are what ``_mixed_datagram``
+        #: found in template and options data sets, by their bytes.
+        self._routes: dict[tuple[str, int, int], _Route] = {}
+        #: exporter -> ``TemplateCache.exporter_lru`` (the same lifetime).
+        self._lrus: dict[str, Any] = {}
+        # What the last batch over this state knew of its templates still holds if no
+        # datagram was decoded since (every change of a template is made decoding one):
+        # its routes without their set memos (whose groups were that batch's).
+        saved = state.template_memo
+        state.template_memo = None
+        if saved is not None and saved[0] == state._datagrams:
+            self._lrus.update(saved[2])
+            for route_key, (memo_key, _, touch, seen) in saved[1].items():
+                self._routes[route_key] = (memo_key, {}, touch, seen)
+        #: (format, exporter) -> [datagrams, records] taken without the scalar code since the
+        #: last :meth:`flush`, in order of first appearance.
+        self._tally: dict[tuple[str, str], list[int]] = {}
+
+    def save(self) -> None:
+        """Leave the routes to the next batch over the state (``__init__``), their sets
+        seen unless there are many (an exporter whose options data changes every time)."""
+        self.flush()
+        routes = {
+            key: (memo_key, None, touch, seen if len(seen) <= _MAX_SEEN else {})
+            for key, (memo_key, _, touch, seen) in self._routes.items()
+        }
+        self._state.template_memo = (self._state._datagrams, routes, dict(self._lrus))
 
     def begin(self, datagram: int) -> None:
         self._datagram = datagram
@@ -440,12 +468,9 @@ class SetSink:
         """Count a datagram taken here as ``dispatch._decode`` counts one, later
         (:meth:`flush`): per exporter in order of first appearance, so that the state's
         per-exporter table fills in the same order."""
-        self._counted += 1
-        self._counted_by_format[fmt] += 1
-        self._counted_records += records
-        entry = self._counted_by_exporter.get(exporter)
+        entry = self._tally.get((fmt, exporter))
         if entry is None:
-            self._counted_by_exporter[exporter] = [1, records]
+            self._tally[(fmt, exporter)] = [1, records]
         else:
             entry[0] += 1
             entry[1] += records
@@ -454,31 +479,29 @@ class SetSink:
         """Apply the counts of :meth:`count` to the state: before a datagram goes the scalar
         way (its decoder reads the datagram count: ``DecoderState.datagram_serial``) and when
         the batch ends."""
-        if not self._counted:
+        tally = self._tally
+        if not tally:
             return
         state = self._state
-        state._datagrams += self._counted
         state.build = make_row
         state._replay_spent = 0
-        for fmt, n in self._counted_by_format.items():
-            if n:
-                state._by_format[fmt] += n
-        state._records += self._counted_records
-        for exporter, (datagrams, records) in self._counted_by_exporter.items():
+        by_format = state._by_format
+        for (fmt, exporter), (datagrams, records) in tally.items():
+            state._datagrams += datagrams
+            by_format[fmt] += datagrams
+            state._records += records
             entry = state._exporters.get(exporter) or state._exporter_entry(exporter)
             entry[0] += datagrams  # as DecoderState._exporter_seen
             entry[1] += records
-        self._counted = self._counted_records = 0
-        self._counted_by_format = dict.fromkeys(FORMATS, 0)
-        self._counted_by_exporter.clear()
+        tally.clear()
 
     def settle(self) -> None:
         """A datagram goes the scalar way: counts are due, and templates, held data and the
         sampling state may change."""
         self.flush()
         self._contexts.clear()
+        self._routes.clear()
         self._lrus.clear()
-        self._set_memo.clear()
         self._pending_unknown = True
 
     def rollback(self) -> None:
@@ -651,24 +674,35 @@ _EAGER_FIELDS = frozenset(
 )
 
 
+#: The sampler's columns.
+_SAMPLER_FIELDS = frozenset({"src", "dst", "sport", "proto", "packets", "tcp_flags"})
+#: (protocol number, its ICMP fields): an ICMP record's source port is 0.
+_ICMP_FIELDS = tuple(
+    (number, tuple(f"{family}_{kind}" for kind in ("combined", "type", "code")))
+    for family, number in (("icmp4", 1), ("icmp6", 58))
+)
+
+
 def _sampler_columns(raw: dict[str, Unsigned], n: int) -> dict[str, npt.NDArray[Any]]:
     """``src dst sport proto packets tcp_flags`` of ``n`` records, as ``_columns`` makes
     them."""
-    zeros = np.zeros(n, dtype=np.uint64)
-    proto = raw.get("proto", zeros).astype(np.uint8)
-    sport = raw.get("sport", zeros).astype(np.uint16)
-    for family, number in (("icmp4", 1), ("icmp6", 58)):
-        if any(f"{family}_{kind}" in raw for kind in ("combined", "type", "code")):
+    if not raw.keys() >= _SAMPLER_FIELDS:
+        zeros = np.zeros(n, dtype=np.uint64)
+        raw = {name: raw.get(name, zeros) for name in _SAMPLER_FIELDS} | raw
+    proto = raw["proto"].astype(np.uint8, copy=False)
+    sport = raw["sport"].astype(np.uint16, copy=False)
+    for number, names in _ICMP_FIELDS:
+        if names[0] in raw or names[1] in raw or names[2] in raw:
             is_icmp = proto == number
             if is_icmp.any():
                 sport = np.where(is_icmp, np.uint16(0), sport)
     return {
-        "src": raw.get("src", zeros).astype(np.uint32, copy=False),
-        "dst": raw.get("dst", zeros).astype(np.uint32, copy=False),
+        "src": raw["src"].astype(np.uint32, copy=False),
+        "dst": raw["dst"].astype(np.uint32, copy=False),
         "sport": sport,
         "proto": proto,
-        "packets": raw.get("packets", zeros),
-        "tcp_flags": raw.get("tcp_flags", zeros),
+        "packets": raw["packets"],
+        "tcp_flags": raw["tcp_flags"],
     }
 
 
@@ -842,140 +876,185 @@ _V9_TEMPLATE_SETS = {netflow_v9.TEMPLATE_FLOWSET: 4, netflow_v9.OPTIONS_TEMPLATE
 _IPFIX_TEMPLATE_SETS = {ipfix.TEMPLATE_SET: 4, ipfix.OPTIONS_TEMPLATE_SET: 4}
 _OPTIONS_SETS = frozenset({netflow_v9.OPTIONS_TEMPLATE_FLOWSET, ipfix.OPTIONS_TEMPLATE_SET})
 
-#: What pass 1 of ``_fast_datagram`` found in a set, for pass 2 to apply in set order.
+#: What pass 1 of ``_mixed_datagram`` found in a set, for pass 2 to apply in set order.
 _FLOW, _OPTIONS_DATA, _REFRESH = 0, 1, 2
 
 
-def _fast_datagram(
-    data: bytes, exporter: str, state: DecoderState, sink: SetSink, now: float
-) -> bool:
-    """Decode a v9/IPFIX datagram of the kinds an exporter sends all the time, with no held
-    data of the exporter ready to replay; or return False having changed nothing (but the
-    expiry of held data, which the scalar path does first too), for
-    ``decode_datagram_rows``.
-
-    Taken: data sets of array-decodable templates (into the sink), and in the datagrams that
-    refresh templates, identical re-announcements of known templates (counted as refreshed,
-    as ``TemplateCache.refresh`` does) and options data of known options templates (applied
-    to the sampling state, as ``DecoderState._decode_set`` does). Anything else — a new or
-    changed template, a withdrawal, data of an unknown or declined template, a set that
-    overruns, trailing bytes, a bad header, an options record that does not decode — is
-    left to the scalar path, so every refusal, defect and learned template is its own.
-
-    Pass 1 checks the whole datagram and changes nothing (templates are looked up without
-    touching their recency); pass 2 applies it set by set in the scalar path's order:
-    recency, refreshes, sampling state, then the context of each data set read after the
-    options data before it.
-    """
-    size = len(data)
-    version = data[:2]
-    if version == _V9_VERSION:
-        if size < _V9_HEADER.size:
-            return False
-        _, _, uptime, secs, _, domain = _V9_HEADER.unpack_from(data)
-        fmt = netflow_v9.FORMAT
-        offset = _V9_HEADER.size
-        up: int | None = uptime
-        template_sets = _V9_TEMPLATE_SETS
-    elif version == _IPFIX_VERSION:
-        if size < _IPFIX_HEADER.size:
-            return False
-        _, length, secs, _, domain = _IPFIX_HEADER.unpack_from(data)
-        if length != size:
-            return False
-        fmt = ipfix.FORMAT
-        offset = _IPFIX_HEADER.size
-        up = None
-        template_sets = _IPFIX_TEMPLATE_SETS
-    else:
-        return False
-    if sink._pending_unknown:
-        pending = state.pending
-        if pending:
-            # Held data waits for templates this datagram cannot teach (one it teaches is
-            # the scalar path's), so it changes nothing here but for expiry, done as
-            # ``dispatch._decode`` does it once the version is known (and again there,
-            # harmlessly, if this returns False), and replay of what is ready: the
-            # exporter's ready sets are the scalar path's. (Not ``return False`` whenever
-            # anything is held: one set for an unknown template, from any source, would
-            # push every exporter off this path for ``pending_max_age_s``.)
-            pending.expire(now)
-            if pending.ready(exporter):
-                return False
-        if not pending:
-            sink._pending_unknown = False
+def _route(
+    sink: SetSink, state: DecoderState, exporter: str, fmt: str, domain: int
+) -> _Route | None:
+    """A new ``SetSink._routes`` entry for an exporter's format and domain, or None without
+    any template of the exporter."""
     lru = sink._lrus.get(exporter)
     if lru is None:
         lru = state.templates.exporter_lru(exporter)
         if lru is None:
-            return False
+            return None
         sink._lrus[exporter] = lru
-    # The common datagram, in one pass: data sets of array-decodable templates only. What
-    # it keeps goes back (``rollback``) if the datagram turns out to be something else; the
-    # recency it touched is then touched again, in the same order, by whichever path takes
-    # the datagram (both walk the same sets first), so it ends the same.
-    memo_key = (fmt, exporter, domain)
-    memo = sink._set_memo.get(memo_key)
-    if memo is None:
-        memo = sink._set_memo[memo_key] = {}
-    contexts = sink._contexts
-    context = contexts.get(memo_key)
-    if context is None:
-        context = contexts[memo_key] = sink._context(fmt, exporter, domain, up is not None)
-    touch = lru.move_to_end
+    return ((fmt, exporter, domain), {}, lru.move_to_end, {})
+
+
+def _memo_hit(sink: SetSink, memo: dict[int, Any], memo_key: Any, set_id: int) -> Any:
+    """The memo entry of ``set_id`` for a route, made now; None unless its template is
+    known and array-decodable (looked up without touching its recency)."""
+    if set_id < 256:
+        return None
+    key = (*memo_key, set_id)
+    template = sink._lrus[memo_key[1]].get(key)
+    if template is None or template.batch_layout is None:
+        return None
+    layout = template.batch_layout
+    number = sink._group_of(layout)
+    hit = memo[set_id] = (key, layout.itemsize, number, sink._groups[number].bodies.append)
+    return hit
+
+
+def _walk(
+    datagrams: Sequence[tuple[bytes, str, float]],
+    state: DecoderState,
+    sink: SetSink,
+    scalar: list[tuple[int, list[FlowRow]]],
+    errors: list[tuple[int, DecodeError]],
+    failures: list[tuple[int, Exception]],
+) -> None:
+    """Every datagram in order, as ``decode_datagram_rows`` would decode it.
+
+    A v9/IPFIX datagram of data sets only, of array-decodable templates, with no held data
+    of the exporter ready to replay, is taken here in one pass (per datagram a header and a
+    route lookup, per set a memo lookup and a few appends); what it kept goes back if it
+    turns out to be anything else, and the recency it touched is then touched again, in the
+    same order, by whichever path takes it (both walk the same sets first), so it ends the
+    same. A datagram that also refreshes templates or carries options data of known
+    options templates — what softflowd sends every 16 datagrams — goes to
+    ``_mixed_datagram``. Anything else (a new or changed template, a withdrawal, data of an
+    unknown template, a set that overruns, trailing bytes, a bad header, another format) is
+    left to ``decode_datagram_rows``, so every refusal, defect and learned template is its
+    own; before it, ``SetSink.settle``.
+    """
+    v9_header = _V9_HEADER.unpack_from
+    ipfix_header = _IPFIX_HEADER.unpack_from
     unpack = _SET_HEADER.unpack_from
     set_groups = sink._set_groups
     flat = sink._flat
-    datagram = sink._datagram
-    export_ms = secs * 1000
-    uptime_or_0 = up or 0
-    start = offset
-    short = 0
-    taken = 0
-    while offset < size:
-        if size - offset < 4:
+    routes = sink._routes
+    contexts = sink._contexts
+    tally = sink._tally
+    groups = sink._groups
+    v9_format, ipfix_format = netflow_v9.FORMAT, ipfix.FORMAT
+    for i, (data, exporter, now) in enumerate(datagrams):
+        mark = len(set_groups)
+        try:
+            size = len(data)
+            # The header: a whole v9 one, or an IPFIX one whose length is the datagram's.
+            if size >= 20 and data[0] == 0 and data[1] == 9:
+                _, _, up, secs, _, domain = v9_header(data)
+                fmt, version, offset, v9 = v9_format, 9, 20, True
+            elif size >= 16 and data[0] == 0 and data[1] == 10:
+                _, length, secs, _, domain = ipfix_header(data)
+                fmt, version, offset, v9, up = ipfix_format, 10, 16, False, 0
+                if length != size:
+                    version = 0
+            else:
+                version = 0
+            route = None
+            if version:
+                if sink._pending_unknown:
+                    pending = state.pending
+                    if pending:
+                        # Held data waits for templates this datagram cannot teach (one it
+                        # teaches is the scalar path's), so it changes nothing here but for
+                        # expiry, done as ``dispatch._decode`` does it once the version is
+                        # known (and again there, harmlessly, if the scalar path takes the
+                        # datagram), and replay of what is ready: the exporter's ready sets
+                        # are the scalar path's. (Not declined whenever anything is held:
+                        # one set for an unknown template, from any source, would push every
+                        # exporter off this path for ``pending_max_age_s``.)
+                        pending.expire(now)
+                        if pending.ready(exporter):
+                            version = 0
+                    if not pending:
+                        sink._pending_unknown = False
+                if version:
+                    route = routes.get((exporter, version, domain))
+                    if route is None:
+                        route = _route(sink, state, exporter, fmt, domain)
+                        if route is not None:
+                            routes[(exporter, version, domain)] = route
+            mixed = False
+            if route is not None:
+                memo_key, memo, touch, _ = route
+                context = contexts.get(memo_key)
+                if context is None:
+                    context = contexts[memo_key] = sink._context(fmt, exporter, domain, v9)
+                export_ms = secs * 1000
+                short = 0
+                taken = 0
+                start = offset
+                while offset < size:
+                    if size - offset < 4:
+                        break
+                    set_id, set_length = unpack(data, offset)
+                    if set_length < 4 or set_length > size - offset:
+                        break
+                    hit = memo.get(set_id)
+                    if hit is None:
+                        hit = _memo_hit(sink, memo, memo_key, set_id)
+                        if hit is None:
+                            # Not data for an unknown template (held by the scalar path).
+                            mixed = (
+                                set_id < 256
+                                or sink._lrus[exporter].get((*memo_key, set_id)) is not None
+                            )
+                            break
+                    key, record_size, number, keep_body = hit
+                    touch(key)
+                    count = (set_length - 4) // record_size
+                    if count:
+                        body = offset + 4
+                        keep_body(data[body : body + count * record_size])
+                        set_groups.append(number)
+                        flat += (i, 0, count, context, export_ms, up)
+                        taken += count
+                    elif set_length >= 8:
+                        short += 1  # as Template.flows: more than padding, less than a record
+                    offset += set_length
+                else:
+                    if short:
+                        state.count("data_sets_shorter_than_a_record", short)
+                    entry = tally.get((fmt, exporter))
+                    if entry is None:
+                        tally[(fmt, exporter)] = [1, taken]
+                    else:
+                        entry[0] += 1
+                        entry[1] += taken
+                    continue
+                # Not data sets only: what was kept goes back.
+                for number in set_groups[mark:]:
+                    groups[number].bodies.pop()
+                del set_groups[mark:]
+                del flat[mark * _PER_SET :]
+            sink._datagram = i
+            sink._mark = mark
+            sink.taken = 0
+            if mixed and route is not None and _mixed_datagram(
+                data, exporter, state, sink, route, start, secs, up if v9 else None,
+                _V9_TEMPLATE_SETS if v9 else _IPFIX_TEMPLATE_SETS,
+            ):  # fmt: skip
+                continue
+            sink.settle()
+            rows = decode_datagram_rows(data, exporter, state, now)
+        except DecodeError as exc:
+            sink._mark = mark
             sink.rollback()
-            return False
-        set_id, set_length = unpack(data, offset)
-        if set_length < 4 or set_length > size - offset:
+            errors.append((i, exc))
+            continue
+        except Exception as exc:  # the per-datagram boundary: the caller counts it
+            sink._mark = mark
             sink.rollback()
-            return False
-        hit = memo.get(set_id)
-        if hit is None:
-            template = lru.get((fmt, exporter, domain, set_id)) if set_id >= 256 else None
-            if template is None or template.batch_layout is None:
-                sink.rollback()
-                if set_id >= 256 and template is None:
-                    return False  # data for an unknown template: held by the scalar path
-                return _mixed_datagram(
-                    data, exporter, state, sink, lru, fmt, domain, start, secs, up,
-                    template_sets,
-                )  # fmt: skip
-            layout = template.batch_layout
-            number = sink._group_of(layout)
-            hit = memo[set_id] = (
-                (fmt, exporter, domain, set_id),
-                layout.itemsize,
-                number,
-                sink._groups[number].bodies.append,
-            )
-        key, record_size, number, keep_body = hit
-        touch(key)
-        count = (set_length - 4) // record_size
-        if count:
-            body = offset + 4
-            keep_body(data[body : body + count * record_size])
-            set_groups.append(number)
-            flat += (datagram, 0, count, context, export_ms, uptime_or_0)
-            taken += count
-        elif set_length >= 8:
-            short += 1  # as Template.flows: more than padding, less than a record
-        offset += set_length
-    if short:
-        state.count("data_sets_shorter_than_a_record", short)
-    sink.taken = taken
-    sink.count(fmt, exporter, taken)
-    return True
+            failures.append((i, exc))
+            continue
+        if rows:
+            scalar.append((i, rows))
 
 
 def _mixed_datagram(
@@ -983,21 +1062,27 @@ def _mixed_datagram(
     exporter: str,
     state: DecoderState,
     sink: SetSink,
-    lru: Any,
-    fmt: str,
-    domain: int,
+    route: _Route,
     offset: int,
     secs: int,
     up: int | None,
     template_sets: dict[int, int],
 ) -> bool:
-    """``_fast_datagram`` for a datagram that also holds template refreshes or options
-    data (its sets from ``offset``), in two passes."""
+    """``_walk``'s step for a datagram that also holds template refreshes or options
+    data (its sets from ``offset``), in two passes.
+
+    What pass 1 finds in a template set or an options data set is remembered in the
+    route's sets seen under the set's id and bytes: while the route lasts (no datagram of the
+    scalar path since), the exporter's templates are the same, so the same bytes refresh
+    the same templates and decode to the same options values."""
     size = len(data)
+    memo_key, memo, touch, seen_sets = route
+    fmt, _, domain = memo_key
+    lru = sink._lrus[exporter]
     # Pass 1: every set inside the datagram, ending exactly at its end, and of a kind taken.
     peek = lru.get
     unpack = _SET_HEADER.unpack_from
-    spans: list[tuple[int, int, int, Any, Any]] = []
+    spans: list[tuple[int, int, int, Any]] = []
     while offset < size:
         if size - offset < 4:
             return False
@@ -1005,62 +1090,91 @@ def _mixed_datagram(
         if set_length < 4 or set_length > size - offset:
             return False
         end = offset + set_length
-        if set_id >= 256:
+        hit = memo.get(set_id)
+        if hit is not None:
+            spans.append((_FLOW, offset + 4, set_length - 4, hit))
+        elif set_id >= 256:
+            seen = seen_sets.get((set_id, data[offset + 4 : end]))
+            if seen is not None:
+                spans.append((_OPTIONS_DATA, 0, 0, seen))
+                offset = end
+                continue
             key = (fmt, exporter, domain, set_id)
             template = peek(key)
             if template is None:
                 return False
-            layout = template.batch_layout
-            if layout is not None:
-                spans.append((_FLOW, offset + 4, set_length - 4, key, layout))
+            if template.batch_layout is not None:
+                hit = _memo_hit(sink, memo, memo_key, set_id)
+                spans.append((_FLOW, offset + 4, set_length - 4, hit))
             elif template.is_options:
                 values = _option_values(template, data, offset + 4, end, fmt, exporter)
                 if values is None:
                     return False
-                spans.append((_OPTIONS_DATA, offset + 4, set_length - 4, key, values))
+                seen = seen_sets[(set_id, data[offset + 4 : end])] = (key, values)
+                spans.append((_OPTIONS_DATA, 0, 0, seen))
             else:
                 return False
         else:
-            header = template_sets.get(set_id)
-            if header is None:
-                return False
-            known = _refreshes(
-                lru, fmt, exporter, domain, data, offset + 4, end, header, set_id in _OPTIONS_SETS
-            )
+            body = data[offset + 4 : end]
+            known = seen_sets.get((set_id, body))
             if known is None:
-                return False
-            spans.append((_REFRESH, offset + 4, end, set_id in _OPTIONS_SETS, known))
+                header = template_sets.get(set_id)
+                if header is None:
+                    return False
+                known = _refreshes(
+                    lru, fmt, exporter, domain, data, offset + 4, end, header,
+                    set_id in _OPTIONS_SETS,
+                )  # fmt: skip
+                if known is None:
+                    return False
+                seen_sets[(set_id, body)] = known
+            spans.append((_REFRESH, 0, 0, known))
         offset = end
     # Pass 2: apply, set by set.
     export_ms = secs * 1000
-    touch = lru.move_to_end
-    keep = sink.keep
+    uptime = up or 0
     sink_contexts = sink._contexts
-    context_key = (fmt, exporter, domain)
-    context = sink_contexts.get(context_key)
+    context = sink_contexts.get(memo_key)
     cache = state.templates
     sampling = state.sampling
-    for kind, start, length, key, extra in spans:
+    set_groups = sink._set_groups
+    flat = sink._flat
+    datagram = sink._datagram
+    taken = 0
+    short = 0
+    for kind, start, length, extra in spans:
         if kind == _FLOW:
+            key, record_size, number, keep_body = extra
             touch(key)
             if context is None:
-                context = sink_contexts[context_key] = sink._context(
+                context = sink_contexts[memo_key] = sink._context(
                     fmt, exporter, domain, up is not None
                 )
-            keep(extra, data, start, length, context, export_ms, up, 0)
+            count = length // record_size
+            if count:
+                keep_body(data[start : start + count * record_size])
+                set_groups.append(number)
+                flat += (datagram, 0, count, context, export_ms, uptime)
+                taken += count
+            elif length >= 4:
+                short += 1  # as Template.flows: more than padding, less than a record
         elif kind == _OPTIONS_DATA:
+            key, values_list = extra
             touch(key)
-            for values in extra:
+            for values in values_list:
                 state.count("options_records")
                 if not sampling.learn(fmt, exporter, domain, values):
                     state.defect(fmt, "sampling_out_of_range")
             sink.forget()
             context = None
-        else:  # _REFRESH: start, length are the set's body start and end
-            for template_key, at in extra:
-                if not cache.refresh(template_key, data, at, length, is_options=key):
-                    raise AssertionError("a template checked in pass 1 did not refresh")
-    sink.count(fmt, exporter, sink.taken)
+        else:  # _REFRESH: as TemplateCache.refresh does for each (checked in pass 1)
+            for template_key in extra:
+                touch(template_key)
+                cache.refreshed += 1
+    if short:
+        state.count("data_sets_shorter_than_a_record", short)
+    sink.taken = taken
+    sink.count(fmt, exporter, taken)
     return True
 
 
@@ -1074,8 +1188,8 @@ def _refreshes(
     end: int,
     header: int,
     is_options: bool,
-) -> list[tuple[tuple[str, str, int, int], int]] | None:
-    """The (key, offset) of each template record of the set body ``data[start:end]`` if
+) -> list[tuple[str, str, int, int]] | None:
+    """The key of each template record of the set body ``data[start:end]`` if
     every one is the exact wire form of a cached template of its kind (what
     ``TemplateCache.refresh`` recognises), else None. Such a record passed every check the
     format's template walk makes before it asks ``refresh`` when it was learned, so the walk
@@ -1092,7 +1206,7 @@ def _refreshes(
         wire = template.wire
         if not wire or pos + len(wire) > end or not data.startswith(wire, pos):
             return None
-        out.append((key, pos))
+        out.append(key)
         pos += len(wire)
     return out
 
@@ -1123,25 +1237,8 @@ def decode_template_batch(
     failures: list[tuple[int, Exception]] = []
     state.sink = sink
     try:
-        for i, (data, exporter, now) in enumerate(datagrams):
-            sink._datagram = i  # sink.begin(i), inlined
-            sink._mark = len(sink._set_groups)
-            sink.taken = 0
-            try:
-                if _fast_datagram(data, exporter, state, sink, now):
-                    continue
-                sink.settle()
-                rows = decode_datagram_rows(data, exporter, state, now)
-            except DecodeError as exc:
-                sink.rollback()
-                errors.append((i, exc))
-                continue
-            except Exception as exc:  # the per-datagram boundary: the caller counts it
-                sink.rollback()
-                failures.append((i, exc))
-                continue
-            if rows:
-                scalar.append((i, rows))
+        _walk(datagrams, state, sink, scalar, errors, failures)
+        sink.save()
     finally:
         state.sink = None
         sink.flush()

@@ -335,3 +335,85 @@ def _equivalent_under(stream: list[Datagram], batch_size: int) -> None:
 @given(streams(), st.integers(1, 6))
 def test_template_churn_under_tight_limits(stream: list[Datagram], size: int) -> None:
     _equivalent_under(stream, size)
+
+
+def test_remembered_refresh_and_options_bytes_do_not_outlive_a_template_change() -> None:
+    """Template and options sets are remembered by their bytes while the exporter's
+    templates stay the same: the same bytes after a change of template 256 (to another
+    layout and back) or of the options template (to other fields) must be judged anew —
+    a refresh of the old layout is then a changed template, options data of the old
+    length decodes to other values — and the counts (refreshes, options records) and
+    recency must stay the scalar path's."""
+    exporter = EXPORTERS[0]
+    other_options = _set(
+        3,
+        struct.pack("!HHH", OPTIONS_ID, 2, 1) + struct.pack("!HHHH", 1, 4, 160, 12),
+    )
+    for ipfix in (False, True):
+        wrap = _ipfix if ipfix else _v9
+        tset = 2 if ipfix else 0
+        oset = 3 if ipfix else 1
+        refresh = _set(tset, _template(256, LAYOUTS[0]) + _template(257, LAYOUTS[2]))
+        announce = _set(oset, _options_template(ipfix))
+        stream: list[Datagram] = [(wrap(refresh + announce), exporter, 0.0)]
+        for n, interval in enumerate((100, 10, 100)):
+            # Other options bytes, then the first ones again, on the array path.
+            options = _set(OPTIONS_ID, struct.pack("!IIQ", 0, interval, 1_600_000_000_000))
+            softflowd_like = refresh + announce + options
+            data = _set(256, _records(LAYOUTS[0], 3, n)) + _set(257, _records(LAYOUTS[2], 1, n))
+            stream.append((wrap(softflowd_like + data), exporter, 1.0 + n))
+            stream.append((wrap(data), exporter, 1.5 + n))
+        # 256 changes: the old refresh bytes are a change back, not a refresh.
+        stream.append((wrap(_set(tset, _template(256, LAYOUTS[1]))), exporter, 5.0))
+        stream.append((wrap(softflowd_like + data), exporter, 6.0))
+        stream.append((wrap(data + options), exporter, 6.5))
+        # The options template changes: the same options bytes read other fields.
+        stream.append((wrap(refresh + (other_options if ipfix else b"")), exporter, 7.0))
+        stream.append((wrap(data + options + data), exporter, 8.0))
+        stream.append((wrap(refresh + options + data), exporter, 9.0))
+        for size in (1, 2, 3, 5, 64):
+            assert_equivalent(stream, batch_size=size)
+
+
+def test_what_a_batch_remembers_is_dropped_when_the_state_decodes_anything_else() -> None:
+    """The next batch over a state starts from what the last one knew of the templates
+    (refresh and options bytes seen) only if no datagram was decoded since: here template
+    256 and the options template change through ``decode_datagram_rows`` between two batches,
+    and the second batch's old refresh bytes and old options bytes must be judged anew —
+    as the scalar path, datagram by datagram, judges them."""
+    exporter = EXPORTERS[0]
+    for ipfix in (False, True):
+        wrap = _ipfix if ipfix else _v9
+        tset, oset = (2, 3) if ipfix else (0, 1)
+        refresh = _set(tset, _template(256, LAYOUTS[0]) + _template(257, LAYOUTS[2]))
+        announce = _set(oset, _options_template(ipfix))
+        options = _set(OPTIONS_ID, struct.pack("!IIQ", 0, 100, 1_600_000_000_000))
+        data = _set(256, _records(LAYOUTS[0], 3, 1)) + _set(257, _records(LAYOUTS[2], 1, 1))
+        softflowd_like = wrap(refresh + announce + options + data)
+        first = [(wrap(refresh + announce), exporter, 0.0), (softflowd_like, exporter, 1.0)]
+        first += [(wrap(data), exporter, 1.5), (softflowd_like, exporter, 2.0)]
+        other_options = struct.pack("!HHH", OPTIONS_ID, 2, 1) + struct.pack("!HHHH", 1, 4, 34, 12)
+        if not ipfix:
+            scope, fields = struct.pack("!HH", 1, 4), struct.pack("!HH", 34, 12)
+            other_options = struct.pack("!HHH", OPTIONS_ID, 4, 4) + scope + fields
+        between = (wrap(_set(tset, _template(256, LAYOUTS[1])) + _set(oset, other_options)),)
+        second = [(softflowd_like, exporter, 4.0), (wrap(data + options), exporter, 5.0)]
+        second += [(softflowd_like, exporter, 6.0)]
+
+        reference = DecoderState()
+        stream = [*first, (between[0], exporter, 3.0), *second]
+        expected, expected_errors = scalar(stream, reference)
+        state = DecoderState()
+        rows: list[FlowRow] = []
+        errors: list[tuple[int, DecodeError]] = []
+        batch = decode_template_batch(first, state)
+        rows += batch.all_rows_in_order()
+        errors += batch.errors
+        rows += scalar([(between[0], exporter, 3.0)], state)[0]
+        batch = decode_template_batch(second, state)
+        rows += batch.all_rows_in_order()
+        errors += [(len(first) + 1 + i, e) for i, e in batch.errors]
+        assert rows == expected
+        same_errors(errors, expected_errors)
+        assert state.statistics() == reference.statistics()
+        assert state.templates.keys() == reference.templates.keys()
