@@ -22,6 +22,7 @@ operator can tell our drops from the kernel's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -42,6 +43,8 @@ __all__ = [
     "Datagram",
     "RefusedExporters",
     "UdpCollector",
+    "kernel_drops",
+    "open_socket",
     "parse_listen",
 ]
 
@@ -122,8 +125,13 @@ class UdpCollector:
         *,
         rcvbuf_bytes: int = 4 * 1024 * 1024,
         coalesce_s: float = COALESCE_S,
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: an already bound socket to read (a receiver process's, see
+        :mod:`overflowd.services.receivers`); it is not closed here, and ``rcvbuf_bytes``
+        is its owner's business."""
         self.listen = listen
+        self._given = sock
         self._out = out
         self._backlog = backlog
         self._rcvbuf_requested = rcvbuf_bytes
@@ -139,23 +147,15 @@ class UdpCollector:
     async def run(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        host, port = self.listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._family = family
-        # A plain socket: we wait for readability with trio, then drain it without awaiting.
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setblocking(False)
         # Closing our clone of the channel when we stop lets the decoder drain and finish.
-        with sock, self._out:
-            _set_rcvbuf(sock, self._rcvbuf_requested)
+        with contextlib.ExitStack() as owned, self._out:
+            if self._given is not None:
+                sock = self._given
+                sock.setblocking(False)
+            else:
+                sock = owned.enter_context(open_socket(self.listen, self._rcvbuf_requested))
+            self._family = sock.family
             self._rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                exc.filename = f"{host}:{port}"  # which socket: the CLI names its flag
-                raise
             self._inode = os.fstat(sock.fileno()).st_ino
             bound = sock.getsockname()
             log.info(
@@ -223,10 +223,39 @@ class UdpCollector:
             datagrams=self._datagrams,
             bytes=self._bytes,
             dropped_queue_full=self._dropped,
-            kernel_drops=_kernel_drops(self._inode, self._family),
+            kernel_drops=kernel_drops(self._inode, self._family),
             rcvbuf_bytes=self._rcvbuf,
             batches=self._batches,
         )
+
+
+def open_socket(
+    listen: tuple[str, int], rcvbuf_bytes: int, *, reuseport: bool = False
+) -> socket.socket:
+    """A non-blocking UDP socket bound to ``listen`` (an IPv6 one takes IPv4 too).
+
+    ``reuseport``: SO_REUSEPORT, so that several sockets share the address and the kernel
+    spreads datagrams over them by a hash of source and destination address and port."""
+    host, port = listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # A plain socket: we wait for readability with trio, then drain it without awaiting.
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        _set_rcvbuf(sock, rcvbuf_bytes)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            exc.filename = f"{host}:{port}"  # which socket: the CLI names its flag
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _set_rcvbuf(sock: socket.socket, size: int) -> None:
@@ -237,7 +266,7 @@ def _set_rcvbuf(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-def _kernel_drops(inode: int | None, family: int) -> int | None:
+def kernel_drops(inode: int | None, family: int) -> int | None:
     """The 'drops' column of /proc/net/udp{,6} for our socket, or None where unavailable."""
     if inode is None:
         return None

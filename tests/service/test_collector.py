@@ -14,6 +14,7 @@ from overflowd.services.collector import (
     Backlog,
     Datagram,
     UdpCollector,
+    open_socket,
 )
 
 RCVBUF = 4 * 1024 * 1024  # granted as asked to root (SO_RCVBUFFORCE), as the daemon runs
@@ -119,3 +120,46 @@ async def test_a_full_backlog_sheds_whole_batches_and_counts_them() -> None:
     assert stats.datagrams == 12
     assert len(queued) == backlog.queued <= 5
     assert stats.dropped_queue_full == 12 - len(queued) > 0
+
+
+async def test_collectors_on_reuseport_sockets_keep_each_exporter_on_one_of_them() -> None:
+    """Several collectors on one address (SO_REUSEPORT, the building block of several
+    receivers): every datagram arrives once, and all of one source's datagrams at the same
+    collector (the kernel hashes the 4-tuple), so per-exporter state (templates) stays whole.
+    A given socket stays open when its collector stops: its owner keeps it."""
+    first = open_socket(("127.0.0.1", 0), RCVBUF, reuseport=True)
+    port = first.getsockname()[1]
+    socks = [first] + [open_socket(("127.0.0.1", port), RCVBUF, reuseport=True) for _ in range(3)]
+    backlog = Backlog(10_000)
+    sources = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+    got: list[list[Datagram]] = [[] for _ in socks]
+
+    async def drain(i: int, recv: trio.MemoryReceiveChannel[list[Datagram]]) -> None:
+        async for batch in recv:
+            got[i].extend(batch)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i, sock in enumerate(socks):
+                send, recv = trio.open_memory_channel[list[Datagram]](backlog.limit)
+                collector = UdpCollector(("127.0.0.1", port), send, backlog, sock=sock)
+                assert await nursery.start(collector.run) == ("127.0.0.1", port)
+                nursery.start_soon(drain, i, recv)
+            for s, tx in enumerate(sources):
+                tx.connect(("127.0.0.1", port))
+                for n in range(10):
+                    tx.send(bytes([s, n]))
+            with trio.fail_after(10):
+                while sum(len(g) for g in got) < 160:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        seen = sorted(d.data for g in got for d in g)
+        assert seen == sorted(bytes([s, n]) for s in range(16) for n in range(10))
+        for s in range(16):
+            holders = [i for i, g in enumerate(got) if any(d.data[0] == s for d in g)]
+            assert len(holders) == 1, (s, holders)
+        assert sum(1 for g in got if g) > 1, "16 sources all hashed to one socket"
+        assert all(sock.fileno() >= 0 for sock in socks)  # not closed by the collectors
+    finally:
+        for sock in socks + sources:
+            sock.close()
