@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from overflowd import sandbox
 from tests.service.test_daemon import Daemon
 from tests.support.cli import run
 from tests.unit.test_wire_v5 import v5
@@ -31,8 +32,14 @@ def mapped(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
+@pytest.fixture(params=["off", "seccomp"])
+def daemon(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Daemon]:
+    """A fresh node's daemon; also under its seccomp filter (as deploy/overflowd.service runs
+    it): the app and numpy are then imported after the filter is on, so every call their
+    imports make must be on the list."""
+    monkeypatch.setenv(sandbox.ENV, "1" if request.param == "seccomp" else "0")
     home = tmp_path / "node"
     assert run("overflowd", "init", "--home", str(home)).code == 0
     d = Daemon(home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--rate", "1")
@@ -41,6 +48,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     finally:
         code, out = d.stop()
         assert code == 0, out[-2000:]
+        assert ("sandbox seccomp on" in out) == (request.param == "seccomp"), out[-2000:]
 
 
 def test_the_api_is_built_on_its_first_request_and_answers_it(daemon: Daemon) -> None:
