@@ -5,7 +5,11 @@ existing one: ``--db``), runs each command ``--runs`` times as a new process, it
 pipe, and prints the median and minimum of wall time and of the process's CPU time (user +
 system, from ``wait4``): wall grows with the machine's load, CPU much less. Then the idle
 daemon: a fresh home (``overflowd init``), ``overflowd run`` with every socket on 127.0.0.1
-port 0, and after ``--idle`` seconds its RSS (VmRSS, VmHWM) and how many modules it loaded.
+port 0, and after ``--idle`` seconds its RSS (VmRSS, VmHWM); then ``--traffic`` seconds of
+NetFlow v5 (TEST-NET flows, ``--rate`` datagrams a second, to its loopback port) and its RSS
+``--idle`` seconds later, then after one API request (the app is built on the first: issue
+#16); medians of ``--daemon-runs`` daemons per tree. ``--daemon-only`` skips the store and
+the CLI runs.
 Then ``python -X importtime`` of ``reports --dst ADDR`` and of the daemon: the largest
 top-level imports.
 
@@ -18,23 +22,28 @@ venv's real ``overflowd-query`` entry point.
     .venv/bin/python bench/startup.py                          # builds 1M reports: ~3 min
     .venv/bin/python bench/startup.py --keep /tmp/q1m          # ... and keeps the store
     .venv/bin/python bench/startup.py --db sqlite:////tmp/q1m/overflowd.db --against /tmp/base
+    .venv/bin/python bench/startup.py --daemon-only --against /tmp/base --daemon-runs 3  # ~2 min
 
-Nothing is sent anywhere: the daemon binds 127.0.0.1 only and is sent no traffic.
+Nothing is sent anywhere else: the daemon binds 127.0.0.1 only; its traffic is loopback.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 import os
 import re
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -119,22 +128,76 @@ def importtime(cmd: list[str], env: dict[str, str], top: int, *, daemon: bool = 
     return f"{total} modules; {shown}"
 
 
-def _wait_ready(proc: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
-    """Until the daemon prints its API's address (the last thing it binds)."""
+def _wait_ready(proc: subprocess.Popen[str], timeout_s: float = 60.0) -> dict[str, str]:
+    """Until the daemon prints its API's address (the last thing it binds): its announcements
+    ("listening udp" -> "127.0.0.1:PORT", "api" -> its URL)."""
     assert proc.stdout is not None
+    seen: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"overflowd run exited ({proc.wait()}) before it was ready")
+        if line.startswith("listening udp "):
+            seen.setdefault("udp", line.split()[2])
         if line.startswith("api "):
-            return
+            seen["api"] = line.split()[1]
+            return seen
     raise RuntimeError("overflowd run not ready in time")
 
 
-def idle_daemon(tree: Path, env: dict[str, str], idle_s: float) -> tuple[int, int, int]:
-    """(VmRSS kB, VmHWM kB, threads) of a fresh node's ``overflowd run`` after ``idle_s``."""
+def v5_datagram(now_s: int, serial: int) -> bytes:
+    """A NetFlow v5 datagram of 30 TEST-NET flows (192.0.2.0/24 -> 198.51.100.0/24), dated
+    now: what an exporter sends, to a daemon on loopback only."""
+    head = struct.pack("!HHIIIIBBH", 5, 30, 10_000_000, now_s, 0, serial, 1, 2, 0)
+    rest = (10, 1000, 9_999_000, 9_999_500)  # packets, bytes, first and last (uptime ms)
+    tail = (80, 0, 0x1B, 6, 0, 64500, 64501, 24, 24, 0)  # dport ... masks, pad
+    body = b"".join(
+        struct.pack(
+            "!IIIHHIIIIHHBBBBHHBBH",
+            *(0xC0000200 | (i + serial) % 250 + 1, 0xC6336400 | i % 8 + 1, 0, 1, 2),
+            *rest,
+            1024 + i,
+            *tail,
+        )
+        for i in range(30)
+    )
+    return head + body
+
+
+def send_traffic(udp: str, seconds: float, rate: float) -> int:
+    """v5 datagrams at ``rate`` a second for ``seconds`` to ``udp`` (127.0.0.1:PORT)."""
+    host, port = udp.rsplit(":", 1)
+    assert ipaddress.ip_address(host).is_loopback, udp
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            while sent < elapsed * rate:
+                sock.sendto(v5_datagram(int(time.time()), sent), (host, int(port)))
+                sent += 1
+            time.sleep(0.005)
+    return sent
+
+
+def _rss(pid: int) -> tuple[int, int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+
+    def field(name: str) -> int:
+        m = re.search(rf"^{name}:\s+(\d+)", status, re.M)
+        return int(m.group(1)) if m else -1
+
+    return field("VmRSS"), field("VmHWM"), field("Threads")
+
+
+def idle_daemon(
+    tree: Path, env: dict[str, str], idle_s: float, traffic_s: float = 0.0, rate: float = 2000
+) -> dict[str, tuple[int, int, int]]:
+    """(VmRSS kB, VmHWM kB, threads) of a fresh node's ``overflowd run``: after ``idle_s`` at
+    start; with ``traffic_s``, again ``idle_s`` after that long of v5 traffic at ``rate``
+    datagrams a second, and after one API request (GET /v1/identity)."""
     home = Path(tempfile.mkdtemp(prefix="s8startup-home-"))
+    out: dict[str, tuple[int, int, int]] = {}
     try:
         init = subprocess.run(
             launch(tree, "overflowd.cli.node", "--home", str(home), "init"),
@@ -147,9 +210,17 @@ def idle_daemon(tree: Path, env: dict[str, str], idle_s: float) -> tuple[int, in
             env=env, text=True,
         )  # fmt: skip
         try:
-            _wait_ready(proc)
+            seen = _wait_ready(proc)
             time.sleep(idle_s)
-            status = Path(f"/proc/{proc.pid}/status").read_text()
+            out["idle at start"] = _rss(proc.pid)
+            if traffic_s > 0:
+                send_traffic(seen["udp"], traffic_s, rate)
+                time.sleep(idle_s)
+                out[f"idle after {traffic_s:g} s of traffic"] = _rss(proc.pid)
+                with urllib.request.urlopen(seen["api"] + "identity", timeout=30) as answer:
+                    assert answer.status == 200
+                time.sleep(1.0)
+                out["after one API request"] = _rss(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -157,12 +228,7 @@ def idle_daemon(tree: Path, env: dict[str, str], idle_s: float) -> tuple[int, in
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-        def field(name: str) -> int:
-            m = re.search(rf"^{name}:\s+(\d+)", status, re.M)
-            return int(m.group(1)) if m else -1
-
-        return field("VmRSS"), field("VmHWM"), field("Threads")
+        return out
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -210,13 +276,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="runs per command and tree")
     parser.add_argument("--idle", type=float, default=3.0, help="daemon idle seconds")
     parser.add_argument("--top", type=int, default=8, help="imports shown per -X importtime")
+    parser.add_argument(
+        "--daemon-only",
+        action="store_true",
+        help="only the idle daemon (no store, no overflowd-query runs)",
+    )
+    parser.add_argument(
+        "--traffic",
+        type=float,
+        default=10.0,
+        help="seconds of v5 traffic before the second idle figure (0: none)",
+    )
+    parser.add_argument("--rate", type=float, default=2000, help="datagrams/s of that traffic")
+    parser.add_argument("--daemon-runs", type=int, default=1, help="idle daemons per tree")
     args = parser.parse_args(argv)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("OVERFLOWD")}
     # bytecode as an installed CLI has it: compiled once, not in every process
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     tmp: Path | None = None
-    if args.db:
+    if args.daemon_only:
+        db, now_ms = "", 0
+    elif args.db:
         db = args.db
         now_ms = newest_ms(db)
     else:
@@ -230,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     entry = str(Path(sys.executable).with_name("overflowd-query"))
     try:
         cmds = commands(db, now_ms)
+        if args.daemon_only:
+            cmds = {}
         for tree in trees.values():  # warm: bytecode written, page cache filled
             for argv in cmds.values():
                 timed(launch(tree, "overflowd.cli.query", *argv), env)
@@ -249,32 +332,45 @@ def main(argv: list[str] | None = None) -> int:
                     walls, cpus = results.setdefault(("entry point", name), ([], []))
                     walls.append(w)
                     cpus.append(c)
-        load_after = os.getloadavg()
-        print(
-            f"\noverflowd-query as a whole process, {args.runs} runs each, interleaved; "
-            f"store {db} ({now_ms}); load average {load_before[0]:.1f} -> {load_after[0]:.1f} "
-            f"on {os.cpu_count()} cpus"
-        )
-        labels = [*trees, *(["entry point"] if ("entry point", "--help") in results else [])]
-        print(f"  {'command':44}" + "".join(f"{lab + ' CPU | wall ms p50 (min)':>42}"
-                                            for lab in labels))  # fmt: skip
-        for name in cmds:
-            cells = []
-            for lab in labels:
-                walls, cpus = results[(lab, name)]
-                cells.append(f"{stats(cpus)} | {stats(walls)}")
-            print(f"  {name:44}" + "".join(f"{c:>42}" for c in cells))
+        if cmds:  # not --daemon-only
+            load_after = os.getloadavg()
+            print(
+                f"\noverflowd-query as a whole process, {args.runs} runs each, interleaved; "
+                f"store {db} ({now_ms}); load average {load_before[0]:.1f} -> {load_after[0]:.1f} "
+                f"on {os.cpu_count()} cpus"
+            )
+            labels = [*trees, *(["entry point"] if ("entry point", "--help") in results else [])]
+            print(f"  {'command':44}" + "".join(f"{lab + ' CPU | wall ms p50 (min)':>42}"
+                                                for lab in labels))  # fmt: skip
+            for name in cmds:
+                cells = []
+                for lab in labels:
+                    walls, cpus = results[(lab, name)]
+                    cells.append(f"{stats(cpus)} | {stats(walls)}")
+                print(f"  {name:44}" + "".join(f"{c:>42}" for c in cells))
 
-        print(f"\nidle `overflowd run` (fresh home, loopback, {args.idle:g} s idle)")
-        for label, tree in trees.items():
-            rss, hwm, threads = idle_daemon(tree, env, args.idle)
-            print(f"  {label:12} VmRSS {rss / 1024:6.1f} MB  VmHWM {hwm / 1024:6.1f} MB  "
-                  f"threads {threads}")  # fmt: skip
+        print(
+            f"\nidle `overflowd run` (fresh home, every socket on loopback, {args.idle:g} s idle; "
+            f"traffic: v5, 30 TEST-NET flows a datagram, {args.rate:g}/s), "
+            f"{args.daemon_runs} run(s) per tree, interleaved; load {os.getloadavg()[0]:.1f}"
+        )
+        figures: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        for _ in range(args.daemon_runs):
+            for label, tree in trees.items():
+                for state, value in idle_daemon(tree, env, args.idle, args.traffic,
+                                                args.rate).items():  # fmt: skip
+                    figures.setdefault((state, label), []).append(value)
+        for (state, label), values in figures.items():
+            rss = statistics.median(v[0] for v in values) / 1024
+            hwm = statistics.median(v[1] for v in values) / 1024
+            print(f"  {state:30} {label:10} VmRSS {rss:6.1f} MB  VmHWM {hwm:6.1f} MB  "
+                  f"threads {values[0][2]}")  # fmt: skip
 
         print("\n-X importtime, largest imports (cumulative ms; load makes them noisy)")
         for label, tree in trees.items():
-            q = launch(tree, "overflowd.cli.query", *cmds[f"reports --dst {VICTIM_ADDRESS}"])
-            print(f"  {label:12} reports --dst: {importtime(q, env, args.top)}")
+            if not args.daemon_only:
+                q = launch(tree, "overflowd.cli.query", *cmds[f"reports --dst {VICTIM_ADDRESS}"])
+                print(f"  {label:12} reports --dst: {importtime(q, env, args.top)}")
             home = Path(tempfile.mkdtemp(prefix="s8startup-home-"))
             try:
                 subprocess.run(launch(tree, "overflowd.cli.node", "--home", str(home), "init"),

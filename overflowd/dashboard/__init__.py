@@ -9,7 +9,22 @@ docs/dashboard.md says what each page shows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from overflowd.dashboard.history import CounterHistory
-from overflowd.dashboard.pages import router
+
+if TYPE_CHECKING:
+    from overflowd.dashboard.pages import router
+
+
+def __getattr__(name: str) -> Any:
+    """``router`` imported when asked for: the pages import FastAPI, which ``overflowd run``
+    loads only when the API app is built on its first request (issue #16, idle RSS)."""
+    if name == "router":
+        from overflowd.dashboard.pages import router
+
+        return router
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CounterHistory", "router"]

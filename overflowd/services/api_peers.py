@@ -41,12 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import anyio.to_thread
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
-from pydantic import BaseModel
+from typing import TYPE_CHECKING
 
 from overflowd import receiver
 from overflowd import report as rpt
@@ -57,6 +52,9 @@ from overflowd.services.peer_policy import PeerPolicy
 from overflowd.store.repository import Store
 from overflowd.wire import peering
 from overflowd.wire import webhook as wh
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter, Request
 
 log = logging.getLogger(__name__)
 
@@ -392,59 +390,6 @@ class PeerInbox:
             )
 
 
-class InboxRefusal(BaseModel):
-    index: int
-    reason: str
-
-
-class InboxAnswerOut(BaseModel):
-    """How many of the reports sent were stored, already held, and refused (by index)."""
-
-    accepted: int
-    duplicates: int
-    refused: list[InboxRefusal]
-
-
-_REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["reports"],
-                    "properties": {
-                        "reports": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["cose", "hops"],
-                                "properties": {
-                                    "cose": {"type": "string", "description": "base64url COSE"},
-                                    "hops": {
-                                        "type": "integer",
-                                        "minimum": 1,
-                                        "maximum": peering.MAX_HOPS,
-                                    },
-                                },
-                            },
-                        }
-                    },
-                }
-            },
-            peering.CBOR: {
-                "schema": {
-                    "type": "string",
-                    "format": "binary",
-                    "description": "CBOR {\"reports\": [[h'COSE_Sign1', hops], ...]}, "
-                    "deterministic encoding, no tags (docs/peers.md)",
-                }
-            },
-        },
-    }
-}
-
-
 async def read_capped(request: Request, max_bytes: int) -> bytes | None:
     """The body, or None as soon as it is longer than ``max_bytes`` (the rest is not read)."""
     length = request.headers.get("content-length")
@@ -461,45 +406,11 @@ async def read_capped(request: Request, max_bytes: int) -> bytes | None:
 
 
 def router(inbox: Callable[[], PeerInbox | None]) -> APIRouter:
-    """The inbox route; ``inbox()`` is None when no peers are configured (every sender 401)."""
-    r = APIRouter()
+    """The inbox route (services/api_peers_routes.py: FastAPI and pydantic are imported there,
+    when the API app is built, not when the daemon starts)."""
+    from overflowd.services.api_peers_routes import router as build
 
-    @r.post(
-        peering.INBOX_PATH,
-        summary="reports a configured peer forwards (signed, batched)",
-        response_model=InboxAnswerOut,
-        responses={
-            400: {"description": "not an inbox body, or malformed headers"},
-            401: {"description": "not a configured peer, a bad signature, or a replay"},
-            403: {"description": "the peer is banned (docs/peers.md); see Retry-After"},
-            413: {"description": "body over peering.inbox_max_body_bytes"},
-            415: {"description": "a Content-Type other than application/json or application/cbor"},
-            429: {"description": "over the peer's inbound budget; see Retry-After"},
-            503: {"description": "the store cannot take reports now; see Retry-After"},
-        },
-        openapi_extra=_REQUEST_BODY,
-    )
-    async def inbox_post(request: Request) -> Response:
-        box = inbox()
-        if box is None:
-            return Response(_detail("not a configured peer"), 401, media_type="application/json")
-        # A banned peer is turned away before its body is read or anything is verified.
-        banned = box.refuse_banned(request.headers)
-        if banned is not None:
-            result = banned
-        else:
-            body = await read_capped(request, box.max_body_bytes)
-            result = (
-                box.oversized()
-                if body is None
-                else await anyio.to_thread.run_sync(box.handle, request.headers.raw, body)
-            )
-        headers = {}
-        if result.retry_after_s is not None:
-            headers["retry-after"] = str(result.retry_after_s)
-        return Response(result.body, result.status, headers=headers, media_type="application/json")
-
-    return r
+    return build(inbox)
 
 
 __all__ = [

@@ -26,24 +26,24 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from overflowd import receiver
 from overflowd.errors import DiscoveryError, SignatureError, StoreError
 from overflowd.identity import check_signature
 from overflowd.peers import PeerSettings
 from overflowd.registry import Found, valid_keys
-from overflowd.services.api_peers import read_capped
 from overflowd.services.dns import DnsRegistry
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.store import peer_subscriptions as subs
 from overflowd.store.repository import Store, StoredReport
 from overflowd.wire import peering
 from overflowd.wire import webhook as wh
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
 
 log = logging.getLogger(__name__)
 
@@ -281,47 +281,11 @@ _BODY: dict[str, Any] = {
 
 
 def router(desk: Callable[[], SubscriptionDesk | None]) -> APIRouter:
-    r = APIRouter()
+    """The routes (services/api_subscriptions_routes.py: FastAPI is imported there, when the
+    API app is built, not when the daemon starts)."""
+    from overflowd.services.api_subscriptions_routes import router as build
 
-    async def answer(request: Request, handle: Callable[..., Any]) -> Response:
-        d = desk()
-        if d is None:
-            out = _detail(401, "not a configured peer")
-        else:
-            body = await read_capped(request, MAX_BODY_BYTES)
-            if body is None:
-                out = _detail(413, f"body is larger than {MAX_BODY_BYTES} bytes")
-            else:
-                try:
-                    headers = wh.normalize_headers(request.headers.raw)
-                except wh.WebhookDecodeError as exc:  # a header given twice: anyone's input
-                    out = _detail(400, exc.reason)
-                else:
-                    who = d.authenticate(headers, body)
-                    out = who if isinstance(who, Answer) else await handle(d, who, body)
-        return Response(out.body, out.status, media_type="application/json")
-
-    @r.post(
-        PATH,
-        summary="subscribe to the reports about prefixes the subscriber's DNS record covers",
-        responses={
-            400: {"description": "malformed body or headers"},
-            401: {"description": "not a configured peer, a bad signature, or a replay"},
-            403: {"description": "the peer is banned"},
-        },
-        openapi_extra=_BODY,
-    )
-    async def subscribe(request: Request) -> Response:
-        return await answer(request, lambda d, p, b: d.subscribe(p, b))
-
-    @r.get(
-        PATH,
-        summary="the calling peer's subscriptions (signed as the POST, over an empty body)",
-    )
-    async def listing(request: Request) -> Response:
-        return await answer(request, lambda d, p, b: d.listing(p))
-
-    return r
+    return build(desk)
 
 
 __all__ = [

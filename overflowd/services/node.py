@@ -28,6 +28,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import trio
 from sqlalchemy import Connection
@@ -37,8 +39,7 @@ from overflowd import ssrf
 from overflowd.config import Settings, parse_listen
 from overflowd.errors import DeliveryError, DiscoveryError, StoreError
 from overflowd.flows import FlowRow
-from overflowd.flowsample import Sampler, SamplerStatistics, SamplingPolicy
-from overflowd.flowsample_batch import BatchSampler
+from overflowd.flowsample import BOOST_REASONS, Sampler, SamplerStatistics, SamplingPolicy
 from overflowd.identity import NodeIdentity
 from overflowd.notify import Budget, WebhookBudget, flow_key, normalize
 from overflowd.pipeline import ReportMaker, policy_from_settings
@@ -82,11 +83,39 @@ from overflowd.trust import (
     network_of,
 )
 from overflowd.wire import DecoderState, DecoderStatistics
-from overflowd.wire.sflow_batch import SFlowBatch, decode_sflow_batch
-from overflowd.wire.template_batch import TemplateBatch, decode_template_batch
-from overflowd.wire.v5_batch import V5Batch, decode_v5_batch
+
+if TYPE_CHECKING:
+    # numpy's modules: imported when the first batch of datagrams is decoded (_decode_batch),
+    # not at start: an idle node holds no numpy (~14 MB RSS, issue #16).
+    from overflowd.flowsample_batch import BatchSampler
+    from overflowd.wire.sflow_batch import SFlowBatch, decode_sflow_batch
+    from overflowd.wire.template_batch import TemplateBatch, decode_template_batch
+    from overflowd.wire.v5_batch import V5Batch, decode_v5_batch
 
 log = logging.getLogger(__name__)
+
+_BATCH_DECODERS = ("decode_v5_batch", "decode_sflow_batch", "decode_template_batch")
+
+
+def _load_batch_decoders() -> None:
+    """Import the array decoders (numpy) into this module's globals, once: the first batch of
+    datagrams does, so an idle node has no numpy. Module globals, so tests can replace them."""
+    g = globals()
+    if "decode_template_batch" in g:
+        return
+    from overflowd.wire import sflow_batch, template_batch, v5_batch
+
+    for name, module in zip(_BATCH_DECODERS, (v5_batch, sflow_batch, template_batch), strict=True):
+        g.setdefault(name, getattr(module, name))
+
+
+def __getattr__(name: str) -> Any:
+    """The array decoders, loaded when first asked for (:func:`_load_batch_decoders`)."""
+    if name in _BATCH_DECODERS:
+        _load_batch_decoders()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: Reports written per store transaction, and the longest a report waits for its batch. The
 #: wait is short because every hop to a victim adds it (peers push what is stored): under load
@@ -257,7 +286,9 @@ class NodeService:
         self._retired_batch: SamplerStatistics | None = None
         self._webhooks_from_dns = 0
         self.sampler = Sampler(policy)
-        self.batch_sampler = BatchSampler(policy)
+        # Made on the first batch (numpy with it); until then its statistics are zeros.
+        self._batch_policy = policy
+        self._batch_sampler: BatchSampler | None = None
         self.maker = ReportMaker.for_node(identity, settings, policy)
         self.decoder = DecoderState(
             overrides=sampling_overrides(settings.collector.sampling_overrides)
@@ -690,6 +721,37 @@ class NodeService:
                     for report in signed:
                         await reports.send(report)
 
+    @property
+    def batch_sampler(self) -> BatchSampler:
+        """The array sampler (numpy), made when first needed."""
+        if self._batch_sampler is None:
+            from overflowd.flowsample_batch import BatchSampler
+
+            self._batch_sampler = BatchSampler(self._batch_policy)
+        return self._batch_sampler
+
+    @batch_sampler.setter
+    def batch_sampler(self, sampler: BatchSampler) -> None:
+        self._batch_policy = sampler.policy
+        self._batch_sampler = sampler
+
+    def _batch_statistics(self) -> SamplerStatistics:
+        """The array sampler's counts, zeros (as a new one has) while none was made."""
+        if self._batch_sampler is not None:
+            return self._batch_sampler.statistics()
+        return SamplerStatistics(
+            records_seen=0,
+            records_sampled=0,
+            expected_sampled=0.0,
+            variance_sampled=0.0,
+            packets_seen=0,
+            packets_sampled=0,
+            certain=0,
+            boost_capped=0,
+            boosts=MappingProxyType(dict.fromkeys(BOOST_REASONS, 0)),
+            reseeds=0,
+        )
+
     def _decode_batch(self, batch: list[Datagram]) -> Iterator[list[rpt.SignedReport]]:
         """Decode, sample and sign ``batch``, yielding the reports of each step as it is made.
 
@@ -703,6 +765,7 @@ class NodeService:
         # decode_template_batch, which decodes the data sets of fixed-length v9/IPFIX
         # templates into arrays (sampled the same way) and the rest datagram by datagram.
         # Records become FlowRows only for what was sampled, except on the scalar path.
+        _load_batch_decoders()
         rest: Sequence[int] = range(len(batch))
         signed: list[rpt.SignedReport] = []
         if b"\x00\x05" in [d.data[:2] for d in batch]:
@@ -817,8 +880,8 @@ class NodeService:
             return
         policy, self._asked_policy = self._asked_policy, None
         self.sampler.policy = policy
-        self._retired_batch = self.batch_sampler.statistics()
-        self.batch_sampler = BatchSampler(policy)
+        self._retired_batch = self._batch_statistics()
+        self._batch_policy, self._batch_sampler = policy, None  # made on the next batch
         log.info("sampler.asked_boost_on")
 
     async def _capture_loop(
@@ -1088,9 +1151,9 @@ class NodeService:
             decoder=self.decoder.statistics(),
             sampler=merge_sampler_statistics(
                 self.sampler.statistics(),
-                merge_sampler_statistics(self._retired_batch, self.batch_sampler.statistics())
+                merge_sampler_statistics(self._retired_batch, self._batch_statistics())
                 if self._retired_batch is not None
-                else self.batch_sampler.statistics(),
+                else self._batch_statistics(),
             ),
             malformed_datagrams=self._malformed,
             reports_signed=self._signed,
