@@ -1,4 +1,4 @@
-"""The report store: SQLAlchemy models, the repository and its Alembic migrations.
+"""The report store: its SQLAlchemy Core tables, the repository and its Alembic migrations.
 
 Import from here; :mod:`overflowd.store.repository` is the one module that talks to the
 database, and the only thing services need is :class:`Store`.

@@ -1,6 +1,10 @@
-"""The tables of the report store, as SQLAlchemy 2 typed declarative models.
+"""The tables of the report store, as SQLAlchemy Core tables.
 
-These classes describe the schema *as the migrations leave it*; the migrations in
+Core ``Table`` objects rather than the ORM's declarative classes: every store module reads and
+writes through Core statements on ``Base.metadata.tables``, and the classes and their mappers
+pulled ``sqlalchemy.orm`` into the daemon for nothing (~7 MB of an idle node, issue #16).
+
+These tables describe the schema *as the migrations leave it*; the migrations in
 ``migrations/versions`` are what create and change tables, never ``metadata.create_all``. A test
 compares the two so they cannot drift apart.
 
@@ -26,16 +30,17 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Column,
     Double,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from overflowd.store.base import BIGINT_MAX as _BIGINT_MAX
 
@@ -96,326 +101,318 @@ def derived_columns(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+def column(name: str, type_: Any, *, nullable: bool = False, **kw: Any) -> Column[Any]:
+    """A column, NOT NULL unless said (what the declarative models' ``Mapped[T]`` gave; ``T |
+    None`` was ``nullable=True``): the migrations built them so, and a test compares."""
+    return Column(name, type_, nullable=nullable, **kw)
 
 
-class ReportModel(Base):
-    """One signed report, stored once whatever path it arrived by (``via``)."""
+#: Every table below; Alembic's env.py and the tests read it as ``Base.metadata``.
+METADATA = MetaData(naming_convention=NAMING_CONVENTION)
 
-    __tablename__ = "reports"
-    __table_args__ = (
-        #: oldest-first pruning of one kind (own: via = 'local'; received: the rest)
-        Index("ix_reports_via_received_ms", "via", "received_ms"),
-        # The query filters (migration 0007_query; docs/storage.md "Queries"): flow time on
-        # its own, each equality filter with last_ms (select and order newest-first at once).
-        #: covering what who/top read of a time window: they never touch the (~1 kB) rows
-        Index(
-            "ix_reports_last_ms_covering",
-            "last_ms",
-            "observer_key",
-            "ip_version",
-            "src",
-            "dst",
-            "first_ms",
-            "packets",
-            "bytes",
-            "probability",
-            "sampling_interval",
-            # top's grouping keys and weights (revision 0010_top_keys)
-            "src_key",
-            "dst_key",
-            "packets_weight",
-            "bytes_weight",
-        ),
-        Index("ix_reports_first_ms", "first_ms"),
-        Index("ix_reports_src_last_ms", "src", "last_ms"),
-        #: covering what who and the victim view read of one destination (0009_dash)
-        Index(
-            "ix_reports_dst_covering",
-            "dst",
-            "last_ms",
-            "observer_key",
-            "ip_version",
-            "src",
-            "first_ms",
-            "packets",
-            "bytes",
-            "probability",
-            "sampling_interval",
-        ),
-        #: an observer's reports, and its latest one (its current trust label) in one probe
-        Index("ix_reports_observer_key_received_ms", "observer_key", "received_ms"),
-        Index("ix_reports_proto_last_ms", "proto", "last_ms"),
-        Index("ix_reports_sport_last_ms", "sport", "last_ms"),
-        Index("ix_reports_dport_last_ms", "dport", "last_ms"),
-        Index("ix_reports_kind_last_ms", "kind", "last_ms"),
-        Index("ix_reports_trust", "trust"),
-    )
 
+class Base:
+    """The name every store module reads the tables by (``Base.metadata.tables["reports"]``),
+    kept from the declarative models these tables replace: no mapped class, no ORM."""
+
+    metadata = METADATA
+
+
+#: One signed report, stored once whatever path it arrived by (``via``).
+REPORTS = Table(
+    "reports",
+    METADATA,
     #: lowercase hex SHA-256 of ``cose`` (:func:`overflowd.report.report_id`)
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    cose: Mapped[bytes] = mapped_column(LargeBinary)
-    observer_key: Mapped[bytes] = mapped_column(LargeBinary(32))
-    kind: Mapped[str] = mapped_column(String(32))
-    ip_version: Mapped[int] = mapped_column(Integer)
-    src: Mapped[bytes] = mapped_column(LargeBinary(16))
-    dst: Mapped[bytes] = mapped_column(LargeBinary(16))
-    proto: Mapped[int] = mapped_column(Integer)
-    sport: Mapped[int] = mapped_column(Integer)
-    dport: Mapped[int] = mapped_column(Integer)
-    packets: Mapped[int] = mapped_column(BigInteger)
-    # the column is 'bytes'; the attribute may not shadow the builtin inside this class body
-    octets: Mapped[int] = mapped_column("bytes", BigInteger)
-    first_ms: Mapped[int] = mapped_column(BigInteger)
-    last_ms: Mapped[int] = mapped_column(BigInteger)
-    tcp_flags: Mapped[int] = mapped_column(Integer)
-    tos: Mapped[int] = mapped_column(Integer)
-    src_as: Mapped[int | None] = mapped_column(BigInteger)
-    dst_as: Mapped[int | None] = mapped_column(BigInteger)
-    report_time_ms: Mapped[int] = mapped_column(BigInteger)
-    probability: Mapped[float] = mapped_column(Double)
-    sampling_format: Mapped[str] = mapped_column(String(24))
-    sampling_interval: Mapped[int] = mapped_column(BigInteger)
-    sampling_provenance: Mapped[str] = mapped_column(String(16))
-    received_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    column("id", String(64), primary_key=True),
+    column("cose", LargeBinary),
+    column("observer_key", LargeBinary(32)),
+    column("kind", String(32)),
+    column("ip_version", Integer),
+    column("src", LargeBinary(16)),
+    column("dst", LargeBinary(16)),
+    column("proto", Integer),
+    column("sport", Integer),
+    column("dport", Integer),
+    column("packets", BigInteger),
+    column("bytes", BigInteger),
+    column("first_ms", BigInteger),
+    column("last_ms", BigInteger),
+    column("tcp_flags", Integer),
+    column("tos", Integer),
+    column("src_as", BigInteger, nullable=True),
+    column("dst_as", BigInteger, nullable=True),
+    column("report_time_ms", BigInteger),
+    column("probability", Double),
+    column("sampling_format", String(24)),
+    column("sampling_interval", BigInteger),
+    column("sampling_provenance", String(16)),
+    column("received_ms", BigInteger, index=True),
     #: how it reached us: 'local', 'udp', 'webhook', 'import' or 'gossip'
-    via: Mapped[str] = mapped_column(String(16))
+    column("via", String(16)),
     #: the observer's trust when it arrived ('pinned', 'dns', 'continuity', 'unknown');
     #: NULL for our own reports and for reports stored before revision 0003
-    trust: Mapped[str | None] = mapped_column(String(16))
+    column("trust", String(16), nullable=True),
     #: the /24 or /48 the report reached us from (storage budgets per sender network);
     #: NULL for our own reports, and where the path has no sender address
-    sender_net: Mapped[str | None] = mapped_column(String(43))
+    column("sender_net", String(43), nullable=True),
     #: this node's own number for the report, given when it was first stored and strictly
-    #: increasing in commit order (:class:`ReportSequenceModel`): the cursor of every reader
-    #: that pages through reports (peers, ``--follow``); never a timestamp, which many share
-    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    #: increasing in commit order (``report_sequence``): the cursor of every reader that pages
+    #: through reports (peers, ``--follow``); never a timestamp, which many share
+    column("seq", BigInteger, unique=True),
     #: the fewest peer-to-peer hops it made to reach us (0: not through a peer; the
     #: inbox's ``hops``); what it is forwarded with, plus one
-    hops: Mapped[int] = mapped_column(Integer, server_default="0")
+    column("hops", Integer, server_default="0"),
     # Computed from the columns above when the row is written (derived_columns), so that `top`
     # groups and adds stored numbers instead of evaluating expressions per report (revision
     # 0010_top_keys; docs/query.md "How fast"). NULL only in rows written before it.
     #: the source's /24 (IPv4) or /48 (IPv6) as one integer, ordered as (ip_version, prefix)
-    src_key: Mapped[int | None] = mapped_column(BigInteger)
-    dst_key: Mapped[int | None] = mapped_column(BigInteger)
+    column("src_key", BigInteger, nullable=True),
+    column("dst_key", BigInteger, nullable=True),
     #: the Horvitz-Thompson weight packets·interval/p of a p < 1 report (+inf over WEIGHT_CAP);
     #: NULL when p = 1 (a certain report)
-    packets_weight: Mapped[float | None] = mapped_column(Double)
-    bytes_weight: Mapped[float | None] = mapped_column(Double)
+    column("packets_weight", Double, nullable=True),
+    column("bytes_weight", Double, nullable=True),
+    #: oldest-first pruning of one kind (own: via = 'local'; received: the rest)
+    Index("ix_reports_via_received_ms", "via", "received_ms"),
+    # The query filters (migration 0007_query; docs/storage.md "Queries"): flow time on
+    # its own, each equality filter with last_ms (select and order newest-first at once).
+    #: covering what who/top read of a time window: they never touch the (~1 kB) rows
+    Index(
+        "ix_reports_last_ms_covering",
+        "last_ms",
+        "observer_key",
+        "ip_version",
+        "src",
+        "dst",
+        "first_ms",
+        "packets",
+        "bytes",
+        "probability",
+        "sampling_interval",
+        # top's grouping keys and weights (revision 0010_top_keys)
+        "src_key",
+        "dst_key",
+        "packets_weight",
+        "bytes_weight",
+    ),
+    Index("ix_reports_first_ms", "first_ms"),
+    Index("ix_reports_src_last_ms", "src", "last_ms"),
+    #: covering what who and the victim view read of one destination (0009_dash)
+    Index(
+        "ix_reports_dst_covering",
+        "dst",
+        "last_ms",
+        "observer_key",
+        "ip_version",
+        "src",
+        "first_ms",
+        "packets",
+        "bytes",
+        "probability",
+        "sampling_interval",
+    ),
+    #: an observer's reports, and its latest one (its current trust label) in one probe
+    Index("ix_reports_observer_key_received_ms", "observer_key", "received_ms"),
+    Index("ix_reports_proto_last_ms", "proto", "last_ms"),
+    Index("ix_reports_sport_last_ms", "sport", "last_ms"),
+    Index("ix_reports_dport_last_ms", "dport", "last_ms"),
+    Index("ix_reports_kind_last_ms", "kind", "last_ms"),
+    Index("ix_reports_trust", "trust"),
+)
 
+#: One way a report reached this node, and how often: the report is stored once, every arrival
+#: is counted here (duplicates included), so an operator sees a report that came by UDP, by
+#: webhook and from three peers as one report with five channels.
+#:
+#: ``channel`` is ``local``, ``udp``, ``webhook``, ``import`` or ``peer:<fingerprint>`` of the
+#: peer it came from (``peer`` for gossip stored before revision 0007_arrivals). Rows per report
+#: are bounded by construction: four fixed channels plus one per configured peer.
+REPORT_ARRIVALS = Table(
+    "report_arrivals",
+    METADATA,
+    column("report_id", String(64), primary_key=True),
+    column("channel", String(64), primary_key=True),
+    column("count", BigInteger),
+    column("first_ms", BigInteger),
+    column("last_ms", BigInteger),
+)
 
-class ReportArrivalModel(Base):
-    """One way a report reached this node, and how often: the report is stored once, every
-    arrival is counted here (duplicates included), so an operator sees a report that came by
-    UDP, by webhook and from three peers as one report with five channels.
+#: The last report sequence number given out: one row, updated in each storing transaction.
+#:
+#: Updating it takes the row's lock (PostgreSQL) or the database's write lock (SQLite) until the
+#: transaction ends, so a writer gets its numbers only after the writer before it has committed
+#: or rolled back: numbers become visible in order, and a reader that has seen ``n`` will never
+#: later find a new report numbered below ``n``.
+REPORT_SEQUENCE = Table(
+    "report_sequence",
+    METADATA,
+    column("name", String(16), primary_key=True),
+    column("last", BigInteger),
+)
 
-    ``channel`` is ``local``, ``udp``, ``webhook``, ``import`` or ``peer:<fingerprint>`` of
-    the peer it came from (``peer`` for gossip stored before revision 0007_arrivals). Rows per
-    report are bounded by construction: four fixed channels plus one per configured peer.
-    """
-
-    __tablename__ = "report_arrivals"
-
-    report_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
-    count: Mapped[int] = mapped_column(BigInteger)
-    first_ms: Mapped[int] = mapped_column(BigInteger)
-    last_ms: Mapped[int] = mapped_column(BigInteger)
-
-
-class ReportSequenceModel(Base):
-    """The last report sequence number given out: one row, updated in each storing transaction.
-
-    Updating it takes the row's lock (PostgreSQL) or the database's write lock (SQLite) until
-    the transaction ends, so a writer gets its numbers only after the writer before it has
-    committed or rolled back: numbers become visible in order, and a reader that has seen
-    ``n`` will never later find a new report numbered below ``n``.
-    """
-
-    __tablename__ = "report_sequence"
-
-    name: Mapped[str] = mapped_column(String(16), primary_key=True)
-    last: Mapped[int] = mapped_column(BigInteger)
-
-
-class ObserverModel(Base):
-    """One observer key we hold reports from, with what its latest report said about it."""
-
-    __tablename__ = "observers"
-
-    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
-    fingerprint: Mapped[str] = mapped_column(String(19))
+#: One observer key we hold reports from, with what its latest report said about it.
+OBSERVERS = Table(
+    "observers",
+    METADATA,
+    column("key", LargeBinary(32), primary_key=True),
+    column("fingerprint", String(19)),
     #: JSON array of contact URIs, from the most recently received report
-    contacts: Mapped[str] = mapped_column(Text)
-    point: Mapped[str] = mapped_column(String(64))
-    first_seen_ms: Mapped[int] = mapped_column(BigInteger)
-    last_seen_ms: Mapped[int] = mapped_column(BigInteger)
+    column("contacts", Text),
+    column("point", String(64)),
+    column("first_seen_ms", BigInteger),
+    column("last_seen_ms", BigInteger),
     #: how many distinct reports of this observer are stored
-    reports: Mapped[int] = mapped_column(BigInteger)
+    column("reports", BigInteger),
     #: since when the daemon's trust book has seen these contacts unchanged; NULL when unknown
     #: (not written yet, or a newer report brought other contacts)
-    contacts_since_ms: Mapped[int | None] = mapped_column(BigInteger)
+    column("contacts_since_ms", BigInteger, nullable=True),
     #: the largest weights n·k/p and b·k/p of its p < 1 reports ever stored (inf allowed): what
     #: one report it did not send could have weighed, the unit of its estimates' intervals
     #: (docs/estimates.md); NULL while it has none. Kept when reports are pruned: only wider.
-    packets_unit: Mapped[float | None] = mapped_column(Double)
-    bytes_unit: Mapped[float | None] = mapped_column(Double)
+    column("packets_unit", Double, nullable=True),
+    column("bytes_unit", Double, nullable=True),
+)
 
-
-class ObserverNetworkModel(Base):
-    """A /24 or /48 network an observer key's reports reached us from (trust continuity).
-
-    Written by the daemon in batches (:mod:`overflowd.store.continuity`), at most
-    ``MAX_NETWORKS_PER_KEY`` rows per key: the least recently seen are deleted first, so a
-    flood of spoofed sources cannot grow the table without limit.
-    """
-
-    __tablename__ = "observer_networks"
-
-    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+#: A /24 or /48 network an observer key's reports reached us from (trust continuity).
+#:
+#: Written by the daemon in batches (:mod:`overflowd.store.continuity`), at most
+#: ``MAX_NETWORKS_PER_KEY`` rows per key: the least recently seen are deleted first, so a flood
+#: of spoofed sources cannot grow the table without limit.
+OBSERVER_NETWORKS = Table(
+    "observer_networks",
+    METADATA,
+    column("key", LargeBinary(32), primary_key=True),
     #: "192.0.2.0/24" or "2001:db8:1::/48" (43 characters hold any IPv6 prefix)
-    network: Mapped[str] = mapped_column(String(43), primary_key=True)
-    first_seen_ms: Mapped[int] = mapped_column(BigInteger)
-    last_seen_ms: Mapped[int] = mapped_column(BigInteger)
-    reports: Mapped[int] = mapped_column(BigInteger)
+    column("network", String(43), primary_key=True),
+    column("first_seen_ms", BigInteger),
+    column("last_seen_ms", BigInteger),
+    column("reports", BigInteger),
+)
 
-
-class WebhookOutboxModel(Base):
-    """One webhook delivery of one report to one URL: pending, delivered, or dead (kept).
-
-    The row holds the report's COSE bytes, enough to rebuild the body and sign fresh headers at
-    every attempt (a signature older than the receiver's 300 s window would be refused), so the
-    outbox does not depend on the ``reports`` table. ``next_attempt_ms`` is also the lease: a
-    worker that claims a row pushes it into the future, so a crashed worker's rows come due
-    again when the lease runs out. ``(report_id, url)`` is unique: enqueueing twice is a no-op.
-    """
-
-    __tablename__ = "webhook_outbox"
-    __table_args__ = (
-        UniqueConstraint("report_id", "url"),
-        Index("ix_webhook_outbox_state_next_attempt_ms", "state", "next_attempt_ms"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    report_id: Mapped[str] = mapped_column(String(64))
-    url: Mapped[str] = mapped_column(String(2048))
-    cose: Mapped[bytes] = mapped_column(LargeBinary)
+#: One webhook delivery of one report to one URL: pending, delivered, or dead (kept).
+#:
+#: The row holds the report's COSE bytes, enough to rebuild the body and sign fresh headers at
+#: every attempt (a signature older than the receiver's 300 s window would be refused), so the
+#: outbox does not depend on the ``reports`` table. ``next_attempt_ms`` is also the lease: a
+#: worker that claims a row pushes it into the future, so a crashed worker's rows come due again
+#: when the lease runs out. ``(report_id, url)`` is unique: enqueueing twice is a no-op.
+WEBHOOK_OUTBOX = Table(
+    "webhook_outbox",
+    METADATA,
+    column("id", Integer, primary_key=True, autoincrement=True),
+    column("report_id", String(64)),
+    column("url", String(2048)),
+    column("cose", LargeBinary),
     #: 'pending', 'delivered' or 'dead'
-    state: Mapped[str] = mapped_column(String(16))
-    attempts: Mapped[int] = mapped_column(Integer)
-    next_attempt_ms: Mapped[int] = mapped_column(BigInteger)
-    created_ms: Mapped[int] = mapped_column(BigInteger)
-    updated_ms: Mapped[int] = mapped_column(BigInteger)
-    last_status: Mapped[int | None] = mapped_column(Integer)
-    last_error: Mapped[str | None] = mapped_column(String(400))
+    column("state", String(16)),
+    column("attempts", Integer),
+    column("next_attempt_ms", BigInteger),
+    column("created_ms", BigInteger),
+    column("updated_ms", BigInteger),
+    column("last_status", Integer, nullable=True),
+    column("last_error", String(400), nullable=True),
     #: 'webhook' (a webhook endpoint's delivery) or 'peer' (a push to a peer's inbox): the
     #: same machinery, claimed by different workers
-    kind: Mapped[str] = mapped_column(String(8), server_default="webhook")
+    column("kind", String(8), server_default="webhook"),
+    UniqueConstraint("report_id", "url"),
+    Index("ix_webhook_outbox_state_next_attempt_ms", "state", "next_attempt_ms"),
+)
 
-
-class WebhookEndpointModel(Base):
-    """What we learnt about a webhook URL: disabled (410 Gone), or asked us to slow down."""
-
-    __tablename__ = "webhook_endpoints"
-
-    url: Mapped[str] = mapped_column(String(2048), primary_key=True)
+#: What we learnt about a webhook URL: disabled (410 Gone), or asked us to slow down.
+WEBHOOK_ENDPOINTS = Table(
+    "webhook_endpoints",
+    METADATA,
+    column("url", String(2048), primary_key=True),
     #: when it answered 410 Gone; NULL while enabled
-    disabled_ms: Mapped[int | None] = mapped_column(BigInteger)
-    disabled_reason: Mapped[str | None] = mapped_column(String(400))
+    column("disabled_ms", BigInteger, nullable=True),
+    column("disabled_reason", String(400), nullable=True),
     #: no request to this URL before this time (Retry-After, 429/503); 0 for none
-    not_before_ms: Mapped[int] = mapped_column(BigInteger)
-    updated_ms: Mapped[int] = mapped_column(BigInteger)
+    column("not_before_ms", BigInteger),
+    column("updated_ms", BigInteger),
+)
 
-
-class ObserverEventModel(Base):
-    """Something about an observer the operator should look at (:mod:`overflowd.trust` events).
-
-    ``kind`` is ``new_key`` (a key never seen before, for an observer known by its contacts or
-    label) or ``contacts_changed`` (a known key now sends other contacts). Contacts are JSON
-    arrays; for ``new_key``, ``old_contacts`` are those of the keys it is related to.
-    """
-
-    __tablename__ = "observer_events"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    key: Mapped[bytes] = mapped_column(LargeBinary(32))
-    old_contacts: Mapped[str] = mapped_column(Text)
-    new_contacts: Mapped[str] = mapped_column(Text)
+#: Something about an observer the operator should look at (:mod:`overflowd.trust` events).
+#:
+#: ``kind`` is ``new_key`` (a key never seen before, for an observer known by its contacts or
+#: label) or ``contacts_changed`` (a known key now sends other contacts). Contacts are JSON
+#: arrays; for ``new_key``, ``old_contacts`` are those of the keys it is related to.
+OBSERVER_EVENTS = Table(
+    "observer_events",
+    METADATA,
+    column("id", Integer, primary_key=True, autoincrement=True),
+    column("kind", String(32)),
+    column("key", LargeBinary(32)),
+    column("old_contacts", Text),
+    column("new_contacts", Text),
     #: one of the keys involved is pinned: look now
-    pinned: Mapped[bool] = mapped_column(Boolean)
-    at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    column("pinned", Boolean),
+    column("at_ms", BigInteger, index=True),
     #: the address the report came from, when known
-    sender: Mapped[str | None] = mapped_column(String(64))
+    column("sender", String(64), nullable=True),
     #: for people: why the key is related, and the previous keys' fingerprints
-    detail: Mapped[str | None] = mapped_column(String(400))
+    column("detail", String(400), nullable=True),
+)
 
-
-class PeerStateModel(Base):
-    """What this node knows of one peer (:mod:`overflowd.store.peers`), durable across restarts.
-
-    ``pull_cursor`` is the peer's own report number (its ``/v1/reports`` ``next``) up to which
-    every report it served is stored here; ``push_cursor`` is *our* report number up to which
-    ours were handed to its inbox queue. Both only move forward, except that a peer whose store
-    was reset (it answers 409 to our cursor) is pulled from 0 again.
-    """
-
-    __tablename__ = "peer_state"
-
+#: What this node knows of one peer (:mod:`overflowd.store.peers`), durable across restarts.
+#:
+#: ``pull_cursor`` is the peer's own report number (its ``/v1/reports`` ``next``) up to which
+#: every report it served is stored here; ``push_cursor`` is *our* report number up to which ours
+#: were handed to its inbox queue. Both only move forward, except that a peer whose store was
+#: reset (it answers 409 to our cursor) is pulled from 0 again.
+PEER_STATE = Table(
+    "peer_state",
+    METADATA,
     #: the peer's Ed25519 public key
-    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
-    name: Mapped[str] = mapped_column(String(64))
-    url: Mapped[str] = mapped_column(String(2048))
-    pull_cursor: Mapped[int] = mapped_column(BigInteger)
-    push_cursor: Mapped[int] = mapped_column(BigInteger)
+    column("key", LargeBinary(32), primary_key=True),
+    column("name", String(64)),
+    column("url", String(2048)),
+    column("pull_cursor", BigInteger),
+    column("push_cursor", BigInteger),
     #: the last time the peer answered (a pull page, an inbox delivery); NULL: never
-    last_contact_ms: Mapped[int | None] = mapped_column(BigInteger)
-    last_error: Mapped[str | None] = mapped_column(String(400))
-    last_error_ms: Mapped[int | None] = mapped_column(BigInteger)
+    column("last_contact_ms", BigInteger, nullable=True),
+    column("last_error", String(400), nullable=True),
+    column("last_error_ms", BigInteger, nullable=True),
     #: reports stored from it (new to us), sent to it, and received from it that we had
-    reports_in: Mapped[int] = mapped_column(BigInteger)
-    reports_out: Mapped[int] = mapped_column(BigInteger)
-    duplicates: Mapped[int] = mapped_column(BigInteger)
-    score: Mapped[float] = mapped_column(Double)
+    column("reports_in", BigInteger),
+    column("reports_out", BigInteger),
+    column("duplicates", BigInteger),
+    column("score", Double),
     #: no exchange with it before this time; NULL: not banned
-    banned_until_ms: Mapped[int | None] = mapped_column(BigInteger)
-    ban_count: Mapped[int] = mapped_column(Integer)
-    ban_reason: Mapped[str | None] = mapped_column(String(400))
+    column("banned_until_ms", BigInteger, nullable=True),
+    column("ban_count", Integer),
+    column("ban_reason", String(400), nullable=True),
     #: learned from another node's signed record, not configured
-    learned: Mapped[bool] = mapped_column(Boolean)
-    created_ms: Mapped[int] = mapped_column(BigInteger)
-    updated_ms: Mapped[int] = mapped_column(BigInteger)
+    column("learned", Boolean),
+    column("created_ms", BigInteger),
+    column("updated_ms", BigInteger),
+)
 
-
-class PeerRecordModel(Base):
-    """The latest signed node record a peer served at its ``/v1/identity``, kept verbatim
-    (docs/peers.md "Learned peers"): ``GET /v1/peers`` hands these on so that a node's peers
-    can learn of each other. One row per peer key, replaced at each pull round."""
-
-    __tablename__ = "peer_records"
-
+#: The latest signed node record a peer served at its ``/v1/identity``, kept verbatim
+#: (docs/peers.md "Learned peers"): ``GET /v1/peers`` hands these on so that a node's peers can
+#: learn of each other. One row per peer key, replaced at each pull round.
+PEER_RECORDS = Table(
+    "peer_records",
+    METADATA,
     #: the peer's Ed25519 public key (the record's own key: checked before it is stored)
-    key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    column("key", LargeBinary(32), primary_key=True),
     #: the COSE_Sign1 bytes as served (at most peers.MAX_NODE_RECORD_BYTES)
-    record: Mapped[bytes] = mapped_column(LargeBinary(4096))
+    column("record", LargeBinary(4096)),
     #: the record's own signing time, and when we fetched it
-    record_ms: Mapped[int] = mapped_column(BigInteger)
-    fetched_ms: Mapped[int] = mapped_column(BigInteger)
+    column("record_ms", BigInteger),
+    column("fetched_ms", BigInteger),
+)
 
-
-class PeerSubscriptionModel(Base):
-    """A prefix a peer subscribed to (docs/peers.md "Subscriptions"): the reports whose source
-    or destination is inside it go to ``endpoint`` (the subscriber's inbox). Accepted only when
-    the prefix's ``_overflowd`` record names the subscriber's key."""
-
-    __tablename__ = "peer_subscriptions"
-
+#: A prefix a peer subscribed to (docs/peers.md "Subscriptions"): the reports whose source or
+#: destination is inside it go to ``endpoint`` (the subscriber's inbox). Accepted only when the
+#: prefix's ``_overflowd`` record names the subscriber's key.
+PEER_SUBSCRIPTIONS = Table(
+    "peer_subscriptions",
+    METADATA,
     #: the subscriber's Ed25519 public key (a configured peer's)
-    subscriber: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    column("subscriber", LargeBinary(32), primary_key=True),
     #: the prefix in its canonical text form (``192.0.2.0/24``)
-    prefix: Mapped[str] = mapped_column(String(43), primary_key=True)
-    endpoint: Mapped[str] = mapped_column(String(2048))
-    created_ms: Mapped[int] = mapped_column(BigInteger)
-    updated_ms: Mapped[int] = mapped_column(BigInteger)
+    column("prefix", String(43), primary_key=True),
+    column("endpoint", String(2048)),
+    column("created_ms", BigInteger),
+    column("updated_ms", BigInteger),
+)
