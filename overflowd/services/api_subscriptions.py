@@ -28,14 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
-
 from overflowd import receiver
 from overflowd.errors import DiscoveryError, SignatureError, StoreError
 from overflowd.identity import check_signature
 from overflowd.peers import PeerSettings
 from overflowd.registry import Found, valid_keys
-from overflowd.services.dns import DnsRegistry
 from overflowd.services.peer_policy import PeerPolicy
 from overflowd.store import peer_subscriptions as subs
 from overflowd.store.repository import Store, StoredReport
@@ -44,6 +41,8 @@ from overflowd.wire import webhook as wh
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
+
+    from overflowd.services.dns import DnsRegistry
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +220,8 @@ class SubscriptionDesk:
                 refused.append((shown, why))
         if accepted:
             now_ms = int(self._clock() * 1000)
+            import anyio.to_thread  # with the app: not in an idle node (issue #16)
+
             try:
                 over = await anyio.to_thread.run_sync(
                     lambda: subs.add_subscriptions(
@@ -249,6 +250,8 @@ class SubscriptionDesk:
         )
 
     async def listing(self, peer: PeerSettings) -> Answer:
+        import anyio.to_thread
+
         rows = await anyio.to_thread.run_sync(subs.list_subscriptions, self.store, peer.key)
         return _json(
             200,

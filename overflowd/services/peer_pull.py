@@ -38,9 +38,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -71,6 +70,9 @@ from overflowd.store import events as event_store
 from overflowd.store import peers as peer_store
 from overflowd.store.repository import MAX_SEQ, Store
 from overflowd.wire import peering as wire_peering
+
+if TYPE_CHECKING:
+    import httpx  # imported where a request is made: a node that pulls from no peer never loads it
 
 log = logging.getLogger(__name__)
 
@@ -366,11 +368,13 @@ class PeerPullStatistics:
         return {k: out[k] for k in ERROR_KINDS}
 
 
-ClientFactory = Callable[[PeeringSettings], httpx.AsyncClient]
+ClientFactory = Callable[[PeeringSettings], "httpx.AsyncClient"]
 
 
 def default_client(peering: PeeringSettings) -> httpx.AsyncClient:
     """Explicit timeouts, no redirects, no proxies from the environment, bodies as sent."""
+    import httpx
+
     return httpx.AsyncClient(
         timeout=httpx.Timeout(peering.pull_timeout_s, connect=peering.pull_connect_timeout_s),
         follow_redirects=False,
@@ -661,6 +665,8 @@ class PeerPull:
     async def _get_once(
         self, client: httpx.AsyncClient, peer: PeerSettings, after: int, limit: int
     ) -> tuple[bytes, str]:
+        import httpx
+
         url = peer.endpoint("v1/reports")
         sent_at = trio.current_time()
         try:
@@ -947,6 +953,8 @@ class PeerPull:
         self, client: httpx.AsyncClient, peer: PeerSettings, path: str, cap: int
     ) -> bytes | None:
         """One GET under the peer's base: the body of a 200 within the cap and timeout."""
+        import httpx
+
         try:
             with trio.fail_after(self.peering.pull_timeout_s):
                 response = await client.send(

@@ -36,8 +36,8 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -62,6 +62,9 @@ from overflowd.store.models import Base
 from overflowd.store.repository import Store, StoredReport
 from overflowd.wire import peering
 from overflowd.wire import webhook as wh
+
+if TYPE_CHECKING:
+    import httpx  # imported where a request is made: a node that pushes to no peer never loads it
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,8 @@ def inbox_url(peer: PeerSettings) -> str:
 
 
 def _client() -> httpx.AsyncClient:
+    import httpx
+
     return httpx.AsyncClient(
         timeout=httpx.Timeout(TOTAL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
         limits=httpx.Limits(
@@ -266,6 +271,8 @@ class PeerPush:
     ) -> None:
         """A peer's task, restarted after any failure (a store outage, a bug): one peer's
         trouble never ends the service, and never another peer's task."""
+        import httpx
+
         delay = RETRY_BASE_S
         while True:
             try:
@@ -506,6 +513,8 @@ class PeerPush:
         encoding: str = peering.CBOR,
     ) -> bool:
         """POST one batch and record its outcome; True when the peer took it (2xx)."""
+        import httpx
+
         msg_id = peering.message_id(body, peer.key)  # names the recipient: not replayable elsewhere
         # The signature covers the body bytes whatever their encoding.
         headers = wh.sign(msg_id, int(self._wall_clock()), body, self._signer)

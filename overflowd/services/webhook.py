@@ -66,9 +66,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 
 from overflowd import report as rpt
@@ -85,6 +84,11 @@ from overflowd.receiver import BATCH_PREFIX, BATCH_SUFFIX, batch_id, encode_body
 from overflowd.store import outbox
 from overflowd.store.repository import Store
 from overflowd.wire import webhook as wh
+
+if TYPE_CHECKING:
+    # imported where a request is made (default_client, _send, _pinned): httpx and httpcore
+    # are ~1.5 MB of an idle node that has no webhook endpoint (issue #16)
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +465,7 @@ class _Attempt:
     refused: bool = False
 
 
-ClientFactory = Callable[[WebhookSettings], httpx.AsyncClient]
+ClientFactory = Callable[[WebhookSettings], "httpx.AsyncClient"]
 
 
 def default_client(settings: WebhookSettings) -> httpx.AsyncClient:
@@ -470,6 +474,8 @@ def default_client(settings: WebhookSettings) -> httpx.AsyncClient:
     HTTP/1.1 only (httpx's default): its answer head is capped by httpcore
     (MAX_ANSWER_HEAD_BYTES), and the body is read raw by :meth:`WebhookDelivery._send`.
     """
+    import httpx
+
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.io_timeout_s, connect=settings.connect_timeout_s),
         limits=httpx.Limits(
@@ -1135,6 +1141,8 @@ class WebhookDelivery:
     async def _send(
         self, client: httpx.AsyncClient, url: str, msg_id: str, body: bytes
     ) -> _Attempt:
+        import httpx
+
         s = self._settings
         try:
             target = ssrf.parse_target(url, require_https=s.require_https)
@@ -1217,6 +1225,8 @@ def _pinned(url: str, target: ssrf.Target, address: ssrf.Address) -> tuple[str, 
     """
     if target.literal is not None:
         return url, {}
+    import httpx
+
     parsed = httpx.URL(url)
     ip = f"{address}"
     pinned = parsed.copy_with(host=ip)
