@@ -22,6 +22,11 @@ in entries and in bytes (:data:`HINT_MAX_BYTES`).
 
 So a lookup against resolvers that never answer returns within ``max_queries × timeout_s``
 and, once the failure is cached, at once. It must never log record contents beyond names.
+
+dnspython (~2 MB of an idle daemon, issue #16) is imported and the resolver built with the
+first question, in a worker thread; what building it would refuse (nameservers that do not
+parse, an /etc/resolv.conf that cannot be read or names no nameserver) is still refused when
+the registry is made, as before, without it.
 """
 
 from __future__ import annotations
@@ -31,23 +36,18 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import dns.asyncresolver
-import dns.exception
-import dns.message
-import dns.name
-import dns.nameserver
-import dns.rdatatype
-import dns.rdtypes.ANY.SOA
-import dns.rdtypes.ANY.TXT
-import dns.resolver
 import trio
 
 from overflowd import registry as reg
 from overflowd.errors import DecodeError, DiscoveryError
 from overflowd.registry import CachedTxt, Found, Outcome, RegistrySettings, parse_nameserver
 from overflowd.trust import Trust, TrustBook, TrustLevel
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import dns.message
 
 __all__ = [
     "AbuseFound",
@@ -71,6 +71,8 @@ MAX_TXT_RECORDS = 32
 #: only binds if one misbehaves; beyond it a question fails at once (counted
 #: ``inflight_refused``) rather than growing the in-flight map and the limiter's queue.
 MAX_INFLIGHT_NAMES = 4096
+#: Where the resolvers are when ``registry.nameservers`` is empty (read as dnspython reads it).
+RESOLV_CONF = "/etc/resolv.conf"
 
 
 class AbuseFound(NamedTuple):
@@ -184,14 +186,57 @@ class DnsRegistry:
         self.settings = settings or RegistrySettings()
         self._clock = clock or trio.current_time
         self.cache = reg.TxtCache(self.settings.cache_policy())
-        self._resolver = self._make_resolver()
+        self._check_resolvers()
+        #: built with the first question (:meth:`_resolver_now`)
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._building = trio.Lock()
         self._c = _Counters()
         # One question per name on the wire at a time: concurrent lookups of the same name
         # (a flood's reports all go to one /24) wait for the first and read the cache.
         self._inflight: dict[str, trio.Event] = {}
         self._limiter = trio.CapacityLimiter(self.settings.max_concurrent_queries)
 
+    def _check_resolvers(self) -> None:
+        """Refuse now what :meth:`_make_resolver` would refuse, without dnspython: a nameserver
+        that does not parse (ValueError), or without nameservers an /etc/resolv.conf that cannot
+        be read or has no ``nameserver`` line (DiscoveryError, dnspython's words)."""
+        if self.settings.nameservers:
+            for text in self.settings.nameservers:
+                parse_nameserver(text)
+            return
+        try:
+            with open(RESOLV_CONF, encoding="utf-8") as f:
+                # read_resolv_conf's test: a line not starting with # or ; whose first of at
+                # least two tokens is "nameserver"
+                named = any(
+                    line[:1] not in ("#", ";")
+                    and len(tokens := line.split()) >= 2
+                    and tokens[0] == "nameserver"
+                    for line in f
+                )
+        except (OSError, UnicodeDecodeError):
+            why = f"cannot open {RESOLV_CONF}"
+        else:
+            why = "" if named else "no nameservers"
+        if why:
+            raise DiscoveryError(
+                f"no registry.nameservers configured and {RESOLV_CONF} unusable: {why}"
+            )
+
+    async def _resolver_now(self) -> dns.asyncresolver.Resolver:
+        """The resolver, built by the first question (dnspython imported in a worker thread:
+        the event loop goes on receiving flows); concurrent first questions wait for it."""
+        if self._resolver is None:
+            async with self._building:
+                if self._resolver is None:
+                    self._resolver = await trio.to_thread.run_sync(self._make_resolver)
+        return self._resolver
+
     def _make_resolver(self) -> dns.asyncresolver.Resolver:
+        import dns.asyncresolver
+        import dns.exception
+        import dns.nameserver
+
         resolver = dns.asyncresolver.Resolver(configure=False)
         if self.settings.nameservers:
             servers: list[dns.nameserver.Nameserver | str] = []
@@ -201,8 +246,8 @@ class DnsRegistry:
             resolver.nameservers = servers
         else:
             try:
-                resolver.read_resolv_conf("/etc/resolv.conf")
-            except (dns.exception.DNSException, OSError) as exc:
+                resolver.read_resolv_conf(RESOLV_CONF)
+            except (dns.exception.DNSException, OSError, ValueError) as exc:
                 raise DiscoveryError(
                     f"no registry.nameservers configured and /etc/resolv.conf unusable: {exc}"
                 ) from None
@@ -396,12 +441,21 @@ class DnsRegistry:
             done.set()
 
     async def _query(self, name: str) -> CachedTxt:
+        try:
+            resolver = await self._resolver_now()
+        except DiscoveryError as exc:  # /etc/resolv.conf changed since start: said per name
+            return self._failure(name, str(exc))
+        import dns.exception
+        import dns.rdatatype
+        import dns.rdtypes.ANY.TXT
+        import dns.resolver
+
         self._c.queries += 1
         timeout = self.settings.timeout_s
         try:
             # dnspython's lifetime bounds the question; the trio deadline is a safety net.
             with trio.fail_after(timeout + 1.0):
-                answer = await self._resolver.resolve(
+                answer = await resolver.resolve(
                     name, dns.rdatatype.TXT, raise_on_no_answer=False, lifetime=timeout
                 )
         except dns.resolver.NXDOMAIN as exc:
@@ -657,6 +711,9 @@ class RegistryHints:
 
 def _negative_ttl(response: dns.message.Message | None) -> float | None:
     """RFC 2308 §5: the lower of the SOA record's TTL and its MINIMUM field; None without SOA."""
+    import dns.rdatatype
+    import dns.rdtypes.ANY.SOA
+
     if response is None:
         return None
     for rrset in response.authority:

@@ -678,3 +678,64 @@ def test_contact_cli_errors_are_one_line(knot: KnotServer, tmp_path: Path) -> No
     code, _, err = contact(knot, tmp_path, "192.0.2.7", "--resolver", "dns.example:53")
     # a bad flag value is a usage error: exit 2, naming the flag (operability issue)
     assert code == 2 and "--resolver" in err and "not an IP address" in err
+
+
+# -- the resolver: refused at start as dnspython would, built by the first question (#16) ------
+
+#: /etc/resolv.conf contents (None: no file); the registry must refuse exactly those that
+#: dnspython's read_resolv_conf refuses, and say it in dnspython's words
+RESOLV_CONFS = {
+    "missing": None,
+    "empty": "",
+    "comments": "# nameserver 192.0.2.1\n; nameserver 192.0.2.2\n",
+    "indented comment": "  # nameserver 192.0.2.1\n",
+    "bare keyword": "nameserver\nsearch example.test\n",
+    "other keys": "search example.test\noptions ndots:2\n",
+    "one": "search example.test\nnameserver 127.0.0.1\n",
+    "indented": "  nameserver 127.0.0.1 # a comment after it\n",
+    "tab": "nameserver\t::1\n",
+}
+
+
+@pytest.mark.parametrize("conf", RESOLV_CONFS)
+def test_a_resolv_conf_dnspython_refuses_is_refused_when_the_registry_is_made(
+    conf: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dns.resolver
+
+    path = tmp_path / "resolv.conf"
+    text = RESOLV_CONFS[conf]
+    if text is not None:
+        path.write_text(text)
+    try:
+        dns.resolver.Resolver(configure=False).read_resolv_conf(str(path))
+        expected = None
+    except dns.resolver.NoResolverConfiguration as exc:
+        expected = str(exc)
+    assert (expected is None) == (conf in ("one", "indented", "tab"))  # the table means it
+    monkeypatch.setattr(dns_service, "RESOLV_CONF", str(path))
+    if expected is None:
+        DnsRegistry(RegistrySettings())
+    else:
+        with pytest.raises(DiscoveryError) as info:
+            DnsRegistry(RegistrySettings())
+        assert str(info.value) == (
+            f"no registry.nameservers configured and {path} unusable: {expected}"
+        )
+
+
+async def test_concurrent_first_questions_share_the_resolver_they_build(knot: KnotServer) -> None:
+    r = make(knot)
+    answers: list[list[Found]] = []
+
+    async def ask(address: str) -> None:
+        answers.append(await r.lookup_address(address))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(ask, "192.0.2.7")
+    assert len(answers) == 8
+    assert all([(f.name, f.record.public_key) for f in a] == [
+        ("_overflowd.7.2.0.192.in-addr.arpa", KEY["B"])
+    ] for a in answers)  # fmt: skip
