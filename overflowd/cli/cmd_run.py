@@ -320,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
                     await nursery.start(history.run)
                     host, port = await nursery.start(api.run)
                     shown = f"[{host}]" if ":" in host else host
-                    print(f"api http://{shown}:{port}/v1/", flush=True)
+                    scheme = "https" if api.settings.tls_certificate_file else "http"
+                    print(f"api {scheme}://{shown}:{port}/v1/", flush=True)
                 if peer_pull is not None:
                     await nursery.start(peer_pull.run)
                 await nursery.start(run_push)

@@ -24,9 +24,11 @@ client at accept (``overflowd.services.receive_http``), which needs our own acce
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -59,6 +61,8 @@ MAX_PAGE = 1000
 #: traceback per request). The answer is 503 with this Retry-After, saying nothing internal.
 STORE_ERROR_LOG_INTERVAL_S = 60.0
 STORE_ERROR_RETRY_AFTER_S = 5
+#: Connections waiting to be accepted, as hypercorn's default ``backlog``.
+API_BACKLOG = 100
 #: Where the OpenAPI document is shipped in the package (a test keeps it equal to the code's).
 OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi.json"
 
@@ -437,12 +441,49 @@ class ApiService:
         return app
 
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-        from hypercorn.config import Config
-        from hypercorn.trio import serve
+        """Listen now; start hypercorn when the first connection waits on the socket.
 
+        hypercorn with h11, h2, wsproto and their tables is ~3 MB of an idle daemon (issue
+        #16), so the socket is bound and listening from the start, as hypercorn binds it (the
+        port is held, ``task_status`` gets it, a bind error names ``host:port``), and hypercorn
+        is imported (in a worker thread) when a client first connects: that connection waits in
+        the kernel's backlog meanwhile. hypercorn is handed the listening socket itself
+        (``worker_serve(sockets=)``: it calls no ``listen``, which the daemon's seccomp filter
+        refuses once it is on).
+        """
         host, port = parse_listen(self.settings.listen)
+        try:
+            sock = _listening_socket(host, port)
+        except OSError as exc:
+            # Named by "host:port", as the other services name theirs, so the daemon can say
+            # which flag or key the socket came from.
+            raise OSError(exc.errno, exc.strerror or str(exc), f"{host}:{port}") from None
+        with sock:
+            self.bound = sock.getsockname()[0], sock.getsockname()[1]
+            scheme = "https" if self.settings.tls_certificate_file else "http"
+            shown = f"[{self.bound[0]}]" if sock.family == socket.AF_INET6 else self.bound[0]
+            log.info("api.listening url=%s://%s:%d", scheme, shown, self.bound[1])
+            task_status.started(self.bound)
+            async with trio.open_nursery() as waiting:
+
+                async def stop_waiting() -> None:
+                    await self._stop.wait()
+                    waiting.cancel_scope.cancel()
+
+                waiting.start_soon(stop_waiting)
+                await trio.lowlevel.wait_readable(sock)  # a client connected: it waits
+                waiting.cancel_scope.cancel()
+            if self._stop.is_set():
+                return  # stopped before anyone connected: hypercorn never loaded
+            await trio.to_thread.run_sync(importlib.import_module, "hypercorn.trio.run")
+            await self._serve(sock)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        from hypercorn.config import Config, Sockets
+        from hypercorn.trio.run import worker_serve
+        from hypercorn.utils import wrap_app
+
         config = Config()
-        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         config.accesslog = None
         config.errorlog = logging.getLogger("overflowd.api.hypercorn")
         config.keep_alive_timeout = self.settings.keep_alive_s  # also the headers deadline
@@ -450,34 +491,26 @@ class ApiService:
         config.h11_max_incomplete_size = self.settings.max_header_bytes
         config.include_server_header = False
         config.graceful_timeout = 2.0
+        config.backlog = API_BACKLOG
         # HTTP/1.1 only (no h2: see receive_http for what one h2 connection can buffer).
         config.alpn_protocols = ["http/1.1"]
+        secure: list[socket.socket] = []
+        insecure = [sock]
         if self.settings.tls_certificate_file:
             config.certfile = self.settings.tls_certificate_file
             config.keyfile = self.settings.tls_key_file
             if self.settings.client_ca_file:
                 config.ca_certs = self.settings.client_ca_file
                 config.verify_mode = ssl.CERT_REQUIRED
-
-        async def started_at(*, task_status: trio.TaskStatus[list[str]]) -> None:
-            try:
-                await serve(
-                    self.limits.wrap(self.lazy),  # type: ignore[arg-type]  # an ASGI 3 app
-                    config,
-                    shutdown_trigger=self._stop.wait,
-                    task_status=task_status,
-                )
-            except* OSError as group:
-                # Named by "host:port", as the other services name theirs, so the daemon can
-                # say which flag or key the socket came from.
-                first = _first_leaf(group)
-                raise OSError(first.errno, first.strerror or str(first), f"{host}:{port}") from None
-
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(started_at)
-            self.bound = _bound(binds[0])
-            log.info("api.listening url=%s", binds[0])
-            task_status.started(self.bound)
+            secure, insecure = insecure, secure
+        # What hypercorn.trio.serve does, with our socket instead of one it binds.
+        app = self.limits.wrap(self.lazy)
+        await worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]  # ASGI 3
+            config,
+            sockets=Sockets(secure, insecure, []),
+            shutdown_trigger=self._stop.wait,
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -493,19 +526,20 @@ def _listens_on_loopback(settings: ApiSettings) -> bool:
         return False
 
 
-def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    assert isinstance(leaf, OSError)
-    return leaf
-
-
-def _bound(url: str) -> tuple[str, int]:
-    """('127.0.0.1', 9591) from hypercorn's 'http://127.0.0.1:9591'."""
-    hostport = url.split("://", 1)[1]
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port)
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket made as hypercorn's ``Config.create_sockets`` and ``worker_serve``
+    make theirs (family from the address, TCP_NODELAY, SO_REUSEADDR, its backlog)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(API_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ import pytest
 from overflowd import sandbox
 from tests.service.test_daemon import Daemon
 from tests.support.cli import run
+from tests.support.jfe_certs import TestCA
 from tests.unit.test_wire_v5 import v5
 
 #: one shared object each, mapped as soon as the package is imported
@@ -93,3 +94,37 @@ def test_numpy_comes_with_the_first_batch_and_the_records_are_counted(daemon: Da
     assert NUMPY in mapped(daemon.proc.pid)
     # --rate 1: every record is reported, signed and stored by the array path
     assert daemon.wait_for("overflowd_stored_reports_total", 1) >= 1
+
+
+def test_the_api_over_tls_with_client_certificates_is_served_from_its_first_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hypercorn starts on the first connection, after the seccomp filter is on, with the
+    listening socket made at start: TLS and the client CA are still applied to it."""
+    monkeypatch.setenv(sandbox.ENV, "1")
+    ca = TestCA()
+    chain, key = ca.leaf("127.0.0.1")
+    home = tmp_path / "node"
+    assert run("overflowd", "init", "--home", str(home)).code == 0
+    (home / "overflowd.toml").write_text(
+        f'[api]\ntls_certificate_file = "{chain}"\ntls_key_file = "{key}"\n'
+        f'client_ca_file = "{ca.ca_file}"\n',
+        encoding="utf-8",
+    )
+    d = Daemon(home, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+    try:
+        api = d.line("api ").split(" ", 1)[1]
+        assert api.startswith("https://127.0.0.1:"), api
+        anonymous = ca.client_context()
+        with pytest.raises(httpx.HTTPError):  # no client certificate: no handshake
+            httpx.get(api + "identity", verify=anonymous, timeout=30)
+        client = ca.client_context()
+        client.load_cert_chain(*ca.leaf("client.example.test"))
+        answer = httpx.get(api + "identity", verify=client, timeout=30)
+        assert answer.status_code == 200 and answer.json()["key"], answer.text
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is no answer
+            httpx.get(api.replace("https://", "http://") + "identity", timeout=10)
+    finally:
+        code, out = d.stop()
+    assert code == 0, out[-2000:]
+    assert "sandbox seccomp on" in out, out[-2000:]
