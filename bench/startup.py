@@ -8,8 +8,9 @@ daemon: a fresh home (``overflowd init``), ``overflowd run`` with every socket o
 port 0, and after ``--idle`` seconds its RSS (VmRSS, VmHWM); then ``--traffic`` seconds of
 NetFlow v5 (TEST-NET flows, ``--rate`` datagrams a second, to its loopback port) and its RSS
 ``--idle`` seconds later, then after one API request (the app is built on the first: issue
-#16); medians of ``--daemon-runs`` daemons per tree. ``--daemon-only`` skips the store and
-the CLI runs.
+#16), and that first request's and a second one's wall time and the daemon's CPU time
+meanwhile (what the laziness costs); medians of ``--daemon-runs`` daemons per tree.
+``--daemon-only`` skips the store and the CLI runs.
 Then ``python -X importtime`` of ``reports --dst ADDR`` and of the daemon: the largest
 top-level imports.
 
@@ -190,12 +191,33 @@ def _rss(pid: int) -> tuple[int, int, int]:
     return field("VmRSS"), field("VmHWM"), field("Threads")
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _api_request(url: str, pid: int) -> tuple[float, float]:
+    """Wall ms of GET ``url`` and the daemon's CPU ms meanwhile."""
+    cpu, started = _cpu_s(pid), time.perf_counter()
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        assert answer.status == 200
+        answer.read()
+    return (time.perf_counter() - started) * 1000, (_cpu_s(pid) - cpu) * 1000
+
+
 def idle_daemon(
-    tree: Path, env: dict[str, str], idle_s: float, traffic_s: float = 0.0, rate: float = 2000
+    tree: Path,
+    env: dict[str, str],
+    idle_s: float,
+    traffic_s: float = 0.0,
+    rate: float = 2000,
+    requests: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, tuple[int, int, int]]:
     """(VmRSS kB, VmHWM kB, threads) of a fresh node's ``overflowd run``: after ``idle_s`` at
     start; with ``traffic_s``, again ``idle_s`` after that long of v5 traffic at ``rate``
-    datagrams a second, and after one API request (GET /v1/identity)."""
+    datagrams a second, and after one API request (GET /v1/identity). ``requests`` gets the
+    (wall ms, daemon CPU ms) of that first request and of a second one, after the RSS."""
     home = Path(tempfile.mkdtemp(prefix="s8startup-home-"))
     out: dict[str, tuple[int, int, int]] = {}
     try:
@@ -217,10 +239,14 @@ def idle_daemon(
                 send_traffic(seen["udp"], traffic_s, rate)
                 time.sleep(idle_s)
                 out[f"idle after {traffic_s:g} s of traffic"] = _rss(proc.pid)
-                with urllib.request.urlopen(seen["api"] + "identity", timeout=30) as answer:
-                    assert answer.status == 200
+                first = _api_request(seen["api"] + "identity", proc.pid)
                 time.sleep(1.0)
                 out["after one API request"] = _rss(proc.pid)
+                if requests is not None:
+                    requests["first API request"] = first
+                    requests["second API request"] = _api_request(
+                        seen["api"] + "identity", proc.pid
+                    )
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -355,16 +381,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.daemon_runs} run(s) per tree, interleaved; load {os.getloadavg()[0]:.1f}"
         )
         figures: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        timings: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(args.daemon_runs):
             for label, tree in trees.items():
+                requests: dict[str, tuple[float, float]] = {}
                 for state, value in idle_daemon(tree, env, args.idle, args.traffic,
-                                                args.rate).items():  # fmt: skip
+                                                args.rate, requests).items():  # fmt: skip
                     figures.setdefault((state, label), []).append(value)
+                for what, took in requests.items():
+                    timings.setdefault((what, label), []).append(took)
         for (state, label), values in figures.items():
             rss = statistics.median(v[0] for v in values) / 1024
             hwm = statistics.median(v[1] for v in values) / 1024
             print(f"  {state:30} {label:10} VmRSS {rss:6.1f} MB  VmHWM {hwm:6.1f} MB  "
                   f"threads {values[0][2]}")  # fmt: skip
+        # What laziness costs: the first request builds the app (and starts the server).
+        for (what, label), took in timings.items():
+            wall = statistics.median(t[0] for t in took)
+            cpu = statistics.median(t[1] for t in took)
+            print(f"  {what:30} {label:10} wall {wall:6.0f} ms  daemon CPU {cpu:5.0f} ms")
 
         print("\n-X importtime, largest imports (cumulative ms; load makes them noisy)")
         for label, tree in trees.items():
