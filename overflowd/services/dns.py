@@ -249,7 +249,7 @@ class DnsRegistry:
                 resolver.read_resolv_conf(RESOLV_CONF)
             except (dns.exception.DNSException, OSError, ValueError) as exc:
                 raise DiscoveryError(
-                    f"no registry.nameservers configured and /etc/resolv.conf unusable: {exc}"
+                    f"no registry.nameservers configured and {RESOLV_CONF} unusable: {exc}"
                 ) from None
         resolver.cache = None  # ours is bounded and knows negative answers; dnspython's isn't
         resolver.timeout = self.settings.timeout_s
