@@ -739,3 +739,17 @@ async def test_concurrent_first_questions_share_the_resolver_they_build(knot: Kn
     assert all([(f.name, f.record.public_key) for f in a] == [
         ("_overflowd.7.2.0.192.in-addr.arpa", KEY["B"])
     ] for a in answers)  # fmt: skip
+
+
+async def test_a_resolv_conf_emptied_after_start_fails_the_questions_not_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 127.0.0.1\n")
+    monkeypatch.setattr(dns_service, "RESOLV_CONF", str(path))
+    r = DnsRegistry(RegistrySettings(timeout_s=0.5))
+    path.write_text("# nothing here any more\n")  # before the first question builds the resolver
+    with trio.fail_after(5):
+        with pytest.raises(DiscoveryError, match="unusable: no nameservers"):
+            await r.lookup_address("192.0.2.7")
+    assert r.statistics().failures == 1 and r.statistics().queries == 0
