@@ -1,11 +1,13 @@
 """The victim view's time series: estimated packets and bytes per second, per observer, per
-time bucket, from ONE grouped query (bucket, observer) over the filter's reports.
+time bucket, from ONE read of the filter's reports (their stored columns, into numpy arrays:
+overflowd/store/window.py), grouped there by (observer, bucket).
 
-The sums and estimates are the ones ``who`` and ``top`` use (overflowd.store.query's SQL sums,
-:class:`~overflowd.estimate.Tally`, each observer's own units), so a bucket's numbers added
-over the whole span are what ``overflowd-query who`` says for the same filter. A report falls
-in the bucket of its flow's last packet (what ``--since`` compares). One more statement first
-finds the span (MIN and MAX of last_ms through the same index) when the filter gives none.
+The sums and estimates are the ones ``who`` and ``top`` use (the per-report terms of
+overflowd.store.query's SQL sums, :class:`~overflowd.estimate.Tally`, each observer's own
+units), so a bucket's numbers added over the whole span are what ``overflowd-query who`` says
+for the same filter. A report falls in the bucket of its flow's last packet (what
+``--since`` compares). The span, when the filter gives none, is the reports' own first and
+last flow end.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import func, select
 
 from overflowd import report as rpt
 from overflowd.store import query as q
@@ -67,97 +67,98 @@ def victim_series(store: Store, flt: ReportFilter, *, now_ms: int | None = None)
     """The series of ``flt``'s reports. The axis runs from ``since`` (else the earliest flow
     end) to ``until`` (else the latest flow end, but never past ``now_ms`` when given): a
     report whose flow ends beyond it is counted in ``outside_*``, not drawn."""
-    t = q._T
-    # a victim's day through its destination's index, not the day's (who does the same)
-    address_first = q._address_first(store, flt)
+    import numpy as np
+
+    from overflowd.store import window as wnd
+
+    # The window's rows once (a victim's day through its destination's covering index, as
+    # who reads it), grouped by (observer, bucket) in numpy: the span is their first and last
+    # flow end, no statement of its own. A GROUP BY (bucket, observer) in SQL evaluated the
+    # weights in every aggregate and sorted every row (SQLite: 80 ms of a day's 30,000).
+    w = wnd.read_window(store, flt)
     lo_ms, hi_ms = flt.since_ms, flt.until_ms
     if lo_ms is None or hi_ms is None:
-        with store.transaction("finding the span", write=False) as conn:
-            span = select(func.min(t.c.last_ms), func.max(t.c.last_ms))
-            found = conn.execute(q._where(span, flt, address_first=address_first)).one()
-        if found[0] is None:
+        if not len(w):
             return Series(1000, (), (), ((), ()), ((), ()), 0)
-        lo_ms = int(found[0]) if lo_ms is None else lo_ms
+        lo_ms = int(w.last_ms.min()) if lo_ms is None else lo_ms
         if hi_ms is None:
-            hi_ms = int(found[1]) if now_ms is None else min(int(found[1]), now_ms)
+            latest = int(w.last_ms.max())
+            hi_ms = latest if now_ms is None else min(latest, now_ms)
     hi_ms = max(hi_ms, lo_ms)
     bucket = bucket_for(hi_ms - lo_ms)
     first = lo_ms // bucket
     count = hi_ms // bucket - first + 1
-    key = (t.c.last_ms // bucket).label("bucket")
-    rows = q._run_sums(
-        store,
-        lambda cols: q._where(
-            select(key, t.c.observer_key, *cols), flt, address_first=address_first
-        ).group_by(key, t.c.observer_key),
-        "drawing the victim's traffic",
+    index = w.last_ms // bucket - first  # flow ends are >= 0: floor is SQL's integer division
+    g = wnd.group(w, [w.observer, index])
+    units = q._observer_units(store, w.keys)
+    # Point estimates per (observer, bucket) straight from the sums (certain + Σ weights, what
+    # Tally.estimate's point is; 0 where a report is over the cap); one interval per bucket,
+    # of all its observers' sums merged, with the largest of their units (as `top` does
+    # across observers): 60 intervals, not one per observer and bucket (0.1 ms each).
+    packets = g.certain_packets.astype(np.float64) + np.where(
+        g.packets_huge > 0, np.inf, g.packets_total
     )
-    units = q._observer_units(store, sorted({bytes(r[1]) for r in rows}))
-    # Point estimates per (bucket, observer) straight from the sums (certain + Σ weights, what
-    # Tally.estimate's point is); one interval per bucket, of all its observers' sums merged,
-    # with the largest of their units (as `top` does across observers): 60 intervals, not one
-    # per observer and bucket (a tenth of a millisecond each).
-    per: dict[bytes, dict[int, tuple[float, float]]] = {}
+    byte_counts = g.certain_bytes.astype(np.float64) + np.where(
+        g.bytes_huge > 0, np.inf, g.bytes_total
+    )
+    packets = np.where(np.isfinite(packets), packets, 0.0)
+    byte_counts = np.where(np.isfinite(byte_counts), byte_counts, 0.0)
+    observer = g.first(w.observer)
+    at = g.first(index)
+    inside = (at >= 0) & (at < count)
+    outside = ~inside
+    per: dict[int, dict[int, tuple[float, float]]] = {}
+    totals: dict[int, float] = {}
+    for o, i, pk, bc in zip(
+        observer[inside].tolist(),
+        at[inside].tolist(),
+        packets[inside].tolist(),
+        byte_counts[inside].tolist(),
+        strict=True,
+    ):
+        per.setdefault(o, {})[i] = (pk, bc)
+        totals[o] = totals.get(o, 0.0) + pk
     merged: dict[int, list[Any]] = {}
-    totals: dict[bytes, float] = {}
-    reports = 0
-    outside = [0, 0.0, 0.0]
-    for row in rows:
-        index = int(row[0]) - first
-        sums = q._sums(row, 2)
-        packets = _finite(float(sums[2]) + sums[4])
-        byte_count = _finite(float(sums[3]) + sums[7])
-        if not 0 <= index < count:
-            # a flow ending past `until` (its first packet was before it) or past now
-            outside[0] += int(sums[0])
-            outside[1] += packets
-            outside[2] += byte_count
-            continue
-        observer = bytes(row[1])
-        per.setdefault(observer, {})[index] = (packets, byte_count)
-        totals[observer] = totals.get(observer, 0.0) + packets
-        reports += int(sums[0])
-        if index in merged:
-            q._merge(merged[index], sums)
+    for gi in np.flatnonzero(inside).tolist():
+        sums = g.sums(gi)
+        i = int(at[gi])
+        if i in merged:
+            q._merge(merged[i], sums)
         else:
-            merged[index] = list(sums)
+            merged[i] = sums
     unit = q._max_unit(u for u, _ in units.values())
     byte_unit = q._max_unit(b for _, b in units.values())
     seconds = bucket / 1000
     pl, bl = [0.0] * count, [0.0] * count
     ph: list[float | None] = [0.0] * count
     bh: list[float | None] = [0.0] * count
-    for index, sums in merged.items():
+    for i, sums in merged.items():
         e = q._from(sums).estimate(unit=unit, byte_unit=byte_unit)
-        pl[index], bl[index] = e.packets.low / seconds, e.bytes.low / seconds
-        ph[index] = e.packets.high / seconds if math.isfinite(e.packets.high) else None
-        bh[index] = e.bytes.high / seconds if math.isfinite(e.bytes.high) else None
-    order = sorted(per, key=lambda k: (-totals[k], k))
+        pl[i], bl[i] = e.packets.low / seconds, e.bytes.low / seconds
+        ph[i] = e.packets.high / seconds if math.isfinite(e.packets.high) else None
+        bh[i] = e.bytes.high / seconds if math.isfinite(e.bytes.high) else None
+    order = sorted(per, key=lambda o: (-totals[o], w.keys[o]))
     stacks: list[tuple[str, list[float], list[float]]] = []
-    for rank, observer in enumerate(order):
+    for rank, o in enumerate(order):
         if rank < MAX_STACKS:
-            stacks.append((rpt.key_fingerprint(observer), [0.0] * count, [0.0] * count))
+            stacks.append((rpt.key_fingerprint(w.keys[o]), [0.0] * count, [0.0] * count))
         elif rank == MAX_STACKS:
             stacks.append(("other", [0.0] * count, [0.0] * count))
         _, packet_rates, byte_rates = stacks[-1]
-        for i, (packets, byte_count) in per[observer].items():
-            packet_rates[i] += packets / seconds
-            byte_rates[i] += byte_count / seconds
+        for i, (pk, bc) in per[o].items():
+            packet_rates[i] += pk / seconds
+            byte_rates[i] += bc / seconds
     return Series(
         bucket_ms=bucket,
         starts=tuple((first + i) * bucket for i in range(count)),
         stacks=tuple((name, tuple(p), tuple(b)) for name, p, b in stacks),
         band_packets=(tuple(pl), tuple(ph)),
         band_bytes=(tuple(bl), tuple(bh)),
-        reports=reports,
-        outside_reports=int(outside[0]),
-        outside_packets=float(outside[1]),
-        outside_bytes=float(outside[2]),
+        reports=int(g.reports[inside].sum()),
+        outside_reports=int(g.reports[outside].sum()),
+        outside_packets=sum(packets[outside].tolist()),
+        outside_bytes=sum(byte_counts[outside].tolist()),
     )
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
 
 
 __all__ = ["Series", "bucket_for", "victim_series"]

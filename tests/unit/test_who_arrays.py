@@ -98,6 +98,7 @@ FILTERS = [
     ReportFilter(proto=17, min_trust="continuity"),
     ReportFilter(dst=net("198.51.101.0/24"), until_ms=BASE_MS + HOUR_MS),
     ReportFilter(src=net("203.0.113.0/24")),
+    ReportFilter(kind="ddos-suspect", port=53),
 ]
 
 
@@ -108,7 +109,8 @@ FILTERS = [
 def test_the_arrays_answer_as_sql_on_the_seeded_store(
     seeded: Seeded, v4_len: int, v6_len: int, top_sources: int
 ) -> None:
-    for flt in FILTERS:
+    some = (seeded.identities[1].public_key, seeded.identities[2].public_key)
+    for flt in [*FILTERS, ReportFilter(observers=some, min_trust="dns")]:
         arrays, grouped = both(
             seeded.store, flt, top_sources=top_sources, v4_len=v4_len, v6_len=v6_len
         )
