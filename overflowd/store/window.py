@@ -151,22 +151,20 @@ def _window(rows: npt.NDArray[Any], sources: bool) -> Window:
         wb = np.where(sampled & (scaled_b <= cap), scaled_b / p, 0.0)
     cp = _exact_products(n, k, certain, scaled_p)
     cb = _exact_products(b, k, certain, scaled_b)
-    index: dict[bytes, int] = {}
-    objects = rows["o"]
-    if len(objects) and type(objects[0]) is not bytes:  # a driver's memoryview
-        objects = np.array([bytes(x) for x in objects], dtype=object)
-    raw = np.fromiter(
-        (index.setdefault(key, len(index)) for key in objects), np.int64, len(objects)
-    )
-    keys = sorted(index)
-    rank = np.empty(len(keys), np.int64)
-    rank[[index[key] for key in keys]] = np.arange(len(keys), dtype=np.int64)
+    objects = rows["o"].tolist()
+    if objects and type(objects[0]) is not bytes:  # a driver's memoryview
+        objects = [bytes(x) for x in objects]
+    # each report's observer as its rank among the window's (dict and map in C: a generator
+    # of setdefault calls was 10 ms of a day's 30,000 reports)
+    keys = sorted(dict.fromkeys(objects))
+    rank = {key: i for i, key in enumerate(keys)}
+    observer = np.fromiter(map(rank.__getitem__, objects), np.int64, len(objects))
     src = None
     if sources:
         src = np.frombuffer(rows["s"].tobytes(), np.uint8).reshape(-1, 16)
     return Window(
         keys=tuple(keys),
-        observer=rank[raw],
+        observer=observer,
         last_ms=rows["l"],
         first_ms=rows["f"] if sources else None,
         certain=certain,
