@@ -1,5 +1,5 @@
-"""The dashboard's parts without a browser: the counter ring, the victim series (one grouped
-query, its sums equal to ``who``'s), the SVG's escaping, and who may see the pages."""
+"""The dashboard's parts without a browser: the counter ring, the victim series (one read of
+the window, its sums equal to ``who``'s), the SVG's escaping, and who may see the pages."""
 
 from __future__ import annotations
 
