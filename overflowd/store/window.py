@@ -108,6 +108,8 @@ def read_window(
         address_first = q._address_first(store, flt)
     stmt = q._where(select(*columns), flt, address_first=address_first)
     parts = []
+    observers: list[Ints] = []
+    seen: dict[bytes, int] = {}  # observer -> its number in order of appearance
     with store.transaction("reading the reports", write=False) as conn:
         dbapi: Any = conn.dialect.dbapi
         try:
@@ -124,14 +126,39 @@ def read_window(
                 cursor = conn.execute(stmt).cursor
             while chunk := cursor.fetchmany(CHUNK):
                 # the driver's tuples straight into one structured array (in C: ~0.3 µs a row)
-                parts.append(np.array(chunk, dtype=dtype))
+                part = np.array(chunk, dtype=dtype)
+                del chunk
+                observers.append(_numbered(part, seen))
+                parts.append(part)
+            if store.backend == "postgresql":
+                cursor.close()  # ours (SQLAlchemy closes its own)
         except dbapi.Error as exc:  # the driver's own, from a fetch: as SQLAlchemy wraps them
             raise DBAPIError(str(stmt), None, exc) from exc
     rows = np.concatenate(parts) if parts else np.empty(0, dtype)
-    return _window(rows, sources)
+    keys = sorted(seen)
+    # each report's observer as its rank among the window's (bytes order)
+    rank = np.empty(len(keys), np.int64)
+    rank[[seen[key] for key in keys]] = np.arange(len(keys), dtype=np.int64)
+    numbers = np.concatenate(observers) if observers else np.empty(0, np.int64)
+    return _window(rows, tuple(keys), rank[numbers], sources)
 
 
-def _window(rows: npt.NDArray[Any], sources: bool) -> Window:
+def _numbered(part: npt.NDArray[Any], seen: dict[bytes, int]) -> Ints:
+    """The observer numbers of a chunk's rows (new ones numbered as they appear), and its
+    observer objects dropped: the Python objects held stay one chunk's whatever the window
+    (dict and map in C: a generator of setdefault calls was 10 ms of a day's 30,000)."""
+    objects = part["o"].tolist()
+    part["o"] = None
+    if objects and type(objects[0]) is not bytes:  # a driver's memoryview
+        objects = [bytes(x) for x in objects]
+    for key in dict.fromkeys(objects):
+        seen.setdefault(key, len(seen))
+    return np.fromiter(map(seen.__getitem__, objects), np.int64, len(objects))
+
+
+def _window(
+    rows: npt.NDArray[Any], keys: tuple[bytes, ...], observer: Ints, sources: bool
+) -> Window:
     p: Floats = rows["p"]
     n: Ints = rows["n"]
     b: Ints = rows["b"]
@@ -151,19 +178,11 @@ def _window(rows: npt.NDArray[Any], sources: bool) -> Window:
         wb = np.where(sampled & (scaled_b <= cap), scaled_b / p, 0.0)
     cp = _exact_products(n, k, certain, scaled_p)
     cb = _exact_products(b, k, certain, scaled_b)
-    objects = rows["o"].tolist()
-    if objects and type(objects[0]) is not bytes:  # a driver's memoryview
-        objects = [bytes(x) for x in objects]
-    # each report's observer as its rank among the window's (dict and map in C: a generator
-    # of setdefault calls was 10 ms of a day's 30,000 reports)
-    keys = sorted(dict.fromkeys(objects))
-    rank = {key: i for i, key in enumerate(keys)}
-    observer = np.fromiter(map(rank.__getitem__, objects), np.int64, len(objects))
     src = None
     if sources:
         src = np.frombuffer(rows["s"].tobytes(), np.uint8).reshape(-1, 16)
     return Window(
-        keys=tuple(keys),
+        keys=keys,
         observer=observer,
         last_ms=rows["l"],
         first_ms=rows["f"] if sources else None,
