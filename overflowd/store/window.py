@@ -14,7 +14,9 @@ ties by key), so ``who`` answers the same either way to the rounding of float su
 another order (tests compare the two over varied stores).
 
 Bounded: the rows come from the driver :data:`CHUNK` at a time (the Python objects held at
-once), the arrays cost ~100 bytes per report.
+once: each chunk's observer objects are numbered and dropped as it arrives); the arrays and
+their intermediates peak at a few hundred bytes per report (a who of a whole million-report
+store, no filter: 388 MB peak RSS and 3.5 s of CPU, the SQL path 647 MB and 7.9 s).
 """
 
 from __future__ import annotations
