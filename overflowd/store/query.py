@@ -1234,6 +1234,7 @@ def _who_by_arrays(
     from overflowd.store import window as wnd
 
     w = wnd.read_window(store, flt, sources=True, address_first=address_first)
+    assert w is not None  # no limit
     assert w.first_ms is not None and w.ip_version is not None and w.src is not None
     hi, lo = wnd.prefix_words(w, v4_len, v6_len)
     g = wnd.group(w, [w.observer, w.ip_version, hi, lo])

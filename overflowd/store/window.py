@@ -84,10 +84,12 @@ def read_window(
     *,
     sources: bool = False,
     address_first: bool | None = None,
-) -> Window:
+    limit: int | None = None,
+) -> Window | None:
     """The columns of ``flt``'s reports: one statement, through the index query.py's SQL path
     would take (on SQLite ``_address_first`` decides, as for who and the series; given when
-    the caller has asked already)."""
+    the caller has asked already). None when there are more than ``limit`` (read no further:
+    the caller groups in SQL instead)."""
     from overflowd.store import query as q
 
     t = q._T
@@ -127,12 +129,15 @@ def read_window(
                 cursor.execute(str(compiled), compiled.params)
             else:
                 cursor = conn.execute(stmt).cursor
-            while chunk := cursor.fetchmany(CHUNK):
+            size = CHUNK if limit is None else max(1, min(CHUNK, limit + 1))
+            while chunk := cursor.fetchmany(size):
                 # the driver's tuples straight into one structured array (in C: ~0.3 µs a row)
                 part = np.array(chunk, dtype=dtype)
                 del chunk
                 observers.append(_numbered(part, seen))
                 parts.append(part)
+                if limit is not None and sum(map(len, parts)) > limit:
+                    return None
             if binary:
                 cursor.close()  # ours (SQLAlchemy closes its own)
         except dbapi.Error as exc:  # the driver's own, from a fetch: as SQLAlchemy wraps them
