@@ -1069,6 +1069,10 @@ def who(
     The unit of each observer's intervals (what a report it did not send could have weighed)
     is its largest weight among all its p < 1 reports stored (``observers.packets_unit``), as
     docs/estimates.md asks for.
+
+    With top sources and from :data:`WHO_ARRAYS_FROM` matching reports, the window's rows are
+    grouped in numpy (:func:`_who_by_arrays`) rather than by SQL: the same answer, to the
+    rounding of floating-point sums added in another order.
     """
     _check_lengths(v4_len, v6_len)
     if top_sources < 0:
