@@ -130,16 +130,19 @@ def read_window(
             else:
                 cursor = conn.execute(stmt).cursor
             size = CHUNK if limit is None else max(1, min(CHUNK, limit + 1))
-            while chunk := cursor.fetchmany(size):
-                # the driver's tuples straight into one structured array (in C: ~0.3 µs a row)
-                part = np.array(chunk, dtype=dtype)
-                del chunk
-                observers.append(_numbered(part, seen))
-                parts.append(part)
-                if limit is not None and sum(map(len, parts)) > limit:
-                    return None
-            if binary:
-                cursor.close()  # ours (SQLAlchemy closes its own)
+            try:
+                while chunk := cursor.fetchmany(size):
+                    # the driver's tuples straight into one structured array (in C: ~0.3 µs
+                    # a row)
+                    part = np.array(chunk, dtype=dtype)
+                    del chunk
+                    observers.append(_numbered(part, seen))
+                    parts.append(part)
+                    if limit is not None and sum(map(len, parts)) > limit:
+                        return None
+            finally:
+                if binary:
+                    cursor.close()  # ours (SQLAlchemy closes its own)
         except dbapi.Error as exc:  # the driver's own, from a fetch: as SQLAlchemy wraps them
             raise DBAPIError(str(stmt), None, exc) from exc
     rows = np.concatenate(parts) if parts else np.empty(0, dtype)
