@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import operator
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -363,7 +364,14 @@ def _run_weighed(
 
     def fetch(stmt: Select[Any]) -> list[Any]:
         result = conn.execute(stmt)
-        return list(result.cursor.fetchall()) if plain else list(result.all())
+        if not plain:
+            return list(result.all())
+        try:
+            return list(result.cursor.fetchall())
+        except sqlite3.OperationalError as exc:
+            # SQLite adds a group's sums as it steps to it: an overflow in a group after the
+            # first is raised here, by the driver itself, not by execute (wrapped as it would)
+            raise OperationalError(str(stmt), None, exc) from exc
 
     with store.transaction(doing, write=False) as conn:
         if store.backend == "postgresql":
@@ -1061,6 +1069,10 @@ def who(
     The unit of each observer's intervals (what a report it did not send could have weighed)
     is its largest weight among all its p < 1 reports stored (``observers.packets_unit``), as
     docs/estimates.md asks for.
+
+    With top sources and from :data:`WHO_ARRAYS_FROM` matching reports, the window's rows are
+    grouped in numpy (:func:`_who_by_arrays`) rather than by SQL: the same answer, to the
+    rounding of floating-point sums added in another order.
     """
     _check_lengths(v4_len, v6_len)
     if top_sources < 0:
@@ -1075,7 +1087,11 @@ def who(
     sources: dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]] = {}
     columns: list[Any] = ["observer_key", "ip_version", "first_ms", "last_ms"]
     address_first = _address_first(store, flt)
-    if top_sources:
+    if top_sources and _at_least(store, flt, WHO_ARRAYS_FROM, address_first):
+        per_observer, spans, sources = _who_by_arrays(
+            store, flt, top_sources, v4_len, v6_len, address_first
+        )
+    elif top_sources:
 
         def by_source(w: Any, cols: list[ColumnElement[Any]]) -> Select[Any]:
             first = func.min(w.c.first_ms).label("first_ms")
@@ -1182,6 +1198,72 @@ def who(
         )
     out.sort(key=lambda r: (-r.estimate.packets.estimate, r.fingerprint, r.observer_key))
     return out
+
+
+#: Matching reports from which who (with top sources) reads the window's rows into arrays
+#: and groups them there (overflowd/store/window.py) instead of grouping in SQL: a day of a
+#: victim's spoofed sources is ~30,000 groups of one report each, which SQLite sorts and both
+#: backends hand over as 30,000 rows of sums (the dashboard's whole-day view: 175 ms of CPU
+#: on SQLite, 250 ms on PostgreSQL, at a million stored). Below it the SQL path is as quick
+#: and a short ``overflowd-query who`` does not import numpy (~60 ms).
+WHO_ARRAYS_FROM = 4096
+
+
+def _at_least(store: Store, flt: ReportFilter, n: int, address_first: bool) -> bool:
+    """Whether ``flt`` matches ``n`` reports or more (reads at most n index entries)."""
+    inner = _where(select(literal(1)).select_from(_T), flt, address_first=address_first)
+    counted = select(func.count()).select_from(inner.limit(n).subquery())
+    with store.transaction("counting reports", write=False) as conn:
+        return int(conn.execute(counted).scalar_one()) >= n
+
+
+def _who_by_arrays(
+    store: Store,
+    flt: ReportFilter,
+    top_sources: int,
+    v4_len: int,
+    v6_len: int,
+    address_first: bool,
+) -> tuple[
+    dict[bytes, list[Any]],
+    dict[bytes, list[int]],
+    dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]],
+]:
+    """who's per-observer sums, spans and top source groups (already the busiest
+    ``top_sources``, busiest first: their key is the family and a source of the group, which
+    :func:`_network` masks) from the window's rows grouped in numpy by (observer, family,
+    source prefix): what the SQL path's GROUP BY and merging give."""
+    import numpy as np
+
+    from overflowd.store import window as wnd
+
+    w = wnd.read_window(store, flt, sources=True, address_first=address_first)
+    assert w is not None  # no limit
+    assert w.first_ms is not None and w.ip_version is not None and w.src is not None
+    hi, lo = wnd.prefix_words(w, v4_len, v6_len)
+    g = wnd.group(w, [w.observer, w.ip_version, hi, lo])
+    observer = g.first(w.observer)
+    version = g.first(w.ip_version)
+    source = g.first(w.src)
+    first_ms = g.reduce(np.minimum, w.first_ms)
+    last_ms = g.reduce(np.maximum, w.last_ms)
+    # the ranking of _busiest_first: minus the point estimate, inf over the cap; ties in key
+    # order (lexsort is stable)
+    point = g.certain_packets.astype(np.float64) + np.where(
+        g.packets_huge > 0, np.inf, g.packets_total
+    )
+    ranked = np.lexsort((-point, observer))
+    bounds = [*np.flatnonzero(np.diff(observer, prepend=-1)).tolist(), len(g)]
+    per_observer: dict[bytes, list[Any]] = {}
+    spans: dict[bytes, list[int]] = {}
+    sources: dict[bytes, list[tuple[tuple[int, bytes], list[Any]]]] = {}
+    for lo_i, hi_i in itertools.pairwise(bounds):
+        key = w.keys[int(observer[lo_i])]
+        per_observer[key] = g.added(lo_i, hi_i)
+        spans[key] = [int(first_ms[lo_i:hi_i].min()), int(last_ms[lo_i:hi_i].max())]
+        busiest = ranked[lo_i : min(hi_i, lo_i + top_sources)].tolist()
+        sources[key] = [((int(version[i]), source[i].tobytes()), g.sums(i)) for i in busiest]
+    return per_observer, spans, sources
 
 
 def _added(columns: Sequence[Sequence[Any]], at: int) -> list[Any]:
