@@ -253,11 +253,14 @@ class BatchReceiver:
         names = list(map(self._names.get, keys))
         if None not in names:
             return names  # type: ignore[return-value]
-        for key in set(keys):
-            if key not in self._names:
-                if len(self._names) >= NAME_CACHE:
-                    self._names.clear()
-                self._names[key] = self._name(key)
+        missing = set(keys).difference(self._names)
+        if len(self._names) + len(missing) > NAME_CACHE:
+            # Starts over, but never in the middle of a batch: the cache holds at most
+            # max(NAME_CACHE, slots) names.
+            self._names.clear()
+            missing = set(keys)
+        for key in missing:
+            self._names[key] = self._name(key)
         return list(map(self._names.__getitem__, keys))
 
     def _name(self, key: Any) -> str:
