@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -1330,7 +1331,7 @@ def part3(
     formats: Sequence[str],
     receivers: Sequence[str],
     busy: int | None,
-    daemon_tree: Path | None = None,
+    daemon_trees: Sequence[Path] = (),
 ) -> None:
     print(
         f"\n== 3. Lossless UDP ingest on loopback: receivers on core {RECEIVER_CPU}, the C "
@@ -1362,7 +1363,7 @@ def part3(
             makers: list[tuple[str, Callable[[], Receiver]]] = [
                 ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
                 ("daemon", lambda: DaemonReceiver(rcvbuf)),
-                *([("daemon", lambda: DaemonReceiver(rcvbuf, daemon_tree))] if daemon_tree else []),
+                *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
                 ("harness", lambda: OverflowdReceiver(rcvbuf)),
             ]
             if key == "sflow":
@@ -1413,7 +1414,7 @@ def part3_ab(
     formats: Sequence[str],
     receivers: Sequence[str],
     busy: int | None,
-    daemon_tree: Path | None = None,
+    daemon_trees: Sequence[Path] = (),
 ) -> None:
     """``--ab ROUNDS``: CPU per record at the fixed rate (times ``--ab-scale``) only, every
     receiver of a format up at once and measured in turn, ROUNDS rounds in a rotating order,
@@ -1444,7 +1445,7 @@ def part3_ab(
         for key, ds in sets.items():
             makers: list[tuple[str, Callable[[], Receiver]]] = [
                 ("daemon", lambda: DaemonReceiver(rcvbuf)),
-                *([("daemon", lambda: DaemonReceiver(rcvbuf, daemon_tree))] if daemon_tree else []),
+                *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
                 ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
             ]
             if key == "sflow":
@@ -1722,8 +1723,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--daemon-tree",
         type=Path,
+        action="append",
         help="part 3: also run `overflowd run` from this source tree (e.g. `git archive main "
-        "overflowd | tar -x -C DIR`), in the same run as this checkout's",
+        "overflowd | tar -x -C DIR`), in the same run as this checkout's; may be repeated",
     )
     parser.add_argument("--skip-decode", action="store_true", help="part 3 only")
     parser.add_argument(
@@ -1776,7 +1778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=[f for f in args.formats.split(",") if f in FORMATS],
             receivers=args.receivers.split(","),
             busy=args.busy,
-            daemon_tree=args.daemon_tree.resolve() if args.daemon_tree else None,
+            daemon_trees=[t.resolve() for t in args.daemon_tree or ()],
         )
     elif not args.skip_udp:
         part3(
@@ -1786,7 +1788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=[f for f in args.formats.split(",") if f in FORMATS],
             receivers=args.receivers.split(","),
             busy=args.busy,
-            daemon_tree=args.daemon_tree.resolve() if args.daemon_tree else None,
+            daemon_trees=[t.resolve() for t in args.daemon_tree or ()],
         )
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     return 0
