@@ -1,20 +1,24 @@
 """Many datagrams per system call, with no Python bytecode run per datagram.
 
 :class:`BatchReceiver` reads up to ``slots`` datagrams from a non-blocking UDP socket with
-one ``recvmmsg(2)`` call through ctypes, into one buffer allocated once: a fixed slot of
-``slot_bytes`` per datagram, the ``mmsghdr``, ``iovec`` and ``sockaddr`` arrays pointing into
-it built once at construction. What a call returns is read back without a Python loop:
-lengths and source addresses are strided ``memoryview`` casts over those arrays
-(``.tolist()`` in C), the payloads are ``bytes`` slices of the buffer made by ``map`` in C,
-exporter names come from a small cache keyed by the raw address. An earlier ctypes attempt
-cost ~1.4 µs a datagram because it built ctypes structures and bytes per message in Python;
-what is left here per datagram is the copy into a ``bytes`` object and a list slot.
+one ``recvmmsg(2)`` call through ctypes, into one buffer allocated once. Each datagram has a
+compact slot of ``INLINE_BYTES`` (2 KiB: what flow exporters send fits) and, for the rest of
+a larger one, a spill slot of its own up to ``slot_bytes`` in all; the ``mmsghdr``, ``iovec``
+and ``sockaddr`` arrays pointing into the buffer are built once at construction. What a call
+returns is read back without a Python loop: lengths and source addresses are strided
+``memoryview`` casts over those arrays (``.tolist()`` in C), the payloads are ``bytes``
+slices of the buffer made by ``map`` in C, exporter names come from a small cache keyed by
+the raw address. An earlier ctypes attempt cost ~1.4 µs a datagram because it built ctypes
+structures and bytes per message in Python. Left per datagram: the ``bytes`` object (~0.5
+µs for 1.4 KB here, its malloc and memcpy) and list slots; per call, ~2 µs (ctypes and the
+system call), i.e. ~0.01 µs a datagram in full batches (bench/recv_micro.py).
 
-The per-datagram boundary is kept: each datagram stays its own ``bytes``; one that did not
-fit its slot (``MSG_TRUNC``: the kernel reports its real length) is dropped and counted,
-never handed on cut. Memory is bounded: ``slots * slot_bytes`` of anonymous ``mmap`` (pages
-are only backed once the kernel writes into them, so 64 KiB slots cost what the datagrams
-use), the exporter cache capped at ``NAME_CACHE`` entries.
+The per-datagram boundary is kept: each datagram stays its own ``bytes``; one that does not
+fit ``slot_bytes`` (``MSG_TRUNC``: the kernel reports its real length) is dropped and
+counted, never handed on cut. Memory is bounded: ``slots * slot_bytes`` of anonymous
+``mmap``, whose pages are only backed once the kernel writes into them (256 slots: 512 KiB
+compact, 16 MiB of spill address space that costs what large datagrams use), the exporter
+cache capped at ``max(NAME_CACHE, slots)`` names.
 
 Where ``recvmmsg`` is missing (not Linux, no such symbol in libc, ``ENOSYS``), the same
 interface is served by a ``recvfrom`` loop (:attr:`BatchReceiver.native` is False).
