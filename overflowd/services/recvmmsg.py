@@ -20,8 +20,9 @@ counted, never handed on cut. Memory is bounded: ``slots * slot_bytes`` of anony
 compact, 16 MiB of spill address space that costs what large datagrams use), the exporter
 cache capped at ``max(NAME_CACHE, slots)`` names.
 
-Where ``recvmmsg`` is missing (not Linux, no such symbol in libc, ``ENOSYS``), the same
-interface is served by a ``recvfrom`` loop (:attr:`BatchReceiver.native` is False).
+Where ``recvmmsg`` is missing (not Linux, no such symbol in libc, ``ENOSYS``, or refused
+with ``EPERM`` by a seccomp filter), the same interface is served by a ``recvfrom`` loop
+(:attr:`BatchReceiver.native` is False).
 
 No trio here: the caller waits for readability and calls :meth:`BatchReceiver.receive`.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import operator
 import socket
@@ -39,6 +41,8 @@ from itertools import repeat
 from typing import Any
 
 __all__ = ["INLINE_BYTES", "NAME_CACHE", "BatchReceiver", "Received"]
+
+log = logging.getLogger(__name__)
 
 #: Exporter names remembered by raw address. Sources are spoofable: past this many the cache
 #: starts over, so a flood of addresses costs at most this many short strings.
@@ -216,8 +220,11 @@ class BatchReceiver:
                 return Received([], [], 0, 0)
             if err in (errno.EINTR, errno.ECONNREFUSED, errno.ECONNRESET):
                 continue  # interrupted, or a queued ICMP error: not a datagram
-            if err == errno.ENOSYS:
-                self.native = False  # a kernel without it: the fallback from now on
+            if err in (errno.ENOSYS, errno.EPERM):
+                # A kernel without it, or a seccomp filter (a unit's SystemCallFilter=) that
+                # refuses it: the recvfrom loop from now on, rather than a stopped collector.
+                log.warning("collector.recvmmsg_unavailable errno=%s fallback=recvfrom", err)
+                self.native = False
                 return self._receive_fallback()
             raise OSError(err, f"recvmmsg: {errno.errorcode.get(err, err)}")
         # The kernel shrinks msg_namelen to what it wrote: put the room back for next time.

@@ -189,3 +189,51 @@ def test_recvmmsg_missing_is_the_fallback_or_an_error(monkeypatch: pytest.Monkey
             tx.sendto(b"\x00\x05", sock.getsockname())
             got = rx.receive()
         assert (got.payloads, got.exporters) == ([b"\x00\x05"], ["127.0.0.1"])
+
+
+REFUSED_CHILD = r"""
+import ctypes, ctypes.util, errno, json, socket, time
+lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2", use_errno=True)
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_init.argtypes = [ctypes.c_uint32]
+lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = lib.seccomp_init(0x7FFF0000)  # allow everything ...
+nr = lib.seccomp_syscall_resolve_name(b"recvmmsg")
+assert lib.seccomp_rule_add(ctx, 0x00050000 | errno.EPERM, nr, 0) == 0  # ... but recvmmsg
+assert lib.seccomp_load(ctx) == 0
+from overflowd.services.collector import open_socket
+from overflowd.services.recvmmsg import BatchReceiver
+sock = open_socket(("127.0.0.1", 0), 1 << 20)
+rx = BatchReceiver(sock, 8)
+before = rx.native
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+    for i in range(3):
+        tx.sendto(bytes([i]) * 10, sock.getsockname())
+time.sleep(0.05)
+got = rx.receive()
+hexes = [p.hex() for p in got.payloads]
+print(json.dumps({"before": before, "after": rx.native, "payloads": hexes}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="seccomp is Linux's")
+def test_recvmmsg_refused_by_a_seccomp_filter_falls_back_to_recvfrom() -> None:
+    """A unit's SystemCallFilter= (or any seccomp filter) refusing recvmmsg with EPERM: the
+    receiver goes on with recvfrom instead of stopping the collector. A real filter, in a
+    child process (a filter cannot be taken off again)."""
+    import ctypes.util
+    import json
+    import subprocess
+
+    if not ctypes.util.find_library("seccomp"):
+        pytest.skip("libseccomp is not installed (apt-get install libseccomp2)")
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSED_CHILD], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert (out["before"], out["after"]) == (True, False)
+    assert out["payloads"] == [(bytes([i]) * 10).hex() for i in range(3)]
+    assert "collector.recvmmsg_unavailable" in done.stderr
