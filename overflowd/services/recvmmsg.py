@@ -10,8 +10,9 @@ returns is read back without a Python loop: lengths and source addresses are str
 slices of the buffer made by ``map`` in C, exporter names come from a small cache keyed by
 the raw address. An earlier ctypes attempt cost ~1.4 µs a datagram because it built ctypes
 structures and bytes per message in Python. Left per datagram: the ``bytes`` object (~0.5
-µs for 1.4 KB here, its malloc and memcpy) and list slots; per call, ~2 µs (ctypes and the
-system call), i.e. ~0.01 µs a datagram in full batches (bench/recv_micro.py).
+µs for 1.4 KB here, its malloc and memcpy; none with ``receive(as_block=True)``, which
+hands over one copy of the slots) and list slots; per call, ~2 µs (ctypes and the system
+call), i.e. ~0.01 µs a datagram in full batches (bench/recv_micro.py).
 
 The per-datagram boundary is kept: each datagram stays its own ``bytes``; one that does not
 fit ``slot_bytes`` (``MSG_TRUNC``: the kernel reports its real length) is dropped and
