@@ -1447,6 +1447,7 @@ def part3_ab(
                 ("daemon", lambda: DaemonReceiver(rcvbuf)),
                 *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
                 ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
+                ("harness", lambda: OverflowdReceiver(rcvbuf)),
             ]
             if key == "sflow":
                 makers.append(("sfacctd", lambda: PmacctReceiver("sfacctd", rcvbuf)))
@@ -1463,8 +1464,12 @@ def part3_ab(
             up: list[Receiver] = []
             try:
                 for short, make in makers:
-                    if short in receivers and (short in ("daemon", "floor") or shutil.which(short)):
+                    builtin = short in ("daemon", "floor", "harness")
+                    if short in receivers and (builtin or shutil.which(short)):
                         up.append(make())
+                if not up:
+                    print("    no receiver to measure (--receivers)")
+                    continue
                 for rx in up:  # warm-up: templates learned, caches filled
                     run_step(rx, sender, rate, 0.3, 0.5)
                 cpu: dict[str, list[float]] = {rx.name: [] for rx in up}
