@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -1330,7 +1331,7 @@ def part3(
     formats: Sequence[str],
     receivers: Sequence[str],
     busy: int | None,
-    daemon_tree: Path | None = None,
+    daemon_trees: Sequence[Path] = (),
 ) -> None:
     print(
         f"\n== 3. Lossless UDP ingest on loopback: receivers on core {RECEIVER_CPU}, the C "
@@ -1362,7 +1363,7 @@ def part3(
             makers: list[tuple[str, Callable[[], Receiver]]] = [
                 ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
                 ("daemon", lambda: DaemonReceiver(rcvbuf)),
-                *([("daemon", lambda: DaemonReceiver(rcvbuf, daemon_tree))] if daemon_tree else []),
+                *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
                 ("harness", lambda: OverflowdReceiver(rcvbuf)),
             ]
             if key == "sflow":
@@ -1398,6 +1399,118 @@ def part3(
             finally:
                 sender.close()
         summary(results)
+    finally:
+        if busy_proc is not None:
+            busy_proc.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def part3_ab(
+    trace: list[tuple[bytes, str, float]],
+    *,
+    rounds: int,
+    scale: float,
+    rcvbuf: int,
+    formats: Sequence[str],
+    receivers: Sequence[str],
+    busy: int | None,
+    daemon_trees: Sequence[Path] = (),
+) -> None:
+    """``--ab ROUNDS``: CPU per record at the fixed rate (times ``--ab-scale``) only, every
+    receiver of a format up at once and measured in turn, ROUNDS rounds in a rotating order,
+    so that load from other work on a shared machine falls on all of them alike. Prints each
+    receiver's median and quartiles, and the median of the per-round ratios to the first
+    receiver (this checkout's daemon when it runs)."""
+    print(
+        f"\n== 3 (A/B). CPU per record at the fixed rate x{scale:g}, {rounds} rounds, "
+        f"receivers alternating on core {RECEIVER_CPU}, the sender on core {SENDER_CPU} =="
+    )
+    if sys.platform != "linux" or (os.cpu_count() or 1) < 2:
+        print("  skipped: needs Linux and two cores")
+        return
+    import statistics
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-ab-"))
+    busy_proc: Busy | None = None
+    try:
+        tools = build_tools(workdir)
+        if isinstance(tools, str):
+            print(f"  skipped: {tools}")
+            return
+        sets = datasets(trace, workdir, formats)
+        if busy is not None:
+            busy_proc = Busy(busy)
+            print(f"  --busy: a spinning process on core {busy}")
+        print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        for key, ds in sets.items():
+            makers: list[tuple[str, Callable[[], Receiver]]] = [
+                ("daemon", lambda: DaemonReceiver(rcvbuf)),
+                *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
+                ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
+                ("harness", lambda: OverflowdReceiver(rcvbuf)),
+            ]
+            if key == "sflow":
+                makers.append(("sfacctd", lambda: PmacctReceiver("sfacctd", rcvbuf)))
+            else:
+                makers.append(("nfcapd", lambda: NfcapdReceiver(rcvbuf)))
+                makers.append(("nfacctd", lambda: PmacctReceiver("nfacctd", rcvbuf)))
+            rate = CPU_RATE[key] * scale
+            per_dg = ds.records_per_datagram
+            print(
+                f"\n  -- {FORMAT_NAMES[key]}: {fmt_rate(rate * per_dg)} records/s "
+                f"({fmt_rate(rate)} datagrams/s) --"
+            )
+            sender = CSender(tools["sender"], ds.write(workdir / f"{key}.bin"))
+            up: list[Receiver] = []
+            try:
+                for short, make in makers:
+                    builtin = short in ("daemon", "floor", "harness")
+                    if short in receivers and (builtin or shutil.which(short)):
+                        up.append(make())
+                if not up:
+                    print("    no receiver to measure (--receivers)")
+                    continue
+                for rx in up:  # warm-up: templates learned, caches filled
+                    run_step(rx, sender, rate, 0.3, 0.5)
+                cpu: dict[str, list[float]] = {rx.name: [] for rx in up}
+                ratios: dict[str, list[float]] = {rx.name: [] for rx in up[1:]}
+                lossy: dict[str, int] = dict.fromkeys(cpu, 0)
+                for r in range(rounds):
+                    got: dict[str, float] = {}
+                    for rx in up[r % len(up) :] + up[: r % len(up)]:
+                        step = run_step(rx, sender, rate, 1.0, 0.2)
+                        # Per record handled: where the receiver counts them (overflowd), a
+                        # lossy step (a starved core) still gives the cost of what it did.
+                        handled = step.sent_records - max(0, step.missing_records or 0)
+                        if handled > 0:
+                            got[rx.name] = step.cpu_s / handled * 1e6
+                            cpu[rx.name].append(got[rx.name])
+                        lossy[rx.name] += not step.ok
+                    first = up[0].name
+                    for name in ratios:
+                        if name in got and got.get(first):
+                            ratios[name].append(got[name] / got[first])
+                print(
+                    f"  {'receiver':28} {'µs/record median':>16} {'quartiles':>15} "
+                    f"{'x ' + up[0].name + ' (median of rounds)':>40}"
+                )
+                for name, xs in cpu.items():
+                    if not xs:
+                        continue
+                    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+                    ratio = f"{statistics.median(ratios[name]):.2f}" if ratios.get(name) else "-"
+                    note = f" ({lossy[name]} of {rounds} steps lossy)" if lossy[name] else ""
+                    print(
+                        f"  {name:28} {statistics.median(xs):16.3f} "
+                        f"{q[0]:7.3f}-{q[2]:<7.3f} {ratio:>40}{note}"
+                    )
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                print(f"    failed: {exc}")
+            finally:
+                for rx in up:
+                    rx.close()
+                sender.close()
+        print(f"\n  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if busy_proc is not None:
             busy_proc.close()
@@ -1503,10 +1616,10 @@ def worker_overflowd(rcvbuf: int) -> int:
 
     from overflowd.flowsample import Sampler, SamplingPolicy
     from overflowd.flowsample_batch import BatchSampler
-    from overflowd.services.collector import Backlog, Datagram, UdpCollector
+    from overflowd.services.collector import Backlog, DatagramBatch, UdpCollector
     from overflowd.wire import DecoderState
     from overflowd.wire.template_batch import decode_template_batch
-    from overflowd.wire.v5_batch import decode_v5_batch
+    from overflowd.wire.v5_batch import Slots, decode_v5_batch
 
     counts = {"records": 0, "malformed": 0, "sampled": 0}
     state = DecoderState()
@@ -1515,21 +1628,32 @@ def worker_overflowd(rcvbuf: int) -> int:
     backlog = Backlog(queue)
     batch_sampler = BatchSampler(SamplingPolicy(rate=SAMPLE_RATE))
 
-    async def decode_loop(batches: trio.MemoryReceiveChannel[list[Datagram]]) -> None:
+    async def decode_loop(batches: trio.MemoryReceiveChannel[DatagramBatch]) -> None:
         # NodeService._decode_loop, minus signing what is sampled (about nothing at 1e-6).
         sample = sampler.sample
         async for batch in batches:
-            backlog.done(len(batch), sum(len(d.data) for d in batch))
-            datagrams = [(d.data, d.exporter, d.received) for d in batch]
+            backlog.done(len(batch), batch.held_bytes)
             rest: Sequence[int] = range(len(batch))
-            if b"\x00\x05" in [d.data[:2] for d in batch]:  # as NodeService: v5 only if any
-                v5 = decode_v5_batch(datagrams, state)
+            slotted = batch.block is not None
+            if batch.may_hold_v5() if slotted else b"\x00\x05" in [d.data[:2] for d in batch]:
+                if slotted:  # as NodeService: read in the receive slots
+                    assert batch.block is not None
+                    slots = Slots(
+                        batch.block, batch.stride, batch.lengths or [], batch.exporters,
+                        batch.received,
+                    )  # fmt: skip
+                    v5 = decode_v5_batch((), state, slots=slots)
+                else:
+                    v5 = decode_v5_batch(batch.datagrams(), state)
                 counts["records"] += len(v5)
                 counts["malformed"] += len(v5.errors)
                 if len(v5):
                     indices, _ = batch_sampler.sample(v5)
                     counts["sampled"] += len(v5.rows(indices))
                 rest = v5.passed
+            datagrams = (
+                [(d.data, d.exporter, d.received) for d in batch.datagrams()] if rest else []
+            )
             if not rest:
                 continue
             templated = decode_template_batch([datagrams[i] for i in rest], state)
@@ -1543,7 +1667,7 @@ def worker_overflowd(rcvbuf: int) -> int:
                 counts["sampled"] += len(sample(records))
 
     async def main() -> None:
-        send, recv = trio.open_memory_channel[list[Datagram]](queue)
+        send, recv = trio.open_memory_channel[DatagramBatch](queue)
         collector = UdpCollector(("127.0.0.1", 0), send, backlog, rcvbuf_bytes=rcvbuf)
         stdin = trio.lowlevel.FdStream(os.dup(0))
         async with trio.open_nursery() as nursery:
@@ -1615,10 +1739,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--daemon-tree",
         type=Path,
+        action="append",
         help="part 3: also run `overflowd run` from this source tree (e.g. `git archive main "
-        "overflowd | tar -x -C DIR`), in the same run as this checkout's",
+        "overflowd | tar -x -C DIR`), in the same run as this checkout's; may be repeated",
     )
     parser.add_argument("--skip-decode", action="store_true", help="part 3 only")
+    parser.add_argument(
+        "--ab",
+        type=int,
+        metavar="ROUNDS",
+        help="part 3 as an A/B: CPU per record at the fixed rate only, the receivers up at "
+        "once and measured in turn for ROUNDS rounds (for a shared, noisy machine)",
+    )
+    parser.add_argument(
+        "--ab-scale",
+        type=float,
+        default=1.0,
+        help="--ab: the fixed rate times this (e.g. 4: v5 at 80k datagrams/s)",
+    )
     parser.add_argument(
         "--rcvbuf",
         type=int,
@@ -1647,7 +1785,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_decode:
         part1(trace, quick=args.quick)
         part2(quick=args.quick)
-    if not args.skip_udp:
+    if not args.skip_udp and args.ab:
+        part3_ab(
+            trace,
+            rounds=args.ab,
+            scale=args.ab_scale,
+            rcvbuf=args.rcvbuf,
+            formats=[f for f in args.formats.split(",") if f in FORMATS],
+            receivers=args.receivers.split(","),
+            busy=args.busy,
+            daemon_trees=[t.resolve() for t in args.daemon_tree or ()],
+        )
+    elif not args.skip_udp:
         part3(
             trace,
             quick=args.quick,
@@ -1655,7 +1804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=[f for f in args.formats.split(",") if f in FORMATS],
             receivers=args.receivers.split(","),
             busy=args.busy,
-            daemon_tree=args.daemon_tree.resolve() if args.daemon_tree else None,
+            daemon_trees=[t.resolve() for t in args.daemon_tree or ()],
         )
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     return 0

@@ -1,17 +1,22 @@
 """The flow collector: one UDP socket takes NetFlow v5/v9, IPFIX and sFlow v5.
 
-It only receives, in batches: it drains up to ``BATCH_DATAGRAMS`` datagrams with plain
-non-blocking ``recvfrom`` calls and hands them on as one list (a trio ``await`` per datagram
-costs ~25 µs, more than decoding a whole v5 datagram). It drains at most every
-``coalesce_s`` (10 ms): woken sooner, it first waits for more to arrive. Each batch costs a
-fixed ~0.2-0.3 ms (trio, the decoder's numpy calls), so on a quiet machine at 20k datagrams/s
-a wake-up per datagram or two took the daemon a whole core where nfcapd takes a fifth of one;
-the wait holds batches to 100 a second whatever the rate, and while they come full there is
-no wait at all. The kernel buffer holds what arrives meanwhile: the wait is also bounded so
-that, at the byte rate of the last batch, at most an eighth of the receive buffer fills, and
-there is none on a buffer below ``COALESCE_MIN_RCVBUF``. Python's socket API is not the wall:
-``recvfrom`` costs ~1.3 µs a datagram here, ``recvmmsg(2)`` through ctypes ~1.4 µs (the call
-is cheaper; turning its buffers into bytes and addresses is not), ~0.05 µs a v5 record.
+It only receives, in batches: it drains up to ``BATCH_DATAGRAMS`` datagrams with one
+``recvmmsg(2)`` call (:class:`~overflowd.services.recvmmsg.BatchReceiver`: ctypes, buffers
+allocated once, no Python bytecode per datagram; a ``recvfrom`` loop where there is no
+recvmmsg) and hands them on as one list (a trio ``await`` per datagram costs ~25 µs, more
+than decoding a whole v5 datagram). It drains at most every ``coalesce_s`` (10 ms): woken
+sooner, it first waits for more to arrive. Each batch costs a fixed ~0.2-0.3 ms (trio, the
+decoder's numpy calls), so on a quiet machine at 20k datagrams/s a wake-up per datagram or two
+took the daemon a whole core where nfcapd takes a fifth of one; the wait holds batches to 100
+a second whatever the rate, and while they come full there is no wait at all. The kernel
+buffer holds what arrives meanwhile: the wait is also bounded so that, at the byte rate of the
+last batch, at most an eighth of the receive buffer fills, and there is none on a buffer below
+``COALESCE_MIN_RCVBUF``. Receiving a 1.4 KB v5 datagram costs ~2.6 µs of CPU with
+``recvfrom`` (kernel included), ~1.5-2.1 µs with the recvmmsg receiver, of which ~0.9 µs is
+the call and the kernel's copy and most of the rest the ``bytes`` object per datagram
+(bench/recv_micro.py). So a drain whose datagrams all fit their compact slots is handed on
+as a :class:`DatagramBatch` holding one copy of those slots, the ``bytes`` of a datagram
+made only when it is asked for: NetFlow v5 is decoded in the slots (node.py).
 
 Batches go into a channel whose bound is counted in datagrams (a :class:`Backlog` shared with
 the consumer), so memory is bounded however the datagrams are batched; when the decoder falls
@@ -23,24 +28,30 @@ operator can tell our drops from the kernel's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import operator
 import os
 import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import trio
 
 from overflowd.config import parse_listen
+from overflowd.services.recvmmsg import BatchReceiver, Received
 
 __all__ = [
     "Backlog",
     "CollectorStatistics",
     "Datagram",
+    "DatagramBatch",
     "RefusedExporters",
     "UdpCollector",
     "kernel_drops",
@@ -70,6 +81,77 @@ class Datagram(NamedTuple):
     data: bytes
     exporter: str
     received: float  # Unix seconds
+
+
+class DatagramBatch(Sequence[Datagram]):
+    """One drain's datagrams, handed on as one object: a sequence of :class:`Datagram`.
+
+    Its payloads may still sit in one copy of the receiver's compact slots (``block``:
+    datagram ``i`` is ``block[i * stride : i * stride + lengths[i]]``, the rest of a slot
+    stale): a decoder that reads them in place (``decode_v5_batch(slots=...)``) makes no
+    ``bytes`` per datagram; indexing or iterating makes the ``Datagram`` asked for, which
+    each stay whole and separate, so the per-datagram boundary is the same as a list's.
+    """
+
+    __slots__ = ("_datagrams", "block", "exporters", "held_bytes", "lengths", "received", "stride")
+
+    def __init__(self, got: Received, received: float) -> None:
+        self.exporters = got.exporters
+        self.received = received
+        self.block = got.block
+        self.stride = got.stride
+        self.lengths = got.lengths
+        self._datagrams: list[Datagram] | None = None
+        if got.block is None:
+            self._datagrams = list(map(_make, zip(got.payloads, got.exporters, repeat(received))))
+        #: What the batch holds in memory while queued: the slots' copy, or the payloads.
+        self.held_bytes = len(got.block) if got.block is not None else got.nbytes
+
+    def datagrams(self) -> list[Datagram]:
+        """Every datagram as a ``Datagram`` (made once, by ``map`` in C)."""
+        if self._datagrams is None:
+            block, stride, lengths = self.block, self.stride, self.lengths
+            assert block is not None and lengths is not None
+            starts = range(0, len(lengths) * stride, stride)
+            payloads = map(
+                block.__getitem__, map(slice, starts, map(operator.add, starts, lengths))
+            )
+            self._datagrams = list(map(_make, zip(payloads, self.exporters, repeat(self.received))))
+        return self._datagrams
+
+    def __len__(self) -> int:
+        return len(self.exporters)
+
+    @overload
+    def __getitem__(self, i: int) -> Datagram: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Datagram]: ...
+    def __getitem__(self, i: int | slice) -> Datagram | list[Datagram]:
+        if self._datagrams is not None or isinstance(i, slice):
+            return self.datagrams()[i]
+        n = len(self.exporters)
+        if not -n <= i < n:
+            raise IndexError("datagram index out of range")
+        i %= n
+        assert self.block is not None and self.lengths is not None
+        at = i * self.stride
+        return Datagram(self.block[at : at + self.lengths[i]], self.exporters[i], self.received)
+
+    def __iter__(self) -> Iterator[Datagram]:
+        return iter(self.datagrams())
+
+    def may_hold_v5(self) -> bool:
+        """Whether some datagram begins with NetFlow v5's version (C-level, no bytes made;
+        a short datagram's stale bytes may say yes: the decoder checks lengths)."""
+        if self.block is None or self.stride % 2:
+            return b"\x00\x05" in [d.data[:2] for d in self.datagrams()]
+        firsts = memoryview(self.block).cast("H")[:: self.stride // 2]
+        return _V5_WORD in firsts.tolist()
+
+
+#: NetFlow v5's version field as the first 16-bit word of a datagram in native order.
+_V5_WORD = int.from_bytes(b"\x00\x05", sys.byteorder)
+_make = functools.partial(tuple.__new__, Datagram)
 
 
 #: Bytes of datagrams waiting for the decoder at most: 10,000 large (fragmented, spoofed)
@@ -112,6 +194,10 @@ class CollectorStatistics:
     kernel_drops: int | None
     rcvbuf_bytes: int
     batches: int = 0  # handed on (or dropped whole): datagrams / batches is the batch size
+    #: datagrams larger than MAX_DATAGRAM_BYTES, dropped (none over UDP: a guard, counted)
+    truncated: int = 0
+    #: receiving with recvmmsg (False: the recvfrom fallback; None: not started)
+    recvmmsg: bool | None = None
 
 
 class UdpCollector:
@@ -120,16 +206,18 @@ class UdpCollector:
     def __init__(
         self,
         listen: tuple[str, int],
-        out: trio.MemorySendChannel[list[Datagram]],
+        out: trio.MemorySendChannel[DatagramBatch],
         backlog: Backlog,
         *,
         rcvbuf_bytes: int = 4 * 1024 * 1024,
         coalesce_s: float = COALESCE_S,
         sock: socket.socket | None = None,
+        native: bool | None = None,
     ) -> None:
         """``sock``: an already bound socket to read (a receiver process's, see
         :mod:`overflowd.services.receivers`); it is not closed here, and ``rcvbuf_bytes``
-        is its owner's business."""
+        is its owner's business. ``native``: recvmmsg where there is one (None), the
+        recvfrom loop (False), or recvmmsg or fail (True); see :class:`BatchReceiver`."""
         self.listen = listen
         self._given = sock
         self._out = out
@@ -141,6 +229,9 @@ class UdpCollector:
         self._datagrams = 0
         self._bytes = 0
         self._dropped = 0
+        self._truncated = 0
+        self._native = native
+        self._native_used: bool | None = None
         self._inode: int | None = None
         self._family = socket.AF_INET
 
@@ -161,9 +252,12 @@ class UdpCollector:
             log.info(
                 "collector.listening addr=%s port=%s rcvbuf=%d", bound[0], bound[1], self._rcvbuf
             )
+            receiver = BatchReceiver(sock, BATCH_DATAGRAMS, MAX_DATAGRAM_BYTES, native=self._native)
+            owned.callback(receiver.close)
+            self._native_used = receiver.native
             task_status.started((bound[0], bound[1]))
             send_nowait = self._out.send_nowait
-            recvfrom = sock.recvfrom
+            receive = receiver.receive
             coalesce = self._coalesce_s if self._rcvbuf >= COALESCE_MIN_RCVBUF else 0.0
             # At the byte rate of the last batch, waiting this long fills an eighth of the
             # buffer at most (a datagram takes up to twice its size there).
@@ -186,22 +280,13 @@ class UdpCollector:
                             wait = min(wait, fill_limit * elapsed / (2 * last_bytes))
                         if wait > 0:
                             await trio.sleep(wait)
-                batch: list[Datagram] = []
-                batch_bytes = 0
-                now = time.time()
-                for _ in range(BATCH_DATAGRAMS):
-                    try:
-                        data, addr = recvfrom(MAX_DATAGRAM_BYTES)
-                    except BlockingIOError:
-                        break
-                    except (ConnectionRefusedError, ConnectionResetError):
-                        continue  # a queued ICMP error, not a datagram
-                    exporter = addr[0]
-                    if exporter.startswith("::ffff:"):
-                        exporter = exporter[7:]
-                    batch.append(Datagram(data, exporter, now))
-                    batch_bytes += len(data)
-                full = len(batch) == BATCH_DATAGRAMS
+                got = receive(as_block=True)
+                # No Python bytecode per datagram: the payloads stay in one copy of the
+                # slots, or a list of Datagram is made by map() in C.
+                batch = DatagramBatch(got, time.time())
+                batch_bytes = got.nbytes
+                self._truncated += got.truncated
+                full = len(batch) + got.truncated == BATCH_DATAGRAMS
                 last_drain = time.monotonic()
                 last_bytes = batch_bytes
                 self._datagrams += len(batch)
@@ -209,13 +294,13 @@ class UdpCollector:
                 if not batch:
                     continue
                 self._batches += 1
-                if not self._backlog.admit(len(batch), batch_bytes):
+                if not self._backlog.admit(len(batch), batch.held_bytes):
                     self._dropped += len(batch)
                     continue
                 try:
                     send_nowait(batch)
                 except trio.WouldBlock:  # the channel holds limit items: cannot happen; be safe
-                    self._backlog.done(len(batch), batch_bytes)
+                    self._backlog.done(len(batch), batch.held_bytes)
                     self._dropped += len(batch)
 
     def statistics(self) -> CollectorStatistics:
@@ -226,6 +311,8 @@ class UdpCollector:
             kernel_drops=kernel_drops(self._inode, self._family),
             rcvbuf_bytes=self._rcvbuf,
             batches=self._batches,
+            truncated=self._truncated,
+            recvmmsg=self._native_used,
         )
 
 
