@@ -26,12 +26,18 @@ as a daemon makes them):
 - ``batch/B``: ``decode_sflow_batch`` over batches of B datagrams + ``BatchSampler.sample`` +
   ``SFlowBatch.rows`` for the records sampled (and the scalar sampler for datagrams that went
   the scalar way) — what the daemon's decode loop does, B being how many datagrams it takes
-  at once (the collector's BATCH_DATAGRAMS is 256).
+  at once (the collector's BATCH_DATAGRAMS is 256);
+- ``old/B`` with ``--compare FILE``: the same with the ``decode_sflow_batch`` of another
+  sflow_batch.py (another tree's, e.g. ``git show main:overflowd/wire/sflow_batch.py``),
+  loaded beside this one, so that old and new are timed in the same run.
 
 Usage::
 
     .venv/bin/python bench/sflow_batch.py [--runs 7] [--repeat 5] [--batch 256,64]
-                                          [--cpu N] [--json]
+                                          [--cpu N] [--compare FILE] [--json]
+
+The sfprobe set reads the shared trace from ``$OVERFLOWD_SHARED`` (default: the directory
+``shared`` beside the checkout; from a worktree under /work/wt, set it to /work/shared).
 
 The goal (issue #16: in-process decode + sample of sFlow >= 2M records/s per core) is judged
 on the first batch size, in CPU time and wall time, on each data set.
@@ -40,6 +46,7 @@ on the first batch size, in CPU time and wall time, on each data set.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import struct
@@ -56,7 +63,7 @@ from overflowd.errors import DecodeError  # noqa: E402
 from overflowd.flowsample import Sampler, SamplingPolicy  # noqa: E402
 from overflowd.flowsample_batch import BatchSampler  # noqa: E402
 from overflowd.wire import DecoderState, decode_datagram_rows  # noqa: E402
-from overflowd.wire.sflow_batch import decode_sflow_batch  # noqa: E402
+from overflowd.wire.sflow_batch import SFlowBatch, decode_sflow_batch  # noqa: E402
 
 GOAL_RECORDS_PER_S = 2_000_000
 SAMPLE_RATE = 1e-6
@@ -124,9 +131,13 @@ def ingest_synthetic(datagrams: int) -> list[Datagram]:
 
 def sfprobe_export() -> list[Datagram] | str:
     from tests.support import sfprobe
+    from tests.support.trace import shared_dir
 
     if not sfprobe.available():
         return "pmacctd not installed (Debian package pmacct)"
+    trace = shared_dir() / "data" / "netflow_v5_simpleweb.pcap"
+    if not trace.exists():  # pmacctd exits quietly on a missing file: say which
+        return f"no shared trace at {trace} (set OVERFLOWD_SHARED)"
     datagrams = sfprobe.sfprobe_export()
     if not datagrams:
         return "pmacctd exported nothing"
@@ -159,7 +170,12 @@ def scalar_runner(datagrams: Sequence[Datagram], repeat: int) -> Callable[[], in
     return run
 
 
-def batch_runner(datagrams: Sequence[Datagram], repeat: int, size: int) -> Callable[[], int]:
+def batch_runner(
+    datagrams: Sequence[Datagram],
+    repeat: int,
+    size: int,
+    decode: Callable[[Sequence[Datagram], DecoderState], SFlowBatch] = decode_sflow_batch,
+) -> Callable[[], int]:
     chunks = [datagrams[i : i + size] for i in range(0, len(datagrams), size)]
 
     policy = SamplingPolicy(rate=SAMPLE_RATE)
@@ -171,7 +187,7 @@ def batch_runner(datagrams: Sequence[Datagram], repeat: int, size: int) -> Calla
         n = 0
         for _ in range(repeat):
             for chunk in chunks:
-                batch = decode_sflow_batch(chunk, state)
+                batch = decode(chunk, state)
                 indices, _p = sampler.sample(batch)
                 batch.rows(indices)
                 n += len(batch)
@@ -181,6 +197,19 @@ def batch_runner(datagrams: Sequence[Datagram], repeat: int, size: int) -> Calla
         return n
 
     return run
+
+
+def load_decoder(path: Path) -> Callable[[Sequence[Datagram], DecoderState], SFlowBatch]:
+    """``decode_sflow_batch`` of another sflow_batch.py, as a module of its own (it imports
+    the rest of overflowd from this tree)."""
+    spec = importlib.util.spec_from_file_location("_compared_sflow_batch", path)
+    if spec is None or spec.loader is None:
+        raise OSError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    decode: Callable[[Sequence[Datagram], DecoderState], SFlowBatch] = module.decode_sflow_batch
+    return decode
 
 
 def best_rates(
@@ -207,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="data set passes per run (default 5)")
     parser.add_argument("--cpu", type=int, default=None, help="pin the process to this core")
     parser.add_argument("--batch", default="256,64", help="datagrams per batch, comma-separated")
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="another sflow_batch.py, timed as old/B"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     try:
@@ -222,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot pin to core {args.cpu}: {exc}", file=sys.stderr)
             return 1
 
+    old = None
+    if args.compare is not None:
+        try:
+            old = load_decoder(args.compare)
+        except (OSError, ImportError, AttributeError, SyntaxError) as exc:
+            print(f"error: cannot load {args.compare}: {exc}", file=sys.stderr)
+            return 1
     sets: dict[str, list[Datagram] | str] = {
         "sfprobe": sfprobe_export(),
         "switch-like": switch_like(1024),
@@ -239,7 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check = decode_sflow_batch(data, state)
         records = state.statistics().records
         candidates = [("scalar", scalar_runner(data, args.repeat))]
-        candidates += [(f"batch/{s}", batch_runner(data, args.repeat, s)) for s in sizes]
+        for s in sizes:
+            candidates.append((f"batch/{s}", batch_runner(data, args.repeat, s)))
+            if old is not None:
+                candidates.append((f"old/{s}", batch_runner(data, args.repeat, s, old)))
         best = best_rates(candidates, args.runs)
         met = min(best[headline]) >= GOAL_RECORDS_PER_S
         all_met &= met
