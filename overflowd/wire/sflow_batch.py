@@ -36,10 +36,11 @@ not touched: their indices come back in ``passed`` (decode them after: with held
 data in the same batch, it may expire one batch later than on the scalar path, as with
 ``v5_batch``).
 
-Cost: about 30 numpy calls per walk step (one step per sample index, then per record
-index) and some 150 over the batch, so a batch should be full (the collector's 256
-datagrams); the join of a batch's bytes is made once, padding included (a second copy got
-the heap trimmed and every batch paid its page faults).
+Cost: about 6 numpy calls per walk step (one step per sample index, then per record
+index: a step reads a length and moves on, every check is made once over all samples or
+records after the walk) and some 150 over the batch, so a batch should be full (the
+collector's 256 datagrams); the join of a batch's bytes is made once, padding included (a
+second copy got the heap trimmed and every batch paid its page faults).
 
 Work is bounded: per batch at most ``MAX_FAST_SAMPLES + MAX_FAST_RECORDS`` steps of a few
 numpy calls each, plus a constant number of calls over the samples; each datagram is read
@@ -104,6 +105,13 @@ _VLAN[list(packet.VLAN_ETHERTYPES)] = True
 #: type, the last entry standing for every larger one.
 _DESCRIPTION = np.zeros(8, dtype=bool)
 _DESCRIPTION[[RECORD_RAW_HEADER, RECORD_IPV4, RECORD_IPV6]] = True
+#: Header words before the sample count by agent address type (0, 1: IPv4, 2: IPv6, other).
+_HEAD_WORDS = np.array([6, 7, 10, 6], dtype=np.int64)
+#: Sample class by type (enterprise 0): 1 flow, 2 counters, 0 anything else (the last
+#: entry stands for every larger type, an enterprise's included).
+_SAMPLE_CLASS = np.zeros(6, dtype=np.int8)
+_SAMPLE_CLASS[[SAMPLE_FLOW, SAMPLE_FLOW_EXPANDED]] = 1
+_SAMPLE_CLASS[[SAMPLE_COUNTERS, SAMPLE_COUNTERS_EXPANDED]] = 2
 _PORTS = np.zeros(256, dtype=bool)
 _PORTS[list(packet.PORT_PROTOCOLS)] = True
 _ICMP = np.zeros(256, dtype=bool)
@@ -269,11 +277,6 @@ class SFlowBatch:
         ]  # fmt: skip
 
 
-def _w(words: npt.NDArray[Any], at: I64) -> I64:
-    """XDR words at word indices ``at``, as int64 (room for arithmetic on u32 values)."""
-    return words[at].astype(np.int64)
-
-
 def _u16(halves: npt.NDArray[Any], at: I64) -> I64:
     """Big-endian u16 at even byte offsets ``at``."""
     out: I64 = halves[at >> 1].astype(np.int64)
@@ -338,143 +341,156 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     # One join, the padding included: a second copy of a few hundred kB per batch is not
     # only a copy (freed at once, it gets the heap trimmed, and the next batch pays its
     # page faults again).
-    buf = b"".join([*payloads, _PAD_BYTES])
+    return _walk_joined(b"".join([*payloads, _PAD_BYTES]), sizes)
+
+
+def _take(a: npt.NDArray[Any], at: I64) -> npt.NDArray[Any]:
+    """``a[at]`` with every index held inside ``a``: a 1-D ``take`` is the cheapest gather
+    numpy has, and the clip lets a walk over a broken datagram read on harmlessly (what it
+    reads is not kept: the datagram is marked and goes the scalar way)."""
+    return a.take(at, mode="clip")
+
+
+def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
+    """:func:`_walk` over the datagrams joined in ``buf`` (sizes ``sizes``, then _PAD)."""
     # Views, no copies: XDR words, bytes, and big-endian u16 at even offsets (every 16- and
     # 32-bit field of a packet header the array path reads is at an even offset: the header
     # starts 4-aligned, Ethernet and VLAN tags are 14 and 4 bytes, IP headers multiples of 4).
     words = np.frombuffer(buf, dtype=">u4")
-    # Two and four consecutive words per row (overlapping, read-only views): a sample or
-    # record header, a raw header record's four fields, in one gather.
-    pairs = np.lib.stride_tricks.as_strided(
-        words, shape=(len(words) - 3, 2), strides=(4, 4), writeable=False
-    )
-    quads = np.lib.stride_tricks.as_strided(
-        words, shape=(len(words) - 3, 4), strides=(4, 4), writeable=False
-    )
     b = np.frombuffer(buf, dtype=np.uint8)
     halves = np.frombuffer(buf, dtype=">u2")
-    start = np.zeros(len(payloads), dtype=np.int64)
-    np.cumsum(sizes[:-1] // 4, out=start[1:])
-    end = start + sizes // 4
-    n_dg = len(payloads)
+    n_dg = len(sizes)
+    start = np.zeros(n_dg, dtype=np.int64)
+    np.cumsum(sizes[:-1] >> 2, out=start[1:])
+    end = start + (sizes >> 2)
 
     # -- datagram headers: version, agent address (type 0/1/2: 0/4/16 bytes), sub-agent,
     # sequence, uptime, sample count.
-    atype = _w(words, start + 1)
-    head = np.where(atype == 1, 7, np.where(atype == 2, 10, 6))
+    atype = _take(words, start + 1)
+    head = _HEAD_WORDS[np.minimum(atype, 3)]
     ok_dg = (atype <= 2) & (sizes >= 4 * head)
-    sub_agent = _w(words, start + head - 4)
-    n_samples = _w(words, start + head - 1)
-    ok_dg &= (n_samples <= MAX_FAST_SAMPLES) & (2 * n_samples <= end - start - head)
+    at_count = start + head
+    sub_agent = _take(words, at_count - 4)
+    n_samples = _take(words, at_count - 1).astype(np.int64)
+    ok_dg &= (n_samples <= MAX_FAST_SAMPLES) & (2 * n_samples <= end - at_count)
     bad_dg = ~ok_dg
 
     # -- the sample walk: one step per sample index. The datagrams are taken in order of
     # decreasing sample count, so those with a k-th sample are a prefix of them (a view, no
-    # copy per step). A datagram found broken is marked and walks on harmlessly: its next
-    # positions are held at its end, its broken sample gets length 0, and nothing of it is
-    # kept.
+    # copy per step). A step only reads the sample's length and moves on; whether each
+    # sample fits its datagram, and the last one ends it, is checked once after the walk
+    # over all of them. Until then a broken datagram walks on wherever its lengths lead
+    # (_take keeps the reads inside the buffer); it is marked then, and nothing of it kept.
     act = np.flatnonzero(ok_dg)
     act = act[np.argsort(-n_samples[act], kind="stable")]
     counts = n_samples[act]
-    pos = start[act] + head[act]
-    end_a = end[act]
+    p = at_count[act]
     steps = int(counts[0]) if len(act) else 0
-    ascending = counts[::-1]
-    live_at = (len(act) - np.searchsorted(ascending, np.arange(steps + 1), side="right")).tolist()
-    s_dg: list[I64] = []
-    s_kind: list[I64] = []
-    s_body: list[I64] = []
-    s_len: list[I64] = []
+    live_at = (
+        len(act) - np.searchsorted(counts[::-1], np.arange(steps + 1), side="right")
+    ).tolist()
+    final = np.empty(len(act), dtype=np.int64)  # each datagram's position after its last
+    s_at: list[I64] = []
+    s_len: list[U32] = []
+    s_next: list[I64] = []
     before = len(act)
     for m in live_at:
-        if m < before:  # these have no more samples: the last one must end the datagram
-            ended = slice(m, before)
-            bad_dg[act[ended][pos[ended] != end_a[ended]]] = True  # bytes after it
+        if m < before:  # these have no more samples
+            final[m:before] = p[m:before]
         before = m
         if not m:
             break
-        p = pos[:m]
-        e = end_a[:m]
-        kind_length = pairs[p].astype(np.int64)
-        kind, length = kind_length[:, 0], kind_length[:, 1]
-        n_words = length >> 2
-        nxt = p + 2 + n_words
-        # Past the datagram's end (a header cut short too: nxt >= p + 2), or a length
-        # that is not a whole number of words.
-        broken = (nxt > e) | ((length & 3) != 0)
-        if broken.any():
-            bad_dg[act[:m][broken]] = True
-            n_words = np.where(broken, 0, n_words)
-            nxt = np.where(broken, e, nxt)
-        s_dg.append(act[:m])
-        s_kind.append(kind)
-        s_body.append(p + 2)
-        s_len.append(n_words)
-        pos[:m] = nxt
-
+        p = p[:m]
+        length = _take(words, p + 1)
+        s_at.append(p)
+        s_len.append(length)
+        p = p + 2 + (length >> 2)
+        s_next.append(p)
     empty = np.zeros(0, dtype=np.int64)
-    sd = np.concatenate(s_dg) if s_dg else empty
-    skind = np.concatenate(s_kind) if s_kind else empty
-    sbody = np.concatenate(s_body) if s_body else empty
-    slen = np.concatenate(s_len) if s_len else empty
-    enterprise, fmt = skind >> 12, skind & 0xFFF
-    std = enterprise == 0
-    is_flow = std & ((fmt == SAMPLE_FLOW) | (fmt == SAMPLE_FLOW_EXPANDED))
-    is_counter = std & ((fmt == SAMPLE_COUNTERS) | (fmt == SAMPLE_COUNTERS_EXPANDED))
-    is_unknown = ~is_flow & ~is_counter
+    if s_at:
+        sd = np.concatenate([act[:m] for m in live_at[: len(s_at)]])
+        sat = np.concatenate(s_at)
+        slen = np.concatenate(s_len)
+        # Past the datagram's end (a header cut short too: the next one is >= p + 2), or
+        # a length that is not a whole number of words.
+        broken = (np.concatenate(s_next) > end[sd]) | ((slen & 3) != 0)
+        if broken.any():
+            bad_dg[sd[broken]] = True
+    else:
+        sd = sat = empty
+        slen = np.zeros(0, dtype=np.uint32)
+    bad_dg[act[final != end[act]]] = True  # bytes after the last sample
+    skind = _take(words, sat)
+    # Sample class: 0 unknown (an enterprise's or a format we do not know), 1 flow, 2
+    # counters; nothing of a broken datagram is a flow sample (its bytes are not samples).
+    sclass = _SAMPLE_CLASS[np.minimum(skind, len(_SAMPLE_CLASS) - 1)]
+    is_counter = sclass == 2
+    is_unknown = sclass == 0
+    is_flow = (sclass == 1) & ~bad_dg[sd]
 
     # -- flow sample headers (compact: 8 words, rate at 2, count at 7; expanded: 11, 3, 10).
     f = np.flatnonzero(is_flow)
-    fbody = sbody[f]
-    flen = slen[f]
-    expanded = fmt[f] == SAMPLE_FLOW_EXPANDED
+    fbody = sat[f] + 2
+    flen = (slen[f] >> 2).astype(np.int64)
+    expanded = skind[f] == SAMPLE_FLOW_EXPANDED
     fhead = np.where(expanded, 11, 8)
-    f_ok = flen >= fhead
-    rate = _w(words, fbody + np.where(expanded, 3, 2))
-    count = _w(words, fbody + fhead - 1)
-    f_ok &= (count <= MAX_FAST_RECORDS) & (2 * count <= flen - fhead)
+    rate = _take(words, fbody + 2 + expanded).astype(np.int64)
+    count = _take(words, fbody + fhead - 1).astype(np.int64)
+    f_ok = (flen >= fhead) & (count <= MAX_FAST_RECORDS) & (2 * count <= flen - fhead)
 
-    # -- the record walk, one step per record index, over the flow samples.
+    # -- the record walk, one step per record index, over the flow samples: as the sample
+    # walk, flow samples by decreasing record count, prefixes per step, checks after it.
     n_f = len(f)
-    # Word index of each flow sample's first packet description record (0: none yet).
-    first_pos = np.zeros(n_f, dtype=np.int64)
-    not_desc: list[I64] = []
-    # As the sample walk: flow samples by decreasing record count, prefixes per step; a
-    # sample found broken is marked, walks on at its end and is not kept.
     ract = np.flatnonzero(f_ok)
     ract = ract[np.argsort(-count[ract], kind="stable")]
     rcounts = count[ract]
-    rpos = fbody[ract] + fhead[ract]
-    rend = fbody[ract] + flen[ract]
+    p = fbody[ract] + fhead[ract]
     rsteps = int(rcounts[0]) if len(ract) else 0
-    ascending = rcounts[::-1]
-    live_at = (len(ract) - np.searchsorted(ascending, np.arange(rsteps), side="right")).tolist()
+    live_at = (len(ract) - np.searchsorted(rcounts[::-1], np.arange(rsteps), side="right")).tolist()
+    r_at: list[I64] = []
+    r_kind: list[U32] = []
+    r_len: list[U32] = []
+    r_next: list[I64] = []
     for m in live_at:
         if not m:
             break
-        p = rpos[:m]
-        e = rend[:m]
-        which = ract[:m]
-        kind_length = pairs[p].astype(np.int64)
-        rkind, rlen = kind_length[:, 0], kind_length[:, 1]
-        nxt = p + 2 + (rlen >> 2)
-        broken = (nxt > e) | ((rlen & 3) != 0) | (rkind == RECORD_EXTENDED_GATEWAY)
+        p = p[:m]
+        length = _take(words, p + 1)
+        r_at.append(p)
+        r_kind.append(_take(words, p))
+        r_len.append(length)
+        p = p + 2 + (length >> 2)
+        r_next.append(p)
+    # Word index of each flow sample's first packet description record (0: none).
+    first_pos = np.zeros(n_f, dtype=np.int64)
+    if r_at:
+        live_at = live_at[: len(r_at)]
+        rw = np.concatenate([ract[:m] for m in live_at])
+        rkind = np.concatenate(r_kind)
+        rlen = np.concatenate(r_len)
+        broken = (
+            (np.concatenate(r_next) > (fbody + flen)[rw])
+            | ((rlen & 3) != 0)
+            | (rkind == RECORD_EXTENDED_GATEWAY)
+        )
         if broken.any():
-            f_ok[which[broken]] = False
-            nxt = np.where(broken, e, nxt)
+            f_ok[rw[broken]] = False
         desc = _DESCRIPTION[np.minimum(rkind, len(_DESCRIPTION) - 1)]
-        new = desc & (first_pos[which] == 0)
-        first_pos[which[new]] = p[new]
-        not_desc.append(which[~desc])
-        rpos[:m] = nxt
+        skipped = np.bincount(rw[~desc], minlength=n_f)
+        first_desc = desc[: live_at[0]]
+        if first_desc.all():  # the usual: every sample starts with its packet's header
+            first_pos[ract[: live_at[0]]] = r_at[0]
+        else:  # the first description of each, last step first so that earlier ones win
+            offsets = np.cumsum([0, *live_at]).tolist()
+            for k in reversed(range(len(live_at))):
+                here = desc[offsets[k] : offsets[k + 1]]
+                first_pos[ract[: live_at[k]][here]] = r_at[k][here]
+    else:
+        skipped = np.zeros(n_f, dtype=np.int64)
     found = first_pos > 0
-    first_fields = pairs[first_pos].astype(np.int64)
-    first_kind = np.where(found, first_fields[:, 0], 0)
+    first_kind = np.where(found, _take(words, first_pos), 0)
     first_body = first_pos + 2
-    first_len = first_fields[:, 1]
-    skipped = np.bincount(
-        np.concatenate(not_desc) if not_desc else np.zeros(0, dtype=np.int64), minlength=n_f
-    )
+    first_len = _take(words, first_pos + 1).astype(np.int64)
 
     # Sampled IP records as first description: the scalar way.
     f_ok &= (first_kind == 0) | (first_kind == RECORD_RAW_HEADER)
@@ -482,8 +498,10 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
 
     # -- raw packet headers: protocol, frame length, stripped, header length, header.
     rb = first_body[raw]
-    fields = quads[rb].astype(np.int64)
-    protocol, frame_length, stripped, hlen = fields.T
+    protocol = _take(words, rb)
+    frame_length = _take(words, rb + 1).astype(np.int64)
+    stripped = _take(words, rb + 2).astype(np.int64)
+    hlen = _take(words, rb + 3).astype(np.int64)
     ok = (first_len[raw] >= 16) & (hlen <= first_len[raw] - 16)
     h = 4 * (rb + 4)
     hlen = np.where(ok, hlen, 0)
