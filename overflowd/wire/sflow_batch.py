@@ -6,9 +6,10 @@ packet header in Python, some 10 µs a record (0.07-0.10M records/s decode + sam
 bench/sflow_batch.py), although a collector sampling at 1e-6 keeps almost none of them. This
 path finds the samples and records of every datagram of a batch with numpy, one *step* at a
 time across all datagrams (step ``k`` reads the ``k``-th sample header of every datagram
-that has one), reads the packet headers' fields with fancy indexing over the joined bytes,
-and builds FlowRows only for the records a sampler chose (:meth:`SFlowBatch.rows`), equal to
-the scalar path's.
+that has one), reads the packet headers' fields the sampler needs (protocol, ports, TCP flags) with
+gathers over the joined bytes, and the rest (addresses, ToS, lengths, times) and FlowRows
+only for the records a sampler chose (:meth:`SFlowBatch.rows`), equal to the scalar path's,
+as template_batch does for v9/IPFIX.
 
 The common case only. A datagram goes the array way when all of it is plain, and every
 sample's first packet description is a raw header (0:1) of Ethernet (up to
@@ -52,7 +53,6 @@ Pure: no I/O, no clock. numpy is used for arithmetic only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +126,13 @@ U8 = npt.NDArray[np.uint8]
 Bools = npt.NDArray[np.bool_]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+#: The per-record arrays of an SFlowBatch, gathered by :meth:`SFlowBatch.select`.
+_PER_RECORD = (
+    "sport", "proto", "tcp_flags", "packets", "interval", "provenance", "_dg", "_v6", "_l3",
+    "_h", "_dport_at",
+)  # fmt: skip
+
+
 class SFlowBatch:
     """The array-decoded flow samples of a batch of sFlow datagrams, one array per field.
 
@@ -139,30 +145,48 @@ class SFlowBatch:
     reads addresses only for operator prefixes and asked boosts, which are IPv4-only there:
     with such a policy, sample ``ipv4()`` with it and ``ipv6_rows()`` with the scalar
     sampler (see :meth:`needs_scalar_ipv6`). Treat the arrays as read-only.
+
+    What the default sampler reads (ports, protocol, TCP flags, packets, interval) is
+    decoded with the batch; the rest (addresses, destination port, ToS, length, time,
+    exporter, sub-agent) from the joined datagrams when first asked for, and by
+    :meth:`rows` for the chosen records only: at 1 in a million, almost never.
     """
 
-    src: U32
-    dst: U32
-    v6_slot: I64
-    src6: U8
-    dst6: U8
+    __slots__ = (
+        "_b",
+        "_cache",
+        "_cand",
+        "_dg",
+        "_dport_at",
+        "_ex",
+        "_h",
+        "_halves",
+        "_l3",
+        "_now_ms",
+        "_sub_agent",
+        "_v6",
+        "_words",
+        "errors",
+        "exporters",
+        "failures",
+        "interval",
+        "packets",
+        "passed",
+        "proto",
+        "provenance",
+        "scalar",
+        "sport",
+        "tcp_flags",
+    )  # fmt: skip
+
     sport: U16
-    dport: U16
     proto: U8
-    packets: U32
-    bytes: I64
-    #: Arrival time in Unix ms (first and last alike: the datagram carries no time).
-    first: I64
     tcp_flags: U8
-    tos: U8
+    packets: U32
+    #: Resolved sampling interval, and its provenance (index in ``flows.PROVENANCES``).
     interval: I64
     provenance: U8
-    exporter: U32
-    #: The sub-agent id.
-    domain: U32
     exporters: tuple[str, ...]
-    #: Index in the input of the datagram each record came from.
-    datagram: I64
     #: FlowRows of each sFlow datagram decoded the scalar way (only datagrams with some).
     scalar: tuple[tuple[int, list[FlowRow]], ...]
     #: Datagrams refused (counted in the state as the scalar path counts them).
@@ -171,57 +195,190 @@ class SFlowBatch:
     failures: tuple[tuple[int, Exception], ...]
     #: Indices of datagrams that are not sFlow v5 (not counted here).
     passed: tuple[int, ...]
+    _dg: I64
+    _v6: Bools
+    _l3: I64
+    _h: I64
+    _dport_at: I64
+
+    def __init__(
+        self,
+        rec: dict[str, Any],
+        *,
+        buffers: tuple[U8, U16, U32],
+        now_ms: I64,
+        sub_agent: U32,
+        ex: I64,
+        cand: I64 | None,
+        exporters: tuple[str, ...],
+        scalar: tuple[tuple[int, list[FlowRow]], ...] = (),
+        errors: tuple[tuple[int, DecodeError], ...] = (),
+        failures: tuple[tuple[int, Exception], ...] = (),
+        passed: tuple[int, ...] = (),
+    ) -> None:
+        # Per record (see _PER_RECORD): the datagram among the walked ones (_dg), IPv6 or
+        # not, the byte offsets of the IP header and of the raw header record's header,
+        # and where the destination port (or ICMP type/code) is read, -1 for none.
+        for name in _PER_RECORD:
+            setattr(self, name, rec[name])
+        # Per walked datagram: arrival ms, sub-agent, exporter index; their index in the
+        # input (None: the walked datagrams are the input).
+        self._now_ms, self._sub_agent, self._ex, self._cand = now_ms, sub_agent, ex, cand
+        self._b, self._halves, self._words = buffers
+        self.exporters = exporters
+        self.scalar, self.errors, self.failures, self.passed = scalar, errors, failures, passed
+        self._cache: dict[str, Any] = {}
 
     def __len__(self) -> int:
-        return len(self.src)
+        return len(self.sport)
+
+    # -- the columns decoded when first read ----------------------------------------------
+
+    def _lazy(self, name: str) -> Any:
+        cache = self._cache
+        if name not in cache:
+            cache.update(self._decode_rest(None))
+        return cache[name]
+
+    def _decode_rest(self, idx: npt.NDArray[np.intp] | None) -> dict[str, Any]:
+        """The columns not decoded with the batch, for records ``idx`` (None: all)."""
+
+        def pick(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return a if idx is None else a[idx]
+
+        b, halves, words = self._b, self._halves, self._words
+        v6 = pick(self._v6)
+        l3 = pick(self._l3)
+        h = pick(self._h)
+        dport_at = pick(self._dport_at)
+        dg = pick(self._dg)
+        b0 = b[l3].astype(np.int64)
+        b1 = b[l3 + 1].astype(np.int64)
+        k3 = l3 >> 1  # the IP header in u16 units (it starts at an even offset)
+        total = halves[k3 + 1].astype(np.int64)
+        # IPv4: total length; IPv6: the 40-byte header and the payload length. A length
+        # the header does not give (0, TSO, jumbograms): the frame's, less link layer and
+        # FCS (the raw header record's frame length and stripped bytes, words 1 and 2).
+        ip_length = np.where(v6, 40 + halves[k3 + 2].astype(np.int64), total)
+        short = ip_length <= np.where(v6, 40, 0)
+        rb = (h >> 2) - 4
+        frame = words[rb + 1].astype(np.int64) - words[rb + 2].astype(np.int64)
+        length = np.where(short, np.maximum(frame - (l3 - h), 0), ip_length)
+        tos = np.where(v6, ((b0 & 0x0F) << 4) | (b1 >> 4), b1).astype(np.uint8)
+        dport = np.where(dport_at >= 0, _u16(halves, np.maximum(dport_at, 0)), 0)
+        a6 = l3[v6]
+        span = np.arange(16, dtype=np.int64)
+        slot = np.full(len(v6), -1, dtype=np.int64)
+        slot[v6] = np.arange(len(a6))
+        datagram = dg if self._cand is None else self._cand[dg]
+        return {
+            "src": np.where(v6, 0, _u32(halves, l3 + 12)).astype(np.uint32),
+            "dst": np.where(v6, 0, _u32(halves, l3 + 16)).astype(np.uint32),
+            "src6": b[(a6 + 8)[:, None] + span],
+            "dst6": b[(a6 + 24)[:, None] + span],
+            "v6_slot": slot,
+            "dport": dport.astype(np.uint16),
+            "bytes": length,
+            "tos": tos,
+            "first": self._now_ms[dg],
+            "exporter": self._ex[dg].astype(np.uint32),
+            "domain": self._sub_agent[dg].astype(np.uint32),
+            "datagram": datagram.astype(np.int64, copy=False),
+        }
+
+    @property
+    def src(self) -> U32:
+        out: U32 = self._lazy("src")
+        return out
+
+    @property
+    def dst(self) -> U32:
+        out: U32 = self._lazy("dst")
+        return out
+
+    @property
+    def src6(self) -> U8:
+        out: U8 = self._lazy("src6")
+        return out
+
+    @property
+    def dst6(self) -> U8:
+        out: U8 = self._lazy("dst6")
+        return out
+
+    @property
+    def v6_slot(self) -> I64:
+        out: I64 = self._lazy("v6_slot")
+        return out
+
+    @property
+    def dport(self) -> U16:
+        out: U16 = self._lazy("dport")
+        return out
+
+    @property
+    def bytes(self) -> I64:
+        out: I64 = self._lazy("bytes")
+        return out
+
+    @property
+    def tos(self) -> U8:
+        out: U8 = self._lazy("tos")
+        return out
+
+    @property
+    def first(self) -> I64:
+        """Arrival time in Unix ms (first and last alike: the datagram carries no time)."""
+        out: I64 = self._lazy("first")
+        return out
 
     @property
     def last(self) -> I64:
         return self.first
 
+    @property
+    def exporter(self) -> U32:
+        out: U32 = self._lazy("exporter")
+        return out
+
+    @property
+    def domain(self) -> U32:
+        """The sub-agent id."""
+        out: U32 = self._lazy("domain")
+        return out
+
+    @property
+    def datagram(self) -> I64:
+        """Index in the input of the datagram each record came from."""
+        out: I64 = self._lazy("datagram")
+        return out
+
+    # -- selections and rows ----------------------------------------------------------------
+
     def needs_scalar_ipv6(self, policy: SamplingPolicy) -> bool:
         """Whether IPv6 records must go the scalar sampler's way under ``policy``: it has
         operator prefixes or an asked boost (the batch sampler reads IPv4 addresses only)."""
-        return bool((policy.operator_prefixes or policy.asked_boost is not None) and len(self.src6))
+        return bool((policy.operator_prefixes or policy.asked_boost is not None) and self._v6.any())
 
     def select(self, mask: Bools) -> SFlowBatch:
         """The records where ``mask`` holds, as a batch of their own (same exporters)."""
         idx = np.flatnonzero(mask)
-        slots = self.v6_slot[idx]
-        v6 = slots >= 0
-        new_slot = np.full(len(idx), -1, dtype=np.int64)
-        new_slot[v6] = np.arange(int(np.count_nonzero(v6)))
+        rec = {name: getattr(self, name)[idx] for name in _PER_RECORD}
         return SFlowBatch(
-            src=self.src[idx],
-            dst=self.dst[idx],
-            v6_slot=new_slot,
-            src6=self.src6[slots[v6]],
-            dst6=self.dst6[slots[v6]],
-            sport=self.sport[idx],
-            dport=self.dport[idx],
-            proto=self.proto[idx],
-            packets=self.packets[idx],
-            bytes=self.bytes[idx],
-            first=self.first[idx],
-            tcp_flags=self.tcp_flags[idx],
-            tos=self.tos[idx],
-            interval=self.interval[idx],
-            provenance=self.provenance[idx],
-            exporter=self.exporter[idx],
-            domain=self.domain[idx],
+            rec,
+            buffers=(self._b, self._halves, self._words),
+            now_ms=self._now_ms,
+            sub_agent=self._sub_agent,
+            ex=self._ex,
+            cand=self._cand,
             exporters=self.exporters,
-            datagram=self.datagram[idx],
-            scalar=(),
-            errors=(),
-            failures=(),
-            passed=(),
         )
 
     def ipv4(self) -> SFlowBatch:
-        return self.select(self.v6_slot < 0)
+        return self.select(~self._v6)
 
     def ipv6_rows(self) -> list[FlowRow]:
-        return self.rows(np.flatnonzero(self.v6_slot >= 0))
+        return self.rows(np.flatnonzero(self._v6))
 
     def all_rows_in_order(self) -> list[FlowRow]:
         """Every record, array and scalar, in the order the scalar path gives them. Builds
@@ -235,34 +392,37 @@ class SFlowBatch:
     def rows(self, indices: Sequence[int] | npt.NDArray[np.integer[Any]]) -> list[FlowRow]:
         """FlowRows for the chosen records, equal to the scalar decoder's for them."""
         idx = np.asarray(indices, dtype=np.intp)
-        slots = self.v6_slot[idx]
-        new_v4 = IPv4Address
-        src: list[Any] = self.src[idx].tolist()
-        dst: list[Any] = self.dst[idx].tolist()
-        where6 = np.flatnonzero(slots >= 0).tolist()
+        if not len(idx):
+            return []
+        rest = self._decode_rest(idx)
+        v6 = self._v6[idx]
+        src: list[Any] = rest["src"].tolist()
+        dst: list[Any] = rest["dst"].tolist()
+        where6 = np.flatnonzero(v6).tolist()
         if where6:
-            s6 = self.src6[slots[where6]].tobytes()
-            d6 = self.dst6[slots[where6]].tobytes()
+            s6 = rest["src6"].tobytes()
+            d6 = rest["dst6"].tobytes()
             for k, i in enumerate(where6):
                 src[i] = IPv6Address(s6[16 * k : 16 * k + 16])
                 dst[i] = IPv6Address(d6[16 * k : 16 * k + 16])
-        for i in np.flatnonzero(slots < 0).tolist():
+        new_v4 = IPv4Address
+        for i in np.flatnonzero(~v6).tolist():
             src[i] = new_v4(src[i])
             dst[i] = new_v4(dst[i])
         exporters = self.exporters
-        times = self.first[idx].tolist()
+        times = rest["first"].tolist()
         columns = (
             src,
             dst,
             self.sport[idx].tolist(),
-            self.dport[idx].tolist(),
+            rest["dport"].tolist(),
             self.proto[idx].tolist(),
-            self.bytes[idx].tolist(),
+            rest["bytes"].tolist(),
             times,
             self.tcp_flags[idx].tolist(),
-            self.tos[idx].tolist(),
-            self.exporter[idx].tolist(),
-            self.domain[idx].tolist(),
+            rest["tos"].tolist(),
+            rest["exporter"].tolist(),
+            rest["domain"].tolist(),
             self.interval[idx].tolist(),
             self.provenance[idx].tolist(),
         )
@@ -499,8 +659,6 @@ def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
     # -- raw packet headers: protocol, frame length, stripped, header length, header.
     rb = first_body[raw]
     protocol = _take(words, rb)
-    frame_length = _take(words, rb + 1).astype(np.int64)
-    stripped = _take(words, rb + 2).astype(np.int64)
     hlen = _take(words, rb + 3).astype(np.int64)
     ok = (first_len[raw] >= 16) & (hlen <= first_len[raw] - 16)
     h = 4 * (rb + 4)
@@ -523,7 +681,6 @@ def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
     l3 = np.where(ok, l3, h)
     avail3 = hend - l3
     b0 = b[l3]
-    b1 = b[l3 + 1]
     version = b0 >> 4
     v4 = version == 4
     v6 = version == 6
@@ -541,30 +698,23 @@ def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
         ok &= ~v6 | ((avail3 >= 40) & ~_V6_CHAIN[nh6])
         payload6 = halves[k3 + 2].astype(np.int64)
         proto = np.where(v4, b[l3 + 9], nh6)
-        tos = np.where(v4, b1, ((b0 & 0x0F) << 4) | (b1 >> 4)).astype(np.uint8)
         l4 = np.where(ok, l3 + np.where(v4, ihl4, 40), l3)
         ip_end = np.where(
             v4, ip_end4, np.where(payload6 != 0, np.minimum(hend, l3 + 40 + payload6), hend)
         )
-        ip_length = np.where(v4, total, 40 + payload6)
-        short = ip_length <= np.where(v6, 40, 0)
     else:  # IPv4 only (the usual batch): the same without the IPv6 alternatives
         proto = b[l3 + 9]
-        tos = b1
         l4 = np.where(ok, l3 + ihl4, l3)
         ip_end = ip_end4
-        ip_length = total
-        short = total <= 0
     available = np.maximum(ip_end - l4, 0)
     ported = ~fragment & _PORTS[proto] & (available >= 4)
     icmp = ~fragment & _ICMP[proto] & (available >= 2)
     at = np.where(ported | icmp, l4, h)
-    first16 = _u16(halves, at)
-    sport = np.where(ported, first16, 0).astype(np.uint16)
-    dport = np.where(ported, _u16(halves, at + 2), np.where(icmp, first16, 0)).astype(np.uint16)
+    sport = np.where(ported, _u16(halves, at), 0).astype(np.uint16)
+    # The destination port (or ICMP type and code) is read when asked for (rows).
+    dport_at = np.where(ported, at + 2, np.where(icmp, at, -1))
     flagged = ported & (proto == 6) & (available >= 14)
     tcp_flags = np.where(flagged, b[np.where(flagged, l4 + 13, h)], 0).astype(np.uint8)
-    length = np.where(short, np.maximum(frame_length - stripped - (l3 - h), 0), ip_length)
 
     # -- which samples decoded: every counter/unknown one; flow samples without a
     # description (counted), or whose first description is a raw header that decoded here.
@@ -582,27 +732,25 @@ def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
     # Records in walk order: sample by sample index, datagram order within each; a datagram's
     # own records are in its order (what the scalar path gives, per datagram).
     pick = good[fast[sd[f[raw[good]]]]]  # positions among `raw` of the records kept
-    sel = raw[pick]
-    rsample = f[sel]
-    v6_rec = v6[pick]
-    a = l3[pick]
-    a6 = a[v6_rec]
-    span = np.arange(16, dtype=np.int64)
+    every = len(pick) == len(raw)  # all of them (the usual): no copies
+
+    def per_pick(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return a if every else a[pick]
+
+    sel = (None if len(raw) == n_f else raw) if every else raw[pick]  # None: all of `f`
+    rsample = f if sel is None else f[sel]
     rec: dict[str, Any] = {
-        "datagram": sd[rsample],
-        "v4": ~v6_rec,
-        "src": np.where(v6_rec, 0, _u32(halves, a + 12)).astype(np.uint32),
-        "dst": np.where(v6_rec, 0, _u32(halves, a + 16)).astype(np.uint32),
-        "src6": b[(a6 + 8)[:, None] + span],
-        "dst6": b[(a6 + 24)[:, None] + span],
-        "sport": sport[pick],
-        "dport": dport[pick],
-        "proto": proto[pick].astype(np.uint8),
-        "bytes": length[pick],
-        "tcp_flags": tcp_flags[pick],
-        "tos": tos[pick],
-        "rate": rate[sel],
+        "_dg": sd[rsample],
+        "_v6": per_pick(v6),
+        "_l3": per_pick(l3),
+        "_h": per_pick(h),
+        "_dport_at": per_pick(dport_at),
+        "sport": per_pick(sport),
+        "proto": per_pick(proto).astype(np.uint8, copy=False),
+        "tcp_flags": per_pick(tcp_flags),
+        "rate": rate if sel is None else rate[sel],
         "sub_agent": sub_agent,
+        "buffers": (b, halves, words),
         "counters": np.bincount(sd[is_counter & in_fast], minlength=n_dg),
         "unknown": np.bincount(sd[is_unknown & in_fast], minlength=n_dg),
         "skipped": np.bincount(sd[f[f_fast]], weights=skipped[f_fast], minlength=n_dg),
@@ -700,6 +848,9 @@ def _finish(
     return _columns(datagrams, names, nows, cand, rec, scalar, errors, failures, passed, state)
 
 
+_EMPTY_BUFFERS = (np.zeros(0, np.uint8), np.zeros(0, ">u2"), np.zeros(0, ">u4"))
+
+
 def _columns(
     datagrams: Sequence[tuple[bytes, str, float]],
     names: Sequence[str],
@@ -712,28 +863,29 @@ def _columns(
     passed: tuple[int, ...],
     state: DecoderState,
 ) -> SFlowBatch:
-    if not cand or not len(rec["datagram"]):
+    if not cand or not len(rec["_dg"]):
         z = np.zeros(0, dtype=np.int64)
+        empty = {
+            "sport": z.astype(np.uint16),
+            "proto": z.astype(np.uint8),
+            "tcp_flags": z.astype(np.uint8),
+            "packets": z.astype(np.uint32),
+            "interval": z,
+            "provenance": z.astype(np.uint8),
+            "_dg": z,
+            "_v6": z.astype(bool),
+            "_l3": z,
+            "_h": z,
+            "_dport_at": z,
+        }
         return SFlowBatch(
-            src=z.astype(np.uint32),
-            dst=z.astype(np.uint32),
-            v6_slot=z,
-            src6=np.zeros((0, 16), dtype=np.uint8),
-            dst6=np.zeros((0, 16), dtype=np.uint8),
-            sport=z.astype(np.uint16),
-            dport=z.astype(np.uint16),
-            proto=z.astype(np.uint8),
-            packets=z.astype(np.uint32),
-            bytes=z,
-            first=z,
-            tcp_flags=z.astype(np.uint8),
-            tos=z.astype(np.uint8),
-            interval=z,
-            provenance=z.astype(np.uint8),
-            exporter=z.astype(np.uint32),
-            domain=z.astype(np.uint32),
+            empty,
+            buffers=_EMPTY_BUFFERS,
+            now_ms=z,
+            sub_agent=z.astype(np.uint32),
+            ex=z,
+            cand=None,
             exporters=(),
-            datagram=z,
             scalar=tuple(scalar),
             errors=tuple(errors),
             failures=tuple(failures),
@@ -745,7 +897,8 @@ def _columns(
     for k, name in enumerate(index):
         index[name] = k
     exporter_names = list(index)
-    datagram = rec["datagram"]
+    dg = rec["_dg"]
+    n = len(dg)
     # Arrival ms as the scalar path computes it, int(now * 1000), per datagram: float to
     # int64 truncates toward zero as int() does, for every finite value in range.
     cand_nows = np.fromiter(nows if whole else (nows[i] for i in cand), np.float64, len(cand))
@@ -754,20 +907,19 @@ def _columns(
         now_ms = ms.astype(np.int64)
     else:
         now_ms = np.array([int(t * 1000) for t in cand_nows.tolist()], dtype=np.int64)
-    first = now_ms[datagram]
     # Interval and provenance per (exporter, announced rate) pair: few per batch.
     rate = rec["rate"]
     if len(index) == 1:
-        ex = np.zeros(len(datagram), dtype=np.int64)
+        ex_of_cand = np.zeros(len(cand), dtype=np.int64)
     else:
         ex_of_cand = np.fromiter(map(index.__getitem__, cand_names), np.int64, len(cand))
-        ex = ex_of_cand[datagram]
-    if len(index) == 1 and int(rate.min()) == int(rate.max()):
-        value, provenance = state.resolve_interval(exporter_names[0], int(rate[0]) or None)
-        interval = np.full(len(datagram), value, dtype=np.int64)
-        provenance_code = np.full(len(datagram), _PROVENANCE_CODE[provenance], dtype=np.uint8)
+    low = int(rate.min())
+    if len(index) == 1 and low == int(rate.max()):
+        value, provenance = state.resolve_interval(exporter_names[0], low or None)
+        interval = np.full(n, value, dtype=np.int64)
+        provenance_code = np.full(n, _PROVENANCE_CODE[provenance], dtype=np.uint8)
     else:
-        pairs, inverse = np.unique((ex << 32) | rate, return_inverse=True)
+        pairs, inverse = np.unique((ex_of_cand[dg] << 32) | rate, return_inverse=True)
         pair_interval = np.empty(len(pairs), dtype=np.int64)
         pair_provenance = np.empty(len(pairs), dtype=np.uint8)
         for j, pair in enumerate(pairs.tolist()):
@@ -778,29 +930,17 @@ def _columns(
             pair_provenance[j] = _PROVENANCE_CODE[provenance]
         interval = pair_interval[inverse.reshape(-1)]
         provenance_code = pair_provenance[inverse.reshape(-1)]
-    v4 = rec["v4"]
-    slot = np.full(len(v4), -1, dtype=np.int64)
-    slot[~v4] = np.arange(int(np.count_nonzero(~v4)))
+    rec["packets"] = np.ones(n, dtype=np.uint32)
+    rec["interval"] = interval
+    rec["provenance"] = provenance_code
     return SFlowBatch(
-        src=rec["src"],
-        dst=rec["dst"],
-        v6_slot=slot,
-        src6=rec["src6"],
-        dst6=rec["dst6"],
-        sport=rec["sport"],
-        dport=rec["dport"],
-        proto=rec["proto"],
-        packets=np.ones(len(v4), dtype=np.uint32),
-        bytes=rec["bytes"],
-        first=first,
-        tcp_flags=rec["tcp_flags"],
-        tos=rec["tos"],
-        interval=interval,
-        provenance=provenance_code,
-        exporter=ex.astype(np.uint32),
-        domain=rec["sub_agent"][datagram].astype(np.uint32),
+        rec,
+        buffers=rec["buffers"],
+        now_ms=now_ms,
+        sub_agent=rec["sub_agent"],
+        ex=ex_of_cand,
+        cand=None if whole else np.asarray(cand, dtype=np.int64),
         exporters=tuple(exporter_names),
-        datagram=datagram if whole else np.asarray(cand, dtype=np.int64)[datagram],
         scalar=tuple(scalar),
         errors=tuple(errors),
         failures=tuple(failures),
