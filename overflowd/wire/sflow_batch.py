@@ -467,12 +467,25 @@ def decode_sflow_batch(
     names: tuple[str, ...]
     nows: tuple[float, ...]
     payloads, names, nows = zip(*datagrams, strict=True)
-    is_sflow = np.fromiter(map(_is_sflow, payloads), dtype=bool, count=n)
     sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
-    passed = tuple(np.flatnonzero(~is_sflow).tolist())
     # Candidates for the array walk: XDR keeps every field 4-aligned from the datagram's
     # start, so datagrams of a multiple of 4 bytes joined end to end keep them aligned in
     # the buffer, and every XDR field is one element of a big-endian u32 view.
+    aligned = int(sizes.min()) >= 4 and not (sizes & 3).any()
+    if aligned:
+        # The usual batch: join it at once and read every datagram's magic there (the
+        # first word, 5); if all are sFlow, that is the buffer walked.
+        buf = b"".join([*payloads, _PAD_BYTES])
+        start = np.zeros(n, dtype=np.int64)
+        np.cumsum(sizes[:-1] >> 2, out=start[1:])
+        is_sflow = np.frombuffer(buf, dtype=">u4")[start] == 5
+        if is_sflow.all():
+            fast_all, walked = _walk_joined(buf, sizes, start)
+            return _finish(datagrams, state, names, nows, is_sflow, fast_all, range(n), walked, ())
+        del buf
+    else:
+        is_sflow = np.fromiter(map(_is_sflow, payloads), dtype=bool, count=n)
+    passed = tuple(np.flatnonzero(~is_sflow).tolist())
     cand_mask = is_sflow & ((sizes & 3) == 0)
     fast = np.zeros(n, dtype=bool)
     rec: dict[str, Any] = {}
@@ -501,7 +514,7 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     # One join, the padding included: a second copy of a few hundred kB per batch is not
     # only a copy (freed at once, it gets the heap trimmed, and the next batch pays its
     # page faults again).
-    return _walk_joined(b"".join([*payloads, _PAD_BYTES]), sizes)
+    return _walk_joined(b"".join([*payloads, _PAD_BYTES]), sizes, None)
 
 
 def _take(a: npt.NDArray[Any], at: I64) -> npt.NDArray[Any]:
@@ -511,8 +524,9 @@ def _take(a: npt.NDArray[Any], at: I64) -> npt.NDArray[Any]:
     return a.take(at, mode="clip")
 
 
-def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
-    """:func:`_walk` over the datagrams joined in ``buf`` (sizes ``sizes``, then _PAD)."""
+def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict[str, Any]]:
+    """:func:`_walk` over the datagrams joined in ``buf`` (sizes ``sizes``, then _PAD),
+    starting at words ``start`` (None: computed here)."""
     # Views, no copies: XDR words, bytes, and big-endian u16 at even offsets (every 16- and
     # 32-bit field of a packet header the array path reads is at an even offset: the header
     # starts 4-aligned, Ethernet and VLAN tags are 14 and 4 bytes, IP headers multiples of 4).
@@ -520,8 +534,9 @@ def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
     b = np.frombuffer(buf, dtype=np.uint8)
     halves = np.frombuffer(buf, dtype=">u2")
     n_dg = len(sizes)
-    start = np.zeros(n_dg, dtype=np.int64)
-    np.cumsum(sizes[:-1] >> 2, out=start[1:])
+    if start is None:
+        start = np.zeros(n_dg, dtype=np.int64)
+        np.cumsum(sizes[:-1] >> 2, out=start[1:])
     end = start + (sizes >> 2)
 
     # -- datagram headers: version, agent address (type 0/1/2: 0/4/16 bytes), sub-agent,
@@ -718,14 +733,15 @@ def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
 
     # -- which samples decoded: every counter/unknown one; flow samples without a
     # description (counted), or whose first description is a raw header that decoded here.
-    sample_ok = ~is_flow.copy()
+    # (Samples of a datagram already marked are not in `f`.)
     flow_ok = f_ok.copy()
     flow_ok[raw] = ok
-    sample_ok[f] = flow_ok
-    bad_dg[sd[~sample_ok]] = True
+    if not flow_ok.all():
+        bad_dg[sd[f[~flow_ok]]] = True
     fast = ~bad_dg
 
     # Per-sample counters, for fast datagrams only (the scalar path counts the others).
+    all_fast = bool(fast.all())
     in_fast = fast[sd]
     f_fast = in_fast[f]
     good = np.flatnonzero(ok)
@@ -751,11 +767,13 @@ def _walk_joined(buf: bytes, sizes: I64) -> tuple[Bools, dict[str, Any]]:
         "rate": rate if sel is None else rate[sel],
         "sub_agent": sub_agent,
         "buffers": (b, halves, words),
-        "counters": np.bincount(sd[is_counter & in_fast], minlength=n_dg),
-        "unknown": np.bincount(sd[is_unknown & in_fast], minlength=n_dg),
-        "skipped": np.bincount(sd[f[f_fast]], weights=skipped[f_fast], minlength=n_dg),
-        "no_ip": np.bincount(sd[f[f_fast & (first_kind == 0)]], minlength=n_dg),
-        "records": np.bincount(sd[rsample], minlength=n_dg),
+        # Totals over the fast datagrams, in the order _finish counts them.
+        "counts": (
+            ("sflow.counter_samples", np.count_nonzero(is_counter & in_fast)),
+            ("sflow.unknown_samples", np.count_nonzero(is_unknown & in_fast)),
+            ("sflow.flow_records_skipped", skipped.sum() if all_fast else skipped[f_fast].sum()),
+            ("sflow.samples_without_ip", np.count_nonzero(f_fast & (first_kind == 0))),
+        ),
     }
     return fast, rec
 
@@ -790,29 +808,33 @@ def _finish(
             scalar.append((i, rows))
 
     n_fast = int(np.count_nonzero(fast))
-    fast_c = fast[np.asarray(cand, dtype=np.intp)] if n_fast else fast[:0]
+    whole = isinstance(cand, range)
+    n_rec = len(rec["_dg"]) if n_fast else 0
     if n_fast:
-        n_rec = rec["records"]
-        for name, n in (
-            ("sflow.counter_samples", rec["counters"]),
-            ("sflow.unknown_samples", rec["unknown"]),
-            ("sflow.flow_records_skipped", rec["skipped"]),
-            ("sflow.samples_without_ip", rec["no_ip"]),
-        ):
-            total = int(n[fast_c].sum())
+        for name, total in rec["counts"]:
             if total:
-                state.count(name, total)
+                state.count(name, int(total))
         state._datagrams += n_fast
-        state._records += int(n_rec.sum())
+        state._records += n_rec
         state._by_format[FORMAT] += n_fast
-    slow_idx = np.flatnonzero(is_sflow & ~fast).tolist()
+        # Exporters of the walked datagrams, numbered in order of first appearance.
+        cand_names = names if whole else [names[i] for i in cand]
+        index = dict.fromkeys(cand_names, 0)
+        for k, name in enumerate(index):
+            index[name] = k
+        rec["exporter_names"] = list(index)
+        if len(index) == 1:
+            rec["ex_of_cand"] = np.zeros(len(cand), dtype=np.int64)
+        else:
+            rec["ex_of_cand"] = np.fromiter(map(index.__getitem__, cand_names), np.int64, len(cand))
+    slow_idx = [] if n_fast == len(fast) else np.flatnonzero(is_sflow & ~fast).tolist()
     pending = state.pending
     if len(pending) and n_fast:
         # Held v9/IPFIX data expires by each datagram's arrival time, in arrival order (a
         # clock may go backwards in a replay): datagram by datagram, as _decode does. Rare:
         # nothing is held in an sFlow-only collector.
         position = {i: k for k, i in enumerate(cand)}
-        n_list = rec["records"].tolist()
+        n_list = np.bincount(rec["_dg"], minlength=len(cand)).tolist()
         for i in np.flatnonzero(is_sflow).tolist():
             if fast[i]:
                 pending.expire(nows[i])
@@ -826,23 +848,26 @@ def _finish(
         # Exporter entries are made in the order the scalar path first meets each exporter,
         # the datagrams decoded the scalar way included (they find their entry there), so
         # the cap on tracked exporters falls on the same ones whichever path ran.
-        cand_names = names if isinstance(cand, range) else [names[i] for i in cand]
-        index = dict.fromkeys(cand_names, 0)
-        for k, name in enumerate(index):
-            index[name] = k
-        first_seen = list(index)
+        exporter_names = rec["exporter_names"]
+        first_seen = exporter_names
         if slow_idx:
             # Order of first appearance over every sFlow datagram, fast or not.
             order = dict.fromkeys(names[i] for i in np.flatnonzero(is_sflow).tolist())
             first_seen = list(order)
         entries = {name: state._exporter_entry(name) for name in first_seen}
-        ex = np.fromiter(map(index.__getitem__, cand_names), dtype=np.int64, count=len(cand))
-        seen = np.bincount(ex[fast_c], minlength=len(index)).tolist()
-        records = np.bincount(ex, weights=rec["records"], minlength=len(index)).tolist()
-        for name, d, r in zip(index, seen, records, strict=True):
-            entry = entries[name]
-            entry[0] += d
-            entry[1] += int(r)
+        if len(exporter_names) == 1 and n_fast == len(cand):
+            entry = entries[exporter_names[0]]
+            entry[0] += n_fast
+            entry[1] += n_rec
+        else:
+            ex = rec["ex_of_cand"]
+            fast_c = fast if whole else fast[np.asarray(cand, dtype=np.intp)]
+            seen = np.bincount(ex[fast_c], minlength=len(exporter_names)).tolist()
+            records = np.bincount(ex[rec["_dg"]], minlength=len(exporter_names)).tolist()
+            for name, d, r in zip(exporter_names, seen, records, strict=True):
+                entry = entries[name]
+                entry[0] += d
+                entry[1] += r
     for i in slow_idx:
         slow(i)
     return _columns(datagrams, names, nows, cand, rec, scalar, errors, failures, passed, state)
@@ -892,11 +917,8 @@ def _columns(
             passed=passed,
         )
     whole = isinstance(cand, range)
-    cand_names = names if whole else [names[i] for i in cand]
-    index = dict.fromkeys(cand_names, 0)
-    for k, name in enumerate(index):
-        index[name] = k
-    exporter_names = list(index)
+    exporter_names = rec["exporter_names"]
+    ex_of_cand = rec["ex_of_cand"]
     dg = rec["_dg"]
     n = len(dg)
     # Arrival ms as the scalar path computes it, int(now * 1000), per datagram: float to
@@ -909,12 +931,8 @@ def _columns(
         now_ms = np.array([int(t * 1000) for t in cand_nows.tolist()], dtype=np.int64)
     # Interval and provenance per (exporter, announced rate) pair: few per batch.
     rate = rec["rate"]
-    if len(index) == 1:
-        ex_of_cand = np.zeros(len(cand), dtype=np.int64)
-    else:
-        ex_of_cand = np.fromiter(map(index.__getitem__, cand_names), np.int64, len(cand))
     low = int(rate.min())
-    if len(index) == 1 and low == int(rate.max()):
+    if len(exporter_names) == 1 and low == int(rate.max()):
         value, provenance = state.resolve_interval(exporter_names[0], low or None)
         interval = np.full(n, value, dtype=np.int64)
         provenance_code = np.full(n, _PROVENANCE_CODE[provenance], dtype=np.uint8)
