@@ -490,15 +490,10 @@ def decode_sflow_batch(
     fast = np.zeros(n, dtype=bool)
     rec: dict[str, Any] = {}
     cand: Sequence[int] = ()
-    if cand_mask.any():
-        if cand_mask.all():
-            cand = range(n)
-            fast_c, rec = _walk(payloads, sizes)
-            fast = fast_c
-        else:
-            cand = np.flatnonzero(cand_mask).tolist()
-            fast_c, rec = _walk([payloads[i] for i in cand], sizes[cand_mask])
-            fast[cand_mask] = fast_c
+    if cand_mask.any():  # (all of them is the aligned batch above)
+        cand = np.flatnonzero(cand_mask).tolist()
+        fast_c, rec = _walk([payloads[i] for i in cand], sizes[cand_mask])
+        fast[cand_mask] = fast_c
     return _finish(datagrams, state, names, nows, is_sflow, fast, cand, rec, passed)
 
 
@@ -626,9 +621,7 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     r_kind: list[U32] = []
     r_len: list[U32] = []
     r_next: list[I64] = []
-    for m in live_at:
-        if not m:
-            break
+    for m in live_at:  # (every m > 0: the steps are the largest count)
         p = p[:m]
         length = _take(words, p + 1)
         r_at.append(p)

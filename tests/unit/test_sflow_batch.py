@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from overflowd.errors import DecodeError
-from overflowd.flows import FlowRow
+from overflowd.flows import PROVENANCES, FlowRow
 from overflowd.flowsample import SamplingPolicy, probability
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.wire import DecoderState, decode_datagram_rows
@@ -346,6 +346,81 @@ def test_p_of_every_record_is_flowsample_probability() -> None:
         expected = np.array([probability(r, policy) for r in v4_rows])
         got = BatchSampler(policy, np.random.default_rng(0)).probabilities(v4)
         assert np.array_equal(got, expected)
+
+
+def assert_columns_are_the_rows(batch: SFlowBatch) -> None:
+    """Every column read as an array (the ones decoded with the batch and the ones decoded
+    when first asked for) says what the rows say."""
+    rows = batch.rows(np.arange(len(batch)))
+    assert len(rows) == len(batch)
+    v6 = [r.src.version == 6 for r in rows]
+    assert batch.v6_slot.tolist() == [sum(v6[:i]) if is6 else -1 for i, is6 in enumerate(v6)]
+    for i, r in enumerate(rows):
+        slot = int(batch.v6_slot[i])
+        if slot >= 0:
+            assert (bytes(batch.src6[slot]), bytes(batch.dst6[slot])) == (
+                r.src.packed,
+                r.dst.packed,
+            )
+            assert int(batch.src[i]) == int(batch.dst[i]) == 0
+        else:
+            assert (int(batch.src[i]), int(batch.dst[i])) == (int(r.src), int(r.dst))
+    columns = {
+        "sport": [r.sport for r in rows],
+        "dport": [r.dport for r in rows],
+        "proto": [r.proto for r in rows],
+        "packets": [r.packets for r in rows],
+        "bytes": [r.bytes for r in rows],
+        "first": [r.first for r in rows],
+        "last": [r.last for r in rows],
+        "tcp_flags": [r.tcp_flags for r in rows],
+        "tos": [r.tos for r in rows],
+        "interval": [r.sampling_interval for r in rows],
+        "domain": [r.observation_domain for r in rows],
+    }
+    for name, expected in columns.items():
+        assert getattr(batch, name).tolist() == expected, name
+    assert [batch.exporters[e] for e in batch.exporter.tolist()] == [r.exporter for r in rows]
+    assert [PROVENANCES[k] for k in batch.provenance.tolist()] == [
+        r.sampling_provenance for r in rows
+    ]
+
+
+def test_every_column_read_as_an_array_is_what_the_rows_say() -> None:
+    mixed = [
+        flow(raw(V4_TCP), rate=512),
+        flow(raw(V6_TCP), rate=4096, expanded=True),
+        flow(raw(tso(), keep=60)),
+        flow(raw(tso6(), keep=80)),
+        flow(raw(V4_ICMP)),
+        flow(raw(V6_ICMP)),
+        flow(raw(QINQ)),
+        flow(raw(fragment())),
+    ]
+    datagrams = [
+        (sflow_datagram(mixed[k:] + mixed[:k], sub_agent=k), f"192.0.2.{k % 3}", NOW + k / 7)
+        for k in range(len(mixed))
+    ]
+    # A datagram that is not sFlow among them: the sFlow ones are walked as a subset, and
+    # their indices in the input are kept.
+    datagrams.insert(3, (b"\0\x09" + bytes(18), EXPORTER, NOW))
+    [batch] = assert_equivalent(datagrams)
+    assert batch.passed == (3,)
+    assert 3 not in batch.datagram.tolist() and max(batch.datagram.tolist()) == len(mixed)
+    assert_columns_are_the_rows(batch)
+    # A selection reads its columns from the same datagrams.
+    some = np.zeros(len(batch), dtype=bool)
+    some[::3] = True
+    part = batch.select(some)
+    assert part.rows(np.arange(len(part))) == batch.rows(np.flatnonzero(some))
+    assert part.datagram.tolist() == batch.datagram[some].tolist()
+    assert_columns_are_the_rows(part)
+    assert_columns_are_the_rows(batch.ipv4())
+    # The same datagrams all sFlow (joined and walked at once) give the same columns.
+    del datagrams[3]
+    [whole] = assert_equivalent(datagrams)
+    assert_columns_are_the_rows(whole)
+    assert whole.rows(np.arange(len(whole))) == batch.rows(np.arange(len(batch)))
 
 
 # -- generated datagrams -----------------------------------------------------------------------
