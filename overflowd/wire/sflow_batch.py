@@ -112,6 +112,9 @@ _HEAD_WORDS = np.array([6, 7, 10, 6], dtype=np.int64)
 _SAMPLE_CLASS = np.zeros(6, dtype=np.int8)
 _SAMPLE_CLASS[[SAMPLE_FLOW, SAMPLE_FLOW_EXPANDED]] = 1
 _SAMPLE_CLASS[[SAMPLE_COUNTERS, SAMPLE_COUNTERS_EXPANDED]] = 2
+#: Ethertypes of IPv4 and IPv6.
+_IP_ETHERTYPE = np.zeros(0x10000, dtype=bool)
+_IP_ETHERTYPE[[packet.ETHERTYPE_IPV4, packet.ETHERTYPE_IPV6]] = True
 _PORTS = np.zeros(256, dtype=bool)
 _PORTS[list(packet.PORT_PROTOCOLS)] = True
 _ICMP = np.zeros(256, dtype=bool)
@@ -512,11 +515,32 @@ def _walk(payloads: Sequence[bytes], sizes: I64) -> tuple[Bools, dict[str, Any]]
     return _walk_joined(b"".join([*payloads, _PAD_BYTES]), sizes, None)
 
 
-def _take(a: npt.NDArray[Any], at: I64) -> npt.NDArray[Any]:
-    """``a[at]`` with every index held inside ``a``: a 1-D ``take`` is the cheapest gather
-    numpy has, and the clip lets a walk over a broken datagram read on harmlessly (what it
-    reads is not kept: the datagram is marked and goes the scalar way)."""
-    return a.take(at, mode="clip")
+def _word(words: U32, at: I64) -> I64:
+    """XDR words at word indices ``at``, as native int64.
+
+    A 1-D ``take`` is the cheapest gather numpy has; the clip holds every index inside the
+    buffer, so that a walk over a broken datagram reads on harmlessly (what it reads is not
+    kept: the datagram is marked and goes the scalar way). Native int64 because numpy's
+    arithmetic on big-endian or mixed-width operands costs 2-3 times what it costs on
+    native arrays of one type, and a batch makes a few hundred such calls.
+    """
+    out: I64 = words.take(at, mode="clip").astype(np.int64)
+    return out
+
+
+def _by_count(counts: I64) -> tuple[I64 | None, list[int]]:
+    """The stable order of decreasing ``counts`` (None: they are all equal, the usual
+    batch, no sort) and, for each step ``k`` below the largest, how many of that order
+    have more than ``k`` (a prefix of it)."""
+    n = len(counts)
+    if not n:
+        return None, []
+    low, high = int(counts.min()), int(counts.max())
+    if low == high:
+        return None, [n] * high
+    order = np.argsort(-counts, kind="stable")
+    ascending = counts[order][::-1]
+    return order, (n - np.searchsorted(ascending, np.arange(high), side="right")).tolist()
 
 
 def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict[str, Any]]:
@@ -536,12 +560,12 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
 
     # -- datagram headers: version, agent address (type 0/1/2: 0/4/16 bytes), sub-agent,
     # sequence, uptime, sample count.
-    atype = _take(words, start + 1)
+    atype = _word(words, start + 1)
     head = _HEAD_WORDS[np.minimum(atype, 3)]
     ok_dg = (atype <= 2) & (sizes >= 4 * head)
     at_count = start + head
-    sub_agent = _take(words, at_count - 4)
-    n_samples = _take(words, at_count - 1).astype(np.int64)
+    sub_agent = _word(words, at_count - 4)
+    n_samples = _word(words, at_count - 1)
     ok_dg &= (n_samples <= MAX_FAST_SAMPLES) & (2 * n_samples <= end - at_count)
     bad_dg = ~ok_dg
 
@@ -552,16 +576,14 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     # over all of them. Until then a broken datagram walks on wherever its lengths lead
     # (_take keeps the reads inside the buffer); it is marked then, and nothing of it kept.
     act = np.flatnonzero(ok_dg)
-    act = act[np.argsort(-n_samples[act], kind="stable")]
-    counts = n_samples[act]
+    order, live_at = _by_count(n_samples[act])
+    if order is not None:
+        act = act[order]
     p = at_count[act]
-    steps = int(counts[0]) if len(act) else 0
-    live_at = (
-        len(act) - np.searchsorted(counts[::-1], np.arange(steps + 1), side="right")
-    ).tolist()
+    live_at.append(0)
     final = np.empty(len(act), dtype=np.int64)  # each datagram's position after its last
     s_at: list[I64] = []
-    s_len: list[U32] = []
+    s_len: list[I64] = []
     s_next: list[I64] = []
     before = len(act)
     for m in live_at:
@@ -571,7 +593,7 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
         if not m:
             break
         p = p[:m]
-        length = _take(words, p + 1)
+        length = _word(words, p + 1)
         s_at.append(p)
         s_len.append(length)
         p = p + 2 + (length >> 2)
@@ -588,9 +610,9 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
             bad_dg[sd[broken]] = True
     else:
         sd = sat = empty
-        slen = np.zeros(0, dtype=np.uint32)
+        slen = np.zeros(0, dtype=np.int64)
     bad_dg[act[final != end[act]]] = True  # bytes after the last sample
-    skind = _take(words, sat)
+    skind = _word(words, sat)
     # Sample class: 0 unknown (an enterprise's or a format we do not know), 1 flow, 2
     # counters; nothing of a broken datagram is a flow sample (its bytes are not samples).
     sclass = _SAMPLE_CLASS[np.minimum(skind, len(_SAMPLE_CLASS) - 1)]
@@ -604,28 +626,27 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     flen = (slen[f] >> 2).astype(np.int64)
     expanded = skind[f] == SAMPLE_FLOW_EXPANDED
     fhead = np.where(expanded, 11, 8)
-    rate = _take(words, fbody + 2 + expanded).astype(np.int64)
-    count = _take(words, fbody + fhead - 1).astype(np.int64)
+    rate = _word(words, fbody + 2 + expanded)
+    count = _word(words, fbody + fhead - 1)
     f_ok = (flen >= fhead) & (count <= MAX_FAST_RECORDS) & (2 * count <= flen - fhead)
 
     # -- the record walk, one step per record index, over the flow samples: as the sample
     # walk, flow samples by decreasing record count, prefixes per step, checks after it.
     n_f = len(f)
     ract = np.flatnonzero(f_ok)
-    ract = ract[np.argsort(-count[ract], kind="stable")]
-    rcounts = count[ract]
-    p = fbody[ract] + fhead[ract]
-    rsteps = int(rcounts[0]) if len(ract) else 0
-    live_at = (len(ract) - np.searchsorted(rcounts[::-1], np.arange(rsteps), side="right")).tolist()
+    order, live_at = _by_count(count[ract])
+    if order is not None:
+        ract = ract[order]
+    p = (fbody + fhead)[ract]
     r_at: list[I64] = []
-    r_kind: list[U32] = []
-    r_len: list[U32] = []
+    r_kind: list[I64] = []
+    r_len: list[I64] = []
     r_next: list[I64] = []
     for m in live_at:  # (every m > 0: the steps are the largest count)
         p = p[:m]
-        length = _take(words, p + 1)
+        length = _word(words, p + 1)
         r_at.append(p)
-        r_kind.append(_take(words, p))
+        r_kind.append(_word(words, p))
         r_len.append(length)
         p = p + 2 + (length >> 2)
         r_next.append(p)
@@ -656,73 +677,81 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     else:
         skipped = np.zeros(n_f, dtype=np.int64)
     found = first_pos > 0
-    first_kind = np.where(found, _take(words, first_pos), 0)
+    first_kind = np.where(found, _word(words, first_pos), 0)
     first_body = first_pos + 2
-    first_len = _take(words, first_pos + 1).astype(np.int64)
+    first_len = _word(words, first_pos + 1)
 
     # Sampled IP records as first description: the scalar way.
     f_ok &= (first_kind == 0) | (first_kind == RECORD_RAW_HEADER)
     raw = np.flatnonzero(f_ok & (first_kind == RECORD_RAW_HEADER))
 
     # -- raw packet headers: protocol, frame length, stripped, header length, header.
-    rb = first_body[raw]
-    protocol = _take(words, rb)
-    hlen = _take(words, rb + 3).astype(np.int64)
-    ok = (first_len[raw] >= 16) & (hlen <= first_len[raw] - 16)
-    h = 4 * (rb + 4)
-    hlen = np.where(ok, hlen, 0)
+    # Every read below is at most 96 bytes past the record's header start, which lies inside
+    # its (checked) datagram: inside the buffer (_PAD), whatever the header length says.
+    # Values of records that are not `ok` are garbage and never kept.
+    every_raw = len(raw) == n_f  # the usual: no gathers
+    rb = first_body if every_raw else first_body[raw]
+    rlen = first_len if every_raw else first_len[raw]
+    protocol = _word(words, rb)
+    hlen = _word(words, rb + 3)
+    h = (rb << 2) + 16
     hend = h + hlen
+    ok = (rlen >= 16) & (hlen <= rlen - 16)
     eth = protocol == HEADER_ETHERNET
-    ok &= eth | (protocol == HEADER_IPV4) | (protocol == HEADER_IPV6)
-    # Ethernet: 12 address bytes, then the ethertype, after up to MAX_FAST_TAGS VLAN tags.
-    l3 = np.where(eth, h + 14, h)
-    ethertype = np.where(eth & (hlen >= 14), _u16(halves, h + 12), 0)
-    ok &= ~eth | (hlen >= 14)
+    # Ethernet: 12 address bytes, then the ethertype, after up to MAX_FAST_TAGS VLAN tags;
+    # non-Ethernet headers get ethertype 0 (no tag, not IP).
+    if eth.all():
+        ok &= hlen >= 14
+        ethertype = _u16(halves, h + 12)
+        l3 = h + 14
+    else:
+        ok &= (eth & (hlen >= 14)) | (protocol == HEADER_IPV4) | (protocol == HEADER_IPV6)
+        ethertype = np.where(eth, _u16(halves, h + 12), 0)
+        l3 = np.where(eth, h + 14, h)
     for _ in range(MAX_FAST_TAGS):
-        tagged = eth & _VLAN[ethertype]
+        tagged = _VLAN[ethertype]
         if not tagged.any():
             break
         ok &= ~tagged | (hend - l3 >= 4)
-        ethertype = np.where(tagged, _u16(halves, np.minimum(l3 + 2, hend)), ethertype)
+        ethertype = np.where(tagged, _u16(halves, l3 + 2), ethertype)
         l3 = np.where(tagged, l3 + 4, l3)
-    ok &= ~eth | (ethertype == packet.ETHERTYPE_IPV4) | (ethertype == packet.ETHERTYPE_IPV6)
-    l3 = np.where(ok, l3, h)
+    ok &= _IP_ETHERTYPE[ethertype] | ~eth
     avail3 = hend - l3
     b0 = b[l3]
     version = b0 >> 4
     v4 = version == 4
-    v6 = version == 6
-    ok &= (avail3 >= 1) & (v4 | v6)
     # IPv4: version/IHL, ToS, total length, id, flags/fragment offset, TTL, protocol, ...
     ihl4 = (b0 & 0x0F).astype(np.int64) << 2
-    ok &= ~v4 | ((avail3 >= 20) & (ihl4 >= 20) & (ihl4 <= avail3))
+    ok4 = (avail3 >= 20) & (ihl4 >= 20) & (ihl4 <= avail3)
     k3 = l3 >> 1  # the IP header in u16 units (it starts at an even offset)
     total = halves[k3 + 1].astype(np.int64)
     fragment = v4 & ((halves[k3 + 3] & 0x1FFF) != 0)
-    ip_end4 = np.where(total >= ihl4, np.minimum(hend, l3 + total), hend)
+    # Where the IP datagram ends inside the header: its total length, if it holds its own
+    # header, else the header's end.
+    ip_end = np.where(total >= ihl4, np.minimum(hend, l3 + total), hend)
+    v6 = version == 6
     if v6.any():
         # IPv6: version/class/label, payload length, next header, hops, addresses.
         nh6 = b[l3 + 6]
-        ok &= ~v6 | ((avail3 >= 40) & ~_V6_CHAIN[nh6])
+        ok &= np.where(v4, ok4, v6 & (avail3 >= 40) & ~_V6_CHAIN[nh6])
         payload6 = halves[k3 + 2].astype(np.int64)
         proto = np.where(v4, b[l3 + 9], nh6)
-        l4 = np.where(ok, l3 + np.where(v4, ihl4, 40), l3)
-        ip_end = np.where(
-            v4, ip_end4, np.where(payload6 != 0, np.minimum(hend, l3 + 40 + payload6), hend)
-        )
+        l4 = l3 + np.where(v4, ihl4, 40)
+        end6 = np.where(payload6 != 0, np.minimum(hend, l3 + 40 + payload6), hend)
+        ip_end = np.where(v4, ip_end, end6)
     else:  # IPv4 only (the usual batch): the same without the IPv6 alternatives
+        ok &= v4 & ok4
         proto = b[l3 + 9]
-        l4 = np.where(ok, l3 + ihl4, l3)
-        ip_end = ip_end4
-    available = np.maximum(ip_end - l4, 0)
-    ported = ~fragment & _PORTS[proto] & (available >= 4)
-    icmp = ~fragment & _ICMP[proto] & (available >= 2)
-    at = np.where(ported | icmp, l4, h)
-    sport = np.where(ported, _u16(halves, at), 0).astype(np.uint16)
+        l4 = l3 + ihl4
+    available = ip_end - l4  # (negative: none; every use below asks for some)
+    readable = ~fragment
+    ported = readable & _PORTS[proto] & (available >= 4)
+    icmp = readable & _ICMP[proto] & (available >= 2)
+    sport = np.where(ported, _u16(halves, l4), 0).astype(np.uint16)
     # The destination port (or ICMP type and code) is read when asked for (rows).
-    dport_at = np.where(ported, at + 2, np.where(icmp, at, -1))
+    dport_at = np.where(ported, l4 + 2, np.where(icmp, l4, -1))
     flagged = ported & (proto == 6) & (available >= 14)
-    tcp_flags = np.where(flagged, b[np.where(flagged, l4 + 13, h)], 0).astype(np.uint8)
+    tcp_flags = np.where(flagged, b[l4 + 13], 0).astype(np.uint8)
 
     # -- which samples decoded: every counter/unknown one; flow samples without a
     # description (counted), or whose first description is a raw header that decoded here.
