@@ -165,7 +165,7 @@ class SFlowBatch:
         "_h",
         "_halves",
         "_l3",
-        "_now_ms",
+        "_nows",
         "_sub_agent",
         "_v6",
         "_words",
@@ -209,7 +209,7 @@ class SFlowBatch:
         rec: dict[str, Any],
         *,
         buffers: tuple[U8, U16, U32],
-        now_ms: I64,
+        nows: Sequence[float],
         sub_agent: U32,
         ex: I64,
         cand: I64 | None,
@@ -224,9 +224,9 @@ class SFlowBatch:
         # and where the destination port (or ICMP type/code) is read, -1 for none.
         for name in _PER_RECORD:
             setattr(self, name, rec[name])
-        # Per walked datagram: arrival ms, sub-agent, exporter index; their index in the
+        # Per walked datagram: arrival time, sub-agent, exporter index; their index in the
         # input (None: the walked datagrams are the input).
-        self._now_ms, self._sub_agent, self._ex, self._cand = now_ms, sub_agent, ex, cand
+        self._nows, self._sub_agent, self._ex, self._cand = nows, sub_agent, ex, cand
         self._b, self._halves, self._words = buffers
         self.exporters = exporters
         self.scalar, self.errors, self.failures, self.passed = scalar, errors, failures, passed
@@ -242,6 +242,21 @@ class SFlowBatch:
         if name not in cache:
             cache.update(self._decode_rest(None))
         return cache[name]
+
+    def _arrival_ms(self) -> I64:
+        """Arrival ms of each walked datagram as the scalar path computes it, int(now *
+        1000): float to int64 truncates toward zero as int() does, for every finite value
+        in range."""
+        if "arrival_ms" not in self._cache:
+            nows = np.fromiter(self._nows, np.float64, len(self._nows))
+            ms = nows * 1000
+            if np.isfinite(ms).all() and float(np.abs(ms).max(initial=0.0)) < 2.0**62:
+                out = ms.astype(np.int64)
+            else:
+                out = np.array([int(t * 1000) for t in nows.tolist()], dtype=np.int64)
+            self._cache["arrival_ms"] = out
+        arrival: I64 = self._cache["arrival_ms"]
+        return arrival
 
     def _decode_rest(self, idx: npt.NDArray[np.intp] | None) -> dict[str, Any]:
         """The columns not decoded with the batch, for records ``idx`` (None: all)."""
@@ -283,7 +298,7 @@ class SFlowBatch:
             "dport": dport.astype(np.uint16),
             "bytes": length,
             "tos": tos,
-            "first": self._now_ms[dg],
+            "first": self._arrival_ms()[dg],
             "exporter": self._ex[dg].astype(np.uint32),
             "domain": self._sub_agent[dg].astype(np.uint32),
             "datagram": datagram.astype(np.int64, copy=False),
@@ -370,7 +385,7 @@ class SFlowBatch:
         return SFlowBatch(
             rec,
             buffers=(self._b, self._halves, self._words),
-            now_ms=self._now_ms,
+            nows=self._nows,
             sub_agent=self._sub_agent,
             ex=self._ex,
             cand=self._cand,
@@ -928,7 +943,7 @@ def _columns(
         return SFlowBatch(
             empty,
             buffers=_EMPTY_BUFFERS,
-            now_ms=z,
+            nows=(),
             sub_agent=z.astype(np.uint32),
             ex=z,
             cand=None,
@@ -943,14 +958,6 @@ def _columns(
     ex_of_cand = rec["ex_of_cand"]
     dg = rec["_dg"]
     n = len(dg)
-    # Arrival ms as the scalar path computes it, int(now * 1000), per datagram: float to
-    # int64 truncates toward zero as int() does, for every finite value in range.
-    cand_nows = np.fromiter(nows if whole else (nows[i] for i in cand), np.float64, len(cand))
-    ms = cand_nows * 1000
-    if np.isfinite(ms).all() and float(np.abs(ms).max()) < 2.0**62:
-        now_ms = ms.astype(np.int64)
-    else:
-        now_ms = np.array([int(t * 1000) for t in cand_nows.tolist()], dtype=np.int64)
     # Interval and provenance per (exporter, announced rate) pair: few per batch.
     rate = rec["rate"]
     low = int(rate.min())
@@ -976,7 +983,7 @@ def _columns(
     return SFlowBatch(
         rec,
         buffers=rec["buffers"],
-        now_ms=now_ms,
+        nows=nows if whole else [nows[i] for i in cand],
         sub_agent=rec["sub_agent"],
         ex=ex_of_cand,
         cand=None if whole else np.asarray(cand, dtype=np.int64),

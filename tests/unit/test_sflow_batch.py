@@ -421,6 +421,11 @@ def test_every_column_read_as_an_array_is_what_the_rows_say() -> None:
     [whole] = assert_equivalent(datagrams)
     assert_columns_are_the_rows(whole)
     assert whole.rows(np.arange(len(whole))) == batch.rows(np.arange(len(batch)))
+    # Arrival times past 2**62 ms (but inside int64): int() per datagram, not the cast.
+    far_now = 6.9e15
+    [far] = assert_equivalent([(d, e, far_now + k) for k, (d, e, _) in enumerate(datagrams)])
+    assert_columns_are_the_rows(far)
+    assert far.first.tolist()[0] == int(far_now * 1000)
 
 
 # -- generated datagrams -----------------------------------------------------------------------
