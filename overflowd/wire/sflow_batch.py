@@ -104,7 +104,8 @@ _VLAN[list(packet.VLAN_ETHERTYPES)] = True
 #: Flow record types that describe the sampled packet (raw header, sampled IPv4, IPv6), by
 #: type, the last entry standing for every larger one.
 _DESCRIPTION = np.zeros(8, dtype=bool)
-_DESCRIPTION[[RECORD_RAW_HEADER, RECORD_IPV4, RECORD_IPV6]] = True
+_DESCRIPTIONS = frozenset({RECORD_RAW_HEADER, RECORD_IPV4, RECORD_IPV6})
+_DESCRIPTION[list(_DESCRIPTIONS)] = True
 #: Header words before the sample count by agent address type (0, 1: IPv4, 2: IPv6, other).
 _HEAD_WORDS = np.array([6, 7, 10, 6], dtype=np.int64)
 #: Sample class by type (enterprise 0): 1 flow, 2 counters, 0 anything else (the last
@@ -558,6 +559,92 @@ def _by_count(counts: I64) -> tuple[I64 | None, list[int]]:
     return order, (n - np.searchsorted(ascending, np.arange(high), side="right")).tolist()
 
 
+def _record_layout(
+    words: U32, first: I64, end: I64, live_at: list[int]
+) -> tuple[int | None, int] | None:
+    """Whether the flow samples whose records start at ``first`` (all with ``len(live_at)``
+    records, ending by ``end``) all have the records of the first one, kind for kind and
+    length for length, none of them broken or an extended gateway. If so: the offset of
+    their first packet description from ``first`` (None: none) and how many records are
+    not one; else None (walk them).
+
+    If every length read at the first sample's record positions is the first sample's,
+    the walk would have read those same positions (by induction on the records), so the
+    kinds read there are each sample's.
+    """
+    count = len(live_at)
+    if not count:
+        return None
+    at = int(first[0])
+    stop = int(end[0])
+    offsets: list[int] = []
+    kinds: list[int] = []
+    lengths: list[int] = []
+    for _ in range(count):
+        kind, length = int(words[at]), int(words[at + 1])
+        if length & 3 or kind == RECORD_EXTENDED_GATEWAY or at + 2 + (length >> 2) > stop:
+            return None
+        offsets.append(at - int(first[0]))
+        kinds.append(kind)
+        lengths.append(length)
+        at += 2 + (length >> 2)
+    span = at - int(first[0])
+    if not (first + span <= end).all():
+        return None
+    grid = first + np.array(offsets, dtype=np.int64)[:, None]  # (record, sample)
+    if not (
+        (_word(words, grid + 1) == np.array(lengths, dtype=np.int64)[:, None]).all()
+        and (_word(words, grid) == np.array(kinds, dtype=np.int64)[:, None]).all()
+    ):
+        return None
+    described = [k for k, kind in enumerate(kinds) if kind in _DESCRIPTIONS]
+    return (offsets[described[0]] if described else None), count - len(described)
+
+
+def _walk_records(
+    words: U32, f_ok: Bools, ract: I64, p: I64, fend: I64, live_at: list[int]
+) -> tuple[I64, I64]:
+    """The record walk, one step per record index, over the flow samples ``ract`` (by
+    decreasing record count, so that those with a k-th record are a prefix; their first
+    records at ``p``), checks after it. Marks broken samples in ``f_ok``; returns each flow
+    sample's first packet description's word index (0: none) and its other records."""
+    n_f = len(f_ok)
+    first_pos = np.zeros(n_f, dtype=np.int64)
+    r_at: list[I64] = []
+    r_kind: list[I64] = []
+    r_len: list[I64] = []
+    r_next: list[I64] = []
+    for m in live_at:  # (every m > 0: the steps are the largest count)
+        p = p[:m]
+        length = _word(words, p + 1)
+        r_at.append(p)
+        r_kind.append(_word(words, p))
+        r_len.append(length)
+        p = p + 2 + (length >> 2)
+        r_next.append(p)
+    if not r_at:
+        return first_pos, np.zeros(n_f, dtype=np.int64)
+    rw = np.concatenate([ract[:m] for m in live_at])
+    rkind = np.concatenate(r_kind)
+    rlen = np.concatenate(r_len)
+    broken = (
+        (np.concatenate(r_next) > fend[rw]) | ((rlen & 3) != 0) | (rkind == RECORD_EXTENDED_GATEWAY)
+    )
+    if broken.any():
+        f_ok[rw[broken]] = False
+    desc = _DESCRIPTION[np.minimum(rkind, len(_DESCRIPTION) - 1)]
+    skipped = np.bincount(rw[~desc], minlength=n_f)
+    first_desc = desc[: live_at[0]]
+    if first_desc.all():  # every sample starts with its packet's header
+        first_pos[ract[: live_at[0]]] = r_at[0]
+    else:  # the first description of each, last step first so that earlier ones win
+        offsets = np.cumsum([0, *live_at]).tolist()
+        for k in reversed(range(len(live_at))):
+            here = desc[offsets[k] : offsets[k + 1]]
+            first_pos[ract[: live_at[k]][here]] = r_at[k][here]
+    return first_pos, skipped
+
+
 def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict[str, Any]]:
     """:func:`_walk` over the datagrams joined in ``buf`` (sizes ``sizes``, then _PAD),
     starting at words ``start`` (None: computed here)."""
@@ -645,52 +732,28 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     count = _word(words, fbody + fhead - 1)
     f_ok = (flen >= fhead) & (count <= MAX_FAST_RECORDS) & (2 * count <= flen - fhead)
 
-    # -- the record walk, one step per record index, over the flow samples: as the sample
-    # walk, flow samples by decreasing record count, prefixes per step, checks after it.
+    # -- the records of the flow samples. Exporters describe every sampled packet alike
+    # (pmacct's sfprobe: an extended switch record, then a 128-byte raw header; a switch
+    # exporting full-size headers likewise): when every sample's records have the kinds and
+    # lengths of the first one's, that is checked in a few calls and nothing is walked.
     n_f = len(f)
     ract = np.flatnonzero(f_ok)
     order, live_at = _by_count(count[ract])
     if order is not None:
         ract = ract[order]
     p = (fbody + fhead)[ract]
-    r_at: list[I64] = []
-    r_kind: list[I64] = []
-    r_len: list[I64] = []
-    r_next: list[I64] = []
-    for m in live_at:  # (every m > 0: the steps are the largest count)
-        p = p[:m]
-        length = _word(words, p + 1)
-        r_at.append(p)
-        r_kind.append(_word(words, p))
-        r_len.append(length)
-        p = p + 2 + (length >> 2)
-        r_next.append(p)
+    fend = fbody + flen
     # Word index of each flow sample's first packet description record (0: none).
     first_pos = np.zeros(n_f, dtype=np.int64)
-    if r_at:
-        live_at = live_at[: len(r_at)]
-        rw = np.concatenate([ract[:m] for m in live_at])
-        rkind = np.concatenate(r_kind)
-        rlen = np.concatenate(r_len)
-        broken = (
-            (np.concatenate(r_next) > (fbody + flen)[rw])
-            | ((rlen & 3) != 0)
-            | (rkind == RECORD_EXTENDED_GATEWAY)
-        )
-        if broken.any():
-            f_ok[rw[broken]] = False
-        desc = _DESCRIPTION[np.minimum(rkind, len(_DESCRIPTION) - 1)]
-        skipped = np.bincount(rw[~desc], minlength=n_f)
-        first_desc = desc[: live_at[0]]
-        if first_desc.all():  # the usual: every sample starts with its packet's header
-            first_pos[ract[: live_at[0]]] = r_at[0]
-        else:  # the first description of each, last step first so that earlier ones win
-            offsets = np.cumsum([0, *live_at]).tolist()
-            for k in reversed(range(len(live_at))):
-                here = desc[offsets[k] : offsets[k + 1]]
-                first_pos[ract[: live_at[k]][here]] = r_at[k][here]
-    else:
+    layout = None if order is not None else _record_layout(words, p, fend[ract], live_at)
+    if layout is not None:
+        first_desc, n_other = layout
+        if first_desc is not None:
+            first_pos[ract] = p + first_desc
         skipped = np.zeros(n_f, dtype=np.int64)
+        skipped[ract] = n_other
+    else:
+        first_pos, skipped = _walk_records(words, f_ok, ract, p, fend, live_at)
     found = first_pos > 0
     first_kind = np.where(found, _word(words, first_pos), 0)
     first_body = first_pos + 2

@@ -428,6 +428,37 @@ def test_every_column_read_as_an_array_is_what_the_rows_say() -> None:
     assert far.first.tolist()[0] == int(far_now * 1000)
 
 
+def test_samples_described_alike_and_one_that_is_not() -> None:
+    """The records of every flow sample laid out as the first one's (checked at once, not
+    walked) and, one at a time, a sample that differs from them in one way."""
+    switch = sflow_unknown_record(1001, bytes(16))
+    alike = [flow(switch, raw(frame, keep=64)) for frame in (V4_TCP, V4_UDP, V6_TCP, QINQ)]
+    same_length = sflow_unknown_record(1002, bytes(16))  # another kind, same length
+    short = bytearray(flow(switch, raw(V4_TCP, keep=64)))
+    short[4:8] = struct.pack("!I", len(short) - 8 - 4)  # the sample ends before its records
+    odd = [
+        flow(same_length, raw(V4_UDP, keep=64)),  # a kind differs: not a description
+        flow(raw(V4_UDP, keep=64), switch),  # the same records in another order
+        flow(switch, raw(V4_UDP, keep=60)),  # a length differs
+        flow(switch, raw(V4_UDP, keep=64), switch),  # one more record
+        flow(switch, sflow_gateway(1, [2])),  # an extended gateway: the scalar way
+        bytes(short[:-4]),  # its records run past its end
+        flow(switch, raw(V4_UDP, keep=64), rate=7, expanded=True),  # alike, expanded
+        flow(switch, switch),  # no description in any of them
+    ]
+    for sample in [None, *odd]:
+        samples = alike if sample is None else [*alike[:2], sample, *alike[2:]]
+        datagrams = [
+            (sflow_datagram(samples[k:] + samples[:k]), EXPORTER, NOW + k)
+            for k in range(len(samples))
+        ]
+        [batch] = assert_equivalent(datagrams)
+        assert_columns_are_the_rows(batch)
+    # Every sample alike, none describing its packet; all with the gateway record.
+    for samples in ([flow(switch, switch)] * 3, [flow(raw(V4_TCP), sflow_gateway(1, [2]))] * 3):
+        assert_equivalent([(sflow_datagram(samples), EXPORTER, NOW)])
+
+
 # -- generated datagrams -----------------------------------------------------------------------
 
 FRAMES = [
