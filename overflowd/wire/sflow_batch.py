@@ -559,6 +559,81 @@ def _by_count(counts: I64) -> tuple[I64 | None, list[int]]:
     return order, (n - np.searchsorted(ascending, np.arange(high), side="right")).tolist()
 
 
+def _sample_layout(words: U32, first: I64, end: I64, count: int) -> tuple[I64, I64] | None:
+    """Whether the datagrams whose samples start at ``first`` (all with ``count`` samples,
+    ending at ``end``) all have the samples of the first one, length for length, none of
+    them broken and the last one ending the datagram. If so: the samples' offsets from
+    ``first`` and their lengths; else None (walk them). As in _record_layout, equal
+    lengths at the first datagram's positions mean the walk reads those positions."""
+    if not count:
+        return None
+    at = int(first[0])
+    stop = int(end[0])
+    offsets: list[int] = []
+    lengths: list[int] = []
+    for _ in range(count):
+        length = int(words[at + 1])
+        if length & 3 or at + 2 + (length >> 2) > stop:
+            return None
+        offsets.append(at - int(first[0]))
+        lengths.append(length)
+        at += 2 + (length >> 2)
+    if at != stop:
+        return None
+    span = at - int(first[0])
+    if not (first + span == end).all():
+        return None
+    offset = np.array(offsets, dtype=np.int64)
+    length_of = np.array(lengths, dtype=np.int64)
+    if not (_word(words, first + offset[:, None] + 1) == length_of[:, None]).all():
+        return None
+    return offset, length_of
+
+
+def _walk_samples(
+    words: U32, bad_dg: Bools, act: I64, p: I64, end: I64, live_at: list[int]
+) -> tuple[I64, I64, I64]:
+    """The sample walk: one step per sample index over the datagrams ``act`` (by
+    decreasing sample count, so that those with a k-th sample are a prefix of them: a view,
+    no copy per step; their first samples at ``p``). A step only reads the sample's length
+    and moves on; whether each sample fits its datagram, and the last one ends it, is
+    checked once after the walk over all of them. Until then a broken datagram walks on
+    wherever its lengths lead (_word keeps the reads inside the buffer); it is marked in
+    ``bad_dg`` then, and nothing of it kept. Returns each sample's datagram, header word
+    index and length."""
+    live_at = [*live_at, 0]
+    final = np.empty(len(act), dtype=np.int64)  # each datagram's position after its last
+    s_at: list[I64] = []
+    s_len: list[I64] = []
+    s_next: list[I64] = []
+    before = len(act)
+    for m in live_at:
+        if m < before:  # these have no more samples
+            final[m:before] = p[m:before]
+        before = m
+        if not m:
+            break
+        p = p[:m]
+        length = _word(words, p + 1)
+        s_at.append(p)
+        s_len.append(length)
+        p = p + 2 + (length >> 2)
+        s_next.append(p)
+    bad_dg[act[final != end[act]]] = True  # bytes after the last sample
+    if not s_at:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    sd = np.concatenate([act[:m] for m in live_at[: len(s_at)]])
+    sat = np.concatenate(s_at)
+    slen = np.concatenate(s_len)
+    # Past the datagram's end (a header cut short too: the next one is >= p + 2), or a
+    # length that is not a whole number of words.
+    broken = (np.concatenate(s_next) > end[sd]) | ((slen & 3) != 0)
+    if broken.any():
+        bad_dg[sd[broken]] = True
+    return sd, sat, slen
+
+
 def _record_layout(
     words: U32, first: I64, end: I64, live_at: list[int]
 ) -> tuple[int | None, int] | None:
@@ -671,49 +746,23 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     ok_dg &= (n_samples <= MAX_FAST_SAMPLES) & (2 * n_samples <= end - at_count)
     bad_dg = ~ok_dg
 
-    # -- the sample walk: one step per sample index. The datagrams are taken in order of
-    # decreasing sample count, so those with a k-th sample are a prefix of them (a view, no
-    # copy per step). A step only reads the sample's length and moves on; whether each
-    # sample fits its datagram, and the last one ends it, is checked once after the walk
-    # over all of them. Until then a broken datagram walks on wherever its lengths lead
-    # (_take keeps the reads inside the buffer); it is marked then, and nothing of it kept.
+    # -- the samples: where each starts and its length, in (sample index, datagram) order.
+    # Datagrams of one exporter are often laid out alike (a sample's length follows from
+    # its header length): when every datagram has the samples of the first one, length for
+    # length, that is checked in a few calls and nothing is walked.
     act = np.flatnonzero(ok_dg)
     order, live_at = _by_count(n_samples[act])
     if order is not None:
         act = act[order]
     p = at_count[act]
-    live_at.append(0)
-    final = np.empty(len(act), dtype=np.int64)  # each datagram's position after its last
-    s_at: list[I64] = []
-    s_len: list[I64] = []
-    s_next: list[I64] = []
-    before = len(act)
-    for m in live_at:
-        if m < before:  # these have no more samples
-            final[m:before] = p[m:before]
-        before = m
-        if not m:
-            break
-        p = p[:m]
-        length = _word(words, p + 1)
-        s_at.append(p)
-        s_len.append(length)
-        p = p + 2 + (length >> 2)
-        s_next.append(p)
-    empty = np.zeros(0, dtype=np.int64)
-    if s_at:
-        sd = np.concatenate([act[:m] for m in live_at[: len(s_at)]])
-        sat = np.concatenate(s_at)
-        slen = np.concatenate(s_len)
-        # Past the datagram's end (a header cut short too: the next one is >= p + 2), or
-        # a length that is not a whole number of words.
-        broken = (np.concatenate(s_next) > end[sd]) | ((slen & 3) != 0)
-        if broken.any():
-            bad_dg[sd[broken]] = True
+    layout = None if order is not None else _sample_layout(words, p, end[act], len(live_at))
+    if layout is not None:
+        offsets, lengths = layout
+        sd = np.tile(act, len(lengths))
+        sat = (p + offsets[:, None]).ravel()
+        slen = np.repeat(lengths, len(act))
     else:
-        sd = sat = empty
-        slen = np.zeros(0, dtype=np.int64)
-    bad_dg[act[final != end[act]]] = True  # bytes after the last sample
+        sd, sat, slen = _walk_samples(words, bad_dg, act, p, end, live_at)
     skind = _word(words, sat)
     # Sample class: 0 unknown (an enterprise's or a format we do not know), 1 flow, 2
     # counters; nothing of a broken datagram is a flow sample (its bytes are not samples).
@@ -745,9 +794,9 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     fend = fbody + flen
     # Word index of each flow sample's first packet description record (0: none).
     first_pos = np.zeros(n_f, dtype=np.int64)
-    layout = None if order is not None else _record_layout(words, p, fend[ract], live_at)
-    if layout is not None:
-        first_desc, n_other = layout
+    alike = None if order is not None else _record_layout(words, p, fend[ract], live_at)
+    if alike is not None:
+        first_desc, n_other = alike
         if first_desc is not None:
             first_pos[ract] = p + first_desc
         skipped = np.zeros(n_f, dtype=np.int64)

@@ -459,6 +459,32 @@ def test_samples_described_alike_and_one_that_is_not() -> None:
         assert_equivalent([(sflow_datagram(samples), EXPORTER, NOW)])
 
 
+def test_datagrams_laid_out_alike_and_one_that_is_not() -> None:
+    """Datagrams whose samples have the first one's lengths (checked at once, not walked),
+    and among them, one at a time, a datagram that differs in one way."""
+    samples = [flow(raw(V4_TCP, keep=64)), flow(raw(V6_TCP, keep=64)), sflow_counter_sample()]
+    good = sflow_datagram(samples)
+    other = sflow_datagram([samples[0], flow(raw(V6_TCP, keep=60)), samples[2]])
+    misaligned = bytearray(good)
+    at = len(sflow_datagram([])) + len(samples[0]) + 4
+    misaligned[at : at + 4] = struct.pack("!I", len(samples[1]) - 8 - 2)  # not whole words
+    odd = [
+        other,  # a sample of another length
+        good + b"\0\0\0\0",  # bytes after the last sample
+        good[:-4],  # the last sample cut short
+        bytes(misaligned),
+        sflow_datagram(samples, agent="2001:db8::10"),  # a longer header: alike after it
+        sflow_datagram(samples[:2]),  # one sample fewer
+    ]
+    for datagram in [None, *odd]:
+        stream = [good] * 4 if datagram is None else [good, good, datagram, good]
+        [batch] = assert_equivalent([(d, EXPORTER, NOW + k) for k, d in enumerate(stream)])
+        assert_columns_are_the_rows(batch)
+        assert set(batch.datagram.tolist()) >= {0, 1, 3}
+    # The first datagram the odd one.
+    assert_equivalent([(d, EXPORTER, NOW) for d in (other, good, good)])
+
+
 # -- generated datagrams -----------------------------------------------------------------------
 
 FRAMES = [
