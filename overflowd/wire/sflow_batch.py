@@ -638,10 +638,10 @@ def _record_layout(
     words: U32, first: I64, end: I64, live_at: list[int]
 ) -> tuple[int | None, int] | None:
     """Whether the flow samples whose records start at ``first`` (all with ``len(live_at)``
-    records, ending by ``end``) all have the records of the first one, kind for kind and
-    length for length, none of them broken or an extended gateway. If so: the offset of
-    their first packet description from ``first`` (None: none) and how many records are
-    not one; else None (walk them).
+    records, ending by ``end``) all have the records of the first one: the same kinds, the
+    same lengths but for the last record's (which moves no other), none of them broken or
+    an extended gateway. If so: the offset of their first packet description from
+    ``first`` (None: none) and how many records are not one; else None (walk them).
 
     If every length read at the first sample's record positions is the first sample's,
     the walk would have read those same positions (by induction on the records), so the
@@ -650,7 +650,7 @@ def _record_layout(
     count = len(live_at)
     if not count:
         return None
-    at = int(first[0])
+    start = at = int(first[0])
     stop = int(end[0])
     offsets: list[int] = []
     kinds: list[int] = []
@@ -659,18 +659,23 @@ def _record_layout(
         kind, length = int(words[at]), int(words[at + 1])
         if length & 3 or kind == RECORD_EXTENDED_GATEWAY or at + 2 + (length >> 2) > stop:
             return None
-        offsets.append(at - int(first[0]))
+        offsets.append(at - start)
         kinds.append(kind)
         lengths.append(length)
         at += 2 + (length >> 2)
-    span = at - int(first[0])
-    if not (first + span <= end).all():
-        return None
     grid = first + np.array(offsets, dtype=np.int64)[:, None]  # (record, sample)
-    if not (
-        (_word(words, grid + 1) == np.array(lengths, dtype=np.int64)[:, None]).all()
-        and (_word(words, grid) == np.array(kinds, dtype=np.int64)[:, None]).all()
+    if (
+        count > 1
+        and not (
+            _word(words, grid[:-1] + 1) == np.array(lengths[:-1], dtype=np.int64)[:, None]
+        ).all()
     ):
+        return None
+    if not (_word(words, grid) == np.array(kinds, dtype=np.int64)[:, None]).all():
+        return None
+    last = grid[-1]
+    last_length = _word(words, last + 1)
+    if (last_length & 3).any() or not (last + 2 + (last_length >> 2) <= end).all():
         return None
     described = [k for k, kind in enumerate(kinds) if kind in _DESCRIPTIONS]
     return (offsets[described[0]] if described else None), count - len(described)

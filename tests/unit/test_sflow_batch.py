@@ -454,6 +454,18 @@ def test_samples_described_alike_and_one_that_is_not() -> None:
         ]
         [batch] = assert_equivalent(datagrams)
         assert_columns_are_the_rows(batch)
+    # Three records: the middle one's length moves the last; the last one's, nothing.
+    three = [flow(switch, raw(frame, keep=64), switch) for frame in (V4_TCP, V6_TCP, QINQ)]
+    misaligned = bytearray(flow(switch, raw(V4_UDP, keep=64), switch))
+    misaligned[-20:-16] = struct.pack("!I", 15)  # the last record's length
+    for sample in (
+        flow(switch, raw(V4_UDP, keep=60), switch),
+        flow(switch, raw(V4_UDP, keep=64), sflow_unknown_record(1001, bytes(40))),
+        bytes(misaligned),  # the last record's length is not whole words
+    ):
+        stream = [sflow_datagram([*three, sample, *three])]
+        [batch] = assert_equivalent([(d, EXPORTER, NOW) for d in stream])
+        assert_columns_are_the_rows(batch)
     # Every sample alike, none describing its packet; all with the gateway record.
     for samples in ([flow(switch, switch)] * 3, [flow(raw(V4_TCP), sflow_gateway(1, [2]))] * 3):
         assert_equivalent([(sflow_datagram(samples), EXPORTER, NOW)])
@@ -482,7 +494,8 @@ def test_datagrams_laid_out_alike_and_one_that_is_not() -> None:
         assert_columns_are_the_rows(batch)
         assert set(batch.datagram.tolist()) >= {0, 1, 3}
     # The first datagram the odd one.
-    assert_equivalent([(d, EXPORTER, NOW) for d in (other, good, good)])
+    for first in (other, good + b"\0\0\0\0"):
+        assert_equivalent([(d, EXPORTER, NOW) for d in (first, good, good)])
 
 
 # -- generated datagrams -----------------------------------------------------------------------
