@@ -35,6 +35,14 @@ Usage::
 
     .venv/bin/python bench/sflow_batch.py [--runs 7] [--repeat 5] [--batch 256,64]
                                           [--cpu N] [--compare FILE] [--json]
+    .venv/bin/python bench/sflow_batch.py --daemon [--daemon-tree DIR] [--runs 6]
+
+``--daemon``: the daemon's sFlow CPU per record instead, end to end: ``overflowd run`` from
+this checkout (and from ``--daemon-tree DIR``, e.g. ``git archive main overflowd | tar -x -C
+DIR``) and sfacctd, each fed bench/ingest.py's sfprobe datagrams at its fixed sFlow rate
+(``CPU_RATE``) by its C sender, in 2 s steps that go round-robin ``--runs`` times (the
+order reversed every other round), CPU time of each receiver's process tree over the
+sending; median and best. bench/ingest.py measures the same once per receiver.
 
 The sfprobe set reads the shared trace from ``$OVERFLOWD_SHARED`` (default: the directory
 ``shared`` beside the checkout; from a worktree under /work/wt, set it to /work/shared).
@@ -230,6 +238,75 @@ def best_rates(
     return best
 
 
+def daemon_cpu(runs: int, tree: Path | None, as_json: bool) -> int:
+    """``--daemon``: µs of CPU per sFlow record at the fixed rate, receivers round-robin."""
+    import shutil
+    import statistics
+    import tempfile
+
+    from bench import ingest
+
+    path = ingest.trace_path()
+    if not path.exists():
+        print(f"error: trace not found: {path} (set OVERFLOWD_SHARED)", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sflow-daemon-"))
+    tools = ingest.build_tools(workdir)
+    if isinstance(tools, str):
+        print(f"error: {tools}", file=sys.stderr)
+        return 1
+    ds = ingest.datasets(ingest.load_trace(path), workdir, ["sflow"]).get("sflow")
+    if ds is None:
+        print("error: no sFlow datagrams (pmacctd missing?)", file=sys.stderr)
+        return 1
+    rate = ingest.CPU_RATE["sflow"]
+    sender = ingest.CSender(tools["sender"], ds.write(workdir / "sflow.bin"))
+    rcvbuf = 4 << 20
+    receivers: list[ingest.Receiver] = []
+    load_before = os.getloadavg()
+    try:
+        receivers.append(ingest.DaemonReceiver(rcvbuf))
+        if tree is not None:
+            receivers.append(ingest.DaemonReceiver(rcvbuf, tree))
+        if shutil.which("sfacctd"):
+            receivers.append(ingest.PmacctReceiver("sfacctd", rcvbuf))
+        us: dict[str, list[float]] = {rx.name: [] for rx in receivers}
+        for rx in receivers:  # warm-up
+            ingest.run_step(rx, sender, rate, 0.3, 0.5)
+        for k in range(runs):
+            for rx in receivers if k % 2 == 0 else receivers[::-1]:
+                step = ingest.run_step(rx, sender, rate, 2.0, 0.2)
+                if step.sent_records:
+                    us[rx.name].append(step.cpu_s / step.sent_records * 1e6)
+    finally:
+        for rx in receivers:
+            rx.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    load_after = os.getloadavg()
+    out: dict[str, dict[str, float]] = {
+        name: {"median_us": statistics.median(v), "best_us": min(v)} for name, v in us.items() if v
+    }
+    if as_json:
+        print(json.dumps({"rate_datagrams_per_s": rate, "receivers": out,
+                          "load_average": {"before": load_before, "after": load_after}},
+                         indent=2))  # fmt: skip
+        return 0
+    print(
+        f"sFlow CPU per record at {rate:.0f} datagrams/s ({rate * ds.records_per_datagram:.0f}"
+        f" records/s), {runs} x 2 s steps each, round-robin; load average "
+        + " ".join(f"{x:.2f}" for x in load_before)
+        + " before, "
+        + " ".join(f"{x:.2f}" for x in load_after)
+        + " after"
+    )
+    reference = out.get("sfacctd", {}).get("median_us")
+    for name, r in out.items():
+        ratio = f"  {r['median_us'] / reference:.2f}x sfacctd" if reference else ""
+        print(f"  {name:28} median {r['median_us']:7.3f} µs, best {r['best_us']:7.3f}{ratio}")
+        print(f"  {'':28} steps: " + " ".join(f"{x:.2f}" for x in us[name]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=7, help="best of N runs (default 7)")
@@ -239,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compare", type=Path, default=None, help="another sflow_batch.py, timed as old/B"
     )
+    parser.add_argument(
+        "--daemon", action="store_true", help="the daemon's CPU per record, beside sfacctd"
+    )
+    parser.add_argument(
+        "--daemon-tree", type=Path, default=None, help="with --daemon: also this tree's daemon"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     try:
@@ -247,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch takes comma-separated integers")
     if not sizes or min(sizes) < 1 or args.runs < 1 or args.repeat < 1:
         parser.error("--runs, --repeat and batch sizes must be >= 1")
+    if args.daemon:
+        return daemon_cpu(args.runs, args.daemon_tree, args.json)
     if args.cpu is not None:
         try:
             os.sched_setaffinity(0, {args.cpu})
