@@ -571,25 +571,27 @@ def _sample_layout(words: U32, first: I64, end: I64, count: int) -> tuple[I64, I
     lengths at the first datagram's positions mean the walk reads those positions."""
     if not count:
         return None
-    at = int(first[0])
+    start = at = int(first[0])
     stop = int(end[0])
+    # The first samples' lengths first: batches of varied layouts (headers of every size)
+    # are told in two calls.
+    head_length = _word(words, first + 1)
+    if not (head_length == head_length[0]).all():
+        return None
     offsets: list[int] = []
     lengths: list[int] = []
     for _ in range(count):
         length = int(words[at + 1])
         if length & 3 or at + 2 + (length >> 2) > stop:
             return None
-        offsets.append(at - int(first[0]))
+        offsets.append(at - start)
         lengths.append(length)
         at += 2 + (length >> 2)
-    if at != stop:
-        return None
-    span = at - int(first[0])
-    if not (first + span == end).all():
+    if at != stop or not (first + (at - start) == end).all():
         return None
     offset = np.array(offsets, dtype=np.int64)
     length_of = np.array(lengths, dtype=np.int64)
-    if not (_word(words, first + offset[:, None] + 1) == length_of[:, None]).all():
+    if count > 1 and not (_word(words, first + offset[1:, None] + 1) == length_of[1:, None]).all():
         return None
     return offset, length_of
 
@@ -656,33 +658,29 @@ def _record_layout(
         return None
     start = at = int(first[0])
     stop = int(end[0])
-    offsets: list[int] = []
+    # Word offsets of every record's kind and length, and the values the first sample has.
+    fields: list[int] = []
+    expected: list[int] = []
     kinds: list[int] = []
-    lengths: list[int] = []
     for _ in range(count):
         kind, length = int(words[at]), int(words[at + 1])
         if length & 3 or kind == RECORD_EXTENDED_GATEWAY or at + 2 + (length >> 2) > stop:
             return None
-        offsets.append(at - start)
+        fields += (at - start, at - start + 1)
+        expected += (kind, length)
         kinds.append(kind)
-        lengths.append(length)
         at += 2 + (length >> 2)
-    grid = first + np.array(offsets, dtype=np.int64)[:, None]  # (record, sample)
-    if (
-        count > 1
-        and not (
-            _word(words, grid[:-1] + 1) == np.array(lengths[:-1], dtype=np.int64)[:, None]
-        ).all()
-    ):
+    last_at = fields[-2]
+    # One gather of every sample's record headers, (field, sample); the last length is each
+    # sample's own, bounded and aligned below.
+    got = _word(words, first + np.array(fields, dtype=np.int64)[:, None])
+    if not (got[:-1] == np.array(expected[:-1], dtype=np.int64)[:, None]).all():
         return None
-    if not (_word(words, grid) == np.array(kinds, dtype=np.int64)[:, None]).all():
-        return None
-    last = grid[-1]
-    last_length = _word(words, last + 1)
-    if (last_length & 3).any() or not (last + 2 + (last_length >> 2) <= end).all():
+    last_length = got[-1]
+    if (last_length & 3).any() or not (first + (last_at + 2) + (last_length >> 2) <= end).all():
         return None
     described = [k for k, kind in enumerate(kinds) if kind in _DESCRIPTIONS]
-    return (offsets[described[0]] if described else None), count - len(described)
+    return (fields[2 * described[0]] if described else None), count - len(described)
 
 
 def _walk_records(
