@@ -890,21 +890,29 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
     # -- which samples decoded: every counter/unknown one; flow samples without a
     # description (counted), or whose first description is a raw header that decoded here.
     # (Samples of a datagram already marked are not in `f`.)
-    flow_ok = f_ok.copy()
-    flow_ok[raw] = ok
-    if not flow_ok.all():
-        bad_dg[sd[f[~flow_ok]]] = True
+    all_ok = bool(ok.all())
+    if every_raw and all_ok:
+        flow_ok = f_ok  # (all true: every flow sample is in `raw`)
+    else:
+        flow_ok = f_ok.copy()
+        flow_ok[raw] = ok
+        if not flow_ok.all():
+            bad_dg[sd[f[~flow_ok]]] = True
     fast = ~bad_dg
 
     # Per-sample counters, for fast datagrams only (the scalar path counts the others).
     all_fast = bool(fast.all())
-    in_fast = fast[sd]
-    f_fast = in_fast[f]
-    good = np.flatnonzero(ok)
+    in_fast = fast[sd] if not all_fast else None
+    f_fast = in_fast[f] if in_fast is not None else None
     # Records in walk order: sample by sample index, datagram order within each; a datagram's
     # own records are in its order (what the scalar path gives, per datagram).
-    pick = good[fast[sd[f[raw[good]]]]]  # positions among `raw` of the records kept
-    every = len(pick) == len(raw)  # all of them (the usual): no copies
+    if all_ok and all_fast:
+        every = True  # all of them (the usual): no copies
+        pick = np.arange(0)
+    else:
+        good = np.flatnonzero(ok)
+        pick = good[fast[sd[f[raw[good]]]]]  # positions among `raw` of the records kept
+        every = len(pick) == len(raw)
 
     def per_pick(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
         return a if every else a[pick]
@@ -924,14 +932,35 @@ def _walk_joined(buf: bytes, sizes: I64, start: I64 | None) -> tuple[Bools, dict
         "sub_agent": sub_agent,
         "buffers": (b, halves, words),
         # Totals over the fast datagrams, in the order _finish counts them.
-        "counts": (
-            ("sflow.counter_samples", np.count_nonzero(is_counter & in_fast)),
-            ("sflow.unknown_samples", np.count_nonzero(is_unknown & in_fast)),
-            ("sflow.flow_records_skipped", skipped.sum() if all_fast else skipped[f_fast].sum()),
-            ("sflow.samples_without_ip", np.count_nonzero(f_fast & (first_kind == 0))),
-        ),
+        "counts": _counts(is_counter, is_unknown, skipped, first_kind == 0, in_fast, f_fast),
     }
     return fast, rec
+
+
+def _counts(
+    is_counter: Bools,
+    is_unknown: Bools,
+    skipped: I64,
+    no_ip: Bools,
+    in_fast: Bools | None,
+    f_fast: Bools | None,
+) -> tuple[tuple[str, Any], ...]:
+    """The state's counters over the samples of fast datagrams (``in_fast`` of every
+    sample, ``f_fast`` of every flow sample; None: all are), in the order _finish counts
+    them."""
+    if in_fast is None or f_fast is None:
+        return (
+            ("sflow.counter_samples", np.count_nonzero(is_counter)),
+            ("sflow.unknown_samples", np.count_nonzero(is_unknown)),
+            ("sflow.flow_records_skipped", skipped.sum()),
+            ("sflow.samples_without_ip", np.count_nonzero(no_ip)),
+        )
+    return (
+        ("sflow.counter_samples", np.count_nonzero(is_counter & in_fast)),
+        ("sflow.unknown_samples", np.count_nonzero(is_unknown & in_fast)),
+        ("sflow.flow_records_skipped", skipped[f_fast].sum()),
+        ("sflow.samples_without_ip", np.count_nonzero(f_fast & no_ip)),
+    )
 
 
 def _finish(
