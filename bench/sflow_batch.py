@@ -26,12 +26,26 @@ as a daemon makes them):
 - ``batch/B``: ``decode_sflow_batch`` over batches of B datagrams + ``BatchSampler.sample`` +
   ``SFlowBatch.rows`` for the records sampled (and the scalar sampler for datagrams that went
   the scalar way) — what the daemon's decode loop does, B being how many datagrams it takes
-  at once (the collector's BATCH_DATAGRAMS is 256).
+  at once (the collector's BATCH_DATAGRAMS is 256);
+- ``old/B`` with ``--compare FILE``: the same with the ``decode_sflow_batch`` of another
+  sflow_batch.py (another tree's, e.g. ``git show main:overflowd/wire/sflow_batch.py``),
+  loaded beside this one, so that old and new are timed in the same run.
 
 Usage::
 
     .venv/bin/python bench/sflow_batch.py [--runs 7] [--repeat 5] [--batch 256,64]
-                                          [--cpu N] [--json]
+                                          [--cpu N] [--compare FILE] [--json]
+    .venv/bin/python bench/sflow_batch.py --daemon [--daemon-tree DIR] [--runs 6]
+
+``--daemon``: the daemon's sFlow CPU per record instead, end to end: ``overflowd run`` from
+this checkout (and from ``--daemon-tree DIR``, e.g. ``git archive main overflowd | tar -x -C
+DIR``) and sfacctd, each fed bench/ingest.py's sfprobe datagrams at its fixed sFlow rate
+(``CPU_RATE``) by its C sender, in 2 s steps that go round-robin ``--runs`` times (the
+order reversed every other round), CPU time of each receiver's process tree over the
+sending; median and best. bench/ingest.py measures the same once per receiver.
+
+The sfprobe set reads the shared trace from ``$OVERFLOWD_SHARED`` (default: the directory
+``shared`` beside the checkout; from a worktree under /work/wt, set it to /work/shared).
 
 The goal (issue #16: in-process decode + sample of sFlow >= 2M records/s per core) is judged
 on the first batch size, in CPU time and wall time, on each data set.
@@ -40,6 +54,7 @@ on the first batch size, in CPU time and wall time, on each data set.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import struct
@@ -56,7 +71,7 @@ from overflowd.errors import DecodeError  # noqa: E402
 from overflowd.flowsample import Sampler, SamplingPolicy  # noqa: E402
 from overflowd.flowsample_batch import BatchSampler  # noqa: E402
 from overflowd.wire import DecoderState, decode_datagram_rows  # noqa: E402
-from overflowd.wire.sflow_batch import decode_sflow_batch  # noqa: E402
+from overflowd.wire.sflow_batch import SFlowBatch, decode_sflow_batch  # noqa: E402
 
 GOAL_RECORDS_PER_S = 2_000_000
 SAMPLE_RATE = 1e-6
@@ -124,9 +139,13 @@ def ingest_synthetic(datagrams: int) -> list[Datagram]:
 
 def sfprobe_export() -> list[Datagram] | str:
     from tests.support import sfprobe
+    from tests.support.trace import shared_dir
 
     if not sfprobe.available():
         return "pmacctd not installed (Debian package pmacct)"
+    trace = shared_dir() / "data" / "netflow_v5_simpleweb.pcap"
+    if not trace.exists():  # pmacctd exits quietly on a missing file: say which
+        return f"no shared trace at {trace} (set OVERFLOWD_SHARED)"
     datagrams = sfprobe.sfprobe_export()
     if not datagrams:
         return "pmacctd exported nothing"
@@ -159,7 +178,12 @@ def scalar_runner(datagrams: Sequence[Datagram], repeat: int) -> Callable[[], in
     return run
 
 
-def batch_runner(datagrams: Sequence[Datagram], repeat: int, size: int) -> Callable[[], int]:
+def batch_runner(
+    datagrams: Sequence[Datagram],
+    repeat: int,
+    size: int,
+    decode: Callable[[Sequence[Datagram], DecoderState], SFlowBatch] = decode_sflow_batch,
+) -> Callable[[], int]:
     chunks = [datagrams[i : i + size] for i in range(0, len(datagrams), size)]
 
     policy = SamplingPolicy(rate=SAMPLE_RATE)
@@ -171,7 +195,7 @@ def batch_runner(datagrams: Sequence[Datagram], repeat: int, size: int) -> Calla
         n = 0
         for _ in range(repeat):
             for chunk in chunks:
-                batch = decode_sflow_batch(chunk, state)
+                batch = decode(chunk, state)
                 indices, _p = sampler.sample(batch)
                 batch.rows(indices)
                 n += len(batch)
@@ -181,6 +205,19 @@ def batch_runner(datagrams: Sequence[Datagram], repeat: int, size: int) -> Calla
         return n
 
     return run
+
+
+def load_decoder(path: Path) -> Callable[[Sequence[Datagram], DecoderState], SFlowBatch]:
+    """``decode_sflow_batch`` of another sflow_batch.py, as a module of its own (it imports
+    the rest of overflowd from this tree)."""
+    spec = importlib.util.spec_from_file_location("_compared_sflow_batch", path)
+    if spec is None or spec.loader is None:
+        raise OSError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    decode: Callable[[Sequence[Datagram], DecoderState], SFlowBatch] = module.decode_sflow_batch
+    return decode
 
 
 def best_rates(
@@ -201,12 +238,90 @@ def best_rates(
     return best
 
 
+def daemon_cpu(runs: int, tree: Path | None, as_json: bool) -> int:
+    """``--daemon``: µs of CPU per sFlow record at the fixed rate, receivers round-robin."""
+    import shutil
+    import statistics
+    import tempfile
+
+    from bench import ingest
+
+    path = ingest.trace_path()
+    if not path.exists():
+        print(f"error: trace not found: {path} (set OVERFLOWD_SHARED)", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sflow-daemon-"))
+    tools = ingest.build_tools(workdir)
+    if isinstance(tools, str):
+        print(f"error: {tools}", file=sys.stderr)
+        return 1
+    ds = ingest.datasets(ingest.load_trace(path), workdir, ["sflow"]).get("sflow")
+    if ds is None:
+        print("error: no sFlow datagrams (pmacctd missing?)", file=sys.stderr)
+        return 1
+    rate = ingest.CPU_RATE["sflow"]
+    sender = ingest.CSender(tools["sender"], ds.write(workdir / "sflow.bin"))
+    rcvbuf = 4 << 20
+    receivers: list[ingest.Receiver] = []
+    load_before = os.getloadavg()
+    try:
+        receivers.append(ingest.DaemonReceiver(rcvbuf))
+        if tree is not None:
+            receivers.append(ingest.DaemonReceiver(rcvbuf, tree))
+        if shutil.which("sfacctd"):
+            receivers.append(ingest.PmacctReceiver("sfacctd", rcvbuf))
+        us: dict[str, list[float]] = {rx.name: [] for rx in receivers}
+        for rx in receivers:  # warm-up
+            ingest.run_step(rx, sender, rate, 0.3, 0.5)
+        for k in range(runs):
+            for rx in receivers if k % 2 == 0 else receivers[::-1]:
+                step = ingest.run_step(rx, sender, rate, 2.0, 0.2)
+                if step.sent_records:
+                    us[rx.name].append(step.cpu_s / step.sent_records * 1e6)
+    finally:
+        for rx in receivers:
+            rx.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    load_after = os.getloadavg()
+    out: dict[str, dict[str, float]] = {
+        name: {"median_us": statistics.median(v), "best_us": min(v)} for name, v in us.items() if v
+    }
+    if as_json:
+        print(json.dumps({"rate_datagrams_per_s": rate, "receivers": out,
+                          "load_average": {"before": load_before, "after": load_after}},
+                         indent=2))  # fmt: skip
+        return 0
+    print(
+        f"sFlow CPU per record at {rate:.0f} datagrams/s ({rate * ds.records_per_datagram:.0f}"
+        f" records/s), {runs} x 2 s steps each, round-robin; load average "
+        + " ".join(f"{x:.2f}" for x in load_before)
+        + " before, "
+        + " ".join(f"{x:.2f}" for x in load_after)
+        + " after"
+    )
+    reference = out.get("sfacctd", {}).get("median_us")
+    for name, r in out.items():
+        ratio = f"  {r['median_us'] / reference:.2f}x sfacctd" if reference else ""
+        print(f"  {name:28} median {r['median_us']:7.3f} µs, best {r['best_us']:7.3f}{ratio}")
+        print(f"  {'':28} steps: " + " ".join(f"{x:.2f}" for x in us[name]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=7, help="best of N runs (default 7)")
     parser.add_argument("--repeat", type=int, default=5, help="data set passes per run (default 5)")
     parser.add_argument("--cpu", type=int, default=None, help="pin the process to this core")
     parser.add_argument("--batch", default="256,64", help="datagrams per batch, comma-separated")
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="another sflow_batch.py, timed as old/B"
+    )
+    parser.add_argument(
+        "--daemon", action="store_true", help="the daemon's CPU per record, beside sfacctd"
+    )
+    parser.add_argument(
+        "--daemon-tree", type=Path, default=None, help="with --daemon: also this tree's daemon"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     try:
@@ -215,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch takes comma-separated integers")
     if not sizes or min(sizes) < 1 or args.runs < 1 or args.repeat < 1:
         parser.error("--runs, --repeat and batch sizes must be >= 1")
+    if args.daemon:
+        return daemon_cpu(args.runs, args.daemon_tree, args.json)
     if args.cpu is not None:
         try:
             os.sched_setaffinity(0, {args.cpu})
@@ -222,6 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot pin to core {args.cpu}: {exc}", file=sys.stderr)
             return 1
 
+    old = None
+    if args.compare is not None:
+        try:
+            old = load_decoder(args.compare)
+        except (OSError, ImportError, AttributeError, SyntaxError) as exc:
+            print(f"error: cannot load {args.compare}: {exc}", file=sys.stderr)
+            return 1
     sets: dict[str, list[Datagram] | str] = {
         "sfprobe": sfprobe_export(),
         "switch-like": switch_like(1024),
@@ -239,7 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check = decode_sflow_batch(data, state)
         records = state.statistics().records
         candidates = [("scalar", scalar_runner(data, args.repeat))]
-        candidates += [(f"batch/{s}", batch_runner(data, args.repeat, s)) for s in sizes]
+        for s in sizes:
+            candidates.append((f"batch/{s}", batch_runner(data, args.repeat, s)))
+            if old is not None:
+                candidates.append((f"old/{s}", batch_runner(data, args.repeat, s, old)))
         best = best_rates(candidates, args.runs)
         met = min(best[headline]) >= GOAL_RECORDS_PER_S
         all_met &= met

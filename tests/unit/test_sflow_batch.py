@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from overflowd.errors import DecodeError
-from overflowd.flows import FlowRow
+from overflowd.flows import PROVENANCES, FlowRow
 from overflowd.flowsample import SamplingPolicy, probability
 from overflowd.flowsample_batch import BatchSampler
 from overflowd.wire import DecoderState, decode_datagram_rows
@@ -346,6 +346,156 @@ def test_p_of_every_record_is_flowsample_probability() -> None:
         expected = np.array([probability(r, policy) for r in v4_rows])
         got = BatchSampler(policy, np.random.default_rng(0)).probabilities(v4)
         assert np.array_equal(got, expected)
+
+
+def assert_columns_are_the_rows(batch: SFlowBatch) -> None:
+    """Every column read as an array (the ones decoded with the batch and the ones decoded
+    when first asked for) says what the rows say."""
+    rows = batch.rows(np.arange(len(batch)))
+    assert len(rows) == len(batch)
+    v6 = [r.src.version == 6 for r in rows]
+    assert batch.v6_slot.tolist() == [sum(v6[:i]) if is6 else -1 for i, is6 in enumerate(v6)]
+    for i, r in enumerate(rows):
+        slot = int(batch.v6_slot[i])
+        if slot >= 0:
+            assert (bytes(batch.src6[slot]), bytes(batch.dst6[slot])) == (
+                r.src.packed,
+                r.dst.packed,
+            )
+            assert int(batch.src[i]) == int(batch.dst[i]) == 0
+        else:
+            assert (int(batch.src[i]), int(batch.dst[i])) == (int(r.src), int(r.dst))
+    columns = {
+        "sport": [r.sport for r in rows],
+        "dport": [r.dport for r in rows],
+        "proto": [r.proto for r in rows],
+        "packets": [r.packets for r in rows],
+        "bytes": [r.bytes for r in rows],
+        "first": [r.first for r in rows],
+        "last": [r.last for r in rows],
+        "tcp_flags": [r.tcp_flags for r in rows],
+        "tos": [r.tos for r in rows],
+        "interval": [r.sampling_interval for r in rows],
+        "domain": [r.observation_domain for r in rows],
+    }
+    for name, expected in columns.items():
+        assert getattr(batch, name).tolist() == expected, name
+    assert [batch.exporters[e] for e in batch.exporter.tolist()] == [r.exporter for r in rows]
+    assert [PROVENANCES[k] for k in batch.provenance.tolist()] == [
+        r.sampling_provenance for r in rows
+    ]
+
+
+def test_every_column_read_as_an_array_is_what_the_rows_say() -> None:
+    mixed = [
+        flow(raw(V4_TCP), rate=512),
+        flow(raw(V6_TCP), rate=4096, expanded=True),
+        flow(raw(tso(), keep=60)),
+        flow(raw(tso6(), keep=80)),
+        flow(raw(V4_ICMP)),
+        flow(raw(V6_ICMP)),
+        flow(raw(QINQ)),
+        flow(raw(fragment())),
+    ]
+    datagrams = [
+        (sflow_datagram(mixed[k:] + mixed[:k], sub_agent=k), f"192.0.2.{k % 3}", NOW + k / 7)
+        for k in range(len(mixed))
+    ]
+    # A datagram that is not sFlow among them: the sFlow ones are walked as a subset, and
+    # their indices in the input are kept.
+    datagrams.insert(3, (b"\0\x09" + bytes(18), EXPORTER, NOW))
+    [batch] = assert_equivalent(datagrams)
+    assert batch.passed == (3,)
+    assert 3 not in batch.datagram.tolist() and max(batch.datagram.tolist()) == len(mixed)
+    assert_columns_are_the_rows(batch)
+    # A selection reads its columns from the same datagrams.
+    some = np.zeros(len(batch), dtype=bool)
+    some[::3] = True
+    part = batch.select(some)
+    assert part.rows(np.arange(len(part))) == batch.rows(np.flatnonzero(some))
+    assert part.datagram.tolist() == batch.datagram[some].tolist()
+    assert_columns_are_the_rows(part)
+    assert_columns_are_the_rows(batch.ipv4())
+    # The same datagrams all sFlow (joined and walked at once) give the same columns.
+    del datagrams[3]
+    [whole] = assert_equivalent(datagrams)
+    assert_columns_are_the_rows(whole)
+    assert whole.rows(np.arange(len(whole))) == batch.rows(np.arange(len(batch)))
+    # Arrival times past 2**62 ms (but inside int64): int() per datagram, not the cast.
+    far_now = 6.9e15
+    [far] = assert_equivalent([(d, e, far_now + k) for k, (d, e, _) in enumerate(datagrams)])
+    assert_columns_are_the_rows(far)
+    assert far.first.tolist()[0] == int(far_now * 1000)
+
+
+def test_samples_described_alike_and_one_that_is_not() -> None:
+    """The records of every flow sample laid out as the first one's (checked at once, not
+    walked) and, one at a time, a sample that differs from them in one way."""
+    switch = sflow_unknown_record(1001, bytes(16))
+    alike = [flow(switch, raw(frame, keep=64)) for frame in (V4_TCP, V4_UDP, V6_TCP, QINQ)]
+    same_length = sflow_unknown_record(1002, bytes(16))  # another kind, same length
+    short = bytearray(flow(switch, raw(V4_TCP, keep=64)))
+    short[4:8] = struct.pack("!I", len(short) - 8 - 4)  # the sample ends before its records
+    odd = [
+        flow(same_length, raw(V4_UDP, keep=64)),  # a kind differs: not a description
+        flow(raw(V4_UDP, keep=64), switch),  # the same records in another order
+        flow(switch, raw(V4_UDP, keep=60)),  # a length differs
+        flow(switch, raw(V4_UDP, keep=64), switch),  # one more record
+        flow(switch, sflow_gateway(1, [2])),  # an extended gateway: the scalar way
+        bytes(short[:-4]),  # its records run past its end
+        flow(switch, raw(V4_UDP, keep=64), rate=7, expanded=True),  # alike, expanded
+        flow(switch, switch),  # no description in any of them
+    ]
+    for sample in [None, *odd]:
+        samples = alike if sample is None else [*alike[:2], sample, *alike[2:]]
+        datagrams = [
+            (sflow_datagram(samples[k:] + samples[:k]), EXPORTER, NOW + k)
+            for k in range(len(samples))
+        ]
+        [batch] = assert_equivalent(datagrams)
+        assert_columns_are_the_rows(batch)
+    # Three records: the middle one's length moves the last; the last one's, nothing.
+    three = [flow(switch, raw(frame, keep=64), switch) for frame in (V4_TCP, V6_TCP, QINQ)]
+    misaligned = bytearray(flow(switch, raw(V4_UDP, keep=64), switch))
+    misaligned[-20:-16] = struct.pack("!I", 15)  # the last record's length
+    for sample in (
+        flow(switch, raw(V4_UDP, keep=60), switch),
+        flow(switch, raw(V4_UDP, keep=64), sflow_unknown_record(1001, bytes(40))),
+        bytes(misaligned),  # the last record's length is not whole words
+    ):
+        stream = [sflow_datagram([*three, sample, *three])]
+        [batch] = assert_equivalent([(d, EXPORTER, NOW) for d in stream])
+        assert_columns_are_the_rows(batch)
+    # Every sample alike, none describing its packet; all with the gateway record.
+    for samples in ([flow(switch, switch)] * 3, [flow(raw(V4_TCP), sflow_gateway(1, [2]))] * 3):
+        assert_equivalent([(sflow_datagram(samples), EXPORTER, NOW)])
+
+
+def test_datagrams_laid_out_alike_and_one_that_is_not() -> None:
+    """Datagrams whose samples have the first one's lengths (checked at once, not walked),
+    and among them, one at a time, a datagram that differs in one way."""
+    samples = [flow(raw(V4_TCP, keep=64)), flow(raw(V6_TCP, keep=64)), sflow_counter_sample()]
+    good = sflow_datagram(samples)
+    other = sflow_datagram([samples[0], flow(raw(V6_TCP, keep=60)), samples[2]])
+    misaligned = bytearray(good)
+    at = len(sflow_datagram([])) + len(samples[0]) + 4
+    misaligned[at : at + 4] = struct.pack("!I", len(samples[1]) - 8 - 2)  # not whole words
+    odd = [
+        other,  # a sample of another length
+        good + b"\0\0\0\0",  # bytes after the last sample
+        good[:-4],  # the last sample cut short
+        bytes(misaligned),
+        sflow_datagram(samples, agent="2001:db8::10"),  # a longer header: alike after it
+        sflow_datagram(samples[:2]),  # one sample fewer
+    ]
+    for datagram in [None, *odd]:
+        stream = [good] * 4 if datagram is None else [good, good, datagram, good]
+        [batch] = assert_equivalent([(d, EXPORTER, NOW + k) for k, d in enumerate(stream)])
+        assert_columns_are_the_rows(batch)
+        assert set(batch.datagram.tolist()) >= {0, 1, 3}
+    # The first datagram the odd one.
+    for first in (other, good + b"\0\0\0\0"):
+        assert_equivalent([(d, EXPORTER, NOW) for d in (first, good, good)])
 
 
 # -- generated datagrams -----------------------------------------------------------------------
