@@ -214,10 +214,11 @@ class UdpCollector:
         sock: socket.socket | None = None,
         native: bool | None = None,
     ) -> None:
-        """``sock``: an already bound socket to read (e.g. one of several sharing an
-        address through :func:`open_socket`'s ``reuseport``); it is not closed here, and ``rcvbuf_bytes``
-        is its owner's business. ``native``: recvmmsg where there is one (None), the
-        recvfrom loop (False), or recvmmsg or fail (True); see :class:`BatchReceiver`."""
+        """``sock``: an already bound socket to read (e.g. one of several sharing
+        an address through :func:`open_socket`'s ``reuseport``); it is not closed here, and
+        ``rcvbuf_bytes`` is its owner's business. ``native``: recvmmsg where there is one
+        (None), the recvfrom loop (False), or recvmmsg or fail (True); see
+        :class:`BatchReceiver`."""
         self.listen = listen
         self._given = sock
         self._out = out
