@@ -367,14 +367,15 @@ def _run_weighed(
 
     with store.transaction(doing, write=False) as conn:
         if store.backend == "postgresql":
-            # One round trip for both (set_config(..., true) is SET LOCAL). An hour is tens
+            # One round trip for all (set_config(..., true) is SET LOCAL). An hour is tens
             # of thousands of index entries: parallel workers' start and the gather-merge of
             # their partial numeric sums cost more than they save (measured: the merge alone
-            # took 4x the workers' scans on a busy 2-core machine).
+            # took 4x the workers' scans on a busy 2-core machine). No JIT: as _run_stored.
             conn.execute(
                 select(
                     func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
                     func.set_config("max_parallel_workers_per_gather", "0", True),
+                    func.set_config("jit", "off", True),
                 )
             )
         w = _weighed(store, flt, columns, address_first=address_first)
@@ -708,8 +709,10 @@ def _run_stored(store: Store, doing: str, stmt: Select[Any]) -> list[Any]:
     PostgreSQL transaction: the wide retry needs a new one)."""
     with store.transaction(doing, write=False) as conn:
         if store.backend == "postgresql":
-            # as _run_weighed; and no JIT: a store ten times this one passes jit_above_cost,
-            # and compiling the expressions costs more than running them once
+            # as _run_weighed, JIT off too: a window a little bigger than the bench's hour
+            # passes jit_above_cost (100,000; that hour's 41,500 reports cost 71,000 while
+            # their pages are not all-visible), and compiling the expressions costs more than
+            # running them once (that hour with jit_above_cost = 0: 378 ms against 40)
             conn.execute(
                 select(
                     func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
