@@ -1294,25 +1294,10 @@ def top(
     if n < 0:
         raise ValueError("n must be >= 0")
     _check_lengths(v4_len, v6_len)
-    columns: tuple[Any, ...]
-    if by in ("src", "dst"):
-        prefix = _prefix_column(_T.c[by], v4_len, v6_len).label("k")
-        # the prefix is computed in the weighed subquery, once per report
-        columns = ("ip_version", prefix)
-
-        def keys_of(r: Any) -> list[Any]:
-            return [r.c.ip_version, prefix if r is _T else r.c.k]
-
-    else:
-        name = {"observer": "observer_key", "srcport": "sport", "dstport": "dport"}.get(by, by)
-        columns = (name,)
-
-        def keys_of(r: Any) -> list[Any]:
-            return [r.c[name].label("k")]
-
     if by != "observer" and (by not in ("src", "dst") or (v4_len, v6_len) == (24, 48)):
         # the common case: an integer key column and the stored weights, ranked in SQL;
-        # every group has the same units
+        # every group has the same units (first: it needs none of the expressions below,
+        # whose building alone cost 0.4 ms a call)
         every = _observer_units(store, flt.observers).values()
         same: Units = (_max_unit(u for u, _ in every), _max_unit(b for _, b in every))
         column = {
@@ -1331,6 +1316,22 @@ def top(
             top_list.append((shown_key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
         other = None if rest is None else _from(rest).estimate(unit=same[0], byte_unit=same[1])
         return TopResult(top=tuple(top_list), other=other, groups=count, folded=0, max_folded=0.0)
+    columns: tuple[Any, ...]
+    if by in ("src", "dst"):
+        prefix = _prefix_column(_T.c[by], v4_len, v6_len).label("k")
+        # the prefix is computed in the weighed subquery, once per report
+        columns = ("ip_version", prefix)
+
+        def keys_of(r: Any) -> list[Any]:
+            return [r.c.ip_version, prefix if r is _T else r.c.k]
+
+    else:
+        name = {"observer": "observer_key", "srcport": "sport", "dstport": "dport"}.get(by, by)
+        columns = (name,)
+
+        def keys_of(r: Any) -> list[Any]:
+            return [r.c[name].label("k")]
+
     if by != "observer" and (by not in ("src", "dst") or _whole_bytes(v4_len, v6_len)):
         # other whole-byte prefix lengths, ranked in SQL: every group has the same units
         every = _observer_units(store, flt.observers).values()
