@@ -357,10 +357,55 @@ def questions_of(store: Store, now_ms: int) -> dict[str, Callable[[], str]]:
     return questions
 
 
-def time_in_process(store: Store, now_ms: int, runs: int) -> Timings:
+def server_clock(store: Store) -> Callable[[], float] | None:
+    """The CPU time (seconds) the PostgreSQL server's processes have run, when the server is
+    on this machine and /proc can be read (the throwaway cluster; None otherwise): the
+    children of the postmaster of the store's connection, as they are now (the pool's
+    backends, opened by the warm-up runs, and the background processes), from
+    ``/proc/PID/schedstat`` (nanoseconds on a CPU). On a busy machine a statement's wall time
+    (EXPLAIN ANALYZE's included) grows with the load; its CPU time much less."""
+    if store.backend != "postgresql":
+        return None
+    with store.transaction("bench: server pid", write=False) as conn:
+        pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        postmaster = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:"))
+        children = [
+            p.name
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _parent(p.name) == postmaster
+        ]
+    except (OSError, StopIteration):
+        return None  # another machine's server, or no /proc
+
+    def clock() -> float:
+        total = 0
+        for child in children:
+            try:
+                total += int(Path(f"/proc/{child}/schedstat").read_text().split()[0])
+            except OSError:
+                pass  # exited (a backend whose connection the pool closed)
+        return total / 1e9
+
+    return clock
+
+
+def _parent(pid: str) -> str | None:
+    try:
+        # the fields after the command's closing parenthesis: state, then the parent's pid
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+
+
+def time_in_process(
+    store: Store, now_ms: int, runs: int
+) -> tuple[Timings, dict[str, list[float]] | None]:
     """Wall time and this process's CPU time (``time.process_time``: SQLite runs in it) of each
-    question, ``runs`` times, interleaved. On a busy machine the wall time grows with the load
-    and the CPU time much less: both are printed."""
+    question, ``runs`` times, interleaved, and on a local PostgreSQL the server's CPU time
+    (:func:`server_clock`; read outside the timed part). On a busy machine the wall time grows
+    with the load and the CPU times much less: all are printed."""
     questions = questions_of(store, now_ms)
     out: Timings = {}
     # The million generated reports this process holds (for both backends) are no part of a
@@ -370,13 +415,18 @@ def time_in_process(store: Store, now_ms: int, runs: int) -> Timings:
     gc.freeze()
     for name, ask in questions.items():  # warm the caches once each
         out[name] = ([], [], ask())
+    clock = server_clock(store)
+    served: dict[str, list[float]] = {name: [] for name in questions}
     for _ in range(runs):
         for name, ask in questions.items():
+            s = clock() if clock else 0.0
             t, c = time.perf_counter(), time.process_time()
             ask()
             out[name][0].append(time.perf_counter() - t)
             out[name][1].append(time.process_time() - c)
-    return out
+            if clock:
+                served[name].append(clock() - s)
+    return out, (served if clock else None)
 
 
 def server_times(store: Store, now_ms: int, tries: int = 5) -> dict[str, float]:
@@ -470,12 +520,17 @@ def show(
     load_s: float,
     n: int,
     server: dict[str, float] | None = None,
+    served: dict[str, list[float]] | None = None,
 ) -> None:
     print(
         f"\n{backend}: {n:,} reports, loaded in {load_s:.0f} s, "
         f"{per_report:.0f} bytes on disk per report, load average {os.getloadavg()[0]:.1f}"
     )
-    cpu_title = "CPU p50/p99 ms" + (" | server best" if server else "")
+    cpu_title = (
+        "CPU p50/p99 ms"
+        + (" | server CPU p50/p99" if served else "")
+        + (" | server best" if server else "")
+    )
     print(
         f"  {'question':42} {'in process p50/p99 ms':>24}   {cpu_title:>26}"
         f"   {'CLI process p50/p99 ms':>24}"
@@ -484,6 +539,9 @@ def show(
         p50, p99 = percentiles(samples)
         c50, c99 = percentiles(cpu)
         cpu_text = f"{c50 * 1000:.1f} / {c99 * 1000:.1f}"
+        if served:
+            s50, s99 = percentiles(served[name])
+            cpu_text += f" | {s50 * 1000:.1f} / {s99 * 1000:.1f}"
         if server:
             cpu_text += f" | {server[name] * 1000:.1f}"
         flag = "" if p99 < 0.1 else "  (over the 100 ms goal)"
@@ -559,10 +617,10 @@ def main(argv: list[str] | None = None) -> int:
             with store.transaction("bench: reading", write=False) as conn:
                 now_ms = int(conn.execute(text("SELECT MAX(last_ms) FROM reports")).scalar_one())
             n = store.count_reports()
-            inproc = time_in_process(store, now_ms, args.runs)
+            inproc, served = time_in_process(store, now_ms, args.runs)
             server = server_times(store, now_ms) if store.backend == "postgresql" else None
         cli = time_cli(args.cli, args.db, args.cli_runs, now_ms) if have_cli else None
-        show(store.backend, inproc, cli, float("nan"), float("nan"), n, server)
+        show(store.backend, inproc, cli, float("nan"), float("nan"), n, server, served)
         return 0
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     now_ms = int(time.time() * 1000)
@@ -585,10 +643,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"postgresql: the newest {tail:,} reports not vacuumed, the rest vacuumed"
                     )
                 per_report = bytes_per_report(store, args.reports, path)
-                inproc = time_in_process(store, now_ms, args.runs)
+                inproc, served = time_in_process(store, now_ms, args.runs)
                 server = server_times(store, now_ms) if backend == "postgresql" else None
                 cli = time_cli(args.cli, url, args.cli_runs, now_ms) if have_cli else None
-                show(backend, inproc, cli, per_report, load_s, args.reports, server)
+                show(backend, inproc, cli, per_report, load_s, args.reports, server, served)
         finally:
             if not keep:
                 shutil.rmtree(tmp, ignore_errors=True)
