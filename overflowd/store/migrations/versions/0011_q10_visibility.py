@@ -13,6 +13,7 @@ reports or minute or two all-visible. Such a vacuum is cheap: it skips the pages
 all-visible, and PostgreSQL 14+ skips index vacuuming while fewer than 2% of the pages hold
 dead rows (retention's deletes at the old end) and index cleanup when nothing was deleted.
 
+The two storage parameters are PostgreSQL 13's (the first with insert-driven autovacuum).
 SQLite has no visibility map: nothing to do there.
 
 Revision ID: 0011_q10_visibility
