@@ -30,10 +30,17 @@ not through ``add_reports``: signing a million reports costs ~10 minutes here. E
 its indexed columns (and those computed from them: top's keys and weights) are the row's own;
 ids are unique. So the store has the real row size and
 every index, and output that decodes ``cose`` does the same work, but a row's decoded payload
-is its pool report's, not the row's. ``ANALYZE`` runs on PostgreSQL after loading (autovacuum
-would do it within a minute), not ``VACUUM``: the visibility map is unset, so index-only scans
-fetch the rows from the table, as they do for the newest hour of a live node that vacuum has
-not reached yet; SQLite is measured as a node leaves it (no ANALYZE).
+is its pool report's, not the row's. SQLite is measured as a node leaves it (no ANALYZE).
+
+PostgreSQL is measured as a live node's store stands between two of autovacuum's visits
+(revision 0011_q10_visibility: every 1,000 inserted reports, checked every minute): all but
+the newest ``--unvacuumed`` reports (2,000: the last ~3 minutes) VACUUMed, so that the
+visibility map marks their pages all-visible and an index-only scan of the hour reads no table
+row but the newest ones', then ``ANALYZE``. Autovacuum is off for the table meanwhile, so the
+state holds still through the runs (it came by ~75 s after loading and changed the figures in
+the middle of a run). ``--unvacuumed`` at least ``--reports``: nothing vacuumed, every row of
+the hour fetched from the table, as on a store under PostgreSQL's default insert threshold
+(20% of the table's rows: 200,000 reports here, ~5 hours).
 """
 
 from __future__ import annotations
@@ -225,8 +232,16 @@ class Data:
         self.seconds = time.perf_counter() - started
 
 
-def build(store: Store, data: Data) -> float:
-    """Load ``data`` into ``store``; returns the seconds it took."""
+#: PostgreSQL: the newest reports left unvacuumed (module docstring): autovacuum comes by every
+#: 1,000 inserts and every minute, so up to ~2 minutes' reports wait for it; 2,000 is 173 s of
+#: this bench's day
+UNVACUUMED = 2_000
+
+
+def build(store: Store, data: Data, *, unvacuumed: int | None = None) -> float:
+    """Load ``data`` into ``store``; returns the seconds it took. ``unvacuumed`` (PostgreSQL):
+    VACUUM all but that many newest reports and keep autovacuum off the table (module
+    docstring); None: no VACUUM, autovacuum left on (bench/dashboard.py's store)."""
     started = time.perf_counter()
     n, now_ms = data.n, data.now_ms
     reports = Base.metadata.tables["reports"]
@@ -234,23 +249,34 @@ def build(store: Store, data: Data) -> float:
     # row: the same store at the end, in a fraction of the time.
     indexes = [ix for ix in reports.indexes if ix.name]
     names = ", ".join(data.columns)
+    still = store.backend == "postgresql" and unvacuumed is not None  # autovacuum off
+    # all loaded before indexing unless some are vacuumed: nothing vacuumed needs no VACUUM
+    vacuumed = n - unvacuumed if still and unvacuumed is not None and unvacuumed < n else n
+    vacuum = still and vacuumed < n
     with store.transaction("bench: loading", write=True) as conn:
         if store.backend == "sqlite":
             conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BENCH_CACHE_KB}")
+        if still:
+            conn.exec_driver_sql("ALTER TABLE reports SET (autovacuum_enabled = off)")
         for ix in indexes:
             ix.drop(conn)
-    for start in range(0, n, BATCH):
-        batch = data.rows[start : start + BATCH]
-        with store.transaction("bench: loading", write=True) as conn:
-            if store.backend == "sqlite":
-                marks = ", ".join("?" * len(data.columns))
-                conn.exec_driver_sql(f"INSERT INTO reports ({names}) VALUES ({marks})", batch)
-            else:  # COPY: the PostgreSQL way to load many rows
-                raw: Any = conn.connection.driver_connection
-                with raw.cursor() as cur, cur.copy(f"COPY reports ({names}) FROM STDIN") as cp:
-                    for r in batch:
-                        cp.write_row(r)
-        print(f"\r  loaded {start + len(batch):,} reports", end="", file=sys.stderr, flush=True)
+
+    def load(start: int, stop: int) -> None:
+        for at in range(start, stop, BATCH):
+            batch = data.rows[at : min(stop, at + BATCH)]
+            with store.transaction("bench: loading", write=True) as conn:
+                if store.backend == "sqlite":
+                    marks = ", ".join("?" * len(data.columns))
+                    conn.exec_driver_sql(f"INSERT INTO reports ({names}) VALUES ({marks})", batch)
+                else:  # COPY: the PostgreSQL way to load many rows
+                    raw: Any = conn.connection.driver_connection
+                    copy = f"COPY reports ({names}) FROM STDIN"
+                    with raw.cursor() as cur, cur.copy(copy) as cp:
+                        for r in batch:
+                            cp.write_row(r)
+            print(f"\r  loaded {at + len(batch):,} reports", end="", file=sys.stderr, flush=True)
+
+    load(0, vacuumed)
     with store.transaction("bench: loading", write=True) as conn:
         conn.execute(text("UPDATE report_sequence SET last = :n"), {"n": n})
         conn.execute(
@@ -274,6 +300,12 @@ def build(store: Store, data: Data) -> float:
         print("\n  indexing", file=sys.stderr)
         for ix in indexes:
             ix.create(conn)
+    if vacuum:
+        print(f"  VACUUM, then the newest {n - vacuumed:,} reports", file=sys.stderr)
+        with store._engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM reports")
+        load(vacuumed, n)  # into the indexed table, as a node inserts them
+        print(file=sys.stderr)
     if store.backend == "postgresql":
         with store.transaction("bench: analyze", write=False) as conn:
             conn.execute(text("ANALYZE"))
@@ -325,10 +357,55 @@ def questions_of(store: Store, now_ms: int) -> dict[str, Callable[[], str]]:
     return questions
 
 
-def time_in_process(store: Store, now_ms: int, runs: int) -> Timings:
+def server_clock(store: Store) -> Callable[[], float] | None:
+    """The CPU time (seconds) the PostgreSQL server's processes have run, when the server is
+    on this machine and /proc can be read (the throwaway cluster; None otherwise): the
+    children of the postmaster of the store's connection, as they are now (the pool's
+    backends, opened by the warm-up runs, and the background processes), from
+    ``/proc/PID/schedstat`` (nanoseconds on a CPU). On a busy machine a statement's wall time
+    (EXPLAIN ANALYZE's included) grows with the load; its CPU time much less."""
+    if store.backend != "postgresql":
+        return None
+    with store.transaction("bench: server pid", write=False) as conn:
+        pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        postmaster = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:"))
+        children = [
+            p.name
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _parent(p.name) == postmaster
+        ]
+    except (OSError, StopIteration):
+        return None  # another machine's server, or no /proc
+
+    def clock() -> float:
+        total = 0
+        for child in children:
+            try:
+                total += int(Path(f"/proc/{child}/schedstat").read_text().split()[0])
+            except OSError:
+                pass  # exited (a backend whose connection the pool closed)
+        return total / 1e9
+
+    return clock
+
+
+def _parent(pid: str) -> str | None:
+    try:
+        # the fields after the command's closing parenthesis: state, then the parent's pid
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+
+
+def time_in_process(
+    store: Store, now_ms: int, runs: int
+) -> tuple[Timings, dict[str, list[float]] | None]:
     """Wall time and this process's CPU time (``time.process_time``: SQLite runs in it) of each
-    question, ``runs`` times, interleaved. On a busy machine the wall time grows with the load
-    and the CPU time much less: both are printed."""
+    question, ``runs`` times, interleaved, and on a local PostgreSQL the server's CPU time
+    (:func:`server_clock`; read outside the timed part). On a busy machine the wall time grows
+    with the load and the CPU times much less: all are printed."""
     questions = questions_of(store, now_ms)
     out: Timings = {}
     # The million generated reports this process holds (for both backends) are no part of a
@@ -338,13 +415,18 @@ def time_in_process(store: Store, now_ms: int, runs: int) -> Timings:
     gc.freeze()
     for name, ask in questions.items():  # warm the caches once each
         out[name] = ([], [], ask())
+    clock = server_clock(store)
+    served: dict[str, list[float]] = {name: [] for name in questions}
     for _ in range(runs):
         for name, ask in questions.items():
+            s = clock() if clock else 0.0
             t, c = time.perf_counter(), time.process_time()
             ask()
             out[name][0].append(time.perf_counter() - t)
             out[name][1].append(time.process_time() - c)
-    return out
+            if clock:
+                served[name].append(clock() - s)
+    return out, (served if clock else None)
 
 
 def server_times(store: Store, now_ms: int, tries: int = 5) -> dict[str, float]:
@@ -438,12 +520,17 @@ def show(
     load_s: float,
     n: int,
     server: dict[str, float] | None = None,
+    served: dict[str, list[float]] | None = None,
 ) -> None:
     print(
         f"\n{backend}: {n:,} reports, loaded in {load_s:.0f} s, "
         f"{per_report:.0f} bytes on disk per report, load average {os.getloadavg()[0]:.1f}"
     )
-    cpu_title = "CPU p50/p99 ms" + (" | server best" if server else "")
+    cpu_title = (
+        "CPU p50/p99 ms"
+        + (" | server CPU p50/p99" if served else "")
+        + (" | server best" if server else "")
+    )
     print(
         f"  {'question':42} {'in process p50/p99 ms':>24}   {cpu_title:>26}"
         f"   {'CLI process p50/p99 ms':>24}"
@@ -452,6 +539,9 @@ def show(
         p50, p99 = percentiles(samples)
         c50, c99 = percentiles(cpu)
         cpu_text = f"{c50 * 1000:.1f} / {c99 * 1000:.1f}"
+        if served:
+            s50, s99 = percentiles(served[name])
+            cpu_text += f" | {s50 * 1000:.1f} / {s99 * 1000:.1f}"
         if server:
             cpu_text += f" | {server[name] * 1000:.1f}"
         flag = "" if p99 < 0.1 else "  (over the 100 ms goal)"
@@ -504,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         help="time an existing store built by this script (no loading): its URL",
     )
     parser.add_argument(
+        "--unvacuumed",
+        type=int,
+        default=UNVACUUMED,
+        help="PostgreSQL: the newest reports left out of the VACUUM after loading (default "
+        f"{UNVACUUMED:,}; at least --reports: nothing vacuumed)",
+    )
+    parser.add_argument(
         "--keep",
         type=Path,
         help="build the SQLite store in this directory and leave it there (time it again "
@@ -520,10 +617,10 @@ def main(argv: list[str] | None = None) -> int:
             with store.transaction("bench: reading", write=False) as conn:
                 now_ms = int(conn.execute(text("SELECT MAX(last_ms) FROM reports")).scalar_one())
             n = store.count_reports()
-            inproc = time_in_process(store, now_ms, args.runs)
+            inproc, served = time_in_process(store, now_ms, args.runs)
             server = server_times(store, now_ms) if store.backend == "postgresql" else None
         cli = time_cli(args.cli, args.db, args.cli_runs, now_ms) if have_cli else None
-        show(store.backend, inproc, cli, float("nan"), float("nan"), n, server)
+        show(store.backend, inproc, cli, float("nan"), float("nan"), n, server, served)
         return 0
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     now_ms = int(time.time() * 1000)
@@ -539,12 +636,17 @@ def main(argv: list[str] | None = None) -> int:
             ctx = sqlite_store(tmp) if backend == "sqlite" else postgres_store()
             with ctx as (store, url, path):
                 print(f"{backend}: loading {args.reports:,} reports", file=sys.stderr)
-                load_s = build(store, data)
+                load_s = build(store, data, unvacuumed=args.unvacuumed)
+                if backend == "postgresql":
+                    tail = min(args.unvacuumed, args.reports)
+                    print(
+                        f"postgresql: the newest {tail:,} reports not vacuumed, the rest vacuumed"
+                    )
                 per_report = bytes_per_report(store, args.reports, path)
-                inproc = time_in_process(store, now_ms, args.runs)
+                inproc, served = time_in_process(store, now_ms, args.runs)
                 server = server_times(store, now_ms) if backend == "postgresql" else None
                 cli = time_cli(args.cli, url, args.cli_runs, now_ms) if have_cli else None
-                show(backend, inproc, cli, per_report, load_s, args.reports, server)
+                show(backend, inproc, cli, per_report, load_s, args.reports, server, served)
         finally:
             if not keep:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,7 @@ from overflowd.store.base import (
 
 #: The schema revision these statements are written for (repository.SCHEMA_HEAD, which a test
 #: compares): at any other the Store answers.
-SCHEMA = "0010_top_keys"
+SCHEMA = "0011_q10_visibility"
 #: PRAGMA busy_timeout, as the Store sets it (repository.SQLITE_BUSY_TIMEOUT_MS; a test checks)
 BUSY_TIMEOUT_MS = 10 * 1000
 

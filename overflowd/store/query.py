@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Double,
     Numeric,
     Select,
@@ -375,14 +376,15 @@ def _run_weighed(
 
     with store.transaction(doing, write=False) as conn:
         if store.backend == "postgresql":
-            # One round trip for both (set_config(..., true) is SET LOCAL). An hour is tens
+            # One round trip for all (set_config(..., true) is SET LOCAL). An hour is tens
             # of thousands of index entries: parallel workers' start and the gather-merge of
             # their partial numeric sums cost more than they save (measured: the merge alone
-            # took 4x the workers' scans on a busy 2-core machine).
+            # took 4x the workers' scans on a busy 2-core machine). No JIT: as _run_stored.
             conn.execute(
                 select(
                     func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
                     func.set_config("max_parallel_workers_per_gather", "0", True),
+                    func.set_config("jit", "off", True),
                 )
             )
         w = _weighed(store, flt, columns, address_first=address_first)
@@ -711,13 +713,24 @@ def _overflowed(exc: DBAPIError) -> bool:
 _FLOAT_EXACT = 2**53
 
 
-def _run_stored(store: Store, doing: str, stmt: Select[Any]) -> list[Any]:
+def _run_stored(
+    store: Store,
+    doing: str,
+    stmt: Select[Any],
+    before: Callable[[Connection], object] | None = None,
+) -> list[Any]:
     """Run a statement of _top_stored in a transaction of its own (an error aborts a
-    PostgreSQL transaction: the wide retry needs a new one)."""
+    PostgreSQL transaction: the wide retry needs a new one); ``before(conn)`` first, in the
+    same transaction (a transaction less: three round trips, each a wait for the server's
+    process on a busy machine)."""
     with store.transaction(doing, write=False) as conn:
+        if before is not None:
+            before(conn)
         if store.backend == "postgresql":
-            # as _run_weighed; and no JIT: a store ten times this one passes jit_above_cost,
-            # and compiling the expressions costs more than running them once
+            # as _run_weighed, JIT off too: a window a little bigger than the bench's hour
+            # passes jit_above_cost (100,000; that hour's 41,500 reports cost 71,000 while
+            # their pages are not all-visible), and compiling the expressions costs more than
+            # running them once (that hour with jit_above_cost = 0: 378 ms against 40)
             conn.execute(
                 select(
                     func.set_config("work_mem", f"{AGGREGATE_WORK_MEM_MB}MB", True),
@@ -740,8 +753,7 @@ def _top_stored(
     n: int,
     measure: Literal["packets", "bytes"],
     doing: str,
-    units: Units,
-) -> tuple[list[tuple[Any, list[Any]]], list[Any] | None, int]:
+) -> tuple[list[tuple[Any, list[Any]]], list[Any] | None, int, Units]:
     """_top_rows on an integer key column (``src_key``, ``dst_key``, a port, the protocol)
     and the stored weights: the groups are ranked by the two sums the point estimate needs
     (the certain amount and the weights of ``measure``) only, and the full sums are added
@@ -757,10 +769,17 @@ def _top_stored(
     exactly the same ranking when the window's certain amount, known exactly from a, is under
     2**53 (then every partial sum is an exactly represented integer); otherwise it is asked
     again with exact sums. Returns ``[(key, sums)]`` busiest first, the rest's sums (None: no
-    rest) and the number of groups.
+    rest), the number of groups and the units of every group (the largest of the filter's
+    observers', or of all: read in the first statement's transaction).
     """
     t = _T
     conds = conditions(flt)
+    read: list[Units] = []
+
+    def units_of(conn: Connection) -> None:
+        if not read:
+            read.append(_largest_units(_units_on(conn, flt.observers).values()))
+
     weight = t.c.packets_weight if measure == "packets" else t.c.bytes_weight
     # SQLite would probe a port's (sport, last_ms) index for "key IN (the n shown)" and read
     # every matching row of the table; +0 keeps it on the window's covering index
@@ -855,10 +874,11 @@ def _top_stored(
     float_rank = store.backend == "postgresql"
     try:
         wide = False
-        rows = _run_stored(store, doing, build(wide, float_rank))
+        rows = _run_stored(store, doing, build(wide, float_rank), units_of)
     except _Overflow:
         wide = True
-        rows = _run_stored(store, doing, build(wide, float_rank))
+        rows = _run_stored(store, doing, build(wide, float_rank), units_of)
+    (units,) = read
     certain_at = 2 + width + (2 if measure == "packets" else 3)
     if float_rank and not rows[0][certain_at] < _FLOAT_EXACT:
         rows = _run_stored(store, doing, build(wide, False))
@@ -880,7 +900,7 @@ def _top_stored(
             except _Overflow:
                 (row,) = _run_stored(store, doing, other(True))
             rest = _sums(row, 0)
-    return shown_rows, rest, groups
+    return shown_rows, rest, groups, units
 
 
 def _key_network(key: int) -> Network:
@@ -938,21 +958,31 @@ def _observer_units(store: Store, keys: Sequence[bytes] = ()) -> dict[bytes, Uni
     """Each observer's unit (observers.packets_unit/bytes_unit, kept by every insert): the
     largest weight among all its p < 1 reports, what a report it did not send could have
     weighed. ``keys``: only those (else every observer)."""
+    with store.transaction("reading observer units", write=False) as conn:
+        return _units_on(conn, keys)
+
+
+def _units_on(conn: Connection, keys: Sequence[bytes] = ()) -> dict[bytes, Units]:
+    """:func:`_observer_units` in a transaction the caller has open."""
     stmt = select(_O.c.key, _O.c.packets_unit, _O.c.bytes_unit)
     out: dict[bytes, Units] = {}
-    with store.transaction("reading observer units", write=False) as conn:
-        chunks: list[list[bytes] | None] = [
-            list(keys[i : i + MAX_FILTER_OBSERVERS])
-            for i in range(0, len(keys), MAX_FILTER_OBSERVERS)
-        ]
-        for chunk in chunks or [None]:
-            part = stmt if chunk is None else stmt.where(_O.c.key.in_(chunk))
-            for r in conn.execute(part):
-                out[bytes(r.key)] = (
-                    None if r.packets_unit is None else float(r.packets_unit),
-                    None if r.bytes_unit is None else float(r.bytes_unit),
-                )
+    chunks: list[list[bytes] | None] = [
+        list(keys[i : i + MAX_FILTER_OBSERVERS]) for i in range(0, len(keys), MAX_FILTER_OBSERVERS)
+    ]
+    for chunk in chunks or [None]:
+        part = stmt if chunk is None else stmt.where(_O.c.key.in_(chunk))
+        for r in conn.execute(part):
+            out[bytes(r.key)] = (
+                None if r.packets_unit is None else float(r.packets_unit),
+                None if r.bytes_unit is None else float(r.bytes_unit),
+            )
     return out
+
+
+def _largest_units(units: Iterable[Units]) -> Units:
+    """The largest packet and byte units of several observers (groups that mix them)."""
+    every = list(units)
+    return _max_unit(u for u, _ in every), _max_unit(b for _, b in every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1373,6 +1403,26 @@ def top(
     if n < 0:
         raise ValueError("n must be >= 0")
     _check_lengths(v4_len, v6_len)
+    if by != "observer" and (by not in ("src", "dst") or (v4_len, v6_len) == (24, 48)):
+        # the common case: an integer key column and the stored weights, ranked in SQL;
+        # every group has the same units (first: it needs none of the expressions below,
+        # whose building alone cost 0.4 ms a call)
+        column = {
+            "src": "src_key",
+            "dst": "dst_key",
+            "srcport": "sport",
+            "dstport": "dport",
+            "proto": "proto",
+        }[by]
+        found, rest, count, same = _top_stored(
+            store, flt, _T.c[column], n, measure, "asking for the top"
+        )
+        top_list = []
+        for value, sums in found:
+            shown_key: Any = _key_network(int(value)) if by in ("src", "dst") else int(value)
+            top_list.append((shown_key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
+        other = None if rest is None else _from(rest).estimate(unit=same[0], byte_unit=same[1])
+        return TopResult(top=tuple(top_list), other=other, groups=count, folded=0, max_folded=0.0)
     columns: tuple[Any, ...]
     if by in ("src", "dst"):
         prefix = _prefix_column(_T.c[by], v4_len, v6_len).label("k")
@@ -1389,27 +1439,6 @@ def top(
         def keys_of(r: Any) -> list[Any]:
             return [r.c[name].label("k")]
 
-    if by != "observer" and (by not in ("src", "dst") or (v4_len, v6_len) == (24, 48)):
-        # the common case: an integer key column and the stored weights, ranked in SQL;
-        # every group has the same units
-        every = _observer_units(store, flt.observers).values()
-        same: Units = (_max_unit(u for u, _ in every), _max_unit(b for _, b in every))
-        column = {
-            "src": "src_key",
-            "dst": "dst_key",
-            "srcport": "sport",
-            "dstport": "dport",
-            "proto": "proto",
-        }[by]
-        found, rest, count = _top_stored(
-            store, flt, _T.c[column], n, measure, "asking for the top", same
-        )
-        top_list = []
-        for value, sums in found:
-            shown_key: Any = _key_network(int(value)) if by in ("src", "dst") else int(value)
-            top_list.append((shown_key, _from(sums).estimate(unit=same[0], byte_unit=same[1])))
-        other = None if rest is None else _from(rest).estimate(unit=same[0], byte_unit=same[1])
-        return TopResult(top=tuple(top_list), other=other, groups=count, folded=0, max_folded=0.0)
     if by != "observer" and (by not in ("src", "dst") or _whole_bytes(v4_len, v6_len)):
         # other whole-byte prefix lengths, ranked in SQL: every group has the same units
         every = _observer_units(store, flt.observers).values()

@@ -86,7 +86,7 @@ _MIGRATING = threading.Lock()
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: The newest migration's revision id. Opening a database already at this revision skips
 #: importing Alembic (0.6 s of a CLI's start-up); a unit test keeps it equal to Alembic's head.
-SCHEMA_HEAD = "0010_top_keys"
+SCHEMA_HEAD = "0011_q10_visibility"
 _BACKENDS = ("sqlite", "postgresql")
 
 #: Ids per UPDATE in update_trust: well under SQLite's 32,766 bound parameters.
