@@ -6,11 +6,11 @@
 On a shared, loaded machine the per-connection CPU of one bench run moves by 10-20% with the
 load; this compares two versions of jfe (``BASE_TREE``: e.g. ``git archive main jfe overflowd
 tests | tar -x -C /tmp/base``; the other is this checkout) in alternating ``openssl s_time``
-runs, so both see the same load. Each side runs `jfe.proxy.Proxy._serve` behind a plain
-127.0.0.1 listener (no TPROXY, no namespaces: no root needed), every connection "diverted"
-to bench/jfe.py's backend; the workload is ``s_time -new -www /`` (one request through the
-backend per connection) or, with ``--new-only``, ``s_time -new``. Prints CPU (user+sys) per
-connection per side, and per round.
+runs, so both see the same load. Each side runs `jfe.proxy.Proxy.run` (accept loop, budgets
+and the connection's whole path) on a plain 127.0.0.1 listener (no TPROXY, no namespaces: no
+root needed), every connection "diverted" to bench/jfe.py's backend; the workload is
+``s_time -new -www /`` (one request through the backend per connection) or, with
+``--new-only``, ``s_time -new``. Prints CPU (user+sys) per connection per side, and per round.
 
 ``--floor epoll`` puts in place of ``BASE_TREE`` the floor: the same per-connection work as jfe's
 TLS path (accept, dial the backend, sniff the ClientHello with `jfe.sniff`, one SSLObject over
@@ -56,29 +56,22 @@ SERVE = textwrap.dedent(
         def cached(self, name): return ctx
         async def context_for(self, name, client): return ctx
     class Proxy(P.Proxy):
+        # Every connection "diverted" to the backend (no TPROXY here): the trio path's dial
+        # (every tree) and the engine's (trees that have one).
         async def _upstream(self, client, original, transparent):
             return await super()._upstream(client, (LOCAL, backend), False)
+        def _dial(self, client, original, transparent):
+            return super()._dial(client, (LOCAL, backend), False)
     async def main():
         proxy = Proxy(JfeSettings(), Source())
+        # The whole of Proxy.run (accept loop, budgets, the connection's path) on a plain
+        # listener: no IP_TRANSPARENT, so no root.
         listener = socket.create_server(("127.0.0.1", port), backlog=1024)
         listener.setblocking(False)
-        async def serve(conn):
-            try:
-                await proxy._serve(conn, P._address(conn.getpeername()), (LOCAL, 9))
-            except Exception:
-                pass
-            finally:
-                conn.close()
+        proxy._bound = listener
         async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.run)
             print("ready", flush=True)
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                while True:
-                    try:
-                        raw, _ = listener.accept()
-                    except BlockingIOError:
-                        break
-                    nursery.start_soon(serve, trio.socket.from_stdlib_socket(raw))
     trio.run(main)
     """
 )

@@ -289,9 +289,12 @@ class Proxy:
             if not self._per_client[client[0]]:
                 del self._per_client[client[0]]
 
-    async def _upstream(
+    def _dial(
         self, client: tuple[Address, int], original: tuple[Address, int], transparent: bool
-    ) -> trio.socket.SocketType:
+    ) -> tuple[socket.socket, bool]:
+        """Start the upstream connection: (the non-blocking socket, whether it is established
+        already); _Drop("upstream_refused") if it failed at once. No waiting: the trio path
+        and the engine both start here."""
         # The stdlib socket and numeric addresses: trio's bind and connect would resolve each
         # address through getaddrinfo (twice per connection) before the syscall.
         raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -305,14 +308,30 @@ class Proxy:
                 # when backend and jfe share the host.
                 raw.bind((str(client[0]), 0))
             code = raw.connect_ex((str(original[0]), original[1]))
-            if code == errno.EINPROGRESS and not _connected(raw):
+            if code == errno.EINPROGRESS:
+                return raw, _connected(raw)
+            if code:
+                raise OSError(code, os.strerror(code))
+        except OSError:
+            raw.close()
+            raise _Drop("upstream_refused") from None
+        return raw, True
+
+    async def _upstream(
+        self, client: tuple[Address, int], original: tuple[Address, int], transparent: bool
+    ) -> trio.socket.SocketType:
+        raw, connected = self._dial(client, original, transparent)
+        return await self._connected(raw, connected)
+
+    async def _connected(self, raw: socket.socket, connected: bool) -> trio.socket.SocketType:
+        """The upstream socket once its connect is through (connect_timeout_s at most)."""
+        try:
+            if not connected:
                 with trio.fail_after(self.settings.connect_timeout_s):
                     await trio.lowlevel.wait_writable(raw)
                 code = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            elif code == errno.EINPROGRESS:
-                code = 0
-            if code:
-                raise OSError(code, os.strerror(code))
+                if code:
+                    raise OSError(code, os.strerror(code))
         except trio.TooSlowError:
             raw.close()
             raise _Drop("upstream_timeout") from None
