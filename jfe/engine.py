@@ -1,0 +1,419 @@
+"""jfe's hot path below trio: one epoll loop that accepts and carries connections to their end.
+
+Why (issue #12): a new TLS connection through trio cost ~220 us of CPU more than the same work
+in a plain epoll loop (bench/jfe_ab.py ``--floor``): a task per connection, three or four trio
+waits (each a trip through the scheduler and an epoll_ctl in trio's epoll), cancel scopes for
+the deadlines. Here the listener and every connection the engine carries are registered in
+one epoll set of its own, and the engine is one trio task that waits on that set: one trio
+wait per batch of events, however many connections it carries.
+
+The engine carries the usual case from accept to close: a client that speaks first with a
+whole TLS ClientHello in its first read, a name whose context `CertificateSource.cached`
+has, a transparent port and a backend whose connect is through at once (a backend on this
+host: connect() completes in the call). The ClientHello is sniffed with `jfe.sniff`, the
+handshake and the relay run in `jfe.tlsio.TlsConnection` (`handshake_step`, `relay_step`:
+the same code the trio path awaits), and close_notify closes it.
+
+Everything else is handed over, as it stands, to a trio task of the proxy's nursery
+(`Proxy._resume` -> `Proxy._serve` from where the engine stopped): PROXY v2 ports, a connect
+still in progress, the backend first (banners), plaintext, a ClientHello in pieces, a name
+without a cached context (issuance, the SNI gate, the fallback), ACME's tls-alpn-01, and a
+close_notify the client's full socket does not take. Its limits are the trio path's: the
+budgets are taken at accept (`Proxy._admit`), and the deadlines (idle_timeout_s before the
+first bytes and while relaying, both directions quiet; handshake_timeout_s for the handshake)
+are enforced by one sweep task, at most 1/16 of the limit (and 1 s) late, with the same drop
+reasons. It must never block: every syscall here is non-blocking, and whatever would wait is
+an epoll registration or a trio task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+import trio
+
+from jfe.proxy import FIRST_READ_BYTES, _address, _decide, _Drop
+from jfe.sniff import HelloBuffer, NotTls
+from jfe.tlsio import DONE, FULL, MAX_UNYIELDED, WAITING, TlsClosed, TlsConnection
+
+if TYPE_CHECKING:
+    from jfe.proxy import Address, Proxy
+
+log = logging.getLogger(__name__)
+
+#: Connections accepted per listener event (the listener is level-triggered: the next batch
+#: accepts more), so a flood of connects never starves the connections already open.
+ACCEPT_BATCH = 16
+#: Events taken per wakeup: the engine yields to trio's other tasks between batches.
+MAX_EVENTS = 64
+#: After an accept error (EMFILE and friends) the listener rests this long: counted, never fatal.
+ACCEPT_PAUSE_S = 0.05
+#: The ALPN name of ACME's tls-alpn-01 validators (RFC 8737): such hellos go to trio's path.
+ACME_TLS_ALPN = "acme-tls/1"
+
+_IN, _OUT, _RDHUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP
+_FIRST, _HANDSHAKE, _RELAY = range(3)
+
+
+class _Conn:
+    """One connection the engine carries: its two sockets, its state and its deadline."""
+
+    __slots__ = (
+        "client",
+        "conn",
+        "deadline",
+        "engine",
+        "fd",
+        "last",
+        "original",
+        "seen",
+        "state",
+        "tls",
+        "ufd",
+        "up",
+        "want",
+        "want_up",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        conn: socket.socket,
+        up: socket.socket,
+        client: tuple[Address, int],
+        original: tuple[Address, int],
+    ) -> None:
+        self.engine = engine
+        self.conn, self.up = conn, up
+        self.fd, self.ufd = conn.fileno(), up.fileno()
+        self.client, self.original = client, original
+        self.state = _FIRST
+        self.tls: TlsConnection | None = None
+        self.deadline = engine.now + engine.proxy.settings.idle_timeout_s
+        self.last = engine.now
+        self.want = self.want_up = 0  # the epoll events registered for each socket
+        self.seen = -1  # the batch that last handled this connection
+
+    def count_up(self, n: int) -> None:
+        self.last = self.engine.now
+        self.engine.proxy._bytes_up += n
+
+    def count_down(self, n: int) -> None:
+        self.last = self.engine.now
+        self.engine.proxy._bytes_down += n
+
+    def half_close(self) -> None:  # the client's close_notify: the backend reads its EOF
+        with contextlib.suppress(OSError):
+            self.up.shutdown(socket.SHUT_WR)
+
+
+class Engine:
+    """The listener and the connections it carries, in one trio task (`run`)."""
+
+    def __init__(self, proxy: Proxy, listener: socket.socket, nursery: trio.Nursery) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        self.nursery = nursery
+        self.now = trio.current_time()
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, _Conn] = {}
+        self._conns: set[_Conn] = set()
+        self._runnable: list[_Conn] = []  # moved whole chunks: more without waiting
+        self._batch = 0
+        self.handed_over = 0
+
+    @property
+    def carried(self) -> int:
+        """Connections the engine carries now (not those handed to trio tasks)."""
+        return len(self._conns)
+
+    async def run(self) -> None:
+        listen_fd = self.listener.fileno()
+        self._epoll.register(listen_fd, _IN)
+        self.nursery.start_soon(self._sweep)
+        try:
+            while True:
+                if self._runnable:
+                    await trio.lowlevel.checkpoint()
+                    events = self._epoll.poll(0, MAX_EVENTS)
+                else:
+                    await trio.lowlevel.wait_readable(self._epoll)
+                    events = self._epoll.poll(0, MAX_EVENTS)
+                self.now = trio.current_time()
+                self._batch += 1
+                runnable, self._runnable = self._runnable, []
+                for busy in runnable:
+                    if busy in self._conns:
+                        busy.seen = self._batch
+                        self._relay(busy)
+                for fd, _ in events:
+                    if fd == listen_fd:
+                        self._accept()
+                        continue
+                    c = self._by_fd.get(fd)
+                    if c is None or c.seen == self._batch:
+                        continue  # closed meanwhile, or both of its sockets were ready
+                    c.seen = self._batch
+                    self._step(c)
+        finally:
+            for c in list(self._conns):
+                self._close(c)
+            trio.lowlevel.notify_closing(self._epoll)
+            self._epoll.close()
+
+    # -- accept -----------------------------------------------------------------------------
+    def _accept(self) -> None:
+        proxy = self.proxy
+        for _ in range(ACCEPT_BATCH):
+            try:
+                raw, peer = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # EMFILE and friends: count, breathe, go on (the listener must live).
+                name = errno.errorcode.get(exc.errno or 0, "error")
+                proxy._dropped[f"accept_{name}"] += 1
+                self._epoll.unregister(self.listener.fileno())
+                self.nursery.start_soon(self._resume_accepting)
+                return
+            try:
+                client = _address(peer)
+                original = _address(raw.getsockname())
+            except OSError:
+                raw.close()
+                proxy._dropped["gone_at_accept"] += 1
+                continue
+            if not proxy._admit(client, original):
+                raw.close()
+                continue
+            self._start(raw, client, original)
+
+    async def _resume_accepting(self) -> None:
+        await trio.sleep(ACCEPT_PAUSE_S)
+        with contextlib.suppress(ValueError, OSError):  # the listener closed meanwhile
+            self._epoll.register(self.listener.fileno(), _IN)
+
+    def _start(
+        self, raw: socket.socket, client: tuple[Address, int], original: tuple[Address, int]
+    ) -> None:
+        proxy = self.proxy
+        if proxy.settings.mode(original[1]) == "proxy_v2":
+            self._hand_over(raw, client, original)
+            return
+        try:
+            raw.setblocking(False)
+            up, established = proxy._dial(client, original, transparent=True)
+        except _Drop as drop:
+            self._closed_early(raw, client, original, drop.reason)
+            return
+        except OSError:
+            self._closed_early(raw, client, original, "reset")
+            return
+        if not established:
+            self._hand_over(raw, client, original, (up, False))
+            return
+        c = _Conn(self, raw, up, client, original)
+        self._conns.add(c)
+        self._by_fd[c.fd] = self._by_fd[c.ufd] = c
+        c.seen = self._batch
+        self._first(c)
+
+    # -- the states -------------------------------------------------------------------------
+    def _step(self, c: _Conn) -> None:
+        if c.state == _RELAY:
+            self._relay(c)
+        elif c.state == _HANDSHAKE:
+            self._handshake(c)
+        else:
+            self._first(c)
+
+    def _first(self, c: _Conn) -> None:
+        """`Proxy._first_speaker` without waiting: one read per side decides."""
+        got: dict[str, bytes] = {}
+        try:
+            for side, fd in (("client", c.fd), ("upstream", c.ufd)):
+                try:
+                    got[side] = os.read(fd, FIRST_READ_BYTES)
+                except BlockingIOError:
+                    pass
+        except OSError as exc:
+            self._fail(c, exc)
+            return
+        if not got:
+            self._want(c, _IN | _RDHUP, _IN | _RDHUP)
+            return
+        first, data, early = _decide(got)
+        context = None
+        if first == "client" and data:
+            buffered = HelloBuffer()
+            try:
+                hello = buffered.feed(data)
+            except NotTls:
+                hello = None
+            # A validator's hello (RFC 8737) goes to trio's path, which asks for the challenge:
+            # asking here too would count each challenge twice.
+            if hello is not None and ACME_TLS_ALPN not in hello.alpn:
+                context = self.proxy.certificates.cached(hello.server_name)
+        if context is None:
+            self._hand_over_carried(c, (first, data, early))
+            return
+        c.state = _HANDSHAKE
+        c.deadline = self.now + self.proxy.settings.handshake_timeout_s
+        c.tls = TlsConnection(c.fd, context, buffered.data)
+        self._handshake(c)
+
+    def _handshake(self, c: _Conn) -> None:
+        tls = c.tls
+        assert tls is not None
+        try:
+            done = tls.handshake_step()
+        except (TlsClosed, ssl.SSLError, OSError):
+            self._drop(c, "tls_handshake_failed")
+            return
+        if not done:
+            self._want(c, *tls.events())
+            return
+        self.proxy._port(c.original[1]).tls += 1
+        tls.start_relay(c.ufd, c.count_up, c.count_down, c.half_close)
+        c.state = _RELAY
+        c.last = self.now
+        self._relay(c)
+
+    def _relay(self, c: _Conn) -> None:
+        tls = c.tls
+        assert tls is not None
+        try:
+            for _ in range(MAX_UNYIELDED):
+                step = tls.relay_step()
+                if step == DONE:
+                    self._close_notify(c)
+                    return
+                if step == WAITING:
+                    self._want(c, *tls.events())
+                    return
+                if step == FULL:
+                    break
+        except Exception as exc:  # ssl.SSLError, OSError: the trio path's reasons
+            self._fail(c, exc)
+            return
+        self._runnable.append(c)  # a busy connection goes on after the others had a turn
+
+    def _close_notify(self, c: _Conn) -> None:
+        """The backend is done: close_notify, never waiting long for a client that does not
+        read (a full socket: the rest in a trio task, `TlsConnection.close_notify`)."""
+        tls = c.tls
+        assert tls is not None
+        if tls.close_notify_now():
+            self._close(c)
+            return
+        self._forget(c)
+        c.up.close()
+        self.nursery.start_soon(self._linger, c.conn, c.client[0], tls)
+
+    async def _linger(self, conn: socket.socket, client: Address, tls: TlsConnection) -> None:
+        try:
+            with contextlib.suppress(OSError):
+                await tls.close_notify(1.0)
+        finally:
+            trio.lowlevel.notify_closing(conn)
+            conn.close()
+            self.proxy._release(client)
+
+    # -- epoll, closing, hand-over ----------------------------------------------------------
+    def _want(self, c: _Conn, client_events: int, upstream_events: int) -> None:
+        """Register what the connection waits for (level-triggered; 0 = nothing)."""
+        epoll = self._epoll
+        if client_events != c.want:
+            if not c.want:
+                epoll.register(c.fd, client_events)
+            elif client_events:
+                epoll.modify(c.fd, client_events)
+            else:
+                epoll.unregister(c.fd)
+            c.want = client_events
+        if upstream_events != c.want_up:
+            if not c.want_up:
+                epoll.register(c.ufd, upstream_events)
+            elif upstream_events:
+                epoll.modify(c.ufd, upstream_events)
+            else:
+                epoll.unregister(c.ufd)
+            c.want_up = upstream_events
+
+    def _forget(self, c: _Conn) -> None:
+        """No longer the engine's: out of its maps and its epoll set (the sockets stay open)."""
+        self._want(c, 0, 0)
+        self._conns.discard(c)
+        if self._by_fd.get(c.fd) is c:
+            del self._by_fd[c.fd]
+        if self._by_fd.get(c.ufd) is c:
+            del self._by_fd[c.ufd]
+
+    def _close(self, c: _Conn) -> None:
+        # Closing a socket takes it out of the epoll set: no epoll_ctl for it.
+        c.want = c.want_up = 0
+        self._conns.discard(c)
+        if self._by_fd.get(c.fd) is c:
+            del self._by_fd[c.fd]
+        if self._by_fd.get(c.ufd) is c:
+            del self._by_fd[c.ufd]
+        c.up.close()
+        c.conn.close()
+        self.proxy._release(c.client[0])
+
+    def _drop(self, c: _Conn, reason: str) -> None:
+        self.proxy._drop(c.original[1], reason)
+        self._close(c)
+
+    def _fail(self, c: _Conn, exc: Exception) -> None:
+        self.proxy._failed(c.original[1], exc)
+        self._close(c)
+
+    def _closed_early(
+        self, raw: socket.socket, client: tuple[Address, int], original: tuple[Address, int],
+        reason: str,
+    ) -> None:  # fmt: skip
+        self.proxy._drop(original[1], reason)
+        raw.close()
+        self.proxy._release(client[0])
+
+    def _hand_over(
+        self,
+        raw: socket.socket,
+        client: tuple[Address, int],
+        original: tuple[Address, int],
+        dialed: tuple[socket.socket, bool] | None = None,
+        first: tuple[str, bytes, bytes] | None = None,
+    ) -> None:
+        self.handed_over += 1
+        self.nursery.start_soon(self.proxy._resume, raw, client, original, dialed, first)
+
+    def _hand_over_carried(self, c: _Conn, first: tuple[str, bytes, bytes]) -> None:
+        self._forget(c)
+        self._hand_over(c.conn, c.client, c.original, (c.up, True), first)
+
+    # -- deadlines --------------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        """Expire what waited too long (`_Conn.deadline`; idle relays by their last byte)."""
+        s = self.proxy.settings
+        period = max(0.01, min(1.0, s.idle_timeout_s / 16, s.handshake_timeout_s / 16))
+        while True:
+            await trio.sleep(period)
+            now = self.now = trio.current_time()
+            for c in list(self._conns):
+                if c.state == _RELAY:
+                    if c.last + s.idle_timeout_s <= now:
+                        self.proxy._drop(c.original[1], "idle")
+                        self._close_notify(c)
+                elif c.deadline <= now:
+                    self._drop(c, "idle" if c.state == _FIRST else "tls_timeout")
+
+
+__all__ = ["Engine"]
