@@ -71,6 +71,7 @@ class _Conn:
         "deadline",
         "engine",
         "fd",
+        "key",
         "last",
         "original",
         "seen",
@@ -87,10 +88,12 @@ class _Conn:
         engine: Engine,
         conn: socket.socket,
         up: socket.socket,
+        key: str,
         client: tuple[Address, int],
         original: tuple[Address, int],
     ) -> None:
         self.engine = engine
+        self.key = key  # the client's address as accept gave it (Proxy._admit)
         self.conn, self.up = conn, up
         self.fd, self.ufd = conn.fileno(), up.fileno()
         self.client, self.original = client, original
@@ -190,10 +193,10 @@ class Engine:
                 raw.close()
                 proxy._dropped["gone_at_accept"] += 1
                 continue
-            if not proxy._admit(client, original):
+            if not proxy._admit(peer[0], original):
                 raw.close()
                 continue
-            self._start(raw, client, original)
+            self._start(raw, peer[0], client, original)
 
     async def _resume_accepting(self) -> None:
         await trio.sleep(ACCEPT_PAUSE_S)
@@ -201,25 +204,29 @@ class Engine:
             self._epoll.register(self.listener.fileno(), _IN)
 
     def _start(
-        self, raw: socket.socket, client: tuple[Address, int], original: tuple[Address, int]
+        self,
+        raw: socket.socket,
+        key: str,
+        client: tuple[Address, int],
+        original: tuple[Address, int],
     ) -> None:
         proxy = self.proxy
         if proxy.settings.mode(original[1]) == "proxy_v2":
-            self._hand_over(raw, client, original)
+            self._hand_over(raw, key, client, original)
             return
         try:
             raw.setblocking(False)
             up, established = proxy._dial(client, original, transparent=True)
         except _Drop as drop:
-            self._closed_early(raw, client, original, drop.reason)
+            self._closed_early(raw, key, original, drop.reason)
             return
         except OSError:
-            self._closed_early(raw, client, original, "reset")
+            self._closed_early(raw, key, original, "reset")
             return
         if not established:
-            self._hand_over(raw, client, original, (up, False))
+            self._hand_over(raw, key, client, original, (up, False))
             return
-        c = _Conn(self, raw, up, client, original)
+        c = _Conn(self, raw, up, key, client, original)
         self._conns.add(c)
         self._by_fd[c.fd] = self._by_fd[c.ufd] = c
         c.seen = self._batch
@@ -315,16 +322,16 @@ class Engine:
             return
         self._forget(c)
         c.up.close()
-        self.nursery.start_soon(self._linger, c.conn, c.client[0], tls)
+        self.nursery.start_soon(self._linger, c.conn, c.key, tls)
 
-    async def _linger(self, conn: socket.socket, client: Address, tls: TlsConnection) -> None:
+    async def _linger(self, conn: socket.socket, key: str, tls: TlsConnection) -> None:
         try:
             with contextlib.suppress(OSError):
                 await tls.close_notify(1.0)
         finally:
             trio.lowlevel.notify_closing(conn)
             conn.close()
-            self.proxy._release(client)
+            self.proxy._release(key)
 
     # -- epoll, closing, hand-over ----------------------------------------------------------
     def _want(self, c: _Conn, client_events: int, upstream_events: int) -> None:
@@ -366,7 +373,7 @@ class Engine:
             del self._by_fd[c.ufd]
         c.up.close()
         c.conn.close()
-        self.proxy._release(c.client[0])
+        self.proxy._release(c.key)
 
     def _drop(self, c: _Conn, reason: str) -> None:
         self.proxy._drop(c.original[1], reason)
@@ -377,27 +384,27 @@ class Engine:
         self._close(c)
 
     def _closed_early(
-        self, raw: socket.socket, client: tuple[Address, int], original: tuple[Address, int],
-        reason: str,
-    ) -> None:  # fmt: skip
+        self, raw: socket.socket, key: str, original: tuple[Address, int], reason: str
+    ) -> None:
         self.proxy._drop(original[1], reason)
         raw.close()
-        self.proxy._release(client[0])
+        self.proxy._release(key)
 
     def _hand_over(
         self,
         raw: socket.socket,
+        key: str,
         client: tuple[Address, int],
         original: tuple[Address, int],
         dialed: tuple[socket.socket, bool] | None = None,
         first: tuple[str, bytes, bytes] | None = None,
     ) -> None:
         self.handed_over += 1
-        self.nursery.start_soon(self.proxy._resume, raw, client, original, dialed, first)
+        self.nursery.start_soon(self.proxy._resume, raw, key, client, original, dialed, first)
 
     def _hand_over_carried(self, c: _Conn, first: tuple[str, bytes, bytes]) -> None:
         self._forget(c)
-        self._hand_over(c.conn, c.client, c.original, (c.up, True), first)
+        self._hand_over(c.conn, c.key, c.client, c.original, (c.up, True), first)
 
     # -- deadlines --------------------------------------------------------------------------
     async def _sweep(self) -> None:

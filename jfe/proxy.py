@@ -138,7 +138,10 @@ class Proxy:
         self.settings = settings
         self.certificates = certificates
         self._open = 0
-        self._per_client: Counter[Address] = Counter()
+        #: Open connections per client address, keyed by its text as accept returned it: an
+        #: ip_address hashes in Python (~2 us), and each connection took and gave back its slot
+        #: with ~8 hashes.
+        self._per_client: dict[str, int] = {}
         self._ports: dict[int, PortCounters] = {}
         self._dropped: Counter[str] = Counter()
         self._bytes_up = 0
@@ -231,9 +234,10 @@ class Proxy:
                 self._engine = Engine(self, listener, nursery)
                 await self._engine.run()
 
-    def _admit(self, client: tuple[Address, int], original: tuple[Address, int]) -> bool:
-        """Count an accepted connection and apply the budgets: False if it must be closed
-        (counted), True if it was admitted (then `_release` once it is closed)."""
+    def _admit(self, key: str, original: tuple[Address, int]) -> bool:
+        """Count an accepted connection from the client whose address text is ``key`` and
+        apply the budgets: False if it must be closed (counted), True if it was admitted
+        (then `_release` once it is closed)."""
         s = self.settings
         port = original[1]
         self._port(port).accepted += 1
@@ -248,18 +252,21 @@ class Proxy:
         if self._open >= s.max_connections:
             self._drop(port, "budget_total")
             return False
-        if self._per_client[client[0]] >= s.max_connections_per_client:
+        held = self._per_client.get(key, 0)
+        if held >= s.max_connections_per_client:
             self._drop(port, "budget_client")
             return False
         self._open += 1
-        self._per_client[client[0]] += 1
+        self._per_client[key] = held + 1
         return True
 
-    def _release(self, client: Address) -> None:
+    def _release(self, key: str) -> None:
         self._open -= 1
-        self._per_client[client] -= 1
-        if not self._per_client[client]:
-            del self._per_client[client]
+        held = self._per_client[key] - 1
+        if held:
+            self._per_client[key] = held
+        else:
+            del self._per_client[key]
 
     def _failed(self, port: int, exc: Exception) -> None:
         # One connection's failure is counted and dropped, never the listener's. Errors
@@ -272,13 +279,14 @@ class Proxy:
     async def _resume(
         self,
         raw: socket.socket,
+        key: str,
         client: tuple[Address, int],
         original: tuple[Address, int],
         dialed: tuple[socket.socket, bool] | None = None,
         first: tuple[str, bytes, bytes] | None = None,
     ) -> None:
-        """An admitted connection the engine hands over, served in this task from where the
-        engine stopped (see `_serve`); closed and released here."""
+        """An admitted connection (``key`` as in `_admit`) the engine hands over, served in
+        this task from where the engine stopped (see `_serve`); closed and released here."""
         conn = trio.socket.from_stdlib_socket(raw)
         try:
             await self._serve(conn, client, original, dialed, first)
@@ -286,7 +294,7 @@ class Proxy:
             self._failed(original[1], exc)
         finally:
             conn.close()
-            self._release(client[0])
+            self._release(key)
 
     def _dial(
         self, client: tuple[Address, int], original: tuple[Address, int], transparent: bool

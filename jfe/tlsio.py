@@ -92,6 +92,10 @@ async def receive_into(fd: int, view: memoryview) -> int:
 #: run dry: a connection that drained them yields in its wait).
 MAX_UNYIELDED = 4
 
+#: SSLObject.read with a buffer returns a count (typeshed says bytes either way); named once
+#: here: ``Callable[...]`` subscripted in the relay built a new alias object on every call.
+_ReadInto = Callable[[int, memoryview], int]
+
 #: `TlsConnection.relay_step`'s answers.
 WAITING, PROGRESSED, FULL, DONE = range(4)
 
@@ -212,7 +216,7 @@ class TlsConnection:
         sent to the client), `FULL` (moved a whole chunk: more is likely there), `PROGRESSED`
         or `WAITING` (nothing moved: wait for `events`). See `relay`."""
         # With a buffer, read returns a count (typeshed says bytes either way).
-        read = cast(Callable[[int, memoryview], int], self._tls.read)
+        read = cast(_ReadInto, self._tls.read)
         fd, upstream, plain, received = self._fd, self._upstream, self._plain, self._received
         progressed = full = False
         # client -> backend
