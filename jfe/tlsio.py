@@ -115,6 +115,8 @@ class TlsConnection:
         self._rest: memoryview | bytes = b""  # records the client's socket has not taken yet
         self._needs_client = False  # the client's direction waits for client bytes
         self._upstream = -1  # the backend's socket once the relay starts
+        # Sides known to have nothing to read until the next wakeup (see `woke`).
+        self._client_dry = self._up_dry = False
 
     def selected_alpn_protocol(self) -> str | None:
         return self._tls.selected_alpn_protocol()
@@ -178,7 +180,14 @@ class TlsConnection:
             try:
                 self._tls.do_handshake()
             except ssl.SSLWantReadError:
+                flight = self._outgoing.pending
                 self._write_now()
+                if flight:
+                    # The client answers what was just sent: it cannot have yet, so wait for
+                    # it rather than read (the read would say EAGAIN: a syscall and an
+                    # exception per handshake).
+                    self._needs_client = True
+                    return False
                 try:
                     n = _read_into(self._fd, self._received[:HANDSHAKE_READ_BYTES])
                 except OSError:
@@ -211,10 +220,18 @@ class TlsConnection:
         self._client_eof = False  # close_notify seen; client_done once up_rest is gone
         self._backend_eof = False
 
+    def woke(self, client: bool = True, upstream: bool = True) -> None:
+        """A new wakeup: which sides may have bytes to read. In one wakeup a side that said
+        EAGAIN (or, the client, gave a short read) is not read again: with level-triggered
+        epoll, bytes that arrive meanwhile wake the connection again, so a second read could
+        only say EAGAIN once more (a syscall and an exception, ~3 us). The engine also says
+        which of the sockets registered for reading epoll did not report (no bytes then)."""
+        self._client_dry, self._up_dry = not client, not upstream
+
     def relay_step(self) -> int:
         """One pass of both directions, never waiting: `DONE` (the backend's EOF, all of it
         sent to the client), `FULL` (moved a whole chunk: more is likely there), `PROGRESSED`
-        or `WAITING` (nothing moved: wait for `events`). See `relay`."""
+        or `WAITING` (nothing moved: wait for `events`). See `relay` and `woke`."""
         # With a buffer, read returns a count (typeshed says bytes either way).
         read = cast(_ReadInto, self._tls.read)
         fd, upstream, plain, received = self._fd, self._upstream, self._plain, self._received
@@ -249,26 +266,31 @@ class TlsConnection:
             if n == 0:
                 self._client_eof, progressed = True, True
             elif n < 0 and not self._up_rest:
-                r = _read_into(fd, received)
+                r = None if self._client_dry else _read_into(fd, received)
                 if r is None:
-                    self._needs_client = True
+                    self._needs_client = self._client_dry = True
                 elif r == 0:
                     self._incoming.write_eof()  # the next read ends or raises
                     progressed = True
                 else:
                     self._incoming.write(received[:r])
                     progressed = True
-                    full = full or r == CHUNK_BYTES
+                    if r == CHUNK_BYTES:
+                        full = True
+                    else:  # drained (a client's EOF after its last bytes is rare)
+                        self._client_dry = True
         # backend -> client (and records the client's direction made: KeyUpdate)
         if self._rest or self._outgoing.pending:
             before = len(self._rest)
             self._write_now()
             progressed = progressed or len(self._rest) < before
         if not self._rest and not self._backend_eof:
-            r = _read_into(upstream, received)
-            if r == 0:
+            r = None if self._up_dry else _read_into(upstream, received)
+            if r is None:
+                self._up_dry = True
+            elif r == 0:
                 self._backend_eof = progressed = True
-            elif r is not None:
+            else:
                 self._count_down(r)
                 view = received[:r]
                 while view:  # a memory BIO takes everything: one pass in practice
@@ -314,6 +336,7 @@ class TlsConnection:
         or cut short, OSError if a socket breaks.
         """
         self.start_relay(upstream, count_up, count_down, client_done)
+        self.woke()
         fd = self._fd
         unyielded = 0
         either = select.epoll(2)
@@ -330,6 +353,7 @@ class TlsConnection:
                     if step == FULL or unyielded >= MAX_UNYIELDED:
                         unyielded = 0
                         await trio.lowlevel.checkpoint()
+                        self.woke()
                     continue
                 for sock, events in zip((fd, upstream), self.events(), strict=True):
                     if events != wanted[sock]:
@@ -342,6 +366,7 @@ class TlsConnection:
                         wanted[sock] = events
                 unyielded = 0
                 await trio.lowlevel.wait_readable(either)
+                self.woke()
         finally:
             trio.lowlevel.notify_closing(either)
             either.close()

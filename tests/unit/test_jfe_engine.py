@@ -15,6 +15,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 
 from jfe.config import JfeSettings
@@ -25,6 +26,14 @@ from tests.support.jfe_certs import TestCA, TestCertificateSource
 
 NAME = "engine.example"
 Handler = Callable[[trio.socket.SocketType], Awaitable[None]]
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["blocking", "trio-waits"])
+def blocking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test twice: the engine blocking in its own epoll while trio is idle (the
+    default), and waiting through trio (its fallback when trio's internals are not there)."""
+    monkeypatch.setattr(Engine, "block_when_idle", request.param)
+    return bool(request.param)
 
 
 class _Diverted(Proxy):
@@ -148,6 +157,13 @@ async def test_many_new_connections_are_carried_below_trio_byte_exact() -> None:
     assert answers == {i: b"HTTP/1.0 200 OK\r\n\r\nGET /%d HTTP/1.0" % i for i in range(40)}
     assert (stats.accepted, stats.handshakes, stats.dropped) == (40, 40, {})
     assert engine_of(proxy).handed_over == 0
+
+
+async def test_the_engine_blocks_in_its_own_epoll_with_this_trio(blocking: bool) -> None:
+    """The blocking wait reads trio internals (`jfe.engine._TrioRun`): a trio upgrade that
+    moves them falls back to trio waits silently; this says so loudly."""
+    async with _running(_answer, TestCA()) as (proxy, _):
+        assert engine_of(proxy).blocking == blocking
 
 
 def engine_of(proxy: Proxy) -> Engine:
