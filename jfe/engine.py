@@ -131,9 +131,11 @@ class _TrioRun:
     pass, the epoll_ctl that re-arms its one-shot registration, a second epoll_wait), and
     the bench's client opens one connection at a time: ~4 wakeups per connection, one event
     each. So while trio has nothing to run (no runnable task, no wait_all_tasks_blocked) the
-    engine blocks in its own epoll instead, until trio's next deadline at most, with trio's
-    epoll descriptor registered in it: anything trio waits for (sockets, its wakeup socket
-    for threads and signals) wakes the engine, which then yields to trio at once.
+    engine blocks in an epoll of its own that holds both the engine's epoll and trio's,
+    until trio's next deadline at most: anything trio waits for (sockets, its wakeup socket
+    for threads and signals) wakes the engine, which then yields to trio at once. (Trio's
+    epoll never leaves the engine's own set: trio keeps the engine's epoll registered in its
+    own once it has waited on it, and epoll refuses loops.)
 
     This reads trio internals (the runner's run queue, deadlines and epoll; trio 0.35): if
     any is missing, or the clock is not trio's SystemClock (MockClock's autojump), `current`
@@ -162,13 +164,16 @@ class _TrioRun:
             return None
         return cls(runner, epoll.fileno())
 
-    def idle_for(self) -> float:
-        """How long the engine may block now: 0 when trio has work to do: a task in its run
-        queue, or one still to run in the batch the engine runs in (trio takes each batch
-        out of the queue; a task is scheduled while its ``_next_send_fn`` is set), or more
-        tasks than are worth looking at."""
+    def idle_for(self) -> float | None:
+        """How long the engine may block now: 0 when trio has work to do (a task in its run
+        queue, or one still to run in the batch the engine runs in: trio takes each batch
+        out of the queue, and a task is scheduled while its ``_next_send_fn`` is set); None
+        when the engine must wait through trio (a wait_all_tasks_blocked waits for it to
+        block there; more tasks than are worth looking at before each wait)."""
         runner = self._runner
-        if runner.runq or runner.waiting_for_idle or len(runner.tasks) > MAX_TASKS_SCANNED:
+        if runner.waiting_for_idle or len(runner.tasks) > MAX_TASKS_SCANNED:
+            return None
+        if runner.runq:
             return 0.0
         for task in runner.tasks:
             if task._next_send_fn is not None:
@@ -208,28 +213,32 @@ class Engine:
         self.nursery.start_soon(self._sweep)
         trio_run = _TrioRun.current() if self.block_when_idle else None
         trio_fd = -1
+        block = select.epoll(2)  # the engine's epoll and trio's (see _TrioRun)
         if trio_run is not None:
-            # Trio's epoll in the engine's: then trio must never wait on the engine's (an
-            # epoll loop, ELOOP): the engine yields to trio with checkpoints only.
             trio_fd = trio_run.fd
-            self._epoll.register(trio_fd, _IN)
+            block.register(trio_fd, _IN)
+            block.register(self._epoll.fileno(), _IN)
         self.blocking = trio_run is not None
         trio_ready = False
         try:
             while True:
-                if trio_run is None:
+                wait = None if trio_run is None else 0.0
+                if trio_run is not None and not self._runnable and not trio_ready:
+                    wait = trio_run.idle_for()
+                if wait is None:
                     if self._runnable:
                         await trio.lowlevel.checkpoint()
                     else:
                         await trio.lowlevel.wait_readable(self._epoll)
-                    events = self._epoll.poll(0, MAX_EVENTS)
+                    trio_ready = False
+                elif not wait:
+                    await trio.lowlevel.checkpoint()
+                    trio_ready = False
                 else:
-                    wait = 0.0 if self._runnable or trio_ready else trio_run.idle_for()
-                    if not wait:
-                        await trio.lowlevel.checkpoint()
-                    events = self._epoll.poll(wait, MAX_EVENTS)
+                    woke = block.poll(wait, 2)
                     # Nothing (trio's deadline is due) or trio's epoll ready: trio's turn next.
-                    trio_ready = not events and wait > 0
+                    trio_ready = not woke or any(fd == trio_fd for fd, _ in woke)
+                events = self._epoll.poll(0, MAX_EVENTS)
                 self.now = trio.current_time()
                 self._batch += 1
                 self._ready = dict(events)
@@ -242,9 +251,6 @@ class Engine:
                     if fd == listen_fd:
                         self._accept()
                         continue
-                    if fd == trio_fd:
-                        trio_ready = True
-                        continue
                     c = self._by_fd.get(fd)
                     if c is None or c.seen == self._batch:
                         continue  # closed meanwhile, or both of its sockets were ready
@@ -253,6 +259,7 @@ class Engine:
         finally:
             for c in list(self._conns):
                 self._close(c)
+            block.close()
             trio.lowlevel.notify_closing(self._epoll)
             self._epoll.close()
 

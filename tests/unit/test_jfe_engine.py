@@ -12,14 +12,16 @@ from __future__ import annotations
 import random
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from jfe.config import JfeSettings
-from jfe.engine import Engine
+from jfe.engine import MAX_TASKS_SCANNED, Engine
 from jfe.proxy import Address, Proxy
 from jfe.tlsio import CHUNK_BYTES
 from tests.support.jfe_certs import TestCA, TestCertificateSource
@@ -332,3 +334,26 @@ async def test_a_refused_certificate_is_a_failed_handshake_in_the_engine() -> No
         stats = proxy.statistics()
     assert stats.dropped == {"tls_handshake_failed": 1}
     assert stats.handshakes == 0
+
+
+async def test_an_idle_engine_spends_no_cpu_and_lets_trio_see_it_blocked() -> None:
+    """Idle, the engine blocks (in its epoll or through trio, also with more trio tasks than
+    it looks at before blocking): no CPU while nothing happens, and wait_all_tasks_blocked
+    (which needs every task blocked in trio) returns; it serves a connection after either."""
+    ca = TestCA()
+    async with _running(_answer, ca) as (proxy, port):
+        for extra in (0, MAX_TASKS_SCANNED + 1):
+            async with trio.open_nursery() as sleepers:
+                for _ in range(extra):
+                    sleepers.start_soon(trio.sleep_forever)
+                with trio.fail_after(5):
+                    await trio.testing.wait_all_tasks_blocked()
+                before = time.process_time()
+                await trio.sleep(0.3)
+                assert time.process_time() - before < 0.1, f"{extra} extra tasks"
+                with trio.fail_after(5):
+                    tls = await _tls_client(port, ca)
+                    await tls.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                    assert await _until_eof(tls) == b"HTTP/1.0 200 OK\r\n\r\nGET / HTTP/1.0"
+                sleepers.cancel_scope.cancel()
+        await _drained(proxy)
