@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from jfe.proxy import FIRST_READ_BYTES, _address, _decide, _Drop
-from jfe.sniff import HelloBuffer, NotTls
+from jfe.sniff import NotTls, parse_client_hello
 from jfe.tlsio import DONE, FULL, MAX_UNYIELDED, WAITING, TlsClosed, TlsConnection
 
 if TYPE_CHECKING:
@@ -354,9 +354,10 @@ class Engine:
         first, data, early = _decide(got)
         context = None
         if first == "client" and data:
-            buffered = HelloBuffer()
+            # One read: parse_client_hello itself (HelloBuffer's verdicts are its verdicts on
+            # the bytes so far; its bookkeeping is for hellos that come in pieces, in trio).
             try:
-                hello = buffered.feed(data)
+                hello = parse_client_hello(data)
             except NotTls:
                 hello = None
             # A validator's hello (RFC 8737) goes to trio's path, which asks for the challenge:
@@ -368,7 +369,7 @@ class Engine:
             return
         c.state = _HANDSHAKE
         c.deadline = self.now + self.proxy.settings.handshake_timeout_s
-        c.tls = TlsConnection(c.fd, context, buffered.data)
+        c.tls = TlsConnection(c.fd, context, data)
         self._handshake(c)
 
     def _handshake(self, c: _Conn) -> None:
