@@ -237,7 +237,7 @@ class Engine:
                 else:
                     woke = block.poll(wait, 2)
                     # Nothing (trio's deadline is due) or trio's epoll ready: trio's turn next.
-                    trio_ready = not woke or any(fd == trio_fd for fd, _ in woke)
+                    trio_ready = not woke or woke[0][0] == trio_fd or len(woke) > 1
                 events = self._epoll.poll(0, MAX_EVENTS)
                 self.now = trio.current_time()
                 self._batch += 1
