@@ -337,10 +337,14 @@ class Engine:
             self._first(c)
 
     def _first(self, c: _Conn) -> None:
-        """`Proxy._first_speaker` without waiting: one read per side decides."""
+        """`Proxy._first_speaker` without waiting: one read per side decides (of the sides
+        registered, only those epoll reported: the others would say EAGAIN)."""
         got: dict[str, bytes] = {}
+        ready = self._ready if c.want else None
         try:
             for side, fd in (("client", c.fd), ("upstream", c.ufd)):
+                if ready is not None and fd not in ready:
+                    continue
                 try:
                     got[side] = os.read(fd, FIRST_READ_BYTES)
                 except BlockingIOError:
