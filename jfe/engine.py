@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import select
 import socket
@@ -61,6 +62,9 @@ ACME_TLS_ALPN = "acme-tls/1"
 #: The longest the engine blocks in its own epoll while trio is idle (it wakes sooner for
 #: trio's next deadline and for anything in trio's own epoll).
 MAX_BLOCK_S = 1.0
+#: After its last event of its own, the engine keeps blocking in its epoll this long (new
+#: connections come in bursts), then waits through trio (see `Engine.run`).
+BUSY_S = 0.1
 #: Trio runs with more tasks than this (connections handed to trio) wait through trio: the
 #: engine would look at every task before each wait (`_TrioRun.idle_for`).
 MAX_TASKS_SCANNED = 64
@@ -220,11 +224,17 @@ class Engine:
             block.register(self._epoll.fileno(), _IN)
         self.blocking = trio_run is not None
         trio_ready = False
+        busy_until = -math.inf  # the engine's own events keep it blocking until then
         try:
             while True:
                 wait = None if trio_run is None else 0.0
                 if trio_run is not None and not self._runnable and not trio_ready:
-                    wait = trio_run.idle_for()
+                    # Quiet (no connection of its own, no event of its own for a while), the
+                    # engine waits through trio: its blocking wait would only put itself
+                    # between trio and trio's own wakeups (pass-through copies: ~20 us more
+                    # latency each, less throughput).
+                    quiet = not self._conns and self.now >= busy_until
+                    wait = None if quiet else trio_run.idle_for()
                 if wait is None:
                     if self._runnable:
                         await trio.lowlevel.checkpoint()
@@ -240,6 +250,8 @@ class Engine:
                     trio_ready = not woke or woke[0][0] == trio_fd or len(woke) > 1
                 events = self._epoll.poll(0, MAX_EVENTS)
                 self.now = trio.current_time()
+                if events:
+                    busy_until = self.now + BUSY_S
                 self._batch += 1
                 self._ready = dict(events)
                 runnable, self._runnable = self._runnable, []
