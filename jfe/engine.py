@@ -5,7 +5,8 @@ in a plain epoll loop (bench/jfe_ab.py ``--floor``): a task per connection, thre
 waits (each a trip through the scheduler and an epoll_ctl in trio's epoll), cancel scopes for
 the deadlines. Here the listener and every connection the engine carries are registered in
 one epoll set of its own, and the engine is one trio task that waits on that set: one trio
-wait per batch of events, however many connections it carries.
+wait per batch of events, however many connections it carries, and none at all while the
+engine is busy and trio has nothing to run (it blocks in its own epoll then: `_TrioRun`).
 
 The engine carries the usual case from accept to close: a client that speaks first with a
 whole TLS ClientHello in its first read, a name whose context `CertificateSource.cached`
@@ -204,12 +205,7 @@ class Engine:
         self._batch = 0
         self.blocking = False  # whether run blocks in its epoll while trio is idle
         self._ready: dict[int, int] = {}  # this batch's events by descriptor
-        self.handed_over = 0
-
-    @property
-    def carried(self) -> int:
-        """Connections the engine carries now (not those handed to trio tasks)."""
-        return len(self._conns)
+        self.handed_over = 0  # connections handed to trio tasks (tests read it)
 
     async def run(self) -> None:
         listen_fd = self.listener.fileno()
