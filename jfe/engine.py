@@ -432,6 +432,7 @@ class Engine:
             return
         self._forget(c)
         c.up.close()
+        c.tls = None  # as in _close
         self.nursery.start_soon(self._linger, c.conn, c.key, tls)
 
     async def _linger(self, conn: socket.socket, key: str, tls: TlsConnection) -> None:
@@ -483,6 +484,9 @@ class Engine:
             del self._by_fd[c.ufd]
         c.up.close()
         c.conn.close()
+        # The relay holds the connection's bound methods: without this the pair is a cycle,
+        # and its SSLObject and BIOs wait for the garbage collector.
+        c.tls = None
         self.proxy._release(c.key)
 
     def _drop(self, c: _Conn, reason: str) -> None:

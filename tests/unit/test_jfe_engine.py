@@ -9,6 +9,7 @@ limit; what it hands to trio (plaintext, banners, a name to issue) must come out
 
 from __future__ import annotations
 
+import gc
 import random
 import socket
 import ssl
@@ -23,7 +24,7 @@ import trio.testing
 from jfe.config import JfeSettings
 from jfe.engine import MAX_TASKS_SCANNED, Engine
 from jfe.proxy import Address, Proxy
-from jfe.tlsio import CHUNK_BYTES
+from jfe.tlsio import CHUNK_BYTES, TlsConnection
 from tests.support.jfe_certs import TestCA, TestCertificateSource
 
 NAME = "engine.example"
@@ -413,3 +414,25 @@ async def test_a_client_hello_in_pieces_is_handed_to_trio_and_served() -> None:
     assert answer == b"HTTP/1.0 200 OK\r\n\r\nGET /pieces HTTP/1.0"
     assert (stats.handshakes, stats.dropped) == (1, {})
     assert engine_of(proxy).handed_over == 1
+
+
+async def test_a_closed_connection_is_freed_without_the_garbage_collector() -> None:
+    """A connection's SSLObject, BIOs and buffers go when it closes, by reference counts:
+    left in a cycle, every connection's would wait for the cyclic collector."""
+    ca = TestCA()
+    async with _running(_answer, ca) as (proxy, port):
+        gc.collect()
+        gc.disable()
+        try:
+            with trio.fail_after(10):
+                for _ in range(10):
+                    tls = await _tls_client(port, ca)
+                    await tls.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                    await _until_eof(tls)
+                    await tls.aclose()
+            await _drained(proxy)
+            alive = sum(isinstance(o, TlsConnection) for o in gc.get_objects())
+        finally:
+            gc.enable()
+    assert alive == 0
+    assert engine_of(proxy).handed_over == 0
