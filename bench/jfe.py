@@ -279,12 +279,17 @@ def main() -> int:
         help="count each proxy's system calls (strace -c) during the connection workloads "
         "(its CPU figures are then not comparable: not with --perf)",
     )  # fmt: skip
+    parser.add_argument(
+        "--netns-prefix", default="jfb",
+        help="name the bench's namespaces PREFIX-<pid>-<random> (stale ones of PREFIX are "
+        "swept first)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.perf is not None and args.strace is not None:
         parser.error("--perf and --strace: one at a time (ptrace stops fill perf's profile)")
     profile = _Profile(args.profile)
     netns.require("ip", "nft", "haproxy", "openssl")
-    netns.sweep_stale("jfb")
+    netns.sweep_stale(args.netns_prefix)
     workdir = Path(tempfile.mkdtemp(prefix="jfe-bench-"))
     ca = TestCA()
     chain, key = ca.leaf(NAME)
@@ -318,8 +323,8 @@ def main() -> int:
     load = os.getloadavg()
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)  # last out: after the namespaces
-        host = stack.enter_context(netns.namespace(workdir, prefix="jfb"))
-        client = stack.enter_context(netns.namespace(workdir, prefix="jfb"))
+        host = stack.enter_context(netns.namespace(workdir, prefix=args.netns_prefix))
+        client = stack.enter_context(netns.namespace(workdir, prefix=args.netns_prefix))
         link = netns.veth(client, host, [f"{CLIENT}/24"], [f"{HOST}/24"])
         # netns.veth turns offloads off for exact captures; a throughput bench wants them on.
         for ns, dev in ((client, link.a_dev), (host, link.b_dev)):

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -52,6 +52,9 @@ from jfe.sniff import (
     looks_like_tls,
 )
 from jfe.tlsio import TlsClosed, TlsConnection
+
+if TYPE_CHECKING:
+    from jfe.engine import Engine
 from overflowd.errors import ProxyError
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,6 @@ PIPE_BYTES = 1024 * 1024
 F_SETPIPE_SZ = 1031
 #: Accept backlog: the kernel holds at most this many not-yet-accepted connections.
 BACKLOG = 1024
-#: Connections accepted per wakeup before the listener yields to the connections' tasks.
-ACCEPT_BATCH = 16
 #: The first read from either side; a ClientHello larger than one read is reassembled.
 FIRST_READ_BYTES = 16 * 1024
 
@@ -137,7 +138,10 @@ class Proxy:
         self.settings = settings
         self.certificates = certificates
         self._open = 0
-        self._per_client: Counter[Address] = Counter()
+        #: Open connections per client address, keyed by its text as accept returned it: an
+        #: ip_address hashes in Python (~2 us), and each connection took and gave back its slot
+        #: with ~8 hashes.
+        self._per_client: dict[str, int] = {}
         self._ports: dict[int, PortCounters] = {}
         self._dropped: Counter[str] = Counter()
         self._bytes_up = 0
@@ -145,6 +149,7 @@ class Proxy:
         self._challenges = 0
         self._cpu_start = time.process_time()
         self._bound: socket.socket | None = None
+        self._engine: Engine | None = None  # while run runs
 
     # -- statistics -------------------------------------------------------------------------
     def statistics(self) -> ProxyStatistics:
@@ -222,36 +227,18 @@ class Proxy:
         with listener:
             task_status.started(listener.getsockname())
             async with trio.open_nursery() as nursery:
-                # Every connection the kernel has queued per wakeup (the stdlib accept: trio's
-                # costs two checkpoints each), with a yield every ACCEPT_BATCH.
-                accepted = 0
-                while True:
-                    try:
-                        raw, _ = listener.accept()
-                    except BlockingIOError:
-                        accepted = 0
-                        await trio.lowlevel.wait_readable(listener)
-                        continue
-                    except OSError as exc:
-                        # EMFILE and friends: count, breathe, go on (the listener must live).
-                        self._dropped[f"accept_{errno.errorcode.get(exc.errno or 0, 'error')}"] += 1
-                        await trio.sleep(0.05)
-                        continue
-                    nursery.start_soon(self._connection, trio.socket.from_stdlib_socket(raw))
-                    accepted += 1
-                    if accepted >= ACCEPT_BATCH:
-                        accepted = 0
-                        await trio.lowlevel.checkpoint()
+                # Accepts and every connection it can carry below trio (jfe.engine); the
+                # others go on in a task of this nursery (`_resume`).
+                from jfe.engine import Engine  # it builds on this module
 
-    async def _connection(self, conn: trio.socket.SocketType) -> None:
+                self._engine = Engine(self, listener, nursery)
+                await self._engine.run()
+
+    def _admit(self, key: str, original: tuple[Address, int]) -> bool:
+        """Count an accepted connection from the client whose address text is ``key`` and
+        apply the budgets: False if it must be closed (counted), True if it was admitted
+        (then `_release` once it is closed)."""
         s = self.settings
-        try:
-            client = _address(conn.getpeername())
-            original = _address(conn.getsockname())
-        except OSError:
-            conn.close()
-            self._dropped["gone_at_accept"] += 1
-            return
         port = original[1]
         self._port(port).accepted += 1
         if port == s.listen_port:
@@ -260,38 +247,61 @@ class Proxy:
             # port on every local address, and TPROXY never diverts it (config keeps
             # listen_port out of ports), so comparing addresses let such a connection dial
             # the listener again and again until the per-client budget stopped the loop.
-            conn.close()
             self._drop(port, "not_diverted")
-            return
+            return False
         if self._open >= s.max_connections:
-            conn.close()
             self._drop(port, "budget_total")
-            return
-        if self._per_client[client[0]] >= s.max_connections_per_client:
-            conn.close()
+            return False
+        held = self._per_client.get(key, 0)
+        if held >= s.max_connections_per_client:
             self._drop(port, "budget_client")
-            return
+            return False
         self._open += 1
-        self._per_client[client[0]] += 1
+        self._per_client[key] = held + 1
+        return True
+
+    def _release(self, key: str) -> None:
+        self._open -= 1
+        held = self._per_client[key] - 1
+        if held:
+            self._per_client[key] = held
+        else:
+            del self._per_client[key]
+
+    def _failed(self, port: int, exc: Exception) -> None:
+        # One connection's failure is counted and dropped, never the listener's. Errors
+        # from the copy tasks arrive wrapped in ExceptionGroups (trio's nurseries).
+        reason = _reason(exc)
+        if reason == "internal_error":
+            log.exception("jfe connection failed unexpectedly port=%d", port, exc_info=exc)
+        self._drop(port, reason)
+
+    async def _resume(
+        self,
+        raw: socket.socket,
+        key: str,
+        client: tuple[Address, int],
+        original: tuple[Address, int],
+        dialed: tuple[socket.socket, bool] | None = None,
+        first: tuple[str, bytes, bytes] | None = None,
+    ) -> None:
+        """An admitted connection (``key`` as in `_admit`) the engine hands over, served in
+        this task from where the engine stopped (see `_serve`); closed and released here."""
+        conn = trio.socket.from_stdlib_socket(raw)
         try:
-            await self._serve(conn, client, original)
+            await self._serve(conn, client, original, dialed, first)
         except Exception as exc:  # Cancelled is a BaseException: it propagates
-            # One connection's failure is counted and dropped, never the listener's. Errors
-            # from the copy tasks arrive wrapped in ExceptionGroups (trio's nurseries).
-            reason = _reason(exc)
-            if reason == "internal_error":
-                log.exception("jfe connection failed unexpectedly port=%d", port)
-            self._drop(port, reason)
+            self._failed(original[1], exc)
         finally:
             conn.close()
-            self._open -= 1
-            self._per_client[client[0]] -= 1
-            if not self._per_client[client[0]]:
-                del self._per_client[client[0]]
+            self._release(key)
 
-    async def _upstream(
+    def _dial(
         self, client: tuple[Address, int], original: tuple[Address, int], transparent: bool
-    ) -> trio.socket.SocketType:
+    ) -> tuple[socket.socket, bool]:
+        """Start the upstream connection: (the non-blocking socket, whether it is established
+        already); _Drop("upstream_refused") if it failed at once. No waiting: the trio path
+        and the engine both start here."""
         # The stdlib socket and numeric addresses: trio's bind and connect would resolve each
         # address through getaddrinfo (twice per connection) before the syscall.
         raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -305,14 +315,30 @@ class Proxy:
                 # when backend and jfe share the host.
                 raw.bind((str(client[0]), 0))
             code = raw.connect_ex((str(original[0]), original[1]))
-            if code == errno.EINPROGRESS and not _connected(raw):
+            if code == errno.EINPROGRESS:
+                return raw, _connected(raw)
+            if code:
+                raise OSError(code, os.strerror(code))
+        except OSError:
+            raw.close()
+            raise _Drop("upstream_refused") from None
+        return raw, True
+
+    async def _upstream(
+        self, client: tuple[Address, int], original: tuple[Address, int], transparent: bool
+    ) -> trio.socket.SocketType:
+        raw, connected = self._dial(client, original, transparent)
+        return await self._established(raw, connected)
+
+    async def _established(self, raw: socket.socket, connected: bool) -> trio.socket.SocketType:
+        """The upstream socket once its connect is through (connect_timeout_s at most)."""
+        try:
+            if not connected:
                 with trio.fail_after(self.settings.connect_timeout_s):
                     await trio.lowlevel.wait_writable(raw)
                 code = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            elif code == errno.EINPROGRESS:
-                code = 0
-            if code:
-                raise OSError(code, os.strerror(code))
+                if code:
+                    raise OSError(code, os.strerror(code))
         except trio.TooSlowError:
             raw.close()
             raise _Drop("upstream_timeout") from None
@@ -329,13 +355,23 @@ class Proxy:
         conn: trio.socket.SocketType,
         client: tuple[Address, int],
         original: tuple[Address, int],
+        dialed: tuple[socket.socket, bool] | None = None,
+        first_speaker: tuple[str, bytes, bytes] | None = None,
     ) -> None:
+        """The whole connection in this task, or its rest from where jfe.engine handed it
+        over: ``dialed``, the upstream socket it started (and whether it is established),
+        ``first_speaker``, `_first_speaker`'s answer it read (never on proxy_v2 ports)."""
         s = self.settings
         port = original[1]
         proxy_v2 = s.mode(port) == "proxy_v2"
-        upstream = await self._upstream(client, original, transparent=not proxy_v2)
+        if dialed is None:
+            upstream = await self._upstream(client, original, transparent=not proxy_v2)
+        else:
+            upstream = await self._established(*dialed)
         with upstream:
-            if proxy_v2:
+            if first_speaker is not None:
+                first, data, early = first_speaker
+            elif proxy_v2:
                 # The backend waits for the header, so nobody else can speak first: give the
                 # client handshake_timeout_s, then send an address-only header and pass through.
                 with trio.move_on_after(s.handshake_timeout_s) as quiet:

@@ -116,6 +116,32 @@ class _Reader:
         start = self._advance(n)
         return _Reader(self._data, self._base, start, start + n)
 
+    def entries(self) -> list[tuple[int, int, int]]:
+        """The rest as (u16 type, u16-length vector) entries, RFC 8446 4.2's extensions: a
+        (type, start, end) per entry, each bounds-checked here as `u16` and `vector` would
+        (same errors), without a sub-reader per entry; `at` makes one for those that matter.
+        A ClientHello has ~20 extensions and jfe reads three: the walk was most of the parse."""
+        data, pos, end = self._data, self._pos, self._end
+        out = []
+        while pos < end:
+            if pos + 4 > end:
+                at = pos if pos + 2 > end else pos + 2
+                self._pos = at
+                raise NotTls("field of 2 bytes overruns its container", offset=self.offset)
+            n = data[pos + 2] << 8 | data[pos + 3]
+            start = pos + 4
+            if start + n > end:
+                self._pos = start
+                raise NotTls(f"field of {n} bytes overruns its container", offset=self.offset)
+            out.append((data[pos] << 8 | data[pos + 1], start, start + n))
+            pos = start + n
+        self._pos = pos
+        return out
+
+    def at(self, start: int, end: int) -> _Reader:
+        """A sub-reader over ``data[start:end]`` of an entry `entries` returned."""
+        return _Reader(self._data, self._base, start, end)
+
     def done(self) -> None:
         if self._pos != self._end:
             raise NotTls(f"{self._end - self._pos} trailing bytes", offset=self.offset)
@@ -284,18 +310,16 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     if body.remaining():  # extensions are optional before TLS 1.2 (RFC 5246 7.4.1.2)
         extensions = body.vector(2)
         seen: set[int] = set()
-        while extensions.remaining():
-            kind = extensions.u16()
-            ext = extensions.vector(2)
+        for kind, start, end in extensions.entries():
             if kind in seen:  # RFC 8446 4.2: at most one extension of each type
-                raise NotTls(f"extension {kind} twice", offset=ext.offset)
+                raise NotTls(f"extension {kind} twice", offset=extensions.at(start, end).offset)
             seen.add(kind)
             if kind == _EXT_SERVER_NAME:
-                server_name = _server_name(ext)
+                server_name = _server_name(extensions.at(start, end))
             elif kind == _EXT_ALPN:
-                alpn = _alpn(ext)
+                alpn = _alpn(extensions.at(start, end))
             elif kind == _EXT_SUPPORTED_VERSIONS:
-                versions = _versions(ext)
+                versions = _versions(extensions.at(start, end))
     body.done()
     return ClientHello(
         server_name=server_name,

@@ -92,6 +92,13 @@ async def receive_into(fd: int, view: memoryview) -> int:
 #: run dry: a connection that drained them yields in its wait).
 MAX_UNYIELDED = 4
 
+#: SSLObject.read with a buffer returns a count (typeshed says bytes either way); named once
+#: here: ``Callable[...]`` subscripted in the relay built a new alias object on every call.
+_ReadInto = Callable[[int, memoryview], int]
+
+#: `TlsConnection.relay_step`'s answers.
+WAITING, PROGRESSED, FULL, DONE = range(4)
+
 
 class TlsConnection:
     """The server side of one TLS connection on the client socket ``fd``."""
@@ -106,6 +113,10 @@ class TlsConnection:
         self._received, self._plain = _BUFFERS.received, _BUFFERS.plain
         self._send_lock = trio.Lock()  # held only by a task that waits for the socket
         self._rest: memoryview | bytes = b""  # records the client's socket has not taken yet
+        self._needs_client = False  # the client's direction waits for client bytes
+        self._upstream = -1  # the backend's socket once the relay starts
+        # Sides known to have nothing to read until the next wakeup (see `woke`).
+        self._client_dry = self._up_dry = False
 
     def selected_alpn_protocol(self) -> str | None:
         return self._tls.selected_alpn_protocol()
@@ -161,6 +172,151 @@ class TlsConnection:
             await self._flush()  # the server's last flight and TLS 1.3 session tickets
             return
 
+    def handshake_step(self) -> bool:
+        """`handshake` without waiting (jfe.engine): True once complete, False while it waits
+        for the client (`events` says for what). TlsClosed if the client went away,
+        ssl.SSLError if bad, OSError if the socket broke while writing."""
+        while True:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                flight = self._outgoing.pending
+                self._write_now()
+                if flight:
+                    # The client answers what was just sent: it cannot have yet, so wait for
+                    # it rather than read (the read would say EAGAIN: a syscall and an
+                    # exception per handshake).
+                    self._needs_client = True
+                    return False
+                try:
+                    n = _read_into(self._fd, self._received[:HANDSHAKE_READ_BYTES])
+                except OSError:
+                    raise TlsClosed from None
+                if n is None:
+                    self._needs_client = True
+                    return False
+                if n == 0:
+                    raise TlsClosed from None
+                self._incoming.write(self._received[:n])
+                continue
+            except ssl.SSLEOFError:
+                raise TlsClosed from None
+            self._write_now()  # what the socket does not take now, the relay sends first
+            self._needs_client = False
+            return True
+
+    def start_relay(
+        self,
+        upstream: int,
+        count_up: Callable[[int], None],
+        count_down: Callable[[int], None],
+        client_done: Callable[[], None],
+    ) -> None:
+        """Set up `relay_step` (the callbacks as in `relay`)."""
+        self._upstream = upstream
+        self._count_up, self._count_down, self._client_done = count_up, count_down, client_done
+        self._up_rest: memoryview | bytes = b""  # plaintext the backend has not taken yet
+        self._client_reading = True  # until the client's close_notify (then client_done)
+        self._client_eof = False  # close_notify seen; client_done once up_rest is gone
+        self._backend_eof = False
+
+    def woke(self, client: bool = True, upstream: bool = True) -> None:
+        """A new wakeup: which sides may have bytes to read. In one wakeup a side that said
+        EAGAIN (or, the client, gave a short read) is not read again: with level-triggered
+        epoll, bytes that arrive meanwhile wake the connection again, so a second read could
+        only say EAGAIN once more (a syscall and an exception, ~3 us). The engine also says
+        which of the sockets registered for reading epoll did not report (no bytes then)."""
+        self._client_dry, self._up_dry = not client, not upstream
+
+    def relay_step(self) -> int:
+        """One pass of both directions, never waiting: `DONE` (the backend's EOF, all of it
+        sent to the client), `FULL` (moved a whole chunk: more is likely there), `PROGRESSED`
+        or `WAITING` (nothing moved: wait for `events`). See `relay` and `woke`."""
+        # With a buffer, read returns a count (typeshed says bytes either way).
+        read = cast(_ReadInto, self._tls.read)
+        fd, upstream, plain, received = self._fd, self._upstream, self._plain, self._received
+        progressed = full = False
+        # client -> backend
+        if self._up_rest:
+            self._up_rest = self._up_rest[_write(upstream, self._up_rest) :]
+            progressed = not self._up_rest
+        if self._client_eof and not self._up_rest:
+            self._client_eof = self._client_reading = False
+            self._client_done()
+        self._needs_client = False
+        if self._client_reading and not self._up_rest:
+            got, n = 0, -1
+            while got < CHUNK_BYTES:
+                try:
+                    n = read(CHUNK_BYTES - got, plain[got:])
+                except ssl.SSLWantReadError:
+                    n = -1
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                if n <= 0:
+                    break
+                got += n
+            if got:
+                self._count_up(got)
+                sent = _write(upstream, plain[:got])
+                if sent < got:
+                    self._up_rest = bytes(plain[sent:got])  # the buffer is shared: own it
+                progressed = True
+                full = got == CHUNK_BYTES
+            if n == 0:
+                self._client_eof, progressed = True, True
+            elif n < 0 and not self._up_rest:
+                r = None if self._client_dry else _read_into(fd, received)
+                if r is None:
+                    self._needs_client = self._client_dry = True
+                elif r == 0:
+                    self._incoming.write_eof()  # the next read ends or raises
+                    progressed = True
+                else:
+                    self._incoming.write(received[:r])
+                    progressed = True
+                    if r == CHUNK_BYTES:
+                        full = True
+                    else:  # drained (a client's EOF after its last bytes is rare)
+                        self._client_dry = True
+        # backend -> client (and records the client's direction made: KeyUpdate)
+        if self._rest or self._outgoing.pending:
+            before = len(self._rest)
+            self._write_now()
+            progressed = progressed or len(self._rest) < before
+        if not self._rest and not self._backend_eof:
+            r = None if self._up_dry else _read_into(upstream, received)
+            if r is None:
+                self._up_dry = True
+            elif r == 0:
+                self._backend_eof = progressed = True
+            else:
+                self._count_down(r)
+                view = received[:r]
+                while view:  # a memory BIO takes everything: one pass in practice
+                    view = view[self._tls.write(view) :]
+                self._write_now()
+                progressed = True
+                full = full or r == CHUNK_BYTES
+        if self._backend_eof and not self._rest and not self._outgoing.pending:
+            return DONE
+        if full:
+            return FULL
+        return PROGRESSED if progressed else WAITING
+
+    def events(self) -> tuple[int, int]:
+        """What a connection that is `WAITING` waits for: (client's, backend's) epoll events.
+        During the handshake the backend waits: its bytes stay in its socket until then."""
+        client = (select.EPOLLIN if self._needs_client else 0) | (
+            select.EPOLLOUT if self._rest else 0
+        )
+        if self._upstream < 0:  # still in the handshake
+            return client, 0
+        upstream = (select.EPOLLIN if not self._rest and not self._backend_eof else 0) | (
+            select.EPOLLOUT if self._up_rest else 0
+        )
+        return client, upstream
+
     async def relay(
         self,
         upstream: int,
@@ -179,94 +335,27 @@ class TlsConnection:
         it (the proxy half-closes the backend then). ssl.SSLError if the client's stream is bad
         or cut short, OSError if a socket breaks.
         """
-        # With a buffer, read returns a count (typeshed says bytes either way).
-        read = cast(Callable[[int, memoryview], int], self._tls.read)
-        tls, fd, plain, received = self._tls, self._fd, self._plain, self._received
-        up_rest: memoryview | bytes = b""  # plaintext the backend has not taken yet
-        client_reading = True  # until the client's close_notify (then client_done)
-        client_eof = False  # close_notify seen; client_done once up_rest is gone
-        backend_eof = False
-        needs_client = False  # the client's direction waits for client bytes
+        self.start_relay(upstream, count_up, count_down, client_done)
+        self.woke()
+        fd = self._fd
         unyielded = 0
         either = select.epoll(2)
         wanted = {fd: 0, upstream: 0}
         try:
             while True:
-                progressed = full = False
-                # client -> backend
-                if up_rest:
-                    up_rest = up_rest[_write(upstream, up_rest) :]
-                    progressed = not up_rest
-                if client_eof and not up_rest:
-                    client_eof = client_reading = False
-                    client_done()
-                needs_client = False
-                if client_reading and not up_rest:
-                    got, n = 0, -1
-                    while got < CHUNK_BYTES:
-                        try:
-                            n = read(CHUNK_BYTES - got, plain[got:])
-                        except ssl.SSLWantReadError:
-                            n = -1
-                        except ssl.SSLZeroReturnError:
-                            n = 0
-                        if n <= 0:
-                            break
-                        got += n
-                    if got:
-                        count_up(got)
-                        sent = _write(upstream, plain[:got])
-                        if sent < got:
-                            up_rest = bytes(plain[sent:got])  # the buffer is shared: own it
-                        progressed = True
-                        full = got == CHUNK_BYTES
-                    if n == 0:
-                        client_eof, progressed = True, True
-                    elif n < 0 and not up_rest:
-                        r = _read_into(fd, received)
-                        if r is None:
-                            needs_client = True
-                        elif r == 0:
-                            self._incoming.write_eof()  # the next read ends or raises
-                            progressed = True
-                        else:
-                            self._incoming.write(received[:r])
-                            progressed = True
-                            full = full or r == CHUNK_BYTES
-                # backend -> client (and records the client's direction made: KeyUpdate)
-                if self._rest or self._outgoing.pending:
-                    before = len(self._rest)
-                    self._write_now()
-                    progressed = progressed or len(self._rest) < before
-                if not self._rest and not backend_eof:
-                    r = _read_into(upstream, received)
-                    if r == 0:
-                        backend_eof = progressed = True
-                    elif r is not None:
-                        count_down(r)
-                        view = received[:r]
-                        while view:  # a memory BIO takes everything: one pass in practice
-                            view = view[tls.write(view) :]
-                        self._write_now()
-                        progressed = True
-                        full = full or r == CHUNK_BYTES
-                if backend_eof and not self._rest and not self._outgoing.pending:
+                step = self.relay_step()
+                if step == DONE:
                     return
-                if progressed:
+                if step != WAITING:
                     # One yield per few chunks: a busy connection never starves the others
                     # (the wait below is the yield of a connection that drained its sockets).
                     unyielded += 1
-                    if full or unyielded >= MAX_UNYIELDED:
+                    if step == FULL or unyielded >= MAX_UNYIELDED:
                         unyielded = 0
                         await trio.lowlevel.checkpoint()
+                        self.woke()
                     continue
-                client_events = (select.EPOLLIN if needs_client else 0) | (
-                    select.EPOLLOUT if self._rest else 0
-                )
-                upstream_events = (select.EPOLLIN if not self._rest and not backend_eof else 0) | (
-                    select.EPOLLOUT if up_rest else 0
-                )
-                for sock, events in ((fd, client_events), (upstream, upstream_events)):
+                for sock, events in zip((fd, upstream), self.events(), strict=True):
                     if events != wanted[sock]:
                         if not wanted[sock]:
                             either.register(sock, events)
@@ -277,9 +366,21 @@ class TlsConnection:
                         wanted[sock] = events
                 unyielded = 0
                 await trio.lowlevel.wait_readable(either)
+                self.woke()
         finally:
             trio.lowlevel.notify_closing(either)
             either.close()
+
+    def close_notify_now(self) -> bool:
+        """Say close_notify without waiting: True if nothing is left to send (or the socket
+        broke), False if the client's socket is full (then `close_notify` can wait)."""
+        with contextlib.suppress(ssl.SSLError):
+            self._tls.unwrap()
+        try:
+            self._write_now()
+        except OSError:
+            return True
+        return not self._rest
 
     async def close_notify(self, timeout: float) -> None:
         """Say close_notify; never wait for the client's own (it may not read at all), and
@@ -295,4 +396,13 @@ class TlsConnection:
                 await self._flush()
 
 
-__all__ = ["CHUNK_BYTES", "TlsClosed", "TlsConnection", "receive_into"]
+__all__ = [
+    "CHUNK_BYTES",
+    "DONE",
+    "FULL",
+    "PROGRESSED",
+    "WAITING",
+    "TlsClosed",
+    "TlsConnection",
+    "receive_into",
+]
