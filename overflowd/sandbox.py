@@ -80,6 +80,9 @@ _COMMON = frozenset({
     # tests/service/test_peer_push.py). Under the units (not root) it never comes, and their
     # SystemCallFilter= (@privileged) would refuse it anyway.
     "fchown",
+    # numpy loads after confinement (on the first batch, to keep an idle node small): its
+    # OpenBLAS fstat()s fds 0-2 (libgfortran's units) and mbind()s its 32 MB buffers at load.
+    "fstat", "mbind",
     # sockets already bound; connections out (peers, webhooks, PostgreSQL, DNS) and in
     "socket", "connect", "accept", "accept4", "recvfrom", "recvmsg", "recvmmsg", "sendto",
     "sendmsg", "sendmmsg", "shutdown", "getsockname", "getpeername", "getsockopt",
