@@ -81,8 +81,8 @@ _COMMON = frozenset({
     # SystemCallFilter= (@privileged) would refuse it anyway.
     "fchown",
     # numpy loads after confinement (on the first batch, to keep an idle node small): its
-    # OpenBLAS fstat()s fds 0-2 (libgfortran's units) and mbind()s its 32 MB buffers at load.
-    "fstat", "mbind",
+    # OpenBLAS fstat()s fds 0-2 (libgfortran's units) at load (mbind: REFUSED_AT_NO_COST).
+    "fstat",
     # sockets already bound; connections out (peers, webhooks, PostgreSQL, DNS) and in
     "socket", "connect", "accept", "accept4", "recvfrom", "recvmsg", "recvmmsg", "sendto",
     "sendmsg", "sendmmsg", "shutdown", "getsockname", "getpeername", "getsockopt",
@@ -93,6 +93,11 @@ _COMMON = frozenset({
     "getrlimit", "prlimit64", "sysinfo", "times", "prctl", "arch_prctl", "set_tid_address",
     "wait4", "waitid",
 })
+
+#: Calls a daemon makes that its filter refuses (EPERM) at no cost, as the units' @resources
+#: deny does: numpy's OpenBLAS asks a NUMA policy for its buffers when it loads (on the first
+#: batch, after confinement) and carries on without one.
+REFUSED_AT_NO_COST = frozenset({"mbind"})
 
 #: Per daemon: the common list plus what that daemon alone needs.
 ALLOWED: dict[str, frozenset[str]] = {
