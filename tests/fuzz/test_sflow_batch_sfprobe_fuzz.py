@@ -143,3 +143,38 @@ def test_the_mutations_reach_the_array_path(real: tuple[bytes, ...]) -> None:
     for d in real:
         targets = fields(d)
         assert len(targets) > 100 and all(at + size <= len(d) for at, size in targets)
+
+
+@st.composite
+def repeated(draw: st.DrawFn, real: tuple[bytes, ...]) -> list[Datagram]:
+    """One real datagram repeated (the layout shortcuts hold for its copies), with one or two
+    copies other than the first mutated, cut or lengthened: a length, count or kind that
+    differs only in a later datagram."""
+    base = real[draw(st.integers(0, len(real) - 1))]
+    stream = [base] * draw(st.integers(2, 12))
+    for _ in range(draw(st.integers(1, 2))):
+        k = draw(st.integers(1, len(stream) - 1))
+        picks = draw(
+            st.lists(
+                st.tuples(st.integers(0, 10**6), st.integers(0, 99), st.sampled_from(DELTAS)),
+                min_size=1,
+                max_size=3,
+            )
+        )
+        data = mutate(stream[k], picks) if fields(stream[k]) else stream[k]
+        tail = draw(st.integers(0, 9))
+        if tail == 0:
+            data = data[: draw(st.integers(0, len(data)))]
+        elif tail == 1:
+            data += bytes(draw(st.integers(1, 9)))
+        stream[k] = data
+    return [(d, "192.0.2.1", NOW + i) for i, d in enumerate(stream)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_repeated_layout_broken_in_a_later_datagram_decodes_the_same(
+    real: tuple[bytes, ...], data: st.DataObject
+) -> None:
+    stream = data.draw(repeated(real))
+    assert_equivalent(stream, batch_size=len(stream))
