@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -204,6 +206,35 @@ async def test_trickling_connections_are_closed_at_the_headers_deadline(
         await stream.aclose()
         assert not got or got.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), got[:80]
         assert b"ok" not in got
+    api.service.stop()
+
+
+async def test_the_first_connections_may_be_reset_garbage_or_trickling(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """hypercorn starts when the first connection waits on the listening socket: that one
+    reset before it is accepted, the next a TLS hello on the plain port, the next trickling,
+    and the service still answers whoever comes next, and the garbage gets its 400."""
+    settings = ApiSettings(keep_alive_s=2.0)
+    api = await _serve(nursery, tmp_path, settings, lambda service: None)
+    host, port = api.url.removeprefix("http://").split(":")
+    reset = socket.create_connection((host, int(port)))
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset.close()  # an RST, queued before anything accepted it
+    garbage = await trio.open_tcp_stream(host, int(port))
+    await garbage.send_all(
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40) + b"\r\n\r\n"
+    )
+    slow = await trio.open_tcp_stream(host, int(port))
+    await slow.send_all(b"GET /hea")
+    async with httpx.AsyncClient(base_url=api.url, timeout=5, trust_env=False) as client:
+        for _ in range(5):
+            assert (await client.get("/healthz")).text == "ok"
+    with trio.fail_after(5):
+        answer = await garbage.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    for stream in (garbage, slow):
+        await stream.aclose()
     api.service.stop()
 
 
