@@ -199,7 +199,8 @@ class DnsRegistry:
     def _check_resolvers(self) -> None:
         """Refuse now what :meth:`_make_resolver` would refuse, without dnspython: a nameserver
         that does not parse (ValueError), or without nameservers an /etc/resolv.conf that cannot
-        be read or has no ``nameserver`` line (DiscoveryError, dnspython's words)."""
+        be read, has no ``nameserver`` line or one dnspython does not take (DiscoveryError,
+        dnspython's words)."""
         if self.settings.nameservers:
             for text in self.settings.nameservers:
                 parse_nameserver(text)
@@ -208,16 +209,24 @@ class DnsRegistry:
             with open(RESOLV_CONF, encoding="utf-8") as f:
                 # read_resolv_conf's test: a line not starting with # or ; whose first of at
                 # least two tokens is "nameserver"
-                named = any(
-                    line[:1] not in ("#", ";")
+                named = [
+                    tokens[1]
+                    for line in f
+                    if line[:1] not in ("#", ";")
                     and len(tokens := line.split()) >= 2
                     and tokens[0] == "nameserver"
-                    for line in f
-                )
+                ]
         except (OSError, UnicodeDecodeError):
             why = f"cannot open {RESOLV_CONF}"
         else:
             why = "" if named else "no nameservers"
+            # and then its nameservers setter's: an IP address (a scope allowed) or an https URL
+            bad = next((text for text in named if not _resolv_conf_server(text)), None)
+            if bad is not None:
+                why = (
+                    f"nameserver {bad} is not a dns.nameserver.Nameserver instance or text form, "
+                    "IP address, nor a valid https URL"
+                )
         if why:
             raise DiscoveryError(
                 f"no registry.nameservers configured and {RESOLV_CONF} unusable: {why}"
@@ -707,6 +716,21 @@ class RegistryHints:
             boosts=self._boosts,
             errors=dict(self._errors),
         )
+
+
+def _resolv_conf_server(text: str) -> bool:
+    """Whether dnspython takes ``text`` from a ``nameserver`` line (dns.inet.is_address, else
+    a URL whose scheme is https)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        from urllib.parse import urlparse
+
+        try:
+            return urlparse(text).scheme == "https"
+        except ValueError:
+            return False
+    return True
 
 
 def _negative_ttl(response: dns.message.Message | None) -> float | None:
