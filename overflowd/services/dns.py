@@ -207,22 +207,28 @@ class DnsRegistry:
             return
         try:
             with open(RESOLV_CONF, encoding="utf-8") as f:
-                # read_resolv_conf's test: a line not starting with # or ; whose first of at
-                # least two tokens is "nameserver"
-                named = [
-                    tokens[1]
+                # the lines read_resolv_conf reads: not starting with # or ;, two tokens or more
+                lines = [
+                    tokens
                     for line in f
-                    if line[:1] not in ("#", ";")
-                    and len(tokens := line.split()) >= 2
-                    and tokens[0] == "nameserver"
+                    if line[:1] not in ("#", ";") and len(tokens := line.split()) >= 2
                 ]
         except (OSError, UnicodeDecodeError):
             why = f"cannot open {RESOLV_CONF}"
         else:
-            why = "" if named else "no nameservers"
+            named = [tokens[1] for tokens in lines if tokens[0] == "nameserver"]
+            # a domain or search name that dnspython refuses stops it at its line, first
+            names = [
+                text
+                for tokens in lines
+                if tokens[0] in ("domain", "search")
+                for text in tokens[1 : 2 if tokens[0] == "domain" else None]
+            ]
+            refused = next(filter(None, map(_resolv_conf_name, names)), None)
+            why = refused or ("" if named else "no nameservers")
             # and then its nameservers setter's: an IP address (a scope allowed) or an https URL
             bad = next((text for text in named if not _resolv_conf_server(text)), None)
-            if bad is not None:
+            if not why and bad is not None:
                 why = (
                     f"nameserver {bad} is not a dns.nameserver.Nameserver instance or text form, "
                     "IP address, nor a valid https URL"
@@ -716,6 +722,24 @@ class RegistryHints:
             boosts=self._boosts,
             errors=dict(self._errors),
         )
+
+
+def _resolv_conf_name(text: str) -> str:
+    """What dns.name.from_text says of a plain ASCII name it refuses ("": it takes it, or the
+    name has escapes or other characters, which dnspython alone judges, at the first
+    question): an empty label, one over 63 octets, a name over 255."""
+    if text in ("@", ".") or not text.isascii() or "\\" in text:
+        return ""
+    labels = text.split(".")
+    if labels[-1] == "":
+        labels.pop()  # absolute
+    if "" in labels:
+        return "A DNS label is empty."
+    if any(len(label) > 63 for label in labels):
+        return "A DNS label is > 63 octets long."
+    if sum(len(label) + 1 for label in labels) + 1 > 255:
+        return "A DNS name is > 255 octets long."
+    return ""
 
 
 def _resolv_conf_server(text: str) -> bool:
