@@ -745,8 +745,14 @@ def _resolv_conf_name(text: str) -> str:
 def _resolv_conf_server(text: str) -> bool:
     """Whether dnspython takes ``text`` from a ``nameserver`` line (dns.inet.is_address, else
     a URL whose scheme is https)."""
+    address, scoped, scope = text.partition("%")  # dnspython drops one IPv6 scope, any
     try:
-        ipaddress.ip_address(text)
+        if not scoped:
+            ipaddress.ip_address(text)
+        elif "%" in scope:
+            raise ValueError(text)
+        else:
+            ipaddress.IPv6Address(address)
     except ValueError:
         from urllib.parse import urlparse
 
