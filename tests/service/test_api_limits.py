@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -236,6 +237,49 @@ async def test_the_first_connections_may_be_reset_garbage_or_trickling(
     for stream in (garbage, slow):
         await stream.aclose()
     api.service.stop()
+
+
+async def test_tls_files_changed_after_start_do_not_stop_the_service_at_its_first_connection(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """hypercorn starts on the first connection; the certificate and key were read at start, so
+    a key file half rewritten since (a renewal) is not read then: the service goes on."""
+    from tests.support.jfe_certs import TestCA
+
+    ca = TestCA()
+    chain, key = ca.leaf("127.0.0.1")
+    settings = ApiSettings(tls_certificate_file=str(chain), tls_key_file=str(key))
+    api = await _serve(nursery, tmp_path, settings, lambda service: None)
+    key.write_text("-----BEGIN PRIVATE KEY-----\n", encoding="utf-8")
+    url = api.url.replace("http://", "https://")
+    async with httpx.AsyncClient(base_url=url, timeout=5, verify=ca.client_context()) as client:
+        for _ in range(2):
+            assert (await client.get("/healthz")).text == "ok"
+    api.service.stop()
+
+
+def test_the_tls_context_is_the_one_hypercorn_would_make(tmp_path: Path) -> None:
+    from hypercorn.config import Config
+
+    from overflowd.services import api as api_module
+    from tests.support.jfe_certs import TestCA
+
+    ca = TestCA()
+    chain, key = ca.leaf("127.0.0.1")
+    settings = ApiSettings(
+        tls_certificate_file=str(chain), tls_key_file=str(key), client_ca_file=str(ca.ca_file)
+    )
+    config = Config()
+    config.alpn_protocols = ["http/1.1"]
+    config.certfile, config.keyfile, config.ca_certs = str(chain), str(key), str(ca.ca_file)
+    config.verify_mode = ssl.CERT_REQUIRED
+    theirs = config.create_ssl_context()
+    ours = api_module._server_tls_context(settings)
+    assert ours is not None and theirs is not None
+    for name in ("options", "minimum_version", "maximum_version", "verify_mode", "verify_flags"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.get_ciphers() == theirs.get_ciphers()
+    assert ours.get_ca_certs() == theirs.get_ca_certs()
 
 
 @pytest.mark.parametrize(
