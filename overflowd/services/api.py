@@ -414,6 +414,10 @@ class ApiService:
 
     def __init__(self, settings: ApiSettings, ctx: ApiContext) -> None:
         check_tls_files(settings)
+        #: the server's TLS context, its files read now: hypercorn would read them on its
+        #: first connection, and files changed since start (a renewal half written) would
+        #: then stop the service, the node with it
+        self._tls = _server_tls_context(settings)
         self.settings = settings
         self.limits = RequestLimits(settings)
         ctx = dataclasses.replace(ctx, collectors=(*ctx.collectors, self.limits.collector()))
@@ -502,6 +506,8 @@ class ApiService:
             if self.settings.client_ca_file:
                 config.ca_certs = self.settings.client_ca_file
                 config.verify_mode = ssl.CERT_REQUIRED
+            tls = self._tls
+            config.create_ssl_context = lambda: tls  # type: ignore[method-assign]
             secure, insecure = insecure, secure
         # What hypercorn.trio.serve does, with our socket instead of one it binds.
         app = self.limits.wrap(self.lazy)
@@ -524,6 +530,23 @@ def _listens_on_loopback(settings: ApiSettings) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _server_tls_context(settings: ApiSettings) -> ssl.SSLContext | None:
+    """The context hypercorn's ``Config.create_ssl_context`` makes of our settings (its
+    default ciphers, TLS 1.2 at least, no compression, ALPN http/1.1, the client CA)."""
+    if not settings.tls_certificate_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_ciphers("ECDHE+AESGCM")
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options = ssl.OP_NO_COMPRESSION
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(settings.tls_certificate_file, settings.tls_key_file)
+    if settings.client_ca_file:
+        context.load_verify_locations(settings.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -199,25 +199,40 @@ class DnsRegistry:
     def _check_resolvers(self) -> None:
         """Refuse now what :meth:`_make_resolver` would refuse, without dnspython: a nameserver
         that does not parse (ValueError), or without nameservers an /etc/resolv.conf that cannot
-        be read or has no ``nameserver`` line (DiscoveryError, dnspython's words)."""
+        be read, has no ``nameserver`` line or one dnspython does not take (DiscoveryError,
+        dnspython's words)."""
         if self.settings.nameservers:
             for text in self.settings.nameservers:
                 parse_nameserver(text)
             return
         try:
             with open(RESOLV_CONF, encoding="utf-8") as f:
-                # read_resolv_conf's test: a line not starting with # or ; whose first of at
-                # least two tokens is "nameserver"
-                named = any(
-                    line[:1] not in ("#", ";")
-                    and len(tokens := line.split()) >= 2
-                    and tokens[0] == "nameserver"
+                # the lines read_resolv_conf reads: not starting with # or ;, two tokens or more
+                lines = [
+                    tokens
                     for line in f
-                )
+                    if line[:1] not in ("#", ";") and len(tokens := line.split()) >= 2
+                ]
         except (OSError, UnicodeDecodeError):
             why = f"cannot open {RESOLV_CONF}"
         else:
-            why = "" if named else "no nameservers"
+            named = [tokens[1] for tokens in lines if tokens[0] == "nameserver"]
+            # a domain or search name that dnspython refuses stops it at its line, first
+            names = [
+                text
+                for tokens in lines
+                if tokens[0] in ("domain", "search")
+                for text in tokens[1 : 2 if tokens[0] == "domain" else None]
+            ]
+            refused = next(filter(None, map(_resolv_conf_name, names)), None)
+            why = refused or ("" if named else "no nameservers")
+            # and then its nameservers setter's: an IP address (a scope allowed) or an https URL
+            bad = next((text for text in named if not _resolv_conf_server(text)), None)
+            if not why and bad is not None:
+                why = (
+                    f"nameserver {bad} is not a dns.nameserver.Nameserver instance or text form, "
+                    "IP address, nor a valid https URL"
+                )
         if why:
             raise DiscoveryError(
                 f"no registry.nameservers configured and {RESOLV_CONF} unusable: {why}"
@@ -707,6 +722,45 @@ class RegistryHints:
             boosts=self._boosts,
             errors=dict(self._errors),
         )
+
+
+def _resolv_conf_name(text: str) -> str:
+    """What dns.name.from_text says of a plain ASCII name it refuses ("": it takes it, or the
+    name has escapes or other characters, which dnspython alone judges, at the first
+    question): an empty label, one over 63 octets, a name over 255."""
+    if text in ("@", ".") or not text.isascii() or "\\" in text:
+        return ""
+    labels = text.split(".")
+    if labels[-1] == "":
+        labels.pop()  # absolute
+    if "" in labels:
+        return "A DNS label is empty."
+    if any(len(label) > 63 for label in labels):
+        return "A DNS label is > 63 octets long."
+    if sum(len(label) + 1 for label in labels) + 1 > 255:
+        return "A DNS name is > 255 octets long."
+    return ""
+
+
+def _resolv_conf_server(text: str) -> bool:
+    """Whether dnspython takes ``text`` from a ``nameserver`` line (dns.inet.is_address, else
+    a URL whose scheme is https)."""
+    address, scoped, scope = text.partition("%")  # dnspython drops one IPv6 scope, any
+    try:
+        if not scoped:
+            ipaddress.ip_address(text)
+        elif "%" in scope:
+            raise ValueError(text)
+        else:
+            ipaddress.IPv6Address(address)
+    except ValueError:
+        from urllib.parse import urlparse
+
+        try:
+            return urlparse(text).scheme == "https"
+        except ValueError:
+            return False
+    return True
 
 
 def _negative_ttl(response: dns.message.Message | None) -> float | None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -205,6 +208,78 @@ async def test_trickling_connections_are_closed_at_the_headers_deadline(
         assert not got or got.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), got[:80]
         assert b"ok" not in got
     api.service.stop()
+
+
+async def test_the_first_connections_may_be_reset_garbage_or_trickling(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """hypercorn starts when the first connection waits on the listening socket: that one
+    reset before it is accepted, the next a TLS hello on the plain port, the next trickling,
+    and the service still answers whoever comes next, and the garbage gets its 400."""
+    settings = ApiSettings(keep_alive_s=2.0)
+    api = await _serve(nursery, tmp_path, settings, lambda service: None)
+    host, port = api.url.removeprefix("http://").split(":")
+    reset = socket.create_connection((host, int(port)))
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset.close()  # an RST, queued before anything accepted it
+    garbage = await trio.open_tcp_stream(host, int(port))
+    await garbage.send_all(
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40) + b"\r\n\r\n"
+    )
+    slow = await trio.open_tcp_stream(host, int(port))
+    await slow.send_all(b"GET /hea")
+    async with httpx.AsyncClient(base_url=api.url, timeout=5, trust_env=False) as client:
+        for _ in range(5):
+            assert (await client.get("/healthz")).text == "ok"
+    with trio.fail_after(5):
+        answer = await garbage.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    for stream in (garbage, slow):
+        await stream.aclose()
+    api.service.stop()
+
+
+async def test_tls_files_changed_after_start_do_not_stop_the_service_at_its_first_connection(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """hypercorn starts on the first connection; the certificate and key were read at start, so
+    a key file half rewritten since (a renewal) is not read then: the service goes on."""
+    from tests.support.jfe_certs import TestCA
+
+    ca = TestCA()
+    chain, key = ca.leaf("127.0.0.1")
+    settings = ApiSettings(tls_certificate_file=str(chain), tls_key_file=str(key))
+    api = await _serve(nursery, tmp_path, settings, lambda service: None)
+    key.write_text("-----BEGIN PRIVATE KEY-----\n", encoding="utf-8")
+    url = api.url.replace("http://", "https://")
+    async with httpx.AsyncClient(base_url=url, timeout=5, verify=ca.client_context()) as client:
+        for _ in range(2):
+            assert (await client.get("/healthz")).text == "ok"
+    api.service.stop()
+
+
+def test_the_tls_context_is_the_one_hypercorn_would_make(tmp_path: Path) -> None:
+    from hypercorn.config import Config
+
+    from overflowd.services import api as api_module
+    from tests.support.jfe_certs import TestCA
+
+    ca = TestCA()
+    chain, key = ca.leaf("127.0.0.1")
+    settings = ApiSettings(
+        tls_certificate_file=str(chain), tls_key_file=str(key), client_ca_file=str(ca.ca_file)
+    )
+    config = Config()
+    config.alpn_protocols = ["http/1.1"]
+    config.certfile, config.keyfile, config.ca_certs = str(chain), str(key), str(ca.ca_file)
+    config.verify_mode = ssl.CERT_REQUIRED
+    theirs = config.create_ssl_context()
+    ours = api_module._server_tls_context(settings)
+    assert ours is not None and theirs is not None
+    for name in ("options", "minimum_version", "maximum_version", "verify_mode", "verify_flags"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.get_ciphers() == theirs.get_ciphers()
+    assert ours.get_ca_certs() == theirs.get_ca_certs()
 
 
 @pytest.mark.parametrize(
