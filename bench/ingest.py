@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -1330,7 +1331,7 @@ def part3(
     formats: Sequence[str],
     receivers: Sequence[str],
     busy: int | None,
-    daemon_tree: Path | None = None,
+    daemon_trees: Sequence[Path] = (),
 ) -> None:
     print(
         f"\n== 3. Lossless UDP ingest on loopback: receivers on core {RECEIVER_CPU}, the C "
@@ -1362,7 +1363,7 @@ def part3(
             makers: list[tuple[str, Callable[[], Receiver]]] = [
                 ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
                 ("daemon", lambda: DaemonReceiver(rcvbuf)),
-                *([("daemon", lambda: DaemonReceiver(rcvbuf, daemon_tree))] if daemon_tree else []),
+                *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
                 ("harness", lambda: OverflowdReceiver(rcvbuf)),
             ]
             if key == "sflow":
@@ -1398,6 +1399,113 @@ def part3(
             finally:
                 sender.close()
         summary(results)
+    finally:
+        if busy_proc is not None:
+            busy_proc.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def part3_ab(
+    trace: list[tuple[bytes, str, float]],
+    *,
+    rounds: int,
+    scale: float,
+    rcvbuf: int,
+    formats: Sequence[str],
+    receivers: Sequence[str],
+    busy: int | None,
+    daemon_trees: Sequence[Path] = (),
+) -> None:
+    """``--ab ROUNDS``: CPU per record at the fixed rate (times ``--ab-scale``) only, every
+    receiver of a format up at once and measured in turn, ROUNDS rounds in a rotating order,
+    so that load from other work on a shared machine falls on all of them alike. Prints each
+    receiver's median and quartiles, and the median of the per-round ratios to the first
+    receiver (this checkout's daemon when it runs)."""
+    print(
+        f"\n== 3 (A/B). CPU per record at the fixed rate x{scale:g}, {rounds} rounds, "
+        f"receivers alternating on core {RECEIVER_CPU}, the sender on core {SENDER_CPU} =="
+    )
+    if sys.platform != "linux" or (os.cpu_count() or 1) < 2:
+        print("  skipped: needs Linux and two cores")
+        return
+    import statistics
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-ab-"))
+    busy_proc: Busy | None = None
+    try:
+        tools = build_tools(workdir)
+        if isinstance(tools, str):
+            print(f"  skipped: {tools}")
+            return
+        sets = datasets(trace, workdir, formats)
+        if busy is not None:
+            busy_proc = Busy(busy)
+            print(f"  --busy: a spinning process on core {busy}")
+        print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        for key, ds in sets.items():
+            makers: list[tuple[str, Callable[[], Receiver]]] = [
+                ("daemon", lambda: DaemonReceiver(rcvbuf)),
+                *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
+                ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
+            ]
+            if key == "sflow":
+                makers.append(("sfacctd", lambda: PmacctReceiver("sfacctd", rcvbuf)))
+            else:
+                makers.append(("nfcapd", lambda: NfcapdReceiver(rcvbuf)))
+                makers.append(("nfacctd", lambda: PmacctReceiver("nfacctd", rcvbuf)))
+            rate = CPU_RATE[key] * scale
+            per_dg = ds.records_per_datagram
+            print(
+                f"\n  -- {FORMAT_NAMES[key]}: {fmt_rate(rate * per_dg)} records/s "
+                f"({fmt_rate(rate)} datagrams/s) --"
+            )
+            sender = CSender(tools["sender"], ds.write(workdir / f"{key}.bin"))
+            up: list[Receiver] = []
+            try:
+                for short, make in makers:
+                    if short in receivers and (short in ("daemon", "floor") or shutil.which(short)):
+                        up.append(make())
+                for rx in up:  # warm-up: templates learned, caches filled
+                    run_step(rx, sender, rate, 0.3, 0.5)
+                cpu: dict[str, list[float]] = {rx.name: [] for rx in up}
+                ratios: dict[str, list[float]] = {rx.name: [] for rx in up[1:]}
+                lossy: dict[str, int] = dict.fromkeys(cpu, 0)
+                for r in range(rounds):
+                    got: dict[str, float] = {}
+                    for rx in up[r % len(up) :] + up[: r % len(up)]:
+                        step = run_step(rx, sender, rate, 1.0, 0.2)
+                        # Per record handled: where the receiver counts them (overflowd), a
+                        # lossy step (a starved core) still gives the cost of what it did.
+                        handled = step.sent_records - max(0, step.missing_records or 0)
+                        if handled > 0:
+                            got[rx.name] = step.cpu_s / handled * 1e6
+                            cpu[rx.name].append(got[rx.name])
+                        lossy[rx.name] += not step.ok
+                    first = up[0].name
+                    for name in ratios:
+                        if name in got and got.get(first):
+                            ratios[name].append(got[name] / got[first])
+                print(
+                    f"  {'receiver':28} {'µs/record median':>16} {'quartiles':>15} "
+                    f"{'x ' + up[0].name + ' (median of rounds)':>40}"
+                )
+                for name, xs in cpu.items():
+                    if not xs:
+                        continue
+                    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+                    ratio = f"{statistics.median(ratios[name]):.2f}" if ratios.get(name) else "-"
+                    note = f" ({lossy[name]} of {rounds} steps lossy)" if lossy[name] else ""
+                    print(
+                        f"  {name:28} {statistics.median(xs):16.3f} "
+                        f"{q[0]:7.3f}-{q[2]:<7.3f} {ratio:>40}{note}"
+                    )
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                print(f"    failed: {exc}")
+            finally:
+                for rx in up:
+                    rx.close()
+                sender.close()
+        print(f"\n  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if busy_proc is not None:
             busy_proc.close()
@@ -1615,10 +1723,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--daemon-tree",
         type=Path,
+        action="append",
         help="part 3: also run `overflowd run` from this source tree (e.g. `git archive main "
-        "overflowd | tar -x -C DIR`), in the same run as this checkout's",
+        "overflowd | tar -x -C DIR`), in the same run as this checkout's; may be repeated",
     )
     parser.add_argument("--skip-decode", action="store_true", help="part 3 only")
+    parser.add_argument(
+        "--ab",
+        type=int,
+        metavar="ROUNDS",
+        help="part 3 as an A/B: CPU per record at the fixed rate only, the receivers up at "
+        "once and measured in turn for ROUNDS rounds (for a shared, noisy machine)",
+    )
+    parser.add_argument(
+        "--ab-scale",
+        type=float,
+        default=1.0,
+        help="--ab: the fixed rate times this (e.g. 4: v5 at 80k datagrams/s)",
+    )
     parser.add_argument(
         "--rcvbuf",
         type=int,
@@ -1647,7 +1769,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_decode:
         part1(trace, quick=args.quick)
         part2(quick=args.quick)
-    if not args.skip_udp:
+    if not args.skip_udp and args.ab:
+        part3_ab(
+            trace,
+            rounds=args.ab,
+            scale=args.ab_scale,
+            rcvbuf=args.rcvbuf,
+            formats=[f for f in args.formats.split(",") if f in FORMATS],
+            receivers=args.receivers.split(","),
+            busy=args.busy,
+            daemon_trees=[t.resolve() for t in args.daemon_tree or ()],
+        )
+    elif not args.skip_udp:
         part3(
             trace,
             quick=args.quick,
@@ -1655,7 +1788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=[f for f in args.formats.split(",") if f in FORMATS],
             receivers=args.receivers.split(","),
             busy=args.busy,
-            daemon_tree=args.daemon_tree.resolve() if args.daemon_tree else None,
+            daemon_trees=[t.resolve() for t in args.daemon_tree or ()],
         )
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     return 0

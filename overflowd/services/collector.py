@@ -1,17 +1,20 @@
 """The flow collector: one UDP socket takes NetFlow v5/v9, IPFIX and sFlow v5.
 
-It only receives, in batches: it drains up to ``BATCH_DATAGRAMS`` datagrams with plain
-non-blocking ``recvfrom`` calls and hands them on as one list (a trio ``await`` per datagram
-costs ~25 µs, more than decoding a whole v5 datagram). It drains at most every
-``coalesce_s`` (10 ms): woken sooner, it first waits for more to arrive. Each batch costs a
-fixed ~0.2-0.3 ms (trio, the decoder's numpy calls), so on a quiet machine at 20k datagrams/s
-a wake-up per datagram or two took the daemon a whole core where nfcapd takes a fifth of one;
-the wait holds batches to 100 a second whatever the rate, and while they come full there is
-no wait at all. The kernel buffer holds what arrives meanwhile: the wait is also bounded so
-that, at the byte rate of the last batch, at most an eighth of the receive buffer fills, and
-there is none on a buffer below ``COALESCE_MIN_RCVBUF``. Python's socket API is not the wall:
-``recvfrom`` costs ~1.3 µs a datagram here, ``recvmmsg(2)`` through ctypes ~1.4 µs (the call
-is cheaper; turning its buffers into bytes and addresses is not), ~0.05 µs a v5 record.
+It only receives, in batches: it drains up to ``BATCH_DATAGRAMS`` datagrams with one
+``recvmmsg(2)`` call (:class:`~overflowd.services.recvmmsg.BatchReceiver`: ctypes, buffers
+allocated once, no Python bytecode per datagram; a ``recvfrom`` loop where there is no
+recvmmsg) and hands them on as one list (a trio ``await`` per datagram costs ~25 µs, more
+than decoding a whole v5 datagram). It drains at most every ``coalesce_s`` (10 ms): woken
+sooner, it first waits for more to arrive. Each batch costs a fixed ~0.2-0.3 ms (trio, the
+decoder's numpy calls), so on a quiet machine at 20k datagrams/s a wake-up per datagram or two
+took the daemon a whole core where nfcapd takes a fifth of one; the wait holds batches to 100
+a second whatever the rate, and while they come full there is no wait at all. The kernel
+buffer holds what arrives meanwhile: the wait is also bounded so that, at the byte rate of the
+last batch, at most an eighth of the receive buffer fills, and there is none on a buffer below
+``COALESCE_MIN_RCVBUF``. Receiving a 1.4 KB v5 datagram costs ~2.6 µs of CPU with
+``recvfrom`` (kernel included), ~1.5-2.1 µs with the recvmmsg receiver, of which ~0.9 µs is
+the call and the kernel's copy and most of the rest the ``bytes`` object per datagram
+(bench/recv_micro.py).
 
 Batches go into a channel whose bound is counted in datagrams (a :class:`Backlog` shared with
 the consumer), so memory is bounded however the datagrams are batched; when the decoder falls
@@ -23,12 +26,14 @@ operator can tell our drops from the kernel's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
@@ -36,6 +41,7 @@ from typing import NamedTuple
 import trio
 
 from overflowd.config import parse_listen
+from overflowd.services.recvmmsg import BatchReceiver
 
 __all__ = [
     "Backlog",
@@ -112,6 +118,10 @@ class CollectorStatistics:
     kernel_drops: int | None
     rcvbuf_bytes: int
     batches: int = 0  # handed on (or dropped whole): datagrams / batches is the batch size
+    #: datagrams larger than MAX_DATAGRAM_BYTES, dropped (none over UDP: a guard, counted)
+    truncated: int = 0
+    #: receiving with recvmmsg (False: the recvfrom fallback; None: not started)
+    recvmmsg: bool | None = None
 
 
 class UdpCollector:
@@ -126,10 +136,12 @@ class UdpCollector:
         rcvbuf_bytes: int = 4 * 1024 * 1024,
         coalesce_s: float = COALESCE_S,
         sock: socket.socket | None = None,
+        native: bool | None = None,
     ) -> None:
         """``sock``: an already bound socket to read (a receiver process's, see
         :mod:`overflowd.services.receivers`); it is not closed here, and ``rcvbuf_bytes``
-        is its owner's business."""
+        is its owner's business. ``native``: recvmmsg where there is one (None), the
+        recvfrom loop (False), or recvmmsg or fail (True); see :class:`BatchReceiver`."""
         self.listen = listen
         self._given = sock
         self._out = out
@@ -141,6 +153,9 @@ class UdpCollector:
         self._datagrams = 0
         self._bytes = 0
         self._dropped = 0
+        self._truncated = 0
+        self._native = native
+        self._native_used: bool | None = None
         self._inode: int | None = None
         self._family = socket.AF_INET
 
@@ -161,9 +176,13 @@ class UdpCollector:
             log.info(
                 "collector.listening addr=%s port=%s rcvbuf=%d", bound[0], bound[1], self._rcvbuf
             )
+            receiver = BatchReceiver(sock, BATCH_DATAGRAMS, MAX_DATAGRAM_BYTES, native=self._native)
+            owned.callback(receiver.close)
+            self._native_used = receiver.native
             task_status.started((bound[0], bound[1]))
             send_nowait = self._out.send_nowait
-            recvfrom = sock.recvfrom
+            receive = receiver.receive
+            make = functools.partial(tuple.__new__, Datagram)
             coalesce = self._coalesce_s if self._rcvbuf >= COALESCE_MIN_RCVBUF else 0.0
             # At the byte rate of the last batch, waiting this long fills an eighth of the
             # buffer at most (a datagram takes up to twice its size there).
@@ -186,22 +205,12 @@ class UdpCollector:
                             wait = min(wait, fill_limit * elapsed / (2 * last_bytes))
                         if wait > 0:
                             await trio.sleep(wait)
-                batch: list[Datagram] = []
-                batch_bytes = 0
-                now = time.time()
-                for _ in range(BATCH_DATAGRAMS):
-                    try:
-                        data, addr = recvfrom(MAX_DATAGRAM_BYTES)
-                    except BlockingIOError:
-                        break
-                    except (ConnectionRefusedError, ConnectionResetError):
-                        continue  # a queued ICMP error, not a datagram
-                    exporter = addr[0]
-                    if exporter.startswith("::ffff:"):
-                        exporter = exporter[7:]
-                    batch.append(Datagram(data, exporter, now))
-                    batch_bytes += len(data)
-                full = len(batch) == BATCH_DATAGRAMS
+                got = receive()
+                # A list of Datagram built by map() in C: no Python bytecode per datagram.
+                batch = list(map(make, zip(got.payloads, got.exporters, repeat(time.time()))))
+                batch_bytes = got.nbytes
+                self._truncated += got.truncated
+                full = len(batch) + got.truncated == BATCH_DATAGRAMS
                 last_drain = time.monotonic()
                 last_bytes = batch_bytes
                 self._datagrams += len(batch)
@@ -226,6 +235,8 @@ class UdpCollector:
             kernel_drops=kernel_drops(self._inode, self._family),
             rcvbuf_bytes=self._rcvbuf,
             batches=self._batches,
+            truncated=self._truncated,
+            recvmmsg=self._native_used,
         )
 
 

@@ -65,6 +65,8 @@ def node_metrics(s: NodeStatistics) -> Iterator[Metric]:
         dropped.add_metric([str(i), "queue_full"], c.dropped_queue_full)
         if c.kernel_drops is not None:
             dropped.add_metric([str(i), "kernel"], c.kernel_drops)
+        if c.truncated:
+            dropped.add_metric([str(i), "truncated"], c.truncated)
     yield datagrams
     yield dropped
     captured = CounterMetricFamily(
