@@ -1447,6 +1447,7 @@ def part3_ab(
                 ("daemon", lambda: DaemonReceiver(rcvbuf)),
                 *[("daemon", functools.partial(DaemonReceiver, rcvbuf, t)) for t in daemon_trees],
                 ("floor", lambda: FloorReceiver(tools["floor"], rcvbuf)),
+                ("harness", lambda: OverflowdReceiver(rcvbuf)),
             ]
             if key == "sflow":
                 makers.append(("sfacctd", lambda: PmacctReceiver("sfacctd", rcvbuf)))
@@ -1463,8 +1464,12 @@ def part3_ab(
             up: list[Receiver] = []
             try:
                 for short, make in makers:
-                    if short in receivers and (short in ("daemon", "floor") or shutil.which(short)):
+                    builtin = short in ("daemon", "floor", "harness")
+                    if short in receivers and (builtin or shutil.which(short)):
                         up.append(make())
+                if not up:
+                    print("    no receiver to measure (--receivers)")
+                    continue
                 for rx in up:  # warm-up: templates learned, caches filled
                     run_step(rx, sender, rate, 0.3, 0.5)
                 cpu: dict[str, list[float]] = {rx.name: [] for rx in up}
@@ -1611,10 +1616,10 @@ def worker_overflowd(rcvbuf: int) -> int:
 
     from overflowd.flowsample import Sampler, SamplingPolicy
     from overflowd.flowsample_batch import BatchSampler
-    from overflowd.services.collector import Backlog, Datagram, UdpCollector
+    from overflowd.services.collector import Backlog, DatagramBatch, UdpCollector
     from overflowd.wire import DecoderState
     from overflowd.wire.template_batch import decode_template_batch
-    from overflowd.wire.v5_batch import decode_v5_batch
+    from overflowd.wire.v5_batch import Slots, decode_v5_batch
 
     counts = {"records": 0, "malformed": 0, "sampled": 0}
     state = DecoderState()
@@ -1623,21 +1628,32 @@ def worker_overflowd(rcvbuf: int) -> int:
     backlog = Backlog(queue)
     batch_sampler = BatchSampler(SamplingPolicy(rate=SAMPLE_RATE))
 
-    async def decode_loop(batches: trio.MemoryReceiveChannel[list[Datagram]]) -> None:
+    async def decode_loop(batches: trio.MemoryReceiveChannel[DatagramBatch]) -> None:
         # NodeService._decode_loop, minus signing what is sampled (about nothing at 1e-6).
         sample = sampler.sample
         async for batch in batches:
-            backlog.done(len(batch), sum(len(d.data) for d in batch))
-            datagrams = [(d.data, d.exporter, d.received) for d in batch]
+            backlog.done(len(batch), batch.held_bytes)
             rest: Sequence[int] = range(len(batch))
-            if b"\x00\x05" in [d.data[:2] for d in batch]:  # as NodeService: v5 only if any
-                v5 = decode_v5_batch(datagrams, state)
+            slotted = batch.block is not None
+            if batch.may_hold_v5() if slotted else b"\x00\x05" in [d.data[:2] for d in batch]:
+                if slotted:  # as NodeService: read in the receive slots
+                    assert batch.block is not None
+                    slots = Slots(
+                        batch.block, batch.stride, batch.lengths or [], batch.exporters,
+                        batch.received,
+                    )  # fmt: skip
+                    v5 = decode_v5_batch((), state, slots=slots)
+                else:
+                    v5 = decode_v5_batch(batch.datagrams(), state)
                 counts["records"] += len(v5)
                 counts["malformed"] += len(v5.errors)
                 if len(v5):
                     indices, _ = batch_sampler.sample(v5)
                     counts["sampled"] += len(v5.rows(indices))
                 rest = v5.passed
+            datagrams = (
+                [(d.data, d.exporter, d.received) for d in batch.datagrams()] if rest else []
+            )
             if not rest:
                 continue
             templated = decode_template_batch([datagrams[i] for i in rest], state)
@@ -1651,7 +1667,7 @@ def worker_overflowd(rcvbuf: int) -> int:
                 counts["sampled"] += len(sample(records))
 
     async def main() -> None:
-        send, recv = trio.open_memory_channel[list[Datagram]](queue)
+        send, recv = trio.open_memory_channel[DatagramBatch](queue)
         collector = UdpCollector(("127.0.0.1", 0), send, backlog, rcvbuf_bytes=rcvbuf)
         stdin = trio.lowlevel.FdStream(os.dup(0))
         async with trio.open_nursery() as nursery:

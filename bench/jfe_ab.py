@@ -1,6 +1,6 @@
 """jfe A/B: two source trees of jfe, the same connections, alternating runs, CPU per connection.
 
-    .venv/bin/python bench/jfe_ab.py BASE_TREE [--rounds 6] [--seconds 2] [--new-only]
+    .venv/bin/python bench/jfe_ab.py BASE_TREE [--rounds 6] [--seconds 2] [--new-only | --bulk-mb N]
     .venv/bin/python bench/jfe_ab.py --floor epoll|trio [--rounds 6] [--seconds 2] [--new-only]
 
 On a shared, loaded machine the per-connection CPU of one bench run moves by 10-20% with the
@@ -10,7 +10,8 @@ runs, so both see the same load. Each side runs `jfe.proxy.Proxy.run` (accept lo
 and the connection's whole path) on a plain 127.0.0.1 listener (no TPROXY, no namespaces: no
 root needed), every connection "diverted" to bench/jfe.py's backend; the workload is
 ``s_time -new -www /`` (one request through the backend per connection) or, with
-``--new-only``, ``s_time -new``. Prints CPU (user+sys) per connection per side, and per round.
+``--new-only``, ``s_time -new``; ``--bulk-mb N``: one TLS upload of N MB per round instead.
+Prints CPU (user+sys) per connection (or MB) per side, and per round.
 
 ``--floor epoll`` puts in place of ``BASE_TREE`` the floor: the same per-connection work as jfe's
 TLS path (accept, dial the backend, sniff the ClientHello with `jfe.sniff`, one SSLObject over
@@ -259,6 +260,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--new-only", action="store_true", help="s_time -new, no request")
+    parser.add_argument(
+        "--bulk-mb", type=int, default=0,
+        help="instead of s_time: one TLS upload of this many MB per round (bench/jfe.py's "
+        "bulk client), CPU us per MB",
+    )  # fmt: skip
     args = parser.parse_args()
     if (args.base is None) == (args.floor is None):
         parser.error("give BASE_TREE or --floor (one of them)")
@@ -271,6 +277,7 @@ def main() -> int:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     backend: str = bench.BACKEND
+    client_script: str = bench.CLIENT_SCRIPT
 
     ca = TestCA()
     chain, key = ca.leaf("bench.example")
@@ -298,6 +305,15 @@ def main() -> int:
         for r in range(args.rounds):
             for name in ("base", "work") if r % 2 == 0 else ("work", "base"):
                 before = _cpu(sides[name].pid)
+                if args.bulk_mb:
+                    subprocess.run(
+                        [PY, "-c", client_script, "bulk_tls", "127.0.0.1", str(PORTS[name]),
+                         str(ca.ca_file), str(args.bulk_mb)],
+                        capture_output=True, text=True, check=True, timeout=300,
+                    )  # fmt: skip
+                    time.sleep(0.2)  # the proxy's last bytes
+                    per[name].append((_cpu(sides[name].pid) - before, args.bulk_mb))
+                    continue
                 out = subprocess.run(
                     ["openssl", "s_time", "-connect", f"127.0.0.1:{PORTS[name]}", "-new",
                      *extra, "-time", str(args.seconds), "-CAfile", str(ca.ca_file)],
@@ -310,8 +326,9 @@ def main() -> int:
             used, n = sum(u for u, _ in runs), sum(c for _, c in runs)
             rounds = [round(u / c * 1e6) for u, c in runs if c]
             label = f"floor ({args.floor})" if args.floor and name == "base" else name
-            print(f"{label}: {used / max(n, 1) * 1e6:,.0f} us CPU per connection over {n} "
-                  f"connections; per round {rounds}")  # fmt: skip
+            unit, units = ("MB", "MB") if args.bulk_mb else ("connection", "connections")
+            print(f"{label}: {used / max(n, 1) * 1e6:,.0f} us CPU per {unit} over {n} "
+                  f"{units}; per round {rounds}")  # fmt: skip
         print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     finally:
         for proc in procs:

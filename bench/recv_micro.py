@@ -36,6 +36,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = ingest.build_tools(work)
     if isinstance(tools, str):
         print(tools)
+        shutil.rmtree(work, ignore_errors=True)
         return 1
     trace = ingest.load_trace(ingest.trace_path())
     payloads = [d for d, _, _ in trace]
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         sender.close()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

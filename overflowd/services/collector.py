@@ -14,7 +14,9 @@ last batch, at most an eighth of the receive buffer fills, and there is none on 
 ``COALESCE_MIN_RCVBUF``. Receiving a 1.4 KB v5 datagram costs ~2.6 µs of CPU with
 ``recvfrom`` (kernel included), ~1.5-2.1 µs with the recvmmsg receiver, of which ~0.9 µs is
 the call and the kernel's copy and most of the rest the ``bytes`` object per datagram
-(bench/recv_micro.py).
+(bench/recv_micro.py). So a drain whose datagrams all fit their compact slots is handed on
+as a :class:`DatagramBatch` holding one copy of those slots, the ``bytes`` of a datagram
+made only when it is asked for: NetFlow v5 is decoded in the slots (node.py).
 
 Batches go into a channel whose bound is counted in datagrams (a :class:`Backlog` shared with
 the consumer), so memory is bounded however the datagrams are batched; when the decoder falls
@@ -28,25 +30,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import operator
 import os
 import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import trio
 
 from overflowd.config import parse_listen
-from overflowd.services.recvmmsg import BatchReceiver
+from overflowd.services.recvmmsg import BatchReceiver, Received
 
 __all__ = [
     "Backlog",
     "CollectorStatistics",
     "Datagram",
+    "DatagramBatch",
     "RefusedExporters",
     "UdpCollector",
     "kernel_drops",
@@ -76,6 +81,77 @@ class Datagram(NamedTuple):
     data: bytes
     exporter: str
     received: float  # Unix seconds
+
+
+class DatagramBatch(Sequence[Datagram]):
+    """One drain's datagrams, handed on as one object: a sequence of :class:`Datagram`.
+
+    Its payloads may still sit in one copy of the receiver's compact slots (``block``:
+    datagram ``i`` is ``block[i * stride : i * stride + lengths[i]]``, the rest of a slot
+    stale): a decoder that reads them in place (``decode_v5_batch(slots=...)``) makes no
+    ``bytes`` per datagram; indexing or iterating makes the ``Datagram`` asked for, which
+    each stay whole and separate, so the per-datagram boundary is the same as a list's.
+    """
+
+    __slots__ = ("_datagrams", "block", "exporters", "held_bytes", "lengths", "received", "stride")
+
+    def __init__(self, got: Received, received: float) -> None:
+        self.exporters = got.exporters
+        self.received = received
+        self.block = got.block
+        self.stride = got.stride
+        self.lengths = got.lengths
+        self._datagrams: list[Datagram] | None = None
+        if got.block is None:
+            self._datagrams = list(map(_make, zip(got.payloads, got.exporters, repeat(received))))
+        #: What the batch holds in memory while queued: the slots' copy, or the payloads.
+        self.held_bytes = len(got.block) if got.block is not None else got.nbytes
+
+    def datagrams(self) -> list[Datagram]:
+        """Every datagram as a ``Datagram`` (made once, by ``map`` in C)."""
+        if self._datagrams is None:
+            block, stride, lengths = self.block, self.stride, self.lengths
+            assert block is not None and lengths is not None
+            starts = range(0, len(lengths) * stride, stride)
+            payloads = map(
+                block.__getitem__, map(slice, starts, map(operator.add, starts, lengths))
+            )
+            self._datagrams = list(map(_make, zip(payloads, self.exporters, repeat(self.received))))
+        return self._datagrams
+
+    def __len__(self) -> int:
+        return len(self.exporters)
+
+    @overload
+    def __getitem__(self, i: int) -> Datagram: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Datagram]: ...
+    def __getitem__(self, i: int | slice) -> Datagram | list[Datagram]:
+        if self._datagrams is not None or isinstance(i, slice):
+            return self.datagrams()[i]
+        n = len(self.exporters)
+        if not -n <= i < n:
+            raise IndexError("datagram index out of range")
+        i %= n
+        assert self.block is not None and self.lengths is not None
+        at = i * self.stride
+        return Datagram(self.block[at : at + self.lengths[i]], self.exporters[i], self.received)
+
+    def __iter__(self) -> Iterator[Datagram]:
+        return iter(self.datagrams())
+
+    def may_hold_v5(self) -> bool:
+        """Whether some datagram begins with NetFlow v5's version (C-level, no bytes made;
+        a short datagram's stale bytes may say yes: the decoder checks lengths)."""
+        if self.block is None or self.stride % 2:
+            return b"\x00\x05" in [d.data[:2] for d in self.datagrams()]
+        firsts = memoryview(self.block).cast("H")[:: self.stride // 2]
+        return _V5_WORD in firsts.tolist()
+
+
+#: NetFlow v5's version field as the first 16-bit word of a datagram in native order.
+_V5_WORD = int.from_bytes(b"\x00\x05", sys.byteorder)
+_make = functools.partial(tuple.__new__, Datagram)
 
 
 #: Bytes of datagrams waiting for the decoder at most: 10,000 large (fragmented, spoofed)
@@ -130,7 +206,7 @@ class UdpCollector:
     def __init__(
         self,
         listen: tuple[str, int],
-        out: trio.MemorySendChannel[list[Datagram]],
+        out: trio.MemorySendChannel[DatagramBatch],
         backlog: Backlog,
         *,
         rcvbuf_bytes: int = 4 * 1024 * 1024,
@@ -182,7 +258,6 @@ class UdpCollector:
             task_status.started((bound[0], bound[1]))
             send_nowait = self._out.send_nowait
             receive = receiver.receive
-            make = functools.partial(tuple.__new__, Datagram)
             coalesce = self._coalesce_s if self._rcvbuf >= COALESCE_MIN_RCVBUF else 0.0
             # At the byte rate of the last batch, waiting this long fills an eighth of the
             # buffer at most (a datagram takes up to twice its size there).
@@ -205,9 +280,10 @@ class UdpCollector:
                             wait = min(wait, fill_limit * elapsed / (2 * last_bytes))
                         if wait > 0:
                             await trio.sleep(wait)
-                got = receive()
-                # A list of Datagram built by map() in C: no Python bytecode per datagram.
-                batch = list(map(make, zip(got.payloads, got.exporters, repeat(time.time()))))
+                got = receive(as_block=True)
+                # No Python bytecode per datagram: the payloads stay in one copy of the
+                # slots, or a list of Datagram is made by map() in C.
+                batch = DatagramBatch(got, time.time())
                 batch_bytes = got.nbytes
                 self._truncated += got.truncated
                 full = len(batch) + got.truncated == BATCH_DATAGRAMS
@@ -218,13 +294,13 @@ class UdpCollector:
                 if not batch:
                     continue
                 self._batches += 1
-                if not self._backlog.admit(len(batch), batch_bytes):
+                if not self._backlog.admit(len(batch), batch.held_bytes):
                     self._dropped += len(batch)
                     continue
                 try:
                     send_nowait(batch)
                 except trio.WouldBlock:  # the channel holds limit items: cannot happen; be safe
-                    self._backlog.done(len(batch), batch_bytes)
+                    self._backlog.done(len(batch), batch.held_bytes)
                     self._dropped += len(batch)
 
     def statistics(self) -> CollectorStatistics:

@@ -48,6 +48,7 @@ from overflowd.services.collector import (
     Backlog,
     CollectorStatistics,
     Datagram,
+    DatagramBatch,
     RefusedExporters,
     UdpCollector,
 )
@@ -628,7 +629,7 @@ class NodeService:
         # holds at least one, so the channel itself never fills first).
         self._backlog = Backlog(cs.queue_datagrams)
         self._sign_refilled = trio.current_time()
-        dgram_send, dgram_recv = trio.open_memory_channel[list[Datagram]](cs.queue_datagrams)
+        dgram_send, dgram_recv = trio.open_memory_channel[DatagramBatch](cs.queue_datagrams)
         report_send, report_recv = trio.open_memory_channel[rpt.SignedReport](REPORT_QUEUE)
         if self.inband_listener is not None:
             await self._load_trust_book()
@@ -707,17 +708,24 @@ class NodeService:
 
     async def _decode_loop(
         self,
-        batches: trio.MemoryReceiveChannel[list[Datagram]],
+        batches: trio.MemoryReceiveChannel[DatagramBatch],
         reports: trio.MemorySendChannel[rpt.SignedReport],
     ) -> None:
         async with batches, reports:
             async for batch in batches:
-                self._backlog.done(len(batch), sum(len(d.data) for d in batch))
+                # (plain lists too: bench/decode_loop.py feeds this loop directly)
+                held = (
+                    batch.held_bytes
+                    if isinstance(batch, DatagramBatch)
+                    else sum(len(d.data) for d in batch)
+                )
+                self._backlog.done(len(batch), held)
+                datagrams: Sequence[Datagram] = batch
                 if self._allowed_exporters:
-                    batch = [d for d in batch if self._exporter_allowed(d.exporter)]
+                    datagrams = [d for d in batch if self._exporter_allowed(d.exporter)]
                 if self._asked_policy is not None:
                     self._use_asked_boost()  # same Sampler object: `sample` stays bound
-                for signed in self._decode_batch(batch):
+                for signed in self._decode_batch(datagrams):
                     for report in signed:
                         await reports.send(report)
 
@@ -752,7 +760,7 @@ class NodeService:
             reseeds=0,
         )
 
-    def _decode_batch(self, batch: list[Datagram]) -> Iterator[list[rpt.SignedReport]]:
+    def _decode_batch(self, batch: Sequence[Datagram]) -> Iterator[list[rpt.SignedReport]]:
         """Decode, sample and sign ``batch``, yielding the reports of each step as it is made.
 
         The per-datagram boundary is here: a :class:`DecodeError` is a counted malformed
@@ -768,11 +776,27 @@ class NodeService:
         _load_batch_decoders()
         rest: Sequence[int] = range(len(batch))
         signed: list[rpt.SignedReport] = []
-        if b"\x00\x05" in [d.data[:2] for d in batch]:
+        # The collector's batches may keep their payloads in its receive slots: v5 is then
+        # read there in place, and only what is passed on becomes bytes (batch[i]).
+        slotted = batch if isinstance(batch, DatagramBatch) and batch.block is not None else None
+        if slotted is not None:
+            has_v5 = slotted.may_hold_v5()
+        else:
+            has_v5 = b"\x00\x05" in [d.data[:2] for d in batch]
+        if has_v5:
             try:
-                v5 = decode_v5_batch(
-                    [(d.data, d.exporter, d.received) for d in batch], self.decoder
-                )
+                if slotted is not None and slotted.block is not None:
+                    from overflowd.wire.v5_batch import Slots  # numpy is loaded by now
+
+                    slots = Slots(
+                        slotted.block, slotted.stride, slotted.lengths or [],
+                        slotted.exporters, slotted.received,
+                    )  # fmt: skip
+                    v5 = decode_v5_batch((), self.decoder, slots=slots)
+                else:
+                    v5 = decode_v5_batch(
+                        [(d.data, d.exporter, d.received) for d in batch], self.decoder
+                    )
                 for index, exc in v5.errors:
                     self._malformed += 1
                     self._log_malformed(batch[index].exporter, exc)
@@ -785,6 +809,8 @@ class NodeService:
             yield signed
         if not rest:
             return
+        if slotted is not None:
+            batch = slotted.datagrams()  # the rest as bytes, each made once
         if b"\x00\x00\x00\x05" in [batch[i].data[:4] for i in rest]:
             # sFlow v5 likewise: flow samples with raw Ethernet/IP headers into arrays, odd
             # datagrams the scalar way (sflow_batch.py); what is not sFlow is passed on.

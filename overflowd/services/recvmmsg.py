@@ -10,8 +10,9 @@ returns is read back without a Python loop: lengths and source addresses are str
 slices of the buffer made by ``map`` in C, exporter names come from a small cache keyed by
 the raw address. An earlier ctypes attempt cost ~1.4 µs a datagram because it built ctypes
 structures and bytes per message in Python. Left per datagram: the ``bytes`` object (~0.5
-µs for 1.4 KB here, its malloc and memcpy) and list slots; per call, ~2 µs (ctypes and the
-system call), i.e. ~0.01 µs a datagram in full batches (bench/recv_micro.py).
+µs for 1.4 KB here, its malloc and memcpy; none with ``receive(as_block=True)``, which
+hands over one copy of the slots) and list slots; per call, ~2 µs (ctypes and the system
+call), i.e. ~0.01 µs a datagram in full batches (bench/recv_micro.py).
 
 The per-datagram boundary is kept: each datagram stays its own ``bytes``; one that does not
 fit ``slot_bytes`` (``MSG_TRUNC``: the kernel reports its real length) is dropped and
@@ -97,20 +98,46 @@ _NAME_BYTES = {socket.AF_INET: 16, socket.AF_INET6: 28}
 
 
 class Received:
-    """One call's datagrams: parallel lists, in arrival order, and what was dropped."""
+    """One call's datagrams, in arrival order, and what was dropped.
 
-    __slots__ = ("exporters", "nbytes", "payloads", "truncated")
+    Either as ``bytes`` per datagram (:attr:`payloads`), or, from
+    ``receive(as_block=True)`` when every datagram fit its compact slot, as one copy of
+    the slots in use: datagram ``i`` is ``block[i * stride : i * stride + lengths[i]]``
+    (the rest of its slot is stale), and :attr:`payloads` is made from it when asked.
+    """
+
+    __slots__ = ("_payloads", "block", "exporters", "lengths", "nbytes", "stride", "truncated")
 
     def __init__(
-        self, payloads: list[bytes], exporters: list[str], nbytes: int, truncated: int
+        self,
+        payloads: list[bytes] | None,
+        exporters: list[str],
+        nbytes: int,
+        truncated: int,
+        *,
+        block: bytes | None = None,
+        stride: int = 0,
+        lengths: list[int] | None = None,
     ) -> None:
-        self.payloads = payloads
+        self._payloads = payloads
         self.exporters = exporters
-        self.nbytes = nbytes  # of the payloads kept
+        self.nbytes = nbytes  # of the datagrams kept
         self.truncated = truncated  # datagrams larger than a slot, dropped
+        self.block = block
+        self.stride = stride
+        self.lengths = lengths
+
+    @property
+    def payloads(self) -> list[bytes]:
+        if self._payloads is None:
+            assert self.block is not None and self.lengths is not None
+            starts = range(0, len(self.lengths) * self.stride, self.stride)
+            ends = map(operator.add, starts, self.lengths)
+            self._payloads = list(map(self.block.__getitem__, map(slice, starts, ends)))
+        return self._payloads
 
     def __len__(self) -> int:
-        return len(self.payloads)
+        return len(self.exporters)
 
 
 class BatchReceiver:
@@ -203,8 +230,10 @@ class BatchReceiver:
             del self._anchor
             self._buf.close()
 
-    def receive(self) -> Received:
+    def receive(self, *, as_block: bool = False) -> Received:
         """What is queued, up to ``slots`` datagrams; empty when nothing is (never blocks).
+        ``as_block``: hand the payloads over as one copy of the compact slots where they
+        all fit there (see :class:`Received`), no ``bytes`` per datagram.
 
         OSError other than "nothing queued" (EAGAIN) and a queued ICMP error (refused,
         reset: skipped) propagate.
@@ -239,6 +268,17 @@ class BatchReceiver:
         keys = self._keys(n)
         starts = self._starts
         if max(lengths) <= self._inline:  # the common case: no Python per datagram
+            if as_block:
+                block = self._buf[: n * self._inline]
+                return Received(
+                    None,
+                    self._exporters(keys),
+                    sum(lengths),
+                    0,
+                    block=block,
+                    stride=self._inline,
+                    lengths=lengths,
+                )
             get = self._buf.__getitem__
             payloads = list(map(get, map(slice, starts, map(operator.add, starts, lengths))))
             return Received(payloads, self._exporters(keys), sum(lengths), 0)

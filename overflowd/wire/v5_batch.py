@@ -43,7 +43,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -56,7 +56,7 @@ from overflowd.wire.reader import MalformedError, TruncatedError, WireDecodeErro
 if TYPE_CHECKING:
     from overflowd.wire.dispatch import DecoderState
 
-__all__ = ["RECORD_DTYPE", "V5Batch", "decode_v5_batch"]
+__all__ = ["RECORD_DTYPE", "Slots", "V5Batch", "decode_v5_batch"]
 
 #: One 48-byte v5 record as numpy reads it: the fields ``RECORD`` keeps, at their offsets,
 #: big-endian; the skipped ones (nexthop, ifindexes, pads, masks) are simply not named.
@@ -218,8 +218,51 @@ class V5Batch:
         ]  # fmt: skip
 
 
-def decode_v5_batch(datagrams: Sequence[tuple[bytes, str, float]], state: DecoderState) -> V5Batch:
+class Slots(NamedTuple):
+    """Datagrams laid out in the fixed slots of one buffer (the collector's receive slots):
+    datagram ``i`` is ``block[i * stride : i * stride + lengths[i]]``, received from
+    ``exporters[i]`` at ``received``. Bytes of a slot past its datagram are stale (an earlier
+    datagram's) and are never read as this one's."""
+
+    block: bytes
+    stride: int
+    lengths: Sequence[int]
+    exporters: Sequence[str]
+    received: float
+
+
+_SLOT_HEADERS: dict[int, np.dtype[Any]] = {}
+
+
+def _slot_header(stride: int) -> np.dtype[Any]:
+    """HEADER_DTYPE with an itemsize of ``stride``: the headers of all slots in one view."""
+    dtype = _SLOT_HEADERS.get(stride)
+    if dtype is None:
+        fields: Any = HEADER_DTYPE.fields
+        dtype = np.dtype(
+            {
+                "names": list(fields),
+                "formats": [fields[k][0] for k in fields],
+                "offsets": [fields[k][1] for k in fields],
+                "itemsize": stride,
+            }
+        )
+        _SLOT_HEADERS[stride] = dtype
+    return dtype
+
+
+def decode_v5_batch(
+    datagrams: Sequence[tuple[bytes, str, float]],
+    state: DecoderState,
+    *,
+    slots: Slots | None = None,
+) -> V5Batch:
     """Decode every NetFlow v5 datagram of ``(payload, exporter, now)`` into one batch.
+
+    ``slots``: the datagrams as :class:`Slots` instead (``datagrams`` is then ignored), read
+    in place: headers through a structured view whose itemsize is the slot, record blocks
+    joined from memoryview slices, no ``bytes`` per datagram (~0.4 µs a 1.4 KB datagram
+    less, bench/recv_micro.py --decode). Same result and state either way.
 
     Never raises a DecodeError: refused datagrams are counted in ``state`` exactly as
     ``decode_datagram`` counts them and listed in ``V5Batch.errors`` (for a rate-limited log
@@ -235,25 +278,36 @@ def decode_v5_batch(datagrams: Sequence[tuple[bytes, str, float]], state: Decode
     ones, so with NetFlow v9/IPFIX data held for its template in the same batch, held
     data may expire one batch later than in the scalar path.
     """
-    n_datagrams = len(datagrams)
+    n_datagrams = len(datagrams) if slots is None else len(slots.lengths)
     if not n_datagrams:
         datagrams = [(b"", "", 0.0)]  # one "passed" datagram, then dropped from the result
         empty = decode_v5_batch(datagrams, state)
         return dataclasses.replace(empty, passed=())
-    payloads: tuple[bytes, ...]
-    names: tuple[str, ...]
-    nows: tuple[float, ...]
-    payloads, names, nows = zip(*datagrams, strict=True)
-    sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=n_datagrams)
-    heads = [d[:_HEADER_SIZE] for d in payloads]
-    if int(sizes.min()) < _HEADER_SIZE:
-        # Short datagrams (garbage, or a truncated header): zero-pad so every header slot is
-        # 24 bytes; ``sizes`` still says what was really there.
-        heads = [h.ljust(_HEADER_SIZE, b"\0") for h in heads]
-    hdr = np.frombuffer(b"".join(heads), dtype=HEADER_DTYPE)
+    payloads: tuple[bytes, ...] = ()
+    names: Sequence[str]
+    nows: Sequence[float]
+    if slots is not None:
+        if max(slots.lengths) > slots.stride or len(slots.block) < n_datagrams * slots.stride:
+            raise ValueError("datagrams larger than their slots, or fewer slots than lengths")
+        names = slots.exporters
+        nows = [slots.received] * n_datagrams
+        sizes = np.asarray(slots.lengths, dtype=np.int64)
+        # Fields past a datagram's end are stale: every check below that reads a field also
+        # requires the size that holds it (as zero padding makes them fail in the other
+        # branch), the version included.
+        hdr = np.ndarray((n_datagrams,), dtype=_slot_header(slots.stride), buffer=slots.block)
+    else:
+        payloads, names, nows = zip(*datagrams, strict=True)
+        sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=n_datagrams)
+        heads = [d[:_HEADER_SIZE] for d in payloads]
+        if int(sizes.min()) < _HEADER_SIZE:
+            # Short datagrams (garbage, or a truncated header): zero-pad so every header slot
+            # is 24 bytes; ``sizes`` still says what was really there.
+            heads = [h.ljust(_HEADER_SIZE, b"\0") for h in heads]
+        hdr = np.frombuffer(b"".join(heads), dtype=HEADER_DTYPE)
 
     # The scalar decoder's checks, in its order, for all datagrams at once.
-    is_v5 = hdr["version"] == 5
+    is_v5 = (hdr["version"] == 5) & (sizes >= 2)
     has_header = is_v5 & (sizes >= _HEADER_SIZE)
     count = hdr["count"].astype(np.int64)
     end = _HEADER_SIZE + _RECORD_SIZE * count
@@ -302,7 +356,17 @@ def decode_v5_batch(datagrams: Sequence[tuple[bytes, str, float]], state: Decode
         _count_exporters(state, exporter_names, exporter_of, is_v5, bad, good_idx, counts)
 
     # -- records -----------------------------------------------------------------------------
-    if trailing.any():
+    blocks: Sequence[bytes | memoryview]
+    if slots is not None:
+        at = good_idx * slots.stride
+        view = memoryview(slots.block)
+        blocks = list(
+            map(
+                view.__getitem__,
+                map(slice, (at + _HEADER_SIZE).tolist(), (at + end[good_idx]).tolist()),
+            )
+        )
+    elif trailing.any():
         ends = end[good_idx].tolist()
         blocks = [payloads[i][_HEADER_SIZE:e] for i, e in zip(good_idx.tolist(), ends, strict=True)]
     else:

@@ -13,6 +13,7 @@ from overflowd.services.collector import (
     BATCH_DATAGRAMS,
     Backlog,
     Datagram,
+    DatagramBatch,
     UdpCollector,
     open_socket,
 )
@@ -22,8 +23,8 @@ RCVBUF = 4 * 1024 * 1024  # granted as asked to root (SO_RCVBUFFORCE), as the da
 
 async def start(
     nursery: trio.Nursery, backlog: Backlog, **kwargs: float
-) -> tuple[UdpCollector, trio.MemoryReceiveChannel[list[Datagram]], socket.socket]:
-    send, recv = trio.open_memory_channel[list[Datagram]](backlog.limit)
+) -> tuple[UdpCollector, trio.MemoryReceiveChannel[DatagramBatch], socket.socket]:
+    send, recv = trio.open_memory_channel[DatagramBatch](backlog.limit)
     collector = UdpCollector(("127.0.0.1", 0), send, backlog, **kwargs)  # type: ignore[arg-type]
     host, port = await nursery.start(collector.run)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -32,9 +33,9 @@ async def start(
 
 
 async def batches_of(
-    recv: trio.MemoryReceiveChannel[list[Datagram]], datagrams: int
-) -> list[list[Datagram]]:
-    out: list[list[Datagram]] = []
+    recv: trio.MemoryReceiveChannel[DatagramBatch], datagrams: int
+) -> list[DatagramBatch]:
+    out: list[DatagramBatch] = []
     with trio.fail_after(10):
         while sum(len(b) for b in out) < datagrams:
             out.append(await recv.receive())
@@ -111,7 +112,7 @@ async def test_a_full_backlog_sheds_whole_batches_and_counts_them() -> None:
                         await trio.sleep(0.01)
         stats = collector.statistics()
         nursery.cancel_scope.cancel()
-    queued = []
+    queued: list[Datagram] = []
     while True:
         try:
             queued.extend(recv.receive_nowait())
@@ -134,14 +135,14 @@ async def test_collectors_on_reuseport_sockets_keep_each_exporter_on_one_of_them
     sources = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
     got: list[list[Datagram]] = [[] for _ in socks]
 
-    async def drain(i: int, recv: trio.MemoryReceiveChannel[list[Datagram]]) -> None:
+    async def drain(i: int, recv: trio.MemoryReceiveChannel[DatagramBatch]) -> None:
         async for batch in recv:
             got[i].extend(batch)
 
     try:
         async with trio.open_nursery() as nursery:
             for i, sock in enumerate(socks):
-                send, recv = trio.open_memory_channel[list[Datagram]](backlog.limit)
+                send, recv = trio.open_memory_channel[DatagramBatch](backlog.limit)
                 collector = UdpCollector(("127.0.0.1", port), send, backlog, sock=sock)
                 assert await nursery.start(collector.run) == ("127.0.0.1", port)
                 nursery.start_soon(drain, i, recv)

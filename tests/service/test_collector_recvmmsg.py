@@ -13,7 +13,13 @@ import pytest
 import trio
 
 from overflowd.services import recvmmsg
-from overflowd.services.collector import Backlog, Datagram, UdpCollector, open_socket
+from overflowd.services.collector import (
+    Backlog,
+    Datagram,
+    DatagramBatch,
+    UdpCollector,
+    open_socket,
+)
 from overflowd.services.recvmmsg import INLINE_BYTES, BatchReceiver
 
 RCVBUF = 4 * 1024 * 1024
@@ -36,12 +42,12 @@ def payload(i: int, size: int) -> bytes:
 
 async def collect(
     native: bool, listen: tuple[str, int], send: list[tuple[socket.socket, bytes]], n: int
-) -> tuple[list[list[Datagram]], UdpCollector]:
-    send_ch, recv = trio.open_memory_channel[list[Datagram]](10_000)
+) -> tuple[list[DatagramBatch], UdpCollector]:
+    send_ch, recv = trio.open_memory_channel[DatagramBatch](10_000)
     collector = UdpCollector(
         listen, send_ch, Backlog(10_000), rcvbuf_bytes=RCVBUF, coalesce_s=0.0, native=native
     )
-    got: list[list[Datagram]] = []
+    got: list[DatagramBatch] = []
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(collector.run)
         target = ("127.0.0.1" if host in ("::", "0.0.0.0") else host, port)
@@ -149,7 +155,7 @@ def test_a_drain_takes_at_most_its_slots_and_the_rest_stays_queued(native: bool)
 async def test_a_full_kernel_buffer_is_counted_and_the_collector_goes_on(native: bool) -> None:
     """The kernel drops what does not fit a small receive buffer while the collector cannot
     run; those drops are counted (/proc/net/udp), and what comes after is received."""
-    send_ch, recv = trio.open_memory_channel[list[Datagram]](10_000)
+    send_ch, recv = trio.open_memory_channel[DatagramBatch](10_000)
     collector = UdpCollector(
         ("127.0.0.1", 0), send_ch, Backlog(10_000), rcvbuf_bytes=64 * 1024, native=native
     )
@@ -237,3 +243,45 @@ def test_recvmmsg_refused_by_a_seccomp_filter_falls_back_to_recvfrom() -> None:
     assert (out["before"], out["after"]) == (True, False)
     assert out["payloads"] == [(bytes([i]) * 10).hex() for i in range(3)]
     assert "collector.recvmmsg_unavailable" in done.stderr
+
+
+@pytest.mark.parametrize("native", NATIVE)
+async def test_a_drain_that_fits_its_slots_is_handed_on_in_place(native: bool) -> None:
+    """Datagrams that all fit their compact slots come as one copy of the slots (no bytes
+    per datagram until asked); a drain with a larger one comes as a list. Either way the
+    batch is a sequence of whole, separate Datagrams."""
+    small = [payload(i, 100 + i) for i in range(5)]
+    big = [*small[:2], payload(9, INLINE_BYTES + 1), *small[2:]]
+    for sent in (small, big):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            got, collector = await collect(
+                native, ("127.0.0.1", 0), [(tx, d) for d in sent], len(sent)
+            )
+        assert len(got) == 1, "sent before the collector ran: one drain"
+        batch = got[0]
+        in_place = native and sent is small
+        assert (batch.block is not None) is in_place
+        assert batch.held_bytes == (len(sent) * INLINE_BYTES if in_place else sum(map(len, sent)))
+        assert [batch[i].data for i in range(len(sent))] == sent
+        assert batch[-1].data == sent[-1] and batch[1:3] == list(batch)[1:3]
+        with pytest.raises(IndexError):
+            batch[len(sent)]
+        assert [d.data for d in batch] == sent
+        assert collector.statistics().bytes == sum(map(len, sent))
+
+
+def test_may_hold_v5_reads_the_version_in_the_slots() -> None:
+    with (
+        open_socket(("127.0.0.1", 0), RCVBUF) as sock,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx = BatchReceiver(sock, 8)
+        try:
+            answers = []
+            for datagrams in ([b"\x00\x09" + bytes(30), b"\x00\x0a" + bytes(30)], [b"\x00\x05"]):
+                for d in datagrams:
+                    tx.sendto(d, sock.getsockname())
+                answers.append(DatagramBatch(rx.receive(as_block=rx.native), 0.0).may_hold_v5())
+        finally:
+            rx.close()
+    assert answers == [False, True]

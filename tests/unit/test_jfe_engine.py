@@ -9,6 +9,7 @@ limit; what it hands to trio (plaintext, banners, a name to issue) must come out
 
 from __future__ import annotations
 
+import gc
 import random
 import socket
 import ssl
@@ -23,7 +24,7 @@ import trio.testing
 from jfe.config import JfeSettings
 from jfe.engine import MAX_TASKS_SCANNED, Engine
 from jfe.proxy import Address, Proxy
-from jfe.tlsio import CHUNK_BYTES
+from jfe.tlsio import CHUNK_BYTES, TlsConnection
 from tests.support.jfe_certs import TestCA, TestCertificateSource
 
 NAME = "engine.example"
@@ -357,3 +358,81 @@ async def test_an_idle_engine_spends_no_cpu_and_lets_trio_see_it_blocked() -> No
                     assert await _until_eof(tls) == b"HTTP/1.0 200 OK\r\n\r\nGET / HTTP/1.0"
                 sleepers.cancel_scope.cancel()
         await _drained(proxy)
+
+
+async def test_a_client_hello_in_pieces_is_handed_to_trio_and_served() -> None:
+    """The first read holds half a ClientHello: the engine hands the connection over with
+    the bytes it read, and trio's path reads the rest and serves it (nothing lost)."""
+    ca = TestCA()
+    async with _running(_answer, ca) as (proxy, port):
+        sock = trio.socket.socket()
+        with sock, trio.fail_after(10):
+            await sock.connect(("127.0.0.1", port))
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = ca.client_context().wrap_bio(incoming, outgoing, server_hostname=NAME)
+
+            async def drive(step: Callable[[], object]) -> object:
+                """Run an SSLObject call to completion over the socket."""
+                while True:
+                    try:
+                        result = step()
+                    except ssl.SSLWantReadError:
+                        if outgoing.pending:
+                            await sock.send(outgoing.read())
+                        data = await sock.recv(65536)
+                        if not data:
+                            incoming.write_eof()
+                        else:
+                            incoming.write(data)
+                        continue
+                    if outgoing.pending:
+                        await sock.send(outgoing.read())
+                    return result
+
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            hello = outgoing.read()
+            await sock.send(hello[:40])
+            await trio.sleep(0.1)  # the engine reads the first piece alone
+            await sock.send(hello[40:])
+            await drive(obj.do_handshake)
+            obj.write(b"GET /pieces HTTP/1.0\r\n\r\n")
+            await sock.send(outgoing.read())
+            answer = b""
+            while True:
+                try:
+                    more = bytes(await drive(lambda: obj.read(65536)))  # type: ignore[arg-type]
+                except ssl.SSLZeroReturnError:  # the proxy's close_notify
+                    break
+                if not more:
+                    break
+                answer += more
+        await _drained(proxy)
+        stats = proxy.statistics()
+    assert answer == b"HTTP/1.0 200 OK\r\n\r\nGET /pieces HTTP/1.0"
+    assert (stats.handshakes, stats.dropped) == (1, {})
+    assert engine_of(proxy).handed_over == 1
+
+
+async def test_a_closed_connection_is_freed_without_the_garbage_collector() -> None:
+    """A connection's SSLObject, BIOs and buffers go when it closes, by reference counts:
+    left in a cycle, every connection's would wait for the cyclic collector."""
+    ca = TestCA()
+    async with _running(_answer, ca) as (proxy, port):
+        gc.collect()
+        gc.disable()
+        try:
+            with trio.fail_after(10):
+                for _ in range(10):
+                    tls = await _tls_client(port, ca)
+                    await tls.send_all(b"GET / HTTP/1.0\r\n\r\n")
+                    await _until_eof(tls)
+                    await tls.aclose()
+            await _drained(proxy)
+            alive = sum(isinstance(o, TlsConnection) for o in gc.get_objects())
+        finally:
+            gc.enable()
+    assert alive == 0
+    assert engine_of(proxy).handed_over == 0
