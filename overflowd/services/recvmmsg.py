@@ -222,6 +222,9 @@ class BatchReceiver:
     def close(self) -> None:
         """Release the buffer (the socket is the caller's)."""
         if self.native and not self._buf.closed:
+            # The headers still point into the buffer: no descriptor, so no receive after
+            # this lets the kernel write into whatever is mapped there next.
+            self._call_args = (-1, self._call_args[1])
             for view in (self._lengths, self._namelens, *self._addr):
                 view.release()
             del self._anchor
@@ -238,6 +241,9 @@ class BatchReceiver:
         if not self.native:
             return self._receive_fallback()
         fd, hdrs = self._call_args
+        if self.sock.fileno() != fd:
+            # The socket was closed (its number may be another socket's now), or this was.
+            raise OSError(errno.EBADF, "recvmmsg: the socket or the receiver is closed")
         while True:
             n = _RECVMMSG(fd, hdrs, self.slots, MSG_DONTWAIT | MSG_TRUNC, None)
             if n > 0:
