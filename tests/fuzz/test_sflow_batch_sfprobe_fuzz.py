@@ -141,9 +141,14 @@ def test_the_mutations_reach_the_array_path(real: tuple[bytes, ...]) -> None:
     stream = [(d, "192.0.2.1", NOW) for d in real]
     batches = assert_equivalent(stream, batch_size=len(stream))
     assert batches[0].scalar == () and batches[0].errors == () and len(batches[0]) > len(real)
+    rich = 0
     for d in real:
         targets = fields(d)
-        assert len(targets) > 100 and all(at + size <= len(d) for at, size in targets)
+        assert all(at + size <= len(d) for at, size in targets)
+        rich += len(targets) > 100
+    # sfprobe also sends counter samples on its own clock (more of them when a loaded machine
+    # slows its export down): those datagrams have few fields; the flow-sample ones, many.
+    assert rich > 10 and rich >= len(real) // 2, (rich, len(real))
 
 
 @st.composite
