@@ -447,23 +447,21 @@ class Engine:
     # -- epoll, closing, hand-over ----------------------------------------------------------
     def _want(self, c: _Conn, client_events: int, upstream_events: int) -> None:
         """Register what the connection waits for (level-triggered; 0 = nothing)."""
-        epoll = self._epoll
         if client_events != c.want:
-            if not c.want:
-                epoll.register(c.fd, client_events)
-            elif client_events:
-                epoll.modify(c.fd, client_events)
-            else:
-                epoll.unregister(c.fd)
+            self._set_events(c.fd, c.want, client_events)
             c.want = client_events
         if upstream_events != c.want_up:
-            if not c.want_up:
-                epoll.register(c.ufd, upstream_events)
-            elif upstream_events:
-                epoll.modify(c.ufd, upstream_events)
-            else:
-                epoll.unregister(c.ufd)
+            self._set_events(c.ufd, c.want_up, upstream_events)
             c.want_up = upstream_events
+
+    def _set_events(self, fd: int, old: int, new: int) -> None:
+        """One socket's registration from ``old`` to ``new`` events (0 = not registered)."""
+        if not old:
+            self._epoll.register(fd, new)
+        elif new:
+            self._epoll.modify(fd, new)
+        else:
+            self._epoll.unregister(fd)
 
     def _forget(self, c: _Conn) -> None:
         """No longer the engine's: out of its maps and its epoll set (the sockets stay open)."""
